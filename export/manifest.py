@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from models.io import sha256_file
+from models.io import atomic_write_json, sha256_file
 
 FORMAT = "vitc-bundle"
 FORMAT_VERSION = 1
@@ -106,3 +106,23 @@ def verify_files(bundle: str | os.PathLike, artifact: dict[str, Any]) -> list[Pa
     if not paths:
         raise BundleError(f"artifact {artifact.get('id')!r} lists no files")
     return paths
+
+
+def file_entries(bundle: str | os.PathLike, paths: list[Path]) -> list[dict[str, Any]]:
+    """Manifest `files` entries (bundle-relative path, sha256, bytes) for files inside `bundle`."""
+    bundle = Path(bundle).resolve()
+    return [
+        {"path": Path(p).resolve().relative_to(bundle).as_posix(), "sha256": sha256_file(p),
+         "bytes": Path(p).stat().st_size}
+        for p in paths
+    ]
+
+
+def write_manifest(bundle: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Atomically write `manifest.json`, then read it back through `read_manifest` and check every file."""
+    path = Path(bundle) / MANIFEST_FILE
+    atomic_write_json(path, manifest)
+    checked = read_manifest(bundle)
+    for artifact in servable_artifacts(checked):
+        verify_files(bundle, artifact)
+    return path

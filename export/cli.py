@@ -1,0 +1,60 @@
+"""The shared command line of `python -m export` and the per-runtime `python -m export.<runtime>` entry points.
+
+Exit codes: 0 bundle written (refused artifacts are reported on stderr), 1 with --strict when any artifact was
+refused (the bundle is still written), 2 bad input (checkpoint, target, output, missing runtime): one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from export.context import FAMILIES, ExportError, known_targets
+
+
+def parser(family: str | None = None) -> argparse.ArgumentParser:
+    """Arguments for the multi-target CLI, or for one runtime family's CLI when `family` is given."""
+    prog = f"python -m export.{family}" if family else "python -m export"
+    p = argparse.ArgumentParser(prog=prog, description="Export a checkpoint to a parity-checked bundle.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (models.checkpoint format)")
+    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    if family:
+        allowed = FAMILIES[family][2]
+        p.add_argument("--precision", default=",".join(FAMILIES[family][1]),
+                       help=f"comma-separated, of {', '.join(allowed)} (default %(default)s)")
+    else:
+        p.add_argument("--targets", default="onnx,openvino",
+                       help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s)")
+    p.add_argument("--name", help="served model name (default: the --out directory name)")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch (engine profile, parity) [32]")
+    p.add_argument("--parity-samples", type=int, default=512, help="validation images for parity [512]")
+    p.add_argument("--calibration-samples", type=int, default=300, help="train images for INT8 calibration [300]")
+    p.add_argument("--dataset", help="parity/calibration dataset (default: the checkpoint's)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any artifact is refused")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
+    """Parse, build the bundle, report; returns the exit code."""
+    from export.bundle import build_bundle
+    from export.manifest import read_manifest
+
+    args = parser(family).parse_args(argv)
+    if family:
+        targets = [f"{family}-{p.strip()}" for p in args.precision.split(",") if p.strip()]
+    else:
+        targets = [t for t in args.targets.split(",") if t.strip()]
+    try:
+        out = build_bundle(
+            args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,
+            parity_samples=args.parity_samples, calibration_samples=args.calibration_samples, dataset=args.dataset,
+        )
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    refused = [a for a in read_manifest(out)["artifacts"] if not a["servable"]]
+    for a in refused:
+        print(f"refused {a['id']}: {a['refused_reason']}", file=sys.stderr)
+    print(f"bundle written: {out} (python -m export.report {out})")
+    return 1 if refused and args.strict else 0

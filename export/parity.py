@@ -1,0 +1,142 @@
+"""Parity of an exported artifact against the PyTorch model, on real validation images, with per-precision gates.
+
+Measured on the checkpoint's own validation split (never random tensors):
+- logits error vs torch fp32: max abs, and max abs relative to the reference logit scale (max |logit|);
+- top-1 agreement with torch, and top-1 accuracy of the artifact vs torch's on the same images;
+- batch sizes 1, 2, an odd one and the max all run, and every sample's output in a batch must match its
+  output when sent alone (batch invariance).
+An artifact passes when every number is inside its precision's Tolerance; otherwise it is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from export.context import Runner
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A precision's gate. Bounds follow np.allclose: |err| <= atol + rtol * max|reference logit|."""
+
+    atol: float | None  # logit error vs torch; None = reported, not gated
+    rtol: float | None
+    min_top1_agreement: float  # fraction of samples whose top-1 equals torch's
+    max_accuracy_drop: float  # torch top-1 accuracy minus the artifact's, as a fraction (0.01 = 1 point)
+    batch_atol: float  # a sample alone vs inside a batch, same artifact
+    batch_rtol: float
+
+    def logit_bound(self, scale: float) -> float | None:
+        return None if self.atol is None else self.atol + (self.rtol or 0.0) * scale
+
+    def batch_bound(self, scale: float) -> float:
+        return self.batch_atol + self.batch_rtol * scale
+
+
+# fp32 must reproduce torch: other kernels only reorder sums. fp16 weights keep ~3 significant digits.
+# INT8 is judged by what users see (accuracy at most 1 point below torch, top-1 mostly agreeing): its logits
+# legitimately move by a quantisation step, so their error is reported, not gated. Batch invariance is gated
+# for every precision; INT8 allows one rounding flip's worth.
+FP32_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-4, min_top1_agreement=1.0, max_accuracy_drop=0.0,
+                           batch_atol=1e-4, batch_rtol=1e-4)
+FP16_TOLERANCE = Tolerance(atol=1e-3, rtol=2e-2, min_top1_agreement=0.99, max_accuracy_drop=0.005,
+                           batch_atol=1e-4, batch_rtol=1e-3)
+INT8_TOLERANCE = Tolerance(atol=None, rtol=None, min_top1_agreement=0.80, max_accuracy_drop=0.01,
+                           batch_atol=1e-3, batch_rtol=5e-2)
+TOLERANCES: dict[str, Tolerance] = {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE, "int8": INT8_TOLERANCE}
+ODD_BATCH = 7
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, an odd size and the max (deduplicated, within 1..max_batch)."""
+    odd = min(ODD_BATCH, max_batch)
+    odd -= 0 if odd % 2 else 1
+    return sorted({b for b in (1, 2, odd, max_batch) if 1 <= b <= max_batch})
+
+
+def run_batched(run: Runner, x: np.ndarray, batch: int) -> np.ndarray:
+    """Logits of every row of x, in chunks of `batch`."""
+    return np.concatenate([np.asarray(run(x[i : i + batch]), np.float32) for i in range(0, len(x), batch)])
+
+
+@dataclass
+class ParityData:
+    """Preprocessed validation images, their labels, and the torch fp32 reference logits."""
+
+    x: np.ndarray  # (N, 3, H, W) float32
+    labels: np.ndarray  # (N,) int64
+    reference: np.ndarray  # (N, classes) float32
+    dataset: str
+    split: str = "val"
+
+    @property
+    def reference_accuracy(self) -> float:
+        return float((self.reference.argmax(1) == self.labels).mean())
+
+
+def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
+            tolerance: Tolerance | None = None) -> dict[str, Any]:
+    """All parity numbers for one artifact plus `passed` and, if it failed, `failures` (one line each)."""
+    tol = tolerance or TOLERANCES[precision]
+    out = run_batched(run, data.x, max_batch)
+    ref = data.reference
+    sizes = batch_sizes(max_batch)
+    # The batch-size check reuses the first images (cycled when fewer than the max batch were given).
+    idx = np.resize(np.arange(len(data.x)), max(sizes))
+    xs, ref_s = data.x[idx], ref[idx]
+    alone = run_batched(run, xs, 1)
+    invariance = 0.0
+    max_abs = float(np.abs(out - ref).max()) if len(out) else 0.0
+    finite = bool(np.isfinite(out).all() and np.isfinite(alone).all())
+    for b in sizes:
+        batched = np.asarray(run(xs[:b]), np.float32)
+        finite &= bool(np.isfinite(batched).all())
+        invariance = max(invariance, float(np.abs(batched - alone[:b]).max()))
+        max_abs = max(max_abs, float(np.abs(batched - ref_s[:b]).max()))
+    scale = float(np.abs(ref).max())
+    accuracy = float((out.argmax(1) == data.labels).mean())
+    result: dict[str, Any] = {
+        "reference": "torch fp32",
+        "dataset": data.dataset,
+        "split": data.split,
+        "val_samples": len(data.x),
+        "batch_sizes": sizes,
+        "max_abs_err": max_abs,
+        "max_rel_err": max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+        "reference_logit_scale": scale,
+        "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
+        "accuracy": accuracy,
+        "reference_accuracy": data.reference_accuracy,
+        "accuracy_delta": accuracy - data.reference_accuracy,
+        "batch_invariance_max_abs": invariance,
+        "tolerance": asdict(tol),
+    }
+    failures = gate(result, tol, finite)
+    result["passed"] = not failures
+    if failures:
+        result["failures"] = failures
+    return result
+
+
+def gate(r: dict[str, Any], tol: Tolerance, finite: bool = True) -> list[str]:
+    """Reasons the numbers in `r` fail `tol` (empty when they pass)."""
+    scale = r["reference_logit_scale"]
+    bound, batch_bound = tol.logit_bound(scale), tol.batch_bound(scale)
+    failures = []
+    if not finite:
+        failures.append("non-finite logits")
+    if bound is not None and not r["max_abs_err"] <= bound:
+        failures.append(f"max abs logit error {r['max_abs_err']:.3g} > {bound:.3g}")
+    if r["top1_agreement"] < tol.min_top1_agreement:
+        failures.append(f"top-1 agreement {r['top1_agreement']:.2%} < {tol.min_top1_agreement:.2%}")
+    drop = r["reference_accuracy"] - r["accuracy"]
+    # A tiny epsilon so an exact tie is not refused by float rounding of the two means.
+    if drop > tol.max_accuracy_drop + 1e-9:
+        failures.append(f"accuracy {r['accuracy']:.2%} is {drop * 100:.2f} points below torch's "
+                        f"{r['reference_accuracy']:.2%} (allowed {tol.max_accuracy_drop * 100:.2f})")
+    if not r["batch_invariance_max_abs"] <= batch_bound:
+        failures.append(f"batch invariance error {r['batch_invariance_max_abs']:.3g} > {batch_bound:.3g}")
+    return failures
