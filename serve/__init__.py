@@ -1,0 +1,6 @@
+"""The inference service: `python -m serve --model exports/<bundle> --backend onnxruntime|openvino|tensorrt|torch`.
+
+Nothing heavy is imported here, so `python -m serve` can refuse bad arguments before loading any runtime.
+"""
+
+__version__ = "0.1.0"

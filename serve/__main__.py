@@ -1,0 +1,65 @@
+"""CLI: `python -m serve --model exports/animals-vit_c [--model name=PATH ...] --backend onnxruntime ...`.
+
+Flags override VITC_* environment variables. Any startup problem is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from serve.errors import ServeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0],
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
+                   help="bundle directory to serve (repeatable); NAME overrides the bundle's name")
+    p.add_argument("--model-dir", help="serve every bundle found directly under this directory")
+    p.add_argument("--backend", help="onnxruntime (default) | openvino | tensorrt | torch")
+    p.add_argument("--device", help="cpu (default) | cuda | cuda:N")
+    p.add_argument("--precision", help="artifact precision (default: the most precise servable one)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on everything but health")
+    p.add_argument("--max-batch-size", type=int, help="rows per batch (default 32, capped by the bundle)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="how long a request waits for companions (default 2)")
+    p.add_argument("--max-queue-size", type=int, help="requests in progress per model before 503 (default 256)")
+    p.add_argument("--threads", type=int, help="intra-op threads per inference (default: all CPUs)")
+    p.add_argument("--parallel", type=int, help="batches run at once (default: the backend's optimum)")
+    p.add_argument("--openvino-hint", help="throughput (default) | latency")
+    p.add_argument("--max-body-bytes", type=int, help="request body limit (default 16 MiB)")
+    p.add_argument("--max-image-pixels", type=int, help="decoded pixel limit (default 40,000,000)")
+    p.add_argument("--max-files", type=int, help="images per multipart request (default 64)")
+    p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="always decode JPEGs fully")
+    p.add_argument("--graceful-timeout-s", type=float, help="SIGTERM: how long in-flight requests may finish")
+    p.add_argument("--log-level", help="debug | info (default) | warning | error")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        from serve.settings import Settings
+
+        settings = Settings(**args)
+        from serve.server import run
+
+        run(settings)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        print(f"error: invalid setting {where}: {err.get('msg')} (got {err.get('input')!r})", file=sys.stderr)
+        return 2
+    except ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`create_app(settings)`: the FastAPI application; its lifespan starts one dynamic batcher per model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI
+
+import serve
+from serve.backends.base import default_threads
+from serve.batching import DynamicBatcher
+from serve.errors import install_handlers
+from serve.metrics import Metrics
+from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware
+from serve.registry import ServedModel, close_models, load_models
+from serve.routes import ops, v1, v2
+from serve.settings import Settings
+
+log = logging.getLogger("vitc.serve")
+
+DESCRIPTION = """Image classification with ViT_C / ViT_P bundles on onnxruntime, OpenVINO, TensorRT or torch.
+
+* `/v1`: send an image, get softmax top-k labels.
+* `/v2`: the Open Inference Protocol (KServe v2, Triton HTTP incl. binary tensors) on preprocessed tensors.
+* `/metrics`: Prometheus. Errors are JSON: `{"error": "<reason>"}`.
+"""
+
+
+def create_app(settings: Settings, models: dict[str, ServedModel] | None = None) -> FastAPI:
+    """Build the app; `models` already loaded (the CLI loads them before binding the port) or loaded at start."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = models if models is not None else load_models(settings)
+        pool = ThreadPoolExecutor(settings.decode_threads or default_threads(), thread_name_prefix="decode")
+        batchers = []
+        try:
+            for m in loaded.values():
+                m.batcher = DynamicBatcher(
+                    m.name, m.backend.infer, max_batch=m.max_batch, max_delay_s=settings.max_queue_delay_ms / 1000,
+                    max_queue=settings.max_queue_size, parallel=settings.parallel or m.backend.parallelism,
+                    observer=metrics,
+                )
+                await m.batcher.start()
+                batchers.append(m.batcher)
+                metrics.add_model(m.name, str(m.manifest.get("model")), m.backend.runtime, m.backend.precision,
+                                  lambda b=m.batcher: b.depth)
+            app.state.models, app.state.decode_pool, app.state.ready = loaded, pool, True
+            yield
+        finally:
+            # Runs after uvicorn has let in-flight requests finish: drain what is left, then free the runtimes.
+            app.state.ready = False
+            for b in batchers:
+                await b.close(settings.graceful_timeout_s)
+            pool.shutdown(wait=True)
+            close_models(loaded)
+            log.info("stopped", extra={"models": list(loaded)})
+
+    app = FastAPI(title="vitc", version=serve.__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.metrics, app.state.models, app.state.ready = settings, metrics, {}, False
+    install_handlers(app)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(ops.router)
+    # Added innermost first: the access log sees every answer, including auth and body-limit refusals.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=v2.HEALTH_PATHS)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, known_models=lambda: app.state.models,
+                       enabled=settings.access_log)
+    return app

@@ -1,0 +1,252 @@
+"""Dynamic batching: requests that arrive within a short window run as one batch, off the event loop.
+
+One collector task per model waits for a free inference slot, then takes the oldest request and whatever
+else arrives before that request's deadline (`max_delay` after it was queued) or until `max_batch` rows.
+Batches run in a thread pool with `parallel` workers (OpenVINO streams use several). The queue is bounded:
+a full queue is refused at once (the caller answers 503) instead of growing latency without limit. A batch
+that fails is retried request by request, so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """The model's queue is at its limit."""
+
+
+class BatcherClosed(Exception):
+    """The batcher is shutting down and takes no new work."""
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports its timings (the Prometheus metrics)."""
+
+    def queued(self, model: str, seconds: float) -> None: ...
+
+    def batch(self, model: str, rows: int, seconds: float) -> None: ...
+
+
+@dataclass(slots=True)
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = int(self.x.shape[0])
+
+
+class DynamicBatcher:
+    """Per-model request queue + collector + inference thread pool."""
+
+    def __init__(
+        self,
+        name: str,
+        infer: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        parallel: int = 1,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.parallel = parallel
+        self._infer = infer
+        self._observer = observer
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._carry: _Item | None = None  # taken from the queue but did not fit the last batch
+        self._forming: list[_Item] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self._collector: asyncio.Task | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._closing = False
+        self._admitted = 0
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return (self._queue.qsize() if self._queue else 0) + (self._carry is not None) + len(self._forming)
+
+    @property
+    def ready(self) -> bool:
+        return self._collector is not None and not self._collector.done() and not self._closing
+
+    @property
+    def admitted(self) -> int:
+        """Requests admitted and not finished (decoding, queued or running)."""
+        return self._admitted
+
+    def admit(self) -> _Admission:
+        """Reserve a place for a request for its whole life; QueueFull when `max_queue` are already in."""
+        if self._closing:
+            raise BatcherClosed(f"model {self.name!r} is shutting down")
+        if self._admitted >= self.max_queue:
+            raise QueueFull(f"model {self.name!r} has {self.max_queue} requests in progress")
+        self._admitted += 1
+        return _Admission(self)
+
+    async def start(self) -> None:
+        """Create the queue, thread pool and collector on the running loop."""
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._slots = asyncio.Semaphore(self.parallel)
+        self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix=f"infer-{self.name}")
+        self._collector = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed."""
+        if self._closing or self._queue is None:
+            raise BatcherClosed(f"model {self.name!r} is shutting down")
+        if not 1 <= x.shape[0] <= self.max_batch:
+            raise ValueError(f"a request must have 1..{self.max_batch} rows, got {x.shape[0]}")
+        loop = asyncio.get_running_loop()
+        item = _Item(x, loop.create_future(), loop.time())
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise QueueFull(f"model {self.name!r} has {self.max_queue} requests queued") from None
+        return await item.future
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch(loop)
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+        if self._carry is None:
+            first = await self._queue.get()
+        else:
+            first, self._carry = self._carry, None
+        # Items being gathered stay visible (depth, close) until the batch is handed to a worker.
+        batch = self._forming = [first]
+        rows = first.rows
+        deadline = first.enqueued + self.max_delay_s
+        while rows < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    break
+            if rows + item.rows > self.max_batch:
+                self._carry = item
+                break
+            batch.append(item)
+            rows += item.rows
+        self._forming = []
+        # Requests whose client went away (cancelled futures) are not computed.
+        return [it for it in batch if not it.future.done()]
+
+    async def _run(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            start = loop.time()
+            if self._observer:
+                for it in batch:
+                    self._observer.queued(self.name, start - it.enqueued)
+            try:
+                out = await loop.run_in_executor(self._pool, self._compute, [it.x for it in batch])
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                # Isolate the failure: every request gets its own answer or its own error.
+                for it in batch:
+                    try:
+                        self._resolve([it], await loop.run_in_executor(self._pool, self._compute, [it.x]))
+                    except Exception as exc:
+                        _fail(it, exc)
+                return
+            self._resolve(batch, out)
+        except Exception as exc:
+            for it in batch:
+                _fail(it, exc)
+        finally:
+            self._slots.release()
+
+    def _compute(self, xs: list[np.ndarray]) -> np.ndarray:
+        """Runs in the thread pool: one contiguous batch, one backend call."""
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        t0 = time.perf_counter()
+        y = self._infer(x)
+        dt = time.perf_counter() - t0
+        if y.shape[0] != x.shape[0]:
+            raise RuntimeError(f"backend returned {y.shape[0]} rows for a batch of {x.shape[0]}")
+        if self._observer:
+            self._observer.batch(self.name, int(x.shape[0]), dt)
+        return y
+
+    @staticmethod
+    def _resolve(batch: list[_Item], out: np.ndarray) -> None:
+        row = 0
+        for it in batch:
+            if not it.future.done():
+                it.future.set_result(out[row:row + it.rows])
+            row += it.rows
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop taking work, finish what is queued or running (up to `timeout`), then stop the pool."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while (self.depth or self._running) and loop.time() < end:
+            await asyncio.sleep(0.01)
+        if self._collector:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+        leftovers = [*self._forming, *([self._carry] if self._carry else [])]
+        while self._queue and not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for it in leftovers:
+            _fail(it, BatcherClosed(f"model {self.name!r} shut down before this request ran"))
+        if self._pool:
+            self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+class _Admission:
+    """Releases an admitted request's place when its `with` block ends."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher = batcher
+
+    def __enter__(self) -> _Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._batcher._admitted -= 1
+
+
+def _fail(item: _Item, exc: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)

@@ -1,0 +1,154 @@
+"""Pure-ASGI middleware for the hard edges every route shares: access log + request metrics, auth, body limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Callable, Collection
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.errors import APIError, error_response
+from serve.metrics import UNKNOWN_MODEL, Metrics
+
+access_log = logging.getLogger("vitc.access")
+log = logging.getLogger("vitc.serve")
+_DRAIN_TIMEOUT_S = 5.0
+
+
+class BodyTooLarge(APIError):
+    """The request body passed the configured limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class AccessLogMiddleware:
+    """Request id, in-flight gauge, request counter and latency by model/endpoint/status, one JSON log line.
+
+    Also the last guard: an unexpected exception becomes a JSON 500 here, and the connection stays usable.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_models: Callable[[], Collection[str]],
+                 enabled: bool = True) -> None:
+        self.app, self.metrics, self.known_models, self.enabled = app, metrics, known_models, enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or ())
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        status, started = 500, False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            log.exception("unhandled error", extra={"path": scope["path"], "request_id": request_id})
+            if started:
+                raise
+            await error_response(500, f"internal error ({type(exc).__name__})")(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            seconds = time.perf_counter() - start
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            name = (scope.get("path_params") or {}).get("name")
+            model = "" if name is None else name if name in self.known_models() else UNKNOWN_MODEL
+            self.metrics.requests.labels(model, endpoint, str(status)).inc()
+            self.metrics.latency.labels(model, endpoint).observe(seconds)
+            if self.enabled:
+                client = scope.get("client")
+                access_log.info("request", extra={
+                    "method": scope["method"], "path": scope["path"], "status": status,
+                    "duration_ms": round(seconds * 1000, 3), "model": name, "request_id": request_id,
+                    "client": f"{client[0]}:{client[1]}" if client else None,
+                })
+
+
+class AuthMiddleware:
+    """Bearer-token check on every path except the open ones (health)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: Collection[str]) -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                reason = "missing or invalid bearer token (send 'Authorization: Bearer <api key>')"
+                await error_response(401, reason, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `max_bytes`, declared (Content-Length) or streamed (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await error_response(400, "invalid Content-Length header")(scope, receive, send)
+                return
+            if length > self.max_bytes:
+                # Read (and drop) a moderately oversized body first so the client sees the 413 rather than a
+                # reset; a client waiting on `Expect: 100-continue` sends nothing and needs no draining.
+                if b"100-continue" not in headers.get(b"expect", b"").lower() and length <= 2 * self.max_bytes:
+                    await _drain(receive, self.max_bytes)
+                await error_response(413, str(BodyTooLarge(self.max_bytes)))(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    if message.get("more_body"):
+                        await _drain(receive, self.max_bytes)
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Discard up to `budget` more body bytes, for at most a few seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+            while budget > 0:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body"):
+                    return

@@ -1,0 +1,145 @@
+"""/v1: image classification (multipart or raw image body) and model descriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+
+from serve.errors import APIError
+from serve.imaging import CONTENT_TYPES, ImageError, prepare
+from serve.registry import ServedModel
+from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, admission, infer, off_loop
+from serve.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["v1: classification"])
+MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bounded by the body limit
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class Classification(BaseModel):
+    model: str
+    predictions: list[Prediction]
+
+
+_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as the raw body, or one or more images as multipart `file` fields "
+                       "(several files answer a list, in order).",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "array", "items": _IMAGE_SCHEMA}}}},
+            **{t: {"schema": _IMAGE_SCHEMA} for t in ("image/jpeg", "image/png", "image/webp")},
+        },
+    }
+}
+
+
+def top_predictions(model_name: str, logits: np.ndarray, labels: list[str], k: int) -> dict[str, Any]:
+    """Softmax over one row of logits -> the k best as {"label", "index", "score"}, best first."""
+    z = logits.astype(np.float64) - logits.max()
+    p = np.exp(z)
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:k]
+    return {"model": model_name,
+            "predictions": [{"label": labels[i], "index": int(i), "score": float(p[i])} for i in order]}
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+def _unsupported(media: str) -> APIError:
+    return APIError(415, f"unsupported content type {media or 'none'!r}: send an image body (image/jpeg, "
+                         "image/png, image/webp, ...) or multipart/form-data with 'file' fields")
+
+
+async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], bool]:
+    """The request's images as (name, bytes), and whether it was a multi-file (batch) form."""
+    media = _media_type(request.headers.get("content-type"))
+    if media == "multipart/form-data":
+        form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 16,
+                                  max_part_size=MAX_PART_FIELD_BYTES)
+        try:
+            files = form.getlist("file")
+            if not files:
+                raise APIError(422, "the multipart form has no 'file' field")
+            images = []
+            for i, f in enumerate(files):
+                if not isinstance(f, UploadFile):
+                    raise APIError(422, f"'file' field #{i} is not a file upload")
+                part_media = _media_type(f.content_type) or "application/octet-stream"
+                if part_media not in CONTENT_TYPES:
+                    raise _unsupported(part_media)
+                images.append((f.filename or f"file #{i}", await f.read()))
+        finally:
+            await form.close()
+        return images, len(images) > 1
+    if media in CONTENT_TYPES:
+        return [("body", await request.body())], False
+    raise _unsupported(media)
+
+
+def _prepare_timed(request: Request, model: ServedModel, data: bytes, settings: Settings) -> np.ndarray:
+    t0 = time.perf_counter()
+    x = prepare(data, model.spec, max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft)
+    request.app.state.metrics.preprocess.labels(model.name).observe(time.perf_counter() - t0)
+    return x
+
+
+@router.get("/models", summary="List served models")
+async def list_models(request: Request) -> dict[str, list[dict[str, Any]]]:
+    return {"models": [m.info() for m in request.app.state.models.values()]}
+
+
+@router.get("/models/{name}", summary="Describe one model", responses={404: ERROR_RESPONSES[404]})
+async def describe_model(model: ModelDep) -> dict[str, Any]:
+    return model.info()
+
+
+@router.post(
+    "/models/{name}/classify",
+    summary="Classify images",
+    response_model=Classification | list[Classification],
+    responses=ERROR_RESPONSES,
+    openapi_extra=_CLASSIFY_BODY,
+)
+async def classify(
+    request: Request,
+    model: ModelDep,
+    settings: SettingsDep,
+    top_k: Annotated[int | None, Query(ge=1, le=1000, description="predictions per image (default 5)")] = None,
+) -> JSONResponse:
+    """Softmax top-k for one image (raw body or one `file`), or a list for several `file` fields."""
+    n_classes = len(model.labels)
+    if top_k is not None and top_k > n_classes:
+        raise APIError(422, f"top_k must be between 1 and {n_classes} (the model's classes), got {top_k}")
+    k = top_k or min(5, n_classes)
+    images, many = await read_images(request, settings)
+    with admission(model):
+        decoded = await asyncio.gather(
+            *(off_loop(request, _prepare_timed, request, model, data, settings) for _, data in images),
+            return_exceptions=True,
+        )
+        for (label, _), result in zip(images, decoded, strict=True):
+            if isinstance(result, ImageError):
+                prefix = f"{label}: " if many else ""
+                raise APIError(result.status, prefix + result.reason)
+            if isinstance(result, BaseException):
+                raise result
+        logits = await asyncio.gather(*(infer(model, x) for x in decoded))
+    answers = [top_predictions(model.name, y[0], model.labels, k) for y in logits]
+    return JSONResponse(answers if many else answers[0])

@@ -1,0 +1,140 @@
+"""/v2: the Open Inference Protocol (KServe v2 / Triton HTTP) - health, metadata, config and inference.
+
+Inputs are the model's preprocessed FP32 tensors (as with Triton); the batch dimension goes through the
+same dynamic batcher as /v1 requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+import serve
+from serve.errors import APIError
+from serve.protocol import (
+    EXTENSIONS,
+    OutputTensor,
+    ProtocolError,
+    classification_strings,
+    decompress,
+    encode_response,
+    parse_request,
+)
+from serve.registry import ServedModel
+from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, admission, infer, off_loop
+
+router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
+VERSION = "1"  # bundles carry one version each
+HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+
+
+def _check_version(model: ServedModel, version: str | None) -> None:
+    if version is not None and version != VERSION:
+        raise APIError(404, f"model {model.name!r} has no version {version!r}; versions: {VERSION}")
+
+
+def _metadata(model: ServedModel) -> dict[str, Any]:
+    c, h, w = model.sample_shape
+    return {
+        "name": model.name,
+        "versions": [VERSION],
+        "platform": model.platform,
+        "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
+        "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
+    }
+
+
+@router.get("/health/live", summary="Liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Readiness: every model loaded and accepting requests")
+async def ready(request: Request) -> JSONResponse:
+    models = request.app.state.models
+    ok = bool(request.app.state.ready and models and all(m.batcher and m.batcher.ready for m in models.values()))
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "vitc", "version": serve.__version__, "extensions": EXTENSIONS}
+
+
+@router.get("/models/{name}", summary="Model metadata", responses={404: ERROR_RESPONSES[404]})
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def model_metadata(model: ModelDep, version: str | None = None) -> dict[str, Any]:
+    _check_version(model, version)
+    return _metadata(model)
+
+
+@router.get("/models/{name}/ready", summary="Model readiness", responses={404: ERROR_RESPONSES[404]})
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(model: ModelDep, version: str | None = None) -> JSONResponse:
+    _check_version(model, version)
+    ok = bool(model.batcher and model.batcher.ready)
+    return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/models/{name}/config", summary="Triton-style model configuration")
+@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+async def model_config(model: ModelDep, settings: SettingsDep, version: str | None = None) -> dict[str, Any]:
+    _check_version(model, version)
+    c, h, w = model.sample_shape
+    return {
+        "name": model.name,
+        "platform": model.platform,
+        "max_batch_size": model.max_batch,
+        "input": [{"name": model.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [c, h, w]}],
+        "output": [{"name": model.output_name, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
+                    "label_filename": ""}],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
+        "parameters": {"precision": {"string_value": model.backend.precision}},
+    }
+
+
+def _model_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The one FP32 (B, C, H, W) input the model takes, checked against its metadata."""
+    if set(inputs) != {model.input_name}:
+        raise APIError(400, f"model {model.name!r} takes one input {model.input_name!r}, got {sorted(inputs)}")
+    x = inputs[model.input_name]
+    want = model.sample_shape
+    if x.dtype != np.float32:
+        raise APIError(400, f"input {model.input_name!r} must be FP32")
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        expected = [-1, *want]
+        raise APIError(400, f"input {model.input_name!r} has shape {list(x.shape)}, expected {expected}")
+    if not 1 <= x.shape[0] <= model.max_batch:
+        raise APIError(400, f"batch size {x.shape[0]} is outside 1..{model.max_batch} for model {model.name!r}")
+    return np.ascontiguousarray(x)
+
+
+@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES)
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, version: str | None = None) -> Response:
+    _check_version(model, version)
+    body = await request.body()
+    try:
+        body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
+        parsed = await off_loop(request, parse_request, body, request.headers.get("inference-header-content-length"))
+    except ProtocolError as exc:
+        raise APIError(exc.status, str(exc)) from None
+    x = _model_input(model, parsed.inputs)
+    requested = parsed.outputs or []
+    for out in requested:
+        if out.name != model.output_name:
+            raise APIError(400, f"model {model.name!r} has no output {out.name!r}; outputs: {model.output_name}")
+    with admission(model):
+        logits = await infer(model, x)
+    spec = requested[0] if requested else None
+    binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
+    if spec is not None and spec.classification:
+        tensor = OutputTensor(model.output_name, "BYTES",
+                              classification_strings(logits, spec.classification, model.labels), binary)
+    else:
+        tensor = OutputTensor(model.output_name, "FP32", logits, binary)
+    content, headers, media = encode_response(model.name, VERSION, parsed.id, [tensor])
+    return Response(content, media_type=media, headers=headers)

@@ -1,0 +1,61 @@
+"""Server settings: CLI flags and VITC_* environment variables, validated once at start (pydantic-settings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Everything the service is configured by; flags override VITC_<NAME> environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="VITC_", extra="forbid", protected_namespaces=())
+
+    # Which models: bundle paths, `name=path`, or every bundle under model_dir.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    model_dir: Path | None = None
+    backend: Literal["onnxruntime", "openvino", "tensorrt", "torch"] = "onnxruntime"
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")] = "cpu"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = None
+
+    # Dynamic batching, per model.
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    max_queue_size: int = Field(256, ge=1, le=1_000_000)
+    threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of one inference")
+    parallel: int | None = Field(None, ge=1, le=64, description="batches run at once (OpenVINO infer requests)")
+    openvino_hint: Literal["throughput", "latency"] = "throughput"
+
+    # Hard edges.
+    max_body_bytes: int = Field(16 * MiB, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
+    max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
+    jpeg_draft: bool = Field(True, description="decode big JPEGs at 1/2, 1/4 or 1/8 scale when the model is small")
+    decode_threads: int | None = Field(None, ge=1, le=256)
+    graceful_timeout_s: float = Field(30.0, ge=0)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        """VITC_MODELS may be a JSON list or comma-separated."""
+        if isinstance(v, str):
+            v = v.strip()
+            return json.loads(v) if v.startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v in ("", None) else v

@@ -1,0 +1,168 @@
+"""serve.backends on a real exported bundle: same logits as the runtimes used directly, verified loading."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from test_serve_fixtures import REPO, micro_bundle
+
+from export.manifest import BundleError, read_manifest, select_artifact
+from models.preprocessing import Preprocessing, preprocess
+from serve.backends import BackendError, BackendOptions, load_backend
+from serve.backends.base import installed
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return micro_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def manifest(bundle):
+    return read_manifest(bundle)
+
+
+@pytest.fixture(scope="module")
+def batch(manifest):
+    """Real validation images, preprocessed as the bundle says."""
+    from train.data import load_dataset
+
+    val = load_dataset("animals", "val")
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    return preprocess([val.image(i) for i in range(12)], spec)
+
+
+def _file(bundle, manifest, runtime, precision="fp32", suffix=""):
+    art = select_artifact(manifest, runtime, precision)
+    return next(bundle / f["path"] for f in art["files"] if f["path"].endswith(suffix))
+
+
+def test_onnxruntime_matches_direct_session(bundle, manifest, batch):
+    import onnxruntime as ort
+
+    backend = load_backend(bundle, manifest, "onnxruntime")
+    assert (backend.runtime, backend.precision, backend.max_batch) == ("onnxruntime", "fp32", 32)
+    session = ort.InferenceSession(str(_file(bundle, manifest, "onnxruntime")), providers=["CPUExecutionProvider"])
+    direct = session.run(None, {"input": batch})[0]
+    got = backend.infer(batch)
+    np.testing.assert_allclose(got, direct, rtol=1e-5, atol=1e-5)
+    assert got.std(axis=0).max() > 1e-3, "logits do not depend on the image: the test would prove nothing"
+
+
+def test_openvino_matches_direct_compile_and_is_thread_safe(bundle, manifest, batch):
+    import openvino as ov
+
+    backend = load_backend(bundle, manifest, "openvino", options=BackendOptions(hint="throughput"))
+    compiled = ov.Core().compile_model(str(_file(bundle, manifest, "openvino", suffix=".xml")), "CPU",
+                                       {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"})
+    direct = compiled.create_infer_request().infer({0: batch})[0]
+    np.testing.assert_allclose(backend.infer(batch), direct, rtol=1e-5, atol=1e-5)
+    assert backend.parallelism == compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") >= 1
+    assert "32" in backend.inference_precision or "f32" in backend.inference_precision.lower()
+    # Concurrent calls (the batcher's workers) each get their own infer request and the right rows back.
+    chunks = [batch[i:i + 3] for i in range(0, len(batch), 3)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(backend.infer, chunks * 4))
+    np.testing.assert_allclose(np.concatenate(outs[: len(chunks)]), direct, rtol=1e-5, atol=1e-5)
+    latency = load_backend(bundle, manifest, "openvino", options=BackendOptions(hint="latency"))
+    assert latency.parallelism == 1
+
+
+def test_openvino_precision_choice(bundle, manifest, batch):
+    fp16 = load_backend(bundle, manifest, "openvino", precision="fp16")
+    fp32 = load_backend(bundle, manifest, "openvino")
+    assert (fp16.precision, fp32.precision) == ("fp16", "fp32")
+    np.testing.assert_allclose(fp16.infer(batch), fp32.infer(batch), atol=5e-2)
+    with pytest.raises(BundleError, match="no servable openvino/int8"):
+        load_backend(bundle, manifest, "openvino", precision="int8")
+
+
+def test_torch_backend_matches_checkpoint_model(bundle, manifest, batch):
+    import torch
+
+    from models.checkpoint import load_checkpoint
+
+    backend = load_backend(bundle, manifest, "torch")
+    model, _ = load_checkpoint(manifest["source"]["checkpoint"])
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(backend.infer(batch), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tampered_artifact_is_refused(bundle, manifest, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    onnx = _file(copy, manifest, "onnxruntime")
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_backend(copy, manifest, "onnxruntime")
+    onnx.unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_backend(copy, manifest, "onnxruntime")
+
+
+def test_unknown_missing_and_wrong_device_backends(bundle, manifest):
+    with pytest.raises(BackendError, match="unknown backend"):
+        load_backend(bundle, manifest, "tflite")
+    with pytest.raises(BackendError, match="runs on cpu"):
+        load_backend(bundle, manifest, "openvino", device="cuda")
+    if not installed("tensorrt"):
+        with pytest.raises(BackendError, match="not installed"):
+            load_backend(bundle, manifest, "tensorrt", device="cuda")
+
+
+def test_onnxruntime_cuda_must_really_be_active(bundle, manifest):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA-capable onnxruntime is installed; see test_onnxruntime_cuda")
+    # The CPU build (or onnxruntime-gpu without a GPU) would silently run on the CPU: refuse instead.
+    with pytest.raises(BackendError, match="CUDA provider"):
+        load_backend(bundle, manifest, "onnxruntime", device="cuda")
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda(bundle, manifest, batch):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    gpu = load_backend(bundle, manifest, "onnxruntime", device="cuda")
+    cpu = load_backend(bundle, manifest, "onnxruntime")
+    np.testing.assert_allclose(gpu.infer(batch), cpu.infer(batch), atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_builds_from_onnx_and_matches(bundle, manifest, batch):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU)")
+    trt = load_backend(bundle, manifest, "tensorrt", device="cuda")
+    cpu = load_backend(bundle, manifest, "onnxruntime")
+    np.testing.assert_allclose(trt.infer(batch), cpu.infer(batch), atol=1e-3)
+
+
+def test_serving_path_never_imports_torch(bundle):
+    """The serving install has no torch: loading both CPU runtimes and building the app must not import it."""
+    code = (
+        "import sys\n"
+        "from export.manifest import read_manifest\n"
+        "from serve.app import create_app\n"
+        "from serve.settings import Settings\n"
+        "from serve.registry import load_models\n"
+        "import serve.__main__, serve.server\n"
+        f"for rt in ('onnxruntime', 'openvino'):\n"
+        f"    s = Settings(models=[{str(bundle)!r}], backend=rt)\n"
+        "    create_app(s, load_models(s))\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "print('TORCH' if bad else 'CLEAN', bad[:3])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("CLEAN"), out.stdout

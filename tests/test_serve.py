@@ -1,0 +1,288 @@
+"""The real server (uvicorn subprocess, onnxruntime, two models, API key) on a real exported bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from test_serve_fixtures import (
+    animal_pngs,
+    encode,
+    micro_bundle,
+    png_header_only,
+    scores_by_index,
+    softmax,
+    start_server,
+)
+
+from export.manifest import read_manifest, select_artifact
+from models.preprocessing import Preprocessing, preprocess
+from train.data import ANIMAL_CLASSES
+
+KEY = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BODY = 2_000_000
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return micro_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-ort") / "server.log"
+    srv = start_server(
+        ["--model", f"micro={bundle}", "--model", f"twin={bundle}", "--backend", "onnxruntime",
+         "--max-queue-delay-ms", "20", "--max-body-bytes", str(MAX_BODY), "--max-image-pixels", "4000000",
+         "--max-files", "8"],
+        log, env={"VITC_API_KEY": KEY}, headers=AUTH,
+    )
+    yield srv
+    assert srv.stop() == 0, srv.logs()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def direct(bundle):
+    """The runtime used directly on the bundle's ONNX file: image bytes -> softmax probabilities."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(bundle)
+    art = select_artifact(manifest, "onnxruntime")
+    session = ort.InferenceSession(str(bundle / art["files"][0]["path"]), providers=["CPUExecutionProvider"])
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+
+    def run(images: list[bytes]) -> np.ndarray:
+        x = preprocess([Image.open(io.BytesIO(b)) for b in images], spec)
+        return softmax(session.run(None, {"input": x})[0])
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    return animal_pngs(24)
+
+
+def classify(client, png: bytes, model: str = "micro", **params) -> httpx.Response:
+    return client.post(f"/v1/models/{model}/classify", content=png, headers={"content-type": "image/png"},
+                       params=params)
+
+
+def test_health_is_open_and_everything_else_needs_the_key(server):
+    assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
+    assert httpx.get(server.url + "/v2/health/ready").json() == {"ready": True}
+    for path in ("/v1/models", "/metrics", "/v2/models/micro", "/docs"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 401 and "bearer" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_models_are_described(client):
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert set(models) == {"micro", "twin"}
+    m = client.get("/v1/models/micro").json()
+    assert (m["variant"], m["stem"], m["runtime"], m["precision"]) == ("vit_c_micro", "conv", "onnxruntime", "fp32")
+    assert (m["input"]["height"], m["input"]["width"], m["input"]["channels"]) == (32, 32, 3)
+    assert m["labels"] == ANIMAL_CLASSES and m["ready"] is True
+    assert m["preprocessing"]["mode"] == "L" and m["max_batch"] == 32
+    r = client.get("/v1/models/nope")
+    assert r.status_code == 404 and "micro, twin" in r.json()["error"]
+
+
+def test_classification_equals_the_runtime(client, pngs, direct):
+    expected = direct(pngs[:8])
+    assert expected.std(axis=0).max() > 1e-3, "predictions do not depend on the image"
+    for png, p in zip(pngs[:8], expected, strict=True):
+        answer = classify(client, png, top_k=10).json()
+        assert answer["model"] == "micro"
+        np.testing.assert_allclose(scores_by_index(answer), p, atol=1e-5)
+        assert answer["predictions"][0]["index"] == int(p.argmax())
+        assert answer["predictions"][0]["label"] == ANIMAL_CLASSES[int(p.argmax())]
+    top5 = classify(client, pngs[0], model="twin").json()["predictions"]
+    assert len(top5) == 5 and [x["score"] for x in top5] == sorted((x["score"] for x in top5), reverse=True)
+
+
+def test_multipart_single_and_batch_forms(client, pngs, direct):
+    one = client.post("/v1/models/micro/classify", files={"file": ("a.png", pngs[0], "image/png")}).json()
+    assert isinstance(one, dict)
+    files = [("file", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs[:5])]
+    many = client.post("/v1/models/micro/classify", params={"top_k": 10}, files=files).json()
+    assert isinstance(many, list) and len(many) == 5
+    for answer, p in zip(many, direct(pngs[:5]), strict=True):
+        np.testing.assert_allclose(scores_by_index(answer), p, atol=1e-5)
+
+
+def test_open_inference_protocol_with_tritonclient(server, pngs, bundle):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    manifest = read_manifest(bundle)
+    x = preprocess([Image.open(io.BytesIO(b)) for b in pngs[:4]], Preprocessing.from_dict(manifest["preprocessing"]))
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(bundle / select_artifact(manifest, "onnxruntime")["files"][0]["path"]),
+                               providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    tc = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    # (tritonclient adds its own headers to the dict it is given: pass a fresh one per call)
+    assert tc.is_server_live() and tc.is_server_ready(headers=dict(AUTH)) and tc.is_model_ready("micro", headers=dict(AUTH))
+    meta = tc.get_model_metadata("micro", headers=dict(AUTH))
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
+    assert meta["outputs"][0]["shape"] == [-1, 10] and meta["platform"] == "onnxruntime_onnx"
+    assert tc.get_model_config("micro", headers=dict(AUTH))["max_batch_size"] == 32
+    assert "binary_tensor_data" in tc.get_server_metadata(headers=dict(AUTH))["extensions"]
+
+    for binary in (True, False):
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = httpclient.InferRequestedOutput("logits", binary_data=binary)
+        result = tc.infer("micro", [inp], outputs=[out], headers=dict(AUTH), request_id="req-7")
+        np.testing.assert_allclose(result.as_numpy("logits"), ref, rtol=1e-5, atol=1e-5)
+        assert result.get_response()["id"] == "req-7"
+    result = tc.infer("micro", [inp], headers=dict(AUTH), request_compression_algorithm="gzip", model_version="1")
+    np.testing.assert_allclose(result.as_numpy("logits"), ref, rtol=1e-5, atol=1e-5)
+    top = tc.infer("micro", [inp], outputs=[httpclient.InferRequestedOutput("logits", class_count=2)],
+                   headers=dict(AUTH)).as_numpy("logits")
+    assert top.shape == (4, 2) and [int(s.decode().split(":")[1]) for s in top[:, 0]] == ref.argmax(1).tolist()
+
+    with pytest.raises(InferenceServerException, match="unknown model") as err:
+        tc.infer("nope", [inp], headers=dict(AUTH))
+    assert err.value.status() == "404"
+    wrong = httpclient.InferInput("input", [1, 3, 16, 16], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(InferenceServerException, match="shape") as err:
+        tc.infer("micro", [wrong], headers=dict(AUTH))
+    assert err.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="no version"):
+        tc.infer("micro", [inp], headers=dict(AUTH), model_version="2")
+    tc.close()
+
+
+def _chunks(total: int):
+    for _ in range(total // 65536 + 1):
+        yield b"\0" * 65536
+
+
+HARD_EDGES = [
+    # (description, request kwargs, expected status, words in the reason)
+    ("declared body too large", {"content": b"\0" * (MAX_BODY + 1), "headers": {"content-type": "image/png"}},
+     413, "larger than"),
+    ("streamed body too large", {"content": _chunks(MAX_BODY + 10), "headers": {"content-type": "image/png"}},
+     413, "larger than"),
+    ("wrong content type", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
+    ("no content type", {"content": b"hello"}, 415, "content type"),
+    ("undecodable", {"content": b"GIF89a but not really", "headers": {"content-type": "image/gif"}}, 400,
+     "not a recognised image"),
+    ("empty body", {"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
+    ("multipart without file", {"files": {"other": ("a.png", b"x", "image/png")}}, 422, "'file'"),
+    ("multipart text part", {"files": {"file": ("a.txt", b"x", "text/plain")}}, 415, "content type"),
+    ("too many files", {"files": [("file", (f"{i}.png", b"x", "image/png")) for i in range(9)]}, 400, "files"),
+]
+
+
+@pytest.mark.parametrize("what, kwargs, status, words", HARD_EDGES, ids=[h[0] for h in HARD_EDGES])
+def test_hard_edges_answer_json_reasons(client, what, kwargs, status, words):
+    r = client.post("/v1/models/micro/classify", **kwargs)
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["error"].lower()
+
+
+def test_image_edges_and_parameters(client, pngs):
+    bomb = classify(client, png_header_only(40_000, 40_000))
+    assert bomb.status_code == 413 and "pixels" in bomb.json()["error"]
+    truncated = encode(Image.open(io.BytesIO(pngs[0])).resize((300, 300)), "JPEG")[:400]
+    r = client.post("/v1/models/micro/classify", content=truncated, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 400 and "truncated" in r.json()["error"].lower()
+    assert classify(client, pngs[0], model="nope").status_code == 404
+    for bad in ("0", "11", "-3", "many"):
+        r = classify(client, pngs[0], top_k=bad)
+        assert r.status_code == 422 and "top_k" in r.json()["error"]
+    # The server is unharmed: the same image still classifies, on a reused connection.
+    assert classify(client, pngs[0], top_k=3).status_code == 200
+
+
+def test_two_hundred_concurrent_requests_are_batched(server, client, pngs, direct):
+    expected = direct(pngs)
+    before = _batch_histogram(client)
+
+    async def fire():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, limits=limits, timeout=60) as ac:
+            async def one(i: int):
+                r = await ac.post("/v1/models/micro/classify", params={"top_k": 10},
+                                  content=pngs[i % len(pngs)], headers={"content-type": "image/png"})
+                return i, r
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(fire())
+    assert [r.status_code for _, r in results] == [200] * 200
+    for i, r in results:
+        np.testing.assert_allclose(scores_by_index(r.json()), expected[i % len(pngs)], atol=1e-5)
+    after = _batch_histogram(client)
+    batches = after["count"] - before["count"]
+    singles = after["le_1"] - before["le_1"]
+    assert after["sum"] - before["sum"] == 200  # every image computed exactly once
+    assert batches - singles >= 1 and batches < 200  # dynamic batching happened (batch size > 1)
+
+
+def _batch_histogram(client) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        if fam.name == "vitc_batch_size":
+            for s in fam.samples:
+                if s.labels.get("model") != "micro":
+                    continue
+                if s.name.endswith("_count"):
+                    out["count"] = s.value
+                elif s.name.endswith("_sum"):
+                    out["sum"] = s.value
+                elif s.name.endswith("_bucket") and float(s.labels["le"]) == 1.0:
+                    out["le_1"] = s.value
+    return out
+
+
+def test_metrics_parse_with_prometheus_client(client, pngs):
+    classify(client, pngs[0])
+    client.get("/v1/models/absent")
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    for name, kind in [("vitc_requests", "counter"), ("vitc_request_duration_seconds", "histogram"),
+                       ("vitc_queue_duration_seconds", "histogram"), ("vitc_compute_duration_seconds", "histogram"),
+                       ("vitc_preprocess_duration_seconds", "histogram"), ("vitc_batch_size", "histogram"),
+                       ("vitc_in_flight_requests", "gauge"), ("vitc_queue_depth", "gauge")]:
+        assert families[name].type == kind, name
+    counts = {(s.labels["model"], s.labels["status"], s.labels["endpoint"]): s.value
+              for s in families["vitc_requests"].samples if s.name == "vitc_requests_total"}
+    assert counts[("micro", "200", "/v1/models/{name}/classify")] >= 1
+    assert counts[("_unknown", "404", "/v1/models/{name}")] >= 1  # unknown names never become label values
+    assert any(k[1] == "401" for k in counts)
+    assert any(s.value >= 1 for s in families["vitc_in_flight_requests"].samples)  # this very request
+
+
+def test_access_log_is_structured(server, client, pngs):
+    classify(client, pngs[1], model="twin")
+    lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    access = [e for e in lines if e["logger"] == "vitc.access"]
+    hit = [e for e in access if e["path"] == "/v1/models/twin/classify" and e["status"] == 200]
+    assert hit and hit[-1]["model"] == "twin" and hit[-1]["duration_ms"] > 0 and hit[-1]["request_id"]
+    assert any(e["status"] == 401 for e in access)
+
+
+def test_openapi_documents_the_endpoints(client):
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/models/{name}/classify"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body and "image/png" in body
+    assert "/v2/models/{name}/infer" in spec["paths"]
+    assert "swagger" in client.get("/docs").text.lower()

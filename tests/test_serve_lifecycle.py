@@ -1,0 +1,127 @@
+"""Start and stop: refusals before the port is bound (exit 2, one line), queue-full 503s, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_serve_fixtures import REPO, animal_pngs, micro_bundle, start_server
+
+from serve.backends.base import installed
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return micro_bundle(tmp_path_factory)
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "serve", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and '"listening"' not in proc.stderr + proc.stdout
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_model_path_is_refused(tmp_path):
+    assert_refused(run_cli("--model", str(tmp_path / "missing")), "not found")
+    (tmp_path / "empty").mkdir()
+    assert_refused(run_cli("--model", str(tmp_path / "empty")), "manifest.json")
+    assert_refused(run_cli(), "no models")
+
+
+def test_tampered_bundle_is_refused(bundle, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(bundle, copy)
+    onnx = copy / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    assert_refused(run_cli("--model", str(copy)), "sha256")
+    (copy / "manifest.json").write_text("{ not json")
+    assert_refused(run_cli("--model", str(copy)), "corrupt manifest")
+
+
+@pytest.mark.skipif(installed("tensorrt"), reason="TensorRT is installed here")
+def test_backend_not_installed_is_refused(bundle):
+    assert_refused(run_cli("--model", str(bundle), "--backend", "tensorrt", "--device", "cuda"), "not installed")
+
+
+def test_bad_settings_port_in_use_and_duplicate_names(bundle):
+    assert_refused(run_cli("--model", str(bundle), "--max-batch-size", "0"), "max_batch_size")
+    assert_refused(run_cli("--model", str(bundle), env={"VITC_BACKEND": "tflite"}), "backend")
+    assert_refused(run_cli("--model", str(bundle), "--model", str(bundle)), "two models are named")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_refused(run_cli("--model", str(bundle), "--port", str(port)), "cannot listen", str(port))
+
+
+def _metric(url: str, prefix: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_full_queue_answers_503_and_sigterm_loses_no_request(bundle, tmp_path):
+    """30 requests against a 20-request bound: 10 get 503 + Retry-After; SIGTERM while 20 wait loses none."""
+    server = start_server(["--model", f"m={bundle}", "--max-queue-size", "20", "--max-queue-delay-ms", "3000",
+                           "--max-batch-size", "32"], tmp_path / "server.log")
+    pngs = animal_pngs(30)
+    try:
+        def one(png: bytes) -> httpx.Response:
+            return httpx.post(server.url + "/v1/models/m/classify", content=png,
+                              headers={"content-type": "image/png"}, timeout=60)
+
+        pool = ThreadPoolExecutor(30)
+        futures = [pool.submit(one, png) for png in pngs]
+        end = time.monotonic() + 20
+        # Wait until the 20 admitted requests sit in the batcher (held by the 3 s batching window).
+        while _metric(server.url, 'vitc_queue_depth{model="m"}') < 20 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert _metric(server.url, 'vitc_queue_depth{model="m"}') == 20
+        while sum(f.done() for f in futures) < 10 and time.monotonic() < end:
+            time.sleep(0.02)
+        rejected = [f.result() for f in futures if f.done()]  # answered while the batch was still waiting
+        server.proc.send_signal(signal.SIGTERM)
+        responses = [f.result(timeout=30) for f in futures]
+        pool.shutdown()
+        assert server.proc.wait(30) == 0, server.logs()[-2000:]
+    finally:
+        server.stop()
+    ok = [r for r in responses if r.status_code == 200]
+    busy = [r for r in responses if r.status_code == 503]
+    assert len(ok) == 20 and len(busy) == 10, [r.status_code for r in responses]
+    assert all(r in rejected for r in busy)  # refused at once, not after waiting
+    assert all(r.headers["retry-after"] == "1" and "retry" in r.json()["error"] for r in busy)
+    assert all(len(r.json()["predictions"]) == 5 for r in ok)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/v2/health/live", timeout=2)
+
+
+def test_sample_image_helper(tmp_path):
+    out = tmp_path / "sample.png"
+    proc = subprocess.run([sys.executable, "-m", "serve.sample", "--dataset", "animals", "--index", "3",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    from train.data import load_dataset
+
+    val = load_dataset("animals", "val")
+    img = Image.open(out)
+    np.testing.assert_array_equal(np.asarray(img), val.arrays[3])
+    assert val.class_names[val.labels[3]] in proc.stdout

@@ -1,0 +1,330 @@
+"""serve's parts without a server: image decoding edges, the v2 wire format, the dynamic batcher, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_serve_fixtures import encode, png_header_only
+
+from models.preprocessing import Preprocessing, preprocess
+from serve.batching import BatcherClosed, DynamicBatcher, QueueFull
+from serve.imaging import ImageError, decode, prepare
+from serve.protocol import ProtocolError, classification_strings, decompress, encode_response, parse_request
+from serve.registry import parse_model_arg
+from serve.settings import Settings
+
+RGB = Preprocessing(resize=32, crop=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+GREY = Preprocessing(resize=32, crop=32, mean=(0.27,) * 3, std=(0.4,) * 3, mode="L")
+LIMIT = 10_000_000
+
+
+def photo(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:
+    """A smooth colour image (JPEG-friendly) with structure in both axes."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    arr = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h) + rng.integers(0, 4, (h, w))], axis=-1)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+# --- decoding ---------------------------------------------------------------------------------------------
+
+
+def test_served_input_is_the_shared_preprocessing():
+    img = photo()
+    np.testing.assert_array_equal(prepare(encode(img, "PNG"), RGB, max_pixels=LIMIT), preprocess([img], RGB))
+    np.testing.assert_array_equal(prepare(encode(img, "PNG"), GREY, max_pixels=LIMIT), preprocess([img], GREY))
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = decode(encode(img, "JPEG", quality=95, exif=exif), max_pixels=LIMIT)
+    assert out.size == (20, 40)
+    arr = np.asarray(out.convert("L"), np.float32)
+    assert arr[:20].mean() > 200 and arr[20:].mean() < 50  # the white half is now on top
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA", "L", "1", "I;16", "CMYK"])
+def test_colour_modes_decode_to_model_input(mode):
+    base = photo(32, 32)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)  # uint16 -> mode I;16
+        ref = base.convert("L")
+    elif mode == "CMYK":
+        img = base.convert("CMYK")
+        ref = img.convert("RGB")
+    else:
+        img = base.convert(mode)
+        ref = img
+    fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode == "PA" else "PNG"
+    data = encode(img, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    x = prepare(data, RGB, max_pixels=LIMIT)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == np.float32 and np.isfinite(x).all()
+    expected = preprocess([ref], RGB)
+    tol = 0.2 if fmt == "JPEG" else 1e-6  # JPEG is lossy; the lossless formats must be exact
+    assert np.abs(x - expected).max() <= tol + 1e-6, mode
+
+
+def test_transparent_pixels_become_black():
+    img = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    x = prepare(encode(img, "PNG"), RGB, max_pixels=LIMIT)
+    black = preprocess([Image.new("RGB", (8, 8))], RGB)
+    np.testing.assert_allclose(x, black)
+
+
+def test_16bit_uses_the_full_range():
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    img = Image.fromarray(ramp)
+    assert img.mode == "I;16"
+    x = prepare(encode(img, "PNG"), GREY, max_pixels=LIMIT)
+    eight = preprocess([Image.fromarray((ramp / 257).round().astype(np.uint8), "L")], GREY)
+    assert np.abs(x - eight).max() < 0.05
+
+
+def test_pixel_limit_refuses_before_decoding():
+    with pytest.raises(ImageError) as err:
+        decode(png_header_only(30_000, 30_000), max_pixels=LIMIT)
+    assert err.value.status == 413 and "pixels" in err.value.reason
+    with pytest.raises(ImageError) as err:
+        decode(encode(photo(200, 100), "PNG"), max_pixels=19_999)
+    assert err.value.status == 413
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"definitely not an image", "not a recognised image"),
+    (encode(photo(), "JPEG")[:300], "truncated"),
+    (encode(photo(16, 16), "ICO"), "not a recognised image"),  # a real image, but not a format we parse
+])
+def test_bad_images_are_400(data, reason):
+    with pytest.raises(ImageError) as err:
+        decode(data, max_pixels=LIMIT)
+    assert err.value.status == 400 and reason in err.value.reason.lower()
+
+
+def test_jpeg_draft_decodes_big_photos_small():
+    big = encode(photo(2048, 1536, seed=1).resize((2048, 1536)), "JPEG", quality=90)
+    drafted = decode(big, max_pixels=LIMIT, draft_size=RGB.resize)
+    full = decode(big, max_pixels=LIMIT)
+    assert full.size == (2048, 1536) and drafted.size == (256, 192)  # 1/8 scale, still >= the 32 px target
+    a = prepare(big, RGB, max_pixels=LIMIT, jpeg_draft=True)
+    b = prepare(big, RGB, max_pixels=LIMIT, jpeg_draft=False)
+    assert a.shape == b.shape == (1, 3, 32, 32)
+    assert np.abs(a - b).mean() < 0.05  # same picture, resampled from a smaller decode
+
+
+# --- Open Inference Protocol wire format -----------------------------------------------------------------
+
+
+def test_parse_json_and_binary_requests():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    doc = {"id": "r1", "inputs": [{"name": "input", "shape": [2, 3, 2, 2], "datatype": "FP32",
+                                   "data": x.tolist()}]}
+    req = parse_request(str(doc).replace("'", '"').encode(), None)
+    assert req.id == "r1" and req.outputs is None and not req.binary_output
+    np.testing.assert_array_equal(req.inputs["input"], x)
+
+    head = (b'{"inputs":[{"name":"input","shape":[2,3,2,2],"datatype":"FP32",'
+            b'"parameters":{"binary_data_size":96}}],"outputs":[{"name":"logits","parameters":{"binary_data":true,'
+            b'"classification":3}}]}')
+    req = parse_request(head + x.tobytes(), str(len(head)))
+    np.testing.assert_array_equal(req.inputs["input"], x)
+    assert req.outputs[0].binary is True and req.outputs[0].classification == 3
+
+
+_BIN2 = b'{"inputs":[{"name":"i","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}'
+_BIN1 = b'{"inputs":[{"name":"i","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}'
+
+
+@pytest.mark.parametrize("body, header, reason", [
+    (b"{", None, "not valid JSON"),
+    (b'{"inputs": []}', None, "non-empty 'inputs'"),
+    (b'{"inputs":[{"name":"input","shape":[2],"datatype":"FP32","data":[1]}]}', None, "1 values for shape"),
+    (b'{"inputs":[{"name":"input","shape":[2],"datatype":"BYTES","data":["a","b"]}]}', None, "datatype"),
+    (b'{"inputs":[{"name":"input","shape":[-1],"datatype":"FP32","data":[1]}]}', None, "non-negative"),
+    (_BIN2 + b"\0" * 4, str(len(_BIN2)), "binary data ends"),
+    (_BIN1 + b"\0" * 8, str(len(_BIN1)), "not claimed"),
+    (b"{}", "99", "outside the body"),
+])
+def test_malformed_requests_are_refused(body, header, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        parse_request(body, header)
+
+
+def test_responses_parse_with_tritonclient():
+    from tritonclient.http import InferResult
+
+    logits = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    for binary in (False, True):
+        from serve.protocol import OutputTensor
+
+        body, headers, media = encode_response("m", "1", "abc", [OutputTensor("logits", "FP32", logits, binary)])
+        result = InferResult.from_response_body(body, header_length=headers.get("Inference-Header-Content-Length"))
+        np.testing.assert_array_equal(result.as_numpy("logits"), logits)
+        assert result.get_response()["id"] == "abc"
+        assert media == ("application/octet-stream" if binary else "application/json")
+    strings = classification_strings(logits, 2, list("abcde"))
+    body, headers, _ = encode_response("m", "1", None, [OutputTensor("logits", "BYTES", strings, True)])
+    got = InferResult.from_response_body(body, header_length=headers["Inference-Header-Content-Length"])
+    top = got.as_numpy("logits")[0, 0].decode().split(":")
+    assert int(top[1]) == int(logits[0].argmax()) and top[2] == "abcde"[logits[0].argmax()]
+    assert float(top[0]) == pytest.approx(float(logits[0].max()), abs=1e-5)
+
+
+def test_decompression_is_bounded():
+    payload = b'{"inputs": []}'
+    assert decompress(gzip.compress(payload), "gzip", 1000) == payload
+    assert decompress(zlib.compress(payload), "deflate", 1000) == payload
+    with pytest.raises(ProtocolError) as err:
+        decompress(gzip.compress(b"\0" * 10_000_000), "gzip", 1_000_000)
+    assert err.value.status == 413
+    with pytest.raises(ProtocolError) as err:
+        decompress(payload, "br", 1000)
+    assert err.value.status == 415
+
+
+# --- dynamic batcher ---------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A BatchObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.waits: list[float] = []
+
+    def queued(self, model: str, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def batch(self, model: str, rows: int, seconds: float) -> None:
+        self.batches.append(rows)
+
+
+def row_sums(x: np.ndarray) -> np.ndarray:
+    """A deterministic 'model': each row's sum, so a wrong row routing is visible."""
+    if np.isnan(x).any():
+        raise ValueError("NaN input")
+    return x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+
+
+def test_concurrent_requests_are_batched_and_routed():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher("m", row_sums, max_batch=16, max_delay_s=0.05, max_queue=100, observer=rec)
+        await b.start()
+        xs = [np.full((1, 2), i, np.float32) for i in range(40)]
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        await b.close()
+        return rec, outs
+
+    rec, outs = asyncio.run(main())
+    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(40)]
+    assert sum(rec.batches) == 40 and max(rec.batches) > 1 and max(rec.batches) <= 16
+
+
+def test_full_queue_is_refused_not_grown():
+    gate = threading.Event()
+
+    def slow(x):
+        gate.wait(5)
+        return row_sums(x)
+
+    async def main():
+        b = DynamicBatcher("m", slow, max_batch=1, max_delay_s=0, max_queue=2)
+        await b.start()
+        first = asyncio.ensure_future(b.submit(np.ones((1, 1), np.float32)))
+        await asyncio.sleep(0.05)  # first is running (blocked); the next two wait in the queue
+        queued = [asyncio.ensure_future(b.submit(np.ones((1, 1), np.float32))) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit(np.ones((1, 1), np.float32))
+        gate.set()
+        done = await asyncio.gather(first, *queued)
+        await b.close()
+        with pytest.raises(BatcherClosed):
+            await b.submit(np.ones((1, 1), np.float32))
+        return done
+
+    assert [float(d[0, 0]) for d in asyncio.run(main())] == [1.0, 1.0, 1.0]
+
+
+def test_a_failing_request_does_not_fail_its_batch():
+    calls: list[int] = []
+
+    def recorded(x):
+        calls.append(len(x))
+        return row_sums(x)
+
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher("m", recorded, max_batch=8, max_delay_s=0.05, max_queue=10, observer=rec)
+        await b.start()
+        good = [np.ones((1, 2), np.float32), np.full((2, 2), 2, np.float32)]
+        bad = np.full((1, 2), np.nan, np.float32)
+        results = await asyncio.gather(b.submit(good[0]), b.submit(bad), b.submit(good[1]), return_exceptions=True)
+        await b.close()
+        return rec, results
+
+    rec, (a, err, c) = asyncio.run(main())
+    assert float(a[0, 0]) == 2.0 and c[:, 0].tolist() == [4.0, 4.0]
+    assert isinstance(err, ValueError) and "NaN" in str(err)
+    assert calls == [4, 1, 1, 2]  # batched together, then each request on its own
+    assert rec.batches == [1, 2]  # only the batches that ran are counted
+
+
+def test_admission_bounds_requests_in_progress():
+    async def main():
+        b = DynamicBatcher("m", row_sums, max_batch=4, max_delay_s=0, max_queue=2)
+        await b.start()
+        with b.admit(), b.admit():
+            with pytest.raises(QueueFull):
+                b.admit()
+        with b.admit():
+            assert b.admitted == 1
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_close_finishes_queued_work():
+    async def main():
+        b = DynamicBatcher("m", row_sums, max_batch=64, max_delay_s=0.5, max_queue=100)
+        await b.start()
+        pending = [asyncio.ensure_future(b.submit(np.ones((1, 3), np.float32))) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        await b.close(timeout=5)
+        return await asyncio.gather(*pending)
+
+    assert [float(o[0, 0]) for o in asyncio.run(main())] == [3.0] * 10
+
+
+# --- settings ------------------------------------------------------------------------------------------------
+
+
+def test_settings_from_environment_and_flags(monkeypatch):
+    monkeypatch.setenv("VITC_MODELS", "exports/a, b=exports/b")
+    monkeypatch.setenv("VITC_BACKEND", "openvino")
+    monkeypatch.setenv("VITC_API_KEY", "")
+    s = Settings()
+    assert s.models == ["exports/a", "b=exports/b"] and s.backend == "openvino" and s.api_key is None
+    assert Settings(backend="onnxruntime").backend == "onnxruntime"  # flags win over the environment
+    monkeypatch.setenv("VITC_MODELS", '["x", "y"]')
+    assert Settings().models == ["x", "y"]
+    with pytest.raises(ValueError):
+        Settings(device="gpu")
+
+
+def test_model_arguments():
+    assert parse_model_arg("cats=exports/x") == ("cats", Path("exports/x"))
+    assert parse_model_arg("exports/x")[0] is None
+    assert parse_model_arg("/data/a=b/x")[0] is None  # a path with '=' is not a name
+
