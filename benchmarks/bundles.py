@@ -1,0 +1,172 @@
+"""The checkpoints and bundles a benchmark runs: the C/P pairs, exported once and cached under exports/bench/.
+
+A pair uses trained checkpoints where the demo produced them (runs/animals-vit_c, runs/animals-vit_p for the
+mini pair), else a seeded random initialisation with a 10-class head (the animals classes), which is all a
+latency measurement needs. Random-init models get a small non-zero head (the model's own init zeroes it, which
+would make every logit 0 and INT8 parity trivially perfect) and a relaxed INT8 accuracy gate: their accuracy
+means nothing, and the benchmark must still time the INT8 artifact. A cached bundle is reused only while it
+matches its checkpoint's weights hash, holds every wanted target and batch size, and its files verify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.manifest import BundleError, read_manifest, verify_files
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = REPO / "exports" / "bench"
+DATASET = "animals"
+PAIRS: dict[str, tuple[str, str]] = {
+    "1gf": ("vit_c_1gf", "vit_p_1gf"),
+    "mini": ("vit_c_mini", "vit_p_mini"),
+    "micro": ("vit_c_micro", "vit_p_micro"),
+}
+# Trained checkpoints `make demo` writes; used when present and of the right variant.
+TRAINED: dict[str, str] = {"vit_c_mini": "runs/animals-vit_c", "vit_p_mini": "runs/animals-vit_p"}
+INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """One side of a pair, ready to load: its bundle, manifest and where its weights came from."""
+
+    pair: str
+    model: str
+    stem: str
+    checkpoint: Path
+    source: str  # "trained" | "random-init"
+    bundle: Path
+    manifest: dict[str, Any]
+
+
+def _weights_sha(checkpoint: Path) -> str | None:
+    from models.checkpoint import CheckpointError, read_checkpoint_meta
+
+    try:
+        return read_checkpoint_meta(checkpoint).weights_sha256
+    except CheckpointError:
+        return None
+
+
+def trained_checkpoint(model: str, root: Path = REPO) -> Path | None:
+    """The demo's trained checkpoint of `model`, if one exists and really is that variant."""
+    from models.checkpoint import CheckpointError, read_checkpoint_meta
+
+    rel = TRAINED.get(model)
+    if rel is None:
+        return None
+    path = root / rel
+    try:
+        return path if read_checkpoint_meta(path).model == model else None
+    except CheckpointError:
+        return None
+
+
+def random_init_checkpoint(model: str, cache: Path) -> Path:
+    """A seeded random-init checkpoint of `model` with an animals head (written once, then reused)."""
+    out = cache / f"init-{model}"
+    if _weights_sha(out) is not None:
+        return out
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.registry import build_model
+    from train.data import ANIMAL_CLASSES, default_preprocessing
+
+    torch.manual_seed(INIT_SEED)
+    net = build_model(model, num_classes=len(ANIMAL_CLASSES))
+    torch.nn.init.normal_(net.head.weight, std=0.02)  # non-constant logits, so parity numbers mean something
+    save_checkpoint(
+        out, net, class_names=list(ANIMAL_CLASSES), preprocessing=default_preprocessing(DATASET, net.cfg.image_size),
+        extra={"dataset": DATASET, "epochs": 0, "note": f"random init (seed {INIT_SEED}) for latency benchmarks"},
+    )
+    return out
+
+
+def _fresh(bundle: Path, checkpoint: Path, targets: Sequence[str], max_batch: int) -> dict[str, Any] | None:
+    """The cached bundle's manifest if it can be reused as is, else None."""
+    try:
+        manifest = read_manifest(bundle)
+        if manifest.get("source", {}).get("sha256") != _weights_sha(checkpoint):
+            return None
+        if int(manifest["input"].get("max_batch", 0)) < max_batch:
+            return None
+        ids = {a.get("id") for a in manifest["artifacts"]}
+        if not set(expand_targets(targets)) <= ids:
+            return None
+        for artifact in manifest["artifacts"]:
+            if artifact.get("servable"):
+                verify_files(bundle, artifact)
+        return manifest
+    except (BundleError, KeyError, TypeError, ValueError):
+        return None
+
+
+def expand_targets(targets: Sequence[str]) -> list[str]:
+    """Artifact ids ("onnx-fp32", ...) a list of export targets produces, torch included."""
+    from export.context import parse_targets
+
+    return [t.id for t in parse_targets(["torch", *targets])]
+
+
+def _relaxed_int8() -> dict[str, Any]:
+    """Parity gates for random-init bundles: INT8 accuracy is meaningless there, so only finiteness and batch
+    invariance are enforced (fp32 and fp16 keep their strict gates)."""
+    from dataclasses import replace
+
+    from export.parity import INT8_TOLERANCE
+
+    return {"int8": replace(INT8_TOLERANCE, min_top1_agreement=0.0, max_accuracy_drop=1.0)}
+
+
+def prepare_model(
+    pair: str,
+    model: str,
+    *,
+    cache: Path = DEFAULT_CACHE,
+    targets: Sequence[str] = ("onnx", "openvino"),
+    max_batch: int = 32,
+    parity_samples: int = 256,
+    calibration_samples: int = 128,
+    root: Path = REPO,
+    log: Callable[[str], None] | None = None,
+) -> PreparedModel:
+    """Checkpoint (trained or random-init) -> bundle under `cache`, exported only when the cache is stale."""
+    from export.bundle import build_bundle
+
+    checkpoint = trained_checkpoint(model, root)
+    source = "trained" if checkpoint else "random-init"
+    if checkpoint is None:
+        checkpoint = random_init_checkpoint(model, cache)
+    bundle = cache / f"{model}-{source}"
+    manifest = _fresh(bundle, checkpoint, targets, max_batch)
+    if manifest is None:
+        if log:
+            log(f"exporting {model} ({source}) to {bundle} ...")
+        build_bundle(
+            checkpoint, bundle, tuple(targets), name=f"{model}-{source}", max_batch=max_batch,
+            parity_samples=parity_samples, calibration_samples=calibration_samples, dataset=DATASET,
+            tolerances=_relaxed_int8() if source == "random-init" else None,
+            log=log or (lambda _msg: None),
+        )
+        manifest = read_manifest(bundle)
+    stem = str(manifest.get("stem") or ("conv" if "_c_" in model else "patchify"))
+    return PreparedModel(pair, model, stem, checkpoint, source, bundle, manifest)
+
+
+def int8_parity(manifest: dict[str, Any], runtime: str = "openvino") -> dict[str, Any] | None:
+    """The INT8 artifact's parity record vs torch fp32 (accuracy delta, agreement), if the bundle has one."""
+    for artifact in manifest.get("artifacts", []):
+        if artifact.get("runtime") == runtime and artifact.get("precision") == "int8":
+            parity = artifact.get("parity") or {}
+            keys = ("accuracy", "reference_accuracy", "accuracy_delta", "top1_agreement", "max_abs_err",
+                    "max_rel_err", "val_samples", "dataset")
+            out = {k: parity.get(k) for k in keys}
+            out.update(servable=bool(artifact.get("servable")), refused_reason=artifact.get("refused_reason"))
+            return out
+    return None
+

@@ -1,0 +1,311 @@
+"""End-to-end mode of the latency benchmark: drive a running server and compare it with the bare runtime.
+
+Scenarios in the spirit of MLPerf: SingleStream = closed loop at concurrency 1; Server = Poisson arrivals at a
+target rate; Offline = the closed loop at the highest concurrency (saturation throughput). Requests are real
+images: PNG-encoded animals validation images, POSTed raw to /v1/models/{name}/classify. When the served bundle
+is given, the same backend is timed in-process (the server's own preprocessing function and default backend
+options) so the server's overhead is a difference of two numbers measured on the same machine, minutes apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import machine
+from benchmarks.loadgen import Endpoint, closed_loop, open_loop
+from benchmarks.stats import summarize
+from models.io import atomic_write_bytes, atomic_write_json
+
+SCHEMA = "vitc-e2e-benchmark"
+MAX_IMAGES = 1024
+OPEN_LOOP_FRACTION = 0.7  # default Poisson rate, as a fraction of the best closed-loop throughput
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """A server to drive and how hard."""
+
+    url: str
+    model: str | None = None
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    rate: float | None = None
+    duration: float = 15.0
+    warmup: float = 2.0
+    bundle: Path | None = None
+    images: int = 64
+    api_key: str | None = None
+    quick: bool = False
+    argv: tuple[str, ...] = ()
+
+
+def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
+    """CLI arguments -> E2EConfig; ValueError on bad values (non-http URL, non-positive rate or duration)."""
+    parts = urllib.parse.urlsplit(args.http)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--http needs an http(s)://host[:port] URL, got {args.http!r}")
+    duration = args.duration if args.duration is not None else (2.0 if args.quick else 15.0)
+    if duration <= 0 or (args.rate is not None and args.rate <= 0):
+        raise ValueError("--duration and --rate must be positive")
+    if max(args.concurrency) > 256:
+        raise ValueError("--concurrency is limited to 256")
+    if args.bundle is not None and not args.bundle.is_dir():
+        raise ValueError(f"--bundle {args.bundle} is not a directory")
+    return E2EConfig(url=args.http.rstrip("/"), model=args.model, concurrency=tuple(args.concurrency),
+                     rate=args.rate, duration=duration, warmup=0.5 if args.quick else 2.0, bundle=args.bundle,
+                     images=16 if args.quick else 64, api_key=args.api_key, quick=args.quick,
+                     argv=("python", "benchmarks/latency.py", *argv))
+
+
+def _get_json(url: str, api_key: str | None) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"GET {url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ValueError(f"cannot reach the server at {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def model_info(cfg: E2EConfig) -> dict[str, Any]:
+    """The served model's description (GET /v1/models/{name}); the first served model when none is named."""
+    name = cfg.model
+    if name is None:
+        models = _get_json(f"{cfg.url}/v1/models", cfg.api_key).get("models") or []
+        if not models:
+            raise ValueError(f"the server at {cfg.url} serves no models")
+        name = models[0]["name"]
+    return _get_json(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}", cfg.api_key)
+
+
+def request_bodies(n: int, seed: int = 0) -> list[bytes]:
+    """`n` PNG-encoded animals validation images (deterministic subset)."""
+    from train.data import load_dataset
+
+    val = load_dataset("animals", "val").subset(min(n, MAX_IMAGES), seed=seed)
+    bodies = []
+    for i in range(len(val)):
+        buf = io.BytesIO()
+        val.image(i).save(buf, format="PNG")
+        bodies.append(buf.getvalue())
+    return bodies
+
+
+def bare_runtime(bundle: Path, info: dict[str, Any], bodies: list[bytes], seconds: float) -> dict[str, Any]:
+    """The served backend timed in-process: preprocessing, batch-1 inference, and the best batch throughput."""
+    from benchmarks.measure import input_pool, time_calls
+    from export.manifest import read_manifest
+    from models.preprocessing import Preprocessing
+    from serve.backends import load_backend
+    from serve.imaging import prepare
+
+    manifest = read_manifest(bundle)
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    t0 = time.perf_counter()
+    backend = load_backend(bundle, manifest, info["runtime"], device=info.get("device", "cpu"),
+                           precision=info.get("precision"))
+    cold = time.perf_counter() - t0
+    try:
+        prep = []
+        for body in bodies * max(1, 50 // len(bodies)):
+            t = time.perf_counter()
+            prepare(body, spec, max_pixels=40_000_000)
+            prep.append(time.perf_counter() - t)
+        x = [prepare(b, spec, max_pixels=40_000_000) for b in bodies[:4]]
+        time_calls(backend.infer, x, 3)
+        reps = max(10, int(seconds / max(1e-4, float(np.median(time_calls(backend.infer, x, 3))))))
+        b1 = time_calls(backend.infer, x, min(reps, 2000))
+        throughput = {}
+        shape = tuple(x[0].shape[1:])
+        for batch in sorted({1, 8, int(info.get("max_batch") or backend.max_batch)}):
+            pool = input_pool(batch, shape)
+            est = float(np.median(time_calls(backend.infer, pool, 2)))
+            reps = int(np.clip(seconds / 4 / est, 3, 200))
+            throughput[str(batch)] = batch / float(np.median(time_calls(backend.infer, pool, reps)))
+    finally:
+        backend.close()
+    best = max(throughput, key=throughput.get)
+    return {
+        "runtime": info["runtime"], "precision": backend.precision, "cold_start_s": cold,
+        "preprocess_ms": summarize([t * 1e3 for t in prep]), "infer_b1_ms": summarize([t * 1e3 for t in b1]),
+        "throughput_ips_by_batch": throughput, "best_throughput_ips": throughput[best], "best_batch": int(best),
+        "note": "server's default backend options; one caller (no concurrent infer requests)",
+    }
+
+
+def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
+    """Closed loops at each concurrency, then an open Poisson loop; with the bare runtime when a bundle is given."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    info = model_info(cfg)
+    name = info["name"]
+    endpoint = Endpoint(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}/classify", "image/png", cfg.api_key)
+    bodies = request_bodies(cfg.images)
+    env = machine.environment(None)
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "schema_version": 1,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "host": env["host"],
+        "argv": list(cfg.argv), "url": cfg.url,
+        "server_model": {k: v for k, v in info.items() if k not in ("labels",)},
+        "config": {"concurrency": list(cfg.concurrency), "rate": cfg.rate, "duration_s": cfg.duration,
+                   "warmup_s": cfg.warmup, "images": len(bodies), "image_bytes_mean": float(np.mean([len(b)
+                                                                                              for b in bodies]))},
+        "environment": env, "bare": None, "closed": [], "open": None,
+    }
+    if cfg.bundle is not None:
+        log(f"bare runtime: {info['runtime']} {info.get('precision')} from {cfg.bundle} ...")
+        doc["bare"] = bare_runtime(cfg.bundle, info, bodies, 2.0 if cfg.quick else 8.0)
+    for c in cfg.concurrency:
+        log(f"closed loop, concurrency {c}, {cfg.duration:g} s ...")
+        doc["closed"].append(closed_loop(endpoint, bodies, c, cfg.duration, cfg.warmup).summary())
+    best = max((r["throughput_rps"] for r in doc["closed"]), default=0.0)
+    rate = cfg.rate or max(1.0, OPEN_LOOP_FRACTION * best)
+    log(f"open loop (Poisson), {rate:.1f} requests/s, {cfg.duration:g} s ...")
+    doc["open"] = open_loop(endpoint, bodies, rate, cfg.duration, warmup_s=cfg.warmup).summary()
+    doc["overhead"] = overhead(doc)
+    doc["environment"]["load_average_end"] = machine.load_average()
+    return doc
+
+
+def overhead(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Server vs bare runtime: extra latency at concurrency 1 and saturation throughput as a fraction."""
+    bare = doc.get("bare")
+    c1 = next((r for r in doc["closed"] if r["concurrency"] == 1 and r["latency_ms"]), None)
+    best = max(doc["closed"], key=lambda r: r["throughput_rps"], default=None)
+    if not bare or best is None:
+        return None
+    out: dict[str, Any] = {
+        "saturation_rps": best["throughput_rps"], "saturation_concurrency": best["concurrency"],
+        "bare_best_ips": bare["best_throughput_ips"], "bare_best_batch": bare["best_batch"],
+        "saturation_fraction_of_bare": best["throughput_rps"] / bare["best_throughput_ips"],
+    }
+    if c1:
+        p50, infer, prep = c1["latency_ms"]["p50"], bare["infer_b1_ms"]["p50"], bare["preprocess_ms"]["p50"]
+        out.update(c1_p50_ms=p50, bare_infer_b1_p50_ms=infer, bare_preprocess_p50_ms=prep,
+                   c1_overhead_ms=p50 - infer, c1_overhead_beyond_preprocess_ms=p50 - infer - prep,
+                   c1_rps=c1["throughput_rps"], bare_b1_ips=1e3 / infer)
+    return out
+
+
+def _rows(doc: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in [*doc["closed"], doc["open"]]:
+        lat = r["latency_ms"] or {}
+        level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['target_rate']:.1f}/s"
+        rows.append([r["mode"], level, f"{r['throughput_rps']:.1f}",
+                     *(f"{lat[k]:.2f}" if lat else "-" for k in ("p50", "p90", "p99")),
+                     str(r["ok"]), f"{sum(r['errors'].values())} ({r['error_rate']:.1%})", f"{r['client_cpu_s']:.1f}"])
+    return rows
+
+
+E2E_HEADER = ["mode", "level", "req/s", "p50 ms", "p90 ms", "p99 ms", "ok", "errors", "client CPU s"]
+
+
+def format_e2e(doc: dict[str, Any]) -> str:
+    """Terminal table plus the overhead lines."""
+    rows = [E2E_HEADER, *_rows(doc)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(E2E_HEADER))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines + overhead_lines(doc))
+
+
+def overhead_lines(doc: dict[str, Any]) -> list[str]:
+    """Human sentences for the server-vs-bare comparison."""
+    o, bare = doc.get("overhead"), doc.get("bare")
+    if not o:
+        return ["(no --bundle: bare-runtime comparison not run)"]
+    lines = [f"bare {bare['runtime']} {bare['precision']}: infer b1 p50 {bare['infer_b1_ms']['p50']:.2f} ms, "
+             f"preprocess p50 {bare['preprocess_ms']['p50']:.2f} ms, best {bare['best_throughput_ips']:.1f} img/s "
+             f"at batch {bare['best_batch']}"]
+    if "c1_p50_ms" in o:
+        lines.append(f"server overhead at concurrency 1: p50 {o['c1_p50_ms']:.2f} ms vs bare inference "
+                     f"{o['bare_infer_b1_p50_ms']:.2f} ms: +{o['c1_overhead_ms']:.2f} ms "
+                     f"(+{o['c1_overhead_beyond_preprocess_ms']:.2f} ms beyond preprocessing)")
+    lines.append(f"saturation: {o['saturation_rps']:.1f} req/s at concurrency {o['saturation_concurrency']} = "
+                 f"{o['saturation_fraction_of_bare']:.0%} of the bare runtime's {o['bare_best_ips']:.1f} img/s")
+    return lines
+
+
+def markdown_e2e(doc: dict[str, Any], plots: list[str] = ()) -> str:
+    """The end-to-end report as Markdown."""
+    m, env = doc["server_model"], doc["environment"]
+    rows = _rows(doc)
+    table = ["| " + " | ".join(E2E_HEADER) + " |", "|" + "---|" * len(E2E_HEADER)]
+    table += ["| " + " | ".join(r) + " |" for r in rows]
+    la = "/".join(f"{x:.2f}" for x in env.get("load_average") or [])
+    parts = [
+        f"# End-to-end benchmark: {m['name']} ({m.get('variant')}, {m.get('runtime')} {m.get('precision')}) "
+        f"at {doc['url']}",
+        "",
+        f"- {doc['created']}, host {doc['host']}, CPU {env['cpu']['model']} ({env['cpu'].get('usable_cpus')} CPUs), "
+        f"load average at start {la}; client and server share the machine",
+        f"- Command: `{' '.join(doc['argv'])}`",
+        f"- Requests: {doc['config']['images']} PNG animals val images (mean {doc['config']['image_bytes_mean']:.0f} "
+        f"bytes), raw body to /v1/models/{m['name']}/classify; {doc['config']['duration_s']:g} s per level after "
+        f"{doc['config']['warmup_s']:g} s warm-up",
+        "",
+        *table,
+        "",
+        *(f"- {line}" for line in overhead_lines(doc)),
+        "",
+        *(f"![{p}]({p})" for p in plots),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
+    """Latency percentiles and throughput vs concurrency, with the bare runtime for reference."""
+    from benchmarks.plots import batch_axis, figure, save
+
+    fig, axes = figure(1, 2, (4.6, 3.4))
+    closed = [r for r in doc["closed"] if r["latency_ms"]]
+    xs = [r["concurrency"] for r in closed]
+    ax = axes[0][0]
+    for k, style in (("p50", "-o"), ("p90", "--s"), ("p99", ":^")):
+        ax.plot(xs, [r["latency_ms"][k] for r in closed], style, label=f"server {k}")
+    if doc.get("bare"):
+        ax.axhline(doc["bare"]["infer_b1_ms"]["p50"], color="k", lw=0.8, label="bare infer b1 p50")
+    batch_axis(ax, xs or [1])
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency (closed loop)")
+    ax.set_ylabel("latency ms")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    ax = axes[0][1]
+    ax.plot(xs, [r["throughput_rps"] for r in closed], "-o", label="server req/s")
+    if doc.get("bare"):
+        ax.axhline(doc["bare"]["best_throughput_ips"], color="k", lw=0.8,
+                   label=f"bare best (batch {doc['bare']['best_batch']})")
+    batch_axis(ax, xs or [1])
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency (closed loop)")
+    ax.set_ylabel("images / s")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{doc['server_model']['name']}: server vs bare runtime ({doc['host']})")
+    return save(fig, path)
+
+
+def write_e2e_reports(doc: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
+    """Print the table and write <stem>-http.json / .md / .png into `out_dir`."""
+    from benchmarks.report import stem_name
+
+    print(format_e2e(doc))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem_name(doc, "-http")
+    written = [plot_e2e(doc, out_dir / f"{stem}.png")] if plots else []
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    atomic_write_json(json_path, doc)
+    atomic_write_bytes(md_path, markdown_e2e(doc, [p.name for p in written]).encode())
+    return [json_path, md_path, *written]

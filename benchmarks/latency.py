@@ -1,0 +1,156 @@
+"""`python benchmarks/latency.py`: ViT_C vs ViT_P latency on every available runtime, against the machine's limit.
+
+With no arguments: the 1GF pair (224x224) and the mini pair (32x32), batch 1, 8 and 32, on every runtime and
+precision this machine has (torch eager fp32/bf16, onnxruntime, OpenVINO fp32/bf16/INT8; TensorRT fp16/INT8
+and onnxruntime-CUDA with a GPU), about 10 minutes on 2 cores (plus a one-time export of the bundles, cached
+under exports/bench/). `--quick` (the micro pair, a few repetitions) takes well under a minute once its bundles
+are cached. `--http URL` instead drives a running server (closed loop at several concurrencies, then Poisson
+arrivals) and compares it with the bare runtime.
+
+Method: each model pair is loaded side by side; after a warm-up, C and P are timed in alternating rounds on a
+rotating pool of inputs until both medians are stable (95 % CI within +-2 %) or the cell's time is up.
+Reported: p50/p90/p99, IQR/median, the C/P ratio (flagged outside +-5 %), achieved GFLOP/s = 2 * MACs * batch
+/ p50 and its fraction of the sustained matmul limit measured in the same run, and cold start (load, compile,
+first result). Outputs: a table on the terminal and <date>-<time>-<host>.json / .md / -latency.png / -ratio.png
+in --out. Exit codes: 0 done, 2 bad arguments or unusable inputs (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one readable line, exit 2 (the project's CLI convention)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1 or max(values) > 1024:
+        raise argparse.ArgumentTypeError(f"expected integers in 1..1024, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option, documented."""
+    from benchmarks.bundles import DEFAULT_CACHE, PAIRS
+    from benchmarks.runners import ALL_TARGETS
+
+    p = _Parser(prog="python benchmarks/latency.py", description=__doc__.split("\n\n")[0],
+                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("latency benchmark")
+    run.add_argument("--quick", action="store_true",
+                     help="CI smoke run: the micro pair, batch 1 and 8, few repetitions, results under "
+                          "exports/bench/results unless --out is given")
+    run.add_argument("--pairs", default=None,
+                     help=f"comma-separated pairs of {', '.join(PAIRS)} (default 1gf,mini; --quick: micro)")
+    run.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default 1,8,32; --quick: 1,8)")
+    run.add_argument("--targets", default="all",
+                     help=f"'all' or comma-separated of {', '.join(t.id for t in ALL_TARGETS)}; unavailable "
+                          "ones are listed as skipped with the reason (default all)")
+    run.add_argument("--threads", type=int, default=None, help="intra-op threads per inference (default: usable CPUs)")
+    run.add_argument("--cell-seconds", type=float, default=None,
+                     help="time cap per (pair, target, batch) cell, both models (default 12; --quick 0.6)")
+    run.add_argument("--min-reps", type=int, default=None, help="repetitions per model before stopping (default 20)")
+    run.add_argument("--limit-seconds", type=float, default=None,
+                     help="matmul-limit timing per precision, at start and end (default 3; --quick 0.3)")
+    run.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"bundle cache (default {DEFAULT_CACHE})")
+    run.add_argument("--out", type=Path, default=None,
+                     help="results directory (default benchmarks/results; --quick: exports/bench/results)")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    http = p.add_argument_group("end-to-end mode (--http)")
+    http.add_argument("--http", metavar="URL", help="benchmark a running server at URL (e.g. http://127.0.0.1:8000)")
+    http.add_argument("--model", help="served model name (default: the server's first model)")
+    http.add_argument("--concurrency", type=_ints, default=(1, 4, 16),
+                      help="closed-loop concurrencies (default 1,4,16)")
+    http.add_argument("--rate", type=float, default=None,
+                      help="open-loop Poisson arrival rate, requests/s (default: 70 %% of the best closed-loop rate)")
+    http.add_argument("--duration", type=float, default=None, help="seconds per load level (default 15; --quick 2)")
+    http.add_argument("--bundle", type=Path, default=None,
+                      help="the served bundle, timed bare in-process for the overhead comparison")
+    http.add_argument("--runtime", default=None, help="runtime of the served backend (default: onnxruntime)")
+    http.add_argument("--precision", default=None, help="precision of the served artifact (default: fp32)")
+    http.add_argument("--api-key", default=os.environ.get("VITC_API_KEY"), help="bearer token (default $VITC_API_KEY)")
+    return p
+
+
+def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a SuiteConfig
+    """Arguments -> SuiteConfig; ValueError on a bad value."""
+    from dataclasses import replace
+
+    from benchmarks.bundles import PAIRS
+    from benchmarks.measure import FULL, QUICK
+    from benchmarks.runners import parse_targets
+    from benchmarks.suite import SuiteConfig
+    from serve.backends.base import default_threads
+
+    pairs = tuple(x.strip() for x in (args.pairs or ("micro" if args.quick else "1gf,mini")).split(",") if x.strip())
+    for pair in pairs:
+        if pair not in PAIRS:
+            raise ValueError(f"unknown pair {pair!r}; known: {', '.join(PAIRS)}")
+    budget = QUICK if args.quick else FULL
+    if args.cell_seconds is not None:
+        budget = replace(budget, max_s=args.cell_seconds)
+    if args.min_reps is not None:
+        budget = replace(budget, min_reps=args.min_reps)
+    if budget.max_s <= 0 or budget.min_reps < 1:
+        raise ValueError("--cell-seconds must be positive and --min-reps at least 1")
+    threads = args.threads or default_threads()
+    if not 1 <= threads <= 1024:
+        raise ValueError(f"--threads must be in 1..1024, got {threads}")
+    return SuiteConfig(
+        pairs=pairs, batch_sizes=args.batch_sizes or ((1, 8) if args.quick else (1, 8, 32)),
+        targets=tuple(parse_targets(args.targets)), threads=threads, budget=budget,
+        limit_seconds=args.limit_seconds or (0.3 if args.quick else 3.0), cache=args.cache, quick=args.quick,
+        parity_samples=64 if args.quick else 256, calibration_samples=32 if args.quick else 128,
+        progress=not args.no_progress, argv=("python", "benchmarks/latency.py", *argv),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run the benchmark (or the end-to-end mode), print the table, write the files."""
+    from export.context import ExportError
+    from export.manifest import BundleError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    repo = Path(__file__).resolve().parents[1]
+    out = args.out or (args.cache / "results" if args.quick else repo / "benchmarks" / "results")
+    try:
+        if args.http:
+            from benchmarks.e2e import e2e_config, run_e2e, write_e2e_reports
+
+            doc = run_e2e(e2e_config(args, argv))
+            paths = write_e2e_reports(doc, out, plots=not args.no_plots)
+        else:
+            from benchmarks.report import format_table, write_reports
+            from benchmarks.suite import run_suite
+
+            doc = run_suite(_config(args, argv))
+            print(format_table(doc))
+            paths = write_reports(doc, out, suffix="-quick" if args.quick else "", plots=not args.no_plots)
+    except (ValueError, BundleError, ExportError, OSError) as exc:
+        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as a script, Python puts benchmarks/ first on sys.path; the imports (all inside functions) need the repo
+    # root there instead, which also keeps benchmarks/*.py from shadowing standard modules.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""PNG plots of a latency results document: latency vs batch per runtime (C vs P), and the C/P ratios."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from models.io import atomic_write_bytes
+
+_COLOURS = {"conv": "tab:orange", "patchify": "tab:blue"}
+
+
+def figure(rows: int, cols: int, size: tuple[float, float]):  # noqa: ANN202 - (figure, axes grid)
+    """A figure with a rows x cols grid of axes, `size` inches per panel (Agg backend, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    return fig, axes
+
+
+def save(fig: Any, path: Path) -> Path:
+    """Write the figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def batch_axis(ax: Any, xs: list[int]) -> None:
+    """Log2 x axis labelled with the plain values (1, 8, 32), no minor ticks."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(xs))
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _grid(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
+    pairs = [p for p in doc["config"]["pairs"] if any(r["pair"] == p for r in doc["results"])]
+    targets = list(dict.fromkeys(r["target"] for r in doc["results"]))
+    return pairs or ["-"], targets or ["-"]
+
+
+def plot_latency(doc: dict[str, Any], path: Path) -> Path:
+    """Median latency (bars to p90) vs batch size, one panel per (pair, runtime), ViT_C vs ViT_P."""
+    pairs, targets = _grid(doc)
+    fig, axes = figure(len(pairs), len(targets), (3.2, 2.8))
+    for i, pair in enumerate(pairs):
+        for j, target in enumerate(targets):
+            ax = axes[i][j]
+            cells = [r for r in doc["results"] if r["pair"] == pair and r["target"] == target]
+            for model in sorted({c["model"] for c in cells}):
+                pts = sorted((c for c in cells if c["model"] == model), key=lambda c: c["batch"])
+                xs = [c["batch"] for c in pts]
+                p50 = [c["latency_ms"]["p50"] for c in pts]
+                up = [c["latency_ms"]["p90"] - c["latency_ms"]["p50"] for c in pts]
+                stem = pts[0]["stem"]
+                ax.errorbar(xs, p50, yerr=[[0] * len(up), up], marker="o" if stem == "conv" else "s",
+                            linestyle="-" if stem == "conv" else "--", color=_COLOURS.get(stem), capsize=3,
+                            label=model)
+            batch_axis(ax, [c["batch"] for c in cells] or [1])
+            ax.set_yscale("log")
+            ax.set_title(f"{pair}: {target}", fontsize=9)
+            ax.set_xlabel("batch")
+            ax.set_ylabel("ms (p50, bar to p90)")
+            ax.grid(True, which="both", alpha=0.3)
+            if cells:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"Latency vs batch, ViT_C vs ViT_P ({doc['host']}, {doc['config']['threads']} threads)")
+    return save(fig, path)
+
+
+def plot_ratios(doc: dict[str, Any], path: Path) -> Path:
+    """C/P median-latency ratio vs batch per runtime, with its interval and the +-5 % parity band."""
+    pairs, _ = _grid(doc)
+    fig, axes = figure(1, len(pairs), (5.0, 3.4))
+    for i, pair in enumerate(pairs):
+        ax = axes[0][i]
+        ax.axhspan(0.95, 1.05, color="tab:green", alpha=0.12, label="parity +-5 %")
+        ax.axhline(1.0, color="tab:green", lw=0.8)
+        ratios = [r for r in doc["ratios"] if r["pair"] == pair]
+        targets = list(dict.fromkeys(r["target"] for r in ratios))
+        for k, target in enumerate(targets):
+            pts = sorted((r for r in ratios if r["target"] == target), key=lambda r: r["batch"])
+            xs = [r["batch"] * (1 + 0.04 * (k - len(targets) / 2)) for r in pts]  # dodge overlapping bars
+            ys = [r["ratio"] for r in pts]
+            err = [[r["ratio"] - r["interval"][0] for r in pts], [r["interval"][1] - r["ratio"] for r in pts]]
+            ax.errorbar(xs, ys, yerr=[[max(0.0, e) for e in err[0]], [max(0.0, e) for e in err[1]]],
+                        marker="o", capsize=3, label=target)
+        batch_axis(ax, [r["batch"] for r in ratios] or [1])
+        ax.set_title(f"{pair}: ViT_C / ViT_P latency", fontsize=10)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("C/P ratio (p50)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return save(fig, path)

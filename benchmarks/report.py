@@ -1,0 +1,197 @@
+"""Turn a latency results document into its headline summary, a terminal table, Markdown, and files on disk.
+
+Files are named by date, time and host (`2026-11-24-2331-vm.json`, `.md`, `-latency.png`, `-ratio.png`) and
+written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from models.io import atomic_write_bytes, atomic_write_json
+
+
+def _by(rows: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def summarize_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers per pair: best batch-1 latency per model, INT8 speed-ups, C/P ratios, flagged cells."""
+    out: dict[str, Any] = {}
+    for pair in doc["config"]["pairs"]:
+        cells = _by(doc["results"], pair=pair)
+        models = sorted({c["model"] for c in cells})
+        best_b1 = {}
+        for m in models:
+            b1 = _by(cells, model=m, batch=1)
+            if b1:
+                best = min(b1, key=lambda c: c["latency_ms"]["p50"])
+                best_b1[m] = {k: best[k] for k in ("target", "gflops", "fraction_of_limit", "limit")}
+                best_b1[m]["p50_ms"] = best["latency_ms"]["p50"]
+                best_b1[m]["ci95_ms"] = best["latency_ms"]["ci95"]
+        int8 = []
+        for m in models:
+            for fp32 in _by(cells, model=m, target="openvino-fp32"):
+                q = _by(cells, model=m, target="openvino-int8", batch=fp32["batch"])
+                if q:
+                    int8.append({"model": m, "batch": fp32["batch"],
+                                 "speedup": fp32["latency_ms"]["p50"] / q[0]["latency_ms"]["p50"],
+                                 "parity": (doc["models"].get(m) or {}).get("int8_parity")})
+        ratios = _by(doc["ratios"], pair=pair)
+        out[pair] = {
+            "best_batch1": best_b1,
+            "int8_speedup_vs_openvino_fp32": int8,
+            "ratios": [{k: r[k] for k in ("target", "batch", "ratio", "interval", "flagged", "verdict")}
+                       for r in ratios],
+            "flagged": [f"{r['target']} b{r['batch']}: {r['ratio']:.3f}" for r in ratios if r["flagged"]],
+        }
+    return out
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3g}" if x < 10 else f"{x:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _rows(doc: dict[str, Any]) -> list[list[str]]:
+    """One row per (pair, target, batch): C and P latency percentiles, their ratio, and GFLOP/s vs the limit."""
+    rows = []
+    for r in doc["ratios"]:
+        c = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["c_model"])[0]
+        p = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["p_model"])[0]
+        lat = [f"{_ms(x['latency_ms']['p50'])} / {_ms(x['latency_ms']['p90'])} / {_ms(x['latency_ms']['p99'])}"
+               for x in (c, p)]
+        lo, hi = r["interval"]
+        rows.append([
+            r["pair"], r["target"], str(r["batch"]), lat[0], lat[1],
+            f"{r['ratio']:.3f}" + (" !" if r["flagged"] else ""), f"{lo:.2f}-{hi:.2f}",
+            f"{c['gflops']:.1f} / {p['gflops']:.1f}",
+            f"{_pct(c['fraction_of_limit'])} / {_pct(p['fraction_of_limit'])}",
+            f"{c['latency_ms']['rel_spread']:.0%} / {p['latency_ms']['rel_spread']:.0%}", f"{c['reps']}/{p['reps']}",
+        ])
+    return rows
+
+
+HEADER = ["pair", "target", "batch", "C ms p50/p90/p99", "P ms p50/p90/p99", "C/P", "C/P interval",
+          "GFLOP/s C / P", "of limit C / P", "IQR/p50 C / P", "reps C/P"]
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The aligned terminal table plus the limits, skips and flags under it."""
+    rows = [HEADER, *_rows(doc)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
+                                                                                                   strict=True)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += ["", limits_line(doc)]
+    lines += [f"skipped {s['pair']} {s['target']}{' b' + str(s['batch']) if 'batch' in s else ''}: {s['reason']}"
+              for s in doc["skipped"]]
+    lines.append("C/P outside 1 +- 5 % is marked '!'; the interval is the 10-90 % range of per-round ratios.")
+    return "\n".join(lines)
+
+
+def limits_line(doc: dict[str, Any]) -> str:
+    """The machine's limits in one line."""
+    parts = []
+    for device, table in doc["machine_limit"].items():
+        for precision, e in table.items():
+            value = f"{e['gflops']:.0f}" if e.get("gflops") else "not native"
+            parts.append(f"{device} {precision} {value}")
+    unit = "GFLOP/s (int8: GOP/s)"
+    return f"matmul limit ({doc['config']['threads']} threads): " + ", ".join(parts) + f" {unit}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
+    """The whole report as Markdown: machine, limits, latency table, cold starts, INT8, skips, method."""
+    env = doc["environment"]
+    cpu = env["cpu"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    la, la_end = env.get("load_average"), env.get("load_average_end")
+    summary = doc.get("summary") or summarize_doc(doc)
+    parts = [
+        f"# Latency benchmark: ViT_C vs ViT_P ({doc['created']}, host {doc['host']})",
+        "",
+        f"- Command: `{' '.join(doc['argv'])}`; wall time {doc.get('wall_seconds')} s",
+        f"- CPU: {cpu['model']} (family {cpu.get('family')}, model {cpu.get('model_number')}), "
+        f"{cpu.get('usable_cpus')} usable CPUs, {cpu.get('physical_cores')} physical cores; "
+        f"flags: {' '.join(cpu['flags']) or 'none of interest'}",
+        f"- GPU: {', '.join(g['name'] for g in env['gpus']) or 'none'}; threads per inference: {env['threads']}",
+        f"- Load average (1/5/15 min) at start {_fmt_load(la)}, at end {_fmt_load(la_end)}",
+        f"- Versions: {versions}; git {str((env.get('git') or {}).get('commit'))[:12]}"
+        + (" (dirty)" if (env.get("git") or {}).get("dirty") else ""),
+        f"- {limits_line(doc)}",
+        f"- Convention: {doc['config']['flops_convention']}",
+        "",
+        "## Latency (ms), C/P ratio, achieved GFLOP/s and fraction of the matmul limit",
+        "",
+        _md_table(HEADER, _rows(doc)),
+        "",
+        "C/P outside 1 +- 5 % is marked `!`; the interval is the 10-90 % range of the per-round ratios "
+        "(C and P are timed in alternating rounds).",
+        "",
+    ]
+    parts += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
+    parts += ["## Headlines", ""]
+    for pair, s in summary.items():
+        for m, b in s["best_batch1"].items():
+            parts.append(f"- {pair}: {m} best batch-1 latency {b['p50_ms']:.2f} ms ({b['target']}), "
+                         f"{b['gflops']:.1f} GFLOP/s = {_pct(b['fraction_of_limit'])} of the {b['limit']} limit")
+        for q in s["int8_speedup_vs_openvino_fp32"]:
+            par = q.get("parity") or {}
+            delta = par.get("accuracy_delta")
+            acc = "" if delta is None else (f"; INT8 accuracy delta {delta * 100:+.2f} points, "
+                                            f"top-1 agreement {par.get('top1_agreement', 0):.1%}")
+            parts.append(f"- {pair}: {q['model']} b{q['batch']} OpenVINO INT8 speed-up {q['speedup']:.2f}x{acc}")
+        if s["flagged"]:
+            parts.append(f"- {pair}: C/P outside +-5 %: {', '.join(s['flagged'])}")
+    parts += ["", "## Cold start (load, compile and first batch-1 result, in-process, warm file cache)", ""]
+    parts.append(_md_table(["model", "target", "seconds"],
+                           [[c["model"], c["target"], f"{c['seconds']:.2f}"] for c in doc["cold_start"]]))
+    if doc["skipped"]:
+        parts += ["", "## Not run", ""]
+        parts += [f"- {s['pair']} {s['target']}{' b' + str(s['batch']) if 'batch' in s else ''}: {s['reason']}"
+                  for s in doc["skipped"]]
+    parts += ["", "## Models", ""]
+    parts.append(_md_table(["model", "weights", "GMACs/image", "image", "bundle"],
+                           [[m, v["source"], f"{v['macs_per_image'] / 1e9:.3f}", str(v["image_size"]), v["bundle"]]
+                            for m, v in doc["models"].items()]))
+    return "\n".join(parts) + "\n"
+
+
+def _fmt_load(la: list[float] | None) -> str:
+    return "n/a" if not la else "/".join(f"{x:.2f}" for x in la)
+
+
+def stem_name(doc: dict[str, Any], suffix: str = "") -> str:
+    """`<date>-<HHMM>-<host><suffix>` from the document's creation time."""
+    created = dt.datetime.strptime(doc["created"], "%Y-%m-%dT%H:%M:%SZ")
+    return f"{created:%Y-%m-%d-%H%M}-{doc['host']}{suffix}"
+
+
+def write_reports(doc: dict[str, Any], out_dir: Path, suffix: str = "", plots: bool = True) -> list[Path]:
+    """JSON, Markdown and PNG plots into `out_dir`; returns the paths written."""
+    from benchmarks.plots import plot_latency, plot_ratios
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem_name(doc, suffix)
+    doc["summary"] = summarize_doc(doc)
+    written = []
+    if plots:
+        written += [plot_latency(doc, out_dir / f"{stem}-latency.png"), plot_ratios(doc, out_dir / f"{stem}-ratio.png")]
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
+    atomic_write_bytes(md_path, markdown(doc, [p.name for p in written]).encode())
+    return [json_path, md_path, *written]

@@ -1,0 +1,163 @@
+"""`python benchmarks/latency.py --quick` end to end on the micro pair, its --http mode against a real server,
+and its argument errors. Structure and sanity only: speed is never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from benchmarks.latency import main
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "latency.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run (bundles exported into a fresh cache): its process result, cache and output dirs."""
+    cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("results")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--cache", str(cache), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, cache, out
+
+
+def _one(out: Path, pattern: str) -> Path:
+    found = sorted(out.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {out}, found {[p.name for p in found]}"
+    return found[0]
+
+
+def test_quick_writes_json_markdown_and_plots(quick):
+    proc, _, out = quick
+    doc = json.loads(_one(out, "*-quick.json").read_text())
+    md = _one(out, "*-quick.md").read_text()
+    for name in ("*-quick-latency.png", "*-quick-ratio.png"):
+        assert _one(out, name).read_bytes()[:8] == PNG_MAGIC
+    assert doc["schema"] == "vitc-latency-benchmark" and doc["config"]["pairs"] == ["micro"]
+    assert "C ms p50/p90/p99" in proc.stdout and "micro" in proc.stdout  # the terminal table
+    assert "| micro | onnxruntime-fp32 | 1 |" in md and "## Cold start" in md and "-quick-ratio.png" in md
+
+
+def test_quick_results_are_complete_and_sane(quick):
+    _, _, out = quick
+    doc = json.loads(_one(out, "*-quick.json").read_text())
+    results, ratios = doc["results"], doc["ratios"]
+    targets = {r["target"] for r in results}
+    assert {"onnxruntime-fp32", "openvino-fp32", "openvino-int8", "torch-fp32"} <= targets
+    assert {r["batch"] for r in results} == {1, 8}
+    for r in results:
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert lat["ci95"][0] <= lat["p50"] <= lat["ci95"][1]
+        assert r["reps"] >= 1 and r["threads"] >= 1
+        assert r["macs_per_image"] == doc["models"][r["model"]]["macs_per_image"] > 0
+        assert r["gflops"] == pytest.approx(2 * r["macs_per_image"] * r["batch"] / (lat["p50"] / 1e3) / 1e9)
+        assert 0 < r["fraction_of_limit"] < 1.5, r
+    # One C/P ratio per (target, batch), equal to the ratio of the two medians.
+    assert len(ratios) == len(results) // 2
+    for q in ratios:
+        assert q["ratio"] == pytest.approx(q["c_p50_ms"] / q["p_p50_ms"])
+        assert q["interval"][0] <= q["interval"][1]
+        assert q["flagged"] == (abs(q["ratio"] - 1) > 0.05)
+        assert q["verdict"] in ("parity", "C slower", "C faster", "inconclusive")
+    assert {c["model"] for c in doc["cold_start"]} == {"vit_c_micro", "vit_p_micro"}
+    assert all(c["seconds"] > 0 for c in doc["cold_start"])
+    assert doc["summary"]["micro"]["best_batch1"].keys() == {"vit_c_micro", "vit_p_micro"}
+    assert doc["models"]["vit_c_micro"]["int8_parity"]["top1_agreement"] is not None
+
+
+def test_quick_captures_environment_and_limit(quick):
+    _, _, out = quick
+    doc = json.loads(_one(out, "*-quick.json").read_text())
+    env = doc["environment"]
+    assert env["cpu"]["model"] and env["cpu"]["usable_cpus"] >= 1 and isinstance(env["cpu"]["flags"], list)
+    assert {"python", "numpy", "onnxruntime", "openvino", "torch"} <= env["versions"].keys()
+    assert len(env["git"]["commit"]) == 40 and env["threads"] >= 1 and len(env["load_average"]) == 3
+    fp32 = doc["machine_limit"]["cpu"]["fp32"]
+    assert fp32["native"] and fp32["gflops"] > 0 and fp32["by_library"]
+    assert doc["machine_limit"]["cpu"]["bf16"]["native"] in (True, False)
+    if not env["gpus"]:  # GPU targets are listed with their reason, not silently dropped
+        reasons = {s["target"]: s["reason"] for s in doc["skipped"]}
+        assert "no CUDA GPU" in reasons["onnxruntime-cuda-fp32"]
+        assert {"tensorrt-fp16", "tensorrt-int8"} <= reasons.keys()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, server: subprocess.Popen, seconds: float = 90.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail("server did not become ready")
+
+
+def test_http_mode_against_a_running_server(quick, tmp_path):
+    _, cache, _ = quick
+    bundle = cache / "vit_c_micro-random-init"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--model", str(bundle), "--port", str(port), "--no-access-log"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VITC_LOG_LEVEL": "warning"},
+    )
+    try:
+        _wait_ready(url, server)
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--http", url, "--quick", "--duration", "0.5", "--concurrency", "1,2",
+             "--bundle", str(bundle), "--out", str(tmp_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(_one(tmp_path, "*-http.json").read_text())
+    assert _one(tmp_path, "*-http.png").read_bytes()[:8] == PNG_MAGIC
+    assert "server overhead at concurrency 1" in _one(tmp_path, "*-http.md").read_text()
+    assert [r["concurrency"] for r in doc["closed"]] == [1, 2]
+    for level in [*doc["closed"], doc["open"]]:
+        assert level["ok"] > 0 and level["errors"] == {} and level["throughput_rps"] > 0
+        assert level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
+    assert doc["open"]["mode"] == "open" and doc["open"]["target_rate"] > 0
+    assert doc["server_model"]["runtime"] == doc["bare"]["runtime"] == "onnxruntime"
+    o = doc["overhead"]
+    assert o["c1_overhead_ms"] == pytest.approx(o["c1_p50_ms"] - o["bare_infer_b1_p50_ms"])
+    assert o["saturation_fraction_of_bare"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pairs", "nope"], "unknown pair 'nope'"),
+    (["--batch-sizes", "0"], "expected integers in 1..1024"),
+    (["--targets", "openvino-fp64"], "unknown target"),
+    (["--http", "ftp://example.org"], "needs an http(s)://host"),
+    (["--http", "http://127.0.0.1:9", "--duration", "1"], "cannot reach the server"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -1,0 +1,100 @@
+"""The benchmark's statistics, limits bookkeeping, target parsing and timing loop, on hand-checkable inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.machine import limit_for
+from benchmarks.measure import Budget, input_pool, time_pair
+from benchmarks.runners import CPU_TARGETS, Target, export_targets, parse_targets
+from benchmarks.stats import achieved_gflops, median_ci, median_is_stable, ratio_summary, summarize
+
+
+def test_summarize_one_to_hundred():
+    s = summarize(range(1, 101))
+    assert s["n"] == 100
+    assert s["p50"] == pytest.approx(50.5)
+    assert s["p90"] == pytest.approx(90.1)  # linear interpolation: 1 + 0.9 * 99
+    assert s["p99"] == pytest.approx(99.01)
+    assert (s["min"], s["max"], s["mean"]) == (1.0, 100.0, 50.5)
+    assert s["iqr"] == pytest.approx(75.25 - 25.75)
+    assert s["mad"] == pytest.approx(25.0)
+    assert s["ci95"] == [40.0, 61.0]  # 1-based ranks floor(50 - 9.8) = 40 and ceil(1 + 50 + 9.8) = 61
+    assert s["rel_spread"] == pytest.approx(49.5 / 50.5)
+
+
+def test_median_ci_small_samples_span_the_range_and_reject_bad_input():
+    assert median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)
+    with pytest.raises(ValueError, match="no samples"):
+        summarize([])
+    with pytest.raises(ValueError, match="finite"):
+        summarize([1.0, float("nan")])
+
+
+def test_median_is_stable():
+    assert median_is_stable([10.0] * 20, 0.01)
+    assert not median_is_stable([10.0] * 4, 0.5)  # too few samples to judge
+    assert not median_is_stable([1.0, 10.0] * 10, 0.05)
+    assert median_is_stable(np.linspace(99, 101, 200), 0.02)
+
+
+def test_ratio_summary_verdicts():
+    slower = ratio_summary([2.0] * 10, [1.0] * 10)
+    assert slower["ratio"] == 2.0 and slower["flagged"] and slower["verdict"] == "C slower"
+    assert slower["interval"] == [2.0, 2.0]
+    parity = ratio_summary([1.0] * 10, [1.0] * 10, round_ratios=[0.99, 1.0, 1.01, 1.02])
+    assert parity["ratio"] == 1.0 and not parity["flagged"] and parity["verdict"] == "parity"
+    unsure = ratio_summary([1.0] * 10, [1.0] * 10, round_ratios=[0.8, 1.2, 0.9, 1.1])
+    assert unsure["verdict"] == "inconclusive" and not unsure["flagged"]
+    faster = ratio_summary([0.5] * 5, [1.0] * 5, round_ratios=[0.5, 0.52])
+    assert faster["flagged"] and faster["verdict"] == "C faster"
+
+
+def test_achieved_gflops_counts_two_flops_per_mac():
+    assert achieved_gflops(1_000_000_000, 2, 0.1) == pytest.approx(40.0)
+    with pytest.raises(ValueError):
+        achieved_gflops(1, 1, 0.0)
+
+
+def test_limit_for_falls_back_to_fp32_where_a_precision_is_not_native():
+    limits = {"cpu": {"fp32": {"gflops": 100.0, "native": True}, "bf16": {"gflops": None, "native": False},
+                      "int8": {"gflops": 300.0, "native": True}}}
+    assert limit_for(limits, "cpu", "int8") == (300.0, "cpu int8")
+    assert limit_for(limits, "cpu", "bf16") == (100.0, "cpu fp32")
+    assert limit_for(limits, "cpu", "fp32") == (100.0, "cpu fp32")
+    assert limit_for(limits, "cuda", "fp16") == (None, "cuda fp32")
+
+
+def test_parse_targets_and_the_exports_they_need():
+    assert parse_targets("all")[: len(CPU_TARGETS)] == list(CPU_TARGETS)
+    assert parse_targets("openvino-int8, onnxruntime-fp32") == [Target("openvino", "int8"),
+                                                                Target("onnxruntime", "fp32")]
+    assert Target("onnxruntime", "fp32", "cuda").id == "onnxruntime-cuda-fp32"
+    with pytest.raises(ValueError, match="unknown target 'openvino-fp64'"):
+        parse_targets("openvino-fp64")
+    assert export_targets([Target("openvino", "int8")], gpus=0) == ["onnx", "openvino-fp32", "openvino-int8"]
+    assert export_targets([Target("tensorrt", "fp16", "cuda")], gpus=0) == ["onnx"]  # no GPU: no engine
+
+
+def test_time_pair_interleaves_rounds_and_rotates_inputs():
+    calls: list[tuple[str, int]] = []
+    inputs = input_pool(2, (3, 4, 4), pool=3)
+    assert len({x.tobytes() for x in inputs}) == 3 and all(x.flags.c_contiguous for x in inputs)
+    ids = {id(x): i for i, x in enumerate(inputs)}
+
+    def runner(tag: str):
+        def infer(x: np.ndarray) -> np.ndarray:
+            calls.append((tag, ids[id(x)]))
+            return x
+        return infer
+
+    budget = Budget(warmup_calls=2, warmup_s=0.0, min_reps=6, min_rounds=3, round_s=0.0, max_s=60.0, rel_ci=1.0)
+    t = time_pair(runner("c"), runner("p"), inputs, budget)
+    assert t.rounds >= 3 and len(t.c) >= 6 and len(t.p) >= 6 and len(t.round_ratios) == t.rounds
+    timed = calls[4:]  # after 2 warm-up calls each
+    tags = [tag for tag, _ in timed]
+    # round_s=0 means one call per model per round; the order flips each round: c p | p c | c p ...
+    assert tags[:6] == ["c", "p", "p", "c", "c", "p"]
+    c_inputs = [i for tag, i in timed if tag == "c"]
+    assert c_inputs[:4] == [0, 1, 2, 0]
