@@ -153,6 +153,7 @@ def build_bundle(
     parity_samples: int = 512,
     calibration_samples: int = 300,
     dataset: str | None = None,
+    calibration_dataset: str | None = None,
     opset: int | None = None,
     tolerances: dict[str, Tolerance] | None = None,
     log: Callable[[str], None] | None = None,
@@ -160,7 +161,8 @@ def build_bundle(
     """Export `checkpoint` to the bundle directory `out`; returns `out`. Raises ExportError on bad input.
 
     The torch artifact (safetensors + manifest config) is always included. Artifacts that fail their parity
-    gate are listed with `servable: false` and a `refused_reason`, without files.
+    gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
+    val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
     """
     from export.onnx import OPSET
     from train.data import load_dataset
@@ -187,8 +189,11 @@ def build_bundle(
     try:
         with atomic_dir(out) as tmp:
             ctx = ExportContext(model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
-                                calibration_set=lambda: load_dataset(data_name, "train"),
+                                calibration_set=lambda: load_dataset(calibration_dataset or data_name, "train"),
                                 calibration_samples=calibration_samples)
+            if any(t.family != "torch" for t in wanted):
+                ctx.hub_onnx()  # shared by every runtime; timed once, outside the per-artifact times
+                log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {ctx.timings['onnx_hub_seconds']:.1f}s")
             artifacts = []
             for target in wanted:
                 entry = _build_one(ctx, target, data, (tolerances or {}).get(target.precision), cfg.to_dict())

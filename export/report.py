@@ -1,0 +1,104 @@
+"""Parity report: one table across every artifact of a bundle, read from its manifest (no runtime needed).
+
+`python -m export.report BUNDLE [BUNDLE ...] [--markdown] [--png parity.png]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from export.manifest import BundleError, read_manifest
+
+COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
+           "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
+
+
+def rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """One formatted row per artifact."""
+    out = []
+    for a in manifest["artifacts"]:
+        p = a.get("parity") or {}
+        size = sum(f["bytes"] for f in a.get("files") or a.get("refused_files") or [])
+
+        def num(key: str, fmt: str, p: dict = p) -> str:
+            return format(p[key], fmt) if isinstance(p.get(key), int | float) else "-"
+
+        delta = f"{p['accuracy_delta'] * 100:+.2f}" if "accuracy_delta" in p else "-"
+        status = "servable" if a.get("servable") else f"REFUSED: {a.get('refused_reason')}"
+        out.append([
+            a["id"], f"{a['runtime']} {a.get('runtime_version', '')}".strip(), f"{size / 1e6:.2f}",
+            f"{a.get('export_seconds', 0):.1f}", num("max_abs_err", ".1e"), num("max_rel_err", ".1e"),
+            num("top1_agreement", ".2%"), num("accuracy", ".2%"), num("reference_accuracy", ".2%"), delta,
+            num("batch_invariance_max_abs", ".1e"), a.get("inference_precision", "-"), status,
+        ])
+    return out
+
+
+def table(manifest: dict[str, Any], markdown: bool = False) -> str:
+    """The report for one bundle as aligned text (or a Markdown table)."""
+    body = rows(manifest)
+    p = next((a["parity"] for a in manifest["artifacts"] if a.get("parity")), {})
+    hub = manifest.get("timings", {}).get("onnx_hub_seconds")
+    title = (f"{manifest['name']}: {manifest['model']} ({manifest['stem']} stem), input "
+             f"{manifest['input']['height']}x{manifest['input']['width']}, batch 1..{manifest['input']['max_batch']}; "
+             f"parity on {p.get('val_samples', '?')} {p.get('dataset', '?')} val images, batch sizes "
+             f"{p.get('batch_sizes', '?')}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return title + "\n\n" + "\n".join(lines)
+    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([title, fmt.format(*COLUMNS), *(fmt.format(*r) for r in body)])
+
+
+def plot(manifests: list[dict[str, Any]], path: Path) -> Path:
+    """Bar chart of each artifact's top-1 accuracy next to torch's, one panel per bundle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(manifests), figsize=(5 * len(manifests), 3.5), squeeze=False)
+    for ax, m in zip(axes[0], manifests, strict=True):
+        arts = [a for a in m["artifacts"] if a.get("parity")]
+        acc = [a["parity"]["accuracy"] * 100 for a in arts]
+        colors = ["tab:green" if a["servable"] else "tab:red" for a in arts]
+        ax.bar([a["id"] for a in arts], acc, color=colors)
+        if arts:
+            ax.axhline(arts[0]["parity"]["reference_accuracy"] * 100, color="k", ls="--", lw=1, label="torch fp32")
+            ax.set_ylim(max(0, min(acc) - 5), min(100, max(acc) + 3))
+        ax.set_title(m["name"])
+        ax.set_ylabel("val top-1 %")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table of every bundle given; exit 2 on a bad bundle."""
+    ap = argparse.ArgumentParser(prog="python -m export.report", description=__doc__.splitlines()[0])
+    ap.add_argument("bundles", nargs="+", help="bundle directories")
+    ap.add_argument("--markdown", action="store_true", help="Markdown tables (for the README)")
+    ap.add_argument("--png", type=Path, help="also write an accuracy bar chart here")
+    args = ap.parse_args(argv)
+    try:
+        manifests = [read_manifest(b) for b in args.bundles]
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n\n".join(table(m, args.markdown) for m in manifests))
+    if args.png:
+        print(f"plot: {plot(manifests, args.png)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

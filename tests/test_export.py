@@ -1,0 +1,371 @@
+"""Export stage: every CPU target end to end on a tiny trained checkpoint, the parity gates, and bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export import cli, parity, report
+from export.bundle import build_bundle, load_runner
+from export.context import ExportError, Target, parse_targets
+from export.manifest import BundleError, read_manifest, select_artifact, verify_files
+from export.onnx import OPSET
+from models.config import ViTConfig
+from models.preprocessing import Preprocessing, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BATCH = 16
+PARITY_SAMPLES = 200
+CALIBRATION_SAMPLES = 48
+CPU_TARGETS = ("onnx", "onnx-fp16", "onnx-int8", "openvino")
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _train_micro(out: Path, steps: int = 100) -> Path:
+    """vit_c_micro trained for a few seconds on animals: confident enough that its logits mean something."""
+    import torch
+
+    from models import build_model
+    from models.checkpoint import save_checkpoint
+    from train.data import default_preprocessing, load_dataset
+
+    torch.manual_seed(0)
+    model = build_model("vit_c_micro")
+    spec = default_preprocessing("animals", model.cfg.image_size)
+    train = load_dataset("animals", "train").subset(3000, seed=0)
+    x = torch.from_numpy(preprocess([train.image(i) for i in range(len(train))], spec))
+    y = torch.from_numpy(train.labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_checkpoint(out, model.eval(), class_names=train.class_names, preprocessing=spec,
+                           extra={"dataset": "animals"})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _train_micro(tmp_path_factory.mktemp("ckpt") / "micro")
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "animals-micro"
+    return build_bundle(checkpoint, out, CPU_TARGETS, max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES,
+                        calibration_samples=CALIBRATION_SAMPLES, log=lambda _: None)
+
+
+def _val_batch(manifest: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+    from train.data import load_dataset
+
+    val = load_dataset("animals", "val").subset(n, seed=3)
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    return preprocess([val.image(i) for i in range(len(val))], spec), val.labels
+
+
+# --- targets and gates (pure logic) ---------------------------------------------------------------
+
+
+def test_targets_expand_and_reject_unknown():
+    assert parse_targets(["openvino"]) == [Target("openvino", p) for p in ("fp32", "fp16", "int8")]
+    assert [t.id for t in parse_targets(["onnx", "openvino-int8", "onnx"])] == ["onnx-fp32", "openvino-int8"]
+    assert parse_targets(["tensorrt"])[0].runtime == "tensorrt"
+    for bad in ("tflite", "onnx-int4", "torch-int8", ""):
+        with pytest.raises(ExportError, match="known:|no targets"):
+            parse_targets([bad])
+
+
+def test_batch_sizes_cover_one_two_odd_and_max():
+    assert parity.batch_sizes(32) == [1, 2, 7, 32]
+    assert parity.batch_sizes(4) == [1, 2, 3, 4]
+    assert parity.batch_sizes(1) == [1]
+    assert all(b % 2 for b in parity.batch_sizes(64) if b not in (2, 64))
+
+
+def test_gate_names_each_failure():
+    good = {"max_abs_err": 1e-6, "reference_logit_scale": 5.0, "top1_agreement": 1.0, "accuracy": 0.8,
+            "reference_accuracy": 0.8, "batch_invariance_max_abs": 0.0}
+    assert parity.gate(good, parity.FP32_TOLERANCE) == []
+    assert "top-1 agreement" in parity.gate({**good, "top1_agreement": 0.995}, parity.FP32_TOLERANCE)[0]
+    assert "logit error" in parity.gate({**good, "max_abs_err": 1e-2}, parity.FP32_TOLERANCE)[0]
+    assert "batch invariance" in parity.gate({**good, "batch_invariance_max_abs": 1e-2}, parity.FP32_TOLERANCE)[0]
+    # INT8: logits may move, but more than one point of accuracy may not be lost.
+    assert parity.gate({**good, "max_abs_err": 1.0, "top1_agreement": 0.95}, parity.INT8_TOLERANCE) == []
+    assert "points below" in parity.gate({**good, "accuracy": 0.789}, parity.INT8_TOLERANCE)[0]
+    assert parity.gate(good, parity.INT8_TOLERANCE, finite=False) == ["non-finite logits"]
+
+
+# --- the bundle, end to end -------------------------------------------------------------------------
+
+
+def test_manifest_describes_the_model(bundle, checkpoint):
+    from models.checkpoint import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(checkpoint)
+    m = read_manifest(bundle)
+    assert (m["name"], m["model"], m["stem"]) == ("animals-micro", "vit_c_micro", "conv")
+    assert m["class_names"] == list(meta.class_names)
+    assert Preprocessing.from_dict(m["preprocessing"]) == meta.preprocessing
+    assert ViTConfig.from_dict(m["config"]) == meta.config
+    assert m["input"] == {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": 3, "height": 32,
+                          "width": 32, "min_batch": 1, "max_batch": MAX_BATCH}
+    assert m["output"]["name"] == "logits" and m["output"]["shape"] == [-1, 10]
+    assert m["source"]["sha256"] == meta.weights_sha256 and m["source"]["dataset"] == "animals"
+    ids = [a["id"] for a in m["artifacts"]]
+    assert ids == ["torch-fp32", "onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16",
+                   "openvino-int8"]
+    assert not list(bundle.glob(".*")), "scratch files left in the bundle"
+
+
+def test_every_artifact_has_parity_numbers_and_a_consistent_verdict(bundle):
+    m = read_manifest(bundle)
+    on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json"}
+    listed = set()
+    for a in m["artifacts"]:
+        p = a["parity"]
+        assert p["val_samples"] == PARITY_SAMPLES and p["split"] == "val"
+        assert p["batch_sizes"] == [1, 2, 7, MAX_BATCH]
+        assert a["runtime_version"] and a["export_seconds"] >= 0
+        tol = parity.Tolerance(**p["tolerance"])
+        assert tol == parity.TOLERANCES[a["precision"]]
+        # The verdict is exactly the gate applied to the recorded numbers.
+        assert a["servable"] == p["passed"] == (parity.gate(p, tol) == [])
+        if a["servable"]:
+            listed |= {f["path"] for f in a["files"]}
+            verify_files(bundle, a)
+        else:
+            assert a["files"] == [] and a["refused_reason"]
+            assert not {f["path"] for f in a["refused_files"]} & on_disk, "refused artifact shipped"
+    assert on_disk == listed
+
+
+def test_fp32_and_fp16_artifacts_pass_their_gates(bundle):
+    m = read_manifest(bundle)
+    for a in m["artifacts"]:
+        if a["precision"] == "fp32":
+            assert a["servable"], a["refused_reason"]
+            assert a["parity"]["top1_agreement"] == 1.0
+            assert a["parity"]["accuracy"] == a["parity"]["reference_accuracy"]
+        if a["precision"] == "fp16":
+            assert a["servable"], a["refused_reason"]
+    assert m["artifacts"][0]["parity"]["max_abs_err"] < 1e-5  # the torch artifact is the same model
+    for runtime in ("torch", "onnxruntime", "openvino"):
+        assert select_artifact(m, runtime)["precision"] == "fp32"
+
+
+def test_openvino_records_precision_hint_and_int8_calibration(bundle):
+    arts = {a["id"]: a for a in read_manifest(bundle)["artifacts"]}
+    for p in ("fp32", "fp16", "int8"):
+        assert arts[f"openvino-{p}"]["inference_precision"] == "f32"
+    for i in ("openvino-int8", "onnx-int8"):
+        assert arts[i]["calibration"] == {"dataset": "animals", "split": "train", "samples": CALIBRATION_SAMPLES}
+    # fp16 compression halves the weights file.
+    sizes = {p: arts[f"openvino-{p}"]["files"][1]["bytes"] for p in ("fp32", "fp16")}
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
+
+
+def test_onnx_file_is_checked_single_file_with_dynamic_batch(bundle):
+    import onnx
+
+    path = bundle / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert not list(bundle.glob("*.data"))
+
+
+def test_servable_artifacts_reproduce_torch_on_fresh_images_in_any_batch(bundle, checkpoint):
+    import torch
+
+    from models.checkpoint import load_checkpoint
+
+    m = read_manifest(bundle)
+    model, _ = load_checkpoint(checkpoint)
+    x, _ = _val_batch(m, 11)
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x)).numpy()
+    for a in m["artifacts"]:
+        if not a["servable"]:
+            continue
+        run = load_runner(bundle, a, m)
+        whole = run(x)
+        alone = np.concatenate([run(x[i : i + 1]) for i in range(len(x))])
+        tol = parity.TOLERANCES[a["precision"]]
+        np.testing.assert_allclose(whole, alone, atol=tol.batch_bound(np.abs(ref).max()), err_msg=a["id"])
+        if a["precision"] != "int8":
+            assert np.abs(whole - ref).max() <= tol.logit_bound(np.abs(ref).max()), a["id"]
+
+
+def test_tampered_artifact_is_detected(bundle, tmp_path):
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    m = read_manifest(copy)
+    a = select_artifact(m, "onnxruntime")
+    with open(copy / a["files"][0]["path"], "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(BundleError, match="sha256"):
+        load_runner(copy, a, m)
+
+
+def test_report_prints_one_row_per_artifact(bundle, capsys, tmp_path):
+    assert report.main([str(bundle), "--png", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    for a in read_manifest(bundle)["artifacts"]:
+        assert sum(line.startswith(a["id"] + " ") for line in out.splitlines()) == 1
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert report.main([str(tmp_path)]) == 2
+
+
+# --- the INT8 gate refuses what it must -----------------------------------------------------------
+
+
+def test_int8_held_to_the_fp32_gate_is_refused_and_not_shipped(checkpoint, tmp_path):
+    # INT8 always moves logits by a quantisation step: under the fp32 gate (1e-4 logit error, 100 % top-1
+    # agreement, no accuracy loss) it must be refused, its files removed, and the refusal say why.
+    out = build_bundle(checkpoint, tmp_path / "strict", ["openvino-int8", "onnx-int8"], max_batch=8,
+                       parity_samples=100, calibration_samples=CALIBRATION_SAMPLES,
+                       tolerances={"int8": parity.FP32_TOLERANCE}, log=lambda _: None)
+    m = read_manifest(out)
+    for a in m["artifacts"][1:]:
+        assert not a["servable"] and a["files"] == [] and "max abs logit error" in a["refused_reason"]
+        assert a["parity"]["max_abs_err"] > 1e-4 and a["refused_files"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+    with pytest.raises(BundleError, match="no servable openvino/int8"):
+        select_artifact(m, "openvino", "int8")
+
+
+def test_cli_reports_refusals_and_strict_exits_1(checkpoint, tmp_path, capsys):
+    # A classic deployment mistake: calibrating on images unlike the training data (8x8 digits upscaled
+    # instead of animal silhouettes). Whatever the gate decides, CLI, stderr and manifest must agree.
+    out = tmp_path / "digits-calibrated"
+    rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--targets", "openvino-int8",
+                   "--calibration-dataset", "digits", "--max-batch", "8", "--parity-samples", "100",
+                   "--calibration-samples", str(CALIBRATION_SAMPLES), "--strict"])
+    err = capsys.readouterr().err
+    a = read_manifest(out)["artifacts"][-1]
+    assert a["id"] == "openvino-int8" and a["calibration"]["dataset"] == "digits"
+    assert rc == (0 if a["servable"] else 1)
+    assert (f"refused openvino-int8: {a['refused_reason']}" in err) == (not a["servable"])
+    assert bool(list(out.glob("openvino-int8*"))) == a["servable"]
+
+
+# --- bad input: one line, exit 2, nothing left behind ---------------------------------------------
+
+
+def _run_cli(capsys, *args: str) -> tuple[int, str]:
+    rc = cli.main(list(args))
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _assert_clean(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], "temp dir left behind"
+
+
+def test_corrupted_checkpoint_exits_2_without_partial_bundle(checkpoint, tmp_path, capsys):
+    bad = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    weights = next(bad.glob("weights-*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    rc, err = _run_cli(capsys, "--checkpoint", str(bad), "--out", str(tmp_path / "out"))
+    assert rc == 2 and err.startswith("error:") and "sha256" in err and "\n" not in err
+    _assert_clean(tmp_path, "out")
+
+    (bad / "checkpoint.json").write_text("{not json")
+    rc, err = _run_cli(capsys, "--checkpoint", str(bad), "--out", str(tmp_path / "out"))
+    assert rc == 2 and "corrupt checkpoint metadata" in err and "\n" not in err
+    rc, err = _run_cli(capsys, "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert rc == 2 and "not found" in err
+    _assert_clean(tmp_path, "out")
+
+
+def test_unknown_target_and_unwritable_output_exit_2(checkpoint, tmp_path, capsys):
+    rc, err = _run_cli(capsys, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"), "--targets", "tflite")
+    assert rc == 2 and "unknown target 'tflite'" in err and "\n" not in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc, err = _run_cli(capsys, "--checkpoint", str(checkpoint), "--out", str(blocker / "b"), "--targets", "onnx")
+    assert rc == 2 and err.startswith("error: cannot write bundle") and "\n" not in err
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    rc, err = _run_cli(capsys, "--checkpoint", str(checkpoint), "--out", str(precious), "--targets", "onnx")
+    assert rc == 2 and "not a bundle" in err and (precious / "notes.txt").read_text() == "keep me"
+    if os.geteuid() != 0:  # root ignores directory permissions
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        rc, err = _run_cli(capsys, "--checkpoint", str(checkpoint), "--out", str(locked / "b"))
+        assert rc == 2 and "cannot write bundle" in err
+
+
+def test_failure_mid_export_leaves_the_old_bundle_intact(checkpoint, bundle, tmp_path):
+    out = shutil.copytree(bundle, tmp_path / "bundle")
+    before = (out / "manifest.json").read_bytes()
+    calls = []
+
+    def crash_after_first_artifact(msg: str) -> None:
+        calls.append(msg)
+        if msg.startswith("torch-fp32"):
+            raise KeyboardInterrupt  # the user presses ^C half way
+
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(checkpoint, out, ["torch"], max_batch=4, parity_samples=8, log=crash_after_first_artifact)
+    assert (out / "manifest.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]
+    assert json.loads(before)["artifacts"]
+
+
+def test_module_entry_point_runs_as_documented(checkpoint, tmp_path):
+    out = tmp_path / "onnx-only"
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.onnx", "--checkpoint", str(checkpoint), "--out", str(out),
+         "--max-batch", "4", "--parity-samples", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [a["id"] for a in read_manifest(out)["artifacts"]] == ["torch-fp32", "onnx-fp32"]
+
+
+# --- TensorRT -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-runtime path cannot be exercised")
+def test_tensorrt_cli_without_tensorrt_exits_2_with_one_line(checkpoint, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.tensorrt", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "t")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: TensorRT is not installed (pip install tensorrt; "
+                                                "needs an NVIDIA GPU)"]
+    _assert_clean(tmp_path, "t")
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed (needs an NVIDIA GPU)")
+def test_tensorrt_engines_pass_parity(checkpoint, tmp_path):
+    out = build_bundle(checkpoint, tmp_path / "trt", ["tensorrt-fp32", "tensorrt-fp16", "tensorrt-int8"],
+                       max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES, calibration_samples=CALIBRATION_SAMPLES)
+    arts = {a["id"]: a for a in read_manifest(out)["artifacts"]}
+    assert arts["tensorrt-fp32"]["servable"], arts["tensorrt-fp32"]["refused_reason"]
+    assert arts["tensorrt-fp16"]["servable"], arts["tensorrt-fp16"]["refused_reason"]
+    assert arts["tensorrt-fp16"]["profile"] == {"min": 1, "opt": 8, "max": MAX_BATCH}
+    assert "parity" in arts["tensorrt-int8"]
