@@ -12,10 +12,10 @@ from fastapi import FastAPI
 import serve
 from serve.backends.base import default_threads
 from serve.batching import DynamicBatcher
-from serve.errors import install_handlers
 from serve.metrics import Metrics
 from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware
 from serve.registry import ServedModel, close_models, load_models
+from serve.responses import install_handlers
 from serve.routes import ops, v1, v2
 from serve.settings import Settings
 

@@ -12,8 +12,9 @@ from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.errors import APIError, error_response
+from serve.errors import APIError
 from serve.metrics import UNKNOWN_MODEL, Metrics
+from serve.responses import error_response
 
 access_log = logging.getLogger("vitc.access")
 log = logging.getLogger("vitc.serve")

@@ -68,7 +68,8 @@ class ServedModel:
             "output": m.get("output"),
             "preprocessing": self.spec.to_dict(),
             "labels": self.labels,
-            "source": m.get("source"),
+            # Provenance without the exporting machine's paths.
+            "source": {k: v for k, v in (m.get("source") or {}).items() if k in ("dataset", "sha256")},
             "ready": bool(self.batcher and self.batcher.ready),
         }
 

@@ -39,10 +39,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run(settings: Settings) -> None:
     """Load, bind, serve until SIGTERM/SIGINT."""
-    import uvicorn
-
-    from serve.app import create_app
-
     configure_logging(settings.log_level)
     models = load_models(settings)
     try:
@@ -50,6 +46,9 @@ def run(settings: Settings) -> None:
     except ServeError:
         close_models(models)
         raise
+    import uvicorn  # only now: a refused start never pays for importing the web stack
+
+    from serve.app import create_app
     config = uvicorn.Config(
         create_app(settings, models), log_config=None, access_log=False, lifespan="on", server_header=False,
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,

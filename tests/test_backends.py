@@ -9,12 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_serve_fixtures import REPO, micro_bundle
+from test_serve_fixtures import micro_bundle
 
 from export.manifest import BundleError, read_manifest, select_artifact
 from models.preprocessing import Preprocessing, preprocess
 from serve.backends import BackendError, BackendOptions, load_backend
 from serve.backends.base import installed
+from serve.launch import REPO
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def server(bundle, tmp_path_factory):
         ["--model", f"micro={bundle}", "--model", f"twin={bundle}", "--backend", "onnxruntime",
          "--max-queue-delay-ms", "20", "--max-body-bytes", str(MAX_BODY), "--max-image-pixels", "4000000",
          "--max-files", "8"],
-        log, env={"VITC_API_KEY": KEY}, headers=AUTH,
+        log, env={"VITC_API_KEY": KEY},
     )
     yield srv
     assert srv.stop() == 0, srv.logs()[-3000:]
@@ -138,7 +138,8 @@ def test_open_inference_protocol_with_tritonclient(server, pngs, bundle):
                                providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     tc = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     # (tritonclient adds its own headers to the dict it is given: pass a fresh one per call)
-    assert tc.is_server_live() and tc.is_server_ready(headers=dict(AUTH)) and tc.is_model_ready("micro", headers=dict(AUTH))
+    assert tc.is_server_live() and tc.is_server_ready(headers=dict(AUTH))
+    assert tc.is_model_ready("micro", headers=dict(AUTH))
     meta = tc.get_model_metadata("micro", headers=dict(AUTH))
     assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
     assert meta["outputs"][0]["shape"] == [-1, 10] and meta["platform"] == "onnxruntime_onnx"

@@ -1,4 +1,4 @@
-"""Shared helpers for the serving tests (no tests here): one real exported bundle per session, a real server.
+"""Shared helpers for the serving tests (no tests here): one real exported bundle per session, real servers.
 
 The bundle is a vit_c_micro checkpoint with a randomised head (the default zero head would make every
 prediction uniform and every comparison trivially equal), exported by `export.bundle.build_bundle`.
@@ -7,21 +7,15 @@ prediction uniform and every comparison trivially equal), exported by `export.bu
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from serve.launch import ServerProcess, start
+
 _CACHE: dict[str, Path] = {}
 
 
@@ -85,64 +79,6 @@ def scores_by_index(answer: dict) -> np.ndarray:
     return p
 
 
-class Server:
-    """`python -m serve` in a subprocess on 127.0.0.1 with a free port (--port 0, read back from its log)."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's life
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *args],
-                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
-        self.port = self._wait_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _wait_port(self, timeout: float = 60.0) -> int:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if '"listening"' in line:
-                    return int(json.loads(line)["port"])
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start:\n{self.logs()}")
-
-    def wait_ready(self, timeout: float = 60.0, headers: dict | None = None) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=2, headers=headers).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
-            time.sleep(0.05)
-        raise RuntimeError(f"server not ready:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 headers: dict | None = None) -> Server:
-    server = Server(args, log_path, env)
-    try:
-        server.wait_ready(headers=headers)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    """A real `python -m serve` on 127.0.0.1 (free port), ready."""
+    return start(args, log_path, env)

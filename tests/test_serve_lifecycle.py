@@ -14,9 +14,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_fixtures import REPO, animal_pngs, micro_bundle, start_server
+from test_serve_fixtures import animal_pngs, micro_bundle, start_server
 
 from serve.backends.base import installed
+from serve.launch import REPO
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ from test_serve_fixtures import encode, png_header_only
 
 from models.preprocessing import Preprocessing, preprocess
 from serve.batching import BatcherClosed, DynamicBatcher, QueueFull
+from serve.errors import ServeError
 from serve.imaging import ImageError, decode, prepare
 from serve.protocol import ProtocolError, classification_strings, decompress, encode_response, parse_request
-from serve.registry import parse_model_arg
+from serve.registry import model_args, parse_model_arg
 from serve.settings import Settings
 
 RGB = Preprocessing(resize=32, crop=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
@@ -328,3 +329,15 @@ def test_model_arguments():
     assert parse_model_arg("exports/x")[0] is None
     assert parse_model_arg("/data/a=b/x")[0] is None  # a path with '=' is not a name
 
+
+
+def test_model_dir_serves_every_bundle_under_it(tmp_path):
+    for name in ("b", "a"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    (tmp_path / "not-a-bundle").mkdir()
+    assert model_args(Settings(model_dir=tmp_path, models=["x"])) == ["x", str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(ServeError, match="no models"):
+        model_args(Settings())
+    with pytest.raises(ServeError, match="not a directory"):
+        model_args(Settings(model_dir=tmp_path / "missing"))

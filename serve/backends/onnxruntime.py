@@ -32,6 +32,8 @@ class OnnxRuntimeBackend:
             raise BackendError(f"--device {spec.device}: this onnxruntime has no CUDA provider (install "
                                "onnxruntime-gpu instead of onnxruntime)")
         if spec.device.startswith("cuda"):
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (the GPU image has no toolkit)
+                ort.preload_dlls()
             device_id = int(spec.device.partition(":")[2] or 0)
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(spec.file(".onnx")), opts, providers=providers)

@@ -1,7 +1,10 @@
-"""TensorRT backend (NVIDIA GPU): a prebuilt engine from the bundle, or one built at start from the ONNX hub.
+"""TensorRT backend (NVIDIA GPU): the bundle's engine, or an fp32 engine built at start from the ONNX hub.
 
-Written against the TensorRT 10 name-based tensor API (set_input_shape / set_tensor_address /
-execute_async_v3) with device buffers from cuda-python, so the GPU image needs no torch. Not runnable on the
+Written against the TensorRT 10/11 name-based tensor API (set_input_shape / set_tensor_address /
+execute_async_v3) with device buffers from cuda-python, so the GPU image needs no torch. Engines are specific
+to a GPU and TensorRT version; a bundle exported elsewhere can still be served from its ONNX file (fp32,
+strongly typed, TF32 off for fp32 parity). fp16/int8 need the bundle's own engine (`python -m export.tensorrt`
+on the serving GPU), since TensorRT 11 takes reduced precision only from the graph. Not runnable on the
 CPU-only machines this project is developed on: its tests are marked `tensorrt` and skip without the package.
 """
 
@@ -34,20 +37,21 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
-def build_engine(onnx_bytes: bytes, spec: LoadSpec, logger, fp16: bool) -> bytes:
-    """Build a serialized engine with a dynamic-batch profile 1..max_batch from ONNX bytes."""
+def build_engine(onnx_bytes: bytes, spec: LoadSpec, logger) -> bytes:  # noqa: ANN001 - a trt.Logger
+    """Build a serialized fp32 engine with a dynamic-batch profile 1..max_batch from ONNX bytes."""
     import tensorrt as trt
 
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT cannot parse the ONNX artifact: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _WORKSPACE_BYTES)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls would break fp32 parity with the export
     profile = builder.create_optimization_profile()
     c, h, w = spec.input_shape
     opt = max(1, min(8, spec.max_batch))
@@ -78,11 +82,14 @@ class TensorRTBackend:
         _check(cudart.cudaSetDevice(int(spec.device.partition(":")[2] or 0)))
         logger = trt.Logger(trt.Logger.WARNING)
         if spec.artifact.get("runtime") == "tensorrt":
-            engine_bytes = spec.files[0].read_bytes()
+            engine_bytes = spec.file(".engine").read_bytes()
             self.precision = spec.precision
-        else:  # the ONNX hub: build for this GPU now, fp16 kernels only when --precision fp16 asks for them
-            self.precision = "fp16" if spec.requested_precision == "fp16" else "fp32"
-            engine_bytes = build_engine(spec.file(".onnx").read_bytes(), spec, logger, self.precision == "fp16")
+        elif spec.requested_precision not in (None, "fp32"):
+            raise BackendError(f"the bundle has no servable tensorrt/{spec.requested_precision} engine; build one "
+                               "on this GPU with `python -m export.tensorrt`")
+        else:  # the ONNX hub: build an fp32 engine for this GPU now
+            self.precision = "fp32"
+            engine_bytes = build_engine(spec.file(".onnx").read_bytes(), spec, logger)
         self._runtime = trt.Runtime(logger)
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:

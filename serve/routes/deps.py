@@ -29,7 +29,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_model(name: str, request: Request) -> ServedModel:
+# Dependencies are `async def` so FastAPI calls them inline instead of hopping to a worker thread per request.
+async def get_model(name: str, request: Request) -> ServedModel:
     """The served model named in the path, or 404 listing the served names."""
     models: dict[str, ServedModel] = request.app.state.models
     model = models.get(name)
@@ -38,7 +39,7 @@ def get_model(name: str, request: Request) -> ServedModel:
     return model
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 

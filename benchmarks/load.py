@@ -1,0 +1,235 @@
+"""Load test of the serving stage: closed loops at concurrency 1, 4, 16 and 64 against every served model.
+
+    python -m benchmarks.load --start                      # serves the `make demo` bundles itself, then tests
+    python -m benchmarks.load --start --backend openvino --model exports/animals-vit_c
+    python -m benchmarks.load --url http://127.0.0.1:8000  # a server that is already running
+
+Each level runs `--duration` seconds after a short warm-up, with real images (PNG animals validation images,
+POSTed raw to /v1/models/{name}/classify). Reported per level: p50/p90/p99 latency, throughput, the number of
+503 answers (queue full) and the mean batch size the server formed (from its /metrics). JSON and a PNG go to
+benchmarks/results/. Loopback addresses only; levels, duration and concurrency are bounded. The client runs
+on the same CPUs as the server, so on a small machine its own cost is part of the figures (reported too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import ipaddress
+import json
+import os
+import platform
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from benchmarks.e2e import request_bodies
+from benchmarks.loadgen import Endpoint, closed_loop
+from models.io import atomic_write_bytes, atomic_write_json
+
+DEMO_BUNDLES = ("exports/animals-vit_c", "exports/animals-vit_p")
+CONCURRENCY = (1, 4, 16, 64)
+MAX_CONCURRENCY = 256
+MAX_DURATION_S = 60.0
+RESULTS = Path("benchmarks/results")
+
+
+def loopback_url(url: str) -> str:
+    """The URL without a trailing slash; ValueError unless it is http:// on a loopback address."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme != "http" or not loopback:
+        raise ValueError(f"the load test only targets http:// on loopback addresses, got {url!r}")
+    return url.rstrip("/")
+
+
+def _get(url: str, api_key: str | None) -> bytes:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read()
+
+
+def batch_counters(url: str, model: str, api_key: str | None) -> tuple[float, float]:
+    """(batches, rows) the server has run for `model` so far, from its Prometheus metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    count = total = 0.0
+    for family in text_string_to_metric_families(_get(url + "/metrics", api_key).decode()):
+        if family.name == "vitc_batch_size":
+            for s in family.samples:
+                if s.labels.get("model") == model and s.name.endswith("_count"):
+                    count = s.value
+                elif s.labels.get("model") == model and s.name.endswith("_sum"):
+                    total = s.value
+    return count, total
+
+
+def run_level(url: str, model: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float,
+              api_key: str | None) -> dict[str, Any]:
+    """One closed-loop level: latency percentiles, throughput, 503s and the server's mean batch size."""
+    endpoint = Endpoint(f"{url}/v1/models/{urllib.parse.quote(model)}/classify", "image/png", api_key)
+    b0, r0 = batch_counters(url, model, api_key)
+    summary = closed_loop(endpoint, bodies, concurrency, duration, warmup).summary()
+    b1, r1 = batch_counters(url, model, api_key)
+    lat = summary["latency_ms"] or {}
+    return {
+        "concurrency": concurrency,
+        "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"),
+        "throughput_rps": summary["throughput_rps"],
+        "requests": summary["requests"], "ok": summary["ok"],
+        "http_503": summary["errors"].get("HTTP 503", 0),
+        "other_errors": {k: v for k, v in summary["errors"].items() if k != "HTTP 503"},
+        # Warm-up requests are included here (the server cannot tell them apart).
+        "mean_batch_size": (r1 - r0) / (b1 - b0) if b1 > b0 else None,
+        "client_cpu_s": summary["client_cpu_s"],
+    }
+
+
+def run_load_test(url: str, concurrency: tuple[int, ...], duration: float, warmup: float, images: int,
+                  api_key: str | None = None, log=print) -> dict[str, Any]:
+    """Every served model at every concurrency level; the JSON-ready report."""
+    models = json.loads(_get(url + "/v1/models", api_key))["models"]
+    bodies = request_bodies(images)
+    doc: dict[str, Any] = {
+        "schema": "vitc-load-test", "schema_version": 1,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "url": url, "duration_s": duration, "warmup_s": warmup, "images": len(bodies),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_start": os.getloadavg()},
+        "models": [],
+    }
+    for m in models:
+        entry = {k: m.get(k) for k in ("name", "variant", "runtime", "precision", "device", "max_batch")}
+        entry["levels"] = []
+        for c in concurrency:
+            log(f"{m['name']}: concurrency {c}, {duration:g}s ...")
+            level = run_level(url, m["name"], bodies, c, duration, warmup, api_key)
+            entry["levels"].append(level)
+            log("  " + format_level(level))
+        doc["models"].append(entry)
+    doc["machine"]["load_average_end"] = os.getloadavg()
+    return doc
+
+
+def format_level(level: dict[str, Any]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:7.1f}"
+    batch = level["mean_batch_size"]
+    return (f"c={level['concurrency']:<3} p50 {ms(level['p50_ms'])} ms  p90 {ms(level['p90_ms'])} ms  "
+            f"p99 {ms(level['p99_ms'])} ms  {level['throughput_rps']:7.1f} req/s  503s {level['http_503']:<4} "
+            f"batch {'-' if batch is None else f'{batch:.1f}'}")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The figures as a Markdown table (for the README / notes)."""
+    rows = ["| model | runtime | concurrency | p50 ms | p90 ms | p99 ms | req/s | 503s | mean batch |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in doc["models"]:
+        for lv in m["levels"]:
+            b = lv["mean_batch_size"]
+            rows.append(f"| {m['name']} | {m['runtime']} {m['precision']} | {lv['concurrency']} | "
+                        f"{lv['p50_ms']:.1f} | {lv['p90_ms']:.1f} | {lv['p99_ms']:.1f} | "
+                        f"{lv['throughput_rps']:.0f} | {lv['http_503']} | {'-' if b is None else f'{b:.1f}'} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path | None:
+    """p50/p99 latency and throughput against concurrency, one line per model (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in doc["models"]:
+        c = [lv["concurrency"] for lv in m["levels"]]
+        ax_lat.plot(c, [lv["p50_ms"] for lv in m["levels"]], "o-", label=f"{m['name']} p50")
+        ax_lat.plot(c, [lv["p99_ms"] for lv in m["levels"]], "x--", label=f"{m['name']} p99")
+        ax_tp.plot(c, [lv["throughput_rps"] for lv in m["levels"]], "o-", label=m["name"])
+    for ax, ylabel in ((ax_lat, "latency (ms)"), (ax_tp, "throughput (requests/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_lat.set_yscale("log")
+    fig.suptitle(f"vitc serve load test ({doc['machine']['cpus']} CPUs, client on the same machine)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="running server (loopback only)")
+    p.add_argument("--start", action="store_true", help="start a server on the bundles first (and stop it after)")
+    p.add_argument("--model", action="append", help=f"bundle for --start (default: {', '.join(DEMO_BUNDLES)})")
+    p.add_argument("--backend", default="onnxruntime", help="backend for --start (default onnxruntime)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per level (default 8)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds per level not counted (default 1)")
+    p.add_argument("--images", type=int, default=64, help="distinct request images (default 64)")
+    p.add_argument("--api-key", default=os.environ.get("VITC_API_KEY"))
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/load-<backend>.json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        url = loopback_url(args.url)
+        if not 1 <= min(args.concurrency) <= max(args.concurrency) <= MAX_CONCURRENCY:
+            raise ValueError(f"--concurrency must be within 1..{MAX_CONCURRENCY}")
+        if not 0 < args.duration <= MAX_DURATION_S or not 0 <= args.warmup <= MAX_DURATION_S:
+            raise ValueError(f"--duration must be in (0, {MAX_DURATION_S:g}] s and --warmup non-negative")
+        bundles = args.model or [b for b in DEMO_BUNDLES if Path(b).is_dir()]
+        if args.start and not bundles:
+            raise ValueError("no bundles to serve: run `make demo` first or pass --model")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = None
+    if args.start:
+        from serve.launch import start
+
+        log_path = Path(tempfile.mkdtemp(prefix="vitc-load-")) / "server.log"
+        server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", args.backend, "--no-access-log",
+                                                                      *args.server_arg]
+        try:
+            server = start(server_args, log_path, {"VITC_API_KEY": args.api_key} if args.api_key else None)
+        except RuntimeError as exc:
+            print(f"error: the server did not start: {str(exc).splitlines()[0]} (log: {log_path})", file=sys.stderr)
+            return 2
+        url = server.url
+    try:
+        doc = run_load_test(url, tuple(args.concurrency), args.duration, args.warmup, args.images, args.api_key,
+                            log=lambda msg: print(msg, file=sys.stderr))
+    finally:
+        exit_code = server.stop() if server is not None else None
+    if server is not None:
+        doc["server"] = {"args": server_args, "exit_code": exit_code}
+    runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend
+    out = args.out or RESULTS / f"load-{runtime}.json"
+    atomic_write_json(out, doc)
+    png = plot(doc, out.with_suffix(".png"))
+    print(markdown(doc))
+    print(f"wrote {out}" + (f" and {png}" if png else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

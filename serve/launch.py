@@ -1,0 +1,98 @@
+"""Run `python -m serve` as a child process on a loopback port: for tests, the load test and local tools.
+
+The child binds port 0 (a free port, no race with other processes) and logs it in its "listening" line,
+which this module reads back from the log file (so the child's --log-level must stay at info or debug).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    """A started server: `url`, `port`, `proc`; `wait_ready()`, `logs()`, `stop()` (SIGTERM, exit code)."""
+
+    def __init__(self, args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
+                 timeout: float = 60.0) -> None:
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the child's whole life
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        try:
+            self.port = self._wait_port(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _wait_port(self, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for line in self.logs().splitlines():
+                if '"listening"' in line:
+                    return int(json.loads(line)["port"])
+            self._check_alive()
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start within {timeout:g}s:\n{self.logs()[-3000:]}")
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.logs()[-3000:]}")
+
+    def wait_ready(self, timeout: float = 60.0) -> ServerProcess:
+        """Block until /v2/health/ready answers 200."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            self._check_alive()
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready within {timeout:g}s:\n{self.logs()[-3000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful), SIGKILL after `timeout`; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start(args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start a server and wait until it is ready (stopping it again if it never gets there)."""
+    server = ServerProcess(args, log_path, env)
+    try:
+        return server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
