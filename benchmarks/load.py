@@ -151,13 +151,15 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in doc["models"]:
-        c = [lv["concurrency"] for lv in m["levels"]]
-        ax_lat.plot(c, [lv["p50_ms"] for lv in m["levels"]], "o-", label=f"{m['name']} p50")
-        ax_lat.plot(c, [lv["p99_ms"] for lv in m["levels"]], "x--", label=f"{m['name']} p99")
-        ax_tp.plot(c, [lv["throughput_rps"] for lv in m["levels"]], "o-", label=m["name"])
+    levels = sorted({lv["concurrency"] for m in doc["models"] for lv in m["levels"]})
+    for k, m in enumerate(doc["models"]):
+        c, color = [lv["concurrency"] for lv in m["levels"]], f"C{k}"
+        ax_lat.plot(c, [lv["p50_ms"] for lv in m["levels"]], "o-", color=color, label=f"{m['name']} p50")
+        ax_lat.plot(c, [lv["p99_ms"] for lv in m["levels"]], "x--", color=color, label=f"{m['name']} p99")
+        ax_tp.plot(c, [lv["throughput_rps"] for lv in m["levels"]], "o-", color=color, label=m["name"])
     for ax, ylabel in ((ax_lat, "latency (ms)"), (ax_tp, "throughput (requests/s)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients (closed loop)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

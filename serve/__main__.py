@@ -14,8 +14,13 @@ from serve.errors import ServeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0],
-                                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(
+        prog="python -m serve", argument_default=argparse.SUPPRESS,
+        description="Serve exported bundles over HTTP: /v1 image classification, the Open Inference Protocol "
+                    "(/v2), Prometheus /metrics, docs at /docs.",
+        epilog="Every flag is also an environment variable: VITC_<FLAG> (e.g. VITC_MODELS=a,b VITC_API_KEY=...); "
+               "flags win. Startup problems: one line on stderr, exit code 2.",
+    )
     p.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
                    help="bundle directory to serve (repeatable); NAME overrides the bundle's name")
     p.add_argument("--model-dir", help="serve every bundle found directly under this directory")
@@ -24,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", help="artifact precision (default: the most precise servable one)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on everything but health")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on everything but health "
+                                     "(prefer VITC_API_KEY: flags show up in `ps`)")
     p.add_argument("--max-batch-size", type=int, help="rows per batch (default 32, capped by the bundle)")
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a request waits for companions (default 2)")
     p.add_argument("--max-queue-size", type=int, help="requests in progress per model before 503 (default 256)")
