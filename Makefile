@@ -6,7 +6,7 @@ PYTHON := $(BIN)/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install lint test test-all demo serve paper paper-quick bench clean
+.PHONY: install lint test test-all demo serve load-test paper paper-quick bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ test-all: install lint
 
 demo: install
 	$(PYTHON) -m models list
+
+serve: install
+	$(PYTHON) -m serve --model exports/animals-vit_c --model exports/animals-vit_p --backend onnxruntime
+
+load-test: install
+	$(PYTHON) -m benchmarks.load --start --model exports/animals-vit_c --model exports/animals-vit_p
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
