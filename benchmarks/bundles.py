@@ -25,8 +25,10 @@ PAIRS: dict[str, tuple[str, str]] = {
     "mini": ("vit_c_mini", "vit_p_mini"),
     "micro": ("vit_c_micro", "vit_p_micro"),
 }
-# Trained checkpoints `make demo` writes; used when present and of the right variant.
+# Trained checkpoints `make demo` writes; used when present and of the right variant. Their demo bundles are
+# reused as they are when fresh (same weights, every needed artifact), else exported into the cache.
 TRAINED: dict[str, str] = {"vit_c_mini": "runs/animals-vit_c", "vit_p_mini": "runs/animals-vit_p"}
+DEMO_BUNDLES: dict[str, str] = {"vit_c_mini": "exports/animals-vit_c", "vit_p_mini": "exports/animals-vit_p"}
 INIT_SEED = 0
 
 
@@ -143,6 +145,9 @@ def prepare_model(
     if checkpoint is None:
         checkpoint = random_init_checkpoint(model, cache)
     bundle = cache / f"{model}-{source}"
+    demo = root / DEMO_BUNDLES[model] if source == "trained" and model in DEMO_BUNDLES else None
+    if demo is not None and (manifest := _fresh(demo, checkpoint, targets, max_batch)) is not None:
+        return PreparedModel(pair, model, str(manifest.get("stem")), checkpoint, source, demo, manifest)
     manifest = _fresh(bundle, checkpoint, targets, max_batch)
     if manifest is None:
         if log:

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "ones are listed as skipped with the reason (default all)")
     run.add_argument("--threads", type=int, default=None, help="intra-op threads per inference (default: usable CPUs)")
     run.add_argument("--cell-seconds", type=float, default=None,
-                     help="time cap per (pair, target, batch) cell, both models (default 12; --quick 0.6)")
+                     help="time cap per (pair, target, batch) cell, both models (default 20; --quick 0.6)")
     run.add_argument("--min-reps", type=int, default=None, help="repetitions per model before stopping (default 20)")
     run.add_argument("--limit-seconds", type=float, default=None,
                      help="matmul-limit timing per precision, at start and end (default 3; --quick 0.3)")

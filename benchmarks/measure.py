@@ -24,12 +24,12 @@ Infer = Callable[[np.ndarray], np.ndarray]
 class Budget:
     """How long to warm up and when to stop timing one (target, batch) cell of a pair."""
 
-    warmup_calls: int = 3
+    warmup_calls: int = 2
     warmup_s: float = 0.5
     min_reps: int = 20  # per model
-    min_rounds: int = 4
-    round_s: float = 0.6  # per model per round
-    max_s: float = 12.0  # both models together, after warm-up
+    min_rounds: int = 6
+    round_s: float = 0.5  # per model per round
+    max_s: float = 20.0  # both models together, after warm-up
     rel_ci: float = 0.02  # stop early once each median's 95 % CI half-width is within this fraction
 
 
@@ -68,8 +68,8 @@ def time_calls(infer: Infer, inputs: list[np.ndarray], n: int, start: int = 0) -
 
 def warm_up(infer: Infer, inputs: list[np.ndarray], budget: Budget) -> float:
     """Run until both the call count and the time of the warm-up are reached; the median call's seconds."""
-    times = time_calls(infer, inputs, max(1, budget.warmup_calls))
     start = time.perf_counter()
+    times = time_calls(infer, inputs, max(1, budget.warmup_calls))
     while time.perf_counter() - start < budget.warmup_s:
         times += time_calls(infer, inputs, 1, len(times))
     return float(np.median(times[1:] if len(times) > 1 else times))

@@ -157,6 +157,17 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
             parts.append(f"- {pair}: {q['model']} b{q['batch']} OpenVINO INT8 speed-up {q['speedup']:.2f}x{acc}")
         if s["flagged"]:
             parts.append(f"- {pair}: C/P outside +-5 %: {', '.join(s['flagged'])}")
+    prof = [b for b in doc.get("breakdown", []) if "error" not in b]
+    if prof:
+        parts += ["", "## Where the time goes (OpenVINO per-op profile)", "",
+                  "GEMM GFLOP/s = 2 * MACs * batch / time in matmul-class ops (FullyConnected, MatMul, Convolution); "
+                  "the rest of the time is LayerNorm, Softmax, GELU, adds, transposes and reorders.", ""]
+        parts.append(_md_table(
+            ["model", "target", "batch", "profiled ms", "matmul-class share", "GEMM GFLOP/s", "GEMM of limit",
+             "largest other ops (ms)"],
+            [[b["model"], b["target"], str(b["batch"]), f"{b['profiled_ms']:.2f}", _pct(b["matmul_share"]),
+              f"{b['gemm_gflops']:.1f}" if b["gemm_gflops"] else "-", _pct(b["gemm_fraction_of_limit"]),
+              ", ".join(f"{k} {v:.2f}" for k, v in list(_other_ops(b).items())[:3])] for b in prof]))
     parts += ["", "## Cold start (load, compile and first batch-1 result, in-process, warm file cache)", ""]
     parts.append(_md_table(["model", "target", "seconds"],
                            [[c["model"], c["target"], f"{c['seconds']:.2f}"] for c in doc["cold_start"]]))
@@ -164,11 +175,30 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
         parts += ["", "## Not run", ""]
         parts += [f"- {s['pair']} {s['target']}{' b' + str(s['batch']) if 'batch' in s else ''}: {s['reason']}"
                   for s in doc["skipped"]]
+    parts += ["", "## Compact table (for the README)", "", readme_table(doc)]
     parts += ["", "## Models", ""]
     parts.append(_md_table(["model", "weights", "GMACs/image", "image", "bundle"],
                            [[m, v["source"], f"{v['macs_per_image'] / 1e9:.3f}", str(v["image_size"]), v["bundle"]]
                             for m, v in doc["models"].items()]))
     return "\n".join(parts) + "\n"
+
+
+def _other_ops(b: dict[str, Any]) -> dict[str, float]:
+    from benchmarks.breakdown import is_matmul_op
+
+    return {k: v for k, v in b["top_ops_ms"].items() if not is_matmul_op(k)}
+
+
+def readme_table(doc: dict[str, Any]) -> str:
+    """A compact Markdown table for the README: p50 of C and P, their ratio and the fraction of the limit."""
+    rows = []
+    for r in doc["ratios"]:
+        c = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["c_model"])[0]
+        p = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["p_model"])[0]
+        rows.append([r["pair"], r["target"], str(r["batch"]), _ms(c["latency_ms"]["p50"]), _ms(p["latency_ms"]["p50"]),
+                     f"{r['ratio']:.2f}" + (" !" if r["flagged"] else ""),
+                     f"{_pct(c['fraction_of_limit'])} / {_pct(p['fraction_of_limit'])}"])
+    return _md_table(["pair", "runtime", "batch", "ViT_C p50 ms", "ViT_P p50 ms", "C/P", "of limit C / P"], rows)
 
 
 def _fmt_load(la: list[float] | None) -> str:

@@ -76,6 +76,11 @@ def test_quick_results_are_complete_and_sane(quick):
     assert all(c["seconds"] > 0 for c in doc["cold_start"])
     assert doc["summary"]["micro"]["best_batch1"].keys() == {"vit_c_micro", "vit_p_micro"}
     assert doc["models"]["vit_c_micro"]["int8_parity"]["top1_agreement"] is not None
+    profiles = [b for b in doc["breakdown"] if "error" not in b]
+    assert {(b["model"], b["target"]) for b in profiles} >= {("vit_c_micro", "openvino-fp32"),
+                                                             ("vit_p_micro", "openvino-int8")}
+    for b in profiles:
+        assert 0 < b["matmul_ms"] <= b["profiled_ms"] and 0 < b["matmul_share"] <= 1 and b["gemm_gflops"] > 0
 
 
 def test_quick_captures_environment_and_limit(quick):
@@ -161,3 +166,57 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (none visible to torch)")
+def test_quick_on_the_gpu_measures_the_cuda_limit_and_onnxruntime_cuda(quick, tmp_path):
+    _, cache, _ = quick
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--targets", "onnxruntime-cuda-fp32",
+         "--cache", str(cache), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(_one(tmp_path, "*-quick.json").read_text())
+    assert doc["machine_limit"]["cuda"]["fp32"]["gflops"] > 0
+    cells = [r for r in doc["results"] if r["target"] == "onnxruntime-cuda-fp32"]
+    assert cells and all(r["limit"] == "cuda fp32" and 0 < r["fraction_of_limit"] < 1.5 for r in cells)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _has_cuda(), reason="needs TensorRT on an NVIDIA GPU")
+def test_quick_on_tensorrt_fp16(quick, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    _, cache, _ = quick
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--targets", "tensorrt-fp16",
+         "--cache", str(cache), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(_one(tmp_path, "*-quick.json").read_text())
+    cells = [r for r in doc["results"] if r["target"] == "tensorrt-fp16"]
+    assert cells and all(r["limit"] == "cuda fp16" and r["fraction_of_limit"] > 0 for r in cells)
+
+
+def test_cached_bundles_are_reused_only_while_fresh(quick):
+    from benchmarks import bundles
+
+    _, cache, _ = quick
+    logged: list[str] = []
+    prepared = bundles.prepare_model("micro", "vit_c_micro", cache=cache, targets=["onnx", "openvino-fp32"],
+                                     max_batch=32, log=logged.append)
+    assert logged == [] and prepared.bundle == cache / "vit_c_micro-random-init" and prepared.stem == "conv"
+    assert prepared.manifest["source"]["sha256"] == bundles._weights_sha(prepared.checkpoint)
+    # A bigger batch than the bundle was exported for, or a target it lacks, makes it stale.
+    assert bundles._fresh(prepared.bundle, prepared.checkpoint, ["onnx"], max_batch=64) is None
+    assert bundles._fresh(prepared.bundle, prepared.checkpoint, ["onnx", "openvino-fp16"], max_batch=32) is None
+    assert bundles._fresh(prepared.bundle, cache / "init-vit_p_micro", ["onnx"], max_batch=32) is None
