@@ -37,8 +37,9 @@ OPEN_LOOP_FRACTION = 0.7  # default Poisson rate, as a fraction of the best clos
 class E2EConfig:
     """A server to drive and how hard."""
 
-    url: str
+    url: str  # a running server, or "start": serve `bundle` on a loopback port for the run
     model: str | None = None
+    backend: str = "onnxruntime"  # the backend of a started server
     concurrency: tuple[int, ...] = (1, 4, 16)
     rate: float | None = None
     duration: float = 15.0
@@ -53,8 +54,11 @@ class E2EConfig:
 def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
     """CLI arguments -> E2EConfig; ValueError on bad values (non-http URL, non-positive rate or duration)."""
     parts = urllib.parse.urlsplit(args.http)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--http needs an http(s)://host[:port] URL, got {args.http!r}")
+    if args.http == "start":
+        if args.bundle is None:
+            raise ValueError("--http start needs --bundle (the bundle to serve)")
+    elif parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--http needs an http(s)://host[:port] URL or 'start', got {args.http!r}")
     duration = args.duration if args.duration is not None else (2.0 if args.quick else 15.0)
     if duration <= 0 or (args.rate is not None and args.rate <= 0):
         raise ValueError("--duration and --rate must be positive")
@@ -62,7 +66,8 @@ def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
         raise ValueError("--concurrency is limited to 256")
     if args.bundle is not None and not args.bundle.is_dir():
         raise ValueError(f"--bundle {args.bundle} is not a directory")
-    return E2EConfig(url=args.http.rstrip("/"), model=args.model, concurrency=tuple(args.concurrency),
+    return E2EConfig(url=args.http.rstrip("/"), model=args.model, backend=args.runtime or "onnxruntime",
+                     concurrency=tuple(args.concurrency),
                      rate=args.rate, duration=duration, warmup=0.5 if args.quick else 2.0, bundle=args.bundle,
                      images=16 if args.quick else 64, api_key=args.api_key, quick=args.quick,
                      argv=("python", "benchmarks/latency.py", *argv))
@@ -146,8 +151,34 @@ def bare_runtime(bundle: Path, info: dict[str, Any], bodies: list[bytes], second
 
 
 def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
-    """Closed loops at each concurrency, then an open Poisson loop; with the bare runtime when a bundle is given."""
+    """Closed loops at each concurrency, then an open Poisson loop; with the bare runtime when a bundle is given.
+
+    With url "start", a server (`python -m serve`, default settings, the chosen backend) is started on the
+    bundle first and stopped afterwards.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if cfg.url != "start":
+        return _run_e2e(cfg, log)
+    import dataclasses
+    import tempfile
+
+    from serve.launch import start
+
+    log_path = Path(tempfile.mkdtemp(prefix="vitc-e2e-")) / "server.log"
+    try:
+        server = start(["--model", str(cfg.bundle), "--backend", cfg.backend, "--no-access-log"], log_path,
+                       {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
+    except RuntimeError as exc:
+        raise ValueError(f"the server did not start: {str(exc).splitlines()[0]} (log: {log_path})") from None
+    try:
+        doc = _run_e2e(dataclasses.replace(cfg, url=server.url), log)
+    finally:
+        server.stop()
+    doc["server_started"] = {"backend": cfg.backend, "bundle": str(cfg.bundle), "settings": "defaults"}
+    return doc
+
+
+def _run_e2e(cfg: E2EConfig, log: Any) -> dict[str, Any]:
     info = model_info(cfg)
     name = info["name"]
     endpoint = Endpoint(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}/classify", "image/png", cfg.api_key)

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     http = p.add_argument_group("end-to-end mode (--http)")
-    http.add_argument("--http", metavar="URL", help="benchmark a running server at URL (e.g. http://127.0.0.1:8000)")
+    http.add_argument("--http", metavar="URL",
+                      help="benchmark a running server at URL (e.g. http://127.0.0.1:8000), or 'start': serve "
+                           "--bundle with --runtime on a loopback port (default settings) for the run")
     http.add_argument("--model", help="served model name (default: the server's first model)")
     http.add_argument("--concurrency", type=_ints, default=(1, 4, 16),
                       help="closed-loop concurrencies (default 1,4,16)")
@@ -77,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--duration", type=float, default=None, help="seconds per load level (default 15; --quick 2)")
     http.add_argument("--bundle", type=Path, default=None,
                       help="the served bundle, timed bare in-process for the overhead comparison")
-    http.add_argument("--runtime", default=None, help="runtime of the served backend (default: onnxruntime)")
-    http.add_argument("--precision", default=None, help="precision of the served artifact (default: fp32)")
+    http.add_argument("--runtime", default=None,
+                      help="backend of the server --http start launches (default onnxruntime)")
     http.add_argument("--api-key", default=os.environ.get("VITC_API_KEY"), help="bearer token (default $VITC_API_KEY)")
     return p
 

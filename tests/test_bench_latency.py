@@ -4,12 +4,8 @@ and its argument errors. Structure and sanity only: speed is never asserted."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -99,49 +95,19 @@ def test_quick_captures_environment_and_limit(quick):
         assert {"tensorrt-fp16", "tensorrt-int8"} <= reasons.keys()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, server: subprocess.Popen, seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"server exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail("server did not become ready")
-
-
-def test_http_mode_against_a_running_server(quick, tmp_path):
+def test_http_mode_starts_a_server_and_compares_with_the_bare_runtime(quick, tmp_path):
     _, cache, _ = quick
     bundle = cache / "vit_c_micro-random-init"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--model", str(bundle), "--port", str(port), "--no-access-log"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VITC_LOG_LEVEL": "warning"},
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--http", "start", "--bundle", str(bundle), "--quick", "--duration", "0.5",
+         "--concurrency", "1,2", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-    try:
-        _wait_ready(url, server)
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), "--http", url, "--quick", "--duration", "0.5", "--concurrency", "1,2",
-             "--bundle", str(bundle), "--out", str(tmp_path)],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
-        )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(_one(tmp_path, "*-http.json").read_text())
     assert _one(tmp_path, "*-http.png").read_bytes()[:8] == PNG_MAGIC
     assert "server overhead at concurrency 1" in _one(tmp_path, "*-http.md").read_text()
+    assert doc["url"].startswith("http://127.0.0.1:") and doc["server_started"]["backend"] == "onnxruntime"
     assert [r["concurrency"] for r in doc["closed"]] == [1, 2]
     for level in [*doc["closed"], doc["open"]]:
         assert level["ok"] > 0 and level["errors"] == {} and level["throughput_rps"] > 0
@@ -158,6 +124,7 @@ def test_http_mode_against_a_running_server(quick, tmp_path):
     (["--batch-sizes", "0"], "expected integers in 1..1024"),
     (["--targets", "openvino-fp64"], "unknown target"),
     (["--http", "ftp://example.org"], "needs an http(s)://host"),
+    (["--http", "start"], "--http start needs --bundle"),
     (["--http", "http://127.0.0.1:9", "--duration", "1"], "cannot reach the server"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
