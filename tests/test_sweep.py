@@ -1,0 +1,294 @@
+"""The paper-claims study: sampling, run ids, EDF on hand-checkable numbers, claim rules, resume, report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.io import atomic_write_json
+from train.sweep import claims, edf, plan, presets, sampling
+from train.sweep.spec import RunSpec
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_log_uniform_is_reproducible_by_seed_and_in_range():
+    a = sampling.log_uniform(np.random.default_rng(7), 1e-4, 1e-2, 50)
+    b = sampling.log_uniform(np.random.default_rng(7), 1e-4, 1e-2, 50)
+    c = sampling.log_uniform(np.random.default_rng(8), 1e-4, 1e-2, 50)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert a.min() >= 1e-4 and a.max() <= 1e-2
+
+
+def test_log_uniform_is_uniform_in_log_space():
+    x = np.log10(sampling.log_uniform(np.random.default_rng(0), 1e-5, 1e-1, 20000))
+    # Each of the 4 decades holds a quarter of the samples (a linear-uniform sampler would put ~90 % in the last).
+    counts = np.histogram(x, bins=[-5, -4, -3, -2, -1])[0] / x.size
+    np.testing.assert_allclose(counts, 0.25, atol=0.02)
+    assert abs(x.mean() - (-3.0)) < 0.03
+
+
+@pytest.mark.parametrize("low,high", [(0.0, 1.0), (1e-2, 1e-3), (-1.0, 1.0), (1e-3, math.inf)])
+def test_log_uniform_rejects_bad_ranges(low, high):
+    with pytest.raises(ValueError, match="log-uniform range"):
+        sampling.log_uniform(np.random.default_rng(0), low, high, 3)
+
+
+def test_sample_lr_wd_reproducible_rounded_and_independent():
+    pairs = sampling.sample_lr_wd(16, (1e-4, 1e-2), (1e-3, 1.0), seed=3)
+    assert pairs == sampling.sample_lr_wd(16, (1e-4, 1e-2), (1e-3, 1.0), seed=3)
+    assert pairs != sampling.sample_lr_wd(16, (1e-4, 1e-2), (1e-3, 1.0), seed=4)
+    assert len(pairs) == 16 and len(set(pairs)) == 16
+    for lr, wd in pairs:
+        # Rounded to 3 significant digits, still inside the (slightly widened by rounding) range.
+        assert lr == float(f"{lr:.3g}") and wd == float(f"{wd:.3g}")
+        assert 1e-4 * 0.995 <= lr <= 1e-2 * 1.005 and 1e-3 * 0.995 <= wd <= 1.005
+
+
+def test_stability_plan_shares_samples_across_models_and_meets_default_count():
+    cfg = presets.make_config("full")
+    specs = plan.stability_specs(cfg)
+    assert cfg.samples >= 16
+    for opt in cfg.optimizers:
+        per_model = {
+            m: [(s.lr, s.weight_decay) for s in specs if s.model == m and s.optimizer == opt] for m in cfg.models
+        }
+        lists = list(per_model.values())
+        assert all(len(v) == cfg.samples for v in lists)
+        assert all(v == lists[0] for v in lists)  # paired: every model trains the same (lr, wd)
+        lo, hi = cfg.lr_ranges[opt]
+        assert all(lo * 0.995 <= lr <= hi * 1.005 for lr, _ in lists[0])
+    # Adding a model does not change the samples the others get.
+    bigger = presets.make_config("full", models=(*cfg.models, "vit_c_micro"))
+    assert set(plan.stability_specs(cfg)) <= set(plan.stability_specs(bigger))
+
+
+# ---------------------------------------------------------------- run ids
+
+
+def test_run_id_is_stable_and_covers_every_parameter():
+    spec = RunSpec("vit_c_mini", "animals", "sgd", 0.1, 5e-5, 10, 0, ("--batch-size", "64"))
+    assert spec.run_id == RunSpec.from_dict(spec.to_dict()).run_id
+    # Golden value: changing how ids are derived would orphan every finished run of existing studies.
+    assert spec.run_id == "vit_c_mini-sgd-e10-lr0.1-wd5e-05-s0-1e7818e820"
+    variants = [
+        RunSpec("vit_p_mini", "animals", "sgd", 0.1, 5e-5, 10, 0, ("--batch-size", "64")),
+        RunSpec("vit_c_mini", "mnist", "sgd", 0.1, 5e-5, 10, 0, ("--batch-size", "64")),
+        RunSpec("vit_c_mini", "animals", "adamw", 0.1, 5e-5, 10, 0, ("--batch-size", "64")),
+        RunSpec("vit_c_mini", "animals", "sgd", 0.2, 5e-5, 10, 0, ("--batch-size", "64")),
+        RunSpec("vit_c_mini", "animals", "sgd", 0.1, 6e-5, 10, 0, ("--batch-size", "64")),
+        RunSpec("vit_c_mini", "animals", "sgd", 0.1, 5e-5, 11, 0, ("--batch-size", "64")),
+        RunSpec("vit_c_mini", "animals", "sgd", 0.1, 5e-5, 10, 1, ("--batch-size", "64")),
+        RunSpec("vit_c_mini", "animals", "sgd", 0.1, 5e-5, 10, 0, ("--batch-size", "32")),
+    ]
+    ids = {v.run_id for v in variants} | {spec.run_id}
+    assert len(ids) == len(variants) + 1
+
+
+def test_run_spec_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        RunSpec("vit_c_mini", "animals", "lamb", 0.1, 0.0, 1)
+    with pytest.raises(ValueError, match="invalid run parameters"):
+        RunSpec("vit_c_mini", "animals", "sgd", -0.1, 0.0, 1)
+
+
+# ---------------------------------------------------------------- EDF
+
+
+ERRS = [30.0, 10.0, 20.0, 50.0, 20.0]  # sorted: 10, 20, 20, 30, 50
+
+
+@pytest.mark.parametrize(
+    "e,expected",
+    [(5, 0.0), (10, 0.0), (10.5, 0.2), (20, 0.2), (20.001, 0.6), (30, 0.6), (31, 0.8), (50, 0.8), (50.1, 1.0)],
+)
+def test_edf_counts_errors_strictly_below_e(e, expected):
+    assert edf.edf(ERRS, e) == pytest.approx(expected)
+
+
+def test_edf_vectorised_and_curve_steps():
+    np.testing.assert_allclose(edf.edf(ERRS, [0, 15, 25, 100]), [0.0, 0.2, 0.6, 1.0])
+    xs, ys = edf.edf_curve(ERRS)
+    np.testing.assert_array_equal(xs, [10, 20, 20, 30, 50])
+    np.testing.assert_allclose(ys, [0.2, 0.4, 0.6, 0.8, 1.0])
+    with pytest.raises(ValueError, match="empty"):
+        edf.edf([], 1.0)
+
+
+def test_edf_stats_by_hand():
+    st = edf.edf_stats(ERRS, good_margin=15.0)
+    assert st["n"] == 5 and st["min"] == 10 and st["max"] == 50
+    assert st["median"] == 20 and st["q25"] == 20 and st["q75"] == 30 and st["iqr"] == 10
+    assert st["mean"] == pytest.approx(26.0)
+    assert st["frac_good"] == pytest.approx(0.6)  # errors below 10 + 15 = 25: 10, 20, 20
+    shared = edf.edf_stats(ERRS, good_margin=15.0, best=0.0)  # a better population sets the bar at 0
+    assert shared["frac_good"] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------- claim rules
+
+
+def test_sign_test_and_standard_errors_by_hand():
+    # P(X >= 12), X ~ Bin(16, 1/2) = (1820 + 560 + 120 + 16 + 1) / 65536
+    assert claims.sign_test_p(12, 16) == pytest.approx(2517 / 65536)
+    assert claims.sign_test_p(0, 16) == pytest.approx(1.0)
+    assert claims.se_error(20.0, 1000) == pytest.approx(100 * math.sqrt(0.2 * 0.8 / 1000))
+    assert claims.se_diff([20.0, 20.0], 1000) == pytest.approx(math.sqrt(2) * claims.se_error(20.0, 1000))
+
+
+@pytest.mark.parametrize(
+    "sup,con,total,expected",
+    [(4, 0, 4, "yes"), (2, 0, 4, "yes"), (1, 0, 4, "partial"), (2, 1, 4, "partial"), (0, 0, 4, "no"),
+     (1, 2, 4, "no"), (0, 0, 0, "not run")],
+)
+def test_verdict_rules(sup, con, total, expected):
+    assert claims.verdict(sup, con, total) == expected
+
+
+def test_convergence_claim_counts_only_differences_beyond_noise():
+    table = {
+        "vit_c_mini": {"adamw": {5: {"mean": 20.0}, 10: {"mean": 15.0}}, "sgd": {5: {"mean": 30.0}}},
+        "vit_p_mini": {"adamw": {5: {"mean": 30.0}, 10: {"mean": 15.5}}, "sgd": {5: {"mean": 25.0}}},
+    }
+    row = claims.convergence_claim(table, "vit_c_mini", "vit_p_mini", n_val=1000)
+    # 10 points (support), 0.5 points (tie: SE ~1.6), -5 points (contradicts).
+    assert (row["supporting"], row["contradicting"], row["comparisons"]) == (1, 1, 3)
+    assert row["reproduced"] == "partial"
+
+
+# ---------------------------------------------------------------- runner: resume skips finished runs (real training)
+
+TINY = ("--max-steps", "1", "--train-subset", "64", "--val-subset", "32", "--batch-size", "32")
+
+
+def _tiny(seed: int, train_args: tuple[str, ...] = TINY) -> RunSpec:
+    return RunSpec("vit_c_micro", "digits", "adamw", 1e-3, 0.05, 1, seed, train_args)
+
+
+def test_run_all_trains_only_unfinished_runs_and_resume_skips_them(tmp_path):
+    from train.sweep import runner
+
+    study, runs = tmp_path / "study", tmp_path / "runs"
+    done, todo = _tiny(0), _tiny(1)
+    # A finished run from an earlier (interrupted) invocation: its result file exists.
+    marker = {"id": done.run_id, "spec": done.to_dict(), "final_val_error": 12.5}
+    atomic_write_json(runner.result_path(study, done), marker)
+    slots = runner.make_slots(1, threads=1)
+
+    trained = runner.run_all([done, todo], study, runs, slots)
+
+    assert trained == [todo]
+    assert not (runs / done.run_id).exists()  # never started
+    assert runner.load_result(study, done) == marker  # untouched
+    res = runner.load_result(study, todo)
+    assert res["id"] == todo.run_id and res["spec"] == todo.to_dict()
+    assert res["command"][:3] == ["python", "-m", "train"] and "--resume" in res["command"]
+    assert 0.0 <= res["final_val_error"] <= 100.0 and res["val_images"] == 32
+    assert [r["epoch"] for r in res["curve"]] == [1]
+    before = runner.result_path(study, todo).stat().st_mtime_ns
+
+    assert runner.run_all([done, todo], study, runs, slots) == []  # resume: everything is finished
+    assert runner.result_path(study, todo).stat().st_mtime_ns == before
+
+
+def test_failed_training_writes_no_result(tmp_path):
+    from train.sweep import runner
+
+    bad = _tiny(0, ("--batch-size", "0"))  # the training CLI rejects it (exit 2)
+    with pytest.raises(runner.RunFailed, match="exited 2"):
+        runner.run_all([bad], tmp_path / "study", tmp_path / "runs", runner.make_slots(1, threads=1))
+    assert not runner.result_path(tmp_path / "study", bad).exists()
+    assert not runner.is_done(tmp_path / "study", bad)
+
+
+def test_is_done_rejects_a_result_of_another_run(tmp_path):
+    from train.sweep import runner
+
+    a, b = _tiny(0), _tiny(1)
+    atomic_write_json(runner.result_path(tmp_path, a), {"id": b.run_id})
+    assert not runner.is_done(tmp_path, a)
+    runner.result_path(tmp_path, b).write_text("{truncated")
+    assert not runner.is_done(tmp_path, b)
+
+
+def test_worker_slots_split_threads_and_deal_devices():
+    from train.sweep import runner
+
+    slots = runner.make_slots(4, devices=("0", "1"), threads=2)
+    assert [s.device for s in slots] == ["0", "1", "0", "1"]
+    env = slots[1].env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "2"
+    cmd = runner.build_command(_tiny(0), Path("r"), threads=2)
+    assert cmd[1:3] == ["-m", "train"] and cmd[cmd.index("--threads") + 1] == "2"
+    with pytest.raises(ValueError, match="workers"):
+        runner.make_slots(0)
+
+
+# ---------------------------------------------------------------- report from finished runs (no training)
+
+
+def _fake_result(spec: RunSpec, err: float, n_val: int = 1000) -> dict:
+    curve = [{"epoch": e, "val_error": err + 2 * (spec.epochs - e), "val_error_ema": None, "epoch_time_s": 1.0}
+             for e in range(1, spec.epochs + 1)]
+    return {"id": spec.run_id, "spec": spec.to_dict(), "wall_s": 2.0, "final_val_error": err,
+            "val_images": n_val, "curve": curve}
+
+
+def test_report_from_results_reproduces_a_clear_cut_study(tmp_path):
+    from train.sweep import runner, study
+
+    cfg = presets.make_config("reduced", epochs=(2, 4), samples=16)
+    conv, patch = cfg.models
+    assert study.plan_study(cfg, "all", tmp_path)[1] == []  # nothing tuned before the stability runs exist
+
+    def error(s: RunSpec) -> float:
+        # ViT_C 10 points better at every sample, both get worse away from lr 1e-3 (AdamW) / 0.1 (SGD).
+        centre = 1e-3 if s.optimizer == "adamw" else 0.1
+        return min(95.0, 20.0 + 8 * abs(math.log10(s.lr / centre)) + (0 if s.model == conv else 10) - s.epochs)
+
+    for s in plan.stability_specs(cfg):
+        atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, error(s)))
+    _, tuned_runs, tuned = study.plan_study(cfg, "all", tmp_path)
+    assert len(tuned_runs) == 2 * 2 * 2 and set(tuned) == {(m, o) for m in cfg.models for o in cfg.optimizers}
+    for s in tuned_runs:
+        atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, error(s)))
+
+    summary = study.run_study(cfg, "all", tmp_path, tmp_path / "runs-unused", [], report_only=True)
+
+    verdicts = {r["claim"]: r["reproduced"] for r in summary["claims"]}
+    assert verdicts["convergence"] == "yes" and verdicts["stability"] == "yes" and verdicts["peak"] == "yes"
+    assert verdicts["optimizer"] == "no"  # identical SGD-AdamW gaps for both stems: nothing supports it
+    stab = summary["stability"]["adamw"]
+    assert stab[conv]["n"] == 16 and stab[conv]["median"] == pytest.approx(stab[patch]["median"] - 10)
+    for name in ("summary.json", "claims.md", "convergence.png", "optimizer.png", "stability_edf.png",
+                 "stability_lr_wd.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    md = (tmp_path / "claims.md").read_text()
+    assert "| Claim | Paper | Measured here | Reproduced |" in md and "**yes**" in md
+    assert not (tmp_path / "runs-unused").exists()  # report-only trains nothing
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_bad_settings_exit_2_with_one_line(capsys):
+    from train.sweep.__main__ import main
+
+    assert main(["--models", "vit_c_nope,vit_p_mini", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'vit_c_nope'" in err[0]
+    assert main(["--epochs", "0", "--dry-run"]) == 2
+
+
+def test_cli_dry_run_prints_per_run_commands(tmp_path, capsys):
+    from train.sweep.__main__ import main
+
+    assert main(["--preset", "reduced", "--study", "stability", "--samples", "3", "--out", str(tmp_path / "s"),
+                 "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("todo")]
+    assert len(lines) == 3 * 2 * 2 and all(" -m train --model vit_" in ln for ln in lines)
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,122 @@
+"""`python -m train.sweep`: reproduce the paper's claims (convergence, SGD vs AdamW, lr/wd stability) at small scale.
+
+Examples:
+  python -m train.sweep --preset reduced --out results/paper-reduced --workers 2
+  python -m train.sweep --study stability --models vit_c_micro,vit_p_micro --samples 16 --dry-run
+  python -m train.sweep --out results/paper-reduced --report-only      # rebuild summary and plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from train.sweep.plan import METRICS, STUDIES, TUNINGS
+from train.sweep.presets import PRESETS, make_config
+from train.sweep.runner import RunFailed, make_slots
+from train.sweep.spec import OPTIMIZERS
+from train.sweep.study import run_study
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _range(text: str) -> tuple[str, tuple[float, float]]:
+    """OPT=LOW,HIGH, e.g. adamw=1e-4,1e-2."""
+    try:
+        opt, bounds = text.split("=", 1)
+        low, high = (float(x) for x in bounds.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected OPT=LOW,HIGH (e.g. adamw=1e-4,1e-2), got {text!r}") from None
+    if opt not in OPTIMIZERS:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {opt!r} in {text!r}; expected one of {OPTIMIZERS}")
+    return opt, (low, high)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="study size (default: full)")
+    p.add_argument("--study", choices=STUDIES, default="all", help="which experiment(s) to run (default: all)")
+    p.add_argument("--out", type=Path, help="study directory for results (default: results/paper-<preset>)")
+    p.add_argument("--runs-dir", type=Path, help="training directories (default: runs/sweep/<out name>)")
+    g = p.add_argument_group("study settings (override the preset)")
+    g.add_argument("--models", type=_names, help="comma-separated variants, e.g. vit_c_mini,vit_p_mini")
+    g.add_argument("--dataset", help="embedded set (animals, mnist, digits) or an ImageNet-layout folder")
+    g.add_argument("--epochs", type=_ints, help="schedule lengths for convergence, e.g. 5,10,20,40")
+    g.add_argument("--stability-epochs", type=int, help="epochs of each sampled stability run")
+    g.add_argument("--samples", type=int, help="(lr, wd) samples per model x optimizer")
+    g.add_argument("--seeds", type=_ints, help="training seeds of the tuned runs, e.g. 0,1")
+    g.add_argument("--sample-seed", type=int, help="seed of the lr/wd sampler")
+    g.add_argument("--optimizers", type=_names, help=f"subset of {','.join(OPTIMIZERS)}")
+    g.add_argument("--lr-range", type=_range, action="append", metavar="OPT=LOW,HIGH", help="log-uniform lr range")
+    g.add_argument("--wd-range", type=_range, action="append", metavar="OPT=LOW,HIGH", help="log-uniform wd range")
+    g.add_argument("--tuning", choices=TUNINGS, help="tuned lr/wd from the stability sweep or recipe defaults")
+    g.add_argument("--metric", choices=METRICS, help="judge runs by final or best-epoch val error")
+    g.add_argument("--train-args", help="extra flags for every `python -m train`, quoted, e.g. '--batch-size 64'")
+    x = p.add_argument_group("execution")
+    x.add_argument("--workers", type=int, default=1, help="parallel training processes (default 1)")
+    x.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    x.add_argument("--devices", type=_names, default=(), help="GPU ids dealt to workers, e.g. 0,1,2,3")
+    x.add_argument("--dry-run", action="store_true", help="print the per-run commands, train nothing")
+    x.add_argument("--report-only", action="store_true", help="rebuild summary and plots from finished runs")
+    return p.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit 2 with one line on stderr for bad settings."""
+    args = parse_args(argv)
+    try:
+        from models.registry import get_config
+
+        cfg = make_config(
+            args.preset, models=args.models, dataset=args.dataset, epochs=args.epochs,
+            stability_epochs=args.stability_epochs, samples=args.samples, seeds=args.seeds,
+            sample_seed=args.sample_seed, optimizers=args.optimizers, tuning=args.tuning, metric=args.metric,
+            lr_ranges=dict(args.lr_range) if args.lr_range else None,
+            wd_ranges=dict(args.wd_range) if args.wd_range else None,
+            train_args=tuple(shlex.split(args.train_args)) if args.train_args is not None else None,
+        )
+        for m in cfg.models:
+            get_config(m)
+        slots = make_slots(args.workers, args.devices, args.threads)
+    except (ValueError, KeyError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / f"paper-{args.preset}"
+    runs_dir = args.runs_dir or Path("runs") / "sweep" / out.name
+    # SIGTERM (e.g. `kill` of a nohup'd sweep) takes the same path as Ctrl-C: trainings are stopped, results kept.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        summary = run_study(cfg, args.study, out, runs_dir, slots, args.dry_run, args.report_only)
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    for row in summary.get("claims", []):
+        print(f"{row['title']}: {row['reproduced']} - {row['measured']}")
+    if summary:
+        print(f"results in {out}/ (summary.json, claims.md, *.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""What a study trains: its settings (presets + overrides) and the run lists of its three experiments.
+
+Methodology (the paper's, at small scale):
+- stability: for each optimizer, `samples` (lr, wd) pairs drawn log-uniformly from stated ranges; the SAME pairs
+  are trained for every model, so the EDFs of ViT_C and ViT_P are paired.
+- tuning: each model x optimizer takes the (lr, wd) of its lowest-error stability run (or the recipe's defaults
+  with `tuning="recipe"`), the way the paper tunes each model before comparing.
+- convergence: the tuned settings trained at each schedule length in `epochs`, for each training seed.
+- optimizer: the SGD - AdamW error gap per model at the tuned settings, read from the convergence runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from train.sweep.sampling import sample_lr_wd
+from train.sweep.spec import OPTIMIZERS, RunSpec
+
+STUDIES = ("convergence", "optimizer", "stability", "all")
+TUNINGS = ("sweep", "recipe")
+METRICS = ("final", "best")
+
+# Log-uniform search ranges (chosen before any study was run). AdamW's weight decay is decoupled (multiplied by
+# lr at each step); SGD's is an L2 term, hence its much smaller range. Both bracket the paper's settings scaled to
+# batch 128 (AdamW lr 1e-3 * 128/2048 = 6e-5 with wd 0.24; SGD Nesterov lr 2.54 * 128/2048 = 0.16 with wd
+# 2.4e-5) and the higher rates short schedules on small models prefer, and reach into the unstable region on
+# purpose: the EDF is about what happens away from the optimum.
+DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {"adamw": (1e-4, 3e-2), "sgd": (1e-3, 1.0)}
+DEFAULT_WD_RANGES: dict[str, tuple[float, float]] = {"adamw": (1e-3, 1.0), "sgd": (1e-5, 1e-2)}
+# Used with tuning="recipe" (no stability sweep): moderate values from the middle of the ranges.
+DEFAULT_RECIPE_SETTINGS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.1, 5e-5)}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """All settings of a study; stored in the study directory so a rerun can be checked against it."""
+
+    preset: str
+    models: tuple[str, ...]
+    dataset: str
+    epochs: tuple[int, ...]
+    stability_epochs: int
+    samples: int
+    seeds: tuple[int, ...] = (0,)
+    sample_seed: int = 0
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    train_args: tuple[str, ...] = ()
+    tuning: str = "sweep"
+    metric: str = "final"
+    lr_ranges: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_LR_RANGES))
+    wd_ranges: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_WD_RANGES))
+    recipe_settings: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RECIPE_SETTINGS))
+
+    def __post_init__(self) -> None:
+        if len(self.models) < 1:
+            raise ValueError("a study needs at least one model")
+        if not self.epochs or min(self.epochs) < 1:
+            raise ValueError(f"schedule lengths must be positive integers, got {self.epochs}")
+        if self.stability_epochs < 1 or self.samples < 1 or not self.seeds:
+            raise ValueError("stability_epochs and samples must be >= 1 and seeds non-empty")
+        for opt in self.optimizers:
+            if opt not in OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {opt!r}; expected one of {OPTIMIZERS}")
+        if self.tuning not in TUNINGS:
+            raise ValueError(f"unknown tuning {self.tuning!r}; expected one of {TUNINGS}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        d = dataclasses.asdict(self)
+        for key in ("models", "epochs", "seeds", "optimizers", "train_args"):
+            d[key] = list(d[key])
+        for key in ("lr_ranges", "wd_ranges", "recipe_settings"):
+            d[key] = {k: list(v) for k, v in d[key].items()}
+        return d
+
+
+def stability_specs(cfg: StudyConfig) -> list[RunSpec]:
+    """The sampled runs: the same `samples` (lr, wd) pairs per optimizer for every model."""
+    specs = []
+    for i, opt in enumerate(cfg.optimizers):
+        # One seed per optimizer (offset by its position) so adding an optimizer does not change the others'.
+        offset = OPTIMIZERS.index(opt) if opt in OPTIMIZERS else i
+        pairs = sample_lr_wd(cfg.samples, cfg.lr_ranges[opt], cfg.wd_ranges[opt], cfg.sample_seed + offset)
+        for model in cfg.models:
+            for lr, wd in pairs:
+                specs.append(_spec(cfg, model, opt, lr, wd, cfg.stability_epochs, cfg.seeds[0]))
+    return specs
+
+
+def tuned_specs(
+    cfg: StudyConfig, tuned: dict[tuple[str, str], tuple[float, float]], epochs: tuple[int, ...]
+) -> list[RunSpec]:
+    """Runs at each tuned model x optimizer's (lr, wd), for every schedule length in `epochs` and every seed."""
+    return [
+        _spec(cfg, model, opt, *tuned[(model, opt)], e, seed)
+        for model in cfg.models
+        for opt in cfg.optimizers
+        if (model, opt) in tuned
+        for e in epochs
+        for seed in cfg.seeds
+    ]
+
+
+def tuned_epochs(cfg: StudyConfig, study: str) -> tuple[int, ...]:
+    """Schedule lengths the tuned runs need: all of `epochs` for convergence, only the longest for optimizer."""
+    if study == "stability":
+        return ()
+    if study == "optimizer":
+        return (max(cfg.epochs),)
+    return tuple(sorted(set(cfg.epochs)))
+
+
+def needs_stability(cfg: StudyConfig, study: str) -> bool:
+    """Stability runs are trained for the stability study and, with tuning="sweep", to tune the others."""
+    return study in ("stability", "all") or cfg.tuning == "sweep"
+
+
+def recipe_tuning(cfg: StudyConfig) -> dict[tuple[str, str], tuple[float, float]]:
+    """tuning="recipe": every model uses the optimizer's default (lr, wd)."""
+    return {(m, o): cfg.recipe_settings[o] for m in cfg.models for o in cfg.optimizers}
+
+
+def _spec(cfg: StudyConfig, model: str, opt: str, lr: float, wd: float, epochs: int, seed: int) -> RunSpec:
+    return RunSpec(model, cfg.dataset, opt, lr, wd, epochs, seed, cfg.train_args)

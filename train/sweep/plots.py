@@ -1,0 +1,131 @@
+"""PNG figures of a study (matplotlib, Agg): convergence curves, optimizer gaps, stability EDFs and scatters."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from train.sweep.claims import opt_name  # noqa: E402
+from train.sweep.edf import edf_curve  # noqa: E402
+
+# pycls's palette; one colour per model, one line style per optimizer.
+COLORS = ["#0072BD", "#D95319", "#EDB120", "#7E2F8E", "#77AC30", "#4DBEEE"]
+STYLES = {"adamw": "-", "sgd": "--"}
+MARKERS = {"adamw": "o", "sgd": "s"}
+
+
+def _color(models: list[str], model: str) -> str:
+    return COLORS[models.index(model) % len(COLORS)]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_convergence(table: dict[str, dict[str, dict[int, Any]]], models: list[str], path: Path) -> Path:
+    """Val error vs schedule length (log2 axis), one line per model x optimizer, seed std as error bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for model in models:
+        for opt, cells in table.get(model, {}).items():
+            es = sorted(cells)
+            ys = [cells[e]["mean"] for e in es]
+            yerr = [cells[e]["std"] or 0.0 for e in es]
+            ax.errorbar(es, ys, yerr=yerr if any(yerr) else None, color=_color(models, model), ls=STYLES[opt],
+                        marker=MARKERS[opt], capsize=3, label=f"{model} {opt_name(opt)}")
+    ax.set_xscale("log", base=2)
+    all_e = sorted({e for m in table.values() for c in m.values() for e in c})
+    ax.set_xticks(all_e, [str(e) for e in all_e])
+    ax.set_xlabel("schedule length (epochs)")
+    ax.set_ylabel("val top-1 error (%)")
+    ax.set_title("Convergence at tuned lr/wd")
+    ax.grid(alpha=0.4)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_optimizer(table: dict, gaps: dict[str, dict[int, float]], models: list[str], path: Path) -> Path:
+    """Left: error per model x optimizer at the longest schedule; right: SGD - AdamW gap vs schedule length."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    width = 0.38
+    for j, opt in enumerate(("adamw", "sgd")):
+        xs, ys = [], []
+        for i, model in enumerate(models):
+            cells = table.get(model, {}).get(opt, {})
+            if cells:
+                xs.append(i + (j - 0.5) * width)
+                ys.append(cells[max(cells)]["mean"])
+        bars = ax1.bar(xs, ys, width, label=opt_name(opt), color=COLORS[j], alpha=0.85)
+        ax1.bar_label(bars, fmt="%.1f", fontsize=8)
+    longest = max((e for m in table.values() for c in m.values() for e in c), default=0)
+    ax1.set_xticks(range(len(models)), models)
+    ax1.set_ylabel("val top-1 error (%)")
+    ax1.set_title(f"Tuned AdamW vs SGD ({longest} epochs)")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.4, axis="y")
+    for model in models:
+        g = gaps.get(model, {})
+        if g:
+            es = sorted(g)
+            ax2.plot(es, [g[e] for e in es], marker="o", color=_color(models, model), label=model)
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.set_xscale("log", base=2)
+    all_e = sorted({e for g in gaps.values() for e in g})
+    if all_e:
+        ax2.set_xticks(all_e, [str(e) for e in all_e])
+    ax2.set_xlabel("schedule length (epochs)")
+    ax2.set_ylabel("SGD error - AdamW error (points)")
+    ax2.set_title("Optimizer gap (lower = SGD works as well)")
+    ax2.grid(alpha=0.4)
+    ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_edf(stab: dict[str, dict[str, Any]], models: list[str], path: Path) -> Path:
+    """pycls-style EDFs: one panel per optimizer, one step curve per model, legend n|min|mean."""
+    opts = [o for o in ("adamw", "sgd") if o in stab]
+    fig, axes = plt.subplots(1, max(1, len(opts)), figsize=(4.8 * max(1, len(opts)), 3.8), squeeze=False)
+    for ax, opt in zip(axes[0], opts, strict=False):
+        for model in models:
+            if model not in stab[opt]:
+                continue
+            errs = [r["error"] for r in stab[opt][model]["runs"]]
+            xs, ys = edf_curve(errs)
+            st = stab[opt][model]
+            label = f"{model}  {st['n']}|{st['min']:.1f}|{st['mean']:.1f}"
+            # Start the staircase at 0 on the lowest error so each curve visibly rises from nothing.
+            ax.step([xs[0], *xs], [0.0, *ys], where="post", color=_color(models, model), label=label, alpha=0.9)
+        ax.set_xlabel("val top-1 error (%)")
+        ax.set_ylabel("cumulative prob.")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{opt_name(opt)}: EDF over sampled lr, wd")
+        ax.grid(alpha=0.4)
+        ax.legend(fontsize=8, loc="lower right", title="n|min|mean", title_fontsize=8)
+    return _save(fig, path)
+
+
+def plot_stability_scatter(stab: dict[str, dict[str, Any]], models: list[str], path: Path) -> Path:
+    """Error vs log10(lr) and log10(wd) per optimizer (pycls plot_values): where each stem breaks down."""
+    opts = [o for o in ("adamw", "sgd") if o in stab]
+    fig, axes = plt.subplots(len(opts) or 1, 2, figsize=(9, 3.4 * max(1, len(opts))), squeeze=False)
+    for row, opt in enumerate(opts):
+        for col, key in enumerate(("lr", "weight_decay")):
+            ax = axes[row][col]
+            for model in models:
+                runs = stab[opt].get(model, {}).get("runs", [])
+                ax.scatter([math.log10(r[key]) for r in runs], [r["error"] for r in runs],
+                           color=_color(models, model), alpha=0.75, s=22, label=model)
+            ax.set_xlabel(f"log10({'lr' if key == 'lr' else 'wd'})")
+            ax.set_ylabel("val top-1 error (%)")
+            ax.set_title(f"{opt_name(opt)}: error vs {'lr' if key == 'lr' else 'wd'}")
+            ax.grid(alpha=0.4)
+            ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,195 @@
+"""A study's outputs: summary.json, claims.md (the claims table and per-study tables) and the PNG plots."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from models.io import atomic_write_bytes, atomic_write_json
+from train.sweep import analysis, claims, plots
+from train.sweep.plan import StudyConfig
+from train.sweep.runner import load_result
+from train.sweep.spec import RunSpec
+
+SUMMARY_FORMAT = "vitc-sweep-summary"
+GOOD_MARGIN = 5.0  # points above the best sampled error that still count as a "good" run in the EDF stats
+
+
+def load_results(study_dir: Path, specs: Sequence[RunSpec]) -> dict[str, dict[str, Any]]:
+    """Finished results of `specs`, by run id."""
+    out = {}
+    for s in specs:
+        r = load_result(study_dir, s)
+        if r is not None:
+            out[s.run_id] = r
+    return out
+
+
+def epoch_seconds(result: dict[str, Any]) -> float:
+    """Training seconds per epoch of one run (the CLI's own timing when it reports one)."""
+    times = [rec["epoch_time_s"] for rec in result.get("curve", []) if rec.get("epoch_time_s")]
+    if times:
+        return float(statistics.median(times))
+    return float(result["wall_s"]) / max(1, int(result["spec"]["epochs"]))
+
+
+def val_size(results: dict[str, dict[str, Any]], dataset: str) -> int:
+    """Number of val images errors are measured on (from the runs, else from the dataset itself)."""
+    for r in results.values():
+        n = r.get("val_images")
+        if n:
+            return int(n)
+    from train.data import load_dataset
+
+    return len(load_dataset(dataset, "val"))
+
+
+def build_summary(
+    cfg: StudyConfig,
+    study: str,
+    stab_specs: Sequence[RunSpec],
+    tuned_specs: Sequence[RunSpec],
+    tuned: dict[tuple[str, str], tuple[float, float]],
+    results: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Every number of the study, JSON-ready, including the claim verdicts."""
+    from models.complexity import complexity
+    from models.registry import get_config
+
+    stab_err = analysis.errors_by_spec(stab_specs, results, cfg.metric)
+    tuned_err = analysis.errors_by_spec(tuned_specs, results, cfg.metric)
+    stab = analysis.stability(stab_specs, stab_err, GOOD_MARGIN)
+    table = analysis.schedule_table(tuned_specs, tuned_err)
+    gaps = analysis.optimizer_gaps(table)
+    comp = {m: vars(complexity(get_config(m))) for m in cfg.models}
+    runtime = {
+        m: statistics.median(epoch_seconds(results[s.run_id]) for s in (*stab_specs, *tuned_specs)
+                             if s.model == m and s.run_id in results)
+        for m in cfg.models
+        if any(s.model == m and s.run_id in results for s in (*stab_specs, *tuned_specs))
+    }
+    n_val = val_size(results, cfg.dataset) if results else 0
+    rows = []
+    for conv, patch in analysis.stem_pairs(list(cfg.models)):
+        if study in ("convergence", "all"):
+            rows.append(claims.convergence_claim(table, conv, patch, n_val))
+        if study in ("optimizer", "convergence", "all"):
+            rows.append(claims.optimizer_claim(gaps, table, conv, patch, n_val))
+        if study in ("stability", "all"):
+            rows.append(claims.stability_claim(stab, conv, patch))
+        if tuned_specs:
+            rows.append(claims.peak_claim(table, conv, patch, n_val, comp, runtime))
+        for row in rows:
+            row.setdefault("pair", [conv, patch])
+    all_specs = list(dict.fromkeys((*stab_specs, *tuned_specs)))
+    return {
+        "format": SUMMARY_FORMAT,
+        "format_version": 1,
+        "study": study,
+        "config": cfg.to_dict(),
+        "error_metric": {"final": "val top-1 error (%) of the raw weights after the last epoch",
+                         "best": "lowest val top-1 error (%) over epochs (pycls's min_top1_err)"}[cfg.metric],
+        "val_images": n_val,
+        "runs": {"planned": len(all_specs), "finished": sum(s.run_id in results for s in all_specs),
+                 "train_wall_s": round(sum(results[s.run_id]["wall_s"] for s in all_specs if s.run_id in results))},
+        "tuned": {f"{m}/{o}": {"lr": lr, "weight_decay": wd} for (m, o), (lr, wd) in sorted(tuned.items())},
+        "stability": stab,
+        "convergence": {m: {o: {str(e): v for e, v in c.items()} for o, c in t.items()} for m, t in table.items()},
+        "optimizer_gap": {m: {str(e): v for e, v in g.items()} for m, g in gaps.items()},
+        "complexity": comp,
+        "seconds_per_epoch": runtime,
+        "claims": rows,
+    }
+
+
+def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
+    """Write summary.json, claims.md and the plots that have data; returns the paths written."""
+    study_dir = Path(study_dir)
+    models = summary["config"]["models"]
+    table = {m: {o: {int(e): v for e, v in c.items()} for o, c in t.items()}
+             for m, t in summary["convergence"].items()}
+    gaps = {m: {int(e): v for e, v in g.items()} for m, g in summary["optimizer_gap"].items()}
+    written = [study_dir / "summary.json"]
+    atomic_write_json(written[0], summary)
+    if table:
+        written.append(plots.plot_convergence(table, models, study_dir / "convergence.png"))
+    if gaps:
+        written.append(plots.plot_optimizer(table, gaps, models, study_dir / "optimizer.png"))
+    if summary["stability"]:
+        written.append(plots.plot_edf(summary["stability"], models, study_dir / "stability_edf.png"))
+        written.append(plots.plot_stability_scatter(summary["stability"], models, study_dir / "stability_lr_wd.png"))
+    md = study_dir / "claims.md"
+    atomic_write_bytes(md, markdown(summary, [p.name for p in written if p.suffix == ".png"]).encode())
+    written.append(md)
+    return written
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
+    """The claims table plus one small table per experiment, with the settings that produced them."""
+    cfg = summary["config"]
+    lines = [
+        f"# Paper claims at small scale (preset `{cfg['preset']}`, study `{summary['study']}`)",
+        "",
+        f"Models {', '.join(cfg['models'])} on `{cfg['dataset']}` ({summary['val_images']} val images); error = "
+        f"{summary['error_metric']}. Runs: {summary['runs']['finished']}/{summary['runs']['planned']} finished, "
+        f"{summary['runs']['train_wall_s'] / 60:.0f} min of training summed over runs (workers run in parallel).",
+        f"Stability: {cfg['samples']} (lr, wd) samples per optimizer, shared by all models, "
+        f"{cfg['stability_epochs']} epochs each; ranges (log-uniform): "
+        + "; ".join(f"{claims.opt_name(o)} lr {cfg['lr_ranges'][o][0]:g}..{cfg['lr_ranges'][o][1]:g}, "
+                    f"wd {cfg['wd_ranges'][o][0]:g}..{cfg['wd_ranges'][o][1]:g}" for o in cfg["optimizers"])
+        + f". Tuning: {cfg['tuning']}. Schedules: {', '.join(map(str, cfg['epochs']))} epochs, "
+        f"seeds {', '.join(map(str, cfg['seeds']))}. Extra training flags: `{' '.join(cfg['train_args']) or '-'}`.",
+        "",
+        "| Claim | Paper | Measured here | Reproduced |",
+        "|---|---|---|---|",
+    ]
+    for row in summary["claims"]:
+        lines.append(f"| {row['title']} | {row['paper']} | {row['measured']} | **{row['reproduced']}** "
+                     f"({row['supporting']} of {row['comparisons']} comparisons support, "
+                     f"{row['contradicting']} contradict) |")
+    lines += ["", "Rules: " + " ".join(claims.__doc__.split("\n\n", 1)[1].split()), ""]
+    if summary["tuned"]:
+        lines += ["## Tuned settings", "", "| model / optimizer | lr | weight decay |", "|---|---|---|"]
+        lines += [f"| {k} | {v['lr']:g} | {v['weight_decay']:g} |" for k, v in summary["tuned"].items()]
+        lines.append("")
+    if summary["convergence"]:
+        es = sorted({int(e) for t in summary["convergence"].values() for c in t.values() for e in c})
+        lines += ["## Convergence (val error %, tuned settings)", "",
+                  "| model | optimizer | " + " | ".join(f"{e} ep" for e in es) + " |",
+                  "|---|---|" + "---|" * len(es)]
+        for m, t in summary["convergence"].items():
+            for o, c in t.items():
+                lines.append(f"| {m} | {claims.opt_name(o)} | "
+                             + " | ".join(_fmt(c.get(str(e), {}).get("mean")) for e in es) + " |")
+        lines.append("")
+    if summary["optimizer_gap"]:
+        lines += ["## Optimizer gap (SGD error - AdamW error, points)", ""]
+        for m, g in summary["optimizer_gap"].items():
+            lines.append(f"- {m}: " + ", ".join(f"{e} ep {v:+.1f}" for e, v in g.items()))
+        lines.append("")
+    if summary["stability"]:
+        lines += ["## Stability EDF statistics (val error %)", "",
+                  "| optimizer | model | n | min | q25 | median | q75 | max | IQR | within 5 of best |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for o, ms in summary["stability"].items():
+            for m, st in ms.items():
+                lines.append(f"| {claims.opt_name(o)} | {m} | {st['n']} | {st['min']:.1f} | {st['q25']:.1f} | "
+                             f"{st['median']:.1f} | {st['q75']:.1f} | {st['max']:.1f} | {st['iqr']:.1f} | "
+                             f"{100 * st['frac_good']:.0f}% |")
+        lines.append("")
+    if summary["seconds_per_epoch"]:
+        lines += ["## Cost", ""]
+        for m, c in summary["complexity"].items():
+            spe = summary["seconds_per_epoch"].get(m)
+            lines.append(f"- {m}: {c['flops'] / 1e6:.1f} MFLOPs (multiply-adds), {c['params'] / 1e6:.2f} M params, "
+                         f"{_fmt(spe)} s per training epoch (median over runs; shared CPU, indicative only)")
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)

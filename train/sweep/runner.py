@@ -1,0 +1,254 @@
+"""Execute runs as `python -m train` subprocesses, one per worker, and record each finished run atomically.
+
+A run's result lives at STUDY/runs/<run_id>.json and is written only after its training process exited
+successfully, so resuming a study is "skip every run whose result file exists". Training directories
+(checkpoints, logs) live elsewhere (`runs_root`, gitignored) and are recreated from scratch on a retry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.io import atomic_write_json
+from train.sweep.spec import RunSpec
+
+RESULT_FORMAT = "vitc-sweep-run"
+RESULT_VERSION = 1
+# How each optimizer is selected on the training CLI (its "small" recipe for the embedded sets supplies the rest:
+# warm-up, cosine schedule, label smoothing, light augmentation, EMA); lr and weight decay are always explicit.
+OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"adamw": ("--optimizer", "adamw"), "sgd": ("--optimizer", "sgd")}
+LOG_TAIL = 4000
+
+
+class RunFailed(RuntimeError):
+    """A training subprocess exited with an error (its log tail is in the message)."""
+
+
+def result_path(study_dir: Path, spec: RunSpec) -> Path:
+    """Where a finished run's result JSON lives."""
+    return Path(study_dir) / "runs" / f"{spec.run_id}.json"
+
+
+def is_done(study_dir: Path, spec: RunSpec) -> bool:
+    """True when the run's result file exists and is readable JSON for this very spec."""
+    path = result_path(study_dir, spec)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("id") == spec.run_id
+
+
+def load_result(study_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
+    """The run's result dict, or None if it has not finished."""
+    return json.loads(result_path(study_dir, spec).read_text()) if is_done(study_dir, spec) else None
+
+
+def build_command(spec: RunSpec, run_dir: Path, threads: int | None = None) -> list[str]:
+    """The one place the per-run command line is built: an ordinary `python -m train`.
+
+    `--resume` makes a retry continue an interrupted training from its resume.pt (or start fresh when there is
+    none); a run that finished training but whose result was never recorded just rewrites its checkpoint.
+    """
+    return [
+        sys.executable, "-m", "train",
+        "--model", spec.model,
+        "--dataset", spec.dataset,
+        "--epochs", str(spec.epochs),
+        *OPTIMIZER_FLAGS[spec.optimizer],
+        "--lr", repr(spec.lr),
+        "--weight-decay", repr(spec.weight_decay),
+        "--seed", str(spec.seed),
+        *spec.train_args,
+        *(("--threads", str(threads)) if threads else ()),
+        "--out", str(run_dir),
+        "--resume",
+    ]
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """What one worker process is given: CPU threads and, on GPU machines, one visible device."""
+
+    threads: int
+    device: str | None = None
+
+    def env(self) -> dict[str, str]:
+        """The subprocess environment: thread caps so N workers share the cores, and the worker's GPU."""
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(self.threads)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.device
+        return env
+
+
+def make_slots(workers: int, devices: Sequence[str] = (), threads: int | None = None) -> list[WorkerSlot]:
+    """`workers` slots; cores are split evenly unless `threads` is given; devices are dealt round-robin."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    per = threads if threads else max(1, (os.cpu_count() or 1) // workers)
+    return [WorkerSlot(per, devices[i % len(devices)] if devices else None) for i in range(workers)]
+
+
+def _pct_error(top1: float | None) -> float | None:
+    """Top-1 accuracy fraction -> error in percent (None stays None; NaN stays NaN)."""
+    return None if top1 is None else round(100.0 * (1.0 - float(top1)), 4)
+
+
+def read_training(run_dir: Path) -> dict[str, Any]:
+    """The training CLI's outputs, normalised: the checkpoint's training summary and a per-epoch error curve."""
+    meta = json.loads((Path(run_dir) / "checkpoint.json").read_text())
+    training = meta.get("training", {})
+    records = []
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.exists():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    curve = [
+        {
+            "epoch": r["epoch"],
+            "train_loss": r.get("train_loss"),
+            "val_error": _pct_error(r.get("val_top1")),
+            "val_error_ema": _pct_error(r.get("val_top1_ema")),
+            "epoch_time_s": r.get("epoch_time_s"),
+        }
+        for r in records
+        if "val_top1" in r
+    ]
+    return {
+        "final_val_error": _pct_error(training.get("final_val_top1")),
+        "final_val_error_ema": _pct_error(training.get("final_val_top1_ema")),
+        "val_images": training.get("val_images"),
+        "train_images": training.get("train_images"),
+        "train_time_s": training.get("train_time_s"),
+        "curve": curve,
+        "training": training,
+    }
+
+
+def run_one(
+    spec: RunSpec,
+    study_dir: Path,
+    runs_root: Path,
+    slot: WorkerSlot,
+    procs: dict[int, subprocess.Popen] | None = None,
+) -> dict[str, Any]:
+    """Train one run (resuming an interrupted attempt) and write its result JSON; raises RunFailed on failure."""
+    run_dir = Path(runs_root) / spec.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = build_command(spec, run_dir, slot.threads)
+    log_path = run_dir / "train.log"
+    start = time.time()
+    with open(log_path, "ab") as log:
+        # A new session so an interrupt of the sweep can stop the whole training process group.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True)
+        if procs is not None:
+            procs[proc.pid] = proc
+        try:
+            rc = proc.wait()
+        finally:
+            if procs is not None:
+                procs.pop(proc.pid, None)
+    wall = time.time() - start
+    if rc != 0:
+        tail = log_path.read_bytes()[-LOG_TAIL:].decode(errors="replace")
+        raise RunFailed(f"{spec.run_id}: `python -m train` exited {rc} (log {log_path}):\n{tail}")
+    result = {
+        "format": RESULT_FORMAT,
+        "format_version": RESULT_VERSION,
+        "id": spec.run_id,
+        "spec": spec.to_dict(),
+        "command": ["python", *cmd[1:]],
+        "wall_s": round(wall, 2),
+        "threads": slot.threads,
+        "device": slot.device,
+        **read_training(run_dir),
+    }
+    atomic_write_json(result_path(study_dir, spec), result)
+    return result
+
+
+def run_all(
+    specs: Sequence[RunSpec],
+    study_dir: Path,
+    runs_root: Path,
+    slots: Sequence[WorkerSlot],
+    progress: Callable[[RunSpec, dict[str, Any] | None], None] | None = None,
+) -> list[RunSpec]:
+    """Run every spec without a result yet, one per slot at a time; returns the specs it trained.
+
+    The first failure stops the sweep (running trainings are terminated): a crash is a bug to fix, and the
+    finished runs are kept, so the rerun resumes where it stopped.
+    """
+    todo = list(dict.fromkeys(s for s in specs if not is_done(study_dir, s)))
+    if not todo:
+        return []
+    free: queue.Queue[WorkerSlot] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    procs: dict[int, subprocess.Popen] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def task(spec: RunSpec) -> RunSpec:
+        slot = free.get()
+        try:
+            if stop.is_set():  # another run failed or the sweep was interrupted: start nothing new
+                return spec
+            result = run_one(spec, study_dir, runs_root, slot, procs)
+        finally:
+            free.put(slot)
+        if progress is not None:
+            with lock:
+                progress(spec, result)
+        return spec
+
+    pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="sweep-worker")
+    futures = [pool.submit(task, s) for s in todo]
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            f.result()  # re-raise the first failure
+    except BaseException:
+        stop.set()
+        for f in futures:
+            f.cancel()
+        _terminate(procs)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return todo
+
+
+def _terminate(procs: dict[int, subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM each live training process group, then SIGKILL whatever is left after `grace` seconds."""
+    import signal
+
+    live = list(procs.values())
+    for p in live:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + grace
+    for p in live:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,96 @@
+"""Run a study end to end: stability runs, tuning, tuned runs (convergence / optimizer), then the report.
+
+Resumable by construction: every run is skipped when its result file already exists in the study directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from models.io import atomic_write_json
+from train.sweep import analysis, plan, report, runner
+from train.sweep.plan import StudyConfig
+from train.sweep.spec import RunSpec
+
+
+def _run_phase(
+    name: str, specs: Sequence[RunSpec], study_dir: Path, runs_root: Path, slots: Sequence[runner.WorkerSlot]
+) -> None:
+    """Train the specs without a result yet, with a progress bar."""
+    todo = [s for s in dict.fromkeys(specs) if not runner.is_done(study_dir, s)]
+    skipped = len(set(specs)) - len(todo)
+    if not todo:
+        print(f"[sweep] {name}: all {skipped} runs already finished", file=sys.stderr)
+        return
+    print(f"[sweep] {name}: {len(todo)} runs to train, {skipped} already finished, {len(slots)} workers",
+          file=sys.stderr)
+    with tqdm(total=len(todo), desc=name, unit="run", dynamic_ncols=True) as bar:
+        def progress(spec: RunSpec, result: dict[str, Any] | None) -> None:
+            err = analysis.run_error(result) if result else float("nan")
+            bar.set_postfix_str(f"{spec.model} {spec.optimizer} e{spec.epochs} err {err:.1f}", refresh=False)
+            bar.update(1)
+
+        runner.run_all(todo, study_dir, runs_root, slots, progress)
+
+
+def tuned_settings(
+    cfg: StudyConfig, stab_specs: Sequence[RunSpec], study_dir: Path
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """Each model x optimizer's (lr, wd): best stability run (tuning='sweep') or the recipe defaults."""
+    if cfg.tuning == "recipe":
+        return plan.recipe_tuning(cfg)
+    results = report.load_results(study_dir, stab_specs)
+    return analysis.tune(stab_specs, analysis.errors_by_spec(stab_specs, results, cfg.metric))
+
+
+def plan_study(cfg: StudyConfig, study: str, study_dir: Path) -> tuple[list[RunSpec], list[RunSpec], dict]:
+    """(stability specs, tuned specs, tuning); the tuned specs cover only model x optimizer pairs already tuned."""
+    stab = plan.stability_specs(cfg) if plan.needs_stability(cfg, study) else []
+    epochs = plan.tuned_epochs(cfg, study)
+    tuned = tuned_settings(cfg, stab, study_dir) if epochs else {}
+    return stab, plan.tuned_specs(cfg, tuned, epochs), tuned
+
+
+def _all_keys(cfg: StudyConfig) -> list[tuple[str, str]]:
+    return [(m, o) for m in cfg.models for o in cfg.optimizers]
+
+
+def run_study(
+    cfg: StudyConfig,
+    study: str,
+    study_dir: Path,
+    runs_root: Path,
+    slots: Sequence[runner.WorkerSlot],
+    dry_run: bool = False,
+    report_only: bool = False,
+) -> dict[str, Any]:
+    """Train what is missing (unless dry_run/report_only), then write the report; returns the summary."""
+    study_dir = Path(study_dir)
+    if study not in plan.STUDIES:
+        raise ValueError(f"unknown study {study!r}; expected one of {plan.STUDIES}")
+    if dry_run:
+        stab, tuned_runs, _ = plan_study(cfg, study, study_dir)
+        for s in list(dict.fromkeys((*stab, *tuned_runs))):
+            state = "done" if runner.is_done(study_dir, s) else "todo"
+            print(state, " ".join(runner.build_command(s, Path(runs_root) / s.run_id)))
+        pending = len(_all_keys(cfg)) - len({(s.model, s.optimizer) for s in tuned_runs})
+        if plan.tuned_epochs(cfg, study) and pending:
+            print(f"(+ tuned runs for {pending} model/optimizer pairs, planned once their stability runs finish)")
+        return {}
+    atomic_write_json(study_dir / "study.json", {"study": study, "config": cfg.to_dict()})
+    if not report_only:
+        stab = plan.stability_specs(cfg) if plan.needs_stability(cfg, study) else []
+        _run_phase("stability", stab, study_dir, runs_root, slots)
+        _, tuned_runs, _ = plan_study(cfg, study, study_dir)
+        if tuned_runs:
+            _run_phase("tuned", tuned_runs, study_dir, runs_root, slots)
+    stab, tuned_runs, tuned = plan_study(cfg, study, study_dir)
+    results = report.load_results(study_dir, [*stab, *tuned_runs])
+    summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results)
+    report.write_report(study_dir, summary)
+    return summary
