@@ -1,8 +1,9 @@
 """Execute runs as `python -m train` subprocesses, one per worker, and record each finished run atomically.
 
-A run's result lives at STUDY/runs/<run_id>.json and is written only after its training process exited
-successfully, so resuming a study is "skip every run whose result file exists". Training directories
-(checkpoints, logs) live elsewhere (`runs_root`, gitignored) and are recreated from scratch on a retry.
+A run's result lives at STUDY/run-results/<run_id>.json (not "runs/", which .gitignore keeps out of git, so a
+study's results can be committed) and is written only after its training process exited successfully, so
+resuming a study is "skip every run whose result file exists". Training directories (checkpoints, logs) live
+elsewhere (`runs_root`, gitignored); a retried run continues its interrupted training from resume.pt.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ RESULT_VERSION = 1
 # warm-up, cosine schedule, label smoothing, light augmentation, EMA); lr and weight decay are always explicit.
 OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"adamw": ("--optimizer", "adamw"), "sgd": ("--optimizer", "sgd")}
 LOG_TAIL = 4000
+RESULTS_DIR = "run-results"
 
 
 class RunFailed(RuntimeError):
@@ -37,7 +39,7 @@ class RunFailed(RuntimeError):
 
 def result_path(study_dir: Path, spec: RunSpec) -> Path:
     """Where a finished run's result JSON lives."""
-    return Path(study_dir) / "runs" / f"{spec.run_id}.json"
+    return Path(study_dir) / RESULTS_DIR / f"{spec.run_id}.json"
 
 
 def is_done(study_dir: Path, spec: RunSpec) -> bool:
