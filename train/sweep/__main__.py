@@ -3,7 +3,10 @@
 Examples:
   python -m train.sweep --preset reduced --out results/paper-reduced --workers 2
   python -m train.sweep --study stability --models vit_c_micro,vit_p_micro --samples 16 --dry-run
-  python -m train.sweep --out results/paper-reduced --report-only      # rebuild summary and plots
+  python -m train.sweep --preset reduced --out results/paper-reduced --report-only   # rebuild summary, plots
+  python -m train.sweep --preset full --workers 4 --devices 0,1,2,3 --train-args='--batch-size 256'
+
+Rerunning the same command resumes: runs whose result file exists are skipped.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--wd-range", type=_range, action="append", metavar="OPT=LOW,HIGH", help="log-uniform wd range")
     g.add_argument("--tuning", choices=TUNINGS, help="tuned lr/wd from the stability sweep or recipe defaults")
     g.add_argument("--metric", choices=METRICS, help="judge runs by final or best-epoch val error")
-    g.add_argument("--train-args", help="extra flags for every `python -m train`, quoted, e.g. '--batch-size 64'")
+    g.add_argument("--train-args", help="extra flags for every `python -m train`, e.g. --train-args='--batch-size 64' "
+                   "(part of every run's id)")
     x = p.add_argument_group("execution")
     x.add_argument("--workers", type=int, default=1, help="parallel training processes (default 1)")
     x.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
