@@ -38,5 +38,11 @@ serve: install
 load-test: install
 	$(PYTHON) -m benchmarks.load --start --model exports/animals-vit_c --model exports/animals-vit_p
 
+paper: install
+	$(PYTHON) -m train.sweep --preset full --out results/paper-full --workers 2
+
+paper-quick: install
+	$(PYTHON) -m train.sweep --preset reduced --out results/paper-reduced --workers 2
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
