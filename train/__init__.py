@@ -1,0 +1,1 @@
+"""Training stage: datasets -> ViT_P / ViT_C checkpoints (`python -m train`, `python -m train.eval`)."""

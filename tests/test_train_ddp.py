@@ -1,0 +1,83 @@
+"""DDP on the CPU: `torchrun --nproc_per_node 2 -m train` (gloo) ends with identical ranks; only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from train.distributed import state_digest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Loaded into every rank through PYTHONPATH: a Python audit hook that logs each file-system write under the run
+# directory, per rank. Rank 0's log shows the hook sees the writes; rank 1's must be empty.
+SITECUSTOMIZE = '''
+import os, sys
+_dir = os.environ.get("VITC_AUDIT_DIR")
+if _dir:
+    _watched = os.path.realpath(_dir)
+    _fd = os.open(os.path.join(os.environ["VITC_AUDIT_LOG"], f"rank{os.environ.get('RANK', 'x')}.log"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    _busy = []
+    _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    def _hook(event, args):
+        if _busy or event not in ("open", "os.rename", "os.remove", "os.mkdir", "os.rmdir", "tempfile.mkstemp",
+                                  "shutil.rmtree", "os.truncate"):
+            return
+        _busy.append(1)
+        try:
+            path = args[0]
+            if isinstance(path, (str, bytes, os.PathLike)):
+                path = os.path.realpath(os.fsdecode(path))
+                writes = event != "open" or (args[1] and any(c in args[1] for c in "wax+")) or (
+                    args[1] is None and (args[2] or 0) & _WRITE)
+                if writes and path.startswith(_watched):
+                    os.write(_fd, f"{event} {path}\\n".encode())
+        finally:
+            _busy.clear()
+    sys.addaudithook(_hook)
+'''
+
+
+def test_torchrun_two_cpu_ranks_identical_and_only_rank0_writes(tmp_path):
+    hook_dir, logs, out = tmp_path / "hook", tmp_path / "logs", tmp_path / "run"
+    hook_dir.mkdir()
+    logs.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook_dir), str(REPO)]),
+           "VITC_AUDIT_DIR": str(out), "VITC_AUDIT_LOG": str(logs)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+           "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "32",
+           "--train-subset", "384", "--mixup", "0.8", "--cutmix", "1.0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    summary = json.loads((out / "checkpoint.json").read_text())["training"]
+    assert summary["world_size"] == 2 and summary["global_batch"] == 64 and summary["steps"] == 2 * (384 // 64)
+    digests = summary["rank_state_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # The digest is of rank 0's final raw weights and BN statistics, which resume.pt holds too.
+    model = torch.load(out / "resume.pt", weights_only=True)["model"]
+    assert state_digest(_StateOnly(model)) == digests[0]
+
+    rank0 = (logs / "rank0.log").read_text()
+    assert "checkpoint.json" in rank0 and "metrics.jsonl" in rank0 and "resume.pt" in rank0
+    assert (logs / "rank1.log").read_text() == ""
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one writer, one line per epoch
+    assert proc.stdout.count("checkpoint ") == 1 and proc.stdout.count("epoch 2/2") == 1
+
+
+class _StateOnly(torch.nn.Module):
+    """A module whose state_dict is a given mapping (to hash a saved state like a live model)."""
+
+    def __init__(self, state: dict) -> None:
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return self._state

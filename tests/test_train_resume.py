@@ -1,0 +1,96 @@
+"""Kill a run mid-epoch with SIGKILL, resume it, and get bit-for-bit the state of an uninterrupted run (CPU)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models.checkpoint import read_checkpoint_meta
+
+REPO = Path(__file__).resolve().parents[1]
+# Mixing, AutoAugment and EMA on, so every source of randomness and every piece of state is exercised.
+ARGS = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "16",
+        "--train-subset", "320", "--val-subset", "64", "--augment", "autoaugment", "--mixup", "0.8",
+        "--cutmix", "1.0", "--ema-every", "2", "--threads", "1", "--seed", "3"]
+TOTAL_STEPS = 2 * (320 // 16)
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train", *ARGS, "--out", str(out), *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _progress(out: Path) -> dict | None:
+    try:
+        return torch.load(out / "resume.pt", weights_only=True)["progress"]
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return None
+
+
+def _assert_same(a, b, path: str = "") -> None:
+    """Tensors bit-identical, plain values equal; timing fields excepted."""
+    if any(k in path for k in ("time", "samples_per_s", "started", "segments", "out", "save_every_steps")):
+        return
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    reference = _start(ref)  # the uninterrupted run, alongside the one to kill (one thread each)
+    proc = _start(killed, "--save-every-steps", "4")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            p = _progress(killed)
+            if p is not None and p["step_in_epoch"] > 0:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.communicate()
+        _, ref_err = reference.communicate(timeout=400)
+    assert reference.returncode == 0, ref_err[-2000:]
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    at_kill = _progress(killed)
+    assert at_kill is not None and at_kill["global_step"] < TOTAL_STEPS
+    assert not (killed / "checkpoint.json").exists()  # nothing servable was half-written
+
+    resumed = _start(killed, "--resume", "--save-every-steps", "4")
+    out, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resuming" in out
+
+    a = torch.load(ref / "resume.pt", weights_only=True)
+    b = torch.load(killed / "resume.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "ema", "rng"):
+        _assert_same(a[key], b[key], key)
+    _assert_same(a["progress"], b["progress"], "progress")
+    assert b["progress"]["global_step"] == TOTAL_STEPS and b["progress"]["segments"] == 1
+
+    meta_a, meta_b = read_checkpoint_meta(ref), read_checkpoint_meta(killed)
+    wa, wb = load_file(str(meta_a.weights_path)), load_file(str(meta_b.weights_path))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ta, tb = meta_a.raw["training"], meta_b.raw["training"]
+    for key in ("final_val_top1", "final_val_top1_ema", "best_val_top1", "weights_source", "steps"):
+        assert ta[key] == tb[key], key
+    assert tb["resumed_times"] == 1
+    history = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]  # the repeated partial epoch is not logged twice

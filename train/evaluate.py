@@ -1,0 +1,89 @@
+"""Top-1 / top-5 evaluation in fp32 through the serving preprocessing, during training and for checkpoints."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.preprocessing import Preprocessing
+from train.data import DatasetError, ImageSet, load_dataset
+from train.distributed import DistInfo, all_reduce_sum
+from train.pipeline import EvalCollate, EvalImages, loader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Any, info: DistInfo, channels_last: bool = False,
+             fail_on_corrupt: bool = False) -> dict[str, float]:
+    """Top-1, top-5 (fractions), mean loss, counts over all ranks' shards; corrupt images are left out."""
+    was_training = model.training
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # top1, top5, loss, evaluated, skipped
+    for batch in batches:
+        if batch.corrupt and fail_on_corrupt:
+            raise DatasetError(f"corrupt or unreadable image: {batch.corrupt[0]} (--corrupt skip leaves it out)")
+        x = batch.images.to(info.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y, ok = batch.labels.to(info.device), batch.ok.to(info.device)
+        logits = model(x).float()[ok]
+        y = y[ok]
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        sums[0] += float((top[:, 0] == y).sum())
+        sums[1] += float((top == y[:, None]).any(dim=1).sum())
+        sums[2] += float(F.cross_entropy(logits, y, reduction="sum")) if len(y) else 0.0
+        sums[3] += float(len(y))
+        sums[4] += float((~ok).sum())
+    model.train(was_training)
+    top1, top5, loss, n, skipped = all_reduce_sum(sums, info)
+    n_safe = max(n, 1.0)
+    return {"top1": top1 / n_safe, "top5": top5 / n_safe, "loss": loss / n_safe, "samples": int(n),
+            "skipped_corrupt": int(skipped)}
+
+
+def eval_loader(images: ImageSet, spec: Preprocessing, info: DistInfo, *, batch_size: int, workers: int,
+                cache: np.ndarray | None = None) -> Any:
+    """This rank's strided shard of an eval split, batched and normalised."""
+    ds = EvalImages(images, spec, cache)
+    shard = list(range(info.rank, len(ds), info.world_size))
+    return loader(ds, batch_size=batch_size, indices=shard, workers=workers, collate=EvalCollate(spec),
+                  pin=info.device.type == "cuda")
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = None, split: str = "val", *,
+                        batch_size: int = 256, workers: int = 0, corrupt: str = "skip",
+                        device: str = "cpu", limit: int = 0) -> dict[str, Any]:
+    """Load a checkpoint and evaluate it on a dataset split with its own preprocessing."""
+    from train.distributed import pick_device
+
+    model, meta = load_checkpoint(checkpoint)
+    name = dataset or meta.raw.get("dataset")
+    if not name:
+        raise DatasetError("the checkpoint records no dataset; pass --dataset")
+    images = load_dataset(name, split)
+    if limit:
+        images = images.subset(limit)
+    if len(images.class_names) != meta.config.num_classes:
+        raise CheckpointError(
+            f"dataset {name} has {len(images.class_names)} classes, the checkpoint {meta.config.num_classes}")
+    if list(images.class_names) != list(meta.class_names):
+        raise CheckpointError(f"dataset {name} class names differ from the checkpoint's")
+    dev = pick_device(device)
+    info = DistInfo(0, 1, 0, 1, dev)
+    model.to(dev)
+    t0 = time.perf_counter()
+    batches = eval_loader(images, meta.preprocessing, info, batch_size=batch_size, workers=workers)
+    result = evaluate(model, batches, info, fail_on_corrupt=corrupt == "fail")
+    return {
+        "checkpoint": str(Path(checkpoint)), "model": meta.model, "weights_sha256": meta.weights_sha256,
+        "dataset": str(name), "split": split, **result, "seconds": round(time.perf_counter() - t0, 3),
+        "device": str(dev),
+    }

@@ -1,0 +1,168 @@
+"""Batches for training and evaluation from a `train.data.ImageSet`.
+
+Embedded sets are decoded once into a uint8 tensor with the checkpoint's `to_uint8` and augmented on tensors;
+folders are decoded per sample in DataLoader workers. Evaluation always goes through
+`models.preprocessing.to_uint8` + `normalize`, the exact functions the server runs, so validation accuracy is
+served accuracy. Corrupt files are replaced by the next readable image (training) or left out (evaluation);
+their paths travel with the batch so the caller counts them or, with --corrupt fail, stops with the path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.preprocessing import Preprocessing, normalize, to_mode, to_uint8
+from train.augment import derive_seed, seeded, train_transform
+from train.data import DatasetError, ImageSet, decode_checked
+
+# Bounds in-memory decoding (uint8 bytes) so a large folder is never cached by accident.
+_MAX_CACHE_BYTES = 4 << 30
+# How many following files a corrupt training image may be replaced with before giving up.
+_MAX_SUBSTITUTES = 64
+
+
+def predecode(images: ImageSet, spec: Preprocessing, progress: bool = False) -> np.ndarray:
+    """Every image -> (N, crop, crop, 3) uint8 through the serving `to_uint8`; embedded sets only."""
+    if images.arrays is None:
+        raise ValueError("predecode is for in-memory (embedded) sets")
+    n, c = len(images), spec.crop
+    if n * c * c * 3 > _MAX_CACHE_BYTES:
+        raise DatasetError(f"{images.name}: {n} images at {c}x{c} exceed the {_MAX_CACHE_BYTES >> 30} GiB cache")
+    out = np.empty((n, c, c, 3), np.uint8)
+    from tqdm import tqdm
+
+    for i in tqdm(range(n), desc=f"decode {images.split}", disable=not progress or n < 20000, leave=False):
+        out[i] = to_uint8(images.image(i), spec)
+    return out
+
+
+class TrainImages(Dataset):
+    """Augmented training samples keyed by (epoch, index) -> (uint8 (3, S, S), label, replaced corrupt path)."""
+
+    def __init__(self, images: ImageSet, spec: Preprocessing, augment: str, crop_scale: float, hflip: float,
+                 seed: int, cache: np.ndarray | None = None) -> None:
+        self.images, self.seed = images, seed
+        self.mode = spec.mode
+        self.labels = torch.from_numpy(images.labels)
+        # (N, H, W, 3) -> (N, 3, H, W): v2 transforms take CHW tensors.
+        self.cache = None if cache is None else torch.from_numpy(cache).permute(0, 3, 1, 2)
+        self.transform = train_transform(augment, spec.crop, crop_scale, hflip, pil_input=cache is None)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, index: int) -> tuple[object, int, str]:
+        """(image, index actually used, path of the corrupt file it replaced or "")."""
+        if self.cache is not None:
+            return self.cache[index], index, ""
+        first_bad = ""
+        for k in range(_MAX_SUBSTITUTES):
+            j = (index + k) % len(self.images)
+            img = decode_checked(self.images.paths[j])
+            if img is not None:
+                # Grey data becomes grey replicated to RGB, as the eval path and the server do.
+                return to_mode(img, self.mode).convert("RGB"), j, first_bad
+            first_bad = first_bad or str(self.images.paths[j])
+        raise DatasetError(f"{_MAX_SUBSTITUTES} consecutive unreadable images from {self.images.paths[index]}")
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+        epoch, index = key
+        img, j, bad = self._load(index)
+        with seeded(derive_seed(self.seed, epoch, index)):
+            x = self.transform(img)
+        return x, int(self.labels[j]), bad
+
+
+class EvalImages(Dataset):
+    """Evaluation samples -> (uint8 (S, S, 3) through `to_uint8`, label, path if corrupt else "")."""
+
+    def __init__(self, images: ImageSet, spec: Preprocessing, cache: np.ndarray | None = None) -> None:
+        self.images, self.spec, self.cache = images, spec, cache
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, str]:
+        label = int(self.images.labels[index])
+        if self.cache is not None:
+            return self.cache[index], label, ""
+        if self.images.arrays is not None:
+            return to_uint8(self.images.image(index), self.spec), label, ""
+        img = decode_checked(self.images.paths[index])
+        if img is None:
+            c = self.spec.crop
+            return np.zeros((c, c, 3), np.uint8), label, str(self.images.paths[index])
+        return to_uint8(img, self.spec), label, ""
+
+
+@dataclass
+class EvalBatch:
+    """A normalised evaluation batch; `ok` marks the images that decoded, `corrupt` lists the others."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ok: torch.Tensor
+    corrupt: list[str]
+
+
+class EvalCollate:
+    """Stack uint8 images and normalise them with the serving `normalize` (runs inside workers)."""
+
+    def __init__(self, spec: Preprocessing) -> None:
+        self.spec = spec
+
+    def __call__(self, items: list[tuple[np.ndarray, int, str]]) -> EvalBatch:
+        arrays, labels, bad = zip(*items, strict=True)
+        x = torch.from_numpy(normalize(np.stack(arrays), self.spec))
+        ok = torch.tensor([not b for b in bad], dtype=torch.bool)
+        return EvalBatch(x, torch.tensor(labels, dtype=torch.long), ok, [b for b in bad if b])
+
+
+def train_collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """-> (uint8 (B, 3, S, S), labels (B,), paths of corrupt files that were replaced)."""
+    xs, ys, bad = zip(*items, strict=True)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), [b for b in bad if b]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's shuffled order of all n images, identical on every rank."""
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x5EED))
+    return torch.randperm(n, generator=g)
+
+
+class EpochBatches:
+    """This rank's batches of one epoch from `start_step` (drop_last; rank r takes slice r of each global batch)."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, epoch: int, start_step: int = 0) -> None:
+        self.batch, self.rank, self.world, self.epoch, self.start = batch, rank, world, epoch, start_step
+        self.steps = n // (batch * world)
+        self.order = epoch_permutation(n, seed, epoch)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        gb = self.batch * self.world
+        for step in range(self.start, self.steps):
+            lo = step * gb + self.rank * self.batch
+            yield [(self.epoch, int(i)) for i in self.order[lo:lo + self.batch]]
+
+
+def loader(dataset: Dataset, batch_sampler: object = None, *, batch_size: int | None = None,
+           indices: list[int] | None = None, workers: int, collate: Callable, pin: bool) -> DataLoader:
+    """A DataLoader over explicit batches (training) or a fixed index list (evaluation).
+
+    Its own generator keeps it from drawing worker seeds from the global RNG (samples are seeded per index).
+    """
+    gen = torch.Generator().manual_seed(0)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                          pin_memory=pin, persistent_workers=False, generator=gen)
+    subset = torch.utils.data.Subset(dataset, indices) if indices is not None else dataset
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin, generator=gen)

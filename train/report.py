@@ -1,0 +1,88 @@
+"""What a run leaves for people and tools: metrics.jsonl, the curves PNG, versions and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from models.io import atomic_write_bytes
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+
+
+def write_metrics(out_dir: str | os.PathLike, history: list[dict[str, Any]]) -> None:
+    """Rewrite metrics.jsonl (one JSON object per epoch) from the run's history, atomically.
+
+    Rewriting rather than appending keeps the file exact after a resume that repeats a partial epoch.
+    """
+    text = "".join(json.dumps(rec, sort_keys=False) + "\n" for rec in history)
+    atomic_write_bytes(Path(out_dir) / METRICS_FILE, text.encode())
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Parse metrics.jsonl (empty list if absent)."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title: str) -> Path | None:
+    """Loss and top-1 per epoch (raw and EMA) as a PNG; None when there is nothing to plot."""
+    rows = [h for h in history if "train_loss" in h]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(ep, [h["train_loss"] for h in rows], "o-", label="train (augmented)")
+    evald = [h for h in rows if h.get("val_loss") is not None]
+    if evald:
+        ax_loss.plot([h["epoch"] for h in evald], [h["val_loss"] for h in evald], "s-", label="val")
+        ax_acc.plot([h["epoch"] for h in evald], [100 * h["val_top1"] for h in evald], "s-", label="val top-1")
+        ema = [h for h in evald if h.get("val_top1_ema") is not None]
+        if ema:
+            ax_acc.plot([h["epoch"] for h in ema], [100 * h["val_top1_ema"] for h in ema], "^-",
+                        label="val top-1 (EMA)")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(out_dir) / PLOT_FILE
+    tmp = path.with_name(f".{PLOT_FILE}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the result."""
+    out = {"python": platform.python_version()}
+    for pkg in ("vitc", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def best_of(history: list[dict[str, Any]], key: str) -> tuple[float | None, int | None]:
+    """The highest value of `key` over the evaluated epochs and its epoch."""
+    rows = [h for h in history if h.get(key) is not None]
+    if not rows:
+        return None, None
+    best = max(rows, key=lambda h: h[key])
+    return best[key], best["epoch"]

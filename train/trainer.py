@@ -1,0 +1,433 @@
+"""The training run: data, model, recipe, DDP, the epoch loop, evaluation, resume state and the checkpoint.
+
+Every rank computes; only rank 0 writes (run directory, progress bar, logs). The step loop is deterministic
+given the seed (see train.augment), so a run resumed from resume.pt continues bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.checkpoint import META_FILE, save_checkpoint
+from models.preprocessing import Preprocessing
+from models.registry import build_model
+from train.augment import BatchMixer, derive_seed
+from train.config import ConfigError, TrainConfig
+from train.data import DatasetError, ImageSet, decode_checked, default_preprocessing, load_dataset
+from train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_buffers,
+    gather_digests,
+    setup,
+    teardown,
+)
+from train.evaluate import eval_loader, evaluate
+from train.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warmup_steps
+from train.pipeline import EpochBatches, TrainImages, loader, predecode, train_collate
+from train.report import best_of, plot_curves, versions, write_metrics
+from train.state import RESUME_FILE, capture_rng, clear_stale_temporaries, load_resume, restore_rng, save_resume
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def probe_readable(images: ImageSet, tries: int = 64) -> None:
+    """Fail early, with the folder named, when a folder split has no readable image among its first files."""
+    if images.paths is None:
+        return
+    for path in images.paths[:tries]:
+        if decode_checked(path) is not None:
+            return
+    raise DatasetError(f"{images.name}: none of the first {min(tries, len(images.paths))} files of the "
+                       f"{images.split} split is a readable image (e.g. {images.paths[0]})")
+
+
+def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse to clobber a run unless --resume/--overwrite; rank 0 clears what --overwrite replaces."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    has_run = (out / RESUME_FILE).exists() or (out / META_FILE).exists()
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_stale_temporaries(out)
+        if cfg.overwrite:
+            for name in (RESUME_FILE, "metrics.jsonl", "curves.png"):
+                (out / name).unlink(missing_ok=True)
+
+
+class Trainer:
+    """One run of `cfg` on this process (a DDP rank or the only process)."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.t_start = time.perf_counter()
+        self.dev = info.device
+        self.threads = cfg.threads or max(1, cpu_count() // max(1, info.local_world_size))
+        torch.set_num_threads(self.threads)
+        if self.dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.dev.type == "cuda")
+        self.show = info.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
+        self._load_data()
+        self._build()
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def log(self, msg: str) -> None:
+        """A line on stdout, from rank 0 only."""
+        if self.info.is_main:
+            print(msg, flush=True)
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        self.train_set: ImageSet = load_dataset(cfg.dataset, "train")
+        self.val_set: ImageSet = load_dataset(cfg.dataset, "val")
+        if cfg.train_subset:
+            self.train_set = self.train_set.subset(cfg.train_subset, seed=cfg.seed)
+        if cfg.val_subset:
+            self.val_set = self.val_set.subset(cfg.val_subset, seed=cfg.seed)
+        for images in (self.train_set, self.val_set):
+            probe_readable(images)
+        if self.val_set.class_names != self.train_set.class_names:
+            raise DatasetError(f"{cfg.dataset}: train and val class lists differ")
+        self.class_names = list(self.train_set.class_names)
+        self.global_batch = cfg.batch_size * self.info.world_size
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if cfg.epochs and self.steps_per_epoch == 0:
+            raise DatasetError(
+                f"{cfg.dataset}: the train split has {len(self.train_set)} images, fewer than one global batch of "
+                f"{self.global_batch} (--batch-size {cfg.batch_size} x {self.info.world_size} processes)")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+    def _build(self) -> None:
+        cfg, info = self.cfg, self.info
+        # Identical initial weights on every rank; numpy and Python seeded too so the whole RNG state is a
+        # function of the seed (library code may draw from them).
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.net = build_model(cfg.model, num_classes=len(self.class_names)).to(self.dev)
+        self.spec: Preprocessing = default_preprocessing(cfg.dataset, self.net.cfg.image_size)
+        self.channels_last = (cfg.channels_last if cfg.channels_last is not None
+                              else self.dev.type == "cuda" and self.net.cfg.stem.kind == "conv")
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        embedded = self.train_set.arrays is not None
+        self.workers = cfg.workers if cfg.workers is not None else (
+            0 if embedded and self.dev.type == "cpu" else min(8, max(1, cpu_count() // max(1, info.local_world_size))))
+        val_cache = predecode(self.val_set, self.spec) if embedded else None
+        batch = cfg.eval_batch_size or min(512, 2 * cfg.batch_size)
+        self.val_batches = eval_loader(self.val_set, self.spec, info, batch_size=batch, workers=self.workers,
+                                       cache=val_cache)
+        self.lr = scaled_lr(cfg, self.global_batch)
+        self.scale = (torch.tensor(self.spec.std, device=self.dev).reciprocal() / 255).view(1, 3, 1, 1)
+        self.shift = (torch.tensor(self.spec.mean, device=self.dev) / torch.tensor(self.spec.std, device=self.dev)
+                      ).view(1, 3, 1, 1)
+        self.ema = None
+        if cfg.epochs == 0:
+            return
+        train_cache = predecode(self.train_set, self.spec, progress=self.show) if embedded else None
+        self.train_images = TrainImages(self.train_set, self.spec, cfg.augment, cfg.crop_scale, cfg.hflip, cfg.seed,
+                                        train_cache)
+        self.mixer = BatchMixer(cfg.mixup, cfg.cutmix, cfg.mix_prob, len(self.class_names))
+        self.optimizer = build_optimizer(self.net, cfg, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, self.total_steps)
+        self.warmup = warmup_steps(cfg, self.steps_per_epoch, self.total_steps)
+        self.ema = build_ema(self.net, cfg, self.total_steps)
+        self.model: nn.Module = self.net
+        if info.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[info.local_rank] if self.dev.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+
+    # ---------------------------------------------------------------------------------------- resume state
+    def _fresh_progress(self) -> dict[str, Any]:
+        return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_time_s": 0.0,
+                "wall_time_s": 0.0, "samples_seen": 0, "segments": 0,
+                "epoch_acc": None, "last_eval": None, "started": _now()}
+
+    def restore(self) -> dict[str, Any]:
+        """Load resume.pt into the model, optimizer, schedule, EMA and RNG; returns the progress counters."""
+        state = load_resume(self.cfg.out) if self.cfg.resume else None
+        if state is None:
+            return self._fresh_progress()
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ConfigError(f"resume.pt was written with {state['steps_per_epoch']} steps per epoch, this run has "
+                              f"{self.steps_per_epoch} (dataset or world size changed?)")
+        self.net.load_state_dict(state["model"])
+        if self.cfg.epochs:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+        restore_rng(state["rng"])
+        progress = state["progress"]
+        progress["segments"] += 1
+        self.log(f"resuming {self.cfg.out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}")
+        return progress
+
+    def save_state(self, progress: dict[str, Any]) -> None:
+        """Write resume.pt (rank 0) with everything needed to continue exactly here."""
+        if not self.info.is_main or self.cfg.epochs == 0:
+            return
+        progress = {**progress, "wall_time_s": progress["wall_time_s"] + time.perf_counter() - self.t_start}
+        save_resume(self.cfg.out, {
+            "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch,
+            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": capture_rng(), "progress": progress,
+        })
+
+    # ------------------------------------------------------------------------------------------ training
+    def _inputs(self, xb: torch.Tensor) -> torch.Tensor:
+        # uint8 -> normalised float, the same affine map as models.preprocessing.normalize
+        x = xb.to(self.dev, non_blocking=True).float().mul_(self.scale).sub_(self.shift)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _batches(self, epoch: int, start: int):  # noqa: ANN202 - a generator of collated batches
+        plan = EpochBatches(len(self.train_images), self.cfg.batch_size, self.info.rank, self.info.world_size,
+                            self.cfg.seed, epoch, start)
+        it = iter(loader(self.train_images, plan, workers=self.workers, collate=train_collate,
+                         pin=self.dev.type == "cuda"))
+        inline = self.workers == 0
+        while True:
+            # Tiny per-image ops run faster on one thread than on an OpenMP team.
+            if inline:
+                torch.set_num_threads(1)
+            try:
+                batch = next(it, None)
+            finally:
+                if inline:
+                    torch.set_num_threads(self.threads)
+            if batch is None:
+                return
+            yield batch
+
+    def _step(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _update_ema(self, global_step: int) -> None:
+        if self.ema is None or global_step % self.cfg.ema_every:
+            return
+        if global_step <= self.warmup:
+            self.ema.set(self.net)  # the paper's EMA copies the weights during warm-up
+        else:
+            self.ema.update(self.net)
+
+    def _eval_all(self) -> dict[str, Any]:
+        broadcast_buffers(self.net, self.info)
+        fail = self.cfg.corrupt == "fail"
+        raw = evaluate(self.net, self.val_batches, self.info, self.channels_last, fail)
+        res: dict[str, Any] = {"raw": raw, "ema": None}
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module, self.info)
+            res["ema"] = evaluate(self.ema.module, self.val_batches, self.info, self.channels_last, fail)
+        return res
+
+    def run_epoch(self, epoch: int, progress: dict[str, Any]) -> bool:
+        """Train one epoch (or its remainder); returns True when --max-steps stopped it early."""
+        from tqdm import tqdm
+
+        cfg, start = self.cfg, progress["step_in_epoch"]
+        acc = dict(progress["epoch_acc"] or {"loss_sum": 0.0, "samples": 0, "time": 0.0, "corrupt": 0})
+        loss_sum = torch.tensor(acc["loss_sum"], dtype=torch.float64, device=self.dev)
+        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not self.show, leave=False, dynamic_ncols=True, unit="step")
+        self.model.train()
+        t0, step, stopped = time.perf_counter(), start, False
+
+        def snapshot() -> dict[str, Any]:
+            # Counters as they stand now: epoch time so far and the exact running loss sum.
+            seg = time.perf_counter() - t0
+            return {**acc, "loss_sum": float(loss_sum), "time": acc["time"] + seg}
+
+        for xb, yb, corrupt in self._batches(epoch, start):
+            if corrupt and cfg.corrupt == "fail":
+                raise DatasetError(f"corrupt or unreadable image: {corrupt[0]} (--corrupt skip replaces such files)")
+            x, y = self._inputs(xb), yb.to(self.dev, non_blocking=True)
+            x, targets = self.mixer(x, y, derive_seed(cfg.seed, epoch, step, self.info.rank, 0x313))
+            loss = self._step(x, targets)
+            step += 1
+            progress["global_step"] += 1
+            self.scheduler.step_update(progress["global_step"])
+            self._update_ema(progress["global_step"])
+            loss_sum += loss.double() * len(yb)
+            acc["samples"] += len(yb)
+            progress["samples_seen"] += self.global_batch
+            acc["corrupt"] += len(corrupt)
+            if self.show and (step % 10 == 0 or step == self.steps_per_epoch):
+                snap = snapshot()
+                bar.set_postfix(loss=f"{snap['loss_sum'] / snap['samples']:.3f}", lr=f"{self._lr():.2e}",
+                                img_s=f"{snap['samples'] * self.info.world_size / max(snap['time'], 1e-9):.0f}")
+            bar.update(1)
+            stopped = bool(cfg.max_steps) and progress["global_step"] >= cfg.max_steps
+            if stopped or step == self.steps_per_epoch:
+                break
+            if cfg.save_every_steps and progress["global_step"] % cfg.save_every_steps == 0:
+                seg = time.perf_counter() - t0
+                self.save_state({**progress, "step_in_epoch": step, "epoch_acc": snapshot(),
+                                 "train_time_s": progress["train_time_s"] + seg})
+        bar.close()
+        acc = snapshot()
+        progress["train_time_s"] += acc["time"] - (progress["epoch_acc"] or {"time": 0.0})["time"]
+        self._end_epoch(epoch, step, acc, progress)
+        return stopped
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _end_epoch(self, epoch: int, step: int, acc: dict[str, Any], progress: dict[str, Any]) -> None:
+        cfg, complete = self.cfg, step == self.steps_per_epoch
+        loss_sum, n, corrupt = all_reduce_sum([acc["loss_sum"], acc["samples"], acc["corrupt"]], self.info)
+        last = epoch + 1 == cfg.epochs or (cfg.max_steps and progress["global_step"] >= cfg.max_steps)
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1, "step": progress["global_step"], "complete": complete,
+            "train_loss": loss_sum / max(n, 1), "lr": self._lr(),
+            "epoch_time_s": round(acc["time"], 3), "samples_per_s": round(n / max(acc["time"], 1e-9), 1),
+        }
+        if last or not complete or (epoch + 1) % cfg.eval_every == 0:
+            ev = self._eval_all()
+            progress["last_eval"] = {"global_step": progress["global_step"], **ev}
+            rec |= {"val_top1": ev["raw"]["top1"], "val_top5": ev["raw"]["top5"], "val_loss": ev["raw"]["loss"]}
+            if ev["ema"] is not None:
+                rec |= {"val_top1_ema": ev["ema"]["top1"], "val_top5_ema": ev["ema"]["top5"],
+                        "val_loss_ema": ev["ema"]["loss"]}
+        rec["corrupt_train_replaced"] = int(corrupt)
+        progress["history"] = [h for h in progress["history"] if h["epoch"] != epoch + 1] + [rec]
+        progress["epoch"] = epoch + 1 if complete else epoch
+        progress["step_in_epoch"] = 0 if complete else step
+        progress["epoch_acc"] = None if complete else acc
+        if self.info.is_main:
+            write_metrics(self.cfg.out, progress["history"])
+        self.save_state(progress)
+        if self.info.is_main:
+            val = "" if "val_top1" not in rec else f"  val top-1 {100 * rec['val_top1']:.2f}%" + (
+                f" (EMA {100 * rec['val_top1_ema']:.2f}%)" if "val_top1_ema" in rec else "")
+            print(f"epoch {epoch + 1}/{cfg.epochs}  step {rec['step']}  loss {rec['train_loss']:.4f}  "
+                  f"lr {rec['lr']:.2e}  {rec['samples_per_s']:.0f} img/s{val}", flush=True)
+
+    # ------------------------------------------------------------------------------------------- finish
+    def finish(self, progress: dict[str, Any]) -> dict[str, Any]:
+        """Final evaluation, rank-consistency check, checkpoint of the better of raw/EMA, plot; the summary."""
+        cfg, info = self.cfg, self.info
+        last = progress["last_eval"]
+        if last is None or last["global_step"] != progress["global_step"]:
+            ev = self._eval_all()
+            if cfg.epochs == 0:
+                progress["history"] = [{"epoch": 0, "step": 0, "val_top1": ev["raw"]["top1"],
+                                        "val_top5": ev["raw"]["top5"], "val_loss": ev["raw"]["loss"]}]
+        else:
+            ev = last
+        broadcast_buffers(self.net, info)
+        digests = gather_digests(self.net, info)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
+        raw, ema = ev["raw"], ev["ema"]
+        use_ema = ema is not None and ema["top1"] > raw["top1"]
+        chosen = self.ema.module if use_ema else self.net
+        best_raw, best_raw_ep = best_of(progress["history"], "val_top1")
+        best_ema, best_ema_ep = best_of(progress["history"], "val_top1_ema")
+        wall = progress["wall_time_s"] + time.perf_counter() - self.t_start
+        summary = {
+            "dataset": cfg.dataset, "model": cfg.model, "recipe": cfg.recipe, "epochs": cfg.epochs,
+            "epochs_completed": progress["epoch"], "steps": progress["global_step"],
+            "steps_per_epoch": self.steps_per_epoch,
+            "stopped_by_max_steps": bool(cfg.max_steps) and cfg.max_steps <= progress["global_step"] < self.total_steps,
+            "train_images": len(self.train_set), "val_images": raw["samples"],
+            "global_batch": self.global_batch, "world_size": info.world_size, "lr": self.lr,
+            "final_val_top1": raw["top1"], "final_val_top5": raw["top5"], "final_val_loss": raw["loss"],
+            "final_val_top1_ema": None if ema is None else ema["top1"],
+            "final_val_top5_ema": None if ema is None else ema["top5"],
+            "best_val_top1": best_raw, "best_val_top1_epoch": best_raw_ep,
+            "best_val_top1_ema": best_ema, "best_val_top1_ema_epoch": best_ema_ep,
+            "weights_source": "ema" if use_ema else "raw",
+            "wall_time_s": round(wall, 2), "train_time_s": round(progress["train_time_s"], 2),
+            "samples_per_s": round(progress["samples_seen"] / progress["train_time_s"], 1)
+            if progress["train_time_s"] > 0 else None,
+            # Per epoch every corrupt train file is met (and replaced) once: the largest epoch count is the files.
+            "corrupt_train_files": max((h.get("corrupt_train_replaced", 0) for h in progress["history"]), default=0),
+            "corrupt_val_skipped": raw["skipped_corrupt"],
+            "device": str(self.dev), "device_name": torch.cuda.get_device_name(self.dev)
+            if self.dev.type == "cuda" else "cpu", "threads": self.threads, "amp": "bf16" if self.amp else "off",
+            "channels_last": self.channels_last, "compile": cfg.compile, "resumed_times": progress["segments"],
+            "rank_state_sha256": digests, "started": progress["started"], "finished": _now(),
+            "command_line": " ".join(cfg.command), "config": cfg.to_dict(), "versions": versions(),
+        }
+        if info.is_main:
+            write_metrics(cfg.out, progress["history"])
+            save_checkpoint(cfg.out, chosen, class_names=self.class_names, preprocessing=self.spec,
+                            extra={"dataset": cfg.dataset, "weights_source": summary["weights_source"],
+                                   "training": summary})
+            plot_curves(cfg.out, progress["history"], f"{cfg.model} on {Path(cfg.dataset).name}")
+            ema_txt = "" if ema is None else f", EMA {100 * ema['top1']:.2f}%"
+            print(f"checkpoint {cfg.out}: val top-1 {100 * raw['top1']:.2f}%{ema_txt} "
+                  f"(saved {summary['weights_source']}), {summary['wall_time_s']:.0f} s", flush=True)
+        return summary
+
+    def run(self) -> dict[str, Any]:
+        """Train from scratch or from resume.pt to the end (or --max-steps) and write the checkpoint."""
+        progress = self.restore()
+        cfg = self.cfg
+        self.log(f"{cfg.model} on {cfg.dataset}: {len(self.train_set)} train / {len(self.val_set)} val images, "
+                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {self.global_batch}, "
+                 f"lr {self.lr:.3g}, recipe {cfg.recipe}, {self.dev}"
+                 f"{f' x {self.info.world_size} ranks' if self.info.distributed else ''}, {self.threads} threads, "
+                 f"amp {'bf16' if self.amp else 'off'}")
+        for epoch in range(progress["epoch"], cfg.epochs):
+            if cfg.max_steps and progress["global_step"] >= cfg.max_steps:
+                break
+            if self.run_epoch(epoch, progress):
+                break
+        return self.finish(progress)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the training `cfg` describes on this process (joining torchrun's group if any); returns the summary."""
+    info = setup(cfg.device)
+    ok = False
+    try:
+        prepare_out_dir(cfg, info)
+        summary = Trainer(cfg, info).run()
+        ok = True
+        return summary
+    finally:
+        if ok:
+            teardown(info)
+        elif info.distributed:
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group()
