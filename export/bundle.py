@@ -5,6 +5,7 @@ so a failure at any point leaves no partial bundle behind (and an older bundle a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
 import os
@@ -12,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 from export.context import FAMILIES, INPUT_NAME, OUTPUT_NAME, ExportContext, ExportError, Runner, Target, parse_targets
 from export.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, file_entries, verify_files, write_manifest
 from export.parity import ParityData, Tolerance, measure, run_batched
-from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
+from models.checkpoint import CheckpointError, load_checkpoint
 from models.io import atomic_dir
 from models.preprocessing import preprocess
 
@@ -37,16 +38,39 @@ def runtime_module(family: str):  # noqa: ANN201 - one of the export.<runtime> m
     return importlib.import_module(MODULES[family])
 
 
-def load_runner(bundle: str | os.PathLike, artifact: dict[str, Any], manifest: dict[str, Any]) -> Runner:
+def load_runner(bundle: str | os.PathLike, artifact: dict[str, Any], manifest: dict[str, Any],
+                threads: int | None = None) -> Runner:
     """A batch -> logits function for one artifact of a bundle (files verified against their sha256 first)."""
     files = verify_files(bundle, artifact)
     family = next(f for f, (runtime, _, _) in FAMILIES.items() if runtime == artifact["runtime"])
+    return _load(family, files, manifest["config"], artifact, threads)
+
+
+def _load(family: str, files: list[Path], config: dict[str, Any], info: dict[str, Any],
+          threads: int | None = None) -> Runner:
+    """Each runtime's `load` with the manifest facts it needs (torch: the config; OpenVINO: its precision hint)."""
     module = runtime_module(family)
-    if family == "torch":
-        return module.load(files, manifest["config"])
+    if family == "torch":  # torch's thread count is process-wide: build_bundle sets it
+        return module.load(files, config)
     if family == "openvino":
-        return module.load(files, artifact.get("inference_precision", "f32"))
+        return module.load(files, info.get("inference_precision", module.INFERENCE_PRECISION), threads=threads)
+    if family == "onnx":
+        return module.load(files, threads=threads)
     return module.load(files)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch with `threads` intra-op threads (None: unchanged), restoring the old count afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def parity_data(model, meta, dataset: str, samples: int, max_batch: int) -> ParityData:  # noqa: ANN001
@@ -121,13 +145,10 @@ def _build_one(ctx: ExportContext, target: Target, data: ParityData,
         entry.update(built.info)
         entry["files"] = file_entries(ctx.workdir, built.files)
         start = time.perf_counter()
-        if target.family == "torch":
-            run = module.load(built.files, config)
-        elif target.family == "openvino":
-            run = module.load(built.files, built.info["inference_precision"])
-        else:
-            run = module.load(built.files)
+        run = _load(target.family, built.files, config, built.info, ctx.threads)
         entry["parity"] = measure(run, data, target.precision, ctx.max_batch, tolerance)
+        if "inference_precision" in built.info:  # which precision the numbers were measured at
+            entry["parity"]["inference_precision"] = built.info["inference_precision"]
         entry["parity_seconds"] = round(time.perf_counter() - start, 3)
         failures = entry["parity"].get("failures", [])
     except Exception as exc:  # a converter or runtime crash refuses this artifact, not the whole bundle
@@ -156,6 +177,7 @@ def build_bundle(
     calibration_dataset: str | None = None,
     opset: int | None = None,
     tolerances: dict[str, Tolerance] | None = None,
+    threads: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Export `checkpoint` to the bundle directory `out`; returns `out`. Raises ExportError on bad input.
@@ -163,6 +185,7 @@ def build_bundle(
     The torch artifact (safetensors + manifest config) is always included. Artifacts that fail their parity
     gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
     val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
+    `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
     """
     from export.onnx import OPSET
     from train.data import load_dataset
@@ -178,47 +201,54 @@ def build_bundle(
         runtime_module("tensorrt").require()
     _check_out(out)
     try:
-        read_checkpoint_meta(checkpoint)
         model, meta = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     data_name = _dataset_of(meta, dataset)
-    data = parity_data(model, meta, data_name, parity_samples, max_batch)
-    log(f"{meta.model}: parity on {len(data.x)} {data_name} val images, torch top-1 {data.reference_accuracy:.2%}")
-    cfg = meta.config
-    try:
-        with atomic_dir(out) as tmp:
-            ctx = ExportContext(model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
-                                calibration_set=lambda: load_dataset(calibration_dataset or data_name, "train"),
-                                calibration_samples=calibration_samples)
-            if any(t.family != "torch" for t in wanted):
-                ctx.hub_onnx()  # shared by every runtime; timed once, outside the per-artifact times
-                log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {ctx.timings['onnx_hub_seconds']:.1f}s")
-            artifacts = []
-            for target in wanted:
-                entry = _build_one(ctx, target, data, (tolerances or {}).get(target.precision), cfg.to_dict())
-                artifacts.append(entry)
-                log(summary_line(entry))
-            shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-            manifest = {
-                "format": FORMAT, "format_version": FORMAT_VERSION,
-                "name": name or out.resolve().name,
-                "model": meta.model, "stem": cfg.stem.kind, "config": cfg.to_dict(),
-                "class_names": list(meta.class_names),
-                "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": cfg.in_chans,
-                          "height": cfg.image_size, "width": cfg.image_size, "min_batch": 1, "max_batch": max_batch},
-                "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.num_classes]},
-                "preprocessing": meta.preprocessing.to_dict(),
-                "source": {"checkpoint": str(checkpoint), "sha256": meta.weights_sha256, "dataset": data_name},
-                "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "timings": ctx.timings,
-                "artifacts": artifacts,
-            }
-            write_manifest(tmp, manifest)
-            _make_readable(tmp)
-    except OSError as exc:
-        raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
+    with torch_threads(threads):
+        data = parity_data(model, meta, data_name, parity_samples, max_batch)
+        log(f"{meta.model}: parity on {len(data.x)} {data_name} val images, "
+            f"torch top-1 {data.reference_accuracy:.2%}")
+        try:
+            with atomic_dir(out) as tmp:
+                ctx = ExportContext(
+                    model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
+                    calibration_set=lambda: load_dataset(calibration_dataset or data_name, "train"),
+                    calibration_samples=calibration_samples, threads=threads,
+                )
+                if any(t.family != "torch" for t in wanted):
+                    ctx.hub_onnx()  # shared by every runtime; timed once, outside the per-artifact times
+                    log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {ctx.timings['onnx_hub_seconds']:.1f}s")
+                artifacts = []
+                for target in wanted:
+                    tolerance = (tolerances or {}).get(target.precision)
+                    artifacts.append(_build_one(ctx, target, data, tolerance, meta.config.to_dict()))
+                    log(summary_line(artifacts[-1]))
+                shutil.rmtree(tmp / ".scratch", ignore_errors=True)
+                write_manifest(tmp, _manifest(ctx, name or out.resolve().name, checkpoint, data_name, artifacts))
+                _make_readable(tmp)
+        except OSError as exc:
+            raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     return out
+
+
+def _manifest(ctx: ExportContext, name: str, checkpoint: str | os.PathLike, dataset: str,
+              artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest (schema in export/manifest.py) of a bundle whose artifacts are built."""
+    meta, cfg = ctx.meta, ctx.meta.config
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+        "model": meta.model, "stem": cfg.stem.kind, "config": cfg.to_dict(),
+        "class_names": list(meta.class_names),
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": cfg.in_chans,
+                  "height": cfg.image_size, "width": cfg.image_size, "min_batch": 1, "max_batch": ctx.max_batch},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.num_classes]},
+        "preprocessing": meta.preprocessing.to_dict(),
+        "source": {"checkpoint": str(checkpoint), "sha256": meta.weights_sha256, "dataset": dataset},
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "timings": ctx.timings,
+        "artifacts": artifacts,
+    }
 
 
 def summary_line(entry: dict[str, Any]) -> str:

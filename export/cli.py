@@ -32,6 +32,7 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=300, help="train images for INT8 calibration [300]")
     p.add_argument("--dataset", help="parity/calibration dataset (default: the checkpoint's)")
     p.add_argument("--calibration-dataset", help="INT8 calibration dataset, train split (default: --dataset)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and the runtimes (default: theirs)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any artifact is refused")
     return p
 
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
         out = build_bundle(
             args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,
             parity_samples=args.parity_samples, calibration_samples=args.calibration_samples, dataset=args.dataset,
-            calibration_dataset=args.calibration_dataset,
+            calibration_dataset=args.calibration_dataset, threads=args.threads,
         )
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)

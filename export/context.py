@@ -113,8 +113,10 @@ class ExportContext:
     opset: int
     calibration_set: Callable[[], ImageSet]  # lazily loaded TRAIN images
     calibration_samples: int = 300
+    threads: int | None = None  # CPU threads for the runtimes' parity sessions (None: their default)
     timings: dict[str, float] = field(default_factory=dict)
     _hub: Path | None = None
+    _calibration: ImageSet | None = None
 
     @property
     def scratch(self) -> Path:
@@ -139,7 +141,9 @@ class ExportContext:
 
     def calibration_images(self) -> ImageSet:
         """A deterministic subset of the TRAIN split (never validation images) for INT8 calibration."""
-        return self.calibration_set().subset(self.calibration_samples, seed=1)
+        if self._calibration is None:
+            self._calibration = self.calibration_set().subset(self.calibration_samples, seed=1)
+        return self._calibration
 
     def calibration_batches(self) -> Iterator[np.ndarray]:
         """Calibration images one at a time as (1, 3, H, W) float32, preprocessed like the server does."""

@@ -22,6 +22,13 @@ Schema (format "vitc-bundle", version 1):
                 "batch_invariance_max_abs": ..., "inference_precision": "f32", "passed": true}}
   ]
 }
+
+Fields added by `export` (readers may ignore them): top-level "timings" {"onnx_hub_seconds"}; per artifact
+"parity_seconds", "inference_precision" (OpenVINO: the INFERENCE_PRECISION_HINT to compile with, "f32"),
+"calibration" {"dataset", "split": "train", "samples"} (INT8), "fp32_ops" (fp16 graphs), "profile"/"device"/
+"typing" (TensorRT), and for a refused artifact "refused_files" (what was built and then deleted: `files` is
+empty); per parity "dataset", "split", "reference_logit_scale", "accuracy_delta", "tolerance", "failures".
+File paths are relative to the bundle directory.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def export(ctx: ExportContext, precision: str) -> Built:
     import shutil
 
     hub = ctx.hub_onnx()
-    info: dict = {"opset": ctx.opset}
+    info: dict = {"opset": ctx.opset, "exporter": "torch.onnx dynamo, onnxscript-optimised"}
     if precision == "fp32":
         out = ctx.workdir / "model.onnx"
         if len(files_of(hub)) == 1:
@@ -151,11 +151,14 @@ def export(ctx: ExportContext, precision: str) -> Built:
     return Built(files_of(out), info)
 
 
-def load(files: list[Path], providers: list[str] | None = None) -> Runner:
+def load(files: list[Path], providers: list[str] | None = None, threads: int | None = None) -> Runner:
     """An onnxruntime session over the artifact, as a batch -> logits function."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(files[0]), providers=providers or ["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(files[0]), options, providers=providers or ["CPUExecutionProvider"])
 
     def run(batch: np.ndarray) -> np.ndarray:
         return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})[0]

@@ -75,11 +75,15 @@ def check(xml: str | Path) -> None:
         raise ExportError(f"{xml}: input must be (B, 3, H, W) with a dynamic batch axis, got {shape}")
 
 
-def load(files: list[Path], inference_precision: str = INFERENCE_PRECISION, device: str = "CPU") -> Runner:
+def load(files: list[Path], inference_precision: str = INFERENCE_PRECISION, device: str = "CPU",
+         threads: int | None = None) -> Runner:
     """A compiled model (f32 precision hint by default) as a batch -> logits function."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(files[0]), device, {"INFERENCE_PRECISION_HINT": inference_precision})
+    config: dict = {"INFERENCE_PRECISION_HINT": inference_precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(str(files[0]), device, config)
     request = compiled.create_infer_request()
     output = compiled.output(OUTPUT_NAME)
 

@@ -26,6 +26,7 @@ MAX_BATCH = 16
 PARITY_SAMPLES = 200
 CALIBRATION_SAMPLES = 48
 CPU_TARGETS = ("onnx", "onnx-fp16", "onnx-int8", "openvino")
+THREADS = 1  # CI and dev boxes are shared: one thread per runtime avoids oversubscription stalls
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
@@ -38,6 +39,7 @@ def _train_micro(out: Path, steps: int = 100) -> Path:
     from train.data import default_preprocessing, load_dataset
 
     torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
     model = build_model("vit_c_micro")
     spec = default_preprocessing("animals", model.cfg.image_size)
     train = load_dataset("animals", "train").subset(3000, seed=0)
@@ -58,14 +60,20 @@ def _train_micro(out: Path, steps: int = 100) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return _train_micro(tmp_path_factory.mktemp("ckpt") / "micro")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _train_micro(tmp_path_factory.mktemp("ckpt") / "micro")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def bundle(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "animals-micro"
     return build_bundle(checkpoint, out, CPU_TARGETS, max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES,
-                        calibration_samples=CALIBRATION_SAMPLES, log=lambda _: None)
+                        calibration_samples=CALIBRATION_SAMPLES, threads=THREADS, log=lambda _: None)
 
 
 def _val_batch(manifest: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +210,7 @@ def test_servable_artifacts_reproduce_torch_on_fresh_images_in_any_batch(bundle,
     for a in m["artifacts"]:
         if not a["servable"]:
             continue
-        run = load_runner(bundle, a, m)
+        run = load_runner(bundle, a, m, threads=THREADS)
         whole = run(x)
         alone = np.concatenate([run(x[i : i + 1]) for i in range(len(x))])
         tol = parity.TOLERANCES[a["precision"]]
@@ -239,7 +247,7 @@ def test_int8_held_to_the_fp32_gate_is_refused_and_not_shipped(checkpoint, tmp_p
     # agreement, no accuracy loss) it must be refused, its files removed, and the refusal say why.
     out = build_bundle(checkpoint, tmp_path / "strict", ["openvino-int8", "onnx-int8"], max_batch=8,
                        parity_samples=100, calibration_samples=CALIBRATION_SAMPLES,
-                       tolerances={"int8": parity.FP32_TOLERANCE}, log=lambda _: None)
+                       tolerances={"int8": parity.FP32_TOLERANCE}, threads=THREADS, log=lambda _: None)
     m = read_manifest(out)
     for a in m["artifacts"][1:]:
         assert not a["servable"] and a["files"] == [] and "max abs logit error" in a["refused_reason"]
@@ -255,7 +263,7 @@ def test_cli_reports_refusals_and_strict_exits_1(checkpoint, tmp_path, capsys):
     out = tmp_path / "digits-calibrated"
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--targets", "openvino-int8",
                    "--calibration-dataset", "digits", "--max-batch", "8", "--parity-samples", "100",
-                   "--calibration-samples", str(CALIBRATION_SAMPLES), "--strict"])
+                   "--calibration-samples", str(CALIBRATION_SAMPLES), "--threads", str(THREADS), "--strict"])
     err = capsys.readouterr().err
     a = read_manifest(out)["artifacts"][-1]
     assert a["id"] == "openvino-int8" and a["calibration"]["dataset"] == "digits"
@@ -336,7 +344,7 @@ def test_module_entry_point_runs_as_documented(checkpoint, tmp_path):
     out = tmp_path / "onnx-only"
     proc = subprocess.run(
         [sys.executable, "-m", "export.onnx", "--checkpoint", str(checkpoint), "--out", str(out),
-         "--max-batch", "4", "--parity-samples", "16"],
+         "--max-batch", "4", "--parity-samples", "16", "--threads", str(THREADS)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
