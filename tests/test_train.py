@@ -19,16 +19,6 @@ from train.eval import main as eval_main
 from train.optim import build_optimizer, build_scheduler, ema_decay, scaled_lr
 
 
-def run_cli(fn, argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run a CLI main in-process; argparse's own exits count as return codes."""
-    try:
-        code = fn(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def cfg(**kw) -> TrainConfig:
     return resolve_config({"model": "vit_c_micro", "dataset": "animals", "out": "unused", **kw})
 
@@ -122,8 +112,8 @@ def test_ema_rate_reproduces_the_papers():
     (["--model", "vit_c_micro", "--dataset", "animals", "--resume", "--overwrite"], "exclude"),
     (["--dataset", "animals"], "--model"),
 ])
-def test_bad_options_exit_2_with_one_line(argv, needle, capsys, tmp_path):
-    code, out, err = run_cli(train_main, [*argv, "--out", str(tmp_path / "run")], capsys)
+def test_bad_options_exit_2_with_one_line(argv, needle, capsys, tmp_path, train_cli):
+    code, out, err = train_cli(train_main, [*argv, "--out", str(tmp_path / "run")], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m train: error:") and needle in lines[0], err
@@ -131,10 +121,12 @@ def test_bad_options_exit_2_with_one_line(argv, needle, capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def train_initial_run(tmp_path_factory) -> Path:
+def train_initial_run(tmp_path_factory, train_cli) -> Path:
     """An --epochs 0 run of vit_c_micro on digits (the export stage's random-init checkpoint)."""
     out = tmp_path_factory.mktemp("init") / "run"
-    assert train_main(["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "0", "--out", str(out)]) == 0
+    code, _, _ = train_cli(train_main, ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "0",
+                                      "--out", str(out)])
+    assert code == 0
     return out
 
 
@@ -155,31 +147,48 @@ def test_epochs_zero_writes_the_initial_checkpoint(train_initial_run):
     assert [json.loads(x)["epoch"] for x in lines] == [0]
 
 
-def test_eval_cli_matches_the_training_summary(train_initial_run, capsys, tmp_path):
+def test_eval_cli_matches_the_training_summary(train_initial_run, capsys, tmp_path, train_cli):
     out_json = tmp_path / "eval.json"
-    code, out, err = run_cli(eval_main, ["--checkpoint", str(train_initial_run), "--out", str(out_json)], capsys)
+    code, out, err = train_cli(eval_main, ["--checkpoint", str(train_initial_run), "--out", str(out_json)], capsys)
     assert code == 0, err
     res = json.loads(out_json.read_text())
     summary = json.loads((train_initial_run / "checkpoint.json").read_text())["training"]
     assert res["top1"] == summary["final_val_top1"] and res["dataset"] == "digits"
     assert res["samples"] == summary["val_images"]
     assert res["top1"] <= res["top5"] and "top-1" in out
-    code, _, err = run_cli(eval_main, ["--checkpoint", str(tmp_path / "nothing")], capsys)
+    code, _, err = train_cli(eval_main, ["--checkpoint", str(tmp_path / "nothing")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
 
 
-def test_an_existing_run_needs_resume_or_overwrite(train_initial_run, capsys):
+def test_an_existing_run_needs_resume_or_overwrite(train_initial_run, capsys, train_cli):
     argv = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "0", "--out", str(train_initial_run)]
-    code, _, err = run_cli(train_main, argv, capsys)
+    code, _, err = train_cli(train_main, argv, capsys)
     assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
 
 
-def test_resume_refuses_to_change_the_trajectory(tmp_path, capsys):
+def test_resume_refuses_to_change_the_trajectory(tmp_path, capsys, train_cli):
     out = tmp_path / "run"
     base = ["--model", "vit_p_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--out", str(out)]
-    code, _, err = run_cli(train_main, [*base, "--max-steps", "2"], capsys)
+    code, _, err = train_cli(train_main, [*base, "--max-steps", "2"], capsys)
     assert code == 0, err
-    code, _, err = run_cli(train_main, ["--out", str(out), "--resume", "--lr", "0.5"], capsys)
+    code, _, err = train_cli(train_main, ["--out", str(out), "--resume", "--lr", "0.5"], capsys)
     assert code == 2 and "cannot change" in err and "--lr" in err
     with pytest.raises(ConfigError):
         resolve_config({"model": "vit_p_micro"}, saved={**cfg().to_dict(), "batch_size": 0})
+
+
+def test_a_diverging_run_stops_and_records_strict_json(tmp_path, capsys, train_cli):
+    out = tmp_path / "run"
+    argv = ["--model", "vit_p_micro", "--dataset", "digits", "--epochs", "3", "--optimizer", "sgd", "--lr", "100",
+            "--train-subset", "512", "--val-subset", "64", "--out", str(out)]
+    code, _, err = train_cli(train_main, argv, capsys)
+    assert code == 0, err
+
+    def no_nan(token: str):
+        raise AssertionError(f"non-JSON number {token}")
+
+    t = json.loads((out / "checkpoint.json").read_text(), parse_constant=no_nan)["training"]
+    assert t["diverged"] is True and t["epochs_completed"] < 3 and t["final_val_loss"] is None
+    history = [json.loads(x, parse_constant=no_nan) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == t["epochs_completed"]  # stopped at the first non-finite epoch
+    assert history[-1]["diverged"] is True and history[-1]["train_loss"] is None

@@ -22,7 +22,7 @@ COLOURS = {"cat": (200, 60, 40), "dog": (40, 180, 60), "fox": (50, 70, 220)}
 
 
 def _write_image(path: Path, cls: str, i: int) -> None:
-    rng = np.random.default_rng(hash((cls, i)) % 2**32)
+    rng = np.random.default_rng(100 * CLASSES.index(cls) + i)
     h, w = 40 + 3 * i, 48 - 2 * i  # odd sizes: resize and crop do real work
     arr = np.clip(rng.normal(COLOURS[cls], 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr)
@@ -48,20 +48,13 @@ def train_folder(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(fn, argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = fn(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def test_folder_training_checkpoint_and_eval(train_folder, tmp_path, capsys):
+def test_folder_training_checkpoint_and_eval(train_folder, tmp_path, capsys, train_cli):
     out = tmp_path / "run"
     argv = ["--model", "vit_p_micro", "--dataset", str(train_folder), "--epochs", "2", "--batch-size", "4",
             "--workers", "1", "--out", str(out), "--ema-every", "1"]
-    code, stdout, err = run_cli(train_main, argv, capsys)
+    code, stdout, err = train_cli(train_main, argv, capsys)
     assert code == 0, err
     meta = read_checkpoint_meta(out)
     assert meta.class_names == CLASSES and meta.config.num_classes == 3
@@ -74,7 +67,7 @@ def test_folder_training_checkpoint_and_eval(train_folder, tmp_path, capsys):
     assert [h["epoch"] for h in history] == [1, 2] and all("val_top1_ema" in h for h in history)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Served accuracy == validation accuracy: train.eval goes through the same preprocessing.
-    code, _, err = run_cli(eval_main, ["--checkpoint", str(out)], capsys)
+    code, _, err = train_cli(eval_main, ["--checkpoint", str(out)], capsys)
     assert code == 0, err
     res = json.loads((out / "eval-tiny-val.json").read_text())
     saved = t["final_val_top1_ema"] if t["weights_source"] == "ema" else t["final_val_top1"]
@@ -94,7 +87,7 @@ def test_corrupt_file_fails_clearly_when_asked(train_folder, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.json").exists()
 
 
-def test_empty_or_unreadable_folders_exit_2(tmp_path, capsys):
+def test_empty_or_unreadable_folders_exit_2(tmp_path, capsys, train_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
     no_images = tmp_path / "no_images"
@@ -107,5 +100,14 @@ def test_empty_or_unreadable_folders_exit_2(tmp_path, capsys):
             (unreadable / split / "a" / f"{i}.jpg").write_bytes(b"garbage")
     for root, needle in ((empty, "no train/"), (no_images, "no images"), (unreadable, "readable")):
         argv = ["--model", "vit_c_micro", "--dataset", str(root), "--epochs", "1", "--out", str(tmp_path / "o")]
-        code, _, err = run_cli(train_main, argv, capsys)
+        code, _, err = train_cli(train_main, argv, capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_decompression_bomb_counts_as_unreadable(tmp_path):
+    from train.data import decode_checked
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (14_000, 14_000)).save(bomb)  # 196 M pixels in a few kB: beyond PIL's bound
+    assert bomb.stat().st_size < 1 << 20
+    assert decode_checked(bomb) is None

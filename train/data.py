@@ -182,5 +182,6 @@ def decode_checked(path: Path) -> Image.Image | None:
         with Image.open(path) as img:
             img.load()
             return img
-    except (OSError, UnidentifiedImageError, ValueError):
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        # DecompressionBombError (beyond PIL's pixel bound) is not an OSError: a bomb counts as unreadable.
         return None

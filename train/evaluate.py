@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ def evaluate(model: nn.Module, batches: Any, info: DistInfo, channels_last: bool
     model.train(was_training)
     top1, top5, loss, n, skipped = all_reduce_sum(sums, info)
     n_safe = max(n, 1.0)
-    return {"top1": top1 / n_safe, "top5": top5 / n_safe, "loss": loss / n_safe, "samples": int(n),
+    mean_loss = loss / n_safe
+    return {"top1": top1 / n_safe, "top5": top5 / n_safe, "loss": mean_loss if math.isfinite(mean_loss) else None,
+            "samples": int(n),
             "skipped_corrupt": int(skipped)}
 
 

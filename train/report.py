@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from importlib import metadata
@@ -42,12 +43,14 @@ def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ep = [h["epoch"] for h in rows]
+    def num(h: dict[str, Any], key: str) -> float:
+        return math.nan if h.get(key) is None else h[key]  # null (diverged) -> a gap in the curve
+
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(ep, [h["train_loss"] for h in rows], "o-", label="train (augmented)")
-    evald = [h for h in rows if h.get("val_loss") is not None]
+    ax_loss.plot([h["epoch"] for h in rows], [num(h, "train_loss") for h in rows], "o-", label="train (augmented)")
+    evald = [h for h in rows if h.get("val_top1") is not None]
     if evald:
-        ax_loss.plot([h["epoch"] for h in evald], [h["val_loss"] for h in evald], "s-", label="val")
+        ax_loss.plot([h["epoch"] for h in evald], [num(h, "val_loss") for h in evald], "s-", label="val")
         ax_acc.plot([h["epoch"] for h in evald], [100 * h["val_top1"] for h in evald], "s-", label="val top-1")
         ema = [h for h in evald if h.get("val_top1_ema") is not None]
         if ema:

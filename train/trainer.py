@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import os
 import random
 import sys
@@ -39,6 +40,11 @@ from train.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, 
 from train.pipeline import EpochBatches, TrainImages, loader, predecode, train_collate
 from train.report import best_of, plot_curves, versions, write_metrics
 from train.state import RESUME_FILE, capture_rng, clear_stale_temporaries, load_resume, restore_rng, save_resume
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN/inf: a non-finite number is recorded as null."""
+    return x if math.isfinite(x) else None
 
 
 def _now() -> str:
@@ -85,7 +91,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
-        self.t_start = time.perf_counter()
+        self.t_start, self.cpu_start = time.perf_counter(), time.process_time()
         self.dev = info.device
         self.threads = cfg.threads or max(1, cpu_count() // max(1, info.local_world_size))
         torch.set_num_threads(self.threads)
@@ -170,7 +176,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- resume state
     def _fresh_progress(self) -> dict[str, Any]:
         return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_time_s": 0.0,
-                "wall_time_s": 0.0, "samples_seen": 0, "segments": 0,
+                "wall_time_s": 0.0, "cpu_time_s": 0.0, "samples_seen": 0, "segments": 0,
                 "epoch_acc": None, "last_eval": None, "started": _now()}
 
     def restore(self) -> dict[str, Any]:
@@ -197,7 +203,8 @@ class Trainer:
         """Write resume.pt (rank 0) with everything needed to continue exactly here."""
         if not self.info.is_main or self.cfg.epochs == 0:
             return
-        progress = {**progress, "wall_time_s": progress["wall_time_s"] + time.perf_counter() - self.t_start}
+        progress = {**progress, "wall_time_s": progress["wall_time_s"] + time.perf_counter() - self.t_start,
+                    "cpu_time_s": progress["cpu_time_s"] + time.process_time() - self.cpu_start}
         save_resume(self.cfg.out, {
             "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch,
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -260,7 +267,7 @@ class Trainer:
         return res
 
     def run_epoch(self, epoch: int, progress: dict[str, Any]) -> bool:
-        """Train one epoch (or its remainder); returns True when --max-steps stopped it early."""
+        """Train one epoch (or its remainder); True when --max-steps or divergence ends the run here."""
         from tqdm import tqdm
 
         cfg, start = self.cfg, progress["step_in_epoch"]
@@ -305,22 +312,27 @@ class Trainer:
         bar.close()
         acc = snapshot()
         progress["train_time_s"] += acc["time"] - (progress["epoch_acc"] or {"time": 0.0})["time"]
-        self._end_epoch(epoch, step, acc, progress)
-        return stopped
+        return self._end_epoch(epoch, step, acc, progress) or stopped
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _end_epoch(self, epoch: int, step: int, acc: dict[str, Any], progress: dict[str, Any]) -> None:
+    def _end_epoch(self, epoch: int, step: int, acc: dict[str, Any], progress: dict[str, Any]) -> bool:
+        """Log, evaluate and save at the end of an epoch (or where it stopped); True if training diverged."""
         cfg, complete = self.cfg, step == self.steps_per_epoch
         loss_sum, n, corrupt = all_reduce_sum([acc["loss_sum"], acc["samples"], acc["corrupt"]], self.info)
+        train_loss = loss_sum / max(n, 1)
+        # A non-finite loss never recovers (weights are NaN): stop, so lr/wd sweeps do not burn the budget.
+        diverged = not math.isfinite(train_loss)
         last = epoch + 1 == cfg.epochs or (cfg.max_steps and progress["global_step"] >= cfg.max_steps)
         rec: dict[str, Any] = {
             "epoch": epoch + 1, "step": progress["global_step"], "complete": complete,
-            "train_loss": loss_sum / max(n, 1), "lr": self._lr(),
+            "train_loss": _finite(train_loss), "lr": self._lr(),
             "epoch_time_s": round(acc["time"], 3), "samples_per_s": round(n / max(acc["time"], 1e-9), 1),
         }
-        if last or not complete or (epoch + 1) % cfg.eval_every == 0:
+        if diverged:
+            rec["diverged"] = progress["diverged"] = True
+        if last or diverged or not complete or (epoch + 1) % cfg.eval_every == 0:
             ev = self._eval_all()
             progress["last_eval"] = {"global_step": progress["global_step"], **ev}
             rec |= {"val_top1": ev["raw"]["top1"], "val_top5": ev["raw"]["top5"], "val_loss": ev["raw"]["loss"]}
@@ -338,8 +350,10 @@ class Trainer:
         if self.info.is_main:
             val = "" if "val_top1" not in rec else f"  val top-1 {100 * rec['val_top1']:.2f}%" + (
                 f" (EMA {100 * rec['val_top1_ema']:.2f}%)" if "val_top1_ema" in rec else "")
-            print(f"epoch {epoch + 1}/{cfg.epochs}  step {rec['step']}  loss {rec['train_loss']:.4f}  "
+            loss = "diverged (non-finite)" if diverged else f"{train_loss:.4f}"
+            print(f"epoch {epoch + 1}/{cfg.epochs}  step {rec['step']}  loss {loss}  "
                   f"lr {rec['lr']:.2e}  {rec['samples_per_s']:.0f} img/s{val}", flush=True)
+        return diverged
 
     # ------------------------------------------------------------------------------------------- finish
     def finish(self, progress: dict[str, Any]) -> dict[str, Any]:
@@ -375,8 +389,10 @@ class Trainer:
             "final_val_top5_ema": None if ema is None else ema["top5"],
             "best_val_top1": best_raw, "best_val_top1_epoch": best_raw_ep,
             "best_val_top1_ema": best_ema, "best_val_top1_ema_epoch": best_ema_ep,
-            "weights_source": "ema" if use_ema else "raw",
+            "weights_source": "ema" if use_ema else "raw", "diverged": bool(progress.get("diverged")),
             "wall_time_s": round(wall, 2), "train_time_s": round(progress["train_time_s"], 2),
+            # CPU seconds of this (rank 0) process, all threads: on a shared machine wall time overstates cost.
+            "cpu_time_s": round(progress["cpu_time_s"] + time.process_time() - self.cpu_start, 2),
             "samples_per_s": round(progress["samples_seen"] / progress["train_time_s"], 1)
             if progress["train_time_s"] > 0 else None,
             # Per epoch every corrupt train file is met (and replaced) once: the largest epoch count is the files.
@@ -409,7 +425,7 @@ class Trainer:
                  f"{f' x {self.info.world_size} ranks' if self.info.distributed else ''}, {self.threads} threads, "
                  f"amp {'bf16' if self.amp else 'off'}")
         for epoch in range(progress["epoch"], cfg.epochs):
-            if cfg.max_steps and progress["global_step"] >= cfg.max_steps:
+            if progress.get("diverged") or (cfg.max_steps and progress["global_step"] >= cfg.max_steps):
                 break
             if self.run_epoch(epoch, progress):
                 break
