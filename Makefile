@@ -29,8 +29,20 @@ test: install lint
 test-all: install lint
 	$(BIN)/pytest -q
 
+DEMO_EPOCHS ?= 2
+
 demo: install
 	$(PYTHON) -m models list
+	$(PYTHON) -m train --model vit_c_mini --dataset animals --epochs $(DEMO_EPOCHS) --out runs/animals-vit_c --overwrite
+	$(PYTHON) -m train --model vit_p_mini --dataset animals --epochs $(DEMO_EPOCHS) --out runs/animals-vit_p --overwrite
+	$(PYTHON) -m export --checkpoint runs/animals-vit_c --out exports/animals-vit_c --parity-samples 1000
+	$(PYTHON) -m export --checkpoint runs/animals-vit_p --out exports/animals-vit_p --parity-samples 1000
+	$(PYTHON) -m export.report exports/animals-vit_c exports/animals-vit_p --png exports/demo-parity.png
+	$(PYTHON) benchmarks/latency.py --pairs mini --batch-sizes 1,8 --cell-seconds 3 --out exports/demo-bench
+	@echo
+	@echo "Serve the trained pair:  make serve   (http://127.0.0.1:8000/docs)"
+	@echo "  $(PYTHON) -m serve.sample --dataset animals --out sample.png"
+	@echo "  curl -s -H 'content-type: image/png' --data-binary @sample.png http://127.0.0.1:8000/v1/models/animals-vit_c/classify"
 
 serve: install
 	$(PYTHON) -m serve --model exports/animals-vit_c --model exports/animals-vit_p --backend onnxruntime
