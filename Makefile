@@ -23,8 +23,15 @@ lint: install
 	@if [ -f Dockerfile ]; then $(BIN)/hadolint Dockerfile; fi
 	@if [ -f Dockerfile.gpu ]; then $(BIN)/hadolint Dockerfile.gpu; fi
 
+MARKS ?= not slow and not gpu and not tensorrt
+TRAIN_TESTS := tests/test_train.py tests/test_train_ddp.py tests/test_train_folder.py tests/test_train_resume.py \
+	tests/test_sweep.py
+
+# Two pytest processes: training tests fork DataLoader workers, which must not inherit the thread pools that the
+# export/serve tests leave loaded (onnxruntime, OpenVINO) in the same process.
 test: install lint
-	$(BIN)/pytest -q -m "not slow and not gpu and not tensorrt"
+	$(BIN)/pytest -q -m "$(MARKS)" $(addprefix --ignore=,$(TRAIN_TESTS))
+	$(BIN)/pytest -q -m "$(MARKS)" $(TRAIN_TESTS)
 
 test-all: install lint
 	$(BIN)/pytest -q
