@@ -65,7 +65,8 @@ def save_checkpoint(
         raise ValueError(f"class_names has {len(class_names)} entries, the model has {cfg.num_classes} classes")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / ".weights.tmp.safetensors"
-    save_file(state, str(tmp), metadata={"format": FORMAT, "model": cfg.name})
+    # One metadata key: safetensors orders several keys differently per process, breaking reproducible hashes.
+    save_file(state, str(tmp), metadata={"format": FORMAT})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     digest = sha256_file(tmp)
