@@ -132,29 +132,37 @@ def prepare_model(
     cache: Path = DEFAULT_CACHE,
     targets: Sequence[str] = ("onnx", "openvino"),
     max_batch: int = 32,
-    parity_samples: int = 256,
-    calibration_samples: int = 128,
+    parity_samples: int = 512,
+    calibration_samples: int = 300,
     root: Path = REPO,
+    checkpoint: Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PreparedModel:
-    """Checkpoint (trained or random-init) -> bundle under `cache`, exported only when the cache is stale."""
+    """Checkpoint -> bundle under `cache`, exported only when the cache is stale.
+
+    The checkpoint is `checkpoint` when given, else the demo's trained one, else a seeded random init.
+    """
     from export.bundle import build_bundle
 
-    checkpoint = trained_checkpoint(model, root)
+    given = checkpoint is not None
+    checkpoint = checkpoint or trained_checkpoint(model, root)
     source = "trained" if checkpoint else "random-init"
     if checkpoint is None:
         checkpoint = random_init_checkpoint(model, cache)
-    bundle = cache / f"{model}-{source}"
+    # A checkpoint given by path gets a cache entry of its own (named by its weights), so no two share one.
+    bundle = cache / (f"{model}-{(_weights_sha(checkpoint) or 'unknown')[:12]}" if given else f"{model}-{source}")
     demo = root / DEMO_BUNDLES[model] if source == "trained" and model in DEMO_BUNDLES else None
     if demo is not None and (manifest := _fresh(demo, checkpoint, targets, max_batch)) is not None:
         return PreparedModel(pair, model, str(manifest.get("stem")), checkpoint, source, demo, manifest)
     manifest = _fresh(bundle, checkpoint, targets, max_batch)
     if manifest is None:
+        if source == "random-init":  # accuracy means nothing there: fewer images make the one-time export quicker
+            parity_samples, calibration_samples = min(parity_samples, 128), min(calibration_samples, 64)
         if log:
             log(f"exporting {model} ({source}) to {bundle} ...")
         build_bundle(
             checkpoint, bundle, tuple(targets), name=f"{model}-{source}", max_batch=max_batch,
-            parity_samples=parity_samples, calibration_samples=calibration_samples, dataset=DATASET,
+            parity_samples=parity_samples, calibration_samples=calibration_samples,  # the checkpoint's dataset
             tolerances=_relaxed_int8() if source == "random-init" else None,
             log=log or (lambda _msg: None),
         )

@@ -5,7 +5,7 @@ precision this machine has (torch eager fp32/bf16, onnxruntime, OpenVINO fp32/bf
 and onnxruntime-CUDA with a GPU), about 10 minutes on 2 cores (plus a one-time export of the bundles, cached
 under exports/bench/). `--quick` (the micro pair, a few repetitions) takes well under a minute once its bundles
 are cached. `--http URL` instead drives a running server (closed loop at several concurrencies, then Poisson
-arrivals) and compares it with the bare runtime.
+arrivals) and compares it with the bare runtime; `--http start --bundle DIR` serves DIR itself for the run.
 
 Method: each model pair is loaded side by side; after a warm-up, C and P are timed in alternating rounds on a
 rotating pool of inputs until both medians are stable (95 % CI within +-2 %) or the cell's time is up.
@@ -56,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--targets", default="all",
                      help=f"'all' or comma-separated of {', '.join(t.id for t in ALL_TARGETS)}; unavailable "
                           "ones are listed as skipped with the reason (default all)")
+    run.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=DIR",
+                     help="weights for one model of a pair, e.g. vit_c_mini=runs/animals-vit_c (repeatable; default: "
+                          "the demo's trained mini checkpoints when present, else a seeded random init)")
     run.add_argument("--threads", type=int, default=None, help="intra-op threads per inference (default: usable CPUs)")
     run.add_argument("--cell-seconds", type=float, default=None,
                      help="time cap per (pair, target, batch) cell, both models (default 20; --quick 0.6)")
     run.add_argument("--min-reps", type=int, default=None, help="repetitions per model before stopping (default 20)")
     run.add_argument("--limit-seconds", type=float, default=None,
                      help="matmul-limit timing per precision, at start and end (default 3; --quick 0.3)")
-    run.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"bundle cache (default {DEFAULT_CACHE})")
+    run.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bundle cache (default exports/bench)")
     run.add_argument("--out", type=Path, default=None,
                      help="results directory (default benchmarks/results; --quick: exports/bench/results)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -93,12 +96,22 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     from benchmarks.measure import FULL, QUICK
     from benchmarks.runners import parse_targets
     from benchmarks.suite import SuiteConfig
+    from models.checkpoint import read_checkpoint_meta
     from serve.backends.base import default_threads
 
     pairs = tuple(x.strip() for x in (args.pairs or ("micro" if args.quick else "1gf,mini")).split(",") if x.strip())
     for pair in pairs:
         if pair not in PAIRS:
             raise ValueError(f"unknown pair {pair!r}; known: {', '.join(PAIRS)}")
+    checkpoints = []
+    for spec in args.checkpoint:
+        model, sep, path = spec.partition("=")
+        if not sep or model not in {m for pair in pairs for m in PAIRS[pair]}:
+            raise ValueError(f"--checkpoint {spec!r}: expected MODEL=DIR, MODEL one of the benchmarked pairs' models")
+        meta = read_checkpoint_meta(path)  # CheckpointError (a ValueError) names what is wrong
+        if meta.model != model:
+            raise ValueError(f"--checkpoint {spec!r}: that checkpoint is a {meta.model}, not a {model}")
+        checkpoints.append((model, Path(path)))
     budget = QUICK if args.quick else FULL
     if args.cell_seconds is not None:
         budget = replace(budget, max_s=args.cell_seconds)
@@ -113,7 +126,8 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         pairs=pairs, batch_sizes=args.batch_sizes or ((1, 8) if args.quick else (1, 8, 32)),
         targets=tuple(parse_targets(args.targets)), threads=threads, budget=budget,
         limit_seconds=args.limit_seconds or (0.3 if args.quick else 3.0), cache=args.cache, quick=args.quick,
-        parity_samples=64 if args.quick else 256, calibration_samples=32 if args.quick else 128,
+        parity_samples=64 if args.quick else 512, calibration_samples=32 if args.quick else 300,
+        checkpoints=tuple(checkpoints),
         progress=not args.no_progress, argv=("python", "benchmarks/latency.py", *argv),
     )
 

@@ -35,8 +35,9 @@ class SuiteConfig:
     budget: Budget = FULL
     limit_seconds: float = 3.0  # per precision, at the start and again at the end
     cache: Path = bundles.DEFAULT_CACHE
-    parity_samples: int = 256  # export parity images per bundle (first run only: bundles are cached)
-    calibration_samples: int = 128  # INT8 calibration images
+    parity_samples: int = 512  # export parity images per trained bundle (first run only: bundles are cached)
+    calibration_samples: int = 300  # INT8 calibration images
+    checkpoints: tuple[tuple[str, Path], ...] = ()  # (model, checkpoint dir) overriding the default weights
     quick: bool = False
     progress: bool = True
     argv: tuple[str, ...] = field(default_factory=tuple)
@@ -99,6 +100,7 @@ def _cell(model: bundles.PreparedModel, target: Target, batch: int, samples: lis
         "throughput_ips": batch / (stats["p50"] / 1e3),
         "macs_per_image": macs, "gflops": gflops, "limit": limit_name, "limit_gflops": limit,
         "fraction_of_limit": gflops / limit if limit else None,
+        "load_1m": (machine.load_average() or [None])[0],  # other work on the machine while this cell ran
     }
 
 
@@ -190,8 +192,9 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> dic
         c_name, p_name = bundles.PAIRS[pair]
         needed = export_targets(list(cfg.targets), gpus)
         max_batch = max(32, *cfg.batch_sizes)
+        given = dict(cfg.checkpoints)
         c, p = (bundles.prepare_model(pair, m, cache=cfg.cache, targets=needed, max_batch=max_batch, log=log,
-                                      parity_samples=cfg.parity_samples,
+                                      parity_samples=cfg.parity_samples, checkpoint=given.get(m),
                                       calibration_samples=cfg.calibration_samples)
                 for m in (c_name, p_name))
         prepared[pair] = (c, p)
