@@ -1,11 +1,15 @@
 """The checkpoints and bundles a benchmark runs: the C/P pairs, exported once and cached under exports/bench/.
 
 A pair uses trained checkpoints where the demo produced them (runs/animals-vit_c, runs/animals-vit_p for the
-mini pair), else a seeded random initialisation with a 10-class head (the animals classes), which is all a
-latency measurement needs. Random-init models get a small non-zero head (the model's own init zeroes it, which
-would make every logit 0 and INT8 parity trivially perfect) and a relaxed INT8 accuracy gate: their accuracy
-means nothing, and the benchmark must still time the INT8 artifact. A cached bundle is reused only while it
-matches its checkpoint's weights hash, holds every wanted target and batch size, and its files verify.
+mini pair) or where --checkpoint names them, else a seeded random initialisation with a 10-class head (the
+animals classes), which is all a latency measurement needs. Random-init models get a small non-zero head (the
+model's own init zeroes it, which would make every logit 0 and INT8 parity trivially perfect).
+
+The benchmark must time the INT8 artifact even where it loses more accuracy than the serving gate allows (1
+point): its bundles are exported with the INT8 accuracy gate relaxed, and the report states, from the same
+parity numbers, whether the artifact would pass the serving gate. These bundles live in the benchmark cache;
+serve the ones `python -m export` builds. A cached bundle is reused only while it matches its checkpoint's
+weights hash, holds every wanted target and batch size, and its files verify.
 """
 
 from __future__ import annotations
@@ -116,8 +120,8 @@ def expand_targets(targets: Sequence[str]) -> list[str]:
 
 
 def _relaxed_int8() -> dict[str, Any]:
-    """Parity gates for random-init bundles: INT8 accuracy is meaningless there, so only finiteness and batch
-    invariance are enforced (fp32 and fp16 keep their strict gates)."""
+    """Parity gates for benchmark bundles: INT8 keeps finiteness and batch invariance, not the accuracy limits
+    (fp32 and fp16 keep their strict gates)."""
     from dataclasses import replace
 
     from export.parity import INT8_TOLERANCE
@@ -163,7 +167,7 @@ def prepare_model(
         build_bundle(
             checkpoint, bundle, tuple(targets), name=f"{model}-{source}", max_batch=max_batch,
             parity_samples=parity_samples, calibration_samples=calibration_samples,  # the checkpoint's dataset
-            tolerances=_relaxed_int8() if source == "random-init" else None,
+            tolerances=_relaxed_int8(),
             log=log or (lambda _msg: None),
         )
         manifest = read_manifest(bundle)
@@ -172,14 +176,18 @@ def prepare_model(
 
 
 def int8_parity(manifest: dict[str, Any], runtime: str = "openvino") -> dict[str, Any] | None:
-    """The INT8 artifact's parity record vs torch fp32 (accuracy delta, agreement), if the bundle has one."""
+    """The INT8 artifact's parity vs torch fp32 (accuracy delta, agreement) and the serving gate's verdict."""
+    from export.parity import INT8_TOLERANCE, gate
+
     for artifact in manifest.get("artifacts", []):
         if artifact.get("runtime") == runtime and artifact.get("precision") == "int8":
             parity = artifact.get("parity") or {}
             keys = ("accuracy", "reference_accuracy", "accuracy_delta", "top1_agreement", "max_abs_err",
                     "max_rel_err", "val_samples", "dataset")
             out = {k: parity.get(k) for k in keys}
-            out.update(servable=bool(artifact.get("servable")), refused_reason=artifact.get("refused_reason"))
+            failures = gate(parity, INT8_TOLERANCE) if "reference_logit_scale" in parity else ["no parity record"]
+            out.update(timed=bool(artifact.get("servable")), passes_serving_gate=not failures,
+                       serving_gate_failures=failures, refused_reason=artifact.get("refused_reason"))
             return out
     return None
 

@@ -319,7 +319,7 @@ def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
         ax.axhline(doc["bare"]["best_throughput_ips"], color="k", lw=0.8,
                    label=f"bare best (batch {doc['bare']['best_batch']})")
     batch_axis(ax, xs or [1])
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrency (closed loop)")
     ax.set_ylabel("images / s")
     ax.legend(fontsize=7)

@@ -80,7 +80,7 @@ def plot_latency(doc: dict[str, Any], path: Path) -> Path:
 
 
 def plot_ratios(doc: dict[str, Any], path: Path) -> Path:
-    """C/P median-latency ratio vs batch per runtime, with its interval and the +-5 % parity band."""
+    """C/P median-latency ratio vs batch per runtime, with its 95 % interval and the +-5 % parity band."""
     pairs, _ = _grid(doc)
     fig, axes = figure(1, len(pairs), (5.0, 3.4))
     for i, pair in enumerate(pairs):

@@ -70,7 +70,8 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
         lo, hi = r["interval"]
         rows.append([
             r["pair"], r["target"], str(r["batch"]), lat[0], lat[1],
-            f"{r['ratio']:.3f}" + (" !" if r["flagged"] else ""), f"{lo:.2f}-{hi:.2f}",
+            f"{r['ratio']:.3f}" + (" !" if r["flagged"] else ""), f"{lo:.2f}-{hi:.2f}", r["verdict"],
+            f"{r['macs_ratio']:.3f}",
             f"{c['gflops']:.1f} / {p['gflops']:.1f}",
             f"{_pct(c['fraction_of_limit'])} / {_pct(p['fraction_of_limit'])}",
             f"{c['latency_ms']['rel_spread']:.0%} / {p['latency_ms']['rel_spread']:.0%}", f"{c['reps']}/{p['reps']}",
@@ -78,7 +79,8 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADER = ["pair", "target", "batch", "C ms p50/p90/p99", "P ms p50/p90/p99", "C/P", "C/P interval",
+HEADER = ["pair", "target", "batch", "C ms p50/p90/p99", "P ms p50/p90/p99", "C/P", "C/P interval", "verdict",
+          "MACs C/P",
           "GFLOP/s C / P", "of limit C / P", "IQR/p50 C / P", "reps C/P"]
 
 
@@ -93,7 +95,8 @@ def format_table(doc: dict[str, Any]) -> str:
     lines += ["", limits_line(doc)]
     lines += [f"skipped {s['pair']} {s['target']}{' b' + str(s['batch']) if 'batch' in s else ''}: {s['reason']}"
               for s in doc["skipped"]]
-    lines.append("C/P outside 1 +- 5 % is marked '!'; the interval is the 10-90 % range of per-round ratios.")
+    lines.append("C/P outside 1 +- 5 % is marked '!'; the interval is the 95 % CI of the median per-round ratio; the "
+                 "verdict is parity / C faster / C slower only when the whole interval says so, else inconclusive.")
     return "\n".join(lines)
 
 
@@ -139,8 +142,9 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
         "",
         _md_table(HEADER, _rows(doc)),
         "",
-        "C/P outside 1 +- 5 % is marked `!`; the interval is the 10-90 % range of the per-round ratios "
-        "(C and P are timed in alternating rounds).",
+        "C/P outside 1 +- 5 % is marked `!`; the interval is the 95 % CI of the median per-round ratio "
+        "(C and P are timed in alternating rounds); the verdict is parity (interval inside 0.95-1.05), C faster or "
+        "C slower (interval wholly outside) or inconclusive. MACs C/P is the analytic expectation.",
         "",
     ]
     parts += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
@@ -149,12 +153,11 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
         for m, b in s["best_batch1"].items():
             parts.append(f"- {pair}: {m} best batch-1 latency {b['p50_ms']:.2f} ms ({b['target']}), "
                          f"{b['gflops']:.1f} GFLOP/s = {_pct(b['fraction_of_limit'])} of the {b['limit']} limit")
-        for q in s["int8_speedup_vs_openvino_fp32"]:
-            par = q.get("parity") or {}
-            delta = par.get("accuracy_delta")
-            acc = "" if delta is None else (f"; INT8 accuracy delta {delta * 100:+.2f} points, "
-                                            f"top-1 agreement {par.get('top1_agreement', 0):.1%}")
-            parts.append(f"- {pair}: {q['model']} b{q['batch']} OpenVINO INT8 speed-up {q['speedup']:.2f}x{acc}")
+        for model in dict.fromkeys(q["model"] for q in s["int8_speedup_vs_openvino_fp32"]):
+            qs = [q for q in s["int8_speedup_vs_openvino_fp32"] if q["model"] == model]
+            speedups = ", ".join(f"b{q['batch']} {q['speedup']:.2f}x" for q in qs)
+            parts.append(f"- {pair}: {model} OpenVINO INT8 speed-up over OpenVINO fp32: {speedups}"
+                         + _int8_accuracy(doc, model))
         if s["flagged"]:
             parts.append(f"- {pair}: C/P outside +-5 %: {', '.join(s['flagged'])}")
     prof = [b for b in doc.get("breakdown", []) if "error" not in b]
@@ -177,9 +180,9 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
                   for s in doc["skipped"]]
     parts += ["", "## Compact table (for the README)", "", readme_table(doc)]
     parts += ["", "## Models", ""]
-    parts.append(_md_table(["model", "weights", "GMACs/image", "image", "bundle"],
-                           [[m, v["source"], f"{v['macs_per_image'] / 1e9:.3f}", str(v["image_size"]), v["bundle"]]
-                            for m, v in doc["models"].items()]))
+    parts.append(_md_table(["model", "weights", "GMACs/image", "image", "checkpoint", "bundle"],
+                           [[m, v["source"], f"{v['macs_per_image'] / 1e9:.3f}", str(v["image_size"]),
+                             _rel(v["checkpoint"]), _rel(v["bundle"])] for m, v in doc["models"].items()]))
     return "\n".join(parts) + "\n"
 
 
@@ -196,9 +199,30 @@ def readme_table(doc: dict[str, Any]) -> str:
         c = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["c_model"])[0]
         p = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["p_model"])[0]
         rows.append([r["pair"], r["target"], str(r["batch"]), _ms(c["latency_ms"]["p50"]), _ms(p["latency_ms"]["p50"]),
-                     f"{r['ratio']:.2f}" + (" !" if r["flagged"] else ""),
+                     f"{r['ratio']:.2f}" + (" !" if r["flagged"] else ""), r["verdict"],
                      f"{_pct(c['fraction_of_limit'])} / {_pct(p['fraction_of_limit'])}"])
-    return _md_table(["pair", "runtime", "batch", "ViT_C p50 ms", "ViT_P p50 ms", "C/P", "of limit C / P"], rows)
+    return _md_table(["pair", "runtime", "batch", "ViT_C p50 ms", "ViT_P p50 ms", "C/P", "verdict", "of limit C / P"],
+                     rows)
+
+
+def _int8_accuracy(doc: dict[str, Any], model: str) -> str:
+    """"; INT8 accuracy delta ..." with the caveat that applies (random weights, or the serving gate refuses it)."""
+    par = (doc["models"].get(model) or {}).get("int8_parity") or {}
+    if par.get("accuracy_delta") is None:
+        return ""
+    text = (f"; INT8 accuracy delta {par['accuracy_delta'] * 100:+.2f} points on {par.get('val_samples')} "
+            f"{par.get('dataset')} val images, top-1 agreement with fp32 {par.get('top1_agreement', 0):.1%}")
+    if (doc["models"].get(model) or {}).get("source") == "random-init":
+        return text + " (random-init weights: accuracy not meaningful)"
+    if par.get("passes_serving_gate") is False:
+        return text + f" (the serving gate would refuse it: {'; '.join(par['serving_gate_failures'])})"
+    return text
+
+
+def _rel(path: str) -> str:
+    """A path relative to the repository when inside it (reports are read on other machines)."""
+    repo = str(Path(__file__).resolve().parents[1]) + "/"
+    return path[len(repo):] if path.startswith(repo) else path
 
 
 def _fmt_load(la: list[float] | None) -> str:

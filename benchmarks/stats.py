@@ -76,14 +76,15 @@ def ratio_summary(
 ) -> dict[str, Any]:
     """ViT_C / ViT_P median-latency ratio, its interval, and whether it is flagged outside 1 +- tolerance.
 
-    The interval is the spread of the per-round ratios when interleaved rounds are given (it follows the
-    machine's drift, which hits both models alike), else the ratio of the two medians' CIs (conservative).
+    With interleaved rounds, the interval is the 95 % CI of the median per-round ratio (each round's C and P
+    ran within a second of each other, so the machine's drift cancels in the ratio); without, it is the ratio
+    of the two medians' CIs (conservative). The verdict is "parity" when the interval lies within 1 +- tolerance,
+    "C slower" / "C faster" when it lies wholly outside, else "inconclusive".
     """
     c_med, p_med = float(np.median(_array(c_samples))), float(np.median(_array(p_samples)))
     ratio = c_med / p_med
     if len(round_ratios) >= 2:
-        r = _array(round_ratios)
-        interval = [float(np.percentile(r, 10)), float(np.percentile(r, 90))]
+        interval = list(median_ci(round_ratios))
     else:
         (c_lo, c_hi), (p_lo, p_hi) = median_ci(c_samples), median_ci(p_samples)
         interval = [c_lo / p_hi, c_hi / p_lo]
@@ -96,7 +97,8 @@ def ratio_summary(
         verdict = "parity"
     else:
         verdict = "inconclusive"
-    return {"ratio": ratio, "interval": interval, "flagged": flagged, "verdict": verdict, "tolerance": tolerance}
+    return {"ratio": ratio, "interval": interval, "flagged": flagged, "verdict": verdict, "tolerance": tolerance,
+            "round_ratios": [float(x) for x in round_ratios]}
 
 
 def achieved_gflops(macs_per_image: int, batch: int, latency_s: float) -> float:

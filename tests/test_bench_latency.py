@@ -71,7 +71,9 @@ def test_quick_results_are_complete_and_sane(quick):
     assert {c["model"] for c in doc["cold_start"]} == {"vit_c_micro", "vit_p_micro"}
     assert all(c["seconds"] > 0 for c in doc["cold_start"])
     assert doc["summary"]["micro"]["best_batch1"].keys() == {"vit_c_micro", "vit_p_micro"}
-    assert doc["models"]["vit_c_micro"]["int8_parity"]["top1_agreement"] is not None
+    int8 = doc["models"]["vit_c_micro"]["int8_parity"]
+    assert int8["top1_agreement"] is not None and int8["timed"]
+    assert int8["passes_serving_gate"] == (not int8["serving_gate_failures"])
     profiles = [b for b in doc["breakdown"] if "error" not in b]
     assert {(b["model"], b["target"]) for b in profiles} >= {("vit_c_micro", "openvino-fp32"),
                                                              ("vit_p_micro", "openvino-int8")}
