@@ -10,7 +10,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY models ./models
-COPY export ./export
+COPY data ./data
+COPY runtimes ./runtimes
 COPY serve ./serve
 # Exact pins from constraints.txt; the serve extra pulls no torch.
 RUN python -m venv /opt/vitc \

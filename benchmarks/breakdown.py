@@ -1,4 +1,4 @@
-"""Where the time goes: OpenVINO per-operation profile of a bundle, split into matmul-class ops and the rest.
+"""Where the time goes: a per-operation profile (runtimes that report one: OpenVINO), matmul-class ops vs the rest.
 
 This explains a result far from the matmul limit. Nearly all analytic multiply-adds live in the matmul-class
 ops (FullyConnected, MatMul, Convolution, attention), so 2 * MACs * batch / (their time) is the speed of the
@@ -9,13 +9,12 @@ for the headline latency (which is measured without it).
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from export.manifest import select_artifact, verify_files
+import runtimes
+from models.bundle import Manifest, verify_files
+from runtimes import BackendOptions, LoadSpec
 
 MATMUL_OPS = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention", "GroupConvolution")
 
@@ -25,32 +24,20 @@ def is_matmul_op(node_type: str) -> bool:
     return node_type.startswith(MATMUL_OPS)
 
 
-def openvino_profile(bundle: Path, manifest: dict[str, Any], precision: str, batch: int, threads: int,
-                     reps: int = 5) -> dict[str, Any]:
-    """Per-op-type milliseconds (median over `reps` profiled calls) of the OpenVINO artifact at `batch`."""
-    import openvino as ov
+def can_profile(runtime: str) -> bool:
+    """Whether the runtime reports per-op times."""
+    return runtimes.get(runtime).profile is not None
 
-    artifact = select_artifact(manifest, "openvino", precision)
-    xml = next(p for p in verify_files(bundle, artifact) if p.suffix == ".xml")
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(xml)), "CPU", {
-        "PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-        "INFERENCE_PRECISION_HINT": (artifact.get("parity") or {}).get("inference_precision", "f32"),
-    })
-    request = compiled.create_infer_request()
-    shape = manifest["input"]
-    x = np.random.default_rng(0).standard_normal(
-        (batch, shape.get("channels", 3), shape["height"], shape["width"]), dtype=np.float32)
-    request.infer({0: x})
-    runs: list[Counter] = []
-    for _ in range(reps):
-        request.infer({0: x})
-        per_type: Counter = Counter()
-        for p in request.get_profiling_info():
-            per_type[p.node_type] += p.real_time.total_seconds() * 1e3
-        runs.append(per_type)
-    types = sorted({t for r in runs for t in r})
-    by_type = {t: float(np.median([r.get(t, 0.0) for r in runs])) for t in types}
+
+def op_profile(bundle: Path, manifest: Manifest, runtime: str, precision: str, batch: int, threads: int,
+               reps: int = 5) -> dict[str, Any]:
+    """Per-op-type milliseconds of the runtime's artifact at `batch`, split into matmul-class ops and the rest."""
+    rt = runtimes.get(runtime)
+    if rt.profile is None:
+        raise ValueError(f"{runtime} reports no per-op times")
+    artifact = runtimes.select(manifest, rt, precision)
+    spec = LoadSpec(manifest, artifact, tuple(verify_files(bundle, artifact)), BackendOptions(threads=threads))
+    by_type = rt.profile(spec, batch, reps)
     total = sum(by_type.values())
     matmul = sum(v for t, v in by_type.items() if is_matmul_op(t))
     top = dict(sorted(by_type.items(), key=lambda kv: -kv[1])[:8])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.manifest import BundleError, read_manifest, verify_files
+from models.bundle import BundleError, Manifest, read_manifest, verify_files
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / "exports" / "bench"
@@ -46,7 +46,7 @@ class PreparedModel:
     checkpoint: Path
     source: str  # "trained" | "random-init"
     bundle: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 def _weights_sha(checkpoint: Path) -> str | None:
@@ -79,9 +79,9 @@ def random_init_checkpoint(model: str, cache: Path) -> Path:
         return out
     import torch
 
+    from data.datasets import ANIMAL_CLASSES, default_preprocessing
     from models.checkpoint import save_checkpoint
     from models.registry import build_model
-    from train.data import ANIMAL_CLASSES, default_preprocessing
 
     torch.manual_seed(INIT_SEED)
     net = build_model(model, num_classes=len(ANIMAL_CLASSES))
@@ -93,28 +93,24 @@ def random_init_checkpoint(model: str, cache: Path) -> Path:
     return out
 
 
-def _fresh(bundle: Path, checkpoint: Path, targets: Sequence[str], max_batch: int) -> dict[str, Any] | None:
+def _fresh(bundle: Path, checkpoint: Path, targets: Sequence[str], max_batch: int) -> Manifest | None:
     """The cached bundle's manifest if it can be reused as is, else None."""
     try:
         manifest = read_manifest(bundle)
-        if manifest.get("source", {}).get("sha256") != _weights_sha(checkpoint):
+        if manifest.source.sha256 != _weights_sha(checkpoint) or manifest.input.max_batch < max_batch:
             return None
-        if int(manifest["input"].get("max_batch", 0)) < max_batch:
+        if not set(expand_targets(targets)) <= {a.id for a in manifest.artifacts}:
             return None
-        ids = {a.get("id") for a in manifest["artifacts"]}
-        if not set(expand_targets(targets)) <= ids:
-            return None
-        for artifact in manifest["artifacts"]:
-            if artifact.get("servable"):
-                verify_files(bundle, artifact)
+        for artifact in manifest.servable():
+            verify_files(bundle, artifact)
         return manifest
-    except (BundleError, KeyError, TypeError, ValueError):
+    except (BundleError, ValueError):
         return None
 
 
 def expand_targets(targets: Sequence[str]) -> list[str]:
     """Artifact ids ("onnx-fp32", ...) a list of export targets produces, torch included."""
-    from export.context import parse_targets
+    from export.targets import parse_targets
 
     return [t.id for t in parse_targets(["torch", *targets])]
 
@@ -157,37 +153,35 @@ def prepare_model(
     bundle = cache / (f"{model}-{(_weights_sha(checkpoint) or 'unknown')[:12]}" if given else f"{model}-{source}")
     demo = root / DEMO_BUNDLES[model] if source == "trained" and model in DEMO_BUNDLES else None
     if demo is not None and (manifest := _fresh(demo, checkpoint, targets, max_batch)) is not None:
-        return PreparedModel(pair, model, str(manifest.get("stem")), checkpoint, source, demo, manifest)
+        return PreparedModel(pair, model, manifest.stem, checkpoint, source, demo, manifest)
     manifest = _fresh(bundle, checkpoint, targets, max_batch)
     if manifest is None:
         if source == "random-init":  # accuracy means nothing there: fewer images make the one-time export quicker
             parity_samples, calibration_samples = min(parity_samples, 128), min(calibration_samples, 64)
         if log:
             log(f"exporting {model} ({source}) to {bundle} ...")
-        build_bundle(
+        manifest = build_bundle(
             checkpoint, bundle, tuple(targets), name=f"{model}-{source}", max_batch=max_batch,
             parity_samples=parity_samples, calibration_samples=calibration_samples,  # the checkpoint's dataset
             tolerances=_relaxed_int8(),
             log=log or (lambda _msg: None),
         )
-        manifest = read_manifest(bundle)
-    stem = str(manifest.get("stem") or ("conv" if "_c_" in model else "patchify"))
-    return PreparedModel(pair, model, stem, checkpoint, source, bundle, manifest)
+    return PreparedModel(pair, model, manifest.stem, checkpoint, source, bundle, manifest)
 
 
-def int8_parity(manifest: dict[str, Any], runtime: str = "openvino") -> dict[str, Any] | None:
+def int8_parity(manifest: Manifest, runtime: str = "openvino") -> dict[str, Any] | None:
     """The INT8 artifact's parity vs torch fp32 (accuracy delta, agreement) and the serving gate's verdict."""
     from export.parity import INT8_TOLERANCE, gate
 
-    for artifact in manifest.get("artifacts", []):
-        if artifact.get("runtime") == runtime and artifact.get("precision") == "int8":
-            parity = artifact.get("parity") or {}
-            keys = ("accuracy", "reference_accuracy", "accuracy_delta", "top1_agreement", "max_abs_err",
-                    "max_rel_err", "val_samples", "dataset")
-            out = {k: parity.get(k) for k in keys}
-            failures = gate(parity, INT8_TOLERANCE) if "reference_logit_scale" in parity else ["no parity record"]
-            out.update(timed=bool(artifact.get("servable")), passes_serving_gate=not failures,
-                       serving_gate_failures=failures, refused_reason=artifact.get("refused_reason"))
-            return out
-    return None
+    artifact = manifest.artifact(runtime, "int8")
+    if artifact is None:
+        return None
+    parity = artifact.parity.to_dict() if artifact.parity else {}
+    keys = ("accuracy", "reference_accuracy", "accuracy_delta", "top1_agreement", "max_abs_err", "max_rel_err",
+            "val_samples", "dataset")
+    out = {k: parity.get(k) for k in keys}
+    failures = gate(artifact.parity, INT8_TOLERANCE) if artifact.parity else ["no parity record"]
+    out.update(timed=artifact.servable, passes_serving_gate=not failures, serving_gate_failures=failures,
+               refused_reason=artifact.refused_reason)
+    return out
 

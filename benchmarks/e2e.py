@@ -97,7 +97,7 @@ def model_info(cfg: E2EConfig) -> dict[str, Any]:
 
 def request_bodies(n: int, seed: int = 0) -> list[bytes]:
     """`n` PNG-encoded animals validation images (deterministic subset)."""
-    from train.data import load_dataset
+    from data.datasets import load_dataset
 
     val = load_dataset("animals", "val").subset(min(n, MAX_IMAGES), seed=seed)
     bodies = []
@@ -110,17 +110,16 @@ def request_bodies(n: int, seed: int = 0) -> list[bytes]:
 
 def bare_runtime(bundle: Path, info: dict[str, Any], bodies: list[bytes], seconds: float) -> dict[str, Any]:
     """The served backend timed in-process: preprocessing, batch-1 inference, and the best batch throughput."""
+    import runtimes
     from benchmarks.measure import input_pool, time_calls
-    from export.manifest import read_manifest
-    from models.preprocessing import Preprocessing
-    from serve.backends import load_backend
+    from models.bundle import read_manifest
     from serve.imaging import prepare
 
     manifest = read_manifest(bundle)
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    spec = manifest.preprocessing
     t0 = time.perf_counter()
-    backend = load_backend(bundle, manifest, info["runtime"], device=info.get("device", "cpu"),
-                           precision=info.get("precision"))
+    backend = runtimes.open_backend(bundle, manifest, info["runtime"], info.get("precision"),
+                                    runtimes.BackendOptions(device=info.get("device", "cpu")))
     cold = time.perf_counter() - t0
     try:
         prep = []

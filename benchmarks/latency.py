@@ -42,7 +42,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """Every option, documented."""
     from benchmarks.bundles import DEFAULT_CACHE, PAIRS
-    from benchmarks.runners import ALL_TARGETS
+    from benchmarks.runners import all_targets
 
     p = _Parser(prog="python benchmarks/latency.py", description=__doc__.split("\n\n")[0],
                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated pairs of {', '.join(PAIRS)} (default 1gf,mini; --quick: micro)")
     run.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default 1,8,32; --quick: 1,8)")
     run.add_argument("--targets", default="all",
-                     help=f"'all' or comma-separated of {', '.join(t.id for t in ALL_TARGETS)}; unavailable "
+                     help=f"'all' or comma-separated of {', '.join(t.id for t in all_targets())}; unavailable "
                           "ones are listed as skipped with the reason (default all)")
     run.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=DIR",
                      help="weights for one model of a pair, e.g. vit_c_mini=runs/animals-vit_c (repeatable; default: "
@@ -97,7 +97,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     from benchmarks.runners import parse_targets
     from benchmarks.suite import SuiteConfig
     from models.checkpoint import read_checkpoint_meta
-    from serve.backends.base import default_threads
+    from models.host import usable_cpus
 
     pairs = tuple(x.strip() for x in (args.pairs or ("micro" if args.quick else "1gf,mini")).split(",") if x.strip())
     for pair in pairs:
@@ -119,7 +119,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         budget = replace(budget, min_reps=args.min_reps)
     if budget.max_s <= 0 or budget.min_reps < 1:
         raise ValueError("--cell-seconds must be positive and --min-reps at least 1")
-    threads = args.threads or default_threads()
+    threads = args.threads or usable_cpus()
     if not 1 <= threads <= 1024:
         raise ValueError(f"--threads must be in 1..1024, got {threads}")
     return SuiteConfig(
@@ -134,8 +134,8 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the benchmark (or the end-to-end mode), print the table, write the files."""
-    from export.context import ExportError
-    from export.manifest import BundleError
+    from models.bundle import BundleError
+    from runtimes import BackendError, ExportError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = run_suite(_config(args, argv))
             print(format_table(doc))
             paths = write_reports(doc, out, suffix="-quick" if args.quick else "", plots=not args.no_plots)
-    except (ValueError, BundleError, ExportError, OSError) as exc:
+    except (ValueError, BundleError, BackendError, ExportError, OSError) as exc:
         print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
               file=sys.stderr)
         return 2

@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from models.host import usable_cpus
+
 # CPU flags that decide which kernels the runtimes can use (the full list is long and mostly irrelevant).
 _FLAGS_OF_INTEREST = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
     "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
 )
-_LIBRARIES = (
-    "torch", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt", "numpy", "onnx", "fastapi", "uvicorn",
-)
+# Distributions reported beside the registered runtimes' own versions.
+_LIBRARIES = ("onnxruntime-gpu", "nncf", "numpy", "onnx", "fastapi", "uvicorn")
 _ENV_VARS = ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -197,7 +198,7 @@ def _cpu_info() -> dict[str, Any]:
         info["openvino_device"] = core.get_property("CPU", "FULL_DEVICE_NAME")
         info["openvino_capabilities"] = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     info["logical_cpus"] = os.cpu_count()
-    info["usable_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info["usable_cpus"] = usable_cpus()
     with contextlib.suppress(Exception):
         import psutil
 
@@ -222,7 +223,13 @@ def gpu_info() -> list[dict[str, Any]]:
 
 
 def _versions() -> dict[str, str]:
+    import runtimes
+
     out = {"python": platform.python_version()}
+    for rt in runtimes.runtimes():
+        if rt.installed():
+            with contextlib.suppress(Exception):  # a broken install is reported by its benchmark cells
+                out[rt.name] = rt.version()
     for name in _LIBRARIES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)

@@ -17,8 +17,9 @@ from typing import Any
 
 from benchmarks import bundles, machine
 from benchmarks.measure import FULL, Budget, input_pool, time_pair
-from benchmarks.runners import ALL_TARGETS, Target, export_targets, open_target, unavailable
+from benchmarks.runners import Target, all_targets, export_targets, open_target, unavailable
 from benchmarks.stats import achieved_gflops, ratio_summary, summarize
+from models.bundle import Manifest
 
 SCHEMA = "vitc-latency-benchmark"
 SCHEMA_VERSION = 1
@@ -30,7 +31,7 @@ class SuiteConfig:
 
     pairs: tuple[str, ...] = ("1gf", "mini")
     batch_sizes: tuple[int, ...] = (1, 8, 32)
-    targets: tuple[Target, ...] = ALL_TARGETS
+    targets: tuple[Target, ...] = field(default_factory=all_targets)
     threads: int = 2
     budget: Budget = FULL
     limit_seconds: float = 3.0  # per precision, at the start and again at the end
@@ -43,11 +44,10 @@ class SuiteConfig:
     argv: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _macs(manifest: dict[str, Any]) -> int:
+def _macs(manifest: Manifest) -> int:
     from models.complexity import complexity
-    from models.config import ViTConfig
 
-    return complexity(ViTConfig.from_dict(manifest["config"])).flops
+    return complexity(manifest.config).flops
 
 
 def _progress(total: int, enabled: bool):  # noqa: ANN202 - a tqdm bar or a no-op stand-in
@@ -114,9 +114,8 @@ def _run_target(cfg: SuiteConfig, c: bundles.PreparedModel, p: bundles.PreparedM
             opened.append(o)
             doc["cold_start"].append({"pair": model.pair, "model": model.model, "target": target.id,
                                       "seconds": o.cold_start_s, "info": o.info})
-        shape = (int(c.manifest["input"].get("channels", 3)), int(c.manifest["input"]["height"]),
-                 int(c.manifest["input"]["width"]))
-        max_batch = min(int(m.manifest["input"].get("max_batch", 1)) for m in (c, p))
+        shape = c.manifest.input.sample_shape
+        max_batch = min(m.manifest.input.max_batch for m in (c, p))
         for batch in cfg.batch_sizes:
             bar.set_description_str(f"{c.pair} {target.id} b{batch}")
             if batch > max_batch:
@@ -141,18 +140,18 @@ def _run_target(cfg: SuiteConfig, c: bundles.PreparedModel, p: bundles.PreparedM
 
 def _breakdowns(cfg: SuiteConfig, prepared: dict[str, tuple[bundles.PreparedModel, bundles.PreparedModel]],
                 runnable: list[tuple[str, Target]], limits: dict[str, Any]) -> list[dict[str, Any]]:
-    """OpenVINO per-op profiles (smallest and largest batch) of every model, to show where the time goes."""
-    from benchmarks.breakdown import openvino_profile
+    """Per-op profiles (smallest and largest batch) of every model, to show where the time goes."""
+    from benchmarks.breakdown import can_profile, op_profile
 
     out = []
     for pair, target in runnable:
-        if target.runtime != "openvino" or target.precision not in ("fp32", "int8"):
+        if not can_profile(target.runtime) or target.variant.inference_precision is not None:
             continue
         for model in prepared[pair]:
             for batch in sorted({min(cfg.batch_sizes), max(cfg.batch_sizes)}):
                 try:
-                    prof = openvino_profile(model.bundle, model.manifest, target.precision, batch, cfg.threads,
-                                            reps=2 if cfg.quick else 5)
+                    prof = op_profile(model.bundle, model.manifest, target.runtime, target.precision, batch,
+                                      cfg.threads, reps=2 if cfg.quick else 5)
                 except Exception as exc:  # a profile is commentary: never lose the run over it
                     out.append({"pair": pair, "model": model.model, "target": target.id, "batch": batch,
                                 "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
@@ -201,7 +200,7 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> dic
         for m in (c, p):
             doc["models"][m.model] = {"pair": pair, "stem": m.stem, "source": m.source, "bundle": str(m.bundle),
                                       "checkpoint": str(m.checkpoint), "macs_per_image": _macs(m.manifest),
-                                      "image_size": m.manifest["input"]["height"],
+                                      "image_size": m.manifest.input.height,
                                       "int8_parity": bundles.int8_parity(m.manifest)}
     runnable: list[tuple[str, Target]] = []
     for pair, (c, p) in prepared.items():

@@ -1,62 +1,47 @@
-"""Checkpoint -> bundle: every requested artifact exported, parity-checked against torch, and described in
-`manifest.json` (schema in export/manifest.py). The bundle is built in a temp directory and renamed into place,
-so a failure at any point leaves no partial bundle behind (and an older bundle at `out` stays intact).
+"""Checkpoint -> bundle: every requested artifact built by its runtime, parity-checked through the Backend that
+serves it, and described in `manifest.json` (the contract in models/bundle.py).
+
+The bundle is built in a temp directory and renamed into place, so a failure at any point leaves no partial
+bundle behind (and an older bundle at `out` stays intact). A runtime that fails to convert or misses its parity
+gate refuses its own artifact, not the bundle; a failing disk or memory stops the export (exit 2).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from export.context import FAMILIES, INPUT_NAME, OUTPUT_NAME, ExportContext, ExportError, Runner, Target, parse_targets
-from export.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, file_entries, verify_files, write_manifest
 from export.parity import ParityData, Tolerance, measure, run_batched
-from models.checkpoint import CheckpointError, load_checkpoint
+from export.targets import Target, parse_targets
+from models.bundle import (
+    MANIFEST_FILE,
+    MAX_BATCH_LIMIT,
+    Artifact,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    Source,
+    file_entries,
+    write_manifest,
+)
+from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from models.io import atomic_dir
 from models.preprocessing import preprocess
+from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
+from runtimes.base import INPUT_NAME, OUTPUT_NAME, ExportContext, first_line
+from runtimes.onnx_graph import OPSET, export_torch
 
-MODULES = {"torch": "export.pytorch", "onnx": "export.onnx", "openvino": "export.openvino",
-           "tensorrt": "export.tensorrt"}
-FORMATS = {"torch": "safetensors", "onnx": "onnx", "openvino": "openvino-ir", "tensorrt": "tensorrt-engine"}
-MAX_BATCH_LIMIT = 1024  # bounds the engine profile and the parity batches
 PREPROCESS_CHUNK = 256
-
-
-def runtime_module(family: str):  # noqa: ANN201 - one of the export.<runtime> modules
-    """The export module of a target family (imported lazily: TensorRT may be absent)."""
-    return importlib.import_module(MODULES[family])
-
-
-def load_runner(bundle: str | os.PathLike, artifact: dict[str, Any], manifest: dict[str, Any],
-                threads: int | None = None) -> Runner:
-    """A batch -> logits function for one artifact of a bundle (files verified against their sha256 first)."""
-    files = verify_files(bundle, artifact)
-    family = next(f for f, (runtime, _, _) in FAMILIES.items() if runtime == artifact["runtime"])
-    return _load(family, files, manifest["config"], artifact, threads)
-
-
-def _load(family: str, files: list[Path], config: dict[str, Any], info: dict[str, Any],
-          threads: int | None = None) -> Runner:
-    """Each runtime's `load` with the manifest facts it needs (torch: the config; OpenVINO: its precision hint)."""
-    module = runtime_module(family)
-    if family == "torch":  # torch's thread count is process-wide: build_bundle sets it
-        return module.load(files, config)
-    if family == "openvino":
-        return module.load(files, info.get("inference_precision", module.INFERENCE_PRECISION), threads=threads)
-    if family == "onnx":
-        return module.load(files, threads=threads)
-    return module.load(files)
 
 
 @contextlib.contextmanager
@@ -73,11 +58,11 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def parity_data(model, meta, dataset: str, samples: int, max_batch: int) -> ParityData:  # noqa: ANN001
+def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_batch: int) -> ParityData:  # noqa: ANN001
     """Preprocessed validation images of the checkpoint's dataset and torch's logits for them."""
     import torch
 
-    from train.data import DatasetError, load_dataset
+    from data.datasets import DatasetError, load_dataset
 
     try:
         val = load_dataset(dataset, "val")
@@ -114,54 +99,66 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
 
 
-def _make_readable(bundle: Path) -> None:
-    """Temp files are created private (0600/0700); a bundle is read by a server that may run as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(bundle, 0o777 & ~umask)
-    for f in bundle.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
-def _dataset_of(meta, dataset: str | None) -> str:  # noqa: ANN001
+def _dataset_of(meta: CheckpointMeta, dataset: str | None) -> str:
     name = dataset or meta.raw.get("dataset")
     if not name:
         raise ExportError(f"checkpoint {meta.path} records no 'dataset'; pass the dataset for parity images")
     return str(name)
 
 
-def _build_one(ctx: ExportContext, target: Target, data: ParityData,
-               tolerance: Tolerance | None, config: dict[str, Any]) -> dict[str, Any]:
-    """Export one artifact, measure its parity, and return its manifest entry (files removed if refused)."""
-    module = runtime_module(target.family)
-    entry: dict[str, Any] = {"id": target.id, "runtime": target.runtime, "format": FORMATS[target.family],
-                             "precision": target.precision, "files": []}
+def _header(meta: CheckpointMeta, name: str, checkpoint: str | os.PathLike, dataset: str, max_batch: int) -> Manifest:
+    """The bundle's manifest before any artifact is listed: the model's contract, which the backends load by."""
+    cfg = meta.config
+    return Manifest(
+        name=name, model=meta.model, stem=cfg.stem.kind, config=cfg, class_names=tuple(meta.class_names),
+        input=InputSpec(name=INPUT_NAME, channels=cfg.in_chans, height=cfg.image_size, width=cfg.image_size,
+                        min_batch=1, max_batch=max_batch),
+        output=OutputSpec(name=OUTPUT_NAME, classes=cfg.num_classes), preprocessing=meta.preprocessing,
+        source=Source(checkpoint=str(checkpoint), sha256=meta.weights_sha256, dataset=dataset),
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: ParityData,
+               tolerance: Tolerance | None, threads: int | None) -> Artifact:
+    """Build one artifact, gate it through the serving Backend, and return its manifest entry.
+
+    A refused artifact keeps its numbers and reason; its files are deleted so it never ships.
+    """
+    rt = target.runtime
+    artifact = Artifact(id=target.id, runtime=rt.name, format=rt.format, precision=target.precision, files=(),
+                        servable=False)
     before = set(ctx.workdir.iterdir())
     start = time.perf_counter()
     try:
-        built = module.export(ctx, target.precision)
-        entry["export_seconds"] = round(time.perf_counter() - start, 3)
-        entry["runtime_version"] = module.version()
-        entry.update(built.info)
-        entry["files"] = file_entries(ctx.workdir, built.files)
+        built = rt.build(ctx, target.precision)
+        artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3),
+                           runtime_version=rt.version(), info=built.info,
+                           files=file_entries(ctx.workdir, built.files))
         start = time.perf_counter()
-        run = _load(target.family, built.files, config, built.info, ctx.threads)
-        entry["parity"] = measure(run, data, target.precision, ctx.max_batch, tolerance)
-        if "inference_precision" in built.info:  # which precision the numbers were measured at
-            entry["parity"]["inference_precision"] = built.info["inference_precision"]
-        entry["parity_seconds"] = round(time.perf_counter() - start, 3)
-        failures = entry["parity"].get("failures", [])
+        options = BackendOptions(device=rt.export_device, threads=threads)  # the server's defaults, --threads aside
+        backend = open_artifact(rt, LoadSpec(header, artifact, tuple(built.files), options))
+        try:
+            parity = measure(backend.infer, data, target.precision, ctx.max_batch, tolerance)
+            hint = backend.describe().get("inference_precision")
+        finally:
+            backend.close()
+        parity = replace(parity, inference_precision=str(hint) if hint else None)
+        artifact = replace(artifact, parity=parity, parity_seconds=round(time.perf_counter() - start, 3))
+        failures = list(parity.failures)
+    except (OSError, MemoryError) as exc:  # the machine failed, not the artifact: stop, keep the old bundle
+        raise ExportError(f"{target.id}: {type(exc).__name__}: {first_line(exc)}") from None
     except Exception as exc:  # a converter or runtime crash refuses this artifact, not the whole bundle
-        failures = [f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"]
-        entry.setdefault("export_seconds", round(time.perf_counter() - start, 3))
-    entry["servable"] = not failures
-    entry["refused_reason"] = "; ".join(failures) or None
-    if failures:  # a refused artifact never ships: its entry keeps the numbers and the reason
+        failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
+        if not artifact.export_seconds:
+            artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3))
+    if failures:
         for path in set(ctx.workdir.iterdir()) - before:
             if path.is_file():
                 path.unlink()
-        entry["refused_files"], entry["files"] = entry["files"], []
-    return entry
+        return replace(artifact, servable=False, refused_reason="; ".join(failures),
+                       refused_files=artifact.files, files=())
+    return replace(artifact, servable=True, refused_reason=None)
 
 
 def build_bundle(
@@ -179,16 +176,16 @@ def build_bundle(
     tolerances: dict[str, Tolerance] | None = None,
     threads: int | None = None,
     log: Callable[[str], None] | None = None,
-) -> Path:
-    """Export `checkpoint` to the bundle directory `out`; returns `out`. Raises ExportError on bad input.
+) -> Manifest:
+    """Export `checkpoint` to the bundle directory `out`; returns the manifest written there.
 
     The torch artifact (safetensors + manifest config) is always included. Artifacts that fail their parity
     gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
     val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
     `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
+    Raises ExportError (one line) on bad input, a missing runtime, or a failing disk.
     """
-    from export.onnx import OPSET
-    from train.data import load_dataset
+    from data.datasets import load_dataset
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
@@ -197,14 +194,20 @@ def build_bundle(
         raise ExportError(f"max batch must be in 1..{MAX_BATCH_LIMIT}, got {max_batch}")
     if parity_samples < 1 or calibration_samples < 1:
         raise ExportError("parity and calibration sample counts must be positive")
-    if any(t.family == "tensorrt" for t in wanted):
-        runtime_module("tensorrt").require()
+    if threads is not None and not 1 <= threads <= 1024:
+        raise ExportError(f"threads must be in 1..1024, got {threads}")
+    for rt in dict.fromkeys(t.runtime for t in wanted):
+        try:
+            rt.require(rt.export_device)
+        except BackendError as exc:
+            raise ExportError(str(exc)) from None
     _check_out(out)
     try:
         model, meta = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     data_name = _dataset_of(meta, dataset)
+    header = _header(meta, name or out.resolve().name, checkpoint, data_name, max_batch)
     with torch_threads(threads):
         data = parity_data(model, meta, data_name, parity_samples, max_batch)
         log(f"{meta.model}: parity on {len(data.x)} {data_name} val images, "
@@ -214,50 +217,35 @@ def build_bundle(
                 ctx = ExportContext(
                     model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
                     calibration_set=lambda: load_dataset(calibration_dataset or data_name, "train"),
-                    calibration_samples=calibration_samples, threads=threads,
+                    calibration_samples=calibration_samples,
                 )
-                if any(t.family != "torch" for t in wanted):
-                    ctx.hub_onnx()  # shared by every runtime; timed once, outside the per-artifact times
-                    log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {ctx.timings['onnx_hub_seconds']:.1f}s")
+                timings: dict[str, float] = {}
+                if any(t.runtime.needs_hub for t in wanted):  # shared by those runtimes; timed once
+                    start = time.perf_counter()
+                    ctx.hub = export_torch(model, ctx.scratch / "hub.onnx", ctx.image_size, ctx.opset)
+                    timings["onnx_hub_seconds"] = round(time.perf_counter() - start, 3)
+                    log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {timings['onnx_hub_seconds']:.1f}s")
                 artifacts = []
                 for target in wanted:
                     tolerance = (tolerances or {}).get(target.precision)
-                    artifacts.append(_build_one(ctx, target, data, tolerance, meta.config.to_dict()))
+                    artifacts.append(_build_one(ctx, header, target, data, tolerance, threads))
                     log(summary_line(artifacts[-1]))
                 shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-                write_manifest(tmp, _manifest(ctx, name or out.resolve().name, checkpoint, data_name, artifacts))
-                _make_readable(tmp)
+                manifest = replace(header, artifacts=tuple(artifacts), timings=timings)
+                write_manifest(tmp, manifest)
         except OSError as exc:
             raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
-    return out
+    return manifest
 
 
-def _manifest(ctx: ExportContext, name: str, checkpoint: str | os.PathLike, dataset: str,
-              artifacts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest (schema in export/manifest.py) of a bundle whose artifacts are built."""
-    meta, cfg = ctx.meta, ctx.meta.config
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
-        "model": meta.model, "stem": cfg.stem.kind, "config": cfg.to_dict(),
-        "class_names": list(meta.class_names),
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": cfg.in_chans,
-                  "height": cfg.image_size, "width": cfg.image_size, "min_batch": 1, "max_batch": ctx.max_batch},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, cfg.num_classes]},
-        "preprocessing": meta.preprocessing.to_dict(),
-        "source": {"checkpoint": str(checkpoint), "sha256": meta.weights_sha256, "dataset": dataset},
-        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "timings": ctx.timings,
-        "artifacts": artifacts,
-    }
-
-
-def summary_line(entry: dict[str, Any]) -> str:
+def summary_line(artifact: Artifact) -> str:
     """One progress line per artifact."""
-    p = entry.get("parity")
-    head = f"{entry['id']:<14} {entry.get('export_seconds', 0):6.1f}s"
+    p = artifact.parity
+    head = f"{artifact.id:<14} {artifact.export_seconds:6.1f}s"
     if p:
-        head += (f"  max|err| {p['max_abs_err']:.2e}  agree {p['top1_agreement']:.2%}  acc {p['accuracy']:.2%}"
-                 f" (torch {p['reference_accuracy']:.2%})")
-    if entry["servable"]:
+        err = "n/a" if p.max_abs_err is None else f"{p.max_abs_err:.2e}"
+        head += (f"  max|err| {err}  agree {p.top1_agreement:.2%}  acc {p.accuracy:.2%}"
+                 f" (torch {p.reference_accuracy:.2%})")
+    if artifact.servable:
         return head + "  ok"
-    return head + f"  REFUSED: {entry['refused_reason']}"
+    return head + f"  REFUSED: {artifact.refused_reason}"

@@ -10,7 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from export.context import FAMILIES, ExportError, known_targets
+from export.targets import known_targets
+from runtimes import ExportError, by_target
 
 
 def parser(family: str | None = None) -> argparse.ArgumentParser:
@@ -20,9 +21,9 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (models.checkpoint format)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     if family:
-        allowed = FAMILIES[family][2]
-        p.add_argument("--precision", default=",".join(FAMILIES[family][1]),
-                       help=f"comma-separated, of {', '.join(allowed)} (default %(default)s)")
+        runtime = by_target(family)
+        p.add_argument("--precision", default=",".join(runtime.default_precisions),
+                       help=f"comma-separated, of {', '.join(runtime.precisions)} (default %(default)s)")
     else:
         p.add_argument("--targets", default="onnx,openvino",
                        help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s)")
@@ -40,7 +41,6 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     """Parse, build the bundle, report; returns the exit code."""
     from export.bundle import build_bundle
-    from export.manifest import read_manifest
 
     args = parser(family).parse_args(argv)
     if family:
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     else:
         targets = [t for t in args.targets.split(",") if t.strip()]
     try:
-        out = build_bundle(
+        manifest = build_bundle(
             args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,
             parity_samples=args.parity_samples, calibration_samples=args.calibration_samples, dataset=args.dataset,
             calibration_dataset=args.calibration_dataset, threads=args.threads,
@@ -56,8 +56,8 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    refused = [a for a in read_manifest(out)["artifacts"] if not a["servable"]]
+    refused = [a for a in manifest.artifacts if not a.servable]
     for a in refused:
-        print(f"refused {a['id']}: {a['refused_reason']}", file=sys.stderr)
-    print(f"bundle written: {out} (python -m export.report {out})")
+        print(f"refused {a.id}: {a.refused_reason}", file=sys.stderr)
+    print(f"bundle written: {args.out} (python -m export.report {args.out})")
     return 1 if refused and args.strict else 0

@@ -10,12 +10,15 @@ An artifact passes when every number is inside its precision's Tolerance; otherw
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from export.context import Runner
+from models.bundle import Parity
+
+Runner = Callable[[np.ndarray], np.ndarray]  # (B, 3, H, W) float32 -> (B, classes) float32
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,8 @@ class ParityData:
 
 
 def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
-            tolerance: Tolerance | None = None) -> dict[str, Any]:
-    """All parity numbers for one artifact plus `passed` and, if it failed, `failures` (one line each)."""
+            tolerance: Tolerance | None = None) -> Parity:
+    """All parity numbers for one artifact, `passed`, and, if it failed, `failures` (one line each)."""
     tol = tolerance or TOLERANCES[precision]
     out = run_batched(run, data.x, max_batch)
     ref = data.reference
@@ -98,45 +101,41 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
         max_abs = max(max_abs, float(np.abs(batched - ref_s[:b]).max()))
     scale = float(np.abs(ref).max())
     accuracy = float((out.argmax(1) == data.labels).mean())
-    result: dict[str, Any] = {
-        "reference": "torch fp32",
-        "dataset": data.dataset,
-        "split": data.split,
-        "val_samples": len(data.x),
-        "batch_sizes": sizes,
-        "max_abs_err": max_abs,
-        "max_rel_err": max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
-        "reference_logit_scale": scale,
-        "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
-        "accuracy": accuracy,
-        "reference_accuracy": data.reference_accuracy,
-        "accuracy_delta": accuracy - data.reference_accuracy,
-        "batch_invariance_max_abs": invariance,
-        "tolerance": asdict(tol),
-    }
-    failures = gate(result, tol, finite)
-    result["passed"] = not failures
-    if failures:
-        result["failures"] = failures
-    return result
+    finite_err = _finite(max_abs) if finite else None
+    result = Parity(
+        dataset=data.dataset, split=data.split, val_samples=len(data.x), batch_sizes=tuple(sizes),
+        max_abs_err=finite_err,
+        max_rel_err=None if finite_err is None or scale <= 0 else finite_err / scale,
+        reference_logit_scale=scale, top1_agreement=float((out.argmax(1) == ref.argmax(1)).mean()),
+        accuracy=accuracy, reference_accuracy=data.reference_accuracy,
+        accuracy_delta=accuracy - data.reference_accuracy, batch_invariance_max_abs=_finite(invariance),
+        tolerance=asdict(tol), passed=False,
+    )
+    failures = gate(result, tol)
+    return replace(result, passed=not failures, failures=tuple(failures))
 
 
-def gate(r: dict[str, Any], tol: Tolerance, finite: bool = True) -> list[str]:
+def _finite(x: float) -> float | None:
+    """JSON has no NaN/inf: a non-finite error is recorded as null (and gated as non-finite logits)."""
+    return x if math.isfinite(x) else None
+
+
+def gate(r: Parity, tol: Tolerance) -> list[str]:
     """Reasons the numbers in `r` fail `tol` (empty when they pass)."""
-    scale = r["reference_logit_scale"]
+    if r.max_abs_err is None or r.batch_invariance_max_abs is None:
+        return ["non-finite logits"]
+    scale = r.reference_logit_scale
     bound, batch_bound = tol.logit_bound(scale), tol.batch_bound(scale)
     failures = []
-    if not finite:
-        failures.append("non-finite logits")
-    if bound is not None and not r["max_abs_err"] <= bound:
-        failures.append(f"max abs logit error {r['max_abs_err']:.3g} > {bound:.3g}")
-    if r["top1_agreement"] < tol.min_top1_agreement:
-        failures.append(f"top-1 agreement {r['top1_agreement']:.2%} < {tol.min_top1_agreement:.2%}")
-    drop = r["reference_accuracy"] - r["accuracy"]
+    if bound is not None and not r.max_abs_err <= bound:
+        failures.append(f"max abs logit error {r.max_abs_err:.3g} > {bound:.3g}")
+    if r.top1_agreement < tol.min_top1_agreement:
+        failures.append(f"top-1 agreement {r.top1_agreement:.2%} < {tol.min_top1_agreement:.2%}")
+    drop = r.reference_accuracy - r.accuracy
     # A tiny epsilon so an exact tie is not refused by float rounding of the two means.
     if drop > tol.max_accuracy_drop + 1e-9:
-        failures.append(f"accuracy {r['accuracy']:.2%} is {drop * 100:.2f} points below torch's "
-                        f"{r['reference_accuracy']:.2%} (allowed {tol.max_accuracy_drop * 100:.2f})")
-    if not r["batch_invariance_max_abs"] <= batch_bound:
-        failures.append(f"batch invariance error {r['batch_invariance_max_abs']:.3g} > {batch_bound:.3g}")
+        failures.append(f"accuracy {r.accuracy:.2%} is {drop * 100:.2f} points below torch's "
+                        f"{r.reference_accuracy:.2%} (allowed {tol.max_accuracy_drop * 100:.2f})")
+    if not r.batch_invariance_max_abs <= batch_bound:
+        failures.append(f"batch invariance error {r.batch_invariance_max_abs:.3g} > {batch_bound:.3g}")
     return failures

@@ -9,44 +9,44 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from export.manifest import BundleError, read_manifest
+from models.bundle import BundleError, Manifest, read_manifest
 
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
            "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
 
 
-def rows(manifest: dict[str, Any]) -> list[list[str]]:
+def rows(manifest: Manifest) -> list[list[str]]:
     """One formatted row per artifact."""
     out = []
-    for a in manifest["artifacts"]:
-        p = a.get("parity") or {}
-        size = sum(f["bytes"] for f in a.get("files") or a.get("refused_files") or [])
+    for a in manifest.artifacts:
+        p = a.parity.to_dict() if a.parity else {}
+        size = sum(f.bytes for f in a.files or a.refused_files)
 
         def num(key: str, fmt: str, p: dict = p) -> str:
             return format(p[key], fmt) if isinstance(p.get(key), int | float) else "-"
 
         delta = f"{p['accuracy_delta'] * 100:+.2f}" if "accuracy_delta" in p else "-"
-        status = "servable" if a.get("servable") else f"REFUSED: {a.get('refused_reason')}"
+        status = "servable" if a.servable else f"REFUSED: {a.refused_reason}"
         out.append([
-            a["id"], f"{a['runtime']} {a.get('runtime_version', '')}".strip(), f"{size / 1e6:.2f}",
-            f"{a.get('export_seconds', 0):.1f}", num("max_abs_err", ".1e"), num("max_rel_err", ".1e"),
+            a.id, f"{a.runtime} {a.runtime_version}".strip(), f"{size / 1e6:.2f}",
+            f"{a.export_seconds:.1f}", num("max_abs_err", ".1e"), num("max_rel_err", ".1e"),
             num("top1_agreement", ".2%"), num("accuracy", ".2%"), num("reference_accuracy", ".2%"), delta,
-            num("batch_invariance_max_abs", ".1e"), a.get("inference_precision", "-"), status,
+            num("batch_invariance_max_abs", ".1e"), str(a.info.get("inference_precision", "-")), status,
         ])
     return out
 
 
-def table(manifest: dict[str, Any], markdown: bool = False) -> str:
+def table(manifest: Manifest, markdown: bool = False) -> str:
     """The report for one bundle as aligned text (or a Markdown table)."""
     body = rows(manifest)
-    p = next((a["parity"] for a in manifest["artifacts"] if a.get("parity")), {})
-    hub = manifest.get("timings", {}).get("onnx_hub_seconds")
-    title = (f"{manifest['name']}: {manifest['model']} ({manifest['stem']} stem), input "
-             f"{manifest['input']['height']}x{manifest['input']['width']}, batch 1..{manifest['input']['max_batch']}; "
-             f"parity on {p.get('val_samples', '?')} {p.get('dataset', '?')} val images, batch sizes "
-             f"{p.get('batch_sizes', '?')}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
+    p = next((a.parity for a in manifest.artifacts if a.parity), None)
+    hub = manifest.timings.get("onnx_hub_seconds")
+    m, i = manifest, manifest.input
+    measured = (f"parity on {p.val_samples} {p.dataset} val images, batch sizes {list(p.batch_sizes)}" if p
+                else "no parity measured")
+    title = (f"{m.name}: {m.model} ({m.stem} stem), input {i.height}x{i.width}, batch 1..{i.max_batch}; "
+             f"{measured}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -56,7 +56,7 @@ def table(manifest: dict[str, Any], markdown: bool = False) -> str:
     return "\n".join([title, fmt.format(*COLUMNS), *(fmt.format(*r) for r in body)])
 
 
-def plot(manifests: list[dict[str, Any]], path: Path) -> Path:
+def plot(manifests: list[Manifest], path: Path) -> Path:
     """Bar chart of each artifact's top-1 accuracy next to torch's, one panel per bundle."""
     import matplotlib
 
@@ -65,14 +65,14 @@ def plot(manifests: list[dict[str, Any]], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(manifests), figsize=(5 * len(manifests), 3.5), squeeze=False)
     for ax, m in zip(axes[0], manifests, strict=True):
-        arts = [a for a in m["artifacts"] if a.get("parity")]
-        acc = [a["parity"]["accuracy"] * 100 for a in arts]
-        colors = ["tab:green" if a["servable"] else "tab:red" for a in arts]
-        ax.bar([a["id"] for a in arts], acc, color=colors)
+        arts = [a for a in m.artifacts if a.parity]
+        acc = [a.parity.accuracy * 100 for a in arts]
+        colors = ["tab:green" if a.servable else "tab:red" for a in arts]
+        ax.bar([a.id for a in arts], acc, color=colors)
         if arts:
-            ax.axhline(arts[0]["parity"]["reference_accuracy"] * 100, color="k", ls="--", lw=1, label="torch fp32")
+            ax.axhline(arts[0].parity.reference_accuracy * 100, color="k", ls="--", lw=1, label="torch fp32")
             ax.set_ylim(max(0, min(acc) - 5), min(100, max(acc) + 3))
-        ax.set_title(m["name"])
+        ax.set_title(m.name)
         ax.set_ylabel("val top-1 %")
         ax.tick_params(axis="x", rotation=45)
         ax.legend(loc="lower left")

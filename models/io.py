@@ -54,20 +54,37 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temp directory beside `target`; on success it replaces `target`, on error it is removed.
+
+    What was written inside gets the umask's default permissions (converters write private temp files, and the
+    directory is read by a server that may run as another user). If the final swap fails, the old `target` is
+    put back: at every moment `target` is the old directory or the new one.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, _default_mode(0o777))
+    old: Path | None = None
     try:
+        os.chmod(tmp, _default_mode(0o777))
         yield tmp
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), _default_mode(0o777))
+            for name in files:
+                os.chmod(os.path.join(root, name), _default_mode(0o666))
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "x")
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "x", target)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / "x")
-    os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -10,6 +10,7 @@ import sys
 
 from pydantic import ValidationError
 
+import runtimes
 from serve.errors import ServeError
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
                    help="bundle directory to serve (repeatable); NAME overrides the bundle's name")
     p.add_argument("--model-dir", help="serve every bundle found directly under this directory")
-    p.add_argument("--backend", help="onnxruntime (default) | openvino | tensorrt | torch")
+    p.add_argument("--backend", help=f"{' | '.join(runtimes.names())} (default onnxruntime)")
     p.add_argument("--device", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--precision", help="artifact precision (default: the most precise servable one)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")

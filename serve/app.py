@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI
 
 import serve
-from serve.backends.base import default_threads
+from models.host import usable_cpus
 from serve.batching import DynamicBatcher
 from serve.metrics import Metrics
 from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware
@@ -36,7 +36,7 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = models if models is not None else load_models(settings)
-        pool = ThreadPoolExecutor(settings.decode_threads or default_threads(), thread_name_prefix="decode")
+        pool = ThreadPoolExecutor(settings.decode_threads or usable_cpus(), thread_name_prefix="decode")
         batchers = []
         try:
             for m in loaded.values():
@@ -47,7 +47,7 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
                 )
                 await m.batcher.start()
                 batchers.append(m.batcher)
-                metrics.add_model(m.name, str(m.manifest.get("model")), m.backend.runtime, m.backend.precision,
+                metrics.add_model(m.name, m.manifest.model, m.backend.runtime, m.backend.precision,
                                   lambda b=m.batcher: b.depth)
             app.state.models, app.state.decode_pool, app.state.ready = loaded, pool, True
             yield

@@ -7,17 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import MANIFEST_FILE, BundleError, read_manifest
+import runtimes
+from models.bundle import MANIFEST_FILE, BundleError, Manifest, read_manifest
 from models.preprocessing import Preprocessing
-from serve.backends import Backend, BackendError, BackendOptions, load_backend
+from runtimes import Backend, BackendError, BackendOptions
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-# Open Inference Protocol platform names, as Triton reports them.
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan",
-             "torch": "pytorch"}
 
 
 @dataclass
@@ -26,50 +24,53 @@ class ServedModel:
 
     name: str
     bundle: Path
-    manifest: dict[str, Any]
-    spec: Preprocessing
+    manifest: Manifest
     backend: Backend
     max_batch: int
     batcher: DynamicBatcher | None = field(default=None, repr=False)
 
     @property
+    def spec(self) -> Preprocessing:
+        return self.manifest.preprocessing
+
+    @property
     def labels(self) -> list[str]:
-        return list(self.manifest["class_names"])
+        return list(self.manifest.class_names)
 
     @property
     def input_name(self) -> str:
-        return self.manifest["input"].get("name", "input")
+        return self.manifest.input.name
 
     @property
     def output_name(self) -> str:
-        return self.manifest.get("output", {}).get("name", "logits")
+        return self.manifest.output.name
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        i = self.manifest["input"]
-        return int(i.get("channels", 3)), int(i["height"]), int(i["width"])
+        return self.manifest.input.sample_shape
 
     @property
     def platform(self) -> str:
-        return PLATFORMS.get(self.backend.runtime, self.backend.runtime)
+        """The Open Inference Protocol platform name, as Triton reports it."""
+        return runtimes.get(self.backend.runtime).triton_platform
 
     def info(self) -> dict[str, Any]:
         """The public description (GET /v1/models/{name})."""
         m = self.manifest
         return {
             "name": self.name,
-            "variant": m.get("model"),
-            "stem": m.get("stem"),
+            "variant": m.model,
+            "stem": m.stem,
             "runtime": self.backend.runtime,
             "precision": self.backend.precision,
             "device": self.backend.device,
             "max_batch": self.max_batch,
-            "input": {**m["input"], "max_batch": self.max_batch},
-            "output": m.get("output"),
+            "input": {**m.input.to_dict(), "max_batch": self.max_batch},
+            "output": m.output.to_dict(),
             "preprocessing": self.spec.to_dict(),
             "labels": self.labels,
             # Provenance without the exporting machine's paths.
-            "source": {k: v for k, v in (m.get("source") or {}).items() if k in ("dataset", "sha256")},
+            "source": {"dataset": m.source.dataset, "sha256": m.source.sha256},
             "ready": bool(self.batcher and self.batcher.ready),
         }
 
@@ -88,7 +89,9 @@ def model_args(settings: Settings) -> list[str]:
     if settings.model_dir is not None:
         if not settings.model_dir.is_dir():
             raise ServeError(f"--model-dir {settings.model_dir} is not a directory")
-        args += sorted(str(p.parent) for p in settings.model_dir.glob(f"*/{MANIFEST_FILE}"))
+        # Hidden directories are an export's temporaries (a killed export leaves one): never models.
+        args += sorted(str(p.parent) for p in settings.model_dir.glob(f"*/{MANIFEST_FILE}")
+                       if not p.parent.name.startswith("."))
     if not args:
         raise ServeError("no models to serve: pass --model PATH (or name=PATH), or --model-dir DIR")
     return args
@@ -99,20 +102,15 @@ def load_model(arg: str, settings: Settings) -> ServedModel:
     name, path = parse_model_arg(arg)
     try:
         manifest = read_manifest(path)
-        name = name or str(manifest.get("name") or path.name)
+        name = name or manifest.name
         if not NAME_RE.match(name):
             raise ServeError(f"model name {name!r} must match {NAME_RE.pattern} (use --model name=PATH)")
-        try:
-            spec = Preprocessing.from_dict(manifest["preprocessing"])
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"bad preprocessing in {path / MANIFEST_FILE}: {exc}") from None
-        if (spec.crop, spec.crop) != (manifest["input"].get("height"), manifest["input"].get("width")):
-            raise BundleError(f"{path / MANIFEST_FILE}: preprocessing crop {spec.crop} does not match the input size")
-        options = BackendOptions(settings.threads, settings.parallel, settings.openvino_hint)
-        backend = load_backend(path, manifest, settings.backend, settings.device, settings.precision, options)
+        options = BackendOptions(device=settings.device, threads=settings.threads, parallel=settings.parallel,
+                                 hint=settings.openvino_hint)
+        backend = runtimes.open_backend(path, manifest, settings.backend, settings.precision, options)
     except (BundleError, BackendError) as exc:
         raise ServeError(f"model {arg!r}: {exc}") from None
-    return ServedModel(name, path, manifest, spec, backend, min(settings.max_batch_size, backend.max_batch))
+    return ServedModel(name, path, manifest, backend, min(settings.max_batch_size, backend.max_batch))
 
 
 def load_models(settings: Settings) -> dict[str, ServedModel]:

@@ -15,7 +15,7 @@ def write_sample(dataset: str, index: int, out: str) -> str:
     """Save val image `index` of `dataset` to `out` (PNG); returns its label."""
     import io
 
-    from train.data import DatasetError, load_dataset
+    from data.datasets import DatasetError, load_dataset
 
     try:
         val = load_dataset(dataset, "val")

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+import runtimes
+
 MiB = 1 << 20
 
 
@@ -20,7 +22,7 @@ class Settings(BaseSettings):
     # Which models: bundle paths, `name=path`, or every bundle under model_dir.
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     model_dir: Path | None = None
-    backend: Literal["onnxruntime", "openvino", "tensorrt", "torch"] = "onnxruntime"
+    backend: str = Field("onnxruntime", description="a runtime of the registry (runtimes/registry.py)")
     device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "int8"] | None = None
     host: str = "127.0.0.1"
@@ -53,6 +55,14 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             v = v.strip()
             return json.loads(v) if v.startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        """One of the registered runtimes (the registry is the only list of them)."""
+        if v not in runtimes.names():
+            raise ValueError(f"unknown backend; known: {', '.join(runtimes.names())}")
         return v
 
     @field_validator("api_key", mode="before")

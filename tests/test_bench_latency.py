@@ -149,6 +149,11 @@ def _has_cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (none visible to torch)")
 def test_quick_on_the_gpu_measures_the_cuda_limit_and_onnxruntime_cuda(quick, tmp_path):
+    import runtimes
+
+    reason = runtimes.get("onnxruntime").unavailable("cuda")
+    if reason:
+        pytest.skip(reason)
     _, cache, _ = quick
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--targets", "onnxruntime-cuda-fp32",
@@ -184,7 +189,7 @@ def test_cached_bundles_are_reused_only_while_fresh(quick):
     prepared = bundles.prepare_model("micro", "vit_c_micro", cache=cache, targets=["onnx", "openvino-fp32"],
                                      max_batch=32, log=logged.append)
     assert logged == [] and prepared.bundle == cache / "vit_c_micro-random-init" and prepared.stem == "conv"
-    assert prepared.manifest["source"]["sha256"] == bundles._weights_sha(prepared.checkpoint)
+    assert prepared.manifest.source.sha256 == bundles._weights_sha(prepared.checkpoint)
     # A bigger batch than the bundle was exported for, or a target it lacks, makes it stale.
     assert bundles._fresh(prepared.bundle, prepared.checkpoint, ["onnx"], max_batch=64) is None
     assert bundles._fresh(prepared.bundle, prepared.checkpoint, ["onnx", "openvino-fp16"], max_batch=32) is None

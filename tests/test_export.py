@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import runtimes
 from export import cli, parity, report
-from export.bundle import build_bundle, load_runner
-from export.context import ExportError, Target, parse_targets
-from export.manifest import BundleError, read_manifest, select_artifact, verify_files
-from export.onnx import OPSET
-from models.config import ViTConfig
-from models.preprocessing import Preprocessing, preprocess
+from export.bundle import build_bundle
+from export.targets import Target, parse_targets
+from models.bundle import BundleError, read_manifest, verify_files
+from models.preprocessing import preprocess
+from runtimes import BackendOptions, ExportError
+from runtimes.onnx_graph import OPSET
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH = 16
@@ -34,9 +35,9 @@ def _train_micro(out: Path, steps: int = 100) -> Path:
     """vit_c_micro trained for a few seconds on animals: confident enough that its logits mean something."""
     import torch
 
+    from data.datasets import default_preprocessing, load_dataset
     from models import build_model
     from models.checkpoint import save_checkpoint
-    from train.data import default_preprocessing, load_dataset
 
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
@@ -72,25 +73,26 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "animals-micro"
-    return build_bundle(checkpoint, out, CPU_TARGETS, max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES,
-                        calibration_samples=CALIBRATION_SAMPLES, threads=THREADS, log=lambda _: None)
+    build_bundle(checkpoint, out, CPU_TARGETS, max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES,
+                 calibration_samples=CALIBRATION_SAMPLES, threads=THREADS, log=lambda _: None)
+    return out
 
 
 def _val_batch(manifest: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
-    from train.data import load_dataset
+    from data.datasets import load_dataset
 
     val = load_dataset("animals", "val").subset(n, seed=3)
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
-    return preprocess([val.image(i) for i in range(len(val))], spec), val.labels
+    return preprocess([val.image(i) for i in range(len(val))], manifest.preprocessing), val.labels
 
 
 # --- targets and gates (pure logic) ---------------------------------------------------------------
 
 
 def test_targets_expand_and_reject_unknown():
-    assert parse_targets(["openvino"]) == [Target("openvino", p) for p in ("fp32", "fp16", "int8")]
+    openvino = runtimes.get("openvino")
+    assert parse_targets(["openvino"]) == [Target(openvino, p) for p in ("fp32", "fp16", "int8")]
     assert [t.id for t in parse_targets(["onnx", "openvino-int8", "onnx"])] == ["onnx-fp32", "openvino-int8"]
-    assert parse_targets(["tensorrt"])[0].runtime == "tensorrt"
+    assert [(t.runtime.name, t.precision) for t in parse_targets(["tensorrt"])] == [("tensorrt", "fp16")]
     for bad in ("tflite", "onnx-int4", "torch-int8", ""):
         with pytest.raises(ExportError, match="known:|no targets"):
             parse_targets([bad])
@@ -104,16 +106,28 @@ def test_batch_sizes_cover_one_two_odd_and_max():
 
 
 def test_gate_names_each_failure():
-    good = {"max_abs_err": 1e-6, "reference_logit_scale": 5.0, "top1_agreement": 1.0, "accuracy": 0.8,
-            "reference_accuracy": 0.8, "batch_invariance_max_abs": 0.0}
+    from dataclasses import replace
+
+    from models.bundle import Parity
+
+    good = Parity(dataset="animals", val_samples=10, batch_sizes=(1,), max_abs_err=1e-6, max_rel_err=2e-7,
+                  reference_logit_scale=5.0, top1_agreement=1.0, accuracy=0.8, reference_accuracy=0.8,
+                  accuracy_delta=0.0, batch_invariance_max_abs=0.0, tolerance={}, passed=True)
     assert parity.gate(good, parity.FP32_TOLERANCE) == []
-    assert "top-1 agreement" in parity.gate({**good, "top1_agreement": 0.995}, parity.FP32_TOLERANCE)[0]
-    assert "logit error" in parity.gate({**good, "max_abs_err": 1e-2}, parity.FP32_TOLERANCE)[0]
-    assert "batch invariance" in parity.gate({**good, "batch_invariance_max_abs": 1e-2}, parity.FP32_TOLERANCE)[0]
+    assert "top-1 agreement" in parity.gate(replace(good, top1_agreement=0.995), parity.FP32_TOLERANCE)[0]
+    assert "logit error" in parity.gate(replace(good, max_abs_err=1e-2), parity.FP32_TOLERANCE)[0]
+    assert "batch invariance" in parity.gate(replace(good, batch_invariance_max_abs=1e-2), parity.FP32_TOLERANCE)[0]
     # INT8: logits may move, but more than one point of accuracy may not be lost.
-    assert parity.gate({**good, "max_abs_err": 1.0, "top1_agreement": 0.95}, parity.INT8_TOLERANCE) == []
-    assert "points below" in parity.gate({**good, "accuracy": 0.789}, parity.INT8_TOLERANCE)[0]
-    assert parity.gate(good, parity.INT8_TOLERANCE, finite=False) == ["non-finite logits"]
+    assert parity.gate(replace(good, max_abs_err=1.0, top1_agreement=0.95), parity.INT8_TOLERANCE) == []
+    assert "points below" in parity.gate(replace(good, accuracy=0.789), parity.INT8_TOLERANCE)[0]
+    assert parity.gate(replace(good, max_abs_err=None), parity.INT8_TOLERANCE) == ["non-finite logits"]
+
+
+def test_measure_records_non_finite_logits_as_null_and_refuses_them():
+    data = parity.ParityData(np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, np.int64),
+                             np.ones((4, 3), np.float32), dataset="t")
+    result = parity.measure(lambda x: np.full((len(x), 3), np.nan, np.float32), data, "fp32", max_batch=2)
+    assert (result.passed, result.failures, result.max_abs_err) == (False, ("non-finite logits",), None)
 
 
 # --- the bundle, end to end -------------------------------------------------------------------------
@@ -124,15 +138,15 @@ def test_manifest_describes_the_model(bundle, checkpoint):
 
     meta = read_checkpoint_meta(checkpoint)
     m = read_manifest(bundle)
-    assert (m["name"], m["model"], m["stem"]) == ("animals-micro", "vit_c_micro", "conv")
-    assert m["class_names"] == list(meta.class_names)
-    assert Preprocessing.from_dict(m["preprocessing"]) == meta.preprocessing
-    assert ViTConfig.from_dict(m["config"]) == meta.config
-    assert m["input"] == {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": 3, "height": 32,
-                          "width": 32, "min_batch": 1, "max_batch": MAX_BATCH}
-    assert m["output"]["name"] == "logits" and m["output"]["shape"] == [-1, 10]
-    assert m["source"]["sha256"] == meta.weights_sha256 and m["source"]["dataset"] == "animals"
-    ids = [a["id"] for a in m["artifacts"]]
+    assert (m.name, m.model, m.stem) == ("animals-micro", "vit_c_micro", "conv")
+    assert m.class_names == tuple(meta.class_names)
+    assert m.preprocessing == meta.preprocessing and m.config == meta.config
+    raw = json.loads((bundle / "manifest.json").read_text())
+    assert raw["input"] == {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": 3, "height": 32,
+                            "width": 32, "min_batch": 1, "max_batch": MAX_BATCH}
+    assert raw["output"] == {"name": "logits", "dtype": "float32", "shape": [-1, 10]}
+    assert m.source.sha256 == meta.weights_sha256 and m.source.dataset == "animals"
+    ids = [a.id for a in m.artifacts]
     assert ids == ["torch-fp32", "onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16",
                    "openvino-int8"]
     assert not list(bundle.glob(".*")), "scratch files left in the bundle"
@@ -142,46 +156,48 @@ def test_every_artifact_has_parity_numbers_and_a_consistent_verdict(bundle):
     m = read_manifest(bundle)
     on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json"}
     listed = set()
-    for a in m["artifacts"]:
-        p = a["parity"]
-        assert p["val_samples"] == PARITY_SAMPLES and p["split"] == "val"
-        assert p["batch_sizes"] == [1, 2, 7, MAX_BATCH]
-        assert a["runtime_version"] and a["export_seconds"] >= 0
-        tol = parity.Tolerance(**p["tolerance"])
-        assert tol == parity.TOLERANCES[a["precision"]]
+    for a in m.artifacts:
+        p = a.parity
+        assert p.val_samples == PARITY_SAMPLES and p.split == "val"
+        assert p.batch_sizes == (1, 2, 7, MAX_BATCH)
+        assert a.runtime_version and a.export_seconds >= 0
+        tol = parity.Tolerance(**p.tolerance)
+        assert tol == parity.TOLERANCES[a.precision]
         # The verdict is exactly the gate applied to the recorded numbers.
-        assert a["servable"] == p["passed"] == (parity.gate(p, tol) == [])
-        if a["servable"]:
-            listed |= {f["path"] for f in a["files"]}
+        assert a.servable == p.passed == (parity.gate(p, tol) == [])
+        if a.servable:
+            listed |= {f.path for f in a.files}
             verify_files(bundle, a)
         else:
-            assert a["files"] == [] and a["refused_reason"]
-            assert not {f["path"] for f in a["refused_files"]} & on_disk, "refused artifact shipped"
+            assert a.files == () and a.refused_reason
+            assert not {f.path for f in a.refused_files} & on_disk, "refused artifact shipped"
     assert on_disk == listed
 
 
 def test_fp32_and_fp16_artifacts_pass_their_gates(bundle):
     m = read_manifest(bundle)
-    for a in m["artifacts"]:
-        if a["precision"] == "fp32":
-            assert a["servable"], a["refused_reason"]
-            assert a["parity"]["top1_agreement"] == 1.0
-            assert a["parity"]["accuracy"] == a["parity"]["reference_accuracy"]
-        if a["precision"] == "fp16":
-            assert a["servable"], a["refused_reason"]
-    assert m["artifacts"][0]["parity"]["max_abs_err"] < 1e-5  # the torch artifact is the same model
+    for a in m.artifacts:
+        if a.precision == "fp32":
+            assert a.servable, a.refused_reason
+            assert a.parity.top1_agreement == 1.0
+            assert a.parity.accuracy == a.parity.reference_accuracy
+        if a.precision == "fp16":
+            assert a.servable, a.refused_reason
+    assert m.artifacts[0].parity.max_abs_err < 1e-5  # the torch artifact is the same model
     for runtime in ("torch", "onnxruntime", "openvino"):
-        assert select_artifact(m, runtime)["precision"] == "fp32"
+        assert m.select(runtime).precision == "fp32"
 
 
 def test_openvino_records_precision_hint_and_int8_calibration(bundle):
-    arts = {a["id"]: a for a in read_manifest(bundle)["artifacts"]}
+    arts = {a.id: a for a in read_manifest(bundle).artifacts}
     for p in ("fp32", "fp16", "int8"):
-        assert arts[f"openvino-{p}"]["inference_precision"] == "f32"
+        # Built with the f32 hint, and the serving backend's compiled model reports that is what it ran.
+        assert arts[f"openvino-{p}"].info["inference_precision"] == "f32"
+        assert arts[f"openvino-{p}"].parity.inference_precision == "f32"
     for i in ("openvino-int8", "onnx-int8"):
-        assert arts[i]["calibration"] == {"dataset": "animals", "split": "train", "samples": CALIBRATION_SAMPLES}
+        assert arts[i].info["calibration"] == {"dataset": "animals", "split": "train", "samples": CALIBRATION_SAMPLES}
     # fp16 compression halves the weights file.
-    sizes = {p: arts[f"openvino-{p}"]["files"][1]["bytes"] for p in ("fp32", "fp16")}
+    sizes = {p: arts[f"openvino-{p}"].files[1].bytes for p in ("fp32", "fp16")}
     assert sizes["fp16"] < 0.6 * sizes["fp32"]
 
 
@@ -207,34 +223,33 @@ def test_servable_artifacts_reproduce_torch_on_fresh_images_in_any_batch(bundle,
     x, _ = _val_batch(m, 11)
     with torch.inference_mode():
         ref = model(torch.from_numpy(x)).numpy()
-    for a in m["artifacts"]:
-        if not a["servable"]:
-            continue
-        run = load_runner(bundle, a, m, threads=THREADS)
-        whole = run(x)
-        alone = np.concatenate([run(x[i : i + 1]) for i in range(len(x))])
-        tol = parity.TOLERANCES[a["precision"]]
-        np.testing.assert_allclose(whole, alone, atol=tol.batch_bound(np.abs(ref).max()), err_msg=a["id"])
-        if a["precision"] != "int8":
-            assert np.abs(whole - ref).max() <= tol.logit_bound(np.abs(ref).max()), a["id"]
+    for a in m.servable():
+        backend = runtimes.open_backend(bundle, m, a.runtime, a.precision, BackendOptions(threads=THREADS))
+        whole = backend.infer(x)
+        alone = np.concatenate([backend.infer(x[i : i + 1]) for i in range(len(x))])
+        backend.close()
+        tol = parity.TOLERANCES[a.precision]
+        np.testing.assert_allclose(whole, alone, atol=tol.batch_bound(np.abs(ref).max()), err_msg=a.id)
+        if a.precision != "int8":
+            assert np.abs(whole - ref).max() <= tol.logit_bound(np.abs(ref).max()), a.id
 
 
 def test_tampered_artifact_is_detected(bundle, tmp_path):
     copy = shutil.copytree(bundle, tmp_path / "b")
     m = read_manifest(copy)
-    a = select_artifact(m, "onnxruntime")
-    with open(copy / a["files"][0]["path"], "r+b") as f:
+    a = m.select("onnxruntime")
+    with open(copy / a.files[0].path, "r+b") as f:
         f.seek(100)
         f.write(b"\0\0\0\0")
     with pytest.raises(BundleError, match="sha256"):
-        load_runner(copy, a, m)
+        runtimes.open_backend(copy, m, "onnxruntime")
 
 
 def test_report_prints_one_row_per_artifact(bundle, capsys, tmp_path):
     assert report.main([str(bundle), "--png", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
-    for a in read_manifest(bundle)["artifacts"]:
-        assert sum(line.startswith(a["id"] + " ") for line in out.splitlines()) == 1
+    for a in read_manifest(bundle).artifacts:
+        assert sum(line.startswith(a.id + " ") for line in out.splitlines()) == 1
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert report.main([str(tmp_path)]) == 2
 
@@ -245,16 +260,17 @@ def test_report_prints_one_row_per_artifact(bundle, capsys, tmp_path):
 def test_int8_held_to_the_fp32_gate_is_refused_and_not_shipped(checkpoint, tmp_path):
     # INT8 always moves logits by a quantisation step: under the fp32 gate (1e-4 logit error, 100 % top-1
     # agreement, no accuracy loss) it must be refused, its files removed, and the refusal say why.
-    out = build_bundle(checkpoint, tmp_path / "strict", ["openvino-int8", "onnx-int8"], max_batch=8,
-                       parity_samples=100, calibration_samples=CALIBRATION_SAMPLES,
-                       tolerances={"int8": parity.FP32_TOLERANCE}, threads=THREADS, log=lambda _: None)
-    m = read_manifest(out)
-    for a in m["artifacts"][1:]:
-        assert not a["servable"] and a["files"] == [] and "max abs logit error" in a["refused_reason"]
-        assert a["parity"]["max_abs_err"] > 1e-4 and a["refused_files"]
+    out = tmp_path / "strict"
+    m = build_bundle(checkpoint, out, ["openvino-int8", "onnx-int8"], max_batch=8,
+                     parity_samples=100, calibration_samples=CALIBRATION_SAMPLES,
+                     tolerances={"int8": parity.FP32_TOLERANCE}, threads=THREADS, log=lambda _: None)
+    assert m == read_manifest(out), "build_bundle returns exactly the manifest it wrote"
+    for a in m.artifacts[1:]:
+        assert not a.servable and a.files == () and "max abs logit error" in a.refused_reason
+        assert a.parity.max_abs_err > 1e-4 and a.refused_files
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
-    with pytest.raises(BundleError, match="no servable openvino/int8"):
-        select_artifact(m, "openvino", "int8")
+    with pytest.raises(BundleError, match="no servable openvino/int8 artifact .refused at export: max abs"):
+        m.select("openvino", "int8")
 
 
 def test_cli_reports_refusals_and_strict_exits_1(checkpoint, tmp_path, capsys):
@@ -265,11 +281,11 @@ def test_cli_reports_refusals_and_strict_exits_1(checkpoint, tmp_path, capsys):
                    "--calibration-dataset", "digits", "--max-batch", "8", "--parity-samples", "100",
                    "--calibration-samples", str(CALIBRATION_SAMPLES), "--threads", str(THREADS), "--strict"])
     err = capsys.readouterr().err
-    a = read_manifest(out)["artifacts"][-1]
-    assert a["id"] == "openvino-int8" and a["calibration"]["dataset"] == "digits"
-    assert rc == (0 if a["servable"] else 1)
-    assert (f"refused openvino-int8: {a['refused_reason']}" in err) == (not a["servable"])
-    assert bool(list(out.glob("openvino-int8*"))) == a["servable"]
+    a = read_manifest(out).artifacts[-1]
+    assert a.id == "openvino-int8" and a.info["calibration"]["dataset"] == "digits"
+    assert rc == (0 if a.servable else 1)
+    assert (f"refused openvino-int8: {a.refused_reason}" in err) == (not a.servable)
+    assert bool(list(out.glob("openvino-int8*"))) == a.servable
 
 
 # --- bad input: one line, exit 2, nothing left behind ---------------------------------------------
@@ -348,7 +364,7 @@ def test_module_entry_point_runs_as_documented(checkpoint, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert [a["id"] for a in read_manifest(out)["artifacts"]] == ["torch-fp32", "onnx-fp32"]
+    assert [a.id for a in read_manifest(out).artifacts] == ["torch-fp32", "onnx-fp32"]
 
 
 # --- TensorRT -----------------------------------------------------------------------------------
@@ -361,8 +377,8 @@ def test_tensorrt_cli_without_tensorrt_exits_2_with_one_line(checkpoint, tmp_pat
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: TensorRT is not installed (pip install tensorrt; "
-                                                "needs an NVIDIA GPU)"]
+    assert proc.stderr.strip().splitlines() == ["error: tensorrt is not installed (needs tensorrt, cuda.bindings): "
+                                                "pip install 'vitc[gpu]' on a machine with an NVIDIA GPU"]
     _assert_clean(tmp_path, "t")
 
 
@@ -370,10 +386,11 @@ def test_tensorrt_cli_without_tensorrt_exits_2_with_one_line(checkpoint, tmp_pat
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed (needs an NVIDIA GPU)")
 def test_tensorrt_engines_pass_parity(checkpoint, tmp_path):
-    out = build_bundle(checkpoint, tmp_path / "trt", ["tensorrt-fp32", "tensorrt-fp16", "tensorrt-int8"],
-                       max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES, calibration_samples=CALIBRATION_SAMPLES)
-    arts = {a["id"]: a for a in read_manifest(out)["artifacts"]}
-    assert arts["tensorrt-fp32"]["servable"], arts["tensorrt-fp32"]["refused_reason"]
-    assert arts["tensorrt-fp16"]["servable"], arts["tensorrt-fp16"]["refused_reason"]
-    assert arts["tensorrt-fp16"]["profile"] == {"min": 1, "opt": 8, "max": MAX_BATCH}
-    assert "parity" in arts["tensorrt-int8"]
+    m = build_bundle(checkpoint, tmp_path / "trt", ["tensorrt-fp32", "tensorrt-fp16", "tensorrt-int8"],
+                     max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES, calibration_samples=CALIBRATION_SAMPLES)
+    arts = {a.id: a for a in m.artifacts}
+    assert arts["tensorrt-fp32"].servable, arts["tensorrt-fp32"].refused_reason
+    assert arts["tensorrt-fp16"].servable, arts["tensorrt-fp16"].refused_reason
+    assert arts["tensorrt-fp16"].info["profile"] == {"min": 1, "opt": 8, "max": MAX_BATCH}
+    assert {"gpu", "compute_capability", "tensorrt_version"} <= set(arts["tensorrt-fp16"].info)
+    assert arts["tensorrt-int8"].parity is not None

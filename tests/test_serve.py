@@ -21,9 +21,9 @@ from test_serve_fixtures import (
     start_server,
 )
 
-from export.manifest import read_manifest, select_artifact
-from models.preprocessing import Preprocessing, preprocess
-from train.data import ANIMAL_CLASSES
+from data.datasets import ANIMAL_CLASSES
+from models.bundle import read_manifest
+from models.preprocessing import preprocess
 
 KEY = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -60,9 +60,9 @@ def direct(bundle):
     import onnxruntime as ort
 
     manifest = read_manifest(bundle)
-    art = select_artifact(manifest, "onnxruntime")
-    session = ort.InferenceSession(str(bundle / art["files"][0]["path"]), providers=["CPUExecutionProvider"])
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    art = manifest.select("onnxruntime")
+    session = ort.InferenceSession(str(bundle / art.files[0].path), providers=["CPUExecutionProvider"])
+    spec = manifest.preprocessing
 
     def run(images: list[bytes]) -> np.ndarray:
         x = preprocess([Image.open(io.BytesIO(b)) for b in images], spec)
@@ -131,10 +131,10 @@ def test_open_inference_protocol_with_tritonclient(server, pngs, bundle):
     from tritonclient.utils import InferenceServerException
 
     manifest = read_manifest(bundle)
-    x = preprocess([Image.open(io.BytesIO(b)) for b in pngs[:4]], Preprocessing.from_dict(manifest["preprocessing"]))
+    x = preprocess([Image.open(io.BytesIO(b)) for b in pngs[:4]], manifest.preprocessing)
     import onnxruntime as ort
 
-    ref = ort.InferenceSession(str(bundle / select_artifact(manifest, "onnxruntime")["files"][0]["path"]),
+    ref = ort.InferenceSession(str(bundle / manifest.select("onnxruntime").files[0].path),
                                providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     tc = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     # (tritonclient adds its own headers to the dict it is given: pass a fresh one per call)

@@ -25,10 +25,10 @@ def micro_bundle(tmp_path_factory, targets: tuple[str, ...] = ("onnx", "openvino
     if key not in _CACHE:
         import torch
 
+        from data.datasets import ANIMAL_CLASSES, default_preprocessing
         from export.bundle import build_bundle
         from models import build_model
         from models.checkpoint import save_checkpoint
-        from train.data import ANIMAL_CLASSES, default_preprocessing
 
         root = tmp_path_factory.mktemp("serve-bundle")
         torch.manual_seed(0)
@@ -38,14 +38,15 @@ def micro_bundle(tmp_path_factory, targets: tuple[str, ...] = ("onnx", "openvino
             model.head.bias.normal_(0, 0.1)
         ckpt = save_checkpoint(root / "ckpt", model, class_names=ANIMAL_CLASSES,
                                preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
-        _CACHE[key] = build_bundle(ckpt, root / "micro", targets=targets, name="micro", max_batch=32,
-                                   parity_samples=64, calibration_samples=16, log=lambda _: None)
+        build_bundle(ckpt, root / "micro", targets=targets, name="micro", max_batch=32, parity_samples=64,
+                     calibration_samples=16, log=lambda _: None)
+        _CACHE[key] = root / "micro"
     return _CACHE[key]
 
 
 def animal_pngs(n: int, start: int = 0) -> list[bytes]:
     """n validation images of the embedded animals set, PNG-encoded (what a client would upload)."""
-    from train.data import load_dataset
+    from data.datasets import load_dataset
 
     val = load_dataset("animals", "val")
     return [encode(val.image(i), "PNG") for i in range(start, start + n)]

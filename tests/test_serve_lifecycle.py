@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from test_serve_fixtures import animal_pngs, micro_bundle, start_server
 
-from serve.backends.base import installed
+import runtimes
 from serve.launch import REPO
 
 
@@ -58,7 +58,7 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
     assert_refused(run_cli("--model", str(copy)), "corrupt manifest")
 
 
-@pytest.mark.skipif(installed("tensorrt"), reason="TensorRT is installed here")
+@pytest.mark.skipif(runtimes.get("tensorrt").installed(), reason="TensorRT is installed here")
 def test_backend_not_installed_is_refused(bundle):
     assert_refused(run_cli("--model", str(bundle), "--backend", "tensorrt", "--device", "cuda"), "not installed")
 
@@ -120,7 +120,7 @@ def test_sample_image_helper(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "serve.sample", "--dataset", "animals", "--index", "3",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    from train.data import load_dataset
+    from data.datasets import load_dataset
 
     val = load_dataset("animals", "val")
     img = Image.open(out)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from test_serve_fixtures import animal_pngs, micro_bundle, scores_by_index, softmax, start_server
 
-from export.manifest import read_manifest, select_artifact
-from models.preprocessing import Preprocessing, preprocess
+from models.bundle import read_manifest
+from models.preprocessing import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def direct(bundle, pngs):
     import openvino as ov
 
     manifest = read_manifest(bundle)
-    xml = next(f["path"] for f in select_artifact(manifest, "openvino", "fp32")["files"] if f["path"].endswith("xml"))
+    xml = next(f.path for f in manifest.select("openvino", "fp32").files if f.path.endswith("xml"))
     compiled = ov.Core().compile_model(str(bundle / xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    x = preprocess([Image.open(io.BytesIO(b)) for b in pngs], Preprocessing.from_dict(manifest["preprocessing"]))
+    x = preprocess([Image.open(io.BytesIO(b)) for b in pngs], manifest.preprocessing)
     return x, compiled.create_infer_request().infer({0: x})[0]
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from data.datasets import load_dataset
 from models import build_model
 from models.checkpoint import load_checkpoint
 from train.__main__ import main as train_main
 from train.config import RECIPES, ConfigError, TrainConfig, resolve_config
-from train.data import load_dataset
 from train.eval import main as eval_main
 from train.optim import build_optimizer, build_scheduler, ema_decay, scaled_lr
 

@@ -105,7 +105,7 @@ def test_empty_or_unreadable_folders_exit_2(tmp_path, capsys, train_cli):
 
 
 def test_a_decompression_bomb_counts_as_unreadable(tmp_path):
-    from train.data import decode_checked
+    from data.datasets import decode_checked
 
     bomb = tmp_path / "bomb.png"
     Image.new("1", (14_000, 14_000)).save(bomb)  # 196 M pixels in a few kB: beyond PIL's bound

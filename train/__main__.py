@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import sys
 
+from data.datasets import DatasetError
 from models.checkpoint import CheckpointError
 from train.config import ConfigError, config_from_options
-from train.data import DatasetError
 from train.options import build_parser, explicit_options, quiet_openmp
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from train.data import EMBEDDED
+from data.datasets import EMBEDDED
 
 
 class ConfigError(ValueError):

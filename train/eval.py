@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from data.datasets import SPLITS, DatasetError
 from models.checkpoint import CheckpointError
 from models.io import atomic_write_json
 from train.config import DEVICES, ConfigError
-from train.data import SPLITS, DatasetError
 from train.options import OneLineParser, quiet_openmp
 
 

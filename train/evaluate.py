@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.datasets import DatasetError, ImageSet, load_dataset
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.preprocessing import Preprocessing
-from train.data import DatasetError, ImageSet, load_dataset
 from train.distributed import DistInfo, all_reduce_sum
 from train.pipeline import EvalCollate, EvalImages, loader
 

@@ -1,4 +1,4 @@
-"""Batches for training and evaluation from a `train.data.ImageSet`.
+"""Batches for training and evaluation from a `data.datasets.ImageSet`.
 
 Embedded sets are decoded once into a uint8 tensor with the checkpoint's `to_uint8` and augmented on tensors;
 folders are decoded per sample in DataLoader workers. Evaluation always goes through
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.datasets import DatasetError, ImageSet, decode_checked
 from models.preprocessing import Preprocessing, normalize, to_mode, to_uint8
 from train.augment import derive_seed, seeded, train_transform
-from train.data import DatasetError, ImageSet, decode_checked
 
 # Bounds in-memory decoding (uint8 bytes) so a large folder is never cached by accident.
 _MAX_CACHE_BYTES = 4 << 30

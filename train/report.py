@@ -25,14 +25,6 @@ def write_metrics(out_dir: str | os.PathLike, history: list[dict[str, Any]]) -> 
     atomic_write_bytes(Path(out_dir) / METRICS_FILE, text.encode())
 
 
-def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Parse metrics.jsonl (empty list if absent)."""
-    path = Path(out_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title: str) -> Path | None:
     """Loss and top-1 per epoch (raw and EMA) as a PNG; None when there is nothing to plot."""
     rows = [h for h in history if "train_loss" in h]

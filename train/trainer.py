@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import os
 import random
 import sys
 import time
@@ -21,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.datasets import DatasetError, ImageSet, decode_checked, default_preprocessing, load_dataset
 from models.checkpoint import META_FILE, save_checkpoint
+from models.host import usable_cpus
 from models.preprocessing import Preprocessing
 from models.registry import build_model
 from train.augment import BatchMixer, derive_seed
 from train.config import ConfigError, TrainConfig
-from train.data import DatasetError, ImageSet, decode_checked, default_preprocessing, load_dataset
 from train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -49,14 +49,6 @@ def _finite(x: float) -> float | None:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def cpu_count() -> int:
-    """Cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def probe_readable(images: ImageSet, tries: int = 64) -> None:
@@ -93,7 +85,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.t_start, self.cpu_start = time.perf_counter(), time.process_time()
         self.dev = info.device
-        self.threads = cfg.threads or max(1, cpu_count() // max(1, info.local_world_size))
+        self.threads = cfg.threads or max(1, usable_cpus() // max(1, info.local_world_size))
         torch.set_num_threads(self.threads)
         if self.dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -145,8 +137,9 @@ class Trainer:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         embedded = self.train_set.arrays is not None
+        per_rank = max(1, usable_cpus() // max(1, info.local_world_size))
         self.workers = cfg.workers if cfg.workers is not None else (
-            0 if embedded and self.dev.type == "cpu" else min(8, max(1, cpu_count() // max(1, info.local_world_size))))
+            0 if embedded and self.dev.type == "cpu" else min(8, per_rank))
         val_cache = predecode(self.val_set, self.spec) if embedded else None
         batch = cfg.eval_batch_size or min(512, 2 * cfg.batch_size)
         self.val_batches = eval_loader(self.val_set, self.spec, info, batch_size=batch, workers=self.workers,

@@ -17,10 +17,10 @@ import signal
 import sys
 from pathlib import Path
 
+from train.config import OPTIMIZERS
 from train.sweep.plan import METRICS, STUDIES, TUNINGS
 from train.sweep.presets import PRESETS, make_config
 from train.sweep.runner import RunFailed, make_slots
-from train.sweep.spec import OPTIMIZERS
 from train.sweep.study import run_study
 
 

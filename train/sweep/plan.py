@@ -15,8 +15,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from train.config import OPTIMIZERS
 from train.sweep.sampling import sample_lr_wd
-from train.sweep.spec import OPTIMIZERS, RunSpec
+from train.sweep.spec import RunSpec
 
 STUDIES = ("convergence", "optimizer", "stability", "all")
 TUNINGS = ("sweep", "recipe")

@@ -41,7 +41,7 @@ def val_size(results: dict[str, dict[str, Any]], dataset: str) -> int:
         n = r.get("val_images")
         if n:
             return int(n)
-    from train.data import load_dataset
+    from data.datasets import load_dataset
 
     return len(load_dataset(dataset, "val"))
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.host import usable_cpus
 from models.io import atomic_write_json
 from train.sweep.spec import RunSpec
 
@@ -101,7 +102,7 @@ def make_slots(workers: int, devices: Sequence[str] = (), threads: int | None = 
     """`workers` slots; cores are split evenly unless `threads` is given; devices are dealt round-robin."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    per = threads if threads else max(1, (os.cpu_count() or 1) // workers)
+    per = threads if threads else max(1, usable_cpus() // workers)
     return [WorkerSlot(per, devices[i % len(devices)] if devices else None) for i in range(workers)]
 
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-OPTIMIZERS = ("adamw", "sgd")
+from train.config import OPTIMIZERS
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""serve.backends on a real exported bundle: same logits as the runtimes used directly, verified loading."""
+"""runtimes/ on a real exported bundle: same logits as the runtime libraries used directly, verified loading."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from test_serve_fixtures import micro_bundle
 
-from export.manifest import BundleError, read_manifest, select_artifact
-from models.preprocessing import Preprocessing, preprocess
-from serve.backends import BackendError, BackendOptions, load_backend
-from serve.backends.base import installed
+import runtimes
+from models.bundle import BundleError, read_manifest
+from models.preprocessing import preprocess
+from runtimes import BackendError, BackendOptions
 from serve.launch import REPO
 
 
@@ -31,16 +31,21 @@ def manifest(bundle):
 @pytest.fixture(scope="module")
 def batch(manifest):
     """Real validation images, preprocessed as the bundle says."""
-    from train.data import load_dataset
+    from data.datasets import load_dataset
 
     val = load_dataset("animals", "val")
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
-    return preprocess([val.image(i) for i in range(12)], spec)
+    return preprocess([val.image(i) for i in range(12)], manifest.preprocessing)
 
 
 def _file(bundle, manifest, runtime, precision="fp32", suffix=""):
-    art = select_artifact(manifest, runtime, precision)
-    return next(bundle / f["path"] for f in art["files"] if f["path"].endswith(suffix))
+    art = manifest.select(runtime, precision)
+    return next(bundle / f.path for f in art.files if f.path.endswith(suffix))
+
+
+def load_backend(bundle, manifest, runtime, device="cpu", precision=None, options=None):
+    options = options or BackendOptions()
+    return runtimes.open_backend(bundle, manifest, runtime, precision,
+                                 BackendOptions(device, options.threads, options.parallel, options.hint))
 
 
 def test_onnxruntime_matches_direct_session(bundle, manifest, batch):
@@ -64,7 +69,7 @@ def test_openvino_matches_direct_compile_and_is_thread_safe(bundle, manifest, ba
     direct = compiled.create_infer_request().infer({0: batch})[0]
     np.testing.assert_allclose(backend.infer(batch), direct, rtol=1e-5, atol=1e-5)
     assert backend.parallelism == compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") >= 1
-    assert "32" in backend.inference_precision or "f32" in backend.inference_precision.lower()
+    assert backend.describe()["inference_precision"] == "f32"
     # Concurrent calls (the batcher's workers) each get their own infer request and the right rows back.
     chunks = [batch[i:i + 3] for i in range(0, len(batch), 3)]
     with ThreadPoolExecutor(4) as pool:
@@ -89,7 +94,7 @@ def test_torch_backend_matches_checkpoint_model(bundle, manifest, batch):
     from models.checkpoint import load_checkpoint
 
     backend = load_backend(bundle, manifest, "torch")
-    model, _ = load_checkpoint(manifest["source"]["checkpoint"])
+    model, _ = load_checkpoint(manifest.source.checkpoint)
     with torch.inference_mode():
         ref = model(torch.from_numpy(batch)).numpy()
     np.testing.assert_allclose(backend.infer(batch), ref, rtol=1e-5, atol=1e-5)
@@ -114,7 +119,7 @@ def test_unknown_missing_and_wrong_device_backends(bundle, manifest):
         load_backend(bundle, manifest, "tflite")
     with pytest.raises(BackendError, match="runs on cpu"):
         load_backend(bundle, manifest, "openvino", device="cuda")
-    if not installed("tensorrt"):
+    if not runtimes.get("tensorrt").installed():
         with pytest.raises(BackendError, match="not installed"):
             load_backend(bundle, manifest, "tensorrt", device="cuda")
 
@@ -153,7 +158,7 @@ def test_serving_path_never_imports_torch(bundle):
     """The serving install has no torch: loading both CPU runtimes and building the app must not import it."""
     code = (
         "import sys\n"
-        "from export.manifest import read_manifest\n"
+        "from models.bundle import read_manifest\n"
         "from serve.app import create_app\n"
         "from serve.settings import Settings\n"
         "from serve.registry import load_models\n"

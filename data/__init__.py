@@ -1,0 +1,1 @@
+"""Datasets every stage reads: the embedded sets and ImageNet-layout folders, as labelled images (torch-free)."""

@@ -1,0 +1,46 @@
+"""Export targets: a runtime's target family at one precision ("onnx-fp32", "openvino-int8", ...), from the registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from runtimes import ExportError, Runtime, by_target, runtimes
+
+
+@dataclass(frozen=True)
+class Target:
+    """One artifact to build: a runtime at one precision."""
+
+    runtime: Runtime
+    precision: str
+
+    @property
+    def id(self) -> str:
+        """The artifact id in the manifest, e.g. "onnx-fp16"."""
+        return f"{self.runtime.target}-{self.precision}"
+
+
+def known_targets() -> list[str]:
+    """Every accepted target name, for error messages and --help."""
+    names = []
+    for rt in runtimes():
+        names += [rt.target] + [f"{rt.target}-{p}" for p in rt.precisions]
+    return names
+
+
+def parse_targets(names: Sequence[str]) -> list[Target]:
+    """Target names ("openvino", "openvino-int8", ...) -> de-duplicated Targets; raises ExportError."""
+    out: list[Target] = []
+    for raw in names:
+        name = raw.strip().lower()
+        family, _, precision = name.partition("-")
+        rt = by_target(family)
+        if rt is None or (precision and precision not in rt.precisions):
+            raise ExportError(f"unknown target {raw!r}; known: {', '.join(known_targets())}")
+        for p in (precision,) if precision else rt.default_precisions:
+            if Target(rt, p) not in out:
+                out.append(Target(rt, p))
+    if not out:
+        raise ExportError(f"no targets given; known: {', '.join(known_targets())}")
+    return out

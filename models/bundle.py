@@ -1,0 +1,504 @@
+"""The bundle contract: `manifest.json` beside the artifacts, as typed, validated, frozen dataclasses.
+
+Torch-free: the server, the exporter, the benchmarks and the reports all read bundles through this module and
+nothing else. `read_manifest` refuses a manifest with a missing or ill-typed field with one line that names the
+field (`BundleError`); every number that later sizes an allocation (image size, batch, classes) is bounded here.
+
+Format "vitc-bundle", version 1 (the JSON shape is unchanged since the first release, so older bundles read):
+{
+  "format": "vitc-bundle", "format_version": 1,
+  "name": "animals-vit_c", "model": "vit_c_mini", "stem": "conv", "config": {...ViTConfig.to_dict()},
+  "class_names": [...],
+  "input":  {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": 3, "height": 32, "width": 32,
+             "min_batch": 1, "max_batch": 64},
+  "output": {"name": "logits", "dtype": "float32", "shape": [-1, 10]},
+  "preprocessing": {...Preprocessing.to_dict()},
+  "source": {"checkpoint": "runs/animals-vit_c", "sha256": "<weights sha256>", "dataset": "animals"},
+  "created": "2026-11-24T23:59:00Z", "timings": {"onnx_hub_seconds": 3.1},
+  "artifacts": [
+    {"id": "onnx-fp32", "runtime": "onnxruntime", "format": "onnx", "precision": "fp32",
+     "files": [{"path": "model.onnx", "sha256": "...", "bytes": 123}], "runtime_version": "1.32.0",
+     "export_seconds": 1.2, "parity_seconds": 0.4, "servable": true, "refused_reason": null,
+     "parity": {...Parity}, "opset": 20, ...runtime-specific facts (Artifact.info)}
+  ]
+}
+A refused artifact has `servable: false`, its reason, no `files`, and `refused_files` (what was built, then deleted).
+File paths are relative to the bundle directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from models.config import ViTConfig
+from models.io import atomic_write_bytes, sha256_file
+from models.preprocessing import Preprocessing
+
+FORMAT = "vitc-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MAX_BATCH_LIMIT = 1024  # bounds engine profiles, parity batches and the server's batch buffers
+MAX_IMAGE_SIDE = 4096
+MAX_CLASSES = 100_000
+MAX_MANIFEST_BYTES = 16 << 20
+PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # most precise first: the default pick when none is asked
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BundleError(ValueError):
+    """A missing, corrupt, tampered or inconsistent bundle (one line, naming the file and field)."""
+
+
+class _Reader:
+    """Typed field access on one JSON object; errors name the dotted field path."""
+
+    def __init__(self, raw: Any, where: str, path: str = "") -> None:
+        self.where, self.path = where, path
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: {self._name('')} must be an object, got {_kind(raw)}")
+        self.raw = raw
+
+    def _name(self, key: str) -> str:
+        full = f"{self.path}.{key}" if self.path and key else (self.path or key)
+        return f"field {full!r}" if full else "the manifest"
+
+    def fail(self, key: str, problem: str) -> BundleError:
+        return BundleError(f"{self.where}: {self._name(key)} {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, check: Callable | None = None,
+            what: str = "") -> Any:
+        """raw[key] checked against `kind` (int never accepts bool; float accepts int); `...` = required."""
+        if key not in self.raw or (self.raw[key] is None and default is None):
+            if default is ...:
+                raise self.fail(key, "is missing")
+            return default
+        value = self.raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = any(_is(value, k) for k in kinds)
+        if not ok:
+            raise self.fail(key, f"must be {' or '.join(_KIND_NAMES.get(k, k.__name__) for k in kinds)}, "
+                                 f"got {_kind(value)}")
+        if float in kinds and isinstance(value, int):
+            value = float(value)
+        if check is not None and not check(value):
+            raise self.fail(key, f"must be {what}, got {value!r}"[:300])
+        return value
+
+    def obj(self, key: str, default: Any = ...) -> _Reader | None:
+        if key not in self.raw and default is not ...:
+            return default
+        self.get(key, dict)
+        return _Reader(self.raw[key], self.where, f"{self.path}.{key}" if self.path else key)
+
+    def items(self, key: str, default: Any = ...) -> list[_Reader]:
+        """The objects of a list field, each with its indexed path."""
+        values = self.get(key, list, default)
+        base = f"{self.path}.{key}" if self.path else key
+        return [_Reader(v, self.where, f"{base}[{i}]") for i, v in enumerate(values or [])]
+
+    def strings(self, key: str, default: Any = ...) -> tuple[str, ...]:
+        values = self.get(key, list, default)
+        for i, v in enumerate(values or []):
+            if not isinstance(v, str):
+                raise self.fail(f"{key}[{i}]", f"must be a string, got {_kind(v)}")
+        return tuple(values or ())
+
+    def ints(self, key: str) -> tuple[int, ...]:
+        values = self.get(key, list)
+        for i, v in enumerate(values):
+            if not _is(v, int):
+                raise self.fail(f"{key}[{i}]", f"must be an integer, got {_kind(v)}")
+        return tuple(values)
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+               dict: "an object"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _kind(value: Any) -> str:
+    text = json.dumps(value)[:40] if isinstance(value, str | int | float | bool) or value is None else ""
+    return f"{type(value).__name__} {text}".strip() if value is not None else "null"
+
+
+def _between(low: int, high: int) -> Callable[[int], bool]:
+    return lambda v: low <= v <= high
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model's one input: a float32 NCHW batch."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+    min_batch: int
+    max_batch: int
+    layout: str = "NCHW"
+    dtype: str = "float32"
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample."""
+        return self.channels, self.height, self.width
+
+    @classmethod
+    def read(cls, r: _Reader) -> InputSpec:
+        side = _between(1, MAX_IMAGE_SIDE)
+        spec = cls(
+            name=r.get("name", str), channels=r.get("channels", int, check=_between(1, 4), what="1..4"),
+            height=r.get("height", int, check=side, what=f"1..{MAX_IMAGE_SIDE}"),
+            width=r.get("width", int, check=side, what=f"1..{MAX_IMAGE_SIDE}"),
+            min_batch=r.get("min_batch", int, 1, check=_between(1, MAX_BATCH_LIMIT), what=f"1..{MAX_BATCH_LIMIT}"),
+            max_batch=r.get("max_batch", int, check=_between(1, MAX_BATCH_LIMIT), what=f"1..{MAX_BATCH_LIMIT}"),
+            layout=r.get("layout", str, "NCHW", check=lambda v: v == "NCHW", what='"NCHW"'),
+            dtype=r.get("dtype", str, "float32", check=lambda v: v == "float32", what='"float32"'),
+        )
+        if spec.min_batch > spec.max_batch:
+            raise r.fail("min_batch", f"{spec.min_batch} is above max_batch {spec.max_batch}")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "layout": self.layout, "dtype": self.dtype, "channels": self.channels,
+                "height": self.height, "width": self.width, "min_batch": self.min_batch, "max_batch": self.max_batch}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """The model's one output: float32 logits (batch, classes)."""
+
+    name: str
+    classes: int
+    dtype: str = "float32"
+
+    @classmethod
+    def read(cls, r: _Reader) -> OutputSpec:
+        shape = r.ints("shape")
+        if len(shape) != 2 or not 1 <= shape[1] <= MAX_CLASSES:
+            raise r.fail("shape", f"must be [-1, classes] with 1..{MAX_CLASSES} classes, got {list(shape)}")
+        return cls(name=r.get("name", str), classes=shape[1],
+                   dtype=r.get("dtype", str, "float32", check=lambda v: v == "float32", what='"float32"'))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": [-1, self.classes]}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an artifact: bundle-relative path, content hash, size."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def read(cls, r: _Reader) -> FileEntry:
+        return cls(path=r.get("path", str, check=lambda v: bool(v) and not os.path.isabs(v), what="a relative path"),
+                   sha256=r.get("sha256", str, check=_SHA256.match, what="64 lowercase hex digits"),
+                   bytes=r.get("bytes", int, check=lambda v: v >= 0, what="non-negative"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """An artifact measured against torch fp32 on real validation images (numbers from export/parity.py)."""
+
+    dataset: str
+    val_samples: int
+    batch_sizes: tuple[int, ...]
+    max_abs_err: float | None  # None: non-finite outputs
+    max_rel_err: float | None  # None: no reference scale (all-zero reference logits) or non-finite
+    reference_logit_scale: float
+    top1_agreement: float
+    accuracy: float
+    reference_accuracy: float
+    accuracy_delta: float
+    batch_invariance_max_abs: float | None
+    tolerance: dict[str, float | None]
+    passed: bool
+    failures: tuple[str, ...] = ()
+    reference: str = "torch fp32"
+    split: str = "val"
+    inference_precision: str | None = None  # the runtime's precision hint the numbers were measured at
+
+    @classmethod
+    def read(cls, r: _Reader) -> Parity:
+        tol = r.obj("tolerance", None)
+        tolerance = {k: tol.get(k, float, None) for k in tol.raw} if tol else {}
+        return cls(
+            dataset=r.get("dataset", str), val_samples=r.get("val_samples", int), batch_sizes=r.ints("batch_sizes"),
+            max_abs_err=r.get("max_abs_err", float, None), max_rel_err=r.get("max_rel_err", float, None),
+            reference_logit_scale=r.get("reference_logit_scale", float),
+            top1_agreement=r.get("top1_agreement", float), accuracy=r.get("accuracy", float),
+            reference_accuracy=r.get("reference_accuracy", float), accuracy_delta=r.get("accuracy_delta", float),
+            batch_invariance_max_abs=r.get("batch_invariance_max_abs", float, None), tolerance=tolerance,
+            passed=r.get("passed", bool), failures=r.strings("failures", ()),
+            reference=r.get("reference", str, "torch fp32"), split=r.get("split", str, "val"),
+            inference_precision=r.get("inference_precision", str, None),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "reference": self.reference, "dataset": self.dataset, "split": self.split,
+            "val_samples": self.val_samples, "batch_sizes": list(self.batch_sizes), "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err, "reference_logit_scale": self.reference_logit_scale,
+            "top1_agreement": self.top1_agreement, "accuracy": self.accuracy,
+            "reference_accuracy": self.reference_accuracy, "accuracy_delta": self.accuracy_delta,
+            "batch_invariance_max_abs": self.batch_invariance_max_abs, "tolerance": dict(self.tolerance),
+            "passed": self.passed,
+        }
+        if self.failures:
+            d["failures"] = list(self.failures)
+        if self.inference_precision is not None:
+            d["inference_precision"] = self.inference_precision
+        return d
+
+
+_ARTIFACT_KEYS = ("id", "runtime", "format", "precision", "files", "runtime_version", "export_seconds",
+                  "parity_seconds", "servable", "refused_reason", "refused_files", "parity")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One runtime's artifact at one precision; `info` holds the runtime's own facts (opset, profile, ...)."""
+
+    id: str
+    runtime: str
+    format: str
+    precision: str
+    files: tuple[FileEntry, ...]
+    servable: bool
+    refused_reason: str | None = None
+    parity: Parity | None = None
+    runtime_version: str = ""
+    export_seconds: float = 0.0
+    parity_seconds: float | None = None
+    refused_files: tuple[FileEntry, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, r: _Reader) -> Artifact:
+        parity = r.obj("parity", None)
+        art = cls(
+            id=r.get("id", str), runtime=r.get("runtime", str), format=r.get("format", str),
+            precision=r.get("precision", str), files=tuple(FileEntry.read(f) for f in r.items("files", [])),
+            servable=r.get("servable", bool), refused_reason=r.get("refused_reason", str, None),
+            parity=Parity.read(parity) if parity is not None else None,
+            runtime_version=r.get("runtime_version", str, ""), export_seconds=r.get("export_seconds", float, 0.0),
+            parity_seconds=r.get("parity_seconds", float, None),
+            refused_files=tuple(FileEntry.read(f) for f in r.items("refused_files", [])),
+            info={k: v for k, v in r.raw.items() if k not in _ARTIFACT_KEYS},
+        )
+        if art.servable and not art.files:
+            raise r.fail("files", "is empty, but the artifact is marked servable")
+        return art
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "runtime": self.runtime, "format": self.format,
+                             "precision": self.precision, "files": [f.to_dict() for f in self.files],
+                             "runtime_version": self.runtime_version, "export_seconds": self.export_seconds}
+        d.update(self.info)
+        if self.parity_seconds is not None:
+            d["parity_seconds"] = self.parity_seconds
+        d.update(servable=self.servable, refused_reason=self.refused_reason)
+        if self.refused_files:
+            d["refused_files"] = [f.to_dict() for f in self.refused_files]
+        if self.parity is not None:
+            d["parity"] = self.parity.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights came from."""
+
+    checkpoint: str
+    sha256: str
+    dataset: str
+
+    @classmethod
+    def read(cls, r: _Reader) -> Source:
+        return cls(checkpoint=r.get("checkpoint", str), sha256=r.get("sha256", str), dataset=r.get("dataset", str))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "sha256": self.sha256, "dataset": self.dataset}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A whole `manifest.json`."""
+
+    name: str
+    model: str
+    stem: str
+    config: ViTConfig
+    class_names: tuple[str, ...]
+    input: InputSpec
+    output: OutputSpec
+    preprocessing: Preprocessing
+    source: Source
+    created: str
+    artifacts: tuple[Artifact, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def servable(self, runtime: str | None = None) -> list[Artifact]:
+        """Artifacts that passed their parity gate, optionally of one runtime."""
+        return [a for a in self.artifacts if a.servable and (runtime is None or a.runtime == runtime)]
+
+    def artifact(self, runtime: str, precision: str) -> Artifact | None:
+        """The artifact (servable or refused) of `runtime` at `precision`, if the bundle lists one."""
+        return next((a for a in self.artifacts if a.runtime == runtime and a.precision == precision), None)
+
+    def select(self, runtime: str, precision: str | None = None) -> Artifact:
+        """The servable artifact of `runtime` (at `precision`, else the most precise one); raises BundleError."""
+        candidates = [a for a in self.servable(runtime) if precision is None or a.precision == precision]
+        if not candidates:
+            have = sorted({f"{a.runtime}/{a.precision}" for a in self.servable()})
+            want = runtime + (f"/{precision}" if precision else "")
+            refused = self.artifact(runtime, precision) if precision else None
+            why = f" (refused at export: {refused.refused_reason})" if refused and not refused.servable else ""
+            raise BundleError(f"bundle {self.name!r} has no servable {want} artifact{why}; "
+                              f"servable: {', '.join(have) or 'none'}")
+        order = {p: i for i, p in enumerate(PRECISION_ORDER)}
+        return min(candidates, key=lambda a: order.get(a.precision, len(order)))
+
+    def with_artifacts(self, artifacts: tuple[Artifact, ...] | list[Artifact]) -> Manifest:
+        return replace(self, artifacts=tuple(artifacts))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (format version 1)."""
+        return {
+            "format": FORMAT, "format_version": self.format_version, "name": self.name, "model": self.model,
+            "stem": self.stem, "config": self.config.to_dict(), "class_names": list(self.class_names),
+            "input": self.input.to_dict(), "output": self.output.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(), "source": self.source.to_dict(), "created": self.created,
+            "timings": dict(self.timings), "artifacts": [a.to_dict() for a in self.artifacts],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = MANIFEST_FILE) -> Manifest:
+        """Validate a parsed manifest; raises BundleError naming the first bad field."""
+        r = _Reader(raw, where)
+        if raw.get("format") != FORMAT:
+            raise BundleError(f"{where}: not a {FORMAT} manifest (field 'format' is {raw.get('format')!r})")
+        version = r.get("format_version", int)
+        if version > FORMAT_VERSION:
+            raise BundleError(f"{where}: format_version {version} is newer than this vitc reads ({FORMAT_VERSION}); "
+                              "upgrade vitc or re-export the bundle")
+        if version < 1:
+            raise BundleError(f"{where}: format_version {version} is not supported; re-export the bundle")
+        config = _parse(r, "config", lambda d: ViTConfig.from_dict(d))
+        preprocessing = _parse(r, "preprocessing", lambda d: Preprocessing.from_dict(d))
+        timings = r.obj("timings", None)
+        manifest = cls(
+            name=r.get("name", str, check=bool, what="non-empty"), model=r.get("model", str),
+            stem=r.get("stem", str, config.stem.kind), config=config,
+            class_names=r.strings("class_names"), input=InputSpec.read(r.obj("input")),
+            output=OutputSpec.read(r.obj("output")), preprocessing=preprocessing, source=Source.read(r.obj("source")),
+            created=r.get("created", str, ""), artifacts=tuple(Artifact.read(a) for a in r.items("artifacts")),
+            timings={k: timings.get(k, float) for k in timings.raw} if timings else {}, format_version=version,
+        )
+        _check_consistent(manifest, r)
+        return manifest
+
+
+def _parse(r: _Reader, key: str, build: Callable[[dict[str, Any]], Any]) -> Any:
+    """A nested contract (config, preprocessing) built by its own validating constructor."""
+    value = r.get(key, dict)
+    try:
+        return build(value)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise r.fail(key, f"is invalid: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _check_consistent(m: Manifest, r: _Reader) -> None:
+    """Cross-field invariants the server relies on when it sizes buffers and answers."""
+    if not 1 <= len(m.class_names) <= MAX_CLASSES:
+        raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(m.class_names)}")
+    if m.output.classes != len(m.class_names):
+        raise r.fail("output.shape", f"has {m.output.classes} classes, class_names lists {len(m.class_names)}")
+    if m.config.num_classes != len(m.class_names):
+        raise r.fail("config.num_classes", f"is {m.config.num_classes}, class_names lists {len(m.class_names)}")
+    if (m.input.height, m.input.width) != (m.config.image_size, m.config.image_size):
+        raise r.fail("input.height", f"{m.input.height}x{m.input.width} differs from config.image_size "
+                                     f"{m.config.image_size}")
+    if m.input.channels != m.config.in_chans:
+        raise r.fail("input.channels", f"is {m.input.channels}, config.in_chans {m.config.in_chans}")
+    if (m.preprocessing.crop, m.preprocessing.crop) != (m.input.height, m.input.width):
+        raise r.fail("preprocessing.crop", f"{m.preprocessing.crop} does not match the input size "
+                                           f"{m.input.height}x{m.input.width}")
+    ids = [a.id for a in m.artifacts]
+    if len(ids) != len(set(ids)):
+        raise r.fail("artifacts", f"lists an id twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+
+
+def read_manifest(bundle: str | os.PathLike) -> Manifest:
+    """Load and validate `manifest.json`; raises BundleError with a one-line reason."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST_FILE
+    if not bundle.is_dir():
+        raise BundleError(f"bundle directory not found: {bundle}")
+    if not path.is_file():
+        raise BundleError(f"not a bundle: {path} is missing")
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest")
+        # NaN/Infinity (written by older exports for undefined errors) read as null.
+        raw = json.loads(path.read_bytes(), parse_constant=lambda _name: None)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"corrupt manifest {path}: {str(exc).splitlines()[0]}; re-export the bundle") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return Manifest.from_dict(raw, str(path))
+
+
+def write_manifest(bundle: str | os.PathLike, manifest: Manifest) -> Path:
+    """Atomically write `manifest.json` (strict JSON: no NaN or Infinity)."""
+    path = Path(bundle) / MANIFEST_FILE
+    text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def verify_files(bundle: str | os.PathLike, artifact: Artifact) -> list[Path]:
+    """Check every file of an artifact exists inside the bundle and matches its sha256; returns the paths."""
+    bundle = Path(bundle).resolve()
+    paths = []
+    for entry in artifact.files:
+        p = (bundle / entry.path).resolve()
+        if bundle not in p.parents:
+            raise BundleError(f"artifact file {entry.path!r} points outside the bundle")
+        if not p.is_file():
+            raise BundleError(f"artifact file missing: {p}")
+        if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
+            raise BundleError(f"artifact file {p} does not match its sha256 in the manifest (tampered or corrupt)")
+        paths.append(p)
+    if not paths:
+        raise BundleError(f"artifact {artifact.id!r} lists no files")
+    return paths
+
+
+def file_entries(bundle: str | os.PathLike, paths: list[Path]) -> tuple[FileEntry, ...]:
+    """Manifest file entries (bundle-relative path, sha256, bytes) for files inside `bundle`."""
+    bundle = Path(bundle).resolve()
+    return tuple(FileEntry(Path(p).resolve().relative_to(bundle).as_posix(), sha256_file(p), Path(p).stat().st_size)
+                 for p in paths)
+

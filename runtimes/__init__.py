@@ -1,0 +1,25 @@
+"""Inference runtimes, one module each (onnxruntime, OpenVINO, TensorRT, torch), shared by export, serve and
+benchmarks: how each builds its artifact, opens it as a Backend, and what it is called elsewhere."""
+
+from runtimes.base import Backend, BackendError, BackendOptions, ExportError, LoadSpec, Runtime, Variant
+from runtimes.loader import open_artifact, open_backend, select
+from runtimes.registry import by_target, get, names, register, runtimes, unregister
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendOptions",
+    "ExportError",
+    "LoadSpec",
+    "Runtime",
+    "Variant",
+    "by_target",
+    "get",
+    "names",
+    "open_artifact",
+    "open_backend",
+    "register",
+    "runtimes",
+    "select",
+    "unregister",
+]

@@ -1,0 +1,289 @@
+"""The runtime contract: what one runtime module declares (`Runtime`), what it opens (`Backend`), and with what.
+
+Every runtime module (runtimes/onnxruntime.py, openvino.py, tensorrt.py, pytorch.py) defines one `RUNTIME` and
+imports its own package only inside functions, so a CPU image without TensorRT or torch imports every module, and a
+runtime that is not installed is one clear error when it is asked for. Export builds artifacts through
+`Runtime.build`; the parity gate, the server and the benchmarks all open them through `Runtime.load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from models.bundle import Artifact, Manifest
+from models.preprocessing import preprocess
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from data.datasets import ImageSet
+    from models.checkpoint import CheckpointMeta
+
+INPUT_NAME = "input"  # the tensor names export gives every artifact
+OUTPUT_NAME = "logits"
+DEVICE_RE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
+HINTS = ("throughput", "latency")
+
+
+class BackendError(RuntimeError):
+    """A runtime that is not installed, cannot run on the requested device, or cannot load its artifact."""
+
+
+class ExportError(ValueError):
+    """A user-facing export failure: bad checkpoint, target, output path or missing runtime (CLI exit 2)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded artifact: thread-safe `infer` for up to `max_batch` rows, `parallelism` calls at once."""
+
+    runtime: str
+    precision: str
+    device: str
+    max_batch: int
+    parallelism: int
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 -> (B, num_classes) float32 logits."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What really runs: effective threads, precision hint, providers (for reports and benchmarks)."""
+        ...
+
+    def close(self) -> None:
+        """Release runtime resources."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to run an artifact; None means the runtime's own sensible default."""
+
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    threads: int | None = None  # intra-op threads of one inference
+    parallel: int | None = None  # concurrent infer calls (OpenVINO infer requests)
+    hint: Literal["throughput", "latency"] = "throughput"  # OpenVINO performance hint
+    # Compute precision beyond what the artifact stores: OpenVINO's INFERENCE_PRECISION_HINT ("bf16"), torch
+    # autocast ("bf16", "fp16"). None: the precision the artifact's parity gate measured.
+    inference_precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not DEVICE_RE.match(self.device):
+            raise BackendError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.hint not in HINTS:
+            raise BackendError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
+        for name in ("threads", "parallel"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 1 <= value <= 1024):
+                raise BackendError(f"{name} must be an integer in 1..1024, got {value!r}")
+
+    @property
+    def device_kind(self) -> str:
+        """"cpu" or "cuda"."""
+        return self.device.partition(":")[0]
+
+    @property
+    def device_index(self) -> int:
+        """N of cuda:N (0 for plain cuda)."""
+        return int(self.device.partition(":")[2] or 0)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything a runtime needs to open one artifact, its files already verified against the manifest."""
+
+    manifest: Manifest  # during export: the bundle's header, before its artifacts are listed
+    artifact: Artifact
+    files: tuple[Path, ...]
+    options: BackendOptions = field(default_factory=BackendOptions)
+
+    @property
+    def input_name(self) -> str:
+        return self.manifest.input.name
+
+    @property
+    def output_name(self) -> str:
+        return self.manifest.output.name
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.manifest.input.sample_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.output.classes
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest.input.max_batch
+
+    @property
+    def precision(self) -> str:
+        return self.artifact.precision
+
+    @property
+    def device(self) -> str:
+        return self.options.device
+
+    def file(self, suffix: str) -> Path:
+        """The artifact file ending in `suffix`; BackendError if the artifact has none."""
+        for p in self.files:
+            if p.name.endswith(suffix):
+                return p
+        raise BackendError(f"artifact {self.artifact.id!r} has no *{suffix} file")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run a runtime, as the benchmarks time it: a compute precision on a device."""
+
+    precision: str
+    device: str = "cpu"
+    artifact: str | None = None  # artifact precision it runs (default: `precision`)
+    inference_precision: str | None = None  # the BackendOptions.inference_precision it needs
+
+    @property
+    def artifact_precision(self) -> str:
+        return self.artifact or self.precision
+
+
+@dataclass
+class Built:
+    """What a runtime's `build` produced: the artifact's files (inside the bundle) and its manifest facts."""
+
+    files: list[Path]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything the project knows about one runtime. Each runtime module defines one as `RUNTIME`."""
+
+    name: str  # manifest "runtime" and the server's --backend value
+    target: str  # export target family: `python -m export --targets <target>[-<precision>]`
+    packages: tuple[str, ...]  # importable modules it needs
+    install: str  # how to get them (printed when they are missing)
+    format: str  # manifest "format" of its artifacts
+    triton_platform: str  # Open Inference Protocol / Triton platform name
+    precisions: tuple[str, ...]  # artifact precisions `build` makes
+    default_precisions: tuple[str, ...]  # built when the target is named without a precision
+    devices: tuple[str, ...]  # device kinds `load` runs on
+    build: Callable[[ExportContext, str], Built]
+    load: Callable[[LoadSpec], Backend]
+    version: Callable[[], str]
+    variants: tuple[Variant, ...] = ()  # benchmark targets
+    export_device: str = "cpu"  # where the export's parity gate runs its artifacts
+    needs_hub: bool = False  # `build` converts from the fp32 ONNX hub (ExportContext.hub_onnx)
+    # An artifact of another runtime it can open when the bundle has none of its own (TensorRT: the ONNX file).
+    fallback: tuple[str, str] | None = None
+    unavailable: Callable[[str], str | None] = lambda _device: None  # why it cannot run on a device, or None
+    # Per-op-type milliseconds of one artifact at a batch size (spec, batch, reps), where the runtime can tell.
+    profile: Callable[[LoadSpec, int, int], dict[str, float]] | None = None
+
+    def installed(self) -> bool:
+        """Whether every package it needs can be imported (checked without importing them)."""
+        try:
+            return all(importlib.util.find_spec(p) is not None for p in self.packages)
+        except (ImportError, ValueError):  # a parent package that is missing or broken
+            return False
+
+    def require(self, device: str) -> None:
+        """Raise BackendError unless this runtime is installed and can run on `device` here."""
+        if not self.installed():
+            raise BackendError(f"{self.name} is not installed (needs {', '.join(self.packages)}): {self.install}")
+        check_device(device, self.devices, self.name)
+        reason = self.unavailable(device)
+        if reason:
+            raise BackendError(f"{self.name} cannot run on {device}: {reason}")
+
+
+def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
+    """Raise BackendError unless `device` ("cpu", "cuda" or "cuda:N") is one the runtime serves."""
+    if not DEVICE_RE.match(device):
+        raise BackendError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.partition(":")[0] not in supported:
+        raise BackendError(f"the {runtime} backend runs on {' or '.join(supported)}, not {device!r}")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence converters' stdout chatter and warnings (export's own progress lines say what happens)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def import_nncf():  # noqa: ANN201 - the nncf module
+    """Import NNCF without its torch backend's "no CUDA runtime" log line (irrelevant to ONNX/OpenVINO)."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import nncf
+
+    return nncf
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one readable line: its type when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@dataclass
+class ExportContext:
+    """What the export orchestrator hands every runtime's `build` for one bundle."""
+
+    model: nn.Module  # torch, eval mode
+    meta: CheckpointMeta
+    workdir: Path  # the bundle's temp directory (renamed into place at the end)
+    max_batch: int
+    opset: int
+    calibration_set: Callable[[], ImageSet]  # lazily loaded TRAIN images
+    calibration_samples: int = 300
+    hub: Path | None = None  # the fp32 ONNX file the orchestrator exported, for runtimes that convert from it
+    _calibration: ImageSet | None = None
+
+    @property
+    def scratch(self) -> Path:
+        """Intermediate files (removed before the bundle is finalised)."""
+        path = self.workdir / ".scratch"
+        path.mkdir(exist_ok=True)
+        return path
+
+    @property
+    def image_size(self) -> int:
+        return self.meta.config.image_size
+
+    def hub_onnx(self) -> Path:
+        """The fp32 ONNX hub; the orchestrator exports it before any runtime that needs it builds."""
+        if self.hub is None:
+            raise ExportError("no ONNX hub was exported for this bundle")
+        return self.hub
+
+    def calibration_images(self) -> ImageSet:
+        """A deterministic subset of the TRAIN split (never validation images) for INT8 calibration."""
+        if self._calibration is None:
+            self._calibration = self.calibration_set().subset(self.calibration_samples, seed=1)
+        return self._calibration
+
+    def calibration_batches(self) -> Iterator[np.ndarray]:
+        """Calibration images one at a time as (1, 3, H, W) float32, preprocessed like the server does."""
+        images = self.calibration_images()
+        for i in range(len(images)):
+            yield preprocess([images.image(i)], self.meta.preprocessing)
+
+    def calibration_info(self) -> dict[str, Any]:
+        """What the INT8 artifacts were calibrated on, for the manifest."""
+        images = self.calibration_images()
+        return {"dataset": images.name, "split": images.split, "samples": len(images)}

@@ -1,0 +1,175 @@
+"""OpenVINO: IR artifacts (fp32, fp16-compressed weights, INT8 by NNCF post-training quantisation) on the CPU.
+
+Converted from the ONNX hub (dynamic batch kept). OpenVINO's CPU plugin runs bf16 by default on CPUs with
+AMX/AVX-512-BF16, which alone moves logits by ~1e-2: every artifact is compiled with INFERENCE_PRECISION_HINT=f32
+unless asked otherwise, and the manifest records that hint as the artifact's `inference_precision`.
+
+The backend keeps a pool of infer requests: the THROUGHPUT hint splits the CPU into streams that only pay off
+with several requests in flight, so the dynamic batcher runs `parallelism` batches at once, each on its own request.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from runtimes.base import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BackendError,
+    Built,
+    ExportContext,
+    ExportError,
+    LoadSpec,
+    Runtime,
+    Variant,
+    first_line,
+    import_nncf,
+    quiet,
+)
+
+INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
+_HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
+
+
+def version() -> str:
+    """The OpenVINO version, without its build suffix."""
+    import openvino
+
+    return openvino.__version__.split("-")[0]
+
+
+def build(ctx: ExportContext, precision: str) -> Built:
+    """Write openvino-<precision>.xml/.bin into the bundle."""
+    import openvino as ov
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ExportError(f"openvino: unsupported precision {precision!r}")
+    xml = ctx.workdir / f"openvino-{precision}.xml"
+    model = ov.convert_model(str(ctx.hub_onnx()))
+    info: dict[str, Any] = {"opset": ctx.opset, "inference_precision": INFERENCE_PRECISION}
+    if precision == "int8":
+        nncf = import_nncf()
+        images = list(ctx.calibration_batches())
+        with quiet():
+            # TRANSFORMER keeps LayerNorm, Softmax and GELU inputs unquantised (the accuracy-sensitive ops).
+            model = nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(images))
+        info["calibration"] = ctx.calibration_info()
+        info["quantizer"] = "nncf"
+    # save_model compresses weights to fp16 unless told otherwise: only the fp16 artifact wants that.
+    ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
+    _check_ir(xml)
+    return Built([xml, xml.with_suffix(".bin")], info)
+
+
+def _check_ir(xml: Any) -> None:
+    """The IR reads back with input "input" (dynamic batch, 3, H, W) and output "logits"."""
+    import openvino as ov
+
+    try:
+        model = ov.Core().read_model(str(xml))
+    except RuntimeError as exc:
+        raise ExportError(f"{xml}: OpenVINO cannot read the IR: {first_line(exc)}") from None
+    if [i.get_any_name() for i in model.inputs] != [INPUT_NAME] or OUTPUT_NAME not in model.outputs[0].get_names():
+        raise ExportError(f"{xml}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
+    shape = model.inputs[0].get_partial_shape()
+    if shape.rank.get_length() != 4 or shape[0].is_static:
+        raise ExportError(f"{xml}: input must be (B, 3, H, W) with a dynamic batch axis, got {shape}")
+
+
+def inference_precision(spec: LoadSpec) -> str:
+    """The INFERENCE_PRECISION_HINT to compile with: asked for, else what export gated the artifact at."""
+    asked = spec.options.inference_precision
+    if asked is not None:
+        if asked not in _HINT_NAMES:
+            raise BackendError(f"OpenVINO inference precision must be one of {sorted(_HINT_NAMES)}, got {asked!r}")
+        return _HINT_NAMES[asked]
+    recorded = spec.artifact.info.get("inference_precision") or (spec.artifact.parity and
+                                                                 spec.artifact.parity.inference_precision)
+    return str(recorded or INFERENCE_PRECISION)
+
+
+def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN202 - an ov.CompiledModel
+    """Read the IR, check its input name, and compile it with the spec's options."""
+    import openvino as ov
+
+    core = ov.Core()
+    xml = spec.file(".xml")
+    model = core.read_model(str(xml), str(xml.with_suffix(".bin")))
+    names = [n for port in model.inputs for n in port.get_names()]
+    if spec.input_name not in names:
+        raise BackendError(f"{xml.name} has inputs {names}, the manifest expects {spec.input_name!r}")
+    options = spec.options
+    config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint.upper(),
+                              "INFERENCE_PRECISION_HINT": inference_precision(spec)}
+    if options.threads:
+        config["INFERENCE_NUM_THREADS"] = options.threads
+    if options.parallel and options.hint == "throughput":
+        config["PERFORMANCE_HINT_NUM_REQUESTS"] = options.parallel
+    return core.compile_model(model, "CPU", {**config, **(extra or {})})
+
+
+class OpenVINOBackend:
+    """An OpenVINO IR on the CPU; `infer` is thread-safe up to `parallelism` concurrent calls without waiting."""
+
+    runtime = "openvino"
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
+        self.compiled = _compile(spec)
+        optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        hint = spec.options.hint
+        self.parallelism = max(1, spec.options.parallel or optimal) if hint == "throughput" else 1
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.parallelism):
+            self._free.put(self.compiled.create_infer_request())
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 -> (B, classes) float32 on a free infer request (blocks if all are busy)."""
+        request = self._free.get()
+        try:
+            # share_inputs: the batch is already contiguous float32, so OpenVINO reads it in place.
+            request.infer({0: batch}, share_inputs=True, share_outputs=True)
+            return request.get_output_tensor(0).data.copy()
+        finally:
+            self._free.put(request)
+
+    def describe(self) -> dict[str, Any]:
+        return {"threads_effective": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+                "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+                "parallelism": self.parallelism}
+
+    def close(self) -> None:
+        """Drop requests and the compiled model."""
+        self._free = queue.SimpleQueue()
+        self.compiled = None
+
+
+def profile_ops(spec: LoadSpec, batch: int, reps: int = 5) -> dict[str, float]:
+    """Per-op-type milliseconds (median over `reps` profiled calls) of the artifact at `batch`, latency hint."""
+    compiled = _compile(spec, {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((batch, *spec.sample_shape), dtype=np.float32)
+    request.infer({0: x})
+    runs: list[Counter] = []
+    for _ in range(reps):
+        request.infer({0: x})
+        per_type: Counter = Counter()
+        for p in request.get_profiling_info():
+            per_type[p.node_type] += p.real_time.total_seconds() * 1e3
+        runs.append(per_type)
+    types = sorted({t for r in runs for t in r})
+    return {t: float(np.median([r.get(t, 0.0) for r in runs])) for t in types}
+
+
+RUNTIME = Runtime(
+    name="openvino", target="openvino", packages=("openvino",), install="pip install 'vitc[serve]'",
+    format="openvino-ir", triton_platform="openvino", precisions=("fp32", "fp16", "int8"),
+    default_precisions=("fp32", "fp16", "int8"), devices=("cpu",), build=build, load=OpenVINOBackend,
+    version=version, needs_hub=True, profile=profile_ops,
+    variants=(Variant("fp32"), Variant("bf16", artifact="fp32", inference_precision="bf16"), Variant("int8")),
+)

@@ -1,0 +1,270 @@
+"""TensorRT (NVIDIA GPU): engines built from the ONNX hub with a dynamic-batch profile, run through cuda-python.
+
+One builder serves both paths: export writes `tensorrt-<precision>.engine` into the bundle, and a server given a
+bundle without an engine for its GPU builds an fp32 engine from the bundle's ONNX file at start. Precision is
+carried by the ONNX graph and the network is strongly typed, the only mode TensorRT 11 has (it removed
+BuilderFlag.FP16/INT8 and the precision-constraint flags; 10.x has the same strongly typed path):
+- fp32: the hub itself, with TF32 disabled so fp32 parity holds;
+- fp16: `onnx_graph.to_fp16`, LayerNorm/Softmax (and their reductions) kept in fp32, float32 I/O;
+- int8: NNCF Q/DQ graph (explicit quantisation) calibrated on real train images.
+Only APIs present in both TensorRT 10 and 11 are used (name-based tensors, execute_async_v3).
+
+Engines are specific to one GPU model and TensorRT version: the manifest records both, and loading an engine
+elsewhere is refused with one line. Device buffers and the stream come from cuda-python (`cuda.bindings`), so a
+GPU server needs no torch. Not runnable on the CPU-only machines this project is developed on: its tests are
+marked `tensorrt` and skip without the package.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtimes import onnx_graph
+from runtimes.base import INPUT_NAME, BackendError, Built, ExportContext, ExportError, LoadSpec, Runtime, Variant
+
+OPT_BATCH = 8  # the profile's optimum (clipped to max batch): a typical dynamic-batching server batch
+WORKSPACE_BYTES = 4 << 30
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitc"
+
+
+def _trt():  # noqa: ANN202 - the tensorrt module
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendError("TensorRT is not installed: pip install 'vitc[gpu]' on a machine with an NVIDIA GPU") \
+            from None
+    return tensorrt
+
+
+def _cudart():  # noqa: ANN202 - cuda-python's runtime module
+    """cuda-python's runtime API (its import path moved in cuda-python 12.6)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError:
+            raise BackendError("cuda-python is not installed: pip install 'vitc[gpu]'") from None
+    return runtime
+
+
+def _check(result: Any) -> Any:
+    """Unpack a cuda-python call's (error, *values) tuple; raise BackendError on failure."""
+    cudart = _cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise BackendError(f"CUDA error: {cudart.cudaGetErrorString(err)[1].decode()}")
+    return values[0] if len(values) == 1 else values
+
+
+def version() -> str:
+    """The TensorRT version."""
+    return _trt().__version__
+
+
+def gpu(index: int = 0) -> dict[str, str]:
+    """Name and compute capability of CUDA device `index` (what an engine is specific to)."""
+    cudart = _cudart()
+    props = _check(cudart.cudaGetDeviceProperties(index))
+    name = props.name.decode(errors="replace").rstrip("\0") if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu": name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def unavailable(device: str) -> str | None:
+    """TensorRT needs a visible CUDA device."""
+    try:
+        cudart = _cudart()
+        count = _check(cudart.cudaGetDeviceCount())
+    except BackendError as exc:
+        return str(exc)
+    index = int(device.partition(":")[2] or 0)
+    return None if index < count else f"no CUDA device {index} ({count} visible)"
+
+
+def timing_cache(device: dict[str, str], trt_version: str) -> Path:
+    """A timing cache per GPU model and TensorRT version (a cache from another is useless, or refused)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device["gpu"]).strip("-").lower() or "gpu"
+    return CACHE_DIR / f"tensorrt-{trt_version}-sm{device['compute_capability']}-{slug}.cache"
+
+
+def profile_shapes(max_batch: int, sample_shape: tuple[int, int, int]) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) input shapes of the optimisation profile."""
+    return tuple((b, *sample_shape) for b in (1, min(OPT_BATCH, max_batch), max_batch))
+
+
+def build_engine(onnx_path: Path, *, input_name: str, sample_shape: tuple[int, int, int], max_batch: int,
+                 precision: str, device_index: int = 0) -> bytes:
+    """Parse the ONNX file and build a serialized strongly typed engine with a 1..max_batch profile."""
+    trt = _trt()
+    _check(_cudart().cudaSetDevice(device_index))
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # Strongly typed: the flag exists in 10.x and is accepted (and implied) in 11.x.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls keep 10 mantissa bits: not fp32 parity
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *profile_shapes(max_batch, sample_shape))
+    config.add_optimization_profile(profile)
+    cache_path = timing_cache(gpu(device_index), trt.__version__)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)  # stale: start afresh
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+def build(ctx: ExportContext, precision: str) -> Built:
+    """Write tensorrt-<precision>.engine into the bundle (built on, and for, this machine's first GPU)."""
+    trt = _trt()
+    hub = ctx.hub_onnx()
+    if precision == "fp32":
+        source = hub
+    elif precision == "fp16":
+        source = onnx_graph.to_fp16(hub, ctx.scratch / "trt-fp16.onnx")
+    elif precision == "int8":
+        source = onnx_graph.quantize_int8(ctx.calibration_batches(), hub, ctx.scratch / "trt-int8.onnx")
+    else:
+        raise ExportError(f"tensorrt: unsupported precision {precision!r}")
+    shape = (3, ctx.image_size, ctx.image_size)
+    engine = ctx.workdir / f"tensorrt-{precision}.engine"
+    engine.write_bytes(build_engine(source, input_name=INPUT_NAME, sample_shape=shape,
+                                    max_batch=ctx.max_batch, precision=precision))
+    device = gpu(0)
+    info: dict[str, Any] = {
+        "opset": ctx.opset, "typing": "strong", **device, "tensorrt_version": trt.__version__,
+        "profile": dict(zip(("min", "opt", "max"), (s[0] for s in profile_shapes(ctx.max_batch, shape)), strict=True)),
+    }
+    if precision == "fp16":
+        info["fp32_ops"] = list(onnx_graph.FP32_OPS)
+    if precision == "int8":
+        info["calibration"] = ctx.calibration_info()
+    return Built([engine], info)
+
+
+def _engine_bytes(spec: LoadSpec, device: dict[str, str], trt_version: str) -> tuple[bytes, str]:
+    """The bundle's engine if it was built for this GPU and TensorRT, else an fp32 engine built from ONNX now."""
+    artifact = spec.artifact
+    if artifact.runtime == "tensorrt":
+        built_for = (artifact.info.get("gpu"), artifact.info.get("compute_capability"), artifact.runtime_version)
+        here = (device["gpu"], device["compute_capability"], trt_version)
+        if built_for != here:
+            raise BackendError(
+                f"engine {artifact.id!r} was built for {built_for[0]} (sm {built_for[1]}) with TensorRT "
+                f"{built_for[2]}; this is {here[0]} (sm {here[1]}) with TensorRT {here[2]}: re-export it here "
+                "with `python -m export.tensorrt`")
+        return spec.file(".engine").read_bytes(), artifact.precision
+    if artifact.precision != "fp32":
+        raise BackendError(f"the bundle has no servable TensorRT engine; build one on this GPU with "
+                           f"`python -m export.tensorrt` (only fp32 is built from {artifact.id!r} at start)")
+    return build_engine(spec.file(".onnx"), input_name=spec.input_name, sample_shape=spec.sample_shape,
+                        max_batch=spec.max_batch, precision="fp32", device_index=spec.options.device_index), "fp32"
+
+
+class TensorRTBackend:
+    """One engine + execution context on one GPU; calls are serialised (one context, one stream)."""
+
+    runtime = "tensorrt"
+    parallelism = 1
+
+    def __init__(self, spec: LoadSpec) -> None:
+        trt = _trt()
+        cudart = _cudart()
+        self._cudart = cudart
+        self._device_index = spec.options.device_index
+        self._buffers: list[int] = []
+        self._stream = None
+        _check(cudart.cudaSetDevice(self._device_index))
+        self.device, self.max_batch = spec.device, spec.max_batch
+        self._gpu = gpu(self._device_index)
+        engine_bytes, self.precision = _engine_bytes(spec, self._gpu, trt.__version__)
+        logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
+        if self.engine is None:
+            raise BackendError("TensorRT cannot deserialize the engine (built for another GPU or TensorRT version?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if inputs != [spec.input_name] or spec.output_name not in outputs:
+            raise BackendError(f"engine has inputs {inputs} and outputs {outputs}; the manifest expects "
+                               f"{spec.input_name!r} -> {spec.output_name!r}")
+        if self.engine.get_tensor_dtype(spec.input_name) != trt.float32:
+            raise BackendError("engine input must be float32")
+        low, _, high = self.engine.get_tensor_profile_shape(spec.input_name, 0)
+        if low[0] > 1 or high[0] < self.max_batch:
+            raise BackendError(f"engine profile covers batch {low[0]}..{high[0]}, the manifest 1..{self.max_batch}")
+        self.context = self.engine.create_execution_context()
+        self._input, self._output = spec.input_name, spec.output_name
+        self._sample_shape, self._classes = spec.sample_shape, spec.num_classes
+        self._lock = threading.Lock()
+        # Buffers for the largest batch, allocated once.
+        self._d_in = self._malloc(self.max_batch * int(np.prod(self._sample_shape)) * 4)
+        self._d_out = self._malloc(self.max_batch * self._classes * 4)
+        self._stream = _check(cudart.cudaStreamCreate())
+        self.context.set_tensor_address(self._input, self._d_in)
+        self.context.set_tensor_address(self._output, self._d_out)
+
+    def _malloc(self, nbytes: int) -> int:
+        ptr = int(_check(self._cudart.cudaMalloc(nbytes)))
+        self._buffers.append(ptr)
+        return ptr
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 -> (B, classes) float32 on the GPU."""
+        cudart = self._cudart
+        batch = np.ascontiguousarray(batch, np.float32)
+        n = batch.shape[0]
+        if not 1 <= n <= self.max_batch or batch.shape[1:] != self._sample_shape:
+            raise BackendError(f"batch of shape {batch.shape} does not fit 1..{self.max_batch} x {self._sample_shape}")
+        out = np.empty((n, self._classes), np.float32)
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        with self._lock:
+            # The batcher calls from worker threads: the CUDA device is per thread.
+            _check(cudart.cudaSetDevice(self._device_index))
+            if not self.context.set_input_shape(self._input, batch.shape):
+                raise BackendError(f"TensorRT refused input shape {batch.shape}")
+            _check(cudart.cudaMemcpyAsync(self._d_in, batch.ctypes.data, batch.nbytes, h2d, self._stream))
+            if not self.context.execute_async_v3(int(self._stream)):
+                raise BackendError("TensorRT execution failed")
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream))
+            _check(cudart.cudaStreamSynchronize(self._stream))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**self._gpu, "inference_precision": self.precision}
+
+    def close(self) -> None:
+        """Free device buffers and the stream."""
+        for ptr in self._buffers:
+            self._cudart.cudaFree(ptr)
+        self._buffers.clear()
+        if self._stream is not None:
+            self._cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+
+RUNTIME = Runtime(
+    name="tensorrt", target="tensorrt", packages=("tensorrt", "cuda.bindings"),
+    install="pip install 'vitc[gpu]' on a machine with an NVIDIA GPU", format="tensorrt-engine",
+    triton_platform="tensorrt_plan", precisions=("fp32", "fp16", "int8"), default_precisions=("fp16",),
+    devices=("cuda",), build=build, load=TensorRTBackend, version=version,
+    variants=(Variant("fp16", "cuda"), Variant("int8", "cuda")), export_device="cuda", needs_hub=True,
+    fallback=("onnxruntime", "fp32"), unavailable=unavailable,
+)

@@ -1,0 +1,74 @@
+"""A runtime that is not a real one (no tests here), plugged in through the registry like any other.
+
+Its artifact is a linear classifier over the per-channel mean of the input, stored as a .npy weight matrix: small
+and exact, so route tests can check answers without exporting a model. It records every LoadSpec it is asked to
+open, so tests see which options the export's parity gate and the server hand a runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+import runtimes
+from runtimes import LoadSpec, Runtime, Variant
+from runtimes.base import Built, ExportContext
+
+WEIGHTS = "fake.npy"
+LOADS: list[LoadSpec] = []
+
+
+def weights(channels: int, classes: int, seed: int = 0) -> np.ndarray:
+    """(channels + 1, classes) float32: a linear map of the channel means, bias last."""
+    return np.random.default_rng(seed).standard_normal((channels + 1, classes)).astype(np.float32)
+
+
+def logits(w: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """What the fake backend computes, for tests to compare with."""
+    return (batch.mean(axis=(2, 3)) @ w[:-1] + w[-1]).astype(np.float32)
+
+
+def build(ctx: ExportContext, precision: str) -> Built:
+    out = ctx.workdir / WEIGHTS
+    np.save(out, weights(ctx.meta.config.in_chans, ctx.meta.config.num_classes))
+    return Built([out], {"note": "test double"})
+
+
+class FakeBackend:
+    runtime = "fake"
+    parallelism = 2
+
+    def __init__(self, spec: LoadSpec) -> None:
+        LOADS.append(spec)
+        self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
+        self.w = np.load(spec.file(".npy"), allow_pickle=False)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return logits(self.w, batch)
+
+    def describe(self) -> dict[str, Any]:
+        return {"inference_precision": "fp32"}
+
+    def close(self) -> None:
+        self.w = None
+
+
+RUNTIME = Runtime(
+    name="fake", target="fake", packages=("numpy",), install="(a test double)", format="npy",
+    triton_platform="fake_platform", precisions=("fp32",), default_precisions=("fp32",), devices=("cpu",),
+    build=build, load=FakeBackend, version=lambda: "0.0", variants=(Variant("fp32"),),
+)
+
+
+@contextlib.contextmanager
+def registered() -> Iterator[Runtime]:
+    """The fake runtime in the registry for the duration."""
+    LOADS.clear()
+    runtimes.register(RUNTIME)
+    try:
+        yield RUNTIME
+    finally:
+        runtimes.unregister(RUNTIME.name)
