@@ -38,7 +38,8 @@ from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from models.io import atomic_dir
 from models.preprocessing import preprocess
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
-from runtimes.base import INPUT_NAME, OUTPUT_NAME, ExportContext, first_line
+from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
+from runtimes.build import ExportContext
 from runtimes.onnx_graph import OPSET, export_torch
 
 PREPROCESS_CHUNK = 256

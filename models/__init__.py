@@ -1,4 +1,5 @@
-"""ViT_P / ViT_C model zoo: configs, registry, torch modules (lazy) and analytic complexity."""
+"""ViT_P / ViT_C model zoo (configs, registry, lazy torch modules, analytic complexity) and the contracts every stage
+shares: checkpoint, bundle manifest, preprocessing, atomic I/O."""
 
 from models.complexity import Complexity, complexity
 from models.config import ConvLayer, ConvStem, PatchifyStem, ViTConfig

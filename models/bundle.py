@@ -29,7 +29,6 @@ File paths are relative to the bundle directory.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from typing import Any
 
 from models.config import ViTConfig
 from models.io import atomic_write_bytes, sha256_file
+from models.jsonfields import FieldError, Fields, between
 from models.preprocessing import Preprocessing
 
 FORMAT = "vitc-bundle"
@@ -54,89 +54,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class BundleError(ValueError):
     """A missing, corrupt, tampered or inconsistent bundle (one line, naming the file and field)."""
-
-
-class _Reader:
-    """Typed field access on one JSON object; errors name the dotted field path."""
-
-    def __init__(self, raw: Any, where: str, path: str = "") -> None:
-        self.where, self.path = where, path
-        if not isinstance(raw, dict):
-            raise BundleError(f"{where}: {self._name('')} must be an object, got {_kind(raw)}")
-        self.raw = raw
-
-    def _name(self, key: str) -> str:
-        full = f"{self.path}.{key}" if self.path and key else (self.path or key)
-        return f"field {full!r}" if full else "the manifest"
-
-    def fail(self, key: str, problem: str) -> BundleError:
-        return BundleError(f"{self.where}: {self._name(key)} {problem}")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, check: Callable | None = None,
-            what: str = "") -> Any:
-        """raw[key] checked against `kind` (int never accepts bool; float accepts int); `...` = required."""
-        if key not in self.raw or (self.raw[key] is None and default is None):
-            if default is ...:
-                raise self.fail(key, "is missing")
-            return default
-        value = self.raw[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        ok = any(_is(value, k) for k in kinds)
-        if not ok:
-            raise self.fail(key, f"must be {' or '.join(_KIND_NAMES.get(k, k.__name__) for k in kinds)}, "
-                                 f"got {_kind(value)}")
-        if float in kinds and isinstance(value, int):
-            value = float(value)
-        if check is not None and not check(value):
-            raise self.fail(key, f"must be {what}, got {value!r}"[:300])
-        return value
-
-    def obj(self, key: str, default: Any = ...) -> _Reader | None:
-        if key not in self.raw and default is not ...:
-            return default
-        self.get(key, dict)
-        return _Reader(self.raw[key], self.where, f"{self.path}.{key}" if self.path else key)
-
-    def items(self, key: str, default: Any = ...) -> list[_Reader]:
-        """The objects of a list field, each with its indexed path."""
-        values = self.get(key, list, default)
-        base = f"{self.path}.{key}" if self.path else key
-        return [_Reader(v, self.where, f"{base}[{i}]") for i, v in enumerate(values or [])]
-
-    def strings(self, key: str, default: Any = ...) -> tuple[str, ...]:
-        values = self.get(key, list, default)
-        for i, v in enumerate(values or []):
-            if not isinstance(v, str):
-                raise self.fail(f"{key}[{i}]", f"must be a string, got {_kind(v)}")
-        return tuple(values or ())
-
-    def ints(self, key: str) -> tuple[int, ...]:
-        values = self.get(key, list)
-        for i, v in enumerate(values):
-            if not _is(v, int):
-                raise self.fail(f"{key}[{i}]", f"must be an integer, got {_kind(v)}")
-        return tuple(values)
-
-
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
-               dict: "an object"}
-
-
-def _is(value: Any, kind: type) -> bool:
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
-def _kind(value: Any) -> str:
-    text = json.dumps(value)[:40] if isinstance(value, str | int | float | bool) or value is None else ""
-    return f"{type(value).__name__} {text}".strip() if value is not None else "null"
-
-
-def _between(low: int, high: int) -> Callable[[int], bool]:
-    return lambda v: low <= v <= high
 
 
 @dataclass(frozen=True)
@@ -158,14 +75,14 @@ class InputSpec:
         return self.channels, self.height, self.width
 
     @classmethod
-    def read(cls, r: _Reader) -> InputSpec:
-        side = _between(1, MAX_IMAGE_SIDE)
+    def read(cls, r: Fields) -> InputSpec:
+        side = between(1, MAX_IMAGE_SIDE)
         spec = cls(
-            name=r.get("name", str), channels=r.get("channels", int, check=_between(1, 4), what="1..4"),
+            name=r.get("name", str), channels=r.get("channels", int, check=between(1, 4), what="1..4"),
             height=r.get("height", int, check=side, what=f"1..{MAX_IMAGE_SIDE}"),
             width=r.get("width", int, check=side, what=f"1..{MAX_IMAGE_SIDE}"),
-            min_batch=r.get("min_batch", int, 1, check=_between(1, MAX_BATCH_LIMIT), what=f"1..{MAX_BATCH_LIMIT}"),
-            max_batch=r.get("max_batch", int, check=_between(1, MAX_BATCH_LIMIT), what=f"1..{MAX_BATCH_LIMIT}"),
+            min_batch=r.get("min_batch", int, 1, check=between(1, MAX_BATCH_LIMIT), what=f"1..{MAX_BATCH_LIMIT}"),
+            max_batch=r.get("max_batch", int, check=between(1, MAX_BATCH_LIMIT), what=f"1..{MAX_BATCH_LIMIT}"),
             layout=r.get("layout", str, "NCHW", check=lambda v: v == "NCHW", what='"NCHW"'),
             dtype=r.get("dtype", str, "float32", check=lambda v: v == "float32", what='"float32"'),
         )
@@ -187,7 +104,7 @@ class OutputSpec:
     dtype: str = "float32"
 
     @classmethod
-    def read(cls, r: _Reader) -> OutputSpec:
+    def read(cls, r: Fields) -> OutputSpec:
         shape = r.ints("shape")
         if len(shape) != 2 or not 1 <= shape[1] <= MAX_CLASSES:
             raise r.fail("shape", f"must be [-1, classes] with 1..{MAX_CLASSES} classes, got {list(shape)}")
@@ -207,7 +124,7 @@ class FileEntry:
     bytes: int
 
     @classmethod
-    def read(cls, r: _Reader) -> FileEntry:
+    def read(cls, r: Fields) -> FileEntry:
         return cls(path=r.get("path", str, check=lambda v: bool(v) and not os.path.isabs(v), what="a relative path"),
                    sha256=r.get("sha256", str, check=_SHA256.match, what="64 lowercase hex digits"),
                    bytes=r.get("bytes", int, check=lambda v: v >= 0, what="non-negative"))
@@ -239,7 +156,7 @@ class Parity:
     inference_precision: str | None = None  # the runtime's precision hint the numbers were measured at
 
     @classmethod
-    def read(cls, r: _Reader) -> Parity:
+    def read(cls, r: Fields) -> Parity:
         tol = r.obj("tolerance", None)
         tolerance = {k: tol.get(k, float, None) for k in tol.raw} if tol else {}
         return cls(
@@ -294,7 +211,7 @@ class Artifact:
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, r: _Reader) -> Artifact:
+    def read(cls, r: Fields) -> Artifact:
         parity = r.obj("parity", None)
         art = cls(
             id=r.get("id", str), runtime=r.get("runtime", str), format=r.get("format", str),
@@ -334,7 +251,7 @@ class Source:
     dataset: str
 
     @classmethod
-    def read(cls, r: _Reader) -> Source:
+    def read(cls, r: Fields) -> Source:
         return cls(checkpoint=r.get("checkpoint", str), sha256=r.get("sha256", str), dataset=r.get("dataset", str))
 
     def to_dict(self) -> dict[str, Any]:
@@ -396,7 +313,14 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST_FILE) -> Manifest:
         """Validate a parsed manifest; raises BundleError naming the first bad field."""
-        r = _Reader(raw, where)
+        try:
+            return cls._read(raw, where)
+        except FieldError as exc:
+            raise BundleError(str(exc)) from None
+
+    @classmethod
+    def _read(cls, raw: Any, where: str) -> Manifest:
+        r = Fields(raw, where)
         if raw.get("format") != FORMAT:
             raise BundleError(f"{where}: not a {FORMAT} manifest (field 'format' is {raw.get('format')!r})")
         version = r.get("format_version", int)
@@ -420,7 +344,7 @@ class Manifest:
         return manifest
 
 
-def _parse(r: _Reader, key: str, build: Callable[[dict[str, Any]], Any]) -> Any:
+def _parse(r: Fields, key: str, build: Callable[[dict[str, Any]], Any]) -> Any:
     """A nested contract (config, preprocessing) built by its own validating constructor."""
     value = r.get(key, dict)
     try:
@@ -429,7 +353,7 @@ def _parse(r: _Reader, key: str, build: Callable[[dict[str, Any]], Any]) -> Any:
         raise r.fail(key, f"is invalid: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def _check_consistent(m: Manifest, r: _Reader) -> None:
+def _check_consistent(m: Manifest, r: Fields) -> None:
     """Cross-field invariants the server relies on when it sizes buffers and answers."""
     if not 1 <= len(m.class_names) <= MAX_CLASSES:
         raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(m.class_names)}")

@@ -3,17 +3,15 @@
 Every runtime module (runtimes/onnxruntime.py, openvino.py, tensorrt.py, pytorch.py) defines one `RUNTIME` and
 imports its own package only inside functions, so a CPU image without TensorRT or torch imports every module, and a
 runtime that is not installed is one clear error when it is asked for. Export builds artifacts through
-`Runtime.build`; the parity gate, the server and the benchmarks all open them through `Runtime.load`.
+`Runtime.build` (runtimes/build.py: what it is handed); the parity gate, the server and the benchmarks all open
+them through `Runtime.load`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import re
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -21,13 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from models.bundle import Artifact, Manifest
-from models.preprocessing import preprocess
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from data.datasets import ImageSet
-    from models.checkpoint import CheckpointMeta
+    from runtimes.build import Built, ExportContext
 
 INPUT_NAME = "input"  # the tensor names export gives every artifact
 OUTPUT_NAME = "logits"
@@ -37,10 +31,6 @@ HINTS = ("throughput", "latency")
 
 class BackendError(RuntimeError):
     """A runtime that is not installed, cannot run on the requested device, or cannot load its artifact."""
-
-
-class ExportError(ValueError):
-    """A user-facing export failure: bad checkpoint, target, output path or missing runtime (CLI exit 2)."""
 
 
 @runtime_checkable
@@ -158,14 +148,6 @@ class Variant:
         return self.artifact or self.precision
 
 
-@dataclass
-class Built:
-    """What a runtime's `build` produced: the artifact's files (inside the bundle) and its manifest facts."""
-
-    files: list[Path]
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class Runtime:
     """Everything the project knows about one runtime. Each runtime module defines one as `RUNTIME`."""
@@ -216,74 +198,7 @@ def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
         raise BackendError(f"the {runtime} backend runs on {' or '.join(supported)}, not {device!r}")
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence converters' stdout chatter and warnings (export's own progress lines say what happens)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def import_nncf():  # noqa: ANN201 - the nncf module
-    """Import NNCF without its torch backend's "no CUDA runtime" log line (irrelevant to ONNX/OpenVINO)."""
-    import logging
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    import nncf
-
-    return nncf
-
-
 def first_line(exc: BaseException) -> str:
     """An exception as one readable line: its type when it has no message."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-@dataclass
-class ExportContext:
-    """What the export orchestrator hands every runtime's `build` for one bundle."""
-
-    model: nn.Module  # torch, eval mode
-    meta: CheckpointMeta
-    workdir: Path  # the bundle's temp directory (renamed into place at the end)
-    max_batch: int
-    opset: int
-    calibration_set: Callable[[], ImageSet]  # lazily loaded TRAIN images
-    calibration_samples: int = 300
-    hub: Path | None = None  # the fp32 ONNX file the orchestrator exported, for runtimes that convert from it
-    _calibration: ImageSet | None = None
-
-    @property
-    def scratch(self) -> Path:
-        """Intermediate files (removed before the bundle is finalised)."""
-        path = self.workdir / ".scratch"
-        path.mkdir(exist_ok=True)
-        return path
-
-    @property
-    def image_size(self) -> int:
-        return self.meta.config.image_size
-
-    def hub_onnx(self) -> Path:
-        """The fp32 ONNX hub; the orchestrator exports it before any runtime that needs it builds."""
-        if self.hub is None:
-            raise ExportError("no ONNX hub was exported for this bundle")
-        return self.hub
-
-    def calibration_images(self) -> ImageSet:
-        """A deterministic subset of the TRAIN split (never validation images) for INT8 calibration."""
-        if self._calibration is None:
-            self._calibration = self.calibration_set().subset(self.calibration_samples, seed=1)
-        return self._calibration
-
-    def calibration_batches(self) -> Iterator[np.ndarray]:
-        """Calibration images one at a time as (1, 3, H, W) float32, preprocessed like the server does."""
-        images = self.calibration_images()
-        for i in range(len(images)):
-            yield preprocess([images.image(i)], self.meta.preprocessing)
-
-    def calibration_info(self) -> dict[str, Any]:
-        """What the INT8 artifacts were calibrated on, for the manifest."""
-        images = self.calibration_images()
-        return {"dataset": images.name, "split": images.split, "samples": len(images)}

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtimes.base import INPUT_NAME, OUTPUT_NAME, ExportError, first_line, import_nncf, quiet
+from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
+from runtimes.build import ExportError, import_nncf, quiet
 
 if TYPE_CHECKING:
     from torch import nn

@@ -11,7 +11,8 @@ import numpy as np
 
 from models.host import usable_cpus
 from runtimes import onnx_graph
-from runtimes.base import BackendError, Built, ExportContext, ExportError, LoadSpec, Runtime, Variant
+from runtimes.base import BackendError, LoadSpec, Runtime, Variant
+from runtimes.build import Built, ExportContext, ExportError
 
 
 def version() -> str:

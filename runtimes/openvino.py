@@ -16,20 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    BackendError,
-    Built,
-    ExportContext,
-    ExportError,
-    LoadSpec,
-    Runtime,
-    Variant,
-    first_line,
-    import_nncf,
-    quiet,
-)
+from runtimes.base import INPUT_NAME, OUTPUT_NAME, BackendError, LoadSpec, Runtime, Variant, first_line
+from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet
 
 INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
 _HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import BackendError, Built, ExportContext, ExportError, LoadSpec, Runtime, Variant, first_line
+from runtimes.base import BackendError, LoadSpec, Runtime, Variant, first_line
+from runtimes.build import Built, ExportContext, ExportError
 
 WEIGHTS_FILE = "model.safetensors"
 _AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from runtimes import onnx_graph
-from runtimes.base import INPUT_NAME, BackendError, Built, ExportContext, ExportError, LoadSpec, Runtime, Variant
+from runtimes.base import INPUT_NAME, BackendError, LoadSpec, Runtime, Variant
+from runtimes.build import Built, ExportContext, ExportError
 
 OPT_BATCH = 8  # the profile's optimum (clipped to max batch): a typical dynamic-batching server batch
 WORKSPACE_BYTES = 4 << 30

@@ -15,7 +15,7 @@ import numpy as np
 
 import runtimes
 from runtimes import LoadSpec, Runtime, Variant
-from runtimes.base import Built, ExportContext
+from runtimes.build import Built, ExportContext
 
 WEIGHTS = "fake.npy"
 LOADS: list[LoadSpec] = []

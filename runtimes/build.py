@@ -1,0 +1,102 @@
+"""What a runtime's `build` is handed by the export orchestrator (`ExportContext`) and gives back (`Built`), and the
+helpers converters share. Torch and the quantiser are imported lazily: a serving install never loads this path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.preprocessing import preprocess
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from data.datasets import ImageSet
+    from models.checkpoint import CheckpointMeta
+
+
+class ExportError(ValueError):
+    """A user-facing export failure: bad checkpoint, target, output path or missing runtime (CLI exit 2)."""
+
+
+@dataclass
+class Built:
+    """What a runtime's `build` produced: the artifact's files (inside the bundle) and its manifest facts."""
+
+    files: list[Path]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence converters' stdout chatter and warnings (export's own progress lines say what happens)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def import_nncf():  # noqa: ANN201 - the nncf module
+    """Import NNCF without its torch backend's "no CUDA runtime" log line (irrelevant to ONNX/OpenVINO)."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import nncf
+
+    return nncf
+
+
+@dataclass
+class ExportContext:
+    """What the export orchestrator hands every runtime's `build` for one bundle."""
+
+    model: nn.Module  # torch, eval mode
+    meta: CheckpointMeta
+    workdir: Path  # the bundle's temp directory (renamed into place at the end)
+    max_batch: int
+    opset: int
+    calibration_set: Callable[[], ImageSet]  # lazily loaded TRAIN images
+    calibration_samples: int = 300
+    hub: Path | None = None  # the fp32 ONNX file the orchestrator exported, for runtimes that convert from it
+    _calibration: ImageSet | None = None
+
+    @property
+    def scratch(self) -> Path:
+        """Intermediate files (removed before the bundle is finalised)."""
+        path = self.workdir / ".scratch"
+        path.mkdir(exist_ok=True)
+        return path
+
+    @property
+    def image_size(self) -> int:
+        return self.meta.config.image_size
+
+    def hub_onnx(self) -> Path:
+        """The fp32 ONNX hub; the orchestrator exports it before any runtime that needs it builds."""
+        if self.hub is None:
+            raise ExportError("no ONNX hub was exported for this bundle")
+        return self.hub
+
+    def calibration_images(self) -> ImageSet:
+        """A deterministic subset of the TRAIN split (never validation images) for INT8 calibration."""
+        if self._calibration is None:
+            self._calibration = self.calibration_set().subset(self.calibration_samples, seed=1)
+        return self._calibration
+
+    def calibration_batches(self) -> Iterator[np.ndarray]:
+        """Calibration images one at a time as (1, 3, H, W) float32, preprocessed like the server does."""
+        images = self.calibration_images()
+        for i in range(len(images)):
+            yield preprocess([images.image(i)], self.meta.preprocessing)
+
+    def calibration_info(self) -> dict[str, Any]:
+        """What the INT8 artifacts were calibrated on, for the manifest."""
+        images = self.calibration_images()
+        return {"dataset": images.name, "split": images.split, "samples": len(images)}
