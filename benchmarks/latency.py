@@ -134,6 +134,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the benchmark (or the end-to-end mode), print the table, write the files."""
+    from export.bundle import ExportIOError
     from models.bundle import BundleError
     from runtimes import BackendError, ExportError
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = run_suite(_config(args, argv))
             print(format_table(doc))
             paths = write_reports(doc, out, suffix="-quick" if args.quick else "", plots=not args.no_plots)
-    except (ValueError, BundleError, BackendError, ExportError, OSError) as exc:
+    except (ValueError, BundleError, BackendError, ExportError, ExportIOError, OSError) as exc:
         print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
               file=sys.stderr)
         return 2

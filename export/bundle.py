@@ -35,14 +35,18 @@ from models.bundle import (
     write_manifest,
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
-from models.io import atomic_dir
+from models.io import DirectoryBusy, atomic_dir
 from models.preprocessing import preprocess
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
-from runtimes.build import ExportContext
+from runtimes.build import ExportContext, machine_failure
 from runtimes.onnx_graph import OPSET, export_torch
 
 PREPROCESS_CHUNK = 256
+
+
+class ExportIOError(RuntimeError):
+    """The machine failed during an export (disk full, file-size limit, out of memory): the old bundle is kept."""
 
 
 @contextlib.contextmanager
@@ -147,9 +151,9 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         parity = replace(parity, inference_precision=str(hint) if hint else None)
         artifact = replace(artifact, parity=parity, parity_seconds=round(time.perf_counter() - start, 3))
         failures = list(parity.failures)
-    except (OSError, MemoryError) as exc:  # the machine failed, not the artifact: stop, keep the old bundle
-        raise ExportError(f"{target.id}: {type(exc).__name__}: {first_line(exc)}") from None
     except Exception as exc:  # a converter or runtime crash refuses this artifact, not the whole bundle
+        if failure := machine_failure(exc):  # the machine failed, not the artifact: stop, keep the old bundle
+            raise ExportIOError(f"{target.id}: {type(failure).__name__}: {first_line(failure)}") from None
         failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
         if not artifact.export_seconds:
             artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3))
@@ -184,7 +188,8 @@ def build_bundle(
     gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
     val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
     `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
-    Raises ExportError (one line) on bad input, a missing runtime, or a failing disk.
+    Raises ExportError (one line) on bad input or a missing runtime, ExportIOError when the disk or memory fails;
+    either way the old bundle at `out` is untouched.
     """
     from data.datasets import load_dataset
 
@@ -234,8 +239,10 @@ def build_bundle(
                 shutil.rmtree(tmp / ".scratch", ignore_errors=True)
                 manifest = replace(header, artifacts=tuple(artifacts), timings=timings)
                 write_manifest(tmp, manifest)
+        except DirectoryBusy as exc:
+            raise ExportError(str(exc)) from None
         except OSError as exc:
-            raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
+            raise ExportIOError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     return manifest
 
 

@@ -1,7 +1,8 @@
 """The shared command line of `python -m export` and the per-runtime `python -m export.<runtime>` entry points.
 
 Exit codes: 0 bundle written (refused artifacts are reported on stderr), 1 with --strict when any artifact was
-refused (the bundle is still written), 2 bad input (checkpoint, target, output, missing runtime): one line.
+refused (the bundle is still written), or when the disk or memory failed (the previous bundle is kept), 2 bad
+input (checkpoint, target, output, missing runtime, another export writing the same bundle): one line.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     """Parse, build the bundle, report; returns the exit code."""
-    from export.bundle import build_bundle
+    from export.bundle import ExportIOError, build_bundle
 
     args = parser(family).parse_args(argv)
     if family:
@@ -56,6 +57,10 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ExportIOError, MemoryError) as exc:
+        reason = str(exc) if isinstance(exc, ExportIOError) else "out of memory"
+        print(f"error: {reason} (the previous bundle, if any, is unchanged)", file=sys.stderr)
+        return 1
     refused = [a for a in manifest.artifacts if not a.servable]
     for a in refused:
         print(f"refused {a.id}: {a.refused_reason}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -52,16 +53,61 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+class DirectoryBusy(RuntimeError):
+    """Another process is writing the same directory with `atomic_dir`."""
+
+
+@contextlib.contextmanager
+def _writer_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock beside `target` (`.<name>.lock`) held while one process writes it."""
+    path = target.parent / f".{target.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode(0o666))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DirectoryBusy(f"another process is writing {target}") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _remove_stale(target: Path) -> None:
+    """Clean up after a writer that died (killed mid-write); safe while we hold the writer lock.
+
+    Killed between its two renames, it left no `target` and the old directory in `.<name>.*.old/x`: that one is
+    put back. Every other temporary is an unfinished write and is removed.
+    """
+    if not target.exists():
+        for old in sorted(target.parent.glob(f".{target.name}.*.old")):
+            if (old / "x").is_dir():
+                os.replace(old / "x", target)
+                break
+    for pattern in (f".{target.name}.*.tmp", f".{target.name}.*.old"):
+        for path in target.parent.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory beside `target`; on success it replaces `target`, on error it is removed.
 
     What was written inside gets the umask's default permissions (converters write private temp files, and the
     directory is read by a server that may run as another user). If the final swap fails, the old `target` is
-    put back: at every moment `target` is the old directory or the new one.
+    put back: at every moment `target` is the old directory or the new one. One writer at a time (a lock file
+    beside `target`; DirectoryBusy for a second one), and temporaries a killed writer left behind are removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(target):
+        _remove_stale(target)
+        with _swap_in(target) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _swap_in(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old: Path | None = None
     try:

@@ -6,6 +6,7 @@ server both call `preprocess`, so what a model saw at validation is exactly what
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,6 +18,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST}
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 0.5}  # each filter's reach, in output pixels
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,26 @@ class Preprocessing:
         return cls(resize=round(image_size * 256 / 224), crop=image_size)
 
 
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grey -> 8-bit "L", a band of rows at a time (temporaries stay ~1 M pixels)."""
+    w, h = img.size
+    if img.mode == "F":
+        scale = 1.0
+    else:
+        hi = 65535.0 if img.mode.startswith("I;16") or (img.getextrema()[1] or 0) > 255 else 255.0
+        scale = 255.0 / hi
+    out = np.empty((h, w), np.uint8)
+    rows = max(1, (1 << 20) // max(1, w))
+    for y in range(0, h, rows):
+        band = np.asarray(img.crop((0, y, w, min(h, y + rows))), dtype=np.float32)
+        out[y:y + rows] = np.clip(band * np.float32(scale), 0, 255).round()
+    return Image.fromarray(out, "L")
+
+
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """Convert any PIL image (alpha, palette, 16-bit, CMYK, grey) to 8-bit `mode` ("RGB" or "L")."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).round().astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _grey_to_8bit(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -81,22 +95,51 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode) if img.mode != mode else img
 
 
-def resize_crop(img: Image.Image, spec: Preprocessing) -> Image.Image:
-    """Shorter side to spec.resize, then the centred spec.crop square (PIL, antialiased)."""
+def _geometry(width: int, height: int, spec: Preprocessing) -> tuple[tuple[float, float, float, float], bool]:
+    """The source box that "shorter side to resize, then the centred crop" maps onto the output, and whether that
+    scales (False: a plain crop). Computed from the sizes alone, so no step ever holds the resized full image."""
+    scale = spec.resize / min(width, height)
+    rw, rh = max(spec.resize, round(width * scale)), max(spec.resize, round(height * scale))
+    left, top = (rw - spec.crop) // 2, (rh - spec.crop) // 2
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, (left + spec.crop) * sx, (top + spec.crop) * sy), (rw, rh) != (width, height)
+
+
+@dataclass(frozen=True)
+class _SourceCrop:
+    image: Image.Image  # the part of the source the output depends on
+    box: tuple[float, float, float, float]  # the output's footprint within `image`
+    scaled: bool
+
+
+def _source_crop(img: Image.Image, spec: Preprocessing) -> _SourceCrop:
+    """Cut the source down to the pixels the output depends on, before any conversion copies it whole."""
     w, h = img.size
-    scale = spec.resize / min(w, h)
-    size = (max(spec.resize, round(w * scale)), max(spec.resize, round(h * scale)))
-    if size != (w, h):
-        img = img.resize(size, _RESAMPLE[spec.interpolation])
-    left, top = (size[0] - spec.crop) // 2, (size[1] - spec.crop) // 2
-    if (left, top) != (0, 0) or size != (spec.crop, spec.crop):
-        img = img.crop((left, top, left + spec.crop, top + spec.crop))
-    return img
+    box, scaled = _geometry(w, h, spec)
+    if not scaled:  # integer box: the output is exactly these pixels
+        ibox = tuple(int(v) for v in box)
+        return _SourceCrop(img.crop(ibox) if ibox != (0, 0, w, h) else img, (0, 0, spec.crop, spec.crop), False)
+    # Keep the filter's full reach around the box, so edge pixels weigh exactly as in a whole-image resize.
+    reach = _SUPPORT[spec.interpolation] * max(1.0, (box[2] - box[0]) / spec.crop) + 2
+    x0, y0 = max(0, math.floor(box[0] - reach)), max(0, math.floor(box[1] - reach))
+    x1, y1 = min(w, math.ceil(box[2] + reach)), min(h, math.ceil(box[3] + reach))
+    if (x0, y0, x1, y1) != (0, 0, w, h):
+        img = img.crop((x0, y0, x1, y1))
+    return _SourceCrop(img, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0), True)
 
 
 def to_uint8(img: Image.Image, spec: Preprocessing) -> np.ndarray:
-    """Decoded image -> (crop, crop, 3) uint8 in the model's colour space, before normalisation."""
-    arr = np.asarray(resize_crop(to_mode(img, spec.mode), spec), dtype=np.uint8)
+    """Decoded image -> (crop, crop, 3) uint8 in the model's colour space, before normalisation.
+
+    Shorter side to spec.resize, then the centred spec.crop square (PIL, antialiased), computed on the crop's
+    footprint only: the cost is bounded by the crop whatever the aspect ratio (a 2 x 1,000,000 strip costs what a
+    small square does), and the output equals resizing the whole image and then cropping it.
+    """
+    source = _source_crop(img, spec)
+    region = to_mode(source.image, spec.mode)
+    if source.scaled:
+        region = region.resize((spec.crop, spec.crop), _RESAMPLE[spec.interpolation], box=source.box)
+    arr = np.asarray(region, dtype=np.uint8)
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
 
 

@@ -35,6 +35,17 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def machine_failure(exc: BaseException) -> OSError | MemoryError | None:
+    """The disk or memory error behind `exc`, if any (converters often wrap them in their own exception types)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError | MemoryError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence converters' stdout chatter and warnings (export's own progress lines say what happens)."""

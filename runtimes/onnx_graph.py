@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
-from runtimes.build import ExportError, import_nncf, quiet
+from runtimes.build import ExportError, import_nncf, machine_failure, quiet
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,6 +45,8 @@ def export_torch(model: nn.Module, path: Path, image_size: int, opset: int = OPS
                 external_data=n_bytes > EXTERNAL_DATA_BYTES, verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; the first line says what failed
+        if failure := machine_failure(exc):
+            raise failure from None  # a full disk is not a model problem: the export stops (exit 1)
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from None
     check(path)
     return path

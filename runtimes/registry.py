@@ -1,17 +1,24 @@
 """The one list of runtimes. Export targets, the server's --backend, benchmark targets and Triton platform names
 all come from here; adding a runtime is one module with a `RUNTIME` and one line in `BUILTIN`.
+
+A runtime kept outside this repository is plugged in without editing it: `VITC_RUNTIMES=my_pkg.my_runtime` (comma-
+separated modules, each defining `RUNTIME`) registers it in every process that reads the environment.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
-from runtimes.base import BackendError, Runtime
+from runtimes.base import BackendError, Runtime, first_line
 
 # Module of each built-in runtime, in the order help texts list them.
 BUILTIN = ("runtimes.onnxruntime", "runtimes.openvino", "runtimes.tensorrt", "runtimes.pytorch")
 
+PLUGINS_ENV = "VITC_RUNTIMES"
+
 _RUNTIMES: dict[str, Runtime] = {}
+_PLUGIN_ERRORS: dict[str, str] = {}  # plugin module -> why it could not be registered
 
 
 def register(runtime: Runtime) -> Runtime:
@@ -43,7 +50,8 @@ def get(name: str) -> Runtime:
     try:
         return _RUNTIMES[name]
     except KeyError:
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(_RUNTIMES)}") from None
+        failed = "".join(f"; {PLUGINS_ENV} plugin {m!r} failed: {why}" for m, why in _PLUGIN_ERRORS.items())
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(_RUNTIMES)}{failed}") from None
 
 
 def by_target(target: str) -> Runtime | None:
@@ -51,5 +59,14 @@ def by_target(target: str) -> Runtime | None:
     return next((r for r in _RUNTIMES.values() if r.target == target), None)
 
 
+def _load(module: str) -> None:
+    register(importlib.import_module(module).RUNTIME)
+
+
 for _module in BUILTIN:
-    register(importlib.import_module(_module).RUNTIME)
+    _load(_module)
+for _module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+    try:
+        _load(_module)
+    except Exception as exc:  # a broken plugin must not take the built-in runtimes down with it
+        _PLUGIN_ERRORS[_module] = f"{type(exc).__name__}: {first_line(exc)}"

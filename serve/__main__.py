@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(prefer VITC_API_KEY: flags show up in `ps`)")
     p.add_argument("--max-batch-size", type=int, help="rows per batch (default 32, capped by the bundle)")
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a request waits for companions (default 2)")
-    p.add_argument("--max-queue-size", type=int, help="requests in progress per model before 503 (default 256)")
+    p.add_argument("--max-queue-size", type=int,
+                   help="images in progress per model (decoding, queued or running) before 503 (default 256)")
     p.add_argument("--threads", type=int, help="intra-op threads per inference (default: all CPUs)")
     p.add_argument("--parallel", type=int, help="batches run at once (default: the backend's optimum)")
     p.add_argument("--openvino-hint", help="throughput (default) | latency")
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, help="decoded pixel limit (default 40,000,000)")
     p.add_argument("--max-files", type=int, help="images per multipart request (default 64)")
     p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="always decode JPEGs fully")
+    p.add_argument("--decode-threads", type=int, help="image decoding threads (default: all CPUs)")
+    p.add_argument("--decode-queue", type=int, help="decode jobs waiting for a thread before 503 (default 256)")
+    p.add_argument("--decode-budget-pixels", type=int,
+                   help="pixels being decoded at once, all requests together, before 503 (default 100,000,000)")
+    p.add_argument("--inference-timeout-s", type=float,
+                   help="a batch running longer answers 504 and marks the model not ready (default 30)")
     p.add_argument("--graceful-timeout-s", type=float, help="SIGTERM: how long in-flight requests may finish")
     p.add_argument("--log-level", help="debug | info (default) | warning | error")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from fastapi import FastAPI
 
 import serve
@@ -18,6 +19,7 @@ from serve.registry import ServedModel, close_models, load_models
 from serve.responses import install_handlers
 from serve.routes import ops, v1, v2
 from serve.settings import Settings
+from serve.workpool import PixelBudget, WorkPool
 
 log = logging.getLogger("vitc.serve")
 
@@ -36,32 +38,34 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = models if models is not None else load_models(settings)
-        pool = ThreadPoolExecutor(settings.decode_threads or usable_cpus(), thread_name_prefix="decode")
+        pool = WorkPool(settings.decode_threads or usable_cpus(), settings.decode_queue, name="decode")
         batchers = []
         try:
             for m in loaded.values():
                 m.batcher = DynamicBatcher(
                     m.name, m.backend.infer, max_batch=m.max_batch, max_delay_s=settings.max_queue_delay_ms / 1000,
                     max_queue=settings.max_queue_size, parallel=settings.parallel or m.backend.parallelism,
-                    observer=metrics,
+                    observer=metrics, timeout_s=settings.inference_timeout_s,
+                    probe=np.zeros((1, *m.sample_shape), np.float32),
                 )
                 await m.batcher.start()
                 batchers.append(m.batcher)
                 metrics.add_model(m.name, m.manifest.model, m.backend.runtime, m.backend.precision,
                                   lambda b=m.batcher: b.depth)
-            app.state.models, app.state.decode_pool, app.state.ready = loaded, pool, True
+            app.state.models, app.state.work_pool, app.state.ready = loaded, pool, True
             yield
         finally:
-            # Runs after uvicorn has let in-flight requests finish: drain what is left, then free the runtimes.
+            # Runs after uvicorn has let in-flight requests finish: drain what is left of every model at once,
+            # within one timeout, then free the runtimes.
             app.state.ready = False
-            for b in batchers:
-                await b.close(settings.graceful_timeout_s)
-            pool.shutdown(wait=True)
+            await asyncio.gather(*(b.close(settings.graceful_timeout_s) for b in batchers))
+            pool.shutdown()
             close_models(loaded)
             log.info("stopped", extra={"models": list(loaded)})
 
     app = FastAPI(title="vitc", version=serve.__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.models, app.state.ready = settings, metrics, {}, False
+    app.state.pixel_budget = PixelBudget(settings.decode_budget_pixels)
     install_handlers(app)
     app.include_router(v1.router)
     app.include_router(v2.router)

@@ -2,9 +2,11 @@
 
 One collector task per model waits for a free inference slot, then takes the oldest request and whatever
 else arrives before that request's deadline (`max_delay` after it was queued) or until `max_batch` rows.
-Batches run in a thread pool with `parallel` workers (OpenVINO streams use several). The queue is bounded:
-a full queue is refused at once (the caller answers 503) instead of growing latency without limit. A batch
-that fails is retried request by request, so one bad request cannot fail its neighbours.
+Batches run in a thread pool with `parallel` workers (OpenVINO streams use several). Admission is counted in
+images (rows) for a request's whole life and bounded: a full model refuses at once (the caller answers 503)
+instead of growing latency without limit. A batch that fails is retried request by request, so one bad request
+cannot fail its neighbours. A batch that runs past `timeout_s` fails its requests (504) and stalls the model: it
+reports not ready and refuses work until the stuck call has returned and a probe batch has succeeded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ class QueueFull(Exception):
 
 class BatcherClosed(Exception):
     """The batcher is shutting down and takes no new work."""
+
+
+class NotReady(Exception):
+    """The model is stalled (a batch timed out) and takes no work until a probe batch succeeds."""
+
+
+class InferenceTimeout(Exception):
+    """A batch ran longer than the model's inference timeout."""
 
 
 class BatchObserver(Protocol):
@@ -60,12 +70,17 @@ class DynamicBatcher:
         max_queue: int,
         parallel: int = 1,
         observer: BatchObserver | None = None,
+        timeout_s: float = 30.0,
+        probe: np.ndarray | None = None,
     ) -> None:
         self.name = name
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.parallel = parallel
+        self.timeout_s = timeout_s
+        self._probe = probe  # one input row that must answer before a stalled model is ready again
+        self._stalled = False
         self._infer = infer
         self._observer = observer
         self._queue: asyncio.Queue[_Item] | None = None
@@ -85,21 +100,32 @@ class DynamicBatcher:
 
     @property
     def ready(self) -> bool:
-        return self._collector is not None and not self._collector.done() and not self._closing
+        return (self._collector is not None and not self._collector.done() and not self._closing
+                and not self._stalled)
+
+    @property
+    def stalled(self) -> bool:
+        """A batch timed out and the model has not answered a probe since."""
+        return self._stalled
 
     @property
     def admitted(self) -> int:
-        """Requests admitted and not finished (decoding, queued or running)."""
+        """Images admitted and not finished (decoding, queued or running)."""
         return self._admitted
 
-    def admit(self) -> _Admission:
-        """Reserve a place for a request for its whole life; QueueFull when `max_queue` are already in."""
+    def admit(self, images: int = 1) -> _Admission:
+        """Reserve places for a request's images for its whole life; QueueFull when they do not fit now."""
         if self._closing:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
-        if self._admitted >= self.max_queue:
-            raise QueueFull(f"model {self.name!r} has {self.max_queue} requests in progress")
-        self._admitted += 1
-        return _Admission(self)
+        if self._stalled:
+            raise NotReady(f"model {self.name!r} is not ready (a batch exceeded {self.timeout_s:g} s); retry later")
+        if images > self.max_queue:
+            raise QueueFull(f"a request of {images} images can never fit model {self.name!r}'s limit of "
+                            f"{self.max_queue} images in progress")
+        if self._admitted + images > self.max_queue:
+            raise QueueFull(f"model {self.name!r} has {self._admitted} of {self.max_queue} images in progress")
+        self._admitted += images
+        return _Admission(self, images)
 
     async def start(self) -> None:
         """Create the queue, thread pool and collector on the running loop."""
@@ -112,6 +138,8 @@ class DynamicBatcher:
         """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed."""
         if self._closing or self._queue is None:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
+        if self._stalled:
+            raise NotReady(f"model {self.name!r} is not ready (a batch exceeded {self.timeout_s:g} s); retry later")
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"a request must have 1..{self.max_batch} rows, got {x.shape[0]}")
         loop = asyncio.get_running_loop()
@@ -170,20 +198,25 @@ class DynamicBatcher:
 
     async def _run(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        stuck: list[asyncio.Future] = []
         try:
             start = loop.time()
             if self._observer:
                 for it in batch:
                     self._observer.queued(self.name, start - it.enqueued)
             try:
-                out = await loop.run_in_executor(self._pool, self._compute, [it.x for it in batch])
+                out = await self._call(loop, self._compute, [it.x for it in batch], stuck)
+            except InferenceTimeout:
+                raise
             except Exception:
                 if len(batch) == 1:
                     raise
                 # Isolate the failure: every request gets its own answer or its own error.
                 for it in batch:
                     try:
-                        self._resolve([it], await loop.run_in_executor(self._pool, self._compute, [it.x]))
+                        self._resolve([it], await self._call(loop, self._compute, [it.x], stuck))
+                    except InferenceTimeout:
+                        raise
                     except Exception as exc:
                         _fail(it, exc)
                 return
@@ -192,7 +225,49 @@ class DynamicBatcher:
             for it in batch:
                 _fail(it, exc)
         finally:
-            self._slots.release()
+            try:
+                if stuck:  # the slot is this worker thread's: it is free only once the stuck call has returned
+                    await self._recover(loop, stuck[0])
+            finally:
+                self._slots.release()
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, fn: Callable, arg: object,
+                    stuck: list[asyncio.Future]) -> np.ndarray:
+        """`fn(arg)` in the pool within `timeout_s`; past it the model stalls and InferenceTimeout is raised."""
+        call = loop.run_in_executor(self._pool, fn, arg)
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
+        except TimeoutError:
+            stuck.append(call)
+            self._stall()
+            raise InferenceTimeout(f"model {self.name!r}: inference took longer than {self.timeout_s:g} s") from None
+
+    def _stall(self) -> None:
+        """Refuse work until a probe succeeds; what is queued now would only wait for the stuck call: refuse it."""
+        self._stalled = True
+        while self._queue is not None and not self._queue.empty():
+            _fail(self._queue.get_nowait(), NotReady(f"model {self.name!r} stalled: a batch exceeded "
+                                                     f"{self.timeout_s:g} s"))
+
+    async def _recover(self, loop: asyncio.AbstractEventLoop, stuck: asyncio.Future) -> None:
+        """Wait for the stuck call to return, then probe (with backoff) until the model answers in time again."""
+        delay = 0.5
+        while not self._closing:
+            with contextlib.suppress(Exception):
+                await stuck
+            if self._probe is None:
+                self._stalled = False
+                return
+            stuck = loop.run_in_executor(self._pool, self._infer, self._probe)
+            try:
+                await asyncio.wait_for(asyncio.shield(stuck), self.timeout_s)
+                self._stalled = False
+                return
+            except TimeoutError:
+                continue  # still hung: wait for this probe to return, then try again
+            except Exception:
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
 
     def _compute(self, xs: list[np.ndarray]) -> np.ndarray:
         """Runs in the thread pool: one contiguous batch, one backend call."""
@@ -221,6 +296,8 @@ class DynamicBatcher:
         end = loop.time() + timeout
         while (self.depth or self._running) and loop.time() < end:
             await asyncio.sleep(0.01)
+        for task in list(self._running):  # past the timeout (a hung backend): stop waiting for it
+            task.cancel()
         if self._collector:
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -231,20 +308,21 @@ class DynamicBatcher:
         for it in leftovers:
             _fail(it, BatcherClosed(f"model {self.name!r} shut down before this request ran"))
         if self._pool:
-            self._pool.shutdown(wait=True, cancel_futures=False)
+            # A hung backend call cannot be interrupted: do not wait for its thread when it outlived the timeout.
+            self._pool.shutdown(wait=not self._running and not self._stalled, cancel_futures=True)
 
 
 class _Admission:
     """Releases an admitted request's place when its `with` block ends."""
 
-    def __init__(self, batcher: DynamicBatcher) -> None:
-        self._batcher = batcher
+    def __init__(self, batcher: DynamicBatcher, images: int) -> None:
+        self._batcher, self._images = batcher, images
 
     def __enter__(self) -> _Admission:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._batcher._admitted -= 1
+        self._batcher._admitted -= self._images
 
 
 def _fail(item: _Item, exc: BaseException) -> None:

@@ -18,3 +18,7 @@ class APIError(Exception):
         self.status = status
         self.reason = reason
         self.headers = headers or {}
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; its work was dropped and nothing is answered."""

@@ -7,13 +7,16 @@ decoding of big photos, EXIF orientation, exotic colour modes); everything after
 
 from __future__ import annotations
 
+import contextlib
 import io
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.preprocessing import Preprocessing, normalize, to_uint8
+from serve.workpool import PixelBudget
 
 # Pillow decoders the server accepts (those this Pillow build has); anything else is never parsed.
 Image.init()
@@ -35,8 +38,8 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Decode image bytes, refusing bombs before any pixel is decoded; EXIF orientation applied."""
+def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Parse the image header (no pixel decoded yet) and refuse what is not a servable image or too big."""
     if not data:
         raise ImageError(400, "empty image")
     try:
@@ -47,7 +50,7 @@ def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Im
         raise ImageError(413, f"image has too many pixels ({_short(exc)})") from None
     except UnidentifiedImageError:
         raise ImageError(400, f"not a recognised image; supported: {', '.join(FORMATS)}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise ImageError(400, f"cannot decode image ({_short(exc)}); supported: {', '.join(FORMATS)}") from None
     w, h = img.size
     if w < 1 or h < 1:
@@ -57,9 +60,14 @@ def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Im
     if draft_size and img.format in ("JPEG", "MPO"):
         # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding, never below the resize target.
         img.draft(None, (draft_size, draft_size))
+    return img
+
+
+def load_pixels(img: Image.Image) -> Image.Image:
+    """Decode an opened image; EXIF orientation applied, exotic colour modes brought to RGB."""
     try:
         img.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as exc:
         raise ImageError(400, f"image data is truncated or corrupt ({_short(exc)})") from None
     try:
         img = ImageOps.exif_transpose(img)
@@ -73,10 +81,22 @@ def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Im
     return img
 
 
-def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bool = True) -> np.ndarray:
-    """Image bytes -> (1, 3, crop, crop) float32, preprocessed exactly as recorded in the bundle."""
-    img = decode(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
-    return normalize(to_uint8(img, spec)[None], spec)
+def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes, refusing bombs before any pixel is decoded; EXIF orientation applied."""
+    return load_pixels(open_image(data, max_pixels=max_pixels, draft_size=draft_size))
+
+
+def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bool = True,
+            budget: PixelBudget | None = None) -> np.ndarray:
+    """Image bytes -> (1, 3, crop, crop) float32, preprocessed exactly as recorded in the bundle.
+
+    The image's pixels (after JPEG draft scaling) are reserved from `budget` before they are decoded and held
+    until the model input is made; preprocessing reads only the crop's footprint, so its cost is bounded too.
+    """
+    img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
+    w, h = img.size  # after draft()
+    with budget.reserve(w * h) if budget is not None else contextlib.nullcontext():
+        return normalize(to_uint8(load_pixels(img), spec)[None], spec)
 
 
 def _short(exc: BaseException) -> str:

@@ -43,6 +43,10 @@ class Metrics:
             "vitc_batch_size", "Rows per executed batch", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
         self.in_flight = Gauge("vitc_in_flight_requests", "HTTP requests being processed", registry=r)
+        self.disconnects = Counter(
+            "vitc_client_disconnects", "Requests whose client left before the answer: during the upload, or "
+            "while queued (their work is dropped, never computed)", ["model", "stage"], registry=r,
+        )
         self.queue_depth = Gauge("vitc_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self.model_info = Gauge(
             "vitc_model_info", "Served models (value 1)", ["model", "variant", "runtime", "precision"], registry=r

@@ -6,17 +6,21 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Collection
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.errors import APIError
+from serve.errors import APIError, ClientGone
 from serve.metrics import UNKNOWN_MODEL, Metrics
 from serve.responses import error_response
 
 access_log = logging.getLogger("vitc.access")
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._~:/+=@-]")
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted and logged, never sent
 log = logging.getLogger("vitc.serve")
 _DRAIN_TIMEOUT_S = 5.0
 
@@ -44,7 +48,7 @@ class AccessLogMiddleware:
             return
         start = time.perf_counter()
         headers = dict(scope.get("headers") or ())
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        request_id = request_id_of(headers.get(b"x-request-id", b""))
         status, started = 500, False
 
         async def send_with_id(message: Message) -> None:
@@ -58,6 +62,13 @@ class AccessLogMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except (ClientDisconnect, ClientGone) as exc:
+            # The client closed the connection (mid-upload, or while its request waited): nobody to answer.
+            status = CLIENT_CLOSED
+            if isinstance(exc, ClientDisconnect):
+                name = (scope.get("path_params") or {}).get("name")
+                model = name if name in self.known_models() else UNKNOWN_MODEL if name else ""
+                self.metrics.disconnects.labels(model, "upload").inc()
         except Exception as exc:
             log.exception("unhandled error", extra={"path": scope["path"], "request_id": request_id})
             if started:
@@ -79,6 +90,12 @@ class AccessLogMiddleware:
                     "duration_ms": round(seconds * 1000, 3), "model": name, "request_id": request_id,
                     "client": f"{client[0]}:{client[1]}" if client else None,
                 })
+
+
+def request_id_of(raw: bytes) -> str:
+    """The client's X-Request-Id reduced to a safe header value (visible ASCII, at most 64), else a fresh one."""
+    cleaned = _UNSAFE_ID.sub("", raw.decode("latin-1"))[:64]
+    return cleaned or uuid.uuid4().hex[:16]
 
 
 class AuthMiddleware:

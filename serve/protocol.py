@@ -80,22 +80,42 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+MAX_DIMS = 8  # a tensor shape with more dimensions is refused before anything is allocated for it
+MAX_DIM = 1 << 31
+MAX_ID_CHARS = 256
+_KINDS = {"U": "strings", "S": "strings", "f": "fractional numbers", "b": "booleans",
+          "O": "integers beyond 64 bits, or a mix of numbers and other values"}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not a number in JSON (non-finite values are refused)")
+
+
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Body (+ Inference-Header-Content-Length) -> InferRequest; raises ProtocolError with a reason."""
+    """Body (+ Inference-Header-Content-Length) -> InferRequest; raises ProtocolError with a reason.
+
+    Everything a hostile body can do is a 4xx: invalid or deeply nested JSON, numbers beyond every float, integer
+    literals too long to convert, NaN/Infinity, shapes with too many or too large dimensions, values out of their
+    datatype's range, non-finite floats in binary data.
+    """
     if header_length is not None:
         try:
             n = int(header_length)
         except ValueError:
-            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}") from None
         if not 0 <= n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
     try:
-        doc = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"request is not valid JSON: {exc}") from None
+        doc = json.loads(head, parse_constant=_refuse_constant)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError("request JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and integers beyond 4300 digits
+        raise ProtocolError(f"request is not valid JSON: {_short(exc)}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("request must be a JSON object")
     raw_inputs = doc.get("inputs")
@@ -118,7 +138,17 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise ProtocolError("'outputs' must be a list")
         outputs = [_parse_output(o) for o in doc["outputs"]]
     rid = doc.get("id")
-    return InferRequest(None if rid is None else str(rid), inputs, outputs, bool(params.get("binary_data_output")))
+    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_CHARS):
+        raise ProtocolError(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
+    binary_output = params.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise ProtocolError("parameters.binary_data_output must be true or false")
+    return InferRequest(rid, inputs, outputs, binary_output)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def _params(obj: dict, what: str) -> dict:
@@ -128,48 +158,79 @@ def _params(obj: dict, what: str) -> dict:
     return params
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("every input needs a 'name'")
-    name = spec["name"]
+    name = spec["name"][:128]
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers up to {MAX_DIM}")
+    if len(shape) > MAX_DIMS:
+        raise ProtocolError(f"input {name!r}: {len(shape)} dimensions; at most {MAX_DIMS}")
     datatype = spec.get("datatype")
     if datatype not in DTYPES:
-        raise ProtocolError(f"input {name!r}: unsupported datatype {datatype!r}; supported: {', '.join(DTYPES)}")
+        raise ProtocolError(f"input {name!r}: unsupported datatype {str(datatype)[:40]!r}; "
+                            f"supported: {', '.join(DTYPES)}")
     dtype = DTYPES[datatype]
     count = math.prod(shape)
     params = _params(spec, f"input {name!r}")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if not isinstance(size, int) or size != count * dtype.itemsize:
-            raise ProtocolError(f"input {name!r}: binary_data_size {size!r} != {count} x {dtype.itemsize} bytes")
+        if not _is_int(size) or size != count * dtype.itemsize:
+            raise ProtocolError(f"input {name!r}: binary_data_size {str(size)[:40]} != {count} x {dtype.itemsize} "
+                                "bytes")
         if offset + size > len(binary):
             raise ProtocolError(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
         arr = np.frombuffer(binary[offset:offset + size], dtype).astype(dtype.newbyteorder("="), copy=True)
-        return name, arr.reshape(shape), size
+        return name, _finite(name, arr.reshape(shape)), size
     if "data" not in spec:
         raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-    try:
-        arr = np.asarray(spec["data"], dtype=dtype.newbyteorder("="))
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError(f"input {name!r}: data is not {datatype}: {exc}") from None
+    arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="))
     if arr.size != count:
         raise ProtocolError(f"input {name!r}: {arr.size} values for shape {shape} ({count} expected)")
-    return name, arr.reshape(shape), 0
+    return name, _finite(name, arr.reshape(shape)), 0
+
+
+def _json_values(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndarray:
+    """JSON numbers (flat or nested lists) -> an array of `dtype`, refusing what does not fit it exactly."""
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ProtocolError(f"input {name!r}: data is not a regular array of numbers: {_short(exc)}") from None
+    kinds = "b" if datatype == "BOOL" else "biuf" if dtype.kind == "f" else "biu"
+    if raw.dtype.kind not in kinds:  # strings, objects (huge integers, mixed types) or floats for an int type
+        got = _KINDS.get(raw.dtype.kind, f"{raw.dtype} values")
+        raise ProtocolError(f"input {name!r}: data is not {datatype} (got {got})")
+    if dtype.kind in "iu" and raw.size:
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise ProtocolError(f"input {name!r}: values outside the {datatype} range {info.min}..{info.max}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return raw.astype(dtype)
+
+
+def _finite(name: str, arr: np.ndarray) -> np.ndarray:
+    """Float tensors must be finite: NaN/Inf (or values beyond the datatype's range) are refused."""
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        raise ProtocolError(f"input {name!r} has non-finite values (NaN, Infinity, or beyond the datatype's range)")
+    return arr
 
 
 def _parse_output(spec: Any) -> RequestedOutput:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("every requested output needs a 'name'")
-    params = _params(spec, f"output {spec['name']!r}")
+    params = _params(spec, f"output {spec['name'][:128]!r}")
     k = params.get("classification", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ProtocolError(f"output {spec['name']!r}: classification must be a non-negative integer")
+    if not _is_int(k) or not 0 <= k <= 1 << 20:
+        raise ProtocolError(f"output {spec['name'][:128]!r}: classification must be a non-negative integer")
     binary = params.get("binary_data")
-    return RequestedOutput(spec["name"], None if binary is None else bool(binary), k)
+    if binary is not None and not isinstance(binary, bool):
+        raise ProtocolError(f"output {spec['name'][:128]!r}: binary_data must be true or false")
+    return RequestedOutput(spec["name"], binary, k)
 
 
 def classification_strings(logits: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
@@ -207,7 +268,7 @@ def encode_response(model: str, version: str, request_id: str | None,
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request_id is not None:
         doc["id"] = request_id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, {}, "application/json"
     return head + b"".join(blobs), {HEADER_LENGTH: str(len(head))}, "application/octet-stream"

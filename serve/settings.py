@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
     jpeg_draft: bool = Field(True, description="decode big JPEGs at 1/2, 1/4 or 1/8 scale when the model is small")
     decode_threads: int | None = Field(None, ge=1, le=256)
+    decode_queue: int = Field(256, ge=0, le=100_000, description="decode jobs waiting for a thread before 503")
+    decode_budget_pixels: int = Field(100_000_000, ge=1, description="pixels decoded at once, all requests")
+    inference_timeout_s: float = Field(30.0, gt=0, le=3600, description="one batch's limit before 504")
     graceful_timeout_s: float = Field(30.0, ge=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -56,6 +59,14 @@ class Settings(BaseSettings):
             v = v.strip()
             return json.loads(v) if v.startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _budget_holds_one_image(self) -> Settings:
+        """The largest image allowed must fit the decode budget, or it could never be decoded."""
+        if self.decode_budget_pixels < self.max_image_pixels:
+            raise ValueError(f"decode_budget_pixels ({self.decode_budget_pixels}) must be at least "
+                             f"max_image_pixels ({self.max_image_pixels})")
+        return self
 
     @field_validator("backend")
     @classmethod

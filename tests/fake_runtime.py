@@ -2,13 +2,19 @@
 
 Its artifact is a linear classifier over the per-channel mean of the input, stored as a .npy weight matrix: small
 and exact, so route tests can check answers without exporting a model. It records every LoadSpec it is asked to
-open, so tests see which options the export's parity gate and the server hand a runtime.
+open, so tests see which options the export's parity gate and the server hand a runtime. In a server process
+(`VITC_RUNTIMES=fake_runtime`, tests/ on PYTHONPATH) it can misbehave on purpose, steered by the input's first
+value: SLOW (sleeps a second), HANG (blocks while the file $FAKE_RUNTIME_HANG exists); and it appends the first
+value of every row it computes to $FAKE_RUNTIME_LOG.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +25,7 @@ from runtimes.build import Built, ExportContext
 
 WEIGHTS = "fake.npy"
 LOADS: list[LoadSpec] = []
+SLOW, HANG = 5.0, 7.0  # first input value that makes a row slow, or hang
 
 
 def weights(channels: int, classes: int, seed: int = 0) -> np.ndarray:
@@ -47,6 +54,15 @@ class FakeBackend:
         self.w = np.load(spec.file(".npy"), allow_pickle=False)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        firsts = batch.reshape(len(batch), -1)[:, 0]
+        if log := os.environ.get("FAKE_RUNTIME_LOG"):
+            with open(log, "a") as f:
+                f.write("".join(f"{v:g}\n" for v in firsts))
+        if SLOW in firsts:
+            time.sleep(1.0)
+        hang = os.environ.get("FAKE_RUNTIME_HANG")
+        while HANG in firsts and hang and Path(hang).exists():
+            time.sleep(0.01)
         return logits(self.w, batch)
 
     def describe(self) -> dict[str, Any]:

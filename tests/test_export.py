@@ -352,7 +352,8 @@ def test_failure_mid_export_leaves_the_old_bundle_intact(checkpoint, bundle, tmp
     with pytest.raises(KeyboardInterrupt):
         build_bundle(checkpoint, out, ["torch"], max_batch=4, parity_samples=8, log=crash_after_first_artifact)
     assert (out / "manifest.json").read_bytes() == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]
+    # Only the writer's lock file stays beside the bundle: no temporary directory.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle.")] == [".bundle.lock"]
     assert json.loads(before)["artifacts"]
 
 
@@ -394,3 +395,86 @@ def test_tensorrt_engines_pass_parity(checkpoint, tmp_path):
     assert arts["tensorrt-fp16"].info["profile"] == {"min": 1, "opt": 8, "max": MAX_BATCH}
     assert {"gpu", "compute_capability", "tensorrt_version"} <= set(arts["tensorrt-fp16"].info)
     assert arts["tensorrt-int8"].parity is not None
+
+
+# --- faults while publishing: the old bundle survives, temporaries do not -----------------------------------
+
+
+def _export_cmd(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--out", str(out), "--max-batch", "4",
+            "--parity-samples", "16", "--threads", str(THREADS), *extra]
+
+
+def test_kill_9_mid_export_keeps_the_old_bundle_and_the_next_run_cleans_up(checkpoint, bundle, tmp_path):
+    import signal
+    import time
+
+    from serve.registry import model_args
+    from serve.settings import Settings
+
+    out = shutil.copytree(bundle, tmp_path / "bundle")
+    before = (out / "manifest.json").read_bytes()
+    proc = subprocess.Popen(_export_cmd(checkpoint, out, "--targets", "onnx,openvino"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 120
+    while not list(tmp_path.glob(".bundle.*.tmp/.scratch")) and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the export finished before it could be killed"
+    assert (out / "manifest.json").read_bytes() == before
+    assert list(tmp_path.glob(".bundle.*.tmp")), "expected the killed export's temporary directory"
+    # A server pointed at the directory serves the bundle, never the half-written temporary.
+    assert model_args(Settings(model_dir=tmp_path)) == [str(out)]
+    rc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "torch"), cwd=ROOT, capture_output=True,
+                        timeout=300).returncode
+    assert rc == 0 and read_manifest(out).servable()
+    assert not list(tmp_path.glob(".bundle.*.tmp")) and not list(tmp_path.glob(".bundle.*.old"))
+
+
+def test_a_failed_swap_is_undone_and_a_killed_swap_is_recovered(tmp_path):
+    from models.io import atomic_dir
+
+    target = tmp_path / "b"
+    target.mkdir()
+    (target / "f").write_text("old")
+    # Killed between the two renames: no target, the old directory parked in .b.*.old/x.
+    parked = tmp_path / ".b.123.old"
+    parked.mkdir()
+    target.rename(parked / "x")
+    (tmp_path / ".b.456.tmp").mkdir()
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target) as tmp:
+        (tmp / "f").write_text("new")
+        raise RuntimeError("boom")
+    assert (target / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.lock", "b"]
+
+
+def test_a_second_export_of_the_same_bundle_is_refused_while_one_runs(tmp_path):
+    from models.io import DirectoryBusy, atomic_dir
+
+    target = tmp_path / "b"
+    with atomic_dir(target), pytest.raises(DirectoryBusy, match="another process is writing"):
+        with atomic_dir(target):
+            pass
+
+
+def test_a_write_failure_fails_the_export_and_keeps_the_old_bundle(checkpoint, bundle, tmp_path):
+    import resource
+    import signal
+
+    out = shutil.copytree(bundle, tmp_path / "bundle")
+    before = (out / "manifest.json").read_bytes()
+
+    def small_files() -> None:  # in the child: writes past 100 kB fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "onnx"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=small_files,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and "too large" in errors[0].lower() and "unchanged" in errors[0], errors
+    assert (out / "manifest.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.") and not p.name.endswith(".lock")]

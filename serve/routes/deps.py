@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import Depends, Request
 
-from serve.batching import BatcherClosed, QueueFull
-from serve.errors import APIError
+from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull
+from serve.errors import APIError, ClientGone
 from serve.registry import ServedModel
 from serve.settings import Settings
+from serve.workpool import Busy
 
 log = logging.getLogger("vitc.serve")
 T = TypeVar("T")
@@ -24,7 +26,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Undecodable or malformed input", 401: "Missing or invalid bearer token", 404: "Unknown model",
         413: "Body or image too large", 415: "Unsupported content type", 422: "Invalid parameter",
-        503: "Queue full or shutting down (see Retry-After)",
+        503: "Queue, decode pool or decode budget full; model stalled or shutting down (see Retry-After)",
+        504: "Inference exceeded the model's timeout",
     }.items()
 }
 
@@ -48,28 +51,77 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run CPU work (decoding, JSON tensor parsing) in the decode pool, never on the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(request.app.state.decode_pool, fn, *args)
+    """Run CPU work (decoding, tensor parsing, decompression) in the bounded work pool, never on the event loop."""
+    try:
+        return await request.app.state.work_pool.run(fn, *args)
+    except Busy as exc:
+        raise APIError(503, f"{exc}; retry later", RETRY_AFTER) from None
 
 
-async def infer(model: ServedModel, x: np.ndarray) -> np.ndarray:
-    """Submit rows to the model's dynamic batcher; 503 when full or closing, 500 if the backend fails."""
+async def submit(model: ServedModel, x: np.ndarray) -> np.ndarray:
+    """Rows through the model's dynamic batcher; 503 when full, stalled or closing, 504 past the inference timeout."""
     try:
         return await model.batcher.submit(x)
-    except QueueFull as exc:
-        raise APIError(503, f"{exc}; retry later", RETRY_AFTER) from None
-    except BatcherClosed as exc:
-        raise APIError(503, str(exc), RETRY_AFTER) from None
+    except (QueueFull, NotReady, BatcherClosed) as exc:
+        raise _unavailable(exc) from None
+    except InferenceTimeout as exc:
+        raise APIError(504, str(exc)) from None
     except Exception as exc:
         log.exception("inference failed", extra={"model": model.name})
         raise APIError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
 
 
-def admission(model: ServedModel):
-    """Count this request against the model's queue bound for its whole life (decode + queue + compute)."""
+async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) -> T:
+    """Await `work` while watching the connection: if the client leaves first, its queued work is dropped
+    (cancelled futures are never computed), counted, and ClientGone ends the request without an answer."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        return model.batcher.admit()
-    except QueueFull as exc:
-        raise APIError(503, f"{exc}; retry later", RETRY_AFTER) from None
-    except BatcherClosed as exc:
-        raise APIError(503, str(exc), RETRY_AFTER) from None
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    request.app.state.metrics.disconnects.labels(model.name, "queued").inc()
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body is already read: the next ASGI message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def all_or_none(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """Every result, or the first error with the others cancelled (their queued rows are then never computed)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+def finite_output(model: ServedModel, y: np.ndarray) -> np.ndarray:
+    """The model's logits, or 422 when they are not finite (strict JSON has no NaN/Infinity to say them with)."""
+    if not np.isfinite(y).all():
+        raise APIError(422, f"model {model.name!r} produced non-finite outputs (NaN/Infinity) for this input; "
+                            "it is outside the range the model handles")
+    return y
+
+
+def admission(model: ServedModel, images: int = 1):
+    """Count the request's images against the model's bound for its whole life (decode + queue + compute)."""
+    try:
+        return model.batcher.admit(images)
+    except (QueueFull, NotReady, BatcherClosed) as exc:
+        raise _unavailable(exc) from None
+
+
+def _unavailable(exc: Exception) -> APIError:
+    """A full, stalled or closing model: 503 with Retry-After (the reason says which)."""
+    return APIError(503, f"{exc}; retry later" if isinstance(exc, QueueFull) else str(exc), RETRY_AFTER)

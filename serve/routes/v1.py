@@ -15,7 +15,17 @@ from starlette.datastructures import UploadFile
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, ImageError, prepare
 from serve.registry import ServedModel
-from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, admission, infer, off_loop
+from serve.routes.deps import (
+    ERROR_RESPONSES,
+    ModelDep,
+    SettingsDep,
+    admission,
+    all_or_none,
+    finite_output,
+    off_loop,
+    submit,
+    unless_gone,
+)
 from serve.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
@@ -95,7 +105,8 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
 
 def _prepare_timed(request: Request, model: ServedModel, data: bytes, settings: Settings) -> np.ndarray:
     t0 = time.perf_counter()
-    x = prepare(data, model.spec, max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft)
+    x = prepare(data, model.spec, max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft,
+                budget=request.app.state.pixel_budget)
     request.app.state.metrics.preprocess.labels(model.name).observe(time.perf_counter() - t0)
     return x
 
@@ -129,7 +140,7 @@ async def classify(
         raise APIError(422, f"top_k must be between 1 and {n_classes} (the model's classes), got {top_k}")
     k = top_k or min(5, n_classes)
     images, many = await read_images(request, settings)
-    with admission(model):
+    with admission(model, len(images)):  # every image of the request counts, from decoding to its answer
         decoded = await asyncio.gather(
             *(off_loop(request, _prepare_timed, request, model, data, settings) for _, data in images),
             return_exceptions=True,
@@ -140,6 +151,6 @@ async def classify(
                 raise APIError(result.status, prefix + result.reason)
             if isinstance(result, BaseException):
                 raise result
-        logits = await asyncio.gather(*(infer(model, x) for x in decoded))
-    answers = [top_predictions(model.name, y[0], model.labels, k) for y in logits]
+        logits = await unless_gone(request, model, all_or_none(submit(model, x) for x in decoded))
+    answers = [top_predictions(model.name, finite_output(model, y)[0], model.labels, k) for y in logits]
     return JSONResponse(answers if many else answers[0])

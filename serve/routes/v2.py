@@ -16,6 +16,7 @@ import serve
 from serve.errors import APIError
 from serve.protocol import (
     EXTENSIONS,
+    InferRequest,
     OutputTensor,
     ProtocolError,
     classification_strings,
@@ -24,7 +25,16 @@ from serve.protocol import (
     parse_request,
 )
 from serve.registry import ServedModel
-from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, admission, infer, off_loop
+from serve.routes.deps import (
+    ERROR_RESPONSES,
+    ModelDep,
+    SettingsDep,
+    admission,
+    finite_output,
+    off_loop,
+    submit,
+    unless_gone,
+)
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 VERSION = "1"  # bundles carry one version each
@@ -112,23 +122,28 @@ def _model_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarra
     return np.ascontiguousarray(x)
 
 
+def _parse_body(body: bytes, encoding: str | None, header_length: str | None, limit: int) -> InferRequest:
+    """Decompress (bounded) and parse an inference request: CPU work for the pool, never the event loop."""
+    return parse_request(decompress(body, encoding, limit), header_length)
+
+
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES)
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, version: str | None = None) -> Response:
     _check_version(model, version)
     body = await request.body()
     try:
-        body = decompress(body, request.headers.get("content-encoding"), settings.max_body_bytes)
-        parsed = await off_loop(request, parse_request, body, request.headers.get("inference-header-content-length"))
+        parsed = await off_loop(request, _parse_body, body, request.headers.get("content-encoding"),
+                                request.headers.get("inference-header-content-length"), settings.max_body_bytes)
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc)) from None
     x = _model_input(model, parsed.inputs)
     requested = parsed.outputs or []
     for out in requested:
         if out.name != model.output_name:
-            raise APIError(400, f"model {model.name!r} has no output {out.name!r}; outputs: {model.output_name}")
-    with admission(model):
-        logits = await infer(model, x)
+            raise APIError(400, f"model {model.name!r} has no output {out.name[:128]!r}; outputs: {model.output_name}")
+    with admission(model, x.shape[0]):
+        logits = finite_output(model, await unless_gone(request, model, submit(model, x)))
     spec = requested[0] if requested else None
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
     if spec is not None and spec.classification:
