@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import struct
 import warnings
 
 import numpy as np
@@ -50,7 +49,9 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
         raise ImageError(413, f"image has too many pixels ({_short(exc)})") from None
     except UnidentifiedImageError:
         raise ImageError(400, f"not a recognised image; supported: {', '.join(FORMATS)}") from None
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # decoders raise many types on hostile headers; none may become a 500
         raise ImageError(400, f"cannot decode image ({_short(exc)}); supported: {', '.join(FORMATS)}") from None
     w, h = img.size
     if w < 1 or h < 1:
@@ -67,7 +68,9 @@ def load_pixels(img: Image.Image) -> Image.Image:
     """Decode an opened image; EXIF orientation applied, exotic colour modes brought to RGB."""
     try:
         img.load()
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated, corrupt, or a decoder tripping over hostile data
         raise ImageError(400, f"image data is truncated or corrupt ({_short(exc)})") from None
     try:
         img = ImageOps.exif_transpose(img)
@@ -96,7 +99,14 @@ def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bo
     img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
     w, h = img.size  # after draft()
     with budget.reserve(w * h) if budget is not None else contextlib.nullcontext():
-        return normalize(to_uint8(load_pixels(img), spec)[None], spec)
+        img = load_pixels(img)
+        try:
+            pixels = to_uint8(img, spec)
+        except MemoryError:
+            raise
+        except Exception as exc:  # a mode or layout the conversion does not take
+            raise ImageError(400, f"cannot convert a {img.mode} image ({_short(exc)})") from None
+        return normalize(pixels[None], spec)
 
 
 def _short(exc: BaseException) -> str:

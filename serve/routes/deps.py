@@ -56,6 +56,8 @@ async def off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
         return await request.app.state.work_pool.run(fn, *args)
     except Busy as exc:
         raise APIError(503, f"{exc}; retry later", RETRY_AFTER) from None
+    except MemoryError:
+        raise APIError(503, "the server ran out of memory for this request; retry later", RETRY_AFTER) from None
 
 
 async def submit(model: ServedModel, x: np.ndarray) -> np.ndarray:
