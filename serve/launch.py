@@ -23,11 +23,11 @@ class ServerProcess:
     """A started server: `url`, `port`, `proc`; `wait_ready()`, `logs()`, `stop()` (SIGTERM, exit code)."""
 
     def __init__(self, args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, python: str = sys.executable) -> None:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the child's whole life
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            [python, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *args],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
@@ -88,9 +88,10 @@ class ServerProcess:
         self.stop()
 
 
-def start(args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start a server and wait until it is ready (stopping it again if it never gets there)."""
-    server = ServerProcess(args, log_path, env)
+def start(args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
+          python: str = sys.executable) -> ServerProcess:
+    """Start a server (with `python`, another environment's interpreter if given) and wait until it is ready."""
+    server = ServerProcess(args, log_path, env, python=python)
     try:
         return server.wait_ready()
     except BaseException:
