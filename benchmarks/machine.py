@@ -11,12 +11,10 @@ a shared machine's preemptions pull the median below), yet not one lucky call. T
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import platform
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from models.host import usable_cpus
+from models.host import distribution_versions, source_revision, usable_cpus
 
 # CPU flags that decide which kernels the runtimes can use (the full list is long and mostly irrelevant).
 _FLAGS_OF_INTEREST = (
@@ -34,7 +32,6 @@ _FLAGS_OF_INTEREST = (
 # Distributions reported beside the registered runtimes' own versions.
 _LIBRARIES = ("onnxruntime-gpu", "nncf", "numpy", "onnx", "fastapi", "uvicorn")
 _ENV_VARS = ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
-_REPO = Path(__file__).resolve().parents[1]
 
 
 def _timed_throughput(fn: Callable[[], object], flops: float, seconds: float, sync: Callable[[], None]) -> list[float]:
@@ -230,21 +227,7 @@ def _versions() -> dict[str, str]:
         if rt.installed():
             with contextlib.suppress(Exception):  # a broken install is reported by its benchmark cells
                 out[rt.name] = rt.version()
-    for name in _LIBRARIES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[name] = importlib.metadata.version(name)
-    return out
-
-
-def _git() -> dict[str, Any]:
-    def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-
-    try:
-        commit = run("rev-parse", "HEAD") or None
-        return {"commit": commit, "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+    return {**out, **distribution_versions(_LIBRARIES)}
 
 
 def host_name() -> str:
@@ -266,7 +249,7 @@ def environment(threads: int | None) -> dict[str, Any]:
         "gpus": gpu_info(),
         "threads": threads,
         "versions": _versions(),
-        "git": _git(),
+        "git": source_revision(),
         "env": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
         "load_average": load_average(),
     }

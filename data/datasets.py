@@ -7,6 +7,8 @@ unpickled); their train/val split is a fixed, stratified 10 % per class.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,20 @@ class ImageSet:
         with Image.open(self.paths[i]) as img:
             img.load()
             return img
+
+    def fingerprint(self) -> str:
+        """sha256 of what the set holds: classes, labels and pixels (embedded sets), or each file's path relative
+        to the dataset root and its size (folders: their bytes are not read). Equal sets give equal prints."""
+        h = hashlib.sha256()
+        h.update(json.dumps(list(self.class_names)).encode())
+        h.update(np.ascontiguousarray(self.labels, "<i8").tobytes())
+        if self.arrays is not None:
+            h.update(repr(self.arrays.shape).encode())
+            h.update(np.ascontiguousarray(self.arrays).tobytes())
+        for path in self.paths or []:
+            rel = path.relative_to(self.name) if path.is_relative_to(self.name) else path.name
+            h.update(f"{Path(rel).as_posix()}\0{path.stat().st_size}\n".encode())
+        return h.hexdigest()
 
     def subset(self, n: int, seed: int = 0) -> ImageSet:
         """A deterministic, class-balanced-ish random subset of at most n images."""

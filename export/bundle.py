@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from export import provenance
 from export.parity import ParityData, Tolerance, measure, run_batched
 from export.targets import Target, parse_targets
 from models.bundle import (
     MANIFEST_FILE,
     MAX_BATCH_LIMIT,
     Artifact,
+    Golden,
     InputSpec,
     Manifest,
     OutputSpec,
@@ -36,13 +38,15 @@ from models.bundle import (
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from models.io import DirectoryBusy, atomic_dir
-from models.preprocessing import preprocess
+from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
 from runtimes.build import ExportContext, machine_failure
 from runtimes.onnx_graph import OPSET, export_torch
 
 PREPROCESS_CHUNK = 256
+GOLDEN_SAMPLES = 8
+GOLDEN_FILE = "golden.npz"
 
 
 class ExportIOError(RuntimeError):
@@ -237,13 +241,30 @@ def build_bundle(
                     artifacts.append(_build_one(ctx, header, target, data, tolerance, threads))
                     log(summary_line(artifacts[-1]))
                 shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-                manifest = replace(header, artifacts=tuple(artifacts), timings=timings)
+                golden = write_golden(tmp, meta, data_name, data)
+                manifest = replace(header, artifacts=tuple(artifacts), timings=timings, golden=golden,
+                                   provenance=provenance.gather(meta, data, ctx.calibration_fingerprint))
                 write_manifest(tmp, manifest)
         except DirectoryBusy as exc:
             raise ExportError(str(exc)) from None
         except OSError as exc:
             raise ExportIOError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     return manifest
+
+
+def write_golden(bundle: Path, meta: CheckpointMeta, dataset: str, data: ParityData) -> Golden:
+    """The first GOLDEN_SAMPLES parity images (uint8, before normalisation: small, and it checks normalisation
+    too) with torch's logits for them, for servers to check an artifact against before they call it ready."""
+    from data.datasets import load_dataset
+
+    n = min(GOLDEN_SAMPLES, len(data.x))
+    val = load_dataset(dataset, "val").subset(len(data.x), seed=0)  # the parity subset: same images, same order
+    pixels = np.stack([to_uint8(val.image(i), meta.preprocessing) for i in range(n)])
+    if not np.array_equal(normalize(pixels, meta.preprocessing), data.x[:n]):
+        raise ExportError("golden inputs do not reproduce the parity images (preprocessing is not deterministic)")
+    path = bundle / GOLDEN_FILE
+    np.savez_compressed(path, pixels=pixels, logits=data.reference[:n])
+    return Golden(file=file_entries(bundle, [path])[0], samples=n)
 
 
 def summary_line(artifact: Artifact) -> str:

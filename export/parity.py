@@ -10,6 +10,7 @@ An artifact passes when every number is inside its precision's Tolerance; otherw
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -78,6 +79,12 @@ class ParityData:
     @property
     def reference_accuracy(self) -> float:
         return float((self.reference.argmax(1) == self.labels).mean())
+
+    def fingerprint(self) -> str:
+        """sha256 of the exact preprocessed images and labels the gates measure on."""
+        h = hashlib.sha256(np.ascontiguousarray(self.x, "<f4").tobytes())
+        h.update(np.ascontiguousarray(self.labels, "<i8").tobytes())
+        return h.hexdigest()
 
 
 def measure(run: Runner, data: ParityData, precision: str, max_batch: int,

@@ -47,6 +47,7 @@ def table(manifest: Manifest, markdown: bool = False) -> str:
                 else "no parity measured")
     title = (f"{m.name}: {m.model} ({m.stem} stem), input {i.height}x{i.width}, batch 1..{i.max_batch}; "
              f"{measured}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
+    title += "\n" + provenance_line(m)
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -54,6 +55,21 @@ def table(manifest: Manifest, markdown: bool = False) -> str:
     widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([title, fmt.format(*COLUMNS), *(fmt.format(*r) for r in body)])
+
+
+def provenance_line(m: Manifest) -> str:
+    """Where the bundle came from, in one line (fingerprints shortened to 12 hex digits)."""
+    p = m.provenance
+    if p is None:
+        return "provenance: not recorded (exported before vitc recorded it)"
+    commit = f"{p.git_commit[:12]}{' (dirty)' if p.git_dirty else ''}" if p.git_commit else "unknown commit"
+    short = {k: (v[:12] if v else "-") for k, v in (("config", p.training_config_sha256),
+                                                     ("train", p.training_data_fingerprint),
+                                                     ("parity", p.parity_data_fingerprint),
+                                                     ("calibration", p.calibration_data_fingerprint))}
+    return (f"provenance: vitc {p.vitc_version} at {commit}; weights {m.source.sha256[:12]}; training config "
+            f"{short['config']}, data {short['train']}; parity data {short['parity']}; calibration data "
+            f"{short['calibration']}; training command: {p.training_command or '-'}")
 
 
 def plot(manifests: list[Manifest], path: Path) -> Path:

@@ -259,6 +259,62 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where a bundle came from: the code, the training run, the data it saw, every library that shaped it.
+
+    Fingerprints are sha256 over what the data holds (data/datasets.py `ImageSet.fingerprint`; for the parity and
+    calibration images, the exact preprocessed tensors): exporting the same checkpoint twice gives the same ones.
+    """
+
+    vitc_version: str
+    git_commit: str | None
+    git_dirty: bool | None
+    training_command: str | None  # as the checkpoint recorded it; None for checkpoints written before it did
+    training_config_sha256: str | None
+    training_data_fingerprint: str | None
+    parity_data_fingerprint: str
+    calibration_data_fingerprint: str | None  # None when no INT8 artifact was calibrated
+    libraries: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, r: Fields) -> Provenance:
+        libs = r.obj("libraries", None)
+        return cls(
+            vitc_version=r.get("vitc_version", str), git_commit=r.get("git_commit", str, None),
+            git_dirty=r.get("git_dirty", bool, None), training_command=r.get("training_command", str, None),
+            training_config_sha256=r.get("training_config_sha256", str, None),
+            training_data_fingerprint=r.get("training_data_fingerprint", str, None),
+            parity_data_fingerprint=r.get("parity_data_fingerprint", str),
+            calibration_data_fingerprint=r.get("calibration_data_fingerprint", str, None),
+            libraries={k: libs.get(k, str) for k in libs.raw} if libs else {},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vitc_version": self.vitc_version, "git_commit": self.git_commit, "git_dirty": self.git_dirty,
+                "training_command": self.training_command, "training_config_sha256": self.training_config_sha256,
+                "training_data_fingerprint": self.training_data_fingerprint,
+                "parity_data_fingerprint": self.parity_data_fingerprint,
+                "calibration_data_fingerprint": self.calibration_data_fingerprint, "libraries": dict(self.libraries)}
+
+
+@dataclass(frozen=True)
+class Golden:
+    """A few real validation inputs and torch's logits for them (an .npz of `inputs`, `logits`): any artifact of
+    the bundle must reproduce them within its parity tolerance before a server reports it ready."""
+
+    file: FileEntry
+    samples: int
+
+    @classmethod
+    def read(cls, r: Fields) -> Golden:
+        return cls(file=FileEntry.read(r.obj("file")), samples=r.get("samples", int, check=between(1, 1024),
+                                                                     what="1..1024"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file.to_dict(), "samples": self.samples}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A whole `manifest.json`."""
 
@@ -275,6 +331,8 @@ class Manifest:
     artifacts: tuple[Artifact, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    provenance: Provenance | None = None  # None: exported before bundles recorded it
+    golden: Golden | None = None
 
     def servable(self, runtime: str | None = None) -> list[Artifact]:
         """Artifacts that passed their parity gate, optionally of one runtime."""
@@ -308,6 +366,8 @@ class Manifest:
             "input": self.input.to_dict(), "output": self.output.to_dict(),
             "preprocessing": self.preprocessing.to_dict(), "source": self.source.to_dict(), "created": self.created,
             "timings": dict(self.timings), "artifacts": [a.to_dict() for a in self.artifacts],
+            **({"provenance": self.provenance.to_dict()} if self.provenance else {}),
+            **({"golden": self.golden.to_dict()} if self.golden else {}),
         }
 
     @classmethod
@@ -339,6 +399,8 @@ class Manifest:
             output=OutputSpec.read(r.obj("output")), preprocessing=preprocessing, source=Source.read(r.obj("source")),
             created=r.get("created", str, ""), artifacts=tuple(Artifact.read(a) for a in r.items("artifacts")),
             timings={k: timings.get(k, float) for k in timings.raw} if timings else {}, format_version=version,
+            provenance=Provenance.read(p) if (p := r.obj("provenance", None)) else None,
+            golden=Golden.read(g) if (g := r.obj("golden", None)) else None,
         )
         _check_consistent(manifest, r)
         return manifest

@@ -172,6 +172,11 @@ class Runtime:
     unavailable: Callable[[str], str | None] = lambda _device: None  # why it cannot run on a device, or None
     # Per-op-type milliseconds of one artifact at a batch size (spec, batch, reps), where the runtime can tell.
     profile: Callable[[LoadSpec, int, int], dict[str, float]] | None = None
+    # Triton: the backend that serves this runtime's artifacts, the file names it expects (artifact file suffix ->
+    # name in the version directory; other files keep theirs), and config parameters an artifact needs.
+    triton_backend: str | None = None  # None: Triton cannot serve these artifacts
+    triton_files: tuple[tuple[str, str], ...] = ()
+    triton_parameters: Callable[[Artifact], dict[str, str]] = lambda _artifact: {}
 
     def installed(self) -> bool:
         """Whether every package it needs can be imported (checked without importing them)."""

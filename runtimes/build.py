@@ -5,6 +5,7 @@ helpers converters share. Torch and the quantiser are imported lazily: a serving
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import warnings
 from collections.abc import Callable, Iterator
@@ -77,6 +78,7 @@ class ExportContext:
     calibration_samples: int = 300
     hub: Path | None = None  # the fp32 ONNX file the orchestrator exported, for runtimes that convert from it
     _calibration: ImageSet | None = None
+    _calibration_fingerprint: str | None = None
 
     @property
     def scratch(self) -> Path:
@@ -108,6 +110,17 @@ class ExportContext:
             yield preprocess([images.image(i)], self.meta.preprocessing)
 
     def calibration_info(self) -> dict[str, Any]:
-        """What the INT8 artifacts were calibrated on, for the manifest."""
+        """What the INT8 artifacts were calibrated on, for the manifest (fingerprint: the preprocessed images)."""
         images = self.calibration_images()
-        return {"dataset": images.name, "split": images.split, "samples": len(images)}
+        if self._calibration_fingerprint is None:
+            h = hashlib.sha256()
+            for batch in self.calibration_batches():
+                h.update(np.ascontiguousarray(batch, "<f4").tobytes())
+            self._calibration_fingerprint = h.hexdigest()
+        return {"dataset": images.name, "split": images.split, "samples": len(images),
+                "fingerprint": self._calibration_fingerprint}
+
+    @property
+    def calibration_fingerprint(self) -> str | None:
+        """The calibration images' fingerprint once an INT8 build has used them, else None."""
+        return self._calibration_fingerprint

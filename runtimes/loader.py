@@ -1,4 +1,5 @@
-"""Open an artifact as a Backend: pick it from the manifest, verify its files, load it, prove it answers.
+"""Open an artifact as a Backend: pick it from the manifest, verify its files, load it, prove it answers (a warm-up
+batch, then the bundle's golden inputs within the artifact's parity tolerance).
 
 The server, the benchmarks and the export's parity gate all come through `open_artifact`, so the numbers the
 manifest records are measured on the code that serves.
@@ -7,10 +8,13 @@ manifest records are measured on the code that serves.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from models.bundle import Artifact, BundleError, Manifest, verify_files
+from models.io import sha256_file
+from models.preprocessing import normalize
 from runtimes import registry
 from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runtime, first_line
 
@@ -33,7 +37,48 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
     rt.require(options.device)
     artifact = select(manifest, rt, precision)
     files = verify_files(bundle, artifact)
-    return open_artifact(rt, LoadSpec(manifest, artifact, tuple(files), options), where=str(bundle))
+    backend = open_artifact(rt, LoadSpec(manifest, artifact, tuple(files), options), where=str(bundle))
+    try:
+        check_golden(backend, bundle, manifest, artifact)
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest, artifact: Artifact) -> None:
+    """The bundle's golden inputs must give torch's logits within the artifact's parity tolerance, or BackendError.
+
+    This is what makes a loaded artifact trustworthy on this machine (another CPU, GPU or library build), not
+    only on the one that exported it. Bundles exported before golden inputs existed skip it.
+    """
+    golden = manifest.golden
+    if golden is None:
+        return
+    path = Path(bundle).resolve() / golden.file.path
+    if Path(bundle).resolve() not in path.parents or not path.is_file() or sha256_file(path) != golden.file.sha256:
+        raise BundleError(f"golden inputs {golden.file.path!r} are missing or do not match their sha256")
+    with np.load(path, allow_pickle=False) as z:
+        pixels, reference = z["pixels"], z["logits"]
+    x = normalize(pixels, manifest.preprocessing)
+    step = manifest.input.max_batch
+    y = np.concatenate([np.asarray(backend.infer(x[i:i + step]), np.float32) for i in range(0, len(x), step)])
+    tol = (artifact.parity.tolerance if artifact.parity else {}) or {}
+    failures = []
+    if y.shape != reference.shape or not np.isfinite(y).all():
+        failures.append(f"outputs of shape {y.shape} are not finite logits of shape {reference.shape}")
+    else:
+        agreement = float((y.argmax(1) == reference.argmax(1)).mean())
+        if agreement < (tol.get("min_top1_agreement") or 0.0):
+            failures.append(f"top-1 agreement with torch {agreement:.0%} < {tol['min_top1_agreement']:.0%}")
+        if tol.get("atol") is not None:
+            bound = tol["atol"] + (tol.get("rtol") or 0.0) * float(np.abs(reference).max())
+            err = float(np.abs(y - reference).max())
+            if err > bound:
+                failures.append(f"max logit error vs torch {err:.3g} > {bound:.3g}")
+    if failures:
+        raise BackendError(f"{artifact.id!r} does not reproduce the bundle's {len(x)} golden inputs on this "
+                           f"machine: {'; '.join(failures)}")
 
 
 def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "") -> Backend:

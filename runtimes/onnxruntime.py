@@ -111,4 +111,5 @@ RUNTIME = Runtime(
     format="onnx", triton_platform="onnxruntime_onnx", precisions=("fp32", "fp16", "int8"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=OnnxRuntimeBackend, version=version,
     variants=(Variant("fp32"), Variant("fp32", "cuda")), needs_hub=True, unavailable=unavailable,
+    triton_backend="onnxruntime", triton_files=((".onnx", "model.onnx"),),
 )

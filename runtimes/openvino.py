@@ -160,4 +160,7 @@ RUNTIME = Runtime(
     default_precisions=("fp32", "fp16", "int8"), devices=("cpu",), build=build, load=OpenVINOBackend,
     version=version, needs_hub=True, profile=profile_ops,
     variants=(Variant("fp32"), Variant("bf16", artifact="fp32", inference_precision="bf16"), Variant("int8")),
+    triton_backend="openvino", triton_files=((".xml", "model.xml"), (".bin", "model.bin")),
+    triton_parameters=lambda artifact: {"INFERENCE_PRECISION_HINT": _HINT_NAMES.get(
+        str(artifact.info.get("inference_precision", INFERENCE_PRECISION)), INFERENCE_PRECISION)},
 )

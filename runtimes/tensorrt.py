@@ -268,4 +268,5 @@ RUNTIME = Runtime(
     devices=("cuda",), build=build, load=TensorRTBackend, version=version,
     variants=(Variant("fp16", "cuda"), Variant("int8", "cuda")), export_device="cuda", needs_hub=True,
     fallback=("onnxruntime", "fp32"), unavailable=unavailable,
+    triton_backend="tensorrt", triton_files=((".engine", "model.plan"),),
 )

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
                    help="bundle directory to serve (repeatable); NAME overrides the bundle's name")
     p.add_argument("--model-dir", help="serve every bundle found directly under this directory")
+    p.add_argument("--model-repository",
+                   help="serve every model of a Triton-style repository (python -m export.triton writes one); "
+                        "the newest version directory of each")
     p.add_argument("--backend", help=f"{' | '.join(runtimes.names())} (default onnxruntime)")
     p.add_argument("--device", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--precision", help="artifact precision (default: the most precise servable one)")

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import numpy as np
 from fastapi import FastAPI
 
 import serve
 from models.host import usable_cpus
-from serve.batching import DynamicBatcher
 from serve.metrics import Metrics
 from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware
 from serve.registry import ServedModel, close_models, load_models
+from serve.repository import ModelRepository
 from serve.responses import install_handlers
 from serve.routes import ops, v1, v2
 from serve.settings import Settings
@@ -39,29 +37,21 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = models if models is not None else load_models(settings)
         pool = WorkPool(settings.decode_threads or usable_cpus(), settings.decode_queue, name="decode")
-        batchers = []
+        repository = ModelRepository(settings, metrics, loaded)
         try:
-            for m in loaded.values():
-                m.batcher = DynamicBatcher(
-                    m.name, m.backend.infer, max_batch=m.max_batch, max_delay_s=settings.max_queue_delay_ms / 1000,
-                    max_queue=settings.max_queue_size, parallel=settings.parallel or m.backend.parallelism,
-                    observer=metrics, timeout_s=settings.inference_timeout_s,
-                    probe=np.zeros((1, *m.sample_shape), np.float32),
-                )
-                await m.batcher.start()
-                batchers.append(m.batcher)
-                metrics.add_model(m.name, m.manifest.model, m.backend.runtime, m.backend.precision,
-                                  lambda b=m.batcher: b.depth)
-            app.state.models, app.state.work_pool, app.state.ready = loaded, pool, True
+            await repository.start()
+            app.state.models, app.state.repository, app.state.work_pool = loaded, repository, pool
+            app.state.ready = True
             yield
         finally:
             # Runs after uvicorn has let in-flight requests finish: drain what is left of every model at once,
             # within one timeout, then free the runtimes.
             app.state.ready = False
-            await asyncio.gather(*(b.close(settings.graceful_timeout_s) for b in batchers))
+            names = list(loaded)
+            await repository.close(settings.graceful_timeout_s)
             pool.shutdown()
             close_models(loaded)
-            log.info("stopped", extra={"models": list(loaded)})
+            log.info("stopped", extra={"models": names})
 
     app = FastAPI(title="vitc", version=serve.__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.models, app.state.ready = settings, metrics, {}, False

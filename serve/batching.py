@@ -43,7 +43,7 @@ class BatchObserver(Protocol):
 
     def queued(self, model: str, seconds: float) -> None: ...
 
-    def batch(self, model: str, rows: int, seconds: float) -> None: ...
+    def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None: ...
 
 
 @dataclass(slots=True)
@@ -278,7 +278,7 @@ class DynamicBatcher:
         if y.shape[0] != x.shape[0]:
             raise RuntimeError(f"backend returned {y.shape[0]} rows for a batch of {x.shape[0]}")
         if self._observer:
-            self._observer.batch(self.name, int(x.shape[0]), dt)
+            self._observer.batch(self.name, int(x.shape[0]), dt, len(xs))
         return y
 
     @staticmethod

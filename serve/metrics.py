@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -12,6 +13,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 UNKNOWN_MODEL = "_unknown"  # label for requests naming a model that is not served (bounded cardinality)
+INFO_LABELS = ("version", "weights_sha256", "vitc_version", "git_commit", "exported")
+
+
+def _info(provenance: dict[str, str] | None) -> list[str]:
+    return [str((provenance or {}).get(k, "")) for k in INFO_LABELS]
 
 
 class Metrics:
@@ -49,19 +55,27 @@ class Metrics:
         )
         self.queue_depth = Gauge("vitc_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self.model_info = Gauge(
-            "vitc_model_info", "Served models (value 1)", ["model", "variant", "runtime", "precision"], registry=r
+            "vitc_model_info", "Served models and where they came from (value 1)",
+            ["model", "variant", "runtime", "precision", *INFO_LABELS], registry=r,
         )
 
-    def add_model(self, name: str, variant: str, runtime: str, precision: str, depth: Callable[[], float]) -> None:
-        """Register a served model: info series and a live queue-depth gauge."""
-        self.model_info.labels(name, variant, runtime, precision).set(1)
+    def add_model(self, name: str, variant: str, runtime: str, precision: str, depth: Callable[[], float],
+                  provenance: dict[str, str] | None = None) -> None:
+        """Register a served model (version): info series with its provenance, and a live queue-depth gauge."""
+        self.model_info.labels(name, variant, runtime, precision, *_info(provenance)).set(1)
         self.queue_depth.labels(name).set_function(depth)
+
+    def remove_model(self, name: str, variant: str, runtime: str, precision: str,
+                     provenance: dict[str, str] | None = None) -> None:
+        """Forget a replaced or unloaded model version's info series."""
+        with contextlib.suppress(KeyError):
+            self.model_info.remove(name, variant, runtime, precision, *_info(provenance))
 
     # BatchObserver, called from the batcher (queued: event loop; batch: inference thread).
     def queued(self, model: str, seconds: float) -> None:
         self.queue.labels(model).observe(seconds)
 
-    def batch(self, model: str, rows: int, seconds: float) -> None:
+    def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         self.batch_size.labels(model).observe(rows)
         self.compute.labels(model).observe(seconds)
 

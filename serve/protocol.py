@@ -25,7 +25,7 @@ DTYPES: dict[str, np.dtype] = {
     }.items()
 }
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 
 
 class ProtocolError(ValueError):

@@ -14,8 +14,10 @@ from runtimes import Backend, BackendError, BackendOptions
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
+from serve.stats import ModelStats
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+BUNDLE_VERSION = "1"  # a bundle served directly has one version
 
 
 @dataclass
@@ -27,7 +29,11 @@ class ServedModel:
     manifest: Manifest
     backend: Backend
     max_batch: int
+    version: str = "1"
+    source: ModelSource | None = None
     batcher: DynamicBatcher | None = field(default=None, repr=False)
+    stats: ModelStats = field(default_factory=ModelStats, repr=False)
+    users: int = field(default=0, repr=False)  # requests holding this version (a swap waits for them)
 
     @property
     def spec(self) -> Preprocessing:
@@ -71,8 +77,18 @@ class ServedModel:
             "labels": self.labels,
             # Provenance without the exporting machine's paths.
             "source": {"dataset": m.source.dataset, "sha256": m.source.sha256},
+            "version": self.version,
+            "provenance": m.provenance.to_dict() if m.provenance else None,
             "ready": bool(self.batcher and self.batcher.ready),
         }
+
+    def provenance_labels(self) -> dict[str, str]:
+        """A few provenance facts as short strings (metric labels, v2 metadata parameters)."""
+        p = self.manifest.provenance
+        return {"version": self.version, "weights_sha256": self.manifest.source.sha256[:12],
+                "vitc_version": p.vitc_version if p else "unknown",
+                "git_commit": (p.git_commit or "unknown")[:12] if p else "unknown",
+                "exported": self.manifest.created}
 
 
 def parse_model_arg(arg: str) -> tuple[str | None, Path]:
@@ -83,42 +99,91 @@ def parse_model_arg(arg: str) -> tuple[str | None, Path]:
     return None, Path(arg)
 
 
-def model_args(settings: Settings) -> list[str]:
-    """--model values plus every bundle directly under --model-dir."""
-    args = list(settings.models)
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a served model comes from: a bundle directory, or a model directory of a Triton-style repository
+    (numbered version directories, each a bundle, as `python -m export.triton` writes them; the highest is served).
+    Loading again re-reads it: a bundle exported anew in place, or a new version directory, is what loads."""
+
+    path: Path
+    name: str | None = None  # None: the bundle's own name
+    repository: bool = False
+
+    def versions(self) -> list[str]:
+        """Available versions, oldest first."""
+        if not self.repository:
+            return [BUNDLE_VERSION]
+        found = [p.name for p in self.path.iterdir() if p.is_dir() and p.name.isdigit() and p.name[0] != "0"
+                 and (p / MANIFEST_FILE).is_file()] if self.path.is_dir() else []
+        return sorted(found, key=int)
+
+    def newest(self) -> tuple[str, Path]:
+        """(version, bundle directory) that loads; BundleError when there is none."""
+        if not self.repository:
+            return BUNDLE_VERSION, self.path
+        versions = self.versions()
+        if not versions:
+            raise BundleError(f"model directory {self.path} has no version directory (1/, 2/, ...) with a "
+                              f"{MANIFEST_FILE}")
+        return versions[-1], self.path / versions[-1]
+
+    def describe(self) -> str:
+        return f"{self.name}={self.path}" if self.name else str(self.path)
+
+
+def model_sources(settings: Settings) -> list[ModelSource]:
+    """--model values, every bundle directly under --model-dir, every model of --model-repository."""
+    sources = [ModelSource(path, name) for name, path in map(parse_model_arg, settings.models)]
+    for flag, root in (("--model-dir", settings.model_dir), ("--model-repository", settings.model_repository)):
+        if root is not None and not root.is_dir():
+            raise ServeError(f"{flag} {root} is not a directory")
     if settings.model_dir is not None:
-        if not settings.model_dir.is_dir():
-            raise ServeError(f"--model-dir {settings.model_dir} is not a directory")
         # Hidden directories are an export's temporaries (a killed export leaves one): never models.
-        args += sorted(str(p.parent) for p in settings.model_dir.glob(f"*/{MANIFEST_FILE}")
-                       if not p.parent.name.startswith("."))
-    if not args:
-        raise ServeError("no models to serve: pass --model PATH (or name=PATH), or --model-dir DIR")
-    return args
+        sources += [ModelSource(p.parent) for p in sorted(settings.model_dir.glob(f"*/{MANIFEST_FILE}"))
+                    if not p.parent.name.startswith(".")]
+    if settings.model_repository is not None:
+        sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())
+                    if p.is_dir() and not p.name.startswith(".") and NAME_RE.match(p.name)]
+    if not sources:
+        raise ServeError("no models to serve: pass --model PATH (or name=PATH), --model-dir DIR or "
+                         "--model-repository DIR")
+    return sources
 
 
-def load_model(arg: str, settings: Settings) -> ServedModel:
-    """Read, verify and load one bundle; raises ServeError with one line."""
-    name, path = parse_model_arg(arg)
+def model_args(settings: Settings) -> list[str]:
+    """The configured sources as CLI arguments (paths, `name=path` where a name is given)."""
+    return [s.describe() for s in model_sources(settings) if not s.repository]
+
+
+def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
+    """Read, verify and load one model (its newest version); raises ServeError with one line."""
+    if isinstance(source, str):
+        name, path = parse_model_arg(source)
+        source = ModelSource(path, name)
     try:
+        version, path = source.newest()
         manifest = read_manifest(path)
-        name = name or manifest.name
+        name = source.name or manifest.name
         if not NAME_RE.match(name):
             raise ServeError(f"model name {name!r} must match {NAME_RE.pattern} (use --model name=PATH)")
         options = BackendOptions(device=settings.device, threads=settings.threads, parallel=settings.parallel,
                                  hint=settings.openvino_hint)
-        backend = runtimes.open_backend(path, manifest, settings.backend, settings.precision, options)
+        # A repository version holds one artifact (python -m export.triton): it runs on that artifact's runtime.
+        runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
+        precision = None if source.repository else settings.precision
+        backend = runtimes.open_backend(path, manifest, runtime, precision, options)
     except (BundleError, BackendError) as exc:
-        raise ServeError(f"model {arg!r}: {exc}") from None
-    return ServedModel(name, path, manifest, backend, min(settings.max_batch_size, backend.max_batch))
+        raise ServeError(f"model {source.describe()!r}: {exc}") from None
+    return ServedModel(name, path, manifest, backend, min(settings.max_batch_size, backend.max_batch),
+                       version=version, source=source)
 
 
 def load_models(settings: Settings) -> dict[str, ServedModel]:
     """Every configured model, by name; nothing is left loaded if one fails (and nothing is logged before)."""
     models: dict[str, ServedModel] = {}
     try:
-        for arg in model_args(settings):
-            model = load_model(arg, settings)
+        for source in model_sources(settings):
+            model = load_model(source, settings)
             if model.name in models:
                 model.backend.close()
                 raise ServeError(

@@ -19,9 +19,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VITC_", extra="forbid", protected_namespaces=())
 
-    # Which models: bundle paths, `name=path`, or every bundle under model_dir.
+    # Which models: bundle paths, `name=path`, every bundle under model_dir, every model of model_repository.
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     model_dir: Path | None = None
+    model_repository: Path | None = None  # a Triton-style repository (python -m export.triton writes one)
     backend: str = Field("onnxruntime", description="a runtime of the registry (runtimes/registry.py)")
     device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "int8"] | None = None

@@ -155,7 +155,7 @@ def test_manifest_describes_the_model(bundle, checkpoint):
 def test_every_artifact_has_parity_numbers_and_a_consistent_verdict(bundle):
     m = read_manifest(bundle)
     on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json"}
-    listed = set()
+    listed = {m.golden.file.path}
     for a in m.artifacts:
         p = a.parity
         assert p.val_samples == PARITY_SAMPLES and p.split == "val"
@@ -195,10 +195,50 @@ def test_openvino_records_precision_hint_and_int8_calibration(bundle):
         assert arts[f"openvino-{p}"].info["inference_precision"] == "f32"
         assert arts[f"openvino-{p}"].parity.inference_precision == "f32"
     for i in ("openvino-int8", "onnx-int8"):
-        assert arts[i].info["calibration"] == {"dataset": "animals", "split": "train", "samples": CALIBRATION_SAMPLES}
+        calibration = dict(arts[i].info["calibration"])
+        assert len(calibration.pop("fingerprint")) == 64
+        assert calibration == {"dataset": "animals", "split": "train", "samples": CALIBRATION_SAMPLES}
     # fp16 compression halves the weights file.
     sizes = {p: arts[f"openvino-{p}"].files[1].bytes for p in ("fp32", "fp16")}
     assert sizes["fp16"] < 0.6 * sizes["fp32"]
+
+
+def test_the_bundle_says_where_it_came_from(bundle, checkpoint, tmp_path):
+    from models.host import source_revision, vitc_version
+
+    m = read_manifest(bundle)
+    p = m.provenance
+    assert p.vitc_version == vitc_version() and p.git_commit == source_revision()["commit"]
+    assert p.libraries["onnxruntime"] == m.select("onnxruntime").runtime_version and "numpy" in p.libraries
+    assert p.calibration_data_fingerprint == m.artifact("openvino", "int8").info["calibration"]["fingerprint"]
+    assert len(p.parity_data_fingerprint) == 64
+    # Exporting the same checkpoint again gives the same fingerprints.
+    again = build_bundle(checkpoint, tmp_path / "again", ["onnx-int8"], max_batch=MAX_BATCH,
+                         parity_samples=PARITY_SAMPLES, calibration_samples=CALIBRATION_SAMPLES, threads=THREADS,
+                         log=lambda _: None).provenance
+    assert (again.parity_data_fingerprint, again.calibration_data_fingerprint) == (
+        p.parity_data_fingerprint, p.calibration_data_fingerprint)
+    out = report.table(m)
+    assert f"vitc {p.vitc_version}" in out and p.parity_data_fingerprint[:12] in out
+
+
+def test_golden_inputs_are_the_parity_images_and_guard_every_load(bundle, tmp_path):
+    m = read_manifest(bundle)
+    assert m.golden.samples == 8
+    with np.load(bundle / m.golden.file.path, allow_pickle=False) as z:
+        assert z["pixels"].dtype == np.uint8 and z["pixels"].shape == (8, 32, 32, 3) and z["logits"].shape == (8, 10)
+    # A bundle whose golden logits disagree with what its artifacts compute is refused at load, with the reason.
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    with np.load(copy / m.golden.file.path, allow_pickle=False) as z:
+        pixels, logits = z["pixels"], z["logits"]
+    np.savez_compressed(copy / m.golden.file.path, pixels=pixels, logits=logits[:, ::-1].copy())
+    from dataclasses import replace
+
+    from models.bundle import file_entries, write_manifest
+
+    write_manifest(copy, replace(m, golden=replace(m.golden, file=file_entries(copy, [copy / "golden.npz"])[0])))
+    with pytest.raises(runtimes.BackendError, match="does not reproduce the bundle's 8 golden inputs"):
+        runtimes.open_backend(copy, read_manifest(copy), "onnxruntime", options=BackendOptions(threads=THREADS))
 
 
 def test_onnx_file_is_checked_single_file_with_dynamic_batch(bundle):
@@ -268,7 +308,7 @@ def test_int8_held_to_the_fp32_gate_is_refused_and_not_shipped(checkpoint, tmp_p
     for a in m.artifacts[1:]:
         assert not a.servable and a.files == () and "max abs logit error" in a.refused_reason
         assert a.parity.max_abs_err > 1e-4 and a.refused_files
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["golden.npz", "manifest.json", "model.safetensors"]
     with pytest.raises(BundleError, match="no servable openvino/int8 artifact .refused at export: max abs"):
         m.select("openvino", "int8")
 

@@ -156,6 +156,7 @@ def test_routes_serve_a_runtime_registered_through_the_registry(fake_bundle):
         out = client.post("/v2/models/fake/infer", content=json.dumps(body)).json()["outputs"][0]
         np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), fake_runtime.logits(w, x),
                                    rtol=1e-5, atol=1e-5)
-        assert ('vitc_model_info{model="fake",precision="fp32",runtime="fake",variant="vit_c_micro"} 1.0'
-                in client.get("/metrics").text)
+        info = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith("vitc_model_info{")]
+        assert len(info) == 1 and info[0].endswith(" 1.0")
+        assert 'model="fake",precision="fp32",runtime="fake",variant="vit_c_micro",version="1"' in info[0]
     assert fake_runtime.LOADS[-1].options == BackendOptions(hint="throughput")

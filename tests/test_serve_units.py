@@ -206,7 +206,7 @@ class Recorder:
     def queued(self, model: str, seconds: float) -> None:
         self.waits.append(seconds)
 
-    def batch(self, model: str, rows: int, seconds: float) -> None:
+    def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         self.batches.append(rows)
 
 

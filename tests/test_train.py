@@ -143,8 +143,22 @@ def test_epochs_zero_writes_the_initial_checkpoint(train_initial_run):
     assert t["epochs"] == 0 and t["steps"] == 0 and 0.0 <= t["final_val_top1"] <= 1.0
     assert t["final_val_top1_ema"] is None and t["val_images"] == len(load_dataset("digits", "val"))
     assert {"wall_time_s", "command_line", "versions", "config", "best_val_top1"} <= set(t)
+    assert t["data"] == {split: load_dataset("digits", split).fingerprint() for split in ("train", "val")}
     lines = (train_initial_run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0]
+
+
+def test_a_bundle_carries_the_training_provenance(train_initial_run, tmp_path):
+    import hashlib
+
+    from export.bundle import build_bundle
+
+    t = json.loads((train_initial_run / "checkpoint.json").read_text())["training"]
+    p = build_bundle(train_initial_run, tmp_path / "b", ["torch"], max_batch=4, parity_samples=16,
+                     log=lambda _: None).provenance
+    assert p.training_command == t["command_line"] and p.training_data_fingerprint == t["data"]["train"]
+    assert p.training_config_sha256 == hashlib.sha256(json.dumps(t["config"], sort_keys=True).encode()).hexdigest()
+    assert p.calibration_data_fingerprint is None and p.libraries["torch"]
 
 
 def test_eval_cli_matches_the_training_summary(train_initial_run, capsys, tmp_path, train_cli):

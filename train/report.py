@@ -6,10 +6,10 @@ import json
 import math
 import os
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from models.host import distribution_versions
 from models.io import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
@@ -65,13 +65,8 @@ def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title
 
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries that shape the result."""
-    out = {"python": platform.python_version()}
-    for pkg in ("vitc", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return {"python": platform.python_version(),
+            **distribution_versions(("vitc", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors"))}
 
 
 def best_of(history: list[dict[str, Any]], key: str) -> tuple[float | None, int | None]:

@@ -396,6 +396,8 @@ class Trainer:
             "channels_last": self.channels_last, "compile": cfg.compile, "resumed_times": progress["segments"],
             "rank_state_sha256": digests, "started": progress["started"], "finished": _now(),
             "command_line": " ".join(cfg.command), "config": cfg.to_dict(), "versions": versions(),
+            # What the weights were fitted and selected on (bundles carry these as their provenance).
+            "data": {"train": self.train_set.fingerprint(), "val": self.val_set.fingerprint()},
         }
         if info.is_main:
             write_metrics(cfg.out, progress["history"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -33,13 +34,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 # Dependencies are `async def` so FastAPI calls them inline instead of hopping to a worker thread per request.
-async def get_model(name: str, request: Request) -> ServedModel:
-    """The served model named in the path, or 404 listing the served names."""
+async def get_model(name: str, request: Request) -> AsyncIterator[ServedModel]:
+    """The served model named in the path (404 listing the served names), held for the request's whole life:
+    a reload swaps the name to a new version but drains this one only once every holder has finished."""
     models: dict[str, ServedModel] = request.app.state.models
     model = models.get(name)
     if model is None:
         raise APIError(404, f"unknown model {name!r}; served: {', '.join(models) or 'none'}")
-    return model
+    model.users += 1
+    try:
+        yield model
+    finally:
+        model.users -= 1
 
 
 async def get_settings(request: Request) -> Settings:
@@ -114,6 +120,17 @@ def finite_output(model: ServedModel, y: np.ndarray) -> np.ndarray:
         raise APIError(422, f"model {model.name!r} produced non-finite outputs (NaN/Infinity) for this input; "
                             "it is outside the range the model handles")
     return y
+
+
+@contextlib.contextmanager
+def recorded(model: ServedModel) -> Iterator[None]:
+    """Count the request in the model's statistics: success or failure, with its time in the server."""
+    start, ok = time.perf_counter(), False
+    try:
+        yield
+        ok = True
+    finally:
+        model.stats.request(ok, time.perf_counter() - start)
 
 
 def admission(model: ServedModel, images: int = 1):

@@ -23,6 +23,7 @@ from serve.routes.deps import (
     all_or_none,
     finite_output,
     off_loop,
+    recorded,
     submit,
     unless_gone,
 )
@@ -140,7 +141,7 @@ async def classify(
         raise APIError(422, f"top_k must be between 1 and {n_classes} (the model's classes), got {top_k}")
     k = top_k or min(5, n_classes)
     images, many = await read_images(request, settings)
-    with admission(model, len(images)):  # every image of the request counts, from decoding to its answer
+    with recorded(model), admission(model, len(images)):  # every image counts, from decoding to its answer
         decoded = await asyncio.gather(
             *(off_loop(request, _prepare_timed, request, model, data, settings) for _, data in images),
             return_exceptions=True,

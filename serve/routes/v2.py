@@ -6,6 +6,7 @@ same dynamic batcher as /v1 requests.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from serve.protocol import (
     parse_request,
 )
 from serve.registry import ServedModel
+from serve.repository import LoadError
 from serve.routes.deps import (
     ERROR_RESPONSES,
     ModelDep,
@@ -32,28 +34,30 @@ from serve.routes.deps import (
     admission,
     finite_output,
     off_loop,
+    recorded,
     submit,
     unless_gone,
 )
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
-VERSION = "1"  # bundles carry one version each
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
 
 def _check_version(model: ServedModel, version: str | None) -> None:
-    if version is not None and version != VERSION:
-        raise APIError(404, f"model {model.name!r} has no version {version!r}; versions: {VERSION}")
+    if version is not None and version != model.version:
+        raise APIError(404, f"model {model.name!r} has no version {version!r} loaded; serving version {model.version}")
 
 
 def _metadata(model: ServedModel) -> dict[str, Any]:
     c, h, w = model.sample_shape
     return {
         "name": model.name,
-        "versions": [VERSION],
+        "versions": [model.version],
         "platform": model.platform,
         "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
+        # Where the served version came from (the bundle's provenance), as string parameters.
+        "parameters": {k: v for k, v in model.provenance_labels().items() if v},
     }
 
 
@@ -74,6 +78,11 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "vitc", "version": serve.__version__, "extensions": EXTENSIONS}
 
 
+@router.get("/models/stats", summary="Statistics of every served model (statistics extension)")
+async def all_stats(request: Request) -> dict[str, Any]:
+    return {"model_stats": [m.stats.to_triton(m.name, m.version) for m in request.app.state.models.values()]}
+
+
 @router.get("/models/{name}", summary="Model metadata", responses={404: ERROR_RESPONSES[404]})
 @router.get("/models/{name}/versions/{version}", include_in_schema=False)
 async def model_metadata(model: ModelDep, version: str | None = None) -> dict[str, Any]:
@@ -87,6 +96,45 @@ async def model_ready(model: ModelDep, version: str | None = None) -> JSONRespon
     _check_version(model, version)
     ok = bool(model.batcher and model.batcher.ready)
     return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/models/{name}/stats", summary="Statistics of one model (statistics extension)",
+            responses={404: ERROR_RESPONSES[404]})
+@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+async def model_stats(model: ModelDep, version: str | None = None) -> dict[str, Any]:
+    _check_version(model, version)
+    return {"model_stats": [model.stats.to_triton(model.name, model.version)]}
+
+
+@router.post("/repository/index", summary="Every model and version the server knows, with its state")
+async def repository_index(request: Request) -> JSONResponse:
+    ready_only = False
+    body = await request.body()
+    if body.strip():
+        try:
+            ready_only = bool(json.loads(body).get("ready", False))
+        except (ValueError, AttributeError):
+            raise APIError(400, "the index request body must be a JSON object like {\"ready\": true}") from None
+    entries = request.app.state.repository.index()
+    return JSONResponse([e for e in entries if e["state"] == "READY" or not ready_only])
+
+
+@router.post("/repository/models/{name}/load", summary="Load, or load again, a model (its newest version)")
+async def repository_load(name: str, request: Request) -> JSONResponse:
+    try:
+        await request.app.state.repository.load(name)
+    except LoadError as exc:
+        raise APIError(400, str(exc)) from None
+    return JSONResponse({})
+
+
+@router.post("/repository/models/{name}/unload", summary="Stop serving a model (requests in progress finish)")
+async def repository_unload(name: str, request: Request) -> JSONResponse:
+    try:
+        await request.app.state.repository.unload(name)
+    except LoadError as exc:
+        raise APIError(400, str(exc)) from None
+    return JSONResponse({})
 
 
 @router.get("/models/{name}/config", summary="Triton-style model configuration")
@@ -142,7 +190,7 @@ async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, 
     for out in requested:
         if out.name != model.output_name:
             raise APIError(400, f"model {model.name!r} has no output {out.name[:128]!r}; outputs: {model.output_name}")
-    with admission(model, x.shape[0]):
+    with recorded(model), admission(model, x.shape[0]):
         logits = finite_output(model, await unless_gone(request, model, submit(model, x)))
     spec = requested[0] if requested else None
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
@@ -151,5 +199,5 @@ async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, 
                               classification_strings(logits, spec.classification, model.labels), binary)
     else:
         tensor = OutputTensor(model.output_name, "FP32", logits, binary)
-    content, headers, media = encode_response(model.name, VERSION, parsed.id, [tensor])
+    content, headers, media = encode_response(model.name, model.version, parsed.id, [tensor])
     return Response(content, media_type=media, headers=headers)

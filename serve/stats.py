@@ -1,0 +1,80 @@
+"""Per-model inference statistics in the shape of Triton's statistics extension (GET /v2/models/{name}/stats)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+
+def _pair() -> list[int]:
+    return [0, 0]  # count, nanoseconds
+
+
+class ModelStats:
+    """Counts and cumulative times of one loaded model version; updated from the event loop and worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last_inference_ms = 0
+        self.inference_count = 0  # rows computed
+        self.execution_count = 0  # backend calls
+        self._success, self._fail, self._queue, self._infer = _pair(), _pair(), _pair(), _pair()
+        self._batches: defaultdict[int, list[int]] = defaultdict(_pair)
+
+    def request(self, ok: bool, seconds: float) -> None:
+        """One request answered (ok) or failed, with its time in the server."""
+        with self._lock:
+            pair = self._success if ok else self._fail
+            pair[0] += 1
+            pair[1] += int(seconds * 1e9)
+
+    # BatchObserver
+    def queued(self, model: str, seconds: float) -> None:
+        with self._lock:
+            self._queue[0] += 1
+            self._queue[1] += int(seconds * 1e9)
+
+    def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
+        ns = int(seconds * 1e9)
+        with self._lock:
+            self.last_inference_ms = int(time.time() * 1000)
+            self.inference_count += rows
+            self.execution_count += 1
+            self._infer[0] += requests
+            self._infer[1] += ns * requests
+            self._batches[rows][0] += 1
+            self._batches[rows][1] += ns
+
+    def to_triton(self, name: str, version: str) -> dict[str, Any]:
+        """One `model_stats` entry of Triton's statistics response."""
+        def d(pair: list[int]) -> dict[str, int]:
+            return {"count": pair[0], "ns": pair[1]}
+
+        zero = {"count": 0, "ns": 0}
+        with self._lock:
+            return {
+                "name": name, "version": version, "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count, "execution_count": self.execution_count,
+                "inference_stats": {"success": d(self._success), "fail": d(self._fail), "queue": d(self._queue),
+                                    "compute_input": zero, "compute_infer": d(self._infer),
+                                    "compute_output": zero, "cache_hit": zero, "cache_miss": zero},
+                "batch_stats": [{"batch_size": b, "compute_input": zero, "compute_infer": d(p),
+                                 "compute_output": zero} for b, p in sorted(self._batches.items())],
+            }
+
+
+class Observers:
+    """Several batch observers as one (the app's Prometheus metrics and the model's own statistics)."""
+
+    def __init__(self, *observers: Any) -> None:
+        self.observers = observers
+
+    def queued(self, model: str, seconds: float) -> None:
+        for o in self.observers:
+            o.queued(model, seconds)
+
+    def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
+        for o in self.observers:
+            o.batch(model, rows, seconds, requests)

@@ -1,0 +1,201 @@
+"""Scale-out and provenance: a bundle as a Triton model repository (+ KServe), vitc serving that repository with the
+same answers, hot reload through the repository extension under load, statistics, provenance on every surface."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import shutil
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from test_serve_fixtures import micro_bundle, start_server
+
+from export import triton
+from models.bundle import read_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return micro_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def repository(bundle, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    triton.write_repository(bundle, out, storage_uri="s3://models/vitc")
+    return out
+
+
+def _model_config_pb2():
+    """Triton's own model-config protobuf schema, as tritonclient ships it (read without tritonclient.grpc's
+    import-time check for the grpc extra, which this schema does not need)."""
+    import tritonclient
+
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_artifact_triton_can_serve_becomes_a_model_with_a_valid_config(bundle, repository):
+    from google.protobuf import text_format
+
+    pb2 = _model_config_pb2()
+    m = read_manifest(bundle)
+    expected = {f"micro-{a.id}": a for a in m.servable() if a.runtime != "torch"}
+    assert {p.name for p in repository.iterdir() if p.is_dir()} == set(expected)
+    for name, artifact in expected.items():
+        config = text_format.Parse((repository / name / "config.pbtxt").read_text(), pb2.ModelConfig())
+        assert (config.name, config.max_batch_size) == (name, m.input.max_batch)
+        assert config.backend == {"onnxruntime": "onnxruntime", "openvino": "openvino"}[artifact.runtime]
+        (inp,), (out,) = config.input, config.output
+        assert (inp.name, list(inp.dims), inp.data_type, inp.format) == (
+            "input", [3, 32, 32], pb2.DataType.TYPE_FP32, pb2.ModelInput.FORMAT_NCHW)
+        assert (out.name, list(out.dims), out.label_filename) == ("logits", [10], "labels.txt")
+        assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+        assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+        assert config.model_warmup[0].inputs["input"].zero_data
+        assert (repository / name / "labels.txt").read_text().splitlines() == list(m.class_names)
+        version = repository / name / "1"
+        files = {"onnxruntime": {"model.onnx"}, "openvino": {"model.xml", "model.bin"}}[artifact.runtime]
+        assert {p.name for p in version.iterdir()} == files | {"manifest.json", "golden.npz"}
+        one = read_manifest(version)  # each version directory is a bundle of its own, with the same provenance
+        assert [a.id for a in one.artifacts] == [artifact.id] and one.provenance == m.provenance
+    openvino = text_format.Parse((repository / "micro-openvino-fp32" / "config.pbtxt").read_text(), pb2.ModelConfig())
+    assert openvino.parameters["INFERENCE_PRECISION_HINT"].string_value == "f32"
+
+
+def test_the_kserve_inference_service_points_triton_at_the_repository(repository):
+    import yaml
+
+    isvc = yaml.safe_load((repository / triton.ISVC_FILE).read_text())
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "triton" and model["storageUri"] == "s3://models/vitc"
+    assert isvc["metadata"]["name"] == "vitc-micro"
+
+
+def test_versions_are_added_never_overwritten(bundle, tmp_path):
+    out = tmp_path / "repo"
+    triton.write_repository(bundle, out)
+    triton.write_repository(bundle, out)
+    assert sorted(p.name for p in (out / "micro-onnx-fp32").iterdir() if p.is_dir()) == ["1", "2"]
+    assert triton.main([str(bundle), "--out", str(out), "--version", "1"]) == 2
+
+
+def _infer(url: str, model: str, x: np.ndarray) -> np.ndarray:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    return client.infer(model, [inp]).as_numpy("logits")
+
+
+def test_a_bundle_and_its_repository_answer_tritonclient_alike(bundle, repository, tmp_path):
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    with start_server(["--model", str(bundle)], tmp_path / "bundle.log") as a, \
+            start_server(["--model-repository", str(repository)], tmp_path / "repo.log") as b:
+        direct = _infer(a.url, "micro", x)
+        served = _infer(b.url, "micro-onnx-fp32", x)
+        np.testing.assert_allclose(served, direct, rtol=1e-6, atol=1e-6)
+        assert direct.std(axis=0).max() > 1e-3
+        np.testing.assert_allclose(_infer(b.url, "micro-openvino-fp32", x), direct, atol=1e-4)
+        meta = httpx.get(b.url + "/v2/models/micro-onnx-fp32").json()
+        assert meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
+
+
+def _load_loop(url: str, model: str, stop: threading.Event, results: list[int]) -> None:
+    """Closed-loop clients until `stop`: every status code goes into `results`."""
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]})
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async def one() -> None:
+                while not stop.is_set():
+                    results.append((await client.post(f"/v2/models/{model}/infer", content=body)).status_code)
+            await asyncio.gather(*(one() for _ in range(8)))
+
+    asyncio.run(run())
+
+
+def test_hot_reload_under_load_drops_no_request_and_refuses_a_bad_version(bundle, tmp_path):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    repo = tmp_path / "repo"
+    triton.write_repository(bundle, repo)
+    for extra in ("micro-openvino-fp32", "micro-openvino-fp16"):
+        shutil.rmtree(repo / extra)
+    name = "micro-onnx-fp32"
+    with start_server(["--model-repository", str(repo)], tmp_path / "server.log") as server:
+        client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+        results: list[int] = []
+        stop = threading.Event()
+        loader = threading.Thread(target=_load_loop, args=(server.url, name, stop, results))
+        loader.start()
+        try:
+            time.sleep(1.0)
+            triton.write_repository(bundle, repo)  # version 2 appears beside version 1
+            for _ in range(3):  # swap in version 2 (and load it again) while requests keep coming
+                client.load_model(name)
+                time.sleep(0.5)
+            assert client.get_model_metadata(name)["versions"] == ["2"]
+            # Version 3 whose golden logits disagree with what it computes: refused, version 2 keeps serving.
+            bad = repo / name / "3"
+            shutil.copytree(repo / name / "2", bad)
+            m = read_manifest(bad)
+            with np.load(bad / "golden.npz", allow_pickle=False) as z:
+                pixels, logits = z["pixels"], z["logits"]
+            np.savez_compressed(bad / "golden.npz", pixels=pixels, logits=-logits)
+            from models.bundle import file_entries
+
+            write_manifest(bad, replace(m, golden=replace(m.golden, file=file_entries(bad, [bad / "golden.npz"])[0])))
+            with pytest.raises(InferenceServerException, match="golden inputs"):
+                client.load_model(name)
+            assert client.get_model_metadata(name)["versions"] == ["2"] and client.is_model_ready(name)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            loader.join(60)
+        assert len(results) > 50 and set(results) == {200}, {s: results.count(s) for s in set(results)}
+        index = {(e["name"], e["version"]): e for e in client.get_model_repository_index()}
+        assert index[(name, "2")]["state"] == "READY"
+        assert index[(name, "3")]["state"] == "UNAVAILABLE" and "golden" in index[(name, "3")]["reason"]
+        stats = client.get_inference_statistics(name)["model_stats"][0]
+        assert stats["version"] == "2" and stats["inference_count"] > 0 and stats["execution_count"] > 0
+        assert stats["inference_stats"]["success"]["count"] > 0 and stats["inference_stats"]["fail"]["count"] == 0
+        assert sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
+        client.unload_model(name)
+        assert httpx.get(server.url + f"/v2/models/{name}").status_code == 404
+        assert not client.is_model_ready(name)
+        shutil.rmtree(bad)
+        client.load_model(name)  # an unloaded model loads again from the repository (its newest good version)
+        assert client.is_model_ready(name) and client.get_model_metadata(name)["versions"] == ["2"]
+
+
+def test_provenance_shows_on_every_surface(bundle, tmp_path):
+    m = read_manifest(bundle)
+    p = m.provenance
+    with start_server(["--model", str(bundle)], tmp_path / "server.log") as server:
+        info = httpx.get(server.url + "/v1/models/micro").json()
+        assert info["provenance"] == p.to_dict() and info["version"] == "1"
+        params = httpx.get(server.url + "/v2/models/micro").json()["parameters"]
+        assert params["weights_sha256"] == m.source.sha256[:12] and params["vitc_version"] == p.vitc_version
+        metric = [ln for ln in httpx.get(server.url + "/metrics").text.splitlines()
+                  if ln.startswith("vitc_model_info{")]
+        assert len(metric) == 1 and f'weights_sha256="{m.source.sha256[:12]}"' in metric[0]
+        assert f'git_commit="{(p.git_commit or "unknown")[:12]}"' in metric[0]
