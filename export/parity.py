@@ -118,8 +118,22 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
         accuracy_delta=accuracy - data.reference_accuracy, batch_invariance_max_abs=_finite(invariance),
         tolerance=asdict(tol), passed=False,
     )
-    failures = gate(result, tol)
+    failures = degenerate(ref) + gate(result, tol)
     return replace(result, passed=not failures, failures=tuple(failures))
+
+
+def degenerate(reference: np.ndarray) -> list[str]:
+    """Why torch's reference logits cannot certify anything (empty when they can): the same logits for every
+    image (an untrained, zero-initialised head), or every class tied for most images. Against such a reference
+    any artifact would agree 100 %, which would mean nothing."""
+    if len(reference) == 0:
+        return ["no reference images"]
+    tol = 1e-6 * max(1.0, float(np.abs(reference).max()))
+    if len(reference) > 1 and float(np.ptp(reference, axis=0).max()) <= tol:
+        return ["torch's logits are the same for every image (an untrained head?): parity cannot be certified"]
+    if float((np.ptp(reference, axis=1) <= tol).mean()) > 0.5:
+        return ["torch's logits tie every class for most images: parity cannot be certified"]
+    return []
 
 
 def _finite(x: float) -> float | None:

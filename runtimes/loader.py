@@ -8,6 +8,7 @@ manifest records are measured on the code that serves.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +31,28 @@ def select(manifest: Manifest, runtime: Runtime, precision: str | None = None) -
 
 
 def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, precision: str | None = None,
-                 options: BackendOptions | None = None) -> Backend:
-    """Select the servable artifact, verify its sha256, load it and check one warm-up inference."""
+                 options: BackendOptions | None = None, timings: dict[str, float] | None = None) -> Backend:
+    """Select the servable artifact, verify its sha256, load it, warm it up and prove its golden inputs.
+
+    `timings`, when given, receives the seconds of each step: verify, load, warm_up, golden.
+    """
     options = options or BackendOptions()
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
     rt = registry.get(runtime)
     rt.require(options.device)
     artifact = select(manifest, rt, precision)
     files = verify_files(bundle, artifact)
-    backend = open_artifact(rt, LoadSpec(manifest, artifact, tuple(files), options), where=str(bundle))
+    timings["verify"] = time.perf_counter() - start
+    backend = open_artifact(rt, LoadSpec(manifest, artifact, tuple(files), options), where=str(bundle),
+                            timings=timings)
+    start = time.perf_counter()
     try:
         check_golden(backend, bundle, manifest, artifact)
     except BaseException:
         backend.close()
         raise
+    timings["golden"] = time.perf_counter() - start
     return backend
 
 
@@ -81,8 +91,11 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
                            f"machine: {'; '.join(failures)}")
 
 
-def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "") -> Backend:
+def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: dict[str, float] | None = None
+                  ) -> Backend:
     """`runtime.load(spec)` with its errors as one BackendError line, then a warm-up that checks the output."""
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
     try:
         backend = runtime.load(spec)
     except (BackendError, BundleError):
@@ -90,11 +103,14 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "") -> Backend:
     except Exception as exc:  # runtimes raise their own types; the caller needs one readable line
         raise BackendError(f"{runtime.name} cannot load {spec.artifact.id!r}"
                            f"{' from ' + where if where else ''}: {first_line(exc)}") from exc
+    timings["load"] = time.perf_counter() - start
+    start = time.perf_counter()
     try:
         warm_up(backend, spec)
     except BaseException:
         backend.close()
         raise
+    timings["warm_up"] = time.perf_counter() - start
     return backend
 
 

@@ -51,6 +51,7 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future
     enqueued: float
+    timings: dict[str, float] | None = None  # filled with "queue" and "compute" seconds when given
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +92,8 @@ class DynamicBatcher:
         self._collector: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._closing = False
-        self._admitted = 0
+        self._admitted = 0  # images admitted and not answered (decoding, queued or running)
+        self._running_rows = 0  # rows of the batches being computed
 
     @property
     def depth(self) -> int:
@@ -134,8 +136,12 @@ class DynamicBatcher:
         self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix=f"infer-{self.name}")
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
 
-    async def submit(self, x: np.ndarray) -> np.ndarray:
-        """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed."""
+    async def submit(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed.
+
+        `timings`, when given, receives this request's seconds spent waiting for its batch ("queue") and in the
+        backend call that computed it ("compute").
+        """
         if self._closing or self._queue is None:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
         if self._stalled:
@@ -143,7 +149,7 @@ class DynamicBatcher:
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"a request must have 1..{self.max_batch} rows, got {x.shape[0]}")
         loop = asyncio.get_running_loop()
-        item = _Item(x, loop.create_future(), loop.time())
+        item = _Item(x, loop.create_future(), loop.time(), timings)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -162,6 +168,7 @@ class DynamicBatcher:
             if not batch:
                 self._slots.release()
                 continue
+            self._running_rows += sum(it.rows for it in batch)
             task = loop.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -180,7 +187,9 @@ class DynamicBatcher:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                # Wait for companions only when some can come: images admitted (still decoding) beyond those
+                # running and in hand. A lone request never pays the batching window.
+                if remaining <= 0 or self._admitted <= self._running_rows + rows:
                     break
                 try:
                     async with asyncio.timeout(remaining):
@@ -201,9 +210,11 @@ class DynamicBatcher:
         stuck: list[asyncio.Future] = []
         try:
             start = loop.time()
-            if self._observer:
-                for it in batch:
+            for it in batch:
+                if self._observer:
                     self._observer.queued(self.name, start - it.enqueued)
+                if it.timings is not None:
+                    it.timings["queue"] = start - it.enqueued
             try:
                 out = await self._call(loop, self._compute, [it.x for it in batch], stuck)
             except InferenceTimeout:
@@ -229,10 +240,11 @@ class DynamicBatcher:
                 if stuck:  # the slot is this worker thread's: it is free only once the stuck call has returned
                     await self._recover(loop, stuck[0])
             finally:
+                self._running_rows -= sum(it.rows for it in batch)
                 self._slots.release()
 
     async def _call(self, loop: asyncio.AbstractEventLoop, fn: Callable, arg: object,
-                    stuck: list[asyncio.Future]) -> np.ndarray:
+                    stuck: list[asyncio.Future]) -> tuple[np.ndarray, float]:
         """`fn(arg)` in the pool within `timeout_s`; past it the model stalls and InferenceTimeout is raised."""
         call = loop.run_in_executor(self._pool, fn, arg)
         try:
@@ -269,8 +281,8 @@ class DynamicBatcher:
                 await asyncio.sleep(delay)
                 delay = min(30.0, delay * 2)
 
-    def _compute(self, xs: list[np.ndarray]) -> np.ndarray:
-        """Runs in the thread pool: one contiguous batch, one backend call."""
+    def _compute(self, xs: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        """Runs in the thread pool: one contiguous batch, one backend call; (outputs, seconds)."""
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         t0 = time.perf_counter()
         y = self._infer(x)
@@ -279,12 +291,15 @@ class DynamicBatcher:
             raise RuntimeError(f"backend returned {y.shape[0]} rows for a batch of {x.shape[0]}")
         if self._observer:
             self._observer.batch(self.name, int(x.shape[0]), dt, len(xs))
-        return y
+        return y, dt
 
     @staticmethod
-    def _resolve(batch: list[_Item], out: np.ndarray) -> None:
+    def _resolve(batch: list[_Item], result: tuple[np.ndarray, float]) -> None:
+        out, seconds = result
         row = 0
         for it in batch:
+            if it.timings is not None:
+                it.timings["compute"] = seconds
             if not it.future.done():
                 it.future.set_result(out[row:row + it.rows])
             row += it.rows

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve.errors import APIError, ClientGone
 from serve.metrics import UNKNOWN_MODEL, Metrics
 from serve.responses import error_response
+from serve.timing import server_timing
 
 access_log = logging.getLogger("vitc.access")
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._~:/+=@-]")
@@ -56,7 +57,10 @@ class AccessLogMiddleware:
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+                extra = [(b"x-request-id", request_id.encode("latin-1"))]
+                if timing := server_timing(scope, time.perf_counter() - start):
+                    extra.append((b"server-timing", timing))
+                message["headers"] = [*message["headers"], *extra]
             await send(message)
 
         self.metrics.in_flight.inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class ServedModel:
     batcher: DynamicBatcher | None = field(default=None, repr=False)
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     users: int = field(default=0, repr=False)  # requests holding this version (a swap waits for them)
+    startup: dict[str, float] = field(default_factory=dict, repr=False)  # seconds of each loading step
 
     @property
     def spec(self) -> Preprocessing:
@@ -160,6 +162,7 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
     if isinstance(source, str):
         name, path = parse_model_arg(source)
         source = ModelSource(path, name)
+    start = time.perf_counter()
     try:
         version, path = source.newest()
         manifest = read_manifest(path)
@@ -171,11 +174,12 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         # A repository version holds one artifact (python -m export.triton): it runs on that artifact's runtime.
         runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
         precision = None if source.repository else settings.precision
-        backend = runtimes.open_backend(path, manifest, runtime, precision, options)
+        startup = {"read_manifest": time.perf_counter() - start}
+        backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
     except (BundleError, BackendError) as exc:
         raise ServeError(f"model {source.describe()!r}: {exc}") from None
     return ServedModel(name, path, manifest, backend, min(settings.max_batch_size, backend.max_batch),
-                       version=version, source=source)
+                       version=version, source=source, startup={k: round(v, 4) for k, v in startup.items()})
 
 
 def load_models(settings: Settings) -> dict[str, ServedModel]:

@@ -8,8 +8,10 @@ load balancer never sees a half-started server. SIGTERM stops accepting, lets in
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+from pathlib import Path
 
 from serve.errors import ServeError
 from serve.logs import configure_logging
@@ -37,6 +39,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: from /proc), for the cold-start breakdown."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run(settings: Settings) -> None:
     """Load, bind, serve until SIGTERM/SIGINT."""
     configure_logging(settings.log_level)
@@ -54,10 +66,10 @@ def run(settings: Settings) -> None:
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,
     )
     host, port = sock.getsockname()[:2]
-    served = {m.name: {"runtime": m.backend.runtime, "precision": m.backend.precision, "bundle": str(m.bundle)}
-              for m in models.values()}
+    served = {m.name: {"runtime": m.backend.runtime, "precision": m.backend.precision, "bundle": str(m.bundle),
+                       "startup_s": m.startup} for m in models.values()}
     log.info("listening", extra={"url": f"http://{host}:{port}", "host": host, "port": port, "models": served,
-                                 "device": settings.device})
+                                 "device": settings.device, "process_age_s": process_age()})
     # uvicorn re-raises a captured SIGTERM once it has shut down gracefully; ignoring that second delivery
     # makes a clean shutdown exit 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -518,3 +518,18 @@ def test_a_write_failure_fails_the_export_and_keeps_the_old_bundle(checkpoint, b
     assert len(errors) == 1 and "too large" in errors[0].lower() and "unchanged" in errors[0], errors
     assert (out / "manifest.json").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.") and not p.name.endswith(".lock")]
+
+
+def test_a_reference_without_information_certifies_nothing():
+    # An untrained zero-initialised head: every image gets the same logits, and any artifact "agrees" 100 %.
+    x = np.random.default_rng(0).standard_normal((16, 3, 4, 4)).astype(np.float32)
+    labels = np.arange(16) % 4
+    for reference, says in ((np.zeros((16, 4), np.float32), "same for every image"),
+                            (np.tile(np.float32([1, 2, 3, 4]), (16, 1)), "same for every image"),
+                            (np.repeat(np.arange(16, dtype=np.float32)[:, None], 4, axis=1), "tie every class")):
+        data = parity.ParityData(x, labels, reference, dataset="t")
+        result = parity.measure(lambda b, r=reference: r[: len(b)], data, "fp32", max_batch=16)
+        assert not result.passed and says in result.failures[0]
+        assert result.top1_agreement == 1.0  # the agreement alone would have passed
+    informative = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
+    assert parity.degenerate(informative) == []

@@ -66,10 +66,11 @@ async def off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
         raise APIError(503, "the server ran out of memory for this request; retry later", RETRY_AFTER) from None
 
 
-async def submit(model: ServedModel, x: np.ndarray) -> np.ndarray:
-    """Rows through the model's dynamic batcher; 503 when full, stalled or closing, 504 past the inference timeout."""
+async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+    """Rows through the model's dynamic batcher; 503 when full, stalled or closing, 504 past the inference timeout.
+    `timings` receives the request's queue and compute seconds."""
     try:
-        return await model.batcher.submit(x)
+        return await model.batcher.submit(x, timings)
     except (QueueFull, NotReady, BatcherClosed) as exc:
         raise _unavailable(exc) from None
     except InferenceTimeout as exc:

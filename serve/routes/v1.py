@@ -28,6 +28,7 @@ from serve.routes.deps import (
     unless_gone,
 )
 from serve.settings import Settings
+from serve.timing import stage, timings
 
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
 MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bounded by the body limit
@@ -140,18 +141,23 @@ async def classify(
     if top_k is not None and top_k > n_classes:
         raise APIError(422, f"top_k must be between 1 and {n_classes} (the model's classes), got {top_k}")
     k = top_k or min(5, n_classes)
-    images, many = await read_images(request, settings)
+    with stage(request, "receive"):
+        images, many = await read_images(request, settings)
     with recorded(model), admission(model, len(images)):  # every image counts, from decoding to its answer
-        decoded = await asyncio.gather(
-            *(off_loop(request, _prepare_timed, request, model, data, settings) for _, data in images),
-            return_exceptions=True,
-        )
+        with stage(request, "decode"):
+            decoded = await asyncio.gather(
+                *(off_loop(request, _prepare_timed, request, model, data, settings) for _, data in images),
+                return_exceptions=True,
+            )
         for (label, _), result in zip(images, decoded, strict=True):
             if isinstance(result, ImageError):
                 prefix = f"{label}: " if many else ""
                 raise APIError(result.status, prefix + result.reason)
             if isinstance(result, BaseException):
                 raise result
-        logits = await unless_gone(request, model, all_or_none(submit(model, x) for x in decoded))
-    answers = [top_predictions(model.name, finite_output(model, y)[0], model.labels, k) for y in logits]
-    return JSONResponse(answers if many else answers[0])
+        # The first image's queue and compute times stand for the request's.
+        logits = await unless_gone(request, model, all_or_none(
+            submit(model, x, timings(request) if i == 0 else None) for i, x in enumerate(decoded)))
+    with stage(request, "encode"):
+        answers = [top_predictions(model.name, finite_output(model, y)[0], model.labels, k) for y in logits]
+        return JSONResponse(answers if many else answers[0])

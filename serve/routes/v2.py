@@ -38,6 +38,7 @@ from serve.routes.deps import (
     submit,
     unless_gone,
 )
+from serve.timing import stage, timings
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -179,10 +180,12 @@ def _parse_body(body: bytes, encoding: str | None, header_length: str | None, li
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, version: str | None = None) -> Response:
     _check_version(model, version)
-    body = await request.body()
+    with stage(request, "receive"):
+        body = await request.body()
     try:
-        parsed = await off_loop(request, _parse_body, body, request.headers.get("content-encoding"),
-                                request.headers.get("inference-header-content-length"), settings.max_body_bytes)
+        with stage(request, "decode"):
+            parsed = await off_loop(request, _parse_body, body, request.headers.get("content-encoding"),
+                                    request.headers.get("inference-header-content-length"), settings.max_body_bytes)
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc)) from None
     x = _model_input(model, parsed.inputs)
@@ -191,7 +194,7 @@ async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, 
         if out.name != model.output_name:
             raise APIError(400, f"model {model.name!r} has no output {out.name[:128]!r}; outputs: {model.output_name}")
     with recorded(model), admission(model, x.shape[0]):
-        logits = finite_output(model, await unless_gone(request, model, submit(model, x)))
+        logits = finite_output(model, await unless_gone(request, model, submit(model, x, timings(request))))
     spec = requested[0] if requested else None
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
     if spec is not None and spec.classification:
@@ -199,5 +202,6 @@ async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, 
                               classification_strings(logits, spec.classification, model.labels), binary)
     else:
         tensor = OutputTensor(model.output_name, "FP32", logits, binary)
-    content, headers, media = encode_response(model.name, model.version, parsed.id, [tensor])
-    return Response(content, media_type=media, headers=headers)
+    with stage(request, "encode"):
+        content, headers, media = encode_response(model.name, model.version, parsed.id, [tensor])
+        return Response(content, media_type=media, headers=headers)

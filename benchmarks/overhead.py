@@ -1,0 +1,350 @@
+"""Serving overhead, side by side in one run: the bare runtime, a hand-written server, and vitc.
+
+    python -m benchmarks.overhead --bundle exports/bench/vit_c_1gf-random-init
+
+Every system gets the same 256x256 PNG. Concurrency 1 is measured in interleaved rounds (bare onnxruntime, the
+hand-written server of benchmarks/naive_server.py, vitc on onnxruntime, vitc on OpenVINO, one short slice each,
+round after round), so the machine's drift hits all alike; vitc's answers carry a Server-Timing header that splits
+its time into receive, decode, queue, compute and encode. Saturation is a closed loop at concurrency 16 per system,
+against the runtime alone: a bare onnxruntime loop at the batch size vitc ran, and OpenVINO's own benchmark_app
+(throughput hint) on the same IR. Cold start is process start -> ready, per backend. Results: JSON + Markdown +
+PNG in benchmarks/results/ (machine, versions and commit included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = "vitc-overhead-benchmark"
+
+
+def request_image(size: int = 256) -> bytes:
+    """The one request body: an animals validation image, upscaled to size x size RGB, as PNG."""
+    from PIL import Image
+
+    from data.datasets import load_dataset
+
+    img = load_dataset("animals", "val").image(0).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        time.sleep(0.02)
+    raise RuntimeError(f"{url} not ready within {timeout:g} s")
+
+
+class Server:
+    """A server process on a loopback port: vitc (python -m serve) or the hand-written one."""
+
+    def __init__(self, kind: str, bundle: Path, backend: str = "onnxruntime", log_dir: Path | None = None) -> None:
+        self.kind, self.port = kind, _free_port()
+        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vitc-overhead-"))
+        self.log = log_dir / f"{kind}-{backend}.log"
+        if kind == "vitc":
+            cmd = [sys.executable, "-m", "serve", "--model", f"m={bundle}", "--backend", backend,
+                   "--port", str(self.port), "--no-access-log"]
+            self.path, ready = "/v1/models/m/classify", "/v2/health/ready"
+        else:
+            cmd = [sys.executable, "-m", "benchmarks.naive_server", str(bundle), "--port", str(self.port)]
+            self.path, ready = "/classify", "/ready"
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        try:
+            _wait(f"http://127.0.0.1:{self.port}{ready}", self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        self.cold_start_s = time.perf_counter() - t0
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def startup(self) -> dict[str, Any]:
+        """vitc's own account of its start (the "listening" log line): process age and per-step seconds."""
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"listening"' in line:
+                doc = json.loads(line)
+                return {"process_age_s": doc.get("process_age_s"),
+                        "steps_s": next(iter(doc["models"].values())).get("startup_s")}
+        return {}
+
+    def post(self, body: bytes) -> tuple[float, dict[str, float]]:
+        """One request: (seconds, Server-Timing stages in ms)."""
+        t = time.perf_counter()
+        self.conn.request("POST", self.path, body=body, headers={"Content-Type": "image/png"})
+        r = self.conn.getresponse()
+        r.read()
+        dt_s = time.perf_counter() - t
+        if r.status != 200:
+            raise RuntimeError(f"{self.kind}: HTTP {r.status}")
+        timing = r.getheader("server-timing") or ""
+        stages = {k.strip(): float(v) for k, v in re.findall(r"([a-z_]+);dur=([0-9.]+)", timing)}
+        return dt_s, stages
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for name in ("vitc_batch_size_sum", "vitc_batch_size_count"):
+            out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms)
+    return {"n": int(a.size), "p50": float(np.median(a)), "p10": float(np.percentile(a, 10)),
+            "p90": float(np.percentile(a, 90)), "mean": float(a.mean())}
+
+
+def single_stream(systems: dict[str, Any], body: bytes, rounds: int, slice_s: float) -> dict[str, Any]:
+    """Concurrency 1, interleaved: each system one slice per round."""
+    lat: dict[str, list[float]] = {k: [] for k in systems}
+    stages: dict[str, dict[str, list[float]]] = {k: {} for k in systems}
+    for fn in systems.values():  # warm up
+        for _ in range(5):
+            fn()
+    for _ in range(rounds):
+        for name, fn in systems.items():
+            end = time.perf_counter() + slice_s
+            while time.perf_counter() < end:
+                seconds, st = fn()
+                lat[name].append(seconds * 1e3)
+                for k, v in st.items():
+                    stages[name].setdefault(k, []).append(v)
+    out = {}
+    for name in systems:
+        out[name] = {"latency_ms": _summary(lat[name]),
+                     "server_timing_ms": {k: _summary(v) for k, v in stages[name].items()}}
+    return out
+
+
+def bare_backend(bundle: Path, runtime: str, body: bytes):  # noqa: ANN201 - (infer fn for one image, close fn)
+    import runtimes
+    from models.bundle import read_manifest
+    from serve.imaging import prepare
+
+    m = read_manifest(bundle)
+    backend = runtimes.open_backend(bundle, m, runtime)
+    x = prepare(body, m.preprocessing, max_pixels=40_000_000)
+    return backend, m, x
+
+
+def bare_throughput(backend, x: np.ndarray, batch: int, seconds: float) -> float:  # noqa: ANN001
+    """Images per second of back-to-back backend calls at `batch`."""
+    xb = np.ascontiguousarray(np.repeat(x, batch, axis=0))
+    backend.infer(xb)
+    n, end = 0, time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    while time.perf_counter() < end:
+        backend.infer(xb)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> float | None:
+    """OpenVINO's benchmark_app on the IR (throughput hint, f32, like vitc): its FPS."""
+    exe = Path(sys.executable).with_name("benchmark_app")
+    if not exe.exists():
+        return None
+    out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-t", str(int(seconds)),
+                          "-shape", json.dumps(list(shape)).replace(" ", ""), "-infer_precision", "f32"],
+                         capture_output=True, text=True, timeout=seconds * 4 + 60)
+    m = re.search(r"Throughput:\s+([0-9.]+)\s+FPS", out.stdout)
+    return float(m.group(1)) if m else None
+
+
+def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurrency: int, cold_starts: int,
+        log=print) -> dict[str, Any]:  # noqa: ANN001
+    from benchmarks import machine
+    from benchmarks.loadgen import Endpoint, closed_loop
+    from models.bundle import read_manifest
+
+    body = request_image()
+    doc: dict[str, Any] = {"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "bundle": str(bundle), "model": read_manifest(bundle).model, "image": "256x256 PNG",
+                           "image_bytes": len(body), "environment": machine.environment(None),
+                           "config": {"rounds": rounds, "slice_s": slice_s, "saturation_s": saturation_s,
+                                      "concurrency": concurrency}}
+    log("cold starts ...")
+    doc["cold_start"] = {}
+    for backend in ("onnxruntime", "openvino"):
+        runs = []
+        for _ in range(cold_starts):
+            s = Server("vitc", bundle, backend)
+            runs.append({"ready_s": s.cold_start_s, **s.startup()})
+            s.stop()
+        doc["cold_start"][backend] = {"ready_s_median": float(np.median([r["ready_s"] for r in runs])), "runs": runs}
+    log("servers ...")
+    servers = {"naive": Server("naive", bundle), "vitc-onnxruntime": Server("vitc", bundle, "onnxruntime"),
+               "vitc-openvino": Server("vitc", bundle, "openvino")}
+    try:
+        ort, manifest, x = bare_backend(bundle, "onnxruntime", body)
+
+        def bare_call() -> tuple[float, dict[str, float]]:
+            t = time.perf_counter()
+            ort.infer(x)
+            return time.perf_counter() - t, {}
+
+        systems = {"bare-onnxruntime": bare_call, **{k: (lambda s=s: s.post(body)) for k, s in servers.items()}}
+        log("concurrency 1, interleaved ...")
+        doc["single_stream"] = single_stream(systems, body, rounds, slice_s)
+        log(f"saturation, concurrency {concurrency} ...")
+        doc["saturation"] = {}
+        for name, s in servers.items():
+            before = s.metrics() if name != "naive" else {}
+            res = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}"), [body], concurrency, saturation_s,
+                              2.0).summary()
+            entry = {"throughput_rps": res["throughput_rps"], "latency_ms": res["latency_ms"], "errors": res["errors"],
+                     "client_cpu_s": res["client_cpu_s"]}
+            if before:
+                after = s.metrics()
+                n = after["vitc_batch_size_count"] - before["vitc_batch_size_count"]
+                entry["mean_batch"] = (after["vitc_batch_size_sum"] - before["vitc_batch_size_sum"]) / n if n else None
+            doc["saturation"][name] = entry
+        mean_batch = max(1, round(doc["saturation"]["vitc-onnxruntime"].get("mean_batch") or 1))
+        log(f"bare onnxruntime loop at batch {mean_batch}, benchmark_app ...")
+        doc["bare_saturation"] = {
+            "onnxruntime_batch": mean_batch,
+            "onnxruntime_ips": bare_throughput(ort, x, mean_batch, saturation_s),
+            "benchmark_app_fps": benchmark_app(bundle / manifest.select("openvino", "fp32").files[0].path,
+                                               saturation_s, (1, *manifest.input.sample_shape)),
+        }
+        ort.close()
+    finally:
+        for s in servers.values():
+            s.stop()
+    doc["verdict"] = verdict(doc)
+    return doc
+
+
+def verdict(doc: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the acceptance criteria are stated in."""
+    s1, sat, bare = doc["single_stream"], doc["saturation"], doc["bare_saturation"]
+    p50 = {k: v["latency_ms"]["p50"] for k, v in s1.items()}
+    out = {
+        "c1_p50_ms": p50,
+        "vitc_minus_bare_ms": p50["vitc-onnxruntime"] - p50["bare-onnxruntime"],
+        "vitc_below_naive": p50["vitc-onnxruntime"] < p50["naive"],
+        "saturation_rps": {k: v["throughput_rps"] for k, v in sat.items()},
+        "onnxruntime_fraction_of_bare": sat["vitc-onnxruntime"]["throughput_rps"] / bare["onnxruntime_ips"],
+        "openvino_fraction_of_benchmark_app": (sat["vitc-openvino"]["throughput_rps"] / bare["benchmark_app_fps"]
+                                               if bare["benchmark_app_fps"] else None),
+        "cold_start_s": {k: v["ready_s_median"] for k, v in doc["cold_start"].items()},
+    }
+    out["within_5_ms_of_bare"] = out["vitc_minus_bare_ms"] <= 5.0
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    env, v, cfg = doc["environment"], doc["verdict"], doc["config"]
+    s1, sat, bare = doc["single_stream"], doc["saturation"], doc["bare_saturation"]
+    p50 = {k: s1[k]["latency_ms"]["p50"] for k in s1}
+    ort_sat = sat["vitc-onnxruntime"]
+    rows = [
+        ("bare onnxruntime session, batch 1 (vitc's session options)", f"{p50['bare-onnxruntime']:.1f} ms",
+         f"{bare['onnxruntime_ips']:.1f} img/s (batch {bare['onnxruntime_batch']})"),
+        ("hand-written FastAPI + onnxruntime server (benchmarks/naive_server.py)", f"{p50['naive']:.1f} ms",
+         f"{sat['naive']['throughput_rps']:.1f} req/s"),
+        ("**vitc, onnxruntime**", f"**{p50['vitc-onnxruntime']:.1f} ms**",
+         f"**{ort_sat['throughput_rps']:.1f} req/s** (mean batch {ort_sat.get('mean_batch') or 0:.1f})"),
+        ("vitc, OpenVINO", f"{p50['vitc-openvino']:.1f} ms", f"{sat['vitc-openvino']['throughput_rps']:.1f} req/s"),
+        ("OpenVINO benchmark_app on the same IR (throughput hint, no HTTP, no decoding)", "–",
+         f"{bare['benchmark_app_fps'] or 0:.1f} img/s"),
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines = [
+        f"# Serving overhead: {doc['model']} ({doc['created']})", "",
+        f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs ({' '.join(env['cpu']['flags'])}); "
+        f"git {((env.get('git') or {}).get('commit') or '?')[:12]}; {versions}",
+        f"- Request: the same {doc['image']} ({doc['image_bytes']} bytes) every time; client on the same machine.",
+        f"- Concurrency 1: {cfg['rounds']} interleaved rounds of {cfg['slice_s']} s per system; saturation: closed "
+        f"loop at concurrency {cfg['concurrency']} for {cfg['saturation_s']} s per system.", "",
+        "| | p50 at concurrency 1 | throughput at saturation |", "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
+        f"- vitc onnxruntime at concurrency 1: {v['vitc_minus_bare_ms']:+.1f} ms over the bare session "
+        f"({'within' if v['within_5_ms_of_bare'] else 'more than'} 5 ms); "
+        f"{'below' if v['vitc_below_naive'] else 'not below'} the hand-written server's p50.",
+        f"- Saturation: vitc onnxruntime = {v['onnxruntime_fraction_of_bare']:.2f} of the bare loop at the same "
+        f"batch; vitc OpenVINO = {(v['openvino_fraction_of_benchmark_app'] or 0):.2f} of benchmark_app.",
+        "", "Where vitc's time goes at concurrency 1 (Server-Timing, medians in ms):", "",
+        "| stage | onnxruntime | OpenVINO |", "|---|---|---|",
+    ]
+    for stage in ("receive", "decode", "queue", "compute", "encode", "total"):
+        cells = [f"{s1[k]['server_timing_ms'].get(stage, {}).get('p50', float('nan')):.2f}"
+                 for k in ("vitc-onnxruntime", "vitc-openvino")]
+        lines.append(f"| {stage} | {' | '.join(cells)} |")
+    client = [p50[k] - s1[k]["server_timing_ms"].get("total", {}).get("p50", float("nan"))
+              for k in ("vitc-onnxruntime", "vitc-openvino")]
+    lines.append(f"| HTTP and client (outside the server's total) | {client[0]:.2f} | {client[1]:.2f} |")
+    lines += ["", "Cold start (process start -> ready, median):", ""]
+    for backend, c in doc["cold_start"].items():
+        steps = c["runs"][0].get("steps_s") or {}
+        lines.append(f"- {backend}: {c['ready_s_median']:.2f} s; first run: process age at listening "
+                     f"{c['runs'][0].get('process_age_s')} s, model steps {steps}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--slice", type=float, default=1.5, help="seconds per system per round at concurrency 1")
+    p.add_argument("--saturation", type=float, default=15.0, help="seconds per system at saturation")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--cold-starts", type=int, default=3)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
+              log=lambda m: print(m, file=sys.stderr))
+    from models.io import atomic_write_bytes, atomic_write_json
+
+    stem = args.out / f"{doc['created'][:16].replace(':', '').replace('T', '-')}-{doc['environment']['host']}-overhead"
+    atomic_write_json(stem.with_suffix(".json"), doc)
+    atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
+    print(markdown(doc))
+    print(f"wrote {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
