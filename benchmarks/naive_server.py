@@ -1,7 +1,8 @@
 """The baseline vitc is measured against: what a team writes by hand in an afternoon (FastAPI + onnxruntime).
 
-One request at a time (decoding and a default onnxruntime session run on the event loop), the image decoded with
-PIL and preprocessed with the bundle's own recorded preprocessing, softmax top-5 as JSON. No batching, no limits.
+One request at a time (decoding and a default onnxruntime session run on the event loop), the image decoded and
+preprocessed the usual way with PIL and numpy (the bundle's recorded sizes, mean and std), softmax top-5 as JSON.
+No batching, no limits, no hardening.
 
     python -m benchmarks.naive_server BUNDLE --port 8001
 """
@@ -22,17 +23,30 @@ def create_app(bundle: str):  # noqa: ANN201 - a FastAPI app
     from PIL import Image
 
     from models.bundle import read_manifest
-    from models.preprocessing import preprocess
 
     manifest = read_manifest(bundle)
+    spec = manifest.preprocessing
     onnx = manifest.select("onnxruntime", "fp32").files[0].path
     session = ort.InferenceSession(f"{bundle}/{onnx}", providers=["CPUExecutionProvider"])
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     app = FastAPI()
+
+    def preprocess(img: Image.Image) -> np.ndarray:
+        # The usual recipe: shorter side to `resize`, centre crop, scale to [0, 1], normalise, HWC -> NCHW.
+        img = img.convert(spec.mode).convert("RGB")
+        w, h = img.size
+        scale = spec.resize / min(w, h)
+        img = img.resize((max(spec.resize, round(w * scale)), max(spec.resize, round(h * scale))),
+                         Image.Resampling.BILINEAR)
+        left, top = (img.width - spec.crop) // 2, (img.height - spec.crop) // 2
+        img = img.crop((left, top, left + spec.crop, top + spec.crop))
+        x = (np.asarray(img, np.float32) / 255.0 - mean) / std
+        return x.transpose(2, 0, 1)[None].astype(np.float32)
 
     @app.post("/classify")
     async def classify(request: Request) -> dict:
         # Decoding and inference run right here, on the event loop: one request at a time.
-        x = preprocess([Image.open(io.BytesIO(await request.body()))], manifest.preprocessing)
+        x = preprocess(Image.open(io.BytesIO(await request.body())))
         logits = session.run(None, {"input": x})[0][0]
         p = np.exp(logits - logits.max())
         p /= p.sum()

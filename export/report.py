@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from models.bundle import BundleError, Manifest, read_manifest
@@ -51,10 +52,16 @@ def table(manifest: Manifest, markdown: bool = False) -> str:
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
-        return title + "\n\n" + "\n".join(lines)
-    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([title, fmt.format(*COLUMNS), *(fmt.format(*r) for r in body)])
+        out = title + "\n\n" + "\n".join(lines)
+    else:
+        widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = "\n".join([title, fmt.format(*COLUMNS), *(fmt.format(*r) for r in body)])
+    if m.served is not None:
+        from export.served import table as served_table
+
+        out += "\n\n" + served_table(m.served)
+    return out
 
 
 def provenance_line(m: Manifest) -> str:
@@ -104,12 +111,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("bundles", nargs="+", help="bundle directories")
     ap.add_argument("--markdown", action="store_true", help="Markdown tables (for the README)")
     ap.add_argument("--png", type=Path, help="also write an accuracy bar chart here")
+    ap.add_argument("--served", action="store_true",
+                    help="also measure the served path (encoded images through a real server, JPEG draft on and "
+                         "off) and record it in each bundle's manifest")
+    ap.add_argument("--runtime", default="onnxruntime", help="runtime for --served (default onnxruntime)")
+    ap.add_argument("--samples", type=int, help="validation images for --served (default: the whole split)")
     args = ap.parse_args(argv)
     try:
         manifests = [read_manifest(b) for b in args.bundles]
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.served:
+        from export.served import measure
+
+        try:
+            manifests = [replace(m, served=measure(b, args.runtime, args.samples,
+                                                   log=lambda msg: print(msg, file=sys.stderr)))
+                         for m, b in zip(manifests, args.bundles, strict=True)]
+        except (BundleError, RuntimeError, ValueError) as exc:
+            print(f"error: served path: {exc}", file=sys.stderr)
+            return 2
     print("\n\n".join(table(m, args.markdown) for m in manifests))
     if args.png:
         print(f"plot: {plot(manifests, args.png)}")

@@ -49,6 +49,7 @@ MAX_IMAGE_SIDE = 4096
 MAX_CLASSES = 100_000
 MAX_MANIFEST_BYTES = 16 << 20
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # most precise first: the default pick when none is asked
+DRAFT_BUDGET_POINTS = 0.1  # accuracy JPEG draft decoding may cost before a model's JPEGs are decoded in full
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -315,6 +316,39 @@ class Golden:
 
 
 @dataclass(frozen=True)
+class ServedParity:
+    """Accuracy through the whole serving path (HTTP, decoding, EXIF, JPEG draft, preprocessing, batching, runtime)
+    on encoded validation images, against the evaluation pipeline on the dataset's own pixels
+    (`python -m export.report BUNDLE --served` measures it). `jpeg_draft`: whether draft decoding of big JPEGs
+    costs at most DRAFT_BUDGET_POINTS of accuracy; a server decodes this model's JPEGs in full when it does not."""
+
+    runtime: str
+    samples: int
+    reference_accuracy: float
+    encodings: dict[str, dict[str, float]]  # "jpeg75-128" -> accuracy, agreement (+ accuracy_no_draft for JPEGs)
+    jpeg_draft_cost_points: float
+    jpeg_draft: bool
+    created: str = ""
+
+    @classmethod
+    def read(cls, r: Fields) -> ServedParity:
+        enc = r.obj("encodings")
+        return cls(
+            runtime=r.get("runtime", str), samples=r.get("samples", int), reference_accuracy=r.get(
+                "reference_accuracy", float),
+            encodings={k: {m: v.get(m, float) for m in v.raw} for k in enc.raw if (v := enc.obj(k))},
+            jpeg_draft_cost_points=r.get("jpeg_draft_cost_points", float), jpeg_draft=r.get("jpeg_draft", bool),
+            created=r.get("created", str, ""),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "samples": self.samples, "reference_accuracy": self.reference_accuracy,
+                "encodings": {k: dict(v) for k, v in self.encodings.items()},
+                "jpeg_draft_cost_points": self.jpeg_draft_cost_points, "jpeg_draft": self.jpeg_draft,
+                "created": self.created}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A whole `manifest.json`."""
 
@@ -333,6 +367,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     provenance: Provenance | None = None  # None: exported before bundles recorded it
     golden: Golden | None = None
+    served: ServedParity | None = None  # None: the serving path has not been measured
 
     def servable(self, runtime: str | None = None) -> list[Artifact]:
         """Artifacts that passed their parity gate, optionally of one runtime."""
@@ -368,6 +403,7 @@ class Manifest:
             "timings": dict(self.timings), "artifacts": [a.to_dict() for a in self.artifacts],
             **({"provenance": self.provenance.to_dict()} if self.provenance else {}),
             **({"golden": self.golden.to_dict()} if self.golden else {}),
+            **({"served": self.served.to_dict()} if self.served else {}),
         }
 
     @classmethod
@@ -401,6 +437,7 @@ class Manifest:
             timings={k: timings.get(k, float) for k in timings.raw} if timings else {}, format_version=version,
             provenance=Provenance.read(p) if (p := r.obj("provenance", None)) else None,
             golden=Golden.read(g) if (g := r.obj("golden", None)) else None,
+            served=ServedParity.read(v) if (v := r.obj("served", None)) else None,
         )
         _check_consistent(manifest, r)
         return manifest

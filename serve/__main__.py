@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="request body limit (default 16 MiB)")
     p.add_argument("--max-image-pixels", type=int, help="decoded pixel limit (default 40,000,000)")
     p.add_argument("--max-files", type=int, help="images per multipart request (default 64)")
-    p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="always decode JPEGs fully")
+    p.add_argument("--jpeg-draft", choices=("measured", "always", "never"),
+                   help="draft-decode big JPEGs (faster): measured (default: only for models whose served-path "
+                        "record, python -m export.report --served, shows it costs <= 0.1 point), always, never")
+    p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_const", const="never",
+                   help="same as --jpeg-draft never")
     p.add_argument("--decode-threads", type=int, help="image decoding threads (default: all CPUs)")
     p.add_argument("--decode-queue", type=int, help="decode jobs waiting for a thread before 503 (default 256)")
     p.add_argument("--decode-budget-pixels", type=int,

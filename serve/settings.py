@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * MiB, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
     max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
-    jpeg_draft: bool = Field(True, description="decode big JPEGs at 1/2, 1/4 or 1/8 scale when the model is small")
+    # Draft decoding of big JPEGs (1/2, 1/4 or 1/8 scale, much faster): "measured" uses it only for models whose
+    # served-path record shows it costs <= 0.1 point of accuracy; "always" / "never" for every model.
+    jpeg_draft: Literal["measured", "always", "never"] = "measured"
     decode_threads: int | None = Field(None, ge=1, le=256)
     decode_queue: int = Field(256, ge=0, le=100_000, description="decode jobs waiting for a thread before 503")
     decode_budget_pixels: int = Field(100_000_000, ge=1, description="pixels decoded at once, all requests")
@@ -68,6 +70,14 @@ class Settings(BaseSettings):
             raise ValueError(f"decode_budget_pixels ({self.decode_budget_pixels}) must be at least "
                              f"max_image_pixels ({self.max_image_pixels})")
         return self
+
+    @field_validator("jpeg_draft", mode="before")
+    @classmethod
+    def _draft_from_bool(cls, v: object) -> object:
+        """Earlier releases took a boolean (VITC_JPEG_DRAFT=false, --no-jpeg-draft): false is "never"."""
+        if isinstance(v, bool) or str(v).strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return "measured" if str(v).strip().lower() in ("true", "1", "yes") else "never"
+        return v
 
     @field_validator("backend")
     @classmethod

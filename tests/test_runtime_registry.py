@@ -148,9 +148,14 @@ def test_routes_serve_a_runtime_registered_through_the_registry(fake_bundle):
         assert client.get("/v2/models/fake").json()["platform"] == "fake_platform"
         for png in pngs:
             x = preprocess([Image.open(io.BytesIO(png))], spec)
-            answer = client.post("/v1/models/fake/classify", content=png, headers={"content-type": "image/png"},
-                                 params={"top_k": 10}).json()
-            np.testing.assert_allclose(scores_by_index(answer), softmax(fake_runtime.logits(w, x))[0], atol=1e-6)
+            r = client.post("/v1/models/fake/classify", content=png, headers={"content-type": "image/png"},
+                            params={"top_k": 10})
+            np.testing.assert_allclose(scores_by_index(r.json()), softmax(fake_runtime.logits(w, x))[0], atol=1e-6)
+            # Where the time went, stage by stage (milliseconds), for any client to see.
+            stages = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+            assert list(stages) == ["receive", "decode", "queue", "compute", "encode", "total"]
+            ms = {k: float(v) for k, v in stages.items()}
+            assert all(v >= 0 for v in ms.values()) and ms["total"] >= ms["compute"] + ms["decode"]
         x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
         body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
         out = client.post("/v2/models/fake/infer", content=json.dumps(body)).json()["outputs"][0]

@@ -232,6 +232,53 @@ def test_concurrent_requests_are_batched_and_routed():
     assert sum(rec.batches) == 40 and max(rec.batches) > 1 and max(rec.batches) <= 16
 
 
+def test_a_lone_request_does_not_wait_for_companions_but_expected_ones_are_waited_for():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher("m", row_sums, max_batch=16, max_delay_s=0.5, max_queue=100, observer=rec)
+        await b.start()
+        loop = asyncio.get_running_loop()
+        with b.admit():  # one request in the server: its batch starts at once
+            t0 = loop.time()
+            await b.submit(np.ones((1, 2), np.float32))
+            lone = loop.time() - t0
+        with b.admit(), b.admit():  # a second admitted request (still decoding) is worth waiting for
+            t0 = loop.time()
+            first = asyncio.ensure_future(b.submit(np.ones((1, 2), np.float32)))
+            await asyncio.sleep(0.05)
+            await b.submit(np.ones((1, 2), np.float32))
+            await first
+            paired = loop.time() - t0
+        await b.close()
+        return lone, paired, rec.batches
+
+    lone, paired, batches = asyncio.run(main())
+    assert lone < 0.2 and batches == [1, 2], (lone, batches)
+    assert paired < 0.45
+
+
+def test_the_work_pool_runs_cheap_work_inline_only_when_idle():
+    from serve.workpool import Busy, WorkPool
+
+    async def main():
+        pool = WorkPool(1, 0, name="t")
+        here = threading.get_ident()
+        inline = await pool.run(threading.get_ident, inline_if_idle=True)
+        gate = threading.Event()
+        busy = asyncio.ensure_future(pool.run(gate.wait, 5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy):  # one thread, no queue: a second job is refused, not queued or run inline
+            await pool.run(threading.get_ident, inline_if_idle=True)
+        gate.set()
+        await busy
+        worker = await pool.run(threading.get_ident)
+        pool.shutdown()
+        return here, inline, worker
+
+    here, inline, worker = asyncio.run(main())
+    assert inline == here and worker != here
+
+
 def test_full_queue_is_refused_not_grown():
     gate = threading.Event()
 

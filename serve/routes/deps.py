@@ -56,10 +56,12 @@ ModelDep = Annotated[ServedModel, Depends(get_model)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run CPU work (decoding, tensor parsing, decompression) in the bounded work pool, never on the event loop."""
+async def off_loop(request: Request, fn: Callable[..., T], *args: Any, cheap: bool = False) -> T:
+    """Run CPU work (decoding, tensor parsing, decompression) in the bounded work pool. A `cheap` job (a small
+    image: about a millisecond) that finds the pool idle runs on the loop itself: cheaper than two thread
+    hand-offs, and nothing else is waiting for the loop then."""
     try:
-        return await request.app.state.work_pool.run(fn, *args)
+        return await request.app.state.work_pool.run(fn, *args, inline_if_idle=cheap)
     except Busy as exc:
         raise APIError(503, f"{exc}; retry later", RETRY_AFTER) from None
     except MemoryError:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from serve.errors import APIError
-from serve.imaging import CONTENT_TYPES, ImageError, prepare
+from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
 from serve.registry import ServedModel
 from serve.routes.deps import (
     ERROR_RESPONSES,
@@ -107,8 +107,8 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
 
 def _prepare_timed(request: Request, model: ServedModel, data: bytes, settings: Settings) -> np.ndarray:
     t0 = time.perf_counter()
-    x = prepare(data, model.spec, max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft,
-                budget=request.app.state.pixel_budget)
+    x = prepare(data, model.spec, max_pixels=settings.max_image_pixels,
+                jpeg_draft=model.jpeg_draft(settings.jpeg_draft), budget=request.app.state.pixel_budget)
     request.app.state.metrics.preprocess.labels(model.name).observe(time.perf_counter() - t0)
     return x
 
@@ -146,7 +146,8 @@ async def classify(
     with recorded(model), admission(model, len(images)):  # every image counts, from decoding to its answer
         with stage(request, "decode"):
             decoded = await asyncio.gather(
-                *(off_loop(request, _prepare_timed, request, model, data, settings) for _, data in images),
+                *(off_loop(request, _prepare_timed, request, model, data, settings, cheap=not many and cheap(data))
+                  for _, data in images),
                 return_exceptions=True,
             )
         for (label, _), result in zip(images, decoded, strict=True):

@@ -1,0 +1,149 @@
+"""Served-path parity: real validation images, encoded as users send them, through a real server, against the
+evaluation pipeline on the dataset's own pixels.
+
+The export's parity gate compares tensors. This sends every image as PNG at its own size and as JPEG (quality 95 and
+75) at 2x, 4x and 8x the model's resize target, to `python -m serve` (HTTP, decoding, EXIF, JPEG draft decoding,
+preprocessing, dynamic batching, runtime), once with JPEG draft decoding and once without, and compares top-1 with
+the torch reference on the original pixels. The result goes into the bundle's manifest (`served`); when draft
+decoding costs more than DRAFT_BUDGET_POINTS of accuracy, servers decode that model's JPEGs in full.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import tempfile
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from models.bundle import DRAFT_BUDGET_POINTS, Manifest, ServedParity, read_manifest, write_manifest
+
+QUALITIES = (95, 75)
+SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
+CONCURRENCY = 8
+
+
+def encodings(img, resize: int) -> dict[str, bytes]:  # noqa: ANN001 - a PIL image
+    """name -> encoded bytes: PNG at the image's own size, JPEG at each quality and size."""
+    from PIL import Image
+
+    def encode(im, fmt: str, **kw) -> bytes:  # noqa: ANN001
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    out = {"png-native": encode(img, "PNG")}
+    w, h = img.size
+    for scale in SCALES:
+        side = resize * scale
+        size = (round(w * side / min(w, h)), round(h * side / min(w, h)))
+        big = img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        for q in QUALITIES:
+            out[f"jpeg{q}-{side}"] = encode(big, "JPEG", quality=q)
+    return out
+
+
+def _classify(url: str, name: str, bodies: list[bytes]) -> list[int]:
+    """Top-1 class index of every body, CONCURRENCY requests at a time (so they batch as in production)."""
+    import http.client
+
+    parts = urllib.parse.urlsplit(url)
+    path = f"/v1/models/{urllib.parse.quote(name)}/classify?top_k=1"
+
+    def one(chunk: list[bytes]) -> list[int]:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        out = []
+        for body in chunk:
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/octet-stream"})
+            r = conn.getresponse()
+            doc = json.loads(r.read())
+            if r.status != 200:
+                raise RuntimeError(f"the server answered {r.status}: {doc.get('error')}")
+            out.append(int(doc["predictions"][0]["index"]))
+        conn.close()
+        return out
+
+    chunks = [bodies[i::CONCURRENCY] for i in range(CONCURRENCY)]
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        results = list(pool.map(one, chunks))
+    merged = [0] * len(bodies)
+    for i, res in enumerate(results):
+        merged[i::CONCURRENCY] = res
+    return merged
+
+
+def _reference(bundle: Path, manifest: Manifest, images: list) -> np.ndarray:  # noqa: ANN001
+    """Top-1 of the evaluation pipeline: the dataset's pixels, the shared preprocessing, torch (or the fp32 ONNX)."""
+    import runtimes
+    from models.preprocessing import preprocess
+
+    runtime = "torch" if manifest.servable("torch") and runtimes.get("torch").installed() else "onnxruntime"
+    backend = runtimes.open_backend(bundle, manifest, runtime, "fp32")
+    try:
+        step = manifest.input.max_batch
+        return np.concatenate([backend.infer(preprocess(images[i:i + step], manifest.preprocessing)).argmax(1)
+                               for i in range(0, len(images), step)])
+    finally:
+        backend.close()
+
+
+def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | None = None,
+            log: Callable[[str], None] = print) -> ServedParity:
+    """Measure the served path of `bundle` on `runtime` and record it in its manifest; returns the record."""
+    from data.datasets import load_dataset
+    from serve.launch import start
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    val = load_dataset(manifest.source.dataset, "val")
+    val = val.subset(samples, seed=0) if samples else val
+    images = [val.image(i) for i in range(len(val))]
+    labels = val.labels
+    log(f"{manifest.name}: {len(images)} {manifest.source.dataset} val images, reference on their own pixels ...")
+    reference = _reference(bundle, manifest, images)
+    encoded = [encodings(img, manifest.preprocessing.resize) for img in images]
+    names = list(encoded[0])
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="vitc-served-") as tmp:
+        for draft in (True, False):
+            args = ["--model", f"m={bundle}", "--backend", runtime, "--no-access-log", "--max-queue-delay-ms", "2"]
+            policy = ["--jpeg-draft", "always" if draft else "never"]
+            with start(args + policy, Path(tmp) / f"server-{draft}.log") as server:
+                for enc in names:
+                    if not draft and not enc.startswith("jpeg"):
+                        continue
+                    log(f"  {enc}{'' if draft else ' (no draft)'} ...")
+                    top1 = np.asarray(_classify(server.url, "m", [e[enc] for e in encoded]))
+                    key = "accuracy" if draft else "accuracy_no_draft"
+                    entry = results.setdefault(enc, {})
+                    entry[key] = float((top1 == labels).mean())
+                    if draft:
+                        entry["agreement"] = float((top1 == reference).mean())
+    cost = max((100 * (v["accuracy_no_draft"] - v["accuracy"]) for v in results.values() if "accuracy_no_draft" in v),
+               default=0.0)
+    record = ServedParity(runtime=runtime, samples=len(images),
+                          reference_accuracy=float((reference == labels).mean()), encodings=results,
+                          jpeg_draft_cost_points=round(cost, 3), jpeg_draft=cost <= DRAFT_BUDGET_POINTS,
+                          created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    write_manifest(bundle, replace(read_manifest(bundle), served=record))
+    return record
+
+
+def table(record: ServedParity) -> str:
+    """The served-path record as Markdown."""
+    lines = [f"Served path ({record.runtime}, {record.samples} val images; evaluation pipeline top-1 "
+             f"{record.reference_accuracy:.2%}): JPEG draft decoding costs {record.jpeg_draft_cost_points:+.2f} "
+             f"points at most -> {'kept' if record.jpeg_draft else 'off for this model'} "
+             f"(budget {DRAFT_BUDGET_POINTS} points)", "",
+             "| encoding | accuracy | top-1 agreement with the reference | accuracy without draft |",
+             "|---|---|---|---|"]
+    for enc, v in record.encodings.items():
+        no_draft = f"{v['accuracy_no_draft']:.2%}" if "accuracy_no_draft" in v else "-"
+        lines.append(f"| {enc} | {v['accuracy']:.2%} | {v['agreement']:.2%} | {no_draft} |")
+    return "\n".join(lines)
