@@ -240,7 +240,7 @@ def saturation(servers: dict[str, Server], ort, manifest, x: np.ndarray, bundle:
 
 
 def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurrency: int, cold_starts: int,
-        log=print) -> dict[str, Any]:  # noqa: ANN001
+        backends: list[str], log=print) -> dict[str, Any]:  # noqa: ANN001
     from benchmarks import machine
     from models.bundle import read_manifest
 
@@ -252,7 +252,7 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
                                       "concurrency": concurrency}}
     log("cold starts ...")
     doc["cold_start"] = {}
-    for backend in ("onnxruntime", "openvino"):
+    for backend in backends:
         runs = []
         for _ in range(cold_starts):
             s = Server("vitc", bundle, backend)
@@ -260,8 +260,7 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
             s.stop()
         doc["cold_start"][backend] = {"ready_s_median": float(np.median([r["ready_s"] for r in runs])), "runs": runs}
     log("servers ...")
-    servers = {"naive": Server("naive", bundle), "vitc-onnxruntime": Server("vitc", bundle, "onnxruntime"),
-               "vitc-openvino": Server("vitc", bundle, "openvino")}
+    servers = {"naive": Server("naive", bundle), **{f"vitc-{b}": Server("vitc", bundle, b) for b in backends}}
     try:
         ort, manifest, x = bare_backend(bundle, "onnxruntime", body)
 
@@ -360,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--saturation", type=float, default=15.0, help="seconds per system at saturation")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cold-starts", type=int, default=3)
+    # The two CPU runtimes with a reference to hold them against: a bare session loop, OpenVINO's benchmark_app.
+    p.add_argument("--backends", default="onnxruntime,openvino", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
-              log=lambda m: print(m, file=sys.stderr))
+              args.backends.split(","), log=lambda m: print(m, file=sys.stderr))
     from models.io import atomic_write_bytes, atomic_write_json
 
     stem = args.out / f"{doc['created'][:16].replace(':', '').replace('T', '-')}-{doc['environment']['host']}-overhead"

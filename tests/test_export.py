@@ -124,8 +124,8 @@ def test_gate_names_each_failure():
 
 
 def test_measure_records_non_finite_logits_as_null_and_refuses_them():
-    data = parity.ParityData(np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, np.int64),
-                             np.ones((4, 3), np.float32), dataset="t")
+    reference = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    data = parity.ParityData(np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, np.int64), reference, dataset="t")
     result = parity.measure(lambda x: np.full((len(x), 3), np.nan, np.float32), data, "fp32", max_batch=2)
     assert (result.passed, result.failures, result.max_abs_err) == (False, ("non-finite logits",), None)
 

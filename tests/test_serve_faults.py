@@ -189,3 +189,38 @@ def test_hostile_images_and_tensors_get_4xx_with_strict_json(bundle, tmp_path):
                     if ln.startswith("vitc_requests_total") and 'status="5' in ln and not ln.endswith(" 0.0")]
         assert not statuses, statuses
     assert "Traceback" not in server.logs()
+
+
+def test_a_full_model_answers_503_at_once_and_sigterm_loses_no_admitted_request(bundle, tmp_path):
+    """A hung first batch holds the model; 30 more requests against a 20-image bound: the 19 that fit wait, 11 get
+    503 + Retry-After at once; SIGTERM while 20 are in progress answers every one of them, then exits 0."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "hang").touch()
+    server = start_server(["--model", f"fake={bundle}", "--backend", "fake", "--max-queue-size", "20", "--parallel",
+                           "1", "--inference-timeout-s", "60"], tmp_path / "server.log", _env(tmp_path))
+    try:
+        client = httpx.Client(base_url=server.url, timeout=60)
+        pool = ThreadPoolExecutor(31)
+        first = pool.submit(client.post, V2, content=_tensor(fake_runtime.HANG))
+        time.sleep(0.5)  # the hung batch is running
+        end = time.monotonic() + 20
+        rest = [pool.submit(client.post, V2, content=_tensor(float(i))) for i in range(30)]
+        while sum(f.done() for f in rest) < 11 and time.monotonic() < end:
+            time.sleep(0.02)
+        refused = [f.result() for f in rest if f.done()]
+        assert len(refused) == 11 and all(r.status_code == 503 for r in refused)
+        assert all(r.headers["retry-after"] == "1" and "retry" in r.json()["error"] for r in refused)
+        assert _metric(client, 'vitc_queue_depth{model="fake"}') == 19
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        (tmp_path / "hang").unlink()  # the hung batch returns; the queued ones run; the server drains and exits
+        answers = [first.result(timeout=60)] + [f.result(timeout=60) for f in rest]
+        pool.shutdown()
+        assert server.proc.wait(30) == 0, server.logs()[-2000:]
+    finally:
+        server.stop()
+    assert sum(r.status_code == 200 for r in answers) == 20 and sum(r.status_code == 503 for r in answers) == 11
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/v2/health/live", timeout=2)
