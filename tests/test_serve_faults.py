@@ -97,7 +97,9 @@ def test_a_client_that_leaves_has_its_queued_work_dropped(bundle, tmp_path):
         async def scenario() -> None:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as ac:
                 slow = asyncio.create_task(ac.post(V2, content=_tensor(fake_runtime.SLOW)))  # holds the backend 1 s
-                await asyncio.sleep(0.3)
+                end = time.monotonic() + 10
+                while fake_runtime.SLOW not in _computed(tmp_path) and time.monotonic() < end:
+                    await asyncio.sleep(0.01)  # until the slow batch is running
                 body = _tensor(11.0)
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 writer.write(f"POST {V2} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -108,14 +110,20 @@ def test_a_client_that_leaves_has_its_queued_work_dropped(bundle, tmp_path):
                 assert (await slow).status_code == 200
 
         asyncio.run(scenario())
-        time.sleep(0.5)
+        end = time.monotonic() + 5
+        while _metric(client, 'vitc_client_disconnects_total{model="fake",stage="queued"}') < 1 \
+                and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _metric(client, 'vitc_client_disconnects_total{model="fake",stage="queued"}') == 1
         assert fake_runtime.SLOW in _computed(tmp_path)  # the log sees what the backend computes
         assert 11.0 not in _computed(tmp_path), "the departed client's rows were computed"
-        assert _metric(client, 'vitc_client_disconnects_total{model="fake",stage="queued"}') == 1
         # A client that leaves mid-upload: counted, no 500, no error in the log.
         with socket.create_connection(("127.0.0.1", server.port)) as s:
             s.sendall(f"POST {V2} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode() + b"{" * 100)
-        time.sleep(0.5)
+        end = time.monotonic() + 5
+        while _metric(client, 'vitc_client_disconnects_total{model="fake",stage="upload"}') < 1 \
+                and time.monotonic() < end:
+            time.sleep(0.05)
         assert _metric(client, 'vitc_client_disconnects_total{model="fake",stage="upload"}') == 1
         assert _metric(client, 'vitc_requests_total{endpoint="/v2/models/{name}/infer",model="fake",status="500"}') == 0
         assert client.post(V2, content=_tensor(1.0)).status_code == 200

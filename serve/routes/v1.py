@@ -18,10 +18,10 @@ from serve.registry import ServedModel
 from serve.routes.deps import (
     ERROR_RESPONSES,
     ModelDep,
-    SettingsDep,
     admission,
     all_or_none,
     finite_output,
+    held,
     off_loop,
     recorded,
     submit,
@@ -132,11 +132,15 @@ async def describe_model(model: ModelDep) -> dict[str, Any]:
 )
 async def classify(
     request: Request,
-    model: ModelDep,
-    settings: SettingsDep,
+    name: str,
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="predictions per image (default 5)")] = None,
 ) -> JSONResponse:
     """Softmax top-k for one image (raw body or one `file`), or a list for several `file` fields."""
+    with held(request, name) as model:
+        return await _classify(request, model, request.app.state.settings, top_k)
+
+
+async def _classify(request: Request, model: ServedModel, settings: Settings, top_k: int | None) -> JSONResponse:
     n_classes = len(model.labels)
     if top_k is not None and top_k > n_classes:
         raise APIError(422, f"top_k must be between 1 and {n_classes} (the model's classes), got {top_k}")

@@ -33,11 +33,13 @@ from serve.routes.deps import (
     SettingsDep,
     admission,
     finite_output,
+    held,
     off_loop,
     recorded,
     submit,
     unless_gone,
 )
+from serve.settings import Settings
 from serve.timing import stage, timings
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
@@ -178,7 +180,12 @@ def _parse_body(body: bytes, encoding: str | None, header_length: str | None, li
 
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES)
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
-async def model_infer(request: Request, model: ModelDep, settings: SettingsDep, version: str | None = None) -> Response:
+async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
+    with held(request, name) as model:
+        return await _infer(request, model, request.app.state.settings, version)
+
+
+async def _infer(request: Request, model: ServedModel, settings: Settings, version: str | None) -> Response:
     _check_version(model, version)
     with stage(request, "receive"):
         body = await request.body()
