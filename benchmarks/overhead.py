@@ -186,8 +186,9 @@ def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> float | 
     exe = Path(sys.executable).with_name("benchmark_app")
     if not exe.exists():
         return None
-    out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-t", str(int(seconds)),
-                          "-shape", json.dumps(list(shape)).replace(" ", ""), "-infer_precision", "f32"],
+    out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-t",
+                          str(max(1, round(seconds))), "-shape", json.dumps(list(shape)).replace(" ", ""),
+                          "-infer_precision", "f32"],
                          capture_output=True, text=True, timeout=seconds * 4 + 60)
     m = re.search(r"Throughput:\s+([0-9.]+)\s+FPS", out.stdout)
     return float(m.group(1)) if m else None
@@ -208,7 +209,7 @@ def saturation(servers: dict[str, Server], ort, manifest, x: np.ndarray, bundle:
         for name, s in servers.items():
             before = s.metrics() if name != "naive" else {}
             res = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}"), [body], concurrency, slice_s,
-                              1.0).summary()
+                              min(1.0, slice_s / 2)).summary()
             served[name]["rps"].append(res["throughput_rps"])
             served[name]["p50"].append((res["latency_ms"] or {}).get("p50"))
             if before:
