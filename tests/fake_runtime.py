@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,22 @@ RUNTIME = Runtime(
     triton_platform="fake_platform", precisions=("fp32",), default_precisions=("fp32",), devices=("cpu",),
     build=build, load=FakeBackend, version=lambda: "0.0", variants=(Variant("fp32"),),
 )
+
+
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy-bundle-v1"
+
+
+def write_bundle(dest: Path) -> Path:
+    """A copy of the legacy test bundle with one more servable artifact: the fake runtime's (no export needed)."""
+    from models.bundle import Artifact, file_entries, read_manifest, write_manifest
+
+    shutil.copytree(LEGACY, dest)
+    m = read_manifest(dest)
+    np.save(dest / WEIGHTS, weights(3, len(m.class_names)))
+    artifact = Artifact(id="fake-fp32", runtime="fake", format="npy", precision="fp32", servable=True,
+                        files=file_entries(dest, [dest / WEIGHTS]))
+    write_manifest(dest, m.with_artifacts([*m.artifacts, artifact]))
+    return dest
 
 
 @contextlib.contextmanager

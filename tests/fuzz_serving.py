@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -23,7 +22,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from models.bundle import Artifact, file_entries, read_manifest, write_manifest
 from models.preprocessing import Preprocessing
 from serve.imaging import ImageError, prepare
 from serve.protocol import DTYPES, ProtocolError, decompress, parse_request
@@ -205,13 +203,7 @@ def client(tmp_path_factory):
     from serve.app import create_app
     from serve.settings import Settings
 
-    bundle = tmp_path_factory.mktemp("fuzz") / "fake"
-    shutil.copytree(REPO / "tests" / "data" / "legacy-bundle-v1", bundle)
-    m = read_manifest(bundle)
-    np.save(bundle / fake_runtime.WEIGHTS, fake_runtime.weights(3, len(m.class_names)))
-    artifact = Artifact(id="fake-fp32", runtime="fake", format="npy", precision="fp32", servable=True,
-                        files=file_entries(bundle, [bundle / fake_runtime.WEIGHTS]))
-    write_manifest(bundle, m.with_artifacts([*m.artifacts, artifact]))
+    bundle = fake_runtime.write_bundle(tmp_path_factory.mktemp("fuzz") / "fake")
     with fake_runtime.registered():
         settings_ = Settings(models=[f"fake={bundle}"], backend="fake", access_log=False, max_body_bytes=2 << 20,
                              max_files=8)

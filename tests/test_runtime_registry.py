@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 from test_serve_fixtures import animal_pngs, scores_by_index, softmax
 
 import runtimes
-from models.bundle import Artifact, file_entries, read_manifest, write_manifest
+from models.bundle import read_manifest
 from models.preprocessing import preprocess
 from runtimes import BackendError, BackendOptions
 
@@ -122,14 +121,7 @@ def _checkpoint(tmp_path: Path) -> Path:
 @pytest.fixture
 def fake_bundle(fake, tmp_path) -> Path:
     """The legacy bundle with one servable artifact of the fake runtime (no export needed)."""
-    bundle = tmp_path / "fake-bundle"
-    shutil.copytree(LEGACY, bundle)
-    m = read_manifest(bundle)
-    np.save(bundle / fake_runtime.WEIGHTS, fake_runtime.weights(3, len(m.class_names)))
-    artifact = Artifact(id="fake-fp32", runtime="fake", format="npy", precision="fp32", servable=True,
-                        files=file_entries(bundle, [bundle / fake_runtime.WEIGHTS]))
-    write_manifest(bundle, m.with_artifacts([*m.artifacts, artifact]))
-    return bundle
+    return fake_runtime.write_bundle(tmp_path / "fake-bundle")
 
 
 def test_routes_serve_a_runtime_registered_through_the_registry(fake_bundle):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import struct
 import time
@@ -19,8 +18,6 @@ import numpy as np
 import pytest
 from test_serve_fixtures import animal_pngs, start_server
 
-from models.bundle import Artifact, file_entries, read_manifest, write_manifest
-
 REPO = Path(__file__).resolve().parents[1]
 LEGACY = REPO / "tests" / "data" / "legacy-bundle-v1"
 V2 = "/v2/models/fake/infer"
@@ -29,14 +26,7 @@ V2 = "/v2/models/fake/infer"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """The legacy bundle plus one servable fake artifact."""
-    out = tmp_path_factory.mktemp("faults") / "fake"
-    shutil.copytree(LEGACY, out)
-    m = read_manifest(out)
-    np.save(out / fake_runtime.WEIGHTS, fake_runtime.weights(3, len(m.class_names)))
-    artifact = Artifact(id="fake-fp32", runtime="fake", format="npy", precision="fp32", servable=True,
-                        files=file_entries(out, [out / fake_runtime.WEIGHTS]))
-    write_manifest(out, m.with_artifacts([*m.artifacts, artifact]))
-    return out
+    return fake_runtime.write_bundle(tmp_path_factory.mktemp("faults") / "fake")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
