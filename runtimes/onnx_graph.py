@@ -11,7 +11,7 @@ fp32, float32 I/O) and INT8 (NNCF Q/DQ) graphs feed onnxruntime and TensorRT's s
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
 from runtimes.build import ExportError, import_nncf, machine_failure, quiet
 
 if TYPE_CHECKING:
+    import onnx
     from torch import nn
 
 OPSET = 20  # torch 2.14's default; onnxruntime, OpenVINO 2026 and TensorRT 10/11 all parse it
@@ -107,17 +108,108 @@ def to_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path) -> Path:
-    """INT8 Q/DQ ONNX by NNCF post-training quantisation, calibrated on `images` (real train images)."""
+def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetric: bool = False) -> Path:
+    """INT8 Q/DQ ONNX by NNCF post-training quantisation, calibrated on `images` (real train images).
+
+    The default (NNCF's mixed preset: asymmetric uint8 activations) suits CPU kernels. `symmetric` makes the graph
+    TensorRT's ONNX parser accepts: every zero point an int8 zero, weights per output channel.
+    """
     import onnx
 
     nncf = import_nncf()
     calibration = list(images)
+    preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else None  # None: the model type's default (mixed)
     with quiet():
         quantized = nncf.quantize(
             onnx.load(str(src)), nncf.Dataset(calibration, lambda x: {INPUT_NAME: x}),
-            model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
+            model_type=nncf.ModelType.TRANSFORMER, preset=preset, subset_size=len(calibration),
         )
+    if symmetric:
+        unsigned_to_signed(quantized)
+        nonnegative_axes(quantized)
+        if problems := symmetric_int8_problems(quantized):
+            raise ExportError(f"{dst.name}: not a symmetric INT8 graph: {problems[0]}")
     onnx.save(quantized, str(dst))
     check(dst)
     return dst
+
+
+def _qdq_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, np.ndarray | None, np.ndarray | None]]:
+    """Every QuantizeLinear/DequantizeLinear node with its scale and zero point (None where not an initializer)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def value(node: onnx.NodeProto, i: int) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[node.input[i]]) if len(node.input) > i and node.input[i] in inits else None
+
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            yield node, value(node, 1), value(node, 2)
+
+
+def unsigned_to_signed(model: onnx.ModelProto) -> int:
+    """Turn uint8 Q/DQ pairs with zero point 0 (NNCF's choice after a ReLU) into int8 ones covering the same range.
+
+    [0, 255*s] maps onto int8 [0, 127] with scale 255*s/127: one bit less resolution on those tensors, which the
+    INT8 parity gate then judges. Returns how many nodes changed; a non-zero uint8 zero point is left for the
+    caller's check to refuse.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    made: dict[tuple[str, str], tuple[str, str]] = {}
+    changed = 0
+    for node, scale, zero in list(_qdq_tensors(model)):
+        if zero is None or zero.dtype != np.uint8 or zero.any() or scale is None:
+            continue
+        key = (node.input[1], node.input[2])
+        if key not in made:
+            names = (f"{key[0]}_int8_scale", f"{key[1]}_int8_zero")
+            wider = (scale.astype(np.float64) * 255 / 127).astype(scale.dtype)
+            model.graph.initializer.extend([numpy_helper.from_array(wider, names[0]),
+                                            numpy_helper.from_array(np.zeros_like(zero, np.int8), names[1])])
+            made[key] = names
+        node.input[1], node.input[2] = made[key]
+        changed += 1
+    used = {i for n in model.graph.node for i in n.input}
+    for name in {n for key in made for n in key} - used:
+        model.graph.initializer.remove(inits[name])
+    if changed:  # the quantised tensors' recorded uint8 type is stale; the checker re-infers it
+        retyped = {o for n in model.graph.node if n.op_type == "QuantizeLinear" for o in n.output}
+        kept = [v for v in model.graph.value_info if v.name not in retyped]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+    return changed
+
+
+def nonnegative_axes(model: onnx.ModelProto) -> None:
+    """Q/DQ axes counted from the front (NNCF writes -1 for MatMul weights; not every parser normalises them)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node, _, _ in _qdq_tensors(model):
+        rank = len(inits[node.input[0]].dims) if node.input[0] in inits else None
+        for attr in node.attribute:
+            if attr.name == "axis" and attr.i < 0 and rank is not None:
+                attr.i += rank
+
+
+def symmetric_int8_problems(model: onnx.ModelProto) -> list[str]:
+    """What stops `model` being TensorRT's symmetric INT8: zero points not int8 zero, weights not per channel."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    problems, weights = [], 0
+    for node, scale, zero in _qdq_tensors(model):
+        if zero is None or zero.dtype != np.int8 or zero.any():
+            kind = "missing" if zero is None else f"{zero.dtype} {zero.ravel()[:1].tolist()}"
+            problems.append(f"{node.op_type} {node.name!r}: zero point {kind}, expected int8 0")
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:  # a weight
+            weights += 1
+            weight = numpy_helper.to_array(inits[node.input[0]])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if scale is None or scale.ndim != 1 or scale.size != weight.shape[axis] or weight.shape[axis] < 2:
+                problems.append(f"{node.name!r}: weight scale {getattr(scale, 'shape', None)} is not per channel "
+                                f"of weight {weight.shape}")
+    if not weights:
+        problems.append("no quantised weights")
+    return problems
