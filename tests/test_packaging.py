@@ -92,3 +92,89 @@ def test_a_serving_install_has_no_torch_and_serves_a_bundle(tmp_path):
     for pred in answer["predictions"]:
         got[pred["index"]] = pred["score"]
     np.testing.assert_allclose(got, p, atol=1e-5)
+
+
+# --- extras: onnxruntime and onnxruntime-gpu never meet -------------------------------------------------------
+
+ORT_DISTRIBUTIONS = {"onnxruntime", "onnxruntime-gpu"}
+INSTALL_DOCS = ("README.md", "Makefile", "Dockerfile", "Dockerfile.gpu", "runtimes/*.py")
+
+
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _documented_combinations() -> set[frozenset[str]]:
+    """Every extras combination a `pip install` line in the README, Makefile, Dockerfiles or install hints names."""
+    import re
+
+    combos = set()
+    for pattern in INSTALL_DOCS:
+        for path in REPO.glob(pattern):
+            for line in path.read_text().splitlines():
+                if "pip install" in line:
+                    combos |= {frozenset(m.split(",")) for m in re.findall(r"(?:\.|vitc)\[([\w,\-]+)\]", line)}
+    return combos
+
+
+def _resolve(extras: frozenset[str]) -> set[str]:
+    """Distribution names an install of vitc[extras] brings: the extras' requirements (vitc[...] self-references
+    followed), then what those require, as far as their metadata is installed here."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    table, names, todo, seen_extras = _extras(), set(), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        assert extra in table, f"documented extra {extra!r} is not in pyproject.toml"
+        if extra in seen_extras:
+            continue
+        seen_extras.add(extra)
+        for req in map(Requirement, table[extra]):
+            if _canonical(req.name) == "vitc":
+                todo.extend(req.extras)
+            else:
+                names.add(_canonical(req.name))
+    frontier = list(names)
+    while frontier:  # transitive, through the metadata of what is installed in this environment
+        try:
+            requires = metadata.requires(frontier.pop()) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for req in map(Requirement, requires):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                if (name := _canonical(req.name)) not in names:
+                    names.add(name)
+                    frontier.append(name)
+    return names
+
+
+def test_no_documented_install_brings_both_onnxruntime_distributions():
+    combos = _documented_combinations()
+    assert frozenset({"serve"}) in combos and frozenset({"gpu"}) in combos, combos
+    assert any("gpu" in c and "train" in c for c in combos), "the GPU development install is documented"
+    for combo in combos:
+        both = _resolve(combo) & ORT_DISTRIBUTIONS
+        assert len(both) <= 1, f".[{','.join(sorted(combo))}] installs {sorted(both)}: one module, two owners"
+    assert {"onnxruntime-gpu", "tensorrt", "cuda-bindings"} <= _resolve(frozenset({"gpu"}))
+    assert "onnxruntime" in _resolve(frozenset({"serve"})) and "torch" not in _resolve(frozenset({"serve"}))
+    assert "torch" not in _resolve(frozenset({"gpu"}))
+    # The check itself sees a bad combination: the CPU and GPU extras together.
+    assert _resolve(frozenset({"serve", "gpu"})) >= ORT_DISTRIBUTIONS
+
+
+def test_constraints_pin_every_direct_requirement():
+    # `-c constraints.txt` makes installs exact only for what it names: every extra's direct requirements are in it.
+    from packaging.requirements import Requirement
+
+    pinned = {_canonical(line.split("==")[0]) for line in (REPO / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    direct = {_canonical(Requirement(r).name) for reqs in _extras().values() for r in reqs}
+    assert direct - {"vitc"} <= pinned, sorted(direct - {"vitc"} - pinned)
