@@ -26,7 +26,12 @@ def _preserved_process_state() -> Iterator[None]:
 
 
 def train_run_cli(fn: Callable[[list[str]], int], argv: list[str], capsys=None) -> tuple[int, str, str]:
-    """Run a CLI `main(argv)` in-process -> (exit code, stdout, stderr); argparse's exits count as codes."""
+    """Run a CLI `main(argv)` in-process -> (exit code, stdout, stderr); argparse's exits count as codes.
+
+    Pinned to the CPU unless argv names a device: these tests are not about the GPU, and on a GPU machine
+    `--device auto` would take it (and lose bit-exactness to TF32, bf16 and cuDNN autotuning)."""
+    if "--device" not in argv:
+        argv = [*argv, "--device", "cpu"]
     with _preserved_process_state():
         try:
             code = fn(argv)

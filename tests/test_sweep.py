@@ -162,7 +162,7 @@ def test_convergence_claim_counts_only_differences_beyond_noise():
 
 # ---------------------------------------------------------------- runner: resume skips finished runs (real training)
 
-TINY = ("--max-steps", "1", "--train-subset", "64", "--val-subset", "32", "--batch-size", "32")
+TINY = ("--device", "cpu", "--max-steps", "1", "--train-subset", "64", "--val-subset", "32", "--batch-size", "32")
 
 
 def _tiny(seed: int, train_args: tuple[str, ...] = TINY) -> RunSpec:

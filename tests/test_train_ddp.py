@@ -1,4 +1,5 @@
-"""DDP on the CPU: `torchrun --nproc_per_node 2 -m train` (gloo) ends with identical ranks; only rank 0 writes."""
+"""DDP: `torchrun --nproc_per_node 2 -m train` on the CPU (gloo) ends with identical ranks and only rank 0 writes;
+`torchrun --nproc_per_node 1` joins a real process group of one (gloo on the CPU, NCCL on a GPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from train.distributed import state_digest
@@ -52,13 +54,14 @@ def test_torchrun_two_cpu_ranks_identical_and_only_rank0_writes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook_dir), str(REPO)]),
            "VITC_AUDIT_DIR": str(out), "VITC_AUDIT_LOG": str(logs)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
-           "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "32",
+           "--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "32",
            "--train-subset", "384", "--mixup", "0.8", "--cutmix", "1.0", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = json.loads((out / "checkpoint.json").read_text())["training"]
     assert summary["world_size"] == 2 and summary["global_batch"] == 64 and summary["steps"] == 2 * (384 // 64)
+    assert summary["ddp_backend"] == "gloo"
     digests = summary["rank_state_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
     # The digest is of rank 0's final raw weights and BN statistics, which resume.pt holds too.
@@ -70,6 +73,25 @@ def test_torchrun_two_cpu_ranks_identical_and_only_rank0_writes(tmp_path):
     assert (logs / "rank1.log").read_text() == ""
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one writer, one line per epoch
     assert proc.stdout.count("checkpoint ") == 1 and proc.stdout.count("epoch 2/2") == 1
+
+
+@pytest.mark.parametrize("device, backend", [
+    ("cpu", "gloo"),
+    pytest.param("cuda", "nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")]),
+])
+def test_torchrun_one_rank_runs_a_real_process_group(device, backend, tmp_path):
+    # One process under torchrun still joins a process group, so a one-GPU machine runs the NCCL/DDP path.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "train",
+           "--device", device, "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
+           "--train-subset", "64", "--max-steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "checkpoint.json").read_text())["training"]
+    assert summary["ddp_backend"] == backend and summary["world_size"] == 1 and summary["steps"] == 2
+    assert "x 1 ranks" in proc.stdout + proc.stderr
 
 
 class _StateOnly(torch.nn.Module):

@@ -77,8 +77,8 @@ def test_folder_training_checkpoint_and_eval(train_folder, tmp_path, capsys, tra
 def test_corrupt_file_fails_clearly_when_asked(train_folder, tmp_path):
     # A real process with a DataLoader worker: the error is one line naming the file, no traceback.
     proc = subprocess.run(
-        [sys.executable, "-m", "train", "--model", "vit_c_micro", "--dataset", str(train_folder), "--epochs", "1",
-         "--batch-size", "4", "--workers", "1", "--corrupt", "fail", "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "train", "--device", "cpu", "--model", "vit_c_micro", "--dataset", str(train_folder),
+         "--epochs", "1", "--batch-size", "4", "--workers", "1", "--corrupt", "fail", "--out", str(tmp_path / "run")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2, proc.stderr

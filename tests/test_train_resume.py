@@ -16,7 +16,7 @@ from models.checkpoint import read_checkpoint_meta
 
 REPO = Path(__file__).resolve().parents[1]
 # Mixing, AutoAugment and EMA on, so every source of randomness and every piece of state is exercised.
-ARGS = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "16",
+ARGS = ["--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "16",
         "--train-subset", "320", "--val-subset", "64", "--augment", "autoaugment", "--mixup", "0.8",
         "--cutmix", "1.0", "--ema-every", "2", "--threads", "1", "--seed", "3"]
 TOTAL_STEPS = 2 * (320 // 16)

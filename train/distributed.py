@@ -15,13 +15,14 @@ from train.config import ConfigError
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: rank, world size, local rank and its device."""
+    """Where this process sits: rank, world size, local rank, its device and the process group's backend."""
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     device: torch.device
+    backend: str | None = None  # "nccl" | "gloo" once in a process group; None for a plain single process
 
     @property
     def is_main(self) -> bool:
@@ -29,7 +30,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """In a process group (DDP), even of one rank."""
+        return self.backend is not None
 
 
 def env_rank() -> int:
@@ -44,8 +46,17 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cuda" if preference in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (or another env:// launcher) started this process: it set the rendezvous variables."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def setup(preference: str) -> DistInfo:
-    """Join torchrun's process group if launched by it (WORLD_SIZE > 1), else run as a single process."""
+    """Join torchrun's process group if launched by it, else run as a single process.
+
+    `torchrun --nproc_per_node 1` joins a group of one, so the DDP path (NCCL on a GPU) runs on a one-GPU machine
+    exactly as it will on eight; `python -m train` skips it.
+    """
     kind = pick_device(preference).type
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,10 +68,13 @@ def setup(preference: str) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if kind == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if kind == "cuda" else None)
-    return DistInfo(rank, world, local_rank, local_world, device)
+    backend = None
+    if world > 1 or launched_by_torchrun():
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
+                                    device_id=device if kind == "cuda" else None)
+        backend = dist.get_backend()
+    return DistInfo(rank, world, local_rank, local_world, device, backend)
 
 
 def teardown(info: DistInfo) -> None:
