@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / "exports" / "bench"
 DATASET = "animals"
 PAIRS: dict[str, tuple[str, str]] = {
-    "1gf": ("vit_c_1gf", "vit_p_1gf"),
+    **{size: (f"vit_c_{size}", f"vit_p_{size}") for size in ("1gf", "4gf", "18gf", "36gf", "72gf")},  # the paper's
     "mini": ("vit_c_mini", "vit_p_mini"),
     "micro": ("vit_c_micro", "vit_p_micro"),
 }

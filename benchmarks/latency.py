@@ -1,11 +1,13 @@
 """`python benchmarks/latency.py`: ViT_C vs ViT_P latency on every available runtime, against the machine's limit.
 
 With no arguments: the 1GF pair (224x224) and the mini pair (32x32), batch 1, 8 and 32, on every runtime and
-precision this machine has (torch eager fp32/bf16, onnxruntime, OpenVINO fp32/bf16/INT8; TensorRT fp16/INT8
-and onnxruntime-CUDA with a GPU), about 10 minutes on 2 cores (plus a one-time export of the bundles, cached
-under exports/bench/). `--quick` (the micro pair, a few repetitions) takes well under a minute once its bundles
-are cached. `--http URL` instead drives a running server (closed loop at several concurrencies, then Poisson
-arrivals) and compares it with the bare runtime; `--http start --bundle DIR` serves DIR itself for the run.
+precision this machine has (torch eager fp32/bf16, onnxruntime, OpenVINO fp32/bf16/INT8; with a GPU: torch on CUDA
+in fp32/bf16/fp16, eager and compiled with CUDA graphs, channels_last and NCHW; TensorRT fp16/INT8 and
+onnxruntime-CUDA where installed), about 10 minutes on 2 cores (plus a one-time export of the bundles, cached
+under exports/bench/). `--pairs` takes any of the paper's pairs 1gf, 4gf, 18gf, 36gf, 72gf as well.
+`--quick` (the micro pair, a few repetitions) takes well under a minute once its bundles are cached.
+`--http URL` instead drives a running server (closed loop at several concurrencies, then Poisson arrivals) and
+compares it with the bare runtime; `--http start --bundle DIR` serves DIR itself for the run.
 
 Method: each model pair is loaded side by side; after a warm-up, C and P are timed in alternating rounds on a
 rotating pool of inputs until both medians are stable (95 % CI within +-2 %) or the cell's time is up.
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--min-reps", type=int, default=None, help="repetitions per model before stopping (default 20)")
     run.add_argument("--limit-seconds", type=float, default=None,
                      help="matmul-limit timing per precision, at start and end (default 3; --quick 0.3)")
+    run.add_argument("--parity-samples", type=int, default=None,
+                     help="validation images of each bundle's parity gates (default 512; --quick 64)")
     run.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bundle cache (default exports/bench)")
     run.add_argument("--out", type=Path, default=None,
                      help="results directory (default benchmarks/results; --quick: exports/bench/results)")
@@ -119,6 +123,8 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         budget = replace(budget, min_reps=args.min_reps)
     if budget.max_s <= 0 or budget.min_reps < 1:
         raise ValueError("--cell-seconds must be positive and --min-reps at least 1")
+    if args.parity_samples is not None and not 1 <= args.parity_samples <= 100_000:
+        raise ValueError(f"--parity-samples must be in 1..100000, got {args.parity_samples}")
     threads = args.threads or usable_cpus()
     if not 1 <= threads <= 1024:
         raise ValueError(f"--threads must be in 1..1024, got {threads}")
@@ -126,7 +132,8 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         pairs=pairs, batch_sizes=args.batch_sizes or ((1, 8) if args.quick else (1, 8, 32)),
         targets=tuple(parse_targets(args.targets)), threads=threads, budget=budget,
         limit_seconds=args.limit_seconds or (0.3 if args.quick else 3.0), cache=args.cache, quick=args.quick,
-        parity_samples=64 if args.quick else 512, calibration_samples=32 if args.quick else 300,
+        parity_samples=args.parity_samples or (64 if args.quick else 512),
+        calibration_samples=32 if args.quick else 300,
         checkpoints=tuple(checkpoints),
         progress=not args.no_progress, argv=("python", "benchmarks/latency.py", *argv),
     )

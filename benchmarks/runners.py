@@ -21,31 +21,35 @@ from runtimes import BackendOptions, Variant
 
 @dataclass(frozen=True)
 class Target:
-    """One runtime at one compute precision on one device."""
+    """One runtime at one compute precision on one device (torch: eager or compiled, and its memory layout)."""
 
     runtime: str  # a registered runtime: torch | onnxruntime | openvino | tensorrt | ...
     precision: str  # fp32 | bf16 | fp16 | int8
     device: str = "cpu"
+    compile: bool = False
+    channels_last: bool | None = None
 
     @property
     def id(self) -> str:
         # "-cuda" only where the runtime runs on the CPU as well, so that ids stay unique and short.
         both = "cpu" in runtimes.get(self.runtime).devices
         where = "-cuda" if self.device.startswith("cuda") and both else ""
-        return f"{self.runtime}{where}-{self.precision}"
+        return f"{self.runtime}{where}-{self.precision}{self.variant.suffix}"
 
     @property
     def variant(self) -> Variant:
-        """The registry's description of this target (which artifact, which precision option)."""
+        """The registry's description of this target (which artifact, which options)."""
         for v in runtimes.get(self.runtime).variants:
-            if (v.precision, v.device) == (self.precision, self.device.partition(":")[0]):
+            if (v.precision, v.device, v.compile, v.channels_last) == (
+                    self.precision, self.device.partition(":")[0], self.compile, self.channels_last):
                 return v
         raise ValueError(f"{self.runtime} has no {self.precision} variant on {self.device}")
 
 
 def all_targets() -> tuple[Target, ...]:
     """Every variant of every registered runtime, CPU targets first."""
-    targets = [Target(rt.name, v.precision, v.device) for rt in runtimes.runtimes() for v in rt.variants]
+    targets = [Target(rt.name, v.precision, v.device, v.compile, v.channels_last)
+               for rt in runtimes.runtimes() for v in rt.variants]
     return tuple(sorted(targets, key=lambda t: t.device != "cpu"))
 
 
@@ -67,13 +71,20 @@ def parse_targets(spec: str) -> list[Target]:
     return out
 
 
-def export_targets(targets: list[Target], gpus: int) -> list[str]:
-    """The export targets (export.targets names) a bundle needs for these benchmark targets on this machine."""
-    needed = [runtimes.get("onnxruntime").target]  # the ONNX hub: onnxruntime, and TensorRT's fallback
+def export_targets(targets: list[Target], gpus: int, native_bf16: bool = True) -> list[str]:
+    """The export targets (export.targets names) a bundle needs for these benchmark targets on this machine.
+
+    The ONNX hub only when a runtime other than torch is timed (onnxruntime serves it, TensorRT falls back to it);
+    nothing for a target that cannot run here (GPU artifacts are built on, and for, the GPU that runs them; torch
+    bf16 weights are not worth a parity run on a CPU that only emulates bf16).
+    """
+    needed = [runtimes.get("onnxruntime").target] if any(t.runtime != "torch" for t in targets) else []
     for t in targets:
         rt = runtimes.get(t.runtime)
         if t.device.startswith("cuda") and not (gpus and rt.installed()):
-            continue  # GPU artifacts are built on (and for) the GPU that runs them
+            continue
+        if t.precision == "bf16" and t.device == "cpu" and not native_bf16 and t.variant.artifact is None:
+            continue
         needed.append(f"{rt.target}-{t.variant.artifact_precision}")
     return list(dict.fromkeys(needed))
 
@@ -111,11 +122,14 @@ class Opened:
     info: dict[str, Any]
 
 
-def open_target(target: Target, bundle: Path, manifest: Manifest, threads: int) -> Opened:
-    """Load `target` from the bundle with `threads` intra-op threads; cold start = verify + load + first result."""
+def open_target(target: Target, bundle: Path, manifest: Manifest, threads: int,
+                batch_sizes: tuple[int, ...] | None = None) -> Opened:
+    """Load `target` from the bundle with `threads` intra-op threads; cold start = verify + load + first result
+    (a compiled target captures only `batch_sizes`, the ones it will be timed at)."""
     variant = target.variant
     options = BackendOptions(device=target.device, threads=threads, parallel=1, hint="latency",
-                             inference_precision=variant.inference_precision)
+                             inference_precision=variant.inference_precision, compile=variant.compile,
+                             channels_last=variant.channels_last, buckets=batch_sizes if variant.compile else None)
     t0 = time.perf_counter()
     backend = runtimes.open_backend(bundle, manifest, target.runtime, variant.artifact_precision, options)
     cold = time.perf_counter() - t0

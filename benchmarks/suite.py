@@ -95,6 +95,7 @@ def _cell(model: bundles.PreparedModel, target: Target, batch: int, samples: lis
     return {
         "pair": model.pair, "model": model.model, "stem": model.stem, "source": model.source,
         "target": target.id, "runtime": target.runtime, "precision": target.precision, "device": target.device,
+        "compiled": target.compile, "channels_last": info.get("channels_last"),
         "batch": batch, "threads": info.get("threads_effective", info.get("threads")),
         "latency_ms": stats, "reps": stats["n"], "rounds": timing.rounds, "hit_time_limit": timing.hit_time_limit,
         "throughput_ips": batch / (stats["p50"] / 1e3),
@@ -110,7 +111,7 @@ def _run_target(cfg: SuiteConfig, c: bundles.PreparedModel, p: bundles.PreparedM
     opened = []
     try:
         for model in (c, p):
-            o = open_target(target, model.bundle, model.manifest, cfg.threads)
+            o = open_target(target, model.bundle, model.manifest, cfg.threads, tuple(cfg.batch_sizes))
             opened.append(o)
             doc["cold_start"].append({"pair": model.pair, "model": model.model, "target": target.id,
                                       "seconds": o.cold_start_s, "info": o.info})
@@ -189,7 +190,7 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> dic
     prepared: dict[str, tuple[bundles.PreparedModel, bundles.PreparedModel]] = {}
     for pair in cfg.pairs:
         c_name, p_name = bundles.PAIRS[pair]
-        needed = export_targets(list(cfg.targets), gpus)
+        needed = export_targets(list(cfg.targets), gpus, native_bf16)
         max_batch = max(32, *cfg.batch_sizes)
         given = dict(cfg.checkpoints)
         c, p = (bundles.prepare_model(pair, m, cache=cfg.cache, targets=needed, max_batch=max_batch, log=log,

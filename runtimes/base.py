@@ -67,12 +67,22 @@ class BackendOptions:
     # Compute precision beyond what the artifact stores: OpenVINO's INFERENCE_PRECISION_HINT ("bf16"), torch
     # autocast ("bf16", "fp16"). None: the precision the artifact's parity gate measured.
     inference_precision: str | None = None
+    # torch: torch.compile (on CUDA with a CUDA graph per batch bucket, captured at load); NHWC activations for the
+    # stem's convolutions (None: on CUDA, where cuDNN runs them fastest).
+    compile: bool = False
+    channels_last: bool | None = None
+    # The batch sizes a compiled model is captured at (each call is padded up to one); None: powers of two up to
+    # the bundle's max batch. Fewer buckets, shorter start: a benchmark captures only the sizes it times.
+    buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not DEVICE_RE.match(self.device):
             raise BackendError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.hint not in HINTS:
             raise BackendError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
+        if self.buckets is not None and not (self.buckets and all(
+                isinstance(b, int) and 1 <= b <= 4096 for b in self.buckets)):
+            raise BackendError(f"buckets must be batch sizes in 1..4096, got {self.buckets!r}")
         for name in ("threads", "parallel"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 1 <= value <= 1024):
@@ -142,10 +152,18 @@ class Variant:
     device: str = "cpu"
     artifact: str | None = None  # artifact precision it runs (default: `precision`)
     inference_precision: str | None = None  # the BackendOptions.inference_precision it needs
+    compile: bool = False  # BackendOptions.compile
+    channels_last: bool | None = None  # BackendOptions.channels_last (None: the runtime's default)
 
     @property
     def artifact_precision(self) -> str:
         return self.artifact or self.precision
+
+    @property
+    def suffix(self) -> str:
+        """What tells it apart from the plain variant of its precision: "-compiled", "-nchw", "-nhwc"."""
+        layout = {None: "", False: "-nchw", True: "-nhwc"}[self.channels_last]
+        return f"{'-compiled' if self.compile else ''}{layout}"
 
 
 @dataclass(frozen=True)

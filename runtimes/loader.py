@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from models.bundle import Artifact, BundleError, Manifest, verify_files
+from models.bundle import PRECISION_ORDER, Artifact, BundleError, Manifest, verify_files
 from models.io import sha256_file
 from models.preprocessing import normalize
+from models.tolerance import TOLERANCES
 from runtimes import registry
 from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runtime, first_line
 
@@ -48,7 +50,7 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
                             timings=timings)
     start = time.perf_counter()
     try:
-        check_golden(backend, bundle, manifest, artifact)
+        check_golden(backend, bundle, manifest, artifact, options.inference_precision)
     except BaseException:
         backend.close()
         raise
@@ -56,11 +58,14 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
     return backend
 
 
-def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest, artifact: Artifact) -> None:
+def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest, artifact: Artifact,
+                 compute: str | None = None) -> None:
     """The bundle's golden inputs must give torch's logits within the artifact's parity tolerance, or BackendError.
 
     This is what makes a loaded artifact trustworthy on this machine (another CPU, GPU or library build), not
-    only on the one that exported it. Bundles exported before golden inputs existed skip it.
+    only on the one that exported it. Bundles exported before golden inputs existed skip it. A backend computing
+    in a lower precision than the artifact stores (`compute`, e.g. OpenVINO bf16 on an fp32 IR) is held to that
+    precision's tolerance instead.
     """
     golden = manifest.golden
     if golden is None:
@@ -71,9 +76,11 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
     with np.load(path, allow_pickle=False) as z:
         pixels, reference = z["pixels"], z["logits"]
     x = normalize(pixels, manifest.preprocessing)
-    step = manifest.input.max_batch
+    step = min(manifest.input.max_batch, backend.max_batch)
     y = np.concatenate([np.asarray(backend.infer(x[i:i + step]), np.float32) for i in range(0, len(x), step)])
     tol = (artifact.parity.tolerance if artifact.parity else {}) or {}
+    if compute in TOLERANCES and PRECISION_ORDER.index(compute) > PRECISION_ORDER.index(artifact.precision):
+        tol = asdict(TOLERANCES[compute])
     failures = []
     if y.shape != reference.shape or not np.isfinite(y).all():
         failures.append(f"outputs of shape {y.shape} are not finite logits of shape {reference.shape}")

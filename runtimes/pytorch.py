@@ -1,8 +1,18 @@
-"""torch: the checkpoint's safetensors weights, rebuilt from the manifest's config, run eagerly (CPU or CUDA).
+"""torch: the checkpoint's safetensors weights, rebuilt from the manifest's config, on the CPU or a CUDA GPU.
 
-The export copies the verified weights into the bundle, so its parity check covers the bundle round trip
-(manifest config + copied weights -> identical logits), not a conversion. Only this module imports torch; a
-server with another backend stays torch-free.
+Artifacts: fp32 (the verified weights, copied), bf16 and fp16 (the weights rounded to that type, half the size,
+run under torch autocast so LayerNorm, softmax and the reductions stay in fp32). Each one goes through the export's
+parity gate for its precision, and the bundle's golden inputs are re-checked on the serving device at load.
+
+How it runs (BackendOptions):
+- `channels_last` (default: on CUDA): NHWC activations for the stem's convolutions, which cuDNN runs fastest;
+  both stems are convolutions (ViT_P's patchify one is a stride-16 conv), so a C/P pair stays comparable.
+- `compile`: `torch.compile`; on CUDA in "reduce-overhead" mode, so each batch bucket (powers of two up to the
+  bundle's max batch) is one CUDA graph replay. A batch is padded up to its bucket. Every bucket is compiled,
+  captured and warmed up in the constructor, before the model can report ready, on one thread owned by the
+  backend: CUDA graph trees are per thread, so every later call runs there too.
+- fp32 on CUDA turns TF32 off (matmul and cuDNN), or fp32 parity could not hold.
+Only this module imports torch; a server with another backend stays torch-free.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import contextlib
 import shutil
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,7 +30,7 @@ from runtimes.base import BackendError, LoadSpec, Runtime, Variant, first_line
 from runtimes.build import Built, ExportContext, ExportError
 
 WEIGHTS_FILE = "model.safetensors"
-_AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # torch's intra-op thread count is one per process: backends asking for their own count take turns.
 _THREADS_LOCK = threading.Lock()
 
@@ -31,13 +42,38 @@ def version() -> str:
     return torch.__version__.split("+")[0]
 
 
+def weights_file(precision: str) -> str:
+    """The bundle file of one precision's weights."""
+    return WEIGHTS_FILE if precision == "fp32" else f"model-{precision}.safetensors"
+
+
 def build(ctx: ExportContext, precision: str) -> Built:
-    """Copy the verified checkpoint weights into the bundle."""
-    if precision != "fp32":
-        raise ExportError(f"torch: only fp32 is exported, not {precision!r}")
-    out = ctx.workdir / WEIGHTS_FILE
-    shutil.copyfile(ctx.meta.weights_path, out)
-    return Built([out], {"format_detail": "safetensors state_dict of models.vit.VisionTransformer"})
+    """fp32: copy the verified checkpoint weights; bf16/fp16: those weights rounded to that type (buffers stay fp32)."""
+    out = ctx.workdir / weights_file(precision)
+    if precision == "fp32":
+        shutil.copyfile(ctx.meta.weights_path, out)
+        return Built([out], {"format_detail": "safetensors state_dict of models.vit.VisionTransformer"})
+    if precision not in _DTYPES:
+        raise ExportError(f"torch: unsupported precision {precision!r}")
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, _DTYPES[precision])
+    params = {name for name, _ in ctx.model.named_parameters()}
+    state = {k: (v.to(dtype) if k in params and v.is_floating_point() else v).contiguous()
+             for k, v in ctx.model.state_dict().items()}
+    save_file(state, str(out))
+    return Built([out], {"format_detail": f"safetensors state_dict, parameters in {_DTYPES[precision]}",
+                         "compute": f"torch autocast {_DTYPES[precision]}"})
+
+
+def buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled model is captured at: powers of two below max_batch, and max_batch."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
 
 
 @contextlib.contextmanager
@@ -59,8 +95,14 @@ def _threads(n: int | None) -> Iterator[None]:
                 torch.set_num_threads(old)
 
 
+def _strict_fp32(torch) -> None:  # noqa: ANN001 - the torch module
+    """No TF32 in matmuls or convolutions: fp32 on CUDA must reproduce the CPU's fp32 logits."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 class TorchBackend:
-    """VisionTransformer in eval mode under inference_mode; bf16/fp16 by autocast when asked."""
+    """VisionTransformer in eval mode under inference_mode; autocast for bf16/fp16; optionally compiled."""
 
     runtime = "torch"
     parallelism = 1
@@ -72,48 +114,121 @@ class TorchBackend:
         from models.vit import VisionTransformer
 
         options = spec.options
-        if options.device_kind == "cuda" and not torch.cuda.is_available():
+        cuda = options.device_kind == "cuda"
+        if cuda and not torch.cuda.is_available():
             raise BackendError(f"--device {options.device}: torch sees no CUDA device")
-        autocast = options.inference_precision
-        if autocast not in (None, "fp32", *_AUTOCAST):
-            raise BackendError(f"torch computes in fp32, bf16 or fp16, not {autocast!r}")
-        if autocast == "fp16" and options.device_kind != "cuda":
-            raise BackendError("torch fp16 runs on CUDA only")
+        if cuda and options.device_index >= torch.cuda.device_count():
+            raise BackendError(f"--device {options.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        compute = options.inference_precision or spec.precision
+        if compute not in ("fp32", *_DTYPES):
+            raise BackendError(f"torch computes in fp32, bf16 or fp16, not {compute!r}")
         self.device, self.precision, self.max_batch = options.device, spec.precision, spec.max_batch
         self._torch = torch
-        self._autocast = getattr(torch, _AUTOCAST[autocast]) if autocast in _AUTOCAST else None
-        self._threads = options.threads if options.device_kind == "cpu" else None
+        self._autocast = getattr(torch, _DTYPES[compute]) if compute in _DTYPES else None
+        self._threads = options.threads if not cuda else None
+        self._channels_last = cuda if options.channels_last is None else options.channels_last
+        self._compiled = options.compile
+        if options.buckets and max(options.buckets) > spec.max_batch:
+            raise BackendError(f"batch bucket {max(options.buckets)} exceeds the bundle's max batch {spec.max_batch}")
+        wanted = tuple(sorted(set(options.buckets))) if options.buckets else buckets(spec.max_batch)
+        self._buckets = wanted if options.compile else ()
+        if self._buckets:  # what a caller may send: the largest captured bucket
+            self.max_batch = max(self._buckets)
+        if cuda and compute == "fp32":
+            _strict_fp32(torch)
+        path = spec.file(".safetensors")
         model = VisionTransformer(spec.manifest.config)
-        try:
-            model.load_state_dict(load_file(str(spec.file(".safetensors"))), strict=True)
+        try:  # rounded weights come back to fp32 exactly; autocast rounds them again where it computes low
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in load_file(str(path)).items()}, strict=True)
         except RuntimeError as exc:
-            raise BackendError(f"{spec.file('.safetensors').name}: weights do not fit the manifest's config: "
-                               f"{first_line(exc)}") from None
-        self.model = model.eval().to(options.device)
+            raise BackendError(f"{path.name}: weights do not fit the manifest's config: {first_line(exc)}") from None
+        model = model.eval().to(options.device)
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._run = model
         self._lock = threading.Lock()
+        # One thread runs every compiled call: CUDA graph trees and dynamo's caches are per thread.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vitc-torch") if self._compiled else None
+        self.compile_seconds: dict[int, float] = {}
+        if self._compiled:
+            try:
+                self._pool.submit(self._compile).result()
+            except BaseException:
+                self.close()
+                raise
+
+    def _compile(self) -> None:
+        """Compile with a symbolic batch axis (batch 1 is its own specialisation, and a size-dependent kernel choice
+        may add one), then capture and warm every bucket, largest first (three calls each: warm-up, CUDA graph
+        record, replay)."""
+        import time
+
+        torch = self._torch
+        cuda = self.device.startswith("cuda")
+        limit = len(self._buckets) + 2  # at worst one graph per bucket
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        self._run = torch.compile(self.model, mode="reduce-overhead" if cuda else "default")
+        shape = (3, self.model.cfg.image_size, self.model.cfg.image_size)
+        for b in sorted(self._buckets, reverse=True):
+            start = time.perf_counter()
+            for _ in range(3):
+                self._forward(np.zeros((b, *shape), np.float32), dynamic=b > 1)
+            self.compile_seconds[b] = round(time.perf_counter() - start, 3)
+
+    def _forward(self, batch: np.ndarray, dynamic: bool = False) -> np.ndarray:
+        """One model call on `batch` (padded to its bucket when compiled; `dynamic` marks the batch axis symbolic)."""
+        torch = self._torch
+        n = len(batch)
+        if self._buckets:
+            size = next((b for b in self._buckets if b >= n), None)
+            if size is None:
+                raise BackendError(f"batch of {n} exceeds the largest captured batch {self.max_batch}")
+            if size != n:
+                batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
+        with _threads(self._threads), torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if dynamic:  # a hint, not a constraint: where a kernel choice guards on the size, that bucket recompiles
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+            if self._autocast is None:
+                y = self._run(x)
+            else:
+                with torch.autocast(x.device.type, dtype=self._autocast):
+                    y = self._run(x)
+            return y[:n].float().cpu().numpy()  # copied out before the next replay reuses the graph's output
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, H, W) float32 -> (B, classes) float32."""
-        torch = self._torch
-        with self._lock, _threads(self._threads), torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device)
-            if self._autocast is None:
-                return self.model(x).float().cpu().numpy()
-            with torch.autocast(x.device.type, dtype=self._autocast):
-                return self.model(x).float().cpu().numpy()
+        with self._lock:
+            if self._pool is None:
+                return self._forward(batch)
+            return self._pool.submit(self._forward, batch).result()
 
     def describe(self) -> dict[str, Any]:
         return {"threads_effective": self._threads or self._torch.get_num_threads(),
-                "inference_precision": str(self._autocast or self._torch.float32).replace("torch.", "")}
+                "inference_precision": str(self._autocast or self._torch.float32).replace("torch.", ""),
+                "channels_last": self._channels_last, "compiled": self._compiled,
+                "batch_buckets": list(self._buckets), "compile_seconds": dict(self.compile_seconds)}
 
     def close(self) -> None:
-        """Drop the model."""
-        self.model = None
+        """Drop the model and the compiled graphs."""
+        self.model = self._run = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 RUNTIME = Runtime(
     name="torch", target="torch", packages=("torch", "safetensors"), install="pip install 'vitc[train]'",
-    format="safetensors", triton_platform="pytorch", precisions=("fp32",), default_precisions=("fp32",),
-    devices=("cpu", "cuda"), build=build, load=TorchBackend, version=version,
-    variants=(Variant("fp32"), Variant("bf16", artifact="fp32", inference_precision="bf16")),
+    format="safetensors", triton_platform="pytorch", precisions=("fp32", "bf16", "fp16"),
+    default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=TorchBackend, version=version,
+    variants=(
+        Variant("fp32"), Variant("bf16"),
+        # CUDA: channels_last by default; NCHW and compiled (CUDA graphs) variants show what each one buys.
+        Variant("fp32", "cuda"),
+        *(Variant(p, "cuda", compile=c, channels_last=cl) for p in ("bf16", "fp16") for c in (False, True)
+          for cl in (None, False)),
+    ),
 )

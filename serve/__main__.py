@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="intra-op threads per inference (default: all CPUs)")
     p.add_argument("--parallel", type=int, help="batches run at once (default: the backend's optimum)")
     p.add_argument("--openvino-hint", help="throughput (default) | latency")
+    p.add_argument("--compile", action="store_true",
+                   help="torch: torch.compile; on CUDA a CUDA graph per batch bucket, captured before ready")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="torch: NHWC activations for the stem's convolutions (default: on CUDA)")
     p.add_argument("--max-body-bytes", type=int, help="request body limit (default 16 MiB)")
     p.add_argument("--max-image-pixels", type=int, help="decoded pixel limit (default 40,000,000)")
     p.add_argument("--max-files", type=int, help="images per multipart request (default 64)")
@@ -74,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
-        print(f"error: invalid setting {where}: {err.get('msg')} (got {err.get('input')!r})", file=sys.stderr)
+        msg = str(err.get("msg")).removeprefix("Value error, ")
+        if where:
+            print(f"error: invalid setting {where}: {msg} (got {err.get('input')!r})", file=sys.stderr)
+        else:  # a rule across settings: the message names them
+            print(f"error: invalid settings: {msg}", file=sys.stderr)
         return 2
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -178,7 +178,8 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         if not NAME_RE.match(name):
             raise ServeError(f"model name {name!r} must match {NAME_RE.pattern} (use --model name=PATH)")
         options = BackendOptions(device=settings.device, threads=settings.threads, parallel=settings.parallel,
-                                 hint=settings.openvino_hint)
+                                 hint=settings.openvino_hint, compile=settings.compile,
+                                 channels_last=settings.channels_last)
         # A repository version holds one artifact (python -m export.triton): it runs on that artifact's runtime.
         runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
         precision = None if source.repository else settings.precision

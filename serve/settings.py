@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of one inference")
     parallel: int | None = Field(None, ge=1, le=64, description="batches run at once (OpenVINO infer requests)")
     openvino_hint: Literal["throughput", "latency"] = "throughput"
+    compile: bool = Field(False, description="torch: torch.compile (CUDA graphs per batch bucket on CUDA)")
+    channels_last: bool | None = Field(None, description="torch: NHWC stem activations (None: on CUDA)")
 
     # Hard edges.
     max_body_bytes: int = Field(16 * MiB, ge=1024)
@@ -69,6 +71,13 @@ class Settings(BaseSettings):
         if self.decode_budget_pixels < self.max_image_pixels:
             raise ValueError(f"decode_budget_pixels ({self.decode_budget_pixels}) must be at least "
                              f"max_image_pixels ({self.max_image_pixels})")
+        return self
+
+    @model_validator(mode="after")
+    def _torch_options_need_torch(self) -> Settings:
+        """--compile and --channels-last tune the torch backend; elsewhere they would silently do nothing."""
+        if (self.compile or self.channels_last is not None) and self.backend != "torch":
+            raise ValueError(f"compile and channels_last apply to --backend torch, not {self.backend!r}")
         return self
 
     @field_validator("jpeg_draft", mode="before")

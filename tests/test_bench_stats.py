@@ -71,16 +71,27 @@ def test_parse_targets_and_the_exports_they_need():
     ids = [t.id for t in parse_targets("all")]
     assert ids == [t.id for t in all_targets()]
     assert ids == ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8", "torch-fp32", "torch-bf16",
-                   "onnxruntime-cuda-fp32", "tensorrt-fp16", "tensorrt-int8"]
+                   "onnxruntime-cuda-fp32", "tensorrt-fp16", "tensorrt-int8", "torch-cuda-fp32",
+                   *(f"torch-cuda-{p}{c}{layout}" for p in ("bf16", "fp16") for c in ("", "-compiled")
+                     for layout in ("", "-nchw"))]
     assert parse_targets("openvino-int8, onnxruntime-fp32") == [Target("openvino", "int8"),
                                                                 Target("onnxruntime", "fp32")]
     assert Target("onnxruntime", "fp32", "cuda").id == "onnxruntime-cuda-fp32"
+    compiled = parse_targets("torch-cuda-bf16-compiled-nchw")[0]
+    assert (compiled.compile, compiled.channels_last, compiled.variant.artifact_precision) == (True, False, "bf16")
     with pytest.raises(ValueError, match="unknown target 'openvino-fp64'"):
         parse_targets("openvino-fp64")
     assert export_targets([Target("openvino", "int8")], gpus=0) == ["onnx", "openvino-int8"]
-    assert export_targets([Target("openvino", "bf16"), Target("torch", "bf16")], gpus=0) == [
-        "onnx", "openvino-fp32", "torch-fp32"]  # bf16 runs the fp32 artifacts with a precision option
+    # OpenVINO bf16 runs the fp32 IR with a precision hint; torch bf16 has its own weights, exported only where
+    # the CPU runs bf16 natively (elsewhere the target is skipped, so its parity run would be wasted).
+    assert export_targets([Target("openvino", "bf16"), Target("torch", "bf16")], gpus=0, native_bf16=False) == [
+        "onnx", "openvino-fp32"]
+    assert export_targets([Target("openvino", "bf16"), Target("torch", "bf16")], gpus=0, native_bf16=True) == [
+        "onnx", "openvino-fp32", "torch-bf16"]
     assert export_targets([Target("tensorrt", "fp16", "cuda")], gpus=0) == ["onnx"]  # no GPU: no engine
+    # torch alone needs no ONNX; on a GPU its CUDA targets need their precision's weights.
+    assert export_targets([Target("torch", "fp16", "cuda", compile=True)], gpus=1) == ["torch-fp16"]
+    assert export_targets([Target("torch", "fp16", "cuda", compile=True)], gpus=0) == []
 
 
 def test_time_pair_interleaves_rounds_and_rotates_inputs():
