@@ -2,9 +2,11 @@
 
 Scenarios in the spirit of MLPerf: SingleStream = closed loop at concurrency 1; Server = Poisson arrivals at a
 target rate; Offline = the closed loop at the highest concurrency (saturation throughput). Requests are real
-images: PNG-encoded animals validation images, POSTed raw to /v1/models/{name}/classify. When the served bundle
-is given, the same backend is timed in-process (the server's own preprocessing function and default backend
-options) so the server's overhead is a difference of two numbers measured on the same machine, minutes apart.
+images: animals validation images as PNG (or JPEG, optionally resized, e.g. 224x224 for a 1GF model), POSTed raw
+to /v1/models/{name}/classify. Every answer's Server-Timing header is kept, so each level reports where the
+server's time went (receive, decode, queue, compute, encode). When the served bundle is given, the same backend is
+timed in-process (the server's own preprocessing function and the backend options the server reports) so the
+server's overhead is a difference of two numbers measured on the same machine, minutes apart.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import shlex
 import sys
 import time
 import urllib.error
@@ -46,6 +49,9 @@ class E2EConfig:
     warmup: float = 2.0
     bundle: Path | None = None
     images: int = 64
+    image_format: str = "png"  # png | jpeg
+    image_size: int | None = None  # resize to size x size; None: the images' own size
+    server_args: tuple[str, ...] = ()  # extra `python -m serve` flags for a started server (--device cuda ...)
     api_key: str | None = None
     quick: bool = False
     argv: tuple[str, ...] = ()
@@ -66,10 +72,16 @@ def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
         raise ValueError("--concurrency is limited to 256")
     if args.bundle is not None and not args.bundle.is_dir():
         raise ValueError(f"--bundle {args.bundle} is not a directory")
+    if args.image_size is not None and not 8 <= args.image_size <= 4096:
+        raise ValueError(f"--image-size must be in 8..4096, got {args.image_size}")
+    server_args = tuple(shlex.split(args.server_args or ""))
+    if server_args and args.http != "start":
+        raise ValueError("--server-args applies to --http start only")
     return E2EConfig(url=args.http.rstrip("/"), model=args.model, backend=args.runtime or "onnxruntime",
                      concurrency=tuple(args.concurrency),
                      rate=args.rate, duration=duration, warmup=0.5 if args.quick else 2.0, bundle=args.bundle,
-                     images=16 if args.quick else 64, api_key=args.api_key, quick=args.quick,
+                     images=16 if args.quick else 64, image_format=args.image_format, image_size=args.image_size,
+                     server_args=server_args, api_key=args.api_key, quick=args.quick,
                      argv=("python", "benchmarks/latency.py", *argv))
 
 
@@ -95,15 +107,20 @@ def model_info(cfg: E2EConfig) -> dict[str, Any]:
     return _get_json(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}", cfg.api_key)
 
 
-def request_bodies(n: int, seed: int = 0) -> list[bytes]:
-    """`n` PNG-encoded animals validation images (deterministic subset)."""
+def request_bodies(n: int, seed: int = 0, fmt: str = "png", size: int | None = None) -> list[bytes]:
+    """`n` animals validation images (deterministic subset) as PNG or JPEG (quality 90), resized to size x size."""
+    from PIL import Image
+
     from data.datasets import load_dataset
 
     val = load_dataset("animals", "val").subset(min(n, MAX_IMAGES), seed=seed)
     bodies = []
     for i in range(len(val)):
+        img = val.image(i).convert("RGB")
+        if size is not None:
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
-        val.image(i).save(buf, format="PNG")
+        img.save(buf, format="PNG") if fmt == "png" else img.save(buf, format="JPEG", quality=90)
         bodies.append(buf.getvalue())
     return bodies
 
@@ -117,9 +134,12 @@ def bare_runtime(bundle: Path, info: dict[str, Any], bodies: list[bytes], second
 
     manifest = read_manifest(bundle)
     spec = manifest.preprocessing
+    run = info.get("execution") or {}  # what the server runs: the bare runtime mirrors it
+    options = runtimes.BackendOptions(device=info.get("device", "cpu"), compile=bool(run.get("compiled")),
+                                      channels_last=run.get("channels_last"),
+                                      buckets=tuple(run["batch_buckets"]) if run.get("batch_buckets") else None)
     t0 = time.perf_counter()
-    backend = runtimes.open_backend(bundle, manifest, info["runtime"], info.get("precision"),
-                                    runtimes.BackendOptions(device=info.get("device", "cpu")))
+    backend = runtimes.open_backend(bundle, manifest, info["runtime"], info.get("precision"), options)
     cold = time.perf_counter() - t0
     try:
         prep = []
@@ -165,23 +185,25 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
 
     log_path = Path(tempfile.mkdtemp(prefix="vitc-e2e-")) / "server.log"
     try:
-        server = start(["--model", str(cfg.bundle), "--backend", cfg.backend, "--no-access-log"], log_path,
-                       {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
+        server = start(["--model", str(cfg.bundle), "--backend", cfg.backend, "--no-access-log",
+                        *cfg.server_args], log_path, {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
     except RuntimeError as exc:
         raise ValueError(f"the server did not start: {str(exc).splitlines()[0]} (log: {log_path})") from None
     try:
         doc = _run_e2e(dataclasses.replace(cfg, url=server.url), log)
     finally:
         server.stop()
-    doc["server_started"] = {"backend": cfg.backend, "bundle": str(cfg.bundle), "settings": "defaults"}
+    doc["server_started"] = {"backend": cfg.backend, "bundle": str(cfg.bundle),
+                             "settings": " ".join(cfg.server_args) or "defaults"}
     return doc
 
 
 def _run_e2e(cfg: E2EConfig, log: Any) -> dict[str, Any]:
     info = model_info(cfg)
     name = info["name"]
-    endpoint = Endpoint(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}/classify", "image/png", cfg.api_key)
-    bodies = request_bodies(cfg.images)
+    endpoint = Endpoint(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}/classify", f"image/{cfg.image_format}",
+                        cfg.api_key)
+    bodies = request_bodies(cfg.images, fmt=cfg.image_format, size=cfg.image_size)
     env = machine.environment(None)
     doc: dict[str, Any] = {
         "schema": SCHEMA, "schema_version": 1,
@@ -189,8 +211,8 @@ def _run_e2e(cfg: E2EConfig, log: Any) -> dict[str, Any]:
         "argv": list(cfg.argv), "url": cfg.url,
         "server_model": {k: v for k, v in info.items() if k not in ("labels",)},
         "config": {"concurrency": list(cfg.concurrency), "rate": cfg.rate, "duration_s": cfg.duration,
-                   "warmup_s": cfg.warmup, "images": len(bodies), "image_bytes_mean": float(np.mean([len(b)
-                                                                                              for b in bodies]))},
+                   "warmup_s": cfg.warmup, "images": len(bodies), "image_format": cfg.image_format,
+                   "image_size": cfg.image_size, "image_bytes_mean": float(np.mean([len(b) for b in bodies]))},
         "environment": env, "bare": None, "closed": [], "open": None,
     }
     if cfg.bundle is not None:
@@ -281,17 +303,39 @@ def markdown_e2e(doc: dict[str, Any], plots: list[str] = ()) -> str:
         f"- {doc['created']}, host {doc['host']}, CPU {env['cpu']['model']} ({env['cpu'].get('usable_cpus')} CPUs), "
         f"load average at start {la}; client and server share the machine",
         f"- Command: `{' '.join(doc['argv'])}`",
-        f"- Requests: {doc['config']['images']} PNG animals val images (mean {doc['config']['image_bytes_mean']:.0f} "
-        f"bytes), raw body to /v1/models/{m['name']}/classify; {doc['config']['duration_s']:g} s per level after "
+        f"- Requests: {doc['config']['images']} {doc['config'].get('image_format', 'png').upper()} animals val "
+        f"images{_size_note(doc['config'].get('image_size'))} (mean {doc['config']['image_bytes_mean']:.0f} bytes), "
+        f"raw body to /v1/models/{m['name']}/classify; {doc['config']['duration_s']:g} s per level after "
         f"{doc['config']['warmup_s']:g} s warm-up",
         "",
         *table,
         "",
+        *stage_table(doc),
         *(f"- {line}" for line in overhead_lines(doc)),
         "",
         *(f"![{p}]({p})" for p in plots),
     ]
     return "\n".join(parts) + "\n"
+
+
+def _size_note(size: int | None) -> str:
+    return f" resized to {size}x{size}" if size else ""
+
+
+def stage_table(doc: dict[str, Any]) -> list[str]:
+    """Where the server's time went per load level: Server-Timing medians (ms) per stage, as Markdown lines."""
+    levels = [r for r in [*doc["closed"], doc["open"]] if r and r.get("server_timing_ms")]
+    stages = list(dict.fromkeys(k for r in levels for k in r["server_timing_ms"]))
+    if not levels:
+        return []
+    lines = ["Where the server's time goes (Server-Timing, p50 ms per stage; total = server side, the rest of the "
+             "client's p50 is the network and the client):", "",
+             "| level | client p50 | " + " | ".join(stages) + " |", "|" + "---|" * (len(stages) + 2)]
+    for r in levels:
+        level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['target_rate']:.1f}/s"
+        cells = [f"{r['server_timing_ms'][k]['p50']:.2f}" if k in r["server_timing_ms"] else "-" for k in stages]
+        lines.append(f"| {level} | {r['latency_ms']['p50']:.2f} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot_e2e(doc: dict[str, Any], path: Path) -> Path:

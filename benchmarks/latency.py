@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the served bundle, timed bare in-process for the overhead comparison")
     http.add_argument("--runtime", default=None,
                       help="backend of the server --http start launches (default onnxruntime)")
+    http.add_argument("--server-args", default=None, metavar="FLAGS",
+                      help="more `python -m serve` flags for --http start: --server-args='--device cuda --compile'")
+    http.add_argument("--image-format", choices=("png", "jpeg"), default="png",
+                      help="request images: PNG (default) or JPEG (quality 90)")
+    http.add_argument("--image-size", type=int, default=None,
+                      help="resize the request images to N x N (default: their own size), e.g. 224")
     http.add_argument("--api-key", default=os.environ.get("VITC_API_KEY"), help="bearer token (default $VITC_API_KEY)")
     return p
 

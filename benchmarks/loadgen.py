@@ -66,6 +66,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)  # "HTTP 503" / "ConnectionResetError" -> count
     client_cpu_s: float = 0.0
     workers: int | None = None  # open loop: connections it needed
+    server_timing: list[dict[str, float]] = field(default_factory=list)  # successful requests' stages (ms)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: latency percentiles (ms), throughput, error counts."""
@@ -79,7 +80,24 @@ class LoadResult:
             "client_cpu_s": round(self.client_cpu_s, 3), "workers": self.workers,
         }
         out["latency_ms"] = summarize([x * 1e3 for x in self.latencies_s]) if ok else None
+        stages = dict.fromkeys(k for t in self.server_timing for k in t)
+        out["server_timing_ms"] = {k: summarize([t[k] for t in self.server_timing if k in t]) for k in stages}
         return out
+
+
+def parse_server_timing(value: str | None) -> dict[str, float]:
+    """`decode;dur=1.2, compute;dur=3.4` -> {"decode": 1.2, "compute": 3.4} (malformed entries are skipped)."""
+    out: dict[str, float] = {}
+    for entry in (value or "").split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, number = param.strip().partition("=")
+            if name and key == "dur":
+                try:
+                    out[name] = float(number)
+                except ValueError:
+                    pass
+    return out
 
 
 class _Client:
@@ -88,6 +106,7 @@ class _Client:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.conn: http.client.HTTPConnection | None = None
+        self.timing: dict[str, float] = {}  # the last answer's Server-Timing stages
 
     def post(self, body: bytes) -> str | None:
         """Send one request and read the whole answer; None on HTTP 200, else an error label."""
@@ -97,6 +116,7 @@ class _Client:
             self.conn.request("POST", self.endpoint.path, body=body, headers=self.endpoint.headers())
             resp = self.conn.getresponse()
             resp.read()
+            self.timing = parse_server_timing(resp.getheader("Server-Timing"))
             if resp.will_close:
                 self.close()
             return None if resp.status == 200 else f"HTTP {resp.status}"
@@ -128,6 +148,7 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
     def worker(k: int) -> None:
         client, i = _Client(endpoint), k
         local: list[float] = []
+        stages: list[dict[str, float]] = []
         while (now := time.perf_counter()) < t_end:
             err = client.post(bodies[i % len(bodies)])
             done = time.perf_counter()
@@ -136,11 +157,14 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
                 continue
             if err is None:
                 local.append(done - now)
+                if client.timing:
+                    stages.append(client.timing)
             else:
                 _count(result.errors, lock, err)
         client.close()
         with lock:
             result.latencies_s.extend(local)
+            result.server_timing.extend(stages)
 
     cpu0 = time.process_time()
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
@@ -176,6 +200,8 @@ def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds:
                 done[0] += 1
                 if counted and err is None:
                     result.latencies_s.append(finished - scheduled)
+                    if client.timing:
+                        result.server_timing.append(client.timing)
                 elif counted:
                     result.errors[err] = result.errors.get(err, 0) + 1
         client.close()

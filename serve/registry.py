@@ -36,6 +36,11 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     users: int = field(default=0, repr=False)  # requests holding this version (a swap waits for them)
     startup: dict[str, float] = field(default_factory=dict, repr=False)  # seconds of each loading step
+    execution: dict[str, Any] = field(default_factory=dict, repr=False)  # backend.describe() at load
+
+    def __post_init__(self) -> None:
+        if not self.execution and self.backend is not None:  # once: a drained, closed backend cannot describe itself
+            self.execution = self.backend.describe()
 
     @property
     def spec(self) -> Preprocessing:
@@ -80,6 +85,7 @@ class ServedModel:
             "runtime": self.backend.runtime,
             "precision": self.backend.precision,
             "device": self.backend.device,
+            "execution": self.execution,  # what really runs: threads, compute precision, providers, ...
             "max_batch": self.max_batch,
             "input": {**m.input.to_dict(), "max_batch": self.max_batch},
             "output": m.output.to_dict(),

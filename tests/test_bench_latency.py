@@ -102,18 +102,27 @@ def test_http_mode_starts_a_server_and_compares_with_the_bare_runtime(quick, tmp
     bundle = cache / "vit_c_micro-random-init"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--http", "start", "--bundle", str(bundle), "--quick", "--duration", "0.5",
-         "--concurrency", "1,2", "--out", str(tmp_path)],
+         "--concurrency", "1,2", "--image-format", "jpeg", "--image-size", "48",
+         "--server-args", "--max-queue-delay-ms 1 --threads 1", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(_one(tmp_path, "*-http.json").read_text())
     assert _one(tmp_path, "*-http.png").read_bytes()[:8] == PNG_MAGIC
-    assert "server overhead at concurrency 1" in _one(tmp_path, "*-http.md").read_text()
+    md = _one(tmp_path, "*-http.md").read_text()
+    assert "server overhead at concurrency 1" in md and "JPEG animals val images resized to 48x48" in md
     assert doc["url"].startswith("http://127.0.0.1:") and doc["server_started"]["backend"] == "onnxruntime"
+    assert doc["server_started"]["settings"] == "--max-queue-delay-ms 1 --threads 1"
+    assert doc["server_model"]["execution"]["threads_effective"] == 1  # the flags reached the server
     assert [r["concurrency"] for r in doc["closed"]] == [1, 2]
     for level in [*doc["closed"], doc["open"]]:
         assert level["ok"] > 0 and level["errors"] == {} and level["throughput_rps"] > 0
         assert level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
+        # Every answer's Server-Timing: the stages add up to no more than the server's total, itself <= the client's.
+        st = level["server_timing_ms"]
+        assert {"decode", "compute", "total"} <= st.keys(), st
+        assert st["compute"]["p50"] <= st["total"]["p50"] <= level["latency_ms"]["p50"] * 1.05
+    assert "Where the server's time goes" in md and "| c=1 |" in md
     assert doc["open"]["mode"] == "open" and doc["open"]["target_rate"] > 0
     assert doc["server_model"]["runtime"] == doc["bare"]["runtime"] == "onnxruntime"
     o = doc["overhead"]
@@ -128,6 +137,8 @@ def test_http_mode_starts_a_server_and_compares_with_the_bare_runtime(quick, tmp
     (["--http", "ftp://example.org"], "needs an http(s)://host"),
     (["--http", "start"], "--http start needs --bundle"),
     (["--http", "http://127.0.0.1:9", "--duration", "1"], "cannot reach the server"),
+    (["--http", "http://127.0.0.1:9", "--server-args=--compile"], "--server-args applies to --http start only"),
+    (["--parity-samples", "0"], "--parity-samples must be in 1..100000"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -164,6 +175,24 @@ def test_quick_on_the_gpu_measures_the_cuda_limit_and_onnxruntime_cuda(quick, tm
     assert doc["machine_limit"]["cuda"]["fp32"]["gflops"] > 0
     cells = [r for r in doc["results"] if r["target"] == "onnxruntime-cuda-fp32"]
     assert cells and all(r["limit"] == "cuda fp32" and 0 < r["fraction_of_limit"] < 1.5 for r in cells)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (none visible to torch)")
+def test_quick_on_torch_cuda_eager_and_compiled(quick, tmp_path):
+    _, cache, _ = quick
+    targets = "torch-cuda-fp32,torch-cuda-bf16,torch-cuda-bf16-nchw,torch-cuda-fp16-compiled"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--targets", targets,
+         "--cache", str(cache), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(_one(tmp_path, "*-quick.json").read_text())
+    assert {r["target"] for r in doc["results"]} == set(targets.split(",")), doc["skipped"]
+    for r in doc["results"]:
+        assert r["limit"] == f"cuda {r['precision']}" and 0 < r["fraction_of_limit"] < 1.5
+        assert r["channels_last"] == (not r["target"].endswith("-nchw"))
+        assert r["compiled"] == ("compiled" in r["target"])
 
 
 @pytest.mark.tensorrt
