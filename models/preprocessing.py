@@ -136,12 +136,34 @@ def to_uint8(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     footprint only: the cost is bounded by the crop whatever the aspect ratio (a 2 x 1,000,000 strip costs what a
     small square does), and the output equals resizing the whole image and then cropping it.
     """
+    arr = _pixels(img, spec)
+    return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
+
+
+def _pixels(img: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """(crop, crop) for a one-channel model colour space, else (crop, crop, 3), uint8 (see `to_uint8`)."""
     source = _source_crop(img, spec)
     region = to_mode(source.image, spec.mode)
     if source.scaled:
         region = region.resize((spec.crop, spec.crop), _RESAMPLE[spec.interpolation], box=source.box)
-    arr = np.asarray(region, dtype=np.uint8)
-    return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
+    return np.asarray(region, dtype=np.uint8)
+
+
+def image_input(img: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """One decoded image -> (1, 3, crop, crop) float32, bitwise `preprocess([img], spec)`; a grey image is looked
+    up once, not copied into three channels first (the server's per-request path)."""
+    arr = _pixels(img, spec)
+    if arr.ndim == 3:
+        return normalize(arr[None], spec)
+    table = _lookup(spec.mean, spec.std)
+    out = np.empty((1, 3, *arr.shape), np.float32)
+    np.take(table[0], arr, out=out[0, 0], mode="clip")
+    for k in (1, 2):
+        if np.array_equal(table[k], table[0]):
+            out[0, k] = out[0, 0]
+        else:
+            np.take(table[k], arr, out=out[0, k], mode="clip")
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 import serve
 from models.host import usable_cpus
+from serve.fastpath import FastPathMiddleware
 from serve.metrics import Metrics
 from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware
 from serve.registry import ServedModel, close_models, load_models
@@ -61,6 +62,8 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     app.include_router(v2.router)
     app.include_router(ops.router)
     # Added innermost first: the access log sees every answer, including auth and body-limit refusals.
+    app.add_middleware(FastPathMiddleware, path="/v1/models/{name}/classify", handler=v1.classify_request,
+                       max_top_k=v1.MAX_TOP_K)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=v2.HEALTH_PATHS)

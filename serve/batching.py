@@ -246,11 +246,14 @@ class DynamicBatcher:
     async def _call(self, loop: asyncio.AbstractEventLoop, fn: Callable, arg: object,
                     stuck: list[asyncio.Future]) -> tuple[np.ndarray, float]:
         """`fn(arg)` in the pool within `timeout_s`; past it the model stalls and InferenceTimeout is raised."""
-        call = loop.run_in_executor(self._pool, fn, arg)
+        # The thread's own future outlives a timeout (the recovery awaits it); the awaited wrapper may be cancelled.
+        # (asyncio.timeout on a plain wrapper: fewer loop iterations per batch than wait_for + shield.)
+        job = self._pool.submit(fn, arg)
         try:
-            return await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                return await asyncio.wrap_future(job, loop=loop)
         except TimeoutError:
-            stuck.append(call)
+            stuck.append(asyncio.wrap_future(job, loop=loop))
             self._stall()
             raise InferenceTimeout(f"model {self.name!r}: inference took longer than {self.timeout_s:g} s") from None
 

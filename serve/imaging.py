@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.preprocessing import Preprocessing, normalize, to_uint8
+from models.preprocessing import Preprocessing, image_input
 from serve.workpool import PixelBudget
 
 # Pillow decoders the server accepts (those this Pillow build has); anything else is never parsed.
@@ -119,12 +119,11 @@ def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bo
     with budget.reserve(w * h) if budget is not None else contextlib.nullcontext():
         img = load_pixels(img)
         try:
-            pixels = to_uint8(img, spec)
+            return image_input(img, spec)
         except MemoryError:
             raise
         except Exception as exc:  # a mode or layout the conversion does not take
             raise ImageError(400, f"cannot convert a {img.mode} image ({_short(exc)})") from None
-        return normalize(pixels[None], spec)
 
 
 def _short(exc: BaseException) -> str:

@@ -215,6 +215,22 @@ def test_image_edges_and_parameters(client, pngs):
     assert classify(client, pngs[0], top_k=3).status_code == 200
 
 
+def test_fast_path_and_fastapi_route_answer_alike(client, pngs):
+    # Plain requests take serve.fastpath; any other query goes through FastAPI's router to the same handler.
+    def both(model: str, query: str) -> tuple[httpx.Response, httpx.Response]:
+        url = f"/v1/models/{model}/classify"
+        headers = {"content-type": "image/png"}
+        return (client.post(f"{url}?{query}", content=pngs[2], headers=headers),
+                client.post(f"{url}?{query}&via=router", content=pngs[2], headers=headers))
+
+    for model, query, status in [("micro", "top_k=3", 200), ("micro", "top_k=03", 200), ("nope", "top_k=2", 404),
+                                 ("micro", "top_k=99", 422)]:
+        fast, routed = both(model, query)
+        assert fast.status_code == routed.status_code == status, (query, fast.text, routed.text)
+        assert fast.json() == routed.json()
+        assert "server-timing" in fast.headers or status != 200
+
+
 def test_two_hundred_concurrent_requests_are_batched(server, client, pngs, direct):
     expected = direct(pngs)
     before = _batch_histogram(client)

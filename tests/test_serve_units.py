@@ -41,6 +41,9 @@ def test_served_input_is_the_shared_preprocessing():
     img = photo()
     np.testing.assert_array_equal(prepare(encode(img, "PNG"), RGB, max_pixels=LIMIT), preprocess([img], RGB))
     np.testing.assert_array_equal(prepare(encode(img, "PNG"), GREY, max_pixels=LIMIT), preprocess([img], GREY))
+    # A grey model whose channels are normalised differently (the server looks each channel up on its own).
+    uneven = Preprocessing(resize=40, crop=32, mean=(0.2, 0.3, 0.4), std=(0.5, 0.4, 0.3), mode="L")
+    np.testing.assert_array_equal(prepare(encode(img, "PNG"), uneven, max_pixels=LIMIT), preprocess([img], uneven))
 
 
 def test_exif_orientation_is_applied():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from serve.settings import Settings
 from serve.timing import stage, timings
 
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
+MAX_TOP_K = 1000
 MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bounded by the body limit
 
 
@@ -65,9 +67,20 @@ def top_predictions(model_name: str, logits: np.ndarray, labels: list[str], k: i
     z = logits.astype(np.float64) - logits.max()
     p = np.exp(z)
     p /= p.sum()
-    order = np.argsort(-p, kind="stable")[:k]
+    # The k best without sorting every class (a partition, then k sorted); ties rank the lower index first, so a
+    # tie across the k-th place falls back to the full stable sort.
+    best = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
+    kth = p[best].min()
+    if np.count_nonzero(p == kth) != np.count_nonzero(p[best] == kth):
+        best = np.argsort(-p, kind="stable")[:k]
+    order = best[np.lexsort((best, -p[best]))]
     return {"model": model_name,
             "predictions": [{"label": labels[i], "index": int(i), "score": float(p[i])} for i in order]}
+
+
+async def _one(work: Awaitable[np.ndarray]) -> list[np.ndarray]:
+    """A lone image's result as a one-element list (no task and gather layers of `all_or_none` for it)."""
+    return [await work]
 
 
 def _media_type(value: str | None) -> str:
@@ -133,9 +146,14 @@ async def describe_model(model: ModelDep) -> dict[str, Any]:
 async def classify(
     request: Request,
     name: str,
-    top_k: Annotated[int | None, Query(ge=1, le=1000, description="predictions per image (default 5)")] = None,
+    top_k: Annotated[int | None, Query(ge=1, le=MAX_TOP_K, description="predictions per image (default 5)")] = None,
 ) -> JSONResponse:
     """Softmax top-k for one image (raw body or one `file`), or a list for several `file` fields."""
+    return await classify_request(request, name, top_k)
+
+
+async def classify_request(request: Request, name: str, top_k: int | None) -> JSONResponse:
+    """The classify endpoint's work, shared with the fast path (serve.fastpath) that skips FastAPI's routing."""
     with held(request, name) as model:
         return await _classify(request, model, request.app.state.settings, top_k)
 
@@ -161,8 +179,9 @@ async def _classify(request: Request, model: ServedModel, settings: Settings, to
             if isinstance(result, BaseException):
                 raise result
         # The first image's queue and compute times stand for the request's.
-        logits = await unless_gone(request, model, all_or_none(
-            submit(model, x, timings(request) if i == 0 else None) for i, x in enumerate(decoded)))
+        work = (all_or_none(submit(model, x, timings(request) if i == 0 else None) for i, x in enumerate(decoded))
+                if many else _one(submit(model, decoded[0], timings(request))))
+        logits = await unless_gone(request, model, work)
     with stage(request, "encode"):
         answers = [top_predictions(model.name, finite_output(model, y)[0], model.labels, k) for y in logits]
         return JSONResponse(answers if many else answers[0])
