@@ -69,11 +69,10 @@ class OnnxRuntimeBackend:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Workers spin between the operators of a run (a futex wake per parallel section costs ~2 ms a 1GF batch
-        # on 2 cores) but stop the moment the run returns: between batches the cores are the HTTP loop's and the
-        # image decoders'.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
+        # Spinning workers would steal the cores the HTTP loop and image decoding need: measured on 2 cores, spinning
+        # within runs (even stopped when a run returns) gains ~1-2 ms at batch 1 alone but costs 15 % of the
+        # served throughput at saturation (benchmarks/results/2026-12-04-2037-vm-overhead.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if options.device_kind == "cuda":
             if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (the GPU image has no toolkit)

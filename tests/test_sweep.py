@@ -142,11 +142,59 @@ def test_sign_test_and_standard_errors_by_hand():
 
 @pytest.mark.parametrize(
     "sup,con,total,expected",
-    [(4, 0, 4, "yes"), (2, 0, 4, "yes"), (1, 0, 4, "partial"), (2, 1, 4, "partial"), (0, 0, 4, "no"),
-     (1, 2, 4, "no"), (0, 0, 0, "not run")],
+    [(4, 0, 4, "yes"), (3, 0, 3, "yes"), (2, 0, 3, "partial"),  # 2 support + 1 tie is partial, not yes
+     (1, 0, 4, "partial"), (2, 1, 4, "partial"), (0, 0, 4, "no"), (1, 1, 4, "no"), (1, 2, 4, "no"),
+     (0, 3, 3, "no"), (0, 0, 0, "not run")],
 )
 def test_verdict_rules(sup, con, total, expected):
     assert claims.verdict(sup, con, total) == expected
+
+
+def test_the_rules_text_is_the_one_the_code_applies():
+    # The report prints the module's rules; they name the thresholds the code uses.
+    rules = " ".join(claims.__doc__.split())
+    assert "twice its standard error" in rules and claims.NOISE_SE == 2.0
+    assert "within 3 %" in rules and claims.FLOPS_PARITY == 0.03
+    assert "within 5 %" in rules and claims.RUNTIME_PARITY == 0.05
+    assert '"yes" when every comparison supports it' in rules
+
+
+def _table(c: dict, p: dict) -> dict:
+    return {"vit_c_x": {"adamw": c}, "vit_p_x": {"adamw": p}}
+
+
+def test_claims_at_equal_flops_are_not_judged_off_parity():
+    table = _table({4: {"mean": 20.0, "std": 0.5, "n": 3}}, {4: {"mean": 30.0, "std": 0.5, "n": 3}})
+    judged = claims.convergence_claim(table, "vit_c_x", "vit_p_x", 1000, flops_ratio=1.007)
+    assert judged["reproduced"] == "yes" and judged["flops_ratio"] == pytest.approx(1.007)
+    off = claims.convergence_claim(table, "vit_c_x", "vit_p_x", 1000, flops_ratio=0.83)
+    assert off["reproduced"] == "not judged" and off["supporting"] == 1  # the numbers are kept, not judged
+    comp = {"vit_c_x": {"flops": 83}, "vit_p_x": {"flops": 100}}
+    assert claims.peak_claim(table, "vit_c_x", "vit_p_x", 1000, comp, {})["reproduced"] == "not judged"
+    comp["vit_c_x"]["flops"] = 102
+    assert claims.peak_claim(table, "vit_c_x", "vit_p_x", 1000, comp, {})["reproduced"] == "yes"
+
+
+def test_seed_variance_turns_a_difference_into_a_tie():
+    # 3 points apart: beyond 2 SE of the val set alone (n=3 seeds, ~0.9 each), within 2 SE of noisy seeds.
+    steady = _table({4: {"mean": 20.0, "std": 0.2, "n": 3}}, {4: {"mean": 23.0, "std": 0.2, "n": 3}})
+    noisy = _table({4: {"mean": 20.0, "std": 4.0, "n": 3}}, {4: {"mean": 23.0, "std": 4.0, "n": 3}})
+    assert claims.convergence_claim(steady, "vit_c_x", "vit_p_x", 2000)["supporting"] == 1
+    row = claims.convergence_claim(noisy, "vit_c_x", "vit_p_x", 2000)
+    assert (row["supporting"], row["contradicting"], row["reproduced"]) == (0, 0, "no")
+    assert claims.se_cell({"mean": 20.0, "std": 4.0, "n": 4}, 2000) == pytest.approx(2.0)
+    # One seed: the val set's binomial noise only.
+    assert claims.se_cell({"mean": 20.0, "std": None, "n": 1}, 1000) == pytest.approx(claims.se_error(20.0, 1000))
+
+
+def test_runtime_claim_counts_each_measured_setting():
+    rows = [{"what": "train_step", "device": "cpu", "layout": "nchw", "compiled": False, "ratio": 1.02},
+            {"what": "inference", "device": "cpu", "layout": "nchw", "compiled": False, "ratio": 0.90},
+            {"what": "inference", "device": "cpu", "layout": "channels_last", "compiled": False, "ratio": 1.12}]
+    row = claims.runtime_claim(rows)
+    assert (row["supporting"], row["contradicting"], row["reproduced"]) == (2, 1, "partial")
+    assert claims.runtime_claim(rows[:2])["reproduced"] == "yes"
+    assert claims.runtime_claim([])["reproduced"] == "not run"
 
 
 def test_convergence_claim_counts_only_differences_beyond_noise():
@@ -155,9 +203,9 @@ def test_convergence_claim_counts_only_differences_beyond_noise():
         "vit_p_mini": {"adamw": {5: {"mean": 30.0}, 10: {"mean": 15.5}}, "sgd": {5: {"mean": 25.0}}},
     }
     row = claims.convergence_claim(table, "vit_c_mini", "vit_p_mini", n_val=1000)
-    # 10 points (support), 0.5 points (tie: SE ~1.6), -5 points (contradicts).
+    # 10 points (support), 0.5 points (tie: 2 SE ~3.2), -5 points (contradicts: beyond 2 SE ~3.8).
     assert (row["supporting"], row["contradicting"], row["comparisons"]) == (1, 1, 3)
-    assert row["reproduced"] == "partial"
+    assert row["reproduced"] == "no"  # as many contradictions as supports
 
 
 # ---------------------------------------------------------------- runner: resume skips finished runs (real training)
@@ -253,7 +301,7 @@ def test_report_from_results_reproduces_a_clear_cut_study(tmp_path):
     for s in plan.stability_specs(cfg):
         atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, error(s)))
     _, tuned_runs, tuned = study.plan_study(cfg, "all", tmp_path)
-    assert len(tuned_runs) == 2 * 2 * 2 and set(tuned) == {(m, o) for m in cfg.models for o in cfg.optimizers}
+    assert len(tuned_runs) == 2 * 2 * 2 * len(cfg.seeds) and set(tuned) == {(m, o) for m in cfg.models for o in cfg.optimizers}
     for s in tuned_runs:
         atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, error(s)))
 
@@ -268,7 +316,9 @@ def test_report_from_results_reproduces_a_clear_cut_study(tmp_path):
                  "stability_lr_wd.png"):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "claims.md").read_text()
-    assert "| Claim | Paper | Measured here | Reproduced |" in md and "**yes**" in md
+    assert "| Claim | Paper | Measured here (seed mean ± standard error) | Flops C/P | Reproduced |" in md
+    assert "**yes**" in md and "| 1.007 |" in md  # the nano pair's flops ratio beside its verdicts
+    assert "pair vit_c_nano / vit_p_nano, seeds 0, 1, 2" in md
     assert not (tmp_path / "runs-unused").exists()  # report-only trains nothing
 
 
@@ -292,3 +342,16 @@ def test_cli_dry_run_prints_per_run_commands(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("todo")]
     assert len(lines) == 3 * 2 * 2 and all(" -m train --model vit_" in ln for ln in lines)
     assert not (tmp_path / "s").exists()
+
+
+def test_runtime_measures_both_layouts_for_training_and_inference():
+    from train.sweep import runtime
+
+    rows = runtime.measure("vit_c_nano", "vit_p_nano", "cpu", batch=4, rounds=2, target_s=0.005)
+    assert [(r["what"], r["layout"], r["compiled"]) for r in rows] == [
+        ("train_step", "nchw", False), ("train_step", "channels_last", False),
+        ("inference", "nchw", False), ("inference", "channels_last", False)]
+    for r in rows:
+        assert r["ms_vit_c"] > 0 and r["ms_vit_p"] > 0 and 0.2 < r["ratio"] < 5 and r["rounds"] == 2
+    assert runtime.main(["--models", "vit_c_nano,vit_nope"]) == 2
+

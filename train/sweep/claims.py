@@ -1,9 +1,14 @@
-"""Verdicts on the paper's claims from a study's numbers, with noise-aware rules stated in each row.
+"""Verdicts on the paper's claims from a study's numbers. The rules, stated once (the report prints this text):
 
-Noise: every error is measured on a finite val set, so a difference is only counted when it exceeds one
-binomial standard error of that difference; smaller ones are ties. Stability uses a sign test over the paired
-(lr, wd) samples. A claim "reproduces" when its comparisons support it and none contradict it, is "partial" when
-support and ties (or contradictions) are mixed, and "no" when nothing supports it or contradictions dominate.
+A comparison is a difference between ViT_C and ViT_P (or a sign test over paired samples). A difference counts
+only beyond twice its standard error, which combines the binomial noise of a finite val set with the spread over
+training seeds (the standard error of a seed mean); smaller differences are ties. Stability uses a one-sided sign
+test over the paired (lr, wd) samples at p < 0.05. A claim is "yes" when every comparison supports it, "partial"
+when some support it and more support it than contradict it (the rest ties or contradictions), "no" when none
+support it or contradictions are at least as many as supports, and "not run" without comparisons. Claims stated
+at equal flops (convergence, peak accuracy) are judged only on a pair whose ViT_C/ViT_P flops ratio is within
+3 %; any other pair is "not judged", with its ratio printed. Runtime parity holds when the ViT_C/ViT_P time
+ratio is within 5 % or ViT_C is faster.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from collections.abc import Sequence
 from math import comb
 from typing import Any
 
+NOISE_SE = 2.0  # a difference counts beyond this many standard errors (about 95 %)
+FLOPS_PARITY = 0.03  # claims at equal flops are judged on pairs within this flops ratio of 1
+RUNTIME_PARITY = 0.05  # time ratio above 1 still called parity
+
 PAPER = {
     "convergence": "ViT_C converges faster: lower error than ViT_P at short schedules (50/100/200 epochs), "
     "with AdamW and with SGD.",
@@ -20,6 +29,7 @@ PAPER = {
     "stability": "ViT_C is more stable across learning rate and weight decay: over log-uniformly sampled "
     "(lr, wd), its error EDF is tighter and lies left of ViT_P's.",
     "peak": "ViT_C reaches 1-2 points lower top-1 error at equal flops, with flops and runtime at parity.",
+    "runtime": "ViT_C and ViT_P run at parity: equal flops give equal time per training step and per inference batch.",
 }
 
 
@@ -34,57 +44,84 @@ def se_diff(errs: Sequence[float], n_val: int) -> float:
     return math.sqrt(sum(se_error(e, n_val) ** 2 for e in errs))
 
 
+def se_cell(cell: dict[str, Any], n_val: int) -> float:
+    """Standard error of a seed mean {"mean", "std", "n"}: the seeds' spread over sqrt(n), never below the val
+    set's binomial noise of that mean (two or three seeds can agree by chance)."""
+    n = max(1, int(cell.get("n") or 1))
+    binomial = se_error(cell["mean"], n_val) / math.sqrt(n)
+    std = cell.get("std")
+    return max(binomial, std / math.sqrt(n)) if std is not None and n > 1 else binomial
+
+
+def se_cells(cells: Sequence[dict[str, Any]], n_val: int) -> float:
+    """Standard error of a sum/difference of independent seed means."""
+    return math.sqrt(sum(se_cell(c, n_val) ** 2 for c in cells))
+
+
+def flops_parity(ratio: float) -> bool:
+    """Whether a ViT_C/ViT_P flops ratio is close enough to judge claims stated at equal flops."""
+    return abs(ratio - 1.0) <= FLOPS_PARITY
+
+
+def runtime_parity(ratio: float) -> bool:
+    """Whether a ViT_C/ViT_P time ratio is at parity (within 5 %, or ViT_C faster)."""
+    return ratio <= 1.0 + RUNTIME_PARITY
+
+
 def sign_test_p(wins: int, n: int) -> float:
     """One-sided sign-test p-value: P(X >= wins) for X ~ Binomial(n, 1/2)."""
     return sum(comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
 
 
 def verdict(support: int, contradict: int, total: int) -> str:
-    """'yes' / 'partial' / 'no' from counts of supporting and contradicting comparisons."""
+    """'yes' / 'partial' / 'no' / 'not run' from counts of supporting and contradicting comparisons (module rules)."""
     if total == 0:
         return "not run"
-    if support == 0 or contradict > support:
-        return "no"
-    if contradict == 0 and support * 2 >= total:
+    if support == total:
         return "yes"
-    return "partial"
+    if support > contradict:
+        return "partial"
+    return "no"
 
 
 def _tally(margins: list[tuple[float, float]]) -> tuple[int, int]:
-    """(supporting, contradicting) among (advantage, noise) pairs; |advantage| <= noise is a tie."""
-    return sum(a > n for a, n in margins), sum(a < -n for a, n in margins)
+    """(supporting, contradicting) among (advantage, standard error) pairs; |advantage| <= 2 SE is a tie."""
+    return sum(a > NOISE_SE * n for a, n in margins), sum(a < -NOISE_SE * n for a, n in margins)
 
 
-def convergence_claim(table: dict, conv: str, patch: str, n_val: int) -> dict[str, Any]:
-    """ViT_P error minus ViT_C error per optimizer x schedule length."""
+def convergence_claim(table: dict, conv: str, patch: str, n_val: int, flops_ratio: float | None = None
+                      ) -> dict[str, Any]:
+    """ViT_P error minus ViT_C error per optimizer x schedule length (seed means); judged at flops parity only."""
     cells, margins = [], []
     for opt in ("adamw", "sgd"):
         c, p = table.get(conv, {}).get(opt, {}), table.get(patch, {}).get(opt, {})
         for e in sorted(set(c) & set(p)):
             adv = p[e]["mean"] - c[e]["mean"]
-            noise = se_diff([p[e]["mean"], c[e]["mean"]], n_val)
+            noise = se_cells([p[e], c[e]], n_val)
             margins.append((adv, noise))
             cells.append({"optimizer": opt, "epochs": e, "vit_c": c[e]["mean"], "vit_p": p[e]["mean"],
-                          "advantage": adv, "se": noise})
+                          "seeds": min(c[e].get("n") or 1, p[e].get("n") or 1), "advantage": adv, "se": noise})
     sup, con = _tally(margins)
     measured = "; ".join(
-        f"{opt_name(x['optimizer'])} {x['epochs']} ep: C {x['vit_c']:.1f} vs P {x['vit_p']:.1f}" for x in cells
+        f"{opt_name(x['optimizer'])} {x['epochs']} ep: C {x['vit_c']:.1f} vs P {x['vit_p']:.1f} "
+        f"(diff {x['advantage']:+.1f} ± {x['se']:.1f})" for x in cells
     )
-    return _row("convergence", "Convergence", measured, sup, con, len(cells), cells)
+    return _row("convergence", "Convergence", measured, sup, con, len(cells), cells, flops_ratio)
 
 
 def optimizer_claim(gaps: dict[str, dict[int, float]], table: dict, conv: str, patch: str, n_val: int):
-    """(ViT_P's SGD-AdamW gap) minus (ViT_C's) per schedule length."""
+    """(ViT_P's SGD-AdamW gap) minus (ViT_C's) per schedule length (seed means)."""
     cells, margins = [], []
     gc, gp = gaps.get(conv, {}), gaps.get(patch, {})
     for e in sorted(set(gc) & set(gp)):
-        errs = [table[m][o][e]["mean"] for m in (conv, patch) for o in ("adamw", "sgd")]
-        adv, noise = gp[e] - gc[e], se_diff(errs, n_val)
+        adv = gp[e] - gc[e]
+        noise = se_cells([table[m][o][e] for m in (conv, patch) for o in ("adamw", "sgd")], n_val)
         margins.append((adv, noise))
         cells.append({"epochs": e, "gap_vit_c": gc[e], "gap_vit_p": gp[e], "advantage": adv, "se": noise})
     sup, con = _tally(margins)
     measured = "; ".join(
-        f"{x['epochs']} ep: SGD-AdamW gap C {x['gap_vit_c']:+.1f} vs P {x['gap_vit_p']:+.1f}" for x in cells
+        f"{x['epochs']} ep: SGD-AdamW gap C {x['gap_vit_c']:+.1f} vs P {x['gap_vit_p']:+.1f} "
+        f"(diff {x['advantage']:+.1f} ± {x['se']:.1f})" for x in cells
     )
     return _row("optimizer", "SGD vs AdamW", measured, sup, con, len(cells), cells)
 
@@ -120,29 +157,34 @@ def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alph
 
 
 def peak_claim(table: dict, conv: str, patch: str, n_val: int, complexity: dict, runtime: dict):
-    """Best tuned error per stem at the longest schedule, plus flops and runtime ratios."""
-    def best(model: str) -> tuple[float, str] | None:
-        rows = [(v[e]["mean"], o) for o, v in table.get(model, {}).items() for e in [max(v)] if v]
-        return min(rows) if rows else None
+    """Best tuned error per stem at the longest schedule (seed means); judged at flops parity only."""
+    def best(model: str) -> tuple[dict, str] | None:
+        rows = [(v[max(v)], o) for o, v in table.get(model, {}).items() if v]
+        return min(rows, key=lambda r: r[0]["mean"]) if rows else None
 
+    flops_ratio = complexity[conv]["flops"] / complexity[patch]["flops"]
     bc, bp = best(conv), best(patch)
     if bc is None or bp is None:
-        return _row("peak", "Peak accuracy, flops/runtime parity", "not measured", 0, 0, 0, [])
-    adv, noise = bp[0] - bc[0], se_diff([bc[0], bp[0]], n_val)
-    flops_ratio = complexity[conv]["flops"] / complexity[patch]["flops"]
+        return _row("peak", "Peak accuracy at equal flops", "not measured", 0, 0, 0, [], flops_ratio)
+    adv, noise = bp[0]["mean"] - bc[0]["mean"], se_cells([bc[0], bp[0]], n_val)
     rt_ratio = runtime[conv] / runtime[patch] if runtime.get(conv) and runtime.get(patch) else None
     sup, con = _tally([(adv, noise)])
-    cell = {"vit_c": bc[0], "vit_c_optimizer": bc[1], "vit_p": bp[0], "vit_p_optimizer": bp[1],
-            "advantage": adv, "se": noise, "flops_ratio": flops_ratio, "runtime_ratio": rt_ratio}
+    cell = {"vit_c": bc[0]["mean"], "vit_c_optimizer": bc[1], "vit_p": bp[0]["mean"], "vit_p_optimizer": bp[1],
+            "advantage": adv, "se": noise, "flops_ratio": flops_ratio, "train_epoch_time_ratio": rt_ratio}
     rt = f"{rt_ratio:.2f}" if rt_ratio is not None else "n/a"
-    # A pair off flops parity is reported, not judged: fewer flops for ViT_C only handicaps it.
-    parity = "" if abs(flops_ratio - 1) <= 0.1 else " (not at parity: ViT_C has fewer flops)" if flops_ratio < 1 \
-        else " (not at parity: ViT_C has more flops)"
     measured = (
-        f"best error C {bc[0]:.1f} ({opt_name(bc[1])}) vs P {bp[0]:.1f} ({opt_name(bp[1])}), "
-        f"diff {adv:+.1f} (SE {noise:.1f}); flops C/P {flops_ratio:.2f}{parity}, train time C/P {rt}"
+        f"best error C {bc[0]['mean']:.1f} ({opt_name(bc[1])}) vs P {bp[0]['mean']:.1f} ({opt_name(bp[1])}), "
+        f"diff {adv:+.1f} ± {noise:.1f}; train time per epoch C/P {rt} (shared CPU, indicative)"
     )
-    return _row("peak", "Peak accuracy, flops/runtime parity", measured, sup, con, 1, [cell])
+    return _row("peak", "Peak accuracy at equal flops", measured, sup, con, 1, [cell], flops_ratio)
+
+
+def runtime_claim(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Runtime parity: one comparison per measured setting (train step / inference batch, layout, compilation)."""
+    sup = sum(runtime_parity(r["ratio"]) for r in rows)
+    measured = "; ".join(f"{r['what']} {r['device']} {r['layout']}{' compiled' if r.get('compiled') else ''}: "
+                         f"C/P {r['ratio']:.2f}" for r in rows)
+    return _row("runtime", "Runtime at parity", measured, sup, len(rows) - sup, len(rows), list(rows))
 
 
 def opt_name(opt: str) -> str:
@@ -150,9 +192,14 @@ def opt_name(opt: str) -> str:
     return {"adamw": "AdamW", "sgd": "SGD"}.get(opt, opt)
 
 
-def _row(key: str, title: str, measured: str, sup: int, con: int, total: int, cells: list) -> dict[str, Any]:
-    return {
+def _row(key: str, title: str, measured: str, sup: int, con: int, total: int, cells: list,
+         flops_ratio: float | None = None) -> dict[str, Any]:
+    judged = flops_ratio is None or flops_parity(flops_ratio)
+    row = {
         "claim": key, "title": title, "paper": PAPER[key], "measured": measured or "not measured",
         "supporting": sup, "contradicting": con, "comparisons": total,
-        "reproduced": verdict(sup, con, total), "cells": cells,
+        "reproduced": verdict(sup, con, total) if judged else "not judged", "cells": cells,
     }
+    if flops_ratio is not None:
+        row["flops_ratio"] = flops_ratio
+    return row

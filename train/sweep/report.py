@@ -14,6 +14,7 @@ from train.sweep.runner import load_result
 from train.sweep.spec import RunSpec
 
 SUMMARY_FORMAT = "vitc-sweep-summary"
+RUNTIME_FILE = "runtime.json"  # the study's measured C/P step times (train.sweep.runtime)
 GOOD_MARGIN = 5.0  # points above the best sampled error that still count as a "good" run in the EDF stats
 
 
@@ -25,6 +26,17 @@ def load_results(study_dir: Path, specs: Sequence[RunSpec]) -> dict[str, dict[st
         if r is not None:
             out[s.run_id] = r
     return out
+
+
+def load_runtime(study_dir: Path) -> dict[str, Any] | None:
+    """The study's runtime measurement, if it was made."""
+    import json
+
+    path = Path(study_dir) / RUNTIME_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def epoch_seconds(result: dict[str, Any]) -> float:
@@ -53,6 +65,7 @@ def build_summary(
     tuned_specs: Sequence[RunSpec],
     tuned: dict[tuple[str, str], tuple[float, float]],
     results: dict[str, dict[str, Any]],
+    runtime_doc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every number of the study, JSON-ready, including the claim verdicts."""
     from models.complexity import complexity
@@ -72,15 +85,20 @@ def build_summary(
     }
     n_val = val_size(results, cfg.dataset) if results else 0
     rows = []
+    measured_runtime = (runtime_doc or {}).get("rows", [])
     for conv, patch in analysis.stem_pairs(list(cfg.models)):
+        flops_ratio = comp[conv]["flops"] / comp[patch]["flops"]
         if study in ("convergence", "all"):
-            rows.append(claims.convergence_claim(table, conv, patch, n_val))
+            rows.append(claims.convergence_claim(table, conv, patch, n_val, flops_ratio))
         if study in ("optimizer", "convergence", "all"):
             rows.append(claims.optimizer_claim(gaps, table, conv, patch, n_val))
         if study in ("stability", "all"):
             rows.append(claims.stability_claim(stab, conv, patch))
         if tuned_specs:
             rows.append(claims.peak_claim(table, conv, patch, n_val, comp, runtime))
+        pair_runtime = [r for r in measured_runtime if r.get("pair") == [conv, patch]]
+        if pair_runtime:
+            rows.append(claims.runtime_claim(pair_runtime))
         for row in rows:
             row.setdefault("pair", [conv, patch])
     all_specs = list(dict.fromkeys((*stab_specs, *tuned_specs)))
@@ -100,6 +118,7 @@ def build_summary(
         "optimizer_gap": {m: {str(e): v for e, v in g.items()} for m, g in gaps.items()},
         "complexity": comp,
         "seconds_per_epoch": runtime,
+        "runtime": runtime_doc,
         "claims": rows,
     }
 
@@ -130,11 +149,26 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _mean_se(cell: dict[str, Any] | None, n_val: int) -> str:
+    if not cell:
+        return "n/a"
+    if (cell.get("n") or 1) < 2:
+        return f"{cell['mean']:.1f}"
+    return f"{cell['mean']:.1f} ± {claims.se_cell(cell, n_val):.1f}"
+
+
 def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
     """The claims table plus one small table per experiment, with the settings that produced them."""
     cfg = summary["config"]
+    mach = summary.get("machine") or {}
+    where = mach.get("gpu") or mach.get("cpu") or "an unrecorded machine"
+    cpus = f" ({mach['usable_cpus']} CPUs)" if mach.get("usable_cpus") else ""
+    commit = ((mach.get("git") or {}).get("commit") or "?")[:12]
     lines = [
         f"# Paper claims at small scale (preset `{cfg['preset']}`, study `{summary['study']}`)",
+        "",
+        f"Preset `{cfg['preset']}`, pair {' / '.join(cfg['models'])}, seeds {', '.join(map(str, cfg['seeds']))}; "
+        f"trained on {where}{cpus}, commit {commit}.",
         "",
         f"Models {', '.join(cfg['models'])} on `{cfg['dataset']}` ({summary['val_images']} val images); error = "
         f"{summary['error_metric']}. Runs: {summary['runs']['finished']}/{summary['runs']['planned']} finished, "
@@ -146,11 +180,13 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
         + f". Tuning: {cfg['tuning']}. Schedules: {', '.join(map(str, cfg['epochs']))} epochs, "
         f"seeds {', '.join(map(str, cfg['seeds']))}. Extra training flags: `{' '.join(cfg['train_args']) or '-'}`.",
         "",
-        "| Claim | Paper | Measured here | Reproduced |",
-        "|---|---|---|---|",
+        "| Claim | Paper | Measured here (seed mean ± standard error) | Flops C/P | Reproduced |",
+        "|---|---|---|---|---|",
     ]
     for row in summary["claims"]:
-        lines.append(f"| {row['title']} | {row['paper']} | {row['measured']} | **{row['reproduced']}** "
+        ratio = row.get("flops_ratio")
+        flops = "–" if ratio is None else f"{ratio:.3f}" + ("" if claims.flops_parity(ratio) else " (off parity)")
+        lines.append(f"| {row['title']} | {row['paper']} | {row['measured']} | {flops} | **{row['reproduced']}** "
                      f"({row['supporting']} of {row['comparisons']} comparisons support, "
                      f"{row['contradicting']} contradict) |")
     lines += ["", "Rules: " + " ".join(claims.__doc__.split("\n\n", 1)[1].split()), ""]
@@ -160,13 +196,13 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
         lines.append("")
     if summary["convergence"]:
         es = sorted({int(e) for t in summary["convergence"].values() for c in t.values() for e in c})
-        lines += ["## Convergence (val error %, tuned settings)", "",
+        lines += ["## Convergence (val error %, tuned settings, mean ± standard error over seeds)", "",
                   "| model | optimizer | " + " | ".join(f"{e} ep" for e in es) + " |",
                   "|---|---|" + "---|" * len(es)]
         for m, t in summary["convergence"].items():
             for o, c in t.items():
                 lines.append(f"| {m} | {claims.opt_name(o)} | "
-                             + " | ".join(_fmt(c.get(str(e), {}).get("mean")) for e in es) + " |")
+                             + " | ".join(_mean_se(c.get(str(e)), summary["val_images"]) for e in es) + " |")
         lines.append("")
     if summary["optimizer_gap"]:
         lines += ["## Optimizer gap (SGD error - AdamW error, points)", ""]
@@ -189,6 +225,20 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
             spe = summary["seconds_per_epoch"].get(m)
             lines.append(f"- {m}: {c['flops'] / 1e6:.1f} MFLOPs (multiply-adds), {c['params'] / 1e6:.2f} M params, "
                          f"{_fmt(spe)} s per training epoch (median over runs; shared CPU, indicative only)")
+        lines.append("")
+    if summary.get("runtime"):
+        rt = summary["runtime"]
+        mach = rt.get("machine") or {}
+        lines += ["## Runtime (measured: median of interleaved rounds)", "",
+                  f"Machine: {mach.get('gpu') or mach.get('cpu', '?')}, {mach.get('usable_cpus', '?')} CPUs, "
+                  f"torch {mach.get('torch', '?')}.", "",
+                  "| pair | what | device | layout | mode | batch | ViT_C ms | ViT_P ms | C/P | parity |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rt.get("rows", []):
+            lines.append(f"| {' / '.join(r['pair'])} | {r['what']} | {r['device']} | {r['layout']} | "
+                         f"{'compiled' if r['compiled'] else 'eager'} | {r['batch']} | {r['ms_vit_c']:.2f} | "
+                         f"{r['ms_vit_p']:.2f} | {r['ratio']:.3f} | "
+                         f"{'yes' if claims.runtime_parity(r['ratio']) else 'no'} |")
         lines.append("")
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]

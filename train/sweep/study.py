@@ -56,6 +56,32 @@ def plan_study(cfg: StudyConfig, study: str, study_dir: Path) -> tuple[list[RunS
     return stab, plan.tuned_specs(cfg, tuned, epochs), tuned
 
 
+def _recorded_machine(study_dir: Path) -> dict[str, Any] | None:
+    """The machine study.json says the study trained on."""
+    import json
+
+    try:
+        return json.loads((study_dir / "study.json").read_text()).get("machine")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.WorkerSlot]) -> None:
+    """C/P time per training step and inference batch of every pair, once per study (runtime.json), on the
+    study's first GPU or else the CPU, after the trainings so nothing else runs beside it."""
+    from train.sweep import runtime
+
+    path = study_dir / report.RUNTIME_FILE
+    if path.exists():
+        return
+    device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
+    rows = []
+    for conv, patch in analysis.stem_pairs(list(cfg.models)):
+        print(f"[sweep] runtime: {conv} vs {patch} on {device}", file=sys.stderr)
+        rows += [{"pair": [conv, patch], **r} for r in runtime.measure(conv, patch, device)]
+    atomic_write_json(path, {"rows": rows, "machine": runtime.machine(device)})
+
+
 def _all_keys(cfg: StudyConfig) -> list[tuple[str, str]]:
     return [(m, o) for m in cfg.models for o in cfg.optimizers]
 
@@ -82,15 +108,23 @@ def run_study(
         if plan.tuned_epochs(cfg, study) and pending:
             print(f"(+ tuned runs for {pending} model/optimizer pairs, planned once their stability runs finish)")
         return {}
-    atomic_write_json(study_dir / "study.json", {"study": study, "config": cfg.to_dict()})
+    from train.sweep.runtime import machine
+
+    device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
+    # A report-only rebuild keeps the record of the machine the runs trained on.
+    where = _recorded_machine(study_dir) if report_only else None
+    atomic_write_json(study_dir / "study.json", {"study": study, "config": cfg.to_dict(),
+                                                 "machine": where or machine(device), "workers": len(slots)})
     if not report_only:
         stab = plan.stability_specs(cfg) if plan.needs_stability(cfg, study) else []
         _run_phase("stability", stab, study_dir, runs_root, slots)
         _, tuned_runs, _ = plan_study(cfg, study, study_dir)
         if tuned_runs:
             _run_phase("tuned", tuned_runs, study_dir, runs_root, slots)
+        measure_runtime(cfg, study_dir, slots)
     stab, tuned_runs, tuned = plan_study(cfg, study, study_dir)
     results = report.load_results(study_dir, [*stab, *tuned_runs])
-    summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results)
+    summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results, report.load_runtime(study_dir))
+    summary["machine"] = _recorded_machine(study_dir)
     report.write_report(study_dir, summary)
     return summary

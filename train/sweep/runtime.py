@@ -1,0 +1,136 @@
+"""Runtime parity of a ViT_C / ViT_P pair, measured rather than assumed from flops.
+
+Time per training step (forward, backward, AdamW step) and per inference batch (no grad), in NCHW and in
+channels_last, eager and (on a GPU, where it pays) compiled. The two models alternate in short rounds so drift
+hits both alike; each setting's C/P ratio is the median of the per-round ratios.
+
+    python -m train.sweep.runtime --models vit_c_nano,vit_p_nano --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+LAYOUTS = ("nchw", "channels_last")
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """Where a study or a runtime measurement ran: CPU model and count, GPU, torch version, source commit."""
+    import platform
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from models.host import source_revision, usable_cpus
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        if m := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M):
+            cpu = m.group(1).strip()
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"host": platform.node(), "cpu": cpu, "usable_cpus": usable_cpus(), "gpu": gpu, "torch": torch.__version__,
+            "git": source_revision()}
+
+
+def _timer(model_name: str, what: str, device: str, layout: str, compiled: bool, batch: int) -> Callable[[], None]:
+    """One step of `what` ("train_step" / "inference") for a fresh model, as a callable that finishes its work."""
+    import torch
+
+    from models.registry import build_model, get_config
+
+    cfg = get_config(model_name)
+    torch.manual_seed(0)
+    model = build_model(model_name).to(device)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    run = torch.compile(model) if compiled else model
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if what == "inference":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode():
+                run(x)
+            sync()
+        return step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(run(x), y).backward()
+        opt.step()
+        sync()
+    return train_step
+
+
+def _time(step: Callable[[], None], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def measure(conv: str, patch: str, device: str = "cpu", batch: int = 64, rounds: int = 7,
+            compiled: tuple[bool, ...] | None = None, target_s: float = 0.25) -> list[dict[str, Any]]:
+    """One row per (what, layout, compiled): both models' median seconds and the median per-round C/P ratio."""
+    if compiled is None:  # inductor on the CPU costs a minute of compilation for little gain at this size
+        compiled = (False, True) if device.startswith("cuda") else (False,)
+    rows = []
+    for what in ("train_step", "inference"):
+        for layout in LAYOUTS:
+            for comp in compiled:
+                steps = {m: _timer(m, what, device, layout, comp, batch) for m in (conv, patch)}
+                for s in steps.values():  # warm-up (and compilation)
+                    for _ in range(3):
+                        s()
+                n = max(1, round(target_s / max(_time(steps[conv], 1), 1e-4)))
+                times: dict[str, list[float]] = {conv: [], patch: []}
+                for r in range(rounds):
+                    order = (conv, patch) if r % 2 == 0 else (patch, conv)
+                    for m in order:
+                        times[m].append(_time(steps[m], n))
+                ratios = [c / p for c, p in zip(times[conv], times[patch], strict=True)]
+                rows.append({
+                    "what": what, "device": device, "layout": layout, "compiled": comp, "batch": batch,
+                    "ms_vit_c": 1e3 * statistics.median(times[conv]), "ms_vit_p": 1e3 * statistics.median(times[patch]),
+                    "ratio": statistics.median(ratios), "rounds": rounds, "steps_per_round": n,
+                })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the rows as a table; exit 2 with one line for a bad model name."""
+    p = argparse.ArgumentParser(prog="python -m train.sweep.runtime", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    from models.registry import get_config
+
+    try:
+        conv, patch = (m.strip() for m in args.models.split(","))
+        get_config(conv), get_config(patch)
+    except (ValueError, KeyError) as exc:
+        print(f"error: --models: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    for r in measure(conv, patch, args.device, args.batch, args.rounds):
+        print(f"{r['what']:<10} {r['layout']:<13} {'compiled' if r['compiled'] else 'eager':<8} "
+              f"C {r['ms_vit_c']:.2f} ms  P {r['ms_vit_p']:.2f} ms  C/P {r['ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
