@@ -301,7 +301,8 @@ def test_report_from_results_reproduces_a_clear_cut_study(tmp_path):
     for s in plan.stability_specs(cfg):
         atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, error(s)))
     _, tuned_runs, tuned = study.plan_study(cfg, "all", tmp_path)
-    assert len(tuned_runs) == 2 * 2 * 2 * len(cfg.seeds) and set(tuned) == {(m, o) for m in cfg.models for o in cfg.optimizers}
+    assert len(tuned_runs) == 2 * 2 * 2 * len(cfg.seeds)
+    assert set(tuned) == {(m, o) for m in cfg.models for o in cfg.optimizers}
     for s in tuned_runs:
         atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, error(s)))
 
