@@ -6,7 +6,7 @@ PYTHON := $(BIN)/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install lint test test-all demo serve load-test paper paper-quick bench clean
+.PHONY: install lint test test-all demo serve load-test paper paper-quick bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -33,6 +33,18 @@ test: install lint
 
 test-all: install lint
 	$(BIN)/pytest -q
+
+# NVIDIA machines: a second environment with the GPU runtimes (onnxruntime-gpu, TensorRT; never beside the CPU
+# onnxruntime), then the whole GPU path in about 5 minutes; results land in benchmarks/results/.
+GPU_VENV := .venv-gpu
+$(GPU_VENV)/.installed-stamp: pyproject.toml constraints.txt
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip==26.3
+	$(GPU_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[train,convert,gpu]'
+	touch $@
+
+gpu-check: $(GPU_VENV)/.installed-stamp
+	$(GPU_VENV)/bin/python -m benchmarks.gpu_check
 
 DEMO_EPOCHS ?= 2
 
