@@ -241,7 +241,7 @@ def saturation(servers: dict[str, Server], ort, manifest, x: np.ndarray, bundle:
 
 
 def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurrency: int, cold_starts: int,
-        backends: list[str], log=print) -> dict[str, Any]:  # noqa: ANN001
+        backends: list[str], log=print, saturation_rounds: int = 5) -> dict[str, Any]:  # noqa: ANN001
     from benchmarks import machine
     from models.bundle import read_manifest
 
@@ -250,7 +250,7 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
                            "bundle": str(bundle), "model": read_manifest(bundle).model, "image": "256x256 PNG",
                            "image_bytes": len(body), "environment": machine.environment(None),
                            "config": {"rounds": rounds, "slice_s": slice_s, "saturation_s": saturation_s,
-                                      "concurrency": concurrency}}
+                                      "saturation_rounds": saturation_rounds, "concurrency": concurrency}}
     log("cold starts ...")
     doc["cold_start"] = {}
     for backend in backends:
@@ -275,7 +275,7 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
         doc["single_stream"] = single_stream(systems, body, rounds, slice_s)
         log(f"saturation, concurrency {concurrency}, interleaved with the runtimes alone ...")
         doc["saturation"], doc["bare_saturation"] = saturation(servers, ort, manifest, x, bundle, body,
-                                                               concurrency, saturation_s, rounds=3)
+                                                               concurrency, saturation_s, rounds=saturation_rounds)
         ort.close()
     finally:
         for s in servers.values():
@@ -302,6 +302,10 @@ def verdict(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     env, v, cfg = doc["environment"], doc["verdict"], doc["config"]
     s1, sat, bare = doc["single_stream"], doc["saturation"], doc["bare_saturation"]
@@ -325,15 +329,18 @@ def markdown(doc: dict[str, Any]) -> str:
         f"git {((env.get('git') or {}).get('commit') or '?')[:12]}; {versions}",
         f"- Request: the same {doc['image']} ({doc['image_bytes']} bytes) every time; client on the same machine.",
         f"- Concurrency 1: {cfg['rounds']} interleaved rounds of {cfg['slice_s']} s per system; saturation: closed "
-        f"loop at concurrency {cfg['concurrency']} for {cfg['saturation_s']} s per system.", "",
+        f"loop at concurrency {cfg['concurrency']} for {cfg['saturation_s']} s per system in "
+        f"{cfg.get('saturation_rounds', 3)} rounds.", "",
         "| | p50 at concurrency 1 | throughput at saturation |", "|---|---|---|",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
         f"- vitc onnxruntime at concurrency 1: {v['vitc_minus_bare_ms']:+.1f} ms over the bare session "
         f"({'within' if v['within_5_ms_of_bare'] else 'more than'} 5 ms); "
         f"{'below' if v['vitc_below_naive'] else 'not below'} the hand-written server's p50.",
         f"- Saturation (median of per-round ratios, each server slice against the runtime alone right after it): "
-        f"vitc onnxruntime = {v['onnxruntime_fraction_of_bare']:.2f} of the bare loop at the same batch; vitc "
-        f"OpenVINO = {(v['openvino_fraction_of_benchmark_app'] or 0):.2f} of benchmark_app.",
+        f"vitc onnxruntime = {v['onnxruntime_fraction_of_bare']:.2f} of the bare loop at the same batch "
+        f"(rounds {_span(bare['onnxruntime_round_ratios'])}); vitc OpenVINO = "
+        f"{(v['openvino_fraction_of_benchmark_app'] or 0):.2f} of benchmark_app "
+        f"(rounds {_span(bare['openvino_round_ratios'])}).",
         "", "Where vitc's time goes at concurrency 1 (Server-Timing, medians in ms):", "",
         "| stage | onnxruntime | OpenVINO |", "|---|---|---|",
     ]
@@ -358,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--slice", type=float, default=1.5, help="seconds per system per round at concurrency 1")
     p.add_argument("--saturation", type=float, default=15.0, help="seconds per system at saturation")
+    p.add_argument("--saturation-rounds", type=int, default=5,
+                   help="slices the saturation seconds are split into, each followed by the runtime alone")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cold-starts", type=int, default=3)
     # The two CPU runtimes with a reference to hold them against: a bare session loop, OpenVINO's benchmark_app.
@@ -365,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
-              args.backends.split(","), log=lambda m: print(m, file=sys.stderr))
+              args.backends.split(","), log=lambda m: print(m, file=sys.stderr),
+              saturation_rounds=args.saturation_rounds)
     from models.io import atomic_write_bytes, atomic_write_json
 
     stem = args.out / f"{doc['created'][:16].replace(':', '').replace('T', '-')}-{doc['environment']['host']}-overhead"

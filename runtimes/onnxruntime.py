@@ -64,21 +64,23 @@ class OnnxRuntimeBackend:
             raise BackendError(f"onnxruntime runs an artifact at its own precision ({spec.precision}), "
                                f"not {options.inference_precision}")
         self.device, self.precision, self.max_batch = options.device, spec.precision, spec.max_batch
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = options.threads or usable_cpus()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning workers would steal the cores the HTTP loop and image decoding need: measured on 2 cores, spinning
-        # within runs (even stopped when a run returns) gains ~1-2 ms at batch 1 alone but costs 15 % of the
-        # served throughput at saturation (benchmarks/results/2026-12-04-2037-vm-overhead.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        threads = options.threads or usable_cpus()
         providers: list = ["CPUExecutionProvider"]
         if options.device_kind == "cuda":
             if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (the GPU image has no toolkit)
                 ort.preload_dlls()
             providers = [("CUDAExecutionProvider", {"device_id": options.device_index}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(spec.file(".onnx")), opts, providers=providers)
+        path = spec.file(".onnx")
+        # Batches run with idle workers asleep: spinning ones would steal the cores the HTTP loop and image
+        # decoding need (measured on 2 cores: -15 % served throughput at saturation, 2026-12-04-2037-vm-overhead).
+        self.session = ort.InferenceSession(str(path), _options(ort, threads, spinning=False), providers=providers)
+        # A lone image (batch 1: the server is otherwise idle) runs in a second session whose workers spin within a
+        # run and stop when it returns: ~3 ms less per 1GF image on 2 cores, the latency a hand-written server with
+        # onnxruntime's defaults gets. It holds its own packed weights, so only for models of modest size.
+        self._latency = None
+        if options.device_kind == "cpu" and threads > 1 and path.stat().st_size <= LATENCY_SESSION_MAX_BYTES:
+            self._latency = ort.InferenceSession(str(path), _options(ort, threads, spinning=True),
+                                                 providers=providers)
         # onnxruntime-gpu lists CUDA as available even without a GPU and silently falls back to CPU.
         if options.device_kind == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendError(
@@ -94,18 +96,37 @@ class OnnxRuntimeBackend:
             raise BackendError(f"{spec.file('.onnx').name} has outputs {outputs}, the manifest expects "
                                f"{spec.output_name!r}")
         self._input, self._outputs = spec.input_name, [spec.output_name]
-        self._threads = opts.intra_op_num_threads
+        self._threads = threads
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, H, W) float32 -> (B, classes) float32."""
-        return self.session.run(self._outputs, {self._input: batch})[0]
+        session = self._latency if self._latency is not None and len(batch) == 1 else self.session
+        return session.run(self._outputs, {self._input: batch})[0]
 
     def describe(self) -> dict[str, Any]:
-        return {"threads_effective": self._threads, "providers": self.session.get_providers()}
+        return {"threads_effective": self._threads, "providers": self.session.get_providers(),
+                "batch1_latency_session": self._latency is not None}
 
     def close(self) -> None:
-        """Drop the session (onnxruntime frees it with the object)."""
-        self.session = None
+        """Drop the sessions (onnxruntime frees them with the objects)."""
+        self.session = self._latency = None
+
+
+LATENCY_SESSION_MAX_BYTES = 256 << 20  # ONNX files up to this size get the spinning batch-1 session too
+
+
+def _options(ort: Any, threads: int, spinning: bool) -> Any:
+    """Session options: `threads` intra-op threads, sequential, every graph optimisation; workers spin within a
+    run (stopping when it returns) or sleep between its parallel sections."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return opts
 
 
 RUNTIME = Runtime(

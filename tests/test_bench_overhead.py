@@ -12,7 +12,7 @@ from benchmarks import overhead
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory):
     return overhead.run(micro_bundle(tmp_path_factory), rounds=2, slice_s=0.2, saturation_s=1.5, concurrency=4,
-                        cold_starts=1, backends=["onnxruntime", "openvino"], log=lambda _: None)
+                        cold_starts=1, backends=["onnxruntime", "openvino"], log=lambda _: None, saturation_rounds=3)
 
 
 def test_every_system_is_measured_side_by_side(doc):

@@ -60,6 +60,21 @@ def test_onnxruntime_matches_direct_session(bundle, manifest, batch):
     assert got.std(axis=0).max() > 1e-3, "logits do not depend on the image: the test would prove nothing"
 
 
+def test_onnxruntime_lone_images_run_in_the_spinning_session_with_identical_answers(bundle, manifest, batch):
+    backend = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=2))
+    assert backend.describe()["batch1_latency_session"] is True
+    assert backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert backend._latency.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    batched = backend.infer(batch)
+    for i in range(len(batch)):  # batch 1 (latency session) answers what the batch session answers for that row
+        alone = backend.infer(batch[i:i + 1])
+        np.testing.assert_array_equal(alone, backend.session.run(None, {"input": batch[i:i + 1]})[0])
+        np.testing.assert_allclose(alone[0], batched[i], rtol=1e-5, atol=1e-5)
+    # One thread has nothing to spin for: no second session.
+    single = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=1))
+    assert single.describe()["batch1_latency_session"] is False
+
+
 def test_openvino_matches_direct_compile_and_is_thread_safe(bundle, manifest, batch):
     import openvino as ov
 
