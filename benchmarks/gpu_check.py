@@ -171,7 +171,8 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print) -> d
     import runtimes
 
     targets = ["torch-fp32", "torch-bf16", "torch-fp16"]
-    if device.startswith("cuda") and runtimes.get("tensorrt").unavailable(device) is None:
+    trt = runtimes.get("tensorrt")
+    if device.startswith("cuda") and trt.installed() and trt.unavailable(device) is None:
         targets += ["tensorrt-fp16", "tensorrt-int8"]
     s = _step("export", [py, "-m", "export", "--checkpoint", str(train_dir), "--out", str(bundle), "--targets",
                          ",".join(targets), "--parity-samples", str(sizes.parity_samples)], 900, log)
