@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from serve.errors import APIError
-from serve.responses import error_response
 
 Handler = Callable[[Request, str, int | None], Awaitable[Response]]
 _TOP_K = re.compile(rb"^top_k=([1-9][0-9]{0,3})$")
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What the router would have put in `scope["route"]` for the access log and metrics: the path template."""
+
+    path: str
+    name: str
+    methods: frozenset[str] = frozenset({"POST"})
 
 
 class FastPathMiddleware:
@@ -29,27 +35,29 @@ class FastPathMiddleware:
     def __init__(self, app: ASGIApp, path: str, handler: Handler, max_top_k: int) -> None:
         prefix, _, verb = path.partition("/{name}/")
         self.app, self.handler, self.max_top_k = app, handler, max_top_k
-        self.route_path = path
+        self.route = RouteInfo(path, getattr(handler, "__name__", verb))
         self._pattern = re.compile(f"^{re.escape(prefix)}/([^/]+)/{re.escape(verb)}$")
-        self._route: BaseRoute | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = (self._pattern.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST"
                  and not scope.get("root_path") else None)
         top_k = self._top_k(scope.get("query_string", b"")) if match else False
-        route = self._find_route(scope) if top_k is not False else None
-        if route is None:
+        if top_k is False:
             await self.app(scope, receive, send)
             return
         name = match.group(1)
         # What the router would have set: the access log and metrics read the route and the model name from here.
-        scope["route"], scope["path_params"] = route, {"name": name}
-        scope["endpoint"] = getattr(route, "endpoint", None)
+        scope["route"], scope["path_params"] = self.route, {"name": name}
         request = Request(scope, receive)
         try:
             response = await self.handler(request, name, top_k)
-        except APIError as exc:
-            response = error_response(exc.status, exc.reason, exc.headers)
+        except Exception as exc:
+            # The app's own exception handlers answer, as they would behind the router (APIError, Starlette's
+            # HTTPException from form parsing, ...); anything else goes on to the access log's 500.
+            handler = _exception_handler(scope, exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
         await response(scope, receive, send)
 
     def _top_k(self, query: bytes) -> int | None | bool:
@@ -61,13 +69,15 @@ class FastPathMiddleware:
             return False
         return int(m.group(1))
 
-    def _find_route(self, scope: Scope) -> BaseRoute | None:
-        """The FastAPI route this middleware stands in for (looked up once: routes exist before the first request)."""
-        if self._route is None:
-            app = scope.get("app")
-            for route in getattr(getattr(app, "router", None), "routes", ()):
-                methods = getattr(route, "methods", None) or ()
-                if getattr(route, "path", None) == self.route_path and "POST" in methods:
-                    self._route = route
-                    break
-        return self._route
+
+def _exception_handler(scope: Scope, exc: Exception) -> Callable[..., Awaitable[Response]] | None:
+    """The app's handler for `exc`'s class or nearest base (as Starlette's ExceptionMiddleware looks it up); the
+    catch-all `Exception` handler belongs to the server-error layer and is not used here."""
+    handlers = getattr(scope.get("app"), "exception_handlers", {}) or {}
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        if cls in handlers:
+            return handlers[cls]
+    return None
+

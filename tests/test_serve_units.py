@@ -391,3 +391,47 @@ def test_model_dir_serves_every_bundle_under_it(tmp_path):
         model_args(Settings())
     with pytest.raises(ServeError, match="not a directory"):
         model_args(Settings(model_dir=tmp_path / "missing"))
+
+
+# --- the classify fast path -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, path, query, fast", [
+    ("POST", "/v1/models/m/classify", b"", True),
+    ("POST", "/v1/models/m.v2_x/classify", b"top_k=3", True),
+    ("POST", "/v1/models/m/classify", b"top_k=1000", True),
+    ("POST", "/v1/models/m/classify", b"top_k=1001", False),  # out of range: FastAPI answers the 422
+    ("POST", "/v1/models/m/classify", b"top_k=0", False),
+    ("POST", "/v1/models/m/classify", b"top_k=03", False),
+    ("POST", "/v1/models/m/classify", b"top_k=3&x=1", False),
+    ("GET", "/v1/models/m/classify", b"", False),
+    ("POST", "/v1/models/a/b/classify", b"", False),
+    ("POST", "/v1/models//classify", b"", False),
+    ("POST", "/v2/models/m/infer", b"", False),
+])
+def test_fast_path_takes_only_plain_classify_requests(method, path, query, fast):
+    from serve.fastpath import FastPathMiddleware
+
+    calls = []
+
+    async def router(scope, receive, send):
+        calls.append("router")
+
+    async def handler(request, name, top_k):
+        from starlette.responses import JSONResponse
+
+        calls.append(("handler", name, top_k))
+        return JSONResponse({})
+
+    async def send(message):
+        pass
+
+    mw = FastPathMiddleware(router, path="/v1/models/{name}/classify", handler=handler, max_top_k=1000)
+    scope = {"type": "http", "method": method, "path": path, "query_string": query, "headers": [],
+             "root_path": ""}
+    asyncio.run(mw(scope, None, send))
+    if fast:
+        assert calls == [("handler", path.split("/")[3], int(query.split(b"=")[1]) if query else None)]
+        assert scope["route"].path == "/v1/models/{name}/classify" and scope["path_params"] == {"name": calls[0][1]}
+    else:
+        assert calls == ["router"]
