@@ -9,11 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_serve_fixtures import micro_bundle
+from test_serve_fixtures import micro_bundle, val_batch
 
 import runtimes
 from models.bundle import BundleError, read_manifest
-from models.preprocessing import preprocess
 from runtimes import BackendError, BackendOptions
 from serve.launch import REPO
 
@@ -31,10 +30,7 @@ def manifest(bundle):
 @pytest.fixture(scope="module")
 def batch(manifest):
     """Real validation images, preprocessed as the bundle says."""
-    from data.datasets import load_dataset
-
-    val = load_dataset("animals", "val")
-    return preprocess([val.image(i) for i in range(12)], manifest.preprocessing)
+    return val_batch(manifest, 12)
 
 
 def _file(bundle, manifest, runtime, precision="fp32", suffix=""):

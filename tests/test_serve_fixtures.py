@@ -44,6 +44,15 @@ def micro_bundle(tmp_path_factory, targets: tuple[str, ...] = ("onnx", "openvino
     return _CACHE[key]
 
 
+def val_batch(manifest, n: int) -> np.ndarray:  # noqa: ANN001 - a models.bundle.Manifest
+    """The first n animals validation images, preprocessed as the bundle says."""
+    from data.datasets import load_dataset
+    from models.preprocessing import preprocess
+
+    val = load_dataset("animals", "val")
+    return preprocess([val.image(i) for i in range(n)], manifest.preprocessing)
+
+
 def animal_pngs(n: int, start: int = 0) -> list[bytes]:
     """n validation images of the embedded animals set, PNG-encoded (what a client would upload)."""
     from data.datasets import load_dataset

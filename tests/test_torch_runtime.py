@@ -7,11 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-from test_serve_fixtures import micro_bundle
+from test_serve_fixtures import micro_bundle, val_batch
 
 import runtimes
 from models.bundle import read_manifest
-from models.preprocessing import preprocess
 from models.tolerance import BF16_TOLERANCE, FP16_TOLERANCE
 from runtimes import BackendError, BackendOptions
 from runtimes.pytorch import buckets
@@ -31,10 +30,7 @@ def manifest(bundle):
 
 @pytest.fixture(scope="module")
 def batch(manifest):
-    from data.datasets import load_dataset
-
-    val = load_dataset("animals", "val")
-    return preprocess([val.image(i) for i in range(11)], manifest.preprocessing)
+    return val_batch(manifest, 11)
 
 
 def _open(bundle, manifest, precision="fp32", **options):
