@@ -159,7 +159,7 @@ def image_input(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     out = np.empty((1, 3, *arr.shape), np.float32)
     np.take(table[0], arr, out=out[0, 0], mode="clip")
     for k in (1, 2):
-        if np.array_equal(table[k], table[0]):
+        if (spec.mean[k], spec.std[k]) == (spec.mean[0], spec.std[0]):  # same normalisation: same values
             out[0, k] = out[0, 0]
         else:
             np.take(table[k], arr, out=out[0, k], mode="clip")
