@@ -67,6 +67,7 @@ class LoadResult:
     client_cpu_s: float = 0.0
     workers: int | None = None  # open loop: connections it needed
     server_timing: list[dict[str, float]] = field(default_factory=list)  # successful requests' stages (ms)
+    sent: int = 0  # every request made, warm-up included (to share out the server's CPU seconds)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: latency percentiles (ms), throughput, error counts."""
@@ -146,13 +147,14 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
     t_end = t_start + seconds
 
     def worker(k: int) -> None:
-        client, i = _Client(endpoint), k
+        client, i, sent = _Client(endpoint), k, 0
         local: list[float] = []
         stages: list[dict[str, float]] = []
         while (now := time.perf_counter()) < t_end:
             err = client.post(bodies[i % len(bodies)])
             done = time.perf_counter()
             i += concurrency
+            sent += 1
             if now < t_start:  # warm-up: connections, caches, the server's first batches
                 continue
             if err is None:
@@ -165,6 +167,7 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
         with lock:
             result.latencies_s.extend(local)
             result.server_timing.extend(stages)
+            result.sent += sent
 
     cpu0 = time.process_time()
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]

@@ -158,27 +158,54 @@ def single_stream(systems: dict[str, Any], body: bytes, rounds: int, slice_s: fl
     return out
 
 
-def bare_backend(bundle: Path, runtime: str, body: bytes):  # noqa: ANN201 - (infer fn for one image, close fn)
+def bare_backend(bundle: Path, runtime: str, body: bytes, hint: str = "throughput"):  # noqa: ANN201
+    """(backend with the server's default options for `hint`, manifest, the request preprocessed)."""
     import runtimes
     from models.bundle import read_manifest
     from serve.imaging import prepare
 
     m = read_manifest(bundle)
-    backend = runtimes.open_backend(bundle, m, runtime)
+    backend = runtimes.open_backend(bundle, m, runtime, options=runtimes.BackendOptions(hint=hint))
     x = prepare(body, m.preprocessing, max_pixels=40_000_000)
     return backend, m, x
 
 
-def bare_throughput(backend, x: np.ndarray, batch: int, seconds: float) -> float:  # noqa: ANN001
-    """Images per second of back-to-back backend calls at `batch`."""
+def bare_throughput(backend, x: np.ndarray, batch: int, seconds: float) -> tuple[float, float]:  # noqa: ANN001
+    """(images per second, CPU ms per image) of back-to-back `batch`-row calls, `backend.parallelism` loops at once
+    (each stream kept busy, as the server keeps them)."""
+    import threading
+
     xb = np.ascontiguousarray(np.repeat(x, batch, axis=0))
     backend.infer(xb)
-    n, end = 0, time.perf_counter() + seconds
-    t0 = time.perf_counter()
-    while time.perf_counter() < end:
-        backend.infer(xb)
-        n += batch
-    return n / (time.perf_counter() - t0)
+    counts: list[int] = []
+    end = time.perf_counter() + seconds
+
+    def loop() -> None:
+        n = 0
+        while time.perf_counter() < end:
+            backend.infer(xb)
+            n += batch
+        counts.append(n)
+
+    threads = [threading.Thread(target=loop) for _ in range(backend.parallelism)]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    images, cpu = sum(counts), time.process_time() - cpu0
+    return images / (time.perf_counter() - t0), cpu / max(1, images) * 1e3
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc; 0 where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> float | None:
@@ -194,22 +221,29 @@ def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> float | 
     return float(m.group(1)) if m else None
 
 
-def saturation(servers: dict[str, Server], ort, manifest, x: np.ndarray, bundle: Path, body: bytes,  # noqa: ANN001
-               concurrency: int, seconds: float, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Closed loops at `concurrency` per server, each round followed by the runtime alone (a bare onnxruntime loop
-    at the batch vitc ran, OpenVINO's benchmark_app), so every ratio compares numbers taken a few seconds apart."""
+def saturation(servers: dict[str, Server], references: dict[str, Any], manifest, x: np.ndarray,  # noqa: ANN001
+               bundle: Path, body: bytes, concurrency: int, seconds: float,
+               rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Closed loops at `concurrency` per server, each round followed by the runtime alone (bare onnxruntime loops at
+    the batch vitc ran, in vitc's stream layout and as one session on every core; OpenVINO's benchmark_app), so
+    every ratio compares numbers taken a few seconds apart. Server and client CPU per request are counted too."""
     from benchmarks.loadgen import Endpoint, closed_loop
 
-
     slice_s = seconds / rounds
-    served: dict[str, dict[str, list]] = {k: {"rps": [], "batch": [], "p50": []} for k in servers}
-    alone: dict[str, list[float]] = {"onnxruntime_ips": [], "benchmark_app_fps": []}
+    served: dict[str, dict[str, list]] = {k: {"rps": [], "batch": [], "p50": [], "server_cpu_ms": [],
+                                              "client_cpu_ms": []} for k in servers}
+    alone: dict[str, list] = {**{f"onnxruntime_{k}": [] for k in references}, "benchmark_app_fps": []}
     xml = bundle / manifest.select("openvino", "fp32").files[0].path
     for _ in range(rounds):
         for name, s in servers.items():
             before = s.metrics() if name != "naive" else {}
-            res = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}"), [body], concurrency, slice_s,
-                              min(1.0, slice_s / 2)).summary()
+            cpu0 = _cpu_s(s.proc.pid)
+            load = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}"), [body], concurrency, slice_s,
+                               min(1.0, slice_s / 2))
+            cpu = _cpu_s(s.proc.pid) - cpu0  # includes the warm-up requests: per request over all of them
+            res, done = load.summary(), max(1, load.sent)
+            served[name]["server_cpu_ms"].append(cpu / done * 1e3)
+            served[name]["client_cpu_ms"].append(load.client_cpu_s / done * 1e3)
             served[name]["rps"].append(res["throughput_rps"])
             served[name]["p50"].append((res["latency_ms"] or {}).get("p50"))
             if before:
@@ -218,26 +252,41 @@ def saturation(servers: dict[str, Server], ort, manifest, x: np.ndarray, bundle:
                 served[name]["batch"].append((after["vitc_batch_size_sum"] - before["vitc_batch_size_sum"]) / n
                                              if n else 1.0)
             if name == "vitc-onnxruntime":
-                alone["onnxruntime_ips"].append(bare_throughput(ort, x, max(1, round(served[name]["batch"][-1])),
-                                                                slice_s))
+                batch = max(1, round(served[name]["batch"][-1]))
+                for ref, backend in references.items():
+                    alone[f"onnxruntime_{ref}"].append(bare_throughput(backend, x, batch, slice_s / len(references)))
             if name == "vitc-openvino":
                 fps = benchmark_app(xml, slice_s, (1, *manifest.input.sample_shape))
                 if fps is not None:
                     alone["benchmark_app_fps"].append(fps)
     sat = {k: {"throughput_rps": float(np.median(v["rps"])), "rounds_rps": v["rps"],
                "latency_p50_ms": float(np.median([p for p in v["p50"] if p is not None] or [0])),
-               "mean_batch": float(np.mean(v["batch"])) if v["batch"] else None} for k, v in served.items()}
+               "mean_batch": float(np.mean(v["batch"])) if v["batch"] else None,
+               "server_cpu_ms_per_request": float(np.median(v["server_cpu_ms"])),
+               "client_cpu_ms_per_request": float(np.median(v["client_cpu_ms"]))} for k, v in served.items()}
+    # The runtime alone at its best at that batch: vitc's stream layout or one session on every core, per round.
+    best = [max(ips for ips, _ in r) for r in zip(*(alone[f"onnxruntime_{k}"] for k in references), strict=True)]
     bare = {"onnxruntime_batch": max(1, round(sat["vitc-onnxruntime"]["mean_batch"] or 1)),
-            "onnxruntime_ips": float(np.median(alone["onnxruntime_ips"])), "rounds_onnxruntime_ips":
-            alone["onnxruntime_ips"],
+            "onnxruntime_layouts": {k: _layout(b) for k, b in references.items()},
+            **{f"onnxruntime_{k}_ips": float(np.median([ips for ips, _ in alone[f"onnxruntime_{k}"]]))
+               for k in references},
+            **{f"onnxruntime_{k}_cpu_ms_per_image": float(np.median([c for _, c in alone[f"onnxruntime_{k}"]]))
+               for k in references},
+            "onnxruntime_ips": float(np.median(best)), "rounds_onnxruntime_ips": best,
             "benchmark_app_fps": float(np.median(alone["benchmark_app_fps"])) if alone["benchmark_app_fps"] else None,
             "rounds_benchmark_app_fps": alone["benchmark_app_fps"],
             # Per-round ratios: each server slice against the runtime alone right after it.
-            "onnxruntime_round_ratios": [a / b for a, b in zip(served["vitc-onnxruntime"]["rps"],
-                                                              alone["onnxruntime_ips"], strict=False)],
+            "onnxruntime_round_ratios": [a / b for a, b in zip(served["vitc-onnxruntime"]["rps"], best,
+                                                              strict=False)],
             "openvino_round_ratios": [a / b for a, b in zip(served["vitc-openvino"]["rps"],
                                                            alone["benchmark_app_fps"], strict=False)]}
     return sat, bare
+
+
+def _layout(backend) -> str:  # noqa: ANN001
+    """"2 streams x 1 thread": how a backend splits the CPU."""
+    d = backend.describe()
+    return f"{backend.parallelism} stream(s) x {d.get('threads_effective')} thread(s)"
 
 
 def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurrency: int, cold_starts: int,
@@ -264,6 +313,8 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
     servers = {"naive": Server("naive", bundle), **{f"vitc-{b}": Server("vitc", bundle, b) for b in backends}}
     try:
         ort, manifest, x = bare_backend(bundle, "onnxruntime", body)
+        one_session, _, _ = bare_backend(bundle, "onnxruntime", body, hint="latency")
+        references = {"streams": ort, "one_session": one_session}
 
         def bare_call() -> tuple[float, dict[str, float]]:
             t = time.perf_counter()
@@ -274,9 +325,10 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
         log("concurrency 1, interleaved ...")
         doc["single_stream"] = single_stream(systems, body, rounds, slice_s)
         log(f"saturation, concurrency {concurrency}, interleaved with the runtimes alone ...")
-        doc["saturation"], doc["bare_saturation"] = saturation(servers, ort, manifest, x, bundle, body,
+        doc["saturation"], doc["bare_saturation"] = saturation(servers, references, manifest, x, bundle, body,
                                                                concurrency, saturation_s, rounds=saturation_rounds)
-        ort.close()
+        for backend in references.values():
+            backend.close()
     finally:
         for s in servers.values():
             s.stop()
@@ -306,13 +358,36 @@ def _span(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
 
 
+def _cpu_lines(sat: dict[str, Any], bare: dict[str, Any]) -> list[str]:
+    """Where the CPU goes at saturation: the server's and the client's CPU per request against the runtime's own
+    per image, and the throughput ratio that leaves on a machine whose cores the runtime alone fills."""
+    runtime = bare.get("onnxruntime_streams_cpu_ms_per_image")
+    if runtime is None:
+        return []
+    lines = ["", f"CPU per request at saturation (ms; the runtime alone needs {runtime:.1f} per image in vitc's "
+                 "layout):", "", "| | server | of which not the runtime | client |", "|---|---|---|---|"]
+    for name, v in sat.items():
+        server, client = v.get("server_cpu_ms_per_request"), v.get("client_cpu_ms_per_request")
+        if server is None:
+            continue
+        lines.append(f"| {name} | {server:.1f} | {server - runtime:.1f} | {client:.2f} |")
+    ort = sat["vitc-onnxruntime"]
+    ceiling = runtime / (runtime + (ort["server_cpu_ms_per_request"] - runtime) + ort["client_cpu_ms_per_request"])
+    lines += ["", f"With every core busy, vitc onnxruntime can reach at most runtime / (server + client) CPU = "
+                  f"{ceiling:.2f} of the runtime alone on this machine (client on the same cores)."]
+    return lines
+
+
 def markdown(doc: dict[str, Any]) -> str:
     env, v, cfg = doc["environment"], doc["verdict"], doc["config"]
     s1, sat, bare = doc["single_stream"], doc["saturation"], doc["bare_saturation"]
     p50 = {k: s1[k]["latency_ms"]["p50"] for k in s1}
     ort_sat = sat["vitc-onnxruntime"]
+    layouts = bare.get("onnxruntime_layouts", {})
     rows = [
-        ("bare onnxruntime session, batch 1 (vitc's session options)", f"{p50['bare-onnxruntime']:.1f} ms",
+        ("bare onnxruntime, batch 1 / at saturation the better of vitc's layout "
+         f"({layouts.get('streams', '?')}) and one session ({layouts.get('one_session', '?')})",
+         f"{p50['bare-onnxruntime']:.1f} ms",
          f"{bare['onnxruntime_ips']:.1f} img/s (batch {bare['onnxruntime_batch']})"),
         ("hand-written FastAPI + onnxruntime server (benchmarks/naive_server.py)", f"{p50['naive']:.1f} ms",
          f"{sat['naive']['throughput_rps']:.1f} req/s"),
@@ -341,6 +416,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"(rounds {_span(bare['onnxruntime_round_ratios'])}); vitc OpenVINO = "
         f"{(v['openvino_fraction_of_benchmark_app'] or 0):.2f} of benchmark_app "
         f"(rounds {_span(bare['openvino_round_ratios'])}).",
+        *_cpu_lines(sat, bare),
         "", "Where vitc's time goes at concurrency 1 (Server-Timing, medians in ms):", "",
         "| stage | onnxruntime | OpenVINO |", "|---|---|---|",
     ]

@@ -62,8 +62,10 @@ class BackendOptions:
 
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int | None = None  # intra-op threads of one inference
-    parallel: int | None = None  # concurrent infer calls (OpenVINO infer requests)
-    hint: Literal["throughput", "latency"] = "throughput"  # OpenVINO performance hint
+    parallel: int | None = None  # concurrent infer calls (OpenVINO infer requests, onnxruntime CPU streams)
+    # Performance hint: "throughput" splits the CPU into streams with several batches in flight (OpenVINO's
+    # THROUGHPUT hint, onnxruntime's streams); "latency" runs one batch at a time on every core.
+    hint: Literal["throughput", "latency"] = "throughput"
     # Compute precision beyond what the artifact stores: OpenVINO's INFERENCE_PRECISION_HINT ("bf16"), torch
     # autocast ("bf16", "fp16"). None: the precision the artifact's parity gate measured.
     inference_precision: str | None = None

@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a request waits for companions (default 2)")
     p.add_argument("--max-queue-size", type=int,
                    help="images in progress per model (decoding, queued or running) before 503 (default 256)")
-    p.add_argument("--threads", type=int, help="intra-op threads per inference (default: all CPUs)")
-    p.add_argument("--parallel", type=int, help="batches run at once (default: the backend's optimum)")
-    p.add_argument("--openvino-hint", help="throughput (default) | latency")
+    p.add_argument("--threads", type=int,
+                   help="intra-op threads per inference (default: the CPUs divided among the --parallel streams)")
+    p.add_argument("--parallel", type=int, help="batches run at once (default: the backend's optimum for the hint)")
+    p.add_argument("--openvino-hint",
+                   help="throughput (default: several batches in flight, each on part of the CPUs; OpenVINO and "
+                        "onnxruntime on the CPU) | latency (one batch at a time on every CPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch: torch.compile; on CUDA a CUDA graph per batch bucket, captured before ready")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,

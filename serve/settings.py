@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
     max_queue_size: int = Field(256, ge=1, le=1_000_000)
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of one inference")
-    parallel: int | None = Field(None, ge=1, le=64, description="batches run at once (OpenVINO infer requests)")
+    parallel: int | None = Field(None, ge=1, le=64, description="batches run at once (OpenVINO infer requests, "
+                                 "onnxruntime CPU streams)")
     openvino_hint: Literal["throughput", "latency"] = "throughput"
     compile: bool = Field(False, description="torch: torch.compile (CUDA graphs per batch bucket on CUDA)")
     channels_last: bool | None = Field(None, description="torch: NHWC stem activations (None: on CUDA)")

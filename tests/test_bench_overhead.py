@@ -26,6 +26,11 @@ def test_every_system_is_measured_side_by_side(doc):
     assert all(v["throughput_rps"] > 0 and len(v["rounds_rps"]) == 3 for v in sat.values())
     assert len(bare["onnxruntime_round_ratios"]) == 3 and bare["onnxruntime_ips"] > 0
     assert sat["vitc-onnxruntime"]["mean_batch"] >= 1
+    # CPU accounting: every server's CPU per request (from /proc), the runtime's own per image, in both layouts.
+    assert all(v["server_cpu_ms_per_request"] > 0 and v["client_cpu_ms_per_request"] > 0 for v in sat.values())
+    assert bare["onnxruntime_streams_cpu_ms_per_image"] > 0 and bare["onnxruntime_one_session_cpu_ms_per_image"] > 0
+    # The reference is the better layout each round, so at least either layout's median.
+    assert bare["onnxruntime_ips"] >= max(bare["onnxruntime_streams_ips"], bare["onnxruntime_one_session_ips"]) - 1e-9
     for backend in ("onnxruntime", "openvino"):
         run = doc["cold_start"][backend]["runs"][0]
         assert 0 < run["ready_s"] < 60 and {"verify", "load", "golden"} <= set(run["steps_s"])
@@ -37,4 +42,5 @@ def test_the_report_states_the_verdicts(doc):
                                                     - v["c1_p50_ms"]["bare-onnxruntime"])
     text = overhead.markdown(doc)
     assert "| **vitc, onnxruntime** |" in text and "Where vitc's time goes" in text
+    assert "CPU per request at saturation" in text and "| vitc-onnxruntime |" in text
     assert ("within 5 ms" in text) == v["within_5_ms_of_bare"]

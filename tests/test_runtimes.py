@@ -71,6 +71,38 @@ def test_onnxruntime_lone_images_run_in_the_spinning_session_with_identical_answ
     assert single.describe()["batch1_latency_session"] is False
 
 
+def test_default_streams_split_the_cores():
+    from runtimes.onnxruntime import default_streams
+
+    assert [default_streams(c) for c in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 3, 4, 2, 4, 16]
+    assert default_streams(8, threads=2) == 4 and default_streams(2, threads=2) == 1 and default_streams(1, 4) == 1
+
+
+def test_onnxruntime_streams_run_batches_concurrently_with_identical_answers(bundle, manifest, batch):
+    from models.host import usable_cpus
+    from runtimes.onnxruntime import default_streams
+
+    streams = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=1, parallel=2))
+    assert streams.parallelism == min(2, usable_cpus()) and streams.describe()["threads_effective"] == 1
+    if streams.parallelism == 2:  # one-thread streams share one session (one copy of the weights)
+        sessions = [streams._sessions.get() for _ in range(2)]
+        assert sessions[0] is sessions[1]
+        for s in sessions:
+            streams._sessions.put(s)
+    sequential = streams.infer(batch)
+    bounds = [(0, 1), (1, 3), (3, 7), (7, 12)]  # batch 1 too, while others run
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(streams.infer, [batch[a:b] for a, b in bounds] * 6))
+    for k, out in enumerate(outs):  # every answer is its rows' own, bit for bit, whichever stream ran it
+        a, b = bounds[k % len(bounds)]
+        np.testing.assert_array_equal(out, sequential[a:b])
+    # The defaults follow the hint: streams for throughput, one batch at a time on every core for latency.
+    default = load_backend(bundle, manifest, "onnxruntime")
+    assert default.parallelism == default_streams(usable_cpus())
+    latency = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(hint="latency"))
+    assert latency.parallelism == 1 and latency.describe()["threads_effective"] == usable_cpus()
+
+
 def test_openvino_matches_direct_compile_and_is_thread_safe(bundle, manifest, batch):
     import openvino as ov
 
