@@ -95,15 +95,17 @@ class OnnxRuntimeBackend:
             self._sessions.put(first if shared or k == 0 else ort.InferenceSession(str(path), batch_options,
                                                                                    providers=providers))
         self.session = first
-        # A lone image (batch 1: the server is otherwise idle) runs in a second session whose workers spin within a
-        # run and stop when it returns: ~3 ms less per 1GF image on 2 cores, the latency a hand-written server with
-        # onnxruntime's defaults gets. It holds its own packed weights, so only for models of modest size.
+        # A lone call (nothing else running: the server is otherwise idle) runs in a second session on every core
+        # whose workers spin within a run and stop when it returns: ~3 ms less per 1GF image on 2 cores, the latency
+        # a hand-written server with onnxruntime's defaults gets. With one stream only lone images take it (batches
+        # keep sleeping workers, see above); with several, any lone batch does (a stream has only part of the cores).
+        # It holds its own packed weights, so only for models of modest size.
         self._latency = None
         latency_threads = options.threads or cpus
         if on_cpu and latency_threads > 1 and path.stat().st_size <= LATENCY_SESSION_MAX_BYTES:
             self._latency = ort.InferenceSession(str(path), _options(ort, latency_threads, spinning=True),
                                                  providers=providers)
-        self._running = 0  # calls in progress: a lone image may use every core only while nothing else runs
+        self._running = 0  # calls in progress: a lone call may use every core only while nothing else runs
         self._lock = threading.Lock()
         # onnxruntime-gpu lists CUDA as available even without a GPU and silently falls back to CPU.
         if options.device_kind == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
@@ -128,7 +130,7 @@ class OnnxRuntimeBackend:
             self._running += 1
             lone = self._running == 1
         try:
-            if lone and self._latency is not None and len(batch) == 1:
+            if lone and self._latency is not None and (len(batch) == 1 or self.parallelism > 1):
                 return self._latency.run(self._outputs, {self._input: batch})[0]
             session = self._sessions.get()
             try:
@@ -141,7 +143,7 @@ class OnnxRuntimeBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"threads_effective": self._threads, "parallelism": self.parallelism,
-                "providers": self.session.get_providers(), "batch1_latency_session": self._latency is not None}
+                "providers": self.session.get_providers(), "latency_session": self._latency is not None}
 
     def close(self) -> None:
         """Drop the sessions (onnxruntime frees them with the objects)."""

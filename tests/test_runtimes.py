@@ -58,7 +58,7 @@ def test_onnxruntime_matches_direct_session(bundle, manifest, batch):
 
 def test_onnxruntime_lone_images_run_in_the_spinning_session_with_identical_answers(bundle, manifest, batch):
     backend = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=2))
-    assert backend.describe()["batch1_latency_session"] is True
+    assert backend.describe()["latency_session"] is True
     assert backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert backend._latency.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
     batched = backend.infer(batch)
@@ -68,7 +68,20 @@ def test_onnxruntime_lone_images_run_in_the_spinning_session_with_identical_answ
         np.testing.assert_allclose(alone[0], batched[i], rtol=1e-5, atol=1e-5)
     # One thread has nothing to spin for: no second session.
     single = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=1))
-    assert single.describe()["batch1_latency_session"] is False
+    assert single.describe()["latency_session"] is False
+
+
+def _count_runs(backend, attr):
+    """Record the batch sizes `backend.<attr>` (a real session) runs, passing every call through."""
+    session, sizes = getattr(backend, attr), []
+
+    class Counting:
+        def run(self, outputs, feeds):
+            sizes.append(len(next(iter(feeds.values()))))
+            return session.run(outputs, feeds)
+
+    setattr(backend, attr, Counting())
+    return sizes
 
 
 def test_default_streams_split_the_cores():
@@ -90,6 +103,7 @@ def test_onnxruntime_streams_run_batches_concurrently_with_identical_answers(bun
         for s in sessions:
             streams._sessions.put(s)
     sequential = streams.infer(batch)
+    assert streams.describe()["latency_session"] is False  # one thread per call: nothing to spin for
     bounds = [(0, 1), (1, 3), (3, 7), (7, 12)]  # batch 1 too, while others run
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(streams.infer, [batch[a:b] for a, b in bounds] * 6))
@@ -99,6 +113,11 @@ def test_onnxruntime_streams_run_batches_concurrently_with_identical_answers(bun
     # The defaults follow the hint: streams for throughput, one batch at a time on every core for latency.
     default = load_backend(bundle, manifest, "onnxruntime")
     assert default.parallelism == default_streams(usable_cpus())
+    if default.parallelism > 1 and default.describe()["latency_session"]:
+        # A lone batch (nothing else running) gets every core: the latency session, with the same answers.
+        calls = _count_runs(default, "_latency")
+        np.testing.assert_array_equal(default.infer(batch), sequential)
+        assert calls == [len(batch)]
     latency = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(hint="latency"))
     assert latency.parallelism == 1 and latency.describe()["threads_effective"] == usable_cpus()
 
