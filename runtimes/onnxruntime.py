@@ -87,8 +87,10 @@ class OnnxRuntimeBackend:
         # Batches run with idle workers asleep: spinning ones would steal the cores the HTTP loop and image
         # decoding need (measured on 2 cores: -15 % served throughput at saturation, 2026-12-04-2037-vm-overhead).
         batch_options = _options(ort, threads, spinning=False)
-        # Streams of one thread share a session (and its weights); wider ones each need their own thread pool.
-        shared = threads == 1 or self.parallelism == 1 or path.stat().st_size > LATENCY_SESSION_MAX_BYTES
+        # Streams of one thread share a session (and its weights); wider ones each get their own thread pool, while
+        # the copies of the weights stay within a bound (beyond it they share one session and its pool).
+        shared = (threads == 1 or self.parallelism == 1
+                  or path.stat().st_size * self.parallelism > STREAM_SESSIONS_MAX_BYTES)
         self._sessions: queue.SimpleQueue = queue.SimpleQueue()
         first = ort.InferenceSession(str(path), batch_options, providers=providers)
         for k in range(self.parallelism):
@@ -151,7 +153,8 @@ class OnnxRuntimeBackend:
         self._sessions = queue.SimpleQueue()
 
 
-LATENCY_SESSION_MAX_BYTES = 256 << 20  # ONNX files up to this size get the spinning batch-1 session too
+LATENCY_SESSION_MAX_BYTES = 256 << 20  # ONNX files up to this size get the spinning session for lone calls too
+STREAM_SESSIONS_MAX_BYTES = 1 << 30  # ONNX bytes times streams up to which each stream gets its own session
 STREAM_THREADS = 4  # threads per stream on bigger machines: wide enough for one batch, narrow enough to scale
 
 

@@ -110,6 +110,15 @@ def test_onnxruntime_streams_run_batches_concurrently_with_identical_answers(bun
     for k, out in enumerate(outs):  # every answer is its rows' own, bit for bit, whichever stream ran it
         a, b = bounds[k % len(bounds)]
         np.testing.assert_array_equal(out, sequential[a:b])
+    if usable_cpus() >= 2:  # wider streams each have their own session (thread pool), the same answers
+        wide = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=2, parallel=2))
+        sessions = [wide._sessions.get() for _ in range(2)]
+        assert sessions[0] is not sessions[1]
+        for s in sessions:
+            wide._sessions.put(s)
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(wide.infer, [batch[:6], batch[6:]] * 3))
+        np.testing.assert_array_equal(np.concatenate(outs[:2]), sequential)
     # The defaults follow the hint: streams for throughput, one batch at a time on every core for latency.
     default = load_backend(bundle, manifest, "onnxruntime")
     assert default.parallelism == default_streams(usable_cpus())
