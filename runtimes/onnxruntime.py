@@ -128,6 +128,8 @@ class OnnxRuntimeBackend:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, H, W) float32 -> (B, classes) float32."""
+        if self.session is None:  # closed: its streams are gone, waiting for one would never end
+            raise BackendError("this onnxruntime backend is closed")
         with self._lock:
             self._running += 1
             lone = self._running == 1
@@ -135,6 +137,9 @@ class OnnxRuntimeBackend:
             if lone and self._latency is not None and (len(batch) == 1 or self.parallelism > 1):
                 return self._latency.run(self._outputs, {self._input: batch})[0]
             session = self._sessions.get()
+            if session is None:  # closed while this call waited for a stream: pass the word on to the next waiter
+                self._sessions.put(None)
+                raise BackendError("this onnxruntime backend is closed")
             try:
                 return session.run(self._outputs, {self._input: batch})[0]
             finally:
@@ -150,7 +155,9 @@ class OnnxRuntimeBackend:
     def close(self) -> None:
         """Drop the sessions (onnxruntime frees them with the objects)."""
         self.session = self._latency = None
-        self._sessions = queue.SimpleQueue()
+        while not self._sessions.empty():
+            self._sessions.get_nowait()
+        self._sessions.put(None)  # wakes a call still waiting for a stream
 
 
 LATENCY_SESSION_MAX_BYTES = 256 << 20  # ONNX files up to this size get the spinning session for lone calls too

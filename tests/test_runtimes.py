@@ -129,6 +129,9 @@ def test_onnxruntime_streams_run_batches_concurrently_with_identical_answers(bun
         assert calls == [len(batch)]
     latency = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(hint="latency"))
     assert latency.parallelism == 1 and latency.describe()["threads_effective"] == usable_cpus()
+    streams.close()  # a late call on a closed backend fails at once instead of waiting for a stream forever
+    with pytest.raises(BackendError, match="closed"):
+        streams.infer(batch[:1])
 
 
 def test_openvino_matches_direct_compile_and_is_thread_safe(bundle, manifest, batch):
