@@ -182,7 +182,13 @@ class DynamicBatcher:
         batch = self._forming = [first]
         rows = first.rows
         deadline = first.enqueued + self.max_delay_s
-        while rows < self.max_batch:
+        limit = self.max_batch
+        if self.parallel > 1:
+            # Several batches in flight (streams): share the work waiting (queued or still decoding) evenly among
+            # them. One slot taking it all would leave that batch computing for as long as all its rows take on
+            # one stream while the others idle through small ones: the same throughput, twice the tail latency.
+            limit = max(1, min(limit, -(-(self._admitted - self._running_rows) // self.parallel)))
+        while rows < limit:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -196,7 +202,7 @@ class DynamicBatcher:
                         item = await self._queue.get()
                 except TimeoutError:
                     break
-            if rows + item.rows > self.max_batch:
+            if rows + item.rows > limit:
                 self._carry = item
                 break
             batch.append(item)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -258,6 +260,32 @@ def test_a_lone_request_does_not_wait_for_companions_but_expected_ones_are_waite
     lone, paired, batches = asyncio.run(main())
     assert lone < 0.2 and batches == [1, 2], (lone, batches)
     assert paired < 0.45
+
+
+def test_streams_share_the_waiting_work_evenly():
+    def slow_sums(x: np.ndarray) -> np.ndarray:
+        time.sleep(0.02 * len(x))  # rows cost time on a stream, as on a one-thread CPU stream
+        return row_sums(x)
+
+    async def main(parallel):
+        rec = Recorder()
+        b = DynamicBatcher("m", slow_sums, max_batch=32, max_delay_s=0.05, max_queue=100, parallel=parallel,
+                           observer=rec)
+        await b.start()
+        xs = [np.full((1, 2), i, np.float32) for i in range(24)]
+        with contextlib.ExitStack() as admitted:
+            for _ in xs:  # all 24 are in the server (as after decoding): the first batches can see them coming
+                admitted.enter_context(b.admit())
+            outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        await b.close()
+        return rec.batches, outs
+
+    batches, outs = asyncio.run(main(2))
+    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(24)]
+    # Two streams: no batch takes more than its half of what waits, so neither stream idles through a tiny one.
+    assert sum(batches) == 24 and max(batches) <= 12 and len(batches) >= 2, batches
+    single, _ = asyncio.run(main(1))
+    assert max(single) > 12, single  # one stream takes all it can, as before
 
 
 def test_the_work_pool_runs_cheap_work_inline_only_when_idle():
