@@ -187,7 +187,9 @@ class DynamicBatcher:
             # Several batches in flight (streams): share the work waiting (queued or still decoding) evenly among
             # them. One slot taking it all would leave that batch computing for as long as all its rows take on
             # one stream while the others idle through small ones: the same throughput, twice the tail latency.
-            limit = max(1, min(limit, -(-(self._admitted - self._running_rows) // self.parallel)))
+            # (Requests submitted without admission count by what is queued.)
+            waiting = max(self._admitted - self._running_rows, rows + self._queue.qsize())
+            limit = min(limit, -(-waiting // self.parallel))
         while rows < limit:
             try:
                 item = self._queue.get_nowait()

@@ -287,6 +287,18 @@ def test_streams_share_the_waiting_work_evenly():
     single, _ = asyncio.run(main(1))
     assert max(single) > 12, single  # one stream takes all it can, as before
 
+    async def unadmitted():  # the batcher on its own (no admissions): what is queued is shared, and still batched
+        rec = Recorder()
+        b = DynamicBatcher("m", slow_sums, max_batch=32, max_delay_s=0.05, max_queue=100, parallel=2, observer=rec)
+        await b.start()
+        outs = await asyncio.gather(*(b.submit(np.full((1, 2), i, np.float32)) for i in range(24)))
+        await b.close()
+        return rec.batches, outs
+
+    batches, outs = asyncio.run(unadmitted())
+    assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(24)]
+    assert sum(batches) == 24 and 1 < max(batches) <= 12, batches
+
 
 def test_the_work_pool_runs_cheap_work_inline_only_when_idle():
     from serve.workpool import Busy, WorkPool
