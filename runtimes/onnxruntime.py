@@ -58,7 +58,8 @@ class OnnxRuntimeBackend:
     On the CPU, the throughput hint (the default) splits the cores into streams (`parallel` batches in flight, each
     on `threads` cores; see `default_streams`), like OpenVINO's: one-thread streams share one session (onnxruntime
     runs concurrent calls on their callers' threads) and never wait on each other's parallel sections, which a core
-    taken by image decoding stalls in a many-thread run (+17 % served throughput at concurrency 16 on 2 cores).
+    taken by image decoding stalls in a many-thread run (+7-18 % served throughput at concurrency 16 on 2 cores,
+    side by side with one stream, 2026-12-04).
     The latency hint, or `parallel=1`, runs every batch on all threads.
     """
 
