@@ -18,11 +18,14 @@ import datetime as dt
 import http.client
 import io
 import json
+import os
 import re
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -89,7 +92,10 @@ class Server:
             self.stop()
             raise
         self.cold_start_s = time.perf_counter() - t0
-        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        self.conn = self._connect()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
 
     def startup(self) -> dict[str, Any]:
         """vitc's own account of its start (the "listening" log line): process age and per-step seconds."""
@@ -113,7 +119,7 @@ class Server:
                 # The server closed the idle keep-alive connection (uvicorn: after 5 s) while the other systems
                 # had their slices: reconnect, and time the request on the new connection.
                 self.conn.close()
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                self.conn = self._connect()
                 if attempt:
                     raise
         dt_s = time.perf_counter() - t
@@ -183,8 +189,6 @@ def bare_backend(bundle: Path, runtime: str, body: bytes, hint: str = "throughpu
 def bare_throughput(backend, x: np.ndarray, batch: int, seconds: float) -> tuple[float, float]:  # noqa: ANN001
     """(images per second, CPU ms per image) of back-to-back `batch`-row calls, `backend.parallelism` loops at once
     (each stream kept busy, as the server keeps them)."""
-    import threading
-
     xb = np.ascontiguousarray(np.repeat(x, batch, axis=0))
     backend.infer(xb)
     counts: list[int] = []
@@ -213,15 +217,11 @@ def _cpu_s(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> tuple[float, float] | None:
     """OpenVINO's benchmark_app on the IR (throughput hint, f32, like vitc): (FPS, CPU ms per image)."""
-    import resource
-
     exe = Path(sys.executable).with_name("benchmark_app")
     if not exe.exists():
         return None
