@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from models import build_model, complexity, get_config, list_variants
+from train.sweep.claims import FLOPS_PARITY
 
 # (GF, M params, M acts) as printed in the paper.
 PAPER_TABLE = {
@@ -44,9 +45,11 @@ def test_released_bookkeeping_matches_reference_code():
         complexity(get_config("vit_p_1gf"), "other")
 
 
-def test_mini_pair_keeps_flop_parity():
-    p, c = (complexity(get_config(n)).flops for n in ("vit_p_mini", "vit_c_mini"))
-    assert abs(c / p - 1) <= 0.10
+@pytest.mark.parametrize("size", ["1gf", "4gf", "18gf", "36gf", "72gf", "mini", "nano"])
+def test_pairs_keep_flop_parity(size):
+    """Every pair but micro (a test fixture) is within the paper studies' 3 % flops rule."""
+    p, c = (complexity(get_config(f"vit_{s}_{size}")).flops for s in ("p", "c"))
+    assert abs(c / p - 1) <= FLOPS_PARITY
 
 
 @pytest.mark.parametrize("name", [n for n in list_variants() if not n.endswith(("36gf", "72gf"))])
