@@ -78,6 +78,8 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     rows = max(1, (1 << 20) // max(1, w))
     for y in range(0, h, rows):
         band = np.asarray(img.crop((0, y, w, min(h, y + rows))), dtype=np.float32)
+        if img.mode == "F" and not np.isfinite(band).all():  # NaN has no 8-bit value (the cast is undefined)
+            raise ValueError("the image has non-finite pixel values (NaN or infinity)")
         out[y:y + rows] = np.clip(band * np.float32(scale), 0, 255).round()
     return Image.fromarray(out, "L")
 

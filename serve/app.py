@@ -12,7 +12,7 @@ import serve
 from models.host import usable_cpus
 from serve.fastpath import FastPathMiddleware
 from serve.metrics import Metrics
-from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware
+from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyBudget, BodyLimitMiddleware, HeadMiddleware
 from serve.registry import ServedModel, close_models, load_models
 from serve.repository import ModelRepository
 from serve.responses import install_handlers
@@ -64,9 +64,11 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     # Added innermost first: the access log sees every answer, including auth and body-limit refusals.
     app.add_middleware(FastPathMiddleware, path="/v1/models/{name}/classify", handler=v1.classify_request,
                        max_top_k=v1.MAX_TOP_K)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       budget=BodyBudget(settings.buffered_bytes_limit))
     if settings.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=v2.HEALTH_PATHS)
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, known_models=lambda: app.state.models,
                        enabled=settings.access_log)
     return app

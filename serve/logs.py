@@ -36,5 +36,11 @@ def configure_logging(level: str = "info") -> None:
         logger.handlers = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    # Everything else (libraries such as python-multipart, and Python warnings) reaches the root logger: JSON too,
+    # so no line on stderr breaks a log shipper's parsing.
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    logging.captureWarnings(True)
     # uvicorn's own access log is replaced by ours (which knows the model and the request id).
     logging.getLogger("uvicorn.access").disabled = True

@@ -78,6 +78,14 @@ class AccessLogMiddleware:
             if started:
                 raise
             await error_response(500, f"internal error ({type(exc).__name__})")(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the graceful shutdown times out (a stalled upload, say):
+            # answer a JSON 503 rather than letting uvicorn write a plain-text 500, then let the cancellation on.
+            if not started:
+                with contextlib.suppress(Exception):
+                    await error_response(503, "the server is shutting down", {"Connection": "close"})(
+                        scope, receive, send_with_id)
+            raise
         finally:
             self.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
@@ -94,6 +102,25 @@ class AccessLogMiddleware:
                     "duration_ms": round(seconds * 1000, 3), "model": name, "request_id": request_id,
                     "client": f"{client[0]}:{client[1]}" if client else None,
                 })
+
+
+class HeadMiddleware:
+    """HEAD is GET without the body (RFC 9110 9.3.2): routed as GET; uvicorn, which still sees HEAD, drops the
+    body and keeps the headers. FastAPI's routes answer only the methods they declare."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        inner = {**scope, "method": "GET"}
+        try:
+            await self.app(inner, receive, send)
+        finally:
+            # The access log reads the route and model name that routing set on the scope it was given.
+            scope.update({k: inner[k] for k in ("route", "path_params") if k in inner})
 
 
 def request_id_of(raw: bytes) -> str:
@@ -121,12 +148,50 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """413 for bodies over `max_bytes`, declared (Content-Length) or streamed (chunked)."""
+class BodyTimeout(APIError):
+    """The request body did not arrive in time (a stalled or trickling client)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s", {"Connection": "close"})
+
+
+class BodiesFull(APIError):
+    """The bodies being received and held, all requests together, would pass the server's budget."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(503, f"the server holds its limit of {limit} bytes of request bodies; retry shortly",
+                         {"Retry-After": "1", "Connection": "close"})
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once, all requests together (the event loop's only: no lock needed)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, n: int) -> bool:
+        """Reserve `n` more bytes; False (nothing reserved) when that would pass the limit."""
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class BodyLimitMiddleware:
+    """Bounds on request bodies: 413 over `max_bytes` (declared or streamed), 408 when the body does not arrive
+    within `timeout_s`, 503 when the bodies held by all requests together would pass `budget`.
+
+    Each request's body bytes count against the budget from their arrival (or declaration) until its answer is
+    sent, so slow or stalled uploads can hold neither unbounded memory nor a connection forever.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 60.0, budget: BodyBudget | None = None
+                 ) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.budget = budget or BodyBudget(1 << 62)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,6 +199,7 @@ class BodyLimitMiddleware:
             return
         headers = dict(scope.get("headers") or ())
         declared = headers.get(b"content-length")
+        length = 0
         if declared is not None:
             try:
                 length = int(declared)
@@ -147,20 +213,40 @@ class BodyLimitMiddleware:
                     await _drain(receive, self.max_bytes)
                 await error_response(413, str(BodyTooLarge(self.max_bytes)))(scope, receive, send)
                 return
-        received = 0
+        if not self.budget.take(length):
+            full = BodiesFull(self.budget.limit)
+            await error_response(full.status, full.reason, full.headers)(scope, receive, send)
+            return
+        reserved, received, complete = length, 0, length == 0 and b"chunked" not in headers.get(
+            b"transfer-encoding", b"").lower()
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, reserved, complete
+            if complete:  # the body is in: what is left to receive is the disconnect, with no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     if message.get("more_body"):
                         await _drain(receive, self.max_bytes)
                     raise BodyTooLarge(self.max_bytes)
+                if received > reserved:  # chunked, or more than declared: reserve as it arrives
+                    if not self.budget.take(received - reserved):
+                        raise BodiesFull(self.budget.limit)
+                    reserved = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.budget.give(reserved)
 
 
 async def _drain(receive: Receive, budget: int) -> None:

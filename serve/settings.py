@@ -43,6 +43,10 @@ class Settings(BaseSettings):
 
     # Hard edges.
     max_body_bytes: int = Field(16 * MiB, ge=1024)
+    max_buffered_bytes: int | None = Field(None, ge=1024, description="request bodies held at once, all requests "
+                                           "together, before 503 (None: 256 MiB or max_body_bytes if larger)")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request body must arrive within this, "
+                                  "else 408")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
     max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
     # Draft decoding of big JPEGs (1/2, 1/4 or 1/8 scale, much faster): "measured" uses it only for models whose
@@ -57,6 +61,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
 
+    @property
+    def buffered_bytes_limit(self) -> int:
+        """max_buffered_bytes, or its default: 256 MiB, at least one largest body."""
+        return self.max_buffered_bytes or max(256 * MiB, self.max_body_bytes)
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, v: object) -> object:
@@ -65,6 +74,14 @@ class Settings(BaseSettings):
             v = v.strip()
             return json.loads(v) if v.startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _buffer_holds_one_body(self) -> Settings:
+        """The largest body allowed must fit the buffer budget, or it could never be received."""
+        if self.max_buffered_bytes is not None and self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
+                             f"max_body_bytes ({self.max_body_bytes})")
+        return self
 
     @model_validator(mode="after")
     def _budget_holds_one_image(self) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from starlette.datastructures import UploadFile
 
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
+from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
 from serve.routes.deps import (
     ERROR_RESPONSES,
@@ -92,10 +94,26 @@ def _unsupported(media: str) -> APIError:
                          "image/png, image/webp, ...) or multipart/form-data with 'file' fields")
 
 
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def _closed_multipart(body: bytes, content_type: str) -> bool:
+    """Whether a multipart body ends its last part (a cut upload leaves the part unfinished, and the form
+    parser would silently drop it)."""
+    m = _BOUNDARY.search(content_type)
+    return m is None or b"--" + m.group(1).strip().encode("latin-1") + b"--" in body
+
+
 async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], bool]:
     """The request's images as (name, bytes), and whether it was a multi-file (batch) form."""
-    media = _media_type(request.headers.get("content-type"))
+    content_type = request.headers.get("content-type") or ""
+    media = _media_type(content_type)
+    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
     if media == "multipart/form-data":
+        if encoding != "identity":
+            raise APIError(415, f"unsupported Content-Encoding {encoding!r} for a multipart form (identity only)")
+        if not _closed_multipart(await request.body(), content_type):  # the body is kept for the form parser
+            raise APIError(400, "malformed multipart body: its closing boundary is missing (a cut upload?)")
         form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 16,
                                   max_part_size=MAX_PART_FIELD_BYTES)
         try:
@@ -114,7 +132,13 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
             await form.close()
         return images, len(images) > 1
     if media in CONTENT_TYPES:
-        return [("body", await request.body())], False
+        body = await request.body()
+        if encoding != "identity":
+            try:
+                body = await off_loop(request, decompress, body, encoding, settings.max_body_bytes)
+            except ProtocolError as exc:
+                raise APIError(exc.status, str(exc)) from None
+        return [("body", body)], False
     raise _unsupported(media)
 
 

@@ -115,9 +115,12 @@ async def repository_index(request: Request) -> JSONResponse:
     body = await request.body()
     if body.strip():
         try:
-            ready_only = bool(json.loads(body).get("ready", False))
-        except (ValueError, AttributeError):
-            raise APIError(400, "the index request body must be a JSON object like {\"ready\": true}") from None
+            req = json.loads(body)
+        except (ValueError, RecursionError):
+            req = None
+        ready_only = req.get("ready", False) if isinstance(req, dict) else None
+        if not isinstance(ready_only, bool):
+            raise APIError(400, "the index request body must be a JSON object like {\"ready\": true}")
     entries = request.app.state.repository.index()
     return JSONResponse([e for e in entries if e["state"] == "READY" or not ready_only])
 

@@ -9,11 +9,13 @@ from typing import Any
 from train.sweep.plan import StudyConfig
 
 # Sizes measured on the 2-core dev machine (1 training thread per worker, 2 workers): vit_c/p_micro train at
-# ~500 img/s (18 s per animals epoch) and vit_c/p_mini at ~40-90 img/s (100-240 s per epoch); every run also pays
-# ~10-20 s of interpreter, torch and data start-up.
+# ~500 img/s (18 s per animals epoch) and vit_c/p_mini at ~77-79 img/s (~115 s per epoch, C/P 0.98); every run
+# also pays ~10-20 s of interpreter, torch and data start-up.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default study: the mini pair on animals. ~5 h on 2 otherwise idle cores (estimated from the per-epoch
-    # times above: 64 stability runs x 3 epochs + 4 x (6 + 12 + 24) tuned epochs = 360 epochs of ~100 s / 2).
+    # The default study: the mini pair (flops C/P 1.009) on animals, 108 runs: 64 stability runs x 3 epochs + 2
+    # models x 2 optimizers x 3 seeds x (3 + 6 + 12 + 24) tuned epochs, less the 4 tuned runs a stability run
+    # already is = 720 epochs, ~12 h on 2 cores at ~115 s per epoch per worker; a GPU runs several workers at once
+    # (--workers N --devices 0). It resumes where it stopped.
     "full": {
         "models": ("vit_c_mini", "vit_p_mini"),
         "dataset": "animals",

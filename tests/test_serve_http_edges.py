@@ -1,0 +1,188 @@
+"""HTTP edges of a real server: stalled and trickling uploads, the bodies all requests hold at once, HEAD, content
+codings on /v1, cut multipart forms, hostile repository-index bodies, SIGTERM during an upload, JSON-only logs.
+
+The backend is tests/fake_runtime.py (plugged in with VITC_RUNTIMES), so no runtime work slows the checks down.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import socket
+import time
+from pathlib import Path
+
+import fake_runtime
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_serve_fixtures import animal_pngs, start_server
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIFY = "/v1/models/fake/classify"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return fake_runtime.write_bundle(tmp_path_factory.mktemp("edges") / "fake")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {"VITC_RUNTIMES": "fake_runtime", "PYTHONPATH": f"{REPO / 'tests'}:{REPO}",
+            "FAKE_RUNTIME_LOG": str(tmp_path / "computed.log"), "FAKE_RUNTIME_HANG": str(tmp_path / "hang")}
+
+
+def _open_upload(url: str, length: int, sent: bytes = b"x" * 10) -> socket.socket:
+    """A POST that declares `length` body bytes and sends only `sent`: a stalled client."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST {CLASSIFY} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + sent)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one HTTP/1.1 response (Content-Length framed), read until the server closes or
+    the body is complete."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, TimeoutError):
+        return False
+
+
+def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tmp_path):
+    args = ["--model", f"fake={bundle}", "--backend", "fake", "--max-body-bytes", str(1 << 20),
+            "--max-buffered-bytes", str(2 << 20), "--body-timeout-s", "3"]
+    with start_server(args, tmp_path / "server.log", _env(tmp_path)) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        png = animal_pngs(1)[0]
+        # Two stalled uploads declare 1 MiB each: the whole 2 MiB budget. A third body is refused at once, before
+        # a byte of it is read; small requests without a body still pass.
+        t0 = time.monotonic()
+        stalled = [_open_upload(server.url, 1 << 20) for _ in range(2)]
+        time.sleep(0.3)
+        r = client.post(CLASSIFY, content=png, headers={"content-type": "image/png"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "request bodies" in r.json()["error"]
+        assert client.get("/v2/health/ready").status_code == 200
+        # A chunked stream is counted as it arrives.
+        chunks = (png for _ in range(1))
+        r = client.post(CLASSIFY, content=chunks, headers={"content-type": "image/png"})
+        assert r.status_code == 503, r.text
+        # The stalled clients get a JSON 408 at the body deadline, and their connections are closed.
+        for sock in stalled:
+            status, headers, body = _read_response(sock)
+            assert status == 408 and headers["connection"] == "close", (status, headers)
+            assert "did not arrive within 3 s" in json.loads(body)["error"]
+            assert _closed_by_server(sock)
+            sock.close()
+        assert 2.5 < time.monotonic() - t0 < 20
+        # Their bytes are given back: a full-size body fits again, and a trickle is cut at the same deadline.
+        assert client.post(CLASSIFY, content=png, headers={"content-type": "image/png"}).status_code == 200
+        trickle = _open_upload(server.url, 1000, b"")
+        t0 = time.monotonic()
+        for _ in range(6):
+            try:
+                trickle.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.5)
+        status, _, _ = _read_response(trickle)
+        trickle.close()
+        assert status == 408 and time.monotonic() - t0 < 10
+        # The budget's accounting returns to zero: two full bodies at once are taken.
+        big = b"\0" * ((1 << 20) - 100)
+        with httpx.Client(base_url=server.url, timeout=30) as other:
+            for c in (client, other):
+                assert c.post(CLASSIFY, content=big, headers={"content-type": "image/png"}).status_code == 400
+    assert "Traceback" not in server.logs()
+
+
+def test_head_codings_multipart_and_index_bodies(bundle, tmp_path):
+    with start_server(["--model", f"fake={bundle}", "--backend", "fake"], tmp_path / "server.log",
+                      _env(tmp_path)) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        # HEAD is GET without the body, on every GET route (load balancers probe health with it).
+        for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/fake", "/v1/models", "/metrics"):
+            get, head = client.get(path), client.head(path)
+            assert head.status_code == get.status_code == 200, path
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+        assert client.head("/v2/models/nope").status_code == 404
+        assert client.head(CLASSIFY).status_code == 405  # a POST-only route
+
+        png = animal_pngs(1)[0]
+        plain = client.post(CLASSIFY, content=png, headers={"content-type": "image/png"})
+        assert plain.status_code == 200
+        for coding, body in (("gzip", gzip.compress(png)), ("deflate", __import__("zlib").compress(png))):
+            r = client.post(CLASSIFY, content=body, headers={"content-type": "image/png", "content-encoding": coding})
+            assert r.status_code == 200 and r.json() == plain.json(), (coding, r.text)
+        for coding, status in (("br", 415), ("gzip", 400)):  # unknown coding; a body that is not gzip
+            r = client.post(CLASSIFY, content=png, headers={"content-type": "image/png", "content-encoding": coding})
+            assert r.status_code == status and r.json()["error"], (coding, r.text)
+
+        # A multipart form cut before its closing boundary is malformed (the parser would drop the cut part).
+        boundary = "XXbound"
+        part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + png
+        headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+        r = client.post(CLASSIFY, content=part[:len(part) - len(png) + 50], headers=headers)
+        assert r.status_code == 400 and "closing boundary" in r.json()["error"]
+        whole = part + f"\r\n--{boundary}--\r\n".encode()
+        assert client.post(CLASSIFY, content=whole, headers=headers).json() == plain.json()
+        r = client.post(CLASSIFY, content=gzip.compress(whole), headers={**headers, "content-encoding": "gzip"})
+        assert r.status_code == 415
+
+        # A float TIFF of NaN has no pixel values: 400, not an undefined cast.
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20), np.nan, np.float32), "F").save(buf, format="TIFF")
+        r = client.post(CLASSIFY, content=buf.getvalue(), headers={"content-type": "image/tiff"})
+        assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
+
+        # Repository index: anything but {"ready": <bool>} is a 400, however deep or odd.
+        for body in (b"[" * 100_000, b'{"a":' * 100_000, b'{"ready": "no"}', b'{"ready": NaN}', b"[]", b"7"):
+            r = client.post("/v2/repository/index", content=body)
+            assert r.status_code == 400 and r.json()["error"], body[:20]
+        assert client.post("/v2/repository/index", json={"ready": True}).status_code == 200
+    logs = server.logs()
+    assert "Traceback" not in logs
+    for line in logs.splitlines():  # warnings and third-party messages too: one JSON object per line
+        json.loads(line)
+
+
+def test_sigterm_during_a_stalled_upload_answers_json_and_exits_in_time(bundle, tmp_path):
+    args = ["--model", f"fake={bundle}", "--backend", "fake", "--graceful-timeout-s", "1"]
+    server = start_server(args, tmp_path / "server.log", _env(tmp_path))
+    try:
+        sock = _open_upload(server.url, 1000)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        server.proc.terminate()
+        status, headers, body = _read_response(sock)
+        sock.close()
+        assert status == 503 and headers["content-type"] == "application/json", (status, body)
+        assert "shutting down" in json.loads(body)["error"]
+        assert server.proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 15
+    finally:
+        server.stop()
