@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-buffered-bytes", type=int,
                    help="request bodies held at once, all requests together, before 503 (default 256 MiB, at least "
                         "--max-body-bytes)")
-    p.add_argument("--body-timeout-s", type=float,
-                   help="a request body must arrive within this many seconds, else 408 (default 60)")
+    p.add_argument("--receive-timeout-s", type=float,
+                   help="a request's headers, and then its body, must each arrive within this many seconds, "
+                        "else 408 and the connection is closed (default 60)")
     p.add_argument("--max-image-pixels", type=int, help="decoded pixel limit (default 40,000,000)")
     p.add_argument("--max-files", type=int, help="images per multipart request (default 64)")
     p.add_argument("--jpeg-draft", choices=("measured", "always", "never"),

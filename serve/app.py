@@ -64,8 +64,8 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     # Added innermost first: the access log sees every answer, including auth and body-limit refusals.
     app.add_middleware(FastPathMiddleware, path="/v1/models/{name}/classify", handler=v1.classify_request,
                        max_top_k=v1.MAX_TOP_K)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
-                       budget=BodyBudget(settings.buffered_bytes_limit))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.receive_timeout_s, budget=BodyBudget(settings.buffered_bytes_limit))
     if settings.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=v2.HEALTH_PATHS)
     app.add_middleware(HeadMiddleware)

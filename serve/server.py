@@ -61,8 +61,10 @@ def run(settings: Settings) -> None:
     import uvicorn  # only now: a refused start never pays for importing the web stack
 
     from serve.app import create_app
+    from serve.httpproto import header_timeout_protocol
     config = uvicorn.Config(
-        create_app(settings, models), log_config=None, access_log=False, lifespan="on", server_header=False,
+        create_app(settings, models), http=header_timeout_protocol(settings.receive_timeout_s),
+        log_config=None, access_log=False, lifespan="on", server_header=False,
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,
     )
     host, port = sock.getsockname()[:2]

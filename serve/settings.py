@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * MiB, ge=1024)
     max_buffered_bytes: int | None = Field(None, ge=1024, description="request bodies held at once, all requests "
                                            "together, before 503 (None: 256 MiB or max_body_bytes if larger)")
-    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request body must arrive within this, "
-                                  "else 408")
+    receive_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's headers, and then its body, "
+                                     "must each arrive within this, else 408")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
     max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
     # Draft decoding of big JPEGs (1/2, 1/4 or 1/8 scale, much faster): "measured" uses it only for models whose

@@ -73,7 +73,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
 
 def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tmp_path):
     args = ["--model", f"fake={bundle}", "--backend", "fake", "--max-body-bytes", str(1 << 20),
-            "--max-buffered-bytes", str(2 << 20), "--body-timeout-s", "3"]
+            "--max-buffered-bytes", str(2 << 20), "--receive-timeout-s", "3"]
     with start_server(args, tmp_path / "server.log", _env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
         png = animal_pngs(1)[0]
@@ -111,6 +111,23 @@ def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tm
         status, _, _ = _read_response(trickle)
         trickle.close()
         assert status == 408 and time.monotonic() - t0 < 10
+        # Headers get the same deadline: a connection that sends nothing, or stops inside its headers (also on a
+        # kept-alive connection after a first answer), is answered 408 and closed.
+        host, port = server.url.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)), timeout=30)
+        partial = socket.create_connection((host, int(port)), timeout=30)
+        partial.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
+        kept = socket.create_connection((host, int(port)), timeout=30)
+        kept.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(kept)[0] == 200
+        kept.sendall(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
+        t0 = time.monotonic()
+        for sock in (silent, partial, kept):
+            status, headers, body = _read_response(sock)
+            assert status == 408 and "headers did not arrive" in json.loads(body)["error"]
+            assert _closed_by_server(sock)
+            sock.close()
+        assert time.monotonic() - t0 < 10
         # The budget's accounting returns to zero: two full bodies at once are taken.
         big = b"\0" * ((1 << 20) - 100)
         with httpx.Client(base_url=server.url, timeout=30) as other:
