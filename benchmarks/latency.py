@@ -25,12 +25,6 @@ import sys
 from pathlib import Path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one readable line, exit 2 (the project's CLI convention)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -45,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Every option, documented."""
     from benchmarks.bundles import DEFAULT_CACHE, PAIRS
     from benchmarks.runners import all_targets
+    from models.cli import OneLineParser
 
-    p = _Parser(prog="python benchmarks/latency.py", description=__doc__.split("\n\n")[0],
-                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python benchmarks/latency.py", description=__doc__.split("\n\n")[0],
+                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("latency benchmark")
     run.add_argument("--quick", action="store_true",
                      help="CI smoke run: the micro pair, batch 1 and 8, few repetitions, results under "

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from data.datasets import SPLITS, DatasetError
 from models.checkpoint import CheckpointError
+from models.cli import OneLineParser
 from models.io import atomic_write_json
 from train.config import DEVICES, ConfigError
-from train.options import OneLineParser, quiet_openmp
+from train.options import quiet_openmp
 
 
 def main(argv: list[str] | None = None) -> int:

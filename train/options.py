@@ -5,16 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
+from models.cli import OneLineParser
 from train.config import AMP_MODES, AUGMENTS, CORRUPT_POLICIES, DEVICES, OPTIMIZERS, RECIPES
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one line on stderr and exits 2 (no usage dump)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _recipe_defaults(key: str) -> str:
