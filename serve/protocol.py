@@ -137,6 +137,9 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(doc["outputs"], list):
             raise ProtocolError("'outputs' must be a list")
         outputs = [_parse_output(o) for o in doc["outputs"]]
+        names = [o.name for o in outputs]
+        if len(set(names)) != len(names):
+            raise ProtocolError("an output is requested twice")
     rid = doc.get("id")
     if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_CHARS):
         raise ProtocolError(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
@@ -201,7 +204,7 @@ def _json_values(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.nda
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ProtocolError(f"input {name!r}: data is not a regular array of numbers: {_short(exc)}") from None
-    kinds = "b" if datatype == "BOOL" else "biuf" if dtype.kind == "f" else "biu"
+    kinds = "b" if datatype == "BOOL" else "iuf" if dtype.kind == "f" else "iu"  # JSON true is no number
     if raw.dtype.kind not in kinds:  # strings, objects (huge integers, mixed types) or floats for an int type
         got = _KINDS.get(raw.dtype.kind, f"{raw.dtype} values")
         raise ProtocolError(f"input {name!r}: data is not {datatype} (got {got})")

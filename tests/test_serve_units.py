@@ -160,6 +160,10 @@ _BIN1 = b'{"inputs":[{"name":"i","shape":[1],"datatype":"FP32","parameters":{"bi
     (_BIN2 + b"\0" * 4, str(len(_BIN2)), "binary data ends"),
     (_BIN1 + b"\0" * 8, str(len(_BIN1)), "not claimed"),
     (b"{}", "99", "outside the body"),
+    (b'{"inputs":[{"name":"input","shape":[2],"datatype":"FP32","data":[true,false]}]}', None, "got booleans"),
+    (b'{"inputs":[{"name":"input","shape":[1],"datatype":"INT32","data":[true]}]}', None, "got booleans"),
+    (b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}],'
+     b'"outputs":[{"name":"logits"},{"name":"logits"}]}', None, "requested twice"),
 ])
 def test_malformed_requests_are_refused(body, header, reason):
     with pytest.raises(ProtocolError, match=reason):
