@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -25,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.cli import OneLineParser, int_in
+
 REPO = Path(__file__).resolve().parents[1]
+MAX_PARITY_SAMPLES = 100_000
 SCHEMA = "vitc-gpu-check"
 
 
@@ -250,25 +254,49 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _device(text: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _parity_main(prog: str, args: argparse.Namespace) -> int:
+    """--parity-of: the JSON line, or one line on stderr and exit 2 for a bundle or checkpoint that cannot load."""
+    from runtimes import BackendError
+
+    if args.checkpoint is None:
+        print(f"{prog}: error: --parity-of needs --checkpoint", file=sys.stderr)
+        return 2
+    try:
+        facts = parity_on_device(args.parity_of, args.checkpoint, args.device, args.parity_samples)
+    except (ValueError, BackendError, OSError) as exc:  # BundleError, CheckpointError, DatasetError are ValueErrors
+        text = str(exc).strip()
+        print(f"{prog}: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(json.dumps(facts))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check (or, with --parity-of, one bundle's on-device parity as a JSON line)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a smoke run")
+    p = OneLineParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", type=_device, default="cuda", help="cuda (default), cuda:N, or cpu for a smoke run")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (what the tests run on the CPU)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--work", type=Path, help="working directory for runs and bundles (default: a temporary one)")
     p.add_argument("--parity-of", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--parity-samples", type=int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--parity-samples", type=int_in(1, MAX_PARITY_SAMPLES), default=256, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.parity_of:
-        print(json.dumps(parity_on_device(args.parity_of, args.checkpoint, args.device, args.parity_samples)))
-        return 0
+        return _parity_main(p.prog, args)
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            print("error: no CUDA GPU here (use --device cpu --smoke for the CPU smoke run)", file=sys.stderr)
+            print(f"{p.prog}: error: no CUDA GPU here (use --device cpu --smoke for the CPU smoke run)",
+                  file=sys.stderr)
             return 2
     import tempfile
 

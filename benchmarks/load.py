@@ -22,13 +22,15 @@ import os
 import platform
 import sys
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e import request_bodies
+from benchmarks.e2e import MAX_IMAGES, request_bodies
 from benchmarks.loadgen import Endpoint, closed_loop
+from models.cli import OneLineParser
 from models.io import atomic_write_bytes, atomic_write_json
 
 DEMO_BUNDLES = ("exports/animals-vit_c", "exports/animals-vit_p")
@@ -36,6 +38,7 @@ CONCURRENCY = (1, 4, 16, 64)
 MAX_CONCURRENCY = 256
 MAX_DURATION_S = 60.0
 RESULTS = Path("benchmarks/results")
+PROG = "python -m benchmarks.load"
 
 
 def loopback_url(url: str) -> str:
@@ -174,8 +177,23 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def server_problem(url: str, exc: BaseException) -> str:
+    """One line for a server the load test could not use: unreachable, refusing the key, or not vitc."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"{url} answered HTTP {exc.code} {exc.reason}" + (" (pass --api-key)" if exc.code == 401 else "")
+    if isinstance(exc, urllib.error.URLError):
+        return (f"no server at {url}: {getattr(exc.reason, 'strerror', None) or exc.reason} "
+                f"(start one with `python -m serve`, or pass --start)")
+    if isinstance(exc, OSError):
+        return f"{url}: {exc.strerror or exc}"
+    if isinstance(exc, KeyError | json.JSONDecodeError):
+        return f"{url} does not answer like a vitc server (GET /v1/models)"
+    text = str(exc).strip()
+    return f"{url}: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="running server (loopback only)")
     p.add_argument("--start", action="store_true", help="start a server on the bundles first (and stop it after)")
     p.add_argument("--model", action="append", help=f"bundle for --start (default: {', '.join(DEMO_BUNDLES)})")
@@ -198,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--concurrency must be within 1..{MAX_CONCURRENCY}")
         if not 0 < args.duration <= MAX_DURATION_S or not 0 <= args.warmup <= MAX_DURATION_S:
             raise ValueError(f"--duration must be in (0, {MAX_DURATION_S:g}] s and --warmup non-negative")
+        if not 1 <= args.images <= MAX_IMAGES:
+            raise ValueError(f"--images must be in 1..{MAX_IMAGES}, got {args.images}")
         bundles = args.model or [b for b in DEMO_BUNDLES if Path(b).is_dir()]
         if args.start and not bundles:
             raise ValueError("no bundles to serve: run `make demo` first or pass --model")
+        out = args.out or RESULTS / f"load-{args.backend}.json"
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a .json path")
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     server = None
     if args.start:
@@ -214,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server = start(server_args, log_path, {"VITC_API_KEY": args.api_key} if args.api_key else None)
         except RuntimeError as exc:
-            print(f"error: the server did not start: {str(exc).splitlines()[0]} (log: {log_path})", file=sys.stderr)
+            print(f"{PROG}: error: the server did not start: {str(exc).splitlines()[0]} (log: {log_path})",
+                  file=sys.stderr)
             return 2
         url = server.url
     try:
         doc = run_load_test(url, tuple(args.concurrency), args.duration, args.warmup, args.images, args.api_key,
                             log=lambda msg: print(msg, file=sys.stderr))
+    except (OSError, ValueError, KeyError) as exc:  # refused, timed out, 401, or not a vitc server
+        print(f"{PROG}: error: {server_problem(url, exc)}", file=sys.stderr)
+        return 2
     finally:
         exit_code = server.stop() if server is not None else None
     if server is not None:

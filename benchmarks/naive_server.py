@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import socket
+import sys
 
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handler's annotation here
+
+from models.cli import OneLineParser
 
 
 def create_app(bundle: str):  # noqa: ANN201 - a FastAPI app
@@ -60,15 +64,53 @@ def create_app(bundle: str):  # noqa: ANN201 - a FastAPI app
     return app
 
 
-def main() -> None:
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
+    return port
+
+
+def port_problem(port: int) -> str | None:
+    """Why the server could not listen on 127.0.0.1:`port` (in use, privileged), or None."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the bundle until interrupted; exit 2 with one line on stderr for a bad bundle or port."""
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.naive_server", description=__doc__.splitlines()[0])
+    from models.bundle import BundleError
+
+    p = OneLineParser(prog="python -m benchmarks.naive_server", description=__doc__.splitlines()[0])
     p.add_argument("bundle")
-    p.add_argument("--port", type=int, default=8001)
-    args = p.parse_args()
-    uvicorn.run(create_app(args.bundle), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    p.add_argument("--port", type=_port, default=8001, help="loopback port, 1..65535 (default 8001)")
+    args = p.parse_args(argv)
+    problem = port_problem(args.port)
+    if problem:
+        print(f"{p.prog}: error: --port: {problem}", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(args.bundle)
+    except BundleError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors (Fail, InvalidProtobuf...) derive from Exception
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{p.prog}: error: {args.bundle}: cannot load the ONNX model: {reason}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

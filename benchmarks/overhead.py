@@ -18,6 +18,7 @@ import datetime as dt
 import http.client
 import io
 import json
+import math
 import os
 import re
 import resource
@@ -33,8 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from models.cli import OneLineParser, int_in
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "vitc-overhead-benchmark"
+COMPARED = "onnxruntime,openvino"  # the served runtimes the report compares, each with a bare reference
+MAX_SECONDS = 3600.0
 
 
 def request_image(size: int = 256) -> bytes:
@@ -471,22 +476,64 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite duration in (0, MAX_SECONDS]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"must be in (0, {MAX_SECONDS}] seconds, got {text}")
+    return value
+
+
+def _backends(text: str) -> list[str]:
+    """An argparse type: the compared runtimes, both of them (the report holds each against its runtime alone)."""
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if sorted(set(names)) != sorted(COMPARED.split(",")) or len(names) != len(COMPARED.split(",")):
+        raise argparse.ArgumentTypeError(f"expected {COMPARED} (in any order), got {text!r}")
+    return names
+
+
+def check_bundle(bundle: Path) -> None:
+    """BundleError before anything starts unless `bundle` holds a servable fp32 artifact of every compared runtime."""
+    from models.bundle import BundleError, read_manifest
+
+    manifest = read_manifest(bundle)
+    for runtime in COMPARED.split(","):
+        try:
+            manifest.select(runtime, "fp32")
+        except BundleError as exc:
+            raise BundleError(f"{exc}; the overhead benchmark needs onnx-fp32 and openvino-fp32 "
+                              f"(python -m export ... --targets onnx,openvino)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--slice", type=float, default=1.5, help="seconds per system per round at concurrency 1")
-    p.add_argument("--saturation", type=float, default=15.0, help="seconds per system at saturation")
-    p.add_argument("--saturation-rounds", type=int, default=5,
+    p.add_argument("--rounds", type=int_in(1, 1000), default=8)
+    p.add_argument("--slice", type=_seconds, default=1.5, help="seconds per system per round at concurrency 1")
+    p.add_argument("--saturation", type=_seconds, default=15.0, help="seconds per system at saturation")
+    p.add_argument("--saturation-rounds", type=int_in(1, 1000), default=5,
                    help="slices the saturation seconds are split into, each followed by the runtime alone")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--cold-starts", type=int, default=3)
+    p.add_argument("--concurrency", type=int_in(1, 1024), default=16)
+    p.add_argument("--cold-starts", type=int_in(1, 100), default=3)
     # The two CPU runtimes with a reference to hold them against: a bare session loop, OpenVINO's benchmark_app.
-    p.add_argument("--backends", default="onnxruntime,openvino", help=argparse.SUPPRESS)
+    p.add_argument("--backends", type=_backends, default=COMPARED.split(","), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
+    from models.bundle import BundleError
+
+    try:
+        check_bundle(args.bundle)
+    except BundleError as exc:
+        print(f"{p.prog}: error: --bundle: {exc}", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"{p.prog}: error: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
     doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
-              args.backends.split(","), log=lambda m: print(m, file=sys.stderr),
+              args.backends, log=lambda m: print(m, file=sys.stderr),
               saturation_rounds=args.saturation_rounds)
     from models.io import atomic_write_bytes, atomic_write_json
 

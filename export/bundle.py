@@ -2,15 +2,18 @@
 serves it, and described in `manifest.json` (the contract in models/bundle.py).
 
 The bundle is built in a temp directory and renamed into place, so a failure at any point leaves no partial
-bundle behind (and an older bundle at `out` stays intact). A runtime that fails to convert or misses its parity
-gate refuses its own artifact, not the bundle; a failing disk or memory stops the export (exit 2).
+bundle behind (and an older bundle at `out` stays intact). Only a bundle holding nothing but its own files is
+replaced: any other non-empty `out` is refused, so no user file is ever deleted. A runtime that fails to convert
+or misses its parity gate refuses its own artifact, not the bundle; a failing disk or memory stops the export.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,17 +30,21 @@ from export.targets import Target, parse_targets
 from models.bundle import (
     MANIFEST_FILE,
     MAX_BATCH_LIMIT,
+    NAME_RULE,
     Artifact,
+    BundleError,
     Golden,
     InputSpec,
     Manifest,
     OutputSpec,
     Source,
     file_entries,
+    read_manifest,
+    valid_name,
     write_manifest,
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
-from models.io import DirectoryBusy, atomic_dir
+from models.io import DirectoryBusy, _default_mode, _remove_stale, _swap_in
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
@@ -47,6 +54,7 @@ from runtimes.onnx_graph import OPSET, export_torch
 PREPROCESS_CHUNK = 256
 GOLDEN_SAMPLES = 8
 GOLDEN_FILE = "golden.npz"
+LOCK_RETRIES = 8
 
 
 class ExportIOError(RuntimeError):
@@ -81,6 +89,9 @@ def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_bat
         raise ExportError(
             f"dataset {dataset!r} has {len(val.class_names)} classes, the checkpoint {len(meta.class_names)}"
         )
+    if list(val.class_names) != list(meta.class_names):  # train.eval's rule: same classes, same order
+        raise ExportError(f"dataset {dataset!r} class names differ from the checkpoint's; parity on it would "
+                          "measure another task")
     val = val.subset(samples, seed=0)
     x = np.concatenate([
         preprocess([val.image(i) for i in range(s, min(s + PREPROCESS_CHUNK, len(val)))], meta.preprocessing)
@@ -98,14 +109,111 @@ def _check_out(out: Path) -> None:
     """Refuse outputs that would clobber something that is not a bundle."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-        raise ExportError(f"output {out} is a non-empty directory that is not a bundle; refusing to replace it")
+    _check_replaceable(out)
     try:  # fail before the slow work if the bundle could not be written
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):
             pass
     except OSError as exc:
         raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace `out` unless it is absent, empty, or a vitc bundle holding nothing but its own files:
+    replacing it deletes everything in it."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        manifest = read_manifest(out)
+    except BundleError as exc:
+        raise ExportError(f"output {out} is a non-empty directory and not a bundle ({exc}); "
+                          "refusing to replace it") from None
+    if extra := _foreign_entry(out, _own_files(manifest)):
+        raise ExportError(f"output {out} is a bundle that also holds {extra!r}, which is not one of its files; "
+                          "refusing to replace it (move that away, or pick another --out)")
+
+
+def _own_files(manifest: Manifest) -> set[str]:
+    """The bundle-relative paths a bundle owns: its manifest, golden file and every artifact file it lists."""
+    entries = [f for a in manifest.artifacts for f in (*a.files, *a.refused_files)]
+    if manifest.golden is not None:
+        entries.append(manifest.golden.file)
+    return {MANIFEST_FILE, GOLDEN_FILE, *(f.path for f in entries)}
+
+
+def _foreign_entry(out: Path, own: set[str]) -> str | None:
+    """The first path under `out` that is not a bundle file nor a directory leading to one, else None."""
+    dirs = {"/".join(p.split("/")[:i]) for p in own for i in range(1, p.count("/") + 1)}
+    for root, subdirs, files in os.walk(out):
+        rel = Path(root).relative_to(out)
+        for name in subdirs:
+            path = (rel / name).as_posix()
+            if path not in dirs or os.path.islink(os.path.join(root, name)):
+                return path
+        for name in files:
+            if (path := (rel / name).as_posix()) not in own:
+                return path
+    return None
+
+
+def bundle_name(name: str | None, out: Path) -> str:
+    """The bundle's served name: `name` checked, else derived from the --out directory name (made valid)."""
+    if name is not None:
+        if not valid_name(name):
+            raise ExportError(f"--name {name!r} is not a valid model name ({NAME_RULE})")
+        return name
+    derived = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.resolve().name).lstrip("-_.")[:128].rstrip("-")
+    return derived or "model"
+
+
+@contextlib.contextmanager
+def writer_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock beside `target` (`.<name>.lock`) held while one process writes it, deleted afterwards.
+
+    The lock file is deleted while still locked, so a writer that opened the old file must not trust its lock:
+    after locking it checks the path still names the file it locked, and starts over when it does not.
+    """
+    path = target.parent / f".{target.name}.lock"
+    for _ in range(LOCK_RETRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode(0o666))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DirectoryBusy(f"another process is writing {target}") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the previous writer deleted it between our open and lock: take the new one
+    else:
+        raise DirectoryBusy(f"another process is writing {target}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # closing releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the open file `fd`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+@contextlib.contextmanager
+def publish_dir(target: Path, before_swap: Callable[[], None] | None = None) -> Iterator[Path]:
+    """models.io.atomic_dir with a lock file that does not outlive the write, and a last check before the swap."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(target):
+        _remove_stale(target)
+        with _swap_in(target) as tmp:
+            yield tmp
+            if before_swap is not None:
+                before_swap()
 
 
 def _dataset_of(meta: CheckpointMeta, dataset: str | None) -> str:
@@ -199,6 +307,8 @@ def build_bundle(
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
+    if not [t for t in targets if t.strip()]:  # "torch" alone is always built: an empty list is a mistake
+        raise ExportError("no targets given (pass --targets torch for a torch-only bundle)")
     wanted = parse_targets(["torch", *targets])
     if not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise ExportError(f"max batch must be in 1..{MAX_BATCH_LIMIT}, got {max_batch}")
@@ -212,18 +322,19 @@ def build_bundle(
         except BackendError as exc:
             raise ExportError(str(exc)) from None
     _check_out(out)
+    name = bundle_name(name, out)
     try:
         model, meta = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     data_name = _dataset_of(meta, dataset)
-    header = _header(meta, name or out.resolve().name, checkpoint, data_name, max_batch)
+    header = _header(meta, name, checkpoint, data_name, max_batch)
     with torch_threads(threads):
         data = parity_data(model, meta, data_name, parity_samples, max_batch)
         log(f"{meta.model}: parity on {len(data.x)} {data_name} val images, "
             f"torch top-1 {data.reference_accuracy:.2%}")
         try:
-            with atomic_dir(out) as tmp:
+            with publish_dir(out, before_swap=lambda: _check_replaceable(out)) as tmp:
                 ctx = ExportContext(
                     model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
                     calibration_set=lambda: load_dataset(calibration_dataset or data_name, "train"),

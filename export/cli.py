@@ -12,15 +12,17 @@ import sys
 from collections.abc import Sequence
 
 from export.targets import known_targets
+from models.cli import OneLineParser
 from runtimes import ExportError, by_target
 
 
 def parser(family: str | None = None) -> argparse.ArgumentParser:
     """Arguments for the multi-target CLI, or for one runtime family's CLI when `family` is given."""
     prog = f"python -m export.{family}" if family else "python -m export"
-    p = argparse.ArgumentParser(prog=prog, description="Export a checkpoint to a parity-checked bundle.")
+    p = OneLineParser(prog=prog, description="Export a checkpoint to a parity-checked bundle.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (models.checkpoint format)")
-    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="bundle directory to write: absent, empty, or a bundle holding only "
+                                                "its own files (replaced atomically)")
     if family:
         runtime = by_target(family)
         p.add_argument("--precision", default=",".join(runtime.default_precisions),
@@ -28,7 +30,8 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     else:
         p.add_argument("--targets", default="onnx,openvino",
                        help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s)")
-    p.add_argument("--name", help="served model name (default: the --out directory name)")
+    p.add_argument("--name", help="served model name, A-Z a-z 0-9 _ . - (default: the --out directory name, "
+                                  "other characters replaced by '-')")
     p.add_argument("--max-batch", type=int, default=32, help="largest batch (engine profile, parity) [32]")
     p.add_argument("--parity-samples", type=int, default=512, help="validation images for parity [512]")
     p.add_argument("--calibration-samples", type=int, default=300, help="train images for INT8 calibration [300]")
@@ -43,11 +46,15 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     """Parse, build the bundle, report; returns the exit code."""
     from export.bundle import ExportIOError, build_bundle
 
-    args = parser(family).parse_args(argv)
+    p = parser(family)
+    args = p.parse_args(argv)
     if family:
-        targets = [f"{family}-{p.strip()}" for p in args.precision.split(",") if p.strip()]
+        targets = [f"{family}-{x.strip()}" for x in args.precision.split(",") if x.strip()]
     else:
         targets = [t for t in args.targets.split(",") if t.strip()]
+    if not targets:  # an empty list would silently ship a torch-only bundle
+        flag, known = ("precision", by_target(family).precisions) if family else ("targets", known_targets())
+        p.error(f"--{flag} names nothing; known: {', '.join(known)}")
     try:
         manifest = build_bundle(
             args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,

@@ -5,13 +5,17 @@
 
 from __future__ import annotations
 
-import argparse
+import io
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from models.bundle import BundleError, Manifest, read_manifest
+from models.cli import OneLineParser
+from models.io import atomic_write_bytes
 
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
            "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
@@ -100,23 +104,48 @@ def plot(manifests: list[Manifest], path: Path) -> Path:
         ax.tick_params(axis="x", rotation=45)
         ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # a failed write leaves any old chart intact
     return path
+
+
+def check_png(path: Path) -> str | None:
+    """Why the chart cannot be written to `path` (None: it can), checked before any slow work."""
+    if path.suffix.lower() != ".png":
+        return f"--png {path} must end in .png"
+    if path.is_dir():
+        return f"--png {path} is a directory"
+    if not path.parent.is_dir():
+        return f"--png {path}: directory {path.parent} does not exist"
+    try:  # the chart is written through a temp file beside it: that must work
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        return f"--png {path}: cannot write in {path.parent}: {exc.strerror or exc}"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"--png {path}: not writable"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table of every bundle given; exit 2 on a bad bundle."""
-    ap = argparse.ArgumentParser(prog="python -m export.report", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m export.report", description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", help="bundle directories")
     ap.add_argument("--markdown", action="store_true", help="Markdown tables (for the README)")
-    ap.add_argument("--png", type=Path, help="also write an accuracy bar chart here")
+    ap.add_argument("--png", type=Path, help="also write an accuracy bar chart to this .png file")
     ap.add_argument("--served", action="store_true",
                     help="also measure the served path (encoded images through a real server, JPEG draft on and "
                          "off) and record it in each bundle's manifest")
     ap.add_argument("--runtime", default="onnxruntime", help="runtime for --served (default onnxruntime)")
-    ap.add_argument("--samples", type=int, help="validation images for --served (default: the whole split)")
+    ap.add_argument("--samples", type=int, help="validation images for --served, at least 1; more than the split "
+                                                "holds means the whole split (default: the whole split)")
     args = ap.parse_args(argv)
+    if args.samples is not None and args.samples < 1:
+        ap.error(f"--samples must be at least 1, got {args.samples}")
+    if args.png is not None and (why := check_png(args.png)):
+        ap.error(why)
     try:
         manifests = [read_manifest(b) for b in args.bundles]
     except BundleError as exc:
@@ -134,7 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     print("\n\n".join(table(m, args.markdown) for m in manifests))
     if args.png:
-        print(f"plot: {plot(manifests, args.png)}")
+        try:
+            print(f"plot: {plot(manifests, args.png)}")
+        except OSError as exc:
+            print(f"error: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

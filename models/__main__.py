@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from models.cli import OneLineParser
 from models.complexity import BOOKKEEPINGS
 from models.table import format_table, variant_rows
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and print the table."""
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    parser = OneLineParser(prog="python -m models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lst = sub.add_parser("list", help="print every variant with its analytic complexity (1000 classes)")
     lst.add_argument("--json", action="store_true", help="a JSON array of objects instead of a text table")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,31 @@ MAX_MANIFEST_BYTES = 16 << 20
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # most precise first: the default pick when none is asked
 DRAFT_BUDGET_POINTS = 0.1  # accuracy JPEG draft decoding may cost before a model's JPEGs are decoded in full
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Bundle names and artifact ids become directory and model names (serve, export.triton): serve's model-name rule.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RULE = "1..128 of A-Z a-z 0-9 _ . - starting with a letter or digit"
+MAX_PATH_CHARS = 1024
+
+
+def valid_name(name: object) -> bool:
+    """Whether `name` is usable as a bundle name or artifact id (a safe single path component)."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def safe_component(name: object) -> bool:
+    """Whether a bundle name is one harmless path component (serve and export.triton ask for `valid_name` where
+    they use it; a reader only refuses what could escape a directory or break a line)."""
+    return (isinstance(name, str) and 0 < len(name) <= 256 and name not in (".", "..") and "/" not in name
+            and "\\" not in name and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+
+
+def safe_relative_path(path: object) -> bool:
+    """Whether `path` is a plain relative path that stays inside its bundle ('/'-separated, no '..', no '.')."""
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS:
+        return False
+    if path.startswith("/") or "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return False  # control characters include NUL; backslashes are separators on Windows
+    return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 class BundleError(ValueError):
@@ -126,7 +150,8 @@ class FileEntry:
 
     @classmethod
     def read(cls, r: Fields) -> FileEntry:
-        return cls(path=r.get("path", str, check=lambda v: bool(v) and not os.path.isabs(v), what="a relative path"),
+        return cls(path=r.get("path", str, check=safe_relative_path,
+                              what="a plain relative path inside the bundle"),
                    sha256=r.get("sha256", str, check=_SHA256.match, what="64 lowercase hex digits"),
                    bytes=r.get("bytes", int, check=lambda v: v >= 0, what="non-negative"))
 
@@ -215,7 +240,8 @@ class Artifact:
     def read(cls, r: Fields) -> Artifact:
         parity = r.obj("parity", None)
         art = cls(
-            id=r.get("id", str), runtime=r.get("runtime", str), format=r.get("format", str),
+            id=r.get("id", str, check=valid_name, what=NAME_RULE), runtime=r.get("runtime", str),
+            format=r.get("format", str),
             precision=r.get("precision", str), files=tuple(FileEntry.read(f) for f in r.items("files", [])),
             servable=r.get("servable", bool), refused_reason=r.get("refused_reason", str, None),
             parity=Parity.read(parity) if parity is not None else None,
@@ -425,11 +451,12 @@ class Manifest:
                               "upgrade vitc or re-export the bundle")
         if version < 1:
             raise BundleError(f"{where}: format_version {version} is not supported; re-export the bundle")
-        config = _parse(r, "config", lambda d: ViTConfig.from_dict(d))
-        preprocessing = _parse(r, "preprocessing", lambda d: Preprocessing.from_dict(d))
+        config = r.contract("config", lambda d: ViTConfig.from_dict(d))
+        preprocessing = r.contract("preprocessing", lambda d: Preprocessing.from_dict(d))
         timings = r.obj("timings", None)
         manifest = cls(
-            name=r.get("name", str, check=bool, what="non-empty"), model=r.get("model", str),
+            name=r.get("name", str, check=safe_component, what="one path component without control characters"),
+            model=r.get("model", str),
             stem=r.get("stem", str, config.stem.kind), config=config,
             class_names=r.strings("class_names"), input=InputSpec.read(r.obj("input")),
             output=OutputSpec.read(r.obj("output")), preprocessing=preprocessing, source=Source.read(r.obj("source")),
@@ -441,15 +468,6 @@ class Manifest:
         )
         _check_consistent(manifest, r)
         return manifest
-
-
-def _parse(r: Fields, key: str, build: Callable[[dict[str, Any]], Any]) -> Any:
-    """A nested contract (config, preprocessing) built by its own validating constructor."""
-    value = r.get(key, dict)
-    try:
-        return build(value)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise r.fail(key, f"is invalid: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def _check_consistent(m: Manifest, r: Fields) -> None:
@@ -501,19 +519,24 @@ def write_manifest(bundle: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
+def verify_file(bundle: str | os.PathLike, entry: FileEntry, what: str = "artifact file") -> Path:
+    """The resolved path of one listed file, checked to lie inside the bundle and match its size and sha256."""
+    bundle = Path(bundle).resolve()
+    if not safe_relative_path(entry.path):
+        raise BundleError(f"{what} {entry.path!r} is not a plain relative path inside the bundle")
+    p = (bundle / entry.path).resolve()
+    if bundle not in p.parents:  # a symlink inside the bundle may still point out of it
+        raise BundleError(f"{what} {entry.path!r} points outside the bundle")
+    if not p.is_file():
+        raise BundleError(f"{what} missing: {p}")
+    if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
+        raise BundleError(f"{what} {p} does not match its sha256 in the manifest (tampered or corrupt)")
+    return p
+
+
 def verify_files(bundle: str | os.PathLike, artifact: Artifact) -> list[Path]:
     """Check every file of an artifact exists inside the bundle and matches its sha256; returns the paths."""
-    bundle = Path(bundle).resolve()
-    paths = []
-    for entry in artifact.files:
-        p = (bundle / entry.path).resolve()
-        if bundle not in p.parents:
-            raise BundleError(f"artifact file {entry.path!r} points outside the bundle")
-        if not p.is_file():
-            raise BundleError(f"artifact file missing: {p}")
-        if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
-            raise BundleError(f"artifact file {p} does not match its sha256 in the manifest (tampered or corrupt)")
-        paths.append(p)
+    paths = [verify_file(bundle, entry) for entry in artifact.files]
     if not paths:
         raise BundleError(f"artifact {artifact.id!r} lists no files")
     return paths

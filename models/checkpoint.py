@@ -8,14 +8,18 @@ atomically last, so a crash at any moment leaves either the old or the new check
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.config import ViTConfig
+from models.config import MAX_CLASSES, MAX_IMAGE_SIDE, ViTConfig
 from models.io import atomic_write_json, sha256_file
+from models.jsonfields import FieldError, Fields
 from models.preprocessing import Preprocessing
+from models.registry import get_config, list_variants
 
 if TYPE_CHECKING:
     from torch import nn
@@ -23,6 +27,11 @@ if TYPE_CHECKING:
 FORMAT = "vitc-checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "checkpoint.json"
+MAX_META_BYTES = 16 << 20  # checkpoint.json is a few KiB; this bounds the read and the parse
+MAX_RESIZE = 2 * MAX_IMAGE_SIDE  # ImageNet's resize is 8/7 of the crop; resizing never allocates beyond the crop
+# The dtypes save_checkpoint writes (float32 parameters and buffers, BatchNorm's int64 step counter).
+WEIGHT_DTYPES = {"F32": "float32", "I64": "int64"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(ValueError):
@@ -101,27 +110,111 @@ def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not meta_path.is_file():
         raise CheckpointError(f"not a checkpoint: {meta_path} is missing")
+    raw = _load_json(meta_path)
     try:
-        raw = json.loads(meta_path.read_text())
-        if raw.get("format") != FORMAT:
-            raise CheckpointError(f"{meta_path}: format is {raw.get('format')!r}, expected {FORMAT!r}")
-        if raw.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{meta_path}: format_version {raw['format_version']} is newer than supported")
-        cfg = ViTConfig.from_dict(raw["config"])
-        return CheckpointMeta(
-            path=path,
-            model=raw["model"],
-            config=cfg,
-            class_names=tuple(raw["class_names"]),
-            preprocessing=Preprocessing.from_dict(raw["preprocessing"]),
-            weights_file=raw["weights"]["file"],
-            weights_sha256=raw["weights"]["sha256"],
-            raw=raw,
-        )
+        return _parse_meta(path, raw, Fields(raw, str(meta_path)))
     except CheckpointError:
         raise
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {type(exc).__name__}: {exc}") from None
+    except FieldError as exc:  # already names the file and the field
+        raise CheckpointError(f"corrupt checkpoint metadata {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {_one_line(exc)}") from None
+
+
+def _load_json(meta_path: Path) -> Any:
+    """The parsed file: size-bounded, strict JSON (NaN, Infinity and overflowing numbers are refused)."""
+    try:
+        if meta_path.stat().st_size > MAX_META_BYTES:
+            raise CheckpointError(f"{meta_path}: larger than {MAX_META_BYTES >> 20} MiB; not a checkpoint")
+        return json.loads(meta_path.read_bytes(), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, non-finite numbers, 4300-digit integers
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {meta_path}: {exc.strerror or exc}") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} (checkpoint.json must be strict JSON)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _parse_meta(path: Path, raw: dict[str, Any], r: Fields) -> CheckpointMeta:
+    """Every field typed, bounded and consistent with the others (see `_check_consistent`)."""
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{r.where}: format is {str(raw.get('format'))[:80]!r}, expected {FORMAT!r}")
+    version = r.get("format_version", int, 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{r.where}: format_version {version} is newer than supported")
+    weights = r.obj("weights")
+    meta = CheckpointMeta(
+        path=path,
+        model=r.get("model", str, check=lambda v: 0 < len(v) <= 200, what="1..200 characters"),
+        config=r.contract("config", ViTConfig.from_dict),
+        class_names=r.strings("class_names"),
+        preprocessing=r.contract("preprocessing", Preprocessing.from_dict),
+        weights_file=weights.get("file", str, check=_plain_file_name, what="a file name inside the checkpoint"),
+        weights_sha256=weights.get("sha256", str, check=_SHA256.match, what="64 lowercase hex digits"),
+        raw=raw,
+    )
+    weights.get("format", str, "safetensors", check=lambda v: v == "safetensors", what='"safetensors"')
+    _check_consistent(meta, r)
+    return meta
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name inside the checkpoint directory: no separators, no `..` (the hash would read any file)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _check_consistent(m: CheckpointMeta, r: Fields) -> None:
+    """Cross-field invariants: what the preprocessing produces is what the model takes; the names agree."""
+    cfg, pre = m.config, m.preprocessing
+    if not 1 <= len(m.class_names) <= MAX_CLASSES:
+        raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(m.class_names)}")
+    if cfg.num_classes != len(m.class_names):
+        raise r.fail("config.num_classes", f"is {cfg.num_classes}, class_names lists {len(m.class_names)}")
+    if r.get("num_classes", int, None) not in (None, cfg.num_classes):
+        raise r.fail("num_classes", f"is {r.raw['num_classes']}, config.num_classes {cfg.num_classes}")
+    if not (isinstance(pre.resize, int) and isinstance(pre.crop, int)) or pre.resize > MAX_RESIZE:
+        raise r.fail("preprocessing.resize", f"must be an integer crop..{MAX_RESIZE}, got {pre.resize!r:.40}")
+    for key in ("mean", "std"):  # Preprocessing float()s them, which would turn the string "nan" into NaN
+        values = r.raw["preprocessing"].get(key, ())
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise r.fail(f"preprocessing.{key}", "must hold 3 numbers")
+    if pre.crop != cfg.image_size:
+        raise r.fail("preprocessing.crop", f"{pre.crop} differs from config.image_size {cfg.image_size}")
+    if pre.channels != cfg.in_chans or pre.layout != "NCHW":
+        raise r.fail("preprocessing.channels", f"{pre.channels} ({pre.layout}) differs from config.in_chans "
+                                               f"{cfg.in_chans} (NCHW)")
+    _check_model_name(m, r)
+
+
+def _check_model_name(m: CheckpointMeta, r: Fields) -> None:
+    """`model` is the config's name; a registered variant's name must not label another stem."""
+    cfg = m.config
+    if m.model != cfg.name:
+        raise r.fail("model", f"{m.model!r:.80} differs from config.name {cfg.name!r:.80}")
+    stem = r.get("stem", str, cfg.stem.kind)
+    if stem != cfg.stem.kind:
+        raise r.fail("stem", f"{stem!r:.40} differs from config.stem.kind {cfg.stem.kind!r}")
+    if m.model in list_variants() and get_config(m.model).stem.kind != cfg.stem.kind:
+        raise r.fail("model", f"{m.model} is a {get_config(m.model).stem.kind}-stem variant, "
+                              f"but config.stem is {cfg.stem.kind}")
 
 
 def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -> tuple[nn.Module, CheckpointMeta]:
@@ -140,13 +233,53 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
     if sha256_file(wpath) != meta.weights_sha256:
         raise CheckpointError(f"checkpoint weights {wpath} do not match the sha256 in {META_FILE} (corrupt?)")
     try:
+        cfg = meta.config if image_size is None else dataclasses.replace(meta.config, image_size=image_size)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot serve {meta.model} at image size {image_size}: {exc}") from None
+    try:
+        check_weights(wpath, meta.config)  # names, dtypes and shapes from the header, before any tensor is read
         state = load_file(str(wpath))
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read weights {wpath}: {exc}") from None
-    cfg = meta.config if image_size is None else dataclasses.replace(meta.config, image_size=image_size)
     model = VisionTransformer(cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"weights do not fit {cfg.name}: {str(exc).splitlines()[0]}") from None
     return model.eval(), meta
+
+
+def expected_weights(cfg: ViTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape) that `save_checkpoint` writes for `cfg` (built on the meta device:
+    no memory)."""
+    import torch
+
+    from models.vit import VisionTransformer
+
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    with torch.device("meta"):
+        state = VisionTransformer(cfg).state_dict()
+    return {k: (names[v.dtype], tuple(v.shape)) for k, v in state.items()}
+
+
+def check_weights(wpath: Path, cfg: ViTConfig) -> None:
+    """The safetensors header must list exactly the config's tensors, float32 (int64 counters), at their shapes;
+    a float64 or int8 file would otherwise be cast silently on load. Raises CheckpointError."""
+    from safetensors import safe_open
+
+    expected = expected_weights(cfg)
+    with safe_open(str(wpath), "pt") as f:
+        have = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    missing, unexpected = sorted(expected.keys() - have.keys()), sorted(have.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"weights {wpath} do not fit {cfg.name}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for key, (dtype, shape) in expected.items():
+        if have[key][0] != dtype:
+            raise CheckpointError(f"weights {wpath}: {key} is {have[key][0]}, expected {WEIGHT_DTYPES[dtype]} "
+                                  f"({dtype}); re-save the checkpoint in float32")
+        if have[key][1] != shape:
+            raise CheckpointError(f"weights {wpath} do not fit {cfg.name}: {key} has shape {list(have[key][1])}, "
+                                  f"expected {list(shape)}")

@@ -44,6 +44,28 @@ class ConvStem:
 
 Stem = PatchifyStem | ConvStem
 
+# Upper bounds, checked before any tensor is sized from a config (checkpoints and bundle manifests are untrusted
+# input). Far above every registered variant; MAX_IMAGE_SIDE and MAX_CLASSES equal models/bundle.py's limits.
+MAX_DEPTH = 256
+MAX_DIM = 16384
+MAX_MLP_DIM = 65536
+MAX_IMAGE_SIDE = 4096
+MAX_CLASSES = 100_000
+MAX_IN_CHANS = 4
+MAX_STEM_LAYERS = 16
+MAX_STEM_KERNEL = 15
+MAX_NAME_CHARS = 200
+MAX_PARAMS = 2**32  # 16 GiB of float32 weights; the paper's largest variant (vit_p_72gf) has 353 M
+MAX_ACTIVATIONS = 2**31  # per image (attention maps included); vit_p_72gf needs 66 M
+_INT_BOUNDS = {"depth": MAX_DEPTH, "dim": MAX_DIM, "mlp_dim": MAX_MLP_DIM, "heads": MAX_DIM,
+               "patch_size": MAX_IMAGE_SIDE, "image_size": MAX_IMAGE_SIDE, "num_classes": MAX_CLASSES,
+               "in_chans": MAX_IN_CHANS}
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def conv_stem(kernels: tuple[int, ...], strides: tuple[int, ...], widths: tuple[int, ...]) -> ConvStem:
     """Build a ConvStem from the three columns of the paper's stem table."""
@@ -73,28 +95,48 @@ class ViTConfig:
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        for attr in ("depth", "dim", "mlp_dim", "heads", "patch_size", "image_size", "num_classes", "in_chans"):
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_NAME_CHARS:
+            raise ValueError(f"config name must be a string of 1..{MAX_NAME_CHARS} characters, got {self.name!r:.80}")
+        if not isinstance(self.description, str):
+            raise ValueError(f"{self.name}: description must be a string, got {type(self.description).__name__}")
+        for attr, high in _INT_BOUNDS.items():
             value = getattr(self, attr)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{self.name}: {attr} must be a positive integer, got {value!r}")
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{self.name}: {attr} must be a positive integer, got {value!r:.80}")
+            if value > high:
+                raise ValueError(f"{self.name}: {attr} must be at most {high}, got {value}")
+        eps = self.ln_eps
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not (math.isfinite(eps) and 0 < eps <= 1):
+            raise ValueError(f"{self.name}: ln_eps must be a finite number in (0, 1], got {eps!r:.80}")
         if self.dim % self.heads:
             raise ValueError(
                 f"{self.name}: dim must be divisible by heads: expected dim % heads == 0, "
                 f"got dim={self.dim}, heads={self.heads}"
             )
-        if self.image_size % self.patch_size:
+        if self.patch_size > self.image_size or self.image_size % self.patch_size:
             raise ValueError(
                 f"{self.name}: image_size must be a multiple of patch_size {self.patch_size}, "
                 f"got {self.image_size}"
             )
+        self._check_stem()
+        self._check_size()
+
+    def _check_stem(self) -> None:
+        """The stem's own fields, then how it fits the encoder (stride product, last width)."""
+        if isinstance(self.stem, PatchifyStem):
+            if not _is_int(self.stem.patch) or self.stem.patch < 1:
+                raise ValueError(f"{self.name}: patchify stem patch must be a positive integer, "
+                                 f"got {self.stem.patch!r:.80}")
+        elif isinstance(self.stem, ConvStem):
+            _check_conv_layers(self.name, self.stem)
+        else:
+            raise ValueError(f"{self.name}: stem must be a PatchifyStem or a ConvStem, got {type(self.stem).__name__}")
         if self.stem.stride != self.patch_size:
             raise ValueError(
                 f"{self.name}: product of stem strides must equal patch_size: expected {self.patch_size}, "
                 f"got {self.stem.stride}"
             )
         if isinstance(self.stem, ConvStem):
-            if not self.stem.layers:
-                raise ValueError(f"{self.name}: conv stem needs at least one layer")
             last = self.stem.layers[-1]
             if last.width != self.dim:
                 raise ValueError(
@@ -105,9 +147,17 @@ class ViTConfig:
                     f"{self.name}: last conv stem layer must be 1x1 stride 1, "
                     f"got kernel {last.kernel} stride {last.stride}"
                 )
-            for layer in self.stem.layers:
-                if layer.kernel < 1 or layer.stride < 1 or layer.width < 1 or layer.kernel % 2 == 0:
-                    raise ValueError(f"{self.name}: invalid conv stem layer {layer} (odd kernel, positive)")
+
+    def _check_size(self) -> None:
+        """Analytic parameter and activation counts, bounded before anything allocates for this model."""
+        from models.complexity import complexity  # local: complexity needs the finished config classes
+
+        c = complexity(self)
+        if c.params > MAX_PARAMS:
+            raise ValueError(f"{self.name}: {c.params:,} parameters is more than the {MAX_PARAMS:,} allowed")
+        if c.acts > MAX_ACTIVATIONS:
+            raise ValueError(f"{self.name}: {c.acts:,} activations per image is more than the "
+                             f"{MAX_ACTIVATIONS:,} allowed (image_size {self.image_size}, patch {self.patch_size})")
 
     @property
     def grid(self) -> int:
@@ -131,14 +181,49 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        """Rebuild a config saved by `to_dict` (checkpoints, manifests)."""
+        """Rebuild a config saved by `to_dict` (checkpoints, manifests); ValueError names what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be an object, got {type(d).__name__}")
         d = dict(d)
-        stem = dict(d.pop("stem"))
-        kind = stem.pop("kind")
-        if kind == "patchify":
-            d["stem"] = PatchifyStem(**stem)
-        elif kind == "conv":
-            d["stem"] = ConvStem(tuple(ConvLayer(**layer) for layer in stem["layers"]))
-        else:
-            raise ValueError(f"unknown stem kind {kind!r}: expected 'patchify' or 'conv'")
-        return cls(**d)
+        stem = d.pop("stem", None)
+        if not isinstance(stem, dict):
+            raise ValueError(f"config.stem must be an object, got {type(stem).__name__}")
+        stem = dict(stem)
+        kind = stem.pop("kind", None)
+        try:
+            if kind == "patchify":
+                d["stem"] = PatchifyStem(**stem)
+            elif kind == "conv":
+                d["stem"] = ConvStem(_conv_layers(stem))
+            else:
+                raise ValueError(f"unknown stem kind {kind!r:.80}: expected 'patchify' or 'conv'")
+            return cls(**d)
+        except TypeError as exc:  # a missing or unknown key: the constructor names it
+            raise ValueError(f"config: {exc}") from None
+
+
+def _conv_layers(stem: dict[str, Any]) -> tuple[ConvLayer, ...]:
+    """The layers of a serialised conv stem, bounded in number before any is built."""
+    layers = stem.pop("layers", None)
+    if stem:
+        raise ValueError(f"config.stem has unknown keys {sorted(stem)[:5]}")
+    if not isinstance(layers, list | tuple) or not 1 <= len(layers) <= MAX_STEM_LAYERS:
+        raise ValueError(f"config.stem.layers must be a list of 1..{MAX_STEM_LAYERS} layers")
+    if not all(isinstance(layer, dict) for layer in layers):
+        raise ValueError("config.stem.layers must hold objects {kernel, stride, width}")
+    return tuple(ConvLayer(**layer) for layer in layers)
+
+
+def _check_conv_layers(name: str, stem: ConvStem) -> None:
+    """Each conv layer: positive odd kernel, positive stride, width bounded like dim."""
+    if not 1 <= len(stem.layers) <= MAX_STEM_LAYERS:
+        raise ValueError(f"{name}: conv stem needs 1..{MAX_STEM_LAYERS} layers, got {len(stem.layers)}")
+    for layer in stem.layers:
+        if not isinstance(layer, ConvLayer) or not all(
+                _is_int(v) and v >= 1 for v in (layer.kernel, layer.stride, layer.width)):
+            raise ValueError(f"{name}: invalid conv stem layer {layer!r:.120} (positive integers)")
+        if layer.kernel % 2 == 0 or layer.kernel > MAX_STEM_KERNEL:
+            raise ValueError(f"{name}: invalid conv stem layer {layer} (odd kernel up to {MAX_STEM_KERNEL})")
+        if layer.stride > MAX_IMAGE_SIDE or layer.width > MAX_DIM:
+            raise ValueError(f"{name}: invalid conv stem layer {layer} (stride up to {MAX_IMAGE_SIDE}, "
+                             f"width up to {MAX_DIM})")

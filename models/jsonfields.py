@@ -70,6 +70,15 @@ class Fields:
                 raise self.fail(f"{key}[{i}]", f"must be a string, got {_kind(v)}")
         return tuple(values or ())
 
+    def contract(self, key: str, build: Callable[[dict[str, Any]], Any]) -> Any:
+        """A nested contract (config, preprocessing) built by its own validating constructor; errors name the key."""
+        value = self.get(key, dict)
+        try:
+            return build(value)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise self.fail(key, f"is invalid: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                            ) from None
+
     def ints(self, key: str) -> tuple[int, ...]:
         values = self.get(key, list)
         for i, v in enumerate(values):

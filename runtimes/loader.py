@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy
 
-from models.bundle import PRECISION_ORDER, Artifact, BundleError, Manifest, verify_files
+from models.bundle import PRECISION_ORDER, Artifact, BundleError, Golden, Manifest, verify_files
 from models.io import sha256_file
 from models.preprocessing import normalize
 from models.tolerance import TOLERANCES
 from runtimes import registry
 from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runtime, first_line
+
+# Bounds the golden arrays before they are allocated: 8 inputs (what export writes) at the largest side a manifest
+# allows (8 x 4096 x 4096 x 3 bytes = 384 MiB), plus their logits.
+MAX_GOLDEN_BYTES = 512 << 20
+_NPY_HEADER_LIMIT = 10_000  # numpy's own default for untrusted headers
 
 
 def select(manifest: Manifest, runtime: Runtime, precision: str | None = None) -> Artifact:
@@ -73,8 +81,7 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
     path = Path(bundle).resolve() / golden.file.path
     if Path(bundle).resolve() not in path.parents or not path.is_file() or sha256_file(path) != golden.file.sha256:
         raise BundleError(f"golden inputs {golden.file.path!r} are missing or do not match their sha256")
-    with np.load(path, allow_pickle=False) as z:
-        pixels, reference = z["pixels"], z["logits"]
+    pixels, reference = read_golden(path, manifest)
     x = normalize(pixels, manifest.preprocessing)
     step = min(manifest.input.max_batch, backend.max_batch)
     y = np.concatenate([np.asarray(backend.infer(x[i:i + step]), np.float32) for i in range(0, len(x), step)])
@@ -96,6 +103,62 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
     if failures:
         raise BackendError(f"{artifact.id!r} does not reproduce the bundle's {len(x)} golden inputs on this "
                            f"machine: {'; '.join(failures)}")
+
+
+def golden_layout(manifest: Manifest) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Array name -> (dtype, shape) of the golden .npz: uint8 (n, H, W, 3) pixels before normalisation (what
+    preprocessing's `to_uint8` gives), float32 (n, classes) logits."""
+    n, spec = manifest.golden.samples, manifest.input
+    return {"pixels": (np.dtype(np.uint8), (n, spec.height, spec.width, 3)),
+            "logits": (np.dtype(np.float32), (n, manifest.output.classes))}
+
+
+def read_golden(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels, logits) of the golden .npz; each array's .npy header is checked against the manifest before the
+    array is allocated, and nothing is unpickled. Raises BundleError (one line)."""
+    golden: Golden = manifest.golden
+    layout = golden_layout(manifest)
+    need = sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in layout.values())
+    fail = f"golden inputs {golden.file.path!r}"
+    try:
+        if need > MAX_GOLDEN_BYTES:
+            raise BundleError(f"{golden.samples} samples need {need:,} bytes, more than the {MAX_GOLDEN_BYTES:,} "
+                              "allowed")
+        if path.stat().st_size > MAX_GOLDEN_BYTES:
+            raise BundleError(f"the file is larger than {MAX_GOLDEN_BYTES >> 20} MiB")
+        with zipfile.ZipFile(path) as z:
+            arrays = [_read_member(z, name, dtype, shape) for name, (dtype, shape) in layout.items()]
+    except BundleError as exc:
+        raise BundleError(f"{fail}: {exc}; re-export the bundle") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, ValueError, EOFError, OSError,
+            NotImplementedError, RuntimeError) as exc:  # not a zip, truncated, corrupt, compressed or encrypted oddly
+        raise BundleError(f"{fail} are unreadable ({type(exc).__name__}: {first_line(exc)[:200]}); "
+                          "re-export the bundle") from None
+    pixels, logits = arrays
+    if not np.isfinite(logits).all():  # NaN reference logits would make every comparison pass
+        raise BundleError(f"{fail}: the reference logits are not finite; re-export the bundle")
+    return pixels, logits
+
+
+def _read_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """One `name.npy` of the archive, its header (dtype, order, shape) checked before its data is read."""
+    member = f"{name}.npy"
+    if member not in z.namelist():
+        raise BundleError(f"no {name!r} array")
+    with z.open(member) as f:
+        version = npy.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise BundleError(f"array {name!r}: unsupported .npy version {version}")
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        got_shape, fortran, got_dtype = read_header(f, max_header_size=_NPY_HEADER_LIMIT)
+        if got_dtype.hasobject or got_dtype.newbyteorder("=") != dtype or fortran or tuple(got_shape) != shape:
+            raise BundleError(f"array {name!r} is {got_dtype}{list(got_shape)}"
+                              f"{' (Fortran order)' if fortran else ''}, expected {dtype}{list(shape)}")
+        size = dtype.itemsize * int(np.prod(shape))
+        data = f.read(size + 1)  # one byte more: trailing data is corruption too
+    if len(data) != size:
+        raise BundleError(f"array {name!r} holds {len(data)} bytes of data, expected {size}")
+    return np.frombuffer(data, got_dtype).reshape(shape).astype(dtype, copy=False)
 
 
 def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: dict[str, float] | None = None

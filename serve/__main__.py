@@ -11,11 +11,12 @@ import sys
 from pydantic import ValidationError
 
 import runtimes
+from models.cli import OneLineParser
 from serve.errors import ServeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m serve", argument_default=argparse.SUPPRESS,
         description="Serve exported bundles over HTTP: /v1 image classification, the Open Inference Protocol "
                     "(/v2), Prometheus /metrics, docs at /docs.",

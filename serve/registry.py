@@ -110,7 +110,7 @@ class ServedModel:
 def parse_model_arg(arg: str) -> tuple[str | None, Path]:
     """`path` or `name=path` -> (name or None, path)."""
     name, sep, path = arg.partition("=")
-    if sep and NAME_RE.match(name):
+    if sep and NAME_RE.fullmatch(name):
         return name, Path(path)
     return None, Path(arg)
 
@@ -159,7 +159,7 @@ def model_sources(settings: Settings) -> list[ModelSource]:
                     if not p.parent.name.startswith(".")]
     if settings.model_repository is not None:
         sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())
-                    if p.is_dir() and not p.name.startswith(".") and NAME_RE.match(p.name)]
+                    if p.is_dir() and not p.name.startswith(".") and NAME_RE.fullmatch(p.name)]
     if not sources:
         raise ServeError("no models to serve: pass --model PATH (or name=PATH), --model-dir DIR or "
                          "--model-repository DIR")
@@ -181,7 +181,7 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         version, path = source.newest()
         manifest = read_manifest(path)
         name = source.name or manifest.name
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ServeError(f"model name {name!r} must match {NAME_RE.pattern} (use --model name=PATH)")
         options = BackendOptions(device=settings.device, threads=settings.threads, parallel=settings.parallel,
                                  hint=settings.openvino_hint, compile=settings.compile,

@@ -361,6 +361,8 @@ def test_runtime_measures_both_layouts_for_training_and_inference():
         ("train_step", "nchw", False), ("train_step", "channels_last", False),
         ("inference", "nchw", False), ("inference", "channels_last", False)]
     for r in rows:
-        assert r["ms_vit_c"] > 0 and r["ms_vit_p"] > 0 and 0.2 < r["ratio"] < 5 and r["rounds"] == 2
+        # Timings only: a loaded machine can skew a 5 ms measurement by any factor (speed is for benchmarks).
+        assert r["ms_vit_c"] > 0 and r["ms_vit_p"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert r["rounds"] == 2
     assert runtime.main(["--models", "vit_c_nano,vit_nope"]) == 2
 

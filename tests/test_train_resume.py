@@ -94,3 +94,40 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert tb["resumed_times"] == 1
     history = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]  # the repeated partial epoch is not logged twice
+
+
+TINY = ["--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
+        "--train-subset", "64", "--val-subset", "16", "--threads", "1", "--max-steps", "1"]
+
+
+def _tamper(state: dict, case: str) -> None:
+    """Damage `state` the way a hand edit or a file from another run would."""
+    if case == "weights":
+        state["model"]["head.weight"] = torch.zeros(3, 3)
+    elif case == "optimizer":
+        buffers = next(iter(state["optimizer"]["state"].values()))
+        buffers["exp_avg"] = torch.zeros(7)
+    elif case == "scheduler":
+        state["scheduler"]["t_initial"] = "x"
+    elif case == "progress":
+        state["progress"]["epoch"] = 99
+
+
+def test_tampered_resume_state_is_one_line_exit_2_and_keeps_the_file(tmp_path, capsys):
+    from train.__main__ import main
+
+    run = tmp_path / "run"
+    assert main([*TINY, "--out", str(run)]) == 0
+    good = (run / "resume.pt").read_bytes()
+    for case in ("weights", "optimizer", "scheduler", "progress"):
+        state = torch.load(run / "resume.pt", weights_only=True)
+        _tamper(state, case)
+        torch.save(state, run / "resume.pt")
+        tampered = (run / "resume.pt").read_bytes()
+        capsys.readouterr()
+        assert main(["--out", str(run), "--resume", "--max-steps", "2"]) == 2, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "resume.pt is damaged or from another run" in err[0], (case, err)
+        assert (run / "resume.pt").read_bytes() == tampered  # nothing rewritten on the way out
+        (run / "resume.pt").write_bytes(good)
+    assert main(["--out", str(run), "--resume", "--max-steps", "2"]) == 0

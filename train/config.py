@@ -116,9 +116,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of `to_dict`; unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a configuration must be a dict, got {type(d).__name__}")
+        unknown = sorted(str(k) for k in d.keys() - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
         d = dict(d)
         for k in ("betas", "command"):
             if k in d:
+                if not isinstance(d[k], list | tuple):
+                    raise ConfigError(f"{k} must be a list, got {d[k]!r:.80}")
                 d[k] = tuple(d[k])
         return cls(**d)
 
@@ -204,6 +211,18 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     return TrainConfig(**{**RECIPES[recipe], **explicit, "recipe": recipe})
 
 
+def checked_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` when it is a valid configuration on its own; else CheckpointError (resume.pt is damaged)."""
+    from train.state import damaged
+
+    base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
+    try:
+        TrainConfig.from_dict(base)
+    except (ConfigError, TypeError) as exc:  # TypeError: a value of the wrong kind (e.g. a list as a name)
+        raise damaged(f"config: {exc}") from None
+    return saved
+
+
 def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
     """The run's config from explicit CLI options; with --resume, the saved run's config is the base."""
     saved = None
@@ -211,7 +230,7 @@ def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
         from train.state import load_resume
 
         state = load_resume(explicit["out"], mmap=True)
-        saved = None if state is None else state["config"]
+        saved = None if state is None else checked_saved_config(state["config"])
         if saved is not None and explicit.get("recipe") == "auto":
             explicit = {k: v for k, v in explicit.items() if k != "recipe"}
     return resolve_config(explicit, saved)

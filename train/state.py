@@ -20,6 +20,42 @@ from models.io import atomic_write_bytes
 
 RESUME_FILE = "resume.pt"
 STATE_VERSION = 1
+MT_KEYS = 624  # words of Mersenne Twister state (numpy and Python)
+MAX_REASON = 300  # characters of a damage reason (a size-mismatch list can run to pages)
+
+
+def _opt_dict(x: object) -> bool:
+    return x is None or isinstance(x, dict)
+
+
+def _history(x: object) -> bool:
+    return isinstance(x, list) and all(isinstance(h, dict) and _is_int(h.get("epoch")) for h in x)
+
+
+def _epoch_acc(x: object) -> bool:
+    return x is None or (isinstance(x, dict) and all(_is_num(x.get(k)) for k in ("loss_sum", "samples", "time",
+                                                                                  "corrupt")))
+
+
+def _last_eval(x: object) -> bool:
+    return x is None or (isinstance(x, dict) and _is_int(x.get("global_step")) and isinstance(x.get("raw"), dict)
+                         and _opt_dict(x.get("ema")))
+
+
+def _count(x: object) -> bool:
+    return _is_int(x) and x >= 0
+
+
+def _seconds(x: object) -> bool:
+    return _is_num(x) and x >= 0
+
+
+# What each progress counter must hold (the trainer indexes and adds to every one of them).
+PROGRESS_FIELDS: dict[str, Any] = {
+    "epoch": _count, "step_in_epoch": _count, "global_step": _count, "history": _history,
+    "train_time_s": _seconds, "wall_time_s": _seconds, "cpu_time_s": _seconds, "samples_seen": _count,
+    "segments": _count, "epoch_acc": _epoch_acc, "last_eval": _last_eval, "started": lambda x: isinstance(x, str),
+}
 
 
 def capture_rng() -> dict[str, Any]:
@@ -64,7 +100,83 @@ def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, 
         raise CheckpointError(f"cannot read resume state {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: not a version-{STATE_VERSION} resume state")
+    problem = check_resume(state)
+    if problem:
+        raise damaged(problem)
     return state
+
+
+def damaged(reason: object) -> CheckpointError:
+    """The one-line error for a resume state that does not fit this run (multi-line reasons are folded)."""
+    text = "; ".join(line.strip() for line in str(reason).splitlines() if line.strip())
+    if len(text) > MAX_REASON:
+        text = text[:MAX_REASON] + "..."
+    return CheckpointError(f"{RESUME_FILE} is damaged or from another run: {text}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _tensor_dict(x: object) -> bool:
+    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
+
+
+def _check_rng(rng: object) -> str | None:
+    """Why `rng` cannot be restored by `restore_rng`, or None."""
+    if not isinstance(rng, dict) or not {"torch", "cuda", "numpy", "python"} <= rng.keys():
+        return "rng: expected a dict with torch, cuda, numpy and python states"
+    if not isinstance(rng["torch"], torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        return "rng.torch: expected a uint8 tensor"
+    if not isinstance(rng["cuda"], list) or not all(isinstance(t, torch.Tensor) for t in rng["cuda"]):
+        return "rng.cuda: expected a list of tensors"
+    n, p = rng["numpy"], rng["python"]
+    if not (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor) and n["keys"].shape == (MT_KEYS,)
+            and _is_int(n.get("pos")) and _is_int(n.get("has_gauss")) and _is_num(n.get("gauss"))):
+        return f"rng.numpy: expected keys ({MT_KEYS} integers), pos, has_gauss and gauss"
+    if not (isinstance(p, dict) and _is_int(p.get("version")) and isinstance(p.get("internal"), list)
+            and len(p["internal"]) == MT_KEYS + 1 and all(_is_int(v) for v in p["internal"])
+            and (p.get("gauss") is None or _is_num(p.get("gauss")))):
+        return f"rng.python: expected version, internal ({MT_KEYS + 1} integers) and gauss"
+    return None
+
+
+def _check_progress(progress: object) -> str | None:
+    """Why `progress` is not a set of training counters, or None."""
+    if not isinstance(progress, dict):
+        return "progress: expected a dict"
+    for key, ok in PROGRESS_FIELDS.items():
+        if key not in progress:
+            return f"progress: missing {key!r}"
+        if not ok(progress[key]):
+            return f"progress.{key}: unexpected value {progress[key]!r:.80}"
+    return None
+
+
+def check_resume(state: dict[str, Any]) -> str | None:
+    """Why `state` is not a resume state this code wrote (types and keys), or None when it looks whole."""
+    missing = [k for k in ("config", "steps_per_epoch", "model", "optimizer", "scheduler", "ema", "rng", "progress")
+               if k not in state]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not isinstance(state["config"], dict) or not all(isinstance(k, str) for k in state["config"]):
+        return "config: expected a dict of options"
+    if not _is_int(state["steps_per_epoch"]) or state["steps_per_epoch"] < 0:
+        return "steps_per_epoch: expected a non-negative integer"
+    if not _tensor_dict(state["model"]):
+        return "model: expected a dict of tensors"
+    if state["ema"] is not None and not _tensor_dict(state["ema"]):
+        return "ema: expected a dict of tensors or None"
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        return "optimizer: expected a dict with state and param_groups"
+    if not isinstance(state["scheduler"], dict):
+        return "scheduler: expected a dict"
+    return _check_rng(state["rng"]) or _check_progress(state["progress"])
 
 
 def clear_stale_temporaries(out_dir: str | os.PathLike) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.datasets import DatasetError, ImageSet, decode_checked, default_preprocessing, load_dataset
-from models.checkpoint import META_FILE, save_checkpoint
+from models.checkpoint import META_FILE, CheckpointError, save_checkpoint
 from models.host import usable_cpus
 from models.preprocessing import Preprocessing
 from models.registry import build_model
@@ -39,7 +39,15 @@ from train.evaluate import eval_loader, evaluate
 from train.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from train.pipeline import EpochBatches, TrainImages, loader, predecode, train_collate
 from train.report import best_of, plot_curves, versions, write_metrics
-from train.state import RESUME_FILE, capture_rng, clear_stale_temporaries, load_resume, restore_rng, save_resume
+from train.state import (
+    RESUME_FILE,
+    capture_rng,
+    clear_stale_temporaries,
+    damaged,
+    load_resume,
+    restore_rng,
+    save_resume,
+)
 
 
 def _finite(x: float) -> float | None:
@@ -71,11 +79,61 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
     if has_run and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to start over")
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        clear_stale_temporaries(out)
-        if cfg.overwrite:
-            for name in (RESUME_FILE, "metrics.jsonl", "curves.png"):
-                (out / name).unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            clear_stale_temporaries(out)
+            if cfg.overwrite:
+                for name in (RESUME_FILE, "metrics.jsonl", "curves.png"):
+                    (out / name).unlink(missing_ok=True)
+        except OSError as exc:  # read-only or virtual file system, a file in the path, no permission
+            raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its ancestors that do not exist yet, deepest first (what mkdir(parents=True) makes)."""
+    made = []
+    with contextlib.suppress(OSError):
+        while not path.exists() and path != path.parent:
+            made.append(path)
+            path = path.parent
+    return made
+
+
+def remove_if_empty(dirs: list[Path]) -> None:
+    """Undo the run directory a failed start created: remove each still-empty directory, deepest first."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something was written), already gone, or not ours to remove
+            return
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """A loaded optimizer's per-parameter buffers must match their parameters (else the first step fails)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, buf in optimizer.state.get(param, {}).items():
+                if isinstance(buf, torch.Tensor) and buf.dim() > 0 and buf.shape != param.shape:
+                    raise damaged(f"optimizer.{name}: shape {tuple(buf.shape)} for a parameter of {tuple(param.shape)}")
+
+
+def _check_like(fresh: Any, saved: Any, where: str) -> None:
+    """`saved` has the keys, lengths and kinds of value of `fresh` (a schedule is plain data, loaded unchecked)."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict) or saved.keys() != fresh.keys():
+            raise damaged(f"{where}: expected the keys {sorted(map(str, fresh))}")
+        for key, value in fresh.items():
+            _check_like(value, saved[key], f"{where}.{key}")
+    elif isinstance(fresh, list | tuple):
+        if not isinstance(saved, list | tuple) or len(saved) != len(fresh):
+            raise damaged(f"{where}: expected a list of {len(fresh)}")
+        for i, (a, b) in enumerate(zip(fresh, saved, strict=True)):
+            _check_like(a, b, f"{where}[{i}]")
+    elif isinstance(fresh, bool | str) and type(saved) is not type(fresh):
+        raise damaged(f"{where}: expected a {type(fresh).__name__}, got {saved!r:.80}")
+    elif isinstance(fresh, int | float) and not isinstance(fresh, bool) and (
+            not isinstance(saved, int | float) or isinstance(saved, bool) or not math.isfinite(saved)):
+        raise damaged(f"{where}: expected a finite number, got {saved!r:.80}")
 
 
 class Trainer:
@@ -180,17 +238,34 @@ class Trainer:
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"resume.pt was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch} (dataset or world size changed?)")
-        self.net.load_state_dict(state["model"])
-        if self.cfg.epochs:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.ema is not None:
-                self.ema.load_state_dict(state["ema"])
-        restore_rng(state["rng"])
+        try:
+            self._apply_state(state)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a tampered or foreign file fails in many ways; each is the same one-line error
+            raise damaged(f"{type(exc).__name__}: {exc}") from None
         progress = state["progress"]
         progress["segments"] += 1
         self.log(f"resuming {self.cfg.out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}")
         return progress
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        """Load a structurally checked resume state into this run; raises on anything that does not fit it."""
+        progress = state["progress"]
+        if progress["epoch"] > self.cfg.epochs or progress["step_in_epoch"] > self.steps_per_epoch:
+            raise damaged(f"progress (epoch {progress['epoch']}, step {progress['step_in_epoch']}) is beyond this "
+                          f"run's {self.cfg.epochs} epochs of {self.steps_per_epoch} steps")
+        self.net.load_state_dict(state["model"])
+        if self.cfg.epochs:
+            self.optimizer.load_state_dict(state["optimizer"])
+            _check_optimizer_shapes(self.optimizer)
+            _check_like(self.scheduler.state_dict(), state["scheduler"], "scheduler")
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None:
+                if state["ema"] is None:
+                    raise damaged("ema: missing, but this run keeps an EMA")
+                self.ema.load_state_dict(state["ema"])
+        restore_rng(state["rng"])
 
     def save_state(self, progress: dict[str, Any]) -> None:
         """Write resume.pt (rank 0) with everything needed to continue exactly here."""
@@ -432,6 +507,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training `cfg` describes on this process (joining torchrun's group if any); returns the summary."""
     info = setup(cfg.device)
     ok = False
+    created = missing_dirs(Path(cfg.out)) if info.is_main else []
     try:
         prepare_out_dir(cfg, info)
         summary = Trainer(cfg, info).run()
@@ -440,6 +516,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         if ok:
             teardown(info)
-        elif info.distributed:
-            with contextlib.suppress(Exception):
-                torch.distributed.destroy_process_group()
+        else:
+            # A bad --dataset (or any failure before the first write) leaves no empty run directory behind.
+            remove_if_empty(created)
+            if info.distributed:
+                with contextlib.suppress(Exception):
+                    torch.distributed.destroy_process_group()

@@ -17,11 +17,16 @@ import signal
 import sys
 from pathlib import Path
 
+from data.datasets import EMBEDDED, SPLITS
+from models.cli import OneLineParser, int_in
 from train.config import OPTIMIZERS
-from train.sweep.plan import METRICS, STUDIES, TUNINGS
+from train.sweep.plan import MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, METRICS, STUDIES, TUNINGS, range_problem
 from train.sweep.presets import PRESETS, make_config
 from train.sweep.runner import RunFailed, make_slots
 from train.sweep.study import run_study
+
+MAX_WORKERS = 256  # each worker is a training process
+MAX_THREADS = 1024
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -44,12 +49,36 @@ def _range(text: str) -> tuple[str, tuple[float, float]]:
         raise argparse.ArgumentTypeError(f"expected OPT=LOW,HIGH (e.g. adamw=1e-4,1e-2), got {text!r}") from None
     if opt not in OPTIMIZERS:
         raise argparse.ArgumentTypeError(f"unknown optimizer {opt!r} in {text!r}; expected one of {OPTIMIZERS}")
+    problem = range_problem((low, high))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return opt, (low, high)
+
+
+def dataset_problem(name: str) -> str | None:
+    """Why `python -m train --dataset name` would fail to find the data (checked without loading it), or None."""
+    if name in EMBEDDED:
+        return None
+    root = Path(name).expanduser()
+    if not root.is_dir():
+        return f"unknown dataset {name!r}: not one of {', '.join(EMBEDDED)} and not a directory"
+    missing = [split for split in SPLITS if not (root / split).is_dir()]
+    if missing:
+        return f"dataset folder {root} has no {'/, '.join(missing)}/ directory (expected root/<split>/<class>/*.jpg)"
+    return None
+
+
+def out_problem(path: Path, option: str) -> str | None:
+    """Why `path` cannot be a study directory (a file, or a file in its path), or None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else f"{option} {path}: {p} exists and is not a directory"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
+    p = OneLineParser(prog="python -m train.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="study size (default: full)")
     p.add_argument("--study", choices=STUDIES, default="all", help="which experiment(s) to run (default: all)")
@@ -59,10 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--models", type=_names, help="comma-separated variants, e.g. vit_c_mini,vit_p_mini")
     g.add_argument("--dataset", help="embedded set (animals, mnist, digits) or an ImageNet-layout folder")
     g.add_argument("--epochs", type=_ints, help="schedule lengths for convergence, e.g. 5,10,20,40")
-    g.add_argument("--stability-epochs", type=int, help="epochs of each sampled stability run")
-    g.add_argument("--samples", type=int, help="(lr, wd) samples per model x optimizer")
+    g.add_argument("--stability-epochs", type=int_in(1, MAX_EPOCHS), help="epochs of each sampled stability run")
+    g.add_argument("--samples", type=int_in(1, MAX_SAMPLES),
+                   help=f"(lr, wd) samples per model x optimizer, 1..{MAX_SAMPLES}")
     g.add_argument("--seeds", type=_ints, help="training seeds of the tuned runs, e.g. 0,1")
-    g.add_argument("--sample-seed", type=int, help="seed of the lr/wd sampler")
+    g.add_argument("--sample-seed", type=int_in(0, MAX_SEED), help="seed of the lr/wd sampler")
     g.add_argument("--optimizers", type=_names, help=f"subset of {','.join(OPTIMIZERS)}")
     g.add_argument("--lr-range", type=_range, action="append", metavar="OPT=LOW,HIGH", help="log-uniform lr range")
     g.add_argument("--wd-range", type=_range, action="append", metavar="OPT=LOW,HIGH", help="log-uniform wd range")
@@ -71,12 +101,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-args", help="extra flags for every `python -m train`, e.g. --train-args='--batch-size 64' "
                    "(part of every run's id)")
     x = p.add_argument_group("execution")
-    x.add_argument("--workers", type=int, default=1, help="parallel training processes (default 1)")
-    x.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    x.add_argument("--workers", type=int_in(1, MAX_WORKERS), default=1,
+                   help=f"parallel training processes, 1..{MAX_WORKERS} (default 1)")
+    x.add_argument("--threads", type=int_in(1, MAX_THREADS), help="torch threads per worker (default: cores / workers)")
     x.add_argument("--devices", type=_names, default=(), help="GPU ids dealt to workers, e.g. 0,1,2,3")
     x.add_argument("--dry-run", action="store_true", help="print the per-run commands, train nothing")
     x.add_argument("--report-only", action="store_true", help="rebuild summary and plots from finished runs")
     return p.parse_args(argv)
+
+
+def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry_run: bool) -> None:
+    """ValueError before any run starts when the data cannot be found or an output directory cannot be made."""
+    # A report-only rebuild reads finished results and never opens the data (which may since have moved).
+    problem = None if report_only else dataset_problem(dataset)
+    problem = problem or out_problem(out, "--out") or (None if report_only else out_problem(runs_dir, "--runs-dir"))
+    if problem:
+        raise ValueError(problem)
+    if dry_run:  # a dry run writes nothing
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only or virtual file system, no permission
+        raise ValueError(f"--out {out}: cannot create the study directory: {exc.strerror or exc}") from None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -100,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in cfg.models:
             get_config(m)
         slots = make_slots(args.workers, args.devices, args.threads)
+        out = args.out or Path("results") / f"paper-{args.preset}"
+        runs_dir = args.runs_dir or Path("runs") / "sweep" / out.name
+        check_places(cfg.dataset, out, runs_dir, args.report_only, args.dry_run)
     except (ValueError, KeyError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        print(f"python -m train.sweep: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    out = args.out or Path("results") / f"paper-{args.preset}"
-    runs_dir = args.runs_dir or Path("runs") / "sweep" / out.name
     # SIGTERM (e.g. `kill` of a nohup'd sweep) takes the same path as Ctrl-C: trainings are stopped, results kept.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -12,6 +12,7 @@ Methodology (the paper's, at small scale):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,27 @@ DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {"adamw": (1e-4, 3e-2), "sgd
 DEFAULT_WD_RANGES: dict[str, tuple[float, float]] = {"adamw": (1e-3, 1.0), "sgd": (1e-5, 1e-2)}
 # Used with tuning="recipe" (no stability sweep): moderate values from the middle of the ranges.
 DEFAULT_RECIPE_SETTINGS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.1, 5e-5)}
+
+
+MAX_SAMPLES = 10_000
+MAX_EPOCHS = 100_000  # the training CLI's own limit
+MAX_SEED = 2**31 - 2  # the sampler adds the optimizer's index to sample_seed; training takes up to 2**31 - 1
+
+
+def range_problem(bounds: tuple[float, float]) -> str | None:
+    """Why (low, high) is not a log-uniform search range (finite, 0 < low < high), or None."""
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        return f"expected two numbers, got {bounds!r}"
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+        return f"must be finite with 0 < LOW < HIGH, got {low:g},{high:g}"
+    return None
+
+
+def _within(name: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,19 @@ class StudyConfig:
             raise ValueError(f"schedule lengths must be positive integers, got {self.epochs}")
         if self.stability_epochs < 1 or self.samples < 1 or not self.seeds:
             raise ValueError("stability_epochs and samples must be >= 1 and seeds non-empty")
+        # Bounded up front: the sampler allocates `samples` values per optimizer before any run starts.
+        _within("samples", self.samples, 1, MAX_SAMPLES)
+        _within("stability_epochs", self.stability_epochs, 1, MAX_EPOCHS)
+        _within("sample_seed", self.sample_seed, 0, MAX_SEED)
+        for e in self.epochs:
+            _within("epochs", e, 1, MAX_EPOCHS)
+        for s in self.seeds:
+            _within("seeds", s, 0, MAX_SEED)
+        for name in ("lr_ranges", "wd_ranges"):
+            for opt, bounds in getattr(self, name).items():
+                problem = range_problem(bounds)
+                if problem:
+                    raise ValueError(f"{name.replace('_ranges', '')} range of {opt}: {problem}")
         for opt in self.optimizers:
             if opt not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {opt!r}; expected one of {OPTIMIZERS}")

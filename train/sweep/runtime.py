@@ -10,13 +10,19 @@ hits both alike; each setting's C/P ratio is the median of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from models.cli import OneLineParser, int_in
+
 LAYOUTS = ("nchw", "channels_last")
+MAX_BATCH = 4096  # a batch is allocated whole on the device: bound it before asking for it
+MAX_ROUNDS = 1000
+DEVICE_RE = re.compile(r"cpu|cuda(:\d{1,3})?")
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:
@@ -110,13 +116,34 @@ def measure(conv: str, patch: str, device: str = "cpu", batch: int = 64, rounds:
     return rows
 
 
+def _device(text: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N (availability is checked after parsing, when torch is loaded)."""
+    if not DEVICE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot run here (no CUDA, no such GPU), or None."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine"
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} GPU(s)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the rows as a table; exit 2 with one line for a bad model name."""
-    p = argparse.ArgumentParser(prog="python -m train.sweep.runtime", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m train.sweep.runtime", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=64, help=f"images per step, 1..{MAX_BATCH}")
+    p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=7, help=f"alternating rounds, 1..{MAX_ROUNDS}")
     args = p.parse_args(argv)
     from models.registry import get_config
 
@@ -124,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         conv, patch = (m.strip() for m in args.models.split(","))
         get_config(conv), get_config(patch)
     except (ValueError, KeyError) as exc:
-        print(f"error: --models: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        print(f"{p.prog}: error: --models: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    problem = device_problem(args.device)
+    if problem:
+        print(f"{p.prog}: error: --device {args.device}: {problem}", file=sys.stderr)
         return 2
     for r in measure(conv, patch, args.device, args.batch, args.rounds):
         print(f"{r['what']:<10} {r['layout']:<13} {'compiled' if r['compiled'] else 'eager':<8} "
