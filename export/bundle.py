@@ -13,7 +13,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from models.bundle import (
     Manifest,
     OutputSpec,
     Source,
+    as_name,
     file_entries,
     read_manifest,
     valid_name,
@@ -162,8 +162,7 @@ def bundle_name(name: str | None, out: Path) -> str:
         if not valid_name(name):
             raise ExportError(f"--name {name!r} is not a valid model name ({NAME_RULE})")
         return name
-    derived = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.resolve().name).lstrip("-_.")[:128].rstrip("-")
-    return derived or "model"
+    return as_name(out.resolve().name)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from models.bundle import (
     BundleError,
     FileEntry,
     Manifest,
+    as_name,
     file_entries,
     read_manifest,
     safe_relative_path,
@@ -66,8 +67,9 @@ class RepositoryError(ValueError):
 
 
 def model_name(manifest: Manifest, artifact: Artifact) -> str:
-    """The repository model name of one artifact: `<bundle name>-<artifact id>`."""
-    return f"{manifest.name}-{artifact.id}"
+    """The repository model name of one artifact: `<bundle name>-<artifact id>`, made valid (older exports kept
+    names such as 'my bundle')."""
+    return as_name(f"{manifest.name}-{artifact.id}")
 
 
 def _has_control(value: str) -> bool:

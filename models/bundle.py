@@ -61,6 +61,11 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
+def as_name(text: str) -> str:
+    """`text` made a valid name (for names derived from a path or an older bundle): other runs become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).lstrip("-_.")[:128].rstrip("-") or "model"
+
+
 def safe_component(name: object) -> bool:
     """Whether a bundle name is one harmless path component (serve and export.triton ask for `valid_name` where
     they use it; a reader only refuses what could escape a directory or break a line)."""

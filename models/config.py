@@ -56,7 +56,10 @@ MAX_STEM_LAYERS = 16
 MAX_STEM_KERNEL = 15
 MAX_NAME_CHARS = 200
 MAX_PARAMS = 2**32  # 16 GiB of float32 weights; the paper's largest variant (vit_p_72gf) has 353 M
-MAX_ACTIVATIONS = 2**31  # per image (attention maps included); vit_p_72gf needs 66 M
+# The largest single tensor per image (one layer's attention scores, or one stem conv's output): 8 GiB of float32.
+# A bound on the peak, not on the sum over layers, so big models at big sizes still build where memory allows them
+# (vit_p_18gf at 1024: 201 M attention scores); a hostile size (patch 4 at 4096: 10^12) is refused.
+MAX_ACTIVATIONS = 2**31
 _INT_BOUNDS = {"depth": MAX_DEPTH, "dim": MAX_DIM, "mlp_dim": MAX_MLP_DIM, "heads": MAX_DIM,
                "patch_size": MAX_IMAGE_SIDE, "image_size": MAX_IMAGE_SIDE, "num_classes": MAX_CLASSES,
                "in_chans": MAX_IN_CHANS}
@@ -155,9 +158,20 @@ class ViTConfig:
         c = complexity(self)
         if c.params > MAX_PARAMS:
             raise ValueError(f"{self.name}: {c.params:,} parameters is more than the {MAX_PARAMS:,} allowed")
-        if c.acts > MAX_ACTIVATIONS:
-            raise ValueError(f"{self.name}: {c.acts:,} activations per image is more than the "
+        if (peak := self.peak_activations()) > MAX_ACTIVATIONS:
+            raise ValueError(f"{self.name}: its largest tensor per image holds {peak:,} values, more than the "
                              f"{MAX_ACTIVATIONS:,} allowed (image_size {self.image_size}, patch {self.patch_size})")
+
+    def peak_activations(self) -> int:
+        """Values in the largest single activation per image: one layer's attention scores, token or MLP
+        activations, or one stem conv's output."""
+        peaks = [self.heads * self.num_tokens**2, self.num_tokens * max(self.dim, self.mlp_dim)]
+        if self.stem.kind == "conv":
+            side = self.image_size
+            for layer in self.stem.layers:
+                side = -(-side // layer.stride)
+                peaks.append(side * side * layer.width)
+        return max(peaks)
 
     @property
     def grid(self) -> int:

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -78,15 +79,18 @@ def _remove_stale(target: Path) -> None:
     Killed between its two renames, it left no `target` and the old directory in `.<name>.*.old/x`: that one is
     put back. Every other temporary is an unfinished write and is removed.
     """
+    # Exactly the names tempfile.mkdtemp gives them (8 random characters): a sibling target such as `<name>.v2`
+    # has temporaries that a looser pattern would match, and they are not ours.
+    own = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    leftovers = sorted(p for p in target.parent.iterdir() if own.fullmatch(p.name) and p.is_dir()
+                       and not p.is_symlink())
     if not target.exists():
-        for old in sorted(target.parent.glob(f".{target.name}.*.old")):
-            if (old / "x").is_dir():
+        for old in leftovers:
+            if old.suffix == ".old" and (old / "x").is_dir():
                 os.replace(old / "x", target)
                 break
-    for pattern in (f".{target.name}.*.tmp", f".{target.name}.*.old"):
-        for path in target.parent.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

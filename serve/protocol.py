@@ -124,8 +124,9 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     params = _params(doc, "request")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
+    literals = b"true" in head or b"false" in head  # only then can a boolean hide among numbers
     for spec in raw_inputs:
-        name, arr, used = _parse_input(spec, binary, offset)
+        name, arr, used = _parse_input(spec, binary, offset, literals)
         if name in inputs:
             raise ProtocolError(f"input {name!r} appears twice")
         inputs[name] = arr
@@ -165,7 +166,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _parse_input(spec: Any, binary: memoryview, offset: int, literals: bool = True) -> tuple[str, np.ndarray, int]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("every input needs a 'name'")
     name = spec["name"][:128]
@@ -192,10 +193,24 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
         return name, _finite(name, arr.reshape(shape)), size
     if "data" not in spec:
         raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+    if literals and datatype != "BOOL" and _holds_bool(spec["data"]):
+        raise ProtocolError(f"input {name!r}: data is not {datatype} (got booleans)")
     arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="))
     if arr.size != count:
         raise ProtocolError(f"input {name!r}: {arr.size} values for shape {shape} ({count} expected)")
     return name, _finite(name, arr.reshape(shape)), 0
+
+
+def _holds_bool(data: Any) -> bool:
+    """Whether nested lists hold a JSON true/false anywhere (numpy would read it as 1/0 among numbers)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if item.__class__ is bool:
+            return True
+        if item.__class__ is list:
+            stack.extend(item)
+    return False
 
 
 def _json_values(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndarray:

@@ -524,15 +524,20 @@ def test_a_failed_swap_is_undone_and_a_killed_swap_is_recovered(tmp_path):
     target.mkdir()
     (target / "f").write_text("old")
     # Killed between the two renames: no target, the old directory parked in .b.*.old/x.
-    parked = tmp_path / ".b.123.old"
+    parked = tmp_path / ".b.k1_2x9a0.old"  # the names tempfile.mkdtemp gives
     parked.mkdir()
     target.rename(parked / "x")
-    (tmp_path / ".b.456.tmp").mkdir()
+    (tmp_path / ".b.q8w2e3r4.tmp").mkdir()
+    # A sibling target's temporaries ("b.v2" being written) are not ours to remove or restore.
+    sibling = [tmp_path / ".b.v2.abcd1234.tmp", tmp_path / ".b.v2.abcd5678.old" / "x"]
+    for d in sibling:
+        d.mkdir(parents=True)
     with pytest.raises(RuntimeError, match="boom"), atomic_dir(target) as tmp:
         (tmp / "f").write_text("new")
         raise RuntimeError("boom")
     assert (target / "f").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.lock", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.lock", ".b.v2.abcd1234.tmp", ".b.v2.abcd5678.old", "b"]
+    assert all(d.is_dir() for d in sibling)
 
 
 def test_a_second_export_of_the_same_bundle_is_refused_while_one_runs(tmp_path):

@@ -191,6 +191,13 @@ def test_triton_never_reads_or_writes_outside_the_bundle_and_the_repository(bund
     assert _tree(tmp_path) == before  # the victim unchanged, nothing new anywhere
 
 
+def test_triton_converts_an_older_bundle_whose_name_is_not_a_model_name(bundle, tmp_path):
+    # Earlier exports kept the --out directory's name as it was ("my bundle"): the repository name is made valid.
+    older = _hostile(bundle, tmp_path, lambda d: d.update(name="my bundle"))
+    written = triton.write_repository(older, tmp_path / "repo")
+    assert written and all(p.parent.name.startswith("my-bundle-") for p in written), written
+
+
 def test_triton_refuses_a_tampered_golden_file(bundle, tmp_path, capsys):
     hostile = shutil.copytree(bundle, tmp_path / "hostile")
     golden = hostile / read_manifest(hostile).golden.file.path

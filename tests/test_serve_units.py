@@ -162,6 +162,8 @@ _BIN1 = b'{"inputs":[{"name":"i","shape":[1],"datatype":"FP32","parameters":{"bi
     (b"{}", "99", "outside the body"),
     (b'{"inputs":[{"name":"input","shape":[2],"datatype":"FP32","data":[true,false]}]}', None, "got booleans"),
     (b'{"inputs":[{"name":"input","shape":[1],"datatype":"INT32","data":[true]}]}', None, "got booleans"),
+    (b'{"inputs":[{"name":"input","shape":[2,2],"datatype":"FP32","data":[[1.5,2],[0,false]]}]}', None, "booleans"),
+    (b'{"inputs":[{"name":"input","shape":[3],"datatype":"INT32","data":[1,true,0]}]}', None, "got booleans"),
     (b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}],'
      b'"outputs":[{"name":"logits"},{"name":"logits"}]}', None, "requested twice"),
 ])
