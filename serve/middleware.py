@@ -30,7 +30,8 @@ class BodyTooLarge(APIError):
     """The request body passed the configured limit."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+        # The rest of the body may still be on its way: the connection cannot carry another request.
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes", {"Connection": "close"})
 
 
 class AccessLogMiddleware:
@@ -80,12 +81,16 @@ class AccessLogMiddleware:
             await error_response(500, f"internal error ({type(exc).__name__})")(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels what is still running when the graceful shutdown times out (a stalled upload, say):
-            # answer a JSON 503 rather than letting uvicorn write a plain-text 500, then let the cancellation on.
-            if not started:
-                with contextlib.suppress(Exception):
-                    await error_response(503, "the server is shutting down", {"Connection": "close"})(
-                        scope, receive, send_with_id)
-            raise
+            # answer a JSON 503 rather than letting uvicorn write a plain-text 500. Once answered, the request
+            # ends here (re-raising would only make uvicorn log a traceback); unanswered, the cancellation goes on.
+            status = 503
+            if started:
+                raise
+            try:
+                await error_response(503, "the server is shutting down", {"Connection": "close"})(
+                    scope, receive, send_with_id)
+            except Exception:
+                raise asyncio.CancelledError from None
         finally:
             self.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
@@ -211,7 +216,8 @@ class BodyLimitMiddleware:
                 # reset; a client waiting on `Expect: 100-continue` sends nothing and needs no draining.
                 if b"100-continue" not in headers.get(b"expect", b"").lower() and length <= 2 * self.max_bytes:
                     await _drain(receive, self.max_bytes)
-                await error_response(413, str(BodyTooLarge(self.max_bytes)))(scope, receive, send)
+                big = BodyTooLarge(self.max_bytes)
+                await error_response(big.status, big.reason, big.headers)(scope, receive, send)
                 return
         if not self.budget.take(length):
             full = BodiesFull(self.budget.limit)

@@ -128,6 +128,44 @@ def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tm
             assert _closed_by_server(sock)
             sock.close()
         assert time.monotonic() - t0 < 10
+        # Headers are bounded in size too: an endless header is a JSON 431, not a growing buffer.
+        endless = socket.create_connection((host, int(port)), timeout=30)
+        endless.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(40):
+                endless.sendall(b"a" * 4096)
+        except OSError:
+            pass  # closed by the server mid-stream
+        status, _, body = _read_response(endless)
+        endless.close()
+        assert status == 431 and "headers are larger" in json.loads(body)["error"]
+        # What uvicorn's parser refuses (a request smuggling attempt) is a JSON 400 as well.
+        smuggle = socket.create_connection((host, int(port)), timeout=30)
+        smuggle.sendall(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        status, headers, body = _read_response(smuggle)
+        smuggle.close()
+        assert status == 400 and headers["content-type"] == "application/json" and json.loads(body)["error"]
+        # An answer given before the body was read (unknown model) is the only answer: the rest of the body is
+        # dropped, and no second, unsolicited 408 follows it.
+        early = socket.create_connection((host, int(port)), timeout=30)
+        early.sendall(b"POST /v1/models/nope/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                      b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+        status, _, _ = _read_response(early)
+        assert status == 404
+        for _ in range(8):
+            try:
+                early.sendall(b"x" * 1000)
+            except OSError:
+                break
+            time.sleep(0.5)
+        early.settimeout(10)
+        try:
+            rest = early.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            rest = b""
+        early.close()
+        assert b"HTTP/1.1" not in rest, rest[:200]
         # The budget's accounting returns to zero: two full bodies at once are taken.
         big = b"\0" * ((1 << 20) - 100)
         with httpx.Client(base_url=server.url, timeout=30) as other:
@@ -167,6 +205,14 @@ def test_head_codings_multipart_and_index_bodies(bundle, tmp_path):
         assert r.status_code == 400 and "closing boundary" in r.json()["error"]
         whole = part + f"\r\n--{boundary}--\r\n".encode()
         assert client.post(CLASSIFY, content=whole, headers=headers).json() == plain.json()
+        # The boundary parameter is found among others, and an epilogue after the closing delimiter is allowed.
+        other = {"content-type": f"multipart/form-data; x-boundary=ZZ; boundary=\"{boundary}\""}
+        assert client.post(CLASSIFY, content=whole + b"epilogue", headers=other).json() == plain.json()
+        # A second file cut short is refused, even when the cut part's bytes spell the closing boundary.
+        second = (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.png\"\r\n"
+                  f"Content-Type: image/png\r\n\r\nPNG bytes --{boundary}-- and then cut").encode()
+        r = client.post(CLASSIFY, content=part + second, headers=headers)
+        assert r.status_code == 400 and "closing boundary" in r.json()["error"]
         r = client.post(CLASSIFY, content=gzip.compress(whole), headers={**headers, "content-encoding": "gzip"})
         assert r.status_code == 415
 
@@ -203,3 +249,4 @@ def test_sigterm_during_a_stalled_upload_answers_json_and_exits_in_time(bundle, 
         assert time.monotonic() - t0 < 15
     finally:
         server.stop()
+    assert "Traceback" not in server.logs()

@@ -94,14 +94,21 @@ def _unsupported(media: str) -> APIError:
                          "image/png, image/webp, ...) or multipart/form-data with 'file' fields")
 
 
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_BOUNDARY = re.compile(r'(?:^|;)\s*boundary\s*=\s*(?:"([^"]+)"|([^";\s]+))', re.IGNORECASE)
 
 
 def _closed_multipart(body: bytes, content_type: str) -> bool:
-    """Whether a multipart body ends its last part (a cut upload leaves the part unfinished, and the form
-    parser would silently drop it)."""
+    """Whether a multipart body ends with its closing delimiter (a cut upload leaves its last part unfinished,
+    and the form parser would silently drop it): the last delimiter line must be the closing one."""
     m = _BOUNDARY.search(content_type)
-    return m is None or b"--" + m.group(1).strip().encode("latin-1") + b"--" in body
+    if m is None:
+        return True  # no boundary: the form parser refuses it with its own reason
+    delimiter = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+    last = max(body.rfind(b"\r\n" + delimiter), 0 if body.startswith(delimiter) else -1)
+    if last < 0:
+        return False
+    end = last + (2 if body[last:last + 2] == b"\r\n" else 0) + len(delimiter)
+    return body[end:end + 2] == b"--"
 
 
 async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], bool]:
