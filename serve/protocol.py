@@ -68,16 +68,25 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
         raise ProtocolError(f"unsupported Content-Encoding {encoding!r} (gzip, deflate or identity)", 415)
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise ProtocolError(f"corrupt {encoding} body: {exc}") from None
-    if len(out) > limit:
-        raise ProtocolError(f"decompressed body is larger than the limit of {limit} bytes", 413)
-    if not d.eof:
-        raise ProtocolError(f"truncated {encoding} body")
-    return out
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:  # gzip allows several members back to back (RFC 1952); each is inflated within what is left
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(rest, limit - size + 1)
+        except zlib.error as exc:
+            raise ProtocolError(f"corrupt {encoding} body: {exc}") from None
+        size += len(out)
+        if size > limit:
+            raise ProtocolError(f"decompressed body is larger than the limit of {limit} bytes", 413)
+        if not d.eof:
+            raise ProtocolError(f"truncated {encoding} body")
+        parts.append(out)
+        rest = d.unused_data
+        if not rest:
+            return b"".join(parts)
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            raise ProtocolError(f"{len(rest)} bytes of junk after the {encoding} body")
 
 
 MAX_DIMS = 8  # a tensor shape with more dimensions is refused before anything is allocated for it

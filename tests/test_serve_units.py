@@ -202,6 +202,14 @@ def test_decompression_is_bounded():
     with pytest.raises(ProtocolError) as err:
         decompress(payload, "br", 1000)
     assert err.value.status == 415
+    # Several gzip members are one body (RFC 1952), bounded all together; anything else after the end is junk.
+    assert decompress(gzip.compress(payload[:5]) + gzip.compress(payload[5:]), "gzip", 1000) == payload
+    with pytest.raises(ProtocolError) as err:
+        decompress(gzip.compress(b"\0" * 600_000) * 2, "gzip", 1_000_000)
+    assert err.value.status == 413
+    for body, coding in ((gzip.compress(payload) + b"junk", "gzip"), (zlib.compress(payload) + b"j", "deflate")):
+        with pytest.raises(ProtocolError, match="junk after"):
+            decompress(body, coding, 1000)
 
 
 # --- dynamic batcher ---------------------------------------------------------------------------------------
