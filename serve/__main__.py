@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels being decoded at once, all requests together, before 503 (default 100,000,000)")
     p.add_argument("--inference-timeout-s", type=float,
                    help="a batch running longer answers 504 and marks the model not ready (default 30)")
-    p.add_argument("--graceful-timeout-s", type=float, help="SIGTERM: how long in-flight requests may finish")
+    p.add_argument("--graceful-timeout-s", type=float,
+                   help="SIGTERM: how long in-flight requests may finish (default 30)")
     p.add_argument("--log-level", help="debug | info (default) | warning | error")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
     return p

@@ -61,8 +61,27 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             self._disarm()
             super().connection_lost(exc)
 
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._parsed_header_bytes, self._oversized = 0, False
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            self._count_parsed(len(url))
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            super().on_header(name, value)
+            self._count_parsed(len(name) + len(value) + 4)
+
+        def _count_parsed(self, n: int) -> None:
+            """Headers that arrive whole in one read are measured here, as the parser hands them over."""
+            self._parsed_header_bytes += n
+            if self._parsed_header_bytes > MAX_HEADER_BYTES:
+                self._oversized = True
+                raise ValueError("request headers too large")  # the parser stops; uvicorn answers via 400 below
+
         def send_400_response(self, msg: str) -> None:
-            self._close_with(_answer(400, "Bad Request", msg))
+            self._close_with(too_large if getattr(self, "_oversized", False) else _answer(400, "Bad Request", msg))
 
         def _answer_owed(self) -> bool:
             """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of

@@ -217,6 +217,7 @@ def load_models(settings: Settings) -> dict[str, ServedModel]:
 
 
 def close_models(models: dict[str, ServedModel]) -> None:
-    """Release every backend."""
-    for m in models.values():
+    """Release every backend, the last loaded first: onnxruntime and OpenVINO loaded side by side crash the process
+    at exit (SIGSEGV) when the one loaded first is released first."""
+    for m in reversed(list(models.values())):
         m.backend.close()

@@ -19,7 +19,7 @@ from models.bundle import BundleError
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.metrics import Metrics
-from serve.registry import NAME_RE, ModelSource, ServedModel, load_model
+from serve.registry import NAME_RE, ModelSource, ServedModel, close_models, load_model
 from serve.settings import Settings
 from serve.stats import Observers
 
@@ -150,5 +150,4 @@ class ModelRepository:
         loaded = list(self.models.values())
         self.models.clear()
         await asyncio.gather(*(m.batcher.close(timeout) for m in loaded if m.batcher is not None))
-        for m in loaded:
-            m.backend.close()
+        close_models({m.name: m for m in loaded})

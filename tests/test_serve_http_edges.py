@@ -139,6 +139,10 @@ def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tm
         status, _, body = _read_response(endless)
         endless.close()
         assert status == 431 and "headers are larger" in json.loads(body)["error"]
+        # A complete request whose headers arrive whole in one read is measured too.
+        r = client.get("/v2/health/live", headers={"X-Big": "a" * 70_000})
+        assert r.status_code == 431 and r.json()["error"]
+        assert client.get("/v2/health/live", headers={"X-Big": "a" * 60_000}).status_code == 200
         # What uvicorn's parser refuses (a request smuggling attempt) is a JSON 400 as well.
         smuggle = socket.create_connection((host, int(port)), timeout=30)
         smuggle.sendall(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
