@@ -9,10 +9,8 @@ paper bookkeeping misses is ViT_C-36GF flops: 34.92 GF computed vs 35.0 printed,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # types only: models.config bounds a config's size with this module
-    from models.config import ViTConfig
+from models.config import ConvStem, ViTConfig
 
 BOOKKEEPINGS = ("paper", "released")
 
@@ -29,7 +27,7 @@ class Complexity:
 def _stem(cfg: ViTConfig, bookkeeping: str) -> Complexity:
     flops = params = acts = 0
     size, cin = cfg.image_size, cfg.in_chans
-    if cfg.stem.kind == "conv":
+    if isinstance(cfg.stem, ConvStem):
         for i, layer in enumerate(cfg.stem.layers):
             size = (size + 2 * (layer.kernel // 2) - layer.kernel) // layer.stride + 1
             out = layer.width * size * size

@@ -152,15 +152,25 @@ class ViTConfig:
                 )
 
     def _check_size(self) -> None:
-        """Analytic parameter and activation counts, bounded before anything allocates for this model."""
-        from models.complexity import complexity  # local: complexity needs the finished config classes
-
-        c = complexity(self)
-        if c.params > MAX_PARAMS:
-            raise ValueError(f"{self.name}: {c.params:,} parameters is more than the {MAX_PARAMS:,} allowed")
+        """Weights and the largest activation per image, bounded before anything allocates for this model."""
+        if (weights := self.weight_estimate()) > MAX_PARAMS:
+            raise ValueError(f"{self.name}: about {weights:,} parameters is more than the {MAX_PARAMS:,} allowed")
         if (peak := self.peak_activations()) > MAX_ACTIVATIONS:
             raise ValueError(f"{self.name}: its largest tensor per image holds {peak:,} values, more than the "
                              f"{MAX_ACTIVATIONS:,} allowed (image_size {self.image_size}, patch {self.patch_size})")
+
+    def weight_estimate(self) -> int:
+        """The weight matrices' size (blocks, stem, position embedding, head), within a few per cent of the exact
+        count in models.complexity, which needs a finished config and so cannot be asked from here."""
+        d = self.dim
+        blocks = self.depth * (4 * d * d + 2 * d * self.mlp_dim)
+        if self.stem.kind == "conv":
+            widths = [self.in_chans, *(layer.width for layer in self.stem.layers)]
+            stem = sum(layer.kernel**2 * cin * cout
+                       for layer, cin, cout in zip(self.stem.layers, widths[:-1], widths[1:], strict=True))
+        else:
+            stem = self.patch_size**2 * self.in_chans * d
+        return blocks + stem + self.num_tokens * d + d * self.num_classes
 
     def peak_activations(self) -> int:
         """Values in the largest single activation per image: one layer's attention scores, token or MLP
