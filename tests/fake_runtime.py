@@ -83,6 +83,13 @@ RUNTIME = Runtime(
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy-bundle-v1"
 
 
+def server_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a `python -m serve` subprocess that loads this runtime; its log and hang switch in tmp_path."""
+    repo = Path(__file__).resolve().parents[1]
+    return {"VITC_RUNTIMES": "fake_runtime", "PYTHONPATH": f"{repo / 'tests'}:{repo}",
+            "FAKE_RUNTIME_LOG": str(tmp_path / "computed.log"), "FAKE_RUNTIME_HANG": str(tmp_path / "hang")}
+
+
 def write_bundle(dest: Path) -> Path:
     """A copy of the legacy test bundle with one more servable artifact: the fake runtime's (no export needed)."""
     from models.bundle import Artifact, file_entries, read_manifest, write_manifest

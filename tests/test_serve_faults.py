@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 from test_serve_fixtures import animal_pngs, start_server
 
-REPO = Path(__file__).resolve().parents[1]
-LEGACY = REPO / "tests" / "data" / "legacy-bundle-v1"
 V2 = "/v2/models/fake/infer"
 
 
@@ -27,11 +25,6 @@ V2 = "/v2/models/fake/infer"
 def bundle(tmp_path_factory) -> Path:
     """The legacy bundle plus one servable fake artifact."""
     return fake_runtime.write_bundle(tmp_path_factory.mktemp("faults") / "fake")
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {"VITC_RUNTIMES": "fake_runtime", "PYTHONPATH": f"{REPO / 'tests'}:{REPO}",
-            "FAKE_RUNTIME_LOG": str(tmp_path / "computed.log"), "FAKE_RUNTIME_HANG": str(tmp_path / "hang")}
 
 
 def _tensor(first: float, rows: int = 1) -> bytes:
@@ -52,7 +45,7 @@ def _metric(client: httpx.Client, prefix: str) -> float:
 
 
 def test_a_hung_backend_answers_504_goes_unready_and_recovers(bundle, tmp_path):
-    env = _env(tmp_path)
+    env = fake_runtime.server_env(tmp_path)
     (tmp_path / "hang").touch()
     with start_server(["--model", f"fake={bundle}", "--backend", "fake", "--inference-timeout-s", "0.5",
                        "--parallel", "1"], tmp_path / "server.log", env) as server:
@@ -81,7 +74,7 @@ def test_a_hung_backend_answers_504_goes_unready_and_recovers(bundle, tmp_path):
 
 def test_a_client_that_leaves_has_its_queued_work_dropped(bundle, tmp_path):
     args = ["--model", f"fake={bundle}", "--backend", "fake", "--parallel", "1", "--max-queue-delay-ms", "0"]
-    with start_server(args, tmp_path / "server.log", _env(tmp_path)) as server:
+    with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
 
         async def scenario() -> None:
@@ -123,7 +116,7 @@ def test_a_client_that_leaves_has_its_queued_work_dropped(bundle, tmp_path):
 def test_admission_counts_every_image_of_a_request(bundle, tmp_path):
     pngs = animal_pngs(5)
     with start_server(["--model", f"fake={bundle}", "--backend", "fake", "--max-queue-size", "4"],
-                      tmp_path / "server.log", _env(tmp_path)) as server:
+                      tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
         files = [("file", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
         r = client.post("/v1/models/fake/classify", files=files)
@@ -145,7 +138,7 @@ def _png(w: int, h: int) -> bytes:
 
 def test_hostile_images_and_tensors_get_4xx_with_strict_json(bundle, tmp_path):
     with start_server(["--model", f"fake={bundle}", "--backend", "fake", "--decode-budget-pixels", "40000000"],
-                      tmp_path / "server.log", _env(tmp_path)) as server:
+                      tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=60)
         # Extreme aspect ratios under the pixel limit: answered, and cheaply (only the crop's footprint is resized).
         for w, h in ((2, 1_000_000), (1_000_000, 2), (16, 2_500_000)):
@@ -197,7 +190,8 @@ def test_a_full_model_answers_503_at_once_and_sigterm_loses_no_admitted_request(
 
     (tmp_path / "hang").touch()
     server = start_server(["--model", f"fake={bundle}", "--backend", "fake", "--max-queue-size", "20", "--parallel",
-                           "1", "--inference-timeout-s", "60"], tmp_path / "server.log", _env(tmp_path))
+                           "1", "--inference-timeout-s", "60"], tmp_path / "server.log",
+                          fake_runtime.server_env(tmp_path))
     try:
         client = httpx.Client(base_url=server.url, timeout=60)
         pool = ThreadPoolExecutor(31)

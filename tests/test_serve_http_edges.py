@@ -20,18 +20,12 @@ import pytest
 from PIL import Image
 from test_serve_fixtures import animal_pngs, start_server
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSIFY = "/v1/models/fake/classify"
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return fake_runtime.write_bundle(tmp_path_factory.mktemp("edges") / "fake")
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {"VITC_RUNTIMES": "fake_runtime", "PYTHONPATH": f"{REPO / 'tests'}:{REPO}",
-            "FAKE_RUNTIME_LOG": str(tmp_path / "computed.log"), "FAKE_RUNTIME_HANG": str(tmp_path / "hang")}
 
 
 def _open_upload(url: str, length: int, sent: bytes = b"x" * 10) -> socket.socket:
@@ -74,7 +68,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
 def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tmp_path):
     args = ["--model", f"fake={bundle}", "--backend", "fake", "--max-body-bytes", str(1 << 20),
             "--max-buffered-bytes", str(2 << 20), "--receive-timeout-s", "3"]
-    with start_server(args, tmp_path / "server.log", _env(tmp_path)) as server:
+    with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
         png = animal_pngs(1)[0]
         # Two stalled uploads declare 1 MiB each: the whole 2 MiB budget. A third body is refused at once, before
@@ -180,7 +174,7 @@ def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tm
 
 def test_head_codings_multipart_and_index_bodies(bundle, tmp_path):
     with start_server(["--model", f"fake={bundle}", "--backend", "fake"], tmp_path / "server.log",
-                      _env(tmp_path)) as server:
+                      fake_runtime.server_env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
         # HEAD is GET without the body, on every GET route (load balancers probe health with it).
         for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/fake", "/v1/models", "/metrics"):
@@ -239,7 +233,7 @@ def test_head_codings_multipart_and_index_bodies(bundle, tmp_path):
 
 def test_sigterm_during_a_stalled_upload_answers_json_and_exits_in_time(bundle, tmp_path):
     args = ["--model", f"fake={bundle}", "--backend", "fake", "--graceful-timeout-s", "1"]
-    server = start_server(args, tmp_path / "server.log", _env(tmp_path))
+    server = start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path))
     try:
         sock = _open_upload(server.url, 1000)
         time.sleep(0.3)
