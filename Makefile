@@ -65,7 +65,8 @@ serve: install
 	$(PYTHON) -m serve --model exports/animals-vit_c --model exports/animals-vit_p --backend onnxruntime
 
 load-test: install
-	$(PYTHON) -m benchmarks.load --start --model exports/animals-vit_c --model exports/animals-vit_p
+	$(PYTHON) -m benchmarks.load --start --model exports/animals-vit_c --model exports/animals-vit_p \
+		--out benchmarks/results/load-demo-onnxruntime.json
 
 paper: install
 	$(PYTHON) -m train.sweep --preset full --out results/paper-full --workers 2

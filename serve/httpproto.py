@@ -63,7 +63,20 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._parsed_header_bytes, self._oversized = 0, False
+            self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
+
+        def on_headers_complete(self) -> None:
+            self._in_headers = False
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if (self._header_timer is None and getattr(self, "_in_headers", False) and not self.pipeline
+                    and not self.transport.is_closing()):
+                # A pipelined request that began while this one was served and is still short of its headers:
+                # its deadline starts now (uvicorn would only arm the silent keep-alive close).
+                self._unset_keepalive_if_required()
+                self._arm()
 
         def on_url(self, url: bytes) -> None:
             super().on_url(url)

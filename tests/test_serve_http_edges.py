@@ -115,8 +115,11 @@ def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tm
         kept.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
         assert _read_response(kept)[0] == 200
         kept.sendall(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
+        piped = socket.create_connection((host, int(port)), timeout=30)  # pipelined behind a complete request
+        piped.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
+        assert _read_response(piped)[0] == 200
         t0 = time.monotonic()
-        for sock in (silent, partial, kept):
+        for sock in (silent, partial, kept, piped):
             status, headers, body = _read_response(sock)
             assert status == 408 and "headers did not arrive" in json.loads(body)["error"]
             assert _closed_by_server(sock)
