@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 import serve
 from models.host import usable_cpus
@@ -69,6 +70,9 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     if settings.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=v2.HEALTH_PATHS)
     app.add_middleware(HeadMiddleware)
+    # Requests refused before routing (auth, body limit) are still counted under their route's template.
+    templates = [(r.path_regex, r.path) for router in (v1.router, v2.router, ops.router) for r in router.routes
+                 if isinstance(r, APIRoute)]
     app.add_middleware(AccessLogMiddleware, metrics=metrics, known_models=lambda: app.state.models,
-                       enabled=settings.access_log)
+                       enabled=settings.access_log, templates=templates)
     return app

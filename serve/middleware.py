@@ -41,8 +41,19 @@ class AccessLogMiddleware:
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics, known_models: Callable[[], Collection[str]],
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, templates: Collection[tuple[re.Pattern[str], str]] = ()) -> None:
         self.app, self.metrics, self.known_models, self.enabled = app, metrics, known_models, enabled
+        self.templates = tuple(templates)
+
+    def _route_of(self, scope: Scope) -> tuple[str, str | None]:
+        """The path template and model name of a request, also when it was answered before routing (401, 413)."""
+        route, params = scope.get("route"), scope.get("path_params") or {}
+        if route is None:
+            for regex, template in self.templates:
+                if match := regex.match(scope["path"]):
+                    return template, match.groupdict().get("name")
+            return "other", None
+        return getattr(route, "path", None) or "other", params.get("name")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,7 +82,7 @@ class AccessLogMiddleware:
             # The client closed the connection (mid-upload, or while its request waited): nobody to answer.
             status = CLIENT_CLOSED
             if isinstance(exc, ClientDisconnect):
-                name = (scope.get("path_params") or {}).get("name")
+                name = self._route_of(scope)[1]
                 model = name if name in self.known_models() else UNKNOWN_MODEL if name else ""
                 self.metrics.disconnects.labels(model, "upload").inc()
         except Exception as exc:
@@ -94,9 +105,7 @@ class AccessLogMiddleware:
         finally:
             self.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "other"
-            name = (scope.get("path_params") or {}).get("name")
+            endpoint, name = self._route_of(scope)
             model = "" if name is None else name if name in self.known_models() else UNKNOWN_MODEL
             self.metrics.requests.labels(model, endpoint, str(status)).inc()
             self.metrics.latency.labels(model, endpoint).observe(seconds)
