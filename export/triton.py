@@ -47,11 +47,15 @@ from models.bundle import (
     verify_files,
     write_manifest,
 )
+from models.bundle import (
+    TRITON_CONFIG_FILE as CONFIG_FILE,
+)
+from models.bundle import (
+    TRITON_LABELS_FILE as LABELS_FILE,
+)
 from models.cli import OneLineParser
 from models.io import DirectoryBusy, _default_mode, _remove_stale, atomic_write_bytes
 
-LABELS_FILE = "labels.txt"
-CONFIG_FILE = "config.pbtxt"
 ISVC_FILE = "inferenceservice.yaml"
 MAX_VERSION = 2**63 - 1  # Triton reads version directories as int64
 MAX_INSTANCES = 1024

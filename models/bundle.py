@@ -43,6 +43,10 @@ from models.preprocessing import Preprocessing
 FORMAT = "vitc-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# A Triton-style model repository (python -m export.triton writes it, python -m serve --model-repository reads it):
+# REPO/<model>/{config.pbtxt, labels.txt, 1/, 2/, ...}, each version directory a bundle.
+TRITON_CONFIG_FILE = "config.pbtxt"
+TRITON_LABELS_FILE = "labels.txt"
 MAX_BATCH_LIMIT = 1024  # bounds engine profiles, parity batches and the server's batch buffers
 MAX_IMAGE_SIDE = 4096
 MAX_CLASSES = 100_000

@@ -55,7 +55,10 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
             close_models(loaded)
             log.info("stopped", extra={"models": names})
 
-    app = FastAPI(title="vitc", version=serve.__version__, description=DESCRIPTION, lifespan=lifespan)
+    # No trailing-slash redirects: a 307 whose Location echoes the client's Host header, that tritonclient does not
+    # follow, is worse than the JSON 404 every other unknown path gets (Triton answers none either).
+    app = FastAPI(title="vitc", version=serve.__version__, description=DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.settings, app.state.metrics, app.state.models, app.state.ready = settings, metrics, {}, False
     app.state.pixel_budget = PixelBudget(settings.decode_budget_pixels)
     install_handlers(app)

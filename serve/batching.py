@@ -149,7 +149,8 @@ class DynamicBatcher:
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"a request must have 1..{self.max_batch} rows, got {x.shape[0]}")
         loop = asyncio.get_running_loop()
-        item = _Item(x, loop.create_future(), loop.time(), timings)
+        # perf_counter, not loop.time(): uvloop's clock is cached to the millisecond, too coarse for queue times.
+        item = _Item(x, loop.create_future(), time.perf_counter(), timings)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -194,7 +195,7 @@ class DynamicBatcher:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
+                remaining = deadline - time.perf_counter()
                 # Wait for companions only when some can come: images admitted (still decoding) beyond those
                 # running and in hand. A lone request never pays the batching window.
                 if remaining <= 0 or self._admitted <= self._running_rows + rows:
@@ -217,7 +218,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         stuck: list[asyncio.Future] = []
         try:
-            start = loop.time()
+            start = time.perf_counter()
             for it in batch:
                 if self._observer:
                     self._observer.queued(self.name, start - it.enqueued)

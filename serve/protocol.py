@@ -108,10 +108,9 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     datatype's range, non-finite floats in binary data.
     """
     if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}") from None
+        if not header_length.strip().isdecimal() or not header_length.strip().isascii():  # no sign, no "1_0"
+            raise ProtocolError(f"{HEADER_LENGTH} must be a decimal integer, got {header_length[:40]!r}")
+        n = int(header_length)
         if not 0 <= n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
         head, binary = body[:n], memoryview(body)[n:]
@@ -165,7 +164,9 @@ def _short(exc: BaseException) -> str:
 
 
 def _params(obj: dict, what: str) -> dict:
-    params = obj.get("parameters") or {}
+    params = obj.get("parameters")
+    if params is None:
+        return {}
     if not isinstance(params, dict):
         raise ProtocolError(f"{what} 'parameters' must be an object")
     return params
@@ -193,7 +194,12 @@ def _parse_input(spec: Any, binary: memoryview, offset: int, literals: bool = Tr
     params = _params(spec, f"input {name!r}")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if not _is_int(size) or size != count * dtype.itemsize:
+        if not _is_int(size) or size < 0:
+            raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer, "
+                                f"got {json.dumps(size)[:40]}")
+        if "data" in spec:
+            raise ProtocolError(f"input {name!r} has both 'data' and parameters.binary_data_size; send one")
+        if size != count * dtype.itemsize:
             raise ProtocolError(f"input {name!r}: binary_data_size {str(size)[:40]} != {count} x {dtype.itemsize} "
                                 "bytes")
         if offset + size > len(binary):

@@ -12,6 +12,7 @@ import runtimes
 from models.bundle import MANIFEST_FILE, BundleError, Manifest, read_manifest
 from models.preprocessing import Preprocessing
 from runtimes import Backend, BackendError, BackendOptions
+from serve import tritonconfig
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
@@ -32,6 +33,7 @@ class ServedModel:
     max_batch: int
     version: str = "1"
     source: ModelSource | None = None
+    queue_delay_ms: float | None = None  # from the repository's config.pbtxt; None: the server's setting
     batcher: DynamicBatcher | None = field(default=None, repr=False)
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     users: int = field(default=0, repr=False)  # requests holding this version (a swap waits for them)
@@ -189,12 +191,24 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         # A repository version holds one artifact (python -m export.triton): it runs on that artifact's runtime.
         runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
         precision = None if source.repository else settings.precision
+        config = tritonconfig.read(source.path) if source.repository else None
         startup = {"read_manifest": time.perf_counter() - start}
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
-    except (BundleError, BackendError) as exc:
+    except (BundleError, BackendError, tritonconfig.ConfigError) as exc:
         raise ServeError(f"model {source.describe()!r}: {exc}") from None
-    return ServedModel(name, path, manifest, backend, min(settings.max_batch_size, backend.max_batch),
-                       version=version, source=source, startup={k: round(v, 4) for k, v in startup.items()})
+    max_batch = min(settings.max_batch_size, backend.max_batch)
+    delay_ms = None
+    if config is not None:  # the repository's own configuration wins over the server's defaults, as in Triton
+        if config.max_batch_size is not None:
+            if config.max_batch_size > backend.max_batch:
+                backend.close()
+                raise ServeError(f"model {source.describe()!r}: config.pbtxt max_batch_size {config.max_batch_size} "
+                                 f"is more than the artifact was exported for ({backend.max_batch})")
+            max_batch = config.max_batch_size
+        if config.max_queue_delay_us is not None:
+            delay_ms = config.max_queue_delay_us / 1000
+    return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
+                       queue_delay_ms=delay_ms, startup={k: round(v, 4) for k, v in startup.items()})
 
 
 def load_models(settings: Settings) -> dict[str, ServedModel]:

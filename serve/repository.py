@@ -10,7 +10,9 @@ is answered) and closed. A load that fails leaves the old version serving and an
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from serve.settings import Settings
 from serve.stats import Observers
 
 log = logging.getLogger("vitc.serve")
+MAX_LISTED = 4096  # directory entries of a repository looked at for its index
 
 
 class LoadError(Exception):
@@ -50,7 +53,8 @@ class ModelRepository:
     async def _activate(self, model: ServedModel) -> None:
         s = self.settings
         model.batcher = DynamicBatcher(
-            model.name, model.backend.infer, max_batch=model.max_batch, max_delay_s=s.max_queue_delay_ms / 1000,
+            model.name, model.backend.infer, max_batch=model.max_batch,
+            max_delay_s=(s.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms) / 1000,
             max_queue=s.max_queue_size, parallel=s.parallel or model.backend.parallelism,
             observer=Observers(self.metrics, model.stats), timeout_s=s.inference_timeout_s,
             probe=np.zeros((1, *model.sample_shape), np.float32),
@@ -75,7 +79,8 @@ class ModelRepository:
             try:
                 version = source.newest()[0]
             except (BundleError, OSError) as exc:
-                raise LoadError(f"model {name!r}: {exc}") from None
+                self.failures[(name, "")] = f"model {name!r}: {exc}"
+                raise LoadError(self.failures[(name, "")]) from None
             try:
                 model = await asyncio.get_running_loop().run_in_executor(None, load_model, source, self.settings)
             except ServeError as exc:
@@ -83,12 +88,13 @@ class ModelRepository:
                 raise LoadError(str(exc)) from None
             if model.name != name:  # a bundle served under its own name was re-exported under another one
                 model = ServedModel(name, model.bundle, model.manifest, model.backend, model.max_batch,
-                                    model.version, source)
+                                    model.version, source, model.queue_delay_ms)
             await self._activate(model)
             old = self.models.get(name)
             self.models[name] = model  # from now on new requests reach the new version
             self.sources[name] = source
             self.failures.pop((name, model.version), None)
+            self.failures.pop((name, ""), None)
             self.unloaded.discard(name)
             log.info("loaded", extra={"model": name, "version": model.version, "bundle": str(model.bundle),
                                       "replaced": old.version if old else None})
@@ -122,14 +128,27 @@ class ModelRepository:
                                   model.provenance_labels())
         model.backend.close()
 
+    def _on_disk(self) -> list[str]:
+        """The model directories of --model-repository, loaded or not (at most MAX_LISTED are looked at)."""
+        root = self.settings.model_repository
+        if root is None:
+            return []
+        try:
+            with os.scandir(root) as it:
+                entries = list(itertools.islice(it, MAX_LISTED))
+        except OSError:
+            return []
+        return [e.name for e in entries if NAME_RE.match(e.name) and e.is_dir()]
+
     def index(self) -> list[dict[str, Any]]:
-        """Every model and version the server knows, with its state (READY / UNAVAILABLE) and why."""
+        """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
+        and why (Triton lists what is available to load, not only what is loaded)."""
         out = []
-        for name in sorted(set(self.sources) | set(self.models)):
+        for name in sorted(set(self.sources) | set(self.models) | set(self._on_disk())):
             loaded = self.models.get(name)
             try:
-                versions = self.sources[name].versions() if name in self.sources else []
-            except OSError:
+                versions = self.source_of(name).versions()
+            except (LoadError, OSError):
                 versions = []
             for version in versions or ([loaded.version] if loaded else [""]):
                 ready = loaded is not None and loaded.version == version and loaded.batcher is not None \

@@ -18,14 +18,16 @@ class ModelStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.last_inference_ms = 0
-        self.inference_count = 0  # rows computed
+        self.inference_count = 0  # rows of successful requests (Triton: each inference of a batch counts)
         self.execution_count = 0  # backend calls
         self._success, self._fail, self._queue, self._infer = _pair(), _pair(), _pair(), _pair()
         self._batches: defaultdict[int, list[int]] = defaultdict(_pair)
 
-    def request(self, ok: bool, seconds: float) -> None:
-        """One request answered (ok) or failed, with its time in the server."""
+    def request(self, ok: bool, seconds: float, rows: int = 1) -> None:
+        """One request of `rows` inferences answered (ok) or failed, with its time in the server."""
         with self._lock:
+            if ok:
+                self.inference_count += rows
             pair = self._success if ok else self._fail
             pair[0] += 1
             pair[1] += int(seconds * 1e9)
@@ -40,7 +42,6 @@ class ModelStats:
         ns = int(seconds * 1e9)
         with self._lock:
             self.last_inference_ms = int(time.time() * 1000)
-            self.inference_count += rows
             self.execution_count += 1
             self._infer[0] += requests
             self._infer[1] += ns * requests

@@ -304,3 +304,27 @@ def test_openapi_documents_the_endpoints(client):
     assert "multipart/form-data" in body and "image/png" in body
     assert "/v2/models/{name}/infer" in spec["paths"]
     assert "swagger" in client.get("/docs").text.lower()
+
+
+def test_v2_statistics_framing_and_paths_are_strict(client):
+    x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    head = json.dumps({"inputs": [{"name": "input", "shape": [3, 3, 32, 32], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    before = client.get("/v2/models/twin/stats").json()["model_stats"][0]
+    r = client.post("/v2/models/twin/infer", content=head + x.tobytes(),
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 200, r.text
+    after = client.get("/v2/models/twin/stats").json()["model_stats"][0]
+    # Each row of a successful request is one inference; queue time is measured, not rounded to the millisecond.
+    assert after["inference_count"] - before["inference_count"] == 3
+    assert after["inference_stats"]["queue"]["ns"] > before["inference_stats"]["queue"]["ns"]
+    assert after["inference_stats"]["queue"]["ns"] % 1_000_000 != 0
+    # Two framings that disagree are refused, not resolved by picking one.
+    r = client.post("/v2/models/twin/infer", content=head + x.tobytes(),
+                    headers=[("Inference-Header-Content-Length", str(len(head))),
+                             ("Inference-Header-Content-Length", "3")])
+    assert r.status_code == 400 and "different values" in r.json()["error"]
+    # A trailing slash is an unknown path (JSON 404), never a redirect that echoes the Host header.
+    for method, path in (("POST", "/v2/models/twin/infer/"), ("GET", "/v2/"), ("POST", "/v1/models/twin/classify/")):
+        r = client.request(method, path, headers={"Host": "evil.example"})
+        assert r.status_code == 404 and "location" not in r.headers and r.json()["error"], (path, r.status_code)

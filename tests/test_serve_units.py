@@ -149,6 +149,8 @@ def test_parse_json_and_binary_requests():
 
 _BIN2 = b'{"inputs":[{"name":"i","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}'
 _BIN1 = b'{"inputs":[{"name":"i","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}'
+_STR_SIZE = _BIN1.replace(b'"binary_data_size":4', b'"binary_data_size":"4"')
+_BOTH = _BIN1.replace(b'"FP32",', b'"FP32","data":[1],')
 
 
 @pytest.mark.parametrize("body, header, reason", [
@@ -166,6 +168,14 @@ _BIN1 = b'{"inputs":[{"name":"i","shape":[1],"datatype":"FP32","parameters":{"bi
     (b'{"inputs":[{"name":"input","shape":[3],"datatype":"INT32","data":[1,true,0]}]}', None, "got booleans"),
     (b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}],'
      b'"outputs":[{"name":"logits"},{"name":"logits"}]}', None, "requested twice"),
+    (_BIN1 + b"\0" * 4, "+" + str(len(_BIN1)), "decimal integer"),
+    (_BIN1 + b"\0" * 4, f"{len(_BIN1) // 10}_{len(_BIN1) % 10}", "decimal integer"),
+    (_STR_SIZE + b"\0" * 4, str(len(_STR_SIZE)), "must be a non-negative"),
+    (_BOTH + b"\0" * 4, str(len(_BOTH)), "both 'data' and"),
+    (b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1],"parameters":[]}]}', None,
+     "'parameters' must be an object"),
+    (b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}],"parameters":false}', None,
+     "'parameters' must be an object"),
 ])
 def test_malformed_requests_are_refused(body, header, reason):
     with pytest.raises(ProtocolError, match=reason):

@@ -184,9 +184,38 @@ def test_hot_reload_under_load_drops_no_request_and_refuses_a_bad_version(bundle
         client.unload_model(name)
         assert httpx.get(server.url + f"/v2/models/{name}").status_code == 404
         assert not client.is_model_ready(name)
+        assert client.is_server_ready()  # as Triton: no model loaded is not "not ready" (the probe keeps it reachable)
         shutil.rmtree(bad)
         client.load_model(name)  # an unloaded model loads again from the repository (its newest good version)
         assert client.is_model_ready(name) and client.get_model_metadata(name)["versions"] == ["2"]
+        # The repository's config.pbtxt is what batches: edited, then loaded again, it takes effect.
+        config = repo / name / "config.pbtxt"
+        text = config.read_text()
+        config.write_text(text.replace("max_batch_size: 32", "max_batch_size: 4")
+                          .replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 250"))
+        client.load_model(name)
+        served = client.get_model_config(name)
+        assert served["max_batch_size"] == 4 and served["dynamic_batching"]["max_queue_delay_microseconds"] == 250
+        assert served["output"][0]["label_filename"] == "labels.txt"
+        batch = {"inputs": [{"name": "input", "shape": [8, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 8 * 3072}]}
+        r = httpx.post(server.url + f"/v2/models/{name}/infer", json=batch)
+        assert r.status_code == 400 and "outside 1..4" in r.json()["error"]
+        config.write_text(text.replace("max_batch_size: 32", "max_batch_size: 4096"))  # more than was exported
+        with pytest.raises(InferenceServerException, match="max_batch_size 4096"):
+            client.load_model(name)
+        config.write_text(text)
+        # A configuration sent with the load is refused with the reason, not silently ignored.
+        with pytest.raises(InferenceServerException, match="config.pbtxt"):
+            client.load_model(name, config=json.dumps({"max_batch_size": 1}))
+        # The index lists what the repository holds, loaded or not, with why a model is unavailable.
+        shutil.copytree(repo / name, repo / "later")
+        (repo / "empty").mkdir()
+        with pytest.raises(InferenceServerException, match="no version directory"):
+            client.load_model("empty")
+        index = {e["name"]: e for e in client.get_model_repository_index()}
+        assert index["later"]["state"] == "UNAVAILABLE" and index["later"]["reason"] == "not loaded"
+        assert index["empty"]["state"] == "UNAVAILABLE" and "no version directory" in index["empty"]["reason"]
+        assert index[name]["state"] == "READY"
 
 
 def test_provenance_shows_on_every_surface(bundle, tmp_path):

@@ -134,14 +134,15 @@ def finite_output(model: ServedModel, y: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def recorded(model: ServedModel) -> Iterator[None]:
-    """Count the request in the model's statistics: success or failure, with its time in the server."""
+def recorded(model: ServedModel, rows: int = 1) -> Iterator[None]:
+    """Count the request (`rows` inferences) in the model's statistics: success or failure, with its time in the
+    server; only the rows of requests answered successfully count as inferences."""
     start, ok = time.perf_counter(), False
     try:
         yield
         ok = True
     finally:
-        model.stats.request(ok, time.perf_counter() - start)
+        model.stats.request(ok, time.perf_counter() - start, rows)
 
 
 def admission(model: ServedModel, images: int = 1):

@@ -196,7 +196,7 @@ async def _classify(request: Request, model: ServedModel, settings: Settings, to
     k = top_k or min(5, n_classes)
     with stage(request, "receive"):
         images, many = await read_images(request, settings)
-    with recorded(model), admission(model, len(images)):  # every image counts, from decoding to its answer
+    with recorded(model, len(images)), admission(model, len(images)):  # every image counts, from decoding to its answer
         with stage(request, "decode"):
             decoded = await asyncio.gather(
                 *(off_loop(request, _prepare_timed, request, model, data, settings, cheap=not many and cheap(data))

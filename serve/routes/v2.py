@@ -14,9 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import serve
+from models.bundle import TRITON_LABELS_FILE
 from serve.errors import APIError
 from serve.protocol import (
     EXTENSIONS,
+    HEADER_LENGTH,
     InferRequest,
     OutputTensor,
     ProtocolError,
@@ -69,10 +71,12 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Readiness: every model loaded and accepting requests")
+@router.get("/health/ready", summary="Readiness: started, and every loaded model accepting requests")
 async def ready(request: Request) -> JSONResponse:
+    # As Triton: once started, a server whose models were all unloaded is still ready, so that a readiness probe
+    # does not take it out of its Service, the only way to reach its repository API and load one again.
     models = request.app.state.models
-    ok = bool(request.app.state.ready and models and all(m.batcher and m.batcher.ready for m in models.values()))
+    ok = bool(request.app.state.ready and all(m.batcher and m.batcher.ready for m in models.values()))
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
@@ -125,8 +129,29 @@ async def repository_index(request: Request) -> JSONResponse:
     return JSONResponse([e for e in entries if e["state"] == "READY" or not ready_only])
 
 
+async def _load_parameters(request: Request) -> dict[str, Any]:
+    """The `parameters` of a repository load/unload body (empty or a JSON object); 400 when malformed."""
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        req = json.loads(body)
+    except (ValueError, RecursionError):
+        req = None
+    params = req.get("parameters", {}) if isinstance(req, dict) else None
+    if not isinstance(params, dict):
+        raise APIError(400, 'the request body must be a JSON object like {"parameters": {...}}')
+    return params
+
+
 @router.post("/repository/models/{name}/load", summary="Load, or load again, a model (its newest version)")
 async def repository_load(name: str, request: Request) -> JSONResponse:
+    params = await _load_parameters(request)
+    if "config" in params or any(str(k).startswith("file:") for k in params):
+        # Triton's override of the configuration (or files) in the request: vitc reads the repository's own
+        # config.pbtxt instead, so say so rather than load something other than what was asked for.
+        raise APIError(400, "a load with a \"config\" or \"file:\" parameter is not supported: edit the model's "
+                            "config.pbtxt in the repository and load it again")
     try:
         await request.app.state.repository.load(name)
     except LoadError as exc:
@@ -136,6 +161,7 @@ async def repository_load(name: str, request: Request) -> JSONResponse:
 
 @router.post("/repository/models/{name}/unload", summary="Stop serving a model (requests in progress finish)")
 async def repository_unload(name: str, request: Request) -> JSONResponse:
+    await _load_parameters(request)  # unload_dependents: vitc models have no dependents
     try:
         await request.app.state.repository.unload(name)
     except LoadError as exc:
@@ -154,8 +180,9 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
         "max_batch_size": model.max_batch,
         "input": [{"name": model.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [c, h, w]}],
         "output": [{"name": model.output_name, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
-                    "label_filename": ""}],
-        "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
+                    "label_filename": TRITON_LABELS_FILE if model.source and model.source.repository else ""}],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(1000 * (
+            settings.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms))},
         "parameters": {"precision": {"string_value": model.backend.precision}},
     }
 
@@ -190,12 +217,15 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
 
 async def _infer(request: Request, model: ServedModel, settings: Settings, version: str | None) -> Response:
     _check_version(model, version)
+    lengths = set(request.headers.getlist(HEADER_LENGTH))
+    if len(lengths) > 1:
+        raise APIError(400, f"{HEADER_LENGTH} is given {len(lengths)} times with different values")
     with stage(request, "receive"):
         body = await request.body()
     try:
         with stage(request, "decode"):
             parsed = await off_loop(request, _parse_body, body, request.headers.get("content-encoding"),
-                                    request.headers.get("inference-header-content-length"), settings.max_body_bytes)
+                                    next(iter(lengths), None), settings.max_body_bytes)
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc)) from None
     x = _model_input(model, parsed.inputs)
@@ -203,7 +233,7 @@ async def _infer(request: Request, model: ServedModel, settings: Settings, versi
     for out in requested:
         if out.name != model.output_name:
             raise APIError(400, f"model {model.name!r} has no output {out.name[:128]!r}; outputs: {model.output_name}")
-    with recorded(model), admission(model, x.shape[0]):
+    with recorded(model, x.shape[0]), admission(model, x.shape[0]):
         logits = finite_output(model, await unless_gone(request, model, submit(model, x, timings(request))))
     spec = requested[0] if requested else None
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
