@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocessing import Preprocessing
+from models.preprocessing import Preprocessing, upright
 
 EMBEDDED = ("animals", "mnist", "digits")
 SPLITS = ("train", "val")
@@ -52,7 +52,7 @@ class ImageSet:
             return Image.fromarray(self.arrays[i], "L")
         with Image.open(self.paths[i]) as img:
             img.load()
-            return img
+            return upright(img)
 
     def fingerprint(self) -> str:
         """sha256 of what the set holds: classes, labels and pixels (embedded sets), or each file's path relative
@@ -170,7 +170,7 @@ def decode_checked(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as img:
             img.load()
-            return img
+            return upright(img)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         # DecompressionBombError (beyond PIL's pixel bound) is not an OSError: a bomb counts as unreadable.
         return None

@@ -12,9 +12,9 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from models.preprocessing import Preprocessing, image_input
+from models.preprocessing import Preprocessing, image_input, upright
 from serve.workpool import PixelBudget
 
 # Pillow decoders the server accepts (those this Pillow build has); anything else is never parsed.
@@ -37,10 +37,43 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+# Peak decode memory is about 5 bytes per pixel (RGB PNG), 9 (with alpha), 6 (GIF); Pillow's WebP decoder holds
+# about 16: a WebP pixel counts three times against the decode budget.
+DECODE_WEIGHT = {"WEBP": 3}
+MAX_HEADER_SEGMENTS = 1024  # JPEG marker segments / PNG chunks before the image data (real files: a few dozen)
+MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again
+
+
+def _check_structure(data: bytes) -> None:
+    """Refuse JPEG and PNG files built to make the decoder work far more than their pixels warrant: thousands of
+    tiny header segments (parsed one by one in Python) or of progressive scans (each a pass over the image)."""
+    if data[:2] == b"\xff\xd8":
+        pos, segments = 2, 0
+        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:  # up to the first scan
+            marker = data[pos + 1]
+            pos += 1 if marker == 0xFF else 2 if marker == 0x01 or 0xD0 <= marker <= 0xD9 else \
+                2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            segments += 1
+            if segments > MAX_HEADER_SEGMENTS:
+                raise ImageError(400, f"JPEG has more than {MAX_HEADER_SEGMENTS} marker segments before its image "
+                                      "data; refused")
+        if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # 0xFF in entropy-coded data is stuffed: no SOS
+            raise ImageError(400, f"JPEG has {scans} scans, more than {MAX_JPEG_SCANS}; refused")
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        pos, chunks = 8, 0
+        while pos + 8 <= len(data) and data[pos + 4:pos + 8] not in (b"IDAT", b"IEND"):
+            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+            chunks += 1
+            if chunks > MAX_HEADER_SEGMENTS:
+                raise ImageError(400, f"PNG has more than {MAX_HEADER_SEGMENTS} chunks before its image data; "
+                                      "refused")
+
+
 def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     """Parse the image header (no pixel decoded yet) and refuse what is not a servable image or too big."""
     if not data:
         raise ImageError(400, "empty image")
+    _check_structure(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
@@ -65,7 +98,8 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
 
 
 CHEAP_PIXELS = 1 << 20  # decoding and preprocessing this many pixels takes about a millisecond or two
-CHEAP_BYTES = 1 << 20
+# Parsing a header costs up to ~0.2 ms per KiB of hostile segments: the event loop parses only bodies this small.
+CHEAP_BYTES = 64 << 10
 
 
 def cheap(data: bytes) -> bool:
@@ -74,6 +108,7 @@ def cheap(data: bytes) -> bool:
     if len(data) > CHEAP_BYTES:
         return False
     try:
+        _check_structure(data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             w, h = Image.open(io.BytesIO(data), formats=FORMATS).size
@@ -90,10 +125,7 @@ def load_pixels(img: Image.Image) -> Image.Image:
         raise
     except Exception as exc:  # truncated, corrupt, or a decoder tripping over hostile data
         raise ImageError(400, f"image data is truncated or corrupt ({_short(exc)})") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not cost the image; orientation stays as stored
-        pass
+    img = upright(img)  # EXIF orientation, exactly as training and evaluation decode
     if img.mode not in _NATIVE_MODES:
         try:
             img = img.convert("RGB")  # CMYK (Adobe inverted or not), YCbCr, HSV, ...
@@ -116,14 +148,23 @@ def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bo
     """
     img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
     w, h = img.size  # after draft()
-    with budget.reserve(w * h) if budget is not None else contextlib.nullcontext():
-        img = load_pixels(img)
+    # Capped at the whole budget: an image that fits the per-image limit always decodes once nothing else does.
+    cost = w * h * DECODE_WEIGHT.get(img.format, 1)
+    with budget.reserve(min(cost, budget.pixels)) if budget is not None else contextlib.nullcontext():
         try:
-            return image_input(img, spec)
-        except MemoryError:
-            raise
-        except Exception as exc:  # a mode or layout the conversion does not take
-            raise ImageError(400, f"cannot convert a {img.mode} image ({_short(exc)})") from None
+            return _model_input(img, spec)
+        finally:
+            img.close()  # its pixels are freed before the reservation ends (and memory is given back)
+
+
+def _model_input(img: Image.Image, spec: Preprocessing) -> np.ndarray:
+    img = load_pixels(img)
+    try:
+        return image_input(img, spec)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a mode or layout the conversion does not take
+        raise ImageError(400, f"cannot convert a {img.mode} image ({_short(exc)})") from None
 
 
 def _short(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the JSON.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
@@ -42,5 +43,8 @@ def configure_logging(level: str = "info") -> None:
     root.handlers = [handler]
     root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     logging.captureWarnings(True)
+    # Pillow's warnings about a client's image ("Corrupt EXIF data", ...) say what the answer already says, once per
+    # request: a client must not be able to flood the server's log with them.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     # uvicorn's own access log is replaced by ours (which knows the model and the request id).
     logging.getLogger("uvicorn.access").disabled = True

@@ -117,6 +117,75 @@ def test_bad_images_are_400(data, reason):
     assert err.value.status == 400 and reason in err.value.reason.lower()
 
 
+def test_training_and_evaluation_see_the_orientation_the_server_sees(tmp_path):
+    from data.datasets import decode_checked
+
+    img = photo(40, 24)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.png"
+    img.save(path, exif=exif)
+    served = decode(path.read_bytes(), max_pixels=LIMIT)
+    assert served.size == (24, 40)
+    np.testing.assert_array_equal(np.asarray(decode_checked(path)), np.asarray(served))
+
+
+def test_grey_scale_follows_the_mode_not_the_content():
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0..61380
+    x16 = prepare(encode(Image.fromarray(ramp), "PNG"), GREY, max_pixels=LIMIT)
+    as_int32 = prepare(encode(Image.fromarray(ramp.astype(np.int32)), "TIFF"), GREY, max_pixels=LIMIT)
+    np.testing.assert_array_equal(as_int32, x16)  # 32-bit integers are 16-bit data, like I;16
+    dark = ramp // 300  # 0..204: an 8-bit range held in 16 bits stays dark, whatever one pixel says
+    bright = dark.copy()
+    bright[0, 0] = 60000
+    a = prepare(encode(Image.fromarray(dark), "PNG"), GREY, max_pixels=LIMIT)
+    b = prepare(encode(Image.fromarray(bright), "PNG"), GREY, max_pixels=LIMIT)
+    assert (a != b)[0, 0].sum() == 1  # one pixel differs; the rest keeps its scale
+    unit = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)  # float grey is 0..1
+    xf = prepare(encode(Image.fromarray(unit, "F"), "TIFF"), GREY, max_pixels=LIMIT)
+    eight = preprocess([Image.fromarray((unit * 255).round().astype(np.uint8), "L")], GREY)
+    assert np.abs(xf - eight).max() < 0.02
+
+
+def _progressive_with_scans(scans: int) -> bytes:
+    """A valid progressive JPEG whose last scan is repeated until it has `scans` scans."""
+    data = encode(photo(64, 64), "JPEG", progressive=True, quality=90)
+    last = data.rindex(b"\xff\xda")
+    extra = data[last:-2] * (scans - data.count(b"\xff\xda"))
+    return data[:-2] + extra + b"\xff\xd9"
+
+
+def test_files_built_to_overwork_the_decoder_are_refused():
+    from serve.imaging import CHEAP_BYTES, MAX_HEADER_SEGMENTS, MAX_JPEG_SCANS, cheap
+
+    jpeg = encode(photo(), "JPEG")
+    progressive = _progressive_with_scans(20)
+    assert decode(progressive, max_pixels=LIMIT).size == (64, 64) and cheap(progressive)
+    cases = [
+        (jpeg[:2] + b"\xff\xfe\x00\x02" * (MAX_HEADER_SEGMENTS + 1) + jpeg[2:], "marker segments"),
+        (_progressive_with_scans(MAX_JPEG_SCANS + 1), "scans"),
+    ]
+    png = encode(photo(), "PNG")
+    empty = (0).to_bytes(4, "big") + b"zzZz" + zlib.crc32(b"zzZz").to_bytes(4, "big")
+    cases.append((png[:33] + empty * (MAX_HEADER_SEGMENTS + 1) + png[33:], "chunks"))
+    for data, reason in cases:
+        with pytest.raises(ImageError) as err:
+            decode(data, max_pixels=LIMIT)
+        assert err.value.status == 400 and reason in err.value.reason
+        assert not cheap(data)  # never parsed on the event loop either
+    assert not cheap(encode(photo(16, 16), "PNG") + b"\0" * CHEAP_BYTES)
+
+
+def test_an_image_dearer_than_the_whole_budget_still_decodes_alone():
+    from serve.workpool import Busy, PixelBudget
+
+    budget = PixelBudget(64 * 64)
+    webp = encode(photo(64, 64), "WEBP", lossless=True)  # counts 3x its pixels, more than the whole budget
+    assert prepare(webp, RGB, max_pixels=LIMIT, budget=budget).shape == (1, 3, 32, 32) and budget.used == 0
+    with budget.reserve(1), pytest.raises(Busy):
+        prepare(webp, RGB, max_pixels=LIMIT, budget=budget)
+
+
 def test_jpeg_draft_decodes_big_photos_small():
     big = encode(photo(2048, 1536, seed=1).resize((2048, 1536)), "JPEG", quality=90)
     drafted = decode(big, max_pixels=LIMIT, draft_size=RGB.resize)
