@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import os
 import shutil
 import sys
@@ -44,7 +43,7 @@ from models.bundle import (
     write_manifest,
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
-from models.io import DirectoryBusy, _default_mode, _remove_stale, _swap_in
+from models.io import DirectoryBusy, _remove_stale, _swap_in, writer_lock
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
@@ -54,7 +53,6 @@ from runtimes.onnx_graph import OPSET, export_torch
 PREPROCESS_CHUNK = 256
 GOLDEN_SAMPLES = 8
 GOLDEN_FILE = "golden.npz"
-LOCK_RETRIES = 8
 
 
 class ExportIOError(RuntimeError):
@@ -163,44 +161,6 @@ def bundle_name(name: str | None, out: Path) -> str:
             raise ExportError(f"--name {name!r} is not a valid model name ({NAME_RULE})")
         return name
     return as_name(out.resolve().name)
-
-
-@contextlib.contextmanager
-def writer_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock beside `target` (`.<name>.lock`) held while one process writes it, deleted afterwards.
-
-    The lock file is deleted while still locked, so a writer that opened the old file must not trust its lock:
-    after locking it checks the path still names the file it locked, and starts over when it does not.
-    """
-    path = target.parent / f".{target.name}.lock"
-    for _ in range(LOCK_RETRIES):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode(0o666))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DirectoryBusy(f"another process is writing {target}") from None
-        if _same_file(fd, path):
-            break
-        os.close(fd)  # the previous writer deleted it between our open and lock: take the new one
-    else:
-        raise DirectoryBusy(f"another process is writing {target}")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)  # closing releases the lock
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether `path` still names the open file `fd`."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import runtimes
-from export.bundle import writer_lock
 from models.bundle import (
     MANIFEST_FILE,
     NAME_RULE,
@@ -54,7 +53,7 @@ from models.bundle import (
     TRITON_LABELS_FILE as LABELS_FILE,
 )
 from models.cli import OneLineParser
-from models.io import DirectoryBusy, _default_mode, _remove_stale, atomic_write_bytes
+from models.io import DirectoryBusy, _default_mode, _remove_stale, atomic_write_bytes, writer_lock
 
 ISVC_FILE = "inferenceservice.yaml"
 MAX_VERSION = 2**63 - 1  # Triton reads version directories as int64

@@ -58,19 +58,46 @@ class DirectoryBusy(RuntimeError):
     """Another process is writing the same directory with `atomic_dir`."""
 
 
+LOCK_RETRIES = 8
+
+
 @contextlib.contextmanager
-def _writer_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock beside `target` (`.<name>.lock`) held while one process writes it."""
+def writer_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock beside `target` (`.<name>.lock`) held while one process writes it, deleted afterwards;
+    DirectoryBusy when another process holds it.
+
+    The lock file is deleted while still locked, so a writer that opened the old file must not trust its lock:
+    after locking it checks the path still names the file it locked, and starts over when it does not.
+    """
     path = target.parent / f".{target.name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode(0o666))
-    try:
+    for _ in range(LOCK_RETRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode(0o666))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise DirectoryBusy(f"another process is writing {target}") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the previous writer deleted it between our open and lock: take the new one
+    else:
+        raise DirectoryBusy(f"another process is writing {target}")
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         os.close(fd)  # closing releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the open file `fd`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _remove_stale(target: Path) -> None:
@@ -104,7 +131,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _writer_lock(target):
+    with writer_lock(target):
         _remove_stale(target)
         with _swap_in(target) as tmp:
             yield tmp

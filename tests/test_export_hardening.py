@@ -13,9 +13,9 @@ import pytest
 from test_serve_fixtures import micro_bundle
 
 from export import cli, report, triton
-from export.bundle import build_bundle, writer_lock
+from export.bundle import build_bundle
 from models.bundle import read_manifest
-from models.io import DirectoryBusy
+from models.io import DirectoryBusy, writer_lock
 
 EXPORT = ("--targets", "torch", "--max-batch", "4", "--parity-samples", "16", "--threads", "1")
 
@@ -111,7 +111,7 @@ def test_the_writer_lock_still_excludes_a_second_writer_and_is_removed_after(tmp
         stale = os.open(lock, os.O_RDWR)  # a writer that opened the file but has not locked it yet
     assert not lock.exists()
     try:
-        from export.bundle import _same_file
+        from models.io import _same_file
 
         with writer_lock(target):  # a new lock file: the stale writer's lock would be on the deleted one
             assert not _same_file(stale, lock)  # ... which it detects, and starts over
