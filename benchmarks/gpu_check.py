@@ -317,4 +317,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from models.cli import run
+
+    run(main, "python -m benchmarks.gpu_check")

@@ -1,5 +1,6 @@
 """`python -m export --checkpoint runs/x --out exports/x [--targets onnx,openvino,tensorrt]`."""
 
 from export.cli import main
+from models.cli import run
 
-raise SystemExit(main())
+run(main, "python -m export")

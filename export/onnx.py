@@ -6,4 +6,6 @@ A thin entry point: the runtime itself lives in runtimes/, the export in export/
 from export.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(family="onnx"))
+    from models.cli import run
+
+    run(lambda: main(family="onnx"), "python -m export.onnx")

@@ -172,4 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from models.cli import run
+
+    run(main, "python -m export.report")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -25,3 +27,19 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
         return value
     return parse
+
+
+def run(main: Callable[[], int | None], prog: str) -> NoReturn:
+    """Exit with `main()`'s code; Ctrl-C is one line and exit 130 (what was being written is left as it was, the
+    writers are atomic), and a closed output pipe (`| head`) ends quietly rather than with a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
+    raise SystemExit(code)
