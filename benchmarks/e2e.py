@@ -179,6 +179,7 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
     if cfg.url != "start":
         return _run_e2e(cfg, log)
     import dataclasses
+    import shutil
     import tempfile
 
     from serve.launch import start
@@ -187,12 +188,13 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
     try:
         server = start(["--model", str(cfg.bundle), "--backend", cfg.backend, "--no-access-log",
                         *cfg.server_args], log_path, {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # the log is kept: it holds the server's side of the story
         raise ValueError(f"the server did not start: {str(exc).splitlines()[0]} (log: {log_path})") from None
     try:
         doc = _run_e2e(dataclasses.replace(cfg, url=server.url), log)
     finally:
         server.stop()
+    shutil.rmtree(log_path.parent, ignore_errors=True)  # a clean run: nothing to look at
     doc["server_started"] = {"backend": cfg.backend, "bundle": str(cfg.bundle),
                              "settings": " ".join(cfg.server_args) or "defaults"}
     return doc

@@ -278,12 +278,29 @@ def _parity_main(prog: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_problem(args: argparse.Namespace) -> str | None:
+    """Why the check cannot run as asked, found before its first step (minutes) starts."""
+    from benchmarks.report import out_dir_problem
+
+    if args.device == "cpu" and not args.smoke:
+        # The full sizes (vit_c_mini with torch.compile, the paper's 1GF..72GF pairs) are meant for a GPU: on the
+        # CPU they would run for hours and prove nothing the smoke run does not.
+        return "--device cpu runs the smoke check only: add --smoke (the full check needs a CUDA GPU)"
+    for flag, path in (("--out", args.out), ("--work", args.work)):
+        if path is not None and (problem := out_dir_problem(path)):
+            return f"{flag} {path}: {problem}; give a directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check (or, with --parity-of, one bundle's on-device parity as a JSON line)."""
     p = OneLineParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", type=_device, default="cuda", help="cuda (default), cuda:N, or cpu for a smoke run")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (what the tests run on the CPU)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--device", type=_device, default="cuda",
+                   help="cuda (default) or cuda:N; cpu only with --smoke (the full check needs a GPU)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes of the same steps (what the tests run with --device cpu)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                   help="report directory, created if missing (default benchmarks/results)")
     p.add_argument("--work", type=Path, help="working directory for runs and bundles (default: a temporary one)")
     p.add_argument("--parity-of", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -291,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.parity_of:
         return _parity_main(p.prog, args)
+    if problem := _setup_problem(args):
+        print(f"{p.prog}: error: {problem}", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda"):
         import torch
 

@@ -24,6 +24,11 @@ import os
 import sys
 from pathlib import Path
 
+MAX_CELL_S = 3600.0
+MAX_LIMIT_S = 600.0
+MAX_DURATION_S = 3600.0
+MAX_RATE = 100_000.0
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every option, documented."""
     from benchmarks.bundles import DEFAULT_CACHE, PAIRS
     from benchmarks.runners import all_targets
-    from models.cli import OneLineParser
+    from models.cli import OneLineParser, float_in
 
     p = OneLineParser(prog="python benchmarks/latency.py", description=__doc__.split("\n\n")[0],
                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,16 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights for one model of a pair, e.g. vit_c_mini=runs/animals-vit_c (repeatable; default: "
                           "the demo's trained mini checkpoints when present, else a seeded random init)")
     run.add_argument("--threads", type=int, default=None, help="intra-op threads per inference (default: usable CPUs)")
-    run.add_argument("--cell-seconds", type=float, default=None,
+    run.add_argument("--cell-seconds", type=float_in(0, MAX_CELL_S), default=None,
                      help="time cap per (pair, target, batch) cell, both models (default 20; --quick 0.6)")
     run.add_argument("--min-reps", type=int, default=None, help="repetitions per model before stopping (default 20)")
-    run.add_argument("--limit-seconds", type=float, default=None,
+    run.add_argument("--limit-seconds", type=float_in(0, MAX_LIMIT_S), default=None,
                      help="matmul-limit timing per precision, at start and end (default 3; --quick 0.3)")
     run.add_argument("--parity-samples", type=int, default=None,
                      help="validation images of each bundle's parity gates (default 512; --quick 64)")
-    run.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bundle cache (default exports/bench)")
+    run.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                     help="bundle cache directory (default exports/bench)")
     run.add_argument("--out", type=Path, default=None,
-                     help="results directory (default benchmarks/results; --quick: exports/bench/results)")
+                     help="results directory, created if missing (default benchmarks/results; --quick: "
+                          "exports/bench/results)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     http = p.add_argument_group("end-to-end mode (--http)")
@@ -76,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--model", help="served model name (default: the server's first model)")
     http.add_argument("--concurrency", type=_ints, default=(1, 4, 16),
                       help="closed-loop concurrencies (default 1,4,16)")
-    http.add_argument("--rate", type=float, default=None,
+    http.add_argument("--rate", type=float_in(0, MAX_RATE), default=None,
                       help="open-loop Poisson arrival rate, requests/s (default: 70 %% of the best closed-loop rate)")
-    http.add_argument("--duration", type=float, default=None, help="seconds per load level (default 15; --quick 2)")
+    http.add_argument("--duration", type=float_in(0, MAX_DURATION_S), default=None,
+                      help="seconds per load level (default 15; --quick 2)")
     http.add_argument("--bundle", type=Path, default=None,
                       help="the served bundle, timed bare in-process for the overhead comparison")
     http.add_argument("--runtime", default=None,
@@ -140,6 +148,18 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     )
 
 
+def _paths_problem(args: argparse.Namespace, out: Path) -> str | None:
+    """Why the bundle cache or the results could not be written, found before anything is measured."""
+    from benchmarks.report import out_dir_problem
+
+    if not args.http and (problem := out_dir_problem(args.cache)):
+        return f"--cache {args.cache}: {problem}; give a directory for the exported bundles (default exports/bench)"
+    if problem := out_dir_problem(out):
+        where = f"--out {out}" if args.out else f"the results directory {out}"
+        return f"{where}: {problem}; give --out DIR (the results go into it as <date>-<time>-<host>.json, .md, .png)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the benchmark (or the end-to-end mode), print the table, write the files."""
     from export.bundle import ExportIOError
@@ -150,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     repo = Path(__file__).resolve().parents[1]
     out = args.out or (args.cache / "results" if args.quick else repo / "benchmarks" / "results")
+    if problem := _paths_problem(args, out):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.http:
             from benchmarks.e2e import e2e_config, run_e2e, write_e2e_reports

@@ -9,6 +9,8 @@ POSTed raw to /v1/models/{name}/classify). Reported per level: p50/p90/p99 laten
 503 answers (queue full) and the mean batch size the server formed (from its /metrics). JSON and a PNG go to
 benchmarks/results/. Loopback addresses only; levels, duration and concurrency are bounded. The client runs
 on the same CPUs as the server, so on a small machine its own cost is part of the figures (reported too).
+With --start the server logs to a temporary directory that is removed after a clean run; when the server fails
+to start or the test against it fails, the error line gives the server's own reason and the log is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ipaddress
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import urllib.error
@@ -30,7 +33,7 @@ from typing import Any
 
 from benchmarks.e2e import MAX_IMAGES, request_bodies
 from benchmarks.loadgen import Endpoint, closed_loop
-from models.cli import OneLineParser
+from models.cli import OneLineParser, float_in
 from models.io import atomic_write_bytes, atomic_write_json
 
 DEMO_BUNDLES = ("exports/animals-vit_c", "exports/animals-vit_p")
@@ -193,6 +196,7 @@ def server_problem(url: str, exc: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option, documented."""
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="running server (loopback only)")
     p.add_argument("--start", action="store_true", help="start a server on the bundles first (and stop it after)")
@@ -200,57 +204,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", help="backend for --start (default onnxruntime)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
-    p.add_argument("--duration", type=float, default=8.0, help="seconds per level (default 8)")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds per level not counted (default 1)")
+    p.add_argument("--duration", type=float_in(0, MAX_DURATION_S), default=8.0,
+                   help=f"seconds per level, at most {MAX_DURATION_S:g} (default 8)")
+    p.add_argument("--warmup", type=float_in(0, MAX_DURATION_S, low_open=False), default=1.0,
+                   help="seconds per level not counted (default 1)")
     p.add_argument("--images", type=int, default=64, help="distinct request images (default 64)")
     p.add_argument("--api-key", default=os.environ.get("VITC_API_KEY"))
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/load-<backend>.json)")
     return p
 
 
+def _checked(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The target URL and the bundles to serve; ValueError on anything that would fail after the load started."""
+    from benchmarks.report import out_dir_problem
+
+    url = loopback_url(args.url)
+    if not 1 <= min(args.concurrency) <= max(args.concurrency) <= MAX_CONCURRENCY:
+        raise ValueError(f"--concurrency must be within 1..{MAX_CONCURRENCY}")
+    if not 1 <= args.images <= MAX_IMAGES:
+        raise ValueError(f"--images must be in 1..{MAX_IMAGES}, got {args.images}")
+    bundles = args.model or [b for b in DEMO_BUNDLES if Path(b).is_dir()]
+    if args.start:
+        from serve.registry import parse_model_arg
+
+        if not bundles:
+            raise ValueError("no bundles to serve: run `make demo` first or pass --model")
+        for spec in bundles:
+            if not (path := parse_model_arg(spec)[1]).is_dir():
+                raise ValueError(f"--model {spec}: bundle directory not found: {path}")
+    out = args.out or RESULTS / f"load-{args.backend}.json"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a .json path")
+    if problem := out_dir_problem(out.parent):
+        raise ValueError(f"--out {out}: {problem}; give a .json path in a writable directory")
+    return url, bundles
+
+
+def _measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """The load test against `url`, progress on stderr."""
+    return run_load_test(url, tuple(args.concurrency), args.duration, args.warmup, args.images, args.api_key,
+                         log=lambda msg: print(msg, file=sys.stderr))
+
+
+def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, Any] | None:
+    """Serve `bundles` on a loopback port, run the load test, stop the server; None after a one-line error.
+
+    The server's log lives in a temporary directory, removed once the run succeeded; when the server fails to
+    start, or the test against it fails, the log is kept and named (it holds the server's side of the story)."""
+    from serve.launch import start
+
+    log_dir = Path(tempfile.mkdtemp(prefix="vitc-load-"))
+    log_path = log_dir / "server.log"
+    server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", args.backend, "--no-access-log",
+                                                                  *args.server_arg]
+    keep_log = False
+    try:
+        try:
+            server = start(server_args, log_path, {"VITC_API_KEY": args.api_key} if args.api_key else None)
+        except RuntimeError as exc:  # its first line: how it ended and the server's own last error
+            keep_log = True
+            print(f"{PROG}: error: the server did not start: {str(exc).splitlines()[0]} (log: {log_path})",
+                  file=sys.stderr)
+            return None
+        try:
+            doc = _measure(args, server.url)
+        except (OSError, ValueError, KeyError) as exc:
+            keep_log = True
+            print(f"{PROG}: error: {server_problem(server.url, exc)} (server log: {log_path})", file=sys.stderr)
+            return None
+        finally:
+            exit_code = server.stop()
+        if exit_code != 0:  # the figures stand; say where to look for the server's trouble
+            keep_log = True
+            print(f"{PROG}: warning: the server exited with code {exit_code} (log: {log_path})", file=sys.stderr)
+        doc["server"] = {"args": server_args, "exit_code": exit_code}
+        return doc
+    finally:
+        if not keep_log:  # a clean run, or one abandoned with Ctrl-C
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Check the arguments, run the load test (starting a server with --start), print and write the report."""
     args = build_parser().parse_args(argv)
     try:
-        url = loopback_url(args.url)
-        if not 1 <= min(args.concurrency) <= max(args.concurrency) <= MAX_CONCURRENCY:
-            raise ValueError(f"--concurrency must be within 1..{MAX_CONCURRENCY}")
-        if not 0 < args.duration <= MAX_DURATION_S or not 0 <= args.warmup <= MAX_DURATION_S:
-            raise ValueError(f"--duration must be in (0, {MAX_DURATION_S:g}] s and --warmup non-negative")
-        if not 1 <= args.images <= MAX_IMAGES:
-            raise ValueError(f"--images must be in 1..{MAX_IMAGES}, got {args.images}")
-        bundles = args.model or [b for b in DEMO_BUNDLES if Path(b).is_dir()]
-        if args.start and not bundles:
-            raise ValueError("no bundles to serve: run `make demo` first or pass --model")
-        out = args.out or RESULTS / f"load-{args.backend}.json"
-        if out.is_dir():
-            raise ValueError(f"--out {out} is a directory; give a .json path")
+        url, bundles = _checked(args)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    server = None
     if args.start:
-        from serve.launch import start
-
-        log_path = Path(tempfile.mkdtemp(prefix="vitc-load-")) / "server.log"
-        server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", args.backend, "--no-access-log",
-                                                                      *args.server_arg]
-        try:
-            server = start(server_args, log_path, {"VITC_API_KEY": args.api_key} if args.api_key else None)
-        except RuntimeError as exc:
-            print(f"{PROG}: error: the server did not start: {str(exc).splitlines()[0]} (log: {log_path})",
-                  file=sys.stderr)
+        doc = _measure_started(args, bundles)
+        if doc is None:
             return 2
-        url = server.url
-    try:
-        doc = run_load_test(url, tuple(args.concurrency), args.duration, args.warmup, args.images, args.api_key,
-                            log=lambda msg: print(msg, file=sys.stderr))
-    except (OSError, ValueError, KeyError) as exc:  # refused, timed out, 401, or not a vitc server
-        print(f"{PROG}: error: {server_problem(url, exc)}", file=sys.stderr)
-        return 2
-    finally:
-        exit_code = server.stop() if server is not None else None
-    if server is not None:
-        doc["server"] = {"args": server_args, "exit_code": exit_code}
+    else:
+        try:
+            doc = _measure(args, url)
+        except (OSError, ValueError, KeyError) as exc:  # refused, timed out, 401, or not a vitc server
+            print(f"{PROG}: error: {server_problem(url, exc)}", file=sys.stderr)
+            return 2
     runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend
     out = args.out or RESULTS / f"load-{runtime}.json"
     atomic_write_json(out, doc)

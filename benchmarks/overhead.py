@@ -22,6 +22,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,7 +81,8 @@ class Server:
 
     def __init__(self, kind: str, bundle: Path, backend: str = "onnxruntime", log_dir: Path | None = None) -> None:
         self.kind, self.port = kind, _free_port()
-        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vitc-overhead-"))
+        self._own_dir = None if log_dir else Path(tempfile.mkdtemp(prefix="vitc-overhead-"))  # removed by stop()
+        log_dir = log_dir or self._own_dir
         self.log = log_dir / f"{kind}-{backend}.log"
         if kind == "vitc":
             cmd = [sys.executable, "-m", "serve", "--model", f"m={bundle}", "--backend", backend,
@@ -93,6 +95,9 @@ class Server:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         try:
             _wait(f"http://127.0.0.1:{self.port}{ready}", self.proc)
+        except RuntimeError as exc:
+            self.stop(keep_log=True)
+            raise RuntimeError(f"{exc} (log: {self.log})") from None
         except BaseException:
             self.stop()
             raise
@@ -142,13 +147,17 @@ class Server:
             out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
         return out
 
-    def stop(self) -> None:
+    def stop(self, keep_log: bool = False) -> None:
+        """Stop the server; its temporary log goes with it unless `keep_log` (a server that failed to start)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if not keep_log and self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
 
 def _summary(ms: list[float]) -> dict[str, float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,20 @@ def _rel(path: str) -> str:
 
 def _fmt_load(la: list[float] | None) -> str:
     return "n/a" if not la else "/".join(f"{x:.2f}" for x in la)
+
+
+def out_dir_problem(path: Path) -> str | None:
+    """Why files cannot be written into directory `path` (created if missing), or None: checked before a run, so
+    a benchmark never measures for minutes and then fails to save its results."""
+    for p in (path, *path.parents):  # the nearest thing that exists decides
+        if os.path.lexists(p):
+            if not p.is_dir():
+                what = "a broken link" if not p.exists() else "a file"
+                return f"{p} is {what}, not a directory" if p == path else f"{p} (above it) is {what}"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"{p} is not writable"
+            return None
+    return None
 
 
 def stem_name(doc: dict[str, Any], suffix: str = "") -> str:

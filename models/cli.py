@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,21 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float, *, low_open: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite number in (low, high] (or [low, high]); nan and inf are refused, since every
+    comparison with nan is false and would let it through a later range check."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}], "
+                                             f"got {text}")
         return value
     return parse
 

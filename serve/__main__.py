@@ -50,14 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: torch.compile; on CUDA a CUDA graph per batch bucket, captured before ready")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="torch: NHWC activations for the stem's convolutions (default: on CUDA)")
-    p.add_argument("--max-body-bytes", type=int, help="request body limit (default 16 MiB)")
+    p.add_argument("--max-body-bytes", type=int, help="request body limit (default 16 MiB, at most 1 GiB)")
     p.add_argument("--max-buffered-bytes", type=int,
                    help="request bodies held at once, all requests together, before 503 (default 256 MiB, at least "
-                        "--max-body-bytes)")
+                        "--max-body-bytes, at most 16 GiB)")
     p.add_argument("--receive-timeout-s", type=float,
                    help="a request's headers, and then its body, must each arrive within this many seconds, "
                         "else 408 and the connection is closed (default 60)")
-    p.add_argument("--max-image-pixels", type=int, help="decoded pixel limit (default 40,000,000)")
+    p.add_argument("--max-image-pixels", type=int,
+                   help="decoded pixel limit (default 40,000,000, at most 1,000,000,000)")
     p.add_argument("--max-files", type=int, help="images per multipart request (default 64)")
     p.add_argument("--jpeg-draft", choices=("measured", "always", "never"),
                    help="draft-decode big JPEGs (faster): measured (default: only for models whose served-path "
@@ -67,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, help="image decoding threads (default: all CPUs)")
     p.add_argument("--decode-queue", type=int, help="decode jobs waiting for a thread before 503 (default 256)")
     p.add_argument("--decode-budget-pixels", type=int,
-                   help="pixels being decoded at once, all requests together, before 503 (default 100,000,000)")
+                   help="pixels being decoded at once, all requests together, before 503 (default 100,000,000, at "
+                        "most 10,000,000,000)")
     p.add_argument("--inference-timeout-s", type=float,
                    help="a batch running longer answers 504 and marks the model not ready (default 30)")
     p.add_argument("--graceful-timeout-s", type=float,
-                   help="SIGTERM: how long in-flight requests may finish (default 30)")
+                   help="SIGTERM or Ctrl-C (SIGINT): how long in-flight requests may finish (default 30, at most "
+                        "3600)")
     p.add_argument("--log-level", help="debug | info (default) | warning | error")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
     return p
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
         msg = str(err.get("msg")).removeprefix("Value error, ")
+        bound = (err.get("ctx") or {}).get("le")
+        if where.endswith("_bytes") and isinstance(bound, int) and bound >= 1 << 30:  # 17179869184 means 16 GiB
+            msg += f" ({bound / (1 << 30):g} GiB)"
         if where:
             print(f"error: invalid setting {where}: {msg} (got {err.get('input')!r})", file=sys.stderr)
         else:  # a rule across settings: the message names them

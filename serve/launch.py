@@ -17,6 +17,37 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_REASON = 300  # characters of the server's own error quoted in a one-line failure
+
+
+def last_error(log: str) -> str | None:
+    """The server's last error in `log` as one bounded line: its last JSON log line at level error or critical
+    (with the exception's last line), or a refused start's plain `error: ...` line, whichever is later; else the
+    last line of a Python traceback (a crash before logging was set up); None when there is no error."""
+    for line in reversed(log.splitlines()):
+        line = line.strip()
+        reason = ""
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+                exc = str(entry.get("exc") or "").strip()
+                reason = str(entry.get("msg") or "").strip() + (f": {exc.splitlines()[-1]}" if exc else "")
+        elif line.startswith("error:"):  # python -m serve refused to start: a setting, a bundle, the port
+            reason = line.removeprefix("error:")
+        if reason.strip():
+            return _bounded(reason)
+    if "Traceback (most recent call last)" in log:
+        return _bounded(next(line for line in reversed(log.splitlines()) if line.strip()))
+    return None
+
+
+def _bounded(text: str) -> str:
+    """One line of at most MAX_REASON characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON - 3] + "..."
 
 
 class ServerProcess:
@@ -46,11 +77,17 @@ class ServerProcess:
                     return int(json.loads(line)["port"])
             self._check_alive()
             time.sleep(0.05)
-        raise RuntimeError(f"server did not start within {timeout:g}s:\n{self.logs()[-3000:]}")
+        raise RuntimeError(self._failure(f"server did not start within {timeout:g}s"))
+
+    def _failure(self, what: str) -> str:
+        """`what` and the server's own reason on the first line (what a one-line report shows), the log tail after."""
+        logs = self.logs()
+        reason = last_error(logs)
+        return f"{what}{': ' + reason if reason else ''}\n{logs[-3000:]}"
 
     def _check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {self.proc.returncode}:\n{self.logs()[-3000:]}")
+            raise RuntimeError(self._failure(f"server exited with code {self.proc.returncode}"))
 
     def wait_ready(self, timeout: float = 60.0) -> ServerProcess:
         """Block until /v2/health/ready answers 200."""
@@ -64,7 +101,7 @@ class ServerProcess:
                 pass
             self._check_alive()
             time.sleep(0.05)
-        raise RuntimeError(f"server not ready within {timeout:g}s:\n{self.logs()[-3000:]}")
+        raise RuntimeError(self._failure(f"server not ready within {timeout:g}s"))
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -12,6 +12,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 import runtimes
 
 MiB = 1 << 20
+GiB = 1 << 30
+# Upper bounds of the size limits: far above any sane setting, low enough that a typo (1e21) is refused at start
+# rather than silently meaning "no limit" (a body or buffer that big would exhaust memory long before).
+MAX_BODY_BYTES = 1 * GiB
+MAX_BUFFERED_BYTES = 16 * GiB
+MAX_IMAGE_PIXELS = 1_000_000_000  # 3 GB decoded as RGB
+MAX_DECODE_BUDGET_PIXELS = 10_000_000_000
 
 
 class Settings(BaseSettings):
@@ -42,21 +49,25 @@ class Settings(BaseSettings):
     channels_last: bool | None = Field(None, description="torch: NHWC stem activations (None: on CUDA)")
 
     # Hard edges.
-    max_body_bytes: int = Field(16 * MiB, ge=1024)
-    max_buffered_bytes: int | None = Field(None, ge=1024, description="request bodies held at once, all requests "
-                                           "together, before 503 (None: 256 MiB or max_body_bytes if larger)")
+    max_body_bytes: int = Field(16 * MiB, ge=1024, le=MAX_BODY_BYTES)
+    max_buffered_bytes: int | None = Field(None, ge=1024, le=MAX_BUFFERED_BYTES,
+                                           description="request bodies held at once, all requests together, "
+                                           "before 503 (None: 256 MiB or max_body_bytes if larger)")
     receive_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's headers, and then its body, "
                                      "must each arrive within this, else 408")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (decompression bombs)")
+    max_image_pixels: int = Field(40_000_000, ge=1, le=MAX_IMAGE_PIXELS,
+                                  description="decoded width*height limit (decompression bombs)")
     max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
     # Draft decoding of big JPEGs (1/2, 1/4 or 1/8 scale, much faster): "measured" uses it only for models whose
     # served-path record shows it costs <= 0.1 point of accuracy; "always" / "never" for every model.
     jpeg_draft: Literal["measured", "always", "never"] = "measured"
     decode_threads: int | None = Field(None, ge=1, le=256)
     decode_queue: int = Field(256, ge=0, le=100_000, description="decode jobs waiting for a thread before 503")
-    decode_budget_pixels: int = Field(100_000_000, ge=1, description="pixels decoded at once, all requests")
+    decode_budget_pixels: int = Field(100_000_000, ge=1, le=MAX_DECODE_BUDGET_PIXELS,
+                                      description="pixels decoded at once, all requests")
     inference_timeout_s: float = Field(30.0, gt=0, le=3600, description="one batch's limit before 504")
-    graceful_timeout_s: float = Field(30.0, ge=0)
+    graceful_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight requests' time to finish at "
+                                      "SIGTERM / SIGINT")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True

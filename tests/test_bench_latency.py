@@ -139,6 +139,14 @@ def test_http_mode_starts_a_server_and_compares_with_the_bare_runtime(quick, tmp
     (["--http", "http://127.0.0.1:9", "--duration", "1"], "cannot reach the server"),
     (["--http", "http://127.0.0.1:9", "--server-args=--compile"], "--server-args applies to --http start only"),
     (["--parity-samples", "0"], "--parity-samples must be in 1..100000"),
+    # Non-finite numbers: nan passes every `x <= 0` check (all comparisons with nan are false), inf means no limit.
+    (["--cell-seconds", "nan"], "argument --cell-seconds: must be a number in (0, 3600], got nan"),
+    (["--cell-seconds", "inf"], "argument --cell-seconds: must be a number in (0, 3600]"),
+    (["--cell-seconds", "-1"], "argument --cell-seconds: must be a number in (0, 3600]"),
+    (["--limit-seconds", "nan"], "argument --limit-seconds: must be a number"),
+    (["--http", "start", "--duration", "nan"], "argument --duration: must be a number"),
+    (["--http", "start", "--rate", "inf"], "argument --rate: must be a number"),
+    (["--http", "start", "--rate", "ten"], "argument --rate: expected a number, got 'ten'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -146,6 +154,24 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, where", [("--out", "file"), ("--out", "file/sub"), ("--cache", "file"),
+                                         ("--cache", "file/sub")])
+def test_unusable_out_or_cache_is_refused_before_anything_runs(flag, where, tmp_path, capsys):
+    """--out or --cache naming a file (or a path under one) used to fail with a bare OSError, --out only after the
+    whole benchmark had run and its results were lost: now one line up front, saying what to give instead."""
+    (tmp_path / "file").write_text("kept")
+    other = "--cache" if flag == "--out" else "--out"
+    argv = ["--quick", "--no-progress", flag, str(tmp_path / where), other, str(tmp_path / "other")]
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flag} {tmp_path / where}: "), err
+    assert "give " in err[0] and "Errno" not in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing measured, exported or created
+    assert (tmp_path / "file").read_text() == "kept"
 
 
 def _has_cuda() -> bool:

@@ -1,10 +1,18 @@
-"""Bad command-line input to train, the sweep, serve.sample and the benchmarks: exit 2, one line on stderr, nothing
-left behind. Every case fails before any training, server or measurement starts, so the whole file takes seconds."""
+"""Bad command-line input to train, the sweep, serve.sample, serve and the benchmarks: exit 2, one line on stderr,
+nothing left behind. Every case fails before any training, server or measurement starts, so the whole file takes
+seconds; the last section starts a few tiny servers (the legacy test bundle, or the fake runtime) for what only a
+running server shows: the load test's temporary log, and Ctrl-C on `python -m serve`."""
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +242,31 @@ def test_load_without_a_server_is_one_line(capsys):
     _one_line(capsys, "--images")
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--duration", "nan"], "argument --duration: must be a number in (0, 60]"),
+    (["--duration", "inf"], "argument --duration"),
+    (["--warmup", "nan"], "argument --warmup: must be a number in [0, 60]"),
+    (["--warmup", "-1"], "argument --warmup"),
+])
+def test_load_refuses_non_finite_durations(args, needle, capsys):
+    from benchmarks.load import main
+
+    assert _rc(main, args) == 2
+    _one_line(capsys, needle)
+
+
+def test_load_refuses_a_missing_bundle_and_an_unusable_out_before_starting(tmp_path, capsys, monkeypatch):
+    from benchmarks.load import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a server log would go
+    assert main(["--start", "--model", str(tmp_path / "nope")]) == 2
+    _one_line(capsys, "--model", "bundle directory not found")
+    (tmp_path / "file").write_text("x")
+    assert main(["--url", f"http://127.0.0.1:{_closed_port()}", "--out", str(tmp_path / "file" / "load.json")]) == 2
+    _one_line(capsys, "--out", "is a file")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_naive_server_rejects_bad_port_and_bundle(capsys):
     from benchmarks.naive_server import main
 
@@ -252,6 +285,19 @@ def test_gpu_check_rejects_bad_device_and_missing_parity_inputs(tmp_path, capsys
     _one_line(capsys, "not found")
 
 
+def test_gpu_check_on_the_cpu_runs_the_smoke_check_only(tmp_path, capsys):
+    """--help said "cpu for a smoke run", yet --device cpu without --smoke started the full-size training run."""
+    from benchmarks.gpu_check import main
+
+    assert main(["--device", "cpu", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 2
+    _one_line(capsys, "--device cpu", "--smoke")
+    (tmp_path / "file").write_text("x")
+    for flag in ("--out", "--work"):
+        assert main(["--device", "cpu", "--smoke", flag, str(tmp_path / "file")]) == 2
+        _one_line(capsys, flag, "is a file")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # no step ran, nothing written
+
+
 @pytest.mark.parametrize("module", ["train.sweep.__main__", "train.sweep.runtime", "serve.sample", "models.__main__",
                                     "benchmarks.overhead", "benchmarks.load", "benchmarks.naive_server",
                                     "benchmarks.gpu_check"])
@@ -263,3 +309,119 @@ def test_help_still_exits_0(module, capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ python -m serve
+@pytest.mark.parametrize("args, needle", [
+    (["--max-body-bytes", str(10**21)], "max_body_bytes: Input should be less than or equal to 1073741824 (1 GiB)"),
+    (["--max-buffered-bytes", str(10**23)], "max_buffered_bytes: Input should be less than or equal to"),
+    (["--max-image-pixels", str(10**12), "--decode-budget-pixels", str(10**12)], "max_image_pixels"),
+    (["--decode-budget-pixels", str(10**15)], "decode_budget_pixels"),
+    (["--graceful-timeout-s", "inf"], "graceful_timeout_s"),
+])
+def test_serve_bounds_every_size_and_duration(args, needle, capsys):
+    from serve.__main__ import main
+
+    assert main(args) == 2
+    _one_line(capsys, "error: invalid setting", needle)
+
+
+def test_serve_environment_goes_through_the_same_bounds(monkeypatch, capsys):
+    from pydantic import ValidationError
+
+    from serve.__main__ import main
+    from serve.settings import GiB, Settings
+
+    monkeypatch.setenv("VITC_MAX_BUFFERED_BYTES", str(10**23))
+    assert main([]) == 2
+    _one_line(capsys, "max_buffered_bytes", "16 GiB")
+    monkeypatch.setenv("VITC_MAX_BUFFERED_BYTES", str(16 * GiB))
+    monkeypatch.setenv("VITC_MAX_BODY_BYTES", str(GiB))
+    s = Settings()
+    assert (s.max_body_bytes, s.buffered_bytes_limit) == (GiB, 16 * GiB)  # the bounds themselves are allowed
+    monkeypatch.setenv("VITC_MAX_BODY_BYTES", str(GiB + 1))
+    with pytest.raises(ValidationError, match="max_body_bytes"):
+        Settings()
+
+
+def test_the_servers_last_error_is_read_from_its_log():
+    from serve.launch import MAX_REASON, last_error
+
+    info = json.dumps({"level": "info", "msg": "listening"})
+    failed = json.dumps({"level": "error", "msg": "inference failed", "exc": "Traceback ...\nValueError: boom"})
+    assert last_error(f"{info}\nerror: model 'x': not a bundle\n") == "model 'x': not a bundle"
+    assert last_error(f"error: early\n{failed}\n{info}\n") == "inference failed: ValueError: boom"
+    assert last_error("Traceback (most recent call last):\n  File x\nImportError: no uvicorn\n") == \
+        "ImportError: no uvicorn"
+    assert last_error(info) is None and last_error("") is None
+    assert len(last_error("error: " + "x" * 5000)) == MAX_REASON
+
+
+def _serve_legacy(tmp_path: Path, *more: str) -> list[str]:
+    """Arguments of `python -m benchmarks.load` that serve the committed legacy bundle for a fraction of a second."""
+    from fake_runtime import LEGACY
+
+    return ["--start", "--model", f"legacy={LEGACY}", "--concurrency", "1", "--duration", "0.3", "--warmup", "0",
+            "--images", "2", "--server-arg=--threads=1", "--out", str(tmp_path / "out" / "load.json"), *more]
+
+
+def test_load_start_leaves_no_server_log_behind(tmp_path, capsys, monkeypatch):
+    """Every `--start` run used to leave /tmp/vitc-load-*/server.log behind."""
+    from benchmarks.load import main
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert main(_serve_legacy(tmp_path)) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "load.json").read_text())["server"]["exit_code"] == 0
+    assert list(temp.iterdir()) == []
+
+
+def test_load_start_says_why_the_server_did_not_start_and_keeps_its_log(tmp_path, capsys, monkeypatch):
+    from benchmarks.load import main
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert main(_serve_legacy(tmp_path, "--server-arg=--max-batch-size=0")) == 2
+    line = _one_line(capsys, "the server did not start: server exited with code 2: invalid setting max_batch_size")
+    (kept,) = temp.iterdir()
+    assert f"(log: {kept / 'server.log'})" in line and "max_batch_size" in (kept / "server.log").read_text()
+
+
+def test_ctrl_c_drains_like_sigterm_without_a_traceback(tmp_path):
+    """SIGINT (Ctrl-C) while a request runs: the request is answered, the server stops as on SIGTERM, and it ends
+    with one line and exit 130 (the CLI convention for Ctrl-C), never a KeyboardInterrupt traceback."""
+    import fake_runtime
+    import httpx
+    import numpy as np
+    from test_serve_fixtures import start_server
+
+    bundle = fake_runtime.write_bundle(tmp_path / "fake")
+    server = start_server(["--model", f"fake={bundle}", "--backend", "fake", "--parallel", "1"],
+                          tmp_path / "server.log", fake_runtime.server_env(tmp_path))
+    try:
+        x = np.full((1, 3, 32, 32), 0.25, np.float32)
+        x[0, 0, 0, 0] = fake_runtime.SLOW  # the backend takes a second over it
+        body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]})
+        answers: list[httpx.Response] = []
+        client = threading.Thread(target=lambda: answers.append(
+            httpx.post(server.url + "/v2/models/fake/infer", content=body, timeout=30)))
+        client.start()
+        computed, end = tmp_path / "computed.log", time.monotonic() + 10  # warm-up rows are logged there too
+        slow = f"{fake_runtime.SLOW:g}"
+        while not (computed.exists() and slow in computed.read_text().split()) and time.monotonic() < end:
+            time.sleep(0.02)  # until the slow batch is running
+        server.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (a shell's `cmd &` job would ignore it)
+        client.join(30)
+        assert server.proc.wait(30) in (0, 130)
+    finally:
+        server.stop()
+    assert answers and answers[0].status_code == 200, answers
+    logs = server.logs()
+    assert "Traceback" not in logs and "KeyboardInterrupt" not in logs, logs[-2000:]
+    lines = logs.strip().splitlines()
+    assert any(json.loads(ln).get("msg") == "stopped" for ln in lines if ln.startswith("{"))  # drained as SIGTERM
+    assert [ln for ln in lines if not ln.startswith("{")] == (
+        ["python -m serve: interrupted"] if server.proc.returncode == 130 else [])
