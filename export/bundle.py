@@ -43,11 +43,13 @@ from models.bundle import (
     write_manifest,
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+from models.cli import memory_failure
 from models.io import DirectoryBusy, _remove_stale, _swap_in, writer_lock
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
 from runtimes.build import ExportContext, machine_failure
+from runtimes.loader import golden_outputs, own_outputs_key, verify_golden
 from runtimes.onnx_graph import OPSET, export_torch
 
 PREPROCESS_CHUNK = 256
@@ -57,6 +59,10 @@ GOLDEN_FILE = "golden.npz"
 
 class ExportIOError(RuntimeError):
     """The machine failed during an export (disk full, file-size limit, out of memory): the old bundle is kept."""
+
+
+class ExportMemoryError(ExportIOError):
+    """The export ran out of memory: the old bundle is kept, and the sizes that drive memory can be lowered."""
 
 
 @contextlib.contextmanager
@@ -104,16 +110,22 @@ def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_bat
 
 
 def _check_out(out: Path) -> None:
-    """Refuse outputs that would clobber something that is not a bundle."""
+    """Refuse outputs that would clobber something that is not a bundle, or that could not be written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
     _check_replaceable(out)
     try:  # fail before the slow work if the bundle could not be written
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
+        with tempfile.TemporaryFile(dir=out.parent):  # the new bundle is built and swapped in there
             pass
     except OSError as exc:
         raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
+    # An existing `out` is moved aside by a rename into another directory, which needs write access to `out`
+    # itself (its '..' entry changes), and its old files are then deleted.
+    for d in ([out, *(p for p in out.rglob("*") if p.is_dir() and not p.is_symlink())] if out.is_dir() else []):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise ExportError(f"cannot write bundle {out}: {d} is not writable (the bundle is replaced by moving "
+                              "the old one aside)")
 
 
 def _check_replaceable(out: Path) -> None:
@@ -196,9 +208,13 @@ def _header(meta: CheckpointMeta, name: str, checkpoint: str | os.PathLike, data
 
 
 def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: ParityData,
-               tolerance: Tolerance | None, threads: int | None) -> Artifact:
+               tolerance: Tolerance | None, threads: int | None,
+               outputs: dict[str, np.ndarray] | None = None) -> Artifact:
     """Build one artifact, gate it through the serving Backend, and return its manifest entry.
 
+    A servable artifact has also passed the very golden-input check every server runs at load
+    (runtimes.loader.verify_golden), against what it computed for those inputs here, which goes into
+    `outputs[artifact id]` (and golden.npz): what export certifies loads on this machine by construction.
     A refused artifact keeps its numbers and reason; its files are deleted so it never ships.
     """
     rt = target.runtime
@@ -217,24 +233,47 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         try:
             parity = measure(backend.infer, data, target.precision, ctx.max_batch, tolerance)
             hint = backend.describe().get("inference_precision")
+            parity = replace(parity, inference_precision=str(hint) if hint else None)
+            artifact = replace(artifact, parity=parity)
+            failures = list(parity.failures)
+            if not failures:
+                failures = _golden_check(backend, artifact, data, header.input.max_batch, outputs)
         finally:
             backend.close()
-        parity = replace(parity, inference_precision=str(hint) if hint else None)
-        artifact = replace(artifact, parity=parity, parity_seconds=round(time.perf_counter() - start, 3))
-        failures = list(parity.failures)
+        artifact = replace(artifact, parity_seconds=round(time.perf_counter() - start, 3))
     except Exception as exc:  # a converter or runtime crash refuses this artifact, not the whole bundle
-        if failure := machine_failure(exc):  # the machine failed, not the artifact: stop, keep the old bundle
+        if failure := memory_failure(exc):  # the machine failed, not the artifact: stop, keep the old bundle
+            raise ExportMemoryError(f"{target.id}: out of memory ({type(failure).__name__}: "
+                                    f"{first_line(failure)[:200]})") from None
+        if failure := machine_failure(exc):
             raise ExportIOError(f"{target.id}: {type(failure).__name__}: {first_line(failure)}") from None
         failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
         if not artifact.export_seconds:
             artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3))
     if failures:
+        (outputs or {}).pop(target.id, None)
         for path in set(ctx.workdir.iterdir()) - before:
             if path.is_file():
                 path.unlink()
         return replace(artifact, servable=False, refused_reason="; ".join(failures),
                        refused_files=artifact.files, files=())
     return replace(artifact, servable=True, refused_reason=None)
+
+
+def _golden_check(backend, artifact: Artifact, data: ParityData, max_batch: int,  # noqa: ANN001 - a Backend
+                  outputs: dict[str, np.ndarray] | None) -> list[str]:
+    """Record what the artifact computes for the golden inputs, then run the load-time check on it (a second
+    run, as a server will: an artifact that does not reproduce itself is refused here, not at load)."""
+    n = min(GOLDEN_SAMPLES, len(data.x))
+    x, reference = data.x[:n], data.reference[:n]
+    own = golden_outputs(backend, x, max_batch)
+    try:
+        verify_golden(backend, x, reference, artifact, own, max_batch=max_batch)
+    except BackendError as exc:
+        return [f"golden inputs: {first_line(exc)}"]
+    if outputs is not None:
+        outputs[artifact.id] = own
+    return []
 
 
 def build_bundle(
@@ -260,10 +299,8 @@ def build_bundle(
     val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
     `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
     Raises ExportError (one line) on bad input or a missing runtime, ExportIOError when the disk or memory fails;
-    either way the old bundle at `out` is untouched.
+    either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
-    from data.datasets import load_dataset
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     if not [t for t in targets if t.strip()]:  # "torch" alone is always built: an empty list is a mistake
@@ -283,10 +320,45 @@ def build_bundle(
     _check_out(out)
     name = bundle_name(name, out)
     try:
+        return _build(checkpoint, out, wanted, name=name, max_batch=max_batch, parity_samples=parity_samples,
+                      calibration_samples=calibration_samples, dataset=dataset,
+                      calibration_dataset=calibration_dataset, opset=opset, tolerances=tolerances, threads=threads,
+                      log=log)
+    except Exception as exc:  # MemoryError, or what torch's allocator and the runtimes raise instead (one line)
+        ours = ExportError | ExportIOError | BackendError | DirectoryBusy | BundleError | CheckpointError
+        if isinstance(exc, ours) or not (failure := memory_failure(exc)):
+            raise
+        raise ExportMemoryError(f"out of memory ({type(failure).__name__}: {first_line(failure)[:200]})") from None
+
+
+def _calibration(wanted: Sequence[Target], calibration_dataset: str | None, data_name: str):  # noqa: ANN202
+    """The INT8 calibration set (train split), loaded before any slow work so a bad name fails first; a loader
+    that returns it. None of it is loaded when no target calibrates and no calibration dataset was named."""
+    from data.datasets import DatasetError, load_dataset
+
+    name = calibration_dataset or data_name
+    if calibration_dataset is None and not any(t.precision == "int8" for t in wanted):
+        return lambda: load_dataset(name, "train")
+    try:
+        images = load_dataset(name, "train")
+    except DatasetError as exc:
+        raise ExportError(f"calibration data: {exc}") from None
+    if len(images) == 0:
+        raise ExportError(f"calibration data: dataset {name!r} has no train images")
+    return lambda: images
+
+
+def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *, name: str, max_batch: int,
+           parity_samples: int, calibration_samples: int, dataset: str | None, calibration_dataset: str | None,
+           opset: int | None, tolerances: dict[str, Tolerance] | None, threads: int | None,
+           log: Callable[[str], None]) -> Manifest:
+    """build_bundle once its arguments and output are checked."""
+    try:
         model, meta = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     data_name = _dataset_of(meta, dataset)
+    calibration_set = _calibration(wanted, calibration_dataset, data_name)
     header = _header(meta, name, checkpoint, data_name, max_batch)
     with torch_threads(threads):
         data = parity_data(model, meta, data_name, parity_samples, max_batch)
@@ -296,8 +368,7 @@ def build_bundle(
             with publish_dir(out, before_swap=lambda: _check_replaceable(out)) as tmp:
                 ctx = ExportContext(
                     model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
-                    calibration_set=lambda: load_dataset(calibration_dataset or data_name, "train"),
-                    calibration_samples=calibration_samples,
+                    calibration_set=calibration_set, calibration_samples=calibration_samples,
                 )
                 timings: dict[str, float] = {}
                 if any(t.runtime.needs_hub for t in wanted):  # shared by those runtimes; timed once
@@ -306,12 +377,13 @@ def build_bundle(
                     timings["onnx_hub_seconds"] = round(time.perf_counter() - start, 3)
                     log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {timings['onnx_hub_seconds']:.1f}s")
                 artifacts = []
+                outputs: dict[str, np.ndarray] = {}
                 for target in wanted:
                     tolerance = (tolerances or {}).get(target.precision)
-                    artifacts.append(_build_one(ctx, header, target, data, tolerance, threads))
+                    artifacts.append(_build_one(ctx, header, target, data, tolerance, threads, outputs))
                     log(summary_line(artifacts[-1]))
                 shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-                golden = write_golden(tmp, meta, data_name, data)
+                golden = write_golden(tmp, meta, data_name, data, outputs)
                 manifest = replace(header, artifacts=tuple(artifacts), timings=timings, golden=golden,
                                    provenance=provenance.gather(meta, data, ctx.calibration_fingerprint))
                 write_manifest(tmp, manifest)
@@ -322,9 +394,11 @@ def build_bundle(
     return manifest
 
 
-def write_golden(bundle: Path, meta: CheckpointMeta, dataset: str, data: ParityData) -> Golden:
+def write_golden(bundle: Path, meta: CheckpointMeta, dataset: str, data: ParityData,
+                 outputs: dict[str, np.ndarray] | None = None) -> Golden:
     """The first GOLDEN_SAMPLES parity images (uint8, before normalisation: small, and it checks normalisation
-    too) with torch's logits for them, for servers to check an artifact against before they call it ready."""
+    too) with torch's logits for them, and each servable artifact's own logits for them (`outputs`, by artifact
+    id), for servers to check an artifact against before they call it ready (runtimes.loader.verify_golden)."""
     from data.datasets import load_dataset
 
     n = min(GOLDEN_SAMPLES, len(data.x))
@@ -333,7 +407,8 @@ def write_golden(bundle: Path, meta: CheckpointMeta, dataset: str, data: ParityD
     if not np.array_equal(normalize(pixels, meta.preprocessing), data.x[:n]):
         raise ExportError("golden inputs do not reproduce the parity images (preprocessing is not deterministic)")
     path = bundle / GOLDEN_FILE
-    np.savez_compressed(path, pixels=pixels, logits=data.reference[:n])
+    own = {own_outputs_key(k): np.asarray(v, np.float32) for k, v in sorted((outputs or {}).items())}
+    np.savez_compressed(path, pixels=pixels, logits=data.reference[:n], **own)
     return Golden(file=file_entries(bundle, [path])[0], samples=n)
 
 

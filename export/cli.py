@@ -1,8 +1,9 @@
 """The shared command line of `python -m export` and the per-runtime `python -m export.<runtime>` entry points.
 
 Exit codes: 0 bundle written (refused artifacts are reported on stderr), 1 with --strict when any artifact was
-refused (the bundle is still written), or when the disk or memory failed (the previous bundle is kept), 2 bad
-input (checkpoint, target, output, missing runtime, another export writing the same bundle): one line.
+refused (the bundle is still written), or when the disk or memory failed (the previous bundle is kept; out of
+memory names the sizes to lower), 2 bad input (checkpoint, target, datasets, unwritable output, missing runtime,
+another export writing the same bundle): one line, before any slow work.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from export.targets import known_targets
-from models.cli import OneLineParser
+from models.bundle import MAX_BATCH_LIMIT
+from models.cli import OneLineParser, int_in
 from runtimes import ExportError, by_target
+
+MAX_SAMPLES = 2**31 - 1  # "all of the split" in practice; bounded so no count overflows an index
 
 
 def parser(family: str | None = None) -> argparse.ArgumentParser:
@@ -32,19 +36,22 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
                        help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s)")
     p.add_argument("--name", help="served model name, A-Z a-z 0-9 _ . - (default: the --out directory name, "
                                   "other characters replaced by '-')")
-    p.add_argument("--max-batch", type=int, default=32, help="largest batch (engine profile, parity) [32]")
-    p.add_argument("--parity-samples", type=int, default=512, help="validation images for parity [512]")
-    p.add_argument("--calibration-samples", type=int, default=300, help="train images for INT8 calibration [300]")
+    p.add_argument("--max-batch", type=int_in(1, MAX_BATCH_LIMIT), default=32,
+                   help=f"largest batch (engine profile, parity), 1..{MAX_BATCH_LIMIT} [32]")
+    p.add_argument("--parity-samples", type=int_in(1, MAX_SAMPLES), default=512,
+                   help="validation images for parity (more than the split holds: all of it) [512]")
+    p.add_argument("--calibration-samples", type=int_in(1, MAX_SAMPLES), default=300,
+                   help="train images for INT8 calibration [300]")
     p.add_argument("--dataset", help="parity/calibration dataset (default: the checkpoint's)")
     p.add_argument("--calibration-dataset", help="INT8 calibration dataset, train split (default: --dataset)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch and the runtimes (default: theirs)")
+    p.add_argument("--threads", type=int_in(1, 1024), help="CPU threads for torch and the runtimes (default: theirs)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any artifact is refused")
     return p
 
 
 def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     """Parse, build the bundle, report; returns the exit code."""
-    from export.bundle import ExportIOError, build_bundle
+    from export.bundle import ExportIOError, ExportMemoryError, build_bundle
 
     p = parser(family)
     args = p.parse_args(argv)
@@ -66,6 +73,9 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
         return 2
     except (ExportIOError, MemoryError) as exc:
         reason = str(exc) if isinstance(exc, ExportIOError) else "out of memory"
+        if isinstance(exc, ExportMemoryError | MemoryError):  # what sizes the export's memory, and its values
+            reason += (f"; lower --max-batch ({args.max_batch}), --parity-samples ({args.parity_samples})"
+                       f" or --calibration-samples ({args.calibration_samples})")
         print(f"error: {reason} (the previous bundle, if any, is unchanged)", file=sys.stderr)
         return 1
     refused = [a for a in manifest.artifacts if not a.servable]

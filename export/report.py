@@ -129,6 +129,12 @@ def check_png(path: Path) -> str | None:
     return None
 
 
+def first_line(exc: BaseException) -> str:
+    """An error as one line (a server that failed to start appends its log after the first)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table of every bundle given; exit 2 on a bad bundle."""
     ap = OneLineParser(prog="python -m export.report", description=__doc__.splitlines()[0])
@@ -146,20 +152,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--samples must be at least 1, got {args.samples}")
     if args.png is not None and (why := check_png(args.png)):
         ap.error(why)
+    if not args.served and (args.runtime != "onnxruntime" or args.samples is not None):
+        ap.error("--runtime and --samples apply to --served only")
     try:
         manifests = [read_manifest(b) for b in args.bundles]
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.served:
-        from export.served import measure
+        from export.served import check, measure
 
+        try:  # everything the measurement needs, before it starts (it takes minutes)
+            for m, b in zip(manifests, args.bundles, strict=True):
+                check(Path(b), m, args.runtime)
+        except (BundleError, RuntimeError, ValueError) as exc:
+            print(f"error: served path: {first_line(exc)}", file=sys.stderr)
+            return 2
         try:
             manifests = [replace(m, served=measure(b, args.runtime, args.samples,
                                                    log=lambda msg: print(msg, file=sys.stderr)))
                          for m, b in zip(manifests, args.bundles, strict=True)]
         except (BundleError, RuntimeError, ValueError) as exc:
-            print(f"error: served path: {exc}", file=sys.stderr)
+            print(f"error: served path: {first_line(exc)}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # the bundle became unwritable while it was measured
+            print(f"error: served path: cannot record it in the manifest: {exc.strerror or exc}", file=sys.stderr)
             return 2
     print("\n\n".join(table(m, args.markdown) for m in manifests))
     if args.png:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import DRAFT_BUDGET_POINTS, Manifest, ServedParity, read_manifest, write_manifest
+from models.bundle import DRAFT_BUDGET_POINTS, BundleError, Manifest, ServedParity, read_manifest, write_manifest
 
 QUALITIES = (95, 75)
 SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
@@ -78,19 +78,61 @@ def _classify(url: str, name: str, bodies: list[bytes]) -> list[int]:
     return merged
 
 
+def _reference_runtime(manifest: Manifest) -> str:
+    """Where the evaluation pipeline's reference runs: torch when the bundle and this machine have it, else the
+    fp32 ONNX file in onnxruntime."""
+    import runtimes
+
+    return "torch" if manifest.servable("torch") and runtimes.get("torch").installed() else "onnxruntime"
+
+
 def _reference(bundle: Path, manifest: Manifest, images: list) -> np.ndarray:  # noqa: ANN001
     """Top-1 of the evaluation pipeline: the dataset's pixels, the shared preprocessing, torch (or the fp32 ONNX)."""
     import runtimes
     from models.preprocessing import preprocess
 
-    runtime = "torch" if manifest.servable("torch") and runtimes.get("torch").installed() else "onnxruntime"
-    backend = runtimes.open_backend(bundle, manifest, runtime, "fp32")
+    backend = runtimes.open_backend(bundle, manifest, _reference_runtime(manifest), "fp32")
     try:
         step = manifest.input.max_batch
         return np.concatenate([backend.infer(preprocess(images[i:i + step], manifest.preprocessing)).argmax(1)
                                for i in range(0, len(images), step)])
     finally:
         backend.close()
+
+
+class ServedError(ValueError):
+    """The served path cannot be measured for this bundle (one line)."""
+
+
+def check(bundle: Path, manifest: Manifest, runtime: str) -> None:
+    """Refuse, before any work, what would make `measure` fail after minutes of it: an unknown or missing runtime,
+    no servable artifact for it, no fp32 reference, an unknown dataset, a manifest that cannot be rewritten."""
+    import os
+
+    import runtimes
+    from data.datasets import load_dataset
+    from runtimes import BackendError
+
+    rt = runtimes.get(runtime)  # BackendError: unknown, with the known ones
+    rt.require("cpu")  # BackendError: not installed here (the server runs on its default device)
+    runtimes.select(manifest, rt)  # BundleError: no servable artifact for it
+    reference = runtimes.get(_reference_runtime(manifest))
+    try:
+        reference.require("cpu")
+        runtimes.select(manifest, reference, "fp32")
+    except (BackendError, BundleError) as exc:
+        raise ServedError(f"the evaluation pipeline's reference ({reference.name} fp32) cannot run: "
+                          f"{exc}") from None
+    load_dataset(manifest.source.dataset, "val")  # DatasetError (a ValueError): unknown or unreadable
+    target = bundle / "manifest.json"
+    try:  # the record is written through a temp file beside the manifest, then renamed over it
+        with tempfile.TemporaryFile(dir=bundle):
+            pass
+        if not os.access(bundle, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise ServedError(f"cannot record the result in {target}: {exc.strerror or exc} (the bundle must be "
+                          "writable)") from None
 
 
 def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | None = None,

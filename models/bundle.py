@@ -3,6 +3,8 @@
 Torch-free: the server, the exporter, the benchmarks and the reports all read bundles through this module and
 nothing else. `read_manifest` refuses a manifest with a missing or ill-typed field with one line that names the
 field (`BundleError`); every number that later sizes an allocation (image size, batch, classes) is bounded here.
+It is read like checkpoint.json (strict JSON, size and nesting bounded, the same model contract: models.checkpoint
+`check_model_contract`), and every string and list the code acts on is bounded in length.
 
 Format "vitc-bundle", version 1 (the JSON shape is unchanged since the first release, so older bundles read):
 {
@@ -31,12 +33,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models.config import ViTConfig
-from models.io import atomic_write_bytes, sha256_file
+from models.checkpoint import MAX_DATASET_CHARS, check_model_contract
+from models.config import ViTConfig, is_label
+from models.io import atomic_write_bytes, read_strict_json, sha256_file
 from models.jsonfields import FieldError, Fields, between
 from models.preprocessing import Preprocessing
 
@@ -58,6 +62,38 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 NAME_RULE = "1..128 of A-Z a-z 0-9 _ . - starting with a letter or digit"
 MAX_PATH_CHARS = 1024
+# Lists a reader walks and strings it passes on are bounded too (the file's size alone would allow millions).
+MAX_ARTIFACTS = 256  # an export builds a few per runtime
+MAX_FILES = 64  # files of one artifact (an OpenVINO IR has two)
+MAX_ENTRIES = 256  # batch sizes, failures, tolerances, timings, served encodings, libraries
+MAX_TEXT_CHARS = 1 << 16  # free text: a refusal reason, a command line, a path
+# Line breaks (what str.splitlines splits on) and lone surrogates: a one-line field must stay one line, and a JSON
+# answer cannot encode a lone surrogate.
+_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029\ud800-\udfff]")
+
+
+def _label(max_chars: int) -> dict[str, Any]:
+    """`Fields.get` options for a name, id or tag: 1..max_chars without control characters."""
+    return {"check": lambda v: is_label(v, max_chars),
+            "what": f"1..{max_chars} characters without control characters"}
+
+
+def _line(max_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
+    """`Fields.get` options for free text shown on one line (may be empty)."""
+    return {"check": lambda v: len(v) <= max_chars and _BREAKS.search(v) is None,
+            "what": f"one line of at most {max_chars} characters"}
+
+
+def _text(max_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
+    """`Fields.get` options for free text (may span lines: a recorded command line)."""
+    return {"check": lambda v: len(v) <= max_chars, "what": f"at most {max_chars} characters"}
+
+
+TAG = _label(64)  # runtime, format, precision, split
+NAME = _label(256)  # tensor names, the parity reference
+DATASET = _label(MAX_DATASET_CHARS)  # an embedded set's name or a folder's path, as the checkpoint records it
+FRACTION = {"check": lambda v: 0.0 <= v <= 1.0, "what": "a fraction in 0..1"}
+NON_NEGATIVE = {"check": lambda v: v >= 0, "what": "non-negative"}
 
 
 def valid_name(name: object) -> bool:
@@ -112,7 +148,7 @@ class InputSpec:
     def read(cls, r: Fields) -> InputSpec:
         side = between(1, MAX_IMAGE_SIDE)
         spec = cls(
-            name=r.get("name", str), channels=r.get("channels", int, check=between(1, 4), what="1..4"),
+            name=r.get("name", str, **NAME), channels=r.get("channels", int, check=between(1, 4), what="1..4"),
             height=r.get("height", int, check=side, what=f"1..{MAX_IMAGE_SIDE}"),
             width=r.get("width", int, check=side, what=f"1..{MAX_IMAGE_SIDE}"),
             min_batch=r.get("min_batch", int, 1, check=between(1, MAX_BATCH_LIMIT), what=f"1..{MAX_BATCH_LIMIT}"),
@@ -140,9 +176,9 @@ class OutputSpec:
     @classmethod
     def read(cls, r: Fields) -> OutputSpec:
         shape = r.ints("shape")
-        if len(shape) != 2 or not 1 <= shape[1] <= MAX_CLASSES:
-            raise r.fail("shape", f"must be [-1, classes] with 1..{MAX_CLASSES} classes, got {list(shape)}")
-        return cls(name=r.get("name", str), classes=shape[1],
+        if len(shape) != 2 or shape[0] != -1 or not 1 <= shape[1] <= MAX_CLASSES:
+            raise r.fail("shape", f"must be [-1, classes] with 1..{MAX_CLASSES} classes, got {list(shape[:3])}")
+        return cls(name=r.get("name", str, **NAME), classes=shape[1],
                    dtype=r.get("dtype", str, "float32", check=lambda v: v == "float32", what='"float32"'))
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,18 +229,25 @@ class Parity:
     @classmethod
     def read(cls, r: Fields) -> Parity:
         tol = r.obj("tolerance", None)
-        tolerance = {k: tol.get(k, float, None) for k in tol.raw} if tol else {}
-        return cls(
-            dataset=r.get("dataset", str), val_samples=r.get("val_samples", int), batch_sizes=r.ints("batch_sizes"),
-            max_abs_err=r.get("max_abs_err", float, None), max_rel_err=r.get("max_rel_err", float, None),
-            reference_logit_scale=r.get("reference_logit_scale", float),
-            top1_agreement=r.get("top1_agreement", float), accuracy=r.get("accuracy", float),
-            reference_accuracy=r.get("reference_accuracy", float), accuracy_delta=r.get("accuracy_delta", float),
-            batch_invariance_max_abs=r.get("batch_invariance_max_abs", float, None), tolerance=tolerance,
-            passed=r.get("passed", bool), failures=r.strings("failures", ()),
-            reference=r.get("reference", str, "torch fp32"), split=r.get("split", str, "val"),
-            inference_precision=r.get("inference_precision", str, None),
+        tolerance = {k: tol.get(k, float, None, **NON_NEGATIVE) for k in _keys(tol, MAX_ENTRIES)} if tol else {}
+        parity = cls(
+            dataset=r.get("dataset", str, **DATASET),
+            val_samples=r.get("val_samples", int, **NON_NEGATIVE), batch_sizes=r.ints("batch_sizes"),
+            max_abs_err=r.get("max_abs_err", float, None, **NON_NEGATIVE),
+            max_rel_err=r.get("max_rel_err", float, None, **NON_NEGATIVE),
+            reference_logit_scale=r.get("reference_logit_scale", float, **NON_NEGATIVE),
+            top1_agreement=r.get("top1_agreement", float, **FRACTION), accuracy=r.get("accuracy", float, **FRACTION),
+            reference_accuracy=r.get("reference_accuracy", float, **FRACTION),
+            accuracy_delta=r.get("accuracy_delta", float, check=between(-1, 1), what="-1..1"),
+            batch_invariance_max_abs=r.get("batch_invariance_max_abs", float, None, **NON_NEGATIVE),
+            tolerance=tolerance, passed=r.get("passed", bool), failures=r.strings("failures", ()),
+            reference=r.get("reference", str, "torch fp32", **NAME), split=r.get("split", str, "val", **TAG),
+            inference_precision=r.get("inference_precision", str, None, **TAG),
         )
+        if len(parity.batch_sizes) > MAX_ENTRIES or not all(1 <= b <= MAX_BATCH_LIMIT for b in parity.batch_sizes):
+            raise r.fail("batch_sizes", f"must list at most {MAX_ENTRIES} batch sizes in 1..{MAX_BATCH_LIMIT}")
+        _check_lines(r, "failures", parity.failures)
+        return parity
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -249,16 +292,18 @@ class Artifact:
     def read(cls, r: Fields) -> Artifact:
         parity = r.obj("parity", None)
         art = cls(
-            id=r.get("id", str, check=valid_name, what=NAME_RULE), runtime=r.get("runtime", str),
-            format=r.get("format", str),
-            precision=r.get("precision", str), files=tuple(FileEntry.read(f) for f in r.items("files", [])),
-            servable=r.get("servable", bool), refused_reason=r.get("refused_reason", str, None),
+            id=r.get("id", str, check=valid_name, what=NAME_RULE), runtime=r.get("runtime", str, **TAG),
+            format=r.get("format", str, **TAG), precision=r.get("precision", str, **TAG),
+            files=tuple(FileEntry.read(f) for f in _items(r, "files", MAX_FILES, [])),
+            servable=r.get("servable", bool), refused_reason=r.get("refused_reason", str, None, **_line()),
             parity=Parity.read(parity) if parity is not None else None,
-            runtime_version=r.get("runtime_version", str, ""), export_seconds=r.get("export_seconds", float, 0.0),
-            parity_seconds=r.get("parity_seconds", float, None),
-            refused_files=tuple(FileEntry.read(f) for f in r.items("refused_files", [])),
+            runtime_version=r.get("runtime_version", str, "", **_line(256)),
+            export_seconds=r.get("export_seconds", float, 0.0, **NON_NEGATIVE),
+            parity_seconds=r.get("parity_seconds", float, None, **NON_NEGATIVE),
+            refused_files=tuple(FileEntry.read(f) for f in _items(r, "refused_files", MAX_FILES, [])),
             info={k: v for k, v in r.raw.items() if k not in _ARTIFACT_KEYS},
         )
+        r.get("inference_precision", str, None, **TAG)  # a runtime compiles with it (runtimes/openvino.py)
         if art.servable and not art.files:
             raise r.fail("files", "is empty, but the artifact is marked servable")
         return art
@@ -288,7 +333,9 @@ class Source:
 
     @classmethod
     def read(cls, r: Fields) -> Source:
-        return cls(checkpoint=r.get("checkpoint", str), sha256=r.get("sha256", str), dataset=r.get("dataset", str))
+        return cls(checkpoint=r.get("checkpoint", str, **_line()),
+                   sha256=r.get("sha256", str, check=_SHA256.match, what="64 lowercase hex digits"),
+                   dataset=r.get("dataset", str, **DATASET))
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "sha256": self.sha256, "dataset": self.dataset}
@@ -315,14 +362,15 @@ class Provenance:
     @classmethod
     def read(cls, r: Fields) -> Provenance:
         libs = r.obj("libraries", None)
+        short = _line(256)  # versions, commits, hashes
         return cls(
-            vitc_version=r.get("vitc_version", str), git_commit=r.get("git_commit", str, None),
-            git_dirty=r.get("git_dirty", bool, None), training_command=r.get("training_command", str, None),
-            training_config_sha256=r.get("training_config_sha256", str, None),
-            training_data_fingerprint=r.get("training_data_fingerprint", str, None),
-            parity_data_fingerprint=r.get("parity_data_fingerprint", str),
-            calibration_data_fingerprint=r.get("calibration_data_fingerprint", str, None),
-            libraries={k: libs.get(k, str) for k in libs.raw} if libs else {},
+            vitc_version=r.get("vitc_version", str, **short), git_commit=r.get("git_commit", str, None, **short),
+            git_dirty=r.get("git_dirty", bool, None), training_command=r.get("training_command", str, None, **_text()),
+            training_config_sha256=r.get("training_config_sha256", str, None, **short),
+            training_data_fingerprint=r.get("training_data_fingerprint", str, None, **short),
+            parity_data_fingerprint=r.get("parity_data_fingerprint", str, **short),
+            calibration_data_fingerprint=r.get("calibration_data_fingerprint", str, None, **short),
+            libraries={k: libs.get(k, str, **short) for k in _keys(libs, MAX_ENTRIES)} if libs else {},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,8 +383,9 @@ class Provenance:
 
 @dataclass(frozen=True)
 class Golden:
-    """A few real validation inputs and torch's logits for them (an .npz of `inputs`, `logits`): any artifact of
-    the bundle must reproduce them within its parity tolerance before a server reports it ready."""
+    """A few real validation inputs, torch's logits for them and each servable artifact's own outputs at export (an
+    .npz of `pixels`, `logits`, `outputs.<artifact id>`): a server loads an artifact only when it reproduces its own
+    outputs, or else torch's logits within its parity tolerance (runtimes.loader.verify_golden)."""
 
     file: FileEntry
     samples: int
@@ -369,11 +418,12 @@ class ServedParity:
     def read(cls, r: Fields) -> ServedParity:
         enc = r.obj("encodings")
         return cls(
-            runtime=r.get("runtime", str), samples=r.get("samples", int), reference_accuracy=r.get(
-                "reference_accuracy", float),
-            encodings={k: {m: v.get(m, float) for m in v.raw} for k in enc.raw if (v := enc.obj(k))},
+            runtime=r.get("runtime", str, **TAG), samples=r.get("samples", int, **NON_NEGATIVE),
+            reference_accuracy=r.get("reference_accuracy", float, **FRACTION),
+            encodings={k: {m: v.get(m, float) for m in _keys(v, MAX_ENTRIES)}
+                       for k in _keys(enc, MAX_ENTRIES) if (v := enc.obj(k))},
             jpeg_draft_cost_points=r.get("jpeg_draft_cost_points", float), jpeg_draft=r.get("jpeg_draft", bool),
-            created=r.get("created", str, ""),
+            created=r.get("created", str, "", **_line(256)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -453,7 +503,7 @@ class Manifest:
     def _read(cls, raw: Any, where: str) -> Manifest:
         r = Fields(raw, where)
         if raw.get("format") != FORMAT:
-            raise BundleError(f"{where}: not a {FORMAT} manifest (field 'format' is {raw.get('format')!r})")
+            raise BundleError(f"{where}: not a {FORMAT} manifest (field 'format' is {raw.get('format')!r:.80})")
         version = r.get("format_version", int)
         if version > FORMAT_VERSION:
             raise BundleError(f"{where}: format_version {version} is newer than this vitc reads ({FORMAT_VERSION}); "
@@ -469,8 +519,10 @@ class Manifest:
             stem=r.get("stem", str, config.stem.kind), config=config,
             class_names=r.strings("class_names"), input=InputSpec.read(r.obj("input")),
             output=OutputSpec.read(r.obj("output")), preprocessing=preprocessing, source=Source.read(r.obj("source")),
-            created=r.get("created", str, ""), artifacts=tuple(Artifact.read(a) for a in r.items("artifacts")),
-            timings={k: timings.get(k, float) for k in timings.raw} if timings else {}, format_version=version,
+            created=r.get("created", str, "", **_line(256)),
+            artifacts=tuple(Artifact.read(a) for a in _items(r, "artifacts", MAX_ARTIFACTS)),
+            timings={k: timings.get(k, float) for k in _keys(timings, MAX_ENTRIES)} if timings else {},
+            format_version=version,
             provenance=Provenance.read(p) if (p := r.obj("provenance", None)) else None,
             golden=Golden.read(g) if (g := r.obj("golden", None)) else None,
             served=ServedParity.read(v) if (v := r.obj("served", None)) else None,
@@ -480,13 +532,10 @@ class Manifest:
 
 
 def _check_consistent(m: Manifest, r: Fields) -> None:
-    """Cross-field invariants the server relies on when it sizes buffers and answers."""
-    if not 1 <= len(m.class_names) <= MAX_CLASSES:
-        raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(m.class_names)}")
+    """Cross-field invariants the server relies on when it sizes buffers and answers; the model contract (class
+    names, preprocessing, `model`/`stem` against the config) is the checkpoint's, checked the same way."""
     if m.output.classes != len(m.class_names):
         raise r.fail("output.shape", f"has {m.output.classes} classes, class_names lists {len(m.class_names)}")
-    if m.config.num_classes != len(m.class_names):
-        raise r.fail("config.num_classes", f"is {m.config.num_classes}, class_names lists {len(m.class_names)}")
     if (m.input.height, m.input.width) != (m.config.image_size, m.config.image_size):
         raise r.fail("input.height", f"{m.input.height}x{m.input.width} differs from config.image_size "
                                      f"{m.config.image_size}")
@@ -495,9 +544,36 @@ def _check_consistent(m: Manifest, r: Fields) -> None:
     if (m.preprocessing.crop, m.preprocessing.crop) != (m.input.height, m.input.width):
         raise r.fail("preprocessing.crop", f"{m.preprocessing.crop} does not match the input size "
                                            f"{m.input.height}x{m.input.width}")
-    ids = [a.id for a in m.artifacts]
-    if len(ids) != len(set(ids)):
-        raise r.fail("artifacts", f"lists an id twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+    check_model_contract(r, m.model, m.config, m.class_names, m.preprocessing)
+    twice = sorted(i for i, n in Counter(a.id for a in m.artifacts).items() if n > 1)
+    if twice:
+        raise r.fail("artifacts", f"lists an id twice: {twice[:5]}")
+
+
+def _items(r: Fields, key: str, limit: int, default: Any = ...) -> list[Fields]:
+    """The objects of a list field, refused beyond `limit` entries before any is read."""
+    values = r.get(key, list, default)
+    if values is not None and len(values) > limit:
+        raise r.fail(key, f"lists {len(values)} entries, at most {limit} allowed")
+    return r.items(key, default)
+
+
+def _keys(r: Fields, limit: int) -> list[str]:
+    """The keys of an object field whose keys are data (timings, tolerances), at most `limit`, each a short tag."""
+    if len(r.raw) > limit:
+        raise r.fail("", f"has {len(r.raw)} keys, at most {limit} allowed")
+    if (bad := next((k for k in r.raw if not is_label(k, 128)), None)) is not None:
+        raise r.fail("", f"has key {bad!r:.80}, which is not 1..128 characters without control characters")
+    return list(r.raw)
+
+
+def _check_lines(r: Fields, key: str, values: tuple[str, ...]) -> None:
+    """A list of one-line texts (parity failures), bounded in number and length."""
+    if len(values) > MAX_ENTRIES:
+        raise r.fail(key, f"lists {len(values)} entries, at most {MAX_ENTRIES} allowed")
+    line = _line()
+    if (bad := next((i for i, v in enumerate(values) if not line["check"](v)), None)) is not None:
+        raise r.fail(f"{key}[{bad}]", f"must be {line['what']}")
 
 
 def read_manifest(bundle: str | os.PathLike) -> Manifest:
@@ -509,12 +585,10 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise BundleError(f"not a bundle: {path} is missing")
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest")
-        # NaN/Infinity (written by older exports for undefined errors) read as null.
-        raw = json.loads(path.read_bytes(), parse_constant=lambda _name: None)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise BundleError(f"corrupt manifest {path}: {str(exc).splitlines()[0]}; re-export the bundle") from None
+        # Strict like checkpoint.json: NaN or Infinity is refused, not read as null (write_manifest never writes them).
+        raw = read_strict_json(path, MAX_MANIFEST_BYTES)
+    except ValueError as exc:
+        raise BundleError(f"corrupt manifest {path}: {exc}; re-export the bundle") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
     return Manifest.from_dict(raw, str(path))

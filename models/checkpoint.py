@@ -7,7 +7,6 @@ atomically last, so a crash at any moment leaves either the old or the new check
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,20 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.config import MAX_CLASSES, MAX_IMAGE_SIDE, ViTConfig
-from models.io import atomic_write_json, sha256_file
+from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ViTConfig, is_label
+from models.io import _default_mode, atomic_write_json, read_strict_json, sha256_file
 from models.jsonfields import FieldError, Fields
 from models.preprocessing import Preprocessing
 from models.registry import get_config, list_variants
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 FORMAT = "vitc-checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "checkpoint.json"
 MAX_META_BYTES = 16 << 20  # checkpoint.json is a few KiB; this bounds the read and the parse
-MAX_RESIZE = 2 * MAX_IMAGE_SIDE  # ImageNet's resize is 8/7 of the crop; resizing never allocates beyond the crop
+MAX_TEXT_CHARS = 1 << 16  # a training command line or a data fingerprint recorded in the summary
+MAX_DATASET_CHARS = 4096  # the dataset: an embedded set's name or a folder's path
 # The dtypes save_checkpoint writes (float32 parameters and buffers, BatchNorm's int64 step counter).
 WEIGHT_DTYPES = {"F32": "float32", "I64": "int64"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -72,10 +73,14 @@ def save_checkpoint(
     cfg: ViTConfig = model.cfg
     if len(class_names) != cfg.num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries, the model has {cfg.num_classes} classes")
+    # A name the reader refuses would make the whole checkpoint unreadable: refuse it before anything is written.
+    if (bad := next((n for n in class_names if not is_label(n)), None)) is not None:
+        raise ValueError(f"class name {bad!r:.80} is not 1..{MAX_LABEL_CHARS} characters without control characters")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / ".weights.tmp.safetensors"
     # One metadata key: safetensors orders several keys differently per process, breaking reproducible hashes.
     save_file(state, str(tmp), metadata={"format": FORMAT})
+    os.chmod(tmp, _default_mode(0o666))  # safetensors writes 0600: servers and other users must read the weights
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     digest = sha256_file(tmp)
@@ -122,30 +127,13 @@ def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
 
 
 def _load_json(meta_path: Path) -> Any:
-    """The parsed file: size-bounded, strict JSON (NaN, Infinity and overflowing numbers are refused)."""
+    """The parsed file: size-bounded, strict JSON (NaN, Infinity, overflowing numbers, deep nesting are refused)."""
     try:
-        if meta_path.stat().st_size > MAX_META_BYTES:
-            raise CheckpointError(f"{meta_path}: larger than {MAX_META_BYTES >> 20} MiB; not a checkpoint")
-        return json.loads(meta_path.read_bytes(), parse_constant=_refuse_constant, parse_float=_finite_float)
-    except CheckpointError:
-        raise
-    except RecursionError:
-        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: JSON nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, non-finite numbers, 4300-digit integers
-        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {_one_line(exc)}") from None
+        return read_strict_json(meta_path, MAX_META_BYTES)
+    except ValueError as exc:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read {meta_path}: {exc.strerror or exc}") from None
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"non-finite number {name} (checkpoint.json must be strict JSON)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses to inf
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
 
 
 def _one_line(exc: BaseException) -> str:
@@ -177,44 +165,65 @@ def _parse_meta(path: Path, raw: dict[str, Any], r: Fields) -> CheckpointMeta:
 
 
 def _plain_file_name(name: str) -> bool:
-    """A name inside the checkpoint directory: no separators, no `..` (the hash would read any file)."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    """A name inside the checkpoint directory: no separators, no `..` (the hash would read any file), no control
+    characters (it is quoted in one-line errors)."""
+    return is_label(name, 255) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
 def _check_consistent(m: CheckpointMeta, r: Fields) -> None:
-    """Cross-field invariants: what the preprocessing produces is what the model takes; the names agree."""
-    cfg, pre = m.config, m.preprocessing
-    if not 1 <= len(m.class_names) <= MAX_CLASSES:
-        raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(m.class_names)}")
-    if cfg.num_classes != len(m.class_names):
-        raise r.fail("config.num_classes", f"is {cfg.num_classes}, class_names lists {len(m.class_names)}")
-    if r.get("num_classes", int, None) not in (None, cfg.num_classes):
-        raise r.fail("num_classes", f"is {r.raw['num_classes']}, config.num_classes {cfg.num_classes}")
-    if not (isinstance(pre.resize, int) and isinstance(pre.crop, int)) or pre.resize > MAX_RESIZE:
-        raise r.fail("preprocessing.resize", f"must be an integer crop..{MAX_RESIZE}, got {pre.resize!r:.40}")
-    for key in ("mean", "std"):  # Preprocessing float()s them, which would turn the string "nan" into NaN
-        values = r.raw["preprocessing"].get(key, ())
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            raise r.fail(f"preprocessing.{key}", "must hold 3 numbers")
+    """Cross-field invariants: the shared model contract, the top-level class count, the training summary."""
+    check_model_contract(r, m.model, m.config, m.class_names, m.preprocessing)
+    if r.get("num_classes", int, None) not in (None, m.config.num_classes):
+        raise r.fail("num_classes", f"is {r.raw['num_classes']}, config.num_classes {m.config.num_classes}")
+    _check_summary(r)
+
+
+def check_model_contract(r: Fields, model: str, cfg: ViTConfig, class_names: tuple[str, ...],
+                         pre: Preprocessing) -> None:
+    """What checkpoint.json and a bundle's manifest.json both promise (each reader calls this on its root
+    fields): the class names fit the head, the preprocessing produces what the model takes, `model` and `stem`
+    name the config."""
+    if not 1 <= len(class_names) <= MAX_CLASSES:
+        raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(class_names)}")
+    if (bad := next((i for i, n in enumerate(class_names) if not is_label(n)), None)) is not None:
+        raise r.fail(f"class_names[{bad}]", f"must be 1..{MAX_LABEL_CHARS} characters without control characters, "
+                                            f"got {class_names[bad]!r:.80}")
+    if cfg.num_classes != len(class_names):
+        raise r.fail("config.num_classes", f"is {cfg.num_classes}, class_names lists {len(class_names)}")
     if pre.crop != cfg.image_size:
         raise r.fail("preprocessing.crop", f"{pre.crop} differs from config.image_size {cfg.image_size}")
-    if pre.channels != cfg.in_chans or pre.layout != "NCHW":
+    if pre.channels != cfg.in_chans:
         raise r.fail("preprocessing.channels", f"{pre.channels} ({pre.layout}) differs from config.in_chans "
                                                f"{cfg.in_chans} (NCHW)")
-    _check_model_name(m, r)
+    _check_model_name(r, model, cfg)
 
 
-def _check_model_name(m: CheckpointMeta, r: Fields) -> None:
+def _check_model_name(r: Fields, model: str, cfg: ViTConfig) -> None:
     """`model` is the config's name; a registered variant's name must not label another stem."""
-    cfg = m.config
-    if m.model != cfg.name:
-        raise r.fail("model", f"{m.model!r:.80} differs from config.name {cfg.name!r:.80}")
+    if model != cfg.name:
+        raise r.fail("model", f"{model!r:.80} differs from config.name {cfg.name!r:.80}")
     stem = r.get("stem", str, cfg.stem.kind)
     if stem != cfg.stem.kind:
         raise r.fail("stem", f"{stem!r:.40} differs from config.stem.kind {cfg.stem.kind!r}")
-    if m.model in list_variants() and get_config(m.model).stem.kind != cfg.stem.kind:
-        raise r.fail("model", f"{m.model} is a {get_config(m.model).stem.kind}-stem variant, "
+    if model in list_variants() and get_config(model).stem.kind != cfg.stem.kind:
+        raise r.fail("model", f"{model} is a {get_config(model).stem.kind}-stem variant, "
                               f"but config.stem is {cfg.stem.kind}")
+
+
+def _check_summary(r: Fields) -> None:
+    """The training summary fields that export and evaluation act on (the dataset to measure on, provenance)."""
+    text = {"check": lambda v: len(v) <= MAX_TEXT_CHARS, "what": f"at most {MAX_TEXT_CHARS} characters"}
+    r.get("dataset", str, None, check=lambda v: is_label(v, MAX_DATASET_CHARS),
+          what=f"a name or path of 1..{MAX_DATASET_CHARS} characters without control characters")
+    r.get("weights_source", str, None, **text)
+    training = r.obj("training") if r.raw.get("training") is not None else None
+    if training is None:
+        return
+    training.get("command_line", str, None, **text)
+    if training.raw.get("data") is not None:
+        data = training.obj("data")
+        for split in ("train", "val"):
+            data.get(split, str, None, **text)
 
 
 def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -> tuple[nn.Module, CheckpointMeta]:
@@ -243,12 +252,28 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
         raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read weights {wpath}: {exc}") from None
+    check_finite(state, wpath, diverged=bool((meta.raw.get("training") or {}).get("diverged")))
     model = VisionTransformer(cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"weights do not fit {cfg.name}: {str(exc).splitlines()[0]}") from None
     return model.eval(), meta
+
+
+def check_finite(state: dict[str, torch.Tensor], wpath: Path, *, diverged: bool = False) -> None:
+    """Every floating-point tensor (parameters and buffers such as BatchNorm's running_var) holds finite numbers:
+    a NaN weight would otherwise be exported, evaluated and served as garbage. Raises CheckpointError."""
+    import torch
+
+    for key, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        low, high = (v.item() for v in torch.aminmax(tensor))  # one pass, no copy; NaN propagates to both
+        if not (math.isfinite(low) and math.isfinite(high)):
+            what = "NaN" if math.isnan(low) or math.isnan(high) else "an infinite value"
+            why = " (the training run diverged)" if diverged else ""
+            raise CheckpointError(f"weights {wpath}: {key} holds {what}{why}; the checkpoint cannot be used")
 
 
 def expected_weights(cfg: ViTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -45,15 +47,53 @@ def float_in(low: float, high: float, *, low_open: bool = True) -> Callable[[str
     return parse
 
 
+# How libraries say "out of memory" when they raise something other than MemoryError: torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory"), torch.cuda.OutOfMemoryError ("CUDA out of memory"), C++
+# std::bad_alloc surfacing through onnxruntime, OpenVINO or TensorRT bindings (RuntimeError), and a shared library
+# that cannot be mapped under an address-space limit ("libtorch_cuda.so: failed to map segment", ImportError).
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "bad allocation",
+                "not enough memory", "failed to allocate", "failed to map segment")
+_OOM_SIZE = re.compile(r"tried to allocate ([\d.]+ ?(?:bytes|[KMGT]i?B))", re.IGNORECASE)
+
+
+def memory_failure(exc: BaseException | None) -> BaseException | None:
+    """The out-of-memory error behind `exc` (a MemoryError, ENOMEM, or an allocator's error message), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+            return exc
+        if isinstance(exc, RuntimeError | ImportError | OSError) and any(m in str(exc).lower() for m in _OOM_MARKERS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """One line for an allocation failure (see `memory_failure`), else None."""
+    failure = memory_failure(exc)
+    if failure is None:
+        return None
+    size = _OOM_SIZE.search(str(failure))
+    return "out of memory" + (f" (an allocation of {size.group(1)} failed)" if size else "")
+
+
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; Ctrl-C is one line and exit 130 (what was being written is left as it was, the
-    writers are atomic), and a closed output pipe (`| head`) ends quietly rather than with a traceback."""
+    writers are atomic), running out of memory one line and exit 1 (a failure of the work, not of the input: the
+    convention for disk and memory failures), and a closed output pipe (`| head`) ends quietly."""
     try:
         code = main()
         sys.stdout.flush()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
+    except (MemoryError, RuntimeError, ImportError, OSError) as exc:  # unless the command said it already
+        reason = out_of_memory(exc)
+        if reason is None:
+            raise
+        print(f"{prog}: error: {reason}", file=sys.stderr)
+        code = 1
     except BrokenPipeError:
         # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

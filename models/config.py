@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,19 +51,29 @@ MAX_DEPTH = 256
 MAX_DIM = 16384
 MAX_MLP_DIM = 65536
 MAX_IMAGE_SIDE = 4096
+MAX_RESIZE = 2 * MAX_IMAGE_SIDE  # ImageNet's resize is 8/7 of the crop; resizing never allocates beyond the crop
 MAX_CLASSES = 100_000
 MAX_IN_CHANS = 4
 MAX_STEM_LAYERS = 16
 MAX_STEM_KERNEL = 15
 MAX_NAME_CHARS = 200
+MAX_LABEL_CHARS = 1024  # a class name, tensor name, runtime or precision: a label, never a document
 MAX_PARAMS = 2**32  # 16 GiB of float32 weights; the paper's largest variant (vit_p_72gf) has 353 M
 # The largest single tensor per image (one layer's attention scores, or one stem conv's output): 8 GiB of float32.
 # A bound on the peak, not on the sum over layers, so big models at big sizes still build where memory allows them
 # (vit_p_18gf at 1024: 201 M attention scores); a hostile size (patch 4 at 4096: 10^12) is refused.
 MAX_ACTIVATIONS = 2**31
+# C0, DEL, C1, line and paragraph separators, lone surrogates: labels go into one-line messages, labels.txt and
+# JSON answers (which cannot encode a lone surrogate).
+_NOT_IN_LABELS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _INT_BOUNDS = {"depth": MAX_DEPTH, "dim": MAX_DIM, "mlp_dim": MAX_MLP_DIM, "heads": MAX_DIM,
                "patch_size": MAX_IMAGE_SIDE, "image_size": MAX_IMAGE_SIDE, "num_classes": MAX_CLASSES,
                "in_chans": MAX_IN_CHANS}
+
+
+def is_label(value: object, max_chars: int = MAX_LABEL_CHARS) -> bool:
+    """Whether `value` is a string of 1..max_chars without control characters, line breaks or lone surrogates."""
+    return isinstance(value, str) and 0 < len(value) <= max_chars and _NOT_IN_LABELS.search(value) is None
 
 
 def _is_int(value: Any) -> bool:
@@ -98,8 +109,9 @@ class ViTConfig:
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_NAME_CHARS:
-            raise ValueError(f"config name must be a string of 1..{MAX_NAME_CHARS} characters, got {self.name!r:.80}")
+        if not is_label(self.name, MAX_NAME_CHARS):
+            raise ValueError(f"config name must be a string of 1..{MAX_NAME_CHARS} characters without control "
+                             f"characters, got {self.name!r:.80}")
         if not isinstance(self.description, str):
             raise ValueError(f"{self.name}: description must be a string, got {type(self.description).__name__}")
         for attr, high in _INT_BOUNDS.items():

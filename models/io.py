@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -165,3 +166,51 @@ def _swap_in(target: Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+MAX_JSON_DEPTH = 64  # contracts nest a few levels; a deeper document is hostile (and deep recursion crashes later)
+
+
+def read_strict_json(path: str | os.PathLike, max_bytes: int) -> Any:
+    """A JSON file parsed as strict JSON: at most `max_bytes`, no NaN/Infinity/overflowing numbers, nesting bounded.
+
+    Raises ValueError with a one-line reason for a file that is none of that, OSError when it cannot be read.
+    """
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)  # never more than the cap, even when the file grows while we read
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes >> 20} MiB")
+    try:
+        doc = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, non-finite numbers, 4300-digit integers
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{type(exc).__name__}: {text[:300]}") from None
+    if _json_depth(doc) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return doc
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} (the file must be strict JSON)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _json_depth(doc: Any) -> int:
+    """How deep lists and objects nest in a parsed document (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from models.config import MAX_IMAGE_SIDE, MAX_RESIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,16 +43,25 @@ class Preprocessing:
     layout: str = "NCHW"
 
     def __post_init__(self) -> None:
-        if self.crop < 1 or self.resize < self.crop:
-            raise ValueError(f"preprocessing needs 1 <= crop <= resize, got crop {self.crop}, resize {self.resize}")
-        if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        # Checkpoints and manifests are untrusted: every size is bounded before an image is resized to it.
+        for attr, low, high in (("crop", 1, MAX_IMAGE_SIDE), ("resize", self.crop, MAX_RESIZE)):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+                raise ValueError(f"preprocessing needs 1 <= crop <= resize, integers, crop at most {MAX_IMAGE_SIDE}, "
+                                 f"resize at most {MAX_RESIZE}; got crop {self.crop!r:.40}, resize {self.resize!r:.40}")
+            object.__setattr__(self, attr, int(value))
+        if not isinstance(self.interpolation, str) or self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r:.40}")
         if self.mode not in ("RGB", "L"):
-            raise ValueError(f"mode must be 'RGB' or 'L', got {self.mode!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean/std need 3 values with std > 0, got mean {self.mean}, std {self.std}")
-        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
-        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+            raise ValueError(f"mode must be 'RGB' or 'L', got {self.mode!r:.40}")
+        if type(self.channels) is not int or self.channels != 3 or self.layout != "NCHW":  # what `preprocess` makes
+            raise ValueError(f"channels and layout must be 3 and 'NCHW', got {self.channels!r:.40} and "
+                             f"{self.layout!r:.40}")
+        mean, std = _three_numbers("mean", self.mean), _three_numbers("std", self.std)
+        if min(std) <= 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -64,6 +76,16 @@ class Preprocessing:
     def imagenet(cls, image_size: int = 224) -> Preprocessing:
         """The paper's test transform: shorter side 256/224 of the crop, centre crop, ImageNet mean/std."""
         return cls(resize=round(image_size * 256 / 224), crop=image_size)
+
+
+def _three_numbers(name: str, values: Any) -> tuple[float, float, float]:
+    """Three finite real numbers as floats (a list, tuple or array; the string "nan" or a bool is not a number)."""
+    if isinstance(values, str | bytes | dict) or not hasattr(values, "__len__") or len(values) != 3:
+        raise ValueError(f"{name} must hold 3 finite numbers, got {values!r:.80}")
+    a, b, c = values
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b, c)):
+        raise ValueError(f"{name} must hold 3 finite numbers, got {values!r:.80}")
+    return float(a), float(b), float(c)
 
 
 def _grey_to_8bit(img: Image.Image) -> Image.Image:

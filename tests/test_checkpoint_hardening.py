@@ -132,8 +132,9 @@ def test_non_finite_or_overflowing_numbers_are_refused(checkpoint, tmp_path, old
     ("config.stem.layers", [{"kernel": 3, "stride": 2, "width": 16}] * 100, "1..16 layers"),
     ("config.extra", 1, "unexpected keyword argument 'extra'"),
     ("preprocessing", None, "'preprocessing' must be an object"),
-    ("preprocessing.mean", ["nan", 0.5, 0.5], "'preprocessing.mean' must hold 3 numbers"),
-    ("preprocessing.resize", 10**9, "'preprocessing.resize' must be an integer crop..8192"),
+    ("preprocessing.mean", ["nan", 0.5, 0.5], "'preprocessing' is invalid: mean must hold 3 finite numbers"),
+    ("preprocessing.resize", 10**9, "'preprocessing' is invalid: preprocessing needs 1 <= crop <= resize, "
+                                    "integers, crop at most 4096, resize at most 8192; got crop 32, resize 1000000000"),
     ("preprocessing.crop", 16, "'preprocessing.crop' 16 differs from config.image_size 32"),
     ("weights", "x.safetensors", "'weights' must be an object"),
     ("weights.file", "../../etc/passwd", "'weights.file' must be a file name inside the checkpoint"),
@@ -150,7 +151,7 @@ def test_preprocessing_must_match_the_config_and_stay_bounded(checkpoint, tmp_pa
     doc = _edit(raw, "config.image_size", 64)  # a valid model whose input the 32-pixel crop does not fill
     _refused(_with_meta(checkpoint, tmp_path / "a", doc), "'preprocessing.crop' 32 differs from config.image_size 64")
     huge = _edit(_edit(raw, "preprocessing.crop", 10**5), "preprocessing.resize", 10**9)
-    _refused(_with_meta(checkpoint, tmp_path / "b", huge), "preprocessing.resize")
+    _refused(_with_meta(checkpoint, tmp_path / "b", huge), "'preprocessing' is invalid", "crop at most 4096")
     huge_model = _edit(raw, "config.image_size", 4096)
     _refused(_with_meta(checkpoint, tmp_path / "c", huge_model), "largest tensor per image")
 
@@ -210,6 +211,121 @@ def test_eval_and_export_exit_2_with_one_line(checkpoint, tmp_path, train_cli, c
     err = capsys.readouterr().err
     assert "non-finite number NaN" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bundle").exists()
+
+
+def _poison(key: str, value: float):  # noqa: ANN202 - a state-dict edit for _rewrite_weights
+    """Set one element in the middle of tensor `key` (a reduction that skips elements would miss it)."""
+    def change(state: dict) -> dict:
+        tensor = state[key].copy()
+        tensor.reshape(-1)[tensor.size // 2] = value
+        return {**state, key: tensor}
+
+    return change
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("head.weight", float("nan"), "head.weight holds NaN"),
+    ("stem.body.1.running_var", float("nan"), "stem.body.1.running_var holds NaN"),  # a buffer, not a parameter
+    ("pos_embed", float("inf"), "pos_embed holds an infinite value"),
+    ("blocks.0.attn.qkv.bias", float("-inf"), "blocks.0.attn.qkv.bias holds an infinite value"),
+])
+def test_non_finite_weights_are_refused_naming_the_tensor(checkpoint, tmp_path, key, value, says):
+    path = _rewrite_weights(checkpoint, tmp_path, _poison(key, value))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert says in message and "cannot be used" in message and "\n" not in message, message
+
+
+def test_non_finite_weights_of_a_diverged_run_say_so(checkpoint, tmp_path):
+    path = _rewrite_weights(checkpoint, tmp_path, _poison("head.weight", float("nan")))
+    meta = json.loads((path / META_FILE).read_text())
+    (path / META_FILE).write_text(json.dumps({**meta, "training": {"diverged": True}}))
+    with pytest.raises(CheckpointError, match=r"head.weight holds NaN \(the training run diverged\)"):
+        load_checkpoint(path)
+
+
+def test_eval_and_export_refuse_non_finite_weights_with_one_line(checkpoint, tmp_path, train_cli, capsys):
+    from export.cli import main as export_main
+    from train.eval import main as eval_main
+
+    nan = _rewrite_weights(checkpoint, tmp_path / "nan", _poison("head.weight", float("nan")))
+    code, _, err = train_cli(eval_main, ["--checkpoint", str(nan)], capsys)
+    assert code == 2 and "head.weight holds NaN" in err and len(err.strip().splitlines()) == 1, err
+    assert export_main(["--checkpoint", str(nan), "--out", str(tmp_path / "bundle"), "--targets", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "head.weight holds NaN" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_saved_weights_get_the_umask_default_mode_like_every_other_file(tmp_path):
+    import os
+
+    from data.datasets import ANIMAL_CLASSES, default_preprocessing
+    from models import build_model
+
+    old = os.umask(0o022)
+    try:
+        out = save_checkpoint(tmp_path / "run", build_model("vit_c_micro"), class_names=ANIMAL_CLASSES,
+                              preprocessing=default_preprocessing("animals", 32))
+    finally:
+        os.umask(old)
+    (weights,) = out.glob("weights-*.safetensors")
+    assert weights.stat().st_mode & 0o777 == (out / META_FILE).stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(("name", "says"), [("cat\ndog", "class name 'cat\\ndog'"), ("", "class name ''"),
+                                            ("\udcff", "class name")])
+def test_a_checkpoint_is_not_saved_with_class_names_its_reader_refuses(tmp_path, name, says):
+    from data.datasets import default_preprocessing
+    from models import build_model
+
+    with pytest.raises(ValueError) as info:
+        save_checkpoint(tmp_path / "run", build_model("vit_c_micro"), class_names=[name] + list("abcdefghi"),
+                        preprocessing=default_preprocessing("animals", 32))
+    assert says in str(info.value) and "without control characters" in str(info.value), info.value
+    assert not (tmp_path / "run" / META_FILE).exists()
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("class_names", ["a\nb"] + list("bcdefghij"), "'class_names[0]' must be 1..1024 characters without control"),
+    ("class_names", list("abcdefghi") + ["\ud800"], "'class_names[9]' must be 1..1024 characters"),
+    ("class_names", list("abcdefghi") + [""], "'class_names[9]' must be 1..1024 characters"),
+    ("class_names", list("abcdefghi") + ["x" * 1025], "'class_names[9]' must be 1..1024 characters"),
+    ("config.name", "vit_c_micro\nINFO forged", "config name must be a string of 1..200 characters without control"),
+    ("weights.file", "weights\n.safetensors", "'weights.file' must be a file name inside the checkpoint"),
+    ("dataset", 5, "'dataset' must be a string, got int"),
+    ("dataset", "animals\n", "'dataset' must be a name or path of 1..4096 characters without control"),
+    ("training", "summary", "'training' must be an object, got str"),
+    ("training", {"command_line": ["python", "-m", "train"]}, "'training.command_line' must be a string, got list"),
+    ("training", {"data": "abc"}, "'training.data' must be an object, got str"),
+    ("training", {"data": {"train": 5}}, "'training.data.train' must be a string, got int"),
+    ("preprocessing.std", [0.5, 0.5, 0], "'preprocessing' is invalid: std must be > 0"),
+    ("preprocessing.mean", [0.5, 0.5], "'preprocessing' is invalid: mean must hold 3 finite numbers"),
+    ("preprocessing.mean", "abc", "'preprocessing' is invalid: mean must hold 3 finite numbers"),
+    ("preprocessing.resize", 40.5, "'preprocessing' is invalid: preprocessing needs 1 <= crop <= resize"),
+    ("preprocessing.crop", True, "'preprocessing' is invalid: preprocessing needs 1 <= crop <= resize"),
+    ("preprocessing.channels", 1, "'preprocessing' is invalid: channels and layout must be 3 and 'NCHW'"),
+    ("preprocessing.layout", "NHWC", "'preprocessing' is invalid: channels and layout must be 3 and 'NCHW'"),
+    ("preprocessing.interpolation", ["bilinear"], "'preprocessing' is invalid: interpolation must be one of"),
+])
+def test_fields_the_export_and_serving_code_trust_are_typed_and_bounded(checkpoint, tmp_path, field, value, says):
+    raw = json.loads((checkpoint / META_FILE).read_text())
+    _refused(_with_meta(checkpoint, tmp_path, _edit(raw, field, value)), says)
+
+
+def test_checkpoint_json_nested_beyond_the_bound_is_refused(checkpoint, tmp_path):
+    raw = json.loads((checkpoint / META_FILE).read_text())
+    deep: object = 0
+    for _ in range(80):  # deep enough to refuse, shallow enough that the parser itself would accept it
+        deep = [deep]
+    _refused(_with_meta(checkpoint, tmp_path, {**raw, "training": {"notes": deep}}), "nested too deeply")
+
+
+def test_the_checkpoint_reader_mutates_nothing(checkpoint):
+    before = (checkpoint / META_FILE).read_bytes()
+    meta = read_checkpoint_meta(checkpoint)
+    assert meta.raw == json.loads(before) and (checkpoint / META_FILE).read_bytes() == before
 
 
 # --- configs ------------------------------------------------------------------------------------------------------
@@ -355,6 +471,7 @@ def test_golden_inputs_beyond_the_byte_cap_are_refused_before_reading(tmp_path):
         raw = _edit(raw, key, value)
     raw["config"]["stem"] = {"kind": "patchify", "patch": 256}
     raw["config"]["name"] = raw["model"] = "custom"
+    raw["stem"] = "patchify"
     manifest = Manifest.from_dict(raw)
     with pytest.raises(BundleError, match=f"more than the {MAX_GOLDEN_BYTES:,} allowed"):
         read_golden(bundle / "golden.npz", manifest)

@@ -19,6 +19,7 @@ class ConfigError(ValueError):
     """An out-of-range or inconsistent training option."""
 
 
+# How an allocation failure reads: torch's CPU allocator, CUDA's caching allocator, and the OS's errno 12.
 # The paper's recipe (ImageNet-1k, batch 2048). `lr` is the rate at `lr_ref_batch` and is scaled linearly to
 # the global batch. EMA: the paper's 1.6e-3 per 32 steps averages over ~7.8 % of its 400-epoch run, stated
 # here as that fraction of the run so it transfers to other dataset sizes.
@@ -223,8 +224,34 @@ def checked_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
+def _differences(recorded: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The trajectory fields in which `cfg` differs from a run's recorded configuration (keys both know)."""
+    return [f"{k}: {recorded[k]!r} vs {v!r}" for k, v in cfg.trajectory().items() if k in recorded and recorded[k] != v]
+
+
+def check_same_run(cfg: TrainConfig, source: str) -> None:
+    """With --resume, the checkpoint already in --out must be this very run's: a resume.pt copied from another
+    run (or a fresh start where resume.pt is missing) would otherwise replace it. CheckpointError if it is not."""
+    from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
+
+    out = Path(cfg.out)
+    if not (out / META_FILE).exists():
+        return
+    meta = read_checkpoint_meta(out)
+    training = meta.raw.get("training")
+    recorded = training.get("config") if isinstance(training, dict) else None
+    if meta.model != cfg.model:
+        diff = [f"model: {meta.model!r} vs {cfg.model!r}"]
+    else:
+        diff = _differences(recorded, cfg) if isinstance(recorded, dict) else []
+    if diff:
+        raise CheckpointError(f"{source} does not belong to the run in {out} (checkpoint.json vs {source}: "
+                              f"{'; '.join(diff[:3])}); nothing was changed, --overwrite starts that run over")
+
+
 def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
-    """The run's config from explicit CLI options; with --resume, the saved run's config is the base."""
+    """The run's config from explicit CLI options; with --resume, the saved run's config is the base (and must be
+    the run whose checkpoint --out holds)."""
     saved = None
     if explicit.get("resume") and explicit.get("out"):
         from train.state import load_resume
@@ -233,4 +260,7 @@ def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
         saved = None if state is None else checked_saved_config(state["config"])
         if saved is not None and explicit.get("recipe") == "auto":
             explicit = {k: v for k, v in explicit.items() if k != "recipe"}
-    return resolve_config(explicit, saved)
+    cfg = resolve_config(explicit, saved)
+    if cfg.resume:
+        check_same_run(cfg, "resume.pt" if saved is not None else "--resume without resume.pt")
+    return cfg

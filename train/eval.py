@@ -1,50 +1,127 @@
 """`python -m train.eval --checkpoint runs/x [--dataset animals]`: top-1/top-5 of a checkpoint, printed and as JSON.
 
-It uses the checkpoint's own preprocessing (the serving path), so the numbers match what the server sees.
+It uses the checkpoint's own preprocessing (the serving path), so the numbers match what the server sees. The JSON
+goes to a new path or replaces an earlier result of this tool; any other existing file is refused untouched.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from data.datasets import SPLITS, DatasetError
 from models.checkpoint import CheckpointError
-from models.cli import OneLineParser
+from models.cli import OneLineParser, int_in, out_of_memory
 from models.io import atomic_write_json
 from train.config import DEVICES, ConfigError
 from train.options import quiet_openmp
 
+PROG = "python -m train.eval"
+RESULT_FORMAT = "vitc-eval"
+RESULT_VERSION = 1
+MAX_RESULT_BYTES = 1 << 20  # a result is a few hundred bytes; this bounds reading a file we may replace
+# What every result has carried since the first release (older ones have no "format" field).
+LEGACY_KEYS = frozenset({"checkpoint", "model", "weights_sha256", "dataset", "split", "top1", "top5", "samples"})
+MAX_BATCH = 4096
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, evaluate, print and write the JSON; returns the exit code."""
-    p = OneLineParser(prog="python -m train.eval", description=__doc__)
+
+class OutputRefused(ValueError):
+    """--out names something this tool must not replace."""
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether the regular file `path` holds a result this tool wrote (by its JSON content)."""
+    try:
+        if path.stat().st_size > MAX_RESULT_BYTES:
+            return False
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(doc, dict):
+        return False
+    if "format" in doc:
+        return doc["format"] == RESULT_FORMAT
+    return LEGACY_KEYS <= doc.keys()
+
+
+def check_out(path: Path) -> None:
+    """OutputRefused unless `path` is new or an earlier result of this tool (the only file it may replace)."""
+    if path.is_symlink():
+        raise OutputRefused(f"--out {path} is a symbolic link; give the path of the file itself")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputRefused(f"--out {path}: {parent} is not a directory")
+            break
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise OutputRefused(f"--out {path} is a directory; give a file path such as {path / 'eval.json'}")
+    if not path.is_file() or not is_eval_result(path):
+        raise OutputRefused(f"--out {path} exists and is not a result of {PROG}; nothing was changed: give a new "
+                            f"path")
+
+
+def write_result(path: Path, res: dict[str, Any]) -> None:
+    """Check `path` again (evaluating took a while) and write the result atomically."""
+    check_out(path)
+    try:
+        atomic_write_json(path, {"format": RESULT_FORMAT, "format_version": RESULT_VERSION, **res})
+    except OSError as exc:  # read-only file system, no permission, disk full
+        raise OutputRefused(f"--out {path}: cannot write it: {exc.strerror or exc}") from None
+
+
+def default_out(checkpoint: Path, dataset: str, split: str) -> Path:
+    """<checkpoint directory>/eval-<dataset>-<split>.json (--checkpoint may name checkpoint.json itself)."""
+    folder = checkpoint.parent if checkpoint.is_file() else checkpoint
+    return folder / f"eval-{Path(dataset).name}-{split}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = OneLineParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run directory holding checkpoint.json")
     p.add_argument("--dataset", help="animals, mnist, digits or an ImageNet-layout folder (default: the "
                    "checkpoint's training dataset)")
     p.add_argument("--split", choices=SPLITS, default="val", help="split to evaluate (default val)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256,
+                   help=f"images per batch, 1..{MAX_BATCH} (default 256)")
+    p.add_argument("--workers", type=int_in(0, 64), default=0, help="decoding processes, 0..64 (default 0)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA if available (default auto)")
     p.add_argument("--corrupt", choices=("skip", "fail"), default="skip",
                    help="unreadable files: leave out and count, or fail (default skip)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of this many images")
-    p.add_argument("--out", help="JSON path (default <checkpoint>/eval-<dataset>-<split>.json)")
-    args = p.parse_args(argv)
+    p.add_argument("--limit", type=int_in(0, 10**9), default=0,
+                   help="evaluate a fixed random subset of this many images")
+    p.add_argument("--out", type=Path, help="JSON path: new, or an earlier result of this tool "
+                   "(default <checkpoint>/eval-<dataset>-<split>.json)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, evaluate, print and write the JSON; returns the exit code."""
+    args = parse_args(argv)
     quiet_openmp()
-    for name, lo, hi in (("batch_size", 1, 4096), ("workers", 0, 64), ("limit", 0, 10**9)):
-        if not lo <= getattr(args, name) <= hi:
-            p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
     try:
+        if args.out is not None:
+            check_out(args.out)  # before minutes of evaluation, not after
         from train.evaluate import evaluate_checkpoint
 
         res = evaluate_checkpoint(args.checkpoint, args.dataset, args.split, batch_size=args.batch_size,
                                   workers=args.workers, corrupt=args.corrupt, device=args.device, limit=args.limit)
-    except (ConfigError, DatasetError, CheckpointError) as exc:
-        print(f"{p.prog}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        out = args.out or default_out(Path(args.checkpoint), res["dataset"], args.split)
+        write_result(out, res)
+    except (ConfigError, DatasetError, CheckpointError, OutputRefused) as exc:
+        print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval-{Path(res['dataset']).name}-{args.split}.json"
-    atomic_write_json(out, res)
+    except (MemoryError, RuntimeError) as exc:
+        reason = out_of_memory(exc)
+        if reason is None:
+            raise
+        print(f"{PROG}: error: {reason}: try a smaller --batch-size", file=sys.stderr)
+        return 1  # the work failed, not the input (as a full disk would)
     skipped = f", {res['skipped_corrupt']} corrupt skipped" if res["skipped_corrupt"] else ""
     print(f"{res['model']} on {res['dataset']} ({args.split}, {res['samples']} images{skipped}): "
           f"top-1 {100 * res['top1']:.2f} %  top-5 {100 * res['top5']:.2f} %  -> {out}")
@@ -54,4 +131,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models.cli import run
 
-    run(main, "python -m train.eval")
+    run(main, PROG)

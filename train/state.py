@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.io import atomic_write_bytes
 
 RESUME_FILE = "resume.pt"
@@ -179,9 +180,33 @@ def check_resume(state: dict[str, Any]) -> str | None:
     return _check_rng(state["rng"]) or _check_progress(state["progress"])
 
 
+# What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp`, the
+# plot's and the checkpoint's fixed temporaries. Nothing else is ours to delete.
+_OWN_TEMPORARY = re.compile(r"\.(resume\.pt|metrics\.jsonl|checkpoint\.json)\.[a-z0-9_]{8}\.tmp"
+                            r"|\.curves\.png\.tmp|\.weights\.tmp\.safetensors")
+
+
+def own_temporary(name: str) -> bool:
+    """Whether `name` is a temporary file a killed training left in its run directory."""
+    return _OWN_TEMPORARY.fullmatch(name) is not None
+
+
 def clear_stale_temporaries(out_dir: str | os.PathLike) -> None:
-    """Remove temp files a killed writer left behind (the renamed targets are intact)."""
-    for tmp in Path(out_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-    for tmp in Path(out_dir).glob(".weights.tmp.safetensors"):
-        tmp.unlink(missing_ok=True)
+    """Remove temp files a killed writer left behind (the renamed targets are intact); only our own names."""
+    for tmp in Path(out_dir).iterdir():
+        if own_temporary(tmp.name) and tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+
+
+def is_run_dir(out_dir: str | os.PathLike) -> bool:
+    """Whether `out_dir` holds this project's training run: a valid checkpoint.json or resume.pt."""
+    out = Path(out_dir)
+    try:
+        read_checkpoint_meta(out)
+        return True
+    except CheckpointError:
+        pass
+    try:
+        return load_resume(out, mmap=True) is not None
+    except CheckpointError:
+        return False

@@ -23,6 +23,7 @@ from torch import nn
 from data.datasets import DatasetError, ImageSet, decode_checked, default_preprocessing, load_dataset
 from models.checkpoint import META_FILE, CheckpointError, save_checkpoint
 from models.host import usable_cpus
+from models.io import DirectoryBusy, writer_lock
 from models.preprocessing import Preprocessing
 from models.registry import build_model
 from train.augment import BatchMixer, derive_seed
@@ -38,13 +39,15 @@ from train.distributed import (
 from train.evaluate import eval_loader, evaluate
 from train.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from train.pipeline import EpochBatches, TrainImages, loader, predecode, train_collate
-from train.report import best_of, plot_curves, versions, write_metrics
+from train.report import METRICS_FILE, PLOT_FILE, best_of, plot_curves, versions, write_metrics
 from train.state import (
     RESUME_FILE,
     capture_rng,
     clear_stale_temporaries,
     damaged,
+    is_run_dir,
     load_resume,
+    own_temporary,
     restore_rng,
     save_resume,
 )
@@ -70,23 +73,62 @@ def probe_readable(images: ImageSet, tries: int = 64) -> None:
                        f"{images.split} split is a readable image (e.g. {images.paths[0]})")
 
 
-def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
-    """Refuse to clobber a run unless --resume/--overwrite; rank 0 clears what --overwrite replaces."""
+def check_out_dir(cfg: TrainConfig) -> None:
+    """--out must be absent, empty or this project's run directory; an existing run needs --resume or --overwrite.
+
+    Anything else (a user's files, an export bundle) is refused untouched: the run would replace or mix into it.
+    """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    has_run = (out / RESUME_FILE).exists() or (out / META_FILE).exists()
-    if has_run and not (cfg.resume or cfg.overwrite):
+    if not out.is_dir():
+        return
+    try:
+        entries = sorted(p.name for p in out.iterdir() if not own_temporary(p.name))
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot read it: {exc.strerror or exc}") from None
+    if not entries:
+        return
+    if not is_run_dir(out):
+        raise ConfigError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and is not a "
+                          f"training run (no valid {META_FILE} or {RESUME_FILE}); nothing was changed: choose a new "
+                          f"or empty directory")
+    if not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to start over")
+
+
+def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
+    """Hold the project's writer lock on `out` until `stack` closes: a second run into it stops with one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Resolved, so two spellings of one directory (a symlink, `.`) take the same lock.
+        stack.enter_context(writer_lock(out.resolve()))
+    except DirectoryBusy as exc:
+        raise ConfigError(f"--out: {exc} (one run per directory)") from None
+    except OSError as exc:  # read-only or virtual file system, a file in the path, no permission
+        raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
+
+
+def prepare_out_dir(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> None:
+    """Rank 0 locks, checks and creates --out (the lock lives until `stack` closes); every rank learns the outcome.
+
+    Nothing of an existing run is removed here: --overwrite replaces the old run once the new one first saves.
+    """
+    out, problem = Path(cfg.out), None
     if info.is_main:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            clear_stale_temporaries(out)
-            if cfg.overwrite:
-                for name in (RESUME_FILE, "metrics.jsonl", "curves.png"):
-                    (out / name).unlink(missing_ok=True)
-        except OSError as exc:  # read-only or virtual file system, a file in the path, no permission
-            raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
+            _lock_out_dir(out, stack)
+            check_out_dir(cfg)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                clear_stale_temporaries(out)
+            except OSError as exc:
+                raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
+        except ConfigError as exc:
+            problem = exc
+    # The other ranks would otherwise train on and fail later, at their first collective, with no reason given.
+    if all_reduce_sum([float(problem is not None)], info)[0]:
+        raise problem or ConfigError(f"--out {out}: refused by rank 0")
 
 
 def missing_dirs(path: Path) -> list[Path]:
@@ -151,6 +193,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.dev.type == "cuda")
         self.show = info.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
+        # --overwrite: the old run stays whole until this one's first file is written (then it is removed).
+        self.replacing = cfg.overwrite and info.is_main
         self._load_data()
         self._build()
 
@@ -279,6 +323,23 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": capture_rng(), "progress": progress,
         })
+        self._forget_old_run(RESUME_FILE)
+
+    def _forget_old_run(self, written: str) -> None:
+        """--overwrite: once the new run has written `written`, remove the old run's other files.
+
+        Until then an interrupted start leaves the old run as it was; from then on the new run is resumable.
+        """
+        if not self.replacing:
+            return
+        self.replacing = False
+        out = Path(self.cfg.out)
+        for name in (META_FILE, RESUME_FILE, METRICS_FILE, PLOT_FILE):
+            if name != written:
+                (out / name).unlink(missing_ok=True)
+        if written != META_FILE:  # save_checkpoint removes the weights it replaced itself
+            for old in out.glob("weights-*.safetensors"):
+                old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ training
     def _inputs(self, xb: torch.Tensor) -> torch.Tensor:
@@ -412,10 +473,10 @@ class Trainer:
         progress["epoch"] = epoch + 1 if complete else epoch
         progress["step_in_epoch"] = 0 if complete else step
         progress["epoch_acc"] = None if complete else acc
-        if self.info.is_main:
-            write_metrics(self.cfg.out, progress["history"])
+        # resume.pt first: a run killed between the two writes is still a (resumable) run directory.
         self.save_state(progress)
         if self.info.is_main:
+            write_metrics(self.cfg.out, progress["history"])
             val = "" if "val_top1" not in rec else f"  val top-1 {100 * rec['val_top1']:.2f}%" + (
                 f" (EMA {100 * rec['val_top1_ema']:.2f}%)" if "val_top1_ema" in rec else "")
             loss = "diverged (non-finite)" if diverged else f"{train_loss:.4f}"
@@ -476,10 +537,12 @@ class Trainer:
             "data": {"train": self.train_set.fingerprint(), "val": self.val_set.fingerprint()},
         }
         if info.is_main:
-            write_metrics(cfg.out, progress["history"])
+            # The checkpoint first: a run killed before it is still resumable (or, with --epochs 0, the old run).
             save_checkpoint(cfg.out, chosen, class_names=self.class_names, preprocessing=self.spec,
                             extra={"dataset": cfg.dataset, "weights_source": summary["weights_source"],
                                    "training": summary})
+            self._forget_old_run(META_FILE)
+            write_metrics(cfg.out, progress["history"])
             plot_curves(cfg.out, progress["history"], f"{cfg.model} on {Path(cfg.dataset).name}")
             ema_txt = "" if ema is None else f", EMA {100 * ema['top1']:.2f}%"
             print(f"checkpoint {cfg.out}: val top-1 {100 * raw['top1']:.2f}%{ema_txt} "
@@ -508,12 +571,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     info = setup(cfg.device)
     ok = False
     created = missing_dirs(Path(cfg.out)) if info.is_main else []
+    lock = contextlib.ExitStack()
     try:
-        prepare_out_dir(cfg, info)
+        prepare_out_dir(cfg, info, lock)
         summary = Trainer(cfg, info).run()
         ok = True
         return summary
     finally:
+        lock.close()  # before an empty run directory (and the lock file's parent) is removed
         if ok:
             teardown(info)
         else:

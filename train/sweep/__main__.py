@@ -12,6 +12,8 @@ Rerunning the same command resumes: runs whose result file exists are skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shlex
 import signal
 import sys
@@ -22,11 +24,15 @@ from models.cli import OneLineParser, int_in
 from train.config import OPTIMIZERS
 from train.sweep.plan import MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, METRICS, STUDIES, TUNINGS, range_problem
 from train.sweep.presets import PRESETS, make_config
-from train.sweep.runner import RunFailed, make_slots
+from train.sweep.runner import RESULTS_DIR, RunFailed, make_slots
 from train.sweep.study import run_study
 
 MAX_WORKERS = 256  # each worker is a training process
 MAX_THREADS = 1024
+# Set by the sweep for every run (from the study and the run's spec): a copy in --train-args would silently win
+# over them, and the result would be filed under settings it was not trained with.
+SWEEP_SETS = ("model", "dataset", "epochs", "optimizer", "lr", "weight_decay", "seed", "threads", "out", "resume",
+              "overwrite")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -65,6 +71,30 @@ def dataset_problem(name: str) -> str | None:
     missing = [split for split in SPLITS if not (root / split).is_dir()]
     if missing:
         return f"dataset folder {root} has no {'/, '.join(missing)}/ directory (expected root/<split>/<class>/*.jpg)"
+    return None
+
+
+def train_args_problem(train_args: tuple[str, ...], model: str, dataset: str) -> str | None:
+    """Why `python -m train` would refuse --train-args (unknown flag, bad value, one the sweep sets), or None."""
+    from train.config import ConfigError, resolve_config
+    from train.options import build_parser
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            given = {k: v for k, v in vars(build_parser().parse_args(list(train_args))).items() if v is not None}
+    except SystemExit as exc:
+        lines = said.getvalue().strip().splitlines()
+        reason = lines[-1].split(" error: ", 1)[-1] if exc.code and lines else "give training flags, not --help"
+        return f"--train-args {shlex.join(train_args)!r}: {reason}"
+    clash = [k for k in SWEEP_SETS if k in given]
+    if clash:
+        return (f"--train-args: --{clash[0].replace('_', '-')} is set by the sweep for every run (from the study's "
+                f"settings); use the sweep's own options")
+    try:
+        resolve_config({**given, "model": model, "dataset": dataset, "out": "-", "epochs": 1})
+    except ConfigError as exc:
+        return f"--train-args: {exc}"
     return None
 
 
@@ -117,6 +147,8 @@ def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry
     problem = problem or out_problem(out, "--out") or (None if report_only else out_problem(runs_dir, "--runs-dir"))
     if problem:
         raise ValueError(problem)
+    if report_only and not ((out / "study.json").is_file() or (out / RESULTS_DIR).is_dir()):
+        raise ValueError(f"--out {out}: no study results there (no study.json or {RESULTS_DIR}/); nothing to report")
     if dry_run:  # a dry run writes nothing
         return
     try:
@@ -145,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         for m in cfg.models:
             get_config(m)
+        problem = train_args_problem(cfg.train_args, cfg.models[0], cfg.dataset)
+        if problem:
+            raise ValueError(problem)
         slots = make_slots(args.workers, args.devices, args.threads)
         out = args.out or Path("results") / f"paper-{args.preset}"
         runs_dir = args.runs_dir or Path("runs") / "sweep" / out.name

@@ -56,6 +56,18 @@ def _within(name: str, value: int, low: int, high: int) -> None:
         raise ValueError(f"{name} must be in {low}..{high}, got {value!r}")
 
 
+def _check_pair(models: tuple[str, ...]) -> None:
+    """Every claim compares ViT_C with ViT_P: a study without such a pair would train for nothing to report."""
+    from models.registry import get_config
+    from train.sweep.analysis import stem_pairs
+
+    for m in models:
+        get_config(m)  # KeyError naming an unknown model, before it is paired
+    if not stem_pairs(models):
+        raise ValueError(f"--models {','.join(models)}: the study compares ViT_C with ViT_P; give a conv-stem and a "
+                         f"patchify model, e.g. vit_c_mini,vit_p_mini")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """All settings of a study; stored in the study directory so a rerun can be checked against it."""
@@ -79,6 +91,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if len(self.models) < 1:
             raise ValueError("a study needs at least one model")
+        _check_pair(self.models)
         if not self.epochs or min(self.epochs) < 1:
             raise ValueError(f"schedule lengths must be positive integers, got {self.epochs}")
         if self.stability_epochs < 1 or self.samples < 1 or not self.seeds:

@@ -2,8 +2,9 @@
 
 A run's result lives at STUDY/run-results/<run_id>.json (not "runs/", which .gitignore keeps out of git, so a
 study's results can be committed) and is written only after its training process exited successfully, so
-resuming a study is "skip every run whose result file exists". Training directories (checkpoints, logs) live
-elsewhere (`runs_root`, gitignored); a retried run continues its interrupted training from resume.pt.
+resuming a study is "skip every run whose result file exists". Training directories live elsewhere (`runs_root`,
+gitignored), each with its log beside it (`<run_id>.log`: `python -m train` takes only an empty or run directory
+as --out); a retried run continues its interrupted training from resume.pt.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ RESULT_VERSION = 1
 OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"adamw": ("--optimizer", "adamw"), "sgd": ("--optimizer", "sgd")}
 LOG_TAIL = 4000
 RESULTS_DIR = "run-results"
+LEGACY_LOG = "train.log"  # where earlier versions kept a run's log: inside its training directory
 
 
 class RunFailed(RuntimeError):
@@ -141,6 +143,24 @@ def read_training(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def log_path(runs_root: Path, spec: RunSpec) -> Path:
+    """A run's training log, beside its training directory."""
+    return Path(runs_root) / f"{spec.run_id}.log"
+
+
+def _adopt_legacy_log(run_dir: Path, log: Path) -> None:
+    """Move a log an earlier version left inside the run directory out beside it (appended, nothing lost)."""
+    old = run_dir / LEGACY_LOG
+    if not old.is_file() or old.is_symlink():
+        return
+    if log.exists():
+        with open(log, "ab") as f:
+            f.write(old.read_bytes())
+        old.unlink()
+    else:
+        os.replace(old, log)
+
+
 def run_one(
     spec: RunSpec,
     study_dir: Path,
@@ -150,13 +170,14 @@ def run_one(
 ) -> dict[str, Any]:
     """Train one run (resuming an interrupted attempt) and write its result JSON; raises RunFailed on failure."""
     run_dir = Path(runs_root) / spec.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    log = log_path(runs_root, spec)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    _adopt_legacy_log(run_dir, log)
     cmd = build_command(spec, run_dir, slot.threads)
-    log_path = run_dir / "train.log"
     start = time.time()
-    with open(log_path, "ab") as log:
+    with open(log, "ab") as log_file:
         # A new session so an interrupt of the sweep can stop the whole training process group.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True)
         if procs is not None:
             procs[proc.pid] = proc
         try:
@@ -166,8 +187,8 @@ def run_one(
                 procs.pop(proc.pid, None)
     wall = time.time() - start
     if rc != 0:
-        tail = log_path.read_bytes()[-LOG_TAIL:].decode(errors="replace")
-        raise RunFailed(f"{spec.run_id}: `python -m train` exited {rc} (log {log_path}):\n{tail}")
+        tail = log.read_bytes()[-LOG_TAIL:].decode(errors="replace")
+        raise RunFailed(f"{spec.run_id}: `python -m train` exited {rc} (log {log}):\n{tail}")
     result = {
         "format": RESULT_FORMAT,
         "format_version": RESULT_VERSION,

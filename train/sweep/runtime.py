@@ -5,6 +5,9 @@ channels_last, eager and (on a GPU, where it pays) compiled. The two models alte
 hits both alike; each setting's C/P ratio is the median of the per-round ratios.
 
     python -m train.sweep.runtime --models vit_c_nano,vit_p_nano --device cpu
+
+The pair is one conv-stem and one patchify model, in either order (each is recognised by its stem). A batch that
+cannot fit in the device's free memory is refused before anything is allocated; running out anyway is one line.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from models.cli import OneLineParser, int_in
+from models.cli import OneLineParser, int_in, out_of_memory
 
 LAYOUTS = ("nchw", "channels_last")
 MAX_BATCH = 4096  # a batch is allocated whole on the device: bound it before asking for it
@@ -116,6 +120,71 @@ def measure(conv: str, patch: str, device: str = "cpu", batch: int = 64, rounds:
     return rows
 
 
+def conv_and_patch(models: str) -> tuple[str, str]:
+    """(the conv-stem model, the patchify one) named in `models`, in either order; KeyError or ValueError if the
+    list is not one ViT_C and one ViT_P."""
+    from models.registry import get_config
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if len(names) != 2:
+        raise ValueError(f"expected two models, a ViT_C and a ViT_P, got {len(names)}")
+    kinds = {m: get_config(m).stem.kind for m in names}
+    conv = [m for m in names if kinds[m] == "conv"]
+    patch = [m for m in names if kinds[m] == "patchify"]
+    if len(conv) != 1 or len(patch) != 1:
+        raise ValueError(f"{names[0]} ({kinds[names[0]]} stem) and {names[1]} ({kinds[names[1]]} stem) are not a "
+                         f"pair: give one conv-stem (ViT_C) and one patchify (ViT_P) model")
+    return conv[0], patch[0]
+
+
+def memory_needed(model: str, batch: int) -> int:
+    """About the bytes of a training step: float32 weights, gradients and AdamW's two moments, the input batch,
+    and twice the counted activations (the peaks measured on the CPU are 1.3-2.1x them)."""
+    from models.complexity import complexity
+    from models.registry import get_config
+
+    cfg = get_config(model)
+    c = complexity(cfg)
+    return 4 * (4 * c.params + batch * (2 * c.acts + cfg.in_chans * cfg.image_size ** 2))
+
+
+def _cgroup_free() -> int | None:
+    """Bytes this cgroup (v2) may still allocate, or None without a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if not limit.isdigit() else max(0, int(limit) - used)
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes on `device` (the GPU's, or the host's available memory within its cgroup), None if unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        info = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", info, re.M)
+    free = [x for x in (int(m.group(1)) * 1024 if m else None, _cgroup_free()) if x is not None]
+    return min(free) if free else None
+
+
+def batch_problem(models: tuple[str, ...], device: str, batch: int) -> str | None:
+    """Why `batch` cannot fit on `device` for the larger of `models` (checked before anything is allocated)."""
+    free = available_memory(device)
+    if free is None:
+        return None
+    need, model = max((memory_needed(m, batch), m) for m in models)
+    if need <= free:
+        return None
+    return (f"--batch {batch}: a training step of {model} needs about {need / 2**30:.1f} GiB, {device} has "
+            f"{free / 2**30:.1f} GiB free")
+
+
 def _device(text: str) -> str:
     """An argparse type: cpu, cuda or cuda:N (availability is checked after parsing, when torch is loaded)."""
     if not DEVICE_RE.fullmatch(text):
@@ -140,24 +209,30 @@ def device_problem(device: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Print the rows as a table; exit 2 with one line for a bad model name."""
     p = OneLineParser(prog="python -m train.sweep.runtime", description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair")
+    p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair (either order)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=64, help=f"images per step, 1..{MAX_BATCH}")
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=7, help=f"alternating rounds, 1..{MAX_ROUNDS}")
     args = p.parse_args(argv)
-    from models.registry import get_config
-
     try:
-        conv, patch = (m.strip() for m in args.models.split(","))
-        get_config(conv), get_config(patch)
+        conv, patch = conv_and_patch(args.models)
     except (ValueError, KeyError) as exc:
         print(f"{p.prog}: error: --models: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     problem = device_problem(args.device)
+    problem = f"--device {args.device}: {problem}" if problem else batch_problem((conv, patch), args.device, args.batch)
     if problem:
-        print(f"{p.prog}: error: --device {args.device}: {problem}", file=sys.stderr)
+        print(f"{p.prog}: error: {problem}", file=sys.stderr)
         return 2
-    for r in measure(conv, patch, args.device, args.batch, args.rounds):
+    try:
+        rows = measure(conv, patch, args.device, args.batch, args.rounds)
+    except (MemoryError, RuntimeError) as exc:
+        reason = out_of_memory(exc)
+        if reason is None:
+            raise
+        print(f"{p.prog}: error: {reason}: try a smaller --batch", file=sys.stderr)
+        return 1  # the work failed, not the input (as a full disk would)
+    for r in rows:
         print(f"{r['what']:<10} {r['layout']:<13} {'compiled' if r['compiled'] else 'eager':<8} "
               f"C {r['ms_vit_c']:.2f} ms  P {r['ms_vit_p']:.2f} ms  C/P {r['ratio']:.3f}")
     return 0
