@@ -193,8 +193,12 @@ def _model_dir_name(manifest: Manifest, artifact: Artifact) -> str:
 
 def write_repository(bundle: str | Path, out: str | Path, *, version: int | None = None, kind: str | None = None,
                      instances: int = 1, max_queue_delay_us: int = 2000, storage_uri: str | None = None,
-                     isvc_name: str | None = None) -> list[Path]:
+                     isvc_name: str | None = None, replace_config: bool = False,
+                     kept: list[Path] | None = None) -> list[Path]:
     """Add every Triton-servable artifact of `bundle` to the repository `out`; returns the version directories.
+
+    A model directory that exists already keeps its config.pbtxt when it differs from the generated one (edited by
+    hand: vitc and Triton batch by it), unless `replace_config`; the kept ones are appended to `kept`.
 
     Everything is built and verified in a temporary directory beside `out`, then renamed into place: on any error
     nothing is written (BundleError, RepositoryError, DirectoryBusy, OSError). An existing version is never
@@ -238,7 +242,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                                  instances=instances, max_queue_delay_us=max_queue_delay_us)
                     plan.append((name, v))
                 atomic_write_bytes(staging / ISVC_FILE, inference_service(isvc_name, storage_uri, gpus).encode())
-                return _publish(staging, out, plan)
+                return _publish(staging, out, plan, replace_config, kept if kept is not None else [])
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
@@ -356,8 +360,11 @@ def _version_files(bundle: Path, manifest: Manifest, artifact: Artifact) -> dict
     return out
 
 
-def _publish(staging: Path, out: Path, plan: list[tuple[str, int]]) -> list[Path]:
-    """Rename the staged models (and the InferenceService) into `out`; undone if any step fails."""
+def _publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_config: bool,
+             kept: list[Path]) -> list[Path]:
+    """Rename the staged models (and the InferenceService) into `out`; undone if any step fails. An existing
+    model's config.pbtxt that differs from the generated one is kept (and listed in `kept`) unless
+    `replace_config`."""
     if not out.exists():  # a new repository: one rename
         os.rename(staging, out)
         return [out / name / str(v) for name, v in plan]
@@ -374,8 +381,13 @@ def _publish(staging: Path, out: Path, plan: list[tuple[str, int]]) -> list[Path
                     raise _exists(dst / str(v))
                 os.rename(src / str(v), dst / str(v))
                 undo.append(lambda d=dst / str(v): shutil.rmtree(d))
-                for f in (CONFIG_FILE, LABELS_FILE):
-                    undo.append(_replace_file(src / f, dst / f, staging))
+                undo.append(_replace_file(src / LABELS_FILE, dst / LABELS_FILE, staging))
+                if replace_config or not (dst / CONFIG_FILE).is_file():
+                    undo.append(_replace_file(src / CONFIG_FILE, dst / CONFIG_FILE, staging))
+                elif (dst / CONFIG_FILE).read_bytes() != (src / CONFIG_FILE).read_bytes():
+                    # The model's configuration is the user's once written (vitc and Triton both batch by it):
+                    # a new version keeps an edited one.
+                    kept.append(dst / CONFIG_FILE)
             written.append(dst / str(v))
         undo.append(_replace_file(staging / ISVC_FILE, out / ISVC_FILE, staging))
         return written
@@ -415,11 +427,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "no whitespace (default pvc://vitc-models/<repo dir>)")
     p.add_argument("--isvc-name", help="InferenceService name, a Kubernetes name: a-z 0-9 -, at most 63 "
                                        "(default vitc-<bundle name>)")
+    p.add_argument("--replace-config", action="store_true",
+                   help="regenerate an existing model's config.pbtxt (default: an edited one is kept)")
     args = p.parse_args(argv)
+    kept: list[Path] = []
     try:
         written = write_repository(args.bundle, args.out, version=args.version, kind=args.kind,
                                    instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
-                                   storage_uri=args.storage_uri, isvc_name=args.isvc_name)
+                                   storage_uri=args.storage_uri, isvc_name=args.isvc_name,
+                                   replace_config=args.replace_config, kept=kept)
     except (BundleError, DirectoryBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -430,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for path in written:
         print(f"wrote {path} (a bundle too: {MANIFEST_FILE})")
+    for path in kept:
+        print(f"kept {path}: it differs from the generated one (edited?); --replace-config regenerates it")
     print(f"wrote {Path(args.out) / ISVC_FILE}")
     return 0
 

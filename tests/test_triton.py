@@ -94,6 +94,20 @@ def test_versions_are_added_never_overwritten(bundle, tmp_path):
     assert triton.main([str(bundle), "--out", str(out), "--version", "1"]) == 2
 
 
+def test_an_edited_config_survives_a_new_version_unless_replaced(bundle, tmp_path, capsys):
+    out = tmp_path / "repo"
+    triton.write_repository(bundle, out)
+    config = out / "micro-onnx-fp32" / "config.pbtxt"
+    generated = config.read_text()
+    config.write_text(generated.replace("max_batch_size: 32", "max_batch_size: 4"))
+    edited = config.read_text()
+    assert triton.main([str(bundle), "--out", str(out)]) == 0
+    assert config.read_text() == edited and f"kept {config}" in capsys.readouterr().out
+    assert (out / "micro-onnx-fp32" / "2").is_dir()
+    assert triton.main([str(bundle), "--out", str(out), "--replace-config"]) == 0
+    assert config.read_text() == generated
+
+
 def _infer(url: str, model: str, x: np.ndarray) -> np.ndarray:
     import tritonclient.http as httpclient
 
