@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from models.config import MAX_LABEL_CHARS, is_label
 from models.preprocessing import Preprocessing, upright
 
 EMBEDDED = ("animals", "mnist", "digits")
@@ -125,6 +126,9 @@ def _folder(root: Path, split: str) -> ImageSet:
         classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DatasetError(f"dataset folder {split_dir} has no class directories")
+    if bad := next((c for c in classes if not is_label(c)), None):  # found now, not when the checkpoint is saved
+        raise DatasetError(f"class directory {bad[:60]!r} in {split_dir.parent}: a class name must be "
+                           f"1..{MAX_LABEL_CHARS} characters without control characters or line breaks; rename it")
     paths, labels = [], []
     for i, c in enumerate(classes):
         cdir = split_dir / c

@@ -111,6 +111,7 @@ class TorchBackend:
         import torch
         from safetensors.torch import load_file
 
+        from models.checkpoint import CheckpointError, check_finite
         from models.vit import VisionTransformer
 
         options = spec.options
@@ -138,11 +139,17 @@ class TorchBackend:
             _strict_fp32(torch)
         path = spec.file(".safetensors")
         model = VisionTransformer(spec.manifest.config)
+        state = load_file(str(path))
+        try:  # a NaN pinned under a valid sha256 is refused here, not left to the golden check to notice
+            check_finite(state, path)
+        except CheckpointError as exc:
+            raise BackendError(str(exc)) from None
         try:  # rounded weights come back to fp32 exactly; autocast rounds them again where it computes low
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                   for k, v in load_file(str(path)).items()}, strict=True)
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                  strict=True)
         except RuntimeError as exc:
             raise BackendError(f"{path.name}: weights do not fit the manifest's config: {first_line(exc)}") from None
+        del state
         model = model.eval().to(options.device)
         if self._channels_last:
             model = model.to(memory_format=torch.channels_last)

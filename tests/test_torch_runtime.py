@@ -101,3 +101,23 @@ def test_serve_refuses_torch_options_for_other_backends(bundle, capsys):
     assert main(["--model", str(bundle), "--backend", "onnxruntime", "--compile"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: invalid settings: compile and channels_last apply to --backend torch, not 'onnxruntime'"]
+
+
+def test_a_nan_weight_pinned_under_a_valid_sha256_is_refused_at_load(bundle, manifest, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from models.bundle import file_entries, write_manifest
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    weights = copy / "model.safetensors"
+    state = load_file(str(weights))
+    state["head.weight"][0, 0] = float("nan")
+    save_file(state, str(weights))
+    art = next(a for a in manifest.artifacts if a.runtime == "torch" and a.precision == "fp32")
+    fixed = replace(art, files=tuple(file_entries(copy, [weights])))
+    write_manifest(copy, replace(manifest, artifacts=tuple(fixed if a is art else a for a in manifest.artifacts)))
+    with pytest.raises(BackendError, match="head.weight holds NaN"):
+        _open(copy, read_manifest(copy))

@@ -111,3 +111,13 @@ def test_a_decompression_bomb_counts_as_unreadable(tmp_path):
     Image.new("1", (14_000, 14_000)).save(bomb)  # 196 M pixels in a few kB: beyond PIL's bound
     assert bomb.stat().st_size < 1 << 20
     assert decode_checked(bomb) is None
+
+
+def test_a_class_name_no_checkpoint_could_hold_is_refused_when_the_dataset_loads(tmp_path):
+    from data.datasets import DatasetError, load_dataset
+
+    for split in ("train", "val"):
+        (tmp_path / split / "line\nbreak").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "line\nbreak" / "a.png")
+    with pytest.raises(DatasetError, match="rename it"):
+        load_dataset(tmp_path, "train")
