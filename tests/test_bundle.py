@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_serve_fixtures import LEGACY, legacy_with_manifest
 
 import runtimes
 from export import report
@@ -22,7 +22,6 @@ from models.bundle import MAX_MANIFEST_BYTES, BundleError, Manifest, read_manife
 from runtimes import BackendOptions
 
 REPO = Path(__file__).resolve().parents[1]
-LEGACY = REPO / "tests" / "data" / "legacy-bundle-v1"
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +29,9 @@ def raw() -> dict:
     return json.loads((LEGACY / "manifest.json").read_text())
 
 
-def _write(tmp_path: Path, manifest: dict | str) -> Path:
-    bundle = tmp_path / "b"
-    shutil.copytree(LEGACY, bundle, dirs_exist_ok=True)
-    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
-    (bundle / "manifest.json").write_text(text)
-    return bundle
-
-
 def _refused(tmp_path: Path, manifest: dict | str, *words: str) -> str:
     with pytest.raises(BundleError) as info:
-        read_manifest(_write(tmp_path, manifest))
+        read_manifest(legacy_with_manifest(tmp_path, manifest))
     message = str(info.value)
     assert "\n" not in message and "manifest.json" in message, message
     for w in words:
@@ -190,7 +181,7 @@ def test_the_manifest_is_typed_and_written_as_strict_json(raw, tmp_path):
 def test_report_and_server_refuse_a_bad_manifest_with_one_line(raw, tmp_path, capsys):
     doc = copy.deepcopy(raw)
     doc["input"]["max_batch"] = "many"
-    bundle = _write(tmp_path, doc)
+    bundle = legacy_with_manifest(tmp_path, doc)
     assert report.main([str(bundle)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "'input.max_batch' must be an integer" in err and "\n" not in err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serve_fixtures import micro_bundle
+from test_serve_fixtures import LEGACY, micro_bundle, one_line
 
 import runtimes
 from export import bundle as export_bundle
@@ -28,7 +28,6 @@ from export.bundle import build_bundle
 from models.bundle import read_manifest
 from runtimes import BackendError, BackendOptions
 
-LEGACY = Path(__file__).resolve().parent / "data" / "legacy-bundle-v1"
 EXPORT = ("--targets", "torch", "--max-batch", "4", "--parity-samples", "16", "--threads", "1")
 
 
@@ -41,12 +40,6 @@ def bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(bundle) -> Path:
     return bundle.parent / "ckpt"
-
-
-def _one_line(capsys) -> str:  # noqa: ANN001
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def _error_line(capsys) -> str:  # noqa: ANN001
@@ -82,13 +75,13 @@ def test_triton_refuses_an_out_that_is_in_or_around_the_bundle(bundle, tmp_path,
     for out, says in cases:
         with pytest.raises(SystemExit) as info:
             triton.main([str(copy), "--out", str(out)])
-        assert info.value.code == 2 and says in _one_line(capsys), out
+        assert info.value.code == 2 and says in one_line(capsys), out
     # the same directory named another way (a relative path, a symlink) is the same directory
     link = tmp_path / "link"
     link.symlink_to(copy)
     with pytest.raises(SystemExit) as info:
         triton.main([str(copy), "--out", str(link)])
-    assert info.value.code == 2 and "is the bundle" in _one_line(capsys)
+    assert info.value.code == 2 and "is the bundle" in one_line(capsys)
     link.unlink()
     assert _tree(tmp_path) == before
     # the bundle is untouched, and still exports and converts
@@ -109,7 +102,7 @@ def test_triton_refuses_a_directory_it_did_not_write(bundle, checkpoint, tmp_pat
                       (project, "no inferenceservice.yaml"), (fake_isvc, "was not written by this tool")]:
         with pytest.raises(SystemExit) as info:
             triton.main([str(bundle), "--out", str(out)])
-        err = _one_line(capsys)
+        err = one_line(capsys)
         assert info.value.code == 2 and "not a model repository written by python -m export.triton" in err, err
         assert says in err, err
     assert _tree(tmp_path) == before
@@ -129,7 +122,7 @@ def test_triton_adds_to_its_own_repository_but_not_to_a_model_directory_of_someo
     before = _tree(repo)
     with pytest.raises(SystemExit) as info:
         triton.main([str(bundle), "--out", str(repo)])
-    assert info.value.code == 2 and "micro-onnx-fp32/ is not a model directory of this tool" in _one_line(capsys)
+    assert info.value.code == 2 and "micro-onnx-fp32/ is not a model directory of this tool" in one_line(capsys)
     assert _tree(repo) == before
     # a bundle that was polluted by an older export.triton (a repository written into it) is refused as --out too
     polluted = shutil.copytree(repo, tmp_path / "polluted")
@@ -137,7 +130,7 @@ def test_triton_adds_to_its_own_repository_but_not_to_a_model_directory_of_someo
     (polluted / "micro-onnx-fp32" / "my-notes.txt").unlink()
     with pytest.raises(SystemExit) as info:
         triton.main([str(bundle), "--out", str(polluted)])
-    assert info.value.code == 2 and "it holds manifest.json" in _one_line(capsys)
+    assert info.value.code == 2 and "it holds manifest.json" in one_line(capsys)
 
 
 # --- export certifies exactly what the server loads ------------------------------------------------------------
@@ -303,7 +296,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower_and_keeps_the_old_bundle
     monkeypatch.setattr(export_bundle, where, oom)
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--targets", "onnx", "--max-batch", "1024",
                    "--parity-samples", "1024", "--threads", "1"])
-    err = _error_line(capsys) if where != "parity_data" else _one_line(capsys)
+    err = _error_line(capsys) if where != "parity_data" else one_line(capsys)
     assert rc == 1 and err.startswith("error: out of memory"), err
     assert "lower --max-batch (1024), --parity-samples (1024) or --calibration-samples (300)" in err, err
     assert "previous bundle" in err
@@ -352,7 +345,7 @@ def test_a_bad_calibration_dataset_is_refused_before_any_work(checkpoint, tmp_pa
     _no_slow_work(monkeypatch)
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--max-batch", "4",
                    "--parity-samples", "16", "--threads", "1", *extra])
-    assert rc == 2 and says in _one_line(capsys)
+    assert rc == 2 and says in one_line(capsys)
     assert not list(tmp_path.iterdir())
 
 
@@ -362,7 +355,7 @@ def test_a_calibration_folder_without_a_train_split_is_refused(checkpoint, tmp_p
     folder.mkdir(parents=True)
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), *EXPORT[2:],
                    "--targets", "onnx-int8", "--calibration-dataset", str(tmp_path / "imgs")])
-    assert rc == 2 and "has no train/ directory" in _one_line(capsys)
+    assert rc == 2 and "has no train/ directory" in one_line(capsys)
     assert not (tmp_path / "b").exists()
 
 
@@ -371,7 +364,7 @@ def test_a_calibration_folder_without_a_train_split_is_refused(checkpoint, tmp_p
 def test_numeric_options_are_checked_by_the_parser(checkpoint, tmp_path, capsys, arg):
     with pytest.raises(SystemExit) as info:
         cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), *arg])
-    assert info.value.code == 2 and arg[0] in _one_line(capsys)
+    assert info.value.code == 2 and arg[0] in one_line(capsys)
     assert not list(tmp_path.iterdir())
 
 
@@ -398,7 +391,7 @@ def test_an_unwritable_out_directory_is_refused_before_any_work(bundle, checkpoi
     before = _tree(tmp_path)
     for out, locked in [(empty, empty), (old, old)]:
         rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT])
-        err = _one_line(capsys)
+        err = one_line(capsys)
         assert rc == 2 and err.startswith(f"error: cannot write bundle {out}") and f"{locked} is not writable" in err
     assert _tree(tmp_path) == before
 
@@ -410,7 +403,7 @@ def test_a_read_only_out_directory_is_refused_for_real(checkpoint, tmp_path, cap
     _no_slow_work(monkeypatch)
     try:
         rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT])
-        assert rc == 2 and "cannot write bundle" in _one_line(capsys)
+        assert rc == 2 and "cannot write bundle" in one_line(capsys)
     finally:
         out.chmod(0o755)
 
@@ -427,7 +420,7 @@ def test_report_served_checks_the_runtime_before_measuring(bundle, capsys, monke
     _no_slow_work(monkeypatch)
     before = (bundle / "manifest.json").read_bytes()
     assert report.main([str(bundle), "--served", *args]) == 2
-    err = _one_line(capsys)
+    err = one_line(capsys)
     assert err.startswith("error: served path: ") and says in err, err
     assert (bundle / "manifest.json").read_bytes() == before
 
@@ -435,7 +428,7 @@ def test_report_served_checks_the_runtime_before_measuring(bundle, capsys, monke
 def test_report_served_options_without_served_are_refused(bundle, capsys):
     with pytest.raises(SystemExit) as info:
         report.main([str(bundle), "--runtime", "openvino"])
-    assert info.value.code == 2 and "--served only" in _one_line(capsys)
+    assert info.value.code == 2 and "--served only" in one_line(capsys)
 
 
 def test_report_served_refuses_a_bundle_it_cannot_record_in(bundle, tmp_path, capsys, monkeypatch):
@@ -444,7 +437,7 @@ def test_report_served_refuses_a_bundle_it_cannot_record_in(bundle, tmp_path, ca
     _no_slow_work(monkeypatch)
     before = _tree(copy)
     assert report.main([str(copy), "--served", "--samples", "4"]) == 2
-    err = _one_line(capsys)
+    err = one_line(capsys)
     assert "cannot record the result in" in err and "the bundle must be writable" in err, err
     assert _tree(copy) == before
 
@@ -457,7 +450,7 @@ def test_report_served_refuses_a_bundle_without_an_artifact_for_the_runtime(bund
     write_manifest(copy, m.with_artifacts([a for a in m.artifacts if a.runtime != "openvino"]))
     _no_slow_work(monkeypatch)
     assert report.main([str(copy), "--served", "--runtime", "openvino"]) == 2
-    assert "openvino" in _one_line(capsys)
+    assert "openvino" in one_line(capsys)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
@@ -467,7 +460,7 @@ def test_report_served_on_a_read_only_bundle_for_real(bundle, tmp_path, capsys, 
     copy.chmod(0o555)
     try:
         assert report.main([str(copy), "--served"]) == 2
-        assert "cannot record the result" in _one_line(capsys)
+        assert "cannot record the result" in one_line(capsys)
     finally:
         copy.chmod(0o755)
 

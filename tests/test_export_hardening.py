@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_serve_fixtures import micro_bundle
+from test_serve_fixtures import micro_bundle, one_line
 
 from export import cli, report, triton
 from export.bundle import build_bundle
@@ -29,12 +29,6 @@ def bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(bundle) -> Path:
     return bundle.parent / "ckpt"
-
-
-def _one_line(capsys) -> str:  # noqa: ANN001
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -127,17 +121,17 @@ def test_the_writer_lock_still_excludes_a_second_writer_and_is_removed_after(tmp
 def test_an_empty_target_list_is_refused(checkpoint, tmp_path, capsys, targets):
     with pytest.raises(SystemExit) as info:
         cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--targets", targets])
-    assert info.value.code == 2 and "--targets names nothing" in _one_line(capsys)
+    assert info.value.code == 2 and "--targets names nothing" in one_line(capsys)
     with pytest.raises(SystemExit) as info:
         cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--precision", targets],
                  family="onnx")
-    assert info.value.code == 2 and "--precision names nothing" in _one_line(capsys)
+    assert info.value.code == 2 and "--precision names nothing" in one_line(capsys)
     assert not list(tmp_path.iterdir())
 
 
 def test_a_parity_dataset_of_another_task_is_refused(checkpoint, tmp_path, capsys):
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), *EXPORT, "--dataset", "mnist"])
-    assert rc == 2 and "class names differ from the checkpoint's" in _one_line(capsys)
+    assert rc == 2 and "class names differ from the checkpoint's" in one_line(capsys)
     assert not list(tmp_path.iterdir())
 
 
@@ -147,7 +141,7 @@ def test_the_bundle_name_is_always_a_valid_model_name(checkpoint, tmp_path, caps
     assert rc == 0, err
     assert read_manifest(out).name == "my-b-ndle-v2"
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "c"), *EXPORT, "--name", "../up"])
-    assert rc == 2 and "--name '../up' is not a valid model name" in _one_line(capsys)
+    assert rc == 2 and "--name '../up' is not a valid model name" in one_line(capsys)
     assert not (tmp_path / "c").exists()
 
 
@@ -187,7 +181,7 @@ def test_triton_never_reads_or_writes_outside_the_bundle_and_the_repository(bund
     hostile = _hostile(bundle, root, edit)
     before = _tree(tmp_path)
     assert triton.main([str(hostile), "--out", str(root / "repo")]) == 2
-    assert "must be" in _one_line(capsys)
+    assert "must be" in one_line(capsys)
     assert _tree(tmp_path) == before  # the victim unchanged, nothing new anywhere
 
 
@@ -205,7 +199,7 @@ def test_triton_refuses_a_tampered_golden_file(bundle, tmp_path, capsys):
     data[len(data) // 2] ^= 0xFF
     golden.write_bytes(bytes(data))
     assert triton.main([str(hostile), "--out", str(tmp_path / "repo")]) == 2
-    err = _one_line(capsys)
+    err = one_line(capsys)
     assert "golden file" in err and "does not match its sha256" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile"]
 
@@ -226,7 +220,7 @@ def test_triton_refuses_a_tampered_golden_file(bundle, tmp_path, capsys):
 def test_triton_options_that_would_inject_or_overflow_are_refused(bundle, tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as info:
         triton.main([str(bundle), "--out", str(tmp_path / "repo"), *args])
-    assert info.value.code == 2 and says in _one_line(capsys)
+    assert info.value.code == 2 and says in one_line(capsys)
     assert not list(tmp_path.iterdir())
 
 
@@ -250,7 +244,7 @@ def test_a_failing_triton_write_leaves_nothing_behind(bundle, tmp_path, capsys):
     (hostile / models[-1].files[0].path).write_bytes(b"corrupt")
     repo = tmp_path / "repo"
     assert triton.main([str(hostile), "--out", str(repo)]) == 2
-    assert "does not match its sha256" in _one_line(capsys)
+    assert "does not match its sha256" in one_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile"]
 
     # An existing repository stays byte for byte as it was.
@@ -277,7 +271,7 @@ def test_a_failure_while_publishing_is_undone(bundle, tmp_path, monkeypatch):
 
     monkeypatch.setattr(triton, "_replace_file", fail_on_the_inference_service)
     with pytest.raises(OSError, match="No space left"):
-        triton.write_repository(bundle, repo, instances=2)
+        triton.write_repository(bundle, repo, instances=2, replace_config=True)
     assert triton.CONFIG_FILE in calls
     assert _tree(repo) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
@@ -301,7 +295,7 @@ def test_report_png_path_is_checked_before_any_work(bundle, tmp_path, capsys):
     for path, says in cases:
         with pytest.raises(SystemExit) as info:
             report.main([str(bundle), "--png", str(path)])
-        assert info.value.code == 2 and says in _one_line(capsys), path
+        assert info.value.code == 2 and says in one_line(capsys), path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["charts", "dir.png", *(["locked"] if os.geteuid()
                                                                                        else [])])
     assert not list(a_dir.iterdir())
@@ -315,7 +309,7 @@ def test_report_served_samples_must_be_positive(bundle, capsys, samples):
     before = (bundle / "manifest.json").read_bytes()
     with pytest.raises(SystemExit) as info:
         report.main([str(bundle), "--served", "--samples", samples])
-    assert info.value.code == 2 and "--samples must be at least 1" in _one_line(capsys)
+    assert info.value.code == 2 and "--samples must be at least 1" in one_line(capsys)
     assert (bundle / "manifest.json").read_bytes() == before
 
 
@@ -325,7 +319,7 @@ def test_manifest_strings_cannot_break_the_config_or_the_labels(bundle, tmp_path
 
     hostile = _hostile(bundle, tmp_path, newline_in_a_class)
     assert triton.main([str(hostile), "--out", str(tmp_path / "repo")]) == 2
-    err = _one_line(capsys)  # refused when the manifest is read, or at the latest before labels.txt is written
+    err = one_line(capsys)  # refused when the manifest is read, or at the latest before labels.txt is written
     assert "labels.txt would be misaligned" in err or "class_names[3]' must be" in err, err
     assert not (tmp_path / "repo").exists()
     m = read_manifest(bundle)

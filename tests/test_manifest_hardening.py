@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_serve_fixtures import LEGACY, legacy_with_manifest
 
 from export import report
 from models.bundle import MAX_ARTIFACTS, BundleError, Manifest, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-LEGACY = REPO / "tests" / "data" / "legacy-bundle-v1"
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +25,10 @@ def raw() -> dict:
     return json.loads((LEGACY / "manifest.json").read_text())
 
 
-def _bundle(tmp_path: Path, manifest: dict | str) -> Path:
-    bundle = tmp_path / "b"
-    shutil.copytree(LEGACY, bundle, dirs_exist_ok=True)
-    (bundle / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
-    return bundle
-
-
 def _refused(tmp_path: Path, manifest: dict | str, *words: str) -> str:
     start = time.perf_counter()
     with pytest.raises(BundleError) as info:
-        read_manifest(_bundle(tmp_path, manifest))
+        read_manifest(legacy_with_manifest(tmp_path, manifest))
     message = str(info.value)
     assert "\n" not in message and "manifest.json" in message and time.perf_counter() - start < 5, message
     for w in words:
@@ -82,7 +74,7 @@ def test_deep_nesting_is_refused_below_and_above_the_parser_limit(raw, tmp_path)
 
 def test_report_and_server_refuse_a_nan_manifest_with_one_line(raw, tmp_path, capsys):
     text = json.dumps(raw).replace('"max_abs_err": 3.337860107421875e-06', '"max_abs_err": NaN')
-    bundle = _bundle(tmp_path, text)
+    bundle = legacy_with_manifest(tmp_path, text)
     assert report.main([str(bundle)]) == 2
     err = capsys.readouterr().err.strip()
     assert "non-finite number NaN" in err and "\n" not in err, err

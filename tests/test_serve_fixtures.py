@@ -7,6 +7,8 @@ prediction uniform and every comparison trivially equal), exported by `export.bu
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -92,3 +94,21 @@ def scores_by_index(answer: dict) -> np.ndarray:
 def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ServerProcess:
     """A real `python -m serve` on 127.0.0.1 (free port), ready."""
     return start(args, log_path, env)
+
+
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy-bundle-v1"
+
+
+def legacy_with_manifest(tmp_path: Path, manifest: dict | str) -> Path:
+    """A copy of the legacy bundle at tmp_path/b whose manifest.json is `manifest` (a dict, or raw text)."""
+    bundle = tmp_path / "b"
+    shutil.copytree(LEGACY, bundle, dirs_exist_ok=True)
+    (bundle / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    return bundle
+
+
+def one_line(capsys) -> str:  # noqa: ANN001 - pytest's capsys
+    """What a CLI wrote to stderr, asserted to be one line without a traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
