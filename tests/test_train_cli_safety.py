@@ -199,7 +199,8 @@ def _resume_progress(out: Path) -> dict | None:
 
 def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(tmp_path, capsys, train_cli):
     out = tmp_path / "run"
-    argv = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "16", "--threads", "1",
+    # Many epochs: the run must still be going when the second process has tried and SIGINT arrives (it never ends).
+    argv = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
             "--val-subset", "16", "--save-every-steps", "2", "--device", "cpu", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
