@@ -199,11 +199,14 @@ def _resume_progress(out: Path) -> dict | None:
 
 def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(tmp_path, capsys, train_cli):
     out = tmp_path / "run"
-    # Many epochs: the run must still be going when the second process has tried and SIGINT arrives (it never ends).
+    # Many epochs: the run must still be going when the second process has tried and SIGINT arrives.
     argv = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
             "--val-subset", "16", "--save-every-steps", "2", "--device", "cpu", "--out", str(out)]
+    # SIGINT back to its default in the child: a test run started in the background (nohup, `&` in a script) ignores
+    # it, and Python then never turns it into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
