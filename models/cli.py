@@ -56,6 +56,9 @@ _OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memor
 _OOM_SIZE = re.compile(r"tried to allocate ([\d.]+ ?(?:bytes|[KMGT]i?B))", re.IGNORECASE)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the machine failed, not the input
+
+
 def memory_failure(exc: BaseException | None) -> BaseException | None:
     """The out-of-memory error behind `exc` (a MemoryError, ENOMEM, or an allocator's error message), if any."""
     seen: set[int] = set()
@@ -80,7 +83,7 @@ def out_of_memory(exc: BaseException) -> str | None:
 
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; Ctrl-C is one line and exit 130 (what was being written is left as it was, the
-    writers are atomic), running out of memory one line and exit 1 (a failure of the work, not of the input: the
+    writers are atomic), running out of memory or disk one line and exit 1 (a failure of the work, not of the input: the
     convention for disk and memory failures), and a closed output pipe (`| head`) ends quietly."""
     try:
         code = main()
@@ -90,6 +93,8 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
         code = 130
     except (MemoryError, RuntimeError, ImportError, OSError) as exc:  # unless the command said it already
         reason = out_of_memory(exc)
+        if reason is None and isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         if reason is None:
             raise
         print(f"{prog}: error: {reason}", file=sys.stderr)

@@ -425,3 +425,31 @@ def test_ctrl_c_drains_like_sigterm_without_a_traceback(tmp_path):
     assert any(json.loads(ln).get("msg") == "stopped" for ln in lines if ln.startswith("{"))  # drained as SIGTERM
     assert [ln for ln in lines if not ln.startswith("{")] == (
         ["python -m serve: interrupted"] if server.proc.returncode == 130 else [])
+
+
+@pytest.mark.parametrize("failure, code, says", [
+    (KeyboardInterrupt(), 130, "prog: interrupted"),
+    (MemoryError(), 1, "prog: error: out of memory"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"), 1, "out of memory"),
+    (OSError(28, "No space left on device", "/x/y"), 1, "prog: error: No space left on device: /x/y"),
+])
+def test_every_entry_point_ends_a_failure_of_the_machine_in_one_line(failure, code, says, capsys):
+    from models.cli import run
+
+    def main() -> int:
+        raise failure
+
+    with pytest.raises(SystemExit) as exit_:
+        run(main, "prog")
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == code and says in err and "\n" not in err
+
+
+def test_an_unexpected_error_still_shows_its_traceback():
+    from models.cli import run
+
+    def main() -> int:
+        raise OSError(13, "Permission denied")  # not the machine failing: a bug to report, with its traceback
+
+    with pytest.raises(OSError):
+        run(main, "prog")
