@@ -81,26 +81,34 @@ def out_of_memory(exc: BaseException) -> str | None:
     return "out of memory" + (f" (an allocation of {size.group(1)} failed)" if size else "")
 
 
+def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None:
+    """When `exc` is the machine failing (out of memory, a full disk): print it as one line (with `hint`, what to
+    lower) and return exit code 1 (a failure of the work, not of the input). Otherwise None: the caller re-raises."""
+    reason = out_of_memory(exc)
+    if reason is None and isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    if reason is None:
+        return None
+    print(f"{prog}: error: {reason}" + (f": {hint}" if hint else ""), file=sys.stderr)
+    return 1
+
+
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; Ctrl-C is one line and exit 130 (what was being written is left as it was, the
-    writers are atomic), running out of memory or disk one line and exit 1 (a failure of the work, not of the input: the
-    convention for disk and memory failures), and a closed output pipe (`| head`) ends quietly."""
+    writers are atomic), the machine failing (`machine_failure`) one line and exit 1, and a closed output pipe
+    (`| head`) ends quietly."""
     try:
         code = main()
         sys.stdout.flush()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
-    except (MemoryError, RuntimeError, ImportError, OSError) as exc:  # unless the command said it already
-        reason = out_of_memory(exc)
-        if reason is None and isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-        if reason is None:
-            raise
-        print(f"{prog}: error: {reason}", file=sys.stderr)
-        code = 1
-    except BrokenPipeError:
+    except BrokenPipeError:  # an OSError: before the clause below
         # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
+    except (MemoryError, RuntimeError, ImportError, OSError) as exc:  # unless the command said it already
+        code = machine_failure(exc, prog)
+        if code is None:
+            raise
     raise SystemExit(code)

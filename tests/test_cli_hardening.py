@@ -445,6 +445,19 @@ def test_every_entry_point_ends_a_failure_of_the_machine_in_one_line(failure, co
     assert exit_.value.code == code and says in err and "\n" not in err
 
 
+def test_a_closed_output_pipe_ends_quietly(capfd, monkeypatch):
+    from models.cli import run
+
+    monkeypatch.setattr("os.dup2", lambda *_: None)  # the real one would point the test's stdout at /dev/null
+
+    def main() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(SystemExit) as exit_:
+        run(main, "prog")
+    assert exit_.value.code == 141 and capfd.readouterr().err == ""
+
+
 def test_an_unexpected_error_still_shows_its_traceback():
     from models.cli import run
 

@@ -12,7 +12,7 @@ import sys
 
 from data.datasets import DatasetError
 from models.checkpoint import CheckpointError
-from models.cli import out_of_memory
+from models.cli import machine_failure
 from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 
@@ -35,14 +35,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:
-        reason = out_of_memory(exc)
-        if reason is None:
-            raise
         # Any rank may run out; each says so (resume.pt holds the last save, so --resume continues from it).
-        where = f" on rank {rank}" if rank else ""
-        print(f"{PROG}: error: {reason}{where}: try a smaller --batch-size (or --eval-batch-size); what the run "
-              f"saved is kept and --resume continues from it", file=sys.stderr)
-        return 1  # the work failed, not the input (as a full disk would)
+        code = machine_failure(exc, f"{PROG} (rank {rank})" if rank else PROG,
+                               "try a smaller --batch-size (or --eval-batch-size); what the run saved is kept and "
+                               "--resume continues from it")
+        if code is None:
+            raise
+        return code
     return 0
 
 

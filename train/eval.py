@@ -14,7 +14,7 @@ from typing import Any
 
 from data.datasets import SPLITS, DatasetError
 from models.checkpoint import CheckpointError
-from models.cli import OneLineParser, int_in, out_of_memory
+from models.cli import OneLineParser, int_in, machine_failure
 from models.io import atomic_write_json
 from train.config import DEVICES, ConfigError
 from train.options import quiet_openmp
@@ -117,11 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:
-        reason = out_of_memory(exc)
-        if reason is None:
+        if (code := machine_failure(exc, PROG, "try a smaller --batch-size")) is None:
             raise
-        print(f"{PROG}: error: {reason}: try a smaller --batch-size", file=sys.stderr)
-        return 1  # the work failed, not the input (as a full disk would)
+        return code
     skipped = f", {res['skipped_corrupt']} corrupt skipped" if res["skipped_corrupt"] else ""
     print(f"{res['model']} on {res['dataset']} ({args.split}, {res['samples']} images{skipped}): "
           f"top-1 {100 * res['top1']:.2f} %  top-5 {100 * res['top5']:.2f} %  -> {out}")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.cli import OneLineParser, int_in, out_of_memory
+from models.cli import OneLineParser, int_in, machine_failure
 
 LAYOUTS = ("nchw", "channels_last")
 MAX_BATCH = 4096  # a batch is allocated whole on the device: bound it before asking for it
@@ -227,11 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = measure(conv, patch, args.device, args.batch, args.rounds)
     except (MemoryError, RuntimeError) as exc:
-        reason = out_of_memory(exc)
-        if reason is None:
+        if (code := machine_failure(exc, p.prog, "try a smaller --batch")) is None:
             raise
-        print(f"{p.prog}: error: {reason}: try a smaller --batch", file=sys.stderr)
-        return 1  # the work failed, not the input (as a full disk would)
+        return code
     for r in rows:
         print(f"{r['what']:<10} {r['layout']:<13} {'compiled' if r['compiled'] else 'eager':<8} "
               f"C {r['ms_vit_c']:.2f} ms  P {r['ms_vit_p']:.2f} ms  C/P {r['ratio']:.3f}")
