@@ -190,6 +190,9 @@ HARD_EDGES = [
     ("empty body", {"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
     ("multipart without file", {"files": {"other": ("a.png", b"x", "image/png")}}, 422, "'file'"),
     ("multipart text part", {"files": {"file": ("a.txt", b"x", "text/plain")}}, 415, "content type"),
+    # A part without a filename is a text field, whatever its size (Starlette refuses big ones on its own).
+    ("part without filename", {"files": {"file": (None, b"x", "image/png")}}, 422, "no filename"),
+    ("big part without filename", {"files": {"file": (None, b"x" * 70_000, "image/png")}}, 422, "no filename"),
     ("too many files", {"files": [("file", (f"{i}.png", b"x", "image/png")) for i in range(9)]}, 400, "files"),
 ]
 

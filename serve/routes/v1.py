@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
@@ -36,6 +37,8 @@ from serve.timing import stage, timings
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
 MAX_TOP_K = 1000
 MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bounded by the body limit
+_NOT_A_FILE = ("{field} has no filename, so it is a text field, not a file upload: send each image "
+               "as a file part (Content-Disposition with a filename; curl -F file=@image.jpg)")
 
 
 class Prediction(BaseModel):
@@ -121,8 +124,15 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
             raise APIError(415, f"unsupported Content-Encoding {encoding!r} for a multipart form (identity only)")
         if not _closed_multipart(await request.body(), content_type):  # the body is kept for the form parser
             raise APIError(400, "malformed multipart body: its closing boundary is missing (a cut upload?)")
-        form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 16,
-                                  max_part_size=MAX_PART_FIELD_BYTES)
+        try:
+            form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 16,
+                                      max_part_size=MAX_PART_FIELD_BYTES)
+        except HTTPException as exc:
+            # Starlette's only part-size refusal is for a part without a filename (a text field): the same
+            # mistake as a small one, so the same answer whatever its size.
+            if str(exc.detail).startswith("Part exceeded maximum size"):
+                raise APIError(422, _NOT_A_FILE.format(field="a multipart part")) from None
+            raise
         try:
             files = form.getlist("file")
             if not files:
@@ -130,7 +140,7 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
             images = []
             for i, f in enumerate(files):
                 if not isinstance(f, UploadFile):
-                    raise APIError(422, f"'file' field #{i} is not a file upload")
+                    raise APIError(422, _NOT_A_FILE.format(field=f"multipart 'file' part #{i}"))
                 part_media = _media_type(f.content_type) or "application/octet-stream"
                 if part_media not in CONTENT_TYPES:
                     raise _unsupported(part_media)
