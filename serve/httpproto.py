@@ -38,17 +38,21 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             self._body_read_of = None  # the request whose body was read to its end last
             self._header_timer: asyncio.TimerHandle | None = None
             self._header_bytes = 0
+            self._completed_now = False  # whether the read being parsed ended a request's body
             self._arm()
 
         def data_received(self, data: bytes) -> None:
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
                 self._arm()
+            self._completed_now = False
             super().data_received(data)
             if self.cycle is not self._headers_of:  # a new request's headers are complete (uvicorn made its cycle)
                 self._headers_of = self.cycle
                 self._disarm()
-            elif self._header_timer is not None and self._answer_owed():
+            elif self._header_timer is not None and self._answer_owed() and not self._completed_now:
+                # A read that finished an early-answered body is that body, not the next request's headers (what
+                # follows it in the same read is measured by the parser as its headers complete).
                 self._header_bytes += len(data)
                 if self._header_bytes > MAX_HEADER_BYTES:
                     self._close_with(too_large)
@@ -56,6 +60,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._body_read_of = self.cycle
+            self._completed_now = True
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
