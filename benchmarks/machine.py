@@ -51,6 +51,9 @@ def _timed_throughput(fn: Callable[[], object], flops: float, seconds: float, sy
 
 def _ov_matmul(n: int, precision: str, threads: int) -> tuple[Callable[[], object], str]:
     """An OpenVINO n x n x n matmul with constant weights (the FullyConnected path models take)."""
+    from runtimes import telemetry
+
+    telemetry.off()
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -189,6 +192,9 @@ def _cpu_info() -> dict[str, Any]:
             if m := re.search(rf"^{field}\s*:\s*(.+)$", text, re.M):
                 info[key] = m.group(1).strip()
     with contextlib.suppress(Exception):
+        from runtimes import telemetry
+
+        telemetry.off()
         import openvino as ov
 
         core = ov.Core()

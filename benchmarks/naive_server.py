@@ -22,6 +22,9 @@ from models.cli import OneLineParser
 
 def create_app(bundle: str):  # noqa: ANN201 - a FastAPI app
     """The app for one bundle's fp32 ONNX file."""
+    from runtimes import telemetry
+
+    telemetry.off()
     import onnxruntime as ort
     from fastapi import FastAPI
     from PIL import Image

@@ -1,10 +1,13 @@
 """Inference runtimes, one module each (onnxruntime, OpenVINO, TensorRT, torch), shared by export, serve and
 benchmarks: how each builds its artifact, opens it as a Backend, and what it is called elsewhere."""
 
+from runtimes import telemetry
 from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runtime, Variant
 from runtimes.build import ExportError
 from runtimes.loader import open_artifact, open_backend, select
 from runtimes.registry import by_target, get, names, register, runtimes, unregister
+
+telemetry.off()  # every runtime module imports its library lazily, after this
 
 __all__ = [
     "Backend",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -246,3 +247,25 @@ def test_serving_path_never_imports_torch(bundle):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("CLEAN"), out.stdout
+
+
+def test_runtimes_keep_their_usage_telemetry_off(bundle, tmp_path):
+    """onnxruntime and OpenVINO send usage telemetry by default and leave tracking ids in $HOME: serving both
+    runtimes (and importing NNCF, which export uses) must write nothing there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = (
+        "from serve.app import create_app\n"
+        "from serve.settings import Settings\n"
+        "from serve.registry import load_models\n"
+        f"for rt in ('onnxruntime', 'openvino'):\n"
+        f"    s = Settings(models=[{str(bundle)!r}], backend=rt)\n"
+        "    create_app(s, load_models(s))\n"
+        "import nncf  # noqa\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "CI")}
+    env["HOME"] = str(home)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []

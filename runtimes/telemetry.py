@@ -1,0 +1,31 @@
+"""The runtimes' usage telemetry, kept off: onnxruntime (Microsoft's 1DS) and OpenVINO/NNCF (Google Analytics)
+send usage events by default and write tracking ids under $HOME, unannounced. A server inside someone's cluster
+must not phone home, and a read-only $HOME must not turn its first log line into a coloured warning."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+
+def off() -> None:
+    """Turn the telemetry of onnxruntime and OpenVINO off for this process, unless the user opted in explicitly."""
+    # onnxruntime reads it when it creates its environment (the first session); ORT_DISABLE_TELEMETRY=0 keeps it on.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if importlib.util.find_spec("openvino_telemetry") is None:
+        return
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+    if getattr(OptInChecker.check, "_vitc", False):
+        return
+    asked = OptInChecker.check
+
+    def check(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # No consent file means "send" to OpenVINO's tools; here it means no. An explicit opt-in
+        # (`opt_in_out --opt_in`, ~/intel/openvino_telemetry = 1) is still honoured.
+        result = asked(self, *args, **kwargs)
+        return ConsentCheckResult.DECLINED if result == ConsentCheckResult.NO_FILE else result
+
+    check._vitc = True  # type: ignore[attr-defined]
+    OptInChecker.check = check
