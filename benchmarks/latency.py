@@ -201,6 +201,6 @@ if __name__ == "__main__":
     # Run as a script, Python puts benchmarks/ first on sys.path; the imports (all inside functions) need the repo
     # root there instead, which also keeps benchmarks/*.py from shadowing standard modules.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
-    from models.cli import run
+    from models import cli
 
-    run(main, "python benchmarks/latency.py")
+    cli.run(main, "python benchmarks/latency.py")

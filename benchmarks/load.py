@@ -312,6 +312,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from models.cli import run
+    from models import cli
 
-    run(main, "python -m benchmarks.load")
+    cli.run(main, "python -m benchmarks.load")

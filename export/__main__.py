@@ -1,6 +1,6 @@
 """`python -m export --checkpoint runs/x --out exports/x [--targets onnx,openvino,tensorrt]`."""
 
 from export.cli import main
-from models.cli import run
+from models import cli
 
-run(main, "python -m export")
+cli.run(main, "python -m export")

@@ -6,6 +6,6 @@ A thin entry point: the runtime itself lives in runtimes/, the export in export/
 from export.cli import main
 
 if __name__ == "__main__":
-    from models.cli import run
+    from models import cli
 
-    run(lambda: main(family="onnx"), "python -m export.onnx")
+    cli.run(lambda: main(family="onnx"), "python -m export.onnx")

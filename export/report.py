@@ -189,6 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from models.cli import run
+    from models import cli
 
-    run(main, "python -m export.report")
+    cli.run(main, "python -m export.report")

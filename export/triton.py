@@ -453,6 +453,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from models.cli import run
+    from models import cli
 
-    run(main, "python -m export.triton")
+    cli.run(main, "python -m export.triton")

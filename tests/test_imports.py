@@ -179,3 +179,39 @@ def test_serving_images_copy_every_package_the_server_imports(dockerfile):
     for package in sorted({m.split(".")[0] for m in needed}):
         assert package in copied, f"{dockerfile} does not COPY {package}/, which the server imports"
         assert f"!{package}/" in ignored, f".dockerignore keeps {package}/ out of the build context"
+
+
+def _bound(nodes: list[ast.stmt]) -> dict[str, str]:
+    """Names that these statements bind at module level (imports, defs, classes, assignments), each with what it
+    is bound to (an import of the very same thing twice binds nothing new)."""
+    names: dict[str, str] = {}
+    for node in nodes:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            source = getattr(node, "module", None) or ""
+            names.update({(a.asname or a.name).split(".")[0]: f"import {source}:{a.name}" for a in node.names})
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = f"def {node.lineno}"
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = list(node.targets) if isinstance(node, ast.Assign) else [node.target]
+            while targets:  # names, also inside tuples; `sys.path[0] = ...` binds nothing
+                t = targets.pop()
+                if isinstance(t, ast.Name):
+                    names[t.id] = f"= {node.lineno}"
+                elif isinstance(t, (ast.Tuple, ast.List)):
+                    targets += t.elts
+    return names
+
+
+def test_main_blocks_do_not_shadow_module_names():
+    """An entry point's `if __name__ == "__main__":` block runs in the module's namespace: an import there that
+    reuses a module-level name (`from models.cli import run` in a module with its own `run`) replaces it for every
+    function, and the command crashes only when run for real (the tests call main() directly)."""
+    clashes = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if not isinstance(n, ast.If)]
+        for node in tree.body:
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                main, module = _bound(node.body), _bound(top)
+                clashes += [f"{name}: {n}" for n in sorted(main.keys() & module.keys()) if main[n] != module[n]]
+    assert clashes == []
