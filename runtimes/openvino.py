@@ -10,6 +10,7 @@ with several requests in flight, so the dynamic batcher runs `parallelism` batch
 
 from __future__ import annotations
 
+import functools
 import queue
 from collections import Counter
 from typing import Any
@@ -81,11 +82,18 @@ def inference_precision(spec: LoadSpec) -> str:
     return str(recorded or INFERENCE_PRECISION)
 
 
-def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN202 - an ov.CompiledModel
-    """Read the IR, check its input name, and compile it with the spec's options."""
+@functools.cache
+def _core():  # noqa: ANN202 - the ov.Core
+    """The process's one OpenVINO Core: compiled models of separate Cores released out of creation order crash
+    the process at exit (SIGSEGV after a hot reload or unload), and one Core shares its plugin and thread pools."""
     import openvino as ov
 
-    core = ov.Core()
+    return ov.Core()
+
+
+def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN202 - an ov.CompiledModel
+    """Read the IR, check its input name, and compile it with the spec's options."""
+    core = _core()
     xml = spec.file(".xml")
     model = core.read_model(str(xml), str(xml.with_suffix(".bin")))
     names = [n for port in model.inputs for n in port.get_names()]

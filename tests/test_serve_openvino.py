@@ -90,3 +90,22 @@ def test_parallel_load_is_batched_and_correct(server, pngs, direct):
     count = next(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith('vitc_batch_size_count{model="micro"}'))
     assert count < 96  # some batches held more than one image
+
+
+def test_reloading_or_unloading_openvino_models_keeps_the_exit_clean(bundle, tmp_path):
+    """A hot reload or unload releases an OpenVINO model before ones loaded after it; with a Core per model that
+    crashed the process at exit (SIGSEGV, exit 139) after the drain had finished."""
+    from export import triton
+
+    repo = tmp_path / "repo"
+    triton.write_repository(bundle, repo)
+    names = sorted(p.name for p in repo.iterdir() if "openvino" in p.name)
+    assert len(names) >= 2, names
+    srv = start_server(["--model-repository", str(repo), "--no-access-log"], tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.post(f"/v2/repository/models/{names[0]}/load").status_code == 200  # the old one is retired
+            assert c.post(f"/v2/repository/models/{names[1]}/unload").status_code == 200
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.logs()[-3000:]
