@@ -188,7 +188,9 @@ def _options(ort: Any, threads: int, spinning: bool) -> Any:
 
 
 RUNTIME = Runtime(
-    name="onnxruntime", target="onnx", packages=("onnxruntime",), install="pip install 'vitc[serve]'",
+    name="onnxruntime", target="onnx", packages=("onnxruntime",),
+    install="in the vitc checkout: pip install -c constraints.txt onnxruntime (CPU), or "
+            "'onnxruntime-gpu[cuda,cudnn]' on an NVIDIA GPU (never both)",
     format="onnx", triton_platform="onnxruntime_onnx", precisions=("fp32", "fp16", "int8"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=OnnxRuntimeBackend, version=version,
     variants=(Variant("fp32"), Variant("fp32", "cuda")), needs_hub=True, unavailable=unavailable,

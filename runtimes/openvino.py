@@ -163,7 +163,8 @@ def profile_ops(spec: LoadSpec, batch: int, reps: int = 5) -> dict[str, float]:
 
 
 RUNTIME = Runtime(
-    name="openvino", target="openvino", packages=("openvino",), install="pip install 'vitc[serve]'",
+    name="openvino", target="openvino", packages=("openvino",),
+    install="in the vitc checkout: pip install -c constraints.txt openvino",
     format="openvino-ir", triton_platform="openvino", precisions=("fp32", "fp16", "int8"),
     default_precisions=("fp32", "fp16", "int8"), devices=("cpu",), build=build, load=OpenVINOBackend,
     version=version, needs_hub=True, profile=profile_ops,

@@ -40,8 +40,7 @@ def _trt():  # noqa: ANN202 - the tensorrt module
     try:
         import tensorrt
     except ImportError:
-        raise BackendError("TensorRT is not installed: pip install 'vitc[gpu]' on a machine with an NVIDIA GPU") \
-            from None
+        raise BackendError(f"TensorRT is not installed: {RUNTIME.install}") from None
     return tensorrt
 
 
@@ -53,7 +52,7 @@ def _cudart():  # noqa: ANN202 - cuda-python's runtime module
         try:
             from cuda import cudart as runtime
         except ImportError:
-            raise BackendError("cuda-python is not installed: pip install 'vitc[gpu]'") from None
+            raise BackendError(f"cuda-bindings is not installed: {RUNTIME.install}") from None
     return runtime
 
 
@@ -271,7 +270,8 @@ class TensorRTBackend:
 
 RUNTIME = Runtime(
     name="tensorrt", target="tensorrt", packages=("tensorrt", "cuda.bindings"),
-    install="pip install 'vitc[gpu]' on a machine with an NVIDIA GPU", format="tensorrt-engine",
+    install="in the vitc checkout, on a machine with an NVIDIA GPU: pip install -c constraints.txt "
+    "tensorrt cuda-bindings", format="tensorrt-engine",
     triton_platform="tensorrt_plan", precisions=("fp32", "fp16", "int8"), default_precisions=("fp16",),
     devices=("cuda",), build=build, load=TensorRTBackend, version=version,
     variants=(Variant("fp16", "cuda"), Variant("int8", "cuda")), export_device="cuda", needs_hub=True,

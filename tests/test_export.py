@@ -471,7 +471,8 @@ def test_tensorrt_cli_without_tensorrt_exits_2_with_one_line(checkpoint, tmp_pat
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: tensorrt is not installed (needs tensorrt, cuda.bindings): "
-                                                "pip install 'vitc[gpu]' on a machine with an NVIDIA GPU"]
+                                                "in the vitc checkout, on a machine with an NVIDIA GPU: pip install "
+                                                "-c constraints.txt tensorrt cuda-bindings"]
     _assert_clean(tmp_path, "t")
 
 

@@ -35,7 +35,7 @@ def test_the_builtin_runtimes_and_what_each_declares():
     for rt in runtimes.runtimes():
         assert rt is runtimes.get(rt.name) is runtimes.by_target(rt.target)
         assert set(rt.default_precisions) <= set(rt.precisions) and rt.devices and rt.triton_platform
-        assert rt.install.startswith("pip install")
+        assert "pip install -c constraints.txt " in rt.install and "vitc[" not in rt.install  # pinned, no PyPI vitc
         assert all(v.device in rt.devices for v in rt.variants)
     platforms = {rt.name: rt.triton_platform for rt in runtimes.runtimes()}
     assert platforms == {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan",
@@ -49,7 +49,7 @@ def test_unknown_duplicate_and_missing_runtimes_are_one_line_errors(fake):
     with pytest.raises(ValueError, match="already registered"):
         runtimes.register(fake)
     if not runtimes.get("tensorrt").installed():
-        with pytest.raises(BackendError, match="tensorrt is not installed .* pip install 'vitc\\[gpu\\]'"):
+        with pytest.raises(BackendError, match="tensorrt is not installed .* constraints.txt tensorrt cuda-bindings"):
             runtimes.get("tensorrt").require("cuda")
     with pytest.raises(BackendError, match="runs on cpu, not 'cuda'"):
         runtimes.get("openvino").require("cuda")
