@@ -35,6 +35,11 @@ class ProtocolError(ValueError):
         super().__init__(reason)
         self.status = status
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What the answer carries besides the reason: the codings accepted, for an unsupported one."""
+        return {"Accept-Encoding": ACCEPTED_CODINGS} if self.status == 415 else {}
+
 
 @dataclass
 class RequestedOutput:
@@ -60,9 +65,14 @@ class OutputTensor:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+ACCEPTED_CODINGS = "gzip, deflate"  # Content-Encodings of request bodies (besides identity)
+MAX_GZIP_MEMBERS = 16  # each member costs a copy of what follows it (zlib's unused_data): n members cost n x body
+
+
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo a gzip/deflate Content-Encoding without ever inflating past `limit` bytes."""
     encoding = (encoding or "identity").strip().lower()
+    encoding = {"x-gzip": "gzip"}.get(encoding, encoding)  # RFC 9110 8.4.1.3: the same coding
     if encoding == "identity":
         return body
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
@@ -70,7 +80,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise ProtocolError(f"unsupported Content-Encoding {encoding!r} (gzip, deflate or identity)", 415)
     parts: list[bytes] = []
     size, rest = 0, body
-    while True:  # gzip allows several members back to back (RFC 1952); each is inflated within what is left
+    for _ in range(MAX_GZIP_MEMBERS):  # gzip allows members back to back (RFC 1952); each within what is left
         d = zlib.decompressobj(wbits)
         try:
             out = d.decompress(rest, limit - size + 1)
@@ -87,6 +97,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
             return b"".join(parts)
         if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
             raise ProtocolError(f"{len(rest)} bytes of junk after the {encoding} body")
+    raise ProtocolError(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
 
 
 MAX_DIMS = 8  # a tensor shape with more dimensions is refused before anything is allocated for it

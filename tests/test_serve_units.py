@@ -19,7 +19,14 @@ from models.preprocessing import Preprocessing, preprocess
 from serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serve.errors import ServeError
 from serve.imaging import ImageError, decode, prepare
-from serve.protocol import ProtocolError, classification_strings, decompress, encode_response, parse_request
+from serve.protocol import (
+    MAX_GZIP_MEMBERS,
+    ProtocolError,
+    classification_strings,
+    decompress,
+    encode_response,
+    parse_request,
+)
 from serve.registry import model_args, parse_model_arg
 from serve.settings import Settings
 
@@ -289,6 +296,14 @@ def test_decompression_is_bounded():
     for body, coding in ((gzip.compress(payload) + b"junk", "gzip"), (zlib.compress(payload) + b"j", "deflate")):
         with pytest.raises(ProtocolError, match="junk after"):
             decompress(body, coding, 1000)
+    # Each member costs a copy of the rest of the body: their number is bounded (160,000 empty members in 3 MB
+    # took 10 s of one core), and x-gzip is gzip (RFC 9110).
+    letters = bytes(range(65, 65 + MAX_GZIP_MEMBERS + 1))
+    assert decompress(b"".join(gzip.compress(bytes([c])) for c in letters[:-1]), "x-gzip", 1000) == letters[:-1]
+    for body in (b"".join(gzip.compress(bytes([c])) for c in letters), gzip.compress(b"") * 160_000):
+        with pytest.raises(ProtocolError, match="members") as err:
+            decompress(body, "gzip", 1_000_000)
+        assert err.value.status == 400
 
 
 # --- dynamic batcher ---------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
     if media == "multipart/form-data":
         if encoding != "identity":
-            raise APIError(415, f"unsupported Content-Encoding {encoding!r} for a multipart form (identity only)")
+            raise APIError(415, f"unsupported Content-Encoding {encoding!r} for a multipart form (identity only)",
+                           {"Accept-Encoding": "identity"})
         if not _closed_multipart(await request.body(), content_type):  # the body is kept for the form parser
             raise APIError(400, "malformed multipart body: its closing boundary is missing (a cut upload?)")
         try:
@@ -154,7 +155,7 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
             try:
                 body = await off_loop(request, decompress, body, encoding, settings.max_body_bytes)
             except ProtocolError as exc:
-                raise APIError(exc.status, str(exc)) from None
+                raise APIError(exc.status, str(exc), exc.headers) from None
         return [("body", body)], False
     raise _unsupported(media)
 
