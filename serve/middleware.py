@@ -193,13 +193,18 @@ class BodyBudget:
     def give(self, n: int) -> None:
         self.held -= n
 
+    def free(self) -> int:
+        """Bytes that can still be reserved."""
+        return self.limit - self.held
+
 
 class BodyLimitMiddleware:
     """Bounds on request bodies: 413 over `max_bytes` (declared or streamed), 408 when the body does not arrive
     within `timeout_s`, 503 when the bodies held by all requests together would pass `budget`.
 
-    Each request's body bytes count against the budget from their arrival (or declaration) until its answer is
-    sent, so slow or stalled uploads can hold neither unbounded memory nor a connection forever.
+    Each request's body bytes count against the budget from their arrival until its answer is sent (a declared
+    length that does not fit what is free is refused at once), so slow or stalled uploads can hold neither
+    unbounded memory nor a connection forever, and headers alone hold nothing.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 60.0, budget: BodyBudget | None = None
@@ -228,11 +233,13 @@ class BodyLimitMiddleware:
                 big = BodyTooLarge(self.max_bytes)
                 await error_response(big.status, big.reason, big.headers)(scope, receive, send)
                 return
-        if not self.budget.take(length):
+        if length > self.budget.free():
+            # Refused before a byte is read (also before `100 Continue`), but nothing is reserved for a declared
+            # length: bytes count from their arrival, so headers alone (a stalled client) hold none of the budget.
             full = BodiesFull(self.budget.limit)
             await error_response(full.status, full.reason, full.headers)(scope, receive, send)
             return
-        reserved, received, complete = length, 0, length == 0 and b"chunked" not in headers.get(
+        reserved, received, complete = 0, 0, length == 0 and b"chunked" not in headers.get(
             b"transfer-encoding", b"").lower()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
 
@@ -252,7 +259,7 @@ class BodyLimitMiddleware:
                     if message.get("more_body"):
                         await _drain(receive, self.max_bytes)
                     raise BodyTooLarge(self.max_bytes)
-                if received > reserved:  # chunked, or more than declared: reserve as it arrives
+                if received > reserved:  # reserved as it arrives
                     if not self.budget.take(received - reserved):
                         raise BodiesFull(self.budget.limit)
                     reserved = received

@@ -71,10 +71,17 @@ def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tm
     with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
         png = animal_pngs(1)[0]
-        # Two stalled uploads declare 1 MiB each: the whole 2 MiB budget. A third body is refused at once, before
-        # a byte of it is read; small requests without a body still pass.
+        # Uploads that sent only their headers hold none of the 2 MiB budget: a full-size body still passes.
+        idle = [_open_upload(server.url, 1 << 20, b"") for _ in range(4)]
+        time.sleep(0.3)
+        assert client.post(CLASSIFY, content=b"\0" * ((1 << 20) - 100),
+                           headers={"content-type": "image/png"}).status_code == 400  # not an image, but read
+        for sock in idle:
+            sock.close()
+        # Two stalled uploads that sent most of their 1 MiB hold most of the budget. A third body that does not fit
+        # is refused at once, before a byte of it is read; small requests without a body still pass.
         t0 = time.monotonic()
-        stalled = [_open_upload(server.url, 1 << 20) for _ in range(2)]
+        stalled = [_open_upload(server.url, 1 << 20, b"x" * ((1 << 20) - 10)) for _ in range(2)]
         time.sleep(0.3)
         r = client.post(CLASSIFY, content=png, headers={"content-type": "image/png"})
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
