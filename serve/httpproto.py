@@ -2,7 +2,8 @@
 for what its parser refuses.
 
 Without them a client that connects and never finishes its headers (slowloris) holds a connection forever, and one
-that streams an endless header grows the server's memory. The body has its own deadline and budget
+that streams an endless header grows the server's memory. A client that stops reading its answers would hold its
+connection (and the request's memory) forever too. The body has its own deadline and budget
 (serve.middleware.BodyLimitMiddleware); idle keep-alive connections have uvicorn's keep-alive timeout.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from email.utils import formatdate
+from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -19,17 +22,17 @@ MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's defau
 def _answer(status: int, reason: str, text: str) -> bytes:
     """A complete JSON error response that closes the connection."""
     body = json.dumps({"error": text}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode() + body
+    return (f"HTTP/1.1 {status} {reason}\r\ndate: {formatdate(usegmt=True)}\r\ncontent-type: application/json\r\n"
+            f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
 def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
     """uvicorn's default HTTP protocol class, closing with a JSON 408 a connection whose request headers are not
     complete `seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
-    headers pass MAX_HEADER_BYTES, and with a JSON 400 what uvicorn's parser refuses."""
-    timeout = _answer(408, "Request Timeout", f"the request headers did not arrive within {seconds:g} s")
-    too_large = _answer(431, "Request Header Fields Too Large",
-                        f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes")
+    headers pass MAX_HEADER_BYTES, and with a JSON 400 what uvicorn's parser refuses (each after the answers to the
+    requests before it); a connection whose client accepts none of its answer for `seconds` is dropped."""
+    timeout = f"the request headers did not arrive within {seconds:g} s"
+    too_large = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
 
     class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -37,51 +40,97 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             self._headers_of = self.cycle  # the request whose headers were complete last
             self._body_read_of = None  # the request whose body was read to its end last
             self._header_timer: asyncio.TimerHandle | None = None
-            self._header_bytes = 0
-            self._completed_now = False  # whether the read being parsed ended a request's body
+            self._send_timer: asyncio.TimerHandle | None = None
+            self._messages = 0  # requests begun on this connection
+            self._in_headers = False  # whether the parser is inside the latest request's line and headers
+            self._in_body = False  # whether it is inside the latest request's body
+            self._header_bytes = 0  # bytes of reads that arrived wholly inside that request's headers
+            self._refusal: bytes | None = None  # an error answer waiting for the answers to earlier requests
+            self._running: Any = None
             self._arm()
 
         def data_received(self, data: bytes) -> None:
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
                 self._arm()
-            self._completed_now = False
+            begun, idle = self._messages, not self._in_headers and not self._in_body
             super().data_received(data)
             if self.cycle is not self._headers_of:  # a new request's headers are complete (uvicorn made its cycle)
                 self._headers_of = self.cycle
                 self._disarm()
-            elif self._header_timer is not None and self._answer_owed() and not self._completed_now:
-                # A read that finished an early-answered body is that body, not the next request's headers (what
-                # follows it in the same read is measured by the parser as its headers complete).
+            if self._in_headers and self._messages == begun + idle:
+                # The whole read went into the headers of one request, which the parser holds until they are
+                # complete (it parses even while earlier requests are answered): counted here, whether or not a
+                # deadline runs. A read that also ended an earlier request is left out (at most one read); whole
+                # headers are measured as they are parsed.
                 self._header_bytes += len(data)
                 if self._header_bytes > MAX_HEADER_BYTES:
-                    self._close_with(too_large)
+                    self._refuse(431, "Request Header Fields Too Large", too_large)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            self._body_read_of = self.cycle
-            self._completed_now = True
+            self._body_read_of, self._in_body = self.cycle, False
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+            # uvicorn marks only the newest request as disconnected; with pipelining the one being answered is
+            # older, and its next write would hit the closed transport.
+            for cycle in (self._running, *(c for c, _ in self.pipeline)):
+                if cycle is not None and not cycle.response_complete:
+                    cycle.disconnected = True
+                    cycle.message_event.set()
             super().connection_lost(exc)
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._running = cycle  # the request being answered (the others wait in self.pipeline)
+            super()._start_asgi_task(cycle, app)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._messages += 1
             self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
+            self._header_bytes, self._hosts, self._bad = 0, 0, None
 
         def on_headers_complete(self) -> None:
-            self._in_headers = False
+            self._in_headers, self._in_body = False, True
+            if self._hosts != 1 and self.parser.get_http_version() == "1.1":
+                # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
+                self._bad = f"an HTTP/1.1 request needs exactly one Host header, not {self._hosts}"
+                raise ValueError(self._bad)  # the parser stops; uvicorn answers via send_400_response
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if (self._header_timer is None and getattr(self, "_in_headers", False) and not self.pipeline
+            if self._refusal is not None:
+                if not self.pipeline and self.cycle is not None and self.cycle.response_complete:
+                    self._close_with(self._refusal)  # every request before the refused one is answered
+                else:
+                    self.flow.pause_reading()  # uvicorn resumed it; nothing after the refusal is read
+                return
+            if (self._header_timer is None and self._in_headers and not self.pipeline
                     and not self.transport.is_closing()):
                 # A pipelined request that began while this one was served and is still short of its headers:
                 # its deadline starts now (uvicorn would only arm the silent keep-alive close).
                 self._unset_keepalive_if_required()
                 self._arm()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = asyncio.get_running_loop().call_later(seconds, self._send_expired)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_expired(self) -> None:
+            # The client has taken none of the answer for `seconds`: it cannot be answered, only let go.
+            self._send_timer = None
+            self.transport.abort()
 
         def on_url(self, url: bytes) -> None:
             super().on_url(url)
@@ -89,6 +138,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
 
         def on_header(self, name: bytes, value: bytes) -> None:
             super().on_header(name, value)
+            self._hosts += name.lower() == b"host"
             self._count_parsed(len(name) + len(value) + 4)
 
         def _count_parsed(self, n: int) -> None:
@@ -99,7 +149,10 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
                 raise ValueError("request headers too large")  # the parser stops; uvicorn answers via 400 below
 
         def send_400_response(self, msg: str) -> None:
-            self._close_with(too_large if getattr(self, "_oversized", False) else _answer(400, "Bad Request", msg))
+            if getattr(self, "_oversized", False):
+                self._refuse(431, "Request Header Fields Too Large", too_large)
+            else:
+                self._refuse(400, "Bad Request", getattr(self, "_bad", None) or msg)
 
         def _answer_owed(self) -> bool:
             """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of
@@ -107,7 +160,6 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             return self.cycle is None or self._body_read_of is self.cycle
 
         def _arm(self) -> None:
-            self._header_bytes = 0
             self._header_timer = asyncio.get_running_loop().call_later(seconds, self._expired)
 
         def _disarm(self) -> None:
@@ -118,9 +170,22 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
         def _expired(self) -> None:
             self._header_timer = None
             if self._answer_owed():
-                self._close_with(timeout)
+                self._refuse(408, "Request Timeout", timeout)
             elif not self.transport.is_closing():
                 self.transport.close()  # already answered: the rest of its body is not worth waiting for
+
+        def _refuse(self, status: int, reason: str, text: str) -> None:
+            """Answer `status` and close, once the requests before this one are answered (RFC 9112 9.3.2: answers
+            go out in order); nothing more is read meanwhile."""
+            self._disarm()
+            if self._refusal is not None or self.transport.is_closing():
+                return
+            answer = _answer(status, reason, text)
+            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+                self._refusal = answer
+                self.flow.pause_reading()
+            else:
+                self._close_with(answer)
 
         def _close_with(self, answer: bytes) -> None:
             self._disarm()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -270,4 +271,59 @@ def test_sigterm_during_a_stalled_upload_answers_json_and_exits_in_time(bundle, 
         assert time.monotonic() - t0 < 15
     finally:
         server.stop()
+    assert "Traceback" not in server.logs()
+
+
+def _answers(host: str, port: int, data: bytes) -> list[int]:
+    """The statuses of every answer to `data` sent in one write, read until the server closes."""
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(data)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    sock.close()
+    return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", out)]
+
+
+def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundle, tmp_path):
+    args = ["--model", f"fake={bundle}", "--backend", "fake", "--receive-timeout-s", "3"]
+    with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        port = int(port)
+        live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        # Answers go out in order (RFC 9112 9.3.2): the valid requests before a malformed or oversized one get
+        # theirs before its 400/431 (the refusal used to be written at once, and the earlier answers dropped).
+        assert _answers(host, port, live + b"GET / HTTP/1.1\r\nFoo : bar\r\n\r\n") == [200, 400]
+        assert _answers(host, port, live * 2 + b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n") == [
+            200, 200, 431]
+        # An HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); HTTP/1.0 needs none.
+        assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\n\r\n") == [400]
+        assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == [400]
+        assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [200]
+        # A client that pipelines requests, reads none of the answers and streams an endless header: the header
+        # is bounded although a request is in progress, and the connection is dropped once the client has taken
+        # nothing for the receive timeout (it held its request, and grew the server's memory, forever).
+        flood = socket.socket()
+        flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        flood.connect((host, port))
+        flood.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 300 + b"GET / HTTP/1.1\r\nHost: x\r\nX-E: ")
+        flood.settimeout(0.5)
+        sent, t0, dropped = 0, time.monotonic(), False
+        while time.monotonic() - t0 < 20 and not dropped:
+            try:
+                sent += flood.send(b"a" * 65536)
+            except TimeoutError:
+                pass
+            except OSError:
+                dropped = True
+        flood.close()
+        assert dropped and time.monotonic() - t0 < 15, (sent, time.monotonic() - t0)
+        assert sent < 64 << 20, sent
+        assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
     assert "Traceback" not in server.logs()
