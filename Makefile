@@ -75,4 +75,4 @@ paper-quick: install
 	$(PYTHON) -m train.sweep --preset reduced --out results/paper-reduced --workers 2
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .ruff_cache

@@ -93,10 +93,54 @@ def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None
     return 1
 
 
+# The third-party modules vitc imports, as a ModuleNotFoundError names them: (distribution, the extra in
+# pyproject.toml that brings it; where several do, the serving one). A runtime's own packages (onnxruntime,
+# OpenVINO, TensorRT) are not here: its `install` hint says how to get them where it is asked for. None of these
+# extras brings an onnxruntime distribution, so following a hint never puts one beside the other.
+# tests/test_packaging.py checks the table against pyproject.toml.
+DEPENDENCY_EXTRAS: dict[str, tuple[str, str]] = {
+    "fastapi": ("fastapi", "server"),
+    "uvicorn": ("uvicorn", "server"),
+    "httptools": ("httptools", "server"),
+    "uvloop": ("uvloop", "server"),
+    "python_multipart": ("python-multipart", "server"),
+    "pydantic": ("pydantic", "server"),
+    "pydantic_settings": ("pydantic-settings", "server"),
+    "PIL": ("pillow", "server"),
+    "prometheus_client": ("prometheus-client", "server"),
+    "torch": ("torch", "train"),
+    "torchvision": ("torchvision", "train"),
+    "timm": ("timm", "train"),
+    "safetensors": ("safetensors", "train"),
+    "tqdm": ("tqdm", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "sklearn": ("scikit-learn", "train"),
+    "onnx": ("onnx", "convert"),
+    "onnxscript": ("onnxscript", "convert"),
+    "nncf": ("nncf", "convert"),
+}
+
+
+def missing_dependency(exc: BaseException, prog: str) -> int | None:
+    """When `exc` is a module of one of the extras not being installed: print the extra to install as one line and
+    return exit code 2. Otherwise None (vitc's own modules, a module of no extra)."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    # `import sklearn.datasets` names sklearn when scikit-learn is absent, but the submodule when sklearn is broken
+    module = next((m for m in (exc.name, exc.name.partition(".")[0]) if m in DEPENDENCY_EXTRAS), None)
+    if module is None:
+        return None
+    distribution, extra = DEPENDENCY_EXTRAS[module]
+    what = module if distribution == module else f"{module} ({distribution})"
+    print(f"{prog}: error: {what} is not installed: install the project's {extra} extra "
+          f"(pip install -c constraints.txt '.[{extra}]')", file=sys.stderr)
+    return 2
+
+
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; Ctrl-C is one line and exit 130 (what was being written is left as it was, the
-    writers are atomic), the machine failing (`machine_failure`) one line and exit 1, and a closed output pipe
-    (`| head`) ends quietly."""
+    writers are atomic), the machine failing (`machine_failure`) one line and exit 1, a missing extra
+    (`missing_dependency`) one line and exit 2, and a closed output pipe (`| head`) ends quietly."""
     try:
         code = main()
         sys.stdout.flush()
@@ -108,7 +152,7 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
     except (MemoryError, RuntimeError, ImportError, OSError) as exc:  # unless the command said it already
-        code = machine_failure(exc, prog)
+        code = machine_failure(exc, prog) or missing_dependency(exc, prog)
         if code is None:
             raise
     raise SystemExit(code)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pydantic import ValidationError
-
 import runtimes
 from models.cli import OneLineParser
 from serve.errors import ServeError
@@ -82,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    from pydantic import ValidationError  # here: a missing server extra is one line (models.cli.run), not a traceback
+
     try:
         from serve.settings import Settings
 

@@ -466,3 +466,37 @@ def test_an_unexpected_error_still_shows_its_traceback():
 
     with pytest.raises(OSError):
         run(main, "prog")
+
+
+@pytest.mark.parametrize("blocked, command, says", [
+    ("torch", ["train.eval", "--checkpoint", "nope"],
+     "python -m train.eval: error: torch is not installed: install the project's train extra "
+     "(pip install -c constraints.txt '.[train]')"),
+    ("PIL", ["serve.sample", "--dataset", "animals", "--out", "s.png"],
+     "python -m serve.sample: error: PIL (pillow) is not installed: install the project's server extra "
+     "(pip install -c constraints.txt '.[server]')"),
+])
+def test_a_missing_extra_is_one_line_that_names_it(blocked, command, says, tmp_path):
+    """An install without the extra a command needs (torch in a serving install): one line and exit 2, not a
+    ModuleNotFoundError traceback."""
+    import subprocess
+    import sys
+
+    module, *args = command
+    code = (f"import runpy, sys\nsys.modules[{blocked!r}] = None  # importing it now fails as if not installed\n"
+            f"sys.argv = [{module!r}, *{args!r}]\nrunpy.run_module({module!r}, run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stderr.strip()) == (2, says)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["models.nope", "serve.routes.nope", "left_pad", None])
+def test_a_missing_module_of_no_extra_keeps_its_traceback(name):
+    """vitc's own modules (a packaging bug) and modules no extra brings: the traceback is what to report."""
+    from models.cli import run
+
+    def main() -> int:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    with pytest.raises(ModuleNotFoundError):
+        run(main, "prog")

