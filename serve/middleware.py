@@ -242,9 +242,18 @@ class BodyLimitMiddleware:
         reserved, received, complete = 0, 0, length == 0 and b"chunked" not in headers.get(
             b"transfer-encoding", b"").lower()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
+        awaiting = not complete and b"100-continue" in headers.get(b"expect", b"").lower()  # body not asked for yet
+
+        async def early_send(message: Message) -> None:
+            if awaiting and message["type"] == "http.response.start":
+                # Answered before the body was asked for (a 404, a 401): the client may never send it, so the
+                # connection cannot be reused (RFC 9110 10.1.1); without this its next request is read as the body.
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
 
         async def limited_receive() -> Message:
-            nonlocal received, reserved, complete
+            nonlocal received, reserved, complete, awaiting
+            awaiting = False  # uvicorn sends `100 Continue` now
             if complete:  # the body is in: what is left to receive is the disconnect, with no deadline
                 return await receive()
             try:
@@ -266,7 +275,7 @@ class BodyLimitMiddleware:
             return message
 
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, early_send if awaiting else send)
         finally:
             self.budget.give(reserved)
 

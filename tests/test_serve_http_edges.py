@@ -302,6 +302,15 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         assert _answers(host, port, live + b"GET / HTTP/1.1\r\nFoo : bar\r\n\r\n") == [200, 400]
         assert _answers(host, port, live * 2 + b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n") == [
             200, 200, 431]
+        # An answer before the body was asked for (`Expect: 100-continue`, unknown model) closes the connection:
+        # the client may never send that body, and its next request would otherwise be read as it.
+        expecting = socket.create_connection((host, port), timeout=10)
+        expecting.sendall(b"POST /v1/models/nope/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                          b"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
+        status, headers, _ = _read_response(expecting)
+        assert status == 404 and headers["connection"] == "close", headers
+        assert _closed_by_server(expecting)
+        expecting.close()
         # An HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); HTTP/1.0 needs none.
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\n\r\n") == [400]
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == [400]
