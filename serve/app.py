@@ -76,6 +76,7 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     # Requests refused before routing (auth, body limit) are still counted under their route's template.
     templates = [(r.path_regex, r.path) for router in (v1.router, v2.router, ops.router) for r in router.routes
                  if isinstance(r, APIRoute)]
-    app.add_middleware(AccessLogMiddleware, metrics=metrics, known_models=lambda: app.state.models,
+    app.add_middleware(AccessLogMiddleware, metrics=metrics,
+                       known_models=lambda: getattr(app.state, "repository", app.state.models),
                        enabled=settings.access_log, templates=templates)
     return app

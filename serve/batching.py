@@ -73,8 +73,10 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         timeout_s: float = 30.0,
         probe: np.ndarray | None = None,
+        merge: bool = True,
     ) -> None:
         self.name = name
+        self.merge = merge  # False: each request is a batch of its own (Triton without dynamic_batching)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
@@ -183,8 +185,8 @@ class DynamicBatcher:
         batch = self._forming = [first]
         rows = first.rows
         deadline = first.enqueued + self.max_delay_s
-        limit = self.max_batch
-        if self.parallel > 1:
+        limit = self.max_batch if self.merge else rows
+        if self.parallel > 1 and self.merge:
             # Several batches in flight (streams): share the work waiting (queued or still decoding) evenly among
             # them. One slot taking it all would leave that batch computing for as long as all its rows take on
             # one stream while the others idle through small ones: the same throughput, twice the tail latency.

@@ -12,8 +12,16 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: from sub-millisecond micro models to multi-second queues under overload.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-UNKNOWN_MODEL = "_unknown"  # label for requests naming a model that is not served (bounded cardinality)
+UNKNOWN_MODEL = "_unknown"  # label for requests naming no model the server knows (bounded cardinality)
 INFO_LABELS = ("version", "weights_sha256", "vitc_version", "git_commit", "exported")
+
+
+def _release(counts: dict, key: object) -> bool:
+    """Count one user of `key` less; True when that was the last one (or it was never counted)."""
+    left = counts.pop(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    return left <= 0
 
 
 def _info(provenance: dict[str, str] | None) -> list[str]:
@@ -58,18 +66,31 @@ class Metrics:
             "vitc_model_info", "Served models and where they came from (value 1)",
             ["model", "variant", "runtime", "precision", *INFO_LABELS], registry=r,
         )
+        self._versions: dict[tuple[str, ...], int] = {}  # served versions per info label set
+        self._names: dict[str, int] = {}  # served versions per model name
 
     def add_model(self, name: str, variant: str, runtime: str, precision: str, depth: Callable[[], float],
                   provenance: dict[str, str] | None = None) -> None:
-        """Register a served model (version): info series with its provenance, and a live queue-depth gauge."""
-        self.model_info.labels(name, variant, runtime, precision, *_info(provenance)).set(1)
+        """Register a served model (version): info series with its provenance, and a live queue-depth gauge (a new
+        version's replaces its predecessor's)."""
+        labels = (name, variant, runtime, precision, *_info(provenance))
+        self.model_info.labels(*labels).set(1)
         self.queue_depth.labels(name).set_function(depth)
+        # Counted: a reload of the same version adds its series before the old one's removal (which must keep it).
+        self._versions[labels] = self._versions.get(labels, 0) + 1
+        self._names[name] = self._names.get(name, 0) + 1
 
     def remove_model(self, name: str, variant: str, runtime: str, precision: str,
                      provenance: dict[str, str] | None = None) -> None:
-        """Forget a replaced or unloaded model version's info series."""
-        with contextlib.suppress(KeyError):
-            self.model_info.remove(name, variant, runtime, precision, *_info(provenance))
+        """Forget a replaced or unloaded model version: its info series unless another served version has the
+        same labels, and the queue-depth gauge (which holds the batcher) once no version of the name is left."""
+        labels = (name, variant, runtime, precision, *_info(provenance))
+        if _release(self._versions, labels):
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(*labels)
+        if _release(self._names, name):
+            with contextlib.suppress(KeyError):
+                self.queue_depth.remove(name)
 
     # BatchObserver, called from the batcher (queued: event loop; batch: inference thread).
     def queued(self, model: str, seconds: float) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -9,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import runtimes
-from models.bundle import MANIFEST_FILE, BundleError, Manifest, read_manifest
+from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest
 from models.preprocessing import Preprocessing
 from runtimes import Backend, BackendError, BackendOptions
 from serve import tritonconfig
@@ -17,9 +19,24 @@ from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
 from serve.stats import ModelStats
+from serve.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 
+log = logging.getLogger("vitc.serve")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 BUNDLE_VERSION = "1"  # a bundle served directly has one version
+# A version directory as Triton reads one: an int64 above 0 in ASCII digits, no leading zero (str.isdigit() would
+# also take "²" or "٣"); other subdirectories are not versions and are ignored, as Triton ignores them.
+VERSION_DIR = re.compile(r"[1-9][0-9]{0,18}")
+MAX_PEEK = 256  # directory entries looked at to tell what an empty --model-dir holds instead
+
+
+class Unavailable(ServeError):
+    """A repository model whose runtime cannot run here (not installed, or not on this device): the server
+    starts without it and lists it unavailable, as Triton would."""
+
+    def __init__(self, name: str, version: str, reason: str) -> None:
+        super().__init__(reason)
+        self.name, self.version = name, version
 
 
 @dataclass
@@ -34,9 +51,10 @@ class ServedModel:
     version: str = "1"
     source: ModelSource | None = None
     queue_delay_ms: float | None = None  # from the repository's config.pbtxt; None: the server's setting
+    config: TritonConfig | None = field(default=None, repr=False)  # the repository's config.pbtxt, as read
     batcher: DynamicBatcher | None = field(default=None, repr=False)
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
-    users: int = field(default=0, repr=False)  # requests holding this version (a swap waits for them)
+    users: int = field(default=0, repr=False)  # admitted requests on this version (a swap waits for them)
     startup: dict[str, float] = field(default_factory=dict, repr=False)  # seconds of each loading step
     execution: dict[str, Any] = field(default_factory=dict, repr=False)  # backend.describe() at load
 
@@ -120,30 +138,35 @@ def parse_model_arg(arg: str) -> tuple[str | None, Path]:
 @dataclass(frozen=True)
 class ModelSource:
     """Where a served model comes from: a bundle directory, or a model directory of a Triton-style repository
-    (numbered version directories, each a bundle, as `python -m export.triton` writes them; the highest is served).
-    Loading again re-reads it: a bundle exported anew in place, or a new version directory, is what loads."""
+    (numbered version directories, each a bundle, as `python -m export.triton` writes them; the one its
+    config.pbtxt's version_policy selects is served, by default the highest). Loading again re-reads it: a bundle
+    exported anew in place, or a new version directory, is what loads."""
 
     path: Path
     name: str | None = None  # None: the bundle's own name
     repository: bool = False
 
     def versions(self) -> list[str]:
-        """Available versions, oldest first."""
+        """The numbered version directories, oldest first (with or without a manifest: a broken one is reported,
+        never silently passed over)."""
         if not self.repository:
             return [BUNDLE_VERSION]
-        found = [p.name for p in self.path.iterdir() if p.is_dir() and p.name.isdigit() and p.name[0] != "0"
-                 and (p / MANIFEST_FILE).is_file()] if self.path.is_dir() else []
+        found = [p.name for p in self.path.iterdir() if VERSION_DIR.fullmatch(p.name)
+                 and int(p.name) <= tritonconfig.MAX_VERSION and p.is_dir()] if self.path.is_dir() else []
         return sorted(found, key=int)
 
-    def newest(self) -> tuple[str, Path]:
-        """(version, bundle directory) that loads; BundleError when there is none."""
+    def selected(self) -> tuple[str, Path, TritonConfig | None]:
+        """(version, bundle directory, config.pbtxt or None) that loads: the bundle itself, or the repository
+        version its config's version_policy picks; BundleError or ConfigError when there is none."""
         if not self.repository:
-            return BUNDLE_VERSION, self.path
+            return BUNDLE_VERSION, self.path, None
+        config = tritonconfig.read(self.path)
         versions = self.versions()
         if not versions:
-            raise BundleError(f"model directory {self.path} has no version directory (1/, 2/, ...) with a "
-                              f"{MANIFEST_FILE}")
-        return versions[-1], self.path / versions[-1]
+            raise BundleError(f"model directory {self.path} has no version directory (1/, 2/, ...)")
+        policy = config.version_policy if config is not None else VersionPolicy()
+        version = str(policy.pick([int(v) for v in versions]))
+        return version, self.path / version, config
 
     def describe(self) -> str:
         return f"{self.name}={self.path}" if self.name else str(self.path)
@@ -156,16 +179,53 @@ def model_sources(settings: Settings) -> list[ModelSource]:
         if root is not None and not root.is_dir():
             raise ServeError(f"{flag} {root} is not a directory")
     if settings.model_dir is not None:
-        # Hidden directories are an export's temporaries (a killed export leaves one): never models.
+        # A bundle also given with --model is served once, as --model says (the Docker image sets
+        # VITC_MODEL_DIR=/models, and `--model /models/x` is the natural flag to add). Hidden directories are an
+        # export's temporaries (a killed export leaves one): never models.
+        given = {_resolved(s.path) for s in sources}
         sources += [ModelSource(p.parent) for p in sorted(settings.model_dir.glob(f"*/{MANIFEST_FILE}"))
-                    if not p.parent.name.startswith(".")]
+                    if not p.parent.name.startswith(".") and _resolved(p.parent) not in given]
     if settings.model_repository is not None:
         sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())
                     if p.is_dir() and not p.name.startswith(".") and NAME_RE.fullmatch(p.name)]
     if not sources:
-        raise ServeError("no models to serve: pass --model PATH (or name=PATH), --model-dir DIR or "
-                         "--model-repository DIR")
+        raise ServeError(_nothing_to_serve(settings))
     return sources
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compared as given
+        return path
+
+
+def _nothing_to_serve(settings: Settings) -> str:
+    """Why no model was found, naming the directories that were looked in (and what one holds instead)."""
+    advice = "pass --model PATH (or name=PATH), --model-dir DIR or --model-repository DIR"
+    if settings.model_repository is not None:
+        return f"no models to serve: --model-repository {settings.model_repository} holds no model directory"
+    if settings.model_dir is None:
+        return f"no models to serve: {advice}"
+    root = settings.model_dir
+    found = f"no models to serve: --model-dir (VITC_MODEL_DIR) {root} holds no bundle (DIR/*/{MANIFEST_FILE})"
+    if _looks_like_repository(root):
+        return f"{found}; it looks like a Triton model repository: serve it with --model-repository {root}"
+    return f"{found}; {advice}"
+
+
+def _looks_like_repository(root: Path) -> bool:
+    """Whether `root` holds model directories of a Triton repository (a config.pbtxt or a numbered version
+    directory with a manifest); a bounded look."""
+    try:
+        for model in itertools.islice(root.iterdir(), MAX_PEEK):
+            if model.is_dir() and ((model / TRITON_CONFIG_FILE).is_file() or any(
+                    VERSION_DIR.fullmatch(v.name) and (v / MANIFEST_FILE).is_file()
+                    for v in itertools.islice(model.iterdir(), MAX_PEEK))):
+                return True
+    except OSError:
+        pass
+    return False
 
 
 def model_args(settings: Settings) -> list[str]:
@@ -174,27 +234,34 @@ def model_args(settings: Settings) -> list[str]:
 
 
 def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
-    """Read, verify and load one model (its newest version); raises ServeError with one line."""
+    """Read, verify and load one model (a bundle, or the repository version its config selects); ServeError with
+    one line (Unavailable: a repository model whose runtime cannot run here)."""
     if isinstance(source, str):
         name, path = parse_model_arg(source)
         source = ModelSource(path, name)
     start = time.perf_counter()
     try:
-        version, path = source.newest()
+        version, path, config = source.selected()
+        if source.repository and not (path / MANIFEST_FILE).is_file():
+            raise BundleError(f"version directory {path} has no {MANIFEST_FILE} (empty, or still being copied?): "
+                              "finish it or remove it, then load again")
         manifest = read_manifest(path)
         name = source.name or manifest.name
         if not NAME_RE.fullmatch(name):
             raise ServeError(f"model name {name!r} must match {NAME_RE.pattern} (use --model name=PATH)")
-        options = BackendOptions(device=settings.device, threads=settings.threads, parallel=settings.parallel,
+        # A repository version holds one artifact (python -m export.triton): it runs on that artifact's runtime,
+        # on the CPU when its config.pbtxt puts every instance there (as Triton does on a GPU machine).
+        runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
+        device = "cpu" if config is not None and config.cpu_only else settings.device
+        if source.repository:
+            _check_repository_model(source, version, manifest, runtime, device, config)
+        options = BackendOptions(device=device, threads=settings.threads, parallel=settings.parallel,
                                  hint=settings.openvino_hint, compile=settings.compile,
                                  channels_last=settings.channels_last)
-        # A repository version holds one artifact (python -m export.triton): it runs on that artifact's runtime.
-        runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
         precision = None if source.repository else settings.precision
-        config = tritonconfig.read(source.path) if source.repository else None
         startup = {"read_manifest": time.perf_counter() - start}
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
-    except (BundleError, BackendError, tritonconfig.ConfigError) as exc:
+    except (BundleError, BackendError, ConfigError) as exc:
         raise ServeError(f"model {source.describe()!r}: {exc}") from None
     max_batch = min(settings.max_batch_size, backend.max_batch)
     delay_ms = None
@@ -205,18 +272,54 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
                 raise ServeError(f"model {source.describe()!r}: config.pbtxt max_batch_size {config.max_batch_size} "
                                  f"is more than the artifact was exported for ({backend.max_batch})")
             max_batch = config.max_batch_size
-        if config.max_queue_delay_us is not None:
-            delay_ms = config.max_queue_delay_us / 1000
+        # Triton's defaults: dynamic_batching without a delay waits 0; without the block nothing waits.
+        delay_ms = (config.max_queue_delay_us or 0) / 1000
     return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
-                       queue_delay_ms=delay_ms, startup={k: round(v, 4) for k, v in startup.items()})
+                       queue_delay_ms=delay_ms, config=config, startup={k: round(v, 4) for k, v in startup.items()})
 
 
-def load_models(settings: Settings) -> dict[str, ServedModel]:
-    """Every configured model, by name; nothing is left loaded if one fails (and nothing is logged before)."""
-    models: dict[str, ServedModel] = {}
+def _check_repository_model(source: ModelSource, version: str, manifest: Manifest, runtime: str, device: str,
+                            config: TritonConfig | None) -> None:
+    """ConfigError when config.pbtxt contradicts the artifact; Unavailable when its runtime cannot run here."""
+    try:
+        rt = runtimes.get(runtime)
+    except BackendError as exc:
+        raise Unavailable(source.path.name, version, f"model {source.describe()!r}: {exc}") from None
+    if config is not None:
+        c, h, w = manifest.input.sample_shape
+        try:
+            config.check(name=source.path.name, platform=rt.triton_platform, backend=rt.triton_backend,
+                         input=Tensor(manifest.input.name, "TYPE_FP32", (c, h, w)),
+                         output=Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)))
+        except ConfigError as exc:
+            raise ConfigError(f"{source.path / TRITON_CONFIG_FILE}: {exc}") from None
+    try:
+        rt.require(device)
+    except BackendError as exc:
+        raise Unavailable(source.path.name, version, f"model {source.describe()!r}: {exc}") from None
+
+
+class ServedModels(dict[str, ServedModel]):
+    """The loaded models by name, and the repository models left unloaded because their runtime cannot run here
+    (`skipped`: name -> (version, reason))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, tuple[str, str]] = {}
+
+
+def load_models(settings: Settings) -> ServedModels:
+    """Every configured model, by name; nothing is left loaded if one fails (and nothing is logged before). A
+    repository model whose runtime is not installed here (or not on this device) is skipped with one log line."""
+    models = ServedModels()
     try:
         for source in model_sources(settings):
-            model = load_model(source, settings)
+            try:
+                model = load_model(source, settings)
+            except Unavailable as exc:
+                models.skipped[exc.name] = (exc.version, str(exc))
+                log.warning("model unavailable", extra={"model": exc.name, "reason": str(exc)})
+                continue
             if model.name in models:
                 model.backend.close()
                 raise ServeError(

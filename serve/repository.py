@@ -1,29 +1,34 @@
 """The served models as a live set: load (again), unload and index them while serving (the Open Inference
 Protocol repository extension), with a swap that no request notices.
 
-A load reads the model's source again (its bundle, or the newest version of its repository directory), verifies
-every file, proves the golden inputs and warms the runtime, all off the event loop, while the old version keeps
-serving. Only then does the name point to the new version; the old one is drained (every request that reached it
-is answered) and closed. A load that fails leaves the old version serving and answers the reason.
+A load reads the model's source again (its bundle, or the version of its repository directory that its
+config.pbtxt selects, by default the newest), verifies every file, proves the golden inputs and warms the runtime,
+all off the event loop, while the old version keeps serving. Only then does the name point to the new version; the
+old one is drained (every request admitted to it is answered) and closed. A load that fails leaves the old
+version serving and answers the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 
-from models.bundle import BundleError
+from models.bundle import MANIFEST_FILE, BundleError
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.metrics import Metrics
-from serve.registry import NAME_RE, ModelSource, ServedModel, close_models, load_model
+from serve.registry import NAME_RE, ModelSource, ServedModel, ServedModels, close_models, load_model
 from serve.settings import Settings
 from serve.stats import Observers
+from serve.tritonconfig import ConfigError
 
 log = logging.getLogger("vitc.serve")
 MAX_LISTED = 4096  # directory entries of a repository looked at for its index
@@ -33,6 +38,14 @@ class LoadError(Exception):
     """A model could not be loaded (or unloaded): the reason, in one line; what served before still serves."""
 
 
+@dataclasses.dataclass
+class _Turn:
+    """One model name's lock, and how many loads or unloads hold or await it."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class ModelRepository:
     """The models one server serves, by name; `models` is the dict the routes read."""
 
@@ -40,9 +53,12 @@ class ModelRepository:
         self.settings, self.metrics, self.models = settings, metrics, models
         self.sources: dict[str, ModelSource] = {m.name: m.source or ModelSource(m.bundle, m.name)
                                                 for m in models.values()}
-        self.failures: dict[tuple[str, str], str] = {}  # (name, version) -> why its last load failed
+        # (name, version) -> why its last load failed; at start, the repository models whose runtime cannot run here.
+        self.failures: dict[tuple[str, str], str] = {
+            (name, version): reason for name, (version, reason) in
+            (models.skipped.items() if isinstance(models, ServedModels) else ())}
         self.unloaded: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._turns: dict[str, _Turn] = {}  # only names being loaded or unloaded: bounded by the work in progress
         self._retiring: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -58,6 +74,7 @@ class ModelRepository:
             max_queue=s.max_queue_size, parallel=s.parallel or model.backend.parallelism,
             observer=Observers(self.metrics, model.stats), timeout_s=s.inference_timeout_s,
             probe=np.zeros((1, *model.sample_shape), np.float32),
+            merge=model.config is None or model.config.dynamic_batching,
         )
         await model.batcher.start()
         self.metrics.add_model(model.name, model.manifest.model, model.backend.runtime, model.backend.precision,
@@ -68,17 +85,43 @@ class ModelRepository:
         if name in self.sources:
             return self.sources[name]
         root = self.settings.model_repository
-        if root is not None and NAME_RE.match(name) and (root / name).is_dir():
+        if root is not None and NAME_RE.fullmatch(name) and (root / name).is_dir():
             return ModelSource(root / name, name, repository=True)
-        raise LoadError(f"no model {name!r} in the repository; known: {', '.join(sorted(self.sources)) or 'none'}")
+        raise LoadError(f"no model {name[:200]!r} in the repository; known: "
+                        f"{', '.join(sorted(self.sources)) or 'none'}")
+
+    def __contains__(self, name: object) -> bool:
+        """Whether `name` is a model this server knows: served, served before, or a model directory of its
+        repository (what a request's metric label may name: bounded by what exists)."""
+        if not isinstance(name, str):
+            return False
+        if name in self.models or name in self.sources:
+            return True
+        root = self.settings.model_repository
+        return root is not None and bool(NAME_RE.fullmatch(name)) and (root / name).is_dir()
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, name: str) -> AsyncIterator[None]:
+        """One load or unload of `name` at a time. The lock lives only while someone holds or awaits it, so names
+        leave no state behind (the names come from request paths)."""
+        turn = self._turns.setdefault(name, _Turn())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[name]
 
     async def load(self, name: str) -> ServedModel:
         """(Re)load `name` from its source and swap it in once it is verified and warm; LoadError otherwise."""
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        self.source_of(name)  # an unknown name is refused before it is given any state
+        async with self._turn(name):
             source = self.source_of(name)
             try:
-                version = source.newest()[0]
-            except (BundleError, OSError) as exc:
+                version = source.selected()[0]
+            except (BundleError, ConfigError, OSError) as exc:
                 self.failures[(name, "")] = f"model {name!r}: {exc}"
                 raise LoadError(self.failures[(name, "")]) from None
             try:
@@ -87,8 +130,7 @@ class ModelRepository:
                 self.failures[(name, version)] = str(exc)
                 raise LoadError(str(exc)) from None
             if model.name != name:  # a bundle served under its own name was re-exported under another one
-                model = ServedModel(name, model.bundle, model.manifest, model.backend, model.max_batch,
-                                    model.version, source, model.queue_delay_ms)
+                model = dataclasses.replace(model, name=name)
             await self._activate(model)
             old = self.models.get(name)
             self.models[name] = model  # from now on new requests reach the new version
@@ -103,11 +145,13 @@ class ModelRepository:
             return model
 
     async def unload(self, name: str) -> None:
-        """Stop serving `name` once every request that reached it is answered; LoadError when it is not served."""
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        """Stop serving `name` once every request admitted to it is answered. As in Triton, a known model that is
+        not loaded is left as it is (success); LoadError for a name the server does not know."""
+        self.source_of(name)
+        async with self._turn(name):
             model = self.models.pop(name, None)
             if model is None:
-                raise LoadError(f"model {name!r} is not loaded")
+                return
             self.unloaded.add(name)
             await self._retire(model)
 
@@ -147,20 +191,29 @@ class ModelRepository:
         for name in sorted(set(self.sources) | set(self.models) | set(self._on_disk())):
             loaded = self.models.get(name)
             try:
-                versions = self.source_of(name).versions()
+                source: ModelSource | None = self.source_of(name)
+                versions = source.versions()
             except (LoadError, OSError):
-                versions = []
+                source, versions = None, []
             for version in versions or ([loaded.version] if loaded else [""]):
                 ready = loaded is not None and loaded.version == version and loaded.batcher is not None \
                     and loaded.batcher.ready
                 entry: dict[str, Any] = {"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE"}
                 if not ready:
-                    entry["reason"] = (self.failures.get((name, version)) or
-                                       ("unloaded" if name in self.unloaded else
-                                        "not loaded" if loaded is None else
-                                        "not the version being served" if loaded.version != version else "not ready"))
+                    entry["reason"] = self.failures.get((name, version)) or self._why_not(name, source, version, loaded)
                 out.append(entry)
         return out
+
+    def _why_not(self, name: str, source: ModelSource | None, version: str, loaded: ServedModel | None) -> str:
+        """Why a version that never failed to load is not served."""
+        if source is not None and source.repository and version \
+                and not (source.path / version / MANIFEST_FILE).is_file():
+            return f"no {MANIFEST_FILE} in its version directory (empty, or still being copied?)"
+        if name in self.unloaded:
+            return "unloaded"
+        if loaded is None:
+            return "not loaded"
+        return "not the version being served" if loaded.version != version else "not ready"
 
     async def close(self, timeout: float) -> None:
         """Drain and close every model at once, within one timeout (shutdown)."""

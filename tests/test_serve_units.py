@@ -345,6 +345,23 @@ def test_concurrent_requests_are_batched_and_routed():
     assert sum(rec.batches) == 40 and max(rec.batches) > 1 and max(rec.batches) <= 16
 
 
+def test_without_merging_each_request_is_a_batch_of_its_own():
+    """A Triton model config without dynamic_batching: requests queued together still run one by one, each with
+    all its rows."""
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher("m", row_sums, max_batch=16, max_delay_s=0.05, max_queue=100, observer=rec, merge=False)
+        await b.start()
+        xs = [np.full((1 + i % 3, 2), i, np.float32) for i in range(12)]
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        await b.close()
+        return rec, xs, outs
+
+    rec, xs, outs = asyncio.run(main())
+    assert [o.tolist() for o in outs] == [row_sums(x).tolist() for x in xs]
+    assert rec.batches == [len(x) for x in xs]
+
+
 def test_a_lone_request_does_not_wait_for_companions_but_expected_ones_are_waited_for():
     async def main():
         rec = Recorder()

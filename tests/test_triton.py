@@ -108,6 +108,20 @@ def test_an_edited_config_survives_a_new_version_unless_replaced(bundle, tmp_pat
     assert config.read_text() == generated
 
 
+def test_a_gpu_server_runs_the_repository_models_its_config_puts_on_the_cpu(repository):
+    """export.triton gives OpenVINO and onnxruntime models KIND_CPU instance groups: on a server started with
+    --device cuda (the GPU image) they run on the CPU, as Triton runs them, instead of refusing the start."""
+    from serve.registry import close_models, load_models
+    from serve.settings import Settings
+
+    models = load_models(Settings(model_repository=repository, device="cuda"))
+    try:
+        assert {name: m.backend.device for name, m in models.items()} == {
+            "micro-onnx-fp32": "cpu", "micro-openvino-fp32": "cpu", "micro-openvino-fp16": "cpu"}
+    finally:
+        close_models(models)
+
+
 def _infer(url: str, model: str, x: np.ndarray) -> np.ndarray:
     import tritonclient.http as httpclient
 

@@ -1,5 +1,6 @@
-"""The batching fields vitc reads from a Triton config.pbtxt: what export.triton writes reads back, the format's
-comments, strings and nesting are understood, and what vitc cannot serve is refused with the reason."""
+"""What vitc reads from a Triton config.pbtxt: what export.triton writes reads back, the format's comments,
+strings and nesting are understood, what Triton's parser refuses is refused, a configuration that contradicts its
+artifact is refused with the reason, and version_policy selects the version served."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ from test_serve_fixtures import micro_bundle
 from export import triton
 from models.bundle import read_manifest
 from serve import tritonconfig
-from serve.tritonconfig import ConfigError, TritonBatching, parse
+from serve.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy, parse
+
+INPUT, OUTPUT = Tensor("input", "TYPE_FP32", (3, 32, 32)), Tensor("logits", "TYPE_FP32", (10,))
+ARTIFACT = {"name": "m", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "input": INPUT, "output": OUTPUT}
 
 
 def test_what_export_triton_writes_reads_back(tmp_path_factory):
     bundle = micro_bundle(tmp_path_factory)
     m = read_manifest(bundle)
-    text = triton.config_pbtxt("micro", m, m.servable()[0], kind="cpu", instances=2, max_queue_delay_us=750)
-    assert parse(text) == TritonBatching(max_batch_size=m.input.max_batch, max_queue_delay_us=750)
+    onnx = next(a for a in m.servable() if a.runtime == "onnxruntime")
+    text = triton.config_pbtxt("micro-onnx-fp32", m, onnx, kind="cpu", instances=2, max_queue_delay_us=750)
+    config = parse(text)
+    assert config == TritonConfig(name="micro-onnx-fp32", backend="onnxruntime", max_batch_size=m.input.max_batch,
+                                  dynamic_batching=True, max_queue_delay_us=750, inputs=(INPUT,), outputs=(OUTPUT,),
+                                  instance_kinds=("KIND_CPU",))
+    assert config.cpu_only and config.version_policy == VersionPolicy("latest", 1)
+    config.check(**{**ARTIFACT, "name": "micro-onnx-fp32"})  # agrees with its own artifact
 
 
 def test_only_the_fields_at_their_place_count():
@@ -24,30 +34,90 @@ def test_only_the_fields_at_their_place_count():
     # max_batch_size: 99 in a comment
     name: "max_batch_size: 77"
     sequence_batching { max_queue_delay_microseconds: 5 }   # another batcher's field
-    input [ { name: "x" dims: [ 3, 32, 32 ] }, { name: 'y' dims: [1] } ]
+    input [ { name: "x" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }, { name: 'y' "z" data_type: TYPE_FP32 dims: 1 } ]
     max_batch_size : 16
     dynamic_batching < preferred_batch_size: [ 4, 8 ]; max_queue_delay_microseconds: 300 >
     version_policy: { latest: { num_versions: 1 } }
     """
-    assert parse(text) == TritonBatching(max_batch_size=16, max_queue_delay_us=300)
-    assert parse('name: "m"\nbackend: "onnxruntime"') == TritonBatching()
+    config = parse(text)
+    assert (config.name, config.max_batch_size, config.max_queue_delay_us) == ("max_batch_size: 77", 16, 300)
+    assert config.inputs == (Tensor("x", "TYPE_FP32", (3, 32, 32)), Tensor("yz", "TYPE_FP32", (1,)))
+    assert parse('name: "m"\nbackend: "onnxruntime"') == TritonConfig(name="m", backend="onnxruntime")
+    # dynamic_batching without a delay is Triton's delay 0; without the block, no dynamic batching at all.
+    assert parse("dynamic_batching { }").dynamic_batching and not parse("max_batch_size: 4").dynamic_batching
 
 
 @pytest.mark.parametrize("text, says", [
     ("max_batch_size: 4\nmax_batch_size: 8", "given twice"),
-    ("max_batch_size: -1", "non-negative integer"),
-    ("max_batch_size: 1.5", "non-negative integer"),
+    ("max_batch_size: -1", r"in 0\.\."),
+    ("max_batch_size: 1.5", "must be an integer"),
+    ("max_batch_size: 0x10", "must be an integer"),
     ("max_batch_size: 0", "not served by vitc"),
-    ("dynamic_batching { max_queue_delay_microseconds: 99999999999 }", "at most"),
+    ("dynamic_batching { max_queue_delay_microseconds: 99999999999 }", r"in 0\.\.60000000"),
     ("dynamic_batching { max_batch_size: 4", "unclosed"),
     ("}", "unbalanced"),
     ("name: \"unterminated", "unexpected character"),
-    ("{ }", "without a field name"),
+    ("{ }", "field name was expected"),
+    ("name other", "needs ':'"),
+    ("name: other", "quoted string"),
+    ("input [ { name: \"x\" dims: [3] } ]", "must give a name, a data_type and dims"),
+    ("input [ { name: \"x\" data_type: 11 dims: [3] } ]", "enum name"),
+    ("bogus_field: 3", "unknown field 'bogus_field'"),
     ("a {" * 40 + "}" * 40, "deeper than"),
+    ("version_policy { latest { num_versions: 1 } all { } }", "must be one of"),
+    ("version_policy { newest { } }", "must be one of"),
+    ("version_policy { latest { num_versions: 0 } }", r"num_versions must be in 1\.\."),
+    ("version_policy { specific { } }", "lists no version"),
+    ("version_policy { specific { versions: [ 1, 0 ] } }", "must be in 1.."),
+    ("version_policy { all { num_versions: 2 } }", "has no field 'num_versions'"),
 ])
-def test_what_vitc_cannot_serve_is_refused_with_the_reason(text, says):
+def test_what_vitc_or_triton_cannot_serve_is_refused_with_the_reason(text, says):
     with pytest.raises(ConfigError, match=says):
         parse(text)
+
+
+def test_the_parser_refuses_what_tritons_own_schema_refuses():
+    """Triton's protobuf parse and this scanner agree on the top-level fields (the list is Triton's)."""
+    pytest.importorskip("tritonclient")
+    from test_triton import _model_config_pb2
+
+    fields = {f.name for f in _model_config_pb2().ModelConfig.DESCRIPTOR.fields}
+    assert fields == tritonconfig.MODEL_CONFIG_FIELDS
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"name": "other"}, "name 'other' is not the model directory's name 'm'"),
+    ({"platform": "tensorrt_plan"}, "platform 'tensorrt_plan' is not the artifact's"),
+    ({"backend": "tensorrt"}, "backend 'tensorrt' is not the artifact's"),
+    ({"inputs": (Tensor("images", "TYPE_FP32", (3, 32, 32)),)}, "input 'images'"),
+    ({"inputs": (Tensor("input", "TYPE_FP32", (3, 64, 64)),)}, r"\[3, 64, 64\] is not the artifact's input"),
+    ({"inputs": (Tensor("input", "TYPE_FP16", (3, 32, 32)),)}, "TYPE_FP16"),
+    ({"inputs": (INPUT, INPUT)}, "input"),
+    ({"outputs": (Tensor("logits", "TYPE_FP32", (1000,)),)}, r"output 'logits' TYPE_FP32 \[1000\]"),
+])
+def test_a_configuration_that_contradicts_its_artifact_is_refused(edit, says):
+    TritonConfig(name="m", platform="onnxruntime_onnx", backend="onnxruntime", inputs=(INPUT,),
+                 outputs=(OUTPUT,)).check(**ARTIFACT)  # all agree
+    TritonConfig().check(**ARTIFACT)  # nothing given: nothing to contradict
+    with pytest.raises(ConfigError, match=says):
+        TritonConfig(**edit).check(**ARTIFACT)
+
+
+def test_the_version_policy_selects_one_version():
+    assert parse("version_policy { latest { num_versions: 3 } }").version_policy.pick([1, 2, 5]) == 5
+    assert parse("version_policy: { all: {} }").version_policy.pick([1, 2, 5]) == 5
+    specific = parse("version_policy { specific { versions: [ 2, 1 ] } }").version_policy
+    assert specific.pick([1, 2, 5]) == 2 and specific.applied("2") == {"specific": {"versions": [2]}}
+    assert VersionPolicy("all").applied("5") == {"latest": {"num_versions": 1}}  # one version served: the newest
+    with pytest.raises(ConfigError, match=r"lists version 3, which the model directory does not hold \(it holds 1, 2"):
+        parse("version_policy { specific { versions: [ 1, 3 ] } }").version_policy.pick([1, 2])
+
+
+def test_instance_groups_all_on_the_cpu_put_the_model_there():
+    assert parse("instance_group [ { count: 2 kind: KIND_CPU }, { kind: KIND_CPU } ]").cpu_only
+    assert not parse("instance_group [ { kind: KIND_CPU }, { kind: KIND_GPU } ]").cpu_only
+    assert not parse("instance_group [ { count: 1 } ]").cpu_only  # KIND_AUTO: the server's device
+    assert not parse("").cpu_only
 
 
 def test_the_file_is_bounded_and_optional(tmp_path):

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -33,27 +33,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-# Dependencies are `async def` so FastAPI calls them inline instead of hopping to a worker thread per request.
-@contextlib.contextmanager
-def held(request: Request, name: str) -> Iterator[ServedModel]:
-    """The served model named `name` (404 listing the served names), held for the block: a reload swaps the name
-    to a new version but drains this one only once every holder has finished."""
+def served(request: Request, name: str) -> ServedModel:
+    """The version of the model named `name` served now; 404 listing the served names."""
     models: dict[str, ServedModel] = request.app.state.models
     model = models.get(name)
     if model is None:
-        raise APIError(404, f"unknown model {name!r}; served: {', '.join(models) or 'none'}")
-    model.users += 1
-    try:
-        yield model
-    finally:
-        model.users -= 1
+        raise APIError(404, f"unknown model {name[:200]!r}; served: {', '.join(models) or 'none'}")
+    return model
 
 
-async def get_model(name: str, request: Request) -> AsyncIterator[ServedModel]:
-    """`held` as a dependency, for the light endpoints (the inference ones call `held` themselves: FastAPI's
-    dependency machinery costs a good part of a millisecond per request)."""
-    with held(request, name) as model:
-        yield model
+# Dependencies are `async def` so FastAPI calls them inline instead of hopping to a worker thread per request.
+async def get_model(name: str, request: Request) -> ServedModel:
+    """`served` as a dependency, for the light endpoints (the inference ones call `served` themselves: FastAPI's
+    dependency machinery costs a good part of a millisecond per request). A reload or unload drains a version only
+    of the requests admitted to it (`admission`, once their body is in): a stalled upload holds none."""
+    return served(request, name)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -145,12 +139,20 @@ def recorded(model: ServedModel, rows: int = 1) -> Iterator[None]:
         model.stats.request(ok, time.perf_counter() - start, rows)
 
 
-def admission(model: ServedModel, images: int = 1):
-    """Count the request's images against the model's bound for its whole life (decode + queue + compute)."""
+@contextlib.contextmanager
+def admission(model: ServedModel, images: int = 1) -> Iterator[None]:
+    """Count the request's images against the model's bound for its whole life (decode + queue + compute), and the
+    request as a user of this version: what an unload or reload waits for before closing it."""
     try:
-        return model.batcher.admit(images)
+        admitted = model.batcher.admit(images)
     except (QueueFull, NotReady, BatcherClosed) as exc:
         raise _unavailable(exc) from None
+    model.users += 1
+    try:
+        with admitted:
+            yield
+    finally:
+        model.users -= 1
 
 
 def _unavailable(exc: Exception) -> APIError:

@@ -25,9 +25,9 @@ from serve.routes.deps import (
     admission,
     all_or_none,
     finite_output,
-    held,
     off_loop,
     recorded,
+    served,
     submit,
     unless_gone,
 )
@@ -196,17 +196,26 @@ async def classify(
 
 async def classify_request(request: Request, name: str, top_k: int | None) -> JSONResponse:
     """The classify endpoint's work, shared with the fast path (serve.fastpath) that skips FastAPI's routing."""
-    with held(request, name) as model:
-        return await _classify(request, model, request.app.state.settings, top_k)
+    settings: Settings = request.app.state.settings
+    _top_k(served(request, name), top_k)  # an unknown model or a bad top_k is refused before the upload
+    with stage(request, "receive"):
+        images, many = await read_images(request, settings)
+    # The version served now: a reload or unload during the upload does not wait for it (it holds no version until
+    # admitted), and it runs on the new version, or is told the model is gone.
+    model = served(request, name)
+    return await _classify(request, model, settings, _top_k(model, top_k), images, many)
 
 
-async def _classify(request: Request, model: ServedModel, settings: Settings, top_k: int | None) -> JSONResponse:
+def _top_k(model: ServedModel, top_k: int | None) -> int:
+    """Predictions per image: asked for (at most the model's classes), else 5."""
     n_classes = len(model.labels)
     if top_k is not None and top_k > n_classes:
         raise APIError(422, f"top_k must be between 1 and {n_classes} (the model's classes), got {top_k}")
-    k = top_k or min(5, n_classes)
-    with stage(request, "receive"):
-        images, many = await read_images(request, settings)
+    return top_k or min(5, n_classes)
+
+
+async def _classify(request: Request, model: ServedModel, settings: Settings, k: int,
+                    images: list[tuple[str, bytes]], many: bool) -> JSONResponse:
     with recorded(model, len(images)), admission(model, len(images)):  # every image counts, from decoding to its answer
         with stage(request, "decode"):
             decoded = await asyncio.gather(

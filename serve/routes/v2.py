@@ -35,14 +35,15 @@ from serve.routes.deps import (
     SettingsDep,
     admission,
     finite_output,
-    held,
     off_loop,
     recorded,
+    served,
     submit,
     unless_gone,
 )
 from serve.settings import Settings
 from serve.timing import stage, timings
+from serve.tritonconfig import VersionPolicy
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -144,7 +145,7 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     return params
 
 
-@router.post("/repository/models/{name}/load", summary="Load, or load again, a model (its newest version)")
+@router.post("/repository/models/{name}/load", summary="Load, or load again, a model (the version its config selects)")
 async def repository_load(name: str, request: Request) -> JSONResponse:
     params = await _load_parameters(request)
     if "config" in params or any(str(k).startswith("file:") for k in params):
@@ -159,7 +160,8 @@ async def repository_load(name: str, request: Request) -> JSONResponse:
     return JSONResponse({})
 
 
-@router.post("/repository/models/{name}/unload", summary="Stop serving a model (requests in progress finish)")
+@router.post("/repository/models/{name}/unload",
+             summary="Stop serving a model (requests in progress finish; one that is not loaded stays so: success)")
 async def repository_unload(name: str, request: Request) -> JSONResponse:
     await _load_parameters(request)  # unload_dependents: vitc models have no dependents
     try:
@@ -181,8 +183,14 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
         "input": [{"name": model.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [c, h, w]}],
         "output": [{"name": model.output_name, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
                     "label_filename": TRITON_LABELS_FILE if model.source and model.source.repository else ""}],
-        "dynamic_batching": {"max_queue_delay_microseconds": round(1000 * (
-            settings.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms))},
+        # What is applied: a config.pbtxt without dynamic_batching batches nothing (each request runs alone).
+        **({"dynamic_batching": {"max_queue_delay_microseconds": round(1000 * (
+            settings.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms))}}
+           if model.batcher is None or model.batcher.merge else {}),
+        # vitc serves one version per model: the one the policy selects (see serve.tritonconfig.VersionPolicy).
+        "version_policy": (model.config.version_policy if model.config else VersionPolicy()).applied(model.version),
+        "instance_group": [{"kind": "KIND_CPU" if model.backend.device == "cpu" else "KIND_GPU",
+                            "count": model.batcher.parallel if model.batcher else 1}],
         "parameters": {"precision": {"string_value": model.backend.precision}},
     }
 
@@ -211,12 +219,8 @@ def _parse_body(body: bytes, encoding: str | None, header_length: str | None, li
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES)
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
-    with held(request, name) as model:
-        return await _infer(request, model, request.app.state.settings, version)
-
-
-async def _infer(request: Request, model: ServedModel, settings: Settings, version: str | None) -> Response:
-    _check_version(model, version)
+    settings: Settings = request.app.state.settings
+    _check_version(served(request, name), version)  # refused before the upload when it cannot be served
     lengths = set(request.headers.getlist(HEADER_LENGTH))
     if len(lengths) > 1:
         raise APIError(400, f"{HEADER_LENGTH} is given {len(lengths)} times with different values")
@@ -227,7 +231,15 @@ async def _infer(request: Request, model: ServedModel, settings: Settings, versi
             parsed = await off_loop(request, _parse_body, body, request.headers.get("content-encoding"),
                                     next(iter(lengths), None), settings.max_body_bytes)
     except ProtocolError as exc:
-        raise APIError(exc.status, str(exc)) from None
+        raise APIError(exc.status, str(exc), exc.headers) from None
+    # The version served now: a reload or unload during the upload does not wait for it (it holds no version
+    # until admitted), and it runs on the new version, or is told the model is gone.
+    model = served(request, name)
+    _check_version(model, version)
+    return await _infer(request, model, parsed)
+
+
+async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> Response:
     x = _model_input(model, parsed.inputs)
     requested = parsed.outputs or []
     for out in requested:

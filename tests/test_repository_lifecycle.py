@@ -1,0 +1,300 @@
+"""A Triton-style repository served by vitc, on the fake runtime (no export): which directories are versions, what a
+config.pbtxt may say, load and unload as Triton answers them, the state an endless stream of names leaves, the
+metrics of reloaded and unloaded models, uploads that hold no drain, models whose runtime cannot run here, and
+what `python -m serve` finds in a model directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import shutil
+import socket
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import fake_runtime
+import httpx
+import numpy as np
+import pytest
+from test_serve_fixtures import start_server
+
+import runtimes
+from models.bundle import read_manifest, write_manifest
+from serve.errors import ServeError
+from serve.metrics import Metrics
+from serve.registry import ModelSource, ServedModels, load_models, model_sources
+from serve.repository import LoadError, ModelRepository
+from serve.settings import Settings
+
+NAME = "fake"
+CONFIG = """name: "fake"
+platform: "fake_platform"
+max_batch_size: 8
+input [ { name: "input" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 3, 32, 32 ] } ]
+output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 500 }
+"""
+# The fake runtime under another name whose package is not installed: a model of it cannot run here.
+ABSENT = dataclasses.replace(fake_runtime.RUNTIME, name="absent", target="absent", packages=("vitc_no_such_package",))
+
+
+def add_version(repo: Path, name: str, version: str, runtime: str = "fake") -> Path:
+    """repo/name/version: a bundle of the fake artifact alone (what export.triton writes for a real one)."""
+    source = repo.parent / ".fake-bundle"
+    if not source.exists():
+        fake_runtime.write_bundle(source)
+    m = read_manifest(source)
+    dest = repo / name / version
+    dest.mkdir(parents=True)
+    shutil.copy(source / fake_runtime.WEIGHTS, dest / fake_runtime.WEIGHTS)
+    artifact = next(dataclasses.replace(a, runtime=runtime) for a in m.artifacts if a.runtime == "fake")
+    write_manifest(dest, m.with_artifacts([artifact]))
+    return dest
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A repository with model "fake", version 1, and its config.pbtxt."""
+    root = tmp_path / "repo"
+    add_version(root, NAME, "1")
+    (root / NAME / "config.pbtxt").write_text(CONFIG)
+    return root
+
+
+@pytest.fixture
+def fake() -> Iterator[None]:
+    with fake_runtime.registered():
+        runtimes.register(ABSENT)
+        try:
+            yield
+        finally:
+            runtimes.unregister(ABSENT.name)
+
+
+@contextlib.contextmanager
+def client(settings: Settings) -> Iterator[httpx.Client]:
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def served(repo: Path, **kw) -> Settings:
+    return Settings(model_repository=repo, access_log=False, graceful_timeout_s=5, **kw)
+
+
+def index(c: httpx.Client) -> dict[tuple[str, str], dict]:
+    return {(e["name"], e["version"]): e for e in c.post("/v2/repository/index").json()}
+
+
+def test_only_ascii_int64_directories_are_versions(fake, repo):
+    for odd in ("²", "٣", "0", "007", "9" * 26, str(2**63), "abc"):
+        shutil.copytree(repo / NAME / "1", repo / NAME / odd)
+    add_version(repo, NAME, str(2**63 - 1))
+    assert ModelSource(repo / NAME, NAME, repository=True).versions() == ["1", str(2**63 - 1)]
+    models = load_models(served(repo))  # no traceback at startup: the odd ones are ignored, as Triton ignores them
+    assert models[NAME].version == str(2**63 - 1)
+
+
+def test_a_config_that_contradicts_the_artifact_or_triton_is_refused(fake, repo):
+    config = repo / NAME / "config.pbtxt"
+    with client(served(repo)) as c:
+        for edit, says in [(('name: "fake"', 'name: "other"'), "not the model directory's name"),
+                           (("fake_platform", "tensorrt_plan"), "platform 'tensorrt_plan' is not the artifact's"),
+                           (('name: "input"', 'name: "images"'), "input 'images' TYPE_FP32"),
+                           (("3, 32, 32", "3, 64, 64"), r"[3, 64, 64] is not the artifact's input"),
+                           (("max_batch_size: 8", "max_batch_size: 8\nbogus_field: 3"), "unknown field 'bogus_field'")]:
+            config.write_text(CONFIG.replace(*edit))
+            r = c.post(f"/v2/repository/models/{NAME}/load")
+            assert r.status_code == 400 and "config.pbtxt: " in r.json()["error"] and says in r.json()["error"], r.text
+            assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the version loaded before serves on
+    config.write_text(CONFIG.replace("fake_platform", "tensorrt_plan"))
+    with pytest.raises(ServeError) as refused:  # at startup: `python -m serve` prints it as one line, exit 2
+        load_models(served(repo))
+    assert "platform 'tensorrt_plan' is not the artifact's ('fake_platform')" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_version_policy_and_batching_are_what_config_says(fake, repo):
+    add_version(repo, NAME, "2")
+    config = repo / NAME / "config.pbtxt"
+    with client(served(repo)) as c:
+        applied = c.get(f"/v2/models/{NAME}/config").json()
+        assert applied["version_policy"] == {"latest": {"num_versions": 1}}
+        assert (applied["dynamic_batching"], c.get(f"/v2/models/{NAME}").json()["versions"]) == (
+            {"max_queue_delay_microseconds": 500}, ["2"])
+        assert applied["instance_group"][0]["kind"] == "KIND_CPU"
+        # Pinned to version 1 (a rollback, as on Triton), without dynamic batching: each request runs alone.
+        config.write_text(CONFIG.replace("dynamic_batching { max_queue_delay_microseconds: 500 }",
+                                         "version_policy { specific { versions: [ 1 ] } }"))
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200
+        applied = c.get(f"/v2/models/{NAME}/config").json()
+        assert applied["version_policy"] == {"specific": {"versions": [1]}}
+        assert "dynamic_batching" not in applied
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1"]
+        entries = index(c)
+        assert entries[(NAME, "1")]["state"] == "READY" and entries[(NAME, "2")]["state"] == "UNAVAILABLE"
+        config.write_text(CONFIG + "version_policy { specific { versions: [ 1, 3 ] } }")
+        r = c.post(f"/v2/repository/models/{NAME}/load")
+        assert r.status_code == 400 and "lists version 3, which the model directory does not hold" in r.text
+        config.write_text(CONFIG + "version_policy { latest { num_versions: 2 } }")  # vitc serves the newest one
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["2"]
+        assert c.get(f"/v2/models/{NAME}/config").json()["version_policy"] == {"latest": {"num_versions": 1}}
+
+
+def test_a_new_version_without_its_manifest_is_reported_not_skipped(fake, repo):
+    with client(served(repo)) as c:
+        (repo / NAME / "2").mkdir()  # empty, or still being copied
+        r = c.post(f"/v2/repository/models/{NAME}/load")
+        assert r.status_code == 400 and f"{repo / NAME / '2'} has no manifest.json" in r.json()["error"]
+        assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1"]  # version 1 serves on
+        (repo / NAME / "3").mkdir()
+        entries = index(c)
+        assert entries[(NAME, "2")]["state"] == "UNAVAILABLE" and "has no manifest.json" in entries[(NAME, "2")][
+            "reason"]
+        assert "no manifest.json in its version directory" in entries[(NAME, "3")]["reason"]  # never tried yet
+
+
+def test_unload_is_idempotent_for_known_models_as_in_triton(fake, repo):
+    with client(served(repo)) as c:
+        for _ in range(2):
+            r = c.post(f"/v2/repository/models/{NAME}/unload")
+            assert (r.status_code, r.json()) == (200, {})
+        assert c.get(f"/v2/models/{NAME}").status_code == 404
+        r = c.post("/v2/repository/models/nope/unload")
+        assert r.status_code == 400 and "no model 'nope'" in r.json()["error"]
+
+
+def test_names_that_are_not_models_leave_no_state(fake, repo):
+    async def run() -> None:
+        repository = ModelRepository(served(repo), Metrics(), load_models(served(repo)))
+        await repository.start()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(1500):  # long names, as a URL path allows
+                with pytest.raises(LoadError):
+                    await (repository.unload if i % 2 else repository.load)(f"{i:05d}" + "a" * 8000)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 1_000_000  # 1500 names of 8 KB: 12 MB if they were kept
+        # Loads and unloads of one name still take turns, and leave nothing behind either.
+        await asyncio.gather(repository.load(NAME), repository.unload(NAME), repository.load(NAME))
+        assert NAME in repository.models and not repository._turns
+        await repository.close(5)
+
+    asyncio.run(run())
+
+
+def _series(c: httpx.Client, metric: str, model: str) -> list[str]:
+    lines = c.get("/metrics").text.splitlines()
+    return [ln for ln in lines if ln.startswith(metric + "{") and f'model="{model}"' in ln]
+
+
+def test_metrics_follow_reloads_and_unloads(fake, repo):
+    add_version(repo, "other", "1")
+    with client(served(repo)) as c:
+        assert len(_series(c, "vitc_model_info", NAME)) == 1
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200  # the same version again
+        time.sleep(0.2)  # the replaced one is retired in the background
+        assert len(_series(c, "vitc_model_info", NAME)) == 1
+        assert len(_series(c, "vitc_queue_depth", NAME)) == 1
+        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
+        assert not _series(c, "vitc_model_info", NAME)
+        assert not _series(c, "vitc_queue_depth", NAME)  # the closed batcher is not kept alive
+        assert _series(c, "vitc_queue_depth", "other")
+        # What a request's metric label may name: repository models, loaded or not; never just any name.
+        repository = c.app.state.repository
+        assert NAME in repository and "other" in repository and "nope" not in repository and "../x" not in repository
+
+
+def test_a_model_whose_runtime_cannot_run_here_leaves_the_others_serving(fake, repo, caplog):
+    add_version(repo, "missing", "1", runtime="absent")
+    add_version(repo, "anywhere", "1")  # no config.pbtxt: the server's device, where the fake runtime cannot run
+    (repo / NAME / "config.pbtxt").write_text(CONFIG + 'instance_group [ { count: 1 kind: KIND_CPU } ]')
+    settings = served(repo, device="cuda")
+    models = load_models(settings)
+    assert set(models) == {NAME} and models[NAME].backend.device == "cpu"  # its config says KIND_CPU
+    assert "absent is not installed" in models.skipped["missing"][1]
+    assert "runs on cpu, not 'cuda'" in models.skipped["anywhere"][1]
+    assert sum("model unavailable" in r.getMessage() for r in caplog.records) == 2  # one line each
+    with client(settings) as c:
+        entries = index(c)
+        assert entries[(NAME, "1")]["state"] == "READY"
+        assert entries[("missing", "1")]["state"] == "UNAVAILABLE"
+        assert "absent is not installed" in entries[("missing", "1")]["reason"]
+        r = c.post("/v2/repository/models/missing/load")
+        assert r.status_code == 400 and "absent is not installed" in r.json()["error"]
+    bundle = repo / "missing" / "1"  # given as a bundle, a missing runtime still refuses the start
+    with pytest.raises(ServeError, match="absent is not installed"):
+        load_models(Settings(models=[str(bundle)], backend="absent"))
+
+
+def test_a_bundle_given_twice_is_served_once_and_an_empty_model_dir_says_what_it_holds(fake, repo, tmp_path):
+    exports = tmp_path / "exports"
+    bundle = fake_runtime.write_bundle(exports / "a")
+    # The Docker image sets VITC_MODEL_DIR=/models; `--model /models/a` appended names a bundle found there too.
+    assert list(load_models(Settings(model_dir=exports, models=[str(bundle)], backend="fake"))) == ["legacy"]
+    fake_runtime.write_bundle(exports / "b")
+    sources = model_sources(Settings(model_dir=exports, models=[f"x={exports}/./a"]))
+    assert [(s.path, s.name) for s in sources] == [(Path(f"{exports}/./a"), "x"), (exports / "b", None)]
+    with pytest.raises(ServeError, match=rf"--model-dir \(VITC_MODEL_DIR\) {repo} holds no bundle .*it looks like a "
+                                         rf"Triton model repository: serve it with --model-repository {repo}$"):
+        model_sources(Settings(model_dir=repo))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServeError, match=r"empty holds no bundle .*; pass --model PATH"):
+        model_sources(Settings(model_dir=tmp_path / "empty"))
+    assert isinstance(load_models(served(repo)), ServedModels)
+
+
+def _partial_upload(port: int, path: str, body: bytes) -> socket.socket:
+    """A request whose body has arrived but for its last byte."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:-1])
+    return s
+
+
+def _finish(s: socket.socket, body: bytes) -> tuple[int, bytes]:
+    s.sendall(body[-1:])
+    s.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            next(ln.split(b":")[1] for ln in data.split(b"\r\n") if ln.lower().startswith(b"content-length"))):
+        data += s.recv(65536)
+    s.close()
+    return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_an_upload_in_progress_holds_no_unload_or_reload(repo, tmp_path):
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    with start_server(["--model-repository", str(repo), "--graceful-timeout-s", "5"], tmp_path / "server.log",
+                      fake_runtime.server_env(tmp_path)) as server:
+        infer, admin = f"/v2/models/{NAME}/infer", f"{server.url}/v2/repository/models/{NAME}"
+        stalled = _partial_upload(server.port, infer, body)
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert httpx.post(f"{admin}/unload", timeout=30).status_code == 200
+        assert time.monotonic() - start < 2.5  # not the 5 s graceful timeout: the upload holds no version
+        status, answer = _finish(stalled, body)
+        assert status == 404 and b"unknown model" in answer  # gone by the time its body arrived: said so
+        assert httpx.post(f"{admin}/load", timeout=30).status_code == 200
+        stalled = _partial_upload(server.port, infer, body)
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert httpx.post(f"{admin}/load", timeout=30).status_code == 200  # a reload does not wait for it either
+        assert time.monotonic() - start < 2.5
+        status, answer = _finish(stalled, body)
+        assert status == 200, answer  # it runs on the version served once its body is in
+        w = np.load(repo / NAME / "1" / fake_runtime.WEIGHTS)
+        np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], fake_runtime.logits(w, x)[0], rtol=1e-5)
