@@ -298,3 +298,15 @@ def test_an_upload_in_progress_holds_no_unload_or_reload(repo, tmp_path):
         assert status == 200, answer  # it runs on the version served once its body is in
         w = np.load(repo / NAME / "1" / fake_runtime.WEIGHTS)
         np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], fake_runtime.logits(w, x)[0], rtol=1e-5)
+
+
+def test_models_named_on_the_command_line_replace_the_model_directory_of_the_environment(monkeypatch, tmp_path):
+    """The image sets VITC_MODEL_DIR=/models; `--model /models/x` or `--model-repository /models` appended serve just
+    that (a scan of /models as well served every bundle beside x, or refused a repository layout)."""
+    from serve.__main__ import settings_args
+
+    monkeypatch.setenv("VITC_MODEL_DIR", str(tmp_path))
+    assert Settings(**settings_args([])).model_dir == tmp_path
+    assert Settings(**settings_args(["--model", "a"])).model_dir is None
+    assert Settings(**settings_args(["--model-repository", str(tmp_path)])).model_dir is None
+    assert Settings(**settings_args(["--model", "a", "--model-dir", str(tmp_path)])).model_dir == tmp_path
