@@ -4,13 +4,17 @@ Scenarios in the spirit of MLPerf: SingleStream = closed loop at concurrency 1; 
 target rate; Offline = the closed loop at the highest concurrency (saturation throughput). Requests are real
 images: animals validation images as PNG (or JPEG, optionally resized, e.g. 224x224 for a 1GF model), POSTed raw
 to /v1/models/{name}/classify. Every answer's Server-Timing header is kept, so each level reports where the
-server's time went (receive, decode, queue, compute, encode). When the served bundle is given, the same backend is
-timed in-process (the server's own preprocessing function and the backend options the server reports) so the
-server's overhead is a difference of two numbers measured on the same machine, minutes apart.
+server's time went (receive, decode, queue, compute, encode). When the served bundle is given, the same artifact is
+opened in-process as the server opened it (the started server's own settings, else options inferred from the
+execution it reports; any difference in what runs is reported) and called as the server calls a lone request (on a
+pool thread; a lone call takes onnxruntime's all-core latency session in both). At concurrency 1 the bare call and
+the server take turns in slices, so the server's overhead is a difference of two medians measured under the same
+machine conditions; the bare runtime's preprocessing and batch throughput are timed after.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -20,14 +24,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import runtimes
 from benchmarks import machine
-from benchmarks.loadgen import Endpoint, closed_loop, open_loop
+from benchmarks.loadgen import Client, Endpoint, closed_loop, open_loop
 from benchmarks.stats import summarize
 from models.io import atomic_write_bytes, atomic_write_json
 
@@ -125,48 +132,147 @@ def request_bodies(n: int, seed: int = 0, fmt: str = "png", size: int | None = N
     return bodies
 
 
-def bare_runtime(bundle: Path, info: dict[str, Any], bodies: list[bytes], seconds: float) -> dict[str, Any]:
-    """The served backend timed in-process: preprocessing, batch-1 inference, and the best batch throughput."""
-    import runtimes
-    from benchmarks.measure import input_pool, time_calls
+def started_options(serve_args: list[str]) -> runtimes.BackendOptions:
+    """The BackendOptions of the models of a `python -m serve` started with `serve_args`: its settings (flags over
+    VITC_* variables, which the child inherits) turned into options as serve/registry.py `load_model` does."""
+    from serve.__main__ import build_parser
+    from serve.settings import Settings
+
+    s = Settings(**vars(build_parser().parse_args(serve_args)))
+    return runtimes.BackendOptions(device=s.device, threads=s.threads, parallel=s.parallel, hint=s.openvino_hint,
+                                   compile=s.compile, channels_last=s.channels_last)
+
+
+def reported_options(info: dict[str, Any]) -> list[runtimes.BackendOptions]:
+    """Options that may reproduce a server whose settings are unknown, from what it reports running (its streams,
+    threads, torch compilation): the runtime's default threads first, then the server's effective count."""
+    run = info.get("execution") or {}
+    base = runtimes.BackendOptions(device=info.get("device", "cpu"), parallel=run.get("parallelism"),
+                                   compile=bool(run.get("compiled")), channels_last=run.get("channels_last"),
+                                   buckets=tuple(run["batch_buckets"]) if run.get("batch_buckets") else None)
+    threads = run.get("threads_effective")
+    return [base, dataclasses.replace(base, threads=threads)] if isinstance(threads, int) and threads > 0 else [base]
+
+
+def execution_differences(server: dict[str, Any], bare: dict[str, Any]) -> list[str]:
+    """"key: server X, bare Y" for every fact of the two execution reports that differs (timings aside)."""
+    server, bare = (json.loads(json.dumps(d, default=str)) for d in (server, bare))
+    keys = [k for k in dict.fromkeys([*server, *bare]) if not k.endswith("seconds")]
+    return [f"{k}: server {server.get(k)!r}, bare {bare.get(k)!r}" for k in keys if server.get(k) != bare.get(k)]
+
+
+def open_bare(bundle: Path, info: dict[str, Any], serve_args: list[str] | None) -> tuple[Any, dict[str, Any]]:
+    """The served artifact opened in-process as the server opened it: with its settings' options when this run
+    started it, else with options inferred from its execution report (the first whose report matches). Returns
+    (backend, what it is: runtime, precision, cold start, options, and how its execution differs, if at all)."""
     from models.bundle import read_manifest
-    from serve.imaging import prepare
 
     manifest = read_manifest(bundle)
-    spec = manifest.preprocessing
-    run = info.get("execution") or {}  # what the server runs: the bare runtime mirrors it
-    options = runtimes.BackendOptions(device=info.get("device", "cpu"), compile=bool(run.get("compiled")),
-                                      channels_last=run.get("channels_last"),
-                                      buckets=tuple(run["batch_buckets"]) if run.get("batch_buckets") else None)
-    t0 = time.perf_counter()
-    backend = runtimes.open_backend(bundle, manifest, info["runtime"], info.get("precision"), options)
-    cold = time.perf_counter() - t0
-    try:
-        prep = []
-        for body in bodies * max(1, 50 // len(bodies)):
-            t = time.perf_counter()
-            prepare(body, spec, max_pixels=40_000_000)
-            prep.append(time.perf_counter() - t)
-        x = [prepare(b, spec, max_pixels=40_000_000) for b in bodies[:4]]
-        time_calls(backend.infer, x, 3)
-        reps = max(10, int(seconds / max(1e-4, float(np.median(time_calls(backend.infer, x, 3))))))
-        b1 = time_calls(backend.infer, x, min(reps, 2000))
-        throughput = {}
-        shape = tuple(x[0].shape[1:])
-        for batch in sorted({1, 8, int(info.get("max_batch") or backend.max_batch)}):
-            pool = input_pool(batch, shape)
-            est = float(np.median(time_calls(backend.infer, pool, 2)))
-            reps = int(np.clip(seconds / 4 / est, 3, 200))
-            throughput[str(batch)] = batch / float(np.median(time_calls(backend.infer, pool, reps)))
-    finally:
+    candidates = [started_options(serve_args)] if serve_args is not None else reported_options(info)
+    # The device it reports: a repository model's config.pbtxt may put it on the CPU whatever --device says.
+    candidates = [dataclasses.replace(o, device=info.get("device") or o.device) for o in candidates]
+    for options in candidates:
+        t0 = time.perf_counter()
+        backend = runtimes.open_backend(bundle, manifest, info["runtime"], info.get("precision"), options)
+        cold = time.perf_counter() - t0
+        differs = execution_differences(info.get("execution") or {}, backend.describe())
+        if not differs or options is candidates[-1]:
+            break
         backend.close()
-    best = max(throughput, key=throughput.get)
-    return {
+    return backend, {
         "runtime": info["runtime"], "precision": backend.precision, "cold_start_s": cold,
-        "preprocess_ms": summarize([t * 1e3 for t in prep]), "infer_b1_ms": summarize([t * 1e3 for t in b1]),
-        "throughput_ips_by_batch": throughput, "best_throughput_ips": throughput[best], "best_batch": int(best),
-        "note": "server's default backend options; one caller (no concurrent infer requests)",
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if v is not None},
+        "options_from": "the started server's settings" if serve_args is not None
+        else "the server's execution report (its settings are unknown)",
+        "execution": backend.describe(), "differs": differs,
     }
+
+
+def _timed(call: Callable[[int], bool], seconds: float) -> list[float]:
+    """Seconds of each successful call(i), i = 0, 1, ..., until `seconds` have passed (at least one call)."""
+    out: list[float] = []
+    end, i = time.perf_counter() + seconds, 0
+    while True:
+        t = time.perf_counter()
+        ok = call(i)
+        done = time.perf_counter()
+        if ok:
+            out.append(done - t)
+        i += 1
+        if done >= end:
+            return out
+
+
+def single_stream(endpoint: Endpoint, bodies: list[bytes], infer: Callable[[np.ndarray], Any],
+                  xs: list[np.ndarray], rounds: int, slice_s: float) -> dict[str, Any]:
+    """Concurrency 1, the bare call and the server taking turns in slices (the order flips each round), so the
+    drift of a shared machine hits both alike: each one's latency (ms), the server's stages, the round medians."""
+    client = Client(endpoint)
+    stages: list[dict[str, float]] = []
+    errors: dict[str, int] = {}
+
+    def post(i: int) -> bool:
+        err = client.post(bodies[i % len(bodies)])
+        if err is not None:
+            errors[err] = errors.get(err, 0) + 1
+        elif client.timing:
+            stages.append(client.timing)
+        return err is None
+
+    def bare(i: int) -> bool:
+        infer(xs[i % len(xs)])
+        return True
+
+    bare_s: list[float] = []
+    served_s: list[float] = []
+    medians: list[list[float]] = []
+    # The server's batcher calls a lone request's infer on a pool thread: so does the bare runtime here.
+    with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+        try:
+            pool.submit(_timed, bare, min(0.5, slice_s)).result()  # warm-up, not counted
+            _timed(post, min(0.5, slice_s))
+            stages.clear()
+            errors.clear()
+            timed = {"bare": lambda: pool.submit(_timed, bare, slice_s).result(),
+                     "server": lambda: _timed(post, slice_s)}
+            for r in range(rounds):
+                times = {side: timed[side]() for side in (("bare", "server") if r % 2 == 0 else ("server", "bare"))}
+                bare_s += times["bare"]
+                served_s += times["server"]
+                if times["server"]:
+                    medians.append([float(np.median(times[k])) * 1e3 for k in ("bare", "server")])
+        finally:
+            client.close()
+    keys = dict.fromkeys(k for t in stages for k in t)
+    return {
+        "rounds": rounds, "slice_s": slice_s, "errors": errors, "round_p50_ms": medians,
+        "bare_ms": summarize([t * 1e3 for t in bare_s]),
+        "server_ms": summarize([t * 1e3 for t in served_s]) if served_s else None,
+        "server_timing_ms": {k: summarize([t[k] for t in stages if k in t]) for k in keys},
+    }
+
+
+def bare_runtime(backend: Any, spec: Any, bodies: list[bytes], seconds: float, max_batch: int) -> dict[str, Any]:
+    """The bare runtime's preprocessing (`spec`) per image and its throughput at batch 1, 8 and `max_batch`."""
+    from benchmarks.measure import input_pool, time_calls
+    from serve.imaging import prepare
+
+    prep = []
+    for body in bodies * max(1, 50 // len(bodies)):
+        t = time.perf_counter()
+        prepare(body, spec, max_pixels=40_000_000)
+        prep.append(time.perf_counter() - t)
+    shape = tuple(prepare(bodies[0], spec, max_pixels=40_000_000).shape[1:])
+    throughput = {}
+    for batch in sorted({1, 8, max_batch}):
+        pool = input_pool(batch, shape)
+        est = float(np.median(time_calls(backend.infer, pool, 2)))
+        reps = int(np.clip(seconds / 4 / est, 3, 200))
+        throughput[str(batch)] = batch / float(np.median(time_calls(backend.infer, pool, reps)))
+    best = max(throughput, key=throughput.get)
+    return {"preprocess_ms": summarize([t * 1e3 for t in prep]), "throughput_ips_by_batch": throughput,
+            "best_throughput_ips": throughput[best], "best_batch": int(best),
+            "note": "throughput: one caller, back-to-back batches (no concurrent infer calls)"}
 
 
 def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
@@ -177,21 +283,20 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if cfg.url != "start":
-        return _run_e2e(cfg, log)
-    import dataclasses
+        return _run_e2e(cfg, log, None)
     import shutil
     import tempfile
 
     from serve.launch import start
 
     log_path = Path(tempfile.mkdtemp(prefix="vitc-e2e-")) / "server.log"
+    serve_args = ["--model", str(cfg.bundle), "--backend", cfg.backend, "--no-access-log", *cfg.server_args]
     try:
-        server = start(["--model", str(cfg.bundle), "--backend", cfg.backend, "--no-access-log",
-                        *cfg.server_args], log_path, {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
+        server = start(serve_args, log_path, {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
     except RuntimeError as exc:  # the log is kept: it holds the server's side of the story
         raise ValueError(f"the server did not start: {str(exc).splitlines()[0]} (log: {log_path})") from None
     try:
-        doc = _run_e2e(dataclasses.replace(cfg, url=server.url), log)
+        doc = _run_e2e(dataclasses.replace(cfg, url=server.url), log, serve_args)
     finally:
         server.stop()
     shutil.rmtree(log_path.parent, ignore_errors=True)  # a clean run: nothing to look at
@@ -200,7 +305,8 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
     return doc
 
 
-def _run_e2e(cfg: E2EConfig, log: Any) -> dict[str, Any]:
+def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str, Any]:
+    """The run against a server at cfg.url; `serve_args`: how it was started (None: not by this run)."""
     info = model_info(cfg)
     name = info["name"]
     endpoint = Endpoint(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}/classify", f"image/{cfg.image_format}",
@@ -208,18 +314,34 @@ def _run_e2e(cfg: E2EConfig, log: Any) -> dict[str, Any]:
     bodies = request_bodies(cfg.images, fmt=cfg.image_format, size=cfg.image_size)
     env = machine.environment(None)
     doc: dict[str, Any] = {
-        "schema": SCHEMA, "schema_version": 1,
+        # 2: "single_stream" (the bare runtime and the server timed in turns at concurrency 1), which the overhead's
+        # c1 figures and bare "infer_b1_ms" now come from; bare "options", "execution" and "differs".
+        "schema": SCHEMA, "schema_version": 2,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "host": env["host"],
         "argv": list(cfg.argv), "url": cfg.url,
         "server_model": {k: v for k, v in info.items() if k not in ("labels",)},
         "config": {"concurrency": list(cfg.concurrency), "rate": cfg.rate, "duration_s": cfg.duration,
                    "warmup_s": cfg.warmup, "images": len(bodies), "image_format": cfg.image_format,
                    "image_size": cfg.image_size, "image_bytes_mean": float(np.mean([len(b) for b in bodies]))},
-        "environment": env, "bare": None, "closed": [], "open": None,
+        "environment": env, "bare": None, "single_stream": None, "closed": [], "open": None,
     }
     if cfg.bundle is not None:
-        log(f"bare runtime: {info['runtime']} {info.get('precision')} from {cfg.bundle} ...")
-        doc["bare"] = bare_runtime(cfg.bundle, info, bodies, 2.0 if cfg.quick else 8.0)
+        from models.bundle import read_manifest
+        from serve.imaging import prepare
+
+        log(f"bare runtime: {info['runtime']} {info.get('precision')} from {cfg.bundle}, opened as the server's ...")
+        spec = read_manifest(cfg.bundle).preprocessing
+        backend, bare = open_bare(cfg.bundle, info, serve_args)
+        try:
+            rounds, slice_s = (4, 0.25) if cfg.quick else (8, 1.0)
+            log(f"concurrency 1, the bare runtime and the server taking turns, {rounds} rounds ...")
+            xs = [prepare(b, spec, max_pixels=40_000_000) for b in bodies[:4]]
+            doc["single_stream"] = single_stream(endpoint, bodies, backend.infer, xs, rounds, slice_s)
+            bare.update(bare_runtime(backend, spec, bodies, 2.0 if cfg.quick else 8.0,
+                                     int(info.get("max_batch") or backend.max_batch)))
+        finally:
+            backend.close()
+        doc["bare"] = {**bare, "infer_b1_ms": doc["single_stream"]["bare_ms"]}
     for c in cfg.concurrency:
         log(f"closed loop, concurrency {c}, {cfg.duration:g} s ...")
         doc["closed"].append(closed_loop(endpoint, bodies, c, cfg.duration, cfg.warmup).summary())
@@ -233,8 +355,9 @@ def _run_e2e(cfg: E2EConfig, log: Any) -> dict[str, Any]:
 
 
 def overhead(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """Server vs bare runtime: extra latency at concurrency 1 and saturation throughput as a fraction."""
-    bare = doc.get("bare")
+    """Server vs bare runtime: extra latency at concurrency 1 (the two timed in turns) and saturation throughput as
+    a fraction of the bare runtime's best."""
+    bare, single = doc.get("bare"), doc.get("single_stream") or {}
     c1 = next((r for r in doc["closed"] if r["concurrency"] == 1 and r["latency_ms"]), None)
     best = max(doc["closed"], key=lambda r: r["throughput_rps"], default=None)
     if not bare or best is None:
@@ -244,11 +367,13 @@ def overhead(doc: dict[str, Any]) -> dict[str, Any] | None:
         "bare_best_ips": bare["best_throughput_ips"], "bare_best_batch": bare["best_batch"],
         "saturation_fraction_of_bare": best["throughput_rps"] / bare["best_throughput_ips"],
     }
-    if c1:
-        p50, infer, prep = c1["latency_ms"]["p50"], bare["infer_b1_ms"]["p50"], bare["preprocess_ms"]["p50"]
+    if single.get("server_ms"):
+        p50, infer, prep = single["server_ms"]["p50"], single["bare_ms"]["p50"], bare["preprocess_ms"]["p50"]
         out.update(c1_p50_ms=p50, bare_infer_b1_p50_ms=infer, bare_preprocess_p50_ms=prep,
+                   server_compute_p50_ms=(single["server_timing_ms"].get("compute") or {}).get("p50"),
                    c1_overhead_ms=p50 - infer, c1_overhead_beyond_preprocess_ms=p50 - infer - prep,
-                   c1_rps=c1["throughput_rps"], bare_b1_ips=1e3 / infer)
+                   c1_rounds=single["rounds"], c1_rps=c1["throughput_rps"] if c1 else None,
+                   bare_b1_ips=1e3 / infer)
     return out
 
 
@@ -282,10 +407,17 @@ def overhead_lines(doc: dict[str, Any]) -> list[str]:
     lines = [f"bare {bare['runtime']} {bare['precision']}: infer b1 p50 {bare['infer_b1_ms']['p50']:.2f} ms, "
              f"preprocess p50 {bare['preprocess_ms']['p50']:.2f} ms, best {bare['best_throughput_ips']:.1f} img/s "
              f"at batch {bare['best_batch']}"]
+    if "options_from" in bare:  # results written before the bare runtime mirrored the server do not say
+        lines.append(f"bare runtime opened with options from {bare['options_from']}; "
+                     + (f"its execution differs from the server's: {'; '.join(bare['differs'])}" if bare["differs"]
+                        else "it runs as the server reports running (same execution report)"))
     if "c1_p50_ms" in o:
-        lines.append(f"server overhead at concurrency 1: p50 {o['c1_p50_ms']:.2f} ms vs bare inference "
-                     f"{o['bare_infer_b1_p50_ms']:.2f} ms: +{o['c1_overhead_ms']:.2f} ms "
-                     f"(+{o['c1_overhead_beyond_preprocess_ms']:.2f} ms beyond preprocessing)")
+        compute = o.get("server_compute_p50_ms")
+        how = f"bare runtime and server timed in turns, {o['c1_rounds']} rounds" if "c1_rounds" in o else "closed loop"
+        lines.append(f"server overhead at concurrency 1 ({how}): "
+                     f"p50 {o['c1_p50_ms']:.2f} ms vs bare inference {o['bare_infer_b1_p50_ms']:.2f} ms: "
+                     f"{o['c1_overhead_ms']:+.2f} ms ({o['c1_overhead_beyond_preprocess_ms']:+.2f} ms beyond "
+                     "preprocessing)" + (f"; the server's own compute p50 {compute:.2f} ms" if compute else ""))
     lines.append(f"saturation: {o['saturation_rps']:.1f} req/s at concurrency {o['saturation_concurrency']} = "
                  f"{o['saturation_fraction_of_bare']:.0%} of the bare runtime's {o['bare_best_ips']:.1f} img/s")
     return lines
@@ -374,14 +506,17 @@ def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
 
 
 def write_e2e_reports(doc: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
-    """Print the table and write <stem>-http.json / .md / .png into `out_dir`."""
-    from benchmarks.report import stem_name
+    """Write <stem>-http.json / .md / .png into `out_dir`."""
+    from benchmarks.report import naming, stem_name
 
-    print(format_e2e(doc))
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem_name(doc, "-http")
-    written = [plot_e2e(doc, out_dir / f"{stem}.png")] if plots else []
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    atomic_write_json(json_path, doc)
-    atomic_write_bytes(md_path, markdown_e2e(doc, [p.name for p in written]).encode())
+    json_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
+    with naming(json_path):  # the numbers first: a disk that fills up later takes only the plot and the prose
+        atomic_write_json(json_path, doc)
+    written = []
+    if plots:
+        with naming(png_path):
+            written.append(plot_e2e(doc, png_path))
+    with naming(md_path):
+        atomic_write_bytes(md_path, markdown_e2e(doc, [p.name for p in written]).encode())
     return [json_path, md_path, *written]

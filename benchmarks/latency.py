@@ -11,10 +11,13 @@ compares it with the bare runtime; `--http start --bundle DIR` serves DIR itself
 
 Method: each model pair is loaded side by side; after a warm-up, C and P are timed in alternating rounds on a
 rotating pool of inputs until both medians are stable (95 % CI within +-2 %) or the cell's time is up.
-Reported: p50/p90/p99, IQR/median, the C/P ratio (flagged outside +-5 %), achieved GFLOP/s = 2 * MACs * batch
-/ p50 and its fraction of the sustained matmul limit measured in the same run, and cold start (load, compile,
-first result). Outputs: a table on the terminal and <date>-<time>-<host>.json / .md / -latency.png / -ratio.png
-in --out. Exit codes: 0 done, 2 bad arguments or unusable inputs (one line on stderr).
+Reported: p50/p90/p99, IQR/median, the C/P ratio (the median per-round ratio, flagged outside +-5 %, with its
+95 % CI and a verdict; under 6 rounds only their range and an indicative verdict), achieved GFLOP/s = 2 * MACs *
+batch / p50 and its fraction of the sustained matmul limit measured in the same run, and cold start (load,
+compile, first result). Outputs: a table on the terminal and <date>-<time>-<host>.json / .md / -latency.png / -ratio.png
+in --out (checked writable before anything is measured). Exit codes: 0 done, 2 bad arguments or unusable inputs,
+1 the machine failed (out of memory, or a full disk or file-size limit while saving: the table is printed first);
+each failure is one line on stderr.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
+PROG = "python benchmarks/latency.py"
 MAX_CELL_S = 3600.0
 MAX_LIMIT_S = 600.0
 MAX_DURATION_S = 3600.0
@@ -44,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Every option, documented."""
     from benchmarks.bundles import DEFAULT_CACHE, PAIRS
     from benchmarks.runners import all_targets
-    from models.cli import OneLineParser, float_in
+    from models.cli import OneLineParser, float_in, int_in
 
-    p = OneLineParser(prog="python benchmarks/latency.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("latency benchmark")
     run.add_argument("--quick", action="store_true",
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=DIR",
                      help="weights for one model of a pair, e.g. vit_c_mini=runs/animals-vit_c (repeatable; default: "
                           "the demo's trained mini checkpoints when present, else a seeded random init)")
-    run.add_argument("--threads", type=int, default=None, help="intra-op threads per inference (default: usable CPUs)")
+    run.add_argument("--threads", type=int_in(1, 1024), default=None,
+                     help="intra-op threads per inference (default: usable CPUs)")
     run.add_argument("--cell-seconds", type=float_in(0, MAX_CELL_S), default=None,
                      help="time cap per (pair, target, batch) cell, both models (default 20; --quick 0.6)")
     run.add_argument("--min-reps", type=int, default=None, help="repetitions per model before stopping (default 20)")
@@ -112,7 +118,10 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     from models.checkpoint import read_checkpoint_meta
     from models.host import usable_cpus
 
-    pairs = tuple(x.strip() for x in (args.pairs or ("micro" if args.quick else "1gf,mini")).split(",") if x.strip())
+    spec = args.pairs if args.pairs is not None else "micro" if args.quick else "1gf,mini"
+    pairs = tuple(x.strip() for x in spec.split(",") if x.strip())
+    if not pairs:  # an empty --pairs would otherwise mean the full default run
+        raise ValueError(f"--pairs {args.pairs!r} names nothing; known pairs: {', '.join(PAIRS)}")
     for pair in pairs:
         if pair not in PAIRS:
             raise ValueError(f"unknown pair {pair!r}; known: {', '.join(PAIRS)}")
@@ -134,9 +143,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         raise ValueError("--cell-seconds must be positive and --min-reps at least 1")
     if args.parity_samples is not None and not 1 <= args.parity_samples <= 100_000:
         raise ValueError(f"--parity-samples must be in 1..100000, got {args.parity_samples}")
-    threads = args.threads or usable_cpus()
-    if not 1 <= threads <= 1024:
-        raise ValueError(f"--threads must be in 1..1024, got {threads}")
+    threads = args.threads if args.threads is not None else min(usable_cpus(), 1024)
     return SuiteConfig(
         pairs=pairs, batch_sizes=args.batch_sizes or ((1, 8) if args.quick else (1, 8, 32)),
         targets=tuple(parse_targets(args.targets)), threads=threads, budget=budget,
@@ -162,8 +169,10 @@ def _paths_problem(args: argparse.Namespace, out: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the benchmark (or the end-to-end mode), print the table, write the files."""
+    from benchmarks.report import save_failed
     from export.bundle import ExportIOError
     from models.bundle import BundleError
+    from models.cli import machine_failure
     from runtimes import BackendError, ExportError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -175,24 +184,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.http:
-            from benchmarks.e2e import e2e_config, run_e2e, write_e2e_reports
+            from benchmarks.e2e import e2e_config, format_e2e, run_e2e, write_e2e_reports
 
             doc = run_e2e(e2e_config(args, argv))
-            paths = write_e2e_reports(doc, out, plots=not args.no_plots)
+            print(format_e2e(doc))
+            save = partial(write_e2e_reports, doc, out, plots=not args.no_plots)
         else:
             from benchmarks.report import format_table, write_reports
             from benchmarks.suite import run_suite
 
             doc = run_suite(_config(args, argv))
             print(format_table(doc))
-            paths = write_reports(doc, out, suffix="-quick" if args.quick else "", plots=not args.no_plots)
+            save = partial(write_reports, doc, out, suffix="-quick" if args.quick else "", plots=not args.no_plots)
     except (ValueError, BundleError, BackendError, ExportError, ExportIOError, OSError) as exc:
+        if isinstance(exc, OSError) and (code := machine_failure(exc, PROG)) is not None:
+            return code  # a full disk while exporting the bundles: the machine failed, not the input
         print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    try:
+        paths = save()
+    except OSError as exc:  # --out was writable when the run began: the disk filled up, or a file limit
+        return save_failed(exc, PROG)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -203,4 +219,4 @@ if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])
     from models import cli
 
-    cli.run(main, "python benchmarks/latency.py")
+    cli.run(main, PROG)

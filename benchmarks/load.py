@@ -33,6 +33,7 @@ from typing import Any
 
 from benchmarks.e2e import MAX_IMAGES, request_bodies
 from benchmarks.loadgen import Endpoint, closed_loop
+from benchmarks.report import naming, out_dir_problem, save_failed
 from models.cli import OneLineParser, float_in
 from models.io import atomic_write_bytes, atomic_write_json
 
@@ -99,21 +100,44 @@ def run_level(url: str, model: str, bodies: list[bytes], concurrency: int, durat
     }
 
 
+def bundle_identity(info: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """What identifies a served model's build: what the server reports (weights sha256, version, the export's
+    provenance) and, from its bundle directory where this run served it, the sha256 of its manifest.json (which
+    lists every file's sha256) and the served artifact's files."""
+    from models.bundle import MANIFEST_FILE, read_manifest
+    from models.io import sha256_file
+
+    out = {"weights_sha256": (info.get("source") or {}).get("sha256"), "version": info.get("version"),
+           "provenance": info.get("provenance")}
+    if path is None:  # a server started elsewhere does not say which files it loaded
+        return {**out, "path": None, "manifest_sha256": None, "artifact": None}
+    manifest = read_manifest(path)
+    artifact = manifest.artifact(info.get("runtime", ""), info.get("precision", ""))
+    return {**out, "path": str(path), "manifest_sha256": sha256_file(path / MANIFEST_FILE),
+            "created": manifest.created,
+            "artifact": {"id": artifact.id, "files": [f.to_dict() for f in artifact.files]} if artifact else None}
+
+
 def run_load_test(url: str, concurrency: tuple[int, ...], duration: float, warmup: float, images: int,
-                  api_key: str | None = None, log=print) -> dict[str, Any]:
-    """Every served model at every concurrency level; the JSON-ready report."""
+                  api_key: str | None = None, log=print, bundles: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Every served model at every concurrency level; the JSON-ready report. `bundles`: served model name -> its
+    bundle directory, where known (--start), for the bundles' identity."""
+    from benchmarks import machine
+
     models = json.loads(_get(url + "/v1/models", api_key))["models"]
     bodies = request_bodies(images)
     doc: dict[str, Any] = {
-        "schema": "vitc-load-test", "schema_version": 1,
+        "schema": "vitc-load-test", "schema_version": 2,  # 2: "environment" and each model's "bundle"
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "url": url, "duration_s": duration, "warmup_s": warmup, "images": len(bodies),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_start": os.getloadavg()},
+        "environment": machine.environment(None),  # library versions, git commit, CPU model and flags
         "models": [],
     }
     for m in models:
         entry = {k: m.get(k) for k in ("name", "variant", "runtime", "precision", "device", "max_batch")}
+        entry["bundle"] = bundle_identity(m, (bundles or {}).get(m["name"]))
         entry["levels"] = []
         for c in concurrency:
             log(f"{m['name']}: concurrency {c}, {duration:g}s ...")
@@ -216,8 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _checked(args: argparse.Namespace) -> tuple[str, list[str]]:
     """The target URL and the bundles to serve; ValueError on anything that would fail after the load started."""
-    from benchmarks.report import out_dir_problem
-
     url = loopback_url(args.url)
     if not 1 <= min(args.concurrency) <= max(args.concurrency) <= MAX_CONCURRENCY:
         raise ValueError(f"--concurrency must be within 1..{MAX_CONCURRENCY}")
@@ -240,10 +262,22 @@ def _checked(args: argparse.Namespace) -> tuple[str, list[str]]:
     return url, bundles
 
 
-def _measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
+def _measure(args: argparse.Namespace, url: str, bundles: dict[str, Path] | None = None) -> dict[str, Any]:
     """The load test against `url`, progress on stderr."""
     return run_load_test(url, tuple(args.concurrency), args.duration, args.warmup, args.images, args.api_key,
-                         log=lambda msg: print(msg, file=sys.stderr))
+                         log=lambda msg: print(msg, file=sys.stderr), bundles=bundles)
+
+
+def served_names(specs: list[str]) -> dict[str, Path]:
+    """Served model name -> bundle directory for `--model [NAME=]PATH` arguments (the server's naming rule)."""
+    from models.bundle import read_manifest
+    from serve.registry import parse_model_arg
+
+    out = {}
+    for spec in specs:
+        name, path = parse_model_arg(spec)
+        out[name or read_manifest(path).name] = path
+    return out
 
 
 def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, Any] | None:
@@ -267,7 +301,7 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
                   file=sys.stderr)
             return None
         try:
-            doc = _measure(args, server.url)
+            doc = _measure(args, server.url, served_names(bundles))
         except (OSError, ValueError, KeyError) as exc:
             keep_log = True
             print(f"{PROG}: error: {server_problem(server.url, exc)} (server log: {log_path})", file=sys.stderr)
@@ -304,9 +338,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend
     out = args.out or RESULTS / f"load-{runtime}.json"
-    atomic_write_json(out, doc)
-    png = plot(doc, out.with_suffix(".png"))
-    print(markdown(doc))
+    print(markdown(doc))  # first: a disk that fills up loses the files, not the figures
+    try:
+        with naming(out):
+            atomic_write_json(out, doc)
+        with naming(png_path := out.with_suffix(".png")):
+            png = plot(doc, png_path)
+    except OSError as exc:  # --out was writable when the test began: the disk filled up, or a file limit
+        return save_failed(exc, PROG)
     print(f"wrote {out}" + (f" and {png}" if png else ""), file=sys.stderr)
     return 0
 

@@ -101,7 +101,7 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
     return out
 
 
-class _Client:
+class Client:
     """One keep-alive connection; reconnects after an error."""
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -147,7 +147,7 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
     t_end = t_start + seconds
 
     def worker(k: int) -> None:
-        client, i, sent = _Client(endpoint), k, 0
+        client, i, sent = Client(endpoint), k, 0
         local: list[float] = []
         stages: list[dict[str, float]] = []
         while (now := time.perf_counter()) < t_end:
@@ -194,7 +194,7 @@ def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds:
     done = [0]  # requests finished, to know when every worker is busy
 
     def worker() -> None:
-        client = _Client(endpoint)
+        client = Client(endpoint)
         while (job := jobs.get()) is not None:
             scheduled, body, counted = job
             err = client.post(body)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks.stats import median_is_stable
+from benchmarks.stats import MIN_CI_ROUNDS, median_is_stable
 
 Infer = Callable[[np.ndarray], np.ndarray]
 
@@ -27,7 +27,7 @@ class Budget:
     warmup_calls: int = 2
     warmup_s: float = 0.5
     min_reps: int = 20  # per model
-    min_rounds: int = 6
+    min_rounds: int = MIN_CI_ROUNDS  # fewer give the C/P ratio only a range, no firm verdict
     round_s: float = 0.5  # per model per round
     max_s: float = 20.0  # both models together, after warm-up
     rel_ci: float = 0.02  # stop early once each median's 95 % CI half-width is within this fraction

@@ -6,12 +6,17 @@ written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.stats import MIN_CI_ROUNDS
 from models.io import atomic_write_bytes, atomic_write_json
 
 
@@ -45,8 +50,8 @@ def summarize_doc(doc: dict[str, Any]) -> dict[str, Any]:
         out[pair] = {
             "best_batch1": best_b1,
             "int8_speedup_vs_openvino_fp32": int8,
-            "ratios": [{k: r[k] for k in ("target", "batch", "ratio", "interval", "flagged", "verdict")}
-                       for r in ratios],
+            "ratios": [{**{k: r[k] for k in ("target", "batch", "ratio", "interval", "flagged", "verdict")},
+                        "interval_kind": _interval_kind(r)} for r in ratios],
             "flagged": [f"{r['target']} b{r['batch']}: {r['ratio']:.3f}" for r in ratios if r["flagged"]],
         }
     return out
@@ -69,9 +74,11 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
         lat = [f"{_ms(x['latency_ms']['p50'])} / {_ms(x['latency_ms']['p90'])} / {_ms(x['latency_ms']['p99'])}"
                for x in (c, p)]
         lo, hi = r["interval"]
+        kind = _interval_kind(r)
         rows.append([
             r["pair"], r["target"], str(r["batch"]), lat[0], lat[1],
-            f"{r['ratio']:.3f}" + (" !" if r["flagged"] else ""), f"{lo:.2f}-{hi:.2f}", r["verdict"],
+            f"{r['ratio']:.3f}" + (" !" if r["flagged"] else ""),
+            f"{lo:.2f}-{hi:.2f}" + ("" if kind == CI else f" ({kind})"), r["verdict"],
             f"{r['macs_ratio']:.3f}",
             f"{c['gflops']:.1f} / {p['gflops']:.1f}",
             f"{_pct(c['fraction_of_limit'])} / {_pct(p['fraction_of_limit'])}",
@@ -79,6 +86,20 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
         ])
     return rows
 
+
+CI = "95% CI"
+
+
+def _interval_kind(r: dict[str, Any]) -> str:
+    """What a ratio's interval is ("95% CI", "range of 2 rounds"); results before schema 2 did not say."""
+    return r.get("interval_kind", CI)
+
+
+# How to read the C/P columns, under the terminal table and the Markdown one.
+RATIO_NOTE = (f"C/P is the median of the per-round ratios (C and P are timed in alternating rounds), marked '!' "
+              f"outside 1 +- 5 %; the interval is its 95 % CI, or only the rounds' range when there are fewer than "
+              f"{MIN_CI_ROUNDS} (the verdict is then only indicative); the verdict is parity (interval inside "
+              f"0.95-1.05), C faster or C slower (interval wholly outside), else inconclusive.")
 
 HEADER = ["pair", "target", "batch", "C ms p50/p90/p99", "P ms p50/p90/p99", "C/P", "C/P interval", "verdict",
           "MACs C/P",
@@ -96,8 +117,7 @@ def format_table(doc: dict[str, Any]) -> str:
     lines += ["", limits_line(doc)]
     lines += [f"skipped {s['pair']} {s['target']}{' b' + str(s['batch']) if 'batch' in s else ''}: {s['reason']}"
               for s in doc["skipped"]]
-    lines.append("C/P outside 1 +- 5 % is marked '!'; the interval is the 95 % CI of the median per-round ratio; the "
-                 "verdict is parity / C faster / C slower only when the whole interval says so, else inconclusive.")
+    lines.append(RATIO_NOTE)
     return "\n".join(lines)
 
 
@@ -143,9 +163,7 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
         "",
         _md_table(HEADER, _rows(doc)),
         "",
-        "C/P outside 1 +- 5 % is marked `!`; the interval is the 95 % CI of the median per-round ratio "
-        "(C and P are timed in alternating rounds); the verdict is parity (interval inside 0.95-1.05), C faster or "
-        "C slower (interval wholly outside) or inconclusive. MACs C/P is the analytic expectation.",
+        RATIO_NOTE.replace("'!'", "`!`") + " MACs C/P is the analytic expectation.",
         "",
     ]
     parts += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
@@ -231,8 +249,9 @@ def _fmt_load(la: list[float] | None) -> str:
 
 
 def out_dir_problem(path: Path) -> str | None:
-    """Why files cannot be written into directory `path` (created if missing), or None: checked before a run, so
-    a benchmark never measures for minutes and then fails to save its results."""
+    """Why files cannot be written into directory `path`, or None. Tried for real (the directory created, a
+    temporary file written in it, then both removed again) before a run, so a benchmark never measures for minutes
+    and then fails to save its results."""
     for p in (path, *path.parents):  # the nearest thing that exists decides
         if os.path.lexists(p):
             if not p.is_dir():
@@ -240,8 +259,42 @@ def out_dir_problem(path: Path) -> str | None:
                 return f"{p} is {what}, not a directory" if p == path else f"{p} (above it) is {what}"
             if not os.access(p, os.W_OK | os.X_OK):
                 return f"{p} is not writable"
-            return None
+            break
+    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:  # /proc, a read-only mount, a full disk, root's own access rules
+        return f"cannot write into it: {exc.strerror or exc}"
+    finally:
+        for p in missing:  # what the check created: a run refused later leaves nothing behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
     return None
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Name `path` in an OSError raised while writing it: a failed write() (a full disk) names no file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+def save_failed(exc: OSError, prog: str) -> int:
+    """One line for results that measured but could not be saved (exit 1: the work failed, not the input)."""
+    from models.cli import machine_failure
+
+    hint = "the measurements are printed above"
+    code = machine_failure(exc, prog, hint)
+    if code is None:
+        print(f"{prog}: error: cannot save the results: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else "") + f": {hint}", file=sys.stderr)
+    return 1
 
 
 def stem_name(doc: dict[str, Any], suffix: str = "") -> str:
@@ -254,13 +307,15 @@ def write_reports(doc: dict[str, Any], out_dir: Path, suffix: str = "", plots: b
     """JSON, Markdown and PNG plots into `out_dir`; returns the paths written."""
     from benchmarks.plots import plot_latency, plot_ratios
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem_name(doc, suffix)
     doc["summary"] = summarize_doc(doc)
-    written = []
-    if plots:
-        written += [plot_latency(doc, out_dir / f"{stem}-latency.png"), plot_ratios(doc, out_dir / f"{stem}-ratio.png")]
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
-    atomic_write_bytes(md_path, markdown(doc, [p.name for p in written]).encode())
+    with naming(json_path):  # the numbers first: a disk that fills up later takes only the plots and the prose
+        atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
+    written = []
+    for name, plot in (("latency", plot_latency), ("ratio", plot_ratios)) if plots else ():
+        with naming(path := out_dir / f"{stem}-{name}.png"):
+            written.append(plot(doc, path))
+    with naming(md_path):
+        atomic_write_bytes(md_path, markdown(doc, [p.name for p in written]).encode())
     return [json_path, md_path, *written]

@@ -16,6 +16,9 @@ import numpy as np
 
 # Beyond this relative distance from 1 the C/P latency ratio is flagged (the paper's parity claim, +-5 %).
 PARITY_TOLERANCE = 0.05
+# Fewest samples (or rounds) from which median_ci covers the median with >= 95 % probability: below 11 it is their
+# whole range, which covers it with probability 1 - 2 * 0.5**n (0.97 at 6, but 0.94 at 5 and 0.5 at 2).
+MIN_CI_ROUNDS = 6
 
 
 def _array(samples: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -74,31 +77,44 @@ def ratio_summary(
     round_ratios: Sequence[float] = (),
     tolerance: float = PARITY_TOLERANCE,
 ) -> dict[str, Any]:
-    """ViT_C / ViT_P median-latency ratio, its interval, and whether it is flagged outside 1 +- tolerance.
+    """ViT_C / ViT_P latency ratio, its interval, and a verdict against 1 +- tolerance, all from one estimator.
 
-    With interleaved rounds, the interval is the 95 % CI of the median per-round ratio (each round's C and P
-    ran within a second of each other, so the machine's drift cancels in the ratio); without, it is the ratio
-    of the two medians' CIs (conservative). The verdict is "parity" when the interval lies within 1 +- tolerance,
-    "C slower" / "C faster" when it lies wholly outside, else "inconclusive".
+    With interleaved rounds the ratio is the median per-round ratio (each round's C and P ran within a second of
+    each other, so the machine's drift cancels) and the interval that median's CI; without, the ratio of the two
+    medians and the ratio of their CIs (conservative). The verdict is "parity" when the interval lies within
+    1 +- tolerance, "C slower" / "C faster" when it lies wholly outside, else "inconclusive". Under MIN_CI_ROUNDS
+    rounds (or samples) the interval is only their range, so the verdict is "indicative: ..." (not firm).
     """
-    c_med, p_med = float(np.median(_array(c_samples))), float(np.median(_array(p_samples)))
-    ratio = c_med / p_med
-    if len(round_ratios) >= 2:
-        interval = list(median_ci(round_ratios))
+    if len(round_ratios) >= 1:
+        ratios = _array(round_ratios)
+        ratio, interval, n = float(np.median(ratios)), list(median_ci(ratios)), int(ratios.size)
+        estimator = "median per-round ratio"
+        kind = "95% CI" if n >= MIN_CI_ROUNDS else f"range of {n} round{'s' if n > 1 else ''}"
     else:
-        (c_lo, c_hi), (p_lo, p_hi) = median_ci(c_samples), median_ci(p_samples)
-        interval = [c_lo / p_hi, c_hi / p_lo]
-    flagged = abs(ratio - 1) > tolerance
-    if interval[0] > 1 + tolerance:
-        verdict = "C slower"
-    elif interval[1] < 1 - tolerance:
-        verdict = "C faster"
-    elif 1 - tolerance <= interval[0] and interval[1] <= 1 + tolerance:
-        verdict = "parity"
-    else:
-        verdict = "inconclusive"
-    return {"ratio": ratio, "interval": interval, "flagged": flagged, "verdict": verdict, "tolerance": tolerance,
+        c, p = _array(c_samples), _array(p_samples)
+        ratio = float(np.median(c)) / float(np.median(p))
+        (c_lo, c_hi), (p_lo, p_hi) = median_ci(c), median_ci(p)
+        interval, n = [c_lo / p_hi, c_hi / p_lo], int(min(c.size, p.size))
+        estimator = "ratio of medians"
+        kind = "from the medians' 95% CIs" if n >= MIN_CI_ROUNDS else f"from the ranges of {n} samples"
+    firm = n >= MIN_CI_ROUNDS
+    verdict = _verdict(interval, tolerance)
+    if not firm and verdict != "inconclusive":
+        verdict = f"indicative: {verdict}"
+    return {"ratio": ratio, "interval": interval, "interval_kind": kind, "estimator": estimator, "firm": firm,
+            "flagged": abs(ratio - 1) > tolerance, "verdict": verdict, "tolerance": tolerance,
             "round_ratios": [float(x) for x in round_ratios]}
+
+
+def _verdict(interval: list[float], tolerance: float) -> str:
+    lo, hi = interval
+    if lo > 1 + tolerance:
+        return "C slower"
+    if hi < 1 - tolerance:
+        return "C faster"
+    if 1 - tolerance <= lo and hi <= 1 + tolerance:
+        return "parity"
+    return "inconclusive"
 
 
 def achieved_gflops(macs_per_image: int, batch: int, latency_s: float) -> float:

@@ -22,7 +22,9 @@ from benchmarks.stats import achieved_gflops, ratio_summary, summarize
 from models.bundle import Manifest
 
 SCHEMA = "vitc-latency-benchmark"
-SCHEMA_VERSION = 1
+# 2: a ratio entry's "ratio" is the median per-round C/P ratio (1: the ratio of the two medians, which could lie
+# outside its own interval), with "interval_kind", "estimator" and "firm" beside it.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.latency import main
@@ -61,13 +62,17 @@ def test_quick_results_are_complete_and_sane(quick):
         assert r["macs_per_image"] == doc["models"][r["model"]]["macs_per_image"] > 0
         assert r["gflops"] == pytest.approx(2 * r["macs_per_image"] * r["batch"] / (lat["p50"] / 1e3) / 1e9)
         assert 0 < r["fraction_of_limit"] < 1.5, r
-    # One C/P ratio per (target, batch), equal to the ratio of the two medians.
+    # One C/P ratio per (target, batch): the median per-round ratio, inside its interval. --quick runs 2 rounds or
+    # so, which give only a range and no firm verdict.
     assert len(ratios) == len(results) // 2
     for q in ratios:
-        assert q["ratio"] == pytest.approx(q["c_p50_ms"] / q["p_p50_ms"])
-        assert q["interval"][0] <= q["interval"][1]
+        assert q["ratio"] == pytest.approx(float(np.median(q["round_ratios"])))
+        assert q["interval"][0] <= q["ratio"] <= q["interval"][1]
         assert q["flagged"] == (abs(q["ratio"] - 1) > 0.05)
-        assert q["verdict"] in ("parity", "C slower", "C faster", "inconclusive")
+        n = len(q["round_ratios"])
+        assert q["firm"] == (n >= 6) and q["interval_kind"].startswith("95% CI" if n >= 6 else f"range of {n} round")
+        assert q["verdict"].removeprefix("indicative: " if n < 6 else "") in (
+            "parity", "C slower", "C faster", "inconclusive")
     assert {c["model"] for c in doc["cold_start"]} == {"vit_c_micro", "vit_p_micro"}
     assert all(c["seconds"] > 0 for c in doc["cold_start"])
     assert doc["summary"]["micro"]["best_batch1"].keys() == {"vit_c_micro", "vit_p_micro"}
@@ -128,6 +133,16 @@ def test_http_mode_starts_a_server_and_compares_with_the_bare_runtime(quick, tmp
     o = doc["overhead"]
     assert o["c1_overhead_ms"] == pytest.approx(o["c1_p50_ms"] - o["bare_infer_b1_p50_ms"])
     assert o["saturation_fraction_of_bare"] > 0
+    # The bare runtime runs as the server does: its --threads 1 (so no all-core latency session in either), and
+    # the two are timed in turns at concurrency 1.
+    bare = doc["bare"]
+    assert bare["options"]["threads"] == 1 and bare["options_from"] == "the started server's settings"
+    assert bare["differs"] == [] and bare["execution"]["latency_session"] is False
+    assert bare["execution"] == doc["server_model"]["execution"]
+    single = doc["single_stream"]
+    assert single["rounds"] == len(single["round_p50_ms"]) == 4 and single["errors"] == {}
+    assert o["c1_p50_ms"] == single["server_ms"]["p50"] and o["bare_infer_b1_p50_ms"] == single["bare_ms"]["p50"]
+    assert "+-" not in md and f"{o['c1_overhead_ms']:+.2f} ms" in md and "same execution report" in md
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -172,6 +187,83 @@ def test_unusable_out_or_cache_is_refused_before_anything_runs(flag, where, tmp_
     assert "give " in err[0] and "Errno" not in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing measured, exported or created
     assert (tmp_path / "file").read_text() == "kept"
+
+
+def _must_not_measure(*_args, **_kwargs):
+    raise AssertionError("the benchmark ran")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pairs", ""], "error: --pairs '' names nothing; known pairs: 1gf, "),  # it ran the full default benchmark
+    (["--pairs", " , "], "error: --pairs ' , ' names nothing"),
+    (["--threads", "0"], "argument --threads: must be in 1..1024, got 0"),  # 0 meant "every CPU"
+    (["--threads", "-2"], "argument --threads: must be in 1..1024, got -2"),
+])
+def test_arguments_that_name_nothing_are_refused(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("benchmarks.suite.run_suite", _must_not_measure)
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main([*argv, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []  # the check that --out and --cache can be written left nothing behind
+
+
+def test_an_out_that_cannot_be_created_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    """/proc passed the os.access check (as root): the run measured for minutes, then failed to save."""
+    monkeypatch.setattr("benchmarks.suite.run_suite", _must_not_measure)
+    assert main(["--quick", "--cache", str(tmp_path), "--out", "/proc/vitc-bench"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out /proc/vitc-bench: "), err
+
+
+# A "measured" run without measuring: the committed mini results stand in for run_suite's document.
+_STUB_RUN = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+import benchmarks.suite
+from benchmarks.latency import main
+doc = json.load(open("benchmarks/results/2026-12-05-0235-vm.json"))
+doc.pop("summary")
+benchmarks.suite.run_suite = lambda cfg, log=None: doc
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_file_size_limit_while_saving_is_one_line_naming_the_file_and_exit_1(tmp_path):
+    """Under `ulimit -f` the measured run used to end 'error: [Errno 27] File too large', exit 2, nothing saved."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _STUB_RUN, "--pairs", "mini", "--no-progress", "--cache",
+                           str(tmp_path / "cache"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()
+    json_path = out / "2026-12-05-0235-vm.json"
+    assert err == [f"python benchmarks/latency.py: error: File too large: {json_path}: the measurements are printed "
+                   "above"], err
+    assert "C ms p50/p90/p99" in proc.stdout and "mini  onnxruntime-fp32" in proc.stdout  # the table was printed
+    assert list(out.iterdir()) == []  # no temp file left behind
+
+
+def test_started_server_options_and_execution_differences(monkeypatch):
+    """The bare runtime of the end-to-end mode opens the artifact with the options the server's settings give."""
+    from benchmarks.e2e import execution_differences, reported_options, started_options
+    from runtimes import BackendOptions
+
+    for var in ("VITC_THREADS", "VITC_PARALLEL", "VITC_OPENVINO_HINT", "VITC_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+    args = ["--model", "b", "--backend", "openvino", "--no-access-log"]
+    assert started_options(args) == BackendOptions()
+    assert started_options([*args, "--threads", "1", "--parallel", "2", "--openvino-hint", "latency"]) == \
+        BackendOptions(threads=1, parallel=2, hint="latency")
+    monkeypatch.setenv("VITC_THREADS", "3")  # the started server inherits the environment
+    assert started_options(args).threads == 3
+    assert reported_options({"execution": {"parallelism": 2, "threads_effective": 1}}) == [
+        BackendOptions(parallel=2), BackendOptions(parallel=2, threads=1)]
+    server = {"threads_effective": 1, "latency_session": False, "compile_seconds": {"1": 2.0}}
+    bare = {"threads_effective": 1, "latency_session": True, "compile_seconds": {}}
+    assert execution_differences(server, bare) == ["latency_session: server False, bare True"]
+    assert execution_differences({"providers": ("CPU",)}, {"providers": ["CPU"]}) == []
 
 
 def _has_cuda() -> bool:

@@ -1,7 +1,11 @@
 """The serving-overhead benchmark, run for real on the micro bundle with tiny budgets: every system answers, the
-ratios are computed from interleaved rounds, and the report states the verdicts."""
+ratios are computed from interleaved rounds, and the report states the verdicts. And the load test's record of what
+it measured."""
 
 from __future__ import annotations
+
+import errno
+import json
 
 import pytest
 from test_serve_fixtures import micro_bundle
@@ -44,3 +48,46 @@ def test_the_report_states_the_verdicts(doc):
     assert "| **vitc, onnxruntime** |" in text and "Where vitc's time goes" in text
     assert "CPU per request at saturation" in text and "| vitc-onnxruntime |" in text and "Ceiling" in text
     assert ("within 5 ms" in text) == v["within_5_ms_of_bare"]
+
+
+def test_the_load_test_records_the_build_it_measured(tmp_path, capsys):
+    """A load-test JSON had no library versions, git commit or bundle identity: its figures could not be traced."""
+    from fake_runtime import LEGACY
+
+    from benchmarks.load import main
+    from models.bundle import read_manifest
+    from models.io import sha256_file
+
+    out = tmp_path / "load.json"
+    assert main(["--start", "--model", f"old={LEGACY}", "--concurrency", "1", "--duration", "0.3", "--warmup", "0",
+                 "--images", "2", "--server-arg=--threads=1", "--out", str(out)]) == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    env = doc["environment"]
+    assert {"python", "onnxruntime", "numpy"} <= env["versions"].keys() and len(env["git"]["commit"]) == 40
+    (model,) = doc["models"]
+    manifest = read_manifest(LEGACY)
+    artifact = manifest.artifact("onnxruntime", "fp32")
+    assert model["name"] == "old" and model["bundle"]["path"] == str(LEGACY)
+    assert model["bundle"]["manifest_sha256"] == sha256_file(LEGACY / "manifest.json")
+    assert model["bundle"]["weights_sha256"] == manifest.source.sha256
+    assert model["bundle"]["artifact"] == {"id": artifact.id, "files": [f.to_dict() for f in artifact.files]}
+
+
+def test_a_full_disk_while_saving_the_load_test_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    from benchmarks import load
+
+    doc = {"models": [{"name": "m", "runtime": "onnxruntime", "precision": "fp32", "levels": [
+        {"concurrency": 1, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "throughput_rps": 9.0, "http_503": 0,
+         "mean_batch_size": 1.0}]}], "machine": {"cpus": 2}}
+    monkeypatch.setattr(load, "_measure", lambda *_: doc)
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(load, "atomic_write_json", full)
+    out = tmp_path / "load.json"
+    assert load.main(["--url", "http://127.0.0.1:9", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "| m | onnxruntime fp32 | 1 | 1.0 |" in captured.out  # the figures were printed first
+    assert captured.err.strip().splitlines() == [
+        f"python -m benchmarks.load: error: No space left on device: {out}: the measurements are printed above"]

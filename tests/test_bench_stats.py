@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.machine import limit_for
 from benchmarks.measure import Budget, input_pool, time_pair
 from benchmarks.runners import Target, all_targets, export_targets, parse_targets
-from benchmarks.stats import achieved_gflops, median_ci, median_is_stable, ratio_summary, summarize
+from benchmarks.stats import (
+    MIN_CI_ROUNDS,
+    achieved_gflops,
+    median_ci,
+    median_is_stable,
+    ratio_summary,
+    summarize,
+)
 
 
 def test_summarize_one_to_hundred():
@@ -41,14 +50,55 @@ def test_median_is_stable():
 
 def test_ratio_summary_verdicts():
     slower = ratio_summary([2.0] * 10, [1.0] * 10)
-    assert slower["ratio"] == 2.0 and slower["flagged"] and slower["verdict"] == "C slower"
-    assert slower["interval"] == [2.0, 2.0]
-    parity = ratio_summary([1.0] * 10, [1.0] * 10, round_ratios=[0.99, 1.0, 1.01, 1.02])
+    assert slower["ratio"] == 2.0 and slower["flagged"] and slower["verdict"] == "C slower" and slower["firm"]
+    assert slower["interval"] == [2.0, 2.0] and slower["estimator"] == "ratio of medians"
+    parity = ratio_summary([1.0] * 10, [1.0] * 10, round_ratios=[0.99, 1.0, 1.01, 1.02, 0.98, 1.0])
     assert parity["ratio"] == 1.0 and not parity["flagged"] and parity["verdict"] == "parity"
     unsure = ratio_summary([1.0] * 10, [1.0] * 10, round_ratios=[0.8, 1.2, 0.9, 1.1])
     assert unsure["verdict"] == "inconclusive" and not unsure["flagged"]
-    faster = ratio_summary([0.5] * 5, [1.0] * 5, round_ratios=[0.5, 0.52])
-    assert faster["flagged"] and faster["verdict"] == "C faster"
+
+
+def test_the_ratio_and_its_interval_come_from_the_rounds():
+    """A committed run printed C/P 1.022 beside the interval 0.85-0.93 and the verdict "C faster": the ratio was the
+    ratio of the two medians, the interval and verdict came from the per-round ratios."""
+    rounds = [0.85, 0.86, 0.88, 0.89, 0.9, 0.9, 0.91, 0.92, 0.93]
+    r = ratio_summary([1.2, 1.1, 1.0] * 5, [1.0, 1.05, 1.1] * 5, round_ratios=rounds)
+    assert r["ratio"] == 0.9 and r["interval"] == [0.85, 0.93] and r["verdict"] == "C faster"
+    assert r["estimator"] == "median per-round ratio" and r["interval_kind"] == "95% CI" and r["firm"]
+
+
+def test_few_rounds_give_their_range_and_only_an_indicative_verdict():
+    """The quick run's 2 rounds: their range covers the median half the time, it is no 95 % CI."""
+    r = ratio_summary([0.5] * 5, [1.0] * 5, round_ratios=[0.648, 0.767])
+    assert r["ratio"] == pytest.approx(0.7075) and r["interval"] == [0.648, 0.767]
+    assert r["interval_kind"] == "range of 2 rounds" and not r["firm"] and r["verdict"] == "indicative: C faster"
+    assert ratio_summary([1.0], [1.0], round_ratios=[1.3])["verdict"] == "indicative: C slower"
+    assert ratio_summary([1.0], [1.0], round_ratios=[0.9, 1.1])["verdict"] == "inconclusive"
+    few_samples = ratio_summary([2.0] * 5, [1.0] * 5)  # no rounds: the samples' count decides
+    assert few_samples["verdict"] == "indicative: C slower"
+    assert few_samples["interval_kind"] == "from the ranges of 5 samples"
+    six = ratio_summary([1.0], [1.0], round_ratios=[0.6, 0.62, 0.64, 0.66, 0.68, 0.7])
+    assert six["firm"] and six["verdict"] == "C faster" and six["interval"] == [0.6, 0.7]
+    assert median_ci([0.6, 0.7, 0.62, 0.68, 0.64]) == (0.6, 0.7) and MIN_CI_ROUNDS == 6  # 1 - 2/2**6 >= 0.95
+
+
+_timing = st.floats(min_value=1e-3, max_value=1e3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(c=st.lists(_timing, min_size=1, max_size=30), p=st.lists(_timing, min_size=1, max_size=30),
+       rounds=st.lists(st.floats(min_value=0.05, max_value=20.0), max_size=30))
+def test_the_ratio_lies_in_its_interval_and_the_verdict_follows_the_interval(c, p, rounds):
+    r = ratio_summary(c, p, rounds)
+    lo, hi = r["interval"]
+    assert lo <= r["ratio"] <= hi
+    if rounds:
+        assert r["ratio"] == float(np.median(rounds))
+    assert r["firm"] == ((len(rounds) or min(len(c), len(p))) >= MIN_CI_ROUNDS)
+    word = r["verdict"].removeprefix("indicative: ")
+    assert r["verdict"].startswith("indicative: ") == (not r["firm"] and word != "inconclusive")
+    assert word == ("C slower" if lo > 1.05 else "C faster" if hi < 0.95 else
+                    "parity" if 0.95 <= lo and hi <= 1.05 else "inconclusive")
 
 
 def test_achieved_gflops_counts_two_flops_per_mac():
