@@ -20,6 +20,7 @@ Exit codes: 0 written, 2 bad input (one line).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import runtimes
+from models import tritonconfig
 from models.bundle import (
     MANIFEST_FILE,
     NAME_RULE,
@@ -101,7 +103,7 @@ def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str
                      f"{{ string_value: {_text(v, 'parameter')} }} }}\n"
                      for k, v in rt.triton_parameters(artifact).items())
     inp, out = _text(manifest.input.name, "input name"), _text(manifest.output.name, "output name")
-    return (
+    return _marked(
         f"name: {_text(name, 'model name')}\n"
         f'backend: "{rt.triton_backend}"\n'
         f"max_batch_size: {max_batch}\n"
@@ -117,6 +119,45 @@ def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str
         f"{{ data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] zero_data: true }} }} }}]\n"
         + params
     )
+
+
+_MARK = "# written by python -m export.triton (edit freely: an edited file is kept); sha256 of the rest: "
+
+
+def _marked(text: str) -> str:
+    """`text` under a comment holding its hash: a later export tells its own untouched file from an edited one."""
+    return f"{_MARK}{hashlib.sha256(text.encode()).hexdigest()}\n{text}"
+
+
+def _untouched(config: Path) -> bool:
+    """Whether `config` is a config.pbtxt this tool wrote and nobody edited since (a new version may replace it)."""
+    try:
+        with config.open("rb") as f:
+            raw = f.read(tritonconfig.MAX_CONFIG_BYTES + 1)
+        head, _, rest = raw.decode("utf-8").partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.startswith(_MARK) and head[len(_MARK):] == hashlib.sha256(rest.encode()).hexdigest()
+
+
+def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact) -> None:
+    """RepositoryError (nothing written) when the edited config.pbtxt that a new version keeps does not fit that
+    version: a repository that vitc and Triton would then refuse to serve."""
+    rt = runtimes.get(artifact.runtime)
+    c, h, w = manifest.input.sample_shape
+    try:
+        config = tritonconfig.read(model_dir)
+        if config is None:
+            return
+        config.check(name=model_dir.name, platform=rt.triton_platform, backend=rt.triton_backend,
+                     input=tritonconfig.Tensor(manifest.input.name, "TYPE_FP32", (c, h, w)),
+                     output=tritonconfig.Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)))
+        if config.max_batch_size is not None and config.max_batch_size > manifest.input.max_batch:
+            raise tritonconfig.ConfigError(f"max_batch_size {config.max_batch_size} is more than the new version "
+                                           f"was exported for ({manifest.input.max_batch})")
+    except tritonconfig.ConfigError as exc:
+        raise RepositoryError(f"{model_dir / CONFIG_FILE} was edited and a new version keeps it, but it does not fit "
+                              f"that version: {exc}; fix it, or pass --replace-config to regenerate it") from None
 
 
 def inference_service(name: str, storage_uri: str, gpus: int) -> str:
@@ -238,6 +279,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                         raise BundleError(f"{out / name} has no version left below {MAX_VERSION}")
                     if (out / name / str(v)).exists():  # checked again, under the lock, when published
                         raise _exists(out / name / str(v))
+                    if not replace_config and not _untouched(out / name / CONFIG_FILE):
+                        _check_kept(out / name, manifest, artifact)
                     _stage_model(bundle, manifest, artifact, staging / name, v, kind=devices[artifact.id],
                                  instances=instances, max_queue_delay_us=max_queue_delay_us)
                     plan.append((name, v))
@@ -382,7 +425,7 @@ def _publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_conf
                 os.rename(src / str(v), dst / str(v))
                 undo.append(lambda d=dst / str(v): shutil.rmtree(d))
                 undo.append(_replace_file(src / LABELS_FILE, dst / LABELS_FILE, staging))
-                if replace_config or not (dst / CONFIG_FILE).is_file():
+                if replace_config or not (dst / CONFIG_FILE).is_file() or _untouched(dst / CONFIG_FILE):
                     undo.append(_replace_file(src / CONFIG_FILE, dst / CONFIG_FILE, staging))
                 elif (dst / CONFIG_FILE).read_bytes() != (src / CONFIG_FILE).read_bytes():
                     # The model's configuration is the user's once written (vitc and Triton both batch by it):
@@ -447,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path} (a bundle too: {MANIFEST_FILE})")
     for path in kept:
-        print(f"kept {path}: it differs from the generated one (edited?); --replace-config regenerates it")
+        print(f"kept {path}: it was edited since this tool wrote it; --replace-config regenerates it")
     print(f"wrote {Path(args.out) / ISVC_FILE}")
     return 0
 

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import runtimes
+from models import tritonconfig
 from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest
 from models.preprocessing import Preprocessing
+from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
-from serve import tritonconfig
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
 from serve.stats import ModelStats
-from serve.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 
 log = logging.getLogger("vitc.serve")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from models.bundle import MANIFEST_FILE, BundleError
+from models.tritonconfig import ConfigError
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.metrics import Metrics
 from serve.registry import NAME_RE, ModelSource, ServedModel, ServedModels, close_models, load_model
 from serve.settings import Settings
 from serve.stats import Observers
-from serve.tritonconfig import ConfigError
 
 log = logging.getLogger("vitc.serve")
 MAX_LISTED = 4096  # directory entries of a repository looked at for its index

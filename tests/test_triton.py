@@ -108,6 +108,32 @@ def test_an_edited_config_survives_a_new_version_unless_replaced(bundle, tmp_pat
     assert config.read_text() == generated
 
 
+def test_a_new_version_regenerates_an_untouched_config_and_refuses_an_edited_one_that_no_longer_fits(
+        bundle, tmp_path, capsys):
+    """A bundle exported for a smaller max batch added to a repository: the config this tool wrote (and nobody
+    edited) follows the new version; an edited one that contradicts it is refused with nothing written (it used to
+    be kept, and vitc and Triton then refused the whole repository)."""
+    small = tmp_path / "small"
+    shutil.copytree(bundle, small)
+    manifest = read_manifest(small)
+    write_manifest(small, replace(manifest, input=replace(manifest.input, max_batch=4)))
+    out = tmp_path / "repo"
+    triton.write_repository(bundle, out)
+    config = out / "micro-onnx-fp32" / "config.pbtxt"
+    assert triton.main([str(small), "--out", str(out)]) == 0
+    assert "max_batch_size: 4" in config.read_text() and "kept" not in capsys.readouterr().out
+    config.write_text(config.read_text().replace("max_batch_size: 4", "max_batch_size: 2"))  # edited: kept
+    assert triton.main([str(bundle), "--out", str(out)]) == 0 and "max_batch_size: 2" in config.read_text()
+    config.write_text(config.read_text().replace("max_batch_size: 2", "max_batch_size: 16"))  # too big for 4
+    before = sorted(p.name for p in (out / "micro-onnx-fp32").iterdir())
+    with pytest.raises(SystemExit) as refused:
+        triton.main([str(small), "--out", str(out)])
+    assert refused.value.code == 2 and "does not fit that version: max_batch_size 16" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "micro-onnx-fp32").iterdir()) == before
+    assert triton.main([str(small), "--out", str(out), "--replace-config"]) == 0
+    assert "max_batch_size: 4" in config.read_text()
+
+
 def test_a_gpu_server_runs_the_repository_models_its_config_puts_on_the_cpu(repository):
     """export.triton gives OpenVINO and onnxruntime models KIND_CPU instance groups: on a server started with
     --device cuda (the GPU image) they run on the CPU, as Triton runs them, instead of refusing the start."""

@@ -8,9 +8,9 @@ import pytest
 from test_serve_fixtures import micro_bundle
 
 from export import triton
+from models import tritonconfig
 from models.bundle import read_manifest
-from serve import tritonconfig
-from serve.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy, parse
+from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy, parse
 
 INPUT, OUTPUT = Tensor("input", "TYPE_FP32", (3, 32, 32)), Tensor("logits", "TYPE_FP32", (10,))
 ARTIFACT = {"name": "m", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "input": INPUT, "output": OUTPUT}

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 import serve
 from models.bundle import TRITON_LABELS_FILE
+from models.tritonconfig import VersionPolicy
 from serve.errors import APIError
 from serve.protocol import (
     EXTENSIONS,
@@ -43,7 +44,6 @@ from serve.routes.deps import (
 )
 from serve.settings import Settings
 from serve.timing import stage, timings
-from serve.tritonconfig import VersionPolicy
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -187,7 +187,7 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
         **({"dynamic_batching": {"max_queue_delay_microseconds": round(1000 * (
             settings.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms))}}
            if model.batcher is None or model.batcher.merge else {}),
-        # vitc serves one version per model: the one the policy selects (see serve.tritonconfig.VersionPolicy).
+        # vitc serves one version per model: the one the policy selects (see models.tritonconfig.VersionPolicy).
         "version_policy": (model.config.version_policy if model.config else VersionPolicy()).applied(model.version),
         "instance_group": [{"kind": "KIND_CPU" if model.backend.device == "cpu" else "KIND_GPU",
                             "count": model.batcher.parallel if model.batcher else 1}],
