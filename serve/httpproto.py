@@ -91,7 +91,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             super().on_message_begin()
             self._messages += 1
             self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
-            self._header_bytes, self._hosts, self._bad = 0, 0, None
+            self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
 
         def on_headers_complete(self) -> None:
             self._in_headers, self._in_body = False, True
@@ -132,8 +132,13 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             self._send_timer = None
             self.transport.abort()
 
+        def _unsupported_upgrade_warning(self) -> None:
+            """An `Upgrade: websocket` request is answered as plain HTTP (RFC 9110 7.8 lets a server ignore Upgrade),
+            without uvicorn's two warnings per request telling the operator to install a WebSocket library."""
+
         def on_url(self, url: bytes) -> None:
             super().on_url(url)
+            self._long_uri = len(self.url) > MAX_HEADER_BYTES  # uvicorn gathers the URL's pieces in self.url
             self._count_parsed(len(url))
 
         def on_header(self, name: bytes, value: bytes) -> None:
@@ -149,7 +154,9 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
                 raise ValueError("request headers too large")  # the parser stops; uvicorn answers via 400 below
 
         def send_400_response(self, msg: str) -> None:
-            if getattr(self, "_oversized", False):
+            if getattr(self, "_long_uri", False):
+                self._refuse(414, "URI Too Long", f"the request target is longer than {MAX_HEADER_BYTES} bytes")
+            elif getattr(self, "_oversized", False):
                 self._refuse(431, "Request Header Fields Too Large", too_large)
             else:
                 self._refuse(400, "Bad Request", getattr(self, "_bad", None) or msg)

@@ -204,6 +204,11 @@ def test_head_codings_multipart_and_index_bodies(bundle, tmp_path):
             assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
         assert client.head("/v2/models/nope").status_code == 404
         assert client.head(CLASSIFY).status_code == 405  # a POST-only route
+        r = client.post("/v2/health/live")  # a GET route says it takes HEAD too
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD" and r.json()["error"]
+        # An Upgrade request is plain HTTP here, and no warning per request floods the log.
+        r = client.get("/v2/health/live", headers={"connection": "Upgrade", "upgrade": "websocket"})
+        assert r.status_code == 200
 
         png = animal_pngs(1)[0]
         plain = client.post(CLASSIFY, content=png, headers={"content-type": "image/png"})
@@ -250,7 +255,7 @@ def test_head_codings_multipart_and_index_bodies(bundle, tmp_path):
             assert r.status_code == 400 and r.json()["error"], body[:20]
         assert client.post("/v2/repository/index", json={"ready": True}).status_code == 200
     logs = server.logs()
-    assert "Traceback" not in logs
+    assert "Traceback" not in logs and "upgrade" not in logs.lower()
     for line in logs.splitlines():  # warnings and third-party messages too: one JSON object per line
         json.loads(line)
 
@@ -311,6 +316,7 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         assert status == 404 and headers["connection"] == "close", headers
         assert _closed_by_server(expecting)
         expecting.close()
+        assert _answers(host, port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n") == [414]
         # An HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); HTTP/1.0 needs none.
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\n\r\n") == [400]
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == [400]
