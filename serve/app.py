@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -29,6 +30,26 @@ DESCRIPTION = """Image classification with ViT_C / ViT_P bundles on onnxruntime,
 * `/v2`: the Open Inference Protocol (KServe v2, Triton HTTP incl. binary tensors) on preprocessed tensors.
 * `/metrics`: Prometheus. Errors are JSON: `{"error": "<reason>"}`.
 """
+
+
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json")
+
+
+def _declare_bearer(app: FastAPI, open_paths: tuple[str, ...]) -> None:
+    """The OpenAPI document says every route but `open_paths` needs `Authorization: Bearer <key>`."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = plain()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "the server's --api-key"}
+        schema["security"] = [{"bearer": []}]
+        for path in open_paths:
+            for operation in schema.get("paths", {}).get(path, {}).values():
+                operation["security"] = []
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings, models: dict[str, ServedModel] | None = None) -> FastAPI:
@@ -71,7 +92,11 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.receive_timeout_s, budget=BodyBudget(settings.buffered_bytes_limit))
     if settings.api_key is not None:
-        app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=v2.HEALTH_PATHS)
+        # The API's description is public (it is in the README), so /docs can be opened in a browser and its
+        # "Authorize" button used; the models, their metadata and every inference need the key.
+        app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value(),
+                           open_paths=(*v2.HEALTH_PATHS, *DOC_PATHS))
+        _declare_bearer(app, open_paths=v2.HEALTH_PATHS)
     app.add_middleware(HeadMiddleware)
     # Requests refused before routing (auth, body limit) are still counted under their route's template.
     templates = [(r.path_regex, r.path) for router in (v1.router, v2.router, ops.router) for r in router.routes

@@ -81,10 +81,16 @@ def classify(client, png: bytes, model: str = "micro", **params) -> httpx.Respon
                        params=params)
 
 
-def test_health_is_open_and_everything_else_needs_the_key(server):
+def test_health_and_docs_are_open_and_everything_else_needs_the_key(server):
     assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
     assert httpx.get(server.url + "/v2/health/ready").json() == {"ready": True}
-    for path in ("/v1/models", "/metrics", "/v2/models/micro", "/docs"):
+    # The API's description opens in a browser, and says how to authorize (its "Authorize" button).
+    assert httpx.get(server.url + "/docs").status_code == 200
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert spec["security"] == [{"bearer": []}] and spec["paths"]["/v2/health/ready"]["get"]["security"] == []
+    assert "application/json" in spec["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]
+    for path in ("/v1/models", "/metrics", "/v2/models/micro"):
         r = httpx.get(server.url + path)
         assert r.status_code == 401 and "bearer" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"})

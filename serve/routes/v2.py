@@ -216,8 +216,29 @@ def _parse_body(body: bytes, encoding: str | None, header_length: str | None, li
     return parse_request(decompress(body, encoding, limit), header_length)
 
 
-@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES)
-@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string", "example": "input"},
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "example": [1, 3, 32, 32]},
+    "datatype": {"type": "string", "example": "FP32"},
+    "parameters": {"type": "object", "description": "binary_data_size: the tensor's bytes follow the JSON header"},
+    "data": {"type": "array", "items": {}, "description": "row-major values, flat or nested"}}}
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "example": "logits"}, "parameters": {"type": "object", "description":
+                                                                             "binary_data, classification"}}}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
+                                            "Triton's binary tensor extension: the JSON header (its length in the "
+                                            "Inference-Header-Content-Length header), then the tensors' bytes"}},
+}}}
+
+
+@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES,
+             openapi_extra=_INFER_BODY)
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", responses=ERROR_RESPONSES,
+             openapi_extra=_INFER_BODY)
 async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
     settings: Settings = request.app.state.settings
     _check_version(served(request, name), version)  # refused before the upload when it cannot be served
