@@ -120,7 +120,7 @@ def request_bodies(n: int, seed: int = 0, fmt: str = "png", size: int | None = N
 
     from data.datasets import load_dataset
 
-    val = load_dataset("animals", "val").subset(min(n, MAX_IMAGES), seed=seed)
+    val = load_dataset("animals", "val").readable_subset(min(n, MAX_IMAGES), seed=seed).images
     bodies = []
     for i in range(len(val)):
         img = val.image(i).convert("RGB")

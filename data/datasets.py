@@ -2,7 +2,9 @@
 
 Everything here is torch-free so export (parity on real images) and benchmarks can use it too. The embedded
 sets ship inside vitc as numpy files (data/embedded/, with their sources and licences; nothing is downloaded or
-unpickled); their train/val split is a fixed, stratified 10 % per class.
+unpickled); their train/val split is a fixed, stratified 10 % per class. Files that do not decode are skipped and
+counted everywhere: training replaces them, evaluation leaves them out, and every other reader (export's parity and
+calibration images, the served-path check, serve.sample) draws its images with `ImageSet.readable_subset`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,9 @@ EMBEDDED = ("animals", "mnist", "digits")
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.1
 SPLIT_SEED = 0
+# The seed of every evaluation subset (train --val-subset, train.eval --limit, export's parity images): whatever a
+# run's --seed, the same weights are measured on the same images everywhere.
+EVAL_SUBSET_SEED = 0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ANIMAL_CLASSES = ["Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"]
 # Per-dataset grey mean/std of the train split in [0, 1] (measured once; replicated over the 3 channels).
@@ -31,6 +37,10 @@ _GREY_STATS = {"animals": (0.2728, 0.4057), "mnist": (0.1315, 0.3088), "digits":
 
 class DatasetError(ValueError):
     """An unknown, empty or unreadable dataset."""
+
+
+class UnreadableImage(DatasetError):
+    """A file that does not decode, met while images are read (by one process of several, perhaps)."""
 
 
 @dataclass
@@ -48,12 +58,13 @@ class ImageSet:
         return len(self.labels)
 
     def image(self, i: int) -> Image.Image:
-        """Decode image i as PIL (grey "L" for embedded sets); raises OSError for corrupt files."""
+        """Decode image i as PIL (grey "L" for embedded sets); UnreadableImage (one line) for a corrupt file."""
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i], "L")
-        with Image.open(self.paths[i]) as img:
-            img.load()
-            return upright(img)
+        img = decode_checked(self.paths[i])
+        if img is None:
+            raise UnreadableImage(f"corrupt or unreadable image: {self.paths[i]}")
+        return img
 
     def fingerprint(self) -> str:
         """sha256 of what the set holds: classes, labels and pixels (embedded sets), or each file's path relative
@@ -73,12 +84,54 @@ class ImageSet:
         """A deterministic, class-balanced-ish random subset of at most n images."""
         if n >= len(self):
             return self
-        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return self.take(np.random.default_rng(seed).permutation(len(self))[:n])
+
+    def take(self, indices: np.ndarray | list[int]) -> ImageSet:
+        """The images at `indices`, in index order."""
+        idx = np.sort(np.asarray(indices, np.int64))
         return ImageSet(
             self.name, self.split, self.class_names, self.labels[idx],
             None if self.arrays is None else self.arrays[idx],
             None if self.paths is None else [self.paths[i] for i in idx],
         )
+
+    def readable(self, order: Iterable[int], n: int, minimum: int = 1) -> Readable:
+        """The first n images of `order` that decode (training's `decode_checked` rule); the files that do not are
+        left out, counted and named, and the next ones of `order` take their place. DatasetError (one line) when
+        fewer than `minimum` decode."""
+        chosen: list[int] = []
+        skipped: list[Path] = []
+        for i in order:
+            if len(chosen) >= n:
+                break
+            if self.paths is not None and decode_checked(self.paths[i]) is None:
+                skipped.append(self.paths[i])
+            else:
+                chosen.append(int(i))
+        if len(chosen) < minimum:
+            example = f" (e.g. {skipped[0]})" if skipped else ""
+            raise DatasetError(f"{self.name}: {len(chosen)} readable {self.split} images, at least {minimum} needed; "
+                               f"{len(skipped)} files are corrupt or unreadable{example}")
+        return Readable(self.take(chosen), tuple(skipped))
+
+    def readable_subset(self, n: int, seed: int = 0, minimum: int = 1) -> Readable:
+        """`subset(n, seed)` with corrupt files left out and counted: each is replaced by the next file of the same
+        seeded order, so with none corrupt the images are exactly `subset(n, seed)`'s."""
+        order = range(len(self)) if n >= len(self) else np.random.default_rng(seed).permutation(len(self))
+        return self.readable(order, n, minimum)
+
+
+@dataclass(frozen=True)
+class Readable:
+    """Images that decoded when they were chosen, and the corrupt or unreadable files left out to choose them."""
+
+    images: ImageSet
+    skipped: tuple[Path, ...] = ()
+
+    def note(self) -> str:
+        """", k unreadable files skipped" for progress lines, or "" when none was."""
+        k = len(self.skipped)
+        return f", {k} unreadable file{'s' if k != 1 else ''} skipped" if k else ""
 
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"  # shipped with vitc; see its README for sources
@@ -116,30 +169,61 @@ def split_indices(labels: np.ndarray, split: str, seed: int = SPLIT_SEED) -> np.
     return np.sort(np.concatenate(chosen))
 
 
+def _class_dirs(split_dir: Path) -> list[str]:
+    """The class directory names of a split, sorted (hidden ones, such as .ipynb_checkpoints, left out)."""
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _images_in(cdir: Path) -> list[Path]:
+    """The image files of one class directory, sorted."""
+    return [p for p in sorted(cdir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+
+
+def _check_class_name(name: str, where: Path) -> None:
+    """DatasetError unless `name` can be a class name (found now, not when the checkpoint is saved)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes come back from the file system as lone surrogates
+        raw = os.fsencode(name)
+        raise DatasetError(f"class directory {raw[:60]!r} in {where}: the name is not valid UTF-8 (class names are "
+                           f"stored as UTF-8 text); rename it") from None
+    if not is_label(name):
+        raise DatasetError(f"class directory {name[:60]!r} in {where}: a class name must be "
+                           f"1..{MAX_LABEL_CHARS} characters without control characters or line breaks; rename it")
+
+
 def _folder(root: Path, split: str) -> ImageSet:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(f"dataset folder {root} has no {split}/ directory (expected root/{split}/<class>/*.jpg)")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = _class_dirs(split_dir)
     if split == "val" and (root / "train").is_dir():
-        # Class indices come from train/ so both splits agree even if val lacks a class.
-        classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+        # Class indices come from train/ so both splits agree even if val lacks a class. A class only val has
+        # is one the model cannot predict: its images would count as errors, so it is refused, not ignored.
+        train_classes = _class_dirs(root / "train")
+        known = set(train_classes)
+        val_only = [c for c in classes if c not in known and _images_in(split_dir / c)]
+        if val_only:
+            shown = ", ".join(repr(c) for c in val_only[:5]) + (", ..." if len(val_only) > 5 else "")
+            raise DatasetError(f"dataset folder {split_dir} has {len(val_only)} class(es) that train/ lacks "
+                               f"({shown}): a model trained on train/ cannot predict them; add them to train/ or "
+                               f"move them out of val/")
+        classes = train_classes
     if not classes:
         raise DatasetError(f"dataset folder {split_dir} has no class directories")
-    if bad := next((c for c in classes if not is_label(c)), None):  # found now, not when the checkpoint is saved
-        raise DatasetError(f"class directory {bad[:60]!r} in {split_dir.parent}: a class name must be "
-                           f"1..{MAX_LABEL_CHARS} characters without control characters or line breaks; rename it")
+    for c in classes:
+        _check_class_name(c, split_dir.parent)
     paths, labels = [], []
     for i, c in enumerate(classes):
         cdir = split_dir / c
         if not cdir.is_dir():
             continue
-        for p in sorted(cdir.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                paths.append(p)
-                labels.append(i)
+        found = _images_in(cdir)
+        paths += found
+        labels += [i] * len(found)
     if not paths:
-        raise DatasetError(f"dataset folder {split_dir} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DatasetError(f"dataset folder {split_dir} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                           f"in its class directories ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
     return ImageSet(str(root), split, classes, np.asarray(labels, np.int64), paths=paths)
 
 

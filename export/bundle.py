@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, Readable, load_dataset
 from export import provenance
 from export.parity import ParityData, Tolerance, measure, run_batched
 from export.targets import Target, parse_targets
@@ -79,12 +80,9 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_batch: int) -> ParityData:  # noqa: ANN001
-    """Preprocessed validation images of the checkpoint's dataset and torch's logits for them."""
-    import torch
-
-    from data.datasets import DatasetError, load_dataset
-
+def parity_images(meta: CheckpointMeta, dataset: str, samples: int) -> Readable:
+    """The parity images: `samples` of the dataset's val split drawn as train.eval draws them, with the
+    files that do not decode left out and counted as training and evaluation do; ExportError when none decodes."""
     try:
         val = load_dataset(dataset, "val")
     except DatasetError as exc:
@@ -96,9 +94,21 @@ def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_bat
     if list(val.class_names) != list(meta.class_names):  # train.eval's rule: same classes, same order
         raise ExportError(f"dataset {dataset!r} class names differ from the checkpoint's; parity on it would "
                           "measure another task")
-    val = val.subset(samples, seed=0)
+    try:
+        return val.readable_subset(samples, seed=EVAL_SUBSET_SEED)
+    except DatasetError as exc:
+        raise ExportError(f"parity data: {exc}") from None
+
+
+def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_batch: int,  # noqa: ANN001
+                images: ImageSet | None = None) -> ParityData:
+    """Preprocessed validation images of the checkpoint's dataset (`images`, else `parity_images`) and torch's
+    logits for them."""
+    import torch
+
+    val = images if images is not None else parity_images(meta, dataset, samples).images
     x = np.concatenate([
-        preprocess([val.image(i) for i in range(s, min(s + PREPROCESS_CHUNK, len(val)))], meta.preprocessing)
+        preprocess([_decoded(val, i) for i in range(s, min(s + PREPROCESS_CHUNK, len(val)))], meta.preprocessing)
         for s in range(0, len(val), PREPROCESS_CHUNK)
     ])
 
@@ -107,6 +117,14 @@ def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_bat
             return model(torch.from_numpy(batch)).numpy()
 
     return ParityData(x, val.labels, run_batched(torch_run, x, max_batch), dataset=str(dataset))
+
+
+def _decoded(images: ImageSet, i: int):  # noqa: ANN202 - a PIL image
+    """Image i, which decoded when it was chosen; ExportError (one line) if it no longer does."""
+    try:
+        return images.image(i)
+    except DatasetError as exc:
+        raise ExportError(f"parity data: {exc} (it changed during the export)") from None
 
 
 def _check_out(out: Path) -> None:
@@ -334,8 +352,6 @@ def build_bundle(
 def _calibration(wanted: Sequence[Target], calibration_dataset: str | None, data_name: str):  # noqa: ANN202
     """The INT8 calibration set (train split), loaded before any slow work so a bad name fails first; a loader
     that returns it. None of it is loaded when no target calibrates and no calibration dataset was named."""
-    from data.datasets import DatasetError, load_dataset
-
     name = calibration_dataset or data_name
     if calibration_dataset is None and not any(t.precision == "int8" for t in wanted):
         return lambda: load_dataset(name, "train")
@@ -361,8 +377,9 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
     calibration_set = _calibration(wanted, calibration_dataset, data_name)
     header = _header(meta, name, checkpoint, data_name, max_batch)
     with torch_threads(threads):
-        data = parity_data(model, meta, data_name, parity_samples, max_batch)
-        log(f"{meta.model}: parity on {len(data.x)} {data_name} val images, "
+        parity_set = parity_images(meta, data_name, parity_samples)
+        data = parity_data(model, meta, data_name, parity_samples, max_batch, parity_set.images)
+        log(f"{meta.model}: parity on {len(data.x)} {data_name} val images{parity_set.note()}, "
             f"torch top-1 {data.reference_accuracy:.2%}")
         try:
             with publish_dir(out, before_swap=lambda: _check_replaceable(out)) as tmp:
@@ -370,6 +387,10 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                     model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
                     calibration_set=calibration_set, calibration_samples=calibration_samples,
                 )
+                if any(t.precision == "int8" for t in wanted):  # no readable image: one line, before any build
+                    calibration = ctx.calibration_images()
+                    log(f"INT8 calibration on {len(calibration)} {calibration.name} train images"
+                        f"{ctx.calibration_note()}")
                 timings: dict[str, float] = {}
                 if any(t.runtime.needs_hub for t in wanted):  # shared by those runtimes; timed once
                     start = time.perf_counter()
@@ -380,10 +401,14 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                 outputs: dict[str, np.ndarray] = {}
                 for target in wanted:
                     tolerance = (tolerances or {}).get(target.precision)
-                    artifacts.append(_build_one(ctx, header, target, data, tolerance, threads, outputs))
+                    artifact = _build_one(ctx, header, target, data, tolerance, threads, outputs)
+                    if parity_set.skipped:  # the parity images' provenance: what was left out to draw them
+                        artifact = replace(artifact, info={**artifact.info,
+                                                           "parity_unreadable_skipped": len(parity_set.skipped)})
+                    artifacts.append(artifact)
                     log(summary_line(artifacts[-1]))
                 shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-                golden = write_golden(tmp, meta, data_name, data, outputs)
+                golden = write_golden(tmp, meta, parity_set.images, data, outputs)
                 manifest = replace(header, artifacts=tuple(artifacts), timings=timings, golden=golden,
                                    provenance=provenance.gather(meta, data, ctx.calibration_fingerprint))
                 write_manifest(tmp, manifest)
@@ -394,16 +419,14 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
     return manifest
 
 
-def write_golden(bundle: Path, meta: CheckpointMeta, dataset: str, data: ParityData,
+def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: ParityData,
                  outputs: dict[str, np.ndarray] | None = None) -> Golden:
-    """The first GOLDEN_SAMPLES parity images (uint8, before normalisation: small, and it checks normalisation
-    too) with torch's logits for them, and each servable artifact's own logits for them (`outputs`, by artifact
-    id), for servers to check an artifact against before they call it ready (runtimes.loader.verify_golden)."""
-    from data.datasets import load_dataset
-
+    """The first GOLDEN_SAMPLES parity images (`images`: the parity set, uint8, before normalisation: small, and it
+    checks normalisation too) with torch's logits for them, and each servable artifact's own logits for them
+    (`outputs`, by artifact id), for servers to check an artifact against before they call it ready
+    (runtimes.loader.verify_golden)."""
     n = min(GOLDEN_SAMPLES, len(data.x))
-    val = load_dataset(dataset, "val").subset(len(data.x), seed=0)  # the parity subset: same images, same order
-    pixels = np.stack([to_uint8(val.image(i), meta.preprocessing) for i in range(n)])
+    pixels = np.stack([to_uint8(_decoded(images, i), meta.preprocessing) for i in range(n)])
     if not np.array_equal(normalize(pixels, meta.preprocessing), data.x[:n]):
         raise ExportError("golden inputs do not reproduce the parity images (preprocessing is not deterministic)")
     path = bundle / GOLDEN_FILE

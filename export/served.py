@@ -138,16 +138,18 @@ def check(bundle: Path, manifest: Manifest, runtime: str) -> None:
 def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | None = None,
             log: Callable[[str], None] = print) -> ServedParity:
     """Measure the served path of `bundle` on `runtime` and record it in its manifest; returns the record."""
-    from data.datasets import load_dataset
+    from data.datasets import EVAL_SUBSET_SEED, load_dataset
     from serve.launch import start
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     val = load_dataset(manifest.source.dataset, "val")
-    val = val.subset(samples, seed=0) if samples else val
-    images = [val.image(i) for i in range(len(val))]
-    labels = val.labels
-    log(f"{manifest.name}: {len(images)} {manifest.source.dataset} val images, reference on their own pixels ...")
+    # Drawn as the export's parity images are, corrupt files left out and counted as everywhere else.
+    chosen = val.readable_subset(samples or len(val), seed=EVAL_SUBSET_SEED)
+    images = [chosen.images.image(i) for i in range(len(chosen.images))]
+    labels = chosen.images.labels
+    log(f"{manifest.name}: {len(images)} {manifest.source.dataset} val images{chosen.note()}, reference on their "
+        f"own pixels ...")
     reference = _reference(bundle, manifest, images)
     encoded = [encodings(img, manifest.preprocessing.resize) for img in images]
     names = list(encoded[0])

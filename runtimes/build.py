@@ -20,7 +20,7 @@ from models.preprocessing import preprocess
 if TYPE_CHECKING:
     from torch import nn
 
-    from data.datasets import ImageSet
+    from data.datasets import ImageSet, Readable
     from models.checkpoint import CheckpointMeta
 
 
@@ -77,7 +77,7 @@ class ExportContext:
     calibration_set: Callable[[], ImageSet]  # lazily loaded TRAIN images
     calibration_samples: int = 300
     hub: Path | None = None  # the fp32 ONNX file the orchestrator exported, for runtimes that convert from it
-    _calibration: ImageSet | None = None
+    _calibration: Readable | None = None
     _calibration_fingerprint: str | None = None
 
     @property
@@ -98,27 +98,47 @@ class ExportContext:
         return self.hub
 
     def calibration_images(self) -> ImageSet:
-        """A deterministic subset of the TRAIN split (never validation images) for INT8 calibration."""
+        """A deterministic subset of the TRAIN split (never validation images) for INT8 calibration; files that do
+        not decode are left out and counted, as training does; ExportError (one line) when none decodes."""
         if self._calibration is None:
-            self._calibration = self.calibration_set().subset(self.calibration_samples, seed=1)
-        return self._calibration
+            from data.datasets import DatasetError
+
+            try:
+                self._calibration = self.calibration_set().readable_subset(self.calibration_samples, seed=1)
+            except DatasetError as exc:
+                raise ExportError(f"calibration data: {exc}") from None
+        return self._calibration.images
+
+    def calibration_note(self) -> str:
+        """", k unreadable files skipped" once the calibration images are drawn, else ""."""
+        return "" if self._calibration is None else self._calibration.note()
 
     def calibration_batches(self) -> Iterator[np.ndarray]:
         """Calibration images one at a time as (1, 3, H, W) float32, preprocessed like the server does."""
+        from data.datasets import DatasetError
+
         images = self.calibration_images()
         for i in range(len(images)):
-            yield preprocess([images.image(i)], self.meta.preprocessing)
+            try:
+                image = images.image(i)
+            except DatasetError as exc:  # it decoded when it was drawn
+                raise ExportError(f"calibration data: {exc} (it changed during the export)") from None
+            yield preprocess([image], self.meta.preprocessing)
 
     def calibration_info(self) -> dict[str, Any]:
-        """What the INT8 artifacts were calibrated on, for the manifest (fingerprint: the preprocessed images)."""
+        """What the INT8 artifacts were calibrated on, for the manifest (fingerprint: the preprocessed images; the
+        count of unreadable files left out to draw them, when there were any)."""
         images = self.calibration_images()
         if self._calibration_fingerprint is None:
             h = hashlib.sha256()
             for batch in self.calibration_batches():
                 h.update(np.ascontiguousarray(batch, "<f4").tobytes())
             self._calibration_fingerprint = h.hexdigest()
-        return {"dataset": images.name, "split": images.split, "samples": len(images),
+        info = {"dataset": images.name, "split": images.split, "samples": len(images),
                 "fingerprint": self._calibration_fingerprint}
+        if self._calibration is not None and self._calibration.skipped:
+            info["unreadable_skipped"] = len(self._calibration.skipped)
+        return info
 
     @property
     def calibration_fingerprint(self) -> str | None:

@@ -12,14 +12,16 @@ from models.cli import OneLineParser
 from models.io import atomic_write_bytes
 
 PROG = "python -m serve.sample"
+MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (training's bound on consecutive ones)
 
 
 class SampleError(ValueError):
     """A dataset, index or output path that cannot give a sample (one line, exit 2)."""
 
 
-def write_sample(dataset: str, index: int, out: str) -> str:
-    """Save val image `index` of `dataset` to `out` (PNG); returns its label; raises SampleError."""
+def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
+    """Save val image `index` of `dataset` to `out` (PNG), or the next one that decodes when it does not (as
+    training replaces a corrupt file); returns (the index written, its label); raises SampleError."""
     import io
 
     from data.datasets import DatasetError, load_dataset
@@ -28,17 +30,20 @@ def write_sample(dataset: str, index: int, out: str) -> str:
         raise SampleError(f"--out {out} is a directory; give a file name such as {Path(out) / 'sample.png'}")
     try:
         val = load_dataset(dataset, "val")
+        if not 0 <= index < len(val):
+            raise SampleError(f"--index must be in 0..{len(val) - 1}, got {index}")
+        # At most MAX_SKIPPED files are tried past a corrupt one: the search is bounded, not the whole folder.
+        chosen = val.readable(range(index, min(len(val), index + MAX_SKIPPED + 1)), 1)
+        image = chosen.images.image(0)
     except DatasetError as exc:
         raise SampleError(str(exc)) from None
-    if not 0 <= index < len(val):
-        raise SampleError(f"--index must be in 0..{len(val) - 1}, got {index}")
     buf = io.BytesIO()
-    val.image(index).save(buf, "PNG")
+    image.save(buf, "PNG")
     try:
         atomic_write_bytes(out, buf.getvalue())
     except OSError as exc:  # read-only or virtual file system, no permission, a file in the path
         raise SampleError(f"--out {out}: cannot write it: {exc.strerror or exc}") from None
-    return val.class_names[int(val.labels[index])]
+    return index + len(chosen.skipped), chosen.images.class_names[int(chosen.images.labels[0])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="sample.png", help="PNG to write (default sample.png)")
     args = p.parse_args(argv)
     try:
-        label = write_sample(args.dataset, args.index, args.out)
+        index, label = write_sample(args.dataset, args.index, args.out)
     except SampleError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {args.dataset} val #{args.index}, label {label}")
+    skipped = f" ({index - args.index} unreadable from val #{args.index} on, skipped)" if index != args.index else ""
+    print(f"wrote {args.out}: {args.dataset} val #{index}{skipped}, label {label}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -366,3 +367,71 @@ def test_runtime_measures_both_layouts_for_training_and_inference():
         assert r["rounds"] == 2
     assert runtime.main(["--models", "vit_c_nano,vit_nope"]) == 2
 
+
+
+# ---------------------------------------------------------------- --report-only: the recorded study
+
+
+def _recorded_study(tmp_path: Path, study_name: str = "all") -> tuple[Path, bytes]:
+    """A study directory as a finished small study leaves it: study.json and every run's result."""
+    from train.sweep import runner, study
+
+    cfg = presets.make_config("reduced", epochs=(2,), samples=2, seeds=(0,))
+    record = json.dumps({"study": study_name, "config": cfg.to_dict(), "machine": {"cpu": "the training box"},
+                         "workers": 2}).encode()
+    (tmp_path / "study.json").write_bytes(record)
+    for s in plan.stability_specs(cfg):
+        atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, 30.0 if s.model == cfg.models[0] else 40))
+    for s in study.plan_study(cfg, study_name, tmp_path)[1]:
+        atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, 20.0))
+    return tmp_path, record
+
+
+def test_report_only_reports_the_recorded_study_and_never_rewrites_its_record(tmp_path, capsys):
+    from train.sweep.__main__ import main
+
+    out, record = _recorded_study(tmp_path)
+    assert main(["--out", str(out), "--report-only"]) == 0, capsys.readouterr().err
+    assert (out / "study.json").read_bytes() == record
+    md = (out / "claims.md").read_text()
+    assert "preset `reduced`" in md and "Runs: 8/8 finished" in md and "the training box" in md, md
+    # A study setting that agrees with the record is accepted; one that does not is named, and nothing is written.
+    assert main(["--out", str(out), "--report-only", "--samples", "2", "--preset", "reduced"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["--out", str(out), "--report-only", "--samples", "3", "--models", "vit_c_micro,vit_p_micro"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--models vit_c_micro,vit_p_micro (recorded vit_c_nano,vit_p_nano)" in err[0], err
+    assert "--samples 3 (recorded 2)" in err[0] and "study.json" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_report_only_removes_figures_it_no_longer_draws(tmp_path, capsys):
+    from train.sweep.__main__ import main
+
+    out, _ = _recorded_study(tmp_path, "stability")
+    for stale in ("convergence.png", "optimizer.png"):
+        (out / stale).write_bytes(b"\x89PNG\r\n\x1a\n an earlier study's figure")
+    assert main(["--out", str(out), "--report-only"]) == 0, capsys.readouterr().err
+    assert not (out / "convergence.png").exists() and not (out / "optimizer.png").exists()
+    assert (out / "stability_edf.png").stat().st_size > 0
+    assert "optimizer.png" not in (out / "claims.md").read_text()
+
+
+def test_devices_that_cannot_train_are_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from train.sweep.__main__ import main
+
+    args = ["--preset", "reduced", "--study", "stability", "--samples", "1", "--out", str(tmp_path / "s"),
+            "--runs-dir", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exc:  # refused as argparse refuses a bad value
+        main([*args, "--devices", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expected GPU indices such as 0,1, got 'x'" in err[0], err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*args, "--devices", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--devices 0: GPU 0: CUDA is not available on this machine" in err[0], err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()

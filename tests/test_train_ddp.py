@@ -103,3 +103,39 @@ class _StateOnly(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs) -> dict:
         return self._state
+
+
+def test_torchrun_a_corrupt_file_met_by_rank_1_is_named_by_it_and_rank_0_says_it_lost_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from data.datasets import load_dataset
+    from train.pipeline import EpochBatches
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "ds" / split / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = np.random.default_rng(i).integers(0, 255, (36, 36, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "ds" / split / cls / f"{i}.png")
+    broken = tmp_path / "ds" / "train" / "a" / "broken.png"
+    broken.write_bytes(b"")
+    train = load_dataset(tmp_path / "ds", "train")
+    n, at = len(train), train.paths.index(broken)
+
+    def first_batch(rank: int, seed: int) -> list[int]:
+        return [i for _, i in next(iter(EpochBatches(n, 2, rank, 2, seed, 0)))]
+
+    # A seed whose first step gives the corrupt file to rank 1 only: rank 0 never meets it.
+    seed = next(s for s in range(100) if at in first_batch(1, s) and not {at, at + 1} & set(first_batch(0, s)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+           "--device", "cpu", "--model", "vit_c_micro", "--dataset", str(tmp_path / "ds"), "--epochs", "1",
+           "--batch-size", "2", "--threads", "1", "--workers", "0", "--corrupt", "fail", "--seed", str(seed),
+           "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("python -m train")]
+    assert f"python -m train (rank 1): error: corrupt or unreadable image: {broken}" in proc.stderr, proc.stderr
+    assert any(line.startswith("python -m train (rank 0): error: lost another rank (") for line in ours), ours
+    assert len(ours) == 2 and "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr, proc.stderr

@@ -1,7 +1,9 @@
 """`python -m train ...` (or under `torchrun -m train ...`): parse the options and run one training.
 
 Bad input (unknown model or dataset, unreadable folder, out-of-range option, an --out that is not a run, another
-process training into it) is one line on stderr, exit 2; running out of memory is one line, exit 1.
+process training into it) is one line on stderr, exit 2; running out of memory is one line, exit 1. Under torchrun
+a data error (a corrupt file met by one rank) is said by the rank that met it, prefixed with its rank, and the
+other ranks, which then lose it mid-collective, say so in one line each, exit 1.
 Nothing here imports torch at module level, so `quiet_openmp` takes effect.
 """
 
@@ -17,28 +19,49 @@ from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 
 PROG = "python -m train"
+# How gloo and NCCL report a rank that died while the others waited for it in a collective.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited or there was a network error", "Socket Timeout")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """How torch.distributed said it lost another rank (which failed or was stopped) mid-collective, or None."""
+    text = str(exc)
+    if sign := next((sign for sign in PEER_LOST if sign in text), None):
+        return sign
+    if any(c.__name__ == "DistError" for c in type(exc).__mro__):  # DistBackendError, DistNetworkError, ...
+        return type(exc).__name__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m train`; returns the exit code."""
     args = build_parser().parse_args(argv)
     quiet_openmp()
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"{PROG} (rank {rank})" if world > 1 else PROG
     try:
         cfg = config_from_options(explicit_options(args, argv))
         from train.trainer import train
 
         train(cfg)
-    except (ConfigError, DatasetError, CheckpointError) as exc:
-        if rank == 0:
-            # A DataLoader worker's error arrives with its traceback text: its last line is the reason.
+    except DatasetError as exc:
+        # Every rank says it: one rank alone may meet a corrupt file mid-epoch (the others then lose it, below).
+        # A DataLoader worker's error arrives with its traceback text: its last line is the reason.
+        print(f"{who}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError) as exc:
+        if rank == 0:  # every rank meets these alike: one line is enough
             print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:
+        if world > 1 and (how := lost_peer(exc)):
+            print(f"{who}: error: lost another rank ({how}): it failed or was stopped, and its own message says why",
+                  file=sys.stderr)
+            return 1
         # Any rank may run out; each says so (resume.pt holds the last save, so --resume continues from it).
-        code = machine_failure(exc, f"{PROG} (rank {rank})" if rank else PROG,
-                               "try a smaller --batch-size (or --eval-batch-size); what the run saved is kept and "
-                               "--resume continues from it")
+        code = machine_failure(exc, who, "try a smaller --batch-size (or --eval-batch-size); what the run saved is "
+                                         "kept and --resume continues from it")
         if code is None:
             raise
         return code

@@ -117,3 +117,12 @@ def gather_digests(module: nn.Module, info: DistInfo) -> list[str]:
     out: list[str | None] = [None] * info.world_size
     dist.all_gather_object(out, mine)
     return [str(d) for d in out]
+
+
+def union_over_ranks(items: set[str], info: DistInfo) -> set[str]:
+    """The union of every rank's `items` (a few strings each: the corrupt files a rank met)."""
+    if not info.distributed:
+        return set(items)
+    out: list[list[str] | None] = [None] * info.world_size
+    dist.all_gather_object(out, sorted(items))
+    return {str(x) for part in out for x in part or []}

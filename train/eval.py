@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corrupt", choices=("skip", "fail"), default="skip",
                    help="unreadable files: leave out and count, or fail (default skip)")
     p.add_argument("--limit", type=int_in(0, 10**9), default=0,
-                   help="evaluate a fixed random subset of this many images")
+                   help="evaluate a fixed random subset of this many images: the one `python -m train "
+                   "--val-subset N` validated on, whatever its --seed")
     p.add_argument("--out", type=Path, help="JSON path: new, or an earlier result of this tool "
                    "(default <checkpoint>/eval-<dataset>-<split>.json)")
     return p.parse_args(argv)
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return code
     skipped = f", {res['skipped_corrupt']} corrupt skipped" if res["skipped_corrupt"] else ""
-    print(f"{res['model']} on {res['dataset']} ({args.split}, {res['samples']} images{skipped}): "
+    same = ", the images the run reported on" if res["same_images_as_training"] else ""
+    print(f"{res['model']} on {res['dataset']} ({args.split}, {res['samples']} images{skipped}{same}): "
           f"top-1 {100 * res['top1']:.2f} %  top-5 {100 * res['top5']:.2f} %  -> {out}")
     return 0
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import DatasetError, ImageSet, load_dataset
+from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, UnreadableImage, load_dataset
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.preprocessing import Preprocessing
 from train.distributed import DistInfo, all_reduce_sum
@@ -29,7 +29,7 @@ def evaluate(model: nn.Module, batches: Any, info: DistInfo, channels_last: bool
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # top1, top5, loss, evaluated, skipped
     for batch in batches:
         if batch.corrupt and fail_on_corrupt:
-            raise DatasetError(f"corrupt or unreadable image: {batch.corrupt[0]} (--corrupt skip leaves it out)")
+            raise UnreadableImage(f"corrupt or unreadable image: {batch.corrupt[0]} (--corrupt skip leaves it out)")
         x = batch.images.to(info.device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -73,7 +73,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
         raise DatasetError("the checkpoint records no dataset; pass --dataset")
     images = load_dataset(name, split)
     if limit:
-        images = images.subset(limit)
+        images = images.subset(limit, seed=EVAL_SUBSET_SEED)  # as training draws --val-subset
     if len(images.class_names) != meta.config.num_classes:
         raise CheckpointError(
             f"dataset {name} has {len(images.class_names)} classes, the checkpoint {meta.config.num_classes}")
@@ -85,8 +85,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     t0 = time.perf_counter()
     batches = eval_loader(images, meta.preprocessing, info, batch_size=batch_size, workers=workers)
     result = evaluate(model, batches, info, fail_on_corrupt=corrupt == "fail")
+    training = meta.raw.get("training")
+    recorded = training.get("data") if isinstance(training, dict) else None
+    recorded = recorded.get(split) if isinstance(recorded, dict) else None
+    fingerprint = images.fingerprint()
     return {
         "checkpoint": str(Path(checkpoint)), "model": meta.model, "weights_sha256": meta.weights_sha256,
         "dataset": str(name), "split": split, **result, "seconds": round(time.perf_counter() - t0, 3),
-        "device": str(dev),
+        "device": str(dev), "images_fingerprint": fingerprint,
+        # Whether these are the very images the run reported its numbers on (None: the checkpoint does not say).
+        "same_images_as_training": None if not isinstance(recorded, str) else recorded == fingerprint,
     }

@@ -28,7 +28,8 @@ def build_parser() -> OneLineParser:
         "torchrun's --nnodes/--rdzv-* flags). --batch-size is per process; the global batch is batch x processes.",
         epilog="Results: checkpoint.json holds \"training\" with final_val_top1, final_val_top1_ema, best_val_top1, "
         "best_val_top1_ema (fractions), weights_source (raw or ema: the better final one is saved), wall_time_s, "
-        "samples_per_s, command_line, versions. Bad input exits 2 with one line on stderr.",
+        "samples_per_s, corrupt_train_files (the distinct unreadable train files training met and replaced), "
+        "command_line (a command that reruns it), versions. Bad input exits 2 with one line on stderr.",
         argument_default=None,
     )
     r = _recipe_defaults
@@ -44,9 +45,12 @@ def build_parser() -> OneLineParser:
                    help=f"epochs; 0 writes the untrained checkpoint after one evaluation ({r('epochs')})")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total (0: no limit); "
                    "the schedule still spans --epochs")
-    g.add_argument("--train-subset", type=int, help="train on a fixed random subset of this many images (0: all)")
-    g.add_argument("--val-subset", type=int, help="evaluate on a fixed random subset of this many images (0: all)")
-    g.add_argument("--seed", type=int, help="seed of initialisation, data order, augmentation and mixing (default 0)")
+    g.add_argument("--train-subset", type=int, help="train on a random subset of this many images, drawn with "
+                   "--seed (0: all)")
+    g.add_argument("--val-subset", type=int, help="evaluate on a fixed random subset of this many images, the same "
+                   "whatever --seed: the one `python -m train.eval --limit N` re-measures (0: all)")
+    g.add_argument("--seed", type=int, help="seed of initialisation, data order, augmentation, mixing and the "
+                   "--train-subset (default 0)")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, help=f"images per process and step ({r('batch_size')})")
@@ -102,7 +106,8 @@ def build_parser() -> OneLineParser:
                    help="progress bar (default: only when stderr is a terminal)")
     s.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out from its resume.pt (optimizer, schedule, EMA, RNG and data "
-                   "position); starts fresh if there is none. Other options default to the saved ones")
+                   "position) on the same data (a changed dataset is refused); starts fresh if there is none. Other "
+                   "options default to the saved ones; a run with nothing left to train says so and exits 0")
     s.add_argument("--overwrite", action="store_true", default=None, help="start over in an --out that holds a run")
     return p
 
@@ -110,8 +115,20 @@ def build_parser() -> OneLineParser:
 def explicit_options(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """The options the user gave (non-None), plus the command line for the training summary."""
     opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if v is not None}
-    opts["command"] = tuple(sys.argv if argv is None else ["python", "-m", "train", *argv])
+    opts["command"] = command_line(sys.argv[1:] if argv is None else argv)
     return opts
+
+
+def command_line(argv: list[str]) -> tuple[str, ...]:
+    """The command that reruns this training: `python -m train ...`, under torchrun when it launched this one
+    (sys.argv[0] is the path of train/__main__.py, which no one can rerun as it is)."""
+    env = os.environ
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return ("python", "-m", "train", *argv)
+    world = int(env["WORLD_SIZE"])
+    local = int(env.get("LOCAL_WORLD_SIZE", world))
+    nodes = ("--nnodes", str(world // local)) if world > local else ()
+    return ("torchrun", *nodes, "--nproc_per_node", str(local), "-m", "train", *argv)
 
 
 def quiet_openmp() -> None:

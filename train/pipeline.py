@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import DatasetError, ImageSet, decode_checked
+from data.datasets import DatasetError, ImageSet, UnreadableImage, decode_checked
 from models.preprocessing import Preprocessing, normalize, to_mode, to_uint8
 from train.augment import derive_seed, seeded, train_transform
 
@@ -56,21 +56,21 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, index: int) -> tuple[object, int, str]:
-        """(image, index actually used, path of the corrupt file it replaced or "")."""
+    def _load(self, index: int) -> tuple[object, int, tuple[str, ...]]:
+        """(image, index actually used, paths of the corrupt files it replaced)."""
         if self.cache is not None:
-            return self.cache[index], index, ""
-        first_bad = ""
+            return self.cache[index], index, ()
+        bad: list[str] = []
         for k in range(_MAX_SUBSTITUTES):
             j = (index + k) % len(self.images)
             img = decode_checked(self.images.paths[j])
             if img is not None:
                 # Grey data becomes grey replicated to RGB, as the eval path and the server do.
-                return to_mode(img, self.mode).convert("RGB"), j, first_bad
-            first_bad = first_bad or str(self.images.paths[j])
-        raise DatasetError(f"{_MAX_SUBSTITUTES} consecutive unreadable images from {self.images.paths[index]}")
+                return to_mode(img, self.mode).convert("RGB"), j, tuple(bad)
+            bad.append(str(self.images.paths[j]))
+        raise UnreadableImage(f"{_MAX_SUBSTITUTES} consecutive unreadable images from {self.images.paths[index]}")
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, tuple[str, ...]]:
         epoch, index = key
         img, j, bad = self._load(index)
         with seeded(derive_seed(self.seed, epoch, index)):
@@ -123,10 +123,11 @@ class EvalCollate:
         return EvalBatch(x, torch.tensor(labels, dtype=torch.long), ok, [b for b in bad if b])
 
 
-def train_collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def train_collate(items: list[tuple[torch.Tensor, int, tuple[str, ...]]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """-> (uint8 (B, 3, S, S), labels (B,), paths of corrupt files that were replaced)."""
     xs, ys, bad = zip(*items, strict=True)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), [b for b in bad if b]
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), [b for paths in bad for b in paths]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

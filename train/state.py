@@ -155,6 +155,22 @@ def _check_progress(progress: object) -> str | None:
             return f"progress: missing {key!r}"
         if not ok(progress[key]):
             return f"progress.{key}: unexpected value {progress[key]!r:.80}"
+    # Written since resume.pt lists the corrupt files training replaced; older states go without.
+    if "corrupt_files" in progress and not _strings(progress["corrupt_files"]):
+        return "progress.corrupt_files: expected a list of paths"
+    return None
+
+
+def _strings(x: object) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _check_data(data: object) -> str | None:
+    """Why `data` is not the train/val fingerprints a run started on, or None (older states have none)."""
+    if data is None:
+        return None
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("train", "val"))):
+        return "data: expected the train and val fingerprints"
     return None
 
 
@@ -177,7 +193,7 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return "optimizer: expected a dict with state and param_groups"
     if not isinstance(state["scheduler"], dict):
         return "scheduler: expected a dict"
-    return _check_rng(state["rng"]) or _check_progress(state["progress"])
+    return _check_rng(state["rng"]) or _check_progress(state["progress"]) or _check_data(state.get("data"))
 
 
 # What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp`, the

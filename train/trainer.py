@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import math
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import DatasetError, ImageSet, decode_checked, default_preprocessing, load_dataset
-from models.checkpoint import META_FILE, CheckpointError, save_checkpoint
+from data.datasets import (
+    EMBEDDED,
+    EVAL_SUBSET_SEED,
+    DatasetError,
+    ImageSet,
+    UnreadableImage,
+    decode_checked,
+    default_preprocessing,
+    load_dataset,
+)
+from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, save_checkpoint
 from models.host import usable_cpus
 from models.io import DirectoryBusy, writer_lock
 from models.preprocessing import Preprocessing
@@ -35,6 +45,7 @@ from train.distributed import (
     gather_digests,
     setup,
     teardown,
+    union_over_ranks,
 )
 from train.evaluate import eval_loader, evaluate
 from train.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warmup_steps
@@ -97,6 +108,16 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to start over")
 
 
+def check_out_outside_data(cfg: TrainConfig) -> None:
+    """--out may not lie inside a dataset folder: its directory would become a class, its plot an image."""
+    if cfg.dataset in EMBEDDED:
+        return
+    root, out = Path(cfg.dataset).resolve(), Path(cfg.out).resolve()
+    if out.is_relative_to(root):
+        raise ConfigError(f"--out {cfg.out} lies inside the dataset folder {root}: the run's directory and files "
+                          f"would become part of the data; choose a directory outside it")
+
+
 def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
     """Hold the project's writer lock on `out` until `stack` closes: a second run into it stops with one line."""
     try:
@@ -117,6 +138,7 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStac
     out, problem = Path(cfg.out), None
     if info.is_main:
         try:
+            check_out_outside_data(cfg)  # before the lock, whose file would be written beside --out
             _lock_out_dir(out, stack)
             check_out_dir(cfg)
             try:
@@ -195,6 +217,10 @@ class Trainer:
         self.show = info.is_main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
         # --overwrite: the old run stays whole until this one's first file is written (then it is removed).
         self.replacing = cfg.overwrite and info.is_main
+        # Read before the data: which val subset a run validates on depends on when its resume.pt was written.
+        self.resume_state = load_resume(cfg.out) if cfg.resume else None
+        self.resumed = False
+        self.corrupt_seen: set[str] = set()  # distinct corrupt train files replaced so far (this rank's, until synced)
         self._load_data()
         self._build()
 
@@ -211,12 +237,21 @@ class Trainer:
         if cfg.train_subset:
             self.train_set = self.train_set.subset(cfg.train_subset, seed=cfg.seed)
         if cfg.val_subset:
-            self.val_set = self.val_set.subset(cfg.val_subset, seed=cfg.seed)
+            # Drawn as train.eval --limit and export draw theirs, whatever --seed: the seeds of a study are scored on
+            # the same images. A run whose resume.pt predates that (no data fingerprints in it) keeps its own.
+            legacy = self.resume_state is not None and "data" not in self.resume_state
+            self.val_set = self.val_set.subset(cfg.val_subset, seed=cfg.seed if legacy else EVAL_SUBSET_SEED)
         for images in (self.train_set, self.val_set):
             probe_readable(images)
         if self.val_set.class_names != self.train_set.class_names:
             raise DatasetError(f"{cfg.dataset}: train and val class lists differ")
         self.class_names = list(self.train_set.class_names)
+        if len(self.class_names) < 2:  # nothing to learn: the loss is 0 from the first step, accuracy always 100 %
+            raise DatasetError(f"{cfg.dataset}: {len(self.class_names)} class ({', '.join(self.class_names)}); a "
+                               f"classifier needs at least 2 (one directory per class under train/ and val/)")
+        # What the weights are fitted and selected on: recorded in resume.pt (a resume must see the same data) and
+        # in the checkpoint (bundles carry it as their provenance).
+        self.data_prints = {"train": self.train_set.fingerprint(), "val": self.val_set.fingerprint()}
         self.global_batch = cfg.batch_size * self.info.world_size
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if cfg.epochs and self.steps_per_epoch == 0:
@@ -272,13 +307,14 @@ class Trainer:
     def _fresh_progress(self) -> dict[str, Any]:
         return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_time_s": 0.0,
                 "wall_time_s": 0.0, "cpu_time_s": 0.0, "samples_seen": 0, "segments": 0,
-                "epoch_acc": None, "last_eval": None, "started": _now()}
+                "epoch_acc": None, "last_eval": None, "started": _now(), "corrupt_files": []}
 
     def restore(self) -> dict[str, Any]:
         """Load resume.pt into the model, optimizer, schedule, EMA and RNG; returns the progress counters."""
-        state = load_resume(self.cfg.out) if self.cfg.resume else None
+        state, self.resume_state = self.resume_state, None  # its tensors are not needed once loaded
         if state is None:
             return self._fresh_progress()
+        self._check_same_data(state.get("data"))
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"resume.pt was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch} (dataset or world size changed?)")
@@ -288,10 +324,50 @@ class Trainer:
             raise
         except Exception as exc:  # a tampered or foreign file fails in many ways; each is the same one-line error
             raise damaged(f"{type(exc).__name__}: {exc}") from None
-        progress = state["progress"]
-        progress["segments"] += 1
-        self.log(f"resuming {self.cfg.out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}")
-        return progress
+        self.resumed = True
+        return state["progress"]
+
+    def _check_same_data(self, saved: dict[str, str] | None) -> None:
+        """ConfigError unless the dataset is the one the run started on (resume.pt from before it recorded its data
+        fingerprints: not checked)."""
+        if saved is None:
+            return
+        changed = [split for split in ("train", "val") if saved.get(split) != self.data_prints[split]]
+        if changed:
+            raise ConfigError(f"--resume: the {' and '.join(changed)} data of {self.cfg.dataset} differ from what the "
+                              f"run started with (files added, removed or resized; fingerprint "
+                              f"{str(saved.get(changed[0]))[:12]} -> {self.data_prints[changed[0]][:12]}); a resumed "
+                              f"run must see the same images: restore them, or train into a new --out")
+
+    def _left_to_do(self, progress: dict[str, Any]) -> bool:
+        """Whether a restored run still has steps to train (not finished, diverged or stopped by --max-steps)."""
+        cfg = self.cfg
+        return not (progress.get("diverged") or progress["epoch"] >= cfg.epochs
+                    or (cfg.max_steps and progress["global_step"] >= cfg.max_steps))
+
+    def _already_written(self, progress: dict[str, Any]) -> dict[str, Any] | None:
+        """The training summary of --out's checkpoint when it was written at this very step (rank 0 reads it, every
+        rank learns whether it was), else None: a run killed before its checkpoint still writes it."""
+        recorded = None
+        if self.info.is_main:
+            with contextlib.suppress(CheckpointError):
+                training = read_checkpoint_meta(self.cfg.out).raw.get("training")
+                if isinstance(training, dict) and training.get("steps") == progress["global_step"]:
+                    recorded = training
+        if not all_reduce_sum([float(recorded is not None)], self.info)[0]:
+            return None
+        return recorded or {}
+
+    def _stopped_line(self, progress: dict[str, Any]) -> str:
+        """Why a restored run has nothing left to train, and what would continue it."""
+        cfg, step = self.cfg, progress["global_step"]
+        if progress.get("diverged"):
+            return f"{cfg.out}: the run diverged at step {step}; nothing to resume (train anew with a lower --lr)"
+        if progress["epoch"] >= cfg.epochs:
+            return (f"{cfg.out}: the run is finished ({cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, {step} steps); "
+                    f"nothing to resume (--overwrite or a new --out trains again)")
+        return (f"{cfg.out}: the run stopped at --max-steps {cfg.max_steps} (step {step} of {self.total_steps}); "
+                f"--resume --max-steps 0 continues it to the end")
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         """Load a structurally checked resume state into this run; raises on anything that does not fit it."""
@@ -312,13 +388,18 @@ class Trainer:
         restore_rng(state["rng"])
 
     def save_state(self, progress: dict[str, Any]) -> None:
-        """Write resume.pt (rank 0) with everything needed to continue exactly here."""
-        if not self.info.is_main or self.cfg.epochs == 0:
+        """Write resume.pt (rank 0) with everything needed to continue exactly here; every rank calls it."""
+        if self.cfg.epochs == 0:
+            return
+        # Each rank replaces the corrupt files of its own shard: rank 0 records them all.
+        self.corrupt_seen = union_over_ranks(self.corrupt_seen, self.info)
+        if not self.info.is_main:
             return
         progress = {**progress, "wall_time_s": progress["wall_time_s"] + time.perf_counter() - self.t_start,
-                    "cpu_time_s": progress["cpu_time_s"] + time.process_time() - self.cpu_start}
+                    "cpu_time_s": progress["cpu_time_s"] + time.process_time() - self.cpu_start,
+                    "corrupt_files": sorted(self.corrupt_seen)}
         save_resume(self.cfg.out, {
-            "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch,
+            "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch, "data": self.data_prints,
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": capture_rng(), "progress": progress,
@@ -414,7 +495,8 @@ class Trainer:
 
         for xb, yb, corrupt in self._batches(epoch, start):
             if corrupt and cfg.corrupt == "fail":
-                raise DatasetError(f"corrupt or unreadable image: {corrupt[0]} (--corrupt skip replaces such files)")
+                raise UnreadableImage(f"corrupt or unreadable image: {corrupt[0]} (--corrupt skip replaces such files)")
+            self.corrupt_seen.update(corrupt)
             x, y = self._inputs(xb), yb.to(self.dev, non_blocking=True)
             x, targets = self.mixer(x, y, derive_seed(cfg.seed, epoch, step, self.info.rank, 0x313))
             loss = self._step(x, targets)
@@ -501,6 +583,9 @@ class Trainer:
         if len(set(digests)) != 1:
             raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
         raw, ema = ev["raw"], ev["ema"]
+        corrupt = len(union_over_ranks(self.corrupt_seen, info))
+        if progress.get("corrupt_files") is None:  # resumed from a resume.pt that did not list them: at least
+            corrupt = max([corrupt, *(h.get("corrupt_train_replaced", 0) for h in progress["history"])])
         use_ema = ema is not None and ema["top1"] > raw["top1"]
         chosen = self.ema.module if use_ema else self.net
         best_raw, best_raw_ep = best_of(progress["history"], "val_top1")
@@ -525,16 +610,15 @@ class Trainer:
             "cpu_time_s": round(progress["cpu_time_s"] + time.process_time() - self.cpu_start, 2),
             "samples_per_s": round(progress["samples_seen"] / progress["train_time_s"], 1)
             if progress["train_time_s"] > 0 else None,
-            # Per epoch every corrupt train file is met (and replaced) once: the largest epoch count is the files.
-            "corrupt_train_files": max((h.get("corrupt_train_replaced", 0) for h in progress["history"]), default=0),
+            # The distinct train files training met and replaced (drop_last and --max-steps may leave some unmet).
+            "corrupt_train_files": corrupt,
             "corrupt_val_skipped": raw["skipped_corrupt"],
             "device": str(self.dev), "device_name": torch.cuda.get_device_name(self.dev)
             if self.dev.type == "cuda" else "cpu", "threads": self.threads, "amp": "bf16" if self.amp else "off",
             "channels_last": self.channels_last, "compile": cfg.compile, "resumed_times": progress["segments"],
             "rank_state_sha256": digests, "started": progress["started"], "finished": _now(),
-            "command_line": " ".join(cfg.command), "config": cfg.to_dict(), "versions": versions(),
-            # What the weights were fitted and selected on (bundles carry these as their provenance).
-            "data": {"train": self.train_set.fingerprint(), "val": self.val_set.fingerprint()},
+            "command_line": shlex.join(cfg.command), "config": cfg.to_dict(), "versions": versions(),
+            "data": self.data_prints,
         }
         if info.is_main:
             # The checkpoint first: a run killed before it is still resumable (or, with --epochs 0, the old run).
@@ -550,9 +634,17 @@ class Trainer:
         return summary
 
     def run(self) -> dict[str, Any]:
-        """Train from scratch or from resume.pt to the end (or --max-steps) and write the checkpoint."""
+        """Train from scratch or from resume.pt to the end (or --max-steps) and write the checkpoint; a resumed run
+        with nothing left to train whose checkpoint is written says so and returns that checkpoint's summary."""
         progress = self.restore()
         cfg = self.cfg
+        self.corrupt_seen = set(progress.get("corrupt_files") or [])
+        if self.resumed:
+            if not self._left_to_do(progress) and (summary := self._already_written(progress)) is not None:
+                self.log(self._stopped_line(progress))
+                return summary
+            progress["segments"] += 1
+            self.log(f"resuming {cfg.out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}")
         self.log(f"{cfg.model} on {cfg.dataset}: {len(self.train_set)} train / {len(self.val_set)} val images, "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {self.global_batch}, "
                  f"lr {self.lr:.3g}, recipe {cfg.recipe}, {self.dev}"

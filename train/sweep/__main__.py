@@ -3,7 +3,7 @@
 Examples:
   python -m train.sweep --preset reduced --out results/paper-reduced --workers 2
   python -m train.sweep --study stability --models vit_c_micro,vit_p_micro --samples 16 --dry-run
-  python -m train.sweep --preset reduced --out results/paper-reduced --report-only   # rebuild summary, plots
+  python -m train.sweep --out results/paper-reduced --report-only   # rebuild summary, plots (study.json's settings)
   python -m train.sweep --preset full --workers 4 --devices 0,1,2,3 --train-args='--batch-size 256'
 
 Rerunning the same command resumes: runs whose result file exists are skipped.
@@ -22,7 +22,17 @@ from pathlib import Path
 from data.datasets import EMBEDDED, SPLITS
 from models.cli import OneLineParser, int_in
 from train.config import OPTIMIZERS
-from train.sweep.plan import MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, METRICS, STUDIES, TUNINGS, range_problem
+from train.sweep.plan import (
+    MAX_EPOCHS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    METRICS,
+    STUDIES,
+    TUNINGS,
+    StudyConfig,
+    range_problem,
+    recorded_study,
+)
 from train.sweep.presets import PRESETS, make_config
 from train.sweep.runner import RESULTS_DIR, RunFailed, make_slots
 
@@ -43,6 +53,14 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _devices(text: str) -> tuple[str, ...]:
+    """GPU indices, e.g. 0,1 (each worker's CUDA_VISIBLE_DEVICES; the study's first one is measured as cuda:N)."""
+    ids = _names(text)
+    if bad := [d for d in ids if not d.isdigit()]:
+        raise argparse.ArgumentTypeError(f"expected GPU indices such as 0,1, got {bad[0]!r}")
+    return ids
 
 
 def _range(text: str) -> tuple[str, tuple[float, float]]:
@@ -109,8 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = OneLineParser(prog="python -m train.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="study size (default: full)")
-    p.add_argument("--study", choices=STUDIES, default="all", help="which experiment(s) to run (default: all)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="study size (default: full; with --report-only, the "
+                   "recorded one)")
+    p.add_argument("--study", choices=STUDIES, help="which experiment(s) to run (default: all; with --report-only, "
+                   "the recorded one)")
     p.add_argument("--out", type=Path, help="study directory for results (default: results/paper-<preset>)")
     p.add_argument("--runs-dir", type=Path, help="training directories (default: runs/sweep/<out name>)")
     g = p.add_argument_group("study settings (override the preset)")
@@ -133,9 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     x.add_argument("--workers", type=int_in(1, MAX_WORKERS), default=1,
                    help=f"parallel training processes, 1..{MAX_WORKERS} (default 1)")
     x.add_argument("--threads", type=int_in(1, MAX_THREADS), help="torch threads per worker (default: cores / workers)")
-    x.add_argument("--devices", type=_names, default=(), help="GPU ids dealt to workers, e.g. 0,1,2,3")
+    x.add_argument("--devices", type=_devices, default=(), help="GPU indices dealt to workers, e.g. 0,1,2,3")
     x.add_argument("--dry-run", action="store_true", help="print the per-run commands, train nothing")
-    x.add_argument("--report-only", action="store_true", help="rebuild summary and plots from finished runs")
+    x.add_argument("--report-only", action="store_true", help="rebuild summary and plots from finished runs, with "
+                   "the settings the study's study.json records (a study setting given too must match them)")
     return p.parse_args(argv)
 
 
@@ -156,6 +177,65 @@ def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry
         raise ValueError(f"--out {out}: cannot create the study directory: {exc.strerror or exc}") from None
 
 
+def devices_problem(devices: tuple[str, ...]) -> str | None:
+    """Why the GPUs `devices` cannot train here (no CUDA, no such GPU), or None."""
+    from train.sweep.runtime import device_problem
+
+    for d in devices:
+        if problem := device_problem(f"cuda:{d}"):
+            return f"--devices {','.join(devices)}: GPU {d}: {problem}"
+    return None
+
+
+def study_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The study settings given on the command line (None: not given), as make_config takes them."""
+    return {
+        "models": args.models, "dataset": args.dataset, "epochs": args.epochs,
+        "stability_epochs": args.stability_epochs, "samples": args.samples, "seeds": args.seeds,
+        "sample_seed": args.sample_seed, "optimizers": args.optimizers, "tuning": args.tuning, "metric": args.metric,
+        "lr_ranges": dict(args.lr_range) if args.lr_range else None,
+        "wd_ranges": dict(args.wd_range) if args.wd_range else None,
+        "train_args": tuple(shlex.split(args.train_args)) if args.train_args is not None else None,
+    }
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return "; ".join(f"{k}={_shown(v)}" for k, v in value.items())
+    return str(value)
+
+
+def report_conflicts(recorded: StudyConfig, study: str, args: argparse.Namespace) -> list[str]:
+    """The study settings on the command line that differ from those study.json records, as "--flag given
+    (recorded ...)"."""
+    flags = {"lr_ranges": "--lr-range", "wd_ranges": "--wd-range"}
+    given: dict[str, object] = {"preset": args.preset, "study": args.study, **study_overrides(args)}
+    out = []
+    for key, value in given.items():
+        if value is None:
+            continue
+        old = study if key == "study" else getattr(recorded, key)
+        if key in flags:
+            value = {**old, **value}  # a range given for one optimizer leaves the others as they are
+        if value != old:
+            out.append(f"{flags.get(key, '--' + key.replace('_', '-'))} {_shown(value)} (recorded {_shown(old)})")
+    return out
+
+
+def study_settings(args: argparse.Namespace, out: Path) -> tuple[StudyConfig, str]:
+    """(config, study): from the command line, or with --report-only from the study.json in `out` (a study setting
+    given too must agree with it: the report would otherwise describe another study than the one that ran)."""
+    recorded = recorded_study(out) if args.report_only else None
+    if recorded is None:
+        return make_config(args.preset or "full", **study_overrides(args)), args.study or "all"
+    if conflicts := report_conflicts(*recorded, args):
+        raise ValueError(f"--report-only reports the study recorded in {out / 'study.json'}, and "
+                         f"{'; '.join(conflicts)} differ from it: drop them (or run without --report-only)")
+    return recorded
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -166,21 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from models.registry import get_config
 
-        cfg = make_config(
-            args.preset, models=args.models, dataset=args.dataset, epochs=args.epochs,
-            stability_epochs=args.stability_epochs, samples=args.samples, seeds=args.seeds,
-            sample_seed=args.sample_seed, optimizers=args.optimizers, tuning=args.tuning, metric=args.metric,
-            lr_ranges=dict(args.lr_range) if args.lr_range else None,
-            wd_ranges=dict(args.wd_range) if args.wd_range else None,
-            train_args=tuple(shlex.split(args.train_args)) if args.train_args is not None else None,
-        )
+        out = args.out or Path("results") / f"paper-{args.preset or 'full'}"
+        cfg, study = study_settings(args, out)
         for m in cfg.models:
             get_config(m)
         problem = train_args_problem(cfg.train_args, cfg.models[0], cfg.dataset)
+        if not (problem or args.dry_run or args.report_only) and args.devices:  # where runs train and time
+            problem = devices_problem(args.devices)
         if problem:
             raise ValueError(problem)
         slots = make_slots(args.workers, args.devices, args.threads)
-        out = args.out or Path("results") / f"paper-{args.preset}"
         runs_dir = args.runs_dir or Path("runs") / "sweep" / out.name
         check_places(cfg.dataset, out, runs_dir, args.report_only, args.dry_run)
     except (ValueError, KeyError) as exc:
@@ -191,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.sweep.study import run_study  # here: a missing train extra (tqdm, torch) is one line, not a traceback
 
     try:
-        summary = run_study(cfg, args.study, out, runs_dir, slots, args.dry_run, args.report_only)
+        summary = run_study(cfg, study, out, runs_dir, slots, args.dry_run, args.report_only)
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

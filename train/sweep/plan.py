@@ -12,8 +12,10 @@ Methodology (the paper's, at small scale):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from train.config import OPTIMIZERS
@@ -21,6 +23,8 @@ from train.sweep.sampling import sample_lr_wd
 from train.sweep.spec import RunSpec
 
 STUDIES = ("convergence", "optimizer", "stability", "all")
+STUDY_FILE = "study.json"  # the study's settings and machine, written when it trains (never by --report-only)
+MAX_STUDY_BYTES = 1 << 20
 TUNINGS = ("sweep", "recipe")
 METRICS = ("final", "best")
 
@@ -120,11 +124,30 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings."""
         d = dataclasses.asdict(self)
-        for key in ("models", "epochs", "seeds", "optimizers", "train_args"):
+        for key in _LISTS:
             d[key] = list(d[key])
-        for key in ("lr_ranges", "wd_ranges", "recipe_settings"):
+        for key in _RANGES:
             d[key] = {k: list(v) for k, v in d[key].items()}
         return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> StudyConfig:
+        """Inverse of `to_dict` (the config a study.json records); ValueError when it is not one."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a dict of settings, got {type(d).__name__}")
+        unknown = sorted(map(str, d.keys() - {f.name for f in dataclasses.fields(cls)}))
+        if unknown:
+            raise ValueError(f"unknown settings {', '.join(unknown)}")
+        try:
+            values = {**d, **{k: tuple(d[k]) for k in _LISTS if k in d},
+                      **{k: {o: tuple(b) for o, b in d[k].items()} for k in _RANGES if k in d}}
+            return cls(**values)
+        except (TypeError, KeyError, AttributeError) as exc:  # a value of the wrong kind, an unknown model
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+_LISTS = ("models", "epochs", "seeds", "optimizers", "train_args")
+_RANGES = ("lr_ranges", "wd_ranges", "recipe_settings")
 
 
 def stability_specs(cfg: StudyConfig) -> list[RunSpec]:
@@ -175,3 +198,21 @@ def recipe_tuning(cfg: StudyConfig) -> dict[tuple[str, str], tuple[float, float]
 
 def _spec(cfg: StudyConfig, model: str, opt: str, lr: float, wd: float, epochs: int, seed: int) -> RunSpec:
     return RunSpec(model, cfg.dataset, opt, lr, wd, epochs, seed, cfg.train_args)
+
+
+def recorded_study(study_dir: Path) -> tuple[StudyConfig, str] | None:
+    """(config, study) that study.json in `study_dir` records, None without one; ValueError when it is damaged."""
+    path = study_dir / STUDY_FILE
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_STUDY_BYTES:  # a record is a few KB: never read a huge file whole
+            raise ValueError(f"larger than {MAX_STUDY_BYTES} bytes")
+        doc = json.loads(path.read_text())
+        study = doc["study"]
+        cfg = StudyConfig.from_dict(doc["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable study record ({type(exc).__name__}: {exc})") from None
+    if study not in STUDIES:
+        raise ValueError(f"{path}: unknown study {study!r}")
+    return cfg, study

@@ -15,6 +15,7 @@ from train.sweep.spec import RunSpec
 
 SUMMARY_FORMAT = "vitc-sweep-summary"
 RUNTIME_FILE = "runtime.json"  # the study's measured C/P step times (train.sweep.runtime)
+FIGURES = ("convergence.png", "optimizer.png", "stability_edf.png", "stability_lr_wd.png")  # all write_report draws
 GOOD_MARGIN = 5.0  # points above the best sampled error that still count as a "good" run in the EDF stats
 
 
@@ -139,6 +140,9 @@ def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
     if summary["stability"]:
         written.append(plots.plot_edf(summary["stability"], models, study_dir / "stability_edf.png"))
         written.append(plots.plot_stability_scatter(summary["stability"], models, study_dir / "stability_lr_wd.png"))
+    for name in FIGURES:  # a figure with no data now would show an earlier report's results beside this one
+        if study_dir / name not in written:
+            (study_dir / name).unlink(missing_ok=True)
     md = study_dir / "claims.md"
     atomic_write_bytes(md, markdown(summary, [p.name for p in written if p.suffix == ".png"]).encode())
     written.append(md)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from models.io import atomic_write_json
 from train.sweep import analysis, plan, report, runner
-from train.sweep.plan import StudyConfig
+from train.sweep.plan import STUDY_FILE, StudyConfig
 from train.sweep.spec import RunSpec
 
 
@@ -61,7 +61,7 @@ def _recorded_machine(study_dir: Path) -> dict[str, Any] | None:
     import json
 
     try:
-        return json.loads((study_dir / "study.json").read_text()).get("machine")
+        return json.loads((study_dir / STUDY_FILE).read_text()).get("machine")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -108,14 +108,12 @@ def run_study(
         if plan.tuned_epochs(cfg, study) and pending:
             print(f"(+ tuned runs for {pending} model/optimizer pairs, planned once their stability runs finish)")
         return {}
-    from train.sweep.runtime import machine
+    if not report_only:  # a report-only rebuild never rewrites the record of the study it reports
+        from train.sweep.runtime import machine
 
-    device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
-    # A report-only rebuild keeps the record of the machine the runs trained on.
-    where = _recorded_machine(study_dir) if report_only else None
-    atomic_write_json(study_dir / "study.json", {"study": study, "config": cfg.to_dict(),
-                                                 "machine": where or machine(device), "workers": len(slots)})
-    if not report_only:
+        device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
+        atomic_write_json(study_dir / STUDY_FILE, {"study": study, "config": cfg.to_dict(),
+                                                   "machine": machine(device), "workers": len(slots)})
         stab = plan.stability_specs(cfg) if plan.needs_stability(cfg, study) else []
         _run_phase("stability", stab, study_dir, runs_root, slots)
         _, tuned_runs, _ = plan_study(cfg, study, study_dir)
