@@ -425,9 +425,12 @@ def _publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_conf
                 os.rename(src / str(v), dst / str(v))
                 undo.append(lambda d=dst / str(v): shutil.rmtree(d))
                 undo.append(_replace_file(src / LABELS_FILE, dst / LABELS_FILE, staging))
-                if replace_config or not (dst / CONFIG_FILE).is_file() or _untouched(dst / CONFIG_FILE):
+                generated = (src / CONFIG_FILE).read_bytes()
+                if (replace_config or not (dst / CONFIG_FILE).is_file() or _untouched(dst / CONFIG_FILE)
+                        or (dst / CONFIG_FILE).read_bytes() == generated.partition(b"\n")[2]):
+                    # Ours and untouched, or what an older version of this tool wrote (no hash line) and the same.
                     undo.append(_replace_file(src / CONFIG_FILE, dst / CONFIG_FILE, staging))
-                elif (dst / CONFIG_FILE).read_bytes() != (src / CONFIG_FILE).read_bytes():
+                elif (dst / CONFIG_FILE).read_bytes() != generated:
                     # The model's configuration is the user's once written (vitc and Triton both batch by it):
                     # a new version keeps an edited one.
                     kept.append(dst / CONFIG_FILE)
@@ -490,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path} (a bundle too: {MANIFEST_FILE})")
     for path in kept:
-        print(f"kept {path}: it was edited since this tool wrote it; --replace-config regenerates it")
+        print(f"kept {path}: it differs from what this tool writes (edited, or written with other options); "
+              "--replace-config regenerates it")
     print(f"wrote {Path(args.out) / ISVC_FILE}")
     return 0
 

@@ -14,7 +14,14 @@ import serve
 from models.host import usable_cpus
 from serve.fastpath import FastPathMiddleware
 from serve.metrics import Metrics
-from serve.middleware import AccessLogMiddleware, AuthMiddleware, BodyBudget, BodyLimitMiddleware, HeadMiddleware
+from serve.middleware import (
+    AccessLogMiddleware,
+    AuthMiddleware,
+    BodyBudget,
+    BodyLimitMiddleware,
+    ExpectContinueMiddleware,
+    HeadMiddleware,
+)
 from serve.registry import ServedModel, close_models, load_models
 from serve.repository import ModelRepository
 from serve.responses import install_handlers
@@ -32,7 +39,7 @@ DESCRIPTION = """Image classification with ViT_C / ViT_P bundles on onnxruntime,
 """
 
 
-DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json")
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 
 def _declare_bearer(app: FastAPI, open_paths: tuple[str, ...]) -> None:
@@ -98,6 +105,7 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
                            open_paths=(*v2.HEALTH_PATHS, *DOC_PATHS))
         _declare_bearer(app, open_paths=v2.HEALTH_PATHS)
     app.add_middleware(HeadMiddleware)
+    app.add_middleware(ExpectContinueMiddleware)  # outside every layer that may answer before reading the body
     # Requests refused before routing (auth, body limit) are still counted under their route's template.
     templates = [(r.path_regex, r.path) for router in (v1.router, v2.router, ops.router) for r in router.routes
                  if isinstance(r, APIRoute)]

@@ -143,6 +143,33 @@ def request_id_of(raw: bytes) -> str:
     return cleaned or uuid.uuid4().hex[:16]
 
 
+class ExpectContinueMiddleware:
+    """An answer given before an `Expect: 100-continue` body was asked for (a 401, a 404) closes the connection:
+    the client may never send that body (RFC 9110 10.1.1), and its next request would be read as it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or ()) if scope["type"] == "http" else {}
+        if b"100-continue" not in headers.get(b"expect", b"").lower():
+            await self.app(scope, receive, send)
+            return
+        asked = False
+
+        async def asking() -> Message:
+            nonlocal asked
+            asked = True  # uvicorn sends `100 Continue` now
+            return await receive()
+
+        async def early_send(message: Message) -> None:
+            if not asked and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, asking, early_send)
+
+
 class AuthMiddleware:
     """Bearer-token check on every path except the open ones (health)."""
 
@@ -242,18 +269,9 @@ class BodyLimitMiddleware:
         reserved, received, complete = 0, 0, length == 0 and b"chunked" not in headers.get(
             b"transfer-encoding", b"").lower()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
-        awaiting = not complete and b"100-continue" in headers.get(b"expect", b"").lower()  # body not asked for yet
-
-        async def early_send(message: Message) -> None:
-            if awaiting and message["type"] == "http.response.start":
-                # Answered before the body was asked for (a 404, a 401): the client may never send it, so the
-                # connection cannot be reused (RFC 9110 10.1.1); without this its next request is read as the body.
-                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
-            await send(message)
 
         async def limited_receive() -> Message:
-            nonlocal received, reserved, complete, awaiting
-            awaiting = False  # uvicorn sends `100 Continue` now
+            nonlocal received, reserved, complete
             if complete:  # the body is in: what is left to receive is the disconnect, with no deadline
                 return await receive()
             try:
@@ -275,7 +293,7 @@ class BodyLimitMiddleware:
             return message
 
         try:
-            await self.app(scope, limited_receive, early_send if awaiting else send)
+            await self.app(scope, limited_receive, send)
         finally:
             self.budget.give(reserved)
 

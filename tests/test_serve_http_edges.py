@@ -297,7 +297,7 @@ def _answers(host: str, port: int, data: bytes) -> list[int]:
 
 
 def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundle, tmp_path):
-    args = ["--model", f"fake={bundle}", "--backend", "fake", "--receive-timeout-s", "3"]
+    args = ["--model", f"fake={bundle}", "--backend", "fake", "--receive-timeout-s", "3", "--api-key", "k"]
     with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         host, port = server.url.removeprefix("http://").split(":")
         port = int(port)
@@ -309,13 +309,14 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
             200, 200, 431]
         # An answer before the body was asked for (`Expect: 100-continue`, unknown model) closes the connection:
         # the client may never send that body, and its next request would otherwise be read as it.
-        expecting = socket.create_connection((host, port), timeout=10)
-        expecting.sendall(b"POST /v1/models/nope/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                          b"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
-        status, headers, _ = _read_response(expecting)
-        assert status == 404 and headers["connection"] == "close", headers
-        assert _closed_by_server(expecting)
-        expecting.close()
+        for auth, refused in ((b"", 401), (b"Authorization: Bearer k\r\n", 404)):  # the key is checked first
+            expecting = socket.create_connection((host, port), timeout=10)
+            expecting.sendall(b"POST /v1/models/nope/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                              b"Content-Length: 1000\r\nExpect: 100-continue\r\n" + auth + b"\r\n")
+            status, headers, _ = _read_response(expecting)
+            assert status == refused and headers["connection"] == "close", headers
+            assert _closed_by_server(expecting)
+            expecting.close()
         assert _answers(host, port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n") == [414]
         # An HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); HTTP/1.0 needs none.
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\n\r\n") == [400]

@@ -132,6 +132,11 @@ def test_a_new_version_regenerates_an_untouched_config_and_refuses_an_edited_one
     assert sorted(p.name for p in (out / "micro-onnx-fp32").iterdir()) == before
     assert triton.main([str(small), "--out", str(out), "--replace-config"]) == 0
     assert "max_batch_size: 4" in config.read_text()
+    # What an older version of this tool wrote (no hash line) and that matches what it writes now is regenerated.
+    config.write_text(config.read_text().partition("\n")[2])
+    capsys.readouterr()
+    assert triton.main([str(small), "--out", str(out)]) == 0
+    assert config.read_text().startswith("# written by") and "kept" not in capsys.readouterr().out
 
 
 def test_a_gpu_server_runs_the_repository_models_its_config_puts_on_the_cpu(repository):
