@@ -92,13 +92,23 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             self._messages += 1
             self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
             self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
+            self._codings: list[bytes] = []  # Transfer-Encoding values
 
         def on_headers_complete(self) -> None:
             self._in_headers, self._in_body = False, True
             if self._hosts != 1 and self.parser.get_http_version() == "1.1":
                 # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
-                self._bad = f"an HTTP/1.1 request needs exactly one Host header, not {self._hosts}"
+                self._bad = (400, "Bad Request",
+                             f"an HTTP/1.1 request needs exactly one Host header, not {self._hosts}")
                 raise ValueError(self._bad)  # the parser stops; uvicorn answers via send_400_response
+            codings = [c.strip().lower() for v in self._codings for c in v.split(b",") if c.strip()]
+            if codings and codings != [b"chunked"]:
+                # RFC 9112 6.1: a transfer coding the server does not understand is 501 (the parser would take
+                # `gzip, chunked` as plain chunked and hand on a still-compressed body).
+                self._bad = (501, "Not Implemented", "Transfer-Encoding "
+                             f"{b', '.join(codings).decode('latin-1')[:64]!r} is not supported (chunked only; "
+                             "use Content-Encoding for gzip or deflate)")
+                raise ValueError(self._bad)
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
@@ -144,6 +154,8 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
         def on_header(self, name: bytes, value: bytes) -> None:
             super().on_header(name, value)
             self._hosts += name.lower() == b"host"
+            if name.lower() == b"transfer-encoding":
+                self._codings.append(value)
             self._count_parsed(len(name) + len(value) + 4)
 
         def _count_parsed(self, n: int) -> None:
@@ -159,7 +171,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             elif getattr(self, "_oversized", False):
                 self._refuse(431, "Request Header Fields Too Large", too_large)
             else:
-                self._refuse(400, "Bad Request", getattr(self, "_bad", None) or msg)
+                self._refuse(*(getattr(self, "_bad", None) or (400, "Bad Request", msg)))
 
         def _answer_owed(self) -> bool:
             """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of

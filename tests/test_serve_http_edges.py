@@ -322,6 +322,9 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\n\r\n") == [400]
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == [400]
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [200]
+        # A transfer coding other than chunked is not understood (RFC 9112 6.1): 501, not a body read as chunked.
+        assert _answers(host, port, b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\n"
+                                    b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n") == [501]
         # A client that pipelines requests, reads none of the answers and streams an endless header: the header
         # is bounded although a request is in progress, and the connection is dropped once the client has taken
         # nothing for the receive timeout (it held its request, and grew the server's memory, forever).
