@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from email.utils import formatdate
 from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+_log = logging.getLogger("vitc.access")
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's default buffers hold 32 KiB)
 
 
@@ -26,7 +28,7 @@ def _answer(status: int, reason: str, text: str) -> bytes:
             f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
-def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asyncio.Protocol]:
     """uvicorn's default HTTP protocol class, closing with a JSON 408 a connection whose request headers are not
     complete `seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
     headers pass MAX_HEADER_BYTES, and with a JSON 400 what uvicorn's parser refuses (each after the answers to the
@@ -199,6 +201,10 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             self._disarm()
             if self._refusal is not None or self.transport.is_closing():
                 return
+            if access_log:  # answered below the app: its access log and metrics never see these
+                peer = self.transport.get_extra_info("peername")
+                _log.info("refused", extra={"status": status, "reason": text,
+                                            "client": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None})
             answer = _answer(status, reason, text)
             if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
                 self._refusal = answer

@@ -345,4 +345,8 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         assert dropped and time.monotonic() - t0 < 15, (sent, time.monotonic() - t0)
         assert sent < 64 << 20, sent
         assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
-    assert "Traceback" not in server.logs()
+    logs = server.logs()
+    assert "Traceback" not in logs
+    # Refused below the app, yet in the access log with the client's address.
+    refused = [e for e in map(json.loads, logs.splitlines()) if e.get("msg") == "refused"]
+    assert {414, 431, 400, 501} <= {e["status"] for e in refused} and all(e["client"] for e in refused)
