@@ -239,12 +239,15 @@ def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> tuple[fl
     exe = Path(sys.executable).with_name("benchmark_app")
     if not exe.exists():
         return None
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-t",
-                          str(max(1, round(seconds))), "-shape", json.dumps(list(shape)).replace(" ", ""),
-                          "-infer_precision", "f32"],
-                         capture_output=True, text=True, timeout=seconds * 4 + 60)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    from runtimes import telemetry
+
+    with telemetry.quiet_child_env() as env:  # benchmark_app would report to Google Analytics
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-t",
+                              str(max(1, round(seconds))), "-shape", json.dumps(list(shape)).replace(" ", ""),
+                              "-infer_precision", "f32"],
+                             capture_output=True, text=True, timeout=seconds * 4 + 60, env=env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     fps = re.search(r"Throughput:\s+([0-9.]+)\s+FPS", out.stdout)
     count = re.search(r"Count:\s+([0-9]+)\s+iterations", out.stdout)
     if not fps:

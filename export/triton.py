@@ -156,8 +156,9 @@ def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact) -> None
             raise tritonconfig.ConfigError(f"max_batch_size {config.max_batch_size} is more than the new version "
                                            f"was exported for ({manifest.input.max_batch})")
     except tritonconfig.ConfigError as exc:
-        raise RepositoryError(f"{model_dir / CONFIG_FILE} was edited and a new version keeps it, but it does not fit "
-                              f"that version: {exc}; fix it, or pass --replace-config to regenerate it") from None
+        raise RepositoryError(f"{model_dir / CONFIG_FILE} differs from what this tool writes (edited, or written by an "
+                              f"older version of it), so a new version keeps it, but it does not fit that version: "
+                              f"{exc}; fix it, or pass --replace-config to regenerate it") from None
 
 
 def inference_service(name: str, storage_uri: str, gpus: int) -> str:

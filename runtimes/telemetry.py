@@ -4,8 +4,12 @@ must not phone home, and a read-only $HOME must not turn its first log line into
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -29,3 +33,13 @@ def off() -> None:
 
     check._vitc = True  # type: ignore[attr-defined]
     OptInChecker.check = check
+
+
+@contextlib.contextmanager
+def quiet_child_env() -> Iterator[dict[str, str]]:
+    """The environment for a runtime's own tool run as a child process (OpenVINO's benchmark_app), which this
+    process cannot reach: onnxruntime's variable, and a temporary $HOME holding OpenVINO's opt-out file."""
+    with tempfile.TemporaryDirectory(prefix="vitc-home-") as home:
+        (Path(home) / "intel").mkdir()
+        (Path(home) / "intel" / "openvino_telemetry").write_text("0")  # what `opt_in_out --opt_out` writes
+        yield {**os.environ, "ORT_DISABLE_TELEMETRY": os.environ.get("ORT_DISABLE_TELEMETRY", "1"), "HOME": home}

@@ -90,6 +90,15 @@ class ModelRepository:
         raise LoadError(f"no model {name[:200]!r} in the repository; known: "
                         f"{', '.join(sorted(self.sources)) or 'none'}")
 
+    def why_not_served(self, name: str) -> str | None:
+        """Why a model the server knows is not served (its last load's failure, or an unload); None otherwise."""
+        if name in self.models:
+            return None
+        reasons = [why for (n, _), why in self.failures.items() if n == name]
+        if reasons:
+            return reasons[-1]
+        return f"unloaded (load it again: POST /v2/repository/models/{name}/load)" if name in self.unloaded else None
+
     def __contains__(self, name: object) -> bool:
         """Whether `name` is a model this server knows: served, served before, or a model directory of its
         repository (what a request's metric label may name: bounded by what exists)."""

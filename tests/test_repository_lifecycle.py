@@ -167,7 +167,8 @@ def test_unload_is_idempotent_for_known_models_as_in_triton(fake, repo):
         for _ in range(2):
             r = c.post(f"/v2/repository/models/{NAME}/unload")
             assert (r.status_code, r.json()) == (200, {})
-        assert c.get(f"/v2/models/{NAME}").status_code == 404
+        r = c.get(f"/v2/models/{NAME}")  # a known model says why it is not served
+        assert r.status_code == 404 and "is not available: unloaded" in r.json()["error"]
         r = c.post("/v2/repository/models/nope/unload")
         assert r.status_code == 400 and "no model 'nope'" in r.json()["error"]
 
@@ -233,6 +234,8 @@ def test_a_model_whose_runtime_cannot_run_here_leaves_the_others_serving(fake, r
         assert "absent is not installed" in entries[("missing", "1")]["reason"]
         r = c.post("/v2/repository/models/missing/load")
         assert r.status_code == 400 and "absent is not installed" in r.json()["error"]
+        r = c.post("/v2/models/missing/infer", json={"inputs": []})  # refused with the reason, before any upload
+        assert r.status_code == 404 and "is not available" in r.json()["error"] and "absent" in r.json()["error"]
     bundle = repo / "missing" / "1"  # given as a bundle, a missing runtime still refuses the start
     with pytest.raises(ServeError, match="absent is not installed"):
         load_models(Settings(models=[str(bundle)], backend="absent"))
@@ -287,7 +290,7 @@ def test_an_upload_in_progress_holds_no_unload_or_reload(repo, tmp_path):
         assert httpx.post(f"{admin}/unload", timeout=30).status_code == 200
         assert time.monotonic() - start < 2.5  # not the 5 s graceful timeout: the upload holds no version
         status, answer = _finish(stalled, body)
-        assert status == 404 and b"unknown model" in answer  # gone by the time its body arrived: said so
+        assert status == 404 and b"is not available: unloaded" in answer  # gone by the time its body arrived: said so
         assert httpx.post(f"{admin}/load", timeout=30).status_code == 200
         stalled = _partial_upload(server.port, infer, body)
         time.sleep(0.3)

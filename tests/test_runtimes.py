@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +270,16 @@ def test_runtimes_keep_their_usage_telemetry_off(bundle, tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
+def test_a_runtime_tool_run_as_a_child_reports_nothing_either():
+    """OpenVINO's own tools (benchmark_app) are other processes: their environment carries the opt-out."""
+    from runtimes import telemetry
+
+    with telemetry.quiet_child_env() as env:
+        home = Path(env["HOME"])
+        out = subprocess.run([sys.executable, "-c", "import openvino.tools.ovc"], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == ["intel", "intel/openvino_telemetry"]
+    assert not home.exists()

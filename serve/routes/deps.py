@@ -38,6 +38,10 @@ def served(request: Request, name: str) -> ServedModel:
     models: dict[str, ServedModel] = request.app.state.models
     model = models.get(name)
     if model is None:
+        repository = getattr(request.app.state, "repository", None)
+        why = repository.why_not_served(name) if repository is not None else None
+        if why is not None:  # a model the server knows: say why it is not served, as the repository index does
+            raise APIError(404, f"model {name[:200]!r} is not available: {why}")
         raise APIError(404, f"unknown model {name[:200]!r}; served: {', '.join(models) or 'none'}")
     return model
 
