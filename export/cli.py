@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from export.targets import known_targets
+from export.targets import known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT
 from models.cli import OneLineParser, int_in
 from runtimes import ExportError, by_target
@@ -62,6 +62,15 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     if not targets:  # an empty list would silently ship a torch-only bundle
         flag, known = ("precision", by_target(family).precisions) if family else ("targets", known_targets())
         p.error(f"--{flag} names nothing; known: {', '.join(known)}")
+    try:
+        missing = missing_converters(parse_targets(targets))
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if missing:  # found out before the checkpoint is loaded and measured, not after
+        print(f"error: {', '.join(missing)} not installed: the ONNX graph every target but torch is built from "
+              "needs them; in the vitc checkout: pip install -c constraints.txt '.[export]'", file=sys.stderr)
+        return 2
     try:
         manifest = build_bundle(
             args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,

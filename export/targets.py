@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,3 +45,13 @@ def parse_targets(names: Sequence[str]) -> list[Target]:
     if not out:
         raise ExportError(f"no targets given; known: {', '.join(known_targets())}")
     return out
+
+
+GRAPH_PACKAGES = ("onnx", "onnxscript")  # torch.onnx's exporter: every artifact but torch's own is built from ONNX
+
+
+def missing_converters(targets: Sequence[Target]) -> list[str]:
+    """The graph-export packages `targets` need and this environment lacks (checked before any work starts)."""
+    if all(t.runtime.target == "torch" for t in targets):
+        return []
+    return [m for m in GRAPH_PACKAGES if importlib.util.find_spec(m) is None]

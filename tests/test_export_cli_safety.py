@@ -12,6 +12,7 @@ an exhausted machine are one line, found before the slow work.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 from dataclasses import replace
@@ -483,3 +484,16 @@ def test_recorded_outputs_are_checked_like_the_rest_of_the_golden_file(bundle, t
     with pytest.raises(BundleError, match="re-export the bundle") as info:
         runtimes.open_backend(copy, read_manifest(copy), "onnxruntime", "fp32", BackendOptions(threads=1))
     assert says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_export_without_the_graph_exporter_says_so_before_any_work(checkpoint, tmp_path, monkeypatch, capsys):
+    """Without onnxscript (torch.onnx's exporter) every target but torch fails: said at once, with the install
+    line, instead of after the checkpoint was loaded and measured."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    loaded = []
+    monkeypatch.setattr(export_bundle, "build_bundle", lambda *a, **k: loaded.append(a))
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--targets", "onnx"]) == 2
+    err = one_line(capsys)
+    assert "onnxscript not installed" in err and "'.[export]'" in err and not loaded
+    assert not (tmp_path / "b").exists()
