@@ -225,13 +225,33 @@ class BodyBudget:
         return self.limit - self.held
 
 
+class BodyHold:
+    """What one request holds of the body budget beyond its bytes on the wire (its body once inflated from a
+    Content-Encoding), given back with them when it is answered."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget, self.held = budget, 0
+
+    def take(self, n: int) -> None:
+        """Hold `n` more bytes, or raise BodiesFull (503)."""
+        if not self.budget.take(n):
+            raise BodiesFull(self.budget.limit)
+        self.held += n
+
+
+def body_hold(scope: Scope) -> BodyHold | None:
+    """The request's hold on the body budget (None outside BodyLimitMiddleware)."""
+    return scope.get("vitc.body_hold")
+
+
 class BodyLimitMiddleware:
     """Bounds on request bodies: 413 over `max_bytes` (declared or streamed), 408 when the body does not arrive
     within `timeout_s`, 503 when the bodies held by all requests together would pass `budget`.
 
     Each request's body bytes count against the budget from their arrival until its answer is sent (a declared
-    length that does not fit what is free is refused at once), so slow or stalled uploads can hold neither
-    unbounded memory nor a connection forever, and headers alone hold nothing.
+    length that does not fit what is free is refused at once), and so does the body inflated from a
+    Content-Encoding (`body_hold`), so slow or stalled uploads and gzip bodies can hold neither unbounded memory nor
+    a connection forever, and headers alone hold nothing.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 60.0, budget: BodyBudget | None = None
@@ -292,10 +312,11 @@ class BodyLimitMiddleware:
                     reserved = received
             return message
 
+        hold = scope["vitc.body_hold"] = BodyHold(self.budget)
         try:
             await self.app(scope, limited_receive, send)
         finally:
-            self.budget.give(reserved)
+            self.budget.give(reserved + hold.held)
 
 
 async def _drain(receive: Receive, budget: int) -> None:

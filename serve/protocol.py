@@ -111,10 +111,11 @@ def _refuse_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not a number in JSON (non-finite values are refused)")
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
+def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None) -> InferRequest:
     """Body (+ Inference-Header-Content-Length) -> InferRequest; raises ProtocolError with a reason.
 
-    Everything a hostile body can do is a 4xx: invalid or deeply nested JSON, numbers beyond every float, integer
+    Everything a hostile body can do is a 4xx: invalid or deeply nested JSON, more arrays and objects than a
+    request for the model holds (`max_containers`), numbers beyond every float, integer
     literals too long to convert, NaN/Infinity, shapes with too many or too large dimensions, values out of their
     datatype's range, non-finite floats in binary data.
     """
@@ -127,6 +128,10 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
+    if max_containers is not None and (n := head.count(b"[") + head.count(b"{")) > max_containers:
+        # Counted before parsing: each costs a Python object many times its two bytes of JSON.
+        raise ProtocolError(f"request JSON holds {n} arrays and objects; a request for this model holds at most "
+                            f"{max_containers}")
     try:
         doc = json.loads(head, parse_constant=_refuse_constant)
     except ProtocolError:

@@ -350,3 +350,27 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
     # Refused below the app, yet in the access log with the client's address.
     refused = [e for e in map(json.loads, logs.splitlines()) if e.get("msg") == "refused"]
     assert {414, 431, 400, 501} <= {e["status"] for e in refused} and all(e["client"] for e in refused)
+
+
+def test_an_inflated_body_is_held_against_the_budget_and_json_is_bounded_by_the_model(bundle, tmp_path):
+    """A 1 KB gzip body inflates to 1 MiB: that is what it holds while it waits (hundreds of them passed the budget
+    the wire bytes are held to). And a v2 JSON body holds no more arrays than a request for the model can (16 MiB
+    of `[],` parsed into 650 MB of lists before its shape was checked)."""
+    args = ["--model", f"fake={bundle}", "--backend", "fake", "--max-body-bytes", str(1 << 20),
+            "--max-buffered-bytes", str(2 << 20), "--receive-timeout-s", "5"]
+    with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
+        inflating = gzip.compress(b"\0" * ((1 << 20) - 100))
+        headers = {"content-type": "image/png", "content-encoding": "gzip"}
+        assert client.post(CLASSIFY, content=inflating, headers=headers).status_code == 400  # fits: read, not an image
+        stalled = _open_upload(server.url, 1 << 20, b"x" * ((1 << 20) - 10))  # holds half the budget
+        time.sleep(0.3)
+        r = client.post(CLASSIFY, content=inflating, headers=headers)
+        assert r.status_code == 503 and "request bodies" in r.json()["error"] and r.headers["retry-after"]
+        stalled.close()
+        time.sleep(0.3)
+        head = b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": ['
+        body = head + b"[]," * 300_000 + b"1]}]}"
+        r = client.post("/v2/models/fake/infer", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "arrays and objects" in r.json()["error"]
+    assert "Traceback" not in server.logs()

@@ -14,6 +14,8 @@ from fastapi import Depends, Request
 
 from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull
 from serve.errors import APIError, ClientGone
+from serve.middleware import body_hold
+from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
 from serve.settings import Settings
 from serve.workpool import Busy
@@ -60,6 +62,22 @@ async def get_settings(request: Request) -> Settings:
 
 ModelDep = Annotated[ServedModel, Depends(get_model)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def inflated(request: Request, body: bytes, encoding: str | None, limit: int) -> bytes:
+    """`body` with its Content-Encoding undone off the loop (at most `limit` bytes), held against the body budget
+    until the answer: a 20 KB gzip body inflates to 16 MiB, and hundreds of them waiting to be decoded would pass
+    the budget the wire bytes are held to."""
+    if (encoding or "identity").strip().lower() == "identity":
+        return body
+    try:
+        out = await off_loop(request, decompress, body, encoding, limit)
+    except ProtocolError as exc:
+        raise APIError(exc.status, str(exc), exc.headers) from None
+    hold = body_hold(request.scope)
+    if hold is not None:
+        hold.take(len(out))
+    return out
 
 
 async def off_loop(request: Request, fn: Callable[..., T], *args: Any, cheap: bool = False) -> T:

@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException
 
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
-from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
 from serve.routes.deps import (
     ERROR_RESPONSES,
@@ -25,6 +24,7 @@ from serve.routes.deps import (
     admission,
     all_or_none,
     finite_output,
+    inflated,
     off_loop,
     recorded,
     served,
@@ -150,13 +150,7 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
             await form.close()
         return images, len(images) > 1
     if media in CONTENT_TYPES:
-        body = await request.body()
-        if encoding != "identity":
-            try:
-                body = await off_loop(request, decompress, body, encoding, settings.max_body_bytes)
-            except ProtocolError as exc:
-                raise APIError(exc.status, str(exc), exc.headers) from None
-        return [("body", body)], False
+        return [("body", await inflated(request, await request.body(), encoding, settings.max_body_bytes))], False
     raise _unsupported(media)
 
 
