@@ -37,9 +37,18 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-# Peak decode memory is about 5 bytes per pixel (RGB PNG), 9 (with alpha), 6 (GIF); Pillow's WebP decoder holds
-# about 16: a WebP pixel counts three times against the decode budget.
-DECODE_WEIGHT = {"WEBP": 3}
+
+
+def decode_weight(img: Image.Image) -> int:
+    """How many budget pixels one pixel of `img` costs to decode. Peak decode memory is about 5 bytes per pixel
+    (baseline JPEG, RGB PNG), 9 with alpha, 6 for GIF; a progressive JPEG holds its coefficients too (7-10, 12 in
+    CMYK), AVIF about 9, Pillow's WebP decoder about 16."""
+    if img.format == "WEBP":
+        return 3
+    if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
+        return 3 if img.mode == "CMYK" else 2
+    return 2 if img.format == "AVIF" else 1
+
 MAX_HEADER_SEGMENTS = 1024  # JPEG marker segments / PNG chunks before the image data (real files: a few dozen)
 MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again
 
@@ -149,7 +158,7 @@ def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bo
     img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
     w, h = img.size  # after draft()
     # Capped at the whole budget: an image that fits the per-image limit always decodes once nothing else does.
-    cost = w * h * DECODE_WEIGHT.get(img.format, 1)
+    cost = w * h * decode_weight(img)
     with budget.reserve(min(cost, budget.pixels)) if budget is not None else contextlib.nullcontext():
         try:
             return _model_input(img, spec)

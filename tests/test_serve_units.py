@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import io
 import threading
 import time
 import zlib
@@ -18,7 +19,7 @@ from test_serve_fixtures import encode, png_header_only
 from models.preprocessing import Preprocessing, preprocess
 from serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serve.errors import ServeError
-from serve.imaging import ImageError, decode, prepare
+from serve.imaging import ImageError, decode, decode_weight, prepare
 from serve.protocol import (
     MAX_GZIP_MEMBERS,
     ProtocolError,
@@ -181,6 +182,18 @@ def test_files_built_to_overwork_the_decoder_are_refused():
         assert err.value.status == 400 and reason in err.value.reason
         assert not cheap(data)  # never parsed on the event loop either
     assert not cheap(encode(photo(16, 16), "PNG") + b"\0" * CHEAP_BYTES)
+
+
+def test_formats_that_hold_more_while_decoding_count_more_against_the_budget():
+    """Measured peak bytes per pixel: baseline JPEG 5, progressive 7-10 (CMYK 12), AVIF 9, WebP 16."""
+    def weight(fmt: str, mode: str = "RGB", **kw) -> int:
+        buf = io.BytesIO()
+        Image.new(mode, (64, 48)).save(buf, fmt, **kw)
+        return decode_weight(Image.open(io.BytesIO(buf.getvalue())))
+
+    assert weight("JPEG") == weight("PNG") == 1
+    assert weight("JPEG", progressive=True) == 2 and weight("JPEG", "CMYK", progressive=True) == 3
+    assert weight("WEBP") == 3
 
 
 def test_an_image_dearer_than_the_whole_budget_still_decodes_alone():
