@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve import workpool
 from serve.errors import APIError, ClientGone
 from serve.metrics import UNKNOWN_MODEL, Metrics
 from serve.responses import error_response
@@ -204,11 +205,15 @@ class BodiesFull(APIError):
                          {"Retry-After": "1", "Connection": "close"})
 
 
+TRIM_BYTES = 64 << 20  # after bodies this big at once are answered, freed memory goes back to the system
+
+
 class BodyBudget:
     """Bytes of request bodies held at once, all requests together (the event loop's only: no lock needed)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.held = limit, 0
+        self._peak = 0  # the most held since memory was last given back
 
     def take(self, n: int) -> bool:
         """Reserve `n` more bytes; False (nothing reserved) when that would pass the limit."""
@@ -218,7 +223,13 @@ class BodyBudget:
         return True
 
     def give(self, n: int) -> None:
+        self._peak = max(self._peak, self.held)
         self.held -= n
+        if self._peak >= TRIM_BYTES and self.held <= self._peak // 4:
+            # A burst of bodies is over: hand their memory back (glibc keeps freed arenas otherwise; a gzip storm
+            # left 1.2 GB resident until a big image's decode happened to trim).
+            self._peak = self.held
+            workpool.trim()
 
     def free(self) -> int:
         """Bytes that can still be reserved."""

@@ -80,6 +80,11 @@ def _malloc_trim() -> Callable[[], object]:
 _trim = _malloc_trim()
 
 
+def trim() -> None:
+    """Give freed heap memory back to the system (glibc); a no-op elsewhere."""
+    _trim()
+
+
 class PixelBudget:
     """Pixels being decoded at once in this process; a decode reserves its image's pixels first (thread-safe)."""
 

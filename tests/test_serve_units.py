@@ -613,3 +613,23 @@ def test_fast_path_takes_only_plain_classify_requests(method, path, query, fast)
         assert scope["route"].path == "/v1/models/{name}/classify" and scope["path_params"] == {"name": calls[0][1]}
     else:
         assert calls == ["router"]
+
+
+def test_the_body_budget_gives_memory_back_once_a_burst_is_over(monkeypatch):
+    from serve import workpool
+    from serve.middleware import TRIM_BYTES, BodyBudget
+
+    trims = []
+    monkeypatch.setattr(workpool, "_trim", lambda: trims.append(1))
+    budget = BodyBudget(1 << 40)
+    for _ in range(3):  # small bodies come and go: nothing to give back
+        assert budget.take(1 << 20)
+        budget.give(1 << 20)
+    assert trims == []
+    chunk = TRIM_BYTES // 8
+    for _ in range(8):
+        assert budget.take(chunk)
+    for i in range(8):
+        budget.give(chunk)
+        assert len(trims) == (1 if i >= 5 else 0)  # once, when three quarters of the peak are given back
+    assert budget.held == 0
