@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import DRAFT_BUDGET_POINTS, BundleError, Manifest, ServedParity, read_manifest, write_manifest
+from models.bundle import (
+    DRAFT_BUDGET_POINTS,
+    MIN_DRAFT_SAMPLES,
+    BundleError,
+    Manifest,
+    ServedParity,
+    read_manifest,
+    write_manifest,
+)
 
 QUALITIES = (95, 75)
 SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
@@ -173,7 +181,8 @@ def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | Non
                default=0.0)
     record = ServedParity(runtime=runtime, samples=len(images),
                           reference_accuracy=float((reference == labels).mean()), encodings=results,
-                          jpeg_draft_cost_points=round(cost, 3), jpeg_draft=cost <= DRAFT_BUDGET_POINTS,
+                          jpeg_draft_cost_points=round(cost, 3),
+                          jpeg_draft=cost <= DRAFT_BUDGET_POINTS and len(images) >= MIN_DRAFT_SAMPLES,
                           created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     write_manifest(bundle, replace(read_manifest(bundle), served=record))
     return record
@@ -184,7 +193,9 @@ def table(record: ServedParity) -> str:
     lines = [f"Served path ({record.runtime}, {record.samples} val images; evaluation pipeline top-1 "
              f"{record.reference_accuracy:.2%}): JPEG draft decoding costs {record.jpeg_draft_cost_points:+.2f} "
              f"points at most -> {'kept' if record.jpeg_draft else 'off for this model'} "
-             f"(budget {DRAFT_BUDGET_POINTS} points)", "",
+             f"(budget {DRAFT_BUDGET_POINTS} points"
+             + (f"; {record.samples} images cannot show that, {MIN_DRAFT_SAMPLES} can"
+                if record.samples < MIN_DRAFT_SAMPLES else "") + ")", "",
              "| encoding | accuracy | top-1 agreement with the reference | accuracy without draft |",
              "|---|---|---|---|"]
     for enc, v in record.encodings.items():

@@ -9,7 +9,7 @@ from models.complexity import BOOKKEEPINGS
 from models.table import format_table, variant_rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Parse arguments and print the table."""
     parser = OneLineParser(prog="python -m models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = variant_rows(args.bookkeeping)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from models import cli
+
+    cli.run(main, "python -m models")

@@ -57,6 +57,7 @@ MAX_CLASSES = 100_000
 MAX_MANIFEST_BYTES = 16 << 20
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # most precise first: the default pick when none is asked
 DRAFT_BUDGET_POINTS = 0.1  # accuracy JPEG draft decoding may cost before a model's JPEGs are decoded in full
+MIN_DRAFT_SAMPLES = 1000  # a 0.1-point cost is one image in 1000: fewer cannot show it, so draft stays off
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Bundle names and artifact ids become directory and model names (serve, export.triton): serve's model-name rule.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -72,7 +72,8 @@ def run(settings: Settings) -> None:
                        "startup_s": m.startup} for m in models.values()}
     log.info("listening", extra={"url": f"http://{host}:{port}", "host": host, "port": port, "models": served,
                                  "device": settings.device, "process_age_s": process_age()})
-    # uvicorn re-raises a captured SIGTERM once it has shut down gracefully; ignoring that second delivery
-    # makes a clean shutdown exit 0 instead of dying by the signal.
+    # uvicorn re-raises a captured SIGTERM or SIGINT once it has shut down gracefully; ignoring that second
+    # delivery makes a clean shutdown exit 0 (Ctrl-C is the server's normal stop) instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])

@@ -391,7 +391,7 @@ def test_load_start_says_why_the_server_did_not_start_and_keeps_its_log(tmp_path
 
 def test_ctrl_c_drains_like_sigterm_without_a_traceback(tmp_path):
     """SIGINT (Ctrl-C) while a request runs: the request is answered, the server stops as on SIGTERM, and it ends
-    with one line and exit 130 (the CLI convention for Ctrl-C), never a KeyboardInterrupt traceback."""
+    with exit 0 (Ctrl-C is the server's normal stop, as the README says), never a KeyboardInterrupt traceback."""
     import fake_runtime
     import httpx
     import numpy as np
@@ -415,7 +415,7 @@ def test_ctrl_c_drains_like_sigterm_without_a_traceback(tmp_path):
             time.sleep(0.02)  # until the slow batch is running
         server.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (a shell's `cmd &` job would ignore it)
         client.join(30)
-        assert server.proc.wait(30) in (0, 130)
+        assert server.proc.wait(30) == 0
     finally:
         server.stop()
     assert answers and answers[0].status_code == 200, answers
@@ -423,8 +423,7 @@ def test_ctrl_c_drains_like_sigterm_without_a_traceback(tmp_path):
     assert "Traceback" not in logs and "KeyboardInterrupt" not in logs, logs[-2000:]
     lines = logs.strip().splitlines()
     assert any(json.loads(ln).get("msg") == "stopped" for ln in lines if ln.startswith("{"))  # drained as SIGTERM
-    assert [ln for ln in lines if not ln.startswith("{")] == (
-        ["python -m serve: interrupted"] if server.proc.returncode == 130 else [])
+    assert [ln for ln in lines if not ln.startswith("{")] == []
 
 
 @pytest.mark.parametrize("failure, code, says", [
@@ -500,3 +499,19 @@ def test_a_missing_module_of_no_extra_keeps_its_traceback(name):
 
     with pytest.raises(ModuleNotFoundError):
         run(main, "prog")
+
+
+def test_models_list_into_a_closed_pipe_ends_quietly():
+    """`python -m models list | head -1`: the rest of the table has nowhere to go, and that is no error."""
+    import os
+    import subprocess
+    import sys
+
+    reader, writer = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "models", "list"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=writer,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(writer)
+    os.close(reader)  # closed before the table is written: every write meets a broken pipe
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 141 and "Traceback" not in err, err
