@@ -230,7 +230,7 @@ class TorchBackend:
 RUNTIME = Runtime(
     name="torch", target="torch", packages=("torch", "safetensors"),
     install="in the vitc checkout: pip install -c constraints.txt torch safetensors",
-    format="safetensors", triton_platform="pytorch", precisions=("fp32", "bf16", "fp16"),
+    format="safetensors", triton_platform="pytorch_libtorch", precisions=("fp32", "bf16", "fp16"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=TorchBackend, version=version,
     variants=(
         Variant("fp32"), Variant("bf16"),

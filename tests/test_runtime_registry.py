@@ -39,7 +39,7 @@ def test_the_builtin_runtimes_and_what_each_declares():
         assert all(v.device in rt.devices for v in rt.variants)
     platforms = {rt.name: rt.triton_platform for rt in runtimes.runtimes()}
     assert platforms == {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan",
-                         "torch": "pytorch"}
+                         "torch": "pytorch_libtorch"}
 
 
 def test_unknown_duplicate_and_missing_runtimes_are_one_line_errors(fake):
