@@ -19,15 +19,22 @@ class SampleError(ValueError):
     """A dataset, index or output path that cannot give a sample (one line, exit 2)."""
 
 
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
-    """Save val image `index` of `dataset` to `out` (PNG), or the next one that decodes when it does not (as
-    training replaces a corrupt file); returns (the index written, its label); raises SampleError."""
+    """Save val image `index` of `dataset` to `out` (PNG, JPEG or WebP, by its extension), or the next one that
+    decodes when it does not (as training replaces a corrupt file); returns (the index written, its label); raises
+    SampleError."""
     import io
 
     from data.datasets import DatasetError, load_dataset
 
     if Path(out).is_dir():  # checked before the data is loaded: the rename onto a directory would fail last
         raise SampleError(f"--out {out} is a directory; give a file name such as {Path(out) / 'sample.png'}")
+    fmt = FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:  # the file's bytes follow its name: a client sends it with the matching content type
+        raise SampleError(f"--out {out!r} must end in {', '.join(FORMATS)} (the image format to write)")
     try:
         val = load_dataset(dataset, "val")
         if not 0 <= index < len(val):
@@ -38,7 +45,7 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     except DatasetError as exc:
         raise SampleError(str(exc)) from None
     buf = io.BytesIO()
-    image.save(buf, "PNG")
+    image.convert("RGB").save(buf, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     try:
         atomic_write_bytes(out, buf.getvalue())
     except OSError as exc:  # read-only or virtual file system, no permission, a file in the path
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="animals", help="animals (default), mnist or digits")
     p.add_argument("--index", type=int, default=0, help="which validation image (default 0)")
-    p.add_argument("--out", default="sample.png", help="PNG to write (default sample.png)")
+    p.add_argument("--out", default="sample.png",
+                   help="image to write: .png, .jpg/.jpeg or .webp, the format follows (default sample.png)")
     args = p.parse_args(argv)
     try:
         index, label = write_sample(args.dataset, args.index, args.out)

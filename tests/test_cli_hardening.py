@@ -210,7 +210,20 @@ def test_sample_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     _one_line(capsys, "unknown dataset")
     assert main(["--index", "999999", "--out", str(tmp_path / "s.png")]) == 2
     _one_line(capsys, "--index")
+    for out in ("-", str(tmp_path / "s.gif"), str(tmp_path / "noext")):  # the extension says the format
+        assert main(["--out", out]) == 2
+        _one_line(capsys, "must end in .png, .jpg, .jpeg, .webp")
     assert list(tmp_path.iterdir()) == [a_file]  # nothing written, no temp file left
+
+
+def test_sample_writes_the_format_its_name_says(tmp_path):
+    from PIL import Image
+
+    from serve.sample import main
+
+    for name, fmt in (("s.png", "PNG"), ("s.JPG", "JPEG"), ("s.webp", "WEBP")):
+        assert main(["--out", str(tmp_path / name)]) == 0
+        assert Image.open(tmp_path / name).format == fmt
 
 
 # -------------------------------------------------------------------------------------------------- benchmarks
