@@ -45,7 +45,9 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     except DatasetError as exc:
         raise SampleError(str(exc)) from None
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    if fmt == "JPEG" and image.mode not in ("L", "RGB", "CMYK"):  # JPEG has no alpha or palette
+        image = image.convert("RGB")
+    image.save(buf, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))  # PNG: the pixels exactly
     try:
         atomic_write_bytes(out, buf.getvalue())
     except OSError as exc:  # read-only or virtual file system, no permission, a file in the path
