@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from email.utils import formatdate
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 _log = logging.getLogger("vitc.access")
@@ -28,10 +30,21 @@ def _answer(status: int, reason: str, text: str) -> bytes:
             f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
+def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, str]:
+    """The answer to what the parser refused (uvicorn calls send_400_response inside its `except`): an unknown
+    method is 501 and an unknown HTTP version 505 (RFC 9110 9.1, 15.6.6), the rest 400."""
+    if isinstance(error, httptools.HttpParserInvalidMethodError):
+        return 501, "Not Implemented", "unknown request method (methods are case-sensitive, e.g. GET, POST)"
+    if isinstance(error, httptools.HttpParserError) and str(error) == "Invalid HTTP version":
+        return 505, "HTTP Version Not Supported", "unknown HTTP version (HTTP/1.1 only)"
+    return 400, "Bad Request", msg
+
+
 def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asyncio.Protocol]:
     """uvicorn's default HTTP protocol class, closing with a JSON 408 a connection whose request headers are not
     complete `seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
-    headers pass MAX_HEADER_BYTES, and with a JSON 400 what uvicorn's parser refuses (each after the answers to the
+    headers pass MAX_HEADER_BYTES, and with a JSON 400 (501 an unknown method, 505 an unknown HTTP version) what
+    uvicorn's parser refuses (each after the answers to the
     requests before it); a connection whose client accepts none of its answer for `seconds` is dropped."""
     timeout = f"the request headers did not arrive within {seconds:g} s"
     too_large = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
@@ -98,6 +111,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asy
 
         def on_headers_complete(self) -> None:
             self._in_headers, self._in_body = False, True
+            version = self.parser.get_http_version()
+            if version not in ("1.0", "1.1"):
+                # The parser takes HTTP/0.9 and HTTP/2.0 request lines, which uvicorn would answer as HTTP/1.1.
+                self._bad = (505, "HTTP Version Not Supported", f"HTTP/{version} is not supported (HTTP/1.1 only)")
+                raise ValueError(self._bad)
             if self._hosts != 1 and self.parser.get_http_version() == "1.1":
                 # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
                 self._bad = (400, "Bad Request",
@@ -173,7 +191,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asy
             elif getattr(self, "_oversized", False):
                 self._refuse(431, "Request Header Fields Too Large", too_large)
             else:
-                self._refuse(*(getattr(self, "_bad", None) or (400, "Bad Request", msg)))
+                self._refuse(*(getattr(self, "_bad", None) or _parser_refusal(sys.exc_info()[1], msg)))
 
         def _answer_owed(self) -> bool:
             """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of

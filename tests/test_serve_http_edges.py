@@ -322,6 +322,11 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\n\r\n") == [400]
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == [400]
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [200]
+        # An unknown method is 501 and an unknown HTTP version 505 (RFC 9110 9.1, 15.6.6), after earlier answers.
+        assert _answers(host, port, live + b"FOO /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n") == [200, 501]
+        assert _answers(host, port, b"get /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n") == [501]
+        for version in (b"2.0", b"0.9", b"3.7"):
+            assert _answers(host, port, b"GET /v2/health/live HTTP/" + version + b"\r\nHost: x\r\n\r\n") == [505]
         # A transfer coding other than chunked is not understood (RFC 9112 6.1): 501, not a body read as chunked.
         assert _answers(host, port, b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\n"
                                     b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n") == [501]
@@ -349,7 +354,7 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
     assert "Traceback" not in logs
     # Refused below the app, yet in the access log with the client's address.
     refused = [e for e in map(json.loads, logs.splitlines()) if e.get("msg") == "refused"]
-    assert {414, 431, 400, 501} <= {e["status"] for e in refused} and all(e["client"] for e in refused)
+    assert {414, 431, 400, 501, 505} <= {e["status"] for e in refused} and all(e["client"] for e in refused)
 
 
 def test_an_inflated_body_is_held_against_the_budget_and_json_is_bounded_by_the_model(bundle, tmp_path):
