@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-buffered-bytes", type=int,
                    help="request bodies held at once, all requests together, before 503 (default 256 MiB, at least "
                         "--max-body-bytes, at most 16 GiB)")
+    p.add_argument("--max-connections", type=int,
+                   help="connections open at once; one more gets 503 and is closed (default 1,000, fewer if the "
+                        "open-file limit, ulimit -n, is lower)")
     p.add_argument("--receive-timeout-s", type=float,
                    help="a request's headers, and then its body, must each arrive within this many seconds, "
                         "else 408 and the connection is closed (default 60)")

@@ -23,11 +23,18 @@ _log = logging.getLogger("vitc.access")
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's default buffers hold 32 KiB)
 
 
-def _answer(status: int, reason: str, text: str) -> bytes:
+def _answer(status: int, reason: str, text: str, retry_after: int | None = None) -> bytes:
     """A complete JSON error response that closes the connection."""
     body = json.dumps({"error": text}).encode()
+    retry = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
     return (f"HTTP/1.1 {status} {reason}\r\ndate: {formatdate(usegmt=True)}\r\ncontent-type: application/json\r\n"
-            f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+            f"{retry}connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _client(transport: asyncio.BaseTransport) -> str | None:
+    """The peer's `host:port`, for the access log."""
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
 
 
 def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, str]:
@@ -40,18 +47,27 @@ def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, st
     return 400, "Bad Request", msg
 
 
-def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asyncio.Protocol]:
+def header_timeout_protocol(seconds: float, access_log: bool = True,
+                            max_connections: int | None = None) -> type[asyncio.Protocol]:
     """uvicorn's default HTTP protocol class, closing with a JSON 408 a connection whose request headers are not
     complete `seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
     headers pass MAX_HEADER_BYTES, and with a JSON 400 (501 an unknown method, 505 an unknown HTTP version) what
     uvicorn's parser refuses (each after the answers to the
-    requests before it); a connection whose client accepts none of its answer for `seconds` is dropped."""
+    requests before it); a connection whose client accepts none of its answer for `seconds` is dropped. A
+    connection beyond `max_connections` open at once gets a JSON 503 and is closed unread: each one holds a file
+    descriptor and memory for up to `seconds`, so without a bound a flood of idle ones starves the process."""
+    open_connections = [0]  # connections admitted and not yet lost, all of this protocol class
     timeout = f"the request headers did not arrive within {seconds:g} s"
     too_large = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
 
     class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
+            self._admitted = max_connections is None or open_connections[0] < max_connections
+            if not self._admitted:
+                self._turn_away()
+                return
+            open_connections[0] += 1
             self._headers_of = self.cycle  # the request whose headers were complete last
             self._body_read_of = None  # the request whose body was read to its end last
             self._header_timer: asyncio.TimerHandle | None = None
@@ -65,6 +81,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asy
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if not self._admitted:
+                return  # turned away: what the client sends before it sees the 503 is dropped
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
                 self._arm()
@@ -87,6 +105,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asy
             self._body_read_of, self._in_body = self.cycle, False
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if not self._admitted:
+                self._linger.cancel()
+                super().connection_lost(exc)
+                return
+            open_connections[0] -= 1
             self._disarm()
             if self._send_timer is not None:
                 self._send_timer.cancel()
@@ -97,6 +120,18 @@ def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asy
                     cycle.disconnected = True
                     cycle.message_event.set()
             super().connection_lost(exc)
+
+        def _turn_away(self) -> None:
+            """503 at once, then half-close and wait a moment for the client to close: closing with its request
+            unread would reset the connection, and the reset can destroy the 503 before the client reads it."""
+            if access_log:
+                _log.info("refused", extra={"status": 503, "reason": "too many connections",
+                                            "client": _client(self.transport)})
+            busy = f"the server has {max_connections} connections open, its limit; retry shortly"
+            self.transport.write(_answer(503, "Service Unavailable", busy, retry_after=1))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(1.0, self.transport.abort)
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             self._running = cycle  # the request being answered (the others wait in self.pipeline)
@@ -220,9 +255,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True) -> type[asy
             if self._refusal is not None or self.transport.is_closing():
                 return
             if access_log:  # answered below the app: its access log and metrics never see these
-                peer = self.transport.get_extra_info("peername")
-                _log.info("refused", extra={"status": status, "reason": text,
-                                            "client": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None})
+                _log.info("refused", extra={"status": status, "reason": text, "client": _client(self.transport)})
             answer = _answer(status, reason, text)
             if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
                 self._refusal = answer

@@ -19,6 +19,8 @@ from serve.registry import close_models, load_models
 from serve.settings import Settings
 
 log = logging.getLogger("vitc.serve")
+DEFAULT_CONNECTIONS = 1000
+FILES_RESERVED = 256  # descriptors kept from connections: model files, logs, clients being turned away
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -35,8 +37,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)  # clients that connect from now on wait in the backlog until uvicorn accepts them
     sock.set_inheritable(True)
     return sock
+
+
+def connection_limit(wanted: int | None) -> int:
+    """The connections served at once: `wanted`, or DEFAULT_CONNECTIONS, within the open-file limit (each takes a
+    descriptor; FILES_RESERVED stay for model files, logs and turned-away clients). The soft limit is raised up to
+    the hard one as needed; ServeError if a `wanted` number cannot fit."""
+    try:
+        import resource
+    except ImportError:  # not on this platform: no descriptor limit to fit
+        return wanted or DEFAULT_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = (wanted or DEFAULT_CONNECTIONS) + FILES_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    fits = need - FILES_RESERVED if soft == resource.RLIM_INFINITY else soft - FILES_RESERVED
+    if wanted is None:
+        return max(1, min(DEFAULT_CONNECTIONS, fits))
+    if fits < wanted:
+        raise ServeError(f"--max-connections {wanted} needs {need} open files, but the limit is {soft} (hard "
+                         f"limit {hard}): lower --max-connections or raise the limit (ulimit -n)")
+    return wanted
 
 
 def process_age() -> float | None:
@@ -52,6 +77,7 @@ def process_age() -> float | None:
 def run(settings: Settings) -> None:
     """Load, bind, serve until SIGTERM/SIGINT."""
     configure_logging(settings.log_level)
+    connections = connection_limit(settings.max_connections)  # before loading: a refusal costs no model load
     models = load_models(settings)
     try:
         sock = bind_socket(settings.host, settings.port)
@@ -62,18 +88,26 @@ def run(settings: Settings) -> None:
 
     from serve.app import create_app
     from serve.httpproto import header_timeout_protocol
+    http = header_timeout_protocol(settings.receive_timeout_s, settings.access_log, connections)
     config = uvicorn.Config(
-        create_app(settings, models), http=header_timeout_protocol(settings.receive_timeout_s, settings.access_log),
+        create_app(settings, models), http=http,
         log_config=None, access_log=False, lifespan="on", server_header=False, ws="none",  # no WebSocket routes
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,
     )
+    server = uvicorn.Server(config)
+
+    def stop(*_: object) -> None:
+        server.should_exit = True
+
+    # A SIGTERM or SIGINT before uvicorn takes the signals over (the "listening" line is out) stops the server once
+    # started; uvicorn re-raises the one it captured after its graceful shutdown, and this handler makes that second
+    # delivery a no-op, so a clean shutdown exits 0 (Ctrl-C is the server's normal stop), not by the signal.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     host, port = sock.getsockname()[:2]
     served = {m.name: {"runtime": m.backend.runtime, "precision": m.backend.precision, "bundle": str(m.bundle),
                        "startup_s": m.startup} for m in models.values()}
     log.info("listening", extra={"url": f"http://{host}:{port}", "host": host, "port": port, "models": served,
-                                 "device": settings.device, "process_age_s": process_age()})
-    # uvicorn re-raises a captured SIGTERM or SIGINT once it has shut down gracefully; ignoring that second
-    # delivery makes a clean shutdown exit 0 (Ctrl-C is the server's normal stop) instead of dying by the signal.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGINT, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+                                 "device": settings.device, "max_connections": connections,
+                                 "process_age_s": process_age()})
+    server.run(sockets=[sock])

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     max_buffered_bytes: int | None = Field(None, ge=1024, le=MAX_BUFFERED_BYTES,
                                            description="request bodies held at once, all requests together, "
                                            "before 503 (None: 256 MiB or max_body_bytes if larger)")
+    max_connections: int | None = Field(None, ge=1, le=1_000_000, description="connections open at once before "
+                                        "503 (None: 1,000, fewer if the open-file limit is lower)")
     receive_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's headers, and then its body, "
                                      "must each arrive within this, else 408")
     max_image_pixels: int = Field(40_000_000, ge=1, le=MAX_IMAGE_PIXELS,

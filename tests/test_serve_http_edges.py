@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 import socket
 import time
@@ -379,3 +380,62 @@ def test_an_inflated_body_is_held_against_the_budget_and_json_is_bounded_by_the_
         r = client.post("/v2/models/fake/infer", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and "arrays and objects" in r.json()["error"]
     assert "Traceback" not in server.logs()
+
+
+def test_connections_beyond_the_limit_get_a_503_they_can_read(bundle, tmp_path):
+    args = ["--model", f"fake={bundle}", "--backend", "fake", "--max-connections", "3"]
+    with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        port = int(port)
+        idle = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+        time.sleep(0.3)  # the server has taken all three
+        # One more: a JSON 503 with Retry-After, readable although its request was never read (no reset).
+        status, headers, body = _read_response(_sent(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert "connections" in json.loads(body)["error"]
+        idle.pop().close()
+        time.sleep(0.3)
+        assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [200]  # a place is free again
+        for sock in idle:
+            sock.close()
+    assert '"max_connections": 3' in server.logs()
+    refused = [e for e in map(json.loads, server.logs().splitlines()) if e.get("msg") == "refused"]
+    assert [e["status"] for e in refused] == [503]
+
+
+def _sent(host: str, port: int, data: bytes) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+def _files_limit(n: int) -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def test_the_connection_limit_fits_the_open_file_limit(bundle, tmp_path):
+    import functools
+    import subprocess
+    import sys
+
+    def serve(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "serve", "--model", f"fake={bundle}", "--backend", "fake",
+                                 "--port", "0", *extra], cwd=Path(__file__).resolve().parents[1], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, **fake_runtime.server_env(tmp_path)},
+                                preexec_fn=functools.partial(_files_limit, 600))
+    refused = serve("--max-connections", "500")
+    out, _ = refused.communicate(timeout=60)
+    assert refused.returncode == 2 and "ulimit -n" in out and len(out.splitlines()) == 1, out
+    # The default (1,000) shrinks to what 600 descriptors hold beside the reserve: the server starts. A SIGTERM
+    # right after its "listening" line stops it cleanly (it used to be ignored until uvicorn took the signals over).
+    started = serve()
+    try:
+        listening = next(json.loads(line) for line in started.stdout if '"listening"' in line)
+        assert listening["max_connections"] == 600 - 256
+        started.terminate()
+        started.communicate(timeout=30)
+        assert started.returncode == 0
+    finally:
+        started.kill()
