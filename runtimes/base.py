@@ -197,6 +197,9 @@ class Runtime:
     triton_backend: str | None = None  # None: Triton cannot serve these artifacts
     triton_files: tuple[tuple[str, str], ...] = ()
     triton_parameters: Callable[[Artifact], dict[str, str]] = lambda _artifact: {}
+    # The server's tuning settings it honours beyond the device (of threads, parallel, openvino_hint, compile,
+    # channels_last): the server refuses the others for it rather than let them silently do nothing.
+    tunes: tuple[str, ...] = ()
 
     def installed(self) -> bool:
         """Whether every package it needs can be imported (checked without importing them)."""

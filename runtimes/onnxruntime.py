@@ -195,4 +195,5 @@ RUNTIME = Runtime(
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=OnnxRuntimeBackend, version=version,
     variants=(Variant("fp32"), Variant("fp32", "cuda")), needs_hub=True, unavailable=unavailable,
     triton_backend="onnxruntime", triton_files=((".onnx", "model.onnx"),),
+    tunes=("threads", "parallel", "openvino_hint"),
 )

@@ -172,4 +172,5 @@ RUNTIME = Runtime(
     triton_backend="openvino", triton_files=((".xml", "model.xml"), (".bin", "model.bin")),
     triton_parameters=lambda artifact: {"INFERENCE_PRECISION_HINT": _HINT_NAMES.get(
         str(artifact.info.get("inference_precision", INFERENCE_PRECISION)), INFERENCE_PRECISION)},
+    tunes=("threads", "parallel", "openvino_hint"),
 )

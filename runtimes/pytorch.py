@@ -239,4 +239,5 @@ RUNTIME = Runtime(
         *(Variant(p, "cuda", compile=c, channels_last=cl) for p in ("bf16", "fp16") for c in (False, True)
           for cl in (None, False)),
     ),
+    tunes=("threads", "compile", "channels_last"),  # one batch at a time: a lock serialises the calls
 )

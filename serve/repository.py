@@ -71,7 +71,7 @@ class ModelRepository:
         model.batcher = DynamicBatcher(
             model.name, model.backend.infer, max_batch=model.max_batch,
             max_delay_s=(s.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms) / 1000,
-            max_queue=s.max_queue_size, parallel=s.parallel or model.backend.parallelism,
+            max_queue=s.max_queue_size, parallel=model.backend.parallelism,
             observer=Observers(self.metrics, model.stats), timeout_s=s.inference_timeout_s,
             probe=np.zeros((1, *model.sample_shape), np.float32),
             merge=model.config is None or model.config.dynamic_batching,

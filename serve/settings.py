@@ -19,6 +19,12 @@ MAX_BODY_BYTES = 1 * GiB
 MAX_BUFFERED_BYTES = 16 * GiB
 MAX_IMAGE_PIXELS = 1_000_000_000  # 3 GB decoded as RGB
 MAX_DECODE_BUDGET_PIXELS = 10_000_000_000
+TUNING = ("threads", "parallel", "openvino_hint", "compile", "channels_last")  # see runtimes.base.Runtime.tunes
+
+
+def _flag(setting: str) -> str:
+    """The command-line flag of a setting."""
+    return "--" + setting.replace("_", "-")
 
 
 class Settings(BaseSettings):
@@ -105,10 +111,26 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _torch_options_need_torch(self) -> Settings:
-        """--compile and --channels-last tune the torch backend; elsewhere they would silently do nothing."""
-        if (self.compile or self.channels_last is not None) and self.backend != "torch":
-            raise ValueError(f"compile and channels_last apply to --backend torch, not {self.backend!r}")
+    def _tuning_the_backend_honours(self) -> Settings:
+        """A tuning setting the backend does not honour is refused: it would silently do nothing. (Repository
+        models run on their own artifact's runtime, so a repository alone is not checked.)"""
+        if self.model_repository is not None and not self.models and self.model_dir is None:
+            return self
+        honoured = runtimes.get(self.backend).tunes
+        fields = type(self).model_fields
+        ignored = [n for n in TUNING if n not in honoured and getattr(self, n) != fields[n].default]
+        if ignored:
+            takes = ", ".join(_flag(n) for n in honoured) or "none of them"
+            raise ValueError(f"--backend {self.backend} does not use {', '.join(map(_flag, ignored))} (its tuning "
+                             f"flags: {takes})")
+        return self
+
+    @model_validator(mode="after")
+    def _latency_runs_one_batch(self) -> Settings:
+        """The latency hint runs one batch at a time on every core: more at once contradicts it."""
+        if self.openvino_hint == "latency" and (self.parallel or 1) > 1:
+            raise ValueError(f"--openvino-hint latency runs one batch at a time; --parallel {self.parallel} "
+                             "needs --openvino-hint throughput")
         return self
 
     @field_validator("jpeg_draft", mode="before")

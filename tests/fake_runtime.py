@@ -47,10 +47,10 @@ def build(ctx: ExportContext, precision: str) -> Built:
 
 class FakeBackend:
     runtime = "fake"
-    parallelism = 2
 
     def __init__(self, spec: LoadSpec) -> None:
         LOADS.append(spec)
+        self.parallelism = spec.options.parallel or 2
         self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
         self.w = np.load(spec.file(".npy"), allow_pickle=False)
 
@@ -76,7 +76,7 @@ class FakeBackend:
 RUNTIME = Runtime(
     name="fake", target="fake", packages=("numpy",), install="(a test double)", format="npy",
     triton_platform="fake_platform", precisions=("fp32",), default_precisions=("fp32",), devices=("cpu",),
-    build=build, load=FakeBackend, version=lambda: "0.0", variants=(Variant("fp32"),),
+    build=build, load=FakeBackend, version=lambda: "0.0", variants=(Variant("fp32"),), tunes=("parallel",),
 )
 
 

@@ -552,6 +552,26 @@ def test_settings_from_environment_and_flags(monkeypatch):
         Settings(device="gpu")
 
 
+def test_tuning_flags_the_backend_ignores_are_refused(monkeypatch):
+    # torch runs one batch at a time and TensorRT takes no tuning: --parallel or a hint would silently do nothing.
+    for backend, flags, refused in (("torch", {"parallel": 4}, "--parallel"),
+                                    ("torch", {"openvino_hint": "latency"}, "--openvino-hint"),
+                                    ("tensorrt", {"threads": 2, "compile": True}, "--threads, --compile"),
+                                    ("openvino", {"channels_last": False}, "--channels-last")):
+        with pytest.raises(ValueError, match=f"--backend {backend} does not use {refused} "):
+            Settings(backend=backend, models=["x"], **flags)
+    monkeypatch.setenv("VITC_PARALLEL", "2")  # the environment counts as given too
+    with pytest.raises(ValueError, match="does not use --parallel"):
+        Settings(backend="torch", models=["x"])
+    monkeypatch.delenv("VITC_PARALLEL")
+    assert Settings(backend="torch", models=["x"], threads=2, compile=True).compile
+    assert Settings(backend="openvino", models=["x"], parallel=3, openvino_hint="throughput").parallel == 3
+    # A repository's models run on their own artifacts' runtimes: --backend does not decide for them.
+    assert Settings(backend="torch", model_repository="r", parallel=2).parallel == 2
+    with pytest.raises(ValueError, match="latency runs one batch at a time"):
+        Settings(models=["x"], parallel=2, openvino_hint="latency")
+
+
 def test_model_arguments():
     assert parse_model_arg("cats=exports/x") == ("cats", Path("exports/x"))
     assert parse_model_arg("exports/x")[0] is None
