@@ -22,13 +22,18 @@ def variant_rows(bookkeeping: str = "paper", num_classes: int = 1000) -> list[di
     return rows
 
 
+def _amount(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a micro model's 0.0041 GFLOPs is not 0.00)."""
+    return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Aligned text table with GFLOPs, M params and M acts."""
     head = ("name", "stem", "depth", "dim", "heads", "mlp", "image", "patch", "GFLOPs", "M params", "M acts")
     lines = [
         (
             r["name"], r["stem"], r["depth"], r["dim"], r["heads"], r["mlp_dim"], r["image_size"], r["patch_size"],
-            f"{r['flops'] / 1e9:.2f}", f"{r['params'] / 1e6:.2f}", f"{r['acts'] / 1e6:.2f}",
+            _amount(r["flops"] / 1e9), _amount(r["params"] / 1e6), _amount(r["acts"] / 1e6),
         )
         for r in rows
     ]

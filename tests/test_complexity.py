@@ -79,3 +79,6 @@ def test_cli_json_lists_every_variant():
 def test_cli_text_table():
     out = subprocess.run([sys.executable, "-m", "models", "list"], capture_output=True, text=True, check=True).stdout
     assert "vit_c_1gf" in out and "GFLOPs" in out and "M params" in out
+    # The smallest variants keep significant digits (they printed 0.00 GFLOPs).
+    micro = next(line.split() for line in out.splitlines() if line.startswith("vit_c_micro"))
+    assert all(float(v) > 0 for v in micro[-3:]), micro
