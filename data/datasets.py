@@ -15,12 +15,15 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from models.config import MAX_LABEL_CHARS, is_label
 from models.preprocessing import Preprocessing, upright
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 EMBEDDED = ("animals", "mnist", "digits")
 SPLITS = ("train", "val")
@@ -60,6 +63,8 @@ class ImageSet:
     def image(self, i: int) -> Image.Image:
         """Decode image i as PIL (grey "L" for embedded sets); UnreadableImage (one line) for a corrupt file."""
         if self.arrays is not None:
+            from PIL import Image
+
             return Image.fromarray(self.arrays[i], "L")
         img = decode_checked(self.paths[i])
         if img is None:
@@ -255,6 +260,8 @@ def default_preprocessing(name: str | os.PathLike, image_size: int) -> Preproces
 
 def decode_checked(path: Path) -> Image.Image | None:
     """Decode a file fully, or None if it is corrupt/unreadable (callers count skips)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as img:
             img.load()

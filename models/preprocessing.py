@@ -1,7 +1,9 @@
 """The preprocessing contract: defined once, saved with every checkpoint and bundle, read by the server.
 
-Torch-free (PIL + numpy) so the serving image needs no torch. Training's evaluation path and the
-server both call `preprocess`, so what a model saw at validation is exactly what it sees in production.
+Torch-free (PIL + numpy) so the serving image needs no torch; PIL is imported where images are handled, so that
+the contract itself (read by every command, before it can say which extra is missing) needs numpy only.
+Training's evaluation path and the server both call `preprocess`, so what a model saw at validation is exactly
+what it sees in production.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from models.config import MAX_IMAGE_SIDE, MAX_RESIZE
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-             "nearest": Image.Resampling.NEAREST}
+_RESAMPLE = ("bilinear", "bicubic", "nearest")  # PIL's Image.Resampling members, lower-case
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 0.5}  # each filter's reach, in output pixels
 
 
@@ -104,6 +107,8 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
         if img.mode == "F" and not np.isfinite(band).all():  # NaN has no 8-bit value (the cast is undefined)
             raise ValueError("the image has non-finite pixel values (NaN or infinity)")
         out[y:y + rows] = np.clip(band * np.float32(scale), 0, 255).round()
+    from PIL import Image
+
     return Image.fromarray(out, "L")
 
 
@@ -119,6 +124,8 @@ def upright(img: Image.Image) -> Image.Image:
         return img
     if orientation not in range(2, 9):
         return img
+    from PIL import ImageOps
+
     try:
         return ImageOps.exif_transpose(img)
     except Exception:
@@ -134,6 +141,8 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Transparent pixels are composited onto black, the background of the embedded datasets. Pasting through
         # the alpha band gives bitwise what Image.alpha_composite over opaque black gives, with one copy fewer.
+        from PIL import Image
+
         rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (0, 0, 0))
         img.paste(rgba, (0, 0), rgba)
@@ -189,7 +198,10 @@ def _pixels(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     source = _source_crop(img, spec)
     region = to_mode(source.image, spec.mode)
     if source.scaled:
-        region = region.resize((spec.crop, spec.crop), _RESAMPLE[spec.interpolation], box=source.box)
+        from PIL import Image
+
+        filter_ = Image.Resampling[spec.interpolation.upper()]
+        region = region.resize((spec.crop, spec.crop), filter_, box=source.box)
     return np.asarray(region, dtype=np.uint8)
 
 

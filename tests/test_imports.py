@@ -215,3 +215,32 @@ def test_main_blocks_do_not_shadow_module_names():
                 main, module = _bound(node.body), _bound(top)
                 clashes += [f"{name}: {n}" for n in sorted(main.keys() & module.keys()) if main[n] != module[n]]
     assert clashes == []
+
+
+# Every third-party module of an extra (the base install has numpy only).
+EXTRA_MODULES = ("PIL", "torch", "torchvision", "timm", "fastapi", "starlette", "pydantic", "pydantic_settings",
+                 "uvicorn", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "tqdm", "matplotlib", "sklearn",
+                 "safetensors", "multipart", "prometheus_client")
+# Run as the module `runpy` names, with every extra's modules made unimportable first.
+_BARE = ("import runpy, sys\nfor m in sys.argv[1].split(','):\n    sys.modules[m] = None\n"
+         "sys.argv = sys.argv[2:]\nrunpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--model", "x"], ["train", "--model", "vit_c_micro", "--dataset", "digits", "--out", "{tmp}/r"],
+    ["train.eval", "--checkpoint", "{tmp}"], ["export", "--checkpoint", "{tmp}", "--out", "{tmp}/e"],
+    ["export.onnx", "--checkpoint", "{tmp}", "--out", "{tmp}/e"], ["train.sweep", "--dry-run"],
+    ["serve.sample", "--out", "{tmp}/s.png"], ["benchmarks.latency", "--pairs", "mini"],
+])
+def test_a_missing_extra_is_one_line_not_a_traceback(argv, tmp_path):
+    """With only the base install, each command names the extra to install (PIL used to be imported by the
+    preprocessing contract, which every command reads at import time, before it could say so)."""
+    import subprocess
+    import sys
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", _BARE, ",".join(EXTRA_MODULES), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()  # progress lines may come first (the benchmark names its machine)
+    assert "not installed" in lines[-1] and sum("error" in line for line in lines) == 1, proc.stderr
