@@ -50,7 +50,7 @@ from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
 from runtimes.build import ExportContext, machine_failure
-from runtimes.loader import golden_outputs, own_outputs_key, verify_golden
+from runtimes.loader import CONTRACT_KEY, golden_outputs, own_outputs_key, verify_golden
 from runtimes.onnx_graph import OPSET, export_torch
 
 PREPROCESS_CHUNK = 256
@@ -408,7 +408,7 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                     artifacts.append(artifact)
                     log(summary_line(artifacts[-1]))
                 shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-                golden = write_golden(tmp, meta, parity_set.images, data, outputs)
+                golden = write_golden(tmp, meta, parity_set.images, data, header.contract, outputs)
                 manifest = replace(header, artifacts=tuple(artifacts), timings=timings, golden=golden,
                                    provenance=provenance.gather(meta, data, ctx.calibration_fingerprint))
                 write_manifest(tmp, manifest)
@@ -419,19 +419,20 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
     return manifest
 
 
-def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: ParityData,
+def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: ParityData, contract: str,
                  outputs: dict[str, np.ndarray] | None = None) -> Golden:
     """The first GOLDEN_SAMPLES parity images (`images`: the parity set, uint8, before normalisation: small, and it
     checks normalisation too) with torch's logits for them, and each servable artifact's own logits for them
     (`outputs`, by artifact id), for servers to check an artifact against before they call it ready
-    (runtimes.loader.verify_golden)."""
+    (runtimes.loader.verify_golden), and the manifest's `contract` digest (runtimes.loader.check_contract)."""
     n = min(GOLDEN_SAMPLES, len(data.x))
     pixels = np.stack([to_uint8(_decoded(images, i), meta.preprocessing) for i in range(n)])
     if not np.array_equal(normalize(pixels, meta.preprocessing), data.x[:n]):
         raise ExportError("golden inputs do not reproduce the parity images (preprocessing is not deterministic)")
     path = bundle / GOLDEN_FILE
     own = {own_outputs_key(k): np.asarray(v, np.float32) for k, v in sorted((outputs or {}).items())}
-    np.savez_compressed(path, pixels=pixels, logits=data.reference[:n], **own)
+    np.savez_compressed(path, pixels=pixels, logits=data.reference[:n], **own,
+                        **{CONTRACT_KEY: np.frombuffer(bytes.fromhex(contract), np.uint8)})
     return Golden(file=file_entries(bundle, [path])[0], samples=n)
 
 

@@ -1,4 +1,5 @@
-"""Parity report: one table across every artifact of a bundle, read from its manifest (no runtime needed).
+"""Parity report: one table across every artifact of a bundle, read from its manifest (no runtime needed), with
+every listed file checked against its sha256 (a corrupt artifact is not reported servable).
 
 `python -m export.report BUNDLE [BUNDLE ...] [--markdown] [--png parity.png]`
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from models.bundle import BundleError, Manifest, read_manifest
+from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
 from models.cli import OneLineParser
 from models.io import atomic_write_bytes
 
@@ -21,9 +22,29 @@ COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err
            "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
 
 
-def rows(manifest: Manifest) -> list[list[str]]:
-    """One formatted row per artifact."""
+def integrity(bundle: Path, manifest: Manifest) -> dict[str, str]:
+    """What is wrong with the bundle's files, one line each: "golden" (the golden inputs, or a manifest edited
+    after export) and each servable artifact's id (a file missing, or not matching its sha256). Empty: all sound."""
+    from runtimes.loader import check_contract
+
+    problems = {}
+    if manifest.golden is not None:
+        try:
+            check_contract(verify_file(bundle, manifest.golden.file, "golden inputs"), manifest)
+        except BundleError as exc:
+            problems["golden"] = first_line(exc)
+    for a in manifest.servable():
+        try:
+            verify_files(bundle, a)
+        except BundleError as exc:
+            problems[a.id] = first_line(exc)
+    return problems
+
+
+def rows(manifest: Manifest, problems: dict[str, str] | None = None) -> list[list[str]]:
+    """One formatted row per artifact (`problems`: what `integrity` found, by artifact id)."""
     out = []
+    problems = problems or {}
     for a in manifest.artifacts:
         p = a.parity.to_dict() if a.parity else {}
         size = sum(f.bytes for f in a.files or a.refused_files)
@@ -32,7 +53,8 @@ def rows(manifest: Manifest) -> list[list[str]]:
             return format(p[key], fmt) if isinstance(p.get(key), int | float) else "-"
 
         delta = f"{p['accuracy_delta'] * 100:+.2f}" if "accuracy_delta" in p else "-"
-        status = "servable" if a.servable else f"REFUSED: {a.refused_reason}"
+        status = (f"CORRUPT: {problems[a.id]}" if a.id in problems
+                  else "servable" if a.servable else f"REFUSED: {a.refused_reason}")
         out.append([
             a.id, f"{a.runtime} {a.runtime_version}".strip(), f"{size / 1e6:.2f}",
             f"{a.export_seconds:.1f}", num("max_abs_err", ".1e"), num("max_rel_err", ".1e"),
@@ -42,9 +64,9 @@ def rows(manifest: Manifest) -> list[list[str]]:
     return out
 
 
-def table(manifest: Manifest, markdown: bool = False) -> str:
-    """The report for one bundle as aligned text (or a Markdown table)."""
-    body = rows(manifest)
+def table(manifest: Manifest, markdown: bool = False, problems: dict[str, str] | None = None) -> str:
+    """The report for one bundle as aligned text (or a Markdown table); `problems` as `integrity` finds them."""
+    body = rows(manifest, problems)
     p = next((a.parity for a in manifest.artifacts if a.parity), None)
     hub = manifest.timings.get("onnx_hub_seconds")
     m, i = manifest, manifest.input
@@ -53,6 +75,8 @@ def table(manifest: Manifest, markdown: bool = False) -> str:
     title = (f"{m.name}: {m.model} ({m.stem} stem), input {i.height}x{i.width}, batch 1..{i.max_batch}; "
              f"{measured}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
     title += "\n" + provenance_line(m)
+    if problems and "golden" in problems:
+        title += f"\nCORRUPT: {problems['golden']}"
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -178,13 +202,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:  # the bundle became unwritable while it was measured
             print(f"error: served path: cannot record it in the manifest: {exc.strerror or exc}", file=sys.stderr)
             return 2
-    print("\n\n".join(table(m, args.markdown) for m in manifests))
+    found = [integrity(Path(b), m) for m, b in zip(manifests, args.bundles, strict=True)]
+    print("\n\n".join(table(m, args.markdown, p) for m, p in zip(manifests, found, strict=True)))
     if args.png:
         try:
             print(f"plot: {plot(manifests, args.png)}")
         except OSError as exc:
             print(f"error: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
             return 2
+    corrupt = [f"{b}: {', '.join(p)}" for b, p in zip(args.bundles, found, strict=True) if p]
+    if corrupt:  # the table says what is wrong with each
+        print(f"error: corrupt, will not load: {'; '.join(corrupt)}", file=sys.stderr)
+        return 2
     return 0
 
 

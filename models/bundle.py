@@ -30,6 +30,7 @@ File paths are relative to the bundle directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -454,6 +455,14 @@ class Manifest:
     provenance: Provenance | None = None  # None: exported before bundles recorded it
     golden: Golden | None = None
     served: ServedParity | None = None  # None: the serving path has not been measured
+    # contract_sha256 of the manifest.json this was read from ("" when built in code): the JSON as written, so a
+    # newer vitc that writes more fields still reproduces an older bundle's digest.
+    read_contract: str = field(default="", repr=False, compare=False)
+
+    @property
+    def contract(self) -> str:
+        """contract_sha256 of this manifest: as read from disk, else of what `to_dict` writes."""
+        return self.read_contract or contract_sha256(self.to_dict())
 
     def servable(self, runtime: str | None = None) -> list[Artifact]:
         """Artifacts that passed their parity gate, optionally of one runtime."""
@@ -527,9 +536,26 @@ class Manifest:
             provenance=Provenance.read(p) if (p := r.obj("provenance", None)) else None,
             golden=Golden.read(g) if (g := r.obj("golden", None)) else None,
             served=ServedParity.read(v) if (v := r.obj("served", None)) else None,
+            read_contract=contract_sha256(raw),
         )
         _check_consistent(manifest, r)
         return manifest
+
+
+CONTRACT_FIELDS = ("model", "stem", "config", "class_names", "preprocessing", "input", "output")
+BATCH_FIELDS = ("min_batch", "max_batch")  # a bundle's batch range is not part of what an answer means
+
+
+def contract_sha256(doc: dict[str, Any]) -> str:
+    """sha256 of what a served answer means besides the artifact, in a manifest document: the model and its
+    config, the class names, the preprocessing and the input and output tensors. golden.npz (whose own sha256 the
+    manifest holds) records it at export, so an edited manifest (relabelled classes, another resize or colour
+    mode) is refused at load instead of served: the golden inputs, already preprocessed, cannot notice those."""
+    picked = {k: doc.get(k) for k in CONTRACT_FIELDS}
+    if isinstance(picked["input"], dict):
+        picked["input"] = {k: v for k, v in picked["input"].items() if k not in BATCH_FIELDS}
+    text = json.dumps(picked, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_consistent(m: Manifest, r: Fields) -> None:

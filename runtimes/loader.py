@@ -80,6 +80,7 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
     path = Path(bundle).resolve() / golden.file.path
     if Path(bundle).resolve() not in path.parents or not path.is_file() or sha256_file(path) != golden.file.sha256:
         raise BundleError(f"golden inputs {golden.file.path!r} are missing or do not match their sha256")
+    check_contract(path, manifest)
     pixels, reference = read_golden(path, manifest)
     own = read_golden_outputs(path, manifest, artifact.id)
     verify_golden(backend, normalize(pixels, manifest.preprocessing), reference, artifact, own, compute,
@@ -178,6 +179,18 @@ def read_golden(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]
     return pixels, logits
 
 
+CONTRACT_KEY = "contract"  # golden.npz: the manifest's contract_sha256 at export, 32 bytes
+
+
+def check_contract(path: Path, manifest: Manifest) -> None:
+    """BundleError when the manifest's model contract (class names, preprocessing, config, tensors) is not the one
+    the golden file recorded at export; bundles exported before that record pass."""
+    recorded = _optional_member(path, manifest, CONTRACT_KEY, np.dtype(np.uint8), (32,))
+    if recorded is not None and recorded.tobytes().hex() != manifest.contract:
+        raise BundleError("manifest.json was edited after export: its class names, preprocessing, config or tensors "
+                          f"differ from what {manifest.golden.file.path!r} recorded; restore it or re-export")
+
+
 def own_outputs_key(artifact_id: str) -> str:
     """The golden.npz array holding what artifact `artifact_id` computed for the golden inputs at export."""
     return f"outputs.{artifact_id}"
@@ -187,22 +200,28 @@ def read_golden_outputs(path: Path, manifest: Manifest, artifact_id: str) -> np.
     """What the artifact computed for the golden inputs at export (float32 (n, classes)), or None when the bundle
     predates that record; checked like `read_golden`. Raises BundleError (one line)."""
     dtype, shape = golden_layout(manifest)["logits"]
-    name = own_outputs_key(artifact_id)
+    own = _optional_member(path, manifest, own_outputs_key(artifact_id), dtype, shape)
+    if own is not None and not np.isfinite(own).all():
+        raise BundleError(f"golden inputs {manifest.golden.file.path!r}: the outputs recorded for {artifact_id!r} "
+                          "are not finite; re-export the bundle")
+    return own
+
+
+def _optional_member(path: Path, manifest: Manifest, name: str, dtype: np.dtype,
+                     shape: tuple[int, ...]) -> np.ndarray | None:
+    """One array of the golden .npz that older bundles lack (None then), checked like `read_golden`."""
     fail = f"golden inputs {manifest.golden.file.path!r}"
     try:
         with zipfile.ZipFile(path) as z:
             if f"{name}.npy" not in z.namelist():
                 return None
-            own = _read_member(z, name, dtype, shape)
+            return _read_member(z, name, dtype, shape)
     except BundleError as exc:
         raise BundleError(f"{fail}: {exc}; re-export the bundle") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, ValueError, EOFError, OSError,
             NotImplementedError, RuntimeError) as exc:
         raise BundleError(f"{fail} are unreadable ({type(exc).__name__}: {first_line(exc)[:200]}); "
                           "re-export the bundle") from None
-    if not np.isfinite(own).all():
-        raise BundleError(f"{fail}: the outputs recorded for {artifact_id!r} are not finite; re-export the bundle")
-    return own
 
 
 def _read_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

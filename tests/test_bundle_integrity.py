@@ -1,0 +1,75 @@
+"""A bundle whose manifest.json was edited after export (relabelled classes, another resize, filter or colour
+mode) is refused at load: golden.npz records the manifest's model contract, and its own sha256 is in the
+manifest. Edits outside the contract (the batch range, the served-path record) still load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_serve_fixtures import micro_bundle
+
+import runtimes
+from models.bundle import BundleError, read_manifest
+
+pytestmark = pytest.mark.skipif(not runtimes.get("onnxruntime").installed(), reason="onnxruntime is not installed")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return micro_bundle(tmp_path_factory)
+
+
+def _edited(bundle: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001 - a function of the manifest dict
+    out = tmp_path / "b"
+    shutil.copytree(bundle, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    edit(raw)
+    (out / "manifest.json").write_text(json.dumps(raw))
+    return out
+
+
+def _load(path: Path) -> None:
+    runtimes.open_backend(path, read_manifest(path), "onnxruntime").close()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["class_names"].reverse(),
+    lambda m: m["preprocessing"].update(resize=48),
+    lambda m: m["preprocessing"].update(interpolation="nearest"),
+    lambda m: m["config"].update(depth=m["config"]["depth"] - 1),
+], ids=["relabelled", "resize", "interpolation", "depth"])
+def test_an_edited_model_contract_is_refused_at_load(bundle, tmp_path, edit):
+    edited = _edited(bundle, tmp_path, edit)
+    with pytest.raises(BundleError, match="manifest.json was edited after export") as info:
+        _load(edited)
+    assert "\n" not in str(info.value)
+
+
+def test_edits_outside_the_contract_still_load(bundle, tmp_path):
+    _load(bundle)
+
+    def outside(m: dict) -> None:
+        m["input"]["max_batch"] = 16
+        m["created"] = "2020-01-01T00:00:00Z"
+        m["name"] = "renamed"
+    _load(_edited(bundle, tmp_path, outside))
+
+
+def test_the_report_checks_the_files_it_reports_on(bundle, tmp_path, capsys):
+    from export.report import main
+
+    assert main([str(bundle)]) == 0
+    capsys.readouterr()
+    broken = _edited(bundle, tmp_path, lambda m: m["class_names"].reverse())
+    with open(broken / "model.onnx", "ab") as f:  # one artifact corrupt, the others sound
+        f.write(b"x")
+    assert main([str(broken)]) == 2
+    out, err = capsys.readouterr()
+    assert "CORRUPT: manifest.json was edited after export" in out
+    onnx = next(line for line in out.splitlines() if line.startswith("onnx-fp32"))
+    assert "CORRUPT: artifact file" in onnx and "sha256" in onnx
+    assert all("CORRUPT" not in line for line in out.splitlines() if line.startswith("openvino-"))
+    assert err.strip() == f"error: corrupt, will not load: {broken}: golden, onnx-fp32"
