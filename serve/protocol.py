@@ -2,14 +2,17 @@
 
 A request body is a JSON object, optionally followed by raw little-endian tensor bytes; the
 `Inference-Header-Content-Length` header then gives the JSON's length, and each binary input says its size
-in `parameters.binary_data_size`. Outputs are returned as binary when asked (`binary_data_output` on the
-request or `binary_data` on an output), JSON otherwise; `classification: k` returns Triton's top-k strings.
+in `parameters.binary_data_size`. A header of 0 is Triton's raw binary request: the whole body is the one
+input's tensor, a batch of one, and every output is answered in binary. Outputs are returned as binary when
+asked (`binary_data_output` on the request or `binary_data` on an output), JSON otherwise; `classification: k`
+returns Triton's top-k strings.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +105,11 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 MAX_DIMS = 8  # a tensor shape with more dimensions is refused before anything is allocated for it
 MAX_DIM = 1 << 31
-MAX_ID_CHARS = 256
+# The spec bounds no `id` and says it must be returned (Triton takes any string the body limit allows); this bound
+# only keeps an id to the size of a request's headers, far beyond any UUID or trace id.
+MAX_ID_CHARS = 65_536
+MAX_HEADER_DIGITS = 20  # more than any body's length has (int() of 4,300 digits raises)
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _KINDS = {"U": "strings", "S": "strings", "f": "fractional numbers", "b": "booleans",
           "O": "integers beyond 64 bits, or a mix of numbers and other values"}
 
@@ -111,27 +118,26 @@ def _refuse_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not a number in JSON (non-finite values are refused)")
 
 
-def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None) -> InferRequest:
+def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None,
+                  raw_input: tuple[str, tuple[int, ...]] | None = None) -> InferRequest:
     """Body (+ Inference-Header-Content-Length) -> InferRequest; raises ProtocolError with a reason.
 
     Everything a hostile body can do is a 4xx: invalid or deeply nested JSON, more arrays and objects than a
     request for the model holds (`max_containers`), numbers beyond every float, integer
     literals too long to convert, NaN/Infinity, shapes with too many or too large dimensions, values out of their
-    datatype's range, non-finite floats in binary data.
+    datatype's range, non-finite floats in binary data. A header of 0 is a raw binary request for the model's
+    one FP32 input `raw_input` (name, shape of a batch of one).
     """
-    if header_length is not None:
-        if not header_length.strip().isdecimal() or not header_length.strip().isascii():  # no sign, no "1_0"
-            raise ProtocolError(f"{HEADER_LENGTH} must be a decimal integer, got {header_length[:40]!r}")
-        n = int(header_length)
-        if not 0 <= n <= len(body):
-            raise ProtocolError(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
-        head, binary = body[:n], memoryview(body)[n:]
-    else:
-        head, binary = body, memoryview(b"")
-    if max_containers is not None and (n := head.count(b"[") + head.count(b"{")) > max_containers:
+    n = _header_length(header_length, len(body))
+    if n == 0:
+        if raw_input is None:
+            raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) needs a model with one input")
+        return _parse_raw(body, *raw_input)
+    head, binary = (body, memoryview(b"")) if n is None else (body[:n], memoryview(body)[n:])
+    if max_containers is not None and (containers := head.count(b"[") + head.count(b"{")) > max_containers:
         # Counted before parsing: each costs a Python object many times its two bytes of JSON.
-        raise ProtocolError(f"request JSON holds {n} arrays and objects; a request for this model holds at most "
-                            f"{max_containers}")
+        raise ProtocolError(f"request JSON holds {containers} arrays and objects; a request for this model holds "
+                            f"at most {max_containers}")
     try:
         doc = json.loads(head, parse_constant=_refuse_constant)
     except ProtocolError:
@@ -139,6 +145,11 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
     except RecursionError:
         raise ProtocolError("request JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and integers beyond 4300 digits
+        end = _json_end(head, exc)
+        if end is not None:  # a binary-extension body sent without its header, or with a wrong one
+            raise ProtocolError(f"the body continues after the JSON at byte {end}: to send binary tensor data "
+                                f"after the JSON, send {HEADER_LENGTH}: {end}"
+                                + ("" if n is None else f" (not {n})")) from None
         raise ProtocolError(f"request is not valid JSON: {_short(exc)}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("request must be a JSON object")
@@ -172,6 +183,46 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
     if not isinstance(binary_output, bool):
         raise ProtocolError("parameters.binary_data_output must be true or false")
     return InferRequest(rid, inputs, outputs, binary_output)
+
+
+def _header_length(value: str | None, size: int) -> int | None:
+    """The JSON header's length in bytes from Inference-Header-Content-Length (None: the whole body is JSON)."""
+    if value is None:
+        return None
+    digits = value.strip()
+    if not digits.isdecimal() or not digits.isascii():  # no sign, no "1_0"
+        raise ProtocolError(f"{HEADER_LENGTH} must be a decimal integer, got {value[:40]!r}")
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > MAX_HEADER_DIGITS or int(digits) > size:
+        raise ProtocolError(f"{HEADER_LENGTH} {digits[:40]} is outside the body of {size} bytes")
+    return int(digits)
+
+
+def _parse_raw(body: bytes, name: str, shape: tuple[int, ...]) -> InferRequest:
+    """Triton's raw binary request: the body is exactly the FP32 tensor `shape`; every output comes back binary."""
+    want = math.prod(shape) * DTYPES["FP32"].itemsize
+    if len(body) != want:
+        raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) is input {name!r} as FP32 {list(shape)}: "
+                            f"{want} bytes, got {len(body)}")
+    arr = np.frombuffer(body, DTYPES["FP32"]).astype(np.float32).reshape(shape)
+    return InferRequest(None, {name: _finite(name, arr)}, None, binary_output=True)
+
+
+def _json_end(body: bytes, exc: Exception) -> int | None:
+    """Where a JSON object at the start of `body` ends (a byte offset) when more bytes follow it and made
+    `exc`; None when the JSON itself is what is wrong."""
+    if isinstance(exc, UnicodeDecodeError):  # bytes that are not UTF-8: the text before them holds the JSON
+        text = body[:exc.start].decode("utf-8", "surrogatepass")  # as json.loads decodes
+    elif isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":
+        text = exc.doc
+    else:
+        return None
+    try:
+        doc, end = json.JSONDecoder().raw_decode(text, _JSON_SPACE.match(text).end())
+    except (ValueError, RecursionError):
+        return None
+    # Byte offset of the end (not the error's position: tensor bytes may look like JSON whitespace).
+    return len(text[:end].encode("utf-8", "surrogatepass")) if isinstance(doc, dict) else None
 
 
 def _short(exc: BaseException) -> str:

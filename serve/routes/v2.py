@@ -50,8 +50,10 @@ HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
 
 def _check_version(model: ServedModel, version: str | None) -> None:
-    if version is not None and version != model.version:
-        raise APIError(404, f"model {model.name!r} has no version {version!r} loaded; serving version {model.version}")
+    # Triton reads the path's version as an integer (std::stol): "01" is version 1.
+    if version is not None and not (version.isascii() and version.isdigit() and version.lstrip("0") == model.version):
+        raise APIError(404, f"model {model.name!r} has no version {version[:40]!r} loaded; "
+                            f"serving version {model.version}")
 
 
 def _metadata(model: ServedModel) -> dict[str, Any]:
@@ -234,7 +236,9 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {
                                                                              "binary_data, classification"}}}}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
                                             "Triton's binary tensor extension: the JSON header (its length in the "
-                                            "Inference-Header-Content-Length header), then the tensors' bytes"}},
+                                            "Inference-Header-Content-Length header), then the tensors' bytes; "
+                                            "with a length of 0, only the input's FP32 bytes, a batch of one "
+                                            "(every output is answered in binary)"}},
 }}}
 
 
@@ -253,8 +257,9 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
     try:
         with stage(request, "decode"):
             body = await inflated(request, body, request.headers.get("content-encoding"), settings.max_body_bytes)
-            parsed = await off_loop(request, parse_request, body, next(iter(lengths), None),
-                                    json_containers(served(request, name)))
+            model = served(request, name)
+            parsed = await off_loop(request, parse_request, body, next(iter(lengths), None), json_containers(model),
+                                    (model.input_name, (1, *model.sample_shape)))
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc), exc.headers) from None
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version
