@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.config import MAX_LABEL_CHARS, is_label
-from models.preprocessing import Preprocessing, upright
+from models.preprocessing import Preprocessing, plain_mode, upright
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -265,7 +265,8 @@ def decode_checked(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as img:
             img.load()
-            return upright(img)
+            return plain_mode(upright(img))  # as the server decodes: a YCbCr TIFF reaches a grey model via RGB
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-        # DecompressionBombError (beyond PIL's pixel bound) is not an OSError: a bomb counts as unreadable.
+        # DecompressionBombError (beyond PIL's pixel bound) is not an OSError: a bomb counts as unreadable, and so
+        # does a colour mode Pillow cannot convert (LAB).
         return None

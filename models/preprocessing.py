@@ -132,6 +132,17 @@ def upright(img: Image.Image) -> Image.Image:
         return img
 
 
+# Modes `to_mode` converts itself; `plain_mode` brings the others (CMYK, YCbCr, LAB, HSV) to RGB first.
+NATIVE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I", "F", "I;16", "I;16B", "I;16L",
+                          "I;16N"})
+
+
+def plain_mode(img: Image.Image) -> Image.Image:
+    """`img` in a mode `to_mode` takes: exotic colour modes converted to RGB (ValueError when Pillow cannot). Every
+    decoder (training, evaluation, the server) calls it, so a YCbCr TIFF reaches a grey model the same way."""
+    return img if img.mode in NATIVE_MODES else img.convert("RGB")
+
+
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """Convert any PIL image (alpha, palette, 16-bit, CMYK, grey) to 8-bit `mode` ("RGB" or "L")."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -187,7 +198,9 @@ def to_uint8(img: Image.Image, spec: Preprocessing) -> np.ndarray:
 
     Shorter side to spec.resize, then the centred spec.crop square (PIL, antialiased), computed on the crop's
     footprint only: the cost is bounded by the crop whatever the aspect ratio (a 2 x 1,000,000 strip costs what a
-    small square does), and the output equals resizing the whole image and then cropping it.
+    small square does). The output matches resizing the whole image and then cropping it to within one level on a
+    few pixels (PIL's fixed-point filter weights start from another origin); training, evaluation and the server
+    all compute it this same way, so they agree exactly.
     """
     arr = _pixels(img, spec)
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocessing import Preprocessing, image_input, upright
+from models.preprocessing import Preprocessing, image_input, plain_mode, upright
 from serve.workpool import PixelBudget
 
 # Pillow decoders the server accepts (those this Pillow build has); anything else is never parsed.
@@ -24,8 +24,6 @@ CONTENT_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
     "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream",
 })
-# Modes `models.preprocessing.to_mode` converts itself; others are brought to RGB here first.
-_NATIVE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 class ImageError(ValueError):
@@ -135,12 +133,10 @@ def load_pixels(img: Image.Image) -> Image.Image:
     except Exception as exc:  # truncated, corrupt, or a decoder tripping over hostile data
         raise ImageError(400, f"image data is truncated or corrupt ({_short(exc)})") from None
     img = upright(img)  # EXIF orientation, exactly as training and evaluation decode
-    if img.mode not in _NATIVE_MODES:
-        try:
-            img = img.convert("RGB")  # CMYK (Adobe inverted or not), YCbCr, HSV, ...
-        except ValueError as exc:
-            raise ImageError(400, f"unsupported colour mode {img.mode} ({_short(exc)})") from None
-    return img
+    try:
+        return plain_mode(img)  # CMYK (Adobe inverted or not), YCbCr, HSV, ...
+    except ValueError as exc:
+        raise ImageError(400, f"unsupported colour mode {img.mode} ({_short(exc)})") from None
 
 
 def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:

@@ -653,3 +653,17 @@ def test_the_body_budget_gives_memory_back_once_a_burst_is_over(monkeypatch):
         budget.give(chunk)
         assert len(trims) == (1 if i >= 5 else 0)  # once, when three quarters of the peak are given back
     assert budget.held == 0
+
+
+def test_exotic_colour_modes_reach_a_model_as_training_decodes_them(tmp_path):
+    from data.datasets import decode_checked
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
+    for mode in ("L", "RGB"):
+        spec = Preprocessing(resize=32, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3, mode=mode)
+        for exotic in ("YCbCr", "CMYK", "LAB"):
+            path = tmp_path / f"x-{exotic}.tif"
+            Image.fromarray(rgb).convert(exotic).save(path)
+            served = prepare(path.read_bytes(), spec, max_pixels=10**7, jpeg_draft=False)
+            # Training went YCbCr -> L directly (the Y band), the server via RGB: one grey level apart.
+            np.testing.assert_array_equal(served, preprocess([decode_checked(path)], spec))
