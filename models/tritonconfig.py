@@ -1,41 +1,51 @@
 """A Triton `config.pbtxt` (protobuf text format), read when vitc serves a Triton-style repository, so that a
 model's configuration means in vitc what it means in Triton, and what Triton would refuse is refused here too.
 
-What vitc honours: `max_batch_size`; `dynamic_batching` (its `max_queue_delay_microseconds`, 0 when not given, as
-in Triton; without the block no request waits for companions: delay 0); `version_policy` (vitc serves one version:
-the newest, or the highest of a `specific` list, each of which must exist); `instance_group` (all KIND_CPU: the
-model runs on the CPU whatever the server's --device, as Triton runs it on a GPU machine).
-What must agree with the artifact, or the load is refused: `name` (the model directory's), `platform` and
-`backend`, the input and output names, data types and dims. A field that is not a ModelConfig field is refused,
-as Triton's parser does. The file is bounded and scanned token by token (strings, comments and nesting
-understood), never executed; no protobuf library is needed.
+What vitc honours: `max_batch_size` (0: Triton does not batch, the dims start with the batch dimension -1 and each
+request carries its own batch, up to what the artifact takes); `dynamic_batching` (its `max_queue_delay_microseconds`,
+0 when not given, as in Triton; without the block no request waits for companions: delay 0); `version_policy` (vitc
+serves one version: the newest, or the highest of a `specific` list, each of which must exist); `instance_group` (all
+KIND_CPU: the model runs on the CPU whatever the server's --device, as Triton runs it on a GPU machine); the output's
+`label_filename` (the classification extension's labels, one a line, as Triton reads them).
+What must agree with the artifact, or the load is refused: `name` (the model directory's), `platform` and `backend`,
+`default_model_filename`, the input and output names, data types and dims. Every field name, value kind and enum
+value is checked against Triton's model_config.proto (models.tritonschema), as Triton's parser checks them, and so
+are the rules of Triton's model_config_utils.cc and of its backends that bear on what vitc serves. The file is
+bounded and scanned token by token (strings, comments and nesting understood), never executed; no protobuf library
+is needed.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from models.bundle import TRITON_CONFIG_FILE
+from models.tritonschema import ENUMS, INT_RANGES, ONEOFS, POLICIES, SCHEMA
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_LABELS_BYTES = 1 << 20
 MAX_QUEUE_DELAY_US = 60_000_000  # what python -m export.triton accepts
 MAX_VERSION = 2**63 - 1  # Triton's versions are int64
 _TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[A-Za-z_][A-Za-z0-9_.]*"""
                     r"""|[-+]?[0-9][0-9A-Za-z_.+-]*|[-+]?\.[0-9][0-9A-Za-z_.+-]*|[{}\[\]<>:,;])""")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Integers as protobuf's text format writes them: decimal, 0x hexadecimal, 0-prefixed octal.
+_INTEGER = re.compile(r"(-?)(?:0[xX](?P<hex>[0-9A-Fa-f]{1,20})|0(?P<oct>[0-7]{1,30})|(?P<dec>0|[1-9][0-9]{0,24}))")
+_FLOAT = re.compile(r"-?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?|(?i:inf|infinity|nan))")
+_BOOLS = frozenset({"true", "True", "t", "1", "false", "False", "f", "0"})
 _MAX_DEPTH = 32
 _PUNCTUATION = frozenset("{}<>[]:,;")
-# The fields of Triton's ModelConfig message (model_config.proto): any other top-level name fails Triton's parse.
-MODEL_CONFIG_FIELDS = frozenset({
-    "name", "platform", "backend", "runtime", "version_policy", "max_batch_size", "input", "output", "batch_input",
-    "batch_output", "optimization", "dynamic_batching", "sequence_batching", "ensemble_scheduling", "instance_group",
-    "default_model_filename", "cc_model_filenames", "metric_tags", "parameters", "model_warmup", "model_operations",
-    "model_transaction_policy", "model_repository_agents", "response_cache", "model_metrics",
-})
-_POLICIES = ("latest", "all", "specific")
+
+# Triton's auto-fill of an absent `backend` (model_config_utils.cc AutoCompleteBackendFields): from the platform
+# onnxruntime_onnx or tensorrt_plan, or from default_model_filename; never from platform "openvino", and an empty
+# backend is then refused (ValidateModelConfig: "unexpected platform type").
+_PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+_FILE_BACKENDS = {"model.plan": "tensorrt", "model.onnx": "onnxruntime", "model.xml": "openvino"}
+# openvino_backend src/openvino.cc ModelInstanceState: "Triton OpenVINO backend supports only Kind CPU and AUTO".
+_CPU_BACKENDS = frozenset({"openvino"})
 
 
 class ConfigError(ValueError):
@@ -89,12 +99,17 @@ class TritonConfig:
     platform: str | None = None
     backend: str | None = None
     max_batch_size: int | None = None
+    # Whether requests wait for companions and merge: the dynamic_batching block, on a model with a batch dimension
+    # (with max_batch_size 0 Triton's scheduler runs batches of one request: dynamic_batch_scheduler.cc
+    # `max_batch_size_((size_t)std::max(1, max_batch_size))`).
     dynamic_batching: bool = False
     max_queue_delay_us: int | None = None  # None: no dynamic_batching delay given
     inputs: tuple[Tensor, ...] = ()
     outputs: tuple[Tensor, ...] = ()
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     instance_kinds: tuple[str, ...] = ()
+    default_model_filename: str | None = None
+    label_filename: str | None = None  # the output's, relative to the model directory
 
     @property
     def cpu_only(self) -> bool:
@@ -103,18 +118,80 @@ class TritonConfig:
 
     def check(self, *, name: str, platform: str, backend: str | None, input: Tensor, output: Tensor) -> None:
         """ConfigError when the configuration contradicts the model directory or its artifact (Triton refuses
-        such a model too)."""
+        such a model too); `input` and `output` are the artifact's, without the batch dimension."""
         if self.name is not None and self.name != name:
             raise ConfigError(f"name {self.name[:128]!r} is not the model directory's name {name!r}")
         if self.platform is not None and self.platform != platform:
             raise ConfigError(f"platform {self.platform[:64]!r} is not the artifact's ({platform!r})")
         if self.backend is not None and self.backend != backend:
             raise ConfigError(f"backend {self.backend[:64]!r} is not the artifact's ({backend or 'none'!r})")
-        for what, given, expected in (("input", self.inputs, input), ("output", self.outputs, output)):
+        if backend is not None and self.backend is None and self.platform is not None:
+            filled = _PLATFORM_BACKENDS.get(self.platform) or _FILE_BACKENDS.get(self.default_model_filename or "")
+            if filled != backend:
+                triton = f"picks backend {filled!r}" if filled else "refuses it (unexpected platform type)"
+                raise ConfigError(f"platform {self.platform!r} without backend: Triton {triton}; give backend: "
+                                  f"\"{backend}\"")
+        other = sorted(set(self.instance_kinds) - {"KIND_CPU", "KIND_AUTO"}) if backend in _CPU_BACKENDS else []
+        if other:
+            raise ConfigError(f"instance_group kind {other[0]}: Triton's {backend} backend supports only KIND_CPU "
+                              "and KIND_AUTO")
+        # max_batch_size 0: Triton does not batch, so the dims carry the batch dimension themselves.
+        batch = (-1,) if self.max_batch_size == 0 else ()
+        for what, given, artifact in (("input", self.inputs, input), ("output", self.outputs, output)):
+            expected = replace(artifact, dims=batch + artifact.dims)
             if given and given != (expected,):
                 got = "; ".join(f"{t.name[:64]!r} {t.data_type} {list(t.dims)}" for t in given[:4])
+                why = " (max_batch_size 0: the dims start with the batch dimension -1)" if batch else ""
                 raise ConfigError(f"{what} {got} is not the artifact's {what}: {expected.name!r} "
-                                  f"{expected.data_type} {list(expected.dims)}")
+                                  f"{expected.data_type} {list(expected.dims)}{why}")
+
+    def check_files(self, version_dir: Path, model_file: str | None) -> None:
+        """ConfigError when default_model_filename names a file the version directory does not hold (Triton's
+        backend cannot open it) or another file than the artifact's `model_file` (None: any), the one vitc serves."""
+        given = self.default_model_filename
+        if given is None or given == model_file:
+            return
+        try:
+            held = (version_dir / given).exists()
+        except (OSError, ValueError):  # a name too long, or holding a NUL
+            held = False
+        if not held:
+            raise ConfigError(f"default_model_filename {given[:128]!r} names a file that {version_dir} does not hold")
+        if model_file is not None:
+            raise ConfigError(f"default_model_filename {given[:128]!r} is not the artifact's file ({model_file!r}), "
+                              "the one vitc serves")
+
+    def labels(self, model_dir: Path, classes: int) -> list[str] | None:
+        """The classification labels in the output's label_filename (one a line, as Triton reads them), or None
+        when it names none; ConfigError when the file is outside `model_dir`, unreadable, larger than
+        MAX_LABELS_BYTES or not one line per class."""
+        name = self.label_filename
+        if name is None:
+            return None
+        where = f"label_filename {name[:128]!r}"
+        # Triton refuses a label file outside the model directory (model.cc: "is outside model directory").
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise ConfigError(f"{where} must name a file inside the model directory")
+        path, raw = model_dir / name, None
+        try:
+            if path.is_file():
+                with path.open("rb") as f:
+                    raw = f.read(MAX_LABELS_BYTES + 1)
+        except (OSError, ValueError) as exc:  # unreadable, a name too long, or holding a NUL
+            raise ConfigError(f"{where}: {path} cannot be read ({exc})") from None
+        if raw is None:
+            raise ConfigError(f"{where}: {model_dir} holds no such file (Triton refuses the load)")
+        if len(raw) > MAX_LABELS_BYTES:
+            raise ConfigError(f"{where}: {path} is larger than {MAX_LABELS_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+        # Triton splits it with std::getline: a final newline ends the last line, it does not start another.
+        lines = text.count("\n") + (text != "" and not text.endswith("\n"))
+        if lines != classes:
+            raise ConfigError(f"{where}: {path} holds {lines} lines, one label per class was expected ({classes})")
+        return text.split("\n")[:classes]
 
 
 def _tokens(text: str) -> list[str]:
@@ -203,65 +280,101 @@ def _unquote(tok: str) -> str:
     return re.sub(r"\\([\"'\\])", r"\1", tok[1:-1])
 
 
-def _one(msg: dict[str, list[Any]], name: str, where: str = "") -> Any:
-    values = msg.get(name)
-    if not values:
+def _checked(msg: dict[str, list[Any]], message: str, path: str = "") -> None:
+    """Refuse in `msg`, a `message`, what Triton's protobuf text parser refuses: a field the message lacks, a
+    non-repeated field given twice, two members of one oneof, a value of the wrong kind or out of its type's range, a
+    name its enum lacks. Integers are normalised to decimal and enum numbers to names (data_type: 11 is TYPE_FP32)."""
+    fields = SCHEMA[message]
+    for name, values in msg.items():
+        spec = fields.get(name)
+        if spec is None:
+            raise ConfigError(f"{path}{name[:64]} is not a field of {message} (Triton's parser refuses it)")
+        if len(values) > 1 and not spec.repeated:
+            raise ConfigError(f"{path}{name} is given twice")
+        for i, value in enumerate(values):
+            values[i] = _value(value, spec.type, f"{path}{name}[{i}]" if spec.repeated else f"{path}{name}")
+    given = [f for f in ONEOFS.get(message, ()) if f in msg]
+    if len(given) > 1:
+        raise ConfigError(f"{path}{given[0]} and {path}{given[1]} are both given: {message} takes one of "
+                          f"{', '.join(ONEOFS[message])}")
+
+
+def _value(value: Any, type_name: str, where: str) -> Any:
+    if type_name in SCHEMA:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a {{ ... }} block (type {type_name}), got {str(value)[:40]!r}")
+        _checked(value, type_name, f"{where}.")
+        return value
+    if isinstance(value, dict):
+        raise ConfigError(f"{where} takes type {type_name}, not a {{ ... }} block")
+    if type_name == "string":
+        if not isinstance(value, _Quoted):
+            raise ConfigError(f"{where} must be a quoted string, got {value[:40]!r}")
+        return value
+    if isinstance(value, _Quoted):
+        raise ConfigError(f"{where} takes type {type_name}, not the quoted string {value[:40]!r}")
+    if type_name in ENUMS:
+        names = ENUMS[type_name]
+        number = _integer(value)
+        if value in names or (number is not None and 0 <= number < len(names)):
+            return value if number is None else names[number]
+        raise ConfigError(f"{where} {value[:40]!r} is not a value of {type_name} ({', '.join(names)})")
+    if type_name not in INT_RANGES:  # bool, float or double
+        if value not in _BOOLS if type_name == "bool" else not _FLOAT.fullmatch(value):
+            raise ConfigError(f"{where} takes type {type_name}, got {value[:40]!r}")
+        return value
+    number = _integer(value)
+    if number is None:
+        raise ConfigError(f"{where} must be an integer ({type_name}), got {value[:40]!r}")
+    low, high = INT_RANGES[type_name]
+    if not low <= number <= high:
+        raise ConfigError(f"{where} is out of the range of {type_name} ({low}..{high}), got {number}")
+    return str(number)
+
+
+def _integer(token: str) -> int | None:
+    m = _INTEGER.fullmatch(token)
+    if m is None:
         return None
-    if len(values) > 1:
-        raise ConfigError(f"{where}{name} is given twice")
-    return values[0]
+    sign = -1 if m.group(1) else 1
+    if m.group("hex"):
+        return sign * int(m.group("hex"), 16)
+    return sign * int(m.group("oct") or m.group("dec"), 8 if m.group("oct") else 10)
 
 
-def _int(value: Any, what: str, low: int, high: int) -> int:
-    if not isinstance(value, str) or isinstance(value, _Quoted) or not re.fullmatch(r"-?[0-9]{1,19}", value):
-        raise ConfigError(f"{what} must be an integer, got {str(value)[:40]!r}")
-    number = int(value)
+def _one(msg: dict[str, list[Any]], name: str) -> Any:
+    """A non-repeated field's value (checked: given at most once), or None."""
+    return msg[name][0] if name in msg else None
+
+
+def _int(value: str, what: str, low: int, high: int) -> int:
+    number = int(value)  # checked and normalised to decimal by _checked
     if not low <= number <= high:
         raise ConfigError(f"{what} must be in {low}..{high}, got {number}")
     return number
 
 
-def _string(value: Any, what: str) -> str | None:
-    if value is not None and not isinstance(value, _Quoted):
-        raise ConfigError(f"{what} must be a quoted string, got {str(value)[:40]!r}")
-    return value
-
-
-def _enum(value: Any, what: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or isinstance(value, _Quoted) or not _IDENT.fullmatch(value)):
-        raise ConfigError(f"{what} must be an enum name such as TYPE_FP32 or KIND_CPU, got {str(value)[:40]!r}")
-    return value
-
-
-def _message(value: Any, what: str) -> dict[str, list[Any]]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{what} must be a {{ ... }} block")
-    return value
-
-
-def _tensor(value: Any, what: str) -> Tensor:
-    msg = _message(value, what)
-    name = _string(_one(msg, "name", f"{what} "), f"{what} name")
-    data_type = _enum(_one(msg, "data_type", f"{what} "), f"{what} data_type")
-    dims = tuple(_int(d, f"{what} dims", -1, MAX_VERSION) for d in msg.get("dims", ()))
-    if name is None or data_type is None or not dims:
+def _tensor(msg: dict[str, list[Any]], what: str) -> Tensor:
+    name, data_type = _one(msg, "name"), _one(msg, "data_type")
+    dims = tuple(int(d) for d in msg.get("dims", ()))
+    if not name or data_type in (None, "TYPE_INVALID") or not dims:
         raise ConfigError(f"{what} {name or ''!r} must give a name, a data_type and dims (as Triton requires)")
+    # model_config_utils.cc ValidateIOShape and ValidateModelInput.
+    if any(d < 1 and d != -1 for d in dims):
+        raise ConfigError(f"{what} {name!r} dims must be integers >= 1, or -1 for a variable-size dimension")
+    if _one(msg, "format") in ("FORMAT_NCHW", "FORMAT_NHWC") and len(dims) != 3:
+        raise ConfigError(f"{what} {name!r}: model input NHWC/NCHW require 3 dims (Triton's rule), got {list(dims)}")
     return Tensor(name, data_type, dims)
 
 
-def _version_policy(value: Any) -> VersionPolicy:
-    msg = _message(value, "version_policy")
-    kinds = [k for k in msg if k in _POLICIES]
-    if set(msg) - set(_POLICIES) or len(kinds) != 1 or len(msg[kinds[0]]) != 1:
+def _version_policy(msg: dict[str, list[Any]]) -> VersionPolicy:
+    kind = next((k for k in POLICIES if k in msg), None)  # one at most: a oneof
+    if kind is None:
         raise ConfigError("version_policy must be one of latest { num_versions: N }, all { } or "
                           "specific { versions: [...] }")
-    kind = kinds[0]
-    body = _message(msg[kind][0], f"version_policy {kind}")
-    allowed = {"latest": {"num_versions"}, "all": set(), "specific": {"versions"}}[kind]
-    if set(body) - allowed:
-        raise ConfigError(f"version_policy {kind} has no field {sorted(set(body) - allowed)[0]!r}")
+    body = msg[kind][0]
     if kind == "latest":
-        n = _one(body, "num_versions", "version_policy latest ")
+        n = _one(body, "num_versions")
         return VersionPolicy("latest", num_versions=1 if n is None else _int(n, "num_versions", 1, 2**32 - 1))
     if kind == "specific":
         versions = tuple(_int(v, "version_policy specific versions", 1, MAX_VERSION) for v in body.get("versions", ()))
@@ -274,33 +387,35 @@ def _version_policy(value: Any) -> VersionPolicy:
 def parse(text: str) -> TritonConfig:
     """The configuration in a config.pbtxt's text; ConfigError when malformed, refused by Triton or out of range."""
     top = _Parser(_tokens(text)).message()
-    unknown = sorted(set(top) - MODEL_CONFIG_FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown field {unknown[0][:64]!r} (not a Triton ModelConfig field: Triton refuses it)")
-    for name in ("name", "platform", "backend", "max_batch_size", "version_policy", "dynamic_batching"):
-        _one(top, name)  # each at most once
+    _checked(top, "ModelConfig")
+    max_batch = _one(top, "max_batch_size")
+    max_batch = None if max_batch is None else _int(max_batch, "max_batch_size", 0, 2**31 - 1)
     batching = _one(top, "dynamic_batching")
     delay = None
     if batching is not None:
-        delay = _one(_message(batching, "dynamic_batching"), "max_queue_delay_microseconds", "dynamic_batching ")
+        delay = _one(batching, "max_queue_delay_microseconds")
         delay = None if delay is None else _int(delay, "max_queue_delay_microseconds", 0, MAX_QUEUE_DELAY_US)
-    max_batch = _one(top, "max_batch_size")
-    max_batch = None if max_batch is None else _int(max_batch, "max_batch_size", 0, 2**31 - 1)
-    if max_batch == 0:
-        raise ConfigError("max_batch_size 0 (inputs without a batch dimension) is not served by vitc; give 1 or more")
+        # model_config_utils.cc ValidateModelConfig: "dynamic batching preferred size must be positive" and "... must
+        # be <= max batch size" (checked where max_batch_size is given: a backend's auto-complete may fill it in).
+        for size in map(int, batching.get("preferred_batch_size", ())):
+            if size <= 0 or max_batch is not None and size > max_batch:
+                raise ConfigError(f"dynamic_batching preferred_batch_size {size} must be in 1..max_batch_size "
+                                  f"({max_batch if max_batch is not None else 'not given'}), as Triton requires")
+    outputs = top.get("output", ())
     policy = _one(top, "version_policy")
     return TritonConfig(
-        name=_string(_one(top, "name"), "name"),
-        platform=_string(_one(top, "platform"), "platform"),
-        backend=_string(_one(top, "backend"), "backend"),
+        name=_one(top, "name"),
+        platform=_one(top, "platform"),
+        backend=_one(top, "backend"),
         max_batch_size=max_batch,
-        dynamic_batching=batching is not None,
+        dynamic_batching=batching is not None and max_batch != 0,
         max_queue_delay_us=delay,
         inputs=tuple(_tensor(t, "input") for t in top.get("input", ())),
-        outputs=tuple(_tensor(t, "output") for t in top.get("output", ())),
+        outputs=tuple(_tensor(t, "output") for t in outputs),
         version_policy=VersionPolicy() if policy is None else _version_policy(policy),
-        instance_kinds=tuple(_enum(_one(_message(g, "instance_group"), "kind", "instance_group "),
-                                   "instance_group kind") or "KIND_AUTO" for g in top.get("instance_group", ())),
+        instance_kinds=tuple(_one(g, "kind") or "KIND_AUTO" for g in top.get("instance_group", ())),
+        default_model_filename=_one(top, "default_model_filename") or None,  # proto3: "" is not given
+        label_filename=(_one(outputs[0], "label_filename") or None) if outputs else None,
     )
 
 

@@ -333,11 +333,13 @@ def _parse_output(spec: Any) -> RequestedOutput:
     return RequestedOutput(spec["name"], binary, k)
 
 
-def classification_strings(logits: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
-    """Triton's classification extension: (B, k) "value:index:label" for the k highest outputs per row."""
+def classification_strings(logits: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
+    """Triton's classification extension: (B, k) "value:index:label" for the k highest outputs per row; without
+    a label (no label file, or an empty line in it) "value:index", as Triton writes it."""
     k = min(k, logits.shape[1])
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    rows = [[f"{logits[b, i]:f}:{i}:{labels[i]}".encode() for i in order[b]] for b in range(logits.shape[0])]
+    rows = [[(f"{logits[b, i]:f}:{i}" + (f":{labels[i]}" if labels and labels[i] else "")).encode()
+             for i in order[b]] for b in range(logits.shape[0])]
     return np.array(rows, dtype=object).reshape(logits.shape[0], k)
 
 

@@ -52,6 +52,7 @@ class ServedModel:
     source: ModelSource | None = None
     queue_delay_ms: float | None = None  # from the repository's config.pbtxt; None: the server's setting
     config: TritonConfig | None = field(default=None, repr=False)  # the repository's config.pbtxt, as read
+    label_file: list[str] | None = field(default=None, repr=False)  # the lines of its output's label_filename
     batcher: DynamicBatcher | None = field(default=None, repr=False)
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     users: int = field(default=0, repr=False)  # admitted requests on this version (a swap waits for them)
@@ -77,6 +78,17 @@ class ServedModel:
     @property
     def labels(self) -> list[str]:
         return list(self.manifest.class_names)
+
+    @property
+    def classification_labels(self) -> list[str] | None:
+        """The labels of Triton's classification extension ("value:index:label"): a repository model's label file,
+        None when its config.pbtxt names none ("value:index", as Triton answers); a bundle's class names."""
+        return self.label_file if self.source is not None and self.source.repository else self.labels
+
+    @property
+    def label_filename(self) -> str:
+        """The output's label_filename in the repository's config.pbtxt, as Triton reports it ("" when none)."""
+        return (self.config.label_filename or "") if self.config is not None else ""
 
     @property
     def input_name(self) -> str:
@@ -253,8 +265,11 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         # on the CPU when its config.pbtxt puts every instance there (as Triton does on a GPU machine).
         runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
         device = "cpu" if config is not None and config.cpu_only else settings.device
+        labels = None
         if source.repository:
             _check_repository_model(source, version, manifest, runtime, device, config)
+            if config is not None:  # read as Triton reads it at load: a label file it cannot read fails the load
+                labels = config.labels(source.path, manifest.output.classes)
         options = BackendOptions(device=device, threads=settings.threads, parallel=settings.parallel,
                                  hint=settings.openvino_hint, compile=settings.compile,
                                  channels_last=settings.channels_last)
@@ -271,11 +286,14 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
                 backend.close()
                 raise ServeError(f"model {source.describe()!r}: config.pbtxt max_batch_size {config.max_batch_size} "
                                  f"is more than the artifact was exported for ({backend.max_batch})")
-            max_batch = config.max_batch_size
+            # 0: Triton does not batch (requests never merge: TritonConfig.dynamic_batching is False) and each
+            # request carries its own batch dimension, up to what the artifact takes.
+            max_batch = config.max_batch_size or backend.max_batch
         # Triton's defaults: dynamic_batching without a delay waits 0; without the block nothing waits.
         delay_ms = (config.max_queue_delay_us or 0) / 1000
     return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
-                       queue_delay_ms=delay_ms, config=config, startup={k: round(v, 4) for k, v in startup.items()})
+                       queue_delay_ms=delay_ms, config=config, label_file=labels,
+                       startup={k: round(v, 4) for k, v in startup.items()})
 
 
 def _check_repository_model(source: ModelSource, version: str, manifest: Manifest, runtime: str, device: str,
@@ -291,6 +309,8 @@ def _check_repository_model(source: ModelSource, version: str, manifest: Manifes
             config.check(name=source.path.name, platform=rt.triton_platform, backend=rt.triton_backend,
                          input=Tensor(manifest.input.name, "TYPE_FP32", (c, h, w)),
                          output=Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)))
+            # The file Triton's backend opens by default: the artifact's, under the name export.triton gives it.
+            config.check_files(source.path / version, rt.triton_files[0][1] if rt.triton_files else None)
         except ConfigError as exc:
             raise ConfigError(f"{source.path / TRITON_CONFIG_FILE}: {exc}") from None
     try:

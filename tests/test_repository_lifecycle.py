@@ -109,7 +109,17 @@ def test_a_config_that_contradicts_the_artifact_or_triton_is_refused(fake, repo)
                            (("fake_platform", "tensorrt_plan"), "platform 'tensorrt_plan' is not the artifact's"),
                            (('name: "input"', 'name: "images"'), "input 'images' TYPE_FP32"),
                            (("3, 32, 32", "3, 64, 64"), r"[3, 64, 64] is not the artifact's input"),
-                           (("max_batch_size: 8", "max_batch_size: 8\nbogus_field: 3"), "unknown field 'bogus_field'")]:
+                           (("max_batch_size: 8", "max_batch_size: 8\nbogus_field: 3"),
+                            "bogus_field is not a field of ModelConfig"),
+                           # A typo in a nested field used to load, silently with no batching delay.
+                           (("max_queue_delay_microseconds: 500", "max_queue_delay_microsecond: 500"),
+                            "dynamic_batching.max_queue_delay_microsecond is not a field of ModelDynamicBatching"),
+                           (("max_batch_size: 8", "max_batch_size: 8\ninstance_group [ { kind: KIND_TPU } ]"),
+                            "instance_group[0].kind 'KIND_TPU' is not a value of"),
+                           (("max_batch_size: 8", 'max_batch_size: 8\ndefault_model_filename: "nope.npy"'),
+                            "default_model_filename 'nope.npy' names a file that"),
+                           (("dynamic_batching {", "dynamic_batching { preferred_batch_size: [ 16 ]"),
+                            "preferred_batch_size 16 must be in 1..max_batch_size (8)")]:
             config.write_text(CONFIG.replace(*edit))
             r = c.post(f"/v2/repository/models/{NAME}/load")
             assert r.status_code == 400 and "config.pbtxt: " in r.json()["error"] and says in r.json()["error"], r.text
@@ -119,6 +129,64 @@ def test_a_config_that_contradicts_the_artifact_or_triton_is_refused(fake, repo)
         load_models(served(repo))
     assert "platform 'tensorrt_plan' is not the artifact's ('fake_platform')" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_classification_labels_come_from_the_label_filename_as_in_triton(fake, repo):
+    """Triton reads the output's label_filename (relative to the model directory) at load and fails the load when it
+    cannot; without one its classification answers "value:index". A bundle served directly keeps its class names."""
+    config, names = repo / NAME / "config.pbtxt", [f"Tier {i}" for i in range(10)]
+    (repo / NAME / "labels.txt").write_text("\n".join(names) + "\n")  # e.g. localised: not the manifest's names
+    labelled = CONFIG.replace("dims: [ 10 ] }", 'dims: [ 10 ] label_filename: "labels.txt" }')
+    config.write_text(labelled)
+    model = load_models(served(repo))[NAME]
+    assert (model.classification_labels, model.label_filename) == (names, "labels.txt")
+    class_names = list(read_manifest(repo / NAME / "1").class_names)
+    assert model.labels == class_names != names  # /v1 answers with the bundle's own class names
+    config.write_text(CONFIG)
+    model = load_models(served(repo))[NAME]
+    assert (model.classification_labels, model.label_filename) == (None, "")
+    with client(served(repo)) as c:
+        ask = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.5] * 3072}],
+               "outputs": [{"name": "logits", "parameters": {"classification": 3}}]}
+        top = c.post(f"/v2/models/{NAME}/infer", json=ask).json()["outputs"][0]["data"]
+        assert [len(s.split(":")) for s in top] == [2, 2, 2], top  # no label file: "value:index", as in Triton
+        assert c.get(f"/v2/models/{NAME}/config").json()["output"][0]["label_filename"] == ""
+        config.write_text(labelled)
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200
+        top = c.post(f"/v2/models/{NAME}/infer", json=ask).json()["outputs"][0]["data"]
+        assert all(s.split(":")[2] == names[int(s.split(":")[1])] for s in top), top  # the label file's names
+        assert c.get(f"/v2/models/{NAME}/config").json()["output"][0]["label_filename"] == "labels.txt"
+        for edit, says in [(("labels.txt", "names.txt"), "label_filename 'names.txt': "),
+                           (("labels.txt", "../labels.txt"), "must name a file inside the model directory")]:
+            config.write_text(labelled.replace(*edit))
+            r = c.post(f"/v2/repository/models/{NAME}/load")
+            assert r.status_code == 400 and says in r.json()["error"], r.text
+        (repo / NAME / "labels.txt").write_text("\n".join(names[:9]))
+        config.write_text(labelled)
+        r = c.post(f"/v2/repository/models/{NAME}/load")
+        assert r.status_code == 400 and "holds 9 lines, one label per class was expected (10)" in r.json()["error"]
+        assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the version loaded before serves on
+    bundle = load_models(Settings(models=[str(repo / NAME / "1")], backend="fake"))["legacy"]
+    assert (bundle.classification_labels, bundle.label_filename) == (class_names, "")
+
+
+def test_max_batch_size_0_serves_each_request_as_its_own_batch(fake, repo):
+    """Triton's layout without batching: the dims carry the batch dimension; a request takes up to the artifact's
+    max batch, and requests never merge, even with a dynamic_batching block."""
+    (repo / NAME / "config.pbtxt").write_text(CONFIG.replace("max_batch_size: 8", "max_batch_size: 0").replace(
+        "format: FORMAT_NCHW dims: [ 3, 32, 32 ]", "dims: [ -1, 3, 32, 32 ]").replace("[ 10 ]", "[ -1, 10 ]"))
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with client(served(repo)) as c:
+        model = c.app.state.repository.models[NAME]
+        assert (model.max_batch, model.batcher.merge) == (model.manifest.input.max_batch, False)
+        assert "dynamic_batching" not in c.get(f"/v2/models/{NAME}/config").json()
+        assert c.get(f"/v2/models/{NAME}").json()["inputs"][0]["shape"] == [-1, 3, 32, 32]
+        r = c.post(f"/v2/models/{NAME}/infer", json={"inputs": [
+            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+        assert r.status_code == 200, r.text
+        w = np.load(repo / NAME / "1" / fake_runtime.WEIGHTS)
+        np.testing.assert_allclose(np.reshape(r.json()["outputs"][0]["data"], (3, 10)), fake_runtime.logits(w, x),
+                                   rtol=1e-5)
 
 
 def test_version_policy_and_batching_are_what_config_says(fake, repo):

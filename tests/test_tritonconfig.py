@@ -24,7 +24,7 @@ def test_what_export_triton_writes_reads_back(tmp_path_factory):
     config = parse(text)
     assert config == TritonConfig(name="micro-onnx-fp32", backend="onnxruntime", max_batch_size=m.input.max_batch,
                                   dynamic_batching=True, max_queue_delay_us=750, inputs=(INPUT,), outputs=(OUTPUT,),
-                                  instance_kinds=("KIND_CPU",))
+                                  instance_kinds=("KIND_CPU",), label_filename="labels.txt")
     assert config.cpu_only and config.version_policy == VersionPolicy("latest", 1)
     config.check(**{**ARTIFACT, "name": "micro-onnx-fp32"})  # agrees with its own artifact
 
@@ -33,7 +33,7 @@ def test_only_the_fields_at_their_place_count():
     text = """
     # max_batch_size: 99 in a comment
     name: "max_batch_size: 77"
-    sequence_batching { max_queue_delay_microseconds: 5 }   # another batcher's field
+    model_warmup [ { name: "max_queue_delay_microseconds" batch_size: 5 } ]
     input [ { name: "x" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }, { name: 'y' "z" data_type: TYPE_FP32 dims: 1 } ]
     max_batch_size : 16
     dynamic_batching < preferred_batch_size: [ 4, 8 ]; max_queue_delay_microseconds: 300 >
@@ -45,14 +45,14 @@ def test_only_the_fields_at_their_place_count():
     assert parse('name: "m"\nbackend: "onnxruntime"') == TritonConfig(name="m", backend="onnxruntime")
     # dynamic_batching without a delay is Triton's delay 0; without the block, no dynamic batching at all.
     assert parse("dynamic_batching { }").dynamic_batching and not parse("max_batch_size: 4").dynamic_batching
+    assert parse("sequence_batching { oldest { max_queue_delay_microseconds: 5 } }").max_queue_delay_us is None
 
 
 @pytest.mark.parametrize("text, says", [
     ("max_batch_size: 4\nmax_batch_size: 8", "given twice"),
     ("max_batch_size: -1", r"in 0\.\."),
     ("max_batch_size: 1.5", "must be an integer"),
-    ("max_batch_size: 0x10", "must be an integer"),
-    ("max_batch_size: 0", "not served by vitc"),
+    ("max_batch_size: 08", "must be an integer"),
     ("dynamic_batching { max_queue_delay_microseconds: 99999999999 }", r"in 0\.\.60000000"),
     ("dynamic_batching { max_batch_size: 4", "unclosed"),
     ("}", "unbalanced"),
@@ -61,28 +61,20 @@ def test_only_the_fields_at_their_place_count():
     ("name other", "needs ':'"),
     ("name: other", "quoted string"),
     ("input [ { name: \"x\" dims: [3] } ]", "must give a name, a data_type and dims"),
-    ("input [ { name: \"x\" data_type: 11 dims: [3] } ]", "enum name"),
-    ("bogus_field: 3", "unknown field 'bogus_field'"),
+    ("input [ { name: \"x\" data_type: 99 dims: [3] } ]", "'99' is not a value of DataType"),
+    ("bogus_field: 3", "bogus_field is not a field of ModelConfig"),
     ("a {" * 40 + "}" * 40, "deeper than"),
-    ("version_policy { latest { num_versions: 1 } all { } }", "must be one of"),
-    ("version_policy { newest { } }", "must be one of"),
+    ("version_policy { latest { num_versions: 1 } all { } }", "latest and version_policy.all are both given"),
+    ("version_policy { }", "must be one of"),
+    ("version_policy { newest { } }", "version_policy.newest is not a field of ModelVersionPolicy"),
     ("version_policy { latest { num_versions: 0 } }", r"num_versions must be in 1\.\."),
     ("version_policy { specific { } }", "lists no version"),
     ("version_policy { specific { versions: [ 1, 0 ] } }", "must be in 1.."),
-    ("version_policy { all { num_versions: 2 } }", "has no field 'num_versions'"),
+    ("version_policy { all { num_versions: 2 } }", "all.num_versions is not a field of ModelVersionPolicy.All"),
 ])
 def test_what_vitc_or_triton_cannot_serve_is_refused_with_the_reason(text, says):
     with pytest.raises(ConfigError, match=says):
         parse(text)
-
-
-def test_the_parser_refuses_what_tritons_own_schema_refuses():
-    """Triton's protobuf parse and this scanner agree on the top-level fields (the list is Triton's)."""
-    pytest.importorskip("tritonclient")
-    from test_triton import _model_config_pb2
-
-    fields = {f.name for f in _model_config_pb2().ModelConfig.DESCRIPTOR.fields}
-    assert fields == tritonconfig.MODEL_CONFIG_FIELDS
 
 
 @pytest.mark.parametrize("edit, says", [

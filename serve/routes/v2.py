@@ -14,7 +14,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import serve
-from models.bundle import TRITON_LABELS_FILE
 from models.tritonconfig import VersionPolicy
 from serve.errors import APIError
 from serve.protocol import (
@@ -178,13 +177,18 @@ async def repository_unload(name: str, request: Request) -> JSONResponse:
 async def model_config(model: ModelDep, settings: SettingsDep, version: str | None = None) -> dict[str, Any]:
     _check_version(model, version)
     c, h, w = model.sample_shape
+    # Triton's layout without batching (max_batch_size 0): the dims carry the batch dimension, and no format
+    # (Triton allows FORMAT_NCHW on three dims only).
+    unbatched = model.config is not None and model.config.max_batch_size == 0
+    tensor = {"dims": [-1, c, h, w]} if unbatched else {"format": "FORMAT_NCHW", "dims": [c, h, w]}
     return {
         "name": model.name,
         "platform": model.platform,
-        "max_batch_size": model.max_batch,
-        "input": [{"name": model.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [c, h, w]}],
-        "output": [{"name": model.output_name, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
-                    "label_filename": TRITON_LABELS_FILE if model.source and model.source.repository else ""}],
+        "max_batch_size": 0 if unbatched else model.max_batch,
+        "input": [{"name": model.input_name, "data_type": "TYPE_FP32", **tensor}],
+        "output": [{"name": model.output_name, "data_type": "TYPE_FP32",
+                    "dims": [-1, len(model.labels)] if unbatched else [len(model.labels)],
+                    "label_filename": model.label_filename}],
         # What is applied: a config.pbtxt without dynamic_batching batches nothing (each request runs alone).
         **({"dynamic_batching": {"max_queue_delay_microseconds": round(1000 * (
             settings.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms))}}
@@ -281,7 +285,8 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
     if spec is not None and spec.classification:
         tensor = OutputTensor(model.output_name, "BYTES",
-                              classification_strings(logits, spec.classification, model.labels), binary)
+                              classification_strings(logits, spec.classification, model.classification_labels),
+                              binary)
     else:
         tensor = OutputTensor(model.output_name, "FP32", logits, binary)
     with stage(request, "encode"):
