@@ -47,6 +47,21 @@ def _model_config_pb2():
     return module
 
 
+# The parameters Triton's OpenVINO backend reads (openvino_backend src/openvino.cc ParseParameters and
+# LoadCpuExtensions); it never looks at any other key.
+OPENVINO_BACKEND_PARAMETERS = {
+    "SKIP_OV_DYNAMIC_BATCHSIZE", "ENABLE_BATCH_PADDING", "RESHAPE_IO_LAYERS", "TARGET_DEVICE", "INFERENCE_NUM_THREADS",
+    "COMPILATION_NUM_THREADS", "HINT_BF16", "NUM_STREAMS", "PERFORMANCE_HINT", "CPU_EXTENSION_PATH"}
+
+
+def _openvino_runs(config, batch: int) -> bool:
+    """Whether Triton's OpenVINO backend executes `batch` images (one request): with max_batch_size > 0 it fixes the
+    model's batch at that size (ov::set_batch) and refuses any other total unless ENABLE_BATCH_PADDING is YES."""
+    padding = config.parameters["ENABLE_BATCH_PADDING"].string_value.lower() == "yes" \
+        if "ENABLE_BATCH_PADDING" in config.parameters else False
+    return config.max_batch_size == 0 or batch == config.max_batch_size or padding
+
+
 def test_every_artifact_triton_can_serve_becomes_a_model_with_a_valid_config(bundle, repository):
     from google.protobuf import text_format
 
@@ -55,35 +70,79 @@ def test_every_artifact_triton_can_serve_becomes_a_model_with_a_valid_config(bun
     expected = {f"micro-{a.id}": a for a in m.servable() if a.runtime != "torch"}
     assert {p.name for p in repository.iterdir() if p.is_dir()} == set(expected)
     for name, artifact in expected.items():
-        config = text_format.Parse((repository / name / "config.pbtxt").read_text(), pb2.ModelConfig())
-        assert (config.name, config.max_batch_size) == (name, m.input.max_batch)
+        text = (repository / name / "config.pbtxt").read_text()
+        config = text_format.Parse(text, pb2.ModelConfig())
+        assert config.name == name
         assert config.backend == {"onnxruntime": "onnxruntime", "openvino": "openvino"}[artifact.runtime]
         (inp,), (out,) = config.input, config.output
-        assert (inp.name, list(inp.dims), inp.data_type, inp.format) == (
-            "input", [3, 32, 32], pb2.DataType.TYPE_FP32, pb2.ModelInput.FORMAT_NCHW)
-        assert (out.name, list(out.dims), out.label_filename) == ("logits", [10], "labels.txt")
-        assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
-        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+        (warmup,) = config.model_warmup
+        assert (inp.name, inp.data_type, out.name, out.label_filename) == (
+            "input", pb2.DataType.TYPE_FP32, "logits", "labels.txt")
+        assert warmup.batch_size == 1 and warmup.inputs["input"].zero_data
+        if artifact.runtime == "openvino":
+            # No batch dimension for Triton: the IR's dynamic batch is an explicit -1, so every request runs at its
+            # own batch size, warm-up included (with max_batch_size 32 Triton failed the load at the warm-up).
+            assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+            assert (list(inp.dims), list(out.dims)) == ([-1, 3, 32, 32], [-1, 10])
+            assert inp.format == pb2.ModelInput.FORMAT_NONE
+            assert list(warmup.inputs["input"].dims) == [1, 3, 32, 32]
+            assert all(_openvino_runs(config, b) for b in (1, 5, 32))
+            # No parameter the backend ignores; what it cannot do (keep fp32) is said in the file.
+            assert set(config.parameters) <= OPENVINO_BACKEND_PARAMETERS and "INFERENCE_PRECISION_HINT" not in text
+            assert "no parameter that keeps fp32" in text and "AVX512-BF16" in text
+        else:
+            assert config.max_batch_size == m.input.max_batch
+            assert (list(inp.dims), inp.format, list(out.dims)) == ([3, 32, 32], pb2.ModelInput.FORMAT_NCHW, [10])
+            assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
+            assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+            assert list(warmup.inputs["input"].dims) == [3, 32, 32]
+        # Triton's rules (core model_config_utils.cc): NCHW needs exactly 3 dims; a warm-up within the batch size.
+        assert inp.format != pb2.ModelInput.FORMAT_NCHW or len(inp.dims) == 3
+        assert config.max_batch_size == 0 or warmup.batch_size <= config.max_batch_size
         assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
-        assert config.model_warmup[0].inputs["input"].zero_data
         assert (repository / name / "labels.txt").read_text().splitlines() == list(m.class_names)
         version = repository / name / "1"
         files = {"onnxruntime": {"model.onnx"}, "openvino": {"model.xml", "model.bin"}}[artifact.runtime]
         assert {p.name for p in version.iterdir()} == files | {"manifest.json", "golden.npz"}
         one = read_manifest(version)  # each version directory is a bundle of its own, with the same provenance
         assert [a.id for a in one.artifacts] == [artifact.id] and one.provenance == m.provenance
-    openvino = text_format.Parse((repository / "micro-openvino-fp32" / "config.pbtxt").read_text(), pb2.ModelConfig())
-    assert openvino.parameters["INFERENCE_PRECISION_HINT"].string_value == "f32"
+
+
+def test_openvino_runs_the_warm_up_and_any_batch_as_triton_s_backend_configures_it(repository):
+    """What Triton's OpenVINO backend does with the generated config: compare the IR's shapes with the dims (-1
+    matches the dynamic batch), no ov::set_batch (max_batch_size 0), then run the warm-up and a batch of 5."""
+    import openvino as ov
+    from google.protobuf import text_format
+
+    pb2 = _model_config_pb2()
+    model_dir = repository / "micro-openvino-fp32"
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), pb2.ModelConfig())
+    core = ov.Core()
+    model = core.read_model(str(model_dir / "1" / "model.xml"))
+    for port, io in ((model.inputs[0], config.input[0]), (model.outputs[0], config.output[0])):
+        shape = port.get_partial_shape()
+        assert len(shape) == len(io.dims)
+        assert all(d == -1 and dim.is_dynamic or dim.is_static and dim.get_length() == d
+                   for dim, d in zip(shape, io.dims, strict=True))
+    compiled = core.compile_model(model, "CPU")
+    warm = config.model_warmup[0].inputs["input"]
+    for batch_shape in (list(warm.dims), [5, 3, 32, 32]):
+        assert compiled(np.zeros(batch_shape, np.float32))[0].shape == (batch_shape[0], 10)
 
 
 def test_the_kserve_inference_service_points_triton_at_the_repository(repository):
     import yaml
 
-    isvc = yaml.safe_load((repository / triton.ISVC_FILE).read_text())
+    text = (repository / triton.ISVC_FILE).read_text()
+    isvc = yaml.safe_load(text)
     assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "triton" and model["storageUri"] == "s3://models/vitc"
     assert isvc["metadata"]["name"] == "vitc-micro"
+    # KServe's default Triton (23.05) cannot load ONNX IR 10 or OpenVINO opset13: the release is named.
+    assert model["runtimeVersion"] == "24.05-py3" and "24.05 or later" in text
+    assert model["args"] == ["--disable-auto-complete-config"]  # --strict-model-config is deprecated
+    assert "nvidia.com/gpu" not in model["resources"]["limits"]  # every model runs on the CPU
 
 
 def test_versions_are_added_never_overwritten(bundle, tmp_path):
@@ -99,7 +158,7 @@ def test_an_edited_config_survives_a_new_version_unless_replaced(bundle, tmp_pat
     triton.write_repository(bundle, out)
     config = out / "micro-onnx-fp32" / "config.pbtxt"
     generated = config.read_text()
-    config.write_text(generated.replace("max_batch_size: 32", "max_batch_size: 4"))
+    config.write_text(generated.replace("max_batch_size: 32", "max_batch_size: 4").replace("[ 8, 32 ]", "[ 4 ]"))
     edited = config.read_text()
     assert triton.main([str(bundle), "--out", str(out)]) == 0
     assert config.read_text() == edited and f"kept {config}" in capsys.readouterr().out
@@ -122,7 +181,8 @@ def test_a_new_version_regenerates_an_untouched_config_and_refuses_an_edited_one
     config = out / "micro-onnx-fp32" / "config.pbtxt"
     assert triton.main([str(small), "--out", str(out)]) == 0
     assert "max_batch_size: 4" in config.read_text() and "kept" not in capsys.readouterr().out
-    config.write_text(config.read_text().replace("max_batch_size: 4", "max_batch_size: 2"))  # edited: kept
+    config.write_text(config.read_text().replace("max_batch_size: 4", "max_batch_size: 2")
+                      .replace("preferred_batch_size: [ 4 ]", "preferred_batch_size: [ 2 ]"))  # edited: kept
     assert triton.main([str(bundle), "--out", str(out)]) == 0 and "max_batch_size: 2" in config.read_text()
     config.write_text(config.read_text().replace("max_batch_size: 2", "max_batch_size: 16"))  # too big for 4
     before = sorted(p.name for p in (out / "micro-onnx-fp32").iterdir())
@@ -250,7 +310,7 @@ def test_hot_reload_under_load_drops_no_request_and_refuses_a_bad_version(bundle
         # The repository's config.pbtxt is what batches: edited, then loaded again, it takes effect.
         config = repo / name / "config.pbtxt"
         text = config.read_text()
-        config.write_text(text.replace("max_batch_size: 32", "max_batch_size: 4")
+        config.write_text(text.replace("max_batch_size: 32", "max_batch_size: 4").replace("[ 8, 32 ]", "[ 4 ]")
                           .replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 250"))
         client.load_model(name)
         served = client.get_model_config(name)
