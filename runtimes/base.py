@@ -193,10 +193,9 @@ class Runtime:
     # Per-op-type milliseconds of one artifact at a batch size (spec, batch, reps), where the runtime can tell.
     profile: Callable[[LoadSpec, int, int], dict[str, float]] | None = None
     # Triton: the backend that serves this runtime's artifacts, the file names it expects (artifact file suffix ->
-    # name in the version directory; other files keep theirs), and config parameters an artifact needs.
+    # name in the version directory; other files keep theirs).
     triton_backend: str | None = None  # None: Triton cannot serve these artifacts
     triton_files: tuple[tuple[str, str], ...] = ()
-    triton_parameters: Callable[[Artifact], dict[str, str]] = lambda _artifact: {}
     # The server's tuning settings it honours beyond the device (of threads, parallel, openvino_hint, compile,
     # channels_last): the server refuses the others for it rather than let them silently do nothing.
     tunes: tuple[str, ...] = ()

@@ -170,7 +170,5 @@ RUNTIME = Runtime(
     version=version, needs_hub=True, profile=profile_ops,
     variants=(Variant("fp32"), Variant("bf16", artifact="fp32", inference_precision="bf16"), Variant("int8")),
     triton_backend="openvino", triton_files=((".xml", "model.xml"), (".bin", "model.bin")),
-    triton_parameters=lambda artifact: {"INFERENCE_PRECISION_HINT": _HINT_NAMES.get(
-        str(artifact.info.get("inference_precision", INFERENCE_PRECISION)), INFERENCE_PRECISION)},
     tunes=("threads", "parallel", "openvino_hint"),
 )
