@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_serve_fixtures import micro_bundle
 
-from export import triton
+from export import kserve, triton
 from models.bundle import read_manifest, write_manifest
 
 
@@ -100,7 +100,7 @@ def test_an_inference_service_of_an_older_export_is_kept_until_replaced(bundle, 
     assert path.read_bytes() == old and "--replace-isvc regenerates it" in capsys.readouterr().out
     assert triton.main([str(bundle), "--out", str(repo), "--replace-isvc"]) == 0
     assert (_isvc(repo)["metadata"]["name"], _model(repo)["storageUri"]) == ("legacy", "s3://old/repo")
-    assert _model(repo)["runtimeVersion"] == triton.DEFAULT_TRITON_VERSION
+    assert _model(repo)["runtimeVersion"] == kserve.DEFAULT_TRITON_VERSION
 
 
 def test_gpu_instances_only_for_runtimes_triton_runs_on_a_gpu_and_one_gpu_by_default(bundle, tmp_path, capsys):
@@ -140,17 +140,17 @@ def test_the_longest_name_kserve_accepts_and_a_long_default(bundle, tmp_path):
     long = _renamed(bundle, tmp_path, "x" * 60)
     triton.write_repository(long, tmp_path / "b")
     name = _isvc(tmp_path / "b")["metadata"]["name"]
-    assert len(name) <= 53 and triton.ISVC_NAME.fullmatch(name)
+    assert len(name) <= 53 and kserve.ISVC_NAME.fullmatch(name)
 
 
 def test_an_artifact_newer_than_the_default_triton_reads_needs_a_newer_release(bundle, tmp_path, capsys, monkeypatch):
     """The exports (ONNX IR 10, OpenVINO opset13) are what Triton 24.05 reads; were an exporter to write newer ones,
     the default release is refused with the reason and nothing is written, and a named newer release is taken."""
-    reads = triton._MIN_TRITON_READS
+    reads = kserve._MIN_TRITON_READS
     for lowered, says in (({"onnx_ir": 9}, "micro-onnx-fp32: Triton 24.05-py3 cannot load it: its ONNX file is "
                                            "IR version 10"),
                           ({"openvino_opset": 12}, "its IR uses OpenVINO opset13")):
-        monkeypatch.setattr(triton, "_MIN_TRITON_READS", {**reads, **lowered})
+        monkeypatch.setattr(kserve, "_MIN_TRITON_READS", {**reads, **lowered})
         assert says in _refused([str(bundle), "--out", str(tmp_path / "repo")], capsys)
         assert not list(tmp_path.iterdir())
     assert triton.main([str(bundle), "--out", str(tmp_path / "repo"), "--triton-version", "26.02"]) == 0
