@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from email.utils import formatdate
 from typing import Any
@@ -21,6 +22,16 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 _log = logging.getLogger("vitc.access")
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's default buffers hold 32 KiB)
+# Beyond the connection limit, a few more connections may still ask for health or metrics (Kubernetes probes and
+# Prometheus scrapes open a connection each time: idle clients holding every place must not make a healthy pod fail
+# its probes). They get PROBE_WAIT_S for their request, which must be a GET or HEAD of one of these paths.
+PROBE_PATHS = re.compile(rb"/v2/health/(live|ready)|/metrics|/v2/models/[^/?]{1,256}(/versions/[0-9]{1,19})?/ready")
+PROBE_WAIT_S = 2.0
+
+
+def probe_places(max_connections: int) -> int:
+    """Connections beyond the limit that may still be probes."""
+    return max(16, max_connections // 10)
 
 
 def _answer(status: int, reason: str, text: str, retry_after: int | None = None) -> bytes:
@@ -54,9 +65,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
     headers pass MAX_HEADER_BYTES, and with a JSON 400 (501 an unknown method, 505 an unknown HTTP version) what
     uvicorn's parser refuses (each after the answers to the
     requests before it); a connection whose client accepts none of its answer for `seconds` is dropped. A
-    connection beyond `max_connections` open at once gets a JSON 503 and is closed unread: each one holds a file
-    descriptor and memory for up to `seconds`, so without a bound a flood of idle ones starves the process."""
-    open_connections = [0]  # connections admitted and not yet lost, all of this protocol class
+    connection beyond `max_connections` open at once gets a JSON 503 and is closed unread (each one holds a file
+    descriptor and memory for up to `seconds`, so without a bound a flood of idle ones starves the process), except
+    that a few (`probe_places`) may still GET health, readiness or metrics within PROBE_WAIT_S."""
+    open_connections = [0, 0]  # connections admitted, and probe-only ones, not yet lost (all of this class)
+    busy = f"the server has {max_connections} connections open, its limit; retry shortly"
     timeout = f"the request headers did not arrive within {seconds:g} s"
     too_large = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
 
@@ -64,10 +77,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self._admitted = max_connections is None or open_connections[0] < max_connections
-            if not self._admitted:
+            self._probe_only = not self._admitted and open_connections[1] < probe_places(max_connections)
+            if not (self._admitted or self._probe_only):
                 self._turn_away()
                 return
-            open_connections[0] += 1
+            open_connections[int(self._probe_only)] += 1
             self._headers_of = self.cycle  # the request whose headers were complete last
             self._body_read_of = None  # the request whose body was read to its end last
             self._header_timer: asyncio.TimerHandle | None = None
@@ -78,10 +92,10 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
             self._header_bytes = 0  # bytes of reads that arrived wholly inside that request's headers
             self._refusal: bytes | None = None  # an error answer waiting for the answers to earlier requests
             self._running: Any = None
-            self._arm()
+            self._arm(PROBE_WAIT_S if self._probe_only else seconds)
 
         def data_received(self, data: bytes) -> None:
-            if not self._admitted:
+            if not (self._admitted or self._probe_only):
                 return  # turned away: what the client sends before it sees the 503 is dropped
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
@@ -105,11 +119,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
             self._body_read_of, self._in_body = self.cycle, False
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if not self._admitted:
+            if not (self._admitted or self._probe_only):
                 self._linger.cancel()
                 super().connection_lost(exc)
                 return
-            open_connections[0] -= 1
+            open_connections[int(self._probe_only)] -= 1
             self._disarm()
             if self._send_timer is not None:
                 self._send_timer.cancel()
@@ -127,7 +141,6 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
             if access_log:
                 _log.info("refused", extra={"status": 503, "reason": "too many connections",
                                             "client": _client(self.transport)})
-            busy = f"the server has {max_connections} connections open, its limit; retry shortly"
             self.transport.write(_answer(503, "Service Unavailable", busy, retry_after=1))
             if self.transport.can_write_eof():
                 self.transport.write_eof()
@@ -146,6 +159,10 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
 
         def on_headers_complete(self) -> None:
             self._in_headers, self._in_body = False, True
+            if self._probe_only and not (self.parser.get_method() in (b"GET", b"HEAD")
+                                         and PROBE_PATHS.fullmatch(self.url.partition(b"?")[0])):
+                self._bad = (503, "Service Unavailable", busy, 1)
+                raise ValueError(self._bad)
             version = self.parser.get_http_version()
             if version not in ("1.0", "1.1"):
                 # The parser takes HTTP/0.9 and HTTP/2.0 request lines, which uvicorn would answer as HTTP/1.1.
@@ -165,6 +182,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
                              "use Content-Encoding for gzip or deflate)")
                 raise ValueError(self._bad)
             super().on_headers_complete()
+            if self._probe_only:
+                self.cycle.keep_alive = False  # one probe per place beyond the limit, then the place is free
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -233,8 +252,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
             one answered early (whose rest is only read and dropped)."""
             return self.cycle is None or self._body_read_of is self.cycle
 
-        def _arm(self) -> None:
-            self._header_timer = asyncio.get_running_loop().call_later(seconds, self._expired)
+        def _arm(self, delay: float = seconds) -> None:
+            self._header_timer = asyncio.get_running_loop().call_later(delay, self._expired)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -243,12 +262,14 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
 
         def _expired(self) -> None:
             self._header_timer = None
-            if self._answer_owed():
+            if self._probe_only and self._answer_owed():
+                self._refuse(503, "Service Unavailable", busy, 1)  # a place beyond the limit, not a slow client
+            elif self._answer_owed():
                 self._refuse(408, "Request Timeout", timeout)
             elif not self.transport.is_closing():
                 self.transport.close()  # already answered: the rest of its body is not worth waiting for
 
-        def _refuse(self, status: int, reason: str, text: str) -> None:
+        def _refuse(self, status: int, reason: str, text: str, retry_after: int | None = None) -> None:
             """Answer `status` and close, once the requests before this one are answered (RFC 9112 9.3.2: answers
             go out in order); nothing more is read meanwhile."""
             self._disarm()
@@ -256,7 +277,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
                 return
             if access_log:  # answered below the app: its access log and metrics never see these
                 _log.info("refused", extra={"status": status, "reason": text, "client": _client(self.transport)})
-            answer = _answer(status, reason, text)
+            answer = _answer(status, reason, text, retry_after)
             if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
                 self._refusal = answer
                 self.flow.pause_reading()

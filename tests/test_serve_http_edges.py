@@ -382,25 +382,38 @@ def test_an_inflated_body_is_held_against_the_budget_and_json_is_bounded_by_the_
     assert "Traceback" not in server.logs()
 
 
-def test_connections_beyond_the_limit_get_a_503_they_can_read(bundle, tmp_path):
+def test_connections_beyond_the_limit_get_a_503_they_can_read_but_probes_still_pass(bundle, tmp_path):
     args = ["--model", f"fake={bundle}", "--backend", "fake", "--max-connections", "3"]
     with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         host, port = server.url.removeprefix("http://").split(":")
         port = int(port)
         idle = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
         time.sleep(0.3)  # the server has taken all three
-        # One more: a JSON 503 with Retry-After, readable although its request was never read (no reset).
-        status, headers, body = _read_response(_sent(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"))
+        # Health, readiness and metrics still answer (Kubernetes would restart a healthy pod, Prometheus mark it
+        # down), one request per connection.
+        for path in (b"/v2/health/live", b"/v2/health/ready", b"/metrics", b"/v2/models/fake/ready"):
+            status, headers, _ = _read_response(_sent(host, port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
+            assert status == 200 and headers["connection"] == "close", (path, status)
+        # Anything else: a JSON 503 with Retry-After, readable although its body was never read (no reset).
+        status, headers, body = _read_response(_sent(
+            host, port, f"POST {CLASSIFY} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n".encode() + b"x" * 5000))
         assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
         assert "connections" in json.loads(body)["error"]
-        idle.pop().close()
+        silent = socket.create_connection((host, port), timeout=10)  # beyond the limit, and saying nothing
+        assert _read_response(silent)[0] == 503  # after PROBE_WAIT_S, not after the receive timeout
+        # The places for probes are bounded too: once they are held, a probe is turned away at once.
+        held = [socket.create_connection((host, port), timeout=10) for _ in range(16)]
+        time.sleep(0.3)
+        assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [503]
+        for sock in (*held, idle.pop(), silent):
+            sock.close()
         time.sleep(0.3)
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [200]  # a place is free again
         for sock in idle:
             sock.close()
     assert '"max_connections": 3' in server.logs()
     refused = [e for e in map(json.loads, server.logs().splitlines()) if e.get("msg") == "refused"]
-    assert [e["status"] for e in refused] == [503]
+    assert {e["status"] for e in refused} == {503}
 
 
 def _sent(host: str, port: int, data: bytes) -> socket.socket:
