@@ -131,3 +131,20 @@ def test_tampered_resume_state_is_one_line_exit_2_and_keeps_the_file(tmp_path, c
         assert (run / "resume.pt").read_bytes() == tampered  # nothing rewritten on the way out
         (run / "resume.pt").write_bytes(good)
     assert main(["--out", str(run), "--resume", "--max-steps", "2"]) == 0
+
+
+def test_a_run_started_with_overwrite_resumes(tmp_path):
+    """`make demo` starts its runs with --overwrite: the saved config must not make every later --resume refuse
+    ("--resume and --overwrite exclude each other"), leaving only a start from scratch; and the old run's
+    evaluation results go with its weights."""
+    from train.__main__ import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main([*TINY, "--out", str(run), "--overwrite"]) == 0
+    (run / "eval-digits-val.json").write_text("{}")  # python -m train.eval's result for these weights
+    assert main([*TINY, "--out", str(run), "--overwrite"]) == 0
+    assert not (run / "eval-digits-val.json").exists()  # it described the weights --overwrite replaced
+    assert main(["--out", str(run), "--resume", "--max-steps", "2"]) == 0
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps and torch.load(run / "resume.pt", weights_only=True)["progress"]["global_step"] == 2

@@ -195,7 +195,8 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     if "dataset" in explicit:
         explicit["dataset"] = normalize_dataset(str(explicit["dataset"]))
     if saved is not None:
-        base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
+        # How the run was started is not how it goes on: a run begun with --overwrite resumes like any other.
+        base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)} and k != "overwrite"}
         merged = TrainConfig.from_dict({**base, **explicit})
         old = TrainConfig.from_dict(base).trajectory()
         changed = sorted(k for k, v in merged.trajectory().items() if old.get(k) != v)

@@ -421,6 +421,8 @@ class Trainer:
         if written != META_FILE:  # save_checkpoint removes the weights it replaced itself
             for old in out.glob("weights-*.safetensors"):
                 old.unlink(missing_ok=True)
+        for old in out.glob("eval-*.json"):  # python -m train.eval's results: of the old weights
+            old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ training
     def _inputs(self, xb: torch.Tensor) -> torch.Tensor:
