@@ -6,6 +6,7 @@ Flags override VITC_* environment variables. Any startup problem is one line on 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import runtimes
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m serve", argument_default=argparse.SUPPRESS,
         description="Serve exported bundles over HTTP: /v1 image classification, the Open Inference Protocol "
                     "(/v2), Prometheus /metrics, docs at /docs.",
-        epilog="Every flag is also an environment variable: VITC_<FLAG> (e.g. VITC_MODELS=a,b VITC_API_KEY=...); "
+        epilog="Every flag is also an environment variable VITC_<SETTING> (e.g. VITC_MODELS=a,b for --model, "
+               "VITC_API_KEY=..., VITC_ACCESS_LOG=false for --no-access-log); a misspelt one is refused; "
                "flags win. Startup problems: one line on stderr, exit code 2.",
     )
     p.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
@@ -96,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError  # here: a missing server extra is one line (models.cli.run), not a traceback
 
     try:
-        from serve.settings import Settings
+        from serve.settings import Settings, unknown_environment
 
+        near, _ = unknown_environment(dict(os.environ))
+        if near:  # a misspelt setting would be ignored without a word (VITC_MODEL: "no models to serve")
+            print(f"error: environment variable {near[0]} (every setting is VITC_<SETTING>; see --help)",
+                  file=sys.stderr)
+            return 2
         settings = Settings(**args)
         from serve.server import run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -153,3 +154,20 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v in ("", None) else v
+
+
+# Names a user may reach for: the flag's own spelling where the setting is named otherwise.
+ENV_ALIASES = {"VITC_MODEL": "VITC_MODELS", "VITC_NO_ACCESS_LOG": "VITC_ACCESS_LOG=false",
+               "VITC_NO_JPEG_DRAFT": "VITC_JPEG_DRAFT=never"}
+OTHER_ENV = frozenset({"VITC_RUNTIMES"})  # read by the runtime registry, not a setting
+
+
+def unknown_environment(environ: dict[str, str]) -> tuple[list[str], list[str]]:
+    """VITC_* variables that are no setting: (the near misses of one, as "NAME: did you mean X", the others)."""
+    known = {f"VITC_{f.upper()}" for f in Settings.model_fields} | OTHER_ENV
+    near, other = [], []
+    for name in sorted(n for n in environ if n.upper().startswith("VITC_") and n.upper() not in known):
+        meant = ENV_ALIASES.get(name.upper()) or next(iter(difflib.get_close_matches(name.upper(), known, 1, 0.8)),
+                                                      None)
+        (near if meant else other).append(f"{name}: did you mean {meant}?" if meant else name)
+    return near, other

@@ -667,3 +667,20 @@ def test_exotic_colour_modes_reach_a_model_as_training_decodes_them(tmp_path):
             served = prepare(path.read_bytes(), spec, max_pixels=10**7, jpeg_draft=False)
             # Training went YCbCr -> L directly (the Y band), the server via RGB: one grey level apart.
             np.testing.assert_array_equal(served, preprocess([decode_checked(path)], spec))
+
+
+def test_a_misspelt_environment_setting_is_refused_not_ignored(monkeypatch, capsys):
+    from serve.__main__ import main
+    from serve.settings import unknown_environment
+
+    env = {"VITC_MODEL": "x", "VITC_NO_ACCESS_LOG": "1", "VITC_MAX_BODY_BYTE": "9", "VITC_MODELS": "y",
+           "VITC_RUNTIMES": "m", "VITC_BUILD_ID": "42", "PATH": "/bin"}
+    near, other = unknown_environment(env)
+    assert near == ["VITC_MAX_BODY_BYTE: did you mean VITC_MAX_BODY_BYTES?", "VITC_MODEL: did you mean VITC_MODELS?",
+                    "VITC_NO_ACCESS_LOG: did you mean VITC_ACCESS_LOG=false?"]
+    assert other == ["VITC_BUILD_ID"]  # someone else's variable: logged as ignored at start, not refused
+    monkeypatch.setenv("VITC_MODEL", "exports/x")  # the server used to say "no models to serve"
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: environment variable VITC_MODEL: did you mean VITC_MODELS? (every setting is VITC_<SETTING>; see "
+        "--help)"]
