@@ -69,6 +69,9 @@ load-test: install
 	$(PYTHON) -m benchmarks.load --start --model exports/animals-vit_c --model exports/animals-vit_p \
 		--out benchmarks/results/load-demo-onnxruntime.json
 
+bench: install
+	$(PYTHON) benchmarks/latency.py
+
 paper: install
 	$(PYTHON) -m train.sweep --preset full --out results/paper-full --workers 2
 

@@ -1,5 +1,6 @@
-"""Parity report: one table across every artifact of a bundle, read from its manifest (no runtime needed), with
-every listed file checked against its sha256 (a corrupt artifact is not reported servable).
+"""Parity report: one table across every artifact of a bundle, every file checked against its sha256.
+
+Read from the manifest (no runtime needed); a corrupt artifact is marked CORRUPT, not servable, and exits 2.
 
 `python -m export.report BUNDLE [BUNDLE ...] [--markdown] [--png parity.png]`
 """
@@ -206,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n\n".join(table(m, args.markdown, p) for m, p in zip(manifests, found, strict=True)))
     if args.png:
         try:
-            print(f"plot: {plot(manifests, args.png)}")
+            print(f"plot: {plot(manifests, args.png)}", file=sys.stderr)  # stdout holds only the tables (--markdown)
         except OSError as exc:
             print(f"error: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
             return 2

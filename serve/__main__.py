@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import runtimes
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, help="image decoding threads (default: all CPUs)")
     p.add_argument("--decode-queue", type=int, help="decode jobs waiting for a thread before 503 (default 256)")
     p.add_argument("--decode-budget-pixels", type=int,
-                   help="pixels being decoded at once, all requests together, before 503 (default 100,000,000, at "
-                        "most 10,000,000,000)")
+                   help="pixels being decoded at once, all requests together, before 503 (default 100,000,000 or "
+                        "--max-image-pixels if larger, at most 10,000,000,000)")
     p.add_argument("--inference-timeout-s", type=float,
                    help="a batch running longer answers 504 and marks the model not ready (default 30)")
     p.add_argument("--graceful-timeout-s", type=float,
@@ -116,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         bound = (err.get("ctx") or {}).get("le")
         if where.endswith("_bytes") and isinstance(bound, int) and bound >= 1 << 30:  # 17179869184 means 16 GiB
             msg += f" ({bound / (1 << 30):g} GiB)"
+        # Named as the user gives them: the flag, and the environment variable (pydantic names the fields).
+        fields = Settings.model_fields
+        if where in fields:
+            where = f"--{where.replace('_', '-')} (VITC_{where.upper()})"
+        msg = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: f"--{m[0].replace('_', '-')}" if m[0] in fields else m[0],
+                     msg)
         if where:
             print(f"error: invalid setting {where}: {msg} (got {err.get('input')!r})", file=sys.stderr)
         else:  # a rule across settings: the message names them

@@ -1,4 +1,4 @@
-"""Write one validation image of an embedded dataset as a PNG, to try the service with.
+"""Write one validation image of a dataset (embedded, or an ImageNet-layout folder) to try the service with.
 
 `python -m serve.sample --dataset animals --out sample.png` prints the image's true label.
 """
@@ -58,7 +58,7 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m serve.sample`; returns the exit code (2 with one line on stderr for bad input)."""
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="animals", help="animals (default), mnist or digits")
+    p.add_argument("--dataset", default="animals", help="animals (default), mnist, digits or an ImageNet-layout folder")
     p.add_argument("--index", type=int, default=0, help="which validation image (default 0)")
     p.add_argument("--out", default="sample.png",
                    help="image to write: .png, .jpg/.jpeg or .webp, the format follows (default sample.png)")

@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     decode_threads: int | None = Field(None, ge=1, le=256)
     decode_queue: int = Field(256, ge=0, le=100_000, description="decode jobs waiting for a thread before 503")
     decode_budget_pixels: int = Field(100_000_000, ge=1, le=MAX_DECODE_BUDGET_PIXELS,
-                                      description="pixels decoded at once, all requests")
+                                      description="pixels decoded at once, all requests (at least "
+                                      "max_image_pixels)")
     inference_timeout_s: float = Field(30.0, gt=0, le=3600, description="one batch's limit before 504")
     graceful_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight requests' time to finish at "
                                       "SIGTERM / SIGINT")
@@ -105,7 +106,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _budget_holds_one_image(self) -> Settings:
-        """The largest image allowed must fit the decode budget, or it could never be decoded."""
+        """The largest image allowed must fit the decode budget, or it could never be decoded: a budget left at its
+        default grows to hold it, one set too small is refused."""
+        if "decode_budget_pixels" not in self.model_fields_set:
+            self.decode_budget_pixels = max(self.decode_budget_pixels, self.max_image_pixels)
         if self.decode_budget_pixels < self.max_image_pixels:
             raise ValueError(f"decode_budget_pixels ({self.decode_budget_pixels}) must be at least "
                              f"max_image_pixels ({self.max_image_pixels})")

@@ -326,11 +326,14 @@ def test_help_still_exits_0(module, capsys):
 
 # ------------------------------------------------------------------------------------------------ python -m serve
 @pytest.mark.parametrize("args, needle", [
-    (["--max-body-bytes", str(10**21)], "max_body_bytes: Input should be less than or equal to 1073741824 (1 GiB)"),
-    (["--max-buffered-bytes", str(10**23)], "max_buffered_bytes: Input should be less than or equal to"),
-    (["--max-image-pixels", str(10**12), "--decode-budget-pixels", str(10**12)], "max_image_pixels"),
-    (["--decode-budget-pixels", str(10**15)], "decode_budget_pixels"),
-    (["--graceful-timeout-s", "inf"], "graceful_timeout_s"),
+    (["--max-body-bytes", str(10**21)],
+     "--max-body-bytes (VITC_MAX_BODY_BYTES): Input should be less than or equal to 1073741824 (1 GiB)"),
+    (["--max-buffered-bytes", str(10**23)], "--max-buffered-bytes (VITC_MAX_BUFFERED_BYTES): Input should be less"),
+    (["--max-image-pixels", str(10**12), "--decode-budget-pixels", str(10**12)], "--max-image-pixels"),
+    (["--decode-budget-pixels", str(10**15)], "--decode-budget-pixels"),
+    (["--graceful-timeout-s", "inf"], "--graceful-timeout-s"),
+    (["--max-image-pixels", str(2 * 10**8), "--decode-budget-pixels", str(10**8)],
+     "invalid settings: --decode-budget-pixels (100000000) must be at least --max-image-pixels (200000000)"),
 ])
 def test_serve_bounds_every_size_and_duration(args, needle, capsys):
     from serve.__main__ import main
@@ -347,7 +350,7 @@ def test_serve_environment_goes_through_the_same_bounds(monkeypatch, capsys):
 
     monkeypatch.setenv("VITC_MAX_BUFFERED_BYTES", str(10**23))
     assert main([]) == 2
-    _one_line(capsys, "max_buffered_bytes", "16 GiB")
+    _one_line(capsys, "VITC_MAX_BUFFERED_BYTES", "16 GiB")
     monkeypatch.setenv("VITC_MAX_BUFFERED_BYTES", str(16 * GiB))
     monkeypatch.setenv("VITC_MAX_BODY_BYTES", str(GiB))
     s = Settings()
@@ -397,9 +400,9 @@ def test_load_start_says_why_the_server_did_not_start_and_keeps_its_log(tmp_path
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert main(_serve_legacy(tmp_path, "--server-arg=--max-batch-size=0")) == 2
-    line = _one_line(capsys, "the server did not start: server exited with code 2: invalid setting max_batch_size")
+    line = _one_line(capsys, "the server did not start: server exited with code 2: invalid setting --max-batch-size")
     (kept,) = temp.iterdir()
-    assert f"(log: {kept / 'server.log'})" in line and "max_batch_size" in (kept / "server.log").read_text()
+    assert f"(log: {kept / 'server.log'})" in line and "--max-batch-size" in (kept / "server.log").read_text()
 
 
 def test_ctrl_c_drains_like_sigterm_without_a_traceback(tmp_path):

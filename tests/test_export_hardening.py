@@ -299,8 +299,9 @@ def test_report_png_path_is_checked_before_any_work(bundle, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["charts", "dir.png", *(["locked"] if os.geteuid()
                                                                                        else [])])
     assert not list(a_dir.iterdir())
-    assert report.main([str(bundle), "--png", str(a_dir / "ok.png")]) == 0
-    assert f"plot: {a_dir / 'ok.png'}" in capsys.readouterr().out
+    assert report.main([str(bundle), "--markdown", "--png", str(a_dir / "ok.png")]) == 0
+    out, err = capsys.readouterr()
+    assert f"plot: {a_dir / 'ok.png'}" in err and "plot:" not in out  # `--markdown > table.md` holds only Markdown
     assert (a_dir / "ok.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -684,3 +684,12 @@ def test_a_misspelt_environment_setting_is_refused_not_ignored(monkeypatch, caps
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: environment variable VITC_MODEL: did you mean VITC_MODELS? (every setting is VITC_<SETTING>; see "
         "--help)"]
+
+
+def test_a_larger_image_limit_grows_the_default_decode_budget():
+    # --max-image-pixels 200,000,000 (documented up to 10^9) was refused: the default budget held 10^8.
+    s = Settings(models=["x"], max_image_pixels=200_000_000)
+    assert s.decode_budget_pixels == 200_000_000
+    assert Settings(models=["x"], max_image_pixels=1000).decode_budget_pixels == 100_000_000
+    with pytest.raises(ValueError, match="must be at least"):
+        Settings(models=["x"], max_image_pixels=200_000_000, decode_budget_pixels=100_000_000)

@@ -161,10 +161,16 @@ def test_a_bundle_carries_the_training_provenance(train_initial_run, tmp_path):
     assert p.calibration_data_fingerprint is None and p.libraries["torch"]
 
 
-def test_eval_cli_matches_the_training_summary(train_initial_run, capsys, tmp_path, train_cli):
+def test_eval_cli_matches_the_training_summary(train_initial_run, capsys, tmp_path, train_cli, monkeypatch):
+    import torch
+
     out_json = tmp_path / "eval.json"
-    code, out, err = train_cli(eval_main, ["--checkpoint", str(train_initial_run), "--out", str(out_json)], capsys)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    code, out, err = train_cli(eval_main, ["--checkpoint", str(train_initial_run), "--out", str(out_json),
+                                           "--threads", "1"], capsys)
     assert code == 0, err
+    assert threads[:1] == [1]  # --threads, like train, export and serve (it was refused)
     res = json.loads(out_json.read_text())
     summary = json.loads((train_initial_run / "checkpoint.json").read_text())["training"]
     assert res["top1"] == summary["final_val_top1"] and res["dataset"] == "digits"

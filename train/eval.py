@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256,
                    help=f"images per batch, 1..{MAX_BATCH} (default 256)")
     p.add_argument("--workers", type=int_in(0, 64), default=0, help="decoding processes, 0..64 (default 0)")
+    p.add_argument("--threads", type=int_in(1, 1024), help="CPU threads, 1..1024 (default: torch's, all cores)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA if available (default auto)")
     p.add_argument("--corrupt", choices=("skip", "fail"), default="skip",
                    help="unreadable files: leave out and count, or fail (default skip)")
@@ -108,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out is not None:
             check_out(args.out)  # before minutes of evaluation, not after
+        import torch
+
         from train.evaluate import evaluate_checkpoint
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
 
         res = evaluate_checkpoint(args.checkpoint, args.dataset, args.split, batch_size=args.batch_size,
                                   workers=args.workers, corrupt=args.corrupt, device=args.device, limit=args.limit)
