@@ -6,13 +6,15 @@ Batches run in a thread pool with `parallel` workers (OpenVINO streams use sever
 images (rows) for a request's whole life and bounded: a full model refuses at once (the caller answers 503)
 instead of growing latency without limit. A batch that fails is retried request by request, so one bad request
 cannot fail its neighbours. A batch that runs past `timeout_s` fails its requests (504) and stalls the model: it
-reports not ready and refuses work until the stuck call has returned and a probe batch has succeeded.
+reports not ready and refuses work until the stuck call has returned and a probe batch has succeeded (probes pause
+longer and longer between tries). The stall and the recovery are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+log = logging.getLogger("vitc.serve")
+FIRST_PAUSE_S, LAST_PAUSE_S = 0.5, 30.0  # between failed probes of a stalled model: doubling from the first
 
 
 class QueueFull(Exception):
@@ -44,6 +49,8 @@ class BatchObserver(Protocol):
     def queued(self, model: str, seconds: float) -> None: ...
 
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None: ...
+
+    def timed_out(self, model: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -84,6 +91,8 @@ class DynamicBatcher:
         self.timeout_s = timeout_s
         self._probe = probe  # one input row that must answer before a stalled model is ready again
         self._stalled = False
+        self._stalled_at = 0.0  # perf_counter() of the timeout that stalled the model
+        self._closed = asyncio.Event()  # set by close(): cuts a pause between probes short
         self._infer = infer
         self._observer = observer
         self._queue: asyncio.Queue[_Item] | None = None
@@ -270,30 +279,47 @@ class DynamicBatcher:
 
     def _stall(self) -> None:
         """Refuse work until a probe succeeds; what is queued now would only wait for the stuck call: refuse it."""
+        if self._observer:
+            self._observer.timed_out(self.name)
+        if not self._stalled:  # once per stall (several batches may pass the timeout together)
+            self._stalled_at = time.perf_counter()
+            log.warning("model stalled", extra={"model": self.name, "timeout_s": self.timeout_s})
         self._stalled = True
         while self._queue is not None and not self._queue.empty():
             _fail(self._queue.get_nowait(), NotReady(f"model {self.name!r} stalled: a batch exceeded "
                                                      f"{self.timeout_s:g} s"))
 
     async def _recover(self, loop: asyncio.AbstractEventLoop, stuck: asyncio.Future) -> None:
-        """Wait for the stuck call to return, then probe (with backoff) until the model answers in time again."""
-        delay = 0.5
+        """Wait for the stuck call to return, then probe until the model answers in time again. Every probe that
+        fails or is too slow is followed by a pause (doubling up to LAST_PAUSE_S): a model merely slower than its
+        timeout would otherwise run probes back to back, a core busy for nothing beside the other models."""
+        delay, probes = FIRST_PAUSE_S, 0
         while not self._closing:
             with contextlib.suppress(Exception):
                 await stuck
+            if not self._stalled:  # another slot's probe has already answered in time
+                return
             if self._probe is None:
-                self._stalled = False
+                self._recovered(probes)
                 return
             stuck = loop.run_in_executor(self._pool, self._infer, self._probe)
+            probes += 1
             try:
                 await asyncio.wait_for(asyncio.shield(stuck), self.timeout_s)
-                self._stalled = False
+                self._recovered(probes)
                 return
-            except TimeoutError:
-                continue  # still hung: wait for this probe to return, then try again
-            except Exception:
-                await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
+            except Exception:  # too slow (TimeoutError; the probe runs on) or failed: pause, then try again
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), delay)
+            delay = min(LAST_PAUSE_S, delay * 2)
+
+    def _recovered(self, probes: int) -> None:
+        """The model answers in time again: take work."""
+        if self._stalled:
+            self._stalled = False
+            log.info("model recovered", extra={"model": self.name, "probes": probes,
+                                               "stalled_s": round(time.perf_counter() - self._stalled_at, 3)})
 
     def _compute(self, xs: list[np.ndarray]) -> tuple[np.ndarray, float]:
         """Runs in the thread pool: one contiguous batch, one backend call; (outputs, seconds)."""
@@ -321,6 +347,7 @@ class DynamicBatcher:
     async def close(self, timeout: float = 30.0) -> None:
         """Stop taking work, finish what is queued or running (up to `timeout`), then stop the pool."""
         self._closing = True
+        self._closed.set()
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while (self.depth or self._running) and loop.time() < end:

@@ -10,6 +10,31 @@ import warnings
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the JSON.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
+# One line stays well under what log shippers take whole (Docker's json-file driver splits lines at 16 KiB): the
+# fields a client controls are bounded where they are logged; this is the last guard, for text that reaches a log
+# some other way (an exception's message).
+MAX_LINE = 8192
+MAX_FIELD = 2048  # characters of a string field of an over-long line: its start and its end are kept
+_INVALID_REQUEST = "Invalid HTTP request received."  # uvicorn's warning, without client, status or reason
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text`, or its start and end around a note of how much was cut."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}...[{len(text) - 2 * half} characters cut]...{text[-half:]}"
+
+
+class _DropInvalidRequest(logging.Filter):
+    """uvicorn's warning for each request its parser refuses says less than the "refused" line serve.httpproto
+    logs for it (status, reason, client), and at warning level would let any client flood an operator's warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _INVALID_REQUEST
+
+
+_DROP_INVALID_REQUEST = _DropInvalidRequest()
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,7 +50,11 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        line = json.dumps(entry, default=str)
+        if len(line) > MAX_LINE:
+            line = json.dumps({k: _cut(v, MAX_FIELD) if isinstance(v, str) else v for k, v in entry.items()},
+                              default=str)
+        return line
 
 
 def configure_logging(level: str = "info") -> None:
@@ -48,3 +77,4 @@ def configure_logging(level: str = "info") -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     # uvicorn's own access log is replaced by ours (which knows the model and the request id).
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").addFilter(_DROP_INVALID_REQUEST)

@@ -5,14 +5,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-# Seconds: from sub-millisecond micro models to multi-second queues under overload.
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Seconds: from sub-millisecond micro models to multi-second queues under overload, up to the default timeouts
+# (inference 30 s, receiving a body 60 s): a request that ends in one is measured, not lost in +Inf.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # rows; --max-batch-size is at most 1024
 UNKNOWN_MODEL = "_unknown"  # label for requests naming no model the server knows (bounded cardinality)
+# What serve.httpproto answers below the app (bad request line, header timeout, URI or headers too long, unknown
+# method or transfer coding, unknown HTTP version, too many connections); anything else is counted as "other".
+PROTOCOL_STATUSES = ("400", "408", "414", "431", "501", "503", "505")
 INFO_LABELS = ("version", "weights_sha256", "vitc_version", "git_commit", "exported")
 
 
@@ -66,16 +79,36 @@ class Metrics:
             "vitc_model_info", "Served models and where they came from (value 1)",
             ["model", "variant", "runtime", "precision", *INFO_LABELS], registry=r,
         )
+        self.model_ready = Gauge(
+            "vitc_model_ready", "Whether a served model takes requests (0: stalled after an inference timeout, or "
+            "shutting down)", ["model"], registry=r,
+        )
+        self.inference_timeouts = Counter(
+            "vitc_inference_timeouts", "Backend calls of requests that passed --inference-timeout-s (each stalls "
+            "the model until a probe answers in time)", ["model"], registry=r,
+        )
+        self.protocol_refusals = Counter(
+            "vitc_protocol_refusals", "Answers given below the app, before a request reached it (malformed or "
+            "slow request line and headers, connection limit): not in vitc_requests_total", ["status"], registry=r,
+        )
+        for status in (*PROTOCOL_STATUSES, "other"):
+            self.protocol_refusals.labels(status)  # every series from the start: rate() sees the first refusal
+        # The process's memory, descriptors and CPU (the bounds this server keeps), and the interpreter's GC.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
         self._versions: dict[tuple[str, ...], int] = {}  # served versions per info label set
         self._names: dict[str, int] = {}  # served versions per model name
 
     def add_model(self, name: str, variant: str, runtime: str, precision: str, depth: Callable[[], float],
-                  provenance: dict[str, str] | None = None) -> None:
-        """Register a served model (version): info series with its provenance, and a live queue-depth gauge (a new
-        version's replaces its predecessor's)."""
+                  ready: Callable[[], float], provenance: dict[str, str] | None = None) -> None:
+        """Register a served model (version): info series with its provenance, and live queue-depth and readiness
+        gauges (a new version's replace its predecessor's)."""
         labels = (name, variant, runtime, precision, *_info(provenance))
         self.model_info.labels(*labels).set(1)
         self.queue_depth.labels(name).set_function(depth)
+        self.model_ready.labels(name).set_function(ready)
+        self.inference_timeouts.labels(name)  # at 0 from the start; kept after an unload, as every counter
         # Counted: a reload of the same version adds its series before the old one's removal (which must keep it).
         self._versions[labels] = self._versions.get(labels, 0) + 1
         self._names[name] = self._names.get(name, 0) + 1
@@ -83,14 +116,16 @@ class Metrics:
     def remove_model(self, name: str, variant: str, runtime: str, precision: str,
                      provenance: dict[str, str] | None = None) -> None:
         """Forget a replaced or unloaded model version: its info series unless another served version has the
-        same labels, and the queue-depth gauge (which holds the batcher) once no version of the name is left."""
+        same labels, and the queue-depth and readiness gauges (which hold the batcher) once no version of the name
+        is left."""
         labels = (name, variant, runtime, precision, *_info(provenance))
         if _release(self._versions, labels):
             with contextlib.suppress(KeyError):
                 self.model_info.remove(*labels)
         if _release(self._names, name):
-            with contextlib.suppress(KeyError):
-                self.queue_depth.remove(name)
+            for gauge in (self.queue_depth, self.model_ready):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
 
     # BatchObserver, called from the batcher (queued: event loop; batch: inference thread).
     def queued(self, model: str, seconds: float) -> None:
@@ -99,6 +134,15 @@ class Metrics:
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         self.batch_size.labels(model).observe(rows)
         self.compute.labels(model).observe(seconds)
+
+    def timed_out(self, model: str) -> None:
+        self.inference_timeouts.labels(model).inc()
+
+    def protocol_refused(self, status: int) -> None:
+        """Count one answer given below the app (serve.httpproto calls it; `status` outside PROTOCOL_STATUSES is
+        counted as "other", so the label stays bounded)."""
+        label = str(status)
+        self.protocol_refusals.labels(label if label in PROTOCOL_STATUSES else "other").inc()
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

@@ -23,6 +23,9 @@ from serve.timing import server_timing
 access_log = logging.getLogger("vitc.access")
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._~:/+=@-]")
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted and logged, never sent
+# Characters of a request's path and method in a log line: the request line may be 64 KiB, and a percent-encoded
+# control byte (3 bytes sent) is 6 in JSON. The path's length is logged beside a cut one.
+LOGGED_PATH, LOGGED_METHOD = 256, 32
 log = logging.getLogger("vitc.serve")
 _DRAIN_TIMEOUT_S = 5.0
 
@@ -87,7 +90,7 @@ class AccessLogMiddleware:
                 model = name if name in self.known_models() else UNKNOWN_MODEL if name else ""
                 self.metrics.disconnects.labels(model, "upload").inc()
         except Exception as exc:
-            log.exception("unhandled error", extra={"path": scope["path"], "request_id": request_id})
+            log.exception("unhandled error", extra={**_logged_path(scope), "request_id": request_id})
             if started:
                 raise
             await error_response(500, f"internal error ({type(exc).__name__})")(scope, receive, send_with_id)
@@ -111,12 +114,22 @@ class AccessLogMiddleware:
             self.metrics.requests.labels(model, endpoint, str(status)).inc()
             self.metrics.latency.labels(model, endpoint).observe(seconds)
             if self.enabled:
+                # Every field is bounded: the model is a known name or "_unknown", as in the metrics (the path
+                # shows what was asked for), and the request id is already cleaned and cut.
                 client = scope.get("client")
                 access_log.info("request", extra={
-                    "method": scope["method"], "path": scope["path"], "status": status,
-                    "duration_ms": round(seconds * 1000, 3), "model": name, "request_id": request_id,
+                    "method": scope["method"][:LOGGED_METHOD], **_logged_path(scope), "status": status,
+                    "duration_ms": round(seconds * 1000, 3), "model": model or None, "request_id": request_id,
                     "client": f"{client[0]}:{client[1]}" if client else None,
                 })
+
+
+def _logged_path(scope: Scope) -> dict[str, object]:
+    """The request's path for a log line: at most LOGGED_PATH characters, and its length when it was cut."""
+    path = scope["path"]
+    if len(path) <= LOGGED_PATH:
+        return {"path": path}
+    return {"path": path[:LOGGED_PATH], "path_length": len(path)}
 
 
 class HeadMiddleware:

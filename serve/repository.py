@@ -5,7 +5,7 @@ A load reads the model's source again (its bundle, or the version of its reposit
 config.pbtxt selects, by default the newest), verifies every file, proves the golden inputs and warms the runtime,
 all off the event loop, while the old version keeps serving. Only then does the name point to the new version; the
 old one is drained (every request admitted to it is answered) and closed. A load that fails leaves the old
-version serving and answers the reason.
+version serving and answers the reason. Loads, failed loads (a warning with the reason) and unloads are logged.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class ModelRepository:
         )
         await model.batcher.start()
         self.metrics.add_model(model.name, model.manifest.model, model.backend.runtime, model.backend.precision,
-                               lambda b=model.batcher: b.depth, model.provenance_labels())
+                               lambda b=model.batcher: b.depth, lambda b=model.batcher: float(b.ready),
+                               model.provenance_labels())
 
     def source_of(self, name: str) -> ModelSource:
         """Where `name` loads from: the source it was served from, or a directory of --model-repository."""
@@ -131,13 +132,11 @@ class ModelRepository:
             try:
                 version = source.selected()[0]
             except (BundleError, ConfigError, OSError) as exc:
-                self.failures[(name, "")] = f"model {name!r}: {exc}"
-                raise LoadError(self.failures[(name, "")]) from None
+                raise self._failed(name, "", f"model {name!r}: {exc}") from None
             try:
                 model = await asyncio.get_running_loop().run_in_executor(None, load_model, source, self.settings)
             except ServeError as exc:
-                self.failures[(name, version)] = str(exc)
-                raise LoadError(str(exc)) from None
+                raise self._failed(name, version, str(exc)) from None
             if model.name != name:  # a bundle served under its own name was re-exported under another one
                 model = dataclasses.replace(model, name=name)
             await self._activate(model)
@@ -153,6 +152,12 @@ class ModelRepository:
                 self._retire_later(old)
             return model
 
+    def _failed(self, name: str, version: str, reason: str) -> LoadError:
+        """Remember and log why a load of a known model failed (what served before serves on)."""
+        self.failures[(name, version)] = reason
+        log.warning("load failed", extra={"model": name, "version": version or None, "reason": reason})
+        return LoadError(reason)
+
     async def unload(self, name: str) -> None:
         """Stop serving `name` once every request admitted to it is answered. As in Triton, a known model that is
         not loaded is left as it is (success); LoadError for a name the server does not know."""
@@ -163,6 +168,7 @@ class ModelRepository:
                 return
             self.unloaded.add(name)
             await self._retire(model)
+            log.info("unloaded", extra={"model": name, "version": model.version})
 
     def _retire_later(self, model: ServedModel) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(model))

@@ -24,7 +24,8 @@ class ModelStats:
         self._batches: defaultdict[int, list[int]] = defaultdict(_pair)
 
     def request(self, ok: bool, seconds: float, rows: int = 1) -> None:
-        """One request of `rows` inferences answered (ok) or failed, with its time in the server."""
+        """One request of `rows` inferences answered (ok) or failed, with its time in the server (which requests
+        count, and as what: serve.routes.deps.recorded)."""
         with self._lock:
             if ok:
                 self.inference_count += rows
@@ -79,3 +80,9 @@ class Observers:
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         for o in self.observers:
             o.batch(model, rows, seconds, requests)
+
+    def timed_out(self, model: str) -> None:
+        # Only the metrics count timeouts: Triton's statistics have no field for them (the requests count as fail).
+        for o in self.observers:
+            if hasattr(o, "timed_out"):
+                o.timed_out(model)

@@ -67,6 +67,15 @@ def test_a_hung_backend_answers_504_goes_unready_and_recovers(bundle, tmp_path):
         assert client.get("/v2/health/ready").status_code == 200
         assert client.post(V2, content=_tensor(3.0)).status_code == 200
         assert 2.0 not in _computed(tmp_path), "a refused request was computed"
+        # The operator sees it: a warning when the model stalled, a line when it recovered, a timeout counted.
+        assert _metric(client, 'vitc_inference_timeouts_total{model="fake"}') == 1
+        assert _metric(client, 'vitc_model_ready{model="fake"}') == 1
+        entries = [json.loads(ln) for ln in server.logs().splitlines() if ln.startswith("{")]
+        stalled = [e for e in entries if e["msg"] == "model stalled"]
+        recovered = [e for e in entries if e["msg"] == "model recovered"]
+        assert [(e["level"], e["model"], e["timeout_s"]) for e in stalled] == [("warning", "fake", 0.5)]
+        assert [(e["level"], e["model"], e["probes"]) for e in recovered] == [("info", "fake", 1)]
+        assert 0 < recovered[0]["stalled_s"] < 15
         t0 = time.monotonic()
     assert server.proc.returncode == 0 and time.monotonic() - t0 < 10
     assert "Traceback" not in server.logs()

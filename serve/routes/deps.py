@@ -149,16 +149,31 @@ def finite_output(model: ServedModel, y: np.ndarray) -> np.ndarray:
     return y
 
 
+class InvalidInput(APIError):
+    """A request refused for its own content (an image that does not decode, too many pixels): a client error that
+    the model's statistics do not count."""
+
+
 @contextlib.contextmanager
 def recorded(model: ServedModel, rows: int = 1) -> Iterator[None]:
     """Count the request (`rows` inferences) in the model's statistics: success or failure, with its time in the
     server; only the rows of requests answered successfully count as inferences."""
-    start, ok = time.perf_counter(), False
+    # The rule follows Triton, whose statistics start once a request has passed validation (PrepareForInference)
+    # and reached its scheduler. A request refused for its own content (wrong shape, datatype, batch size or output,
+    # a bad top_k, an image that does not decode: 4xx) counts nowhere, on /v1 as on /v2: the routes check it before
+    # this block, or raise InvalidInput inside it. A valid one is a success, or a failure when it is refused for load
+    # (503: queue full, model stalled, decode pool busy; Triton's REJECTED, though Triton leaves out its own
+    # max_queue_size refusals: here an operator sees shed load), passes the inference timeout (504), meets a backend
+    # error (500) or outputs that are not finite (422), or its client leaves (Triton's CANCELED).
+    start = time.perf_counter()
     try:
         yield
-        ok = True
-    finally:
-        model.stats.request(ok, time.perf_counter() - start, rows)
+    except InvalidInput:
+        raise
+    except BaseException:
+        model.stats.request(False, time.perf_counter() - start, rows)
+        raise
+    model.stats.request(True, time.perf_counter() - start, rows)
 
 
 @contextlib.contextmanager

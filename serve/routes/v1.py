@@ -20,6 +20,7 @@ from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
 from serve.registry import ServedModel
 from serve.routes.deps import (
     ERROR_RESPONSES,
+    InvalidInput,
     ModelDep,
     admission,
     all_or_none,
@@ -220,13 +221,14 @@ async def _classify(request: Request, model: ServedModel, settings: Settings, k:
         for (label, _), result in zip(images, decoded, strict=True):
             if isinstance(result, ImageError):
                 prefix = f"{label}: " if many else ""
-                raise APIError(result.status, prefix + result.reason)
+                raise InvalidInput(result.status, prefix + result.reason)
             if isinstance(result, BaseException):
                 raise result
         # The first image's queue and compute times stand for the request's.
         work = (all_or_none(submit(model, x, timings(request) if i == 0 else None) for i, x in enumerate(decoded))
                 if many else _one(submit(model, decoded[0], timings(request))))
-        logits = await unless_gone(request, model, work)
+        # Checked inside the statistics' count, as /v2 does: outputs that cannot be answered are a failed inference.
+        logits = [finite_output(model, y) for y in await unless_gone(request, model, work)]
     with stage(request, "encode"):
-        answers = [top_predictions(model.name, finite_output(model, y)[0], model.labels, k) for y in logits]
+        answers = [top_predictions(model.name, y[0], model.labels, k) for y in logits]
         return JSONResponse(answers if many else answers[0])
