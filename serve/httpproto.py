@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -58,8 +59,8 @@ def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, st
     return 400, "Bad Request", msg
 
 
-def header_timeout_protocol(seconds: float, access_log: bool = True,
-                            max_connections: int | None = None) -> type[asyncio.Protocol]:
+def header_timeout_protocol(seconds: float, access_log: bool = True, max_connections: int | None = None,
+                            on_refusal: Callable[[int], None] | None = None) -> type[asyncio.Protocol]:
     """uvicorn's default HTTP protocol class, closing with a JSON 408 a connection whose request headers are not
     complete `seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
     headers pass MAX_HEADER_BYTES, and with a JSON 400 (501 an unknown method, 505 an unknown HTTP version) what
@@ -67,7 +68,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
     requests before it); a connection whose client accepts none of its answer for `seconds` is dropped. A
     connection beyond `max_connections` open at once gets a JSON 503 and is closed unread (each one holds a file
     descriptor and memory for up to `seconds`, so without a bound a flood of idle ones starves the process), except
-    that a few (`probe_places`) may still GET health, readiness or metrics within PROBE_WAIT_S."""
+    that a few (`probe_places`) may still GET health, readiness or metrics within PROBE_WAIT_S. `on_refusal(status)`
+    counts each answer given here (the app's metrics never see them)."""
     open_connections = [0, 0]  # connections admitted, and probe-only ones, not yet lost (all of this class)
     busy = f"the server has {max_connections} connections open, its limit; retry shortly"
     timeout = f"the request headers did not arrive within {seconds:g} s"
@@ -138,6 +140,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
         def _turn_away(self) -> None:
             """503 at once, then half-close and wait a moment for the client to close: closing with its request
             unread would reset the connection, and the reset can destroy the 503 before the client reads it."""
+            if on_refusal is not None:
+                on_refusal(503)
             if access_log:
                 _log.info("refused", extra={"status": 503, "reason": "too many connections",
                                             "client": _client(self.transport)})
@@ -275,6 +279,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True,
             self._disarm()
             if self._refusal is not None or self.transport.is_closing():
                 return
+            if on_refusal is not None:
+                on_refusal(status)
             if access_log:  # answered below the app: its access log and metrics never see these
                 _log.info("refused", extra={"status": status, "reason": text, "client": _client(self.transport)})
             answer = _answer(status, reason, text, retry_after)

@@ -90,9 +90,11 @@ def run(settings: Settings) -> None:
 
     from serve.app import create_app
     from serve.httpproto import header_timeout_protocol
-    http = header_timeout_protocol(settings.receive_timeout_s, settings.access_log, connections)
+    app = create_app(settings, models)
+    http = header_timeout_protocol(settings.receive_timeout_s, settings.access_log, connections,
+                                   on_refusal=app.state.metrics.protocol_refused)
     config = uvicorn.Config(
-        create_app(settings, models), http=http,
+        app, http=http,
         log_config=None, access_log=False, lifespan="on", server_header=False, ws="none",  # no WebSocket routes
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,
     )

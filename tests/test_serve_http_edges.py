@@ -351,6 +351,11 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         assert dropped and time.monotonic() - t0 < 15, (sent, time.monotonic() - t0)
         assert sent < 64 << 20, sent
         assert httpx.get(server.url + "/v2/health/live", timeout=5).status_code == 200
+        # Answered below the app, yet counted (vitc_requests_total never sees them).
+        metrics = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer k"}, timeout=5).text
+        counted = {m[1]: float(m[2]) for m in re.finditer(r'vitc_protocol_refusals_total\{status="(\w+)"\} (\S+)',
+                                                          metrics)}
+        assert counted["501"] >= 3 and counted["505"] == 3 and counted["414"] == 1 and counted["431"] >= 2, counted
     logs = server.logs()
     assert "Traceback" not in logs
     # Refused below the app, yet in the access log with the client's address.
