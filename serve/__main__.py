@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", help="artifact precision (default: the most precise servable one)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on everything but health "
-                                     "(prefer VITC_API_KEY: flags show up in `ps`)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on everything but /v2/health/live, "
+                                     "/v2/health/ready and the API docs (/docs, /redoc, /openapi.json); a model's "
+                                     "own ready endpoint needs it: it tells which models exist (prefer "
+                                     "VITC_API_KEY: flags show up in `ps`)")
     p.add_argument("--max-batch-size", type=int, help="rows per batch (default 32, capped by the bundle)")
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a request waits for companions (default 2)")
     p.add_argument("--max-queue-size", type=int,
