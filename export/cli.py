@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from export.targets import known_targets, missing_converters, parse_targets
+from export.targets import QUANTIZER, known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT
 from models.cli import OneLineParser, int_in
 from runtimes import ExportError, by_target
@@ -68,8 +68,11 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if missing:  # found out before the checkpoint is loaded and measured, not after
-        print(f"error: {', '.join(missing)} not installed: the ONNX graph every target but torch is built from "
-              "needs them; in the vitc checkout: pip install -c constraints.txt '.[export]'", file=sys.stderr)
+        graph = [m for m in missing if m != QUANTIZER]
+        why = ([f"{', '.join(graph)} (the ONNX graph every target but torch is built from)"] if graph else []) + (
+            [f"{QUANTIZER} (int8 quantisation; or leave the int8 targets out)"] if QUANTIZER in missing else [])
+        print(f"error: not installed: {'; '.join(why)}; in the vitc checkout: pip install -c constraints.txt "
+              "'.[export]'", file=sys.stderr)
         return 2
     try:
         manifest = build_bundle(

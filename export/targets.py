@@ -48,10 +48,19 @@ def parse_targets(names: Sequence[str]) -> list[Target]:
 
 
 GRAPH_PACKAGES = ("onnx", "onnxscript")  # torch.onnx's exporter: every artifact but torch's own is built from ONNX
+QUANTIZER = "nncf"  # every int8 artifact's calibration and Q/DQ graph
 
 
 def missing_converters(targets: Sequence[Target]) -> list[str]:
-    """The graph-export packages `targets` need and this environment lacks (checked before any work starts)."""
-    if all(t.runtime.target == "torch" for t in targets):
-        return []
-    return [m for m in GRAPH_PACKAGES if importlib.util.find_spec(m) is None]
+    """The conversion packages `targets` need and this environment lacks (checked before any work starts: an int8
+    artifact would otherwise be refused with an import error in its manifest, the export exiting 0)."""
+    graph = [t for t in targets if t.runtime.target != "torch"]
+    wanted = [*(GRAPH_PACKAGES if graph else ()), *((QUANTIZER,) if any(t.precision == "int8" for t in graph) else ())]
+    return [m for m in wanted if not _installed(m)]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # shadowed by a None entry, or a broken parent package
+        return False

@@ -121,6 +121,20 @@ DEPENDENCY_EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
+def require(*modules: str) -> None:
+    """ModuleNotFoundError (which `run` turns into the extra to install) for the first of `modules` that is not
+    installed: checked up front, so a run does not fail at its end on what it needs last (the training curves)."""
+    import importlib.util
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a module shadowed by a None entry, or a broken parent package
+            found = False
+        if not found:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
 def missing_dependency(exc: BaseException, prog: str) -> int | None:
     """When `exc` is a module of one of the extras not being installed: print the extra to install as one line and
     return exit code 2. Otherwise None (vitc's own modules, a module of no extra)."""

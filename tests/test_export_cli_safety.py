@@ -495,5 +495,10 @@ def test_export_without_the_graph_exporter_says_so_before_any_work(checkpoint, t
     monkeypatch.setattr(export_bundle, "build_bundle", lambda *a, **k: loaded.append(a))
     assert cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--targets", "onnx"]) == 2
     err = one_line(capsys)
-    assert "onnxscript not installed" in err and "'.[export]'" in err and not loaded
+    assert "not installed: onnxscript (the ONNX graph" in err and "'.[export]'" in err and not loaded
     assert not (tmp_path / "b").exists()
+    # Without nncf an int8 target was refused with an import error in its manifest, and the export exited 0.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--targets", "openvino"]) == 2
+    assert "not installed: nncf (int8 quantisation; or leave the int8 targets out)" in one_line(capsys)
+    assert not loaded and not (tmp_path / "b").exists()

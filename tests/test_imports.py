@@ -244,3 +244,18 @@ def test_a_missing_extra_is_one_line_not_a_traceback(argv, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()  # progress lines may come first (the benchmark names its machine)
     assert "not installed" in lines[-1] and sum("error" in line for line in lines) == 1, proc.stderr
+
+
+def test_training_without_matplotlib_stops_before_it_trains(tmp_path):
+    """The curves are drawn after the last epoch: without matplotlib the run used to train to the end, then exit 2."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _BARE, "matplotlib", "train", "--model", "vit_c_micro", "--dataset",
+                           "digits", "--epochs", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "python -m train: error: matplotlib is not installed: install the project's train extra "
+        "(pip install -c constraints.txt '.[train]')"]
+    assert not out.exists()

@@ -14,7 +14,7 @@ import sys
 
 from data.datasets import DatasetError
 from models.checkpoint import CheckpointError
-from models.cli import machine_failure
+from models.cli import machine_failure, require
 from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_openmp()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     who = f"{PROG} (rank {rank})" if world > 1 else PROG
+    # Everything the run needs, up front: matplotlib draws the curves only after the last epoch.
+    require("torch", "safetensors", "tqdm", "matplotlib")
     try:
         cfg = config_from_options(explicit_options(args, argv))
         from train.trainer import train
