@@ -254,8 +254,9 @@ def test_started_server_options_and_execution_differences(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     args = ["--model", "b", "--backend", "openvino", "--no-access-log"]
     assert started_options(args) == BackendOptions()
-    assert started_options([*args, "--threads", "1", "--parallel", "2", "--openvino-hint", "latency"]) == \
-        BackendOptions(threads=1, parallel=2, hint="latency")
+    assert started_options([*args, "--threads", "1", "--parallel", "2"]) == BackendOptions(threads=1, parallel=2)
+    assert started_options([*args, "--threads", "1", "--openvino-hint", "latency"]) == \
+        BackendOptions(threads=1, hint="latency")
     monkeypatch.setenv("VITC_THREADS", "3")  # the started server inherits the environment
     assert started_options(args).threads == 3
     assert reported_options({"execution": {"parallelism": 2, "threads_effective": 1}}) == [
