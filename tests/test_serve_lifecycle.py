@@ -61,7 +61,7 @@ def test_backend_not_installed_is_refused(bundle):
 
 
 def test_bad_settings_port_in_use_and_duplicate_names(bundle):
-    assert_refused(run_cli("--model", str(bundle), "--max-batch-size", "0"), "max_batch_size")
+    assert_refused(run_cli("--model", str(bundle), "--max-batch-size", "0"), "--max-batch-size (VITC_MAX_BATCH_SIZE)")
     assert_refused(run_cli("--model", str(bundle), env={"VITC_BACKEND": "tflite"}), "backend")
     assert_refused(run_cli("--model", str(bundle), "--model", str(bundle)), "two models are named")
     with socket.socket() as taken:
