@@ -406,11 +406,16 @@ def test_connections_beyond_the_limit_get_a_503_they_can_read_but_probes_still_p
         assert "connections" in json.loads(body)["error"]
         silent = socket.create_connection((host, port), timeout=10)  # beyond the limit, and saying nothing
         assert _read_response(silent)[0] == 503  # after PROBE_WAIT_S, not after the receive timeout
-        # The places for probes are bounded too: once they are held, a probe is turned away at once.
+        # Idle sockets cannot hold the places for probes: a newcomer takes the place of the oldest silent one.
         held = [socket.create_connection((host, port), timeout=10) for _ in range(16)]
         time.sleep(0.3)
+        assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [200]
+        assert _read_response(held[0])[0] == 503  # the oldest silent one gave up its place
+        # The places are bounded: held by requests under way, a probe is turned away at once.
+        slow = [_sent(host, port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n") for _ in range(16)]
+        time.sleep(0.3)
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [503]
-        for sock in (*held, idle.pop(), silent):
+        for sock in (*held, *slow, idle.pop(), silent):
             sock.close()
         time.sleep(0.3)
         assert _answers(host, port, b"GET /v2/health/live HTTP/1.0\r\n\r\n") == [200]  # a place is free again
