@@ -26,12 +26,14 @@ COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err
 def integrity(bundle: Path, manifest: Manifest) -> dict[str, str]:
     """What is wrong with the bundle's files, one line each: "golden" (the golden inputs, or a manifest edited
     after export) and each servable artifact's id (a file missing, or not matching its sha256). Empty: all sound."""
-    from runtimes.loader import check_contract
+    from runtimes.loader import check_contract, read_golden
 
     problems = {}
     if manifest.golden is not None:
-        try:
-            check_contract(verify_file(bundle, manifest.golden.file, "golden inputs"), manifest)
+        try:  # what every server reads before it loads an artifact
+            path = verify_file(bundle, manifest.golden.file, "golden inputs")
+            check_contract(path, manifest)
+            read_golden(path, manifest)
         except BundleError as exc:
             problems["golden"] = first_line(exc)
     for a in manifest.servable():

@@ -639,7 +639,10 @@ def verify_file(bundle: str | os.PathLike, entry: FileEntry, what: str = "artifa
         raise BundleError(f"{what} {entry.path!r} points outside the bundle")
     if not p.is_file():
         raise BundleError(f"{what} missing: {p}")
-    if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
+    if p.stat().st_size != entry.bytes:
+        raise BundleError(f"{what} {p} is {p.stat().st_size:,} bytes, the manifest says {entry.bytes:,} (tampered or "
+                          "corrupt)")
+    if sha256_file(p) != entry.sha256:
         raise BundleError(f"{what} {p} does not match its sha256 in the manifest (tampered or corrupt)")
     return p
 

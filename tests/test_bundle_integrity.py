@@ -70,6 +70,22 @@ def test_the_report_checks_the_files_it_reports_on(bundle, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "CORRUPT: manifest.json was edited after export" in out
     onnx = next(line for line in out.splitlines() if line.startswith("onnx-fp32"))
-    assert "CORRUPT: artifact file" in onnx and "sha256" in onnx
+    assert "CORRUPT: artifact file" in onnx and "(tampered or corrupt)" in onnx
     assert all("CORRUPT" not in line for line in out.splitlines() if line.startswith("openvino-"))
     assert err.strip() == f"error: corrupt, will not load: {broken}: golden, onnx-fp32"
+
+
+def test_the_report_reads_the_golden_file_as_a_server_does(bundle, tmp_path, capsys):
+    """golden.samples is outside the contract and every sha256 still matches: the report passed a bundle that every
+    server refuses; and a wrong size is called a wrong size."""
+    from export.report import main
+
+    fewer = _edited(bundle, tmp_path, lambda m: m["golden"].update(samples=4))
+    assert main([str(fewer)]) == 2
+    assert "expected uint8[4, 32, 32, 3]" in capsys.readouterr().out
+    with pytest.raises(BundleError, match="expected uint8"):
+        _load(fewer)
+    shutil.rmtree(fewer)
+    resized = _edited(bundle, tmp_path, lambda m: m["artifacts"][1]["files"][0].update(bytes=1))
+    assert main([str(resized)]) == 2
+    assert "bytes, the manifest says 1 (tampered or corrupt)" in capsys.readouterr().out
