@@ -16,7 +16,7 @@ from pathlib import Path
 from serve.errors import ServeError
 from serve.logs import configure_logging
 from serve.registry import close_models, load_models
-from serve.settings import Settings, unknown_environment
+from serve.settings import Settings, service_links, unknown_environment
 
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
@@ -79,6 +79,9 @@ def run(settings: Settings) -> None:
     configure_logging(settings.log_level)
     if ignored := unknown_environment(dict(os.environ))[1]:
         log.warning("ignored environment variables: not settings", extra={"names": ignored[:20]})
+    if links := service_links(dict(os.environ)):
+        log.info("ignored Kubernetes service links (a Service named vitc; enableServiceLinks: false turns them off)",
+                 extra={"names": links[:20]})
     connections = connection_limit(settings.max_connections)  # before loading: a refusal costs no model load
     models = load_models(settings)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -154,6 +155,15 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown backend; known: {', '.join(runtimes.names())}")
         return v
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, v: object) -> object:
+        """VITC_PORT=tcp://10.96.0.12:8000 is Kubernetes naming a Service `vitc` (see SERVICE_LINK), not this
+        server's port: the default stands (the start log lists the links it ignored)."""
+        if isinstance(v, str) and re.fullmatch(r"(tcp|udp|sctp)://\S+", v.strip()):
+            return cls.model_fields["port"].default
+        return v
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
@@ -166,9 +176,21 @@ ENV_ALIASES = {"VITC_MODEL": "VITC_MODELS", "VITC_NO_ACCESS_LOG": "VITC_ACCESS_L
 OTHER_ENV = frozenset({"VITC_RUNTIMES"})  # read by the runtime registry, not a setting
 
 
+# Kubernetes gives every pod the address of each Service of its namespace: a Service named `vitc` makes VITC_PORT
+# `tcp://10.96.0.12:8000`, VITC_SERVICE_HOST, VITC_PORT_8000_TCP_ADDR, ... (docker --link did the same).
+SERVICE_LINK = re.compile(r"VITC_(PORT|SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_[0-9]+_(TCP|UDP|SCTP)(_[A-Z]+)?)")
+
+
+def service_links(environ: dict[str, str]) -> list[str]:
+    """The VITC_* variables that are a Kubernetes service link, not a setting (VITC_PORT only in its tcp:// form)."""
+    return sorted(n for n, v in environ.items() if SERVICE_LINK.fullmatch(n)
+                  and (n != "VITC_PORT" or re.fullmatch(r"(tcp|udp|sctp)://\S+", v.strip())))
+
+
 def unknown_environment(environ: dict[str, str]) -> tuple[list[str], list[str]]:
-    """VITC_* variables that are no setting: (the near misses of one, as "NAME: did you mean X", the others)."""
-    known = {f"VITC_{f.upper()}" for f in Settings.model_fields} | OTHER_ENV
+    """VITC_* variables that are no setting: (the near misses of one, as "NAME: did you mean X", the others).
+    Kubernetes service links are neither (see `service_links`)."""
+    known = {f"VITC_{f.upper()}" for f in Settings.model_fields} | OTHER_ENV | set(service_links(environ))
     near, other = [], []
     for name in sorted(n for n in environ if n.upper().startswith("VITC_") and n.upper() not in known):
         meant = ENV_ALIASES.get(name.upper()) or next(iter(difflib.get_close_matches(name.upper(), known, 1, 0.8)),

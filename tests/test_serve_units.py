@@ -679,6 +679,16 @@ def test_a_misspelt_environment_setting_is_refused_not_ignored(monkeypatch, caps
     assert near == ["VITC_MAX_BODY_BYTE: did you mean VITC_MAX_BODY_BYTES?", "VITC_MODEL: did you mean VITC_MODELS?",
                     "VITC_NO_ACCESS_LOG: did you mean VITC_ACCESS_LOG=false?"]
     assert other == ["VITC_BUILD_ID"]  # someone else's variable: logged as ignored at start, not refused
+    # A Service named `vitc` gives every pod of its namespace these (Kubernetes service links): not settings, and
+    # VITC_PORT=tcp://... stopped the image from starting ("invalid setting --port").
+    links = {"VITC_PORT": "tcp://10.96.0.12:8000", "VITC_SERVICE_HOST": "10.96.0.12", "VITC_SERVICE_PORT": "8000",
+             "VITC_PORT_8000_TCP": "tcp://10.96.0.12:8000", "VITC_PORT_8000_TCP_ADDR": "10.96.0.12"}
+    assert unknown_environment(links) == ([], [])
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    assert Settings(models=["x"]).port == 8000 and Settings(models=["x"], port=9000).port == 9000
+    monkeypatch.setenv("VITC_PORT", "9001")  # a real port setting still counts
+    assert Settings(models=["x"]).port == 9001
     monkeypatch.setenv("VITC_MODEL", "exports/x")  # the server used to say "no models to serve"
     assert main([]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
