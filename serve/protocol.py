@@ -199,7 +199,11 @@ def _header_length(value: str | None, size: int) -> int | None:
 
 
 def _parse_raw(body: bytes, name: str, shape: tuple[int, ...]) -> InferRequest:
-    """Triton's raw binary request: the body is exactly the FP32 tensor `shape`; every output comes back binary."""
+    """Triton's raw binary request: the body is exactly the FP32 tensor `shape`, whose one -1 dimension (a model
+    without Triton batching) is deduced from the body's size, as Triton does; every output comes back binary."""
+    if -1 in shape:
+        row = math.prod(d for d in shape if d != -1) * DTYPES["FP32"].itemsize
+        shape = tuple(max(1, len(body) // row) if d == -1 else d for d in shape)
     want = math.prod(shape) * DTYPES["FP32"].itemsize
     if len(body) != want:
         raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) is input {name!r} as FP32 {list(shape)}: "

@@ -187,6 +187,17 @@ def test_max_batch_size_0_serves_each_request_as_its_own_batch(fake, repo):
         w = np.load(repo / NAME / "1" / fake_runtime.WEIGHTS)
         np.testing.assert_allclose(np.reshape(r.json()["outputs"][0]["data"], (3, 10)), fake_runtime.logits(w, x),
                                    rtol=1e-5)
+        # Triton's raw binary request deduces the -1 dimension from the body's size here (a batch of one only where
+        # Triton batches).
+        r = c.post(f"/v2/models/{NAME}/infer", content=x.tobytes(), headers={"Inference-Header-Content-Length": "0"})
+        assert r.status_code == 200, r.text
+        head = int(r.headers["inference-header-content-length"])
+        assert json.loads(r.content[:head])["outputs"][0]["shape"] == [3, 10]
+        np.testing.assert_allclose(np.frombuffer(r.content[head:], np.float32).reshape(3, 10),
+                                   fake_runtime.logits(w, x), rtol=1e-5)
+        r = c.post(f"/v2/models/{NAME}/infer", content=x.tobytes()[:-4],
+                   headers={"Inference-Header-Content-Length": "0"})
+        assert r.status_code == 400 and "FP32 [2, 3, 32, 32]" in r.json()["error"], r.text
 
 
 def test_version_policy_and_batching_are_what_config_says(fake, repo):

@@ -55,6 +55,12 @@ def _check_version(model: ServedModel, version: str | None) -> None:
                             f"serving version {model.version}")
 
 
+def _unbatched(model: ServedModel) -> bool:
+    """Whether the model's config.pbtxt is Triton's layout without batching (max_batch_size 0: the dims carry the
+    batch dimension)."""
+    return model.config is not None and model.config.max_batch_size == 0
+
+
 def _metadata(model: ServedModel) -> dict[str, Any]:
     c, h, w = model.sample_shape
     return {
@@ -179,7 +185,7 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
     c, h, w = model.sample_shape
     # Triton's layout without batching (max_batch_size 0): the dims carry the batch dimension, and no format
     # (Triton allows FORMAT_NCHW on three dims only).
-    unbatched = model.config is not None and model.config.max_batch_size == 0
+    unbatched = _unbatched(model)
     tensor = {"dims": [-1, c, h, w]} if unbatched else {"format": "FORMAT_NCHW", "dims": [c, h, w]}
     return {
         "name": model.name,
@@ -263,7 +269,7 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
             body = await inflated(request, body, request.headers.get("content-encoding"), settings.max_body_bytes)
             model = served(request, name)
             parsed = await off_loop(request, parse_request, body, next(iter(lengths), None), json_containers(model),
-                                    (model.input_name, (1, *model.sample_shape)))
+                                    (model.input_name, (-1 if _unbatched(model) else 1, *model.sample_shape)))
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc), exc.headers) from None
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version
