@@ -29,12 +29,12 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_LABELS_BYTES = 1 << 20
 MAX_QUEUE_DELAY_US = 60_000_000  # what python -m export.triton accepts
 MAX_VERSION = 2**63 - 1  # Triton's versions are int64
-_TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[A-Za-z_][A-Za-z0-9_.]*"""
+_TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|-?[A-Za-z_][A-Za-z0-9_.]*"""
                     r"""|[-+]?[0-9][0-9A-Za-z_.+-]*|[-+]?\.[0-9][0-9A-Za-z_.+-]*|[{}\[\]<>:,;])""")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Integers as protobuf's text format writes them: decimal, 0x hexadecimal, 0-prefixed octal.
-_INTEGER = re.compile(r"(-?)(?:0[xX](?P<hex>[0-9A-Fa-f]{1,20})|0(?P<oct>[0-7]{1,30})|(?P<dec>0|[1-9][0-9]{0,24}))")
-_FLOAT = re.compile(r"-?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?|(?i:inf|infinity|nan))")
+_INTEGER = re.compile(r"([-+]?)(?:0[xX](?P<hex>[0-9A-Fa-f]{1,20})|0(?P<oct>[0-7]{1,30})|(?P<dec>0|[1-9][0-9]{0,24}))")
+_FLOAT = re.compile(r"[-+]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?|(?i:inf|infinity|nan))")
 _BOOLS = frozenset({"true", "True", "t", "1", "false", "False", "f", "0"})
 _MAX_DEPTH = 32
 _PUNCTUATION = frozenset("{}<>[]:,;")
@@ -243,6 +243,9 @@ class _Parser:
         if t in ("{", "<"):
             return [self._block(depth)]
         if t == "[":
+            if not colon and self.toks[self.i + 1:self.i + 2] not in (["{"], ["<"], ["]"]):
+                raise ConfigError(f"{name} needs ':' before its list of values (only a list of messages may leave "
+                                  "it out)")
             self.i += 1
             items: list[Any] = []
             while not self._take("]"):
@@ -275,9 +278,35 @@ class _Parser:
         return _Quoted(value)
 
 
+_ESCAPES = {"n": b"\n", "t": b"\t", "r": b"\r", "a": b"\a", "b": b"\b", "f": b"\f", "v": b"\v", "\\": b"\\",
+            "'": b"'", '"': b'"', "?": b"?"}
+_ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))", re.DOTALL)
+
+
 def _unquote(tok: str) -> str:
-    # Names worth comparing hold no escapes; an escaped one is kept escaped and then compares unequal (refused).
-    return re.sub(r"\\([\"'\\])", r"\1", tok[1:-1])
+    """A quoted string's value, its C-style escapes decoded as protobuf's text format decodes them (octal and hex
+    bytes, \\n, \\u, ...), then read as UTF-8."""
+    out, pos, body = bytearray(), 0, tok[1:-1]
+    for m in _ESCAPE.finditer(body):
+        out += body[pos:m.start()].encode()
+        octal, hex_, u4, u8, char = m.groups()
+        if octal or hex_:
+            out.append(int(octal or hex_, 8 if octal else 16) & 0xFF)
+        elif u4 or u8:
+            try:
+                out += chr(int(u4 or u8, 16)).encode()
+            except (ValueError, UnicodeEncodeError):
+                raise ConfigError(f"invalid escape \\{'u' if u4 else 'U'}{u4 or u8} in a string") from None
+        elif char in _ESCAPES:
+            out += _ESCAPES[char]
+        else:
+            raise ConfigError(f"invalid escape \\{char!r:.10} in a string")
+        pos = m.end()
+    out += body[pos:].encode()
+    try:
+        return out.decode()
+    except UnicodeDecodeError:
+        raise ConfigError("a string is not UTF-8 once its escapes are decoded") from None
 
 
 def _checked(msg: dict[str, list[Any]], message: str, path: str = "") -> None:
@@ -336,7 +365,7 @@ def _integer(token: str) -> int | None:
     m = _INTEGER.fullmatch(token)
     if m is None:
         return None
-    sign = -1 if m.group(1) else 1
+    sign = -1 if m.group(1) == "-" else 1
     if m.group("hex"):
         return sign * int(m.group("hex"), 16)
     return sign * int(m.group("oct") or m.group("dec"), 8 if m.group("oct") else 10)

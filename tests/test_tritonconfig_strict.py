@@ -89,6 +89,8 @@ def test_the_schema_is_tritons_model_config_proto():
      "value.zero_data and model_warmup[0].inputs[0].value.random_data are both given"),
     ("dynamic_batching { default_queue_policy: 3 }", "dynamic_batching.default_queue_policy must be a { ... } block"),
     ("name { }", "name takes type string, not a { ... } block"),
+    # A list of scalars needs its colon (only a list of messages may leave it out); this one used to load.
+    ('input [{ name: "input" data_type: TYPE_FP32 dims [ 3, 32, 32 ] }]', "dims needs ':' before its list"),
 ])
 def test_what_tritons_parser_refuses_is_refused_with_its_path(text, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
@@ -110,6 +112,15 @@ def test_what_tritons_parser_accepts_is_read_as_it_reads_it():
     assert config.cpu_only  # kind 2 is KIND_CPU
     triton_config = _triton_parse(text)
     assert (triton_config.max_batch_size, triton_config.input[0].data_type) == (16, 11)
+    # Escapes in strings decode as protobuf decodes them (they were kept escaped, and a valid name refused); signed
+    # special floats and a leading + are numbers.
+    escaped = ('name: "x\\055esc-name" max_batch_size: +8 output [{ name: "logits" data_type: TYPE_FP32 '
+               'dims: [ 10 ] label_filename: "labels\\056txt" }]\n'
+               "model_metrics { metric_control [{ histogram_options { buckets: [ -inf, +1.5, -Infinity, -nan ] } }] }")
+    config = parse(escaped)
+    assert (config.name, config.max_batch_size, config.label_filename) == ("x-esc-name", 8, "labels.txt")
+    triton_config = _triton_parse(escaped)
+    assert (triton_config.name, triton_config.output[0].label_filename) == ("x-esc-name", "labels.txt")
     # A number that is no value of its enum: protobuf keeps it (proto3 enums are open), but no Triton data type,
     # instance kind or format means it; refused by name.
     with pytest.raises(ConfigError, match=r"output\[0\].data_type '15' is not a value of DataType \(TYPE_INVALID"):
