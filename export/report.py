@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
-from models.cli import OneLineParser
+from models.cli import OneLineParser, require
 from models.io import atomic_write_bytes
 
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--samples must be at least 1, got {args.samples}")
     if args.png is not None and (why := check_png(args.png)):
         ap.error(why)
+    if args.png is not None:
+        require("matplotlib")  # before the tables, not after them
     if not args.served and (args.runtime != "onnxruntime" or args.samples is not None):
         ap.error("--runtime and --samples apply to --served only")
     try:

@@ -187,11 +187,13 @@ class TritonConfig:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
-        # Triton splits it with std::getline: a final newline ends the last line, it does not start another.
+        # Triton splits it with std::getline: a final newline ends the last line, it does not start another; blank
+        # lines after the last label (an editor's) label nothing.
+        text = text.rstrip("\n") + "\n" if len(text.rstrip("\n").split("\n")) == classes else text
         lines = text.count("\n") + (text != "" and not text.endswith("\n"))
         if lines != classes:
             raise ConfigError(f"{where}: {path} holds {lines} lines, one label per class was expected ({classes})")
-        return text.split("\n")[:classes]
+        return [label.removesuffix("\r") for label in text.split("\n")[:classes]]  # a CRLF file's too
 
 
 def _tokens(text: str) -> list[str]:

@@ -124,7 +124,9 @@ class Settings(BaseSettings):
             return self
         honoured = runtimes.get(self.backend).tunes
         fields = type(self).model_fields
-        ignored = [n for n in TUNING if n not in honoured and getattr(self, n) != fields[n].default]
+        # --parallel 1 is what a backend without streams does anyway (a VITC_PARALLEL=1 meant for all is no error).
+        ignored = [n for n in TUNING if n not in honoured and getattr(self, n) != fields[n].default
+                   and not (n == "parallel" and self.parallel == 1)]
         if ignored:
             takes = ", ".join(_flag(n) for n in honoured) or "none of them"
             raise ValueError(f"--backend {self.backend} does not use {', '.join(map(_flag, ignored))} (its tuning "

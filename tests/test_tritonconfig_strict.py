@@ -181,6 +181,9 @@ def test_labels_are_read_from_the_label_filename_as_triton_reads_them(tmp_path):
     assert config.labels(tmp_path, 3) == ["Katze", "Hund", "Vogel"]
     (tmp_path / "names.txt").write_text("Katze\n\nVogel")  # std::getline: an empty line is a label too
     assert config.labels(tmp_path, 3) == ["Katze", "", "Vogel"]
+    # Blank lines after the last label (an editor's) and a CRLF file's line ends label nothing.
+    (tmp_path / "names.txt").write_bytes(b"Katze\r\nHund\r\nVogel\r\n\n\n")
+    assert config.labels(tmp_path, 3) == ["Katze", "Hund", "Vogel"]
     (tmp_path / "names.txt").write_text("Katze\nHund\n")
     with pytest.raises(ConfigError, match=r"holds 2 lines, one label per class was expected \(3\)"):
         config.labels(tmp_path, 3)
