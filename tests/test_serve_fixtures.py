@@ -6,13 +6,16 @@ prediction uniform and every comparison trivially equal), exported by `export.bu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -112,3 +115,22 @@ def one_line(capsys) -> str:  # noqa: ANN001 - pytest's capsys
     err = capsys.readouterr().err.strip()
     assert err and "\n" not in err and "Traceback" not in err, err
     return err
+
+
+@contextlib.contextmanager
+def fake_server(bundle: Path, tmp: Path, *args: str) -> Iterator[ServerProcess]:
+    """A real server of the fake runtime's `bundle` (tests/fake_runtime.py) with `args`; its log ends without a
+    traceback."""
+    import fake_runtime
+
+    with start_server(["--model", f"fake={bundle}", "--backend", "fake", *args], tmp / "server.log",
+                      fake_runtime.server_env(tmp)) as s:
+        yield s
+    assert "Traceback" not in s.logs()
+
+
+@contextlib.contextmanager
+def client_of(server: ServerProcess) -> Iterator[httpx.Client]:
+    """An httpx client of `server`."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve_fixtures import animal_pngs, start_server
+from test_serve_fixtures import animal_pngs, client_of, fake_server, start_server
 
 from serve.launch import ServerProcess
 from serve.metrics import Metrics
@@ -34,16 +34,13 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("observe-server")
-    with start_server(["--model", f"fake={bundle}", "--backend", "fake", "--max-queue-size", "4"],
-                      tmp / "server.log", fake_runtime.server_env(tmp)) as s:
+    with fake_server(bundle, tmp_path_factory.mktemp("observe-server"), "--max-queue-size", "4") as s:
         yield s
-    assert "Traceback" not in s.logs()
 
 
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+    with client_of(server) as c:
         yield c
 
 

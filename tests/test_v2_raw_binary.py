@@ -12,7 +12,7 @@ import fake_runtime
 import httpx
 import numpy as np
 import pytest
-from test_serve_fixtures import start_server
+from test_serve_fixtures import client_of, fake_server
 
 from serve.launch import ServerProcess
 
@@ -26,16 +26,13 @@ W = fake_runtime.weights(3, CLASSES)  # what fake_runtime.write_bundle stores
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("raw")
-    bundle = fake_runtime.write_bundle(tmp / "fake")
-    with start_server(["--model", f"fake={bundle}", "--backend", "fake"], tmp / "server.log",
-                      fake_runtime.server_env(tmp)) as s:
+    with fake_server(fake_runtime.write_bundle(tmp / "fake"), tmp) as s:
         yield s
-    assert "Traceback" not in s.logs()
 
 
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+    with client_of(server) as c:
         yield c
 
 
