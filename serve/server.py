@@ -80,7 +80,8 @@ def run(settings: Settings) -> None:
     if ignored := unknown_environment(dict(os.environ))[1]:
         log.warning("ignored environment variables: not settings", extra={"names": ignored[:20]})
     if links := service_links(dict(os.environ)):
-        log.info("ignored Kubernetes service links (a Service named vitc; enableServiceLinks: false turns them off)",
+        log.info("ignored Kubernetes service links (Services named vitc or vitc-*; enableServiceLinks: false turns "
+                 "them off)",
                  extra={"names": links[:20]})
     connections = connection_limit(settings.max_connections)  # before loading: a refusal costs no model load
     models = load_models(settings)

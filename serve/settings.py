@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     def _not_a_service_link(cls, v: object) -> object:
         """VITC_PORT=tcp://10.96.0.12:8000 is Kubernetes naming a Service `vitc` (see SERVICE_LINK), not this
         server's port: the default stands (the start log lists the links it ignored)."""
-        if isinstance(v, str) and re.fullmatch(r"(tcp|udp|sctp)://\S+", v.strip()):
+        if isinstance(v, str) and _URL.fullmatch(v.strip()):
             return cls.model_fields["port"].default
         return v
 
@@ -178,15 +178,19 @@ ENV_ALIASES = {"VITC_MODEL": "VITC_MODELS", "VITC_NO_ACCESS_LOG": "VITC_ACCESS_L
 OTHER_ENV = frozenset({"VITC_RUNTIMES"})  # read by the runtime registry, not a setting
 
 
-# Kubernetes gives every pod the address of each Service of its namespace: a Service named `vitc` makes VITC_PORT
-# `tcp://10.96.0.12:8000`, VITC_SERVICE_HOST, VITC_PORT_8000_TCP_ADDR, ... (docker --link did the same).
-SERVICE_LINK = re.compile(r"VITC_(PORT|SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_[0-9]+_(TCP|UDP|SCTP)(_[A-Z]+)?)")
+# Kubernetes gives every pod the address of each Service of its namespace: a Service named `vitc` (or `vitc-api`)
+# makes VITC_PORT (VITC_API_PORT) `tcp://10.96.0.12:8000`, VITC_SERVICE_HOST, VITC_PORT_8000_TCP_ADDR, ... (docker
+# --link did the same). The `<NAME>_PORT` one is a link only in its URL form: VITC_PORT=9000 is the setting.
+_LINK_NAME = re.compile(r"VITC_(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+                        r"|PORT_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)")
+_LINK_URL = re.compile(r"VITC_(?:[A-Z0-9_]+_)?PORT")
+_URL = re.compile(r"(tcp|udp|sctp)://\S+")
 
 
 def service_links(environ: dict[str, str]) -> list[str]:
-    """The VITC_* variables that are a Kubernetes service link, not a setting (VITC_PORT only in its tcp:// form)."""
-    return sorted(n for n, v in environ.items() if SERVICE_LINK.fullmatch(n)
-                  and (n != "VITC_PORT" or re.fullmatch(r"(tcp|udp|sctp)://\S+", v.strip())))
+    """The VITC_* variables that are Kubernetes service links (of a Service named vitc or vitc-*), not settings."""
+    return sorted(n for n, v in environ.items() if _LINK_NAME.fullmatch(n)
+                  or (_LINK_URL.fullmatch(n) and _URL.fullmatch(v.strip())))
 
 
 def unknown_environment(environ: dict[str, str]) -> tuple[list[str], list[str]]:

@@ -685,6 +685,10 @@ def test_a_misspelt_environment_setting_is_refused_not_ignored(monkeypatch, caps
     links = {"VITC_PORT": "tcp://10.96.0.12:8000", "VITC_SERVICE_HOST": "10.96.0.12", "VITC_SERVICE_PORT": "8000",
              "VITC_PORT_8000_TCP": "tcp://10.96.0.12:8000", "VITC_PORT_8000_TCP_ADDR": "10.96.0.12"}
     assert unknown_environment(links) == ([], [])
+    # So does a Service named vitc-api or vitc-models (VITC_API_PORT was refused: "did you mean VITC_PORT?").
+    others = {"VITC_API_PORT": "tcp://10.96.0.13:80", "VITC_API_SERVICE_PORT_HTTP": "80",
+              "VITC_MODELS_PORT_80_TCP_ADDR": "10.96.0.14", "VITC_MODELS_SERVICE_HOST": "10.96.0.14"}
+    assert unknown_environment(others) == ([], [])
     for name, value in links.items():
         monkeypatch.setenv(name, value)
     assert Settings(models=["x"]).port == 8000 and Settings(models=["x"], port=9000).port == 9000
