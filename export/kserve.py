@@ -31,6 +31,7 @@ MAX_ISVC_NAME = 63 - len("-predictor")
 # the release.
 MIN_TRITON_RELEASE = "24.05"
 DEFAULT_TRITON_VERSION = f"{MIN_TRITON_RELEASE}-py3"
+KSERVE_DEFAULT_TRITON = "23.05"  # what KServe's triton ServingRuntime runs when runtimeVersion is not given
 # What that release reads (onnxruntime 1.18: ONNX IR <= 10, opset <= 21; OpenVINO 2023.3: up to opset13): a newer
 # artifact needs a newer release, named with --triton-version.
 _MIN_TRITON_READS = {"onnx_ir": 10, "onnx_opset": 21, "openvino_opset": 13}
@@ -130,10 +131,12 @@ def isvc_default_name(manifest: Manifest) -> str:
 
 
 def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc_name: str | None,
-             triton_version: str | None, gpus: int | None, needs_gpu: bool, replace_isvc: bool) -> Service | None:
+                 triton_version: str | None, gpus: int | None, needs_gpu: bool, kind_gpu: bool,
+                 replace_isvc: bool) -> Service | None:
     """The InferenceService to write: what the options say, else what the repository's own file says, else the
     defaults. None: keep the repository's file, which was edited (or written by an older version of this tool);
-    RepositoryError when an option given would then not take effect."""
+    RepositoryError when an option given would then not take effect, or when `kind_gpu` (--kind gpu put models on
+    KIND_GPU) and that file asks for no GPU."""
     path = out / ISVC_FILE
     old: dict[str, str | int] = {}
     if path.is_file():
@@ -146,6 +149,11 @@ def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc
                 raise RepositoryError(f"{path} differs from what this tool writes (edited, or written by an older "
                                       f"version of it), so it is kept and {', '.join(given)} would not take effect; "
                                       "edit it, or add --replace-isvc to regenerate it")
+            if kind_gpu and "gpus" not in _isvc_values(text or ""):
+                raise RepositoryError(f"{path} differs from what this tool writes (edited, or written by an older "
+                                      "version of it), so it is kept, and it asks for no GPU: --kind gpu puts models "
+                                      "on KIND_GPU, which needs nvidia.com/gpu in its resources; edit it, or add "
+                                      "--replace-isvc to regenerate it")
             return None
         old = _isvc_values(text or "")
     service = Service(
@@ -159,6 +167,24 @@ def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc
     check_storage_uri(service.storage_uri)
     check_isvc_name(service.name)
     return service
+
+
+def stale_release(path: Path) -> str | None:
+    """Why the Triton release a kept inferenceservice.yaml runs cannot load these models (it names none, so KServe
+    runs its default, or an older one); None when it names a newer one, or one this cannot tell."""
+    try:
+        text = _read_isvc(path)
+    except OSError:
+        return None
+    if text is None or re.search(r"^\s*runtime:", text, re.MULTILINE):  # a ServingRuntime of the user's choice
+        return None
+    m = re.search(r"^\s*runtimeVersion:\s*[\"']?([^\"'\s#]*)", text, re.MULTILINE)
+    if m is None:
+        return (f"it names no runtimeVersion: KServe then runs its default Triton, {KSERVE_DEFAULT_TRITON}, which "
+                "cannot load these models")
+    if _TRITON_TAG.fullmatch(m[1]) and release(m[1]) < release(MIN_TRITON_RELEASE):
+        return f"its runtimeVersion {m[1]} is a Triton before {MIN_TRITON_RELEASE}, which cannot load these models"
+    return None
 
 
 def _read_isvc(path: Path) -> str | None:

@@ -11,10 +11,11 @@
 
 so Triton, KServe and `python -m serve --model-repository REPO` all serve the same files. Writing a new version
 (`--version N`, default: the next) beside the old ones is how a model is updated in place: the files this tool
-wrote are regenerated, ones edited since (config.pbtxt, inferenceservice.yaml) are kept, and the InferenceService
-keeps its name, storage URI, Triton release and GPUs unless they are given again. REPO must be absent, empty, or a
-repository this tool wrote (its own inferenceservice.yaml, model directories of its own shape), and neither the
-bundle, nor inside it, nor above it: anything else (a bundle, a checkpoint, a project) is refused.
+wrote are regenerated, ones edited since (config.pbtxt, inferenceservice.yaml) are kept; a regenerated config.pbtxt
+keeps its instance count, kind and queue delay, and the InferenceService its name, storage URI, Triton release and
+GPUs, unless they are given again. REPO must be absent, empty, or a repository this tool wrote (its own
+inferenceservice.yaml, model directories of its own shape), and neither the bundle, nor inside it, nor above it:
+anything else (a bundle, a checkpoint, a project) is refused.
 
 Exit codes: 0 written, 2 bad input (one line).
 """
@@ -49,6 +50,7 @@ from export.kserve import (
     marked,
     plan_service,
     release,
+    stale_release,
     triton_tag,
 )
 from models import tritonconfig
@@ -80,6 +82,8 @@ from models.io import DirectoryBusy, _default_mode, _remove_stale, atomic_write_
 MAX_VERSION = 2**63 - 1  # Triton reads version directories as int64
 MAX_INSTANCES = 1024
 MAX_QUEUE_DELAY_US = 60_000_000  # a minute: anything longer is a typo, not a batching policy
+DEFAULT_INSTANCES = 1
+DEFAULT_QUEUE_DELAY_US = 2000
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,18}$")
 # Triton backends that fix the batch at max_batch_size. OpenVINO's reshapes the model to it (ov::set_batch) and
 # refuses any execution whose total batch differs, warm-up included, unless ENABLE_BATCH_PADDING pads every batch
@@ -154,14 +158,39 @@ def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str
 _MARK = "# written by python -m export.triton (edit freely: an edited file is kept); sha256 of the rest: "
 
 
-def _untouched(config: Path) -> bool:
-    """Whether `config` is a config.pbtxt this tool wrote and nobody edited since (a new version may replace it)."""
+# The lines of what this tool writes that hold its options (read back from an untouched file only).
+_WRITTEN_GROUP = re.compile(r"^instance_group \[\{ count: ([0-9]{1,4}) kind: KIND_(CPU|GPU) \}\]$", re.MULTILINE)
+_WRITTEN_DELAY = re.compile(r"^dynamic_batching \{ .* max_queue_delay_microseconds: ([0-9]{1,8}) \}$", re.MULTILINE)
+
+
+def _untouched_text(config: Path) -> str | None:
+    """The text of `config` when it is a config.pbtxt this tool wrote and nobody edited since (a new version may
+    replace it); None otherwise."""
     try:
         with config.open("rb") as f:
-            raw = f.read(tritonconfig.MAX_CONFIG_BYTES + 1)
-        return is_marked(raw.decode("utf-8"), _MARK)
+            text = f.read(tritonconfig.MAX_CONFIG_BYTES + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError):
-        return False
+        return None
+    return text if is_marked(text, _MARK) else None
+
+
+def _untouched(config: Path) -> bool:
+    """Whether `config` is a config.pbtxt this tool wrote and nobody edited since."""
+    return _untouched_text(config) is not None
+
+
+def _previous_options(config: Path) -> dict[str, str | int]:
+    """The kind ("cpu" or "gpu"), instance count and queue delay an untouched config.pbtxt was written with (none
+    for an edited or absent one): regenerated for a new version, it keeps them unless they are given again."""
+    text = _untouched_text(config)
+    found: dict[str, str | int] = {}
+    if text is None:
+        return found
+    if (m := _WRITTEN_GROUP.search(text)) is not None and 1 <= int(m[1]) <= MAX_INSTANCES:
+        found["instances"], found["kind"] = int(m[1]), m[2].lower()
+    if (m := _WRITTEN_DELAY.search(text)) is not None and int(m[1]) <= MAX_QUEUE_DELAY_US:
+        found["max_queue_delay_us"] = int(m[1])
+    return found
 
 
 def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact) -> None:
@@ -179,13 +208,23 @@ def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact) -> None
         if config.max_batch_size is not None and config.max_batch_size > manifest.input.max_batch:
             raise tritonconfig.ConfigError(f"max_batch_size {config.max_batch_size} is more than the new version "
                                            f"was exported for ({manifest.input.max_batch})")
+        # The layout earlier versions of this tool wrote for OpenVINO: Triton fails its batch-1 warm-up, so the
+        # load, and would refuse every request of another batch size.
+        if rt.triton_backend in _FIXED_BATCH_BACKENDS and config.max_batch_size and (
+                config.parameters.get("ENABLE_BATCH_PADDING", "").lower() != "yes"):  # as the backend reads it
+            raise tritonconfig.ConfigError(
+                f"max_batch_size {config.max_batch_size}: Triton's {rt.triton_backend} backend fixes the batch at "
+                "max_batch_size and refuses every other batch size, the batch-1 warm-up included (unless the "
+                "parameter ENABLE_BATCH_PADDING is YES); write max_batch_size: 0 with input dims "
+                f"[ -1, {c}, {h}, {w} ] and output dims [ -1, {manifest.output.classes} ] (warm-up dims "
+                f"[ 1, {c}, {h}, {w} ]), without dynamic_batching or FORMAT_NCHW")
     except tritonconfig.ConfigError as exc:
         raise RepositoryError(f"{model_dir / CONFIG_FILE} differs from what this tool writes (edited, or written by an "
                               f"older version of it), so a new version keeps it, but it does not fit that version: "
                               f"{exc}; fix it, or pass --replace-config to regenerate it") from None
 
 
-def check_options(*, version: int | None, kind: str | None, instances: int, max_queue_delay_us: int,
+def check_options(*, version: int | None, kind: str | None, instances: int | None, max_queue_delay_us: int | None,
                   storage_uri: str | None, isvc_name: str | None, triton_version: str | None = None,
                   gpus: int | None = None) -> None:
     """Refuse options that Triton or Kubernetes would reject, or that would inject text into the files written."""
@@ -193,9 +232,9 @@ def check_options(*, version: int | None, kind: str | None, instances: int, max_
         raise RepositoryError(f"--version must be in 1..{MAX_VERSION} (Triton's int64), got {version}")
     if kind not in (None, "cpu", "gpu"):
         raise RepositoryError(f"--kind must be cpu or gpu, got {kind!r}")
-    if not 1 <= instances <= MAX_INSTANCES:
+    if instances is not None and not 1 <= instances <= MAX_INSTANCES:
         raise RepositoryError(f"--instances must be in 1..{MAX_INSTANCES}, got {instances}")
-    if not 0 <= max_queue_delay_us <= MAX_QUEUE_DELAY_US:
+    if max_queue_delay_us is not None and not 0 <= max_queue_delay_us <= MAX_QUEUE_DELAY_US:
         raise RepositoryError(f"--max-queue-delay-us must be in 0..{MAX_QUEUE_DELAY_US}, got {max_queue_delay_us}")
     if gpus is not None and not 1 <= gpus <= MAX_GPUS:
         raise RepositoryError(f"--gpus must be in 1..{MAX_GPUS}, got {gpus}")
@@ -228,18 +267,21 @@ def _model_dir_name(manifest: Manifest, artifact: Artifact) -> str:
 
 
 def _instance_kinds(manifest: Manifest, artifacts: Sequence[Artifact], kind: str | None,
-                    notes: list[str]) -> dict[str, str]:
-    """Instance group kind ("cpu" or "gpu") per artifact id: `kind` where the artifact's runtime runs there, else
-    the device it runs on (Triton's OpenVINO backend refuses KIND_GPU, the TensorRT one KIND_CPU); each such
-    exception is explained in `notes`. RepositoryError when no artifact can honour `kind`."""
+                    previous: dict[str, dict[str, str | int]], notes: list[str]) -> dict[str, str]:
+    """Instance group kind ("cpu" or "gpu") per artifact id: `kind`, else the one of its previous config.pbtxt (in
+    `previous`, by artifact id), where the artifact's runtime runs there, else the device it runs on (Triton's
+    OpenVINO backend refuses KIND_GPU, the TensorRT one KIND_CPU); each such exception is explained in `notes`.
+    RepositoryError when no artifact can honour `kind`."""
     kinds = {}
     for a in artifacts:
         rt = runtimes.get(a.runtime)
         runs = {"cpu": "cpu" in rt.devices, "gpu": "cuda" in rt.devices}
-        kinds[a.id] = kind if kind is not None and runs[kind] else ("cpu" if runs["cpu"] else "gpu")
-        if kind is not None and kinds[a.id] != kind:
-            notes.append(f"{model_name(manifest, a)}: KIND_{kinds[a.id].upper()}, not KIND_{kind.upper()}: Triton's "
-                         f"{rt.triton_backend} backend runs it on the {kinds[a.id].upper()} only")
+        wanted = kind or previous[a.id].get("kind")
+        kinds[a.id] = wanted if isinstance(wanted, str) and runs[wanted] else ("cpu" if runs["cpu"] else "gpu")
+        if isinstance(wanted, str) and kinds[a.id] != wanted:
+            whose = "" if kind else f" as its previous {CONFIG_FILE} had"
+            notes.append(f"{model_name(manifest, a)}: KIND_{kinds[a.id].upper()}, not KIND_{wanted.upper()}{whose}: "
+                         f"Triton's {rt.triton_backend} backend runs it on the {kinds[a.id].upper()} only")
     if kind is not None and kind not in kinds.values():
         raise RepositoryError(f"--kind {kind}: no model of bundle {manifest.name!r} runs on the {kind.upper()} in "
                               f"Triton ({', '.join(sorted({a.runtime for a in artifacts}))} do not)")
@@ -247,17 +289,20 @@ def _instance_kinds(manifest: Manifest, artifacts: Sequence[Artifact], kind: str
 
 
 def write_repository(bundle: str | Path, out: str | Path, *, version: int | None = None, kind: str | None = None,
-                     instances: int = 1, max_queue_delay_us: int = 2000, storage_uri: str | None = None,
-                     isvc_name: str | None = None, triton_version: str | None = None, gpus: int | None = None,
+                     instances: int | None = None, max_queue_delay_us: int | None = None,
+                     storage_uri: str | None = None, isvc_name: str | None = None, triton_version: str | None = None,
+                     gpus: int | None = None,
                      replace_config: bool = False, replace_isvc: bool = False, kept: list[Path] | None = None,
                      notes: list[str] | None = None) -> list[Path]:
     """Add every Triton-servable artifact of `bundle` to the repository `out`; returns the version directories.
 
     A model directory that exists already keeps its config.pbtxt when it differs from the generated one (edited by
-    hand: vitc and Triton batch by it), unless `replace_config`; the repository keeps an edited inferenceservice.yaml
-    unless `replace_isvc`, and an untouched one keeps its name, storage URI, Triton release and GPU count unless
-    given. The kept files are appended to `kept`; models whose runtime cannot run on `kind` get the device it runs
-    on, explained in `notes`.
+    hand: vitc and Triton batch by it), unless `replace_config`, and an untouched one keeps its kind, instance count
+    and queue delay unless given (a new model gets the runtime's device, DEFAULT_INSTANCES and
+    DEFAULT_QUEUE_DELAY_US); the repository keeps an edited inferenceservice.yaml unless `replace_isvc`, and an
+    untouched one keeps its name, storage URI, Triton release and GPU count unless given. The kept files are appended
+    to `kept`; models whose runtime cannot run on `kind` (or on their previous kind) get the device it runs on,
+    explained in `notes`.
 
     Everything is built and verified in a temporary directory beside `out`, then renamed into place: on any error
     nothing is written (BundleError, RepositoryError, DirectoryBusy, OSError). An existing version is never
@@ -275,16 +320,17 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     names = [_model_dir_name(manifest, a) for a in artifacts]
     check_out(bundle, out, names)
     _check_labels(manifest)
-    devices = _instance_kinds(manifest, artifacts, kind, notes if notes is not None else [])
     created = _missing_parents(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with writer_lock(out):
             _remove_stale(out)  # a killed run's staging directory
             check_out(bundle, out, names)  # again, under the lock: another writer may have been first
+            previous = {a.id: _previous_options(out / n / CONFIG_FILE) for a, n in zip(artifacts, names, strict=True)}
+            devices = _instance_kinds(manifest, artifacts, kind, previous, notes if notes is not None else [])
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
-                               triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
-                               replace_isvc=replace_isvc)
+                                   triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
+                                   kind_gpu=kind == "gpu", replace_isvc=replace_isvc)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
             try:
                 os.chmod(staging, _default_mode(0o777))
@@ -298,8 +344,12 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                         raise _exists(out / name / str(v))
                     if not replace_config and not _untouched(out / name / CONFIG_FILE):
                         _check_kept(out / name, manifest, artifact)
+                    was = previous[artifact.id]
                     _stage_model(bundle, manifest, artifact, staging / name, v, kind=devices[artifact.id],
-                                 instances=instances, max_queue_delay_us=max_queue_delay_us)
+                                 instances=instances if instances is not None
+                                 else int(was.get("instances", DEFAULT_INSTANCES)),
+                                 max_queue_delay_us=max_queue_delay_us if max_queue_delay_us is not None
+                                 else int(was.get("max_queue_delay_us", DEFAULT_QUEUE_DELAY_US)))
                     if service is not None and release(service.runtime_version) == release(MIN_TRITON_RELEASE) and (
                             why := beyond_min_triton(staging / name / str(v), artifact)):
                         raise RepositoryError(f"{name}: Triton {service.runtime_version} cannot load it: {why}; "
@@ -493,12 +543,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="model repository directory (created or added to)")
     p.add_argument("--version", type=int, help=f"version number to write, 1..{MAX_VERSION} (default: the next one)")
     p.add_argument("--kind", choices=("cpu", "gpu"),
-                   help="instance group kind, for the models whose runtime runs there (default: by runtime; "
-                        "OpenVINO stays on the CPU, TensorRT on the GPU)")
-    p.add_argument("--instances", type=int, default=1,
-                   help=f"model instances on the CPU, or on each GPU, 1..{MAX_INSTANCES} [1]")
-    p.add_argument("--max-queue-delay-us", type=int, default=2000,
-                   help=f"dynamic batching delay, 0..{MAX_QUEUE_DELAY_US} (OpenVINO models are not batched) [2000]")
+                   help="instance group kind, for the models whose runtime runs there (default: the model's "
+                        "previous config.pbtxt's, else by runtime; OpenVINO stays on the CPU, TensorRT on the GPU)")
+    p.add_argument("--instances", type=int,
+                   help=f"model instances on the CPU, or on each GPU, 1..{MAX_INSTANCES} (default: the model's "
+                        f"previous config.pbtxt's, else {DEFAULT_INSTANCES})")
+    p.add_argument("--max-queue-delay-us", type=int,
+                   help=f"dynamic batching delay, 0..{MAX_QUEUE_DELAY_US} (OpenVINO models are not batched; default: "
+                        f"the model's previous config.pbtxt's, else {DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--storage-uri", help="where the repository will live, for the InferenceService: scheme://location, "
                                          "no whitespace (default: the repository's, else pvc://vitc-models/<repo dir>)")
     p.add_argument("--isvc-name", help=f"InferenceService name: 1..{MAX_ISVC_NAME} of a-z 0-9 -, starting with a "
@@ -535,9 +587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}")
     for path in kept:
-        why, again = (("by an older version of it", "--replace-isvc") if path.name == ISVC_FILE
-                      else ("with other options", "--replace-config"))
-        print(f"kept {path}: it differs from what this tool writes (edited, or written {why}); {again} regenerates it")
+        if path.name != ISVC_FILE:
+            print(f"kept {path}: it differs from what this tool writes (edited, or written with other options); "
+                  "--replace-config regenerates it")
+        elif (stale := stale_release(path)) is not None:  # the user's file, but applied it serves nothing
+            print(f"kept {path}: it differs from what this tool writes (edited, or written by an older version of "
+                  f"it), and {stale}; set runtimeVersion: \"{DEFAULT_TRITON_VERSION}\" in it, or pass --replace-isvc "
+                  "to regenerate it")
+        else:
+            print(f"kept {path}: it differs from what this tool writes (edited, or written by an older version of "
+                  "it); --replace-isvc regenerates it")
     if Path(args.out) / ISVC_FILE not in kept:
         print(f"wrote {Path(args.out) / ISVC_FILE}")
     return 0

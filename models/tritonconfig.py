@@ -110,6 +110,7 @@ class TritonConfig:
     instance_kinds: tuple[str, ...] = ()
     default_model_filename: str | None = None
     label_filename: str | None = None  # the output's, relative to the model directory
+    parameters: dict[str, str] = field(default_factory=dict)  # key -> string_value (a map: the last entry wins)
 
     @property
     def cpu_only(self) -> bool:
@@ -447,6 +448,8 @@ def parse(text: str) -> TritonConfig:
         instance_kinds=tuple(_one(g, "kind") or "KIND_AUTO" for g in top.get("instance_group", ())),
         default_model_filename=_one(top, "default_model_filename") or None,  # proto3: "" is not given
         label_filename=(_one(outputs[0], "label_filename") or None) if outputs else None,
+        parameters={_one(e, "key") or "": _one(_one(e, "value") or {}, "string_value") or ""
+                    for e in top.get("parameters", ())},
     )
 
 

@@ -311,6 +311,14 @@ def _check_repository_model(source: ModelSource, version: str, manifest: Manifes
                          output=Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)))
             # The file Triton's backend opens by default: the artifact's, under the name export.triton gives it.
             config.check_files(source.path / version, rt.triton_files[0][1] if rt.triton_files else None)
+            if (rt.triton_backend == "openvino" and config.max_batch_size
+                    and config.parameters.get("ENABLE_BATCH_PADDING", "").lower() != "yes"):
+                # vitc serves it, but the same repository would not load in Triton (the layout earlier versions of
+                # export.triton wrote): said where an operator looks.
+                log.warning("config.pbtxt Triton cannot load", extra={
+                    "model": source.path.name, "reason": f"max_batch_size {config.max_batch_size} on Triton's "
+                    "OpenVINO backend refuses every other batch size (the warm-up too); python -m export.triton "
+                    "regenerates an unedited config, an edited one needs max_batch_size: 0 with dims [ -1, ... ]"})
         except ConfigError as exc:
             raise ConfigError(f"{source.path / TRITON_CONFIG_FILE}: {exc}") from None
     try:

@@ -1,6 +1,7 @@
 """Handing a repository to Triton and KServe: the InferenceService names a Triton release that loads the exports,
 keeps its name, storage URI, release and GPUs (or the whole file, once edited) when versions or bundles are added,
-names KServe accepts, and instance groups each runtime's Triton backend accepts."""
+names KServe accepts, and instance groups each runtime's Triton backend accepts; a new version keeps the options its
+untouched configs were written with, and what an earlier vitc wrote that Triton cannot load is refused or named."""
 
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ def _refused(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1, err
     return err
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its content (None for directories)."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
+def _group(config: Path) -> tuple[str, str]:
+    """(count, kind) of a generated config's one instance group."""
+    count, kind = config.read_text().split("instance_group [{ count: ")[1].split(" }]")[0].split(" kind: ")
+    return count, kind
 
 
 def _renamed(bundle: Path, tmp_path: Path, name: str, keep=lambda _a: True) -> Path:  # noqa: ANN001
@@ -84,6 +96,109 @@ def test_an_edited_inference_service_is_kept_and_options_that_would_not_apply_ar
     assert (_isvc(repo)["metadata"]["name"], _model(repo)["storageUri"]) == ("prod", "s3://b/repo")
     assert _model(repo)["runtimeVersion"] == "26.02-py3" and _model(repo)["resources"]["limits"]["cpu"] == "4"
     assert "kept" not in capsys.readouterr().out
+    # An edited file that names a release that loads the models gets the plain line.
+    path.write_text(path.read_text().replace('cpu: "4"', 'cpu: "8"'))
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert "--replace-isvc regenerates it" in out and "runtimeVersion" not in out
+
+
+def test_kind_gpu_with_a_kept_inference_service_that_asks_for_no_gpu_is_refused(bundle, tmp_path, capsys):
+    """Every inferenceservice.yaml an earlier vitc wrote is kept; --kind gpu would put models on KIND_GPU in a pod
+    without a GPU, where Triton cannot load them."""
+    repo = tmp_path / "repo"
+    triton.write_repository(bundle, repo)
+    path = repo / triton.ISVC_FILE
+    path.write_text(path.read_text().replace('memory: 2Gi', 'memory: 3Gi'))  # edited: kept, no GPU asked for
+    before = _tree(repo)
+    err = _refused([str(bundle), "--out", str(repo), "--kind", "gpu"], capsys)
+    assert f"{path} differs from what this tool writes" in err and "it asks for no GPU: --kind gpu" in err
+    assert "add --replace-isvc to regenerate it" in err
+    assert _tree(repo) == before
+    # Once it asks for a GPU (edited), or regenerated, --kind gpu is taken.
+    path.write_text(path.read_text().replace("memory: 8Gi}", "memory: 8Gi, nvidia.com/gpu: 1}"))
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "gpu"]) == 0
+    assert f"kept {path}" in capsys.readouterr().out
+    path.write_bytes(before[triton.ISVC_FILE])
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "gpu", "--replace-isvc"]) == 0
+    assert _model(repo)["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_a_new_version_keeps_the_instances_kind_and_queue_delay_of_an_untouched_config(bundle, tmp_path, capsys):
+    """Like the InferenceService's name and GPUs, the options an untouched config.pbtxt was written with stay unless
+    given again (adding a version used to reset them to the defaults, moving a GPU model to the CPU)."""
+    repo = tmp_path / "repo"
+    onnx, ov = repo / "micro-onnx-fp32" / "config.pbtxt", repo / "micro-openvino-fp32" / "config.pbtxt"
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "gpu", "--instances", "3",
+                        "--max-queue-delay-us", "7000"]) == 0
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    assert (repo / "micro-onnx-fp32" / "2").is_dir() and "kept" not in capsys.readouterr().out
+    assert _group(onnx) == ("3", "KIND_GPU") and "max_queue_delay_microseconds: 7000 }" in onnx.read_text()
+    assert _group(ov) == ("3", "KIND_CPU")
+    assert _model(repo)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # Given again, an option takes effect and the others stay.
+    assert triton.main([str(bundle), "--out", str(repo), "--instances", "2", "--kind", "cpu"]) == 0
+    assert _group(onnx) == ("2", "KIND_CPU") and "max_queue_delay_microseconds: 7000 }" in onnx.read_text()
+    # A model new to the repository gets the defaults.
+    other = _renamed(bundle, tmp_path, "other")
+    assert triton.main([str(other), "--out", str(repo)]) == 0
+    config = (repo / "other-onnx-fp32" / "config.pbtxt").read_text()
+    assert _group(repo / "other-onnx-fp32" / "config.pbtxt") == ("1", "KIND_CPU")
+    assert "max_queue_delay_microseconds: 2000 }" in config
+    # An earlier vitc's --kind gpu put OpenVINO on KIND_GPU, which its Triton backend refuses: the CPU, said so.
+    ov.write_text(kserve.marked(ov.read_text().partition("\n")[2].replace("KIND_CPU", "KIND_GPU"), triton._MARK))
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    assert _group(ov) == ("2", "KIND_CPU")
+    assert ("note: micro-openvino-fp32: KIND_CPU, not KIND_GPU as its previous config.pbtxt had: Triton's openvino "
+            "backend runs it on the CPU only") in capsys.readouterr().out
+
+
+def _old_openvino_config(name: str, bundle: Path, count: int) -> str:
+    """The config.pbtxt an earlier vitc wrote for an OpenVINO model: batched, as Triton's OpenVINO backend cannot
+    serve it."""
+    m = read_manifest(bundle)
+    c, h, w = m.input.sample_shape
+    return (f'name: "{name}"\nbackend: "openvino"\nmax_batch_size: {m.input.max_batch}\n'
+            f'input [{{ name: "{m.input.name}" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ {c}, {h}, {w} ] }}]\n'
+            f'output [{{ name: "{m.output.name}" data_type: TYPE_FP32 dims: [ {m.output.classes} ] '
+            'label_filename: "labels.txt" }]\n'
+            f"dynamic_batching {{ preferred_batch_size: [ 8, {m.input.max_batch} ] "
+            "max_queue_delay_microseconds: 2000 }\n"
+            f"instance_group [{{ count: {count} kind: KIND_CPU }}]\n"
+            "version_policy: { latest: { num_versions: 1 } }\n"
+            f'model_warmup [{{ name: "zeros" batch_size: 1 inputs {{ key: "{m.input.name}" value: {{ data_type: '
+            f"TYPE_FP32 dims: [ {c}, {h}, {w} ] zero_data: true }} }} }}]\n"
+            'parameters { key: "INFERENCE_PRECISION_HINT" value: { string_value: "f32" } }\n')
+
+
+def test_an_edited_openvino_config_of_an_earlier_layout_is_refused_with_what_to_write(bundle, tmp_path, capsys):
+    """An earlier vitc gave OpenVINO models max_batch_size 32: Triton's OpenVINO backend then fixes the batch at 32
+    and fails the batch-1 warm-up. Untouched, such a config is regenerated; edited (here its instance count), it
+    used to be kept without a word."""
+    repo = tmp_path / "repo"
+    triton.write_repository(bundle, repo)
+    config = repo / "micro-openvino-fp32" / "config.pbtxt"
+    config.write_text(kserve.marked(_old_openvino_config("micro-openvino-fp32", bundle, 1), triton._MARK))
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0  # untouched: regenerated
+    assert "max_batch_size: 0\n" in config.read_text() and "kept" not in capsys.readouterr().out
+    config.write_text(_old_openvino_config("micro-openvino-fp32", bundle, 2))
+    before = _tree(repo)
+    err = _refused([str(bundle), "--out", str(repo)], capsys)
+    assert f"{config} differs from what this tool writes" in err
+    assert "max_batch_size 32: Triton's openvino backend fixes the batch at max_batch_size" in err
+    assert ("write max_batch_size: 0 with input dims [ -1, 3, 32, 32 ] and output dims [ -1, 10 ] (warm-up dims "
+            "[ 1, 3, 32, 32 ]), without dynamic_batching or FORMAT_NCHW; fix it, or pass --replace-config") in err
+    assert _tree(repo) == before
+    # With batch padding Triton serves every batch size (each padded to 32): the user's choice, kept.
+    padding = 'parameters [{ key: "ENABLE_BATCH_PADDING" value: { string_value: "yes" } }]\n'
+    config.write_text(config.read_text() + padding)
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0 and f"kept {config}" in capsys.readouterr().out
+    config.write_text(config.read_text().replace('"yes"', '"NO"'))
+    assert "fixes the batch" in _refused([str(bundle), "--out", str(repo)], capsys)
+    assert triton.main([str(bundle), "--out", str(repo), "--replace-config"]) == 0
+    assert "max_batch_size: 0\n" in config.read_text()
 
 
 def test_an_inference_service_of_an_older_export_is_kept_until_replaced(bundle, tmp_path, capsys):
@@ -97,7 +212,14 @@ def test_an_inference_service_of_an_older_export_is_kept_until_replaced(bundle, 
                     '      protocolVersion: v2\n      storageUri: "s3://old/repo"\n')
     old = path.read_bytes()
     assert triton.main([str(bundle), "--out", str(repo)]) == 0
-    assert path.read_bytes() == old and "--replace-isvc regenerates it" in capsys.readouterr().out
+    # Kept (exit 0: the user's file), but applied it loads nothing: KServe's default Triton is too old.
+    out = capsys.readouterr().out
+    assert path.read_bytes() == old and f"kept {path}" in out
+    assert "it names no runtimeVersion: KServe then runs its default Triton, 23.05, which cannot load" in out
+    assert 'set runtimeVersion: "24.05-py3" in it, or pass --replace-isvc' in out
+    path.write_text(path.read_text().replace("      storageUri", '      runtimeVersion: "24.02-py3"\n      storageUri'))
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    assert "its runtimeVersion 24.02-py3 is a Triton before 24.05" in capsys.readouterr().out
     assert triton.main([str(bundle), "--out", str(repo), "--replace-isvc"]) == 0
     assert (_isvc(repo)["metadata"]["name"], _model(repo)["storageUri"]) == ("legacy", "s3://old/repo")
     assert _model(repo)["runtimeVersion"] == kserve.DEFAULT_TRITON_VERSION

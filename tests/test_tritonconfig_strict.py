@@ -5,6 +5,7 @@ max_batch_size 0 with the batch dimension in the dims (the OpenVINO backend's la
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 
@@ -213,7 +214,7 @@ def test_max_batch_size_0_puts_the_batch_dimension_in_the_dims():
     _triton_parse(text)
 
 
-def test_an_openvino_model_without_triton_batching_serves_through_v2(tmp_path_factory, tmp_path):
+def test_an_openvino_model_without_triton_batching_serves_through_v2(tmp_path_factory, tmp_path, caplog):
     """A generated OpenVINO config edited to max_batch_size 0 with dims [-1, 3, H, W]: it loads, v2 metadata still
     says [-1, 3, H, W], a request carries its own batch (up to the artifact's max batch) and is never merged with
     another, and the answer is the one the generated (batching) config gives."""
@@ -251,3 +252,10 @@ def test_an_openvino_model_without_triton_batching_serves_through_v2(tmp_path_fa
         r = c.post(f"/v2/models/{name}/infer", json={"inputs": [{"name": "input", "shape": list(too_many.shape),
                                                                "datatype": "FP32", "data": too_many.ravel().tolist()}]})
         assert r.status_code == 400 and "batch size" in r.json()["error"]
+        # The layout earlier versions wrote still serves here, with a warning: Triton cannot load it.
+        old = unbatched.replace("max_batch_size: 0", "max_batch_size: 32").replace("[ -1, 3, 32, 32 ]", "[ 3, 32, 32 ]"
+                                                                                 ).replace("[ -1, 10 ]", "[ 10 ]")
+        (repo / name / "config.pbtxt").write_text(old)
+        with caplog.at_level(logging.WARNING, logger="vitc.serve"):
+            assert c.post(f"/v2/repository/models/{name}/load").status_code == 200
+        assert any(r.msg == "config.pbtxt Triton cannot load" and r.model == name for r in caplog.records)
