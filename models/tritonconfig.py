@@ -34,7 +34,10 @@ _TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Integers as protobuf's text format writes them: decimal, 0x hexadecimal, 0-prefixed octal.
 _INTEGER = re.compile(r"([-+]?)(?:0[xX](?P<hex>[0-9A-Fa-f]{1,20})|0(?P<oct>[0-7]{1,30})|(?P<dec>0|[1-9][0-9]{0,24}))")
-_FLOAT = re.compile(r"[-+]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?|(?i:inf|infinity|nan))")
+# One way to split each run of digits (a backtracking `[0-9]+\.?[0-9]*` made a failing 30,000-digit token take 20 s
+# under the GIL); number tokens are bounded before any pattern runs anyway (MAX_NUMBER_CHARS).
+_FLOAT = re.compile(r"[-+]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?|(?i:inf|infinity|nan))")
+MAX_NUMBER_CHARS = 400  # longer than any number a config means (a double's digits, 0x... of 64 bits)
 _BOOLS = frozenset({"true", "True", "t", "1", "false", "False", "f", "0"})
 _MAX_DEPTH = 32
 _PUNCTUATION = frozenset("{}<>[]:,;")
@@ -141,7 +144,7 @@ class TritonConfig:
         for what, given, artifact in (("input", self.inputs, input), ("output", self.outputs, output)):
             expected = replace(artifact, dims=batch + artifact.dims)
             if given and given != (expected,):
-                got = "; ".join(f"{t.name[:64]!r} {t.data_type} {list(t.dims)}" for t in given[:4])
+                got = "; ".join(f"{t.name[:64]!r} {t.data_type} {list(t.dims[:8])}" for t in given[:4])
                 why = " (max_batch_size 0: the dims start with the batch dimension -1)" if batch else ""
                 raise ConfigError(f"{what} {got} is not the artifact's {what}: {expected.name!r} "
                                   f"{expected.data_type} {list(expected.dims)}{why}")
@@ -174,6 +177,8 @@ class TritonConfig:
         if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             raise ConfigError(f"{where} must name a file inside the model directory")
         path, raw = model_dir / name, None
+        if path.exists() and model_dir.resolve() not in path.resolve().parents:  # a symlink out of the directory
+            raise ConfigError(f"{where} must name a file inside the model directory (it links to one outside)")
         try:
             if path.is_file():
                 with path.open("rb") as f:
@@ -190,7 +195,8 @@ class TritonConfig:
             raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
         # Triton splits it with std::getline: a final newline ends the last line, it does not start another; blank
         # lines after the last label (an editor's) label nothing.
-        text = text.rstrip("\n") + "\n" if len(text.rstrip("\n").split("\n")) == classes else text
+        bare = re.sub(r"(\r?\n)+\Z", "", text)
+        text = bare + "\n" if len(bare.split("\n")) == classes else text
         lines = text.count("\n") + (text != "" and not text.endswith("\n"))
         if lines != classes:
             raise ConfigError(f"{where}: {path} holds {lines} lines, one label per class was expected ({classes})")
@@ -247,17 +253,17 @@ class _Parser:
             return [self._block(depth)]
         if t == "[":
             if not colon and self.toks[self.i + 1:self.i + 2] not in (["{"], ["<"], ["]"]):
-                raise ConfigError(f"{name} needs ':' before its list of values (only a list of messages may leave "
+                raise ConfigError(f"{name[:64]} needs ':' before its list of values (only a list of messages may leave "
                                   "it out)")
             self.i += 1
             items: list[Any] = []
             while not self._take("]"):
                 if items and not self._take(","):
-                    raise ConfigError(f"',' or ']' expected in the list of {name}")
+                    raise ConfigError(f"',' or ']' expected in the list of {name[:64]}")
                 items.append(self._block(depth) if self._peek() in ("{", "<") else self._scalar(name))
             return items
         if not colon:
-            raise ConfigError(f"{name} needs ':' before its value")
+            raise ConfigError(f"{name[:64]} needs ':' before its value")
         return [self._scalar(name)]
 
     def _block(self, depth: int) -> dict[str, list[Any]]:
@@ -270,7 +276,7 @@ class _Parser:
     def _scalar(self, name: str) -> str:
         t = self._peek()
         if t is None or t in _PUNCTUATION:
-            raise ConfigError(f"{name} has no value")
+            raise ConfigError(f"{name[:64]} has no value")
         self.i += 1
         if t[0] not in "\"'":
             return t
@@ -345,6 +351,8 @@ def _value(value: Any, type_name: str, where: str) -> Any:
         return value
     if isinstance(value, _Quoted):
         raise ConfigError(f"{where} takes type {type_name}, not the quoted string {value[:40]!r}")
+    if len(value) > MAX_NUMBER_CHARS:
+        raise ConfigError(f"{where} is a value of {len(value):,} characters, more than any {type_name} has")
     if type_name in ENUMS:
         names = ENUMS[type_name]
         number = _integer(value)
@@ -390,12 +398,13 @@ def _tensor(msg: dict[str, list[Any]], what: str) -> Tensor:
     name, data_type = _one(msg, "name"), _one(msg, "data_type")
     dims = tuple(int(d) for d in msg.get("dims", ()))
     if not name or data_type in (None, "TYPE_INVALID") or not dims:
-        raise ConfigError(f"{what} {name or ''!r} must give a name, a data_type and dims (as Triton requires)")
+        raise ConfigError(f"{what} {(name or '')[:64]!r} must give a name, a data_type and dims (as Triton requires)")
     # model_config_utils.cc ValidateIOShape and ValidateModelInput.
     if any(d < 1 and d != -1 for d in dims):
-        raise ConfigError(f"{what} {name!r} dims must be integers >= 1, or -1 for a variable-size dimension")
+        raise ConfigError(f"{what} {name[:64]!r} dims must be integers >= 1, or -1 for a variable-size dimension")
     if _one(msg, "format") in ("FORMAT_NCHW", "FORMAT_NHWC") and len(dims) != 3:
-        raise ConfigError(f"{what} {name!r}: model input NHWC/NCHW require 3 dims (Triton's rule), got {list(dims)}")
+        raise ConfigError(f"{what} {name[:64]!r}: model input NHWC/NCHW require 3 dims (Triton's rule), got "
+                          f"{list(dims[:8])}")
     return Tensor(name, data_type, dims)
 
 

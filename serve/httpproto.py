@@ -71,7 +71,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
     that a few (`probe_places`) may still GET health, readiness or metrics within PROBE_WAIT_S. `on_refusal(status)`
     counts each answer given here (the app's metrics never see them)."""
     open_connections = [0, 0]  # connections admitted, and probe-only ones, not yet lost (all of this class)
-    silent: dict[asyncio.Protocol, None] = {}  # probe-only connections that have sent nothing yet, oldest first
+    # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
+    waiting: dict[asyncio.Protocol, None] = {}
     busy = f"the server has {max_connections} connections open, its limit; retry shortly"
     timeout = f"the request headers did not arrive within {seconds:g} s"
     too_large = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
@@ -80,10 +81,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self._admitted = max_connections is None or open_connections[0] < max_connections
-            if not self._admitted and open_connections[1] >= probe_places(max_connections) and silent:
-                # Every probe place is taken: the one held longest by a client that has sent nothing goes to this
-                # newcomer (a real probe sends its request at once; idle sockets must not hold the places).
-                next(iter(silent))._evict()
+            if not self._admitted and open_connections[1] >= probe_places(max_connections) and waiting:
+                # Every probe place is taken: the one held longest by a client whose request is still incomplete
+                # goes to this newcomer (a real probe sends its whole request at once; idle sockets, or ones that
+                # send a byte now and then, must not hold the places).
+                next(iter(waiting))._evict()
             self._probe_only = not self._admitted and open_connections[1] < probe_places(max_connections)
             if not (self._admitted or self._probe_only):
                 self._turn_away()
@@ -91,7 +93,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             self._counted: int | None = int(self._probe_only)  # which of open_connections holds this one
             open_connections[self._counted] += 1
             if self._probe_only:
-                silent[self] = None
+                waiting[self] = None
             self._headers_of = self.cycle  # the request whose headers were complete last
             self._body_read_of = None  # the request whose body was read to its end last
             self._header_timer: asyncio.TimerHandle | None = None
@@ -107,7 +109,6 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
         def data_received(self, data: bytes) -> None:
             if not (self._admitted or self._probe_only):
                 return  # turned away: what the client sends before it sees the 503 is dropped
-            silent.pop(self, None)
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
                 self._arm()
@@ -136,7 +137,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 return
             if self._counted is not None:
                 open_connections[self._counted] -= 1
-            silent.pop(self, None)
+            waiting.pop(self, None)
             self._disarm()
             if self._send_timer is not None:
                 self._send_timer.cancel()
@@ -149,8 +150,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             super().connection_lost(exc)
 
         def _evict(self) -> None:
-            """Give up this probe place (its client has sent nothing): 503, and the place is free at once."""
-            silent.pop(self, None)
+            """Give up this probe place (its client's request is still incomplete): 503, the place free at once."""
+            waiting.pop(self, None)
             open_connections[1] -= 1
             self._counted = None  # counted out here, not again when the connection is lost
             self._refuse(503, "Service Unavailable", busy, 1)
@@ -185,6 +186,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                                          and PROBE_PATHS.fullmatch(self.url.partition(b"?")[0])):
                 self._bad = (503, "Service Unavailable", busy, 1)
                 raise ValueError(self._bad)
+            waiting.pop(self, None)  # a probe under way: no newcomer takes its place
             version = self.parser.get_http_version()
             if version not in ("1.0", "1.1"):
                 # The parser takes HTTP/0.9 and HTTP/2.0 request lines, which uvicorn would answer as HTTP/1.1.

@@ -203,7 +203,10 @@ def _parse_raw(body: bytes, name: str, shape: tuple[int, ...]) -> InferRequest:
     without Triton batching) is deduced from the body's size, as Triton does; every output comes back binary."""
     if -1 in shape:
         row = math.prod(d for d in shape if d != -1) * DTYPES["FP32"].itemsize
-        shape = tuple(max(1, len(body) // row) if d == -1 else d for d in shape)
+        if not body or len(body) % row:
+            raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) is input {name!r} as FP32 {list(shape)}: "
+                                f"a whole number of {row}-byte rows, got {len(body)} bytes")
+        shape = tuple(len(body) // row if d == -1 else d for d in shape)
     want = math.prod(shape) * DTYPES["FP32"].itemsize
     if len(body) != want:
         raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) is input {name!r} as FP32 {list(shape)}: "

@@ -84,6 +84,10 @@ def run(settings: Settings) -> None:
                  "them off)",
                  extra={"names": links[:20]})
     connections = connection_limit(settings.max_connections)  # before loading: a refusal costs no model load
+    if settings.max_connections is None and connections < DEFAULT_CONNECTIONS:
+        log.warning("the open-file limit cuts the connections served at once", extra={
+            "max_connections": connections, "default": DEFAULT_CONNECTIONS,
+            "advice": f"raise the limit (ulimit -n {DEFAULT_CONNECTIONS + FILES_RESERVED}) or give --max-connections"})
     models = load_models(settings)
     try:
         sock = bind_socket(settings.host, settings.port)

@@ -89,3 +89,25 @@ def test_the_report_reads_the_golden_file_as_a_server_does(bundle, tmp_path, cap
     resized = _edited(bundle, tmp_path, lambda m: m["artifacts"][1]["files"][0].update(bytes=1))
     assert main([str(resized)]) == 2
     assert "bytes, the manifest says 1 (tampered or corrupt)" in capsys.readouterr().out
+
+
+def test_a_golden_file_of_countless_entries_is_refused_before_its_directory_is_read(bundle, tmp_path):
+    """1.5 million empty zip entries (133 MB, under the size bound) took 30 s and 0.9 GB to check."""
+    import time
+    import zipfile
+
+    from models.bundle import file_entries
+
+    many = _edited(bundle, tmp_path, lambda m: None)
+    golden = many / "golden.npz"
+    with zipfile.ZipFile(golden, "a") as z:
+        for i in range(2_000):  # more than MAX_GOLDEN_MEMBERS
+            z.writestr(f"e{i}", b"")
+    raw = json.loads((many / "manifest.json").read_text())
+    entry = file_entries(many, [golden])[0]
+    raw["golden"]["file"].update(sha256=entry.sha256, bytes=entry.bytes)
+    (many / "manifest.json").write_text(json.dumps(raw))
+    start = time.perf_counter()
+    with pytest.raises(BundleError, match="entries, at most"):
+        _load(many)
+    assert time.perf_counter() - start < 5

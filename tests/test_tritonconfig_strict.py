@@ -259,3 +259,29 @@ def test_an_openvino_model_without_triton_batching_serves_through_v2(tmp_path_fa
         with caplog.at_level(logging.WARNING, logger="vitc.serve"):
             assert c.post(f"/v2/repository/models/{name}/load").status_code == 200
         assert any(r.msg == "config.pbtxt Triton cannot load" and r.model == name for r in caplog.records)
+
+
+def test_hostile_configs_are_refused_fast_with_bounded_reasons(tmp_path):
+    """A 30,000-digit float token held the GIL for 20 s (a backtracking pattern; the server's health probes with
+    it); a 200,000-character field name came back whole in the one-line error."""
+    import os
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="more than any float has"):
+        parse("sequence_batching { direct { minimum_slot_utilization: " + "1" * 30_000 + "x } }")
+    assert time.perf_counter() - start < 1
+    for text in ("x" * 200_000, 'input [{ name: "' + "n" * 100_000 + '" data_type: TYPE_FP32 dims: [ 0 ] }]'):
+        with pytest.raises(ConfigError) as info:
+            parse(text)
+        assert len(str(info.value)) < 300
+    # A label file that is a symlink out of the model directory is not read (its lines would be served).
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret-1\nsecret-2\n")
+    (tmp_path / "model").mkdir()
+    os.symlink(outside, tmp_path / "model" / "labels.txt")
+    with pytest.raises(ConfigError, match="links to one outside"):
+        TritonConfig(label_filename="labels.txt").labels(tmp_path / "model", 2)
+    (tmp_path / "model" / "labels.txt").unlink()
+    (tmp_path / "model" / "labels.txt").write_bytes(b"a\r\nb\r\n\r\n")  # a Windows editor's: CRLF, a blank line
+    assert TritonConfig(label_filename="labels.txt").labels(tmp_path / "model", 2) == ["a", "b"]
