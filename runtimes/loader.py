@@ -223,6 +223,7 @@ def _optional_member(path: Path, manifest: Manifest, name: str, dtype: np.dtype,
 
 
 MAX_GOLDEN_MEMBERS = MAX_ARTIFACTS + 8  # pixels, logits, the contract and each artifact's outputs
+MAX_GOLDEN_DIRECTORY = MAX_GOLDEN_MEMBERS * (46 + 128)  # bytes of central directory: a header and a name an entry
 
 
 def _golden_zip(path: Path) -> zipfile.ZipFile:
@@ -235,9 +236,14 @@ def _golden_zip(path: Path) -> zipfile.ZipFile:
         f.seek(max(0, size - (22 + 0xFFFF)))  # the record (22 bytes) and a comment of at most 64 KiB
         tail = f.read()
     end = tail.rfind(b"PK\x05\x06")
-    entries = int.from_bytes(tail[end + 10:end + 12], "little") if 0 <= end <= len(tail) - 22 else 0
-    if entries > MAX_GOLDEN_MEMBERS:  # 0xFFFF (a zip64 archive) included: no golden file needs one
-        raise BundleError(f"it holds {entries:,} entries, at most {MAX_GOLDEN_MEMBERS} expected")
+    if 0 <= end <= len(tail) - 22:
+        entries = int.from_bytes(tail[end + 10:end + 12], "little")
+        directory = int.from_bytes(tail[end + 12:end + 16], "little")  # what zipfile reads, whatever the count says
+        if entries > MAX_GOLDEN_MEMBERS or directory > MAX_GOLDEN_DIRECTORY:  # 0xFFFF... (zip64) included
+            raise BundleError(f"its zip directory holds {entries:,} entries in {directory:,} bytes, at most "
+                              f"{MAX_GOLDEN_MEMBERS} entries in {MAX_GOLDEN_DIRECTORY:,} bytes expected")
+        if tail.rfind(b"PK\x06\x07", 0, end) >= 0:  # a zip64 locator: zipfile would trust its sizes instead
+            raise BundleError("it is a zip64 archive, which no golden file needs")
     return zipfile.ZipFile(path)  # (no record: zipfile says what is wrong)
 
 
