@@ -50,7 +50,14 @@ from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
 from runtimes.build import ExportContext, machine_failure
-from runtimes.loader import CONTRACT_KEY, golden_outputs, own_outputs_key, verify_golden
+from runtimes.loader import (
+    CONTRACT_KEY,
+    MAX_SOURCE_SIDE,
+    SOURCE_KEY,
+    golden_outputs,
+    own_outputs_key,
+    verify_golden,
+)
 from runtimes.onnx_graph import OPSET, export_torch
 
 PREPROCESS_CHUNK = 256
@@ -426,12 +433,17 @@ def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: Par
     (`outputs`, by artifact id), for servers to check an artifact against before they call it ready
     (runtimes.loader.verify_golden), and the manifest's `contract` digest (runtimes.loader.check_contract)."""
     n = min(GOLDEN_SAMPLES, len(data.x))
-    pixels = np.stack([to_uint8(_decoded(images, i), meta.preprocessing) for i in range(n)])
+    decoded = [_decoded(images, i) for i in range(n)]
+    pixels = np.stack([to_uint8(img, meta.preprocessing) for img in decoded])
     if not np.array_equal(normalize(pixels, meta.preprocessing), data.x[:n]):
         raise ExportError("golden inputs do not reproduce the parity images (preprocessing is not deterministic)")
     path = bundle / GOLDEN_FILE
     own = {own_outputs_key(k): np.asarray(v, np.float32) for k, v in sorted((outputs or {}).items())}
-    np.savez_compressed(path, pixels=pixels, logits=data.reference[:n], **own,
+    # The sources as decoded (grey or RGB, not too big): a server re-runs its own preprocessing on them, which the
+    # already preprocessed pixels cannot show (another Pillow resizing differently).
+    sources = {f"{SOURCE_KEY}.{i}": np.asarray(img, np.uint8) for i, img in enumerate(decoded)
+               if img.mode in ("L", "RGB") and max(img.size) <= MAX_SOURCE_SIDE}
+    np.savez_compressed(path, pixels=pixels, logits=data.reference[:n], **own, **sources,
                         **{CONTRACT_KEY: np.frombuffer(bytes.fromhex(contract), np.uint8)})
     return Golden(file=file_entries(bundle, [path])[0], samples=n)
 

@@ -12,8 +12,10 @@ import os
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.lib import format as npy
@@ -189,6 +191,39 @@ def check_contract(path: Path, manifest: Manifest) -> None:
                           f"differ from what {manifest.golden.file.path!r} recorded; restore it or re-export")
 
 
+SOURCE_KEY = "source"  # golden.npz: `source.<i>`, golden input i as decoded before preprocessing (L or RGB)
+MAX_SOURCE_SIDE = 512  # sources larger than this are not kept (export) nor read (load): 8 of them stay under 6 MB
+
+
+def _source_shape(shape: tuple[int, ...]) -> bool:
+    """A decoded grey (H, W) or RGB (H, W, 3) image of at most MAX_SOURCE_SIDE a side."""
+    return len(shape) in (2, 3) and all(1 <= d <= MAX_SOURCE_SIDE for d in shape[:2]) and shape[2:] in ((), (3,))
+
+
+def preprocessing_drift(bundle: str | os.PathLike, manifest: Manifest) -> dict[str, Any] | None:
+    """How this machine's preprocessing (its Pillow) differs from the export's on the golden inputs' sources: None
+    when it gives the same pixels (or the bundle keeps no sources), else the largest difference in levels and how
+    many pixels differ. The golden check cannot see it: it replays pixels already preprocessed."""
+    from PIL import Image
+
+    from models.preprocessing import to_uint8
+
+    if manifest.golden is None:
+        return None
+    path = Path(bundle).resolve() / manifest.golden.file.path
+    pixels, _ = read_golden(path, manifest)
+    worst, differing = 0, 0
+    with _golden_zip(path) as z:
+        for i in range(len(pixels)):
+            if f"{SOURCE_KEY}.{i}.npy" not in z.namelist():
+                continue
+            source = _read_member(z, f"{SOURCE_KEY}.{i}", np.dtype(np.uint8), None, fits=_source_shape)
+            here = to_uint8(Image.fromarray(source), manifest.preprocessing).astype(np.int16)
+            delta = np.abs(here - pixels[i].astype(np.int16))
+            worst, differing = max(worst, int(delta.max())), differing + int(np.count_nonzero(delta))
+    return {"max_levels": worst, "pixels": differing} if worst else None
+
+
 def own_outputs_key(artifact_id: str) -> str:
     """The golden.npz array holding what artifact `artifact_id` computed for the golden inputs at export."""
     return f"outputs.{artifact_id}"
@@ -222,7 +257,8 @@ def _optional_member(path: Path, manifest: Manifest, name: str, dtype: np.dtype,
                           "re-export the bundle") from None
 
 
-MAX_GOLDEN_MEMBERS = MAX_ARTIFACTS + 8  # pixels, logits, the contract and each artifact's outputs
+# pixels, logits, the contract, each artifact's outputs and the sources of the (at most 16) golden inputs
+MAX_GOLDEN_MEMBERS = MAX_ARTIFACTS + 3 + 16
 MAX_GOLDEN_DIRECTORY = MAX_GOLDEN_MEMBERS * (46 + 128)  # bytes of central directory: a header and a name an entry
 
 
@@ -247,8 +283,10 @@ def _golden_zip(path: Path) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)  # (no record: zipfile says what is wrong)
 
 
-def _read_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """One `name.npy` of the archive, its header (dtype, order, shape) checked before its data is read."""
+def _read_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...] | None,
+                 fits: Callable[[tuple[int, ...]], bool] | None = None) -> np.ndarray:
+    """One `name.npy` of the archive, its header (dtype, order, and `shape`, or a shape `fits` accepts) checked
+    before its data is read."""
     member = f"{name}.npy"
     if member not in z.namelist():
         raise BundleError(f"no {name!r} array")
@@ -258,9 +296,12 @@ def _read_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[in
             raise BundleError(f"array {name!r}: unsupported .npy version {version}")
         read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
         got_shape, fortran, got_dtype = read_header(f, max_header_size=_NPY_HEADER_LIMIT)
+        if fits is not None and fits(tuple(got_shape)):
+            shape = tuple(got_shape)
         if got_dtype.hasobject or got_dtype.newbyteorder("=") != dtype or fortran or tuple(got_shape) != shape:
             raise BundleError(f"array {name!r} is {got_dtype}{list(got_shape)}"
-                              f"{' (Fortran order)' if fortran else ''}, expected {dtype}{list(shape)}")
+                              f"{' (Fortran order)' if fortran else ''}, expected {dtype}"
+                              f"{list(shape) if shape is not None else ' of another shape'}")
         size = dtype.itemsize * int(np.prod(shape))
         data = f.read(size + 1)  # one byte more: trailing data is corruption too
     if len(data) != size:

@@ -16,6 +16,7 @@ from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manife
 from models.preprocessing import Preprocessing
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
+from runtimes.loader import preprocessing_drift
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
@@ -278,6 +279,11 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
     except (BundleError, BackendError, ConfigError) as exc:
         raise ServeError(f"model {source.describe()!r}: {exc}") from None
+    try:
+        _warn_on_preprocessing_drift(name, path, manifest)
+    except BaseException:
+        backend.close()
+        raise
     max_batch = min(settings.max_batch_size, backend.max_batch)
     delay_ms = None
     if config is not None:  # the repository's own configuration wins over the server's defaults, as in Triton
@@ -294,6 +300,26 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
     return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
                        queue_delay_ms=delay_ms, config=config, label_file=labels,
                        startup={k: round(v, 4) for k, v in startup.items()})
+
+
+def _warn_on_preprocessing_drift(name: str, path: Path, manifest: Manifest) -> None:
+    """Log a warning when this machine preprocesses the bundle's golden sources unlike the export did (another
+    Pillow): answers then shift from the accuracy the bundle was certified with, which no artifact check sees."""
+    try:
+        drift = preprocessing_drift(path, manifest)
+    except BundleError as exc:  # open_backend read the same file a moment ago: only a change since lands here
+        raise ServeError(f"model {name!r}: {exc}") from None
+    if drift is not None:
+        pillow = (manifest.provenance.libraries.get("pillow") if manifest.provenance else None) or "unknown"
+        log.warning("preprocessing differs from the export's", extra={
+            "model": name, **drift, "export_pillow": pillow, "pillow": _pillow_version(),
+            "advice": "serve with the Pillow the bundle was exported with, or re-export the bundle here"})
+
+
+def _pillow_version() -> str:
+    import PIL
+
+    return PIL.__version__
 
 
 def _check_repository_model(source: ModelSource, version: str, manifest: Manifest, runtime: str, device: str,

@@ -121,3 +121,28 @@ def test_a_golden_file_of_countless_entries_is_refused_before_its_directory_is_r
     (many / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="zip directory holds 3 entries in"):
         _load(many)
+
+
+def test_a_machine_that_preprocesses_differently_is_told_at_load(bundle, monkeypatch, caplog):
+    """golden.npz keeps its inputs' sources as decoded: a server re-runs its own preprocessing on them (another
+    Pillow may resize differently), which the golden pixels, preprocessed already, cannot reveal."""
+    import logging
+    import zipfile
+
+    import numpy as np
+
+    from models import preprocessing
+    from runtimes.loader import preprocessing_drift
+    from serve.registry import load_model
+    from serve.settings import Settings
+
+    assert "source.0.npy" in zipfile.ZipFile(bundle / "golden.npz").namelist()
+    assert preprocessing_drift(bundle, read_manifest(bundle)) is None
+    real = preprocessing.to_uint8
+    monkeypatch.setattr(preprocessing, "to_uint8", lambda img, spec: np.minimum(real(img, spec), 254) + 1)
+    drift = preprocessing_drift(bundle, read_manifest(bundle))
+    assert drift is not None and drift["max_levels"] == 1 and drift["pixels"] > 0
+    with caplog.at_level(logging.WARNING, logger="vitc.serve"):
+        load_model(str(bundle), Settings(models=[str(bundle)], access_log=False)).backend.close()
+    warned = [r for r in caplog.records if r.msg == "preprocessing differs from the export's"]
+    assert warned and warned[0].max_levels == 1 and warned[0].export_pillow
