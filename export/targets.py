@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from models.cli import installed
 from runtimes import ExportError, Runtime, by_target, runtimes
 
 
@@ -56,11 +56,4 @@ def missing_converters(targets: Sequence[Target]) -> list[str]:
     artifact would otherwise be refused with an import error in its manifest, the export exiting 0)."""
     graph = [t for t in targets if t.runtime.target != "torch"]
     wanted = [*(GRAPH_PACKAGES if graph else ()), *((QUANTIZER,) if any(t.precision == "int8" for t in graph) else ())]
-    return [m for m in wanted if not _installed(m)]
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # shadowed by a None entry, or a broken parent package
-        return False
+    return [m for m in wanted if not installed(m)]

@@ -121,17 +121,21 @@ DEPENDENCY_EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (found without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module shadowed by a None entry, or a broken parent package
+        return False
+
+
 def require(*modules: str) -> None:
     """ModuleNotFoundError (which `run` turns into the extra to install) for the first of `modules` that is not
     installed: checked up front, so a run does not fail at its end on what it needs last (the training curves)."""
-    import importlib.util
-
     for module in modules:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):  # a module shadowed by a None entry, or a broken parent package
-            found = False
-        if not found:
+        if not installed(module):
             raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 

@@ -9,7 +9,6 @@ them through `Runtime.load`.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from models.bundle import Artifact, Manifest
+from models.cli import installed
 
 if TYPE_CHECKING:
     from runtimes.build import Built, ExportContext
@@ -202,10 +202,7 @@ class Runtime:
 
     def installed(self) -> bool:
         """Whether every package it needs can be imported (checked without importing them)."""
-        try:
-            return all(importlib.util.find_spec(p) is not None for p in self.packages)
-        except (ImportError, ValueError):  # a parent package that is missing or broken
-            return False
+        return all(installed(p) for p in self.packages)
 
     def require(self, device: str) -> None:
         """Raise BackendError unless this runtime is installed and can run on `device` here."""
