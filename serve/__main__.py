@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError  # here: a missing server extra is one line (models.cli.run), not a traceback
 
     try:
-        from serve.settings import Settings, unknown_environment
+        from serve.settings import Settings, flag, unknown_environment
 
         near, _ = unknown_environment(dict(os.environ))
         if near:  # a misspelt setting would be ignored without a word (VITC_MODEL: "no models to serve")
@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         # Named as the user gives them: the flag, and the environment variable (pydantic names the fields).
         fields = Settings.model_fields
         if where in fields:
-            where = f"--{where.replace('_', '-')} (VITC_{where.upper()})"
-        msg = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: f"--{m[0].replace('_', '-')}" if m[0] in fields else m[0],
-                     msg)
+            where = f"{flag(where)} (VITC_{where.upper()})"
+        msg = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flag(m[0]) if m[0] in fields else m[0], msg)
         if where:
             print(f"error: invalid setting {where}: {msg} (got {err.get('input')!r})", file=sys.stderr)
         else:  # a rule across settings: the message names them

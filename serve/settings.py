@@ -24,7 +24,7 @@ MAX_DECODE_BUDGET_PIXELS = 10_000_000_000
 TUNING = ("threads", "parallel", "openvino_hint", "compile", "channels_last")  # see runtimes.base.Runtime.tunes
 
 
-def _flag(setting: str) -> str:
+def flag(setting: str) -> str:
     """The command-line flag of a setting."""
     return "--" + setting.replace("_", "-")
 
@@ -128,8 +128,8 @@ class Settings(BaseSettings):
         ignored = [n for n in TUNING if n not in honoured and getattr(self, n) != fields[n].default
                    and not (n == "parallel" and self.parallel == 1)]
         if ignored:
-            takes = ", ".join(_flag(n) for n in honoured) or "none of them"
-            raise ValueError(f"--backend {self.backend} does not use {', '.join(map(_flag, ignored))} (its tuning "
+            takes = ", ".join(flag(n) for n in honoured) or "none of them"
+            raise ValueError(f"--backend {self.backend} does not use {', '.join(map(flag, ignored))} (its tuning "
                              f"flags: {takes})")
         return self
 
@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     @field_validator("port", mode="before")
     @classmethod
     def _not_a_service_link(cls, v: object) -> object:
-        """VITC_PORT=tcp://10.96.0.12:8000 is Kubernetes naming a Service `vitc` (see SERVICE_LINK), not this
+        """VITC_PORT=tcp://10.96.0.12:8000 is Kubernetes naming a Service `vitc` (see `service_links`), not this
         server's port: the default stands (the start log lists the links it ignored)."""
         if isinstance(v, str) and _URL.fullmatch(v.strip()):
             return cls.model_fields["port"].default
