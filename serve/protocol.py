@@ -260,7 +260,7 @@ def _parse_input(spec: Any, binary: memoryview, offset: int, literals: bool = Tr
     if len(shape) > MAX_DIMS:
         raise ProtocolError(f"input {name!r}: {len(shape)} dimensions; at most {MAX_DIMS}")
     datatype = spec.get("datatype")
-    if datatype not in DTYPES:
+    if not isinstance(datatype, str) or datatype not in DTYPES:  # a list or object is unhashable: a 500 before
         raise ProtocolError(f"input {name!r}: unsupported datatype {str(datatype)[:40]!r}; "
                             f"supported: {', '.join(DTYPES)}")
     dtype = DTYPES[datatype]

@@ -708,3 +708,12 @@ def test_a_larger_image_limit_grows_the_default_decode_budget():
     assert Settings(models=["x"], max_image_pixels=1000).decode_budget_pixels == 100_000_000
     with pytest.raises(ValueError, match="must be at least"):
         Settings(models=["x"], max_image_pixels=200_000_000, decode_budget_pixels=100_000_000)
+
+
+@pytest.mark.parametrize("datatype", [[], {}, ["FP32"], {"a": 1}])
+def test_an_unhashable_datatype_is_a_400_not_a_500(datatype):
+    import json as _json
+
+    body = _json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": datatype, "data": [1]}]}).encode()
+    with pytest.raises(ProtocolError, match="unsupported datatype"):
+        parse_request(body, None)
