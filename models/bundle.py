@@ -485,6 +485,14 @@ class Manifest:
         order = {p: i for i, p in enumerate(PRECISION_ORDER)}
         return min(candidates, key=lambda a: order.get(a.precision, len(order)))
 
+    def jpeg_draft(self, policy: str) -> bool:
+        """Whether big JPEGs decode in draft mode (much faster) under a server's `--jpeg-draft` policy: "measured"
+        only when the served-path record (`python -m export.report --served`) shows it costs no more than the
+        accuracy budget (on a 32-pixel model it can cost points, so it is never assumed)."""
+        if policy != "measured":
+            return policy == "always"
+        return self.served is not None and self.served.jpeg_draft
+
     def with_artifacts(self, artifacts: tuple[Artifact, ...] | list[Artifact]) -> Manifest:
         return replace(self, artifacts=tuple(artifacts))
 

@@ -69,12 +69,8 @@ class ServedModel:
         return self.manifest.preprocessing
 
     def jpeg_draft(self, policy: str) -> bool:
-        """Whether this model decodes big JPEGs in draft mode (much faster) under the server's policy: "measured"
-        only when its served-path record (`python -m export.report --served`) shows it costs no more than the
-        accuracy budget (on a 32-pixel model it can cost points, so it is never assumed)."""
-        if policy != "measured":
-            return policy == "always"
-        return self.manifest.served is not None and self.manifest.served.jpeg_draft
+        """Whether this model decodes big JPEGs in draft mode under the server's policy (`Manifest.jpeg_draft`)."""
+        return self.manifest.jpeg_draft(policy)
 
     @property
     def labels(self) -> list[str]:

@@ -232,6 +232,7 @@ _BARE = ("import runpy, sys\nfor m in sys.argv[1].split(','):\n    sys.modules[m
     ["export.onnx", "--checkpoint", "{tmp}", "--out", "{tmp}/e"], ["train.sweep", "--dry-run"],
     ["serve.sample", "--out", "{tmp}/s.png"], ["benchmarks.latency", "--pairs", "mini"],
     ["export.report", "{tmp}", "--png", "{tmp}/parity.png"],
+    ["serve.tensor", "--bundle", "tests/data/legacy-bundle-v1", "README.md", "--out", "{tmp}/x.bin"],
 ])
 def test_a_missing_extra_is_one_line_not_a_traceback(argv, tmp_path):
     """With only the base install, each command names the extra to install (PIL used to be imported by the

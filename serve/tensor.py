@@ -1,0 +1,143 @@
+"""Turn images into a model's input tensor exactly as the server does, for clients of /v2 or of Triton.
+
+`python -m serve.tensor --bundle exports/animals-vit_c sample.png --out x.bin` writes the raw binary request body
+(little-endian FP32, `Inference-Header-Content-Length: 0`); `.npy` writes the array, `.json` a whole Open Inference
+Protocol request. A Triton repository's version directory (`repo/<model>/1`) is a bundle too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from models.bundle import BundleError, Manifest, read_manifest
+from models.cli import OneLineParser, int_in
+from models.io import atomic_write_bytes
+
+PROG = "python -m serve.tensor"
+FORMATS = (".bin", ".npy", ".json")
+DRAFT_POLICIES = ("measured", "always", "never")
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # the largest body the server can be set to take is bigger; an image is not
+DEFAULT_MAX_PIXELS = 40_000_000  # the server's --max-image-pixels default
+
+
+class TensorError(ValueError):
+    """A bundle, image or output the tool cannot use (one line, exit 2)."""
+
+
+def image_tensor(manifest: Manifest, data: bytes, *, jpeg_draft: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image bytes -> the model's (1, C, H, W) float32 input, through the server's own decoding and preprocessing;
+    raises serve.imaging.ImageError for an image the server would refuse."""
+    from serve.imaging import prepare  # PIL: only when an image is made
+
+    return prepare(data, manifest.preprocessing, max_pixels=max_pixels, jpeg_draft=jpeg_draft)
+
+
+def request_json(manifest: Manifest, batch: np.ndarray) -> bytes:
+    """An Open Inference Protocol infer request body carrying `batch` (floats written so they read back exactly)."""
+    doc = {"inputs": [{"name": manifest.input.name, "shape": list(batch.shape), "datatype": "FP32",
+                       "data": batch.ravel().tolist()}]}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def encode(manifest: Manifest, batch: np.ndarray, suffix: str) -> bytes:
+    """The bytes of `batch` in the output format named by `suffix` (.bin, .npy or .json)."""
+    if suffix == ".bin":
+        return batch.astype("<f4", copy=False).tobytes()
+    if suffix == ".json":
+        return request_json(manifest, batch)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, batch.astype("<f4", copy=False), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _read_image(path: str) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if not p.is_file():
+            raise TensorError(f"{path} is not a file")
+        if size > MAX_IMAGE_BYTES:
+            raise TensorError(f"{path} is {size} bytes; an image may have at most {MAX_IMAGE_BYTES}")
+        with p.open("rb") as f:
+            return f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as exc:
+        raise TensorError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measured",
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Manifest, tuple[int, ...]]:
+    """Write the input tensor of `images` for `bundle`'s model to `out`; returns (the manifest, the tensor's shape);
+    raises TensorError."""
+    from serve.imaging import ImageError
+
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise TensorError(f"--out {out!r} must end in {', '.join(FORMATS)} (raw binary body, numpy array, "
+                          "or a JSON infer request)")
+    if Path(out).is_dir():
+        raise TensorError(f"--out {out} is a directory; give a file name such as {Path(out) / ('x' + suffix)}")
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as exc:
+        hint = ""
+        if (Path(bundle) / "config.pbtxt").is_file():
+            hint = f" (a Triton model directory: give one of its version directories, such as {Path(bundle) / '1'})"
+        raise TensorError(f"--bundle: {exc}{hint}") from None
+    if len(images) > manifest.input.max_batch:
+        raise TensorError(f"{len(images)} images, but the model takes at most {manifest.input.max_batch} per "
+                          "request (its export's max batch)")
+    draft = manifest.jpeg_draft(jpeg_draft)
+    rows = []
+    for path in images:
+        try:
+            rows.append(image_tensor(manifest, _read_image(path), jpeg_draft=draft, max_pixels=max_pixels))
+        except ImageError as exc:
+            raise TensorError(f"{path}: {exc.reason}") from None
+    batch = np.concatenate(rows)
+    try:
+        atomic_write_bytes(out, encode(manifest, batch, suffix))
+    except OSError as exc:
+        raise TensorError(f"--out {out}: cannot write it: {exc.strerror or exc}") from None
+    return manifest, batch.shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `python -m serve.tensor`; returns the exit code (2 with one line on stderr for bad input)."""
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one batch row each, in order")
+    p.add_argument("--bundle", required=True,
+                   help="the model's bundle (or a Triton repository's version directory, repo/<model>/1)")
+    p.add_argument("--out", required=True, help="file to write: .bin (raw binary request body, little-endian FP32), "
+                   ".npy, or .json (a whole /v2 infer request)")
+    p.add_argument("--jpeg-draft", choices=DRAFT_POLICIES, default="measured",
+                   help="decode big JPEGs in draft mode as a server with this --jpeg-draft does (default measured)")
+    p.add_argument("--max-image-pixels", type=int_in(1, 1_000_000_000), default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images, as the server does (default {DEFAULT_MAX_PIXELS})")
+    args = p.parse_args(argv)
+    try:
+        manifest, shape = build(args.bundle, args.images, args.out, jpeg_draft=args.jpeg_draft,
+                                max_pixels=args.max_image_pixels)
+    except TensorError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    dims = " × ".join(map(str, shape))
+    send = "send it with 'Inference-Header-Content-Length: 0'"
+    if shape[0] > 1:
+        send += " (a raw body is one image unless the model's max_batch_size is 0)"
+    how = {".bin": send, ".npy": "load it with numpy.load",
+           ".json": "POST it to /v2/models/<name>/infer"}[Path(args.out).suffix.lower()]
+    print(f"wrote {args.out}: FP32 {dims} for input {manifest.input.name!r} of {manifest.name}; {how}")
+    return 0
+
+
+if __name__ == "__main__":
+    from models import cli
+
+    cli.run(main, PROG)
