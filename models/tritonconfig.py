@@ -114,6 +114,7 @@ class TritonConfig:
     default_model_filename: str | None = None
     label_filename: str | None = None  # the output's, relative to the model directory
     parameters: dict[str, str] = field(default_factory=dict)  # key -> string_value (a map: the last entry wins)
+    unapplied: tuple[str, ...] = ()  # fields given that change how Triton serves and vitc does not apply (`UNAPPLIED`)
 
     @property
     def cpu_only(self) -> bool:
@@ -425,6 +426,27 @@ def _version_policy(msg: dict[str, list[Any]]) -> VersionPolicy:
     return VersionPolicy("all")
 
 
+# What vitc applies or stands in for, by message: a field given outside these changes how Triton serves the model
+# (queue policies and priorities, sequence or ensemble scheduling, the response cache, accelerators, rate limits,
+# decoupled answers, ...) and vitc does not do it. Preferred batch sizes, instance counts and warm-up requests are
+# hints vitc's own batching, `--parallel` and warm-up replace; preserve_ordering holds anyway (each HTTP request
+# gets its own answer).
+_APPLIED = {
+    "": {"name", "platform", "backend", "max_batch_size", "input", "output", "version_policy", "instance_group",
+         "default_model_filename", "parameters", "dynamic_batching", "model_warmup"},
+    "dynamic_batching": {"max_queue_delay_microseconds", "preferred_batch_size", "preserve_ordering"},
+    "instance_group": {"name", "kind", "count"},
+}
+
+
+def _unapplied(top: dict[str, list[Any]]) -> tuple[str, ...]:
+    found = [name for name in top if name not in _APPLIED[""]]
+    for block in ("dynamic_batching", "instance_group"):
+        for value in top.get(block, ()):
+            found += [f"{block}.{name}" for name in value if name not in _APPLIED[block]]
+    return tuple(dict.fromkeys(found))
+
+
 def parse(text: str) -> TritonConfig:
     """The configuration in a config.pbtxt's text; ConfigError when malformed, refused by Triton or out of range."""
     top = _Parser(_tokens(text)).message()
@@ -459,6 +481,7 @@ def parse(text: str) -> TritonConfig:
         label_filename=(_one(outputs[0], "label_filename") or None) if outputs else None,
         parameters={_one(e, "key") or "": _one(_one(e, "value") or {}, "string_value") or ""
                     for e in top.get("parameters", ())},
+        unapplied=_unapplied(top),
     )
 
 

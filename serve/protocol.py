@@ -28,6 +28,8 @@ DTYPES: dict[str, np.dtype] = {
     }.items()
 }
 HEADER_LENGTH = "Inference-Header-Content-Length"
+NO_SHARED_MEMORY = ("vitc does not serve Triton's shared memory extensions (no region is registered; see the "
+                    "server metadata's extensions)")
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 
 
@@ -266,6 +268,8 @@ def _parse_input(spec: Any, binary: memoryview, offset: int, literals: bool = Tr
     dtype = DTYPES[datatype]
     count = math.prod(shape)
     params = _params(spec, f"input {name!r}")
+    if "shared_memory_region" in params:
+        raise ProtocolError(f"input {name!r}: {NO_SHARED_MEMORY}: send its values as 'data' or as binary data")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not _is_int(size) or size < 0:
@@ -337,6 +341,9 @@ def _parse_output(spec: Any) -> RequestedOutput:
     binary = params.get("binary_data")
     if binary is not None and not isinstance(binary, bool):
         raise ProtocolError(f"output {spec['name'][:128]!r}: binary_data must be true or false")
+    if "shared_memory_region" in params:  # answering in the body instead would leave the client's region unwritten
+        raise ProtocolError(f"output {spec['name'][:128]!r}: {NO_SHARED_MEMORY}: omit shared_memory_region to get "
+                            "the output in the answer")
     return RequestedOutput(spec["name"], binary, k)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -202,6 +203,21 @@ def model_sources(settings: Settings) -> list[ModelSource]:
     return sources
 
 
+NAME_RULE = "a model name is 1 to 128 of A-Z a-z 0-9 _ . - and starts with a letter or digit"
+
+
+def unservable_dirs(root: Path, limit: int = 16) -> list[str]:
+    """Directories of a repository that are not models because of their name (hidden ones aside): at most `limit`
+    of the first 10,000 entries, for a log line."""
+    try:
+        with os.scandir(root) as it:
+            names = [e.name for e in itertools.islice(it, 10_000)
+                     if not e.name.startswith(".") and not NAME_RE.fullmatch(e.name) and e.is_dir()]
+    except OSError:
+        return []
+    return sorted(names)[:limit]
+
+
 def _resolved(path: Path) -> Path:
     try:
         return path.resolve()
@@ -275,6 +291,10 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
     except (BundleError, BackendError, ConfigError) as exc:
         raise ServeError(f"model {source.describe()!r}: {exc}") from None
+    if config is not None and config.unapplied:  # accepted as Triton accepts them, but said, never silently dropped
+        log.warning("config.pbtxt settings not applied", extra={
+            "model": name, "version": version, "fields": list(config.unapplied),
+            "advice": "vitc serves the model without them (Triton would apply them); see the README's Triton section"})
     try:
         _warn_on_preprocessing_drift(name, path, manifest)
     except BaseException:
@@ -362,6 +382,8 @@ def load_models(settings: Settings) -> ServedModels:
     """Every configured model, by name; nothing is left loaded if one fails (and nothing is logged before). A
     repository model whose runtime is not installed here (or not on this device) is skipped with one log line."""
     models = ServedModels()
+    if settings.model_repository is not None and (odd := unservable_dirs(settings.model_repository)):
+        log.warning("repository directories skipped", extra={"directories": odd, "reason": NAME_RULE})
     try:
         for source in model_sources(settings):
             try:

@@ -21,12 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import MANIFEST_FILE, BundleError
+from models.bundle import MANIFEST_FILE, BundleError, safe_component
 from models.tritonconfig import ConfigError
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.metrics import Metrics
-from serve.registry import NAME_RE, ModelSource, ServedModel, ServedModels, close_models, load_model
+from serve.registry import (
+    NAME_RE,
+    NAME_RULE,
+    ModelSource,
+    ServedModel,
+    ServedModels,
+    close_models,
+    load_model,
+)
 from serve.settings import Settings
 from serve.stats import Observers
 
@@ -88,6 +96,8 @@ class ModelRepository:
         root = self.settings.model_repository
         if root is not None and NAME_RE.fullmatch(name) and (root / name).is_dir():
             return ModelSource(root / name, name, repository=True)
+        if root is not None and safe_component(name) and not name.startswith(".") and _is_dir(root / name):
+            raise LoadError(f"{root / name} is not served: {NAME_RULE} (rename the directory)")
         raise LoadError(f"no model {name[:200]!r} in the repository; known: "
                         f"{', '.join(sorted(self.sources)) or 'none'}")
 
@@ -238,3 +248,10 @@ class ModelRepository:
         self.models.clear()
         await asyncio.gather(*(m.batcher.close(timeout) for m in loaded if m.batcher is not None))
         close_models({m.name: m for m in loaded})
+
+
+def _is_dir(path: os.PathLike) -> bool:
+    try:
+        return os.path.isdir(path)
+    except (OSError, ValueError):  # a name too long for the file system
+        return False

@@ -393,3 +393,31 @@ def test_models_named_on_the_command_line_replace_the_model_directory_of_the_env
     assert Settings(**settings_args(["--model", "a"])).model_dir is None
     assert Settings(**settings_args(["--model-repository", str(tmp_path)])).model_dir is None
     assert Settings(**settings_args(["--model", "a", "--model-dir", str(tmp_path)])).model_dir == tmp_path
+
+
+def test_what_vitc_does_not_apply_is_logged_never_dropped_silently(fake, repo, caplog):
+    """A config that asks Triton for a queue policy or a response cache loads (as on Triton) with one warning that
+    names them; a repository directory whose name is no model name is named at start and by a load."""
+    import logging
+
+    (repo / NAME / "config.pbtxt").write_text(CONFIG.replace(
+        "max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 500 "
+        "default_queue_policy { max_queue_size: 1 }") + "response_cache { enable: true }\n")
+    shutil.copytree(repo / NAME, repo / "animals+vit")
+    with caplog.at_level(logging.WARNING, logger="vitc.serve"):
+        models = load_models(served(repo))
+    try:
+        assert set(models) == {NAME}
+        unapplied = [r for r in caplog.records if r.msg == "config.pbtxt settings not applied"]
+        assert len(unapplied) == 1 and unapplied[0].fields == ["response_cache",
+                                                              "dynamic_batching.default_queue_policy"]
+        skipped = [r for r in caplog.records if r.msg == "repository directories skipped"]
+        assert len(skipped) == 1 and skipped[0].directories == ["animals+vit"]
+    finally:
+        for m in models.values():
+            m.backend.close()
+    with client(served(repo)) as c:
+        r = c.post("/v2/repository/models/animals+vit/load")
+        assert r.status_code == 400 and "is not served: a model name is" in r.json()["error"], r.text
+        r = c.post("/v2/repository/models/nope/load")  # a name with no directory: as before
+        assert r.status_code == 400 and "no model 'nope'" in r.json()["error"]

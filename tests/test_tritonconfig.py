@@ -120,3 +120,20 @@ def test_the_file_is_bounded_and_optional(tmp_path):
     (tmp_path / "config.pbtxt").write_bytes(b"max_batch_size: 3 \xff")
     with pytest.raises(ConfigError, match="config.pbtxt"):
         tritonconfig.read(tmp_path)
+
+
+def test_settings_vitc_does_not_apply_are_named():
+    """Accepted as Triton accepts them, but listed so the server can say it serves without them; the hints vitc's
+    own batching, --parallel and warm-up stand in for are not."""
+    config = parse("""
+    max_batch_size: 8
+    dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 100 preserve_ordering: true
+                       default_queue_policy { max_queue_size: 1 timeout_action: REJECT } priority_levels: 2 }
+    instance_group [ { count: 4 kind: KIND_CPU rate_limiter { priority: 1 } } ]
+    response_cache { enable: true }
+    model_transaction_policy { decoupled: false }
+    model_warmup [ { name: "w" batch_size: 1 } ]
+    """)
+    assert config.unapplied == ("response_cache", "model_transaction_policy", "dynamic_batching.default_queue_policy",
+                                "dynamic_batching.priority_levels", "instance_group.rate_limiter")
+    assert parse("max_batch_size: 8\ninstance_group [ { count: 2 kind: KIND_CPU } ]").unapplied == ()

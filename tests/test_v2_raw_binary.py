@@ -158,3 +158,29 @@ def test_a_long_request_id_is_returned(client):
             assert r.json()["id"] == rid
         else:
             assert "'id' must be a string of at most 65536 characters" in r.json()["error"]
+
+
+def test_shared_memory_trace_and_logging_are_refused_with_a_reason_tritonclient_shows(client, server):
+    """vitc serves none of these Triton extensions: each call says so (a bare 404 said nothing), and a request that
+    names a shared memory region is refused rather than answered in the body (its region would stay unwritten)."""
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException
+
+    triton = tc.InferenceServerClient(server.url.removeprefix("http://"))
+    calls = [triton.get_system_shared_memory_status, triton.get_cuda_shared_memory_status,
+             lambda: triton.register_system_shared_memory("r", "/vitc-shm", 64), triton.get_trace_settings,
+             lambda: triton.get_trace_settings(model_name="fake"), triton.get_log_settings,
+             lambda: triton.update_log_settings({"log_info": True})]
+    for call in calls:
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert "vitc does not serve Triton's" in str(err.value) and "extension" in str(err.value), err.value
+    assert "shared_memory" not in "".join(triton.get_server_metadata()["extensions"])
+    x = _tensor().ravel().tolist()
+    for body in ({"inputs": [{"name": "input", "shape": list(SHAPE), "datatype": "FP32",
+                              "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 12288}}]},
+                 {"inputs": [{"name": "input", "shape": list(SHAPE), "datatype": "FP32", "data": x}],
+                  "outputs": [{"name": "logits", "parameters": {"shared_memory_region": "r",
+                                                                "shared_memory_byte_size": 40}}]}):
+        r = client.post(INFER, json=body)
+        assert r.status_code == 400 and "does not serve Triton's shared memory" in r.json()["error"], r.text

@@ -93,6 +93,22 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "vitc", "version": serve.__version__, "extensions": EXTENSIONS}
 
 
+# Triton endpoints of extensions vitc does not serve (not in the metadata's extensions): a reason, not a bare 404.
+_UNSERVED = {"systemsharedmemory": "system shared memory", "cudasharedmemory": "CUDA shared memory",
+             "trace": "trace", "logging": "logging"}
+
+
+@router.api_route("/systemsharedmemory/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/cudasharedmemory/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/trace/setting", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/models/{name}/trace/setting", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/logging", methods=["GET", "POST"], include_in_schema=False)
+async def unserved_extension(request: Request) -> None:
+    part = next(p for p in request.url.path.split("/") if p in _UNSERVED)
+    raise APIError(400, f"vitc does not serve Triton's {_UNSERVED[part]} extension (GET /v2 lists the extensions it "
+                        "serves)" + ("; send tensors in the request body" if "memory" in part else ""))
+
+
 @router.get("/models/stats", summary="Statistics of every served model (statistics extension)")
 async def all_stats(request: Request) -> dict[str, Any]:
     return {"model_stats": [m.stats.to_triton(m.name, m.version) for m in request.app.state.models.values()]}
