@@ -134,11 +134,12 @@ def _decoded(images: ImageSet, i: int):  # noqa: ANN202 - a PIL image
         raise ExportError(f"parity data: {exc} (it changed during the export)") from None
 
 
-def _check_out(out: Path) -> None:
-    """Refuse outputs that would clobber something that is not a bundle, or that could not be written."""
+def _check_out(out: Path, keeps: set[str] | None) -> None:
+    """Refuse outputs that would clobber something that is not a bundle (or, unless `keeps` is None, a servable
+    artifact whose id is not in `keeps`), or that could not be written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
-    _check_replaceable(out)
+    _check_replaceable(out, keeps)
     try:  # fail before the slow work if the bundle could not be written
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):  # the new bundle is built and swapped in there
@@ -153,9 +154,11 @@ def _check_out(out: Path) -> None:
                               "the old one aside)")
 
 
-def _check_replaceable(out: Path) -> None:
+def _check_replaceable(out: Path, keeps: set[str] | None = None) -> None:
     """Refuse to replace `out` unless it is absent, empty, or a vitc bundle holding nothing but its own files:
-    replacing it deletes everything in it."""
+    replacing it deletes everything in it. With `keeps` (the artifact ids the export builds), refuse too when it
+    would drop a servable artifact of the old bundle (`python -m export.openvino --out B` must not silently delete
+    B's ONNX model, which a TensorRT server builds its engine from)."""
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:
@@ -166,6 +169,11 @@ def _check_replaceable(out: Path) -> None:
     if extra := _foreign_entry(out, _own_files(manifest)):
         raise ExportError(f"output {out} is a bundle that also holds {extra!r}, which is not one of its files; "
                           "refusing to replace it (move that away, or pick another --out)")
+    if keeps is not None and (dropped := [a.id for a in manifest.artifacts if a.servable and a.id not in keeps]):
+        every = ",".join(dict.fromkeys([*sorted(keeps - {"torch-fp32"}), *dropped]))
+        raise ExportError(f"output {out} holds servable artifacts this export would drop: {', '.join(dropped)}; "
+                          f"build them again too (python -m export --targets {every}), give another --out, or "
+                          "pass --replace to drop them")
 
 
 def _own_files(manifest: Manifest) -> set[str]:
@@ -316,6 +324,7 @@ def build_bundle(
     tolerances: dict[str, Tolerance] | None = None,
     threads: int | None = None,
     log: Callable[[str], None] | None = None,
+    drop_artifacts: bool = False,
 ) -> Manifest:
     """Export `checkpoint` to the bundle directory `out`; returns the manifest written there.
 
@@ -323,6 +332,8 @@ def build_bundle(
     gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
     val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
     `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
+    An existing bundle at `out` is replaced only when the export builds every servable artifact it holds, unless
+    `drop_artifacts`.
     Raises ExportError (one line) on bad input or a missing runtime, ExportIOError when the disk or memory fails;
     either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
@@ -342,13 +353,14 @@ def build_bundle(
             rt.require(rt.export_device)
         except BackendError as exc:
             raise ExportError(str(exc)) from None
-    _check_out(out)
+    keeps = None if drop_artifacts else {t.id for t in wanted}
+    _check_out(out, keeps)
     name = bundle_name(name, out)
     try:
         return _build(checkpoint, out, wanted, name=name, max_batch=max_batch, parity_samples=parity_samples,
                       calibration_samples=calibration_samples, dataset=dataset,
                       calibration_dataset=calibration_dataset, opset=opset, tolerances=tolerances, threads=threads,
-                      log=log)
+                      log=log, keeps=keeps)
     except Exception as exc:  # MemoryError, or what torch's allocator and the runtimes raise instead (one line)
         ours = ExportError | ExportIOError | BackendError | DirectoryBusy | BundleError | CheckpointError
         if isinstance(exc, ours) or not (failure := memory_failure(exc)):
@@ -374,7 +386,7 @@ def _calibration(wanted: Sequence[Target], calibration_dataset: str | None, data
 def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *, name: str, max_batch: int,
            parity_samples: int, calibration_samples: int, dataset: str | None, calibration_dataset: str | None,
            opset: int | None, tolerances: dict[str, Tolerance] | None, threads: int | None,
-           log: Callable[[str], None]) -> Manifest:
+           log: Callable[[str], None], keeps: set[str] | None) -> Manifest:
     """build_bundle once its arguments and output are checked."""
     try:
         model, meta = load_checkpoint(checkpoint)
@@ -389,7 +401,7 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
         log(f"{meta.model}: parity on {len(data.x)} {data_name} val images{parity_set.note()}, "
             f"torch top-1 {data.reference_accuracy:.2%}")
         try:
-            with publish_dir(out, before_swap=lambda: _check_replaceable(out)) as tmp:
+            with publish_dir(out, before_swap=lambda: _check_replaceable(out, keeps)) as tmp:
                 ctx = ExportContext(
                     model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
                     calibration_set=calibration_set, calibration_samples=calibration_samples,
@@ -401,7 +413,8 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                 timings: dict[str, float] = {}
                 if any(t.runtime.needs_hub for t in wanted):  # shared by those runtimes; timed once
                     start = time.perf_counter()
-                    ctx.hub = export_torch(model, ctx.scratch / "hub.onnx", ctx.image_size, ctx.opset)
+                    ctx.hub = export_torch(model, ctx.scratch / "hub.onnx", ctx.image_size, ctx.opset,
+                                           ctx.description())
                     timings["onnx_hub_seconds"] = round(time.perf_counter() - start, 3)
                     log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {timings['onnx_hub_seconds']:.1f}s")
                 artifacts = []

@@ -26,7 +26,7 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Export a checkpoint to a parity-checked bundle.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (models.checkpoint format)")
     p.add_argument("--out", required=True, help="bundle directory to write: absent, empty, or a bundle holding only "
-                                                "its own files (replaced atomically)")
+                                                "its own files (replaced atomically; see --replace)")
     if family:
         runtime = by_target(family)
         p.add_argument("--precision", default=",".join(runtime.default_precisions),
@@ -46,6 +46,9 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--calibration-dataset", help="INT8 calibration dataset, train split (default: --dataset)")
     p.add_argument("--threads", type=int_in(1, 1024), help="CPU threads for torch and the runtimes (default: theirs)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any artifact is refused")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a bundle at --out even when this export does not build all of its servable "
+                        "artifacts (without it, that is refused)")
     return p
 
 
@@ -56,7 +59,11 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     p = parser(family)
     args = p.parse_args(argv)
     if family:
-        targets = [f"{family}-{x.strip()}" for x in args.precision.split(",") if x.strip()]
+        precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+        known = by_target(family).precisions
+        if bad := [x for x in precisions if x not in known]:
+            p.error(f"--precision {bad[0][:40]!r} is not a precision of {family}; known: {', '.join(known)}")
+        targets = [f"{family}-{x}" for x in precisions]
     else:
         targets = [t for t in args.targets.split(",") if t.strip()]
     if not targets:  # an empty list would silently ship a torch-only bundle
@@ -78,7 +85,7 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
         manifest = build_bundle(
             args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,
             parity_samples=args.parity_samples, calibration_samples=args.calibration_samples, dataset=args.dataset,
-            calibration_dataset=args.calibration_dataset, threads=args.threads,
+            calibration_dataset=args.calibration_dataset, threads=args.threads, drop_artifacts=args.replace,
         )
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)

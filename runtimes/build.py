@@ -91,6 +91,14 @@ class ExportContext:
     def image_size(self) -> int:
         return self.meta.config.image_size
 
+    def description(self) -> dict[str, str]:
+        """What an artifact says about itself for a user handed the file alone (ONNX metadata_props, OpenVINO
+        rt_info "vitc"): the model, its class names and preprocessing, as in the manifest (JSON strings)."""
+        import json
+
+        return {"model": self.meta.model, "class_names": json.dumps(list(self.meta.class_names)),
+                "preprocessing": json.dumps(self.meta.preprocessing.to_dict(), sort_keys=True)}
+
     def hub_onnx(self) -> Path:
         """The fp32 ONNX hub; the orchestrator exports it before any runtime that needs it builds."""
         if self.hub is None:

@@ -31,8 +31,10 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt")
 
 
-def export_torch(model: nn.Module, path: Path, image_size: int, opset: int = OPSET) -> Path:
-    """Export a torch model (eval mode) to `path` with input "input" (B, 3, H, W) and output "logits"."""
+def export_torch(model: nn.Module, path: Path, image_size: int, opset: int = OPSET,
+                 description: dict[str, str] | None = None) -> Path:
+    """Export a torch model (eval mode) to `path` with input "input" (B, 3, H, W) and output "logits", described by
+    `description` (model metadata_props "vitc.<key>") and without the exporter's per-node debug metadata."""
     import torch
 
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -49,8 +51,35 @@ def export_torch(model: nn.Module, path: Path, image_size: int, opset: int = OPS
         if failure := machine_failure(exc):
             raise failure from None  # a full disk is not a model problem: the export stops (exit 1)
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from None
+    _tidy(path, description or {})
     check(path)
     return path
+
+
+def _tidy(path: Path, description: dict[str, str]) -> None:
+    """Drop torch's per-node metadata (stack traces with the exporting machine's absolute paths: ~5 % of the file,
+    and a different sha256 for every checkout) and record `description`; weights in external data stay there."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for graph_nodes in (model.graph.node, *(f.node for f in model.functions)):
+        for node in graph_nodes:
+            del node.metadata_props[:]
+    describe(model, {f"vitc.{k}": v for k, v in description.items()})
+    onnx.save_model(model, str(path))
+
+
+def describe(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Set `props` as the model's metadata_props (replacing entries of the same keys)."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _props(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def files_of(path: Path) -> list[Path]:
@@ -97,12 +126,13 @@ def to_fp16(src: Path, dst: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    source = onnx.load(str(src))
+    props = _props(source)
     with quiet():
-        model = OnnxModel(convert_float_to_float16(
-            onnx.load(str(src)), keep_io_types=True, op_block_list=list(FP32_OPS)
-        ))
+        model = OnnxModel(convert_float_to_float16(source, keep_io_types=True, op_block_list=list(FP32_OPS)))
         model.topological_sort()  # the converter appends the input casts after their consumers
     del model.model.graph.value_info[:]  # stale fp32 shape annotations; the checker re-infers them
+    describe(model.model, props)
     onnx.save(model.model, str(dst))
     check(dst)
     return dst
@@ -119,9 +149,11 @@ def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetr
     nncf = import_nncf()
     calibration = list(images)
     preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else None  # None: the model type's default (mixed)
+    source = onnx.load(str(src))
+    props = _props(source)
     with quiet():
         quantized = nncf.quantize(
-            onnx.load(str(src)), nncf.Dataset(calibration, lambda x: {INPUT_NAME: x}),
+            source, nncf.Dataset(calibration, lambda x: {INPUT_NAME: x}),
             model_type=nncf.ModelType.TRANSFORMER, preset=preset, subset_size=len(calibration),
         )
     if symmetric:
@@ -129,6 +161,7 @@ def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetr
         nonnegative_axes(quantized)
         if problems := symmetric_int8_problems(quantized):
             raise ExportError(f"{dst.name}: not a symmetric INT8 graph: {problems[0]}")
+    describe(quantized, props)
     onnx.save(quantized, str(dst))
     check(dst)
     return dst

@@ -49,6 +49,8 @@ def build(ctx: ExportContext, precision: str) -> Built:
                                   subset_size=len(images))
         info["calibration"] = ctx.calibration_info()
         info["quantizer"] = "nncf"
+    for key, value in ctx.description().items():  # what the IR is, for a user handed the files alone
+        model.set_rt_info(value, ["vitc", key])
     # save_model compresses weights to fp16 unless told otherwise: only the fp16 artifact wants that.
     ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
     _check_ir(xml)

@@ -442,7 +442,8 @@ def test_failure_mid_export_leaves_the_old_bundle_intact(checkpoint, bundle, tmp
             raise KeyboardInterrupt  # the user presses ^C half way
 
     with pytest.raises(KeyboardInterrupt):
-        build_bundle(checkpoint, out, ["torch"], max_batch=4, parity_samples=8, log=crash_after_first_artifact)
+        build_bundle(checkpoint, out, ["torch"], max_batch=4, parity_samples=8, log=crash_after_first_artifact,
+                     drop_artifacts=True)
     assert (out / "manifest.json").read_bytes() == before
     # Nothing stays beside the bundle: no temporary directory, no lock file.
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle.")] == []
@@ -507,7 +508,7 @@ def test_kill_9_mid_export_keeps_the_old_bundle_and_the_next_run_cleans_up(check
 
     out = shutil.copytree(bundle, tmp_path / "bundle")
     before = (out / "manifest.json").read_bytes()
-    proc = subprocess.Popen(_export_cmd(checkpoint, out, "--targets", "onnx,openvino"), cwd=ROOT,
+    proc = subprocess.Popen(_export_cmd(checkpoint, out, "--targets", "onnx,openvino", "--replace"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.monotonic() + 120
     while not list(tmp_path.glob(".bundle.*.tmp/.scratch")) and time.monotonic() < end and proc.poll() is None:
@@ -519,7 +520,7 @@ def test_kill_9_mid_export_keeps_the_old_bundle_and_the_next_run_cleans_up(check
     assert list(tmp_path.glob(".bundle.*.tmp")), "expected the killed export's temporary directory"
     # A server pointed at the directory serves the bundle, never the half-written temporary.
     assert model_args(Settings(model_dir=tmp_path)) == [str(out)]
-    rc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "torch"), cwd=ROOT, capture_output=True,
+    rc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "torch", "--replace"), cwd=ROOT, capture_output=True,
                         timeout=300).returncode
     assert rc == 0 and read_manifest(out).servable()
     assert not list(tmp_path.glob(".bundle.*.tmp")) and not list(tmp_path.glob(".bundle.*.old"))
@@ -569,8 +570,8 @@ def test_a_write_failure_fails_the_export_and_keeps_the_old_bundle(checkpoint, b
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    proc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "onnx"), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, preexec_fn=small_files,
+    proc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "onnx", "--replace"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files,
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -592,3 +593,28 @@ def test_a_reference_without_information_certifies_nothing():
         assert result.top1_agreement == 1.0  # the agreement alone would have passed
     informative = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
     assert parity.degenerate(informative) == []
+
+
+def test_artifacts_describe_themselves_and_carry_no_machine_paths(tmp_path_factory):
+    """Handed model.onnx or the IR alone, a user finds the class names and preprocessing (as in the manifest); the
+    exporter's per-node stack traces, which embedded this checkout's absolute paths (so every checkout exported a
+    different sha256), are gone."""
+    import onnx
+    import openvino as ov
+    from test_serve_fixtures import micro_bundle
+
+    bundle = micro_bundle(tmp_path_factory)
+    m = read_manifest(bundle)
+    want = {"vitc.model": m.model, "vitc.class_names": json.dumps(list(m.class_names)),
+            "vitc.preprocessing": json.dumps(m.preprocessing.to_dict(), sort_keys=True)}
+    repo = str(Path(__file__).resolve().parent.parent).encode()
+    for onnx_file in sorted(bundle.glob("*.onnx")):
+        model = onnx.load(str(onnx_file))
+        assert {p.key: p.value for p in model.metadata_props} == want, onnx_file
+        assert not any(n.metadata_props for n in model.graph.node), onnx_file
+        assert repo not in onnx_file.read_bytes() and b"site-packages" not in onnx_file.read_bytes()
+    for xml in sorted(bundle.glob("openvino-*.xml")):
+        ir = ov.Core().read_model(str(xml))
+        got = {f"vitc.{k}": ir.get_rt_info(["vitc", k]).astype(str) for k in ("model", "class_names", "preprocessing")}
+        assert got == want, xml
+    assert type(m.preprocessing).from_dict(json.loads(want["vitc.preprocessing"])) == m.preprocessing

@@ -297,7 +297,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower_and_keeps_the_old_bundle
 
     monkeypatch.setattr(export_bundle, where, oom)
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--targets", "onnx", "--max-batch", "1024",
-                   "--parity-samples", "1024", "--threads", "1"])
+                   "--parity-samples", "1024", "--threads", "1", "--replace"])
     err = _error_line(capsys) if where != "parity_data" else one_line(capsys)
     assert rc == 1 and err.startswith("error: out of memory"), err
     assert "lower --max-batch (1024), --parity-samples (1024) or --calibration-samples (300)" in err, err
@@ -392,7 +392,7 @@ def test_an_unwritable_out_directory_is_refused_before_any_work(bundle, checkpoi
     _no_slow_work(monkeypatch)
     before = _tree(tmp_path)
     for out, locked in [(empty, empty), (old, old)]:
-        rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT])
+        rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT, "--replace"])
         err = one_line(capsys)
         assert rc == 2 and err.startswith(f"error: cannot write bundle {out}") and f"{locked} is not writable" in err
     assert _tree(tmp_path) == before
@@ -503,3 +503,33 @@ def test_export_without_the_graph_exporter_says_so_before_any_work(checkpoint, t
     assert cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--targets", "openvino"]) == 2
     assert "not installed: nncf (int8 quantisation; or leave the int8 targets out)" in one_line(capsys)
     assert not loaded and not (tmp_path / "b").exists()
+
+
+def test_a_narrower_export_over_a_bundle_keeps_its_artifacts_unless_told(bundle, checkpoint, tmp_path, capsys,
+                                                                        monkeypatch):
+    """`python -m export.openvino --out B` used to replace B with an OpenVINO-only bundle, silently deleting its ONNX
+    model (what a TensorRT server builds its engine from): now refused before any work, unless --replace."""
+    out = tmp_path / "b"
+    shutil.copytree(bundle, out)
+    before = _tree(out)
+    with monkeypatch.context() as m:
+        _no_slow_work(m)
+        assert cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT]) == 2
+    err = one_line(capsys)
+    held = [a.id for a in read_manifest(bundle).servable() if a.id != "torch-fp32"]
+    assert f"would drop: {', '.join(held)}" in err and "--replace" in err and "--targets" in err, err
+    assert _tree(out) == before
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT, "--replace"]) == 0
+    assert [a.id for a in read_manifest(out).artifacts] == ["torch-fp32"]
+    # A torch-only bundle is replaced by a wider export without being asked.
+    capsys.readouterr()
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT]) == 0
+
+
+def test_a_precision_the_runtime_lacks_is_named_as_a_precision(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--precision", "fp32,bf16"],
+                 family="onnx")
+    assert exc.value.code == 2
+    err = one_line(capsys)
+    assert "--precision 'bf16' is not a precision of onnx; known: fp32, fp16, int8" in err, err
