@@ -90,7 +90,12 @@ def _core():  # noqa: ANN202 - the ov.Core
     the process at exit (SIGSEGV after a hot reload or unload), and one Core shares its plugin and thread pools."""
     import openvino as ov
 
-    return ov.Core()
+    core = ov.Core()
+    # Weights are read into memory, not mapped: a mapped .bin that is changed in place after its sha256 was checked
+    # (cp or rsync --inplace over a served bundle) silently changes the answers, and truncated kills the process
+    # (SIGBUS) with every model in it.
+    core.set_property({"ENABLE_MMAP": False})
+    return core
 
 
 def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN202 - an ov.CompiledModel

@@ -283,3 +283,21 @@ def test_a_runtime_tool_run_as_a_child_reports_nothing_either():
         assert out.returncode == 0, out.stderr
         assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == ["intel", "intel/openvino_telemetry"]
     assert not home.exists()
+
+
+def test_an_openvino_model_keeps_its_answers_when_its_files_change_in_place(tmp_path_factory, tmp_path):
+    """The weights it serves are those it verified: overwriting the served .bin in place (as cp or rsync --inplace
+    do) changed live answers, and truncating it killed the server with SIGBUS, while OpenVINO mapped the file."""
+    bundle = shutil.copytree(micro_bundle(tmp_path_factory), tmp_path / "b")
+    m = read_manifest(bundle)
+    x = val_batch(m, 4)
+    backend = runtimes.open_backend(bundle, m, "openvino", "fp32", BackendOptions(threads=1))
+    try:
+        want = backend.infer(x)
+        weights = bundle / "openvino-fp32.bin"
+        size = weights.stat().st_size
+        with weights.open("r+b") as f:  # the same inode, other bytes
+            f.write(np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes())
+        np.testing.assert_array_equal(backend.infer(x), want)
+    finally:
+        backend.close()
