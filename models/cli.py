@@ -7,7 +7,9 @@ import errno
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -155,16 +157,30 @@ def missing_dependency(exc: BaseException, prog: str) -> int | None:
     return 2
 
 
-def run(main: Callable[[], int | None], prog: str) -> NoReturn:
-    """Exit with `main()`'s code; Ctrl-C is one line and exit 130 (what was being written is left as it was, the
-    writers are atomic), the machine failing (`machine_failure`) one line and exit 1, a missing extra
-    (`missing_dependency`) one line and exit 2, and a closed output pipe (`| head`) ends quietly."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout`, Kubernetes and Slurm send), raised where the program is, so that the same
+    cleanup as for Ctrl-C runs (temporary directories, locks) and the command says why it stopped."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the cleanup stops the process at once
+    raise Terminated
+
+
+def run(main: Callable[[], int | None], prog: str, *, sigterm: bool = True) -> NoReturn:
+    """Exit with `main()`'s code; Ctrl-C is one line and exit 130, SIGTERM (unless `sigterm` is False: a server
+    that drains on it) one line and exit 143, what was being written left as it was (the writers are atomic); the
+    machine failing (`machine_failure`) one line and exit 1, a missing extra (`missing_dependency`) one line and
+    exit 2, and a closed output pipe (`| head`) ends quietly."""
+    if sigterm and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = main()
         sys.stdout.flush()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Terminated)
+        print(f"{prog}: {'terminated' if stopped else 'interrupted'}", file=sys.stderr)
+        code = 143 if stopped else 130
     except BrokenPipeError:  # an OSError: before the clause below
         # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

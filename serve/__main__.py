@@ -138,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m serve")
+    cli.run(main, "python -m serve", sigterm=False)  # uvicorn drains the requests in flight on SIGTERM

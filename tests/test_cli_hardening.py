@@ -531,3 +531,32 @@ def test_models_list_into_a_closed_pipe_ends_quietly():
     os.close(reader)  # closed before the table is written: every write meets a broken pipe
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 141 and "Traceback" not in err, err
+
+
+def test_sigterm_takes_the_ctrl_c_path_with_its_cleanup_and_says_so(capsys):
+    """`kill`, `timeout`, Kubernetes and Slurm send SIGTERM: a command used to die at once, silently, leaving its
+    temporary directory and lock (and a training lost what it had not saved); now the same cleanup as for Ctrl-C
+    runs, one line says why it stopped, exit 143. A server opts out (it drains on SIGTERM)."""
+    import os
+
+    from models.cli import run
+
+    cleaned = []
+
+    def main() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            return 0
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run(main, "prog")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM stops the cleanup at once
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert exit_.value.code == 143 and cleaned == [True]
+    assert capsys.readouterr().err.strip() == "prog: terminated"

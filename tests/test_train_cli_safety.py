@@ -197,7 +197,12 @@ def _resume_progress(out: Path) -> dict | None:
         return None
 
 
-def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(tmp_path, capsys, train_cli):
+@pytest.mark.parametrize("stop, status, says",
+                         [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(tmp_path, capsys, train_cli, stop,
+                                                                               status, says):
+    """Ctrl-C, and SIGTERM (kill, timeout, Kubernetes, Slurm: it used to end the run silently with 143), stop the
+    run with one line and leave it resumable."""
     out = tmp_path / "run"
     # Many epochs: the run must still be going when the second process has tried and SIGINT arrives.
     argv = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
@@ -217,14 +222,14 @@ def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(t
         code, _, err = train_cli(train_main, ["--out", str(out), "--resume"], capsys)
         assert code == 2
         _one_line(err, "another process is writing")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130
-    _one_line(err, "interrupted")
+    assert proc.returncode == status
+    _one_line(err, says)
     step = _resume_progress(out)["global_step"]
     code, out_text, err = train_cli(train_main, ["--out", str(out), "--resume", "--max-steps", str(step + 1)], capsys)
     assert code == 0, err
