@@ -45,7 +45,7 @@ from models.bundle import (
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from models.cli import memory_failure
-from models.io import DirectoryBusy, _remove_stale, _swap_in, writer_lock
+from models.io import DirectoryBusy, _remove_stale, _swap_in, ensure_dir, resolve_path, writer_lock
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
@@ -53,6 +53,8 @@ from runtimes.build import ExportContext, machine_failure
 from runtimes.loader import (
     CONTRACT_KEY,
     MAX_SOURCE_SIDE,
+    ORIGIN_KEY,
+    RECORD_KEY,
     SOURCE_KEY,
     golden_outputs,
     own_outputs_key,
@@ -141,7 +143,7 @@ def _check_out(out: Path, keeps: set[str] | None) -> None:
         raise ExportError(f"output {out} exists and is not a directory")
     _check_replaceable(out, keeps)
     try:  # fail before the slow work if the bundle could not be written
-        out.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out.parent)
         with tempfile.TemporaryFile(dir=out.parent):  # the new bundle is built and swapped in there
             pass
     except OSError as exc:
@@ -158,7 +160,10 @@ def _check_replaceable(out: Path, keeps: set[str] | None = None) -> None:
     """Refuse to replace `out` unless it is absent, empty, or a vitc bundle holding nothing but its own files:
     replacing it deletes everything in it. With `keeps` (the artifact ids the export builds), refuse too when it
     would drop a servable artifact of the old bundle (`python -m export.openvino --out B` must not silently delete
-    B's ONNX model, which a TensorRT server builds its engine from)."""
+    B's ONNX model, which a TensorRT server builds its engine from). A symbolic link is refused: the swap would
+    replace the link by a directory, and what it points to (what a server reads) would keep the old bundle."""
+    if out.is_symlink():
+        raise ExportError(f"output {out} is a symbolic link; give the path of the directory itself")
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:
@@ -205,13 +210,16 @@ def bundle_name(name: str | None, out: Path) -> str:
         if not valid_name(name):
             raise ExportError(f"--name {name!r} is not a valid model name ({NAME_RULE})")
         return name
-    return as_name(out.resolve().name)
+    try:
+        return as_name(resolve_path(out).name)
+    except OSError as exc:  # a symlink loop above it
+        raise ExportError(f"output {out}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
 def publish_dir(target: Path, before_swap: Callable[[], None] | None = None) -> Iterator[Path]:
     """models.io.atomic_dir with a lock file that does not outlive the write, and a last check before the swap."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     with writer_lock(target):
         _remove_stale(target)
         with _swap_in(target) as tmp:
@@ -428,9 +436,11 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                     artifacts.append(artifact)
                     log(summary_line(artifacts[-1]))
                 shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-                golden = write_golden(tmp, meta, parity_set.images, data, header.contract, outputs)
-                manifest = replace(header, artifacts=tuple(artifacts), timings=timings, golden=golden,
-                                   provenance=provenance.gather(meta, data, ctx.calibration_fingerprint))
+                draft = replace(header, artifacts=tuple(artifacts), timings=timings,
+                                provenance=provenance.gather(meta, data, ctx.calibration_fingerprint))
+                golden = write_golden(tmp, meta, parity_set.images, data, header.contract, outputs,
+                                      records={a.id: draft.record(a.id) for a in artifacts}, origin=draft.origin)
+                manifest = replace(draft, golden=golden)
                 write_manifest(tmp, manifest)
         except DirectoryBusy as exc:
             raise ExportError(str(exc)) from None
@@ -440,11 +450,13 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
 
 
 def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: ParityData, contract: str,
-                 outputs: dict[str, np.ndarray] | None = None) -> Golden:
+                 outputs: dict[str, np.ndarray] | None = None, records: dict[str, str] | None = None,
+                 origin: str | None = None) -> Golden:
     """The first GOLDEN_SAMPLES parity images (`images`: the parity set, uint8, before normalisation: small, and it
     checks normalisation too) with torch's logits for them, and each servable artifact's own logits for them
     (`outputs`, by artifact id), for servers to check an artifact against before they call it ready
-    (runtimes.loader.verify_golden), and the manifest's `contract` digest (runtimes.loader.check_contract)."""
+    (runtimes.loader.verify_golden), the manifest's `contract` digest (runtimes.loader.check_contract), and the
+    digests of each artifact record (`records`, by id) and of the `origin` (runtimes.loader.check_records)."""
     n = min(GOLDEN_SAMPLES, len(data.x))
     decoded = [_decoded(images, i) for i in range(n)]
     pixels = np.stack([to_uint8(img, meta.preprocessing) for img in decoded])
@@ -456,8 +468,10 @@ def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: Par
     # already preprocessed pixels cannot show (another Pillow resizing differently).
     sources = {f"{SOURCE_KEY}.{i}": np.asarray(img, np.uint8) for i, img in enumerate(decoded)
                if img.mode in ("L", "RGB") and max(img.size) <= MAX_SOURCE_SIDE}
+    digests = {CONTRACT_KEY: contract, **({ORIGIN_KEY: origin} if origin else {}),
+               **{f"{RECORD_KEY}.{k}": v for k, v in sorted((records or {}).items())}}
     np.savez_compressed(path, pixels=pixels, logits=data.reference[:n], **own, **sources,
-                        **{CONTRACT_KEY: np.frombuffer(bytes.fromhex(contract), np.uint8)})
+                        **{k: np.frombuffer(bytes.fromhex(v), np.uint8) for k, v in digests.items()})
     return Golden(file=file_entries(bundle, [path])[0], samples=n)
 
 

@@ -1,6 +1,7 @@
 """Parity report: one table across every artifact of a bundle, every file checked against its sha256.
 
-Read from the manifest (no runtime needed); a corrupt artifact is marked CORRUPT, not servable, and exits 2.
+Read from the manifest (no runtime needed); a corrupt artifact is marked CORRUPT, not servable, and exits 2; a full
+disk while --served or --png writes exits 1.
 
 `python -m export.report BUNDLE [BUNDLE ...] [--markdown] [--png parity.png]`
 """
@@ -16,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
-from models.cli import OneLineParser, require
+from models.cli import OneLineParser, machine_failure, require
 from models.io import atomic_write_bytes
 
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
@@ -26,7 +27,7 @@ COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err
 def integrity(bundle: Path, manifest: Manifest) -> dict[str, str]:
     """What is wrong with the bundle's files, one line each: "golden" (the golden inputs, or a manifest edited
     after export) and each servable artifact's id (a file missing, or not matching its sha256). Empty: all sound."""
-    from runtimes.loader import check_contract, read_golden
+    from runtimes.loader import check_contract, check_records, read_golden
 
     problems = {}
     if manifest.golden is not None:
@@ -34,6 +35,8 @@ def integrity(bundle: Path, manifest: Manifest) -> dict[str, str]:
             path = verify_file(bundle, manifest.golden.file, "golden inputs")
             check_contract(path, manifest)
             read_golden(path, manifest)
+            edited = check_records(path, manifest, [a.id for a in manifest.artifacts])
+            problems.update({k or "golden": v for k, v in edited.items()})
         except BundleError as exc:
             problems["golden"] = first_line(exc)
     for a in manifest.servable():
@@ -204,7 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (BundleError, RuntimeError, ValueError) as exc:
             print(f"error: served path: {first_line(exc)}", file=sys.stderr)
             return 2
-        except OSError as exc:  # the bundle became unwritable while it was measured
+        except OSError as exc:  # a full disk (exit 1), or the bundle became unwritable while it was measured
+            hint = "the served path was not recorded: the manifest of the bundle being measured is unchanged"
+            if (code := machine_failure(exc, ap.prog, hint)) is not None:
+                return code
             print(f"error: served path: cannot record it in the manifest: {exc.strerror or exc}", file=sys.stderr)
             return 2
     found = [integrity(Path(b), m) for m, b in zip(manifests, args.bundles, strict=True)]
@@ -213,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print(f"plot: {plot(manifests, args.png)}", file=sys.stderr)  # stdout holds only the tables (--markdown)
         except OSError as exc:
+            if (code := machine_failure(exc, ap.prog, f"{args.png} was not written")) is not None:
+                return code
             print(f"error: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
             return 2
     corrupt = [f"{b}: {', '.join(p)}" for b, p in zip(args.bundles, found, strict=True) if p]

@@ -17,7 +17,8 @@ GPUs, unless they are given again. REPO must be absent, empty, or a repository t
 inferenceservice.yaml, model directories of its own shape), and neither the bundle, nor inside it, nor above it:
 anything else (a bundle, a checkpoint, a project) is refused.
 
-Exit codes: 0 written, 2 bad input (one line).
+Exit codes: 0 written, 1 the machine failed (a full disk, out of memory; nothing was written), 2 bad input (one
+line).
 """
 
 from __future__ import annotations
@@ -76,8 +77,17 @@ from models.bundle import (
 from models.bundle import (
     TRITON_LABELS_FILE as LABELS_FILE,
 )
-from models.cli import OneLineParser
-from models.io import DirectoryBusy, _default_mode, _remove_stale, atomic_write_bytes, writer_lock
+from models.cli import OneLineParser, machine_failure
+from models.io import (
+    DirectoryBusy,
+    _default_mode,
+    _remove_stale,
+    atomic_write_bytes,
+    committing,
+    ensure_dir,
+    resolve_path,
+    writer_lock,
+)
 
 MAX_VERSION = 2**63 - 1  # Triton reads version directories as int64
 MAX_INSTANCES = 1024
@@ -322,7 +332,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     _check_labels(manifest)
     created = _missing_parents(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out.parent)
         with writer_lock(out):
             _remove_stale(out)  # a killed run's staging directory
             check_out(bundle, out, names)  # again, under the lock: another writer may have been first
@@ -357,7 +367,13 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                     plan.append((name, v))
                 if service is not None:
                     atomic_write_bytes(staging / ISVC_FILE, inference_service(service).encode())
-                written = _publish(staging, out, plan, replace_config, kept)
+                # The commit point: once publishing starts it ends, and the staging directory goes, before a
+                # Ctrl-C is let through (it would report "interrupted" for published versions).
+                with committing(f"the new versions in {out}"):
+                    try:
+                        written = _publish(staging, out, plan, replace_config, kept)
+                    finally:
+                        shutil.rmtree(staging, ignore_errors=True)
                 if service is None:
                     kept.append(out / ISVC_FILE)
                 return written
@@ -374,13 +390,19 @@ def check_out(bundle: Path, out: Path, names: Sequence[str]) -> None:
     """Refuse an --out this tool must not write into (RepositoryError, one line): the bundle itself, a directory
     inside it or above it, a non-directory, or a non-empty directory that is not a repository it wrote. In a
     repository of ours, the model directories it will add a version to must be of its own shape too."""
-    src, dst = bundle.resolve(), out.resolve()
+    try:
+        src, dst = resolve_path(bundle), resolve_path(out)
+    except OSError as exc:  # a symlink loop
+        raise RepositoryError(f"--out {out}: {exc.strerror or exc}") from None
     if dst == src or src in dst.parents:
         raise RepositoryError(f"--out {out} is the bundle {bundle} or inside it; pick a directory of its own")
     if dst in src.parents:
         raise RepositoryError(f"--out {out} holds the bundle {bundle}; pick a directory of its own")
     if out.exists() and not out.is_dir():
         raise RepositoryError(f"--out {out} exists and is not a directory")
+    if out.is_symlink() and not out.exists():  # a repository is created by renaming a directory to it: not a link
+        raise RepositoryError(f"--out {out} is a symbolic link to nothing; create the directory it names, or give "
+                              "the path of a directory")
     if not out.exists() or not any(out.iterdir()):
         return
     if (why := _not_ours(out)) is not None:
@@ -579,7 +601,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RepositoryError as exc:
         p.error(str(exc))
-    except OSError as exc:
+    except OSError as exc:  # a full disk is the machine failing (exit 1), anything else the --out given
+        # Without the file name: for a failed copy Python names the source, not the file that filled the disk.
+        failure = OSError(exc.errno, exc.strerror)
+        if (code := machine_failure(failure, p.prog, f"nothing was written to {args.out}")) is not None:
+            return code
         print(f"error: cannot write {args.out}: {exc.strerror or exc} (nothing was written)", file=sys.stderr)
         return 2
     for path in written:

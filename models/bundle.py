@@ -30,6 +30,7 @@ File paths are relative to the bundle directory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -126,6 +127,13 @@ def safe_relative_path(path: object) -> bool:
 
 class BundleError(ValueError):
     """A missing, corrupt, tampered or inconsistent bundle (one line, naming the file and field)."""
+
+
+def unreadable(what: str, path: str | os.PathLike, exc: OSError | RuntimeError) -> BundleError:
+    """The BundleError for a file or directory that cannot be read: no permission, an I/O error, or a symbolic link
+    loop (which Python 3.11's Path.resolve raises as RuntimeError, not OSError)."""
+    reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else os.strerror(errno.ELOOP)
+    return BundleError(f"{what} {path}: cannot read it: {reason}")
 
 
 @dataclass(frozen=True)
@@ -458,11 +466,25 @@ class Manifest:
     # contract_sha256 of the manifest.json this was read from ("" when built in code): the JSON as written, so a
     # newer vitc that writes more fields still reproduces an older bundle's digest.
     read_contract: str = field(default="", repr=False, compare=False)
+    # record_sha256 of each artifact record and origin_sha256, as read from disk (empty when built in code).
+    read_records: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    read_origin: str = field(default="", repr=False, compare=False)
 
     @property
     def contract(self) -> str:
         """contract_sha256 of this manifest: as read from disk, else of what `to_dict` writes."""
         return self.read_contract or contract_sha256(self.to_dict())
+
+    def record(self, artifact_id: str) -> str:
+        """record_sha256 of one artifact's record: as read from disk, else of what `to_dict` writes."""
+        if artifact_id in self.read_records:
+            return self.read_records[artifact_id]
+        return record_sha256(next(a for a in self.artifacts if a.id == artifact_id).to_dict())
+
+    @property
+    def origin(self) -> str:
+        """origin_sha256 of this manifest: as read from disk, else of what `to_dict` writes."""
+        return self.read_origin or origin_sha256(self.to_dict())
 
     def servable(self, runtime: str | None = None) -> list[Artifact]:
         """Artifacts that passed their parity gate, optionally of one runtime."""
@@ -545,7 +567,11 @@ class Manifest:
             golden=Golden.read(g) if (g := r.obj("golden", None)) else None,
             served=ServedParity.read(v) if (v := r.obj("served", None)) else None,
             read_contract=contract_sha256(raw),
+            read_origin=origin_sha256(raw),
         )
+        # Each artifact's record exactly as written (the list was validated above: one dict per artifact).
+        manifest = replace(manifest, read_records={a.id: record_sha256(doc) for a, doc in
+                                                   zip(manifest.artifacts, raw.get("artifacts") or (), strict=True)})
         _check_consistent(manifest, r)
         return manifest
 
@@ -562,8 +588,30 @@ def contract_sha256(doc: dict[str, Any]) -> str:
     picked = {k: doc.get(k) for k in CONTRACT_FIELDS}
     if isinstance(picked["input"], dict):
         picked["input"] = {k: v for k, v in picked["input"].items() if k not in BATCH_FIELDS}
-    text = json.dumps(picked, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _digest(picked)
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    """sha256 of a JSON document in one canonical spelling (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
+RECORD_EXCLUDED = ("files",)  # export.triton renames an artifact's files in a repository; each has its own sha256
+
+
+def record_sha256(doc: dict[str, Any]) -> str:
+    """sha256 of an artifact's record (runtime, precision, format, parity numbers and gate, calibration, ...), its
+    file list aside. golden.npz records it at export, so a manifest whose numbers or labels were edited (a top-1
+    agreement the gate would refuse, next to "servable") is reported as tampered rather than shown as measured."""
+    picked = {k: v for k, v in doc.items() if k not in RECORD_EXCLUDED}
+    return _digest(picked)
+
+
+def origin_sha256(doc: dict[str, Any]) -> str:
+    """sha256 of where a bundle comes from: the checkpoint's source record and the provenance (commit, data
+    fingerprints, library versions), recorded in golden.npz at export like the contract."""
+    picked = {k: doc.get(k) for k in ("source", "provenance")}
+    return _digest(picked)
 
 
 def _check_consistent(m: Manifest, r: Fields) -> None:
@@ -615,9 +663,13 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     """Load and validate `manifest.json`; raises BundleError with a one-line reason."""
     bundle = Path(bundle)
     path = bundle / MANIFEST_FILE
-    if not bundle.is_dir():
+    try:
+        found = bundle.is_dir(), path.is_file()
+    except OSError as exc:  # a bundle directory this process may not look into
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not found[0]:
         raise BundleError(f"bundle directory not found: {bundle}")
-    if not path.is_file():
+    if not found[1]:
         raise BundleError(f"not a bundle: {path} is missing")
     try:
         # Strict like checkpoint.json: NaN or Infinity is refused, not read as null (write_manifest never writes them).
@@ -639,19 +691,22 @@ def write_manifest(bundle: str | os.PathLike, manifest: Manifest) -> Path:
 
 def verify_file(bundle: str | os.PathLike, entry: FileEntry, what: str = "artifact file") -> Path:
     """The resolved path of one listed file, checked to lie inside the bundle and match its size and sha256."""
-    bundle = Path(bundle).resolve()
     if not safe_relative_path(entry.path):
         raise BundleError(f"{what} {entry.path!r} is not a plain relative path inside the bundle")
-    p = (bundle / entry.path).resolve()
-    if bundle not in p.parents:  # a symlink inside the bundle may still point out of it
-        raise BundleError(f"{what} {entry.path!r} points outside the bundle")
-    if not p.is_file():
-        raise BundleError(f"{what} missing: {p}")
-    if p.stat().st_size != entry.bytes:
-        raise BundleError(f"{what} {p} is {p.stat().st_size:,} bytes, the manifest says {entry.bytes:,} (tampered or "
-                          "corrupt)")
-    if sha256_file(p) != entry.sha256:
-        raise BundleError(f"{what} {p} does not match its sha256 in the manifest (tampered or corrupt)")
+    try:
+        root = Path(bundle).resolve()
+        p = (root / entry.path).resolve()
+        if root not in p.parents:  # a symlink inside the bundle may still point out of it
+            raise BundleError(f"{what} {entry.path!r} points outside the bundle")
+        if not p.is_file():
+            raise BundleError(f"{what} missing: {p}")
+        size = p.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"{what} {p} is {size:,} bytes, the manifest says {entry.bytes:,} (tampered or corrupt)")
+        if sha256_file(p) != entry.sha256:
+            raise BundleError(f"{what} {p} does not match its sha256 in the manifest (tampered or corrupt)")
+    except (OSError, RuntimeError) as exc:  # no permission, an I/O error, a symlink loop: one line, not a traceback
+        raise unreadable(what, Path(os.path.abspath(bundle)) / entry.path, exc) from None
     return p
 
 

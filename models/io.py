@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -10,7 +11,10 @@ import math
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def ensure_dir(path: Path) -> None:
+    """`mkdir -p path`, with the real reason when a part of it is not a directory: mkdir's exist_ok re-raises
+    "File exists" for a file, a symlink loop or a dangling symlink."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        os.stat(path)  # ELOOP for a symlink loop, ENOENT for a dangling link
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+
+
+def resolve_path(path: Path) -> Path:
+    """`path.resolve()`, a symlink loop raised as OSError (ELOOP) as os.stat raises it: Python 3.11's resolve
+    raises RuntimeError, which no caller catching OSError expects."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def committing(what: str) -> Iterator[None]:
+    """Run a commit and its cleanup to the end: Ctrl-C (or a SIGTERM that Python turns into an exception) arriving
+    meanwhile is held, then only noted on stderr. Raised at the commit point, it would report "interrupted" for an
+    output already in place and leave its temporaries; the commit is renames, so the hold is short."""
+    if threading.current_thread() is not threading.main_thread():  # signals are handled on the main thread only
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in _HELD_SIGNALS}
+    raising = [s for s, handler in previous.items() if callable(handler)]  # not SIG_DFL, SIG_IGN or a C handler
+    for s in raising:
+        signal.signal(s, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s in raising:
+            signal.signal(s, previous[s])
+    if held:
+        names = " and ".join(dict.fromkeys(signal.Signals(s).name for s in held))
+        print(f"note: {names} arrived while publishing {what}; that was finished first", file=sys.stderr)
+
+
 def _default_mode(base: int) -> int:
     """`base` filtered by the process umask: temp files would otherwise stay owner-only (0600/0700)."""
     umask = os.umask(0)
@@ -35,7 +84,7 @@ def _default_mode(base: int) -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file beside `path`, fsync, then rename: a crash leaves the old file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _default_mode(0o666))
@@ -131,7 +180,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     beside `target`; DirectoryBusy for a second one), and temporaries a killed writer left behind are removed.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     with writer_lock(target):
         _remove_stale(target)
         with _swap_in(target) as tmp:
@@ -150,22 +199,23 @@ def _swap_in(target: Path) -> Iterator[Path]:
                 os.chmod(os.path.join(root, name), _default_mode(0o777))
             for name in files:
                 os.chmod(os.path.join(root, name), _default_mode(0o666))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "x")
-        try:
-            os.replace(tmp, target)
-        except BaseException:
+        with committing(str(target)):
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+                os.replace(target, old / "x")
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if old is not None:
+                    os.replace(old / "x", target)
+                raise
             if old is not None:
-                os.replace(old / "x", target)
-            raise
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 MAX_JSON_DEPTH = 64  # contracts nest a few levels; a deeper document is hostile (and deep recursion crashes later)

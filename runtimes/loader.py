@@ -20,8 +20,16 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npy
 
-from models.bundle import MAX_ARTIFACTS, PRECISION_ORDER, Artifact, BundleError, Golden, Manifest, verify_files
-from models.io import sha256_file
+from models.bundle import (
+    MAX_ARTIFACTS,
+    PRECISION_ORDER,
+    Artifact,
+    BundleError,
+    Golden,
+    Manifest,
+    verify_file,
+    verify_files,
+)
 from models.preprocessing import normalize
 from models.tolerance import TOLERANCES
 from runtimes import registry
@@ -79,10 +87,10 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
     golden = manifest.golden
     if golden is None:
         return
-    path = Path(bundle).resolve() / golden.file.path
-    if Path(bundle).resolve() not in path.parents or not path.is_file() or sha256_file(path) != golden.file.sha256:
-        raise BundleError(f"golden inputs {golden.file.path!r} are missing or do not match their sha256")
+    path = verify_file(bundle, golden.file, "golden inputs")  # checked as the artifact's files (and the report) are
     check_contract(path, manifest)
+    if edited := check_records(path, manifest, [artifact.id]):
+        raise BundleError(next(iter(edited.values())))
     pixels, reference = read_golden(path, manifest)
     own = read_golden_outputs(path, manifest, artifact.id)
     verify_golden(backend, normalize(pixels, manifest.preprocessing), reference, artifact, own, compute,
@@ -191,6 +199,29 @@ def check_contract(path: Path, manifest: Manifest) -> None:
                           f"differ from what {manifest.golden.file.path!r} recorded; restore it or re-export")
 
 
+ORIGIN_KEY = "origin"  # golden.npz: the manifest's origin_sha256 (source and provenance) at export, 32 bytes
+RECORD_KEY = "record"  # golden.npz: `record.<artifact id>`, that artifact's record_sha256 at export, 32 bytes
+
+
+def check_records(path: Path, manifest: Manifest, artifact_ids: list[str]) -> dict[str, str]:
+    """What was edited after export, by artifact id ("" for the source and provenance): each artifact record
+    (parity numbers and gate, runtime, precision, ...) and the origin against what the golden file recorded.
+    Bundles exported before that record pass; BundleError when the golden file itself is unreadable."""
+    digest = np.dtype(np.uint8), (32,)
+    edited = {}
+    recorded = _optional_member(path, manifest, ORIGIN_KEY, *digest)
+    if recorded is not None and recorded.tobytes().hex() != manifest.origin:
+        edited[""] = "manifest.json was edited after export: its source or provenance differs from what the golden " \
+                     "file recorded; restore it or re-export"
+    for artifact_id in artifact_ids:
+        recorded = _optional_member(path, manifest, f"{RECORD_KEY}.{artifact_id}", *digest)
+        if recorded is not None and recorded.tobytes().hex() != manifest.record(artifact_id):
+            edited[artifact_id] = (f"manifest.json was edited after export: artifact {artifact_id!r} (its parity "
+                                   "numbers, gate, runtime or precision) differs from what the golden file recorded; "
+                                   "restore it or re-export")
+    return edited
+
+
 SOURCE_KEY = "source"  # golden.npz: `source.<i>`, golden input i as decoded before preprocessing (L or RGB)
 MAX_SOURCE_SIDE = 512  # sources larger than this are not kept (export) nor read (load): 8 of them stay under 6 MB
 
@@ -257,8 +288,9 @@ def _optional_member(path: Path, manifest: Manifest, name: str, dtype: np.dtype,
                           "re-export the bundle") from None
 
 
-# pixels, logits, the contract, each artifact's outputs and the sources of the (at most 16) golden inputs
-MAX_GOLDEN_MEMBERS = MAX_ARTIFACTS + 3 + 16
+# pixels, logits, the contract, the origin, each artifact's outputs and record, and the sources of the (at most 16)
+# golden inputs
+MAX_GOLDEN_MEMBERS = 2 * MAX_ARTIFACTS + 4 + 16
 MAX_GOLDEN_DIRECTORY = MAX_GOLDEN_MEMBERS * (46 + 128)  # bytes of central directory: a header and a name an entry
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import runtimes
 from models import tritonconfig
-from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest
+from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest, unreadable
 from models.preprocessing import Preprocessing
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
@@ -158,11 +158,14 @@ class ModelSource:
 
     def versions(self) -> list[str]:
         """The numbered version directories, oldest first (with or without a manifest: a broken one is reported,
-        never silently passed over)."""
+        never silently passed over); BundleError when the model directory cannot be read."""
         if not self.repository:
             return [BUNDLE_VERSION]
-        found = [p.name for p in self.path.iterdir() if VERSION_DIR.fullmatch(p.name)
-                 and int(p.name) <= tritonconfig.MAX_VERSION and p.is_dir()] if self.path.is_dir() else []
+        try:
+            found = [p.name for p in self.path.iterdir() if VERSION_DIR.fullmatch(p.name)
+                     and int(p.name) <= tritonconfig.MAX_VERSION and p.is_dir()] if self.path.is_dir() else []
+        except OSError as exc:  # a model directory this process may not list or look into
+            raise unreadable("model directory", self.path, exc) from None
         return sorted(found, key=int)
 
     def selected(self) -> tuple[str, Path, TritonConfig | None]:
@@ -170,7 +173,10 @@ class ModelSource:
         version its config's version_policy picks; BundleError or ConfigError when there is none."""
         if not self.repository:
             return BUNDLE_VERSION, self.path, None
-        config = tritonconfig.read(self.path)
+        try:
+            config = tritonconfig.read(self.path)
+        except OSError as exc:  # it cannot tell whether config.pbtxt is there in a directory it may not look into
+            raise unreadable("model directory", self.path, exc) from None
         versions = self.versions()
         if not versions:
             raise BundleError(f"model directory {self.path} has no version directory (1/, 2/, ...)")
@@ -180,6 +186,14 @@ class ModelSource:
 
     def describe(self) -> str:
         return f"{self.name}={self.path}" if self.name else str(self.path)
+
+
+def has_manifest(version_dir: Path) -> bool:
+    """Whether a repository version directory holds its manifest; BundleError when it cannot be looked into."""
+    try:
+        return (version_dir / MANIFEST_FILE).is_file()
+    except OSError as exc:  # is_file answers False only for a missing file: EACCES and EIO are raised
+        raise unreadable("version directory", version_dir, exc) from None
 
 
 def model_sources(settings: Settings) -> list[ModelSource]:
@@ -196,8 +210,12 @@ def model_sources(settings: Settings) -> list[ModelSource]:
         sources += [ModelSource(p.parent) for p in sorted(settings.model_dir.glob(f"*/{MANIFEST_FILE}"))
                     if not p.parent.name.startswith(".") and _resolved(p.parent) not in given]
     if settings.model_repository is not None:
-        sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())
-                    if p.is_dir() and not p.name.startswith(".") and NAME_RE.fullmatch(p.name)]
+        try:
+            sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())
+                        if p.is_dir() and not p.name.startswith(".") and NAME_RE.fullmatch(p.name)]
+        except OSError as exc:
+            raise ServeError(f"--model-repository {settings.model_repository}: cannot read it: "
+                             f"{exc.strerror or exc}") from None
     if not sources:
         raise ServeError(_nothing_to_serve(settings))
     return sources
@@ -267,7 +285,7 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
     start = time.perf_counter()
     try:
         version, path, config = source.selected()
-        if source.repository and not (path / MANIFEST_FILE).is_file():
+        if source.repository and not has_manifest(path):
             raise BundleError(f"version directory {path} has no {MANIFEST_FILE} (empty, or still being copied?): "
                               "finish it or remove it, then load again")
         manifest = read_manifest(path)

@@ -33,6 +33,7 @@ from serve.registry import (
     ServedModel,
     ServedModels,
     close_models,
+    has_manifest,
     load_model,
 )
 from serve.settings import Settings
@@ -218,7 +219,7 @@ class ModelRepository:
             try:
                 source: ModelSource | None = self.source_of(name)
                 versions = source.versions()
-            except (LoadError, OSError):
+            except (LoadError, BundleError, OSError):  # unknown, or a directory it cannot read (a load says why)
                 source, versions = None, []
             for version in versions or ([loaded.version] if loaded else [""]):
                 ready = loaded is not None and loaded.version == version and loaded.batcher is not None \
@@ -231,9 +232,12 @@ class ModelRepository:
 
     def _why_not(self, name: str, source: ModelSource | None, version: str, loaded: ServedModel | None) -> str:
         """Why a version that never failed to load is not served."""
-        if source is not None and source.repository and version \
-                and not (source.path / version / MANIFEST_FILE).is_file():
-            return f"no {MANIFEST_FILE} in its version directory (empty, or still being copied?)"
+        if source is not None and source.repository and version:
+            try:
+                if not has_manifest(source.path / version):
+                    return f"no {MANIFEST_FILE} in its version directory (empty, or still being copied?)"
+            except BundleError as exc:
+                return str(exc)
         if name in self.unloaded:
             return "unloaded"
         if loaded is None:

@@ -146,3 +146,42 @@ def test_a_machine_that_preprocesses_differently_is_told_at_load(bundle, monkeyp
         load_model(str(bundle), Settings(models=[str(bundle)], access_log=False)).backend.close()
     warned = [r for r in caplog.records if r.msg == "preprocessing differs from the export's"]
     assert warned and warned[0].max_levels == 1 and warned[0].export_pillow
+
+
+def _artifact(m: dict, artifact_id: str) -> dict:
+    return next(a for a in m["artifacts"] if a["id"] == artifact_id)
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda m: _artifact(m, "onnx-fp32")["parity"].update(top1_agreement=0.095), "onnx-fp32"),
+    (lambda m: _artifact(m, "onnx-fp32")["parity"].update(accuracy=0.9), "onnx-fp32"),
+    (lambda m: _artifact(m, "onnx-fp32")["parity"]["tolerance"].update(atol=1.0), "onnx-fp32"),
+    (lambda m: _artifact(m, "openvino-fp16").update(precision="fp32"), "openvino-fp16"),
+    (lambda m: _artifact(m, "openvino-fp32").update(runtime_version="9.9"), "openvino-fp32"),
+    (lambda m: m["provenance"].update(git_commit="0" * 40), "golden"),
+    (lambda m: m["source"].update(sha256="0" * 64), "golden"),
+], ids=["agreement", "accuracy", "tolerance", "precision", "version", "commit", "source"])
+def test_every_recorded_number_and_label_is_checked_not_only_the_contract(bundle, tmp_path, capsys, edit, where):
+    """`export.report` showed a one-byte edit of a parity number (9.50 % top-1 agreement, which the gate refuses)
+    next to "servable", and a relabelled precision or provenance passed: golden.npz now records every artifact's
+    record and the bundle's origin, and the report marks what differs CORRUPT; a server refuses that artifact."""
+    from export.report import main
+
+    edited = _edited(bundle, tmp_path, edit)
+    assert main([str(edited)]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"error: corrupt, will not load: {edited}: {where}", err
+    assert "manifest.json was edited after export" in out
+    if where == "onnx-fp32" or where == "golden":
+        with pytest.raises(BundleError, match="manifest.json was edited after export"):
+            _load(edited)
+
+
+def test_a_triton_version_directory_keeps_its_records_true(bundle, tmp_path, capsys):
+    """export.triton renames an artifact's files in a version directory: the record leaves the file list out."""
+    from export import report, triton
+
+    assert triton.main([str(bundle), "--out", str(tmp_path / "repo")]) == 0
+    capsys.readouterr()
+    for version in sorted((tmp_path / "repo").glob("*/1")):
+        assert report.main([str(version)]) == 0, capsys.readouterr()

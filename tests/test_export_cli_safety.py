@@ -243,7 +243,8 @@ def test_a_bundle_without_recorded_outputs_is_judged_against_torch_as_before(ske
     m = read_manifest(out)
     with np.load(out / "golden.npz", allow_pickle=False) as z:
         assert {f for f in z.files if not f.startswith("source.")} == {
-            "pixels", "logits", "contract", "outputs.torch-fp32", "outputs.skewed-int8"}
+            "pixels", "logits", "contract", "outputs.torch-fp32", "outputs.skewed-int8", "origin",
+            "record.torch-fp32", "record.skewed-int8"}
         pixels, logits = z["pixels"], z["logits"]
     np.savez_compressed(out / "golden.npz", pixels=pixels, logits=logits)  # as bundles exported before it
     write_manifest(out, replace(m, golden=replace(m.golden, file=file_entries(out, [out / "golden.npz"])[0])))

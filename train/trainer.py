@@ -33,7 +33,7 @@ from data.datasets import (
 )
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, save_checkpoint
 from models.host import usable_cpus
-from models.io import DirectoryBusy, writer_lock
+from models.io import DirectoryBusy, ensure_dir, resolve_path, writer_lock
 from models.preprocessing import Preprocessing
 from models.registry import build_model
 from train.augment import BatchMixer, derive_seed
@@ -112,7 +112,10 @@ def check_out_outside_data(cfg: TrainConfig) -> None:
     """--out may not lie inside a dataset folder: its directory would become a class, its plot an image."""
     if cfg.dataset in EMBEDDED:
         return
-    root, out = Path(cfg.dataset).resolve(), Path(cfg.out).resolve()
+    try:
+        root, out = resolve_path(Path(cfg.dataset)), resolve_path(Path(cfg.out))
+    except OSError as exc:  # a symlink loop
+        raise ConfigError(f"cannot resolve {exc.filename}: {exc.strerror or exc}") from None
     if out.is_relative_to(root):
         raise ConfigError(f"--out {cfg.out} lies inside the dataset folder {root}: the run's directory and files "
                           f"would become part of the data; choose a directory outside it")
@@ -121,9 +124,9 @@ def check_out_outside_data(cfg: TrainConfig) -> None:
 def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
     """Hold the project's writer lock on `out` until `stack` closes: a second run into it stops with one line."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out.parent)
         # Resolved, so two spellings of one directory (a symlink, `.`) take the same lock.
-        stack.enter_context(writer_lock(out.resolve()))
+        stack.enter_context(writer_lock(resolve_path(out)))
     except DirectoryBusy as exc:
         raise ConfigError(f"--out: {exc} (one run per directory)") from None
     except OSError as exc:  # read-only or virtual file system, a file in the path, no permission
@@ -142,7 +145,7 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStac
             _lock_out_dir(out, stack)
             check_out_dir(cfg)
             try:
-                out.mkdir(parents=True, exist_ok=True)
+                ensure_dir(out)
                 clear_stale_temporaries(out)
             except OSError as exc:
                 raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
