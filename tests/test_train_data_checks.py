@@ -155,6 +155,12 @@ def test_resume_of_a_finished_or_stopped_run_says_so_and_changes_nothing(tmp_pat
     assert code == 0, err
     assert "the run is finished (1 epoch, 2 steps); nothing to resume" in said and "resuming" not in said, said
     assert {p.name: p.read_bytes() for p in done.iterdir()} == files
+    # Killed after its checkpoint, before its metrics and curves: the resume writes them (the run stays finished).
+    (done / "metrics.jsonl").unlink()
+    (done / "curves.png").unlink()
+    code, said, err = train_cli(train_main, ["--out", str(done), "--resume"], capsys)
+    assert code == 0 and "nothing to resume" in said, err
+    assert (done / "metrics.jsonl").read_bytes() == files["metrics.jsonl"] and (done / "curves.png").stat().st_size
 
     stopped = tmp_path / "stopped"
     code, _, err = train_cli(train_main, [*DIGITS, "--epochs", "2", "--max-steps", "1", "--out", str(stopped)],

@@ -361,6 +361,11 @@ class Trainer:
             return None
         return recorded or {}
 
+    def _write_history(self, progress: dict[str, Any]) -> None:
+        """metrics.jsonl and curves.png from the run's history."""
+        write_metrics(self.cfg.out, progress["history"])
+        plot_curves(self.cfg.out, progress["history"], f"{self.cfg.model} on {Path(self.cfg.dataset).name}")
+
     def _stopped_line(self, progress: dict[str, Any]) -> str:
         """Why a restored run has nothing left to train, and what would continue it."""
         cfg, step = self.cfg, progress["global_step"]
@@ -631,8 +636,7 @@ class Trainer:
                             extra={"dataset": cfg.dataset, "weights_source": summary["weights_source"],
                                    "training": summary})
             self._forget_old_run(META_FILE)
-            write_metrics(cfg.out, progress["history"])
-            plot_curves(cfg.out, progress["history"], f"{cfg.model} on {Path(cfg.dataset).name}")
+            self._write_history(progress)
             ema_txt = "" if ema is None else f", EMA {100 * ema['top1']:.2f}%"
             print(f"checkpoint {cfg.out}: val top-1 {100 * raw['top1']:.2f}%{ema_txt} "
                   f"(saved {summary['weights_source']}), {summary['wall_time_s']:.0f} s", flush=True)
@@ -646,6 +650,8 @@ class Trainer:
         self.corrupt_seen = set(progress.get("corrupt_files") or [])
         if self.resumed:
             if not self._left_to_do(progress) and (summary := self._already_written(progress)) is not None:
+                if self.info.is_main and not all((Path(cfg.out) / f).is_file() for f in (METRICS_FILE, PLOT_FILE)):
+                    self._write_history(progress)  # killed after its checkpoint, before these: written now
                 self.log(self._stopped_line(progress))
                 return summary
             progress["segments"] += 1
