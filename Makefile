@@ -24,7 +24,7 @@ lint: install
 MARKS ?= not slow and not gpu and not tensorrt
 TRAIN_TESTS := tests/test_train.py tests/test_train_ddp.py tests/test_train_folder.py tests/test_train_resume.py \
 	tests/test_sweep.py tests/test_train_cli_safety.py tests/test_train_data_checks.py \
-	tests/test_train_corrupt_consumers.py
+	tests/test_train_corrupt_consumers.py tests/test_sweep_hardening.py
 
 # Two pytest processes: training tests fork DataLoader workers, which must not inherit the thread pools that the
 # export/serve tests leave loaded (onnxruntime, OpenVINO) in the same process.

@@ -232,7 +232,7 @@ def test_run_all_trains_only_unfinished_runs_and_resume_skips_them(tmp_path):
     study, runs = tmp_path / "study", tmp_path / "runs"
     done, todo = _tiny(0), _tiny(1)
     # A finished run from an earlier (interrupted) invocation: its result file exists.
-    marker = {"id": done.run_id, "spec": done.to_dict(), "final_val_error": 12.5}
+    marker = {"id": done.run_id, "spec": done.to_dict(), "final_val_error": 12.5, "wall_s": 1.0, "curve": []}
     atomic_write_json(runner.result_path(study, done), marker)
     slots = runner.make_slots(1, threads=1)
 
@@ -319,7 +319,11 @@ def test_report_from_results_reproduces_a_clear_cut_study(tmp_path):
 
     verdicts = {r["claim"]: r["reproduced"] for r in summary["claims"]}
     assert verdicts["convergence"] == "yes" and verdicts["stability"] == "yes" and verdicts["peak"] == "yes"
-    assert verdicts["optimizer"] == "no"  # identical SGD-AdamW gaps for both stems: nothing supports it
+    # Identical SGD-AdamW gaps for both stems, within noise: "ViT_C trains as well" holds at both schedules,
+    # "ViT_P loses markedly" is a tie at both.
+    opt_row = next(r for r in summary["claims"] if r["claim"] == "optimizer")
+    assert (opt_row["supporting"], opt_row["contradicting"], opt_row["comparisons"]) == (2, 0, 4)
+    assert verdicts["optimizer"] == "partial"
     stab = summary["stability"]["adamw"]
     assert stab[conv]["n"] == 16 and stab[conv]["median"] == pytest.approx(stab[patch]["median"] - 10)
     for name in ("summary.json", "claims.md", "convergence.png", "optimizer.png", "stability_edf.png",

@@ -256,7 +256,7 @@ def test_sweep_report_only_needs_results(tmp_path, capsys):
     from train.sweep.__main__ import main
 
     assert main(["--report-only", "--out", str(tmp_path / "none")]) == 2
-    _one_line(capsys.readouterr().err, "no study results")
+    _one_line(capsys.readouterr().err, "no study.json in")
     assert not (tmp_path / "none").exists()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import shlex
 import signal
@@ -34,7 +35,7 @@ from train.sweep.plan import (
     recorded_study,
 )
 from train.sweep.presets import PRESETS, make_config
-from train.sweep.runner import RESULTS_DIR, RunFailed, make_slots
+from train.sweep.runner import DamagedResult, RunFailed, make_slots
 
 MAX_WORKERS = 256  # each worker is a training process
 MAX_THREADS = 1024
@@ -115,6 +116,25 @@ def train_args_problem(train_args: tuple[str, ...], model: str, dataset: str) ->
     return None
 
 
+def ranges_problem(cfg: StudyConfig) -> str | None:
+    """Why `python -m train` would refuse an lr or weight decay the study can sample (checked at both ends of each
+    range, with the study's training flags), or None: otherwise the study fails hours in, at that sample's turn."""
+    from train.config import ConfigError, resolve_config
+    from train.options import build_parser
+
+    given = {k: v for k, v in vars(build_parser().parse_args(list(cfg.train_args))).items() if v is not None}
+    base = {**given, "model": cfg.models[0], "dataset": cfg.dataset, "out": "-", "epochs": 1}
+    for opt in cfg.optimizers:
+        for flag, key, (low, high) in (("--lr-range", "lr", cfg.lr_ranges[opt]),
+                                       ("--wd-range", "weight_decay", cfg.wd_ranges[opt])):
+            for value in (low, high):
+                try:
+                    resolve_config({**base, "optimizer": opt, key: value})
+                except ConfigError as exc:
+                    return f"{flag} {opt}={low:g},{high:g}: {exc}"
+    return None
+
+
 def out_problem(path: Path, option: str) -> str | None:
     """Why `path` cannot be a study directory (a file, or a file in its path), or None."""
     for p in (path, *path.parents):
@@ -167,8 +187,6 @@ def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry
     problem = problem or out_problem(out, "--out") or (None if report_only else out_problem(runs_dir, "--runs-dir"))
     if problem:
         raise ValueError(problem)
-    if report_only and not ((out / "study.json").is_file() or (out / RESULTS_DIR).is_dir()):
-        raise ValueError(f"--out {out}: no study results there (no study.json or {RESULTS_DIR}/); nothing to report")
     if dry_run:  # a dry run writes nothing
         return
     try:
@@ -187,16 +205,30 @@ def devices_problem(devices: tuple[str, ...]) -> str | None:
     return None
 
 
+def _per_optimizer(given: list[tuple[str, tuple[float, float]]] | None, flag: str
+                   ) -> dict[str, tuple[float, float]] | None:
+    """--lr-range/--wd-range values by optimizer; ValueError when one optimizer is given twice (which would win?)."""
+    if not given:
+        return None
+    opts = [opt for opt, _ in given]
+    if repeated := [o for i, o in enumerate(opts) if o in opts[:i]]:
+        raise ValueError(f"{flag} is given twice for {repeated[0]}")
+    return dict(given)
+
+
 def study_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The study settings given on the command line (None: not given), as make_config takes them."""
     return {
         "models": args.models, "dataset": args.dataset, "epochs": args.epochs,
         "stability_epochs": args.stability_epochs, "samples": args.samples, "seeds": args.seeds,
         "sample_seed": args.sample_seed, "optimizers": args.optimizers, "tuning": args.tuning, "metric": args.metric,
-        "lr_ranges": dict(args.lr_range) if args.lr_range else None,
-        "wd_ranges": dict(args.wd_range) if args.wd_range else None,
+        "lr_ranges": _per_optimizer(args.lr_range, "--lr-range"),
+        "wd_ranges": _per_optimizer(args.wd_range, "--wd-range"),
         "train_args": tuple(shlex.split(args.train_args)) if args.train_args is not None else None,
     }
+
+
+_RANGE_FLAGS = {"lr_ranges": "--lr-range", "wd_ranges": "--wd-range"}  # settings whose flag is not --<name>
 
 
 def _shown(value: object) -> str:
@@ -210,7 +242,7 @@ def _shown(value: object) -> str:
 def report_conflicts(recorded: StudyConfig, study: str, args: argparse.Namespace) -> list[str]:
     """The study settings on the command line that differ from those study.json records, as "--flag given
     (recorded ...)"."""
-    flags = {"lr_ranges": "--lr-range", "wd_ranges": "--wd-range"}
+    flags = _RANGE_FLAGS
     given: dict[str, object] = {"preset": args.preset, "study": args.study, **study_overrides(args)}
     out = []
     for key, value in given.items():
@@ -224,16 +256,36 @@ def report_conflicts(recorded: StudyConfig, study: str, args: argparse.Namespace
     return out
 
 
+def study_differences(recorded: tuple[StudyConfig, str], given: tuple[StudyConfig, str]) -> list[str]:
+    """The settings in which `given` differs from the `recorded` (config, study), as "--flag given (recorded ...)"."""
+    flags = _RANGE_FLAGS
+    out = [f"--study {given[1]} (recorded {recorded[1]})"] if given[1] != recorded[1] else []
+    for f in dataclasses.fields(StudyConfig):
+        old, new = getattr(recorded[0], f.name), getattr(given[0], f.name)
+        if new != old:
+            out.append(f"{flags.get(f.name, '--' + f.name.replace('_', '-'))} {_shown(new)} (recorded {_shown(old)})")
+    return out
+
+
 def study_settings(args: argparse.Namespace, out: Path) -> tuple[StudyConfig, str]:
     """(config, study): from the command line, or with --report-only from the study.json in `out` (a study setting
     given too must agree with it: the report would otherwise describe another study than the one that ran)."""
-    recorded = recorded_study(out) if args.report_only else None
-    if recorded is None:
-        return make_config(args.preset or "full", **study_overrides(args)), args.study or "all"
-    if conflicts := report_conflicts(*recorded, args):
-        raise ValueError(f"--report-only reports the study recorded in {out / 'study.json'}, and "
-                         f"{'; '.join(conflicts)} differ from it: drop them (or run without --report-only)")
-    return recorded
+    recorded = recorded_study(out)
+    if args.report_only:
+        if recorded is None:
+            raise ValueError(out_problem(out, "--out") or
+                             f"no study.json in {out}: not a study directory, or run the study first")
+        if conflicts := report_conflicts(*recorded, args):
+            raise ValueError(f"--report-only reports the study recorded in {out / 'study.json'}, and "
+                             f"{'; '.join(conflicts)} differ from it: drop them (or run without --report-only)")
+        return recorded
+    given = make_config(args.preset or "full", **study_overrides(args)), args.study or "all"
+    # Checked before anything is written: the record (and the report built on it) would otherwise describe a study
+    # other than the one whose results lie beside it.
+    if recorded is not None and (diffs := study_differences(recorded, given)):
+        raise ValueError(f"--out {out} holds another study: {'; '.join(diffs)}; give the recorded settings to "
+                         f"resume it, or another --out")
+    return given
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -250,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, study = study_settings(args, out)
         for m in cfg.models:
             get_config(m)
-        problem = train_args_problem(cfg.train_args, cfg.models[0], cfg.dataset)
+        problem = train_args_problem(cfg.train_args, cfg.models[0], cfg.dataset) or ranges_problem(cfg)
         if not (problem or args.dry_run or args.report_only) and args.devices:  # where runs train and time
             problem = devices_problem(args.devices)
         if problem:
@@ -270,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except DamagedResult as exc:
+        print(f"python -m train.sweep: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -1,14 +1,19 @@
 """Verdicts on the paper's claims from a study's numbers. The rules, stated once (the report prints this text):
 
-A comparison is a difference between ViT_C and ViT_P (or a sign test over paired samples). A difference counts
-only beyond twice its standard error, which combines the binomial noise of a finite val set with the spread over
-training seeds (the standard error of a seed mean); smaller differences are ties. Stability uses a one-sided sign
-test over the paired (lr, wd) samples at p < 0.05. A claim is "yes" when every comparison supports it, "partial"
-when some support it and more support it than contradict it (the rest ties or contradictions), "no" when none
-support it or contradictions are at least as many as supports, and "not run" without comparisons. Claims stated
-at equal flops (convergence, peak accuracy) are judged only on a pair whose ViT_C/ViT_P flops ratio is within
-3 %; any other pair is "not judged", with its ratio printed. Runtime parity holds when the ViT_C/ViT_P time
-ratio is within 5 % or ViT_C is faster.
+A comparison is a difference between ViT_C and ViT_P or between one model's optimizers (or a sign test over paired
+samples). A difference counts only beyond twice its standard error, which combines the binomial noise of a finite
+val set with the spread over training seeds (the standard error of a seed mean); smaller differences are ties. A
+claim with two halves has a comparison for each. SGD vs AdamW, per schedule length: ViT_C's own SGD-AdamW gap
+supports "ViT_C trains as well with SGD" unless SGD is worse beyond 2 SE (then it contradicts), and ViT_P's gap
+minus ViT_C's, beyond 2 SE, supports "ViT_P loses markedly". Stability, per optimizer: "lies left" is a one-sided
+sign test over the paired (lr, wd) samples at p < 0.05, and "tighter" holds when ViT_C's error IQR is not larger
+than ViT_P's (a larger one contradicts); an optimizer with fewer than 5 untied pairs is not judged, since the sign
+test cannot reach p < 0.05 there. A claim is "yes" when every comparison supports it, "partial" when some support
+it and more support it than contradict it (the rest ties or contradictions), "no" when none support it or
+contradictions are at least as many as supports, "not run" without comparisons, and "not judged" when it has
+numbers but none can be judged. Claims stated at equal flops (convergence, peak accuracy) are judged only on a pair
+whose ViT_C/ViT_P flops ratio is within 3 %; any other pair is "not judged", with its ratio printed. Runtime
+parity holds when the ViT_C/ViT_P time ratio is within 5 % or ViT_C is faster.
 """
 
 from __future__ import annotations
@@ -110,25 +115,39 @@ def convergence_claim(table: dict, conv: str, patch: str, n_val: int, flops_rati
 
 
 def optimizer_claim(gaps: dict[str, dict[int, float]], table: dict, conv: str, patch: str, n_val: int):
-    """(ViT_P's SGD-AdamW gap) minus (ViT_C's) per schedule length (seed means)."""
-    cells, margins = [], []
+    """Per schedule length (seed means): ViT_C's own SGD-AdamW gap ("as well") and (ViT_P's gap) minus (ViT_C's)."""
+    cells, sup, con = [], 0, 0
     gc, gp = gaps.get(conv, {}), gaps.get(patch, {})
     for e in sorted(set(gc) & set(gp)):
+        se_c = se_cells([table[conv][o][e] for o in ("adamw", "sgd")], n_val)
+        as_well = gc[e] <= NOISE_SE * se_c  # an equivalence: a tie (or SGD better) supports it
         adv = gp[e] - gc[e]
         noise = se_cells([table[m][o][e] for m in (conv, patch) for o in ("adamw", "sgd")], n_val)
-        margins.append((adv, noise))
-        cells.append({"epochs": e, "gap_vit_c": gc[e], "gap_vit_p": gp[e], "advantage": adv, "se": noise})
-    sup, con = _tally(margins)
+        s, c = _tally([(adv, noise)])
+        sup, con = sup + as_well + s, con + (not as_well) + c
+        cells.append({"epochs": e, "gap_vit_c": gc[e], "gap_vit_c_se": se_c, "vit_c_as_well": as_well,
+                      "gap_vit_p": gp[e], "advantage": adv, "se": noise})
     measured = "; ".join(
-        f"{x['epochs']} ep: SGD-AdamW gap C {x['gap_vit_c']:+.1f} vs P {x['gap_vit_p']:+.1f} "
+        f"{x['epochs']} ep: SGD-AdamW gap C {x['gap_vit_c']:+.1f} ± {x['gap_vit_c_se']:.1f} "
+        f"({'as well' if x['vit_c_as_well'] else 'SGD worse'}) vs P {x['gap_vit_p']:+.1f} "
         f"(diff {x['advantage']:+.1f} ± {x['se']:.1f})" for x in cells
     )
-    return _row("optimizer", "SGD vs AdamW", measured, sup, con, len(cells), cells)
+    return _row("optimizer", "SGD vs AdamW", measured, sup, con, 2 * len(cells), cells)
+
+
+def min_sign_pairs(alpha: float) -> int:
+    """The fewest untied pairs with which the one-sided sign test can reach p < alpha (all pairs one way)."""
+    n = 1
+    while sign_test_p(n, n) >= alpha:
+        n += 1
+    return n
 
 
 def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alpha: float = 0.05):
-    """Per optimizer: sign test over the paired samples (ViT_C lower error at the same (lr, wd))."""
-    cells, sup, con = [], 0, 0
+    """Per optimizer: sign test over the paired samples ("lies left") and the IQRs ("tighter"); judged only with
+    enough untied pairs for the sign test to reach alpha."""
+    cells, sup, con, total = [], 0, 0, 0
+    need = min_sign_pairs(alpha)
     for opt, models in sorted(stab.items()):
         if conv not in models or patch not in models:
             continue
@@ -137,23 +156,31 @@ def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alph
         pairs = [(c[k], p[k]) for k in set(c) & set(p) if c[k] != p[k]]  # exact ties (e.g. both diverged) drop
         wins, n = sum(ec < ep for ec, ep in pairs), len(pairs)
         p_c, p_p = sign_test_p(wins, n), sign_test_p(n - wins, n)
-        sup += p_c < alpha
-        con += p_p < alpha
         mc, mp = models[conv], models[patch]
+        tighter = mc["iqr"] <= mp["iqr"]
+        judged = n >= need
+        if judged:
+            sup, con, total = sup + (p_c < alpha) + tighter, con + (p_p < alpha) + (not tighter), total + 2
         cells.append({
             "optimizer": opt, "wins": wins, "n": n, "p_vit_c_better": p_c, "p_vit_p_better": p_p,
+            "judged": judged, "tighter": tighter,
             "median_vit_c": mc["median"], "median_vit_p": mp["median"], "iqr_vit_c": mc["iqr"],
             "iqr_vit_p": mp["iqr"], "frac_good_vit_c": mc["frac_good"], "frac_good_vit_p": mp["frac_good"],
             "good_margin": mc["good_margin"],
         })
     measured = "; ".join(
         f"{opt_name(x['optimizer'])}: median C {x['median_vit_c']:.1f} vs P {x['median_vit_p']:.1f}, "
-        f"IQR {x['iqr_vit_c']:.1f} vs {x['iqr_vit_p']:.1f}, within {x['good_margin']:g} of best "
-        f"{100 * x['frac_good_vit_c']:.0f}% vs {100 * x['frac_good_vit_p']:.0f}%, C better in {x['wins']}/{x['n']} "
-        f"pairs (sign test p={x['p_vit_c_better']:.2g})"
+        f"IQR {x['iqr_vit_c']:.1f} vs {x['iqr_vit_p']:.1f} ({'C tighter' if x['tighter'] else 'C wider'}), "
+        f"within {x['good_margin']:g} of best {100 * x['frac_good_vit_c']:.0f}% vs {100 * x['frac_good_vit_p']:.0f}%, "
+        f"C better in {x['wins']}/{x['n']} pairs "
+        + (f"(sign test p={x['p_vit_c_better']:.2g})" if x["judged"] else
+           f"(not judged: too few samples, the sign test needs at least {need} untied pairs)")
         for x in cells
     )
-    return _row("stability", "LR/WD stability (EDF)", measured, sup, con, len(cells), cells)
+    row = _row("stability", "LR/WD stability (EDF)", measured, sup, con, total, cells)
+    if cells and not total:
+        row["reproduced"] = "not judged"
+    return row
 
 
 def peak_claim(table: dict, conv: str, patch: str, n_val: int, complexity: dict, runtime: dict):

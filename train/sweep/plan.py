@@ -95,6 +95,14 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if len(self.models) < 1:
             raise ValueError("a study needs at least one model")
+        if not self.optimizers:
+            raise ValueError(f"--optimizers: give at least one of {','.join(OPTIMIZERS)}")
+        # A repeated entry would be trained once but counted twice: seed means, EDFs and standard errors would be
+        # computed over copies of the same run.
+        for name in ("models", "epochs", "seeds", "optimizers"):
+            values = getattr(self, name)
+            if repeated := [v for i, v in enumerate(values) if v in values[:i]]:
+                raise ValueError(f"--{name} {','.join(map(str, values))}: {repeated[0]} is given twice")
         _check_pair(self.models)
         if not self.epochs or min(self.epochs) < 1:
             raise ValueError(f"schedule lengths must be positive integers, got {self.epochs}")

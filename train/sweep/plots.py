@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from models.io import atomic_write_bytes  # noqa: E402
 from train.sweep.claims import opt_name  # noqa: E402
 from train.sweep.edf import edf_curve  # noqa: E402
 
@@ -25,9 +27,14 @@ def _color(models: list[str], model: str) -> str:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Render to memory, then replace the file atomically: a full disk leaves the previous figure whole."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -131,8 +131,9 @@ def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
     table = {m: {o: {int(e): v for e, v in c.items()} for o, c in t.items()}
              for m, t in summary["convergence"].items()}
     gaps = {m: {int(e): v for e, v in g.items()} for m, g in summary["optimizer_gap"].items()}
-    written = [study_dir / "summary.json"]
-    atomic_write_json(written[0], summary)
+    # Each file is replaced atomically, and summary.json (what tools read) last: a failed write (a full disk) never
+    # leaves it newer than claims.md and the figures.
+    written = []
     if table:
         written.append(plots.plot_convergence(table, models, study_dir / "convergence.png"))
     if gaps:
@@ -144,9 +145,9 @@ def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
         if study_dir / name not in written:
             (study_dir / name).unlink(missing_ok=True)
     md = study_dir / "claims.md"
-    atomic_write_bytes(md, markdown(summary, [p.name for p in written if p.suffix == ".png"]).encode())
-    written.append(md)
-    return written
+    atomic_write_bytes(md, markdown(summary, [p.name for p in written]).encode())
+    atomic_write_json(study_dir / "summary.json", summary)
+    return [*written, md, study_dir / "summary.json"]
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:

@@ -33,6 +33,7 @@ RESULT_VERSION = 1
 OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"adamw": ("--optimizer", "adamw"), "sgd": ("--optimizer", "sgd")}
 LOG_TAIL = 4000
 RESULTS_DIR = "run-results"
+MAX_RESULT_BYTES = 64 << 20  # a result holds a record per epoch: ~150 bytes x up to 100,000 epochs
 LEGACY_LOG = "train.log"  # where earlier versions kept a run's log: inside its training directory
 
 
@@ -40,24 +41,75 @@ class RunFailed(RuntimeError):
     """A training subprocess exited with an error (its log tail is in the message)."""
 
 
+class DamagedResult(ValueError):
+    """A run's result file exists but is not a well-formed result (a report would silently leave the run out)."""
+
+
 def result_path(study_dir: Path, spec: RunSpec) -> Path:
     """Where a finished run's result JSON lives."""
     return Path(study_dir) / RESULTS_DIR / f"{spec.run_id}.json"
 
 
-def is_done(study_dir: Path, spec: RunSpec) -> bool:
-    """True when the run's result file exists and is readable JSON for this very spec."""
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def result_problem(data: object, spec: RunSpec) -> str | None:
+    """Why `data` is not the result of `spec` as run_one writes it (the fields the report reads), or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    if data.get("id") != spec.run_id or data.get("spec") != spec.to_dict():
+        return f"it is the result of another run ({data.get('id')!r:.80})"
+    if not (_number(data.get("wall_s")) and data["wall_s"] >= 0):
+        return f"wall_s must be a number >= 0, got {data.get('wall_s')!r}"
+    err, n_val = data.get("final_val_error"), data.get("val_images")
+    if err is not None and not _number(err):  # NaN is a number: the error of a diverged run
+        return f"final_val_error must be a number or null, got {err!r}"
+    if n_val is not None and not (isinstance(n_val, int) and not isinstance(n_val, bool) and n_val >= 1):
+        return f"val_images must be a positive integer or null, got {n_val!r}"
+    curve = data.get("curve")
+    if not isinstance(curve, list) or not all(isinstance(r, dict) for r in curve):
+        return f"curve must be a list of per-epoch records, got {curve!r:.60}"
+    for rec in curve:
+        for key in ("val_error", "val_error_ema", "epoch_time_s"):
+            if rec.get(key) is not None and not _number(rec[key]):
+                return f"curve: {key} must be a number or null, got {rec[key]!r}"
+    return None
+
+
+def read_result(study_dir: Path, spec: RunSpec) -> tuple[dict[str, Any] | None, str | None]:
+    """(result, None) for a finished run, (None, None) without a result file, (None, why) for a damaged one."""
     path = result_path(study_dir, spec)
     try:
+        if path.stat().st_size > MAX_RESULT_BYTES:  # a result is a few KB: never read a huge file whole
+            return None, f"larger than {MAX_RESULT_BYTES} bytes"
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return data.get("id") == spec.run_id
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:  # unreadable, truncated, not UTF-8 or not JSON
+        return None, f"{type(exc).__name__}: {exc}"
+    problem = result_problem(data, spec)
+    return (None, problem) if problem else (data, None)
+
+
+def damaged_results(study_dir: Path, specs: Sequence[RunSpec]) -> list[str]:
+    """"<path>: <why>" for each result file of `specs` that exists but is not a well-formed result."""
+    out = []
+    for spec in dict.fromkeys(specs):
+        problem = read_result(study_dir, spec)[1]
+        if problem:
+            out.append(f"{result_path(study_dir, spec)}: {problem}")
+    return out
+
+
+def is_done(study_dir: Path, spec: RunSpec) -> bool:
+    """True when the run's result file holds a well-formed result of this very spec (a damaged one is redone)."""
+    return read_result(study_dir, spec)[0] is not None
 
 
 def load_result(study_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
-    """The run's result dict, or None if it has not finished."""
-    return json.loads(result_path(study_dir, spec).read_text()) if is_done(study_dir, spec) else None
+    """The run's result dict, or None if it has not finished (or its result is damaged)."""
+    return read_result(study_dir, spec)[0]
 
 
 def build_command(spec: RunSpec, run_dir: Path, threads: int | None = None) -> list[str]:

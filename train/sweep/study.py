@@ -20,13 +20,16 @@ from train.sweep.spec import RunSpec
 
 def _run_phase(
     name: str, specs: Sequence[RunSpec], study_dir: Path, runs_root: Path, slots: Sequence[runner.WorkerSlot]
-) -> None:
-    """Train the specs without a result yet, with a progress bar."""
+) -> int:
+    """Train the specs without a result yet, with a progress bar; returns how many it trained."""
+    for damaged in runner.damaged_results(study_dir, specs):
+        print(f"[sweep] damaged run result, the run is trained again: {damaged}", file=sys.stderr)
     todo = [s for s in dict.fromkeys(specs) if not runner.is_done(study_dir, s)]
     skipped = len(set(specs)) - len(todo)
     if not todo:
-        print(f"[sweep] {name}: all {skipped} runs already finished", file=sys.stderr)
-        return
+        if specs:
+            print(f"[sweep] {name}: all {skipped} runs already finished", file=sys.stderr)
+        return 0
     print(f"[sweep] {name}: {len(todo)} runs to train, {skipped} already finished, {len(slots)} workers",
           file=sys.stderr)
     with tqdm(total=len(todo), desc=name, unit="run", dynamic_ncols=True) as bar:
@@ -35,7 +38,7 @@ def _run_phase(
             bar.set_postfix_str(f"{spec.model} {spec.optimizer} e{spec.epochs} err {err:.1f}", refresh=False)
             bar.update(1)
 
-        runner.run_all(todo, study_dir, runs_root, slots, progress)
+        return len(runner.run_all(todo, study_dir, runs_root, slots, progress))
 
 
 def tuned_settings(
@@ -112,15 +115,23 @@ def run_study(
         from train.sweep.runtime import machine
 
         device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
-        atomic_write_json(study_dir / STUDY_FILE, {"study": study, "config": cfg.to_dict(),
-                                                   "machine": machine(device), "workers": len(slots)})
+        record = {"study": study, "config": cfg.to_dict(), "machine": machine(device), "workers": len(slots)}
+        if not (study_dir / STUDY_FILE).is_file():  # written first, so an interrupted study is still reportable
+            atomic_write_json(study_dir / STUDY_FILE, record)
         stab = plan.stability_specs(cfg) if plan.needs_stability(cfg, study) else []
-        _run_phase("stability", stab, study_dir, runs_root, slots)
+        trained = _run_phase("stability", stab, study_dir, runs_root, slots)
         _, tuned_runs, _ = plan_study(cfg, study, study_dir)
-        if tuned_runs:
-            _run_phase("tuned", tuned_runs, study_dir, runs_root, slots)
+        trained += _run_phase("tuned", tuned_runs, study_dir, runs_root, slots)
+        # The caller checked that a recorded study has these settings; its machine and commit name the session
+        # that trained it, and a resume that trains nothing must not claim the study for this machine.
+        if trained:
+            atomic_write_json(study_dir / STUDY_FILE, record)
         measure_runtime(cfg, study_dir, slots)
     stab, tuned_runs, tuned = plan_study(cfg, study, study_dir)
+    if report_only and (damaged := runner.damaged_results(study_dir, [*stab, *tuned_runs])):
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise runner.DamagedResult(f"damaged run result {damaged[0]}{more}: delete it and rerun the study (without "
+                                   f"--report-only) to train that run again")
     results = report.load_results(study_dir, [*stab, *tuned_runs])
     summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results, report.load_runtime(study_dir))
     summary["machine"] = _recorded_machine(study_dir)

@@ -1,0 +1,232 @@
+"""The paper-claims study refuses what would corrupt its numbers or its record: repeated list entries, ranges the
+training CLI refuses, damaged run results, another study's directory; verdicts say when they cannot be judged."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from test_sweep import _fake_result, _recorded_study
+
+from train.sweep import analysis, claims, plan, plots, presets, runner
+from train.sweep.__main__ import main
+from train.sweep.spec import RunSpec
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ---------------------------------------------------------------- settings refused up front
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--seeds", "0,1,1"], "--seeds 0,1,1: 1 is given twice"),
+    (["--seeds", "0,0"], "--seeds 0,0: 0 is given twice"),
+    (["--optimizers", "adamw,sgd,sgd"], "--optimizers adamw,sgd,sgd: sgd is given twice"),
+    (["--models", "vit_c_nano,vit_p_nano,vit_p_nano"], "vit_p_nano is given twice"),
+    (["--epochs", "2,4,2"], "--epochs 2,4,2: 2 is given twice"),
+    (["--optimizers", ""], "--optimizers: give at least one of adamw,sgd"),
+    (["--optimizers", ","], "--optimizers: give at least one of adamw,sgd"),
+    (["--lr-range", "adamw=1e-3,1e-2", "--lr-range", "adamw=1e-4,1e-2"], "--lr-range is given twice for adamw"),
+])
+def test_repeated_or_empty_list_settings_exit_2(tmp_path, capsys, flags, said):
+    """A repeated entry is trained once but would be counted twice in seed means, EDFs and standard errors."""
+    assert main(["--preset", "reduced", "--out", str(tmp_path / "s"), "--dry-run", *flags]) == 2
+    assert said in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--lr-range", "sgd=1e6,1e7"], "--lr-range sgd=1e+06,1e+07: --lr must be in (0.0, 100.0], got 1000000.0"),
+    (["--lr-range", "sgd=10,200"], "--lr-range sgd=10,200: --lr must be in (0.0, 100.0], got 200.0"),
+    (["--wd-range", "sgd=1,20"], "--wd-range sgd=1,20: --weight-decay must be in [0.0, 10.0], got 20.0"),
+])
+def test_ranges_the_training_cli_refuses_exit_2_before_anything_runs(tmp_path, capsys, monkeypatch, flags, said):
+    """Otherwise the study fails (exit 1, a multi-line log tail) only when an out-of-range sample's turn comes."""
+    monkeypatch.setattr(runner, "run_all", lambda *a, **k: pytest.fail("a study with a range it cannot train ran"))
+    assert main(["--preset", "reduced", "--study", "stability", "--out", str(tmp_path / "s"), *flags]) == 2
+    assert said in _one_line_error(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------- damaged run results
+
+SPEC = RunSpec("vit_c_nano", "animals", "adamw", 1e-3, 0.05, 2)
+
+
+def _damaged(edit: str, spec: RunSpec = SPEC) -> str:
+    good = _fake_result(spec, 20.0)
+    if edit == "list":
+        return json.dumps([good])
+    if edit == "truncated":
+        return json.dumps(good)[:40]
+    if edit == "no wall_s":
+        return json.dumps({**{k: v for k, v in good.items() if k != "wall_s"}, "curve": []})
+    if edit == "string error":
+        return json.dumps({**good, "final_val_error": "12.5"})
+    if edit == "null curve":
+        return json.dumps({**good, "curve": None})
+    if edit == "curve of strings":
+        return json.dumps({**good, "curve": ["x"]})
+    if edit == "NaN val_images":
+        return json.dumps({**good, "val_images": float("nan")})
+    assert edit == "another spec"
+    return json.dumps({**good, "spec": {**spec.to_dict(), "lr": 0.5}})
+
+
+EDITS = ["list", "truncated", "no wall_s", "string error", "null curve", "curve of strings", "NaN val_images",
+         "another spec"]
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_damaged_result_is_not_finished_and_says_why(tmp_path, edit):
+    """A resume trains such a run again instead of stopping with a traceback."""
+    path = runner.result_path(tmp_path, SPEC)
+    path.parent.mkdir(parents=True)
+    path.write_text(_damaged(edit))
+    assert not runner.is_done(tmp_path, SPEC) and runner.load_result(tmp_path, SPEC) is None
+    (why,) = runner.damaged_results(tmp_path, [SPEC, SPEC])
+    assert why.startswith(f"{path}: ") and "\n" not in why
+    path.write_text(json.dumps(_fake_result(SPEC, 20.0)))  # a diverged run's NaN error is a result like any
+    assert runner.is_done(tmp_path, SPEC) and runner.damaged_results(tmp_path, [SPEC]) == []
+
+
+@pytest.mark.parametrize("edit", ["list", "no wall_s", "string error", "null curve"])
+def test_report_only_names_a_damaged_result_and_writes_nothing(tmp_path, capsys, edit):
+    out, _ = _recorded_study(tmp_path)
+    victim = sorted((out / runner.RESULTS_DIR).iterdir())[0]
+    victim.write_text(_damaged(edit, RunSpec.from_dict(json.loads(victim.read_text())["spec"])))
+    assert main(["--out", str(out), "--report-only"]) == 2
+    err = _one_line_error(capsys)
+    assert f"damaged run result {victim}: " in err and "rerun the study" in err, err
+    assert not (out / "summary.json").exists() and not (out / "claims.md").exists()
+
+
+# ---------------------------------------------------------------- the study's record
+
+
+def test_report_only_without_a_study_record_is_refused(tmp_path, capsys):
+    """It used to report the `full` preset over another study's results and delete its figures."""
+    out, _ = _recorded_study(tmp_path)
+    (out / "study.json").unlink()
+    (out / "convergence.png").write_bytes(b"\x89PNG the study's figure")
+    assert main(["--out", str(out), "--report-only"]) == 2
+    assert f"no study.json in {out}: not a study directory, or run the study first" in _one_line_error(capsys)
+    assert (out / "convergence.png").read_bytes() == b"\x89PNG the study's figure"
+    assert not (out / "summary.json").exists()
+
+
+def test_a_run_with_other_settings_never_overwrites_the_record(tmp_path, capsys, monkeypatch):
+    out, record = _recorded_study(tmp_path)
+    monkeypatch.setattr(runner, "run_all", lambda *a, **k: pytest.fail("trained into another study's directory"))
+    # The recorded study is reduced with samples 2; this one forgot --preset and the overrides.
+    assert main(["--out", str(out), "--runs-dir", str(tmp_path / "r")]) == 2
+    err = _one_line_error(capsys)
+    assert f"--out {out} holds another study" in err and "--preset full (recorded reduced)" in err, err
+    assert "--samples 16 (recorded 2)" in err and "--models vit_c_mini,vit_p_mini (recorded" in err, err
+    assert (out / "study.json").read_bytes() == record
+    assert main(["--preset", "reduced", "--epochs", "2", "--samples", "2", "--seeds", "0", "--study", "stability",
+                 "--out", str(out), "--dry-run"]) == 2
+    assert "--study stability (recorded all)" in _one_line_error(capsys)
+
+
+def test_resuming_a_finished_study_keeps_who_trained_it(tmp_path, capsys, monkeypatch):
+    out, record = _recorded_study(tmp_path)
+    (out / "runtime.json").write_text(json.dumps({"rows": [], "machine": {"cpu": "the training box"}}))
+    monkeypatch.setattr(runner, "run_all", lambda *a, **k: pytest.fail("nothing is left to train"))
+    assert main(["--preset", "reduced", "--epochs", "2", "--samples", "2", "--seeds", "0", "--out", str(out),
+                 "--runs-dir", str(tmp_path / "r"), "--workers", "3"]) == 0, capsys.readouterr().err
+    assert (out / "study.json").read_bytes() == record
+    assert "the training box" in (out / "claims.md").read_text()
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+def _stab(c_errs: list[float], p_errs: list[float]) -> dict:
+    """analysis.stability over constructed paired samples: ViT_C's i-th error and ViT_P's at the same (lr, wd)."""
+    specs, errs = [], {}
+    for i, (ec, ep) in enumerate(zip(c_errs, p_errs, strict=True)):
+        for model, e in (("vit_c_nano", ec), ("vit_p_nano", ep)):
+            s = RunSpec(model, "animals", "adamw", 1e-3 * (i + 1), 1e-2, 2)
+            specs.append(s)
+            errs[s] = e
+    return analysis.stability(specs, errs)
+
+
+def test_stability_with_too_few_untied_pairs_is_not_judged():
+    """1/2**4 = 0.0625: four pairs cannot reach p < 0.05 however clear, so "no" would be a verdict by construction."""
+    assert claims.min_sign_pairs(0.05) == 5
+    four = claims.stability_claim(_stab([20, 21, 22, 23], [80, 81, 82, 83]), "vit_c_nano", "vit_p_nano")
+    assert four["reproduced"] == "not judged" and four["comparisons"] == 0
+    assert "C better in 4/4 pairs (not judged: too few samples, the sign test needs at least 5 untied pairs)" in \
+        four["measured"]
+    # Ties drop out of the sign test: five samples, one tied, is still too few.
+    tied = claims.stability_claim(_stab([20, 21, 22, 23, 50], [80, 81, 82, 83, 50]), "vit_c_nano", "vit_p_nano")
+    assert tied["reproduced"] == "not judged"
+    five = claims.stability_claim(_stab([20, 21, 22, 23, 24], [80, 81, 82, 83, 84]), "vit_c_nano", "vit_p_nano")
+    assert five["reproduced"] == "yes" and five["comparisons"] == 2
+
+
+def test_stability_judges_tighter_as_well_as_left():
+    """C's EDF lies left of P's at every pair but is wider: the claim "tighter and left" holds only in part."""
+    row = claims.stability_claim(_stab([10, 20, 30, 40, 50, 60], [61, 62, 63, 64, 65, 66]), "vit_c_nano",
+                                 "vit_p_nano")
+    assert (row["supporting"], row["contradicting"], row["comparisons"]) == (1, 1, 2)
+    assert row["reproduced"] == "no" and "(C wider)" in row["measured"]
+    cell = row["cells"][0]
+    assert cell["iqr_vit_c"] > cell["iqr_vit_p"] and not cell["tighter"] and cell["p_vit_c_better"] < 0.05
+
+
+def _cell(mean: float) -> dict:
+    return {"mean": mean, "std": 0.5, "n": 3}
+
+
+@pytest.mark.parametrize("c_sgd,expected", [(10.5, (2, 0, "yes")), (20.0, (1, 1, "no"))])
+def test_sgd_vs_adamw_judges_vit_c_s_own_gap(c_sgd, expected):
+    """"ViT_C trains as well with SGD": C's own SGD-AdamW gap beyond 2 SE contradicts it, whatever P does."""
+    table = {"vit_c_x": {"adamw": {8: _cell(10.0)}, "sgd": {8: _cell(c_sgd)}},
+             "vit_p_x": {"adamw": {8: _cell(10.0)}, "sgd": {8: _cell(40.0)}}}
+    row = claims.optimizer_claim(analysis.optimizer_gaps(table), table, "vit_c_x", "vit_p_x", 1000)
+    assert (row["supporting"], row["contradicting"], row["reproduced"]) == expected
+    assert row["comparisons"] == 2
+
+
+def test_the_rules_text_states_the_two_halves_and_the_sign_test_minimum():
+    rules = " ".join(claims.__doc__.split())
+    assert "fewer than 5 untied pairs is not judged" in rules and claims.min_sign_pairs(0.05) == 5
+    assert "IQR is not larger than ViT_P's" in rules
+    assert "ViT_C's own SGD-AdamW gap supports" in rules
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_a_figure_that_fails_to_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full_disk(self, fname, *args, **kwargs):  # writes part of the image, then the disk is full
+        if hasattr(fname, "write"):
+            fname.write(b"\x89PNG partial")
+        else:
+            Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "convergence.png"
+    path.write_bytes(b"\x89PNG the previous figure")
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    table = {"vit_c_nano": {"adamw": {2: {"mean": 20.0, "std": None, "n": 1}}}}
+    with pytest.raises(OSError, match="No space left"):
+        plots.plot_convergence(table, ["vit_c_nano"], path)
+    assert path.read_bytes() == b"\x89PNG the previous figure"
+    assert [p.name for p in tmp_path.iterdir()] == ["convergence.png"]  # no temp file left behind
+
+
+def test_duplicates_are_refused_by_the_config_itself():
+    with pytest.raises(ValueError, match="0 is given twice"):
+        presets.make_config("reduced", seeds=(0, 0))
+    assert plan.StudyConfig.from_dict(presets.make_config("reduced").to_dict()) == presets.make_config("reduced")
