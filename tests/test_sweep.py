@@ -439,3 +439,15 @@ def test_devices_that_cannot_train_are_one_line_before_anything_runs(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--devices 0: GPU 0: CUDA is not available on this machine" in err[0], err
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_diverged_run_counts_as_getting_nothing_right():
+    """Its NaN logits' argmax scored one constant class (91.5 % error on 10 classes), so it could beat a finite
+    worse-than-chance run in the paired sign test; under "best" it kept its best epoch before diverging."""
+    from train.sweep.analysis import MISSING_ERROR, run_error
+
+    curve = [{"epoch": 1, "val_error": 40.0, "val_error_ema": 41.0}, {"epoch": 2, "val_error": 91.5}]
+    diverged = {"final_val_error": 91.5, "curve": curve, "training": {"diverged": True}}
+    assert run_error(diverged) == run_error(diverged, "best") == MISSING_ERROR
+    finished = {**diverged, "training": {"diverged": False}}
+    assert (run_error(finished), run_error(finished, "best")) == (91.5, 40.0)

@@ -41,8 +41,9 @@ MAX_WORKERS = 256  # each worker is a training process
 MAX_THREADS = 1024
 # Set by the sweep for every run (from the study and the run's spec): a copy in --train-args would silently win
 # over them, and the result would be filed under settings it was not trained with.
-SWEEP_SETS = ("model", "dataset", "epochs", "optimizer", "lr", "weight_decay", "seed", "threads", "out", "resume",
-              "overwrite")
+# lr_ref_batch rescales the lr a run uses away from the sampled lr the tables print.
+SWEEP_SETS = ("model", "dataset", "epochs", "optimizer", "lr", "lr_ref_batch", "weight_decay", "seed", "threads",
+              "out", "resume", "overwrite")
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -25,7 +25,12 @@ def run_error(result: Result, metric: str = "final") -> float:
 
     "final": val error of the raw weights after the last epoch (no selection of any kind).
     "best": lowest val error over epochs and over raw/EMA weights (pycls's min_top1_err, optimistic).
+    A run that diverged counts as getting nothing right under either (its NaN logits' argmax would otherwise be
+    scored as one constant class, near chance, and could "beat" a finite run in a paired comparison).
     """
+    training = result.get("training")
+    if isinstance(training, dict) and training.get("diverged"):
+        return MISSING_ERROR
     if metric == "final":
         return _finite_or_chance(result.get("final_val_error"))
     errs = [e for rec in result.get("curve", []) for e in (rec.get("val_error"), rec.get("val_error_ema"))
