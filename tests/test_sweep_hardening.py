@@ -230,3 +230,39 @@ def test_duplicates_are_refused_by_the_config_itself():
     with pytest.raises(ValueError, match="0 is given twice"):
         presets.make_config("reduced", seeds=(0, 0))
     assert plan.StudyConfig.from_dict(presets.make_config("reduced").to_dict()) == presets.make_config("reduced")
+
+
+def test_a_training_does_not_outlive_a_killed_sweep(tmp_path):
+    """kill -9 of the sweep left its trainings running in their own sessions (and holding their locks against the
+    rerun): each now gets SIGTERM when the sweep dies (Linux's parent-death signal)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from serve.launch import REPO
+
+    sweep = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from train.sweep.runner import _stop_with_parent\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True,\n"
+        "                     preexec_fn=_stop_with_parent)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(sweep.stdout.readline())
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait(timeout=30)
+
+        def alive() -> bool:
+            try:
+                return Path(f"/proc/{child}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+            except (FileNotFoundError, IndexError):
+                return False
+        deadline = time.monotonic() + 20
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(), "the training outlived the sweep"
+    finally:
+        sweep.kill()
+        sweep.wait()

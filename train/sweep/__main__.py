@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # SIGTERM (e.g. `kill` of a nohup'd sweep) takes the same path as Ctrl-C: trainings are stopped, results kept.
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked to outlive the terminal: keep that
+        signal.signal(signal.SIGHUP, _interrupt)  # the terminal closed: the same, rather than orphaned trainings
     from train.sweep.study import run_study  # here: a missing train extra (tqdm, torch) is one line, not a traceback
 
     try:

@@ -229,7 +229,8 @@ def run_one(
     start = time.time()
     with open(log, "ab") as log_file:
         # A new session so an interrupt of the sweep can stop the whole training process group.
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True,
+                                preexec_fn=_stop_with_parent)
         if procs is not None:
             procs[proc.pid] = proc
         try:
@@ -306,6 +307,28 @@ def run_all(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return todo
+
+
+def _prctl() -> Any:
+    """libc's prctl, looked up in the sweep's process (the child between fork and exec only calls it); None off
+    Linux."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In a training's child process: SIGTERM it when the sweep dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG),
+    so no training goes on writing into a study nobody runs (and holding its lock against the rerun)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, 15)  # SIGTERM: the training saves nothing half-written and exits 143
 
 
 def _terminate(procs: dict[int, subprocess.Popen], grace: float = 10.0) -> None:
