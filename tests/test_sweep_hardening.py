@@ -266,3 +266,20 @@ def test_a_training_does_not_outlive_a_killed_sweep(tmp_path):
     finally:
         sweep.kill()
         sweep.wait()
+
+
+def test_runtime_is_measured_again_when_the_file_lacks_a_pair_or_this_device(tmp_path):
+    """A runtime.json measured on the CPU stayed when the study was resumed on a GPU (and one for another pair hid
+    the runtime claim): only a file holding every pair on this kind of device is kept."""
+    from models.io import atomic_write_json
+    from train.sweep.study import _measured
+
+    path = tmp_path / "runtime.json"
+    pair = ("vit_c_nano", "vit_p_nano")
+    assert not _measured(path, [pair], "cpu")  # no file
+    atomic_write_json(path, {"rows": [{"pair": list(pair), "device": "cpu", "ratio": 0.9}]})
+    assert _measured(path, [pair], "cpu")
+    assert not _measured(path, [pair], "cuda")
+    assert not _measured(path, [pair, ("vit_c_mini", "vit_p_mini")], "cpu")
+    path.write_text("{not json")
+    assert not _measured(path, [pair], "cpu")

@@ -75,14 +75,28 @@ def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.Wo
     from train.sweep import runtime
 
     path = study_dir / report.RUNTIME_FILE
-    if path.exists():
-        return
     device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
+    pairs = analysis.stem_pairs(list(cfg.models))
+    if _measured(path, pairs, device.split(":")[0]):
+        return
     rows = []
-    for conv, patch in analysis.stem_pairs(list(cfg.models)):
+    for conv, patch in pairs:
         print(f"[sweep] runtime: {conv} vs {patch} on {device}", file=sys.stderr)
         rows += [{"pair": [conv, patch], **r} for r in runtime.measure(conv, patch, device)]
     atomic_write_json(path, {"rows": rows, "machine": runtime.machine(device)})
+
+
+def _measured(path: Path, pairs: Sequence[tuple[str, str]], kind: str) -> bool:
+    """Whether runtime.json already holds every pair measured on this kind of device (a study resumed on a GPU,
+    or one whose file is damaged, is measured again rather than reported with stale or missing numbers)."""
+    from models.io import read_strict_json
+
+    try:
+        rows = read_strict_json(path, 16 * 1024 * 1024).get("rows")
+        have = {(tuple(r["pair"]), str(r["device"]).split(":")[0]) for r in rows}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return False
+    return all((tuple(p), kind) in have for p in pairs)
 
 
 def _all_keys(cfg: StudyConfig) -> list[tuple[str, str]]:
