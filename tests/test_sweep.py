@@ -451,3 +451,15 @@ def test_a_diverged_run_counts_as_getting_nothing_right():
     assert run_error(diverged) == run_error(diverged, "best") == MISSING_ERROR
     finished = {**diverged, "training": {"diverged": False}}
     assert (run_error(finished), run_error(finished, "best")) == (91.5, 40.0)
+
+
+def test_a_partial_study_compares_peak_accuracy_at_one_schedule_length():
+    """With ViT_C's 8-epoch runs missing, its 4-epoch error was compared with ViT_P's 8-epoch error (the verdict
+    flipped): both stems are judged at the longest schedule they both have."""
+    cell = {"std": 0.5, "n": 3}
+    table = _table({2: {"mean": 40.0, **cell}, 4: {"mean": 19.7, **cell}},
+                   {2: {"mean": 50.0, **cell}, 4: {"mean": 28.6, **cell}, 8: {"mean": 20.4, **cell}})
+    comp = {"vit_c_x": {"flops": 100}, "vit_p_x": {"flops": 100}}
+    row = claims.peak_claim(table, "vit_c_x", "vit_p_x", 1000, comp, {})
+    assert row["cells"][0]["vit_c"] == 19.7 and row["cells"][0]["vit_p"] == 28.6
+    assert "at 4 ep" in row["measured"] and row["reproduced"] == "yes"

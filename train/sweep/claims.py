@@ -184,9 +184,13 @@ def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alph
 
 
 def peak_claim(table: dict, conv: str, patch: str, n_val: int, complexity: dict, runtime: dict):
-    """Best tuned error per stem at the longest schedule (seed means); judged at flops parity only."""
+    """Best tuned error per stem at the longest schedule both stems have results for (seed means; a partial study
+    never compares one stem's 4 epochs with the other's 8); judged at flops parity only."""
+    epochs = {m: {e for v in table.get(m, {}).values() for e in v} for m in (conv, patch)}
+    longest = max(epochs[conv] & epochs[patch], default=None)
+
     def best(model: str) -> tuple[dict, str] | None:
-        rows = [(v[max(v)], o) for o, v in table.get(model, {}).items() if v]
+        rows = [(v[longest], o) for o, v in table.get(model, {}).items() if longest in v]
         return min(rows, key=lambda r: r[0]["mean"]) if rows else None
 
     flops_ratio = complexity[conv]["flops"] / complexity[patch]["flops"]
@@ -200,7 +204,8 @@ def peak_claim(table: dict, conv: str, patch: str, n_val: int, complexity: dict,
             "advantage": adv, "se": noise, "flops_ratio": flops_ratio, "train_epoch_time_ratio": rt_ratio}
     rt = f"{rt_ratio:.2f}" if rt_ratio is not None else "n/a"
     measured = (
-        f"best error C {bc[0]['mean']:.1f} ({opt_name(bc[1])}) vs P {bp[0]['mean']:.1f} ({opt_name(bp[1])}), "
+        f"best error at {longest} ep C {bc[0]['mean']:.1f} ({opt_name(bc[1])}) vs P {bp[0]['mean']:.1f} "
+        f"({opt_name(bp[1])}), "
         f"diff {adv:+.1f} ± {noise:.1f}; train time per epoch C/P {rt} (shared CPU, indicative)"
     )
     return _row("peak", "Peak accuracy at equal flops", measured, sup, con, 1, [cell], flops_ratio)

@@ -63,16 +63,19 @@ def plot_optimizer(table: dict, gaps: dict[str, dict[int, float]], models: list[
     """Left: error per model x optimizer at the longest schedule; right: SGD - AdamW gap vs schedule length."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
     width = 0.38
+    # One schedule length for every bar: the longest every model has a result for (a partial study otherwise drew
+    # one model's 4 epochs under an "8 epochs" title).
+    have = [{e for c in table.get(m, {}).values() for e in c} for m in models]
+    longest = max(set.intersection(*have), default=0) if have else 0
     for j, opt in enumerate(("adamw", "sgd")):
         xs, ys = [], []
         for i, model in enumerate(models):
             cells = table.get(model, {}).get(opt, {})
-            if cells:
+            if longest in cells:
                 xs.append(i + (j - 0.5) * width)
-                ys.append(cells[max(cells)]["mean"])
+                ys.append(cells[longest]["mean"])
         bars = ax1.bar(xs, ys, width, label=opt_name(opt), color=COLORS[j], alpha=0.85)
         ax1.bar_label(bars, fmt="%.1f", fontsize=8)
-    longest = max((e for m in table.values() for c in m.values() for e in c), default=0)
     ax1.set_xticks(range(len(models)), models)
     ax1.set_ylabel("val top-1 error (%)")
     ax1.set_title(f"Tuned AdamW vs SGD ({longest} epochs)")
