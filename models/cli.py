@@ -167,12 +167,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def run(main: Callable[[], int | None], prog: str, *, sigterm: bool = True) -> NoReturn:
-    """Exit with `main()`'s code; Ctrl-C is one line and exit 130, SIGTERM (unless `sigterm` is False: a server
-    that drains on it) one line and exit 143, what was being written left as it was (the writers are atomic); the
-    machine failing (`machine_failure`) one line and exit 1, a missing extra (`missing_dependency`) one line and
-    exit 2, and a closed output pipe (`| head`) ends quietly."""
-    if sigterm and threading.current_thread() is threading.main_thread():
+def run(main: Callable[[], int | None], prog: str) -> NoReturn:
+    """Exit with `main()`'s code; Ctrl-C is one line and exit 130, SIGTERM (until `main` installs its own handler,
+    as the server does once it serves) one line and exit 143, what was being written left as it was (the writers
+    are atomic); the machine failing (`machine_failure`) one line and exit 1, a missing extra
+    (`missing_dependency`) one line and exit 2, and a closed output pipe (`| head`) ends quietly."""
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = main()

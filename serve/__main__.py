@@ -138,4 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m serve", sigterm=False)  # uvicorn drains the requests in flight on SIGTERM
+    # SIGTERM while the models load stops the start (exit 143; as PID 1 in a container a signal without a handler
+    # is dropped); once serving, serve.server's handler takes over and uvicorn drains the requests in flight.
+    cli.run(main, "python -m serve")

@@ -119,7 +119,8 @@ def run(settings: Settings) -> None:
     host, port = sock.getsockname()[:2]
     served = {m.name: {"runtime": m.backend.runtime, "precision": m.backend.precision, "bundle": str(m.bundle),
                        "startup_s": m.startup} for m in models.values()}
-    log.info("listening", extra={"url": f"http://{host}:{port}", "host": host, "port": port, "models": served,
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
+    log.info("listening", extra={"url": url, "host": host, "port": port, "models": served,
                                  "device": settings.device, "max_connections": connections,
                                  "process_age_s": process_age()})
     server.run(sockets=[sock])

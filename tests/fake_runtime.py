@@ -5,7 +5,8 @@ and exact, so route tests can check answers without exporting a model. It record
 open, so tests see which options the export's parity gate and the server hand a runtime. In a server process
 (`VITC_RUNTIMES=fake_runtime`, tests/ on PYTHONPATH) it can misbehave on purpose, steered by the input's first
 value: SLOW (sleeps a second), HANG (blocks while the file $FAKE_RUNTIME_HANG exists); and it appends the first
-value of every row it computes to $FAKE_RUNTIME_LOG.
+value of every row it computes to $FAKE_RUNTIME_LOG. With $FAKE_RUNTIME_LOADING set, loading touches that file and
+then takes a minute.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class FakeBackend:
         self.parallelism = spec.options.parallel or 2
         self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
         self.w = np.load(spec.file(".npy"), allow_pickle=False)
+        if loading := os.environ.get("FAKE_RUNTIME_LOADING"):  # a slow load: says it started, then takes its time
+            Path(loading).touch()
+            time.sleep(60)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         firsts = batch.reshape(len(batch), -1)[:, 0]

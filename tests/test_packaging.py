@@ -267,3 +267,24 @@ def test_the_missing_extra_hints_match_pyproject():
     hinted |= {_canonical(m) for r in runtimes.runtimes() for m in r.packages} | {"onnxruntime-gpu", "vitc"}
     direct = {_canonical(Requirement(r).name) for extra, reqs in _extras().items() if extra != "dev" for r in reqs}
     assert direct <= hinted, sorted(direct - hinted)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_the_image_healthcheck_reaches_the_server_despite_a_proxy(dockerfile, tmp_path):
+    """The HEALTHCHECK followed http_proxy (set in many clusters for the model store) and failed while the server
+    answered 200; it must ask the server itself, and fail when the server is not ready."""
+    import json as json_
+
+    import fake_runtime
+    from test_serve_fixtures import fake_server
+
+    text = (REPO / dockerfile).read_text()
+    cmd = json_.loads(text.split("HEALTHCHECK", 1)[1].split("CMD", 1)[1].split("\n", 1)[0])
+    assert cmd[:2] == ["python", "-c"]
+    with fake_server(fake_runtime.write_bundle(tmp_path / "fake"), tmp_path) as server:
+        env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+               "VITC_PORT": str(server.port)}
+        ok = subprocess.run([sys.executable, "-c", cmd[2]], env=env, capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr[-500:]
+    down = subprocess.run([sys.executable, "-c", cmd[2]], env=env, capture_output=True, text=True, timeout=30)
+    assert down.returncode != 0

@@ -87,3 +87,33 @@ def test_sample_image_helper(tmp_path):
     img = Image.open(out)
     np.testing.assert_array_equal(np.asarray(img), val.arrays[3])
     assert val.class_names[val.labels[3]] in proc.stdout
+
+
+def test_sigterm_while_the_models_load_stops_the_start(tmp_path):
+    """In the image the server is PID 1, and the kernel drops a signal PID 1 has no handler for: a `docker stop` or
+    rollout while the models loaded did nothing, and the pod was killed later without a drain. SIGTERM now stops
+    the start at once (one line, exit 143); once serving, it drains as before."""
+    import os
+    import signal
+    import time
+
+    import fake_runtime
+
+    loading = tmp_path / "loading"
+    env = {**os.environ, **fake_runtime.server_env(tmp_path), "FAKE_RUNTIME_LOADING": str(loading)}
+    bundle = fake_runtime.write_bundle(tmp_path / "b")
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", f"fake={bundle}", "--backend", "fake",
+                             "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not loading.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loading.exists(), proc.stderr.read() if proc.poll() is not None else "the load never started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "python -m serve: terminated", err
