@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from models.host import quota_cpus
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, BackendError, LoadSpec, Runtime, Variant, first_line
 from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet
 
@@ -109,8 +110,9 @@ def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN2
     options = spec.options
     config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint.upper(),
                               "INFERENCE_PRECISION_HINT": inference_precision(spec)}
-    if options.threads:
-        config["INFERENCE_NUM_THREADS"] = options.threads
+    # OpenVINO sizes its pools by the CPU set; under a CPU quota (a container limit) it is told the quota.
+    if threads := options.threads or quota_cpus():
+        config["INFERENCE_NUM_THREADS"] = threads
     if options.parallel and options.hint == "throughput":
         config["PERFORMANCE_HINT_NUM_REQUESTS"] = options.parallel
     return core.compile_model(model, "CPU", {**config, **(extra or {})})

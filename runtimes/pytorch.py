@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from models.host import quota_cpus
 from runtimes.base import BackendError, LoadSpec, Runtime, Variant, first_line
 from runtimes.build import Built, ExportContext, ExportError
 
@@ -126,7 +127,8 @@ class TorchBackend:
         self.device, self.precision, self.max_batch = options.device, spec.precision, spec.max_batch
         self._torch = torch
         self._autocast = getattr(torch, _DTYPES[compute]) if compute in _DTYPES else None
-        self._threads = options.threads if not cuda else None
+        # torch sizes its pool by the CPU set; under a CPU quota (a container limit) it is told the quota.
+        self._threads = (options.threads or quota_cpus()) if not cuda else None
         self._channels_last = cuda if options.channels_last is None else options.channels_last
         self._compiled = options.compile
         if options.buckets and max(options.buckets) > spec.max_batch:

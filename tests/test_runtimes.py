@@ -301,3 +301,49 @@ def test_an_openvino_model_keeps_its_answers_when_its_files_change_in_place(tmp_
         np.testing.assert_array_equal(backend.infer(x), want)
     finally:
         backend.close()
+
+
+def _cgroup(root: Path, rel: str, name: str, text: str) -> None:
+    d = root / rel
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(text)
+
+
+def test_a_cpu_quota_is_read_from_cgroup_v2_and_v1_along_the_path(tmp_path):
+    """A Kubernetes CPU limit is a CFS quota, not a CPU set: thread pools sized by the set oversubscribed it."""
+    from models.host import cpu_quota
+
+    v2 = tmp_path / "v2"
+    _cgroup(v2, "", "cpu.max", "max 100000\n")
+    _cgroup(v2, "kubepods", "cpu.max", "250000 100000\n")  # the pod: 2.5 CPUs
+    _cgroup(v2, "kubepods/pod1", "cpu.max", "max 100000\n")
+    assert cpu_quota(v2, "0::/kubepods/pod1\n") == 2.5
+    assert cpu_quota(v2, "0::/\n") is None  # a container's own view of an unlimited cgroup
+    v1 = tmp_path / "v1"
+    _cgroup(v1, "cpu,cpuacct/docker/abc", "cpu.cfs_quota_us", "50000\n")
+    _cgroup(v1, "cpu,cpuacct/docker/abc", "cpu.cfs_period_us", "100000\n")
+    _cgroup(v1, "cpu,cpuacct", "cpu.cfs_quota_us", "-1\n")
+    _cgroup(v1, "cpu,cpuacct", "cpu.cfs_period_us", "100000\n")
+    assert cpu_quota(v1, "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n") == 0.5
+    assert cpu_quota(v1, "3:cpu,cpuacct:/\n") is None
+    _cgroup(v2, "bad", "cpu.max", "garbage\n")
+    assert cpu_quota(v2, "0::/bad\n") is None and cpu_quota(tmp_path / "none", "0::/x\n") is None
+
+
+def test_the_runtimes_are_sized_by_a_cpu_quota(bundle, manifest, monkeypatch):
+    """Under a one-CPU quota every runtime runs one thread and one stream where it would have taken the CPU set."""
+    from models import host
+
+    monkeypatch.setattr(host, "cpu_quota", lambda *a, **k: 0.5)
+    assert host.usable_cpus() == 1
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: a quota changes nothing here")
+    assert host.quota_cpus() == 1
+    ort = load_backend(bundle, manifest, "onnxruntime")
+    assert ort.parallelism == 1 and ort.describe()["threads_effective"] == 1
+    ov = load_backend(bundle, manifest, "openvino", precision="fp32")
+    assert ov.describe()["threads_effective"] == 1 and ov.parallelism == 1
+    torch_backend = load_backend(bundle, manifest, "torch")
+    assert torch_backend.describe()["threads_effective"] == 1
+    for b in (ort, ov, torch_backend):
+        b.close()
