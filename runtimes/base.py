@@ -222,7 +222,14 @@ def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
         raise BackendError(f"the {runtime} backend runs on {' or '.join(supported)}, not {device!r}")
 
 
+# OpenVINO's messages start with where in its sources they were raised ("Exception from src/.../core.cpp:117:"),
+# and the reason follows on the next lines.
+_SOURCE_LOCATION = re.compile(r"^(Exception from \S+:\d+:?|Check '.*' failed at \S+:\d+:?)$")
+
+
 def first_line(exc: BaseException) -> str:
-    """An exception as one readable line: its type when it has no message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """An exception as one readable line (the first that is not a source location): its type when it has no
+    message."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if not _SOURCE_LOCATION.match(ln)), lines[0] if lines else "")
+    return reason or type(exc).__name__

@@ -30,6 +30,7 @@ from models.bundle import (
     verify_file,
     verify_files,
 )
+from models.cli import memory_failure
 from models.preprocessing import normalize
 from models.tolerance import TOLERANCES
 from runtimes import registry
@@ -351,6 +352,8 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
     except (BackendError, BundleError):
         raise
     except Exception as exc:  # runtimes raise their own types; the caller needs one readable line
+        if memory_failure(exc) is not None:  # the machine, not the artifact (a server start exits 1, not 2)
+            raise MemoryError(f"out of memory loading {spec.artifact.id!r} on {runtime.name}") from exc
         raise BackendError(f"{runtime.name} cannot load {spec.artifact.id!r}"
                            f"{' from ' + where if where else ''}: {first_line(exc)}") from exc
     timings["load"] = time.perf_counter() - start

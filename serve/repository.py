@@ -148,6 +148,9 @@ class ModelRepository:
                 model = await asyncio.get_running_loop().run_in_executor(None, load_model, source, self.settings)
             except ServeError as exc:
                 raise self._failed(name, version, str(exc)) from None
+            except MemoryError:
+                raise self._failed(name, version, f"model {name!r}: out of memory while loading version {version} "
+                                                  "(what served before serves on)") from None
             if model.name != name:  # a bundle served under its own name was re-exported under another one
                 model = dataclasses.replace(model, name=name)
             await self._activate(model)

@@ -421,3 +421,25 @@ def test_what_vitc_does_not_apply_is_logged_never_dropped_silently(fake, repo, c
         assert r.status_code == 400 and "is not served: a model name is" in r.json()["error"], r.text
         r = c.post("/v2/repository/models/nope/load")  # a name with no directory: as before
         assert r.status_code == 400 and "no model 'nope'" in r.json()["error"]
+
+
+def test_running_out_of_memory_while_loading_is_the_machine_not_the_model(fake, repo, monkeypatch):
+    """OpenVINO's bad_alloc (under a memory limit) was a "cannot load" of the artifact, exit 2, its reason lost
+    behind the source location OpenVINO prints first: it is now the machine failing (a start exits 1 through
+    models.cli.run), and a reload says so while what served before serves on."""
+    import fake_runtime
+
+    from runtimes.base import first_line
+
+    failure = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\n[ GENERAL_ERROR ] std::bad_alloc")
+    assert first_line(failure) == "[ GENERAL_ERROR ] std::bad_alloc"
+    with client(served(repo)) as c:
+        def no_memory(self, spec):  # noqa: ANN001, ANN202
+            raise failure
+
+        monkeypatch.setattr(fake_runtime.FakeBackend, "__init__", no_memory)
+        with pytest.raises(MemoryError, match="out of memory loading"):
+            load_models(served(repo))
+        r = c.post(f"/v2/repository/models/{NAME}/load")
+        assert r.status_code == 400 and "out of memory while loading version 1" in r.json()["error"], r.text
+        assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the loaded one serves on
