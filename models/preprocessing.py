@@ -177,20 +177,30 @@ class _SourceCrop:
     scaled: bool
 
 
-def _source_crop(img: Image.Image, spec: Preprocessing) -> _SourceCrop:
-    """Cut the source down to the pixels the output depends on, before any conversion copies it whole."""
-    w, h = img.size
-    box, scaled = _geometry(w, h, spec)
+def _cut(width: int, height: int, spec: Preprocessing) -> tuple[tuple[int, int, int, int], tuple[float, ...], bool]:
+    """(the source region the output depends on, the output's footprint within it, whether that scales)."""
+    box, scaled = _geometry(width, height, spec)
     if not scaled:  # integer box: the output is exactly these pixels
-        ibox = tuple(int(v) for v in box)
-        return _SourceCrop(img.crop(ibox) if ibox != (0, 0, w, h) else img, (0, 0, spec.crop, spec.crop), False)
+        return tuple(int(v) for v in box), (0, 0, spec.crop, spec.crop), False
     # Keep the filter's full reach around the box, so edge pixels weigh exactly as in a whole-image resize.
     reach = _SUPPORT[spec.interpolation] * max(1.0, (box[2] - box[0]) / spec.crop) + 2
     x0, y0 = max(0, math.floor(box[0] - reach)), max(0, math.floor(box[1] - reach))
-    x1, y1 = min(w, math.ceil(box[2] + reach)), min(h, math.ceil(box[3] + reach))
-    if (x0, y0, x1, y1) != (0, 0, w, h):
-        img = img.crop((x0, y0, x1, y1))
-    return _SourceCrop(img, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0), True)
+    x1, y1 = min(width, math.ceil(box[2] + reach)), min(height, math.ceil(box[3] + reach))
+    return (x0, y0, x1, y1), (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0), True
+
+
+def copied_pixels(width: int, height: int, spec: Preprocessing) -> int:
+    """Pixels of the source that preprocessing copies beside the decoded image (its region, when that is not the
+    whole image: a 6000 x 4000 photo's centre square), for the decode budget."""
+    (x0, y0, x1, y1), _, _ = _cut(width, height, spec)
+    return 0 if (x0, y0, x1, y1) == (0, 0, width, height) else (x1 - x0) * (y1 - y0)
+
+
+def _source_crop(img: Image.Image, spec: Preprocessing) -> _SourceCrop:
+    """Cut the source down to the pixels the output depends on, before any conversion copies it whole."""
+    w, h = img.size
+    region, box, scaled = _cut(w, h, spec)
+    return _SourceCrop(img.crop(region) if region != (0, 0, w, h) else img, box, scaled)
 
 
 def to_uint8(img: Image.Image, spec: Preprocessing) -> np.ndarray:

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocessing import Preprocessing, image_input, plain_mode, upright
+from models.preprocessing import Preprocessing, copied_pixels, image_input, plain_mode, upright
 from serve.workpool import PixelBudget
 
 # Pillow decoders the server accepts (those this Pillow build has); anything else is never parsed.
@@ -40,7 +40,8 @@ class ImageError(ValueError):
 def decode_weight(img: Image.Image) -> int:
     """How many budget pixels one pixel of `img` costs to decode. Peak decode memory is about 5 bytes per pixel
     (baseline JPEG, RGB PNG), 9 with alpha, 6 for GIF; a progressive JPEG holds its coefficients too (7-10, 12 in
-    CMYK), AVIF about 9, Pillow's WebP decoder about 16."""
+    CMYK), AVIF about 9, Pillow's WebP decoder about 16. The region preprocessing copies out of a non-square
+    image is counted apart (`copied_pixels`)."""
     if img.format == "WEBP":
         return 3
     if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
@@ -154,7 +155,8 @@ def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bo
     img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
     w, h = img.size  # after draft()
     # Capped at the whole budget: an image that fits the per-image limit always decodes once nothing else does.
-    cost = w * h * decode_weight(img)
+    # A photo that is not square also pays for its centre region, which preprocessing copies (4 bytes a pixel).
+    cost = w * h * decode_weight(img) + copied_pixels(w, h, spec)
     with budget.reserve(min(cost, budget.pixels)) if budget is not None else contextlib.nullcontext():
         try:
             return _model_input(img, spec)

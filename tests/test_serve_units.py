@@ -206,6 +206,23 @@ def test_an_image_dearer_than_the_whole_budget_still_decodes_alone():
         prepare(webp, RGB, max_pixels=LIMIT, budget=budget)
 
 
+def test_a_photo_that_is_not_square_also_pays_for_the_region_preprocessing_copies():
+    """A 3:2 photo peaked at about 8 bytes per pixel, not the budget's 5: preprocessing copies its centre square
+    before the colour conversion. That copy is counted now; a square image, which is not copied, pays as before."""
+    from models.preprocessing import copied_pixels
+    from serve.workpool import Busy, PixelBudget
+
+    assert copied_pixels(64, 64, RGB) == 0
+    wide = copied_pixels(96, 64, RGB)
+    assert 64 * 64 <= wide < 96 * 64
+    for (w, h), extra in (((64, 64), 0), ((96, 64), wide)):
+        png = encode(photo(w, h), "PNG")
+        budget = PixelBudget(w * h + extra)
+        prepare(png, RGB, max_pixels=LIMIT, budget=budget)  # fits exactly
+        with budget.reserve(1), pytest.raises(Busy):  # one pixel short
+            prepare(png, RGB, max_pixels=LIMIT, budget=budget)
+
+
 def test_jpeg_draft_decodes_big_photos_small():
     big = encode(photo(2048, 1536, seed=1).resize((2048, 1536)), "JPEG", quality=90)
     drafted = decode(big, max_pixels=LIMIT, draft_size=RGB.resize)
