@@ -58,6 +58,32 @@ def cpu_quota(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -> float
     return min(limits, default=None)
 
 
+def memory_limit(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -> int | None:
+    """Bytes this process's cgroup (or an ancestor) may use, the tightest along its path (a container's memory
+    limit); None when unlimited or unknown. Reads cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`."""
+    try:
+        text = self_cgroup if self_cgroup is not None else Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    limits = []
+    for line in text.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            files = [d / "memory.max" for d in _ancestors(root, path)]
+        elif "memory" in controllers.split(","):
+            files = [d / "memory.limit_in_bytes" for d in _ancestors(root / "memory", path)]
+        else:
+            continue
+        for f in files:
+            try:
+                value = f.read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 1 << 62:  # v1 says "unlimited" with a huge number
+                limits.append(int(value))
+    return min(limits, default=None)
+
+
 def _ancestors(base: Path, path: str) -> list[Path]:
     """base/path and each directory above it up to base (a container sees its own cgroup as "/")."""
     parts = [p for p in path.strip().split("/") if p and p not in (".", "..")]

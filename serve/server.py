@@ -74,6 +74,26 @@ def process_age() -> float | None:
         return None
 
 
+DECODE_BYTES_PER_PIXEL = 5  # a budget pixel's peak decode memory (serve.imaging.decode_weight)
+
+
+def memory_headroom(settings: Settings, resident: int | None, limit: int | None) -> dict[str, int] | None:
+    """The worst case the limits allow (resident memory with the models loaded, the decode budget, the buffered
+    request bodies) when it exceeds the container's memory limit, else None: that pod would be OOM-killed under
+    load instead of answering 503."""
+    if limit is None or resident is None:
+        return None
+    need = resident + settings.decode_budget_pixels * DECODE_BYTES_PER_PIXEL + settings.buffered_bytes_limit
+    return {"worst_case_bytes": need, "memory_limit_bytes": limit} if need > limit else None
+
+
+def _resident_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run(settings: Settings) -> None:
     """Load, bind, serve until SIGTERM/SIGINT."""
     configure_logging(settings.log_level)
@@ -89,6 +109,12 @@ def run(settings: Settings) -> None:
             "max_connections": connections, "default": DEFAULT_CONNECTIONS,
             "advice": f"raise the limit (ulimit -n {DEFAULT_CONNECTIONS + FILES_RESERVED}) or give --max-connections"})
     models = load_models(settings)
+    from models.host import memory_limit
+
+    if over := memory_headroom(settings, _resident_bytes(), memory_limit()):
+        log.warning("the memory limit is below what the serving limits allow", extra={
+            **over, "advice": "lower --decode-budget-pixels (5 bytes each) or --max-buffered-bytes, or raise the "
+                              "container's memory limit: under load the process would be OOM-killed, not answer 503"})
     try:
         sock = bind_socket(settings.host, settings.port)
     except ServeError:

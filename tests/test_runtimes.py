@@ -347,3 +347,21 @@ def test_the_runtimes_are_sized_by_a_cpu_quota(bundle, manifest, monkeypatch):
     assert torch_backend.describe()["threads_effective"] == 1
     for b in (ort, ov, torch_backend):
         b.close()
+
+
+def test_a_memory_limit_is_read_and_the_server_says_when_its_limits_exceed_it(tmp_path):
+    """A pod's memory limit below what the decode budget and buffered bodies allow is OOM-killed under load instead
+    of answering 503: the server says so at start."""
+    from models.host import memory_limit
+    from serve.server import memory_headroom
+    from serve.settings import Settings
+
+    _cgroup(tmp_path / "v2", "pod", "memory.max", "536870912\n")
+    _cgroup(tmp_path / "v2", "pod/c", "memory.max", "max\n")
+    assert memory_limit(tmp_path / "v2", "0::/pod/c\n") == 512 * 2**20
+    _cgroup(tmp_path / "v1", "memory/docker/x", "memory.limit_in_bytes", "9223372036854771712\n")
+    assert memory_limit(tmp_path / "v1", "5:memory:/docker/x\n") is None  # v1's "unlimited"
+    s = Settings(models=["x"])  # 100 M decode pixels (500 MB) and 256 MiB of bodies by default
+    over = memory_headroom(s, 200 * 2**20, 512 * 2**20)
+    assert over is not None and over["worst_case_bytes"] > over["memory_limit_bytes"]
+    assert memory_headroom(s, 200 * 2**20, 4 * 2**30) is None and memory_headroom(s, 200 * 2**20, None) is None
