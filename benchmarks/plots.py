@@ -13,10 +13,9 @@ _COLOURS = {"conv": "tab:orange", "patchify": "tab:blue"}
 
 def figure(rows: int, cols: int, size: tuple[float, float]):  # noqa: ANN202 - (figure, axes grid)
     """A figure with a rows x cols grid of axes, `size` inches per panel (Agg backend, no display)."""
-    import matplotlib
+    from models.plotting import pyplot
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # files only, no display
 
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
     return fig, axes

@@ -115,11 +115,9 @@ def provenance_line(m: Manifest) -> str:
 
 def plot(manifests: list[Manifest], path: Path) -> Path:
     """Bar chart of each artifact's top-1 accuracy next to torch's, one panel per bundle."""
-    import matplotlib
+    from models.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(manifests), figsize=(5 * len(manifests), 3.5), squeeze=False)
     for ax, m in zip(axes[0], manifests, strict=True):
         arts = [a for a in m.artifacts if a.parity]

@@ -618,3 +618,18 @@ def test_artifacts_describe_themselves_and_carry_no_machine_paths(tmp_path_facto
         got = {f"vitc.{k}": ir.get_rt_info(["vitc", k]).astype(str) for k in ("model", "class_names", "preprocessing")}
         assert got == want, xml
     assert type(m.preprocessing).from_dict(json.loads(want["vitc.preprocessing"])) == m.preprocessing
+
+
+def test_figures_are_drawn_where_home_is_read_only(tmp_path_factory, tmp_path):
+    """In a container with a read-only root (HOME unwritable), `export.report --png` warned twice about
+    matplotlib's cache and then refused the PNG path, which was writable."""
+    from test_serve_fixtures import micro_bundle
+
+    bundle = micro_bundle(tmp_path_factory)
+    env = {k: v for k, v in os.environ.items() if k != "MPLCONFIGDIR"}
+    env["HOME"] = "/proc/vitc-no-home"  # cannot be created, even by root
+    png = tmp_path / "parity.png"
+    proc = subprocess.run([sys.executable, "-m", "export.report", str(bundle), "--png", str(png)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and png.stat().st_size > 0, proc.stderr
+    assert "matplotlib" not in proc.stderr.lower(), proc.stderr

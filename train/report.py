@@ -30,10 +30,9 @@ def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title
     rows = [h for h in history if "train_loss" in h]
     if not rows:
         return None
-    import matplotlib
+    from models.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def num(h: dict[str, Any], key: str) -> float:
         return math.nan if h.get(key) is None else h[key]  # null (diverged) -> a gap in the curve

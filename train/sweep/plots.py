@@ -7,13 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from models.io import atomic_write_bytes
+from models.plotting import pyplot
+from train.sweep.claims import opt_name
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from models.io import atomic_write_bytes  # noqa: E402
-from train.sweep.claims import opt_name  # noqa: E402
+plt = pyplot()
 from train.sweep.edf import edf_curve  # noqa: E402
 
 # pycls's palette; one colour per model, one line style per optimizer.
