@@ -427,14 +427,23 @@ class ServedParity:
     @classmethod
     def read(cls, r: Fields) -> ServedParity:
         enc = r.obj("encodings")
-        return cls(
+        served = cls(
             runtime=r.get("runtime", str, **TAG), samples=r.get("samples", int, **NON_NEGATIVE),
             reference_accuracy=r.get("reference_accuracy", float, **FRACTION),
-            encodings={k: {m: v.get(m, float) for m in _keys(v, MAX_ENTRIES)}
+            encodings={k: {m: v.get(m, float, **FRACTION) for m in _keys(v, MAX_ENTRIES)}
                        for k in _keys(enc, MAX_ENTRIES) if (v := enc.obj(k))},
-            jpeg_draft_cost_points=r.get("jpeg_draft_cost_points", float), jpeg_draft=r.get("jpeg_draft", bool),
-            created=r.get("created", str, "", **_line(256)),
+            jpeg_draft_cost_points=r.get("jpeg_draft_cost_points", float, check=between(-100, 100),
+                                         what="-100..100"),
+            jpeg_draft=r.get("jpeg_draft", bool), created=r.get("created", str, "", **_line(256)),
         )
+        # The verdict must follow from the record's own numbers: a jpeg_draft flipped to true turns draft decoding
+        # on for a model it costs points.
+        if served.jpeg_draft and (served.jpeg_draft_cost_points > DRAFT_BUDGET_POINTS
+                                  or served.samples < MIN_DRAFT_SAMPLES):
+            raise r.fail("jpeg_draft", f"is true, but draft decoding costs {served.jpeg_draft_cost_points:g} points "
+                                       f"on {served.samples} images (at most {DRAFT_BUDGET_POINTS} on at least "
+                                       f"{MIN_DRAFT_SAMPLES} allowed); run export.report --served again")
+        return served
 
     def to_dict(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "samples": self.samples, "reference_accuracy": self.reference_accuracy,
@@ -596,14 +605,15 @@ def _digest(doc: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
-RECORD_EXCLUDED = ("files",)  # export.triton renames an artifact's files in a repository; each has its own sha256
-
-
 def record_sha256(doc: dict[str, Any]) -> str:
-    """sha256 of an artifact's record (runtime, precision, format, parity numbers and gate, calibration, ...), its
-    file list aside. golden.npz records it at export, so a manifest whose numbers or labels were edited (a top-1
-    agreement the gate would refuse, next to "servable") is reported as tampered rather than shown as measured."""
-    picked = {k: v for k, v in doc.items() if k not in RECORD_EXCLUDED}
+    """sha256 of an artifact's record (id, runtime, precision, format, parity numbers and gate, calibration, and its
+    files' sha256 in order; their paths aside, which export.triton renames in a repository). golden.npz records it
+    at export, so a manifest whose numbers, labels or file lists were edited (a top-1 agreement the gate would
+    refuse next to "servable", the fp32 IR listed as the int8 one) is reported as tampered, not shown as measured."""
+    picked = dict(doc)
+    for key in ("files", "refused_files"):
+        if isinstance(picked.get(key), list):
+            picked[key] = [f.get("sha256") if isinstance(f, dict) else f for f in picked[key]]
     return _digest(picked)
 
 

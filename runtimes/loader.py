@@ -214,9 +214,13 @@ def check_records(path: Path, manifest: Manifest, artifact_ids: list[str]) -> di
     if recorded is not None and recorded.tobytes().hex() != manifest.origin:
         edited[""] = "manifest.json was edited after export: its source or provenance differs from what the golden " \
                      "file recorded; restore it or re-export"
+    sealed = recorded is not None  # a golden file with an origin records every artifact: none may go without
     for artifact_id in artifact_ids:
         recorded = _optional_member(path, manifest, f"{RECORD_KEY}.{artifact_id}", *digest)
-        if recorded is not None and recorded.tobytes().hex() != manifest.record(artifact_id):
+        if recorded is None and sealed:
+            edited[artifact_id] = (f"manifest.json was edited after export: the golden file records no artifact "
+                                   f"{artifact_id!r} (renamed or added); restore it or re-export")
+        elif recorded is not None and recorded.tobytes().hex() != manifest.record(artifact_id):
             edited[artifact_id] = (f"manifest.json was edited after export: artifact {artifact_id!r} (its parity "
                                    "numbers, gate, runtime or precision) differs from what the golden file recorded; "
                                    "restore it or re-export")

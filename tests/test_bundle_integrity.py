@@ -152,6 +152,12 @@ def _artifact(m: dict, artifact_id: str) -> dict:
     return next(a for a in m["artifacts"] if a["id"] == artifact_id)
 
 
+def _swap_files(m: dict, a: str, b: str) -> None:
+    """Serve one artifact's files under the other's id (every file still matches its own sha256)."""
+    first, second = _artifact(m, a), _artifact(m, b)
+    first["files"], second["files"] = second["files"], first["files"]
+
+
 @pytest.mark.parametrize("edit, where", [
     (lambda m: _artifact(m, "onnx-fp32")["parity"].update(top1_agreement=0.095), "onnx-fp32"),
     (lambda m: _artifact(m, "onnx-fp32")["parity"].update(accuracy=0.9), "onnx-fp32"),
@@ -160,7 +166,9 @@ def _artifact(m: dict, artifact_id: str) -> dict:
     (lambda m: _artifact(m, "openvino-fp32").update(runtime_version="9.9"), "openvino-fp32"),
     (lambda m: m["provenance"].update(git_commit="0" * 40), "golden"),
     (lambda m: m["source"].update(sha256="0" * 64), "golden"),
-], ids=["agreement", "accuracy", "tolerance", "precision", "version", "commit", "source"])
+    (lambda m: _artifact(m, "openvino-fp16").update(id="openvino-fp16q"), "openvino-fp16q"),
+    (lambda m: _swap_files(m, "openvino-fp32", "openvino-fp16"), "openvino-fp32, openvino-fp16"),
+], ids=["agreement", "accuracy", "tolerance", "precision", "version", "commit", "source", "renamed", "swapped"])
 def test_every_recorded_number_and_label_is_checked_not_only_the_contract(bundle, tmp_path, capsys, edit, where):
     """`export.report` showed a one-byte edit of a parity number (9.50 % top-1 agreement, which the gate refuses)
     next to "servable", and a relabelled precision or provenance passed: golden.npz now records every artifact's
@@ -172,7 +180,7 @@ def test_every_recorded_number_and_label_is_checked_not_only_the_contract(bundle
     out, err = capsys.readouterr()
     assert err.strip() == f"error: corrupt, will not load: {edited}: {where}", err
     assert "manifest.json was edited after export" in out
-    if where == "onnx-fp32" or where == "golden":
+    if where in ("onnx-fp32", "golden"):
         with pytest.raises(BundleError, match="manifest.json was edited after export"):
             _load(edited)
 

@@ -54,3 +54,28 @@ def test_a_model_decodes_jpegs_in_draft_only_when_measured_safe(bundle):
         assert model.jpeg_draft("measured") is ok and not model.jpeg_draft("never")
     # The boolean of earlier releases still reads: false is never, true is measured.
     assert Settings(jpeg_draft=False).jpeg_draft == "never" and Settings(jpeg_draft="true").jpeg_draft == "measured"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda s: s.update(jpeg_draft=True), "is true, but draft decoding costs 4 points on 1000 images"),
+    (lambda s: next(iter(s["encodings"].values())).update(agreement=1.51), "a fraction in 0..1"),
+])
+def test_the_served_record_is_refused_when_it_contradicts_itself(bundle, tmp_path, edit, says):
+    """A `jpeg_draft: true` written over a record that says draft costs points turned draft decoding on (and an
+    agreement of 151 % read as measured): the verdict must follow from the record's own numbers."""
+    import json
+    import shutil
+
+    from models.bundle import BundleError
+
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc["served"] = {"runtime": "onnxruntime", "samples": 1000, "reference_accuracy": 0.2, "jpeg_draft": False,
+                     "encodings": {"png": {"accuracy": 0.2, "agreement": 1.0}}, "jpeg_draft_cost_points": 4.0}
+    path = copy / "manifest.json"
+    path.write_text(json.dumps(doc))
+    assert read_manifest(copy).served is not None  # as measured: reads
+    edit(doc["served"])
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=says):
+        read_manifest(copy)
