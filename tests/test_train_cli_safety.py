@@ -306,3 +306,30 @@ def test_runtime_out_of_memory_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(runtime, "measure", oom)
     assert runtime.main(["--models", "vit_c_micro,vit_p_micro", "--batch", "2"]) == 1
     _one_line(capsys.readouterr().err, "out of memory", "--batch")
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_is_one_line(tmp_path):
+    """`timeout`, Slurm and systemd signal the whole group: the DataLoader workers died of SIGTERM first and torch
+    raised "DataLoader worker is killed by signal" over the run's own clean stop (a traceback, exit 1)."""
+    import os
+
+    out = tmp_path / "run"
+    argv = ["--model", "vit_c_micro", "--dataset", "digits", "--epochs", "50", "--batch-size", "16", "--threads", "1",
+            "--val-subset", "16", "--save-every-steps", "2", "--device", "cpu", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (p := _resume_progress(out)) is not None and p["step_in_epoch"] > 0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 143, err
+    _one_line(err, "terminated")

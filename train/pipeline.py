@@ -9,6 +9,7 @@ their paths travel with the batch so the caller counts them or, with --corrupt f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -163,7 +164,17 @@ def loader(dataset: Dataset, batch_sampler: object = None, *, batch_size: int | 
     gen = torch.Generator().manual_seed(0)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
-                          pin_memory=pin, persistent_workers=False, generator=gen)
+                          pin_memory=pin, persistent_workers=False, generator=gen, worker_init_fn=_leave_signals)
     subset = torch.utils.data.Subset(dataset, indices) if indices is not None else dataset
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin, generator=gen)
+                      pin_memory=pin, generator=gen, worker_init_fn=_leave_signals)
+
+
+def _leave_signals(worker_id: int) -> None:
+    """In a DataLoader worker: Ctrl-C is ignored and SIGTERM ends the worker quietly (exit 0). `timeout`, Slurm
+    and systemd signal the whole process group, and the main process stops on it itself; a worker killed by the
+    signal made torch raise "DataLoader worker is killed by signal" over that clean stop (a traceback, exit 1)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
