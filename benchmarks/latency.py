@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import save_failed
     from export.bundle import ExportIOError
     from models.bundle import BundleError
-    from models.cli import machine_failure
+    from models.cli import Terminated, machine_failure
     from runtimes import BackendError, ExportError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Terminated)
+        print("terminated" if stopped else "interrupted", file=sys.stderr)
+        return 143 if stopped else 130
     try:
         paths = save()
     except OSError as exc:  # --out was writable when the run began: the disk filled up, or a file limit

@@ -283,3 +283,13 @@ def test_runtime_is_measured_again_when_the_file_lacks_a_pair_or_this_device(tmp
     assert not _measured(path, [pair, ("vit_c_mini", "vit_p_mini")], "cpu")
     path.write_text("{not json")
     assert not _measured(path, [pair], "cpu")
+
+
+def test_sigterm_and_sighup_stop_a_sweep_as_terminated():
+    """They took Ctrl-C's path but said "interrupted" and exited 130, where every other command says "terminated"
+    and exits 143."""
+    from models.cli import Terminated
+    from train.sweep.__main__ import _interrupt
+
+    with pytest.raises(Terminated):
+        _interrupt(15, None)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from data.datasets import EMBEDDED, SPLITS
-from models.cli import OneLineParser, int_in
+from models.cli import OneLineParser, Terminated, int_in
 from train.config import OPTIMIZERS
 from train.sweep.plan import (
     MAX_EPOCHS,
@@ -290,7 +290,7 @@ def study_settings(args: argparse.Namespace, out: Path) -> tuple[StudyConfig, st
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated  # SIGTERM or SIGHUP: Ctrl-C's path, said as "terminated" with exit 143
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     except DamagedResult as exc:
         print(f"python -m train.sweep: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Terminated)
+        print(f"{'terminated' if stopped else 'interrupted'}: finished runs are kept; rerun the same command to "
+              "resume", file=sys.stderr)
+        return 143 if stopped else 130
     for row in summary.get("claims", []):
         print(f"{row['title']}: {row['reproduced']} - {row['measured']}")
     if summary:
