@@ -346,7 +346,7 @@ def build_bundle(
     either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `--out .`: the temporary directory goes beside it, not into it
     if not [t for t in targets if t.strip()]:  # "torch" alone is always built: an empty list is a mistake
         raise ExportError("no targets given (pass --targets torch for a torch-only bundle)")
     wanted = parse_targets(["torch", *targets])

@@ -320,7 +320,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     """
     check_options(version=version, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us,
                   storage_uri=storage_uri, isvc_name=isvc_name, triton_version=triton_version, gpus=gpus)
-    bundle, out = Path(bundle), Path(out)
+    bundle, out = Path(bundle), Path(os.path.abspath(out))  # `--out .`: staging goes beside it, not into it
     kept = kept if kept is not None else []
     manifest = read_manifest(bundle)
     artifacts = _triton_artifacts(manifest)

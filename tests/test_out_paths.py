@@ -148,3 +148,20 @@ def test_ctrl_c_once_export_swaps_the_bundle_in_finishes_and_reports_it(checkpoi
     assert f"bundle written: {out}" in std and "SIGINT arrived" in err, (std, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no .b.*.old left
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_out_dot_is_the_current_directory(bundle, checkpoint, tmp_path, capsys, monkeypatch):
+    """`--out .` put the temporary directory inside the output (its parent was itself): an export ran to the end,
+    then refused "." as a non-empty directory, and export.triton refused an empty one up front."""
+    from models.bundle import read_manifest
+
+    for name in ("e", "t"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "e")
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", ".", *EXPORT]) == 0, capsys.readouterr().err
+    assert read_manifest(tmp_path / "e").servable()
+    monkeypatch.chdir(tmp_path / "t")
+    assert triton.main([str(bundle), "--out", "."]) == 0, capsys.readouterr().err
+    written = {p.name for p in (tmp_path / "t").iterdir()}
+    assert "inferenceservice.yaml" in written and "micro-onnx-fp32" in written, written
+    assert not [p for p in tmp_path.rglob(".*") if p.name.endswith((".tmp", ".lock", ".old"))]
