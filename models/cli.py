@@ -83,11 +83,16 @@ def out_of_memory(exc: BaseException) -> str | None:
     return "out of memory" + (f" (an allocation of {size.group(1)} failed)" if size else "")
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the disk (or a quota, or a file size limit) running out: the machine, not the input."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+
+
 def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None:
     """When `exc` is the machine failing (out of memory, a full disk): print it as one line (with `hint`, what to
     lower) and return exit code 1 (a failure of the work, not of the input). Otherwise None: the caller re-raises."""
     reason = out_of_memory(exc)
-    if reason is None and isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+    if reason is None and disk_full(exc):
         reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     if reason is None:
         return None

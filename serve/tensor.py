@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
-from models.cli import OneLineParser, int_in
+from models.cli import OneLineParser, disk_full, int_in
 from models.io import atomic_write_bytes
 
 PROG = "python -m serve.tensor"
@@ -103,7 +103,9 @@ def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measur
     batch = np.concatenate(rows)
     try:
         atomic_write_bytes(out, encode(manifest, batch, suffix))
-    except OSError as exc:
+    except OSError as exc:  # a full disk is the machine failing (models.cli.run: exit 1), not the input
+        if disk_full(exc):
+            raise
         raise TensorError(f"--out {out}: cannot write it: {exc.strerror or exc}") from None
     return manifest, batch.shape
 

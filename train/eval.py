@@ -14,7 +14,7 @@ from typing import Any
 
 from data.datasets import SPLITS, DatasetError
 from models.checkpoint import CheckpointError
-from models.cli import OneLineParser, int_in, machine_failure
+from models.cli import OneLineParser, disk_full, int_in, machine_failure
 from models.io import atomic_write_json
 from train.config import DEVICES, ConfigError
 from train.options import quiet_openmp
@@ -70,7 +70,9 @@ def write_result(path: Path, res: dict[str, Any]) -> None:
     check_out(path)
     try:
         atomic_write_json(path, {"format": RESULT_FORMAT, "format_version": RESULT_VERSION, **res})
-    except OSError as exc:  # read-only file system, no permission, disk full
+    except OSError as exc:  # read-only file system, no permission (a full disk is the machine: exit 1)
+        if disk_full(exc):
+            raise
         raise OutputRefused(f"--out {path}: cannot write it: {exc.strerror or exc}") from None
 
 
