@@ -560,3 +560,18 @@ def test_sigterm_takes_the_ctrl_c_path_with_its_cleanup_and_says_so(capsys):
         signal.signal(signal.SIGTERM, before)
     assert exit_.value.code == 143 and cleaned == [True]
     assert capsys.readouterr().err.strip() == "prog: terminated"
+
+
+def test_train_eval_treats_a_full_disk_as_the_machine_not_the_output(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from train import eval as train_eval
+
+    def full(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train_eval, "atomic_write_json", full)
+    with pytest.raises(OSError) as err:  # models.cli.run turns it into one line and exit 1
+        train_eval.write_result(tmp_path / "eval.json", {"top1": 0.5})
+    assert err.value.errno == errno.ENOSPC

@@ -155,17 +155,3 @@ def test_a_full_disk_is_the_machine_failing_exit_1(bundle, images, tmp_path, cap
                 tensor.PROG)
     assert exit_.value.code == 1 and "No space left on device" in one_line(capsys)
 
-
-def test_train_eval_treats_a_full_disk_as_the_machine_not_the_output(tmp_path, monkeypatch):
-    import errno
-    import os
-
-    from train import eval as train_eval
-
-    def full(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(train_eval, "atomic_write_json", full)
-    with pytest.raises(OSError) as err:  # models.cli.run turns it into one line and exit 1
-        train_eval.write_result(tmp_path / "eval.json", {"top1": 0.5})
-    assert err.value.errno == errno.ENOSPC
