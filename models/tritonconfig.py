@@ -436,12 +436,14 @@ _APPLIED = {
          "default_model_filename", "parameters", "dynamic_batching", "model_warmup"},
     "dynamic_batching": {"max_queue_delay_microseconds", "preferred_batch_size", "preserve_ordering"},
     "instance_group": {"name", "kind", "count"},
+    "input": {"name", "data_type", "format", "dims"},  # checked against the artifact
+    "output": {"name", "data_type", "dims", "label_filename"},
 }
 
 
 def _unapplied(top: dict[str, list[Any]]) -> tuple[str, ...]:
     found = [name for name in top if name not in _APPLIED[""]]
-    for block in ("dynamic_batching", "instance_group"):
+    for block in ("dynamic_batching", "instance_group", "input", "output"):
         for value in top.get(block, ()):
             found += [f"{block}.{name}" for name in value if name not in _APPLIED[block]]
     return tuple(dict.fromkeys(found))

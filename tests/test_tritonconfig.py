@@ -137,3 +137,7 @@ def test_settings_vitc_does_not_apply_are_named():
     assert config.unapplied == ("response_cache", "model_transaction_policy", "dynamic_batching.default_queue_policy",
                                 "dynamic_batching.priority_levels", "instance_group.rate_limiter")
     assert parse("max_batch_size: 8\ninstance_group [ { count: 2 kind: KIND_CPU } ]").unapplied == ()
+    ragged = parse('input [ { name: "input" data_type: TYPE_FP32 dims: [ 3, 8, 8 ] allow_ragged_batch: true '
+                   'reshape { shape: [ 192 ] } } ]\noutput [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] '
+                   'label_filename: "labels.txt" } ]')
+    assert ragged.unapplied == ("input.allow_ragged_batch", "input.reshape")

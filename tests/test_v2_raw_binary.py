@@ -175,6 +175,8 @@ def test_shared_memory_trace_and_logging_are_refused_with_a_reason_tritonclient_
         with pytest.raises(InferenceServerException) as err:
             call()
         assert "vitc does not serve Triton's" in str(err.value) and "extension" in str(err.value), err.value
+    with pytest.raises(InferenceServerException, match="Triton's trace extension"):  # not the model's name
+        triton.get_trace_settings(model_name="logging")
     assert "shared_memory" not in "".join(triton.get_server_metadata()["extensions"])
     x = _tensor().ravel().tolist()
     for body in ({"inputs": [{"name": "input", "shape": list(SHAPE), "datatype": "FP32",

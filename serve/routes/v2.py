@@ -104,7 +104,8 @@ _UNSERVED = {"systemsharedmemory": "system shared memory", "cudasharedmemory": "
 @router.api_route("/models/{name}/trace/setting", methods=["GET", "POST"], include_in_schema=False)
 @router.api_route("/logging", methods=["GET", "POST"], include_in_schema=False)
 async def unserved_extension(request: Request) -> None:
-    part = next(p for p in request.url.path.split("/") if p in _UNSERVED)
+    path = request.url.path  # by the route's own words, never a model name that happens to be one of them
+    part = "trace" if path.endswith("/trace/setting") else path.split("/")[2]
     raise APIError(400, f"vitc does not serve Triton's {_UNSERVED[part]} extension (GET /v2 lists the extensions it "
                         "serves)" + ("; send tensors in the request body" if "memory" in part else ""))
 
