@@ -463,3 +463,29 @@ def test_a_partial_study_compares_peak_accuracy_at_one_schedule_length():
     row = claims.peak_claim(table, "vit_c_x", "vit_p_x", 1000, comp, {})
     assert row["cells"][0]["vit_c"] == 19.7 and row["cells"][0]["vit_p"] == 28.6
     assert "at 4 ep" in row["measured"] and row["reproduced"] == "yes"
+
+
+def test_a_lost_stability_result_leaves_its_pair_untuned_not_silently_retuned(tmp_path):
+    """Deleting ViT_C's AdamW winner re-tuned it to the best of the rest, orphaned its finished tuned runs and
+    changed verdicts without a word: the pair now waits for the rerun, and the report names it."""
+    from train.sweep import runner, study
+
+    cfg = presets.make_config("reduced", epochs=(2, 4), samples=8)
+    conv = cfg.models[0]
+    specs = plan.stability_specs(cfg)
+    for i, s in enumerate(specs):
+        atomic_write_json(runner.result_path(tmp_path, s), _fake_result(s, 30.0 + i))
+    tuned_before = study.plan_study(cfg, "all", tmp_path)[2]
+    winner = next(s for s in specs if (s.model, s.optimizer) == (conv, "adamw")
+                  and (s.lr, s.weight_decay) == tuned_before[(conv, "adamw")])
+    runner.result_path(tmp_path, winner).unlink()
+    _, tuned_runs, tuned = study.plan_study(cfg, "all", tmp_path)
+    assert (conv, "adamw") not in tuned and all((s.model, s.optimizer) != (conv, "adamw") for s in tuned_runs)
+    assert {k: v for k, v in tuned_before.items() if k != (conv, "adamw")} == tuned  # the others stay
+    summary = study.run_study(cfg, "all", tmp_path, tmp_path / "runs-unused", [], report_only=True)
+    assert summary["not_tuned"] == [f"{conv}/adamw"]
+    per_pair = len(cfg.epochs) * len(cfg.seeds) - (cfg.stability_epochs in cfg.epochs)
+    assert summary["runs"]["planned"] == len(specs) + len(tuned_runs) + per_pair - sum(
+        s in specs for s in tuned_runs)
+    assert f"Not tuned yet, a stability run without a result (rerun the study to train it): {conv}/adamw." in (
+        tmp_path / "claims.md").read_text()

@@ -9,7 +9,7 @@ from typing import Any
 
 from models.io import atomic_write_bytes, atomic_write_json
 from train.sweep import analysis, claims, plots
-from train.sweep.plan import StudyConfig
+from train.sweep.plan import StudyConfig, tuned_epochs
 from train.sweep.runner import load_result
 from train.sweep.spec import RunSpec
 
@@ -103,6 +103,9 @@ def build_summary(
         for row in rows:
             row.setdefault("pair", [conv, patch])
     all_specs = list(dict.fromkeys((*stab_specs, *tuned_specs)))
+    # Pairs whose tuning waits for a stability result: their tuned runs are planned, not yet specified.
+    epochs = tuned_epochs(cfg, study)
+    untuned = [f"{m}/{o}" for m in cfg.models for o in cfg.optimizers if (m, o) not in tuned] if epochs else []
     return {
         "format": SUMMARY_FORMAT,
         "format_version": 1,
@@ -111,7 +114,11 @@ def build_summary(
         "error_metric": {"final": "val top-1 error (%) of the raw weights after the last epoch",
                          "best": "lowest val top-1 error (%) over epochs (pycls's min_top1_err)"}[cfg.metric],
         "val_images": n_val,
-        "runs": {"planned": len(all_specs), "finished": sum(s.run_id in results for s in all_specs),
+        **({"not_tuned": untuned} if untuned else {}),
+        # An untuned pair's tuned runs: every schedule and seed, less the one its stability winner already is.
+        "runs": {"planned": len(all_specs) + len(untuned) * (len(epochs) * len(cfg.seeds)
+                                                             - (cfg.stability_epochs in epochs)),
+                 "finished": sum(s.run_id in results for s in all_specs),
                  "train_wall_s": round(sum(results[s.run_id]["wall_s"] for s in all_specs if s.run_id in results))},
         "tuned": {f"{m}/{o}": {"lr": lr, "weight_decay": wd} for (m, o), (lr, wd) in sorted(tuned.items())},
         "stability": stab,
@@ -177,7 +184,9 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
         "",
         f"Models {', '.join(cfg['models'])} on `{cfg['dataset']}` ({summary['val_images']} val images); error = "
         f"{summary['error_metric']}. Runs: {summary['runs']['finished']}/{summary['runs']['planned']} finished, "
-        f"{summary['runs']['train_wall_s'] / 60:.0f} min of training summed over runs (workers run in parallel).",
+        f"{summary['runs']['train_wall_s'] / 60:.0f} min of training summed over runs (workers run in parallel)."
+        + (f" Not tuned yet, a stability run without a result (rerun the study to train it): "
+           f"{', '.join(summary['not_tuned'])}." if summary.get("not_tuned") else ""),
         f"Stability: {cfg['samples']} (lr, wd) samples per optimizer, shared by all models, "
         f"{cfg['stability_epochs']} epochs each; ranges (log-uniform): "
         + "; ".join(f"{claims.opt_name(o)} lr {cfg['lr_ranges'][o][0]:g}..{cfg['lr_ranges'][o][1]:g}, "

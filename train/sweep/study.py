@@ -44,11 +44,16 @@ def _run_phase(
 def tuned_settings(
     cfg: StudyConfig, stab_specs: Sequence[RunSpec], study_dir: Path
 ) -> dict[tuple[str, str], tuple[float, float]]:
-    """Each model x optimizer's (lr, wd): best stability run (tuning='sweep') or the recipe defaults."""
+    """Each model x optimizer's (lr, wd): best stability run (tuning='sweep') or the recipe defaults. A pair is
+    tuned only once every one of its stability runs has a result: with one lost (its winner, say), the best of the
+    rest silently re-tuned it, orphaning its finished tuned runs and changing verdicts; now it waits for the rerun
+    that trains the missing run."""
     if cfg.tuning == "recipe":
         return plan.recipe_tuning(cfg)
     results = report.load_results(study_dir, stab_specs)
-    return analysis.tune(stab_specs, analysis.errors_by_spec(stab_specs, results, cfg.metric))
+    missing = {(s.model, s.optimizer) for s in stab_specs if s.run_id not in results}
+    tuned = analysis.tune(stab_specs, analysis.errors_by_spec(stab_specs, results, cfg.metric))
+    return {k: v for k, v in tuned.items() if k not in missing}
 
 
 def plan_study(cfg: StudyConfig, study: str, study_dir: Path) -> tuple[list[RunSpec], list[RunSpec], dict]:
