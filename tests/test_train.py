@@ -81,13 +81,27 @@ def test_lr_schedule_warmup_then_cosine():
         seen.append(opt.param_groups[0]["lr"])
     lo = base * 0.005
     for t, lr in enumerate(seen):
-        if t < 20:  # linear from 0.1x to the base over 2 epochs
-            want = base * (0.1 + 0.9 * t / 20)
-        else:  # cosine over the whole run down to 0.005x
-            want = lo + 0.5 * (base - lo) * (1 + math.cos(math.pi * t / total))
+        # pycls: the cosine over the whole run (down to 0.005x), times a warm-up factor from 0.1 to 1 over 2 epochs
+        cosine = lo + 0.5 * (base - lo) * (1 + math.cos(math.pi * t / total))
+        want = cosine * (0.1 + 0.9 * t / 20) if t < 20 else cosine
         assert lr == pytest.approx(want, rel=1e-9), t
     assert seen[0] == pytest.approx(0.2) and seen[-1] == pytest.approx(lo)
     assert all(a >= b for a, b in zip(seen[20:], seen[21:], strict=False))
+    # Continuous: no drop where the warm-up ends (timm's scheduler rose to the base, then fell to the cosine).
+    assert max(abs(b - a) for a, b in zip(seen, seen[1:], strict=False)) < 0.05 * base
+
+
+def test_a_run_no_longer_than_its_warm_up_still_anneals():
+    """pycls multiplies the warm-up into the cosine: a 4-epoch run with 5 warm-up epochs peaks at about 0.26x and
+    ends at the floor; the earlier scheduler held it in warm-up to 0.998x until its last step."""
+    c = cfg(warmup_epochs=5.0, warmup_start=0.1, min_lr_ratio=0.005, epochs=4)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, c, 100, 400)
+    rates = []
+    for t in range(401):
+        sched.step_update(t)
+        rates.append(opt.param_groups[0]["lr"])
+    assert max(rates) == pytest.approx(0.257, abs=0.005) and rates[-1] == pytest.approx(0.005 * (0.1 * 0.2 + 0.8))
 
 
 def test_ema_rate_reproduces_the_papers():
@@ -212,3 +226,24 @@ def test_a_diverging_run_stops_and_records_strict_json(tmp_path, capsys, train_c
     history = [json.loads(x, parse_constant=no_nan) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == t["epochs_completed"]  # stopped at the first non-finite epoch
     assert history[-1]["diverged"] is True and history[-1]["train_loss"] is None
+
+
+def test_the_ema_copies_every_warm_up_step_not_every_ema_every():
+    """A paper-recipe run shorter than ema_every (32) steps reported its EMA as the untrained initial weights (0 %):
+    the warm-up copy ran only on multiples of 32. It copies at every warm-up step; afterwards it averages every 32."""
+    from types import SimpleNamespace
+
+    from timm.utils import ModelEmaV3
+
+    from train.trainer import Trainer
+
+    net = nn.Linear(2, 2)
+    fake = SimpleNamespace(ema=ModelEmaV3(net, decay=0.9), cfg=SimpleNamespace(ema_every=32), warmup=10, net=net)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    Trainer._update_ema(fake, 3)  # a warm-up step that is no multiple of 32
+    assert torch.equal(fake.ema.module.weight, net.weight)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    Trainer._update_ema(fake, 33)  # after warm-up, off the 32-step grid: untouched
+    assert not torch.equal(fake.ema.module.weight, net.weight)

@@ -1,10 +1,11 @@
-"""Optimizer, learning-rate schedule and EMA of a recipe, built from timm's well-kept pieces."""
+"""Optimizer, learning-rate schedule (pycls's) and EMA of a recipe; the optimizer groups and EMA are timm's."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -31,18 +32,46 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
-                    total_steps: int) -> CosineLRScheduler:
-    """Per-step cosine to min_lr_ratio x lr with a linear warm-up from warmup_start x lr (call step_update(n)).
+class Schedule:
+    """pycls's learning-rate policy, per optimizer step t of T: lr x cosine(t) x warm-up(t), where cosine(t) goes
+    from 1 to min_lr_ratio over the whole run (warm-up included) and the warm-up factor rises linearly from
+    warmup_start to 1 over the warm-up steps (core/optimizer.py get_epoch_lr: the factor multiplies the cosine).
+    So the rate is continuous, and a run no longer than its warm-up still anneals; timm's scheduler (used before)
+    rose to the full rate and then dropped to the cosine's value at the end of warm-up. Stateless: the rate is a
+    function of the step, so a resume needs only the step."""
 
-    lr is the optimizer's (already batch-scaled) rate; the cosine spans all steps, warm-up included, as in pycls.
-    """
-    lr = optimizer.param_groups[0]["lr"]
-    return CosineLRScheduler(
-        optimizer, t_initial=max(total_steps, 1), lr_min=lr * cfg.min_lr_ratio,
-        warmup_t=warmup_steps(cfg, steps_per_epoch, total_steps),
-        warmup_lr_init=lr * cfg.warmup_start, warmup_prefix=False, t_in_epochs=False,
-    )
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, warmup_start: float,
+                 min_lr_ratio: float) -> None:
+        self.optimizer = optimizer
+        self.base = [g["lr"] for g in optimizer.param_groups]  # already batch-scaled
+        self.total, self.warmup = max(total_steps, 1), warmup
+        self.warmup_start, self.min_lr_ratio = warmup_start, min_lr_ratio
+        self.step_update(0)
+
+    def factor(self, step: int) -> float:
+        """The rate at `step` as a fraction of the base rate."""
+        t = min(max(step, 0), self.total)
+        cosine = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / self.total))
+        if t < self.warmup:
+            alpha = t / self.warmup
+            cosine *= self.warmup_start * (1 - alpha) + alpha
+        return cosine
+
+    def step_update(self, step: int) -> None:
+        """Set every group's rate for optimizer step `step`."""
+        f = self.factor(step)
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = base * f
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    total_steps: int) -> Schedule:
+    """The recipe's `Schedule` over `total_steps` (call step_update(n) before step n)."""
+    return Schedule(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch), cfg.warmup_start,
+                    cfg.min_lr_ratio)
 
 
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:

@@ -184,25 +184,6 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
                     raise damaged(f"optimizer.{name}: shape {tuple(buf.shape)} for a parameter of {tuple(param.shape)}")
 
 
-def _check_like(fresh: Any, saved: Any, where: str) -> None:
-    """`saved` has the keys, lengths and kinds of value of `fresh` (a schedule is plain data, loaded unchecked)."""
-    if isinstance(fresh, dict):
-        if not isinstance(saved, dict) or saved.keys() != fresh.keys():
-            raise damaged(f"{where}: expected the keys {sorted(map(str, fresh))}")
-        for key, value in fresh.items():
-            _check_like(value, saved[key], f"{where}.{key}")
-    elif isinstance(fresh, list | tuple):
-        if not isinstance(saved, list | tuple) or len(saved) != len(fresh):
-            raise damaged(f"{where}: expected a list of {len(fresh)}")
-        for i, (a, b) in enumerate(zip(fresh, saved, strict=True)):
-            _check_like(a, b, f"{where}[{i}]")
-    elif isinstance(fresh, bool | str) and type(saved) is not type(fresh):
-        raise damaged(f"{where}: expected a {type(fresh).__name__}, got {saved!r:.80}")
-    elif isinstance(fresh, int | float) and not isinstance(fresh, bool) and (
-            not isinstance(saved, int | float) or isinstance(saved, bool) or not math.isfinite(saved)):
-        raise damaged(f"{where}: expected a finite number, got {saved!r:.80}")
-
-
 class Trainer:
     """One run of `cfg` on this process (a DDP rank or the only process)."""
 
@@ -387,8 +368,8 @@ class Trainer:
         if self.cfg.epochs:
             self.optimizer.load_state_dict(state["optimizer"])
             _check_optimizer_shapes(self.optimizer)
-            _check_like(self.scheduler.state_dict(), state["scheduler"], "scheduler")
-            self.scheduler.load_state_dict(state["scheduler"])
+            # The rate is a function of the step (set again below): a saved schedule, of this or of an earlier
+            # scheduler, is not needed.
             if self.ema is not None:
                 if state["ema"] is None:
                     raise damaged("ema: missing, but this run keeps an EMA")
@@ -469,11 +450,11 @@ class Trainer:
         return loss.detach()
 
     def _update_ema(self, global_step: int) -> None:
-        if self.ema is None or global_step % self.cfg.ema_every:
+        if self.ema is None:
             return
-        if global_step <= self.warmup:
-            self.ema.set(self.net)  # the paper's EMA copies the weights during warm-up
-        else:
+        if global_step <= self.warmup:  # the paper's EMA copies the weights during warm-up: at every step, so a run
+            self.ema.set(self.net)      # shorter than ema_every steps never reports its untrained initial weights
+        elif global_step % self.cfg.ema_every == 0:
             self.ema.update(self.net)
 
     def _eval_all(self) -> dict[str, Any]:
