@@ -218,7 +218,7 @@ def _folder(root: Path, split: str) -> ImageSet:
         raise DatasetError(f"dataset folder {split_dir} has no class directories")
     for c in classes:
         _check_class_name(c, split_dir.parent)
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for i, c in enumerate(classes):
         cdir = split_dir / c
         if not cdir.is_dir():
@@ -226,6 +226,15 @@ def _folder(root: Path, split: str) -> ImageSet:
         found = _images_in(cdir)
         paths += found
         labels += [i] * len(found)
+        if not found:
+            empty.append(c)
+    if empty and paths and split == "train":
+        # A class without a training image would still get an output, trained only to be never chosen, and be
+        # exported and served (torchvision's ImageFolder refuses it too).
+        shown = ", ".join(repr(c) for c in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise DatasetError(f"dataset folder {split_dir} has {len(empty)} class director(ies) with no image file "
+                           f"directly inside ({shown}; images in subdirectories are not read): add images or "
+                           "remove the directory")
     if not paths:
         raise DatasetError(f"dataset folder {split_dir} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
                            f"in its class directories ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")

@@ -117,6 +117,19 @@ def test_a_class_only_val_has_is_refused_by_name(tmp_path, capsys, train_cli):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_a_train_class_without_images_is_refused_by_name(tmp_path, capsys, train_cli):
+    """It became a class the model has an output for but never saw (and images only in a subdirectory were
+    skipped without a word); torchvision's ImageFolder refuses it too."""
+    root = folder(tmp_path / "d", {"train": "ab", "val": "ab"})
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "nested" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train" / "nested" / "sub" / "0.png")
+    code, _, err = train_cli(train_main, _folder_args(root, tmp_path / "o", "--epochs", "1"), capsys)
+    assert code == 2 and not (tmp_path / "o").exists()
+    _one_line(err, "2 class director(ies) with no image file directly inside ('empty', 'nested'")
+    assert load_dataset(root, "val").class_names == ["a", "b", "empty", "nested"]  # val may lack a class
+
+
 def test_an_out_inside_the_dataset_is_refused_and_nothing_is_written_there(tmp_path, capsys, train_cli):
     data = folder(tmp_path / "d")
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
