@@ -117,6 +117,18 @@ def test_a_class_only_val_has_is_refused_by_name(tmp_path, capsys, train_cli):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def test_a_resumed_run_keeps_the_command_that_reruns_it(tmp_path, capsys, train_cli):
+    """The checkpoint's training.command_line (and the export manifest's training command) became the `--resume`
+    command, which cannot rerun anything (`--model is required`)."""
+    out = tmp_path / "run"
+    code, _, err = train_cli(train_main, [*DIGITS, "--epochs", "2", "--max-steps", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    code, _, err = train_cli(train_main, ["--out", str(out), "--resume", "--max-steps", "0"], capsys)
+    assert code == 0, err
+    line = json.loads((out / "checkpoint.json").read_text())["training"]["command_line"]
+    assert "--model vit_c_micro" in line and "--resume" not in line, line
+
+
 def test_a_train_class_without_images_is_refused_by_name(tmp_path, capsys, train_cli):
     """It became a class the model has an output for but never saw (and images only in a subdirectory were
     skipped without a word); torchvision's ImageFolder refuses it too."""

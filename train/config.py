@@ -197,7 +197,9 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     if saved is not None:
         # How the run was started is not how it goes on: a run begun with --overwrite resumes like any other.
         base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)} and k != "overwrite"}
-        merged = TrainConfig.from_dict({**base, **explicit})
+        # The command that reruns the training is the one that began it, not the `--resume` one.
+        kept = {"command": base["command"]} if base.get("command") else {}
+        merged = TrainConfig.from_dict({**base, **explicit, **kept})
         old = TrainConfig.from_dict(base).trajectory()
         changed = sorted(k for k, v in merged.trajectory().items() if old.get(k) != v)
         if changed:
