@@ -139,3 +139,21 @@ def test_torchrun_a_corrupt_file_met_by_rank_1_is_named_by_it_and_rank_0_says_it
     assert f"python -m train (rank 1): error: corrupt or unreadable image: {broken}" in proc.stderr, proc.stderr
     assert any(line.startswith("python -m train (rank 0): error: lost another rank (") for line in ours), ours
     assert len(ours) == 2 and "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr, proc.stderr
+
+
+def test_resuming_under_another_number_of_processes_is_refused_when_the_global_batch_changes(tmp_path):
+    """2 ranks x 4 and 3 ranks x 4 over 12 images both make one step per epoch: the resume was accepted and trained
+    on batches of 12 after batches of 8, with the old schedule, recording neither."""
+    out = tmp_path / "run"
+
+    def run(n: int, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m",
+               "train", "--out", str(out), "--threads", "1", "--no-progress", *args]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+
+    first = run(2, "--device", "cpu", "--model", "vit_p_micro", "--dataset", "digits", "--train-subset", "12",
+                "--val-subset", "8", "--epochs", "4", "--max-steps", "2", "--batch-size", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run(3, "--resume", "--max-steps", "0")
+    assert again.returncode != 0
+    assert "written with a global batch of 8 (2 process(es)), this run has 12 (3)" in again.stderr, again.stderr[-3000:]

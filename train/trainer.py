@@ -299,6 +299,13 @@ class Trainer:
         if state is None:
             return self._fresh_progress()
         self._check_same_data(state.get("data"))
+        # The global batch is what each step trains on (and what the rate was scaled by): resuming under another
+        # number of processes whose steps per epoch happen to match would change it mid-run without a word.
+        was = state.get("global_batch")
+        if isinstance(was, int) and was != self.global_batch:
+            raise ConfigError(f"resume.pt was written with a global batch of {was} ({state.get('world_size', '?')} "
+                              f"process(es)), this run has {self.global_batch} ({self.info.world_size}): resume with "
+                              "the same --batch-size and number of processes")
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"resume.pt was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch} (dataset or world size changed?)")
@@ -389,6 +396,7 @@ class Trainer:
                     "corrupt_files": sorted(self.corrupt_seen)}
         save_resume(self.cfg.out, {
             "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch, "data": self.data_prints,
+            "global_batch": self.global_batch, "world_size": self.info.world_size,
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": capture_rng(), "progress": progress,
