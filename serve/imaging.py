@@ -38,15 +38,23 @@ class ImageError(ValueError):
 
 
 def decode_weight(img: Image.Image) -> int:
-    """How many budget pixels one pixel of `img` costs to decode. Peak decode memory is about 5 bytes per pixel
-    (baseline JPEG, RGB PNG), 9 with alpha, 6 for GIF; a progressive JPEG holds its coefficients too (7-10, 12 in
-    CMYK), AVIF about 9, Pillow's WebP decoder about 16. The region preprocessing copies out of a non-square
-    image is counted apart (`copied_pixels`)."""
+    """How many budget pixels (about 5 bytes each) one pixel of `img` costs to decode: the larger of its format's
+    and its mode's weight. Peak decode memory is about 5 bytes per pixel (baseline JPEG, RGB PNG), 6 for GIF; a
+    progressive JPEG holds its coefficients too (7-10, 12 in CMYK), AVIF about 9, Pillow's WebP decoder about 16;
+    RGBA, CMYK and a palette with transparency about 9-10, grey with alpha 13. The region preprocessing copies out
+    of a non-square image is counted apart (`copied_pixels`)."""
+    by_format = 1
     if img.format == "WEBP":
-        return 3
-    if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
-        return 3 if img.mode == "CMYK" else 2
-    return 2 if img.format == "AVIF" else 1
+        by_format = 3
+    elif img.format in ("JPEG", "MPO") and img.info.get("progressive"):
+        by_format = 3 if img.mode == "CMYK" else 2
+    elif img.format == "AVIF":
+        by_format = 2
+    # Modes that hold more per pixel while they are converted (measured peak bytes a pixel): grey or palette with
+    # alpha 10-13, RGBA 8-9, a baseline CMYK JPEG 9. A tiny flat LA PNG is a cheap way to ask for a lot.
+    by_mode = 3 if img.mode in ("LA", "La", "PA") else 2 if (
+        img.mode in ("RGBA", "RGBa", "CMYK") or (img.mode == "P" and "transparency" in img.info)) else 1
+    return max(by_format, by_mode)
 
 MAX_HEADER_SEGMENTS = 1024  # JPEG marker segments / PNG chunks before the image data (real files: a few dozen)
 MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again

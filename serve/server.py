@@ -75,6 +75,7 @@ def process_age() -> float | None:
 
 
 DECODE_BYTES_PER_PIXEL = 5  # a budget pixel's peak decode memory (serve.imaging.decode_weight)
+MAX_DECODE_WEIGHT = 3  # the dearest decode_weight (WebP, progressive CMYK JPEG, grey with alpha)
 
 
 def memory_headroom(settings: Settings, resident: int | None, limit: int | None) -> dict[str, int] | None:
@@ -83,7 +84,9 @@ def memory_headroom(settings: Settings, resident: int | None, limit: int | None)
     load instead of answering 503."""
     if limit is None or resident is None:
         return None
-    need = resident + settings.decode_budget_pixels * DECODE_BYTES_PER_PIXEL + settings.buffered_bytes_limit
+    # One image may exceed the budget (it decodes alone): its pixels at the dearest weight bound it too.
+    decode = max(settings.decode_budget_pixels, settings.max_image_pixels * MAX_DECODE_WEIGHT)
+    need = resident + decode * DECODE_BYTES_PER_PIXEL + settings.buffered_bytes_limit
     return {"worst_case_bytes": need, "memory_limit_bytes": limit} if need > limit else None
 
 

@@ -194,6 +194,10 @@ def test_formats_that_hold_more_while_decoding_count_more_against_the_budget():
     assert weight("JPEG") == weight("PNG") == 1
     assert weight("JPEG", progressive=True) == 2 and weight("JPEG", "CMYK", progressive=True) == 3
     assert weight("WEBP") == 3
+    # Modes that hold more while converted: a flat 6320 x 6320 LA PNG (92 KB) peaked at 13 bytes a pixel, and two
+    # of them OOM-killed a server whose budget counted them at 5.
+    assert weight("PNG", "LA") == 3 and weight("PNG", "RGBA") == 2 and weight("JPEG", "CMYK") == 2
+    assert weight("PNG", "P", transparency=0) == 2 and weight("PNG", "P") == 1 and weight("PNG", "L") == 1
 
 
 def test_an_image_dearer_than_the_whole_budget_still_decodes_alone():
