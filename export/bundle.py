@@ -136,6 +136,15 @@ def _decoded(images: ImageSet, i: int):  # noqa: ANN202 - a PIL image
         raise ExportError(f"parity data: {exc} (it changed during the export)") from None
 
 
+def _holds(out: Path, cwd: Path) -> bool:
+    """Whether `out` is `cwd` or above it (a path that does not resolve, a symlink loop, is reported later)."""
+    try:
+        here = cwd.resolve()
+        return out.resolve() in (here, *here.parents)
+    except (OSError, RuntimeError):
+        return False
+
+
 def _check_out(out: Path, keeps: set[str] | None) -> None:
     """Refuse outputs that would clobber something that is not a bundle (or, unless `keeps` is None, a servable
     artifact whose id is not in `keeps`), or that could not be written."""
@@ -346,7 +355,15 @@ def build_bundle(
     either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = Path(os.path.abspath(out))  # `--out .`: the temporary directory goes beside it, not into it
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:
+        raise ExportError("the current directory no longer exists (replaced or removed): cd to one that does") from None
+    out = cwd / out  # absolute (`--out .`: the temporary directory goes beside it, not into it)
+    if _holds(out, cwd):
+        # The finished bundle replaces --out by a rename: the shell would be left in a deleted directory.
+        raise ExportError(f"--out {out} is the current directory (or holds it): the new bundle replaces that "
+                          "directory; run the export from outside it (cd ..)")
     if not [t for t in targets if t.strip()]:  # "torch" alone is always built: an empty list is a mistake
         raise ExportError("no targets given (pass --targets torch for a torch-only bundle)")
     wanted = parse_targets(["torch", *targets])

@@ -54,7 +54,9 @@ def float_in(low: float, high: float, *, low_open: bool = True) -> Callable[[str
 # std::bad_alloc surfacing through onnxruntime, OpenVINO or TensorRT bindings (RuntimeError), and a shared library
 # that cannot be mapped under an address-space limit ("libtorch_cuda.so: failed to map segment", ImportError).
 _OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "bad allocation",
-                "not enough memory", "failed to allocate", "failed to map segment")
+                "not enough memory", "failed to allocate", "failed to map segment", "can't alloc",
+                # EAGAIN from creating a thread: a memory or pids limit, the machine either way
+                "resource temporarily unavailable")
 _OOM_SIZE = re.compile(r"tried to allocate ([\d.]+ ?(?:bytes|[KMGT]i?B))", re.IGNORECASE)
 
 

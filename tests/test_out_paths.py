@@ -152,13 +152,18 @@ def test_ctrl_c_once_export_swaps_the_bundle_in_finishes_and_reports_it(checkpoi
 
 def test_out_dot_is_the_current_directory(bundle, checkpoint, tmp_path, capsys, monkeypatch):
     """`--out .` put the temporary directory inside the output (its parent was itself): an export ran to the end,
-    then refused "." as a non-empty directory, and export.triton refused an empty one up front."""
+    then refused "." as a non-empty directory, and export.triton refused an empty one up front. export.triton now
+    fills it in place; an export, which replaces its --out by a rename, refuses it (the shell would be left in a
+    deleted directory)."""
     from models.bundle import read_manifest
 
     for name in ("e", "t"):
         (tmp_path / name).mkdir()
-    monkeypatch.chdir(tmp_path / "e")
-    assert cli.main(["--checkpoint", str(checkpoint), "--out", ".", *EXPORT]) == 0, capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "e")  # the bundle would replace the shell's own directory: refused, one line
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", ".", *EXPORT]) == 2
+    assert "is the current directory" in one_line(capsys) and list((tmp_path / "e").iterdir()) == []
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", "e", *EXPORT]) == 0, capsys.readouterr().err
     assert read_manifest(tmp_path / "e").servable()
     monkeypatch.chdir(tmp_path / "t")
     assert triton.main([str(bundle), "--out", "."]) == 0, capsys.readouterr().err
