@@ -88,7 +88,7 @@ def table(manifest: Manifest, markdown: bool = False, problems: dict[str, str] |
         lines += ["| " + " | ".join(r) + " |" for r in body]
         out = title + "\n\n" + "\n".join(lines)
     else:
-        widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
+        widths = [max([len(c), *(len(r[i]) for r in body)]) for i, c in enumerate(COLUMNS)]  # body may be empty
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = "\n".join([title, fmt.format(*COLUMNS), *(fmt.format(*r) for r in body)])
     if m.served is not None:

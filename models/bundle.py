@@ -409,6 +409,13 @@ class Golden:
         return {"file": self.file.to_dict(), "samples": self.samples}
 
 
+def _encoding(v: Fields) -> dict[str, float]:
+    """One encoding's fractions (accuracy and agreement always; accuracy_no_draft for JPEGs)."""
+    for required in ("accuracy", "agreement"):
+        v.get(required, float, **FRACTION)  # missing: the field is named
+    return {m: v.get(m, float, **FRACTION) for m in _keys(v, MAX_ENTRIES)}
+
+
 @dataclass(frozen=True)
 class ServedParity:
     """Accuracy through the whole serving path (HTTP, decoding, EXIF, JPEG draft, preprocessing, batching, runtime)
@@ -430,8 +437,7 @@ class ServedParity:
         served = cls(
             runtime=r.get("runtime", str, **TAG), samples=r.get("samples", int, **NON_NEGATIVE),
             reference_accuracy=r.get("reference_accuracy", float, **FRACTION),
-            encodings={k: {m: v.get(m, float, **FRACTION) for m in _keys(v, MAX_ENTRIES)}
-                       for k in _keys(enc, MAX_ENTRIES) if (v := enc.obj(k))},
+            encodings={k: _encoding(v) for k in _keys(enc, MAX_ENTRIES) if (v := enc.obj(k))},
             jpeg_draft_cost_points=r.get("jpeg_draft_cost_points", float, check=between(-100, 100),
                                          what="-100..100"),
             jpeg_draft=r.get("jpeg_draft", bool), created=r.get("created", str, "", **_line(256)),

@@ -193,3 +193,11 @@ def test_a_triton_version_directory_keeps_its_records_true(bundle, tmp_path, cap
     capsys.readouterr()
     for version in sorted((tmp_path / "repo").glob("*/1")):
         assert report.main([str(version)]) == 0, capsys.readouterr()
+
+
+def test_the_report_of_a_manifest_listing_no_artifacts_is_a_table_not_a_traceback(bundle, tmp_path, capsys):
+    from export.report import main
+
+    edited = _edited(bundle, tmp_path, lambda m: m.update(artifacts=[]))
+    main([str(edited)])  # TypeError in the column widths before
+    assert "artifact  runtime" in capsys.readouterr().out
