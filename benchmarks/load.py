@@ -174,10 +174,9 @@ def markdown(doc: dict[str, Any]) -> str:
 def plot(doc: dict[str, Any], path: Path) -> Path | None:
     """p50/p99 latency and throughput against concurrency, one line per model (skipped without matplotlib)."""
     try:
-        import matplotlib
+        from models.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))

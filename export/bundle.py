@@ -77,10 +77,14 @@ class ExportMemoryError(ExportIOError):
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run torch with `threads` intra-op threads (None: unchanged), restoring the old count afterwards."""
+    """Run torch with `threads` intra-op threads (None: torch's own, capped by a CPU quota), restoring the old count
+    afterwards."""
     import torch
 
+    from models.host import quota_cpus
+
     old = torch.get_num_threads()
+    threads = threads or quota_cpus()  # torch sizes itself by the CPU set, not a container's CPU limit
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -365,3 +365,22 @@ def test_a_memory_limit_is_read_and_the_server_says_when_its_limits_exceed_it(tm
     over = memory_headroom(s, 200 * 2**20, 512 * 2**20)
     assert over is not None and over["worst_case_bytes"] > over["memory_limit_bytes"]
     assert memory_headroom(s, 200 * 2**20, 4 * 2**30) is None and memory_headroom(s, 200 * 2**20, None) is None
+
+
+def test_export_sizes_torch_by_a_cpu_quota(monkeypatch):
+    """torch sizes its pool by the CPU set: export's torch stage (and train.eval) ran it at every core of the node
+    under a container's CPU limit."""
+    import torch
+
+    from export.bundle import torch_threads
+    from models import host
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: a quota changes nothing here")
+    monkeypatch.setattr(host, "cpu_quota", lambda *a, **k: 0.5)
+    before = torch.get_num_threads()
+    with torch_threads(None):
+        assert torch.get_num_threads() == 1
+    with torch_threads(2):  # an explicit --threads wins
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before

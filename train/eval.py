@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             check_out(args.out)  # before minutes of evaluation, not after
         import torch
 
+        from models.host import quota_cpus
         from train.evaluate import evaluate_checkpoint
 
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+        if threads := args.threads or quota_cpus():  # torch sizes itself by the CPU set, not a CPU limit
+            torch.set_num_threads(threads)
 
         res = evaluate_checkpoint(args.checkpoint, args.dataset, args.split, batch_size=args.batch_size,
                                   workers=args.workers, corrupt=args.corrupt, device=args.device, limit=args.limit)
