@@ -10,12 +10,15 @@ import os
 import re
 import sys
 
-import runtimes
 from models.cli import OneLineParser
 from serve.errors import ServeError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Here, not at module level: numpy and the runtime registry take a fraction of a second to import, and until
+    # models.cli.run has installed its SIGTERM handler a signal to PID 1 (the container) would be dropped.
+    import runtimes
+
     p = OneLineParser(
         prog="python -m serve", argument_default=argparse.SUPPRESS,
         description="Serve exported bundles over HTTP: /v1 image classification, the Open Inference Protocol "
