@@ -83,6 +83,10 @@ def table(manifest: Manifest, markdown: bool = False, problems: dict[str, str] |
     title += "\n" + provenance_line(m)
     if problems and "golden" in problems:
         title += f"\nCORRUPT: {problems['golden']}"
+    listed = {a.id for a in m.artifacts}
+    for key, why in (problems or {}).items():  # an artifact the golden file records, the manifest no longer lists
+        if key != "golden" and key not in listed:
+            title += f"\nCORRUPT: {why}"
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in body]

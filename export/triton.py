@@ -475,12 +475,33 @@ def _stage_model(bundle: Path, manifest: Manifest, artifact: Artifact, model_dir
         if file_entries(target, [target / dst])[0] != replace(entry, path=dst):  # the source changed mid-copy
             raise BundleError(f"{src} changed while it was copied; run again")
     files = file_entries(target, [target / dst for dst, (_, e) in copies.items() if e in artifact.files])
-    # The golden file keeps its path and (checked) content: the manifest's entry for it stays true.
-    write_manifest(target, replace(manifest, name=model_dir.name, artifacts=(replace(artifact, files=files),)))
+    golden = manifest.golden
+    if golden is not None:  # this version's golden file records this artifact alone (a record never listed is an edit)
+        golden = replace(golden, file=_golden_of(target, golden.file.path, manifest, artifact.id))
+    write_manifest(target, replace(manifest, name=model_dir.name, artifacts=(replace(artifact, files=files),),
+                                   golden=golden))
     atomic_write_bytes(model_dir / CONFIG_FILE, config_pbtxt(
         model_dir.name, manifest, artifact, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us
     ).encode())
     atomic_write_bytes(model_dir / LABELS_FILE, ("\n".join(manifest.class_names) + "\n").encode())
+
+
+def _golden_of(target: Path, path: str, manifest: Manifest, artifact_id: str) -> FileEntry:
+    """Rewrite the copied golden file without the other artifacts' outputs and records; its new manifest entry."""
+    import numpy as np
+
+    from runtimes.loader import RECORD_KEY, own_outputs_key, read_golden
+
+    golden = target / path
+    read_golden(golden, manifest)  # bounded and well-formed before it is loaded whole
+    others = {own_outputs_key(a.id) for a in manifest.artifacts if a.id != artifact_id} | {
+        f"{RECORD_KEY}.{a.id}" for a in manifest.artifacts if a.id != artifact_id}
+    with np.load(golden, allow_pickle=False) as z:
+        kept = {k: z[k] for k in z.files if k not in others}
+    tmp = golden.with_name(golden.name + ".tmp.npz")
+    np.savez_compressed(tmp, **kept)
+    os.replace(tmp, golden)
+    return file_entries(target, [golden])[0]
 
 
 def _version_files(bundle: Path, manifest: Manifest, artifact: Artifact) -> dict[str, tuple[Path, FileEntry]]:

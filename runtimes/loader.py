@@ -215,6 +215,14 @@ def check_records(path: Path, manifest: Manifest, artifact_ids: list[str]) -> di
         edited[""] = "manifest.json was edited after export: its source or provenance differs from what the golden " \
                      "file recorded; restore it or re-export"
     sealed = recorded is not None  # a golden file with an origin records every artifact: none may go without
+    if sealed:  # and every artifact it records is listed (one removed would let a server fall back to another)
+        listed = {a.id for a in manifest.artifacts}
+        with _golden_zip(path) as z:
+            recorded_ids = [n[len(RECORD_KEY) + 1:-4] for n in z.namelist()
+                            if n.startswith(RECORD_KEY + ".") and n.endswith(".npy")]
+        for gone in sorted(set(recorded_ids) - listed):
+            edited[gone] = (f"manifest.json was edited after export: artifact {gone!r}, which the golden file records, "
+                            "is not listed (removed); restore it or re-export")
     for artifact_id in artifact_ids:
         recorded = _optional_member(path, manifest, f"{RECORD_KEY}.{artifact_id}", *digest)
         if recorded is None and sealed:

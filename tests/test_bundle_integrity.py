@@ -166,9 +166,11 @@ def _swap_files(m: dict, a: str, b: str) -> None:
     (lambda m: _artifact(m, "openvino-fp32").update(runtime_version="9.9"), "openvino-fp32"),
     (lambda m: m["provenance"].update(git_commit="0" * 40), "golden"),
     (lambda m: m["source"].update(sha256="0" * 64), "golden"),
-    (lambda m: _artifact(m, "openvino-fp16").update(id="openvino-fp16q"), "openvino-fp16q"),
+    (lambda m: _artifact(m, "openvino-fp16").update(id="openvino-fp16q"), "openvino-fp16, openvino-fp16q"),
     (lambda m: _swap_files(m, "openvino-fp32", "openvino-fp16"), "openvino-fp32, openvino-fp16"),
-], ids=["agreement", "accuracy", "tolerance", "precision", "version", "commit", "source", "renamed", "swapped"])
+    (lambda m: m.update(artifacts=[a for a in m["artifacts"] if a["id"] != "openvino-fp32"]), "openvino-fp32"),
+], ids=["agreement", "accuracy", "tolerance", "precision", "version", "commit", "source", "renamed", "swapped",
+        "removed"])
 def test_every_recorded_number_and_label_is_checked_not_only_the_contract(bundle, tmp_path, capsys, edit, where):
     """`export.report` showed a one-byte edit of a parity number (9.50 % top-1 agreement, which the gate refuses)
     next to "servable", and a relabelled precision or provenance passed: golden.npz now records every artifact's
@@ -201,3 +203,11 @@ def test_the_report_of_a_manifest_listing_no_artifacts_is_a_table_not_a_tracebac
     edited = _edited(bundle, tmp_path, lambda m: m.update(artifacts=[]))
     main([str(edited)])  # TypeError in the column widths before
     assert "artifact  runtime" in capsys.readouterr().out
+
+
+def test_a_removed_artifact_refuses_the_bundle_rather_than_letting_a_server_fall_back(bundle, tmp_path):
+    """Deleting openvino-fp32 from the manifest made `--backend openvino` serve the fp16 IR without a word."""
+    edited = _edited(bundle, tmp_path, lambda m: m.update(
+        artifacts=[a for a in m["artifacts"] if a["id"] != "openvino-fp32"]))
+    with pytest.raises(BundleError, match="'openvino-fp32', which the golden file records, is not listed"):
+        runtimes.open_backend(edited, read_manifest(edited), "openvino")
