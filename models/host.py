@@ -42,13 +42,8 @@ def quota_cpus() -> int | None:
 def cpu_quota(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -> float | None:
     """CPUs' worth of time this process's cgroup (or an ancestor) may use per period, the tightest along its path;
     None when unlimited or unknown. Reads cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`."""
-    try:
-        text = self_cgroup if self_cgroup is not None else Path("/proc/self/cgroup").read_text()
-    except OSError:
-        return None
     limits = []
-    for line in text.splitlines():
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+    for controllers, path in _memberships(self_cgroup):
         if controllers == "":  # v2: one hierarchy
             limits += [q for d in _ancestors(root, path) if (q := _v2_quota(d / "cpu.max")) is not None]
         elif "cpu" in controllers.split(","):
@@ -61,13 +56,8 @@ def cpu_quota(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -> float
 def memory_limit(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -> int | None:
     """Bytes this process's cgroup (or an ancestor) may use, the tightest along its path (a container's memory
     limit); None when unlimited or unknown. Reads cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`."""
-    try:
-        text = self_cgroup if self_cgroup is not None else Path("/proc/self/cgroup").read_text()
-    except OSError:
-        return None
     limits = []
-    for line in text.splitlines():
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+    for controllers, path in _memberships(self_cgroup):
         if controllers == "":
             files = [d / "memory.max" for d in _ancestors(root, path)]
         elif "memory" in controllers.split(","):
@@ -82,6 +72,16 @@ def memory_limit(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -> in
             if value.isdigit() and int(value) < 1 << 62:  # v1 says "unlimited" with a huge number
                 limits.append(int(value))
     return min(limits, default=None)
+
+
+def _memberships(self_cgroup: str | None) -> list[tuple[str, str]]:
+    """(controllers, path) of each line of /proc/self/cgroup (or `self_cgroup`); "" controllers is cgroup v2; none
+    when it cannot be read."""
+    try:
+        text = self_cgroup if self_cgroup is not None else Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return []
+    return [((parts := (line.split(":", 2) + ["", ""]))[1], parts[2]) for line in text.splitlines()]
 
 
 def _ancestors(base: Path, path: str) -> list[Path]:

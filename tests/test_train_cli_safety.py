@@ -197,6 +197,16 @@ def _resume_progress(out: Path) -> dict | None:
         return None
 
 
+def _wait_mid_epoch(proc: subprocess.Popen, out: Path) -> None:
+    """Until the training `proc` has saved a step inside an epoch (a resumable state), or fail if it ended first."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (p := _resume_progress(out)) is not None and p["step_in_epoch"] > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+
+
 @pytest.mark.parametrize("stop, status, says",
                          [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(tmp_path, capsys, train_cli, stop,
@@ -213,12 +223,7 @@ def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(t
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (p := _resume_progress(out)) is not None and p["step_in_epoch"] > 0:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
+        _wait_mid_epoch(proc, out)
         code, _, err = train_cli(train_main, ["--out", str(out), "--resume"], capsys)
         assert code == 2
         _one_line(err, "another process is writing")
@@ -319,12 +324,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_is_one_line(tmp_
     proc = subprocess.Popen([sys.executable, "-m", "train", *argv], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (p := _resume_progress(out)) is not None and p["step_in_epoch"] > 0:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be stopped"
+        _wait_mid_epoch(proc, out)
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
