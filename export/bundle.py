@@ -143,9 +143,9 @@ def _decoded(images: ImageSet, i: int):  # noqa: ANN202 - a PIL image
 def _holds(out: Path, cwd: Path) -> bool:
     """Whether `out` is `cwd` or above it (a path that does not resolve, a symlink loop, is reported later)."""
     try:
-        here = cwd.resolve()
-        return out.resolve() in (here, *here.parents)
-    except (OSError, RuntimeError):
+        here = resolve_path(cwd)
+        return resolve_path(out) in (here, *here.parents)
+    except OSError:
         return False
 
 
