@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,24 @@ class ImageSet:
             None if self.arrays is None else self.arrays[idx],
             None if self.paths is None else [self.paths[i] for i in idx],
         )
+
+    def labelled_as(self, class_names: list[str]) -> ImageSet:
+        """This set with its labels as indices into `class_names` (a model's classes, in its order): a folder may
+        hold only some of them, in any order. DatasetError (one line) naming the classes the model lacks."""
+        if list(self.class_names) == list(class_names):
+            return self
+        index = {c: i for i, c in enumerate(class_names)}
+        unknown = [c for c in self.class_names if c not in index]
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            spelled = {unicodedata.normalize("NFC", c): c for c in class_names}
+            near = next((c for c in unknown if unicodedata.normalize("NFC", c) in spelled), None)
+            hint = (f"; {near!r} and the model's {spelled[unicodedata.normalize('NFC', near)]!r} differ only in "
+                    "Unicode normalisation (NFD vs NFC): rename the directory" if near is not None else "")
+            raise DatasetError(f"dataset {self.name} class names differ from the checkpoint's: {len(unknown)} of "
+                               f"its {len(self.class_names)} classes are not the model's ({shown}){hint}")
+        remap = np.asarray([index[c] for c in self.class_names], np.int64)
+        return ImageSet(self.name, self.split, list(class_names), remap[self.labels], self.arrays, self.paths)
 
     def readable(self, order: Iterable[int], n: int, minimum: int = 1) -> Readable:
         """The first n images of `order` that decode (training's `decode_checked` rule); the files that do not are

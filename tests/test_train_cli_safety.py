@@ -248,6 +248,7 @@ def test_a_running_training_locks_its_directory_and_ctrl_c_leaves_it_resumable(t
     (["--train-args=--lr 0.5"], "--lr is set by the sweep"),
     (["--train-args=--out elsewhere"], "--out is set by the sweep"),
     (["--train-args=--lr-ref-batch 32"], "--lr-ref-batch is set by the sweep"),  # it rescales the sampled lr
+    (["--train-args=--max-steps 3"], "--max-steps: it stops every run before the epochs"),
     (["--models", "vit_c_micro"], "compares ViT_C with ViT_P"),
     (["--models", "vit_c_micro,vit_c_nano"], "compares ViT_C with ViT_P"),
 ])

@@ -121,3 +121,45 @@ def test_a_class_name_no_checkpoint_could_hold_is_refused_when_the_dataset_loads
         Image.new("RGB", (8, 8)).save(tmp_path / split / "line\nbreak" / "a.png")
     with pytest.raises(DatasetError, match="rename it"):
         load_dataset(tmp_path, "train")
+
+
+def test_eval_maps_a_folder_with_some_of_the_classes_onto_the_checkpoints(train_folder, tmp_path, capsys, train_cli):
+    out = tmp_path / "run"
+    code, _, err = train_cli(train_main, ["--model", "vit_p_micro", "--dataset", str(train_folder), "--epochs", "1",
+                                          "--batch-size", "8", "--out", str(out)], capsys)
+    assert code == 0, err
+    # The same val images of two classes: beside train/ (class indices from train/) and alone, listed in another
+    # order than the checkpoint's (fox, cat sort as cat, fox; without dog every index after cat shifts).
+    with_train, alone = tmp_path / "with_train", tmp_path / "alone"
+    for root in (with_train, alone):
+        for cls in ("fox", "cat"):
+            (root / "val" / cls).mkdir(parents=True)
+            for f in (train_folder / "val" / cls).iterdir():
+                (root / "val" / cls / f.name).write_bytes(f.read_bytes())
+    (with_train / "train").symlink_to(train_folder / "train", target_is_directory=True)
+    results = []
+    for root in (with_train, alone):
+        code, _, err = train_cli(eval_main, ["--checkpoint", str(out), "--dataset", str(root),
+                                             "--out", str(tmp_path / f"{root.name}.json")], capsys)
+        assert code == 0, err
+        results.append(json.loads((tmp_path / f"{root.name}.json").read_text()))
+    assert results[0]["samples"] == results[1]["samples"] == 4
+    assert (results[0]["top1"], results[0]["top5"]) == (results[1]["top1"], results[1]["top5"])
+    # A class the checkpoint does not have is named, not evaluated as errors.
+    (alone / "val" / "wolf").mkdir()
+    _write_image(alone / "val" / "wolf" / "0.jpg", "fox", 0)
+    code, _, err = train_cli(eval_main, ["--checkpoint", str(out), "--dataset", str(alone)], capsys)
+    assert code == 2 and "1 of its 3 classes are not the model's ('wolf')" in err
+
+
+def test_a_class_name_in_another_unicode_normalisation_is_pointed_out():
+    import unicodedata
+
+    from data.datasets import DatasetError, ImageSet
+
+    nfd = unicodedata.normalize("NFD", "café")
+    images = ImageSet("root", "val", ["bar", nfd], np.asarray([0, 1, 1]))
+    with pytest.raises(DatasetError, match="differ only in Unicode normalisation"):
+        images.labelled_as(["café", "bar"])
+    relabelled = ImageSet("root", "val", ["bar", "café"], np.asarray([0, 1, 1])).labelled_as(["café", "bar"])
+    assert relabelled.class_names == ["café", "bar"] and relabelled.labels.tolist() == [1, 0, 0]

@@ -44,6 +44,10 @@ MAX_THREADS = 1024
 # lr_ref_batch rescales the lr a run uses away from the sampled lr the tables print.
 SWEEP_SETS = ("model", "dataset", "epochs", "optimizer", "lr", "lr_ref_batch", "weight_decay", "seed", "threads",
               "out", "resume", "overwrite")
+# Cut every run short of the epochs the study files it under: the curves and verdicts would name a schedule that
+# never ran (the reduced preset is how a study is made shorter).
+SWEEP_REFUSES = {"max_steps": "it stops every run before the epochs the study files it under; use --preset reduced "
+                              "or --epochs for a shorter study"}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -110,6 +114,9 @@ def train_args_problem(train_args: tuple[str, ...], model: str, dataset: str) ->
     if clash:
         return (f"--train-args: --{clash[0].replace('_', '-')} is set by the sweep for every run (from the study's "
                 f"settings); use the sweep's own options")
+    refused = [k for k in SWEEP_REFUSES if k in given]
+    if refused:
+        return f"--train-args: --{refused[0].replace('_', '-')}: {SWEEP_REFUSES[refused[0]]}"
     try:
         resolve_config({**given, "model": model, "dataset": dataset, "out": "-", "epochs": 1})
     except ConfigError as exc:
