@@ -64,6 +64,9 @@ class ModelStats:
                                     "compute_output": zero, "cache_hit": zero, "cache_miss": zero},
                 "batch_stats": [{"batch_size": b, "compute_input": zero, "compute_infer": d(p),
                                  "compute_output": zero} for b, p in sorted(self._batches.items())],
+                # Triton 23.x+ fields, present so clients that index them work: response statistics are for
+                # decoupled (streaming) models, which vitc does not serve; memory usage is reported by GPU backends.
+                "response_stats": {}, "memory_usage": [],
             }
 
 

@@ -312,6 +312,19 @@ def test_responses_parse_with_tritonclient():
     assert float(top[0]) == pytest.approx(float(logits[0].max()), abs=1e-5)
 
 
+def test_statistics_have_every_field_of_tritons_model_stats():
+    from serve.stats import ModelStats
+
+    stats = ModelStats()
+    stats.batch("m", rows=4, seconds=0.002, requests=2)
+    stats.request(True, 0.003, rows=2)
+    entry = stats.to_triton("m", "1")
+    assert {"name", "version", "last_inference", "inference_count", "execution_count", "inference_stats",
+            "batch_stats", "response_stats", "memory_usage"} <= entry.keys()
+    assert entry["response_stats"] == {} and entry["memory_usage"] == []
+    assert entry["inference_count"] == 2 and entry["batch_stats"][0]["batch_size"] == 4
+
+
 def test_decompression_is_bounded():
     payload = b'{"inputs": []}'
     assert decompress(gzip.compress(payload), "gzip", 1000) == payload
