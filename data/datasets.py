@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.config import MAX_LABEL_CHARS, is_label
-from models.preprocessing import Preprocessing, plain_mode, upright
+from models.preprocessing import Preprocessing, image_formats, plain_mode, upright
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -287,11 +287,12 @@ def default_preprocessing(name: str | os.PathLike, image_size: int) -> Preproces
 
 
 def decode_checked(path: Path) -> Image.Image | None:
-    """Decode a file fully, or None if it is corrupt/unreadable (callers count skips)."""
+    """Decode a file fully, or None if it is corrupt, unreadable or in a format the server does not open
+    (callers count skips)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=image_formats()) as img:  # the server's decoders: what it would refuse
             img.load()
             return plain_mode(upright(img))  # as the server decodes: a YCbCr TIFF reaches a grey model via RGB
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):

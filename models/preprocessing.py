@@ -24,8 +24,20 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The image formats every reader opens (the server, dataset folders for training, evaluation and export parity,
+# serve.tensor): Pillow's other plugins (PPM, TGA, ICO, JPEG 2000, ...) are never reached, whatever a file is
+# called, so what trains and evaluates is exactly what can be served.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _RESAMPLE = ("bilinear", "bicubic", "nearest")  # PIL's Image.Resampling members, lower-case
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 0.5}  # each filter's reach, in output pixels
+
+
+def image_formats() -> tuple[str, ...]:
+    """The `IMAGE_FORMATS` this Pillow build can open (AVIF needs a recent one), for `Image.open(formats=...)`."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,10 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocessing import Preprocessing, copied_pixels, image_input, plain_mode, upright
+from models.preprocessing import Preprocessing, copied_pixels, image_formats, image_input, plain_mode, upright
 from serve.workpool import PixelBudget
 
-# Pillow decoders the server accepts (those this Pillow build has); anything else is never parsed.
-Image.init()
-FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.OPEN)
+FORMATS = image_formats()  # the Pillow decoders the server accepts; anything else is never parsed
 CONTENT_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
     "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream",

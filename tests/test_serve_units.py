@@ -125,6 +125,22 @@ def test_bad_images_are_400(data, reason):
     assert err.value.status == 400 and reason in err.value.reason.lower()
 
 
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "ICO", "PCX", "SGI", "DDS"])
+def test_a_format_the_server_refuses_is_unreadable_in_a_dataset_folder_too(fmt, tmp_path):
+    from data.datasets import decode_checked, load_dataset
+
+    root = tmp_path / "ds"
+    (root / "val" / "cat").mkdir(parents=True)
+    (root / "val" / "cat" / "ok.png").write_bytes(encode(photo(), "PNG"))
+    other = encode(photo(), fmt)
+    (root / "val" / "cat" / "camera.jpg").write_bytes(other)  # another format behind an image suffix
+    with pytest.raises(ImageError):
+        decode(other, max_pixels=LIMIT)
+    assert decode_checked(root / "val" / "cat" / "camera.jpg") is None  # counted as unreadable, as served
+    assert decode_checked(root / "val" / "cat" / "ok.png") is not None
+    assert load_dataset(root, "val").readable(range(2), 2).images.paths == [root / "val" / "cat" / "ok.png"]
+
+
 def test_training_and_evaluation_see_the_orientation_the_server_sees(tmp_path):
     from data.datasets import decode_checked
 
