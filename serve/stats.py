@@ -23,15 +23,16 @@ class ModelStats:
         self._success, self._fail, self._queue, self._infer = _pair(), _pair(), _pair(), _pair()
         self._batches: defaultdict[int, list[int]] = defaultdict(_pair)
 
-    def request(self, ok: bool, seconds: float, rows: int = 1) -> None:
-        """One request of `rows` inferences answered (ok) or failed, with its time in the server (which requests
-        count, and as what: serve.routes.deps.recorded)."""
+    def request(self, ok: bool, seconds: float, rows: int = 1, requests: int = 1) -> None:
+        """A request of `rows` inferences answered (ok) or failed, with its time in the server (which requests
+        count, and as what: serve.routes.deps.recorded). It counts as `requests` inference requests: the items it
+        queued (a multipart request's files each), so that success + fail, queue and compute_infer count alike."""
         with self._lock:
             if ok:
                 self.inference_count += rows
             pair = self._success if ok else self._fail
-            pair[0] += 1
-            pair[1] += int(seconds * 1e9)
+            pair[0] += requests
+            pair[1] += int(seconds * 1e9) * requests
 
     # BatchObserver
     def queued(self, model: str, seconds: float) -> None:

@@ -149,7 +149,19 @@ def test_statistics_count_valid_requests_only_the_same_way_on_v1_and_v2(client):
         client.post(V2, json=_tensor(value=3e38)),  # valid, but the model's outputs overflow
     ]
     assert [r.status_code for r in counted] == [503, 422], [r.text for r in counted]
-    assert fails() == before + 2
+    assert fails() == before + 5 + 1  # each file of a multipart request is an inference request of its own
+
+
+def test_a_multipart_request_counts_each_file_alike_in_success_queue_and_compute(client):
+    def inference_stats() -> dict:
+        return client.get("/v2/models/fake/stats").json()["model_stats"][0]["inference_stats"]
+
+    before = inference_stats()
+    r = client.post(CLASSIFY, files=[("file", (f"{i}.png", p, "image/png")) for i, p in enumerate(animal_pngs(3))])
+    assert r.status_code == 200, r.text
+    after = inference_stats()
+    grown = {k: after[k]["count"] - before[k]["count"] for k in ("success", "queue", "compute_infer")}
+    assert grown == {"success": 3, "queue": 3, "compute_infer": 3}, grown
 
 
 def test_a_stalled_model_is_logged_gauged_counted_and_probed_with_backoff(bundle, tmp_path):

@@ -155,9 +155,9 @@ class InvalidInput(APIError):
 
 
 @contextlib.contextmanager
-def recorded(model: ServedModel, rows: int = 1) -> Iterator[None]:
-    """Count the request (`rows` inferences) in the model's statistics: success or failure, with its time in the
-    server; only the rows of requests answered successfully count as inferences."""
+def recorded(model: ServedModel, rows: int = 1, requests: int = 1) -> Iterator[None]:
+    """Count the request (`rows` inferences, queued as `requests` items) in the model's statistics: success or
+    failure, with its time in the server; only the rows of requests answered successfully count as inferences."""
     # The rule follows Triton, whose statistics start once a request has passed validation (PrepareForInference)
     # and reached its scheduler. A request refused for its own content (wrong shape, datatype, batch size or output,
     # a bad top_k, an image that does not decode: 4xx) counts nowhere, on /v1 as on /v2: the routes check it before
@@ -171,9 +171,9 @@ def recorded(model: ServedModel, rows: int = 1) -> Iterator[None]:
     except InvalidInput:
         raise
     except BaseException:
-        model.stats.request(False, time.perf_counter() - start, rows)
+        model.stats.request(False, time.perf_counter() - start, rows, requests)
         raise
-    model.stats.request(True, time.perf_counter() - start, rows)
+    model.stats.request(True, time.perf_counter() - start, rows, requests)
 
 
 @contextlib.contextmanager

@@ -211,7 +211,8 @@ def _top_k(model: ServedModel, top_k: int | None) -> int:
 
 async def _classify(request: Request, model: ServedModel, settings: Settings, k: int,
                     images: list[tuple[str, bytes]], many: bool) -> JSONResponse:
-    with recorded(model, len(images)), admission(model, len(images)):  # every image counts, from decoding to its answer
+    # Every image counts, from decoding to its answer; each is queued on its own, so each is a request in the stats.
+    with recorded(model, len(images), len(images)), admission(model, len(images)):
         with stage(request, "decode"):
             decoded = await asyncio.gather(
                 *(off_loop(request, _prepare_timed, request, model, data, settings, cheap=not many and cheap(data))
