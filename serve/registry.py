@@ -313,6 +313,14 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         log.warning("config.pbtxt settings not applied", extra={
             "model": name, "version": version, "fields": list(config.unapplied),
             "advice": "vitc serves the model without them (Triton would apply them); see the README's Triton section"})
+    if labels is not None and list(labels) != list(manifest.class_names):
+        # Both are served, each where Triton or vitc reads it: say so once rather than let two names for one class
+        # surprise a client (the label file has one line per class: `labels` checked that).
+        changed = sum(a != b for a, b in zip(labels, manifest.class_names, strict=True))
+        log.warning("label file differs from the bundle's classes", extra={
+            "model": name, "version": version, "label_filename": config.label_filename, "lines_differing": changed,
+            "advice": "the v2 classification extension answers with the label file's names (as Triton does), /v1 "
+                      "with the bundle's; export the model again to make them agree"})
     try:
         _warn_on_preprocessing_drift(name, path, manifest)
     except BaseException:

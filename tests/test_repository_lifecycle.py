@@ -131,15 +131,18 @@ def test_a_config_that_contradicts_the_artifact_or_triton_is_refused(fake, repo)
     assert "\n" not in str(refused.value)
 
 
-def test_classification_labels_come_from_the_label_filename_as_in_triton(fake, repo):
+def test_classification_labels_come_from_the_label_filename_as_in_triton(fake, repo, caplog):
     """Triton reads the output's label_filename (relative to the model directory) at load and fails the load when it
     cannot; without one its classification answers "value:index". A bundle served directly keeps its class names."""
     config, names = repo / NAME / "config.pbtxt", [f"Tier {i}" for i in range(10)]
     (repo / NAME / "labels.txt").write_text("\n".join(names) + "\n")  # e.g. localised: not the manifest's names
     labelled = CONFIG.replace("dims: [ 10 ] }", 'dims: [ 10 ] label_filename: "labels.txt" }')
     config.write_text(labelled)
-    model = load_models(served(repo))[NAME]
+    with caplog.at_level("WARNING", logger="vitc"):
+        model = load_models(served(repo))[NAME]
     assert (model.classification_labels, model.label_filename) == (names, "labels.txt")
+    said = [r for r in caplog.records if r.getMessage() == "label file differs from the bundle's classes"]
+    assert len(said) == 1 and said[0].lines_differing == 10 and said[0].label_filename == "labels.txt"
     class_names = list(read_manifest(repo / NAME / "1").class_names)
     assert model.labels == class_names != names  # /v1 answers with the bundle's own class names
     config.write_text(CONFIG)
