@@ -21,8 +21,9 @@ from typing import Any
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_files
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / "exports" / "bench"
+# Relative to the directory the benchmark runs in (the checkout for `make bench`), as the demo's runs/ and exports/
+# are: never inside an installed package.
+DEFAULT_CACHE = Path("exports") / "bench"
 DATASET = "animals"
 PAIRS: dict[str, tuple[str, str]] = {
     **{size: (f"vit_c_{size}", f"vit_p_{size}") for size in ("1gf", "4gf", "18gf", "36gf", "72gf")},  # the paper's
@@ -58,7 +59,7 @@ def _weights_sha(checkpoint: Path) -> str | None:
         return None
 
 
-def trained_checkpoint(model: str, root: Path = REPO) -> Path | None:
+def trained_checkpoint(model: str, root: Path = Path()) -> Path | None:
     """The demo's trained checkpoint of `model`, if one exists and really is that variant."""
     from models.checkpoint import CheckpointError, read_checkpoint_meta
 
@@ -134,7 +135,7 @@ def prepare_model(
     max_batch: int = 32,
     parity_samples: int = 512,
     calibration_samples: int = 300,
-    root: Path = REPO,
+    root: Path = Path(),
     checkpoint: Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PreparedModel:

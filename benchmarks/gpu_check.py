@@ -299,13 +299,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuda (default) or cuda:N; cpu only with --smoke (the full check needs a GPU)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes of the same steps (what the tests run with --device cpu)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
-                   help="report directory, created if missing (default benchmarks/results)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks") / "results",
+                   help="report directory, created if missing (default benchmarks/results under the current "
+                   "directory)")
     p.add_argument("--work", type=Path, help="working directory for runs and bundles (default: a temporary one)")
     p.add_argument("--parity-of", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--parity-samples", type=int_in(1, MAX_PARITY_SAMPLES), default=256, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # The steps run from the checkout (cwd=REPO): paths the user gave are the ones under their own directory.
+    args.out, args.work = args.out.absolute(), args.work and args.work.absolute()
     if args.parity_of:
         return _parity_main(p.prog, args)
     if problem := _setup_problem(args):

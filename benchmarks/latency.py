@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parity-samples", type=int, default=None,
                      help="validation images of each bundle's parity gates (default 512; --quick 64)")
     run.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                     help="bundle cache directory (default exports/bench)")
+                     help="bundle cache directory (default exports/bench, under the current directory)")
     run.add_argument("--out", type=Path, default=None,
-                     help="results directory, created if missing (default benchmarks/results; --quick: "
-                          "exports/bench/results)")
+                     help="results directory, created if missing (default benchmarks/results under the current "
+                          "directory; --quick: exports/bench/results)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     http = p.add_argument_group("end-to-end mode (--http)")
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    repo = Path(__file__).resolve().parents[1]
-    out = args.out or (args.cache / "results" if args.quick else repo / "benchmarks" / "results")
+    out = args.out or (args.cache / "results" if args.quick else Path("benchmarks") / "results")
     if problem := _paths_problem(args, out):
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -523,17 +523,22 @@ def check_bundle(bundle: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
-    p.add_argument("--rounds", type=int_in(1, 1000), default=8)
+    p.add_argument("--rounds", type=int_in(1, 1000), default=8,
+                   help="alternating rounds of each system at concurrency 1 (default 8)")
     p.add_argument("--slice", type=_seconds, default=1.5, help="seconds per system per round at concurrency 1")
     p.add_argument("--saturation", type=_seconds, default=15.0, help="seconds per system at saturation")
     p.add_argument("--saturation-rounds", type=int_in(1, 1000), default=5,
                    help="slices the saturation seconds are split into, each followed by the runtime alone")
-    p.add_argument("--concurrency", type=int_in(1, 1024), default=16)
-    p.add_argument("--cold-starts", type=int_in(1, 100), default=3)
+    p.add_argument("--concurrency", type=int_in(1, 1024), default=16,
+                   help="clients at saturation (default 16)")
+    p.add_argument("--cold-starts", type=int_in(1, 100), default=3,
+                   help="server starts timed to their first answer (default 3)")
     # The two CPU runtimes with a reference to hold them against: a bare session loop, OpenVINO's benchmark_app.
     p.add_argument("--backends", type=_backends, default=COMPARED.split(","), help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=Path("benchmarks") / "results",
+                   help="results directory (default benchmarks/results under the current directory)")
     args = p.parse_args(argv)
+    args.bundle = args.bundle.absolute()  # the servers it starts run from the checkout, not from here
     from models.bundle import BundleError
 
     try:

@@ -20,13 +20,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run (bundles exported into a fresh cache): its process result, cache and output dirs."""
-    cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("results")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--cache", str(cache), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    """One --quick run from a fresh directory, on its defaults: the bundle cache and the results land under the
+    directory it runs in (never in the checkout or an installed package). Its process result, cache and output."""
+    here = tmp_path_factory.mktemp("bench-cwd")
+    cache, out = here / "exports" / "bench", here / "exports" / "bench" / "results"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-progress"], cwd=here, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cache.is_dir() and out.is_dir(), sorted(str(p.relative_to(here)) for p in here.rglob("*"))[:20]
     return proc, cache, out
 
 
