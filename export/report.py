@@ -19,6 +19,7 @@ from pathlib import Path
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
 from models.cli import OneLineParser, machine_failure, require
 from models.io import atomic_write_bytes
+from runtimes.base import first_line
 
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
            "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
@@ -161,12 +162,6 @@ def check_png(path: Path) -> str | None:
     return None
 
 
-def first_line(exc: BaseException) -> str:
-    """An error as one line (a server that failed to start appends its log after the first)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table of every bundle given; exit 2 on a bad bundle."""
     ap = OneLineParser(prog="python -m export.report", description=__doc__.splitlines()[0])
@@ -209,11 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (BundleError, RuntimeError, ValueError) as exc:
             print(f"error: served path: {first_line(exc)}", file=sys.stderr)
             return 2
-        except OSError as exc:  # a full disk (exit 1), or the bundle became unwritable while it was measured
+        except OSError as exc:  # a full disk (exit 1), or a file the measurement reads or writes
             hint = "the served path was not recorded: the manifest of the bundle being measured is unchanged"
             if (code := machine_failure(exc, ap.prog, hint)) is not None:
                 return code
-            print(f"error: served path: cannot record it in the manifest: {exc.strerror or exc}", file=sys.stderr)
+            # Not necessarily the manifest (`measure` says so itself when writing it fails): say what failed, where.
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"error: served path: {exc.strerror or first_line(exc)}{where}", file=sys.stderr)
             return 2
     found = [integrity(Path(b), m) for m, b in zip(manifests, args.bundles, strict=True)]
     print("\n\n".join(table(m, args.markdown, p) for m, p in zip(manifests, found, strict=True)))

@@ -1,11 +1,12 @@
 """Served-path parity: real validation images, encoded as users send them, through a real server, against the
 evaluation pipeline on the dataset's own pixels.
 
-The export's parity gate compares tensors. This sends every image as PNG at its own size and as JPEG (quality 95 and
-75) at 2x, 4x and 8x the model's resize target, to `python -m serve` (HTTP, decoding, EXIF, JPEG draft decoding,
-preprocessing, dynamic batching, runtime), once with JPEG draft decoding and once without, and compares top-1 with
-the torch reference on the original pixels. The result goes into the bundle's manifest (`served`); when draft
-decoding costs more than DRAFT_BUDGET_POINTS of accuracy, servers decode that model's JPEGs in full.
+The export's parity gate compares tensors. This sends every image, in the model's colour space as the shared
+`to_mode` converts it, as PNG at its own size and as JPEG (quality 95 and 75) at 2x, 4x and 8x the model's resize
+target, to `python -m serve` (HTTP, decoding, EXIF, JPEG draft decoding, preprocessing, dynamic batching, runtime),
+once with JPEG draft decoding and once without, and compares top-1 with the torch reference on the original pixels.
+The result goes into the bundle's manifest (`served`); when draft decoding costs more than DRAFT_BUDGET_POINTS of
+accuracy, servers decode that model's JPEGs in full.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import tempfile
 import urllib.parse
 from collections.abc import Callable
@@ -31,30 +33,65 @@ from models.bundle import (
     read_manifest,
     write_manifest,
 )
+from models.preprocessing import Preprocessing
+from runtimes.base import first_line
 
 QUALITIES = (95, 75)
 SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
 CONCURRENCY = 8
+JPEG_MAX_SIDE = 65500  # libjpeg's largest image side
 
 
-def encodings(img, resize: int) -> dict[str, bytes]:  # noqa: ANN001 - a PIL image
-    """name -> encoded bytes: PNG at the image's own size, JPEG at each quality and size."""
+def encodings(img, spec: Preprocessing) -> dict[str, bytes]:  # noqa: ANN001 - a PIL image
+    """name -> encoded bytes: PNG at the image's own size, JPEG at each quality and size, of the image's pixels in
+    the model's colour space (`spec.mode`); ValueError or OSError when they cannot be encoded."""
     from PIL import Image
 
+    from models.cli import out_of_memory
+    from models.preprocessing import to_mode
+
     def encode(im, fmt: str, **kw) -> bytes:  # noqa: ANN001
+        if fmt == "JPEG" and max(im.size) > JPEG_MAX_SIDE:  # said here: libjpeg prints it to stderr, PIL an OSError
+            raise ValueError(f"JPEG {im.size[0]}x{im.size[1]}: more than {JPEG_MAX_SIDE} pixels a side")
         buf = io.BytesIO()
-        im.save(buf, fmt, **kw)
+        try:
+            im.save(buf, fmt, **kw)
+        except (OSError, ValueError) as exc:
+            if out_of_memory(exc):
+                raise
+            raise ValueError(f"{fmt} {im.size[0]}x{im.size[1]}: {first_line(exc)}") from None
         return buf.getvalue()
 
-    out = {"png-native": encode(img, "PNG")}
-    w, h = img.size
+    # The shared conversion, as training, evaluation and the server apply it (16/32-bit and float grey scaled to
+    # 8 bits, alpha composited on black): a 16-bit PNG or an RGBA image then reaches the server as the pixels the
+    # model sees (PNG and JPEG hold 8 bits, no float, and JPEG no alpha). It is per pixel, so the server's
+    # preprocessing of the PNG equals the evaluation pipeline's on the original exactly.
+    pixels = to_mode(img, spec.mode)
+    out = {"png-native": encode(pixels, "PNG")}
+    w, h = pixels.size
     for scale in SCALES:
-        side = resize * scale
+        side = spec.resize * scale
         size = (round(w * side / min(w, h)), round(h * side / min(w, h)))
-        big = img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        big = pixels.resize(size, Image.Resampling.BICUBIC)
         for q in QUALITIES:
             out[f"jpeg{q}-{side}"] = encode(big, "JPEG", quality=q)
     return out
+
+
+def _encode_all(images: list, spec: Preprocessing, where: Callable[[int], str]) -> list[dict[str, bytes]]:
+    """`encodings` of every image; ServedError naming the image (`where(i)`) that cannot be encoded."""
+    from models.cli import out_of_memory
+
+    encoded = []
+    for i, img in enumerate(images):
+        try:
+            encoded.append(encodings(img, spec))
+        except (OSError, ValueError) as exc:
+            if out_of_memory(exc):  # the machine failing, not the image (exit 1)
+                raise
+            raise ServedError(f"cannot encode val image {where(i)} ({img.mode} {img.size[0]}x{img.size[1]}) as "
+                              f"the PNG and JPEG a client sends: {first_line(exc)}") from None
+    return encoded
 
 
 def _classify(url: str, name: str, bodies: list[bytes]) -> list[int]:
@@ -115,8 +152,6 @@ class ServedError(ValueError):
 def check(bundle: Path, manifest: Manifest, runtime: str) -> None:
     """Refuse, before any work, what would make `measure` fail after minutes of it: an unknown or missing runtime,
     no servable artifact for it, no fp32 reference, an unknown dataset, a manifest that cannot be rewritten."""
-    import os
-
     import runtimes
     from data.datasets import load_dataset
     from runtimes import BackendError
@@ -147,9 +182,11 @@ def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | Non
             log: Callable[[str], None] = print) -> ServedParity:
     """Measure the served path of `bundle` on `runtime` and record it in its manifest; returns the record."""
     from data.datasets import EVAL_SUBSET_SEED, load_dataset
+    from models.cli import disk_full, out_of_memory
     from serve.launch import start
 
-    bundle = Path(bundle)
+    # The server runs in the repository (serve.launch): a path relative to the caller's directory must not reach it.
+    bundle = Path(os.path.abspath(bundle))
     manifest = read_manifest(bundle)
     val = load_dataset(manifest.source.dataset, "val")
     # Drawn as the export's parity images are, corrupt files left out and counted as everywhere else.
@@ -158,8 +195,10 @@ def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | Non
     labels = chosen.images.labels
     log(f"{manifest.name}: {len(images)} {manifest.source.dataset} val images{chosen.note()}, reference on their "
         f"own pixels ...")
+    paths = chosen.images.paths
+    # Encoded before the reference runs: an image that cannot be sent is named, before minutes of work.
+    encoded = _encode_all(images, manifest.preprocessing, lambda i: str(paths[i]) if paths else f"#{i}")
     reference = _reference(bundle, manifest, images)
-    encoded = [encodings(img, manifest.preprocessing.resize) for img in images]
     names = list(encoded[0])
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="vitc-served-") as tmp:
@@ -184,7 +223,12 @@ def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | Non
                           jpeg_draft_cost_points=round(cost, 3),
                           jpeg_draft=cost <= DRAFT_BUDGET_POINTS and len(images) >= MIN_DRAFT_SAMPLES,
                           created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    write_manifest(bundle, replace(read_manifest(bundle), served=record))
+    try:
+        write_manifest(bundle, replace(read_manifest(bundle), served=record))
+    except OSError as exc:
+        if disk_full(exc) or out_of_memory(exc):  # the machine failing (exit 1), not the bundle
+            raise
+        raise ServedError(f"cannot record it in {bundle / 'manifest.json'}: {exc.strerror or exc}") from None
     return record
 
 

@@ -20,15 +20,19 @@ class SampleError(ValueError):
 
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # the encoders' largest image side (libjpeg, libwebp)
 
 
 def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     """Save val image `index` of `dataset` to `out` (PNG, JPEG or WebP, by its extension), or the next one that
-    decodes when it does not (as training replaces a corrupt file); returns (the index written, its label); raises
-    SampleError."""
+    decodes when it does not (as training replaces a corrupt file), as the pixels a model trained on `dataset` sees;
+    returns (the index written, its label); raises SampleError."""
     import io
 
-    from data.datasets import DatasetError, load_dataset
+    from data.datasets import DatasetError, default_preprocessing, load_dataset
+    from models.cli import disk_full, out_of_memory
+    from models.preprocessing import to_mode
+    from runtimes.base import first_line
 
     if Path(out).is_dir():  # checked before the data is loaded: the rename onto a directory would fail last
         raise SampleError(f"--out {out} is a directory; give a file name such as {Path(out) / 'sample.png'}")
@@ -44,15 +48,30 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
         image = chosen.images.image(0)
     except DatasetError as exc:
         raise SampleError(str(exc)) from None
+    written = index + len(chosen.skipped)
+    # The colour space training gives a model of this dataset (the size plays no part in it), and the conversion
+    # training, evaluation and the server share: 16/32-bit and float grey scaled to 8 bits, alpha composited on
+    # black. Saved as decoded, a float TIFF cannot be written at all, and a 16-bit or RGBA image as JPEG or WebP
+    # would carry other pixels (saturated, alpha dropped) than the ones the model saw at validation.
+    mode = default_preprocessing(dataset, 224).mode
+    what = f"val #{written} ({image.mode} {image.size[0]}x{image.size[1]}): cannot write it as {fmt}"
+    limit = MAX_SIDE.get(fmt)
+    if limit is not None and max(image.size) > limit:  # said here: libjpeg would print to stderr first
+        raise SampleError(f"{what}: more than {limit} pixels a side; write a .png")
     buf = io.BytesIO()
-    if fmt == "JPEG" and image.mode not in ("L", "RGB", "CMYK"):  # JPEG has no alpha or palette
-        image = image.convert("RGB")
-    image.save(buf, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))  # PNG: the pixels exactly
+    try:
+        to_mode(image, mode).save(buf, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))  # PNG: exact
+    except (OSError, ValueError) as exc:  # an image the encoder refuses, or float pixels that are NaN
+        if out_of_memory(exc):  # the machine failing: one line and exit 1 (models.cli.run)
+            raise
+        raise SampleError(f"{what}: {first_line(exc)}") from None
     try:
         atomic_write_bytes(out, buf.getvalue())
     except OSError as exc:  # read-only or virtual file system, no permission, a file in the path
+        if disk_full(exc):  # the machine failing: one line and exit 1 (models.cli.run)
+            raise
         raise SampleError(f"--out {out}: cannot write it: {exc.strerror or exc}") from None
-    return index + len(chosen.skipped), chosen.images.class_names[int(chosen.images.labels[0])]
+    return written, chosen.images.class_names[int(chosen.images.labels[0])]
 
 
 def main(argv: list[str] | None = None) -> int:
