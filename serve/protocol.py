@@ -152,6 +152,9 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
             raise ProtocolError(f"the body continues after the JSON at byte {end}: to send binary tensor data "
                                 f"after the JSON, send {HEADER_LENGTH}: {end}"
                                 + ("" if n is None else f" (not {n})")) from None
+        if n is not None and (end := _cut_json_end(body, n, max_containers)) is not None:
+            raise ProtocolError(f"{HEADER_LENGTH} {n} ends inside the JSON, which ends at byte {end}: send "
+                                f"{HEADER_LENGTH}: {end}") from None
         raise ProtocolError(f"request is not valid JSON: {_short(exc)}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("request must be a JSON object")
@@ -232,6 +235,21 @@ def _json_end(body: bytes, exc: Exception) -> int | None:
         return None
     # Byte offset of the end (not the error's position: tensor bytes may look like JSON whitespace).
     return len(text[:end].encode("utf-8", "surrogatepass")) if isinstance(doc, dict) else None
+
+
+def _cut_json_end(body: bytes, n: int, max_containers: int | None) -> int | None:
+    """Where the JSON at the start of `body` ends when a header length `n` shorter than it cut it (None: the JSON
+    is what is wrong). Parsed again from the whole body only within the request's bound on arrays and objects."""
+    if max_containers is not None and body.count(b"[") + body.count(b"{") > max_containers:
+        return None  # tensor bytes that look like brackets: no hint rather than an unbounded parse
+    try:
+        json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        end = _json_end(body, exc)
+        return end if end is not None and end > n else None
+    return len(body) if len(body) > n else None  # all of it is JSON
 
 
 def _short(exc: BaseException) -> str:

@@ -117,6 +117,10 @@ def test_a_binary_body_without_its_header_length_says_which_to_send(client, tail
     assert r.status_code == 400 and hint in r.json()["error"] and "not valid JSON" not in r.json()["error"], r.text
     r = client.post(INFER, content=head + tail, headers={HEADER: str(len(head) + 8)})  # a wrong length: the same
     assert r.status_code == 400 and f"{hint} (not {len(head) + 8})" in r.json()["error"], r.text
+    for short in (len(head) // 2, len(head) - 1):  # a length that cuts the JSON: the same hint
+        r = client.post(INFER, content=head + tail, headers={HEADER: str(short)})
+        assert r.status_code == 400 and f"{HEADER} {short} ends inside the JSON" in r.json()["error"], r.text
+        assert hint in r.json()["error"], r.text
     r = client.post(INFER, content=head + tail, headers={HEADER: str(len(head))})  # as told: served
     assert r.status_code == 200, r.text
     got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, CLASSES)
