@@ -127,6 +127,18 @@ def test_a_resumed_run_keeps_the_command_that_reruns_it(tmp_path, capsys, train_
     assert code == 0, err
     line = json.loads((out / "checkpoint.json").read_text())["training"]["command_line"]
     assert "--model vit_c_micro" in line and "--resume" not in line, line
+    # ... and says where the run now stops: resumed to the end, the rerun has no --max-steps 1 (it trained 2 epochs)
+    assert "--max-steps" not in line, line
+
+
+def test_the_command_line_of_a_run_resumed_further_stops_where_it_stopped():
+    from train.config import with_max_steps
+
+    began = ("python", "-m", "train", "--model", "m", "--max-steps", "5", "--out", "r")
+    assert with_max_steps(began, 8) == ("python", "-m", "train", "--model", "m", "--out", "r", "--max-steps", "8")
+    assert with_max_steps(began, 0) == ("python", "-m", "train", "--model", "m", "--out", "r")
+    assert with_max_steps(("python", "-m", "train", "--max-steps=5"), 7) == ("python", "-m", "train", "--max-steps",
+                                                                              "7")
 
 
 def test_a_train_class_without_images_is_refused_by_name(tmp_path, capsys, train_cli):

@@ -189,6 +189,22 @@ def normalize_dataset(name: str) -> str:
     return name if name in EMBEDDED else str(Path(name).expanduser().resolve())
 
 
+def with_max_steps(command: tuple[str, ...], steps: int) -> tuple[str, ...]:
+    """`command` with its --max-steps set to `steps` (left out for 0: no limit)."""
+    kept: list[str] = []
+    skip = False
+    for i, arg in enumerate(command):
+        if skip:
+            skip = False
+            continue
+        if arg == "--max-steps" and i + 1 < len(command):
+            skip = True
+            continue
+        if not arg.startswith("--max-steps="):
+            kept.append(arg)
+    return (*kept, "--max-steps", str(steps)) if steps else tuple(kept)
+
+
 def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> TrainConfig:
     """Recipe defaults (or a resumed run's saved config) overridden by the explicitly given options."""
     explicit = {k: v for k, v in explicit.items() if v is not None}
@@ -197,8 +213,12 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     if saved is not None:
         # How the run was started is not how it goes on: a run begun with --overwrite resumes like any other.
         base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)} and k != "overwrite"}
-        # The command that reruns the training is the one that began it, not the `--resume` one.
-        kept = {"command": base["command"]} if base.get("command") else {}
+        # The command that reruns the training is the one that began it, not the `--resume` one, with where the
+        # run now stops (the one runtime option that decides the weights).
+        kept = {}
+        if base.get("command"):
+            steps = explicit.get("max_steps", base.get("max_steps", 0))
+            kept["command"] = with_max_steps(tuple(base["command"]), steps)
         merged = TrainConfig.from_dict({**base, **explicit, **kept})
         old = TrainConfig.from_dict(base).trajectory()
         changed = sorted(k for k, v in merged.trajectory().items() if old.get(k) != v)
