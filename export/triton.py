@@ -293,8 +293,10 @@ def _instance_kinds(manifest: Manifest, artifacts: Sequence[Artifact], kind: str
             notes.append(f"{model_name(manifest, a)}: KIND_{kinds[a.id].upper()}, not KIND_{wanted.upper()}{whose}: "
                          f"Triton's {rt.triton_backend} backend runs it on the {kinds[a.id].upper()} only")
     if kind is not None and kind not in kinds.values():
+        held = sorted({a.runtime for a in artifacts})
+        which = f"{' and '.join(held)} {'artifact does' if len(held) == 1 else 'artifacts do'}"
         raise RepositoryError(f"--kind {kind}: no model of bundle {manifest.name!r} runs on the {kind.upper()} in "
-                              f"Triton ({', '.join(sorted({a.runtime for a in artifacts}))} do not)")
+                              f"Triton (its {which} not)")
     return kinds
 
 

@@ -238,7 +238,7 @@ def test_gpu_instances_only_for_runtimes_triton_runs_on_a_gpu_and_one_gpu_by_def
     assert _model(repo)["resources"]["limits"]["nvidia.com/gpu"] == 1
     ov_only = _renamed(bundle, tmp_path, "ov", keep=lambda a: a.runtime != "onnxruntime")
     err = _refused([str(ov_only), "--out", str(tmp_path / "ov-repo"), "--kind", "gpu"], capsys)
-    assert "--kind gpu: no model of bundle 'ov' runs on the GPU" in err
+    assert "--kind gpu: no model of bundle 'ov' runs on the GPU in Triton (its openvino artifact does not)" in err
     assert not (tmp_path / "ov-repo").exists()
 
 
