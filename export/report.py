@@ -61,6 +61,8 @@ def rows(manifest: Manifest, problems: dict[str, str] | None = None) -> list[lis
 
         delta = f"{p['accuracy_delta'] * 100:+.2f}" if "accuracy_delta" in p else "-"
         status = (f"CORRUPT: {problems[a.id]}" if a.id in problems
+                  # a server reads the golden inputs (and the manifest's record) before any artifact: none loads
+                  else "not servable: the golden inputs (above)" if a.servable and "golden" in problems
                   else "servable" if a.servable else f"REFUSED: {a.refused_reason}")
         out.append([
             a.id, f"{a.runtime} {a.runtime_version}".strip(), f"{size / 1e6:.2f}",

@@ -71,7 +71,9 @@ def test_the_report_checks_the_files_it_reports_on(bundle, tmp_path, capsys):
     assert "CORRUPT: manifest.json was edited after export" in out
     onnx = next(line for line in out.splitlines() if line.startswith("onnx-fp32"))
     assert "CORRUPT: artifact file" in onnx and "(tampered or corrupt)" in onnx
-    assert all("CORRUPT" not in line for line in out.splitlines() if line.startswith("openvino-"))
+    openvino = [line for line in out.splitlines() if line.startswith("openvino-")]
+    assert openvino and all("CORRUPT" not in line for line in openvino)
+    assert all(line.rstrip().endswith("not servable: the golden inputs (above)") for line in openvino)  # none loads
     assert err.strip() == f"error: corrupt, will not load: {broken}: golden, onnx-fp32"
 
 
