@@ -4,10 +4,12 @@ One collector task per model waits for a free inference slot, then takes the old
 else arrives before that request's deadline (`max_delay` after it was queued) or until `max_batch` rows.
 Batches run in a thread pool with `parallel` workers (OpenVINO streams use several). Admission is counted in
 images (rows) for a request's whole life and bounded: a full model refuses at once (the caller answers 503)
-instead of growing latency without limit. A batch that fails is retried request by request, so one bad request
-cannot fail its neighbours. A batch that runs past `timeout_s` fails its requests (504) and stalls the model: it
-reports not ready and refuses work until the stuck call has returned and a probe batch has succeeded (probes pause
-longer and longer between tries). The stall and the recovery are logged.
+instead of growing latency without limit, and a request larger than the bound can never fit (TooLarge: 413). A
+batch that fails is retried request by request, so one bad request cannot fail its neighbours. A batch that runs
+past `timeout_s` fails its requests (504) and stalls the model: it reports not ready and refuses work until the
+stuck call has returned and a probe batch has succeeded (probes pause longer and longer between tries). The stall
+and the recovery are logged. Closing drains for a timeout, then answers every request still held (BatcherClosed),
+computing or not.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ class QueueFull(Exception):
 
 class BatcherClosed(Exception):
     """The batcher is shutting down and takes no new work."""
+
+
+class TooLarge(Exception):
+    """A request with more images than the model ever holds in progress: it can never be admitted."""
+
+    def __init__(self, model: str, images: int, limit: int) -> None:
+        super().__init__(f"a request of {images} images can never fit model {model!r}'s limit of {limit} images "
+                         "in progress")
+        self.model, self.images, self.limit = model, images, limit
 
 
 class NotReady(Exception):
@@ -99,7 +110,7 @@ class DynamicBatcher:
         self._carry: _Item | None = None  # taken from the queue but did not fit the last batch
         self._forming: list[_Item] = []
         self._slots: asyncio.Semaphore | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, list[_Item]] = {}  # the batches being computed, by their task
         self._collector: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._closing = False
@@ -127,14 +138,14 @@ class DynamicBatcher:
         return self._admitted
 
     def admit(self, images: int = 1) -> _Admission:
-        """Reserve places for a request's images for its whole life; QueueFull when they do not fit now."""
+        """Reserve places for a request's images for its whole life; QueueFull when they do not fit now, TooLarge
+        when they never can."""
         if self._closing:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
         if self._stalled:
             raise NotReady(f"model {self.name!r} is not ready (a batch exceeded {self.timeout_s:g} s); retry later")
         if images > self.max_queue:
-            raise QueueFull(f"a request of {images} images can never fit model {self.name!r}'s limit of "
-                            f"{self.max_queue} images in progress")
+            raise TooLarge(self.name, images, self.max_queue)
         if self._admitted + images > self.max_queue:
             raise QueueFull(f"model {self.name!r} has {self._admitted} of {self.max_queue} images in progress")
         self._admitted += images
@@ -182,8 +193,8 @@ class DynamicBatcher:
                 continue
             self._running_rows += sum(it.rows for it in batch)
             task = loop.create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._running[task] = batch
+            task.add_done_callback(lambda t: self._running.pop(t, None))
 
     async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
         if self._carry is None:
@@ -255,6 +266,9 @@ class DynamicBatcher:
         except Exception as exc:
             for it in batch:
                 _fail(it, exc)
+        except BaseException:  # cancelled by close() past its drain: the requests are answered, not left waiting
+            self._fail_closed(batch, "while this request ran")
+            raise
         finally:
             try:
                 if stuck:  # the slot is this worker thread's: it is free only once the stuck call has returned
@@ -345,27 +359,44 @@ class DynamicBatcher:
             row += it.rows
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Stop taking work, finish what is queued or running (up to `timeout`), then stop the pool."""
+        """Stop taking work, finish what is queued or running (up to `timeout`), then stop the pool. However it ends
+        (past the timeout, or cancelled itself), every request it held is answered: its result or BatcherClosed."""
         self._closing = True
         self._closed.set()
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while (self.depth or self._running) and loop.time() < end:
-            await asyncio.sleep(0.01)
-        for task in list(self._running):  # past the timeout (a hung backend): stop waiting for it
-            task.cancel()
+        try:
+            while (self.depth or self._running) and loop.time() < end:
+                await asyncio.sleep(0.01)
+        finally:
+            self._stop()
         if self._collector:
-            self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
+
+    def _stop(self) -> None:
+        """Past the drain: cancel what still runs (a hung backend: stop waiting for it), fail every request not
+        answered yet, and stop the pool. Synchronous, so that a cancelled close() still does all of it."""
+        running = list(self._running.items())
+        for task, batch in running:
+            task.cancel()
+            self._fail_closed(batch, "while this request ran")
+        if self._collector:
+            self._collector.cancel()
         leftovers = [*self._forming, *([self._carry] if self._carry else [])]
+        self._forming, self._carry = [], None
         while self._queue and not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
-        for it in leftovers:
-            _fail(it, BatcherClosed(f"model {self.name!r} shut down before this request ran"))
+        self._fail_closed(leftovers, "before this request ran")
         if self._pool:
             # A hung backend call cannot be interrupted: do not wait for its thread when it outlived the timeout.
-            self._pool.shutdown(wait=not self._running and not self._stalled, cancel_futures=True)
+            self._pool.shutdown(wait=not running and not self._stalled, cancel_futures=True)
+
+    def _fail_closed(self, items: list[_Item], when: str) -> None:
+        """Answer the requests of `items` not answered yet: the model shut down (503, retry: a reload's new version
+        or another replica serves them)."""
+        for it in items:
+            _fail(it, BatcherClosed(f"model {self.name!r} shut down {when}"))
 
 
 class _Admission:

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from serve.stats import Observers
 
 log = logging.getLogger("vitc.serve")
 MAX_LISTED = 4096  # directory entries of a repository looked at for its index
+LOAD_THREADS = "vitc-load"  # the name of the threads loads run in (serve.server names them when they outlive a stop)
 
 
 class LoadError(Exception):
@@ -69,6 +71,9 @@ class ModelRepository:
         self.unloaded: set[str] = set()
         self._turns: dict[str, _Turn] = {}  # only names being loaded or unloaded: bounded by the work in progress
         self._retiring: set[asyncio.Task] = set()
+        # Loads run in threads of their own, not the loop's default executor: asyncio.run waits for that one at exit,
+        # so a SIGTERM during a long load (a TensorRT engine build) would keep the process up until the load ended.
+        self._loader = ThreadPoolExecutor(thread_name_prefix=LOAD_THREADS)
 
     async def start(self) -> None:
         """Start a batcher for every model loaded before the server bound its port."""
@@ -144,8 +149,12 @@ class ModelRepository:
                 version = source.selected()[0]
             except (BundleError, ConfigError, OSError) as exc:
                 raise self._failed(name, "", f"model {name!r}: {exc}") from None
+            job = self._loader.submit(load_model, source, self.settings)
             try:
-                model = await asyncio.get_running_loop().run_in_executor(None, load_model, source, self.settings)
+                model = await asyncio.wrap_future(job)
+            except asyncio.CancelledError:  # the request was cancelled (shutdown): a load that ends later is freed
+                job.add_done_callback(_close_abandoned)
+                raise
             except ServeError as exc:
                 raise self._failed(name, version, str(exc)) from None
             except MemoryError:
@@ -255,6 +264,14 @@ class ModelRepository:
         self.models.clear()
         await asyncio.gather(*(m.batcher.close(timeout) for m in loaded if m.batcher is not None))
         close_models({m.name: m for m in loaded})
+        # A load still running is not waited for (serve.server exits past it, saying so).
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_abandoned(job: Future) -> None:
+    """Free the runtime of a load whose request was cancelled before it ended."""
+    if not job.cancelled() and job.exception() is None:
+        job.result().backend.close()
 
 
 def _is_dir(path: os.PathLike) -> bool:

@@ -2,16 +2,22 @@
 
 Models load before the port is bound, so a bad bundle or a missing runtime fails fast with one line and a
 load balancer never sees a half-started server. SIGTERM stops accepting, lets in-flight requests finish
-(up to `graceful_timeout_s`), drains the batchers, and exits 0.
+(up to `graceful_timeout_s`), drains the batchers, and exits 0, without waiting for work that cannot be stopped
+(a hung backend call, a load in progress): that is named in a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import NoReturn
 
 from serve.errors import ServeError
 from serve.logs import configure_logging
@@ -21,6 +27,7 @@ from serve.settings import Settings, service_links, unknown_environment
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
 FILES_RESERVED = 256  # descriptors kept from connections: model files, logs, clients being turned away
+STUCK_WAIT_S = 1.0  # once stopped: how long the threads still working get to end before the process exits past them
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -153,3 +160,41 @@ def run(settings: Settings) -> None:
                                  "device": settings.device, "max_connections": connections,
                                  "process_age_s": process_age()})
     server.run(sockets=[sock])
+    if stuck := stuck_threads(STUCK_WAIT_S):
+        exit_past(stuck, 0)  # the code a stop without them gives
+
+
+def stuck_threads(wait_s: float) -> list[threading.Thread]:
+    """The threads that would keep the process from exiting, still alive `wait_s` seconds from now: Python joins
+    every thread that is not a daemon at exit, a thread pool's even after shutdown(wait=False), so a backend call
+    that never returns (the inference timeout answered 504 long ago) or a load in progress would hold the process
+    past SIGTERM until it is killed."""
+    end = time.monotonic() + wait_s
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    for t in others:
+        t.join(max(0.0, end - time.monotonic()))
+    return [t for t in others if t.is_alive()]
+
+
+def abandoned(thread: threading.Thread) -> str:
+    """What a thread still running is doing, by the name its pool gave it."""
+    from serve.repository import LOAD_THREADS
+
+    pool = thread.name.rsplit("_", 1)[0]  # ThreadPoolExecutor names its threads PREFIX_N
+    if pool.startswith("infer-"):
+        return f"a backend call of model {pool.removeprefix('infer-')!r} still running"
+    if pool == LOAD_THREADS:
+        return "a load still running"
+    return f"thread {thread.name!r} still running"
+
+
+def exit_past(threads: list[threading.Thread], code: int) -> NoReturn:
+    """Log what is abandoned, flush the logs, and end the process now with `code`, without joining `threads`."""
+    what = sorted({abandoned(t) for t in threads})
+    log.warning("exiting without waiting for work still running",
+                extra={"abandoned": what, "threads": [t.name for t in threads][:20]})
+    logging.shutdown()  # flushes the handlers, as the interpreter's exit would
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

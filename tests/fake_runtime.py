@@ -6,12 +6,13 @@ open, so tests see which options the export's parity gate and the server hand a 
 (`VITC_RUNTIMES=fake_runtime`, tests/ on PYTHONPATH) it can misbehave on purpose, steered by the input's first
 value: SLOW (sleeps a second), HANG (blocks while the file $FAKE_RUNTIME_HANG exists); and it appends the first
 value of every row it computes to $FAKE_RUNTIME_LOG. With $FAKE_RUNTIME_LOADING set, loading touches that file and
-then takes a minute.
+then takes a minute; while the file $FAKE_RUNTIME_LOAD_HANG exists, a load writes "loading" into it and blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -57,6 +58,10 @@ class FakeBackend:
         if loading := os.environ.get("FAKE_RUNTIME_LOADING"):  # a slow load: says it started, then takes its time
             Path(loading).touch()
             time.sleep(60)
+        if (hang := os.environ.get("FAKE_RUNTIME_LOAD_HANG")) and Path(hang).exists():
+            Path(hang).write_text("loading")
+            while Path(hang).exists():
+                time.sleep(0.01)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         firsts = batch.reshape(len(batch), -1)[:, 0]
@@ -92,6 +97,14 @@ def server_env(tmp_path: Path) -> dict[str, str]:
     repo = Path(__file__).resolve().parents[1]
     return {"VITC_RUNTIMES": "fake_runtime", "PYTHONPATH": f"{repo / 'tests'}:{repo}",
             "FAKE_RUNTIME_LOG": str(tmp_path / "computed.log"), "FAKE_RUNTIME_HANG": str(tmp_path / "hang")}
+
+
+def request_body(first: float, rows: int = 1) -> bytes:
+    """A v2 JSON request of `rows` rows whose first value is `first` (what steers this runtime: SLOW, HANG)."""
+    x = np.full((rows, 3, 32, 32), 0.25, np.float32)
+    x[:, 0, 0, 0] = first
+    return json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
 
 
 def write_bundle(dest: Path) -> Path:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import fake_runtime
 import httpx
-import numpy as np
 import pytest
 from test_serve_fixtures import animal_pngs, start_server
 
@@ -25,13 +24,6 @@ V2 = "/v2/models/fake/infer"
 def bundle(tmp_path_factory) -> Path:
     """The legacy bundle plus one servable fake artifact."""
     return fake_runtime.write_bundle(tmp_path_factory.mktemp("faults") / "fake")
-
-
-def _tensor(first: float, rows: int = 1) -> bytes:
-    x = np.full((rows, 3, 32, 32), 0.25, np.float32)
-    x[:, 0, 0, 0] = first
-    return json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.ravel().tolist()}]}).encode()
 
 
 def _computed(tmp_path: Path) -> list[float]:
@@ -50,22 +42,22 @@ def test_a_hung_backend_answers_504_goes_unready_and_recovers(bundle, tmp_path):
     with start_server(["--model", f"fake={bundle}", "--backend", "fake", "--inference-timeout-s", "0.5",
                        "--parallel", "1"], tmp_path / "server.log", env) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
-        assert client.post(V2, content=_tensor(1.0)).status_code == 200
+        assert client.post(V2, content=fake_runtime.request_body(1.0)).status_code == 200
         t0 = time.monotonic()
-        r = client.post(V2, content=_tensor(fake_runtime.HANG))
+        r = client.post(V2, content=fake_runtime.request_body(fake_runtime.HANG))
         assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"], r.text
         assert time.monotonic() - t0 < 5
         # While the call is stuck the model is not ready and refuses work at once (no queueing behind it).
         assert client.get("/v2/health/ready").status_code == 503
         assert client.get("/v2/models/fake/ready").json()["ready"] is False
-        r = client.post(V2, content=_tensor(2.0))
+        r = client.post(V2, content=fake_runtime.request_body(2.0))
         assert r.status_code == 503 and r.headers["retry-after"] and "not ready" in r.json()["error"]
         (tmp_path / "hang").unlink()  # the backend call returns; a probe batch succeeds; ready again
         end = time.monotonic() + 10
         while client.get("/v2/health/ready").status_code != 200 and time.monotonic() < end:
             time.sleep(0.05)
         assert client.get("/v2/health/ready").status_code == 200
-        assert client.post(V2, content=_tensor(3.0)).status_code == 200
+        assert client.post(V2, content=fake_runtime.request_body(3.0)).status_code == 200
         assert 2.0 not in _computed(tmp_path), "a refused request was computed"
         # The operator sees it: a warning when the model stalled, a line when it recovered, a timeout counted.
         assert _metric(client, 'vitc_inference_timeouts_total{model="fake"}') == 1
@@ -88,11 +80,12 @@ def test_a_client_that_leaves_has_its_queued_work_dropped(bundle, tmp_path):
 
         async def scenario() -> None:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as ac:
-                slow = asyncio.create_task(ac.post(V2, content=_tensor(fake_runtime.SLOW)))  # holds the backend 1 s
+                # holds the backend 1 s
+                slow = asyncio.create_task(ac.post(V2, content=fake_runtime.request_body(fake_runtime.SLOW)))
                 end = time.monotonic() + 10
                 while fake_runtime.SLOW not in _computed(tmp_path) and time.monotonic() < end:
                     await asyncio.sleep(0.01)  # until the slow batch is running
-                body = _tensor(11.0)
+                body = fake_runtime.request_body(11.0)
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 writer.write(f"POST {V2} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -118,7 +111,7 @@ def test_a_client_that_leaves_has_its_queued_work_dropped(bundle, tmp_path):
             time.sleep(0.05)
         assert _metric(client, 'vitc_client_disconnects_total{model="fake",stage="upload"}') == 1
         assert _metric(client, 'vitc_requests_total{endpoint="/v2/models/{name}/infer",model="fake",status="500"}') == 0
-        assert client.post(V2, content=_tensor(1.0)).status_code == 200
+        assert client.post(V2, content=fake_runtime.request_body(1.0)).status_code == 200
     assert "unhandled error" not in server.logs()
 
 
@@ -129,12 +122,13 @@ def test_admission_counts_every_image_of_a_request(bundle, tmp_path):
         client = httpx.Client(base_url=server.url, timeout=30)
         files = [("file", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
         r = client.post("/v1/models/fake/classify", files=files)
-        assert r.status_code == 503 and "5 images can never fit" in r.json()["error"]
+        # More than the bound can never fit: 413 (the request's size), not a 503 to retry.
+        assert r.status_code == 413 and "5 images can never fit" in r.json()["error"]
         ok = client.post("/v1/models/fake/classify", files=files[:4])
         assert ok.status_code == 200 and len(ok.json()) == 4
-        r = client.post(V2, content=_tensor(1.0, rows=5))
-        assert r.status_code == 503
-        assert client.post(V2, content=_tensor(1.0, rows=4)).status_code == 200
+        r = client.post(V2, content=fake_runtime.request_body(1.0, rows=5))
+        assert r.status_code == 413
+        assert client.post(V2, content=fake_runtime.request_body(1.0, rows=4)).status_code == 200
 
 
 def _png(w: int, h: int) -> bytes:
@@ -204,10 +198,10 @@ def test_a_full_model_answers_503_at_once_and_sigterm_loses_no_admitted_request(
     try:
         client = httpx.Client(base_url=server.url, timeout=60)
         pool = ThreadPoolExecutor(31)
-        first = pool.submit(client.post, V2, content=_tensor(fake_runtime.HANG))
+        first = pool.submit(client.post, V2, content=fake_runtime.request_body(fake_runtime.HANG))
         time.sleep(0.5)  # the hung batch is running
         end = time.monotonic() + 20
-        rest = [pool.submit(client.post, V2, content=_tensor(float(i))) for i in range(30)]
+        rest = [pool.submit(client.post, V2, content=fake_runtime.request_body(float(i))) for i in range(30)]
         while sum(f.done() for f in rest) < 11 and time.monotonic() < end:
             time.sleep(0.02)
         refused = [f.result() for f in rest if f.done()]

@@ -141,15 +141,14 @@ def test_statistics_count_valid_requests_only_the_same_way_on_v1_and_v2(client):
         client.post(CLASSIFY, content=animal_pngs(1)[0], headers=png, params={"top_k": 0}),
         client.post(V2, json=_tensor(shape=(2, 3, 32, 31))),  # wrong shape
         client.post(V2, json=_tensor(datatype="FP64")),  # wrong datatype
-    ]
-    assert [r.status_code for r in refused] == [400, 400, 422, 422, 400, 400], [r.text for r in refused]
-    assert fails() == before  # a client's invalid request is no failed inference (as Triton counts)
-    counted = [
+        # more images than --max-queue-size 4: it can never be admitted
         client.post(CLASSIFY, files=[("file", (f"{i}.png", p, "image/png")) for i, p in enumerate(animal_pngs(5))]),
-        client.post(V2, json=_tensor(value=3e38)),  # valid, but the model's outputs overflow
     ]
-    assert [r.status_code for r in counted] == [503, 422], [r.text for r in counted]
-    assert fails() == before + 5 + 1  # each file of a multipart request is an inference request of its own
+    assert [r.status_code for r in refused] == [400, 400, 422, 422, 400, 400, 413], [r.text for r in refused]
+    assert fails() == before  # a client's invalid request is no failed inference (as Triton counts)
+    counted = client.post(V2, json=_tensor(value=3e38))  # valid, but the model's outputs overflow
+    assert counted.status_code == 422, counted.text
+    assert fails() == before + 1
 
 
 def test_a_multipart_request_counts_each_file_alike_in_success_queue_and_compute(client):

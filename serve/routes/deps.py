@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import Depends, Request
 
-from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull
+from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull, TooLarge
 from serve.errors import APIError, ClientGone
 from serve.middleware import body_hold
 from serve.protocol import ProtocolError, decompress
@@ -28,7 +28,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"example": {"error": "reason"}}}}
     for code, text in {
         400: "Undecodable or malformed input", 401: "Missing or invalid bearer token", 404: "Unknown model",
-        413: "Body or image too large", 415: "Unsupported content type", 422: "Invalid parameter",
+        413: "Body or image too large, or more images than --max-queue-size", 415: "Unsupported content type",
+        422: "Invalid parameter",
         503: "Queue, decode pool or decode budget full; model stalled or shutting down (see Retry-After)",
         504: "Inference exceeded the model's timeout",
     }.items()
@@ -160,11 +161,12 @@ def recorded(model: ServedModel, rows: int = 1, requests: int = 1) -> Iterator[N
     failure, with its time in the server; only the rows of requests answered successfully count as inferences."""
     # The rule follows Triton, whose statistics start once a request has passed validation (PrepareForInference)
     # and reached its scheduler. A request refused for its own content (wrong shape, datatype, batch size or output,
-    # a bad top_k, an image that does not decode: 4xx) counts nowhere, on /v1 as on /v2: the routes check it before
-    # this block, or raise InvalidInput inside it. A valid one is a success, or a failure when it is refused for load
-    # (503: queue full, model stalled, decode pool busy; Triton's REJECTED, though Triton leaves out its own
-    # max_queue_size refusals: here an operator sees shed load), passes the inference timeout (504), meets a backend
-    # error (500) or outputs that are not finite (422), or its client leaves (Triton's CANCELED).
+    # a bad top_k, an image that does not decode, more images than --max-queue-size: 4xx) counts nowhere, on /v1 as
+    # on /v2: the routes check it before this block, or raise InvalidInput inside it. A valid one is a success, or a
+    # failure when it is refused for load (503: queue full, model stalled, decode pool busy; Triton's REJECTED,
+    # though Triton leaves out its own max_queue_size refusals: here an operator sees shed load), passes the
+    # inference timeout (504), meets a backend error (500) or outputs that are not finite (422), or its client
+    # leaves (Triton's CANCELED).
     start = time.perf_counter()
     try:
         yield
@@ -182,6 +184,10 @@ def admission(model: ServedModel, images: int = 1) -> Iterator[None]:
     request as a user of this version: what an unload or reload waits for before closing it."""
     try:
         admitted = model.batcher.admit(images)
+    except TooLarge as exc:
+        # The request's own size, not the server's load: no Retry-After (it would be retried for ever), and no
+        # failed inference in the statistics (as a wrong shape).
+        raise InvalidInput(413, f"{exc}: split the request, or raise --max-queue-size") from None
     except (QueueFull, NotReady, BatcherClosed) as exc:
         raise _unavailable(exc) from None
     model.users += 1

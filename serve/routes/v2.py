@@ -207,7 +207,8 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
     return {
         "name": model.name,
         "platform": model.platform,
-        "max_batch_size": 0 if unbatched else model.max_batch,
+        # The largest batch a request may carry: more images than --max-queue-size can never be admitted (413).
+        "max_batch_size": 0 if unbatched else min(model.max_batch, settings.max_queue_size),
         "input": [{"name": model.input_name, "data_type": "TYPE_FP32", **tensor}],
         "output": [{"name": model.output_name, "data_type": "TYPE_FP32",
                     "dims": [-1, len(model.labels)] if unbatched else [len(model.labels)],
