@@ -105,6 +105,11 @@ class ServedModel:
         """The Open Inference Protocol platform name, as Triton reports it."""
         return runtimes.get(self.backend.runtime).triton_platform
 
+    @property
+    def triton_backend(self) -> str:
+        """The Triton backend that serves this model's runtime ("" when Triton has none for it)."""
+        return runtimes.get(self.backend.runtime).triton_backend or ""
+
     def info(self) -> dict[str, Any]:
         """The public description (GET /v1/models/{name})."""
         m = self.manifest

@@ -111,10 +111,10 @@ class ModelRepository:
         """Why a model the server knows is not served (its last load's failure, or an unload); None otherwise."""
         if name in self.models:
             return None
+        if name in self.unloaded:  # the latest news: a load that failed earlier was superseded by the unload
+            return f"unloaded (load it again: POST /v2/repository/models/{name}/load)"
         reasons = [why for (n, _), why in self.failures.items() if n == name]
-        if reasons:
-            return reasons[-1]
-        return f"unloaded (load it again: POST /v2/repository/models/{name}/load)" if name in self.unloaded else None
+        return reasons[-1] if reasons else None
 
     def __contains__(self, name: object) -> bool:
         """Whether `name` is a model this server knows: served, served before, or a model directory of its
@@ -178,6 +178,8 @@ class ModelRepository:
     def _failed(self, name: str, version: str, reason: str) -> LoadError:
         """Remember and log why a load of a known model failed (what served before serves on)."""
         self.failures[(name, version)] = reason
+        if name not in self.models:  # not served: this failure, not an earlier unload, is why
+            self.unloaded.discard(name)
         log.warning("load failed", extra={"model": name, "version": version or None, "reason": reason})
         return LoadError(reason)
 

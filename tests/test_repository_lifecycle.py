@@ -256,6 +256,23 @@ def test_unload_is_idempotent_for_known_models_as_in_triton(fake, repo):
         assert r.status_code == 400 and "no model 'nope'" in r.json()["error"]
 
 
+def test_the_reason_a_model_is_not_served_is_the_latest_one(fake, repo):
+    config = repo / NAME / "config.pbtxt"
+    with client(served(repo)) as c:
+        good = config.read_text() if config.exists() else None
+        config.write_text(CONFIG.replace("max_queue_delay_microseconds", "max_queue_delay_microsecond"))
+        r = c.post(f"/v2/repository/models/{NAME}/load")
+        assert r.status_code == 400 and c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the old one serves
+        config.write_text(good) if good is not None else config.unlink()
+        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
+        r = c.get(f"/v2/models/{NAME}/ready")  # unloaded since that failure: says so, not the stale config error
+        assert r.status_code == 404 and "is not available: unloaded" in r.json()["error"], r.text
+        config.write_text(CONFIG.replace("max_queue_delay_microseconds", "max_queue_delay_microsecond"))
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 400
+        r = c.get(f"/v2/models/{NAME}/ready")  # a failed load after the unload: that failure is why
+        assert r.status_code == 404 and "max_queue_delay_microsecond" in r.json()["error"], r.text
+
+
 def test_names_that_are_not_models_leave_no_state(fake, repo):
     async def run() -> None:
         repository = ModelRepository(served(repo), Metrics(), load_models(served(repo)))

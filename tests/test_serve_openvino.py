@@ -50,6 +50,10 @@ def test_openvino_model_info(server):
     info = httpx.get(server.url + "/v1/models/micro").json()
     assert (info["runtime"], info["precision"]) == ("openvino", "fp32")
     assert httpx.get(server.url + "/v2/models/micro").json()["platform"] == "openvino"
+    # The config names the backend, as Triton's does: written back to a config.pbtxt, it loads (a platform alone
+    # does not, for OpenVINO).
+    config = httpx.get(server.url + "/v2/models/micro/config").json()
+    assert (config["platform"], config["backend"]) == ("openvino", "openvino")
 
 
 def test_classification_equals_openvino(server, pngs, direct):

@@ -314,6 +314,7 @@ def test_hot_reload_under_load_drops_no_request_and_refuses_a_bad_version(bundle
                           .replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 250"))
         client.load_model(name)
         served = client.get_model_config(name)
+        assert (served["platform"], served["backend"]) == ("onnxruntime_onnx", "onnxruntime")
         assert served["max_batch_size"] == 4 and served["dynamic_batching"]["max_queue_delay_microseconds"] == 250
         assert served["output"][0]["label_filename"] == "labels.txt"
         batch = {"inputs": [{"name": "input", "shape": [8, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 8 * 3072}]}

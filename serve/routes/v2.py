@@ -207,6 +207,9 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
     return {
         "name": model.name,
         "platform": model.platform,
+        # As Triton's config carries it, and as a config.pbtxt needs it to load (a platform without its backend is
+        # refused for OpenVINO); "" for a runtime Triton has no backend for.
+        "backend": model.triton_backend,
         # The largest batch a request may carry: more images than --max-queue-size can never be admitted (413).
         "max_batch_size": 0 if unbatched else min(model.max_batch, settings.max_queue_size),
         "input": [{"name": model.input_name, "data_type": "TYPE_FP32", **tensor}],
