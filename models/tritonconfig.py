@@ -491,6 +491,8 @@ def read(model_dir: Path) -> TritonConfig | None:
     """The configuration in `model_dir/config.pbtxt`; None when there is no such file."""
     path = model_dir / TRITON_CONFIG_FILE
     if not path.is_file():
+        if path.exists():  # a directory, a FIFO, a device: a configuration that cannot be read is not "none"
+            raise ConfigError(f"{path}: not a regular file")
         return None
     try:
         with path.open("rb") as f:

@@ -285,3 +285,15 @@ def test_hostile_configs_are_refused_fast_with_bounded_reasons(tmp_path):
     (tmp_path / "model" / "labels.txt").unlink()
     (tmp_path / "model" / "labels.txt").write_bytes(b"a\r\nb\r\n\r\n")  # a Windows editor's: CRLF, a blank line
     assert TritonConfig(label_filename="labels.txt").labels(tmp_path / "model", 2) == ["a", "b"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_config_that_is_not_a_regular_file_is_refused_not_ignored(tmp_path, kind):
+    import os
+
+    path = tmp_path / "config.pbtxt"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with pytest.raises(ConfigError, match="config.pbtxt: not a regular file"):
+        tritonconfig.read(tmp_path)
+    (tmp_path / "plain").mkdir()
+    assert tritonconfig.read(tmp_path / "plain") is None  # no file at all: no configuration
