@@ -494,6 +494,9 @@ def read(model_dir: Path) -> TritonConfig | None:
         if path.exists():  # a directory, a FIFO, a device: a configuration that cannot be read is not "none"
             raise ConfigError(f"{path}: not a regular file")
         return None
+    if model_dir.resolve() not in path.resolve().parents:  # a link out of the model directory, as label_filename:
+        # read, its parse errors would quote another file's first characters back to whoever asked for the load
+        raise ConfigError(f"{path}: links to a file outside the model directory; put the configuration itself there")
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)

@@ -297,3 +297,18 @@ def test_a_config_that_is_not_a_regular_file_is_refused_not_ignored(tmp_path, ki
         tritonconfig.read(tmp_path)
     (tmp_path / "plain").mkdir()
     assert tritonconfig.read(tmp_path / "plain") is None  # no file at all: no configuration
+
+
+def test_a_config_that_links_out_of_the_model_directory_is_refused_without_quoting_it(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t_password_9f8e\n")
+    model = tmp_path / "repo" / "m"
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").symlink_to(secret)
+    with pytest.raises(ConfigError, match="links to a file outside the model directory") as info:
+        tritonconfig.read(model)
+    assert "s3cr3t" not in str(info.value)
+    (model / "config.pbtxt").unlink()
+    (model / "real.pbtxt").write_text('name: "m"\n')
+    (model / "config.pbtxt").symlink_to("real.pbtxt")  # a link inside the directory is read, as Triton reads it
+    assert tritonconfig.read(model).name == "m"
