@@ -108,6 +108,39 @@ def test_a_whole_resume_state_loads(tmp_path):
     assert load_resume(tmp_path)["progress"]["global_step"] == 1
 
 
+class _Touch:
+    """A pickled object that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def test_a_resume_state_that_unpickles_objects_is_refused_naming_them(tmp_path):
+    import zipfile
+
+    from train.state import load_resume, save_resume
+
+    marker = tmp_path / "PWNED"
+    torch.save({"version": 1, "x": _Touch(marker)}, tmp_path / "resume.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_resume(tmp_path)
+    said = str(info.value)
+    assert "holds Python objects no resume state holds" in said and "GLOBAL" in said and "\n" not in said
+    assert "weights_only" not in said and not marker.exists()
+    # A deflated pickle (a few KB on disk that would unpickle to gigabytes) is refused from the zip directory alone.
+    save_resume(tmp_path, _state())
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(tmp_path / "resume.pt") as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            dst.writestr(item.filename, src.read(item.filename))
+    packed.replace(tmp_path / "resume.pt")
+    with pytest.raises(CheckpointError, match="is compressed, which torch.save never does"):
+        load_resume(tmp_path)
+
+
 @pytest.mark.parametrize("betas", [5, "ab", [2.0, 0.5]])
 def test_resume_with_a_tampered_config_is_one_line(tmp_path, capsys, betas):
     from train.__main__ import main

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from models.io import atomic_write_bytes
 RESUME_FILE = "resume.pt"
 STATE_VERSION = 1
 MT_KEYS = 624  # words of Mersenne Twister state (numpy and Python)
+MAX_PICKLE_BYTES = 32 << 20  # a resume state's pickle: names and small values (tensors live beside it)
 MAX_REASON = 300  # characters of a damage reason (a size-mismatch list can run to pages)
 
 
@@ -95,16 +97,43 @@ def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, 
     path = Path(out_dir) / RESUME_FILE
     if not path.is_file():
         return None
+    check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:  # weights_only refused an object: name it, and no "weights_only=False"
+        said = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in said if "GLOBAL" in ln or "Unsupported" in ln), said[0] if said else "")
+        raise CheckpointError(f"cannot read resume state {path}: it holds Python objects no resume state holds "
+                              f"({why.rstrip('.')[:200]}); it was not written by vitc and is not loaded") from None
     except Exception as exc:  # any unreadable or tampered file is one clear error
-        raise CheckpointError(f"cannot read resume state {path}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot read resume state {path}: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:MAX_REASON]}") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: not a version-{STATE_VERSION} resume state")
     problem = check_resume(state)
     if problem:
         raise damaged(problem)
     return state
+
+
+def check_archive(path: Path) -> None:
+    """CheckpointError unless `path` is laid out as torch.save writes it: a zip whose members are all stored
+    uncompressed (so what loads is never larger than the file: a 1.4 MB deflated pickle took 5 GB) and whose
+    pickle is at most MAX_PICKLE_BYTES. Checked from the zip directory, before anything is unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read resume state {path}: not a torch.save archive ({exc})") from None
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
+            raise CheckpointError(f"cannot read resume state {path}: member {m.filename[:80]!r} is compressed, "
+                                  "which torch.save never does; it was not written by vitc and is not loaded")
+        if m.filename.endswith("/data.pkl") and m.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"cannot read resume state {path}: its pickle is {m.file_size:,} bytes, more than "
+                                  f"the {MAX_PICKLE_BYTES:,} a resume state needs")
 
 
 def damaged(reason: object) -> CheckpointError:
