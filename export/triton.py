@@ -440,7 +440,9 @@ def _foreign_model_dir(model_dir: Path) -> str | None:
     config.pbtxt, labels.txt and numbered version directories, each a bundle."""
     if not model_dir.exists() and not model_dir.is_symlink():
         return None
-    if model_dir.is_symlink() or not model_dir.is_dir():
+    if model_dir.is_symlink():
+        return "a symbolic link; the tool writes its model directories itself"
+    if not model_dir.is_dir():
         return "not a directory"
     for entry in model_dir.iterdir():
         if entry.name in (CONFIG_FILE, LABELS_FILE):

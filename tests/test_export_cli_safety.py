@@ -125,6 +125,16 @@ def test_triton_adds_to_its_own_repository_but_not_to_a_model_directory_of_someo
         triton.main([str(bundle), "--out", str(repo)])
     assert info.value.code == 2 and "micro-onnx-fp32/ is not a model directory of this tool" in one_line(capsys)
     assert _tree(repo) == before
+    (model / "my-notes.txt").unlink()
+    model.rename(tmp_path / "elsewhere")
+    model.symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a model directory that is a link: said so
+    with pytest.raises(SystemExit) as info:
+        triton.main([str(bundle), "--out", str(repo)])
+    assert info.value.code == 2 and "micro-onnx-fp32/ is not a model directory of this tool (a symbolic link" in \
+        one_line(capsys)
+    model.unlink()
+    (tmp_path / "elsewhere").rename(model)
+    (model / "my-notes.txt").write_text("mine")
     # a bundle that was polluted by an older export.triton (a repository written into it) is refused as --out too
     polluted = shutil.copytree(repo, tmp_path / "polluted")
     shutil.copy(bundle / "manifest.json", polluted / "manifest.json")
