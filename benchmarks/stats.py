@@ -57,7 +57,8 @@ def summarize(samples: Sequence[float] | np.ndarray) -> dict[str, Any]:
         "iqr": float(p75 - p25),
         "mad": float(np.median(np.abs(x - p50))),
         "ci95": [lo, hi],
-        "rel_spread": float((p75 - p25) / p50) if p50 > 0 else math.inf,
+        # null for a zero median (a Server-Timing stage recorded as 0.000 ms): no ratio, and strict JSON has no inf.
+        "rel_spread": float((p75 - p25) / p50) if p50 > 0 else None,
     }
 
 

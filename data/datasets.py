@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -87,7 +88,10 @@ class ImageSet:
         return h.hexdigest()
 
     def subset(self, n: int, seed: int = 0) -> ImageSet:
-        """A deterministic, class-balanced-ish random subset of at most n images."""
+        """A deterministic, class-balanced-ish random subset of at most n images; DatasetError for a negative n
+        (a slice would drop images from the end instead)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise DatasetError(f"a subset needs a whole number of images >= 0, got {n!r:.40}")
         if n >= len(self):
             return self
         return self.take(np.random.default_rng(seed).permutation(len(self))[:n])

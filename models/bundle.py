@@ -42,7 +42,7 @@ from typing import Any
 
 from models.checkpoint import MAX_DATASET_CHARS, check_model_contract
 from models.config import ViTConfig, is_label
-from models.io import atomic_write_bytes, read_strict_json, sha256_file
+from models.io import atomic_write_bytes, read_strict_json, sha256_file, strict_json_bytes
 from models.jsonfields import FieldError, Fields, between
 from models.preprocessing import Preprocessing
 
@@ -581,12 +581,17 @@ class Manifest:
             provenance=Provenance.read(p) if (p := r.obj("provenance", None)) else None,
             golden=Golden.read(g) if (g := r.obj("golden", None)) else None,
             served=ServedParity.read(v) if (v := r.obj("served", None)) else None,
-            read_contract=contract_sha256(raw),
-            read_origin=origin_sha256(raw),
         )
+        # The hashes cover fields no reader interprets (a newer vitc's): like a file read_manifest parsed, the
+        # document must be strict JSON, or those would escape as raw TypeError, ValueError or RecursionError.
+        try:
+            strict_json_bytes(raw)
+        except ValueError as exc:
+            raise BundleError(f"{where}: {exc}") from None
         # Each artifact's record exactly as written (the list was validated above: one dict per artifact).
-        manifest = replace(manifest, read_records={a.id: record_sha256(doc) for a, doc in
-                                                   zip(manifest.artifacts, raw.get("artifacts") or (), strict=True)})
+        manifest = replace(manifest, read_contract=contract_sha256(raw), read_origin=origin_sha256(raw),
+                           read_records={a.id: record_sha256(doc) for a, doc in
+                                         zip(manifest.artifacts, raw.get("artifacts") or (), strict=True)})
         _check_consistent(manifest, r)
         return manifest
 

@@ -7,6 +7,7 @@ atomically last, so a crash at any moment leaves either the old or the new check
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -15,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ViTConfig, is_label
-from models.io import _default_mode, atomic_write_json, read_strict_json, sha256_file
+from models.io import (
+    _default_mode,
+    atomic_write_json,
+    parse_strict_json,
+    read_strict_json,
+    sha256_file,
+    strict_json_bytes,
+)
 from models.jsonfields import FieldError, Fields
 from models.preprocessing import Preprocessing
 from models.registry import get_config, list_variants
@@ -65,27 +73,27 @@ def save_checkpoint(
     preprocessing: Preprocessing,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write weights then `checkpoint.json` into `out_dir` atomically; older weight files are removed."""
+    """Write weights then `checkpoint.json` into `out_dir` atomically; older weight files are removed.
+
+    What `load_checkpoint` would refuse (the metadata's contract, strict JSON, float32 finite weights of the config's
+    shapes) raises CheckpointError before anything is written or removed: the checkpoint there stays as it was.
+    A diverged run's non-finite weights are saved with its summary (`training.diverged`), which the reader names.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg: ViTConfig = model.cfg
-    if len(class_names) != cfg.num_classes:
-        raise ValueError(f"class_names has {len(class_names)} entries, the model has {cfg.num_classes} classes")
-    # A name the reader refuses would make the whole checkpoint unreadable: refuse it before anything is written.
-    if (bad := next((n for n in class_names if not is_label(n)), None)) is not None:
-        raise ValueError(f"class name {bad!r:.80} is not 1..{MAX_LABEL_CHARS} characters without control characters")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".weights.tmp.safetensors"
-    # One metadata key: safetensors orders several keys differently per process, breaking reproducible hashes.
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    os.chmod(tmp, _default_mode(0o666))  # safetensors writes 0600: servers and other users must read the weights
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    digest = sha256_file(tmp)
-    weights_file = f"weights-{digest[:16]}.safetensors"
-    os.replace(tmp, out / weights_file)
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, ViTConfig) or not callable(getattr(model, "state_dict", None)):
+        raise CheckpointError(f"not saved: model must be a models.vit.VisionTransformer (models.build_model), "
+                              f"got {type(model).__name__}")
+    if not isinstance(preprocessing, Preprocessing):
+        raise CheckpointError(f"not saved: preprocessing must be a models.preprocessing.Preprocessing "
+                              f"(Preprocessing.from_dict reads a dict), got {type(preprocessing).__name__}")
+    if extra is not None and not isinstance(extra, dict):
+        raise CheckpointError(f"not saved: extra must be a dict, got {type(extra).__name__}")
+    if clash := sorted(str(k) for k in (extra or {}) if k in CORE_FIELDS):
+        raise CheckpointError(f"not saved: extra sets {', '.join(clash)}, which the model, class_names and "
+                              f"preprocessing determine")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -93,16 +101,76 @@ def save_checkpoint(
         "stem": cfg.stem.kind,
         "config": cfg.to_dict(),
         "num_classes": cfg.num_classes,
-        "class_names": list(class_names),
+        # A str would pass list() as one-letter names: anything but a list or tuple goes to the reader as it is.
+        "class_names": list(class_names) if isinstance(class_names, list | tuple) else class_names,
         "preprocessing": preprocessing.to_dict(),
-        "weights": {"file": weights_file, "sha256": digest, "format": "safetensors"},
+        "weights": {"file": "weights-" + "0" * 16 + ".safetensors", "sha256": "0" * 64, "format": "safetensors"},
         **(extra or {}),
     }
-    atomic_write_json(out / META_FILE, meta)
+    _check_meta(out, meta)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _check_state(state, cfg, diverged=_diverged(meta))
+    created = not out.is_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp, weights = out / ".weights.tmp.safetensors", None
+    try:
+        # One metadata key: safetensors orders several keys differently per process, breaking reproducible hashes.
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+        os.chmod(tmp, _default_mode(0o666))  # safetensors writes 0600: servers and other users must read the weights
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        meta["weights"] = {"file": f"weights-{digest[:16]}.safetensors", "sha256": digest, "format": "safetensors"}
+        new = out / meta["weights"]["file"]
+        weights = None if new.exists() else new  # the same weights as the checkpoint there: keep its file
+        os.replace(tmp, new)
+        atomic_write_json(out / META_FILE, meta)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if weights is not None:
+            weights.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # empty again: a directory this call made
+        raise
     for old in out.glob("weights-*.safetensors"):
-        if old.name != weights_file:
+        if old.name != meta["weights"]["file"]:
             old.unlink(missing_ok=True)
     return out
+
+
+# What save_checkpoint derives from the model and its arguments; `extra` adds the training summary beside them.
+CORE_FIELDS = frozenset({"format", "format_version", "model", "stem", "config", "num_classes", "class_names",
+                         "preprocessing", "weights"})
+
+
+def _check_meta(out: Path, meta: dict[str, Any]) -> None:
+    """The reader's own checks on `checkpoint.json` as it would be written (strict JSON, size, every field)."""
+    where = str(out / META_FILE)
+    try:
+        doc = parse_strict_json(strict_json_bytes(meta), MAX_META_BYTES)
+    except ValueError as exc:
+        raise CheckpointError(f"not saved: {where}: {exc}") from None
+    _validated(out, doc, where, "not saved (load_checkpoint would refuse it): ")
+
+
+def _diverged(raw: dict[str, Any]) -> bool:
+    """Whether the training summary says the run diverged (its weights may hold NaN)."""
+    training = raw.get("training")
+    return isinstance(training, dict) and bool(training.get("diverged"))
+
+
+def _check_state(state: dict[str, torch.Tensor], cfg: ViTConfig, *, diverged: bool) -> None:
+    """The tensors load_checkpoint takes: the config's names and shapes, float32 (int64 counters), finite."""
+    import torch
+
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    have = {k: (names.get(v.dtype, str(v.dtype).removeprefix("torch.")), tuple(v.shape)) for k, v in state.items()}
+    if problem := _tensor_problem(have, cfg):
+        raise CheckpointError(f"not saved: the model's weights{problem}" + (
+            "; call model.float() first" if "expected float32" in problem else ""))
+    if not diverged and (bad := _non_finite(state)):
+        raise CheckpointError(f"not saved: the model's {bad[0]} holds {bad[1]} (the reader refuses it)")
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
@@ -115,15 +183,19 @@ def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not meta_path.is_file():
         raise CheckpointError(f"not a checkpoint: {meta_path} is missing")
-    raw = _load_json(meta_path)
+    return _validated(path, _load_json(meta_path), str(meta_path), "corrupt checkpoint metadata ")
+
+
+def _validated(path: Path, raw: Any, where: str, prefix: str) -> CheckpointMeta:
+    """`_parse_meta`, every refusal a one-line CheckpointError (`prefix` + the file and the field)."""
     try:
-        return _parse_meta(path, raw, Fields(raw, str(meta_path)))
+        return _parse_meta(path, raw, Fields(raw, where))
     except CheckpointError:
         raise
     except FieldError as exc:  # already names the file and the field
-        raise CheckpointError(f"corrupt checkpoint metadata {exc}") from None
+        raise CheckpointError(f"{prefix}{exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {_one_line(exc)}") from None
+        raise CheckpointError(f"{prefix}{where}: {_one_line(exc)}") from None
 
 
 def _load_json(meta_path: Path) -> Any:
@@ -183,6 +255,8 @@ def check_model_contract(r: Fields, model: str, cfg: ViTConfig, class_names: tup
     """What checkpoint.json and a bundle's manifest.json both promise (each reader calls this on its root
     fields): the class names fit the head, the preprocessing produces what the model takes, `model` and `stem`
     name the config."""
+    if not isinstance(class_names, list | tuple):  # a str would pass as one-letter names
+        raise r.fail("class_names", f"must be a list of names, got {type(class_names).__name__}")
     if not 1 <= len(class_names) <= MAX_CLASSES:
         raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(class_names)}")
     if (bad := next((i for i, n in enumerate(class_names) if not is_label(n)), None)) is not None:
@@ -190,6 +264,10 @@ def check_model_contract(r: Fields, model: str, cfg: ViTConfig, class_names: tup
                                             f"got {class_names[bad]!r:.80}")
     if cfg.num_classes != len(class_names):
         raise r.fail("config.num_classes", f"is {cfg.num_classes}, class_names lists {len(class_names)}")
+    first: dict[str, int] = {}
+    for i, name in enumerate(class_names):  # answers and Triton's labels.txt could not tell the two apart
+        if (j := first.setdefault(name, i)) != i:
+            raise r.fail(f"class_names[{i}]", f"repeats class_names[{j}] {name!r:.80}: class names must differ")
     if pre.crop != cfg.image_size:
         raise r.fail("preprocessing.crop", f"{pre.crop} differs from config.image_size {cfg.image_size}")
     if pre.channels != cfg.in_chans:
@@ -264,6 +342,13 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
 def check_finite(state: dict[str, torch.Tensor], wpath: Path, *, diverged: bool = False) -> None:
     """Every floating-point tensor (parameters and buffers such as BatchNorm's running_var) holds finite numbers:
     a NaN weight would otherwise be exported, evaluated and served as garbage. Raises CheckpointError."""
+    if bad := _non_finite(state):
+        why = " (the training run diverged)" if diverged else ""
+        raise CheckpointError(f"weights {wpath}: {bad[0]} holds {bad[1]}{why}; the checkpoint cannot be used")
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(the first floating-point tensor holding NaN or infinity, "NaN" or "an infinite value"), or None."""
     import torch
 
     for key, tensor in state.items():
@@ -271,9 +356,8 @@ def check_finite(state: dict[str, torch.Tensor], wpath: Path, *, diverged: bool 
             continue
         low, high = (v.item() for v in torch.aminmax(tensor))  # one pass, no copy; NaN propagates to both
         if not (math.isfinite(low) and math.isfinite(high)):
-            what = "NaN" if math.isnan(low) or math.isnan(high) else "an infinite value"
-            why = " (the training run diverged)" if diverged else ""
-            raise CheckpointError(f"weights {wpath}: {key} holds {what}{why}; the checkpoint cannot be used")
+            return key, "NaN" if math.isnan(low) or math.isnan(high) else "an infinite value"
+    return None
 
 
 def expected_weights(cfg: ViTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -294,17 +378,23 @@ def check_weights(wpath: Path, cfg: ViTConfig) -> None:
     a float64 or int8 file would otherwise be cast silently on load. Raises CheckpointError."""
     from safetensors import safe_open
 
-    expected = expected_weights(cfg)
     with safe_open(str(wpath), "pt") as f:
         have = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    if problem := _tensor_problem(have, cfg):
+        raise CheckpointError(f"weights {wpath}{problem}" + (
+            "; re-save the checkpoint in float32" if "expected float32" in problem else ""))
+
+
+def _tensor_problem(have: dict[str, tuple[str, tuple[int, ...]]], cfg: ViTConfig) -> str | None:
+    """Why tensors (name -> safetensors dtype, shape) are not what `cfg`'s checkpoint holds (to follow "weights
+    <where>"), or None."""
+    expected = expected_weights(cfg)
     missing, unexpected = sorted(expected.keys() - have.keys()), sorted(have.keys() - expected.keys())
     if missing or unexpected:
-        raise CheckpointError(f"weights {wpath} do not fit {cfg.name}: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+        return f" do not fit {cfg.name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
     for key, (dtype, shape) in expected.items():
         if have[key][0] != dtype:
-            raise CheckpointError(f"weights {wpath}: {key} is {have[key][0]}, expected {WEIGHT_DTYPES[dtype]} "
-                                  f"({dtype}); re-save the checkpoint in float32")
+            return f": {key} is {have[key][0]}, expected {WEIGHT_DTYPES[dtype]} ({dtype})"
         if have[key][1] != shape:
-            raise CheckpointError(f"weights {wpath} do not fit {cfg.name}: {key} has shape {list(have[key][1])}, "
-                                  f"expected {list(shape)}")
+            return f" do not fit {cfg.name}: {key} has shape {list(have[key][1])}, expected {list(shape)}"
+    return None

@@ -38,6 +38,14 @@ class ConvStem:
 
     kind = "conv"
 
+    def __post_init__(self) -> None:
+        # Held as a tuple: a list given here could change after ViTConfig validated it, and would make the
+        # config unhashable and unequal to the same stem built from a tuple.
+        if not isinstance(self.layers, list | tuple):
+            raise ValueError(f"conv stem layers must be a list or tuple of ConvLayer, "
+                             f"got {type(self.layers).__name__}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
     @property
     def stride(self) -> int:
         return math.prod(layer.stride for layer in self.layers)

@@ -99,9 +99,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def strict_json_bytes(obj: Any) -> bytes:
+    """`obj` as pretty, strict JSON (what `read_strict_json` reads back): ValueError with a one-line reason for NaN,
+    Infinity, a value JSON has no spelling for (a set, bytes, an object) or nesting deeper than MAX_JSON_DEPTH."""
+    if _json_depth(obj) > MAX_JSON_DEPTH:  # the reader refuses it; json.dumps would also recurse without a bound
+        raise ValueError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    try:
+        return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+    except (TypeError, ValueError) as exc:  # a set or an object; NaN or Infinity; a circular reference
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"not strict JSON: {text[:300]}") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write pretty JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Atomically write pretty, strict JSON; ValueError (nothing written) for what strict JSON cannot hold."""
+    atomic_write_bytes(path, strict_json_bytes(obj))
 
 
 class DirectoryBusy(RuntimeError):
@@ -228,6 +240,11 @@ def read_strict_json(path: str | os.PathLike, max_bytes: int) -> Any:
     """
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1)  # never more than the cap, even when the file grows while we read
+    return parse_strict_json(data, max_bytes)
+
+
+def parse_strict_json(data: bytes, max_bytes: int) -> Any:
+    """`read_strict_json` on bytes already read (a writer checks what it is about to write the same way)."""
     if len(data) > max_bytes:
         raise ValueError(f"larger than {max_bytes >> 20} MiB")
     try:
@@ -254,11 +271,12 @@ def _finite_float(text: str) -> float:
 
 
 def _json_depth(doc: Any) -> int:
-    """How deep lists and objects nest in a parsed document (iterative: no recursion on hostile input)."""
+    """How deep lists and objects nest in a document, parsed or about to be written (tuples are JSON lists too);
+    iterative: no recursion on hostile input, and a cycle stops at the bound."""
     deepest, stack = 0, [(doc, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, dict | list):
+        if isinstance(value, dict | list | tuple):
             deepest = max(deepest, depth)
             if deepest > MAX_JSON_DEPTH:
                 return deepest

@@ -12,7 +12,7 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _RESAMPLE = ("bilinear", "bicubic", "nearest")  # PIL's Image.Resampling members, lower-case
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 0.5}  # each filter's reach, in output pixels
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Pixels are scaled to [0, 1] before normalisation, so real stds are about 0.1..1 (ImageNet's 0.225). A std below
+# 1e-6 is a mistake, refused by name: one 8-bit step would span thousands of units, and nearer 0 float32 gives up
+# (1/std overflows below about 3e-39, so std=1e-40 makes inf; std=1e-300 rounds to 0). Past this bound, mean/std
+# can still overflow (mean 3e38, std 0.5): the normalisation table itself must come out finite.
+MIN_STD = 1e-6
 
 
 def image_formats() -> tuple[str, ...]:
@@ -75,6 +81,12 @@ class Preprocessing:
         mean, std = _three_numbers("mean", self.mean), _three_numbers("std", self.std)
         if min(std) <= 0:
             raise ValueError(f"std must be > 0, got {std}")
+        if min(std) < MIN_STD:
+            raise ValueError(f"std must be at least {MIN_STD:g}, got {std}")
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            finite = np.isfinite(_lookup(mean, std)).all()  # the float32 arithmetic every input goes through
+        if not finite:
+            raise ValueError(f"mean {mean} and std {std} normalise pixel values beyond float32's range")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
 
@@ -84,7 +96,14 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Inverse of `to_dict`; unknown keys are an error."""
+        """Inverse of `to_dict` (checkpoints, manifests); ValueError names an unknown or missing key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing must be an object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        if unknown := sorted(str(k)[:40] for k in d.keys() - names):
+            raise ValueError(f"preprocessing has unknown keys {unknown[:5]}")
+        if missing := sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in d):
+            raise ValueError(f"preprocessing is missing {', '.join(missing)}")
         return cls(**d)
 
     @classmethod
@@ -94,12 +113,15 @@ class Preprocessing:
 
 
 def _three_numbers(name: str, values: Any) -> tuple[float, float, float]:
-    """Three finite real numbers as floats (a list, tuple or array; the string "nan" or a bool is not a number)."""
-    if isinstance(values, str | bytes | dict) or not hasattr(values, "__len__") or len(values) != 3:
-        raise ValueError(f"{name} must hold 3 finite numbers, got {values!r:.80}")
+    """Three real numbers finite in float32 (normalisation's arithmetic), as floats, from a list, tuple or 1-D
+    array: a set has no channel order, and the string "nan" or a bool is not a number."""
+    ordered = isinstance(values, list | tuple) or (isinstance(values, np.ndarray) and values.ndim == 1)
+    if not ordered or len(values) != 3:
+        raise ValueError(f"{name} must hold 3 finite numbers (a list, one per channel), got {values!r:.80}")
     a, b, c = values
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b, c)):
-        raise ValueError(f"{name} must hold 3 finite numbers, got {values!r:.80}")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+               and abs(v) <= _FLOAT32_MAX for v in (a, b, c)):
+        raise ValueError(f"{name} must hold 3 finite numbers (within float32's range), got {values!r:.80}")
     return float(a), float(b), float(c)
 
 

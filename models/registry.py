@@ -13,6 +13,14 @@ if TYPE_CHECKING:
 _VARIANTS: dict[str, ViTConfig] = {}
 
 
+class UnknownVariant(ValueError, KeyError):
+    """A model name that is not registered. A ValueError like every other bad argument; also a KeyError, which
+    callers caught before."""
+
+    def __str__(self) -> str:  # the message as given (KeyError's str would quote it)
+        return str(self.args[0]) if self.args else ""
+
+
 def register(cfg: ViTConfig) -> ViTConfig:
     """Add a variant to the table; a duplicate name is an error."""
     if cfg.name in _VARIANTS:
@@ -73,8 +81,8 @@ def list_variants() -> list[str]:
 
 def get_config(name: str, **overrides) -> ViTConfig:
     """The variant's config, with fields overridden (e.g. num_classes, image_size); re-validated."""
-    if name not in _VARIANTS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(_VARIANTS)}")
+    if not isinstance(name, str) or name not in _VARIANTS:
+        raise UnknownVariant(f"unknown model {name!r:.80}; known: {', '.join(_VARIANTS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         return dataclasses.replace(_VARIANTS[name], **overrides)
