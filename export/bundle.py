@@ -65,6 +65,11 @@ from runtimes.onnx_graph import OPSET, export_torch
 PREPROCESS_CHUNK = 256
 GOLDEN_SAMPLES = 8
 GOLDEN_FILE = "golden.npz"
+# The ONNX opsets `opset` may ask for: what torch 2.14's exporter writes as asked (it exports at 18 and converts;
+# below 17 it silently keeps 18, from 26 its graph fails the ONNX checker). The hub's own opset_import is read back
+# after the export as well, so the manifest records the opset the file has (export.kserve trusts it).
+OPSETS = range(17, 26)
+MAX_SAMPLES = 2**31 - 1  # parity/calibration images: "all of the split" in practice (export.cli's bound too)
 
 
 class ExportIOError(RuntimeError):
@@ -347,11 +352,17 @@ def build_bundle(
     gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
     val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
     `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
+    `opset` (default OPSET) is one of OPSETS, checked against the exported file, whose opset the manifest records.
+    Every argument's type and range is checked first (ints are ints, not bools or floats; targets a list of names).
     An existing bundle at `out` is replaced only when the export builds every servable artifact it holds, unless
     `drop_artifacts`.
     Raises ExportError (one line) on bad input or a missing runtime, ExportIOError when the disk or memory fails;
     either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
+    _check_arguments(checkpoint, out, targets, name=name, max_batch=max_batch, parity_samples=parity_samples,
+                     calibration_samples=calibration_samples, dataset=dataset,
+                     calibration_dataset=calibration_dataset, opset=opset, tolerances=tolerances, threads=threads,
+                     log=log, drop_artifacts=drop_artifacts)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     try:
         cwd = Path.cwd()
@@ -365,12 +376,6 @@ def build_bundle(
     if not [t for t in targets if t.strip()]:  # "torch" alone is always built: an empty list is a mistake
         raise ExportError("no targets given (pass --targets torch for a torch-only bundle)")
     wanted = parse_targets(["torch", *targets])
-    if not 1 <= max_batch <= MAX_BATCH_LIMIT:
-        raise ExportError(f"max batch must be in 1..{MAX_BATCH_LIMIT}, got {max_batch}")
-    if parity_samples < 1 or calibration_samples < 1:
-        raise ExportError("parity and calibration sample counts must be positive")
-    if threads is not None and not 1 <= threads <= 1024:
-        raise ExportError(f"threads must be in 1..1024, got {threads}")
     for rt in dict.fromkeys(t.runtime for t in wanted):
         try:
             rt.require(rt.export_device)
@@ -389,6 +394,57 @@ def build_bundle(
         if isinstance(exc, ours) or not (failure := memory_failure(exc)):
             raise
         raise ExportMemoryError(f"out of memory ({type(failure).__name__}: {first_line(failure)[:200]})") from None
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (True would pass `1 <= True <= 1024`, and no reader takes it back)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_arguments(checkpoint: object, out: object, targets: object, *, name: object, max_batch: object,
+                     parity_samples: object, calibration_samples: object, dataset: object,
+                     calibration_dataset: object, opset: object, tolerances: object, threads: object, log: object,
+                     drop_artifacts: object) -> None:
+    """ExportError (one line) unless every argument of `build_bundle` has its type and range: checked before any
+    work, so a wrong one never becomes a raw traceback, a silently rounded count or a bundle its reader refuses."""
+    for arg, value in (("checkpoint", checkpoint), ("out", out)):
+        if not isinstance(value, str | os.PathLike):
+            raise ExportError(f"{arg} must be a path, got {type(value).__name__} {value!r:.80}")
+    if isinstance(targets, str) or not isinstance(targets, Sequence):
+        raise ExportError(f"targets must be a list of target names such as ['onnx', 'openvino-int8'], got "
+                          f"{type(targets).__name__} {targets!r:.80}")
+    if bad := [t for t in targets if not isinstance(t, str)]:
+        raise ExportError(f"targets must be target names (strings), got {bad[0]!r:.80}")
+    if name is not None and not isinstance(name, str):
+        raise ExportError(f"name must be a string or None, got {type(name).__name__} {name!r:.80}")
+    if not (_is_int(max_batch) and 1 <= max_batch <= MAX_BATCH_LIMIT):
+        raise ExportError(f"max batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {max_batch!r:.80}")
+    for arg, value in (("parity", parity_samples), ("calibration", calibration_samples)):
+        if not (_is_int(value) and 1 <= value <= MAX_SAMPLES):
+            raise ExportError(f"{arg} sample counts must be positive integers, got {value!r:.80}")
+    for arg, value in (("dataset", dataset), ("calibration dataset", calibration_dataset)):
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise ExportError(f"{arg} must be a dataset name or folder, got {type(value).__name__} {value!r:.80}")
+    if opset is not None and not (_is_int(opset) and opset in OPSETS):
+        raise ExportError(f"opset must be an integer in {OPSETS.start}..{OPSETS.stop - 1} (what the ONNX exporter "
+                          f"writes as asked), got {opset!r:.80}")
+    if tolerances is not None and not (isinstance(tolerances, dict) and all(
+            isinstance(k, str) and isinstance(v, Tolerance) for k, v in tolerances.items())):
+        raise ExportError(f"tolerances must map precision names to export.parity.Tolerance, got {tolerances!r:.120}")
+    if threads is not None and not (_is_int(threads) and 1 <= threads <= 1024):
+        raise ExportError(f"threads must be an integer in 1..1024, got {threads!r:.80}")
+    if log is not None and not callable(log):
+        raise ExportError(f"log must be a function of one line, got {type(log).__name__}")
+    if not isinstance(drop_artifacts, bool):
+        raise ExportError(f"drop_artifacts must be True or False, got {drop_artifacts!r:.80}")
+
+
+def _hub_opset(path: Path) -> int:
+    """The default-domain opset the exported ONNX file imports."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _calibration(wanted: Sequence[Target], calibration_dataset: str | None, data_name: str):  # noqa: ANN202
@@ -438,6 +494,11 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                     start = time.perf_counter()
                     ctx.hub = export_torch(model, ctx.scratch / "hub.onnx", ctx.image_size, ctx.opset,
                                            ctx.description())
+                    # What the file says, not what was asked: every artifact records it (export.kserve trusts it).
+                    if (written := _hub_opset(ctx.hub)) != ctx.opset:
+                        raise ExportError(f"the ONNX exporter wrote opset {written}, not the {ctx.opset} asked for; "
+                                          f"ask for one it writes ({OPSETS.start}..{OPSETS.stop - 1} with torch "
+                                          "2.14)")
                     timings["onnx_hub_seconds"] = round(time.perf_counter() - start, 3)
                     log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {timings['onnx_hub_seconds']:.1f}s")
                 artifacts = []

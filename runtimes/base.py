@@ -10,7 +10,9 @@ them through `Runtime.load`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from models.bundle import Artifact, Manifest
-from models.cli import installed
+from models.cli import installed, memory_failure
 
 if TYPE_CHECKING:
     from runtimes.build import Built, ExportContext
@@ -35,7 +37,19 @@ class BackendError(RuntimeError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded artifact: thread-safe `infer` for up to `max_batch` rows, `parallelism` calls at once."""
+    """A loaded artifact: thread-safe `infer` for up to `max_batch` rows, `parallelism` calls at once.
+
+    The contract of `infer`, the same on every runtime (the built-in ones share it through `PooledBackend`):
+    - it takes a float32 numpy array of shape (B, C, H, W), the manifest's sample shape, with 1 <= B <= max_batch
+      (any memory layout); anything else is refused with a one-line BackendError before the runtime sees it (no
+      runtime casts another dtype or pads another shape silently);
+    - it returns (B, classes) float32 logits;
+    - what the runtime raises while it computes comes out as a one-line BackendError ("<runtime> inference failed:
+      <reason>") chained from the runtime's own exception, except running out of memory, which is a MemoryError
+      (chained too, so `models.cli.memory_failure` finds the allocator's message): the machine failed, not the input;
+    - after `close()`, every call waiting for a free slot and every later call raises BackendError("... is closed")
+      at once; calls already computing finish (or fail) normally, and what they share is released after them.
+    """
 
     runtime: str
     precision: str
@@ -44,7 +58,7 @@ class Backend(Protocol):
     parallelism: int
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, num_classes) float32 logits."""
+        """(B, C, H, W) float32 with 1 <= B <= max_batch -> (B, num_classes) float32 logits (see the class)."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -52,8 +66,142 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None:
-        """Release runtime resources."""
+        """Release runtime resources; later and waiting `infer` calls raise BackendError (see the class)."""
         ...
+
+
+_FLOAT32 = np.dtype(np.float32)
+
+
+def check_batch(batch: Any, sample_shape: tuple[int, ...], max_batch: int) -> None:
+    """BackendError (one line) unless `batch` is what `Backend.infer` takes: a float32 numpy array
+    (B, *sample_shape) with 1 <= B <= max_batch. A few attribute reads: it runs on every served batch."""
+    if not isinstance(batch, np.ndarray):
+        raise BackendError(f"a batch must be a numpy array, got {type(batch).__name__}")
+    if batch.dtype is not _FLOAT32 and batch.dtype != _FLOAT32:  # the identity test is the common, fast case
+        raise BackendError(f"a batch must be float32 (native byte order), got {batch.dtype}")
+    shape = batch.shape
+    if len(shape) != 4 or shape[1:] != tuple(sample_shape):
+        want = ", ".join(str(d) for d in sample_shape)
+        raise BackendError(f"a batch must have shape (B, {want}), got {shape}")
+    if shape[0] < 1:
+        raise BackendError("a batch must have at least 1 row, got 0")
+    if shape[0] > max_batch:
+        raise BackendError(f"a batch of {shape[0]} rows exceeds this backend's max batch {max_batch}")
+
+
+def inference_error(runtime: str, exc: BaseException) -> Exception:
+    """What a runtime's own exception during inference becomes (raise it `from exc`): MemoryError when it is the
+    machine's memory running out, else a one-line BackendError."""
+    if memory_failure(exc) is not None:
+        return MemoryError(f"out of memory in {runtime} inference: {first_line(exc)}")
+    return BackendError(f"{runtime} inference failed: {first_line(exc)}")
+
+
+class CallPool:
+    """What one `infer` call holds while it computes (an OpenVINO infer request, an onnxruntime session, a model
+    whose calls run one at a time), shared among a backend's concurrent calls, and what closing means for them.
+
+    A call waits for a free item. `close` wakes every waiting call and refuses every later one with
+    BackendError("<owner> is closed"), at once (a waiter used to block forever, and its thread kept the process
+    from exiting cleanly). A call already holding an item finishes with it; the backend's `release` (device
+    buffers, a thread pool) runs once the last such call has given its item back, never under a running call.
+    """
+
+    def __init__(self, owner: str, items: Iterable[Any]) -> None:
+        self.owner = owner  # "this openvino backend": what the refusal names
+        self._free: deque = deque(items)
+        self._cond = threading.Condition(threading.Lock())
+        self._busy = 0  # items held by calls
+        self._closed = False
+        self._release: Callable[[], None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def refuse_if_closed(self) -> None:
+        """BackendError once the pool is closed (for a call that computes without taking an item)."""
+        if self._closed:
+            raise BackendError(f"{self.owner} is closed")
+
+    def acquire(self) -> Any:
+        """A free item, waiting for one; BackendError when the pool is closed, or closes while this waits."""
+        with self._cond:
+            while not self._free and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise BackendError(f"{self.owner} is closed")
+            self._busy += 1
+            return self._free.popleft()
+
+    def give_back(self, item: Any) -> None:
+        """Return an item taken by `acquire`; after `close` it is dropped, and the last one runs the release."""
+        with self._cond:
+            self._busy -= 1
+            if not self._closed:
+                self._free.append(item)
+                self._cond.notify()
+                return
+            release = self._release if self._busy == 0 else None
+            if release is not None:
+                self._release = None
+        if release is not None:
+            release()
+
+    def close(self, release: Callable[[], None] | None = None) -> None:
+        """Refuse every waiting and later call, drop the free items, and run `release` now, or once the calls in
+        flight have given theirs back. A second close does nothing."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._free.clear()
+            self._cond.notify_all()
+            if self._busy:
+                self._release, release = release, None
+        if release is not None:
+            release()
+
+
+class PooledBackend:
+    """The shared half of the built-in backends: `infer` checks the batch (`check_batch`), runs `_compute` on an
+    item of the backend's CallPool, and turns the runtime's own errors into `inference_error`; `close` closes the
+    pool and runs `_release` once no call computes any more. Subclasses set `runtime`, `max_batch`,
+    `sample_shape` and `_pool`, and define `_compute` (and `_release` when something outlives the pool's items)."""
+
+    runtime: str
+    max_batch: int
+    sample_shape: tuple[int, int, int]
+    _pool: CallPool
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 with 1 <= B <= max_batch -> (B, classes) float32 (the Backend contract)."""
+        check_batch(batch, self.sample_shape, self.max_batch)
+        try:
+            return self._call(batch)
+        except (BackendError, MemoryError):
+            raise
+        except Exception as exc:  # the runtime's own types, multi-line messages: one line, the native one chained
+            raise inference_error(self.runtime, exc) from exc
+
+    def _call(self, batch: np.ndarray) -> np.ndarray:
+        """One call on a pooled item (a subclass routes some calls elsewhere by overriding this)."""
+        item = self._pool.acquire()
+        try:
+            return self._compute(item, batch)
+        finally:
+            self._pool.give_back(item)
+
+    def _compute(self, item: Any, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what the calls shared, once none runs (the pool's items themselves are already dropped)."""
+
+    def close(self) -> None:
+        """Refuse new and waiting calls at once; release the runtime's resources after the calls in flight."""
+        self._pool.close(self._release)
 
 
 @dataclass(frozen=True)
@@ -78,17 +226,28 @@ class BackendOptions:
     buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not DEVICE_RE.match(self.device):
+        # Types as well as values: the options are hashed and compared (benchmarks, the server's settings), and a
+        # bool is not a count. A list of buckets is taken as the tuple it means.
+        if not (isinstance(self.device, str) and DEVICE_RE.match(self.device)):
             raise BackendError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.hint not in HINTS:
+        if not (isinstance(self.hint, str) and self.hint in HINTS):
             raise BackendError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
-        if self.buckets is not None and not (self.buckets and all(
-                isinstance(b, int) and 1 <= b <= 4096 for b in self.buckets)):
-            raise BackendError(f"buckets must be batch sizes in 1..4096, got {self.buckets!r}")
         for name in ("threads", "parallel"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 1 <= value <= 1024):
+            if value is not None and not (_is_int(value) and 1 <= value <= 1024):
                 raise BackendError(f"{name} must be an integer in 1..1024, got {value!r}")
+        if self.inference_precision is not None and not isinstance(self.inference_precision, str):
+            raise BackendError(f"inference_precision must be a precision name or None, "
+                               f"got {self.inference_precision!r}")
+        if not isinstance(self.compile, bool):
+            raise BackendError(f"compile must be True or False, got {self.compile!r}")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise BackendError(f"channels_last must be True, False or None, got {self.channels_last!r}")
+        if self.buckets is not None:
+            if not (isinstance(self.buckets, tuple | list) and self.buckets
+                    and all(_is_int(b) and 1 <= b <= 4096 for b in self.buckets)):
+                raise BackendError(f"buckets must be a tuple of batch sizes in 1..4096, got {self.buckets!r}")
+            object.__setattr__(self, "buckets", tuple(self.buckets))
 
     @property
     def device_kind(self) -> str:
@@ -214,9 +373,14 @@ class Runtime:
             raise BackendError(f"{self.name} cannot run on {device}: {reason}")
 
 
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, not a count to anyone)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
     """Raise BackendError unless `device` ("cpu", "cuda" or "cuda:N") is one the runtime serves."""
-    if not DEVICE_RE.match(device):
+    if not (isinstance(device, str) and DEVICE_RE.match(device)):
         raise BackendError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     if device.partition(":")[0] not in supported:
         raise BackendError(f"the {runtime} backend runs on {' or '.join(supported)}, not {device!r}")

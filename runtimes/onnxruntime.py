@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from models.host import usable_cpus
 from runtimes import onnx_graph
-from runtimes.base import BackendError, LoadSpec, Runtime, Variant
+from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
 from runtimes.build import Built, ExportContext, ExportError
 
 
@@ -52,7 +51,7 @@ def unavailable(device: str) -> str | None:
     return None
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(PooledBackend):
     """An ONNX artifact in onnxruntime sessions; `--device cuda` must really run on the CUDA provider.
 
     On the CPU, the throughput hint (the default) splits the cores into streams (`parallel` batches in flight, each
@@ -73,6 +72,7 @@ class OnnxRuntimeBackend:
             raise BackendError(f"onnxruntime runs an artifact at its own precision ({spec.precision}), "
                                f"not {options.inference_precision}")
         self.device, self.precision, self.max_batch = options.device, spec.precision, spec.max_batch
+        self.sample_shape = spec.sample_shape
         cpus = usable_cpus()
         on_cpu = options.device_kind == "cpu"
         # One stream on CUDA (the device queues the calls anyway) and under the latency hint.
@@ -92,11 +92,12 @@ class OnnxRuntimeBackend:
         # the copies of the weights stay within a bound (beyond it they share one session and its pool).
         shared = (threads == 1 or self.parallelism == 1
                   or path.stat().st_size * self.parallelism > STREAM_SESSIONS_MAX_BYTES)
-        self._sessions: queue.SimpleQueue = queue.SimpleQueue()
         first = ort.InferenceSession(str(path), batch_options, providers=providers)
-        for k in range(self.parallelism):
-            self._sessions.put(first if shared or k == 0 else ort.InferenceSession(str(path), batch_options,
-                                                                                   providers=providers))
+        # One session per stream (the same one when shared); a call finding none free waits, or is refused once
+        # the backend is closed.
+        self._pool = CallPool("this onnxruntime backend", [
+            first if shared or k == 0 else ort.InferenceSession(str(path), batch_options, providers=providers)
+            for k in range(self.parallelism)])
         self.session = first
         # A lone call (nothing else running: the server is otherwise idle) runs in a second session on every core
         # whose workers spin within a run and stop when it returns: ~3 ms less per 1GF image on 2 cores, the latency
@@ -126,39 +127,33 @@ class OnnxRuntimeBackend:
                                f"{spec.output_name!r}")
         self._input, self._outputs = spec.input_name, [spec.output_name]
         self._threads = threads
+        self._providers = self.session.get_providers()
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, classes) float32."""
-        if self.session is None:  # closed: its streams are gone, waiting for one would never end
-            raise BackendError("this onnxruntime backend is closed")
+    def _call(self, batch: np.ndarray) -> np.ndarray:
+        """A lone call in the latency session, any other on a free stream's session."""
         with self._lock:
             self._running += 1
             lone = self._running == 1
         try:
-            if lone and self._latency is not None and (len(batch) == 1 or self.parallelism > 1):
-                return self._latency.run(self._outputs, {self._input: batch})[0]
-            session = self._sessions.get()
-            if session is None:  # closed while this call waited for a stream: pass the word on to the next waiter
-                self._sessions.put(None)
-                raise BackendError("this onnxruntime backend is closed")
-            try:
-                return session.run(self._outputs, {self._input: batch})[0]
-            finally:
-                self._sessions.put(session)
+            latency = self._latency
+            if lone and latency is not None and (len(batch) == 1 or self.parallelism > 1):
+                self._pool.refuse_if_closed()  # it takes no stream: the pool's word is checked here
+                return latency.run(self._outputs, {self._input: batch})[0]
+            return super()._call(batch)
         finally:
             with self._lock:
                 self._running -= 1
 
+    def _compute(self, session: Any, batch: np.ndarray) -> np.ndarray:
+        return session.run(self._outputs, {self._input: batch})[0]
+
     def describe(self) -> dict[str, Any]:
         return {"threads_effective": self._threads, "parallelism": self.parallelism,
-                "providers": self.session.get_providers(), "latency_session": self._latency is not None}
+                "providers": self._providers, "latency_session": self._latency is not None}
 
-    def close(self) -> None:
-        """Drop the sessions (onnxruntime frees them with the objects)."""
+    def _release(self) -> None:
+        """Drop the sessions (onnxruntime frees them with the objects) once no call runs in them."""
         self.session = self._latency = None
-        while not self._sessions.empty():
-            self._sessions.get_nowait()
-        self._sessions.put(None)  # wakes a call still waiting for a stream
 
 
 LATENCY_SESSION_MAX_BYTES = 256 << 20  # ONNX files up to this size get the spinning session for lone calls too

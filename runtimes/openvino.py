@@ -11,14 +11,23 @@ with several requests in flight, so the dynamic batcher runs `parallelism` batch
 from __future__ import annotations
 
 import functools
-import queue
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
 from models.host import quota_cpus
-from runtimes.base import INPUT_NAME, OUTPUT_NAME, BackendError, LoadSpec, Runtime, Variant, first_line
+from runtimes.base import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BackendError,
+    CallPool,
+    LoadSpec,
+    PooledBackend,
+    Runtime,
+    Variant,
+    first_line,
+)
 from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet
 
 INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
@@ -118,39 +127,37 @@ def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN2
     return core.compile_model(model, "CPU", {**config, **(extra or {})})
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(PooledBackend):
     """An OpenVINO IR on the CPU; `infer` is thread-safe up to `parallelism` concurrent calls without waiting."""
 
     runtime = "openvino"
 
     def __init__(self, spec: LoadSpec) -> None:
         self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
+        self.sample_shape = spec.sample_shape
         self.compiled = _compile(spec)
         optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         hint = spec.options.hint
         self.parallelism = max(1, spec.options.parallel or optimal) if hint == "throughput" else 1
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(self.parallelism):
-            self._free.put(self.compiled.create_infer_request())
+        # One infer request per concurrent call; a call finding none free waits (or is refused once closed).
+        self._pool = CallPool("this openvino backend",
+                              (self.compiled.create_infer_request() for _ in range(self.parallelism)))
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, classes) float32 on a free infer request (blocks if all are busy)."""
-        request = self._free.get()
-        try:
-            # share_inputs: the batch is already contiguous float32, so OpenVINO reads it in place.
-            request.infer({0: batch}, share_inputs=True, share_outputs=True)
-            return request.get_output_tensor(0).data.copy()
-        finally:
-            self._free.put(request)
+    def _compute(self, request: Any, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 -> (B, classes) float32 on the infer request this call took from the pool."""
+        # share_inputs: a contiguous float32 batch (the batcher's) is read in place; checked to be float32, so
+        # OpenVINO never converts it silently.
+        request.infer({0: batch}, share_inputs=True, share_outputs=True)
+        return request.get_output_tensor(0).data.copy()
 
     def describe(self) -> dict[str, Any]:
+        self._pool.refuse_if_closed()
         return {"threads_effective": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
                 "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
                 "parallelism": self.parallelism}
 
-    def close(self) -> None:
-        """Drop requests and the compiled model."""
-        self._free = queue.SimpleQueue()
+    def _release(self) -> None:
+        """Drop the compiled model (its requests are gone with the pool) once no call runs on it."""
         self.compiled = None
 
 

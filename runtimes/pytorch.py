@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from models.host import quota_cpus
-from runtimes.base import BackendError, LoadSpec, Runtime, Variant, first_line
+from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant, first_line
 from runtimes.build import Built, ExportContext, ExportError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -102,7 +102,7 @@ def _strict_fp32(torch) -> None:  # noqa: ANN001 - the torch module
     torch.backends.cudnn.allow_tf32 = False
 
 
-class TorchBackend:
+class TorchBackend(PooledBackend):
     """VisionTransformer in eval mode under inference_mode; autocast for bf16/fp16; optionally compiled."""
 
     runtime = "torch"
@@ -125,6 +125,7 @@ class TorchBackend:
         if compute not in ("fp32", *_DTYPES):
             raise BackendError(f"torch computes in fp32, bf16 or fp16, not {compute!r}")
         self.device, self.precision, self.max_batch = options.device, spec.precision, spec.max_batch
+        self.sample_shape = spec.sample_shape
         self._torch = torch
         self._autocast = getattr(torch, _DTYPES[compute]) if compute in _DTYPES else None
         # torch sizes its pool by the CPU set; under a CPU quota (a container limit) it is told the quota.
@@ -157,16 +158,17 @@ class TorchBackend:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._run = model
-        self._lock = threading.Lock()
         # One thread runs every compiled call: CUDA graph trees and dynamo's caches are per thread.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vitc-torch") if self._compiled else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="vitc-torch") if self._compiled else None
         self.compile_seconds: dict[int, float] = {}
         if self._compiled:
             try:
-                self._pool.submit(self._compile).result()
+                self._executor.submit(self._compile).result()
             except BaseException:
-                self.close()
+                self._release()
                 raise
+        # The model, eager or compiled, runs one call at a time: a pool of one.
+        self._pool = CallPool("this torch backend", [self._run])
 
     def _compile(self) -> None:
         """Compile with a symbolic batch axis (batch 1 is its own specialisation, and a size-dependent kernel choice
@@ -183,11 +185,12 @@ class TorchBackend:
         for b in sorted(self._buckets, reverse=True):
             start = time.perf_counter()
             for _ in range(3):
-                self._forward(np.zeros((b, *shape), np.float32), dynamic=b > 1)
+                self._forward(self._run, np.zeros((b, *shape), np.float32), dynamic=b > 1)
             self.compile_seconds[b] = round(time.perf_counter() - start, 3)
 
-    def _forward(self, batch: np.ndarray, dynamic: bool = False) -> np.ndarray:
-        """One model call on `batch` (padded to its bucket when compiled; `dynamic` marks the batch axis symbolic)."""
+    def _forward(self, run: Any, batch: np.ndarray, dynamic: bool = False) -> np.ndarray:
+        """One call of `run` (the model, or its compiled form) on `batch`, padded to its bucket when compiled
+        (`dynamic` marks the batch axis symbolic)."""
         torch = self._torch
         n = len(batch)
         if self._buckets:
@@ -203,18 +206,17 @@ class TorchBackend:
             if dynamic:  # a hint, not a constraint: where a kernel choice guards on the size, that bucket recompiles
                 torch._dynamo.maybe_mark_dynamic(x, 0)
             if self._autocast is None:
-                y = self._run(x)
+                y = run(x)
             else:
                 with torch.autocast(x.device.type, dtype=self._autocast):
-                    y = self._run(x)
+                    y = run(x)
             return y[:n].float().cpu().numpy()  # copied out before the next replay reuses the graph's output
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, classes) float32."""
-        with self._lock:
-            if self._pool is None:
-                return self._forward(batch)
-            return self._pool.submit(self._forward, batch).result()
+    def _compute(self, run: Any, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 -> (B, classes) float32, on the compiling thread when compiled."""
+        if self._executor is None:
+            return self._forward(run, batch)
+        return self._executor.submit(self._forward, run, batch).result()
 
     def describe(self) -> dict[str, Any]:
         return {"threads_effective": self._threads or self._torch.get_num_threads(),
@@ -222,11 +224,11 @@ class TorchBackend:
                 "channels_last": self._channels_last, "compiled": self._compiled,
                 "batch_buckets": list(self._buckets), "compile_seconds": dict(self.compile_seconds)}
 
-    def close(self) -> None:
-        """Drop the model and the compiled graphs."""
+    def _release(self) -> None:
+        """Drop the model and the compiled graphs (after the call in flight, if any)."""
         self.model = self._run = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 RUNTIME = Runtime(

@@ -23,6 +23,8 @@ _PLUGIN_ERRORS: dict[str, str] = {}  # plugin module -> why it could not be regi
 
 def register(runtime: Runtime) -> Runtime:
     """Add a runtime (tests register fakes this way); a second one with the same name or target is an error."""
+    if not isinstance(runtime, Runtime):  # a plugin module's RUNTIME that is something else: say so, by name
+        raise TypeError(f"register takes a runtimes.Runtime, got {type(runtime).__name__} {runtime!r:.80}")
     for other in _RUNTIMES.values():
         if runtime.name == other.name or runtime.target == other.target:
             raise ValueError(f"runtime {runtime.name!r} (target {runtime.target!r}) is already registered")

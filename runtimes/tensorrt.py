@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from runtimes import onnx_graph
-from runtimes.base import INPUT_NAME, BackendError, LoadSpec, Runtime, Variant
+from runtimes.base import INPUT_NAME, BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
 from runtimes.build import Built, ExportContext, ExportError
 
 OPT_BATCH = 8  # the profile's optimum (clipped to max batch): a typical dynamic-batching server batch
@@ -185,8 +184,8 @@ def _engine_bytes(spec: LoadSpec, device: dict[str, str], trt_version: str) -> t
                         max_batch=spec.max_batch, precision="fp32", device_index=spec.options.device_index), "fp32"
 
 
-class TensorRTBackend:
-    """One engine + execution context on one GPU; calls are serialised (one context, one stream)."""
+class TensorRTBackend(PooledBackend):
+    """One engine + execution context on one GPU; calls are serialised (one context, one stream: a pool of one)."""
 
     runtime = "tensorrt"
     parallelism = 1
@@ -220,46 +219,44 @@ class TensorRTBackend:
             raise BackendError(f"engine profile covers batch {low[0]}..{high[0]}, the manifest 1..{self.max_batch}")
         self.context = self.engine.create_execution_context()
         self._input, self._output = spec.input_name, spec.output_name
-        self._sample_shape, self._classes = spec.sample_shape, spec.num_classes
-        self._lock = threading.Lock()
+        self.sample_shape, self._classes = spec.sample_shape, spec.num_classes
         # Buffers for the largest batch, allocated once.
-        self._d_in = self._malloc(self.max_batch * int(np.prod(self._sample_shape)) * 4)
+        self._d_in = self._malloc(self.max_batch * int(np.prod(self.sample_shape)) * 4)
         self._d_out = self._malloc(self.max_batch * self._classes * 4)
         self._stream = _check(cudart.cudaStreamCreate())
         self.context.set_tensor_address(self._input, self._d_in)
         self.context.set_tensor_address(self._output, self._d_out)
+        # The device buffers are freed (`_release`) only after the call in flight returns its context.
+        self._pool = CallPool("this tensorrt backend", [self.context])
 
     def _malloc(self, nbytes: int) -> int:
         ptr = int(_check(self._cudart.cudaMalloc(nbytes)))
         self._buffers.append(ptr)
         return ptr
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, classes) float32 on the GPU."""
+    def _compute(self, context: Any, batch: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 -> (B, classes) float32 on the GPU (`infer` checked the batch's dtype and shape)."""
         cudart = self._cudart
-        batch = np.ascontiguousarray(batch, np.float32)
+        batch = np.ascontiguousarray(batch)  # a copy only for a strided view: the device copy reads flat memory
         n = batch.shape[0]
-        if not 1 <= n <= self.max_batch or batch.shape[1:] != self._sample_shape:
-            raise BackendError(f"batch of shape {batch.shape} does not fit 1..{self.max_batch} x {self._sample_shape}")
         out = np.empty((n, self._classes), np.float32)
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        with self._lock:
-            # The batcher calls from worker threads: the CUDA device is per thread.
-            _check(cudart.cudaSetDevice(self._device_index))
-            if not self.context.set_input_shape(self._input, batch.shape):
-                raise BackendError(f"TensorRT refused input shape {batch.shape}")
-            _check(cudart.cudaMemcpyAsync(self._d_in, batch.ctypes.data, batch.nbytes, h2d, self._stream))
-            if not self.context.execute_async_v3(int(self._stream)):
-                raise BackendError("TensorRT execution failed")
-            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream))
-            _check(cudart.cudaStreamSynchronize(self._stream))
+        # The batcher calls from worker threads: the CUDA device is per thread.
+        _check(cudart.cudaSetDevice(self._device_index))
+        if not context.set_input_shape(self._input, batch.shape):
+            raise BackendError(f"TensorRT refused input shape {batch.shape}")
+        _check(cudart.cudaMemcpyAsync(self._d_in, batch.ctypes.data, batch.nbytes, h2d, self._stream))
+        if not context.execute_async_v3(int(self._stream)):
+            raise BackendError("TensorRT execution failed")
+        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream))
+        _check(cudart.cudaStreamSynchronize(self._stream))
         return out
 
     def describe(self) -> dict[str, Any]:
         return {**self._gpu, "inference_precision": self.precision}
 
-    def close(self) -> None:
-        """Free device buffers and the stream."""
+    def _release(self) -> None:
+        """Free device buffers and the stream (`close`: once the call in flight, if any, has returned)."""
         for ptr in self._buffers:
             self._cudart.cudaFree(ptr)
         self._buffers.clear()

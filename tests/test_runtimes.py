@@ -100,10 +100,10 @@ def test_onnxruntime_streams_run_batches_concurrently_with_identical_answers(bun
     streams = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=1, parallel=2))
     assert streams.parallelism == min(2, usable_cpus()) and streams.describe()["threads_effective"] == 1
     if streams.parallelism == 2:  # one-thread streams share one session (one copy of the weights)
-        sessions = [streams._sessions.get() for _ in range(2)]
+        sessions = [streams._pool.acquire() for _ in range(2)]
         assert sessions[0] is sessions[1]
         for s in sessions:
-            streams._sessions.put(s)
+            streams._pool.give_back(s)
     sequential = streams.infer(batch)
     assert streams.describe()["latency_session"] is False  # one thread per call: nothing to spin for
     bounds = [(0, 1), (1, 3), (3, 7), (7, 12)]  # batch 1 too, while others run
@@ -114,10 +114,10 @@ def test_onnxruntime_streams_run_batches_concurrently_with_identical_answers(bun
         np.testing.assert_array_equal(out, sequential[a:b])
     if usable_cpus() >= 2:  # wider streams each have their own session (thread pool), the same answers
         wide = load_backend(bundle, manifest, "onnxruntime", options=BackendOptions(threads=2, parallel=2))
-        sessions = [wide._sessions.get() for _ in range(2)]
+        sessions = [wide._pool.acquire() for _ in range(2)]
         assert sessions[0] is not sessions[1]
         for s in sessions:
-            wide._sessions.put(s)
+            wide._pool.give_back(s)
         with ThreadPoolExecutor(2) as pool:
             outs = list(pool.map(wide.infer, [batch[:6], batch[6:]] * 3))
         np.testing.assert_array_equal(np.concatenate(outs[:2]), sequential)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import Depends, Request
 
+from runtimes import BackendError
 from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull, TooLarge
 from serve.errors import APIError, ClientGone
 from serve.middleware import body_hold
@@ -104,7 +105,9 @@ async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | 
         raise APIError(504, str(exc)) from None
     except Exception as exc:
         log.exception("inference failed", extra={"model": model.name})
-        raise APIError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+        # A backend says what failed in one line already (runtimes.base.inference_error); anything else is named.
+        said = str(exc) if isinstance(exc, BackendError) else f"inference failed: {type(exc).__name__}: {exc}"
+        raise APIError(500, said) from None
 
 
 async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) -> T:
