@@ -491,17 +491,14 @@ def _stage_model(bundle: Path, manifest: Manifest, artifact: Artifact, model_dir
 
 
 def _golden_of(target: Path, path: str, manifest: Manifest, artifact_id: str) -> FileEntry:
-    """Rewrite the copied golden file without the other artifacts' outputs and records; its new manifest entry."""
+    """Rewrite the copied golden file with the arrays of this artifact alone (not the other artifacts' outputs and
+    records), each read bounded and checked as a server reads it; its new manifest entry."""
     import numpy as np
 
-    from runtimes.loader import RECORD_KEY, own_outputs_key, read_golden
+    from runtimes.loader import golden_arrays
 
     golden = target / path
-    read_golden(golden, manifest)  # bounded and well-formed before it is loaded whole
-    others = {own_outputs_key(a.id) for a in manifest.artifacts if a.id != artifact_id} | {
-        f"{RECORD_KEY}.{a.id}" for a in manifest.artifacts if a.id != artifact_id}
-    with np.load(golden, allow_pickle=False) as z:
-        kept = {k: z[k] for k in z.files if k not in others}
+    kept = golden_arrays(golden, manifest, artifact_id)  # BundleError for a member no golden file holds
     tmp = golden.with_name(golden.name + ".tmp.npz")
     np.savez_compressed(tmp, **kept)
     os.replace(tmp, golden)

@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import MAX_DATASET_CHARS, check_model_contract
-from models.config import ViTConfig, is_label
+from models.config import MAX_PARAMS, ViTConfig, is_label
 from models.io import atomic_write_bytes, read_strict_json, sha256_file, strict_json_bytes
 from models.jsonfields import FieldError, Fields, between
+from models.onnx_wire import onnx_external_locations
 from models.preprocessing import Preprocessing
 
 FORMAT = "vitc-bundle"
@@ -57,6 +58,12 @@ MAX_BATCH_LIMIT = 1024  # bounds engine profiles, parity batches and the server'
 MAX_IMAGE_SIDE = 4096
 MAX_CLASSES = 100_000
 MAX_MANIFEST_BYTES = 16 << 20
+# Listed file sizes are bounded before anything is hashed (a file must have its listed size before it is hashed, and a
+# sparse terabyte costs its writer nothing): an artifact file holds at most the largest model's float32 weights (the
+# checkpoint bound) and its graph; the golden inputs are 8 images at the largest side a manifest allows (8 x 4096 x
+# 4096 x 3 bytes = 384 MiB) and their logits.
+MAX_ARTIFACT_FILE_BYTES = 4 * MAX_PARAMS + (1 << 30)
+MAX_GOLDEN_BYTES = 512 << 20
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # most precise first: the default pick when none is asked
 DRAFT_BUDGET_POINTS = 0.1  # accuracy JPEG draft decoding may cost before a model's JPEGs are decoded in full
 MIN_DRAFT_SAMPLES = 1000  # a 0.1-point cost is one image in 1000: fewer cannot show it, so draft stays off
@@ -204,11 +211,12 @@ class FileEntry:
     bytes: int
 
     @classmethod
-    def read(cls, r: Fields) -> FileEntry:
+    def read(cls, r: Fields, max_bytes: int = MAX_ARTIFACT_FILE_BYTES) -> FileEntry:
         return cls(path=r.get("path", str, check=safe_relative_path,
                               what="a plain relative path inside the bundle"),
                    sha256=r.get("sha256", str, check=_SHA256.match, what="64 lowercase hex digits"),
-                   bytes=r.get("bytes", int, check=lambda v: v >= 0, what="non-negative"))
+                   bytes=r.get("bytes", int, check=between(0, max_bytes),
+                               what=f"non-negative, at most {max_bytes:,}"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
@@ -316,6 +324,8 @@ class Artifact:
         r.get("inference_precision", str, None, **TAG)  # a runtime compiles with it (runtimes/openvino.py)
         if art.servable and not art.files:
             raise r.fail("files", "is empty, but the artifact is marked servable")
+        if art.files and (wrong := _format_files_problem(art)):
+            raise r.fail("files", wrong)
         return art
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,6 +341,23 @@ class Artifact:
         if self.parity is not None:
             d["parity"] = self.parity.to_dict()
         return d
+
+
+# The files a format consists of, one of each suffix and nothing else. A runtime must read only what the manifest
+# lists and verify_files checked: OpenVINO reads the weights named after the .xml unless it is handed the listed .bin.
+FORMAT_FILES = {"openvino-ir": (".xml", ".bin")}
+
+
+def _format_files_problem(artifact: Artifact) -> str | None:
+    """Why the artifact's file list does not make up its format (None: it does, or the format has no rule)."""
+    suffixes = FORMAT_FILES.get(artifact.format)
+    if suffixes is None:
+        return None
+    paths = [f.path for f in artifact.files]
+    if len(paths) == len(suffixes) and all(sum(p.endswith(s) for p in paths) == 1 for s in suffixes):
+        return None
+    return (f"must list exactly one {' and one '.join(suffixes)} file (format {artifact.format!r}), lists "
+            f"{', '.join(repr(p[-60:]) for p in paths[:4])}{', ...' if len(paths) > 4 else ''}")
 
 
 @dataclass(frozen=True)
@@ -402,8 +429,8 @@ class Golden:
 
     @classmethod
     def read(cls, r: Fields) -> Golden:
-        return cls(file=FileEntry.read(r.obj("file")), samples=r.get("samples", int, check=between(1, 1024),
-                                                                     what="1..1024"))
+        return cls(file=FileEntry.read(r.obj("file"), MAX_GOLDEN_BYTES),
+                   samples=r.get("samples", int, check=between(1, 1024), what="1..1024"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file.to_dict(), "samples": self.samples}
@@ -693,8 +720,16 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     if not found[1]:
         raise BundleError(f"not a bundle: {path} is missing")
     try:
+        real = path.resolve()
+        outside = bundle.resolve() not in real.parents
+    except (OSError, RuntimeError) as exc:
+        raise unreadable("manifest", path, exc) from None
+    if outside:  # a link out of the bundle: read, its parse errors would quote another file back (over HTTP too)
+        raise BundleError(f"{path} links to a file outside the bundle directory; put the manifest itself there")
+    try:
         # Strict like checkpoint.json: NaN or Infinity is refused, not read as null (write_manifest never writes them).
-        raw = read_strict_json(path, MAX_MANIFEST_BYTES)
+        # The target checked above is what is read, whatever the link says by now.
+        raw = read_strict_json(real, MAX_MANIFEST_BYTES)
     except ValueError as exc:
         raise BundleError(f"corrupt manifest {path}: {exc}; re-export the bundle") from None
     except OSError as exc:
@@ -732,11 +767,52 @@ def verify_file(bundle: str | os.PathLike, entry: FileEntry, what: str = "artifa
 
 
 def verify_files(bundle: str | os.PathLike, artifact: Artifact) -> list[Path]:
-    """Check every file of an artifact exists inside the bundle and matches its sha256; returns the paths."""
+    """Check every file of an artifact exists inside the bundle and matches its sha256, and that its format reads no
+    file the manifest does not list; returns the paths."""
     paths = [verify_file(bundle, entry) for entry in artifact.files]
     if not paths:
         raise BundleError(f"artifact {artifact.id!r} lists no files")
+    if wrong := _format_files_problem(artifact):  # a manifest built in code, not read
+        raise BundleError(f"artifact {artifact.id!r}: its files {wrong}")
+    if artifact.format == "openvino-ir":
+        _check_ir_xml(artifact, paths)
+    elif artifact.format == "onnx":
+        _check_onnx_external_data(artifact, paths)
     return paths
+
+
+def _check_ir_xml(artifact: Artifact, paths: list[Path]) -> None:
+    """The .xml of an OpenVINO IR must be IR XML: OpenVINO opens an ONNX (or other) model saved under that name with
+    another frontend, which reads files of its own (ONNX external data) that no manifest lists."""
+    xml = next(p for p in paths if p.name.endswith(".xml"))
+    try:
+        with open(xml, "rb") as f:
+            head = f.read(256).removeprefix(b"\xef\xbb\xbf").lstrip()
+    except OSError as exc:
+        raise unreadable("artifact file", xml, exc) from None
+    if not head.startswith((b"<?xml", b"<net")):
+        raise BundleError(f"artifact {artifact.id!r}: {xml} is not OpenVINO IR XML (tampered or corrupt)")
+
+
+def _check_onnx_external_data(artifact: Artifact, paths: list[Path]) -> None:
+    """Every external-data file an ONNX model of the artifact names must be one of its listed, verified files (the
+    runtime would read it beside the model, unchecked: it decides the weights)."""
+    listed = set(paths)
+    for model in (p for p in paths if p.name.endswith(".onnx")):
+        try:
+            locations = onnx_external_locations(model)
+        except ValueError as exc:
+            raise BundleError(f"artifact {artifact.id!r}: {model} is not a readable ONNX model ({exc})") from None
+        except OSError as exc:
+            raise unreadable("artifact file", model, exc) from None
+        for location in sorted(locations):
+            try:
+                target = (model.parent / location).resolve()
+            except (ValueError, OSError, RuntimeError):  # a NUL byte, a link loop: not a listed file either way
+                target = None
+            if target not in listed:
+                raise BundleError(f"artifact {artifact.id!r}: {model.name} takes tensor data from {location!r:.80}, "
+                                  "which the manifest does not list (every file a runtime reads must be listed)")
 
 
 def file_entries(bundle: str | os.PathLike, paths: list[Path]) -> tuple[FileEntry, ...]:

@@ -9,6 +9,7 @@ manifest records are measured on the code that serves.
 from __future__ import annotations
 
 import os
+import re
 import time
 import zipfile
 import zlib
@@ -22,6 +23,8 @@ from numpy.lib import format as npy
 
 from models.bundle import (
     MAX_ARTIFACTS,
+    MAX_GOLDEN_BYTES,
+    NAME_RE,
     PRECISION_ORDER,
     Artifact,
     BundleError,
@@ -36,9 +39,7 @@ from models.tolerance import TOLERANCES
 from runtimes import registry
 from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runtime, first_line
 
-# Bounds the golden arrays before they are allocated: 8 inputs (what export writes) at the largest side a manifest
-# allows (8 x 4096 x 4096 x 3 bytes = 384 MiB), plus their logits.
-MAX_GOLDEN_BYTES = 512 << 20
+# MAX_GOLDEN_BYTES (models.bundle) bounds the golden file and its arrays before they are allocated.
 _NPY_HEADER_LIMIT = 10_000  # numpy's own default for untrusted headers
 
 
@@ -284,15 +285,34 @@ def read_golden_outputs(path: Path, manifest: Manifest, artifact_id: str) -> np.
     return own
 
 
-def _optional_member(path: Path, manifest: Manifest, name: str, dtype: np.dtype,
-                     shape: tuple[int, ...]) -> np.ndarray | None:
+def golden_arrays(path: Path, manifest: Manifest, artifact_id: str) -> dict[str, np.ndarray]:
+    """The arrays of the golden .npz that a bundle of artifact `artifact_id` alone keeps (pixels, logits, the
+    contract and origin digests, the sources, and that artifact's own outputs and record), each read and checked as
+    a server reads it: what export.triton copies into a version directory. Raises BundleError (one line)."""
+    pixels, logits = read_golden(path, manifest)
+    arrays = {"pixels": pixels, "logits": logits}
+    digest = np.dtype(np.uint8), (32,)
+    for name in (CONTRACT_KEY, ORIGIN_KEY, f"{RECORD_KEY}.{artifact_id}"):
+        if (value := _optional_member(path, manifest, name, *digest)) is not None:
+            arrays[name] = value
+    if (own := read_golden_outputs(path, manifest, artifact_id)) is not None:
+        arrays[own_outputs_key(artifact_id)] = own
+    for i in range(len(pixels)):
+        name = f"{SOURCE_KEY}.{i}"
+        if (source := _optional_member(path, manifest, name, np.dtype(np.uint8), None, _source_shape)) is not None:
+            arrays[name] = source
+    return arrays
+
+
+def _optional_member(path: Path, manifest: Manifest, name: str, dtype: np.dtype, shape: tuple[int, ...] | None,
+                     fits: Callable[[tuple[int, ...]], bool] | None = None) -> np.ndarray | None:
     """One array of the golden .npz that older bundles lack (None then), checked like `read_golden`."""
     fail = f"golden inputs {manifest.golden.file.path!r}"
     try:
         with _golden_zip(path) as z:
             if f"{name}.npy" not in z.namelist():
                 return None
-            return _read_member(z, name, dtype, shape)
+            return _read_member(z, name, dtype, shape, fits)
     except BundleError as exc:
         raise BundleError(f"{fail}: {exc}; re-export the bundle") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, ValueError, EOFError, OSError,
@@ -305,6 +325,12 @@ def _optional_member(path: Path, manifest: Manifest, name: str, dtype: np.dtype,
 # golden inputs
 MAX_GOLDEN_MEMBERS = 2 * MAX_ARTIFACTS + 4 + 16
 MAX_GOLDEN_DIRECTORY = MAX_GOLDEN_MEMBERS * (46 + 128)  # bytes of central directory: a header and a name an entry
+# Every array a golden file holds, in what this and every earlier vitc wrote (pixels and logits, then the artifacts'
+# outputs, the contract, the sources, the origin and the artifacts' records); nothing else is read past: any other
+# member makes the file corrupt for every reader alike (serve and export.report read only these, export.triton
+# copies only these).
+_GOLDEN_MEMBER = re.compile(r"(?:pixels|logits|contract|origin|(?:outputs|record)\.(?P<id>.+)"
+                            r"|source\.(?:0|[1-9][0-9]{0,3}))\.npy")
 
 
 def _golden_zip(path: Path) -> zipfile.ZipFile:
@@ -325,7 +351,26 @@ def _golden_zip(path: Path) -> zipfile.ZipFile:
                               f"{MAX_GOLDEN_MEMBERS} entries in {MAX_GOLDEN_DIRECTORY:,} bytes expected")
         if tail.rfind(b"PK\x06\x07", 0, end) >= 0:  # a zip64 locator: zipfile would trust its sizes instead
             raise BundleError("it is a zip64 archive, which no golden file needs")
-    return zipfile.ZipFile(path)  # (no record: zipfile says what is wrong)
+    z = zipfile.ZipFile(path)  # (no record: zipfile says what is wrong)
+    try:
+        _check_members(z.namelist())
+    except BaseException:
+        z.close()
+        raise
+    return z
+
+
+def _check_members(names: list[str]) -> None:
+    """BundleError unless every member is a golden array (`_GOLDEN_MEMBER`), each once."""
+    seen = set()
+    for name in names:
+        m = _GOLDEN_MEMBER.fullmatch(name)
+        if m is None or (m["id"] is not None and NAME_RE.fullmatch(m["id"]) is None):
+            raise BundleError(f"it holds {name!r:.80}, which is no golden array (vitc writes pixels, logits, contract, "
+                              "origin, source.<i>, outputs.<artifact> and record.<artifact>)")
+        if name in seen:
+            raise BundleError(f"it holds {name!r:.80} twice")
+        seen.add(name)
 
 
 def _read_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...] | None,

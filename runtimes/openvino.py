@@ -112,7 +112,8 @@ def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN2
     """Read the IR, check its input name, and compile it with the spec's options."""
     core = _core()
     xml = spec.file(".xml")
-    model = core.read_model(str(xml), str(xml.with_suffix(".bin")))
+    # The weights are the listed, verified .bin, never the file OpenVINO would find beside the .xml by its name.
+    model = core.read_model(str(xml), str(spec.file(".bin")))
     names = [n for port in model.inputs for n in port.get_names()]
     if spec.input_name not in names:
         raise BackendError(f"{xml.name} has inputs {names}, the manifest expects {spec.input_name!r}")
