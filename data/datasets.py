@@ -111,7 +111,8 @@ class ImageSet:
         if list(self.class_names) == list(class_names):
             return self
         index = {c: i for i, c in enumerate(class_names)}
-        unknown = [c for c in self.class_names if c not in index]
+        present = set(np.unique(self.labels).tolist())  # an empty class directory holds nothing to evaluate
+        unknown = [c for i, c in enumerate(self.class_names) if c not in index and i in present]
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
             spelled = {unicodedata.normalize("NFC", c): c for c in class_names}
@@ -120,7 +121,7 @@ class ImageSet:
                     "Unicode normalisation (NFD vs NFC): rename the directory" if near is not None else "")
             raise DatasetError(f"dataset {self.name} class names differ from the checkpoint's: {len(unknown)} of "
                                f"its {len(self.class_names)} classes are not the model's ({shown}){hint}")
-        remap = np.asarray([index[c] for c in self.class_names], np.int64)
+        remap = np.asarray([index.get(c, -1) for c in self.class_names], np.int64)  # -1: no image has it
         return ImageSet(self.name, self.split, list(class_names), remap[self.labels], self.arrays, self.paths)
 
     def readable(self, order: Iterable[int], n: int, minimum: int = 1) -> Readable:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import numbers
 import os
 import shutil
 import sys
@@ -363,6 +364,9 @@ def build_bundle(
                      calibration_samples=calibration_samples, dataset=dataset,
                      calibration_dataset=calibration_dataset, opset=opset, tolerances=tolerances, threads=threads,
                      log=log, drop_artifacts=drop_artifacts)
+    # numpy integers pass as integers (what a script computes a count with); from here on they are plain ints
+    max_batch, parity_samples, calibration_samples = int(max_batch), int(parity_samples), int(calibration_samples)
+    opset, threads = (None if v is None else int(v) for v in (opset, threads))
     log = log or (lambda msg: print(msg, file=sys.stderr))
     try:
         cwd = Path.cwd()
@@ -397,8 +401,9 @@ def build_bundle(
 
 
 def _is_int(value: object) -> bool:
-    """An int that is not a bool (True would pass `1 <= True <= 1024`, and no reader takes it back)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (a Python or numpy one) that is not a bool (True would pass `1 <= True <= 1024`, and no reader
+    takes it back)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 def _check_arguments(checkpoint: object, out: object, targets: object, *, name: object, max_batch: object,

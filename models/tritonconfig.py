@@ -493,6 +493,8 @@ def read(model_dir: Path) -> TritonConfig | None:
     if not path.is_file():
         if path.exists():  # a directory, a FIFO, a device: a configuration that cannot be read is not "none"
             raise ConfigError(f"{path}: not a regular file")
+        if path.is_symlink():  # dangling, or a loop: a configuration meant to be there, not its absence
+            raise ConfigError(f"{path}: a symbolic link to nothing readable")
         return None
     if model_dir.resolve() not in path.resolve().parents:  # a link out of the model directory, as label_filename:
         # read, its parse errors would quote another file's first characters back to whoever asked for the load

@@ -307,8 +307,9 @@ def _onnx_opset(path: Path) -> int:
 
 
 def test_the_recorded_opset_is_the_one_in_the_exported_file(checkpoint, tmp_path, monkeypatch):
-    m = build_bundle(checkpoint, tmp_path / "b19", ["onnx"], max_batch=4, parity_samples=8, opset=19, threads=1,
-                     log=lambda _: None)
+    # numpy integers are integers (what a script computes its counts with)
+    m = build_bundle(checkpoint, tmp_path / "b19", ["onnx"], max_batch=np.int64(4), parity_samples=np.int64(8),
+                     opset=np.int32(19), threads=np.int32(1), log=lambda _: None)
     onnx_artifact = m.select("onnxruntime", "fp32")
     assert onnx_artifact.info["opset"] == 19 == _onnx_opset(tmp_path / "b19" / onnx_artifact.files[0].path)
     # An exporter that writes another opset than asked (as torch's did below 17: opset 5 became 18, recorded as 5)

@@ -129,7 +129,7 @@ def test_a_resume_state_that_unpickles_objects_is_refused_naming_them(tmp_path):
         load_resume(tmp_path)
     said = str(info.value)
     assert "holds Python objects no resume state holds" in said and "GLOBAL" in said and "\n" not in said
-    assert "weights_only" not in said and not marker.exists()
+    assert "weights_only" not in said and "add_safe_globals" not in said and not marker.exists()
     # A deflated pickle (a few KB on disk that would unpickle to gigabytes) is refused from the zip directory alone.
     save_resume(tmp_path, _state())
     packed = tmp_path / "packed.pt"
@@ -139,6 +139,21 @@ def test_a_resume_state_that_unpickles_objects_is_refused_naming_them(tmp_path):
     packed.replace(tmp_path / "resume.pt")
     with pytest.raises(CheckpointError, match="is compressed, which torch.save never does"):
         load_resume(tmp_path)
+    # An oversized pickle under another case of its name (torch finds archive/DATA.PKL too) is bounded alike.
+    import train.state as state_module
+
+    save_resume(tmp_path, _state())
+    renamed = tmp_path / "renamed.pt"
+    with zipfile.ZipFile(tmp_path / "resume.pt") as src, zipfile.ZipFile(renamed, "w", zipfile.ZIP_STORED) as dst:
+        for item in src.infolist():
+            name = item.filename[:-len("data.pkl")] + "DATA.PKL" if item.filename.endswith("data.pkl") else \
+                item.filename
+            dst.writestr(name, src.read(item.filename))
+    renamed.replace(tmp_path / "resume.pt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_module, "MAX_PICKLE_BYTES", 10)
+        with pytest.raises(CheckpointError, match="its pickle is"):
+            load_resume(tmp_path)
 
 
 @pytest.mark.parametrize("betas", [5, "ab", [2.0, 0.5]])

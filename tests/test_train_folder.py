@@ -163,3 +163,6 @@ def test_a_class_name_in_another_unicode_normalisation_is_pointed_out():
         images.labelled_as(["café", "bar"])
     relabelled = ImageSet("root", "val", ["bar", "café"], np.asarray([0, 1, 1])).labelled_as(["café", "bar"])
     assert relabelled.class_names == ["café", "bar"] and relabelled.labels.tolist() == [1, 0, 0]
+    # a class directory with no image, unknown to the model, holds nothing to evaluate: not refused
+    extra = ImageSet("root", "val", ["bar", "empty", "café"], np.asarray([0, 2])).labelled_as(["café", "bar"])
+    assert extra.labels.tolist() == [1, 0]

@@ -309,6 +309,10 @@ def test_a_config_that_links_out_of_the_model_directory_is_refused_without_quoti
         tritonconfig.read(model)
     assert "s3cr3t" not in str(info.value)
     (model / "config.pbtxt").unlink()
+    (model / "config.pbtxt").symlink_to(tmp_path / "gone.pbtxt")  # dangling: not "no configuration"
+    with pytest.raises(ConfigError, match="a symbolic link to nothing readable"):
+        tritonconfig.read(model)
+    (model / "config.pbtxt").unlink()
     (model / "real.pbtxt").write_text('name: "m"\n')
     (model / "config.pbtxt").symlink_to("real.pbtxt")  # a link inside the directory is read, as Triton reads it
     assert tritonconfig.read(model).name == "m"

@@ -103,6 +103,7 @@ def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, 
     except pickle.UnpicklingError as exc:  # weights_only refused an object: name it, and no "weights_only=False"
         said = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         why = next((ln for ln in said if "GLOBAL" in ln or "Unsupported" in ln), said[0] if said else "")
+        why = why.split(". Please", 1)[0]  # torch's advice to allowlist the class is not for untrusted files
         raise CheckpointError(f"cannot read resume state {path}: it holds Python objects no resume state holds "
                               f"({why.rstrip('.')[:200]}); it was not written by vitc and is not loaded") from None
     except Exception as exc:  # any unreadable or tampered file is one clear error
@@ -131,7 +132,7 @@ def check_archive(path: Path) -> None:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
             raise CheckpointError(f"cannot read resume state {path}: member {m.filename[:80]!r} is compressed, "
                                   "which torch.save never does; it was not written by vitc and is not loaded")
-        if m.filename.endswith("/data.pkl") and m.file_size > MAX_PICKLE_BYTES:
+        if m.filename.lower().endswith("data.pkl") and m.file_size > MAX_PICKLE_BYTES:  # torch finds any case
             raise CheckpointError(f"cannot read resume state {path}: its pickle is {m.file_size:,} bytes, more than "
                                   f"the {MAX_PICKLE_BYTES:,} a resume state needs")
 
