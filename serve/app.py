@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -78,7 +79,10 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
             # within one timeout, then free the runtimes.
             app.state.ready = False
             names = list(loaded)
-            await repository.close(settings.graceful_timeout_s)
+            # One drain budget for the whole stop: what uvicorn's drain of the requests left of it.
+            since = getattr(app.state, "stop_requested_at", None)
+            spent = 0.0 if since is None else time.monotonic() - since
+            await repository.close(max(0.0, settings.graceful_timeout_s - spent))
             pool.shutdown()
             close_models(loaded)
             log.info("stopped", extra={"models": names})

@@ -366,13 +366,18 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         try:
-            while (self.depth or self._running) and loop.time() < end:
+            while (self.depth or self._computing()) and loop.time() < end:
                 await asyncio.sleep(0.01)
         finally:
             self._stop()
         if self._collector:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
+
+    def _computing(self) -> bool:
+        """Whether a running batch still owes a request its answer: one past the inference timeout answered 504
+        already, and its hung call is not worth the drain's wait."""
+        return any(not it.future.done() for batch in self._running.values() for it in batch)
 
     def _stop(self) -> None:
         """Past the drain: cancel what still runs (a hung backend: stop waiting for it), fail every request not

@@ -142,9 +142,22 @@ def run(settings: Settings) -> None:
         log_config=None, access_log=False, lifespan="on", server_header=False, ws="none",  # no WebSocket routes
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,
     )
-    server = uvicorn.Server(config)
+    def stopping() -> None:  # the models' drain gets what is left of the one budget (serve.app's lifespan)
+        if getattr(app.state, "stop_requested_at", None) is None:
+            app.state.stop_requested_at = time.monotonic()
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, noting when the stop was asked for: Kubernetes and docker stop count one grace
+        period for the whole stop, not one for the requests and another for the models."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            stopping()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
 
     def stop(*_: object) -> None:
+        stopping()
         server.should_exit = True
 
     # A SIGTERM or SIGINT before uvicorn takes the signals over (the "listening" line is out) stops the server once

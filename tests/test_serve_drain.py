@@ -177,3 +177,18 @@ def test_a_request_larger_than_the_queue_bound_is_413_not_a_retryable_503(bundle
         assert fails() == before
         assert client.get("/v2/models/fake/config").json()["max_batch_size"] == 4
         assert client.post(V2, content=fake_runtime.request_body(1.0, rows=4)).status_code == 200
+
+
+def test_a_stop_after_a_timed_out_call_does_not_wait_the_drain_for_it(bundle, tmp_path):
+    """The hung call's request was answered (504): the models' drain has nothing to wait for, and what SIGTERM
+    takes stays within one --graceful-timeout-s (it used to wait a second full drain for the hung call)."""
+    (tmp_path / "hang").touch()
+    try:
+        with fake_server(bundle, tmp_path, "--inference-timeout-s", "0.3", "--graceful-timeout-s", "4",
+                         "--parallel", "1") as server, client_of(server) as client:
+            r = client.post(V2, content=fake_runtime.request_body(fake_runtime.HANG))
+            assert r.status_code == 504, r.text
+            code, took = _stop_within(server, 15)
+            assert code == 0 and took < 3, (code, took)
+    finally:
+        (tmp_path / "hang").unlink(missing_ok=True)
