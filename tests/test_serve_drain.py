@@ -192,3 +192,23 @@ def test_a_stop_after_a_timed_out_call_does_not_wait_the_drain_for_it(bundle, tm
             assert code == 0 and took < 3, (code, took)
     finally:
         (tmp_path / "hang").unlink(missing_ok=True)
+
+
+def test_a_stop_that_cancels_a_computing_request_logs_no_unretrieved_error(bundle, tmp_path):
+    """The handler cancelled at the end of uvicorn's drain left its submit task to be failed by the batcher's close:
+    asyncio then logged "Task exception was never retrieved" with a traceback at error level on every such stop."""
+    (tmp_path / "hang").touch()
+    try:
+        with fake_server(bundle, tmp_path, "--inference-timeout-s", "20", "--graceful-timeout-s", "0.5",
+                         "--parallel", "1") as server:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(httpx.post, server.url + V2, content=fake_runtime.request_body(
+                    fake_runtime.HANG), timeout=30)
+                time.sleep(1.0)  # computing (hung) by now
+                code, _ = _stop_within(server, 15)
+                answer = pending.result()
+            assert code == 0 and answer.status_code == 503, (code, answer.text)
+    finally:
+        (tmp_path / "hang").unlink(missing_ok=True)
+    unretrieved = [e for e in _entries(server.logs()) if "never retrieved" in e["msg"]]
+    assert not unretrieved, unretrieved

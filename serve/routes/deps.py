@@ -117,6 +117,10 @@ async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) 
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the request itself was cancelled (the server's drain ran out): so is its work, whose
+        task.cancel()  # error, if it ends with one first, nobody will ask for (asyncio would log it as unretrieved)
+        task.add_done_callback(_retrieved)
+        raise
     finally:
         gone.cancel()
     if task.done():
@@ -126,6 +130,12 @@ async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) 
         await task
     request.app.state.metrics.disconnects.labels(model.name, "queued").inc()
     raise ClientGone
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark an abandoned task's outcome as seen."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _disconnected(request: Request) -> None:
