@@ -240,7 +240,10 @@ class ModelRepository:
                     and loaded.batcher.ready
                 entry: dict[str, Any] = {"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE"}
                 if not ready:
-                    entry["reason"] = self.failures.get((name, version)) or self._why_not(name, source, version, loaded)
+                    # a load that failed before it chose a version (its config.pbtxt) is why none is served
+                    whole = self.failures.get((name, "")) if loaded is None and name not in self.unloaded else None
+                    entry["reason"] = (self.failures.get((name, version)) or whole
+                                       or self._why_not(name, source, version, loaded))
                 out.append(entry)
         return out
 

@@ -271,6 +271,8 @@ def test_the_reason_a_model_is_not_served_is_the_latest_one(fake, repo):
         assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 400
         r = c.get(f"/v2/models/{NAME}/ready")  # a failed load after the unload: that failure is why
         assert r.status_code == 404 and "max_queue_delay_microsecond" in r.json()["error"], r.text
+        entries = c.post("/v2/repository/index").json()  # and the index says the same
+        assert entries and all("max_queue_delay_microsecond" in e["reason"] for e in entries if e["name"] == NAME)
 
 
 def test_names_that_are_not_models_leave_no_state(fake, repo):
