@@ -157,3 +157,29 @@ def test_resuming_under_another_number_of_processes_is_refused_when_the_global_b
     again = run(3, "--resume", "--max-steps", "0")
     assert again.returncode != 0
     assert "written with a global batch of 8 (2 process(es)), this run has 12 (3)" in again.stderr, again.stderr[-3000:]
+
+
+def test_an_epoch_resumed_mid_way_under_torchrun_records_the_loss_of_an_uninterrupted_one(tmp_path):
+    """resume.pt kept rank 0's running sums of the epoch and every rank restored them: the resumed epoch's loss
+    counted rank 0's first part twice and rank 1's not at all (the weights were right, the record was not)."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+            "--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "32",
+            "--train-subset", "256", "--val-subset", "64", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(*args: str) -> None:
+        proc = subprocess.run([*base, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("--out", str(tmp_path / "whole"))
+    run("--out", str(tmp_path / "split"), "--max-steps", "6")  # 4 steps an epoch: stops half-way through epoch 2
+    run("--out", str(tmp_path / "split"), "--resume", "--max-steps", "0")
+
+    def epochs(run_dir: Path) -> list[dict]:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    whole, split = epochs(tmp_path / "whole"), epochs(tmp_path / "split")
+    assert [e["epoch"] for e in split] == [1, 2] and split[1]["complete"]
+    for a, b in zip(whole, split, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9), (a, b)
+        assert b["corrupt_train_replaced"] == a["corrupt_train_replaced"]

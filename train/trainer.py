@@ -481,6 +481,8 @@ class Trainer:
 
         cfg, start = self.cfg, progress["step_in_epoch"]
         acc = dict(progress["epoch_acc"] or {"loss_sum": 0.0, "samples": 0, "time": 0.0, "corrupt": 0})
+        if not self.info.is_main:  # a saved epoch's sums are every rank's together (`_global_acc`): rank 0 holds them
+            acc |= {"loss_sum": 0.0, "samples": 0, "corrupt": 0}
         loss_sum = torch.tensor(acc["loss_sum"], dtype=torch.float64, device=self.dev)
         bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not self.show, leave=False, dynamic_ncols=True, unit="step")
@@ -517,12 +519,18 @@ class Trainer:
                 break
             if cfg.save_every_steps and progress["global_step"] % cfg.save_every_steps == 0:
                 seg = time.perf_counter() - t0
-                self.save_state({**progress, "step_in_epoch": step, "epoch_acc": snapshot(),
+                self.save_state({**progress, "step_in_epoch": step, "epoch_acc": self._global_acc(snapshot()),
                                  "train_time_s": progress["train_time_s"] + seg})
         bar.close()
         acc = snapshot()
         progress["train_time_s"] += acc["time"] - (progress["epoch_acc"] or {"time": 0.0})["time"]
         return self._end_epoch(epoch, step, acc, progress) or stopped
+
+    def _global_acc(self, acc: dict[str, Any]) -> dict[str, Any]:
+        """An epoch's running sums over every rank (all ranks call this at the same step): what resume.pt keeps, so
+        that rank 0 alone resumes with them and the end-of-epoch sum counts each rank's part once."""
+        loss_sum, n, corrupt = all_reduce_sum([acc["loss_sum"], acc["samples"], acc["corrupt"]], self.info)
+        return {**acc, "loss_sum": loss_sum, "samples": int(n), "corrupt": int(corrupt)}
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -553,7 +561,8 @@ class Trainer:
         progress["history"] = [h for h in progress["history"] if h["epoch"] != epoch + 1] + [rec]
         progress["epoch"] = epoch + 1 if complete else epoch
         progress["step_in_epoch"] = 0 if complete else step
-        progress["epoch_acc"] = None if complete else acc
+        progress["epoch_acc"] = None if complete else {**acc, "loss_sum": loss_sum, "samples": int(n),
+                                                       "corrupt": int(corrupt)}  # every rank's, as _global_acc
         # resume.pt first: a run killed between the two writes is still a (resumable) run directory.
         self.save_state(progress)
         if self.info.is_main:
