@@ -90,6 +90,12 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write: processes that share it (torchrun's ranks, unbuffered) cannot splice it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None:
     """When `exc` is the machine failing (out of memory, a full disk): print it as one line (with `hint`, what to
     lower) and return exit code 1 (a failure of the work, not of the input). Otherwise None: the caller re-raises."""
@@ -98,7 +104,7 @@ def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None
         reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     if reason is None:
         return None
-    print(f"{prog}: error: {reason}" + (f": {hint}" if hint else ""), file=sys.stderr)
+    say(f"{prog}: error: {reason}" + (f": {hint}" if hint else ""))
     return 1
 
 
@@ -186,7 +192,7 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
         sys.stdout.flush()
     except KeyboardInterrupt as exc:
         stopped = isinstance(exc, Terminated)
-        print(f"{prog}: {'terminated' if stopped else 'interrupted'}", file=sys.stderr)
+        say(f"{prog}: {'terminated' if stopped else 'interrupted'}")
         code = 143 if stopped else 130
     except BrokenPipeError:  # an OSError: before the clause below
         # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.

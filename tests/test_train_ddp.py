@@ -183,3 +183,16 @@ def test_an_epoch_resumed_mid_way_under_torchrun_records_the_loss_of_an_uninterr
     for a, b in zip(whole, split, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9), (a, b)
         assert b["corrupt_train_replaced"] == a["corrupt_train_replaced"]
+
+
+def test_a_dataset_every_rank_fails_to_load_is_said_once_and_whole(tmp_path):
+    """Each rank printed it, text and newline in two writes to the shared (unbuffered) stderr: lines came spliced."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+           "--device", "cpu", "--model", "vit_c_micro", "--dataset", str(tmp_path / "nope"), "--out",
+           str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=120)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("python -m train")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert ours[0] == (f"python -m train (rank 0): error: unknown dataset {str(tmp_path / 'nope')!r}: not one of "
+                       "animals, mnist, digits and not a directory"), ours

@@ -10,11 +10,10 @@ Nothing here imports torch at module level, so `quiet_openmp` takes effect.
 from __future__ import annotations
 
 import os
-import sys
 
-from data.datasets import DatasetError
+from data.datasets import DatasetError, UnreadableImage
 from models.checkpoint import CheckpointError
-from models.cli import machine_failure, require
+from models.cli import machine_failure, require, say
 from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 
@@ -34,12 +33,18 @@ def lost_peer(exc: BaseException) -> str | None:
     return None
 
 
+def speaker() -> str:
+    """The program's name in its lines, with this process's rank under torchrun (ranks share one stderr)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"{PROG} (rank {os.environ.get('RANK', '0')})" if world > 1 else PROG
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m train`; returns the exit code."""
     args = build_parser().parse_args(argv)
     quiet_openmp()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    who = f"{PROG} (rank {rank})" if world > 1 else PROG
+    who = speaker()
     # Everything the run needs, up front: matplotlib draws the curves only after the last epoch.
     require("torch", "safetensors", "tqdm", "matplotlib")
     try:
@@ -48,18 +53,19 @@ def main(argv: list[str] | None = None) -> int:
 
         train(cfg)
     except DatasetError as exc:
-        # Every rank says it: one rank alone may meet a corrupt file mid-epoch (the others then lose it, below).
-        # A DataLoader worker's error arrives with its traceback text: its last line is the reason.
-        print(f"{who}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        # A corrupt file met mid-epoch is one rank's: that rank says it (the others lose it, below). A dataset that
+        # does not load fails every rank of a machine alike: its first rank says it (once per node).
+        if isinstance(exc, UnreadableImage) or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            # A DataLoader worker's error arrives with its traceback text: its last line is the reason.
+            say(f"{who}: error: {str(exc).strip().splitlines()[-1]}")
         return 2
     except (ConfigError, CheckpointError) as exc:
         if rank == 0:  # every rank meets these alike: one line is enough
-            print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+            say(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}")
         return 2
     except (MemoryError, RuntimeError) as exc:
         if world > 1 and (how := lost_peer(exc)):
-            print(f"{who}: error: lost another rank ({how}): it failed or was stopped, and its own message says why",
-                  file=sys.stderr)
+            say(f"{who}: error: lost another rank ({how}): it failed or was stopped, and its own message says why")
             return 1
         # Any rank may run out; each says so (resume.pt holds the last save, so --resume continues from it).
         code = machine_failure(exc, who, "try a smaller --batch-size (or --eval-batch-size); what the run saved is "
@@ -73,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, PROG)
+    cli.run(main, speaker())  # "interrupted" and "terminated" say which rank, as the errors do
