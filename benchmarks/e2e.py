@@ -161,6 +161,21 @@ def execution_differences(server: dict[str, Any], bare: dict[str, Any]) -> list[
     return [f"{k}: server {server.get(k)!r}, bare {bare.get(k)!r}" for k in keys if server.get(k) != bare.get(k)]
 
 
+def bundle_mismatch(bundle: Path, info: dict[str, Any]) -> str | None:
+    """Why `bundle` is not the model the server reports serving (its variant or its weights' sha256), or None:
+    the bare runtime must run the served model for the overhead to be a like-for-like comparison."""
+    from models.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    served = {"variant": info.get("variant"), "weights sha256": (info.get("source") or {}).get("sha256")}
+    own = {"variant": manifest.model, "weights sha256": manifest.source.sha256}
+    differs = [f"{k} {served[k]!r} served, {own[k]!r} in the bundle" for k in own if served[k] != own[k]]
+    if not differs:
+        return None
+    return (f"--bundle {bundle} is not the model the server serves as {info.get('name')!r} ({'; '.join(differs)}); "
+            "give the served bundle (or --model NAME for the served model that bundle is)")
+
+
 def open_bare(bundle: Path, info: dict[str, Any], serve_args: list[str] | None) -> tuple[Any, dict[str, Any]]:
     """The served artifact opened in-process as the server opened it: with its settings' options when this run
     started it, else with options inferred from its execution report (the first whose report matches). Returns
@@ -291,15 +306,20 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
 
     log_path = Path(tempfile.mkdtemp(prefix="vitc-e2e-")) / "server.log"
     serve_args = ["--model", str(cfg.bundle), "--backend", cfg.backend, "--no-access-log", *cfg.server_args]
-    try:
-        server = start(serve_args, log_path, {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
-    except RuntimeError as exc:  # the log is kept: it holds the server's side of the story
-        raise ValueError(f"the server did not start: {str(exc).splitlines()[0]} (log: {log_path})") from None
-    try:
-        doc = _run_e2e(dataclasses.replace(cfg, url=server.url), log, serve_args)
+    keep_log = False
+    try:  # whatever ends the run (an error, Ctrl-C, SIGTERM), the server is stopped and its log directory removed
+        try:
+            server = start(serve_args, log_path, {"VITC_API_KEY": cfg.api_key} if cfg.api_key else None)
+        except RuntimeError as exc:  # the log is kept: it holds the server's side of the story
+            keep_log = True
+            raise ValueError(f"the server did not start: {str(exc).splitlines()[0]} (log: {log_path})") from None
+        try:
+            doc = _run_e2e(dataclasses.replace(cfg, url=server.url), log, serve_args)
+        finally:
+            server.stop()
     finally:
-        server.stop()
-    shutil.rmtree(log_path.parent, ignore_errors=True)  # a clean run: nothing to look at
+        if not keep_log:
+            shutil.rmtree(log_path.parent, ignore_errors=True)
     doc["server_started"] = {"backend": cfg.backend, "bundle": str(cfg.bundle),
                              "settings": " ".join(cfg.server_args) or "defaults"}
     return doc
@@ -308,6 +328,8 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
 def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str, Any]:
     """The run against a server at cfg.url; `serve_args`: how it was started (None: not by this run)."""
     info = model_info(cfg)
+    if cfg.bundle is not None and (problem := bundle_mismatch(cfg.bundle, info)):
+        raise ValueError(problem)  # before anything is measured
     name = info["name"]
     endpoint = Endpoint(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}/classify", f"image/{cfg.image_format}",
                         cfg.api_key)
@@ -507,9 +529,9 @@ def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
 
 def write_e2e_reports(doc: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
     """Write <stem>-http.json / .md / .png into `out_dir`."""
-    from benchmarks.report import naming, stem_name
+    from benchmarks.report import naming, stem_name, unused_stem
 
-    stem = stem_name(doc, "-http")
+    stem = unused_stem(out_dir, stem_name(doc, "-http"), (".json", ".md", ".png"))
     json_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
     with naming(json_path):  # the numbers first: a disk that fills up later takes only the plot and the prose
         atomic_write_json(json_path, doc)

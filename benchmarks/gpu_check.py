@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     import tempfile
 
-    from benchmarks.report import stem_name
+    from benchmarks.report import stem_name, unused_stem
     from models.io import atomic_write_bytes, atomic_write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = run(args.device, SMOKE if args.smoke else GPU, args.out, work,
                   log=lambda m: print(m, file=sys.stderr, flush=True))
     doc["host"] = doc["environment"]["host"]
-    stem = args.out / stem_name(doc, "-gpu-check")
+    stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
     atomic_write_json(stem.with_suffix(".json"), doc)
     atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
     print(f"{'passed' if doc['passed'] else 'FAILED'}: wrote {stem}.json, {stem}.md")

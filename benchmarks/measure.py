@@ -33,7 +33,9 @@ class Budget:
     rel_ci: float = 0.02  # stop early once each median's 95 % CI half-width is within this fraction
 
 
-QUICK = Budget(warmup_calls=1, warmup_s=0.0, min_reps=5, min_rounds=2, round_s=0.05, max_s=0.6, rel_ci=0.05)
+# Four warm-up calls: the estimate that sizes the rounds is the median of the last three, not one call that a
+# preemption can make 100x slow (which left one model with a few samples and the other with thousands).
+QUICK = Budget(warmup_calls=4, warmup_s=0.0, min_reps=5, min_rounds=2, round_s=0.05, max_s=0.6, rel_ci=0.05)
 FULL = Budget()
 
 
@@ -78,11 +80,13 @@ def warm_up(infer: Infer, inputs: list[np.ndarray], budget: Budget) -> float:
 def time_pair(c_infer: Infer, p_infer: Infer, inputs: list[np.ndarray], budget: Budget) -> PairTiming:
     """Interleaved rounds of C and P calls on the same inputs until stable or out of time."""
     est_c, est_p = warm_up(c_infer, inputs, budget), warm_up(p_infer, inputs, budget)
-    k_c = max(1, round(budget.round_s / max(est_c, 1e-6)))
-    k_p = max(1, round(budget.round_s / max(est_p, 1e-6)))
     out = PairTiming()
     start = time.perf_counter()
     while True:
+        # Calls per round from the median of every call so far: a warm-up estimate thrown off by a preemption
+        # is corrected after one round, so both models get about round_s of calls each round.
+        k_c = max(1, round(budget.round_s / max(float(np.median(out.c)) if out.c else est_c, 1e-6)))
+        k_p = max(1, round(budget.round_s / max(float(np.median(out.p)) if out.p else est_p, 1e-6)))
         order = ((c_infer, k_c, out.c), (p_infer, k_p, out.p))
         for infer, k, sink in order if out.rounds % 2 == 0 else order[::-1]:
             sink += time_calls(infer, inputs, k, len(sink))

@@ -7,13 +7,14 @@ hand-written server of benchmarks/naive_server.py, vitc on onnxruntime, vitc on 
 round after round), so the machine's drift hits all alike; vitc's answers carry a Server-Timing header that splits
 its time into receive, decode, queue, compute and encode. Saturation is a closed loop at concurrency 16 per system,
 against the runtime alone: a bare onnxruntime loop at the batch size vitc ran, and OpenVINO's own benchmark_app
-(throughput hint) on the same IR. Cold start is process start -> ready, per backend. Results: JSON + Markdown +
-PNG in benchmarks/results/ (machine, versions and commit included).
+(throughput hint) on the same IR. Cold start is process start -> ready, per backend. Results: JSON + Markdown in
+benchmarks/results/ (machine, versions and commit included; the Markdown is printed before the files are written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import http.client
 import io
@@ -23,6 +24,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +79,32 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     raise RuntimeError(f"{url} not ready within {timeout:g} s")
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM caught and raised again on leaving (main thread): a child process started inside is
+    recorded before the interrupt unwinds past it (Popen interrupted while it waits for the exec would leave the
+    child running with nobody to stop it). Not a blocked signal mask: the child would inherit that."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            signal.raise_signal(s)  # now to the handler it was meant for
+
+
 class Server:
     """A server process on a loopback port: vitc (python -m serve) or the hand-written one."""
 
     def __init__(self, kind: str, bundle: Path, backend: str = "onnxruntime", log_dir: Path | None = None) -> None:
         self.kind, self.port = kind, _free_port()
+        self.proc: subprocess.Popen | None = None
         self._own_dir = None if log_dir else Path(tempfile.mkdtemp(prefix="vitc-overhead-"))  # removed by stop()
         log_dir = log_dir or self._own_dir
         self.log = log_dir / f"{kind}-{backend}.log"
@@ -92,8 +116,9 @@ class Server:
             cmd = [sys.executable, "-m", "benchmarks.naive_server", str(bundle), "--port", str(self.port)]
             self.path, ready = "/classify", "/ready"
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        try:
+        try:  # from the temporary directory on: a signal at any point leaves neither it nor the process behind
+            with _signals_deferred(), open(self.log, "wb") as log_file:  # the child keeps its own copy of the fd
+                self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
             _wait(f"http://127.0.0.1:{self.port}{ready}", self.proc)
         except RuntimeError as exc:
             self.stop(keep_log=True)
@@ -149,7 +174,7 @@ class Server:
 
     def stop(self, keep_log: bool = False) -> None:
         """Stop the server; its temporary log goes with it unless `keep_log` (a server that failed to start)."""
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(30)
@@ -351,12 +376,17 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
         runs = []
         for _ in range(cold_starts):
             s = Server("vitc", bundle, backend)
-            runs.append({"ready_s": s.cold_start_s, **s.startup()})
-            s.stop()
+            try:
+                runs.append({"ready_s": s.cold_start_s, **s.startup()})
+            finally:
+                s.stop()
         doc["cold_start"][backend] = {"ready_s_median": float(np.median([r["ready_s"] for r in runs])), "runs": runs}
     log("servers ...")
-    servers = {"naive": Server("naive", bundle), **{f"vitc-{b}": Server("vitc", bundle, b) for b in backends}}
-    try:
+    servers: dict[str, Server] = {}
+    try:  # each server is stopped whatever interrupts the run, the ones already up while a later one starts too
+        servers["naive"] = Server("naive", bundle)
+        for b in backends:
+            servers[f"vitc-{b}"] = Server("vitc", bundle, b)
         ort, manifest, x = bare_backend(bundle, "onnxruntime", body)
         one_session, _, _ = bare_backend(bundle, "onnxruntime", body, hint="latency")
         references = {"streams": ort, "one_session": one_session}
@@ -546,18 +576,32 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as exc:
         print(f"{p.prog}: error: --bundle: {exc}", file=sys.stderr)
         return 2
-    if args.out.exists() and not args.out.is_dir():
-        print(f"{p.prog}: error: --out {args.out} exists and is not a directory", file=sys.stderr)
+    from benchmarks.report import out_dir_problem
+
+    if problem := out_dir_problem(args.out):  # tried for real before minutes of measuring, not after
+        print(f"{p.prog}: error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
               args.backends, log=lambda m: print(m, file=sys.stderr),
               saturation_rounds=args.saturation_rounds)
+    print(markdown(doc), flush=True)  # first: a write failing later loses no measurement
+    return save(doc, args.out, p.prog)
+
+
+def save(doc: dict[str, Any], out: Path, prog: str) -> int:
+    """Write <date>-<time>-<host>-overhead.json / .md into `out` (never over an earlier run's); the exit code."""
+    from benchmarks.report import naming, save_failed, unused_stem
     from models.io import atomic_write_bytes, atomic_write_json
 
-    stem = args.out / f"{doc['created'][:16].replace(':', '').replace('T', '-')}-{doc['environment']['host']}-overhead"
-    atomic_write_json(stem.with_suffix(".json"), doc)
-    atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
-    print(markdown(doc))
+    created = doc["created"][:16].replace(":", "").replace("T", "-")
+    stem = out / unused_stem(out, f"{created}-{doc['environment']['host']}-overhead", (".json", ".md"))
+    try:
+        with naming(stem.with_suffix(".json")):
+            atomic_write_json(stem.with_suffix(".json"), doc)
+        with naming(stem.with_suffix(".md")):
+            atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
+    except OSError as exc:  # --out was writable when the run began: the disk filled up, or a file limit
+        return save_failed(exc, prog)
     print(f"wrote {stem}.json, {stem}.md")
     return 0
 

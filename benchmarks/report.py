@@ -303,11 +303,20 @@ def stem_name(doc: dict[str, Any], suffix: str = "") -> str:
     return f"{created:%Y-%m-%d-%H%M}-{doc['host']}{suffix}"
 
 
+def unused_stem(out_dir: Path, stem: str, tails: tuple[str, ...]) -> str:
+    """`stem`, else `stem-2`, `stem-3`, ...: the first for which no `<stem><tail>` exists in `out_dir`, so a second
+    run in the same minute never replaces the first one's results."""
+    n = 1
+    while any(os.path.lexists(out_dir / f"{stem if n == 1 else f'{stem}-{n}'}{tail}") for tail in tails):
+        n += 1
+    return stem if n == 1 else f"{stem}-{n}"
+
+
 def write_reports(doc: dict[str, Any], out_dir: Path, suffix: str = "", plots: bool = True) -> list[Path]:
     """JSON, Markdown and PNG plots into `out_dir`; returns the paths written."""
     from benchmarks.plots import plot_latency, plot_ratios
 
-    stem = stem_name(doc, suffix)
+    stem = unused_stem(out_dir, stem_name(doc, suffix), (".json", ".md", "-latency.png", "-ratio.png"))
     doc["summary"] = summarize_doc(doc)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     with naming(json_path):  # the numbers first: a disk that fills up later takes only the plots and the prose
