@@ -14,6 +14,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+# Imported before any test patches models.bundle.read_manifest or models.io.atomic_write_json: a module first imported
+# under a patch would keep the stand-in as its own for the rest of the session (export.bundle did, failing later
+# tests).
+import benchmarks.bundles  # noqa: F401
+import benchmarks.load  # noqa: F401
+import benchmarks.report  # noqa: F401
+import export.bundle  # noqa: F401
+import export.report  # noqa: F401
+import export.served  # noqa: F401
+import export.triton  # noqa: F401
+import serve.registry  # noqa: F401
+import serve.tensor  # noqa: F401
 from benchmarks import e2e, overhead
 from benchmarks.latency import main as latency_main
 from benchmarks.measure import QUICK, input_pool, time_pair
