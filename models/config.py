@@ -84,7 +84,7 @@ def is_label(value: object, max_chars: int = MAX_LABEL_CHARS) -> bool:
     return isinstance(value, str) and 0 < len(value) <= max_chars and _NOT_IN_LABELS.search(value) is None
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """An int that is not a bool (JSON true would otherwise pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -124,7 +124,7 @@ class ViTConfig:
             raise ValueError(f"{self.name}: description must be a string, got {type(self.description).__name__}")
         for attr, high in _INT_BOUNDS.items():
             value = getattr(self, attr)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{self.name}: {attr} must be a positive integer, got {value!r:.80}")
             if value > high:
                 raise ValueError(f"{self.name}: {attr} must be at most {high}, got {value}")
@@ -147,7 +147,7 @@ class ViTConfig:
     def _check_stem(self) -> None:
         """The stem's own fields, then how it fits the encoder (stride product, last width)."""
         if isinstance(self.stem, PatchifyStem):
-            if not _is_int(self.stem.patch) or self.stem.patch < 1:
+            if not is_int(self.stem.patch) or self.stem.patch < 1:
                 raise ValueError(f"{self.name}: patchify stem patch must be a positive integer, "
                                  f"got {self.stem.patch!r:.80}")
         elif isinstance(self.stem, ConvStem):
@@ -264,7 +264,7 @@ def _check_conv_layers(name: str, stem: ConvStem) -> None:
         raise ValueError(f"{name}: conv stem needs 1..{MAX_STEM_LAYERS} layers, got {len(stem.layers)}")
     for layer in stem.layers:
         if not isinstance(layer, ConvLayer) or not all(
-                _is_int(v) and v >= 1 for v in (layer.kernel, layer.stride, layer.width)):
+                is_int(v) and v >= 1 for v in (layer.kernel, layer.stride, layer.width)):
             raise ValueError(f"{name}: invalid conv stem layer {layer!r:.120} (positive integers)")
         if layer.kernel % 2 == 0 or layer.kernel > MAX_STEM_KERNEL:
             raise ValueError(f"{name}: invalid conv stem layer {layer} (odd kernel up to {MAX_STEM_KERNEL})")

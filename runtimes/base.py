@@ -21,6 +21,7 @@ import numpy as np
 
 from models.bundle import Artifact, Manifest
 from models.cli import installed, memory_failure
+from models.config import is_int
 
 if TYPE_CHECKING:
     from runtimes.build import Built, ExportContext
@@ -234,7 +235,7 @@ class BackendOptions:
             raise BackendError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
         for name in ("threads", "parallel"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and 1 <= value <= 1024):
+            if value is not None and not (is_int(value) and 1 <= value <= 1024):
                 raise BackendError(f"{name} must be an integer in 1..1024, got {value!r}")
         if self.inference_precision is not None and not isinstance(self.inference_precision, str):
             raise BackendError(f"inference_precision must be a precision name or None, "
@@ -245,7 +246,7 @@ class BackendOptions:
             raise BackendError(f"channels_last must be True, False or None, got {self.channels_last!r}")
         if self.buckets is not None:
             if not (isinstance(self.buckets, tuple | list) and self.buckets
-                    and all(_is_int(b) and 1 <= b <= 4096 for b in self.buckets)):
+                    and all(is_int(b) and 1 <= b <= 4096 for b in self.buckets)):
                 raise BackendError(f"buckets must be a tuple of batch sizes in 1..4096, got {self.buckets!r}")
             object.__setattr__(self, "buckets", tuple(self.buckets))
 
@@ -371,11 +372,6 @@ class Runtime:
         reason = self.unavailable(device)
         if reason:
             raise BackendError(f"{self.name} cannot run on {device}: {reason}")
-
-
-def _is_int(value: Any) -> bool:
-    """An int that is not a bool (True is an int to Python, not a count to anyone)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
