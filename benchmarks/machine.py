@@ -51,6 +51,7 @@ def _timed_throughput(fn: Callable[[], object], flops: float, seconds: float, sy
 
 def _ov_matmul(n: int, precision: str, threads: int) -> tuple[Callable[[], object], str]:
     """An OpenVINO n x n x n matmul with constant weights (the FullyConnected path models take)."""
+    from runtimes import openvino as ov_runtime
     from runtimes import telemetry
 
     telemetry.off()
@@ -73,7 +74,7 @@ def _ov_matmul(n: int, precision: str, threads: int) -> tuple[Callable[[], objec
         out = ops.matmul(x, ops.constant(b), False, False)
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     config.update({"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
-    compiled = ov.Core().compile_model(ov.Model([out], [x]), "CPU", config)
+    compiled = ov_runtime.core().compile_model(ov.Model([out], [x]), "CPU", config)
     request = compiled.create_infer_request()
     effective = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(
         compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(), "?"
@@ -192,12 +193,11 @@ def _cpu_info() -> dict[str, Any]:
             if m := re.search(rf"^{field}\s*:\s*(.+)$", text, re.M):
                 info[key] = m.group(1).strip()
     with contextlib.suppress(Exception):
+        from runtimes import openvino as ov_runtime
         from runtimes import telemetry
 
         telemetry.off()
-        import openvino as ov
-
-        core = ov.Core()
+        core = ov_runtime.core()
         info["openvino_device"] = core.get_property("CPU", "FULL_DEVICE_NAME")
         info["openvino_capabilities"] = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     info["logical_cpus"] = os.cpu_count()

@@ -95,25 +95,29 @@ def inference_precision(spec: LoadSpec) -> str:
 
 
 @functools.cache
-def _core():  # noqa: ANN202 - the ov.Core
-    """The process's one OpenVINO Core: compiled models of separate Cores released out of creation order crash
-    the process at exit (SIGSEGV after a hot reload or unload), and one Core shares its plugin and thread pools."""
+def core():  # noqa: ANN202 - the ov.Core
+    """The process's one OpenVINO Core, for every OpenVINO use in the process (benchmarks included).
+
+    Each Core's CPU plugin installs its own alternate signal stack on the thread that creates it and puts back the
+    one it found when it is released; Cores released out of creation order leave the thread on freed memory, so
+    the next signal (Ctrl-C, SIGTERM) corrupts the heap or kills the process (SIGSEGV), as do compiled models of
+    separate Cores released at exit. One Core also shares its plugin and thread pools."""
     import openvino as ov
 
-    core = ov.Core()
+    shared = ov.Core()
     # Weights are read into memory, not mapped: a mapped .bin that is changed in place after its sha256 was checked
     # (cp or rsync --inplace over a served bundle) silently changes the answers, and truncated kills the process
     # (SIGBUS) with every model in it.
-    core.set_property({"ENABLE_MMAP": False})
-    return core
+    shared.set_property({"ENABLE_MMAP": False})
+    return shared
 
 
 def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN202 - an ov.CompiledModel
     """Read the IR, check its input name, and compile it with the spec's options."""
-    core = _core()
+    compiler = core()
     xml = spec.file(".xml")
     # The weights are the listed, verified .bin, never the file OpenVINO would find beside the .xml by its name.
-    model = core.read_model(str(xml), str(spec.file(".bin")))
+    model = compiler.read_model(str(xml), str(spec.file(".bin")))
     names = [n for port in model.inputs for n in port.get_names()]
     if spec.input_name not in names:
         raise BackendError(f"{xml.name} has inputs {names}, the manifest expects {spec.input_name!r}")
@@ -125,7 +129,7 @@ def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN2
         config["INFERENCE_NUM_THREADS"] = threads
     if options.parallel and options.hint == "throughput":
         config["PERFORMANCE_HINT_NUM_REQUESTS"] = options.parallel
-    return core.compile_model(model, "CPU", {**config, **(extra or {})})
+    return compiler.compile_model(model, "CPU", {**config, **(extra or {})})
 
 
 class OpenVINOBackend(PooledBackend):
