@@ -182,8 +182,8 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
     prof = [b for b in doc.get("breakdown", []) if "error" not in b]
     if prof:
         parts += ["", "## Where the time goes (OpenVINO per-op profile)", "",
-                  "GEMM GFLOP/s = 2 * MACs * batch / time in matmul-class ops (FullyConnected, MatMul, Convolution); "
-                  "the rest of the time is LayerNorm, Softmax, GELU, adds, transposes and reorders.", ""]
+                  "GEMM GFLOP/s = 2 * MACs * batch / time in matmul-class ops (FullyConnected, MatMul, Convolution, "
+                  "attention); the rest of the time is LayerNorm, GELU, adds, transposes and reorders.", ""]
         parts.append(_md_table(
             ["model", "target", "batch", "profiled ms", "matmul-class share", "GEMM GFLOP/s", "GEMM of limit",
              "largest other ops (ms)"],

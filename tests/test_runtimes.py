@@ -384,3 +384,17 @@ def test_export_sizes_torch_by_a_cpu_quota(monkeypatch):
     with torch_threads(2):  # an explicit --threads wins
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
+
+
+def test_openvino_profile_counts_attention_as_matmul_work(bundle, manifest):
+    """OpenVINO fuses attention (q.k^T, softmax, attn.v) into a Snippets "Subgraph" on CPUs with AVX-512; the
+    breakdown counted that time as "the rest" while dividing all analytic flops, attention's included, by the
+    remaining matmul time, and the GEMM column passed 100 % of the machine's limit."""
+    from benchmarks.breakdown import is_matmul_op
+
+    artifact = manifest.select("openvino", "fp32")
+    spec = runtimes.LoadSpec(manifest, artifact, tuple(bundle / f.path for f in artifact.files),
+                             BackendOptions(threads=1))
+    by_type = runtimes.get("openvino").profile(spec, 2, 1)
+    attention = [t for t in by_type if t.startswith(("ScaledDotProductAttention", "MatMul"))]
+    assert attention and all(is_matmul_op(t) for t in attention), sorted(by_type)
