@@ -442,7 +442,7 @@ def _cpu_lines(sat: dict[str, Any], bare: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "CPU per request at saturation (ms; the runtime alone: onnxruntime in vitc's layout, OpenVINO's "
                  "benchmark_app process):", "",
-             "| | server | runtime alone, per image | server beyond the runtime | client | ceiling |",
+             "| | server | runtime alone, per image | server beyond the runtime | client | CPU-bound estimate |",
              "|---|---|---|---|---|---|"]
     for name, v in sat.items():
         server, client = v.get("server_cpu_ms_per_request"), v.get("client_cpu_ms_per_request")
@@ -452,12 +452,13 @@ def _cpu_lines(sat: dict[str, Any], bare: dict[str, Any]) -> list[str]:
         if alone is None:
             lines.append(f"| {name} | {server:.1f} | – | – | {client:.2f} | – |")
             continue
-        # Every core busy: the served rate is at most runtime CPU / (server + client CPU) of the runtime alone's.
+        # Every core busy: the served rate is about runtime CPU / (server + client CPU) of the runtime alone's.
         lines.append(f"| {name} | {server:.1f} | {alone:.1f} | {server - alone:.1f} | {client:.2f} | "
                      f"{alone / (server + client):.2f} |")
-    lines += ["", "Ceiling: with the client on the same cores, the served throughput cannot pass runtime CPU / "
-                  "(server + client CPU) of the runtime alone's (an upper bound: the runtime's CPU per image is "
-                  "measured generously); image decoding and HTTP are in the server's part."]
+    lines += ["", "CPU-bound estimate: with every core busy and the client on the same cores, the served throughput "
+                  "is about runtime CPU / (server + client CPU) of the runtime alone's. An estimate, not a bound: the "
+                  "server's batches can cost less CPU per image than the runtime alone's calls measured here. Image "
+                  "decoding and HTTP are in the server's part."]
     return lines
 
 

@@ -46,7 +46,7 @@ def test_the_report_states_the_verdicts(doc):
                                                     - v["c1_p50_ms"]["bare-onnxruntime"])
     text = overhead.markdown(doc)
     assert "| **vitc, onnxruntime** |" in text and "Where vitc's time goes" in text
-    assert "CPU per request at saturation" in text and "| vitc-onnxruntime |" in text and "Ceiling" in text
+    assert "CPU per request at saturation" in text and "| vitc-onnxruntime |" in text and "CPU-bound estimate" in text
     assert ("within 5 ms" in text) == v["within_5_ms_of_bare"]
 
 
