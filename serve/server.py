@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from serve.errors import ServeError
 from serve.logs import configure_logging
+from serve.protocol import JSON_MEMORY_PER_BYTE
 from serve.registry import close_models, load_models
 from serve.settings import Settings, service_links, unknown_environment
 
@@ -91,8 +92,9 @@ def memory_headroom(settings: Settings, resident: int | None, limit: int | None)
     load instead of answering 503."""
     if limit is None or resident is None:
         return None
-    # One image may exceed the budget (it decodes alone): its pixels at the dearest weight bound it too.
-    decode = max(settings.decode_budget_pixels, settings.max_image_pixels * MAX_DECODE_WEIGHT)
+    # One image or v2 body may exceed the budget (it decodes or parses alone): its own cost bounds it too.
+    decode = max(settings.decode_budget_pixels, settings.max_image_pixels * MAX_DECODE_WEIGHT,
+                 settings.max_body_bytes * JSON_MEMORY_PER_BYTE // DECODE_BYTES_PER_PIXEL)
     need = resident + decode * DECODE_BYTES_PER_PIXEL + settings.buffered_bytes_limit
     return {"worst_case_bytes": need, "memory_limit_bytes": limit} if need > limit else None
 

@@ -469,3 +469,14 @@ def test_running_out_of_memory_while_loading_is_the_machine_not_the_model(fake, 
         r = c.post(f"/v2/repository/models/{NAME}/load")
         assert r.status_code == 400 and "out of memory while loading version 1" in r.json()["error"], r.text
         assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the loaded one serves on
+
+
+def test_a_repository_request_body_past_64_kib_is_413_before_it_is_parsed(fake, repo):
+    """The index and load bodies are parsed on the event loop: megabytes of JSON would stall every request."""
+    big = b'{"ready": true, "pad": [' + b",".join([b"0"] * 100_000) + b"]}"
+    with client(served(repo)) as c:
+        for path in ("/v2/repository/index", f"/v2/repository/models/{NAME}/load",
+                     f"/v2/repository/models/{NAME}/unload"):
+            r = c.post(path, content=big)
+            assert r.status_code == 413 and "at most 65536 bytes" in r.json()["error"], (path, r.text)
+        assert c.post("/v2/repository/index", content=b'{"ready": true}').status_code == 200

@@ -24,6 +24,7 @@ from serve.protocol import (
     ProtocolError,
     classification_strings,
     encode_response,
+    parse_memory,
     parse_request,
 )
 from serve.registry import ServedModel
@@ -41,8 +42,10 @@ from serve.routes.deps import (
     submit,
     unless_gone,
 )
+from serve.server import DECODE_BYTES_PER_PIXEL
 from serve.settings import Settings
 from serve.timing import stage, timings
+from serve.workpool import PixelBudget
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -138,10 +141,21 @@ async def model_stats(model: ModelDep, version: str | None = None) -> dict[str, 
     return {"model_stats": [model.stats.to_triton(model.name, model.version)]}
 
 
+MAX_REPOSITORY_BODY = 64 * 1024  # {"ready": true} or {"parameters": {...}}: parsed on the event loop
+
+
+async def _small_body(request: Request) -> bytes:
+    """A repository request's body; 413 past MAX_REPOSITORY_BODY (parsing megabytes of JSON would stall the loop)."""
+    body = await request.body()
+    if len(body) > MAX_REPOSITORY_BODY:
+        raise APIError(413, f"a repository request body is at most {MAX_REPOSITORY_BODY} bytes, got {len(body)}")
+    return body
+
+
 @router.post("/repository/index", summary="Every model and version the server knows, with its state")
 async def repository_index(request: Request) -> JSONResponse:
     ready_only = False
-    body = await request.body()
+    body = await _small_body(request)
     if body.strip():
         try:
             req = json.loads(body)
@@ -156,7 +170,7 @@ async def repository_index(request: Request) -> JSONResponse:
 
 async def _load_parameters(request: Request) -> dict[str, Any]:
     """The `parameters` of a repository load/unload body (empty or a JSON object); 400 when malformed."""
-    body = await request.body()
+    body = await _small_body(request)
     if not body.strip():
         return {}
     try:
@@ -273,6 +287,15 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
+def _parse(budget: PixelBudget, body: bytes, header: str | None, containers: int | None,
+           raw_input: tuple[str, tuple[int, ...]]) -> InferRequest:
+    """parse_request, holding its memory (up to 20x the JSON's size) in the decode budget as images hold theirs:
+    concurrent large JSON tensors wait or get 503 instead of taking the server past its memory."""
+    pixels = -(-parse_memory(len(body), header) // DECODE_BYTES_PER_PIXEL)
+    with budget.reserve(min(pixels, budget.pixels)):  # one body alone always parses, as one image decodes alone
+        return parse_request(body, header, containers, raw_input)
+
+
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES,
              openapi_extra=_INFER_BODY)
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", responses=ERROR_RESPONSES,
@@ -289,7 +312,8 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
         with stage(request, "decode"):
             body = await inflated(request, body, request.headers.get("content-encoding"), settings.max_body_bytes)
             model = served(request, name)
-            parsed = await off_loop(request, parse_request, body, next(iter(lengths), None), json_containers(model),
+            parsed = await off_loop(request, _parse, request.app.state.pixel_budget, body, next(iter(lengths), None),
+                                    json_containers(model),
                                     (model.input_name, (-1 if _unbatched(model) else 1, *model.sample_shape)))
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc), exc.headers) from None
