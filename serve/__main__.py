@@ -101,6 +101,10 @@ def settings_args(argv: list[str] | None = None) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = settings_args(argv)
+    if "api_key" in args and not str(args["api_key"]).strip():  # --api-key "$TOKEN" with TOKEN unset
+        print("error: --api-key is empty: give the key, or leave --api-key out to serve without authentication",
+              file=sys.stderr)
+        return 2
     from pydantic import ValidationError  # here: a missing server extra is one line (models.cli.run), not a traceback
 
     try:

@@ -111,6 +111,8 @@ def run(settings: Settings) -> None:
     configure_logging(settings.log_level)
     if ignored := unknown_environment(dict(os.environ))[1]:
         log.warning("ignored environment variables: not settings", extra={"names": ignored[:20]})
+    if settings.api_key is None and "VITC_API_KEY" in os.environ:  # set, but empty: a Secret that was not filled
+        log.warning("VITC_API_KEY is empty: serving without authentication")
     if links := service_links(dict(os.environ)):
         log.info("ignored Kubernetes service links (Services named vitc or vitc-*; enableServiceLinks: false turns "
                  "them off)",

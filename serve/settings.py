@@ -169,6 +169,9 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
+        # HTTP strips the whitespace around a header's value: a key read from a file (a Kubernetes Secret made with
+        # --from-file ends in a newline) could never match with its own.
+        v = v.strip() if isinstance(v, str) else v
         return None if v in ("", None) else v
 
 

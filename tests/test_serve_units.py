@@ -589,6 +589,30 @@ def test_close_finishes_queued_work():
 # --- settings ------------------------------------------------------------------------------------------------
 
 
+def test_an_api_key_read_from_a_file_works_and_an_empty_flag_is_refused(capsys):
+    """A key ending in a newline (a Secret made with --from-file) could never match: HTTP strips the header's
+    whitespace. `--api-key "$TOKEN"` with TOKEN unset would serve without authentication."""
+    from serve.__main__ import main
+    from serve.middleware import AuthMiddleware
+
+    assert Settings(api_key="s3cret\n").api_key.get_secret_value() == "s3cret"
+    assert Settings(api_key=" \n").api_key is None
+    assert main(["--api-key", "", "--model", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--api-key is empty" in err
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    from fastapi.testclient import TestClient
+
+    key = Settings(api_key="s3cret\n").api_key.get_secret_value()
+    client = TestClient(AuthMiddleware(app, api_key=key, open_paths=()))
+    assert client.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+
+
 def test_settings_from_environment_and_flags(monkeypatch):
     monkeypatch.setenv("VITC_MODELS", "exports/a, b=exports/b")
     monkeypatch.setenv("VITC_BACKEND", "openvino")
