@@ -381,10 +381,11 @@ def _parse_output(spec: Any) -> RequestedOutput:
 
 def classification_strings(logits: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
     """Triton's classification extension: (B, k) "value:index:label" for the k highest outputs per row; without
-    a label (no label file, or an empty line in it) "value:index", as Triton writes it."""
+    a label (no label file, an empty line in it, or an index past it) "value:index", as Triton writes it."""
     k = min(k, logits.shape[1])
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    rows = [[(f"{logits[b, i]:f}:{i}" + (f":{labels[i]}" if labels and labels[i] else "")).encode()
+    labels = labels or []
+    rows = [[(f"{logits[b, i]:f}:{i}" + (f":{labels[i]}" if i < len(labels) and labels[i] else "")).encode()
              for i in order[b]] for b in range(logits.shape[0])]
     return np.array(rows, dtype=object).reshape(logits.shape[0], k)
 

@@ -202,6 +202,16 @@ def test_max_batch_size_0_serves_each_request_as_its_own_batch(fake, repo):
                    headers={"Inference-Header-Content-Length": "0"})
         assert r.status_code == 400, r.text
         assert "a whole number of 12288-byte rows, got 36860 bytes" in r.json()["error"]
+        # As Triton: the classification extension ranks the whole tensor (indices over all 3 x 10 values, labels
+        # only where an index has one), and the statistics count each request as one inference.
+        r = c.post(f"/v2/models/{NAME}/infer", json={
+            "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+            "outputs": [{"name": "logits", "parameters": {"classification": 4}}]})
+        out = r.json()["outputs"][0]
+        flat = fake_runtime.logits(w, x).ravel()
+        assert out["shape"] == [4], out
+        assert [int(v.split(":")[1]) for v in out["data"]] == list(np.argsort(-flat, kind="stable")[:4])
+        assert c.get(f"/v2/models/{NAME}/stats").json()["model_stats"][0]["inference_count"] == 3
 
 
 def test_version_policy_and_batching_are_what_config_says(fake, repo):

@@ -330,14 +330,17 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
     for out in requested:
         if out.name != model.output_name:
             raise APIError(400, f"model {model.name!r} has no output {out.name[:128]!r}; outputs: {model.output_name}")
-    with recorded(model, x.shape[0]), admission(model, x.shape[0]):
+    # Without Triton batching (max_batch_size 0) the batch is part of the tensor, as in Triton: the request is one
+    # inference, and classification ranks the whole output, indices running over it (shape [k], not [B, k]).
+    unbatched = _unbatched(model)
+    with recorded(model, 1 if unbatched else x.shape[0]), admission(model, x.shape[0]):
         logits = finite_output(model, await unless_gone(request, model, submit(model, x, timings(request))))
     spec = requested[0] if requested else None
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
     if spec is not None and spec.classification:
-        tensor = OutputTensor(model.output_name, "BYTES",
-                              classification_strings(logits, spec.classification, model.classification_labels),
-                              binary)
+        ranked = logits.reshape(1, -1) if unbatched else logits
+        top = classification_strings(ranked, spec.classification, model.classification_labels)
+        tensor = OutputTensor(model.output_name, "BYTES", top.reshape(-1) if unbatched else top, binary)
     else:
         tensor = OutputTensor(model.output_name, "FP32", logits, binary)
     with stage(request, "encode"):
