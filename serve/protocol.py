@@ -113,11 +113,29 @@ MAX_ID_CHARS = 65_536
 MAX_HEADER_DIGITS = 20  # more than any body's length has (int() of 4,300 digits raises)
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _KINDS = {"U": "strings", "S": "strings", "f": "fractional numbers", "b": "booleans",
-          "O": "integers beyond 64 bits, or a mix of numbers and other values"}
+          "O": "null, objects, integers beyond 64 bits, or a mix of numbers and other values"}
 
 
 def _refuse_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not a number in JSON (non-finite values are refused)")
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "a string", dict: "an object", list: "a list"}.get(type(value), "a number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: with a repeated key, Python would keep the last value and Triton
+    the first, so the same body would mean two things."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ProtocolError(f"request JSON repeats the key {key[:64]!r} in one object")
+    return obj
 
 
 def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None,
@@ -141,7 +159,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
         raise ProtocolError(f"request JSON holds {containers} arrays and objects; a request for this model holds "
                             f"at most {max_containers}")
     try:
-        doc = json.loads(head, parse_constant=_refuse_constant)
+        doc = json.loads(head, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except ProtocolError:
         raise
     except RecursionError:
@@ -318,6 +336,8 @@ def _parse_input(spec: Any, binary: memoryview, offset: int, literals: bool = Tr
         return name, _finite(name, arr.reshape(shape)), size
     if "data" not in spec:
         raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+    if not isinstance(spec["data"], list):
+        raise ProtocolError(f"input {name!r}: 'data' must be a list of numbers, got {_json_kind(spec['data'])}")
     if literals and datatype != "BOOL" and _holds_bool(spec["data"]):
         raise ProtocolError(f"input {name!r}: data is not {datatype} (got booleans)")
     arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="))

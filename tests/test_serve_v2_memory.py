@@ -79,3 +79,20 @@ def test_the_start_up_memory_check_counts_one_body_parsing_alone():
                  max_buffered_bytes=64 * 2**20)
     over = memory_headroom(s, 0, 1 << 30)  # 64 MiB x 20 = 1.25 GiB of parsing, past a 1 GiB limit
     assert over is not None and over["worst_case_bytes"] >= 64 * 2**20 * JSON_MEMORY_PER_BYTE
+
+
+@pytest.mark.parametrize("data, says", [("null", "got null"), ("{}", "got an object"), ('"1"', "got a string"),
+                                        ("1", "got a number")])
+def test_data_that_is_not_a_list_is_named_as_json_names_it(data, says):
+    body = b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":%s}]}' % data.encode()
+    with pytest.raises(ProtocolError, match=f"'data' must be a list of numbers, {says}"):
+        _parse(PixelBudget(10**9), body, None, None, RAW)
+
+
+def test_a_repeated_key_is_refused_where_python_and_triton_would_read_different_values():
+    image = '{"name":"input","shape":[1],"datatype":"FP32","data":[1]}'
+    zeros = '{"name":"input","shape":[1],"datatype":"FP32","data":[0]}'
+    for body in (f'{{"inputs":[{image}],"inputs":[{zeros}]}}',
+                 '{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1],"data":[0]}]}'):
+        with pytest.raises(ProtocolError, match="repeats the key"):
+            _parse(PixelBudget(10**9), body.encode(), None, None, RAW)
