@@ -48,7 +48,7 @@ def test_a_hung_backend_answers_504_goes_unready_and_recovers(bundle, tmp_path):
         assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"], r.text
         assert time.monotonic() - t0 < 5
         # While the call is stuck the model is not ready and refuses work at once (no queueing behind it).
-        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/v2/health/ready").status_code == 400
         assert client.get("/v2/models/fake/ready").json()["ready"] is False
         r = client.post(V2, content=fake_runtime.request_body(2.0))
         assert r.status_code == 503 and r.headers["retry-after"] and "not ready" in r.json()["error"]

@@ -49,6 +49,8 @@ from serve.workpool import PixelBudget
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+# "A 200 status code indicates true and a 4xx status code indicates false" (KServe v2); Triton answers 400.
+NOT_READY = 400
 
 
 def _check_version(model: ServedModel, version: str | None) -> None:
@@ -88,7 +90,7 @@ async def ready(request: Request) -> JSONResponse:
     # does not take it out of its Service, the only way to reach its repository API and load one again.
     models = request.app.state.models
     ok = bool(request.app.state.ready and all(m.batcher and m.batcher.ready for m in models.values()))
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    return JSONResponse({"ready": ok}, status_code=200 if ok else NOT_READY)
 
 
 @router.get("", summary="Server metadata")
@@ -130,7 +132,7 @@ async def model_metadata(model: ModelDep, version: str | None = None) -> dict[st
 async def model_ready(model: ModelDep, version: str | None = None) -> JSONResponse:
     _check_version(model, version)
     ok = bool(model.batcher and model.batcher.ready)
-    return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
+    return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else NOT_READY)
 
 
 @router.get("/models/{name}/stats", summary="Statistics of one model (statistics extension)",
