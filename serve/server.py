@@ -23,7 +23,7 @@ from serve.errors import ServeError
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
 from serve.registry import close_models, load_models
-from serve.settings import Settings, service_links, unknown_environment
+from serve.settings import DECODE_BYTES_PER_PIXEL, Settings, service_links, unknown_environment
 
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
@@ -82,7 +82,6 @@ def process_age() -> float | None:
         return None
 
 
-DECODE_BYTES_PER_PIXEL = 5  # a budget pixel's peak decode memory (serve.imaging.decode_weight)
 MAX_DECODE_WEIGHT = 3  # the dearest decode_weight (WebP, progressive CMYK JPEG, grey with alpha)
 
 

@@ -29,6 +29,9 @@ def flag(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
+DECODE_BYTES_PER_PIXEL = 5  # a budget pixel's peak decode memory (serve.imaging.decode_weight)
+
+
 class Settings(BaseSettings):
     """Everything the service is configured by; flags override VITC_<NAME> environment variables."""
 

@@ -11,8 +11,8 @@ import pytest
 
 from serve.protocol import JSON_MEMORY_PER_BYTE, ProtocolError, parse_memory
 from serve.routes.v2 import _parse
-from serve.server import DECODE_BYTES_PER_PIXEL, memory_headroom
-from serve.settings import Settings
+from serve.server import memory_headroom
+from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.workpool import Busy, PixelBudget
 
 RAW = ("input", (1, 3, 32, 32))

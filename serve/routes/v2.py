@@ -42,8 +42,7 @@ from serve.routes.deps import (
     submit,
     unless_gone,
 )
-from serve.server import DECODE_BYTES_PER_PIXEL
-from serve.settings import Settings
+from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.timing import stage, timings
 from serve.workpool import PixelBudget
 
