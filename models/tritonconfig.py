@@ -8,11 +8,12 @@ serves one version: the newest, or the highest of a `specific` list, each of whi
 KIND_CPU: the model runs on the CPU whatever the server's --device, as Triton runs it on a GPU machine); the output's
 `label_filename` (the classification extension's labels, one a line, as Triton reads them).
 What must agree with the artifact, or the load is refused: `name` (the model directory's), `platform` and `backend`,
-`default_model_filename`, the input and output names, data types and dims. Every field name, value kind and enum
-value is checked against Triton's model_config.proto (models.tritonschema), as Triton's parser checks them, and so
-are the rules of Triton's model_config_utils.cc and of its backends that bear on what vitc serves. The file is
-bounded and scanned token by token (strings, comments and nesting understood), never executed; no protobuf library
-is needed.
+`default_model_filename`, the input and output names, data types and dims; and the file must declare the input and
+the output (Triton run without auto-complete refuses one that does not, an empty file included). Every field name,
+value kind and enum value is checked against Triton's model_config.proto (models.tritonschema), as Triton's parser
+checks them, and so are the rules of Triton's model_config_utils.cc and of its backends that bear on what vitc
+serves. The file is bounded and scanned token by token (strings, comments and nesting understood), never executed;
+no protobuf library is needed.
 """
 
 from __future__ import annotations
@@ -488,7 +489,8 @@ def parse(text: str) -> TritonConfig:
 
 
 def read(model_dir: Path) -> TritonConfig | None:
-    """The configuration in `model_dir/config.pbtxt`; None when there is no such file."""
+    """The configuration in `model_dir/config.pbtxt`; None when there is no such file, ConfigError when it cannot
+    be read, is malformed or does not declare the model's input and output."""
     path = model_dir / TRITON_CONFIG_FILE
     if not path.is_file():
         if path.exists():  # a directory, a FIFO, a device: a configuration that cannot be read is not "none"
@@ -504,6 +506,25 @@ def read(model_dir: Path) -> TritonConfig | None:
             raw = f.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"larger than {MAX_CONFIG_BYTES} bytes")
-        return parse(raw.decode("utf-8"))
+        config = parse(raw.decode("utf-8"))
+        _require_io(config, empty=not raw.strip())
+        return config
     except (OSError, UnicodeDecodeError, ConfigError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _require_io(config: TritonConfig, *, empty: bool) -> None:
+    """ConfigError when a model's config.pbtxt does not declare its input and output (a rule of the whole file:
+    fragments stay valid for `parse` and `check`)."""
+    # Triton run with --disable-auto-complete-config (as export.triton's InferenceService runs it) refuses such a
+    # model: its backend finds "configuration expects 0 inputs, model provides 1". Filled in from the manifest, a
+    # file emptied or cut short at a line end loaded here and served without its dynamic batching and label file.
+    missing = [what for what, given in (("input", config.inputs), ("output", config.outputs)) if not given]
+    if not missing:
+        return
+    if empty:
+        what = "is empty (a half-finished copy"
+    else:
+        what = f"declares no {' and no '.join(missing)} (cut short by a half-finished copy"
+    raise ConfigError(f"{what} or a full disk?): Triton run with --disable-auto-complete-config, as the "
+                      "InferenceService runs it, refuses a config that does not declare the model's input and output")

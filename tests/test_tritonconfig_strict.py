@@ -313,6 +313,7 @@ def test_a_config_that_links_out_of_the_model_directory_is_refused_without_quoti
     with pytest.raises(ConfigError, match="a symbolic link to nothing readable"):
         tritonconfig.read(model)
     (model / "config.pbtxt").unlink()
-    (model / "real.pbtxt").write_text('name: "m"\n')
+    (model / "real.pbtxt").write_text('name: "m"\ninput [{ name: "x" data_type: TYPE_FP32 dims: [ 3 ] }]\n'
+                                      'output [{ name: "y" data_type: TYPE_FP32 dims: [ 2 ] }]\n')
     (model / "config.pbtxt").symlink_to("real.pbtxt")  # a link inside the directory is read, as Triton reads it
     assert tritonconfig.read(model).name == "m"
