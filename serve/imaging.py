@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models.preprocessing import Preprocessing, copied_pixels, image_formats, image_input, plain_mode, upright
-from serve.workpool import PixelBudget
+from serve.workpool import Holder, PixelBudget
 
 FORMATS = image_formats()  # the Pillow decoders the server accepts; anything else is never parsed
 CONTENT_TYPES = frozenset({
@@ -152,18 +152,19 @@ def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Im
 
 
 def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bool = True,
-            budget: PixelBudget | None = None) -> np.ndarray:
+            budget: PixelBudget | None = None, holder: Holder | None = None) -> np.ndarray:
     """Image bytes -> (1, 3, crop, crop) float32, preprocessed exactly as recorded in the bundle.
 
     The image's pixels (after JPEG draft scaling) are reserved from `budget` before they are decoded and held
     until the model input is made; preprocessing reads only the crop's footprint, so its cost is bounded too.
+    `holder` is the budget the request's other images hold meanwhile (PixelBudget.reserve).
     """
     img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
     w, h = img.size  # after draft()
     # Capped at the whole budget: an image that fits the per-image limit always decodes once nothing else does.
     # A photo that is not square also pays for its centre region, which preprocessing copies (4 bytes a pixel).
     cost = w * h * decode_weight(img) + copied_pixels(w, h, spec)
-    with budget.reserve(min(cost, budget.pixels)) if budget is not None else contextlib.nullcontext():
+    with budget.reserve(min(cost, budget.pixels), holder) if budget is not None else contextlib.nullcontext():
         try:
             return _model_input(img, spec)
         finally:

@@ -1,8 +1,9 @@
 """The server's CPU work off the event loop (image decoding, tensor parsing, decompression), bounded twice:
 a fixed number of threads with a bounded queue in front of them, and a budget of pixels being decoded at once.
 
-Both refuse instead of waiting (the caller answers 503 + Retry-After): a burst of uploads can neither queue
-without limit nor make this process hold more decoded pixels than the budget, however the requests are mixed.
+Both refuse rather than queue without limit (the caller answers 503 + Retry-After): a burst of uploads can neither
+queue without limit nor make this process hold more decoded pixels than the budget, however the requests are mixed.
+A decode thread whose image does not fit the budget waits a short, fixed time for other decodes to end first.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import ctypes
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -85,30 +87,84 @@ def trim() -> None:
     _trim()
 
 
+# How long a decode thread waits for budget that other decodes hold before its request gets 503 + Retry-After: 1.
+# The dearest image the defaults allow takes about a second to decode on a small machine, so 2 s sees at least one
+# decode in progress end (two large photos arriving together both succeed); much longer would keep a decode
+# thread, and the client, waiting for what the Retry-After says as well.
+BUDGET_WAIT_S = 2.0
+
+
+class Deferred(Exception):
+    """An image that does not fit the budget beside its own request's other decodes: decode it after them."""
+
+
+class Holder:
+    """The budget held by one request's decodes running at once (changed under the budget's lock)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class PixelBudget:
     """Pixels being decoded at once in this process; a decode reserves its image's pixels first (thread-safe)."""
 
-    def __init__(self, pixels: int) -> None:
+    def __init__(self, pixels: int, wait_s: float = BUDGET_WAIT_S) -> None:
         self.pixels = pixels
+        self.wait_s = wait_s
         self._used = 0
-        self._lock = threading.Lock()
+        self._freed = threading.Condition(threading.Lock())
+        self._mine = threading.local()  # what the calling thread holds itself
 
     @property
     def used(self) -> int:
         return self._used
 
     @contextlib.contextmanager
-    def reserve(self, pixels: int) -> Iterator[None]:
-        """Hold `pixels` of the budget for the block; Busy when they are not free now."""
-        with self._lock:
+    def reserve(self, pixels: int, holder: Holder | None = None) -> Iterator[None]:
+        """Hold `pixels` of the budget for the block, waiting up to `wait_s` for others to free them; Busy after.
+
+        Never waits for budget the caller holds itself: not on the event loop (an inline job), not in a thread that
+        already holds a reservation, and not while `holder` (the request's other decodes) holds any: Deferred then.
+        """
+        mine = getattr(self._mine, "held", 0)
+        with self._freed:
             if self._used + pixels > self.pixels:
-                raise Busy(f"the server is decoding {self._used:,} of its {self.pixels:,} pixel budget; "
-                           f"this image needs {pixels:,}")
+                self._wait(pixels, holder, may_wait=not mine and not _on_event_loop())
             self._used += pixels
+            if holder is not None:
+                holder.held += pixels
+                self._freed.notify_all()  # the holder's other waiters stop waiting on it (Deferred)
+        self._mine.held = mine + pixels
         try:
             yield
         finally:
-            with self._lock:
+            self._mine.held -= pixels
+            with self._freed:
                 self._used -= pixels
+                if holder is not None:
+                    holder.held -= pixels
+                self._freed.notify_all()
             if pixels >= TRIM_PIXELS:
                 _trim()
+
+    def _wait(self, pixels: int, holder: Holder | None, *, may_wait: bool) -> None:
+        """Until `pixels` fit (the lock held); Busy once `wait_s` has passed, Deferred while `holder` holds any."""
+        deadline = time.monotonic() + self.wait_s
+        while self._used + pixels > self.pixels:
+            if holder is not None and holder.held:
+                raise Deferred(f"{pixels:,} pixels do not fit beside the {holder.held:,} this request holds")
+            left = deadline - time.monotonic()
+            if not may_wait or left <= 0:
+                raise Busy(f"the server is decoding {self._used:,} of its {self.pixels:,} pixel budget; "
+                           f"this image needs {pixels:,}")
+            self._freed.wait(left)

@@ -34,6 +34,7 @@ from serve.routes.deps import (
 )
 from serve.settings import Settings
 from serve.timing import stage, timings
+from serve.workpool import Deferred, Holder
 
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
 MAX_TOP_K = 1000
@@ -155,10 +156,12 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
     raise _unsupported(media)
 
 
-def _prepare_timed(request: Request, model: ServedModel, data: bytes, settings: Settings) -> np.ndarray:
+def _prepare_timed(request: Request, model: ServedModel, data: bytes, settings: Settings,
+                   holder: Holder | None = None) -> np.ndarray:
     t0 = time.perf_counter()
     x = prepare(data, model.spec, max_pixels=settings.max_image_pixels,
-                jpeg_draft=model.jpeg_draft(settings.jpeg_draft), budget=request.app.state.pixel_budget)
+                jpeg_draft=model.jpeg_draft(settings.jpeg_draft), budget=request.app.state.pixel_budget,
+                holder=holder)
     request.app.state.metrics.preprocess.labels(model.name).observe(time.perf_counter() - t0)
     return x
 
@@ -209,22 +212,43 @@ def _top_k(model: ServedModel, top_k: int | None) -> int:
     return top_k or min(5, n_classes)
 
 
+async def _decode(request: Request, model: ServedModel, settings: Settings, images: list[tuple[str, bytes]],
+                  many: bool) -> list[np.ndarray]:
+    """The images' model inputs, decoded at once as far as the pixel budget allows; the first refused is the answer."""
+    own = Holder()  # what the request's images being decoded hold of the budget
+
+    def job(data: bytes, inline: bool = False) -> Awaitable[np.ndarray]:
+        return off_loop(request, _prepare_timed, request, model, data, settings, own, cheap=inline)
+
+    decoded: list[Any] = await asyncio.gather(*(job(data, not many and cheap(data)) for _, data in images),
+                                              return_exceptions=True)
+    for (label, _), result in zip(images, decoded, strict=True):
+        if isinstance(result, ImageError):
+            raise _invalid(label, result, many)
+        if isinstance(result, BaseException) and not isinstance(result, Deferred):
+            raise result
+    # Images that did not fit beside the request's own others (two large photos): one at a time now that those are
+    # done, so the request never waits for budget it holds itself, and each fits alone (its cost is capped).
+    for i, ((label, data), result) in enumerate(zip(images, decoded, strict=True)):
+        if isinstance(result, Deferred):
+            try:
+                decoded[i] = await job(data)
+            except ImageError as exc:
+                raise _invalid(label, exc, many) from None
+    return decoded
+
+
+def _invalid(label: str, exc: ImageError, many: bool) -> InvalidInput:
+    """An image's own fault (undecodable, too many pixels), named when the request has several."""
+    return InvalidInput(exc.status, (f"{label}: " if many else "") + exc.reason)
+
+
 async def _classify(request: Request, model: ServedModel, settings: Settings, k: int,
                     images: list[tuple[str, bytes]], many: bool) -> JSONResponse:
     # Every image counts, from decoding to its answer; each is queued on its own, so each is a request in the stats.
     with recorded(model, len(images), len(images)), admission(model, len(images)):
         with stage(request, "decode"):
-            decoded = await asyncio.gather(
-                *(off_loop(request, _prepare_timed, request, model, data, settings, cheap=not many and cheap(data))
-                  for _, data in images),
-                return_exceptions=True,
-            )
-        for (label, _), result in zip(images, decoded, strict=True):
-            if isinstance(result, ImageError):
-                prefix = f"{label}: " if many else ""
-                raise InvalidInput(result.status, prefix + result.reason)
-            if isinstance(result, BaseException):
-                raise result
+            decoded = await _decode(request, model, settings, images, many)
         # The first image's queue and compute times stand for the request's.
         work = (all_or_none(submit(model, x, timings(request) if i == 0 else None) for i, x in enumerate(decoded))
                 if many else _one(submit(model, decoded[0], timings(request))))
