@@ -201,6 +201,25 @@ def has_manifest(version_dir: Path) -> bool:
         raise unreadable("version directory", version_dir, exc) from None
 
 
+def _model_dir_bundles(root: Path) -> list[Path]:
+    """The bundle directories directly under --model-dir (hidden ones aside); ServeError when it cannot be read."""
+    try:
+        entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise ServeError(f"--model-dir {root}: cannot read it: {exc.strerror or exc}") from None
+    bundles, closed = [], []
+    for p in entries:
+        try:
+            if (p / MANIFEST_FILE).is_file():
+                bundles.append(p)
+        except OSError as exc:  # EACCES, EIO: is_file answers False only for what is missing
+            closed.append(f"{p.name}: {exc.strerror or exc}")
+    if closed:  # said, not fatal: it may be no bundle at all (a mounted volume's lost+found is root's alone)
+        log.warning("--model-dir directories that cannot be looked into are not served",
+                    extra={"directories": closed[:16]})
+    return bundles
+
+
 def model_sources(settings: Settings) -> list[ModelSource]:
     """--model values, every bundle directly under --model-dir, every model of --model-repository."""
     sources = [ModelSource(path, name) for name, path in map(parse_model_arg, settings.models)]
@@ -212,8 +231,7 @@ def model_sources(settings: Settings) -> list[ModelSource]:
         # VITC_MODEL_DIR=/models, and `--model /models/x` is the natural flag to add). Hidden directories are an
         # export's temporaries (a killed export leaves one): never models.
         given = {_resolved(s.path) for s in sources}
-        sources += [ModelSource(p.parent) for p in sorted(settings.model_dir.glob(f"*/{MANIFEST_FILE}"))
-                    if not p.parent.name.startswith(".") and _resolved(p.parent) not in given]
+        sources += [ModelSource(p) for p in _model_dir_bundles(settings.model_dir) if _resolved(p) not in given]
     if settings.model_repository is not None:
         try:
             sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())

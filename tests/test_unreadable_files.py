@@ -205,3 +205,22 @@ def test_a_file_of_mode_000_is_one_line_from_the_report(tmp_path):
     assert run.returncode == 2, run.stderr
     assert f"CORRUPT: artifact file {weights}: {DENIED}" in run.stdout
     assert run.stderr == f"error: corrupt, will not load: {bundle}: fake-fp32\n"
+
+
+def test_model_dir_names_what_it_cannot_look_into(fake, deny, tmp_path, caplog):
+    """A bundle directory with the wrong owner disappeared from the served set without a word, and an unreadable
+    --model-dir said it "holds no bundle"."""
+    from serve.registry import model_sources
+
+    exports = tmp_path / "exports"
+    fake_bundle(exports / "one")
+    fake_bundle(exports / "two")
+    deny(exports / "two")
+    with caplog.at_level("WARNING", logger="vitc.serve"):
+        sources = model_sources(Settings(model_dir=exports))
+    assert [s.path.name for s in sources] == ["one"]
+    said = [r for r in caplog.records if "cannot be looked into" in r.getMessage()]
+    assert said and said[0].directories == ["two: Permission denied"]
+    deny(exports)
+    with pytest.raises(ServeError, match=f"--model-dir {exports}: {DENIED}"):
+        model_sources(Settings(model_dir=exports))
