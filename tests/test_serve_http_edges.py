@@ -250,10 +250,11 @@ def test_head_codings_multipart_and_index_bodies(bundle, tmp_path):
         r = client.post(CLASSIFY, content=buf.getvalue(), headers={"content-type": "image/tiff"})
         assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
 
-        # Repository index: anything but {"ready": <bool>} is a 400, however deep or odd.
-        for body in (b"[" * 100_000, b'{"a":' * 100_000, b'{"ready": "no"}', b'{"ready": NaN}', b"[]", b"7"):
+        # Repository index: anything but {"ready": <bool>} is a 400, however deep or odd; past 64 KiB a 413.
+        for body in (b"[" * 60_000, b'{"a":' * 12_000, b'{"ready": "no"}', b'{"ready": NaN}', b"[]", b"7"):
             r = client.post("/v2/repository/index", content=body)
             assert r.status_code == 400 and r.json()["error"], body[:20]
+        assert client.post("/v2/repository/index", content=b"[" * 100_000).status_code == 413
         assert client.post("/v2/repository/index", json={"ready": True}).status_code == 200
     logs = server.logs()
     assert "Traceback" not in logs and "upgrade" not in logs.lower()
