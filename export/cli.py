@@ -9,15 +9,47 @@ another export writing the same bundle): one line, before any slow work.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+from data.datasets import EMBEDDED
 from export.targets import QUANTIZER, known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT
+from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.cli import OneLineParser, int_in
+from models.io import out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
 
 MAX_SAMPLES = 2**31 - 1  # "all of the split" in practice; bounded so no count overflows an index
+
+
+def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_dataset: str | None) -> str | None:
+    """Why the bundle cannot be written at `out`, found before the export's slow work (None when it can): a name
+    the file system refuses (its temporary directory's name included), a path that is not UTF-8, which the ONNX
+    checker cannot take, or a place inside a dataset folder the export reads (the checkpoint's by default)."""
+    if problem := out_name_problem(out):
+        return f"--out: {problem}"
+    try:
+        full = os.path.join(os.getcwd(), out)
+    except OSError:  # the current directory was removed: build_bundle says so
+        full = out
+    try:
+        full.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes come back from the file system as lone surrogates
+        shown = os.fsencode(full).decode("utf-8", "backslashreplace")
+        return f"--out {shown}: the path is not valid UTF-8, which the ONNX tools cannot open; give a UTF-8 path"
+    if dataset is None:
+        try:
+            recorded = read_checkpoint_meta(checkpoint).raw.get("dataset")
+        except (CheckpointError, OSError):  # build_bundle says why the checkpoint cannot be read
+            recorded = None
+        dataset = recorded if isinstance(recorded, str) else None
+    harm = "the bundle's files would become part of the data; choose a directory outside it"
+    for data in dict.fromkeys((dataset, calibration_dataset or dataset)):
+        if data and data not in EMBEDDED and (why := out_inside_problem(out, data, "the dataset folder", harm)):
+            return why
+    return None
 
 
 def parser(family: str | None = None) -> argparse.ArgumentParser:
@@ -80,6 +112,9 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
             [f"{QUANTIZER} (int8 quantisation; or leave the int8 targets out)"] if QUANTIZER in missing else [])
         print(f"error: not installed: {'; '.join(why)}; in the vitc checkout: pip install -c constraints.txt "
               "'.[export]'", file=sys.stderr)
+        return 2
+    if problem := out_problem(args.out, args.checkpoint, args.dataset, args.calibration_dataset):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         manifest = build_bundle(

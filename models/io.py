@@ -48,6 +48,60 @@ def resolve_path(path: Path) -> Path:
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
+NAME_MAX = 255  # bytes in one name on ext4, xfs, btrfs and tmpfs; pathconf says otherwise where it can
+PATH_MAX = 4096  # bytes in a path the kernel takes, its closing NUL included
+# The temporaries of atomic_write_bytes and atomic_dir are named ".<name>.<8 random characters>.tmp" (".old"), so
+# the name they stand beside must leave room for these 14 bytes.
+TEMP_NAME_EXTRA = len("..12345678.tmp")
+
+
+def _name_max(path: str | os.PathLike) -> int:
+    """The longest name the file system holding `path` takes (its nearest existing directory decides)."""
+    try:
+        where = Path(os.path.abspath(path))
+    except OSError:  # the current directory was removed
+        return NAME_MAX
+    for d in where.parents:
+        try:
+            limit = os.pathconf(d, "PC_NAME_MAX")
+        except (OSError, ValueError):  # not there (yet), or not a directory: ask its parent
+            continue
+        return limit if limit > 0 else NAME_MAX
+    return NAME_MAX
+
+
+def out_name_problem(path: str | os.PathLike) -> str | None:
+    """Why the file system will refuse to create `path` by its spelling alone, or None: a name in it longer than
+    the file system takes (the last one with room for its temporary, TEMP_NAME_EXTRA bytes more) or a path longer
+    than PATH_MAX. Checked before the work: found at the write, ENAMETOOLONG costs the work and a traceback."""
+    raw = os.fsencode(path)
+    if len(raw) >= PATH_MAX:
+        return f"the path is {len(raw)} bytes long; a path can have at most {PATH_MAX - 1}"
+    parts = [p for p in raw.split(b"/") if p]
+    limit = _name_max(path)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        room = limit - TEMP_NAME_EXTRA if last else limit
+        if len(part) > room:
+            shown = os.fsdecode(part[:24]) + "..."
+            why = (f" (the file system takes {limit}, and the temporary file written beside it adds "
+                   f"{TEMP_NAME_EXTRA})") if last else ""
+            return f"the name {shown!r} is {len(part)} bytes; at most {room} fit{why}"
+    return None
+
+
+def out_inside_problem(out: str | os.PathLike, folder: str | os.PathLike, what: str, harm: str) -> str | None:
+    """`--out OUT lies inside WHAT FOLDER: HARM` when `out` is `folder` or under it once both are resolved (symlinks
+    and `..` followed), or why they cannot be resolved; else None."""
+    try:
+        root, target = resolve_path(Path(folder)), resolve_path(Path(out))
+    except OSError as exc:  # a symlink loop
+        return f"cannot resolve {exc.filename}: {exc.strerror or exc}"
+    if target.is_relative_to(root):
+        return f"--out {out} lies inside {what} {root}: {harm}"
+    return None
+
+
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

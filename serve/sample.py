@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from models.cli import OneLineParser
-from models.io import atomic_write_bytes
+from models.io import atomic_write_bytes, out_inside_problem, out_name_problem
 
 PROG = "python -m serve.sample"
 MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (training's bound on consecutive ones)
@@ -23,6 +23,26 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # the encoders' largest image side (libjpeg, libwebp)
 
 
+def check_out(out: str, dataset: str) -> None:
+    """SampleError unless `out` can be written, checked before the data is loaded: a file name of an image format
+    the file system takes, not a directory (the rename onto it would fail last), not inside the dataset folder."""
+    from data.datasets import EMBEDDED
+
+    if problem := out_name_problem(out):
+        raise SampleError(f"--out: {problem}")
+    try:
+        if Path(out).is_dir():
+            raise SampleError(f"--out {out} is a directory; give a file name such as {Path(out) / 'sample.png'}")
+    except OSError as exc:  # a directory on the way that cannot be searched, a symlink loop
+        raise SampleError(f"--out {out}: {exc.strerror or exc}") from None
+    if Path(out).suffix.lower() not in FORMATS:  # the bytes follow the name: a client sends the matching type
+        raise SampleError(f"--out {out!r} must end in {', '.join(FORMATS)} (the image format to write)")
+    # Written into the folder, the sample would be read back as one more image of whichever class it landed in.
+    harm = "the image would become part of the data; choose a path outside it"
+    if dataset not in EMBEDDED and (why := out_inside_problem(out, dataset, "the dataset folder", harm)):
+        raise SampleError(why)
+
+
 def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     """Save val image `index` of `dataset` to `out` (PNG, JPEG or WebP, by its extension), or the next one that
     decodes when it does not (as training replaces a corrupt file), as the pixels a model trained on `dataset` sees;
@@ -34,11 +54,8 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     from models.preprocessing import to_mode
     from runtimes.base import first_line
 
-    if Path(out).is_dir():  # checked before the data is loaded: the rename onto a directory would fail last
-        raise SampleError(f"--out {out} is a directory; give a file name such as {Path(out) / 'sample.png'}")
-    fmt = FORMATS.get(Path(out).suffix.lower())
-    if fmt is None:  # the file's bytes follow its name: a client sends it with the matching content type
-        raise SampleError(f"--out {out!r} must end in {', '.join(FORMATS)} (the image format to write)")
+    check_out(out, dataset)
+    fmt = FORMATS[Path(out).suffix.lower()]
     try:
         val = load_dataset(dataset, "val")
         if not 0 <= index < len(val):

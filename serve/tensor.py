@@ -8,6 +8,7 @@ Protocol request. A Triton repository's version directory (`repo/<model>/1`) is 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
 from models.cli import OneLineParser, disk_full, int_in
-from models.io import atomic_write_bytes
+from models.io import atomic_write_bytes, out_inside_problem, out_name_problem
 
 PROG = "python -m serve.tensor"
 FORMATS = (".bin", ".npy", ".json")
@@ -71,18 +72,59 @@ def _read_image(path: str) -> bytes:
         raise TensorError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measured",
-          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Manifest, tuple[int, ...]]:
-    """Write the input tensor of `images` for `bundle`'s model to `out`; returns (the manifest, the tensor's shape);
-    raises TensorError."""
-    from serve.imaging import ImageError
+def _model_dir(bundle: str) -> tuple[Path, str]:
+    """The directory the model's files live in, and what to call it: the bundle, or for a Triton version directory
+    (repo/<model>/1) the model directory above it, which holds its config.pbtxt."""
+    path = Path(bundle)
+    try:
+        if (path.parent / "config.pbtxt").is_file():
+            return path.parent, "the Triton model directory"
+    except OSError:  # unreadable: the bundle itself is still protected, and read_manifest says why it fails
+        pass
+    return path, "the bundle"
 
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether both paths name one file (a link or another spelling included); False when either is not there."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_out(out: str, bundle: str, images: list[str], *, overwrite: bool = False) -> None:
+    """TensorError unless `out` may be written: a new file (an existing one only with `overwrite`), never one of
+    the input `images` nor a path inside the model's directory (its manifest or weights would be replaced)."""
     suffix = Path(out).suffix.lower()
     if suffix not in FORMATS:
         raise TensorError(f"--out {out!r} must end in {', '.join(FORMATS)} (raw binary body, numpy array, "
                           "or a JSON infer request)")
-    if Path(out).is_dir():
-        raise TensorError(f"--out {out} is a directory; give a file name such as {Path(out) / ('x' + suffix)}")
+    if problem := out_name_problem(out):
+        raise TensorError(f"--out: {problem}")
+    harm = "the model's own files would be replaced; give a path outside it"
+    if why := out_inside_problem(out, *_model_dir(bundle), harm):
+        raise TensorError(why)
+    try:
+        if Path(out).is_dir():
+            raise TensorError(f"--out {out} is a directory; give a file name such as {Path(out) / ('x' + suffix)}")
+    except OSError as exc:  # a directory on the way that cannot be searched, a symlink loop
+        raise TensorError(f"--out {out}: {exc.strerror or exc}") from None
+    exists = os.path.lexists(out)
+    if exists and (image := next((i for i in images if _same_file(out, i)), None)):
+        raise TensorError(f"--out {out} is the input image {image}; give another path")
+    if exists and not overwrite:
+        raise TensorError(f"--out {out} already exists; nothing was changed: pass --overwrite to replace it, or "
+                          "give a new path")
+
+
+def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measured",
+          max_pixels: int = DEFAULT_MAX_PIXELS, overwrite: bool = False) -> tuple[Manifest, tuple[int, ...]]:
+    """Write the input tensor of `images` for `bundle`'s model to `out` (an existing file only with `overwrite`);
+    returns (the manifest, the tensor's shape); raises TensorError."""
+    from serve.imaging import ImageError
+
+    check_out(out, bundle, images, overwrite=overwrite)  # before any image is decoded
+    suffix = Path(out).suffix.lower()
     try:
         manifest = read_manifest(bundle)
     except BundleError as exc:
@@ -122,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode big JPEGs in draft mode as a server with this --jpeg-draft does (default measured)")
     p.add_argument("--max-image-pixels", type=int_in(1, 1_000_000_000), default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images, as the server does (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (never an input image "
+                   "or a file of the model)")
     args = p.parse_args(argv)
     try:
         manifest, shape = build(args.bundle, args.images, args.out, jpeg_draft=args.jpeg_draft,
-                                max_pixels=args.max_image_pixels)
+                                max_pixels=args.max_image_pixels, overwrite=args.overwrite)
     except TensorError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

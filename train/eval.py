@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data.datasets import SPLITS, DatasetError
-from models.checkpoint import CheckpointError
+from data.datasets import EMBEDDED, SPLITS, DatasetError
+from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.cli import OneLineParser, disk_full, int_in, machine_failure
-from models.io import atomic_write_json
+from models.io import atomic_write_json, out_inside_problem, out_name_problem
 from train.config import DEVICES, ConfigError
 from train.options import quiet_openmp
 
@@ -47,8 +47,22 @@ def is_eval_result(path: Path) -> bool:
     return LEGACY_KEYS <= doc.keys()
 
 
-def check_out(path: Path) -> None:
-    """OutputRefused unless `path` is new or an earlier result of this tool (the only file it may replace)."""
+def check_out(path: Path, dataset: str | None = None) -> None:
+    """OutputRefused unless `path` is new or an earlier result of this tool (the only file it may replace), with a
+    name the file system takes, outside the folder of `dataset` (the data evaluated)."""
+    if problem := out_name_problem(path):
+        raise OutputRefused(f"--out: {problem}")
+    harm = "the result would become part of the data; choose a path outside it"
+    if dataset and dataset not in EMBEDDED and (why := out_inside_problem(path, dataset, "the dataset folder", harm)):
+        raise OutputRefused(why)
+    try:
+        _check_existing(path)
+    except OSError as exc:  # a directory on the way that cannot be searched
+        raise OutputRefused(f"--out {path}: {exc.strerror or exc}") from None
+
+
+def _check_existing(path: Path) -> None:
+    """OutputRefused for an existing `path` this tool did not write, or a file in the way of its directory."""
     if path.is_symlink():
         raise OutputRefused(f"--out {path} is a symbolic link; give the path of the file itself")
     for parent in path.parents:
@@ -67,13 +81,23 @@ def check_out(path: Path) -> None:
 
 def write_result(path: Path, res: dict[str, Any]) -> None:
     """Check `path` again (evaluating took a while) and write the result atomically."""
-    check_out(path)
+    check_out(path, res.get("dataset"))
     try:
         atomic_write_json(path, {"format": RESULT_FORMAT, "format_version": RESULT_VERSION, **res})
     except OSError as exc:  # read-only file system, no permission (a full disk is the machine: exit 1)
         if disk_full(exc):
             raise
         raise OutputRefused(f"--out {path}: cannot write it: {exc.strerror or exc}") from None
+
+
+def recorded_dataset(checkpoint: str) -> str | None:
+    """The dataset the checkpoint was trained on (evaluated when --dataset is not given), or None when it records
+    none or cannot be read (evaluating it then says why)."""
+    try:
+        dataset = read_checkpoint_meta(checkpoint).raw.get("dataset")
+    except (CheckpointError, OSError):  # OSError: a directory on the way that cannot be searched
+        return None
+    return dataset if isinstance(dataset, str) else None
 
 
 def default_out(checkpoint: Path, dataset: str, split: str) -> Path:
@@ -109,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_openmp()
     try:
-        if args.out is not None:
-            check_out(args.out)  # before minutes of evaluation, not after
+        if args.out is not None:  # before minutes of evaluation, not after
+            check_out(args.out, args.dataset or recorded_dataset(args.checkpoint))
         import torch
 
         from models.host import quota_cpus
