@@ -176,13 +176,16 @@ def _check_state(state: dict[str, torch.Tensor], cfg: ViTConfig, *, diverged: bo
 def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
     """Parse and validate `checkpoint.json` (no torch needed); raises CheckpointError."""
     path = Path(path)
-    if path.is_file() and path.name == META_FILE:
-        path = path.parent
-    meta_path = path / META_FILE
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {path}")
-    if not meta_path.is_file():
-        raise CheckpointError(f"not a checkpoint: {meta_path} is missing")
+    try:
+        if path.is_file() and path.name == META_FILE:
+            path = path.parent
+        meta_path = path / META_FILE
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint directory not found: {path}")
+        if not meta_path.is_file():
+            raise CheckpointError(f"not a checkpoint: {meta_path} is missing")
+    except OSError as exc:  # stat fails with EACCES when the directory (or one above it) cannot be searched
+        raise CheckpointError(f"cannot read checkpoint directory {path}: {exc.strerror or exc}") from None
     return _validated(path, _load_json(meta_path), str(meta_path), "corrupt checkpoint metadata ")
 
 
@@ -315,9 +318,13 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
 
     meta = read_checkpoint_meta(path)
     wpath = meta.weights_path
-    if not wpath.is_file():
-        raise CheckpointError(f"checkpoint weights missing: {wpath}")
-    if sha256_file(wpath) != meta.weights_sha256:
+    try:
+        if not wpath.is_file():
+            raise CheckpointError(f"checkpoint weights missing: {wpath}")
+        digest = sha256_file(wpath)
+    except OSError as exc:  # no permission, an I/O error: every command reports it as a bad input, in one line
+        raise CheckpointError(f"cannot read weights {wpath}: {exc.strerror or exc}") from None
+    if digest != meta.weights_sha256:
         raise CheckpointError(f"checkpoint weights {wpath} do not match the sha256 in {META_FILE} (corrupt?)")
     try:
         cfg = meta.config if image_size is None else dataclasses.replace(meta.config, image_size=image_size)

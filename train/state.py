@@ -95,8 +95,11 @@ def save_resume(out_dir: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any] | None:
     """The saved state (tensors on CPU), None if there is none; CheckpointError if it is unreadable."""
     path = Path(out_dir) / RESUME_FILE
-    if not path.is_file():
-        return None
+    try:
+        if not path.is_file():
+            return None
+    except OSError as exc:  # stat fails with EACCES when the run directory cannot be searched
+        raise CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}") from None
     check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -127,6 +130,8 @@ def check_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:  # opening it failed (no permission), not its content
+            raise CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}") from None
         raise CheckpointError(f"cannot read resume state {path}: not a torch.save archive ({exc})") from None
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
+import os
 import random
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,15 @@ def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
         raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
 
 
+def probe_writable(out: Path) -> None:
+    """Create and remove a file in `out`: an existing read-only directory passes mkdir and the lock (which lives
+    beside it), and would otherwise fail at the first save, after the training. Named as the resume writer's
+    temporary, so a kill in between leaves a file the next run clears, not one that makes --out look foreign."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{RESUME_FILE}.", suffix=".tmp", dir=out)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def prepare_out_dir(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> None:
     """Rank 0 locks, checks and creates --out (the lock lives until `stack` closes); every rank learns the outcome.
 
@@ -147,6 +158,7 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStac
             try:
                 ensure_dir(out)
                 clear_stale_temporaries(out)
+                probe_writable(out)
             except OSError as exc:
                 raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
         except ConfigError as exc:
@@ -667,8 +679,25 @@ class Trainer:
         return self.finish(progress)
 
 
+def fill_closed_std_streams() -> None:
+    """Point a closed stdout or stderr (`>&-`, `2>&-`; Python then sets sys.stdout or sys.stderr to None) at
+    /dev/null: the run's lines and progress bar go nowhere instead of failing it, and the descriptor is not handed
+    to the next file opened (the lock, a checkpoint), where C libraries' warnings to it would land."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: the next open takes this number
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # its own /dev/null: fd may by now be a file something else opened
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8", errors="replace"))  # for the process's life
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training `cfg` describes on this process (joining torchrun's group if any); returns the summary."""
+    fill_closed_std_streams()
     info = setup(cfg.device)
     ok = False
     created = missing_dirs(Path(cfg.out)) if info.is_main else []
