@@ -35,7 +35,7 @@ from data.datasets import (
 )
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, save_checkpoint
 from models.host import usable_cpus
-from models.io import DirectoryBusy, ensure_dir, resolve_path, writer_lock
+from models.io import DirectoryBusy, ensure_dir, out_inside_problem, resolve_path, writer_lock
 from models.preprocessing import Preprocessing
 from models.registry import build_model
 from train.augment import BatchMixer, derive_seed
@@ -114,13 +114,9 @@ def check_out_outside_data(cfg: TrainConfig) -> None:
     """--out may not lie inside a dataset folder: its directory would become a class, its plot an image."""
     if cfg.dataset in EMBEDDED:
         return
-    try:
-        root, out = resolve_path(Path(cfg.dataset)), resolve_path(Path(cfg.out))
-    except OSError as exc:  # a symlink loop
-        raise ConfigError(f"cannot resolve {exc.filename}: {exc.strerror or exc}") from None
-    if out.is_relative_to(root):
-        raise ConfigError(f"--out {cfg.out} lies inside the dataset folder {root}: the run's directory and files "
-                          f"would become part of the data; choose a directory outside it")
+    harm = "the run's directory and files would become part of the data; choose a directory outside it"
+    if problem := out_inside_problem(cfg.out, cfg.dataset, "the dataset folder", harm):
+        raise ConfigError(problem)
 
 
 def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
