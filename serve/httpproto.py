@@ -3,8 +3,9 @@ for what its parser refuses.
 
 Without them a client that connects and never finishes its headers (slowloris) holds a connection forever, and one
 that streams an endless header grows the server's memory. A client that stops reading its answers would hold its
-connection (and the request's memory) forever too. The body has its own deadline and budget
-(serve.middleware.BodyLimitMiddleware); idle keep-alive connections have uvicorn's keep-alive timeout.
+connection (and the request's memory) forever too, and one that pipelines thousands of requests per read would have
+every one of them parsed and queued. The body has its own deadline and budget (serve.middleware.BodyLimitMiddleware);
+idle keep-alive connections have uvicorn's keep-alive timeout.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import re
 import sys
 from collections.abc import Callable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.flow_control import FlowControl
+
+from serve.errors import APIError
 
 _log = logging.getLogger("vitc.access")
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's default buffers hold 32 KiB)
@@ -28,6 +33,15 @@ MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's defau
 # its probes). They get PROBE_WAIT_S for their request, which must be a GET or HEAD of one of these paths.
 PROBE_PATHS = re.compile(rb"/v2/health/(live|ready)|/metrics|/v2/models/[^/?]{1,256}(/versions/[0-9]{1,19})?/ready")
 PROBE_WAIT_S = 2.0
+# Requests parsed on one connection that wait behind the one being answered. Beyond them the bytes read stay
+# unparsed (one read at most: reading pauses) until answers go out; uvicorn parsed a whole read (256 KiB, thousands
+# of small requests) into its queue, and resumed reading after every answer.
+MAX_PIPELINED = 4
+# An unfinished line of a chunked body's framing (a chunk size with its extensions, or a trailer field) may be this
+# long, as in Go's net/http; the parser skips extensions without a limit, and gathers a trailer field in memory.
+MAX_CHUNK_LINE = 4096
+_HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
+_MIN_REQUEST_LINE = 14  # "GET * HTTP/1.0": what lies between two requests' _HEADERS_END at least
 
 
 def probe_places(max_connections: int) -> int:
@@ -59,6 +73,34 @@ def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, st
     return 400, "Bad Request", msg
 
 
+class _HeldFlow(FlowControl):
+    """uvicorn's read flow control, plus a hold of this module's own: while it is on, reading stays paused whatever
+    uvicorn resumes (it resumes after every answer, and whenever the app waits for body bytes)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__(transport)
+        self._reader, self._held, self._paused = transport, False, False
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+        self._apply()
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+        self._apply()
+
+    def hold(self, on: bool) -> None:
+        """Keep reading paused (`on`), or let uvicorn's own pauses decide again."""
+        self._held = on
+        self._apply()
+
+    def _apply(self) -> None:
+        paused = self.read_paused or self._held
+        if paused != self._paused:
+            self._paused = paused
+            (self._reader.pause_reading if paused else self._reader.resume_reading)()
+
+
 def header_timeout_protocol(seconds: float, access_log: bool = True, max_connections: int | None = None,
                             on_refusal: Callable[[int], None] | None = None) -> type[asyncio.Protocol]:
     """uvicorn's default HTTP protocol class, closing with a JSON 408 a connection whose request headers are not
@@ -69,7 +111,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
     connection beyond `max_connections` open at once gets a JSON 503 and is closed unread (each one holds a file
     descriptor and memory for up to `seconds`, so without a bound a flood of idle ones starves the process), except
     that a few (`probe_places`) may still GET health, readiness or metrics within PROBE_WAIT_S. `on_refusal(status)`
-    counts each answer given here (the app's metrics never see them)."""
+    counts each answer given here (the app's metrics never see them).
+
+    At most MAX_PIPELINED requests are parsed ahead of the one being answered, and reading pauses until answers go
+    out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE) ends its request at once:
+    the app's `receive` raises a JSON 400 that the app answers, closing the connection."""
     open_connections = [0, 0]  # connections admitted, and probe-only ones, not yet lost (all of this class)
     # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
     waiting: dict[asyncio.Protocol, None] = {}
@@ -80,6 +126,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
     class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
+            self.flow = _HeldFlow(transport)  # before any request (each request's cycle shares it)
             self._admitted = max_connections is None or open_connections[0] < max_connections
             if not self._admitted and open_connections[1] >= probe_places(max_connections) and waiting:
                 # Every probe place is taken: the one held longest by a client whose request is still incomplete
@@ -104,6 +151,11 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             self._header_bytes = 0  # bytes of reads that arrived wholly inside that request's headers
             self._refusal: bytes | None = None  # an error answer waiting for the answers to earlier requests
             self._running: Any = None
+            self._unparsed, self._at = b"", 0  # bytes read but not yet given to the parser, and how far it got
+            self._tail = b""  # the last 3 bytes given to the parser (a headers' end may span two reads)
+            self._framing = False  # whether the parser may be in a chunked body's size line or trailer section
+            self._line_bytes = 0  # bytes of that unfinished line
+            self._bad_body: tuple[Any, int, str] | None = None  # a request whose chunked body is malformed
             self._arm(PROBE_WAIT_S if self._probe_only else seconds)
 
         def data_received(self, data: bytes) -> None:
@@ -112,6 +164,49 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
                 self._arm()
+            # Reading is held while bytes wait unparsed, so this is the whole read (the slice is only defensive).
+            self._unparsed, self._at = (self._unparsed[self._at:] + data if self._unparsed else data), 0
+            self._feed()
+
+        def _parsing(self) -> bool:
+            """Whether bytes read may still go to the parser."""
+            return (self.parser is not None and self._refusal is None and self._bad_body is None
+                    and not self.transport.is_closing())
+
+        def _feed(self) -> None:
+            """Give the parser the bytes read, as far as MAX_PIPELINED requests may wait behind the one being
+            answered; the rest stays here, with reading paused, until answers go out."""
+            while self._unparsed and self._parsing():
+                room = MAX_PIPELINED - len(self.pipeline)
+                if room <= 0:
+                    break
+                data, at = self._unparsed, self._at
+                end = self._cut(room)
+                piece = data if at == 0 and end == len(data) else data[at:end]
+                self._unparsed, self._at = (b"", 0) if end == len(data) else (data, end)
+                self._tail = (self._tail + piece[-3:])[-3:]
+                self._parse(piece)
+            if not self._parsing():
+                self._unparsed, self._at = b"", 0  # refused or closing: nothing more is read
+            self.flow.hold(bool(self._unparsed) or self._bad_body is not None)
+
+        def _cut(self, room: int) -> int:
+            """Where the bytes waiting may be cut so that at most `room` requests' headers end before it: the end of
+            the `room`-th CRLF CRLF counted (one inside a body only makes the cut earlier), else all of them. Each
+            one counted stands for any within a request line after it, which cannot be another request's end."""
+            data, at, found = self._unparsed, self._at, 0
+            end = at
+            spanning = (self._tail + data[at:at + 3]).find(_HEADERS_END)  # begun in what the parser already has
+            if spanning >= 0:
+                found, end = 1, at + spanning + len(_HEADERS_END) - len(self._tail)
+            while found < room:
+                i = data.find(_HEADERS_END, end + _MIN_REQUEST_LINE if found else end)
+                if i < 0:
+                    return len(data)
+                found, end = found + 1, i + len(_HEADERS_END)
+            return end
+
+        def _parse(self, data: bytes) -> None:
             begun, idle = self._messages, not self._in_headers and not self._in_body
             super().data_received(data)
             if self.cycle is not self._headers_of:  # a new request's headers are complete (uvicorn made its cycle)
@@ -125,10 +220,46 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 self._header_bytes += len(data)
                 if self._header_bytes > MAX_HEADER_BYTES:
                     self._refuse(431, "Request Header Fields Too Large", too_large)
+            elif self._framing and self._in_body and self._parsing():
+                # Inside a chunk-size line or the trailers, whose lines end with LF (chunk data before the line
+                # ends with CRLF too): the unfinished line is what follows the last LF given to the parser.
+                lf = data.rfind(b"\n")
+                self._line_bytes = (self._line_bytes if lf < 0 else 0) + len(data) - lf - 1
+                if self._line_bytes > MAX_CHUNK_LINE:
+                    self._body_refused(f"malformed chunked body: a chunk-size line or trailer field longer than "
+                                       f"{MAX_CHUNK_LINE} bytes")
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            self._body_read_of, self._in_body = self.cycle, False
+            self._body_read_of, self._in_body, self._framing = self.cycle, False, False
+
+        def on_body(self, body: bytes) -> None:
+            super().on_body(body)
+            self._framing = False
+
+        def on_chunk_header(self) -> None:
+            self._framing = True  # chunk data next, or (after the last chunk) the trailers
+
+        def on_chunk_complete(self) -> None:
+            self._framing = True  # the next chunk's size line
+
+        def _body_open(self) -> bool:
+            """Whether the parser is inside the body of a request that is not answered yet."""
+            return (self._in_body and self.cycle is not None and self._body_read_of is not self.cycle
+                    and not self.cycle.response_complete)
+
+        def _body_refused(self, text: str, status: int = 400) -> None:
+            """A malformed chunked body: the request's app gets a JSON `status` from its `receive` at once (rather
+            than waiting out the body deadline), its answer closes the connection, and nothing more is read. Once
+            the request is answered (early), the connection gets the refusal instead."""
+            if not self._body_open():
+                self._refuse(status, HTTPStatus(status).phrase, text)
+                return
+            self._bad_body = (self.cycle, status, text)
+            self.cycle.keep_alive = False
+            self.cycle.message_event.set()  # wakes a `receive` waiting for body bytes
+            self._unparsed, self._at = b"", 0
+            self.flow.hold(True)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if not (self._admitted or self._probe_only):
@@ -171,7 +302,22 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             self._running = cycle  # the request being answered (the others wait in self.pipeline)
+            cycle.receive = self._checked_receive(cycle)  # what run_asgi hands the app
             super()._start_asgi_task(cycle, app)
+
+        def _checked_receive(self, cycle: Any) -> Callable[[], Any]:
+            """uvicorn's `receive` of `cycle`, raising the JSON error of a malformed chunked body."""
+            receive = cycle.receive
+
+            async def checked() -> Any:
+                if self._bad_body is None or self._bad_body[0] is not cycle:
+                    message = await receive()
+                    if self._bad_body is None or self._bad_body[0] is not cycle:
+                        return message
+                _, status, text = self._bad_body
+                raise APIError(status, text, {"Connection": "close"})
+
+            return checked
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -181,7 +327,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             self._codings: list[bytes] = []  # Transfer-Encoding values
 
         def on_headers_complete(self) -> None:
-            self._in_headers, self._in_body = False, True
+            self._in_headers, self._in_body, self._framing, self._line_bytes = False, True, False, 0
             if self._probe_only and not (self.parser.get_method() in (b"GET", b"HEAD")
                                          and PROBE_PATHS.fullmatch(self.url.partition(b"?")[0])):
                 self._bad = (503, "Service Unavailable", busy, 1)
@@ -206,6 +352,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                              "use Content-Encoding for gzip or deflate)")
                 raise ValueError(self._bad)
             super().on_headers_complete()
+            self._framing = bool(codings)  # chunked: the first chunk-size line comes next
             if self._probe_only:
                 self.cycle.keep_alive = False  # one probe per place beyond the limit, then the place is free
 
@@ -217,6 +364,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 else:
                     self.flow.pause_reading()  # uvicorn resumed it; nothing after the refusal is read
                 return
+            if self._unparsed:
+                self._feed()  # an answer went out: the next request waiting unparsed may be parsed
             if (self._header_timer is None and self._in_headers and not self.pipeline
                     and not self.transport.is_closing()):
                 # A pipelined request that began while this one was served and is still short of its headers:
@@ -264,7 +413,14 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 raise ValueError("request headers too large")  # the parser stops; uvicorn answers via 400 below
 
         def send_400_response(self, msg: str) -> None:
-            if getattr(self, "_long_uri", False):
+            if self._body_open():
+                # Inside a chunked body: a bad chunk size, a size of 2^64 or more, too many trailer fields.
+                if getattr(self, "_oversized", False):
+                    self._body_refused(f"the request's header and trailer fields are larger than {MAX_HEADER_BYTES} "
+                                       "bytes", 431)
+                else:
+                    self._body_refused(f"malformed chunked body: {sys.exc_info()[1] or msg}"[:200])
+            elif getattr(self, "_long_uri", False):
                 self._refuse(414, "URI Too Long", f"the request target is longer than {MAX_HEADER_BYTES} bytes")
             elif getattr(self, "_oversized", False):
                 self._refuse(431, "Request Header Fields Too Large", too_large)

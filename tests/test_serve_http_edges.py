@@ -332,9 +332,10 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         # A transfer coding other than chunked is not understood (RFC 9112 6.1): 501, not a body read as chunked.
         assert _answers(host, port, b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\n"
                                     b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n") == [501]
-        # A client that pipelines requests, reads none of the answers and streams an endless header: the header
-        # is bounded although a request is in progress, and the connection is dropped once the client has taken
-        # nothing for the receive timeout (it held its request, and grew the server's memory, forever).
+        # A client that pipelines requests, reads none of the answers and streams an endless header: reading stops
+        # a few requests ahead of the answers (the header is never even read), and the connection is dropped once
+        # the client has taken nothing for the receive timeout (it held its request, and grew the server's memory,
+        # forever).
         flood = socket.socket()
         flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         flood.connect((host, port))
@@ -356,7 +357,7 @@ def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundl
         metrics = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer k"}, timeout=5).text
         counted = {m[1]: float(m[2]) for m in re.finditer(r'vitc_protocol_refusals_total\{status="(\w+)"\} (\S+)',
                                                           metrics)}
-        assert counted["501"] >= 3 and counted["505"] == 3 and counted["414"] == 1 and counted["431"] >= 2, counted
+        assert counted["501"] >= 3 and counted["505"] == 3 and counted["414"] == 1 and counted["431"] >= 1, counted
     logs = server.logs()
     assert "Traceback" not in logs
     # Refused below the app, yet in the access log with the client's address.
