@@ -4,7 +4,8 @@ serves it, and described in `manifest.json` (the contract in models/bundle.py).
 The bundle is built in a temp directory and renamed into place, so a failure at any point leaves no partial
 bundle behind (and an older bundle at `out` stays intact). Only a bundle holding nothing but its own files is
 replaced: any other non-empty `out` is refused, so no user file is ever deleted. A runtime that fails to convert
-or misses its parity gate refuses its own artifact, not the bundle; a failing disk or memory stops the export.
+or misses its parity gate refuses its own artifact, not the bundle (but never replaces a bundle that served it);
+a failing disk or memory stops the export.
 """
 
 from __future__ import annotations
@@ -169,12 +170,13 @@ def _check_out(out: Path, keeps: set[str] | None) -> None:
                               "the old one aside)")
 
 
-def _check_replaceable(out: Path, keeps: set[str] | None = None) -> None:
+def _check_replaceable(out: Path, keeps: set[str] | None = None, refused: Sequence[Artifact] = ()) -> None:
     """Refuse to replace `out` unless it is absent, empty, or a vitc bundle holding nothing but its own files:
-    replacing it deletes everything in it. With `keeps` (the artifact ids the export builds), refuse too when it
-    would drop a servable artifact of the old bundle (`python -m export.openvino --out B` must not silently delete
-    B's ONNX model, which a TensorRT server builds its engine from). A symbolic link is refused: the swap would
-    replace the link by a directory, and what it points to (what a server reads) would keep the old bundle."""
+    replacing it deletes everything in it. With `keeps` (the artifact ids the export builds servable), refuse too
+    when it would drop a servable artifact of the old bundle (`python -m export.openvino --out B` must not silently
+    delete B's ONNX model, which a TensorRT server builds its engine from), naming the reason when the export
+    `refused` it. A symbolic link is refused: the swap would replace the link by a directory, and what it points to
+    (what a server reads) would keep the old bundle."""
     if out.is_symlink():
         raise ExportError(f"output {out} is a symbolic link; give the path of the directory itself")
     if not out.is_dir() or not any(out.iterdir()):
@@ -188,6 +190,11 @@ def _check_replaceable(out: Path, keeps: set[str] | None = None) -> None:
         raise ExportError(f"output {out} is a bundle that also holds {extra!r}, which is not one of its files; "
                           "refusing to replace it (move that away, or pick another --out)")
     if keeps is not None and (dropped := [a.id for a in manifest.artifacts if a.servable and a.id not in keeps]):
+        if why := [f"{a.id} ({(a.refused_reason or '')[:200]})" for a in refused if a.id in dropped]:
+            # A rebuild that failed its conversion or gate must not delete the servable artifact it was to replace.
+            raise ExportError(f"output {out} holds servable artifacts this export refused: {'; '.join(why)}; "
+                              "the bundle is unchanged (pass --replace to replace it without them, or give another "
+                              "--out)")
         every = ",".join(dict.fromkeys([*sorted(keeps - {"torch-fp32"}), *dropped]))
         raise ExportError(f"output {out} holds servable artifacts this export would drop: {', '.join(dropped)}; "
                           f"build them again too (python -m export --targets {every}), give another --out, or "
@@ -355,8 +362,8 @@ def build_bundle(
     `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
     `opset` (default OPSET) is one of OPSETS, checked against the exported file, whose opset the manifest records.
     Every argument's type and range is checked first (ints are ints, not bools or floats; targets a list of names).
-    An existing bundle at `out` is replaced only when the export builds every servable artifact it holds, unless
-    `drop_artifacts`.
+    An existing bundle at `out` is replaced only when every artifact servable in it comes out servable again
+    (not refused), unless `drop_artifacts`.
     Raises ExportError (one line) on bad input or a missing runtime, ExportIOError when the disk or memory fails;
     either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
@@ -485,7 +492,13 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
         log(f"{meta.model}: parity on {len(data.x)} {data_name} val images{parity_set.note()}, "
             f"torch top-1 {data.reference_accuracy:.2%}")
         try:
-            with publish_dir(out, before_swap=lambda: _check_replaceable(out, keeps)) as tmp:
+            artifacts: list[Artifact] = []
+
+            def before_swap() -> None:  # what came out servable must keep what the old bundle served
+                built = None if keeps is None else {a.id for a in artifacts if a.servable}
+                _check_replaceable(out, built, [a for a in artifacts if not a.servable])
+
+            with publish_dir(out, before_swap=before_swap) as tmp:
                 ctx = ExportContext(
                     model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
                     calibration_set=calibration_set, calibration_samples=calibration_samples,
@@ -506,7 +519,6 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                                           "2.14)")
                     timings["onnx_hub_seconds"] = round(time.perf_counter() - start, 3)
                     log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {timings['onnx_hub_seconds']:.1f}s")
-                artifacts = []
                 outputs: dict[str, np.ndarray] = {}
                 for target in wanted:
                     tolerance = (tolerances or {}).get(target.precision)

@@ -5,16 +5,21 @@ helpers converters share. Torch and the quantiser are imported lazily: a serving
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
+import os
+import resource
+import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.cli import disk_full
 from models.preprocessing import preprocess
 
 if TYPE_CHECKING:
@@ -44,6 +49,51 @@ def machine_failure(exc: BaseException) -> OSError | MemoryError | None:
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# What a probe writes beyond the file that failed (room for the smaller files beside it, an IR's .xml): small, so a
+# disk with room for the artifact is not taken for a full one.
+PROBE_BYTES = 64 * 1024
+
+
+def write_failure(directory: Path, size: int = 0, written: Sequence[Path] = ()) -> OSError | None:
+    """The disk error behind a converter's failed write of about `size` bytes into `directory` (the files `written`,
+    the largest first), if that is what it was, else None: a file of `written` at the file-size limit, or `size` over
+    it (EFBIG); or a probe write of `size` bytes (plus PROBE_BYTES) that fails now (ENOSPC, EDQUOT).
+
+    For converters whose write errors carry no errno (OpenVINO's C++ streams raise RuntimeError "basic_ios::clear:
+    iostream error", and delete what they wrote). The probe runs with the export's own credentials, quota and
+    reserved blocks, as the write did, and is removed at once. The error names the file by its name alone (its
+    directory is the export's temporary one).
+    """
+    name = written[0].name if written else None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        for path in written:
+            with contextlib.suppress(OSError):
+                if path.stat().st_size >= limit:
+                    return OSError(errno.EFBIG, os.strerror(errno.EFBIG), path.name)
+        if size >= limit:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), name)
+    probe_bytes = size + PROBE_BYTES
+    if limit != resource.RLIM_INFINITY:
+        probe_bytes = min(probe_bytes, limit - 1)  # past the limit SIGXFSZ kills the process
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            chunk = bytes(min(probe_bytes, 1 << 20))
+            for offset in range(0, probe_bytes, len(chunk) or 1):
+                f.write(chunk[:probe_bytes - offset])
+            f.flush()
+            os.fsync(f.fileno())  # a filesystem that allocates late reports ENOSPC here
+    except OSError as exc:
+        return OSError(exc.errno, exc.strerror, name) if disk_full(exc) else None
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
     return None
 
 

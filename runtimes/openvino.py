@@ -28,7 +28,7 @@ from runtimes.base import (
     Variant,
     first_line,
 )
-from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet
+from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet, write_failure
 
 INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
 _HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
@@ -61,10 +61,31 @@ def build(ctx: ExportContext, precision: str) -> Built:
         info["quantizer"] = "nncf"
     for key, value in ctx.description().items():  # what the IR is, for a user handed the files alone
         model.set_rt_info(value, ["vitc", key])
-    # save_model compresses weights to fp16 unless told otherwise: only the fp16 artifact wants that.
-    ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
+    files = [xml, xml.with_suffix(".bin")]
+    try:
+        # save_model compresses weights to fp16 unless told otherwise: only the fp16 artifact wants that.
+        ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
+    except RuntimeError as exc:
+        # A failed write is a C++ "basic_ios::clear: iostream error", without its errno: the disk says whether it
+        # was full (or the file-size limit hit), which stops the export (exit 1) instead of refusing the artifact.
+        if failure := write_failure(ctx.workdir, _bin_bytes(model, precision), files[::-1]):
+            raise failure from exc
+        raise
     _check_ir(xml)
-    return Built([xml, xml.with_suffix(".bin")], info)
+    return Built(files, info)
+
+
+def _bin_bytes(model: Any, precision: str) -> int:
+    """About the size of the IR's .bin: the model's constants, float32 ones halved when saved as fp16 (INT8 weights
+    count as float32: an upper bound)."""
+    import openvino as ov
+
+    total = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            n = op.get_byte_size()
+            total += n // 2 if precision == "fp16" and op.get_element_type() == ov.Type.f32 else n
+    return total
 
 
 def _check_ir(xml: Any) -> None:
