@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import math
 import os
@@ -170,6 +171,22 @@ def missing_dependency(exc: BaseException, prog: str) -> int | None:
     return 2
 
 
+def fill_closed_std_streams() -> None:
+    """Point a closed stdout or stderr (`>&-`, `2>&-`; Python then sets sys.stdout or sys.stderr to None) at
+    /dev/null: the run's lines and progress bar go nowhere instead of failing it, and the descriptor is not handed
+    to the next file opened (the lock, a checkpoint), where C libraries' warnings to it would land."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: the next open takes this number
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # its own /dev/null: fd may by now be a file something else opened
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8", errors="replace"))  # for the process's life
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what `kill`, `timeout`, Kubernetes and Slurm send), raised where the program is, so that the same
     cleanup as for Ctrl-C runs (temporary directories, locks) and the command says why it stopped."""
@@ -185,8 +202,10 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     as the server does once it serves) one line and exit 143, what was being written left as it was (the writers
     are atomic); the machine failing (`machine_failure`) one line and exit 1, a missing extra
     (`missing_dependency`) one line and exit 2, and a closed output pipe (`| head`) ends quietly."""
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    fill_closed_std_streams()
     try:
         code = main()
         sys.stdout.flush()
@@ -202,4 +221,16 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
         code = machine_failure(exc, prog) or missing_dependency(exc, prog)
         if code is None:
             raise
+    if main_thread:
+        # The outcome is known: a signal while Python tears down (torch's and onnx's destructors take a second or
+        # more) must not turn it into 143 without a word. Registered last, this runs first of the atexit hooks (and
+        # in-process callers, tests, keep their handlers meanwhile); Python leaves an ignored signal ignored to the
+        # end, where its own handlers would fall back to the default, which kills.
+        atexit.register(_ignore_signals)
     raise SystemExit(code)
+
+
+def _ignore_signals() -> None:
+    """SIGTERM and Ctrl-C no longer stop the process (it is exiting with its command's code)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)

@@ -34,6 +34,7 @@ from data.datasets import (
     load_dataset,
 )
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, save_checkpoint
+from models.cli import fill_closed_std_streams
 from models.host import usable_cpus
 from models.io import DirectoryBusy, ensure_dir, out_inside_problem, resolve_path, writer_lock
 from models.preprocessing import Preprocessing
@@ -673,22 +674,6 @@ class Trainer:
             if self.run_epoch(epoch, progress):
                 break
         return self.finish(progress)
-
-
-def fill_closed_std_streams() -> None:
-    """Point a closed stdout or stderr (`>&-`, `2>&-`; Python then sets sys.stdout or sys.stderr to None) at
-    /dev/null: the run's lines and progress bar go nowhere instead of failing it, and the descriptor is not handed
-    to the next file opened (the lock, a checkpoint), where C libraries' warnings to it would land."""
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        try:
-            os.fstat(fd)
-        except OSError:  # closed: the next open takes this number
-            null = os.open(os.devnull, os.O_WRONLY)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-        if getattr(sys, name) is None:  # its own /dev/null: fd may by now be a file something else opened
-            setattr(sys, name, open(os.devnull, "w", encoding="utf-8", errors="replace"))  # for the process's life
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
