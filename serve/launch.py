@@ -50,6 +50,33 @@ def _bounded(text: str) -> str:
     return text if len(text) <= MAX_REASON else text[:MAX_REASON - 3] + "..."
 
 
+PATH_FLAGS = ("--model", "--model-dir", "--model-repository")
+
+
+def absolute_paths(args: list[str]) -> list[str]:
+    """`python -m serve` arguments with their paths made absolute: the server runs in REPO (where its code is), and
+    its caller's relative paths name files from the caller's directory."""
+    from serve.registry import parse_model_arg
+
+    def absolute(flag: str, value: str) -> str:
+        if flag != "--model":
+            return os.path.abspath(value)
+        name, path = parse_model_arg(value)
+        return f"{name}={os.path.abspath(path)}" if name else os.path.abspath(path)
+
+    out: list[str] = []
+    items = iter(args)
+    for arg in items:
+        flag, eq, value = arg.partition("=")
+        if flag in PATH_FLAGS and eq:
+            out.append(f"{flag}={absolute(flag, value)}")
+        elif arg in PATH_FLAGS and (value := next(items, None)) is not None:
+            out += [arg, absolute(arg, value)]
+        else:
+            out.append(arg)
+    return out
+
+
 class ServerProcess:
     """A started server: `url`, `port`, `proc`; `wait_ready()`, `logs()`, `stop()` (SIGTERM, exit code)."""
 
@@ -58,7 +85,7 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the child's whole life
         self.proc = subprocess.Popen(
-            [python, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            [python, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *absolute_paths(args)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
