@@ -293,3 +293,17 @@ def test_sigterm_and_sighup_stop_a_sweep_as_terminated():
 
     with pytest.raises(Terminated):
         _interrupt(15, None)
+
+
+def test_a_missing_train_extra_writes_nothing(tmp_path):
+    """The extra was found missing only after --out had been created: an empty study directory was left behind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['tqdm'] = None\n"  # tqdm not installed, as in a serve-only environment
+            "from models import cli\nfrom train.sweep.__main__ import main\n"
+            "cli.run(lambda: main(['--preset', 'reduced', '--out', 'study']), 'python -m train.sweep')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "tqdm is not installed" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

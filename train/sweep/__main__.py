@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(problem)
         slots = make_slots(args.workers, args.devices, args.threads)
         runs_dir = args.runs_dir or Path("runs") / "sweep" / out.name
+        # Before --out is made: a missing train extra (tqdm, torch) is one line (models.cli.run), nothing written.
+        from train.sweep.study import run_study
         check_places(cfg.dataset, out, runs_dir, args.report_only, args.dry_run)
     except (ValueError, KeyError) as exc:
         print(f"python -m train.sweep: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
@@ -325,8 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked to outlive the terminal: keep that
         signal.signal(signal.SIGHUP, _interrupt)  # the terminal closed: the same, rather than orphaned trainings
-    from train.sweep.study import run_study  # here: a missing train extra (tqdm, torch) is one line, not a traceback
-
     try:
         summary = run_study(cfg, study, out, runs_dir, slots, args.dry_run, args.report_only)
     except RunFailed as exc:
