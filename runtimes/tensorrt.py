@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from models.io import atomic_write_bytes
 from runtimes import onnx_graph
 from runtimes.base import INPUT_NAME, BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
 from runtimes.build import Built, ExportContext, ExportError
 
 OPT_BATCH = 8  # the profile's optimum (clipped to max batch): a typical dynamic-batching server batch
 WORKSPACE_BYTES = 4 << 30
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitc"
 
 
 def _trt():  # noqa: ANN202 - the tensorrt module
@@ -88,10 +88,47 @@ def unavailable(device: str) -> str | None:
     return None if index < count else f"no CUDA device {index} ({count} visible)"
 
 
-def timing_cache(device: dict[str, str], trt_version: str) -> Path:
+def cache_dir() -> Path | None:
+    """Where timing caches live ($XDG_CACHE_HOME/vitc, else ~/.cache/vitc); None without a home directory (a
+    container user with neither HOME nor a passwd entry), which costs only the cache."""
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg) / "vitc"
+    try:
+        return Path.home() / ".cache" / "vitc"
+    except RuntimeError:  # "Could not determine home directory"
+        return None
+
+
+def timing_cache(device: dict[str, str], trt_version: str) -> Path | None:
     """A timing cache per GPU model and TensorRT version (a cache from another is useless, or refused)."""
+    root = cache_dir()
+    if root is None:
+        return None
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device["gpu"]).strip("-").lower() or "gpu"
-    return CACHE_DIR / f"tensorrt-{trt_version}-sm{device['compute_capability']}-{slug}.cache"
+    return root / f"tensorrt-{trt_version}-sm{device['compute_capability']}-{slug}.cache"
+
+
+def read_cache(path: Path | None) -> bytes:
+    """The saved timing cache, or b"" (none yet, or unreadable): a cache saves build time, nothing more."""
+    if path is None:
+        return b""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def save_cache(path: Path | None, data: bytes) -> bool:
+    """Keep the timing cache for the next build; False where it cannot be written (a read-only or unwritable home:
+    an arbitrary container user), which must not fail the build that just succeeded."""
+    if path is None:
+        return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)  # builds for two models at once share the file
+    except OSError:
+        return False
+    return True
 
 
 def profile_shapes(max_batch: int, sample_shape: tuple[int, int, int]) -> tuple[tuple[int, ...], ...]:
@@ -120,14 +157,13 @@ def build_engine(onnx_path: Path, *, input_name: str, sample_shape: tuple[int, i
     profile.set_shape(input_name, *profile_shapes(max_batch, sample_shape))
     config.add_optimization_profile(profile)
     cache_path = timing_cache(gpu(device_index), trt.__version__)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    cache = config.create_timing_cache(read_cache(cache_path))
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)  # stale: start afresh
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    save_cache(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
