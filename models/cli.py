@@ -167,7 +167,7 @@ def missing_dependency(exc: BaseException, prog: str) -> int | None:
     distribution, extra = DEPENDENCY_EXTRAS[module]
     what = module if distribution == module else f"{module} ({distribution})"
     print(f"{prog}: error: {what} is not installed: install the project's {extra} extra "
-          f"(pip install -c constraints.txt '.[{extra}]')", file=sys.stderr)
+          f"(in the vitc checkout: pip install -c constraints.txt '.[{extra}]')", file=sys.stderr)
     return 2
 
 

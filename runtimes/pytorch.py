@@ -233,7 +233,7 @@ class TorchBackend(PooledBackend):
 
 RUNTIME = Runtime(
     name="torch", target="torch", packages=("torch", "safetensors"),
-    install="in the vitc checkout: pip install -c constraints.txt torch safetensors",
+    install="install the project's train extra (in the vitc checkout: pip install -c constraints.txt '.[train]')",
     format="safetensors", triton_platform="pytorch_libtorch", precisions=("fp32", "bf16", "fp16"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=TorchBackend, version=version,
     variants=(

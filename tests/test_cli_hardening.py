@@ -534,10 +534,10 @@ def test_an_unexpected_error_still_shows_its_traceback():
 @pytest.mark.parametrize("blocked, command, says", [
     ("torch", ["train.eval", "--checkpoint", "nope"],
      "python -m train.eval: error: torch is not installed: install the project's train extra "
-     "(pip install -c constraints.txt '.[train]')"),
+     "(in the vitc checkout: pip install -c constraints.txt '.[train]')"),
     ("PIL", ["serve.sample", "--dataset", "animals", "--out", "s.png"],
      "python -m serve.sample: error: PIL (pillow) is not installed: install the project's server extra "
-     "(pip install -c constraints.txt '.[server]')"),
+     "(in the vitc checkout: pip install -c constraints.txt '.[server]')"),
 ])
 def test_a_missing_extra_is_one_line_that_names_it(blocked, command, says, tmp_path):
     """An install without the extra a command needs (torch in a serving install): one line and exit 2, not a

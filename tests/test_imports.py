@@ -259,5 +259,5 @@ def test_training_without_matplotlib_stops_before_it_trains(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "python -m train: error: matplotlib is not installed: install the project's train extra "
-        "(pip install -c constraints.txt '.[train]')"]
+        "(in the vitc checkout: pip install -c constraints.txt '.[train]')"]
     assert not out.exists()
