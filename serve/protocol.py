@@ -112,8 +112,6 @@ MAX_DIM = 1 << 31
 MAX_ID_CHARS = 65_536
 MAX_HEADER_DIGITS = 20  # more than any body's length has (int() of 4,300 digits raises)
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
-_KINDS = {"U": "strings", "S": "strings", "f": "fractional numbers", "b": "booleans",
-          "O": "null, objects, integers beyond 64 bits, or a mix of numbers and other values"}
 
 
 def _refuse_constant(name: str) -> Any:
@@ -127,7 +125,7 @@ def _json_kind(value: Any) -> str:
     return {bool: "a boolean", str: "a string", dict: "an object", list: "a list"}.get(type(value), "a number")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are all different: with a repeated key, Python would keep the last value and Triton
     the first, so the same body would mean two things."""
     obj = dict(pairs)
@@ -159,7 +157,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
         raise ProtocolError(f"request JSON holds {containers} arrays and objects; a request for this model holds "
                             f"at most {max_containers}")
     try:
-        doc = json.loads(head, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        doc = json.loads(head, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
     except ProtocolError:
         raise
     except RecursionError:
@@ -182,9 +180,8 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
     params = _params(doc, "request")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
-    literals = b"true" in head or b"false" in head  # only then can a boolean hide among numbers
     for spec in raw_inputs:
-        name, arr, used = _parse_input(spec, binary, offset, literals)
+        name, arr, used = _parse_input(spec, binary, offset)
         if name in inputs:
             raise ProtocolError(f"input {name!r} appears twice")
         inputs[name] = arr
@@ -302,7 +299,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _parse_input(spec: Any, binary: memoryview, offset: int, literals: bool = True) -> tuple[str, np.ndarray, int]:
+def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("every input needs a 'name'")
     name = spec["name"][:128]
@@ -338,42 +335,38 @@ def _parse_input(spec: Any, binary: memoryview, offset: int, literals: bool = Tr
         raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
     if not isinstance(spec["data"], list):
         raise ProtocolError(f"input {name!r}: 'data' must be a list of numbers, got {_json_kind(spec['data'])}")
-    if literals and datatype != "BOOL" and _holds_bool(spec["data"]):
-        raise ProtocolError(f"input {name!r}: data is not {datatype} (got booleans)")
     arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="))
     if arr.size != count:
         raise ProtocolError(f"input {name!r}: {arr.size} values for shape {shape} ({count} expected)")
     return name, _finite(name, arr.reshape(shape)), 0
 
 
-def _holds_bool(data: Any) -> bool:
-    """Whether nested lists hold a JSON true/false anywhere (numpy would read it as 1/0 among numbers)."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if item.__class__ is bool:
-            return True
-        if item.__class__ is list:
-            stack.extend(item)
-    return False
+# What JSON values other than numbers are called in a refusal.
+_VALUE_KINDS = {str: "strings", type(None): "null", dict: "objects", list: "lists of uneven lengths",
+                bool: "booleans", float: "fractional numbers", int: "integers"}
 
 
 def _json_values(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndarray:
     """JSON numbers (flat or nested lists) -> an array of `dtype`, refusing what does not fit it exactly."""
     try:
-        raw = np.asarray(data)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # Kept as objects (8 bytes a value) until every value is known to be a number: given strings, numpy would
+        # make a text array as wide as the longest for every value (a 40 KB body once took 400 MB).
+        cells = np.asarray(data, dtype=object)
+    except (ValueError, TypeError, RecursionError) as exc:
         raise ProtocolError(f"input {name!r}: data is not a regular array of numbers: {_short(exc)}") from None
-    kinds = "b" if datatype == "BOOL" else "iuf" if dtype.kind == "f" else "iu"  # JSON true is no number
-    if raw.dtype.kind not in kinds:  # strings, objects (huge integers, mixed types) or floats for an int type
-        got = _KINDS.get(raw.dtype.kind, f"{raw.dtype} values")
+    allowed = {bool} if datatype == "BOOL" else {int, float} if dtype.kind == "f" else {int}
+    if odd := set(map(type, cells.flat)) - allowed:
+        got = ", ".join(sorted(_VALUE_KINDS.get(t, t.__name__) for t in odd))
         raise ProtocolError(f"input {name!r}: data is not {datatype} (got {got})")
-    if dtype.kind in "iu" and raw.size:
+    if dtype.kind in "iu" and cells.size:  # Python integers: any size compares exactly
         info = np.iinfo(dtype)
-        if raw.min() < info.min or raw.max() > info.max:
+        if cells.min() < info.min or cells.max() > info.max:
             raise ProtocolError(f"input {name!r}: values outside the {datatype} range {info.min}..{info.max}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        return raw.astype(dtype)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # floats past the dtype's range: inf, refused by _finite
+            return cells.astype(dtype)
+    except OverflowError:  # an integer literal beyond every float
+        raise ProtocolError(f"input {name!r}: values outside the {datatype} range") from None
 
 
 def _finite(name: str, arr: np.ndarray) -> np.ndarray:

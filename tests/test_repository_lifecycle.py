@@ -490,3 +490,13 @@ def test_a_repository_request_body_past_64_kib_is_413_before_it_is_parsed(fake, 
             r = c.post(path, content=big)
             assert r.status_code == 413 and "at most 65536 bytes" in r.json()["error"], (path, r.text)
         assert c.post("/v2/repository/index", content=b'{"ready": true}').status_code == 200
+
+
+def test_a_repeated_key_in_a_repository_request_is_refused(fake, repo):
+    """Triton reads the first of a repeated key, Python the last: {"ready": true, "ready": false} listed models
+    Triton would not."""
+    with client(served(repo)) as c:
+        for path, body in (("/v2/repository/index", b'{"ready": true, "ready": false}'),
+                           (f"/v2/repository/models/{NAME}/load", b'{"parameters": {}, "parameters": {"a": 1}}')):
+            r = c.post(path, content=body)
+            assert r.status_code == 400 and "repeats the key" in r.json()["error"], (path, r.text)

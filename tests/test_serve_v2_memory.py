@@ -96,3 +96,29 @@ def test_a_repeated_key_is_refused_where_python_and_triton_would_read_different_
                  '{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1],"data":[0]}]}'):
         with pytest.raises(ProtocolError, match="repeats the key"):
             _parse(PixelBudget(10**9), body.encode(), None, None, RAW)
+
+
+def test_strings_are_refused_before_numpy_sizes_a_text_array_for_them():
+    """numpy made a text array as wide as the longest string for every value: 40 KB of JSON took 400 MB."""
+    data = ",".join(['"' + "x" * 50_000 + '"'] + ['""'] * 3071)
+    body = b'{"inputs":[{"name":"input","shape":[3072],"datatype":"FP32","data":[%s]}]}' % data.encode()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=r"data is not FP32 \(got strings\)"):
+            _parse(PixelBudget(10**9), body, None, None, RAW)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * len(body), peak
+
+
+@pytest.mark.parametrize("data, datatype, says", [
+    ("[[1,2],[3]]", "FP32", "got lists of uneven lengths"), ("[1.5]", "INT32", "got fractional numbers"),
+    ("[1" + "0" * 400 + "]", "FP32", "values outside the FP32 range"), ("[18446744073709551616]", "UINT64",
+                                                                        "outside the UINT64 range")])
+def test_values_that_do_not_fit_are_named(data, datatype, says):
+    body = b'{"inputs":[{"name":"input","shape":[1],"datatype":"%s","data":%s}]}' % (datatype.encode(), data.encode())
+    with pytest.raises(ProtocolError, match=says):
+        _parse(PixelBudget(10**9), body, None, None, RAW)
+    ok = b'{"inputs":[{"name":"input","shape":[1],"datatype":"UINT64","data":[18446744073709551615]}]}'
+    assert int(_parse(PixelBudget(10**9), ok, None, None, RAW).inputs["input"][0]) == 2**64 - 1

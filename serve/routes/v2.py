@@ -26,6 +26,7 @@ from serve.protocol import (
     encode_response,
     parse_memory,
     parse_request,
+    unique_keys,
 )
 from serve.registry import ServedModel
 from serve.repository import LoadError
@@ -153,15 +154,23 @@ async def _small_body(request: Request) -> bytes:
     return body
 
 
+def _repository_json(body: bytes) -> Any:
+    """A repository request's JSON, or None when it is not JSON; 400 for a repeated key (Triton reads the first,
+    Python the last: the same body would ask two things)."""
+    try:
+        return json.loads(body, object_pairs_hook=unique_keys)
+    except ProtocolError as exc:
+        raise APIError(400, str(exc)) from None
+    except (ValueError, RecursionError):
+        return None
+
+
 @router.post("/repository/index", summary="Every model and version the server knows, with its state")
 async def repository_index(request: Request) -> JSONResponse:
     ready_only = False
     body = await _small_body(request)
     if body.strip():
-        try:
-            req = json.loads(body)
-        except (ValueError, RecursionError):
-            req = None
+        req = _repository_json(body)
         ready_only = req.get("ready", False) if isinstance(req, dict) else None
         if not isinstance(ready_only, bool):
             raise APIError(400, "the index request body must be a JSON object like {\"ready\": true}")
@@ -174,10 +183,7 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     body = await _small_body(request)
     if not body.strip():
         return {}
-    try:
-        req = json.loads(body)
-    except (ValueError, RecursionError):
-        req = None
+    req = _repository_json(body)
     params = req.get("parameters", {}) if isinstance(req, dict) else None
     if not isinstance(params, dict):
         raise APIError(400, 'the request body must be a JSON object like {"parameters": {...}}')
