@@ -222,11 +222,14 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
         if code is None:
             raise
     if main_thread:
-        # The outcome is known: a signal while Python tears down (torch's and onnx's destructors take a second or
-        # more) must not turn it into 143 without a word. Registered last, this runs first of the atexit hooks (and
-        # in-process callers, tests, keep their handlers meanwhile); Python leaves an ignored signal ignored to the
-        # end, where its own handlers would fall back to the default, which kills.
-        atexit.register(_ignore_signals)
+        # The outcome is known: a signal while Python tears down (waiting for threads, torch's and onnx's destructors:
+        # a second or more) must not turn it into 143 without a word, or a traceback. Python leaves an ignored signal
+        # ignored to the end, where its own handlers would fall back to the default, which kills. A caller that goes
+        # on (a test calling this in-process) keeps its handlers until its own teardown.
+        if sys._getframe(1).f_globals.get("__name__") == "__main__":
+            _ignore_signals()
+        else:
+            atexit.register(_ignore_signals)
     raise SystemExit(code)
 
 

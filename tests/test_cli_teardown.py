@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
 
@@ -20,6 +22,7 @@ TEARDOWN = textwrap.dedent("""
     from models.cli import run
 
     def slow_teardown():
+        time.sleep(0.5)  # main has returned by now (the thread below starts while it runs)
         print("tearing down", file=sys.stderr, flush=True)
         time.sleep(1.5)
 
@@ -32,9 +35,15 @@ TEARDOWN = textwrap.dedent("""
 """)
 
 
-def test_a_signal_during_teardown_ends_with_mains_code():
+# The same, where Python's teardown first waits for a thread the command left running (before any atexit hook).
+THREAD = TEARDOWN.replace("atexit.register(slow_teardown)",
+                          "import threading; threading.Thread(target=slow_teardown, daemon=False).start()")
+
+
+@pytest.mark.parametrize("script", [TEARDOWN, THREAD], ids=["atexit", "thread"])
+def test_a_signal_during_teardown_ends_with_mains_code(script):
     for signum in (signal.SIGTERM, signal.SIGINT):
-        proc = subprocess.Popen([sys.executable, "-c", TEARDOWN], env=ENV, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         err_line = proc.stderr.readline()
         assert err_line.strip() == "tearing down", err_line
