@@ -36,7 +36,7 @@ test-all: install lint
 	$(BIN)/pytest -q
 
 # NVIDIA machines: a second environment with the GPU runtimes (onnxruntime-gpu, TensorRT; never beside the CPU
-# onnxruntime), then the whole GPU path in about 5 minutes; results land in benchmarks/results/.
+# onnxruntime), then the whole GPU path within a 5-minute budget (--budget); results land in benchmarks/results/.
 GPU_VENV := .venv-gpu
 $(GPU_VENV)/.installed-stamp: pyproject.toml constraints.txt
 	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)

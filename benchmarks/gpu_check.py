@@ -1,41 +1,68 @@
-"""`make gpu-check`: the whole GPU path in one command, each step a process with a time limit.
+"""`make gpu-check`: the whole GPU path in one command, each step a process with its share of one time budget.
 
-    python -m benchmarks.gpu_check                # on a CUDA machine, about 5 minutes on one H200
+    python -m benchmarks.gpu_check                # on a CUDA machine: a budget of 5 minutes (--budget), one H200
+    python -m benchmarks.gpu_check --full         # every target, TensorRT INT8 and the 4GF..72GF sweep (30 minutes)
     python -m benchmarks.gpu_check --device cpu --smoke --out /tmp/x   # the same steps, tiny, on the CPU
 
 Steps: CUDA training with torch.compile (vit_c_mini, animals, one epoch); a real NCCL process group (torchrun, one
-rank); export of that checkpoint to torch fp32/bf16/fp16 (and TensorRT fp16/INT8 where installed) through the
-export's parity gates; parity of every torch precision on the GPU itself (bf16 also compiled); the GPU latency
-benchmark (every torch-CUDA target on the 1GF pair, bf16 on 4GF..72GF, against the matmul limit of the same run);
-vit_c_1gf served over HTTP (bf16, compiled, 224x224 JPEG requests) at concurrency 1, 16 and 64. A failed step is
-recorded with its output and the next steps still run. Writes <date>-<host>-gpu-check.json / .md to --out
+rank); export of that checkpoint to torch fp32/bf16/fp16 (and TensorRT fp16, INT8 with --full, where installed)
+through the export's parity gates; parity of every torch precision on the GPU itself (bf16 also compiled); the GPU
+latency benchmark on the 1GF pair (eager and compiled torch-CUDA, TensorRT fp16, onnxruntime-CUDA; with --full
+every torch-CUDA target, TensorRT INT8 and bf16 on 4GF..72GF) against the matmul limit of the same run, its
+bundles exported with max batch 64 (cached under exports/gpu-check/); that vit_c_1gf bundle served over HTTP
+(bf16, compiled, --max-batch-size 64, 224x224 JPEG requests) at concurrency 1, 16 and 64.
+
+Each step runs in a process group of its own and gets its share of what is left of the budget; a step past its
+share is stopped with everything it started (torchrun's workers, a server), and a step with too little time left
+is not started. A failed, stopped or skipped step is recorded with its reason and output, and the next steps still
+run: the check passes only when every step ran and passed. Writes <date>-<host>-gpu-check.json / .md to --out
 (benchmarks/results by default), next to the latency and HTTP reports the steps write there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.cli import OneLineParser, int_in
+from models.cli import OneLineParser, float_in, int_in
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PARITY_SAMPLES = 100_000
+MAX_BUDGET_S = 86_400.0
 SCHEMA = "vitc-gpu-check"
+# The GPU run's benchmark bundles, apart from `make bench`'s exports/bench/: exported with max batch 64 (the served
+# bundle's, so the compiled server captures no batch size it cannot be sent), they are reused from one check to the
+# next, where a bench cache could hand over a bundle of max batch 256.
+GPU_CACHE = REPO / "exports" / "gpu-check"
+RESERVE_S = 15.0  # of the budget, kept for the environment and the report after the last step
+MIN_STEP_S = 10.0  # a step given less than this is not started: nothing on a GPU proves anything in less
+KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL, for a stopped step's processes (a server drains, torchrun stops workers)
+KILL_WAIT_S = 5.0  # for SIGKILL to take effect (a process in uninterruptible sleep, e.g. a GPU driver call)
+STDOUT_TAIL_BYTES = 64 * 1024  # read back of a step's stdout (its last line is its JSON facts)
+STDERR_TAIL_BYTES = 16 * 1024
+REASON_CHARS = 300
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big each step is: the real check on a GPU, or a smoke run of the same steps on the CPU."""
+    """How big each step is: the real check on a GPU (default or --full), or a smoke run of the same steps on the CPU.
+
+    `shares` weigh each step's part of the budget: a step gets its share of what is left when it starts, beside the
+    shares of the steps still to come (what a quick step leaves goes to the later ones)."""
 
     train: tuple[str, ...]
     ddp: tuple[str, ...]
@@ -43,21 +70,51 @@ class Sizes:
     latency: tuple[tuple[str, ...], ...]
     serve_args: str
     load: tuple[str, ...]
+    budget_s: float
+    shares: Mapping[str, float]
+    int8: bool = False  # TensorRT INT8 in the export step (NNCF calibration on the CPU, then a second engine build)
+    cache: Path | None = GPU_CACHE  # None: a cache under the working directory (the smoke run's own)
 
 
+_GPU_TARGETS = ("torch-cuda-fp32,torch-cuda-bf16,torch-cuda-bf16-compiled,torch-cuda-fp16,tensorrt-fp16,"
+                "onnxruntime-cuda-fp32")
+_FULL_TARGETS = _GPU_TARGETS + (",torch-cuda-bf16-nchw,torch-cuda-bf16-compiled-nchw,torch-cuda-fp16-compiled,"
+                                "tensorrt-int8")
+# The largest benchmarked batch is the benchmark bundles' max batch (benchmarks/suite.py: max(32, *batch sizes)) and
+# the served bundle's: it must equal the server's --max-batch-size below.
+SERVE_MAX_BATCH = 64
+_GPU_TRAIN = ("--model", "vit_c_mini", "--dataset", "animals", "--epochs", "1", "--compile")
+_GPU_DDP = ("--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--max-steps", "20")
+_GPU_SERVE = f"--precision bf16 --compile --max-batch-size {SERVE_MAX_BATCH}"
 GPU = Sizes(
-    train=("--model", "vit_c_mini", "--dataset", "animals", "--epochs", "1", "--compile"),
-    ddp=("--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--max-steps", "20"),
+    train=_GPU_TRAIN,
+    ddp=_GPU_DDP,
     parity_samples=256,
     latency=(
-        ("--pairs", "1gf", "--targets", "torch-cuda-fp32,torch-cuda-bf16,torch-cuda-bf16-nchw,torch-cuda-bf16-compiled,"
-         "torch-cuda-bf16-compiled-nchw,torch-cuda-fp16,torch-cuda-fp16-compiled,tensorrt-fp16,tensorrt-int8,"
-         "onnxruntime-cuda-fp32", "--batch-sizes", "1,32,256", "--cell-seconds", "1.5", "--parity-samples", "64"),
-        ("--pairs", "4gf,18gf,36gf,72gf", "--targets", "torch-cuda-bf16,torch-cuda-bf16-nchw",
-         "--batch-sizes", "1,32,256", "--cell-seconds", "1", "--parity-samples", "16"),
+        ("--pairs", "1gf", "--targets", _GPU_TARGETS, "--batch-sizes", f"1,{SERVE_MAX_BATCH}", "--cell-seconds", "1",
+         "--limit-seconds", "1", "--parity-samples", "16", "--no-plots", "--no-progress"),
     ),
-    serve_args="--precision bf16 --compile --max-batch-size 64",
+    serve_args=_GPU_SERVE,
+    load=("--image-format", "jpeg", "--image-size", "224", "--concurrency", "1,16,64", "--duration", "5"),
+    budget_s=300.0,
+    shares={"train": 50, "ddp": 20, "export": 35, "parity-on-device": 40, "latency-1": 80, "serve-under-load": 60},
+)
+GPU_FULL = Sizes(
+    train=_GPU_TRAIN,
+    ddp=_GPU_DDP,
+    parity_samples=256,
+    latency=(
+        ("--pairs", "1gf", "--targets", _FULL_TARGETS, "--batch-sizes", f"1,8,{SERVE_MAX_BATCH}", "--cell-seconds",
+         "1.5", "--parity-samples", "64", "--no-progress"),
+        ("--pairs", "4gf,18gf,36gf,72gf", "--targets", "torch-cuda-bf16,torch-cuda-bf16-nchw",
+         "--batch-sizes", f"1,16,{SERVE_MAX_BATCH}", "--cell-seconds", "1", "--parity-samples", "16", "--no-progress"),
+    ),
+    serve_args=_GPU_SERVE,
     load=("--image-format", "jpeg", "--image-size", "224", "--concurrency", "1,16,64", "--duration", "8"),
+    budget_s=1800.0,
+    shares={"train": 120, "ddp": 40, "export": 200, "parity-on-device": 120, "latency-1": 500, "latency-2": 550,
+            "serve-under-load": 250},
+    int8=True,
 )
 SMOKE = Sizes(
     train=("--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--max-steps", "3",
@@ -69,24 +126,202 @@ SMOKE = Sizes(
               "0.3", "--min-reps", "3", "--parity-samples", "8", "--no-plots", "--no-progress"),),
     serve_args="",
     load=("--quick", "--concurrency", "1", "--duration", "1", "--no-plots"),
+    budget_s=1800.0,  # about 80 s on 2 CPUs: the budget only stops a hung step
+    shares={"train": 1, "ddp": 1, "export": 1, "parity-on-device": 1, "latency-1": 1, "serve-under-load": 1},
+    cache=None,
 )
 
 
-def _step(name: str, cmd: list[str], timeout: float, log: Any) -> dict[str, Any]:
-    """Run one step; its exit code, seconds and the tail of its output (the command never raises here)."""
-    log(f"[gpu-check] {name}: {shlex.join(cmd)}")
+class Budget:
+    """One time budget shared by the steps, in order: each gets its share of what is left when it starts."""
+
+    def __init__(self, total_s: float, shares: Mapping[str, float], *, reserve_s: float = RESERVE_S,
+                 min_step_s: float = MIN_STEP_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total_s, self.reserve_s, self.min_step_s, self._clock = total_s, reserve_s, min_step_s, clock
+        self._pending = dict(shares)  # the steps not started yet, in order, and their weights
+        self._start = clock()
+
+    def left(self) -> float:
+        """Seconds left for the steps (the reserve for the report excluded); never negative."""
+        return max(0.0, self.total_s - self.reserve_s - (self._clock() - self._start))
+
+    def take(self, name: str) -> float:
+        """`name`'s seconds: its share of what is left beside the steps still to come (0 when too little is left:
+        the step is not started). The step counts as started either way."""
+        weight = self._pending.pop(name)
+        total = weight + sum(self._pending.values())
+        allowed = self.left() * (weight / total if total > 0 else 1.0)
+        return allowed if allowed >= self.min_step_s else 0.0
+
+    def drop(self, name: str) -> None:
+        """`name` will not run (what it needed failed): its share goes to the steps after it."""
+        self._pending.pop(name, None)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a step's process ended: exit code, whether it was stopped at its time limit, seconds, its output."""
+
+    rc: int
+    timed_out: bool
+    seconds: float
+    stdout: str = ""
+    stderr: str = ""
+    leftovers: int = 0  # processes of its group still running when it exited (stopped then)
+
+
+def _tail(f: Any, limit: int) -> str:
+    """The last `limit` bytes of the binary file `f`, decoded as UTF-8 (undecodable bytes replaced)."""
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - limit))
+    return f.read().decode("utf-8", errors="replace")
+
+
+STEP_ENV = "VITC_GPU_CHECK_STEP"  # marks a step's processes, inherited by everything it starts
+
+
+@dataclass(frozen=True)
+class StepGroup:
+    """A step's processes: its process group, and any process carrying its mark in the environment (torchrun starts
+    each worker in a session of its own; a process whose parent died is no one's child any more)."""
+
+    pgid: int
+    mark: str
+
+    def members(self) -> list[int]:
+        """Live (not zombie) processes of the step; without /proc, [pgid] while its group has any process."""
+        proc = Path("/proc")
+        if not proc.is_dir():
+            try:
+                os.killpg(self.pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return []
+            return [self.pgid]
+        mark = f"\0{STEP_ENV}={self.mark}\0".encode()
+        found = []
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+                if fields[0] in "ZX":
+                    continue
+                if fields[2] == str(self.pgid) or mark in b"\0" + (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):  # it exited meanwhile, or is another user's
+                continue
+        return found
+
+    def signal(self, sig: int) -> None:
+        """`sig` to the group and to every marked process."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, sig)
+        for pid in self.members():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def end(self, grace: float = KILL_GRACE_S) -> int:
+        """SIGTERM every process of the step still running, SIGKILL those still there `grace` seconds later; how
+        many there were."""
+        found = len(self.members())
+        if not found:
+            return 0
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_WAIT_S)):
+            self.signal(sig)
+            end = time.monotonic() + wait
+            while time.monotonic() < end and self.members():
+                time.sleep(0.05)
+            if not self.members():
+                break
+        return found
+
+
+def run_group(cmd: Sequence[str], timeout: float, *, cwd: Path = REPO, grace: float = KILL_GRACE_S) -> Finished:
+    """Run `cmd` in a session (and process group) of its own for at most `timeout` seconds; then, stopped or not,
+    whatever it left running is stopped too (torchrun's workers, a server it started, DataLoader workers keep GPU
+    memory otherwise). Output goes to files, not pipes: a process left holding a pipe would make the wait outlast
+    the command."""
     t0 = time.perf_counter()
-    stdout = ""
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        rc, stdout, out = proc.returncode, proc.stdout, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, out = 124, f"timed out after {timeout:g} s\n" + str(exc.stdout or "")[-2000:]
-    seconds = time.perf_counter() - t0
-    log(f"[gpu-check] {name}: exit {rc} in {seconds:.1f} s")
-    last = next((ln for ln in reversed(stdout.splitlines()) if ln.strip()), "")
-    return {"name": name, "command": shlex.join(cmd), "rc": rc, "seconds": round(seconds, 1), "facts": {},
-            "output_tail": out[-3000:] if rc else out[-400:], "last_line": last}
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(list(cmd), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env={**os.environ, STEP_ENV: mark}, start_new_session=True)
+        group = StepGroup(proc.pid, mark)
+        timed_out = False
+        try:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            leftovers = group.end(grace)  # the command itself too, when it timed out
+            proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM of the check: its own session no longer hears the terminal
+            group.end(grace)
+            proc.wait()
+            raise
+        seconds = time.perf_counter() - t0
+        return Finished(proc.returncode, timed_out, seconds, _tail(out, STDOUT_TAIL_BYTES),
+                        _tail(err, STDERR_TAIL_BYTES), leftovers - (1 if timed_out else 0))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
+
+
+def _last_line(text: str) -> str:
+    return next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
+
+
+def step_result(name: str, cmd: Sequence[str], allowed: float, done: Finished) -> dict[str, Any]:
+    """A step's record: `status` passed | failed | cut (stopped at its time limit), a one-line `reason` unless it
+    passed, exit code, seconds, and the tails of its stdout and stderr."""
+    if done.timed_out:
+        status, reason = "cut", f"stopped after {allowed:.0f} s, its share of what was left of the budget (--budget)"
+    elif done.rc:
+        status, reason = "failed", f"exit {done.rc}: {_one_line(_last_line(done.stderr) or _last_line(done.stdout))}"
+    else:
+        status, reason = "passed", None
+    keep = 3000 if status != "passed" else 400
+    out = done.stdout[-keep // 3:] + ("\n--- stderr ---\n" + done.stderr[-keep:] if done.stderr.strip() else "")
+    doc = {"name": name, "command": shlex.join(cmd), "status": status, "reason": reason,
+           "rc": 124 if done.timed_out else done.rc, "seconds": round(done.seconds, 1),
+           "allowed_s": round(allowed, 1), "facts": {}, "output_tail": out, "last_line": _last_line(done.stdout)}
+    if done.leftovers > 0:
+        doc["stopped_leftovers"] = done.leftovers  # processes it left running, stopped by the check
+    return doc
+
+
+def not_run(name: str, cmd: Sequence[str], reason: str) -> dict[str, Any]:
+    """The record of a step that was not started, and why."""
+    return {"name": name, "command": shlex.join(cmd), "status": "not run", "reason": reason, "rc": None,
+            "seconds": 0.0, "allowed_s": 0.0, "facts": {}, "output_tail": "", "last_line": ""}
+
+
+def fail(step: dict[str, Any], reason: str) -> None:
+    """Mark a step that exited 0 as failed, for what its results show."""
+    step["status"], step["reason"] = "failed", _one_line(reason)
+    step["rc"] = step["rc"] or 1
+
+
+def _step(name: str, cmd: list[str], budget: Budget, log: Any) -> dict[str, Any]:
+    """Run one step with its share of the budget (the command never raises here)."""
+    allowed = budget.take(name)
+    if not allowed:
+        reason = f"not run: {budget.left():.0f} s of the {budget.total_s:.0f} s budget left (--budget)"
+        log(f"[gpu-check] {name}: {reason}")
+        return not_run(name, cmd, reason)
+    log(f"[gpu-check] {name} (at most {allowed:.0f} s): {shlex.join(cmd)}")
+    s = step_result(name, cmd, allowed, run_group(cmd, allowed))
+    log(f"[gpu-check] {name}: {s['status']} (exit {s['rc']}) in {s['seconds']:.1f} s")
+    return s
+
+
+def _skip(name: str, cmd: list[str], budget: Budget, reason: str, log: Any) -> dict[str, Any]:
+    budget.drop(name)
+    log(f"[gpu-check] {name}: {reason}")
+    return not_run(name, cmd, reason)
 
 
 def _training_facts(run_dir: Path) -> dict[str, Any]:
@@ -119,7 +354,8 @@ def _latency_facts(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def parity_on_device(bundle: Path, checkpoint: Path, device: str, samples: int) -> dict[str, Any]:
-    """Every torch artifact of the bundle on `device` (bf16 also compiled) through the export's parity gate."""
+    """Every torch artifact of the bundle on `device` (bf16 also compiled) through the export's parity gate; one the
+    export refused is listed as failed with the export's reason."""
     from export.bundle import parity_data
     from export.parity import measure
     from models.bundle import read_manifest
@@ -127,10 +363,14 @@ def parity_on_device(bundle: Path, checkpoint: Path, device: str, samples: int) 
     from runtimes import BackendOptions, open_backend
 
     manifest = read_manifest(bundle)
+    out: dict[str, Any] = {}
+    for art in manifest.artifacts:
+        if art.runtime == "torch" and not art.servable:
+            out[art.precision] = {"passed": False, "refused": art.refused_reason,
+                                  "failures": [f"refused by the export: {art.refused_reason}"]}
     model, meta = load_checkpoint(checkpoint)
     max_batch = manifest.input.max_batch
     data = parity_data(model, meta, manifest.source.dataset or meta.raw.get("dataset"), samples, max_batch)
-    out = {}
     for art in manifest.servable("torch"):
         # Compiled (CUDA graphs) for the precision served compiled; compiling on the CPU (inductor, minutes) would
         # prove nothing the GPU run does not.
@@ -149,81 +389,143 @@ def parity_on_device(bundle: Path, checkpoint: Path, device: str, samples: int) 
     return out
 
 
-def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print) -> dict[str, Any]:
-    """Every step in order; the JSON document of the check."""
+def export_facts(bundle: Path, wanted: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Each artifact of the bundle's manifest, "certified" or "refused: <reason>", and the problems: every refused
+    artifact and every wanted artifact id the manifest does not list."""
+    from models.bundle import read_manifest
+
+    facts: dict[str, str] = {}
+    problems: list[str] = []
+    for a in read_manifest(bundle).artifacts:
+        if a.servable:
+            facts[a.id] = "certified"
+        else:
+            facts[a.id] = f"refused: {a.refused_reason}"
+            problems.append(f"{a.id} refused: {a.refused_reason}")
+    problems += [f"{w} missing from the manifest" for w in wanted if w not in facts]
+    return facts, problems
+
+
+def parity_problems(facts: Mapping[str, Any]) -> list[str]:
+    """What failed in a parity-on-device result: each precision that did not pass, with its first failure."""
+    return [f"{k}: {(v.get('failures') or ['failed'])[0]}" for k, v in facts.items() if not v.get("passed")]
+
+
+def latency_problems(doc: Mapping[str, Any]) -> list[str]:
+    """Targets the benchmark could run here but that failed (it lists them as skipped, "failed: ...", and goes
+    on); those it could not run here (not installed) are reported in its facts, not as failures."""
+    return [f"{x.get('pair')} {x['target']}: {x['reason']}" for x in doc.get("skipped") or []
+            if str(x.get("reason", "")).startswith("failed:")]
+
+
+def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
+        budget: Budget | None = None) -> dict[str, Any]:
+    """Every step in order, each with its share of `budget` (default: the sizes' own); the JSON document."""
     from benchmarks import machine
 
+    budget = budget or Budget(sizes.budget_s, sizes.shares)
     py = sys.executable
     start = time.time()
     steps: list[dict[str, Any]] = []
     train_dir, ddp_dir, bundle = work / "train", work / "ddp", work / "bundle"
 
-    s = _step("train", [py, "-m", "train", *sizes.train, "--device", device, "--out", str(train_dir)], 900, log)
-    if s["rc"] == 0:
+    cmd = [py, "-m", "train", *sizes.train, "--device", device, "--out", str(train_dir)]
+    s = _step("train", cmd, budget, log)
+    if s["status"] == "passed":
         s["facts"] = _training_facts(train_dir)
-    steps.append(s)
+    steps.append(train := s)
 
-    s = _step("ddp", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "train",
-                      *sizes.ddp, "--device", device, "--out", str(ddp_dir)], 600, log)
-    if s["rc"] == 0:
+    cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "train", *sizes.ddp,
+           "--device", device, "--out", str(ddp_dir)]
+    s = _step("ddp", cmd, budget, log)
+    if s["status"] == "passed":
         s["facts"] = _training_facts(ddp_dir)
         expected = "nccl" if device.startswith("cuda") else "gloo"
         if s["facts"]["ddp_backend"] != expected:
-            s["rc"], s["output_tail"] = 1, f"process group backend {s['facts']['ddp_backend']}, expected {expected}"
+            fail(s, f"process group backend {s['facts']['ddp_backend']}, expected {expected}")
     steps.append(s)
 
     import runtimes
+    from benchmarks.bundles import expand_targets
 
     targets = ["torch-fp32", "torch-bf16", "torch-fp16"]
     trt = runtimes.get("tensorrt")
     if device.startswith("cuda") and trt.installed() and trt.unavailable(device) is None:
-        targets += ["tensorrt-fp16", "tensorrt-int8"]
-    s = _step("export", [py, "-m", "export", "--checkpoint", str(train_dir), "--out", str(bundle), "--targets",
-                         ",".join(targets), "--parity-samples", str(sizes.parity_samples)], 900, log)
-    if s["rc"] == 0:
-        from models.bundle import read_manifest
+        targets += ["tensorrt-fp16", "tensorrt-int8"] if sizes.int8 else ["tensorrt-fp16"]
+    # --strict: a refused artifact is exit 1, and the manifest says which and why.
+    cmd = [py, "-m", "export", "--checkpoint", str(train_dir), "--out", str(bundle), "--targets", ",".join(targets),
+           "--parity-samples", str(sizes.parity_samples), "--strict"]
+    t0 = time.time()
+    if train["status"] != "passed":
+        s = _skip("export", cmd, budget, f"not run: needs the checkpoint of train, which {train['status']}", log)
+    else:
+        s = _step("export", cmd, budget, log)
+    if (bundle / "manifest.json").is_file() and (bundle / "manifest.json").stat().st_mtime >= t0:
+        s["facts"], problems = export_facts(bundle, expand_targets(targets))
+        if problems and s["status"] in ("passed", "failed"):
+            fail(s, "; ".join(problems))
+    steps.append(export := s)
 
-        s["facts"] = {f"{a.runtime}-{a.precision}": "certified" for a in read_manifest(bundle).artifacts}
-    steps.append(s)
-
-    s = _step("parity-on-device", [py, "-m", "benchmarks.gpu_check", "--parity-of", str(bundle), "--checkpoint",
-                                   str(train_dir), "--device", device,
-                                   "--parity-samples", str(sizes.parity_samples)], 900, log)
-    if s["rc"] == 0:
+    cmd = [py, "-m", "benchmarks.gpu_check", "--parity-of", str(bundle), "--checkpoint", str(train_dir), "--device",
+           device, "--parity-samples", str(sizes.parity_samples)]
+    if not export["facts"]:
+        s = _skip("parity-on-device", cmd, budget, f"not run: needs the bundle of export, which {export['status']}",
+                  log)
+    else:
+        s = _step("parity-on-device", cmd, budget, log)
+    if s["status"] == "passed":
         s["facts"] = json.loads(s["last_line"])
-        if not all(v["passed"] for v in s["facts"].values()):
-            s["rc"] = 1
+        if problems := parity_problems(s["facts"]):
+            fail(s, "; ".join(problems))
     steps.append(s)
 
     latency_docs = []
+    # A smoke run keeps its bundle cache to itself; a GPU run reuses its own from one check to the next.
+    cache = ("--cache", str(sizes.cache or work / "bench"))
     for i, args in enumerate(sizes.latency):
         t0 = time.time()
-        # A smoke run keeps its bundle cache to itself; a GPU run reuses exports/bench/ from one check to the next.
-        cache = ("--cache", str(work / "bench")) if sizes is SMOKE else ()
-        s = _step(f"latency-{i + 1}", [py, "benchmarks/latency.py", *args, *cache, "--out", str(out)], 1200, log)
-        if (path := _newest(out, "*.json", t0)) is not None and s["rc"] == 0:
+        s = _step(f"latency-{i + 1}", [py, "benchmarks/latency.py", *args, *cache, "--out", str(out)], budget, log)
+        if (path := _newest(out, "*.json", t0)) is not None and s["status"] == "passed":
             doc = json.loads(path.read_text())
             s["facts"], s["report"] = _latency_facts(doc), path.name
             latency_docs.append(doc)
+            if problems := latency_problems(doc):
+                fail(s, "; ".join(problems))
         steps.append(s)
 
     served = _served_bundle(latency_docs) or bundle
     t0 = time.time()
     server_args = f"--device {device} {sizes.serve_args}".strip()
-    s = _step("serve-under-load", [py, "benchmarks/latency.py", "--http", "start", "--bundle", str(served),
-                                   "--runtime", "torch", f"--server-args={server_args}", *sizes.load,
-                                   "--out", str(out)], 900, log)
-    if (path := _newest(out, "*-http.json", t0)) is not None and s["rc"] == 0:
+    cmd = [py, "benchmarks/latency.py", "--http", "start", "--bundle", str(served), "--runtime", "torch",
+           f"--server-args={server_args}", *sizes.load, "--out", str(out)]
+    if not (served / "manifest.json").is_file():
+        s = _skip("serve-under-load", cmd, budget, "not run: no bundle to serve (latency-1 and export made none)", log)
+    else:
+        s = _step("serve-under-load", cmd, budget, log)
+    if (path := _newest(out, "*-http.json", t0)) is not None and s["status"] == "passed":
         doc = json.loads(path.read_text())
-        s["facts"] = {"bundle": str(served), "server_args": server_args, "overhead": doc.get("overhead"),
+        s["facts"] = {"bundle": str(served), "bundle_max_batch": _max_batch(served), "server_args": server_args,
+                      "overhead": doc.get("overhead"),
                       "closed": [{k: lvl.get(k) for k in ("concurrency", "throughput_rps", "latency_ms", "errors")}
                                  for lvl in doc.get("closed", [])]}
         s["report"] = path.name
     steps.append(s)
 
     return {"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": device,
-            "smoke": sizes is SMOKE, "environment": machine.environment(None), "steps": steps,
-            "passed": all(x["rc"] == 0 for x in steps), "wall_seconds": round(time.time() - start, 1)}
+            "smoke": sizes is SMOKE, "full": sizes is GPU_FULL, "budget_s": budget.total_s,
+            "environment": machine.environment(None), "steps": steps,
+            "passed": all(x["status"] == "passed" for x in steps),
+            "cut": [{"step": x["name"], "reason": x["reason"]} for x in steps if x["status"] in ("cut", "not run")],
+            "wall_seconds": round(time.time() - start, 1)}
+
+
+def _max_batch(bundle: Path) -> int | None:
+    from models.bundle import BundleError, read_manifest
+
+    try:
+        return read_manifest(bundle).input.max_batch
+    except (BundleError, ValueError, OSError):
+        return None
 
 
 def _served_bundle(latency_docs: list[dict[str, Any]]) -> Path | None:
@@ -242,14 +544,18 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# GPU check ({doc['created']}, {'smoke run on ' if doc['smoke'] else ''}{doc['device']})", "",
              f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs; GPUs: {gpus}; git "
              f"{((env.get('git') or {}).get('commit') or '?')[:12]}",
-             f"- Result: **{'passed' if doc['passed'] else 'FAILED'}** in {doc['wall_seconds']:.0f} s", "",
-             "| step | exit | seconds | report |", "|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['rc']} | {s['seconds']:.1f} | {s.get('report', '')} |" for s in doc["steps"]]
+             f"- Result: **{'passed' if doc['passed'] else 'FAILED'}** in {doc['wall_seconds']:.0f} s "
+             f"(budget {doc['budget_s']:.0f} s{'; --full' if doc.get('full') else ''})", "",
+             "| step | result | exit | seconds | allowed s | report |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {'' if s['rc'] is None else s['rc']} | {s['seconds']:.1f} | "
+              f"{s['allowed_s']:.0f} | {s.get('report', '')} |" for s in doc["steps"]]
     for s in doc["steps"]:
         lines += ["", f"## {s['name']}", "", f"`{s['command']}`", ""]
+        if s["reason"]:
+            lines += [f"**{s['status']}**: {s['reason']}", ""]
         if s["facts"]:
             lines += ["```json", json.dumps(s["facts"], indent=1, default=str)[:6000], "```"]
-        if s["rc"]:
+        if s["status"] != "passed" and s["output_tail"]:
             lines += ["```", s["output_tail"][-1500:], "```"]
     return "\n".join(lines) + "\n"
 
@@ -286,6 +592,8 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
         # The full sizes (vit_c_mini with torch.compile, the paper's 1GF..72GF pairs) are meant for a GPU: on the
         # CPU they would run for hours and prove nothing the smoke run does not.
         return "--device cpu runs the smoke check only: add --smoke (the full check needs a CUDA GPU)"
+    if args.full and args.smoke:
+        return "--full and --smoke exclude each other: --full is the GPU check with every target"
     for flag, path in (("--out", args.out), ("--work", args.work)):
         if path is not None and (problem := out_dir_problem(path)):
             return f"{flag} {path}: {problem}; give a directory"
@@ -303,6 +611,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="report directory, created if missing (default benchmarks/results under the current "
                    "directory)")
     p.add_argument("--work", type=Path, help="working directory for runs and bundles (default: a temporary one)")
+    p.add_argument("--full", action="store_true",
+                   help="every torch-CUDA target, TensorRT INT8 and the 4GF..72GF bf16 sweep (default budget 30 "
+                        "minutes)")
+    p.add_argument("--budget", type=float_in(RESERVE_S + MIN_STEP_S, MAX_BUDGET_S), default=None, metavar="SECONDS",
+                   help="the whole check's time, shared by its steps (default 300; --full 1800; --smoke 1800); a "
+                        "step past its share is stopped and recorded as cut")
     p.add_argument("--parity-of", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--parity-samples", type=int_in(1, MAX_PARITY_SAMPLES), default=256, help=argparse.SUPPRESS)
@@ -321,16 +635,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{p.prog}: error: no CUDA GPU here (use --device cpu --smoke for the CPU smoke run)",
                   file=sys.stderr)
             return 2
-    import tempfile
-
     from benchmarks.report import stem_name, unused_stem
     from models.io import atomic_write_bytes, atomic_write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vitc-gpu-check-") as tmp:
         work = args.work or Path(tmp)
-        doc = run(args.device, SMOKE if args.smoke else GPU, args.out, work,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+        sizes = SMOKE if args.smoke else GPU_FULL if args.full else GPU
+        doc = run(args.device, sizes, args.out, work, log=lambda m: print(m, file=sys.stderr, flush=True),
+                  budget=Budget(args.budget or sizes.budget_s, sizes.shares))
     doc["host"] = doc["environment"]["host"]
     stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
     atomic_write_json(stem.with_suffix(".json"), doc)

@@ -210,17 +210,45 @@ def _cpu_info() -> dict[str, Any]:
     return info
 
 
+def cuda_version_text(version: int) -> str:
+    """CUDA's integer version (1000 * major + 10 * minor, e.g. 13000) as "13.0"."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+_DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib")
+
+
+def driver_cuda_version(libraries: tuple[str, ...] = _DRIVER_LIBRARIES) -> str | None:
+    """The newest CUDA version the installed driver supports ("13.0", from the driver library's own
+    cuDriverGetVersion, which needs no GPU context); None where no driver library can be loaded or it fails."""
+    import ctypes
+
+    for name in libraries:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        with contextlib.suppress(AttributeError, OSError):
+            if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value > 0:
+                return cuda_version_text(version.value)
+    return None
+
+
 def gpu_info() -> list[dict[str, Any]]:
-    """CUDA GPUs visible to torch (name, memory, capability); empty without one."""
+    """CUDA GPUs visible to torch (name, memory, capability, the CUDA version torch was built with and the one the
+    driver supports, None where it cannot be read); empty without one."""
     with contextlib.suppress(Exception):
         import torch
 
         if torch.cuda.is_available():
+            driver = driver_cuda_version()
             gpus = []
             for i in range(torch.cuda.device_count()):
                 p = torch.cuda.get_device_properties(i)
                 gpus.append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                             "capability": f"{p.major}.{p.minor}", "driver_cuda": torch.version.cuda})
+                             "capability": f"{p.major}.{p.minor}", "torch_cuda": torch.version.cuda,
+                             "driver_cuda": driver})
             return gpus
     return []
 

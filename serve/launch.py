@@ -152,12 +152,28 @@ class ServerProcess:
         self.stop()
 
 
+START_TIMEOUT_S = 60.0
+COMPILE_START_TIMEOUT_S = 600.0  # torch.compile, then a CUDA graph captured per batch bucket, before "ready"
+READY_AFTER_PORT_S = 5.0  # at least, once the port is open (the models are loaded by then)
+_TRUE = ("1", "true", "yes", "on")
+
+
+def start_timeout(args: list[str], env: dict[str, str] | None = None) -> float:
+    """How long a server started with `args` (and `env` over this process's environment) may take to be ready:
+    minutes when it compiles its models (--compile or VITC_COMPILE), else a minute."""
+    compiles = "--compile" in args or {**os.environ, **(env or {})}.get("VITC_COMPILE", "").lower() in _TRUE
+    return COMPILE_START_TIMEOUT_S if compiles else START_TIMEOUT_S
+
+
 def start(args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
-          python: str = sys.executable) -> ServerProcess:
-    """Start a server (with `python`, another environment's interpreter if given) and wait until it is ready."""
-    server = ServerProcess(args, log_path, env, python=python)
+          python: str = sys.executable, timeout: float | None = None) -> ServerProcess:
+    """Start a server (with `python`, another environment's interpreter if given) and wait until it is ready, at
+    most `timeout` seconds in all (default `start_timeout(args, env)`: the models load before the port opens)."""
+    timeout = start_timeout(args, env) if timeout is None else timeout
+    end = time.monotonic() + timeout
+    server = ServerProcess(args, log_path, env, timeout=timeout, python=python)
     try:
-        return server.wait_ready()
+        return server.wait_ready(max(READY_AFTER_PORT_S, end - time.monotonic()))
     except BaseException:
         server.stop()
         raise

@@ -36,7 +36,10 @@ def test_smoke_run_goes_through_every_step_on_the_cpu(tmp_path):
     served = steps["serve-under-load"]["facts"]
     assert served["closed"][0]["concurrency"] == 1 and served["closed"][0]["throughput_rps"] > 0
     md = next(out.glob("*-gpu-check.md")).read_text()
-    assert "**passed**" in md and "| parity-on-device | 0 |" in md
+    assert "**passed**" in md and "| parity-on-device | passed | 0 |" in md
+    # every step ran within its share of the budget, and the budget is on record
+    assert doc["cut"] == [] and doc["budget_s"] == 1800
+    assert all(s["status"] == "passed" and 0 < s["seconds"] <= s["allowed_s"] for s in steps.values())
 
 
 def test_without_a_gpu_the_real_check_refuses_with_one_line(tmp_path, capsys):
