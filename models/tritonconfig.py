@@ -1,24 +1,27 @@
 """A Triton `config.pbtxt` (protobuf text format), read when vitc serves a Triton-style repository, so that a
 model's configuration means in vitc what it means in Triton, and what Triton would refuse is refused here too.
 
-What vitc honours: `max_batch_size` (0: Triton does not batch, the dims start with the batch dimension -1 and each
-request carries its own batch, up to what the artifact takes); `dynamic_batching` (its `max_queue_delay_microseconds`,
-0 when not given, as in Triton; without the block no request waits for companions: delay 0); `version_policy` (vitc
-serves one version: the newest, or the highest of a `specific` list, each of which must exist); `instance_group` (all
-KIND_CPU: the model runs on the CPU whatever the server's --device, as Triton runs it on a GPU machine); the output's
-`label_filename` (the classification extension's labels, one a line, as Triton reads them).
-What must agree with the artifact, or the load is refused: `name` (the model directory's), `platform` and `backend`,
-`default_model_filename`, the input and output names, data types and dims; and the file must declare the input and
-the output (Triton run without auto-complete refuses one that does not, an empty file included). Every field name,
-value kind and enum value is checked against Triton's model_config.proto (models.tritonschema), as Triton's parser
-checks them, and so are the rules of Triton's model_config_utils.cc and of its backends that bear on what vitc
-serves. The file is bounded and scanned token by token (strings, comments and nesting understood), never executed;
-no protobuf library is needed.
+What vitc honours: `max_batch_size` (0, or absent, as Triton reads a file without it: Triton does not batch, the
+dims start with the batch dimension -1 and each request carries its own batch, up to what the artifact takes);
+`dynamic_batching` (its `max_queue_delay_microseconds`, 0 when not given, as in Triton; without the block no request
+waits for companions: delay 0); `version_policy` (vitc serves one version: the newest, or the highest of a
+`specific` list, each of which must exist); `instance_group` (all KIND_CPU: the model runs on the CPU whatever the
+server's --device, as Triton runs it on a GPU machine); the output's `label_filename` (the classification
+extension's labels, one a line, as Triton reads them). What must agree with the artifact, or the load is refused:
+`name` (the model directory's), `platform` and `backend`, `default_model_filename`, the input and output names, data
+types and dims; and the file must declare the input and the output (Triton run without auto-complete refuses one
+that does not, an empty file included). Every field name, value kind and enum value is checked against Triton's
+model_config.proto (models.tritonschema), as Triton's parser checks them, and so are the rules of Triton's
+model_config_utils.cc and of its backends that bear on what vitc serves, and the `model_warmup` samples Triton runs
+at load (vitc warms up its own way, but a sample Triton fails fails the load there). The file is bounded and scanned
+token by token (strings, comments and nesting understood), never executed; no protobuf library is needed.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -102,7 +105,7 @@ class TritonConfig:
     name: str | None = None
     platform: str | None = None
     backend: str | None = None
-    max_batch_size: int | None = None
+    max_batch_size: int | None = None  # `read` gives a file's absent one as 0, as Triton reads it
     # Whether requests wait for companions and merge: the dynamic_batching block, on a model with a batch dimension
     # (with max_batch_size 0 Triton's scheduler runs batches of one request: dynamic_batch_scheduler.cc
     # `max_batch_size_((size_t)std::max(1, max_batch_size))`).
@@ -141,7 +144,8 @@ class TritonConfig:
         if other:
             raise ConfigError(f"instance_group kind {other[0]}: Triton's {backend} backend supports only KIND_CPU "
                               "and KIND_AUTO")
-        # max_batch_size 0: Triton does not batch, so the dims carry the batch dimension themselves.
+        # max_batch_size 0: Triton does not batch, so the dims carry the batch dimension themselves (None: a fragment
+        # that does not say; `read` gives a whole file's absent max_batch_size as the 0 Triton reads).
         batch = (-1,) if self.max_batch_size == 0 else ()
         for what, given, artifact in (("input", self.inputs, input), ("output", self.outputs, output)):
             expected = replace(artifact, dims=batch + artifact.dims)
@@ -452,8 +456,16 @@ def _unapplied(top: dict[str, list[Any]]) -> tuple[str, ...]:
 
 def parse(text: str) -> TritonConfig:
     """The configuration in a config.pbtxt's text; ConfigError when malformed, refused by Triton or out of range."""
+    return _config(_top(text))
+
+
+def _top(text: str) -> dict[str, list[Any]]:
     top = _Parser(_tokens(text)).message()
     _checked(top, "ModelConfig")
+    return top
+
+
+def _config(top: dict[str, list[Any]]) -> TritonConfig:
     max_batch = _one(top, "max_batch_size")
     max_batch = None if max_batch is None else _int(max_batch, "max_batch_size", 0, 2**31 - 1)
     batching = _one(top, "dynamic_batching")
@@ -461,12 +473,17 @@ def parse(text: str) -> TritonConfig:
     if batching is not None:
         delay = _one(batching, "max_queue_delay_microseconds")
         delay = None if delay is None else _int(delay, "max_queue_delay_microseconds", 0, MAX_QUEUE_DELAY_US)
-        # model_config_utils.cc ValidateModelConfig: "dynamic batching preferred size must be positive" and "... must
-        # be <= max batch size" (checked where max_batch_size is given: a backend's auto-complete may fill it in).
-        for size in map(int, batching.get("preferred_batch_size", ())):
-            if size <= 0 or max_batch is not None and size > max_batch:
-                raise ConfigError(f"dynamic_batching preferred_batch_size {size} must be in 1..max_batch_size "
-                                  f"({max_batch if max_batch is not None else 'not given'}), as Triton requires")
+        _preferred_sizes(batching, max_batch)
+    groups = top.get("instance_group", ())
+    for i, group in enumerate(groups):
+        # model_config_utils.cc ValidateInstanceGroup: only a KIND_GPU group (or a KIND_AUTO one, which becomes
+        # KIND_GPU where every GPU listed is present, KIND_CPU otherwise) may list gpus.
+        kind = _one(group, "kind") or "KIND_AUTO"
+        if kind in ("KIND_CPU", "KIND_MODEL") and group.get("gpus"):
+            gpus = [int(g) for g in group["gpus"][:8]]
+            raise ConfigError(f"instance_group[{i}] has kind {kind} but lists gpus {gpus}: Triton refuses it (\"has "
+                              f"kind {kind} but specifies one or more GPUs\")")
+    _warmup_samples(top)  # what a sample must hold whatever the model (the rest: read, which knows the whole file)
     outputs = top.get("output", ())
     policy = _one(top, "version_policy")
     return TritonConfig(
@@ -479,7 +496,7 @@ def parse(text: str) -> TritonConfig:
         inputs=tuple(_tensor(t, "input") for t in top.get("input", ())),
         outputs=tuple(_tensor(t, "output") for t in outputs),
         version_policy=VersionPolicy() if policy is None else _version_policy(policy),
-        instance_kinds=tuple(_one(g, "kind") or "KIND_AUTO" for g in top.get("instance_group", ())),
+        instance_kinds=tuple(_one(g, "kind") or "KIND_AUTO" for g in groups),
         default_model_filename=_one(top, "default_model_filename") or None,  # proto3: "" is not given
         label_filename=(_one(outputs[0], "label_filename") or None) if outputs else None,
         parameters={_one(e, "key") or "": _one(_one(e, "value") or {}, "string_value") or ""
@@ -489,8 +506,9 @@ def parse(text: str) -> TritonConfig:
 
 
 def read(model_dir: Path) -> TritonConfig | None:
-    """The configuration in `model_dir/config.pbtxt`; None when there is no such file, ConfigError when it cannot
-    be read, is malformed or does not declare the model's input and output."""
+    """The configuration in `model_dir/config.pbtxt`, an absent max_batch_size read as 0 (as Triton reads it); None
+    when there is no such file, ConfigError when it cannot be read, is malformed, does not declare the model's input
+    and output, or holds a warm-up sample Triton fails."""
     path = model_dir / TRITON_CONFIG_FILE
     if not path.is_file():
         if path.exists():  # a directory, a FIFO, a device: a configuration that cannot be read is not "none"
@@ -506,9 +524,10 @@ def read(model_dir: Path) -> TritonConfig | None:
             raw = f.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"larger than {MAX_CONFIG_BYTES} bytes")
-        config = parse(raw.decode("utf-8"))
+        top = _top(raw.decode("utf-8"))
+        config = _config(top)
         _require_io(config, empty=not raw.strip())
-        return config
+        return _whole_file(config, top, model_dir)
     except (OSError, UnicodeDecodeError, ConfigError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -528,3 +547,130 @@ def _require_io(config: TritonConfig, *, empty: bool) -> None:
         what = f"declares no {' and no '.join(missing)} (cut short by a half-finished copy"
     raise ConfigError(f"{what} or a full disk?): Triton run with --disable-auto-complete-config, as the "
                       "InferenceService runs it, refuses a config that does not declare the model's input and output")
+
+
+def _preferred_sizes(batching: dict[str, list[Any]], max_batch: int | None, *, absent: bool = False) -> None:
+    """ConfigError for a preferred batch size Triton refuses (model_config_utils.cc ValidateModelConfig: "dynamic
+    batching preferred size must be positive" and "... must be <= max batch size"); `max_batch` None: not known yet
+    (a fragment: only positive sizes are required), `absent`: the file gives none and Triton reads 0."""
+    for size in map(int, batching.get("preferred_batch_size", ())):
+        if size <= 0 or max_batch is not None and size > max_batch:
+            given = "not given" if max_batch is None else f"{max_batch}: not given" if absent else max_batch
+            raise ConfigError(f"dynamic_batching preferred_batch_size {size} must be in 1..max_batch_size "
+                              f"({given}), as Triton requires")
+
+
+def _whole_file(config: TritonConfig, top: dict[str, list[Any]], model_dir: Path) -> TritonConfig:
+    """`config` with the rules of a whole file applied, which a fragment (`parse`, `check`) is not held to: an
+    absent max_batch_size is 0, and the warm-up samples must fit the inputs and find their files."""
+    if config.max_batch_size is None:
+        # proto3: an absent max_batch_size is 0. Triton run with --disable-auto-complete-config, as the InferenceService
+        # runs it, keeps 0 (only the backend's auto-complete fills it in from the model): no batching, and the dims
+        # carry the batch dimension (the onnxruntime backend's CompareDimsSupported refuses [3, H, W] for a model of
+        # 4 dims).
+        batching = _one(top, "dynamic_batching")
+        if batching is not None:
+            _preferred_sizes(batching, 0, absent=True)
+        config = replace(config, max_batch_size=0, dynamic_batching=False)
+    _check_warmups(top, config, model_dir)
+    return config
+
+
+_WARMUP_DIR = "warmup"  # core constants.h kWarmupDataFolder: the warm-up files' directory in the model's
+# triton::common GetDataTypeByteSize (TYPE_STRING: variable).
+_TYPE_BYTES = {"TYPE_BOOL": 1, "TYPE_UINT8": 1, "TYPE_UINT16": 2, "TYPE_UINT32": 4, "TYPE_UINT64": 8, "TYPE_INT8": 1,
+               "TYPE_INT16": 2, "TYPE_INT32": 4, "TYPE_INT64": 8, "TYPE_FP16": 2, "TYPE_FP32": 4, "TYPE_FP64": 8,
+               "TYPE_BF16": 2}
+_TRUE = frozenset({"true", "True", "t", "1"})
+
+
+def _warmup_samples(top: dict[str, list[Any]]) -> list[tuple[str, int, dict[str, dict[str, list[Any]]]]]:
+    """(where, batch_size, inputs by name) of each model_warmup sample Triton runs when it loads the model, ConfigError
+    when one fails whatever the model is (backend_model_instance.cc TritonModelInstance::GenerateWarmupData)."""
+    groups = top.get("instance_group", ())
+    # Passive instances generate no warm-up data (TritonModelInstance::CreateInstance); without a group Triton adds
+    # one that is not passive (NormalizeInstanceGroup).
+    if groups and all(_one(g, "passive") in _TRUE for g in groups):
+        return []
+    samples = []
+    for i, warmup in enumerate(top.get("model_warmup", ())):
+        batch = int(_one(warmup, "batch_size") or 0)
+        if batch == 0:  # "Skipping batch 0 warmup sample" (0 is also what an absent batch_size reads as)
+            continue
+        name = _one(warmup, "name") or ""
+        inputs: dict[str, dict[str, list[Any]]] = {}
+        for entry in warmup.get("inputs", ()):  # a map: the last entry of a key wins
+            inputs[_one(entry, "key") or ""] = _one(entry, "value") or {}
+        for key, value in inputs.items():
+            where = f"model_warmup[{i}] {name[:64]!r} input {key[:64]!r}"
+            dims = [int(d) for d in value.get("dims", ())]
+            if any(d < 0 for d in dims):
+                raise ConfigError(f"{where} dims {dims[:8]}: Triton requires every dimension given (\"warmup setting "
+                                  "expects all variable-size dimensions are specified\")")
+            if not any(k in value for k in ONEOFS["ModelWarmup.Input"]):
+                raise ConfigError(f"{where} gives no data: Triton requires zero_data, random_data or input_data_file")
+        samples.append((f"model_warmup[{i}] {name[:64]!r}", batch, inputs))
+    return samples
+
+
+def _check_warmups(top: dict[str, list[Any]], config: TritonConfig, model_dir: Path) -> None:
+    """ConfigError for a warm-up sample that fails against this model, and so fails its load in Triton: its request
+    is prepared as any other (infer_request.cc InferenceRequest::Normalize) and its data files are read from the
+    model's warmup/ directory (GenerateWarmupData)."""
+    max_batch = config.max_batch_size or 0
+    declared = {t.name: t for t in config.inputs}
+    for where, batch, inputs in _warmup_samples(top):
+        # Each of the sample's batch_size requests is one item, all run in one execution, and the backends refuse
+        # more than max_batch_size items (1 without batching): onnxruntime's and openvino's ProcessRequests "batch
+        # size N for '<model>', max allowed is M".
+        if batch > max(max_batch, 1):
+            raise ConfigError(f"{where} batch_size {batch} is more than Triton's backend runs at once (max_batch_size "
+                              f"{max_batch}{': each request alone' if max_batch == 0 else ''})")
+        missing = [n for n in declared if n not in inputs]
+        if missing:  # InferenceRequest::ValidateRequestInputs: "expected N inputs but got M"
+            raise ConfigError(f"{where} gives no input {missing[0][:64]!r}: Triton requires every input of the model "
+                              "in a warm-up sample")
+        for key, value in inputs.items():
+            what = f"{where} input {key[:64]!r}"
+            tensor = declared.get(key)
+            if tensor is None:  # core hands it to the backend as an extra tensor, which the model does not take
+                raise ConfigError(f"{what} is not an input of the config ({', '.join(map(repr, declared))}): Triton "
+                                  "fails the warm-up, and the load")
+            data_type = _one(value, "data_type") or "TYPE_INVALID"
+            if data_type != tensor.data_type:
+                raise ConfigError(f"{what} data_type {data_type} is not the input's ({tensor.data_type}): Triton "
+                                  "fails the warm-up, and the load")
+            dims = tuple(int(d) for d in value.get("dims", ()))
+            # GenerateWarmupData prepends the batch dimension 1 only where max_batch_size is not 0, and Normalize then
+            # takes it off again: the sample's dims are the config's, each -1 of the config matched by any size.
+            if len(dims) != len(tensor.dims) or any(c not in (-1, d) for c, d in zip(tensor.dims, dims, strict=True)):
+                how = "with the batch dimension: max_batch_size 0" if max_batch == 0 else "without the batch dimension"
+                raise ConfigError(f"{what} dims {list(dims[:8])} do not fit the input's {list(tensor.dims)} ({how}): "
+                                  "Triton fails the warm-up, and the load")
+            data_file = _one(value, "input_data_file")
+            if data_file is not None:
+                size = 1 if dims else 0  # GetElementCount: 0 for no dims
+                for d in dims:
+                    size *= d
+                _check_warmup_file(model_dir, data_file, size * _TYPE_BYTES.get(data_type, 0), what)
+
+
+def _check_warmup_file(model_dir: Path, name: str, needed: int, what: str) -> None:
+    """ConfigError unless `name`, as Triton joins it to the model's warmup/ directory (JoinPath: a leading / too),
+    is a regular file it can read, of at least `needed` bytes (GenerateWarmupData: "warmup setting expects N bytes")."""
+    folder = model_dir / _WARMUP_DIR
+    path = folder / name.lstrip("/")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks on a FIFO
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):  # missing, unreadable, a name too long or holding a NUL
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what}: input_data_file {name[:128]!r} is not a readable file in {folder}, where Triton "
+                          "reads it when it loads the model (it fails the load without it)")
+    if info.st_size < needed:
+        raise ConfigError(f"{what}: input_data_file {name[:128]!r} holds {info.st_size} bytes, and Triton's warm-up "
+                          f"needs {needed} (it fails the load)")

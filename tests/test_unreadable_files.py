@@ -129,7 +129,7 @@ def test_a_load_answers_400_with_the_reason_and_the_old_version_serves_on(fake, 
 def test_the_index_says_why_an_unreadable_version_directory_is_not_served(fake, deny, tmp_path):
     repo = tmp_path / "repo"
     fake_bundle(repo / NAME / "1")
-    (repo / NAME / "config.pbtxt").write_text("version_policy: { specific: { versions: [ 1 ] } }\n"
+    (repo / NAME / "config.pbtxt").write_text("max_batch_size: 8\nversion_policy: { specific: { versions: [ 1 ] } }\n"
                                               'input [{ name: "input" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }]\n'
                                               'output [{ name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }]\n')
     with client(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)) as c:
