@@ -51,6 +51,18 @@ def unavailable(device: str) -> str | None:
     return None
 
 
+def execution_providers(device_kind: str, device_index: int = 0) -> list[Any]:
+    """The `providers` of an InferenceSession on "cpu" or "cuda" (device `device_index`)."""
+    if device_kind != "cuda":
+        return ["CPUExecutionProvider"]
+    # The CUDA provider runs float32 GEMMs and convolutions in TF32 unless told not to (use_tf32 defaults to on):
+    # 10 mantissa bits, ~1e-3 relative error in the logits, far outside the fp32 bound of the golden check, so an
+    # fp32 load on CUDA was refused. Off for every precision: an fp16 graph has no fp32 GEMM or convolution left
+    # for it to touch (only onnx_graph.FP32_OPS stay fp32), and what an int8 graph dequantizes to fp32 was gated
+    # in true fp32 on the CPU. onnxruntime turns option values into strings: the provider reads "0".
+    return [("CUDAExecutionProvider", {"device_id": device_index, "use_tf32": 0}), "CPUExecutionProvider"]
+
+
 class OnnxRuntimeBackend(PooledBackend):
     """An ONNX artifact in onnxruntime sessions; `--device cuda` must really run on the CUDA provider.
 
@@ -79,11 +91,9 @@ class OnnxRuntimeBackend(PooledBackend):
         streams = options.parallel or (default_streams(cpus, options.threads) if options.hint == "throughput" else 1)
         self.parallelism = max(1, min(streams, cpus)) if on_cpu else 1
         threads = options.threads or max(1, cpus // self.parallelism)
-        providers: list = ["CPUExecutionProvider"]
-        if options.device_kind == "cuda":
-            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (the GPU image has no toolkit)
-                ort.preload_dlls()
-            providers = [("CUDAExecutionProvider", {"device_id": options.device_index}), "CPUExecutionProvider"]
+        if options.device_kind == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (the GPU image has no toolkit)
+        providers = execution_providers(options.device_kind, options.device_index)
         path = spec.file(".onnx")
         # Batches run with idle workers asleep: spinning ones would steal the cores the HTTP loop and image
         # decoding need (measured on 2 cores: -15 % served throughput at saturation, 2026-12-04-2037-vm-overhead).

@@ -77,6 +77,24 @@ def buckets(max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
+def compile_options(cuda: bool, captured: int) -> dict[str, Any]:
+    """torch.compile's arguments for a backend that captures `captured` batch buckets."""
+    return {
+        # A CUDA graph per bucket on CUDA; inductor's kernels alone on the CPU.
+        "mode": "reduce-overhead" if cuda else "default",
+        # dynamo keeps its compiled entries per code object, and every backend compiles the same one
+        # (VisionTransformer.forward): with one shared budget (recompile_limit, 8), the later compiled backends of
+        # a benchmark process found it spent, and dynamo ran them eagerly after a log warning, their results still
+        # reported as compiled. Each backend gets its own region, sized for its buckets: one entry per bucket at
+        # worst, plus batch 1's specialisation and one spare.
+        "isolate_recompiles": True,
+        "recompile_limit": captured + 2,
+        # A graph break, or a recompile past the limit, raises instead of running eagerly: an export-friendly
+        # model (torch.export traces it whole for ONNX) has no reason for either.
+        "fullgraph": True,
+    }
+
+
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     """Run with n intra-op threads, restored afterwards, without racing another backend doing the same."""
@@ -177,10 +195,7 @@ class TorchBackend(PooledBackend):
         import time
 
         torch = self._torch
-        cuda = self.device.startswith("cuda")
-        limit = len(self._buckets) + 2  # at worst one graph per bucket
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        self._run = torch.compile(self.model, mode="reduce-overhead" if cuda else "default")
+        self._run = torch.compile(self.model, **compile_options(self.device.startswith("cuda"), len(self._buckets)))
         shape = (3, self.model.cfg.image_size, self.model.cfg.image_size)
         for b in sorted(self._buckets, reverse=True):
             start = time.perf_counter()
@@ -205,11 +220,19 @@ class TorchBackend(PooledBackend):
                 x = x.contiguous(memory_format=torch.channels_last)
             if dynamic:  # a hint, not a constraint: where a kernel choice guards on the size, that bucket recompiles
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-            if self._autocast is None:
-                y = run(x)
-            else:
-                with torch.autocast(x.device.type, dtype=self._autocast):
+            try:
+                if self._autocast is None:
                     y = run(x)
+                else:
+                    with torch.autocast(x.device.type, dtype=self._autocast):
+                        y = run(x)
+            except Exception as exc:
+                # fullgraph (compile_options): where dynamo would have run the call eagerly, it raises
+                if self._compiled and isinstance(exc, torch._dynamo.exc.FailOnRecompileLimitHit):
+                    raise BackendError(f"torch.compile would fall back to eager at batch {len(batch)}: dynamo's "
+                                       f"recompile limit is spent ({first_line(exc)}); run it with "
+                                       "TORCH_LOGS=recompiles to see why it recompiled") from exc
+                raise
             return y[:n].float().cpu().numpy()  # copied out before the next replay reuses the graph's output
 
     def _compute(self, run: Any, batch: np.ndarray) -> np.ndarray:

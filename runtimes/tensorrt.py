@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -157,14 +158,21 @@ def build_engine(onnx_path: Path, *, input_name: str, sample_shape: tuple[int, i
     profile.set_shape(input_name, *profile_shapes(max_batch, sample_shape))
     config.add_optimization_profile(profile)
     cache_path = timing_cache(gpu(device_index), trt.__version__)
-    cache = config.create_timing_cache(read_cache(cache_path))
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)  # stale: start afresh
+    if not _use_timing_cache(config, read_cache(cache_path)):
+        _use_timing_cache(config, b"")  # stale or unreadable: start afresh
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
     save_cache(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
+
+
+def _use_timing_cache(config: Any, blob: bytes) -> bool:
+    """Give the builder config a timing cache made from `blob`; False where TensorRT refuses it."""
+    # A blob it cannot deserialise makes create_timing_cache return None (a null ITimingCache), which
+    # set_timing_cache would reject with a TypeError: the cache would have failed the build it only speeds up.
+    cache = config.create_timing_cache(blob)
+    return cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
 
 
 def source_graph(ctx: ExportContext, precision: str) -> Path:
@@ -201,6 +209,46 @@ def build(ctx: ExportContext, precision: str) -> Built:
     return Built([engine], info)
 
 
+class TensorInfo(NamedTuple):
+    """One I/O tensor of an engine: name, "input" or "output", dtype ("float32", else TensorRT's name), shape."""
+
+    name: str
+    mode: str
+    dtype: str
+    shape: tuple[int, ...]  # -1 for a dynamic axis
+
+
+def check_io(tensors: Sequence[TensorInfo], input_name: str, output_name: str, sample_shape: tuple[int, int, int],
+             classes: int) -> None:
+    """Raise BackendError unless the engine's I/O is exactly the manifest's: one float32 input (-1, *sample_shape)
+    and one float32 output (-1, classes), each batch axis dynamic."""
+    inputs = [t for t in tensors if t.mode == "input"]
+    outputs = [t for t in tensors if t.mode == "output"]
+    # Every I/O tensor needs an address before execute_async_v3, and the backend binds only these two: an extra
+    # one would fail the first call rather than the load.
+    if [t.name for t in inputs] != [input_name] or [t.name for t in outputs] != [output_name]:
+        raise BackendError(f"engine has inputs {[t.name for t in inputs]} and outputs {[t.name for t in outputs]}; "
+                           f"the manifest expects {input_name!r} -> {output_name!r} and nothing else")
+    # The buffers and the host arrays are float32 of these shapes: anything else would be read as garbage.
+    for tensor, shape in ((inputs[0], (-1, *sample_shape)), (outputs[0], (-1, classes))):
+        if tensor.dtype != "float32":
+            raise BackendError(f"engine {tensor.mode} {tensor.name!r} is {tensor.dtype}, the manifest expects float32")
+        if tuple(tensor.shape) != shape:
+            raise BackendError(f"engine {tensor.mode} {tensor.name!r} has shape {tuple(tensor.shape)}, the manifest "
+                               f"expects {shape} (-1: the dynamic batch axis)")
+
+
+def _io(trt: Any, engine: Any) -> list[TensorInfo]:
+    """The engine's I/O tensors as `check_io` reads them."""
+    tensors = []
+    for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
+        dtype = engine.get_tensor_dtype(name)
+        tensors.append(TensorInfo(name, "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output",
+                                  "float32" if dtype == trt.float32 else str(dtype),
+                                  tuple(int(d) for d in engine.get_tensor_shape(name))))
+    return tensors
+
+
 def _engine_bytes(spec: LoadSpec, device: dict[str, str], trt_version: str) -> tuple[bytes, str]:
     """The bundle's engine if it was built for this GPU and TensorRT, else an fp32 engine built from ONNX now."""
     artifact = spec.artifact
@@ -233,6 +281,7 @@ class TensorRTBackend(PooledBackend):
         self._device_index = spec.options.device_index
         self._buffers: list[int] = []
         self._stream = None
+        self.context = self.engine = self._runtime = None
         _check(cudart.cudaSetDevice(self._device_index))
         self.device, self.max_batch = spec.device, spec.max_batch
         self._gpu = gpu(self._device_index)
@@ -242,26 +291,26 @@ class TensorRTBackend(PooledBackend):
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise BackendError("TensorRT cannot deserialize the engine (built for another GPU or TensorRT version?)")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if inputs != [spec.input_name] or spec.output_name not in outputs:
-            raise BackendError(f"engine has inputs {inputs} and outputs {outputs}; the manifest expects "
-                               f"{spec.input_name!r} -> {spec.output_name!r}")
-        if self.engine.get_tensor_dtype(spec.input_name) != trt.float32:
-            raise BackendError("engine input must be float32")
+        check_io(_io(trt, self.engine), spec.input_name, spec.output_name, spec.sample_shape, spec.num_classes)
         low, _, high = self.engine.get_tensor_profile_shape(spec.input_name, 0)
         if low[0] > 1 or high[0] < self.max_batch:
             raise BackendError(f"engine profile covers batch {low[0]}..{high[0]}, the manifest 1..{self.max_batch}")
-        self.context = self.engine.create_execution_context()
         self._input, self._output = spec.input_name, spec.output_name
         self.sample_shape, self._classes = spec.sample_shape, spec.num_classes
-        # Buffers for the largest batch, allocated once.
-        self._d_in = self._malloc(self.max_batch * int(np.prod(self.sample_shape)) * 4)
-        self._d_out = self._malloc(self.max_batch * self._classes * 4)
-        self._stream = _check(cudart.cudaStreamCreate())
-        self.context.set_tensor_address(self._input, self._d_in)
-        self.context.set_tensor_address(self._output, self._d_out)
+        try:  # nothing owns what is allocated here until the constructor returns: free it on the way out
+            self.context = self.engine.create_execution_context()
+            if self.context is None:  # TensorRT logged why (device memory for its activations, usually)
+                raise BackendError("TensorRT cannot create an execution context for the engine (see its log above)")
+            # Buffers for the largest batch, allocated once.
+            self._d_in = self._malloc(self.max_batch * int(np.prod(self.sample_shape)) * 4)
+            self._d_out = self._malloc(self.max_batch * self._classes * 4)
+            self._stream = _check(cudart.cudaStreamCreate())
+            for name, ptr in ((self._input, self._d_in), (self._output, self._d_out)):
+                if not self.context.set_tensor_address(name, ptr):
+                    raise BackendError(f"TensorRT refused the device buffer of {name!r}")
+        except BaseException:
+            self._release()
+            raise
         # The device buffers are freed (`_release`) only after the call in flight returns its context.
         self._pool = CallPool("this tensorrt backend", [self.context])
 
@@ -292,12 +341,22 @@ class TensorRTBackend(PooledBackend):
         return {**self._gpu, "inference_precision": self.precision}
 
     def _release(self) -> None:
-        """Free device buffers and the stream (`close`: once the call in flight, if any, has returned)."""
+        """Destroy the context and the engine, free the device buffers and the stream (`close`: once the call in
+        flight, if any, has returned), on the backend's own device."""
+        cudart = self._cudart
+        # The closing thread may have another device current (cuda:N, N > 0): what is freed belongs to this one.
+        # Best effort: a release never raises.
+        cudart.cudaSetDevice(self._device_index)
+        # Dropped now rather than with the backend object (which a benchmark may keep): the context's activation
+        # memory and the engine's weights stay on the GPU until then. Context first, then engine, then runtime.
+        self.context = None
+        self.engine = None
+        self._runtime = None
         for ptr in self._buffers:
-            self._cudart.cudaFree(ptr)
+            cudart.cudaFree(ptr)
         self._buffers.clear()
         if self._stream is not None:
-            self._cudart.cudaStreamDestroy(self._stream)
+            cudart.cudaStreamDestroy(self._stream)
             self._stream = None
 
 

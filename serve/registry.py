@@ -18,6 +18,7 @@ from models.preprocessing import Preprocessing
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
 from runtimes.loader import preprocessing_drift
+from runtimes.pytorch import buckets as compile_buckets
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
@@ -324,9 +325,12 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
             _check_repository_model(source, version, manifest, runtime, device, config)
             if config is not None:  # read as Triton reads it at load: a label file it cannot read fails the load
                 labels = config.labels(source.path, manifest.output.classes)
+        # A compiled model is captured only at the batch sizes this server can form (each bucket costs start time).
+        captured = (compile_buckets(min(settings.max_batch_size, manifest.input.max_batch))
+                    if settings.compile and not source.repository else None)
         options = BackendOptions(device=device, threads=settings.threads, parallel=settings.parallel,
                                  hint=settings.openvino_hint, compile=settings.compile,
-                                 channels_last=settings.channels_last)
+                                 channels_last=settings.channels_last, buckets=captured)
         precision = None if source.repository else settings.precision
         startup = {"read_manifest": time.perf_counter() - start}
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_gpu_paths_static import cuda_skip_reason, skip_for, tensorrt_skip_reason
 
 from benchmarks.latency import main
 
@@ -318,9 +319,8 @@ def test_quick_on_torch_cuda_eager_and_compiled(quick, tmp_path):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not _has_cuda(), reason="needs TensorRT on an NVIDIA GPU")
+@skip_for(tensorrt_skip_reason() or cuda_skip_reason())  # torch measures the machine's CUDA limit
 def test_quick_on_tensorrt_fp16(quick, tmp_path):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     _, cache, _ = quick
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--targets", "tensorrt-fp16",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_gpu_paths_static import skip_for, tensorrt_skip_reason
 
 import runtimes
 from export import cli, parity, report
@@ -479,7 +480,7 @@ def test_tensorrt_cli_without_tensorrt_exits_2_with_one_line(checkpoint, tmp_pat
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed (needs an NVIDIA GPU)")
+@skip_for(tensorrt_skip_reason())
 def test_tensorrt_engines_pass_parity(checkpoint, tmp_path):
     m = build_bundle(checkpoint, tmp_path / "trt", ["tensorrt-fp32", "tensorrt-fp16", "tensorrt-int8"],
                      max_batch=MAX_BATCH, parity_samples=PARITY_SAMPLES, calibration_samples=CALIBRATION_SAMPLES)

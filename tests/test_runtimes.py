@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_gpu_paths_static import onnxruntime_cuda_skip_reason, skip_for, tensorrt_skip_reason
 from test_serve_fixtures import micro_bundle, val_batch
 
 import runtimes
@@ -211,20 +212,19 @@ def test_onnxruntime_cuda_must_really_be_active(bundle, manifest):
 
 
 @pytest.mark.gpu
+@skip_for(onnxruntime_cuda_skip_reason())
 def test_onnxruntime_cuda(bundle, manifest, batch):
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu is not installed")
     gpu = load_backend(bundle, manifest, "onnxruntime", device="cuda")
+    # fp32 in true fp32: the CUDA provider's TF32 default would have failed the golden check at load.
+    assert gpu.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
     cpu = load_backend(bundle, manifest, "onnxruntime")
     np.testing.assert_allclose(gpu.infer(batch), cpu.infer(batch), atol=1e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
+@skip_for(tensorrt_skip_reason())
 def test_tensorrt_builds_from_onnx_and_matches(bundle, manifest, batch):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU)")
     trt = load_backend(bundle, manifest, "tensorrt", device="cuda")
     cpu = load_backend(bundle, manifest, "onnxruntime")
     np.testing.assert_allclose(trt.infer(batch), cpu.infer(batch), atol=1e-3)

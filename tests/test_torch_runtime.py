@@ -122,3 +122,19 @@ def test_a_nan_weight_pinned_under_a_valid_sha256_is_refused_at_load(bundle, man
     write_manifest(copy, replace(manifest, artifacts=tuple(fixed if a is art else a for a in manifest.artifacts)))
     with pytest.raises(BackendError, match="head.weight holds NaN"):
         _open(copy, read_manifest(copy))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_a_compiled_server_captures_only_the_batch_sizes_it_can_form(bundle, tmp_path, monkeypatch):
+    """`--compile --max-batch-size 2` on a bundle exported for 32 captured 1..32 anyway: minutes of start for
+    graphs no batch could use (gpu-check's server timed out)."""
+    from serve.registry import close_models, load_models
+    from serve.settings import Settings
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    models = load_models(Settings(models=[f"m={bundle}"], backend="torch", compile=True, max_batch_size=2))
+    try:
+        assert models["m"].backend.describe()["batch_buckets"] == [1, 2] and models["m"].max_batch == 2
+    finally:
+        close_models(models)
