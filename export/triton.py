@@ -11,11 +11,12 @@
 
 so Triton, KServe and `python -m serve --model-repository REPO` all serve the same files. Writing a new version
 (`--version N`, default: the next) beside the old ones is how a model is updated in place: the files this tool
-wrote are regenerated, ones edited since (config.pbtxt, inferenceservice.yaml) are kept; a regenerated config.pbtxt
-keeps its instance count, kind and queue delay, and the InferenceService its name, storage URI, Triton release and
-GPUs, unless they are given again. REPO must be absent, empty, or a repository this tool wrote (its own
-inferenceservice.yaml, model directories of its own shape), and neither the bundle, nor inside it, nor above it:
-anything else (a bundle, a checkpoint, a project) is refused.
+wrote are regenerated, ones edited since (config.pbtxt, labels.txt, inferenceservice.yaml) are kept; a regenerated
+config.pbtxt keeps its instance count, kind and queue delay, and the InferenceService its name, storage URI, Triton
+release and GPUs, unless they are given again. A TensorRT engine is refused with a Triton release that ships another
+TensorRT than the one that built it (`--skip` leaves it out). REPO must be absent, empty, or a repository this tool
+wrote (its own inferenceservice.yaml, or only model directories of its own shape holding versions it wrote), and
+neither the bundle, nor inside it, nor above it: anything else (a bundle, a checkpoint, a project) is refused.
 
 Exit codes: 0 written, 1 the machine failed (a full disk, out of memory; nothing was written), 2 bad input (one
 line).
@@ -48,10 +49,14 @@ from export.kserve import (
     check_storage_uri,
     inference_service,
     is_marked,
+    kept_runtime_version,
     marked,
     plan_service,
     release,
     stale_release,
+    tensorrt_advice,
+    tensorrt_mismatch,
+    tensorrt_unknown,
     triton_tag,
 )
 from models import tritonconfig
@@ -91,6 +96,7 @@ from models.io import (
 
 MAX_VERSION = 2**63 - 1  # Triton reads version directories as int64
 MAX_INSTANCES = 1024
+MAX_LABELS_BYTES = 16 << 20  # one label per class: far more than any classifier's
 MAX_QUEUE_DELAY_US = 60_000_000  # a minute: anything longer is a typo, not a batching policy
 DEFAULT_INSTANCES = 1
 DEFAULT_QUEUE_DELAY_US = 2000
@@ -203,15 +209,16 @@ def _previous_options(config: Path) -> dict[str, str | int]:
     return found
 
 
-def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact) -> None:
+def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact, version: int) -> str | None:
     """RepositoryError (nothing written) when the edited config.pbtxt that a new version keeps does not fit that
-    version: a repository that vitc and Triton would then refuse to serve."""
+    version: a repository that vitc and Triton would then refuse to serve. Returns a warning when its version_policy
+    does not select the new version (None otherwise)."""
     rt = runtimes.get(artifact.runtime)
     c, h, w = manifest.input.sample_shape
     try:
         config = tritonconfig.read(model_dir)
         if config is None:
-            return
+            return None
         config.check(name=model_dir.name, platform=rt.triton_platform, backend=rt.triton_backend,
                      input=tritonconfig.Tensor(manifest.input.name, "TYPE_FP32", (c, h, w)),
                      output=tritonconfig.Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)))
@@ -232,6 +239,78 @@ def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact) -> None
         raise RepositoryError(f"{model_dir / CONFIG_FILE} differs from what this tool writes (edited, or written by an "
                               f"older version of it), so a new version keeps it, but it does not fit that version: "
                               f"{exc}; fix it, or pass --replace-config to regenerate it") from None
+    return _unselected(model_dir, config.version_policy, version)
+
+
+def _unselected(model_dir: Path, policy: tritonconfig.VersionPolicy, version: int) -> str | None:
+    """A warning when `policy` (a kept config's) does not select `version`, about to be written: Triton would never
+    serve it, nor vitc (which serves the newest, or the highest listed); None when it does."""
+    versions = sorted({version, *(int(p.name) for p in model_dir.iterdir()
+                                  if _VERSION_DIR.fullmatch(p.name) and p.is_dir())})
+    if policy.kind == "specific":
+        if version in policy.versions:
+            return None
+        what = f"specific {{ versions: [ {', '.join(map(str, policy.versions))} ] }}"
+    elif policy.kind == "latest" and version in versions[-policy.num_versions:]:
+        return None
+    elif policy.kind == "latest":
+        what = f"latest {{ num_versions: {policy.num_versions} }} (newer versions exist)"
+    else:
+        return None
+    return (f"{model_dir / CONFIG_FILE} is kept, and its version_policy {what} does not select the new version "
+            f"{version}: neither Triton nor vitc will serve it; add it to the policy, or pass --replace-config")
+
+
+def _labels(class_names: Sequence[str]) -> bytes:
+    """The labels.txt this tool writes: one class name a line, in output order."""
+    return ("\n".join(class_names) + "\n").encode()
+
+
+def _labels_edited(model_dir: Path, manifest: Manifest) -> bool:
+    """Whether the model's labels.txt was edited since this tool wrote it (it matches none that the class names of
+    the new version or of a version already there make): a new version keeps it. RepositoryError (nothing written)
+    when such a file does not hold one label per class of the new version: Triton would misname the classes."""
+    path = model_dir / LABELS_FILE
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        raw = f.read(MAX_LABELS_BYTES + 1)
+    if raw == _labels(manifest.class_names):
+        return False
+    for entry in model_dir.iterdir():
+        if _VERSION_DIR.fullmatch(entry.name):
+            with contextlib.suppress(BundleError, OSError):
+                if raw == _labels(read_manifest(entry).class_names):
+                    return False
+    try:
+        lines = raw.decode("utf-8").split("\n")  # Triton reads one label a line
+    except UnicodeDecodeError:
+        lines = None
+    if lines is not None and lines[-1] == "":
+        lines.pop()
+    classes = manifest.output.classes
+    if len(raw) > MAX_LABELS_BYTES or lines is None or len(lines) != classes:
+        holds = "is not UTF-8 text" if lines is None else f"holds {len(lines)} labels"
+        raise RepositoryError(f"{path} differs from what this tool writes (edited), so a new version keeps it, but "
+                              f"it does not fit that version: it {holds}, the model has {classes} classes; fix it, "
+                              "or pass --replace-config to regenerate it")
+    return True
+
+
+def _check_tensorrt(name: str, artifact: Artifact, tag: str, exported: Sequence[Artifact], *, kept_isvc: bool,
+                    notes: list[str]) -> None:
+    """RepositoryError when the InferenceService written now runs a Triton whose TensorRT cannot load this
+    artifact's engine (Triton would exit at start, every model with it); a note when the kept one does, or when this
+    cannot tell."""
+    if (why := tensorrt_mismatch(artifact, tag)) is not None:
+        if kept_isvc:
+            notes.append(f"{name}: the kept {ISVC_FILE} runs Triton {tag}, which cannot load it: {why}; edit its "
+                         f"runtimeVersion, or pass --replace-isvc with {tensorrt_advice(artifact)}")
+            return
+        leave = f", or --skip {artifact.id} to leave the model out" if len(exported) > 1 else ""
+        raise RepositoryError(f"{name}: Triton {tag} cannot load it: {why}; pass {tensorrt_advice(artifact)}{leave}")
+    if (unknown := tensorrt_unknown(artifact, tag)) is not None:
+        notes.append(f"{name}: {unknown}")
 
 
 def check_options(*, version: int | None, kind: str | None, instances: int | None, max_queue_delay_us: int | None,
@@ -303,7 +382,7 @@ def _instance_kinds(manifest: Manifest, artifacts: Sequence[Artifact], kind: str
 def write_repository(bundle: str | Path, out: str | Path, *, version: int | None = None, kind: str | None = None,
                      instances: int | None = None, max_queue_delay_us: int | None = None,
                      storage_uri: str | None = None, isvc_name: str | None = None, triton_version: str | None = None,
-                     gpus: int | None = None,
+                     gpus: int | None = None, skip: Sequence[str] = (),
                      replace_config: bool = False, replace_isvc: bool = False, kept: list[Path] | None = None,
                      notes: list[str] | None = None) -> list[Path]:
     """Add every Triton-servable artifact of `bundle` to the repository `out`; returns the version directories.
@@ -314,7 +393,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     DEFAULT_QUEUE_DELAY_US); the repository keeps an edited inferenceservice.yaml unless `replace_isvc`, and an
     untouched one keeps its name, storage URI, Triton release and GPU count unless given. The kept files are appended
     to `kept`; models whose runtime cannot run on `kind` (or on their previous kind) get the device it runs on,
-    explained in `notes`.
+    explained in `notes`, as is a kept config.pbtxt that does not select the new version. A labels.txt edited since
+    it was written is kept too, unless `replace_config`. The artifacts whose ids are in `skip` are left out.
 
     Everything is built and verified in a temporary directory beside `out`, then renamed into place: on any error
     nothing is written (BundleError, RepositoryError, DirectoryBusy, OSError). An existing version is never
@@ -326,27 +406,40 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     kept = kept if kept is not None else []
     manifest = read_manifest(bundle)
     artifacts = _triton_artifacts(manifest)
+    if unknown := sorted(set(skip) - {a.id for a in artifacts}):
+        raise RepositoryError(f"--skip {', '.join(map(repr, unknown))[:200]}: bundle {manifest.name!r} has no such "
+                              f"artifact Triton can serve ({', '.join(a.id for a in artifacts) or 'none'})")
     if not artifacts:
         raise BundleError(f"bundle {manifest.name!r} has no artifact Triton can serve "
                           f"(servable: {', '.join(a.id for a in manifest.servable()) or 'none'})")
+    if not (chosen := [a for a in artifacts if a.id not in skip]):
+        raise RepositoryError(f"--skip leaves out every artifact of bundle {manifest.name!r} Triton can serve "
+                              f"({', '.join(a.id for a in artifacts)}): nothing to write")
+    artifacts = chosen
     names = [_model_dir_name(manifest, a) for a in artifacts]
     check_out(bundle, out, names)
     _check_labels(manifest)
     created = _missing_parents(out)
+    notes = notes if notes is not None else []
     try:
         ensure_dir(out.parent)
         with writer_lock(out):
             _remove_stale(out)  # a killed run's staging directory
             check_out(bundle, out, names)  # again, under the lock: another writer may have been first
             previous = {a.id: _previous_options(out / n / CONFIG_FILE) for a, n in zip(artifacts, names, strict=True)}
-            devices = _instance_kinds(manifest, artifacts, kind, previous, notes if notes is not None else [])
+            devices = _instance_kinds(manifest, artifacts, kind, previous, notes)
+            had_isvc = (out / ISVC_FILE).exists() or (out / ISVC_FILE).is_symlink()
+            had_models = out.is_dir() and any(p.is_dir() for p in out.iterdir())
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
                                    triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
                                    kind_gpu=kind == "gpu", replace_isvc=replace_isvc)
+            # The release the repository's InferenceService runs: the one written now, else the kept file's.
+            tag = service.runtime_version if service is not None else kept_runtime_version(out / ISVC_FILE)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
             try:
                 os.chmod(staging, _default_mode(0o777))
                 plan = []
+                keep_labels: set[str] = set()
                 for artifact in artifacts:
                     name = _model_dir_name(manifest, artifact)
                     v = version or _next_version(out / name)
@@ -355,7 +448,10 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                     if (out / name / str(v)).exists():  # checked again, under the lock, when published
                         raise _exists(out / name / str(v))
                     if not replace_config and not _untouched(out / name / CONFIG_FILE):
-                        _check_kept(out / name, manifest, artifact)
+                        if (unselected := _check_kept(out / name, manifest, artifact, v)) is not None:
+                            notes.append(unselected)
+                    if not replace_config and _labels_edited(out / name, manifest):
+                        keep_labels.add(name)
                     was = previous[artifact.id]
                     _stage_model(bundle, manifest, artifact, staging / name, v, kind=devices[artifact.id],
                                  instances=instances if instances is not None
@@ -366,6 +462,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                             why := beyond_min_triton(staging / name / str(v), artifact)):
                         raise RepositoryError(f"{name}: Triton {service.runtime_version} cannot load it: {why}; "
                                               "pass --triton-version with a newer release that does")
+                    if tag is not None:
+                        _check_tensorrt(name, artifact, tag, artifacts, kept_isvc=service is None, notes=notes)
                     plan.append((name, v))
                 if service is not None:
                     atomic_write_bytes(staging / ISVC_FILE, inference_service(service).encode())
@@ -373,11 +471,15 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                 # Ctrl-C is let through (it would report "interrupted" for published versions).
                 with committing(f"the new versions in {out}"):
                     try:
-                        written = _publish(staging, out, plan, replace_config, kept)
+                        written = _publish(staging, out, plan, replace_config, kept, keep_labels)
                     finally:
                         shutil.rmtree(staging, ignore_errors=True)
                 if service is None:
                     kept.append(out / ISVC_FILE)
+                elif had_models and not had_isvc:
+                    notes.append(f"{out / ISVC_FILE}: the repository had none, so it was written with the name "
+                                 f"{service.name} and the storage URI {service.storage_uri} (--isvc-name and "
+                                 "--storage-uri set them)")
                 return written
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -418,21 +520,51 @@ def check_out(bundle: Path, out: Path, names: Sequence[str]) -> None:
 
 
 def _not_ours(out: Path) -> str | None:
-    """Why `out` is not a repository this tool wrote (None: it is one)."""
+    """Why `out` is not a repository this tool wrote (None: it is one): its inferenceservice.yaml starts with this
+    tool's header, or (that file deleted, or its first line removed by an edit or a YAML formatter) every entry is a
+    model directory of this tool's shape, or that file, and one of them holds a version this tool wrote."""
     isvc = out / ISVC_FILE
-    if not isvc.is_file() or isvc.is_symlink():
-        return f"no {ISVC_FILE}"
-    try:
-        with open(isvc, "rb") as f:
-            head = f.read(len(ISVC_HEADER))
-    except OSError as exc:
-        return f"{ISVC_FILE} is unreadable: {exc.strerror or exc}"
-    if head != ISVC_HEADER.encode():
-        return f"its {ISVC_FILE} was not written by this tool"
+    header: str | None = f"no {ISVC_FILE}"
+    if isvc.is_file() and not isvc.is_symlink():
+        try:
+            with open(isvc, "rb") as f:
+                head = f.read(len(ISVC_HEADER))
+        except OSError as exc:
+            return f"{ISVC_FILE} is unreadable: {exc.strerror or exc}"
+        header = None if head == ISVC_HEADER.encode() else f"its {ISVC_FILE} was not written by this tool"
     for marker in (MANIFEST_FILE, "checkpoint.json"):  # a bundle or a checkpoint that was written into before
         if (out / marker).exists():
-            return f"it holds {marker}"
-    return None
+            return f"it holds {marker}" if header is None else f"{header}, and it holds {marker}"
+    if header is None or (why := _not_our_models(out)) is None:
+        return None
+    return f"{header}, and {why}"
+
+
+def _not_our_models(out: Path) -> str | None:
+    """Why `out` does not hold only model directories of this tool (and its inferenceservice.yaml), one of them
+    with a version this tool wrote (None: it does)."""
+    written = False
+    for entry in sorted(out.iterdir()):
+        if entry.name == ISVC_FILE and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            return f"it holds {entry.name!r}"
+        if (why := _foreign_model_dir(entry)) is not None:
+            return f"{entry.name}/ is not a model directory of this tool ({why})"
+        written = written or _holds_written_version(entry)
+    return None if written else "none of its directories holds a model version written by this tool"
+
+
+def _holds_written_version(model_dir: Path) -> bool:
+    """Whether a version directory of `model_dir` is a bundle of one artifact named after `model_dir`, as
+    `_stage_model` writes it."""
+    for entry in model_dir.iterdir():
+        if _VERSION_DIR.fullmatch(entry.name):
+            with contextlib.suppress(BundleError, OSError):
+                m = read_manifest(entry)
+                if m.name == model_dir.name and len(m.artifacts) == 1:
+                    return True
+    return False
 
 
 def _foreign_model_dir(model_dir: Path) -> str | None:
@@ -487,7 +619,7 @@ def _stage_model(bundle: Path, manifest: Manifest, artifact: Artifact, model_dir
     atomic_write_bytes(model_dir / CONFIG_FILE, config_pbtxt(
         model_dir.name, manifest, artifact, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us
     ).encode())
-    atomic_write_bytes(model_dir / LABELS_FILE, ("\n".join(manifest.class_names) + "\n").encode())
+    atomic_write_bytes(model_dir / LABELS_FILE, _labels(manifest.class_names))
 
 
 def _golden_of(target: Path, path: str, manifest: Manifest, artifact_id: str) -> FileEntry:
@@ -523,10 +655,10 @@ def _version_files(bundle: Path, manifest: Manifest, artifact: Artifact) -> dict
 
 
 def _publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_config: bool,
-             kept: list[Path]) -> list[Path]:
+             kept: list[Path], keep_labels: set[str]) -> list[Path]:
     """Rename the staged models (and the InferenceService, if staged) into `out`; undone if any step fails. An
     existing model's config.pbtxt that differs from the generated one is kept (and listed in `kept`) unless
-    `replace_config`."""
+    `replace_config`, and so is the labels.txt of the models in `keep_labels`."""
     if not out.exists():  # a new repository: one rename
         os.rename(staging, out)
         return [out / name / str(v) for name, v in plan]
@@ -543,7 +675,10 @@ def _publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_conf
                     raise _exists(dst / str(v))
                 os.rename(src / str(v), dst / str(v))
                 undo.append(lambda d=dst / str(v): shutil.rmtree(d))
-                undo.append(_replace_file(src / LABELS_FILE, dst / LABELS_FILE, staging))
+                if name in keep_labels:  # edited by hand: the classification answers are the user's
+                    kept.append(dst / LABELS_FILE)
+                else:
+                    undo.append(_replace_file(src / LABELS_FILE, dst / LABELS_FILE, staging))
                 generated = (src / CONFIG_FILE).read_bytes()
                 if (replace_config or not (dst / CONFIG_FILE).is_file() or _untouched(dst / CONFIG_FILE)
                         or (dst / CONFIG_FILE).read_bytes() == generated.partition(b"\n")[2]):
@@ -604,8 +739,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             f"repository's, else {DEFAULT_TRITON_VERSION})")
     p.add_argument("--gpus", type=int, help=f"GPUs the InferenceService asks for, 1..{MAX_GPUS} (default: the "
                                             "repository's, else 1 when a model runs on the GPU)")
+    p.add_argument("--skip", action="append", default=[], metavar="ARTIFACT",
+                   help="an artifact id of the bundle to leave out, such as tensorrt-fp16 (repeat, or separate with "
+                        "commas; default: every artifact Triton can serve)")
     p.add_argument("--replace-config", action="store_true",
-                   help="regenerate an existing model's config.pbtxt (default: an edited one is kept)")
+                   help="regenerate an existing model's config.pbtxt and labels.txt (default: edited ones are kept)")
     p.add_argument("--replace-isvc", action="store_true",
                    help=f"regenerate the repository's {ISVC_FILE} (default: an edited one is kept)")
     args = p.parse_args(argv)
@@ -616,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
                                    storage_uri=args.storage_uri, isvc_name=args.isvc_name,
                                    triton_version=args.triton_version, gpus=args.gpus,
+                                   skip=[i for v in args.skip for i in v.split(",") if i],
                                    replace_config=args.replace_config, replace_isvc=args.replace_isvc, kept=kept,
                                    notes=notes)
     except (BundleError, DirectoryBusy) as exc:
@@ -635,7 +774,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}")
     for path in kept:
-        if path.name != ISVC_FILE:
+        if path.name == LABELS_FILE:
+            print(f"kept {path}: it differs from the labels this tool wrote (edited); --replace-config regenerates it")
+        elif path.name != ISVC_FILE:
             print(f"kept {path}: it differs from what this tool writes (edited, or written with other options); "
                   "--replace-config regenerates it")
         elif (stale := stale_release(path)) is not None:  # the user's file, but applied it serves nothing
