@@ -270,6 +270,8 @@ def load_dataset(name: str | os.PathLike, split: str) -> ImageSet:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
     name_s = str(name)
+    if not name_s.strip():  # Path("") is the current directory: an unset variable must not read whatever is here
+        raise DatasetError(f"the dataset is empty: give one of {', '.join(EMBEDDED)} or an ImageNet-layout folder")
     if name_s in EMBEDDED:
         x, y, classes = _embedded_arrays(name_s)
         idx = split_indices(y, split)

@@ -93,6 +93,8 @@ def out_name_problem(path: str | os.PathLike) -> str | None:
 def out_inside_problem(out: str | os.PathLike, folder: str | os.PathLike, what: str, harm: str) -> str | None:
     """`--out OUT lies inside WHAT FOLDER: HARM` when `out` is `folder` or under it once both are resolved (symlinks
     and `..` followed), or why they cannot be resolved; else None."""
+    if not os.fspath(folder).strip():  # no folder given (the reader refuses it): nothing to be inside
+        return None
     try:
         root, target = resolve_path(Path(folder)), resolve_path(Path(out))
     except OSError as exc:  # a symlink loop

@@ -219,3 +219,16 @@ def test_an_out_beside_the_dataset_folder_is_fine(dataset, tmp_path):
     (neighbour := tmp_path / (dataset.name + "2")).mkdir()  # a name that starts like it is not inside it
     assert sample.main(["--dataset", str(dataset), "--out", str(neighbour / "s.png")]) == 0
     assert (neighbour / "s.png").is_file()
+
+
+def test_an_empty_dataset_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    """`--dataset "$DATA"` with DATA unset read the current directory as the dataset (and train said its --out lay
+    inside it)."""
+    from data.datasets import DatasetError, load_dataset
+    from models.io import out_inside_problem
+    from train.config import normalize_dataset
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match="the dataset is empty"):
+        load_dataset("", "val")
+    assert normalize_dataset("") == "" and out_inside_problem("runs/x", "", "the dataset folder", "") is None

@@ -185,8 +185,9 @@ def validate(c: TrainConfig) -> None:
 
 
 def normalize_dataset(name: str) -> str:
-    """Embedded names stay as they are; folders become absolute paths (checkpoints must find them later)."""
-    return name if name in EMBEDDED else str(Path(name).expanduser().resolve())
+    """Embedded names stay as they are; folders become absolute paths (checkpoints must find them later); an empty
+    name stays empty (Path("") would be the current directory), for the "required" check to refuse."""
+    return name if name in EMBEDDED or not name.strip() else str(Path(name).expanduser().resolve())
 
 
 def with_max_steps(command: tuple[str, ...], steps: int) -> tuple[str, ...]:
