@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_serve_fixtures import micro_checkpoint
 
 from benchmarks import gpu_check
 from benchmarks.gpu_check import GPU, GPU_FULL, SMOKE, Budget, Finished, run_group, step_result
@@ -122,22 +123,11 @@ def test_a_step_is_passed_failed_or_cut_with_its_reason():
 @pytest.fixture(scope="module")
 def refused_bundle(tmp_path_factory) -> tuple[Path, Path]:
     """A real bundle whose torch-fp16 artifact the export refused (a gate no logits can pass), and its checkpoint."""
-    import torch
-
-    from data.datasets import ANIMAL_CLASSES, default_preprocessing
     from export.bundle import build_bundle
-    from models import build_model
-    from models.checkpoint import save_checkpoint
     from models.tolerance import Tolerance
 
     root = tmp_path_factory.mktemp("refused")
-    torch.manual_seed(0)
-    model = build_model("vit_c_micro").eval()
-    with torch.no_grad():
-        model.head.weight.normal_(0, 0.5)
-        model.head.bias.normal_(0, 0.1)
-    ckpt = save_checkpoint(root / "ckpt", model, class_names=ANIMAL_CLASSES,
-                           preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
+    ckpt = micro_checkpoint(root)
     never = Tolerance(atol=0.0, rtol=0.0, min_top1_agreement=1.0, max_accuracy_drop=0.0, batch_atol=0.0,
                       batch_rtol=0.0)  # fp16 logits are never exactly fp32's
     build_bundle(ckpt, root / "bundle", ("torch-fp32", "torch-fp16"), name="refused", max_batch=8,

@@ -24,25 +24,31 @@ from serve.launch import ServerProcess, start
 _CACHE: dict[str, Path] = {}
 
 
+def micro_checkpoint(root: Path) -> Path:
+    """A vit_c_micro checkpoint at root/ckpt with a random head (logits that depend on the image), seed 0."""
+    import torch
+
+    from data.datasets import ANIMAL_CLASSES, default_preprocessing
+    from models import build_model
+    from models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("vit_c_micro").eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.5)
+        model.head.bias.normal_(0, 0.1)
+    return save_checkpoint(root / "ckpt", model, class_names=ANIMAL_CLASSES,
+                           preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
+
+
 def micro_bundle(tmp_path_factory, targets: tuple[str, ...] = ("onnx", "openvino-fp32", "openvino-fp16")) -> Path:
     """A real bundle of vit_c_micro (random head) with ONNX, OpenVINO and torch artifacts, built once."""
     key = ",".join(targets)
     if key not in _CACHE:
-        import torch
-
-        from data.datasets import ANIMAL_CLASSES, default_preprocessing
         from export.bundle import build_bundle
-        from models import build_model
-        from models.checkpoint import save_checkpoint
 
         root = tmp_path_factory.mktemp("serve-bundle")
-        torch.manual_seed(0)
-        model = build_model("vit_c_micro").eval()
-        with torch.no_grad():
-            model.head.weight.normal_(0, 0.5)
-            model.head.bias.normal_(0, 0.1)
-        ckpt = save_checkpoint(root / "ckpt", model, class_names=ANIMAL_CLASSES,
-                               preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
+        ckpt = micro_checkpoint(root)
         build_bundle(ckpt, root / "micro", targets=targets, name="micro", max_batch=32, parity_samples=64,
                      calibration_samples=16, log=lambda _: None)
         _CACHE[key] = root / "micro"

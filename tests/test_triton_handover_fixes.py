@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_serve_fixtures import micro_bundle
+from test_triton_handover import _refused, _tree
 
 from export import kserve, triton
 from models.bundle import Artifact, file_entries, read_manifest, write_manifest
@@ -21,19 +22,6 @@ from models.bundle import Artifact, file_entries, read_manifest, write_manifest
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return micro_bundle(tmp_path_factory)
-
-
-def _refused(argv: list[str], capsys) -> str:
-    """The one stderr line of a run that exits 2."""
-    with pytest.raises(SystemExit) as info:
-        triton.main(argv)
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and err.count("\n") == 1, err
-    return err
-
-
-def _tree(root: Path) -> dict[str, bytes | None]:
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
 
 
 def _model(repo: Path) -> dict:
