@@ -37,9 +37,11 @@ from pathlib import Path
 
 import runtimes
 from export.kserve import (
+    DEFAULT_CPUS,
     DEFAULT_TRITON_VERSION,
     ISVC_FILE,
     ISVC_HEADER,
+    MAX_CPUS,
     MAX_GPUS,
     MAX_ISVC_NAME,
     MIN_TRITON_RELEASE,
@@ -49,6 +51,7 @@ from export.kserve import (
     check_storage_uri,
     inference_service,
     is_marked,
+    kept_cpu_limit,
     kept_runtime_version,
     marked,
     plan_service,
@@ -137,9 +140,17 @@ def _text(value: str, what: str) -> str:
 
 
 def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str, instances: int,
-                 max_queue_delay_us: int) -> str:
-    """Triton's model configuration (protobuf text format) for one artifact."""
-    backend = runtimes.get(artifact.runtime).triton_backend
+                 max_queue_delay_us: int, cpus: int | None = DEFAULT_CPUS) -> str:
+    """Triton's model configuration (protobuf text format) for one artifact. On the CPU its instances share the pod's
+    `cpus` (the CPU limit; None: no limit known) as threads."""
+    rt = runtimes.get(artifact.runtime)
+    backend = rt.triton_backend
+    threads = ""
+    if kind == "cpu" and cpus is not None and rt.triton_threads is not None:
+        threads = (f"# The pod's {cpus} CPUs (the InferenceService's limit, --cpus) shared by the instances: a\n"
+                   "# runtime otherwise starts a thread per core of the node, throttled under the pod's CPU quota.\n"
+                   f'parameters [{{ key: "{rt.triton_threads}" value: {{ string_value: '
+                   f'"{max(1, cpus // instances)}" }} }}]\n')
     c, h, w = manifest.input.sample_shape
     classes = manifest.output.classes
     inp, out = _text(manifest.input.name, "input name"), _text(manifest.output.name, "output name")
@@ -164,6 +175,7 @@ def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str
         f'label_filename: "{LABELS_FILE}" }}]\n'
         f"instance_group [{{ count: {instances} kind: KIND_{kind.upper()} }}]\n"
         f"version_policy: {{ latest: {{ num_versions: 1 }} }}\n"
+        + threads +
         f'model_warmup [{{ name: "zeros" batch_size: 1 inputs {{ key: {inp} value: '
         f"{{ data_type: TYPE_FP32 dims: [ {warm_dims} ] zero_data: true }} }} }}]\n"
         + (_OPENVINO_PRECISION_NOTE if backend == "openvino" else ""),
@@ -315,7 +327,7 @@ def _check_tensorrt(name: str, artifact: Artifact, tag: str, exported: Sequence[
 
 def check_options(*, version: int | None, kind: str | None, instances: int | None, max_queue_delay_us: int | None,
                   storage_uri: str | None, isvc_name: str | None, triton_version: str | None = None,
-                  gpus: int | None = None) -> None:
+                  gpus: int | None = None, cpus: int | None = None) -> None:
     """Refuse options that Triton or Kubernetes would reject, or that would inject text into the files written."""
     if version is not None and not 1 <= version <= MAX_VERSION:
         raise RepositoryError(f"--version must be in 1..{MAX_VERSION} (Triton's int64), got {version}")
@@ -327,6 +339,8 @@ def check_options(*, version: int | None, kind: str | None, instances: int | Non
         raise RepositoryError(f"--max-queue-delay-us must be in 0..{MAX_QUEUE_DELAY_US}, got {max_queue_delay_us}")
     if gpus is not None and not 1 <= gpus <= MAX_GPUS:
         raise RepositoryError(f"--gpus must be in 1..{MAX_GPUS}, got {gpus}")
+    if cpus is not None and not 1 <= cpus <= MAX_CPUS:
+        raise RepositoryError(f"--cpus must be in 1..{MAX_CPUS}, got {cpus}")
     if storage_uri is not None:
         check_storage_uri(storage_uri)
     if isvc_name is not None:
@@ -382,7 +396,7 @@ def _instance_kinds(manifest: Manifest, artifacts: Sequence[Artifact], kind: str
 def write_repository(bundle: str | Path, out: str | Path, *, version: int | None = None, kind: str | None = None,
                      instances: int | None = None, max_queue_delay_us: int | None = None,
                      storage_uri: str | None = None, isvc_name: str | None = None, triton_version: str | None = None,
-                     gpus: int | None = None, skip: Sequence[str] = (),
+                     gpus: int | None = None, cpus: int | None = None, skip: Sequence[str] = (),
                      replace_config: bool = False, replace_isvc: bool = False, kept: list[Path] | None = None,
                      notes: list[str] | None = None) -> list[Path]:
     """Add every Triton-servable artifact of `bundle` to the repository `out`; returns the version directories.
@@ -401,7 +415,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     overwritten.
     """
     check_options(version=version, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us,
-                  storage_uri=storage_uri, isvc_name=isvc_name, triton_version=triton_version, gpus=gpus)
+                  storage_uri=storage_uri, isvc_name=isvc_name, triton_version=triton_version, gpus=gpus,
+                  cpus=cpus)
     bundle, out = Path(bundle), Path(os.path.abspath(out))  # `--out .`: staging goes beside it, not into it
     kept = kept if kept is not None else []
     manifest = read_manifest(bundle)
@@ -432,9 +447,11 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
             had_models = out.is_dir() and any(p.is_dir() for p in out.iterdir())
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
                                    triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
-                                   kind_gpu=kind == "gpu", replace_isvc=replace_isvc)
+                                   kind_gpu=kind == "gpu", replace_isvc=replace_isvc, cpus=cpus)
             # The release the repository's InferenceService runs: the one written now, else the kept file's.
             tag = service.runtime_version if service is not None else kept_runtime_version(out / ISVC_FILE)
+            # The CPU limit the CPU models' threads share: the one written now, else the kept file's (none: no cap).
+            pod_cpus = service.cpus if service is not None else kept_cpu_limit(out / ISVC_FILE)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
             try:
                 os.chmod(staging, _default_mode(0o777))
@@ -457,7 +474,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                                  instances=instances if instances is not None
                                  else int(was.get("instances", DEFAULT_INSTANCES)),
                                  max_queue_delay_us=max_queue_delay_us if max_queue_delay_us is not None
-                                 else int(was.get("max_queue_delay_us", DEFAULT_QUEUE_DELAY_US)))
+                                 else int(was.get("max_queue_delay_us", DEFAULT_QUEUE_DELAY_US)), cpus=pod_cpus)
                     if service is not None and release(service.runtime_version) == release(MIN_TRITON_RELEASE) and (
                             why := beyond_min_triton(staging / name / str(v), artifact)):
                         raise RepositoryError(f"{name}: Triton {service.runtime_version} cannot load it: {why}; "
@@ -600,7 +617,7 @@ def _check_labels(manifest: Manifest) -> None:
 
 
 def _stage_model(bundle: Path, manifest: Manifest, artifact: Artifact, model_dir: Path, version: int, *,
-                 kind: str, instances: int, max_queue_delay_us: int) -> None:
+                 kind: str, instances: int, max_queue_delay_us: int, cpus: int | None) -> None:
     """Write one model directory (config, labels, one verified version) under the staging directory."""
     target = model_dir / str(version)
     target.mkdir(parents=True)
@@ -617,8 +634,8 @@ def _stage_model(bundle: Path, manifest: Manifest, artifact: Artifact, model_dir
     write_manifest(target, replace(manifest, name=model_dir.name, artifacts=(replace(artifact, files=files),),
                                    golden=golden))
     atomic_write_bytes(model_dir / CONFIG_FILE, config_pbtxt(
-        model_dir.name, manifest, artifact, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us
-    ).encode())
+        model_dir.name, manifest, artifact, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us,
+        cpus=cpus).encode())
     atomic_write_bytes(model_dir / LABELS_FILE, _labels(manifest.class_names))
 
 
@@ -739,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             f"repository's, else {DEFAULT_TRITON_VERSION})")
     p.add_argument("--gpus", type=int, help=f"GPUs the InferenceService asks for, 1..{MAX_GPUS} (default: the "
                                             "repository's, else 1 when a model runs on the GPU)")
+    p.add_argument("--cpus", type=int, help=f"CPU limit of the InferenceService's pod, 1..{MAX_CPUS}, shared as "
+                                            "threads by each CPU model's instances (default: the repository's, else "
+                                            f"{DEFAULT_CPUS})")
     p.add_argument("--skip", action="append", default=[], metavar="ARTIFACT",
                    help="an artifact id of the bundle to leave out, such as tensorrt-fp16 (repeat, or separate with "
                         "commas; default: every artifact Triton can serve)")
@@ -753,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_repository(args.bundle, args.out, version=args.version, kind=args.kind,
                                    instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
                                    storage_uri=args.storage_uri, isvc_name=args.isvc_name,
-                                   triton_version=args.triton_version, gpus=args.gpus,
+                                   triton_version=args.triton_version, gpus=args.gpus, cpus=args.cpus,
                                    skip=[i for v in args.skip for i in v.split(",") if i],
                                    replace_config=args.replace_config, replace_isvc=args.replace_isvc, kept=kept,
                                    notes=notes)

@@ -55,6 +55,9 @@ _FILE_BACKENDS = {"model.plan": "tensorrt", "model.onnx": "onnxruntime", "model.
 _CPU_BACKENDS = frozenset({"openvino"})
 
 
+MAX_THREADS = 1024  # what serve's --threads allows
+
+
 class ConfigError(ValueError):
     """A config.pbtxt that cannot be read, that Triton would refuse, or that contradicts its artifact: one line."""
 
@@ -119,6 +122,17 @@ class TritonConfig:
     label_filename: str | None = None  # the output's, relative to the model directory
     parameters: dict[str, str] = field(default_factory=dict)  # key -> string_value (a map: the last entry wins)
     unapplied: tuple[str, ...] = ()  # fields given that change how Triton serves and vitc does not apply (`UNAPPLIED`)
+
+    def threads(self, key: str | None) -> int | None:
+        """The threads of one instance that the backend parameter `key` sets (onnxruntime's intra_op_thread_count,
+        OpenVINO's INFERENCE_NUM_THREADS); None when absent or 0 (the runtime's own choice). ConfigError for a value
+        that is not a count, which the backend refuses at load."""
+        value = self.parameters.get(key) if key is not None else None
+        if value is None:
+            return None
+        if not re.fullmatch(r"[0-9]{1,4}", value.strip()) or int(value) > MAX_THREADS:
+            raise ConfigError(f"parameter {key}: {value[:64]!r} is not a thread count in 0..{MAX_THREADS}")
+        return int(value) or None
 
     @property
     def cpu_only(self) -> bool:

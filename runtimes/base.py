@@ -356,6 +356,8 @@ class Runtime:
     # name in the version directory; other files keep theirs).
     triton_backend: str | None = None  # None: Triton cannot serve these artifacts
     triton_files: tuple[tuple[str, str], ...] = ()
+    # The config.pbtxt parameter of that backend that caps one instance's CPU threads (None: it has none).
+    triton_threads: str | None = None
     # The server's tuning settings it honours beyond the device (of threads, parallel, openvino_hint, compile,
     # channels_last): the server refuses the others for it rather than let them silently do nothing.
     tunes: tuple[str, ...] = ()

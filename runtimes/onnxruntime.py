@@ -199,6 +199,6 @@ RUNTIME = Runtime(
     format="onnx", triton_platform="onnxruntime_onnx", precisions=("fp32", "fp16", "int8"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=OnnxRuntimeBackend, version=version,
     variants=(Variant("fp32"), Variant("fp32", "cuda")), needs_hub=True, unavailable=unavailable,
-    triton_backend="onnxruntime", triton_files=((".onnx", "model.onnx"),),
+    triton_backend="onnxruntime", triton_files=((".onnx", "model.onnx"),), triton_threads="intra_op_thread_count",
     tunes=("threads", "parallel", "openvino_hint"),
 )

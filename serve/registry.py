@@ -14,6 +14,7 @@ from typing import Any
 import runtimes
 from models import tritonconfig
 from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest, unreadable
+from models.host import usable_cpus
 from models.preprocessing import Preprocessing
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
@@ -328,7 +329,12 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         # A compiled model is captured only at the batch sizes this server can form (each bucket costs start time).
         captured = (compile_buckets(min(settings.max_batch_size, manifest.input.max_batch))
                     if settings.compile and not source.repository else None)
-        options = BackendOptions(device=device, threads=settings.threads, parallel=settings.parallel,
+        threads = settings.threads
+        if threads is None and source.repository and config is not None and device == "cpu":
+            # As Triton's backend sizes one instance, within the CPUs this container may use (Triton oversubscribes).
+            if (wanted := config.threads(runtimes.get(runtime).triton_threads)) is not None:
+                threads = min(wanted, usable_cpus())
+        options = BackendOptions(device=device, threads=threads, parallel=settings.parallel,
                                  hint=settings.openvino_hint, compile=settings.compile,
                                  channels_last=settings.channels_last, buckets=captured)
         precision = None if source.repository else settings.precision

@@ -94,10 +94,10 @@ def test_an_edited_inference_service_is_kept_and_options_that_would_not_apply_ar
     # --replace-isvc regenerates it, keeping what the edited file said unless given again.
     assert triton.main([str(bundle), "--out", str(repo), "--replace-isvc", "--triton-version", "26.02-py3"]) == 0
     assert (_isvc(repo)["metadata"]["name"], _model(repo)["storageUri"]) == ("prod", "s3://b/repo")
-    assert _model(repo)["runtimeVersion"] == "26.02-py3" and _model(repo)["resources"]["limits"]["cpu"] == "4"
+    assert _model(repo)["runtimeVersion"] == "26.02-py3" and _model(repo)["resources"]["limits"]["cpu"] == "8"
     assert "kept" not in capsys.readouterr().out
     # An edited file that names a release that loads the models gets the plain line.
-    path.write_text(path.read_text().replace('cpu: "4"', 'cpu: "8"'))
+    path.write_text(path.read_text().replace('cpu: "8"', 'cpu: "6"'))
     assert triton.main([str(bundle), "--out", str(repo)]) == 0
     out = capsys.readouterr().out
     assert "--replace-isvc regenerates it" in out and "runtimeVersion" not in out
