@@ -335,7 +335,7 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
         raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
     if not isinstance(spec["data"], list):
         raise ProtocolError(f"input {name!r}: 'data' must be a list of numbers, got {_json_kind(spec['data'])}")
-    arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="))
+    arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="), shape)
     if arr.size != count:
         raise ProtocolError(f"input {name!r}: {arr.size} values for shape {shape} ({count} expected)")
     return name, _finite(name, arr.reshape(shape)), 0
@@ -346,14 +346,31 @@ _VALUE_KINDS = {str: "strings", type(None): "null", dict: "objects", list: "list
                 bool: "booleans", float: "fractional numbers", int: "integers"}
 
 
-def _json_values(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndarray:
+def _nesting(data: list, most: int) -> int:
+    """How deep `data`'s lists nest along their first values, counted no further than `most` + 1."""
+    depth = 1
+    while depth <= most and data and isinstance(data[0], list):
+        data, depth = data[0], depth + 1
+    return depth
+
+
+def _json_values(name: str, data: list, datatype: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
     """JSON numbers (flat or nested lists) -> an array of `dtype`, refusing what does not fit it exactly."""
+    most = max(len(shape), 1)  # flat, or nested at most as the shape (a scalar's one value is a list of one)
+    too_deep = ProtocolError(f"input {name!r}: 'data' nests lists more than {most} deep, deeper than its shape "
+                             f"{shape} allows (send the values flat, or nested as the shape)")
+    # numpy would make up to 64 dimensions of such lists, which `.flat` and `astype` refuse past 32 (RuntimeError).
+    # Its dimensions end where the first values' lists do, so walking those (no deeper than any tensor) bounds them.
+    if _nesting(data, MAX_DIMS) > MAX_DIMS:
+        raise too_deep
     try:
         # Kept as objects (8 bytes a value) until every value is known to be a number: given strings, numpy would
         # make a text array as wide as the longest for every value (a 40 KB body once took 400 MB).
         cells = np.asarray(data, dtype=object)
     except (ValueError, TypeError, RecursionError) as exc:
         raise ProtocolError(f"input {name!r}: data is not a regular array of numbers: {_short(exc)}") from None
+    if cells.ndim > most:  # even lists deeper than the shape; uneven ones are named with the values below
+        raise too_deep
     allowed = {bool} if datatype == "BOOL" else {int, float} if dtype.kind == "f" else {int}
     if odd := set(map(type, cells.flat)) - allowed:
         got = ", ".join(sorted(_VALUE_KINDS.get(t, t.__name__) for t in odd))
