@@ -14,7 +14,8 @@ so Triton, KServe and `python -m serve --model-repository REPO` all serve the sa
 wrote are regenerated, ones edited since (config.pbtxt, labels.txt, inferenceservice.yaml) are kept; a regenerated
 config.pbtxt keeps its instance count, kind and queue delay, and the InferenceService its name, storage URI, Triton
 release and GPUs, unless they are given again. A TensorRT engine is refused with a Triton release that ships another
-TensorRT than the one that built it (`--skip` leaves it out). REPO must be absent, empty, or a repository this tool
+TensorRT than the one that built it (`--skip` leaves it out), and so is a release that the engines the repository
+serves already cannot load. REPO must be absent, empty, or a repository this tool
 wrote (its own inferenceservice.yaml, or only model directories of its own shape holding versions it wrote), and
 neither the bundle, nor inside it, nor above it: anything else (a bundle, a checkpoint, a project) is refused.
 
@@ -24,6 +25,9 @@ line).
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import contextlib
 import json
 import os
@@ -61,6 +65,7 @@ from export.kserve import (
     tensorrt_mismatch,
     tensorrt_unknown,
     triton_tag,
+    triton_tensorrt,
 )
 from models import tritonconfig
 from models.bundle import (
@@ -325,6 +330,59 @@ def _check_tensorrt(name: str, artifact: Artifact, tag: str, exported: Sequence[
         notes.append(f"{name}: {unknown}")
 
 
+def _served_versions(model_dir: Path, new_version: int | None, *, generated: bool) -> list[int]:
+    """The versions of `model_dir` that Triton loads once `new_version` (None: none) is written beside them: those its
+    config's version_policy selects (the generated config's, latest 1, where `generated`; Triton's default, latest 1,
+    for a config this cannot read)."""
+    versions = sorted({*(int(p.name) for p in model_dir.iterdir() if _VERSION_DIR.fullmatch(p.name)
+                         and p.is_dir() and not p.is_symlink()), *([new_version] if new_version else [])})
+    policy = tritonconfig.VersionPolicy()
+    if not generated:
+        with contextlib.suppress(tritonconfig.ConfigError, OSError):
+            policy = (tritonconfig.read(model_dir) or policy).version_policy
+    if policy.kind == "specific":
+        return [v for v in versions if v in policy.versions]
+    return versions if policy.kind == "all" else versions[-policy.num_versions:]
+
+
+def _check_served_tensorrt(out: Path, tag: str, *, was: str | None, writing: dict[str, int], replace_config: bool,
+                           notes: list[str]) -> None:
+    """Check the TensorRT engines the repository serves already against Triton `tag`, the release the
+    InferenceService written now runs (`was`: the one it ran): RepositoryError when that release cannot load one
+    (Triton would exit at start, every model with it); a note when it ran it already, or when this cannot tell.
+    `writing` maps the models written now to their new version, checked on their own."""
+    if not out.is_dir():
+        return
+    # Unchanged for the engines when the release it ran ships the same TensorRT: what fails to load failed already.
+    ships = triton_tensorrt(tag)
+    same = was is not None and (was == tag or (ships is not None and triton_tensorrt(was) == ships))
+    for model_dir in sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink()):
+        new = writing.get(model_dir.name)
+        generated = new is not None and (replace_config or not (model_dir / CONFIG_FILE).is_file()
+                                         or _untouched(model_dir / CONFIG_FILE))
+        for v in _served_versions(model_dir, new, generated=generated):
+            if v == new:
+                continue
+            try:
+                manifest = read_manifest(model_dir / str(v))
+            except (BundleError, OSError):  # not loadable anyway, and nothing this run changes
+                continue
+            for artifact in (a for a in manifest.artifacts if a.runtime in runtimes.names()):
+                where = f"{model_dir.name} (version {v}, in the repository)"
+                if (why := tensorrt_mismatch(artifact, tag)) is not None:
+                    fix = (f"pass {tensorrt_advice(artifact)} to keep a release that loads it, or first write a "
+                           f"new version of {model_dir.name} whose engine TensorRT {ships} built, or "
+                           f"remove {model_dir}")
+                    if same:  # this run breaks nothing that worked: said, not refused
+                        notes.append(f"{where}: Triton {tag}, which the repository runs already, cannot load it: "
+                                     f"{why}; {fix}")
+                        continue
+                    raise RepositoryError(f"{where}: Triton {tag}, which the {ISVC_FILE} written now would run, "
+                                          f"cannot load it: {why}; {fix}")
+                if not same and (unknown := tensorrt_unknown(artifact, tag)) is not None:
+                    notes.append(f"{where}: {unknown}")
+
+
 def check_options(*, version: int | None, kind: str | None, instances: int | None, max_queue_delay_us: int | None,
                   storage_uri: str | None, isvc_name: str | None, triton_version: str | None = None,
                   gpus: int | None = None, cpus: int | None = None) -> None:
@@ -444,12 +502,16 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
             previous = {a.id: _previous_options(out / n / CONFIG_FILE) for a, n in zip(artifacts, names, strict=True)}
             devices = _instance_kinds(manifest, artifacts, kind, previous, notes)
             had_isvc = (out / ISVC_FILE).exists() or (out / ISVC_FILE).is_symlink()
+            was = kept_runtime_version(out / ISVC_FILE) if had_isvc else None  # the release the repository runs
             had_models = out.is_dir() and any(p.is_dir() for p in out.iterdir())
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
                                    triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
                                    kind_gpu=kind == "gpu", replace_isvc=replace_isvc, cpus=cpus)
             # The release the repository's InferenceService runs: the one written now, else the kept file's.
             tag = service.runtime_version if service is not None else kept_runtime_version(out / ISVC_FILE)
+            if service is not None:  # the engines already there must load in the release it now names
+                _check_served_tensorrt(out, service.runtime_version, was=was, replace_config=replace_config,
+                                       writing={n: version or _next_version(out / n) for n in names}, notes=notes)
             # The CPU limit the CPU models' threads share: the one written now, else the kept file's (none: no cap).
             pod_cpus = service.cpus if service is not None else kept_cpu_limit(out / ISVC_FILE)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
