@@ -5,6 +5,8 @@ The export's parity gate compares tensors. This sends every image, in the model'
 `to_mode` converts it, as PNG at its own size and as JPEG (quality 95 and 75) at 2x, 4x and 8x the model's resize
 target, to `python -m serve` (HTTP, decoding, EXIF, JPEG draft decoding, preprocessing, dynamic batching, runtime),
 once with JPEG draft decoding and once without, and compares top-1 with the torch reference on the original pixels.
+An image too long to be a JPEG at 8x (libjpeg: 65,500 pixels a side, so a strip of about 32:1 for a 224-pixel
+model) is left out of every encoding, named and counted in the progress line, as unreadable files are.
 The result goes into the bundle's manifest (`served`); when draft decoding costs more than DRAFT_BUDGET_POINTS of
 accuracy, servers decode that model's JPEGs in full.
 """
@@ -68,14 +70,45 @@ def encodings(img, spec: Preprocessing) -> dict[str, bytes]:  # noqa: ANN001 - a
     # preprocessing of the PNG equals the evaluation pipeline's on the original exactly.
     pixels = to_mode(img, spec.mode)
     out = {"png-native": encode(pixels, "PNG")}
-    w, h = pixels.size
     for scale in SCALES:
         side = spec.resize * scale
-        size = (round(w * side / min(w, h)), round(h * side / min(w, h)))
-        big = pixels.resize(size, Image.Resampling.BICUBIC)
+        big = pixels.resize(_scaled(pixels.size, side), Image.Resampling.BICUBIC)
         for q in QUALITIES:
             out[f"jpeg{q}-{side}"] = encode(big, "JPEG", quality=q)
     return out
+
+
+def _scaled(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """`size` scaled so that its shorter side is `side`."""
+    w, h = size
+    return round(w * side / min(w, h)), round(h * side / min(w, h))
+
+
+def too_long_for_jpeg(size: tuple[int, int], spec: Preprocessing) -> tuple[int, int] | None:
+    """The largest JPEG `encodings` would make of an image of `size`, when a side of it is over libjpeg's
+    JPEG_MAX_SIDE (a strip or panorama longer than about 32:1 for a 224-pixel model), else None."""
+    big = _scaled(size, spec.resize * max(SCALES))
+    return big if max(big) > JPEG_MAX_SIDE else None
+
+
+def _sendable(images: list, spec: Preprocessing, where: Callable[[int], str]) -> tuple[list[int], str]:
+    """The indices of the images that every encoding can be made of, and a note ("" or ", k left out ...") on the
+    others. A valid image too long for a JPEG at the largest scale is left out of the whole measurement (so every
+    encoding is measured on the same images), named and counted as unreadable files are, not fatal."""
+    keep, out = [], []
+    for i, img in enumerate(images):
+        (out if too_long_for_jpeg(img.size, spec) else keep).append(i)
+    if not out:
+        return keep, ""
+    first = images[out[0]]
+    w, h = _scaled(first.size, spec.resize * max(SCALES))
+    why = (f"too long to send as a JPEG at {max(SCALES)}x the resize target (more than {JPEG_MAX_SIDE} pixels a "
+           f"side; {where(out[0])} {first.size[0]}x{first.size[1]} would be {w}x{h}"
+           + (f", and {len(out) - 1} more" if len(out) > 1 else "") + ")")
+    if not keep:
+        raise ServedError(f"no val image to measure: all {len(out)} chosen are {why}")
+    note = f", {len(out)} left out as {why}"
+    return keep, note
 
 
 def _encode_all(images: list, spec: Preprocessing, where: Callable[[int], str]) -> list[dict[str, bytes]]:
@@ -192,10 +225,12 @@ def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | Non
     # Drawn as the export's parity images are, corrupt files left out and counted as everywhere else.
     chosen = val.readable_subset(samples or len(val), seed=EVAL_SUBSET_SEED)
     images = [chosen.images.image(i) for i in range(len(chosen.images))]
-    labels = chosen.images.labels
-    log(f"{manifest.name}: {len(images)} {manifest.source.dataset} val images{chosen.note()}, reference on their "
-        f"own pixels ...")
     paths = chosen.images.paths
+    keep, left_out = _sendable(images, manifest.preprocessing, lambda i: str(paths[i]) if paths else f"#{i}")
+    images, labels = [images[i] for i in keep], np.asarray(chosen.images.labels)[keep]
+    paths = [paths[i] for i in keep] if paths else paths
+    log(f"{manifest.name}: {len(images)} {manifest.source.dataset} val images{chosen.note()}{left_out}, reference "
+        f"on their own pixels ...")
     # Encoded before the reference runs: an image that cannot be sent is named, before minutes of work.
     encoded = _encode_all(images, manifest.preprocessing, lambda i: str(paths[i]) if paths else f"#{i}")
     reference = _reference(bundle, manifest, images)

@@ -8,8 +8,10 @@ decoding of big photos, EXIF orientation, exotic colour modes); everything after
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,6 +35,48 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+def _too_many(w: int, h: int, limit: int) -> ImageError:
+    return ImageError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {limit}")
+
+
+class _OverLimit(Image.DecompressionBombError):
+    """Pillow's bomb check, tripped inside `pixel_limit`: the size it was asked about and the limit in force."""
+
+    def __init__(self, size: tuple[int, int], limit: int) -> None:
+        super().__init__(f"image size {size[0]}x{size[1]} is over the limit of {limit} pixels")
+        self.size = size
+        self.limit = limit
+
+
+# Pillow checks every size it is about to allocate (on open, in TIFF/GIF loads, in crops) against its own global
+# MAX_IMAGE_PIXELS, twice which is an error (179 M pixels): a --max-image-pixels above that would be capped there,
+# and its refusal would blame our limit. Inside `pixel_limit` that check applies the server's limit instead; in
+# every other thread and code path (dataset readers, user code) it is Pillow's own, unchanged.
+_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("vitc_pixel_limit", default=None)
+_pillow_bomb_check = getattr(Image._decompression_bomb_check, "__wrapped__", Image._decompression_bomb_check)
+
+
+def _bomb_check(size: tuple[int, int], *, error_only: bool = False) -> None:
+    limit = _LIMIT.get()
+    if limit is None:
+        _pillow_bomb_check(size, error_only=error_only)
+    elif max(1, size[0]) * max(1, size[1]) > limit:
+        raise _OverLimit(size, limit)
+
+
+_bomb_check.__wrapped__ = _pillow_bomb_check  # a re-import wraps Pillow's function, never this one
+Image._decompression_bomb_check = _bomb_check
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Within it (this thread or task only), Pillow's own bomb check refuses more than `max_pixels` pixels, no
+    more and no less, raising an error that `open_image` and `load_pixels` turn into a 413 naming the size."""
+    token = _LIMIT.set(max_pixels)
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
 
 
 def decode_weight(img: Image.Image) -> int:
@@ -89,11 +133,10 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
         raise ImageError(400, "empty image")
     _check_structure(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+        with pixel_limit(max_pixels):  # Pillow checks the header's size against our limit before allocating
             img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError:  # Pillow's own backstop (twice its limit), far above ours by default
-        raise ImageError(413, f"image has more pixels than the limit of {max_pixels}") from None
+    except _OverLimit as exc:
+        raise _too_many(*exc.size, exc.limit) from None
     except UnidentifiedImageError:
         raise ImageError(400, f"not a recognised image; supported: {', '.join(FORMATS)}") from None
     except MemoryError:
@@ -104,7 +147,7 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     if w < 1 or h < 1:
         raise ImageError(400, f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+        raise _too_many(w, h, max_pixels)
     if draft_size and img.format in ("JPEG", "MPO"):
         # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding, never below the resize target.
         img.draft(None, (draft_size, draft_size))
@@ -132,9 +175,12 @@ def cheap(data: bytes) -> bool:
 
 
 def load_pixels(img: Image.Image) -> Image.Image:
-    """Decode an opened image; EXIF orientation applied, exotic colour modes brought to RGB."""
+    """Decode an opened image; EXIF orientation applied, exotic colour modes brought to RGB. Call it inside the
+    `pixel_limit` the image was opened with (a TIFF, a GIF frame are checked again as they load)."""
     try:
         img.load()
+    except _OverLimit as exc:  # a GIF frame that grows the canvas past the limit
+        raise _too_many(*exc.size, exc.limit) from None
     except MemoryError:
         raise
     except Exception as exc:  # truncated, corrupt, or a decoder tripping over hostile data
@@ -148,7 +194,8 @@ def load_pixels(img: Image.Image) -> Image.Image:
 
 def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     """Decode image bytes, refusing bombs before any pixel is decoded; EXIF orientation applied."""
-    return load_pixels(open_image(data, max_pixels=max_pixels, draft_size=draft_size))
+    with pixel_limit(max_pixels):
+        return load_pixels(open_image(data, max_pixels=max_pixels, draft_size=draft_size))
 
 
 def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bool = True,
@@ -159,16 +206,18 @@ def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bo
     until the model input is made; preprocessing reads only the crop's footprint, so its cost is bounded too.
     `holder` is the budget the request's other images hold meanwhile (PixelBudget.reserve).
     """
-    img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
-    w, h = img.size  # after draft()
-    # Capped at the whole budget: an image that fits the per-image limit always decodes once nothing else does.
-    # A photo that is not square also pays for its centre region, which preprocessing copies (4 bytes a pixel).
-    cost = w * h * decode_weight(img) + copied_pixels(w, h, spec)
-    with budget.reserve(min(cost, budget.pixels), holder) if budget is not None else contextlib.nullcontext():
-        try:
-            return _model_input(img, spec)
-        finally:
-            img.close()  # its pixels are freed before the reservation ends (and memory is given back)
+    with pixel_limit(max_pixels):
+        img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
+        w, h = img.size  # after draft()
+        # Capped at the whole budget: an image that fits the per-image limit always decodes once nothing else
+        # does. A photo that is not square also pays for its centre region, which preprocessing copies (4 bytes a
+        # pixel).
+        cost = w * h * decode_weight(img) + copied_pixels(w, h, spec)
+        with budget.reserve(min(cost, budget.pixels), holder) if budget is not None else contextlib.nullcontext():
+            try:
+                return _model_input(img, spec)
+            finally:
+                img.close()  # its pixels are freed before the reservation ends (and memory is given back)
 
 
 def _model_input(img: Image.Image, spec: Preprocessing) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""`export.report --served` with a valid val image too long to send as a JPEG at 8x the resize target (libjpeg
+holds 65,500 pixels a side: a 4000x10 strip, a panorama): the image is left out of the measurement, named and
+counted, and the rest is measured; it stopped the whole check with exit 2."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import fake_runtime
+import numpy as np
+import pytest
+from PIL import Image
+
+from export import report, served
+from models.bundle import read_manifest, write_manifest
+from models.preprocessing import Preprocessing
+
+GREY = Preprocessing(resize=32, crop=32, mean=(0.2728,) * 3, std=(0.4057,) * 3, mode="L")  # the legacy bundle's
+
+
+def _folder(root: Path, wide: dict[str, tuple[int, int]]) -> Path:
+    """root/{train,val}/{a,b}/ with two small ramps each, plus the `wide` images ("val/class/name" -> size)."""
+    y, x = np.mgrid[0:40, 0:48]
+    for split in ("train", "val"):
+        for k, cls in enumerate(("a", "b")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for j in range(2):
+                ramp = ((x * (2 + j) + y * (1 + 2 * k)) % 256).astype(np.uint8)
+                Image.fromarray(ramp, "L").save(d / f"ramp{j}.png")
+    for name, size in wide.items():
+        Image.linear_gradient("L").resize(size).save(root / name)
+    return root
+
+
+def _bundle(dest: Path, dataset: Path) -> Path:
+    """The legacy test bundle (vit_c_micro, grey, ONNX + torch), recorded as made from `dataset`."""
+    shutil.copytree(fake_runtime.LEGACY, dest)
+    m = read_manifest(dest)
+    assert m.preprocessing == GREY
+    write_manifest(dest, replace(m, source=replace(m.source, dataset=str(dataset))))
+    return dest
+
+
+def test_too_long_for_jpeg_is_where_the_jpeg_encoder_stops():
+    """The test of `too_long_for_jpeg` is the one `encodings` meets: 255:1 makes a 65280-pixel JPEG, 256:1 cannot."""
+    assert served.too_long_for_jpeg((255, 1), GREY) is None
+    assert served.too_long_for_jpeg((1, 256), GREY) == (256, 65536)
+    assert served.too_long_for_jpeg((4000, 10), GREY) == (102400, 256)
+    longest = served.encodings(Image.new("L", (255, 1), 90), GREY)
+    assert max(Image.open(io.BytesIO(longest["jpeg75-256"])).size) == 65280
+    with pytest.raises(ValueError, match="more than 65500 pixels a side"):
+        served.encodings(Image.new("L", (256, 1), 90), GREY)
+
+
+def test_report_served_leaves_out_an_image_too_long_for_a_jpeg_and_measures_the_rest(tmp_path, capsys):
+    """The report's case: a 4000x10 strip among the val images. It stopped the check ("cannot encode val image
+    ... JPEG 102400x256: more than 65500 pixels a side", exit 2), though the server classifies it; now it is left
+    out with a note naming it, and the other images are measured through a real server and recorded."""
+    data = _folder(tmp_path / "data", {"val/b/wide4000x10.png": (4000, 10)})
+    bundle = _bundle(tmp_path / "b", data)
+    assert report.main([str(bundle), "--served"]) == 0
+    out, err = capsys.readouterr()
+    wide = data / "val" / "b" / "wide4000x10.png"
+    progress = err.splitlines()[0]
+    assert progress.startswith("legacy: 4 ") and (
+        f", 1 left out as too long to send as a JPEG at 8x the resize target (more than 65500 pixels a side; {wide} "
+        "4000x10 would be 102400x256)") in progress, err
+    assert "error" not in err and "Traceback" not in err, err
+    record = read_manifest(bundle).served
+    assert record is not None and record.samples == 4  # the four ramps, each encoded every way
+    assert record.encodings["png-native"]["agreement"] == 1.0
+    assert set(record.encodings) == {"png-native"} | {f"jpeg{q}-{32 * s}" for q in served.QUALITIES
+                                                      for s in served.SCALES}
+    assert "Served path (onnxruntime, 4 val images" in out
+
+
+def test_report_served_with_only_images_too_long_for_a_jpeg_is_one_line(tmp_path, monkeypatch, capsys):
+    """Nothing left to measure: one line naming the first image and how many there are, exit 2, manifest kept."""
+    data = _folder(tmp_path / "data", {"val/a/strip.png": (9000, 10), "val/b/tall.png": (10, 30000)})
+    for ramp in data.glob("val/*/ramp*.png"):
+        ramp.unlink()
+    bundle = _bundle(tmp_path / "b", data)
+    monkeypatch.setattr("serve.launch.start", None)  # nothing is served: the check stops before any server
+    before = (bundle / "manifest.json").read_bytes()
+    assert report.main([str(bundle), "--served"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    strip = data / "val" / "a" / "strip.png"
+    assert err[0] == ("error: served path: no val image to measure: all 2 chosen are too long to send as a JPEG at "
+                      f"8x the resize target (more than 65500 pixels a side; {strip} 9000x10 would be 230400x256, "
+                      "and 1 more)"), err
+    assert (bundle / "manifest.json").read_bytes() == before
+
+
+def test_an_image_the_encoder_refuses_for_another_reason_still_stops_the_check_naming_it(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Only the JPEG side limit, a property of the format, leaves an image out: any other encoder failure is
+    unexpected and still stops the check with one line naming the file, before any server starts."""
+    data = _folder(tmp_path / "data", {"val/b/odd.png": (47, 41)})
+    bundle = _bundle(tmp_path / "b", data)
+    encodings = served.encodings
+
+    def refuse_one(img, spec):  # noqa: ANN001, ANN202
+        if img.size == (47, 41):
+            raise ValueError("PNG 47x41: broken data stream")
+        return encodings(img, spec)
+
+    monkeypatch.setattr(served, "encodings", refuse_one)
+    monkeypatch.setattr("serve.launch.start", None)
+    before = (bundle / "manifest.json").read_bytes()
+    assert report.main([str(bundle), "--served"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[-1] == (
+        f"error: served path: cannot encode val image {data / 'val' / 'b' / 'odd.png'} (L 47x41) as the PNG and JPEG "
+        "a client sends: PNG 47x41: broken data stream"), err
+    assert (bundle / "manifest.json").read_bytes() == before
