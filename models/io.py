@@ -90,6 +90,14 @@ def out_name_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def empty_path_problem(flag: str, value: str | None, advice: str) -> str | None:
+    """`FLAG is empty: ADVICE` when a path flag was given an empty or blank value, else None. Path("") is the current
+    directory: an unset variable in `FLAG "$DIR"` would silently read, or write, whatever is here."""
+    if value is None or value.strip():
+        return None
+    return f"{flag} is empty: {advice}"
+
+
 def out_inside_problem(out: str | os.PathLike, folder: str | os.PathLike, what: str, harm: str) -> str | None:
     """`--out OUT lies inside WHAT FOLDER: HARM` when `out` is `folder` or under it once both are resolved (symlinks
     and `..` followed), or why they cannot be resolved; else None."""

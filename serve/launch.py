@@ -51,29 +51,66 @@ def _bounded(text: str) -> str:
 
 
 PATH_FLAGS = ("--model", "--model-dir", "--model-repository")
+PATH_ENV = {"VITC_MODEL_DIR": "--model-dir", "VITC_MODEL_REPOSITORY": "--model-repository", "VITC_MODELS": "--model"}
+
+
+def _absolute(flag: str, value: str) -> str:
+    """A path value of `flag` (`--model` takes `name=path` too) made absolute; an empty path is left as it is, for
+    the server to refuse (abspath would turn it into this directory)."""
+    from serve.settings import model_path_text
+
+    path = model_path_text(value) if flag == "--model" else value
+    if not path.strip():
+        return value
+    return value.removesuffix(path) + os.path.abspath(path)
+
+
+def _path_flag(option: str, options: list[str]) -> str | None:
+    """The path flag that `option` names as `python -m serve`'s parser reads it (in full, or abbreviated to a
+    prefix of one option only: argparse's allow_abbrev), or None."""
+    if option not in options:
+        found = [o for o in options if o.startswith(option)] if option.startswith("--") else []
+        option = found[0] if len(found) == 1 else ""
+    return option if option in PATH_FLAGS else None
 
 
 def absolute_paths(args: list[str]) -> list[str]:
     """`python -m serve` arguments with their paths made absolute: the server runs in REPO (where its code is), and
     its caller's relative paths name files from the caller's directory."""
-    from serve.registry import parse_model_arg
+    from serve.__main__ import build_parser
 
-    def absolute(flag: str, value: str) -> str:
-        if flag != "--model":
-            return os.path.abspath(value)
-        name, path = parse_model_arg(value)
-        return f"{name}={os.path.abspath(path)}" if name else os.path.abspath(path)
-
+    options = [o for action in build_parser()._actions for o in action.option_strings]
     out: list[str] = []
     items = iter(args)
     for arg in items:
-        flag, eq, value = arg.partition("=")
-        if flag in PATH_FLAGS and eq:
-            out.append(f"{flag}={absolute(flag, value)}")
-        elif arg in PATH_FLAGS and (value := next(items, None)) is not None:
-            out += [arg, absolute(arg, value)]
+        option, eq, value = arg.partition("=")
+        if eq and (flag := _path_flag(option, options)):
+            out.append(f"{option}={_absolute(flag, value)}")
+        elif (flag := _path_flag(arg, options)) and (value := next(items, None)) is not None:
+            out += [arg, _absolute(flag, value)]
         else:
             out.append(arg)
+    return out
+
+
+def absolute_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the paths of VITC_MODEL_DIR, VITC_MODEL_REPOSITORY and VITC_MODELS made absolute, for the same
+    reason as `absolute_paths` (the settings read these names in any case); a malformed VITC_MODELS is left for the
+    server to refuse."""
+    from serve.settings import split_models
+
+    out = dict(env)
+    for name, value in env.items():
+        flag = PATH_ENV.get(name.upper())
+        if flag == "--model" and value.strip():
+            try:
+                models = split_models(value)
+            except ValueError:
+                continue
+            if isinstance(models, list) and all(isinstance(m, str) for m in models):
+                out[name] = json.dumps([_absolute(flag, m) for m in models])
+        elif flag:
+            out[name] = _absolute(flag, value)
     return out
 
 
@@ -87,7 +124,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [python, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *absolute_paths(args)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env=absolute_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}),
         )
         try:
             self.port = self._wait_port(timeout)

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
+from models.bundle import NAME_RE
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -26,10 +27,23 @@ TUNING = ("threads", "parallel", "openvino_hint", "compile", "channels_last")  #
 
 def flag(setting: str) -> str:
     """The command-line flag of a setting."""
-    return "--" + setting.replace("_", "-")
+    return "--model" if setting == "models" else "--" + setting.replace("_", "-")
 
 
+EMPTY_PATH = "the path is empty (it would be the current directory): "
 DECODE_BYTES_PER_PIXEL = 5  # a budget pixel's peak decode memory (serve.imaging.decode_weight)
+
+
+def model_path_text(arg: str) -> str:
+    """The path of a --model value, `path` or `name=path`, as written (serve.registry.parse_model_arg's reading)."""
+    name, sep, path = arg.partition("=")
+    return path if sep and NAME_RE.fullmatch(name) else arg
+
+
+def split_models(value: str) -> object:
+    """The --model values of VITC_MODELS: a JSON list, or comma-separated (ValueError for malformed JSON)."""
+    value = value.strip()
+    return json.loads(value) if value.startswith("[") else [s.strip() for s in value.split(",") if s.strip()]
 
 
 class Settings(BaseSettings):
@@ -95,9 +109,24 @@ class Settings(BaseSettings):
     @classmethod
     def _split_models(cls, v: object) -> object:
         """VITC_MODELS may be a JSON list or comma-separated."""
-        if isinstance(v, str):
-            v = v.strip()
-            return json.loads(v) if v.startswith("[") else [s.strip() for s in v.split(",") if s.strip()]
+        return split_models(v) if isinstance(v, str) else v
+
+    @field_validator("model_dir", "model_repository", mode="before")
+    @classmethod
+    def _path_given(cls, v: object) -> object:
+        """An empty path is refused: Path("") is the current directory, so `--model-dir "$MODELS"` (or
+        VITC_MODEL_DIR=$MODELS) with MODELS unset would serve whatever bundles lie where the server started."""
+        if isinstance(v, str) and not v.strip():
+            raise ValueError(EMPTY_PATH + "give a directory, or leave the setting out")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _model_paths_given(cls, v: list[str]) -> list[str]:
+        """Every --model names a path (an empty one, or `name=`, would be the current directory)."""
+        for arg in v:
+            if not model_path_text(arg).strip():
+                raise ValueError(EMPTY_PATH + "give a bundle directory as PATH or NAME=PATH")
         return v
 
     @model_validator(mode="after")

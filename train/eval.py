@@ -6,6 +6,9 @@ goes to a new path or replaces an earlier result of this tool; any other existin
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import argparse
 import json
 import sys
@@ -15,7 +18,7 @@ from typing import Any
 from data.datasets import EMBEDDED, SPLITS, DatasetError
 from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.cli import OneLineParser, disk_full, int_in, machine_failure
-from models.io import atomic_write_json, out_inside_problem, out_name_problem
+from models.io import atomic_write_json, empty_path_problem, out_inside_problem, out_name_problem
 from train.config import DEVICES, ConfigError
 from train.options import quiet_openmp
 
@@ -123,9 +126,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int_in(0, 10**9), default=0,
                    help="evaluate a fixed random subset of this many images: the one `python -m train "
                    "--val-subset N` validated on, whatever its --seed")
-    p.add_argument("--out", type=Path, help="JSON path: new, or an earlier result of this tool "
+    p.add_argument("--out", help="JSON path: new, or an earlier result of this tool "
                    "(default <checkpoint>/eval-<dataset>-<split>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Before anything is read: Path("") is the current directory, and an empty --dataset used to mean the
+    # checkpoint's own: `--dataset "$DATA"` with DATA unset must not quietly evaluate something else.
+    for problem in (
+        empty_path_problem("--checkpoint", args.checkpoint, "give the run directory holding checkpoint.json"),
+        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
+                           "folder, or omit --dataset to evaluate on the checkpoint's training dataset"),
+        empty_path_problem("--out", args.out, "give a JSON path, or omit --out for "
+                           "<checkpoint>/eval-<dataset>-<split>.json"),
+    ):
+        if problem:
+            p.error(problem)
+    args.out = Path(args.out) if args.out is not None else None
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,9 @@ Rerunning the same command resumes: runs whose result file exists are skipped.
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import argparse
 import contextlib
 import dataclasses
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from data.datasets import EMBEDDED, SPLITS
 from models.cli import OneLineParser, Terminated, int_in
+from models.io import empty_path_problem
 from train.config import OPTIMIZERS
 from train.sweep.plan import (
     MAX_EPOCHS,
@@ -159,8 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "recorded one)")
     p.add_argument("--study", choices=STUDIES, help="which experiment(s) to run (default: all; with --report-only, "
                    "the recorded one)")
-    p.add_argument("--out", type=Path, help="study directory for results (default: results/paper-<preset>)")
-    p.add_argument("--runs-dir", type=Path, help="training directories (default: runs/sweep/<out name>)")
+    p.add_argument("--out", help="study directory for results (default: results/paper-<preset>)")
+    p.add_argument("--runs-dir", help="training directories (default: runs/sweep/<out name>)")
     g = p.add_argument_group("study settings (override the preset)")
     g.add_argument("--models", type=_names, help="comma-separated variants, e.g. vit_c_mini,vit_p_mini")
     g.add_argument("--dataset", help="embedded set (animals, mnist, digits) or an ImageNet-layout folder")
@@ -185,7 +189,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     x.add_argument("--dry-run", action="store_true", help="print the per-run commands, train nothing")
     x.add_argument("--report-only", action="store_true", help="rebuild summary and plots from finished runs, with "
                    "the settings the study's study.json records (a study setting given too must match them)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Path("") is the current directory: `--out "$DIR"` with DIR unset must not fill it with a study (and an empty
+    # --dataset reached --train-args' check, which named the wrong flag).
+    for problem in (
+        empty_path_problem("--out", args.out, "give the study directory, or omit --out for results/paper-<preset>"),
+        empty_path_problem("--runs-dir", args.runs_dir, "give a directory, or omit --runs-dir for "
+                           "runs/sweep/<out name>"),
+        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
+                           "folder, or omit --dataset for the preset's"),
+    ):
+        if problem:
+            p.error(problem)
+    args.out, args.runs_dir = (None if a is None else Path(a) for a in (args.out, args.runs_dir))
+    return args
 
 
 def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry_run: bool) -> None:
