@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 import sys
 from collections.abc import Callable
 from email.utils import formatdate
@@ -40,6 +41,13 @@ MAX_PIPELINED = 4
 # An unfinished line of a chunked body's framing (a chunk size with its extensions, or a trailer field) may be this
 # long, as in Go's net/http; the parser skips extensions without a limit, and gathers a trailer field in memory.
 MAX_CHUNK_LINE = 4096
+# A client may half-close after its requests (HTTP/1.1 allows it; `nc -N`, some proxies and load tools do), which
+# the server cannot tell from one that closed entirely and left: both only send EOF. The requests read whole are
+# answered either way; one still unanswered EOF_PROBE_S after the EOF gets an interim `100 Continue` (RFC 9110
+# 15.2: an HTTP/1.1 client must take an unexpected 1xx), which a client that left answers with a reset, looked for
+# as often: its requests are then disconnects, and their queued work is dropped as before.
+EOF_PROBE_S = 0.1
+_INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
 _MIN_REQUEST_LINE = 14  # "GET * HTTP/1.0": what lies between two requests' _HEADERS_END at least
 
@@ -115,7 +123,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
 
     At most MAX_PIPELINED requests are parsed ahead of the one being answered, and reading pauses until answers go
     out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE) ends its request at once:
-    the app's `receive` raises a JSON 400 that the app answers, closing the connection."""
+    the app's `receive` raises a JSON 400 that the app answers, closing the connection. A client that half-closes
+    after its requests has those it sent whole answered, then the connection closes (EOF_PROBE_S)."""
     open_connections = [0, 0]  # connections admitted, and probe-only ones, not yet lost (all of this class)
     # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
     waiting: dict[asyncio.Protocol, None] = {}
@@ -156,6 +165,9 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             self._framing = False  # whether the parser may be in a chunked body's size line or trailer section
             self._line_bytes = 0  # bytes of that unfinished line
             self._bad_body: tuple[Any, int, str] | None = None  # a request whose chunked body is malformed
+            self._eof = False  # whether the client half-closed (or left) with answers still owed
+            self._eof_timer: asyncio.TimerHandle | None = None
+            self._probed = False  # whether the interim answer that tells a half-close from a departure went out
             self._arm(PROBE_WAIT_S if self._probe_only else seconds)
 
         def data_received(self, data: bytes) -> None:
@@ -188,7 +200,7 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 self._parse(piece)
             if not self._parsing():
                 self._unparsed, self._at = b"", 0  # refused or closing: nothing more is read
-            self.flow.hold(bool(self._unparsed) or self._bad_body is not None)
+            self.flow.hold(bool(self._unparsed) or self._bad_body is not None or self._eof)
 
         def _cut(self, room: int) -> int:
             """Where the bytes waiting may be cut so that at most `room` requests' headers end before it: the end of
@@ -261,6 +273,51 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             self._unparsed, self._at = b"", 0
             self.flow.hold(True)
 
+        def eof_received(self) -> bool | None:
+            """The client sends nothing more. Requests it sent whole are still answered (then the connection
+            closes); one cut short means it left, and the transport closes, as uvicorn's does (every request not
+            answered is then a disconnect)."""
+            if not (self._admitted or self._probe_only) or not self._owed_at_eof():
+                return None  # asyncio closes the transport
+            if not self._eof:
+                self._eof = True
+                self._disarm()  # no request can follow
+                self.flow.hold(True)  # nothing more to read, whatever uvicorn resumes
+                if self._refusal is None and self.cycle is not None:
+                    self.cycle.keep_alive = False  # the last answer says `connection: close`, and closes
+                self._eof_timer = asyncio.get_running_loop().call_later(EOF_PROBE_S, self._check_client)
+            return True  # the transport stays open for the answers
+
+        def _owed_at_eof(self) -> bool:
+            """Whether requests read whole (or refused already) wait for their answers, and none is cut short."""
+            if self.transport.is_closing():
+                return False
+            if self._refusal is not None or (self._bad_body is not None
+                                             and not self._bad_body[0].response_complete):
+                return True
+            if self._in_headers or self._body_open():
+                return False
+            return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+        def _check_client(self) -> None:
+            """After a half-close or a departure (an EOF either way) while answers are owed: send the interim
+            answer before the running request's own, once, then look for the reset of a client that left."""
+            self._eof_timer = None
+            if not self._owed_at_eof():
+                return
+            running = self._running
+            if self._probed:
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    self.transport.abort()  # reset: the client is gone, its requests are disconnects
+                    return
+            elif (running is not None and not running.response_started and not running.response_complete
+                  and running.scope.get("http_version") == "1.1"):  # never a 1xx to HTTP/1.0 (RFC 9110 15.2)
+                running.waiting_for_100_continue = False  # this one serves for an `Expect: 100-continue` too
+                self.transport.write(_INTERIM)
+                self._probed = True
+            self._eof_timer = asyncio.get_running_loop().call_later(EOF_PROBE_S, self._check_client)
+
         def connection_lost(self, exc: Exception | None) -> None:
             if not (self._admitted or self._probe_only):
                 self._linger.cancel()
@@ -270,6 +327,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 open_connections[self._counted] -= 1
             waiting.pop(self, None)
             self._disarm()
+            if self._eof_timer is not None:
+                self._eof_timer.cancel()
             if self._send_timer is not None:
                 self._send_timer.cancel()
             # uvicorn marks only the newest request as disconnected; with pipelining the one being answered is
@@ -353,6 +412,10 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 raise ValueError(self._bad)
             super().on_headers_complete()
             self._framing = bool(codings)  # chunked: the first chunk-size line comes next
+            if (cycle := self.cycle) is not None and cycle.scope is self.scope:
+                # For the access log: a client that left before any of the answer went out was sent nothing
+                # (uvicorn drops what the app sends then).
+                self.scope["vitc.unanswered"] = lambda: cycle.disconnected and not cycle.response_started
             if self._probe_only:
                 self.cycle.keep_alive = False  # one probe per place beyond the limit, then the place is free
 
@@ -366,6 +429,10 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
                 return
             if self._unparsed:
                 self._feed()  # an answer went out: the next request waiting unparsed may be parsed
+            if self._eof:
+                if not self._owed_at_eof() and not self.transport.is_closing():
+                    self.transport.close()  # every request the client sent whole is answered
+                return
             if (self._header_timer is None and self._in_headers and not self.pipeline
                     and not self.transport.is_closing()):
                 # A pipelined request that began while this one was served and is still short of its headers:

@@ -35,6 +35,27 @@ class _DropInvalidRequest(logging.Filter):
 
 
 _DROP_INVALID_REQUEST = _DropInvalidRequest()
+# python-multipart's loggers (python_multipart.multipart; `multipart.*` in its releases before 0.0.13).
+_FORM_PARSER = ("python_multipart", "multipart")
+
+
+class _FormParserToDebug(logging.Filter):
+    """python-multipart logs what is wrong with a client's form (a bad boundary, a bad header) as a warning, once
+    per request: the 400 already says it, and at warning level any client could write to an operator's log at
+    will. Its lines are debug lines, shown only at --log-level debug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] not in _FORM_PARSER:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.shown
+
+
+_FORM_PARSER_TO_DEBUG = _FormParserToDebug()
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,6 +82,9 @@ def configure_logging(level: str = "info") -> None:
     """Route our loggers and uvicorn's through one JSON handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    # On the handler, which every logger's records reach: a logger's own filter would miss its children's records.
+    _FORM_PARSER_TO_DEBUG.shown = level.lower() == "debug"
+    handler.addFilter(_FORM_PARSER_TO_DEBUG)
     for name in ("vitc", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]

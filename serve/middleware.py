@@ -108,6 +108,8 @@ class AccessLogMiddleware:
                 raise asyncio.CancelledError from None
         finally:
             self.metrics.in_flight.dec()
+            if status != CLIENT_CLOSED and (unanswered := scope.get("vitc.unanswered")) and unanswered():
+                status = CLIENT_CLOSED  # the client left before any of the answer went out (serve.httpproto)
             seconds = time.perf_counter() - start
             endpoint, name = self._route_of(scope)
             model = "" if name is None else name if name in self.known_models() else UNKNOWN_MODEL
