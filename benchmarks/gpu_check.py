@@ -9,8 +9,9 @@ rank); export of that checkpoint to torch fp32/bf16/fp16 (and TensorRT fp16, INT
 through the export's parity gates; parity of every torch precision on the GPU itself (bf16 also compiled); the GPU
 latency benchmark on the 1GF pair (eager and compiled torch-CUDA, TensorRT fp16, onnxruntime-CUDA; with --full
 every torch-CUDA target, TensorRT INT8 and bf16 on 4GF..72GF) against the matmul limit of the same run, its
-bundles exported with max batch 64 (cached under exports/gpu-check/); that vit_c_1gf bundle served over HTTP
-(bf16, compiled, --max-batch-size 64, 224x224 JPEG requests) at concurrency 1, 16 and 64.
+bundles exported with max batch 64 (cached under exports/gpu-check/ in the current directory, or --cache); that
+vit_c_1gf bundle served over HTTP (bf16, compiled, --max-batch-size 64, 224x224 JPEG requests) at concurrency 1, 16
+and 64.
 
 Each step runs in a process group of its own and gets its share of what is left of the budget; a step past its
 share is stopped with everything it started (torchrun's workers, a server), and a step with too little time left
@@ -21,6 +22,9 @@ run: the check passes only when every step ran and passed. Writes <date>-<host>-
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import argparse
 import contextlib
 import datetime as dt
@@ -46,8 +50,9 @@ MAX_BUDGET_S = 86_400.0
 SCHEMA = "vitc-gpu-check"
 # The GPU run's benchmark bundles, apart from `make bench`'s exports/bench/: exported with max batch 64 (the served
 # bundle's, so the compiled server captures no batch size it cannot be sent), they are reused from one check to the
-# next, where a bench cache could hand over a bundle of max batch 256.
-GPU_CACHE = REPO / "exports" / "gpu-check"
+# next, where a bench cache could hand over a bundle of max batch 256. Under the current directory, as the bench
+# cache is: the package directory of an installed vitc (site-packages) is no place to write, and may be read-only.
+GPU_CACHE = Path("exports") / "gpu-check"
 RESERVE_S = 15.0  # of the budget, kept for the environment and the report after the last step
 MIN_STEP_S = 10.0  # a step given less than this is not started: nothing on a GPU proves anything in less
 KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL, for a stopped step's processes (a server drains, torchrun stops workers)
@@ -73,7 +78,7 @@ class Sizes:
     budget_s: float
     shares: Mapping[str, float]
     int8: bool = False  # TensorRT INT8 in the export step (NNCF calibration on the CPU, then a second engine build)
-    cache: Path | None = GPU_CACHE  # None: a cache under the working directory (the smoke run's own)
+    cache: Path | None = GPU_CACHE  # None: a cache under the working directory (the smoke run's own); see bundle_cache
 
 
 _GPU_TARGETS = ("torch-cuda-fp32,torch-cuda-bf16,torch-cuda-bf16-compiled,torch-cuda-fp16,tensorrt-fp16,"
@@ -418,9 +423,18 @@ def latency_problems(doc: Mapping[str, Any]) -> list[str]:
             if str(x.get("reason", "")).startswith("failed:")]
 
 
+def bundle_cache(sizes: Sizes, work: Path, cache: Path | None = None) -> Path:
+    """Where the latency steps keep their bundles, absolute (the steps run in another directory): `cache`
+    (--cache), else the sizes' own, reused from one check to the next (relative: under the current directory), else
+    one of the run's own under `work` (the smoke run's)."""
+    chosen = cache if cache is not None else sizes.cache
+    return chosen.absolute() if chosen is not None else work / "bench"
+
+
 def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
-        budget: Budget | None = None) -> dict[str, Any]:
-    """Every step in order, each with its share of `budget` (default: the sizes' own); the JSON document."""
+        budget: Budget | None = None, cache: Path | None = None) -> dict[str, Any]:
+    """Every step in order, each with its share of `budget` (default: the sizes' own), the latency steps' bundles
+    cached in bundle_cache(sizes, work, cache); the JSON document."""
     from benchmarks import machine
 
     budget = budget or Budget(sizes.budget_s, sizes.shares)
@@ -481,10 +495,11 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
 
     latency_docs = []
     # A smoke run keeps its bundle cache to itself; a GPU run reuses its own from one check to the next.
-    cache = ("--cache", str(sizes.cache or work / "bench"))
+    cache_args = ("--cache", str(bundle_cache(sizes, work, cache)))
     for i, args in enumerate(sizes.latency):
         t0 = time.time()
-        s = _step(f"latency-{i + 1}", [py, "benchmarks/latency.py", *args, *cache, "--out", str(out)], budget, log)
+        s = _step(f"latency-{i + 1}", [py, "benchmarks/latency.py", *args, *cache_args, "--out", str(out)], budget,
+                  log)
         if (path := _newest(out, "*.json", t0)) is not None and s["status"] == "passed":
             doc = json.loads(path.read_text())
             s["facts"], s["report"] = _latency_facts(doc), path.name
@@ -594,7 +609,7 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
         return "--device cpu runs the smoke check only: add --smoke (the full check needs a CUDA GPU)"
     if args.full and args.smoke:
         return "--full and --smoke exclude each other: --full is the GPU check with every target"
-    for flag, path in (("--out", args.out), ("--work", args.work)):
+    for flag, path in (("--out", args.out), ("--work", args.work), ("--cache", args.cache)):
         if path is not None and (problem := out_dir_problem(path)):
             return f"{flag} {path}: {problem}; give a directory"
     return None
@@ -611,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="report directory, created if missing (default benchmarks/results under the current "
                    "directory)")
     p.add_argument("--work", type=Path, help="working directory for runs and bundles (default: a temporary one)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="bundle cache of the latency steps, reused from one check to the next (default "
+                        f"{GPU_CACHE} under the current directory; the smoke run's own is under --work); not make "
+                        "bench's exports/bench, whose bundles have another max batch")
     p.add_argument("--full", action="store_true",
                    help="every torch-CUDA target, TensorRT INT8 and the 4GF..72GF bf16 sweep (default budget 30 "
                         "minutes)")
@@ -623,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     # The steps run from the checkout (cwd=REPO): paths the user gave are the ones under their own directory.
     args.out, args.work = args.out.absolute(), args.work and args.work.absolute()
+    sizes = SMOKE if args.smoke else GPU_FULL if args.full else GPU
+    # Checked with --out before any step (the latency step writes its bundles there minutes into the run); None:
+    # the smoke run's own cache, under the work directory.
+    chosen = args.cache if args.cache is not None else sizes.cache
+    args.cache = chosen and chosen.absolute()
     if args.parity_of:
         return _parity_main(p.prog, args)
     if problem := _setup_problem(args):
@@ -641,9 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vitc-gpu-check-") as tmp:
         work = args.work or Path(tmp)
-        sizes = SMOKE if args.smoke else GPU_FULL if args.full else GPU
         doc = run(args.device, sizes, args.out, work, log=lambda m: print(m, file=sys.stderr, flush=True),
-                  budget=Budget(args.budget or sizes.budget_s, sizes.shares))
+                  budget=Budget(args.budget or sizes.budget_s, sizes.shares), cache=args.cache)
     doc["host"] = doc["environment"]["host"]
     stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
     atomic_write_json(stem.with_suffix(".json"), doc)

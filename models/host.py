@@ -3,14 +3,20 @@ vitc version, the source revision, library versions."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import signal
 import subprocess
+import time
+import tomllib
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).resolve().parents[1]  # the vitc source tree (a git checkout in development)
+GIT_TIMEOUT_S = 10.0  # for all the git commands of one source_revision() together
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -122,15 +128,63 @@ def vitc_version() -> str:
     return distribution_versions(["vitc"]).get("vitc", "unknown")
 
 
-def source_revision() -> dict[str, Any]:
-    """The git commit of the vitc source and whether tracked files differ from it (None, None outside git)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(SOURCE), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+def source_revision(source: Path = SOURCE) -> dict[str, Any]:
+    """The git commit of the vitc source and whether tracked files differ from it; None, None unless `source` is
+    a vitc checkout (an installed vitc lies in site-packages, which may sit in the user's own git repository)."""
+    unknown: dict[str, Any] = {"commit": None, "dirty": None}
+    if not _is_vitc_project(source):  # site-packages, an unrelated tree: never ask git, whose answer is not ours
+        return unknown
+    deadline = time.monotonic() + GIT_TIMEOUT_S
+    top_and_head = _git(source, deadline, "rev-parse", "--show-toplevel", "HEAD")
+    lines = (top_and_head or "").splitlines()
+    # git walks up from `source`: an sdist unpacked inside another repository would report that repository's HEAD.
+    if len(lines) != 2 or not _same_dir(lines[0], source) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", lines[1]):
+        return unknown
+    status = _git(source, deadline, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": lines[1], "dirty": None if status is None else bool(status)}
 
+
+def _is_vitc_project(source: Path) -> bool:
+    """Whether `source` holds vitc's own pyproject.toml (project name "vitc")."""
     try:
-        commit = git("rev-parse", "HEAD") or None
-        return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit
-                else None}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        with (source / "pyproject.toml").open("rb") as f:
+            return tomllib.load(f).get("project", {}).get("name") == "vitc"
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return False
+
+
+def _same_dir(path: str, source: Path) -> bool:
+    try:
+        return Path(path).resolve() == source.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _git(source: Path, deadline: float, *args: str) -> str | None:
+    """git's stdout for `args` run in `source`, or None when it fails or is past `deadline`. Only `source`'s own
+    repository is read: GIT_DIR and the like from the caller's environment (a git hook, a CI job) are dropped. No
+    fsmonitor hook is started, no index lock is taken (a concurrent git command of the user's would fail), nothing is
+    prompted for, and the command's whole process group is killed at the deadline: a helper it started that holds the
+    output pipe open would otherwise keep the wait going."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0")
+    cmd = ["git", "-c", "core.fsmonitor=false", "-C", str(source), *args]
+    timeout = deadline - time.monotonic()
+    if timeout <= 0:
+        return None
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=env, text=True, start_new_session=True)
+    except OSError:  # no git
+        return None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: no killpg (not POSIX)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        proc.wait()
+        return None
+    return out.strip() if proc.returncode == 0 else None
