@@ -15,6 +15,9 @@ to start or the test against it fails, the error line gives the server's own rea
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import argparse
 import datetime as dt
 import io

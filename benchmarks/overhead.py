@@ -13,6 +13,9 @@ benchmarks/results/ (machine, versions and commit included; the Markdown is prin
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import argparse
 import contextlib
 import datetime as dt

@@ -8,6 +8,9 @@ disk while --served or --png writes exits 1.
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import io
 import os
 import sys

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import json
 
 from models.cli import OneLineParser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import errno
 import math
 import os
@@ -197,22 +198,43 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
+_RUNNING = object()  # `run`'s code while main has not returned
+
+
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; Ctrl-C is one line and exit 130, SIGTERM (until `main` installs its own handler,
     as the server does once it serves) one line and exit 143, what was being written left as it was (the writers
     are atomic); the machine failing (`machine_failure`) one line and exit 1, a missing extra
     (`missing_dependency`) one line and exit 2, and a closed output pipe (`| head`) ends quietly."""
     main_thread = threading.current_thread() is threading.main_thread()
+    # The program itself (`python -m X`), rather than a caller that goes on (a test calling this in-process), which
+    # keeps its own signal handling.
+    program = main_thread and sys._getframe(1).f_globals.get("__name__") == "__main__"
     if main_thread:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is _stop_loading:  # Ctrl-C raises again, for main's cleanup
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     fill_closed_std_streams()
+    code: object = _RUNNING
     try:
-        code = main()
+        try:
+            code = main()
+        finally:
+            if program:
+                # The outcome is known (main returned or raised): a signal from here on must not change it, while
+                # stdout is flushed below (a slow reader holds that up), or while Python tears down (waiting for
+                # threads, torch's and onnx's destructors: a second or more) into 143 without a word, or a
+                # traceback. Python leaves an ignored signal ignored to the end, where its own handlers would fall
+                # back to the default, which kills.
+                _ignore_signals()
         sys.stdout.flush()
     except KeyboardInterrupt as exc:
-        stopped = isinstance(exc, Terminated)
-        say(f"{prog}: {'terminated' if stopped else 'interrupted'}")
-        code = 143 if stopped else 130
+        if code is _RUNNING:
+            stopped = isinstance(exc, Terminated)
+            say(f"{prog}: {'terminated' if stopped else 'interrupted'}")
+            code = 143 if stopped else 130
+        # else it came after main returned (in the instant before the signals were ignored, or while an in-process
+        # caller's stdout was flushed): main's code stands
     except BrokenPipeError:  # an OSError: before the clause below
         # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -221,15 +243,10 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
         code = machine_failure(exc, prog) or missing_dependency(exc, prog)
         if code is None:
             raise
-    if main_thread:
-        # The outcome is known: a signal while Python tears down (waiting for threads, torch's and onnx's destructors:
-        # a second or more) must not turn it into 143 without a word, or a traceback. Python leaves an ignored signal
-        # ignored to the end, where its own handlers would fall back to the default, which kills. A caller that goes
-        # on (a test calling this in-process) keeps its handlers until its own teardown.
-        if sys._getframe(1).f_globals.get("__name__") == "__main__":
-            _ignore_signals()
-        else:
-            atexit.register(_ignore_signals)
+    if program:
+        _ignore_signals()  # where the signal above came before the signals were ignored
+    elif main_thread:
+        atexit.register(_ignore_signals)  # for the caller's own teardown
     raise SystemExit(code)
 
 
@@ -237,3 +254,54 @@ def _ignore_signals() -> None:
     """SIGTERM and Ctrl-C no longer stop the process (it is exiting with its command's code)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+
+# While a command's modules load (numpy, torch, onnx: up to a second or more), before `run` takes the signals over:
+# the `python -m` name of the command, for its one line.
+_loading: str | None = None
+
+# vitc's packages whose modules are commands. Each command imports this module before anything else, so that a
+# Ctrl-C or SIGTERM while the rest loads is one line and exit 130 or 143, as later, not a traceback (or a silent
+# death by SIGTERM).
+_COMMAND_PACKAGES = ("benchmarks", "export", "models", "serve", "train")
+
+
+def _stop_loading(signum: int, frame: object) -> None:
+    """Before `run`, main has not started: nothing to clean up. An exception raised here, inside an import, would
+    print a traceback (or be swallowed by importlib's callbacks): say why, and end at once with `run`'s codes."""
+    stopped = signum == signal.SIGTERM
+    if sys.stderr is not None:  # os.write: no buffered writer to re-enter if the signal came in the middle of one
+        with contextlib.suppress(OSError, ValueError):
+            os.write(sys.stderr.fileno(), f"{_loading}: {'terminated' if stopped else 'interrupted'}\n".encode())
+    os._exit(143 if stopped else 130)
+
+
+def _loading_command() -> str | None:
+    """`python -m X` when this process's program is vitc's command X (a module that ends in `cli.run`, which lifts
+    the guard below), else None: a program that never calls `run` keeps Python's own handling."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name, origin = getattr(spec, "name", None) or "", getattr(spec, "origin", None)
+    if name.partition(".")[0] not in _COMMAND_PACKAGES or not origin:
+        return None
+    try:
+        with open(origin, encoding="utf-8", errors="replace") as source:
+            if "cli.run(" not in source.read():
+                return None
+    except OSError:
+        return None
+    return "python -m " + name.removesuffix(".__main__")
+
+
+def _guard_loading() -> None:
+    """While vitc's command loads, until `run` starts: Ctrl-C and SIGTERM stop it with `_stop_loading`. Signals the
+    process was started with ignored (`cmd &` in a script, nohup) stay ignored."""
+    global _loading
+    if threading.current_thread() is not threading.main_thread() or (prog := _loading_command()) is None:
+        return
+    _loading = prog
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) == default:
+            signal.signal(signum, _stop_loading)
+
+
+_guard_loading()

@@ -7,6 +7,9 @@ Protocol request. A Triton repository's version directory (`repo/<model>/1`) is 
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import json
 import os
 import sys

@@ -59,3 +59,60 @@ def test_a_closed_stdout_or_stderr_does_not_fail_finished_work(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if closed == 1 else subprocess.DEVNULL,
                               preexec_fn=lambda fd=closed: os.close(fd))
         assert done.returncode == 0, (closed, done.returncode, done.stderr)
+
+
+# main's result line is still in stdout's buffer when it returns (stdout is a pipe): run's final flush writes it, and
+# the signal comes during that write, as it does when the reader is slow or reads the line and stops the command.
+FLUSH = textwrap.dedent("""
+    import os, sys
+    from models.cli import run
+
+    class SignalledWhileFlushed:
+        def __init__(self, real):
+            self.real, self.sent = real, False
+
+        def write(self, text):
+            return self.real.write(text)
+
+        def flush(self):
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), SIGNUM)  # delivered before kill returns; Python's handler runs right after
+            self.real.flush()
+
+    def main():
+        sys.stdout = SignalledWhileFlushed(sys.stdout)
+        print("bundle written: out")
+        return 0
+
+    run(main, "probe")
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_result_is_flushed_ends_with_mains_code(signum):
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # main's print stays in the buffer
+    done = subprocess.run([sys.executable, "-c", FLUSH.replace("SIGNUM", str(int(signum)))], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "bundle written: out\n", "")
+
+
+def test_an_in_process_caller_keeps_its_signal_handling(monkeypatch):
+    from models import cli
+
+    class InterruptedFlush:  # the caller's own Ctrl-C, during the flush after main returned
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise KeyboardInterrupt
+
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "stdout", InterruptedFlush())
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.run(lambda: 3, "probe")
+        assert done.value.code == 3  # the outcome was known: main's code, not 130
+        assert signal.getsignal(signal.SIGINT) is sigint  # not ignored: the caller goes on
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)

@@ -9,6 +9,9 @@ Nothing here imports torch at module level, so `quiet_openmp` takes effect.
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import os
 
 from data.datasets import DatasetError, UnreadableImage

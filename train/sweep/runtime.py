@@ -12,6 +12,9 @@ cannot fit in the device's free memory is refused before anything is allocated; 
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import argparse
 import re
 import statistics
