@@ -2,9 +2,10 @@
 
 Everything here is torch-free so export (parity on real images) and benchmarks can use it too. The embedded
 sets ship inside vitc as numpy files (data/embedded/, with their sources and licences; nothing is downloaded or
-unpickled); their train/val split is a fixed, stratified 10 % per class. Files that do not decode are skipped and
-counted everywhere: training replaces them, evaluation leaves them out, and every other reader (export's parity and
-calibration images, the served-path check, serve.sample) draws its images with `ImageSet.readable_subset`.
+unpickled); their train/val split is a fixed, stratified 10 % per class. Files that do not decode, or that the
+server would refuse as too big, are skipped and counted everywhere: training replaces them, evaluation leaves them
+out, and every other reader (export's parity and calibration images, the served-path check, serve.sample) draws its
+images with `ImageSet.readable_subset`. Hidden files (macOS's `._x.jpg`) are not images.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import numbers
 import os
 import unicodedata
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.config import MAX_LABEL_CHARS, is_label
-from models.preprocessing import Preprocessing, image_formats, plain_mode, upright
+from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, image_formats, plain_mode, upright
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,7 +36,10 @@ SPLIT_SEED = 0
 # The seed of every evaluation subset (train --val-subset, train.eval --limit, export's parity images): whatever a
 # run's --seed, the same weights are measured on the same images everywhere.
 EVAL_SUBSET_SEED = 0
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The suffixes Pillow gives the formats the server opens (`image_formats`): JPEG (.jfif is how browsers save it),
+# PNG (.apng), WebP, BMP, GIF, TIFF, AVIF (.avifs). A file is decoded by its content, whatever its suffix.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                  ".avif", ".avifs"}
 ANIMAL_CLASSES = ["Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"]
 # Per-dataset grey mean/std of the train split in [0, 1] (measured once; replicated over the 3 channels).
 _GREY_STATS = {"animals": (0.2728, 0.4057), "mnist": (0.1315, 0.3088), "digits": (0.3054, 0.3759)}
@@ -84,7 +89,7 @@ class ImageSet:
             h.update(np.ascontiguousarray(self.arrays).tobytes())
         for path in self.paths or []:
             rel = path.relative_to(self.name) if path.is_relative_to(self.name) else path.name
-            h.update(f"{Path(rel).as_posix()}\0{path.stat().st_size}\n".encode())
+            h.update(f"{Path(rel).as_posix()}\0{_size(path)}\n".encode())
         return h.hexdigest()
 
     def subset(self, n: int, seed: int = 0) -> ImageSet:
@@ -163,6 +168,14 @@ class Readable:
         return f", {k} unreadable file{'s' if k != 1 else ''} skipped" if k else ""
 
 
+def _size(path: Path) -> int:
+    """A file's size, or -1 for one that cannot be stat'ed (a dangling link: it is counted as unreadable)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"  # shipped with vitc; see its README for sources
 _EMBEDDED_FILES = {"animals": "animals.npz", "mnist": "mnist5k.npz"}
 
@@ -204,8 +217,12 @@ def _class_dirs(split_dir: Path) -> list[str]:
 
 
 def _images_in(cdir: Path) -> list[Path]:
-    """The image files of one class directory, sorted."""
-    return [p for p in sorted(cdir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    """The image files of one class directory, sorted. Hidden files are left out, as hidden class directories are
+    (macOS's AppleDouble `._x.jpg` beside each image of a copied folder is metadata, not an image); a link that
+    leads nowhere is listed, to be counted as unreadable like any other file that does not decode."""
+    return [p for p in sorted(cdir.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            and (p.is_file() or (p.is_symlink() and not p.exists()))]
 
 
 def _check_class_name(name: str, where: Path) -> None:
@@ -294,14 +311,20 @@ def default_preprocessing(name: str | os.PathLike, image_size: int) -> Preproces
 
 
 def decode_checked(path: Path) -> Image.Image | None:
-    """Decode a file fully, or None if it is corrupt, unreadable or in a format the server does not open
-    (callers count skips)."""
+    """Decode a file fully, or None if it is corrupt, unreadable, in a format the server does not open or has more
+    pixels than the server's default bound, `DEFAULT_MAX_IMAGE_PIXELS` (callers count skips)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path, formats=image_formats()) as img:  # the server's decoders: what it would refuse
-            img.load()
-            return plain_mode(upright(img))  # as the server decodes: a YCbCr TIFF reaches a grey model via RGB
+        with warnings.catch_warnings():
+            # Pillow warns above 89.5 M pixels; the bound below, checked from the header, refuses those already.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=image_formats()) as img:  # the server's decoders: what it would refuse
+                w, h = img.size  # from the header (a GIF's first frame already grows its canvas here)
+                if w * h > DEFAULT_MAX_IMAGE_PIXELS:  # the server answers 413: nothing is decoded
+                    return None
+                img.load()
+                return plain_mode(upright(img))  # as the server decodes: a YCbCr TIFF reaches a grey model via RGB
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         # DecompressionBombError (beyond PIL's pixel bound) is not an OSError: a bomb counts as unreadable, and so
         # does a colour mode Pillow cannot convert (LAB).

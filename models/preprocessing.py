@@ -28,6 +28,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # serve.tensor): Pillow's other plugins (PPM, TGA, ICO, JPEG 2000, ...) are never reached, whatever a file is
 # called, so what trains and evaluates is exactly what can be served.
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# The most pixels one image may have, from its header, before any is decoded: the server's --max-image-pixels
+# default (serve.tensor's too) and the bound of every dataset reader, so what trains and evaluates can be served.
+# Below Pillow's own bomb bound (a warning above 89.5 M pixels, an error above 179 M).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 _RESAMPLE = ("bilinear", "bicubic", "nearest")  # PIL's Image.Resampling members, lower-case
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 0.5}  # each filter's reach, in output pixels
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

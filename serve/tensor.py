@@ -20,12 +20,13 @@ import numpy as np
 from models.bundle import BundleError, Manifest, read_manifest
 from models.cli import OneLineParser, disk_full, int_in
 from models.io import atomic_write_bytes, out_inside_problem, out_name_problem
+from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
 PROG = "python -m serve.tensor"
 FORMATS = (".bin", ".npy", ".json")
 DRAFT_POLICIES = ("measured", "always", "never")
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # the largest body the server can be set to take is bigger; an image is not
-DEFAULT_MAX_PIXELS = 40_000_000  # the server's --max-image-pixels default
+DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the server's --max-image-pixels default
 
 
 class TensorError(ValueError):
