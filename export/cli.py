@@ -14,14 +14,46 @@ import sys
 from collections.abc import Sequence
 
 from data.datasets import EMBEDDED
-from export.targets import QUANTIZER, known_targets, missing_converters, parse_targets
+from export.targets import QUANTIZER, Target, known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT
 from models.checkpoint import CheckpointError, read_checkpoint_meta
-from models.cli import OneLineParser, int_in
+from models.cli import OneLineParser, extras_hint, installed, int_in
+from models.host import distribution_versions
 from models.io import out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
 
 MAX_SAMPLES = 2**31 - 1  # "all of the split" in practice; bounded so no count overflows an index
+
+
+def missing_problem(targets: Sequence[Target]) -> str | None:
+    """Everything an export of `targets` needs and this environment lacks (the torch model every artifact comes
+    from, the converters, the runtimes that run the parity gate), with one command that installs all of it; None
+    when nothing is missing. Found before the checkpoint is loaded, and all at once: one rerun, not one per extra."""
+    needed = dict.fromkeys([by_target("torch"), *(t.runtime for t in targets)])
+    absent = [rt for rt in needed if rt is not None and not rt.installed()]
+    converters = missing_converters(targets)
+    if len(absent) == 1 and not converters:  # its own line, which names how to get it (TensorRT: where)
+        return f"{absent[0].name} is not installed (needs {', '.join(absent[0].packages)}): {absent[0].install}"
+    why, extras, others = [], [], []
+    # The export extra brings the CPU onnxruntime: beside onnxruntime-gpu (the gpu extra) it would break both.
+    gpu_ort = bool(distribution_versions(["onnxruntime-gpu"]))
+    for rt in absent:
+        lacking = ", ".join(p for p in rt.packages if not installed(p))
+        role = "the model every artifact is exported from" if rt.target == "torch" else f"the {rt.target} targets"
+        why.append(f"{lacking} ({role})")
+        if rt.export_extra and not (gpu_ort and rt.export_extra == "export"):
+            extras.append(rt.export_extra)
+        else:
+            others.append(f"for {rt.name}: {rt.install}")
+    if graph := [m for m in converters if m != QUANTIZER]:
+        why.append(f"{', '.join(graph)} (the ONNX graph every target but torch is built from)")
+    if QUANTIZER in converters:
+        why.append(f"{QUANTIZER} (int8 quantisation; or leave the int8 targets out)")
+    if converters:
+        extras.append("convert" if gpu_ort else "export")
+    if not why:
+        return None
+    return "; ".join([f"not installed: {why[0]}", *why[1:], *([extras_hint(extras)] if extras else []), *others])
 
 
 def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_dataset: str | None) -> str | None:
@@ -102,16 +134,12 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
         flag, known = ("precision", by_target(family).precisions) if family else ("targets", known_targets())
         p.error(f"--{flag} names nothing; known: {', '.join(known)}")
     try:
-        missing = missing_converters(parse_targets(targets))
+        missing = missing_problem(parse_targets(targets))
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if missing:  # found out before the checkpoint is loaded and measured, not after
-        graph = [m for m in missing if m != QUANTIZER]
-        why = ([f"{', '.join(graph)} (the ONNX graph every target but torch is built from)"] if graph else []) + (
-            [f"{QUANTIZER} (int8 quantisation; or leave the int8 targets out)"] if QUANTIZER in missing else [])
-        print(f"error: not installed: {'; '.join(why)}; in the vitc checkout: pip install -c constraints.txt "
-              "'.[export]'", file=sys.stderr)
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     if problem := out_problem(args.out, args.checkpoint, args.dataset, args.calibration_dataset):
         print(f"error: {problem}", file=sys.stderr)

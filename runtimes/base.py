@@ -335,7 +335,7 @@ class Runtime:
     name: str  # manifest "runtime" and the server's --backend value
     target: str  # export target family: `python -m export --targets <target>[-<precision>]`
     packages: tuple[str, ...]  # importable modules it needs
-    install: str  # how to get them (printed when they are missing)
+    install: str  # how to get them, printed when they are missing (models.cli.pip_command: fits a checkout or a wheel)
     format: str  # manifest "format" of its artifacts
     triton_platform: str  # Open Inference Protocol / Triton platform name
     precisions: tuple[str, ...]  # artifact precisions `build` makes
@@ -346,6 +346,9 @@ class Runtime:
     version: Callable[[], str]
     variants: tuple[Variant, ...] = ()  # benchmark targets
     export_device: str = "cpu"  # where the export's parity gate runs its artifacts
+    # The pyproject.toml extra that brings its packages to an export environment, named with the others an export
+    # lacks (None: its `install` line, as for TensorRT, whose extra would replace the CPU onnxruntime).
+    export_extra: str | None = None
     needs_hub: bool = False  # `build` converts from the fp32 ONNX hub (ExportContext.hub_onnx)
     # An artifact of another runtime it can open when the bundle has none of its own (TensorRT: the ONNX file).
     fallback: tuple[str, str] | None = None

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from models.cli import pip_command
 from models.host import usable_cpus
 from runtimes import onnx_graph
 from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
@@ -194,8 +195,8 @@ def _options(ort: Any, threads: int, spinning: bool) -> Any:
 
 RUNTIME = Runtime(
     name="onnxruntime", target="onnx", packages=("onnxruntime",),
-    install="in the vitc checkout: pip install -c constraints.txt onnxruntime (CPU), or "
-            "'onnxruntime-gpu[cuda,cudnn]' on an NVIDIA GPU (never both)",
+    install=f"{pip_command(packages=['onnxruntime'])} (CPU), or 'onnxruntime-gpu[cuda,cudnn]' on an NVIDIA GPU "
+            "(never both)", export_extra="export",
     format="onnx", triton_platform="onnxruntime_onnx", precisions=("fp32", "fp16", "int8"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=OnnxRuntimeBackend, version=version,
     variants=(Variant("fp32"), Variant("fp32", "cuda")), needs_hub=True, unavailable=unavailable,

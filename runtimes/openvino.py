@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from models.cli import pip_command
 from models.host import quota_cpus
 from runtimes.base import (
     INPUT_NAME,
@@ -228,7 +229,7 @@ def profile_ops(spec: LoadSpec, batch: int, reps: int = 5) -> dict[str, float]:
 
 RUNTIME = Runtime(
     name="openvino", target="openvino", packages=("openvino",),
-    install="in the vitc checkout: pip install -c constraints.txt openvino",
+    install=pip_command(packages=["openvino"]), export_extra="export",
     format="openvino-ir", triton_platform="openvino", precisions=("fp32", "fp16", "int8"),
     default_precisions=("fp32", "fp16", "int8"), devices=("cpu",), build=build, load=OpenVINOBackend,
     version=version, needs_hub=True, profile=profile_ops,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from models.cli import extras_hint
 from models.host import quota_cpus
 from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant, first_line
 from runtimes.build import Built, ExportContext, ExportError
@@ -256,7 +257,7 @@ class TorchBackend(PooledBackend):
 
 RUNTIME = Runtime(
     name="torch", target="torch", packages=("torch", "safetensors"),
-    install="install the project's train extra (in the vitc checkout: pip install -c constraints.txt '.[train]')",
+    install=extras_hint(["train"]), export_extra="train",
     format="safetensors", triton_platform="pytorch_libtorch", precisions=("fp32", "bf16", "fp16"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=TorchBackend, version=version,
     variants=(

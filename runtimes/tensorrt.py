@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from models.cli import pip_command
 from models.io import atomic_write_bytes
 from runtimes import onnx_graph
 from runtimes.base import INPUT_NAME, BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
@@ -362,8 +363,8 @@ class TensorRTBackend(PooledBackend):
 
 RUNTIME = Runtime(
     name="tensorrt", target="tensorrt", packages=("tensorrt", "cuda.bindings"),
-    install="in the vitc checkout, on a machine with an NVIDIA GPU: pip install -c constraints.txt "
-    "tensorrt cuda-bindings", format="tensorrt-engine",
+    install=pip_command(packages=["tensorrt", "cuda-bindings"], where="on a machine with an NVIDIA GPU"),
+    format="tensorrt-engine",
     triton_platform="tensorrt_plan", precisions=("fp32", "fp16", "int8"), default_precisions=("fp16",),
     devices=("cuda",), build=build, load=TensorRTBackend, version=version,
     variants=(Variant("fp16", "cuda"), Variant("int8", "cuda")), export_device="cuda", needs_hub=True,
