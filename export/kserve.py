@@ -264,19 +264,42 @@ def _isvc_values(text: str) -> dict[str, str | int]:
     return found
 
 
-_CPU_LIMIT = re.compile(r"^(\s*)limits:[ \t]*(\{[^}\n]*\}|\n(?:\1[ \t]+\S.*\n?)*)", re.MULTILINE)
-_CPU_QUANTITY = re.compile(r"(?:^|[\s{,])cpu:[ \t]*[\"']?([0-9]{1,6}(?:\.[0-9]{0,6})?)(m?)[\"']?[ \t]*(?:[,}#\n]|$)",
-                           re.MULTILINE)
+_CPU_QUANTITY = re.compile(r"([0-9]{1,6}(?:\.[0-9]{0,6})?)(m?)")  # a Kubernetes CPU quantity: 4, 3.5, 3500m
 
 
 def cpu_limit(text: str) -> int | None:
-    """The whole CPUs of the first `limits:` mapping's `cpu:` in an inferenceservice.yaml (flow or block style; 4,
-    "4", 3.5 or "3500m", rounded down to at least 1, as a quota's threads are), within 1..MAX_CPUS; None when it
-    sets none this can read."""
-    if (limits := _CPU_LIMIT.search(text)) is None or (m := _CPU_QUANTITY.search(limits[2])) is None:
+    """The whole CPUs the predictor's `resources.limits.cpu` gives in an inferenceservice.yaml (4, "4", 3.5 or
+    "3500m", rounded down to at least 1, as a quota's threads are; the `model`, `triton` or first container's), within
+    1..MAX_CPUS; None when it sets none, or the YAML cannot be read."""
+    import yaml  # only here: a generated repository's options are read back with it
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
         return None
-    quantity = float(m[1]) / (1000 if m[2] else 1)
-    return max(1, int(quantity)) if 0 < quantity <= MAX_CPUS else None
+    predictor = _at(doc, "spec", "predictor")
+    containers = _at(predictor, "containers")
+    candidates = [_at(predictor, "model"), _at(predictor, "triton"),
+                  containers[0] if isinstance(containers, list) and containers else None]
+    for spec in candidates:
+        value = _at(spec, "resources", "limits", "cpu")
+        if value is None or isinstance(value, bool):
+            continue
+        m = _CPU_QUANTITY.fullmatch(str(value).strip())
+        if m is None:
+            return None
+        quantity = float(m[1]) / (1000 if m[2] else 1)
+        return max(1, int(quantity)) if 0 < quantity <= MAX_CPUS else None
+    return None
+
+
+def _at(node: object, *keys: str) -> object:
+    """`node[k1][k2]...` through mappings, None where a key is missing or a node is not a mapping."""
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
 
 
 def kept_cpu_limit(path: Path) -> int | None:

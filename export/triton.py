@@ -97,6 +97,7 @@ from models.io import (
     _remove_stale,
     atomic_write_bytes,
     committing,
+    empty_path_problem,
     ensure_dir,
     resolve_path,
     writer_lock,
@@ -152,10 +153,15 @@ def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str
     backend = rt.triton_backend
     threads = ""
     if kind == "cpu" and cpus is not None and rt.triton_threads is not None:
+        # OpenVINO's backend compiles one model that the instances share: its threads are the model's, in as many
+        # streams as instances (each stream runs one request); onnxruntime's are each instance's own session's.
+        params = {rt.triton_threads: cpus if rt.triton_threads_shared else max(1, cpus // instances)}
+        if rt.triton_streams is not None and instances > 1:
+            params[rt.triton_streams] = min(instances, cpus)
         threads = (f"# The pod's {cpus} CPUs (the InferenceService's limit, --cpus) shared by the instances: a\n"
                    "# runtime otherwise starts a thread per core of the node, throttled under the pod's CPU quota.\n"
-                   f'parameters [{{ key: "{rt.triton_threads}" value: {{ string_value: '
-                   f'"{max(1, cpus // instances)}" }} }}]\n')
+                   "parameters [" + ", ".join(f'{{ key: "{k}" value: {{ string_value: "{v}" }} }}'
+                                              for k, v in params.items()) + "]\n")
     c, h, w = manifest.input.sample_shape
     classes = manifest.output.classes
     inp, out = _text(manifest.input.name, "input name"), _text(manifest.output.name, "output name")
@@ -224,6 +230,16 @@ def _previous_options(config: Path) -> dict[str, str | int]:
     if (m := _WRITTEN_DELAY.search(text)) is not None and int(m[1]) <= MAX_QUEUE_DELAY_US:
         found["max_queue_delay_us"] = int(m[1])
     return found
+
+
+def _caps_threads(model_dir: Path) -> bool:
+    """Whether the model directory's config.pbtxt caps its runtime's CPU threads (as this tool writes for KIND_CPU)."""
+    keys = {k for name in runtimes.names() for k in (runtimes.get(name).triton_threads,) if k}
+    try:
+        config = tritonconfig.read(model_dir)
+    except (tritonconfig.ConfigError, OSError, ValueError):
+        return False
+    return config is not None and bool(keys & set(config.parameters))
 
 
 def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact, version: int) -> str | None:
@@ -502,6 +518,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
             previous = {a.id: _previous_options(out / n / CONFIG_FILE) for a, n in zip(artifacts, names, strict=True)}
             devices = _instance_kinds(manifest, artifacts, kind, previous, notes)
             had_isvc = (out / ISVC_FILE).exists() or (out / ISVC_FILE).is_symlink()
+            was_cpus = kept_cpu_limit(out / ISVC_FILE) if had_isvc else None
             was = kept_runtime_version(out / ISVC_FILE) if had_isvc else None  # the release the repository runs
             had_models = out.is_dir() and any(p.is_dir() for p in out.iterdir())
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
@@ -553,6 +570,14 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                         written = _publish(staging, out, plan, replace_config, kept, keep_labels)
                     finally:
                         shutil.rmtree(staging, ignore_errors=True)
+                if service is not None and was_cpus is not None and service.cpus != was_cpus:
+                    others = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in names
+                                    and not d.name.startswith(".") and _caps_threads(d))
+                    if others:
+                        notes.append(f"{', '.join(others[:10])}{' ...' if len(others) > 10 else ''}: their "
+                                     f"config.pbtxt still share{'s' if len(others) == 1 else ''} {was_cpus} CPUs, "
+                                     f"not the pod's {service.cpus} now; export a new version of each (or edit the "
+                                     "thread parameters)")
                 if service is None:
                     kept.append(out / ISVC_FILE)
                 elif had_models and not had_isvc:
@@ -829,6 +854,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--replace-isvc", action="store_true",
                    help=f"regenerate the repository's {ISVC_FILE} (default: an edited one is kept)")
     args = p.parse_args(argv)
+    for problem in (empty_path_problem("bundle", args.bundle, "give the bundle directory python -m export wrote"),
+                    empty_path_problem("--out", args.out, "give the model repository directory")):
+        if problem:
+            p.error(problem)
     kept: list[Path] = []
     notes: list[str] = []
     try:

@@ -118,6 +118,7 @@ class TritonConfig:
     outputs: tuple[Tensor, ...] = ()
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     instance_kinds: tuple[str, ...] = ()
+    instance_count: int = 1  # the instances of its groups (each group's count, 1 when not given)
     default_model_filename: str | None = None
     label_filename: str | None = None  # the output's, relative to the model directory
     parameters: dict[str, str] = field(default_factory=dict)  # key -> string_value (a map: the last entry wins)
@@ -130,9 +131,9 @@ class TritonConfig:
         value = self.parameters.get(key) if key is not None else None
         if value is None:
             return None
-        if not re.fullmatch(r"[0-9]{1,4}", value.strip()) or int(value) > MAX_THREADS:
-            raise ConfigError(f"parameter {key}: {value[:64]!r} is not a thread count in 0..{MAX_THREADS}")
-        return int(value) or None
+        if not re.fullmatch(r"\s*[+-]?[0-9]{1,9}\s*", value):  # the backends parse it as an integer, or fail the load
+            raise ConfigError(f"parameter {key}: {value[:64]!r} is not a thread count")
+        return min(int(value), MAX_THREADS) if int(value) > 0 else None
 
     @property
     def cpu_only(self) -> bool:
@@ -511,6 +512,7 @@ def _config(top: dict[str, list[Any]]) -> TritonConfig:
         outputs=tuple(_tensor(t, "output") for t in outputs),
         version_policy=VersionPolicy() if policy is None else _version_policy(policy),
         instance_kinds=tuple(_one(g, "kind") or "KIND_AUTO" for g in groups),
+        instance_count=min(max(1, sum(int(_one(g, "count") or 1) for g in groups)), MAX_THREADS),
         default_model_filename=_one(top, "default_model_filename") or None,  # proto3: "" is not given
         label_filename=(_one(outputs[0], "label_filename") or None) if outputs else None,
         parameters={_one(e, "key") or "": _one(_one(e, "value") or {}, "string_value") or ""

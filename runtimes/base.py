@@ -359,8 +359,11 @@ class Runtime:
     # name in the version directory; other files keep theirs).
     triton_backend: str | None = None  # None: Triton cannot serve these artifacts
     triton_files: tuple[tuple[str, str], ...] = ()
-    # The config.pbtxt parameter of that backend that caps one instance's CPU threads (None: it has none).
+    # The config.pbtxt parameter of that backend that caps CPU threads (None: it has none): one instance's, or, when
+    # `triton_threads_shared`, the model's (OpenVINO's backend compiles one model that every instance shares).
     triton_threads: str | None = None
+    triton_threads_shared: bool = False
+    triton_streams: str | None = None  # the parameter that lets the shared model run that many requests at once
     # The server's tuning settings it honours beyond the device (of threads, parallel, openvino_hint, compile,
     # channels_last): the server refuses the others for it rather than let them silently do nothing.
     tunes: tuple[str, ...] = ()

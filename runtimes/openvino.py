@@ -235,6 +235,6 @@ RUNTIME = Runtime(
     version=version, needs_hub=True, profile=profile_ops,
     variants=(Variant("fp32"), Variant("bf16", artifact="fp32", inference_precision="bf16"), Variant("int8")),
     triton_backend="openvino", triton_files=((".xml", "model.xml"), (".bin", "model.bin")),
-    triton_threads="INFERENCE_NUM_THREADS",
+    triton_threads="INFERENCE_NUM_THREADS", triton_threads_shared=True, triton_streams="NUM_STREAMS",
     tunes=("threads", "parallel", "openvino_hint"),
 )

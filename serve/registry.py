@@ -332,8 +332,9 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         threads = settings.threads
         if threads is None and source.repository and config is not None and device == "cpu":
             # As Triton's backend sizes one instance, within the CPUs this container may use (Triton oversubscribes).
-            if (wanted := config.threads(runtimes.get(runtime).triton_threads)) is not None:
-                threads = min(wanted, usable_cpus())
+            rt = runtimes.get(runtime)
+            if (wanted := config.threads(rt.triton_threads)) is not None:  # vitc runs the instances' work as one
+                threads = min(wanted if rt.triton_threads_shared else wanted * config.instance_count, usable_cpus())
         options = BackendOptions(device=device, threads=threads, parallel=settings.parallel,
                                  hint=settings.openvino_hint, compile=settings.compile,
                                  channels_last=settings.channels_last, buckets=captured)

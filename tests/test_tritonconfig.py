@@ -24,7 +24,7 @@ def test_what_export_triton_writes_reads_back(tmp_path_factory):
     config = parse(text)
     assert config == TritonConfig(name="micro-onnx-fp32", backend="onnxruntime", max_batch_size=m.input.max_batch,
                                   dynamic_batching=True, max_queue_delay_us=750, inputs=(INPUT,), outputs=(OUTPUT,),
-                                  instance_kinds=("KIND_CPU",), label_filename="labels.txt",
+                                  instance_kinds=("KIND_CPU",), instance_count=2, label_filename="labels.txt",
                                   parameters={"intra_op_thread_count": "2"})  # the pod's 4 CPUs, 2 instances
     assert config.cpu_only and config.version_policy == VersionPolicy("latest", 1)
     config.check(**{**ARTIFACT, "name": "micro-onnx-fp32"})  # agrees with its own artifact
