@@ -5,6 +5,9 @@ Flags override VITC_* environment variables. Any startup problem is one line on 
 
 from __future__ import annotations
 
+import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+
+# isort: split
 import argparse
 import os
 import re
@@ -84,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout-s", type=float,
                    help="SIGTERM or Ctrl-C (SIGINT): how long in-flight requests may finish (default 30, at most "
                         "3600)")
+    p.add_argument("--shutdown-delay", type=float, metavar="SECONDS",
+                   help="SIGTERM or Ctrl-C (SIGINT): report not ready at once but go on answering for this long "
+                        "before the drain, while a load balancer stops routing here (default 0, at most 300; "
+                        "Kubernetes: 5); a second signal cuts it short")
     p.add_argument("--log-level", help="debug | info (default) | warning | error")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
     return p
@@ -99,12 +106,22 @@ def settings_args(argv: list[str] | None = None) -> dict[str, object]:
     return args
 
 
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped as repr escapes them: a path or name given with a newline (or an
+    escape sequence) stays on the error's one line, and cannot forge another."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def error(text: str) -> int:
+    """Say `error: text` on one line of stderr; exit code 2."""
+    print(f"error: {one_line(text)}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = settings_args(argv)
     if "api_key" in args and not str(args["api_key"]).strip():  # --api-key "$TOKEN" with TOKEN unset
-        print("error: --api-key is empty: give the key, or leave --api-key out to serve without authentication",
-              file=sys.stderr)
-        return 2
+        return error("--api-key is empty: give the key, or leave --api-key out to serve without authentication")
     from pydantic import ValidationError  # here: a missing server extra is one line (models.cli.run), not a traceback
 
     try:
@@ -112,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         near, _ = unknown_environment(dict(os.environ))
         if near:  # a misspelt setting would be ignored without a word (VITC_MODEL: "no models to serve")
-            print(f"error: environment variable {near[0]} (every setting is VITC_<SETTING>; see --help)",
-                  file=sys.stderr)
-            return 2
+            return error(f"environment variable {near[0]} (every setting is VITC_<SETTING>; see --help)")
         settings = Settings(**args)
         from serve.server import run
 
@@ -129,16 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         # Named as the user gives them: the flag, and the environment variable (pydantic names the fields).
         fields = Settings.model_fields
         if where in fields:
-            where = f"{flag(where)} (VITC_{where.upper()})"
+            # A flag that only turns a setting off (--no-access-log) is not what the variable says: name its values.
+            values = "=true|false" if flag(where).startswith("--no-") else ""
+            where = f"{flag(where)} (VITC_{where.upper()}{values})"
         msg = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flag(m[0]) if m[0] in fields else m[0], msg)
         if where:
-            print(f"error: invalid setting {where}: {msg} (got {err.get('input')!r})", file=sys.stderr)
-        else:  # a rule across settings: the message names them
-            print(f"error: invalid settings: {msg}", file=sys.stderr)
-        return 2
+            return error(f"invalid setting {where}: {msg} (got {err.get('input')!r})")
+        return error(f"invalid settings: {msg}")  # a rule across settings: the message names them
     except ServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
     return 0
 
 

@@ -97,6 +97,7 @@ class Metrics:
         ProcessCollector(registry=r)
         GCCollector(registry=r)
         PlatformCollector(registry=r)
+        self.serving = True  # False once a shutdown began (serve.server): every vitc_model_ready reads 0
         self._versions: dict[tuple[str, ...], int] = {}  # served versions per info label set
         self._names: dict[str, int] = {}  # served versions per model name
 
@@ -107,7 +108,7 @@ class Metrics:
         labels = (name, variant, runtime, precision, *_info(provenance))
         self.model_info.labels(*labels).set(1)
         self.queue_depth.labels(name).set_function(depth)
-        self.model_ready.labels(name).set_function(ready)
+        self.model_ready.labels(name).set_function(lambda: ready() if self.serving else 0.0)
         self.inference_timeouts.labels(name)  # at 0 from the start; kept after an unload, as every counter
         # Counted: a reload of the same version adds its series before the old one's removal (which must keep it).
         self._versions[labels] = self._versions.get(labels, 0) + 1

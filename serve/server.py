@@ -1,7 +1,8 @@
 """Run the service: load and verify every model, bind the port, then hand both to uvicorn.
 
 Models load before the port is bound, so a bad bundle or a missing runtime fails fast with one line and a
-load balancer never sees a half-started server. SIGTERM stops accepting, lets in-flight requests finish
+load balancer never sees a half-started server. SIGTERM reports not ready at once and goes on answering for
+`shutdown_delay` seconds (a second signal cuts that short), then stops accepting, lets in-flight requests finish
 (up to `graceful_timeout_s`), drains the batchers, and exits 0, without waiting for work that cannot be stopped
 (a hung backend call, a load in progress): that is named in a warning.
 """
@@ -23,11 +24,12 @@ from serve.errors import ServeError
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
 from serve.registry import close_models, load_models
-from serve.settings import DECODE_BYTES_PER_PIXEL, Settings, service_links, unknown_environment
+from serve.settings import DECODE_BYTES_PER_PIXEL, Settings, repository_tuning, service_links, unknown_environment
 
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
 FILES_RESERVED = 256  # descriptors kept from connections: model files, logs, clients being turned away
+CONNECTION_CLOSE = (b"connection", b"close")
 STUCK_WAIT_S = 1.0  # once stopped: how long the threads still working get to end before the process exits past them
 
 
@@ -122,6 +124,9 @@ def run(settings: Settings) -> None:
             "max_connections": connections, "default": DEFAULT_CONNECTIONS,
             "advice": f"raise the limit (ulimit -n {DEFAULT_CONNECTIONS + FILES_RESERVED}) or give --max-connections"})
     models = load_models(settings)
+    if refusal := repository_tuning(settings, (m.backend.runtime for m in models.values())):
+        close_models(models)
+        raise ServeError(refusal)
     from models.host import memory_limit
 
     if over := memory_headroom(settings, _resident_bytes(), memory_limit()):
@@ -145,17 +150,50 @@ def run(settings: Settings) -> None:
         log_config=None, access_log=False, lifespan="on", server_header=False, ws="none",  # no WebSocket routes
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,
     )
+    def not_ready() -> None:  # from a stop's first signal: readiness and vitc_model_ready say so (plain assignments)
+        app.state.ready = False
+        app.state.metrics.serving = False
+
     def stopping() -> None:  # the models' drain gets what is left of the one budget (serve.app's lifespan)
+        not_ready()
         if getattr(app.state, "stop_requested_at", None) is None:
             app.state.stop_requested_at = time.monotonic()
 
     class Server(uvicorn.Server):
-        """uvicorn's server, noting when the stop was asked for: Kubernetes and docker stop count one grace
-        period for the whole stop, not one for the requests and another for the models."""
+        """uvicorn's server, with the shutdown delay before its drain, noting when the drain was asked for:
+        Kubernetes and docker stop count one grace period for the whole stop, not one for the requests and another
+        for the models (the delay comes on top: terminationGracePeriodSeconds must cover both)."""
+
+        delay_ends: float | None = None  # monotonic end of the shutdown delay, from the first signal
+        signalled: int | None = None  # the signal that began it, named in the log by the event loop
 
         def handle_exit(self, sig: int, frame: object) -> None:
+            if settings.shutdown_delay and self.started and self.delay_ends is None and not self.should_exit:
+                # Endpoints are removed from a Service asynchronously to SIGTERM: report not ready now, and keep the
+                # port open and answering until the delay is over (on_tick then starts uvicorn's drain). Plain
+                # assignments only: a signal handler may run in the middle of anything on this thread.
+                self.delay_ends, self.signalled = time.monotonic() + settings.shutdown_delay, sig
+                not_ready()
+                return
+            # No delay, the server not started yet (never ready: nothing routes here), or a second signal during
+            # the delay, which cuts it short (a SIGINT after that forces uvicorn's exit, as without a delay).
             stopping()
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.signalled is not None:
+                log.info("shutting down: not ready, still answering", extra={
+                    "signal": signal.Signals(self.signalled).name, "shutdown_delay_s": settings.shutdown_delay})
+                self.signalled = None
+            if self.delay_ends is not None and not self.should_exit and time.monotonic() >= self.delay_ends:
+                stopping()
+                self.should_exit = True
+            done = await super().on_tick(counter)  # which renews the default headers once a second
+            if self.delay_ends is not None and CONNECTION_CLOSE not in self.server_state.default_headers:
+                # Every answer during the delay closes its connection: a keep-alive client reconnects, and is routed
+                # to another pod, rather than sending its next request on a connection the drain then closes.
+                self.server_state.default_headers = [*self.server_state.default_headers, CONNECTION_CLOSE]
+            return done
 
     server = Server(config)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -12,7 +13,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
-from models.bundle import NAME_RE
+from models.bundle import NAME_RE, TRITON_CONFIG_FILE
+from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -25,9 +27,30 @@ MAX_DECODE_BUDGET_PIXELS = 10_000_000_000
 TUNING = ("threads", "parallel", "openvino_hint", "compile", "channels_last")  # see runtimes.base.Runtime.tunes
 
 
+# Settings whose flag is spelt otherwise than the setting: `access_log` is only ever turned off on the command line.
+FLAGS = {"models": "--model", "access_log": "--no-access-log"}
+
+
 def flag(setting: str) -> str:
     """The command-line flag of a setting."""
-    return "--model" if setting == "models" else "--" + setting.replace("_", "-")
+    return FLAGS.get(setting) or "--" + setting.replace("_", "-")
+
+
+# What a Triton-style repository decides per model instead of the server's settings (served alone, they would be
+# ignored): the runtime and precision are its version's artifact's, as its config.pbtxt's platform says
+# (serve.registry.load_model), the batching is its config.pbtxt's (read as Triton reads it: a file without
+# max_batch_size has 0). --device and --max-queue-size apply to every repository model, and the tuning flags to those
+# whose runtime uses them (`repository_tuning`).
+REPOSITORY_DECIDES = {
+    "backend": "its platform, the runtime of its version's artifact",
+    "precision": "its version's artifact",
+    # No setting's name in these: serve.__main__ turns those into flags.
+    "max_batch_size": "its max batch size",
+    "max_queue_delay_ms": "its dynamic_batching delay, 0 when not given",
+}
+# What a model directory without config.pbtxt takes from the server's settings (the README: "serves with the server's
+# settings").
+UNCONFIGURED = ("max_batch_size", "max_queue_delay_ms")
 
 
 EMPTY_PATH = "the path is empty (it would be the current directory): "
@@ -82,7 +105,7 @@ class Settings(BaseSettings):
                                         "503 (None: 1,000, fewer if the open-file limit is lower)")
     receive_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's headers, and then its body, "
                                      "must each arrive within this, else 408")
-    max_image_pixels: int = Field(40_000_000, ge=1, le=MAX_IMAGE_PIXELS,
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, le=MAX_IMAGE_PIXELS,
                                   description="decoded width*height limit (decompression bombs)")
     max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
     # Draft decoding of big JPEGs (1/2, 1/4 or 1/8 scale, much faster): "measured" uses it only for models whose
@@ -96,6 +119,11 @@ class Settings(BaseSettings):
     inference_timeout_s: float = Field(30.0, gt=0, le=3600, description="one batch's limit before 504")
     graceful_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight requests' time to finish at "
                                       "SIGTERM / SIGINT")
+    # Kubernetes removes a terminating pod from its Service's endpoints while it sends SIGTERM, not before: kube-proxy
+    # and ingresses keep routing to it for a second or more. Reporting not ready at once and answering on meanwhile
+    # (as Triton does) keeps a rolling update from refusing connections; 0 stops at once (Ctrl-C, local use).
+    shutdown_delay: float = Field(0.0, ge=0, le=300, allow_inf_nan=False, description="seconds between SIGTERM / "
+                                  "SIGINT and the drain, reporting not ready while requests are still answered")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -148,21 +176,48 @@ class Settings(BaseSettings):
                              f"max_image_pixels ({self.max_image_pixels})")
         return self
 
+    @property
+    def repository_alone(self) -> bool:
+        """Whether every model comes from model_repository (each then runs on its own artifact's runtime)."""
+        return self.model_repository is not None and not self.models and self.model_dir is None
+
+    def tuning_ignored(self, honoured: Iterable[str]) -> list[str]:
+        """The tuning settings given that a runtime honouring only `honoured` would silently ignore."""
+        fields, honoured = type(self).model_fields, set(honoured)
+        # --parallel 1 is what a backend without streams does anyway (a VITC_PARALLEL=1 meant for all is no error).
+        return [n for n in TUNING if n not in honoured and getattr(self, n) != fields[n].default
+                and not (n == "parallel" and self.parallel == 1)]
+
     @model_validator(mode="after")
     def _tuning_the_backend_honours(self) -> Settings:
         """A tuning setting the backend does not honour is refused: it would silently do nothing. (Repository
-        models run on their own artifact's runtime, so a repository alone is not checked.)"""
-        if self.model_repository is not None and not self.models and self.model_dir is None:
+        models run on their own artifact's runtime: a repository alone is checked by `_repository_decides`, and
+        once its models are loaded, by `repository_tuning`.)"""
+        if self.repository_alone:
             return self
         honoured = runtimes.get(self.backend).tunes
-        fields = type(self).model_fields
-        # --parallel 1 is what a backend without streams does anyway (a VITC_PARALLEL=1 meant for all is no error).
-        ignored = [n for n in TUNING if n not in honoured and getattr(self, n) != fields[n].default
-                   and not (n == "parallel" and self.parallel == 1)]
-        if ignored:
+        if ignored := self.tuning_ignored(honoured):
             takes = ", ".join(flag(n) for n in honoured) or "none of them"
             raise ValueError(f"--backend {self.backend} does not use {', '.join(map(flag, ignored))} (its tuning "
                              f"flags: {takes})")
+        return self
+
+    @model_validator(mode="after")
+    def _repository_decides(self) -> Settings:
+        """With a repository alone, a setting each model's config.pbtxt decides instead is refused, not ignored (an
+        operator's VITC_PRECISION=int8 would serve fp32 without a word). Those that still apply to a model directory
+        without config.pbtxt (UNCONFIGURED) are refused only where every model directory has one."""
+        if not self.repository_alone:
+            return self
+        given = [n for n in REPOSITORY_DECIDES if n in self.model_fields_set]
+        if any(n in UNCONFIGURED for n in given) and not _every_model_configured(self.model_repository):
+            given = [n for n in given if n not in UNCONFIGURED]
+        if given:
+            names, them = ", ".join(map(flag, given)), "it" if len(given) == 1 else "them"
+            why = "; ".join(f"{flag(n)}: {REPOSITORY_DECIDES[n]}" for n in given)
+            raise ValueError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to --model-repository: each "
+                             f"model's config.pbtxt decides {them} ({why}); leave {them} out, or serve bundles with "
+                             "--model")
         return self
 
     @model_validator(mode="after")
@@ -205,6 +260,31 @@ class Settings(BaseSettings):
         # --from-file ends in a newline) could never match with its own.
         v = v.strip() if isinstance(v, str) else v
         return None if v in ("", None) else v
+
+
+def repository_tuning(settings: Settings, served: Iterable[str]) -> str | None:
+    """With a repository alone, once its models are loaded on the runtimes `served`: the refusal of the tuning flags
+    given that none of them uses (--compile with no model on torch), else None. Which runtime a model runs on is its
+    artifact's, known only once loaded (a version directory holding a whole bundle runs its first artifact)."""
+    served = sorted(set(served))
+    if not settings.repository_alone or not served:
+        return None
+    if not (ignored := settings.tuning_ignored(t for name in served for t in runtimes.get(name).tunes)):
+        return None
+    names, them = ", ".join(map(flag, ignored)), "it" if len(ignored) == 1 else "them"
+    return (f"{names} {'does' if len(ignored) == 1 else 'do'} not apply to --model-repository: no model of it runs "
+            f"on a runtime that uses {them} (each model's config.pbtxt and artifact decide its runtime: "
+            f"{', '.join(served)}); leave {them} out, or serve bundles with --model")
+
+
+def _every_model_configured(root: Path) -> bool:
+    """Whether every model directory of the repository at `root` (as serve.registry.model_sources lists them) has a
+    config.pbtxt; False when there is none, or it cannot be read (the start then says why)."""
+    try:
+        dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and NAME_RE.fullmatch(p.name)]
+        return bool(dirs) and all((p / TRITON_CONFIG_FILE).is_file() for p in dirs)
+    except OSError:
+        return False
 
 
 # Names a user may reach for: the flag's own spelling where the setting is named otherwise.

@@ -641,8 +641,9 @@ def test_tuning_flags_the_backend_ignores_are_refused(monkeypatch):
     assert Settings(backend="torch", models=["x"], threads=2, compile=True).compile
     assert Settings(backend="torch", models=["x"], parallel=1).parallel == 1  # what torch does anyway
     assert Settings(backend="openvino", models=["x"], parallel=3, openvino_hint="throughput").parallel == 3
-    # A repository's models run on their own artifacts' runtimes: --backend does not decide for them.
-    assert Settings(backend="torch", model_repository="r", parallel=2).parallel == 2
+    # A repository's models run on their own artifacts' runtimes: --backend is refused for them
+    # (tests/test_serve_repository_flags.py); --parallel applies to them.
+    assert Settings(model_repository="r", parallel=2).parallel == 2
     with pytest.raises(ValueError, match="latency runs one batch at a time"):
         Settings(models=["x"], parallel=2, openvino_hint="latency")
 

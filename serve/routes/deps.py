@@ -50,6 +50,12 @@ def served(request: Request, name: str) -> ServedModel:
     return model
 
 
+def is_ready(request: Request, model: ServedModel) -> bool:
+    """Whether `model` takes requests: its batcher runs and is not stalled, and the server is not shutting down (from
+    the first SIGTERM, through the shutdown delay, it reports not ready while it still answers)."""
+    return bool(request.app.state.ready and model.batcher and model.batcher.ready)
+
+
 # Dependencies are `async def` so FastAPI calls them inline instead of hopping to a worker thread per request.
 async def get_model(name: str, request: Request) -> ServedModel:
     """`served` as a dependency, for the light endpoints (the inference ones call `served` themselves: FastAPI's

@@ -26,6 +26,7 @@ from serve.routes.deps import (
     all_or_none,
     finite_output,
     inflated,
+    is_ready,
     off_loop,
     recorded,
     served,
@@ -168,12 +169,16 @@ def _prepare_timed(request: Request, model: ServedModel, data: bytes, settings: 
 
 @router.get("/models", summary="List served models")
 async def list_models(request: Request) -> dict[str, list[dict[str, Any]]]:
-    return {"models": [m.info() for m in request.app.state.models.values()]}
+    return {"models": [_info(request, m) for m in request.app.state.models.values()]}
 
 
 @router.get("/models/{name}", summary="Describe one model", responses={404: ERROR_RESPONSES[404]})
-async def describe_model(model: ModelDep) -> dict[str, Any]:
-    return model.info()
+async def describe_model(request: Request, model: ModelDep) -> dict[str, Any]:
+    return _info(request, model)
+
+
+def _info(request: Request, model: ServedModel) -> dict[str, Any]:
+    return {**model.info(), "ready": is_ready(request, model)}  # not ready either while the server shuts down
 
 
 @router.post(

@@ -37,6 +37,7 @@ from serve.routes.deps import (
     admission,
     finite_output,
     inflated,
+    is_ready,
     off_loop,
     recorded,
     served,
@@ -129,9 +130,9 @@ async def model_metadata(model: ModelDep, version: str | None = None) -> dict[st
 
 @router.get("/models/{name}/ready", summary="Model readiness", responses={404: ERROR_RESPONSES[404]})
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
-async def model_ready(model: ModelDep, version: str | None = None) -> JSONResponse:
+async def model_ready(request: Request, model: ModelDep, version: str | None = None) -> JSONResponse:
     _check_version(model, version)
-    ok = bool(model.batcher and model.batcher.ready)
+    ok = is_ready(request, model)
     return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else NOT_READY)
 
 
