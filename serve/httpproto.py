@@ -45,7 +45,9 @@ MAX_CHUNK_LINE = 4096
 # the server cannot tell from one that closed entirely and left: both only send EOF. The requests read whole are
 # answered either way; one still unanswered EOF_PROBE_S after the EOF gets an interim `100 Continue` (RFC 9110
 # 15.2: an HTTP/1.1 client must take an unexpected 1xx), which a client that left answers with a reset, looked for
-# as often: its requests are then disconnects, and their queued work is dropped as before.
+# as often: its requests are then disconnects, and their queued work is dropped as before. HTTP/1.0 cannot be
+# probed (no 1xx may go to it), and its real peers (nginx's upstream connections by default, ApacheBench) close
+# entirely rather than half-close: an EOF while an HTTP/1.0 request is owed its answer means the client left.
 EOF_PROBE_S = 0.1
 _INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
@@ -124,7 +126,8 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
     At most MAX_PIPELINED requests are parsed ahead of the one being answered, and reading pauses until answers go
     out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE) ends its request at once:
     the app's `receive` raises a JSON 400 that the app answers, closing the connection. A client that half-closes
-    after its requests has those it sent whole answered, then the connection closes (EOF_PROBE_S)."""
+    after its HTTP/1.1 requests has those it sent whole answered, then the connection closes (EOF_PROBE_S); an EOF
+    while an HTTP/1.0 request is owed its answer is a disconnect."""
     open_connections = [0, 0]  # connections admitted, and probe-only ones, not yet lost (all of this class)
     # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
     waiting: dict[asyncio.Protocol, None] = {}
@@ -275,9 +278,9 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
 
         def eof_received(self) -> bool | None:
             """The client sends nothing more. Requests it sent whole are still answered (then the connection
-            closes); one cut short means it left, and the transport closes, as uvicorn's does (every request not
-            answered is then a disconnect)."""
-            if not (self._admitted or self._probe_only) or not self._owed_at_eof():
+            closes); one cut short, or an HTTP/1.0 one owed its answer, means it left, and the transport closes, as
+            uvicorn's does (every request not answered is then a disconnect)."""
+            if not (self._admitted or self._probe_only) or not self._owed_at_eof() or self._owed_to_http10():
                 return None  # asyncio closes the transport
             if not self._eof:
                 self._eof = True
@@ -298,6 +301,13 @@ def header_timeout_protocol(seconds: float, access_log: bool = True, max_connect
             if self._in_headers or self._body_open():
                 return False
             return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+        def _owed_to_http10(self) -> bool:
+            """Whether a request read but not yet answered is HTTP/1.0: no probe can tell whether its client is
+            still there, and HTTP/1.0 peers close entirely rather than half-close (EOF_PROBE_S)."""
+            owed = (self._running, self.cycle, *(c for c, _ in self.pipeline))
+            return any(c is not None and not c.response_complete and c.scope.get("http_version") == "1.0"
+                       for c in owed)
 
         def _check_client(self) -> None:
             """After a half-close or a departure (an EOF either way) while answers are owed: send the interim
