@@ -10,6 +10,7 @@ returns Triton's top-k strings.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -335,53 +336,80 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
         raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
     if not isinstance(spec["data"], list):
         raise ProtocolError(f"input {name!r}: 'data' must be a list of numbers, got {_json_kind(spec['data'])}")
-    arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="), shape)
+    arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="))
     if arr.size != count:
         raise ProtocolError(f"input {name!r}: {arr.size} values for shape {shape} ({count} expected)")
     return name, _finite(name, arr.reshape(shape)), 0
 
 
 # What JSON values other than numbers are called in a refusal.
-_VALUE_KINDS = {str: "strings", type(None): "null", dict: "objects", list: "lists of uneven lengths",
-                bool: "booleans", float: "fractional numbers", int: "integers"}
+_VALUE_KINDS = {str: "strings", type(None): "null", dict: "objects", bool: "booleans", float: "fractional numbers",
+                int: "integers"}
+# Triton reads `data` nested to any depth and in any arrangement (uneven lists too) row-major, and checks only the
+# number of values; clients wrap `x.tolist()` in one more list. The walk is iterative, so depth costs only its stack;
+# this bound, far past a tensor's MAX_DIMS and any real client, gives the same answer whatever depth the JSON parser
+# reaches on this Python (the request's arrays-and-objects limit bounds the lists too).
+MAX_DATA_NESTING = 64
 
 
-def _nesting(data: list, most: int) -> int:
-    """How deep `data`'s lists nest along their first values, counted no further than `most` + 1."""
-    depth = 1
-    while depth <= most and data and isinstance(data[0], list):
-        data, depth = data[0], depth + 1
-    return depth
+def _leaves(name: str, data: list) -> tuple[list, set[type]]:
+    """`data`'s values in row-major order (nested lists of any lengths, as Triton reads them) and their types."""
+    # Not numpy: np.asarray made object arrays of up to 64 dimensions from deep lists, which `.flat` refuses past 32
+    # (a 500), and it cannot read uneven lists. A level of nothing but lists is joined in C; each JSON value is
+    # visited once either way, so the time is linear in the body.
+    level, depth = data, 1
+    while True:
+        kinds = set(map(type, level))
+        if list not in kinds:
+            return level, kinds
+        if depth >= MAX_DATA_NESTING:
+            raise _too_deep(name)
+        if kinds != {list}:
+            break
+        level, depth = list(itertools.chain.from_iterable(level)), depth + 1
+    flat: list = []  # numbers beside lists: walked in order, with a stack rather than recursion
+    kinds = set()
+    stack = [iter(level)]
+    while stack:
+        for value in stack[-1]:
+            if type(value) is not list:
+                kinds.add(type(value))
+                flat.append(value)
+                continue
+            if depth + len(stack) > MAX_DATA_NESTING:
+                raise _too_deep(name)
+            inner = set(map(type, value))
+            if list in inner:
+                stack.append(iter(value))
+                break
+            kinds |= inner
+            flat.extend(value)
+        else:
+            stack.pop()
+    return flat, kinds
 
 
-def _json_values(name: str, data: list, datatype: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
-    """JSON numbers (flat or nested lists) -> an array of `dtype`, refusing what does not fit it exactly."""
-    most = max(len(shape), 1)  # flat, or nested at most as the shape (a scalar's one value is a list of one)
-    too_deep = ProtocolError(f"input {name!r}: 'data' nests lists more than {most} deep, deeper than its shape "
-                             f"{shape} allows (send the values flat, or nested as the shape)")
-    # numpy would make up to 64 dimensions of such lists, which `.flat` and `astype` refuse past 32 (RuntimeError).
-    # Its dimensions end where the first values' lists do, so walking those (no deeper than any tensor) bounds them.
-    if _nesting(data, MAX_DIMS) > MAX_DIMS:
-        raise too_deep
-    try:
-        # Kept as objects (8 bytes a value) until every value is known to be a number: given strings, numpy would
-        # make a text array as wide as the longest for every value (a 40 KB body once took 400 MB).
-        cells = np.asarray(data, dtype=object)
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise ProtocolError(f"input {name!r}: data is not a regular array of numbers: {_short(exc)}") from None
-    if cells.ndim > most:  # even lists deeper than the shape; uneven ones are named with the values below
-        raise too_deep
+def _too_deep(name: str) -> ProtocolError:
+    return ProtocolError(f"input {name!r}: 'data' nests lists more than {MAX_DATA_NESTING} deep (send the values "
+                         "flat, or nested as the shape)")
+
+
+def _json_values(name: str, data: list, datatype: str, dtype: np.dtype) -> np.ndarray:
+    """JSON numbers (flat or nested lists) -> a flat array of `dtype`, refusing what does not fit it exactly."""
+    # Read as Python objects until every value is known to be a number: given strings, numpy would make a text
+    # array as wide as the longest for every value (a 40 KB body once took 400 MB).
+    flat, kinds = _leaves(name, data)
     allowed = {bool} if datatype == "BOOL" else {int, float} if dtype.kind == "f" else {int}
-    if odd := set(map(type, cells.flat)) - allowed:
+    if odd := kinds - allowed:
         got = ", ".join(sorted(_VALUE_KINDS.get(t, t.__name__) for t in odd))
         raise ProtocolError(f"input {name!r}: data is not {datatype} (got {got})")
-    if dtype.kind in "iu" and cells.size:  # Python integers: any size compares exactly
+    if dtype.kind in "iu" and flat:  # Python integers: any size compares exactly
         info = np.iinfo(dtype)
-        if cells.min() < info.min or cells.max() > info.max:
+        if min(flat) < info.min or max(flat) > info.max:
             raise ProtocolError(f"input {name!r}: values outside the {datatype} range {info.min}..{info.max}")
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # floats past the dtype's range: inf, refused by _finite
-            return cells.astype(dtype)
+            return np.fromiter(flat, dtype, len(flat))
     except OverflowError:  # an integer literal beyond every float
         raise ProtocolError(f"input {name!r}: values outside the {datatype} range") from None
 
