@@ -5,8 +5,10 @@ The export's parity gate compares tensors. This sends every image, in the model'
 `to_mode` converts it, as PNG at its own size and as JPEG (quality 95 and 75) at 2x, 4x and 8x the model's resize
 target, to `python -m serve` (HTTP, decoding, EXIF, JPEG draft decoding, preprocessing, dynamic batching, runtime),
 once with JPEG draft decoding and once without, and compares top-1 with the torch reference on the original pixels.
-An image too long to be a JPEG at 8x (libjpeg: 65,500 pixels a side, so a strip of about 32:1 for a 224-pixel
-model) is left out of every encoding, named and counted in the progress line, as unreadable files are.
+An image that the server the check starts would refuse in any encoding is left out of every encoding (so all are
+measured on the same images), named and counted in the progress line, as unreadable files are: one too long to be a
+JPEG at 8x (libjpeg: 65,500 pixels a side, a strip of about 32:1 for a 224-pixel model), or with more pixels than
+the server's --max-image-pixels (40 M: 8x the 256-pixel resize target of a 224-pixel model is past 9.5:1).
 The result goes into the bundle's manifest (`served`); when draft decoding costs more than DRAFT_BUDGET_POINTS of
 accuracy, servers decode that model's JPEGs in full.
 """
@@ -35,13 +37,17 @@ from models.bundle import (
     read_manifest,
     write_manifest,
 )
-from models.preprocessing import Preprocessing
+from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
 from runtimes.base import first_line
 
 QUALITIES = (95, 75)
 SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
 CONCURRENCY = 8
 JPEG_MAX_SIDE = 65500  # libjpeg's largest image side
+# The server `measure` starts is given this --max-image-pixels (serve's default), so VITC_MAX_IMAGE_PIXELS in the
+# environment cannot make it refuse images `_sendable` kept.
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+MAX_BODY_BYTES = 16 * 2**20  # serve's --max-body-bytes default, raised to the largest body `measure` sends
 
 
 def encodings(img, spec: Preprocessing) -> dict[str, bytes]:  # noqa: ANN001 - a PIL image
@@ -91,24 +97,57 @@ def too_long_for_jpeg(size: tuple[int, int], spec: Preprocessing) -> tuple[int, 
     return big if max(big) > JPEG_MAX_SIDE else None
 
 
+def _sizes(size: tuple[int, int], spec: Preprocessing) -> list[tuple[str, tuple[int, int]]]:
+    """(encoding, size) of every encoding `encodings` makes of an image of `size`, smallest JPEG first."""
+    return [("as a PNG at its own size", size)] + [
+        (f"as a JPEG at {s}x the resize target", _scaled(size, spec.resize * s)) for s in SCALES]
+
+
+def too_many_pixels(size: tuple[int, int], spec: Preprocessing,
+                    max_pixels: int | None = None) -> tuple[str, tuple[int, int]] | None:
+    """The first encoding (what, size) of an image of `size` with more pixels than the server's limit `max_pixels`
+    (default MAX_IMAGE_PIXELS, the one `measure` starts it with), which it would answer 413, else None."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    return next(((what, (w, h)) for what, (w, h) in _sizes(size, spec) if w * h > limit), None)
+
+
+def _refusal(size: tuple[int, int], spec: Preprocessing) -> tuple[str, str] | None:
+    """Why an encoding of an image of `size` could not be sent to the server `measure` starts, as (reason, how
+    this image meets it), else None. The JPEG side limit first: such a JPEG cannot even be made."""
+    if big := too_long_for_jpeg(size, spec):
+        return (f"too long to send as a JPEG at {max(SCALES)}x the resize target (more than {JPEG_MAX_SIDE} pixels "
+                "a side"), f"would be {big[0]}x{big[1]}"
+    if over := too_many_pixels(size, spec):
+        what, (w, h) = over
+        return (f"too big for the server's pixel limit (more than {MAX_IMAGE_PIXELS} pixels, its "
+                "--max-image-pixels"), f"would be {w}x{h} = {w * h} pixels {what}"
+    return None
+
+
 def _sendable(images: list, spec: Preprocessing, where: Callable[[int], str]) -> tuple[list[int], str]:
-    """The indices of the images that every encoding can be made of, and a note ("" or ", k left out ...") on the
-    others. A valid image too long for a JPEG at the largest scale is left out of the whole measurement (so every
-    encoding is measured on the same images), named and counted as unreadable files are, not fatal."""
-    keep, out = [], []
+    """The indices of the images that every encoding can be made of and sent, and a note ("" or ", k left out
+    ...") on the others. A valid image that the server would refuse in any encoding (`_refusal`) is left out of
+    the whole measurement (so every encoding is measured on the same images), named and counted as unreadable
+    files are, not fatal; before any image is encoded or any server started."""
+    keep: list[int] = []
+    out: dict[str, list[tuple[int, str]]] = {}  # reason -> (index, how), in the order first met
     for i, img in enumerate(images):
-        (out if too_long_for_jpeg(img.size, spec) else keep).append(i)
-    if not out:
-        return keep, ""
-    first = images[out[0]]
-    w, h = _scaled(first.size, spec.resize * max(SCALES))
-    why = (f"too long to send as a JPEG at {max(SCALES)}x the resize target (more than {JPEG_MAX_SIDE} pixels a "
-           f"side; {where(out[0])} {first.size[0]}x{first.size[1]} would be {w}x{h}"
-           + (f", and {len(out) - 1} more" if len(out) > 1 else "") + ")")
-    if not keep:
-        raise ServedError(f"no val image to measure: all {len(out)} chosen are {why}")
-    note = f", {len(out)} left out as {why}"
-    return keep, note
+        if refused := _refusal(img.size, spec):
+            out.setdefault(refused[0], []).append((i, refused[1]))
+        else:
+            keep.append(i)
+    whys = []
+    for reason, hits in out.items():
+        i, how = hits[0]
+        w, h = images[i].size
+        whys.append((len(hits), f"{reason}; {where(i)} {w}x{h} {how}"
+                     + (f", and {len(hits) - 1} more" if len(hits) > 1 else "") + ")"))
+    if not keep and len(whys) == 1:
+        raise ServedError(f"no val image to measure: all {whys[0][0]} chosen are {whys[0][1]}")
+    if not keep and whys:
+        raise ServedError(f"no val image to measure: all {len(images)} chosen are left out, "
+                          + ", ".join(f"{n} as {why}" for n, why in whys))
+    return keep, "".join(f", {n} left out as {why}" for n, why in whys)
 
 
 def _encode_all(images: list, spec: Preprocessing, where: Callable[[int], str]) -> list[dict[str, bytes]]:
@@ -235,10 +274,14 @@ def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | Non
     encoded = _encode_all(images, manifest.preprocessing, lambda i: str(paths[i]) if paths else f"#{i}")
     reference = _reference(bundle, manifest, images)
     names = list(encoded[0])
+    # A PNG of a big photo (up to 40 M pixels, about 120 MB) is over the server's default body limit (16 MiB): the
+    # limits are the check's own, given as flags (not VITC_* from the environment), and let every body through.
+    body_limit = max(MAX_BODY_BYTES, *(len(body) for e in encoded for body in e.values()))
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="vitc-served-") as tmp:
         for draft in (True, False):
-            args = ["--model", f"m={bundle}", "--backend", runtime, "--no-access-log", "--max-queue-delay-ms", "2"]
+            args = ["--model", f"m={bundle}", "--backend", runtime, "--no-access-log", "--max-queue-delay-ms", "2",
+                    "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-body-bytes", str(body_limit)]
             policy = ["--jpeg-draft", "always" if draft else "never"]
             with start(args + policy, Path(tmp) / f"server-{draft}.log") as server:
                 for enc in names:

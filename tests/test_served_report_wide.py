@@ -118,3 +118,78 @@ def test_an_image_the_encoder_refuses_for_another_reason_still_stops_the_check_n
         f"error: served path: cannot encode val image {data / 'val' / 'b' / 'odd.png'} (L 47x41) as the PNG and JPEG "
         "a client sends: PNG 47x41: broken data stream"), err
     assert (bundle / "manifest.json").read_bytes() == before
+
+
+# A 224-pixel model's preprocessing (resize 256) on the legacy bundle's 32-pixel input: its 8x JPEGs have a short
+# side of 2048, so past 9.5:1 they have more pixels than the server's 40 M default allows.
+WIDE224 = replace(GREY, resize=256)
+
+
+def _bundle224(dest: Path, dataset: Path) -> Path:
+    """The legacy bundle with the resize target of a 224-pixel model (resize 256, centre crop 32)."""
+    _bundle(dest, dataset)
+    write_manifest(dest, replace(read_manifest(dest), preprocessing=WIDE224))
+    return dest
+
+
+def test_too_many_pixels_is_where_the_server_the_check_starts_refuses():
+    """The report's case: 2400x240 (10:1) is 20480x2048 = 41,943,040 pixels as the 8x JPEG of a 224-pixel model,
+    over the 40 M limit `measure` gives its server; 9.375:1 fits. A native image over the limit is named as the PNG."""
+    assert served.MAX_IMAGE_PIXELS == 40_000_000
+    assert served.too_many_pixels((2400, 240), WIDE224) == ("as a JPEG at 8x the resize target", (20480, 2048))
+    assert served.too_many_pixels((2250, 240), WIDE224) is None  # 19200x2048 = 39,321,600
+    assert served.too_many_pixels((2400, 240), WIDE224, max_pixels=20480 * 2048) is None  # the limit is allowed
+    assert served.too_many_pixels((7000, 7000), WIDE224) == ("as a PNG at its own size", (7000, 7000))
+    assert served.too_many_pixels((2400, 240), GREY) is None  # a 32-pixel model's 8x JPEG: 2560x256
+    assert served.too_long_for_jpeg((2400, 240), WIDE224) is None  # within JPEG's side: the pixel limit is what stops
+
+
+def test_report_served_leaves_out_an_image_over_the_servers_pixel_limit_and_measures_the_rest(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The report's case: a valid 10:1 val image (2400x240) of a 224-pixel model made a 20480x2048 JPEG at 8x,
+    which the server answered 413, stopping the check with exit 2 after the smaller encodings had run. Now it is
+    left out of every encoding before any work, named; the rest is measured through a real server. The server's
+    limits are the check's own (flags), not VITC_* ones from the environment: its body limit holds the largest
+    body sent (a PNG of a big photo is over the 16 MiB default; here every JPEG is over the 1 KiB set)."""
+    data = _folder(tmp_path / "data", {"val/b/wide10to1.png": (2400, 240)})
+    bundle = _bundle224(tmp_path / "b", data)
+    monkeypatch.setenv("VITC_MAX_IMAGE_PIXELS", "1000")  # a server configured for something else
+    monkeypatch.setenv("VITC_MAX_BODY_BYTES", "1024")
+    assert report.main([str(bundle), "--served"]) == 0
+    out, err = capsys.readouterr()
+    wide = data / "val" / "b" / "wide10to1.png"
+    progress = err.splitlines()[0]
+    assert progress.startswith("legacy: 4 ") and progress.endswith(
+        ", 1 left out as too big for the server's pixel limit (more than 40000000 pixels, its --max-image-pixels; "
+        f"{wide} 2400x240 would be 20480x2048 = 41943040 pixels as a JPEG at 8x the resize target), reference on "
+        "their own pixels ..."), err
+    assert "error" not in err and "Traceback" not in err, err
+    record = read_manifest(bundle).served
+    assert record is not None and record.samples == 4  # the four ramps, each encoded every way
+    assert record.encodings["png-native"]["agreement"] == 1.0
+    assert set(record.encodings) == {"png-native"} | {f"jpeg{q}-{256 * s}" for q in served.QUALITIES
+                                                      for s in served.SCALES}
+    assert "Served path (onnxruntime, 4 val images" in out
+
+
+def test_report_served_with_every_image_refused_for_either_reason_is_one_line(tmp_path, monkeypatch, capsys):
+    """Images left out for both reasons, none left: one line naming each reason's first image and count, exit 2,
+    manifest kept, no server started."""
+    data = _folder(tmp_path / "data", {"val/a/strip.png": (9000, 10), "val/a/wide.png": (2400, 240),
+                                       "val/b/wider.png": (3000, 240)})
+    for ramp in data.glob("val/*/ramp*.png"):
+        ramp.unlink()
+    bundle = _bundle224(tmp_path / "b", data)
+    monkeypatch.setattr("serve.launch.start", None)
+    before = (bundle / "manifest.json").read_bytes()
+    assert report.main([str(bundle), "--served"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    a = data / "val" / "a"
+    assert err[0] == (
+        "error: served path: no val image to measure: all 3 chosen are left out, 1 as too long to send as a JPEG at "
+        f"8x the resize target (more than 65500 pixels a side; {a / 'strip.png'} 9000x10 would be 1843200x2048), "
+        "2 as too big for the server's pixel limit (more than 40000000 pixels, its --max-image-pixels; "
+        f"{a / 'wide.png'} 2400x240 would be 20480x2048 = 41943040 pixels as a JPEG at 8x the resize target, and 1 "
+        "more)"), err
+    assert (bundle / "manifest.json").read_bytes() == before
