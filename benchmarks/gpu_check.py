@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from models.cli import OneLineParser, float_in, int_in
+from models.io import empty_path_problem
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PARITY_SAMPLES = 100_000
@@ -622,11 +623,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuda (default) or cuda:N; cpu only with --smoke (the full check needs a GPU)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes of the same steps (what the tests run with --device cpu)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks") / "results",
+    p.add_argument("--out", default="benchmarks/results",
                    help="report directory, created if missing (default benchmarks/results under the current "
                    "directory)")
-    p.add_argument("--work", type=Path, help="working directory for runs and bundles (default: a temporary one)")
-    p.add_argument("--cache", type=Path, default=None,
+    p.add_argument("--work", help="working directory for runs and bundles (default: a temporary one)")
+    p.add_argument("--cache", default=None,
                    help="bundle cache of the latency steps, reused from one check to the next (default "
                         f"{GPU_CACHE} under the current directory; the smoke run's own is under --work); not make "
                         "bench's exports/bench, whose bundles have another max batch")
@@ -636,10 +637,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float_in(RESERVE_S + MIN_STEP_S, MAX_BUDGET_S), default=None, metavar="SECONDS",
                    help="the whole check's time, shared by its steps (default 300; --full 1800; --smoke 1800); a "
                         "step past its share is stopped and recorded as cut")
-    p.add_argument("--parity-of", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--parity-of", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--parity-samples", type=int_in(1, MAX_PARITY_SAMPLES), default=256, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # Path("") is the current directory: `--work "$DIR"` with DIR unset would train and export here.
+    for flag, advice in (("--out", "give the report directory, or omit --out for benchmarks/results"),
+                         ("--work", "give a working directory, or omit --work for a temporary one"),
+                         ("--cache", f"give the bundle cache directory, or omit --cache for {GPU_CACHE}"),
+                         ("--parity-of", "give the bundle directory"),
+                         ("--checkpoint", "give the checkpoint directory")):
+        name = flag[2:].replace("-", "_")
+        if problem := empty_path_problem(flag, value := getattr(args, name), advice):
+            p.error(problem)
+        setattr(args, name, None if value is None else Path(value))
     # The steps run from the checkout (cwd=REPO): paths the user gave are the ones under their own directory.
     args.out, args.work = args.out.absolute(), args.work and args.work.absolute()
     sizes = SMOKE if args.smoke else GPU_FULL if args.full else GPU

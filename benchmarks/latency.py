@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="matmul-limit timing per precision, at start and end (default 3; --quick 0.3)")
     run.add_argument("--parity-samples", type=int, default=None,
                      help="validation images of each bundle's parity gates (default 512; --quick 64)")
-    run.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+    run.add_argument("--cache", default=DEFAULT_CACHE,
                      help="bundle cache directory (default exports/bench, under the current directory)")
-    run.add_argument("--out", type=Path, default=None,
+    run.add_argument("--out", default=None,
                      help="results directory, created if missing (default benchmarks/results under the current "
                           "directory; --quick: exports/bench/results)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="open-loop Poisson arrival rate, requests/s (default: 70 %% of the best closed-loop rate)")
     http.add_argument("--duration", type=float_in(0, MAX_DURATION_S), default=None,
                       help="seconds per load level (default 15; --quick 2)")
-    http.add_argument("--bundle", type=Path, default=None,
+    http.add_argument("--bundle", default=None,
                       help="the served bundle, timed bare in-process for the overhead comparison")
     http.add_argument("--runtime", default=None,
                       help="backend of the server --http start launches (default onnxruntime)")
@@ -158,6 +158,22 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     )
 
 
+def _empty_path(args: argparse.Namespace) -> str | None:
+    """Which path was given empty or blank: Path("") is the current directory, so `--cache "$DIR"` with DIR unset
+    would export the bundles here, and `--checkpoint MODEL=` time whatever checkpoint lies here."""
+    from models.io import empty_path_problem
+
+    checkpoints = [spec.partition("=") for spec in args.checkpoint if "=" in spec]
+    return next(filter(None, (
+        empty_path_problem("--cache", str(args.cache), "give the bundle cache directory, or omit --cache for "
+                           "exports/bench"),
+        empty_path_problem("--out", args.out, "give the results directory, or omit --out"),
+        empty_path_problem("--bundle", args.bundle, "give the served bundle's directory"),
+        *(empty_path_problem(f"--checkpoint {model}=", path, "give MODEL=DIR, DIR the run's checkpoint directory")
+          for model, _, path in checkpoints),
+    )), None)
+
+
 def _paths_problem(args: argparse.Namespace, out: Path) -> str | None:
     """Why the bundle cache or the results could not be written, found before anything is measured."""
     from benchmarks.report import out_dir_problem
@@ -179,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     from runtimes import BackendError, ExportError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if problem := _empty_path(args):
+        p.error(problem)
+    args.cache, args.out, args.bundle = (None if v is None else Path(v) for v in (args.cache, args.out, args.bundle))
     out = args.out or (args.cache / "results" if args.quick else Path("benchmarks") / "results")
     if problem := _paths_problem(args, out):
         print(f"error: {problem}", file=sys.stderr)

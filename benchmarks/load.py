@@ -38,7 +38,7 @@ from benchmarks.e2e import MAX_IMAGES, request_bodies
 from benchmarks.loadgen import Endpoint, closed_loop
 from benchmarks.report import naming, out_dir_problem, save_failed
 from models.cli import OneLineParser, float_in
-from models.io import atomic_write_bytes, atomic_write_json
+from models.io import atomic_write_bytes, atomic_write_json, empty_path_problem
 
 DEMO_BUNDLES = ("exports/animals-vit_c", "exports/animals-vit_p")
 CONCURRENCY = (1, 4, 16, 64)
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per level not counted (default 1)")
     p.add_argument("--images", type=int, default=64, help="distinct request images (default 64)")
     p.add_argument("--api-key", default=os.environ.get("VITC_API_KEY"))
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/load-<backend>.json)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/load-<backend>.json)")
     return p
 
 
@@ -322,7 +322,19 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     """Check the arguments, run the load test (starting a server with --start), print and write the report."""
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    # Path("") is the current directory: an empty --out was called "a directory", a blank one wrote a report named
+    # " " here, and an empty --model (or NAME=) reached the started server before it was refused.
+    problems = [empty_path_problem("--out", args.out, "give a .json path, or omit --out")]
+    if args.model:
+        from serve.settings import model_path_text
+
+        problems += [empty_path_problem("--model", model_path_text(spec), "give a bundle directory as PATH or "
+                                        "NAME=PATH") for spec in args.model]
+    if problem := next(filter(None, problems), None):
+        p.error(problem)
+    args.out = args.out and Path(args.out)
     try:
         url, bundles = _checked(args)
     except ValueError as exc:

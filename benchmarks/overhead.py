@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from models.cli import OneLineParser, int_in
+from models.io import empty_path_problem
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "vitc-overhead-benchmark"
@@ -556,7 +557,7 @@ def check_bundle(bundle: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
+    p.add_argument("--bundle", required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
     p.add_argument("--rounds", type=int_in(1, 1000), default=8,
                    help="alternating rounds of each system at concurrency 1 (default 8)")
     p.add_argument("--slice", type=_seconds, default=1.5, help="seconds per system per round at concurrency 1")
@@ -569,10 +570,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="server starts timed to their first answer (default 3)")
     # The two CPU runtimes with a reference to hold them against: a bare session loop, OpenVINO's benchmark_app.
     p.add_argument("--backends", type=_backends, default=COMPARED.split(","), help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, default=Path("benchmarks") / "results",
+    p.add_argument("--out", default="benchmarks/results",
                    help="results directory (default benchmarks/results under the current directory)")
     args = p.parse_args(argv)
-    args.bundle = args.bundle.absolute()  # the servers it starts run from the checkout, not from here
+    # Path("") is the current directory: `--bundle "$B"` with B unset measured whatever bundle lies here.
+    for problem in (empty_path_problem("--bundle", args.bundle, "give the bundle directory"),
+                    empty_path_problem("--out", args.out, "give the results directory, or omit --out")):
+        if problem:
+            p.error(problem)
+    # The servers it starts run from the checkout, not from here.
+    args.bundle, args.out = Path(args.bundle).absolute(), Path(args.out)
     from models.bundle import BundleError
 
     try:

@@ -19,7 +19,7 @@ from models.bundle import MAX_BATCH_LIMIT
 from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.cli import OneLineParser, extras_hint, installed, int_in
 from models.host import distribution_versions
-from models.io import out_inside_problem, out_name_problem
+from models.io import empty_path_problem, out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
 
 MAX_SAMPLES = 2**31 - 1  # "all of the split" in practice; bounded so no count overflows an index
@@ -122,6 +122,18 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
 
     p = parser(family)
     args = p.parse_args(argv)
+    # Path("") is the current directory: `--checkpoint "$RUN"` with RUN unset exported whatever checkpoint lay here,
+    # and an empty --dataset or --calibration-dataset quietly meant the default one.
+    for problem in (
+        empty_path_problem("--checkpoint", args.checkpoint, "give the checkpoint directory"),
+        empty_path_problem("--out", args.out, "give the bundle directory to write"),
+        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
+                           "folder, or omit --dataset for the checkpoint's"),
+        empty_path_problem("--calibration-dataset", args.calibration_dataset, f"give one of {', '.join(EMBEDDED)} "
+                           "or an ImageNet-layout folder, or omit --calibration-dataset for --dataset"),
+    ):
+        if problem:
+            p.error(problem)
     if family:
         precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
         known = by_target(family).precisions

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
 from models.cli import OneLineParser, machine_failure, require
-from models.io import atomic_write_bytes
+from models.io import atomic_write_bytes, empty_path_problem
 from runtimes.base import first_line
 
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
@@ -180,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, help="validation images for --served, at least 1; more than the split "
                                                 "holds means the whole split (default: the whole split)")
     args = ap.parse_args(argv)
+    # Path("") is the current directory: `export.report "$BUNDLE"` with BUNDLE unset would report whatever is here.
+    for bundle in args.bundles:
+        if problem := empty_path_problem("BUNDLE", bundle, "give a bundle directory"):
+            ap.error(problem)
     if args.samples is not None and args.samples < 1:
         ap.error(f"--samples must be at least 1, got {args.samples}")
     if args.png is not None and (why := check_png(args.png)):

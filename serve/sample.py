@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from models.cli import OneLineParser
-from models.io import atomic_write_bytes, out_inside_problem, out_name_problem
+from models.io import atomic_write_bytes, empty_path_problem, out_inside_problem, out_name_problem
 
 PROG = "python -m serve.sample"
 MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (training's bound on consecutive ones)
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="sample.png",
                    help="image to write: .png, .jpg/.jpeg or .webp, the format follows (default sample.png)")
     args = p.parse_args(argv)
+    # Path("") is the current directory: it was called "a directory", as though one had been named.
+    if problem := empty_path_problem("--out", args.out, "give an image file name, or omit --out for sample.png"):
+        p.error(problem)
     try:
         index, label = write_sample(args.dataset, args.index, args.out)
     except SampleError as exc:

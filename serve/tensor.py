@@ -19,7 +19,7 @@ import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
 from models.cli import OneLineParser, disk_full, int_in
-from models.io import atomic_write_bytes, out_inside_problem, out_name_problem
+from models.io import atomic_write_bytes, empty_path_problem, out_inside_problem, out_name_problem
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
 PROG = "python -m serve.tensor"
@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (never an input image "
                    "or a file of the model)")
     args = p.parse_args(argv)
+    # Path("") is the current directory: `--bundle "$MODEL"` with MODEL unset would use whatever bundle lies here.
+    if problem := empty_path_problem("--bundle", args.bundle, "give the model's bundle directory (or a Triton "
+                                     "repository's version directory, repo/<model>/1)"):
+        p.error(problem)
     try:
         manifest, shape = build(args.bundle, args.images, args.out, jpeg_draft=args.jpeg_draft,
                                 max_pixels=args.max_image_pixels, overwrite=args.overwrite)

@@ -14,9 +14,10 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 # isort: split
 import os
 
-from data.datasets import DatasetError, UnreadableImage
+from data.datasets import EMBEDDED, DatasetError, UnreadableImage
 from models.checkpoint import CheckpointError
 from models.cli import machine_failure, require, say
+from models.io import empty_path_problem
 from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 
@@ -44,7 +45,17 @@ def speaker() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m train`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Refused by name before anything else: `--out " "` trained into a directory named " " here, and an empty
+    # --out or --dataset (Path("") is the current directory) was only called "required".
+    for problem in (
+        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
+                           "folder"),
+        empty_path_problem("--out", args.out, "give the run directory"),
+    ):
+        if problem:
+            parser.error(problem)
     quiet_openmp()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     who = speaker()
