@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-budget-pixels", type=int,
                    help="pixels being decoded at once, all requests together, before 503 (default 100,000,000 or "
                         "--max-image-pixels if larger, at most 10,000,000,000)")
+    p.add_argument("--keep-alive-s", type=float, metavar="SECONDS",
+                   help="an idle keep-alive connection is closed after this many seconds (default 15, 1 to 3600); "
+                        "behind a proxy or load balancer that reuses connections, set it above the proxy's idle "
+                        "timeout (AWS ALB 60, nginx upstream keepalive_timeout 60, GCP 600), or it gets 502s")
     p.add_argument("--inference-timeout-s", type=float,
                    help="a batch running longer answers 504 and marks the model not ready (default 30)")
     p.add_argument("--graceful-timeout-s", type=float,

@@ -27,6 +27,9 @@ UNKNOWN_MODEL = "_unknown"  # label for requests naming no model the server know
 # method or transfer coding, unknown HTTP version, too many connections); anything else is counted as "other".
 PROTOCOL_STATUSES = ("400", "408", "414", "431", "501", "503", "505")
 INFO_LABELS = ("version", "weights_sha256", "vitc_version", "git_commit", "exported")
+# Paths left out of vitc_in_flight_requests: the scrape reading the gauge, and the probes polling the server, would
+# otherwise keep an idle server at 1 (Triton's pending-request gauges count inference requests only).
+NOT_IN_FLIGHT = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def _release(counts: dict, key: object) -> bool:
@@ -69,7 +72,10 @@ class Metrics:
         self.batch_size = Histogram(
             "vitc_batch_size", "Rows per executed batch", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
-        self.in_flight = Gauge("vitc_in_flight_requests", "HTTP requests being processed", registry=r)
+        self.in_flight = Gauge(
+            "vitc_in_flight_requests", "HTTP requests being processed (not /metrics or the /v2/health probes: 0 "
+            "when idle)", registry=r,
+        )
         self.disconnects = Counter(
             "vitc_client_disconnects", "Requests whose client left before the answer: during the upload, or "
             "while queued (their work is dropped, never computed)", ["model", "stage"], registry=r,

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import workpool
 from serve.errors import APIError, ClientGone
-from serve.metrics import UNKNOWN_MODEL, Metrics
+from serve.metrics import NOT_IN_FLIGHT, UNKNOWN_MODEL, Metrics
 from serve.responses import error_response
 from serve.timing import server_timing
 
@@ -79,7 +79,9 @@ class AccessLogMiddleware:
                 message["headers"] = [*message["headers"], *extra]
             await send(message)
 
-        self.metrics.in_flight.inc()
+        counted = scope["path"] not in NOT_IN_FLIGHT  # the scrape and the probes: an idle server reads 0
+        if counted:
+            self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
         except (ClientDisconnect, ClientGone) as exc:
@@ -107,7 +109,8 @@ class AccessLogMiddleware:
             except Exception:
                 raise asyncio.CancelledError from None
         finally:
-            self.metrics.in_flight.dec()
+            if counted:
+                self.metrics.in_flight.dec()
             if status != CLIENT_CLOSED and (unanswered := scope.get("vitc.unanswered")) and unanswered():
                 status = CLIENT_CLOSED  # the client left before any of the answer went out (serve.httpproto)
             seconds = time.perf_counter() - start

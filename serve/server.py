@@ -148,7 +148,7 @@ def run(settings: Settings) -> None:
     config = uvicorn.Config(
         app, http=http,
         log_config=None, access_log=False, lifespan="on", server_header=False, ws="none",  # no WebSocket routes
-        timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=15,
+        timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=settings.keep_alive_s,
     )
     def not_ready() -> None:  # from a stop's first signal: readiness and vitc_model_ready say so (plain assignments)
         app.state.ready = False

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     decode_budget_pixels: int = Field(100_000_000, ge=1, le=MAX_DECODE_BUDGET_PIXELS,
                                       description="pixels decoded at once, all requests (at least "
                                       "max_image_pixels)")
+    # uvicorn closes an idle keep-alive connection silently after this. A proxy or load balancer that pools
+    # connections to this server must drop idle ones sooner (AWS ALB keeps them 60 s, nginx's upstream keepalive_timeout
+    # 60 s, GCP's backend service 600 s): otherwise it sends a request on a connection being closed, and its client
+    # gets a 502 (a POST is not retried).
+    keep_alive_s: float = Field(15.0, ge=1, le=3600, allow_inf_nan=False,
+                                description="how long an idle keep-alive connection stays open")
     inference_timeout_s: float = Field(30.0, gt=0, le=3600, description="one batch's limit before 504")
     graceful_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight requests' time to finish at "
                                       "SIGTERM / SIGINT")
