@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -23,25 +24,24 @@ def _never(name: str):
     return called
 
 
-def _tensor(monkeypatch):
-    from serve import tensor
-
-    monkeypatch.setattr(tensor, "build", _never("serve.tensor.build"))
-    return tensor.main
-
-
-def _sample(monkeypatch):
-    from serve import sample
-
-    monkeypatch.setattr(sample, "write_sample", _never("serve.sample.write_sample"))
-    return sample.main
+def _guarded(module: str, *steps: str):
+    """The module's main, with each of its `steps` (what would do the work) failing the test when called."""
+    def patched(monkeypatch):
+        mod = importlib.import_module(module)
+        for step in steps:
+            monkeypatch.setattr(mod, step, _never(f"{module}.{step}"))
+        return mod.main
+    return patched
 
 
-def _report(monkeypatch):
-    from export import report
-
-    monkeypatch.setattr(report, "read_manifest", _never("export.report.read_manifest"))
-    return report.main
+_tensor = _guarded("serve.tensor", "build")
+_sample = _guarded("serve.sample", "write_sample")
+_report = _guarded("export.report", "read_manifest")
+_train = _guarded("train.__main__", "config_from_options", "quiet_openmp")
+_latency = _guarded("benchmarks.latency", "_paths_problem")
+_load = _guarded("benchmarks.load", "_checked")
+_overhead = _guarded("benchmarks.overhead", "check_bundle")
+_gpu_check = _guarded("benchmarks.gpu_check", "_setup_problem", "_parity_main")
 
 
 def _export(family: str | None):
@@ -53,43 +53,6 @@ def _export(family: str | None):
         monkeypatch.setattr(export.bundle, "build_bundle", _never("export.bundle.build_bundle"))
         return lambda argv: cli.main(argv, family=family)
     return patched
-
-
-def _train(monkeypatch):
-    import train.__main__ as train_main
-
-    monkeypatch.setattr(train_main, "config_from_options", _never("train.config_from_options"))
-    monkeypatch.setattr(train_main, "quiet_openmp", _never("train.options.quiet_openmp"))
-    return train_main.main
-
-
-def _latency(monkeypatch):
-    from benchmarks import latency
-
-    monkeypatch.setattr(latency, "_paths_problem", _never("benchmarks.latency._paths_problem"))
-    return latency.main
-
-
-def _load(monkeypatch):
-    from benchmarks import load
-
-    monkeypatch.setattr(load, "_checked", _never("benchmarks.load._checked"))
-    return load.main
-
-
-def _overhead(monkeypatch):
-    from benchmarks import overhead
-
-    monkeypatch.setattr(overhead, "check_bundle", _never("benchmarks.overhead.check_bundle"))
-    return overhead.main
-
-
-def _gpu_check(monkeypatch):
-    from benchmarks import gpu_check
-
-    monkeypatch.setattr(gpu_check, "_setup_problem", _never("benchmarks.gpu_check._setup_problem"))
-    monkeypatch.setattr(gpu_check, "_parity_main", _never("benchmarks.gpu_check._parity_main"))
-    return gpu_check.main
 
 
 # (the command's main, its arguments with {} for the blank value, the prog and flag its line starts with)
