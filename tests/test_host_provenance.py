@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_gpu_check_static import _alive
 
 from models import host
 from models.host import source_revision
@@ -116,15 +117,6 @@ def test_a_hung_git_is_stopped_at_the_timeout_with_what_it_started(tmp_path, mon
     while time.monotonic() < end and _alive(helper):
         time.sleep(0.05)
     assert not _alive(helper)
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, killed but not yet reaped by whoever adopted it, is not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def test_without_git_the_commit_is_unknown(tmp_path, monkeypatch):

@@ -69,13 +69,7 @@ def test_report_served_leaves_out_an_image_too_long_for_a_jpeg_and_measures_the_
     assert progress.startswith("legacy: 4 ") and (
         f", 1 left out as too long to send as a JPEG at 8x the resize target (more than 65500 pixels a side; {wide} "
         "4000x10 would be 102400x256)") in progress, err
-    assert "error" not in err and "Traceback" not in err, err
-    record = read_manifest(bundle).served
-    assert record is not None and record.samples == 4  # the four ramps, each encoded every way
-    assert record.encodings["png-native"]["agreement"] == 1.0
-    assert set(record.encodings) == {"png-native"} | {f"jpeg{q}-{32 * s}" for q in served.QUALITIES
-                                                      for s in served.SCALES}
-    assert "Served path (onnxruntime, 4 val images" in out
+    _assert_measured_four(bundle, out, err, resize=32)
 
 
 def test_report_served_with_only_images_too_long_for_a_jpeg_is_one_line(tmp_path, monkeypatch, capsys):
@@ -163,13 +157,7 @@ def test_report_served_leaves_out_an_image_over_the_servers_pixel_limit_and_meas
         ", 1 left out as too big for the server's pixel limit (more than 40000000 pixels, its --max-image-pixels; "
         f"{wide} 2400x240 would be 20480x2048 = 41943040 pixels as a JPEG at 8x the resize target), reference on "
         "their own pixels ..."), err
-    assert "error" not in err and "Traceback" not in err, err
-    record = read_manifest(bundle).served
-    assert record is not None and record.samples == 4  # the four ramps, each encoded every way
-    assert record.encodings["png-native"]["agreement"] == 1.0
-    assert set(record.encodings) == {"png-native"} | {f"jpeg{q}-{256 * s}" for q in served.QUALITIES
-                                                      for s in served.SCALES}
-    assert "Served path (onnxruntime, 4 val images" in out
+    _assert_measured_four(bundle, out, err, resize=256)
 
 
 def test_report_served_with_every_image_refused_for_either_reason_is_one_line(tmp_path, monkeypatch, capsys):
@@ -193,3 +181,14 @@ def test_report_served_with_every_image_refused_for_either_reason_is_one_line(tm
         f"{a / 'wide.png'} 2400x240 would be 20480x2048 = 41943040 pixels as a JPEG at 8x the resize target, and 1 "
         "more)"), err
     assert (bundle / "manifest.json").read_bytes() == before
+
+
+def _assert_measured_four(bundle: Path, out: str, err: str, resize: int) -> None:
+    """The check ran without an error on the four ramps, each encoded every way at `resize`'s scales."""
+    assert "error" not in err and "Traceback" not in err, err
+    record = read_manifest(bundle).served
+    assert record is not None and record.samples == 4
+    assert record.encodings["png-native"]["agreement"] == 1.0
+    assert set(record.encodings) == {"png-native"} | {f"jpeg{q}-{resize * s}" for q in served.QUALITIES
+                                                      for s in served.SCALES}
+    assert "Served path (onnxruntime, 4 val images" in out
