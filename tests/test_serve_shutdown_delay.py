@@ -68,6 +68,10 @@ def test_not_ready_but_answering_during_the_delay_then_the_port_closes(bundle, t
         assert _get(url + "/v1/models/fake").json()["ready"] is False
         assert _get(url + "/v1/models").json()["models"][0]["ready"] is False
         assert _model_ready_metric(url) == 0  # the README: "0 ... or shutting down"
+        index = httpx.post(url + "/v2/repository/index", json={}, timeout=10).json()
+        assert [(e["name"], e["state"], e.get("reason")) for e in index] == [
+            ("fake", "UNAVAILABLE", "the server is shutting down")]
+        assert httpx.post(url + "/v2/repository/index", json={"ready": True}, timeout=10).json() == []
         assert _get(url + "/v2/health/live").json() == {"live": True}  # liveness: not a reason to restart it
         end = time.monotonic() + 1  # within a tick of the event loop (0.1 s), answers close their connections
         while _get(url + "/v2/health/live").headers.get("connection") != "close" and time.monotonic() < end:

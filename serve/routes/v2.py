@@ -176,6 +176,9 @@ async def repository_index(request: Request) -> JSONResponse:
         if not isinstance(ready_only, bool):
             raise APIError(400, "the index request body must be a JSON object like {\"ready\": true}")
     entries = request.app.state.repository.index()
+    if not request.app.state.ready:  # shutting down (the delay after SIGTERM): as the readiness endpoints say
+        entries = [{**e, "state": "UNAVAILABLE", "reason": "the server is shutting down"} if e["state"] == "READY"
+                   else e for e in entries]
     return JSONResponse([e for e in entries if e["state"] == "READY" or not ready_only])
 
 
