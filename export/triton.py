@@ -234,7 +234,7 @@ def _previous_options(config: Path) -> dict[str, str | int]:
 
 def _caps_threads(model_dir: Path) -> bool:
     """Whether the model directory's config.pbtxt caps its runtime's CPU threads (as this tool writes for KIND_CPU)."""
-    keys = {k for name in runtimes.names() for k in (runtimes.get(name).triton_threads,) if k}
+    keys = {runtimes.get(name).triton_threads for name in runtimes.names()} - {None}
     try:
         config = tritonconfig.read(model_dir)
     except (tritonconfig.ConfigError, OSError, ValueError):
@@ -574,10 +574,10 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                     others = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in names
                                     and not d.name.startswith(".") and _caps_threads(d))
                     if others:
-                        notes.append(f"{', '.join(others[:10])}{' ...' if len(others) > 10 else ''}: their "
-                                     f"config.pbtxt still share{'s' if len(others) == 1 else ''} {was_cpus} CPUs, "
-                                     f"not the pod's {service.cpus} now; export a new version of each (or edit the "
-                                     "thread parameters)")
+                        notes.append(f"{', '.join(others[:10])}{' ...' if len(others) > 10 else ''}: "
+                                     f"config.pbtxt still caps threads for {was_cpus} CPUs, not the pod's "
+                                     f"{service.cpus} now; export a new version of each (or edit the thread "
+                                     "parameters)")
                 if service is None:
                     kept.append(out / ISVC_FILE)
                 elif had_models and not had_isvc:
