@@ -17,9 +17,10 @@ import re
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -111,442 +112,556 @@ class _HeldFlow(FlowControl):
             (self._reader.pause_reading if paused else self._reader.resume_reading)()
 
 
-def header_timeout_protocol(seconds: float, access_log: bool = True, max_connections: int | None = None,
-                            on_refusal: Callable[[int], None] | None = None) -> type[asyncio.Protocol]:
-    """uvicorn's default HTTP protocol class, closing with a JSON 408 a connection whose request headers are not
-    complete `seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What bounds one server's connections: `seconds` for a request's headers (and for a client to accept any of
+    an answer), and `max_connections` open at once (None: no bound)."""
+
+    seconds: float
+    max_connections: int | None = None
+
+    @property
+    def probe_places(self) -> int:
+        """Connections beyond `max_connections` that may still be probes."""
+        return probe_places(self.max_connections or 0)
+
+    @property
+    def busy(self) -> str:
+        """The reason given to a connection beyond the limit."""
+        return f"the server has {self.max_connections} connections open, its limit; retry shortly"
+
+    @property
+    def too_slow(self) -> str:
+        """The reason given to a request whose headers missed their deadline."""
+        return f"the request headers did not arrive within {self.seconds:g} s"
+
+
+@dataclass(eq=False)
+class OpenConnections:
+    """The connections of one server not yet lost, shared by every connection of its protocol class."""
+
+    admitted: int = 0
+    probes: int = 0  # probe-only connections, beyond the limit
+    # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
+    waiting: dict[Any, None] = field(default_factory=dict)
+
+    def count(self, probe: bool, change: int) -> None:
+        """Count a connection in (`change` 1) or out (-1) of the admitted ones or the probe-only ones."""
+        if probe:
+            self.probes += change
+        else:
+            self.admitted += change
+
+
+@dataclass(frozen=True)
+class Refusals:
+    """Where the answers given below the app are reported: its access log and metrics never see them."""
+
+    access_log: bool = True
+    on_refusal: Callable[[int], None] | None = None
+
+    def report(self, status: int, reason: str, transport: asyncio.BaseTransport) -> None:
+        """Count one refusal (`on_refusal`) and log it (with the access log on)."""
+        if self.on_refusal is not None:
+            self.on_refusal(status)
+        if self.access_log:
+            _log.info("refused", extra={"status": status, "reason": reason, "client": _client(transport)})
+
+
+_TOO_LARGE = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
+
+
+class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's default HTTP protocol, closing with a JSON 408 a connection whose request headers are not complete
+    `limits.seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
     headers pass MAX_HEADER_BYTES, and with a JSON 400 (501 an unknown method, 505 an unknown HTTP version) what
-    uvicorn's parser refuses (each after the answers to the
-    requests before it); a connection whose client accepts none of its answer for `seconds` is dropped. A
-    connection beyond `max_connections` open at once gets a JSON 503 and is closed unread (each one holds a file
-    descriptor and memory for up to `seconds`, so without a bound a flood of idle ones starves the process), except
-    that a few (`probe_places`) may still GET health, readiness or metrics within PROBE_WAIT_S. `on_refusal(status)`
-    counts each answer given here (the app's metrics never see them).
+    uvicorn's parser refuses (each after the answers to the requests before it); a connection whose client accepts
+    none of its answer for `limits.seconds` is dropped. A connection beyond `limits.max_connections` open at once
+    gets a JSON 503 and is closed unread (each one holds a file descriptor and memory for up to `seconds`, so without
+    a bound a flood of idle ones starves the process), except that a few (`probe_places`) may still GET health,
+    readiness or metrics within PROBE_WAIT_S. `refusals` counts and logs each answer given here.
 
     At most MAX_PIPELINED requests are parsed ahead of the one being answered, and reading pauses until answers go
     out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE) ends its request at once:
     the app's `receive` raises a JSON 400 that the app answers, closing the connection. A client that half-closes
     after its HTTP/1.1 requests has those it sent whole answered, then the connection closes (EOF_PROBE_S); an EOF
-    while an HTTP/1.0 request is owed its answer is a disconnect."""
-    open_connections = [0, 0]  # connections admitted, and probe-only ones, not yet lost (all of this class)
-    # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
-    waiting: dict[asyncio.Protocol, None] = {}
-    busy = f"the server has {max_connections} connections open, its limit; retry shortly"
-    timeout = f"the request headers did not arrive within {seconds:g} s"
-    too_large = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
+    while an HTTP/1.0 request is owed its answer is a disconnect.
 
-    class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            self.flow = _HeldFlow(transport)  # before any request (each request's cycle shares it)
-            self._admitted = max_connections is None or open_connections[0] < max_connections
-            if not self._admitted and open_connections[1] >= probe_places(max_connections) and waiting:
-                # Every probe place is taken: the one held longest by a client whose request is still incomplete
-                # goes to this newcomer (a real probe sends its whole request at once; idle sockets, or ones that
-                # send a byte now and then, must not hold the places).
-                next(iter(waiting))._evict()
-            self._probe_only = not self._admitted and open_connections[1] < probe_places(max_connections)
-            if not (self._admitted or self._probe_only):
-                self._turn_away()
-                return
-            self._counted: int | None = int(self._probe_only)  # which of open_connections holds this one
-            open_connections[self._counted] += 1
-            if self._probe_only:
-                waiting[self] = None
-            self._headers_of = self.cycle  # the request whose headers were complete last
-            self._body_read_of = None  # the request whose body was read to its end last
-            self._header_timer: asyncio.TimerHandle | None = None
-            self._send_timer: asyncio.TimerHandle | None = None
-            self._messages = 0  # requests begun on this connection
-            self._in_headers = False  # whether the parser is inside the latest request's line and headers
-            self._in_body = False  # whether it is inside the latest request's body
-            self._header_bytes = 0  # bytes of reads that arrived wholly inside that request's headers
-            self._refusal: bytes | None = None  # an error answer waiting for the answers to earlier requests
-            self._running: Any = None
-            self._unparsed, self._at = b"", 0  # bytes read but not yet given to the parser, and how far it got
-            self._tail = b""  # the last 3 bytes given to the parser (a headers' end may span two reads)
-            self._framing = False  # whether the parser may be in a chunked body's size line or trailer section
-            self._line_bytes = 0  # bytes of that unfinished line
-            self._bad_body: tuple[Any, int, str] | None = None  # a request whose chunked body is malformed
-            self._eof = False  # whether the client half-closed (or left) with answers still owed
-            self._eof_timer: asyncio.TimerHandle | None = None
-            self._probed = False  # whether the interim answer that tells a half-close from a departure went out
-            self._arm(PROBE_WAIT_S if self._probe_only else seconds)
+    uvicorn makes one instance per connection from the class it is given: `configured` makes that class, holding
+    the limits and the count of open connections that all of its connections share.
+    """
 
-        def data_received(self, data: bytes) -> None:
-            if not (self._admitted or self._probe_only):
-                return  # turned away: what the client sends before it sees the 503 is dropped
-            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
-                # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
-                self._arm()
-            # Reading is held while bytes wait unparsed, so this is the whole read (the slice is only defensive).
-            self._unparsed, self._at = (self._unparsed[self._at:] + data if self._unparsed else data), 0
-            self._feed()
+    limits: ClassVar[ConnectionLimits]
+    shared: ClassVar[OpenConnections]
+    refusals: ClassVar[Refusals]
+    # Set per request by on_message_begin; send_400_response may come before the first request begins.
+    _oversized = False
+    _long_uri = False
+    _bad: tuple[Any, ...] | None = None
 
-        def _parsing(self) -> bool:
-            """Whether bytes read may still go to the parser."""
-            return (self.parser is not None and self._refusal is None and self._bad_body is None
-                    and not self.transport.is_closing())
+    @classmethod
+    def configured(cls, limits: ConnectionLimits, *, access_log: bool = True,
+                   on_refusal: Callable[[int], None] | None = None) -> type[HeaderBoundsProtocol]:
+        """The protocol class of one server: its connections share `limits` and one count of those open."""
+        return type(cls.__name__, (cls,), {"limits": limits, "shared": OpenConnections(),
+                                           "refusals": Refusals(access_log, on_refusal)})
 
-        def _feed(self) -> None:
-            """Give the parser the bytes read, as far as MAX_PIPELINED requests may wait behind the one being
-            answered; the rest stays here, with reading paused, until answers go out."""
-            while self._unparsed and self._parsing():
-                room = MAX_PIPELINED - len(self.pipeline)
-                if room <= 0:
-                    break
-                data, at = self._unparsed, self._at
-                end = self._cut(room)
-                piece = data if at == 0 and end == len(data) else data[at:end]
-                self._unparsed, self._at = (b"", 0) if end == len(data) else (data, end)
-                self._tail = (self._tail + piece[-3:])[-3:]
-                self._parse(piece)
-            if not self._parsing():
-                self._unparsed, self._at = b"", 0  # refused or closing: nothing more is read
-            self.flow.hold(bool(self._unparsed) or self._bad_body is not None or self._eof)
+    # Connections: admission, the probe places beyond the limit, and their release.
 
-        def _cut(self, room: int) -> int:
-            """Where the bytes waiting may be cut so that at most `room` requests' headers end before it: the end of
-            the `room`-th CRLF CRLF counted (one inside a body only makes the cut earlier), else all of them. Each
-            one counted stands for any within a request line after it, which cannot be another request's end."""
-            data, at, found = self._unparsed, self._at, 0
-            end = at
-            spanning = (self._tail + data[at:at + 3]).find(_HEADERS_END)  # begun in what the parser already has
-            if spanning >= 0:
-                found, end = 1, at + spanning + len(_HEADERS_END) - len(self._tail)
-            while found < room:
-                i = data.find(_HEADERS_END, end + _MIN_REQUEST_LINE if found else end)
-                if i < 0:
-                    return len(data)
-                found, end = found + 1, i + len(_HEADERS_END)
-            return end
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.flow = _HeldFlow(transport)  # before any request (each request's cycle shares it)
+        if not self._admit():
+            self._turn_away()
+            return
+        self._start_bounds()
+        self._arm(PROBE_WAIT_S if self._probe_only else None)
 
-        def _parse(self, data: bytes) -> None:
-            begun, idle = self._messages, not self._in_headers and not self._in_body
-            super().data_received(data)
-            if self.cycle is not self._headers_of:  # a new request's headers are complete (uvicorn made its cycle)
-                self._headers_of = self.cycle
-                self._disarm()
-            if self._in_headers and self._messages == begun + idle:
-                # The whole read went into the headers of one request, which the parser holds until they are
-                # complete (it parses even while earlier requests are answered): counted here, whether or not a
-                # deadline runs. A read that also ended an earlier request is left out (at most one read); whole
-                # headers are measured as they are parsed.
-                self._header_bytes += len(data)
-                if self._header_bytes > MAX_HEADER_BYTES:
-                    self._refuse(431, "Request Header Fields Too Large", too_large)
-            elif self._framing and self._in_body and self._parsing():
-                # Inside a chunk-size line or the trailers, whose lines end with LF (chunk data before the line
-                # ends with CRLF too): the unfinished line is what follows the last LF given to the parser.
-                lf = data.rfind(b"\n")
-                self._line_bytes = (self._line_bytes if lf < 0 else 0) + len(data) - lf - 1
-                if self._line_bytes > MAX_CHUNK_LINE:
-                    self._body_refused(f"malformed chunked body: a chunk-size line or trailer field longer than "
-                                       f"{MAX_CHUNK_LINE} bytes")
+    def _admit(self) -> bool:
+        """Take a place for this connection, under the limit or a probe place beyond it; False if none is left."""
+        limits, shared = self.limits, self.shared
+        self._admitted = limits.max_connections is None or shared.admitted < limits.max_connections
+        if not self._admitted and shared.probes >= limits.probe_places and shared.waiting:
+            # Every probe place is taken: the one held longest by a client whose request is still incomplete goes
+            # to this newcomer (a real probe sends its whole request at once; idle sockets, or ones that send a
+            # byte now and then, must not hold the places).
+            next(iter(shared.waiting))._evict()
+        self._probe_only = not self._admitted and shared.probes < limits.probe_places
+        if self._turned_away:
+            return False
+        self._counted = True  # whether this connection still holds its place in `shared`
+        shared.count(self._probe_only, 1)
+        if self._probe_only:
+            shared.waiting[self] = None
+        return True
 
-        def on_message_complete(self) -> None:
-            super().on_message_complete()
-            self._body_read_of, self._in_body, self._framing = self.cycle, False, False
+    @property
+    def _turned_away(self) -> bool:
+        """Whether this connection got no place (it is answered 503 and closed unread)."""
+        return not (self._admitted or self._probe_only)
 
-        def on_body(self, body: bytes) -> None:
-            super().on_body(body)
-            self._framing = False
+    def _start_bounds(self) -> None:
+        """The per-connection state of the bounds, before the first request."""
+        self._headers_of = self.cycle  # the request whose headers were complete last
+        self._body_read_of = None  # the request whose body was read to its end last
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._messages = 0  # requests begun on this connection
+        self._in_headers = False  # whether the parser is inside the latest request's line and headers
+        self._in_body = False  # whether it is inside the latest request's body
+        self._header_bytes = 0  # bytes of reads that arrived wholly inside that request's headers
+        self._refusal: bytes | None = None  # an error answer waiting for the answers to earlier requests
+        self._running: Any = None
+        self._unparsed, self._at = b"", 0  # bytes read but not yet given to the parser, and how far it got
+        self._tail = b""  # the last 3 bytes given to the parser (a headers' end may span two reads)
+        self._framing = False  # whether the parser may be in a chunked body's size line or trailer section
+        self._line_bytes = 0  # bytes of that unfinished line
+        self._bad_body: tuple[Any, int, str] | None = None  # a request whose chunked body is malformed
+        self._eof = False  # whether the client half-closed (or left) with answers still owed
+        self._eof_timer: asyncio.TimerHandle | None = None
+        self._probed = False  # whether the interim answer that tells a half-close from a departure went out
 
-        def on_chunk_header(self) -> None:
-            self._framing = True  # chunk data next, or (after the last chunk) the trailers
-
-        def on_chunk_complete(self) -> None:
-            self._framing = True  # the next chunk's size line
-
-        def _body_open(self) -> bool:
-            """Whether the parser is inside the body of a request that is not answered yet."""
-            return (self._in_body and self.cycle is not None and self._body_read_of is not self.cycle
-                    and not self.cycle.response_complete)
-
-        def _body_refused(self, text: str, status: int = 400) -> None:
-            """A malformed chunked body: the request's app gets a JSON `status` from its `receive` at once (rather
-            than waiting out the body deadline), its answer closes the connection, and nothing more is read. Once
-            the request is answered (early), the connection gets the refusal instead."""
-            if not self._body_open():
-                self._refuse(status, HTTPStatus(status).phrase, text)
-                return
-            self._bad_body = (self.cycle, status, text)
-            self.cycle.keep_alive = False
-            self.cycle.message_event.set()  # wakes a `receive` waiting for body bytes
-            self._unparsed, self._at = b"", 0
-            self.flow.hold(True)
-
-        def eof_received(self) -> bool | None:
-            """The client sends nothing more. Requests it sent whole are still answered (then the connection
-            closes); one cut short, or an HTTP/1.0 one owed its answer, means it left, and the transport closes, as
-            uvicorn's does (every request not answered is then a disconnect)."""
-            if not (self._admitted or self._probe_only) or not self._owed_at_eof() or self._owed_to_http10():
-                return None  # asyncio closes the transport
-            if not self._eof:
-                self._eof = True
-                self._disarm()  # no request can follow
-                self.flow.hold(True)  # nothing more to read, whatever uvicorn resumes
-                if self._refusal is None and self.cycle is not None:
-                    self.cycle.keep_alive = False  # the last answer says `connection: close`, and closes
-                self._eof_timer = asyncio.get_running_loop().call_later(EOF_PROBE_S, self._check_client)
-            return True  # the transport stays open for the answers
-
-        def _owed_at_eof(self) -> bool:
-            """Whether requests read whole (or refused already) wait for their answers, and none is cut short."""
-            if self.transport.is_closing():
-                return False
-            if self._refusal is not None or (self._bad_body is not None
-                                             and not self._bad_body[0].response_complete):
-                return True
-            if self._in_headers or self._body_open():
-                return False
-            return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
-
-        def _owed_to_http10(self) -> bool:
-            """Whether a request read but not yet answered is HTTP/1.0: no probe can tell whether its client is
-            still there, and HTTP/1.0 peers close entirely rather than half-close (EOF_PROBE_S)."""
-            owed = (self._running, self.cycle, *(c for c, _ in self.pipeline))
-            return any(c is not None and not c.response_complete and c.scope.get("http_version") == "1.0"
-                       for c in owed)
-
-        def _check_client(self) -> None:
-            """After a half-close or a departure (an EOF either way) while answers are owed: send the interim
-            answer before the running request's own, once, then look for the reset of a client that left."""
-            self._eof_timer = None
-            if not self._owed_at_eof():
-                return
-            running = self._running
-            if self._probed:
-                sock = self.transport.get_extra_info("socket")
-                if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    self.transport.abort()  # reset: the client is gone, its requests are disconnects
-                    return
-            elif (running is not None and not running.response_started and not running.response_complete
-                  and running.scope.get("http_version") == "1.1"):  # never a 1xx to HTTP/1.0 (RFC 9110 15.2)
-                running.waiting_for_100_continue = False  # this one serves for an `Expect: 100-continue` too
-                self.transport.write(_INTERIM)
-                self._probed = True
-            self._eof_timer = asyncio.get_running_loop().call_later(EOF_PROBE_S, self._check_client)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not (self._admitted or self._probe_only):
-                self._linger.cancel()
-                super().connection_lost(exc)
-                return
-            if self._counted is not None:
-                open_connections[self._counted] -= 1
-            waiting.pop(self, None)
-            self._disarm()
-            if self._eof_timer is not None:
-                self._eof_timer.cancel()
-            if self._send_timer is not None:
-                self._send_timer.cancel()
-            # uvicorn marks only the newest request as disconnected; with pipelining the one being answered is
-            # older, and its next write would hit the closed transport.
-            for cycle in (self._running, *(c for c, _ in self.pipeline)):
-                if cycle is not None and not cycle.response_complete:
-                    cycle.disconnected = True
-                    cycle.message_event.set()
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._turned_away:
+            self._linger.cancel()
             super().connection_lost(exc)
+            return
+        self._release()
+        # uvicorn marks only the newest request as disconnected; with pipelining the one being answered is older,
+        # and its next write would hit the closed transport.
+        for cycle in (self._running, *(c for c, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
 
-        def _evict(self) -> None:
-            """Give up this probe place (its client's request is still incomplete): 503, the place free at once."""
-            waiting.pop(self, None)
-            open_connections[1] -= 1
-            self._counted = None  # counted out here, not again when the connection is lost
-            self._refuse(503, "Service Unavailable", busy, 1)
+    def _release(self) -> None:
+        """Give up this connection's place and stop its timers."""
+        if self._counted:
+            self.shared.count(self._probe_only, -1)
+        self.shared.waiting.pop(self, None)
+        self._disarm()
+        for timer in (self._eof_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
 
-        def _turn_away(self) -> None:
-            """503 at once, then half-close and wait a moment for the client to close: closing with its request
-            unread would reset the connection, and the reset can destroy the 503 before the client reads it."""
-            if on_refusal is not None:
-                on_refusal(503)
-            if access_log:
-                _log.info("refused", extra={"status": 503, "reason": "too many connections",
-                                            "client": _client(self.transport)})
-            self.transport.write(_answer(503, "Service Unavailable", busy, retry_after=1))
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self._linger = asyncio.get_running_loop().call_later(1.0, self.transport.abort)
+    def _evict(self) -> None:
+        """Give up this probe place (its client's request is still incomplete): 503, the place free at once."""
+        self.shared.waiting.pop(self, None)
+        self.shared.count(True, -1)
+        self._counted = False  # counted out here, not again when the connection is lost
+        self._refuse(503, "Service Unavailable", self.limits.busy, 1)
 
-        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-            self._running = cycle  # the request being answered (the others wait in self.pipeline)
-            cycle.receive = self._checked_receive(cycle)  # what run_asgi hands the app
-            super()._start_asgi_task(cycle, app)
+    def _turn_away(self) -> None:
+        """503 at once, then half-close and wait a moment for the client to close: closing with its request unread
+        would reset the connection, and the reset can destroy the 503 before the client reads it."""
+        self.refusals.report(503, "too many connections", self.transport)
+        self.transport.write(_answer(503, "Service Unavailable", self.limits.busy, retry_after=1))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(1.0, self.transport.abort)
 
-        def _checked_receive(self, cycle: Any) -> Callable[[], Any]:
-            """uvicorn's `receive` of `cycle`, raising the JSON error of a malformed chunked body."""
-            receive = cycle.receive
+    # Reading: what goes to the parser, and how much of it at once.
 
-            async def checked() -> Any:
+    def data_received(self, data: bytes) -> None:
+        if self._turned_away:
+            return  # what the client sends before it sees the 503 is dropped
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
+            self._arm()
+        # Reading is held while bytes wait unparsed, so this is the whole read (the slice is only defensive).
+        self._unparsed, self._at = (self._unparsed[self._at:] + data if self._unparsed else data), 0
+        self._feed()
+
+    def _parsing(self) -> bool:
+        """Whether bytes read may still go to the parser."""
+        return (self.parser is not None and self._refusal is None and self._bad_body is None
+                and not self.transport.is_closing())
+
+    def _feed(self) -> None:
+        """Give the parser the bytes read, as far as MAX_PIPELINED requests may wait behind the one being answered;
+        the rest stays here, with reading paused, until answers go out."""
+        while self._unparsed and self._parsing():
+            room = MAX_PIPELINED - len(self.pipeline)
+            if room <= 0:
+                break
+            data, at = self._unparsed, self._at
+            end = self._cut(room)
+            piece = data if at == 0 and end == len(data) else data[at:end]
+            self._unparsed, self._at = (b"", 0) if end == len(data) else (data, end)
+            self._tail = (self._tail + piece[-3:])[-3:]
+            self._parse(piece)
+        if not self._parsing():
+            self._unparsed, self._at = b"", 0  # refused or closing: nothing more is read
+        self.flow.hold(bool(self._unparsed) or self._bad_body is not None or self._eof)
+
+    def _cut(self, room: int) -> int:
+        """Where the bytes waiting may be cut so that at most `room` requests' headers end before it: the end of the
+        `room`-th CRLF CRLF counted (one inside a body only makes the cut earlier), else all of them. Each one
+        counted stands for any within a request line after it, which cannot be another request's end."""
+        data, at, found = self._unparsed, self._at, 0
+        end = at
+        spanning = (self._tail + data[at:at + 3]).find(_HEADERS_END)  # begun in what the parser already has
+        if spanning >= 0:
+            found, end = 1, at + spanning + len(_HEADERS_END) - len(self._tail)
+        while found < room:
+            i = data.find(_HEADERS_END, end + _MIN_REQUEST_LINE if found else end)
+            if i < 0:
+                return len(data)
+            found, end = found + 1, i + len(_HEADERS_END)
+        return end
+
+    def _parse(self, data: bytes) -> None:
+        begun, idle = self._messages, not self._in_headers and not self._in_body
+        super().data_received(data)
+        if self.cycle is not self._headers_of:  # a new request's headers are complete (uvicorn made its cycle)
+            self._headers_of = self.cycle
+            self._disarm()
+        if self._in_headers and self._messages == begun + idle:
+            self._count_header_read(data)
+        elif self._framing and self._in_body and self._parsing():
+            self._count_chunk_line(data)
+
+    def _count_header_read(self, data: bytes) -> None:
+        """The whole read went into the headers of one request, which the parser holds until they are complete (it
+        parses even while earlier requests are answered): counted here, whether or not a deadline runs. A read that
+        also ended an earlier request is left out (at most one read); whole headers are measured as they are
+        parsed (_count_parsed)."""
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(431, "Request Header Fields Too Large", _TOO_LARGE)
+
+    def _count_chunk_line(self, data: bytes) -> None:
+        """Inside a chunk-size line or the trailers, whose lines end with LF (chunk data before the line ends with
+        CRLF too): the unfinished line is what follows the last LF given to the parser."""
+        lf = data.rfind(b"\n")
+        self._line_bytes = (self._line_bytes if lf < 0 else 0) + len(data) - lf - 1
+        if self._line_bytes > MAX_CHUNK_LINE:
+            self._body_refused(f"malformed chunked body: a chunk-size line or trailer field longer than "
+                               f"{MAX_CHUNK_LINE} bytes")
+
+    # The parser's callbacks: each request's line, headers and body.
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._messages += 1
+        self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
+        self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
+        self._codings: list[bytes] = []  # Transfer-Encoding values
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._long_uri = len(self.url) > MAX_HEADER_BYTES  # uvicorn gathers the URL's pieces in self.url
+        self._count_parsed(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._hosts += name.lower() == b"host"
+        if name.lower() == b"transfer-encoding":
+            self._codings.append(value)
+        self._count_parsed(len(name) + len(value) + 4)
+
+    def _count_parsed(self, n: int) -> None:
+        """Headers that arrive whole in one read are measured here, as the parser hands them over."""
+        self._parsed_header_bytes += n
+        if self._parsed_header_bytes > MAX_HEADER_BYTES:
+            self._oversized = True
+            raise ValueError("request headers too large")  # the parser stops; uvicorn answers via 400 below
+
+    def on_headers_complete(self) -> None:
+        self._in_headers, self._in_body, self._framing, self._line_bytes = False, True, False, 0
+        if self._probe_only and not self._is_probe():
+            self._bad = (503, "Service Unavailable", self.limits.busy, 1)
+            raise ValueError(self._bad)
+        self.shared.waiting.pop(self, None)  # a probe under way: no newcomer takes its place
+        codings = [c.strip().lower() for v in self._codings for c in v.split(b",") if c.strip()]
+        if problem := self._header_problem(codings):
+            self._bad = problem
+            raise ValueError(self._bad)  # the parser stops; uvicorn answers via send_400_response
+        super().on_headers_complete()
+        self._framing = bool(codings)  # chunked: the first chunk-size line comes next
+        if (cycle := self.cycle) is not None and cycle.scope is self.scope:
+            # For the access log: a client that left before any of the answer went out was sent nothing (uvicorn
+            # drops what the app sends then).
+            self.scope["vitc.unanswered"] = lambda: cycle.disconnected and not cycle.response_started
+        if self._probe_only:
+            self.cycle.keep_alive = False  # one probe per place beyond the limit, then the place is free
+
+    def _is_probe(self) -> bool:
+        """Whether the request whose headers are complete is one a probe place may send."""
+        return (self.parser.get_method() in (b"GET", b"HEAD")
+                and PROBE_PATHS.fullmatch(self.url.partition(b"?")[0]) is not None)
+
+    def _header_problem(self, codings: list[bytes]) -> tuple[int, str, str] | None:
+        """The answer to a request whose complete headers this server refuses (status, reason, text), else None."""
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            # The parser takes HTTP/0.9 and HTTP/2.0 request lines, which uvicorn would answer as HTTP/1.1.
+            return 505, "HTTP Version Not Supported", f"HTTP/{version} is not supported (HTTP/1.1 only)"
+        if self._hosts != 1 and version == "1.1":
+            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
+            return 400, "Bad Request", f"an HTTP/1.1 request needs exactly one Host header, not {self._hosts}"
+        if codings and codings != [b"chunked"]:
+            # RFC 9112 6.1: a transfer coding the server does not understand is 501 (the parser would take
+            # `gzip, chunked` as plain chunked and hand on a still-compressed body).
+            return 501, "Not Implemented", ("Transfer-Encoding "
+                                            f"{b', '.join(codings).decode('latin-1')[:64]!r} is not supported "
+                                            "(chunked only; use Content-Encoding for gzip or deflate)")
+        return None
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._framing = False
+
+    def on_chunk_header(self) -> None:
+        self._framing = True  # chunk data next, or (after the last chunk) the trailers
+
+    def on_chunk_complete(self) -> None:
+        self._framing = True  # the next chunk's size line
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._body_read_of, self._in_body, self._framing = self.cycle, False, False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """An `Upgrade: websocket` request is answered as plain HTTP (RFC 9110 7.8 lets a server ignore Upgrade),
+        without uvicorn's two warnings per request telling the operator to install a WebSocket library."""
+
+    # Malformed chunked bodies: the app's `receive` raises their JSON error.
+
+    def _body_open(self) -> bool:
+        """Whether the parser is inside the body of a request that is not answered yet."""
+        return (self._in_body and self.cycle is not None and self._body_read_of is not self.cycle
+                and not self.cycle.response_complete)
+
+    def _body_refused(self, text: str, status: int = 400) -> None:
+        """A malformed chunked body: the request's app gets a JSON `status` from its `receive` at once (rather than
+        waiting out the body deadline), its answer closes the connection, and nothing more is read. Once the
+        request is answered (early), the connection gets the refusal instead."""
+        if not self._body_open():
+            self._refuse(status, HTTPStatus(status).phrase, text)
+            return
+        self._bad_body = (self.cycle, status, text)
+        self.cycle.keep_alive = False
+        self.cycle.message_event.set()  # wakes a `receive` waiting for body bytes
+        self._unparsed, self._at = b"", 0
+        self.flow.hold(True)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle  # the request being answered (the others wait in self.pipeline)
+        cycle.receive = self._checked_receive(cycle)  # what run_asgi hands the app
+        super()._start_asgi_task(cycle, app)
+
+    def _checked_receive(self, cycle: Any) -> Callable[[], Any]:
+        """uvicorn's `receive` of `cycle`, raising the JSON error of a malformed chunked body."""
+        receive = cycle.receive
+
+        async def checked() -> Any:
+            if self._bad_body is None or self._bad_body[0] is not cycle:
+                message = await receive()
                 if self._bad_body is None or self._bad_body[0] is not cycle:
-                    message = await receive()
-                    if self._bad_body is None or self._bad_body[0] is not cycle:
-                        return message
-                _, status, text = self._bad_body
-                raise APIError(status, text, {"Connection": "close"})
+                    return message
+            _, status, text = self._bad_body
+            raise APIError(status, text, {"Connection": "close"})
 
-            return checked
+        return checked
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._messages += 1
-            self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
-            self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
-            self._codings: list[bytes] = []  # Transfer-Encoding values
+    # Answers: in order, each refusal after the answers before it.
 
-        def on_headers_complete(self) -> None:
-            self._in_headers, self._in_body, self._framing, self._line_bytes = False, True, False, 0
-            if self._probe_only and not (self.parser.get_method() in (b"GET", b"HEAD")
-                                         and PROBE_PATHS.fullmatch(self.url.partition(b"?")[0])):
-                self._bad = (503, "Service Unavailable", busy, 1)
-                raise ValueError(self._bad)
-            waiting.pop(self, None)  # a probe under way: no newcomer takes its place
-            version = self.parser.get_http_version()
-            if version not in ("1.0", "1.1"):
-                # The parser takes HTTP/0.9 and HTTP/2.0 request lines, which uvicorn would answer as HTTP/1.1.
-                self._bad = (505, "HTTP Version Not Supported", f"HTTP/{version} is not supported (HTTP/1.1 only)")
-                raise ValueError(self._bad)
-            if self._hosts != 1 and self.parser.get_http_version() == "1.1":
-                # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
-                self._bad = (400, "Bad Request",
-                             f"an HTTP/1.1 request needs exactly one Host header, not {self._hosts}")
-                raise ValueError(self._bad)  # the parser stops; uvicorn answers via send_400_response
-            codings = [c.strip().lower() for v in self._codings for c in v.split(b",") if c.strip()]
-            if codings and codings != [b"chunked"]:
-                # RFC 9112 6.1: a transfer coding the server does not understand is 501 (the parser would take
-                # `gzip, chunked` as plain chunked and hand on a still-compressed body).
-                self._bad = (501, "Not Implemented", "Transfer-Encoding "
-                             f"{b', '.join(codings).decode('latin-1')[:64]!r} is not supported (chunked only; "
-                             "use Content-Encoding for gzip or deflate)")
-                raise ValueError(self._bad)
-            super().on_headers_complete()
-            self._framing = bool(codings)  # chunked: the first chunk-size line comes next
-            if (cycle := self.cycle) is not None and cycle.scope is self.scope:
-                # For the access log: a client that left before any of the answer went out was sent nothing
-                # (uvicorn drops what the app sends then).
-                self.scope["vitc.unanswered"] = lambda: cycle.disconnected and not cycle.response_started
-            if self._probe_only:
-                self.cycle.keep_alive = False  # one probe per place beyond the limit, then the place is free
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._refusal is not None:
-                if not self.pipeline and self.cycle is not None and self.cycle.response_complete:
-                    self._close_with(self._refusal)  # every request before the refused one is answered
-                else:
-                    self.flow.pause_reading()  # uvicorn resumed it; nothing after the refusal is read
-                return
-            if self._unparsed:
-                self._feed()  # an answer went out: the next request waiting unparsed may be parsed
-            if self._eof:
-                if not self._owed_at_eof() and not self.transport.is_closing():
-                    self.transport.close()  # every request the client sent whole is answered
-                return
-            if (self._header_timer is None and self._in_headers and not self.pipeline
-                    and not self.transport.is_closing()):
-                # A pipelined request that began while this one was served and is still short of its headers:
-                # its deadline starts now (uvicorn would only arm the silent keep-alive close).
-                self._unset_keepalive_if_required()
-                self._arm()
-
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._send_timer is None:
-                self._send_timer = asyncio.get_running_loop().call_later(seconds, self._send_expired)
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._send_timer is not None:
-                self._send_timer.cancel()
-                self._send_timer = None
-
-        def _send_expired(self) -> None:
-            # The client has taken none of the answer for `seconds`: it cannot be answered, only let go.
-            self._send_timer = None
-            self.transport.abort()
-
-        def _unsupported_upgrade_warning(self) -> None:
-            """An `Upgrade: websocket` request is answered as plain HTTP (RFC 9110 7.8 lets a server ignore Upgrade),
-            without uvicorn's two warnings per request telling the operator to install a WebSocket library."""
-
-        def on_url(self, url: bytes) -> None:
-            super().on_url(url)
-            self._long_uri = len(self.url) > MAX_HEADER_BYTES  # uvicorn gathers the URL's pieces in self.url
-            self._count_parsed(len(url))
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            super().on_header(name, value)
-            self._hosts += name.lower() == b"host"
-            if name.lower() == b"transfer-encoding":
-                self._codings.append(value)
-            self._count_parsed(len(name) + len(value) + 4)
-
-        def _count_parsed(self, n: int) -> None:
-            """Headers that arrive whole in one read are measured here, as the parser hands them over."""
-            self._parsed_header_bytes += n
-            if self._parsed_header_bytes > MAX_HEADER_BYTES:
-                self._oversized = True
-                raise ValueError("request headers too large")  # the parser stops; uvicorn answers via 400 below
-
-        def send_400_response(self, msg: str) -> None:
-            if self._body_open():
-                # Inside a chunked body: a bad chunk size, a size of 2^64 or more, too many trailer fields.
-                if getattr(self, "_oversized", False):
-                    self._body_refused(f"the request's header and trailer fields are larger than {MAX_HEADER_BYTES} "
-                                       "bytes", 431)
-                else:
-                    self._body_refused(f"malformed chunked body: {sys.exc_info()[1] or msg}"[:200])
-            elif getattr(self, "_long_uri", False):
-                self._refuse(414, "URI Too Long", f"the request target is longer than {MAX_HEADER_BYTES} bytes")
-            elif getattr(self, "_oversized", False):
-                self._refuse(431, "Request Header Fields Too Large", too_large)
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None:
+            if not self.pipeline and self.cycle is not None and self.cycle.response_complete:
+                self._close_with(self._refusal)  # every request before the refused one is answered
             else:
-                self._refuse(*(getattr(self, "_bad", None) or _parser_refusal(sys.exc_info()[1], msg)))
+                self.flow.pause_reading()  # uvicorn resumed it; nothing after the refusal is read
+            return
+        if self._unparsed:
+            self._feed()  # an answer went out: the next request waiting unparsed may be parsed
+        if self._eof:
+            if not self._owed_at_eof() and not self.transport.is_closing():
+                self.transport.close()  # every request the client sent whole is answered
+            return
+        if self._header_timer is None and self._in_headers and not self.pipeline and not self.transport.is_closing():
+            # A pipelined request that began while this one was served and is still short of its headers: its
+            # deadline starts now (uvicorn would only arm the silent keep-alive close).
+            self._unset_keepalive_if_required()
+            self._arm()
 
-        def _answer_owed(self) -> bool:
-            """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of
-            one answered early (whose rest is only read and dropped)."""
-            return self.cycle is None or self._body_read_of is self.cycle
+    def send_400_response(self, msg: str) -> None:
+        if self._body_open():
+            # Inside a chunked body: a bad chunk size, a size of 2^64 or more, too many trailer fields.
+            if self._oversized:
+                self._body_refused(f"the request's header and trailer fields are larger than {MAX_HEADER_BYTES} "
+                                   "bytes", 431)
+            else:
+                self._body_refused(f"malformed chunked body: {sys.exc_info()[1] or msg}"[:200])
+        elif self._long_uri:
+            self._refuse(414, "URI Too Long", f"the request target is longer than {MAX_HEADER_BYTES} bytes")
+        elif self._oversized:
+            self._refuse(431, "Request Header Fields Too Large", _TOO_LARGE)
+        else:
+            self._refuse(*(self._bad or _parser_refusal(sys.exc_info()[1], msg)))
 
-        def _arm(self, delay: float = seconds) -> None:
-            self._header_timer = asyncio.get_running_loop().call_later(delay, self._expired)
+    def _refuse(self, status: int, reason: str, text: str, retry_after: int | None = None) -> None:
+        """Answer `status` and close, once the requests before this one are answered (RFC 9112 9.3.2: answers go
+        out in order); nothing more is read meanwhile."""
+        self._disarm()
+        if self._refusal is not None or self.transport.is_closing():
+            return
+        self.refusals.report(status, text, self.transport)
+        answer = _answer(status, reason, text, retry_after)
+        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            self._refusal = answer
+            self.flow.pause_reading()
+        else:
+            self._close_with(answer)
 
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+    def _close_with(self, answer: bytes) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
 
-        def _expired(self) -> None:
+    # Deadlines: a request's headers, and a client that takes none of its answer.
+
+    def _answer_owed(self) -> bool:
+        """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of one
+        answered early (whose rest is only read and dropped)."""
+        return self.cycle is None or self._body_read_of is self.cycle
+
+    def _arm(self, delay: float | None = None) -> None:
+        """Start the headers' deadline: `delay` seconds, by default the limits' own."""
+        delay = self.limits.seconds if delay is None else delay
+        self._header_timer = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            if self._probe_only and self._answer_owed():
-                self._refuse(503, "Service Unavailable", busy, 1)  # a place beyond the limit, not a slow client
-            elif self._answer_owed():
-                self._refuse(408, "Request Timeout", timeout)
-            elif not self.transport.is_closing():
-                self.transport.close()  # already answered: the rest of its body is not worth waiting for
 
-        def _refuse(self, status: int, reason: str, text: str, retry_after: int | None = None) -> None:
-            """Answer `status` and close, once the requests before this one are answered (RFC 9112 9.3.2: answers
-            go out in order); nothing more is read meanwhile."""
-            self._disarm()
-            if self._refusal is not None or self.transport.is_closing():
+    def _expired(self) -> None:
+        self._header_timer = None
+        if self._probe_only and self._answer_owed():
+            self._refuse(503, "Service Unavailable", self.limits.busy, 1)  # a place beyond the limit, not a slow client
+        elif self._answer_owed():
+            self._refuse(408, "Request Timeout", self.limits.too_slow)
+        elif not self.transport.is_closing():
+            self.transport.close()  # already answered: the rest of its body is not worth waiting for
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = asyncio.get_running_loop().call_later(self.limits.seconds, self._send_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_expired(self) -> None:
+        # The client has taken none of the answer for `seconds`: it cannot be answered, only let go.
+        self._send_timer = None
+        self.transport.abort()
+
+    # End of the client's stream: a half-close, or a client that left.
+
+    def eof_received(self) -> bool | None:
+        """The client sends nothing more. Requests it sent whole are still answered (then the connection closes);
+        one cut short, or an HTTP/1.0 one owed its answer, means it left, and the transport closes, as uvicorn's
+        does (every request not answered is then a disconnect)."""
+        if self._turned_away or not self._owed_at_eof() or self._owed_to_http10():
+            return None  # asyncio closes the transport
+        if not self._eof:
+            self._eof = True
+            self._disarm()  # no request can follow
+            self.flow.hold(True)  # nothing more to read, whatever uvicorn resumes
+            if self._refusal is None and self.cycle is not None:
+                self.cycle.keep_alive = False  # the last answer says `connection: close`, and closes
+            self._eof_timer = asyncio.get_running_loop().call_later(EOF_PROBE_S, self._check_client)
+        return True  # the transport stays open for the answers
+
+    def _owed_at_eof(self) -> bool:
+        """Whether requests read whole (or refused already) wait for their answers, and none is cut short."""
+        if self.transport.is_closing():
+            return False
+        if self._refusal is not None or (self._bad_body is not None and not self._bad_body[0].response_complete):
+            return True
+        if self._in_headers or self._body_open():
+            return False
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _owed_to_http10(self) -> bool:
+        """Whether a request read but not yet answered is HTTP/1.0: no probe can tell whether its client is still
+        there, and HTTP/1.0 peers close entirely rather than half-close (EOF_PROBE_S)."""
+        owed = (self._running, self.cycle, *(c for c, _ in self.pipeline))
+        return any(c is not None and not c.response_complete and c.scope.get("http_version") == "1.0" for c in owed)
+
+    def _check_client(self) -> None:
+        """After a half-close or a departure (an EOF either way) while answers are owed: send the interim answer
+        before the running request's own, once, then look for the reset of a client that left."""
+        self._eof_timer = None
+        if not self._owed_at_eof():
+            return
+        if self._probed:
+            if self._client_reset():
+                self.transport.abort()  # the client is gone, its requests are disconnects
                 return
-            if on_refusal is not None:
-                on_refusal(status)
-            if access_log:  # answered below the app: its access log and metrics never see these
-                _log.info("refused", extra={"status": status, "reason": text, "client": _client(self.transport)})
-            answer = _answer(status, reason, text, retry_after)
-            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
-                self._refusal = answer
-                self.flow.pause_reading()
-            else:
-                self._close_with(answer)
+        else:
+            self._send_interim()
+        self._eof_timer = asyncio.get_running_loop().call_later(EOF_PROBE_S, self._check_client)
 
-        def _close_with(self, answer: bytes) -> None:
-            self._disarm()
-            if not self.transport.is_closing():
-                self.transport.write(answer)
-                self.transport.close()
+    def _client_reset(self) -> bool:
+        """Whether the client answered the interim answer with a reset (it left)."""
+        sock = self.transport.get_extra_info("socket")
+        return sock is not None and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 
-    return HeaderBoundsProtocol
+    def _send_interim(self) -> None:
+        """The interim `100 Continue`, ahead of the running request's own answer, if that one may take it."""
+        running = self._running
+        if (running is not None and not running.response_started and not running.response_complete
+                and running.scope.get("http_version") == "1.1"):  # never a 1xx to HTTP/1.0 (RFC 9110 15.2)
+            running.waiting_for_100_continue = False  # this one serves for an `Expect: 100-continue` too
+            self.transport.write(_INTERIM)
+            self._probed = True

@@ -18,18 +18,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from serve.errors import ServeError
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
-from serve.registry import close_models, load_models
+from serve.registry import ServedModels, close_models, load_models
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings, repository_tuning, service_links, unknown_environment
 
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
 FILES_RESERVED = 256  # descriptors kept from connections: model files, logs, clients being turned away
-CONNECTION_CLOSE = (b"connection", b"close")
 STUCK_WAIT_S = 1.0  # once stopped: how long the threads still working get to end before the process exits past them
 
 
@@ -109,6 +108,16 @@ def _resident_bytes() -> int | None:
 
 def run(settings: Settings) -> None:
     """Load, bind, serve until SIGTERM/SIGINT."""
+    connections = _preflight(settings)  # before loading: a refusal costs no model load
+    models, sock = _load_and_bind(settings)
+    _serve(settings, models, sock, connections)
+    if stuck := stuck_threads(STUCK_WAIT_S):
+        exit_past(stuck, 0)  # the code a stop without them gives
+
+
+def _preflight(settings: Settings) -> int:
+    """Configure the logs, say which environment variables are ignored, and fit the connections served at once
+    (returned) within the open-file limit."""
     configure_logging(settings.log_level)
     if ignored := unknown_environment(dict(os.environ))[1]:
         log.warning("ignored environment variables: not settings", extra={"names": ignored[:20]})
@@ -118,11 +127,17 @@ def run(settings: Settings) -> None:
         log.info("ignored Kubernetes service links (Services named vitc or vitc-*; enableServiceLinks: false turns "
                  "them off)",
                  extra={"names": links[:20]})
-    connections = connection_limit(settings.max_connections)  # before loading: a refusal costs no model load
+    connections = connection_limit(settings.max_connections)
     if settings.max_connections is None and connections < DEFAULT_CONNECTIONS:
         log.warning("the open-file limit cuts the connections served at once", extra={
             "max_connections": connections, "default": DEFAULT_CONNECTIONS,
             "advice": f"raise the limit (ulimit -n {DEFAULT_CONNECTIONS + FILES_RESERVED}) or give --max-connections"})
+    return connections
+
+
+def _load_and_bind(settings: Settings) -> tuple[ServedModels, socket.socket]:
+    """Every model loaded and checked against the repository's tuning, and the bound socket; nothing is left loaded
+    if the start is refused."""
     models = load_models(settings)
     if refusal := repository_tuning(settings, (m.backend.runtime for m in models.values())):
         close_models(models)
@@ -138,84 +153,44 @@ def run(settings: Settings) -> None:
     except ServeError:
         close_models(models)
         raise
+    return models, sock
+
+
+def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connections: int) -> None:
+    """Hand the app and the bound socket to uvicorn, and serve until stopped."""
     import uvicorn  # only now: a refused start never pays for importing the web stack
 
     from serve.app import create_app
-    from serve.httpproto import header_timeout_protocol
+    from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol
+    from serve.shutdown import DelayedShutdownServer
+
     app = create_app(settings, models)
-    http = header_timeout_protocol(settings.receive_timeout_s, settings.access_log, connections,
-                                   on_refusal=app.state.metrics.protocol_refused)
+    http = HeaderBoundsProtocol.configured(ConnectionLimits(settings.receive_timeout_s, connections),
+                                           access_log=settings.access_log,
+                                           on_refusal=app.state.metrics.protocol_refused)
     config = uvicorn.Config(
         app, http=http,
         log_config=None, access_log=False, lifespan="on", server_header=False, ws="none",  # no WebSocket routes
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=settings.keep_alive_s,
     )
-    def not_ready() -> None:  # from a stop's first signal: readiness and vitc_model_ready say so (plain assignments)
-        app.state.ready = False
-        app.state.metrics.serving = False
-
-    def stopping() -> None:  # the models' drain gets what is left of the one budget (serve.app's lifespan)
-        not_ready()
-        if getattr(app.state, "stop_requested_at", None) is None:
-            app.state.stop_requested_at = time.monotonic()
-
-    class Server(uvicorn.Server):
-        """uvicorn's server, with the shutdown delay before its drain, noting when the drain was asked for:
-        Kubernetes and docker stop count one grace period for the whole stop, not one for the requests and another
-        for the models (the delay comes on top: terminationGracePeriodSeconds must cover both)."""
-
-        delay_ends: float | None = None  # monotonic end of the shutdown delay, from the first signal
-        signalled: int | None = None  # the signal that began it, named in the log by the event loop
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            if settings.shutdown_delay and self.started and self.delay_ends is None and not self.should_exit:
-                # Endpoints are removed from a Service asynchronously to SIGTERM: report not ready now, and keep the
-                # port open and answering until the delay is over (on_tick then starts uvicorn's drain). Plain
-                # assignments only: a signal handler may run in the middle of anything on this thread.
-                self.delay_ends, self.signalled = time.monotonic() + settings.shutdown_delay, sig
-                not_ready()
-                return
-            # No delay, the server not started yet (never ready: nothing routes here), or a second signal during
-            # the delay, which cuts it short (a SIGINT after that forces uvicorn's exit, as without a delay).
-            stopping()
-            super().handle_exit(sig, frame)
-
-        async def on_tick(self, counter: int) -> bool:
-            if self.signalled is not None:
-                log.info("shutting down: not ready, still answering", extra={
-                    "signal": signal.Signals(self.signalled).name, "shutdown_delay_s": settings.shutdown_delay})
-                self.signalled = None
-            if self.delay_ends is not None and not self.should_exit and time.monotonic() >= self.delay_ends:
-                stopping()
-                self.should_exit = True
-            done = await super().on_tick(counter)  # which renews the default headers once a second
-            if self.delay_ends is not None and CONNECTION_CLOSE not in self.server_state.default_headers:
-                # Every answer during the delay closes its connection: a keep-alive client reconnects, and is routed
-                # to another pod, rather than sending its next request on a connection the drain then closes.
-                self.server_state.default_headers = [*self.server_state.default_headers, CONNECTION_CLOSE]
-            return done
-
-    server = Server(config)
-
-    def stop(*_: object) -> None:
-        stopping()
-        server.should_exit = True
-
+    server = DelayedShutdownServer(config, app.state, settings.shutdown_delay)
     # A SIGTERM or SIGINT before uvicorn takes the signals over (the "listening" line is out) stops the server once
     # started; uvicorn re-raises the one it captured after its graceful shutdown, and this handler makes that second
     # delivery a no-op, so a clean shutdown exits 0 (Ctrl-C is the server's normal stop), not by the signal.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    log.info("listening", extra=_listening(settings, models, sock, connections))
+    server.run(sockets=[sock])
+
+
+def _listening(settings: Settings, models: ServedModels, sock: socket.socket, connections: int) -> dict[str, Any]:
+    """What the "listening" line says: where, which models, how many connections."""
     host, port = sock.getsockname()[:2]
     served = {m.name: {"runtime": m.backend.runtime, "precision": m.backend.precision, "bundle": str(m.bundle),
                        "startup_s": m.startup} for m in models.values()}
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
-    log.info("listening", extra={"url": url, "host": host, "port": port, "models": served,
-                                 "device": settings.device, "max_connections": connections,
-                                 "process_age_s": process_age()})
-    server.run(sockets=[sock])
-    if stuck := stuck_threads(STUCK_WAIT_S):
-        exit_past(stuck, 0)  # the code a stop without them gives
+    return {"url": url, "host": host, "port": port, "models": served, "device": settings.device,
+            "max_connections": connections, "process_age_s": process_age()}
 
 
 def stuck_threads(wait_s: float) -> list[threading.Thread]:
