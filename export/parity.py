@@ -11,13 +11,13 @@ An artifact passes when every number is inside its precision's Tolerance; otherw
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from models.bundle import Parity
+from models.jsonfields import finite_or_none
 from models.tolerance import (  # noqa: F401 - the gates' home; re-exported for export's callers
     BF16_TOLERANCE,
     FP16_TOLERANCE,
@@ -85,14 +85,15 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
         max_abs = max(max_abs, float(np.abs(batched - ref_s[:b]).max()))
     scale = float(np.abs(ref).max())
     accuracy = float((out.argmax(1) == data.labels).mean())
-    finite_err = _finite(max_abs) if finite else None
+    # JSON has no NaN/inf: a non-finite error is recorded as null (and `gate` fails it as non-finite logits).
+    finite_err = finite_or_none(max_abs) if finite else None
     result = Parity(
         dataset=data.dataset, split=data.split, val_samples=len(data.x), batch_sizes=tuple(sizes),
         max_abs_err=finite_err,
         max_rel_err=None if finite_err is None or scale <= 0 else finite_err / scale,
         reference_logit_scale=scale, top1_agreement=float((out.argmax(1) == ref.argmax(1)).mean()),
         accuracy=accuracy, reference_accuracy=data.reference_accuracy,
-        accuracy_delta=accuracy - data.reference_accuracy, batch_invariance_max_abs=_finite(invariance),
+        accuracy_delta=accuracy - data.reference_accuracy, batch_invariance_max_abs=finite_or_none(invariance),
         tolerance=asdict(tol), passed=False,
     )
     failures = degenerate(ref) + gate(result, tol)
@@ -111,11 +112,6 @@ def degenerate(reference: np.ndarray) -> list[str]:
     if float((np.ptp(reference, axis=1) <= tol).mean()) > 0.5:
         return ["torch's logits tie every class for most images: parity cannot be certified"]
     return []
-
-
-def _finite(x: float) -> float | None:
-    """JSON has no NaN/inf: a non-finite error is recorded as null (and gated as non-finite logits)."""
-    return x if math.isfinite(x) else None
 
 
 def gate(r: Parity, tol: Tolerance) -> list[str]:

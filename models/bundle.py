@@ -42,9 +42,9 @@ from typing import Any
 
 from models.checkpoint import MAX_DATASET_CHARS, check_model_contract
 from models.config import MAX_PARAMS, ViTConfig, is_label
+from models.formats import FormatError, UnreadableFile, files_problem, format_rules
 from models.io import atomic_write_bytes, read_strict_json, sha256_file, strict_json_bytes
 from models.jsonfields import FieldError, Fields, between
-from models.onnx_wire import onnx_external_locations
 from models.preprocessing import Preprocessing
 
 FORMAT = "vitc-bundle"
@@ -324,7 +324,7 @@ class Artifact:
         r.get("inference_precision", str, None, **TAG)  # a runtime compiles with it (runtimes/openvino.py)
         if art.servable and not art.files:
             raise r.fail("files", "is empty, but the artifact is marked servable")
-        if art.files and (wrong := _format_files_problem(art)):
+        if art.files and (wrong := files_problem(art.format, [f.path for f in art.files])):
             raise r.fail("files", wrong)
         return art
 
@@ -341,23 +341,6 @@ class Artifact:
         if self.parity is not None:
             d["parity"] = self.parity.to_dict()
         return d
-
-
-# The files a format consists of, one of each suffix and nothing else. A runtime must read only what the manifest
-# lists and verify_files checked: OpenVINO reads the weights named after the .xml unless it is handed the listed .bin.
-FORMAT_FILES = {"openvino-ir": (".xml", ".bin")}
-
-
-def _format_files_problem(artifact: Artifact) -> str | None:
-    """Why the artifact's file list does not make up its format (None: it does, or the format has no rule)."""
-    suffixes = FORMAT_FILES.get(artifact.format)
-    if suffixes is None:
-        return None
-    paths = [f.path for f in artifact.files]
-    if len(paths) == len(suffixes) and all(sum(p.endswith(s) for p in paths) == 1 for s in suffixes):
-        return None
-    return (f"must list exactly one {' and one '.join(suffixes)} file (format {artifact.format!r}), lists "
-            f"{', '.join(repr(p[-60:]) for p in paths[:4])}{', ...' if len(paths) > 4 else ''}")
 
 
 @dataclass(frozen=True)
@@ -556,9 +539,6 @@ class Manifest:
         if policy != "measured":
             return policy == "always"
         return self.served is not None and self.served.jpeg_draft
-
-    def with_artifacts(self, artifacts: tuple[Artifact, ...] | list[Artifact]) -> Manifest:
-        return replace(self, artifacts=tuple(artifacts))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (format version 1)."""
@@ -772,47 +752,15 @@ def verify_files(bundle: str | os.PathLike, artifact: Artifact) -> list[Path]:
     paths = [verify_file(bundle, entry) for entry in artifact.files]
     if not paths:
         raise BundleError(f"artifact {artifact.id!r} lists no files")
-    if wrong := _format_files_problem(artifact):  # a manifest built in code, not read
+    if wrong := files_problem(artifact.format, [f.path for f in artifact.files]):  # a manifest built in code
         raise BundleError(f"artifact {artifact.id!r}: its files {wrong}")
-    if artifact.format == "openvino-ir":
-        _check_ir_xml(artifact, paths)
-    elif artifact.format == "onnx":
-        _check_onnx_external_data(artifact, paths)
-    return paths
-
-
-def _check_ir_xml(artifact: Artifact, paths: list[Path]) -> None:
-    """The .xml of an OpenVINO IR must be IR XML: OpenVINO opens an ONNX (or other) model saved under that name with
-    another frontend, which reads files of its own (ONNX external data) that no manifest lists."""
-    xml = next(p for p in paths if p.name.endswith(".xml"))
     try:
-        with open(xml, "rb") as f:
-            head = f.read(256).removeprefix(b"\xef\xbb\xbf").lstrip()
-    except OSError as exc:
-        raise unreadable("artifact file", xml, exc) from None
-    if not head.startswith((b"<?xml", b"<net")):
-        raise BundleError(f"artifact {artifact.id!r}: {xml} is not OpenVINO IR XML (tampered or corrupt)")
-
-
-def _check_onnx_external_data(artifact: Artifact, paths: list[Path]) -> None:
-    """Every external-data file an ONNX model of the artifact names must be one of its listed, verified files (the
-    runtime would read it beside the model, unchecked: it decides the weights)."""
-    listed = set(paths)
-    for model in (p for p in paths if p.name.endswith(".onnx")):
-        try:
-            locations = onnx_external_locations(model)
-        except ValueError as exc:
-            raise BundleError(f"artifact {artifact.id!r}: {model} is not a readable ONNX model ({exc})") from None
-        except OSError as exc:
-            raise unreadable("artifact file", model, exc) from None
-        for location in sorted(locations):
-            try:
-                target = (model.parent / location).resolve()
-            except (ValueError, OSError, RuntimeError):  # a NUL byte, a link loop: not a listed file either way
-                target = None
-            if target not in listed:
-                raise BundleError(f"artifact {artifact.id!r}: {model.name} takes tensor data from {location!r:.80}, "
-                                  "which the manifest does not list (every file a runtime reads must be listed)")
+        format_rules(artifact.format).verify(paths)
+    except FormatError as exc:
+        raise BundleError(f"artifact {artifact.id!r}: {exc}") from None
+    except UnreadableFile as exc:
+        raise unreadable("artifact file", exc.path, exc.cause) from None
+    return paths
 
 
 def file_entries(bundle: str | os.PathLike, paths: list[Path]) -> tuple[FileEntry, ...]:

@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from models.jsonfields import is_int  # also imported from here (runtimes.base)
+
 
 @dataclass(frozen=True)
 class ConvLayer:
@@ -82,11 +84,6 @@ _INT_BOUNDS = {"depth": MAX_DEPTH, "dim": MAX_DIM, "mlp_dim": MAX_MLP_DIM, "head
 def is_label(value: object, max_chars: int = MAX_LABEL_CHARS) -> bool:
     """Whether `value` is a string of 1..max_chars without control characters, line breaks or lone surrogates."""
     return isinstance(value, str) and 0 < len(value) <= max_chars and _NOT_IN_LABELS.search(value) is None
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON true would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def conv_stem(kernels: tuple[int, ...], strides: tuple[int, ...], widths: tuple[int, ...]) -> ConvStem:
@@ -212,10 +209,6 @@ class ViTConfig:
     def num_tokens(self) -> int:
         """Sequence length including the class token."""
         return self.grid**2 + 1
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; `from_dict` inverts it."""

@@ -91,9 +91,19 @@ _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
                dict: "an object"}
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite_or_none(x: float) -> float | None:
+    """`x`, or None when it is NaN or infinite: JSON has no NaN/inf, so a non-finite number is recorded as null."""
+    return x if math.isfinite(x) else None
+
+
 def _is(value: Any, kind: type) -> bool:
     if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if kind is float:
         return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, kind)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models.preprocessing import Preprocessing, copied_pixels, image_formats, image_input, plain_mode, upright
+from serve.protocol import short_reason
 from serve.workpool import Holder, PixelBudget
 
 FORMATS = image_formats()  # the Pillow decoders the server accepts; anything else is never parsed
@@ -142,7 +143,7 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     except MemoryError:
         raise
     except Exception as exc:  # decoders raise many types on hostile headers; none may become a 500
-        raise ImageError(400, f"cannot decode image ({_short(exc)}); supported: {', '.join(FORMATS)}") from None
+        raise ImageError(400, f"cannot decode image ({short_reason(exc)}); supported: {', '.join(FORMATS)}") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageError(400, f"image has no pixels ({w}x{h})")
@@ -184,12 +185,12 @@ def load_pixels(img: Image.Image) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:  # truncated, corrupt, or a decoder tripping over hostile data
-        raise ImageError(400, f"image data is truncated or corrupt ({_short(exc)})") from None
+        raise ImageError(400, f"image data is truncated or corrupt ({short_reason(exc)})") from None
     img = upright(img)  # EXIF orientation, exactly as training and evaluation decode
     try:
         return plain_mode(img)  # CMYK (Adobe inverted or not), YCbCr, HSV, ...
     except ValueError as exc:
-        raise ImageError(400, f"unsupported colour mode {img.mode} ({_short(exc)})") from None
+        raise ImageError(400, f"unsupported colour mode {img.mode} ({short_reason(exc)})") from None
 
 
 def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
@@ -227,9 +228,4 @@ def _model_input(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as exc:  # a mode or layout the conversion does not take
-        raise ImageError(400, f"cannot convert a {img.mode} image ({_short(exc)})") from None
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+        raise ImageError(400, f"cannot convert a {img.mode} image ({short_reason(exc)})") from None

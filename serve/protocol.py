@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from models.jsonfields import is_int
+
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t).newbyteorder("<")
     for name, t in {
@@ -172,7 +174,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
         if n is not None and (end := _cut_json_end(body, n, max_containers)) is not None:
             raise ProtocolError(f"{HEADER_LENGTH} {n} ends inside the JSON, which ends at byte {end}: send "
                                 f"{HEADER_LENGTH}: {end}") from None
-        raise ProtocolError(f"request is not valid JSON: {_short(exc)}") from None
+        raise ProtocolError(f"request is not valid JSON: {short_reason(exc)}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("request must be a JSON object")
     raw_inputs = doc.get("inputs")
@@ -282,7 +284,8 @@ def _cut_json_end(body: bytes, n: int, max_containers: int | None) -> int | None
     return len(body) if len(body) > n else None  # all of it is JSON
 
 
-def _short(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
+    """An exception as the first line of its message, at most 200 characters (its type when it has none)."""
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
 
@@ -296,16 +299,12 @@ def _params(obj: dict, what: str) -> dict:
     return params
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("every input needs a 'name'")
     name = spec["name"][:128]
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and 0 <= d <= MAX_DIM for d in shape):
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers up to {MAX_DIM}")
     if len(shape) > MAX_DIMS:
         raise ProtocolError(f"input {name!r}: {len(shape)} dimensions; at most {MAX_DIMS}")
@@ -320,7 +319,7 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
         raise ProtocolError(f"input {name!r}: {NO_SHARED_MEMORY}: send its values as 'data' or as binary data")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if not _is_int(size) or size < 0:
+        if not is_int(size) or size < 0:
             raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer, "
                                 f"got {json.dumps(size)[:40]}")
         if "data" in spec:
@@ -426,7 +425,7 @@ def _parse_output(spec: Any) -> RequestedOutput:
         raise ProtocolError("every requested output needs a 'name'")
     params = _params(spec, f"output {spec['name'][:128]!r}")
     k = params.get("classification", 0)
-    if not _is_int(k) or not 0 <= k <= 1 << 20:
+    if not is_int(k) or not 0 <= k <= 1 << 20:
         raise ProtocolError(f"output {spec['name'][:128]!r}: classification must be a non-negative integer")
     binary = params.get("binary_data")
     if binary is not None and not isinstance(binary, bool):

@@ -12,6 +12,7 @@ then takes a minute; while the file $FAKE_RUNTIME_LOAD_HANG exists, a load write
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -116,7 +117,7 @@ def write_bundle(dest: Path) -> Path:
     np.save(dest / WEIGHTS, weights(3, len(m.class_names)))
     artifact = Artifact(id="fake-fp32", runtime="fake", format="npy", precision="fp32", servable=True,
                         files=file_entries(dest, [dest / WEIGHTS]))
-    write_manifest(dest, m.with_artifacts([*m.artifacts, artifact]))
+    write_manifest(dest, dataclasses.replace(m, artifacts=(*m.artifacts, artifact)))
     return dest
 
 

@@ -460,7 +460,7 @@ def test_report_served_refuses_a_bundle_without_an_artifact_for_the_runtime(bund
 
     copy = shutil.copytree(bundle, tmp_path / "b")
     m = read_manifest(copy)
-    write_manifest(copy, m.with_artifacts([a for a in m.artifacts if a.runtime != "openvino"]))
+    write_manifest(copy, replace(m, artifacts=tuple(a for a in m.artifacts if a.runtime != "openvino")))
     _no_slow_work(monkeypatch)
     assert report.main([str(copy), "--served", "--runtime", "openvino"]) == 2
     assert "openvino" in one_line(capsys)

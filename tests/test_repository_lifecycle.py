@@ -52,7 +52,7 @@ def add_version(repo: Path, name: str, version: str, runtime: str = "fake") -> P
     dest.mkdir(parents=True)
     shutil.copy(source / fake_runtime.WEIGHTS, dest / fake_runtime.WEIGHTS)
     artifact = next(dataclasses.replace(a, runtime=runtime) for a in m.artifacts if a.runtime == "fake")
-    write_manifest(dest, m.with_artifacts([artifact]))
+    write_manifest(dest, dataclasses.replace(m, artifacts=(artifact,)))
     return dest
 
 

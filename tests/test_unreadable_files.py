@@ -72,8 +72,9 @@ def fake_bundle(dest: Path, golden: bool = False) -> Path:
     m = read_manifest(fake_runtime.LEGACY)
     dest.mkdir(parents=True)
     np.save(dest / fake_runtime.WEIGHTS, fake_runtime.weights(m.input.channels, m.output.classes))
-    m = m.with_artifacts([Artifact(id="fake-fp32", runtime="fake", format="npy", precision="fp32", servable=True,
-                                   files=file_entries(dest, [dest / fake_runtime.WEIGHTS]))])
+    artifact = Artifact(id="fake-fp32", runtime="fake", format="npy", precision="fp32", servable=True,
+                        files=file_entries(dest, [dest / fake_runtime.WEIGHTS]))
+    m = dataclasses.replace(m, artifacts=(artifact,))
     if golden:
         (dest / "golden.npz").write_bytes(b"PK\x05\x06" + bytes(18))
         m = dataclasses.replace(m, golden=Golden(file_entries(dest, [dest / "golden.npz"])[0], 8))

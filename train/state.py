@@ -19,6 +19,7 @@ import torch
 
 from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.io import atomic_write_bytes
+from models.jsonfields import is_int
 
 RESUME_FILE = "resume.pt"
 STATE_VERSION = 1
@@ -32,7 +33,7 @@ def _opt_dict(x: object) -> bool:
 
 
 def _history(x: object) -> bool:
-    return isinstance(x, list) and all(isinstance(h, dict) and _is_int(h.get("epoch")) for h in x)
+    return isinstance(x, list) and all(isinstance(h, dict) and is_int(h.get("epoch")) for h in x)
 
 
 def _epoch_acc(x: object) -> bool:
@@ -41,12 +42,12 @@ def _epoch_acc(x: object) -> bool:
 
 
 def _last_eval(x: object) -> bool:
-    return x is None or (isinstance(x, dict) and _is_int(x.get("global_step")) and isinstance(x.get("raw"), dict)
+    return x is None or (isinstance(x, dict) and is_int(x.get("global_step")) and isinstance(x.get("raw"), dict)
                          and _opt_dict(x.get("ema")))
 
 
 def _count(x: object) -> bool:
-    return _is_int(x) and x >= 0
+    return is_int(x) and x >= 0
 
 
 def _seconds(x: object) -> bool:
@@ -150,10 +151,6 @@ def damaged(reason: object) -> CheckpointError:
     return CheckpointError(f"{RESUME_FILE} is damaged or from another run: {text}")
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _is_num(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
@@ -172,10 +169,10 @@ def _check_rng(rng: object) -> str | None:
         return "rng.cuda: expected a list of tensors"
     n, p = rng["numpy"], rng["python"]
     if not (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor) and n["keys"].shape == (MT_KEYS,)
-            and _is_int(n.get("pos")) and _is_int(n.get("has_gauss")) and _is_num(n.get("gauss"))):
+            and is_int(n.get("pos")) and is_int(n.get("has_gauss")) and _is_num(n.get("gauss"))):
         return f"rng.numpy: expected keys ({MT_KEYS} integers), pos, has_gauss and gauss"
-    if not (isinstance(p, dict) and _is_int(p.get("version")) and isinstance(p.get("internal"), list)
-            and len(p["internal"]) == MT_KEYS + 1 and all(_is_int(v) for v in p["internal"])
+    if not (isinstance(p, dict) and is_int(p.get("version")) and isinstance(p.get("internal"), list)
+            and len(p["internal"]) == MT_KEYS + 1 and all(is_int(v) for v in p["internal"])
             and (p.get("gauss") is None or _is_num(p.get("gauss")))):
         return f"rng.python: expected version, internal ({MT_KEYS + 1} integers) and gauss"
     return None
@@ -217,7 +214,7 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return f"missing {', '.join(missing)}"
     if not isinstance(state["config"], dict) or not all(isinstance(k, str) for k in state["config"]):
         return "config: expected a dict of options"
-    if not _is_int(state["steps_per_epoch"]) or state["steps_per_epoch"] < 0:
+    if not is_int(state["steps_per_epoch"]) or state["steps_per_epoch"] < 0:
         return "steps_per_epoch: expected a non-negative integer"
     if not _tensor_dict(state["model"]):
         return "model: expected a dict of tensors"

@@ -37,6 +37,7 @@ from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, 
 from models.cli import fill_closed_std_streams
 from models.host import usable_cpus
 from models.io import DirectoryBusy, ensure_dir, out_inside_problem, resolve_path, writer_lock
+from models.jsonfields import finite_or_none
 from models.preprocessing import Preprocessing
 from models.registry import build_model
 from train.augment import BatchMixer, derive_seed
@@ -65,11 +66,6 @@ from train.state import (
     restore_rng,
     save_resume,
 )
-
-
-def _finite(x: float) -> float | None:
-    """JSON has no NaN/inf: a non-finite number is recorded as null."""
-    return x if math.isfinite(x) else None
 
 
 def _now() -> str:
@@ -554,7 +550,7 @@ class Trainer:
         last = epoch + 1 == cfg.epochs or (cfg.max_steps and progress["global_step"] >= cfg.max_steps)
         rec: dict[str, Any] = {
             "epoch": epoch + 1, "step": progress["global_step"], "complete": complete,
-            "train_loss": _finite(train_loss), "lr": self._lr(),
+            "train_loss": finite_or_none(train_loss), "lr": self._lr(),
             "epoch_time_s": round(acc["time"], 3), "samples_per_s": round(n / max(acc["time"], 1e-9), 1),
         }
         if diverged:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from train.sweep.edf import edf, edf_stats
+from train.sweep.edf import edf_stats
 from train.sweep.spec import RunSpec
 
 Result = dict[str, Any]
@@ -77,20 +77,6 @@ def stability(
     return out
 
 
-def paired_wins(stab: dict[str, dict[str, Any]], conv: str, patch: str) -> dict[str, float]:
-    """Per optimizer: share of sampled (lr, wd) pairs where ViT_C's error is lower than ViT_P's at the same pair."""
-    out = {}
-    for opt, models in stab.items():
-        if conv not in models or patch not in models:
-            continue
-        c = {(r["lr"], r["weight_decay"]): r["error"] for r in models[conv]["runs"]}
-        p = {(r["lr"], r["weight_decay"]): r["error"] for r in models[patch]["runs"]}
-        common = sorted(set(c) & set(p))
-        if common:
-            out[opt] = float(np.mean([c[k] < p[k] for k in common]))
-    return out
-
-
 def tune(specs: Sequence[RunSpec], errors: dict[RunSpec, float]) -> dict[tuple[str, str], tuple[float, float]]:
     """Each model x optimizer's (lr, wd) of its lowest-error run among `specs` (ties: the first sampled)."""
     best: dict[tuple[str, str], tuple[float, RunSpec]] = {}
@@ -130,8 +116,3 @@ def optimizer_gaps(table: dict[str, dict[str, dict[int, Any]]]) -> dict[str, dic
             common = sorted(set(opts["sgd"]) & set(opts["adamw"]))
             gaps[model] = {e: opts["sgd"][e]["mean"] - opts["adamw"][e]["mean"] for e in common}
     return gaps
-
-
-def edf_at(stab: dict[str, dict[str, Any]], opt: str, model: str, e: float) -> float:
-    """F(e) of one stability population."""
-    return float(edf([r["error"] for r in stab[opt][model]["runs"]], e))
