@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.bundle import ExportConfig
 from models.bundle import BundleError, Manifest, read_manifest, verify_files
+from runtimes.registry import DEFAULT_TARGETS
 
 # Relative to the directory the benchmark runs in (the checkout for `make bench`), as the demo's runs/ and exports/
 # are: never inside an installed package.
@@ -131,10 +133,10 @@ def prepare_model(
     model: str,
     *,
     cache: Path = DEFAULT_CACHE,
-    targets: Sequence[str] = ("onnx", "openvino"),
-    max_batch: int = 32,
-    parity_samples: int = 512,
-    calibration_samples: int = 300,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    max_batch: int = ExportConfig.max_batch,
+    parity_samples: int = ExportConfig.parity_samples,
+    calibration_samples: int = ExportConfig.calibration_samples,
     root: Path = Path(),
     checkpoint: Path | None = None,
     log: Callable[[str], None] | None = None,
@@ -143,7 +145,7 @@ def prepare_model(
 
     The checkpoint is `checkpoint` when given, else the demo's trained one, else a seeded random init.
     """
-    from export.bundle import build_bundle
+    from export.bundle import build
 
     given = checkpoint is not None
     checkpoint = checkpoint or trained_checkpoint(model, root)
@@ -161,12 +163,12 @@ def prepare_model(
             parity_samples, calibration_samples = min(parity_samples, 128), min(calibration_samples, 64)
         if log:
             log(f"exporting {model} ({source}) to {bundle} ...")
-        manifest = build_bundle(
+        manifest = build(ExportConfig(
             checkpoint, bundle, tuple(targets), name=f"{model}-{source}", max_batch=max_batch,
             parity_samples=parity_samples, calibration_samples=calibration_samples,  # the checkpoint's dataset
             tolerances=_relaxed_int8(),
             log=log or (lambda _msg: None),
-        )
+        ))
     return PreparedModel(pair, model, manifest.stem, checkpoint, source, bundle, manifest)
 
 

@@ -37,6 +37,7 @@ from benchmarks import machine
 from benchmarks.loadgen import Client, Endpoint, closed_loop, open_loop
 from benchmarks.stats import summarize
 from models.io import atomic_write_bytes, atomic_write_json
+from runtimes.registry import DEFAULT_RUNTIME
 
 SCHEMA = "vitc-e2e-benchmark"
 MAX_IMAGES = 1024
@@ -49,7 +50,7 @@ class E2EConfig:
 
     url: str  # a running server, or "start": serve `bundle` on a loopback port for the run
     model: str | None = None
-    backend: str = "onnxruntime"  # the backend of a started server
+    backend: str = DEFAULT_RUNTIME  # the backend of a started server
     concurrency: tuple[int, ...] = (1, 4, 16)
     rate: float | None = None
     duration: float = 15.0
@@ -84,7 +85,7 @@ def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
     server_args = tuple(shlex.split(args.server_args or ""))
     if server_args and args.http != "start":
         raise ValueError("--server-args applies to --http start only")
-    return E2EConfig(url=args.http.rstrip("/"), model=args.model, backend=args.runtime or "onnxruntime",
+    return E2EConfig(url=args.http.rstrip("/"), model=args.model, backend=args.runtime or DEFAULT_RUNTIME,
                      concurrency=tuple(args.concurrency),
                      rate=args.rate, duration=duration, warmup=0.5 if args.quick else 2.0, bundle=args.bundle,
                      images=16 if args.quick else 64, image_format=args.image_format, image_size=args.image_size,

@@ -39,6 +39,7 @@ from benchmarks.loadgen import Endpoint, closed_loop
 from benchmarks.report import naming, out_dir_problem, save_failed
 from models.cli import OneLineParser, float_in
 from models.io import atomic_write_bytes, atomic_write_json, empty_path_problem
+from runtimes.registry import DEFAULT_RUNTIME
 
 DEMO_BUNDLES = ("exports/animals-vit_c", "exports/animals-vit_p")
 CONCURRENCY = (1, 4, 16, 64)
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="running server (loopback only)")
     p.add_argument("--start", action="store_true", help="start a server on the bundles first (and stop it after)")
     p.add_argument("--model", action="append", help=f"bundle for --start (default: {', '.join(DEMO_BUNDLES)})")
-    p.add_argument("--backend", default="onnxruntime", help="backend for --start (default onnxruntime)")
+    p.add_argument("--backend", default=DEFAULT_RUNTIME, help="backend for --start (default %(default)s)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     p.add_argument("--duration", type=float_in(0, MAX_DURATION_S), default=8.0,

@@ -43,6 +43,7 @@ import numpy as np
 
 from models.cli import OneLineParser, int_in
 from models.io import empty_path_problem
+from runtimes.registry import DEFAULT_RUNTIME
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "vitc-overhead-benchmark"
@@ -106,7 +107,7 @@ def _signals_deferred() -> Iterator[None]:
 class Server:
     """A server process on a loopback port: vitc (python -m serve) or the hand-written one."""
 
-    def __init__(self, kind: str, bundle: Path, backend: str = "onnxruntime", log_dir: Path | None = None) -> None:
+    def __init__(self, kind: str, bundle: Path, backend: str = DEFAULT_RUNTIME, log_dir: Path | None = None) -> None:
         self.kind, self.port = kind, _free_port()
         self.proc: subprocess.Popen | None = None
         self._own_dir = None if log_dir else Path(tempfile.mkdtemp(prefix="vitc-overhead-"))  # removed by stop()

@@ -19,8 +19,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import KW_ONLY, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,11 +48,11 @@ from models.bundle import (
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from models.cli import memory_failure
-from models.io import DirectoryBusy, _remove_stale, _swap_in, ensure_dir, resolve_path, writer_lock
+from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
-from runtimes.build import ExportContext, machine_failure
+from runtimes.build import ExportContext, io_or_memory_cause
 from runtimes.loader import (
     CONTRACT_KEY,
     MAX_SOURCE_SIDE,
@@ -63,6 +64,7 @@ from runtimes.loader import (
     verify_golden,
 )
 from runtimes.onnx_graph import OPSET, export_torch
+from runtimes.registry import DEFAULT_TARGETS
 
 PREPROCESS_CHUNK = 256
 GOLDEN_SAMPLES = 8
@@ -72,6 +74,7 @@ GOLDEN_FILE = "golden.npz"
 # after the export as well, so the manifest records the opset the file has (export.kserve trusts it).
 OPSETS = range(17, 26)
 MAX_SAMPLES = 2**31 - 1  # parity/calibration images: "all of the split" in practice (export.cli's bound too)
+MAX_THREADS = 1024  # --threads (export.cli's bound too)
 
 
 class ExportIOError(RuntimeError):
@@ -236,19 +239,7 @@ def bundle_name(name: str | None, out: Path) -> str:
         raise ExportError(f"output {out}: {exc.strerror or exc}") from None
 
 
-@contextlib.contextmanager
-def publish_dir(target: Path, before_swap: Callable[[], None] | None = None) -> Iterator[Path]:
-    """models.io.atomic_dir with a lock file that does not outlive the write, and a last check before the swap."""
-    ensure_dir(target.parent)
-    with writer_lock(target):
-        _remove_stale(target)
-        with _swap_in(target) as tmp:
-            yield tmp
-            if before_swap is not None:
-                before_swap()
-
-
-def _dataset_of(meta: CheckpointMeta, dataset: str | None) -> str:
+def _dataset_of(meta: CheckpointMeta, dataset: str | os.PathLike | None) -> str:
     name = dataset or meta.raw.get("dataset")
     if not name:
         raise ExportError(f"checkpoint {meta.path} records no 'dataset'; pass the dataset for parity images")
@@ -306,7 +297,7 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         if failure := memory_failure(exc):  # the machine failed, not the artifact: stop, keep the old bundle
             raise ExportMemoryError(f"{target.id}: out of memory ({type(failure).__name__}: "
                                     f"{first_line(failure)[:200]})") from None
-        if failure := machine_failure(exc):
+        if failure := io_or_memory_cause(exc):
             raise ExportIOError(f"{target.id}: {type(failure).__name__}: {first_line(failure)}") from None
         failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
         if not artifact.export_seconds:
@@ -337,69 +328,113 @@ def _golden_check(backend, artifact: Artifact, data: ParityData, max_batch: int,
     return []
 
 
-def build_bundle(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    targets: Sequence[str] = ("onnx", "openvino"),
-    *,
-    name: str | None = None,
-    max_batch: int = 32,
-    parity_samples: int = 512,
-    calibration_samples: int = 300,
-    dataset: str | None = None,
-    calibration_dataset: str | None = None,
-    opset: int | None = None,
-    tolerances: dict[str, Tolerance] | None = None,
-    threads: int | None = None,
-    log: Callable[[str], None] | None = None,
-    drop_artifacts: bool = False,
-) -> Manifest:
-    """Export `checkpoint` to the bundle directory `out`; returns the manifest written there.
+@dataclass(frozen=True)
+class ExportConfig:
+    """One export: which checkpoint goes to which bundle, with what; every field is checked when it is made."""
+
+    checkpoint: str | os.PathLike
+    out: str | os.PathLike
+    targets: Sequence[str] = DEFAULT_TARGETS
+    _: KW_ONLY
+    name: str | None = None  # the served name (default: the `out` directory's name, made valid)
+    max_batch: int = 32
+    parity_samples: int = 512
+    calibration_samples: int = 300
+    dataset: str | os.PathLike | None = None  # parity images, val split (default: the checkpoint's)
+    calibration_dataset: str | os.PathLike | None = None  # INT8 calibration, train split (default: `dataset`)
+    opset: int | None = None  # one of OPSETS (default OPSET)
+    tolerances: dict[str, Tolerance] | None = None  # parity gates by precision, instead of export.parity's
+    threads: int | None = None  # CPU threads of torch and the runtimes (default: theirs)
+    log: Callable[[str], None] | None = None  # progress lines (default: stderr)
+    drop_artifacts: bool = False  # replace a bundle at `out` even when this export drops some of its artifacts
+
+    def __post_init__(self) -> None:
+        """ExportError (one line) unless every field has its type and range: checked before any work, so a wrong one
+        never becomes a raw traceback, a silently rounded count or a bundle its reader refuses."""
+        self._check_inputs()
+        self._check_sizes()
+        self._check_options()
+        # numpy integers pass as integers (what a script computes a count with); from here on they are plain ints
+        for key in ("max_batch", "parity_samples", "calibration_samples", "opset", "threads"):
+            if (value := getattr(self, key)) is not None:
+                object.__setattr__(self, key, int(value))
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    def _check_inputs(self) -> None:
+        for arg, value in (("checkpoint", self.checkpoint), ("out", self.out)):
+            if not isinstance(value, str | os.PathLike):
+                raise ExportError(f"{arg} must be a path, got {type(value).__name__} {value!r:.80}")
+        targets = self.targets
+        if isinstance(targets, str) or not isinstance(targets, Sequence):
+            raise ExportError(f"targets must be a list of target names such as ['onnx', 'openvino-int8'], got "
+                              f"{type(targets).__name__} {targets!r:.80}")
+        if bad := [t for t in targets if not isinstance(t, str)]:
+            raise ExportError(f"targets must be target names (strings), got {bad[0]!r:.80}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ExportError(f"name must be a string or None, got {type(self.name).__name__} {self.name!r:.80}")
+
+    def _check_sizes(self) -> None:
+        if not (_is_int(self.max_batch) and 1 <= self.max_batch <= MAX_BATCH_LIMIT):
+            raise ExportError(f"max batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {self.max_batch!r:.80}")
+        for arg, value in (("parity", self.parity_samples), ("calibration", self.calibration_samples)):
+            if not (_is_int(value) and 1 <= value <= MAX_SAMPLES):
+                raise ExportError(f"{arg} sample counts must be positive integers, got {value!r:.80}")
+
+    def _check_options(self) -> None:
+        for arg, value in (("dataset", self.dataset), ("calibration dataset", self.calibration_dataset)):
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise ExportError(f"{arg} must be a dataset name or folder, got {type(value).__name__} {value!r:.80}")
+        if (opset := self.opset) is not None and not (_is_int(opset) and opset in OPSETS):
+            raise ExportError(f"opset must be an integer in {OPSETS.start}..{OPSETS.stop - 1} (what the ONNX exporter "
+                              f"writes as asked), got {opset!r:.80}")
+        if (tolerances := self.tolerances) is not None and not (isinstance(tolerances, dict) and all(
+                isinstance(k, str) and isinstance(v, Tolerance) for k, v in tolerances.items())):
+            raise ExportError(f"tolerances must map precision names to export.parity.Tolerance, got "
+                              f"{tolerances!r:.120}")
+        if self.threads is not None and not (_is_int(self.threads) and 1 <= self.threads <= MAX_THREADS):
+            raise ExportError(f"threads must be an integer in 1..{MAX_THREADS}, got {self.threads!r:.80}")
+        if self.log is not None and not callable(self.log):
+            raise ExportError(f"log must be a function of one line, got {type(self.log).__name__}")
+        if not isinstance(self.drop_artifacts, bool):
+            raise ExportError(f"drop_artifacts must be True or False, got {self.drop_artifacts!r:.80}")
+
+
+def build(config: ExportConfig) -> Manifest:
+    """Export `config.checkpoint` to the bundle directory `config.out`; returns the manifest written there.
 
     The torch artifact (safetensors + manifest config) is always included. Artifacts that fail their parity
     gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
     val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
     `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
     `opset` (default OPSET) is one of OPSETS, checked against the exported file, whose opset the manifest records.
-    Every argument's type and range is checked first (ints are ints, not bools or floats; targets a list of names).
     An existing bundle at `out` is replaced only when every artifact servable in it comes out servable again
     (not refused), unless `drop_artifacts`.
     Raises ExportError (one line) on bad input or a missing runtime, ExportIOError when the disk or memory fails;
     either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
-    _check_arguments(checkpoint, out, targets, name=name, max_batch=max_batch, parity_samples=parity_samples,
-                     calibration_samples=calibration_samples, dataset=dataset,
-                     calibration_dataset=calibration_dataset, opset=opset, tolerances=tolerances, threads=threads,
-                     log=log, drop_artifacts=drop_artifacts)
-    # numpy integers pass as integers (what a script computes a count with); from here on they are plain ints
-    max_batch, parity_samples, calibration_samples = int(max_batch), int(parity_samples), int(calibration_samples)
-    opset, threads = (None if v is None else int(v) for v in (opset, threads))
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     try:
         cwd = Path.cwd()
     except FileNotFoundError:
         raise ExportError("the current directory no longer exists (replaced or removed): cd to one that does") from None
-    out = cwd / out  # absolute (`--out .`: the temporary directory goes beside it, not into it)
+    out = cwd / config.out  # absolute (`--out .`: the temporary directory goes beside it, not into it)
     if _holds(out, cwd):
         # The finished bundle replaces --out by a rename: the shell would be left in a deleted directory.
         raise ExportError(f"--out {out} is the current directory (or holds it): the new bundle replaces that "
                           "directory; run the export from outside it (cd ..)")
-    if not [t for t in targets if t.strip()]:  # "torch" alone is always built: an empty list is a mistake
+    if not [t for t in config.targets if t.strip()]:  # "torch" alone is always built: an empty list is a mistake
         raise ExportError("no targets given (pass --targets torch for a torch-only bundle)")
-    wanted = parse_targets(["torch", *targets])
+    wanted = parse_targets(["torch", *config.targets])
     for rt in dict.fromkeys(t.runtime for t in wanted):
         try:
             rt.require(rt.export_device)
         except BackendError as exc:
             raise ExportError(str(exc)) from None
-    keeps = None if drop_artifacts else {t.id for t in wanted}
+    keeps = None if config.drop_artifacts else {t.id for t in wanted}
     _check_out(out, keeps)
-    name = bundle_name(name, out)
+    name = bundle_name(config.name, out)
+    log = config.log or (lambda msg: print(msg, file=sys.stderr))
     try:
-        return _build(checkpoint, out, wanted, name=name, max_batch=max_batch, parity_samples=parity_samples,
-                      calibration_samples=calibration_samples, dataset=dataset,
-                      calibration_dataset=calibration_dataset, opset=opset, tolerances=tolerances, threads=threads,
-                      log=log, keeps=keeps)
+        return _build(config, wanted, keeps, out=out, name=name, log=log)
     except Exception as exc:  # MemoryError, or what torch's allocator and the runtimes raise instead (one line)
         ours = ExportError | ExportIOError | BackendError | DirectoryBusy | BundleError | CheckpointError
         if isinstance(exc, ours) or not (failure := memory_failure(exc)):
@@ -407,48 +442,16 @@ def build_bundle(
         raise ExportMemoryError(f"out of memory ({type(failure).__name__}: {first_line(failure)[:200]})") from None
 
 
+def build_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, targets: Sequence[str] = DEFAULT_TARGETS,
+                 **options: Any) -> Manifest:
+    """`build(ExportConfig(checkpoint, out, targets, **options))`: the keyword form scripts and tests call."""
+    return build(ExportConfig(checkpoint, out, targets, **options))
+
+
 def _is_int(value: object) -> bool:
     """An integer (a Python or numpy one) that is not a bool (True would pass `1 <= True <= 1024`, and no reader
     takes it back)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
-def _check_arguments(checkpoint: object, out: object, targets: object, *, name: object, max_batch: object,
-                     parity_samples: object, calibration_samples: object, dataset: object,
-                     calibration_dataset: object, opset: object, tolerances: object, threads: object, log: object,
-                     drop_artifacts: object) -> None:
-    """ExportError (one line) unless every argument of `build_bundle` has its type and range: checked before any
-    work, so a wrong one never becomes a raw traceback, a silently rounded count or a bundle its reader refuses."""
-    for arg, value in (("checkpoint", checkpoint), ("out", out)):
-        if not isinstance(value, str | os.PathLike):
-            raise ExportError(f"{arg} must be a path, got {type(value).__name__} {value!r:.80}")
-    if isinstance(targets, str) or not isinstance(targets, Sequence):
-        raise ExportError(f"targets must be a list of target names such as ['onnx', 'openvino-int8'], got "
-                          f"{type(targets).__name__} {targets!r:.80}")
-    if bad := [t for t in targets if not isinstance(t, str)]:
-        raise ExportError(f"targets must be target names (strings), got {bad[0]!r:.80}")
-    if name is not None and not isinstance(name, str):
-        raise ExportError(f"name must be a string or None, got {type(name).__name__} {name!r:.80}")
-    if not (_is_int(max_batch) and 1 <= max_batch <= MAX_BATCH_LIMIT):
-        raise ExportError(f"max batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {max_batch!r:.80}")
-    for arg, value in (("parity", parity_samples), ("calibration", calibration_samples)):
-        if not (_is_int(value) and 1 <= value <= MAX_SAMPLES):
-            raise ExportError(f"{arg} sample counts must be positive integers, got {value!r:.80}")
-    for arg, value in (("dataset", dataset), ("calibration dataset", calibration_dataset)):
-        if value is not None and not isinstance(value, str | os.PathLike):
-            raise ExportError(f"{arg} must be a dataset name or folder, got {type(value).__name__} {value!r:.80}")
-    if opset is not None and not (_is_int(opset) and opset in OPSETS):
-        raise ExportError(f"opset must be an integer in {OPSETS.start}..{OPSETS.stop - 1} (what the ONNX exporter "
-                          f"writes as asked), got {opset!r:.80}")
-    if tolerances is not None and not (isinstance(tolerances, dict) and all(
-            isinstance(k, str) and isinstance(v, Tolerance) for k, v in tolerances.items())):
-        raise ExportError(f"tolerances must map precision names to export.parity.Tolerance, got {tolerances!r:.120}")
-    if threads is not None and not (_is_int(threads) and 1 <= threads <= 1024):
-        raise ExportError(f"threads must be an integer in 1..1024, got {threads!r:.80}")
-    if log is not None and not callable(log):
-        raise ExportError(f"log must be a function of one line, got {type(log).__name__}")
-    if not isinstance(drop_artifacts, bool):
-        raise ExportError(f"drop_artifacts must be True or False, got {drop_artifacts!r:.80}")
 
 
 def _hub_opset(path: Path) -> int:
@@ -459,7 +462,8 @@ def _hub_opset(path: Path) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _calibration(wanted: Sequence[Target], calibration_dataset: str | None, data_name: str):  # noqa: ANN202
+def _calibration(wanted: Sequence[Target], calibration_dataset: str | os.PathLike | None,  # noqa: ANN202
+                 data_name: str):
     """The INT8 calibration set (train split), loaded before any slow work so a bad name fails first; a loader
     that returns it. None of it is loaded when no target calibrates and no calibration dataset was named."""
     name = calibration_dataset or data_name
@@ -474,21 +478,20 @@ def _calibration(wanted: Sequence[Target], calibration_dataset: str | None, data
     return lambda: images
 
 
-def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *, name: str, max_batch: int,
-           parity_samples: int, calibration_samples: int, dataset: str | None, calibration_dataset: str | None,
-           opset: int | None, tolerances: dict[str, Tolerance] | None, threads: int | None,
-           log: Callable[[str], None], keeps: set[str] | None) -> Manifest:
-    """build_bundle once its arguments and output are checked."""
+def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | None, *, out: Path, name: str,
+           log: Callable[[str], None]) -> Manifest:
+    """`build` once its output is checked (`out`: config.out made absolute; `name`: the bundle's, resolved)."""
+    max_batch = config.max_batch
     try:
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_checkpoint(config.checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    data_name = _dataset_of(meta, dataset)
-    calibration_set = _calibration(wanted, calibration_dataset, data_name)
-    header = _header(meta, name, checkpoint, data_name, max_batch)
-    with torch_threads(threads):
-        parity_set = parity_images(meta, data_name, parity_samples)
-        data = parity_data(model, meta, data_name, parity_samples, max_batch, parity_set.images)
+    data_name = _dataset_of(meta, config.dataset)
+    calibration_set = _calibration(wanted, config.calibration_dataset, data_name)
+    header = _header(meta, name, config.checkpoint, data_name, max_batch)
+    with torch_threads(config.threads):
+        parity_set = parity_images(meta, data_name, config.parity_samples)
+        data = parity_data(model, meta, data_name, config.parity_samples, max_batch, parity_set.images)
         log(f"{meta.model}: parity on {len(data.x)} {data_name} val images{parity_set.note()}, "
             f"torch top-1 {data.reference_accuracy:.2%}")
         try:
@@ -498,10 +501,10 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                 built = None if keeps is None else {a.id for a in artifacts if a.servable}
                 _check_replaceable(out, built, [a for a in artifacts if not a.servable])
 
-            with publish_dir(out, before_swap=before_swap) as tmp:
+            with atomic_dir(out, before_swap=before_swap) as tmp:
                 ctx = ExportContext(
-                    model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=opset or OPSET,
-                    calibration_set=calibration_set, calibration_samples=calibration_samples,
+                    model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=config.opset or OPSET,
+                    calibration_set=calibration_set, calibration_samples=config.calibration_samples,
                 )
                 if any(t.precision == "int8" for t in wanted):  # no readable image: one line, before any build
                     calibration = ctx.calibration_images()
@@ -521,8 +524,8 @@ def _build(checkpoint: str | os.PathLike, out: Path, wanted: Sequence[Target], *
                     log(f"torch -> ONNX (opset {ctx.opset}, dynamic batch): {timings['onnx_hub_seconds']:.1f}s")
                 outputs: dict[str, np.ndarray] = {}
                 for target in wanted:
-                    tolerance = (tolerances or {}).get(target.precision)
-                    artifact = _build_one(ctx, header, target, data, tolerance, threads, outputs)
+                    tolerance = (config.tolerances or {}).get(target.precision)
+                    artifact = _build_one(ctx, header, target, data, tolerance, config.threads, outputs)
                     if parity_set.skipped:  # the parity images' provenance: what was left out to draw them
                         artifact = replace(artifact, info={**artifact.info,
                                                            "parity_unreadable_skipped": len(parity_set.skipped)})

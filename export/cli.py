@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from data.datasets import EMBEDDED
+from export.bundle import MAX_SAMPLES, MAX_THREADS, ExportConfig
 from export.targets import QUANTIZER, Target, known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT
 from models.checkpoint import CheckpointError, read_checkpoint_meta
@@ -21,8 +22,7 @@ from models.cli import OneLineParser, extras_hint, installed, int_in
 from models.host import distribution_versions
 from models.io import empty_path_problem, out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
-
-MAX_SAMPLES = 2**31 - 1  # "all of the split" in practice; bounded so no count overflows an index
+from runtimes.registry import DEFAULT_TARGETS
 
 
 def missing_problem(targets: Sequence[Target]) -> str | None:
@@ -96,19 +96,20 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--precision", default=",".join(runtime.default_precisions),
                        help=f"comma-separated, of {', '.join(runtime.precisions)} (default %(default)s)")
     else:
-        p.add_argument("--targets", default="onnx,openvino",
+        p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                        help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s)")
     p.add_argument("--name", help="served model name, A-Z a-z 0-9 _ . - (default: the --out directory name, "
                                   "other characters replaced by '-')")
-    p.add_argument("--max-batch", type=int_in(1, MAX_BATCH_LIMIT), default=32,
-                   help=f"largest batch (engine profile, parity), 1..{MAX_BATCH_LIMIT} [32]")
-    p.add_argument("--parity-samples", type=int_in(1, MAX_SAMPLES), default=512,
-                   help="validation images for parity (more than the split holds: all of it) [512]")
-    p.add_argument("--calibration-samples", type=int_in(1, MAX_SAMPLES), default=300,
-                   help="train images for INT8 calibration [300]")
+    p.add_argument("--max-batch", type=int_in(1, MAX_BATCH_LIMIT), default=ExportConfig.max_batch,
+                   help=f"largest batch (engine profile, parity), 1..{MAX_BATCH_LIMIT} [%(default)s]")
+    p.add_argument("--parity-samples", type=int_in(1, MAX_SAMPLES), default=ExportConfig.parity_samples,
+                   help="validation images for parity (more than the split holds: all of it) [%(default)s]")
+    p.add_argument("--calibration-samples", type=int_in(1, MAX_SAMPLES), default=ExportConfig.calibration_samples,
+                   help="train images for INT8 calibration [%(default)s]")
     p.add_argument("--dataset", help="parity/calibration dataset (default: the checkpoint's)")
     p.add_argument("--calibration-dataset", help="INT8 calibration dataset, train split (default: --dataset)")
-    p.add_argument("--threads", type=int_in(1, 1024), help="CPU threads for torch and the runtimes (default: theirs)")
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS),
+                   help="CPU threads for torch and the runtimes (default: theirs)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any artifact is refused")
     p.add_argument("--replace", action="store_true",
                    help="replace a bundle at --out even when this export does not build all of its servable "
@@ -116,12 +117,24 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
-    """Parse, build the bundle, report; returns the exit code."""
-    from export.bundle import ExportIOError, ExportMemoryError, build_bundle
+def _targets(p: argparse.ArgumentParser, args: argparse.Namespace, family: str | None) -> list[str]:
+    """The export targets the command line names (`--precision` of `family`, else `--targets`); exit 2 on none."""
+    if family:
+        precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+        known = by_target(family).precisions
+        if bad := [x for x in precisions if x not in known]:
+            p.error(f"--precision {bad[0][:40]!r} is not a precision of {family}; known: {', '.join(known)}")
+        targets = [f"{family}-{x}" for x in precisions]
+    else:
+        targets = [t for t in args.targets.split(",") if t.strip()]
+    if not targets:  # an empty list would silently ship a torch-only bundle
+        flag, known = ("precision", by_target(family).precisions) if family else ("targets", known_targets())
+        p.error(f"--{flag} names nothing; known: {', '.join(known)}")
+    return targets
 
-    p = parser(family)
-    args = p.parse_args(argv)
+
+def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 on an empty path flag."""
     # Path("") is the current directory: `--checkpoint "$RUN"` with RUN unset exported whatever checkpoint lay here,
     # and an empty --dataset or --calibration-dataset quietly meant the default one.
     for problem in (
@@ -134,34 +147,36 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     ):
         if problem:
             p.error(problem)
-    if family:
-        precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
-        known = by_target(family).precisions
-        if bad := [x for x in precisions if x not in known]:
-            p.error(f"--precision {bad[0][:40]!r} is not a precision of {family}; known: {', '.join(known)}")
-        targets = [f"{family}-{x}" for x in precisions]
-    else:
-        targets = [t for t in args.targets.split(",") if t.strip()]
-    if not targets:  # an empty list would silently ship a torch-only bundle
-        flag, known = ("precision", by_target(family).precisions) if family else ("targets", known_targets())
-        p.error(f"--{flag} names nothing; known: {', '.join(known)}")
+
+
+def setup_problem(args: argparse.Namespace, targets: Sequence[str]) -> str | None:
+    """Why the export cannot start, found before the checkpoint is loaded (None when it can): an unknown target,
+    a missing package, an output that cannot be written."""
     try:
-        missing = missing_problem(parse_targets(targets))
+        if missing := missing_problem(parse_targets(targets)):  # before the checkpoint is loaded and measured
+            return missing
     except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if missing:  # found out before the checkpoint is loaded and measured, not after
-        print(f"error: {missing}", file=sys.stderr)
-        return 2
-    if problem := out_problem(args.out, args.checkpoint, args.dataset, args.calibration_dataset):
+        return str(exc)
+    return out_problem(args.out, args.checkpoint, args.dataset, args.calibration_dataset)
+
+
+def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
+    """Parse, build the config, export, report; returns the exit code."""
+    from export.bundle import ExportIOError, ExportMemoryError, build
+
+    p = parser(family)
+    args = p.parse_args(argv)
+    _check_paths(p, args)
+    targets = _targets(p, args, family)
+    if problem := setup_problem(args, targets):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        manifest = build_bundle(
+        manifest = build(ExportConfig(
             args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,
             parity_samples=args.parity_samples, calibration_samples=args.calibration_samples, dataset=args.dataset,
             calibration_dataset=args.calibration_dataset, threads=args.threads, drop_artifacts=args.replace,
-        )
+        ))
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

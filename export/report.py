@@ -23,6 +23,7 @@ from models.bundle import BundleError, Manifest, read_manifest, verify_file, ver
 from models.cli import OneLineParser, machine_failure, require
 from models.io import atomic_write_bytes, empty_path_problem
 from runtimes.base import first_line
+from runtimes.registry import DEFAULT_RUNTIME
 
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
            "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--served", action="store_true",
                     help="also measure the served path (encoded images through a real server, JPEG draft on and "
                          "off) and record it in each bundle's manifest")
-    ap.add_argument("--runtime", default="onnxruntime", help="runtime for --served (default onnxruntime)")
+    ap.add_argument("--runtime", default=DEFAULT_RUNTIME, help="runtime for --served (default %(default)s)")
     ap.add_argument("--samples", type=int, help="validation images for --served, at least 1; more than the split "
                                                 "holds means the whole split (default: the whole split)")
     args = ap.parse_args(argv)
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(why)
     if args.png is not None:
         require("matplotlib")  # before the tables, not after them
-    if not args.served and (args.runtime != "onnxruntime" or args.samples is not None):
+    if not args.served and (args.runtime != DEFAULT_RUNTIME or args.samples is not None):
         ap.error("--runtime and --samples apply to --served only")
     try:
         manifests = [read_manifest(b) for b in args.bundles]

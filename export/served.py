@@ -39,6 +39,7 @@ from models.bundle import (
 )
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
 from runtimes.base import first_line
+from runtimes.registry import DEFAULT_RUNTIME
 
 QUALITIES = (95, 75)
 SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
@@ -250,7 +251,7 @@ def check(bundle: Path, manifest: Manifest, runtime: str) -> None:
                           "writable)") from None
 
 
-def measure(bundle: str | Path, runtime: str = "onnxruntime", samples: int | None = None,
+def measure(bundle: str | Path, runtime: str = DEFAULT_RUNTIME, samples: int | None = None,
             log: Callable[[str], None] = print) -> ServedParity:
     """Measure the served path of `bundle` on `runtime` and record it in its manifest; returns the record."""
     from data.datasets import EVAL_SUBSET_SEED, load_dataset

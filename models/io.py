@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +138,14 @@ def committing(what: str) -> Iterator[None]:
         print(f"note: {names} arrived while publishing {what}; that was finished first", file=sys.stderr)
 
 
-def _default_mode(base: int) -> int:
+def default_mode(base: int) -> int:
     """`base` filtered by the process umask: temp files would otherwise stay owner-only (0600/0700)."""
     umask = os.umask(0)
     os.umask(umask)
     return base & ~umask
+
+
+_default_mode = default_mode  # the old private name, still imported by export.triton and models.checkpoint
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -151,7 +154,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _default_mode(0o666))
+        os.fchmod(fd, default_mode(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -197,7 +200,7 @@ def writer_lock(target: Path) -> Iterator[None]:
     """
     path = target.parent / f".{target.name}.lock"
     for _ in range(LOCK_RETRIES):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode(0o666))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode(0o666))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -226,7 +229,7 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def _remove_stale(target: Path) -> None:
+def remove_stale(target: Path) -> None:
     """Clean up after a writer that died (killed mid-write); safe while we hold the writer lock.
 
     Killed between its two renames, it left no `target` and the old directory in `.<name>.*.old/x`: that one is
@@ -246,21 +249,28 @@ def _remove_stale(target: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+_remove_stale = remove_stale  # the old private name, still imported by export.triton
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, before_swap: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a temp directory beside `target`; on success it replaces `target`, on error it is removed.
 
     What was written inside gets the umask's default permissions (converters write private temp files, and the
     directory is read by a server that may run as another user). If the final swap fails, the old `target` is
     put back: at every moment `target` is the old directory or the new one. One writer at a time (a lock file
-    beside `target`; DirectoryBusy for a second one), and temporaries a killed writer left behind are removed.
+    beside `target`, deleted afterwards; DirectoryBusy for a second one), and temporaries a killed writer left
+    behind are removed. `before_swap` runs, under the lock, once the body has finished and before `target` is
+    touched: its exception discards the new directory and keeps the old `target` (a last check of what is there).
     """
     target = Path(target)
     ensure_dir(target.parent)
     with writer_lock(target):
-        _remove_stale(target)
+        remove_stale(target)
         with _swap_in(target) as tmp:
             yield tmp
+            if before_swap is not None:
+                before_swap()
 
 
 @contextlib.contextmanager
@@ -268,13 +278,13 @@ def _swap_in(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old: Path | None = None
     try:
-        os.chmod(tmp, _default_mode(0o777))
+        os.chmod(tmp, default_mode(0o777))
         yield tmp
         for root, dirs, files in os.walk(tmp):
             for name in dirs:
-                os.chmod(os.path.join(root, name), _default_mode(0o777))
+                os.chmod(os.path.join(root, name), default_mode(0o777))
             for name in files:
-                os.chmod(os.path.join(root, name), _default_mode(0o666))
+                os.chmod(os.path.join(root, name), default_mode(0o666))
         with committing(str(target)):
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))

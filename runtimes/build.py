@@ -41,8 +41,9 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def machine_failure(exc: BaseException) -> OSError | MemoryError | None:
+def io_or_memory_cause(exc: BaseException) -> OSError | MemoryError | None:
     """The disk or memory error behind `exc`, if any (converters often wrap them in their own exception types)."""
+    # Returns the cause and prints nothing, unlike models.cli.machine_failure (which prints and gives an exit code).
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError | MemoryError):
@@ -50,6 +51,10 @@ def machine_failure(exc: BaseException) -> OSError | MemoryError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+# The old name, which read like models.cli.machine_failure: kept only until runtimes/onnx_graph.py imports the new one.
+machine_failure = io_or_memory_cause
 
 
 # What a probe writes beyond the file that failed (room for the smaller files beside it, an IR's .xml): small, so a

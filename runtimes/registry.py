@@ -15,6 +15,12 @@ from runtimes.base import BackendError, Runtime, first_line
 # Module of each built-in runtime, in the order help texts list them.
 BUILTIN = ("runtimes.onnxruntime", "runtimes.openvino", "runtimes.tensorrt", "runtimes.pytorch")
 
+# The runtime a command uses when none is named (the server's --backend, the benchmarks', export.report --served),
+# and the export targets built when none are named (`python -m export`, export.bundle, the benchmarks' bundles):
+# defined here once, so the stages cannot drift apart.
+DEFAULT_RUNTIME = "onnxruntime"
+DEFAULT_TARGETS: tuple[str, ...] = ("onnx", "openvino")
+
 PLUGINS_ENV = "VITC_RUNTIMES"
 
 _RUNTIMES: dict[str, Runtime] = {}

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 import runtimes
 from models.bundle import NAME_RE, TRITON_CONFIG_FILE
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
+from runtimes.registry import DEFAULT_RUNTIME
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     model_dir: Path | None = None
     model_repository: Path | None = None  # a Triton-style repository (python -m export.triton writes one)
-    backend: str = Field("onnxruntime", description="a runtime of the registry (runtimes/registry.py)")
+    backend: str = Field(DEFAULT_RUNTIME, description="a runtime of the registry (runtimes/registry.py)")
     device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "int8"] | None = None
     host: str = "127.0.0.1"

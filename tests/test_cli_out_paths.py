@@ -70,6 +70,7 @@ def no_slow_work(monkeypatch) -> None:
         raise AssertionError("the slow work started before --out was checked")
 
     monkeypatch.setattr(export_bundle, "build_bundle", slow)
+    monkeypatch.setattr(export_bundle, "build", slow)  # what export.cli calls
     monkeypatch.setattr(train.evaluate, "evaluate_checkpoint", slow)
 
 

@@ -51,6 +51,7 @@ def _export(family: str | None):
 
         monkeypatch.setattr(cli, "missing_problem", _never("export.cli.missing_problem"))
         monkeypatch.setattr(export.bundle, "build_bundle", _never("export.bundle.build_bundle"))
+        monkeypatch.setattr(export.bundle, "build", _never("export.bundle.build"))  # what export.cli calls
         return lambda argv: cli.main(argv, family=family)
     return patched
 

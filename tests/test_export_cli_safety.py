@@ -505,6 +505,7 @@ def test_export_without_the_graph_exporter_says_so_before_any_work(checkpoint, t
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     loaded = []
     monkeypatch.setattr(export_bundle, "build_bundle", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(export_bundle, "build", lambda *a, **k: loaded.append(a))  # what export.cli calls
     assert cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--targets", "onnx"]) == 2
     err = one_line(capsys)
     assert "not installed: onnxscript (the ONNX graph" in err and "'.[export]'" in err and not loaded
