@@ -48,9 +48,7 @@ from export.kserve import (
     MAX_CPUS,
     MAX_GPUS,
     MAX_ISVC_NAME,
-    MIN_TRITON_RELEASE,
     RepositoryError,
-    beyond_min_triton,
     check_isvc_name,
     check_storage_uri,
     inference_service,
@@ -59,14 +57,10 @@ from export.kserve import (
     kept_runtime_version,
     marked,
     plan_service,
-    release,
     stale_release,
-    tensorrt_advice,
-    tensorrt_mismatch,
-    tensorrt_unknown,
     triton_tag,
-    triton_tensorrt,
 )
+from export.triton_compat import MIN_TRITON_RELEASE, beyond_min_triton, release, release_rules
 from models import tritonconfig
 from models.bundle import (
     MANIFEST_FILE,
@@ -93,38 +87,21 @@ from models.bundle import (
 from models.cli import OneLineParser, machine_failure
 from models.io import (
     DirectoryBusy,
-    _default_mode,
-    _remove_stale,
     atomic_write_bytes,
     committing,
+    default_mode,
     empty_path_problem,
     ensure_dir,
+    remove_stale,
     resolve_path,
     writer_lock,
 )
+from models.tritonconfig import MAX_QUEUE_DELAY_US, MAX_VERSION, LabelsError, read_labels
 
-MAX_VERSION = 2**63 - 1  # Triton reads version directories as int64
 MAX_INSTANCES = 1024
-MAX_LABELS_BYTES = 16 << 20  # one label per class: far more than any classifier's
-MAX_QUEUE_DELAY_US = 60_000_000  # a minute: anything longer is a typo, not a batching policy
 DEFAULT_INSTANCES = 1
 DEFAULT_QUEUE_DELAY_US = 2000
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,18}$")
-# Triton backends that fix the batch at max_batch_size. OpenVINO's reshapes the model to it (ov::set_batch) and
-# refuses any execution whose total batch differs, warm-up included, unless ENABLE_BATCH_PADDING pads every batch
-# to the maximum (a one-image request then costs 32; the padding it computes is not reset between executions).
-# SKIP_OV_DYNAMIC_BATCHSIZE changes neither. Their models get Triton's layout without a batch dimension, the IR's
-# dynamic batch as an explicit -1 (what the backend's README recommends for dynamic shapes): each request runs
-# alone, at its own batch size; Triton's dynamic batcher does not combine them.
-_FIXED_BATCH_BACKENDS = frozenset({"openvino"})
-# Triton's OpenVINO backend passes OpenVINO only the parameters it knows (openvino.cc ParseParameters), and the only
-# precision one is HINT_BF16=YES: nothing keeps fp32, unlike vitc, which compiles with INFERENCE_PRECISION_HINT=f32.
-_OPENVINO_PRECISION_NOTE = (
-    "# Precision: Triton's OpenVINO backend has no parameter that keeps fp32 (HINT_BF16 only asks for bf16), so on\n"
-    "# a CPU with AMX or AVX512-BF16 OpenVINO runs this model in bf16: logits move by about 1e-2 from the fp32 ones\n"
-    "# its parity gate measured (manifest.json in the version directory). Where that matters, serve the onnxruntime\n"
-    "# model, or this repository with python -m serve (it keeps fp32).\n"
-)
 
 
 def model_name(manifest: Manifest, artifact: Artifact) -> str:
@@ -165,7 +142,8 @@ def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str
     c, h, w = manifest.input.sample_shape
     classes = manifest.output.classes
     inp, out = _text(manifest.input.name, "input name"), _text(manifest.output.name, "output name")
-    if backend in _FIXED_BATCH_BACKENDS:
+    if rt.triton_fixed_batch:  # Triton's layout without a batch dimension: each request runs alone, at its own
+        # batch size (Triton's dynamic batcher does not combine them), the IR's dynamic batch an explicit -1.
         # No FORMAT_NCHW: Triton refuses it on an input of 4 dims. The warm-up request is one image, batch dim given.
         batching, layout = "max_batch_size: 0\n", ""
         in_dims, out_dims, warm_dims = f"-1, {c}, {h}, {w}", f"-1, {classes}", f"1, {c}, {h}, {w}"
@@ -189,7 +167,7 @@ def config_pbtxt(name: str, manifest: Manifest, artifact: Artifact, *, kind: str
         + threads +
         f'model_warmup [{{ name: "zeros" batch_size: 1 inputs {{ key: {inp} value: '
         f"{{ data_type: TYPE_FP32 dims: [ {warm_dims} ] zero_data: true }} }} }}]\n"
-        + (_OPENVINO_PRECISION_NOTE if backend == "openvino" else ""),
+        + rt.triton_note,
         _MARK,
     )
 
@@ -254,13 +232,14 @@ def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact, version
             return None
         config.check(name=model_dir.name, platform=rt.triton_platform, backend=rt.triton_backend,
                      input=tritonconfig.Tensor(manifest.input.name, "TYPE_FP32", (c, h, w)),
-                     output=tritonconfig.Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)))
+                     output=tritonconfig.Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)),
+                     rules=rt.triton_rules(runtimes.runtimes()))
         if config.max_batch_size is not None and config.max_batch_size > manifest.input.max_batch:
             raise tritonconfig.ConfigError(f"max_batch_size {config.max_batch_size} is more than the new version "
                                            f"was exported for ({manifest.input.max_batch})")
         # The layout earlier versions of this tool wrote for OpenVINO: Triton fails its batch-1 warm-up, so the
         # load, and would refuse every request of another batch size.
-        if rt.triton_backend in _FIXED_BATCH_BACKENDS and config.max_batch_size and (
+        if rt.triton_fixed_batch and config.max_batch_size and (
                 config.parameters.get("ENABLE_BATCH_PADDING", "").lower() != "yes"):  # as the backend reads it
             raise tritonconfig.ConfigError(
                 f"max_batch_size {config.max_batch_size}: Triton's {rt.triton_backend} backend fixes the batch at "
@@ -302,12 +281,13 @@ def _labels(class_names: Sequence[str]) -> bytes:
 def _labels_edited(model_dir: Path, manifest: Manifest) -> bool:
     """Whether the model's labels.txt was edited since this tool wrote it (it matches none that the class names of
     the new version or of a version already there make): a new version keeps it. RepositoryError (nothing written)
-    when such a file does not hold one label per class of the new version: Triton would misname the classes."""
+    when such a file does not hold one label per class of the new version, as Triton and vitc's server read it
+    (`tritonconfig.read_labels`): Triton would misname the classes."""
     path = model_dir / LABELS_FILE
     if not path.is_file():
         return False
     with path.open("rb") as f:
-        raw = f.read(MAX_LABELS_BYTES + 1)
+        raw = f.read(tritonconfig.MAX_LABELS_BYTES + 1)
     if raw == _labels(manifest.class_names):
         return False
     for entry in model_dir.iterdir():
@@ -315,34 +295,32 @@ def _labels_edited(model_dir: Path, manifest: Manifest) -> bool:
             with contextlib.suppress(BundleError, OSError):
                 if raw == _labels(read_manifest(entry).class_names):
                     return False
-    try:
-        lines = raw.decode("utf-8").split("\n")  # Triton reads one label a line
-    except UnicodeDecodeError:
-        lines = None
-    if lines is not None and lines[-1] == "":
-        lines.pop()
     classes = manifest.output.classes
-    if len(raw) > MAX_LABELS_BYTES or lines is None or len(lines) != classes:
-        holds = "is not UTF-8 text" if lines is None else f"holds {len(lines)} labels"
+    try:
+        read_labels(raw, classes)
+    except LabelsError as exc:
+        holds = str(exc) if exc.lines is None else f"holds {exc.lines} labels"
         raise RepositoryError(f"{path} differs from what this tool writes (edited), so a new version keeps it, but "
                               f"it does not fit that version: it {holds}, the model has {classes} classes; fix it, "
-                              "or pass --replace-config to regenerate it")
+                              "or pass --replace-config to regenerate it") from None
     return True
 
 
-def _check_tensorrt(name: str, artifact: Artifact, tag: str, exported: Sequence[Artifact], *, kept_isvc: bool,
-                    notes: list[str]) -> None:
-    """RepositoryError when the InferenceService written now runs a Triton whose TensorRT cannot load this
-    artifact's engine (Triton would exit at start, every model with it); a note when the kept one does, or when this
-    cannot tell."""
-    if (why := tensorrt_mismatch(artifact, tag)) is not None:
+def _check_release(name: str, artifact: Artifact, tag: str, exported: Sequence[Artifact], *, kept_isvc: bool,
+                   notes: list[str]) -> None:
+    """RepositoryError when the InferenceService written now runs a Triton release that cannot load this artifact
+    (a TensorRT engine another TensorRT built: Triton would exit at start, every model with it); a note when the kept
+    one does, or when this cannot tell."""
+    if (rules := release_rules(artifact)) is None:
+        return
+    if (why := rules.cannot_load(artifact, tag)) is not None:
         if kept_isvc:
             notes.append(f"{name}: the kept {ISVC_FILE} runs Triton {tag}, which cannot load it: {why}; edit its "
-                         f"runtimeVersion, or pass --replace-isvc with {tensorrt_advice(artifact)}")
+                         f"runtimeVersion, or pass --replace-isvc with {rules.advice(artifact)}")
             return
         leave = f", or --skip {artifact.id} to leave the model out" if len(exported) > 1 else ""
-        raise RepositoryError(f"{name}: Triton {tag} cannot load it: {why}; pass {tensorrt_advice(artifact)}{leave}")
-    if (unknown := tensorrt_unknown(artifact, tag)) is not None:
+        raise RepositoryError(f"{name}: Triton {tag} cannot load it: {why}; pass {rules.advice(artifact)}{leave}")
+    if (unknown := rules.cannot_tell(artifact, tag)) is not None:
         notes.append(f"{name}: {unknown}")
 
 
@@ -361,17 +339,14 @@ def _served_versions(model_dir: Path, new_version: int | None, *, generated: boo
     return versions if policy.kind == "all" else versions[-policy.num_versions:]
 
 
-def _check_served_tensorrt(out: Path, tag: str, *, was: str | None, writing: dict[str, int], replace_config: bool,
+def _check_served_releases(out: Path, tag: str, *, was: str | None, writing: dict[str, int], replace_config: bool,
                            notes: list[str]) -> None:
-    """Check the TensorRT engines the repository serves already against Triton `tag`, the release the
-    InferenceService written now runs (`was`: the one it ran): RepositoryError when that release cannot load one
+    """Check the artifacts the repository serves already (its TensorRT engines) against Triton `tag`, the release
+    the InferenceService written now runs (`was`: the one it ran): RepositoryError when that release cannot load one
     (Triton would exit at start, every model with it); a note when it ran it already, or when this cannot tell.
     `writing` maps the models written now to their new version, checked on their own."""
     if not out.is_dir():
         return
-    # Unchanged for the engines when the release it ran ships the same TensorRT: what fails to load failed already.
-    ships = triton_tensorrt(tag)
-    same = was is not None and (was == tag or (ships is not None and triton_tensorrt(was) == ships))
     for model_dir in sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink()):
         new = writing.get(model_dir.name)
         generated = new is not None and (replace_config or not (model_dir / CONFIG_FILE).is_file()
@@ -384,18 +359,22 @@ def _check_served_tensorrt(out: Path, tag: str, *, was: str | None, writing: dic
             except (BundleError, OSError):  # not loadable anyway, and nothing this run changes
                 continue
             for artifact in (a for a in manifest.artifacts if a.runtime in runtimes.names()):
+                if (rules := release_rules(artifact)) is None:
+                    continue
+                # Unchanged for the artifact when the release it ran loads the same ones (ships the same TensorRT):
+                # what fails to load failed already.
+                same = was is not None and (was == tag or rules.same(was, tag))
                 where = f"{model_dir.name} (version {v}, in the repository)"
-                if (why := tensorrt_mismatch(artifact, tag)) is not None:
-                    fix = (f"pass {tensorrt_advice(artifact)} to keep a release that loads it, or first write a "
-                           f"new version of {model_dir.name} whose engine TensorRT {ships} built, or "
-                           f"remove {model_dir}")
+                if (why := rules.cannot_load(artifact, tag)) is not None:
+                    fix = (f"pass {rules.advice(artifact)} to keep a release that loads it, or first write a "
+                           f"new version of {model_dir.name} {rules.loaded_by(tag)}, or remove {model_dir}")
                     if same:  # this run breaks nothing that worked: said, not refused
                         notes.append(f"{where}: Triton {tag}, which the repository runs already, cannot load it: "
                                      f"{why}; {fix}")
                         continue
                     raise RepositoryError(f"{where}: Triton {tag}, which the {ISVC_FILE} written now would run, "
                                           f"cannot load it: {why}; {fix}")
-                if not same and (unknown := tensorrt_unknown(artifact, tag)) is not None:
+                if not same and (unknown := rules.cannot_tell(artifact, tag)) is not None:
                     notes.append(f"{where}: {unknown}")
 
 
@@ -513,7 +492,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     try:
         ensure_dir(out.parent)
         with writer_lock(out):
-            _remove_stale(out)  # a killed run's staging directory
+            remove_stale(out)  # a killed run's staging directory
             check_out(bundle, out, names)  # again, under the lock: another writer may have been first
             previous = {a.id: _previous_options(out / n / CONFIG_FILE) for a, n in zip(artifacts, names, strict=True)}
             devices = _instance_kinds(manifest, artifacts, kind, previous, notes)
@@ -527,13 +506,13 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
             # The release the repository's InferenceService runs: the one written now, else the kept file's.
             tag = service.runtime_version if service is not None else kept_runtime_version(out / ISVC_FILE)
             if service is not None:  # the engines already there must load in the release it now names
-                _check_served_tensorrt(out, service.runtime_version, was=was, replace_config=replace_config,
+                _check_served_releases(out, service.runtime_version, was=was, replace_config=replace_config,
                                        writing={n: version or _next_version(out / n) for n in names}, notes=notes)
             # The CPU limit the CPU models' threads share: the one written now, else the kept file's (none: no cap).
             pod_cpus = service.cpus if service is not None else kept_cpu_limit(out / ISVC_FILE)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
             try:
-                os.chmod(staging, _default_mode(0o777))
+                os.chmod(staging, default_mode(0o777))
                 plan = []
                 keep_labels: set[str] = set()
                 for artifact in artifacts:
@@ -559,7 +538,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                         raise RepositoryError(f"{name}: Triton {service.runtime_version} cannot load it: {why}; "
                                               "pass --triton-version with a newer release that does")
                     if tag is not None:
-                        _check_tensorrt(name, artifact, tag, artifacts, kept_isvc=service is None, notes=notes)
+                        _check_release(name, artifact, tag, artifacts, kept_isvc=service is None, notes=notes)
                     plan.append((name, v))
                 if service is not None:
                     atomic_write_bytes(staging / ISVC_FILE, inference_service(service).encode())

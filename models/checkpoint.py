@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ViTConfig, is_label
 from models.io import (
-    _default_mode,
     atomic_write_json,
+    default_mode,
     parse_strict_json,
     read_strict_json,
     sha256_file,
@@ -116,7 +116,7 @@ def save_checkpoint(
     try:
         # One metadata key: safetensors orders several keys differently per process, breaking reproducible hashes.
         save_file(state, str(tmp), metadata={"format": FORMAT})
-        os.chmod(tmp, _default_mode(0o666))  # safetensors writes 0600: servers and other users must read the weights
+        os.chmod(tmp, default_mode(0o666))  # safetensors writes 0600: servers and other users must read the weights
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
@@ -342,7 +342,8 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit {cfg.name}: {str(exc).splitlines()[0]}") from None
+        reason = next(iter(str(exc).splitlines()), type(exc).__name__)  # an empty message has no first line
+        raise CheckpointError(f"weights do not fit {cfg.name}: {reason}") from None
     return model.eval(), meta
 
 

@@ -145,7 +145,6 @@ def default_mode(base: int) -> int:
     return base & ~umask
 
 
-_default_mode = default_mode  # the old private name, still imported by export.triton and models.checkpoint
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -249,7 +248,6 @@ def remove_stale(target: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-_remove_stale = remove_stale  # the old private name, still imported by export.triton
 
 
 @contextlib.contextmanager

@@ -22,17 +22,20 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from models.bundle import TRITON_CONFIG_FILE
+from models.bundle import MAX_MANIFEST_BYTES, TRITON_CONFIG_FILE
 from models.tritonschema import ENUMS, INT_RANGES, ONEOFS, POLICIES, SCHEMA
 
 MAX_CONFIG_BYTES = 1 << 20
-MAX_LABELS_BYTES = 1 << 20
-MAX_QUEUE_DELAY_US = 60_000_000  # what python -m export.triton accepts
-MAX_VERSION = 2**63 - 1  # Triton's versions are int64
+# One label per class, written from a manifest's class names: any manifest's fit (export.triton and the server read
+# a labels.txt with this one bound).
+MAX_LABELS_BYTES = MAX_MANIFEST_BYTES
+MAX_QUEUE_DELAY_US = 60_000_000  # a minute: anything longer is a typo, not a batching policy (export.triton's bound)
+MAX_VERSION = 2**63 - 1  # Triton reads version directories as int64
 _TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|-?[A-Za-z_][A-Za-z0-9_.]*"""
                     r"""|[-+]?[0-9][0-9A-Za-z_.+-]*|[-+]?\.[0-9][0-9A-Za-z_.+-]*|[{}\[\]<>:,;])""")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -46,20 +49,36 @@ _BOOLS = frozenset({"true", "True", "t", "1", "false", "False", "f", "0"})
 _MAX_DEPTH = 32
 _PUNCTUATION = frozenset("{}<>[]:,;")
 
-# Triton's auto-fill of an absent `backend` (model_config_utils.cc AutoCompleteBackendFields): from the platform
-# onnxruntime_onnx or tensorrt_plan, or from default_model_filename; never from platform "openvino", and an empty
-# backend is then refused (ValidateModelConfig: "unexpected platform type").
-_PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
-_FILE_BACKENDS = {"model.plan": "tensorrt", "model.onnx": "onnxruntime", "model.xml": "openvino"}
-# openvino_backend src/openvino.cc ModelInstanceState: "Triton OpenVINO backend supports only Kind CPU and AUTO".
-_CPU_BACKENDS = frozenset({"openvino"})
-
-
 MAX_THREADS = 1024  # what serve's --threads allows
 
 
 class ConfigError(ValueError):
     """A config.pbtxt that cannot be read, that Triton would refuse, or that contradicts its artifact: one line."""
+
+
+class LabelsError(ConfigError):
+    """A labels.txt Triton would misread; its text says what the file is or holds, `lines` how many labels Triton
+    reads from it (None: it is too large, or not text)."""
+
+    def __init__(self, problem: str, lines: int | None = None) -> None:
+        super().__init__(problem)
+        self.lines = lines
+
+
+@dataclass(frozen=True)
+class BackendRules:
+    """What Triton does with the backend that serves an artifact, as its runtime declares it (runtimes/base.py
+    `Runtime.triton_rules`; this module sits below the runtimes and takes their facts as arguments)."""
+
+    # Triton's auto-fill of an absent `backend` (model_config_utils.cc AutoCompleteBackendFields): from the platform
+    # where `fills_from_platform` (onnxruntime_onnx, tensorrt_plan; never "openvino"), else from default_model_filename
+    # (`file_backends`: file name -> the backend it picks); an empty backend is then refused (ValidateModelConfig:
+    # "unexpected platform type").
+    fills_from_platform: bool = False
+    file_backends: Mapping[str, str] = field(default_factory=dict)
+    # The backend runs KIND_CPU and KIND_AUTO instance groups only (openvino_backend src/openvino.cc
+    # ModelInstanceState: "Triton OpenVINO backend supports only Kind CPU and AUTO").
+    cpu_only: bool = False
 
 
 class _Quoted(str):
@@ -140,9 +159,11 @@ class TritonConfig:
         """Every instance group is KIND_CPU: Triton runs the model on the CPU even on a GPU machine."""
         return bool(self.instance_kinds) and set(self.instance_kinds) == {"KIND_CPU"}
 
-    def check(self, *, name: str, platform: str, backend: str | None, input: Tensor, output: Tensor) -> None:
+    def check(self, *, name: str, platform: str, backend: str | None, input: Tensor, output: Tensor,
+              rules: BackendRules) -> None:
         """ConfigError when the configuration contradicts the model directory or its artifact (Triton refuses
-        such a model too); `input` and `output` are the artifact's, without the batch dimension."""
+        such a model too); `input` and `output` are the artifact's, without the batch dimension, `rules` what Triton
+        does with its backend."""
         if self.name is not None and self.name != name:
             raise ConfigError(f"name {self.name[:128]!r} is not the model directory's name {name!r}")
         if self.platform is not None and self.platform != platform:
@@ -150,12 +171,14 @@ class TritonConfig:
         if self.backend is not None and self.backend != backend:
             raise ConfigError(f"backend {self.backend[:64]!r} is not the artifact's ({backend or 'none'!r})")
         if backend is not None and self.backend is None and self.platform is not None:
-            filled = _PLATFORM_BACKENDS.get(self.platform) or _FILE_BACKENDS.get(self.default_model_filename or "")
+            # self.platform is the artifact's here (checked above): it fills in `backend`, or the file name does.
+            filled = (backend if rules.fills_from_platform else None) or rules.file_backends.get(
+                self.default_model_filename or "")
             if filled != backend:
                 triton = f"picks backend {filled!r}" if filled else "refuses it (unexpected platform type)"
                 raise ConfigError(f"platform {self.platform!r} without backend: Triton {triton}; give backend: "
                                   f"\"{backend}\"")
-        other = sorted(set(self.instance_kinds) - {"KIND_CPU", "KIND_AUTO"}) if backend in _CPU_BACKENDS else []
+        other = sorted(set(self.instance_kinds) - {"KIND_CPU", "KIND_AUTO"}) if rules.cpu_only else []
         if other:
             raise ConfigError(f"instance_group kind {other[0]}: Triton's {backend} backend supports only KIND_CPU "
                               "and KIND_AUTO")
@@ -208,20 +231,39 @@ class TritonConfig:
             raise ConfigError(f"{where}: {path} cannot be read ({exc})") from None
         if raw is None:
             raise ConfigError(f"{where}: {model_dir} holds no such file (Triton refuses the load)")
-        if len(raw) > MAX_LABELS_BYTES:
-            raise ConfigError(f"{where}: {path} is larger than {MAX_LABELS_BYTES} bytes")
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
-        # Triton splits it with std::getline: a final newline ends the last line, it does not start another; blank
-        # lines after the last label (an editor's) label nothing.
-        bare = re.sub(r"(\r?\n)+\Z", "", text)
-        text = bare + "\n" if len(bare.split("\n")) == classes else text
-        lines = text.count("\n") + (text != "" and not text.endswith("\n"))
-        if lines != classes:
-            raise ConfigError(f"{where}: {path} holds {lines} lines, one label per class was expected ({classes})")
-        return [label.removesuffix("\r") for label in text.split("\n")[:classes]]  # a CRLF file's too
+            return read_labels(raw, classes)
+        except LabelsError as exc:
+            raise ConfigError(f"{where}: {path} {exc}") from None
+
+
+def read_labels(raw: bytes, classes: int) -> list[str]:
+    """The labels in a labels.txt's bytes (read up to MAX_LABELS_BYTES + 1 of them), one a line as Triton reads
+    them; LabelsError when it is larger than MAX_LABELS_BYTES, not UTF-8, or not one label per class. The one reader
+    of the file: the server's and export.triton's (which keeps an edited one) never disagree."""
+    if len(raw) > MAX_LABELS_BYTES:
+        raise LabelsError(f"is larger than {MAX_LABELS_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LabelsError("is not UTF-8 text") from None
+    # Triton splits it with std::getline: a final newline ends the last line, it does not start another; blank
+    # lines after the last label (an editor's) label nothing.
+    bare = _without_line_ends(text)
+    text = bare + "\n" if len(bare.split("\n")) == classes else text
+    lines = text.count("\n") + (text != "" and not text.endswith("\n"))
+    if lines != classes:
+        raise LabelsError(f"holds {lines} lines, one label per class was expected ({classes})", lines)
+    return [label.removesuffix("\r") for label in text.split("\n")[:classes]]  # a CRLF file's too
+
+
+def _without_line_ends(text: str) -> str:
+    """`text` without the line ends (LF or CRLF) it ends with, in linear time (a regular expression anchored at the
+    end took quadratic time on a run of newlines followed by anything: minutes for a file of a few hundred KiB)."""
+    end = len(text)
+    while end and text[end - 1] == "\n":
+        end -= 1 + (end > 1 and text[end - 2] == "\r")
+    return text[:end]
 
 
 def _tokens(text: str) -> list[str]:

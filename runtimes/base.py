@@ -22,6 +22,7 @@ import numpy as np
 from models.bundle import Artifact, Manifest
 from models.cli import installed, memory_failure
 from models.config import is_int
+from models.tritonconfig import BackendRules
 
 if TYPE_CHECKING:
     from runtimes.build import Built, ExportContext
@@ -329,6 +330,20 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class TritonRelease:
+    """How the Triton release decides whether it loads a runtime's artifacts, for a runtime whose artifacts not every
+    release from the oldest that export.triton supports on loads (TensorRT: an engine loads only in the TensorRT that
+    built it, so only in the releases whose image ships that one). A release is an image tag, YY.MM[-suffix]."""
+
+    cannot_load: Callable[[Artifact, str], str | None]  # why release `tag` cannot load it (None: it can, or unknown)
+    cannot_tell: Callable[[Artifact, str], str | None]  # why it is not known whether `tag` loads it (None: known)
+    advice: Callable[[Artifact], str]  # the --triton-version that loads it
+    same: Callable[[str, str], bool]  # whether two releases load the same artifacts of this runtime
+    # What a new version of the model must be for release `tag` to load it ("whose engine TensorRT 10.0.1 built").
+    loaded_by: Callable[[str], str]
+
+
+@dataclass(frozen=True)
 class Runtime:
     """Everything the project knows about one runtime. Each runtime module defines one as `RUNTIME`."""
 
@@ -364,9 +379,32 @@ class Runtime:
     triton_threads: str | None = None
     triton_threads_shared: bool = False
     triton_streams: str | None = None  # the parameter that lets the shared model run that many requests at once
+    # Triton fills an absent config.pbtxt `backend` in from `triton_platform` (from the model file name it always does).
+    triton_platform_fills: bool = False
+    triton_cpu_only: bool = False  # its Triton backend runs KIND_CPU (and KIND_AUTO) instance groups only
+    # Its Triton backend fixes the batch at max_batch_size and refuses any other (the warm-up's too): export.triton
+    # gives its models Triton's layout without a batch dimension (max_batch_size 0, dims [ -1, ... ]).
+    triton_fixed_batch: bool = False
+    triton_note: str = ""  # comment lines export.triton ends its config.pbtxt with: where Triton serves it unlike vitc
+    # Why the oldest Triton release export.triton supports (export.triton_compat.MIN_TRITON_RELEASE) cannot load the
+    # artifact's files staged in a version directory (a newer exporter wrote them); None when it can.
+    triton_min_check: Callable[[Path, Artifact], str | None] = lambda _version_dir, _artifact: None
+    triton_release: TritonRelease | None = None  # None: every release from the oldest supported on loads them
     # The server's tuning settings it honours beyond the device (of threads, parallel, openvino_hint, compile,
     # channels_last): the server refuses the others for it rather than let them silently do nothing.
     tunes: tuple[str, ...] = ()
+
+    @property
+    def triton_file(self) -> str | None:
+        """The model file Triton's backend opens by default (None: Triton cannot serve these artifacts)."""
+        return self.triton_files[0][1] if self.triton_backend is not None and self.triton_files else None
+
+    def triton_rules(self, every: Iterable[Runtime]) -> BackendRules:
+        """What Triton does with its backend, as models.tritonconfig checks a config.pbtxt (`every`: the registered
+        runtimes, whose model file names Triton picks their backends by)."""
+        files = {rt.triton_file: rt.triton_backend for rt in every if rt.triton_file and rt.triton_backend}
+        return BackendRules(fills_from_platform=self.triton_platform_fills, file_backends=files,
+                            cpu_only=self.triton_cpu_only)
 
     def installed(self) -> bool:
         """Whether every package it needs can be imported (checked without importing them)."""

@@ -53,9 +53,6 @@ def io_or_memory_cause(exc: BaseException) -> OSError | MemoryError | None:
     return None
 
 
-# The old name, which read like models.cli.machine_failure: kept only until runtimes/onnx_graph.py imports the new one.
-machine_failure = io_or_memory_cause
-
 
 # What a probe writes beyond the file that failed (room for the smaller files beside it, an IR's .xml): small, so a
 # disk with room for the artifact is not taken for a full one.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
-from runtimes.build import ExportError, import_nncf, machine_failure, quiet
+from runtimes.build import ExportError, import_nncf, io_or_memory_cause, quiet
 
 if TYPE_CHECKING:
     import onnx
@@ -48,7 +48,7 @@ def export_torch(model: nn.Module, path: Path, image_size: int, opset: int = OPS
                 external_data=n_bytes > EXTERNAL_DATA_BYTES, verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; the first line says what failed
-        if failure := machine_failure(exc):
+        if failure := io_or_memory_cause(exc):
             raise failure from None  # a full disk is not a model problem: the export stops (exit 1)
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from None
     _tidy(path, description or {})

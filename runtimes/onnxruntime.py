@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.bundle import Artifact
 from models.cli import pip_command
 from models.host import usable_cpus
 from runtimes import onnx_graph
@@ -193,6 +195,38 @@ def _options(ort: Any, threads: int, spinning: bool) -> Any:
     return opts
 
 
+TRITON_FILE = "model.onnx"  # the name Triton's onnxruntime backend opens in a version directory
+# What the oldest Triton export.triton supports (24.05: onnxruntime 1.18) reads: ONNX IR <= 10, opset <= 21; a newer
+# artifact needs a newer release, named with --triton-version.
+TRITON_MIN_IR = 10
+TRITON_MIN_OPSET = 21
+
+
+def triton_min_check(version_dir: Path, artifact: Artifact) -> str | None:
+    """Why the oldest supported Triton's onnxruntime cannot load the ONNX file staged in `version_dir` (None: it
+    can, as far as the file and the manifest tell)."""
+    ir, opset = _onnx_ir_version(version_dir / TRITON_FILE), artifact.info.get("opset")
+    if ir is not None and ir > TRITON_MIN_IR:
+        return f"its ONNX file is IR version {ir} (onnxruntime 1.18 reads {TRITON_MIN_IR} at most)"
+    if isinstance(opset, int) and opset > TRITON_MIN_OPSET:
+        return f"its ONNX file uses opset {opset} (onnxruntime 1.18 implements {TRITON_MIN_OPSET})"
+    return None
+
+
+def _onnx_ir_version(path: Path) -> int | None:
+    """ModelProto.ir_version: field 1, a varint, which ONNX writers serialise first; None when it is not there."""
+    with path.open("rb") as f:
+        head = f.read(11)
+    if head[:1] != b"\x08":
+        return None
+    value = 0
+    for i, byte in enumerate(head[1:]):
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value
+    return None
+
+
 RUNTIME = Runtime(
     name="onnxruntime", target="onnx", packages=("onnxruntime",),
     install=f"{pip_command(packages=['onnxruntime'])} (CPU), or 'onnxruntime-gpu[cuda,cudnn]' on an NVIDIA GPU "
@@ -200,6 +234,7 @@ RUNTIME = Runtime(
     format="onnx", triton_platform="onnxruntime_onnx", precisions=("fp32", "fp16", "int8"),
     default_precisions=("fp32",), devices=("cpu", "cuda"), build=build, load=OnnxRuntimeBackend, version=version,
     variants=(Variant("fp32"), Variant("fp32", "cuda")), needs_hub=True, unavailable=unavailable,
-    triton_backend="onnxruntime", triton_files=((".onnx", "model.onnx"),), triton_threads="intra_op_thread_count",
+    triton_backend="onnxruntime", triton_files=((".onnx", TRITON_FILE),), triton_threads="intra_op_thread_count",
+    triton_platform_fills=True, triton_min_check=triton_min_check,
     tunes=("threads", "parallel", "openvino_hint"),
 )

@@ -11,11 +11,14 @@ with several requests in flight, so the dynamic batcher runs `parallelism` batch
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.bundle import Artifact
 from models.cli import pip_command
 from models.host import quota_cpus
 from runtimes.base import (
@@ -227,6 +230,40 @@ def profile_ops(spec: LoadSpec, batch: int, reps: int = 5) -> dict[str, float]:
     return {t: float(np.median([r.get(t, 0.0) for r in runs])) for t in types}
 
 
+TRITON_FILE = "model.xml"  # the name Triton's OpenVINO backend opens in a version directory (model.bin beside it)
+# What the oldest Triton export.triton supports (24.05: OpenVINO 2023.3) reads: up to opset13, which the IRs'
+# ScaledDotProductAttention is (before 24.02, OpenVINO 2023.0 lacks it).
+TRITON_MIN_OPSET = 13
+_OPSET = re.compile(rb'version="opset([0-9]{1,4})"')
+# Triton's OpenVINO backend passes OpenVINO only the parameters it knows (openvino.cc ParseParameters), and the only
+# precision one is HINT_BF16=YES: nothing keeps fp32, unlike vitc, which compiles with INFERENCE_PRECISION_HINT=f32.
+TRITON_PRECISION_NOTE = (
+    "# Precision: Triton's OpenVINO backend has no parameter that keeps fp32 (HINT_BF16 only asks for bf16), so on\n"
+    "# a CPU with AMX or AVX512-BF16 OpenVINO runs this model in bf16: logits move by about 1e-2 from the fp32 ones\n"
+    "# its parity gate measured (manifest.json in the version directory). Where that matters, serve the onnxruntime\n"
+    "# model, or this repository with python -m serve (it keeps fp32).\n"
+)
+
+
+def triton_min_check(version_dir: Path, artifact: Artifact) -> str | None:
+    """Why the oldest supported Triton's OpenVINO cannot load the IR staged in `version_dir` (None: it can)."""
+    opset = _newest_opset(version_dir / TRITON_FILE)
+    if opset > TRITON_MIN_OPSET:
+        return f"its IR uses OpenVINO opset{opset} (OpenVINO 2023.3 reads opset{TRITON_MIN_OPSET} at most)"
+    return None
+
+
+def _newest_opset(xml: Path) -> int:
+    """The newest OpenVINO opset an IR's layers use (0: none named), read in bounded chunks."""
+    newest, tail = 0, b""
+    with xml.open("rb") as f:
+        while block := f.read(1 << 20):
+            chunk = tail + block
+            newest = max([newest, *(int(n) for n in _OPSET.findall(chunk))])
+            tail = chunk[-32:]  # a match cut by the chunk boundary is found in the next one
+    return newest
+
+
 RUNTIME = Runtime(
     name="openvino", target="openvino", packages=("openvino",),
     install=pip_command(packages=["openvino"]), export_extra="export",
@@ -234,7 +271,14 @@ RUNTIME = Runtime(
     default_precisions=("fp32", "fp16", "int8"), devices=("cpu",), build=build, load=OpenVINOBackend,
     version=version, needs_hub=True, profile=profile_ops,
     variants=(Variant("fp32"), Variant("bf16", artifact="fp32", inference_precision="bf16"), Variant("int8")),
-    triton_backend="openvino", triton_files=((".xml", "model.xml"), (".bin", "model.bin")),
+    triton_backend="openvino", triton_files=((".xml", TRITON_FILE), (".bin", "model.bin")),
     triton_threads="INFERENCE_NUM_THREADS", triton_threads_shared=True, triton_streams="NUM_STREAMS",
+    # Triton's OpenVINO backend: "supports only Kind CPU and AUTO" (openvino.cc ModelInstanceState); it reshapes the
+    # model to max_batch_size (ov::set_batch) and refuses any execution whose total batch differs, warm-up included,
+    # unless ENABLE_BATCH_PADDING pads every batch to the maximum (a one-image request then costs 32; the padding it
+    # computes is not reset between executions); SKIP_OV_DYNAMIC_BATCHSIZE changes neither. Its models get Triton's
+    # layout without a batch dimension, the IR's dynamic batch as an explicit -1 (what the backend's README
+    # recommends for dynamic shapes): each request runs alone, at its own batch size.
+    triton_cpu_only=True, triton_fixed_batch=True, triton_note=TRITON_PRECISION_NOTE, triton_min_check=triton_min_check,
     tunes=("threads", "parallel", "openvino_hint"),
 )

@@ -27,10 +27,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from models.bundle import Artifact
 from models.cli import pip_command
 from models.io import atomic_write_bytes
 from runtimes import onnx_graph
-from runtimes.base import INPUT_NAME, BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
+from runtimes.base import (
+    INPUT_NAME,
+    BackendError,
+    CallPool,
+    LoadSpec,
+    PooledBackend,
+    Runtime,
+    TritonRelease,
+    Variant,
+)
 from runtimes.build import Built, ExportContext, ExportError
 
 OPT_BATCH = 8  # the profile's optimum (clipped to max batch): a typical dynamic-batching server batch
@@ -361,6 +371,84 @@ class TensorRTBackend(PooledBackend):
             self._stream = None
 
 
+# The TensorRT (major.minor.patch) that each Triton release's YY.MM-py3 image ships, from NVIDIA's Frameworks Support
+# Matrix (docs.nvidia.com/deeplearning/frameworks/support-matrix) and the Triton release notes. A TensorRT plan
+# deserialises only in the TensorRT that built it (version-compatible engines, which vitc does not build, only let a
+# newer runtime load an older plan), and Triton exits at start when a model fails to load, taking the other models
+# down with it. Other images (the -trtllm-python-py3 one ships another TensorRT) and later releases are not known here.
+TRITON_TENSORRT = {
+    "24.05": "10.0.1", "24.06": "10.1.0", "24.07": "10.2.0", "24.08": "10.3.0", "24.09": "10.4.0", "24.10": "10.5.0",
+    "24.11": "10.6.0", "24.12": "10.7.0", "25.01": "10.8.0", "25.02": "10.8.0", "25.03": "10.9.0", "25.04": "10.9.0",
+    "25.05": "10.10.0", "25.06": "10.11.0",
+}
+_TENSORRT_VERSION = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,6})(\.[0-9A-Za-z.+-]{1,40})?")
+
+
+def engine_tensorrt(artifact: Artifact) -> str | None:
+    """The TensorRT version that built a TensorRT artifact's engine, as its manifest records it (None: not recorded)."""
+    for value in (artifact.info.get("tensorrt_version"), artifact.runtime_version):
+        if isinstance(value, str) and _TENSORRT_VERSION.fullmatch(value):
+            return value
+    return None
+
+
+def triton_tensorrt(tag: str) -> str | None:
+    """The TensorRT (major.minor.patch) that the Triton image `tag` ships; None when not known here."""
+    year_month, _, suffix = tag.partition("-")
+    return TRITON_TENSORRT.get(year_month) if suffix in ("", "py3") else None
+
+
+def _same_tensorrt(built: str, ships: str) -> bool:
+    """Whether an engine built by TensorRT `built` deserialises in TensorRT `ships` (the same major.minor.patch)."""
+    a, b = _TENSORRT_VERSION.fullmatch(built), _TENSORRT_VERSION.fullmatch(ships)
+    return a is not None and b is not None and a.groups()[:3] == b.groups()[:3]
+
+
+def _known_releases() -> list[str]:
+    return sorted(TRITON_TENSORRT)  # YY.MM, zero-padded: in release order
+
+
+def triton_mismatch(artifact: Artifact, tag: str) -> str | None:
+    """Why Triton `tag` cannot load this artifact's engine: it ships another TensorRT than the one that built it;
+    None when it ships that one, or this cannot tell (`triton_unknown`)."""
+    built, ships = engine_tensorrt(artifact), triton_tensorrt(tag)
+    if built is None or ships is None or _same_tensorrt(built, ships):
+        return None
+    return (f"its engine was built with TensorRT {built} and that release ships TensorRT {ships} (an engine loads "
+            "only in the TensorRT that built it, and Triton exits when a model fails to load)")
+
+
+def triton_unknown(artifact: Artifact, tag: str) -> str | None:
+    """Why this cannot tell whether Triton `tag` loads this artifact's engine (None: it can tell)."""
+    if (built := engine_tensorrt(artifact)) is None:
+        return ("its manifest records no TensorRT version, so whether Triton can load its engine is not known here "
+                "(an engine loads only in the TensorRT that built it)")
+    if triton_tensorrt(tag) is None:
+        known = _known_releases()
+        return (f"which TensorRT Triton {tag} ships is not known here (known: the -py3 images {known[0]} to "
+                f"{known[-1]}); its engine loads only in TensorRT {built}, which built it")
+    return None
+
+
+def triton_advice(artifact: Artifact) -> str:
+    """The --triton-version that loads this artifact's engine: the oldest known release whose image ships the
+    TensorRT that built it, else what such a release must ship."""
+    built = engine_tensorrt(artifact) or "?"
+    known = _known_releases()
+    match = next((r for r in known if _same_tensorrt(built, TRITON_TENSORRT[r])), None)
+    if match is not None:
+        return f"--triton-version {match} (its image ships TensorRT {TRITON_TENSORRT[match]})"
+    short = ".".join(built.split(".")[:3])
+    return (f"--triton-version with a release whose image ships TensorRT {short} (none of {known[0]} to "
+            f"{known[-1]} does; NVIDIA's Frameworks Support Matrix lists each release's TensorRT)")
+
+
+def _same_release(a: str, b: str) -> bool:
+    """Whether Triton `a` and `b` load the same engines: their images ship the same (known) TensorRT."""
+    ships = triton_tensorrt(b)
+    return ships is not None and triton_tensorrt(a) == ships
+
+
 RUNTIME = Runtime(
     name="tensorrt", target="tensorrt", packages=("tensorrt", "cuda.bindings"),
     install=pip_command(packages=["tensorrt", "cuda-bindings"], where="on a machine with an NVIDIA GPU"),
@@ -369,5 +457,8 @@ RUNTIME = Runtime(
     devices=("cuda",), build=build, load=TensorRTBackend, version=version,
     variants=(Variant("fp16", "cuda"), Variant("int8", "cuda")), export_device="cuda", needs_hub=True,
     fallback=("onnxruntime", "fp32"), unavailable=unavailable,
-    triton_backend="tensorrt", triton_files=((".engine", "model.plan"),),
+    triton_backend="tensorrt", triton_files=((".engine", "model.plan"),), triton_platform_fills=True,
+    triton_release=TritonRelease(cannot_load=triton_mismatch, cannot_tell=triton_unknown, advice=triton_advice,
+                                 same=_same_release,
+                                 loaded_by=lambda tag: f"whose engine TensorRT {triton_tensorrt(tag)} built"),
 )

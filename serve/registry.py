@@ -410,10 +410,11 @@ def _check_repository_model(source: ModelSource, version: str, manifest: Manifes
         try:
             config.check(name=source.path.name, platform=rt.triton_platform, backend=rt.triton_backend,
                          input=Tensor(manifest.input.name, "TYPE_FP32", (c, h, w)),
-                         output=Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)))
+                         output=Tensor(manifest.output.name, "TYPE_FP32", (manifest.output.classes,)),
+                         rules=rt.triton_rules(runtimes.runtimes()))
             # The file Triton's backend opens by default: the artifact's, under the name export.triton gives it.
             config.check_files(source.path / version, rt.triton_files[0][1] if rt.triton_files else None)
-            if (rt.triton_backend == "openvino" and config.max_batch_size
+            if (rt.triton_fixed_batch and config.max_batch_size
                     and config.parameters.get("ENABLE_BATCH_PADDING", "").lower() != "yes"):
                 # vitc serves it, but the same repository would not load in Triton (the layout earlier versions of
                 # export.triton wrote): said where an operator looks.

@@ -268,12 +268,15 @@ def test_the_longest_name_kserve_accepts_and_a_long_default(bundle, tmp_path):
 def test_an_artifact_newer_than_the_default_triton_reads_needs_a_newer_release(bundle, tmp_path, capsys, monkeypatch):
     """The exports (ONNX IR 10, OpenVINO opset13) are what Triton 24.05 reads; were an exporter to write newer ones,
     the default release is refused with the reason and nothing is written, and a named newer release is taken."""
-    reads = kserve._MIN_TRITON_READS
-    for lowered, says in (({"onnx_ir": 9}, "micro-onnx-fp32: Triton 24.05-py3 cannot load it: its ONNX file is "
-                                           "IR version 10"),
-                          ({"openvino_opset": 12}, "its IR uses OpenVINO opset13")):
-        monkeypatch.setattr(kserve, "_MIN_TRITON_READS", {**reads, **lowered})
-        assert says in _refused([str(bundle), "--out", str(tmp_path / "repo")], capsys)
+    from runtimes import onnxruntime, openvino
+
+    for module, name, lowered, says in (
+            (onnxruntime, "TRITON_MIN_IR", 9, "micro-onnx-fp32: Triton 24.05-py3 cannot load it: its ONNX file is "
+                                              "IR version 10"),
+            (openvino, "TRITON_MIN_OPSET", 12, "its IR uses OpenVINO opset13")):
+        with monkeypatch.context() as patch:  # one runtime's release reads lowered at a time
+            patch.setattr(module, name, lowered)
+            assert says in _refused([str(bundle), "--out", str(tmp_path / "repo")], capsys)
         assert not list(tmp_path.iterdir())
     assert triton.main([str(bundle), "--out", str(tmp_path / "repo"), "--triton-version", "26.02"]) == 0
     assert _model(tmp_path / "repo")["runtimeVersion"] == "26.02-py3"

@@ -47,9 +47,12 @@ def _with_engine(bundle: Path, tmp_path: Path, built_with: str | None, name: str
 
 
 def test_the_table_knows_the_tensorrt_of_every_release_the_other_checks_cover():
-    assert kserve.TRITON_TENSORRT[kserve.MIN_TRITON_RELEASE] == "10.0.1"  # 24.05 (NVIDIA's support matrix)
-    assert kserve.triton_tensorrt(kserve.DEFAULT_TRITON_VERSION) == "10.0.1"
-    assert kserve.triton_tensorrt("24.05-trtllm-python-py3") is None  # another image, another TensorRT
+    from export.triton_compat import MIN_TRITON_RELEASE
+    from runtimes.tensorrt import TRITON_TENSORRT, triton_tensorrt
+
+    assert TRITON_TENSORRT[MIN_TRITON_RELEASE] == "10.0.1"  # 24.05 (NVIDIA's support matrix)
+    assert triton_tensorrt(kserve.DEFAULT_TRITON_VERSION) == "10.0.1"
+    assert triton_tensorrt("24.05-trtllm-python-py3") is None  # another image, another TensorRT
 
 
 def test_an_engine_of_another_tensorrt_than_the_release_ships_is_refused_with_both_versions(bundle, tmp_path, capsys):

@@ -7,13 +7,15 @@ from __future__ import annotations
 import pytest
 from test_serve_fixtures import micro_bundle
 
+import runtimes
 from export import triton
 from models import tritonconfig
 from models.bundle import read_manifest
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy, parse
 
 INPUT, OUTPUT = Tensor("input", "TYPE_FP32", (3, 32, 32)), Tensor("logits", "TYPE_FP32", (10,))
-ARTIFACT = {"name": "m", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "input": INPUT, "output": OUTPUT}
+ARTIFACT = {"name": "m", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "input": INPUT, "output": OUTPUT,
+            "rules": runtimes.get("onnxruntime").triton_rules(runtimes.runtimes())}
 
 
 def test_what_export_triton_writes_reads_back(tmp_path_factory):

@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 from test_serve_fixtures import micro_bundle
 
+import runtimes
 from export import triton
 from models import tritonconfig, tritonschema
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, parse
 
 INPUT, OUTPUT = Tensor("input", "TYPE_FP32", (3, 32, 32)), Tensor("logits", "TYPE_FP32", (10,))
-OPENVINO = {"name": "m", "platform": "openvino", "backend": "openvino", "input": INPUT, "output": OUTPUT}
-ONNX = {**OPENVINO, "platform": "onnxruntime_onnx", "backend": "onnxruntime"}
+OPENVINO = {"name": "m", "platform": "openvino", "backend": "openvino", "input": INPUT, "output": OUTPUT,
+            "rules": runtimes.get("openvino").triton_rules(runtimes.runtimes())}
+ONNX = {**OPENVINO, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+        "rules": runtimes.get("onnxruntime").triton_rules(runtimes.runtimes())}
 
 
 def _triton_parse(text: str):  # noqa: ANN202 - a model_config_pb2.ModelConfig

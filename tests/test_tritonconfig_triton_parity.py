@@ -14,11 +14,13 @@ import fake_runtime
 import pytest
 from test_repository_lifecycle import CONFIG, NAME, add_version, client, served
 
+import runtimes
 from models import tritonconfig
 from models.tritonconfig import ConfigError, Tensor, parse
 
 INPUT, OUTPUT = Tensor("input", "TYPE_FP32", (3, 32, 32)), Tensor("logits", "TYPE_FP32", (10,))
-ONNX = {"name": "m", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "input": INPUT, "output": OUTPUT}
+ONNX = {"name": "m", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "input": INPUT, "output": OUTPUT,
+        "rules": runtimes.get("onnxruntime").triton_rules(runtimes.runtimes())}
 IO = ('input [{ name: "input" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }]\n'
       'output [{ name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }]\n')
 IO_0 = IO.replace("[ 3, 32, 32 ]", "[ -1, 3, 32, 32 ]").replace("[ 10 ]", "[ -1, 10 ]")  # the batch dim in the dims
