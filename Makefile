@@ -6,7 +6,7 @@ PYTHON := $(BIN)/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install lint test test-all demo serve load-test paper paper-quick bench gpu-check clean
+.PHONY: install lint test test-all demo serve load-test paper paper-quick bench gpu-check gpu-probe clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -36,16 +36,43 @@ test-all: install lint
 	$(BIN)/pytest -q
 
 # NVIDIA machines: a second environment with the GPU runtimes (onnxruntime-gpu, TensorRT; never beside the CPU
-# onnxruntime), then the whole GPU path within a 5-minute budget (--budget); results land in benchmarks/results/.
+# onnxruntime), then the whole GPU path within its default budget (15 minutes, enough for a cold machine: see
+# benchmarks/gpu_check.py); results land in benchmarks/results/. More flags: make gpu-check GPU_CHECK_ARGS='--budget
+# 1200 --device cuda:1'.
 GPU_VENV := .venv-gpu
-$(GPU_VENV)/.installed-stamp: pyproject.toml constraints.txt
+GPU_CHECK_ARGS ?=
+# A machine without an NVIDIA GPU and driver is told so in one line (exit 2) before the install, which is several
+# GB (CUDA torch, onnxruntime-gpu, TensorRT) and could only end in "no CUDA GPU here". Either probe will do: a
+# container may have the driver's /proc entries without nvidia-smi, or the reverse.
+NVIDIA_SMI ?= nvidia-smi
+NVIDIA_PROC ?= /proc/driver/nvidia/gpus
+GPU_FOUND = $(shell { $(NVIDIA_SMI) -L 2>/dev/null | grep -q '^GPU ' || ls -A '$(NVIDIA_PROC)' 2>/dev/null | grep -q .; } && echo yes)
+
+NO_GPU := no NVIDIA GPU here ($(NVIDIA_SMI) -L lists none, $(NVIDIA_PROC) is empty or missing): nothing installed; \
+	the same steps on the CPU: python -m benchmarks.gpu_check --device cpu --smoke
+
+# $(error) rather than a failing command: one line and exit 2, without make's own "Error" line after it.
+gpu-probe:
+	$(if $(GPU_FOUND),@:,$(error $(NO_GPU)))
+
+# pip's output goes to $(GPU_VENV)/install.log: a failed install ends with one line saying why and where the rest is,
+# not with pip's traceback (TensorRT's PyPI wheels are stubs that download the real ones from pypi.nvidia.com).
+GPU_LOG := $(GPU_VENV)/install.log
+$(GPU_VENV)/.installed-stamp: pyproject.toml constraints.txt | gpu-probe
 	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip==26.3
-	$(GPU_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[train,convert,gpu]'
+	@echo "installing the GPU environment into $(GPU_VENV) (several GB; pip's output: $(GPU_LOG))"
+	@{ $(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip==26.3 \
+		&& $(GPU_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[train,convert,gpu]'; \
+	} >$(GPU_LOG) 2>&1 || { \
+		if grep -q 'pypi\.nvidia\.com' $(GPU_LOG); then \
+			why="NVIDIA's wheels (TensorRT) download from https://pypi.nvidia.com/, which this machine could not reach"; \
+		else why=$$(grep -E '^(ERROR|error):' $(GPU_LOG) | tail -n 1); fi; \
+		echo "make gpu-check: installing the GPU environment failed: $${why:-see the log} (pip's output: $(GPU_LOG))" >&2; \
+		exit 1; }
 	touch $@
 
-gpu-check: $(GPU_VENV)/.installed-stamp
-	$(GPU_VENV)/bin/python -m benchmarks.gpu_check
+gpu-check: gpu-probe $(GPU_VENV)/.installed-stamp
+	$(GPU_VENV)/bin/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 DEMO_EPOCHS ?= 2
 

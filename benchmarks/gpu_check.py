@@ -1,6 +1,7 @@
 """`make gpu-check`: the whole GPU path in one command, each step a process with its share of one time budget.
 
-    python -m benchmarks.gpu_check                # on a CUDA machine: a budget of 5 minutes (--budget), one H200
+    python -m benchmarks.gpu_check                # on a CUDA machine: a budget of 15 minutes (--budget), one GPU
+    python -m benchmarks.gpu_check --device cuda:1   # every step on GPU 1 alone (CUDA_VISIBLE_DEVICES=1)
     python -m benchmarks.gpu_check --full         # every target, TensorRT INT8 and the 4GF..72GF sweep (30 minutes)
     python -m benchmarks.gpu_check --device cpu --smoke --out /tmp/x   # the same steps, tiny, on the CPU
 
@@ -13,10 +14,17 @@ bundles exported with max batch 64 (cached under exports/gpu-check/ in the curre
 vit_c_1gf bundle served over HTTP (bf16, compiled, --max-batch-size 64, 224x224 JPEG requests) at concurrency 1, 16
 and 64.
 
-Each step runs in a process group of its own and gets its share of what is left of the budget; a step past its
-share is stopped with everything it started (torchrun's workers, a server), and a step with too little time left
-is not started. A failed, stopped or skipped step is recorded with its reason and output, and the next steps still
-run: the check passes only when every step ran and passed. Writes <date>-<host>-gpu-check.json / .md to --out
+`--device cuda:N` runs every step with CUDA_VISIBLE_DEVICES set to GPU N alone and `--device cuda` (training,
+torchrun and the latency benchmark know no index; the export builds its TensorRT engine on the first GPU it sees),
+so every number comes from the GPU asked for; N is checked against the GPUs torch sees before any step.
+
+The default budget is sized for a cold machine: empty inductor and TensorRT timing caches and no cached bundles,
+where the one-time work (compiles, two TensorRT engine builds and ONNX exports of the 1GF pair) is most of the
+run; with the caches warm the check takes well under it. Each step runs in a process group of its own and gets its
+share of what is left of the budget; a step past its share is stopped with everything it started (torchrun's
+workers, a server), and a step with too little time left is not started: both are recorded as cut for time. A
+failed, stopped or skipped step is recorded with its reason and output, and the next steps still run: the check
+passes only when every step ran and passed. Writes <date>-<host>-gpu-check.json / .md to --out
 (benchmarks/results by default), next to the latency and HTTP reports the steps write there.
 """
 
@@ -61,6 +69,9 @@ KILL_WAIT_S = 5.0  # for SIGKILL to take effect (a process in uninterruptible sl
 STDOUT_TAIL_BYTES = 64 * 1024  # read back of a step's stdout (its last line is its JSON facts)
 STDERR_TAIL_BYTES = 16 * 1024
 REASON_CHARS = 300
+# What a step cut for time tells the reader: the check failed for want of time, not because the step failed.
+CUT_ADVICE = ("rerun with a larger --budget (the inductor, TensorRT and bundle caches this run filled make the next "
+              "run quicker)")
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,19 @@ SERVE_MAX_BATCH = 64
 _GPU_TRAIN = ("--model", "vit_c_mini", "--dataset", "animals", "--epochs", "1", "--compile")
 _GPU_DDP = ("--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--max-steps", "20")
 _GPU_SERVE = f"--precision bf16 --compile --max-batch-size {SERVE_MAX_BATCH}"
+# Seconds each step is expected to take on a cold machine (empty inductor and TensorRT timing caches, no cached
+# bundles), estimated from the work each one does (no GPU has run the check yet); the shares are these estimates,
+# and the budget leaves about half as much again on top. What dominates:
+# - train: the inductor compile of vit_c_mini's forward and backward (evaluation runs uncompiled);
+# - export: the ONNX export and a TensorRT fp16 engine build of vit_c_mini;
+# - parity-on-device: one reduce-overhead compile of vit_c_mini, captured at 1 and the max batch;
+# - latency-1: per model of the 1GF pair an ONNX export and a TensorRT fp16 engine build (about 2 minutes for the
+#   first, less for the second, which finds most layers in the timing cache), then the bf16 compile of both (batch
+#   1 and 64: two graphs each) and 12 timed cells of the pair; with its bundles cached (exports/gpu-check/) and
+#   inductor's cache warm, about a minute;
+# - serve-under-load: a server that compiles and captures the 1GF model at 7 buckets, the same again in-process
+#   for the bare comparison (benchmarks/e2e.py; mostly inductor cache hits by then), then the load levels.
+_GPU_COLD_S = {"train": 70, "ddp": 25, "export": 60, "parity-on-device": 45, "latency-1": 280, "serve-under-load": 120}
 GPU = Sizes(
     train=_GPU_TRAIN,
     ddp=_GPU_DDP,
@@ -101,9 +125,10 @@ GPU = Sizes(
          "--limit-seconds", "1", "--parity-samples", "16", "--no-plots", "--no-progress"),
     ),
     serve_args=_GPU_SERVE,
-    load=("--image-format", "jpeg", "--image-size", "224", "--concurrency", "1,16,64", "--duration", "5"),
-    budget_s=300.0,
-    shares={"train": 50, "ddp": 20, "export": 35, "parity-on-device": 40, "latency-1": 80, "serve-under-load": 60},
+    # 3 s a level: thousands of requests at each concurrency on a GPU, enough for the check's p50/p99 and req/s.
+    load=("--image-format", "jpeg", "--image-size", "224", "--concurrency", "1,16,64", "--duration", "3"),
+    budget_s=900.0,
+    shares=_GPU_COLD_S,
 )
 GPU_FULL = Sizes(
     train=_GPU_TRAIN,
@@ -243,16 +268,17 @@ class StepGroup:
         return found
 
 
-def run_group(cmd: Sequence[str], timeout: float, *, cwd: Path = REPO, grace: float = KILL_GRACE_S) -> Finished:
-    """Run `cmd` in a session (and process group) of its own for at most `timeout` seconds; then, stopped or not,
-    whatever it left running is stopped too (torchrun's workers, a server it started, DataLoader workers keep GPU
-    memory otherwise). Output goes to files, not pipes: a process left holding a pipe would make the wait outlast
-    the command."""
+def run_group(cmd: Sequence[str], timeout: float, *, cwd: Path = REPO, grace: float = KILL_GRACE_S,
+              env: Mapping[str, str] | None = None) -> Finished:
+    """Run `cmd` (with `env` over this process's environment) in a session (and process group) of its own for at
+    most `timeout` seconds; then, stopped or not, whatever it left running is stopped too (torchrun's workers, a
+    server it started, DataLoader workers keep GPU memory otherwise). Output goes to files, not pipes: a process
+    left holding a pipe would make the wait outlast the command."""
     t0 = time.perf_counter()
     mark = f"{os.getpid()}-{time.monotonic_ns()}"
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(list(cmd), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env={**os.environ, STEP_ENV: mark}, start_new_session=True)
+                                env={**os.environ, **(env or {}), STEP_ENV: mark}, start_new_session=True)
         group = StepGroup(proc.pid, mark)
         timed_out = False
         try:
@@ -280,18 +306,26 @@ def _last_line(text: str) -> str:
     return next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
 
 
-def step_result(name: str, cmd: Sequence[str], allowed: float, done: Finished) -> dict[str, Any]:
+def shown(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """The step's command as a shell line that reruns it, the variables it was given in front."""
+    return shlex.join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])
+
+
+def step_result(name: str, cmd: Sequence[str], allowed: float, done: Finished, *,
+                env: Mapping[str, str] | None = None, budget_s: float | None = None) -> dict[str, Any]:
     """A step's record: `status` passed | failed | cut (stopped at its time limit), a one-line `reason` unless it
     passed, exit code, seconds, and the tails of its stdout and stderr."""
     if done.timed_out:
-        status, reason = "cut", f"stopped after {allowed:.0f} s, its share of what was left of the budget (--budget)"
+        of = f"the {budget_s:.0f} s budget" if budget_s else "the budget"
+        status, reason = "cut", (f"cut for time: stopped after {allowed:.0f} s (its share of what was left of {of}), "
+                                 f"not failed; {CUT_ADVICE}")
     elif done.rc:
         status, reason = "failed", f"exit {done.rc}: {_one_line(_last_line(done.stderr) or _last_line(done.stdout))}"
     else:
         status, reason = "passed", None
     keep = 3000 if status != "passed" else 400
     out = done.stdout[-keep // 3:] + ("\n--- stderr ---\n" + done.stderr[-keep:] if done.stderr.strip() else "")
-    doc = {"name": name, "command": shlex.join(cmd), "status": status, "reason": reason,
+    doc = {"name": name, "command": shown(cmd, env), "status": status, "reason": reason,
            "rc": 124 if done.timed_out else done.rc, "seconds": round(done.seconds, 1),
            "allowed_s": round(allowed, 1), "facts": {}, "output_tail": out, "last_line": _last_line(done.stdout)}
     if done.leftovers > 0:
@@ -299,9 +333,9 @@ def step_result(name: str, cmd: Sequence[str], allowed: float, done: Finished) -
     return doc
 
 
-def not_run(name: str, cmd: Sequence[str], reason: str) -> dict[str, Any]:
+def not_run(name: str, cmd: Sequence[str], reason: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The record of a step that was not started, and why."""
-    return {"name": name, "command": shlex.join(cmd), "status": "not run", "reason": reason, "rc": None,
+    return {"name": name, "command": shown(cmd, env), "status": "not run", "reason": reason, "rc": None,
             "seconds": 0.0, "allowed_s": 0.0, "facts": {}, "output_tail": "", "last_line": ""}
 
 
@@ -311,23 +345,27 @@ def fail(step: dict[str, Any], reason: str) -> None:
     step["rc"] = step["rc"] or 1
 
 
-def _step(name: str, cmd: list[str], budget: Budget, log: Any) -> dict[str, Any]:
+def _step(name: str, cmd: list[str], budget: Budget, log: Any, env: Mapping[str, str]) -> dict[str, Any]:
     """Run one step with its share of the budget (the command never raises here)."""
     allowed = budget.take(name)
     if not allowed:
-        reason = f"not run: {budget.left():.0f} s of the {budget.total_s:.0f} s budget left (--budget)"
+        reason = (f"not run: cut for time: {budget.left():.0f} s of the {budget.total_s:.0f} s budget left; "
+                  f"{CUT_ADVICE}")
         log(f"[gpu-check] {name}: {reason}")
-        return not_run(name, cmd, reason)
-    log(f"[gpu-check] {name} (at most {allowed:.0f} s): {shlex.join(cmd)}")
-    s = step_result(name, cmd, allowed, run_group(cmd, allowed))
-    log(f"[gpu-check] {name}: {s['status']} (exit {s['rc']}) in {s['seconds']:.1f} s")
+        return {**not_run(name, cmd, reason, env), "cut_for_time": True}
+    log(f"[gpu-check] {name} (at most {allowed:.0f} s): {shown(cmd, env)}")
+    s = step_result(name, cmd, allowed, run_group(cmd, allowed, env=env), env=env, budget_s=budget.total_s)
+    if s["status"] == "cut":
+        s["cut_for_time"] = True
+    log(f"[gpu-check] {name}: {s['status']} (exit {s['rc']}) in {s['seconds']:.1f} s"
+        + (f": {s['reason']}" if s["status"] == "cut" else ""))
     return s
 
 
-def _skip(name: str, cmd: list[str], budget: Budget, reason: str, log: Any) -> dict[str, Any]:
+def _skip(name: str, cmd: list[str], budget: Budget, reason: str, log: Any, env: Mapping[str, str]) -> dict[str, Any]:
     budget.drop(name)
     log(f"[gpu-check] {name}: {reason}")
-    return not_run(name, cmd, reason)
+    return not_run(name, cmd, reason, env)
 
 
 def _training_facts(run_dir: Path) -> dict[str, Any]:
@@ -379,9 +417,11 @@ def parity_on_device(bundle: Path, checkpoint: Path, device: str, samples: int) 
     data = parity_data(model, meta, manifest.source.dataset or meta.raw.get("dataset"), samples, max_batch)
     for art in manifest.servable("torch"):
         # Compiled (CUDA graphs) for the precision served compiled; compiling on the CPU (inductor, minutes) would
-        # prove nothing the GPU run does not.
+        # prove nothing the GPU run does not. Captured at batch 1 (its own specialisation) and the max batch, which
+        # every larger batch of the parity set is padded up to: a bucket in between would cost another inductor
+        # compile (a size guard splits the symbolic batch at 16) and prove nothing more about parity.
         for compiled in (False, True) if device.startswith("cuda") and art.precision == "bf16" else (False,):
-            options = BackendOptions(device=device, compile=compiled, buckets=tuple(sorted({1, 8, max_batch})))
+            options = BackendOptions(device=device, compile=compiled, buckets=tuple(sorted({1, max_batch})))
             t0 = time.perf_counter()
             backend = open_backend(bundle, manifest, "torch", art.precision, options)
             load_s = time.perf_counter() - t0
@@ -432,6 +472,27 @@ def bundle_cache(sizes: Sizes, work: Path, cache: Path | None = None) -> Path:
     return chosen.absolute() if chosen is not None else work / "bench"
 
 
+def cuda_index(device: str) -> int | None:
+    """N of `cuda:N`; None for cuda (the first GPU torch sees) and cpu."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else None
+
+
+def step_device(device: str, environ: Mapping[str, str] = os.environ) -> tuple[str, dict[str, str]]:
+    """The --device every step gets and the variables it runs with: `cuda:N` becomes `cuda` with
+    CUDA_VISIBLE_DEVICES naming GPU N alone (train and torchrun take no index, the latency targets and the export's
+    TensorRT build use the first GPU they see), N counted as torch counts, among the GPUs already visible here."""
+    n = cuda_index(device)
+    if n is None:
+        return device, {}
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return "cuda", {"CUDA_VISIBLE_DEVICES": str(n)}
+    entries = [e.strip() for e in visible.split(",")]
+    if n >= len(entries) or not entries[n]:
+        raise ValueError(f"--device {device}: CUDA_VISIBLE_DEVICES={visible!r} names no GPU {n}")
+    return "cuda", {"CUDA_VISIBLE_DEVICES": entries[n]}
+
+
 def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
         budget: Budget | None = None, cache: Path | None = None) -> dict[str, Any]:
     """Every step in order, each with its share of `budget` (default: the sizes' own), the latency steps' bundles
@@ -443,16 +504,18 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     start = time.time()
     steps: list[dict[str, Any]] = []
     train_dir, ddp_dir, bundle = work / "train", work / "ddp", work / "bundle"
+    # `device` as this process names it; `dev` (with `env`) as every step does.
+    dev, env = step_device(device)
 
-    cmd = [py, "-m", "train", *sizes.train, "--device", device, "--out", str(train_dir)]
-    s = _step("train", cmd, budget, log)
+    cmd = [py, "-m", "train", *sizes.train, "--device", dev, "--out", str(train_dir)]
+    s = _step("train", cmd, budget, log, env)
     if s["status"] == "passed":
         s["facts"] = _training_facts(train_dir)
     steps.append(train := s)
 
     cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "train", *sizes.ddp,
-           "--device", device, "--out", str(ddp_dir)]
-    s = _step("ddp", cmd, budget, log)
+           "--device", dev, "--out", str(ddp_dir)]
+    s = _step("ddp", cmd, budget, log, env)
     if s["status"] == "passed":
         s["facts"] = _training_facts(ddp_dir)
         expected = "nccl" if device.startswith("cuda") else "gloo"
@@ -472,9 +535,10 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
            "--parity-samples", str(sizes.parity_samples), "--strict"]
     t0 = time.time()
     if train["status"] != "passed":
-        s = _skip("export", cmd, budget, f"not run: needs the checkpoint of train, which {train['status']}", log)
+        s = _skip("export", cmd, budget, f"not run: needs the checkpoint of train, which {train['status']}", log,
+                  env)
     else:
-        s = _step("export", cmd, budget, log)
+        s = _step("export", cmd, budget, log, env)
     if (bundle / "manifest.json").is_file() and (bundle / "manifest.json").stat().st_mtime >= t0:
         s["facts"], problems = export_facts(bundle, expand_targets(targets))
         if problems and s["status"] in ("passed", "failed"):
@@ -482,12 +546,12 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     steps.append(export := s)
 
     cmd = [py, "-m", "benchmarks.gpu_check", "--parity-of", str(bundle), "--checkpoint", str(train_dir), "--device",
-           device, "--parity-samples", str(sizes.parity_samples)]
+           dev, "--parity-samples", str(sizes.parity_samples)]
     if not export["facts"]:
         s = _skip("parity-on-device", cmd, budget, f"not run: needs the bundle of export, which {export['status']}",
-                  log)
+                  log, env)
     else:
-        s = _step("parity-on-device", cmd, budget, log)
+        s = _step("parity-on-device", cmd, budget, log, env)
     if s["status"] == "passed":
         s["facts"] = json.loads(s["last_line"])
         if problems := parity_problems(s["facts"]):
@@ -500,7 +564,7 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     for i, args in enumerate(sizes.latency):
         t0 = time.time()
         s = _step(f"latency-{i + 1}", [py, "benchmarks/latency.py", *args, *cache_args, "--out", str(out)], budget,
-                  log)
+                  log, env)
         if (path := _newest(out, "*.json", t0)) is not None and s["status"] == "passed":
             doc = json.loads(path.read_text())
             s["facts"], s["report"] = _latency_facts(doc), path.name
@@ -511,13 +575,14 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
 
     served = _served_bundle(latency_docs) or bundle
     t0 = time.time()
-    server_args = f"--device {device} {sizes.serve_args}".strip()
+    server_args = f"--device {dev} {sizes.serve_args}".strip()
     cmd = [py, "benchmarks/latency.py", "--http", "start", "--bundle", str(served), "--runtime", "torch",
            f"--server-args={server_args}", *sizes.load, "--out", str(out)]
     if not (served / "manifest.json").is_file():
-        s = _skip("serve-under-load", cmd, budget, "not run: no bundle to serve (latency-1 and export made none)", log)
+        s = _skip("serve-under-load", cmd, budget, "not run: no bundle to serve (latency-1 and export made none)", log,
+                  env)
     else:
-        s = _step("serve-under-load", cmd, budget, log)
+        s = _step("serve-under-load", cmd, budget, log, env)
     if (path := _newest(out, "*-http.json", t0)) is not None and s["status"] == "passed":
         doc = json.loads(path.read_text())
         s["facts"] = {"bundle": str(served), "bundle_max_batch": _max_batch(served), "server_args": server_args,
@@ -528,10 +593,12 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     steps.append(s)
 
     return {"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": device,
+            "step_device": dev, "step_env": env,
             "smoke": sizes is SMOKE, "full": sizes is GPU_FULL, "budget_s": budget.total_s,
             "environment": machine.environment(None), "steps": steps,
             "passed": all(x["status"] == "passed" for x in steps),
             "cut": [{"step": x["name"], "reason": x["reason"]} for x in steps if x["status"] in ("cut", "not run")],
+            "cut_for_time": [x["name"] for x in steps if x.get("cut_for_time")],
             "wall_seconds": round(time.time() - start, 1)}
 
 
@@ -561,7 +628,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs; GPUs: {gpus}; git "
              f"{((env.get('git') or {}).get('commit') or '?')[:12]}",
              f"- Result: **{'passed' if doc['passed'] else 'FAILED'}** in {doc['wall_seconds']:.0f} s "
-             f"(budget {doc['budget_s']:.0f} s{'; --full' if doc.get('full') else ''})", "",
+             f"(budget {doc['budget_s']:.0f} s{'; --full' if doc.get('full') else ''})",
+             *([f"- **Cut for time** (stopped or not started, not failed): {', '.join(doc['cut_for_time'])}; "
+                f"{CUT_ADVICE}"] if doc.get("cut_for_time") else []), "",
              "| step | result | exit | seconds | allowed s | report |", "|---|---|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {'' if s['rc'] is None else s['rc']} | {s['seconds']:.1f} | "
               f"{s['allowed_s']:.0f} | {s.get('report', '')} |" for s in doc["steps"]]
@@ -635,8 +704,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="every torch-CUDA target, TensorRT INT8 and the 4GF..72GF bf16 sweep (default budget 30 "
                         "minutes)")
     p.add_argument("--budget", type=float_in(RESERVE_S + MIN_STEP_S, MAX_BUDGET_S), default=None, metavar="SECONDS",
-                   help="the whole check's time, shared by its steps (default 300; --full 1800; --smoke 1800); a "
-                        "step past its share is stopped and recorded as cut")
+                   help=f"the whole check's time, shared by its steps (default {GPU.budget_s:.0f}, enough for a cold "
+                        f"machine; --full {GPU_FULL.budget_s:.0f}; --smoke {SMOKE.budget_s:.0f}); a step past its "
+                        "share is stopped and recorded as cut for time")
     p.add_argument("--parity-of", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--parity-samples", type=int_in(1, MAX_PARITY_SAMPLES), default=256, help=argparse.SUPPRESS)
@@ -670,6 +740,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{p.prog}: error: no CUDA GPU here (use --device cpu --smoke for the CPU smoke run)",
                   file=sys.stderr)
             return 2
+        if (n := cuda_index(args.device)) is not None and n >= (count := torch.cuda.device_count()):
+            print(f"{p.prog}: error: --device {args.device}: torch sees {count} CUDA GPU{'s' * (count != 1)} here "
+                  f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})", file=sys.stderr)
+            return 2
+        try:
+            step_device(args.device)
+        except ValueError as exc:
+            print(f"{p.prog}: error: {exc}", file=sys.stderr)
+            return 2
     from benchmarks.report import stem_name, unused_stem
     from models.io import atomic_write_bytes, atomic_write_json
 
@@ -682,7 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
     atomic_write_json(stem.with_suffix(".json"), doc)
     atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
-    print(f"{'passed' if doc['passed'] else 'FAILED'}: wrote {stem}.json, {stem}.md")
+    cut = (f" ({', '.join(doc['cut_for_time'])} cut for time: rerun with a larger --budget than "
+           f"{doc['budget_s']:.0f})" if doc["cut_for_time"] else "")
+    print(f"{'passed' if doc['passed'] else 'FAILED'}{cut}: wrote {stem}.json, {stem}.md")
     return 0 if doc["passed"] else 1
 
 

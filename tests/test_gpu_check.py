@@ -52,11 +52,15 @@ def test_without_a_gpu_the_real_check_refuses_with_one_line(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_whole_gpu_path(tmp_path):
+def test_the_whole_gpu_path(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    rc = main(["--out", str(out), "--work", str(tmp_path / "work")])
+    # Everything under tmp_path: the latency bundles too (--cache), not exports/gpu-check/ in the checkout, and the
+    # current directory moved there so a default that slipped back would land there as well.
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--out", str(out), "--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache")])
     doc = _doc(out)
     assert rc == 0, [s["output_tail"] for s in doc["steps"] if s["rc"]]
     steps = {s["name"]: s for s in doc["steps"]}
     assert steps["ddp"]["facts"]["ddp_backend"] == "nccl"
     assert steps["train"]["facts"]["compile"] is True
+    assert any((tmp_path / "cache").iterdir()) and not (tmp_path / "exports").exists()
