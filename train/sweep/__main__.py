@@ -27,6 +27,7 @@ from data.datasets import EMBEDDED, SPLITS
 from models.cli import OneLineParser, Terminated, int_in
 from models.io import empty_path_problem
 from train.config import OPTIMIZERS
+from train.sweep.claims import MIN_SEEDS
 from train.sweep.plan import (
     MAX_EPOCHS,
     MAX_SAMPLES,
@@ -340,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as exc:
         print(f"python -m train.sweep: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
+    if len(cfg.seeds) < MIN_SEEDS and not args.report_only:
+        print(f"python -m train.sweep: warning: --seeds {','.join(map(str, cfg.seeds))}: fewer than {MIN_SEEDS} "
+              f"seeds per tuned run: seed variance is barely counted, and the verdicts are marked provisional",
+              file=sys.stderr)
     # SIGTERM (e.g. `kill` of a nohup'd sweep) takes the same path as Ctrl-C: trainings are stopped, results kept.
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked to outlive the terminal: keep that
@@ -358,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
               "resume", file=sys.stderr)
         return 143 if stopped else 130
     for row in summary.get("claims", []):
-        print(f"{row['title']}: {row['reproduced']} - {row['measured']}")
+        said = row["reproduced"] + (f" ({row['provisional']})" if row.get("provisional") else "")
+        print(f"{row['title']}: {said} - {row['measured']}")
     if summary:
         print(f"results in {out}/ (summary.json, claims.md, *.png)")
     return 0

@@ -1,19 +1,29 @@
 """Verdicts on the paper's claims from a study's numbers. The rules, stated once (the report prints this text):
 
 A comparison is a difference between ViT_C and ViT_P or between one model's optimizers (or a sign test over paired
-samples). A difference counts only beyond twice its standard error, which combines the binomial noise of a finite
-val set with the spread over training seeds (the standard error of a seed mean); smaller differences are ties. A
-claim with two halves has a comparison for each. SGD vs AdamW, per schedule length: ViT_C's own SGD-AdamW gap
-supports "ViT_C trains as well with SGD" unless SGD is worse beyond 2 SE (then it contradicts), and ViT_P's gap
-minus ViT_C's, beyond 2 SE, supports "ViT_P loses markedly". Stability, per optimizer: "lies left" is a one-sided
-sign test over the paired (lr, wd) samples at p < 0.05, and "tighter" holds when ViT_C's error IQR is not larger
-than ViT_P's (a larger one contradicts); an optimizer with fewer than 5 untied pairs is not judged, since the sign
-test cannot reach p < 0.05 there. A claim is "yes" when every comparison supports it, "partial" when some support
-it and more support it than contradict it (the rest ties or contradictions), "no" when none support it or
-contradictions are at least as many as supports, "not run" without comparisons, and "not judged" when it has
-numbers but none can be judged. Claims stated at equal flops (convergence, peak accuracy) are judged only on a pair
-whose ViT_C/ViT_P flops ratio is within 3 %; any other pair is "not judged", with its ratio printed. Runtime
-parity holds when the ViT_C/ViT_P time ratio is within 5 % or ViT_C is faster.
+samples), and it supports a claim, contradicts it or is a tie. A difference of seed means counts only when it lies
+outside its two-sided 95 % interval: its standard error times the t quantile at 97.5 % with Welch's degrees of
+freedom (t = 4.30 at 2 degrees of freedom, 2.78 at 4, 1.96 without seed spread). A seed mean's standard error is the
+seeds' spread over sqrt(n), never below the val set's binomial noise over sqrt(n) (two or three seeds can agree by
+chance); where the binomial floor is the larger, that term has no seed degrees of freedom. Smaller differences are
+ties. A claim with two halves has a comparison for each. SGD vs AdamW, per schedule length: ViT_C's own SGD-AdamW
+gap supports "ViT_C trains as well with SGD" when its whole 95 % interval lies below 1 point (an equivalence
+margin) and contradicts it when the whole interval lies above 1 point; ViT_P's gap minus ViT_C's, beyond its 95 %
+interval, supports "ViT_P loses markedly" (below it, contradicts). Stability, per optimizer: "lies left" is a
+one-sided sign test over the paired (lr, wd) samples at p < 0.05, and "tighter" compares the two error IQRs: the
+95 % interval of ViT_C's IQR minus ViT_P's, from 2000 bootstrap resamples of the paired samples, wholly below 0
+supports it, wholly above 0 contradicts it, and otherwise it is a tie; an optimizer with fewer than 5 untied pairs
+is not judged, since the sign test cannot reach p < 0.05 there. Runtime, per measured setting: the median of the
+per-round C/P time ratios with its distribution-free 95 % interval (order statistics, 6 rounds at least); the
+interval wholly at or below 1.05 supports parity (within 5 %, or ViT_C faster), wholly above 1.05 contradicts it,
+and an interval across 1.05, fewer rounds, no per-round ratios or an implausible ratio (below 0.5 or above 2 at
+equal flops: a broken measurement, flagged) is a tie. A claim is "yes" when every comparison supports it,
+"partial" when some support it and more support it than contradict it, "no" when contradictions are at least as
+many as supports (and there is one), "inconclusive" when every comparison is a tie, "not run" without
+comparisons, and "not judged" when it has numbers but none can be judged. Claims stated at equal flops
+(convergence, peak accuracy, runtime) are judged only on a pair whose ViT_C/ViT_P flops ratio is within 3 %; any
+other pair is "not judged", with its ratio printed. A verdict is "provisional" while the study is incomplete or a
+compared cell has fewer than 3 seeds (it then names the runs finished and the seeds per side).
 """
 
 from __future__ import annotations
@@ -23,9 +33,17 @@ from collections.abc import Sequence
 from math import comb
 from typing import Any
 
-NOISE_SE = 2.0  # a difference counts beyond this many standard errors (about 95 %)
+import numpy as np
+
+LEVEL = 0.95  # two-sided confidence of every comparison of seed means
 FLOPS_PARITY = 0.03  # claims at equal flops are judged on pairs within this flops ratio of 1
 RUNTIME_PARITY = 0.05  # time ratio above 1 still called parity
+EQUIVALENCE_MARGIN = 1.0  # points: an SGD-AdamW gap surely below this is "as well" (the paper's ViT_C gaps are < 1)
+MIN_SEEDS = 3  # fewer seeds per compared cell make a verdict provisional
+MIN_CI_ROUNDS = 6  # the order-statistic 95 % interval of a median needs this many rounds
+IMPLAUSIBLE_RATIO = 2.0  # a C/P time ratio beyond this factor either way at equal flops is a broken measurement
+BOOTSTRAP = 2000  # resamples for the IQR difference (a fixed generator: the same study gives the same verdict)
+VERDICTS = ("yes", "partial", "no", "inconclusive", "not run", "not judged")
 
 PAPER = {
     "convergence": "ViT_C converges faster: lower error than ViT_P at short schedules (50/100/200 epochs), "
@@ -49,28 +67,41 @@ def se_diff(errs: Sequence[float], n_val: int) -> float:
     return math.sqrt(sum(se_error(e, n_val) ** 2 for e in errs))
 
 
-def se_cell(cell: dict[str, Any], n_val: int) -> float:
-    """Standard error of a seed mean {"mean", "std", "n"}: the seeds' spread over sqrt(n), never below the val
-    set's binomial noise of that mean (two or three seeds can agree by chance)."""
+def cell_noise(cell: dict[str, Any], n_val: int) -> tuple[float, float]:
+    """(variance, degrees of freedom) of a seed mean {"mean", "std", "n"}: the seeds' spread over sqrt(n) with n - 1
+    degrees of freedom, or the val set's binomial noise (infinite degrees of freedom) where that is larger."""
     n = max(1, int(cell.get("n") or 1))
     binomial = se_error(cell["mean"], n_val) / math.sqrt(n)
     std = cell.get("std")
-    return max(binomial, std / math.sqrt(n)) if std is not None and n > 1 else binomial
+    if std is not None and n > 1 and std / math.sqrt(n) > binomial:
+        return std**2 / n, float(n - 1)
+    return binomial**2, math.inf
 
 
-def se_cells(cells: Sequence[dict[str, Any]], n_val: int) -> float:
-    """Standard error of a sum/difference of independent seed means."""
-    return math.sqrt(sum(se_cell(c, n_val) ** 2 for c in cells))
+def se_cell(cell: dict[str, Any], n_val: int) -> float:
+    """Standard error of a seed mean (see cell_noise)."""
+    return math.sqrt(cell_noise(cell, n_val)[0])
+
+
+def welch(cells: Sequence[dict[str, Any]], n_val: int) -> tuple[float, float]:
+    """(standard error, Welch-Satterthwaite degrees of freedom) of a sum/difference of independent seed means."""
+    parts = [cell_noise(c, n_val) for c in cells]
+    var = sum(v for v, _ in parts)
+    denom = sum(v * v / df for v, df in parts if math.isfinite(df))
+    return math.sqrt(var), (var * var / denom if denom > 0 else math.inf)
+
+
+def t_critical(df: float, level: float = LEVEL) -> float:
+    """Two-sided critical value: Student's t quantile at (1 + level) / 2 with df degrees of freedom (normal if inf)."""
+    from scipy import stats
+
+    q = 0.5 + level / 2
+    return float(stats.norm.ppf(q) if math.isinf(df) else stats.t.ppf(q, df))
 
 
 def flops_parity(ratio: float) -> bool:
     """Whether a ViT_C/ViT_P flops ratio is close enough to judge claims stated at equal flops."""
     return abs(ratio - 1.0) <= FLOPS_PARITY
-
-
-def runtime_parity(ratio: float) -> bool:
-    """Whether a ViT_C/ViT_P time ratio is at parity (within 5 %, or ViT_C faster)."""
-    return ratio <= 1.0 + RUNTIME_PARITY
 
 
 def sign_test_p(wins: int, n: int) -> float:
@@ -79,19 +110,38 @@ def sign_test_p(wins: int, n: int) -> float:
 
 
 def verdict(support: int, contradict: int, total: int) -> str:
-    """'yes' / 'partial' / 'no' / 'not run' from counts of supporting and contradicting comparisons (module rules)."""
+    """'yes' / 'partial' / 'no' / 'inconclusive' / 'not run' from counts of supporting and contradicting
+    comparisons among `total` (the rest are ties; module rules)."""
     if total == 0:
         return "not run"
     if support == total:
         return "yes"
     if support > contradict:
         return "partial"
-    return "no"
+    if contradict:
+        return "no"
+    return "inconclusive"
 
 
-def _tally(margins: list[tuple[float, float]]) -> tuple[int, int]:
-    """(supporting, contradicting) among (advantage, standard error) pairs; |advantage| <= 2 SE is a tie."""
-    return sum(a > NOISE_SE * n for a, n in margins), sum(a < -NOISE_SE * n for a, n in margins)
+def _judge(diff: float, se: float, df: float) -> tuple[int, int, float]:
+    """(supports, contradicts, half-width of the 95 % interval) of a difference whose positive side supports."""
+    half = t_critical(df) * se
+    return int(diff > half), int(diff < -half), half
+
+
+def _tally(margins: list[tuple[float, float, float]]) -> tuple[int, int]:
+    """(supporting, contradicting) among (advantage, standard error, degrees of freedom); inside the interval a tie."""
+    judged = [_judge(*m) for m in margins]
+    return sum(s for s, _, _ in judged), sum(c for _, c, _ in judged)
+
+
+def _df(df: float) -> float | None:
+    """Degrees of freedom as strict JSON keeps them: None for infinite (no seed spread; the normal quantile)."""
+    return None if math.isinf(df) else df
+
+
+def _diff_text(adv: float, se: float, half: float) -> str:
+    return f"diff {adv:+.1f} ± {se:.1f}, 95 % ±{half:.1f}"
 
 
 def convergence_claim(table: dict, conv: str, patch: str, n_val: int, flops_ratio: float | None = None
@@ -102,35 +152,43 @@ def convergence_claim(table: dict, conv: str, patch: str, n_val: int, flops_rati
         c, p = table.get(conv, {}).get(opt, {}), table.get(patch, {}).get(opt, {})
         for e in sorted(set(c) & set(p)):
             adv = p[e]["mean"] - c[e]["mean"]
-            noise = se_cells([p[e], c[e]], n_val)
-            margins.append((adv, noise))
+            se, df = welch([p[e], c[e]], n_val)
+            margins.append((adv, se, df))
             cells.append({"optimizer": opt, "epochs": e, "vit_c": c[e]["mean"], "vit_p": p[e]["mean"],
-                          "seeds": min(c[e].get("n") or 1, p[e].get("n") or 1), "advantage": adv, "se": noise})
+                          "seeds_vit_c": c[e].get("n") or 1, "seeds_vit_p": p[e].get("n") or 1,
+                          "advantage": adv, "se": se, "df": _df(df), "half_width": t_critical(df) * se})
     sup, con = _tally(margins)
     measured = "; ".join(
         f"{opt_name(x['optimizer'])} {x['epochs']} ep: C {x['vit_c']:.1f} vs P {x['vit_p']:.1f} "
-        f"(diff {x['advantage']:+.1f} ± {x['se']:.1f})" for x in cells
+        f"({_diff_text(x['advantage'], x['se'], x['half_width'])})" for x in cells
     )
     return _row("convergence", "Convergence", measured, sup, con, len(cells), cells, flops_ratio)
 
 
 def optimizer_claim(gaps: dict[str, dict[int, float]], table: dict, conv: str, patch: str, n_val: int):
-    """Per schedule length (seed means): ViT_C's own SGD-AdamW gap ("as well") and (ViT_P's gap) minus (ViT_C's)."""
+    """Per schedule length (seed means): ViT_C's own SGD-AdamW gap against the equivalence margin ("as well") and
+    (ViT_P's gap) minus (ViT_C's) against its 95 % interval ("loses markedly")."""
     cells, sup, con = [], 0, 0
     gc, gp = gaps.get(conv, {}), gaps.get(patch, {})
     for e in sorted(set(gc) & set(gp)):
-        se_c = se_cells([table[conv][o][e] for o in ("adamw", "sgd")], n_val)
-        as_well = gc[e] <= NOISE_SE * se_c  # an equivalence: a tie (or SGD better) supports it
+        se_c, df_c = welch([table[conv][o][e] for o in ("adamw", "sgd")], n_val)
+        half_c = t_critical(df_c) * se_c
+        # An equivalence: "as well" needs the whole interval below the margin; a gap surely above it contradicts.
+        as_well = "as well" if gc[e] + half_c < EQUIVALENCE_MARGIN else (
+            "SGD worse" if gc[e] - half_c > EQUIVALENCE_MARGIN else "tie")
         adv = gp[e] - gc[e]
-        noise = se_cells([table[m][o][e] for m in (conv, patch) for o in ("adamw", "sgd")], n_val)
-        s, c = _tally([(adv, noise)])
-        sup, con = sup + as_well + s, con + (not as_well) + c
-        cells.append({"epochs": e, "gap_vit_c": gc[e], "gap_vit_c_se": se_c, "vit_c_as_well": as_well,
-                      "gap_vit_p": gp[e], "advantage": adv, "se": noise})
+        se, df = welch([table[m][o][e] for m in (conv, patch) for o in ("adamw", "sgd")], n_val)
+        s, c, half = _judge(adv, se, df)
+        sup, con = sup + (as_well == "as well") + s, con + (as_well == "SGD worse") + c
+        cells.append({"epochs": e, "gap_vit_c": gc[e], "gap_vit_c_se": se_c, "gap_vit_c_half_width": half_c,
+                      "vit_c_as_well": as_well, "gap_vit_p": gp[e], "advantage": adv, "se": se, "df": _df(df),
+                      "half_width": half,
+                      "seeds_vit_c": min(table[conv][o][e].get("n") or 1 for o in ("adamw", "sgd")),
+                      "seeds_vit_p": min(table[patch][o][e].get("n") or 1 for o in ("adamw", "sgd"))})
     measured = "; ".join(
         f"{x['epochs']} ep: SGD-AdamW gap C {x['gap_vit_c']:+.1f} ± {x['gap_vit_c_se']:.1f} "
-        f"({'as well' if x['vit_c_as_well'] else 'SGD worse'}) vs P {x['gap_vit_p']:+.1f} "
-        f"(diff {x['advantage']:+.1f} ± {x['se']:.1f})" for x in cells
+        f"(95 % ±{x['gap_vit_c_half_width']:.1f}: {x['vit_c_as_well']}) vs P {x['gap_vit_p']:+.1f} "
+        f"({_diff_text(x['advantage'], x['se'], x['half_width'])})" for x in cells
     )
     return _row("optimizer", "SGD vs AdamW", measured, sup, con, 2 * len(cells), cells)
 
@@ -143,9 +201,24 @@ def min_sign_pairs(alpha: float) -> int:
     return n
 
 
+def iqr_difference_interval(c_errs: Sequence[float], p_errs: Sequence[float], level: float = LEVEL,
+                            resamples: int = BOOTSTRAP) -> tuple[float, float]:
+    """Percentile-bootstrap interval of IQR(c) - IQR(p) over paired samples (pairs resampled together)."""
+    c, p = np.asarray(c_errs, dtype=float), np.asarray(p_errs, dtype=float)
+    idx = np.random.default_rng(0).integers(0, c.size, size=(resamples, c.size))
+
+    def iqr(x: np.ndarray) -> np.ndarray:
+        q25, q75 = np.percentile(x, [25, 75], axis=1)
+        return q75 - q25
+
+    d = iqr(c[idx]) - iqr(p[idx])
+    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
 def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alpha: float = 0.05):
-    """Per optimizer: sign test over the paired samples ("lies left") and the IQRs ("tighter"); judged only with
-    enough untied pairs for the sign test to reach alpha."""
+    """Per optimizer: sign test over the paired samples ("lies left") and the bootstrap interval of the IQR
+    difference ("tighter"); judged only with enough untied pairs for the sign test to reach alpha."""
     cells, sup, con, total = [], 0, 0, 0
     need = min_sign_pairs(alpha)
     for opt, models in sorted(stab.items()):
@@ -153,24 +226,29 @@ def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alph
             continue
         c = {(r["lr"], r["weight_decay"]): r["error"] for r in models[conv]["runs"]}
         p = {(r["lr"], r["weight_decay"]): r["error"] for r in models[patch]["runs"]}
-        pairs = [(c[k], p[k]) for k in set(c) & set(p) if c[k] != p[k]]  # exact ties (e.g. both diverged) drop
+        common = sorted(set(c) & set(p))
+        pairs = [(c[k], p[k]) for k in common if c[k] != p[k]]  # exact ties (e.g. both diverged) drop
         wins, n = sum(ec < ep for ec, ep in pairs), len(pairs)
         p_c, p_p = sign_test_p(wins, n), sign_test_p(n - wins, n)
         mc, mp = models[conv], models[patch]
-        tighter = mc["iqr"] <= mp["iqr"]
+        lo, hi = iqr_difference_interval([c[k] for k in common], [p[k] for k in common]) if common else (0.0, 0.0)
+        tighter = "C tighter" if hi < 0 else ("C wider" if lo > 0 else "tie")
         judged = n >= need
         if judged:
-            sup, con, total = sup + (p_c < alpha) + tighter, con + (p_p < alpha) + (not tighter), total + 2
+            sup = sup + (p_c < alpha) + (tighter == "C tighter")
+            con = con + (p_p < alpha) + (tighter == "C wider")
+            total += 2
         cells.append({
             "optimizer": opt, "wins": wins, "n": n, "p_vit_c_better": p_c, "p_vit_p_better": p_p,
-            "judged": judged, "tighter": tighter,
+            "judged": judged, "tighter": tighter, "iqr_diff_interval": [lo, hi],
             "median_vit_c": mc["median"], "median_vit_p": mp["median"], "iqr_vit_c": mc["iqr"],
             "iqr_vit_p": mp["iqr"], "frac_good_vit_c": mc["frac_good"], "frac_good_vit_p": mp["frac_good"],
             "good_margin": mc["good_margin"],
         })
     measured = "; ".join(
         f"{opt_name(x['optimizer'])}: median C {x['median_vit_c']:.1f} vs P {x['median_vit_p']:.1f}, "
-        f"IQR {x['iqr_vit_c']:.1f} vs {x['iqr_vit_p']:.1f} ({'C tighter' if x['tighter'] else 'C wider'}), "
+        f"IQR {x['iqr_vit_c']:.1f} vs {x['iqr_vit_p']:.1f} (C-P 95 % {x['iqr_diff_interval'][0]:+.1f}.."
+        f"{x['iqr_diff_interval'][1]:+.1f}: {x['tighter']}), "
         f"within {x['good_margin']:g} of best {100 * x['frac_good_vit_c']:.0f}% vs {100 * x['frac_good_vit_p']:.0f}%, "
         f"C better in {x['wins']}/{x['n']} pairs "
         + (f"(sign test p={x['p_vit_c_better']:.2g})" if x["judged"] else
@@ -197,26 +275,75 @@ def peak_claim(table: dict, conv: str, patch: str, n_val: int, complexity: dict,
     bc, bp = best(conv), best(patch)
     if bc is None or bp is None:
         return _row("peak", "Peak accuracy at equal flops", "not measured", 0, 0, 0, [], flops_ratio)
-    adv, noise = bp[0]["mean"] - bc[0]["mean"], se_cells([bc[0], bp[0]], n_val)
+    adv = bp[0]["mean"] - bc[0]["mean"]
+    se, df = welch([bc[0], bp[0]], n_val)
     rt_ratio = runtime[conv] / runtime[patch] if runtime.get(conv) and runtime.get(patch) else None
-    sup, con = _tally([(adv, noise)])
+    sup, con, half = _judge(adv, se, df)
     cell = {"vit_c": bc[0]["mean"], "vit_c_optimizer": bc[1], "vit_p": bp[0]["mean"], "vit_p_optimizer": bp[1],
-            "advantage": adv, "se": noise, "flops_ratio": flops_ratio, "train_epoch_time_ratio": rt_ratio}
+            "seeds_vit_c": bc[0].get("n") or 1, "seeds_vit_p": bp[0].get("n") or 1,
+            "advantage": adv, "se": se, "df": _df(df), "half_width": half, "flops_ratio": flops_ratio,
+            "train_epoch_time_ratio": rt_ratio}
     rt = f"{rt_ratio:.2f}" if rt_ratio is not None else "n/a"
     measured = (
         f"best error at {longest} ep C {bc[0]['mean']:.1f} ({opt_name(bc[1])}) vs P {bp[0]['mean']:.1f} "
-        f"({opt_name(bp[1])}), "
-        f"diff {adv:+.1f} ± {noise:.1f}; train time per epoch C/P {rt} (shared CPU, indicative)"
+        f"({opt_name(bp[1])}), {_diff_text(adv, se, half)}; train time per epoch C/P {rt} (shared CPU, indicative)"
     )
     return _row("peak", "Peak accuracy at equal flops", measured, sup, con, 1, [cell], flops_ratio)
 
 
-def runtime_claim(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Runtime parity: one comparison per measured setting (train step / inference batch, layout, compilation)."""
-    sup = sum(runtime_parity(r["ratio"]) for r in rows)
-    measured = "; ".join(f"{r['what']} {r['device']} {r['layout']}{' compiled' if r.get('compiled') else ''}: "
-                         f"C/P {r['ratio']:.2f}" for r in rows)
-    return _row("runtime", "Runtime at parity", measured, sup, len(rows) - sup, len(rows), list(rows))
+def ratio_interval(round_ratios: Sequence[float], level: float = LEVEL) -> tuple[float, list[float], bool]:
+    """(median per-round ratio, its distribution-free interval, firm): scipy's order-statistic interval of the median
+    from MIN_CI_ROUNDS rounds on, else only the rounds' range (not firm)."""
+    from scipy import stats
+
+    x = np.asarray(round_ratios, dtype=float)
+    med = float(np.median(x))
+    if x.size >= MIN_CI_ROUNDS:
+        ci = stats.quantile_test(x, q=med, p=0.5).confidence_interval(level)
+        if math.isfinite(ci.low) and math.isfinite(ci.high):
+            return med, [float(ci.low), float(ci.high)], True
+    return med, [float(x.min()), float(x.max())], False
+
+
+def runtime_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One measured setting judged: its ratio, interval and what it says about parity (module rules)."""
+    if r.get("failed"):
+        return {"ratio": None, "interval": None, "judgement": f"failed: {r['failed']}"}
+    ratios = r.get("round_ratios") or []
+    if not ratios:
+        return {"ratio": r["ratio"], "interval": None, "judgement": "tie: no per-round ratios recorded"}
+    ratio, interval, firm = ratio_interval(ratios)
+    if not 1 / IMPLAUSIBLE_RATIO <= ratio <= IMPLAUSIBLE_RATIO:
+        judgement = "flagged: implausible at equal flops (a loaded or broken measurement)"
+    elif not firm:
+        judgement = f"tie: {len(ratios)} rounds, fewer than {MIN_CI_ROUNDS} for a 95 % interval"
+    elif interval[1] <= 1 + RUNTIME_PARITY:
+        judgement = "parity"
+    elif interval[0] > 1 + RUNTIME_PARITY:
+        judgement = "C slower"
+    else:
+        judgement = "inconclusive"
+    return {"ratio": ratio, "interval": interval, "judgement": judgement}
+
+
+def runtime_claim(rows: Sequence[dict[str, Any]], flops_ratio: float | None = None,
+                  not_measured: str | None = None) -> dict[str, Any]:
+    """Runtime parity: one comparison per measured setting (train step / inference batch, layout, compilation);
+    judged at flops parity only."""
+    judged = [{**r, **runtime_row(r)} for r in rows]
+    counted = [r for r in judged if r["ratio"] is not None]
+    sup = sum(r["judgement"] == "parity" for r in counted)
+    con = sum(r["judgement"] == "C slower" for r in counted)
+
+    def text(r: dict[str, Any]) -> str:
+        where = f"{r['what']} {r['device']} {r['layout']}{' compiled' if r.get('compiled') else ''}"
+        if r["ratio"] is None:
+            return f"{where}: {r['judgement']}"
+        ci = f" (95 % {r['interval'][0]:.2f}..{r['interval'][1]:.2f})" if r["interval"] else ""
+        return f"{where}: C/P {r['ratio']:.2f}{ci} {r['judgement']}"
+
+    measured = "; ".join(text(r) for r in judged) or (f"not measured: {not_measured}" if not_measured else "")
+    return _row("runtime", "Runtime at parity", measured, sup, con, len(counted), judged, flops_ratio)
 
 
 def opt_name(opt: str) -> str:
@@ -227,10 +354,11 @@ def opt_name(opt: str) -> str:
 def _row(key: str, title: str, measured: str, sup: int, con: int, total: int, cells: list,
          flops_ratio: float | None = None) -> dict[str, Any]:
     judged = flops_ratio is None or flops_parity(flops_ratio)
+    # Without comparisons there is nothing to judge: "not run" even off parity (the flops gate needs numbers).
     row = {
         "claim": key, "title": title, "paper": PAPER[key], "measured": measured or "not measured",
         "supporting": sup, "contradicting": con, "comparisons": total,
-        "reproduced": verdict(sup, con, total) if judged else "not judged", "cells": cells,
+        "reproduced": verdict(sup, con, total) if judged or not total else "not judged", "cells": cells,
     }
     if flops_ratio is not None:
         row["flops_ratio"] = flops_ratio

@@ -49,3 +49,13 @@ def make_config(preset: str, **overrides: Any) -> StudyConfig:
         if key in changes:
             changes[key] = {**getattr(cfg, key), **changes[key]}
     return dataclasses.replace(cfg, **changes)
+
+
+def overrides(cfg: StudyConfig) -> list[str]:
+    """The flags (--seeds, --train-args, ...) of the settings in which `cfg` differs from its preset (a report on a
+    study with any of them is not "the reduced preset"); every setting when the preset is unknown."""
+    fields = [f.name for f in dataclasses.fields(StudyConfig) if f.name != "preset"]
+    base = StudyConfig(preset=cfg.preset, **PRESETS[cfg.preset]) if cfg.preset in PRESETS else None
+    flags = {"lr_ranges": "--lr-range", "wd_ranges": "--wd-range", "recipe_settings": "recipe settings"}
+    return [flags.get(k, "--" + k.replace("_", "-")) for k in fields
+            if base is None or getattr(cfg, k) != getattr(base, k)]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from models.io import atomic_write_bytes, atomic_write_json
-from train.sweep import analysis, claims, plots
+from train.sweep import analysis, claims, plots, presets
 from train.sweep.plan import StudyConfig, tuned_epochs
 from train.sweep.runner import load_result
 from train.sweep.spec import RunSpec
@@ -59,6 +59,41 @@ def val_size(results: dict[str, dict[str, Any]], dataset: str) -> int:
     return len(load_dataset(dataset, "val"))
 
 
+def provisional(row: dict[str, Any], finished: int, planned: int) -> str | None:
+    """Why a claim's verdict is provisional (the study is incomplete, or a compared cell has fewer than
+    claims.MIN_SEEDS seeds), naming the runs finished and the seeds per side; None when it is final."""
+    seeds = {side: sorted({c[f"seeds_vit_{side}"] for c in row["cells"] if f"seeds_vit_{side}" in c})
+             for side in ("c", "p")}
+    few = any(n < claims.MIN_SEEDS for ns in seeds.values() for n in ns)
+    if finished >= planned and not few:
+        return None
+    said = [f"{finished}/{planned} runs"]
+    if seeds["c"] or seeds["p"]:
+        said.append(f"seeds C n={_span(seeds['c'])}, P n={_span(seeds['p'])}")
+    return "provisional: " + "; ".join(said)
+
+
+def _span(ns: Sequence[int]) -> str:
+    if not ns:
+        return "0"
+    return str(ns[0]) if ns[0] == ns[-1] else f"{ns[0]}-{ns[-1]}"
+
+
+def trained_on(results: dict[str, dict[str, Any]], specs: Sequence[RunSpec]) -> list[dict[str, Any]]:
+    """The machines and source commits the finished runs record, with how many runs each (runs from before runs
+    recorded it are counted as "unrecorded")."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for s in specs:
+        if s.run_id not in results:
+            continue
+        m = results[s.run_id].get("machine") or {}
+        git = m.get("git") or {}
+        key = (m.get("host"), m.get("cpu"), git.get("commit"), git.get("dirty"))
+        entry = seen.setdefault(key, {"host": key[0], "cpu": key[1], "commit": key[2], "dirty": key[3], "runs": 0})
+        entry["runs"] += 1
+    return list(seen.values())
+
+
 def build_summary(
     cfg: StudyConfig,
     study: str,
@@ -86,26 +121,42 @@ def build_summary(
     }
     n_val = val_size(results, cfg.dataset) if results else 0
     rows = []
-    measured_runtime = (runtime_doc or {}).get("rows", [])
-    for conv, patch in analysis.stem_pairs(list(cfg.models)):
+    runtime_doc = runtime_doc or {}
+    measured_runtime = runtime_doc.get("rows", [])
+    pairs = analysis.stem_pairs(list(cfg.models))
+    for conv, patch in pairs:
+        pair_rows = []
         flops_ratio = comp[conv]["flops"] / comp[patch]["flops"]
         if study in ("convergence", "all"):
-            rows.append(claims.convergence_claim(table, conv, patch, n_val, flops_ratio))
+            pair_rows.append(claims.convergence_claim(table, conv, patch, n_val, flops_ratio))
         if study in ("optimizer", "convergence", "all"):
-            rows.append(claims.optimizer_claim(gaps, table, conv, patch, n_val))
+            pair_rows.append(claims.optimizer_claim(gaps, table, conv, patch, n_val))
         if study in ("stability", "all"):
-            rows.append(claims.stability_claim(stab, conv, patch))
+            pair_rows.append(claims.stability_claim(stab, conv, patch))
         if tuned_specs:
-            rows.append(claims.peak_claim(table, conv, patch, n_val, comp, runtime))
+            pair_rows.append(claims.peak_claim(table, conv, patch, n_val, comp, runtime))
+        # Every study measures runtime after its trainings: a pair without rows says so ("not run", and why).
         pair_runtime = [r for r in measured_runtime if r.get("pair") == [conv, patch]]
-        if pair_runtime:
-            rows.append(claims.runtime_claim(pair_runtime))
-        for row in rows:
-            row.setdefault("pair", [conv, patch])
+        skipped = (runtime_doc.get("not_measured") or {}).get(f"{conv},{patch}") or (
+            None if runtime_doc else "no runtime.json (the study stopped before its runtime step)")
+        pair_rows.append(claims.runtime_claim(pair_runtime, flops_ratio, skipped))
+        for row in pair_rows:
+            row["pair"] = [conv, patch]
+            if len(pairs) > 1:  # several pairs: every row names its own
+                row["title"] = f"{row['title']} ({conv} / {patch})"
+        rows += pair_rows
     all_specs = list(dict.fromkeys((*stab_specs, *tuned_specs)))
     # Pairs whose tuning waits for a stability result: their tuned runs are planned, not yet specified.
     epochs = tuned_epochs(cfg, study)
     untuned = [f"{m}/{o}" for m in cfg.models for o in cfg.optimizers if (m, o) not in tuned] if epochs else []
+    # An untuned pair's tuned runs: every schedule and seed, less the one its stability winner already is.
+    per_untuned = len(epochs) * len(cfg.seeds) - (cfg.stability_epochs in epochs)
+    runs = {"planned": len(all_specs) + len(untuned) * per_untuned,
+            "finished": sum(s.run_id in results for s in all_specs),
+            "train_wall_s": round(sum(results[s.run_id]["wall_s"] for s in all_specs if s.run_id in results))}
+    for row in rows:
+        if row["claim"] != "runtime" and (why := provisional(row, runs["finished"], runs["planned"])):
+            row["provisional"] = why
     return {
         "format": SUMMARY_FORMAT,
         "format_version": 1,
@@ -115,18 +166,15 @@ def build_summary(
                          "best": "lowest val top-1 error (%) over epochs (pycls's min_top1_err)"}[cfg.metric],
         "val_images": n_val,
         **({"not_tuned": untuned} if untuned else {}),
-        # An untuned pair's tuned runs: every schedule and seed, less the one its stability winner already is.
-        "runs": {"planned": len(all_specs) + len(untuned) * (len(epochs) * len(cfg.seeds)
-                                                             - (cfg.stability_epochs in epochs)),
-                 "finished": sum(s.run_id in results for s in all_specs),
-                 "train_wall_s": round(sum(results[s.run_id]["wall_s"] for s in all_specs if s.run_id in results))},
+        "runs": runs,
+        "trained_on": trained_on(results, all_specs),
         "tuned": {f"{m}/{o}": {"lr": lr, "weight_decay": wd} for (m, o), (lr, wd) in sorted(tuned.items())},
         "stability": stab,
         "convergence": {m: {o: {str(e): v for e, v in c.items()} for o, c in t.items()} for m, t in table.items()},
         "optimizer_gap": {m: {str(e): v for e, v in g.items()} for m, g in gaps.items()},
         "complexity": comp,
         "seconds_per_epoch": runtime,
-        "runtime": runtime_doc,
+        "runtime": runtime_doc or None,
         "claims": rows,
     }
 
@@ -157,6 +205,62 @@ def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
     return [*written, md, study_dir / "summary.json"]
 
 
+def verdict_text(row: dict[str, Any]) -> str:
+    """A claim's verdict as the claims table shows it: the verdict, provisional or not, and its counts."""
+    said = f"**{row['reproduced']}**"
+    if row.get("provisional"):
+        said += f", {row['provisional']}"
+    return (f"{said} ({row['supporting']} of {row['comparisons']} comparisons support, "
+            f"{row['contradicting']} contradict)")
+
+
+def preset_label(cfg: dict[str, Any]) -> str:
+    """"preset `x`", or "custom: preset `x` with --a, --b changed" when study settings override the preset."""
+    changed = presets.overrides(StudyConfig.from_dict(cfg))
+    if not changed:
+        return f"preset `{cfg['preset']}`"
+    return f"custom: preset `{cfg['preset']}` with {', '.join(changed)} changed"
+
+
+def _machine_text(host: str | None, cpu: str | None, commit: str | None, dirty: bool | None) -> str:
+    if not (cpu or commit):
+        return "an unrecorded machine"
+    where = cpu or "an unrecorded machine"
+    if host:
+        where += f" (host {host})"
+    tree = " (dirty tree)" if dirty else ""
+    return f"{where}, commit {(commit or '?')[:12]}{tree}"
+
+
+def machines_text(summary: dict[str, Any]) -> str:
+    """Every machine and commit that trained the study: the runs' own records, else those study.json keeps."""
+    runs = [m for m in summary.get("trained_on") or [] if m.get("commit") or m.get("cpu")]
+    if runs:
+        unrecorded = sum(m["runs"] for m in summary["trained_on"] if m not in runs)
+        text = "; ".join(f"{_machine_text(m['host'], m['cpu'], m['commit'], m['dirty'])}: {m['runs']} runs"
+                         for m in runs)
+        return text + (f"; unrecorded: {unrecorded} runs" if unrecorded else "")
+    recorded = summary.get("machines") or [summary.get("machine") or {}]
+    out = []
+    for mach in recorded:
+        git = mach.get("git") or {}
+        cpus = f" ({mach['usable_cpus']} CPUs)" if mach.get("usable_cpus") else ""
+        out.append(_machine_text(None, (mach.get("gpu") or mach.get("cpu") or "an unrecorded machine") + cpus,
+                                 git.get("commit"), git.get("dirty")))
+    return "; ".join(out)
+
+
+def winners_curse(cfg: dict[str, Any]) -> str | None:
+    """The selection bias of a sweep-tuned study, said where it applies (tuned seed 0 at the stability length is the
+    very stability run that won the tuning)."""
+    if cfg["tuning"] != "sweep" or cfg["stability_epochs"] not in cfg["epochs"]:
+        return None
+    return (f"Selection bias: with tuning by the sweep, the tuned run with seed {cfg['seeds'][0]} at "
+            f"{cfg['stability_epochs']} epochs is the stability run that won the tuning (the lowest of "
+            f"{cfg['samples']} samples), so the {cfg['stability_epochs']}-epoch means lean towards the selected value "
+            f"(a winner's curse) and their seed spread can widen; the other seeds and schedules are fresh runs.")
+
+
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -172,15 +276,14 @@ def _mean_se(cell: dict[str, Any] | None, n_val: int) -> str:
 def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
     """The claims table plus one small table per experiment, with the settings that produced them."""
     cfg = summary["config"]
-    mach = summary.get("machine") or {}
-    where = mach.get("gpu") or mach.get("cpu") or "an unrecorded machine"
-    cpus = f" ({mach['usable_cpus']} CPUs)" if mach.get("usable_cpus") else ""
-    commit = ((mach.get("git") or {}).get("commit") or "?")[:12]
+    label = preset_label(cfg)
+    pairs = analysis.stem_pairs(list(cfg["models"]))
     lines = [
-        f"# Paper claims at small scale (preset `{cfg['preset']}`, study `{summary['study']}`)",
+        f"# Paper claims at small scale ({label}, study `{summary['study']}`)",
         "",
-        f"Preset `{cfg['preset']}`, pair {' / '.join(cfg['models'])}, seeds {', '.join(map(str, cfg['seeds']))}; "
-        f"trained on {where}{cpus}, commit {commit}.",
+        f"{label[0].upper()}{label[1:]}, pair{'s' if len(pairs) > 1 else ''} "
+        f"{', '.join(' / '.join(p) for p in pairs)}, seeds {', '.join(map(str, cfg['seeds']))}; "
+        f"trained on {machines_text(summary)}.",
         "",
         f"Models {', '.join(cfg['models'])} on `{cfg['dataset']}` ({summary['val_images']} val images); error = "
         f"{summary['error_metric']}. Runs: {summary['runs']['finished']}/{summary['runs']['planned']} finished, "
@@ -200,10 +303,10 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
     for row in summary["claims"]:
         ratio = row.get("flops_ratio")
         flops = "–" if ratio is None else f"{ratio:.3f}" + ("" if claims.flops_parity(ratio) else " (off parity)")
-        lines.append(f"| {row['title']} | {row['paper']} | {row['measured']} | {flops} | **{row['reproduced']}** "
-                     f"({row['supporting']} of {row['comparisons']} comparisons support, "
-                     f"{row['contradicting']} contradict) |")
+        lines.append(f"| {row['title']} | {row['paper']} | {row['measured']} | {flops} | {verdict_text(row)} |")
     lines += ["", "Rules: " + " ".join(claims.__doc__.split("\n\n", 1)[1].split()), ""]
+    if (bias := winners_curse(cfg)) is not None:
+        lines += [bias, ""]
     if summary["tuned"]:
         lines += ["## Tuned settings", "", "| model / optimizer | lr | weight decay |", "|---|---|---|"]
         lines += [f"| {k} | {v['lr']:g} | {v['weight_decay']:g} |" for k, v in summary["tuned"].items()]
@@ -243,17 +346,31 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
     if summary.get("runtime"):
         rt = summary["runtime"]
         mach = rt.get("machine") or {}
-        lines += ["## Runtime (measured: median of interleaved rounds)", "",
+        load = mach.get("load_avg")
+        lines += ["## Runtime (measured: median of interleaved rounds, 95 % interval of the per-round C/P ratios)",
+                  "",
                   f"Machine: {mach.get('gpu') or mach.get('cpu', '?')}, {mach.get('usable_cpus', '?')} CPUs, "
-                  f"torch {mach.get('torch', '?')}.", "",
-                  "| pair | what | device | layout | mode | batch | ViT_C ms | ViT_P ms | C/P | parity |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"torch {mach.get('torch', '?')}"
+                  + (f", load average {load[0]:.1f} before measuring" if load else "") + ".", "",
+                  "| pair | what | device | layout | mode | batch | ViT_C ms | ViT_P ms | C/P | 95 % interval "
+                  "| parity |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rt.get("rows", []):
-            lines.append(f"| {' / '.join(r['pair'])} | {r['what']} | {r['device']} | {r['layout']} | "
-                         f"{'compiled' if r['compiled'] else 'eager'} | {r['batch']} | {r['ms_vit_c']:.2f} | "
-                         f"{r['ms_vit_p']:.2f} | {r['ratio']:.3f} | "
-                         f"{'yes' if claims.runtime_parity(r['ratio']) else 'no'} |")
+            j = claims.runtime_row(r)
+            mode = "compiled" if r["compiled"] else "eager"
+            if j["ratio"] is None:
+                lines.append(f"| {' / '.join(r['pair'])} | {r['what']} | {r['device']} | {r['layout']} | {mode} | "
+                             f"{r.get('batch', '?')} | – | – | – | – | {j['judgement']} |")
+                continue
+            ci = f"{j['interval'][0]:.3f}..{j['interval'][1]:.3f}" if j["interval"] else "–"
+            lines.append(f"| {' / '.join(r['pair'])} | {r['what']} | {r['device']} | {r['layout']} | {mode} | "
+                         f"{r['batch']} | {r['ms_vit_c']:.2f} | {r['ms_vit_p']:.2f} | {j['ratio']:.3f} | {ci} | "
+                         f"{j['judgement']} |")
         lines.append("")
+        lines += [f"Not measured, {pair.replace(',', ' / ')}: {why}." for pair, why in
+                  (rt.get("not_measured") or {}).items()]
+        if rt.get("not_measured"):
+            lines.append("")
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)

@@ -160,6 +160,23 @@ def make_slots(workers: int, devices: Sequence[str] = (), threads: int | None = 
     return [WorkerSlot(per, devices[i % len(devices)] if devices else None) for i in range(workers)]
 
 
+def host_facts() -> dict[str, Any]:
+    """Where this process runs, without torch: host name, CPU model, usable CPUs and the source commit (with its
+    dirty flag), so every run result says which machine and code trained it."""
+    import platform
+    import re
+
+    from models.host import source_revision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        if m := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M):
+            cpu = m.group(1).strip()
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "usable_cpus": usable_cpus(), "git": source_revision()}
+
+
 def _pct_error(top1: float | None) -> float | None:
     """Top-1 accuracy fraction -> error in percent (None stays None; NaN stays NaN)."""
     return None if top1 is None else round(100.0 * (1.0 - float(top1)), 4)
@@ -251,6 +268,7 @@ def run_one(
         "wall_s": round(wall, 2),
         "threads": slot.threads,
         "device": slot.device,
+        "machine": host_facts(),
         **read_training(run_dir),
     }
     atomic_write_json(result_path(study_dir, spec), result)

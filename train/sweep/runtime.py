@@ -29,28 +29,40 @@ from models.cli import OneLineParser, int_in, machine_failure
 LAYOUTS = ("nchw", "channels_last")
 MAX_BATCH = 4096  # a batch is allocated whole on the device: bound it before asking for it
 MAX_ROUNDS = 1000
+ROUNDS = 9  # alternating rounds per setting: enough for a 95 % interval of the median per-round ratio (>= 6)
 DEVICE_RE = re.compile(r"cpu|cuda(:\d{1,3})?")
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:
-    """Where a study or a runtime measurement ran: CPU model and count, GPU, torch version, source commit."""
-    import platform
-    import re
-    from pathlib import Path
+    """Where a study or a runtime measurement ran: host, CPU model and count, GPU, torch version, source commit, and
+    the load average (other work on the machine skews step timings)."""
+    import os
 
     import torch
 
-    from models.host import source_revision, usable_cpus
+    from train.sweep.runner import host_facts
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        if m := re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M):
-            cpu = m.group(1).strip()
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    return {"host": platform.node(), "cpu": cpu, "usable_cpus": usable_cpus(), "gpu": gpu, "torch": torch.__version__,
-            "git": source_revision()}
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {**host_facts(), "gpu": gpu, "torch": torch.__version__, "load_avg": load}
+
+
+def compile_options() -> dict[str, Any]:
+    """torch.compile's arguments for a timed model: the recompile guard of runtimes/pytorch.py's compile_options
+    (train may not import runtimes), without its CUDA graphs (a training step with an optimizer is timed too)."""
+    return {
+        # dynamo keeps its compiled entries per code object, and every timed model compiles the same one
+        # (VisionTransformer.forward): with one shared budget (recompile_limit, 8), a study's second pair found it
+        # spent and ran eagerly after a log warning, its rows still recorded as compiled. Each timed model gets its
+        # own region: one fixed batch and layout need one entry, plus spares.
+        "isolate_recompiles": True,
+        "recompile_limit": 3,
+        # A graph break, or a recompile past the limit, raises instead of running eagerly.
+        "fullgraph": True,
+    }
 
 
 def _timer(model_name: str, what: str, device: str, layout: str, compiled: bool, batch: int) -> Callable[[], None]:
@@ -66,7 +78,7 @@ def _timer(model_name: str, what: str, device: str, layout: str, compiled: bool,
     model = model.to(memory_format=fmt)
     x = torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size, device=device).to(memory_format=fmt)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    run = torch.compile(model) if compiled else model
+    run = torch.compile(model, **compile_options()) if compiled else model
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if what == "inference":
         model.eval()
@@ -95,9 +107,10 @@ def _time(step: Callable[[], None], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def measure(conv: str, patch: str, device: str = "cpu", batch: int = 64, rounds: int = 7,
+def measure(conv: str, patch: str, device: str = "cpu", batch: int = 64, rounds: int = ROUNDS,
             compiled: tuple[bool, ...] | None = None, target_s: float = 0.25) -> list[dict[str, Any]]:
-    """One row per (what, layout, compiled): both models' median seconds and the median per-round C/P ratio."""
+    """One row per (what, layout, compiled): both models' median seconds, the per-round C/P ratios and their
+    median (a compiled model that would fall back to eager raises: compile_options)."""
     if compiled is None:  # inductor on the CPU costs a minute of compilation for little gain at this size
         compiled = (False, True) if device.startswith("cuda") else (False,)
     rows = []
@@ -118,7 +131,8 @@ def measure(conv: str, patch: str, device: str = "cpu", batch: int = 64, rounds:
                 rows.append({
                     "what": what, "device": device, "layout": layout, "compiled": comp, "batch": batch,
                     "ms_vit_c": 1e3 * statistics.median(times[conv]), "ms_vit_p": 1e3 * statistics.median(times[patch]),
-                    "ratio": statistics.median(ratios), "rounds": rounds, "steps_per_round": n,
+                    "ratio": statistics.median(ratios), "round_ratios": ratios, "rounds": rounds,
+                    "steps_per_round": n, **({"compile": compile_options()} if comp else {}),
                 })
     return rows
 
@@ -215,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair (either order)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=64, help=f"images per step, 1..{MAX_BATCH}")
-    p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=7, help=f"alternating rounds, 1..{MAX_ROUNDS}")
+    p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=ROUNDS,
+                   help=f"alternating rounds, 1..{MAX_ROUNDS} (default {ROUNDS}; 6 at least for a 95 %% interval)")
     args = p.parse_args(argv)
     try:
         conv, patch = conv_and_patch(args.models)
@@ -233,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         if (code := machine_failure(exc, p.prog, "try a smaller --batch")) is None:
             raise
         return code
+    from train.sweep.claims import runtime_row
+
     for r in rows:
+        j = runtime_row(r)
+        ci = f" (95 % {j['interval'][0]:.3f}..{j['interval'][1]:.3f})" if j["interval"] else ""
         print(f"{r['what']:<10} {r['layout']:<13} {'compiled' if r['compiled'] else 'eager':<8} "
-              f"C {r['ms_vit_c']:.2f} ms  P {r['ms_vit_p']:.2f} ms  C/P {r['ratio']:.3f}")
+              f"C {r['ms_vit_c']:.2f} ms  P {r['ms_vit_p']:.2f} ms  C/P {r['ratio']:.3f}{ci}  {j['judgement']}")
     return 0
 
 

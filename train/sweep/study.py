@@ -17,6 +17,8 @@ from train.sweep import analysis, plan, report, runner
 from train.sweep.plan import STUDY_FILE, StudyConfig
 from train.sweep.spec import RunSpec
 
+BATCH = 64  # images per timed step (runtime.measure's default)
+
 
 def _run_phase(
     name: str, specs: Sequence[RunSpec], study_dir: Path, runs_root: Path, slots: Sequence[runner.WorkerSlot]
@@ -64,14 +66,35 @@ def plan_study(cfg: StudyConfig, study: str, study_dir: Path) -> tuple[list[RunS
     return stab, plan.tuned_specs(cfg, tuned, epochs), tuned
 
 
-def _recorded_machine(study_dir: Path) -> dict[str, Any] | None:
-    """The machine study.json says the study trained on."""
+def _recorded_machine(study_dir: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(the machine study.json says trained the study last, every machine it says trained runs)."""
     import json
 
     try:
-        return json.loads((study_dir / STUDY_FILE).read_text()).get("machine")
+        doc = json.loads((study_dir / STUDY_FILE).read_text())
+        last = doc.get("machine")
+        return last, doc.get("machines") or ([last] if last else [])
     except (OSError, ValueError, AttributeError):
-        return None
+        return None, []
+
+
+def _same_session(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two machine records name the same machine and code (the load average and the like aside)."""
+    keys = ("host", "cpu", "usable_cpus", "gpu", "torch", "git")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _machines(study_dir: Path, current: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every machine (and commit) that trained runs of the study: those study.json lists, plus `current`."""
+    import json
+
+    try:
+        doc = json.loads((study_dir / STUDY_FILE).read_text())
+        known = doc.get("machines") or ([doc["machine"]] if doc.get("machine") else [])
+        known = [m for m in known if isinstance(m, dict)]
+    except (OSError, ValueError, AttributeError, KeyError):
+        known = []
+    return known if any(_same_session(m, current) for m in known) else [*known, current]
 
 
 def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.WorkerSlot]) -> None:
@@ -84,11 +107,25 @@ def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.Wo
     pairs = analysis.stem_pairs(list(cfg.models))
     if _measured(path, pairs, device.split(":")[0]):
         return
-    rows = []
+    rows, skipped = [], {}
     for conv, patch in pairs:
+        # The standalone command's check, before anything is allocated: a batch that cannot fit is recorded as not
+        # measured (the trainings are kept, and the report says why) rather than run out of memory.
+        if problem := runtime.batch_problem((conv, patch), device, BATCH):
+            print(f"[sweep] runtime: {conv} vs {patch} not measured: {problem}", file=sys.stderr)
+            skipped[f"{conv},{patch}"] = problem
+            continue
         print(f"[sweep] runtime: {conv} vs {patch} on {device}", file=sys.stderr)
-        rows += [{"pair": [conv, patch], **r} for r in runtime.measure(conv, patch, device)]
-    atomic_write_json(path, {"rows": rows, "machine": runtime.machine(device)})
+        try:
+            rows += [{"pair": [conv, patch], **r} for r in runtime.measure(conv, patch, device, BATCH)]
+        except RuntimeError as exc:  # out of memory, or a compiled model refusing to run eagerly (fullgraph)
+            why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            print(f"[sweep] runtime: {conv} vs {patch} not measured: {why}", file=sys.stderr)
+            skipped[f"{conv},{patch}"] = why
+    doc: dict[str, Any] = {"rows": rows, "machine": runtime.machine(device)}
+    if skipped:
+        doc["not_measured"] = skipped
+    atomic_write_json(path, doc)
 
 
 def _measured(path: Path, pairs: Sequence[tuple[str, str]], kind: str) -> bool:
@@ -136,15 +173,16 @@ def run_study(
         device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
         record = {"study": study, "config": cfg.to_dict(), "machine": machine(device), "workers": len(slots)}
         if not (study_dir / STUDY_FILE).is_file():  # written first, so an interrupted study is still reportable
-            atomic_write_json(study_dir / STUDY_FILE, record)
+            atomic_write_json(study_dir / STUDY_FILE, {**record, "machines": [record["machine"]]})
         stab = plan.stability_specs(cfg) if plan.needs_stability(cfg, study) else []
         trained = _run_phase("stability", stab, study_dir, runs_root, slots)
         _, tuned_runs, _ = plan_study(cfg, study, study_dir)
         trained += _run_phase("tuned", tuned_runs, study_dir, runs_root, slots)
         # The caller checked that a recorded study has these settings; its machine and commit name the session
-        # that trained it, and a resume that trains nothing must not claim the study for this machine.
+        # that trained last, "machines" every session that trained runs, and a resume that trains nothing must not
+        # claim the study for this machine.
         if trained:
-            atomic_write_json(study_dir / STUDY_FILE, record)
+            atomic_write_json(study_dir / STUDY_FILE, {**record, "machines": _machines(study_dir, record["machine"])})
         measure_runtime(cfg, study_dir, slots)
     stab, tuned_runs, tuned = plan_study(cfg, study, study_dir)
     if report_only and (damaged := runner.damaged_results(study_dir, [*stab, *tuned_runs])):
@@ -153,6 +191,6 @@ def run_study(
                                    f"--report-only) to train that run again")
     results = report.load_results(study_dir, [*stab, *tuned_runs])
     summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results, report.load_runtime(study_dir))
-    summary["machine"] = _recorded_machine(study_dir)
+    summary["machine"], summary["machines"] = _recorded_machine(study_dir)
     report.write_report(study_dir, summary)
     return summary
