@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from models.device import cuda_version_text, driver_cuda_version  # noqa: F401 - cuda_version_text: re-exported
 from models.host import distribution_versions, source_revision, usable_cpus
 
 # CPU flags that decide which kernels the runtimes can use (the full list is long and mostly irrelevant).
@@ -208,31 +209,6 @@ def _cpu_info() -> dict[str, Any]:
         info["physical_cores"] = psutil.cpu_count(logical=False)
         info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     return info
-
-
-def cuda_version_text(version: int) -> str:
-    """CUDA's integer version (1000 * major + 10 * minor, e.g. 13000) as "13.0"."""
-    return f"{version // 1000}.{version % 1000 // 10}"
-
-
-_DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib")
-
-
-def driver_cuda_version(libraries: tuple[str, ...] = _DRIVER_LIBRARIES) -> str | None:
-    """The newest CUDA version the installed driver supports ("13.0", from the driver library's own
-    cuDriverGetVersion, which needs no GPU context); None where no driver library can be loaded or it fails."""
-    import ctypes
-
-    for name in libraries:
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        version = ctypes.c_int(0)
-        with contextlib.suppress(AttributeError, OSError):
-            if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value > 0:
-                return cuda_version_text(version.value)
-    return None
 
 
 def gpu_info() -> list[dict[str, Any]]:

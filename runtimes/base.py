@@ -22,6 +22,7 @@ import numpy as np
 from models.bundle import Artifact, Manifest
 from models.cli import installed, memory_failure
 from models.config import is_int
+from models.device import DEVICE_RULE, is_device
 from models.tritonconfig import BackendRules
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "input"  # the tensor names export gives every artifact
 OUTPUT_NAME = "logits"
-DEVICE_RE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
 HINTS = ("throughput", "latency")
 
 
@@ -226,12 +226,15 @@ class BackendOptions:
     # The batch sizes a compiled model is captured at (each call is padded up to one); None: powers of two up to
     # the bundle's max batch. Fewer buckets, shorter start: a benchmark captures only the sizes it times.
     buckets: tuple[int, ...] | None = None
+    # The largest batch the caller will send (the server's max batch size), within the bundle's; None: the bundle's.
+    # What a runtime that prepares per batch size sizes itself by (torch captures its compiled buckets up to it).
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         # Types as well as values: the options are hashed and compared (benchmarks, the server's settings), and a
         # bool is not a count. A list of buckets is taken as the tuple it means.
-        if not (isinstance(self.device, str) and DEVICE_RE.match(self.device)):
-            raise BackendError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if not is_device(self.device):
+            raise BackendError(f"device must be {DEVICE_RULE}, got {self.device!r}")
         if not (isinstance(self.hint, str) and self.hint in HINTS):
             raise BackendError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
         for name in ("threads", "parallel"):
@@ -250,6 +253,8 @@ class BackendOptions:
                     and all(is_int(b) and 1 <= b <= 4096 for b in self.buckets)):
                 raise BackendError(f"buckets must be a tuple of batch sizes in 1..4096, got {self.buckets!r}")
             object.__setattr__(self, "buckets", tuple(self.buckets))
+        if self.max_batch is not None and not (is_int(self.max_batch) and 1 <= self.max_batch <= 4096):
+            raise BackendError(f"max_batch must be a batch size in 1..4096 or None, got {self.max_batch!r}")
 
     @property
     def device_kind(self) -> str:
@@ -368,6 +373,9 @@ class Runtime:
     # An artifact of another runtime it can open when the bundle has none of its own (TensorRT: the ONNX file).
     fallback: tuple[str, str] | None = None
     unavailable: Callable[[str], str | None] = lambda _device: None  # why it cannot run on a device, or None
+    # Why this machine cannot open one of its own artifacts on a device although the runtime runs there (a TensorRT
+    # engine built for another GPU or TensorRT), or None: the loader then opens the `fallback` instead, if any.
+    mismatch: Callable[[Artifact, str], str | None] = lambda _artifact, _device: None
     # Per-op-type milliseconds of one artifact at a batch size (spec, batch, reps), where the runtime can tell.
     profile: Callable[[LoadSpec, int, int], dict[str, float]] | None = None
     # Triton: the backend that serves this runtime's artifacts, the file names it expects (artifact file suffix ->
@@ -422,8 +430,8 @@ class Runtime:
 
 def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
     """Raise BackendError unless `device` ("cpu", "cuda" or "cuda:N") is one the runtime serves."""
-    if not (isinstance(device, str) and DEVICE_RE.match(device)):
-        raise BackendError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if not is_device(device):
+        raise BackendError(f"device must be {DEVICE_RULE}, got {device!r}")
     if device.partition(":")[0] not in supported:
         raise BackendError(f"the {runtime} backend runs on {' or '.join(supported)}, not {device!r}")
 

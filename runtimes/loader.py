@@ -8,6 +8,7 @@ manifest records are measured on the code that serves.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -41,16 +42,47 @@ from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runti
 
 # MAX_GOLDEN_BYTES (models.bundle) bounds the golden file and its arrays before they are allocated.
 _NPY_HEADER_LIMIT = 10_000  # numpy's own default for untrusted headers
+log = logging.getLogger("vitc.runtimes")  # the server routes "vitc" and its children through its JSON log
 
 
-def select(manifest: Manifest, runtime: Runtime, precision: str | None = None) -> Artifact:
-    """The servable artifact the runtime would open (its own, or its fallback's); raises BundleError."""
+def select(manifest: Manifest, runtime: Runtime, precision: str | None = None, device: str | None = None
+           ) -> Artifact:
+    """The servable artifact the runtime would open (its own, or its fallback's); raises BundleError.
+
+    With `device`, its own artifacts that this machine cannot run there (`Runtime.mismatch`: a TensorRT engine built
+    for another GPU or TensorRT) are passed over: for the next one it can run, else for the fallback (with a
+    warning naming why). An artifact asked for by a precision the fallback lacks, or in a bundle without the
+    fallback, is still returned: its load then refuses it with the reason.
+    """
+    fallback_fits = runtime.fallback is not None and precision in (None, runtime.fallback[1])
     try:
-        return manifest.select(runtime.name, precision)
+        chosen = manifest.select(runtime.name, precision)
     except BundleError:
-        if runtime.fallback is None or precision not in (None, runtime.fallback[1]):
+        if not fallback_fits:
             raise
         return manifest.select(*runtime.fallback)
+    if device is None:
+        return chosen
+    order = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    own = sorted((a for a in manifest.servable(runtime.name) if precision in (None, a.precision)),
+                 key=lambda a: order.get(a.precision, len(order)))
+    reasons = {}
+    for artifact in own:
+        if (reason := runtime.mismatch(artifact, device)) is None:
+            return artifact
+        reasons[artifact.id] = reason
+    if not fallback_fits:
+        return chosen
+    try:
+        fallback = manifest.select(*runtime.fallback)
+    except BundleError:
+        return chosen
+    reason = "; ".join(reasons.values())
+    log.warning("%s on %s opens %r instead of the bundle's own %s: %s", runtime.name, device, fallback.id,
+                ", ".join(map(repr, reasons)), reason,
+                extra={"runtime": runtime.name, "device": device, "passed_over": list(reasons), "reason": reason,
+                       "opened": fallback.id})
+    return fallback
 
 
 def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, precision: str | None = None,
@@ -64,7 +96,7 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
     start = time.perf_counter()
     rt = registry.get(runtime)
     rt.require(options.device)
-    artifact = select(manifest, rt, precision)
+    artifact = select(manifest, rt, precision, options.device)
     files = verify_files(bundle, artifact)
     timings["verify"] = time.perf_counter() - start
     backend = open_artifact(rt, LoadSpec(manifest, artifact, tuple(files), options), where=str(bundle),

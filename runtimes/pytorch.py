@@ -8,9 +8,9 @@ How it runs (BackendOptions):
 - `channels_last` (default: on CUDA): NHWC activations for the stem's convolutions, which cuDNN runs fastest;
   both stems are convolutions (ViT_P's patchify one is a stride-16 conv), so a C/P pair stays comparable.
 - `compile`: `torch.compile`; on CUDA in "reduce-overhead" mode, so each batch bucket (powers of two up to the
-  bundle's max batch) is one CUDA graph replay. A batch is padded up to its bucket. Every bucket is compiled,
-  captured and warmed up in the constructor, before the model can report ready, on one thread owned by the
-  backend: CUDA graph trees are per thread, so every later call runs there too.
+  caller's `max_batch`, within the bundle's) is one CUDA graph replay. A batch is padded up to its bucket. Every
+  bucket is compiled, captured and warmed up in the constructor, before the model can report ready, on one thread
+  owned by the backend: CUDA graph trees are per thread, so every later call runs there too.
 - fp32 on CUDA turns TF32 off (matmul and cuDNN), or fp32 parity could not hold.
 Only this module imports torch; a server with another backend stays torch-free.
 """
@@ -28,7 +28,16 @@ import numpy as np
 
 from models.cli import extras_hint
 from models.host import quota_cpus
-from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant, first_line
+from runtimes.base import (
+    BackendError,
+    BackendOptions,
+    CallPool,
+    LoadSpec,
+    PooledBackend,
+    Runtime,
+    Variant,
+    first_line,
+)
 from runtimes.build import Built, ExportContext, ExportError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -76,6 +85,16 @@ def buckets(max_batch: int) -> tuple[int, ...]:
         sizes.append(b)
         b *= 2
     return (*sizes, max_batch)
+
+
+def capture_buckets(options: BackendOptions, bundle_max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled backend captures: `options.buckets`, else `buckets` up to the caller's max batch
+    (`options.max_batch`, within the bundle's); BackendError for a bucket beyond the bundle's max batch."""
+    if options.buckets:
+        if max(options.buckets) > bundle_max_batch:
+            raise BackendError(f"batch bucket {max(options.buckets)} exceeds the bundle's max batch {bundle_max_batch}")
+        return tuple(sorted(set(options.buckets)))
+    return buckets(min(options.max_batch or bundle_max_batch, bundle_max_batch))
 
 
 def compile_options(cuda: bool, captured: int) -> dict[str, Any]:
@@ -151,9 +170,7 @@ class TorchBackend(PooledBackend):
         self._threads = (options.threads or quota_cpus()) if not cuda else None
         self._channels_last = cuda if options.channels_last is None else options.channels_last
         self._compiled = options.compile
-        if options.buckets and max(options.buckets) > spec.max_batch:
-            raise BackendError(f"batch bucket {max(options.buckets)} exceeds the bundle's max batch {spec.max_batch}")
-        wanted = tuple(sorted(set(options.buckets))) if options.buckets else buckets(spec.max_batch)
+        wanted = capture_buckets(options, spec.max_batch)
         self._buckets = wanted if options.compile else ()
         if self._buckets:  # what a caller may send: the largest captured bucket
             self.max_batch = max(self._buckets)

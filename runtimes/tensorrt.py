@@ -11,10 +11,12 @@ BuilderFlag.FP16/INT8 and the precision-constraint flags; 10.x has the same stro
   builds these graphs without TensorRT, so the CPU tests check the INT8 one in onnxruntime through the gate.
 Only APIs present in both TensorRT 10 and 11 are used (name-based tensors, execute_async_v3).
 
-Engines are specific to one GPU model and TensorRT version: the manifest records both, and loading an engine
-elsewhere is refused with one line. Device buffers and the stream come from cuda-python (`cuda.bindings`), so a
-GPU server needs no torch. Not runnable on the CPU-only machines this project is developed on: its tests are
-marked `tensorrt` and skip without the package.
+Engines are specific to one GPU model and TensorRT version: the manifest records both. A server whose GPU or
+TensorRT is not the one an engine was built for passes it over (`engine_mismatch`) for an fp32 engine built from the
+bundle's ONNX file, with a warning naming why; an engine asked for by its precision (fp16, int8), or in a bundle
+without an ONNX file, is refused with one line. Device buffers and the stream come from cuda-python
+(`cuda.bindings`), so a GPU server needs no torch. Not runnable on the CPU-only machines this project is developed
+on: its tests are marked `tensorrt` and skip without the package.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from models.bundle import Artifact
 from models.cli import pip_command
+from models.device import NO_DRIVER, has_driver
 from models.io import atomic_write_bytes
 from runtimes import onnx_graph
 from runtimes.base import (
@@ -93,7 +96,12 @@ def unavailable(device: str) -> str | None:
     """TensorRT needs a visible CUDA device."""
     try:
         cudart = _cudart()
-        count = _check(cudart.cudaGetDeviceCount())
+        result = cudart.cudaGetDeviceCount()
+        # Without any driver the CUDA runtime says "driver version is insufficient" (error 35), which sends the
+        # user to upgrade a driver that is not there.
+        if result[0] == cudart.cudaError_t.cudaErrorInsufficientDriver and not has_driver():
+            return NO_DRIVER
+        count = _check(result)
     except BackendError as exc:
         return str(exc)
     index = int(device.partition(":")[2] or 0)
@@ -260,17 +268,32 @@ def _io(trt: Any, engine: Any) -> list[TensorInfo]:
     return tensors
 
 
+def _built_elsewhere(artifact: Artifact, device: dict[str, str], trt_version: str) -> str | None:
+    """Why an engine cannot run on GPU `device` with TensorRT `trt_version` (the manifest records the GPU, compute
+    capability and TensorRT that built it: an engine runs only there); None when it was built for them."""
+    built_for = (artifact.info.get("gpu"), artifact.info.get("compute_capability"), artifact.runtime_version)
+    here = (device["gpu"], device["compute_capability"], trt_version)
+    if built_for == here:
+        return None
+    return (f"engine {artifact.id!r} was built for {built_for[0]} (sm {built_for[1]}) with TensorRT {built_for[2]}; "
+            f"this is {here[0]} (sm {here[1]}) with TensorRT {here[2]}")
+
+
+def engine_mismatch(artifact: Artifact, device: str) -> str | None:
+    """Why this machine's GPU `device` and TensorRT cannot run the artifact's engine (`Runtime.mismatch`: the loader
+    then builds an fp32 engine from the bundle's ONNX file instead); None when they can."""
+    if artifact.runtime != RUNTIME.name:
+        return None
+    return _built_elsewhere(artifact, gpu(int(device.partition(":")[2] or 0)), version())
+
+
 def _engine_bytes(spec: LoadSpec, device: dict[str, str], trt_version: str) -> tuple[bytes, str]:
     """The bundle's engine if it was built for this GPU and TensorRT, else an fp32 engine built from ONNX now."""
     artifact = spec.artifact
     if artifact.runtime == "tensorrt":
-        built_for = (artifact.info.get("gpu"), artifact.info.get("compute_capability"), artifact.runtime_version)
-        here = (device["gpu"], device["compute_capability"], trt_version)
-        if built_for != here:
-            raise BackendError(
-                f"engine {artifact.id!r} was built for {built_for[0]} (sm {built_for[1]}) with TensorRT "
-                f"{built_for[2]}; this is {here[0]} (sm {here[1]}) with TensorRT {here[2]}: re-export it here "
-                "with `python -m export.tensorrt`")
+        # `loader.select` passes a foreign engine over where it can: this one was asked for, or has no fallback
+        if reason := _built_elsewhere(artifact, device, trt_version):
+            raise BackendError(f"{reason}: re-export it here with `python -m export.tensorrt`")
         return spec.file(".engine").read_bytes(), artifact.precision
     if artifact.precision != "fp32":
         raise BackendError(f"the bundle has no servable TensorRT engine; build one on this GPU with "
@@ -456,7 +479,7 @@ RUNTIME = Runtime(
     triton_platform="tensorrt_plan", precisions=("fp32", "fp16", "int8"), default_precisions=("fp16",),
     devices=("cuda",), build=build, load=TensorRTBackend, version=version,
     variants=(Variant("fp16", "cuda"), Variant("int8", "cuda")), export_device="cuda", needs_hub=True,
-    fallback=("onnxruntime", "fp32"), unavailable=unavailable,
+    fallback=("onnxruntime", "fp32"), unavailable=unavailable, mismatch=engine_mismatch,
     triton_backend="tensorrt", triton_files=((".engine", "model.plan"),), triton_platform_fills=True,
     triton_release=TritonRelease(cannot_load=triton_mismatch, cannot_tell=triton_unknown, advice=triton_advice,
                                  same=_same_release,

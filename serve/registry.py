@@ -19,7 +19,6 @@ from models.preprocessing import Preprocessing
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
 from runtimes.loader import preprocessing_drift
-from runtimes.pytorch import buckets as compile_buckets
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
@@ -317,32 +316,61 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         name = source.name or manifest.name
         if not NAME_RE.fullmatch(name):
             raise ServeError(f"model name {name!r} must match {NAME_RE.pattern} (use --model name=PATH)")
-        # A repository version holds one artifact (python -m export.triton): it runs on that artifact's runtime,
-        # on the CPU when its config.pbtxt puts every instance there (as Triton does on a GPU machine).
-        runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
-        device = "cpu" if config is not None and config.cpu_only else settings.device
+        runtime, device = _runtime_and_device(source, manifest, config, settings)
         labels = None
         if source.repository:
             _check_repository_model(source, version, manifest, runtime, device, config)
             if config is not None:  # read as Triton reads it at load: a label file it cannot read fails the load
                 labels = config.labels(source.path, manifest.output.classes)
-        # A compiled model is captured only at the batch sizes this server can form (each bucket costs start time).
-        captured = (compile_buckets(min(settings.max_batch_size, manifest.input.max_batch))
-                    if settings.compile and not source.repository else None)
-        threads = settings.threads
-        if threads is None and source.repository and config is not None and device == "cpu":
-            # As Triton's backend sizes one instance, within the CPUs this container may use (Triton oversubscribes).
-            rt = runtimes.get(runtime)
-            if (wanted := config.threads(rt.triton_threads)) is not None:  # vitc runs the instances' work as one
-                threads = min(wanted if rt.triton_threads_shared else wanted * config.instance_count, usable_cpus())
-        options = BackendOptions(device=device, threads=threads, parallel=settings.parallel,
-                                 hint=settings.openvino_hint, compile=settings.compile,
-                                 channels_last=settings.channels_last, buckets=captured)
+        options = _backend_options(source, config, settings, runtime, device)
         precision = None if source.repository else settings.precision
         startup = {"read_manifest": time.perf_counter() - start}
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
     except (BundleError, BackendError, ConfigError) as exc:
         raise ServeError(f"model {source.describe()!r}: {exc}") from None
+    try:
+        _warn_on_config(name, version, manifest, config, labels)
+        _warn_on_preprocessing_drift(name, path, manifest)
+        max_batch, delay_ms = _batching(source, config, settings, backend.max_batch)
+    except BaseException:
+        backend.close()
+        raise
+    return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
+                       queue_delay_ms=delay_ms, config=config, label_file=labels,
+                       startup={k: round(v, 4) for k, v in startup.items()})
+
+
+def _runtime_and_device(source: ModelSource, manifest: Manifest, config: TritonConfig | None,
+                        settings: Settings) -> tuple[str, str]:
+    """The runtime and device a model runs on: the server's, except for a repository version, which holds one
+    artifact (python -m export.triton) and runs on that artifact's runtime, on the CPU when its config.pbtxt puts
+    every instance there (as Triton does on a GPU machine)."""
+    runtime = manifest.servable()[0].runtime if source.repository and manifest.servable() else settings.backend
+    device = "cpu" if config is not None and config.cpu_only else settings.device
+    return runtime, device
+
+
+def _backend_options(source: ModelSource, config: TritonConfig | None, settings: Settings, runtime: str,
+                     device: str) -> BackendOptions:
+    """How the backend runs: the server's tuning settings, with a repository model's CPU threads sized from its
+    config.pbtxt; BackendError or ConfigError with one line."""
+    threads = settings.threads
+    if threads is None and source.repository and config is not None and device == "cpu":
+        # As Triton's backend sizes one instance, within the CPUs this container may use (Triton oversubscribes).
+        rt = runtimes.get(runtime)
+        if (wanted := config.threads(rt.triton_threads)) is not None:  # vitc runs the instances' work as one
+            threads = min(wanted if rt.triton_threads_shared else wanted * config.instance_count, usable_cpus())
+    # A compiled model is prepared only for the batch sizes this server can form (each one costs start time); a
+    # repository model's batch size is its config.pbtxt's, known once loaded: the bundle's bounds it then.
+    max_batch = settings.max_batch_size if settings.compile and not source.repository else None
+    return BackendOptions(device=device, threads=threads, parallel=settings.parallel, hint=settings.openvino_hint,
+                          compile=settings.compile, channels_last=settings.channels_last, max_batch=max_batch)
+
+
+def _warn_on_config(name: str, version: str, manifest: Manifest, config: TritonConfig | None,
+                    labels: list[str] | None) -> None:
+    """Log what a repository model's config.pbtxt says that vitc does not apply, or says otherwise than the
+    bundle (its label file's names)."""
     if config is not None and config.unapplied:  # accepted as Triton accepts them, but said, never silently dropped
         log.warning("config.pbtxt settings not applied", extra={
             "model": name, "version": version, "fields": list(config.unapplied),
@@ -355,27 +383,24 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
             "model": name, "version": version, "label_filename": config.label_filename, "lines_differing": changed,
             "advice": "the v2 classification extension answers with the label file's names (as Triton does), /v1 "
                       "with the bundle's; export the model again to make them agree"})
-    try:
-        _warn_on_preprocessing_drift(name, path, manifest)
-    except BaseException:
-        backend.close()
-        raise
-    max_batch = min(settings.max_batch_size, backend.max_batch)
-    delay_ms = None
-    if config is not None:  # the repository's own configuration wins over the server's defaults, as in Triton
-        if config.max_batch_size is not None:
-            if config.max_batch_size > backend.max_batch:
-                backend.close()
-                raise ServeError(f"model {source.describe()!r}: config.pbtxt max_batch_size {config.max_batch_size} "
-                                 f"is more than the artifact was exported for ({backend.max_batch})")
-            # 0: Triton does not batch (requests never merge: TritonConfig.dynamic_batching is False) and each
-            # request carries its own batch dimension, up to what the artifact takes.
-            max_batch = config.max_batch_size or backend.max_batch
-        # Triton's defaults: dynamic_batching without a delay waits 0; without the block nothing waits.
-        delay_ms = (config.max_queue_delay_us or 0) / 1000
-    return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
-                       queue_delay_ms=delay_ms, config=config, label_file=labels,
-                       startup={k: round(v, 4) for k, v in startup.items()})
+
+
+def _batching(source: ModelSource, config: TritonConfig | None, settings: Settings,
+              backend_max_batch: int) -> tuple[int, float | None]:
+    """(max batch, queue delay in ms or None for the server's setting) of a loaded model: the server's settings
+    within what the backend takes, unless the repository's own config.pbtxt decides, as in Triton; ServeError."""
+    max_batch = min(settings.max_batch_size, backend_max_batch)
+    if config is None:
+        return max_batch, None
+    if config.max_batch_size is not None:
+        if config.max_batch_size > backend_max_batch:
+            raise ServeError(f"model {source.describe()!r}: config.pbtxt max_batch_size {config.max_batch_size} "
+                             f"is more than the artifact was exported for ({backend_max_batch})")
+        # 0: Triton does not batch (requests never merge: TritonConfig.dynamic_batching is False) and each
+        # request carries its own batch dimension, up to what the artifact takes.
+        max_batch = config.max_batch_size or backend_max_batch
+    # Triton's defaults: dynamic_batching without a delay waits 0; without the block nothing waits.
+    return max_batch, (config.max_queue_delay_us or 0) / 1000
 
 
 def _warn_on_preprocessing_drift(name: str, path: Path, manifest: Manifest) -> None:

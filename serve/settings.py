@@ -14,7 +14,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
 from models.bundle import NAME_RE, TRITON_CONFIG_FILE
+from models.device import DEVICE_RULE, is_device
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
+from models.tolerance import TOLERANCES
 from runtimes.registry import DEFAULT_RUNTIME
 
 MiB = 1 << 20
@@ -26,6 +28,8 @@ MAX_BUFFERED_BYTES = 16 * GiB
 MAX_IMAGE_PIXELS = 1_000_000_000  # 3 GB decoded as RGB
 MAX_DECODE_BUDGET_PIXELS = 10_000_000_000
 TUNING = ("threads", "parallel", "openvino_hint", "compile", "channels_last")  # see runtimes.base.Runtime.tunes
+# The precisions an artifact can have: those export gates (models.tolerance), the one list of them.
+Precision = Literal[tuple(TOLERANCES)]
 
 
 # Settings whose flag is spelt otherwise than the setting: `access_log` is only ever turned off on the command line.
@@ -80,8 +84,8 @@ class Settings(BaseSettings):
     model_dir: Path | None = None
     model_repository: Path | None = None  # a Triton-style repository (python -m export.triton writes one)
     backend: str = Field(DEFAULT_RUNTIME, description="a runtime of the registry (runtimes/registry.py)")
-    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")] = "cpu"
-    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = None
+    device: str = Field("cpu", description=DEVICE_RULE)
+    precision: Precision | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: SecretStr | None = None
@@ -241,6 +245,14 @@ class Settings(BaseSettings):
         """Earlier releases took a boolean (VITC_JPEG_DRAFT=false, --no-jpeg-draft): false is "never"."""
         if isinstance(v, bool) or str(v).strip().lower() in ("true", "false", "1", "0", "yes", "no"):
             return "measured" if str(v).strip().lower() in ("true", "1", "yes") else "never"
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        """A device name the runtimes take, within their bounds (cuda:100 is refused here, not when a model loads)."""
+        if not is_device(v):
+            raise ValueError(f"must be {DEVICE_RULE}")
         return v
 
     @field_validator("backend")
