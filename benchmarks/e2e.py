@@ -8,8 +8,12 @@ server's time went (receive, decode, queue, compute, encode). When the served bu
 opened in-process as the server opened it (the started server's own settings, else options inferred from the
 execution it reports; any difference in what runs is reported) and called as the server calls a lone request (on a
 pool thread; a lone call takes onnxruntime's all-core latency session in both). At concurrency 1 the bare call and
-the server take turns in slices, so the server's overhead is a difference of two medians measured under the same
-machine conditions; the bare runtime's preprocessing and batch throughput are timed after.
+the server take turns in slices, and the overhead is paired per round (each round's server p50 minus its bare p50):
+the median over the rounds with their interval, reported as not measurable where that interval is wide, negative or
+straddles zero. The bare runtime's preprocessing and batch throughput are timed after, back to back and alone (a
+different machine state from the turns: both figures are labelled). A torch model the server runs compiled is not
+opened a second time in-process (compiling and capturing it again costs minutes and, on a GPU, a second copy of its
+CUDA graphs): the reference is then the server's own compute stage, per request, from its Server-Timing.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import runtimes
 from benchmarks import machine
 from benchmarks.loadgen import Client, Endpoint, closed_loop, open_loop
-from benchmarks.stats import summarize
+from benchmarks.stats import MIN_CI_ROUNDS, median_ci, summarize
 from models.io import atomic_write_bytes, atomic_write_json
 from runtimes.registry import DEFAULT_RUNTIME
 
@@ -93,26 +97,65 @@ def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
                      argv=("python", "benchmarks/latency.py", *argv))
 
 
+class NotVitcServer(ValueError):
+    """A server whose answers do not have the shape of vitc's /v1 API (KServe v1, another tool, a proxy's page)."""
+
+
+_JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _named(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("name"), str) and bool(entry["name"])
+
+
+def served_models(doc: Any, url: str) -> list[dict[str, Any]]:
+    """The model entries of a GET /v1/models answer from the server at `url`, checked once for the load test and the
+    end-to-end mode alike: NotVitcServer unless it is {"models": [{"name": ...}, ...]}, ValueError when it is empty."""
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        got = f"a JSON {_kind(doc)}"
+    elif not isinstance(models, list):
+        got = 'an object without a "models" list' if models is None else f'"models" as a JSON {_kind(models)}'
+    elif bad := next((m for m in models if not _named(m)), None):
+        got = f'a model entry without a "name": {json.dumps(bad)[:60]}'
+    else:
+        if not models:
+            raise ValueError(f"the server at {url} serves no models")
+        return models
+    raise NotVitcServer(f"the server at {url} does not answer like a vitc server: GET /v1/models gave {got}, "
+                        'expected {"models": [{"name": ...}, ...]}')
+
+
 def _get_json(url: str, api_key: str | None) -> Any:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
+            body = resp.read()
     except urllib.error.HTTPError as exc:
         raise ValueError(f"GET {url}: HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise ValueError(f"cannot reach the server at {url}: {getattr(exc, 'reason', exc)}") from None
+    try:
+        return json.loads(body)
+    except ValueError:  # an HTML page, a proxy's error text, a truncated body
+        raise NotVitcServer(f"GET {url} did not answer JSON: not a vitc server") from None
 
 
 def model_info(cfg: E2EConfig) -> dict[str, Any]:
     """The served model's description (GET /v1/models/{name}); the first served model when none is named."""
     name = cfg.model
     if name is None:
-        models = _get_json(f"{cfg.url}/v1/models", cfg.api_key).get("models") or []
-        if not models:
-            raise ValueError(f"the server at {cfg.url} serves no models")
-        name = models[0]["name"]
-    return _get_json(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}", cfg.api_key)
+        name = served_models(_get_json(f"{cfg.url}/v1/models", cfg.api_key), cfg.url)[0]["name"]
+    url = f"{cfg.url}/v1/models/{urllib.parse.quote(name)}"
+    info = _get_json(url, cfg.api_key)
+    if not _named(info):
+        raise NotVitcServer(f"the server at {cfg.url} does not answer like a vitc server: GET {url} gave a JSON "
+                            f"{_kind(info)} without the model's \"name\"")
+    return info
 
 
 def request_bodies(n: int, seed: int = 0, fmt: str = "png", size: int | None = None) -> list[bytes]:
@@ -219,20 +262,35 @@ def _timed(call: Callable[[int], bool], seconds: float) -> list[float]:
             return out
 
 
-def single_stream(endpoint: Endpoint, bodies: list[bytes], infer: Callable[[np.ndarray], Any],
+COMPUTE_REFERENCE = "the server's own compute stage"  # single_stream's reference without a bare runtime
+
+
+def bare_skip_reason(info: dict[str, Any]) -> str | None:
+    """Why the served artifact is not opened in-process for the comparison, or None (it is): a torch model the
+    server runs compiled would be compiled and captured here a second time."""
+    if info.get("runtime") == "torch" and (info.get("execution") or {}).get("compiled"):
+        return ("the server runs torch compiled: compiling and capturing the same model again in this process would "
+                "cost minutes (and on a GPU a second copy of its CUDA graphs), so the reference is the server's own "
+                "compute stage (Server-Timing) of each request")
+    return None
+
+
+def single_stream(endpoint: Endpoint, bodies: list[bytes], infer: Callable[[np.ndarray], Any] | None,
                   xs: list[np.ndarray], rounds: int, slice_s: float) -> dict[str, Any]:
     """Concurrency 1, the bare call and the server taking turns in slices (the order flips each round), so the
-    drift of a shared machine hits both alike: each one's latency (ms), the server's stages, the round medians."""
+    drift of a shared machine hits both alike: each one's latency (ms), the server's stages, and per round both
+    medians and the server's overhead (its p50 minus the bare p50). Without `infer` the server runs alone and a
+    request's overhead is its latency minus the compute stage its Server-Timing reports."""
     client = Client(endpoint)
-    stages: list[dict[str, float]] = []
+    stages: list[dict[str, float]] = []  # one per successful request, in order (empty without Server-Timing)
     errors: dict[str, int] = {}
 
     def post(i: int) -> bool:
         err = client.post(bodies[i % len(bodies)])
         if err is not None:
             errors[err] = errors.get(err, 0) + 1
-        elif client.timing:
-            stages.append(client.timing)
+        else:
+            stages.append(dict(client.timing))
         return err is None
 
     def bare(i: int) -> bool:
@@ -242,30 +300,70 @@ def single_stream(endpoint: Endpoint, bodies: list[bytes], infer: Callable[[np.n
     bare_s: list[float] = []
     served_s: list[float] = []
     medians: list[list[float]] = []
+    overheads: list[float] = []
+    sides = ("bare", "server") if infer is not None else ("server",)
     # The server's batcher calls a lone request's infer on a pool thread: so does the bare runtime here.
     with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
         try:
-            pool.submit(_timed, bare, min(0.5, slice_s)).result()  # warm-up, not counted
+            if infer is not None:
+                pool.submit(_timed, bare, min(0.5, slice_s)).result()  # warm-up, not counted
             _timed(post, min(0.5, slice_s))
             stages.clear()
             errors.clear()
             timed = {"bare": lambda: pool.submit(_timed, bare, slice_s).result(),
                      "server": lambda: _timed(post, slice_s)}
             for r in range(rounds):
-                times = {side: timed[side]() for side in (("bare", "server") if r % 2 == 0 else ("server", "bare"))}
-                bare_s += times["bare"]
+                first = len(stages)
+                times = {side: timed[side]() for side in (sides if r % 2 == 0 else sides[::-1])}
+                bare_s += times.get("bare", [])
                 served_s += times["server"]
-                if times["server"]:
-                    medians.append([float(np.median(times[k])) * 1e3 for k in ("bare", "server")])
+                if not times["server"]:
+                    continue  # no request of this round succeeded: nothing to pair
+                server_ms = float(np.median(times["server"])) * 1e3
+                if infer is not None:
+                    reference = float(np.median(times["bare"])) * 1e3
+                    overhead_ms = server_ms - reference
+                else:  # paired per request: its latency minus its own compute stage
+                    own = [(t * 1e3, st["compute"]) for t, st in zip(times["server"], stages[first:], strict=True)
+                           if "compute" in st]
+                    if not own:
+                        continue
+                    reference = float(np.median([c for _, c in own]))
+                    overhead_ms = float(np.median([t - c for t, c in own]))
+                medians.append([reference, server_ms])
+                overheads.append(overhead_ms)
         finally:
             client.close()
     keys = dict.fromkeys(k for t in stages for k in t)
     return {
-        "rounds": rounds, "slice_s": slice_s, "errors": errors, "round_p50_ms": medians,
-        "bare_ms": summarize([t * 1e3 for t in bare_s]),
+        "rounds": rounds, "slice_s": slice_s, "reference": "bare" if infer is not None else COMPUTE_REFERENCE,
+        "errors": errors, "server_ok": len(served_s), "server_requests": len(served_s) + sum(errors.values()),
+        "round_p50_ms": medians, "round_overhead_ms": overheads,
+        "bare_ms": summarize([t * 1e3 for t in bare_s]) if bare_s else None,
         "server_ms": summarize([t * 1e3 for t in served_s]) if served_s else None,
         "server_timing_ms": {k: summarize([t[k] for t in stages if k in t]) for k in keys},
     }
+
+
+def paired_overhead(round_overhead_ms: list[float]) -> dict[str, Any]:
+    """The server's overhead from its per-round values: their median, its interval (a 95 % CI from 6 rounds on,
+    else the rounds' range) and whether it is measurable here: not when that interval straddles zero, lies below
+    it (the server faster than what it runs), or is wider than the overhead itself."""
+    if not round_overhead_ms:
+        return {"c1_overhead_ms": None, "c1_overhead_interval_ms": None, "c1_overhead_interval": None,
+                "c1_round_overhead_ms": [], "c1_overhead_measurable": False,
+                "c1_overhead_problem": "no round had a successful request to pair with its reference"}
+    n = len(round_overhead_ms)
+    median = float(np.median(round_overhead_ms))
+    lo, hi = median_ci(round_overhead_ms)
+    problem = ("a single round" if n < 2
+               else "negative: the server came out faster than what it runs" if hi <= 0
+               else "its interval straddles zero" if lo <= 0
+               else "its interval is wider than the overhead itself" if hi - lo > median else None)
+    return {"c1_overhead_ms": median, "c1_overhead_interval_ms": [lo, hi],
+            "c1_overhead_interval": "95% CI" if n >= MIN_CI_ROUNDS else f"range of {n} round{'s' if n > 1 else ''}",
+            "c1_round_overhead_ms": list(round_overhead_ms), "c1_overhead_measurable": problem is None,
+            "c1_overhead_problem": problem}
 
 
 def bare_runtime(backend: Any, spec: Any, bodies: list[bytes], seconds: float, max_batch: int) -> dict[str, Any]:
@@ -339,7 +437,9 @@ def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str
     doc: dict[str, Any] = {
         # 2: "single_stream" (the bare runtime and the server timed in turns at concurrency 1), which the overhead's
         # c1 figures and bare "infer_b1_ms" now come from; bare "options", "execution" and "differs".
-        "schema": SCHEMA, "schema_version": 2,
+        # 3: the c1 overhead is paired per round (median, interval, measurable or not); single_stream's "reference",
+        # "round_overhead_ms", request counts; "bare_skipped" (a compiled torch server: its compute stage instead).
+        "schema": SCHEMA, "schema_version": 3,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "host": env["host"],
         "argv": list(cfg.argv), "url": cfg.url,
         "server_model": {k: v for k, v in info.items() if k not in ("labels",)},
@@ -348,7 +448,12 @@ def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str
                    "image_size": cfg.image_size, "image_bytes_mean": float(np.mean([len(b) for b in bodies]))},
         "environment": env, "bare": None, "single_stream": None, "closed": [], "open": None,
     }
-    if cfg.bundle is not None:
+    rounds, slice_s = (4, 0.25) if cfg.quick else (8, 1.0)
+    if cfg.bundle is not None and (skip := bare_skip_reason(info)) is not None:
+        log(f"bare runtime not opened: {skip}; concurrency 1, the server alone, {rounds} rounds ...")
+        doc["bare_skipped"] = skip
+        doc["single_stream"] = single_stream(endpoint, bodies, None, [], rounds, slice_s)
+    elif cfg.bundle is not None:
         from models.bundle import read_manifest
         from serve.imaging import prepare
 
@@ -356,7 +461,6 @@ def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str
         spec = read_manifest(cfg.bundle).preprocessing
         backend, bare = open_bare(cfg.bundle, info, serve_args)
         try:
-            rounds, slice_s = (4, 0.25) if cfg.quick else (8, 1.0)
             log(f"concurrency 1, the bare runtime and the server taking turns, {rounds} rounds ...")
             xs = [prepare(b, spec, max_pixels=40_000_000) for b in bodies[:4]]
             doc["single_stream"] = single_stream(endpoint, bodies, backend.infer, xs, rounds, slice_s)
@@ -378,34 +482,54 @@ def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str
 
 
 def overhead(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """Server vs bare runtime: extra latency at concurrency 1 (the two timed in turns) and saturation throughput as
-    a fraction of the bare runtime's best."""
+    """Server vs bare runtime: its extra latency at concurrency 1, paired per round (see `paired_overhead`), and
+    its saturation throughput as a fraction of the bare runtime's best."""
     bare, single = doc.get("bare"), doc.get("single_stream") or {}
     c1 = next((r for r in doc["closed"] if r["concurrency"] == 1 and r["latency_ms"]), None)
     best = max(doc["closed"], key=lambda r: r["throughput_rps"], default=None)
-    if not bare or best is None:
+    if best is None or not (bare or single):
         return None
-    out: dict[str, Any] = {
-        "saturation_rps": best["throughput_rps"], "saturation_concurrency": best["concurrency"],
-        "bare_best_ips": bare["best_throughput_ips"], "bare_best_batch": bare["best_batch"],
-        "saturation_fraction_of_bare": best["throughput_rps"] / bare["best_throughput_ips"],
-    }
+    out: dict[str, Any] = {"saturation_rps": best["throughput_rps"], "saturation_concurrency": best["concurrency"]}
+    if bare:
+        b1 = bare["throughput_ips_by_batch"].get("1")
+        out.update(bare_best_ips=bare["best_throughput_ips"], bare_best_batch=bare["best_batch"],
+                   saturation_fraction_of_bare=best["throughput_rps"] / bare["best_throughput_ips"],
+                   bare_b1_back_to_back_ms=1e3 / b1 if b1 else None)
     if single.get("server_ms"):
-        p50, infer, prep = single["server_ms"]["p50"], single["bare_ms"]["p50"], bare["preprocess_ms"]["p50"]
-        out.update(c1_p50_ms=p50, bare_infer_b1_p50_ms=infer, bare_preprocess_p50_ms=prep,
+        out.update(c1_p50_ms=single["server_ms"]["p50"], c1_reference=single.get("reference", "bare"),
                    server_compute_p50_ms=(single["server_timing_ms"].get("compute") or {}).get("p50"),
-                   c1_overhead_ms=p50 - infer, c1_overhead_beyond_preprocess_ms=p50 - infer - prep,
                    c1_rounds=single["rounds"], c1_rps=c1["throughput_rps"] if c1 else None,
-                   bare_b1_ips=1e3 / infer)
+                   c1_ok=single.get("server_ok"), c1_requests=single.get("server_requests"),
+                   c1_errors=dict(single.get("errors") or {}))
+        out.update(paired_overhead(single["round_overhead_ms"]))
+        if bare:
+            infer, prep = single["bare_ms"]["p50"], bare["preprocess_ms"]["p50"]
+            measured = out["c1_overhead_ms"]
+            out.update(bare_infer_b1_p50_ms=infer, bare_preprocess_p50_ms=prep, bare_b1_ips=1e3 / infer,
+                       c1_overhead_beyond_preprocess_ms=measured - prep if out["c1_overhead_measurable"] else None)
     return out
+
+
+def _level(r: dict[str, Any]) -> str:
+    return f"c={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['target_rate']:.1f}/s"
+
+
+def error_counts(errors: dict[str, int]) -> str:
+    """"HTTP 429 ×4, ConnectionResetError ×1": every kind of error, the most frequent first."""
+    return ", ".join(f"{k} ×{n}" for k, n in sorted(errors.items(), key=lambda kv: -kv[1]))
 
 
 def _rows(doc: dict[str, Any]) -> list[list[str]]:
     rows = []
+    single = doc.get("single_stream") or {}
+    if single.get("server_requests") is not None:  # the concurrency-1 comparison's own requests
+        lat, failed, n = single["server_ms"] or {}, sum(single["errors"].values()), single["server_requests"]
+        rows.append(["turns" if single["reference"] == "bare" else "alone", "c=1", "-",
+                     *(f"{lat[k]:.2f}" if lat else "-" for k in ("p50", "p90", "p99")),
+                     str(single["server_ok"]), f"{failed} ({failed / n if n else 0:.1%})", "-"])
     for r in [*doc["closed"], doc["open"]]:
         lat = r["latency_ms"] or {}
-        level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['target_rate']:.1f}/s"
-        rows.append([r["mode"], level, f"{r['throughput_rps']:.1f}",
+        rows.append([r["mode"], _level(r), f"{r['throughput_rps']:.1f}",
                      *(f"{lat[k]:.2f}" if lat else "-" for k in ("p50", "p90", "p99")),
                      str(r["ok"]), f"{sum(r['errors'].values())} ({r['error_rate']:.1%})", f"{r['client_cpu_s']:.1f}"])
     return rows
@@ -414,12 +538,50 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
 E2E_HEADER = ["mode", "level", "req/s", "p50 ms", "p90 ms", "p99 ms", "ok", "errors", "client CPU s"]
 
 
+def error_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per load level (and the concurrency-1 comparison) that had errors, naming every kind."""
+    single = doc.get("single_stream") or {}
+    lines = [f"errors during the concurrency-1 comparison: {error_counts(single['errors'])}"] \
+        if single.get("errors") else []
+    for r in [*doc["closed"], doc["open"]]:
+        if r["errors"]:
+            lines.append(f"errors at {r['mode']} {_level(r)}: {error_counts(r['errors'])}")
+    return lines
+
+
 def format_e2e(doc: dict[str, Any]) -> str:
-    """Terminal table plus the overhead lines."""
+    """Terminal table plus the errors and the overhead lines."""
     rows = [E2E_HEADER, *_rows(doc)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(E2E_HEADER))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines + overhead_lines(doc))
+    return "\n".join(lines + error_lines(doc) + overhead_lines(doc))
+
+
+def _c1_line(o: dict[str, Any]) -> str:
+    """The concurrency-1 overhead: the figure with its interval, or "not measurable here" and why."""
+    how = ("the server alone; reference: its own compute stage per request"
+           if o.get("c1_reference") == COMPUTE_REFERENCE else "bare runtime and server timed in turns")
+    what = f"server overhead at concurrency 1 ({how}, paired per round, {o['c1_rounds']} rounds)"
+    ms, interval = o["c1_overhead_ms"], o["c1_overhead_interval_ms"]
+    if ms is None:
+        text = f"{what}: not measurable here ({o['c1_overhead_problem']})"
+    else:
+        figure = f"{ms:+.2f} ms ({o['c1_overhead_interval']} {interval[0]:+.2f} to {interval[1]:+.2f} ms)"
+        text = (f"{what}: {figure}" if o["c1_overhead_measurable"]
+                else f"{what}: not measurable here (median of the rounds {figure}: {o['c1_overhead_problem']})")
+        beyond = o.get("c1_overhead_beyond_preprocess_ms")
+        if o["c1_overhead_measurable"] and beyond is not None:
+            text += f", {beyond:+.2f} ms beyond preprocessing"
+    text += f"; server p50 {o['c1_p50_ms']:.2f} ms"
+    if "bare_infer_b1_p50_ms" in o:
+        text += f", bare inference p50 {o['bare_infer_b1_p50_ms']:.2f} ms"
+    if o.get("server_compute_p50_ms") is not None:
+        text += f", the server's own compute p50 {o['server_compute_p50_ms']:.2f} ms"
+    if o.get("c1_errors"):
+        failed = sum(o["c1_errors"].values())
+        text += (f"; computed from a subset: the {o['c1_ok']} of {o['c1_requests']} requests that succeeded "
+                 f"({failed} failed: {error_counts(o['c1_errors'])})")
+    return text
 
 
 def overhead_lines(doc: dict[str, Any]) -> list[str]:
@@ -427,22 +589,34 @@ def overhead_lines(doc: dict[str, Any]) -> list[str]:
     o, bare = doc.get("overhead"), doc.get("bare")
     if not o:
         return ["(no --bundle: bare-runtime comparison not run)"]
-    lines = [f"bare {bare['runtime']} {bare['precision']}: infer b1 p50 {bare['infer_b1_ms']['p50']:.2f} ms, "
-             f"preprocess p50 {bare['preprocess_ms']['p50']:.2f} ms, best {bare['best_throughput_ips']:.1f} img/s "
-             f"at batch {bare['best_batch']}"]
-    if "options_from" in bare:  # results written before the bare runtime mirrored the server do not say
+    lines = []
+    if bare:
+        back = o.get("bare_b1_back_to_back_ms")
+        lines.append(f"bare {bare['runtime']} {bare['precision']}: infer b1 p50 {bare['infer_b1_ms']['p50']:.2f} ms "
+                     "in turns with the server (the overhead's reference); timed alone afterwards, back to back: "
+                     + (f"b1 {back:.2f} ms per call, " if back else "")
+                     + f"best {bare['best_throughput_ips']:.1f} img/s at batch {bare['best_batch']} (the saturation "
+                     f"reference); preprocess p50 {bare['preprocess_ms']['p50']:.2f} ms")
+        infer = bare["infer_b1_ms"]["p50"]
+        if back and max(back, infer) > 1.5 * min(back, infer):
+            lines.append(f"the two bare batch-1 figures differ {max(back, infer) / min(back, infer):.1f}x "
+                         f"({infer:.2f} ms in turns, {back:.2f} ms alone): the machine is not in the same state "
+                         "while the server takes its turns (its threads, caches, clock), so each comparison uses "
+                         "only the figure taken the same way as its own")
+    elif doc.get("bare_skipped"):
+        lines.append(f"bare runtime not opened in-process: {doc['bare_skipped']}")
+    if bare and "options_from" in bare:  # results written before the bare runtime mirrored the server do not say
         lines.append(f"bare runtime opened with options from {bare['options_from']}; "
                      + (f"its execution differs from the server's: {'; '.join(bare['differs'])}" if bare["differs"]
                         else "it runs as the server reports running (same execution report)"))
     if "c1_p50_ms" in o:
-        compute = o.get("server_compute_p50_ms")
-        how = f"bare runtime and server timed in turns, {o['c1_rounds']} rounds" if "c1_rounds" in o else "closed loop"
-        lines.append(f"server overhead at concurrency 1 ({how}): "
-                     f"p50 {o['c1_p50_ms']:.2f} ms vs bare inference {o['bare_infer_b1_p50_ms']:.2f} ms: "
-                     f"{o['c1_overhead_ms']:+.2f} ms ({o['c1_overhead_beyond_preprocess_ms']:+.2f} ms beyond "
-                     "preprocessing)" + (f"; the server's own compute p50 {compute:.2f} ms" if compute else ""))
-    lines.append(f"saturation: {o['saturation_rps']:.1f} req/s at concurrency {o['saturation_concurrency']} = "
-                 f"{o['saturation_fraction_of_bare']:.0%} of the bare runtime's {o['bare_best_ips']:.1f} img/s")
+        lines.append(_c1_line(o))
+    if "saturation_fraction_of_bare" in o:
+        lines.append(f"saturation: {o['saturation_rps']:.1f} req/s at concurrency {o['saturation_concurrency']} = "
+                     f"{o['saturation_fraction_of_bare']:.0%} of the bare runtime's {o['bare_best_ips']:.1f} img/s")
+    else:
+        lines.append(f"saturation: {o['saturation_rps']:.1f} req/s at concurrency {o['saturation_concurrency']} "
+                     "(no bare runtime to compare it with)")
     return lines
 
 
@@ -460,6 +634,7 @@ def markdown_e2e(doc: dict[str, Any], plots: list[str] = ()) -> str:
         f"- {doc['created']}, host {doc['host']}, CPU {env['cpu']['model']} ({env['cpu'].get('usable_cpus')} CPUs), "
         f"load average at start {la}; client and server share the machine",
         f"- Command: `{' '.join(doc['argv'])}`",
+        f"- {provenance(env)}",
         f"- Requests: {doc['config']['images']} {doc['config'].get('image_format', 'png').upper()} animals val "
         f"images{_size_note(doc['config'].get('image_size'))} (mean {doc['config']['image_bytes_mean']:.0f} bytes), "
         f"raw body to /v1/models/{m['name']}/classify; {doc['config']['duration_s']:g} s per level after "
@@ -468,11 +643,20 @@ def markdown_e2e(doc: dict[str, Any], plots: list[str] = ()) -> str:
         *table,
         "",
         *stage_table(doc),
-        *(f"- {line}" for line in overhead_lines(doc)),
+        *(f"- {line}" for line in error_lines(doc) + overhead_lines(doc)),
         "",
         *(f"![{p}]({p})" for p in plots),
     ]
     return "\n".join(parts) + "\n"
+
+
+def provenance(env: dict[str, Any]) -> str:
+    """The library versions and the git commit the run used (as the latency report gives them)."""
+    git = env.get("git") or {}
+    commit = (f"git {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}" if git.get("commit")
+              else "git commit not recorded (not run from a git checkout)")
+    versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())
+    return f"Versions: {versions or 'not recorded'}; {commit}"
 
 
 def _size_note(size: int | None) -> str:
@@ -489,7 +673,7 @@ def stage_table(doc: dict[str, Any]) -> list[str]:
              "client's p50 is the network and the client):", "",
              "| level | client p50 | " + " | ".join(stages) + " |", "|" + "---|" * (len(stages) + 2)]
     for r in levels:
-        level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['target_rate']:.1f}/s"
+        level = _level(r)
         cells = [f"{r['server_timing_ms'][k]['p50']:.2f}" if k in r["server_timing_ms"] else "-" for k in stages]
         lines.append(f"| {level} | {r['latency_ms']['p50']:.2f} | " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -508,11 +692,10 @@ def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
     if doc.get("bare"):
         ax.axhline(doc["bare"]["infer_b1_ms"]["p50"], color="k", lw=0.8, label="bare infer b1 p50")
     batch_axis(ax, xs or [1])
-    ax.set_yscale("log")
+    if closed:
+        ax.set_yscale("log")  # a log scale of nothing raises: every request of every level failed
     ax.set_xlabel("concurrency (closed loop)")
     ax.set_ylabel("latency ms")
-    ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
     ax = axes[0][1]
     ax.plot(xs, [r["throughput_rps"] for r in closed], "-o", label="server req/s")
     if doc.get("bare"):
@@ -522,8 +705,12 @@ def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrency (closed loop)")
     ax.set_ylabel("images / s")
-    ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
+    for ax in axes[0]:
+        if not closed:
+            ax.text(0.5, 0.5, "no successful requests", transform=ax.transAxes, ha="center", va="center")
+        else:
+            ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
     fig.suptitle(f"{doc['server_model']['name']}: server vs bare runtime ({doc['host']})")
     return save(fig, path)
 

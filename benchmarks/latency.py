@@ -12,17 +12,34 @@ compares it with the bare runtime; `--http start --bundle DIR` serves DIR itself
 Method: each model pair is loaded side by side; after a warm-up, C and P are timed in alternating rounds on a
 rotating pool of inputs until both medians are stable (95 % CI within +-2 %) or the cell's time is up.
 Reported: p50/p90/p99, IQR/median, the C/P ratio (the median per-round ratio, flagged outside +-5 %, with its
-95 % CI and a verdict; under 6 rounds only their range and an indicative verdict), achieved GFLOP/s = 2 * MACs *
+95 % CI and a verdict; under 6 rounds only their range and an indicative verdict; below the budget's minimum
+rounds or calls, or from a single round, "inconclusive"), every call's latency (bounded), achieved GFLOP/s = 2 * MACs *
 batch / p50 and its fraction of the sustained matmul limit measured in the same run, and cold start (load,
 compile, first result). Outputs: a table on the terminal and <date>-<time>-<host>.json / .md / -latency.png / -ratio.png
-in --out (checked writable before anything is measured). Exit codes: 0 done, 2 bad arguments or unusable inputs,
-1 the machine failed (out of memory, or a full disk or file-size limit while saving: the table is printed first);
-each failure is one line on stderr.
+in --out (checked writable before anything is measured). Exit codes: 0 done, 2 bad arguments or unusable inputs
+(an end-to-end flag without --http; no target that can run here), 1 the machine failed (out of memory, or a full
+disk or file-size limit while saving: the table is printed first), every target failed while it was timed, or an
+end-to-end load level in which no request succeeded (its results are saved first); each failure is one line on
+stderr.
 """
 
 from __future__ import annotations
 
-import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
+if __name__ == "__main__" and __spec__ is None:
+    # Run as a script, Python puts benchmarks/ first on sys.path (or, under PYTHONSAFEPATH, nothing). This checkout's
+    # root must lead instead, before the first import of vitc's own: else `models` comes from wherever vitc is
+    # installed (another checkout), and the run mixes two source trees and records the other one's git commit. It
+    # also keeps benchmarks/*.py from shadowing standard modules.
+    import sys
+    from pathlib import Path
+
+    _here = Path(__file__).resolve().parent
+    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _here:
+        del sys.path[0]
+    sys.path.insert(0, str(_here.parent))
+
+# First of vitc's modules: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143).
+import models.cli  # noqa: F401
 
 # isort: split
 import argparse
@@ -32,6 +49,9 @@ from functools import partial
 from pathlib import Path
 
 PROG = "python benchmarks/latency.py"
+# The end-to-end mode's own flags: without --http nothing reads them (the suite would run and ignore them).
+HTTP_ONLY = ("--model", "--concurrency", "--rate", "--duration", "--bundle", "--runtime", "--server-args",
+             "--image-format", "--image-size", "--api-key")
 MAX_CELL_S = 3600.0
 MAX_LIMIT_S = 600.0
 MAX_DURATION_S = 3600.0
@@ -154,8 +174,30 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         parity_samples=args.parity_samples or (64 if args.quick else 512),
         calibration_samples=32 if args.quick else 300,
         checkpoints=tuple(checkpoints),
-        progress=not args.no_progress, argv=("python", "benchmarks/latency.py", *argv),
+        progress=not args.no_progress, argv=(*_command(), *argv),
     )
+
+
+def _command() -> tuple[str, ...]:
+    """How this run was started, for the results: `python -m benchmarks.latency` or `python benchmarks/latency.py`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) == "benchmarks.latency":
+        return ("python", "-m", "benchmarks.latency")
+    return ("python", "benchmarks/latency.py")
+
+
+def _http_only_given(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The end-to-end flags on the command line (whatever their value: an explicit default counts too)."""
+    actions = [a for a in p._actions if set(a.option_strings) & set(HTTP_ONLY)]
+    defaults = [a.default for a in actions]
+    try:
+        for a in actions:  # absent from the namespace unless given
+            a.default = argparse.SUPPRESS
+        given = vars(p.parse_args(argv))
+    finally:
+        for a, default in zip(actions, defaults, strict=True):
+            a.default = default
+    return [a.option_strings[0] for a in actions if a.dest in given]
 
 
 def _empty_path(args: argparse.Namespace) -> str | None:
@@ -197,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
     args = p.parse_args(argv)
+    if not args.http and (flags := _http_only_given(p, argv)):
+        one = len(flags) == 1
+        p.error(f"{', '.join(flags)} {'applies' if one else 'apply'} to the end-to-end mode only: add --http URL "
+                f"(or --http start --bundle DIR), or leave {'it' if one else 'them'} out")
     if problem := _empty_path(args):
         p.error(problem)
     args.cache, args.out, args.bundle = (None if v is None else Path(v) for v in (args.cache, args.out, args.bundle))
@@ -211,13 +257,19 @@ def main(argv: list[str] | None = None) -> int:
             doc = run_e2e(e2e_config(args, argv))
             print(format_e2e(doc))
             save = partial(write_e2e_reports, doc, out, plots=not args.no_plots)
+            failed = _failed_levels(doc)
         else:
             from benchmarks.report import format_table, write_reports
             from benchmarks.suite import run_suite
 
             doc = run_suite(_config(args, argv))
             print(format_table(doc))
+            if not doc["results"]:  # every runnable target failed while it was timed: the table lists why
+                print("error: nothing was measured: every target failed (listed above as skipped); nothing written",
+                      file=sys.stderr)
+                return 1
             save = partial(write_reports, doc, out, suffix="-quick" if args.quick else "", plots=not args.no_plots)
+            failed = None
     except (ValueError, BundleError, BackendError, ExportError, ExportIOError, OSError) as exc:
         if isinstance(exc, OSError) and (code := machine_failure(exc, PROG)) is not None:
             return code  # a full disk while exporting the bundles: the machine failed, not the input
@@ -233,13 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # --out was writable when the run began: the disk filled up, or a file limit
         return save_failed(exc, PROG)
     print("wrote " + ", ".join(str(p) for p in paths))
+    if failed:  # saved first: the errors are the finding
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
+def _failed_levels(doc: dict) -> str | None:
+    """One line naming the end-to-end load levels in which no request succeeded, or None."""
+    levels = [*doc.get("closed", []), *([doc["open"]] if doc.get("open") else [])]
+    bad = [f"{'c=' + str(r['concurrency']) if r['mode'] == 'closed' else 'Poisson'}: {r['problem']}"
+           for r in levels if r.get("problem")]
+    return f"{len(bad)} of {len(levels)} load levels failed: " + "; ".join(bad) if bad else None
+
+
 if __name__ == "__main__":
-    # Run as a script, Python puts benchmarks/ first on sys.path; the imports (all inside functions) need the repo
-    # root there instead, which also keeps benchmarks/*.py from shadowing standard modules.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    from models import cli
+    from models import cli  # the repository root leads sys.path since the top of this file
 
     cli.run(main, PROG)

@@ -5,12 +5,15 @@
     python -m benchmarks.load --url http://127.0.0.1:8000  # a server that is already running
 
 Each level runs `--duration` seconds after a short warm-up, with real images (PNG animals validation images,
-POSTed raw to /v1/models/{name}/classify). Reported per level: p50/p90/p99 latency, throughput, the number of
-503 answers (queue full) and the mean batch size the server formed (from its /metrics). JSON and a PNG go to
-benchmarks/results/. Loopback addresses only; levels, duration and concurrency are bounded. The client runs
-on the same CPUs as the server, so on a small machine its own cost is part of the figures (reported too).
-With --start the server logs to a temporary directory that is removed after a clean run; when the server fails
-to start or the test against it fails, the error line gives the server's own reason and the log is kept.
+POSTed raw to /v1/models/{name}/classify). Reported per level: p50/p90/p99 latency, throughput, the requests that
+failed by kind (HTTP 503 when the queue is full, any other status, connection errors) and the mean batch size the
+server formed (from its /metrics). JSON and a PNG go to benchmarks/results/ (load-<runtime>.json and .png, or
+`--out X.json` and X.png; a name already taken, either file, gets -2, -3, ...: never overwritten). Loopback
+addresses only; levels, duration and concurrency are bounded. The client runs on the same CPUs as the server, so
+on a small machine its own cost is part of the figures (reported too). A level in which no request succeeded
+exits 1 with one line naming it, after the results are saved. With --start the server logs to a temporary
+directory that is removed after a clean run; when the server fails to start or the test against it fails, the
+error line gives the server's own reason and the log is kept; `--port N` picks its port (default: a free one).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e import MAX_IMAGES, request_bodies
+from benchmarks.e2e import MAX_IMAGES, NotVitcServer, error_counts, request_bodies, served_models
 from benchmarks.loadgen import Endpoint, closed_loop
-from benchmarks.report import naming, out_dir_problem, save_failed
-from models.cli import OneLineParser, float_in
+from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
+from models.cli import OneLineParser, float_in, int_in
 from models.io import atomic_write_bytes, atomic_write_json, empty_path_problem
 from runtimes.registry import DEFAULT_RUNTIME
 
@@ -85,7 +88,7 @@ def batch_counters(url: str, model: str, api_key: str | None) -> tuple[float, fl
 
 def run_level(url: str, model: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float,
               api_key: str | None) -> dict[str, Any]:
-    """One closed-loop level: latency percentiles, throughput, 503s and the server's mean batch size."""
+    """One closed-loop level: latency percentiles, throughput, errors by kind and the server's mean batch size."""
     endpoint = Endpoint(f"{url}/v1/models/{urllib.parse.quote(model)}/classify", "image/png", api_key)
     b0, r0 = batch_counters(url, model, api_key)
     summary = closed_loop(endpoint, bodies, concurrency, duration, warmup).summary()
@@ -98,10 +101,25 @@ def run_level(url: str, model: str, bodies: list[bytes], concurrency: int, durat
         "requests": summary["requests"], "ok": summary["ok"],
         "http_503": summary["errors"].get("HTTP 503", 0),
         "other_errors": {k: v for k, v in summary["errors"].items() if k != "HTTP 503"},
+        "warmup_errors": summary.get("warmup_errors") or {},
+        "problem": _problem(summary),  # why nothing succeeded, else None
         # Warm-up requests are included here (the server cannot tell them apart).
         "mean_batch_size": (r1 - r0) / (b1 - b0) if b1 > b0 else None,
         "client_cpu_s": summary["client_cpu_s"],
     }
+
+
+def _problem(summary: dict[str, Any]) -> str | None:
+    """The load generator's line for a level in which nothing succeeded (or one made from its counts)."""
+    if summary.get("problem") or summary["ok"]:
+        return summary.get("problem")
+    errors = summary["errors"]
+    return f"no request succeeded: {error_counts(errors)}" if errors else "no request was answered"
+
+
+def level_errors(level: dict[str, Any]) -> dict[str, int]:
+    """Every failed request of a level by kind: the 503s and the others."""
+    return {**({"HTTP 503": level["http_503"]} if level.get("http_503") else {}), **(level.get("other_errors") or {})}
 
 
 def bundle_identity(info: dict[str, Any], path: Path | None) -> dict[str, Any]:
@@ -128,10 +146,11 @@ def run_load_test(url: str, concurrency: tuple[int, ...], duration: float, warmu
     bundle directory, where known (--start), for the bundles' identity."""
     from benchmarks import machine
 
-    models = json.loads(_get(url + "/v1/models", api_key))["models"]
+    models = served_models(json.loads(_get(url + "/v1/models", api_key)), url)
     bodies = request_bodies(images)
     doc: dict[str, Any] = {
-        "schema": "vitc-load-test", "schema_version": 2,  # 2: "environment" and each model's "bundle"
+        # 2: "environment" and each model's "bundle"; 3: each level's "problem" and "warmup_errors"
+        "schema": "vitc-load-test", "schema_version": 3,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "url": url, "duration_s": duration, "warmup_s": warmup, "images": len(bodies),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -153,26 +172,45 @@ def run_load_test(url: str, concurrency: tuple[int, ...], duration: float, warmu
     return doc
 
 
+def _ms(v: float | None, width: int = 0) -> str:
+    return "-".rjust(width) if v is None else f"{v:{width}.1f}"
+
+
+def _errors(level: dict[str, Any]) -> str:
+    """"0", or the count of failed requests and every kind: "5 (HTTP 429 ×4, ConnectionResetError ×1)"."""
+    errors = level_errors(level)
+    return f"{sum(errors.values())} ({error_counts(errors)})" if errors else "0"
+
+
 def format_level(level: dict[str, Any]) -> str:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:7.1f}"
+    """One progress line: percentiles, throughput, errors by kind, mean batch; why, when nothing succeeded."""
     batch = level["mean_batch_size"]
-    return (f"c={level['concurrency']:<3} p50 {ms(level['p50_ms'])} ms  p90 {ms(level['p90_ms'])} ms  "
-            f"p99 {ms(level['p99_ms'])} ms  {level['throughput_rps']:7.1f} req/s  503s {level['http_503']:<4} "
-            f"batch {'-' if batch is None else f'{batch:.1f}'}")
+    return (f"c={level['concurrency']:<3} p50 {_ms(level['p50_ms'], 7)} ms  p90 {_ms(level['p90_ms'], 7)} ms  "
+            f"p99 {_ms(level['p99_ms'], 7)} ms  {level['throughput_rps']:7.1f} req/s  errors {_errors(level)}  "
+            f"batch {'-' if batch is None else f'{batch:.1f}'}"
+            + (f"  ({level['problem']})" if level.get("problem") else ""))
 
 
 def markdown(doc: dict[str, Any]) -> str:
     """The figures as a Markdown table (for the README / notes)."""
-    rows = ["| model | runtime | concurrency | p50 ms | p90 ms | p99 ms | req/s | 503s | mean batch |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | runtime | concurrency | p50 ms | p90 ms | p99 ms | req/s | ok | errors | mean batch |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for m in doc["models"]:
         for lv in m["levels"]:
             b = lv["mean_batch_size"]
             rows.append(f"| {m['name']} | {m['runtime']} {m['precision']} | {lv['concurrency']} | "
-                        f"{lv['p50_ms']:.1f} | {lv['p90_ms']:.1f} | {lv['p99_ms']:.1f} | "
-                        f"{lv['throughput_rps']:.0f} | {lv['http_503']} | {'-' if b is None else f'{b:.1f}'} |")
+                        f"{_ms(lv['p50_ms'])} | {_ms(lv['p90_ms'])} | {_ms(lv['p99_ms'])} | "
+                        f"{lv['throughput_rps']:.0f} | {lv.get('ok', '-')} | {_errors(lv)} | "
+                        f"{'-' if b is None else f'{b:.1f}'} |")
     return "\n".join(rows) + "\n"
+
+
+def failed_levels(doc: dict[str, Any]) -> str | None:
+    """One line naming the levels in which no request succeeded, or None."""
+    bad = [f"{m['name']} c={lv['concurrency']}: {lv['problem']}" for m in doc["models"] for lv in m["levels"]
+           if lv.get("problem")]
+    total = sum(len(m["levels"]) for m in doc["models"])
+    return f"{len(bad)} of {total} load levels failed: " + "; ".join(bad) if bad else None
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path | None:
@@ -185,10 +223,12 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
     levels = sorted({lv["concurrency"] for m in doc["models"] for lv in m["levels"]})
+    nan = float("nan")  # a level without a success has no latency: a gap in its line
     for k, m in enumerate(doc["models"]):
         c, color = [lv["concurrency"] for lv in m["levels"]], f"C{k}"
-        ax_lat.plot(c, [lv["p50_ms"] for lv in m["levels"]], "o-", color=color, label=f"{m['name']} p50")
-        ax_lat.plot(c, [lv["p99_ms"] for lv in m["levels"]], "x--", color=color, label=f"{m['name']} p99")
+        for key, style in (("p50_ms", "o-"), ("p99_ms", "x--")):
+            ax_lat.plot(c, [nan if lv[key] is None else lv[key] for lv in m["levels"]], style, color=color,
+                        label=f"{m['name']} {key[:3]}")
         ax_tp.plot(c, [lv["throughput_rps"] for lv in m["levels"]], "o-", color=color, label=m["name"])
     for ax, ylabel in ((ax_lat, "latency (ms)"), (ax_tp, "throughput (requests/s)")):
         ax.set_xscale("log", base=2)
@@ -197,7 +237,10 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    ax_lat.set_yscale("log")
+    if any(lv["p50_ms"] is not None for m in doc["models"] for lv in m["levels"]):
+        ax_lat.set_yscale("log")  # a log scale of nothing raises
+    else:
+        ax_lat.text(0.5, 0.5, "no successful requests", transform=ax_lat.transAxes, ha="center", va="center")
     fig.suptitle(f"vitc serve load test ({doc['machine']['cpus']} CPUs, client on the same machine)")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -216,6 +259,8 @@ def server_problem(url: str, exc: BaseException) -> str:
                 f"(start one with `python -m serve`, or pass --start)")
     if isinstance(exc, OSError):
         return f"{url}: {exc.strerror or exc}"
+    if isinstance(exc, NotVitcServer):
+        return str(exc)
     if isinstance(exc, KeyError | json.JSONDecodeError):
         return f"{url} does not answer like a vitc server (GET /v1/models)"
     text = str(exc).strip()
@@ -230,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help=f"bundle for --start (default: {', '.join(DEMO_BUNDLES)})")
     p.add_argument("--backend", default=DEFAULT_RUNTIME, help="backend for --start (default %(default)s)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
+    p.add_argument("--port", type=int_in(1, 65535), default=None,
+                   help="loopback port of the server --start starts (default: a free port)")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     p.add_argument("--duration", type=float_in(0, MAX_DURATION_S), default=8.0,
                    help=f"seconds per level, at most {MAX_DURATION_S:g} (default 8)")
@@ -237,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per level not counted (default 1)")
     p.add_argument("--images", type=int, default=64, help="distinct request images (default 64)")
     p.add_argument("--api-key", default=os.environ.get("VITC_API_KEY"))
-    p.add_argument("--out", help="JSON path (default benchmarks/results/load-<backend>.json)")
+    p.add_argument("--out", help="JSON path, the plot beside it as .png (default benchmarks/results/"
+                                 "load-<runtime>.json); a name taken gets -2, -3, ...")
     return p
 
 
@@ -257,9 +305,13 @@ def _checked(args: argparse.Namespace) -> tuple[str, list[str]]:
         for spec in bundles:
             if not (path := parse_model_arg(spec)[1]).is_dir():
                 raise ValueError(f"--model {spec}: bundle directory not found: {path}")
+    if args.port is not None and not args.start:
+        raise ValueError("--port applies to --start only (the server it starts); give --url for a running one")
     out = args.out or RESULTS / f"load-{args.backend}.json"
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a .json path")
+    if out.suffix.lower() != ".json":  # the plot goes beside it as .png: `--out X.png` would be replaced by the plot
+        raise ValueError(f"--out {out} must end in .json (the plot is written beside it as .png)")
     if problem := out_dir_problem(out.parent):
         raise ValueError(f"--out {out}: {problem}; give a .json path in a writable directory")
     return url, bundles
@@ -294,6 +346,8 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
     log_path = log_dir / "server.log"
     server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", args.backend, "--no-access-log",
                                                                   *args.server_arg]
+    if args.port is not None:  # after --server-arg: the flag of this tool decides
+        server_args += ["--port", str(args.port)]
     keep_log = False
     try:
         try:
@@ -352,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {server_problem(url, exc)}", file=sys.stderr)
             return 2
     runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend
-    out = args.out or RESULTS / f"load-{runtime}.json"
+    wanted = args.out or RESULTS / f"load-{runtime}.json"
     print(markdown(doc))  # first: a disk that fills up loses the files, not the figures
+    # Never over an earlier run's results or a file the user keeps: the JSON and its plot take the first free stem.
+    out = wanted.with_name(unused_stem(wanted.parent, wanted.stem, (".json", ".png")) + ".json")
     try:
         with naming(out):
             atomic_write_json(out, doc)
@@ -361,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             png = plot(doc, png_path)
     except OSError as exc:  # --out was writable when the test began: the disk filled up, or a file limit
         return save_failed(exc, PROG)
-    print(f"wrote {out}" + (f" and {png}" if png else ""), file=sys.stderr)
+    taken = f" ({wanted.stem}.json or .png exists: never overwritten)" if out != wanted else ""
+    print(f"wrote {out}" + (f" and {png}" if png else "") + taken, file=sys.stderr)
+    if failed := failed_levels(doc):  # saved first: the errors are the finding
+        print(f"{PROG}: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,6 +7,11 @@ with the server it measures, and its own CPU seconds are reported so that cost i
 - Open loop: arrivals at exponential intervals at `rate` per second, independent of the answers (MLPerf
   Server). Latency counts from the scheduled arrival, not the actual send, so a backed-up client cannot hide
   server queueing (no coordinated omission).
+Nothing sent is lost from the counts: a success counts when it was sent in the measurement window (its latency
+and the throughput are the window's); a failure when it was sent in the window or surfaced in or after it (a
+warm-up request that times out during the window is an error, not nothing); failures that surfaced during the
+warm-up are reported apart; a request still unanswered when the generator stops waiting is an error ("no
+answer"). A level in which nothing succeeded says so in its summary's "problem".
 """
 
 from __future__ import annotations
@@ -22,10 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.stats import summarize
+from benchmarks.stats import raw_samples, summarize
 
 MAX_WORKERS = 256  # open-loop connection pool bound
 TIMEOUT_S = 30.0
+# After the last request is sent, how much longer than TIMEOUT_S the generator waits for the answers still due.
+JOIN_GRACE_S = 5.0
+# A closed-loop worker whose request got no HTTP answer at all (connection refused or reset) waits before it tries
+# again, doubling from the first to the last: against a dead server it would otherwise spin thousands of failed
+# connects a second on the cores the server shares.
+BACKOFF_S = (0.01, 1.0)
+UNANSWERED = "no answer"  # error label of a request still outstanding when the generator stopped waiting
 
 
 @dataclass(frozen=True)
@@ -68,9 +80,10 @@ class LoadResult:
     workers: int | None = None  # open loop: connections it needed
     server_timing: list[dict[str, float]] = field(default_factory=list)  # successful requests' stages (ms)
     sent: int = 0  # every request made, warm-up included (to share out the server's CPU seconds)
+    warmup_errors: dict[str, int] = field(default_factory=dict)  # failures that surfaced during the warm-up
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready: latency percentiles (ms), throughput, error counts."""
+        """JSON-ready: latency percentiles (ms), throughput, error counts, and the problem when nothing succeeded."""
         ok = len(self.latencies_s)
         failed = sum(self.errors.values())
         out: dict[str, Any] = {
@@ -79,11 +92,25 @@ class LoadResult:
             "error_rate": failed / (ok + failed) if ok + failed else 0.0,
             "throughput_rps": ok / self.seconds if self.seconds > 0 else 0.0,
             "client_cpu_s": round(self.client_cpu_s, 3), "workers": self.workers,
+            "warmup_errors": dict(self.warmup_errors), "problem": self.problem(),
         }
-        out["latency_ms"] = summarize([x * 1e3 for x in self.latencies_s]) if ok else None
+        ms = [x * 1e3 for x in self.latencies_s]
+        out["latency_ms"] = summarize(ms) if ok else None
+        out["latency_samples_ms"] = raw_samples(ms) if ok else None  # to recompute the percentiles
         stages = dict.fromkeys(k for t in self.server_timing for k in t)
         out["server_timing_ms"] = {k: summarize([t[k] for t in self.server_timing if k in t]) for k in stages}
         return out
+
+    def problem(self) -> str | None:
+        """One line when no request succeeded ("no request succeeded: 1 x no answer"), else None."""
+        if self.latencies_s:
+            return None
+        errors = self.errors or self.warmup_errors
+        if not errors:
+            return "no request was answered" if self.sent else "no request was sent"
+        where = "" if self.errors else " (all during the warm-up)"
+        return "no request succeeded: " + ", ".join(f"{n} x {label}" for label, n in
+                                                     sorted(errors.items(), key=lambda kv: -kv[1])) + where
 
 
 def parse_server_timing(value: str | None) -> dict[str, float]:
@@ -108,15 +135,18 @@ class Client:
         self.endpoint = endpoint
         self.conn: http.client.HTTPConnection | None = None
         self.timing: dict[str, float] = {}  # the last answer's Server-Timing stages
+        self.answered = True  # whether the last request got an HTTP answer (any status)
 
     def post(self, body: bytes) -> str | None:
         """Send one request and read the whole answer; None on HTTP 200, else an error label."""
+        self.answered = False
         try:
             if self.conn is None:
                 self.conn = self.endpoint.connection()
             self.conn.request("POST", self.endpoint.path, body=body, headers=self.endpoint.headers())
             resp = self.conn.getresponse()
             resp.read()
+            self.answered = True
             self.timing = parse_server_timing(resp.getheader("Server-Timing"))
             if resp.will_close:
                 self.close()
@@ -131,9 +161,52 @@ class Client:
             self.conn = None
 
 
-def _count(errors: dict[str, int], lock: threading.Lock, label: str) -> None:
-    with lock:
-        errors[label] = errors.get(label, 0) + 1
+class _Tally:
+    """The outcomes of one load level, shared by its workers; frozen once the generator stops waiting (a worker
+    still stuck in a request then adds nothing: its request is counted as unanswered instead)."""
+
+    def __init__(self, result: LoadResult) -> None:
+        self.result = result
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.outstanding: set[object] = set()  # keys of the requests sent (or queued) and not yet finished
+
+    def start(self, key: object) -> None:
+        with self.lock:
+            self.result.sent += 1
+            self.outstanding.add(key)
+
+    def finish(self, key: object, err: str | None, latency_s: float, timing: dict[str, float],
+               sent_in_window: bool, done_in_window: bool) -> None:
+        """Record one outcome: a success sent in the window, or a failure sent in it or surfacing in or after it."""
+        with self.lock:
+            if self.stopped:
+                return
+            self.outstanding.discard(key)
+            r = self.result
+            if err is None:
+                if sent_in_window:
+                    r.latencies_s.append(latency_s)
+                    if timing:
+                        r.server_timing.append(timing)
+            elif sent_in_window or done_in_window:
+                r.errors[err] = r.errors.get(err, 0) + 1
+            else:
+                r.warmup_errors[err] = r.warmup_errors.get(err, 0) + 1
+
+    def stop(self) -> None:
+        """Stop counting: every request still outstanding (in flight, or queued and never sent) is an error,
+        UNANSWERED: its outcome would have come after the window."""
+        with self.lock:
+            self.stopped = True
+            if self.outstanding:
+                self.result.errors[UNANSWERED] = self.result.errors.get(UNANSWERED, 0) + len(self.outstanding)
+
+
+def _join(threads: list[threading.Thread], deadline: float) -> None:
+    """Join every thread by one shared deadline (a per-thread timeout would add up)."""
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.perf_counter()))
 
 
 def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, seconds: float,
@@ -142,39 +215,34 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
     if concurrency < 1 or not bodies:
         raise ValueError("closed loop needs concurrency >= 1 and at least one request body")
     result = LoadResult("closed", concurrency, None, seconds)
-    lock = threading.Lock()
+    tally = _Tally(result)
     t_start = time.perf_counter() + warmup_s
     t_end = t_start + seconds
 
     def worker(k: int) -> None:
-        client, i, sent = Client(endpoint), k, 0
-        local: list[float] = []
-        stages: list[dict[str, float]] = []
-        while (now := time.perf_counter()) < t_end:
-            err = client.post(bodies[i % len(bodies)])
-            done = time.perf_counter()
-            i += concurrency
-            sent += 1
-            if now < t_start:  # warm-up: connections, caches, the server's first batches
-                continue
-            if err is None:
-                local.append(done - now)
-                if client.timing:
-                    stages.append(client.timing)
-            else:
-                _count(result.errors, lock, err)
-        client.close()
-        with lock:
-            result.latencies_s.extend(local)
-            result.server_timing.extend(stages)
-            result.sent += sent
+        client, i, backoff = Client(endpoint), k, 0.0
+        try:
+            while (now := time.perf_counter()) < t_end and not tally.stopped:
+                key = (k, i)
+                tally.start(key)
+                err = client.post(bodies[i % len(bodies)])
+                done = time.perf_counter()
+                i += concurrency
+                tally.finish(key, err, done - now, client.timing, now >= t_start, done >= t_start)
+                if client.answered:
+                    backoff = 0.0
+                else:  # refused, reset, timed out: no server to load; try again later, not at once
+                    backoff = min(BACKOFF_S[1], max(BACKOFF_S[0], 2 * backoff))
+                    time.sleep(max(0.0, min(backoff, t_end - time.perf_counter())))
+        finally:
+            client.close()
 
     cpu0 = time.process_time()
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=seconds + warmup_s + TIMEOUT_S + 5)
+    _join(threads, t_end + TIMEOUT_S + JOIN_GRACE_S)
+    tally.stop()
     result.client_cpu_s = time.process_time() - cpu0
     return result
 
@@ -189,45 +257,44 @@ def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds:
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n))
     arrivals = arrivals[arrivals < seconds + warmup_s]
     result = LoadResult("open", None, rate, seconds)
-    lock = threading.Lock()
+    tally = _Tally(result)
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     done = [0]  # requests finished, to know when every worker is busy
 
     def worker() -> None:
         client = Client(endpoint)
-        while (job := jobs.get()) is not None:
-            scheduled, body, counted = job
-            err = client.post(body)
-            finished = time.perf_counter()
-            with lock:
-                done[0] += 1
-                if counted and err is None:
-                    result.latencies_s.append(finished - scheduled)
-                    if client.timing:
-                        result.server_timing.append(client.timing)
-                elif counted:
-                    result.errors[err] = result.errors.get(err, 0) + 1
-        client.close()
+        try:
+            while (job := jobs.get()) is not None and not tally.stopped:
+                k, scheduled, body, counted = job
+                err = client.post(body)
+                finished = time.perf_counter()
+                with tally.lock:
+                    done[0] += 1
+                tally.finish(k, err, finished - scheduled, client.timing, counted, finished >= t_start)
+        finally:
+            client.close()
 
     workers: list[threading.Thread] = []
     cpu0 = time.process_time()
     t0 = time.perf_counter()
+    t_start = t0 + warmup_s  # the workers read it: they start below
     for k, offset in enumerate(arrivals):
         scheduled = t0 + float(offset)
         delay = scheduled - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        with lock:
+        with tally.lock:
             in_flight = k - done[0]
         # One connection per outstanding request: add a worker only when all are busy (bounded).
         if in_flight >= len(workers) and len(workers) < MAX_WORKERS:
             workers.append(threading.Thread(target=worker, daemon=True))
             workers[-1].start()
-        jobs.put((scheduled, bodies[k % len(bodies)], offset >= warmup_s))
+        tally.start(k)  # outstanding from its arrival: queued behind busy workers counts
+        jobs.put((k, scheduled, bodies[k % len(bodies)], offset >= warmup_s))
     for _ in workers:
         jobs.put(None)
-    for t in workers:
-        t.join(timeout=TIMEOUT_S + 5)
+    _join(workers, time.perf_counter() + TIMEOUT_S + JOIN_GRACE_S)
+    tally.stop()
     result.client_cpu_s = time.process_time() - cpu0
     result.workers = len(workers)
     return result

@@ -9,6 +9,8 @@ its time into receive, decode, queue, compute and encode. Saturation is a closed
 against the runtime alone: a bare onnxruntime loop at the batch size vitc ran, and OpenVINO's own benchmark_app
 (throughput hint) on the same IR. Cold start is process start -> ready, per backend. Results: JSON + Markdown in
 benchmarks/results/ (machine, versions and commit included; the Markdown is printed before the files are written).
+The servers listen on free loopback ports, or with `--port N` on N (the hand-written server and each cold start)
+and N+1, N+2 (vitc on onnxruntime and OpenVINO), for hosts where only some ports may be used.
 """
 
 from __future__ import annotations
@@ -107,8 +109,9 @@ def _signals_deferred() -> Iterator[None]:
 class Server:
     """A server process on a loopback port: vitc (python -m serve) or the hand-written one."""
 
-    def __init__(self, kind: str, bundle: Path, backend: str = DEFAULT_RUNTIME, log_dir: Path | None = None) -> None:
-        self.kind, self.port = kind, _free_port()
+    def __init__(self, kind: str, bundle: Path, backend: str = DEFAULT_RUNTIME, log_dir: Path | None = None,
+                 port: int | None = None) -> None:
+        self.kind, self.port = kind, port or _free_port()
         self.proc: subprocess.Popen | None = None
         self._own_dir = None if log_dir else Path(tempfile.mkdtemp(prefix="vitc-overhead-"))  # removed by stop()
         log_dir = log_dir or self._own_dir
@@ -364,9 +367,22 @@ def _layout(backend) -> str:  # noqa: ANN001
     return f"{backend.parallelism} stream(s) x {d.get('threads_effective')} thread(s)"
 
 
+def ports_needed(port: int, backends: list[str]) -> list[int]:
+    """The ports of `--port N`: N for the hand-written server (and each cold start, one at a time), then one per
+    vitc backend, all up at once."""
+    return [port + i for i in range(1 + len(backends))]
+
+
 def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurrency: int, cold_starts: int,
-        backends: list[str], log=print, saturation_rounds: int = 5) -> dict[str, Any]:  # noqa: ANN001
+        backends: list[str], log=print, saturation_rounds: int = 5,  # noqa: ANN001
+        port: int | None = None) -> dict[str, Any]:
+    """Cold starts, then every system side by side at concurrency 1 and at saturation; the results document.
+    `port`: the first of the loopback ports the servers use (`ports_needed`), None for free ones."""
     from benchmarks import machine
+
+    def at(i: int) -> dict[str, int]:  # the Server keyword for the i-th port, none without --port
+        return {} if port is None else {"port": ports_needed(port, backends)[i]}
+
     from models.bundle import read_manifest
 
     body = request_image()
@@ -380,7 +396,7 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
     for backend in backends:
         runs = []
         for _ in range(cold_starts):
-            s = Server("vitc", bundle, backend)
+            s = Server("vitc", bundle, backend, **at(0))
             try:
                 runs.append({"ready_s": s.cold_start_s, **s.startup()})
             finally:
@@ -389,9 +405,9 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
     log("servers ...")
     servers: dict[str, Server] = {}
     try:  # each server is stopped whatever interrupts the run, the ones already up while a later one starts too
-        servers["naive"] = Server("naive", bundle)
-        for b in backends:
-            servers[f"vitc-{b}"] = Server("vitc", bundle, b)
+        servers["naive"] = Server("naive", bundle, **at(0))
+        for i, b in enumerate(backends, 1):
+            servers[f"vitc-{b}"] = Server("vitc", bundle, b, **at(i))
         ort, manifest, x = bare_backend(bundle, "onnxruntime", body)
         one_session, _, _ = bare_backend(bundle, "onnxruntime", body, hint="latency")
         references = {"streams": ort, "one_session": one_session}
@@ -573,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", type=_backends, default=COMPARED.split(","), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results",
                    help="results directory (default benchmarks/results under the current directory)")
+    p.add_argument("--port", type=int_in(1, 65535 - len(COMPARED.split(","))), default=None,
+                   help="loopback ports of the servers it starts: N, N+1, N+2 (default: free ports)")
     args = p.parse_args(argv)
     # Path("") is the current directory: `--bundle "$B"` with B unset measured whatever bundle lies here.
     for problem in (empty_path_problem("--bundle", args.bundle, "give the bundle directory"),
@@ -593,9 +611,16 @@ def main(argv: list[str] | None = None) -> int:
     if problem := out_dir_problem(args.out):  # tried for real before minutes of measuring, not after
         print(f"{p.prog}: error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
+    if args.port is not None:  # a port in use would fail a server start minutes into the run
+        from benchmarks.naive_server import port_problem
+
+        if problem := next(filter(None, map(port_problem, ports_needed(args.port, args.backends))), None):
+            print(f"{p.prog}: error: --port {args.port}: {problem} (it uses {args.port}.."
+                  f"{ports_needed(args.port, args.backends)[-1]})", file=sys.stderr)
+            return 2
     doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
               args.backends, log=lambda m: print(m, file=sys.stderr),
-              saturation_rounds=args.saturation_rounds)
+              saturation_rounds=args.saturation_rounds, port=args.port)
     print(markdown(doc), flush=True)  # first: a write failing later loses no measurement
     return save(doc, args.out, p.prog)
 

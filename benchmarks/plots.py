@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from benchmarks.stats import MIN_CI_ROUNDS
 from models.io import atomic_write_bytes
 
 _COLOURS = {"conv": "tab:orange", "patchify": "tab:blue"}
@@ -78,9 +79,19 @@ def plot_latency(doc: dict[str, Any], path: Path) -> Path:
     return save(fig, path)
 
 
+# The y axis of the ratio plot, by the estimator the results used (results before schema 2 do not say: theirs was
+# the ratio of the two medians).
+_RATIO_LABELS = {"median per-round ratio": "C/P latency: median of per-round ratios",
+                 "ratio of medians": "C/P latency: ratio of the p50s"}
+CI = "95% CI"
+
+
 def plot_ratios(doc: dict[str, Any], path: Path) -> Path:
-    """C/P median-latency ratio vs batch per runtime, with its 95 % interval and the +-5 % parity band."""
+    """C/P latency ratio vs batch per runtime, the +-5 % parity band, and each ratio's interval: a capped bar for a
+    95 % CI, a dotted bar without caps on a hollow marker for the mere range of a few rounds (no CI)."""
     pairs, _ = _grid(doc)
+    estimators = {r.get("estimator", "ratio of medians") for r in doc["ratios"]}
+    ylabel = _RATIO_LABELS.get(next(iter(estimators)), "C/P latency") if len(estimators) == 1 else "C/P latency"
     fig, axes = figure(1, len(pairs), (5.0, 3.4))
     for i, pair in enumerate(pairs):
         ax = axes[0][i]
@@ -88,17 +99,30 @@ def plot_ratios(doc: dict[str, Any], path: Path) -> Path:
         ax.axhline(1.0, color="tab:green", lw=0.8)
         ratios = [r for r in doc["ratios"] if r["pair"] == pair]
         targets = list(dict.fromkeys(r["target"] for r in ratios))
+        ranges = False
         for k, target in enumerate(targets):
             pts = sorted((r for r in ratios if r["target"] == target), key=lambda r: r["batch"])
             xs = [r["batch"] * (1 + 0.04 * (k - len(targets) / 2)) for r in pts]  # dodge overlapping bars
-            ys = [r["ratio"] for r in pts]
-            err = [[r["ratio"] - r["interval"][0] for r in pts], [r["interval"][1] - r["ratio"] for r in pts]]
-            ax.errorbar(xs, ys, yerr=[[max(0.0, e) for e in err[0]], [max(0.0, e) for e in err[1]]],
-                        marker="o", capsize=3, label=target)
+            (line,) = ax.plot(xs, [r["ratio"] for r in pts], lw=1, label=target)
+            for ci in (True, False):
+                sel = [(x, r) for x, r in zip(xs, pts, strict=True) if (r.get("interval_kind", CI) == CI) == ci]
+                if not sel:
+                    continue
+                ranges |= not ci
+                below = [max(0.0, r["ratio"] - r["interval"][0]) for _, r in sel]
+                above = [max(0.0, r["interval"][1] - r["ratio"]) for _, r in sel]
+                _, _, (bars,) = ax.errorbar([x for x, _ in sel], [r["ratio"] for _, r in sel], yerr=[below, above],
+                                            fmt="o", color=line.get_color(), capsize=3 if ci else 0,
+                                            mfc=None if ci else "none")
+                bars.set_linestyle("-" if ci else ":")
+                bars.set_gid("ci95" if ci else "range")
         batch_axis(ax, [r["batch"] for r in ratios] or [1])
         ax.set_title(f"{pair}: ViT_C / ViT_P latency", fontsize=10)
         ax.set_xlabel("batch")
-        ax.set_ylabel("C/P ratio (p50)")
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+        if ranges:
+            ax.text(0.01, 0.01, f"capped bar: 95 % CI; dotted, hollow: range of < {MIN_CI_ROUNDS} rounds (no CI)",
+                    transform=ax.transAxes, fontsize=6, va="bottom")
     return save(fig, path)

@@ -78,7 +78,7 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
         rows.append([
             r["pair"], r["target"], str(r["batch"]), lat[0], lat[1],
             f"{r['ratio']:.3f}" + (" !" if r["flagged"] else ""),
-            f"{lo:.2f}-{hi:.2f}" + ("" if kind == CI else f" ({kind})"), r["verdict"],
+            f"{lo:.2f}-{hi:.2f}" + ("" if kind == CI else f" ({kind})"), _verdict(r),
             f"{r['macs_ratio']:.3f}",
             f"{c['gflops']:.1f} / {p['gflops']:.1f}",
             f"{_pct(c['fraction_of_limit'])} / {_pct(p['fraction_of_limit'])}",
@@ -95,11 +95,18 @@ def _interval_kind(r: dict[str, Any]) -> str:
     return r.get("interval_kind", CI)
 
 
+def _verdict(r: dict[str, Any]) -> str:
+    """The verdict, with what was missing when the cell measured too little for one ("too_few": since schema 3)."""
+    return r["verdict"] + (f" ({r['too_few']})" if r.get("too_few") else "")
+
+
 # How to read the C/P columns, under the terminal table and the Markdown one.
 RATIO_NOTE = (f"C/P is the median of the per-round ratios (C and P are timed in alternating rounds), marked '!' "
               f"outside 1 +- 5 %; the interval is its 95 % CI, or only the rounds' range when there are fewer than "
               f"{MIN_CI_ROUNDS} (the verdict is then only indicative); the verdict is parity (interval inside "
-              f"0.95-1.05), C faster or C slower (interval wholly outside), else inconclusive.")
+              f"0.95-1.05), C faster or C slower (interval wholly outside), else inconclusive; a cell with fewer "
+              f"rounds or calls than its budget's minimum (or a single round) is inconclusive whatever its numbers "
+              f"('too few').")
 
 HEADER = ["pair", "target", "batch", "C ms p50/p90/p99", "P ms p50/p90/p99", "C/P", "C/P interval", "verdict",
           "MACs C/P",
@@ -154,8 +161,7 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
         f"flags: {' '.join(cpu['flags']) or 'none of interest'}",
         f"- GPU: {', '.join(g['name'] for g in env['gpus']) or 'none'}; threads per inference: {env['threads']}",
         f"- Load average (1/5/15 min) at start {_fmt_load(la)}, at end {_fmt_load(la_end)}",
-        f"- Versions: {versions}; git {str((env.get('git') or {}).get('commit'))[:12]}"
-        + (" (dirty)" if (env.get("git") or {}).get("dirty") else ""),
+        f"- Versions: {versions}; {_git(env.get('git'))}",
         f"- {limits_line(doc)}",
         f"- Convention: {doc['config']['flops_convention']}",
         "",
@@ -218,7 +224,7 @@ def readme_table(doc: dict[str, Any]) -> str:
         c = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["c_model"])[0]
         p = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["p_model"])[0]
         rows.append([r["pair"], r["target"], str(r["batch"]), _ms(c["latency_ms"]["p50"]), _ms(p["latency_ms"]["p50"]),
-                     f"{r['ratio']:.2f}" + (" !" if r["flagged"] else ""), r["verdict"],
+                     f"{r['ratio']:.2f}" + (" !" if r["flagged"] else ""), _verdict(r),
                      f"{_pct(c['fraction_of_limit'])} / {_pct(p['fraction_of_limit'])}"])
     return _md_table(["pair", "runtime", "batch", "ViT_C p50 ms", "ViT_P p50 ms", "C/P", "verdict", "of limit C / P"],
                      rows)
@@ -242,6 +248,14 @@ def _rel(path: str) -> str:
     """A path relative to the repository when inside it (reports are read on other machines)."""
     repo = str(Path(__file__).resolve().parents[1]) + "/"
     return path[len(repo):] if path.startswith(repo) else path
+
+
+def _git(git: dict[str, Any] | None) -> str:
+    """`git 0123abcd4567 (dirty)`, or why there is no commit (an installed copy, an unpacked sdist)."""
+    commit = (git or {}).get("commit")
+    if not commit:
+        return "git: no commit (not run from a git checkout of vitc)"
+    return f"git {commit[:12]}" + (" (dirty)" if (git or {}).get("dirty") else "")
 
 
 def _fmt_load(la: list[float] | None) -> str:

@@ -89,8 +89,8 @@ def export_targets(targets: list[Target], gpus: int, native_bf16: bool = True) -
     return list(dict.fromkeys(needed))
 
 
-def unavailable(target: Target, manifest: Manifest, *, gpus: int, native_bf16: bool) -> str | None:
-    """Why `target` cannot run here (one line), or None when it can."""
+def unavailable_here(target: Target, *, gpus: int, native_bf16: bool) -> str | None:
+    """Why `target` cannot run on this machine whatever the bundle (one line), or None: known before any export."""
     rt = runtimes.get(target.runtime)
     if not rt.installed():
         return f"{rt.name} is not installed"
@@ -102,6 +102,14 @@ def unavailable(target: Target, manifest: Manifest, *, gpus: int, native_bf16: b
     if target.precision == "bf16" and target.device == "cpu" and not native_bf16:
         return ("CPU has no native bf16 (no AVX512_BF16/AMX): OpenVINO silently computes in fp32 and torch "
                 "emulates bf16 several times slower than fp32")
+    return None
+
+
+def unavailable(target: Target, manifest: Manifest, *, gpus: int, native_bf16: bool) -> str | None:
+    """Why `target` cannot run here (one line), or None when it can."""
+    if reason := unavailable_here(target, gpus=gpus, native_bf16=native_bf16):
+        return reason
+    rt = runtimes.get(target.runtime)
     precision = target.variant.artifact_precision
     try:
         runtimes.select(manifest, rt, precision)

@@ -62,6 +62,21 @@ def summarize(samples: Sequence[float] | np.ndarray) -> dict[str, Any]:
     }
 
 
+# Raw samples kept per series in a results file: all of them up to this many, else an even subset (every k-th).
+MAX_RAW_SAMPLES = 1000
+
+
+def raw_samples(samples: Sequence[float] | np.ndarray, cap: int = MAX_RAW_SAMPLES) -> dict[str, Any]:
+    """The samples themselves, bounded, so a results file's percentiles can be recomputed: `values` holds them in
+    their original order at 5 significant digits as one space-separated string (one line of JSON, not thousands),
+    every `every`-th of the `n` when there are more than `cap` (then the percentiles are recomputed approximately)."""
+    x = _array(samples)
+    every = max(1, math.ceil(x.size / cap))
+    kept = x[::every]
+    return {"n": int(x.size), "every": every, "kept": int(kept.size),
+            "values": " ".join(f"{v:.5g}" for v in kept)}
+
+
 def median_is_stable(samples: Sequence[float] | np.ndarray, rel_halfwidth: float) -> bool:
     """True when the median's 95 % CI half-width is within `rel_halfwidth` of the median (and n >= 5)."""
     x = _array(samples)
@@ -77,6 +92,9 @@ def ratio_summary(
     p_samples: Sequence[float] | np.ndarray,
     round_ratios: Sequence[float] = (),
     tolerance: float = PARITY_TOLERANCE,
+    *,
+    min_rounds: int = 2,
+    min_reps: int = 1,
 ) -> dict[str, Any]:
     """ViT_C / ViT_P latency ratio, its interval, and a verdict against 1 +- tolerance, all from one estimator.
 
@@ -84,26 +102,37 @@ def ratio_summary(
     each other, so the machine's drift cancels) and the interval that median's CI; without, the ratio of the two
     medians and the ratio of their CIs (conservative). The verdict is "parity" when the interval lies within
     1 +- tolerance, "C slower" / "C faster" when it lies wholly outside, else "inconclusive". Under MIN_CI_ROUNDS
-    rounds (or samples) the interval is only their range, so the verdict is "indicative: ..." (not firm).
+    rounds (or samples) the interval is only their range, so the verdict is "indicative: ..." (not firm). Under
+    `min_rounds` rounds (at least 2: one value is no interval) or `min_reps` calls of either model (the timing
+    budget's minimums, which a cell that ran out of time misses) the verdict is "inconclusive" whatever the
+    interval, and "too_few" says what was missing.
     """
+    c, p = _array(c_samples), _array(p_samples)
     if len(round_ratios) >= 1:
         ratios = _array(round_ratios)
         ratio, interval, n = float(np.median(ratios)), list(median_ci(ratios)), int(ratios.size)
         estimator = "median per-round ratio"
         kind = "95% CI" if n >= MIN_CI_ROUNDS else f"range of {n} round{'s' if n > 1 else ''}"
+        unit = "round"
     else:
-        c, p = _array(c_samples), _array(p_samples)
         ratio = float(np.median(c)) / float(np.median(p))
         (c_lo, c_hi), (p_lo, p_hi) = median_ci(c), median_ci(p)
         interval, n = [c_lo / p_hi, c_hi / p_lo], int(min(c.size, p.size))
         estimator = "ratio of medians"
         kind = "from the medians' 95% CIs" if n >= MIN_CI_ROUNDS else f"from the ranges of {n} samples"
-    firm = n >= MIN_CI_ROUNDS
-    verdict = _verdict(interval, tolerance)
+        unit = "sample"
+    too_few = []
+    if n < max(2, min_rounds):
+        too_few.append(f"{n} {unit}{'s' if n != 1 else ''} of {max(2, min_rounds)}")
+    if min(c.size, p.size) < min_reps:
+        too_few.append(f"{c.size}/{p.size} calls of {min_reps}")
+    firm = n >= MIN_CI_ROUNDS and not too_few
+    verdict = "inconclusive" if too_few else _verdict(interval, tolerance)
     if not firm and verdict != "inconclusive":
         verdict = f"indicative: {verdict}"
     return {"ratio": ratio, "interval": interval, "interval_kind": kind, "estimator": estimator, "firm": firm,
             "flagged": abs(ratio - 1) > tolerance, "verdict": verdict, "tolerance": tolerance,
+            "too_few": "too few: " + ", ".join(too_few) if too_few else None,
             "round_ratios": [float(x) for x in round_ratios]}
 
 

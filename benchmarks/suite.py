@@ -17,14 +17,28 @@ from typing import Any
 
 from benchmarks import bundles, machine
 from benchmarks.measure import FULL, Budget, input_pool, time_pair
-from benchmarks.runners import Target, all_targets, export_targets, open_target, unavailable
-from benchmarks.stats import achieved_gflops, ratio_summary, summarize
+from benchmarks.runners import Target, all_targets, export_targets, open_target, unavailable, unavailable_here
+from benchmarks.stats import achieved_gflops, ratio_summary, raw_samples, summarize
 from models.bundle import Manifest
 
 SCHEMA = "vitc-latency-benchmark"
 # 2: a ratio entry's "ratio" is the median per-round C/P ratio (1: the ratio of the two medians, which could lie
 # outside its own interval), with "interval_kind", "estimator" and "firm" beside it.
-SCHEMA_VERSION = 2
+# 3: a ratio's verdict is "inconclusive" below the budget's minimum rounds or calls (or from one round), "too_few"
+# saying what was missing; each cell keeps its per-call latencies ("samples_ms", stats.raw_samples).
+SCHEMA_VERSION = 3
+
+
+class NothingToMeasure(ValueError):
+    """No target of the run can run here (not installed, no GPU, refused by its parity gate): one line, exit 2."""
+
+
+def _nothing_to_measure(reasons: dict[str, str]) -> NothingToMeasure:
+    by_reason: dict[str, list[str]] = {}
+    for target, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(target)
+    return NothingToMeasure("nothing to measure: no target can run here ("
+                            + "; ".join(f"{', '.join(ts)}: {r}" for r, ts in by_reason.items()) + ")")
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,8 @@ def _merge_limits(first: dict[str, Any], second: dict[str, Any]) -> dict[str, An
 
 def _cell(model: bundles.PreparedModel, target: Target, batch: int, samples: list[float], info: dict[str, Any],
           limits: dict[str, Any], timing: Any) -> dict[str, Any]:
-    stats = summarize([s * 1e3 for s in samples])
+    ms = [s * 1e3 for s in samples]
+    stats = summarize(ms)
     macs = _macs(model.manifest)
     gflops = achieved_gflops(macs, batch, stats["p50"] / 1e3)
     limit, limit_name = machine.limit_for(limits, target.device.split(":")[0], target.precision)
@@ -99,7 +114,8 @@ def _cell(model: bundles.PreparedModel, target: Target, batch: int, samples: lis
         "target": target.id, "runtime": target.runtime, "precision": target.precision, "device": target.device,
         "compiled": target.compile, "channels_last": info.get("channels_last"),
         "batch": batch, "threads": info.get("threads_effective", info.get("threads")),
-        "latency_ms": stats, "reps": stats["n"], "rounds": timing.rounds, "hit_time_limit": timing.hit_time_limit,
+        "latency_ms": stats, "samples_ms": raw_samples(ms), "reps": stats["n"], "rounds": timing.rounds,
+        "hit_time_limit": timing.hit_time_limit,
         "throughput_ips": batch / (stats["p50"] / 1e3),
         "macs_per_image": macs, "gflops": gflops, "limit": limit_name, "limit_gflops": limit,
         "fraction_of_limit": gflops / limit if limit else None,
@@ -130,7 +146,8 @@ def _run_target(cfg: SuiteConfig, c: bundles.PreparedModel, p: bundles.PreparedM
             cells = [_cell(m, target, batch, t, o.info, limits, timing)
                      for m, t, o in ((c, timing.c, opened[0]), (p, timing.p, opened[1]))]
             doc["results"] += cells
-            ratio = ratio_summary(timing.c, timing.p, timing.round_ratios)
+            ratio = ratio_summary(timing.c, timing.p, timing.round_ratios, min_rounds=cfg.budget.min_rounds,
+                                  min_reps=cfg.budget.min_reps)
             doc["ratios"].append({"pair": c.pair, "target": target.id, "batch": batch, **ratio,
                                   "c_model": c.model, "p_model": p.model,
                                   "c_p50_ms": cells[0]["latency_ms"]["p50"], "p_p50_ms": cells[1]["latency_ms"]["p50"],
@@ -178,6 +195,9 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> dic
         f"{gpus} GPU(s), load average {env['load_average']}; measuring the matmul limit ...")
     limits = measure_limits(cfg, gpus)
     native_bf16 = bool(limits["cpu"]["bf16"]["native"])
+    here = {t.id: unavailable_here(t, gpus=gpus, native_bf16=native_bf16) for t in cfg.targets}
+    if all(here.values()):  # before minutes of exports for nothing
+        raise _nothing_to_measure(here)
     doc: dict[str, Any] = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -214,6 +234,8 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> dic
                 doc["skipped"].append({"pair": pair, "target": target.id, "reason": reason})
             else:
                 runnable.append((pair, target))
+    if not runnable:  # every target refused by the bundles' parity gates, say
+        raise _nothing_to_measure({f"{s['pair']} {s['target']}": s["reason"] for s in doc["skipped"]})
     bar = _progress(len(runnable) * len(cfg.batch_sizes), cfg.progress)
     try:
         for pair, target in runnable:

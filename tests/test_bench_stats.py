@@ -72,7 +72,8 @@ def test_few_rounds_give_their_range_and_only_an_indicative_verdict():
     r = ratio_summary([0.5] * 5, [1.0] * 5, round_ratios=[0.648, 0.767])
     assert r["ratio"] == pytest.approx(0.7075) and r["interval"] == [0.648, 0.767]
     assert r["interval_kind"] == "range of 2 rounds" and not r["firm"] and r["verdict"] == "indicative: C faster"
-    assert ratio_summary([1.0], [1.0], round_ratios=[1.3])["verdict"] == "indicative: C slower"
+    one = ratio_summary([1.0], [1.0], round_ratios=[1.3])  # one round is no interval: no direction either
+    assert one["verdict"] == "inconclusive" and one["too_few"] == "too few: 1 round of 2" and not one["firm"]
     assert ratio_summary([1.0], [1.0], round_ratios=[0.9, 1.1])["verdict"] == "inconclusive"
     few_samples = ratio_summary([2.0] * 5, [1.0] * 5)  # no rounds: the samples' count decides
     assert few_samples["verdict"] == "indicative: C slower"
@@ -97,7 +98,9 @@ def test_the_ratio_lies_in_its_interval_and_the_verdict_follows_the_interval(c, 
     assert r["firm"] == ((len(rounds) or min(len(c), len(p))) >= MIN_CI_ROUNDS)
     word = r["verdict"].removeprefix("indicative: ")
     assert r["verdict"].startswith("indicative: ") == (not r["firm"] and word != "inconclusive")
-    assert word == ("C slower" if lo > 1.05 else "C faster" if hi < 0.95 else
+    single = (len(rounds) or min(len(c), len(p))) < 2  # one value: no interval, so no direction
+    assert (r["too_few"] is not None) == single
+    assert word == ("inconclusive" if single else "C slower" if lo > 1.05 else "C faster" if hi < 0.95 else
                     "parity" if 0.95 <= lo and hi <= 1.05 else "inconclusive")
 
 
