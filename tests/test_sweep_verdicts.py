@@ -142,12 +142,14 @@ def test_compiled_timers_of_many_settings_each_compile_their_own_graph(monkeypat
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     counters.clear()
-    for model in ("vit_c_nano", "vit_p_nano"):
-        for layout in runtime.LAYOUTS:
-            runtime._timer(model, "inference", "cpu", layout, True, 2)()
+    # config.patch, not monkeypatch: dynamo's config module keeps its values in a table, and monkeypatch's undo
+    # would delete the attribute, breaking every later torch.compile in this process.
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for model in ("vit_c_nano", "vit_p_nano"):
+            for layout in runtime.LAYOUTS:
+                runtime._timer(model, "inference", "cpu", layout, True, 2)()
     assert counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
 
