@@ -7,7 +7,8 @@ onnxruntime-CUDA where installed), about 10 minutes on 2 cores (plus a one-time 
 under exports/bench/). `--pairs` takes any of the paper's pairs 1gf, 4gf, 18gf, 36gf, 72gf as well.
 `--quick` (the micro pair, a few repetitions) takes well under a minute once its bundles are cached.
 `--http URL` instead drives a running server (closed loop at several concurrencies, then Poisson arrivals) and
-compares it with the bare runtime; `--http start --bundle DIR` serves DIR itself for the run.
+compares it with the bare runtime; `--http start --bundle DIR` serves DIR itself for the run, on a free loopback
+port (`--port N` picks it).
 
 Method: each model pair is loaded side by side; after a warm-up, C and P are timed in alternating rounds on a
 rotating pool of inputs until both medians are stable (95 % CI within +-2 %) or the cell's time is up.
@@ -51,7 +52,7 @@ from pathlib import Path
 PROG = "python benchmarks/latency.py"
 # The end-to-end mode's own flags: without --http nothing reads them (the suite would run and ignore them).
 HTTP_ONLY = ("--model", "--concurrency", "--rate", "--duration", "--bundle", "--runtime", "--server-args",
-             "--image-format", "--image-size", "--api-key")
+             "--port", "--image-format", "--image-size", "--api-key")
 MAX_CELL_S = 3600.0
 MAX_LIMIT_S = 600.0
 MAX_DURATION_S = 3600.0
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="backend of the server --http start launches (default onnxruntime)")
     http.add_argument("--server-args", default=None, metavar="FLAGS",
                       help="more `python -m serve` flags for --http start: --server-args='--device cuda --compile'")
+    http.add_argument("--port", type=int_in(1, 65535), default=None,
+                      help="loopback port of the server --http start starts (default: a free port), as "
+                           "`benchmarks.load --start --port`")
     http.add_argument("--image-format", choices=("png", "jpeg"), default="png",
                       help="request images: PNG (default) or JPEG (quality 90)")
     http.add_argument("--image-size", type=int, default=None,
@@ -228,6 +232,24 @@ def _paths_problem(args: argparse.Namespace, out: Path) -> str | None:
     return None
 
 
+def _port_problem(args: argparse.Namespace) -> str | None:
+    """Why --port cannot be used as given: it sets the port of the server --http start starts, once."""
+    import shlex
+
+    if args.port is None:
+        return None
+    if args.http != "start":
+        return "--port applies to --http start only (the server it starts); give a running server's port in its URL"
+    try:
+        flags = [t.partition("=")[0] for t in shlex.split(args.server_args or "")]
+    except ValueError:
+        return None  # unbalanced quotes: e2e_config refuses --server-args itself
+    # `python -m serve` takes an abbreviation too (--po, --por): argparse's prefix matching
+    if any(len(f) >= 4 and "--port".startswith(f) for f in flags):
+        return "--port and --server-args='--port ...' both set the started server's port: give one of them"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the benchmark (or the end-to-end mode), print the table, write the files."""
     from benchmarks.report import save_failed
@@ -243,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         one = len(flags) == 1
         p.error(f"{', '.join(flags)} {'applies' if one else 'apply'} to the end-to-end mode only: add --http URL "
                 f"(or --http start --bundle DIR), or leave {'it' if one else 'them'} out")
-    if problem := _empty_path(args):
+    if problem := _empty_path(args) or _port_problem(args):
         p.error(problem)
+    if args.port is not None:  # one more flag of the started server, as --server-args='--port N' gives it
+        args.server_args = f"{args.server_args or ''} --port {args.port}".strip()
     args.cache, args.out, args.bundle = (None if v is None else Path(v) for v in (args.cache, args.out, args.bundle))
     out = args.out or (args.cache / "results" if args.quick else Path("benchmarks") / "results")
     if problem := _paths_problem(args, out):

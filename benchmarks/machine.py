@@ -24,6 +24,7 @@ import numpy as np
 
 from models.device import cuda_version_text, driver_cuda_version  # noqa: F401 - cuda_version_text: re-exported
 from models.host import distribution_versions, source_revision, usable_cpus
+from models.tolerance import TOLERANCES
 
 # CPU flags that decide which kernels the runtimes can use (the full list is long and mostly irrelevant).
 _FLAGS_OF_INTEREST = (
@@ -152,12 +153,14 @@ def cpu_matmul_limits(threads: int, seconds: float = 2.0, sizes: tuple[int, ...]
 
 
 def cuda_matmul_limits(seconds: float = 2.0, n: int = 8192) -> dict[str, Any]:
-    """Sustained fp32 / tf32-off, fp16, bf16 and int8 GEMM throughput on the first CUDA GPU (torch)."""
+    """Sustained GEMM throughput on the first CUDA GPU (torch) in each parity-gated precision, fp32 with tf32 off."""
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; TensorRT fp16 is compared to the fp16 limit
     limits: dict[str, Any] = {}
-    for precision in ("fp32", "fp16", "bf16", "int8"):
+    # models.tolerance's precisions, the ones an artifact may compute in: one added there is measured here too, or
+    # recorded with the reason it could not be.
+    for precision in TOLERANCES:
         try:
             fn, sync = _torch_matmul(n, "cuda", precision)
             rates = _timed_throughput(fn, 2.0 * n**3, seconds, sync)

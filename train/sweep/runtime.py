@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from models.cli import OneLineParser, int_in, machine_failure
+from models.device import DEVICE_RULE, is_device
 
 LAYOUTS = ("nchw", "channels_last")
 MAX_BATCH = 4096  # a batch is allocated whole on the device: bound it before asking for it
 MAX_ROUNDS = 1000
 ROUNDS = 9  # alternating rounds per setting: enough for a 95 % interval of the median per-round ratio (>= 6)
-DEVICE_RE = re.compile(r"cpu|cuda(:\d{1,3})?")
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:
@@ -203,9 +203,10 @@ def batch_problem(models: tuple[str, ...], device: str, batch: int) -> str | Non
 
 
 def _device(text: str) -> str:
-    """An argparse type: cpu, cuda or cuda:N (availability is checked after parsing, when torch is loaded)."""
-    if not DEVICE_RE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    """An argparse type: a device name of models.device (availability is checked after parsing, with torch)."""
+    # The server's and the runtimes' rule: a study measured on cuda:100 could never be served there.
+    if not is_device(text):
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_RULE}, got {text!r}")
     return text
 
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the rows as a table; exit 2 with one line for a bad model name."""
     p = OneLineParser(prog="python -m train.sweep.runtime", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair (either order)")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help=f"{DEVICE_RULE} (default cpu)")
     p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=64, help=f"images per step, 1..{MAX_BATCH}")
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=ROUNDS,
                    help=f"alternating rounds, 1..{MAX_ROUNDS} (default {ROUNDS}; 6 at least for a 95 %% interval)")
