@@ -99,11 +99,16 @@ load-test: install
 bench: install
 	$(PYTHON) benchmarks/latency.py
 
+# A study resumes from what its directory holds: results/paper-reduced ships finished, so there `make paper-quick`
+# only rebuilds the report; PAPER_QUICK_OUT=results/paper-reduced-rerun trains the whole study again.
+PAPER_OUT ?= results/paper-full
+PAPER_QUICK_OUT ?= results/paper-reduced
+
 paper: install
-	$(PYTHON) -m train.sweep --preset full --out results/paper-full --workers 2
+	$(PYTHON) -m train.sweep --preset full --out $(PAPER_OUT) --workers 2
 
 paper-quick: install
-	$(PYTHON) -m train.sweep --preset reduced --out results/paper-reduced --workers 2
+	$(PYTHON) -m train.sweep --preset reduced --out $(PAPER_QUICK_OUT) --workers 2
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .ruff_cache
