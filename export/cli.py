@@ -97,7 +97,8 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
                        help=f"comma-separated, of {', '.join(runtime.precisions)} (default %(default)s)")
     else:
         p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                       help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s)")
+                       help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s; a torch-fp32 "
+                            "artifact, the checkpoint's weights, is always added)")
     p.add_argument("--name", help="served model name, A-Z a-z 0-9 _ . - (default: the --out directory name, "
                                   "other characters replaced by '-')")
     p.add_argument("--max-batch", type=int_in(1, MAX_BATCH_LIMIT), default=ExportConfig.max_batch,
