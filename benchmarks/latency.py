@@ -41,6 +41,7 @@ if __name__ == "__main__" and __spec__ is None:
 
 # First of vitc's modules: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143).
 import models.cli  # noqa: F401
+from models.oneline import first_line
 
 # isort: split
 import argparse
@@ -297,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BundleError, BackendError, ExportError, ExportIOError, OSError) as exc:
         if isinstance(exc, OSError) and (code := machine_failure(exc, PROG)) is not None:
             return code  # a full disk while exporting the bundles: the machine failed, not the input
-        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-              file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         stopped = isinstance(exc, Terminated)

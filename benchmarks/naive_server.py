@@ -18,6 +18,7 @@ import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handler's annotation here
 
 from models.cli import OneLineParser
+from models.oneline import first_line
 
 
 def create_app(bundle: str):  # noqa: ANN201 - a FastAPI app
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors (Fail, InvalidProtobuf...) derive from Exception
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         print(f"{p.prog}: error: {args.bundle}: cannot load the ONNX model: {reason}", file=sys.stderr)
         return 2
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

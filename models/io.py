@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from models.oneline import first_line
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, streamed."""
@@ -173,8 +175,7 @@ def strict_json_bytes(obj: Any) -> bytes:
     try:
         return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
     except (TypeError, ValueError) as exc:  # a set or an object; NaN or Infinity; a circular reference
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"not strict JSON: {text[:300]}") from None
+        raise ValueError(f"not strict JSON: {first_line(exc, 300)}") from None
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -324,8 +325,7 @@ def parse_strict_json(data: bytes, max_bytes: int) -> Any:
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, non-finite numbers, 4300-digit integers
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        raise ValueError(f"{type(exc).__name__}: {text[:300]}") from None
+        raise ValueError(f"{type(exc).__name__}: {first_line(exc, 300)}") from None
     if _json_depth(doc) > MAX_JSON_DEPTH:
         raise ValueError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return doc

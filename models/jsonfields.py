@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from models.oneline import first_line
+
 
 class FieldError(ValueError):
     """A missing or ill-typed field; the message names the file and the field."""
@@ -76,8 +78,7 @@ class Fields:
         try:
             return build(value)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise self.fail(key, f"is invalid: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                            ) from None
+            raise self.fail(key, f"is invalid: {first_line(exc)}") from None
 
     def ints(self, key: str) -> tuple[int, ...]:
         values = self.get(key, list)

@@ -9,7 +9,6 @@ them through `Runtime.load`.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ from models.bundle import Artifact, Manifest
 from models.cli import installed, memory_failure
 from models.config import is_int
 from models.device import DEVICE_RULE, is_device
+from models.oneline import first_line
 from models.tritonconfig import BackendRules
 
 if TYPE_CHECKING:
@@ -436,14 +436,3 @@ def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
         raise BackendError(f"the {runtime} backend runs on {' or '.join(supported)}, not {device!r}")
 
 
-# OpenVINO's messages start with where in its sources they were raised ("Exception from src/.../core.cpp:117:"),
-# and the reason follows on the next lines.
-_SOURCE_LOCATION = re.compile(r"^(Exception from \S+:\d+:?|Check '.*' failed at \S+:\d+:?)$")
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one readable line (the first that is not a source location): its type when it has no
-    message."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    reason = next((ln for ln in lines if not _SOURCE_LOCATION.match(ln)), lines[0] if lines else "")
-    return reason or type(exc).__name__

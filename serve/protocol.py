@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from models.jsonfields import is_int
+from models.oneline import first_line
 
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t).newbyteorder("<")
@@ -286,8 +287,7 @@ def _cut_json_end(body: bytes, n: int, max_containers: int | None) -> int | None
 
 def short_reason(exc: BaseException) -> str:
     """An exception as the first line of its message, at most 200 characters (its type when it has none)."""
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return first_line(exc, 200)
 
 
 def _params(obj: dict, what: str) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from models.io import atomic_write_json
+from models.oneline import first_line
 from train.sweep import analysis, plan, report, runner
 from train.sweep.plan import STUDY_FILE, StudyConfig
 from train.sweep.spec import RunSpec
@@ -119,7 +120,7 @@ def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.Wo
         try:
             rows += [{"pair": [conv, patch], **r} for r in runtime.measure(conv, patch, device, BATCH)]
         except RuntimeError as exc:  # out of memory, or a compiled model refusing to run eagerly (fullgraph)
-            why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            why = f"{type(exc).__name__}: {first_line(exc)}"[:300]
             print(f"[sweep] runtime: {conv} vs {patch} not measured: {why}", file=sys.stderr)
             skipped[f"{conv},{patch}"] = why
     doc: dict[str, Any] = {"rows": rows, "machine": runtime.machine(device)}
