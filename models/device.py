@@ -11,7 +11,10 @@ from collections.abc import Iterator
 
 # cuda:0 to cuda:99: far above any one machine's GPUs, low enough that a typo (cuda:100) is refused when the
 # settings are read rather than when a model loads.
-DEVICE_RE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
+# ASCII digits without a leading zero: torch.device refuses "cuda:01" and Unicode digits ("cuda:\u0663"), which
+# `\d` would let through to fail only when a model loads.
+GPU_INDEX = r"(0|[1-9][0-9]?)"
+DEVICE_RE = re.compile(rf"^(cpu|cuda(:{GPU_INDEX})?)$")
 DEVICE_RULE = "cpu, cuda or cuda:N (N from 0 to 99)"
 
 DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib")
@@ -22,6 +25,11 @@ def is_device(value: object) -> bool:
     """Whether `value` is a device name: cpu, cuda or cuda:N with N below 100."""
     # fullmatch: `$` alone would let a trailing newline ("cuda\n") through
     return isinstance(value, str) and DEVICE_RE.fullmatch(value) is not None
+
+
+def is_gpu_index(value: object) -> bool:
+    """Whether `value` is a GPU index as cuda:N takes it: 0 to 99 in ASCII digits, no leading zero."""
+    return isinstance(value, str) and re.fullmatch(GPU_INDEX, value) is not None
 
 
 def cuda_version_text(version: int) -> str:

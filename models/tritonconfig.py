@@ -254,7 +254,9 @@ def read_labels(raw: bytes, classes: int) -> list[str]:
     lines = text.count("\n") + (text != "" and not text.endswith("\n"))
     if lines != classes:
         raise LabelsError(f"holds {lines} lines, one label per class was expected ({classes})", lines)
-    return [label.removesuffix("\r") for label in text.split("\n")[:classes]]  # a CRLF file's too
+    # A CRLF file's labels lose their "\r", which Triton's getline would keep in each label: an editor's line ends
+    # are not part of a class name.
+    return [label.removesuffix("\r") for label in text.split("\n")[:classes]]
 
 
 def _without_line_ends(text: str) -> str:

@@ -69,6 +69,8 @@ def select(manifest: Manifest, runtime: Runtime, precision: str | None = None, d
     reasons = {}
     for artifact in own:
         if (reason := runtime.mismatch(artifact, device)) is None:
+            if reasons:  # another precision than the one that would have opened: say so, as for the fallback
+                _passed_over(runtime.name, device, artifact.id, reasons)
             return artifact
         reasons[artifact.id] = reason
     if not fallback_fits:
@@ -77,12 +79,17 @@ def select(manifest: Manifest, runtime: Runtime, precision: str | None = None, d
         fallback = manifest.select(*runtime.fallback)
     except BundleError:
         return chosen
-    reason = "; ".join(reasons.values())
-    log.warning("%s on %s opens %r instead of the bundle's own %s: %s", runtime.name, device, fallback.id,
-                ", ".join(map(repr, reasons)), reason,
-                extra={"runtime": runtime.name, "device": device, "passed_over": list(reasons), "reason": reason,
-                       "opened": fallback.id})
+    _passed_over(runtime.name, device, fallback.id, reasons)
     return fallback
+
+
+def _passed_over(runtime: str, device: str, opened: str, reasons: dict[str, str]) -> None:
+    """Warn that `opened` runs instead of the artifacts `reasons` names (artifact id -> why not here)."""
+    reason = "; ".join(reasons.values())
+    log.warning("%s on %s opens %r instead of the bundle's %s: %s", runtime, device, opened,
+                ", ".join(map(repr, reasons)), reason,
+                extra={"runtime": runtime, "device": device, "passed_over": list(reasons), "reason": reason,
+                       "opened": opened})
 
 
 def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, precision: str | None = None,

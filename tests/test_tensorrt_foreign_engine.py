@@ -105,12 +105,19 @@ def test_an_engine_of_another_tensorrt_is_passed_over_too(tmp_path, on_h200, war
 
 
 def test_an_engine_built_here_is_chosen_first_and_no_warning_is_said(tmp_path, on_h200, warnings_logged):
-    m = read_manifest(_bundle(tmp_path, ("fp16", H100, "10.9.0"), ("int8", H200, "10.9.0")))
-    rt = runtimes.get("tensorrt")
-    assert runtimes.select(m, rt, None, "cuda").id == "tensorrt-int8"  # the fp16 one cannot run here; int8 can
     m = read_manifest(_bundle(tmp_path / "2", ("fp16", H200, "10.9.0")))
-    assert runtimes.select(m, rt, None, "cuda").id == "tensorrt-fp16"
+    assert runtimes.select(m, runtimes.get("tensorrt"), None, "cuda").id == "tensorrt-fp16"
     assert not warnings_logged
+
+
+def test_another_precision_that_runs_here_is_opened_with_a_warning(tmp_path, on_h200, warnings_logged):
+    """The fp16 engine cannot run here and the int8 one can: int8 opens, and the log says so (a silent switch of
+    precision would change the answers without a word)."""
+    m = read_manifest(_bundle(tmp_path, ("fp16", H100, "10.9.0"), ("int8", H200, "10.9.0")))
+    assert runtimes.select(m, runtimes.get("tensorrt"), None, "cuda").id == "tensorrt-int8"
+    (record,) = warnings_logged
+    assert "opens 'tensorrt-int8' instead of the bundle's 'tensorrt-fp16'" in record.getMessage()
+    assert (record.passed_over, record.opened) == (["tensorrt-fp16"], "tensorrt-int8")
 
 
 @pytest.mark.parametrize("onnx, precision", [(True, "fp16"), (False, None)])

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from data.datasets import EMBEDDED, SPLITS
 from models.cli import OneLineParser, Terminated, int_in
+from models.device import is_gpu_index
 from models.io import empty_path_problem
 from train.config import OPTIMIZERS
 from train.sweep.claims import MIN_SEEDS
@@ -69,8 +70,8 @@ def _names(text: str) -> tuple[str, ...]:
 def _devices(text: str) -> tuple[str, ...]:
     """GPU indices, e.g. 0,1 (each worker's CUDA_VISIBLE_DEVICES; the study's first one is measured as cuda:N)."""
     ids = _names(text)
-    if bad := [d for d in ids if not d.isdigit()]:
-        raise argparse.ArgumentTypeError(f"expected GPU indices such as 0,1, got {bad[0]!r}")
+    if bad := [d for d in ids if not is_gpu_index(d)]:
+        raise argparse.ArgumentTypeError(f"expected GPU indices 0 to 99 such as 0,1, got {bad[0]!r}")
     return ids
 
 

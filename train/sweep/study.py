@@ -101,6 +101,8 @@ def _machines(study_dir: Path, current: dict[str, Any]) -> list[dict[str, Any]]:
 def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.WorkerSlot]) -> None:
     """C/P time per training step and inference batch of every pair, once per study (runtime.json), on the
     study's first GPU or else the CPU, after the trainings so nothing else runs beside it."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
     from train.sweep import runtime
 
     path = study_dir / report.RUNTIME_FILE
@@ -119,7 +121,9 @@ def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.Wo
         print(f"[sweep] runtime: {conv} vs {patch} on {device}", file=sys.stderr)
         try:
             rows += [{"pair": [conv, patch], **r} for r in runtime.measure(conv, patch, device, BATCH)]
-        except RuntimeError as exc:  # out of memory, or a compiled model refusing to run eagerly (fullgraph)
+        # Out of memory, or a compiled model refusing to run eagerly (fullgraph: a graph break is a RuntimeError,
+        # the recompile limit an Exception of dynamo's own).
+        except (RuntimeError, FailOnRecompileLimitHit) as exc:
             why = f"{type(exc).__name__}: {first_line(exc)}"[:300]
             print(f"[sweep] runtime: {conv} vs {patch} not measured: {why}", file=sys.stderr)
             skipped[f"{conv},{patch}"] = why
