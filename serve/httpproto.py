@@ -144,6 +144,7 @@ class OpenConnections:
     probes: int = 0  # probe-only connections, beyond the limit
     # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
     waiting: dict[Any, None] = field(default_factory=dict)
+    closing: bool = False  # from a stop's first signal: every answer begun from then on closes its connection
 
     def count(self, probe: bool, change: int) -> None:
         """Count a connection in (`change` 1) or out (-1) of the admitted ones or the probe-only ones."""
@@ -185,7 +186,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE) ends its request at once:
     the app's `receive` raises a JSON 400 that the app answers, closing the connection. A client that half-closes
     after its HTTP/1.1 requests has those it sent whole answered, then the connection closes (EOF_PROBE_S); an EOF
-    while an HTTP/1.0 request is owed its answer is a disconnect.
+    while an HTTP/1.0 request is owed its answer is a disconnect. `close_after_answers` (a stop's first signal) makes
+    every answer begun from then on close its connection; an HTTP/1.0 request is never sent `100 Continue`.
 
     uvicorn makes one instance per connection from the class it is given: `configured` makes that class, holding
     the limits and the count of open connections that all of its connections share.
@@ -205,6 +207,12 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """The protocol class of one server: its connections share `limits` and one count of those open."""
         return type(cls.__name__, (cls,), {"limits": limits, "shared": OpenConnections(),
                                            "refusals": Refusals(access_log, on_refusal)})
+
+    @classmethod
+    def close_after_answers(cls) -> None:
+        """From now on every answer not yet begun, on every connection of this class, says `connection: close` and
+        closes its connection (a stop's shutdown delay). A plain assignment: safe in a signal handler."""
+        cls.shared.closing = True
 
     # Connections: admission, the probe places beyond the limit, and their release.
 
@@ -384,6 +392,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._unset_keepalive_if_required()  # armed when an early answer's body ended in this same read
         self._messages += 1
         self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
         self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
@@ -424,6 +433,10 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             # For the access log: a client that left before any of the answer went out was sent nothing (uvicorn
             # drops what the app sends then).
             self.scope["vitc.unanswered"] = lambda: cycle.disconnected and not cycle.response_started
+            if self.scope["http_version"] == "1.0":
+                # RFC 9110 10.1.1: an HTTP/1.0 request's 100-continue expectation is ignored, and 15.2: no 1xx goes
+                # to HTTP/1.0 (uvicorn would send `100 Continue` when the app first reads the body).
+                cycle.waiting_for_100_continue = False
         if self._probe_only:
             self.cycle.keep_alive = False  # one probe per place beyond the limit, then the place is free
 
@@ -462,6 +475,13 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._body_read_of, self._in_body, self._framing = self.cycle, False, False
+        if self.cycle.response_complete and not self._eof and not self.transport.is_closing():
+            # The rest of a body answered early (a 404, a 413) is read and dropped: the connection is idle now, and
+            # gets uvicorn's keep-alive timeout, not the deadline of headers that have not begun (a 408).
+            self._disarm()
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
 
     def _unsupported_upgrade_warning(self) -> None:
         """An `Upgrade: websocket` request is answered as plain HTTP (RFC 9110 7.8 lets a server ignore Upgrade),
@@ -490,7 +510,20 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._running = cycle  # the request being answered (the others wait in self.pipeline)
         cycle.receive = self._checked_receive(cycle)  # what run_asgi hands the app
+        cycle.send = self._closing_send(cycle)
         super()._start_asgi_task(cycle, app)
+
+    def _closing_send(self, cycle: Any) -> Callable[[Any], Any]:
+        """uvicorn's `send` of `cycle`, closing the connection after an answer begun once the server stops
+        (close_after_answers): checked as the answer begins, so it holds for requests already in progress then."""
+        send, shared = cycle.send, self.shared
+
+        async def closing_send(message: Any) -> None:
+            if shared.closing and not cycle.response_started:
+                cycle.keep_alive = False  # uvicorn then says `connection: close` (once) and closes after the answer
+            await send(message)
+
+        return closing_send
 
     def _checked_receive(self, cycle: Any) -> Callable[[], Any]:
         """uvicorn's `receive` of `cycle`, raising the JSON error of a malformed chunked body."""

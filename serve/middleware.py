@@ -27,6 +27,8 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": counted and logged, neve
 # control byte (3 bytes sent) is 6 in JSON. The path's length is logged beside a cut one.
 LOGGED_PATH, LOGGED_METHOD = 256, 32
 log = logging.getLogger("vitc.serve")
+# An oversized body that is read (and dropped) before its 413 so that the client, still sending, sees the answer rather
+# than a reset: for at most this long, and never past the body's own deadline (--receive-timeout-s).
 _DRAIN_TIMEOUT_S = 5.0
 
 
@@ -162,6 +164,18 @@ def request_id_of(raw: bytes) -> str:
     return cleaned or uuid.uuid4().hex[:16]
 
 
+def expects_continue(scope: Scope) -> bool:
+    """Whether the request waits for `100 Continue` before sending its body: `Expect: 100-continue` in HTTP/1.1 (an
+    HTTP/1.0 request's is ignored, RFC 9110 10.1.1: no 1xx may go to it, serve.httpproto)."""
+    return scope.get("http_version") != "1.0" and any(
+        k == b"expect" and b"100-continue" in v.lower() for k, v in scope.get("headers") or ())
+
+
+def _closes(headers: Collection[tuple[bytes, bytes]]) -> bool:
+    """Whether request or response `headers` say `Connection: close`."""
+    return any(k.lower() == b"connection" and b"close" in v.lower() for k, v in headers)
+
+
 class ExpectContinueMiddleware:
     """An answer given before an `Expect: 100-continue` body was asked for (a 401, a 404) closes the connection:
     the client may never send that body (RFC 9110 10.1.1), and its next request would be read as it."""
@@ -171,9 +185,7 @@ class ExpectContinueMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Every request passes here: look for the one header without building a dict of them all.
-        expect = scope["type"] == "http" and any(k == b"expect" and b"100-continue" in v.lower()
-                                                 for k, v in scope.get("headers") or ())
-        if not expect:
+        if scope["type"] != "http" or not expects_continue(scope):
             await self.app(scope, receive, send)
             return
         asked = False
@@ -184,7 +196,7 @@ class ExpectContinueMiddleware:
             return await receive()
 
         async def early_send(message: Message) -> None:
-            if not asked and message["type"] == "http.response.start":
+            if not asked and message["type"] == "http.response.start" and not _closes(message.get("headers", ())):
                 message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
@@ -304,11 +316,18 @@ class BodyLimitMiddleware:
                 await error_response(400, "invalid Content-Length header")(scope, receive, send)
                 return
             if length > self.max_bytes:
-                # Read (and drop) a moderately oversized body first so the client sees the 413 rather than a
-                # reset; a client waiting on `Expect: 100-continue` sends nothing and needs no draining.
-                if b"100-continue" not in headers.get(b"expect", b"").lower() and length <= 2 * self.max_bytes:
-                    await _drain(receive, self.max_bytes)
+                # Decided from the header, answered at once (a body that never comes is not waited for). A client
+                # waiting on `Expect: 100-continue` sends nothing, and one past twice the limit is not worth reading:
+                # both are closed. A moderately oversized body may still be on its way, and closing with it unread
+                # could reset the connection under the 413: on a connection that stays open uvicorn's parser reads
+                # the rest of it and drops it (as after any answer given before the body; serve.httpproto bounds the
+                # wait), and one that closes after the answer (HTTP/1.0, `Connection: close`) reads it first.
                 big = BodyTooLarge(self.max_bytes)
+                if not expects_continue(scope) and length <= 2 * self.max_bytes:
+                    if scope.get("http_version") != "1.0" and not _closes(scope.get("headers") or ()):
+                        await error_response(big.status, big.reason)(scope, receive, send)
+                        return
+                    await _drain(receive, length, min(_DRAIN_TIMEOUT_S, self.timeout_s))
                 await error_response(big.status, big.reason, big.headers)(scope, receive, send)
                 return
         if length > self.budget.free():
@@ -335,7 +354,8 @@ class BodyLimitMiddleware:
                 complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     if message.get("more_body"):
-                        await _drain(receive, self.max_bytes)
+                        left = deadline - asyncio.get_running_loop().time()
+                        await _drain(receive, self.max_bytes, min(_DRAIN_TIMEOUT_S, left))
                     raise BodyTooLarge(self.max_bytes)
                 if received > reserved:  # reserved as it arrives
                     if not self.budget.take(received - reserved):
@@ -350,10 +370,10 @@ class BodyLimitMiddleware:
             self.budget.give(reserved + hold.held)
 
 
-async def _drain(receive: Receive, budget: int) -> None:
-    """Discard up to `budget` more body bytes, for at most a few seconds."""
+async def _drain(receive: Receive, budget: int, seconds: float) -> None:
+    """Discard up to `budget` more body bytes, for at most `seconds`."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+        async with asyncio.timeout(max(0.0, seconds)):
             while budget > 0:
                 message = await receive()
                 if message["type"] != "http.request":

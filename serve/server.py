@@ -173,7 +173,7 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
         log_config=None, access_log=False, lifespan="on", server_header=False, ws="none",  # no WebSocket routes
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=settings.keep_alive_s,
     )
-    server = DelayedShutdownServer(config, app.state, settings.shutdown_delay)
+    server = DelayedShutdownServer(config, app.state, settings.shutdown_delay, http.close_after_answers)
     # A SIGTERM or SIGINT before uvicorn takes the signals over (the "listening" line is out) stops the server once
     # started; uvicorn re-raises the one it captured after its graceful shutdown, and this handler makes that second
     # delivery a no-op, so a clean shutdown exits 0 (Ctrl-C is the server's normal stop), not by the signal.
