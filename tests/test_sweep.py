@@ -448,7 +448,7 @@ def test_devices_that_cannot_train_are_one_line_before_anything_runs(tmp_path, c
         main([*args, "--devices", "x"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "expected GPU indices such as 0,1, got 'x'" in err[0], err
+    assert len(err) == 1 and "expected GPU indices 0 to 99 such as 0,1, got 'x'" in err[0], err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*args, "--devices", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
