@@ -3,7 +3,8 @@
 Scenarios in the spirit of MLPerf: SingleStream = closed loop at concurrency 1; Server = Poisson arrivals at a
 target rate; Offline = the closed loop at the highest concurrency (saturation throughput). Requests are real
 images: animals validation images as PNG (or JPEG, optionally resized, e.g. 224x224 for a 1GF model), POSTed raw
-to /v1/models/{name}/classify. Every answer's Server-Timing header is kept, so each level reports where the
+to /v1/models/{name}/classify; an HTTP 200 whose body is not a classification counts as an error ("bad answer:
+..."), here and in the load test. Every answer's Server-Timing header is kept, so each level reports where the
 server's time went (receive, decode, queue, compute, encode). When the served bundle is given, the same artifact is
 opened in-process as the server opened it (the started server's own settings, else options inferred from the
 execution it reports; any difference in what runs is reported) and called as the server calls a lone request (on a
@@ -128,6 +129,32 @@ def served_models(doc: Any, url: str) -> list[dict[str, Any]]:
         return models
     raise NotVitcServer(f"the server at {url} does not answer like a vitc server: GET /v1/models gave {got}, "
                         'expected {"models": [{"name": ...}, ...]}')
+
+
+def classify_answer_problem(body: bytes) -> str | None:
+    """Why a 200 answer of POST /v1/models/{name}/classify is not vitc's {"model", "predictions": [{"label", "index",
+    "score"}, ...]}, or None. Cheap, as it runs on every answer: one small JSON parse and the first prediction."""
+    try:
+        doc = json.loads(body.decode())  # from str: json.loads(bytes) spends as long again detecting the encoding
+    except ValueError:  # an HTML page, plain text, a truncated body, bytes that are not UTF-8
+        return "not JSON"
+    if not isinstance(doc, dict):
+        return f'a JSON {_kind(doc)}, not an object with "predictions"'
+    predictions = doc.get("predictions")
+    if not isinstance(predictions, list) or not predictions:  # vitc answers at least one (top_k >= 1)
+        return 'no "predictions" list' if not isinstance(predictions, list) else '"predictions" is empty'
+    first = predictions[0]
+    if not (isinstance(first, dict) and isinstance(first.get("label"), str)
+            and type(first.get("score")) in (float, int)):
+        return 'a prediction without a "label" and a "score"'
+    return None
+
+
+def classify_endpoint(url: str, model: str, content_type: str, api_key: str | None) -> Endpoint:
+    """POST /v1/models/{model}/classify of the server at `url`, each 200 answer checked to be a classification: the
+    one request path of the load test and the end-to-end mode."""
+    return Endpoint(f"{url}/v1/models/{urllib.parse.quote(model)}/classify", content_type, api_key,
+                    check=classify_answer_problem)
 
 
 def _get_json(url: str, api_key: str | None) -> Any:
@@ -430,8 +457,7 @@ def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str
     if cfg.bundle is not None and (problem := bundle_mismatch(cfg.bundle, info)):
         raise ValueError(problem)  # before anything is measured
     name = info["name"]
-    endpoint = Endpoint(f"{cfg.url}/v1/models/{urllib.parse.quote(name)}/classify", f"image/{cfg.image_format}",
-                        cfg.api_key)
+    endpoint = classify_endpoint(cfg.url, name, f"image/{cfg.image_format}", cfg.api_key)
     bodies = request_bodies(cfg.images, fmt=cfg.image_format, size=cfg.image_size)
     env = machine.environment(None)
     doc: dict[str, Any] = {

@@ -7,11 +7,14 @@
 Each level runs `--duration` seconds after a short warm-up, with real images (PNG animals validation images,
 POSTed raw to /v1/models/{name}/classify). Reported per level: p50/p90/p99 latency, throughput, the requests that
 failed by kind (HTTP 503 when the queue is full, any other status, connection errors) and the mean batch size the
-server formed (from its /metrics). JSON and a PNG go to benchmarks/results/ (load-<runtime>.json and .png, or
-`--out X.json` and X.png; a name already taken, either file, gets -2, -3, ...: never overwritten). Loopback
-addresses only; levels, duration and concurrency are bounded. The client runs on the same CPUs as the server, so
-on a small machine its own cost is part of the figures (reported too). A level in which no request succeeded
-exits 1 with one line naming it, after the results are saved. With --start the server logs to a temporary
+server formed (from its /metrics). An HTTP 200 that is not a classification is an error ("bad answer: ..."). JSON
+and a PNG go to benchmarks/results/ (load-<runtime>.json and .png, or `--out X.json` and X.png; a name already
+taken, either file, gets -2, -3, ...: never overwritten). Loopback addresses only; levels, duration and concurrency
+are bounded. The client runs on the same CPUs as the server, so on a small machine its own cost is part of the
+figures (reported too). A level in which no request succeeded exits 1 with one line naming it, after the results
+are saved; so does a server that goes away during the run (killed, crashed, hung: its /metrics no longer answers
+after a level): that level is marked, the levels before it are kept and the rest are listed as not run. With
+--start the server logs to a temporary
 directory that is removed after a clean run; when the server fails to start or the test against it fails, the
 error line gives the server's own reason and the log is kept; `--port N` picks its port (default: a free one).
 """
@@ -23,6 +26,7 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 # isort: split
 import argparse
 import datetime as dt
+import http.client
 import io
 import ipaddress
 import json
@@ -34,11 +38,12 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e import MAX_IMAGES, NotVitcServer, error_counts, request_bodies, served_models
-from benchmarks.loadgen import Endpoint, closed_loop
+from benchmarks.e2e import MAX_IMAGES, NotVitcServer, classify_endpoint, error_counts, request_bodies, served_models
+from benchmarks.loadgen import closed_loop
 from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
 from models.cli import OneLineParser, float_in, int_in
 from models.io import atomic_write_bytes, atomic_write_json, empty_path_problem
@@ -50,6 +55,9 @@ MAX_CONCURRENCY = 256
 MAX_DURATION_S = 60.0
 RESULTS = Path("benchmarks/results")
 PROG = "python -m benchmarks.load"
+# How a GET fails once the server is gone (refused, reset, timed out, cut off mid-answer); a server that answers
+# with an HTTP error is caught too (urllib's HTTPError is an OSError): one shutting down answers 503.
+SERVER_LOST = (OSError, http.client.HTTPException)
 
 
 def loopback_url(url: str) -> str:
@@ -71,28 +79,47 @@ def _get(url: str, api_key: str | None) -> bytes:
         return resp.read()
 
 
-def batch_counters(url: str, model: str, api_key: str | None) -> tuple[float, float]:
-    """(batches, rows) the server has run for `model` so far, from its Prometheus metrics."""
+Counters = dict[str, tuple[float, float]]
+
+
+def batch_counters(url: str, api_key: str | None) -> Counters:
+    """Served model name -> (batches, rows) the server has run for it so far, from its Prometheus metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    count = total = 0.0
+    out: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(_get(url + "/metrics", api_key).decode()):
         if family.name == "vitc_batch_size":
             for s in family.samples:
-                if s.labels.get("model") == model and s.name.endswith("_count"):
-                    count = s.value
-                elif s.labels.get("model") == model and s.name.endswith("_sum"):
-                    total = s.value
-    return count, total
+                kept = out.setdefault(s.labels.get("model", ""), [0.0, 0.0])
+                if s.name.endswith("_count"):
+                    kept[0] = s.value
+                elif s.name.endswith("_sum"):
+                    kept[1] = s.value
+    return {model: (count, total) for model, (count, total) in out.items()}
+
+
+def _lost(exc: BaseException) -> str:
+    """Why a GET failed, in a few words: "Connection refused", "HTTP 503 Service Unavailable", "timed out"."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    reason = getattr(exc, "reason", exc)  # a URLError wraps the socket's error
+    return str(getattr(reason, "strerror", None) or reason or type(reason).__name__)
 
 
 def run_level(url: str, model: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float,
-              api_key: str | None) -> dict[str, Any]:
-    """One closed-loop level: latency percentiles, throughput, errors by kind and the server's mean batch size."""
-    endpoint = Endpoint(f"{url}/v1/models/{urllib.parse.quote(model)}/classify", "image/png", api_key)
-    b0, r0 = batch_counters(url, model, api_key)
-    summary = closed_loop(endpoint, bodies, concurrency, duration, warmup).summary()
-    b1, r1 = batch_counters(url, model, api_key)
+              api_key: str | None, before: Counters) -> tuple[dict[str, Any], Counters | None]:
+    """One closed-loop level: latency percentiles, throughput, errors by kind and the server's mean batch size
+    (its counters `before` the level and after it); with the counters after it, which the next level starts from.
+    Those are None when the server went away during the level (its /metrics no longer answers): the level keeps
+    what it measured and its "problem" says so."""
+    summary = closed_loop(classify_endpoint(url, model, "image/png", api_key), bodies, concurrency, duration,
+                          warmup).summary()
+    try:
+        after, lost = batch_counters(url, api_key), None
+    except SERVER_LOST as exc:
+        after, lost = None, f"the server went away during this level (GET /metrics after it: {_lost(exc)})"
+    b0, r0 = before.get(model, (0.0, 0.0))
+    b1, r1 = (after or {}).get(model, (0.0, 0.0))
     lat = summary["latency_ms"] or {}
     return {
         "concurrency": concurrency,
@@ -102,11 +129,11 @@ def run_level(url: str, model: str, bodies: list[bytes], concurrency: int, durat
         "http_503": summary["errors"].get("HTTP 503", 0),
         "other_errors": {k: v for k, v in summary["errors"].items() if k != "HTTP 503"},
         "warmup_errors": summary.get("warmup_errors") or {},
-        "problem": _problem(summary),  # why nothing succeeded, else None
+        "problem": lost or _problem(summary),  # the server went away, or why nothing succeeded; else None
         # Warm-up requests are included here (the server cannot tell them apart).
         "mean_batch_size": (r1 - r0) / (b1 - b0) if b1 > b0 else None,
         "client_cpu_s": summary["client_cpu_s"],
-    }
+    }, after
 
 
 def _problem(summary: dict[str, Any]) -> str | None:
@@ -141,32 +168,40 @@ def bundle_identity(info: dict[str, Any], path: Path | None) -> dict[str, Any]:
 
 
 def run_load_test(url: str, concurrency: tuple[int, ...], duration: float, warmup: float, images: int,
-                  api_key: str | None = None, log=print, bundles: dict[str, Path] | None = None) -> dict[str, Any]:
+                  api_key: str | None = None, log: Callable[[str], None] = print,
+                  bundles: dict[str, Path] | None = None) -> dict[str, Any]:
     """Every served model at every concurrency level; the JSON-ready report. `bundles`: served model name -> its
     bundle directory, where known (--start), for the bundles' identity."""
     from benchmarks import machine
 
     models = served_models(json.loads(_get(url + "/v1/models", api_key)), url)
+    counters: Counters | None = batch_counters(url, api_key)  # before any level: a server without them is refused
     bodies = request_bodies(images)
     doc: dict[str, Any] = {
-        # 2: "environment" and each model's "bundle"; 3: each level's "problem" and "warmup_errors"
-        "schema": "vitc-load-test", "schema_version": 3,
+        # 2: "environment" and each model's "bundle"; 3: each level's "problem" and "warmup_errors"; 4: each model's
+        # "not_run" (levels left after the server went away) and "server_lost" here (the level it went away in)
+        "schema": "vitc-load-test", "schema_version": 4,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "url": url, "duration_s": duration, "warmup_s": warmup, "images": len(bodies),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_start": os.getloadavg()},
         "environment": machine.environment(None),  # library versions, git commit, CPU model and flags
-        "models": [],
+        "models": [], "server_lost": None,
     }
     for m in models:
         entry = {k: m.get(k) for k in ("name", "variant", "runtime", "precision", "device", "max_batch")}
         entry["bundle"] = bundle_identity(m, (bundles or {}).get(m["name"]))
-        entry["levels"] = []
+        entry["levels"], entry["not_run"] = [], []
         for c in concurrency:
+            if counters is None:  # the server went away: nothing left to load
+                entry["not_run"].append(c)
+                continue
             log(f"{m['name']}: concurrency {c}, {duration:g}s ...")
-            level = run_level(url, m["name"], bodies, c, duration, warmup, api_key)
+            level, counters = run_level(url, m["name"], bodies, c, duration, warmup, api_key, counters)
             entry["levels"].append(level)
             log("  " + format_level(level))
+            if counters is None:
+                doc["server_lost"] = f"{m['name']} c={c}"
         doc["models"].append(entry)
     doc["machine"]["load_average_end"] = os.getloadavg()
     return doc
@@ -202,15 +237,27 @@ def markdown(doc: dict[str, Any]) -> str:
                         f"{_ms(lv['p50_ms'])} | {_ms(lv['p90_ms'])} | {_ms(lv['p99_ms'])} | "
                         f"{lv['throughput_rps']:.0f} | {lv.get('ok', '-')} | {_errors(lv)} | "
                         f"{'-' if b is None else f'{b:.1f}'} |")
+    if not_run := _not_run(doc):
+        rows.append(f"\nNot run, the server having gone away during {doc['server_lost']}: {', '.join(not_run)}")
     return "\n".join(rows) + "\n"
 
 
+def _not_run(doc: dict[str, Any]) -> list[str]:
+    """The levels left after the server went away, as "model c=N"."""
+    return [f"{m['name']} c={c}" for m in doc["models"] for c in m.get("not_run") or ()]
+
+
 def failed_levels(doc: dict[str, Any]) -> str | None:
-    """One line naming the levels in which no request succeeded, or None."""
+    """One line naming the levels in which no request succeeded or the server went away, and those not run after it;
+    None when every level ran and had a success."""
     bad = [f"{m['name']} c={lv['concurrency']}: {lv['problem']}" for m in doc["models"] for lv in m["levels"]
            if lv.get("problem")]
-    total = sum(len(m["levels"]) for m in doc["models"])
-    return f"{len(bad)} of {total} load levels failed: " + "; ".join(bad) if bad else None
+    not_run = _not_run(doc)
+    if not bad and not not_run:
+        return None
+    total = sum(len(m["levels"]) for m in doc["models"]) + len(not_run)
+    return (f"{len(bad) + len(not_run)} of {total} load levels failed: " + "; ".join(bad)
+            + (f"; not run after it: {', '.join(not_run)}" if not_run else ""))
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path | None:
@@ -250,13 +297,16 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def server_problem(url: str, exc: BaseException) -> str:
-    """One line for a server the load test could not use: unreachable, refusing the key, or not vitc."""
+def server_problem(url: str, exc: BaseException, started: bool = False) -> str:
+    """One line for a server the load test could not use: unreachable, refusing the key, or not vitc. `started`:
+    the server this run started (--start), which has no other to point to."""
     if isinstance(exc, urllib.error.HTTPError):
         return f"{url} answered HTTP {exc.code} {exc.reason}" + (" (pass --api-key)" if exc.code == 401 else "")
     if isinstance(exc, urllib.error.URLError):
-        return (f"no server at {url}: {getattr(exc.reason, 'strerror', None) or exc.reason} "
-                f"(start one with `python -m serve`, or pass --start)")
+        reason = getattr(exc.reason, "strerror", None) or exc.reason
+        if started:
+            return f"the server started at {url} stopped answering: {reason}"
+        return f"no server at {url}: {reason} (start one with `python -m serve`, or pass --start)"
     if isinstance(exc, OSError):
         return f"{url}: {exc.strerror or exc}"
     if isinstance(exc, NotVitcServer):
@@ -361,7 +411,8 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
             doc = _measure(args, server.url, served_names(bundles))
         except (OSError, ValueError, KeyError) as exc:
             keep_log = True
-            print(f"{PROG}: error: {server_problem(server.url, exc)} (server log: {log_path})", file=sys.stderr)
+            print(f"{PROG}: error: {server_problem(server.url, exc, started=True)} (server log: {log_path})",
+                  file=sys.stderr)
             return None
         finally:
             exit_code = server.stop()

@@ -11,7 +11,8 @@ Nothing sent is lost from the counts: a success counts when it was sent in the m
 and the throughput are the window's); a failure when it was sent in the window or surfaced in or after it (a
 warm-up request that times out during the window is an error, not nothing); failures that surfaced during the
 warm-up are reported apart; a request still unanswered when the generator stops waiting is an error ("no
-answer"). A level in which nothing succeeded says so in its summary's "problem".
+answer"). A level in which nothing succeeded says so in its summary's "problem". An endpoint may check each HTTP 200
+answer's body (`Endpoint.check`): one that fails it is an error, "bad answer: <why>", not a success.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import queue
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ class Endpoint:
     url: str  # full URL of the POST target
     content_type: str = "image/png"
     api_key: str | None = None
+    # Why a 200 answer's body is not the answer expected, or None; called once per answer, so keep it cheap.
+    check: Callable[[bytes], str | None] | None = None
 
     def connection(self) -> http.client.HTTPConnection:
         """A new keep-alive connection to the endpoint's host."""
@@ -138,19 +141,23 @@ class Client:
         self.answered = True  # whether the last request got an HTTP answer (any status)
 
     def post(self, body: bytes) -> str | None:
-        """Send one request and read the whole answer; None on HTTP 200, else an error label."""
+        """Send one request and read the whole answer; None on an HTTP 200 that passes the endpoint's check, else an
+        error label ("HTTP 503", "ConnectionRefusedError", "bad answer: not JSON")."""
         self.answered = False
         try:
             if self.conn is None:
                 self.conn = self.endpoint.connection()
             self.conn.request("POST", self.endpoint.path, body=body, headers=self.endpoint.headers())
             resp = self.conn.getresponse()
-            resp.read()
+            answer = resp.read()
             self.answered = True
             self.timing = parse_server_timing(resp.getheader("Server-Timing"))
             if resp.will_close:
                 self.close()
-            return None if resp.status == 200 else f"HTTP {resp.status}"
+            if resp.status != 200:
+                return f"HTTP {resp.status}"
+            problem = self.endpoint.check(answer) if self.endpoint.check is not None else None
+            return None if problem is None else f"bad answer: {problem}"
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             return type(exc).__name__

@@ -15,19 +15,18 @@ import socket
 import sys
 
 import numpy as np
-from fastapi import Request  # at module level: FastAPI resolves the handler's annotation here
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotation here
 
 from models.cli import OneLineParser
 from models.oneline import first_line
 
 
-def create_app(bundle: str):  # noqa: ANN201 - a FastAPI app
+def create_app(bundle: str) -> FastAPI:
     """The app for one bundle's fp32 ONNX file."""
     from runtimes import telemetry
 
     telemetry.off()
     import onnxruntime as ort
-    from fastapi import FastAPI
     from PIL import Image
 
     from models.bundle import read_manifest

@@ -37,15 +37,19 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.cli import OneLineParser, int_in
 from models.io import empty_path_problem
 from runtimes.registry import DEFAULT_RUNTIME
+
+if TYPE_CHECKING:
+    from models.bundle import Manifest
+    from runtimes.base import Backend
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "vitc-overhead-benchmark"
@@ -221,7 +225,8 @@ def single_stream(systems: dict[str, Any], body: bytes, rounds: int, slice_s: fl
     return out
 
 
-def bare_backend(bundle: Path, runtime: str, body: bytes, hint: str = "throughput"):  # noqa: ANN201
+def bare_backend(bundle: Path, runtime: str, body: bytes,
+                 hint: str = "throughput") -> tuple[Backend, Manifest, np.ndarray]:
     """(backend with the server's default options for `hint`, manifest, the request preprocessed)."""
     import runtimes
     from models.bundle import read_manifest
@@ -233,7 +238,7 @@ def bare_backend(bundle: Path, runtime: str, body: bytes, hint: str = "throughpu
     return backend, m, x
 
 
-def bare_throughput(backend, x: np.ndarray, batch: int, seconds: float) -> tuple[float, float]:  # noqa: ANN001
+def bare_throughput(backend: Backend, x: np.ndarray, batch: int, seconds: float) -> tuple[float, float]:
     """(images per second, CPU ms per image) of back-to-back `batch`-row calls, `backend.parallelism` loops at once
     (each stream kept busy, as the server keeps them)."""
     xb = np.ascontiguousarray(np.repeat(x, batch, axis=0))
@@ -295,7 +300,7 @@ def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> tuple[fl
     return float(fps.group(1)), per_image * 1e3
 
 
-def saturation(servers: dict[str, Server], references: dict[str, Any], manifest, x: np.ndarray,  # noqa: ANN001
+def saturation(servers: dict[str, Server], references: dict[str, Any], manifest: Manifest, x: np.ndarray,
                bundle: Path, body: bytes, concurrency: int, seconds: float,
                rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Closed loops at `concurrency` per server, each round followed by the runtime alone (bare onnxruntime loops at
@@ -361,7 +366,7 @@ def saturation(servers: dict[str, Server], references: dict[str, Any], manifest,
     return sat, bare
 
 
-def _layout(backend) -> str:  # noqa: ANN001
+def _layout(backend: Backend) -> str:
     """"2 streams x 1 thread": how a backend splits the CPU."""
     d = backend.describe()
     return f"{backend.parallelism} stream(s) x {d.get('threads_effective')} thread(s)"
@@ -374,7 +379,7 @@ def ports_needed(port: int, backends: list[str]) -> list[int]:
 
 
 def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurrency: int, cold_starts: int,
-        backends: list[str], log=print, saturation_rounds: int = 5,  # noqa: ANN001
+        backends: list[str], log: Callable[[str], None] = print, saturation_rounds: int = 5,
         port: int | None = None) -> dict[str, Any]:
     """Cold starts, then every system side by side at concurrency 1 and at saturation; the results document.
     `port`: the first of the loopback ports the servers use (`ports_needed`), None for free ones."""

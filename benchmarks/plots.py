@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.stats import MIN_CI_ROUNDS
 from models.io import atomic_write_bytes
 
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.figure import Figure
+
 _COLOURS = {"conv": "tab:orange", "patchify": "tab:blue"}
 
 
-def figure(rows: int, cols: int, size: tuple[float, float]):  # noqa: ANN202 - (figure, axes grid)
+def figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
     """A figure with a rows x cols grid of axes, `size` inches per panel (Agg backend, no display)."""
     from models.plotting import pyplot
 

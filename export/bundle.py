@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -65,6 +65,9 @@ from runtimes.loader import (
 )
 from runtimes.onnx_graph import OPSET, export_torch
 from runtimes.registry import DEFAULT_TARGETS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PREPROCESS_CHUNK = 256
 GOLDEN_SAMPLES = 8
@@ -117,7 +120,7 @@ def parity_images(meta: CheckpointMeta, dataset: str, samples: int) -> Readable:
         raise ExportError(f"parity data: {exc}") from None
 
 
-def parity_data(model, meta: CheckpointMeta, dataset: str, samples: int, max_batch: int,  # noqa: ANN001
+def parity_data(model: nn.Module, meta: CheckpointMeta, dataset: str, samples: int, max_batch: int,
                 images: ImageSet | None = None) -> ParityData:
     """Preprocessed validation images of the checkpoint's dataset (`images`, else `parity_images`) and torch's
     logits for them."""

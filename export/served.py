@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
 from runtimes.base import first_line
 from runtimes.registry import DEFAULT_RUNTIME
 
+if TYPE_CHECKING:
+    import PIL.Image
+
 QUALITIES = (95, 75)
 SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
 CONCURRENCY = 8
@@ -51,7 +55,7 @@ MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 MAX_BODY_BYTES = 16 * 2**20  # serve's --max-body-bytes default, raised to the largest body `measure` sends
 
 
-def encodings(img, spec: Preprocessing) -> dict[str, bytes]:  # noqa: ANN001 - a PIL image
+def encodings(img: PIL.Image.Image, spec: Preprocessing) -> dict[str, bytes]:
     """name -> encoded bytes: PNG at the image's own size, JPEG at each quality and size, of the image's pixels in
     the model's colour space (`spec.mode`); ValueError or OSError when they cannot be encoded."""
     from PIL import Image
@@ -59,7 +63,7 @@ def encodings(img, spec: Preprocessing) -> dict[str, bytes]:  # noqa: ANN001 - a
     from models.cli import out_of_memory
     from models.preprocessing import to_mode
 
-    def encode(im, fmt: str, **kw) -> bytes:  # noqa: ANN001
+    def encode(im: PIL.Image.Image, fmt: str, **kw: int) -> bytes:
         if fmt == "JPEG" and max(im.size) > JPEG_MAX_SIDE:  # said here: libjpeg prints it to stderr, PIL an OSError
             raise ValueError(f"JPEG {im.size[0]}x{im.size[1]}: more than {JPEG_MAX_SIDE} pixels a side")
         buf = io.BytesIO()

@@ -496,6 +496,16 @@ class Manifest:
     read_origin: str = field(default="", repr=False, compare=False)
 
     @property
+    def input_name(self) -> str:
+        """The model's one input tensor, as the runtimes and both protocols name it."""
+        return self.input.name
+
+    @property
+    def output_name(self) -> str:
+        """The model's one output tensor (the logits), as the runtimes and both protocols name it."""
+        return self.output.name
+
+    @property
     def contract(self) -> str:
         """contract_sha256 of this manifest: as read from disk, else of what `to_dict` writes."""
         return self.read_contract or contract_sha256(self.to_dict())

@@ -114,6 +114,34 @@ def out_inside_problem(out: str | os.PathLike, folder: str | os.PathLike, what: 
     return None
 
 
+def out_file_problem(out: str | os.PathLike, example: str, *,
+                     inside: tuple[str | os.PathLike, str, str] | None = None,
+                     existing: Callable[[Path], str | None] | None = None, links: bool = True,
+                     noun: str = "file name") -> str | None:
+    """Why `--out OUT` cannot be the file a command writes, or None; each command raises it as its own error.
+
+    Checked in this order: a name the file system refuses (`out_name_problem`); a path inside `inside`, a tuple
+    (folder, what, harm) for `out_inside_problem`; a symbolic link, unless `links`; a directory (the rename onto it
+    would fail last: "give a NOUN such as OUT/EXAMPLE"); then, for a path already there, `existing(path)`: why it
+    must not be replaced, or None to replace it (no `existing`: always replaced).
+    """
+    if problem := out_name_problem(out):
+        return f"--out: {problem}"
+    if inside is not None and (why := out_inside_problem(out, *inside)):
+        return why
+    path = Path(out)
+    try:
+        if not links and path.is_symlink():
+            return f"--out {out} is a symbolic link; give the path of the file itself"
+        if path.is_dir():
+            return f"--out {out} is a directory; give a {noun} such as {path / example}"
+        if existing is not None and os.path.lexists(path):
+            return existing(path)
+    except OSError as exc:  # a directory on the way that cannot be searched (a symlink loop reads as absent)
+        return f"--out {out}: {exc.strerror or exc}"
+    return None
+
+
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -206,7 +234,7 @@ def writer_lock(target: Path) -> Iterator[None]:
         except BlockingIOError:
             os.close(fd)
             raise DirectoryBusy(f"another process is writing {target}") from None
-        if _same_file(fd, path):
+        if same_file(fd, path):
             break
         os.close(fd)  # the previous writer deleted it between our open and lock: take the new one
     else:
@@ -219,14 +247,13 @@ def writer_lock(target: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether `path` still names the open file `fd`."""
+def same_file(a: int | str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `b` names the file `a` is (a path, or an open file descriptor), a link or another spelling included;
+    False when either is not there."""
     try:
-        st = os.stat(path)
+        return os.path.samestat(os.fstat(a) if isinstance(a, int) else os.stat(a), os.stat(b))
     except OSError:
         return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def remove_stale(target: Path) -> None:

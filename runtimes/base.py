@@ -277,18 +277,6 @@ class LoadSpec:
     options: BackendOptions = field(default_factory=BackendOptions)
 
     @property
-    def input_name(self) -> str:
-        return self.manifest.input.name
-
-    @property
-    def output_name(self) -> str:
-        return self.manifest.output.name
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.manifest.input.sample_shape
-
-    @property
     def num_classes(self) -> int:
         return self.manifest.output.classes
 

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -107,7 +108,7 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def import_nncf():  # noqa: ANN201 - the nncf module
+def import_nncf() -> ModuleType:
     """Import NNCF without its torch backend's "no CUDA runtime" log line (irrelevant to ONNX/OpenVINO)."""
     import logging
 

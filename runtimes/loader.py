@@ -467,7 +467,7 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
 
 def warm_up(backend: Backend, spec: LoadSpec) -> None:
     """One batch-1 inference (first-call allocations happen now) whose output must be (1, classes)."""
-    y = backend.infer(np.zeros((1, *spec.sample_shape), np.float32))
+    y = backend.infer(np.zeros((1, *spec.manifest.input.sample_shape), np.float32))
     if getattr(y, "shape", None) != (1, spec.num_classes):
         raise BackendError(f"{spec.artifact.id!r} returns shape {tuple(getattr(y, 'shape', ()))} for one image, "
                            f"but the manifest lists {spec.num_classes} classes")

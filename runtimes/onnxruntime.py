@@ -87,7 +87,7 @@ class OnnxRuntimeBackend(PooledBackend):
             raise BackendError(f"onnxruntime runs an artifact at its own precision ({spec.precision}), "
                                f"not {options.inference_precision}")
         self.device, self.precision, self.max_batch = options.device, spec.precision, spec.max_batch
-        self.sample_shape = spec.sample_shape
+        self.sample_shape = spec.manifest.input.sample_shape
         cpus = usable_cpus()
         on_cpu = options.device_kind == "cpu"
         # One stream on CUDA (the device queues the calls anyway) and under the latency hint.
@@ -131,14 +131,14 @@ class OnnxRuntimeBackend(PooledBackend):
                 f"{', '.join(self.session.get_providers())}); install onnxruntime-gpu and check the driver"
             )
         names = [i.name for i in self.session.get_inputs()]
-        if spec.input_name not in names:
+        if spec.manifest.input_name not in names:
             raise BackendError(f"{spec.file('.onnx').name} has inputs {names}, the manifest expects "
-                               f"{spec.input_name!r}")
+                               f"{spec.manifest.input_name!r}")
         outputs = [o.name for o in self.session.get_outputs()]
-        if spec.output_name not in outputs:
+        if spec.manifest.output_name not in outputs:
             raise BackendError(f"{spec.file('.onnx').name} has outputs {outputs}, the manifest expects "
-                               f"{spec.output_name!r}")
-        self._input, self._outputs = spec.input_name, [spec.output_name]
+                               f"{spec.manifest.output_name!r}")
+        self._input, self._outputs = spec.manifest.input_name, [spec.manifest.output_name]
         self._threads = threads
         self._providers = self.session.get_providers()
 

@@ -14,7 +14,7 @@ import functools
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from runtimes.base import (
     first_line,
 )
 from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet, write_failure
+
+if TYPE_CHECKING:
+    from openvino import Core
 
 INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
 _HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
@@ -120,7 +123,7 @@ def inference_precision(spec: LoadSpec) -> str:
 
 
 @functools.cache
-def core():  # noqa: ANN202 - the ov.Core
+def core() -> Core:
     """The process's one OpenVINO Core, for every OpenVINO use in the process (benchmarks included).
 
     Each Core's CPU plugin installs its own alternate signal stack on the thread that creates it and puts back the
@@ -144,8 +147,8 @@ def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN2
     # The weights are the listed, verified .bin, never the file OpenVINO would find beside the .xml by its name.
     model = compiler.read_model(str(xml), str(spec.file(".bin")))
     names = [n for port in model.inputs for n in port.get_names()]
-    if spec.input_name not in names:
-        raise BackendError(f"{xml.name} has inputs {names}, the manifest expects {spec.input_name!r}")
+    if spec.manifest.input_name not in names:
+        raise BackendError(f"{xml.name} has inputs {names}, the manifest expects {spec.manifest.input_name!r}")
     options = spec.options
     config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint.upper(),
                               "INFERENCE_PRECISION_HINT": inference_precision(spec)}
@@ -164,7 +167,7 @@ class OpenVINOBackend(PooledBackend):
 
     def __init__(self, spec: LoadSpec) -> None:
         self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
-        self.sample_shape = spec.sample_shape
+        self.sample_shape = spec.manifest.input.sample_shape
         self.compiled = _compile(spec)
         optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         hint = spec.options.hint
@@ -217,7 +220,7 @@ def profile_ops(spec: LoadSpec, batch: int, reps: int = 5) -> dict[str, float]:
     compiled = _compile(spec, {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY"})
     labels = _node_labels(spec, compiled)
     request = compiled.create_infer_request()
-    x = np.random.default_rng(0).standard_normal((batch, *spec.sample_shape), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *spec.manifest.input.sample_shape), dtype=np.float32)
     request.infer({0: x})
     runs: list[Counter] = []
     for _ in range(reps):

@@ -163,7 +163,7 @@ class TorchBackend(PooledBackend):
         if compute not in ("fp32", *_DTYPES):
             raise BackendError(f"torch computes in fp32, bf16 or fp16, not {compute!r}")
         self.device, self.precision, self.max_batch = options.device, spec.precision, spec.max_batch
-        self.sample_shape = spec.sample_shape
+        self.sample_shape = spec.manifest.input.sample_shape
         self._torch = torch
         self._autocast = getattr(torch, _DTYPES[compute]) if compute in _DTYPES else None
         # torch sizes its pool by the CPU set; under a CPU quota (a container limit) it is told the quota.

@@ -298,7 +298,8 @@ def _engine_bytes(spec: LoadSpec, device: dict[str, str], trt_version: str) -> t
     if artifact.precision != "fp32":
         raise BackendError(f"the bundle has no servable TensorRT engine; build one on this GPU with "
                            f"`python -m export.tensorrt` (only fp32 is built from {artifact.id!r} at start)")
-    return build_engine(spec.file(".onnx"), input_name=spec.input_name, sample_shape=spec.sample_shape,
+    m = spec.manifest
+    return build_engine(spec.file(".onnx"), input_name=m.input_name, sample_shape=m.input.sample_shape,
                         max_batch=spec.max_batch, precision="fp32", device_index=spec.options.device_index), "fp32"
 
 
@@ -325,12 +326,13 @@ class TensorRTBackend(PooledBackend):
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise BackendError("TensorRT cannot deserialize the engine (built for another GPU or TensorRT version?)")
-        check_io(_io(trt, self.engine), spec.input_name, spec.output_name, spec.sample_shape, spec.num_classes)
-        low, _, high = self.engine.get_tensor_profile_shape(spec.input_name, 0)
+        m = spec.manifest
+        check_io(_io(trt, self.engine), m.input_name, m.output_name, m.input.sample_shape, spec.num_classes)
+        low, _, high = self.engine.get_tensor_profile_shape(m.input_name, 0)
         if low[0] > 1 or high[0] < self.max_batch:
             raise BackendError(f"engine profile covers batch {low[0]}..{high[0]}, the manifest 1..{self.max_batch}")
-        self._input, self._output = spec.input_name, spec.output_name
-        self.sample_shape, self._classes = spec.sample_shape, spec.num_classes
+        self._input, self._output = m.input_name, m.output_name
+        self.sample_shape, self._classes = m.input.sample_shape, spec.num_classes
         try:  # nothing owns what is allocated here until the constructor returns: free it on the way out
             self.context = self.engine.create_execution_context()
             if self.context is None:  # TensorRT logged why (device memory for its activations, usually)

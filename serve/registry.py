@@ -90,18 +90,6 @@ class ServedModel:
         return (self.config.label_filename or "") if self.config is not None else ""
 
     @property
-    def input_name(self) -> str:
-        return self.manifest.input.name
-
-    @property
-    def output_name(self) -> str:
-        return self.manifest.output.name
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.manifest.input.sample_shape
-
-    @property
     def platform(self) -> str:
         """The Open Inference Protocol platform name, as Triton reports it."""
         return runtimes.get(self.backend.runtime).triton_platform

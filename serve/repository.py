@@ -87,7 +87,7 @@ class ModelRepository:
             max_delay_s=(s.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms) / 1000,
             max_queue=s.max_queue_size, parallel=model.backend.parallelism,
             observer=Observers(self.metrics, model.stats), timeout_s=s.inference_timeout_s,
-            probe=np.zeros((1, *model.sample_shape), np.float32),
+            probe=np.zeros((1, *model.manifest.input.sample_shape), np.float32),
             merge=model.config is None or model.config.dynamic_batching,
         )
         await model.batcher.start()

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from models.cli import OneLineParser
-from models.io import atomic_write_bytes, empty_path_problem, out_inside_problem, out_name_problem
+from models.io import atomic_write_bytes, empty_path_problem, out_file_problem
 
 PROG = "python -m serve.sample"
 MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (training's bound on consecutive ones)
@@ -28,22 +28,16 @@ MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # the encoders' largest image side (l
 
 def check_out(out: str, dataset: str) -> None:
     """SampleError unless `out` can be written, checked before the data is loaded: a file name of an image format
-    the file system takes, not a directory (the rename onto it would fail last), not inside the dataset folder."""
+    the file system takes, not inside the dataset folder, not a directory (the rename onto it would fail last)."""
     from data.datasets import EMBEDDED
 
-    if problem := out_name_problem(out):
-        raise SampleError(f"--out: {problem}")
-    try:
-        if Path(out).is_dir():
-            raise SampleError(f"--out {out} is a directory; give a file name such as {Path(out) / 'sample.png'}")
-    except OSError as exc:  # a directory on the way that cannot be searched, a symlink loop
-        raise SampleError(f"--out {out}: {exc.strerror or exc}") from None
-    if Path(out).suffix.lower() not in FORMATS:  # the bytes follow the name: a client sends the matching type
-        raise SampleError(f"--out {out!r} must end in {', '.join(FORMATS)} (the image format to write)")
     # Written into the folder, the sample would be read back as one more image of whichever class it landed in.
     harm = "the image would become part of the data; choose a path outside it"
-    if dataset not in EMBEDDED and (why := out_inside_problem(out, dataset, "the dataset folder", harm)):
-        raise SampleError(why)
+    inside = None if dataset in EMBEDDED else (dataset, "the dataset folder", harm)
+    if problem := out_file_problem(out, "sample.png", inside=inside):
+        raise SampleError(problem)
+    if Path(out).suffix.lower() not in FORMATS:  # the bytes follow the name: a client sends the matching type
+        raise SampleError(f"--out {out!r} must end in {', '.join(FORMATS)} (the image format to write)")
 
 
 def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:

@@ -11,7 +11,6 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 
 # isort: split
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
 from models.cli import OneLineParser, disk_full, int_in
-from models.io import atomic_write_bytes, empty_path_problem, out_inside_problem, out_name_problem
+from models.io import atomic_write_bytes, empty_path_problem, out_file_problem, same_file
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
 PROG = "python -m serve.tensor"
@@ -88,14 +87,6 @@ def _model_dir(bundle: str) -> tuple[Path, str]:
     return path, "the bundle"
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether both paths name one file (a link or another spelling included); False when either is not there."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def check_out(out: str, bundle: str, images: list[str], *, overwrite: bool = False) -> None:
     """TensorError unless `out` may be written: a new file (an existing one only with `overwrite`), never one of
     the input `images` nor a path inside the model's directory (its manifest or weights would be replaced)."""
@@ -103,22 +94,18 @@ def check_out(out: str, bundle: str, images: list[str], *, overwrite: bool = Fal
     if suffix not in FORMATS:
         raise TensorError(f"--out {out!r} must end in {', '.join(FORMATS)} (raw binary body, numpy array, "
                           "or a JSON infer request)")
-    if problem := out_name_problem(out):
-        raise TensorError(f"--out: {problem}")
+
+    def refused(path: Path) -> str | None:
+        if image := next((i for i in images if same_file(path, i)), None):
+            return f"--out {out} is the input image {image}; give another path"
+        if not overwrite:
+            return (f"--out {out} already exists; nothing was changed: pass --overwrite to replace it, or give a "
+                    "new path")
+        return None
+
     harm = "the model's own files would be replaced; give a path outside it"
-    if why := out_inside_problem(out, *_model_dir(bundle), harm):
-        raise TensorError(why)
-    try:
-        if Path(out).is_dir():
-            raise TensorError(f"--out {out} is a directory; give a file name such as {Path(out) / ('x' + suffix)}")
-    except OSError as exc:  # a directory on the way that cannot be searched, a symlink loop
-        raise TensorError(f"--out {out}: {exc.strerror or exc}") from None
-    exists = os.path.lexists(out)
-    if exists and (image := next((i for i in images if _same_file(out, i)), None)):
-        raise TensorError(f"--out {out} is the input image {image}; give another path")
-    if exists and not overwrite:
-        raise TensorError(f"--out {out} already exists; nothing was changed: pass --overwrite to replace it, or "
-                          "give a new path")
+    if problem := out_file_problem(out, "x" + suffix, inside=(*_model_dir(bundle), harm), existing=refused):
+        raise TensorError(problem)
 
 
 def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measured",

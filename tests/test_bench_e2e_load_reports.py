@@ -27,6 +27,8 @@ INFO = {"name": "m", "variant": "vit_c_micro", "runtime": "onnxruntime", "precis
 ENV = {"host": "vm", "cpu": {"model": "test CPU", "usable_cpus": 2, "flags": []}, "load_average": [1.0, 1.0, 1.0],
        "versions": {"python": "3.11", "numpy": "2.0"}, "git": {"commit": "abcdef012345" + "0" * 28, "dirty": True}}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# vitc's /v1 classify answer: the tools count a 200 without this shape as an error
+ANSWER = b'{"model": "m", "predictions": [{"label": "cat", "index": 0, "score": 1.0}]}'
 
 
 @contextmanager
@@ -61,7 +63,7 @@ def stub(status=lambda n: 200, models: object = None, info: dict | None = None, 
             with lock:
                 count[0] += 1
                 code = status(count[0])
-            self._send(code, b'{"predictions": []}', {"Server-Timing": timing} if timing and code == 200 else None)
+            self._send(code, ANSWER, {"Server-Timing": timing} if timing and code == 200 else None)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

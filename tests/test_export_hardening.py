@@ -106,10 +106,10 @@ def test_the_writer_lock_still_excludes_a_second_writer_and_is_removed_after(tmp
         stale = os.open(lock, os.O_RDWR)  # a writer that opened the file but has not locked it yet
     assert not lock.exists()
     try:
-        from models.io import _same_file
+        from models.io import same_file
 
         with writer_lock(target):  # a new lock file: the stale writer's lock would be on the deleted one
-            assert not _same_file(stale, lock)  # ... which it detects, and starts over
+            assert not same_file(stale, lock)  # ... which it detects, and starts over
             with pytest.raises(DirectoryBusy):
                 with writer_lock(target):
                     pass

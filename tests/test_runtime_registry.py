@@ -99,7 +99,8 @@ def test_export_gates_a_new_runtime_through_its_own_backend(fake, tmp_path):
     assert artifact.refused_files[0].path == "fake.npy" and not (tmp_path / "b" / "fake.npy").exists()
     spec = fake_runtime.LOADS[-1]
     assert spec.options == BackendOptions(device="cpu", threads=1)
-    assert (spec.input_name, spec.output_name, spec.max_batch, spec.num_classes) == ("input", "logits", 4, 10)
+    assert (spec.manifest.input_name, spec.manifest.output_name) == ("input", "logits")
+    assert (spec.max_batch, spec.num_classes) == (4, 10)
     assert artifact.parity.val_samples == 16 and artifact.parity.inference_precision == "fp32"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from data.datasets import EMBEDDED, SPLITS, DatasetError
 from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.cli import OneLineParser, disk_full, int_in, machine_failure
-from models.io import atomic_write_json, empty_path_problem, out_inside_problem, out_name_problem
+from models.io import atomic_write_json, empty_path_problem, out_file_problem
 from train.config import DEVICES, ConfigError
 from train.options import quiet_openmp
 
@@ -53,33 +53,31 @@ def is_eval_result(path: Path) -> bool:
 def check_out(path: Path, dataset: str | None = None) -> None:
     """OutputRefused unless `path` is new or an earlier result of this tool (the only file it may replace), with a
     name the file system takes, outside the folder of `dataset` (the data evaluated)."""
-    if problem := out_name_problem(path):
-        raise OutputRefused(f"--out: {problem}")
     harm = "the result would become part of the data; choose a path outside it"
-    if dataset and dataset not in EMBEDDED and (why := out_inside_problem(path, dataset, "the dataset folder", harm)):
-        raise OutputRefused(why)
+    inside = (dataset, "the dataset folder", harm) if dataset and dataset not in EMBEDDED else None
+    if problem := out_file_problem(path, "eval.json", inside=inside, existing=_not_ours, links=False,
+                                   noun="file path"):
+        raise OutputRefused(problem)
     try:
-        _check_existing(path)
+        _check_parents(path)
     except OSError as exc:  # a directory on the way that cannot be searched
         raise OutputRefused(f"--out {path}: {exc.strerror or exc}") from None
 
 
-def _check_existing(path: Path) -> None:
-    """OutputRefused for an existing `path` this tool did not write, or a file in the way of its directory."""
-    if path.is_symlink():
-        raise OutputRefused(f"--out {path} is a symbolic link; give the path of the file itself")
+def _not_ours(path: Path) -> str | None:
+    """Why the existing `path` must not be replaced: anything but an earlier result of this tool."""
+    if not path.is_file() or not is_eval_result(path):
+        return f"--out {path} exists and is not a result of {PROG}; nothing was changed: give a new path"
+    return None
+
+
+def _check_parents(path: Path) -> None:
+    """OutputRefused for a file in the way of `path`'s directory (found now, not after the evaluation)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputRefused(f"--out {path}: {parent} is not a directory")
             break
-    if not path.exists():
-        return
-    if path.is_dir():
-        raise OutputRefused(f"--out {path} is a directory; give a file path such as {path / 'eval.json'}")
-    if not path.is_file() or not is_eval_result(path):
-        raise OutputRefused(f"--out {path} exists and is not a result of {PROG}; nothing was changed: give a new "
-                            f"path")
 
 
 def write_result(path: Path, res: dict[str, Any]) -> None:

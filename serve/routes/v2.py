@@ -68,13 +68,14 @@ def _unbatched(model: ServedModel) -> bool:
 
 
 def _metadata(model: ServedModel) -> dict[str, Any]:
-    c, h, w = model.sample_shape
+    m = model.manifest
+    c, h, w = m.input.sample_shape
     return {
         "name": model.name,
         "versions": [model.version],
         "platform": model.platform,
-        "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
-        "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
+        "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
+        "outputs": [{"name": m.output_name, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
         # Where the served version came from (the bundle's provenance), as string parameters.
         "parameters": {k: v for k, v in model.provenance_labels().items() if v},
     }
@@ -224,7 +225,8 @@ async def repository_unload(name: str, request: Request) -> JSONResponse:
 @router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
 async def model_config(model: ModelDep, settings: SettingsDep, version: str | None = None) -> dict[str, Any]:
     _check_version(model, version)
-    c, h, w = model.sample_shape
+    m = model.manifest
+    c, h, w = m.input.sample_shape
     # Triton's layout without batching (max_batch_size 0): the dims carry the batch dimension, and no format
     # (Triton allows FORMAT_NCHW on three dims only).
     unbatched = _unbatched(model)
@@ -237,8 +239,8 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
         "backend": model.triton_backend,
         # The largest batch a request may carry: more images than --max-queue-size can never be admitted (413).
         "max_batch_size": 0 if unbatched else min(model.max_batch, settings.max_queue_size),
-        "input": [{"name": model.input_name, "data_type": "TYPE_FP32", **tensor}],
-        "output": [{"name": model.output_name, "data_type": "TYPE_FP32",
+        "input": [{"name": m.input_name, "data_type": "TYPE_FP32", **tensor}],
+        "output": [{"name": m.output_name, "data_type": "TYPE_FP32",
                     "dims": [-1, len(model.labels)] if unbatched else [len(model.labels)],
                     "label_filename": model.label_filename}],
         # What is applied: a config.pbtxt without dynamic_batching batches nothing (each request runs alone).
@@ -255,15 +257,15 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
 
 def _model_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """The one FP32 (B, C, H, W) input the model takes, checked against its metadata."""
-    if set(inputs) != {model.input_name}:
-        raise APIError(400, f"model {model.name!r} takes one input {model.input_name!r}, got {sorted(inputs)}")
-    x = inputs[model.input_name]
-    want = model.sample_shape
+    name, want = model.manifest.input_name, model.manifest.input.sample_shape
+    if set(inputs) != {name}:
+        raise APIError(400, f"model {model.name!r} takes one input {name!r}, got {sorted(inputs)}")
+    x = inputs[name]
     if x.dtype != np.float32:
-        raise APIError(400, f"input {model.input_name!r} must be FP32")
+        raise APIError(400, f"input {name!r} must be FP32")
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         expected = [-1, *want]
-        raise APIError(400, f"input {model.input_name!r} has shape {list(x.shape)}, expected {expected}")
+        raise APIError(400, f"input {name!r} has shape {list(x.shape)}, expected {expected}")
     if not 1 <= x.shape[0] <= model.max_batch:
         raise APIError(400, f"batch size {x.shape[0]} is outside 1..{model.max_batch} for model {model.name!r}")
     return np.ascontiguousarray(x)
@@ -273,7 +275,7 @@ def json_containers(model: ServedModel) -> int:
     """The most JSON arrays and objects a valid request for `model` holds: its largest batch nested as
     [B][C][H][W], plus room for shapes, outputs and parameters. More is refused before it is parsed (16 MiB of
     `[],` became 650 MB of Python lists)."""
-    c, h, _ = model.sample_shape
+    c, h, _ = model.manifest.input.sample_shape
     return 1 + model.max_batch * (1 + c * (1 + h)) + 4096
 
 
@@ -325,7 +327,8 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
             model = served(request, name)
             parsed = await off_loop(request, _parse, request.app.state.pixel_budget, body, next(iter(lengths), None),
                                     json_containers(model),
-                                    (model.input_name, (-1 if _unbatched(model) else 1, *model.sample_shape)))
+                                    (model.manifest.input_name,
+                                     (-1 if _unbatched(model) else 1, *model.manifest.input.sample_shape)))
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc), exc.headers) from None
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version
@@ -337,10 +340,10 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
 
 async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> Response:
     x = _model_input(model, parsed.inputs)
-    requested = parsed.outputs or []
+    requested, output = parsed.outputs or [], model.manifest.output_name
     for out in requested:
-        if out.name != model.output_name:
-            raise APIError(400, f"model {model.name!r} has no output {out.name[:128]!r}; outputs: {model.output_name}")
+        if out.name != output:
+            raise APIError(400, f"model {model.name!r} has no output {out.name[:128]!r}; outputs: {output}")
     # Without Triton batching (max_batch_size 0) the batch is part of the tensor, as in Triton: the request is one
     # inference, and classification ranks the whole output, indices running over it (shape [k], not [B, k]).
     unbatched = _unbatched(model)
@@ -351,9 +354,9 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
     if spec is not None and spec.classification:
         ranked = logits.reshape(1, -1) if unbatched else logits
         top = classification_strings(ranked, spec.classification, model.classification_labels)
-        tensor = OutputTensor(model.output_name, "BYTES", top.reshape(-1) if unbatched else top, binary)
+        tensor = OutputTensor(output, "BYTES", top.reshape(-1) if unbatched else top, binary)
     else:
-        tensor = OutputTensor(model.output_name, "FP32", logits, binary)
+        tensor = OutputTensor(output, "FP32", logits, binary)
     with stage(request, "encode"):
         content, headers, media = encode_response(model.name, model.version, parsed.id, [tensor])
         return Response(content, media_type=media, headers=headers)

@@ -165,7 +165,8 @@ def convergence_claim(table: dict, conv: str, patch: str, n_val: int, flops_rati
     return _row("convergence", "Convergence", measured, sup, con, len(cells), cells, flops_ratio)
 
 
-def optimizer_claim(gaps: dict[str, dict[int, float]], table: dict, conv: str, patch: str, n_val: int):
+def optimizer_claim(gaps: dict[str, dict[int, float]], table: dict, conv: str, patch: str,
+                    n_val: int) -> dict[str, Any]:
     """Per schedule length (seed means): ViT_C's own SGD-AdamW gap against the equivalence margin ("as well") and
     (ViT_P's gap) minus (ViT_C's) against its 95 % interval ("loses markedly")."""
     cells, sup, con = [], 0, 0
@@ -216,7 +217,7 @@ def iqr_difference_interval(c_errs: Sequence[float], p_errs: Sequence[float], le
     return float(lo), float(hi)
 
 
-def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alpha: float = 0.05):
+def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alpha: float = 0.05) -> dict[str, Any]:
     """Per optimizer: sign test over the paired samples ("lies left") and the bootstrap interval of the IQR
     difference ("tighter"); judged only with enough untied pairs for the sign test to reach alpha."""
     cells, sup, con, total = [], 0, 0, 0
@@ -261,7 +262,8 @@ def stability_claim(stab: dict[str, dict[str, Any]], conv: str, patch: str, alph
     return row
 
 
-def peak_claim(table: dict, conv: str, patch: str, n_val: int, complexity: dict, runtime: dict):
+def peak_claim(table: dict, conv: str, patch: str, n_val: int, complexity: dict,
+               runtime: dict) -> dict[str, Any]:
     """Best tuned error per stem at the longest schedule both stems have results for (seed means; a partial study
     never compares one stem's 4 epochs with the other's 8); judged at flops parity only."""
     epochs = {m: {e for v in table.get(m, {}).values() for e in v} for m in (conv, patch)}
