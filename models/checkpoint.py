@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,28 @@ def save_checkpoint(
     shapes) raises CheckpointError before anything is written or removed: the checkpoint there stays as it was.
     A diverged run's non-finite weights are saved with its summary (`training.diverged`), which the reader names.
     """
+    with staged_checkpoint(out_dir, model, class_names=class_names, preprocessing=preprocessing,
+                           extra=extra) as publish:
+        return publish()
+
+
+@contextlib.contextmanager
+def staged_checkpoint(
+    out_dir: str | os.PathLike,
+    model: nn.Module,
+    *,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    extra: dict[str, Any] | None = None,
+) -> Iterator[Callable[[], Path]]:
+    """`save_checkpoint` in two steps: the weights are checked, written beside the checkpoint and hashed, then
+    `publish` (yielded) renames them into place, writes `checkpoint.json` and removes older weight files.
+
+    The slow part happens before the yield, so a caller can hold signals (`models.io.committing`) around `publish`
+    alone, with the other files it puts in place beside the checkpoint. Leaving the block without publishing
+    removes the temporary (and a directory this call made); a weights file that a published `checkpoint.json`
+    names is never removed.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -112,7 +135,22 @@ def save_checkpoint(
     _check_state(state, cfg, diverged=_diverged(meta))
     created = not out.is_dir()
     out.mkdir(parents=True, exist_ok=True)
-    tmp, weights = out / ".weights.tmp.safetensors", None
+    tmp = out / ".weights.tmp.safetensors"
+    placed: Path | None = None  # a weights file this call renamed into place
+    published = False
+
+    def publish() -> Path:
+        nonlocal placed, published
+        new = out / meta["weights"]["file"]
+        placed = None if new.exists() else new  # the same weights as the checkpoint there: keep its file
+        os.replace(tmp, new)
+        atomic_write_json(out / META_FILE, meta)
+        published = True
+        for old in out.glob("weights-*.safetensors"):
+            if old.name != new.name:
+                old.unlink(missing_ok=True)
+        return out
+
     try:
         # One metadata key: safetensors orders several keys differently per process, breaking reproducible hashes.
         save_file(state, str(tmp), metadata={"format": FORMAT})
@@ -121,22 +159,27 @@ def save_checkpoint(
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
         meta["weights"] = {"file": f"weights-{digest[:16]}.safetensors", "sha256": digest, "format": "safetensors"}
-        new = out / meta["weights"]["file"]
-        weights = None if new.exists() else new  # the same weights as the checkpoint there: keep its file
-        os.replace(tmp, new)
-        atomic_write_json(out / META_FILE, meta)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        if weights is not None:
-            weights.unlink(missing_ok=True)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # empty again: a directory this call made
-        raise
-    for old in out.glob("weights-*.safetensors"):
-        if old.name != meta["weights"]["file"]:
-            old.unlink(missing_ok=True)
-    return out
+        del state
+        yield publish
+    finally:
+        if not published:
+            tmp.unlink(missing_ok=True)
+            # A signal raised just after checkpoint.json's rename, before `published` is set, leaves a checkpoint
+            # that names these weights: removing them would break it for good.
+            if placed is not None and not _names_weights(out, placed.name):
+                placed.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # empty again: a directory this call made
+
+
+def _names_weights(out: Path, name: str) -> bool:
+    """Whether `out`'s checkpoint.json (as it is on disk) names the weights file `name`."""
+    try:
+        weights = read_strict_json(out / META_FILE, MAX_META_BYTES).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(weights, dict) and weights.get("file") == name
 
 
 # What save_checkpoint derives from the model and its arguments; `extra` adds the training summary beside them.

@@ -75,7 +75,8 @@ def _state(**changes: object) -> dict:
                 "wall_time_s": 0.2, "cpu_time_s": 0.2, "samples_seen": 16, "segments": 0, "epoch_acc": None,
                 "last_eval": None, "started": "2026-01-01T00:00:00Z"}
     state = {"config": cfg.to_dict(), "steps_per_epoch": 10, "model": {"w": torch.zeros(2)},
-             "optimizer": {"state": {}, "param_groups": []}, "scheduler": {}, "ema": None, "rng": capture_rng(),
+             "optimizer": {"state": {}, "param_groups": [{"params": [0], "lr": 0.1}]}, "scheduler": {}, "ema": None,
+             "rng": capture_rng(),
              "progress": progress}
     for key, value in changes.items():
         if value is KeyError:

@@ -190,6 +190,12 @@ def normalize_dataset(name: str) -> str:
     return name if name in EMBEDDED or not name.strip() else str(Path(name).expanduser().resolve())
 
 
+def _is_max_steps(flag: str) -> bool:
+    """Whether `flag` named --max-steps: in full, or abbreviated as argparse took it before train's parser refused
+    abbreviations (`--ma` is the shortest prefix no other option shares), as a run recorded it then."""
+    return len(flag) >= len("--ma") and "--max-steps".startswith(flag)
+
+
 def with_max_steps(command: tuple[str, ...], steps: int) -> tuple[str, ...]:
     """`command` with its --max-steps set to `steps` (left out for 0: no limit)."""
     kept: list[str] = []
@@ -198,10 +204,10 @@ def with_max_steps(command: tuple[str, ...], steps: int) -> tuple[str, ...]:
         if skip:
             skip = False
             continue
-        if arg == "--max-steps" and i + 1 < len(command):
+        if _is_max_steps(arg) and i + 1 < len(command):
             skip = True
             continue
-        if not arg.startswith("--max-steps="):
+        if not (arg.startswith("--ma") and "=" in arg and _is_max_steps(arg.partition("=")[0])):
             kept.append(arg)
     return (*kept, "--max-steps", str(steps)) if steps else tuple(kept)
 

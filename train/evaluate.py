@@ -23,7 +23,8 @@ from train.pipeline import EvalCollate, EvalImages, loader
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Any, info: DistInfo, channels_last: bool = False,
              fail_on_corrupt: bool = False) -> dict[str, float]:
-    """Top-1, top-5 (fractions), mean loss, counts over all ranks' shards; corrupt images are left out."""
+    """Top-1, top-5 (fractions), mean loss, counts over all ranks' shards; corrupt images are left out, and an image
+    whose scores are not all finite (a diverged model) counts as misclassified (its loss makes the mean null)."""
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # top1, top5, loss, evaluated, skipped
@@ -38,8 +39,11 @@ def evaluate(model: nn.Module, batches: Any, info: DistInfo, channels_last: bool
         y = y[ok]
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
-        sums[0] += float((top[:, 0] == y).sum())
-        sums[1] += float((top == y[:, None]).any(dim=1).sum())
+        # A diverged model's NaN (or infinite) scores rank nothing: topk would pick arbitrary classes and report
+        # chance-level accuracy for it. Such an image counts as misclassified.
+        finite = torch.isfinite(logits).all(dim=1)
+        sums[0] += float(((top[:, 0] == y) & finite).sum())
+        sums[1] += float(((top == y[:, None]).any(dim=1) & finite).sum())
         sums[2] += float(F.cross_entropy(logits, y, reduction="sum")) if len(y) else 0.0
         sums[3] += float(len(y))
         sums[4] += float((~ok).sum())

@@ -31,6 +31,9 @@ def build_parser() -> OneLineParser:
         "samples_per_s, corrupt_train_files (the distinct unreadable train files training met and replaced), "
         "command_line (a command that reruns it), versions. Bad input exits 2 with one line on stderr.",
         argument_default=None,
+        # Options spelled in full only: the command line is recorded as the command that reruns the training, and
+        # its --max-steps is replaced on a resume; `--max-step 20` would survive that and stop a rerun early.
+        allow_abbrev=False,
     )
     r = _recipe_defaults
     g = p.add_argument_group("what to train")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,17 +17,21 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 
 
+def metrics_bytes(history: list[dict[str, Any]]) -> bytes:
+    """metrics.jsonl's content: one JSON object per epoch of the run's history."""
+    return "".join(json.dumps(rec, sort_keys=False) + "\n" for rec in history).encode()
+
+
 def write_metrics(out_dir: str | os.PathLike, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl (one JSON object per epoch) from the run's history, atomically.
 
     Rewriting rather than appending keeps the file exact after a resume that repeats a partial epoch.
     """
-    text = "".join(json.dumps(rec, sort_keys=False) + "\n" for rec in history)
-    atomic_write_bytes(Path(out_dir) / METRICS_FILE, text.encode())
+    atomic_write_bytes(Path(out_dir) / METRICS_FILE, metrics_bytes(history))
 
 
-def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title: str) -> Path | None:
-    """Loss and top-1 per epoch (raw and EMA) as a PNG; None when there is nothing to plot."""
+def draw_curves(history: list[dict[str, Any]], title: str) -> bytes | None:
+    """Loss and top-1 per epoch (raw and EMA) as PNG bytes, drawn in memory; None when there is nothing to plot."""
     rows = [h for h in history if "train_loss" in h]
     if not rows:
         return None
@@ -38,27 +43,40 @@ def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title
         return math.nan if h.get(key) is None else h[key]  # null (diverged) -> a gap in the curve
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([h["epoch"] for h in rows], [num(h, "train_loss") for h in rows], "o-", label="train (augmented)")
-    evald = [h for h in rows if h.get("val_top1") is not None]
-    if evald:
-        ax_loss.plot([h["epoch"] for h in evald], [num(h, "val_loss") for h in evald], "s-", label="val")
-        ax_acc.plot([h["epoch"] for h in evald], [100 * h["val_top1"] for h in evald], "s-", label="val top-1")
-        ema = [h for h in evald if h.get("val_top1_ema") is not None]
-        if ema:
-            ax_acc.plot([h["epoch"] for h in ema], [100 * h["val_top1_ema"] for h in ema], "^-",
-                        label="val top-1 (EMA)")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
+    try:
+        ax_loss.plot([h["epoch"] for h in rows], [num(h, "train_loss") for h in rows], "o-",
+                     label="train (augmented)")
+        evald = [h for h in rows if h.get("val_top1") is not None]
+        if evald:
+            ax_loss.plot([h["epoch"] for h in evald], [num(h, "val_loss") for h in evald], "s-", label="val")
+            ax_acc.plot([h["epoch"] for h in evald], [100 * h["val_top1"] for h in evald], "s-", label="val top-1")
+            ema = [h for h in evald if h.get("val_top1_ema") is not None]
+            if ema:
+                ax_acc.plot([h["epoch"] for h in ema], [100 * h["val_top1_ema"] for h in ema], "^-",
+                            label="val top-1 (EMA)")
+        ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+        ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        # Into memory, not a temporary beside the plot: drawing takes a good part of a second, and a Ctrl-C or
+        # SIGTERM meanwhile would leave a half-written file in the run directory.
+        png = io.BytesIO()
+        fig.savefig(png, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return png.getvalue()
+
+
+def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title: str) -> Path | None:
+    """Loss and top-1 per epoch (raw and EMA) as curves.png, written atomically; None when there is nothing to plot."""
+    png = draw_curves(history, title)
+    if png is None:
+        return None
     path = Path(out_dir) / PLOT_FILE
-    tmp = path.with_name(f".{PLOT_FILE}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png)
     return path
 
 

@@ -7,6 +7,7 @@ arbitrary unpickling). The file is replaced in one rename: a kill at any moment 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import random
@@ -28,22 +29,26 @@ MAX_PICKLE_BYTES = 32 << 20  # a resume state's pickle: names and small values (
 MAX_REASON = 300  # characters of a damage reason (a size-mismatch list can run to pages)
 
 
-def _opt_dict(x: object) -> bool:
-    return x is None or isinstance(x, dict)
-
-
 def _history(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(h, dict) and is_int(h.get("epoch")) for h in x)
 
 
 def _epoch_acc(x: object) -> bool:
-    return x is None or (isinstance(x, dict) and all(_is_num(x.get(k)) for k in ("loss_sum", "samples", "time",
-                                                                                  "corrupt")))
+    # The loss sum may be non-finite (a run that diverged mid-epoch): check_resume weighs it against the weights.
+    return x is None or (isinstance(x, dict) and _is_num(x.get("loss_sum"))
+                         and all(_seconds(x.get(k)) for k in ("samples", "time", "corrupt")))
+
+
+def _eval_result(x: object) -> bool:
+    """An `evaluate` result as the trainer reports it (the final summary takes it as it is)."""
+    return (isinstance(x, dict) and all(_fraction(x.get(k)) for k in ("top1", "top5"))
+            and (x.get("loss") is None or _finite(x.get("loss"))) and _count(x.get("samples"))
+            and _count(x.get("skipped_corrupt")))
 
 
 def _last_eval(x: object) -> bool:
-    return x is None or (isinstance(x, dict) and is_int(x.get("global_step")) and isinstance(x.get("raw"), dict)
-                         and _opt_dict(x.get("ema")))
+    return x is None or (isinstance(x, dict) and is_int(x.get("global_step")) and _eval_result(x.get("raw"))
+                         and (x.get("ema") is None or _eval_result(x.get("ema"))))
 
 
 def _count(x: object) -> bool:
@@ -51,7 +56,11 @@ def _count(x: object) -> bool:
 
 
 def _seconds(x: object) -> bool:
-    return _is_num(x) and x >= 0
+    return _finite(x) and x >= 0
+
+
+def _fraction(x: object) -> bool:
+    return _finite(x) and 0 <= x <= 1
 
 
 # What each progress counter must hold (the trainer indexes and adds to every one of them).
@@ -155,6 +164,10 @@ def _is_num(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _finite(x: object) -> bool:
+    return _is_num(x) and math.isfinite(x)
+
+
 def _tensor_dict(x: object) -> bool:
     return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
 
@@ -190,7 +203,81 @@ def _check_progress(progress: object) -> str | None:
     # Written since resume.pt lists the corrupt files training replaced; older states go without.
     if "corrupt_files" in progress and not _strings(progress["corrupt_files"]):
         return "progress.corrupt_files: expected a list of paths"
+    if not isinstance(progress.get("diverged", False), bool):
+        return f"progress.diverged: unexpected value {progress['diverged']!r:.80}"
+    return _check_history(progress["history"])
+
+
+# The numbers of a history record (metrics.jsonl's line of an epoch) that the trainer compares, sums or plots.
+HISTORY_NUMBERS = ("step", "train_loss", "lr", "epoch_time_s", "samples_per_s", "val_loss", "val_loss_ema",
+                   "corrupt_train_replaced")
+HISTORY_FRACTIONS = ("val_top1", "val_top5", "val_top1_ema", "val_top5_ema")
+
+
+def _check_history(history: list[dict[str, Any]]) -> str | None:
+    """Why a history record is not one the trainer wrote (JSON scalars; its numbers finite or null), or None."""
+    for i, record in enumerate(history):
+        where = f"progress.history[{i}]"
+        for key, value in record.items():
+            if not isinstance(key, str):
+                return f"{where}: unexpected key {key!r:.80}"
+            if not (value is None or isinstance(value, bool | str) or _finite(value)):
+                return f"{where}.{key}: unexpected value {value!r:.80}"
+        for key in HISTORY_NUMBERS + HISTORY_FRACTIONS:
+            value = record.get(key)
+            if value is not None and not (_fraction(value) if key in HISTORY_FRACTIONS else _finite(value)):
+                what = "a fraction in [0, 1]" if key in HISTORY_FRACTIONS else "a number"
+                return f"{where}.{key}: expected {what} or null, got {value!r:.80}"
     return None
+
+
+# Optimizer hyperparameters torch keeps in each parameter group (AdamW's and SGD's): load_state_dict takes the saved
+# values as they are, and a wrong type fails only at the first step, mid-training.
+GROUP_NUMBERS = ("lr", "weight_decay", "eps", "momentum", "dampening")
+GROUP_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "nesterov", "decoupled_weight_decay")
+GROUP_OPTIONAL_FLAGS = ("foreach", "fused")
+
+
+def _check_optimizer(opt: object) -> str | None:
+    """Why `opt` is not an optimizer state_dict of AdamW or SGD as the trainer saves it, or None."""
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        return "optimizer: expected a dict with state and param_groups"
+    if not opt["param_groups"]:
+        return "optimizer.param_groups: expected at least one group"
+    for i, group in enumerate(opt["param_groups"]):
+        where = f"optimizer.param_groups[{i}]"
+        if not isinstance(group, dict):
+            return f"{where}: expected a dict"
+        if not (isinstance(group.get("params"), list) and all(_count(p) for p in group["params"])):
+            return f"{where}.params: expected a list of parameter indices"
+        if "lr" not in group:
+            return f"{where}: missing 'lr'"
+        for key in GROUP_NUMBERS:
+            if key in group and not (_finite(group[key]) and group[key] >= 0):
+                return f"{where}.{key}: expected a non-negative number, got {group[key]!r:.80}"
+        betas = group.get("betas", (0.0, 0.0))
+        if not (isinstance(betas, tuple | list) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
+            return f"{where}.betas: expected two numbers in [0, 1), got {betas!r:.80}"
+        for key in GROUP_FLAGS + GROUP_OPTIONAL_FLAGS:
+            unset = key in GROUP_OPTIONAL_FLAGS and group.get(key) is None
+            if key in group and not (isinstance(group[key], bool) or unset):
+                return f"{where}.{key}: expected true or false, got {group[key]!r:.80}"
+    for key, buffers in opt["state"].items():
+        if not (_count(key) and isinstance(buffers, dict) and all(
+                isinstance(k, str) and (isinstance(v, torch.Tensor) or _finite(v)) for k, v in buffers.items())):
+            return f"optimizer.state[{key!r:.20}]: expected a dict of tensors"
+    return None
+
+
+def _check_loss_sum(state: dict[str, Any]) -> str | None:
+    """A non-finite running loss sum marks the run diverged when it resumes: only a run whose weights diverged too
+    (NaN or infinite) saves one."""
+    acc = state["progress"]["epoch_acc"]
+    if acc is None or math.isfinite(acc["loss_sum"]):
+        return None
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in state["model"].values()):
+        return None
+    return f"progress.epoch_acc.loss_sum: {acc['loss_sum']!r} with finite weights (a diverged run's are not)"
 
 
 def _strings(x: object) -> bool:
@@ -220,17 +307,18 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return "model: expected a dict of tensors"
     if state["ema"] is not None and not _tensor_dict(state["ema"]):
         return "ema: expected a dict of tensors or None"
-    opt = state["optimizer"]
-    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
-        return "optimizer: expected a dict with state and param_groups"
+    if problem := _check_optimizer(state["optimizer"]):
+        return problem
     if not isinstance(state["scheduler"], dict):
         return "scheduler: expected a dict"
-    return _check_rng(state["rng"]) or _check_progress(state["progress"]) or _check_data(state.get("data"))
+    return (_check_rng(state["rng"]) or _check_progress(state["progress"]) or _check_loss_sum(state)
+            or _check_data(state.get("data")))
 
 
-# What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp`, the
-# plot's and the checkpoint's fixed temporaries. Nothing else is ours to delete.
-_OWN_TEMPORARY = re.compile(r"\.(resume\.pt|metrics\.jsonl|checkpoint\.json)\.[a-z0-9_]{8}\.tmp"
+# What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp` and the
+# checkpoint's fixed temporary (and the plot's, `.curves.png.tmp`, of runs before it was written atomically too).
+# Nothing else is ours to delete.
+_OWN_TEMPORARY = re.compile(r"\.(resume\.pt|metrics\.jsonl|checkpoint\.json|curves\.png)\.[a-z0-9_]{8}\.tmp"
                             r"|\.curves\.png\.tmp|\.weights\.tmp\.safetensors")
 
 

@@ -33,10 +33,18 @@ from data.datasets import (
     default_preprocessing,
     load_dataset,
 )
-from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, save_checkpoint
+from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, staged_checkpoint
 from models.cli import fill_closed_std_streams
 from models.host import usable_cpus
-from models.io import DirectoryBusy, ensure_dir, out_inside_problem, resolve_path, writer_lock
+from models.io import (
+    DirectoryBusy,
+    atomic_write_bytes,
+    committing,
+    ensure_dir,
+    out_inside_problem,
+    resolve_path,
+    writer_lock,
+)
 from models.jsonfields import finite_or_none
 from models.preprocessing import Preprocessing
 from models.registry import build_model
@@ -54,7 +62,7 @@ from train.distributed import (
 from train.evaluate import eval_loader, evaluate
 from train.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from train.pipeline import EpochBatches, TrainImages, loader, predecode, train_collate
-from train.report import METRICS_FILE, PLOT_FILE, best_of, plot_curves, versions, write_metrics
+from train.report import METRICS_FILE, PLOT_FILE, best_of, draw_curves, metrics_bytes, versions, write_metrics
 from train.state import (
     RESUME_FILE,
     capture_rng,
@@ -178,6 +186,23 @@ def remove_if_empty(dirs: list[Path]) -> None:
             d.rmdir()
         except OSError:  # not empty (something was written), already gone, or not ours to remove
             return
+
+
+# The hyperparameters a run's configuration gives each optimizer group (the rate is a function of the step): torch's
+# load_state_dict would take a saved group's values over this run's without a word.
+GROUP_SETTINGS = ("weight_decay", "betas", "eps", "momentum", "dampening", "nesterov")
+
+
+def _check_optimizer_groups(saved: list[dict[str, Any]], optimizer: torch.optim.Optimizer) -> None:
+    """A saved optimizer's groups must hold this run's hyperparameters (else it is another run's, or edited)."""
+    def plain(v: object) -> object:
+        return tuple(v) if isinstance(v, list | tuple) else v
+
+    for i, (was, now) in enumerate(zip(saved, optimizer.param_groups, strict=False)):
+        for key in GROUP_SETTINGS:
+            if key in was and key in now and plain(was[key]) != plain(now[key]):
+                raise damaged(f"optimizer.param_groups[{i}].{key} is {was[key]!r:.40}, this run's "
+                              f"{now[key]!r:.40} (its configuration)")
 
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
@@ -354,10 +379,43 @@ class Trainer:
             return None
         return recorded or {}
 
+    def _history_files(self, progress: dict[str, Any]) -> dict[str, bytes]:
+        """metrics.jsonl and curves.png (when there is something to plot) from the run's history, ready to write."""
+        files = {METRICS_FILE: metrics_bytes(progress["history"])}
+        title = f"{self.cfg.model} on {Path(self.cfg.dataset).name}"
+        if (png := draw_curves(progress["history"], title)) is not None:
+            files[PLOT_FILE] = png
+        return files
+
     def _write_history(self, progress: dict[str, Any]) -> None:
-        """metrics.jsonl and curves.png from the run's history."""
-        write_metrics(self.cfg.out, progress["history"])
-        plot_curves(self.cfg.out, progress["history"], f"{self.cfg.model} on {Path(self.cfg.dataset).name}")
+        """metrics.jsonl and curves.png from the run's history: drawn first, then put in place together."""
+        files = self._history_files(progress)
+        with committing(f"the metrics and curves in {self.cfg.out}"):
+            self._put_in_place(files)
+
+    def _put_in_place(self, files: dict[str, bytes]) -> None:
+        """Write each file (name -> content) into --out atomically, in order."""
+        out = Path(self.cfg.out)
+        for name, data in files.items():
+            atomic_write_bytes(out / name, data)
+
+    def _publish(self, chosen: nn.Module, summary: dict[str, Any], progress: dict[str, Any]) -> None:
+        """The run's outputs: the checkpoint first (a run killed before it is still resumable, or, with --epochs 0,
+        the old run), then metrics.jsonl and curves.png.
+
+        The slow parts (the weights' file and hash, drawing the curves) come first; a Ctrl-C or SIGTERM meanwhile
+        stops the run with nothing of it published. The renames that follow are one commit: a signal during them
+        waits for them, then is noted (`committing`), and the command ends as it would have.
+        """
+        cfg = self.cfg
+        with staged_checkpoint(cfg.out, chosen, class_names=self.class_names, preprocessing=self.spec,
+                               extra={"dataset": cfg.dataset, "weights_source": summary["weights_source"],
+                                      "training": summary}) as publish:
+            files = self._history_files(progress)
+            with committing(f"the checkpoint in {cfg.out}"):
+                publish()
+                self._forget_old_run(META_FILE)
+                self._put_in_place(files)
 
     def _stopped_line(self, progress: dict[str, Any]) -> str:
         """Why a restored run has nothing left to train, and what would continue it."""
@@ -378,10 +436,12 @@ class Trainer:
                           f"run's {self.cfg.epochs} epochs of {self.steps_per_epoch} steps")
         self.net.load_state_dict(state["model"])
         if self.cfg.epochs:
+            _check_optimizer_groups(state["optimizer"]["param_groups"], self.optimizer)
             self.optimizer.load_state_dict(state["optimizer"])
             _check_optimizer_shapes(self.optimizer)
-            # The rate is a function of the step (set again below): a saved schedule, of this or of an earlier
-            # scheduler, is not needed.
+            # The rate is a function of the step, set from it here: a saved schedule, of this or of an earlier
+            # scheduler, is not needed, and neither is the saved rate (the same number, unless edited).
+            self.scheduler.step_update(progress["global_step"])
             if self.ema is not None:
                 if state["ema"] is None:
                     raise damaged("ema: missing, but this run keeps an EMA")
@@ -634,12 +694,7 @@ class Trainer:
             "data": self.data_prints,
         }
         if info.is_main:
-            # The checkpoint first: a run killed before it is still resumable (or, with --epochs 0, the old run).
-            save_checkpoint(cfg.out, chosen, class_names=self.class_names, preprocessing=self.spec,
-                            extra={"dataset": cfg.dataset, "weights_source": summary["weights_source"],
-                                   "training": summary})
-            self._forget_old_run(META_FILE)
-            self._write_history(progress)
+            self._publish(chosen, summary, progress)
             ema_txt = "" if ema is None else f", EMA {100 * ema['top1']:.2f}%"
             print(f"checkpoint {cfg.out}: val top-1 {100 * raw['top1']:.2f}%{ema_txt} "
                   f"(saved {summary['weights_source']}), {summary['wall_time_s']:.0f} s", flush=True)
