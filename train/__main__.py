@@ -26,6 +26,9 @@ PROG = "python -m train"
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
              "remote process exited or there was a network error", "Socket Timeout")
 
+# How gloo reports a collective that waited the whole timeout (VITC_DIST_TIMEOUT_S) for a rank that hangs.
+PEER_SILENT = ("Timed out waiting",)
+
 
 def lost_peer(exc: BaseException) -> str | None:
     """How torch.distributed said it lost another rank (which failed or was stopped) mid-collective, or None."""
@@ -38,9 +41,11 @@ def lost_peer(exc: BaseException) -> str | None:
 
 
 def speaker() -> str:
-    """The program's name in its lines, with this process's rank under torchrun (ranks share one stderr)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f"{PROG} (rank {os.environ.get('RANK', '0')})" if world > 1 else PROG
+    """The program's name in its lines, with this process's rank under torchrun (ranks share one stderr). Read
+    before the variables are checked (`cli.run` needs it first): a malformed one names no rank."""
+    world, rank = os.environ.get("WORLD_SIZE", "1").strip(), os.environ.get("RANK", "0").strip()
+    distributed = world.isascii() and world.isdigit() and int(world) > 1
+    return f"{PROG} (rank {int(rank)})" if distributed and rank.isascii() and rank.isdigit() else PROG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,10 +62,22 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             parser.error(problem)
     quiet_openmp()
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    who = speaker()
     # Everything the run needs, up front: matplotlib draws the curves only after the last epoch.
     require("torch", "safetensors", "tqdm", "matplotlib")
+    from train.distributed import TIMEOUT_ENV, DistSetupError, dist_env, watch_signals  # torch: after quiet_openmp
+
+    try:
+        # A partial or malformed set (WORLD_SIZE alone, RANK=x, WORLD_SIZE=-1) trained as one process, with a
+        # negative learning rate, or failed mid-setup with a traceback: each process says it, before any work.
+        env = dist_env()
+    except ConfigError as exc:
+        say(f"{PROG}: error: {exc}")
+        return 2
+    rank, world, who = env.rank, env.world_size, speaker()
+    if env.launched:
+        # A rank blocked in gloo or NCCL cannot run Python's signal handlers: SIGTERM and Ctrl-C waited for the
+        # 30-minute timeout. This still stops it, with the same line and code, once they go unanswered.
+        watch_signals(who)
     try:
         cfg = config_from_options(explicit_options(args, argv))
         from train.trainer import train
@@ -69,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         # A corrupt file met mid-epoch is one rank's: that rank says it (the others lose it, below). A dataset that
         # does not load fails every rank of a machine alike: its first rank says it (once per node).
-        if isinstance(exc, UnreadableImage) or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if isinstance(exc, UnreadableImage) or env.local_rank == 0:
             # A DataLoader worker's error arrives with its traceback text: its last line is the reason.
             say(f"{who}: error: {str(exc).strip().splitlines()[-1]}")
         return 2
@@ -77,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:  # every rank meets these alike: one line is enough
             say(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}")
         return 2
+    except DistSetupError as exc:  # every rank that waited in vain says so: the one missing says nothing
+        say(f"{who}: error: {exc}")
+        return 1
     except (MemoryError, RuntimeError) as exc:
+        if world > 1 and any(sign in str(exc) for sign in PEER_SILENT):
+            say(f"{who}: error: another rank did not answer within {env.timeout_s:g} s: it hangs or was stopped "
+                f"(a slow one needs a longer {TIMEOUT_ENV}); what the run saved is kept and --resume continues from it")
+            return 1
         if world > 1 and (how := lost_peer(exc)):
             say(f"{who}: error: lost another rank ({how}): it failed or was stopped, and its own message says why")
             return 1

@@ -1,16 +1,47 @@
-"""Process-group setup for torchrun/DDP (NCCL on GPUs, gloo on CPU) and the few collectives training needs."""
+"""Process-group setup for torchrun/DDP (NCCL on GPUs, gloo on CPU), the few collectives training needs, and what
+keeps a rank that waits inside one stoppable."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
+import math
 import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from train.config import ConfigError
+
+# How long a rank waits for the others, at the rendezvous and in each collective, before it gives up with one line
+# (gloo's own default is 30 minutes). Long enough for a rank that starts late or reads a large dataset folder before
+# its first collective, or rank 0 writing a checkpoint while the others wait for the next step.
+TIMEOUT_ENV = "VITC_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+MAX_TIMEOUT_S = 86400.0
+# A Ctrl-C or SIGTERM the main thread has not taken this long after it arrived finds it blocked inside one C++ call
+# (a collective waiting for a stopped or hung rank, the rendezvous waiting for one that never starts), where
+# Python cannot run its handler: `watch_signals` then ends the process itself.
+SIGNAL_GRACE_S = 5.0
+LAUNCH_HINT = ("launch the ranks with torchrun (torchrun --nproc_per_node N -m train ...), which sets RANK, "
+               "WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, or unset them to train in one "
+               "process")
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_WHOLE = re.compile(r"[0-9]{1,9}")
+
+
+class DistSetupError(RuntimeError):
+    """The process group did not form (no peer within the timeout, the port taken): one line, exit 1."""
 
 
 @dataclass(frozen=True)
@@ -34,9 +65,77 @@ class DistInfo:
         return self.backend is not None
 
 
+@dataclass(frozen=True)
+class DistEnv:
+    """torchrun's variables for this process, checked: where it sits, and whether it joins a process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    launched: bool = False  # join a process group (torchrun, or another env:// launcher, started this process)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+def _shown(text: str) -> str:
+    """An environment value as a message quotes it (bounded: it comes from outside)."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _whole(env: Mapping[str, str], name: str, low: int, high: int | None, default: int, why: str = "") -> int:
+    """The integer variable `name` (else `default`); ConfigError unless it is a whole number in low..high."""
+    text = env.get(name)
+    if text is None:
+        return default
+    if not _WHOLE.fullmatch(text.strip()):
+        raise ConfigError(f"{name}={_shown(text)} is not a whole number: {LAUNCH_HINT}")
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"in {low}..{high}{why}"
+        raise ConfigError(f"{name}={value} must be {bound}: {LAUNCH_HINT}")
+    return value
+
+
+def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """torchrun's variables from `environ` (default os.environ), checked together before any work: ConfigError (one
+    line naming the variable) for a malformed, out-of-range or partial set. None of them set: one process."""
+    env = os.environ if environ is None else environ
+    world = _whole(env, "WORLD_SIZE", 1, None, 1)
+    if "RANK" in env and "WORLD_SIZE" not in env and _whole(env, "RANK", 0, None, 0) != 0:
+        raise ConfigError(f"RANK={_shown(env['RANK'])} without WORLD_SIZE: {LAUNCH_HINT}")
+    rank = _whole(env, "RANK", 0, world - 1, 0, f" (WORLD_SIZE={world})")
+    missing = [k for k in RENDEZVOUS_VARS if k not in env]
+    if world > 1 and missing:
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise ConfigError(f"WORLD_SIZE={world} without {names}: {LAUNCH_HINT}")
+    launched = not missing
+    if launched:
+        if not env["MASTER_ADDR"].strip():
+            raise ConfigError(f"MASTER_ADDR is empty: {LAUNCH_HINT}")
+        _whole(env, "MASTER_PORT", 1, 65535, 0)
+    local_world = _whole(env, "LOCAL_WORLD_SIZE", 1, world, world, f" (WORLD_SIZE={world})")
+    local_rank = _whole(env, "LOCAL_RANK", 0, local_world - 1, 0, f" (LOCAL_WORLD_SIZE={local_world})")
+    return DistEnv(rank, world, local_rank, local_world, launched, dist_timeout(env))
+
+
+def dist_timeout(env: Mapping[str, str]) -> float:
+    """Seconds a rank waits for the others (`TIMEOUT_ENV`, else `DEFAULT_TIMEOUT_S`); ConfigError when malformed."""
+    text = env.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 1 <= value <= MAX_TIMEOUT_S):
+        raise ConfigError(f"{TIMEOUT_ENV}={_shown(text)}: expected seconds in 1..{MAX_TIMEOUT_S:g} (how long a rank "
+                          f"waits for the others; default {DEFAULT_TIMEOUT_S:g})")
+    return value
+
+
 def env_rank() -> int:
     """This process's global rank from torchrun's environment (0 when not launched by torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    return dist_env().rank
 
 
 def pick_device(preference: str) -> torch.device:
@@ -48,7 +147,7 @@ def pick_device(preference: str) -> torch.device:
 
 def launched_by_torchrun() -> bool:
     """torchrun (or another env:// launcher) started this process: it set the rendezvous variables."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    return all(k in os.environ for k in RENDEZVOUS_VARS)
 
 
 def setup(preference: str) -> DistInfo:
@@ -57,10 +156,9 @@ def setup(preference: str) -> DistInfo:
     `torchrun --nproc_per_node 1` joins a group of one, so the DDP path (NCCL on a GPU) runs on a one-GPU machine
     exactly as it will on eight; `python -m train` skips it.
     """
+    env = dist_env()
     kind = pick_device(preference).type
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    rank, world, local_rank, local_world = env.rank, env.world_size, env.local_rank, env.local_world_size
     if kind == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs on this node")
@@ -69,12 +167,139 @@ def setup(preference: str) -> DistInfo:
     else:
         device = torch.device("cpu")
     backend = None
-    if world > 1 or launched_by_torchrun():
+    if env.launched:
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
-                                    device_id=device if kind == "cuda" else None)
+            try:
+                dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
+                                        device_id=device if kind == "cuda" else None,
+                                        timeout=datetime.timedelta(seconds=env.timeout_s))
+            except (RuntimeError, ValueError) as exc:  # DistStoreError, DistNetworkError: no peer came, port taken
+                raise DistSetupError(_setup_failure(exc, env)) from exc
         backend = dist.get_backend()
     return DistInfo(rank, world, local_rank, local_world, device, backend)
+
+
+_watching: list[int] = []  # the wakeup pipe's (read, write) descriptors once `watch_signals` runs
+_taken = [0]  # Ctrl-Cs and SIGTERMs the main thread's own handlers have run for (the normal path)
+
+
+def watch_signals(prog: str, grace_s: float = SIGNAL_GRACE_S) -> bool:
+    """From now on, a Ctrl-C or SIGTERM that the main thread does not take within `grace_s` ends the process with
+    `models.cli.run`'s line (`prog: terminated`, exit 143; `interrupted`, 130). Returns whether it watches.
+
+    Python runs a signal handler on the main thread between bytecodes, so a rank blocked inside gloo or NCCL (the
+    rendezvous waiting for a rank that never starts, a collective or DDP's backward waiting for one that hangs) kept
+    running until the timeout. The C-level handler still writes the signal to the wakeup descriptor; a thread reads
+    it and ends the process when neither the handlers installed now ran nor the main thread ran any bytecode
+    meanwhile. Nothing is committed mid-collective (checkpoints are written between steps), and the temporaries and
+    lock file left behind are cleared by the next run. A signal at any other moment takes the normal path, which
+    the main thread starts at once (its cleanup then takes as long as it needs).
+    """
+    if _watching:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False  # only the main thread may set the wakeup descriptor or handlers
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # the C handler must never block on a full pipe
+    try:
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except ValueError:
+        previous = None
+    if previous != -1:  # not ours to take: asyncio or the embedding program uses it (or it failed)
+        if previous is not None:
+            signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
+        return False
+    _watching.extend((read_fd, write_fd))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(handler := signal.getsignal(signum)):
+            signal.signal(signum, _counted(handler))
+    os.register_at_fork(after_in_child=_forget_in_child)  # a DataLoader worker's own signals are its own
+    threading.Thread(target=_watch, args=(read_fd, prog, grace_s), name="vitc-signal-watch", daemon=True).start()
+    return True
+
+
+def _counted(handler: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+    """`handler`, counting in `_taken` that the main thread took the signal (it raises: count first)."""
+    def take(signum: int, frame: Any) -> Any:
+        _taken[0] += 1
+        return handler(signum, frame)
+    return take
+
+
+def _forget_in_child() -> None:
+    """In a forked child (a DataLoader worker): its signals must not reach the parent's watcher through the pipe."""
+    if _watching:
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+        for fd in _watching:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _watching.clear()
+
+
+def _watch(read_fd: int, prog: str, grace_s: float) -> None:
+    """The watcher thread: for each Ctrl-C or SIGTERM, end the process if the main thread is stuck (`_main_stuck`)."""
+    taken = _taken[0]
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        caught = [s for s in data if s in (signal.SIGINT, signal.SIGTERM)]
+        if caught and _main_stuck(grace_s, taken):
+            stopped = caught[0] == signal.SIGTERM
+            _flush_stdout()
+            with contextlib.suppress(OSError):  # os.write: stderr's buffered writer may be the main thread's
+                os.write(2, f"{prog}: {'terminated' if stopped else 'interrupted'}\n".encode())
+            os._exit(143 if stopped else 130)
+        taken = _taken[0]
+
+
+def _main_stuck(grace_s: float, taken: int) -> bool:
+    """Whether, for `grace_s` seconds, the main thread's handlers take no signal beyond the `taken` before and it
+    runs no bytecode: it is inside one C++ call, where Python cannot run a handler. Any bytecode it runs passes a
+    point where Python runs the pending handler first (which may be another's: a commit holds signals meanwhile)."""
+    ident = threading.main_thread().ident
+    frame = sys._current_frames().get(ident)  # the Python frame that made the call, while it lasts
+    if frame is None or _taken[0] != taken:
+        return False
+    where = frame.f_lasti
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = sys._current_frames().get(ident)
+        if _taken[0] != taken or now is not frame or now.f_lasti != where:
+            return False
+    return True
+
+
+def _flush_stdout() -> None:
+    """Flush the lines printed so far, from a helper thread given a second: the main thread may hold stdout's lock
+    (blocked writing to a reader that stopped reading)."""
+    stream = sys.stdout
+    if stream is None:
+        return
+
+    def flush() -> None:
+        with contextlib.suppress(Exception):
+            stream.flush()
+    helper = threading.Thread(target=flush, daemon=True)
+    helper.start()
+    helper.join(1.0)
+
+
+def _setup_failure(exc: BaseException, env: DistEnv) -> str:
+    """One line for a process group that did not form: the ranks did not all come in time, or the port is taken."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
+    if "timed out" in reason.lower():
+        return (f"the {env.world_size} ranks did not all meet at {where} within {env.timeout_s:g} s ({reason}): start "
+                f"every rank (torchrun does), or give a slow start longer with {TIMEOUT_ENV}")
+    return f"could not form the process group of {env.world_size} ranks at {where}: {reason}"
 
 
 def teardown(info: DistInfo) -> None:
