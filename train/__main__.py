@@ -1,9 +1,10 @@
 """`python -m train ...` (or under `torchrun -m train ...`): parse the options and run one training.
 
 Bad input (unknown model or dataset, unreadable folder, out-of-range option, an --out that is not a run, another
-process training into it) is one line on stderr, exit 2; running out of memory is one line, exit 1. Under torchrun
-a data error (a corrupt file met by one rank) is said by the rank that met it, prefixed with its rank, and the
-other ranks, which then lose it mid-collective, say so in one line each, exit 1.
+process training into it, a partial or malformed set of torchrun's variables) is one line on stderr, exit 2;
+running out of memory is one line, exit 1. Under torchrun a data error (a corrupt file met by one rank) is said by
+the rank that met it, prefixed with its rank, and the other ranks, which then lose it mid-collective, say so in one
+line each, exit 1.
 Nothing here imports torch at module level, so `quiet_openmp` takes effect.
 """
 
