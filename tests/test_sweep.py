@@ -347,7 +347,10 @@ def test_report_from_results_reproduces_a_clear_cut_study(tmp_path):
     md = (tmp_path / "claims.md").read_text()
     assert "| Claim | Paper | Measured here (seed mean ± standard error) | Flops C/P | Reproduced |" in md
     assert "**yes**" in md and "| 1.007 |" in md  # the nano pair's flops ratio beside its verdicts
-    assert "pair vit_c_nano / vit_p_nano, seeds 0, 1, 2" in md
+    assert "pair vit_c_nano / vit_p_nano, seeds 1, 2, 3" in md and "2 epochs each, seed 0;" in md
+    # The tuned seeds are not the stability seed: no tuned run is a stability run, so no winner's curse to confess.
+    assert not {s.run_id for s in tuned_runs} & {s.run_id for s in plan.stability_specs(cfg)}
+    assert "Selection bias" not in md and summary["runs"]["planned"] == 64 + len(tuned_runs)
     assert not (tmp_path / "runs-unused").exists()  # report-only trains nothing
 
 
@@ -499,7 +502,8 @@ def test_a_lost_stability_result_leaves_its_pair_untuned_not_silently_retuned(tm
     assert {k: v for k, v in tuned_before.items() if k != (conv, "adamw")} == tuned  # the others stay
     summary = study.run_study(cfg, "all", tmp_path, tmp_path / "runs-unused", [], report_only=True)
     assert summary["not_tuned"] == [f"{conv}/adamw"]
-    per_pair = len(cfg.epochs) * len(cfg.seeds) - (cfg.stability_epochs in cfg.epochs)
+    overlap = cfg.stability_epochs in cfg.epochs and cfg.stability_seed in cfg.seeds  # False: fresh tuned seeds
+    per_pair = len(cfg.epochs) * len(cfg.seeds) - overlap
     assert summary["runs"]["planned"] == len(specs) + len(tuned_runs) + per_pair - sum(
         s in specs for s in tuned_runs)
     assert f"Not tuned yet, a stability run without a result (rerun the study to train it): {conv}/adamw." in (

@@ -209,6 +209,8 @@ def test_an_incomplete_study_marks_its_verdicts_provisional_and_its_missing_runt
     md = (tmp_path / "claims.md").read_text()
     assert "**yes**, provisional: 24/28 runs; seeds C n=3, P n=1 (" in md
     assert "| Runtime at parity |" in md and "**not run**" in md
+    # --seeds 0,1,2 takes the stability seed back among the tuned ones: the winner's curse is confessed.
+    assert "Selection bias: with tuning by the sweep, the tuned run with seed 0 at 2 epochs is the stability run" in md
 
 
 def test_fewer_than_three_seeds_are_warned_and_provisional(tmp_path, capsys):

@@ -149,8 +149,8 @@ def build_summary(
     # Pairs whose tuning waits for a stability result: their tuned runs are planned, not yet specified.
     epochs = tuned_epochs(cfg, study)
     untuned = [f"{m}/{o}" for m in cfg.models for o in cfg.optimizers if (m, o) not in tuned] if epochs else []
-    # An untuned pair's tuned runs: every schedule and seed, less the one its stability winner already is.
-    per_untuned = len(epochs) * len(cfg.seeds) - (cfg.stability_epochs in epochs)
+    # An untuned pair's tuned runs: every schedule and seed, less the one its stability winner already is (if any).
+    per_untuned = len(epochs) * len(cfg.seeds) - (cfg.stability_epochs in epochs and cfg.stability_seed in cfg.seeds)
     runs = {"planned": len(all_specs) + len(untuned) * per_untuned,
             "finished": sum(s.run_id in results for s in all_specs),
             "train_wall_s": round(sum(results[s.run_id]["wall_s"] for s in all_specs if s.run_id in results))}
@@ -251,11 +251,12 @@ def machines_text(summary: dict[str, Any]) -> str:
 
 
 def winners_curse(cfg: dict[str, Any]) -> str | None:
-    """The selection bias of a sweep-tuned study, said where it applies (tuned seed 0 at the stability length is the
-    very stability run that won the tuning)."""
-    if cfg["tuning"] != "sweep" or cfg["stability_epochs"] not in cfg["epochs"]:
+    """The selection bias of a sweep-tuned study, said where it applies (the tuned run on the stability runs' seed at
+    the stability length is the very stability run that won the tuning)."""
+    seed = cfg.get("stability_seed", cfg["seeds"][0])
+    if cfg["tuning"] != "sweep" or cfg["stability_epochs"] not in cfg["epochs"] or seed not in cfg["seeds"]:
         return None
-    return (f"Selection bias: with tuning by the sweep, the tuned run with seed {cfg['seeds'][0]} at "
+    return (f"Selection bias: with tuning by the sweep, the tuned run with seed {seed} at "
             f"{cfg['stability_epochs']} epochs is the stability run that won the tuning (the lowest of "
             f"{cfg['samples']} samples), so the {cfg['stability_epochs']}-epoch means lean towards the selected value "
             f"(a winner's curse) and their seed spread can widen; the other seeds and schedules are fresh runs.")
@@ -291,7 +292,8 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
         + (f" Not tuned yet, a stability run without a result (rerun the study to train it): "
            f"{', '.join(summary['not_tuned'])}." if summary.get("not_tuned") else ""),
         f"Stability: {cfg['samples']} (lr, wd) samples per optimizer, shared by all models, "
-        f"{cfg['stability_epochs']} epochs each; ranges (log-uniform): "
+        f"{cfg['stability_epochs']} epochs each, seed {cfg.get('stability_seed', cfg['seeds'][0])}; "
+        "ranges (log-uniform): "
         + "; ".join(f"{claims.opt_name(o)} lr {cfg['lr_ranges'][o][0]:g}..{cfg['lr_ranges'][o][1]:g}, "
                     f"wd {cfg['wd_ranges'][o][0]:g}..{cfg['wd_ranges'][o][1]:g}" for o in cfg["optimizers"])
         + f". Tuning: {cfg['tuning']}. Schedules: {', '.join(map(str, cfg['epochs']))} epochs, "
