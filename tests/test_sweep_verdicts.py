@@ -52,7 +52,7 @@ def test_t_critical_values_are_the_ones_the_rules_text_states():
 def test_binomial_noise_alone_uses_the_normal_quantile():
     """One seed per side: no seed spread, so no seed degrees of freedom (and the verdict is provisional)."""
     se, df = claims.welch([_cell(20.0, None, 1), _cell(30.0, None, 1)], 1000)
-    assert math.isinf(df) and se == pytest.approx(claims.se_diff([20.0, 30.0], 1000))
+    assert math.isinf(df) and se == pytest.approx(math.hypot(claims.se_error(20.0, 1000), claims.se_error(30.0, 1000)))
 
 
 # ---------------------------------------------------------------- the verdict vocabulary
@@ -326,3 +326,18 @@ def test_the_study_runtime_step_checks_the_batch_against_free_memory(tmp_path, m
     assert doc["rows"] == [] and doc["not_measured"] == {"vit_c_nano,vit_p_nano": "--batch 64: too big"}
     row = claims.runtime_claim([], 1.007, doc["not_measured"]["vit_c_nano,vit_p_nano"])
     assert row["reproduced"] == "not run" and row["measured"] == "not measured: --batch 64: too big"
+
+
+def test_runs_without_a_machine_record_are_credited_to_the_machine_study_json_names():
+    """A study resumed with a new setting: its older runs predate per-run records, and study.json's earlier machine
+    trained them; the report named only the new machine and called the rest "unrecorded"."""
+    old = {"cpu": "AMD EPYC", "usable_cpus": 2, "git": {"commit": "b5e3291eef99aa", "dirty": True}}
+    new = {"cpu": "Xeon", "usable_cpus": 2, "git": {"commit": "6cf666752bc7bb", "dirty": False}}
+    summary = {"machines": [old, new],
+               "trained_on": [{"host": "vm", "cpu": "Xeon", "commit": "6cf666752bc7bb", "dirty": False, "runs": 12},
+                              {"host": None, "cpu": None, "commit": None, "dirty": None, "runs": 88}]}
+    assert report.machines_text(summary) == (
+        "Xeon (host vm), commit 6cf666752bc7: 12 runs; unrecorded: 88 runs "
+        "(study.json names AMD EPYC (2 CPUs), commit b5e3291eef99 (dirty tree))")
+    summary["machines"] = [new]  # nothing else on record: only the count
+    assert report.machines_text(summary).endswith("12 runs; unrecorded: 88 runs")

@@ -235,19 +235,27 @@ def _machine_text(host: str | None, cpu: str | None, commit: str | None, dirty: 
 def machines_text(summary: dict[str, Any]) -> str:
     """Every machine and commit that trained the study: the runs' own records, else those study.json keeps."""
     runs = [m for m in summary.get("trained_on") or [] if m.get("commit") or m.get("cpu")]
+    recorded = summary.get("machines") or [summary.get("machine") or {}]
     if runs:
         unrecorded = sum(m["runs"] for m in summary["trained_on"] if m not in runs)
         text = "; ".join(f"{_machine_text(m['host'], m['cpu'], m['commit'], m['dirty'])}: {m['runs']} runs"
                          for m in runs)
-        return text + (f"; unrecorded: {unrecorded} runs" if unrecorded else "")
-    recorded = summary.get("machines") or [summary.get("machine") or {}]
-    out = []
-    for mach in recorded:
-        git = mach.get("git") or {}
-        cpus = f" ({mach['usable_cpus']} CPUs)" if mach.get("usable_cpus") else ""
-        out.append(_machine_text(None, (mach.get("gpu") or mach.get("cpu") or "an unrecorded machine") + cpus,
-                                 git.get("commit"), git.get("dirty")))
-    return "; ".join(out)
+        if not unrecorded:
+            return text
+        # Runs from before runs recorded their machine: study.json's machines that no run names trained them.
+        named = {(m["cpu"], m["commit"]) for m in runs}
+        others = [m for m in recorded if (m.get("cpu"), (m.get("git") or {}).get("commit")) not in named]
+        return text + f"; unrecorded: {unrecorded} runs" + (
+            f" (study.json names {'; '.join(map(_recorded_text, others))})" if others else "")
+    return "; ".join(map(_recorded_text, recorded))
+
+
+def _recorded_text(mach: dict[str, Any]) -> str:
+    """A machine as study.json records it."""
+    git = mach.get("git") or {}
+    cpus = f" ({mach['usable_cpus']} CPUs)" if mach.get("usable_cpus") else ""
+    return _machine_text(None, (mach.get("gpu") or mach.get("cpu") or "an unrecorded machine") + cpus,
+                         git.get("commit"), git.get("dirty"))
 
 
 def winners_curse(cfg: dict[str, Any]) -> str | None:
