@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import numbers
 import os
 import shutil
 import sys
@@ -49,9 +48,11 @@ from models.bundle import (
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from models.cli import memory_failure
 from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path
+from models.jsonfields import is_int
+from models.oneline import first_line
 from models.preprocessing import normalize, preprocess, to_uint8
-from runtimes import BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
-from runtimes.base import INPUT_NAME, OUTPUT_NAME, first_line
+from runtimes import Backend, BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
+from runtimes.base import INPUT_NAME, OUTPUT_NAME
 from runtimes.build import ExportContext, io_or_memory_cause
 from runtimes.loader import (
     CONTRACT_KEY,
@@ -67,6 +68,7 @@ from runtimes.onnx_graph import OPSET, export_torch
 from runtimes.registry import DEFAULT_TARGETS
 
 if TYPE_CHECKING:
+    import PIL.Image
     from torch import nn
 
 PREPROCESS_CHUNK = 256
@@ -139,7 +141,7 @@ def parity_data(model: nn.Module, meta: CheckpointMeta, dataset: str, samples: i
     return ParityData(x, val.labels, run_batched(torch_run, x, max_batch), dataset=str(dataset))
 
 
-def _decoded(images: ImageSet, i: int):  # noqa: ANN202 - a PIL image
+def _decoded(images: ImageSet, i: int) -> PIL.Image.Image:
     """Image i, which decoded when it was chosen; ExportError (one line) if it no longer does."""
     try:
         return images.image(i)
@@ -315,7 +317,7 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     return replace(artifact, servable=True, refused_reason=None)
 
 
-def _golden_check(backend, artifact: Artifact, data: ParityData, max_batch: int,  # noqa: ANN001 - a Backend
+def _golden_check(backend: Backend, artifact: Artifact, data: ParityData, max_batch: int,
                   outputs: dict[str, np.ndarray] | None) -> list[str]:
     """Record what the artifact computes for the golden inputs, then run the load-time check on it (a second
     run, as a server will: an artifact that does not reproduce itself is refused here, not at load)."""
@@ -377,24 +379,24 @@ class ExportConfig:
             raise ExportError(f"name must be a string or None, got {type(self.name).__name__} {self.name!r:.80}")
 
     def _check_sizes(self) -> None:
-        if not (_is_int(self.max_batch) and 1 <= self.max_batch <= MAX_BATCH_LIMIT):
+        if not (is_int(self.max_batch, numpy=True) and 1 <= self.max_batch <= MAX_BATCH_LIMIT):
             raise ExportError(f"max batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {self.max_batch!r:.80}")
         for arg, value in (("parity", self.parity_samples), ("calibration", self.calibration_samples)):
-            if not (_is_int(value) and 1 <= value <= MAX_SAMPLES):
+            if not (is_int(value, numpy=True) and 1 <= value <= MAX_SAMPLES):
                 raise ExportError(f"{arg} sample counts must be positive integers, got {value!r:.80}")
 
     def _check_options(self) -> None:
         for arg, value in (("dataset", self.dataset), ("calibration dataset", self.calibration_dataset)):
             if value is not None and not isinstance(value, str | os.PathLike):
                 raise ExportError(f"{arg} must be a dataset name or folder, got {type(value).__name__} {value!r:.80}")
-        if (opset := self.opset) is not None and not (_is_int(opset) and opset in OPSETS):
+        if (opset := self.opset) is not None and not (is_int(opset, numpy=True) and opset in OPSETS):
             raise ExportError(f"opset must be an integer in {OPSETS.start}..{OPSETS.stop - 1} (what the ONNX exporter "
                               f"writes as asked), got {opset!r:.80}")
         if (tolerances := self.tolerances) is not None and not (isinstance(tolerances, dict) and all(
                 isinstance(k, str) and isinstance(v, Tolerance) for k, v in tolerances.items())):
             raise ExportError(f"tolerances must map precision names to export.parity.Tolerance, got "
                               f"{tolerances!r:.120}")
-        if self.threads is not None and not (_is_int(self.threads) and 1 <= self.threads <= MAX_THREADS):
+        if self.threads is not None and not (is_int(self.threads, numpy=True) and 1 <= self.threads <= MAX_THREADS):
             raise ExportError(f"threads must be an integer in 1..{MAX_THREADS}, got {self.threads!r:.80}")
         if self.log is not None and not callable(self.log):
             raise ExportError(f"log must be a function of one line, got {type(self.log).__name__}")
@@ -451,12 +453,6 @@ def build_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, targets:
     return build(ExportConfig(checkpoint, out, targets, **options))
 
 
-def _is_int(value: object) -> bool:
-    """An integer (a Python or numpy one) that is not a bool (True would pass `1 <= True <= 1024`, and no reader
-    takes it back)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
 def _hub_opset(path: Path) -> int:
     """The default-domain opset the exported ONNX file imports."""
     import onnx
@@ -465,8 +461,8 @@ def _hub_opset(path: Path) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _calibration(wanted: Sequence[Target], calibration_dataset: str | os.PathLike | None,  # noqa: ANN202
-                 data_name: str):
+def _calibration(wanted: Sequence[Target], calibration_dataset: str | os.PathLike | None,
+                 data_name: str) -> Callable[[], ImageSet]:
     """The INT8 calibration set (train split), loaded before any slow work so a bad name fails first; a loader
     that returns it. None of it is loaded when no target calibrates and no calibration dataset was named."""
     name = calibration_dataset or data_name

@@ -38,8 +38,8 @@ from models.bundle import (
     read_manifest,
     write_manifest,
 )
+from models.oneline import first_line
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing
-from runtimes.base import first_line
 from runtimes.registry import DEFAULT_RUNTIME
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ def _reference_runtime(manifest: Manifest) -> str:
     return "torch" if manifest.servable("torch") and runtimes.get("torch").installed() else "onnxruntime"
 
 
-def _reference(bundle: Path, manifest: Manifest, images: list) -> np.ndarray:  # noqa: ANN001
+def _reference(bundle: Path, manifest: Manifest, images: list[PIL.Image.Image]) -> np.ndarray:
     """Top-1 of the evaluation pipeline: the dataset's pixels, the shared preprocessing, torch (or the fp32 ONNX)."""
     import runtimes
     from models.preprocessing import preprocess

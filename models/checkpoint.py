@@ -26,6 +26,7 @@ from models.io import (
     strict_json_bytes,
 )
 from models.jsonfields import FieldError, Fields
+from models.oneline import first_line
 from models.preprocessing import Preprocessing
 from models.registry import get_config, list_variants
 
@@ -66,14 +67,8 @@ class CheckpointMeta:
         return self.path / self.weights_file
 
 
-def save_checkpoint(
-    out_dir: str | os.PathLike,
-    model: nn.Module,
-    *,
-    class_names: list[str],
-    preprocessing: Preprocessing,
-    extra: dict[str, Any] | None = None,
-) -> Path:
+def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, class_names: list[str],
+                    preprocessing: Preprocessing, extra: dict[str, Any] | None = None) -> Path:
     """Write weights then `checkpoint.json` into `out_dir` atomically; older weight files are removed.
 
     What `load_checkpoint` would refuse (the metadata's contract, strict JSON, float32 finite weights of the config's
@@ -86,14 +81,9 @@ def save_checkpoint(
 
 
 @contextlib.contextmanager
-def staged_checkpoint(
-    out_dir: str | os.PathLike,
-    model: nn.Module,
-    *,
-    class_names: list[str],
-    preprocessing: Preprocessing,
-    extra: dict[str, Any] | None = None,
-) -> Iterator[Callable[[], Path]]:
+def staged_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, class_names: list[str],
+                      preprocessing: Preprocessing, extra: dict[str, Any] | None = None
+                      ) -> Iterator[Callable[[], Path]]:
     """`save_checkpoint` in two steps: the weights are checked, written beside the checkpoint and hashed, then
     `publish` (yielded) renames them into place, writes `checkpoint.json` and removes older weight files.
 
@@ -241,7 +231,7 @@ def _validated(path: Path, raw: Any, where: str, prefix: str) -> CheckpointMeta:
     except FieldError as exc:  # already names the file and the field
         raise CheckpointError(f"{prefix}{exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-        raise CheckpointError(f"{prefix}{where}: {_one_line(exc)}") from None
+        raise CheckpointError(f"{prefix}{where}: {type(exc).__name__}: {first_line(exc, 300)}") from None
 
 
 def _load_json(meta_path: Path) -> Any:
@@ -252,11 +242,6 @@ def _load_json(meta_path: Path) -> Any:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read {meta_path}: {exc.strerror or exc}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _parse_meta(path: Path, raw: dict[str, Any], r: Fields) -> CheckpointMeta:
@@ -385,8 +370,7 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        reason = next(iter(str(exc).splitlines()), type(exc).__name__)  # an empty message has no first line
-        raise CheckpointError(f"weights do not fit {cfg.name}: {reason}") from None
+        raise CheckpointError(f"weights do not fit {cfg.name}: {first_line(exc)}") from None
     return model.eval(), meta
 
 

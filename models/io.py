@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from models.oneline import first_line
 
@@ -358,8 +358,15 @@ def parse_strict_json(data: bytes, max_bytes: int) -> Any:
     return doc
 
 
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"non-finite number {name} (the file must be strict JSON)")
+def constant_refuser(error: Callable[[str], Exception]) -> Callable[[str], NoReturn]:
+    """A `json.loads` parse_constant hook refusing NaN, Infinity and -Infinity (not strict JSON): raises error(name)."""
+    def refuse(name: str) -> NoReturn:
+        raise error(name)
+
+    return refuse
+
+
+_refuse_constant = constant_refuser(lambda name: ValueError(f"non-finite number {name} (the file must be strict JSON)"))
 
 
 def _finite_float(text: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -92,9 +93,19 @@ _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
                dict: "an object"}
 
 
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON true would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_int(value: Any, *, numpy: bool = False) -> bool:
+    """An int that is not a bool (JSON true would otherwise pass as 1); with `numpy`, numpy integers count too."""
+    return isinstance(value, numbers.Integral if numpy else int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool (NaN and the infinities included)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """A number (`is_number`) that is neither NaN nor infinite."""
+    return is_number(value) and math.isfinite(value)
 
 
 def finite_or_none(x: float) -> float | None:
@@ -106,7 +117,7 @@ def _is(value: Any, kind: type) -> bool:
     if kind is int:
         return is_int(value)
     if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return is_finite(value)
     return isinstance(value, kind)
 
 

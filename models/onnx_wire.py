@@ -1,5 +1,5 @@
-"""Which files an ONNX model takes tensor data from, read from its protobuf wire format without the onnx package
-(the serving install has none): every file a runtime reads must be one the bundle's manifest lists."""
+"""Which files an ONNX model takes tensor data from, and its IR version, read from its protobuf wire format without
+the onnx package (the serving install has none): every file a runtime reads must be one the bundle's manifest lists."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def onnx_external_locations(path: str | os.PathLike) -> set[str]:
     with open(path, "rb") as f:
         _Wire(f).message("model", os.fstat(f.fileno()).st_size, 0, found)
     return found
+
+
+def onnx_ir_version(path: str | os.PathLike) -> int | None:
+    """ModelProto.ir_version: field 1, a varint, which ONNX writers serialise first; None when it is not there."""
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x08":  # the tag of field 1 as a varint
+            return None
+        try:
+            return _Wire(f).varint(10)
+        except ValueError:  # truncated, or longer than a varint
+            return None
 
 
 class _Wire:

@@ -14,6 +14,7 @@ import numpy as np
 from models.bundle import Artifact
 from models.cli import pip_command
 from models.host import usable_cpus
+from models.onnx_wire import onnx_ir_version
 from runtimes import onnx_graph
 from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
 from runtimes.build import Built, ExportContext, ExportError
@@ -205,25 +206,11 @@ TRITON_MIN_OPSET = 21
 def triton_min_check(version_dir: Path, artifact: Artifact) -> str | None:
     """Why the oldest supported Triton's onnxruntime cannot load the ONNX file staged in `version_dir` (None: it
     can, as far as the file and the manifest tell)."""
-    ir, opset = _onnx_ir_version(version_dir / TRITON_FILE), artifact.info.get("opset")
+    ir, opset = onnx_ir_version(version_dir / TRITON_FILE), artifact.info.get("opset")
     if ir is not None and ir > TRITON_MIN_IR:
         return f"its ONNX file is IR version {ir} (onnxruntime 1.18 reads {TRITON_MIN_IR} at most)"
     if isinstance(opset, int) and opset > TRITON_MIN_OPSET:
         return f"its ONNX file uses opset {opset} (onnxruntime 1.18 implements {TRITON_MIN_OPSET})"
-    return None
-
-
-def _onnx_ir_version(path: Path) -> int | None:
-    """ModelProto.ir_version: field 1, a varint, which ONNX writers serialise first; None when it is not there."""
-    with path.open("rb") as f:
-        head = f.read(11)
-    if head[:1] != b"\x08":
-        return None
-    value = 0
-    for i, byte in enumerate(head[1:]):
-        value |= (byte & 0x7F) << (7 * i)
-        if byte < 0x80:
-            return value
     return None
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from models.bundle import Artifact
 from models.cli import pip_command
 from models.host import quota_cpus
+from models.oneline import first_line
 from runtimes.base import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -30,12 +31,11 @@ from runtimes.base import (
     PooledBackend,
     Runtime,
     Variant,
-    first_line,
 )
 from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet, write_failure
 
 if TYPE_CHECKING:
-    from openvino import Core
+    from openvino import CompiledModel, Core
 
 INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
 _HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
@@ -140,7 +140,7 @@ def core() -> Core:
     return shared
 
 
-def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None):  # noqa: ANN202 - an ov.CompiledModel
+def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None) -> CompiledModel:
     """Read the IR, check its input name, and compile it with the spec's options."""
     compiler = core()
     xml = spec.file(".xml")

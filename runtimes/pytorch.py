@@ -22,12 +22,14 @@ import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from models.cli import extras_hint
 from models.host import quota_cpus
+from models.oneline import first_line
 from runtimes.base import (
     BackendError,
     BackendOptions,
@@ -36,7 +38,6 @@ from runtimes.base import (
     PooledBackend,
     Runtime,
     Variant,
-    first_line,
 )
 from runtimes.build import Built, ExportContext, ExportError
 
@@ -134,7 +135,7 @@ def _threads(n: int | None) -> Iterator[None]:
                 torch.set_num_threads(old)
 
 
-def _strict_fp32(torch) -> None:  # noqa: ANN001 - the torch module
+def _strict_fp32(torch: ModuleType) -> None:
     """No TF32 in matmuls or convolutions: fp32 on CUDA must reproduce the CPU's fp32 logits."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

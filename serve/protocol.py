@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from models.io import constant_refuser
 from models.jsonfields import is_int
 from models.oneline import first_line
 
@@ -118,8 +119,8 @@ MAX_HEADER_DIGITS = 20  # more than any body's length has (int() of 4,300 digits
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ProtocolError(f"{name} is not a number in JSON (non-finite values are refused)")
+_refuse_constant = constant_refuser(
+    lambda name: ProtocolError(f"{name} is not a number in JSON (non-finite values are refused)"))
 
 
 def _json_kind(value: Any) -> str:
@@ -250,7 +251,7 @@ def _parse_raw(body: bytes, name: str, shape: tuple[int, ...]) -> InferRequest:
         raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) is input {name!r} as FP32 {list(shape)}: "
                             f"{want} bytes, got {len(body)}")
     arr = np.frombuffer(body, DTYPES["FP32"]).astype(np.float32).reshape(shape)
-    return InferRequest(None, {name: _finite(name, arr)}, None, binary_output=True)
+    return InferRequest(None, {name: _finite_tensor(name, arr)}, None, binary_output=True)
 
 
 def _json_end(body: bytes, exc: Exception) -> int | None:
@@ -330,7 +331,7 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
         if offset + size > len(binary):
             raise ProtocolError(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
         arr = np.frombuffer(binary[offset:offset + size], dtype).astype(dtype.newbyteorder("="), copy=True)
-        return name, _finite(name, arr.reshape(shape)), size
+        return name, _finite_tensor(name, arr.reshape(shape)), size
     if "data" not in spec:
         raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
     if not isinstance(spec["data"], list):
@@ -338,7 +339,7 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
     arr = _json_values(name, spec["data"], datatype, dtype.newbyteorder("="))
     if arr.size != count:
         raise ProtocolError(f"input {name!r}: {arr.size} values for shape {shape} ({count} expected)")
-    return name, _finite(name, arr.reshape(shape)), 0
+    return name, _finite_tensor(name, arr.reshape(shape)), 0
 
 
 # What JSON values other than numbers are called in a refusal.
@@ -407,13 +408,13 @@ def _json_values(name: str, data: list, datatype: str, dtype: np.dtype) -> np.nd
         if min(flat) < info.min or max(flat) > info.max:
             raise ProtocolError(f"input {name!r}: values outside the {datatype} range {info.min}..{info.max}")
     try:
-        with np.errstate(over="ignore", invalid="ignore"):  # floats past the dtype's range: inf, refused by _finite
+        with np.errstate(over="ignore", invalid="ignore"):  # past the dtype's range: inf, refused by _finite_tensor
             return np.fromiter(flat, dtype, len(flat))
     except OverflowError:  # an integer literal beyond every float
         raise ProtocolError(f"input {name!r}: values outside the {datatype} range") from None
 
 
-def _finite(name: str, arr: np.ndarray) -> np.ndarray:
+def _finite_tensor(name: str, arr: np.ndarray) -> np.ndarray:
     """Float tensors must be finite: NaN/Inf (or values beyond the datatype's range) are refused."""
     if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
         raise ProtocolError(f"input {name!r} has non-finite values (NaN, Infinity, or beyond the datatype's range)")

@@ -283,11 +283,6 @@ def _looks_like_repository(root: Path) -> bool:
     return False
 
 
-def model_args(settings: Settings) -> list[str]:
-    """The configured sources as CLI arguments (paths, `name=path` where a name is given)."""
-    return [s.describe() for s in model_sources(settings) if not s.repository]
-
-
 def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
     """Read, verify and load one model (a bundle, or the repository version its config selects); ServeError with
     one line (Unavailable: a repository model whose runtime cannot run here)."""

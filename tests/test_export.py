@@ -504,7 +504,7 @@ def test_kill_9_mid_export_keeps_the_old_bundle_and_the_next_run_cleans_up(check
     import signal
     import time
 
-    from serve.registry import model_args
+    from serve.registry import model_sources
     from serve.settings import Settings
 
     out = shutil.copytree(bundle, tmp_path / "bundle")
@@ -520,7 +520,7 @@ def test_kill_9_mid_export_keeps_the_old_bundle_and_the_next_run_cleans_up(check
     assert (out / "manifest.json").read_bytes() == before
     assert list(tmp_path.glob(".bundle.*.tmp")), "expected the killed export's temporary directory"
     # A server pointed at the directory serves the bundle, never the half-written temporary.
-    assert model_args(Settings(model_dir=tmp_path)) == [str(out)]
+    assert [s.describe() for s in model_sources(Settings(model_dir=tmp_path))] == [str(out)]
     rc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "torch", "--replace"), cwd=ROOT, capture_output=True,
                         timeout=300).returncode
     assert rc == 0 and read_manifest(out).servable()

@@ -28,8 +28,10 @@ from serve.protocol import (
     encode_response,
     parse_request,
 )
-from serve.registry import model_args, parse_model_arg
+from serve.registry import model_sources, parse_model_arg
 from serve.settings import Settings
+
+SERVE_ERROR = "python -m serve: error: "
 
 RGB = Preprocessing(resize=32, crop=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 GREY = Preprocessing(resize=32, crop=32, mean=(0.27,) * 3, std=(0.4,) * 3, mode="L")
@@ -660,11 +662,12 @@ def test_model_dir_serves_every_bundle_under_it(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "manifest.json").write_text("{}")
     (tmp_path / "not-a-bundle").mkdir()
-    assert model_args(Settings(model_dir=tmp_path, models=["x"])) == ["x", str(tmp_path / "a"), str(tmp_path / "b")]
+    sources = model_sources(Settings(model_dir=tmp_path, models=["x"]))
+    assert [s.describe() for s in sources] == ["x", str(tmp_path / "a"), str(tmp_path / "b")]
     with pytest.raises(ServeError, match="no models"):
-        model_args(Settings())
+        model_sources(Settings())
     with pytest.raises(ServeError, match="not a directory"):
-        model_args(Settings(model_dir=tmp_path / "missing"))
+        model_sources(Settings(model_dir=tmp_path / "missing"))
 
 
 # --- the classify fast path -------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def test_sign_test_and_standard_errors_by_hand():
     assert claims.sign_test_p(12, 16) == pytest.approx(2517 / 65536)
     assert claims.sign_test_p(0, 16) == pytest.approx(1.0)
     assert claims.se_error(20.0, 1000) == pytest.approx(100 * math.sqrt(0.2 * 0.8 / 1000))
-    assert claims.se_diff([20.0, 20.0], 1000) == pytest.approx(math.sqrt(2) * claims.se_error(20.0, 1000))
+    one_seed = {"mean": 20.0, "std": None, "n": 1}  # no seed spread: the binomial noise of each side
+    assert claims.welch([one_seed, one_seed], 1000)[0] == pytest.approx(math.sqrt(2) * claims.se_error(20.0, 1000))
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.oneline import first_line
 from train.config import ConfigError
 
 # How long a rank waits for the others, at the rendezvous and in each collective, before it gives up with one line
@@ -38,10 +39,6 @@ LAUNCH_HINT = ("launch the ranks with torchrun (torchrun --nproc_per_node N -m t
                "process")
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _WHOLE = re.compile(r"[0-9]{1,9}")
-
-
-class DistSetupError(RuntimeError):
-    """The process group did not form (no peer within the timeout, the port taken): one line, exit 1."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +130,6 @@ def dist_timeout(env: Mapping[str, str]) -> float:
     return value
 
 
-def env_rank() -> int:
-    """This process's global rank from torchrun's environment (0 when not launched by torchrun)."""
-    return dist_env().rank
-
-
 def pick_device(preference: str) -> torch.device:
     """Resolve --device (auto, cpu, cuda) to this process's device type; raises ConfigError."""
     if preference == "cuda" and not torch.cuda.is_available():
@@ -145,9 +137,8 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cuda" if preference in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
-def launched_by_torchrun() -> bool:
-    """torchrun (or another env:// launcher) started this process: it set the rendezvous variables."""
-    return all(k in os.environ for k in RENDEZVOUS_VARS)
+class DistSetupError(RuntimeError):
+    """The process group did not form (no peer within the timeout, the port taken): one line, exit 1."""
 
 
 def setup(preference: str) -> DistInfo:
@@ -295,7 +286,7 @@ def _flush_stdout() -> None:
 def _setup_failure(exc: BaseException, env: DistEnv) -> str:
     """One line for a process group that did not form: the ranks did not all come in time, or the port is taken."""
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
+    reason = first_line(exc, 300).rstrip(".")
     if "timed out" in reason.lower():
         return (f"the {env.world_size} ranks did not all meet at {where} within {env.timeout_s:g} s ({reason}): start "
                 f"every rank (torchrun does), or give a slow start longer with {TIMEOUT_ENV}")

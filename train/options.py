@@ -18,6 +18,12 @@ def _recipe_defaults(key: str) -> str:
     return "defaults: " + ", ".join(f"{n} {v}" for n, v in values.items())
 
 
+def _knob(group: argparse._ArgumentGroup, flag: str, text: str = "", **kwargs: Any) -> None:
+    """An option whose default the recipe gives: its help ends with each recipe's value of it."""
+    defaults = f"({_recipe_defaults(flag.removeprefix('--').replace('-', '_'))})"
+    group.add_argument(flag, help=f"{text} {defaults}" if text else defaults, **kwargs)
+
+
 def build_parser() -> OneLineParser:
     """The `python -m train` parser; every default is None so explicitly given options are known."""
     p = OneLineParser(
@@ -35,7 +41,6 @@ def build_parser() -> OneLineParser:
         # its --max-steps is replaced on a resume; `--max-step 20` would survive that and stop a rerun early.
         allow_abbrev=False,
     )
-    r = _recipe_defaults
     g = p.add_argument_group("what to train")
     g.add_argument("--model", help="variant name (python -m models list), e.g. vit_c_mini, vit_p_1gf")
     g.add_argument("--dataset", help="animals, mnist, digits, or a folder in the ImageNet layout "
@@ -44,8 +49,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--recipe", choices=("auto", *RECIPES),
                    help="defaults for the optimisation knobs; auto (default): small for the embedded sets, "
                    "paper for folders")
-    g.add_argument("--epochs", type=int,
-                   help=f"epochs; 0 writes the untrained checkpoint after one evaluation ({r('epochs')})")
+    _knob(g, "--epochs", "epochs; 0 writes the untrained checkpoint after one evaluation", type=int)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total (0: no limit); "
                    "the schedule still spans --epochs")
     g.add_argument("--train-subset", type=int, help="train on a random subset of this many images, drawn with "
@@ -56,39 +60,35 @@ def build_parser() -> OneLineParser:
                    "--train-subset (default 0)")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, help=f"images per process and step ({r('batch_size')})")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, help=f"({r('optimizer')})")
-    o.add_argument("--lr", type=float, help=f"base learning rate at a global batch of --lr-ref-batch, scaled "
-                   f"linearly to the actual global batch ({r('lr')})")
-    o.add_argument("--lr-ref-batch", type=int, help=f"global batch at which --lr applies ({r('lr_ref_batch')})")
-    o.add_argument("--weight-decay", type=float, help=f"decoupled (AdamW) or L2 (SGD) weight decay; never on "
-                   f"biases and norm parameters ({r('weight_decay')})")
-    o.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help=f"AdamW betas ({r('betas')})")
-    o.add_argument("--eps", type=float, help=f"AdamW epsilon ({r('eps')})")
-    o.add_argument("--momentum", type=float, help=f"SGD momentum ({r('momentum')})")
-    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help=f"SGD Nesterov ({r('nesterov')})")
-    o.add_argument("--warmup-epochs", type=float, help=f"linear warm-up length ({r('warmup_epochs')})")
-    o.add_argument("--warmup-start", type=float,
-                   help=f"warm-up starts at this fraction of the lr ({r('warmup_start')})")
-    o.add_argument("--min-lr-ratio", type=float, help=f"cosine decays to this fraction of the lr ({r('min_lr_ratio')})")
-    o.add_argument("--clip-grad", type=float, help=f"clip the gradient norm to this (0: off) ({r('clip_grad')})")
+    _knob(o, "--batch-size", "images per process and step", type=int)
+    _knob(o, "--optimizer", choices=OPTIMIZERS)
+    _knob(o, "--lr", "base learning rate at a global batch of --lr-ref-batch, scaled linearly to the actual global "
+          "batch", type=float)
+    _knob(o, "--lr-ref-batch", "global batch at which --lr applies", type=int)
+    _knob(o, "--weight-decay", "decoupled (AdamW) or L2 (SGD) weight decay; never on biases and norm parameters",
+          type=float)
+    _knob(o, "--betas", "AdamW betas", type=float, nargs=2, metavar=("B1", "B2"))
+    _knob(o, "--eps", "AdamW epsilon", type=float)
+    _knob(o, "--momentum", "SGD momentum", type=float)
+    _knob(o, "--nesterov", "SGD Nesterov", action=argparse.BooleanOptionalAction)
+    _knob(o, "--warmup-epochs", "linear warm-up length", type=float)
+    _knob(o, "--warmup-start", "warm-up starts at this fraction of the lr", type=float)
+    _knob(o, "--min-lr-ratio", "cosine decays to this fraction of the lr", type=float)
+    _knob(o, "--clip-grad", "clip the gradient norm to this (0: off)", type=float)
 
     a = p.add_argument_group("regularisation and augmentation")
-    a.add_argument("--label-smoothing", type=float, help=f"({r('label_smoothing')})")
-    a.add_argument("--mixup", type=float, help=f"mixup alpha, 0 disables ({r('mixup')})")
-    a.add_argument("--cutmix", type=float, help=f"CutMix alpha, 0 disables; with both on, one is picked per "
-                   f"batch with p 0.5 ({r('cutmix')})")
-    a.add_argument("--mix-prob", type=float, help=f"probability that a batch is mixed at all ({r('mix_prob')})")
-    a.add_argument("--augment", choices=AUGMENTS, help=f"none: resize + centre crop; light: random-resized crop + "
-                   f"flip; autoaugment: light + AutoAugment's ImageNet policy ({r('augment')})")
-    a.add_argument("--crop-scale", type=float, help=f"smallest area fraction of the random-resized crop "
-                   f"({r('crop_scale')})")
-    a.add_argument("--hflip", type=float, help=f"horizontal flip probability ({r('hflip')})")
-    a.add_argument("--ema", action=argparse.BooleanOptionalAction, help=f"keep an EMA of the weights ({r('ema')})")
-    a.add_argument("--ema-horizon", type=float, help=f"EMA averaging length as a fraction of the run's steps; "
-                   f"the paper's 1.6e-3 per 32 steps is 0.078 of its ImageNet run ({r('ema_horizon')})")
-    a.add_argument("--ema-every", type=int, help=f"update the EMA every N steps; during warm-up it copies the "
-                   f"weights ({r('ema_every')})")
+    _knob(a, "--label-smoothing", type=float)
+    _knob(a, "--mixup", "mixup alpha, 0 disables", type=float)
+    _knob(a, "--cutmix", "CutMix alpha, 0 disables; with both on, one is picked per batch with p 0.5", type=float)
+    _knob(a, "--mix-prob", "probability that a batch is mixed at all", type=float)
+    _knob(a, "--augment", "none: resize + centre crop; light: random-resized crop + flip; autoaugment: light + "
+          "AutoAugment's ImageNet policy", choices=AUGMENTS)
+    _knob(a, "--crop-scale", "smallest area fraction of the random-resized crop", type=float)
+    _knob(a, "--hflip", "horizontal flip probability", type=float)
+    _knob(a, "--ema", "keep an EMA of the weights", action=argparse.BooleanOptionalAction)
+    _knob(a, "--ema-horizon", "EMA averaging length as a fraction of the run's steps; the paper's 1.6e-3 per 32 "
+          "steps is 0.078 of its ImageNet run", type=float)
+    _knob(a, "--ema-every", "update the EMA every N steps; during warm-up it copies the weights", type=int)
 
     s = p.add_argument_group("system")
     s.add_argument("--device", choices=DEVICES, help="auto: CUDA if available, else CPU (default auto)")

@@ -20,7 +20,7 @@ import torch
 
 from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.io import atomic_write_bytes
-from models.jsonfields import is_int
+from models.jsonfields import is_finite, is_int, is_number
 
 RESUME_FILE = "resume.pt"
 STATE_VERSION = 1
@@ -35,14 +35,14 @@ def _history(x: object) -> bool:
 
 def _epoch_acc(x: object) -> bool:
     # The loss sum may be non-finite (a run that diverged mid-epoch): check_resume weighs it against the weights.
-    return x is None or (isinstance(x, dict) and _is_num(x.get("loss_sum"))
+    return x is None or (isinstance(x, dict) and is_number(x.get("loss_sum"))
                          and all(_seconds(x.get(k)) for k in ("samples", "time", "corrupt")))
 
 
 def _eval_result(x: object) -> bool:
     """An `evaluate` result as the trainer reports it (the final summary takes it as it is)."""
     return (isinstance(x, dict) and all(_fraction(x.get(k)) for k in ("top1", "top5"))
-            and (x.get("loss") is None or _finite(x.get("loss"))) and _count(x.get("samples"))
+            and (x.get("loss") is None or is_finite(x.get("loss"))) and _count(x.get("samples"))
             and _count(x.get("skipped_corrupt")))
 
 
@@ -56,11 +56,11 @@ def _count(x: object) -> bool:
 
 
 def _seconds(x: object) -> bool:
-    return _finite(x) and x >= 0
+    return is_finite(x) and x >= 0
 
 
 def _fraction(x: object) -> bool:
-    return _finite(x) and 0 <= x <= 1
+    return is_finite(x) and 0 <= x <= 1
 
 
 # What each progress counter must hold (the trainer indexes and adds to every one of them).
@@ -160,14 +160,6 @@ def damaged(reason: object) -> CheckpointError:
     return CheckpointError(f"{RESUME_FILE} is damaged or from another run: {text}")
 
 
-def _is_num(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _finite(x: object) -> bool:
-    return _is_num(x) and math.isfinite(x)
-
-
 def _tensor_dict(x: object) -> bool:
     return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
 
@@ -182,11 +174,11 @@ def _check_rng(rng: object) -> str | None:
         return "rng.cuda: expected a list of tensors"
     n, p = rng["numpy"], rng["python"]
     if not (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor) and n["keys"].shape == (MT_KEYS,)
-            and is_int(n.get("pos")) and is_int(n.get("has_gauss")) and _is_num(n.get("gauss"))):
+            and is_int(n.get("pos")) and is_int(n.get("has_gauss")) and is_number(n.get("gauss"))):
         return f"rng.numpy: expected keys ({MT_KEYS} integers), pos, has_gauss and gauss"
     if not (isinstance(p, dict) and is_int(p.get("version")) and isinstance(p.get("internal"), list)
             and len(p["internal"]) == MT_KEYS + 1 and all(is_int(v) for v in p["internal"])
-            and (p.get("gauss") is None or _is_num(p.get("gauss")))):
+            and (p.get("gauss") is None or is_number(p.get("gauss")))):
         return f"rng.python: expected version, internal ({MT_KEYS + 1} integers) and gauss"
     return None
 
@@ -221,11 +213,11 @@ def _check_history(history: list[dict[str, Any]]) -> str | None:
         for key, value in record.items():
             if not isinstance(key, str):
                 return f"{where}: unexpected key {key!r:.80}"
-            if not (value is None or isinstance(value, bool | str) or _finite(value)):
+            if not (value is None or isinstance(value, bool | str) or is_finite(value)):
                 return f"{where}.{key}: unexpected value {value!r:.80}"
         for key in HISTORY_NUMBERS + HISTORY_FRACTIONS:
             value = record.get(key)
-            if value is not None and not (_fraction(value) if key in HISTORY_FRACTIONS else _finite(value)):
+            if value is not None and not (_fraction(value) if key in HISTORY_FRACTIONS else is_finite(value)):
                 what = "a fraction in [0, 1]" if key in HISTORY_FRACTIONS else "a number"
                 return f"{where}.{key}: expected {what} or null, got {value!r:.80}"
     return None
@@ -253,10 +245,11 @@ def _check_optimizer(opt: object) -> str | None:
         if "lr" not in group:
             return f"{where}: missing 'lr'"
         for key in GROUP_NUMBERS:
-            if key in group and not (_finite(group[key]) and group[key] >= 0):
+            if key in group and not (is_finite(group[key]) and group[key] >= 0):
                 return f"{where}.{key}: expected a non-negative number, got {group[key]!r:.80}"
         betas = group.get("betas", (0.0, 0.0))
-        if not (isinstance(betas, tuple | list) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
+        if not (isinstance(betas, tuple | list) and len(betas) == 2
+                and all(is_finite(b) and 0 <= b < 1 for b in betas)):
             return f"{where}.betas: expected two numbers in [0, 1), got {betas!r:.80}"
         for key in GROUP_FLAGS + GROUP_OPTIONAL_FLAGS:
             unset = key in GROUP_OPTIONAL_FLAGS and group.get(key) is None
@@ -264,7 +257,7 @@ def _check_optimizer(opt: object) -> str | None:
                 return f"{where}.{key}: expected true or false, got {group[key]!r:.80}"
     for key, buffers in opt["state"].items():
         if not (_count(key) and isinstance(buffers, dict) and all(
-                isinstance(k, str) and (isinstance(v, torch.Tensor) or _finite(v)) for k, v in buffers.items())):
+                isinstance(k, str) and (isinstance(v, torch.Tensor) or is_finite(v)) for k, v in buffers.items())):
             return f"optimizer.state[{key!r:.20}]: expected a dict of tensors"
     return None
 

@@ -30,20 +30,8 @@ from serve.protocol import (
 )
 from serve.registry import ServedModel
 from serve.repository import LoadError
-from serve.routes.deps import (
-    ERROR_RESPONSES,
-    ModelDep,
-    SettingsDep,
-    admission,
-    finite_output,
-    inflated,
-    is_ready,
-    off_loop,
-    recorded,
-    served,
-    submit,
-    unless_gone,
-)
+from serve.routes import deps
+from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.timing import stage, timings
 from serve.workpool import PixelBudget
@@ -133,7 +121,7 @@ async def model_metadata(model: ModelDep, version: str | None = None) -> dict[st
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request, model: ModelDep, version: str | None = None) -> JSONResponse:
     _check_version(model, version)
-    ok = is_ready(request, model)
+    ok = deps.is_ready(request, model)
     return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else NOT_READY)
 
 
@@ -315,7 +303,7 @@ def _parse(budget: PixelBudget, body: bytes, header: str | None, containers: int
              openapi_extra=_INFER_BODY)
 async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
     settings: Settings = request.app.state.settings
-    _check_version(served(request, name), version)  # refused before the upload when it cannot be served
+    _check_version(deps.served(request, name), version)  # refused before the upload when it cannot be served
     lengths = set(request.headers.getlist(HEADER_LENGTH))
     if len(lengths) > 1:
         raise APIError(400, f"{HEADER_LENGTH} is given {len(lengths)} times with different values")
@@ -323,17 +311,17 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
         body = await request.body()
     try:
         with stage(request, "decode"):
-            body = await inflated(request, body, request.headers.get("content-encoding"), settings.max_body_bytes)
-            model = served(request, name)
-            parsed = await off_loop(request, _parse, request.app.state.pixel_budget, body, next(iter(lengths), None),
-                                    json_containers(model),
-                                    (model.manifest.input_name,
-                                     (-1 if _unbatched(model) else 1, *model.manifest.input.sample_shape)))
+            body = await deps.inflated(request, body, request.headers.get("content-encoding"), settings.max_body_bytes)
+            model = deps.served(request, name)
+            parsed = await deps.off_loop(request, _parse, request.app.state.pixel_budget, body,
+                                         next(iter(lengths), None), json_containers(model),
+                                         (model.manifest.input_name,
+                                          (-1 if _unbatched(model) else 1, *model.manifest.input.sample_shape)))
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc), exc.headers) from None
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version
     # until admitted), and it runs on the new version, or is told the model is gone.
-    model = served(request, name)
+    model = deps.served(request, name)
     _check_version(model, version)
     return await _infer(request, model, parsed)
 
@@ -347,8 +335,9 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
     # Without Triton batching (max_batch_size 0) the batch is part of the tensor, as in Triton: the request is one
     # inference, and classification ranks the whole output, indices running over it (shape [k], not [B, k]).
     unbatched = _unbatched(model)
-    with recorded(model, 1 if unbatched else x.shape[0]), admission(model, x.shape[0]):
-        logits = finite_output(model, await unless_gone(request, model, submit(model, x, timings(request))))
+    with deps.recorded(model, 1 if unbatched else x.shape[0]), deps.admission(model, x.shape[0]):
+        work = deps.submit(model, x, timings(request))
+        logits = deps.finite_output(model, await deps.unless_gone(request, model, work))
     spec = requested[0] if requested else None
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
     if spec is not None and spec.classification:

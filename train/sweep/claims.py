@@ -62,11 +62,6 @@ def se_error(err_pct: float, n_val: int) -> float:
     return 100.0 * math.sqrt(p * (1 - p) / n_val)
 
 
-def se_diff(errs: Sequence[float], n_val: int) -> float:
-    """Standard error of a sum/difference of independent error measurements."""
-    return math.sqrt(sum(se_error(e, n_val) ** 2 for e in errs))
-
-
 def cell_noise(cell: dict[str, Any], n_val: int) -> tuple[float, float]:
     """(variance, degrees of freedom) of a seed mean {"mean", "std", "n"}: the seeds' spread over sqrt(n) with n - 1
     degrees of freedom, or the val set's binomial noise (infinite degrees of freedom) where that is larger."""
