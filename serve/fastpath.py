@@ -1,9 +1,10 @@
 """The inference hot path without FastAPI's router and parameter machinery (a good part of a millisecond a request
 on a small CPU): a plain `POST /v1/models/{name}/classify` goes straight to the route's own handler.
 
-Only the common, unambiguous case is taken: the exact path, no query or a well-formed `top_k` in range. Everything
-else (bad parameters, other methods, a mounted root path) falls through to the FastAPI route, which runs the same
-handler and answers the same errors, so both ways give identical answers, metrics and logs.
+Only the common, unambiguous case is taken: the exact path, no query or a well-formed `top_k` of at most
+`max_top_k` (the most classes any bundle has; the handler checks the model's own count). Everything else (bad
+parameters, other methods, a mounted root path) falls through to the FastAPI route, which runs the same handler and
+answers the same errors, so both ways give identical answers, metrics and logs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Handler = Callable[[Request, str, int | None], Awaitable[Response]]
-_TOP_K = re.compile(rb"^top_k=([1-9][0-9]{0,3})$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class FastPathMiddleware:
         self.app, self.handler, self.max_top_k = app, handler, max_top_k
         self.route = RouteInfo(path, getattr(handler, "__name__", verb))
         self._pattern = re.compile(f"^{re.escape(prefix)}/([^/]+)/{re.escape(verb)}$")
+        # No more digits than max_top_k has: a longer number is never converted here (FastAPI's route refuses it).
+        self._top_k_query = re.compile(rb"top_k=([1-9][0-9]{0,%d})" % (len(str(max_top_k)) - 1))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = (self._pattern.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST"
@@ -64,7 +66,7 @@ class FastPathMiddleware:
         """The query's top_k (None when absent), or False when the query is anything else (FastAPI answers it)."""
         if not query:
             return None
-        m = _TOP_K.match(query)
+        m = self._top_k_query.fullmatch(query)
         if m is None or int(m.group(1)) > self.max_top_k:
             return False
         return int(m.group(1))

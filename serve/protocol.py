@@ -35,6 +35,9 @@ DTYPES: dict[str, np.dtype] = {
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NO_SHARED_MEMORY = ("vitc does not serve Triton's shared memory extensions (no region is registered; see the "
                     "server metadata's extensions)")
+# Triton reads `classification` as an int64 and clamps it to the output's size, so any count in that range is asked
+# for (nothing is allocated by it: classification_strings takes the smaller of it and the output's size).
+INT64_MAX = (1 << 63) - 1
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 
 
@@ -426,8 +429,10 @@ def _parse_output(spec: Any) -> RequestedOutput:
         raise ProtocolError("every requested output needs a 'name'")
     params = _params(spec, f"output {spec['name'][:128]!r}")
     k = params.get("classification", 0)
-    if not is_int(k) or not 0 <= k <= 1 << 20:
-        raise ProtocolError(f"output {spec['name'][:128]!r}: classification must be a non-negative integer")
+    if not is_int(k) or not 0 <= k <= INT64_MAX:
+        raise ProtocolError(f"output {spec['name'][:128]!r}: classification must be an integer from 0 to 2^63-1 "
+                            "(an int64, as in Triton; a count above the output's size ranks all of it), "
+                            f"got {_count_kind(k)}")
     binary = params.get("binary_data")
     if binary is not None and not isinstance(binary, bool):
         raise ProtocolError(f"output {spec['name'][:128]!r}: binary_data must be true or false")
@@ -435,6 +440,13 @@ def _parse_output(spec: Any) -> RequestedOutput:
         raise ProtocolError(f"output {spec['name'][:128]!r}: {NO_SHARED_MEMORY}: omit shared_memory_region to get "
                             "the output in the answer")
     return RequestedOutput(spec["name"], binary, k)
+
+
+def _count_kind(value: Any) -> str:
+    """A refused count as the refusal shows it: its value, or what it is when that is no int64."""
+    if not is_int(value):
+        return _json_kind(value)
+    return str(value) if -INT64_MAX - 1 <= value <= INT64_MAX else "an integer outside int64"
 
 
 def classification_strings(logits: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:

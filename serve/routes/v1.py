@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from models.bundle import MAX_CLASSES
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
 from serve.registry import ServedModel
@@ -38,7 +39,8 @@ from serve.timing import stage, timings
 from serve.workpool import Deferred, Holder
 
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
-MAX_TOP_K = 1000
+# The most classes a bundle may have: what the fast path accepts before the model's own count is checked.
+MAX_TOP_K = MAX_CLASSES
 MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bounded by the body limit
 _NOT_A_FILE = ("{field} has no filename, so it is a text field, not a file upload: send each image "
                "as a file part (Content-Disposition with a filename; curl -F file=@image.jpg)")
@@ -57,6 +59,11 @@ class Classification(BaseModel):
 
 _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
 _CLASSIFY_BODY = {
+    # top_k is read as text and checked against the model's classes (serve.routes.v1._top_k), so every bad value gets
+    # one answer naming the model's range; the schema still says what it is.
+    "parameters": [{"name": "top_k", "in": "query", "required": False,
+                    "description": "predictions per image, 1 .. the model's classes (default 5)",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K}}],
     "requestBody": {
         "required": True,
         "description": "One image as the raw body, or one or more images as multipart `file` fields "
@@ -191,13 +198,13 @@ def _info(request: Request, model: ServedModel) -> dict[str, Any]:
 async def classify(
     request: Request,
     name: str,
-    top_k: Annotated[int | None, Query(ge=1, le=MAX_TOP_K, description="predictions per image (default 5)")] = None,
+    top_k: Annotated[str | None, Query(include_in_schema=False)] = None,
 ) -> JSONResponse:
     """Softmax top-k for one image (raw body or one `file`), or a list for several `file` fields."""
     return await classify_request(request, name, top_k)
 
 
-async def classify_request(request: Request, name: str, top_k: int | None) -> JSONResponse:
+async def classify_request(request: Request, name: str, top_k: int | str | None) -> JSONResponse:
     """The classify endpoint's work, shared with the fast path (serve.fastpath) that skips FastAPI's routing."""
     settings: Settings = request.app.state.settings
     _top_k(served(request, name), top_k)  # an unknown model or a bad top_k is refused before the upload
@@ -209,12 +216,28 @@ async def classify_request(request: Request, name: str, top_k: int | None) -> JS
     return await _classify(request, model, settings, _top_k(model, top_k), images, many)
 
 
-def _top_k(model: ServedModel, top_k: int | None) -> int:
-    """Predictions per image: asked for (at most the model's classes), else 5."""
+def _top_k(model: ServedModel, top_k: int | str | None) -> int:
+    """Predictions per image: asked for (1 .. the model's classes; the fast path's int or the query's text), else 5."""
     n_classes = len(model.labels)
-    if top_k is not None and top_k > n_classes:
-        raise APIError(422, f"top_k must be between 1 and {n_classes} (the model's classes), got {top_k}")
-    return top_k or min(5, n_classes)
+    if top_k is None:
+        return min(5, n_classes)
+    k = top_k if isinstance(top_k, int) else _whole_number(top_k)
+    if k is None or not 1 <= k <= n_classes:
+        text = str(top_k)
+        shown = repr(text if len(text) <= 24 else text[:24] + "...")
+        raise APIError(422, f"top_k must be a whole number between 1 and {n_classes} (the model's classes), "
+                            f"got {shown}")
+    return k
+
+
+def _whole_number(text: str) -> int | None:
+    """`text` as a decimal integer (spaces and a `+` allowed), or None; digits beyond any bundle's class count are
+    never converted, so a huge value costs one scan of the query (bounded by the header limit), nothing more."""
+    digits = text.strip().removeprefix("+")
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= len(str(MAX_TOP_K)) else MAX_TOP_K + 1
 
 
 async def _decode(request: Request, model: ServedModel, settings: Settings, images: list[tuple[str, bytes]],
