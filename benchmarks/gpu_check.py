@@ -49,10 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.cli import OneLineParser, float_in, int_in
+from models.cli import InputError, OneLineParser, command, float_in, int_in, refuse_empty_paths
 from models.device import DEVICE_RULE, is_device
-from models.io import empty_path_problem
+from models.oneline import first_line
 
+PROG = "python -m benchmarks.gpu_check"
 REPO = Path(__file__).resolve().parents[1]
 MAX_PARITY_SAMPLES = 100_000
 MAX_BUDGET_S = 86_400.0
@@ -655,19 +656,16 @@ def _device(text: str) -> str:
     return text
 
 
-def _parity_main(prog: str, args: argparse.Namespace) -> int:
-    """--parity-of: the JSON line, or one line on stderr and exit 2 for a bundle or checkpoint that cannot load."""
+def _parity_main(args: argparse.Namespace) -> int:
+    """--parity-of: the JSON line, or InputError (exit 2) for a bundle or checkpoint that cannot load."""
     from runtimes import BackendError
 
     if args.checkpoint is None:
-        print(f"{prog}: error: --parity-of needs --checkpoint", file=sys.stderr)
-        return 2
+        raise InputError("--parity-of needs --checkpoint")
     try:
         facts = parity_on_device(args.parity_of, args.checkpoint, args.device, args.parity_samples)
     except (ValueError, BackendError, OSError) as exc:  # BundleError, CheckpointError, DatasetError are ValueErrors
-        text = str(exc).strip()
-        print(f"{prog}: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
-        return 2
+        raise InputError(first_line(exc)) from None
     print(json.dumps(facts))
     return 0
 
@@ -688,9 +686,10 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Run the check (or, with --parity-of, one bundle's on-device parity as a JSON line)."""
-    p = OneLineParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", type=_device, default="cuda",
                    help="cuda (default) or cuda:N; cpu only with --smoke (the full check needs a GPU)")
     p.add_argument("--smoke", action="store_true",
@@ -715,15 +714,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parity-samples", type=int_in(1, MAX_PARITY_SAMPLES), default=256, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # Path("") is the current directory: `--work "$DIR"` with DIR unset would train and export here.
-    for flag, advice in (("--out", "give the report directory, or omit --out for benchmarks/results"),
-                         ("--work", "give a working directory, or omit --work for a temporary one"),
-                         ("--cache", f"give the bundle cache directory, or omit --cache for {GPU_CACHE}"),
-                         ("--parity-of", "give the bundle directory"),
-                         ("--checkpoint", "give the checkpoint directory")):
-        name = flag[2:].replace("-", "_")
-        if problem := empty_path_problem(flag, value := getattr(args, name), advice):
-            p.error(problem)
-        setattr(args, name, None if value is None else Path(value))
+    paths = {"--out": "give the report directory, or omit --out for benchmarks/results",
+             "--work": "give a working directory, or omit --work for a temporary one",
+             "--cache": f"give the bundle cache directory, or omit --cache for {GPU_CACHE}",
+             "--parity-of": "give the bundle directory", "--checkpoint": "give the checkpoint directory"}
+    names = {flag: flag[2:].replace("-", "_") for flag in paths}
+    refuse_empty_paths(p, ((flag, getattr(args, names[flag]), advice) for flag, advice in paths.items()))
+    for name in names.values():
+        setattr(args, name, None if (value := getattr(args, name)) is None else Path(value))
     # The steps run from the checkout (cwd=REPO): paths the user gave are the ones under their own directory.
     args.out, args.work = args.out.absolute(), args.work and args.work.absolute()
     sizes = SMOKE if args.smoke else GPU_FULL if args.full else GPU
@@ -732,26 +730,21 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.cache if args.cache is not None else sizes.cache
     args.cache = chosen and chosen.absolute()
     if args.parity_of:
-        return _parity_main(p.prog, args)
+        return _parity_main(args)
     if problem := _setup_problem(args):
-        print(f"{p.prog}: error: {problem}", file=sys.stderr)
-        return 2
+        raise InputError(problem)
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            print(f"{p.prog}: error: no CUDA GPU here (use --device cpu --smoke for the CPU smoke run)",
-                  file=sys.stderr)
-            return 2
+            raise InputError("no CUDA GPU here (use --device cpu --smoke for the CPU smoke run)")
         if (n := cuda_index(args.device)) is not None and n >= (count := torch.cuda.device_count()):
-            print(f"{p.prog}: error: --device {args.device}: torch sees {count} CUDA GPU{'s' * (count != 1)} here "
-                  f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})", file=sys.stderr)
-            return 2
+            raise InputError(f"--device {args.device}: torch sees {count} CUDA GPU{'s' * (count != 1)} here "
+                             f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
         try:
             step_device(args.device)
         except ValueError as exc:
-            print(f"{p.prog}: error: {exc}", file=sys.stderr)
-            return 2
+            raise InputError(str(exc)) from None
     from benchmarks.report import stem_name, unused_stem
     from models.io import atomic_write_bytes, atomic_write_json
 
@@ -773,4 +766,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m benchmarks.gpu_check")
+    cli.run(main, PROG)

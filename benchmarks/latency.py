@@ -41,6 +41,7 @@ if __name__ == "__main__" and __spec__ is None:
 
 # First of vitc's modules: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143).
 import models.cli  # noqa: F401
+from models.cli import InputError, WorkFailed, command, machine_error
 from models.oneline import first_line
 
 # isort: split
@@ -205,20 +206,19 @@ def _http_only_given(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     return [a.option_strings[0] for a in actions if a.dest in given]
 
 
-def _empty_path(args: argparse.Namespace) -> str | None:
-    """Which path was given empty or blank: Path("") is the current directory, so `--cache "$DIR"` with DIR unset
+def _refuse_empty_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 on a path given empty or blank: Path("") is the current directory, so `--cache "$DIR"` with DIR unset
     would export the bundles here, and `--checkpoint MODEL=` time whatever checkpoint lies here."""
-    from models.io import empty_path_problem
+    from models.cli import refuse_empty_paths
 
     checkpoints = [spec.partition("=") for spec in args.checkpoint if "=" in spec]
-    return next(filter(None, (
-        empty_path_problem("--cache", str(args.cache), "give the bundle cache directory, or omit --cache for "
-                           "exports/bench"),
-        empty_path_problem("--out", args.out, "give the results directory, or omit --out"),
-        empty_path_problem("--bundle", args.bundle, "give the served bundle's directory"),
-        *(empty_path_problem(f"--checkpoint {model}=", path, "give MODEL=DIR, DIR the run's checkpoint directory")
+    refuse_empty_paths(p, (
+        ("--cache", str(args.cache), "give the bundle cache directory, or omit --cache for exports/bench"),
+        ("--out", args.out, "give the results directory, or omit --out"),
+        ("--bundle", args.bundle, "give the served bundle's directory"),
+        *((f"--checkpoint {model}=", path, "give MODEL=DIR, DIR the run's checkpoint directory")
           for model, _, path in checkpoints),
-    )), None)
+    ))
 
 
 def _paths_problem(args: argparse.Namespace, out: Path) -> str | None:
@@ -251,12 +251,12 @@ def _port_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the benchmark (or the end-to-end mode), print the table, write the files."""
     from benchmarks.report import save_failed
     from export.bundle import ExportIOError
     from models.bundle import BundleError
-    from models.cli import Terminated, machine_failure
     from runtimes import BackendError, ExportError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -266,15 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         one = len(flags) == 1
         p.error(f"{', '.join(flags)} {'applies' if one else 'apply'} to the end-to-end mode only: add --http URL "
                 f"(or --http start --bundle DIR), or leave {'it' if one else 'them'} out")
-    if problem := _empty_path(args) or _port_problem(args):
+    _refuse_empty_paths(p, args)
+    if problem := _port_problem(args):
         p.error(problem)
     if args.port is not None:  # one more flag of the started server, as --server-args='--port N' gives it
         args.server_args = f"{args.server_args or ''} --port {args.port}".strip()
     args.cache, args.out, args.bundle = (None if v is None else Path(v) for v in (args.cache, args.out, args.bundle))
     out = args.out or (args.cache / "results" if args.quick else Path("benchmarks") / "results")
     if problem := _paths_problem(args, out):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise InputError(problem)
     try:
         if args.http:
             from benchmarks.e2e import e2e_config, format_e2e, run_e2e, write_e2e_reports
@@ -290,28 +290,21 @@ def main(argv: list[str] | None = None) -> int:
             doc = run_suite(_config(args, argv))
             print(format_table(doc))
             if not doc["results"]:  # every runnable target failed while it was timed: the table lists why
-                print("error: nothing was measured: every target failed (listed above as skipped); nothing written",
-                      file=sys.stderr)
-                return 1
+                raise WorkFailed("nothing was measured: every target failed (listed above as skipped); nothing "
+                                 "written")
             save = partial(write_reports, doc, out, suffix="-quick" if args.quick else "", plots=not args.no_plots)
             failed = None
     except (ValueError, BundleError, BackendError, ExportError, ExportIOError, OSError) as exc:
-        if isinstance(exc, OSError) and (code := machine_failure(exc, PROG)) is not None:
-            return code  # a full disk while exporting the bundles: the machine failed, not the input
-        print(f"error: {first_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        stopped = isinstance(exc, Terminated)
-        print("terminated" if stopped else "interrupted", file=sys.stderr)
-        return 143 if stopped else 130
+        if isinstance(exc, OSError) and (failure := machine_error(exc)):
+            raise failure from None  # a full disk while exporting the bundles: the machine failed, not the input
+        raise InputError(first_line(exc)) from None
     try:
         paths = save()
     except OSError as exc:  # --out was writable when the run began: the disk filled up, or a file limit
-        return save_failed(exc, PROG)
+        raise save_failed(exc) from None
     print("wrote " + ", ".join(str(p) for p in paths))
     if failed:  # saved first: the errors are the finding
-        print(f"error: {failed}", file=sys.stderr)
-        return 1
+        raise WorkFailed(failed)
     return 0
 
 

@@ -45,8 +45,9 @@ from typing import Any
 from benchmarks.e2e import MAX_IMAGES, NotVitcServer, classify_endpoint, error_counts, request_bodies, served_models
 from benchmarks.loadgen import closed_loop
 from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
-from models.cli import OneLineParser, float_in, int_in
-from models.io import atomic_write_bytes, atomic_write_json, empty_path_problem
+from models.cli import InputError, OneLineParser, WorkFailed, command, float_in, int_in, refuse_empty_paths
+from models.io import atomic_write_bytes, atomic_write_json
+from models.oneline import first_line
 from runtimes.registry import DEFAULT_RUNTIME
 
 DEMO_BUNDLES = ("exports/animals-vit_c", "exports/animals-vit_p")
@@ -385,8 +386,8 @@ def served_names(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, Any] | None:
-    """Serve `bundles` on a loopback port, run the load test, stop the server; None after a one-line error.
+def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, Any]:
+    """Serve `bundles` on a loopback port, run the load test, stop the server; InputError when either fails.
 
     The server's log lives in a temporary directory, removed once the run succeeded; when the server fails to
     start, or the test against it fails, the log is kept and named (it holds the server's side of the story)."""
@@ -404,16 +405,12 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
             server = start(server_args, log_path, {"VITC_API_KEY": args.api_key} if args.api_key else None)
         except RuntimeError as exc:  # its first line: how it ended and the server's own last error
             keep_log = True
-            print(f"{PROG}: error: the server did not start: {str(exc).splitlines()[0]} (log: {log_path})",
-                  file=sys.stderr)
-            return None
+            raise InputError(f"the server did not start: {first_line(exc)} (log: {log_path})") from None
         try:
             doc = _measure(args, server.url, served_names(bundles))
         except (OSError, ValueError, KeyError) as exc:
             keep_log = True
-            print(f"{PROG}: error: {server_problem(server.url, exc, started=True)} (server log: {log_path})",
-                  file=sys.stderr)
-            return None
+            raise InputError(f"{server_problem(server.url, exc, started=True)} (server log: {log_path})") from None
         finally:
             exit_code = server.stop()
         if exit_code != 0:  # the figures stand; say where to look for the server's trouble
@@ -426,36 +423,32 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
             shutil.rmtree(log_dir, ignore_errors=True)
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Check the arguments, run the load test (starting a server with --start), print and write the report."""
     p = build_parser()
     args = p.parse_args(argv)
     # Path("") is the current directory: an empty --out was called "a directory", a blank one wrote a report named
     # " " here, and an empty --model (or NAME=) reached the started server before it was refused.
-    problems = [empty_path_problem("--out", args.out, "give a .json path, or omit --out")]
+    paths = [("--out", args.out, "give a .json path, or omit --out")]
     if args.model:
         from serve.settings import model_path_text
 
-        problems += [empty_path_problem("--model", model_path_text(spec), "give a bundle directory as PATH or "
-                                        "NAME=PATH") for spec in args.model]
-    if problem := next(filter(None, problems), None):
-        p.error(problem)
+        paths += [("--model", model_path_text(spec), "give a bundle directory as PATH or NAME=PATH")
+                  for spec in args.model]
+    refuse_empty_paths(p, paths)
     args.out = args.out and Path(args.out)
     try:
         url, bundles = _checked(args)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(str(exc)) from None
     if args.start:
         doc = _measure_started(args, bundles)
-        if doc is None:
-            return 2
     else:
         try:
             doc = _measure(args, url)
         except (OSError, ValueError, KeyError) as exc:  # refused, timed out, 401, or not a vitc server
-            print(f"{PROG}: error: {server_problem(url, exc)}", file=sys.stderr)
-            return 2
+            raise InputError(server_problem(url, exc)) from None
     runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend
     wanted = args.out or RESULTS / f"load-{runtime}.json"
     print(markdown(doc))  # first: a disk that fills up loses the files, not the figures
@@ -467,16 +460,15 @@ def main(argv: list[str] | None = None) -> int:
         with naming(png_path := out.with_suffix(".png")):
             png = plot(doc, png_path)
     except OSError as exc:  # --out was writable when the test began: the disk filled up, or a file limit
-        return save_failed(exc, PROG)
+        raise save_failed(exc) from None
     taken = f" ({wanted.stem}.json or .png exists: never overwritten)" if out != wanted else ""
     print(f"wrote {out}" + (f" and {png}" if png else "") + taken, file=sys.stderr)
     if failed := failed_levels(doc):  # saved first: the errors are the finding
-        print(f"{PROG}: error: {failed}", file=sys.stderr)
-        return 1
+        raise WorkFailed(failed)
     return 0
 
 
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m benchmarks.load")
+    cli.run(main, PROG)

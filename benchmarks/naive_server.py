@@ -17,8 +17,10 @@ import sys
 import numpy as np
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotation here
 
-from models.cli import OneLineParser
+from models.cli import InputError, OneLineParser, command
 from models.oneline import first_line
+
+PROG = "python -m benchmarks.naive_server"
 
 
 def create_app(bundle: str) -> FastAPI:
@@ -88,29 +90,25 @@ def port_problem(port: int) -> str | None:
     return None
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Serve the bundle until interrupted; exit 2 with one line on stderr for a bad bundle or port."""
     import uvicorn
 
     from models.bundle import BundleError
 
-    p = OneLineParser(prog="python -m benchmarks.naive_server", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("bundle")
     p.add_argument("--port", type=_port, default=8001, help="loopback port, 1..65535 (default 8001)")
     args = p.parse_args(argv)
-    problem = port_problem(args.port)
-    if problem:
-        print(f"{p.prog}: error: --port: {problem}", file=sys.stderr)
-        return 2
+    if problem := port_problem(args.port):
+        raise InputError(f"--port: {problem}")
     try:
         app = create_app(args.bundle)
     except BundleError as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors (Fail, InvalidProtobuf...) derive from Exception
-        reason = first_line(exc)
-        print(f"{p.prog}: error: {args.bundle}: cannot load the ONNX model: {reason}", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.bundle}: cannot load the ONNX model: {first_line(exc)}") from None
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
     return 0
 

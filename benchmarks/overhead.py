@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.cli import OneLineParser, int_in
-from models.io import empty_path_problem
+from models.cli import InputError, OneLineParser, command, int_in, refuse_empty_paths
 from runtimes.registry import DEFAULT_RUNTIME
 
 if TYPE_CHECKING:
     from models.bundle import Manifest
     from runtimes.base import Backend
 
+PROG = "python -m benchmarks.overhead"
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "vitc-overhead-benchmark"
 COMPARED = "onnxruntime,openvino"  # the served runtimes the report compares, each with a bare reference
@@ -577,8 +577,10 @@ def check_bundle(bundle: Path) -> None:
                               f"(python -m export ... --targets onnx,openvino)") from None
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
+    """Check the arguments, measure, print and save the results."""
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
     p.add_argument("--rounds", type=int_in(1, 1000), default=8,
                    help="alternating rounds of each system at concurrency 1 (default 8)")
@@ -598,10 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="loopback ports of the servers it starts: N, N+1, N+2 (default: free ports)")
     args = p.parse_args(argv)
     # Path("") is the current directory: `--bundle "$B"` with B unset measured whatever bundle lies here.
-    for problem in (empty_path_problem("--bundle", args.bundle, "give the bundle directory"),
-                    empty_path_problem("--out", args.out, "give the results directory, or omit --out")):
-        if problem:
-            p.error(problem)
+    refuse_empty_paths(p, (("--bundle", args.bundle, "give the bundle directory"),
+                           ("--out", args.out, "give the results directory, or omit --out")))
     # The servers it starts run from the checkout, not from here.
     args.bundle, args.out = Path(args.bundle).absolute(), Path(args.out)
     from models.bundle import BundleError
@@ -609,29 +609,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_bundle(args.bundle)
     except BundleError as exc:
-        print(f"{p.prog}: error: --bundle: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(f"--bundle: {exc}") from None
     from benchmarks.report import out_dir_problem
 
     if problem := out_dir_problem(args.out):  # tried for real before minutes of measuring, not after
-        print(f"{p.prog}: error: --out {args.out}: {problem}", file=sys.stderr)
-        return 2
+        raise InputError(f"--out {args.out}: {problem}")
     if args.port is not None:  # a port in use would fail a server start minutes into the run
         from benchmarks.naive_server import port_problem
 
         if problem := next(filter(None, map(port_problem, ports_needed(args.port, args.backends))), None):
-            print(f"{p.prog}: error: --port {args.port}: {problem} (it uses {args.port}.."
-                  f"{ports_needed(args.port, args.backends)[-1]})", file=sys.stderr)
-            return 2
+            raise InputError(f"--port {args.port}: {problem} (it uses {args.port}.."
+                             f"{ports_needed(args.port, args.backends)[-1]})")
     doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
               args.backends, log=lambda m: print(m, file=sys.stderr),
               saturation_rounds=args.saturation_rounds, port=args.port)
     print(markdown(doc), flush=True)  # first: a write failing later loses no measurement
-    return save(doc, args.out, p.prog)
+    return save(doc, args.out)
 
 
-def save(doc: dict[str, Any], out: Path, prog: str) -> int:
-    """Write <date>-<time>-<host>-overhead.json / .md into `out` (never over an earlier run's); the exit code."""
+def save(doc: dict[str, Any], out: Path) -> int:
+    """Write <date>-<time>-<host>-overhead.json / .md into `out` (never over an earlier run's); exit code 0, or
+    WorkFailed when they cannot be written."""
     from benchmarks.report import naming, save_failed, unused_stem
     from models.io import atomic_write_bytes, atomic_write_json
 
@@ -643,7 +641,7 @@ def save(doc: dict[str, Any], out: Path, prog: str) -> int:
         with naming(stem.with_suffix(".md")):
             atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
     except OSError as exc:  # --out was writable when the run began: the disk filled up, or a file limit
-        return save_failed(exc, prog)
+        raise save_failed(exc) from None
     print(f"wrote {stem}.json, {stem}.md")
     return 0
 
@@ -651,4 +649,4 @@ def save(doc: dict[str, Any], out: Path, prog: str) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m benchmarks.overhead")
+    cli.run(main, PROG)

@@ -10,13 +10,13 @@ import contextlib
 import datetime as dt
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.stats import MIN_CI_ROUNDS
+from models.cli import WorkFailed, machine_error
 from models.io import atomic_write_bytes, atomic_write_json
 
 
@@ -299,16 +299,11 @@ def naming(path: Path) -> Iterator[None]:
         raise
 
 
-def save_failed(exc: OSError, prog: str) -> int:
-    """One line for results that measured but could not be saved (exit 1: the work failed, not the input)."""
-    from models.cli import machine_failure
-
+def save_failed(exc: OSError) -> WorkFailed:
+    """The one line for results that measured but could not be saved (exit 1: the work failed, not the input)."""
     hint = "the measurements are printed above"
-    code = machine_failure(exc, prog, hint)
-    if code is None:
-        print(f"{prog}: error: cannot save the results: {exc.strerror or exc}"
-              + (f": {exc.filename}" if exc.filename else "") + f": {hint}", file=sys.stderr)
-    return 1
+    return machine_error(exc, hint) or WorkFailed(f"cannot save the results: {exc.strerror or exc}"
+                                                  + (f": {exc.filename}" if exc.filename else "") + f": {hint}")
 
 
 def stem_name(doc: dict[str, Any], suffix: str = "") -> str:

@@ -18,9 +18,19 @@ from export.bundle import MAX_SAMPLES, MAX_THREADS, ExportConfig
 from export.targets import QUANTIZER, Target, known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT
 from models.checkpoint import CheckpointError, read_checkpoint_meta
-from models.cli import OneLineParser, extras_hint, installed, int_in
+from models.cli import (
+    CommandError,
+    InputError,
+    OneLineParser,
+    WorkFailed,
+    extras_hint,
+    installed,
+    int_in,
+    refuse_empty_paths,
+    report,
+)
 from models.host import distribution_versions
-from models.io import empty_path_problem, out_inside_problem, out_name_problem
+from models.io import out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
 from runtimes.registry import DEFAULT_TARGETS
 
@@ -138,16 +148,14 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exit 2 on an empty path flag."""
     # Path("") is the current directory: `--checkpoint "$RUN"` with RUN unset exported whatever checkpoint lay here,
     # and an empty --dataset or --calibration-dataset quietly meant the default one.
-    for problem in (
-        empty_path_problem("--checkpoint", args.checkpoint, "give the checkpoint directory"),
-        empty_path_problem("--out", args.out, "give the bundle directory to write"),
-        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
-                           "folder, or omit --dataset for the checkpoint's"),
-        empty_path_problem("--calibration-dataset", args.calibration_dataset, f"give one of {', '.join(EMBEDDED)} "
-                           "or an ImageNet-layout folder, or omit --calibration-dataset for --dataset"),
-    ):
-        if problem:
-            p.error(problem)
+    refuse_empty_paths(p, (
+        ("--checkpoint", args.checkpoint, "give the checkpoint directory"),
+        ("--out", args.out, "give the bundle directory to write"),
+        ("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout folder, or omit "
+         "--dataset for the checkpoint's"),
+        ("--calibration-dataset", args.calibration_dataset, f"give one of {', '.join(EMBEDDED)} or an "
+         "ImageNet-layout folder, or omit --calibration-dataset for --dataset"),
+    ))
 
 
 def setup_problem(args: argparse.Namespace, targets: Sequence[str]) -> str | None:
@@ -163,15 +171,21 @@ def setup_problem(args: argparse.Namespace, targets: Sequence[str]) -> str | Non
 
 def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
     """Parse, build the config, export, report; returns the exit code."""
+    p = parser(family)
+    try:
+        return _export(p, p.parse_args(argv), family)
+    except CommandError as exc:  # the prog is the family's: `python -m export.onnx: error: ...`
+        return report(p.prog, exc)
+
+
+def _export(p: argparse.ArgumentParser, args: argparse.Namespace, family: str | None) -> int:
+    """Check the arguments, export, say what was written; InputError or WorkFailed for one line."""
     from export.bundle import ExportIOError, ExportMemoryError, build
 
-    p = parser(family)
-    args = p.parse_args(argv)
     _check_paths(p, args)
     targets = _targets(p, args, family)
     if problem := setup_problem(args, targets):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise InputError(problem)
     try:
         manifest = build(ExportConfig(
             args.checkpoint, args.out, targets, name=args.name, max_batch=args.max_batch,
@@ -179,15 +193,13 @@ def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:
             calibration_dataset=args.calibration_dataset, threads=args.threads, drop_artifacts=args.replace,
         ))
     except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(str(exc)) from None
     except (ExportIOError, MemoryError) as exc:
         reason = str(exc) if isinstance(exc, ExportIOError) else "out of memory"
         if isinstance(exc, ExportMemoryError | MemoryError):  # what sizes the export's memory, and its values
             reason += (f"; lower --max-batch ({args.max_batch}), --parity-samples ({args.parity_samples})"
                        f" or --calibration-samples ({args.calibration_samples})")
-        print(f"error: {reason} (the previous bundle, if any, is unchanged)", file=sys.stderr)
-        return 1
+        raise WorkFailed(f"{reason} (the previous bundle, if any, is unchanged)") from None
     refused = [a for a in manifest.artifacts if not a.servable]
     for a in refused:
         print(f"refused {a.id}: {a.refused_reason}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
 
 # isort: split
+import argparse
 import io
 import os
 import sys
@@ -20,11 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
-from models.cli import OneLineParser, machine_failure, require
-from models.io import atomic_write_bytes, empty_path_problem
-from runtimes.base import first_line
+from models.cli import InputError, OneLineParser, command, machine_error, refuse_empty_paths, require
+from models.io import atomic_write_bytes
+from models.oneline import first_line
 from runtimes.registry import DEFAULT_RUNTIME
 
+PROG = "python -m export.report"
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
            "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
 
@@ -180,9 +182,10 @@ def check_png(path: Path) -> str | None:
     return None
 
 
+@command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table of every bundle given; exit 2 on a bad bundle."""
-    ap = OneLineParser(prog="python -m export.report", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", help="bundle directories")
     ap.add_argument("--markdown", action="store_true", help="Markdown tables (for the README)")
     ap.add_argument("--png", type=Path, help="also write an accuracy bar chart to this .png file")
@@ -194,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 "holds means the whole split (default: the whole split)")
     args = ap.parse_args(argv)
     # Path("") is the current directory: `export.report "$BUNDLE"` with BUNDLE unset would report whatever is here.
-    for bundle in args.bundles:
-        if problem := empty_path_problem("BUNDLE", bundle, "give a bundle directory"):
-            ap.error(problem)
+    refuse_empty_paths(ap, (("BUNDLE", bundle, "give a bundle directory") for bundle in args.bundles))
     if args.samples is not None and args.samples < 1:
         ap.error(f"--samples must be at least 1, got {args.samples}")
     if args.png is not None and (why := check_png(args.png)):
@@ -208,50 +209,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifests = [read_manifest(b) for b in args.bundles]
     except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(str(exc)) from None
     if args.served:
-        from export.served import check, measure
-
-        try:  # everything the measurement needs, before it starts (it takes minutes)
-            for m, b in zip(manifests, args.bundles, strict=True):
-                check(Path(b), m, args.runtime)
-        except (BundleError, RuntimeError, ValueError) as exc:
-            print(f"error: served path: {first_line(exc)}", file=sys.stderr)
-            return 2
-        try:
-            manifests = [replace(m, served=measure(b, args.runtime, args.samples,
-                                                   log=lambda msg: print(msg, file=sys.stderr)))
-                         for m, b in zip(manifests, args.bundles, strict=True)]
-        except (BundleError, RuntimeError, ValueError) as exc:
-            print(f"error: served path: {first_line(exc)}", file=sys.stderr)
-            return 2
-        except OSError as exc:  # a full disk (exit 1), or a file the measurement reads or writes
-            hint = "the served path was not recorded: the manifest of the bundle being measured is unchanged"
-            if (code := machine_failure(exc, ap.prog, hint)) is not None:
-                return code
-            # Not necessarily the manifest (`measure` says so itself when writing it fails): say what failed, where.
-            where = f": {exc.filename}" if exc.filename else ""
-            print(f"error: served path: {exc.strerror or first_line(exc)}{where}", file=sys.stderr)
-            return 2
+        manifests = _served(manifests, args)
     found = [integrity(Path(b), m) for m, b in zip(manifests, args.bundles, strict=True)]
     print("\n\n".join(table(m, args.markdown, p) for m, p in zip(manifests, found, strict=True)))
     if args.png:
         try:
             print(f"plot: {plot(manifests, args.png)}", file=sys.stderr)  # stdout holds only the tables (--markdown)
         except OSError as exc:
-            if (code := machine_failure(exc, ap.prog, f"{args.png} was not written")) is not None:
-                return code
-            print(f"error: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
+            if failed := machine_error(exc, f"{args.png} was not written"):
+                raise failed from None
+            raise InputError(f"cannot write {args.png}: {exc.strerror or exc}") from None
     corrupt = [f"{b}: {', '.join(p)}" for b, p in zip(args.bundles, found, strict=True) if p]
     if corrupt:  # the table says what is wrong with each
-        print(f"error: corrupt, will not load: {'; '.join(corrupt)}", file=sys.stderr)
-        return 2
+        raise InputError(f"corrupt, will not load: {'; '.join(corrupt)}")
     return 0
+
+
+def _served(manifests: list[Manifest], args: argparse.Namespace) -> list[Manifest]:
+    """--served: each bundle's manifest with the served path measured and recorded; InputError when it cannot be."""
+    from export.served import check, measure
+
+    try:  # everything the measurement needs, before it starts (it takes minutes)
+        for m, b in zip(manifests, args.bundles, strict=True):
+            check(Path(b), m, args.runtime)
+    except (BundleError, RuntimeError, ValueError) as exc:
+        raise InputError(f"served path: {first_line(exc)}") from None
+    try:
+        return [replace(m, served=measure(b, args.runtime, args.samples, log=lambda msg: print(msg, file=sys.stderr)))
+                for m, b in zip(manifests, args.bundles, strict=True)]
+    except (BundleError, RuntimeError, ValueError) as exc:
+        raise InputError(f"served path: {first_line(exc)}") from None
+    except OSError as exc:  # a full disk (exit 1), or a file the measurement reads or writes
+        if failed := machine_error(exc, "the served path was not recorded: the manifest of the bundle being "
+                                        "measured is unchanged"):
+            raise failed from None
+        # Not necessarily the manifest (`measure` says so itself when writing it fails): say what failed, where.
+        where = f": {exc.filename}" if exc.filename else ""
+        raise InputError(f"served path: {exc.strerror or first_line(exc)}{where}") from None
 
 
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m export.report")
+    cli.run(main, PROG)

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -84,13 +83,12 @@ from models.bundle import (
 from models.bundle import (
     TRITON_LABELS_FILE as LABELS_FILE,
 )
-from models.cli import OneLineParser, machine_failure
+from models.cli import InputError, OneLineParser, command, machine_error, refuse_empty_paths
 from models.io import (
     DirectoryBusy,
     atomic_write_bytes,
     committing,
     default_mode,
-    empty_path_problem,
     ensure_dir,
     remove_stale,
     resolve_path,
@@ -98,6 +96,7 @@ from models.io import (
 )
 from models.tritonconfig import MAX_QUEUE_DELAY_US, MAX_VERSION, LabelsError, read_labels
 
+PROG = "python -m export.triton"
 MAX_INSTANCES = 1024
 DEFAULT_INSTANCES = 1
 DEFAULT_QUEUE_DELAY_US = 2000
@@ -796,8 +795,10 @@ def _replace_file(src: Path, dst: Path, staging: Path) -> Callable[[], None]:
     return (lambda: os.replace(backup, dst)) if had else (lambda: dst.unlink())
 
 
+@command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m export.triton", description=__doc__.splitlines()[0],
+    """Write (or add to) the model repository; InputError or WorkFailed for one line on stderr."""
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
                       epilog="Serve it: tritonserver --model-repository REPO --disable-auto-complete-config (Triton "
                              f"{MIN_TRITON_RELEASE} or later), kubectl apply -f REPO/{ISVC_FILE}, "
                              "or python -m serve --model-repository REPO.")
@@ -833,10 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--replace-isvc", action="store_true",
                    help=f"regenerate the repository's {ISVC_FILE} (default: an edited one is kept)")
     args = p.parse_args(argv)
-    for problem in (empty_path_problem("bundle", args.bundle, "give the bundle directory python -m export wrote"),
-                    empty_path_problem("--out", args.out, "give the model repository directory")):
-        if problem:
-            p.error(problem)
+    refuse_empty_paths(p, (("bundle", args.bundle, "give the bundle directory python -m export wrote"),
+                           ("--out", args.out, "give the model repository directory")))
     kept: list[Path] = []
     notes: list[str] = []
     try:
@@ -848,17 +847,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    replace_config=args.replace_config, replace_isvc=args.replace_isvc, kept=kept,
                                    notes=notes)
     except (BundleError, DirectoryBusy) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RepositoryError as exc:
+        raise InputError(str(exc)) from None
+    except RepositoryError as exc:  # about --out, as the parser's own errors are
         p.error(str(exc))
     except OSError as exc:  # a full disk is the machine failing (exit 1), anything else the --out given
         # Without the file name: for a failed copy Python names the source, not the file that filled the disk.
-        failure = OSError(exc.errno, exc.strerror)
-        if (code := machine_failure(failure, p.prog, f"nothing was written to {args.out}")) is not None:
-            return code
-        print(f"error: cannot write {args.out}: {exc.strerror or exc} (nothing was written)", file=sys.stderr)
-        return 2
+        if failed := machine_error(OSError(exc.errno, exc.strerror), f"nothing was written to {args.out}"):
+            raise failed from None
+        raise InputError(f"cannot write {args.out}: {exc.strerror or exc} (nothing was written)") from None
     for path in written:
         print(f"wrote {path} (a bundle too: {MANIFEST_FILE})")
     for note in notes:
@@ -884,4 +880,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m export.triton")
+    cli.run(main, PROG)

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -99,16 +99,89 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
-def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None:
-    """When `exc` is the machine failing (out of memory, a full disk): print it as one line (with `hint`, what to
-    lower) and return exit code 1 (a failure of the work, not of the input). Otherwise None: the caller re-raises."""
+class CommandError(Exception):
+    """A command stopping with one line: `run` (or a `command` main) says `{prog}: error: {reason}`, exits `code`."""
+
+    code = 1
+
+
+class InputError(CommandError):
+    """Bad input (an argument, a file given, a setting): exit 2, checked before the work starts where it can be."""
+
+    code = 2
+
+
+class WorkFailed(CommandError):
+    """The work failed (the machine: out of memory, a full disk; or what it measured or ran failed): exit 1."""
+
+    code = 1
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped as repr escapes them: a path or name given with a newline (or an
+    escape sequence) stays on the error's one line, and cannot forge another."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def last_line(exc: BaseException) -> str:
+    """The last non-blank line of `exc`'s message (a DataLoader worker's error carries the worker's traceback text
+    before it), else its type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def report(prog: str, exc: CommandError) -> int:
+    """Say `exc` as the command's one line, `{prog}: error: {reason}`; its exit code."""
+    say(f"{prog}: error: {one_line(str(exc))}")
+    return exc.code
+
+
+_Main = TypeVar("_Main", bound=Callable[..., int | None])
+
+
+def command(prog: str) -> Callable[[_Main], _Main]:
+    """Decorate a command's main: an InputError or WorkFailed it raises is said as one line and returned as the exit
+    code, so a caller in the same process (a test, another command) gets the code as `run` would exit with it."""
+    def decorate(main: _Main) -> _Main:
+        @functools.wraps(main)
+        def checked(*args: object, **kwargs: object) -> int | None:
+            try:
+                return main(*args, **kwargs)
+            except CommandError as exc:
+                return report(prog, exc)
+        return checked  # type: ignore[return-value]
+    return decorate
+
+
+def refuse_empty_paths(parser: argparse.ArgumentParser, paths: Iterable[tuple[str, str | None, str]]) -> None:
+    """The parser's one-line error (exit 2) for the first of `paths`, (flag, value, advice) each, given an empty or
+    blank value: Path("") is the current directory, so `FLAG "$DIR"` with DIR unset would read or write here."""
+    from models.io import empty_path_problem  # here: a command's first import stays small
+
+    if problem := next(filter(None, (empty_path_problem(*path) for path in paths)), None):
+        parser.error(problem)
+
+
+def machine_reason(exc: BaseException) -> str | None:
+    """One line for `exc` when it is the machine failing (out of memory, a full disk), else None."""
     reason = out_of_memory(exc)
     if reason is None and disk_full(exc):
         reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-    if reason is None:
-        return None
-    say(f"{prog}: error: {reason}" + (f": {hint}" if hint else ""))
-    return 1
+    return reason
+
+
+def machine_error(exc: BaseException, hint: str = "") -> WorkFailed | None:
+    """The WorkFailed to raise when `exc` is the machine failing (`hint`: what to lower, or what was kept), else
+    None: the caller handles `exc` as its own."""
+    reason = machine_reason(exc)
+    return None if reason is None else WorkFailed(reason + (f": {hint}" if hint else ""))
+
+
+def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None:
+    """When `exc` is the machine failing (out of memory, a full disk): print it as one line (with `hint`, what to
+    lower) and return exit code 1 (a failure of the work, not of the input). Otherwise None: the caller re-raises."""
+    failed = machine_error(exc, hint)
+    return None if failed is None else report(prog, failed)
 
 
 # The third-party modules vitc imports, as a ModuleNotFoundError names them: (distribution, the extra in
@@ -257,10 +330,11 @@ _RUNNING = object()  # `run`'s code while main has not returned
 
 
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
-    """Exit with `main()`'s code; Ctrl-C is one line and exit 130, SIGTERM (until `main` installs its own handler,
-    as the server does once it serves) one line and exit 143, what was being written left as it was (the writers
-    are atomic); the machine failing (`machine_failure`) one line and exit 1, a missing extra
-    (`missing_dependency`) one line and exit 2, and a closed output pipe (`| head`) ends quietly."""
+    """Exit with `main()`'s code; an InputError or WorkFailed is one line, `{prog}: error: {reason}`, and exit 2 or
+    1; Ctrl-C is one line and exit 130, SIGTERM (until `main` installs its own handler, as the server does once it
+    serves) one line and exit 143, what was being written left as it was (the writers are atomic); the machine
+    failing (`machine_failure`) one line and exit 1, a missing extra (`missing_dependency`) one line and exit 2, and
+    a closed output pipe (`| head`) ends quietly."""
     main_thread = threading.current_thread() is threading.main_thread()
     # The program itself (`python -m X`), rather than a caller that goes on (a test calling this in-process), which
     # keeps its own signal handling.
@@ -286,10 +360,14 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     except KeyboardInterrupt as exc:
         if code is _RUNNING:
             stopped = isinstance(exc, Terminated)
-            say(f"{prog}: {'terminated' if stopped else 'interrupted'}")
+            # A note main added (exc.add_note) says what of its work is kept: "finished runs are kept; ..."
+            notes = "".join(f": {note}" for note in getattr(exc, "__notes__", ()))
+            say(f"{prog}: {'terminated' if stopped else 'interrupted'}{one_line(notes)}")
             code = 143 if stopped else 130
         # else it came after main returned (in the instant before the signals were ignored, or while an in-process
         # caller's stdout was flushed): main's code stands
+    except CommandError as exc:  # raised by a main that is not a `command` (which says it itself)
+        code = report(prog, exc)
     except BrokenPipeError:  # an OSError: before the clause below
         # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -11,11 +11,12 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 import argparse
 import os
 import re
-import sys
 from typing import TYPE_CHECKING, get_args
 
-from models.cli import OneLineParser
+from models.cli import InputError, OneLineParser, command
 from serve.errors import ServeError
+
+PROG = "python -m serve"
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     from serve.settings import Settings
 
     p = OneLineParser(
-        prog="python -m serve", argument_default=argparse.SUPPRESS,
+        prog=PROG, argument_default=argparse.SUPPRESS,
         description="Serve exported bundles over HTTP: /v1 image classification, the Open Inference Protocol "
                     "(/v2), Prometheus /metrics, docs at /docs.",
         epilog="Every flag is also an environment variable VITC_<SETTING> (e.g. VITC_MODELS=a,b for --model, "
@@ -196,22 +197,12 @@ def settings_args(argv: list[str] | None = None) -> dict[str, object]:
     return args
 
 
-def one_line(text: str) -> str:
-    """`text` with its control characters escaped as repr escapes them: a path or name given with a newline (or an
-    escape sequence) stays on the error's one line, and cannot forge another."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def error(text: str) -> int:
-    """Say `error: text` on one line of stderr; exit code 2."""
-    print(f"error: {one_line(text)}", file=sys.stderr)
-    return 2
-
-
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
+    """Check the settings and serve until stopped; a startup problem is one line (InputError), exit 2."""
     args = settings_args(argv)
     if "api_key" in args and not str(args["api_key"]).strip():  # --api-key "$TOKEN" with TOKEN unset
-        return error("--api-key is empty: give the key, or leave --api-key out to serve without authentication")
+        raise InputError("--api-key is empty: give the key, or leave --api-key out to serve without authentication")
     from pydantic import ValidationError  # here: a missing server extra is one line (models.cli.run), not a traceback
 
     try:
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
         near, _ = unknown_environment(dict(os.environ))
         if near:  # a misspelt setting would be ignored without a word (VITC_MODEL: "no models to serve")
-            return error(f"environment variable {near[0]} (every setting is VITC_<SETTING>; see --help)")
+            raise InputError(f"environment variable {near[0]} (every setting is VITC_<SETTING>; see --help)")
         settings = Settings(**args)
         from serve.server import run
 
@@ -239,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{flag(where)} (VITC_{where.upper()}{values})"
         msg = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flag(m[0]) if m[0] in fields else m[0], msg)
         if where:
-            return error(f"invalid setting {where}: {msg} (got {err.get('input')!r})")
-        return error(f"invalid settings: {msg}")  # a rule across settings: the message names them
+            raise InputError(f"invalid setting {where}: {msg} (got {err.get('input')!r})") from None
+        raise InputError(f"invalid settings: {msg}") from None  # a rule across settings: the message names them
     except ServeError as exc:
-        return error(str(exc))
+        raise InputError(str(exc)) from None
     return 0
 
 
@@ -251,4 +242,4 @@ if __name__ == "__main__":
 
     # SIGTERM while the models load stops the start (exit 143; as PID 1 in a container a signal without a handler
     # is dropped); once serving, serve.server's handler takes over and uvicorn drains the requests in flight.
-    cli.run(main, "python -m serve")
+    cli.run(main, PROG)

@@ -22,8 +22,9 @@ MAX_REASON = 300  # characters of the server's own error quoted in a one-line fa
 
 def last_error(log: str) -> str | None:
     """The server's last error in `log` as one bounded line: its last JSON log line at level error or critical
-    (with the exception's last line), or a refused start's plain `error: ...` line, whichever is later; else the
-    last line of a Python traceback (a crash before logging was set up); None when there is no error."""
+    (with the exception's last line), or a refused start's `python -m serve: error: ...` line (`error: ...` from an
+    older vitc), whichever is later; else the last line of a Python traceback (a crash before logging was set up);
+    None when there is no error."""
     for line in reversed(log.splitlines()):
         line = line.strip()
         reason = ""
@@ -35,8 +36,8 @@ def last_error(log: str) -> str | None:
             if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
                 exc = str(entry.get("exc") or "").strip()
                 reason = str(entry.get("msg") or "").strip() + (f": {exc.splitlines()[-1]}" if exc else "")
-        elif line.startswith("error:"):  # python -m serve refused to start: a setting, a bundle, the port
-            reason = line.removeprefix("error:")
+        elif line.startswith(("python -m serve: error:", "error:")):  # it refused to start: a setting, a bundle
+            reason = line.partition("error:")[2]
         if reason.strip():
             return _bounded(reason)
     if "Traceback (most recent call last)" in log:

@@ -8,17 +8,16 @@ from __future__ import annotations
 import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
 
 # isort: split
-import sys
 from pathlib import Path
 
-from models.cli import OneLineParser
+from models.cli import InputError, OneLineParser, command
 from models.io import atomic_write_bytes, empty_path_problem, out_file_problem
 
 PROG = "python -m serve.sample"
 MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (training's bound on consecutive ones)
 
 
-class SampleError(ValueError):
+class SampleError(InputError, ValueError):
     """A dataset, index or output path that cannot give a sample (one line, exit 2)."""
 
 
@@ -88,6 +87,7 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     return written, chosen.images.class_names[int(chosen.images.labels[0])]
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m serve.sample`; returns the exit code (2 with one line on stderr for bad input)."""
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
@@ -99,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # Path("") is the current directory: it was called "a directory", as though one had been named.
     if problem := empty_path_problem("--out", args.out, "give an image file name, or omit --out for sample.png"):
         p.error(problem)
-    try:
-        index, label = write_sample(args.dataset, args.index, args.out)
-    except SampleError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    index, label = write_sample(args.dataset, args.index, args.out)  # SampleError: one line, exit 2
     skipped = f" ({index - args.index} unreadable from val #{args.index} on, skipped)" if index != args.index else ""
     print(f"wrote {args.out}: {args.dataset} val #{index}{skipped}, label {label}")
     return 0
@@ -112,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m serve.sample")
+    cli.run(main, PROG)

@@ -11,13 +11,12 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 
 # isort: split
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
-from models.cli import OneLineParser, disk_full, int_in
+from models.cli import InputError, OneLineParser, command, disk_full, int_in
 from models.io import atomic_write_bytes, empty_path_problem, out_file_problem, same_file
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -28,7 +27,7 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024  # the largest body the server can be set to 
 DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the server's --max-image-pixels default
 
 
-class TensorError(ValueError):
+class TensorError(InputError, ValueError):
     """A bundle, image or output the tool cannot use (one line, exit 2)."""
 
 
@@ -143,6 +142,7 @@ def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measur
     return manifest, batch.shape
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m serve.tensor`; returns the exit code (2 with one line on stderr for bad input)."""
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
@@ -162,12 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem := empty_path_problem("--bundle", args.bundle, "give the model's bundle directory (or a Triton "
                                      "repository's version directory, repo/<model>/1)"):
         p.error(problem)
-    try:
-        manifest, shape = build(args.bundle, args.images, args.out, jpeg_draft=args.jpeg_draft,
-                                max_pixels=args.max_image_pixels, overwrite=args.overwrite)
-    except TensorError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    manifest, shape = build(args.bundle, args.images, args.out, jpeg_draft=args.jpeg_draft,  # TensorError: exit 2
+                            max_pixels=args.max_image_pixels, overwrite=args.overwrite)
     dims = " × ".join(map(str, shape))
     send = "send it with 'Inference-Header-Content-Length: 0'"
     if shape[0] > 1:

@@ -31,6 +31,8 @@ from benchmarks.latency import main as latency_main
 from benchmarks.measure import QUICK, input_pool, time_pair
 from models.cli import Terminated
 
+LATENCY_ERROR = "python benchmarks/latency.py: error: "
+
 SERVED = {"name": "animals", "variant": "vit_c_mini", "runtime": "onnxruntime", "precision": "fp32",
           "source": {"dataset": "animals", "sha256": "a" * 64}, "execution": {}}
 
@@ -62,7 +64,7 @@ def test_a_bundle_that_is_not_the_served_model_is_refused_before_measuring(model
     rc = latency_main(["--http", "http://127.0.0.1:9", "--bundle", str(bundle), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith(f"error: --bundle {bundle} is not the model the server serves as 'animals'")
+    assert err[0].startswith(f"{LATENCY_ERROR}--bundle {bundle} is not the model the server serves as 'animals'")
     assert says in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no results
 
@@ -238,7 +240,7 @@ def test_http_and_overhead_results_of_the_same_minute_are_both_kept(tmp_path, mo
                                            plots=False)[0] for n in (1, 2))
     assert first.name != second.name and json.loads(first.read_text())["n"] == 1
     monkeypatch.setattr(overhead, "markdown", lambda _doc: "md\n")
-    assert overhead.save(_overhead_doc(), tmp_path, "p") == 0 and overhead.save(_overhead_doc(), tmp_path, "p") == 0
+    assert overhead.save(_overhead_doc(), tmp_path) == 0 and overhead.save(_overhead_doc(), tmp_path) == 0
     assert sorted(p.name for p in tmp_path.glob("*overhead*.json")) == ["2026-12-05-2342-vm-overhead-2.json",
                                                                          "2026-12-05-2342-vm-overhead.json"]
 

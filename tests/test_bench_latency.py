@@ -188,7 +188,7 @@ def test_unusable_out_or_cache_is_refused_before_anything_runs(flag, where, tmp_
         raise SystemExit(main(argv))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {flag} {tmp_path / where}: "), err
+    assert len(err) == 1 and err[0].startswith(f"python benchmarks/latency.py: error: {flag} {tmp_path / where}: "), err
     assert "give " in err[0] and "Errno" not in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing measured, exported or created
     assert (tmp_path / "file").read_text() == "kept"
@@ -199,8 +199,9 @@ def _must_not_measure(*_args, **_kwargs):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--pairs", ""], "error: --pairs '' names nothing; known pairs: 1gf, "),  # it ran the full default benchmark
-    (["--pairs", " , "], "error: --pairs ' , ' names nothing"),
+    # it ran the full default benchmark
+    (["--pairs", ""], "python benchmarks/latency.py: error: --pairs '' names nothing; known pairs: 1gf, "),
+    (["--pairs", " , "], "python benchmarks/latency.py: error: --pairs ' , ' names nothing"),
     (["--threads", "0"], "argument --threads: must be in 1..1024, got 0"),  # 0 meant "every CPU"
     (["--threads", "-2"], "argument --threads: must be in 1..1024, got -2"),
 ])
@@ -219,7 +220,7 @@ def test_an_out_that_cannot_be_created_is_refused_before_measuring(tmp_path, mon
     monkeypatch.setattr("benchmarks.suite.run_suite", _must_not_measure)
     assert main(["--quick", "--cache", str(tmp_path), "--out", "/proc/vitc-bench"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --out /proc/vitc-bench: "), err
+    assert len(err) == 1 and err[0].startswith("python benchmarks/latency.py: error: --out /proc/vitc-bench: "), err
 
 
 # A "measured" run without measuring: a copy of committed mini results (in tests/data: the sdist holds no results)

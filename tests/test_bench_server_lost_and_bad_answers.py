@@ -224,7 +224,8 @@ def test_the_end_to_end_mode_counts_a_wrong_shape_as_an_error(tmp_path, capsys):
     assert 'errors at closed c=1: bad answer: no "predictions" list ×' in captured.out
     doc = json.loads(next(tmp_path.glob("*-http.json")).read_text())
     assert doc["closed"][0]["ok"] == 0 and doc["closed"][0]["errors"]['bad answer: no "predictions" list'] > 0
-    assert captured.err.strip().splitlines()[-1].startswith("error: 2 of 2 load levels failed: c=1: no request")
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("python benchmarks/latency.py: error: 2 of 2 load levels failed: c=1: no request"), last
 
 
 def test_an_endpoint_without_a_check_still_takes_any_200():

@@ -21,6 +21,8 @@ from export import report
 from models.bundle import MAX_MANIFEST_BYTES, BundleError, Manifest, read_manifest
 from runtimes import BackendOptions
 
+REPORT_ERROR = "python -m export.report: error: "
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -184,7 +186,7 @@ def test_report_and_server_refuse_a_bad_manifest_with_one_line(raw, tmp_path, ca
     bundle = legacy_with_manifest(tmp_path, doc)
     assert report.main([str(bundle)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "'input.max_batch' must be an integer" in err and "\n" not in err
+    assert err.startswith(REPORT_ERROR) and "'input.max_batch' must be an integer" in err and "\n" not in err
     proc = subprocess.run([sys.executable, "-m", "serve", "--model", str(bundle)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()

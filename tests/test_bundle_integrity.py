@@ -74,7 +74,7 @@ def test_the_report_checks_the_files_it_reports_on(bundle, tmp_path, capsys):
     openvino = [line for line in out.splitlines() if line.startswith("openvino-")]
     assert openvino and all("CORRUPT" not in line for line in openvino)
     assert all(line.rstrip().endswith("not servable: the golden inputs (above)") for line in openvino)  # none loads
-    assert err.strip() == f"error: corrupt, will not load: {broken}: golden, onnx-fp32"
+    assert err.strip() == f"python -m export.report: error: corrupt, will not load: {broken}: golden, onnx-fp32"
 
 
 def test_the_report_reads_the_golden_file_as_a_server_does(bundle, tmp_path, capsys):
@@ -182,7 +182,7 @@ def test_every_recorded_number_and_label_is_checked_not_only_the_contract(bundle
     edited = _edited(bundle, tmp_path, edit)
     assert main([str(edited)]) == 2
     out, err = capsys.readouterr()
-    assert err.strip() == f"error: corrupt, will not load: {edited}: {where}", err
+    assert err.strip() == f"python -m export.report: error: corrupt, will not load: {edited}: {where}", err
     assert "manifest.json was edited after export" in out
     if where in ("onnx-fp32", "golden"):
         with pytest.raises(BundleError, match="manifest.json was edited after export"):

@@ -389,7 +389,7 @@ def test_serve_bounds_every_size_and_duration(args, needle, capsys):
     from serve.__main__ import main
 
     assert main(args) == 2
-    _one_line(capsys, "error: invalid setting", needle)
+    _one_line(capsys, "python -m serve: error: invalid setting", needle)
 
 
 def test_serve_environment_goes_through_the_same_bounds(monkeypatch, capsys):

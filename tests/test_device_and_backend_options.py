@@ -45,7 +45,7 @@ def test_the_server_refuses_a_device_beyond_the_bound_before_loading_anything(ca
 
     assert main(["--model", "no-such-bundle", "--device", "cuda:100"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: invalid setting --device (VITC_DEVICE): must be {DEVICE_RULE} (got 'cuda:100')"]
+        f"python -m serve: error: invalid setting --device (VITC_DEVICE): must be {DEVICE_RULE} (got 'cuda:100')"]
 
 
 def test_the_server_precisions_are_the_parity_gates_ones():

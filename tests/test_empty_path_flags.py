@@ -13,6 +13,8 @@ import httpx
 import pytest
 from test_serve_fixtures import start_server
 
+SERVE_ERROR = "python -m serve: error: "
+
 BLANK = ("", " ")
 
 
@@ -47,7 +49,8 @@ def _one_line(capsys) -> str:
 def test_serve_refuses_an_empty_path_flag(serve_main, capsys, argv, named, blank):
     assert serve_main([a.format(blank) for a in argv]) == 2
     err = _one_line(capsys)
-    assert err.startswith(f"error: invalid setting {named}: the path is empty (it would be the current directory)")
+    assert err.startswith(f"{SERVE_ERROR}invalid setting {named}: the path is empty (it would be the current "
+                          "directory)"), err
 
 
 @pytest.mark.parametrize(("name", "value"), [

@@ -402,7 +402,7 @@ def test_corrupted_checkpoint_exits_2_without_partial_bundle(checkpoint, tmp_pat
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     rc, err = _run_cli(capsys, "--checkpoint", str(bad), "--out", str(tmp_path / "out"))
-    assert rc == 2 and err.startswith("error:") and "sha256" in err and "\n" not in err
+    assert rc == 2 and err.startswith("python -m export: error:") and "sha256" in err and "\n" not in err
     _assert_clean(tmp_path, "out")
 
     (bad / "checkpoint.json").write_text("{not json")
@@ -419,7 +419,7 @@ def test_unknown_target_and_unwritable_output_exit_2(checkpoint, tmp_path, capsy
     blocker = tmp_path / "file"
     blocker.write_text("x")
     rc, err = _run_cli(capsys, "--checkpoint", str(checkpoint), "--out", str(blocker / "b"), "--targets", "onnx")
-    assert rc == 2 and err.startswith("error: cannot write bundle") and "\n" not in err
+    assert rc == 2 and err.startswith("python -m export: error: cannot write bundle") and "\n" not in err
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
@@ -472,9 +472,9 @@ def test_tensorrt_cli_without_tensorrt_exits_2_with_one_line(checkpoint, tmp_pat
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: tensorrt is not installed (needs tensorrt, cuda.bindings): "
-                                                "in the vitc checkout, on a machine with an NVIDIA GPU: pip install "
-                                                "-c constraints.txt tensorrt cuda-bindings"]
+    assert proc.stderr.strip().splitlines() == ["python -m export.tensorrt: error: tensorrt is not installed (needs "
+                                                "tensorrt, cuda.bindings): in the vitc checkout, on a machine with an "
+                                                "NVIDIA GPU: pip install -c constraints.txt tensorrt cuda-bindings"]
     _assert_clean(tmp_path, "t")
 
 
@@ -574,7 +574,7 @@ def test_a_write_failure_fails_the_export_and_keeps_the_old_bundle(checkpoint, b
     proc = subprocess.run(_export_cmd(checkpoint, out, "--targets", "onnx", "--replace"), cwd=ROOT,
                           capture_output=True, text=True, timeout=300, preexec_fn=small_files,
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("python -m export: error:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(errors) == 1 and "too large" in errors[0].lower() and "unchanged" in errors[0], errors
     assert (out / "manifest.json").read_bytes() == before

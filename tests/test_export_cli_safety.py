@@ -29,6 +29,9 @@ from export.bundle import build_bundle
 from models.bundle import read_manifest
 from runtimes import BackendError, BackendOptions
 
+REPORT_ERROR = "python -m export.report: error: "
+EXPORT_ERROR = "python -m export: error: "
+
 EXPORT = ("--targets", "torch", "--max-batch", "4", "--parity-samples", "16", "--threads", "1")
 
 
@@ -46,8 +49,8 @@ def checkpoint(bundle) -> Path:
 def _error_line(capsys) -> str:  # noqa: ANN001
     """The one error line an export that already reported progress ends with (no traceback)."""
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
-    assert sum(line.startswith("error") for line in err.splitlines()) == 1, err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(EXPORT_ERROR), err
+    assert sum(line.startswith(EXPORT_ERROR) for line in err.splitlines()) == 1, err
     return err.splitlines()[-1]
 
 
@@ -310,7 +313,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower_and_keeps_the_old_bundle
     rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--targets", "onnx", "--max-batch", "1024",
                    "--parity-samples", "1024", "--threads", "1", "--replace"])
     err = _error_line(capsys) if where != "parity_data" else one_line(capsys)
-    assert rc == 1 and err.startswith("error: out of memory"), err
+    assert rc == 1 and err.startswith(EXPORT_ERROR + "out of memory"), err
     assert "lower --max-batch (1024), --parity-samples (1024) or --calibration-samples (300)" in err, err
     assert "previous bundle" in err
     assert _tree(out) == before
@@ -405,7 +408,8 @@ def test_an_unwritable_out_directory_is_refused_before_any_work(bundle, checkpoi
     for out, locked in [(empty, empty), (old, old)]:
         rc = cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT, "--replace"])
         err = one_line(capsys)
-        assert rc == 2 and err.startswith(f"error: cannot write bundle {out}") and f"{locked} is not writable" in err
+        assert rc == 2 and err.startswith(f"{EXPORT_ERROR}cannot write bundle {out}"), err
+        assert f"{locked} is not writable" in err, err
     assert _tree(tmp_path) == before
 
 
@@ -434,7 +438,7 @@ def test_report_served_checks_the_runtime_before_measuring(bundle, capsys, monke
     before = (bundle / "manifest.json").read_bytes()
     assert report.main([str(bundle), "--served", *args]) == 2
     err = one_line(capsys)
-    assert err.startswith("error: served path: ") and says in err, err
+    assert err.startswith(REPORT_ERROR + "served path: ") and says in err, err
     assert (bundle / "manifest.json").read_bytes() == before
 
 

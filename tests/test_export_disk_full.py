@@ -51,7 +51,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 
 def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error")]
+    return [line for line in stderr.splitlines() if line.startswith("python -m export: error")]
 
 
 # In a child: OpenVINO's save_model runs under a file-size limit just below its .bin (with SIGXFSZ ignored, as a
@@ -94,7 +94,8 @@ def test_a_file_size_limit_while_openvino_writes_exits_1_and_keeps_the_old_bundl
         assert "REFUSED" not in log and "refused" not in log, log
         errors = _errors(log)
         assert len(errors) == 1, log
-        assert errors[0].startswith("error: openvino-fp32: OSError: [Errno 27] File too large"), errors
+        too_large = "python -m export: error: openvino-fp32: OSError: [Errno 27] File too large"
+        assert errors[0].startswith(too_large), errors
         assert "unchanged" in errors[0], errors
     assert _tree(out) == before
     assert not (tmp_path / "new").exists()
@@ -146,7 +147,8 @@ def test_a_full_disk_while_openvino_writes_exits_1_and_keeps_the_old_bundle(bund
     log = got["stderr"]
     assert got["rc"] == 1 and "Traceback" not in log and "REFUSED" not in log, log
     errors = _errors(log)
-    assert len(errors) == 1 and errors[0].startswith("error: openvino-fp32: OSError: [Errno 28] No space left"), log
+    assert len(errors) == 1, log
+    assert errors[0].startswith("python -m export: error: openvino-fp32: OSError: [Errno 28] No space left"), log
     assert "unchanged" in errors[0], errors
     assert got["same"] and got["left"] == [], got
 
@@ -169,9 +171,9 @@ def test_a_refused_rebuild_never_replaces_the_servable_artifact_it_was_to_replac
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(_errors(err)) == 1, err
     assert _errors(err)[0] == (
-        f"error: output {out} holds servable artifacts this export refused: openvino-fp32 (export failed: "
-        "RuntimeError: Unsupported operation in the IR serializer); the bundle is unchanged (pass --replace to "
-        "replace it without them, or give another --out)")
+        f"python -m export: error: output {out} holds servable artifacts this export refused: openvino-fp32 (export "
+        "failed: RuntimeError: Unsupported operation in the IR serializer); the bundle is unchanged (pass --replace "
+        "to replace it without them, or give another --out)")
     assert _tree(out) == before and _leftovers(tmp_path, "b") == []
     # Into a new --out the refusal is reported and the bundle written (exit 0), as before.
     assert cli.main([*argv[:2], "--out", str(tmp_path / "new"), *argv[4:]]) == 0

@@ -19,6 +19,8 @@ import runtimes
 from export import cli as export_cli
 from export.targets import parse_targets
 
+EXPORT_ERROR = "python -m export: error: "
+
 REPO = Path(__file__).resolve().parents[1]
 # What `python -m export` and `python -m train` import: an installed copy of these behaves as a wheel install.
 PACKAGES = ("models", "data", "runtimes", "export", "train", "serve")
@@ -96,10 +98,10 @@ def test_installed_export_names_the_train_and_export_extras_in_its_first_line(wh
     those were installed, that torch was; and its command was for the checkout, which a wheel user does not have."""
     out = _run(["export", "--checkpoint", "c", "--out", "e"], EXPORT_MODULES, tmp_path, wheel_install)
     assert (out.returncode, out.stderr.strip().splitlines()) == (
-        2, [f"error: {EXPORT_WHY} (pip install 'vitc[train,export]')"])
+        2, [f"{EXPORT_ERROR}{EXPORT_WHY} (pip install 'vitc[train,export]')"])
     out = _run(["export", "--checkpoint", "c", "--out", "e"], EXPORT_MODULES, tmp_path)  # from the checkout
     assert (out.returncode, out.stderr.strip().splitlines()) == (
-        2, [f"error: {EXPORT_WHY} (in the vitc checkout: pip install -c constraints.txt '.[train,export]')"])
+        2, [f"{EXPORT_ERROR}{EXPORT_WHY} (in the vitc checkout: pip install -c constraints.txt '.[train,export]')"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -87,7 +87,7 @@ def test_a_bad_keep_alive_is_refused_in_one_line(value, where, capsys, monkeypat
     if where == "flag" and value == "soon":
         assert err == "python -m serve: error: argument --keep-alive-s: invalid float value: 'soon'", err
     else:
-        assert err.startswith("error: invalid setting --keep-alive-s (VITC_KEEP_ALIVE_S): "), err
+        assert err.startswith("python -m serve: error: invalid setting --keep-alive-s (VITC_KEEP_ALIVE_S): "), err
 
 
 def test_the_default_stays_15_s():

@@ -32,7 +32,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def assert_refused(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("python -m serve: error: "), proc.stderr
     assert "Traceback" not in proc.stderr and '"listening"' not in proc.stderr + proc.stdout
     for w in words:
         assert w in lines[0], lines[0]

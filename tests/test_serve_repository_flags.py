@@ -21,6 +21,8 @@ from serve.__main__ import main
 from serve.launch import REPO
 from serve.settings import Settings, repository_tuning
 
+SERVE_ERROR = "python -m serve: error: "
+
 CONFIG = 'name: "m"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
 
 
@@ -51,7 +53,7 @@ def test_a_flag_the_repository_decides_is_refused(tmp_path, capsys, args, named)
     repo = _repository(tmp_path)
     assert main(["--model-repository", str(repo), *args]) == 2
     err = _one_line(capsys)
-    assert err.startswith(f"error: invalid settings: {named} not apply to --model-repository: each model's "
+    assert err.startswith(f"{SERVE_ERROR}invalid settings: {named} not apply to --model-repository: each model's "
                           "config.pbtxt decides"), err
     assert err.endswith("leave it out, or serve bundles with --model") or \
         err.endswith("leave them out, or serve bundles with --model"), err
@@ -80,8 +82,8 @@ def test_a_tuning_flag_no_repository_model_uses_is_refused_once_they_are_loaded(
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert "\n" not in err and "Traceback" not in err, err
-    assert err.startswith(f"error: {named} not apply to --model-repository: no model of it runs on a runtime that "
-                          "uses "), err
+    assert err.startswith(f"{SERVE_ERROR}{named} not apply to --model-repository: no model of it runs on a runtime "
+                          "that uses "), err
     assert "decide its runtime: fake)" in err
 
 
@@ -124,7 +126,7 @@ def test_a_bad_access_log_variable_names_the_real_flag(capsys, monkeypatch):
     monkeypatch.setenv("VITC_ACCESS_LOG", "maybe")
     assert main(["--model", "nowhere"]) == 2
     err = _one_line(capsys)
-    assert err.startswith("error: invalid setting --no-access-log (VITC_ACCESS_LOG=true|false): "), err
+    assert err.startswith(SERVE_ERROR + "invalid setting --no-access-log (VITC_ACCESS_LOG=true|false): "), err
     assert "--access-log " not in err and err.endswith("(got 'maybe')")
 
 

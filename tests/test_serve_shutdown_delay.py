@@ -16,6 +16,8 @@ import httpx
 import pytest
 from test_serve_fixtures import fake_server
 
+SERVE_ERROR = "python -m serve: error: "
+
 V2 = "/v2/models/fake/infer"
 
 
@@ -133,4 +135,5 @@ def test_a_bad_delay_is_refused_in_one_line(value, capsys, monkeypatch):
     monkeypatch.setenv("VITC_SHUTDOWN_DELAY", value)
     assert main(["--model", "nowhere"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: invalid setting --shutdown-delay (VITC_SHUTDOWN_DELAY): ") and "\n" not in err, err
+    assert err.startswith(SERVE_ERROR + "invalid setting --shutdown-delay (VITC_SHUTDOWN_DELAY): "), err
+    assert "\n" not in err, err

@@ -775,8 +775,8 @@ def test_a_misspelt_environment_setting_is_refused_not_ignored(monkeypatch, caps
     monkeypatch.setenv("VITC_MODEL", "exports/x")  # the server used to say "no models to serve"
     assert main([]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: environment variable VITC_MODEL: did you mean VITC_MODELS? (every setting is VITC_<SETTING>; see "
-        "--help)"]
+        SERVE_ERROR + "environment variable VITC_MODEL: did you mean VITC_MODELS? (every setting is "
+        "VITC_<SETTING>; see --help)"]
 
 
 def test_a_larger_image_limit_grows_the_default_decode_budget():

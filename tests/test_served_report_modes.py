@@ -19,6 +19,8 @@ from models.bundle import read_manifest
 from models.preprocessing import Preprocessing, preprocess
 from serve.imaging import prepare
 
+REPORT_ERROR = "python -m export.report: error: "
+
 H, W = 40, 48  # more than the 37-pixel resize target of a 32-pixel model: every path scales
 
 
@@ -239,12 +241,12 @@ def test_report_served_says_which_file_failed_not_always_the_manifest(bundle, mo
     before = (bundle / "manifest.json").read_bytes()
     assert report.main([str(bundle), "--served"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: served path: cannot record it in {bundle / 'manifest.json'}: Permission denied", err
+    assert err == f"{REPORT_ERROR}served path: cannot record it in {bundle / 'manifest.json'}: Permission denied", err
 
     def unreadable(*_args, **_kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/srv/some/file")
 
     monkeypatch.setattr(served, "measure", unreadable)
     assert report.main([str(bundle), "--served"]) == 2
-    assert one_line(capsys) == "error: served path: Permission denied: /srv/some/file"
+    assert one_line(capsys) == REPORT_ERROR + "served path: Permission denied: /srv/some/file"
     assert (bundle / "manifest.json").read_bytes() == before

@@ -18,6 +18,8 @@ from export import report, served
 from models.bundle import read_manifest, write_manifest
 from models.preprocessing import Preprocessing
 
+REPORT_ERROR = "python -m export.report: error: "
+
 GREY = Preprocessing(resize=32, crop=32, mean=(0.2728,) * 3, std=(0.4057,) * 3, mode="L")  # the legacy bundle's
 
 
@@ -84,9 +86,9 @@ def test_report_served_with_only_images_too_long_for_a_jpeg_is_one_line(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     strip = data / "val" / "a" / "strip.png"
-    assert err[0] == ("error: served path: no val image to measure: all 2 chosen are too long to send as a JPEG at "
-                      f"8x the resize target (more than 65500 pixels a side; {strip} 9000x10 would be 230400x256, "
-                      "and 1 more)"), err
+    assert err[0] == (REPORT_ERROR + "served path: no val image to measure: all 2 chosen are too long to send as a "
+                      f"JPEG at 8x the resize target (more than 65500 pixels a side; {strip} 9000x10 would be "
+                      "230400x256, and 1 more)"), err
     assert (bundle / "manifest.json").read_bytes() == before
 
 
@@ -109,8 +111,8 @@ def test_an_image_the_encoder_refuses_for_another_reason_still_stops_the_check_n
     assert report.main([str(bundle), "--served"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[-1] == (
-        f"error: served path: cannot encode val image {data / 'val' / 'b' / 'odd.png'} (L 47x41) as the PNG and JPEG "
-        "a client sends: PNG 47x41: broken data stream"), err
+        f"{REPORT_ERROR}served path: cannot encode val image {data / 'val' / 'b' / 'odd.png'} (L 47x41) as the PNG "
+        "and JPEG a client sends: PNG 47x41: broken data stream"), err
     assert (bundle / "manifest.json").read_bytes() == before
 
 
@@ -175,9 +177,9 @@ def test_report_served_with_every_image_refused_for_either_reason_is_one_line(tm
     assert len(err) == 1, err
     a = data / "val" / "a"
     assert err[0] == (
-        "error: served path: no val image to measure: all 3 chosen are left out, 1 as too long to send as a JPEG at "
-        f"8x the resize target (more than 65500 pixels a side; {a / 'strip.png'} 9000x10 would be 1843200x2048), "
-        "2 as too big for the server's pixel limit (more than 40000000 pixels, its --max-image-pixels; "
+        REPORT_ERROR + "served path: no val image to measure: all 3 chosen are left out, 1 as too long to send as a "
+        f"JPEG at 8x the resize target (more than 65500 pixels a side; {a / 'strip.png'} 9000x10 would be "
+        "1843200x2048), 2 as too big for the server's pixel limit (more than 40000000 pixels, its --max-image-pixels; "
         f"{a / 'wide.png'} 2400x240 would be 20480x2048 = 41943040 pixels as a JPEG at 8x the resize target, and 1 "
         "more)"), err
     assert (bundle / "manifest.json").read_bytes() == before

@@ -100,8 +100,8 @@ def test_serve_refuses_torch_options_for_other_backends(bundle, capsys):
 
     assert main(["--model", str(bundle), "--backend", "onnxruntime", "--compile"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: invalid settings: --backend onnxruntime does not use --compile (its tuning flags: "
-                   "--threads, --parallel, --openvino-hint)"]
+    assert err == ["python -m serve: error: invalid settings: --backend onnxruntime does not use --compile (its "
+                   "tuning flags: --threads, --parallel, --openvino-hint)"]
 
 
 def test_a_nan_weight_pinned_under_a_valid_sha256_is_refused_at_load(bundle, manifest, tmp_path):

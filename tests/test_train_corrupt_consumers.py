@@ -14,6 +14,8 @@ from PIL import Image
 
 from data.datasets import DatasetError, load_dataset
 
+EXPORT_ERROR = "python -m export: error: "
+
 EXPORT = ["--max-batch", "4", "--parity-samples", "16", "--threads", "1"]
 
 
@@ -97,7 +99,8 @@ def test_export_with_no_readable_parity_image_is_one_line(trained, tmp_path, cap
         p.write_bytes(b"")
     rc = cli.main(["--checkpoint", str(run), "--out", str(tmp_path / "bundle"), "--targets", "torch", *EXPORT])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: parity data: ") and "0 readable" in err[0], err
+    assert rc == 2 and len(err) == 1 and err[0].startswith(EXPORT_ERROR + "parity data: "), err
+    assert "0 readable" in err[0], err
     assert not (tmp_path / "bundle").exists()
 
 
@@ -133,7 +136,8 @@ def test_export_int8_with_no_readable_train_image_is_one_line_before_any_build(t
         p.write_bytes(b"")
     rc = cli.main(["--checkpoint", str(run), "--out", str(tmp_path / "bundle"), "--targets", "onnx-int8", *EXPORT])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("error: calibration data: ") and "0 readable train images" in err[-1], err
+    assert rc == 2 and err[-1].startswith(EXPORT_ERROR + "calibration data: "), err
+    assert "0 readable train images" in err[-1], err
     assert not any("Traceback" in line for line in err) and not (tmp_path / "bundle").exists()
 
 

@@ -112,7 +112,7 @@ def test_the_server_does_not_start_on_such_a_config_and_says_why_in_one_line(fak
         load_models(Settings(model_repository=repo))
     assert main(["--model-repository", str(repo)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: model '{NAME}={repo / NAME}': {config}: ") and SAYS in err, err
+    assert err.startswith(f"python -m serve: error: model '{NAME}={repo / NAME}': {config}: ") and SAYS in err, err
     assert err.count("\n") == 1
     config.unlink()  # no config.pbtxt at all: vitc's defaults, as before
     assert load_models(Settings(model_repository=repo))[NAME].version == "1"

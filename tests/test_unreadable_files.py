@@ -30,6 +30,9 @@ from serve.errors import ServeError
 from serve.registry import load_models
 from serve.settings import Settings
 
+SERVE_ERROR = "python -m serve: error: "
+REPORT_ERROR = "python -m export.report: error: "
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "fake"
 DENIED = "cannot read it: Permission denied"
@@ -147,7 +150,7 @@ def test_the_server_does_not_start_and_says_why_in_one_line(fake, deny, tmp_path
     repo = tmp_path / "repo"
     says = spoil(fake_bundle(repo / NAME / "1", golden=what == "golden file"), what, deny)
     assert main(["--model-repository", str(repo)]) == 2
-    assert capsys.readouterr().err == f"error: model '{NAME}={repo / NAME}': {says}\n"
+    assert capsys.readouterr().err == f"{SERVE_ERROR}model '{NAME}={repo / NAME}': {says}\n"
     if what != "version directory":  # the same bundle served directly
         with pytest.raises(ServeError) as refused:
             load_models(Settings(models=[str(repo / NAME / "1")], backend="fake"))
@@ -179,7 +182,8 @@ def test_the_report_marks_it_corrupt_and_exits_2(deny, tmp_path, capsys, what):
     assert main([str(bundle)]) == 2
     out, err = capsys.readouterr()
     assert f"CORRUPT: {says}" in out
-    assert err == f"error: corrupt, will not load: {bundle}: {'golden' if what == 'golden file' else 'fake-fp32'}\n"
+    which = "golden" if what == "golden file" else "fake-fp32"
+    assert err == f"{REPORT_ERROR}corrupt, will not load: {bundle}: {which}\n"
 
 
 def _unprivileged() -> list[str] | None:
@@ -205,7 +209,7 @@ def test_a_file_of_mode_000_is_one_line_from_the_report(tmp_path):
         weights.chmod(0o644)
     assert run.returncode == 2, run.stderr
     assert f"CORRUPT: artifact file {weights}: {DENIED}" in run.stdout
-    assert run.stderr == f"error: corrupt, will not load: {bundle}: fake-fp32\n"
+    assert run.stderr == f"{REPORT_ERROR}corrupt, will not load: {bundle}: fake-fp32\n"
 
 
 def test_model_dir_names_what_it_cannot_look_into(fake, deny, tmp_path, caplog):

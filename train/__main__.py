@@ -17,8 +17,7 @@ import os
 
 from data.datasets import EMBEDDED, DatasetError, UnreadableImage
 from models.checkpoint import CheckpointError
-from models.cli import machine_failure, require, say
-from models.io import empty_path_problem
+from models.cli import InputError, command, last_line, machine_failure, refuse_empty_paths, require, say
 from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 
@@ -49,19 +48,17 @@ def speaker() -> str:
     return f"{PROG} (rank {int(rank)})" if distributed and rank.isascii() and rank.isdigit() else PROG
 
 
+@command(PROG)  # said without the rank: every rank meets bad input alike
 def main(argv: list[str] | None = None) -> int:
     """Run `python -m train`; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # Refused by name before anything else: `--out " "` trained into a directory named " " here, and an empty
     # --out or --dataset (Path("") is the current directory) was only called "required".
-    for problem in (
-        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
-                           "folder"),
-        empty_path_problem("--out", args.out, "give the run directory"),
-    ):
-        if problem:
-            parser.error(problem)
+    refuse_empty_paths(parser, (
+        ("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout folder"),
+        ("--out", args.out, "give the run directory"),
+    ))
     quiet_openmp()
     # Everything the run needs, up front: matplotlib draws the curves only after the last epoch.
     require("torch", "safetensors", "tqdm", "matplotlib")
@@ -72,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         # negative learning rate, or failed mid-setup with a traceback: each process says it, before any work.
         env = dist_env()
     except ConfigError as exc:
-        say(f"{PROG}: error: {exc}")
-        return 2
+        raise InputError(str(exc)) from None
     rank, world, who = env.rank, env.world_size, speaker()
     if env.launched:
         # A rank blocked in gloo or NCCL cannot run Python's signal handlers: SIGTERM and Ctrl-C waited for the
@@ -89,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         # does not load fails every rank of a machine alike: its first rank says it (once per node).
         if isinstance(exc, UnreadableImage) or env.local_rank == 0:
             # A DataLoader worker's error arrives with its traceback text: its last line is the reason.
-            say(f"{who}: error: {str(exc).strip().splitlines()[-1]}")
+            say(f"{who}: error: {last_line(exc)}")
         return 2
     except (ConfigError, CheckpointError) as exc:
         if rank == 0:  # every rank meets these alike: one line is enough
-            say(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}")
+            raise InputError(last_line(exc)) from None
         return 2
     except DistSetupError as exc:  # every rank that waited in vain says so: the one missing says nothing
         say(f"{who}: error: {exc}")

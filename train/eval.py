@@ -11,14 +11,22 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 # isort: split
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from data.datasets import EMBEDDED, SPLITS, DatasetError
 from models.checkpoint import CheckpointError, read_checkpoint_meta
-from models.cli import OneLineParser, disk_full, int_in, machine_failure
-from models.io import atomic_write_json, empty_path_problem, out_file_problem
+from models.cli import (
+    InputError,
+    OneLineParser,
+    command,
+    disk_full,
+    int_in,
+    last_line,
+    machine_error,
+    refuse_empty_paths,
+)
+from models.io import atomic_write_json, out_file_problem
 from train.config import DEVICES, ConfigError
 from train.options import quiet_openmp
 
@@ -129,19 +137,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # Before anything is read: Path("") is the current directory, and an empty --dataset used to mean the
     # checkpoint's own: `--dataset "$DATA"` with DATA unset must not quietly evaluate something else.
-    for problem in (
-        empty_path_problem("--checkpoint", args.checkpoint, "give the run directory holding checkpoint.json"),
-        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
-                           "folder, or omit --dataset to evaluate on the checkpoint's training dataset"),
-        empty_path_problem("--out", args.out, "give a JSON path, or omit --out for "
-                           "<checkpoint>/eval-<dataset>-<split>.json"),
-    ):
-        if problem:
-            p.error(problem)
+    refuse_empty_paths(p, (
+        ("--checkpoint", args.checkpoint, "give the run directory holding checkpoint.json"),
+        ("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout folder, or omit "
+         "--dataset to evaluate on the checkpoint's training dataset"),
+        ("--out", args.out, "give a JSON path, or omit --out for <checkpoint>/eval-<dataset>-<split>.json"),
+    ))
     args.out = Path(args.out) if args.out is not None else None
     return args
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Parse, evaluate, print and write the JSON; returns the exit code."""
     args = parse_args(argv)
@@ -162,12 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or default_out(Path(args.checkpoint), res["dataset"], args.split)
         write_result(out, res)
     except (ConfigError, DatasetError, CheckpointError, OutputRefused) as exc:
-        print(f"{PROG}: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
+        raise InputError(last_line(exc)) from None
     except (MemoryError, RuntimeError) as exc:
-        if (code := machine_failure(exc, PROG, "try a smaller --batch-size")) is None:
-            raise
-        return code
+        if failed := machine_error(exc, "try a smaller --batch-size"):
+            raise failed from None
+        raise
     skipped = f", {res['skipped_corrupt']} corrupt skipped" if res["skipped_corrupt"] else ""
     same = ", the images the run reported on" if res["same_images_as_training"] else ""
     print(f"{res['model']} on {res['dataset']} ({args.split}, {res['samples']} images{skipped}{same}): "

@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 
 from data.datasets import EMBEDDED, SPLITS
-from models.cli import OneLineParser, Terminated, int_in
+from models.cli import InputError, OneLineParser, Terminated, WorkFailed, command, int_in, refuse_empty_paths
 from models.device import is_gpu_index
-from models.io import empty_path_problem
 from train.config import OPTIMIZERS
 from train.sweep.claims import MIN_SEEDS
 from train.sweep.plan import (
@@ -43,6 +42,7 @@ from train.sweep.plan import (
 from train.sweep.presets import PRESETS, make_config
 from train.sweep.runner import DamagedResult, RunFailed, make_slots
 
+PROG = "python -m train.sweep"
 MAX_WORKERS = 256  # each worker is a training process
 MAX_THREADS = 1024
 # Set by the sweep for every run (from the study and the run's spec): a copy in --train-args would silently win
@@ -159,7 +159,7 @@ def out_problem(path: Path, option: str) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = OneLineParser(prog="python -m train.sweep", description=__doc__,
+    p = OneLineParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="study size (default: full; with --report-only, the "
                    "recorded one)")
@@ -194,15 +194,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # Path("") is the current directory: `--out "$DIR"` with DIR unset must not fill it with a study (and an empty
     # --dataset reached --train-args' check, which named the wrong flag).
-    for problem in (
-        empty_path_problem("--out", args.out, "give the study directory, or omit --out for results/paper-<preset>"),
-        empty_path_problem("--runs-dir", args.runs_dir, "give a directory, or omit --runs-dir for "
-                           "runs/sweep/<out name>"),
-        empty_path_problem("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout "
-                           "folder, or omit --dataset for the preset's"),
-    ):
-        if problem:
-            p.error(problem)
+    refuse_empty_paths(p, (
+        ("--out", args.out, "give the study directory, or omit --out for results/paper-<preset>"),
+        ("--runs-dir", args.runs_dir, "give a directory, or omit --runs-dir for runs/sweep/<out name>"),
+        ("--dataset", args.dataset, f"give one of {', '.join(EMBEDDED)} or an ImageNet-layout folder, or omit "
+         "--dataset for the preset's"),
+    ))
     args.out, args.runs_dir = (None if a is None else Path(a) for a in (args.out, args.runs_dir))
     return args
 
@@ -319,6 +316,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Terminated  # SIGTERM or SIGHUP: Ctrl-C's path, said as "terminated" with exit 143
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit 2 with one line on stderr for bad settings."""
     args = parse_args(argv)
@@ -340,10 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         from train.sweep.study import run_study
         check_places(cfg.dataset, out, runs_dir, args.report_only, args.dry_run)
     except (ValueError, KeyError) as exc:
-        print(f"python -m train.sweep: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
+        raise InputError(exc.args[0] if exc.args else str(exc)) from None
     if len(cfg.seeds) < MIN_SEEDS and not args.report_only:
-        print(f"python -m train.sweep: warning: --seeds {','.join(map(str, cfg.seeds))}: fewer than {MIN_SEEDS} "
+        print(f"{PROG}: warning: --seeds {','.join(map(str, cfg.seeds))}: fewer than {MIN_SEEDS} "
               f"seeds per tuned run: seed variance is barely counted, and the verdicts are marked provisional",
               file=sys.stderr)
     # SIGTERM (e.g. `kill` of a nohup'd sweep) takes the same path as Ctrl-C: trainings are stopped, results kept.
@@ -353,16 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_study(cfg, study, out, runs_dir, slots, args.dry_run, args.report_only)
     except RunFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise WorkFailed(str(exc)) from None
     except DamagedResult as exc:
-        print(f"python -m train.sweep: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        stopped = isinstance(exc, Terminated)
-        print(f"{'terminated' if stopped else 'interrupted'}: finished runs are kept; rerun the same command to "
-              "resume", file=sys.stderr)
-        return 143 if stopped else 130
+        raise InputError(str(exc)) from None
+    except KeyboardInterrupt as exc:  # models.cli.run says it (exit 130, or 143 for SIGTERM and SIGHUP) with this
+        exc.add_note("finished runs are kept; rerun the same command to resume")
+        raise
     for row in summary.get("claims", []):
         said = row["reproduced"] + (f" ({row['provisional']})" if row.get("provisional") else "")
         print(f"{row['title']}: {said} - {row['measured']}")
@@ -374,4 +367,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m train.sweep")
+    cli.run(main, PROG)

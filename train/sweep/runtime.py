@@ -18,15 +18,15 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 import argparse
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.cli import OneLineParser, int_in, machine_failure
+from models.cli import InputError, OneLineParser, command, int_in, machine_error
 from models.device import DEVICE_RULE, is_device
 
+PROG = "python -m train.sweep.runtime"
 LAYOUTS = ("nchw", "channels_last")
 MAX_BATCH = 4096  # a batch is allocated whole on the device: bound it before asking for it
 MAX_ROUNDS = 1000
@@ -224,9 +224,10 @@ def device_problem(device: str) -> str | None:
     return None
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Print the rows as a table; exit 2 with one line for a bad model name."""
-    p = OneLineParser(prog="python -m train.sweep.runtime", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair (either order)")
     p.add_argument("--device", type=_device, default="cpu", help=f"{DEVICE_RULE} (default cpu)")
     p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=64, help=f"images per step, 1..{MAX_BATCH}")
@@ -236,19 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conv, patch = conv_and_patch(args.models)
     except (ValueError, KeyError) as exc:
-        print(f"{p.prog}: error: --models: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
+        raise InputError(f"--models: {exc.args[0] if exc.args else exc}") from None
     problem = device_problem(args.device)
     problem = f"--device {args.device}: {problem}" if problem else batch_problem((conv, patch), args.device, args.batch)
     if problem:
-        print(f"{p.prog}: error: {problem}", file=sys.stderr)
-        return 2
+        raise InputError(problem)
     try:
         rows = measure(conv, patch, args.device, args.batch, args.rounds)
     except (MemoryError, RuntimeError) as exc:
-        if (code := machine_failure(exc, p.prog, "try a smaller --batch")) is None:
-            raise
-        return code
+        if failed := machine_error(exc, "try a smaller --batch"):
+            raise failed from None
+        raise
     from train.sweep.claims import runtime_row
 
     for r in rows:
@@ -262,4 +261,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from models import cli
 
-    cli.run(main, "python -m train.sweep.runtime")
+    cli.run(main, PROG)
