@@ -5,7 +5,9 @@ sets ship inside vitc as numpy files (data/embedded/, with their sources and lic
 unpickled); their train/val split is a fixed, stratified 10 % per class. Files that do not decode, or that the
 server would refuse as too big, are skipped and counted everywhere: training replaces them, evaluation leaves them
 out, and every other reader (export's parity and calibration images, the served-path check, serve.sample) draws its
-images with `ImageSet.readable_subset`. Hidden files (macOS's `._x.jpg`) are not images.
+images with `ImageSet.readable_subset`. Hidden files (macOS's `._x.jpg`) are not images, and the directories
+`not_a_class` names are not classes: every reader skips them by that one rule, and they are named wherever a
+folder's classes are summarised or refused (`skipped_note`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class ImageSet:
     labels: np.ndarray  # (N,) int64
     arrays: np.ndarray | None = None  # (N, H, W) uint8 grey, embedded sets
     paths: list[Path] | None = None  # folder datasets
+    # The split's directories `not_a_class` left out: (name, image files directly inside), sorted by name.
+    skipped_dirs: tuple[tuple[str, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -108,6 +112,7 @@ class ImageSet:
             self.name, self.split, self.class_names, self.labels[idx],
             None if self.arrays is None else self.arrays[idx],
             None if self.paths is None else [self.paths[i] for i in idx],
+            self.skipped_dirs,
         )
 
     def labelled_as(self, class_names: list[str]) -> ImageSet:
@@ -127,7 +132,8 @@ class ImageSet:
             raise DatasetError(f"dataset {self.name} class names differ from the checkpoint's: {len(unknown)} of "
                                f"its {len(self.class_names)} classes are not the model's ({shown}){hint}")
         remap = np.asarray([index.get(c, -1) for c in self.class_names], np.int64)  # -1: no image has it
-        return ImageSet(self.name, self.split, list(class_names), remap[self.labels], self.arrays, self.paths)
+        return ImageSet(self.name, self.split, list(class_names), remap[self.labels], self.arrays, self.paths,
+                        self.skipped_dirs)
 
     def readable(self, order: Iterable[int], n: int, minimum: int = 1) -> Readable:
         """The first n images of `order` that decode (training's `decode_checked` rule); the files that do not are
@@ -211,18 +217,63 @@ def split_indices(labels: np.ndarray, split: str, seed: int = SPLIT_SEED) -> np.
     return np.sort(np.concatenate(chosen))
 
 
-def _class_dirs(split_dir: Path) -> list[str]:
-    """The class directory names of a split, sorted (hidden ones, such as .ipynb_checkpoints, left out)."""
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+# Directories that tools, not people, put beside the class directories: macOS's zips carry `__MACOSX` (an
+# AppleDouble `._x` copy of each file), Synology's NAS writes `@eaDir` (thumbnails) into every folder.
+SYSTEM_DIRS = frozenset({"__MACOSX", "@eaDir"})
+
+
+def not_a_class(name: str) -> bool:
+    """Whether a directory named `name` under train/ or val/ is skipped rather than read as a class: a hidden one
+    (a leading ".": Jupyter's .ipynb_checkpoints, .git, .Trash-1000) or one of SYSTEM_DIRS. The one rule of every
+    reader of a folder (training, train.eval, export's parity and calibration images, serve.sample)."""
+    return name.startswith(".") or name in SYSTEM_DIRS
+
+
+def _class_dirs(split_dir: Path) -> tuple[list[str], list[str]]:
+    """The class directory names of a split and the directory names `not_a_class` left out, each sorted."""
+    names = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    return [n for n in names if not not_a_class(n)], [n for n in names if not_a_class(n)]
+
+
+def skipped_note(*sets: ImageSet) -> str:
+    """The directories the folder splits `sets` left out as not classes, named in one clause ("2 directories
+    skipped as hidden or system ones, not classes: '.NET' (in train/ and val/, 25 images), ..."), or "" for none."""
+    return _skipped_text([(s.split, name, n) for s in sets for name, n in s.skipped_dirs])
+
+
+def _skipped_text(skipped: list[tuple[str, str, int]], limit: int = 5) -> str:
+    """`skipped_note` of (split, directory name, image files directly inside), at most `limit` names shown."""
+    where: dict[str, list[str]] = {}
+    images: dict[str, int] = {}
+    for split, name, n in skipped:
+        where.setdefault(name, []).append(f"{split}/")
+        images[name] = images.get(name, 0) + n
+    if not where:
+        return ""
+    shown = ", ".join(f"{name!r} (in {' and '.join(splits)}" + (f", {images[name]} image{'s' * (images[name] != 1)})"
+                                                                if images[name] else ")")
+                      for name, splits in list(where.items())[:limit])
+    more = f", ... ({len(where) - limit} more)" if len(where) > limit else ""
+    advice = "; a class directory must not start with '.'" if any(images.values()) else ""
+    return (f"{len(where)} director{'ies' if len(where) != 1 else 'y'} skipped as hidden or system ones, not "
+            f"classes: {shown}{more}{advice}")
 
 
 def _images_in(cdir: Path) -> list[Path]:
-    """The image files of one class directory, sorted. Hidden files are left out, as hidden class directories are
+    """The image files of one class directory, sorted. Hidden files are left out, as hidden directories are
     (macOS's AppleDouble `._x.jpg` beside each image of a copied folder is metadata, not an image); a link that
     leads nowhere is listed, to be counted as unreadable like any other file that does not decode."""
     return [p for p in sorted(cdir.iterdir())
             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
             and (p.is_file() or (p.is_symlink() and not p.exists()))]
+
+
+def _image_count(d: Path) -> int:
+    """How many image files `_images_in` lists in `d`; 0 for a directory that cannot be read (it is skipped)."""
+    try:
+        return len(_images_in(d))
+    except OSError:
+        return 0
 
 
 def _check_class_name(name: str, where: Path) -> None:
@@ -242,21 +293,27 @@ def _folder(root: Path, split: str) -> ImageSet:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(f"dataset folder {root} has no {split}/ directory (expected root/{split}/<class>/*.jpg)")
-    classes = _class_dirs(split_dir)
+    classes, skipped = _class_dirs(split_dir)
+    # Counted, so a summary or a refusal can say whether images were left out with them (a class named ".NET").
+    skipped_dirs = tuple((name, _image_count(split_dir / name)) for name in skipped)
+    note = _skipped_text([(split, name, n) for name, n in skipped_dirs])
+    note = f"; {note}" if note else ""
     if split == "val" and (root / "train").is_dir():
         # Class indices come from train/ so both splits agree even if val lacks a class. A class only val has
         # is one the model cannot predict: its images would count as errors, so it is refused, not ignored.
-        train_classes = _class_dirs(root / "train")
+        train_classes, train_skipped = _class_dirs(root / "train")
         known = set(train_classes)
         val_only = [c for c in classes if c not in known and _images_in(split_dir / c)]
         if val_only:
             shown = ", ".join(repr(c) for c in val_only[:5]) + (", ..." if len(val_only) > 5 else "")
+            both = _skipped_text([("train", name, _image_count(root / "train" / name)) for name in train_skipped]
+                                 + [(split, name, n) for name, n in skipped_dirs])
             raise DatasetError(f"dataset folder {split_dir} has {len(val_only)} class(es) that train/ lacks "
                                f"({shown}): a model trained on train/ cannot predict them; add them to train/ or "
-                               f"move them out of val/")
+                               f"move them out of val/" + (f"; {both}" if both else ""))
         classes = train_classes
     if not classes:
-        raise DatasetError(f"dataset folder {split_dir} has no class directories")
+        raise DatasetError(f"dataset folder {split_dir} has no class directories{note}")
     for c in classes:
         _check_class_name(c, split_dir.parent)
     paths, labels, empty = [], [], []
@@ -278,8 +335,9 @@ def _folder(root: Path, split: str) -> ImageSet:
                            "remove the directory")
     if not paths:
         raise DatasetError(f"dataset folder {split_dir} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
-                           f"in its class directories ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
-    return ImageSet(str(root), split, classes, np.asarray(labels, np.int64), paths=paths)
+                           f"in its class directories ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+                           f"{note}")
+    return ImageSet(str(root), split, classes, np.asarray(labels, np.int64), paths=paths, skipped_dirs=skipped_dirs)
 
 
 def load_dataset(name: str | os.PathLike, split: str) -> ImageSet:

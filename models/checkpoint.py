@@ -38,6 +38,9 @@ FORMAT = "vitc-checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "checkpoint.json"
 MAX_META_BYTES = 16 << 20  # checkpoint.json is a few KiB; this bounds the read and the parse
+# What a training summary's numbers and timestamps add to checkpoint.json once the run is over (about 2 KiB): a run
+# measures the file before its first step with the strings it knows then, and keeps this much to spare.
+META_RESERVE_BYTES = 64 << 10
 MAX_TEXT_CHARS = 1 << 16  # a training command line or a data fingerprint recorded in the summary
 MAX_DATASET_CHARS = 4096  # the dataset: an embedded set's name or a folder's path
 # The dtypes save_checkpoint writes (float32 parameters and buffers, BatchNorm's int64 step counter).
@@ -99,27 +102,7 @@ def staged_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, class_nam
     if not isinstance(cfg, ViTConfig) or not callable(getattr(model, "state_dict", None)):
         raise CheckpointError(f"not saved: model must be a models.vit.VisionTransformer (models.build_model), "
                               f"got {type(model).__name__}")
-    if not isinstance(preprocessing, Preprocessing):
-        raise CheckpointError(f"not saved: preprocessing must be a models.preprocessing.Preprocessing "
-                              f"(Preprocessing.from_dict reads a dict), got {type(preprocessing).__name__}")
-    if extra is not None and not isinstance(extra, dict):
-        raise CheckpointError(f"not saved: extra must be a dict, got {type(extra).__name__}")
-    if clash := sorted(str(k) for k in (extra or {}) if k in CORE_FIELDS):
-        raise CheckpointError(f"not saved: extra sets {', '.join(clash)}, which the model, class_names and "
-                              f"preprocessing determine")
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": cfg.name,
-        "stem": cfg.stem.kind,
-        "config": cfg.to_dict(),
-        "num_classes": cfg.num_classes,
-        # A str would pass list() as one-letter names: anything but a list or tuple goes to the reader as it is.
-        "class_names": list(class_names) if isinstance(class_names, list | tuple) else class_names,
-        "preprocessing": preprocessing.to_dict(),
-        "weights": {"file": "weights-" + "0" * 16 + ".safetensors", "sha256": "0" * 64, "format": "safetensors"},
-        **(extra or {}),
-    }
+    meta = _metadata(cfg, class_names, preprocessing, extra)
     _check_meta(out, meta)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _check_state(state, cfg, diverged=_diverged(meta))
@@ -163,6 +146,57 @@ def staged_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, class_nam
                     out.rmdir()  # empty again: a directory this call made
 
 
+def _metadata(cfg: ViTConfig, class_names: list[str], preprocessing: Preprocessing,
+              extra: dict[str, Any] | None) -> dict[str, Any]:
+    """`checkpoint.json` as `staged_checkpoint` writes it, with a placeholder weights record of the same length."""
+    if not isinstance(preprocessing, Preprocessing):
+        raise CheckpointError(f"not saved: preprocessing must be a models.preprocessing.Preprocessing "
+                              f"(Preprocessing.from_dict reads a dict), got {type(preprocessing).__name__}")
+    if extra is not None and not isinstance(extra, dict):
+        raise CheckpointError(f"not saved: extra must be a dict, got {type(extra).__name__}")
+    if clash := sorted(str(k) for k in (extra or {}) if k in CORE_FIELDS):
+        raise CheckpointError(f"not saved: extra sets {', '.join(clash)}, which the model, class_names and "
+                              f"preprocessing determine")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": cfg.name,
+        "stem": cfg.stem.kind,
+        "config": cfg.to_dict(),
+        "num_classes": cfg.num_classes,
+        # A str would pass list() as one-letter names: anything but a list or tuple goes to the reader as it is.
+        "class_names": list(class_names) if isinstance(class_names, list | tuple) else class_names,
+        "preprocessing": preprocessing.to_dict(),
+        "weights": {"file": "weights-" + "0" * 16 + ".safetensors", "sha256": "0" * 64, "format": "safetensors"},
+        **(extra or {}),
+    }
+    return meta
+
+
+def check_metadata(out_dir: str | os.PathLike, cfg: ViTConfig, *, class_names: list[str],
+                   preprocessing: Preprocessing, extra: dict[str, Any] | None = None,
+                   reserve: int = META_RESERVE_BYTES) -> None:
+    """CheckpointError (one line) unless the `checkpoint.json` of this model, these class names and `extra` would be
+    written and read back, with `reserve` bytes to spare under MAX_META_BYTES. A training run calls it before its
+    first step, with the summary's strings as they will be (its numbers come at the end, within the reserve): at
+    the first save, after the training, a refusal costs the work, and a --resume would train again to meet it."""
+    meta = _metadata(cfg, class_names, preprocessing, extra)
+    where = str(Path(out_dir) / META_FILE)
+    when = "the run's checkpoint could not be saved: "
+    try:
+        size = len(strict_json_bytes(meta))
+    except ValueError as exc:
+        raise CheckpointError(f"{when}{where}: {exc}") from None
+    if size + reserve > MAX_META_BYTES and isinstance(meta["class_names"], list):
+        rest = len(strict_json_bytes({**meta, "class_names": []}))
+        # Written as ASCII JSON: a non-ASCII character costs a 6-byte escape (12 beyond the BMP, as emoji are).
+        raise CheckpointError(f"{when}{len(meta['class_names']):,} class names take {(size - rest) / 2**20:.1f} MiB "
+                              f"of {where}, which holds at most {MAX_META_BYTES >> 20} MiB (the rest of it needs up "
+                              f"to {(rest + reserve) >> 10} KiB; a non-ASCII character takes 6 or 12 bytes): use "
+                              f"fewer classes or shorter class names")
+    _check_meta(Path(out_dir), meta, when)
+
+
 def _names_weights(out: Path, name: str) -> bool:
     """Whether `out`'s checkpoint.json (as it is on disk) names the weights file `name`."""
     try:
@@ -177,14 +211,15 @@ CORE_FIELDS = frozenset({"format", "format_version", "model", "stem", "config", 
                          "preprocessing", "weights"})
 
 
-def _check_meta(out: Path, meta: dict[str, Any]) -> None:
-    """The reader's own checks on `checkpoint.json` as it would be written (strict JSON, size, every field)."""
+def _check_meta(out: Path, meta: dict[str, Any], when: str = "not saved: ") -> None:
+    """The reader's own checks on `checkpoint.json` as it would be written (strict JSON, size, every field); each
+    refusal a CheckpointError starting with `when`."""
     where = str(out / META_FILE)
     try:
         doc = parse_strict_json(strict_json_bytes(meta), MAX_META_BYTES)
     except ValueError as exc:
-        raise CheckpointError(f"not saved: {where}: {exc}") from None
-    _validated(out, doc, where, "not saved (load_checkpoint would refuse it): ")
+        raise CheckpointError(f"{when}{where}: {exc}") from None
+    _validated(out, doc, where, f"{when.removesuffix(': ')} (load_checkpoint would refuse it): ")
 
 
 def _diverged(raw: dict[str, Any]) -> bool:

@@ -6,6 +6,7 @@ arbitrary unpickling). The file is replaced in one rename: a kill at any moment 
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import math
 import os
@@ -35,8 +36,8 @@ def _history(x: object) -> bool:
 
 def _epoch_acc(x: object) -> bool:
     # The loss sum may be non-finite (a run that diverged mid-epoch): check_resume weighs it against the weights.
-    return x is None or (isinstance(x, dict) and is_number(x.get("loss_sum"))
-                         and all(_seconds(x.get(k)) for k in ("samples", "time", "corrupt")))
+    return x is None or (isinstance(x, dict) and is_number(x.get("loss_sum")) and _seconds(x.get("time"))
+                         and all(_count(x.get(k)) for k in ("samples", "corrupt")))
 
 
 def _eval_result(x: object) -> bool:
@@ -49,6 +50,17 @@ def _eval_result(x: object) -> bool:
 def _last_eval(x: object) -> bool:
     return x is None or (isinstance(x, dict) and is_int(x.get("global_step")) and _eval_result(x.get("raw"))
                          and (x.get("ema") is None or _eval_result(x.get("ema"))))
+
+
+def _timestamp(x: object) -> bool:
+    """A UTC time as the trainer writes it (2026-12-06T10:00:00Z): the summary records it as the run's start."""
+    if not (isinstance(x, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", x)):
+        return False
+    try:
+        dt.datetime.strptime(x, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return False
+    return True
 
 
 def _count(x: object) -> bool:
@@ -67,7 +79,7 @@ def _fraction(x: object) -> bool:
 PROGRESS_FIELDS: dict[str, Any] = {
     "epoch": _count, "step_in_epoch": _count, "global_step": _count, "history": _history,
     "train_time_s": _seconds, "wall_time_s": _seconds, "cpu_time_s": _seconds, "samples_seen": _count,
-    "segments": _count, "epoch_acc": _epoch_acc, "last_eval": _last_eval, "started": lambda x: isinstance(x, str),
+    "segments": _count, "epoch_acc": _epoch_acc, "last_eval": _last_eval, "started": _timestamp,
 }
 
 
@@ -174,8 +186,12 @@ def _check_rng(rng: object) -> str | None:
         return "rng.cuda: expected a list of tensors"
     n, p = rng["numpy"], rng["python"]
     if not (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor) and n["keys"].shape == (MT_KEYS,)
-            and is_int(n.get("pos")) and is_int(n.get("has_gauss")) and is_number(n.get("gauss"))):
-        return f"rng.numpy: expected keys ({MT_KEYS} integers), pos, has_gauss and gauss"
+            and n["keys"].dtype == torch.int64 and is_int(n.get("pos")) and 0 <= n["pos"] <= MT_KEYS
+            and is_int(n.get("has_gauss")) and is_number(n.get("gauss"))):
+        return f"rng.numpy: expected keys ({MT_KEYS} integers), pos (0..{MT_KEYS}), has_gauss and gauss"
+    # numpy takes the keys as uint32: one outside that range would be wrapped silently into another state.
+    if not bool(((n["keys"] >= 0) & (n["keys"] < 1 << 32)).all()):
+        return "rng.numpy.keys: expected integers from 0 to 2**32 - 1"
     if not (isinstance(p, dict) and is_int(p.get("version")) and isinstance(p.get("internal"), list)
             and len(p["internal"]) == MT_KEYS + 1 and all(is_int(v) for v in p["internal"])
             and (p.get("gauss") is None or is_number(p.get("gauss")))):
@@ -262,13 +278,118 @@ def _check_optimizer(opt: object) -> str | None:
     return None
 
 
+# Optimizer group settings a resume does not compare: the parameters, the rate (a function of the step, set from it)
+# and `fused`, which the device decides (fused kernels on CUDA): a run takes its own, so a state saved on the CPU
+# resumes on a GPU. Every other setting the optimizer class has (amsgrad, maximize, decoupled_weight_decay, ...)
+# changes what a step computes, and torch's load_state_dict would take the saved one over the run's without a word.
+UNCOMPARED_SETTINGS = ("params", "lr", "fused")
+# Per-parameter buffers that hold squares (AdamW's second moments): a negative one makes the step's root NaN.
+SQUARES = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each of `optimizer`'s groups' settings as this run built them (every key but the parameters)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def settings_problem(groups: list[dict[str, Any]], run: list[dict[str, Any]]) -> str | None:
+    """Why optimizer groups (saved, or loaded) do not hold this run's settings `run` (`optimizer_settings`), or None.
+    A setting a saved group lacks (an older torch's) is left to the loaded groups' check."""
+    if len(groups) != len(run):
+        return f"optimizer: {len(groups)} parameter groups, this run's optimizer has {len(run)}"
+    for i, (was, now) in enumerate(zip(groups, run, strict=True)):
+        for key, value in now.items():
+            if key not in UNCOMPARED_SETTINGS and key in was and _plain(was[key]) != _plain(value):
+                return (f"optimizer.param_groups[{i}].{key} is {was[key]!r:.40}, this run's {value!r:.40} (its "
+                        f"configuration)")
+    return None
+
+
+def _plain(value: object) -> object:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _buffer_names(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> set[str] | None:
+    """The per-parameter state a step of `optimizer` keeps for a parameter of `group`, or None when not known."""
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW too
+        return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+    if isinstance(optimizer, torch.optim.SGD):
+        return {"momentum_buffer"} if group.get("momentum") else set()
+    return None
+
+
+def optimizer_problem(saved: dict[str, Any], optimizer: torch.optim.Optimizer, global_step: int, *,
+                      weights_finite: bool) -> str | None:
+    """Why a saved optimizer state (`check_resume` passed it) is not what this run's optimizer would hold at
+    `global_step`, or None: the groups' settings and sizes, each parameter's buffers (the names a step keeps, the
+    parameter's shape and dtype, finite unless the weights are not (a run diverging mid-epoch saves NaN in
+    both), squares not negative) and step counts between 1 and `global_step` (one per optimizer step)."""
+    run = optimizer_settings(optimizer)
+    if problem := settings_problem(saved["param_groups"], run):
+        return problem
+    owner: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+    for i, (was, now) in enumerate(zip(saved["param_groups"], optimizer.param_groups, strict=True)):
+        if len(was["params"]) != len(now["params"]):
+            return f"optimizer.param_groups[{i}]: {len(was['params'])} parameters, this run's {len(now['params'])}"
+        owner.update((index, (param, now)) for index, param in zip(was["params"], now["params"], strict=True))
+    for index, buffers in saved["state"].items():
+        where = f"optimizer.state[{index}]"
+        if index not in owner:
+            return f"{where}: no parameter group lists parameter {index}"
+        param, group = owner[index]
+        names = _buffer_names(optimizer, group)
+        if names is not None and set(buffers) != names:
+            return f"{where}: holds {sorted(buffers)}, a step of this run's optimizer keeps {sorted(names)}"
+        for name, value in buffers.items():
+            if problem := _buffer_problem(name, value, param, global_step, weights_finite):
+                return f"{where}.{name}: {problem}"
+    return None
+
+
+def _buffer_problem(name: str, value: object, param: torch.Tensor, global_step: int,
+                    weights_finite: bool) -> str | None:
+    """Why one saved per-parameter buffer cannot continue this run at `global_step`, or None."""
+    if not isinstance(value, torch.Tensor):
+        return f"expected a tensor, got {type(value).__name__}"
+    if name == "step":  # a float32 count of the optimizer steps this parameter took
+        if value.dim() != 0 or value.dtype != torch.float32:
+            return f"expected a float32 step count, got {value.dtype} of shape {tuple(value.shape)}"
+        count = float(value)
+        if not (math.isfinite(count) and count.is_integer() and 1 <= count <= global_step):
+            return f"{count:g} steps, this run is at step {global_step} (a count from 1 to it)"
+        return None
+    if value.shape != param.shape or value.dtype != param.dtype:
+        return (f"{value.dtype} of shape {tuple(value.shape)} for a parameter of {param.dtype} "
+                f"{tuple(param.shape)}")
+    if weights_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        return "holds NaN or infinity, with finite weights (a diverging run's weights are not)"
+    if name in SQUARES and bool((value < 0).any()):
+        return "holds a negative value (it is a running mean of squares)"
+    return None
+
+
+def as_this_run(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`saved` with each group's `fused` as this run's optimizer has it (load_state_dict places the step counts by
+    it, and the device decides it)."""
+    groups = [{**was, "fused": now["fused"]} if "fused" in now else was
+              for was, now in zip(saved["param_groups"], optimizer.param_groups, strict=True)]
+    return {**saved, "param_groups": groups}
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of `tensors` holds finite numbers only."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
 def _check_loss_sum(state: dict[str, Any]) -> str | None:
     """A non-finite running loss sum marks the run diverged when it resumes: only a run whose weights diverged too
-    (NaN or infinite) saves one."""
+    (NaN or infinite) saves one. A finite one is a sum of cross-entropies: never negative."""
     acc = state["progress"]["epoch_acc"]
+    if acc is not None and acc["loss_sum"] < 0:
+        return f"progress.epoch_acc.loss_sum: {acc['loss_sum']!r}, a sum of losses, is negative"
     if acc is None or math.isfinite(acc["loss_sum"]):
         return None
-    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in state["model"].values()):
+    if not all_finite(state["model"]):
         return None
     return f"progress.epoch_acc.loss_sum: {acc['loss_sum']!r} with finite weights (a diverged run's are not)"
 
@@ -283,6 +404,38 @@ def _check_data(data: object) -> str | None:
         return None
     if not (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("train", "val"))):
         return "data: expected the train and val fingerprints"
+    return None
+
+
+def _check_position(state: dict[str, Any]) -> str | None:
+    """Why the progress counters disagree with each other or with the file's batch, or None: a run at step s of
+    epoch e has taken e x steps_per_epoch + s optimizer steps, and each trained one global batch."""
+    progress, per_epoch = state["progress"], state["steps_per_epoch"]
+    epoch, step = progress["epoch"], progress["step_in_epoch"]
+    if progress["global_step"] != epoch * per_epoch + step:
+        return (f"progress.global_step is {progress['global_step']}, but epoch {epoch} and step {step} of "
+                f"{per_epoch} steps per epoch make {epoch * per_epoch + step}")
+    last = progress["last_eval"]
+    if last is not None and not 0 <= last["global_step"] <= progress["global_step"]:
+        return (f"progress.last_eval.global_step is {last['global_step']}, not a step from 0 to "
+                f"{progress['global_step']}")
+    batch, world = state.get("global_batch"), state.get("world_size")  # older states have neither
+    for key, value in (("global_batch", batch), ("world_size", world)):
+        if value is not None and not (is_int(value) and value >= 1):
+            return f"{key}: expected a whole number >= 1, got {value!r:.40}"
+    if batch is not None and world is not None and batch % world:
+        return f"global_batch {batch} is not a multiple of world_size {world}"
+    acc = progress["epoch_acc"]
+    if acc is None:
+        return None
+    if acc["corrupt"] > acc["samples"]:
+        return f"progress.epoch_acc.corrupt is {acc['corrupt']}, more than its {acc['samples']} samples"
+    if batch is not None and world is not None:
+        # Every rank's samples since the sums went over all ranks; rank 0's alone in states written before.
+        low, high = step * (batch // world), step * batch
+        if not low <= acc["samples"] <= high:
+            return (f"progress.epoch_acc.samples is {acc['samples']}, but {step} steps of a global batch of {batch} "
+                    f"trained {high}")
     return None
 
 
@@ -304,8 +457,8 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return problem
     if not isinstance(state["scheduler"], dict):
         return "scheduler: expected a dict"
-    return (_check_rng(state["rng"]) or _check_progress(state["progress"]) or _check_loss_sum(state)
-            or _check_data(state.get("data")))
+    return (_check_rng(state["rng"]) or _check_progress(state["progress"]) or _check_position(state)
+            or _check_loss_sum(state) or _check_data(state.get("data")))
 
 
 # What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp` and the

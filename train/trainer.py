@@ -32,8 +32,15 @@ from data.datasets import (
     decode_checked,
     default_preprocessing,
     load_dataset,
+    skipped_note,
 )
-from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta, staged_checkpoint
+from models.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    check_metadata,
+    read_checkpoint_meta,
+    staged_checkpoint,
+)
 from models.cli import fill_closed_std_streams
 from models.host import usable_cpus
 from models.io import (
@@ -65,14 +72,19 @@ from train.pipeline import EpochBatches, TrainImages, loader, predecode, train_c
 from train.report import METRICS_FILE, PLOT_FILE, best_of, draw_curves, metrics_bytes, versions, write_metrics
 from train.state import (
     RESUME_FILE,
+    all_finite,
+    as_this_run,
     capture_rng,
     clear_stale_temporaries,
     damaged,
     is_run_dir,
     load_resume,
+    optimizer_problem,
+    optimizer_settings,
     own_temporary,
     restore_rng,
     save_resume,
+    settings_problem,
 )
 
 
@@ -188,32 +200,6 @@ def remove_if_empty(dirs: list[Path]) -> None:
             return
 
 
-# The hyperparameters a run's configuration gives each optimizer group (the rate is a function of the step): torch's
-# load_state_dict would take a saved group's values over this run's without a word.
-GROUP_SETTINGS = ("weight_decay", "betas", "eps", "momentum", "dampening", "nesterov")
-
-
-def _check_optimizer_groups(saved: list[dict[str, Any]], optimizer: torch.optim.Optimizer) -> None:
-    """A saved optimizer's groups must hold this run's hyperparameters (else it is another run's, or edited)."""
-    def plain(v: object) -> object:
-        return tuple(v) if isinstance(v, list | tuple) else v
-
-    for i, (was, now) in enumerate(zip(saved, optimizer.param_groups, strict=False)):
-        for key in GROUP_SETTINGS:
-            if key in was and key in now and plain(was[key]) != plain(now[key]):
-                raise damaged(f"optimizer.param_groups[{i}].{key} is {was[key]!r:.40}, this run's "
-                              f"{now[key]!r:.40} (its configuration)")
-
-
-def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
-    """A loaded optimizer's per-parameter buffers must match their parameters (else the first step fails)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for name, buf in optimizer.state.get(param, {}).items():
-                if isinstance(buf, torch.Tensor) and buf.dim() > 0 and buf.shape != param.shape:
-                    raise damaged(f"optimizer.{name}: shape {tuple(buf.shape)} for a parameter of {tuple(param.shape)}")
-
-
 class Trainer:
     """One run of `cfg` on this process (a DDP rank or the only process)."""
 
@@ -260,9 +246,13 @@ class Trainer:
         if self.val_set.class_names != self.train_set.class_names:
             raise DatasetError(f"{cfg.dataset}: train and val class lists differ")
         self.class_names = list(self.train_set.class_names)
+        skipped = skipped_note(self.train_set, self.val_set)
         if len(self.class_names) < 2:  # nothing to learn: the loss is 0 from the first step, accuracy always 100 %
             raise DatasetError(f"{cfg.dataset}: {len(self.class_names)} class ({', '.join(self.class_names)}); a "
-                               f"classifier needs at least 2 (one directory per class under train/ and val/)")
+                               f"classifier needs at least 2 (one directory per class under train/ and val/)"
+                               + (f"; {skipped}" if skipped else ""))
+        # Said in the run's summary line: a class directory that starts with "." is not trained on.
+        self.skipped_dirs = f" ({skipped})" if skipped else ""
         # What the weights are fitted and selected on: recorded in resume.pt (a resume must see the same data) and
         # in the checkpoint (bundles carry it as their provenance).
         self.data_prints = {"train": self.train_set.fingerprint(), "val": self.val_set.fingerprint()}
@@ -287,6 +277,7 @@ class Trainer:
                               else self.dev.type == "cuda" and self.net.cfg.stem.kind == "conv")
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self._check_checkpoint_fits()
         embedded = self.train_set.arrays is not None
         per_rank = max(1, usable_cpus() // max(1, info.local_world_size))
         self.workers = cfg.workers if cfg.workers is not None else (
@@ -316,6 +307,21 @@ class Trainer:
                 self.net, device_ids=[info.local_rank] if self.dev.type == "cuda" else None)
         if cfg.compile:
             self.model = torch.compile(self.model)
+
+    def _check_checkpoint_fits(self) -> None:
+        """DatasetError (one line) when the checkpoint this run ends with could not be saved: its class names (up to
+        100,000 of 1,024 characters) could make checkpoint.json larger than its limit. Measured now, with the
+        summary's strings as `finish` records them, not at the first save after the training."""
+        cfg = self.cfg
+        known = {"dataset": cfg.dataset, "model": cfg.model, "recipe": cfg.recipe, "ddp_backend": self.info.backend,
+                 "device": str(self.dev), "rank_state_sha256": ["0" * 64] * self.info.world_size,
+                 "command_line": shlex.join(cfg.command), "config": cfg.to_dict(), "versions": versions(),
+                 "data": self.data_prints}
+        try:
+            check_metadata(cfg.out, self.net.cfg, class_names=self.class_names, preprocessing=self.spec,
+                           extra={"dataset": cfg.dataset, "weights_source": "raw", "training": known})
+        except CheckpointError as exc:
+            raise DatasetError(f"{cfg.dataset}: {exc}") from None
 
     # ---------------------------------------------------------------------------------------- resume state
     def _fresh_progress(self) -> dict[str, Any]:
@@ -436,9 +442,16 @@ class Trainer:
                           f"run's {self.cfg.epochs} epochs of {self.steps_per_epoch} steps")
         self.net.load_state_dict(state["model"])
         if self.cfg.epochs:
-            _check_optimizer_groups(state["optimizer"]["param_groups"], self.optimizer)
-            self.optimizer.load_state_dict(state["optimizer"])
-            _check_optimizer_shapes(self.optimizer)
+            # The optimizer this run's configuration builds, setting by setting and buffer by buffer: torch's
+            # load_state_dict takes a saved group's settings over the run's, and a buffer that does not fit fails
+            # only at the first step (or at the save after the training, for a NaN).
+            run = optimizer_settings(self.optimizer)
+            if problem := optimizer_problem(state["optimizer"], self.optimizer, progress["global_step"],
+                                            weights_finite=all_finite(state["model"])):
+                raise damaged(problem)
+            self.optimizer.load_state_dict(as_this_run(state["optimizer"], self.optimizer))
+            if problem := settings_problem(self.optimizer.param_groups, run):  # what the load filled in
+                raise damaged(problem)
             # The rate is a function of the step, set from it here: a saved schedule, of this or of an earlier
             # scheduler, is not needed, and neither is the saved rate (the same number, unless edited).
             self.scheduler.step_update(progress["global_step"])
@@ -714,7 +727,8 @@ class Trainer:
                 return summary
             progress["segments"] += 1
             self.log(f"resuming {cfg.out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}")
-        self.log(f"{cfg.model} on {cfg.dataset}: {len(self.train_set)} train / {len(self.val_set)} val images, "
+        self.log(f"{cfg.model} on {cfg.dataset}: {len(self.train_set)} train / {len(self.val_set)} val images"
+                 f"{self.skipped_dirs}, "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {self.global_batch}, "
                  f"lr {self.lr:.3g}, recipe {cfg.recipe}, {self.dev}"
                  f"{f' x {self.info.world_size} ranks' if self.info.distributed else ''}, {self.threads} threads, "
