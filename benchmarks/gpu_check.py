@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.cli import InputError, OneLineParser, command, float_in, int_in, refuse_empty_paths
+from models.cli import InputError, OneLineParser, command, float_in, int_in, last_line, refuse_empty_paths
 from models.device import DEVICE_RULE, is_device
 from models.oneline import first_line
 
@@ -300,13 +300,13 @@ def run_group(cmd: Sequence[str], timeout: float, *, cwd: Path = REPO, grace: fl
                         _tail(err, STDERR_TAIL_BYTES), leftovers - (1 if timed_out else 0))
 
 
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
+class StepSaid(RuntimeError):
+    """What a step printed, as an error: the shared helpers read its line (models.cli.last_line, first_line)."""
 
 
-def _last_line(text: str) -> str:
-    return next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
+def _last_said(text: str) -> str:
+    """The last non-blank line of a step's output ('' for none): its JSON facts, or the error it ended with."""
+    return last_line(StepSaid(text)) if text.strip() else ""
 
 
 def shown(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> str:
@@ -323,14 +323,15 @@ def step_result(name: str, cmd: Sequence[str], allowed: float, done: Finished, *
         status, reason = "cut", (f"cut for time: stopped after {allowed:.0f} s (its share of what was left of {of}), "
                                  f"not failed; {CUT_ADVICE}")
     elif done.rc:
-        status, reason = "failed", f"exit {done.rc}: {_one_line(_last_line(done.stderr) or _last_line(done.stdout))}"
+        said = _last_said(done.stderr) or _last_said(done.stdout) or "no output"
+        status, reason = "failed", f"exit {done.rc}: {said[:REASON_CHARS]}"
     else:
         status, reason = "passed", None
     keep = 3000 if status != "passed" else 400
     out = done.stdout[-keep // 3:] + ("\n--- stderr ---\n" + done.stderr[-keep:] if done.stderr.strip() else "")
     doc = {"name": name, "command": shown(cmd, env), "status": status, "reason": reason,
            "rc": 124 if done.timed_out else done.rc, "seconds": round(done.seconds, 1),
-           "allowed_s": round(allowed, 1), "facts": {}, "output_tail": out, "last_line": _last_line(done.stdout)}
+           "allowed_s": round(allowed, 1), "facts": {}, "output_tail": out, "last_line": _last_said(done.stdout)}
     if done.leftovers > 0:
         doc["stopped_leftovers"] = done.leftovers  # processes it left running, stopped by the check
     return doc
@@ -344,7 +345,7 @@ def not_run(name: str, cmd: Sequence[str], reason: str, env: Mapping[str, str] |
 
 def fail(step: dict[str, Any], reason: str) -> None:
     """Mark a step that exited 0 as failed, for what its results show."""
-    step["status"], step["reason"] = "failed", _one_line(reason)
+    step["status"], step["reason"] = "failed", first_line(StepSaid(reason), REASON_CHARS)
     step["rc"] = step["rc"] or 1
 
 

@@ -63,6 +63,7 @@ from export.triton_compat import MIN_TRITON_RELEASE, beyond_min_triton, release,
 from models import tritonconfig
 from models.bundle import (
     MANIFEST_FILE,
+    MAX_NAME_CHARS,
     NAME_RULE,
     Artifact,
     BundleError,
@@ -70,6 +71,7 @@ from models.bundle import (
     Manifest,
     as_name,
     file_entries,
+    name_digest,
     read_manifest,
     safe_relative_path,
     valid_name,
@@ -105,8 +107,31 @@ _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,18}$")
 
 def model_name(manifest: Manifest, artifact: Artifact) -> str:
     """The repository model name of one artifact: `<bundle name>-<artifact id>`, made valid (older exports kept
-    names such as 'my bundle')."""
-    return as_name(f"{manifest.name}-{artifact.id}")
+    names such as 'my bundle'); past 128 characters the bundle name is cut and a hash of the whole added, the
+    artifact id kept whole (`as_name`)."""
+    return as_name(f"{manifest.name}-", artifact.id)
+
+
+def _shortened(manifest: Manifest, artifacts: Sequence[Artifact], names: Sequence[str]) -> str | None:
+    """The note for model names cut to Triton's 128 characters (None: none was)."""
+    cut = [n for a, n in zip(artifacts, names, strict=True)
+           if f"-{name_digest(f'{manifest.name}-{a.id}')}-" in f"-{n}-"]
+    if not cut:
+        return None
+    which = "its model is" if len(cut) == 1 else f"{len(cut)} of its models are"
+    return (f"bundle {manifest.name[:40]}... has a {len(manifest.name)}-character name: Triton model names have at "
+            f"most {MAX_NAME_CHARS}, so {which} named <bundle name cut>-<hash of the whole name>-<artifact id>, "
+            "the artifact id kept whole")
+
+
+def _check_distinct(manifest: Manifest, artifacts: Sequence[Artifact], names: Sequence[str]) -> None:
+    """Refuse two artifacts that would become one model name (BundleError naming both; never a repository clash)."""
+    seen: dict[str, str] = {}
+    for a, n in zip(artifacts, names, strict=True):
+        if n in seen:
+            raise BundleError(f"artifacts {seen[n]!r} and {a.id!r} of bundle {manifest.name[:60]!r} would both be "
+                              f"the Triton model {n!r}; --skip one of them")
+        seen[n] = a.id
 
 
 def _has_control(value: str) -> bool:
@@ -484,10 +509,13 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                               f"({', '.join(a.id for a in artifacts)}): nothing to write")
     artifacts = chosen
     names = [_model_dir_name(manifest, a) for a in artifacts]
+    _check_distinct(manifest, artifacts, names)
     check_out(bundle, out, names)
     _check_labels(manifest)
     created = _missing_parents(out)
     notes = notes if notes is not None else []
+    if (cut := _shortened(manifest, artifacts, names)) is not None:
+        notes.append(cut)
     try:
         ensure_dir(out.parent)
         with writer_lock(out):

@@ -111,9 +111,31 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
-def as_name(text: str) -> str:
-    """`text` made a valid name (for names derived from a path or an older bundle): other runs become '-'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).lstrip("-_.")[:128].rstrip("-") or "model"
+MAX_NAME_CHARS = 128  # NAME_RE's bound: Triton's and serve's model names
+NAME_HASH_CHARS = 8  # the hash a shortened name carries (sha256 of the whole text, hex)
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def as_name(text: str, suffix: str = "") -> str:
+    """`text` + `suffix` made a valid name (for names derived from a path or an older bundle): other runs become '-'.
+
+    Longer than 128 characters, `text` is cut and `suffix` kept whole, with a short hash of the whole before it
+    (`<text cut>-<hash>-<suffix>`): a bare cut would lose the suffix (an artifact id) and make two long names that
+    share a prefix one."""
+    whole = _NOT_NAME.sub("-", text + suffix).lstrip("-_.").rstrip("-")
+    if len(whole) <= MAX_NAME_CHARS:
+        return whole or "model"
+    digest = name_digest(text + suffix)
+    tail = _NOT_NAME.sub("-", suffix).strip("-")
+    room = MAX_NAME_CHARS - len(digest) - 1 - (len(tail) + 1 if tail else 0)  # the '-' around the hash
+    head = _NOT_NAME.sub("-", text).lstrip("-_.")[:max(room, 0)].rstrip("-")
+    # Only a suffix of more than 118 characters (none this tool writes) is cut itself; the hash still tells apart.
+    return "-".join(part for part in (head, digest, tail) if part)[:MAX_NAME_CHARS].rstrip("-")
+
+
+def name_digest(text: str) -> str:
+    """The short hash `as_name` gives a name it cut (of the whole text, before it was made valid)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:NAME_HASH_CHARS]
 
 
 def safe_component(name: object) -> bool:

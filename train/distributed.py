@@ -11,9 +11,10 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,13 +162,74 @@ def setup(preference: str) -> DistInfo:
     if env.launched:
         if not dist.is_initialized():
             try:
-                dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
-                                        device_id=device if kind == "cuda" else None,
-                                        timeout=datetime.timedelta(seconds=env.timeout_s))
+                with _held_stderr():
+                    dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
+                                            device_id=device if kind == "cuda" else None,
+                                            timeout=datetime.timedelta(seconds=env.timeout_s))
             except (RuntimeError, ValueError) as exc:  # DistStoreError, DistNetworkError: no peer came, port taken
                 raise DistSetupError(_setup_failure(exc, env)) from exc
         backend = dist.get_backend()
     return DistInfo(rank, world, local_rank, local_world, device, backend)
+
+
+# torch's own switches for its C++ log: set by the user, what it prints at the rendezvous is theirs to see.
+USER_LOG_VARS = ("TORCH_CPP_LOG_LEVEL", "TORCH_DISTRIBUTED_DEBUG")
+MAX_HELD_BYTES = 1 << 20  # what `_held_stderr` passes on of the rendezvous's log (a few lines when it forms)
+_stderr_fd = [2]  # where this module's own lines go: the real stderr while fd 2 is held
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what is written to fd 2 (torch's C++ log) in a temporary file meanwhile: passed on (its first
+    MAX_HELD_BYTES) when the body ends normally, dropped when it raises. A rank whose peers never come otherwise
+    printed c10d's log and a C++ stack trace per connection try (about 50 lines) before its one line. Nothing is
+    held when the user set TORCH_CPP_LOG_LEVEL or TORCH_DISTRIBUTED_DEBUG, or when stderr is closed."""
+    held = saved = None
+    if not any(v in os.environ for v in USER_LOG_VARS):
+        try:
+            saved = os.dup(2)
+            held = tempfile.TemporaryFile()
+        except OSError:  # stderr closed (`2>&-`), no temporary directory: nothing held
+            if saved is not None:
+                os.close(saved)
+            saved = None
+    if saved is None or held is None:
+        yield
+        return
+    _flush_stderr()
+    os.dup2(held.fileno(), 2)
+    _stderr_fd[0] = saved  # the signal watcher's line must reach the user, not the held file
+    formed = False
+    try:
+        yield
+        formed = True
+    finally:
+        _flush_stderr()
+        os.dup2(saved, 2)
+        _stderr_fd[0] = 2
+        os.close(saved)
+        with held:
+            if formed:
+                held.seek(0)
+                log = held.read(MAX_HELD_BYTES + 1)
+                if len(log) > MAX_HELD_BYTES:
+                    log = log[:MAX_HELD_BYTES] + b"\n[... the rest of torch's rendezvous log left out]\n"
+                with contextlib.suppress(OSError):
+                    _write_all(2, log)
+
+
+def _flush_stderr() -> None:
+    """Flush Python's stderr buffer, so that what it printed lands on the side of fd 2 it was printed to."""
+    with contextlib.suppress(Exception):
+        if sys.stderr is not None:
+            sys.stderr.flush()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until `data` is written (a pipe may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 _watching: list[int] = []  # the wakeup pipe's (read, write) descriptors once `watch_signals` runs
@@ -245,7 +307,7 @@ def _watch(read_fd: int, prog: str, grace_s: float) -> None:
             stopped = caught[0] == signal.SIGTERM
             _flush_stdout()
             with contextlib.suppress(OSError):  # os.write: stderr's buffered writer may be the main thread's
-                os.write(2, f"{prog}: {'terminated' if stopped else 'interrupted'}\n".encode())
+                os.write(_stderr_fd[0], f"{prog}: {'terminated' if stopped else 'interrupted'}\n".encode())
             os._exit(143 if stopped else 130)
         taken = _taken[0]
 

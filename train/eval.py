@@ -60,12 +60,17 @@ def is_eval_result(path: Path) -> bool:
 
 def check_out(path: Path, dataset: str | None = None) -> None:
     """OutputRefused unless `path` is new or an earlier result of this tool (the only file it may replace), with a
-    name the file system takes, outside the folder of `dataset` (the data evaluated)."""
+    name the file system takes ending in .json, outside the folder of `dataset` (the data evaluated)."""
     harm = "the result would become part of the data; choose a path outside it"
     inside = (dataset, "the dataset folder", harm) if dataset and dataset not in EMBEDDED else None
     if problem := out_file_problem(path, "eval.json", inside=inside, existing=_not_ours, links=False,
                                    noun="file path"):
         raise OutputRefused(problem)
+    # As serve.sample and serve.tensor name their format: `--out -` (stdout by convention) must not become a file
+    # named '-'; the result is printed anyway.
+    if Path(path).suffix.lower() != ".json":
+        raise OutputRefused(f"--out {str(path)!r} must end in .json (the result is a JSON file; the scores are "
+                            "printed too)")
     try:
         _check_parents(path)
     except OSError as exc:  # a directory on the way that cannot be searched
@@ -132,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int_in(0, 10**9), default=0,
                    help="evaluate a fixed random subset of this many images: the one `python -m train "
                    "--val-subset N` validated on, whatever its --seed")
-    p.add_argument("--out", help="JSON path: new, or an earlier result of this tool "
+    p.add_argument("--out", help="JSON path ending in .json: new, or an earlier result of this tool "
                    "(default <checkpoint>/eval-<dataset>-<split>.json)")
     args = p.parse_args(argv)
     # Before anything is read: Path("") is the current directory, and an empty --dataset used to mean the
