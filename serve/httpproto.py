@@ -5,7 +5,8 @@ Without them a client that connects and never finishes its headers (slowloris) h
 that streams an endless header grows the server's memory. A client that stops reading its answers would hold its
 connection (and the request's memory) forever too, and one that pipelines thousands of requests per read would have
 every one of them parsed and queued. The body has its own deadline and budget (serve.middleware.BodyLimitMiddleware);
-idle keep-alive connections have uvicorn's keep-alive timeout.
+idle keep-alive connections have uvicorn's keep-alive timeout. An answer that closes its connection before the
+request was read whole closes it gently (a lingering close, LINGER_S), so that the client reads it rather than a reset.
 """
 
 from __future__ import annotations
@@ -53,11 +54,31 @@ EOF_PROBE_S = 0.1
 _INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
 _MIN_REQUEST_LINE = 14  # "GET * HTTP/1.0": what lies between two requests' _HEADERS_END at least
+# An answer that closes its connection while the client may still be sending (a 413 at once, a 404 or 401 to a
+# request with a body, HTTP/1.0 or `Connection: close` or a stop's shutdown delay closing after it, a refusal in the
+# middle of a request) half-closes, then reads and drops what still comes before it closes, as nginx does (its
+# lingering close): closing with input unread makes the kernel send a reset, which destroys the answer before a
+# client that sends its whole body first (requests, http.client, curl) gets to read it. The client may pause
+# LINGER_IDLE_S between reads (nginx: 5 s; what matters here is curl's 1 s wait before it sends a body that got no
+# `100 Continue`), and gets LINGER_S in all, never more than its body deadline (`seconds`): nginx allows 30 s for
+# slow links, while this server's clients sit on a data-centre network where a body several times the limit takes a
+# few seconds even at 100 Mbit/s, and a stop waits for lingering connections (within --graceful-timeout-s). It reads
+# at most ConnectionLimits.linger_bytes (lingering_bytes: LINGER_BODIES bodies of the limit): bandwidth, not memory,
+# since nothing read is kept. Past a bound the connection closes, a reset if the client is still sending.
+LINGER_S = 10.0
+LINGER_IDLE_S = 2.0
+LINGER_BODIES = 8
+LINGER_MIN_BYTES = 64 << 20
 
 
 def probe_places(max_connections: int) -> int:
     """Connections beyond the limit that may still be probes."""
     return max(16, max_connections // 10)
+
+
+def lingering_bytes(max_body_bytes: int) -> int:
+    """What a lingering close reads at most: LINGER_BODIES bodies of `max_body_bytes`, and LINGER_MIN_BYTES at least."""
+    return max(LINGER_MIN_BYTES, LINGER_BODIES * max_body_bytes)
 
 
 def _answer(status: int, reason: str, text: str, retry_after: int | None = None) -> bytes:
@@ -91,6 +112,7 @@ class _HeldFlow(FlowControl):
     def __init__(self, transport: asyncio.Transport) -> None:
         super().__init__(transport)
         self._reader, self._held, self._paused = transport, False, False
+        self._draining = False  # a lingering close: everything is read (and dropped), whatever pauses ask
 
     def pause_reading(self) -> None:
         self.read_paused = True
@@ -105,8 +127,18 @@ class _HeldFlow(FlowControl):
         self._held = on
         self._apply()
 
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused (the client may have sent bytes that wait unread in the kernel)."""
+        return self._paused
+
+    def read_all(self) -> None:
+        """Read from now on, whatever is paused or held: what arrives is only dropped (a lingering close)."""
+        self._draining = True
+        self._apply()
+
     def _apply(self) -> None:
-        paused = self.read_paused or self._held
+        paused = (self.read_paused or self._held) and not self._draining
         if paused != self._paused:
             self._paused = paused
             (self._reader.pause_reading if paused else self._reader.resume_reading)()
@@ -115,10 +147,12 @@ class _HeldFlow(FlowControl):
 @dataclass(frozen=True)
 class ConnectionLimits:
     """What bounds one server's connections: `seconds` for a request's headers (and for a client to accept any of
-    an answer), and `max_connections` open at once (None: no bound)."""
+    an answer), `max_connections` open at once (None: no bound), and `linger_bytes` read and dropped at most by a
+    lingering close (LINGER_S)."""
 
     seconds: float
     max_connections: int | None = None
+    linger_bytes: int = LINGER_MIN_BYTES
 
     @property
     def probe_places(self) -> int:
@@ -172,6 +206,29 @@ class Refusals:
 _TOO_LARGE = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
 
 
+class _LingeringTransport:
+    """A connection's transport as uvicorn (and this module) sees it: `close` closes gently when the client may still
+    be sending (HeaderBoundsProtocol._close_gently), and the transport counts as closing from then on; the rest is the
+    transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: HeaderBoundsProtocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self._protocol.lingering:  # the answer is out and the write side shut: nothing more goes
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if not self._protocol.lingering and not self._protocol._close_gently():
+            self._transport.close()
+
+
 class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's default HTTP protocol, closing with a JSON 408 a connection whose request headers are not complete
     `limits.seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
@@ -187,7 +244,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     the app's `receive` raises a JSON 400 that the app answers, closing the connection. A client that half-closes
     after its HTTP/1.1 requests has those it sent whole answered, then the connection closes (EOF_PROBE_S); an EOF
     while an HTTP/1.0 request is owed its answer is a disconnect. `close_after_answers` (a stop's first signal) makes
-    every answer begun from then on close its connection; an HTTP/1.0 request is never sent `100 Continue`.
+    every answer begun from then on close its connection; an HTTP/1.0 request is never sent `100 Continue`. An answer
+    that closes its connection while the client may still be sending closes it gently, within bounds (LINGER_S).
 
     uvicorn makes one instance per connection from the class it is given: `configured` makes that class, holding
     the limits and the count of open connections that all of its connections share.
@@ -196,6 +254,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     limits: ClassVar[ConnectionLimits]
     shared: ClassVar[OpenConnections]
     refusals: ClassVar[Refusals]
+    lingering = False  # whether the answers are out and what the client still sends is read and dropped
     # Set per request by on_message_begin; send_400_response may come before the first request begins.
     _oversized = False
     _long_uri = False
@@ -219,6 +278,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.flow = _HeldFlow(transport)  # before any request (each request's cycle shares it)
+        self._wire = transport  # the transport itself: self.transport (every cycle's too) closes gently
+        self.transport = _LingeringTransport(transport, self)
+        self._last_read = self.loop.time()
         if not self._admit():
             self._turn_away()
             return
@@ -268,6 +330,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._eof = False  # whether the client half-closed (or left) with answers still owed
         self._eof_timer: asyncio.TimerHandle | None = None
         self._probed = False  # whether the interim answer that tells a half-close from a departure went out
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_ends = 0.0  # when a lingering close ends at the latest (loop time)
+        self._lingered = 0  # bytes read and dropped by it
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._turned_away:
@@ -289,7 +354,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.shared.count(self._probe_only, -1)
         self.shared.waiting.pop(self, None)
         self._disarm()
-        for timer in (self._eof_timer, self._send_timer):
+        for timer in (self._eof_timer, self._send_timer, self._linger_timer):
             if timer is not None:
                 timer.cancel()
 
@@ -314,6 +379,12 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def data_received(self, data: bytes) -> None:
         if self._turned_away:
             return  # what the client sends before it sees the 503 is dropped
+        self._last_read = self.loop.time()
+        if self.lingering:
+            self._lingered += len(data)
+            if self._lingered > self.limits.linger_bytes:
+                self._wire.abort()  # a client that sends on and on: the bound in bytes
+            return
         if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
             # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
             self._arm()
@@ -596,6 +667,55 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.transport.write(answer)
             self.transport.close()
 
+    # Closing gently: the lingering close (LINGER_S).
+
+    def _unread(self) -> bool:
+        """Whether the client may still be sending what has not been read: a body not read to its end, a request
+        begun or parsed behind the one answered, or bytes waiting while reading was paused."""
+        body_left = self._in_body and self.cycle is not None and self._body_read_of is not self.cycle
+        return bool(body_left or self._in_headers or self._unparsed or self.pipeline or self.flow.paused)
+
+    def _close_gently(self) -> bool:
+        """Close gently, if the client may still be sending (and has not ended its stream): the answers written so
+        far go out, then the write side shuts (the client reads them, then EOF), and what the client still sends is
+        read and dropped until it closes, pauses LINGER_IDLE_S, has sent linger_bytes, or LINGER_S have passed.
+        False when a plain close does (nothing unread, or a client silent for LINGER_IDLE_S already: a stalled
+        upload at its deadline)."""
+        wire = self._wire
+        if (self._turned_away or self._eof or wire.is_closing() or not wire.can_write_eof()
+                or not self._unread()):
+            return False
+        now = self.loop.time()
+        if not self.flow.paused and now - self._last_read >= LINGER_IDLE_S:
+            return False
+        self.lingering = True
+        self._disarm()
+        self._unset_keepalive_if_required()
+        for timer in (self._eof_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        self.shared.waiting.pop(self, None)
+        self._unparsed, self._at = b"", 0
+        if self.flow.paused:
+            self._last_read = now  # bytes may wait in the kernel: they count as just read
+        self._linger_ends = now + min(LINGER_S, self.limits.seconds)
+        wire.write_eof()  # once what is buffered has gone out
+        self.flow.read_all()
+        self._linger_check()
+        return True
+
+    def _linger_check(self) -> None:
+        """End the lingering close at its bounds in time, else look again when the next one may be reached."""
+        self._linger_timer = None
+        if self._wire.is_closing():
+            return
+        now = self.loop.time()
+        due = min(self._linger_ends, self._last_read + LINGER_IDLE_S)
+        if now >= due:
+            self._wire.abort()  # the client left the connection open, or never stops sending
+            return
+        self._linger_timer = self.loop.call_later(due - now, self._linger_check)
+
     # Deadlines: a request's headers, and a client that takes none of its answer.
 
     def _answer_owed(self) -> bool:
@@ -644,8 +764,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """The client sends nothing more. Requests it sent whole are still answered (then the connection closes);
         one cut short, or an HTTP/1.0 one owed its answer, means it left, and the transport closes, as uvicorn's
         does (every request not answered is then a disconnect)."""
-        if self._turned_away or not self._owed_at_eof() or self._owed_to_http10():
-            return None  # asyncio closes the transport
+        if self._turned_away or self.lingering or not self._owed_at_eof() or self._owed_to_http10():
+            return None  # asyncio closes the transport (lingering: the client read the answer and closed)
         if not self._eof:
             self._eof = True
             self._disarm()  # no request can follow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import re
@@ -27,9 +26,6 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": counted and logged, neve
 # control byte (3 bytes sent) is 6 in JSON. The path's length is logged beside a cut one.
 LOGGED_PATH, LOGGED_METHOD = 256, 32
 log = logging.getLogger("vitc.serve")
-# An oversized body that is read (and dropped) before its 413 so that the client, still sending, sees the answer rather
-# than a reset: for at most this long, and never past the body's own deadline (--receive-timeout-s).
-_DRAIN_TIMEOUT_S = 5.0
 
 
 class BodyTooLarge(APIError):
@@ -316,19 +312,18 @@ class BodyLimitMiddleware:
                 await error_response(400, "invalid Content-Length header")(scope, receive, send)
                 return
             if length > self.max_bytes:
-                # Decided from the header, answered at once (a body that never comes is not waited for). A client
-                # waiting on `Expect: 100-continue` sends nothing, and one past twice the limit is not worth reading:
-                # both are closed. A moderately oversized body may still be on its way, and closing with it unread
-                # could reset the connection under the 413: on a connection that stays open uvicorn's parser reads
-                # the rest of it and drops it (as after any answer given before the body; serve.httpproto bounds the
-                # wait), and one that closes after the answer (HTTP/1.0, `Connection: close`) reads it first.
+                # Decided from the header, answered at once (a body that never comes is not waited for). Up to twice
+                # the limit, on a connection that may stay open, uvicorn's parser reads the rest of the body and
+                # drops it (as after any answer given before the body), and the connection carries the next request.
+                # Otherwise the answer closes the connection: a client waiting on `Expect: 100-continue` sends
+                # nothing, a body past twice the limit is not worth keeping the connection for, and HTTP/1.0 or
+                # `Connection: close` close anyway; so does any answer once a stop began (serve.httpproto). What the
+                # client still sends is then read and dropped, within bounds, before the close (serve.httpproto's
+                # lingering close): it reads the 413 rather than a reset.
                 big = BodyTooLarge(self.max_bytes)
-                if not expects_continue(scope) and length <= 2 * self.max_bytes:
-                    if scope.get("http_version") != "1.0" and not _closes(scope.get("headers") or ()):
-                        await error_response(big.status, big.reason)(scope, receive, send)
-                        return
-                    await _drain(receive, length, min(_DRAIN_TIMEOUT_S, self.timeout_s))
-                await error_response(big.status, big.reason, big.headers)(scope, receive, send)
+                kept = (not expects_continue(scope) and length <= 2 * self.max_bytes
+                        and scope.get("http_version") != "1.0" and not _closes(scope.get("headers") or ()))
+                await error_response(big.status, big.reason, None if kept else big.headers)(scope, receive, send)
                 return
         if length > self.budget.free():
             # Refused before a byte is read (also before `100 Continue`), but nothing is reserved for a declared
@@ -353,9 +348,8 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    if message.get("more_body"):
-                        left = deadline - asyncio.get_running_loop().time()
-                        await _drain(receive, self.max_bytes, min(_DRAIN_TIMEOUT_S, left))
+                    # Answered at once, closing the connection: the rest of the body is read and dropped, within
+                    # bounds, by the lingering close (serve.httpproto), so the client reads the 413.
                     raise BodyTooLarge(self.max_bytes)
                 if received > reserved:  # reserved as it arrives
                     if not self.budget.take(received - reserved):
@@ -368,16 +362,3 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, send)
         finally:
             self.budget.give(reserved + hold.held)
-
-
-async def _drain(receive: Receive, budget: int, seconds: float) -> None:
-    """Discard up to `budget` more body bytes, for at most `seconds`."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(max(0.0, seconds)):
-            while budget > 0:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return
-                budget -= len(message.get("body", b""))
-                if not message.get("more_body"):
-                    return

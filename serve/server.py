@@ -161,12 +161,12 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
     import uvicorn  # only now: a refused start never pays for importing the web stack
 
     from serve.app import create_app
-    from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol
+    from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol, lingering_bytes
     from serve.shutdown import DelayedShutdownServer
 
     app = create_app(settings, models)
-    http = HeaderBoundsProtocol.configured(ConnectionLimits(settings.receive_timeout_s, connections),
-                                           access_log=settings.access_log,
+    limits = ConnectionLimits(settings.receive_timeout_s, connections, lingering_bytes(settings.max_body_bytes))
+    http = HeaderBoundsProtocol.configured(limits, access_log=settings.access_log,
                                            on_refusal=app.state.metrics.protocol_refused)
     config = uvicorn.Config(
         app, http=http,

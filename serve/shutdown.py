@@ -1,4 +1,5 @@
-"""The server's stop: not ready at the first signal, a shutdown delay still answering, then uvicorn's drain.
+"""The server's stop: not ready at the first signal, a shutdown delay still answering, then uvicorn's drain (which
+also waits for connections that close gently after an early answer: serve.httpproto bounds them, LINGER_S).
 
 Kubernetes and docker stop count one grace period for the whole stop, not one for the requests and another for the
 models (the delay comes on top: terminationGracePeriodSeconds must cover both); the moment the drain was asked for
