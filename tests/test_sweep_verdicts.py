@@ -341,3 +341,18 @@ def test_runs_without_a_machine_record_are_credited_to_the_machine_study_json_na
         "(study.json names AMD EPYC (2 CPUs), commit b5e3291eef99 (dirty tree))")
     summary["machines"] = [new]  # nothing else on record: only the count
     assert report.machines_text(summary).endswith("12 runs; unrecorded: 88 runs")
+
+
+def test_the_stability_seed_is_a_study_setting_on_the_command_line(tmp_path, capsys):
+    """--stability-seed sets the stability runs' training seed; giving it makes the study custom, and a resume with
+    another value is refused like any other setting."""
+    from train.sweep.__main__ import parse_args, study_settings
+
+    cfg, _ = study_settings(parse_args(["--preset", "reduced", "--stability-seed", "7"]), tmp_path / "s")
+    assert cfg.stability_seed == 7 and {s.seed for s in plan.stability_specs(cfg)} == {7}
+    assert report.preset_label(cfg.to_dict()) == "custom: preset `reduced` with --stability-seed changed"
+    with pytest.raises(SystemExit) as stop:
+        main(["--preset", "reduced", "--stability-seed", "-1", "--dry-run", "--out", str(tmp_path / "t")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stability-seed" in err[0]

@@ -174,7 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stability-epochs", type=int_in(1, MAX_EPOCHS), help="epochs of each sampled stability run")
     g.add_argument("--samples", type=int_in(1, MAX_SAMPLES),
                    help=f"(lr, wd) samples per model x optimizer, 1..{MAX_SAMPLES}")
-    g.add_argument("--seeds", type=_ints, help="training seeds of the tuned runs, e.g. 0,1")
+    g.add_argument("--seeds", type=_ints, help="training seeds of the tuned runs, e.g. 1,2,3 (keep them apart from "
+                   "--stability-seed: a tuned run on it is the stability run that won the tuning)")
+    g.add_argument("--stability-seed", type=int_in(0, MAX_SEED), help="training seed of the stability runs")
     g.add_argument("--sample-seed", type=int_in(0, MAX_SEED), help="seed of the lr/wd sampler")
     g.add_argument("--optimizers", type=_names, help=f"subset of {','.join(OPTIMIZERS)}")
     g.add_argument("--lr-range", type=_range, action="append", metavar="OPT=LOW,HIGH", help="log-uniform lr range")
@@ -245,7 +247,8 @@ def study_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {
         "models": args.models, "dataset": args.dataset, "epochs": args.epochs,
         "stability_epochs": args.stability_epochs, "samples": args.samples, "seeds": args.seeds,
-        "sample_seed": args.sample_seed, "optimizers": args.optimizers, "tuning": args.tuning, "metric": args.metric,
+        "stability_seed": args.stability_seed, "sample_seed": args.sample_seed, "optimizers": args.optimizers,
+        "tuning": args.tuning, "metric": args.metric,
         "lr_ranges": _per_optimizer(args.lr_range, "--lr-range"),
         "wd_ranges": _per_optimizer(args.wd_range, "--wd-range"),
         "train_args": tuple(shlex.split(args.train_args)) if args.train_args is not None else None,
