@@ -333,6 +333,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._linger_timer: asyncio.TimerHandle | None = None
         self._linger_ends = 0.0  # when a lingering close ends at the latest (loop time)
         self._lingered = 0  # bytes read and dropped by it
+        self._cut_off = False  # a 408 or an eviction: the connection closes at once, its place free (no linger)
+        self._refused = False  # whether a refusal was written for the request whose headers are still arriving
+        self._behind = False  # whether that request began while the one ahead of it was still unanswered
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._turned_away:
@@ -363,6 +366,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self.shared.waiting.pop(self, None)
         self.shared.count(True, -1)
         self._counted = False  # counted out here, not again when the connection is lost
+        self._cut_off = True
         self._refuse(503, "Service Unavailable", self.limits.busy, 1)
 
     def _turn_away(self) -> None:
@@ -465,6 +469,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().on_message_begin()
         self._unset_keepalive_if_required()  # armed when an early answer's body ended in this same read
         self._messages += 1
+        self._behind = bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
         self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
         self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
         self._codings: list[bytes] = []  # Transfer-Encoding values
@@ -664,16 +669,22 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def _close_with(self, answer: bytes) -> None:
         self._disarm()
         if not self.transport.is_closing():
+            self._refused = True
             self.transport.write(answer)
             self.transport.close()
 
     # Closing gently: the lingering close (LINGER_S).
 
     def _unread(self) -> bool:
-        """Whether the client may still be sending what has not been read: a body not read to its end, a request
-        begun or parsed behind the one answered, or bytes waiting while reading was paused."""
+        """Whether the client may still be sending what has not been read, after an answer that a reset would
+        destroy: a body not read to its end, the rest of headers refused (a 431) or of a request begun behind the
+        one answered, or requests or bytes waiting behind it. Not after a 408 or an eviction (the client was too
+        slow: its place is freed at once), nor for headers still arriving that nothing answered (a stop's drain)."""
+        if self._cut_off:
+            return False
         body_left = self._in_body and self.cycle is not None and self._body_read_of is not self.cycle
-        return bool(body_left or self._in_headers or self._unparsed or self.pipeline or self.flow.paused)
+        headers_left = self._in_headers and (self._refused or self._behind)
+        return bool(body_left or headers_left or self._unparsed or self.pipeline or self.flow.paused)
 
     def _close_gently(self) -> bool:
         """Close gently, if the client may still be sending (and has not ended its stream): the answers written so
@@ -735,6 +746,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def _expired(self) -> None:
         self._header_timer = None
+        if self._answer_owed():
+            self._cut_off = True  # too slow: closed at once, not lingering, so that its place is free for others
         if self._probe_only and self._answer_owed():
             self._refuse(503, "Service Unavailable", self.limits.busy, 1)  # a place beyond the limit, not a slow client
         elif self._answer_owed():

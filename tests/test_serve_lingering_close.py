@@ -178,3 +178,82 @@ def test_the_bounds():
     assert lingering_bytes(1024) == LINGER_MIN_BYTES == 64 << 20
     assert lingering_bytes(16 << 20) == 128 << 20
     assert 1.0 < LINGER_IDLE_S < BOUND_S
+
+
+def _trickling(port: int, stop: threading.Event) -> tuple[threading.Thread, dict]:
+    """A slowloris: a GET whose headers come one byte every 0.5 s, sent on after any answer until `stop` or an error;
+    `out` holds what it was answered and when the answer began."""
+    out: dict = {"answer": b""}
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.settimeout(0.001)
+
+    def run() -> None:
+        try:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    if chunk := sock.recv(65536):
+                        out["answer"] += chunk
+                        out.setdefault("answered", time.monotonic())
+                sock.sendall(b"a")
+                stop.wait(0.5)
+        except OSError as exc:
+            out["error"] = exc
+        finally:
+            sock.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _status(port: int, path: str = "/v1/models") -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_a_slowloris_gets_its_408_and_its_place_is_free_at_once(bundle, tmp_path):
+    """A 408 is not a lingering close: the client was too slow, and while it lingered (sending on) it kept its
+    --max-connections place, so that ordinary clients got 503 for up to LINGER_S more."""
+    with fake_server(bundle, tmp_path, "--max-connections", "2", "--receive-timeout-s", "2") as server:
+        stop = threading.Event()
+        slow = [_trickling(server.port, stop) for _ in range(2)]
+        try:
+            time.sleep(0.5)
+            assert _status(server.port) == 503  # both places are taken (not a probe path)
+            deadline = time.monotonic() + 10
+            while not all("answered" in out for _, out in slow) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for _, out in slow:
+                assert out["answer"].startswith(b"HTTP/1.1 408 "), out
+            time.sleep(0.2)
+            assert _status(server.port) == 200  # a place is free right after the 408s, while they still send
+        finally:
+            stop.set()
+            for thread, _ in slow:
+                thread.join(5)
+
+
+def test_a_stop_does_not_wait_for_connections_still_in_their_headers(bundle, tmp_path):
+    """The drain closes connections whose request headers are still arriving: nothing was answered on them, so
+    nothing lingers, and the stop exits at once rather than after LINGER_S (up to 10 s)."""
+    with fake_server(bundle, tmp_path) as server:
+        stop = threading.Event()
+        slow = [_trickling(server.port, stop) for _ in range(3)]
+        try:
+            time.sleep(1.2)
+            assert _status(server.port, "/v2/health/live") == 200
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert server.proc.wait(15) == 0
+            assert time.monotonic() - signalled < 3.0
+        finally:
+            stop.set()
+            for thread, _ in slow:
+                thread.join(5)
+            for _, out in slow:
+                assert out["answer"] == b"", out  # closed unanswered

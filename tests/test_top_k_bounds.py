@@ -102,6 +102,25 @@ def test_a_bad_top_k_gets_one_422_naming_the_models_range_both_ways(client, valu
         "error": f"top_k must be a whole number between 1 and {CLASSES} (the model's classes), got {shown}"}
 
 
+
+@pytest.mark.parametrize("query, shown", [
+    ("%0A3", r"'\n3'"), ("%093", r"'\t3'"), ("3%0D", r"'3\r'"), ("%0B3", r"'\x0b3'"), ("%1C3", r"'\x1c3'"),
+    ("%C2%A03", r"'\xa03'"), ("%E3%80%803", r"'\u30003'"), ("%2B%0A3", r"'+\n3'"),
+], ids=["LF", "tab", "CR", "VT", "FS", "NBSP", "ideographic-space", "plus-LF"])
+def test_a_top_k_wrapped_in_other_whitespace_is_refused_both_ways(client, query, shown):
+    """Only ASCII spaces and a leading `+` may surround the digits (str.strip() took any Unicode whitespace)."""
+    fast, routed = _both(client, f"top_k={query}")
+    assert fast.status_code == routed.status_code == 422, (fast.text[:300], routed.text[:300])
+    assert fast.json() == routed.json() == {
+        "error": f"top_k must be a whole number between 1 and {CLASSES} (the model's classes), got {shown}"}
+
+
+@pytest.mark.parametrize("query", ["3", "+3", "%2B3", "%203%20", "%20%2B3", "003"])
+def test_a_top_k_with_spaces_a_plus_or_leading_zeros_is_taken_both_ways(client, query):
+    fast, routed = _both(client, f"top_k={query}")
+    assert fast.status_code == routed.status_code == 200, (fast.text[:300], routed.text[:300])
+    assert fast.json() == routed.json() and len(fast.json()["predictions"]) == 3
+
 def test_an_unknown_model_is_a_404_before_its_top_k_is_judged(client):
     for value in ("3", "0", "1e9"):
         r = client.post(f"/v1/models/nope/classify?top_k={value}", content=b"x", headers=PNG)

@@ -231,9 +231,12 @@ def _top_k(model: ServedModel, top_k: int | str | None) -> int:
 
 
 def _whole_number(text: str) -> int | None:
-    """`text` as a decimal integer (spaces and a `+` allowed), or None; digits beyond any bundle's class count are
-    never converted, so a huge value costs one scan of the query (bounded by the header limit), nothing more."""
-    digits = text.strip().removeprefix("+")
+    """`text` as a decimal integer (ASCII spaces around it and a leading `+` allowed), or None; digits beyond any
+    bundle's class count are never converted, so a huge value costs one scan of the query (bounded by the header
+    limit), nothing more."""
+    # Only ASCII spaces (a `+` in a query is one): str.strip() would take any Unicode whitespace or separator
+    # (LF, tab, U+001C, NBSP, U+3000) around the number.
+    digits = text.strip(" ").removeprefix("+")
     if not (digits.isascii() and digits.isdigit()):
         return None
     significant = digits.lstrip("0") or "0"
