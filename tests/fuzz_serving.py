@@ -162,12 +162,15 @@ def images(draw: st.DrawFn) -> bytes:
     if mode in ("I;16", "I", "F"):
         img = img.convert("I") if mode != "F" else img.convert("F")
     fmt = draw(st.sampled_from(FORMATS))
+    # zlib's fastest level: a valid PNG all the same, and making the noise images (up to 600,000 pixels) was most of
+    # the run (the multipart test makes up to 10 an example).
+    png = {"compress_level": 1}
     buf = io.BytesIO()
     try:
-        img.save(buf, fmt)
+        img.save(buf, fmt, **(png if fmt == "PNG" else {}))
     except (OSError, ValueError, KeyError, OverflowError):  # that format cannot hold this image
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, "PNG")
+        img.convert("RGB").save(buf, "PNG", **png)
     data = bytearray(buf.getvalue())
     for _ in range(draw(st.integers(0, 4))):  # flip bytes, then maybe truncate
         if data:

@@ -16,8 +16,10 @@ from serve.launch import REPO
 
 @pytest.fixture(scope="module")
 def doc(tmp_path_factory):
-    return overhead.run(micro_bundle(tmp_path_factory), rounds=2, slice_s=0.2, saturation_s=1.5, concurrency=4,
-                        cold_starts=1, backends=["onnxruntime", "openvino"], log=lambda _: None, saturation_rounds=3)
+    # Two saturation rounds of 0.2 s a server: each round also runs the runtimes alone and OpenVINO's benchmark_app
+    # (a process of its own, timed for at least 1 s), which most of the fixture's time goes to.
+    return overhead.run(micro_bundle(tmp_path_factory), rounds=2, slice_s=0.2, saturation_s=0.4, concurrency=4,
+                        cold_starts=1, backends=["onnxruntime", "openvino"], log=lambda _: None, saturation_rounds=2)
 
 
 def test_every_system_is_measured_side_by_side(doc):
@@ -28,8 +30,8 @@ def test_every_system_is_measured_side_by_side(doc):
     assert {"receive", "decode", "queue", "compute", "encode", "total"} <= set(stages)
     assert stages["total"]["p50"] <= s1["vitc-onnxruntime"]["latency_ms"]["p50"]
     sat, bare = doc["saturation"], doc["bare_saturation"]
-    assert all(v["throughput_rps"] > 0 and len(v["rounds_rps"]) == 3 for v in sat.values())
-    assert len(bare["onnxruntime_round_ratios"]) == 3 and bare["onnxruntime_ips"] > 0
+    assert all(v["throughput_rps"] > 0 and len(v["rounds_rps"]) == 2 for v in sat.values())
+    assert len(bare["onnxruntime_round_ratios"]) == 2 and bare["onnxruntime_ips"] > 0
     assert sat["vitc-onnxruntime"]["mean_batch"] >= 1
     # CPU accounting: every server's CPU per request (from /proc), the runtime's own per image, in both layouts.
     assert all(v["server_cpu_ms_per_request"] > 0 and v["client_cpu_ms_per_request"] > 0 for v in sat.values())

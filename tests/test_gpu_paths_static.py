@@ -108,7 +108,8 @@ def test_tensorrt_refuses_an_engine_whose_io_the_backend_would_misread(tensors, 
 # Compiled backends opened one after another in one process, as a benchmark run opens them. The graphs dynamo
 # captures run as plain torch (its "eager" backend) instead of inductor's C++ kernels, which take minutes to build
 # cold on a CPU: dynamo's capture, guards and recompile limits, which decide whether a backend runs compiled at
-# all, are the real ones. argv: bundle, and a cap on dynamo's compiled entries per code object (0: its default).
+# all, are the real ones. argv: bundle, and the runs to make in turn, each a cap on dynamo's compiled entries per
+# code object across the process (0: its default); each run starts with a "=== cap N" line on stdout and stderr.
 _OPEN_COMPILED = """
 import sys
 from pathlib import Path
@@ -120,31 +121,34 @@ import runtimes.pytorch as pt
 from models.bundle import read_manifest
 from runtimes import BackendError, BackendOptions
 
-bundle, cap = Path(sys.argv[1]), int(sys.argv[2])
-real = pt.compile_options
+bundle, caps = Path(sys.argv[1]), [int(c) for c in sys.argv[2].split(",")]
+real, default = pt.compile_options, torch._dynamo.config.accumulated_recompile_limit
 
 
 def eager(cuda, captured):
-    if cap:  # dynamo's settings are per thread: this runs on the backend's compiling thread
-        torch._dynamo.config.accumulated_recompile_limit = cap
+    # dynamo's settings are per thread: this runs on the backend's compiling thread
+    torch._dynamo.config.accumulated_recompile_limit = cap or default
     options = {k: v for k, v in real(cuda, captured).items() if k != "mode"}
     return {**options, "backend": "eager"}
 
 
 pt.compile_options = eager
 manifest = read_manifest(bundle)
-for precision in ("fp32", "bf16", "fp16"):
-    for channels_last in (False, True):
-        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        try:
-            backend = runtimes.open_backend(bundle, manifest, "torch", precision, BackendOptions(
-                threads=1, compile=True, channels_last=channels_last, buckets=(1, 2)))
-        except BackendError as exc:
-            print("refused", precision, channels_last, exc, flush=True)
-            continue
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-        print("opened", precision, channels_last, graphs, flush=True)
-        backend.close()
+for cap in caps:
+    for stream in (sys.stdout, sys.stderr):
+        print("=== cap", cap, file=stream, flush=True)
+    for precision in ("fp32", "bf16", "fp16"):
+        for channels_last in (False, True):
+            before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            try:
+                backend = runtimes.open_backend(bundle, manifest, "torch", precision, BackendOptions(
+                    threads=1, compile=True, channels_last=channels_last, buckets=(1, 2)))
+            except BackendError as exc:
+                print("refused", precision, channels_last, exc, flush=True)
+                continue
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+            print("opened", precision, channels_last, graphs, flush=True)
+            backend.close()
 """
 
 
@@ -153,25 +157,32 @@ def torch_bundle(tmp_path_factory):
     return micro_bundle(tmp_path_factory, ("torch-bf16", "torch-fp16"))
 
 
-def _open_compiled(bundle: Path, cap: int = 0) -> tuple[list[list[str]], str]:
-    proc = subprocess.run([sys.executable, "-c", _OPEN_COMPILED, str(bundle), str(cap)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def compiled_runs(torch_bundle) -> dict[int, tuple[list[list[str]], str]]:
+    """cap -> (the lines of its run, split in 4, and its stderr): both runs in one process (one start of torch).
+    The capped run first: its cap counts the entries of the whole process, which the other run would have spent."""
+    caps = (4, 0)
+    proc = subprocess.run([sys.executable, "-c", _OPEN_COMPILED, str(torch_bundle), ",".join(map(str, caps))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [line.split(" ", 3) for line in proc.stdout.splitlines()], proc.stderr
+    outs, errs = (re.split(r"^=== cap \d+\n", text, flags=re.MULTILINE)[1:] for text in (proc.stdout, proc.stderr))
+    assert len(outs) == len(errs) == len(caps), proc.stdout
+    return {cap: ([line.split(" ", 3) for line in out.splitlines()], err)
+            for cap, out, err in zip(caps, outs, errs, strict=True)}
 
 
-def test_each_compiled_backend_has_its_own_recompile_budget(torch_bundle):
+def test_each_compiled_backend_has_its_own_recompile_budget(compiled_runs):
     # Six backends of one model (two graphs each: batch 1 and the dynamic batch): the fifth used to find dynamo's
     # per-code-object budget (8) spent and run eagerly, reported as compiled, with only a log warning.
-    lines, stderr = _open_compiled(torch_bundle)
+    lines, stderr = compiled_runs[0]
     assert [line[0] for line in lines] == ["opened"] * 6, lines
     assert all(int(line[3]) >= 1 for line in lines), lines  # each one captured its own graphs
     assert "recompile_limit" not in stderr
 
 
-def test_a_backend_that_would_fall_back_to_eager_fails_to_load(torch_bundle):
+def test_a_backend_that_would_fall_back_to_eager_fails_to_load(compiled_runs):
     # Dynamo's cap on the entries of one code object across the process, reached by the third backend.
-    lines, _ = _open_compiled(torch_bundle, cap=4)
+    lines, _ = compiled_runs[4]
     assert [line[0] for line in lines[:2]] == ["opened"] * 2, lines
     assert lines[2][0] == "refused", lines
     assert "torch.compile would fall back to eager at batch 2" in lines[2][3], lines

@@ -23,6 +23,9 @@ from PIL import Image
 from test_serve_fixtures import animal_pngs, start_server
 
 CLASSIFY = "/v1/models/fake/classify"
+# --receive-timeout-s of the servers whose deadlines the tests wait for (stalled bodies and headers, a reader that
+# stops): long enough for the requests a test sends before a deadline, short enough not to wait on it for long.
+RECEIVE_S = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
 
 def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tmp_path):
     args = ["--model", f"fake={bundle}", "--backend", "fake", "--max-body-bytes", str(1 << 20),
-            "--max-buffered-bytes", str(2 << 20), "--receive-timeout-s", "3"]
+            "--max-buffered-bytes", str(2 << 20), "--receive-timeout-s", str(RECEIVE_S)]
     with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         client = httpx.Client(base_url=server.url, timeout=30)
         png = animal_pngs(1)[0]
@@ -97,10 +100,10 @@ def test_stalled_uploads_time_out_and_bodies_held_at_once_are_bounded(bundle, tm
         for sock in stalled:
             status, headers, body = _read_response(sock)
             assert status == 408 and headers["connection"] == "close", (status, headers)
-            assert "did not arrive within 3 s" in json.loads(body)["error"]
+            assert f"did not arrive within {RECEIVE_S:g} s" in json.loads(body)["error"]
             assert _closed_by_server(sock)
             sock.close()
-        assert 2.5 < time.monotonic() - t0 < 20
+        assert RECEIVE_S - 0.5 < time.monotonic() - t0 < 20
         # Their bytes are given back: a full-size body fits again, and a trickle is cut at the same deadline.
         assert client.post(CLASSIFY, content=png, headers={"content-type": "image/png"}).status_code == 200
         trickle = _open_upload(server.url, 1000, b"")
@@ -299,7 +302,7 @@ def _answers(host: str, port: int, data: bytes) -> list[int]:
 
 
 def test_protocol_refusals_come_in_order_and_a_reader_that_stops_is_let_go(bundle, tmp_path):
-    args = ["--model", f"fake={bundle}", "--backend", "fake", "--receive-timeout-s", "3", "--api-key", "k"]
+    args = ["--model", f"fake={bundle}", "--backend", "fake", "--receive-timeout-s", str(RECEIVE_S), "--api-key", "k"]
     with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         host, port = server.url.removeprefix("http://").split(":")
         port = int(port)

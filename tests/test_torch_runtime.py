@@ -78,21 +78,34 @@ def test_buckets():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_backend_captures_every_bucket_at_load_and_matches_eager(bundle, manifest, batch, tmp_path,
-                                                                          monkeypatch):
+def test_a_compiled_server_captures_the_batch_sizes_it_can_form_at_load_and_matches_eager(bundle, manifest, batch,
+                                                                                          tmp_path, monkeypatch):
+    """`--compile --max-batch-size 4` on a bundle exported for 32 captured 1..32 anyway: minutes of start for graphs
+    no batch could use (gpu-check's server timed out). Now it captures 1, 2 and 4, every one before the model loads,
+    and pads a batch up to its bucket without the padding leaking out."""
+    # One compiled backend for both checks (the server's bucket choice, a compiled backend's results): each inductor
+    # compile takes seconds, and a max batch of 8 or more adds a size-specialised recompile.
+    from serve.registry import close_models, load_models
+    from serve.settings import Settings
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     ref = _open(bundle, manifest).infer(batch)
-    backend = _open(bundle, manifest, compile=True)
-    info = backend.describe()
-    assert info["compiled"] and info["batch_buckets"] == list(buckets(manifest.input.max_batch))
-    assert set(info["compile_seconds"]) == set(info["batch_buckets"])  # all captured before open_backend returned
-    for n in (1, 3, 8, 11):  # 3 and 11 are padded to their buckets (4, 16); the padding never leaks out
-        y = backend.infer(batch[:n])
-        assert y.shape == (n, manifest.output.classes)
-        np.testing.assert_allclose(y, ref[:n], atol=1e-4, rtol=1e-4)
-    with pytest.raises(BackendError, match="exceeds"):
-        backend.infer(np.zeros((manifest.input.max_batch + 1, *manifest.input.sample_shape), np.float32))
-    backend.close()
+    assert manifest.input.max_batch == 32
+    models = load_models(Settings(models=[f"m={bundle}"], backend="torch", compile=True, max_batch_size=4, threads=2))
+    try:
+        backend = models["m"].backend
+        info = backend.describe()
+        assert info["compiled"] and info["batch_buckets"] == list(buckets(4)) == [1, 2, 4]
+        assert models["m"].max_batch == backend.max_batch == 4
+        assert set(info["compile_seconds"]) == set(info["batch_buckets"])  # all captured before load_models returned
+        for n in (1, 2, 3, 4):  # 3 is padded to its bucket (4); the padding never leaks out
+            y = backend.infer(batch[:n])
+            assert y.shape == (n, manifest.output.classes)
+            np.testing.assert_allclose(y, ref[:n], atol=1e-4, rtol=1e-4)
+        with pytest.raises(BackendError, match="exceeds"):
+            backend.infer(np.zeros((5, *manifest.input.sample_shape), np.float32))
+    finally:
+        close_models(models)
 
 
 def test_serve_refuses_torch_options_for_other_backends(bundle, capsys):
@@ -122,19 +135,3 @@ def test_a_nan_weight_pinned_under_a_valid_sha256_is_refused_at_load(bundle, man
     write_manifest(copy, replace(manifest, artifacts=tuple(fixed if a is art else a for a in manifest.artifacts)))
     with pytest.raises(BackendError, match="head.weight holds NaN"):
         _open(copy, read_manifest(copy))
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on the CPU needs a C++ compiler")
-def test_a_compiled_server_captures_only_the_batch_sizes_it_can_form(bundle, tmp_path, monkeypatch):
-    """`--compile --max-batch-size 2` on a bundle exported for 32 captured 1..32 anyway: minutes of start for
-    graphs no batch could use (gpu-check's server timed out)."""
-    from serve.registry import close_models, load_models
-    from serve.settings import Settings
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    models = load_models(Settings(models=[f"m={bundle}"], backend="torch", compile=True, max_batch_size=2))
-    try:
-        assert models["m"].backend.describe()["batch_buckets"] == [1, 2] and models["m"].max_batch == 2
-    finally:
-        close_models(models)
