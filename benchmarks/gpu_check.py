@@ -92,6 +92,7 @@ class Sizes:
     shares: Mapping[str, float]
     int8: bool = False  # TensorRT INT8 in the export step (NNCF calibration on the CPU, then a second engine build)
     cache: Path | None = GPU_CACHE  # None: a cache under the working directory (the smoke run's own); see bundle_cache
+    export_max_batch: int | None = None  # the export step's --max-batch (None: export's default)
 
 
 _GPU_TARGETS = ("torch-cuda-fp32,torch-cuda-bf16,torch-cuda-bf16-compiled,torch-cuda-fp16,tensorrt-fp16,"
@@ -163,6 +164,8 @@ SMOKE = Sizes(
     budget_s=1800.0,  # about 80 s on 2 CPUs: the budget only stops a hung step
     shares={"train": 1, "ddp": 1, "export": 1, "parity-on-device": 1, "latency-1": 1, "serve-under-load": 1},
     cache=None,
+    # Parity and the device's parity run over batches up to the max batch: 4 keeps the CPU smoke run short.
+    export_max_batch=4,
 )
 
 
@@ -537,6 +540,8 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     # --strict: a refused artifact is exit 1, and the manifest says which and why.
     cmd = [py, "-m", "export", "--checkpoint", str(train_dir), "--out", str(bundle), "--targets", ",".join(targets),
            "--parity-samples", str(sizes.parity_samples), "--strict"]
+    if sizes.export_max_batch is not None:
+        cmd += ["--max-batch", str(sizes.export_max_batch)]
     t0 = time.time()
     if train["status"] != "passed":
         s = _skip("export", cmd, budget, f"not run: needs the checkpoint of train, which {train['status']}", log,
