@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.cli import InputError, OneLineParser, command, float_in, int_in, last_line, refuse_empty_paths
+from models.cli import InputError, OneLineParser, command, error_reason, float_in, int_in, last_line, refuse_empty_paths
 from models.device import DEVICE_RULE, is_device
 from models.oneline import first_line
 
@@ -664,6 +664,9 @@ def _device(text: str) -> str:
 
 def _parity_main(args: argparse.Namespace) -> int:
     """--parity-of: the JSON line, or InputError (exit 2) for a bundle or checkpoint that cannot load."""
+    from data.datasets import DatasetError
+    from models.bundle import BundleError
+    from models.checkpoint import CheckpointError
     from runtimes import BackendError
 
     if args.checkpoint is None:
@@ -671,7 +674,10 @@ def _parity_main(args: argparse.Namespace) -> int:
     try:
         facts = parity_on_device(args.parity_of, args.checkpoint, args.device, args.parity_samples)
     except (ValueError, BackendError, OSError) as exc:  # BundleError, CheckpointError, DatasetError are ValueErrors
-        raise InputError(first_line(exc)) from None
+        # Ours whole (a path it names may hold a newline, which InputError's line escapes); a library's (a runtime's
+        # several lines, a source location first) by its first line that says why.
+        ours = isinstance(exc, BundleError | CheckpointError | DatasetError)
+        raise InputError(error_reason(exc) if ours else first_line(exc)) from None
     print(json.dumps(facts))
     return 0
 

@@ -237,7 +237,8 @@ def _class_dirs(split_dir: Path) -> tuple[list[str], list[str]]:
 
 def skipped_note(*sets: ImageSet) -> str:
     """The directories the folder splits `sets` left out as not classes, named in one clause ("2 directories
-    skipped as hidden or system ones, not classes: '.NET' (in train/ and val/, 25 images), ..."), or "" for none."""
+    skipped as hidden or system ones, not classes: '.NET' (in train/ and val/, 25 images), ..."; "hidden" or
+    "system" alone where only those were), or "" for none."""
     return _skipped_text([(s.split, name, n) for s in sets for name, n in s.skipped_dirs])
 
 
@@ -254,8 +255,15 @@ def _skipped_text(skipped: list[tuple[str, str, int]], limit: int = 5) -> str:
                                                                 if images[name] else ")")
                       for name, splits in list(where.items())[:limit])
     more = f", ... ({len(where) - limit} more)" if len(where) > limit else ""
-    advice = "; a class directory must not start with '.'" if any(images.values()) else ""
-    return (f"{len(where)} director{'ies' if len(where) != 1 else 'y'} skipped as hidden or system ones, not "
+    hidden = [name for name in where if name.startswith(".")]
+    kinds = " or ".join(kind for kind, some in (("hidden", hidden), ("system", len(hidden) < len(where))) if some)
+    # Advice only for what held images (what the model lost), and for what was skipped: a '.' to rename away, or
+    # a tool's folder (__MACOSX, @eaDir), which is never a class.
+    advice = "".join(tip for tip, held in (
+        ("; a class directory must not start with '.'", any(images[name] for name in hidden)),
+        (f"; {' and '.join(sorted(SYSTEM_DIRS))} are folders tools write, never classes",
+         any(images[name] for name in where if name not in hidden))) if held)
+    return (f"{len(where)} director{'ies' if len(where) != 1 else 'y'} skipped as {kinds} ones, not "
             f"classes: {shown}{more}{advice}")
 
 

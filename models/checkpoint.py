@@ -190,10 +190,12 @@ def check_metadata(out_dir: str | os.PathLike, cfg: ViTConfig, *, class_names: l
     if size + reserve > MAX_META_BYTES and isinstance(meta["class_names"], list):
         rest = len(strict_json_bytes({**meta, "class_names": []}))
         # Written as ASCII JSON: a non-ASCII character costs a 6-byte escape (12 beyond the BMP, as emoji are).
-        raise CheckpointError(f"{when}{len(meta['class_names']):,} class names take {(size - rest) / 2**20:.1f} MiB "
-                              f"of {where}, which holds at most {MAX_META_BYTES >> 20} MiB (the rest of it needs up "
-                              f"to {(rest + reserve) >> 10} KiB; a non-ASCII character takes 6 or 12 bytes): use "
-                              f"fewer classes or shorter class names")
+        # Said before the first step (nothing has failed to save yet): what would not fit, and that it was refused.
+        raise CheckpointError(f"{where} would be larger than {MAX_META_BYTES >> 20} MiB, the most it may hold: "
+                              f"{len(meta['class_names']):,} class names take {(size - rest) / 2**20:.1f} MiB of it "
+                              f"(the rest of it needs up to {(rest + reserve) >> 10} KiB; a non-ASCII character "
+                              f"takes 6 or 12 bytes): refused before training; use fewer classes or shorter class "
+                              f"names")
     _check_meta(Path(out_dir), meta, when)
 
 

@@ -130,6 +130,15 @@ def last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def error_reason(exc: BaseException) -> str:
+    """`exc`'s message whole, for its one line (`one_line` escapes a newline in a path it names, which `last_line`
+    would cut there); the last line only of one carrying a traceback's text (a DataLoader worker's error)."""
+    text = str(exc)
+    if "Traceback (most recent call last)" in text:
+        return last_line(exc)
+    return text if text.strip() else type(exc).__name__
+
+
 def report(prog: str, exc: CommandError) -> int:
     """Say `exc` as the command's one line, `{prog}: error: {reason}`; its exit code."""
     say(f"{prog}: error: {one_line(str(exc))}")
@@ -332,7 +341,8 @@ _RUNNING = object()  # `run`'s code while main has not returned
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; an InputError or WorkFailed is one line, `{prog}: error: {reason}`, and exit 2 or
     1; Ctrl-C is one line and exit 130, SIGTERM (until `main` installs its own handler, as the server does once it
-    serves) one line and exit 143, what was being written left as it was (the writers are atomic); the machine
+    serves) one line and exit 143, also where the signal surfaced as another error raised from it (an import it
+    interrupted), what was being written left as it was (the writers are atomic); the machine
     failing (`machine_failure`) one line and exit 1, a missing extra (`missing_dependency`) one line and exit 2, and
     a closed output pipe (`| head`) ends quietly."""
     main_thread = threading.current_thread() is threading.main_thread()
@@ -358,29 +368,54 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
                 _ignore_signals()
         sys.stdout.flush()
     except KeyboardInterrupt as exc:
-        if code is _RUNNING:
-            stopped = isinstance(exc, Terminated)
-            # A note main added (exc.add_note) says what of its work is kept: "finished runs are kept; ..."
-            notes = "".join(f": {note}" for note in getattr(exc, "__notes__", ()))
-            say(f"{prog}: {'terminated' if stopped else 'interrupted'}{one_line(notes)}")
-            code = 143 if stopped else 130
-        # else it came after main returned (in the instant before the signals were ignored, or while an in-process
-        # caller's stdout was flushed): main's code stands
-    except CommandError as exc:  # raised by a main that is not a `command` (which says it itself)
-        code = report(prog, exc)
-    except BrokenPipeError:  # an OSError: before the clause below
-        # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141
-    except (MemoryError, RuntimeError, ImportError, OSError) as exc:  # unless the command said it already
-        code = machine_failure(exc, prog) or missing_dependency(exc, prog)
-        if code is None:
+        code = _stopped(prog, exc, code)
+    except Exception as exc:
+        if (stop := stopped_by(exc)) is not None:
+            # The signal landed where it became another error (an ImportError "initialization failed" out of a C
+            # extension's import, such as matplotlib's backend after the last step): it stopped the command.
+            code = _stopped(prog, stop, code)
+        elif isinstance(exc, CommandError):  # raised by a main that is not a `command` (which says it itself)
+            code = report(prog, exc)
+        elif isinstance(exc, BrokenPipeError):
+            # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 141
+        elif isinstance(exc, MemoryError | RuntimeError | ImportError | OSError):  # unless the command said it
+            code = machine_failure(exc, prog) or missing_dependency(exc, prog)
+            if code is None:
+                raise
+        else:
             raise
     if program:
         _ignore_signals()  # where the signal above came before the signals were ignored
     elif main_thread:
         atexit.register(_ignore_signals)  # for the caller's own teardown
     raise SystemExit(code)
+
+
+def stopped_by(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (Terminated) that `exc` was raised from or while handling, if any."""
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _stopped(prog: str, exc: KeyboardInterrupt, code: object) -> object:
+    """Say why the command stopped (Ctrl-C: 130, SIGTERM: 143), unless main had already returned its code."""
+    if code is not _RUNNING:
+        # It came after main returned (in the instant before the signals were ignored, or while an in-process
+        # caller's stdout was flushed): main's code stands.
+        return code
+    stopped = isinstance(exc, Terminated)
+    # A note main added (exc.add_note) says what of its work is kept: "finished runs are kept; ..."
+    notes = "".join(f": {note}" for note in getattr(exc, "__notes__", ()))
+    say(f"{prog}: {'terminated' if stopped else 'interrupted'}{one_line(notes)}")
+    return 143 if stopped else 130
 
 
 def _ignore_signals() -> None:

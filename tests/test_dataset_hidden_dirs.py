@@ -76,7 +76,7 @@ def test_the_summary_line_names_the_skipped_directories(tmp_path, capsys, train_
     code, out, err = train_cli(main, [*ARGS, "--dataset", str(root), "--out", str(run)], capsys)
     assert code == 0, err
     summary = next(line for line in out.splitlines() if " train / " in line)
-    assert "8 train / 4 val images (2 directories skipped as hidden or system ones, not classes: '.22 caliber' " \
+    assert "8 train / 4 val images (2 directories skipped as hidden ones, not classes: '.22 caliber' " \
            "(in train/ and val/, 6 images), '.NET' (in train/ and val/, 6 images)" in summary
     assert read_checkpoint_meta(run).class_names == ("pistol", "rifle")
 

@@ -17,7 +17,7 @@ import os
 
 from data.datasets import EMBEDDED, DatasetError, UnreadableImage
 from models.checkpoint import CheckpointError
-from models.cli import InputError, command, last_line, machine_failure, refuse_empty_paths, require, say
+from models.cli import InputError, command, error_reason, machine_failure, one_line, refuse_empty_paths, require, say
 from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 
@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         # A corrupt file met mid-epoch is one rank's: that rank says it (the others lose it, below). A dataset that
         # does not load fails every rank of a machine alike: its first rank says it (once per node).
         if isinstance(exc, UnreadableImage) or env.local_rank == 0:
-            # A DataLoader worker's error arrives with its traceback text: its last line is the reason.
-            say(f"{who}: error: {last_line(exc)}")
+            # A DataLoader worker's error arrives with its traceback text: error_reason takes its last line.
+            say(f"{who}: error: {one_line(error_reason(exc))}")
         return 2
     except (ConfigError, CheckpointError) as exc:
         if rank == 0:  # every rank meets these alike: one line is enough
-            raise InputError(last_line(exc)) from None
+            raise InputError(error_reason(exc)) from None  # whole: a path it names may hold a newline
         return 2
     except DistSetupError as exc:  # every rank that waited in vain says so: the one missing says nothing
         say(f"{who}: error: {exc}")

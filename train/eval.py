@@ -11,6 +11,7 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 # isort: split
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from models.cli import (
     OneLineParser,
     command,
     disk_full,
+    error_reason,
     int_in,
-    last_line,
     machine_error,
     refuse_empty_paths,
 )
@@ -68,6 +69,9 @@ def check_out(path: Path, dataset: str | None = None) -> None:
         raise OutputRefused(problem)
     # As serve.sample and serve.tensor name their format: `--out -` (stdout by convention) must not become a file
     # named '-'; the result is printed anyway.
+    if Path(path).name.lower() == ".json":  # a hidden file: its suffix is empty, and it has no name but .json
+        raise OutputRefused(f"--out {str(path)!r} is a hidden file named {Path(path).name!r}: give a file name such "
+                            "as eval.json")
     if Path(path).suffix.lower() != ".json":
         raise OutputRefused(f"--out {str(path)!r} must end in .json (the result is a JSON file; the scores are "
                             "printed too)")
@@ -148,6 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
          "--dataset to evaluate on the checkpoint's training dataset"),
         ("--out", args.out, "give a JSON path, or omit --out for <checkpoint>/eval-<dataset>-<split>.json"),
     ))
+    if args.out is not None and args.out.endswith(("/", "/.")):
+        # Path() drops the '/' that says "a directory": `--out runs/evals.json/` then wrote a file runs/evals.json.
+        p.error(f"--out {args.out!r} ends in '/', so it names a directory: give a file path such as "
+                f"{os.path.join(os.path.normpath(args.out), 'eval.json')!r}")
     args.out = Path(args.out) if args.out is not None else None
     return args
 
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or default_out(Path(args.checkpoint), res["dataset"], args.split)
         write_result(out, res)
     except (ConfigError, DatasetError, CheckpointError, OutputRefused) as exc:
-        raise InputError(last_line(exc)) from None
+        raise InputError(error_reason(exc)) from None  # whole: a path it names may hold a newline
     except (MemoryError, RuntimeError) as exc:
         if failed := machine_error(exc, "try a smaller --batch-size"):
             raise failed from None
