@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -292,14 +293,23 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
-def settings_problem(groups: list[dict[str, Any]], run: list[dict[str, Any]]) -> str | None:
+def settings_problem(groups: list[dict[str, Any]], run: list[dict[str, Any]], *,
+                     required: Collection[str] = ()) -> str | None:
     """Why optimizer groups (saved, or loaded) do not hold this run's settings `run` (`optimizer_settings`), or None.
-    A setting a saved group lacks (an older torch's) is left to the loaded groups' check."""
+    A setting a saved group lacks (an older torch's) is left to the loaded groups' check, which names the settings
+    a step reads (`required`, the optimizer's defaults): the load fills in only the flags torch added since, and a
+    group still without one (weight_decay, eps, betas) fails the first step with a KeyError."""
     if len(groups) != len(run):
         return f"optimizer: {len(groups)} parameter groups, this run's optimizer has {len(run)}"
     for i, (was, now) in enumerate(zip(groups, run, strict=True)):
         for key, value in now.items():
-            if key not in UNCOMPARED_SETTINGS and key in was and _plain(was[key]) != _plain(value):
+            if key in UNCOMPARED_SETTINGS:
+                continue
+            if key not in was:
+                if key in required:
+                    return f"optimizer.param_groups[{i}] has no {key!r}, this run's is {value!r:.40}"
+                continue
+            if _plain(was[key]) != _plain(value):
                 return (f"optimizer.param_groups[{i}].{key} is {was[key]!r:.40}, this run's {value!r:.40} (its "
                         f"configuration)")
     return None
@@ -322,8 +332,11 @@ def optimizer_problem(saved: dict[str, Any], optimizer: torch.optim.Optimizer, g
                       weights_finite: bool) -> str | None:
     """Why a saved optimizer state (`check_resume` passed it) is not what this run's optimizer would hold at
     `global_step`, or None: the groups' settings and sizes, each parameter's buffers (the names a step keeps, the
-    parameter's shape and dtype, finite unless the weights are not (a run diverging mid-epoch saves NaN in
-    both), squares not negative) and step counts between 1 and `global_step` (one per optimizer step)."""
+    parameter's shape and dtype, finite unless the weights are not (a run diverging mid-epoch saves NaN in both;
+    a square may overflow to infinity first), squares not negative) and step counts of `global_step`. Every
+    parameter takes every optimizer step (each gets a gradient from every batch), so past step 0 each keeps its
+    buffers, and its count is the run's. `optimizer`'s parameters hold the saved weights (the model is loaded
+    first): one that is NaN or infinite must have non-finite buffers, as a step that diverges leaves them."""
     run = optimizer_settings(optimizer)
     if problem := settings_problem(saved["param_groups"], run):
         return problem
@@ -343,6 +356,15 @@ def optimizer_problem(saved: dict[str, Any], optimizer: torch.optim.Optimizer, g
         for name, value in buffers.items():
             if problem := _buffer_problem(name, value, param, global_step, weights_finite):
                 return f"{where}.{name}: {problem}"
+        if buffers and not bool(torch.isfinite(param).all()) and all(
+                bool(torch.isfinite(v).all()) for k, v in buffers.items() if k != "step"):
+            # A step makes a weight NaN or infinite only through its gradient, which its buffers then hold too
+            # (and keep: a NaN moment stays NaN); a weight edited alone has finite ones.
+            return f"{where}: finite buffers for a parameter that holds NaN or infinity (a diverging step leaves both)"
+    for index, (_, group) in owner.items():
+        if global_step and index not in saved["state"] and _buffer_names(optimizer, group):
+            return (f"optimizer.state: nothing for parameter {index} at step {global_step} (every parameter takes "
+                    f"every step, and keeps its buffers)")
     return None
 
 
@@ -355,13 +377,17 @@ def _buffer_problem(name: str, value: object, param: torch.Tensor, global_step: 
         if value.dim() != 0 or value.dtype != torch.float32:
             return f"expected a float32 step count, got {value.dtype} of shape {tuple(value.shape)}"
         count = float(value)
-        if not (math.isfinite(count) and count.is_integer() and 1 <= count <= global_step):
-            return f"{count:g} steps, this run is at step {global_step} (a count from 1 to it)"
+        if count != global_step:  # one per optimizer step, and every parameter takes every step
+            return f"{count:g} steps, this run is at step {global_step} (every parameter takes every step)"
         return None
     if value.shape != param.shape or value.dtype != param.dtype:
         return (f"{value.dtype} of shape {tuple(value.shape)} for a parameter of {param.dtype} "
                 f"{tuple(param.shape)}")
-    if weights_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if weights_finite and name in SQUARES and bool(torch.isnan(value).any()):
+        return "holds NaN, with finite weights (a diverging run's weights are not)"
+    # A huge but finite gradient's square overflows to infinity while the weights stay finite (the step it scales
+    # is then 0): a run with a far too high rate saves that before its weights turn NaN.
+    if weights_finite and name not in SQUARES and value.is_floating_point() and not bool(torch.isfinite(value).all()):
         return "holds NaN or infinity, with finite weights (a diverging run's weights are not)"
     if name in SQUARES and bool((value < 0).any()):
         return "holds a negative value (it is a running mean of squares)"
@@ -392,6 +418,21 @@ def _check_loss_sum(state: dict[str, Any]) -> str | None:
     if not all_finite(state["model"]):
         return None
     return f"progress.epoch_acc.loss_sum: {acc['loss_sum']!r} with finite weights (a diverged run's are not)"
+
+
+def _check_running_var(tensors: dict[str, torch.Tensor], where: str) -> str | None:
+    """Why a BatchNorm running variance of `tensors` (the model's or the EMA's) is not one training computes, or
+    None: a running mean of variances is never negative, and NaN or infinite only once a weight is (the forward that
+    overflows it gives NaN gradients, and the step then gives NaN weights)."""
+    for key, value in tensors.items():
+        if key.rsplit(".", 1)[-1] != "running_var":
+            continue
+        if bool((value < 0).any()):
+            return f"{where}.{key}: holds a negative value (it is a running variance)"
+        if not bool(torch.isfinite(value).all()) and all_finite(
+                {k: t for k, t in tensors.items() if k.rsplit(".", 1)[-1] not in ("running_var", "running_mean")}):
+            return f"{where}.{key}: holds NaN or infinity, with finite weights (a diverging run's are not)"
+    return None
 
 
 def _strings(x: object) -> bool:
@@ -426,7 +467,7 @@ def _check_position(state: dict[str, Any]) -> str | None:
     if batch is not None and world is not None and batch % world:
         return f"global_batch {batch} is not a multiple of world_size {world}"
     acc = progress["epoch_acc"]
-    if acc is None:
+    if acc is None:  # mid-epoch only in a state the trainer did not write (`_apply_state` refuses that)
         return None
     if acc["corrupt"] > acc["samples"]:
         return f"progress.epoch_acc.corrupt is {acc['corrupt']}, more than its {acc['samples']} samples"
@@ -453,6 +494,9 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return "model: expected a dict of tensors"
     if state["ema"] is not None and not _tensor_dict(state["ema"]):
         return "ema: expected a dict of tensors or None"
+    for where in ("model", "ema"):
+        if state[where] is not None and (problem := _check_running_var(state[where], where)):
+            return problem
     if problem := _check_optimizer(state["optimizer"]):
         return problem
     if not isinstance(state["scheduler"], dict):

@@ -440,6 +440,10 @@ class Trainer:
         if progress["epoch"] > self.cfg.epochs or progress["step_in_epoch"] > self.steps_per_epoch:
             raise damaged(f"progress (epoch {progress['epoch']}, step {progress['step_in_epoch']}) is beyond this "
                           f"run's {self.cfg.epochs} epochs of {self.steps_per_epoch} steps")
+        if progress["epoch_acc"] is None and progress["step_in_epoch"]:  # the trainer saves the sums mid-epoch:
+            # without them the epoch's loss and samples would restart from nothing (and skip the samples check)
+            raise damaged(f"progress.epoch_acc is None at step {progress['step_in_epoch']} of epoch "
+                          f"{progress['epoch']}, not its start")
         self.net.load_state_dict(state["model"])
         if self.cfg.epochs:
             # The optimizer this run's configuration builds, setting by setting and buffer by buffer: torch's
@@ -450,7 +454,8 @@ class Trainer:
                                             weights_finite=all_finite(state["model"])):
                 raise damaged(problem)
             self.optimizer.load_state_dict(as_this_run(state["optimizer"], self.optimizer))
-            if problem := settings_problem(self.optimizer.param_groups, run):  # what the load filled in
+            # What the load filled in, and a setting a step reads that it left out (a KeyError at the first step).
+            if problem := settings_problem(self.optimizer.param_groups, run, required=self.optimizer.defaults):
                 raise damaged(problem)
             # The rate is a function of the step, set from it here: a saved schedule, of this or of an earlier
             # scheduler, is not needed, and neither is the saved rate (the same number, unless edited).
