@@ -45,3 +45,33 @@ def train_run_cli(fn: Callable[[list[str]], int], argv: list[str], capsys=None) 
 def train_cli() -> Callable[..., tuple[int, str, str]]:
     """`train_cli(main, argv, capsys)`: a training CLI run in-process, process state restored afterwards."""
     return train_run_cli
+
+
+# The smallest real run: 64 digits in 4 steps of 16, one thread; tests add --max-steps, --out and their own flags.
+TRAIN_TINY = ("--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size",
+              "16", "--train-subset", "64", "--val-subset", "16", "--threads", "1", "--no-progress")
+
+
+@pytest.fixture(scope="session")
+def train_tiny() -> list[str]:
+    """TRAIN_TINY's arguments (a fresh list: tests extend it)."""
+    return list(TRAIN_TINY)
+
+
+@pytest.fixture(scope="session")
+def train_stopped(tmp_path_factory) -> Callable[[int], object]:
+    """`train_stopped(steps)`: a TRAIN_TINY run stopped mid-epoch by --max-steps (one per step count, shared:
+    copy it before changing anything)."""
+    from train.__main__ import main
+
+    runs: dict = {}
+
+    def stopped(steps: int):
+        if steps not in runs:
+            run = tmp_path_factory.mktemp(f"stopped{steps}") / "run"
+            code, _, err = train_run_cli(main, [*TRAIN_TINY, "--max-steps", str(steps), "--out", str(run)])
+            assert code == 0, err
+            runs[steps] = run
+        return runs[steps]
+
+    return stopped

@@ -23,20 +23,13 @@ from models.checkpoint import META_FILE, load_checkpoint, read_checkpoint_meta, 
 from models.cli import _on_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
-        "--train-subset", "64", "--val-subset", "16", "--threads", "1"]
 OUTPUTS = ("weights-", META_FILE, "metrics.jsonl", "curves.png")
 
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory, train_cli) -> Path:
+def stopped_run(train_stopped) -> Path:
     """A run stopped by --max-steps 1: resuming it with --max-steps 2 trains one step and publishes again."""
-    from train.__main__ import main
-
-    run = tmp_path_factory.mktemp("base") / "run"
-    code, _, _ = train_cli(main, [*TINY, "--max-steps", "1", "--out", str(run)])
-    assert code == 0
-    return run
+    return train_stopped(1)
 
 
 def _signal_on_rename(monkeypatch, signum: int, name: str, nth: int = 1) -> list[str]:

@@ -20,19 +20,11 @@ from train.config import TrainConfig
 from train.optim import build_optimizer
 from train.state import check_resume
 
-TINY = ["--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
-        "--train-subset", "64", "--val-subset", "16", "--threads", "1", "--max-steps", "1", "--no-progress"]
-
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory, train_cli) -> Path:
-    """A run stopped mid-epoch at step 1 of 4 by --max-steps 1: AdamW state, epoch sums and a last evaluation."""
-    from train.__main__ import main
-
-    run = tmp_path_factory.mktemp("base") / "run"
-    code, _, err = train_cli(main, [*TINY, "--out", str(run)])
-    assert code == 0, err
-    return run
+def stopped_run(train_stopped) -> Path:
+    """A run stopped mid-epoch at step 1 of 4."""
+    return train_stopped(1)
 
 
 def _state(run: Path) -> dict:

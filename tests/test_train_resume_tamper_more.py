@@ -1,7 +1,8 @@
 """More resume.pt tampering refused before the first step (one line, exit 2): an optimizer group without a setting a
 step reads (a KeyError traceback mid-run before), and states training never writes that were trained on quietly:
 optimizer buffers missing for some or all parameters, step counts other than the run's, a NaN weight whose buffers
-are finite, a negative or NaN BatchNorm running variance with finite weights, and no epoch sums mid-epoch. A run
+are finite, a negative or NaN BatchNorm running variance with finite weights, a NaN EMA with finite weights, a
+negative batch count, samples or a history step the run's steps did not make, and no epoch sums mid-epoch. A run
 diverging mid-epoch (weights, buffers and statistics NaN together) is still accepted."""
 
 from __future__ import annotations
@@ -19,19 +20,11 @@ from train.config import TrainConfig
 from train.optim import build_optimizer
 from train.state import all_finite, check_resume, optimizer_problem
 
-# Stopped at step 2 of the first epoch's 4: AdamW buffers with counts of 2, epoch sums, BatchNorm in the stem.
-TINY = ["--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
-        "--train-subset", "64", "--val-subset", "16", "--threads", "1", "--max-steps", "2", "--no-progress"]
-
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory, train_cli) -> Path:
-    from train.__main__ import main
-
-    run = tmp_path_factory.mktemp("base") / "run"
-    code, _, err = train_cli(main, [*TINY, "--out", str(run)])
-    assert code == 0, err
-    return run
+def stopped_run(train_stopped) -> Path:
+    """Stopped at step 2 of the first epoch's 4: AdamW buffers with counts of 2, epoch sums, BatchNorm in the stem."""
+    return train_stopped(2)
 
 
 def _state(run: Path) -> dict:
@@ -68,6 +61,14 @@ CASES = {
                                "model.stem.body.4.running_var: holds NaN or infinity, with finite weights"),
     "the EMA's negative running variance": (_fill(lambda s: s["ema"], "module.stem.body.1.running_var", -1.0),
                                             "ema.module.stem.body.1.running_var: holds a negative"),
+    "a NaN EMA with finite weights": (_fill(lambda s: s["ema"], "module.head.weight", math.nan),
+                                      "ema: holds NaN or infinity, with finite weights"),
+    "a negative batch count": (_fill(lambda s: s["model"], "stem.body.1.num_batches_tracked", -3),
+                               "model.stem.body.1.num_batches_tracked: holds a negative value"),
+    "samples seen of another batch": (lambda s: s["progress"].__setitem__("samples_seen", 5),
+                                      "progress.samples_seen is 5, but 2 steps of a global batch of 16 trained 32"),
+    "a history step ahead of the run": (lambda s: s["progress"]["history"].append({"epoch": 1, "step": 4}),
+                                        "step is 4, after the run's step 2"),
 }
 # Refused by the trainer (a hand-built state without sums still loads as a run directory).
 NO_EPOCH_SUMS = (lambda s: s["progress"].__setitem__("epoch_acc", None),
@@ -119,13 +120,13 @@ def test_an_overflowed_square_with_finite_weights_is_a_runs_not_damage(stopped_r
     assert problem is not None and "exp_avg_sq: holds NaN, with finite weights" in problem, problem
 
 
-def test_a_run_whose_rate_overflows_its_squares_resumes(tmp_path, train_cli):
+def test_a_run_whose_rate_overflows_its_squares_resumes(tmp_path, train_cli, train_tiny):
     """AdamW at a far too high rate: at step 3 some second moments are infinite, the weights still finite."""
     from train.__main__ import main
 
     run = tmp_path / "run"
-    argv = [*TINY[:-3], "--max-steps", "3", "--lr", "100", "--weight-decay", "10", "--lr-ref-batch", "16",
-            "--warmup-epochs", "0", "--no-progress", "--out", str(run)]
+    argv = [*train_tiny, "--max-steps", "3", "--lr", "100", "--weight-decay", "10", "--lr-ref-batch", "16",
+            "--warmup-epochs", "0", "--out", str(run)]
     code, _, err = train_cli(main, argv)
     assert code == 0, err
     state = _state(run)
@@ -155,8 +156,9 @@ def _drop(key: str) -> Callable[[dict], None]:
     (_drop("eps"), "optimizer.param_groups[1] has no 'eps'"),
     (_drop("betas"), "optimizer.param_groups[1] has no 'betas'"),
     CASES["every parameter's buffers"], CASES["a NaN weight"], NO_EPOCH_SUMS,
-    CASES["a negative running variance"],
-], ids=["no weight_decay", "no eps", "no betas", "no buffers", "NaN weight", "no epoch sums", "negative variance"])
+    CASES["a negative running variance"], CASES["a NaN EMA with finite weights"],
+], ids=["no weight_decay", "no eps", "no betas", "no buffers", "NaN weight", "no epoch sums", "negative variance",
+        "NaN EMA"])
 def test_refused_in_one_line_exit_2_before_any_step(stopped_run, tmp_path, capsys, train_cli, edit, needle):
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)

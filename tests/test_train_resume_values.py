@@ -15,19 +15,11 @@ from safetensors.torch import load_file
 from models.checkpoint import read_checkpoint_meta
 from train.state import check_resume
 
-TINY = ["--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
-        "--train-subset", "64", "--val-subset", "16", "--threads", "1", "--max-steps", "1"]
-
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory, train_cli) -> Path:
-    """A run stopped mid-epoch by --max-steps 1: its resume.pt has optimizer state, history and epoch sums."""
-    from train.__main__ import main
-
-    run = tmp_path_factory.mktemp("base") / "run"
-    code, _, _ = train_cli(main, [*TINY, "--out", str(run)])
-    assert code == 0
-    return run
+def stopped_run(train_stopped) -> Path:
+    """A run stopped mid-epoch at step 1 of 4."""
+    return train_stopped(1)
 
 
 def _group(i: int, key: str, value: object) -> Callable[[dict], None]:

@@ -435,6 +435,18 @@ def _check_running_var(tensors: dict[str, torch.Tensor], where: str) -> str | No
     return None
 
 
+def _check_averages(state: dict[str, Any]) -> str | None:
+    """Why the EMA or a BatchNorm batch count is not one training keeps, or None: the EMA averages the weights of
+    every step, so it is finite while they are (a NaN weight stays NaN), and a count of batches is never negative."""
+    for where in ("model", "ema"):
+        for key, value in (state[where] or {}).items():
+            if key.rsplit(".", 1)[-1] == "num_batches_tracked" and bool((value < 0).any()):
+                return f"{where}.{key}: holds a negative value (it counts batches)"
+    if state["ema"] is not None and not all_finite(state["ema"]) and all_finite(state["model"]):
+        return "ema: holds NaN or infinity, with finite weights (an average of finite weights is finite)"
+    return None
+
+
 def _strings(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(v, str) for v in x)
 
@@ -456,6 +468,9 @@ def _check_position(state: dict[str, Any]) -> str | None:
     if progress["global_step"] != epoch * per_epoch + step:
         return (f"progress.global_step is {progress['global_step']}, but epoch {epoch} and step {step} of "
                 f"{per_epoch} steps per epoch make {epoch * per_epoch + step}")
+    for i, record in enumerate(progress["history"]):
+        if is_finite(record.get("step")) and record["step"] > progress["global_step"]:
+            return f"progress.history[{i}].step is {record['step']}, after the run's step {progress['global_step']}"
     last = progress["last_eval"]
     if last is not None and not 0 <= last["global_step"] <= progress["global_step"]:
         return (f"progress.last_eval.global_step is {last['global_step']}, not a step from 0 to "
@@ -466,6 +481,9 @@ def _check_position(state: dict[str, Any]) -> str | None:
             return f"{key}: expected a whole number >= 1, got {value!r:.40}"
     if batch is not None and world is not None and batch % world:
         return f"global_batch {batch} is not a multiple of world_size {world}"
+    if batch is not None and progress["samples_seen"] != progress["global_step"] * batch:
+        return (f"progress.samples_seen is {progress['samples_seen']}, but {progress['global_step']} steps of a "
+                f"global batch of {batch} trained {progress['global_step'] * batch}")
     acc = progress["epoch_acc"]
     if acc is None:  # mid-epoch only in a state the trainer did not write (`_apply_state` refuses that)
         return None
@@ -497,6 +515,8 @@ def check_resume(state: dict[str, Any]) -> str | None:
     for where in ("model", "ema"):
         if state[where] is not None and (problem := _check_running_var(state[where], where)):
             return problem
+    if problem := _check_averages(state):
+        return problem
     if problem := _check_optimizer(state["optimizer"]):
         return problem
     if not isinstance(state["scheduler"], dict):
