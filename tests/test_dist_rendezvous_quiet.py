@@ -1,14 +1,18 @@
 """A torchrun rank whose peers never come ends with its one line only: c10d's C++ log and stack traces (about 50
 lines, one trace per connection try) are held while the process group forms and dropped when it fails; kept when
-it forms, and never held when the user asked for torch's log (TORCH_CPP_LOG_LEVEL, TORCH_DISTRIBUTED_DEBUG).
+it forms, and never held when the user asked for torch's log (TORCH_CPP_LOG_LEVEL, TORCH_DISTRIBUTED_DEBUG). A
+MASTER_PORT where another service accepts and never answers ends the rank too (torch's handshake has no bound).
 Ports: 20210-20219."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,36 @@ def test_the_signal_watchers_line_reaches_the_real_stderr_while_it_is_held(capfd
         os.write(distributed._stderr_fd[0], b"python -m train (rank 0): terminated\n")
     assert capfd.readouterr().err == "python -m train (rank 0): terminated\n"
     assert distributed._stderr_fd[0] == 2
+
+
+def test_a_master_port_that_accepts_and_never_answers_ends_the_rank_at_its_deadline(tmp_path):
+    """A service on MASTER_PORT that takes the connection and says nothing: the rank waited in torch's handshake
+    for good (SIGTERM aside); now it ends at 2 x VITC_DIST_TIMEOUT_S + slack with its one line, nothing written."""
+    (port,) = _free_ports(1)
+    silent, held = socket.socket(), []
+    silent.bind(("127.0.0.1", port))
+    silent.listen(8)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    began = time.monotonic()
+    rank = _lone_rank_1(tmp_path, port, [*TRAIN, "--out", str(tmp_path / "run")])
+    try:
+        _, err = rank.communicate(timeout=90)
+    finally:
+        rank.kill()
+        silent.close()
+        for conn in held:
+            conn.close()
+    deadline = 2 * 1 + distributed.RENDEZVOUS_SLACK_S
+    assert held, "the rank never connected"
+    assert rank.returncode == 1 and len(err.splitlines()) == 1, err[-3000:]
+    assert err == (f"python -m train (rank 1): error: the process group did not form at 127.0.0.1:{port} within "
+                   f"{deadline:g} s: what listens there does not answer as torch's rendezvous (another service on "
+                   f"MASTER_PORT?)\n")
+    assert deadline <= time.monotonic() - began < 80
+    assert not (tmp_path / "run").exists()

@@ -162,7 +162,7 @@ def setup(preference: str) -> DistInfo:
     if env.launched:
         if not dist.is_initialized():
             try:
-                with _held_stderr():
+                with _held_stderr(), _rendezvous_deadline(env):
                     dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
                                             device_id=device if kind == "cuda" else None,
                                             timeout=datetime.timedelta(seconds=env.timeout_s))
@@ -170,6 +170,36 @@ def setup(preference: str) -> DistInfo:
                 raise DistSetupError(_setup_failure(exc, env)) from exc
         backend = dist.get_backend()
     return DistInfo(rank, world, local_rank, local_world, device, backend)
+
+
+# Past the timeouts torch applies (connecting to the store, then gloo's or NCCL's own connections): slack for a
+# loaded machine, so only a rendezvous that cannot end by itself meets the deadline.
+RENDEZVOUS_SLACK_S = 5.0
+_prog = ["vitc"]  # the name in this module's own lines: `watch_signals` is given the program's
+
+
+@contextlib.contextmanager
+def _rendezvous_deadline(env: DistEnv) -> Iterator[None]:
+    """End the process (one line, exit 1) if the body is still running 2 x the timeout (+ slack) later. torch bounds
+    the wait for peers, not the store's handshake: a MASTER_PORT where another service accepts the connection and
+    never answers hung the rank for good. Nothing is written before the group forms, so nothing is lost."""
+    deadline = 2 * env.timeout_s + RENDEZVOUS_SLACK_S
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+    def give_up() -> None:
+        line = (f"{_prog[0]}: error: the process group did not form at {where} within {deadline:g} s: what listens "
+                f"there does not answer as torch's rendezvous (another service on MASTER_PORT?)\n")
+        with contextlib.suppress(OSError):  # os.write: the main thread may hold stderr's buffered writer
+            os.write(_stderr_fd[0], line.encode())
+        os._exit(1)
+
+    timer = threading.Timer(deadline, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 # torch's own switches for its C++ log: set by the user, what it prints at the rendezvous is theirs to see.
@@ -248,6 +278,7 @@ def watch_signals(prog: str, grace_s: float = SIGNAL_GRACE_S) -> bool:
     lock file left behind are cleared by the next run. A signal at any other moment takes the normal path, which
     the main thread starts at once (its cleanup then takes as long as it needs).
     """
+    _prog[0] = prog
     if _watching:
         return True
     if threading.current_thread() is not threading.main_thread():
