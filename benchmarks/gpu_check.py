@@ -421,7 +421,7 @@ def parity_on_device(bundle: Path, checkpoint: Path, device: str, samples: int) 
                                   "failures": [f"refused by the export: {art.refused_reason}"]}
     model, meta = load_checkpoint(checkpoint)
     max_batch = manifest.input.max_batch
-    data = parity_data(model, meta, manifest.source.dataset or meta.raw.get("dataset"), samples, max_batch)
+    data = parity_data(model, meta, manifest.source.dataset or meta.dataset, samples, max_batch)
     for art in manifest.servable("torch"):
         # Compiled (CUDA graphs) for the precision served compiled; compiling on the CPU (inductor, minutes) would
         # prove nothing the GPU run does not. Captured at batch 1 (its own specialisation) and the max batch, which

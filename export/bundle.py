@@ -245,7 +245,7 @@ def bundle_name(name: str | None, out: Path) -> str:
 
 
 def _dataset_of(meta: CheckpointMeta, dataset: str | os.PathLike | None) -> str:
-    name = dataset or meta.raw.get("dataset")
+    name = dataset or meta.dataset
     if not name:
         raise ExportError(f"checkpoint {meta.path} records no 'dataset'; pass the dataset for parity images")
     return str(name)

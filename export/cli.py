@@ -83,7 +83,7 @@ def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_data
         return f"--out {shown}: the path is not valid UTF-8, which the ONNX tools cannot open; give a UTF-8 path"
     if dataset is None:
         try:
-            recorded = read_checkpoint_meta(checkpoint).raw.get("dataset")
+            recorded = read_checkpoint_meta(checkpoint).dataset
         except (CheckpointError, OSError):  # build_bundle says why the checkpoint cannot be read
             recorded = None
         dataset = recorded if isinstance(recorded, str) else None

@@ -9,7 +9,7 @@ import platform
 import runtimes
 from export.parity import ParityData
 from models.bundle import Provenance
-from models.checkpoint import CheckpointMeta
+from models.checkpoint import CheckpointMeta, TrainingRecord
 from models.host import distribution_versions, source_revision, vitc_version
 
 # Libraries beside the runtimes (whose versions each runtime reports itself) that shape an exported artifact.
@@ -19,8 +19,7 @@ LIBRARIES = ("onnx", "onnxscript", "nncf", "numpy", "pillow", "safetensors", "on
 def gather(meta: CheckpointMeta, parity: ParityData, calibration_fingerprint: str | None) -> Provenance:
     """The provenance of a bundle exported now from `meta`, gated on `parity`, calibrated (INT8) on what printed
     as `calibration_fingerprint`."""
-    training = meta.raw.get("training") or {}
-    config = training.get("config")
+    training = meta.training or TrainingRecord()
     revision = source_revision()
     libraries = {"python": platform.python_version()}
     for rt in runtimes.runtimes():
@@ -31,10 +30,10 @@ def gather(meta: CheckpointMeta, parity: ParityData, calibration_fingerprint: st
                 continue
     return Provenance(
         vitc_version=vitc_version(), git_commit=revision["commit"], git_dirty=revision["dirty"],
-        training_command=training.get("command_line"),
-        training_config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-        if config else None,
-        training_data_fingerprint=(training.get("data") or {}).get("train"),
+        training_command=training.command_line,
+        training_config_sha256=hashlib.sha256(json.dumps(training.config, sort_keys=True).encode()).hexdigest()
+        if training.config else None,
+        training_data_fingerprint=training.data.get("train"),
         parity_data_fingerprint=parity.fingerprint(), calibration_data_fingerprint=calibration_fingerprint,
         libraries={**libraries, **distribution_versions(LIBRARIES)},
     )

@@ -8,11 +8,12 @@ atomically last, so a crash at any moment leaves either the old or the new check
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,17 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
+class TrainingRecord:
+    """What `checkpoint.json` records of the training that made the weights (older files lack some fields)."""
+
+    command_line: str | None = None  # a shell-quoted command that reruns the training
+    config: dict[str, Any] | None = None  # the run's TrainConfig, as a dict
+    data: dict[str, str] = field(default_factory=dict)  # split ("train", "val") -> its images' fingerprint
+    steps: int | None = None  # optimizer steps taken
+    diverged: bool = False  # its weights may hold NaN
+
+
+@dataclass(frozen=True)
 class CheckpointMeta:
     """The parsed `checkpoint.json`."""
 
@@ -64,6 +76,8 @@ class CheckpointMeta:
     weights_file: str
     weights_sha256: str
     raw: dict[str, Any]
+    dataset: str | None = None  # what the run trained on: an embedded set's name or a folder's path
+    training: TrainingRecord | None = None  # None: saved outside a training run
 
     @property
     def weights_path(self) -> Path:
@@ -301,7 +315,8 @@ def _parse_meta(path: Path, raw: dict[str, Any], r: Fields) -> CheckpointMeta:
     )
     weights.get("format", str, "safetensors", check=lambda v: v == "safetensors", what='"safetensors"')
     _check_consistent(meta, r)
-    return meta
+    dataset, training = _summary(r)
+    return dataclasses.replace(meta, dataset=dataset, training=training)
 
 
 def _plain_file_name(name: str) -> bool:
@@ -311,11 +326,10 @@ def _plain_file_name(name: str) -> bool:
 
 
 def _check_consistent(m: CheckpointMeta, r: Fields) -> None:
-    """Cross-field invariants: the shared model contract, the top-level class count, the training summary."""
+    """Cross-field invariants: the shared model contract and the top-level class count."""
     check_model_contract(r, m.model, m.config, m.class_names, m.preprocessing)
     if r.get("num_classes", int, None) not in (None, m.config.num_classes):
         raise r.fail("num_classes", f"is {r.raw['num_classes']}, config.num_classes {m.config.num_classes}")
-    _check_summary(r)
 
 
 def check_model_contract(r: Fields, model: str, cfg: ViTConfig, class_names: tuple[str, ...],
@@ -356,26 +370,30 @@ def _check_model_name(r: Fields, model: str, cfg: ViTConfig) -> None:
                               f"but config.stem is {cfg.stem.kind}")
 
 
-def _check_summary(r: Fields) -> None:
-    """The training summary fields that export and evaluation act on (the dataset to measure on, provenance)."""
+def _summary(r: Fields) -> tuple[str | None, TrainingRecord | None]:
+    """The dataset and the training summary fields that export, evaluation and a resume act on, typed."""
     text = {"check": lambda v: len(v) <= MAX_TEXT_CHARS, "what": f"at most {MAX_TEXT_CHARS} characters"}
-    r.get("dataset", str, None, check=lambda v: is_label(v, MAX_DATASET_CHARS),
-          what=f"a name or path of 1..{MAX_DATASET_CHARS} characters without control characters")
+    dataset = r.get("dataset", str, None, check=lambda v: is_label(v, MAX_DATASET_CHARS),
+                    what=f"a name or path of 1..{MAX_DATASET_CHARS} characters without control characters")
     r.get("weights_source", str, None, **text)
     training = r.obj("training") if r.raw.get("training") is not None else None
     if training is None:
-        return
-    training.get("command_line", str, None, **text)
+        return dataset, None
+    data = {}
     if training.raw.get("data") is not None:
-        data = training.obj("data")
-        for split in ("train", "val"):
-            data.get(split, str, None, **text)
+        prints = training.obj("data")
+        data = {split: v for split in ("train", "val") if (v := prints.get(split, str, None, **text)) is not None}
+    return dataset, TrainingRecord(
+        command_line=training.get("command_line", str, None, **text),
+        config=training.get("config", dict, None),
+        data=data,
+        steps=training.get("steps", int, None, check=lambda v: v >= 0, what="a count of steps"),
+        diverged=bool(training.get("diverged", bool, False)),
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model (eval mode) with verified weights; `image_size` resizes the position embedding."""
-    import dataclasses
-
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -402,7 +420,7 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
         raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read weights {wpath}: {exc}") from None
-    check_finite(state, wpath, diverged=bool((meta.raw.get("training") or {}).get("diverged")))
+    check_finite(state, wpath, diverged=meta.training is not None and meta.training.diverged)
     model = VisionTransformer(cfg)
     try:
         model.load_state_dict(state, strict=True)

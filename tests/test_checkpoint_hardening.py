@@ -22,7 +22,14 @@ import runtimes
 from models import bundle as bundle_contract
 from models import config as config_bounds
 from models.bundle import BundleError, Manifest, read_manifest, write_manifest
-from models.checkpoint import META_FILE, CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from models.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    TrainingRecord,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from models.complexity import complexity
 from models.config import ConvLayer, ConvStem, ViTConfig
 from models.registry import get_config, list_variants
@@ -88,6 +95,17 @@ def test_a_saved_checkpoint_reads_and_loads(checkpoint):
     model, _ = load_checkpoint(checkpoint)
     assert model.cfg == meta.config
     assert load_checkpoint(checkpoint, image_size=64)[0].cfg.image_size == 64  # position embedding resized
+    assert meta.dataset == "animals" and meta.training is None  # saved outside a training run
+
+
+def test_the_training_summary_reads_typed(checkpoint, tmp_path):
+    raw = json.loads((checkpoint / META_FILE).read_text())
+    summary = {"steps": 12, "config": {"lr": 0.001}, "data": {"train": "ab12", "val": None}, "command_line": "x",
+               "diverged": True, "notes": "kept in raw"}
+    meta = read_checkpoint_meta(_with_meta(checkpoint, tmp_path, {**raw, "training": summary}))
+    assert meta.training == TrainingRecord(command_line="x", config={"lr": 0.001}, data={"train": "ab12"},
+                                           steps=12, diverged=True)
+    assert meta.raw["training"]["notes"] == "kept in raw"
 
 
 @pytest.mark.parametrize(("text", "says"), [
@@ -301,6 +319,10 @@ def test_a_checkpoint_is_not_saved_with_class_names_its_reader_refuses(tmp_path,
     ("training", {"command_line": ["python", "-m", "train"]}, "'training.command_line' must be a string, got list"),
     ("training", {"data": "abc"}, "'training.data' must be an object, got str"),
     ("training", {"data": {"train": 5}}, "'training.data.train' must be a string, got int"),
+    ("training", {"steps": "12"}, "'training.steps' must be an integer, got str"),
+    ("training", {"steps": -1}, "'training.steps' must be a count of steps"),
+    ("training", {"diverged": "no"}, "'training.diverged' must be true or false, got str"),
+    ("training", {"config": [1]}, "'training.config' must be an object, got list"),
     ("preprocessing.std", [0.5, 0.5, 0], "'preprocessing' is invalid: std must be > 0"),
     ("preprocessing.mean", [0.5, 0.5], "'preprocessing' is invalid: mean must hold 3 finite numbers"),
     ("preprocessing.mean", "abc", "'preprocessing' is invalid: mean must hold 3 finite numbers"),

@@ -268,8 +268,7 @@ def check_same_run(cfg: TrainConfig, source: str) -> None:
     if not (out / META_FILE).exists():
         return
     meta = read_checkpoint_meta(out)
-    training = meta.raw.get("training")
-    recorded = training.get("config") if isinstance(training, dict) else None
+    recorded = meta.training.config if meta.training is not None else None
     if meta.model != cfg.model:
         diff = [f"model: {meta.model!r} vs {cfg.model!r}"]
     else:

@@ -112,7 +112,7 @@ def recorded_dataset(checkpoint: str) -> str | None:
     """The dataset the checkpoint was trained on (evaluated when --dataset is not given), or None when it records
     none or cannot be read (evaluating it then says why)."""
     try:
-        dataset = read_checkpoint_meta(checkpoint).raw.get("dataset")
+        dataset = read_checkpoint_meta(checkpoint).dataset
     except (CheckpointError, OSError):  # OSError: a directory on the way that cannot be searched
         return None
     return dataset if isinstance(dataset, str) else None

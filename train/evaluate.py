@@ -72,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     from train.distributed import pick_device
 
     model, meta = load_checkpoint(checkpoint)
-    name = dataset or meta.raw.get("dataset")
+    name = dataset or meta.dataset
     if not name:
         raise DatasetError("the checkpoint records no dataset; pass --dataset")
     images = load_dataset(name, split)
@@ -86,13 +86,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     t0 = time.perf_counter()
     batches = eval_loader(images, meta.preprocessing, info, batch_size=batch_size, workers=workers)
     result = evaluate(model, batches, info, fail_on_corrupt=corrupt == "fail")
-    training = meta.raw.get("training")
-    recorded = training.get("data") if isinstance(training, dict) else None
-    recorded = recorded.get(split) if isinstance(recorded, dict) else None
+    recorded = meta.training.data.get(split) if meta.training is not None else None
     return {
         "checkpoint": str(Path(checkpoint)), "model": meta.model, "weights_sha256": meta.weights_sha256,
         "dataset": str(name), "split": split, **result, "seconds": round(time.perf_counter() - t0, 3),
         "device": str(dev), "images_fingerprint": fingerprint,
         # Whether these are the very images the run reported its numbers on (None: the checkpoint does not say).
-        "same_images_as_training": None if not isinstance(recorded, str) else recorded == fingerprint,
+        "same_images_as_training": None if recorded is None else recorded == fingerprint,
     }

@@ -378,9 +378,9 @@ class Trainer:
         recorded = None
         if self.info.is_main:
             with contextlib.suppress(CheckpointError):
-                training = read_checkpoint_meta(self.cfg.out).raw.get("training")
-                if isinstance(training, dict) and training.get("steps") == progress["global_step"]:
-                    recorded = training
+                meta = read_checkpoint_meta(self.cfg.out)
+                if meta.training is not None and meta.training.steps == progress["global_step"]:
+                    recorded = meta.raw["training"]
         if not all_reduce_sum([float(recorded is not None)], self.info)[0]:
             return None
         return recorded or {}
