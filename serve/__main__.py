@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"decode jobs waiting for a thread before 503 ({default('decode_queue')})")
     p.add_argument("--decode-budget-pixels", type=int,
                    help=f"pixels being decoded at once, all requests together, before 503 "
-                        f"({default('decode_budget_pixels')} or --max-image-pixels if larger, "
-                        f"{at_most('decode_budget_pixels')})")
+                        f"({default('decode_budget_pixels')} or --max-image-pixels if larger, at least "
+                        f"--max-image-pixels, {at_most('decode_budget_pixels')})")
     p.add_argument("--keep-alive-s", type=float, metavar="SECONDS",
                    help="an idle keep-alive connection is closed after this many seconds "
                         f"({default('keep_alive_s')}, {between('keep_alive_s')}); behind a proxy or load balancer "

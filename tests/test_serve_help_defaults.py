@@ -98,7 +98,8 @@ def test_the_help_reads_as_before():
                  "(default 8000; 0 picks a free one)", "(default 256 MiB, at least --max-body-bytes, at most 16 GiB)",
                  "(default 1,000, fewer if the open-file limit, ulimit -n, is lower)",
                  "(default 40,000,000, at most 1,000,000,000)", "(default 15, 1 to 3600)",
-                 "(default 100,000,000 or --max-image-pixels if larger, at most 10,000,000,000)",
+                 "(default 100,000,000 or --max-image-pixels if larger, at least --max-image-pixels, at most "
+                 "10,000,000,000)",
                  "(default 0, at most 300; Kubernetes: 5)", "throughput (default: several batches in flight",
                  "| latency (one batch at a time on every CPU)", "debug | info (default) | warning | error",
                  "measured (default: only for models whose served-path record"):
