@@ -51,6 +51,10 @@ class Backend(Protocol):
       (chained too, so `models.cli.memory_failure` finds the allocator's message): the machine failed, not the input;
     - after `close()`, every call waiting for a free slot and every later call raises BackendError("... is closed")
       at once; calls already computing finish (or fail) normally, and what they share is released after them.
+
+    The loader checks the attributes once it has loaded one (`check_backend`). Which runtime a backend belongs to is
+    the `Runtime` that loaded it, never its `runtime` attribute: a backend subclassing another runtime's keeps its
+    parent's, and a name is only informational (PooledBackend's error messages use it).
     """
 
     runtime: str
@@ -73,6 +77,7 @@ class Backend(Protocol):
 
 
 _FLOAT32 = np.dtype(np.float32)
+MAX_BACKEND_COUNT = 4096  # the most rows (max_batch) or concurrent calls (parallelism) a backend may declare
 
 
 def check_batch(batch: Any, sample_shape: tuple[int, ...], max_batch: int) -> None:
@@ -90,6 +95,41 @@ def check_batch(batch: Any, sample_shape: tuple[int, ...], max_batch: int) -> No
         raise BackendError("a batch must have at least 1 row, got 0")
     if shape[0] > max_batch:
         raise BackendError(f"a batch of {shape[0]} rows exceeds this backend's max batch {max_batch}")
+
+
+def check_logits(y: Any, rows: int, classes: int | None) -> np.ndarray:
+    """`y` as float32 if it is what `Backend.infer` returns for `rows` rows, an ndarray of shape (rows, classes) of a
+    float dtype (another float dtype is cast), else BackendError (one line). `classes` None checks the rows alone."""
+    if not isinstance(y, np.ndarray):
+        want = f"of shape ({rows}, {classes}) float32" if classes is not None else f"of {rows} rows"
+        raise BackendError(f"backend returned {type(y).__name__}, expected a numpy array {want}")
+    if classes is None:
+        if not y.shape or y.shape[0] != rows:
+            raise BackendError(f"backend returned shape {y.shape} for a batch of {rows}")
+        return y
+    if y.shape == (rows, classes) and y.dtype.kind == "f":
+        return y if y.dtype is _FLOAT32 or y.dtype == _FLOAT32 else y.astype(np.float32)
+    got = f"shape {y.shape}" if y.dtype.kind == "f" else f"{y.dtype} of shape {y.shape}"
+    raise BackendError(f"backend returned {got}, expected ({rows}, {classes}) float32")
+
+
+def check_backend(backend: Any) -> None:
+    """BackendError (one line naming every problem) unless `backend` has what the `Backend` protocol lists, with
+    usable values: what a runtime's `load` returned is checked once here, not found out by a server that crashes
+    (a parallelism of 0 sized its thread pool) or a route that answers 500."""
+    problems = [f"no {name}()" for name in ("infer", "describe", "close")
+                if not callable(getattr(backend, name, None))]
+    missing = object()
+    for name in ("precision", "device", "max_batch", "parallelism"):
+        value = getattr(backend, name, missing)
+        if value is missing:
+            problems.append(f"no {name}")
+        elif name in ("precision", "device") and not (isinstance(value, str) and value):
+            problems.append(f"{name} must be a non-empty string, got {value!r:.40}")
+        elif name in ("max_batch", "parallelism") and not (is_int(value) and 1 <= value <= MAX_BACKEND_COUNT):
+            problems.append(f"{name} must be a whole number in 1..{MAX_BACKEND_COUNT}, got {value!r:.40}")
+    if problems:
+        raise BackendError(f"its Backend ({type(backend).__name__}) breaks the contract: {'; '.join(problems)}")
 
 
 def inference_error(runtime: str, exc: BaseException) -> Exception:

@@ -8,6 +8,7 @@ manifest records are measured on the code that serves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -38,7 +39,16 @@ from models.cli import memory_failure
 from models.preprocessing import normalize
 from models.tolerance import TOLERANCES
 from runtimes import registry
-from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runtime, first_line
+from runtimes.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    LoadSpec,
+    Runtime,
+    check_backend,
+    check_logits,
+    first_line,
+)
 
 # MAX_GOLDEN_BYTES (models.bundle) bounds the golden file and its arrays before they are allocated.
 _NPY_HEADER_LIMIT = 10_000  # numpy's own default for untrusted headers
@@ -452,6 +462,15 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
             raise MemoryError(f"out of memory loading {spec.artifact.id!r} on {runtime.name}") from exc
         raise BackendError(f"{runtime.name} cannot load {spec.artifact.id!r}"
                            f"{' from ' + where if where else ''}: {first_line(exc)}") from exc
+    try:
+        check_backend(backend)
+    except Exception as exc:  # refused here, once: export then refuses the artifact, a server start exits 2
+        with contextlib.suppress(Exception):
+            backend.close()
+        why = str(exc) if isinstance(exc, BackendError) else \
+            f"reading its Backend's attributes raised {type(exc).__name__}: {first_line(exc)}"
+        raise BackendError(f"{runtime.name} cannot load {spec.artifact.id!r}"
+                           f"{' from ' + where if where else ''}: {why}") from None
     timings["load"] = time.perf_counter() - start
     if spec.manifest.golden is not None and spec.artifact.servable:
         return backend  # the golden inputs that follow warm it up and check its outputs (one inference fewer)
@@ -466,8 +485,9 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
 
 
 def warm_up(backend: Backend, spec: LoadSpec) -> None:
-    """One batch-1 inference (first-call allocations happen now) whose output must be (1, classes)."""
+    """One batch-1 inference (first-call allocations happen now) whose output must be (1, classes) floats."""
     y = backend.infer(np.zeros((1, *spec.manifest.input.sample_shape), np.float32))
-    if getattr(y, "shape", None) != (1, spec.num_classes):
-        raise BackendError(f"{spec.artifact.id!r} returns shape {tuple(getattr(y, 'shape', ()))} for one image, "
-                           f"but the manifest lists {spec.num_classes} classes")
+    try:
+        check_logits(y, 1, spec.num_classes)
+    except BackendError as exc:
+        raise BackendError(f"{spec.artifact.id!r}, given one image: {exc}") from None

@@ -25,6 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
+from runtimes.base import check_logits
+
 log = logging.getLogger("vitc.serve")
 FIRST_PAUSE_S, LAST_PAUSE_S = 0.5, 30.0  # between failed probes of a stalled model: doubling from the first
 
@@ -92,8 +94,10 @@ class DynamicBatcher:
         timeout_s: float = 30.0,
         probe: np.ndarray | None = None,
         merge: bool = True,
+        classes: int | None = None,
     ) -> None:
         self.name = name
+        self.classes = classes  # the model's output width: every batch's output is checked against it (None: rows)
         self.merge = merge  # False: each request is a batch of its own (Triton without dynamic_batching)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -316,7 +320,7 @@ class DynamicBatcher:
             if self._probe is None:
                 self._recovered(probes)
                 return
-            stuck = loop.run_in_executor(self._pool, self._infer, self._probe)
+            stuck = loop.run_in_executor(self._pool, self._checked_infer, self._probe)
             probes += 1
             try:
                 await asyncio.wait_for(asyncio.shield(stuck), self.timeout_s)
@@ -341,11 +345,17 @@ class DynamicBatcher:
         t0 = time.perf_counter()
         y = self._infer(x)
         dt = time.perf_counter() - t0
-        if y.shape[0] != x.shape[0]:
-            raise RuntimeError(f"backend returned {y.shape[0]} rows for a batch of {x.shape[0]}")
+        # The contract, once per call: unchecked, a wrong width reached v2 clients as a 200 contradicting the
+        # model's metadata, and v1 as an opaque IndexError; now the batch fails with what came back (500).
+        y = check_logits(y, int(x.shape[0]), self.classes)
         if self._observer:
             self._observer.batch(self.name, int(x.shape[0]), dt, len(xs))
         return y, dt
+
+    def _checked_infer(self, x: np.ndarray) -> np.ndarray:
+        """A probe's call: the backend's output checked as every batch's is (a model answering garbage is not
+        recovered)."""
+        return check_logits(self._infer(x), int(x.shape[0]), self.classes)
 
     @staticmethod
     def _resolve(batch: list[_Item], result: tuple[np.ndarray, float]) -> None:

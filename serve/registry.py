@@ -61,6 +61,10 @@ class ServedModel:
     users: int = field(default=0, repr=False)  # admitted requests on this version (a swap waits for them)
     startup: dict[str, float] = field(default_factory=dict, repr=False)  # seconds of each loading step
     execution: dict[str, Any] = field(default_factory=dict, repr=False)  # backend.describe() at load
+    # The runtime it was loaded with (the Runtime's name, which --backend or its artifact chose): what it reports
+    # and is tuned as. Never the backend's `runtime` attribute: a backend subclassing another runtime's keeps its
+    # parent's (and reported that runtime's Triton platform), a typo in it answered 500.
+    runtime: str = ""
 
     def __post_init__(self) -> None:
         if not self.execution and self.backend is not None:  # once: a drained, closed backend cannot describe itself
@@ -92,12 +96,12 @@ class ServedModel:
     @property
     def platform(self) -> str:
         """The Open Inference Protocol platform name, as Triton reports it."""
-        return runtimes.get(self.backend.runtime).triton_platform
+        return runtimes.get(self.runtime).triton_platform
 
     @property
     def triton_backend(self) -> str:
         """The Triton backend that serves this model's runtime ("" when Triton has none for it)."""
-        return runtimes.get(self.backend.runtime).triton_backend or ""
+        return runtimes.get(self.runtime).triton_backend or ""
 
     def info(self) -> dict[str, Any]:
         """The public description (GET /v1/models/{name})."""
@@ -106,7 +110,7 @@ class ServedModel:
             "name": self.name,
             "variant": m.model,
             "stem": m.stem,
-            "runtime": self.backend.runtime,
+            "runtime": self.runtime,
             "precision": self.backend.precision,
             "device": self.backend.device,
             "execution": self.execution,  # what really runs: threads, compute precision, providers, ...
@@ -320,7 +324,7 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         raise
     return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
                        queue_delay_ms=delay_ms, config=config, label_file=labels,
-                       startup={k: round(v, 4) for k, v in startup.items()})
+                       startup={k: round(v, 4) for k, v in startup.items()}, runtime=runtime)
 
 
 def _runtime_and_device(source: ModelSource, manifest: Manifest, config: TritonConfig | None,

@@ -88,10 +88,10 @@ class ModelRepository:
             max_queue=s.max_queue_size, parallel=model.backend.parallelism,
             observer=Observers(self.metrics, model.stats), timeout_s=s.inference_timeout_s,
             probe=np.zeros((1, *model.manifest.input.sample_shape), np.float32),
-            merge=model.config is None or model.config.dynamic_batching,
+            merge=model.config is None or model.config.dynamic_batching, classes=model.manifest.output.classes,
         )
         await model.batcher.start()
-        self.metrics.add_model(model.name, model.manifest.model, model.backend.runtime, model.backend.precision,
+        self.metrics.add_model(model.name, model.manifest.model, model.runtime, model.backend.precision,
                                lambda b=model.batcher: b.depth, lambda b=model.batcher: float(b.ready),
                                model.provenance_labels())
 
@@ -208,7 +208,7 @@ class ModelRepository:
             await asyncio.sleep(0.01)
         if model.batcher is not None:
             await model.batcher.close(max(0.0, end - loop.time()))
-        self.metrics.remove_model(model.name, model.manifest.model, model.backend.runtime, model.backend.precision,
+        self.metrics.remove_model(model.name, model.manifest.model, model.runtime, model.backend.precision,
                                   model.provenance_labels())
         model.backend.close()
 

@@ -139,7 +139,7 @@ def _load_and_bind(settings: Settings) -> tuple[ServedModels, socket.socket]:
     """Every model loaded and checked against the repository's tuning, and the bound socket; nothing is left loaded
     if the start is refused."""
     models = load_models(settings)
-    if refusal := repository_tuning(settings, (m.backend.runtime for m in models.values())):
+    if refusal := repository_tuning(settings, (m.runtime for m in models.values())):
         close_models(models)
         raise ServeError(refusal)
     from models.host import memory_limit
@@ -186,7 +186,7 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
 def _listening(settings: Settings, models: ServedModels, sock: socket.socket, connections: int) -> dict[str, Any]:
     """What the "listening" line says: where, which models, how many connections."""
     host, port = sock.getsockname()[:2]
-    served = {m.name: {"runtime": m.backend.runtime, "precision": m.backend.precision, "bundle": str(m.bundle),
+    served = {m.name: {"runtime": m.runtime, "precision": m.backend.precision, "bundle": str(m.bundle),
                        "startup_s": m.startup} for m in models.values()}
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
     return {"url": url, "host": host, "port": port, "models": served, "device": settings.device,
