@@ -217,7 +217,11 @@ def model_sources(settings: Settings) -> list[ModelSource]:
     """--model values, every bundle directly under --model-dir, every model of --model-repository."""
     sources = [ModelSource(path, name) for name, path in map(parse_model_arg, settings.models)]
     for flag, root in (("--model-dir", settings.model_dir), ("--model-repository", settings.model_repository)):
-        if root is not None and not root.is_dir():
+        try:
+            is_dir = root is None or root.is_dir()
+        except OSError as exc:  # Path.is_dir raises EACCES (a parent that cannot be searched) on Python 3.11
+            raise ServeError(f"{flag} {root}: {exc.strerror or exc}") from None
+        if not is_dir:
             raise ServeError(f"{flag} {root} is not a directory")
     if settings.model_dir is not None:
         # A bundle also given with --model is served once, as --model says (the Docker image sets

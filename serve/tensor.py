@@ -78,12 +78,17 @@ def _model_dir(bundle: str) -> tuple[Path, str]:
     """The directory the model's files live in, and what to call it: the bundle, or for a Triton version directory
     (repo/<model>/1) the model directory above it, which holds its config.pbtxt."""
     path = Path(bundle)
-    try:
-        if (path.parent / "config.pbtxt").is_file():
-            return path.parent, "the Triton model directory"
-    except OSError:  # unreadable: the bundle itself is still protected, and read_manifest says why it fails
-        pass
+    if _is_file(path.parent / "config.pbtxt"):  # unreadable: read_manifest says why the bundle fails
+        return path.parent, "the Triton model directory"
     return path, "the bundle"
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False where it cannot be looked at (Python 3.11 raises EACCES for a closed parent)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def check_out(out: str, bundle: str, images: list[str], *, overwrite: bool = False) -> None:
@@ -119,7 +124,7 @@ def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measur
         manifest = read_manifest(bundle)
     except BundleError as exc:
         hint = ""
-        if (Path(bundle) / "config.pbtxt").is_file():
+        if _is_file(Path(bundle) / "config.pbtxt"):
             hint = f" (a Triton model directory: give one of its version directories, such as {Path(bundle) / '1'})"
         raise TensorError(f"--bundle: {exc}{hint}") from None
     if len(images) > manifest.input.max_batch:
