@@ -17,6 +17,7 @@ import numpy as np
 import runtimes
 from models.bundle import BundleError, Manifest
 from runtimes import BackendOptions, Variant
+from runtimes.registry import load_failures, shadowed
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,20 @@ def all_targets() -> tuple[Target, ...]:
 def parse_targets(spec: str) -> list[Target]:
     """"all" or comma-separated target ids (e.g. "openvino-int8,onnxruntime-fp32") -> Targets; ValueError."""
     known = all_targets()
-    if spec.strip() == "all":
-        return list(known)
     by_id = {t.id: t for t in known}
-    out = []
-    for raw in spec.split(","):
-        name = raw.strip()
-        if name not in by_id:
-            raise ValueError(f"unknown target {name!r}; known: all, {', '.join(by_id)}")
-        if by_id[name] not in out:
-            out.append(by_id[name])
+    out = list(known) if spec.strip() == "all" else []
+    if not out:
+        for raw in spec.split(","):
+            name = raw.strip()
+            if name not in by_id:
+                raise ValueError(f"unknown target {name!r}; known: all, {', '.join(by_id)}{load_failures()}")
+            if by_id[name] not in out:
+                out.append(by_id[name])
     if not out:
         raise ValueError("no targets given")
+    for t in out:  # a plugin meant to be this runtime did not load: the other would be timed in its place
+        if why := shadowed("name", t.runtime):
+            raise ValueError(f"target {t.id!r}: {why}")
     return out
 
 

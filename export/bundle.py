@@ -46,14 +46,14 @@ from models.bundle import (
     write_manifest,
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
-from models.cli import memory_failure
+from models.cli import disk_full, memory_failure
 from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path
 from models.jsonfields import is_int
 from models.oneline import first_line
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import Backend, BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
-from runtimes.build import ExportContext, io_or_memory_cause
+from runtimes.build import ExportContext
 from runtimes.loader import (
     CONTRACT_KEY,
     MAX_SOURCE_SIDE,
@@ -288,7 +288,8 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         options = BackendOptions(device=rt.export_device, threads=threads)  # the server's defaults, --threads aside
         backend = open_artifact(rt, LoadSpec(header, artifact, tuple(built.files), options))
         try:
-            parity = measure(backend.infer, data, target.precision, ctx.max_batch, tolerance)
+            # In batches the backend takes, as the server and the golden check cap them (its own limit may be lower).
+            parity = measure(backend.infer, data, target.precision, min(ctx.max_batch, backend.max_batch), tolerance)
             hint = backend.describe().get("inference_precision")
             parity = replace(parity, inference_precision=str(hint) if hint else None)
             artifact = replace(artifact, parity=parity)
@@ -302,7 +303,9 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         if failure := memory_failure(exc):  # the machine failed, not the artifact: stop, keep the old bundle
             raise ExportMemoryError(f"{target.id}: out of memory ({type(failure).__name__}: "
                                     f"{first_line(failure)[:200]})") from None
-        if failure := io_or_memory_cause(exc):
+        # A full disk (or quota, or file-size limit) stops the export too; any other OSError is this runtime's own
+        # (a shared library it cannot load, a file its build did not write): it refuses this artifact alone.
+        if failure := _disk_full_cause(exc):
             raise ExportIOError(f"{target.id}: {type(failure).__name__}: {first_line(failure)}") from None
         failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
         if not artifact.export_seconds:
@@ -315,6 +318,17 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         return replace(artifact, servable=False, refused_reason="; ".join(failures),
                        refused_files=artifact.files, files=())
     return replace(artifact, servable=True, refused_reason=None)
+
+
+def _disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The full disk, quota or file-size limit behind `exc`, if any (converters wrap them in their own errors)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if disk_full(exc):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _golden_check(backend: Backend, artifact: Artifact, data: ParityData, max_batch: int,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from models.cli import installed
 from runtimes import ExportError, Runtime, by_target, runtimes
+from runtimes.registry import load_failures, shadowed
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ def parse_targets(names: Sequence[str]) -> list[Target]:
         family, _, precision = name.partition("-")
         rt = by_target(family)
         if rt is None or (precision and precision not in rt.precisions):
-            raise ExportError(f"unknown target {raw!r}; known: {', '.join(known_targets())}")
+            raise ExportError(f"unknown target {raw!r}; known: {', '.join(known_targets())}{load_failures()}")
+        if why := shadowed("target", family):  # a plugin meant to be this target did not load: the other would run
+            raise ExportError(f"target {raw!r}: {why}")
         for p in (precision,) if precision else rt.default_precisions:
             if Target(rt, p) not in out:
                 out.append(Target(rt, p))

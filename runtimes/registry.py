@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+from typing import Any
 
-from runtimes.base import BackendError, Runtime, first_line
+from models.tolerance import TOLERANCES
+from runtimes.base import BackendError, Runtime, Variant, first_line
 
 # Module of each built-in runtime, in the order help texts list them.
 BUILTIN = ("runtimes.onnxruntime", "runtimes.openvino", "runtimes.tensorrt", "runtimes.pytorch")
@@ -23,17 +26,76 @@ DEFAULT_TARGETS: tuple[str, ...] = ("onnx", "openvino")
 
 PLUGINS_ENV = "VITC_RUNTIMES"
 
+# What a runtime's name and target may be: export.targets lowercases `--targets` and splits them at the first "-",
+# and commas separate them (and the benchmarks' ids), so anything else could be registered but never named.
+NAME_RE = re.compile(r"[a-z0-9_]+")
+NAME_RULE = "lowercase ASCII letters, digits or '_'"
+DEVICE_KINDS = ("cpu", "cuda")  # what Runtime.devices may hold (models.device: cpu, cuda, cuda:N)
+_STRINGS = ("packages", "precisions", "default_precisions", "devices", "tunes")  # tuple[str, ...] fields
+
 _RUNTIMES: dict[str, Runtime] = {}
-_PLUGIN_ERRORS: dict[str, str] = {}  # plugin module -> why it could not be registered
+_PLUGIN_ERRORS: dict[str, str] = {}  # runtime module -> "<what it is> <module> failed: <why>", as refusals end
+_CLASHES: dict[tuple[str, str], str] = {}  # ("name" | "target", value) a failed module's runtime claimed -> module
+
+
+def _tuple_of_strings(runtime: Runtime, field: str) -> tuple[str, ...]:
+    value = getattr(runtime, field)
+    if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
+        raise ValueError(f"runtime {runtime.name!r:.60}: {field} must be a tuple of strings, got "
+                         f"{type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _subset(runtime: Runtime, field: str, allowed: tuple[str, ...], of: str) -> None:
+    values = _tuple_of_strings(runtime, field)
+    if not values:
+        raise ValueError(f"runtime {runtime.name!r}: {field} is empty")
+    if bad := [x for x in values if x not in allowed]:
+        raise ValueError(f"runtime {runtime.name!r}: {field} has {bad[0]!r:.40}, not one of {of} "
+                         f"({', '.join(allowed)})")
+
+
+def check_runtime(runtime: Any) -> None:
+    """TypeError or ValueError (one line naming the field) unless `runtime` is a Runtime every stage can use."""
+    if not isinstance(runtime, Runtime):  # a plugin module's RUNTIME that is something else: say so, by name
+        raise TypeError(f"register takes a runtimes.Runtime, got {type(runtime).__name__} {runtime!r:.80}")
+    for field in ("name", "target"):
+        value = getattr(runtime, field)
+        if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+            raise ValueError(f"runtime {runtime.name!r:.60}: {field} must be {NAME_RULE} (what --targets "
+                             f"and --backend can name), got {value!r:.60}")
+    for field in _STRINGS:
+        _tuple_of_strings(runtime, field)
+    _subset(runtime, "precisions", tuple(TOLERANCES), "the precisions export gates")
+    _subset(runtime, "default_precisions", runtime.precisions, "its precisions")
+    _subset(runtime, "devices", DEVICE_KINDS, "the device kinds")
+    for field in ("build", "load", "version"):
+        if not callable(getattr(runtime, field)):
+            raise ValueError(f"runtime {runtime.name!r}: {field} must be callable, got {getattr(runtime, field)!r:.60}")
+    variants = runtime.variants
+    if not isinstance(variants, tuple) or not all(isinstance(v, Variant) for v in variants):
+        raise ValueError(f"runtime {runtime.name!r}: variants must be a tuple of runtimes.Variant, got "
+                         f"{variants!r:.60}")
+    for v in variants:
+        if v.device not in runtime.devices or v.artifact_precision not in runtime.precisions:
+            raise ValueError(f"runtime {runtime.name!r}: variants has {v.precision} on {v.device} of a "
+                             f"{v.artifact_precision} artifact, not one of its devices and precisions")
+
+
+def _clashes(runtime: Runtime) -> list[tuple[str, str, Runtime]]:
+    """Each field ("name", "target") of `runtime` that a registered runtime already has: field, value, that one."""
+    return [(field, getattr(runtime, field), other) for other in _RUNTIMES.values() for field in ("name", "target")
+            if getattr(runtime, field) == getattr(other, field)]
 
 
 def register(runtime: Runtime) -> Runtime:
-    """Add a runtime (tests register fakes this way); a second one with the same name or target is an error."""
-    if not isinstance(runtime, Runtime):  # a plugin module's RUNTIME that is something else: say so, by name
-        raise TypeError(f"register takes a runtimes.Runtime, got {type(runtime).__name__} {runtime!r:.80}")
-    for other in _RUNTIMES.values():
-        if runtime.name == other.name or runtime.target == other.target:
-            raise ValueError(f"runtime {runtime.name!r} (target {runtime.target!r}) is already registered")
+    """Add a runtime (tests register fakes this way); one whose declaration is unusable, or whose name or target a
+    registered one has, is an error (one line naming the field)."""
+    check_runtime(runtime)
+    if clashes := _clashes(runtime):
+        field, value, other = clashes[0]
+        raise ValueError(f"runtime {runtime.name!r}: its {field} {value!r} is already registered, by runtime "
+                         f"{other.name!r}; give it another {field}")
     _RUNTIMES[runtime.name] = runtime
     return runtime
 
@@ -53,13 +115,27 @@ def names() -> tuple[str, ...]:
     return tuple(_RUNTIMES)
 
 
+def load_failures() -> str:
+    """Why each runtime module that could not be registered failed ("; <module> failed: <why>" each, "" when none):
+    the end of every refusal of an unknown backend or target, so a broken runtime is never silently missing."""
+    return "".join(f"; {why}" for why in _PLUGIN_ERRORS.values())
+
+
+def shadowed(field: str, value: str) -> str | None:
+    """The refusal of a registered runtime's `field` ("name" or "target") `value` that a module which failed to
+    register claimed too (the user means theirs, which would silently not run); None when none did."""
+    module = _CLASHES.get((field, value))
+    if module is None:
+        return None
+    return f"{value!r} is also the {field} of a runtime that could not be registered: {_PLUGIN_ERRORS[module]}"
+
+
 def get(name: str) -> Runtime:
     """The runtime called `name`; BackendError listing the known ones otherwise."""
     try:
         return _RUNTIMES[name]
     except KeyError:
-        failed = "".join(f"; {PLUGINS_ENV} plugin {m!r} failed: {why}" for m, why in _PLUGIN_ERRORS.items())
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(_RUNTIMES)}{failed}") from None
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(_RUNTIMES)}{load_failures()}") from None
 
 
 def by_target(target: str) -> Runtime | None:
@@ -67,14 +143,22 @@ def by_target(target: str) -> Runtime | None:
     return next((r for r in _RUNTIMES.values() if r.target == target), None)
 
 
-def _load(module: str) -> None:
-    register(importlib.import_module(module).RUNTIME)
+def _load(module: str, what: str) -> None:
+    """Register `module`'s RUNTIME; a failure is recorded for the refusals that would otherwise just say "unknown"
+    (a broken module must not take the other runtimes, or every command, down with it)."""
+    runtime = None
+    try:
+        runtime = importlib.import_module(module).RUNTIME
+        register(runtime)
+    except Exception as exc:
+        _PLUGIN_ERRORS[module] = f"{what} {module!r} failed: {type(exc).__name__}: {first_line(exc)}"
+        for field, value, _ in _clashes(runtime) if isinstance(runtime, Runtime) else ():
+            _CLASHES[field, value] = module
 
 
 for _module in BUILTIN:
-    _load(_module)
-for _module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-    try:
-        _load(_module)
-    except Exception as exc:  # a broken plugin must not take the built-in runtimes down with it
-        _PLUGIN_ERRORS[_module] = f"{type(exc).__name__}: {first_line(exc)}"
+    _load(_module, "built-in runtime module")
+# Each module once, and a built-in named again is already there (neither clashes with itself).
+for _module in dict.fromkeys(m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
+    if _module and _module not in BUILTIN:
+        _load(_module, f"{PLUGINS_ENV} plugin")

@@ -17,7 +17,7 @@ from models.bundle import NAME_RE, TRITON_CONFIG_FILE
 from models.device import DEVICE_RULE, is_device
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from models.tolerance import TOLERANCES
-from runtimes.registry import DEFAULT_RUNTIME
+from runtimes.registry import DEFAULT_RUNTIME, load_failures, shadowed
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     model_dir: Path | None = None
     model_repository: Path | None = None  # a Triton-style repository (python -m export.triton writes one)
-    backend: str = Field(DEFAULT_RUNTIME, description="a runtime of the registry (runtimes/registry.py)")
+    # The default is checked too: a plugin named like it that failed to register would otherwise silently not run.
+    backend: str = Field(DEFAULT_RUNTIME, description="a runtime of the registry (runtimes/registry.py)",
+                         validate_default=True)
     device: str = Field("cpu", description=DEVICE_RULE)
     precision: Precision | None = None
     host: str = "127.0.0.1"
@@ -260,7 +262,9 @@ class Settings(BaseSettings):
     def _known_backend(cls, v: str) -> str:
         """One of the registered runtimes (the registry is the only list of them)."""
         if v not in runtimes.names():
-            raise ValueError(f"unknown backend; known: {', '.join(runtimes.names())}")
+            raise ValueError(f"unknown backend; known: {', '.join(runtimes.names())}{load_failures()}")
+        if why := shadowed("name", v):  # a plugin meant to be this backend did not load: the other would run
+            raise ValueError(why)
         return v
 
     @field_validator("port", mode="before")

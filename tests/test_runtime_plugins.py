@@ -1,0 +1,318 @@
+"""Runtimes added from outside (VITC_RUNTIMES plugins, a new BUILTIN line, `runtimes.register`) that are broken or
+odd: refused in one line naming why, never silently missing, shadowed or a traceback; and an export keeps the
+artifacts of the runtimes that did work."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fake_runtime
+import numpy as np
+import pytest
+
+import runtimes
+from runtimes import BackendError
+from runtimes.build import Built
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = fake_runtime.RUNTIME
+PLUGINS = {  # module -> source: each broken in its own way
+    "importerr": "import vitc_no_such_package_xyz\n",
+    "noattr": "X = 1\n",
+    "notruntime": "RUNTIME = {'name': 'x'}\n",
+    "upper": "import dataclasses, fake_runtime\n"
+             "RUNTIME = dataclasses.replace(fake_runtime.RUNTIME, name='MyRT', target='myrt')\n",
+    "clashname": "import dataclasses, fake_runtime\n"
+                 "RUNTIME = dataclasses.replace(fake_runtime.RUNTIME, name='onnxruntime', target='mine')\n",
+    "clashtarget": "import dataclasses, fake_runtime\n"
+                   "RUNTIME = dataclasses.replace(fake_runtime.RUNTIME, name='myonnx', target='onnx')\n",
+}
+WHY = {  # what each plugin's refusal says
+    "importerr": "VITC_RUNTIMES plugin 'importerr' failed: ModuleNotFoundError: No module named "
+                 "'vitc_no_such_package_xyz'",
+    "noattr": "VITC_RUNTIMES plugin 'noattr' failed: AttributeError: module 'noattr' has no attribute 'RUNTIME'",
+    "notruntime": "VITC_RUNTIMES plugin 'notruntime' failed: TypeError: register takes a runtimes.Runtime, got dict",
+    "upper": "VITC_RUNTIMES plugin 'upper' failed: ValueError: runtime 'MyRT': name must be lowercase ASCII letters",
+    "clashname": "VITC_RUNTIMES plugin 'clashname' failed: ValueError: runtime 'onnxruntime': its name 'onnxruntime' "
+                 "is already registered, by runtime 'onnxruntime'; give it another name",
+    "clashtarget": "VITC_RUNTIMES plugin 'clashtarget' failed: ValueError: runtime 'myonnx': its target 'onnx' is "
+                   "already registered, by runtime 'onnxruntime'; give it another target",
+}
+
+
+# --- register(): a declaration no stage could use is refused, naming the field -----------------------------------
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"name": "MyRT"}, "runtime 'MyRT': name must be lowercase ASCII letters, digits or '_'"),
+    ({"target": "ort-basic"}, "target must be lowercase ASCII letters, digits or '_' .* got 'ort-basic'"),
+    ({"name": "bad name/with,comma"}, "name must be lowercase"),
+    ({"name": "caf\u00e9"}, "name must be lowercase ASCII"),
+    ({"packages": "onnxruntime"}, "packages must be a tuple of strings, got str 'onnxruntime'"),
+    ({"precisions": "fp32"}, "precisions must be a tuple of strings, got str 'fp32'"),
+    ({"devices": ["cpu"]}, "devices must be a tuple of strings, got list"),
+    ({"tunes": (1,)}, "tunes must be a tuple of strings"),
+    ({"precisions": ("fp8",), "default_precisions": ("fp8",)},
+     r"precisions has 'fp8', not one of the precisions export gates \(fp32, fp16, bf16, int8\)"),
+    ({"default_precisions": ("fp16",)}, r"default_precisions has 'fp16', not one of its precisions \(fp32\)"),
+    ({"default_precisions": ()}, "default_precisions is empty"),
+    ({"devices": ("gpu",)}, "devices has 'gpu', not one of the device kinds"),
+    ({"variants": (runtimes.Variant("fp32", device="cuda"),)}, "variants has fp32 on cuda"),
+    ({"name": "onnxruntime", "target": "mine"},
+     "its name 'onnxruntime' is already registered, by runtime 'onnxruntime'; give it another name"),
+    ({"name": "myonnx", "target": "onnx"},
+     "runtime 'myonnx': its target 'onnx' is already registered, by runtime 'onnxruntime'; give it another target"),
+])
+def test_register_refuses_a_declaration_no_stage_could_use(changes, reason):
+    before = runtimes.names()
+    with pytest.raises(ValueError, match=reason) as exc:
+        runtimes.register(dataclasses.replace(FAKE, **changes))
+    assert "\n" not in str(exc.value)
+    assert runtimes.names() == before
+
+
+def test_register_still_takes_a_valid_runtime():
+    with fake_runtime.registered() as rt:
+        assert runtimes.get("fake") is rt and runtimes.by_target("fake") is rt
+
+
+# --- broken plugins: every "unknown backend/target" says why; a clash is refused, not shadowed --------------------
+
+def _plugins(tmp_path: Path, *modules: str) -> dict[str, str]:
+    """Environment for a CLI subprocess that loads `modules` (written to tmp_path) through VITC_RUNTIMES."""
+    for m in modules:
+        (tmp_path / f"{m}.py").write_text(PLUGINS[m])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITC_")}
+    return {**env, "VITC_RUNTIMES": ",".join(modules), "PYTHONPATH": f"{tmp_path}:{REPO / 'tests'}:{REPO}"}
+
+
+def _refused(args: list[str], env: dict[str, str], cwd: Path = REPO) -> str:
+    """The one stderr line of a command that must refuse its arguments (exit 2)."""
+    r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    return lines[0]
+
+
+BROKEN = ("importerr", "noattr", "notruntime", "upper", "clashname", "clashtarget")
+
+
+@pytest.mark.parametrize(("args", "unknown"), [
+    (["-m", "serve", "--model", "nowhere", "--backend", "importerr"], "unknown backend; known: onnxruntime, "),
+    (["-m", "export", "--checkpoint", "nowhere", "--out", "nowhere-out", "--targets", "myrt"],
+     "unknown target 'myrt'; known: onnx, "),
+    (["benchmarks/latency.py", "--targets", "myonnx-fp32"], "unknown target 'myonnx-fp32'; known: all, "),
+])
+def test_unknown_backend_and_target_refusals_say_why_each_plugin_is_missing(tmp_path, args, unknown):
+    line = _refused(args, _plugins(tmp_path, *BROKEN))
+    assert unknown in line
+    for why in WHY.values():
+        assert why in line, (why, line)
+
+
+@pytest.mark.parametrize(("args", "refusal"), [
+    # The server's default backend is the name the plugin claimed: checked too, not served in the plugin's place.
+    (["-m", "serve", "--model", "nowhere"], "--backend (VITC_BACKEND): 'onnxruntime' is also the name of a runtime "
+                                            "that could not be registered: " + WHY["clashname"]),
+    (["-m", "serve", "--model", "nowhere", "--backend", "onnxruntime"], "'onnxruntime' is also the name of a runtime "
+                                                                        "that could not be registered"),
+    # The export's default targets (onnx, openvino) hold the target the other plugin claimed.
+    (["-m", "export", "--checkpoint", "nowhere", "--out", "nowhere-out"],
+     "error: target 'onnx': 'onnx' is also the target of a runtime that could not be registered: "
+     + WHY["clashtarget"]),
+    # (Sized so that, were it not refused, it would time the wrong runtime quickly and write into tmp_path only.)
+    (["benchmarks/latency.py", "--targets", "onnxruntime-fp32", "--quick", "--pairs", "micro", "--cell-seconds",
+      "0.05", "--no-plots", "--no-progress", "--cache", "{tmp}/cache", "--out", "{tmp}/results"],
+     "target 'onnxruntime-fp32': 'onnxruntime' is also the name of a runtime that could not be registered: "
+     + WHY["clashname"]),
+])
+def test_a_name_or_target_a_failed_plugin_claimed_is_refused_not_shadowed(tmp_path, args, refusal):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert refusal in _refused(args, _plugins(tmp_path, "clashname", "clashtarget"))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+
+
+def test_every_benchmark_target_is_checked_for_a_plugin_that_claimed_its_runtime(tmp_path):
+    code = ("from benchmarks.runners import parse_targets\n"
+            "try:\n    parse_targets('all')\nexcept ValueError as exc:\n    print(exc)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_plugins(tmp_path, "clashname"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("target 'onnxruntime-fp32': 'onnxruntime' is also the name of a runtime"), r
+
+
+def test_a_working_plugin_and_the_builtins_still_serve_beside_broken_ones(tmp_path):
+    """A broken plugin takes neither the built-in runtimes nor a working plugin down."""
+    env = _plugins(tmp_path, "importerr", "noattr")
+    env["VITC_RUNTIMES"] += ",fake_runtime"
+    code = "import runtimes; print(','.join(runtimes.names()))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "onnxruntime,openvino,tensorrt,torch,fake", r.stderr
+
+
+# --- a broken module in BUILTIN (README's "Adding a runtime", step 2) ----------------------------------------------
+
+BUILTIN_MODULES = {
+    "brokenimp": "import vitc_no_such_package_xyz\n",
+    "noattrrt": "X = 1\n",
+    "clashrt": "import dataclasses\nfrom runtimes.onnxruntime import RUNTIME as ORT\n"
+               "RUNTIME = dataclasses.replace(ORT, name='onnxruntime2')\n",
+}
+
+
+@pytest.fixture
+def broken_builtins(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A copy of the runtimes package whose BUILTIN lists three broken modules, first on the path (run from tmp)."""
+    root = tmp_path / "site"
+    shutil.copytree(REPO / "runtimes", root / "runtimes", ignore=shutil.ignore_patterns("__pycache__"))
+    registry = root / "runtimes" / "registry.py"
+    src = registry.read_text()
+    added = src.replace('"runtimes.pytorch")', '"runtimes.pytorch", "runtimes.brokenimp", "runtimes.noattrrt", '
+                                               '"runtimes.clashrt")', 1)
+    assert added != src
+    registry.write_text(added)
+    for name, text in BUILTIN_MODULES.items():
+        (root / "runtimes" / f"{name}.py").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITC_")}
+    return tmp_path, {**env, "PYTHONPATH": f"{root}:{REPO}"}
+
+
+def test_a_broken_builtin_module_is_one_line_naming_it_not_a_traceback(broken_builtins):
+    cwd, env = broken_builtins
+    line = _refused(["-m", "serve", "--model", "nowhere", "--backend", "brokenimp"], env, cwd)
+    assert "unknown backend; known: onnxruntime, openvino, tensorrt, torch;" in line
+    assert ("built-in runtime module 'runtimes.brokenimp' failed: ModuleNotFoundError: No module named "
+            "'vitc_no_such_package_xyz'") in line
+    assert ("built-in runtime module 'runtimes.noattrrt' failed: AttributeError: module 'runtimes.noattrrt' has no "
+            "attribute 'RUNTIME'") in line
+    assert ("built-in runtime module 'runtimes.clashrt' failed: ValueError: runtime 'onnxruntime2': its target "
+            "'onnx' is already registered, by runtime 'onnxruntime'; give it another target") in line
+    line = _refused(["-m", "export", "--checkpoint", "nowhere", "--out", "o", "--targets", "onnx"], env, cwd)
+    assert line.startswith("python -m export: error: target 'onnx': 'onnx' is also the target of a runtime that "
+                           "could not be registered: built-in runtime module 'runtimes.clashrt' failed"), line
+
+
+# --- export: one runtime's own OSError refuses its artifact; the machine's stops the export; max_batch -----------
+
+def _checkpoint(tmp_path: Path) -> Path:
+    import torch
+
+    from data.datasets import ANIMAL_CLASSES, default_preprocessing
+    from models import build_model
+    from models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("vit_c_micro").eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.5)
+    return save_checkpoint(tmp_path / "ckpt", model, class_names=ANIMAL_CLASSES,
+                           preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
+
+
+def _raising(exc: BaseException):
+    def load(spec):
+        raise exc
+    return load
+
+
+def _nobuild(ctx, precision: str) -> Built:
+    return Built([ctx.workdir / "missing.npy"], {})  # a file it says it wrote and did not
+
+
+_MODELS: dict[str, object] = {}  # workdir -> the torch model its "small" artifact runs (in-process only)
+
+
+def _small_build(ctx, precision: str) -> Built:
+    out = ctx.workdir / "small.txt"
+    out.write_text("the export's own model\n")
+    _MODELS[str(ctx.workdir)] = ctx.model
+    return Built([out], {})
+
+
+class SmallBatchBackend:
+    """torch fp32 itself (so it passes the gate), but at most 4 rows per call, as a native runtime may be."""
+
+    runtime, precision, device, max_batch, parallelism = "small", "fp32", "cpu", 4, 1
+
+    def __init__(self, spec) -> None:
+        self.model = _MODELS[str(spec.file(".txt").parent)]
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        if len(batch) > self.max_batch:
+            raise BackendError(f"a batch of {len(batch)} rows exceeds this backend's max batch {self.max_batch}")
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch))).numpy().astype(np.float32)
+
+    def describe(self) -> dict[str, str]:
+        return {"inference_precision": "fp32"}
+
+    def close(self) -> None:
+        self.model = None
+
+
+ODD = (
+    dataclasses.replace(FAKE, name="liberr", target="liberr", load=_raising(
+        OSError("libmyaccel.so.3: cannot open shared object file: No such file or directory"))),
+    dataclasses.replace(FAKE, name="nobuild", target="nobuild", build=_nobuild),
+    dataclasses.replace(FAKE, name="small", target="small", build=_small_build, load=SmallBatchBackend, tunes=()),
+)
+
+
+@pytest.fixture
+def odd():
+    for rt in ODD:
+        runtimes.register(rt)
+    try:
+        yield
+    finally:
+        for rt in ODD:
+            runtimes.unregister(rt.name)
+
+
+def test_a_runtimes_own_oserror_refuses_its_artifact_and_the_others_are_kept(odd, tmp_path):
+    from export.bundle import build_bundle
+
+    lines: list[str] = []
+    m = build_bundle(_checkpoint(tmp_path), tmp_path / "b", ["liberr", "nobuild", "small"], max_batch=8,
+                     parity_samples=16, threads=1, log=lines.append)
+    arts = {a.id: a for a in m.artifacts}
+    assert list(arts) == ["torch-fp32", "liberr-fp32", "nobuild-fp32", "small-fp32"]
+    assert "libmyaccel.so.3: cannot open shared object file" in arts["liberr-fp32"].refused_reason
+    assert "FileNotFoundError" in arts["nobuild-fp32"].refused_reason
+    assert not arts["liberr-fp32"].servable and not arts["nobuild-fp32"].servable
+    assert any(ln.startswith("liberr-fp32") and "REFUSED" in ln for ln in lines), lines
+    # The parity gate runs the batches the backend takes (its max batch 4, below the export's 8), as a server would.
+    small = arts["small-fp32"]
+    assert small.servable, small.refused_reason
+    assert max(small.parity.batch_sizes) == 4
+    assert arts["torch-fp32"].servable and (tmp_path / "b" / "small.txt").is_file()
+
+
+@pytest.mark.parametrize(("exc", "stops"), [
+    (OSError(errno.ENOSPC, "No space left on device"), "OSError: [Errno 28] No space left on device"),
+    (OSError(errno.EFBIG, "File too large"), "OSError: [Errno 27] File too large"),
+    # A runtime's own error wrapping the full disk: still the machine's.
+    (RuntimeError("cannot save the engine"), "OSError: [Errno 122] Disk quota exceeded"),
+])
+def test_a_full_disk_in_one_runtime_still_stops_the_export(tmp_path, exc, stops):
+    from export.bundle import ExportIOError, build_bundle
+
+    if isinstance(exc, RuntimeError):
+        exc.__cause__ = OSError("write failed")
+        exc.__cause__.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
+    rt = dataclasses.replace(FAKE, name="full", target="full", load=_raising(exc))
+    runtimes.register(rt)
+    try:
+        with pytest.raises(ExportIOError, match=f"^full-fp32: {re.escape(stops)}"):
+            build_bundle(_checkpoint(tmp_path), tmp_path / "b", ["full"], max_batch=4, parity_samples=8, threads=1,
+                         log=lambda _: None)
+    finally:
+        runtimes.unregister("full")
+    assert not (tmp_path / "b").exists()
