@@ -161,8 +161,11 @@ def _holds(out: Path, cwd: Path) -> bool:
 def _check_out(out: Path, keeps: set[str] | None) -> None:
     """Refuse outputs that would clobber something that is not a bundle (or, unless `keeps` is None, a servable
     artifact whose id is not in `keeps`), or that could not be written."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output {out} exists and is not a directory")
+    try:  # Python 3.11's Path.exists raises EACCES under a parent that cannot be searched
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"output {out} exists and is not a directory")
+    except OSError as exc:
+        raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     _check_replaceable(out, keeps)
     try:  # fail before the slow work if the bundle could not be written
         ensure_dir(out.parent)
@@ -170,6 +173,8 @@ def _check_out(out: Path, keeps: set[str] | None) -> None:
             pass
     except OSError as exc:
         raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.R_OK):  # the swap lists it for an earlier export's leftovers
+        raise ExportError(f"cannot write bundle {out}: {out.parent} cannot be listed (no read permission)")
     # An existing `out` is moved aside by a rename into another directory, which needs write access to `out`
     # itself (its '..' entry changes), and its old files are then deleted.
     for d in ([out, *(p for p in out.rglob("*") if p.is_dir() and not p.is_symlink())] if out.is_dir() else []):

@@ -50,3 +50,31 @@ def test_serve_tensor_under_a_closed_parent_says_why(tmp_path, monkeypatch):
     with pytest.raises(TensorError) as info:
         build(str(bundle), [str(image)], str(tmp_path / "q.npy"))
     assert str(info.value).startswith("--bundle: ") and "Permission denied" in str(info.value)
+
+
+def test_export_under_a_closed_parent_is_refused_before_the_work(tmp_path, monkeypatch):
+    from export.bundle import _check_out
+    from runtimes import ExportError
+
+    out = tmp_path / "closed" / "new"
+    out.parent.mkdir()
+    _closed(monkeypatch, tmp_path / "closed")
+    monkeypatch.setattr(Path, "exists", lambda self: Path.is_dir(self))  # raises there, as is_dir does
+    with pytest.raises(ExportError, match=r"^cannot write bundle .*/closed/new: Permission denied$"):
+        _check_out(out, None)
+
+
+def test_export_into_a_parent_that_cannot_be_listed_is_refused_before_the_work(tmp_path, monkeypatch):
+    """Mode 311: a file can be made there, but the swap lists the parent for an earlier export's leftovers."""
+    import os
+
+    from export.bundle import _check_out
+    from runtimes import ExportError
+
+    out = tmp_path / "nolist" / "new"
+    out.parent.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == out.parent and mode & os.R_OK
+                        else real(p, mode, **kw))
+    with pytest.raises(ExportError, match=r"nolist cannot be listed \(no read permission\)$"):
+        _check_out(out, None)
