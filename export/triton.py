@@ -92,6 +92,7 @@ from models.io import (
     committing,
     default_mode,
     ensure_dir,
+    not_a_file,
     remove_stale,
     resolve_path,
     writer_lock,
@@ -357,7 +358,9 @@ def _served_versions(model_dir: Path, new_version: int | None, *, generated: boo
     policy = tritonconfig.VersionPolicy()
     if not generated:
         with contextlib.suppress(tritonconfig.ConfigError, OSError):
-            policy = (tritonconfig.read(model_dir) or policy).version_policy
+            # None: no config.pbtxt (a model being copied in, or one left to Triton's defaults)
+            if (cfg := tritonconfig.read(model_dir)) is not None:
+                policy = cfg.version_policy
     if policy.kind == "specific":
         return [v for v in versions if v in policy.versions]
     return versions if policy.kind == "all" else versions[-policy.num_versions:]
@@ -619,6 +622,11 @@ def check_out(bundle: Path, out: Path, names: Sequence[str]) -> None:
                               "the path of a directory")
     if not out.exists() or not any(out.iterdir()):
         return
+    isvc = out / ISVC_FILE
+    if os.path.lexists(isvc) and not isvc.is_symlink() and not isvc.is_file():  # a link is replaced, not followed
+        # A directory (or a FIFO) there is no repository's file, nor an absent one: its rename would fail last.
+        raise RepositoryError(f"--out {out}: {isvc} {not_a_file(isvc)}; remove it (this tool writes the "
+                              f"repository's {ISVC_FILE})")
     if (why := _not_ours(out)) is not None:
         raise RepositoryError(f"--out {out} is a non-empty directory and not a model repository written by "
                               f"python -m export.triton ({why}); refusing to write into it (pick an empty or new "
@@ -878,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(str(exc)) from None
     except RepositoryError as exc:  # about --out, as the parser's own errors are
         p.error(str(exc))
-    except OSError as exc:  # a full disk is the machine failing (exit 1), anything else the --out given
+    except OSError as exc:  # a full disk or an I/O error is the machine failing (exit 1), anything else the --out
         # Without the file name: for a failed copy Python names the source, not the file that filled the disk.
         if failed := machine_error(OSError(exc.errno, exc.strerror), f"nothing was written to {args.out}"):
             raise failed from None

@@ -43,7 +43,7 @@ from typing import Any
 from models.checkpoint import MAX_DATASET_CHARS, check_model_contract
 from models.config import MAX_PARAMS, ViTConfig, is_label
 from models.formats import FormatError, UnreadableFile, files_problem, format_rules
-from models.io import atomic_write_bytes, read_strict_json, sha256_file, strict_json_bytes
+from models.io import atomic_write_bytes, not_a_file, read_strict_json, sha256_file, strict_json_bytes
 from models.jsonfields import FieldError, Fields, between
 from models.preprocessing import Preprocessing
 
@@ -724,13 +724,16 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     bundle = Path(bundle)
     path = bundle / MANIFEST_FILE
     try:
-        found = bundle.is_dir(), path.is_file()
+        # Never opened when it is not a regular file: a FIFO would block the reader, a device never end.
+        found = bundle.is_dir()
+        problem = not_a_file(path) if found else None
     except OSError as exc:  # a bundle directory this process may not look into
         raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not found[0]:
+    if not found:
         raise BundleError(f"bundle directory not found: {bundle}")
-    if not found[1]:
-        raise BundleError(f"not a bundle: {path} is missing")
+    if problem is not None:
+        raise BundleError(f"not a bundle: {path} {problem}" if problem.startswith("is ")
+                          else f"cannot read {path}: {problem}")
     try:
         real = path.resolve()
         outside = bundle.resolve() not in real.parents
@@ -766,8 +769,11 @@ def verify_file(bundle: str | os.PathLike, entry: FileEntry, what: str = "artifa
         p = (root / entry.path).resolve()
         if root not in p.parents:  # a symlink inside the bundle may still point out of it
             raise BundleError(f"{what} {entry.path!r} points outside the bundle")
-        if not p.is_file():
+        if (problem := not_a_file(p)) == "is missing":
             raise BundleError(f"{what} missing: {p}")
+        if problem is not None:  # a FIFO or a device: never opened (it would block, or never end)
+            raise BundleError(f"{what} {p} {problem}" if problem.startswith("is ")
+                              else f"{what} {p}: cannot read it: {problem}")
         size = p.stat().st_size
         if size != entry.bytes:
             raise BundleError(f"{what} {p} is {size:,} bytes, the manifest says {entry.bytes:,} (tampered or corrupt)")

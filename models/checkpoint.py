@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ViTConfig, is_label
 from models.io import (
     atomic_write_json,
     default_mode,
+    not_a_file,
     parse_strict_json,
     read_strict_json,
     sha256_file,
@@ -140,7 +142,7 @@ def staged_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, class_nam
 
     try:
         # One metadata key: safetensors orders several keys differently per process, breaking reproducible hashes.
-        save_file(state, str(tmp), metadata={"format": FORMAT})
+        _save_file(save_file, state, tmp)
         os.chmod(tmp, default_mode(0o666))  # safetensors writes 0600: servers and other users must read the weights
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -158,6 +160,27 @@ def staged_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, class_nam
             if created:
                 with contextlib.suppress(OSError):
                     out.rmdir()  # empty again: a directory this call made
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _save_file(save_file: Callable[..., None], state: dict[str, torch.Tensor], tmp: Path) -> None:
+    """safetensors' save_file, its I/O failures raised as the OSError they are: it raises SafetensorError (not an
+    OSError) for a full disk ("No space left on device (os error 28)") or a file size limit (os error 27), which
+    the commands' machine-failure handling (models.cli) would then not recognise, and end in a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    except SafetensorError as exc:
+        text = str(exc)
+        if (code := _OS_ERROR.search(text)) is not None:
+            number = int(code.group(1))
+            raise OSError(number, os.strerror(number), str(tmp)) from exc
+        if "I/O error" in text:  # no number given: an I/O error all the same
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(tmp)) from exc
+        raise
 
 
 def _metadata(cfg: ViTConfig, class_names: list[str], preprocessing: Preprocessing,
@@ -266,10 +289,12 @@ def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
         meta_path = path / META_FILE
         if not path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {path}")
-        if not meta_path.is_file():
-            raise CheckpointError(f"not a checkpoint: {meta_path} is missing")
+        problem = not_a_file(meta_path)  # a FIFO or a device is not opened: it would block, or never end
     except OSError as exc:  # stat fails with EACCES when the directory (or one above it) cannot be searched
         raise CheckpointError(f"cannot read checkpoint directory {path}: {exc.strerror or exc}") from None
+    if problem is not None:
+        raise CheckpointError(f"not a checkpoint: {meta_path} {problem}" if problem.startswith("is ")
+                              else f"cannot read {meta_path}: {problem}")
     return _validated(path, _load_json(meta_path), str(meta_path), "corrupt checkpoint metadata ")
 
 
@@ -402,8 +427,11 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
     meta = read_checkpoint_meta(path)
     wpath = meta.weights_path
     try:
-        if not wpath.is_file():
+        if (problem := not_a_file(wpath)) == "is missing":
             raise CheckpointError(f"checkpoint weights missing: {wpath}")
+        if problem is not None:
+            raise CheckpointError(f"checkpoint weights file {wpath} {problem}" if problem.startswith("is ")
+                                  else f"cannot read weights {wpath}: {problem}")
         digest = sha256_file(wpath)
     except OSError as exc:  # no permission, an I/O error: every command reports it as a bad input, in one line
         raise CheckpointError(f"cannot read weights {wpath}: {exc.strerror or exc}") from None

@@ -64,6 +64,12 @@ _OOM_SIZE = re.compile(r"tried to allocate ([\d.]+ ?(?:bytes|[KMGT]i?B))", re.IG
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the machine failed, not the input
+# The storage failing under the work, not a path the user gave: an I/O error (a bad disk, a lost NFS or iSCSI
+# server), a file system the kernel remounted read-only after errors, a stale NFS handle, a corrupt file system.
+# A permission, a file where a directory should be, a name that exists (EACCES, ENOTDIR, EEXIST, ...) stay the
+# input's: the user can fix them.
+_STORAGE_FAILED = (errno.EIO, errno.EROFS, errno.ESTALE, errno.EREMOTEIO, errno.ENOLINK,
+                   *((errno.EUCLEAN,) if hasattr(errno, "EUCLEAN") else ()))
 
 
 def memory_failure(exc: BaseException | None) -> BaseException | None:
@@ -91,6 +97,12 @@ def out_of_memory(exc: BaseException) -> str | None:
 def disk_full(exc: BaseException) -> bool:
     """Whether `exc` is the disk (or a quota, or a file size limit) running out: the machine, not the input."""
     return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the storage failing (`disk_full`, or an I/O error, a file system gone read-only, ...):
+    the machine, not the input."""
+    return disk_full(exc) or (isinstance(exc, OSError) and exc.errno in _STORAGE_FAILED)
 
 
 def say(line: str) -> None:
@@ -172,9 +184,9 @@ def refuse_empty_paths(parser: argparse.ArgumentParser, paths: Iterable[tuple[st
 
 
 def machine_reason(exc: BaseException) -> str | None:
-    """One line for `exc` when it is the machine failing (out of memory, a full disk), else None."""
+    """One line for `exc` when it is the machine failing (out of memory, a full disk, an I/O error), else None."""
     reason = out_of_memory(exc)
-    if reason is None and disk_full(exc):
+    if reason is None and storage_failure(exc):
         reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     return reason
 

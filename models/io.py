@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -29,6 +30,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a regular file to read, from its stat alone (never opened: a FIFO would block the reader,
+    a device never end), or None when it is one (through symbolic links): "is missing" when nothing is there,
+    "is a symbolic link to nothing", "is not a regular file (a FIFO)", or the OSError's reason for a symbolic link
+    loop ("Too many levels of symbolic links"). OSError for what stat cannot tell (no permission to search)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "is a symbolic link to nothing" if os.path.islink(path) else "is missing"
+    except NotADirectoryError:  # a file where a directory of the path should be
+        return "is missing"
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = next((what for test, what in _FILE_KINDS if test(st.st_mode)), "not a file")
+    return f"is not a regular file ({kind})"
 
 
 def ensure_dir(path: Path) -> None:

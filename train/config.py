@@ -292,4 +292,24 @@ def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
     cfg = resolve_config(explicit, saved)
     if cfg.resume:
         check_same_run(cfg, "resume.pt" if saved is not None else "--resume without resume.pt")
+        if saved is None:
+            check_nothing_trained(cfg)
     return cfg
+
+
+def check_nothing_trained(cfg: TrainConfig) -> None:
+    """--resume without resume.pt starts the run at step 0 (a preempted job reruns its command before its first
+    save): CheckpointError when --out holds a checkpoint that took training steps, which starting over would replace
+    (and train again to a length --max-steps no longer records: only resume.pt passes it on). A run writes resume.pt
+    before its checkpoint, so only a deleted resume.pt gets here."""
+    from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
+
+    out = Path(cfg.out)
+    if not (out / META_FILE).exists():
+        return
+    training = read_checkpoint_meta(out).training
+    if training is not None and training.steps == 0:  # an --epochs 0 run: nothing trained, nothing to lose
+        return
+    steps = "" if training is None or training.steps is None else f" of {training.steps} training steps"
+    raise CheckpointError(f"--resume: {out} holds a checkpoint{steps} but no resume.pt to continue it from; "
+                          "nothing was changed: --overwrite trains the run again from step 0")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointError, read_checkpoint_meta
-from models.io import atomic_write_bytes
+from models.io import atomic_write_bytes, not_a_file
 from models.jsonfields import is_finite, is_int, is_number
 
 RESUME_FILE = "resume.pt"
@@ -116,13 +116,18 @@ def save_resume(out_dir: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any] | None:
-    """The saved state (tensors on CPU), None if there is none; CheckpointError if it is unreadable."""
+    """The saved state (tensors on CPU), None if there is none; CheckpointError if it is unreadable, or is there but
+    is not a regular file (a directory, a FIFO, a link to a device or to nothing, a link loop: never opened)."""
     path = Path(out_dir) / RESUME_FILE
     try:
-        if not path.is_file():
-            return None
+        problem = not_a_file(path)
     except OSError as exc:  # stat fails with EACCES when the run directory cannot be searched
         raise CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}") from None
+    if problem == "is missing":
+        return None
+    if problem is not None:  # not the absence of a state: a run --resume would start over, and fail at its first save
+        raise CheckpointError(f"cannot read resume state {path}: {problem.removeprefix('is ')}; nothing was "
+                              "changed")
     check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -15,6 +15,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from models.checkpoint import (
     read_checkpoint_meta,
     staged_checkpoint,
 )
-from models.cli import fill_closed_std_streams
+from models.cli import CommandError, InputError, WorkFailed, fill_closed_std_streams, out_of_memory, storage_failure
 from models.host import usable_cpus
 from models.io import (
     DirectoryBusy,
@@ -86,6 +87,10 @@ from train.state import (
     save_resume,
     settings_problem,
 )
+
+# What a failed write of metrics.jsonl or curves.png after the checkpoint leaves: a --resume of the finished run writes
+# them.
+HISTORY_KEPT = "the checkpoint is saved: --resume writes them"
 
 
 def _now() -> str:
@@ -148,6 +153,15 @@ def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
         raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
 
 
+def check_out_files(out: Path) -> None:
+    """ConfigError when a file the run writes into --out is a directory there (not a link, which a save replaces):
+    its rename would fail at the first save, after training up to it."""
+    for name in (RESUME_FILE, META_FILE, METRICS_FILE, PLOT_FILE):
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            raise ConfigError(f"--out {out}: {name} is a directory, where the run writes a file; nothing was "
+                              "changed: remove it, or choose a new --out")
+
+
 def probe_writable(out: Path) -> None:
     """Create and remove a file in `out`: an existing read-only directory passes mkdir and the lock (which lives
     beside it), and would otherwise fail at the first save, after the training. Named as the resume writer's
@@ -171,6 +185,7 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStac
             try:
                 ensure_dir(out)
                 clear_stale_temporaries(out)
+                check_out_files(out)
                 probe_writable(out)
             except OSError as exc:
                 raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
@@ -220,6 +235,7 @@ class Trainer:
         # Read before the data: which val subset a run validates on depends on when its resume.pt was written.
         self.resume_state = load_resume(cfg.out) if cfg.resume else None
         self.resumed = False
+        self.saved_step: int | None = None  # the step of the resume.pt of this run in --out, once there is one
         self.corrupt_seen: set[str] = set()  # distinct corrupt train files replaced so far (this rank's, until synced)
         self._load_data()
         self._build()
@@ -352,6 +368,7 @@ class Trainer:
         except Exception as exc:  # a tampered or foreign file fails in many ways; each is the same one-line error
             raise damaged(f"{type(exc).__name__}: {exc}") from None
         self.resumed = True
+        self.saved_step = state["progress"]["global_step"]
         return state["progress"]
 
     def _check_same_data(self, saved: dict[str, str] | None) -> None:
@@ -414,14 +431,16 @@ class Trainer:
         waits for them, then is noted (`committing`), and the command ends as it would have.
         """
         cfg = self.cfg
-        with staged_checkpoint(cfg.out, chosen, class_names=self.class_names, preprocessing=self.spec,
-                               extra={"dataset": cfg.dataset, "weights_source": summary["weights_source"],
-                                      "training": summary}) as publish:
+        with self._saving("the checkpoint"), staged_checkpoint(
+                cfg.out, chosen, class_names=self.class_names, preprocessing=self.spec,
+                extra={"dataset": cfg.dataset, "weights_source": summary["weights_source"],
+                       "training": summary}) as publish:
             files = self._history_files(progress)
             with committing(f"the checkpoint in {cfg.out}"):
                 publish()
                 self._forget_old_run(META_FILE)
-                self._put_in_place(files)
+                with self._saving(" and ".join(files), HISTORY_KEPT):
+                    self._put_in_place(files)
 
     def _stopped_line(self, progress: dict[str, Any]) -> str:
         """Why a restored run has nothing left to train, and what would continue it."""
@@ -477,14 +496,41 @@ class Trainer:
         progress = {**progress, "wall_time_s": progress["wall_time_s"] + time.perf_counter() - self.t_start,
                     "cpu_time_s": progress["cpu_time_s"] + time.process_time() - self.cpu_start,
                     "corrupt_files": sorted(self.corrupt_seen)}
-        save_resume(self.cfg.out, {
-            "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch, "data": self.data_prints,
-            "global_batch": self.global_batch, "world_size": self.info.world_size,
-            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
-            "rng": capture_rng(), "progress": progress,
-        })
-        self._forget_old_run(RESUME_FILE)
+        with self._saving(RESUME_FILE):
+            save_resume(self.cfg.out, {
+                "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch, "data": self.data_prints,
+                "global_batch": self.global_batch, "world_size": self.info.world_size,
+                "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+                "rng": capture_rng(), "progress": progress,
+            })
+            self.saved_step = progress["global_step"]
+            self._forget_old_run(RESUME_FILE)
+
+    @contextlib.contextmanager
+    def _saving(self, what: str, kept: str = "") -> Iterator[None]:
+        """An OSError while `what` is written into --out ends the run in one line that says what is kept (`kept`,
+        else what resume.pt holds): exit 1 for the machine failing (a full disk, an I/O error, a file system gone
+        read-only), exit 2 for what the user can fix (a permission). Not a traceback after hours of training."""
+        try:
+            yield
+        except OSError as exc:
+            if out_of_memory(exc) is not None:  # said as the run's out-of-memory line, with its advice
+                raise
+            raise self._save_failed(what, exc, kept) from exc
+
+    def _save_failed(self, what: str, exc: OSError, kept: str) -> CommandError:
+        """The one-line error for `exc`, raised while saving `what` (see `_saving`)."""
+        out = self.cfg.out
+        if not kept:
+            if self.saved_step is not None:
+                kept = f"{RESUME_FILE} keeps step {self.saved_step}: --resume continues from there"
+            elif self.replacing:  # --overwrite removes the old run only once this one has saved
+                kept = f"the run that was in {out} is unchanged"
+            else:
+                kept = "nothing of this run was saved"
+        failed = WorkFailed if storage_failure(exc) else InputError
+        return failed(f"cannot save {what} in {out}: {exc.strerror or exc}; {kept}")
 
     def _forget_old_run(self, written: str) -> None:
         """--overwrite: once the new run has written `written`, remove the old run's other files.
@@ -649,7 +695,8 @@ class Trainer:
         # resume.pt first: a run killed between the two writes is still a (resumable) run directory.
         self.save_state(progress)
         if self.info.is_main:
-            write_metrics(self.cfg.out, progress["history"])
+            with self._saving(METRICS_FILE):
+                write_metrics(self.cfg.out, progress["history"])
             val = "" if "val_top1" not in rec else f"  val top-1 {100 * rec['val_top1']:.2f}%" + (
                 f" (EMA {100 * rec['val_top1_ema']:.2f}%)" if "val_top1_ema" in rec else "")
             loss = "diverged (non-finite)" if diverged else f"{train_loss:.4f}"
@@ -727,11 +774,14 @@ class Trainer:
         if self.resumed:
             if not self._left_to_do(progress) and (summary := self._already_written(progress)) is not None:
                 if self.info.is_main and not all((Path(cfg.out) / f).is_file() for f in (METRICS_FILE, PLOT_FILE)):
-                    self._write_history(progress)  # killed after its checkpoint, before these: written now
+                    with self._saving(f"{METRICS_FILE} and {PLOT_FILE}", HISTORY_KEPT):
+                        self._write_history(progress)  # killed after its checkpoint, before these: written now
                 self.log(self._stopped_line(progress))
                 return summary
             progress["segments"] += 1
             self.log(f"resuming {cfg.out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}")
+        elif cfg.resume:  # a preempted job reruns its command with --resume, also before its first save
+            self.log(f"nothing to resume in {cfg.out} (no {RESUME_FILE}): starting at step 0")
         self.log(f"{cfg.model} on {cfg.dataset}: {len(self.train_set)} train / {len(self.val_set)} val images"
                  f"{self.skipped_dirs}, "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {self.global_batch}, "
