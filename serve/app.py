@@ -20,7 +20,7 @@ from serve.middleware import (
     AuthMiddleware,
     BodyBudget,
     BodyLimitMiddleware,
-    ExpectContinueMiddleware,
+    EarlyAnswerMiddleware,
     HeadMiddleware,
 )
 from serve.registry import ServedModel, close_models, load_models
@@ -40,7 +40,9 @@ DESCRIPTION = """Image classification with ViT_C / ViT_P bundles on onnxruntime,
 """
 
 
-DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+# Open without the key, as --help and the README say. Not /docs/oauth2-redirect: Swagger UI opens it only in an
+# OAuth2 flow, and the key is a bearer token.
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
 
 
 def _declare_bearer(app: FastAPI, open_paths: tuple[str, ...]) -> None:
@@ -109,7 +111,8 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
                            open_paths=(*v2.HEALTH_PATHS, *DOC_PATHS))
         _declare_bearer(app, open_paths=v2.HEALTH_PATHS)
     app.add_middleware(HeadMiddleware)
-    app.add_middleware(ExpectContinueMiddleware)  # outside every layer that may answer before reading the body
+    # Outside every layer that may answer before reading the body.
+    app.add_middleware(EarlyAnswerMiddleware, max_bytes=settings.max_body_bytes)
     # Requests refused before routing (auth, body limit) are still counted under their route's template.
     templates = [(r.path_regex, r.path) for router in (v1.router, v2.router, ops.router) for r in router.routes
                  if isinstance(r, APIRoute)]

@@ -7,6 +7,9 @@ connection (and the request's memory) forever too, and one that pipelines thousa
 every one of them parsed and queued. The body has its own deadline and budget (serve.middleware.BodyLimitMiddleware);
 idle keep-alive connections have uvicorn's keep-alive timeout. An answer that closes its connection before the
 request was read whole closes it gently (a lingering close, LINGER_S), so that the client reads it rather than a reset.
+A request that asks for a protocol upgrade (`Connection: Upgrade` with `Upgrade: h2c`, `websocket`, anything) is read
+and answered as the same request without it (RFC 9110 7.8): its body is its body, and what follows it the next
+request; the parser alone would take the body for the new protocol's bytes (request smuggling).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ MAX_CHUNK_LINE = 4096
 EOF_PROBE_S = 0.1
 _INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
-_MIN_REQUEST_LINE = 14  # "GET * HTTP/1.0": what lies between two requests' _HEADERS_END at least
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 # An answer that closes its connection while the client may still be sending (a 413 at once, a 404 or 401 to a
 # request with a body, HTTP/1.0 or `Connection: close` or a stop's shutdown delay closing after it, a refusal in the
 # middle of a request) half-closes, then reads and drops what still comes before it closes, as nginx does (its
@@ -64,7 +67,10 @@ _MIN_REQUEST_LINE = 14  # "GET * HTTP/1.0": what lies between two requests' _HEA
 # slow links, while this server's clients sit on a data-centre network where a body several times the limit takes a
 # few seconds even at 100 Mbit/s, and a stop waits for lingering connections (within --graceful-timeout-s). It reads
 # at most ConnectionLimits.linger_bytes (lingering_bytes: LINGER_BODIES bodies of the limit): bandwidth, not memory,
-# since nothing read is kept. Past a bound the connection closes, a reset if the client is still sending.
+# since nothing read is kept. Past a bound the connection closes, a reset if the client is still sending. A kept
+# connection, which reads and drops the rest of each body answered early (up to twice the limit each, as a 413 at
+# once allows: serve.middleware.EarlyAnswerMiddleware), drops as much at most, all its requests together, before it
+# closes gently too: otherwise one such request after another would have the server read without end.
 LINGER_S = 10.0
 LINGER_IDLE_S = 2.0
 LINGER_BODIES = 8
@@ -148,7 +154,7 @@ class _HeldFlow(FlowControl):
 class ConnectionLimits:
     """What bounds one server's connections: `seconds` for a request's headers (and for a client to accept any of
     an answer), `max_connections` open at once (None: no bound), and `linger_bytes` read and dropped at most by a
-    lingering close (LINGER_S)."""
+    lingering close (LINGER_S), and by a kept connection of the bodies answered before they were read."""
 
     seconds: float
     max_connections: int | None = None
@@ -229,6 +235,47 @@ class _LingeringTransport:
             self._transport.close()
 
 
+class _ChunkSizes:
+    """Follows a chunked body's framing beside the parser, which tells no chunk's size: `announced` is the sum of
+    the sizes its chunk-size lines announced so far. The parser checks the framing; once it refuses, nothing here is
+    asked any more."""
+
+    def __init__(self) -> None:
+        self.announced = 0
+        self._digits = b""  # the size line's hex digits so far, leading zeros dropped (17 tell 2^64 or more)
+        self._in_digits = True  # whether the size line is still in its digits (not in its extensions)
+        self._left = 0  # bytes of chunk data still to come
+        self._state = "size"  # "size", "data", "end" (the CRLF after the data), "last" (trailers follow)
+
+    def feed(self, data: bytes) -> bool:
+        """Follow `data`, the body's next bytes; whether a chunk-size line ended in it."""
+        at, announced = 0, False
+        while at < len(data) and self._state != "last":
+            if self._state == "data":
+                step = min(self._left, len(data) - at)
+                at, self._left = at + step, self._left - step
+                if not self._left:
+                    self._state = "end"
+                continue
+            lf = data.find(b"\n", at)
+            if self._state == "size" and self._in_digits:
+                line = data[at:len(data) if lf < 0 else lf]
+                run = line[:len(line) - len(line.lstrip(_HEX_DIGITS))]
+                self._digits = (self._digits + run).lstrip(b"0")[:17]
+                self._in_digits = len(run) == len(line)
+            if lf < 0:
+                break
+            at = lf + 1
+            if self._state == "end":
+                self._state = "size"
+                continue
+            size = int(self._digits or b"0", 16)
+            self._digits, self._in_digits = b"", True
+            self._state, self._left, announced = ("data" if size else "last"), size, True
+            self.announced += size
+        return announced
+
+
 class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's default HTTP protocol, closing with a JSON 408 a connection whose request headers are not complete
     `limits.seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
@@ -246,6 +293,12 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     while an HTTP/1.0 request is owed its answer is a disconnect. `close_after_answers` (a stop's first signal) makes
     every answer begun from then on close its connection; an HTTP/1.0 request is never sent `100 Continue`. An answer
     that closes its connection while the client may still be sending closes it gently, within bounds (LINGER_S).
+
+    A request with `Connection: Upgrade` is read and answered as the same request without it (no upgrade is ever
+    done); CONNECT is refused (400), and so is HTTP/1.0 with a Transfer-Encoding (RFC 9112 6.1). Two entries in a
+    request's scope tell the app what only the parser knows: `vitc.body_unread()`, whether the request's body is not
+    yet read to its end, and, for a chunked body, `vitc.body_announced()`, the bytes its chunk-size lines announced so
+    far (a chunk announced past the body limit is refused before its data arrives: serve.middleware).
 
     uvicorn makes one instance per connection from the class it is given: `configured` makes that class, holding
     the limits and the count of open connections that all of its connections share.
@@ -336,6 +389,10 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._cut_off = False  # a 408 or an eviction: the connection closes at once, its place free (no linger)
         self._refused = False  # whether a refusal was written for the request whose headers are still arriving
         self._behind = False  # whether that request began while the one ahead of it was still unanswered
+        self._priming = False  # a fresh parser is being fed a request head of this module's own (_ignore_upgrade)
+        self._skip_complete = False  # the parser ends an Upgrade request at its headers: its body is still to come
+        self._chunks: _ChunkSizes | None = None  # the chunked body being read, followed for its chunk sizes
+        self._drained = 0  # bytes of bodies answered early read and dropped on this kept connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._turned_away:
@@ -409,7 +466,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             if room <= 0:
                 break
             data, at = self._unparsed, self._at
-            end = self._cut(room)
+            end = self._cut()
             piece = data if at == 0 and end == len(data) else data[at:end]
             self._unparsed, self._at = (b"", 0) if end == len(data) else (data, end)
             self._tail = (self._tail + piece[-3:])[-3:]
@@ -418,25 +475,25 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._unparsed, self._at = b"", 0  # refused or closing: nothing more is read
         self.flow.hold(bool(self._unparsed) or self._bad_body is not None or self._eof)
 
-    def _cut(self, room: int) -> int:
-        """Where the bytes waiting may be cut so that at most `room` requests' headers end before it: the end of the
-        `room`-th CRLF CRLF counted (one inside a body only makes the cut earlier), else all of them. Each one
-        counted stands for any within a request line after it, which cannot be another request's end."""
-        data, at, found = self._unparsed, self._at, 0
-        end = at
+    def _cut(self) -> int:
+        """Where the bytes waiting are cut: right after the first CRLF CRLF (the end of a request's headers, or of a
+        chunked body's trailers, or bytes inside a body), else after all of them. A piece given to the parser thus
+        ends at most one request's headers, at its own end: a body begins with a piece of its own."""
+        data, at = self._unparsed, self._at
         spanning = (self._tail + data[at:at + 3]).find(_HEADERS_END)  # begun in what the parser already has
         if spanning >= 0:
-            found, end = 1, at + spanning + len(_HEADERS_END) - len(self._tail)
-        while found < room:
-            i = data.find(_HEADERS_END, end + _MIN_REQUEST_LINE if found else end)
-            if i < 0:
-                return len(data)
-            found, end = found + 1, i + len(_HEADERS_END)
-        return end
+            return at + spanning + len(_HEADERS_END) - len(self._tail)
+        end = data.find(_HEADERS_END, at)
+        return len(data) if end < 0 else end + len(_HEADERS_END)
 
     def _parse(self, data: bytes) -> None:
         begun, idle = self._messages, not self._in_headers and not self._in_body
-        super().data_received(data)
+        chunks = self._chunks  # a piece that ends a request's headers ends with them: its body comes in later pieces
+        self._feed_parser(data)
+        if chunks is not None and chunks is self._chunks and self._parsing() and chunks.feed(data):
+            self.cycle.message_event.set()  # a `receive` waiting for body bytes looks at what is announced
+        if self._drained > self.limits.linger_bytes and not self.transport.is_closing():
+            self.transport.close()  # enough of answered bodies dropped: the rest goes to a lingering close's bounds
         if self.cycle is not self._headers_of:  # a new request's headers are complete (uvicorn made its cycle)
             self._headers_of = self.cycle
             self._disarm()
@@ -444,6 +501,45 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._count_header_read(data)
         elif self._framing and self._in_body and self._parsing():
             self._count_chunk_line(data)
+
+    def _feed_parser(self, data: bytes) -> None:
+        """uvicorn's data_received, except that a request with `Connection: Upgrade` is read on as plain HTTP."""
+        self._unset_keepalive_if_required()
+        while True:
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserError:
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                # The parser stopped at the end of the request's headers (having called it complete, with no body)
+                # and takes whatever follows for another protocol's.
+                data = data[upgrade.args[0]:]
+                self._ignore_upgrade()
+                if not data:
+                    return
+
+    def _ignore_upgrade(self) -> None:
+        """Go on after an Upgrade request's headers as if it had not asked for the upgrade: a fresh parser, first fed
+        a request head of the same HTTP version, framing and persistence (its callbacks ignored), takes its body and
+        the requests after it. (A parser resumed after an upgrade would read the body as a new request.)"""
+        if self._codings:
+            framing = b"transfer-encoding: chunked\r\n"  # the only coding on_headers_complete lets through
+        else:
+            framing = b"".join(b"content-length: " + v + b"\r\n" for n, v in self.headers if n == b"content-length")
+        tokens = {t.strip().lower() for n, v in self.headers if n == b"connection" for t in v.split(b",")}
+        persistence = b"".join(b"connection: " + t + b"\r\n" for t in (b"close", b"keep-alive") if t in tokens)
+        version = self.parser.get_http_version().encode()
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        self._priming = True
+        try:
+            self.parser.feed_data(b"POST / HTTP/" + version + b"\r\n" + framing + persistence + b"\r\n")
+        finally:
+            self._priming = False
 
     def _count_header_read(self, data: bytes) -> None:
         """The whole read went into the headers of one request, which the parser holds until they are complete (it
@@ -466,6 +562,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     # The parser's callbacks: each request's line, headers and body.
 
     def on_message_begin(self) -> None:
+        if self._priming:
+            return
         super().on_message_begin()
         self._unset_keepalive_if_required()  # armed when an early answer's body ended in this same read
         self._messages += 1
@@ -475,11 +573,15 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._codings: list[bytes] = []  # Transfer-Encoding values
 
     def on_url(self, url: bytes) -> None:
+        if self._priming:
+            return
         super().on_url(url)
         self._long_uri = len(self.url) > MAX_HEADER_BYTES  # uvicorn gathers the URL's pieces in self.url
         self._count_parsed(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._priming:
+            return
         super().on_header(name, value)
         self._hosts += name.lower() == b"host"
         if name.lower() == b"transfer-encoding":
@@ -494,6 +596,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             raise ValueError("request headers too large")  # the parser stops; uvicorn answers via 400 below
 
     def on_headers_complete(self) -> None:
+        if self._priming:
+            return
         self._in_headers, self._in_body, self._framing, self._line_bytes = False, True, False, 0
         if self._probe_only and not self._is_probe():
             self._bad = (503, "Service Unavailable", self.limits.busy, 1)
@@ -505,7 +609,14 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             raise ValueError(self._bad)  # the parser stops; uvicorn answers via send_400_response
         super().on_headers_complete()
         self._framing = bool(codings)  # chunked: the first chunk-size line comes next
+        # The parser ends a request with `Connection: Upgrade` here, calling it complete: a body it has still comes.
+        lengths = [v for n, v in self.headers if n == b"content-length"]
+        self._skip_complete = self.parser.should_upgrade() and bool(codings or (lengths and int(lengths[0])))
+        self._chunks = _ChunkSizes() if codings else None
         if (cycle := self.cycle) is not None and cycle.scope is self.scope:
+            self.scope["vitc.body_unread"] = lambda: self.cycle is cycle and self._body_read_of is not cycle
+            if (chunks := self._chunks) is not None:
+                self.scope["vitc.body_announced"] = lambda: chunks.announced
             # For the access log: a client that left before any of the answer went out was sent nothing (uvicorn
             # drops what the app sends then).
             self.scope["vitc.unanswered"] = lambda: cycle.disconnected and not cycle.response_started
@@ -527,6 +638,12 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if version not in ("1.0", "1.1"):
             # The parser takes HTTP/0.9 and HTTP/2.0 request lines, which uvicorn would answer as HTTP/1.1.
             return 505, "HTTP Version Not Supported", f"HTTP/{version} is not supported (HTTP/1.1 only)"
+        if self.parser.get_method() == b"CONNECT":
+            # The parser takes whatever follows a CONNECT for a tunnel's bytes; this server is no proxy.
+            return 400, "Bad Request", "CONNECT is not supported (this server is not a proxy)"
+        if codings and version == "1.0":
+            # RFC 9112 6.1: an HTTP/1.0 message with a Transfer-Encoding has faulty framing.
+            return 400, "Bad Request", "Transfer-Encoding is not allowed in HTTP/1.0 (send Content-Length)"
         if self._hosts != 1 and version == "1.1":
             # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
             return 400, "Bad Request", f"an HTTP/1.1 request needs exactly one Host header, not {self._hosts}"
@@ -541,6 +658,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
         self._framing = False
+        if self.cycle.response_complete:
+            self._drained += len(body)  # the rest of a body answered early: read and dropped (uvicorn drops it)
 
     def on_chunk_header(self) -> None:
         self._framing = True  # chunk data next, or (after the last chunk) the trailers
@@ -549,8 +668,13 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._framing = True  # the next chunk's size line
 
     def on_message_complete(self) -> None:
+        if self._priming:
+            return
+        if self._skip_complete:
+            self._skip_complete = False  # the end of an Upgrade request's headers, not of its body (_ignore_upgrade)
+            return
         super().on_message_complete()
-        self._body_read_of, self._in_body, self._framing = self.cycle, False, False
+        self._body_read_of, self._in_body, self._framing, self._chunks = self.cycle, False, False, None
         if self.cycle.response_complete and not self._eof and not self.transport.is_closing():
             # The rest of a body answered early (a 404, a 413) is read and dropped: the connection is idle now, and
             # gets uvicorn's keep-alive timeout, not the deadline of headers that have not begun (a 408).
@@ -558,10 +682,6 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._unset_keepalive_if_required()
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
-
-    def _unsupported_upgrade_warning(self) -> None:
-        """An `Upgrade: websocket` request is answered as plain HTTP (RFC 9110 7.8 lets a server ignore Upgrade),
-        without uvicorn's two warnings per request telling the operator to install a WebSocket library."""
 
     # Malformed chunked bodies: the app's `receive` raises their JSON error.
 

@@ -172,35 +172,72 @@ def _closes(headers: Collection[tuple[bytes, bytes]]) -> bool:
     return any(k.lower() == b"connection" and b"close" in v.lower() for k, v in headers)
 
 
-class ExpectContinueMiddleware:
-    """An answer given before an `Expect: 100-continue` body was asked for (a 401, a 404) closes the connection:
-    the client may never send that body (RFC 9110 10.1.1), and its next request would be read as it."""
+def _has_body(headers: Collection[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
+    """Whether request `headers` announce a body, and its declared length (None: chunked, or not a number)."""
+    length: int | None = 0
+    for k, v in headers:
+        if k == b"transfer-encoding":
+            return True, None
+        if k == b"content-length":
+            length = int(v) if v.strip().isdigit() else None
+    return length != 0, length
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+
+class EarlyAnswerMiddleware:
+    """An answer begun before the request's body was read to its end (a 401, a 404, a 413 at once) keeps its
+    connection only where the rest of the body is worth reading and dropping for it, as a 413 at once decides: a
+    declared Content-Length of at most twice `max_bytes`, and never after a 401 (a client without the key is owed
+    no such service). Otherwise it closes the connection, gently: serve.httpproto's lingering close reads and drops
+    what the client still sends within its bounds in bytes and time (and bounds what a kept connection drops, all
+    its requests together). On a kept connection an endless chunked body or a huge Content-Length would be read and
+    dropped to its end, costing the client bandwidth and the server a core. An answer given before an
+    `Expect: 100-continue` body was asked for closes too: the client may never send that body (RFC 9110 10.1.1), and
+    its next request would be read as it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Every request passes here: look for the one header without building a dict of them all.
-        if scope["type"] != "http" or not expects_continue(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        asked = False
+        headers = scope.get("headers") or ()
+        body, length = _has_body(headers)
+        expects = expects_continue(scope)
+        if not body and not expects:  # most requests: nothing to watch
+            await self.app(scope, receive, send)
+            return
+        asked = read = False
 
-        async def asking() -> Message:
-            nonlocal asked
+        async def reading() -> Message:
+            nonlocal asked, read
             asked = True  # uvicorn sends `100 Continue` now
-            return await receive()
+            message = await receive()
+            read = read or (message["type"] == "http.request" and not message.get("more_body", False))
+            return message
+
+        def closes(status: int) -> bool:
+            """Whether an answer of `status` begun now must close the connection."""
+            if expects and not asked:
+                return True
+            unread = scope.get("vitc.body_unread")  # the parser's word (serve.httpproto), else the app's reads
+            if not body or read or (unread is not None and not unread()):
+                return False
+            return status == 401 or length is None or length > 2 * self.max_bytes
 
         async def early_send(message: Message) -> None:
-            if not asked and message["type"] == "http.response.start" and not _closes(message.get("headers", ())):
+            if (message["type"] == "http.response.start" and not _closes(message.get("headers", ()))
+                    and closes(message["status"])):
                 message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
-        await self.app(scope, asking, early_send)
+        await self.app(scope, reading, early_send)
 
 
 class AuthMiddleware:
-    """Bearer-token check on every path except the open ones (health)."""
+    """Bearer-token check on every path except the open ones (health); more than one Authorization header is a 400
+    on every path (as nginx answers): a gateway that checks one of them while this server checked another would let
+    a request through that neither meant to."""
 
     def __init__(self, app: ASGIApp, api_key: str, open_paths: Collection[str]) -> None:
         self.app = app
@@ -208,8 +245,15 @@ class AuthMiddleware:
         self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths:
-            auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = [v for k, v in scope.get("headers") or () if k == b"authorization"]
+        if len(given) > 1:
+            await error_response(400, f"{len(given)} Authorization headers (send one)")(scope, receive, send)
+            return
+        if scope["path"] not in self.open_paths:
+            auth = given[0] if given else b""
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 reason = "missing or invalid bearer token (send 'Authorization: Bearer <api key>')"
@@ -333,6 +377,9 @@ class BodyLimitMiddleware:
             return
         reserved, received, complete = 0, 0, length == 0 and b"chunked" not in headers.get(
             b"transfer-encoding", b"").lower()
+        # A chunked body's chunk-size lines announce what is coming (serve.httpproto): one past the limit is refused
+        # at once, as a Content-Length past it is, rather than read until its bytes pass the limit.
+        announced = scope.get("vitc.body_announced")
         deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited_receive() -> Message:
@@ -347,7 +394,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
-                if received > self.max_bytes:
+                if received > self.max_bytes or (announced is not None and announced() > self.max_bytes):
                     # Answered at once, closing the connection: the rest of the body is read and dropped, within
                     # bounds, by the lingering close (serve.httpproto), so the client reads the 413.
                     raise BodyTooLarge(self.max_bytes)
