@@ -46,7 +46,7 @@ from models.bundle import (
     write_manifest,
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
-from models.cli import disk_full, memory_failure
+from models.cli import memory_failure, storage_failure
 from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path
 from models.jsonfields import is_int
 from models.oneline import first_line
@@ -308,9 +308,10 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         if failure := memory_failure(exc):  # the machine failed, not the artifact: stop, keep the old bundle
             raise ExportMemoryError(f"{target.id}: out of memory ({type(failure).__name__}: "
                                     f"{first_line(failure)[:200]})") from None
-        # A full disk (or quota, or file-size limit) stops the export too; any other OSError is this runtime's own
-        # (a shared library it cannot load, a file its build did not write): it refuses this artifact alone.
-        if failure := _disk_full_cause(exc):
+        # The storage failing (a full disk, quota or file-size limit, an I/O error, a file system gone read-only)
+        # stops the export too; any other OSError is this runtime's own (a shared library it cannot load, a file its
+        # build did not write): it refuses this artifact alone.
+        if failure := _storage_cause(exc):
             raise ExportIOError(f"{target.id}: {type(failure).__name__}: {first_line(failure)}") from None
         failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
         if not artifact.export_seconds:
@@ -325,11 +326,12 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     return replace(artifact, servable=True, refused_reason=None)
 
 
-def _disk_full_cause(exc: BaseException | None) -> OSError | None:
-    """The full disk, quota or file-size limit behind `exc`, if any (converters wrap them in their own errors)."""
+def _storage_cause(exc: BaseException | None) -> OSError | None:
+    """The storage failure behind `exc` (models.cli.storage_failure), if any (converters wrap them in their own
+    errors)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if disk_full(exc):
+        if storage_failure(exc):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
