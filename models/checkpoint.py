@@ -22,6 +22,7 @@ from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ViTConfig, is_label
 from models.io import (
     atomic_write_json,
     default_mode,
+    no_temp_dir,
     not_a_file,
     parse_strict_json,
     read_strict_json,
@@ -447,6 +448,8 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError) as exc:
+        if no_temp_dir(exc):  # torch's first import, not the weights: the command says it
+            raise
         raise CheckpointError(f"cannot read weights {wpath}: {exc}") from None
     check_finite(state, wpath, diverged=meta.training is not None and meta.training.diverged)
     model = VisionTransformer(cfg)

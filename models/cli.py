@@ -350,6 +350,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
 _RUNNING = object()  # `run`'s code while main has not returned
 
 
+def _no_temp_dir(exc: BaseException) -> bool:
+    from models.io import no_temp_dir  # here: a command's first import stays small
+
+    return no_temp_dir(exc)
+
+
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; an InputError or WorkFailed is one line, `{prog}: error: {reason}`, and exit 2 or
     1; Ctrl-C is one line and exit 130, SIGTERM (until `main` installs its own handler, as the server does once it
@@ -392,6 +398,11 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
             # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             code = 141
+        elif _no_temp_dir(exc):  # a read-only root file system without TMPDIR: the environment's to fix
+            from models.io import NO_TEMP_DIR
+
+            print(f"{prog}: error: {NO_TEMP_DIR}", file=sys.stderr)
+            code = 2
         elif isinstance(exc, MemoryError | RuntimeError | ImportError | OSError):  # unless the command said it
             code = machine_failure(exc, prog) or missing_dependency(exc, prog)
             if code is None:

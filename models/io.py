@@ -36,6 +36,15 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+NO_TEMP_DIR = ("no usable temporary directory (TMPDIR, /tmp, /var/tmp, /usr/tmp and the current directory are "
+               "missing or not writable): set TMPDIR to a writable directory")
+
+
+def no_temp_dir(exc: BaseException) -> bool:
+    """Whether `exc` is tempfile finding no writable directory (torch asks for one when it is first imported)."""
+    return isinstance(exc, FileNotFoundError) and "No usable temporary directory" in str(exc)
+
+
 def not_a_file(path: str | os.PathLike) -> str | None:
     """Why `path` is not a regular file to read, from its stat alone (never opened: a FIFO would block the reader,
     a device never end), or None when it is one (through symbolic links): "is missing" when nothing is there,
