@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.bundle import Artifact, Manifest
+from models.bundle import MAX_BATCH_LIMIT, Artifact, Manifest
 from models.cli import installed, memory_failure
 from models.config import is_int
 from models.device import DEVICE_RULE, is_device
@@ -77,7 +77,10 @@ class Backend(Protocol):
 
 
 _FLOAT32 = np.dtype(np.float32)
-MAX_BACKEND_COUNT = 4096  # the most rows (max_batch) or concurrent calls (parallelism) a backend may declare
+# The most rows (max_batch) a backend may declare: what a bundle, the export and the server batch at most (a backend
+# without a limit of its own declares the bundle's, LoadSpec.max_batch); and the most calls at once (parallelism).
+MAX_BACKEND_ROWS = MAX_BATCH_LIMIT
+MAX_BACKEND_PARALLELISM = 4096
 
 
 def check_batch(batch: Any, sample_shape: tuple[int, ...], max_batch: int) -> None:
@@ -98,11 +101,19 @@ def check_batch(batch: Any, sample_shape: tuple[int, ...], max_batch: int) -> No
 
 
 def check_logits(y: Any, rows: int, classes: int | None) -> np.ndarray:
-    """`y` as float32 if it is what `Backend.infer` returns for `rows` rows, an ndarray of shape (rows, classes) of a
-    float dtype (another float dtype is cast), else BackendError (one line). `classes` None checks the rows alone."""
-    if not isinstance(y, np.ndarray):
+    """`y` as a plain float32 ndarray if it is what `Backend.infer` returns for `rows` rows, an ndarray of shape
+    (rows, classes) of a float dtype (another float dtype is cast, a subclass such as np.matrix or np.memmap is
+    viewed as a plain ndarray), else BackendError (one line). `classes` None checks the rows alone."""
+    if type(y) is not np.ndarray:  # the common case is one type test
         want = f"of shape ({rows}, {classes}) float32" if classes is not None else f"of {rows} rows"
-        raise BackendError(f"backend returned {type(y).__name__}, expected a numpy array {want}")
+        if isinstance(y, np.ma.MaskedArray):  # its masked values have no logits: v2 JSON sent them as null
+            raise BackendError(f"backend returned a masked array (numpy.ma.MaskedArray), expected a plain numpy "
+                               f"array {want}")
+        if not isinstance(y, np.ndarray):
+            raise BackendError(f"backend returned {type(y).__name__}, expected a numpy array {want}")
+        # Routes index and serialise the rows as an ndarray's: np.matrix rows stay 2-D (an IndexError on v1, nested
+        # v2 JSON data). The parity gate judges np.asarray of the output too: both see the same array.
+        y = np.asarray(y)
     if classes is None:
         if not y.shape or y.shape[0] != rows:
             raise BackendError(f"backend returned shape {y.shape} for a batch of {rows}")
@@ -116,18 +127,25 @@ def check_logits(y: Any, rows: int, classes: int | None) -> np.ndarray:
 def check_backend(backend: Any) -> None:
     """BackendError (one line naming every problem) unless `backend` has what the `Backend` protocol lists, with
     usable values: what a runtime's `load` returned is checked once here, not found out by a server that crashes
-    (a parallelism of 0 sized its thread pool) or a route that answers 500."""
+    (a parallelism of 0 sized its thread pool) or a route that answers 500. A numpy integer count is a whole number
+    too: it is stored back as an int (the server puts the counts in JSON answers, which take no numpy integer)."""
     problems = [f"no {name}()" for name in ("infer", "describe", "close")
                 if not callable(getattr(backend, name, None))]
     missing = object()
+    bounds = {"max_batch": MAX_BACKEND_ROWS, "parallelism": MAX_BACKEND_PARALLELISM}
     for name in ("precision", "device", "max_batch", "parallelism"):
         value = getattr(backend, name, missing)
         if value is missing:
             problems.append(f"no {name}")
         elif name in ("precision", "device") and not (isinstance(value, str) and value):
             problems.append(f"{name} must be a non-empty string, got {value!r:.40}")
-        elif name in ("max_batch", "parallelism") and not (is_int(value) and 1 <= value <= MAX_BACKEND_COUNT):
-            problems.append(f"{name} must be a whole number in 1..{MAX_BACKEND_COUNT}, got {value!r:.40}")
+        elif name in bounds and not (is_int(value, numpy=True) and 1 <= value <= bounds[name]):
+            problems.append(f"{name} must be a whole number in 1..{bounds[name]}, got {value!r:.40}")
+        elif name in bounds and type(value) is not int:
+            try:
+                setattr(backend, name, int(value))
+            except (AttributeError, TypeError):  # a read-only property, __slots__
+                problems.append(f"{name} must be an int, got {value!r:.40}, which cannot be stored back as one")
     if problems:
         raise BackendError(f"its Backend ({type(backend).__name__}) breaks the contract: {'; '.join(problems)}")
 

@@ -111,7 +111,7 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
     options = options or BackendOptions()
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    rt = registry.get(runtime)
+    rt = registry.pick(runtime)  # what a failed plugin claimed is refused, not opened by the runtime that has it
     rt.require(options.device)
     artifact = select(manifest, rt, precision, options.device)
     files = verify_files(bundle, artifact)
@@ -149,9 +149,11 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
 
 
 def golden_outputs(backend: Backend, x: np.ndarray, max_batch: int) -> np.ndarray:
-    """The backend's logits for the golden inputs, batched the way `verify_golden` runs them."""
+    """The backend's logits for the golden inputs, batched the way `verify_golden` runs them, each batch checked
+    as the server checks it (`check_logits`: a masked array is refused, not judged on the values it hides)."""
     step = max(1, min(max_batch, backend.max_batch))
-    return np.concatenate([np.asarray(backend.infer(x[i:i + step]), np.float32) for i in range(0, len(x), step)])
+    batches = [x[i:i + step] for i in range(0, len(x), step)]
+    return np.concatenate([np.asarray(check_logits(backend.infer(b), len(b), None), np.float32) for b in batches])
 
 
 def verify_golden(backend: Backend, x: np.ndarray, reference: np.ndarray, artifact: Artifact,

@@ -82,16 +82,31 @@ def check_runtime(runtime: Any) -> None:
                              f"{v.artifact_precision} artifact, not one of its devices and precisions")
 
 
+def _same(runtime: Runtime, other: Runtime) -> bool:
+    """Whether two Runtimes are one: the same object, or an equal one (every field, its functions included)."""
+    if runtime is other:
+        return True
+    try:  # a field a plugin filled with something whose == misbehaves (an array) makes them different, not an error
+        return type(runtime) is type(other) and bool(runtime == other)
+    except Exception:
+        return False
+
+
 def _clashes(runtime: Runtime) -> list[tuple[str, str, Runtime]]:
-    """Each field ("name", "target") of `runtime` that a registered runtime already has: field, value, that one."""
+    """Each field ("name", "target") of `runtime` that another registered runtime already has: field, value, that
+    one (the runtime itself, registered already, is no clash)."""
     return [(field, getattr(runtime, field), other) for other in _RUNTIMES.values() for field in ("name", "target")
-            if getattr(runtime, field) == getattr(other, field)]
+            if getattr(runtime, field) == getattr(other, field) and not _same(runtime, other)]
 
 
 def register(runtime: Runtime) -> Runtime:
-    """Add a runtime (tests register fakes this way); one whose declaration is unusable, or whose name or target a
-    registered one has, is an error (one line naming the field)."""
+    """Add a runtime (tests register fakes this way); one whose declaration is unusable, or whose name or target
+    another registered one has, is an error (one line naming the field). Registering the same runtime again does
+    nothing: a plugin that registers itself on import, or a package that re-exports its module's runtime with both
+    named in VITC_RUNTIMES, comes here twice with it."""
     check_runtime(runtime)
+    if any(_same(runtime, other) for other in _RUNTIMES.values()):
+        return runtime  # the one registered stays
     if clashes := _clashes(runtime):
         field, value, other = clashes[0]
         raise ValueError(f"runtime {runtime.name!r}: its {field} {value!r} is already registered, by runtime "
@@ -128,6 +143,16 @@ def shadowed(field: str, value: str) -> str | None:
     if module is None:
         return None
     return f"{value!r} is also the {field} of a runtime that could not be registered: {_PLUGIN_ERRORS[module]}"
+
+
+def pick(name: str) -> Runtime:
+    """The runtime called `name` for a model to run on (a server's --backend, a repository model's artifact):
+    BackendError when unknown, or when a module that failed to register claimed that name too (the user means
+    theirs, which would silently not run)."""
+    runtime = get(name)
+    if why := shadowed("name", name):
+        raise BackendError(why)
+    return runtime
 
 
 def get(name: str) -> Runtime:

@@ -19,6 +19,7 @@ from models.preprocessing import Preprocessing
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
 from runtimes.loader import preprocessing_drift
+from runtimes.registry import pick
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
 from serve.settings import Settings
@@ -416,9 +417,10 @@ def _pillow_version() -> str:
 
 def _check_repository_model(source: ModelSource, version: str, manifest: Manifest, runtime: str, device: str,
                             config: TritonConfig | None) -> None:
-    """ConfigError when config.pbtxt contradicts the artifact; Unavailable when its runtime cannot run here."""
+    """ConfigError when config.pbtxt contradicts the artifact; Unavailable when its runtime cannot run here (unknown,
+    not installed, not on this device, or a name a plugin that failed to register claimed too)."""
     try:
-        rt = runtimes.get(runtime)
+        rt = pick(runtime)  # a failed plugin's name: refused, not served by the runtime that has it
     except BackendError as exc:
         raise Unavailable(source.path.name, version, f"model {source.describe()!r}: {exc}") from None
     if config is not None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from runtimes.registry import load_failures
 from serve.errors import ServeError
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
@@ -119,6 +120,8 @@ def _preflight(settings: Settings) -> int:
     """Configure the logs, say which environment variables are ignored, and fit the connections served at once
     (returned) within the open-file limit."""
     configure_logging(settings.log_level)
+    if failures := load_failures():  # served without them: said at start, not only when a refusal names one
+        log.warning("runtime modules that could not be registered", extra={"reason": failures.removeprefix("; ")})
     if ignored := unknown_environment(dict(os.environ))[1]:
         log.warning("ignored environment variables: not settings", extra={"names": ignored[:20]})
     if settings.api_key is None and "VITC_API_KEY" in os.environ:  # set, but empty: a Secret that was not filled

@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
-from models.bundle import NAME_RE, TRITON_CONFIG_FILE
+from models.bundle import MAX_BATCH_LIMIT, NAME_RE, TRITON_CONFIG_FILE
 from models.device import DEVICE_RULE, is_device
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from models.tolerance import TOLERANCES
@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     model_dir: Path | None = None
     model_repository: Path | None = None  # a Triton-style repository (python -m export.triton writes one)
-    # The default is checked too: a plugin named like it that failed to register would otherwise silently not run.
+    # The default is checked too where it runs bundles: a plugin named like it that failed to register would
+    # otherwise silently not run (`_known_backend`).
     backend: str = Field(DEFAULT_RUNTIME, description="a runtime of the registry (runtimes/registry.py)",
                          validate_default=True)
     device: str = Field("cpu", description=DEVICE_RULE)
@@ -93,7 +94,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
 
     # Dynamic batching, per model.
-    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_size: int = Field(32, ge=1, le=MAX_BATCH_LIMIT)  # a bundle's, and a Backend's, bound too
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
     max_queue_size: int = Field(256, ge=1, le=1_000_000)
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of one inference")
@@ -192,7 +193,7 @@ class Settings(BaseSettings):
     @property
     def repository_alone(self) -> bool:
         """Whether every model comes from model_repository (each then runs on its own artifact's runtime)."""
-        return self.model_repository is not None and not self.models and self.model_dir is None
+        return _repository_alone(self.models, self.model_dir, self.model_repository)
 
     def tuning_ignored(self, honoured: Iterable[str]) -> list[str]:
         """The tuning settings given that a runtime honouring only `honoured` would silently ignore."""
@@ -259,11 +260,16 @@ class Settings(BaseSettings):
 
     @field_validator("backend")
     @classmethod
-    def _known_backend(cls, v: str) -> str:
-        """One of the registered runtimes (the registry is the only list of them)."""
+    def _known_backend(cls, v: str, info: ValidationInfo) -> str:
+        """One of the registered runtimes (the registry is the only list of them), and where it runs bundles, not
+        one whose name a module that failed to register claimed (a plugin meant to be this backend did not load:
+        the other would run). A repository alone runs none on it: each model's artifact picks its runtime, checked
+        as it loads (runtimes.registry.pick), and a --backend given with it is refused (`_repository_decides`)."""
         if v not in runtimes.names():
             raise ValueError(f"unknown backend; known: {', '.join(runtimes.names())}{load_failures()}")
-        if why := shadowed("name", v):  # a plugin meant to be this backend did not load: the other would run
+        given = info.data  # the fields declared before this one: which models there are
+        alone = _repository_alone(given.get("models"), given.get("model_dir"), given.get("model_repository"))
+        if not alone and (why := shadowed("name", v)):
             raise ValueError(why)
         return v
 
@@ -283,6 +289,11 @@ class Settings(BaseSettings):
         # --from-file ends in a newline) could never match with its own.
         v = v.strip() if isinstance(v, str) else v
         return None if v in ("", None) else v
+
+
+def _repository_alone(models: list[str] | None, model_dir: Path | None, model_repository: Path | None) -> bool:
+    """Whether these settings serve model_repository's models alone (`Settings.repository_alone`)."""
+    return model_repository is not None and not models and model_dir is None
 
 
 def repository_tuning(settings: Settings, served: Iterable[str]) -> str | None:

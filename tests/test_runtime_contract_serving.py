@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,8 @@ def _misbehave(y: np.ndarray) -> Any:
         "extra row": lambda: np.concatenate([y, y[:1]]),
         "float64": lambda: y.astype(np.float64),
         "nan": lambda: np.full_like(y, np.nan),
+        "masked": lambda: np.ma.masked_array(y, mask=np.arange(y.size).reshape(y.shape) % 3 == 0),
+        "matrix": lambda: np.asmatrix(y),
     }[MODE["out"]]()
 
 
@@ -210,7 +213,60 @@ def test_another_float_dtype_is_served_as_float32_and_non_finite_outputs_stay_42
         assert r.status_code == 422 and "non-finite outputs" in r.json()["error"]
 
 
-def test_the_batcher_checks_rows_and_columns_and_casts_other_floats():
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_masked_array_fails_its_batch_and_a_matrix_is_served_as_the_plain_array(tmp_path):
+    """A masked array was a v2 200 with null in its FP32 data (v1: a 500 'internal error'); np.matrix was nested v2
+    JSON data (v1: an IndexError)."""
+    contract = _runtime("contract", MisbehavingBackend)
+    with registered(contract), serving(_bundle(tmp_path / "b", "contract"), "contract") as c:
+        png = {"content": _png(), "headers": {"content-type": "image/png"}}
+        plain_v1 = c.post("/v1/models/m/classify", **png).json()
+        plain_v2 = c.post("/v2/models/m/infer", content=_v2(2)).json()
+        MODE["out"] = "masked"
+        why = "backend returned a masked array (numpy.ma.MaskedArray), expected a plain numpy array of shape"
+        r = c.post("/v1/models/m/classify", **png)
+        assert (r.status_code, r.json()) == (500, {"error": f"{why} (1, 10) float32"})
+        r = c.post("/v2/models/m/infer", content=_v2(2))
+        assert (r.status_code, r.json()) == (500, {"error": f"{why} (2, 10) float32"})
+        MODE["out"] = "matrix"
+        r = c.post("/v1/models/m/classify", **png)
+        assert (r.status_code, r.json()) == (200, plain_v1)
+        r = c.post("/v2/models/m/infer", content=_v2(2))
+        assert (r.status_code, r.json()) == (200, plain_v2)
+        assert len(r.json()["outputs"][0]["data"]) == 20  # flat, as FP32 data is
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_the_gate_judges_the_array_the_server_sends(tmp_path):
+    """The export certified both: its gate judged np.asarray of the output, the mask dropped."""
+    from test_runtime_registry import _checkpoint
+
+    from export.bundle import build_bundle
+    from runtimes.loader import golden_outputs
+
+    MODE["out"] = "masked"
+    try:
+        with registered(rt := _runtime("contract_masked", MisbehavingBackend)):
+            m = build_bundle(_checkpoint(tmp_path), tmp_path / "out", [rt.target], max_batch=4, parity_samples=16,
+                             threads=1, log=lambda _: None)
+        artifact = m.artifacts[-1]
+        assert artifact.id == "contract_masked-fp32" and not artifact.servable
+        assert "backend returned a masked array (numpy.ma.MaskedArray)" in artifact.refused_reason
+        # The golden check (export's, and every load's) judges each batch as the server does, not np.asarray's view.
+        backend = MisbehavingBackend(LoadSpec(*_spec_parts(fake_runtime.write_bundle(tmp_path / "fb"))))
+        x = np.full((3, 3, 32, 32), 0.25, np.float32)
+        with pytest.raises(BackendError, match=r"^backend returned a masked array \(numpy.ma.MaskedArray\)"):
+            golden_outputs(backend, x, 2)
+        MODE["out"] = "matrix"  # the same numbers as the plain array, which the server now sends
+        matrix = golden_outputs(backend, x, 2)
+        MODE["out"] = ""
+        assert type(matrix) is np.ndarray and np.array_equal(matrix, golden_outputs(backend, x, 2))
+    finally:
+        MODE["out"] = ""
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_the_batcher_checks_rows_and_columns_and_casts_other_floats(tmp_path):
     from runtimes.base import check_logits
 
     y = np.zeros((2, 10), np.float16)
@@ -220,13 +276,25 @@ def test_the_batcher_checks_rows_and_columns_and_casts_other_floats():
         check_logits(np.zeros(3), 2, None)
     with pytest.raises(BackendError, match=r"^backend returned bool of shape \(2, 10\), expected \(2, 10\) float32$"):
         check_logits(y.astype(bool), 2, 10)
+    # Subclasses: viewed as the plain ndarray the routes index and serialise, or refused (a masked array).
+    for sub in (np.asmatrix(y), y.view(np.recarray), np.memmap(tmp_path / "y", np.float64, "w+", shape=(2, 10))):
+        got = check_logits(sub, 2, 10)
+        assert type(got) is np.ndarray and got.dtype == np.float32 and got.shape == (2, 10)
+    assert type(check_logits(np.asmatrix(y), 2, None)) is np.ndarray
+    for classes, want in ((10, "of shape (2, 10) float32"), (None, "of 2 rows")):
+        with pytest.raises(BackendError, match=re.escape(f"backend returned a masked array (numpy.ma.MaskedArray), "
+                                                         f"expected a plain numpy array {want}")):
+            check_logits(np.ma.masked_array(y), 2, classes)
 
 
 # -- what load returns: checked once ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("attrs", "why"), [
     ({"parallelism": 0}, "parallelism must be a whole number in 1..4096, got 0"),
-    ({"max_batch": "4"}, "max_batch must be a whole number in 1..4096, got '4'"),
+    ({"max_batch": "4"}, "max_batch must be a whole number in 1..1024, got '4'"),
+    # More rows than any bundle, the export or the server batch (models.bundle.MAX_BATCH_LIMIT): the bound is said.
+    ({"max_batch": 1 << 16}, "max_batch must be a whole number in 1..1024, got 65536"),
+    ({"max_batch": np.float64(8)}, f"max_batch must be a whole number in 1..1024, got {np.float64(8)!r}"),
     ({"parallelism": True}, "parallelism must be a whole number in 1..4096, got True"),
     ({"precision": None, "device": ""}, "no precision; device must be a non-empty string, got ''"),
     ({"close": None, "describe": 1}, "no describe(); no close()"),
@@ -240,6 +308,51 @@ def test_a_backend_whose_attributes_break_the_contract_is_refused_at_load(tmp_pa
     text = str(err.value)
     assert "\n" not in text and text.endswith(f"contract cannot load 'contract-fp32' from {tmp_path / 'b'}: its "
                                               f"Backend (Broken) breaks the contract: {why}"), text
+
+
+class ReadOnlyCounts:
+    """A Backend whose counts are numpy integers from read-only properties."""
+
+    precision, device = "fp32", "cpu"
+    max_batch = property(lambda self: np.int64(8))
+    parallelism = property(lambda self: np.int64(1))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.zeros((len(batch), 10), np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_numpy_integer_counts_are_whole_numbers_and_served_as_ints(tmp_path):
+    """np.int64(8) was refused as not 'a whole number'; stored as it came, it would reach JSON answers."""
+    from runtimes.base import check_backend
+
+    attrs = {"max_batch": np.int64(4), "parallelism": np.int32(2)}
+    with registered(_runtime("contract", _with(**attrs))), serving(_bundle(tmp_path / "b", "contract"),
+                                                                   "contract") as c:
+        r = c.get("/v1/models/m")
+        assert r.status_code == 200 and r.json()["max_batch"] == 4, r.text
+        assert c.get("/v2/models/m/config").status_code == 200
+        assert c.post("/v2/models/m/infer", content=_v2(4)).status_code == 200
+        backend = c.app.state.models["m"].backend
+        assert (type(backend.max_batch), type(backend.parallelism)) == (int, int)
+    with pytest.raises(BackendError, match=re.escape(
+            f"its Backend (ReadOnlyCounts) breaks the contract: max_batch must be an int, got {np.int64(8)!r}, which "
+            f"cannot be stored back as one; parallelism must be an int, got {np.int64(1)!r}, which cannot be stored "
+            "back as one")):
+        check_backend(ReadOnlyCounts())
+
+
+def _spec_parts(bundle: Path) -> tuple[Any, Any, tuple[Path, ...]]:
+    from models.bundle import read_manifest
+
+    m = read_manifest(bundle)
+    artifact = m.artifacts[-1]
+    return m, artifact, (bundle / fake_runtime.WEIGHTS,)
 
 
 def test_export_refuses_an_artifact_whose_backend_breaks_the_contract(tmp_path):

@@ -4,25 +4,35 @@ artifacts of the runtimes that did work."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import errno
+import importlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fake_runtime
 import numpy as np
 import pytest
+from test_repository_lifecycle import CONFIG as FAKE_CONFIG
+from test_repository_lifecycle import add_version
 
 import runtimes
-from runtimes import BackendError
+from runtimes import BackendError, registry
 from runtimes.build import Built
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = fake_runtime.RUNTIME
+# The built-in runtimes, in BUILTIN's order: what every process registers before its plugins (derived, so that a
+# new built-in changes no test here).
+BUILTINS = tuple(rt for m in registry.BUILTIN if (rt := getattr(sys.modules.get(m), "RUNTIME", None)) is not None
+                 and rt in runtimes.runtimes())
+BUILTIN_NAMES = ", ".join(rt.name for rt in BUILTINS)
 PLUGINS = {  # module -> source: each broken in its own way
     "importerr": "import vitc_no_such_package_xyz\n",
     "noattr": "X = 1\n",
@@ -82,6 +92,41 @@ def test_register_still_takes_a_valid_runtime():
         assert runtimes.get("fake") is rt and runtimes.by_target("fake") is rt
 
 
+def test_registering_the_same_runtime_again_does_nothing():
+    """It clashed with itself: 'its name is already registered, by runtime <itself>'."""
+    with fake_runtime.registered() as rt:
+        before = runtimes.names()
+        assert runtimes.register(rt) is rt
+        assert runtimes.register(dataclasses.replace(rt)) is not rt  # an equal one: the same runtime
+        assert runtimes.names() == before and runtimes.get("fake") is rt
+        with pytest.raises(ValueError, match="its name 'fake' is already registered, by runtime 'fake'"):
+            runtimes.register(dataclasses.replace(rt, version=lambda: "another"))  # not the same one: a clash
+
+
+SELF_REGISTERING = {  # modules that bring their runtime to the registry twice
+    "selfreg": "import dataclasses, fake_runtime\nfrom runtimes.registry import register\n"
+               "RUNTIME = register(dataclasses.replace(fake_runtime.RUNTIME, name='selfreg', target='selfreg'))\n",
+    "aliaspkg/__init__.py": "from aliaspkg.rt import RUNTIME\n",  # a package re-exporting its module's runtime
+    "aliaspkg/rt.py": "import dataclasses, fake_runtime\n"
+                      "RUNTIME = dataclasses.replace(fake_runtime.RUNTIME, name='aliasrt', target='aliasrt')\n",
+}
+
+
+def test_a_plugin_registered_twice_is_served_not_refused_as_its_own_clash(tmp_path):
+    for path, text in SELF_REGISTERING.items():
+        file = tmp_path / (path if path.endswith(".py") else f"{path}.py")
+        file.parent.mkdir(exist_ok=True)
+        file.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITC_")}
+    env.update(VITC_RUNTIMES="selfreg,aliaspkg.rt,aliaspkg", PYTHONPATH=f"{tmp_path}:{REPO / 'tests'}:{REPO}")
+    code = ("from runtimes import registry\n"
+            "print(registry.load_failures() or 'none')\n"
+            "for name in ('selfreg', 'aliasrt'):\n"
+            "    print(registry.pick(name).target, registry.shadowed('target', name))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["none", "selfreg None", "aliasrt None"], r.stdout + r.stderr
+
+
 # --- broken plugins: every "unknown backend/target" says why; a clash is refused, not shadowed --------------------
 
 def _plugins(tmp_path: Path, *modules: str) -> dict[str, str]:
@@ -104,9 +149,9 @@ BROKEN = ("importerr", "noattr", "notruntime", "upper", "clashname", "clashtarge
 
 
 @pytest.mark.parametrize(("args", "unknown"), [
-    (["-m", "serve", "--model", "nowhere", "--backend", "importerr"], "unknown backend; known: onnxruntime, "),
+    (["-m", "serve", "--model", "nowhere", "--backend", "importerr"], f"unknown backend; known: {BUILTIN_NAMES}; "),
     (["-m", "export", "--checkpoint", "nowhere", "--out", "nowhere-out", "--targets", "myrt"],
-     "unknown target 'myrt'; known: onnx, "),
+     f"unknown target 'myrt'; known: {BUILTINS[0].target}, "),
     (["benchmarks/latency.py", "--targets", "myonnx-fp32"], "unknown target 'myonnx-fp32'; known: all, "),
 ])
 def test_unknown_backend_and_target_refusals_say_why_each_plugin_is_missing(tmp_path, args, unknown):
@@ -117,9 +162,12 @@ def test_unknown_backend_and_target_refusals_say_why_each_plugin_is_missing(tmp_
 
 
 @pytest.mark.parametrize(("args", "refusal"), [
-    # The server's default backend is the name the plugin claimed: checked too, not served in the plugin's place.
+    # The server's default backend, which runs the bundles given, is the name the plugin claimed: checked too, not
+    # served in the plugin's place.
     (["-m", "serve", "--model", "nowhere"], "--backend (VITC_BACKEND): 'onnxruntime' is also the name of a runtime "
                                             "that could not be registered: " + WHY["clashname"]),
+    (["-m", "serve", "--model-dir", "nowhere"], "'onnxruntime' is also the name of a runtime that could not be "
+                                                "registered: " + WHY["clashname"]),
     (["-m", "serve", "--model", "nowhere", "--backend", "onnxruntime"], "'onnxruntime' is also the name of a runtime "
                                                                         "that could not be registered"),
     # The export's default targets (onnx, openvino) hold the target the other plugin claimed.
@@ -138,6 +186,117 @@ def test_a_name_or_target_a_failed_plugin_claimed_is_refused_not_shadowed(tmp_pa
     assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
 
 
+@pytest.fixture
+def failed_plugin(tmp_path, monkeypatch) -> Iterator[Callable[[str, str], str]]:
+    """Load a plugin module in this process as VITC_RUNTIMES does at start (it must fail): its reason; the
+    registry's record of it is undone after the test."""
+    monkeypatch.setattr(registry, "_PLUGIN_ERRORS", dict(registry._PLUGIN_ERRORS))
+    monkeypatch.setattr(registry, "_CLASHES", dict(registry._CLASHES))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = []
+
+    def load(module: str, source: str) -> str:
+        (tmp_path / f"{module}.py").write_text(source)
+        importlib.invalidate_caches()
+        loaded.append(module)
+        before = runtimes.names()
+        registry._load(module, f"{registry.PLUGINS_ENV} plugin")
+        assert runtimes.names() == before, "the plugin was meant to fail"
+        return registry._PLUGIN_ERRORS[module]
+
+    yield load
+    for module in loaded:
+        sys.modules.pop(module, None)
+
+
+CLAIMS_ORT = ("import dataclasses, fake_runtime\n"
+              "RUNTIME = dataclasses.replace(fake_runtime.RUNTIME, name='onnxruntime', target='claimort')\n")
+CLAIMS_FAKE = ("import dataclasses, fake_runtime\n"
+               "RUNTIME = dataclasses.replace(fake_runtime.RUNTIME, target='claimfake')\n")
+
+
+def _fake_repository(root: Path) -> Path:
+    """A repository of one model, 'fake' version 1, whose artifact picks the fake runtime."""
+    add_version(root, "fake", "1")
+    (root / "fake" / "config.pbtxt").write_text(FAKE_CONFIG)
+    return root
+
+
+def test_a_repository_alone_is_not_refused_for_a_plugin_that_claimed_the_default_backend(tmp_path, failed_plugin):
+    """No repository model runs on the unused default --backend: it was refused for it, naming --backend, which
+    may not be given with --model-repository."""
+    from serve.registry import load_models
+    from serve.settings import Settings
+
+    why = failed_plugin("claimort", CLAIMS_ORT)
+    assert why.endswith("its name 'onnxruntime' is already registered, by runtime 'onnxruntime'; give it another name")
+    repo = _fake_repository(tmp_path / "repo")
+    with fake_runtime.registered():
+        models = load_models(Settings(model_repository=repo))
+        try:
+            assert list(models) == ["fake"] and not models.skipped
+        finally:
+            models["fake"].backend.close()
+        # Bundles run on the default backend: there it is still refused, bundles beside the repository included.
+        bundle = fake_runtime.write_bundle(tmp_path / "b")
+        for given in ({"models": [str(bundle)]}, {"model_dir": tmp_path}, {"models": [str(bundle)],
+                                                                             "model_repository": repo}):
+            with pytest.raises(ValueError, match="'onnxruntime' is also the name of a runtime that could not be "
+                                                 "registered: " + re.escape(why)):
+                Settings(**given)
+
+
+def test_a_model_whose_runtime_a_failed_plugin_claimed_is_refused_not_served_by_the_other(tmp_path, failed_plugin):
+    from serve.errors import ServeError
+    from serve.registry import ModelSource, load_model
+    from serve.settings import Settings
+
+    repo = _fake_repository(tmp_path / "repo")
+    bundle = fake_runtime.write_bundle(tmp_path / "b")
+    with fake_runtime.registered():
+        why = failed_plugin("claimfake", CLAIMS_FAKE)
+        refusal = "'fake' is also the name of a runtime that could not be registered: " + why
+        with pytest.raises(BackendError, match=re.escape(refusal)):
+            registry.pick("fake")
+        assert registry.pick("onnxruntime") is runtimes.get("onnxruntime")  # what no plugin claimed still runs
+        # A repository model whose artifact picks it: refused, with the reason (it was served by the built-in).
+        with pytest.raises(ServeError, match=re.escape(refusal)):
+            load_model(ModelSource(repo / "fake", "fake", repository=True), Settings(model_repository=repo))
+        # A bundle server given --backend fake: refused at start.
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            Settings(models=[str(bundle)], backend="fake")
+        # And every caller that opens a model by runtime name (the benchmarks, export.report --served).
+        from models.bundle import read_manifest
+
+        with pytest.raises(BackendError, match=re.escape(refusal)):
+            runtimes.open_backend(bundle, read_manifest(bundle), "fake")
+
+
+def test_a_repository_server_starts_lists_the_model_a_failed_plugin_claimed_unavailable_and_says_why(tmp_path):
+    """The reported start: a repository alone was refused for the unused default --backend, and a model whose
+    runtime a failed plugin claimed was served by the other, without a word."""
+    import httpx
+    from test_serve_fixtures import start_server
+
+    plugins = {"claimort": CLAIMS_ORT, "claimfake": CLAIMS_FAKE,
+               "okfake": "import dataclasses, fake_runtime\n"
+                         "RUNTIME = dataclasses.replace(fake_runtime.RUNTIME, name='okfake', target='okfake')\n"}
+    for module, text in plugins.items():
+        (tmp_path / f"{module}.py").write_text(text)
+    repo = _fake_repository(tmp_path / "repo")
+    add_version(repo, "other", "1", runtime="okfake")  # no config.pbtxt: a runtime that did register serves it
+    env = {"VITC_RUNTIMES": "fake_runtime,claimort,claimfake,okfake",
+           "PYTHONPATH": f"{tmp_path}:{REPO / 'tests'}:{REPO}"}
+    with start_server(["--model-repository", str(repo)], tmp_path / "server.log", env) as server:
+        entries = {e["name"]: e for e in httpx.post(f"{server.url}/v2/repository/index").json()}
+        assert entries["other"]["state"] == "READY"
+        assert entries["fake"]["state"] == "UNAVAILABLE"
+        assert "'fake' is also the name of a runtime that could not be registered: VITC_RUNTIMES plugin " \
+               "'claimfake' failed" in entries["fake"]["reason"]
+        warned = [ln for ln in server.logs().splitlines() if "runtime modules that could not be registered" in ln]
+        assert len(warned) == 1 and "'claimort' failed" in warned[0] and "'claimfake' failed" in warned[0]
+
+
 def test_every_benchmark_target_is_checked_for_a_plugin_that_claimed_its_runtime(tmp_path):
     code = ("from benchmarks.runners import parse_targets\n"
             "try:\n    parse_targets('all')\nexcept ValueError as exc:\n    print(exc)\n")
@@ -152,7 +311,8 @@ def test_a_working_plugin_and_the_builtins_still_serve_beside_broken_ones(tmp_pa
     env["VITC_RUNTIMES"] += ",fake_runtime"
     code = "import runtimes; print(','.join(runtimes.names()))"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.strip() == "onnxruntime,openvino,tensorrt,torch,fake", r.stderr
+    want = ",".join([*(rt.name for rt in BUILTINS), "fake"])
+    assert r.returncode == 0 and r.stdout.strip() == want, r.stderr
 
 
 # --- a broken module in BUILTIN (README's "Adding a runtime", step 2) ----------------------------------------------
@@ -170,12 +330,13 @@ def broken_builtins(tmp_path) -> tuple[Path, dict[str, str]]:
     """A copy of the runtimes package whose BUILTIN lists three broken modules, first on the path (run from tmp)."""
     root = tmp_path / "site"
     shutil.copytree(REPO / "runtimes", root / "runtimes", ignore=shutil.ignore_patterns("__pycache__"))
-    registry = root / "runtimes" / "registry.py"
-    src = registry.read_text()
-    added = src.replace('"runtimes.pytorch")', '"runtimes.pytorch", "runtimes.brokenimp", "runtimes.noattrrt", '
-                                               '"runtimes.clashrt")', 1)
-    assert added != src
-    registry.write_text(added)
+    path = root / "runtimes" / "registry.py"
+    lines = path.read_text().splitlines(keepends=True)
+    # Three more modules at the end of BUILTIN, however its statement is written: one more, after it.
+    end = next(node.end_lineno for node in ast.parse("".join(lines)).body if isinstance(node, ast.Assign)
+               and any(isinstance(t, ast.Name) and t.id == "BUILTIN" for t in node.targets))
+    lines.insert(end, f"BUILTIN = (*BUILTIN, {', '.join(repr(f'runtimes.{m}') for m in BUILTIN_MODULES)})\n")
+    path.write_text("".join(lines))
     for name, text in BUILTIN_MODULES.items():
         (root / "runtimes" / f"{name}.py").write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITC_")}
@@ -185,7 +346,7 @@ def broken_builtins(tmp_path) -> tuple[Path, dict[str, str]]:
 def test_a_broken_builtin_module_is_one_line_naming_it_not_a_traceback(broken_builtins):
     cwd, env = broken_builtins
     line = _refused(["-m", "serve", "--model", "nowhere", "--backend", "brokenimp"], env, cwd)
-    assert "unknown backend; known: onnxruntime, openvino, tensorrt, torch;" in line
+    assert f"unknown backend; known: {BUILTIN_NAMES};" in line
     assert ("built-in runtime module 'runtimes.brokenimp' failed: ModuleNotFoundError: No module named "
             "'vitc_no_such_package_xyz'") in line
     assert ("built-in runtime module 'runtimes.noattrrt' failed: AttributeError: module 'runtimes.noattrrt' has no "

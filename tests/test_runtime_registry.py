@@ -3,6 +3,7 @@ benchmarks with no other change (tests/fake_runtime.py is such a runtime)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -46,8 +47,8 @@ def test_unknown_duplicate_and_missing_runtimes_are_one_line_errors(fake):
     known = "known: onnxruntime, openvino, tensorrt, torch, fake"
     with pytest.raises(BackendError, match=f"unknown backend 'tflite'; {known}"):
         runtimes.get("tflite")
-    with pytest.raises(ValueError, match="already registered"):
-        runtimes.register(fake)
+    with pytest.raises(ValueError, match="already registered"):  # another runtime of its name (itself: a no-op)
+        runtimes.register(dataclasses.replace(fake, target="fake2"))
     if not runtimes.get("tensorrt").installed():
         with pytest.raises(BackendError, match="tensorrt is not installed .* constraints.txt tensorrt cuda-bindings"):
             runtimes.get("tensorrt").require("cuda")
