@@ -75,3 +75,24 @@ def train_stopped(tmp_path_factory) -> Callable[[int], object]:
         return runs[steps]
 
     return stopped
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint() -> Callable[[object], object]:
+    """`micro_checkpoint(dir)`: a seeded, untrained vit_c_micro at 32 px for the animals classes, saved in dir/ckpt
+    (its head drawn wide, so classes differ): what a runtime's export and parity gate are tested on."""
+    def save(where):
+        import torch
+
+        from data.datasets import ANIMAL_CLASSES, default_preprocessing
+        from models import build_model
+        from models.checkpoint import save_checkpoint
+
+        torch.manual_seed(0)
+        model = build_model("vit_c_micro").eval()
+        with torch.no_grad():
+            model.head.weight.normal_(0, 0.5)
+        return save_checkpoint(where / "ckpt", model, class_names=ANIMAL_CLASSES,
+                               preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
+
+    return save

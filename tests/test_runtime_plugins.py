@@ -360,21 +360,6 @@ def test_a_broken_builtin_module_is_one_line_naming_it_not_a_traceback(broken_bu
 
 # --- export: one runtime's own OSError refuses its artifact; the machine's stops the export; max_batch -----------
 
-def _checkpoint(tmp_path: Path) -> Path:
-    import torch
-
-    from data.datasets import ANIMAL_CLASSES, default_preprocessing
-    from models import build_model
-    from models.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model("vit_c_micro").eval()
-    with torch.no_grad():
-        model.head.weight.normal_(0, 0.5)
-    return save_checkpoint(tmp_path / "ckpt", model, class_names=ANIMAL_CLASSES,
-                           preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
-
-
 def _raising(exc: BaseException):
     def load(spec):
         raise exc
@@ -437,11 +422,11 @@ def odd():
             runtimes.unregister(rt.name)
 
 
-def test_a_runtimes_own_oserror_refuses_its_artifact_and_the_others_are_kept(odd, tmp_path):
+def test_a_runtimes_own_oserror_refuses_its_artifact_and_the_others_are_kept(odd, tmp_path, micro_checkpoint):
     from export.bundle import build_bundle
 
     lines: list[str] = []
-    m = build_bundle(_checkpoint(tmp_path), tmp_path / "b", ["liberr", "nobuild", "small"], max_batch=8,
+    m = build_bundle(micro_checkpoint(tmp_path), tmp_path / "b", ["liberr", "nobuild", "small"], max_batch=8,
                      parity_samples=16, threads=1, log=lines.append)
     arts = {a.id: a for a in m.artifacts}
     assert list(arts) == ["torch-fp32", "liberr-fp32", "nobuild-fp32", "small-fp32"]
@@ -462,7 +447,7 @@ def test_a_runtimes_own_oserror_refuses_its_artifact_and_the_others_are_kept(odd
     # A runtime's own error wrapping the full disk: still the machine's.
     (RuntimeError("cannot save the engine"), "OSError: [Errno 122] Disk quota exceeded"),
 ])
-def test_a_full_disk_in_one_runtime_still_stops_the_export(tmp_path, exc, stops):
+def test_a_full_disk_in_one_runtime_still_stops_the_export(tmp_path, exc, stops, micro_checkpoint):
     from export.bundle import ExportIOError, build_bundle
 
     if isinstance(exc, RuntimeError):
@@ -472,7 +457,7 @@ def test_a_full_disk_in_one_runtime_still_stops_the_export(tmp_path, exc, stops)
     runtimes.register(rt)
     try:
         with pytest.raises(ExportIOError, match=f"^full-fp32: {re.escape(stops)}"):
-            build_bundle(_checkpoint(tmp_path), tmp_path / "b", ["full"], max_batch=4, parity_samples=8, threads=1,
+            build_bundle(micro_checkpoint(tmp_path), tmp_path / "b", ["full"], max_batch=4, parity_samples=8, threads=1,
                          log=lambda _: None)
     finally:
         runtimes.unregister("full")

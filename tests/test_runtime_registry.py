@@ -86,12 +86,12 @@ def test_settings_refuse_an_unregistered_backend():
         Settings(backend="fake")
 
 
-def test_export_gates_a_new_runtime_through_its_own_backend(fake, tmp_path):
+def test_export_gates_a_new_runtime_through_its_own_backend(fake, tmp_path, micro_checkpoint):
     """The parity gate opens the artifact with the runtime's `load` and the server's options, and refuses what
     does not reproduce torch (a linear map of channel means cannot), deleting its files."""
     from export.bundle import build_bundle
 
-    ckpt = _checkpoint(tmp_path)
+    ckpt = micro_checkpoint(tmp_path)
     m = build_bundle(ckpt, tmp_path / "b", ["fake"], max_batch=4, parity_samples=16, threads=1, log=lambda _: None)
     artifact = m.artifacts[-1]
     assert (artifact.id, artifact.runtime, artifact.format, artifact.runtime_version) == ("fake-fp32", "fake",
@@ -103,21 +103,6 @@ def test_export_gates_a_new_runtime_through_its_own_backend(fake, tmp_path):
     assert (spec.manifest.input_name, spec.manifest.output_name) == ("input", "logits")
     assert (spec.max_batch, spec.num_classes) == (4, 10)
     assert artifact.parity.val_samples == 16 and artifact.parity.inference_precision == "fp32"
-
-
-def _checkpoint(tmp_path: Path) -> Path:
-    import torch
-
-    from data.datasets import ANIMAL_CLASSES, default_preprocessing
-    from models import build_model
-    from models.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model("vit_c_micro").eval()
-    with torch.no_grad():
-        model.head.weight.normal_(0, 0.5)
-    return save_checkpoint(tmp_path / "ckpt", model, class_names=ANIMAL_CLASSES,
-                           preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
 
 
 @pytest.fixture
