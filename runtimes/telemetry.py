@@ -28,7 +28,12 @@ def off() -> None:
     def check(self: Any, *args: Any, **kwargs: Any) -> Any:
         # No consent file means "send" to OpenVINO's tools; here it means no. An explicit opt-in
         # (`opt_in_out --opt_in`, ~/intel/openvino_telemetry = 1) is still honoured.
-        result = asked(self, *args, **kwargs)
+        try:
+            result = asked(self, *args, **kwargs)
+        except Exception:
+            # A consent file that cannot be looked for is no consent: Path.home() raises RuntimeError with neither
+            # $HOME nor a passwd entry (a container's arbitrary UID), and OpenVINO would let it fail every model.
+            return ConsentCheckResult.DECLINED
         return ConsentCheckResult.DECLINED if result == ConsentCheckResult.NO_FILE else result
 
     check._vitc = True  # type: ignore[attr-defined]

@@ -8,13 +8,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 import serve
 from models.host import usable_cpus
 from serve.fastpath import FastPathMiddleware
-from serve.metrics import Metrics
+from serve.metrics import Metrics, ignored_environment
 from serve.middleware import (
     AccessLogMiddleware,
     AuthMiddleware,
@@ -25,8 +26,9 @@ from serve.middleware import (
 )
 from serve.registry import ServedModel, close_models, load_models
 from serve.repository import ModelRepository
-from serve.responses import install_handlers
+from serve.responses import error_response, install_handlers
 from serve.routes import ops, v1, v2
+from serve.routes.deps import OUT_OF_MEMORY, RETRY_AFTER
 from serve.settings import Settings
 from serve.workpool import PixelBudget, WorkPool
 
@@ -62,8 +64,17 @@ def _declare_bearer(app: FastAPI, open_paths: tuple[str, ...]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+async def _out_of_memory(request: Request, exc: Exception) -> JSONResponse:
+    """A request that ran out of memory anywhere in a route (reading its body, parsing it, answering it): the 503
+    that the work pool's jobs get (serve.routes.deps.off_loop), not a 500 with a traceback: retried, it may fit."""
+    return error_response(503, OUT_OF_MEMORY, RETRY_AFTER)
+
+
 def create_app(settings: Settings, models: dict[str, ServedModel] | None = None) -> FastAPI:
     """Build the app; `models` already loaded (the CLI loads them before binding the port) or loaded at start."""
+    if ignored := ignored_environment():
+        log.warning("ignored environment variables: vitc is one process and serves its own /metrics, so it writes "
+                    "no multi-process metric files", extra={"names": ignored})
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -96,6 +107,7 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     app.state.settings, app.state.metrics, app.state.models, app.state.ready = settings, metrics, {}, False
     app.state.pixel_budget = PixelBudget(settings.decode_budget_pixels)
     install_handlers(app)
+    app.add_exception_handler(MemoryError, _out_of_memory)  # the fast path (serve.fastpath) looks it up here too
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(ops.router)

@@ -75,6 +75,9 @@ LINGER_S = 10.0
 LINGER_IDLE_S = 2.0
 LINGER_BODIES = 8
 LINGER_MIN_BYTES = 64 << 20
+# What a request that the server had no memory to read is told (the words of serve.routes.deps.OUT_OF_MEMORY, which
+# this module, below the app, does not import): 503 + Retry-After, not the client's fault.
+OUT_OF_MEMORY = "the server ran out of memory for this request; retry later"
 
 
 def probe_places(max_connections: int) -> int:
@@ -99,6 +102,12 @@ def _client(transport: asyncio.BaseTransport) -> str | None:
     """The peer's `host:port`, for the access log."""
     peer = transport.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether the parser stopped because a callback ran out of memory (gathering the body, the URL or a header):
+    httptools raises its own HttpParserCallbackError, with the callback's exception as its context."""
+    return isinstance(error, MemoryError) or isinstance(getattr(error, "__context__", None), MemoryError)
 
 
 def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, str]:
@@ -288,7 +297,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     At most MAX_PIPELINED requests are parsed ahead of the one being answered, and reading pauses until answers go
     out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE) ends its request at once:
-    the app's `receive` raises a JSON 400 that the app answers, closing the connection. A client that half-closes
+    the app's `receive` raises a JSON 400 that the app answers, closing the connection; a body the server has no
+    memory to gather, a JSON 503 + Retry-After (OUT_OF_MEMORY) the same way. A client that half-closes
     after its HTTP/1.1 requests has those it sent whole answered, then the connection closes (EOF_PROBE_S); an EOF
     while an HTTP/1.0 request is owed its answer is a disconnect. `close_after_answers` (a stop's first signal) makes
     every answer begun from then on close its connection; an HTTP/1.0 request is never sent `100 Continue`. An answer
@@ -509,9 +519,10 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             try:
                 self.parser.feed_data(data)
                 return
-            except httptools.HttpParserError:
+            except httptools.HttpParserError as exc:
                 msg = "Invalid HTTP request received."
-                self.logger.warning(msg)
+                if not _out_of_memory(exc):  # the request is not at fault: its 503 is in the access log
+                    self.logger.warning(msg)
                 self.send_400_response(msg)
                 return
             except httptools.HttpParserUpgrade as upgrade:
@@ -731,7 +742,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
                 if self._bad_body is None or self._bad_body[0] is not cycle:
                     return message
             _, status, text = self._bad_body
-            raise APIError(status, text, {"Connection": "close"})
+            retry = {"Retry-After": "1"} if status == 503 else {}  # out of memory: the server's trouble, for now
+            raise APIError(status, text, {"Connection": "close", **retry})
 
         return checked
 
@@ -758,7 +770,13 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._arm()
 
     def send_400_response(self, msg: str) -> None:
-        if self._body_open():
+        if _out_of_memory(sys.exc_info()[1]):
+            # Not the client's fault (nor malformed): 503 + Retry-After, and the connection closes (the parser stopped).
+            if self._body_open():
+                self._body_refused(OUT_OF_MEMORY, 503)
+            else:
+                self._refuse(503, "Service Unavailable", OUT_OF_MEMORY, 1)
+        elif self._body_open():
             # Inside a chunked body: a bad chunk size, a size of 2^64 or more, too many trailer fields.
             if self._oversized:
                 self._body_refused(f"the request's header and trailer fields are larger than {MAX_HEADER_BYTES} "

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable
 
-from prometheus_client import (
+# prometheus_client chooses where metric values live when it is first imported: with PROMETHEUS_MULTIPROC_DIR set
+# (base images, Helm charts and platforms made for gunicorn's worker processes set it), in memory-mapped files in
+# that directory, one set per process, for a collector that adds the processes up. vitc is one process that serves
+# its own /metrics: the files would only be written there unasked, and a missing or read-only directory stops the
+# start, once every model has loaded, with a traceback. So this process drops the variable before that import (the
+# server warns; serve.app), unless the module was imported already: then the choice was someone else's to make.
+MULTIPROCESS_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+_IGNORED = [] if "prometheus_client" in sys.modules else [
+    name for name in MULTIPROCESS_VARIABLES if os.environ.pop(name, None) is not None]
+
+# isort: split
+from prometheus_client import (  # noqa: E402
     CollectorRegistry,
     Counter,
     Gauge,
@@ -15,7 +28,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_LATEST  # noqa: E402
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: from sub-millisecond micro models to multi-second queues under overload, up to the default timeouts
@@ -30,6 +43,12 @@ INFO_LABELS = ("version", "weights_sha256", "vitc_version", "git_commit", "expor
 # Paths left out of vitc_in_flight_requests: the scrape reading the gauge, and the probes polling the server, would
 # otherwise keep an idle server at 1 (Triton's pending-request gauges count inference requests only).
 NOT_IN_FLIGHT = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+def ignored_environment() -> list[str]:
+    """The multi-process variables this process dropped (MULTIPROCESS_VARIABLES), once: empty from then on."""
+    names, _IGNORED[:] = list(_IGNORED), []
+    return names
 
 
 def _release(counts: dict, key: object) -> bool:

@@ -24,6 +24,9 @@ from serve.workpool import Busy
 log = logging.getLogger("vitc.serve")
 T = TypeVar("T")
 RETRY_AFTER = {"Retry-After": "1"}
+# The machine's limits met by a request (not its fault, nor a bug): 503, retried once memory or threads are free.
+OUT_OF_MEMORY = "the server ran out of memory for this request; retry later"
+OUT_OF_THREADS = "the server could not start a thread for this request (its thread or pids limit); retry later"
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"example": {"error": "reason"}}}}
@@ -31,7 +34,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Undecodable or malformed input", 401: "Missing or invalid bearer token", 404: "Unknown model",
         413: "Body or image too large, or more images than --max-queue-size", 415: "Unsupported content type",
         422: "Invalid parameter",
-        503: "Queue, decode pool or decode budget full; model stalled or shutting down (see Retry-After)",
+        503: "Queue, decode pool or decode budget full; model stalled or shutting down; the server out of memory "
+             "or threads (see Retry-After)",
         504: "Inference exceeded the model's timeout",
     }.items()
 }
@@ -88,6 +92,16 @@ async def inflated(request: Request, body: bytes, encoding: str | None, limit: i
     return out
 
 
+def exhausted(exc: BaseException) -> APIError | None:
+    """The 503 + Retry-After for `exc` when it is the machine's memory or threads running out (a MemoryError, or
+    Python's `can't start new thread` under a pids or nproc limit), else None."""
+    if isinstance(exc, MemoryError):
+        return APIError(503, OUT_OF_MEMORY, RETRY_AFTER)
+    if isinstance(exc, RuntimeError) and str(exc).startswith("can't start new thread"):
+        return APIError(503, OUT_OF_THREADS, RETRY_AFTER)
+    return None
+
+
 async def off_loop(request: Request, fn: Callable[..., T], *args: Any, cheap: bool = False) -> T:
     """Run CPU work (decoding, tensor parsing, decompression) in the bounded work pool. A `cheap` job (a small
     image: about a millisecond) that finds the pool idle runs on the loop itself: cheaper than two thread
@@ -96,8 +110,10 @@ async def off_loop(request: Request, fn: Callable[..., T], *args: Any, cheap: bo
         return await request.app.state.work_pool.run(fn, *args, inline_if_idle=cheap)
     except Busy as exc:
         raise APIError(503, f"{exc}; retry later", RETRY_AFTER) from None
-    except MemoryError:
-        raise APIError(503, "the server ran out of memory for this request; retry later", RETRY_AFTER) from None
+    except (MemoryError, RuntimeError) as exc:  # in the job, or starting the pool's thread for it
+        if (refusal := exhausted(exc)) is None:
+            raise
+        raise refusal from None
 
 
 async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
@@ -110,6 +126,10 @@ async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | 
     except InferenceTimeout as exc:
         raise APIError(504, str(exc)) from None
     except Exception as exc:
+        if (refusal := exhausted(exc)) is not None:  # the batch's thread, or the backend's memory: not a bug
+            reason = str(exc)[:200] or type(exc).__name__
+            log.warning("inference ran out of memory or threads", extra={"model": model.name, "reason": reason})
+            raise refusal from None
         log.exception("inference failed", extra={"model": model.name})
         # A backend says what failed in one line already (runtimes.base.inference_error); anything else is named.
         said = str(exc) if isinstance(exc, BackendError) else f"inference failed: {type(exc).__name__}: {exc}"

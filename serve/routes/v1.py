@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from models.bundle import MAX_CLASSES
 from serve.errors import APIError
@@ -124,6 +125,28 @@ def _closed_multipart(body: bytes, content_type: str) -> bool:
     return body[end:end + 2] == b"--"
 
 
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    """`body` as the form parser's stream: one chunk."""
+    yield body
+
+
+async def parse_form(request: Request, body: bytes, settings: Settings) -> FormData:
+    """The multipart form of `body` (the request's whole body, already in memory), its file parts kept in memory.
+
+    Starlette's `request.form()` writes every file part over 1 MiB to a temporary file: under a read-only root file
+    system there is none (a 500), a small /tmp fills up (ENOSPC), and the disk it takes is bounded by nothing here.
+    A part is never larger than the body it is in, which --max-body-bytes bounds: spooled up to the body's size, no
+    part leaves memory (as parts under 1 MiB never did), and reading one never needs a thread. The same checks and
+    refusals as `request.form()` (HTTPException 400 with the parser's reason)."""
+    parser = MultiPartParser(request.headers, _once(body), max_files=settings.max_files,
+                             max_fields=settings.max_files + 16, max_part_size=MAX_PART_FIELD_BYTES)
+    parser.spool_max_size = max(len(body), 1)  # this parser's own limit (the class's stays 1 MiB)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise HTTPException(status_code=400, detail=exc.message) from None
+
+
 async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], bool]:
     """The request's images as (name, bytes), and whether it was a multi-file (batch) form."""
     content_type = request.headers.get("content-type") or ""
@@ -133,11 +156,11 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
         if encoding != "identity":
             raise APIError(415, f"unsupported Content-Encoding {encoding!r} for a multipart form (identity only)",
                            {"Accept-Encoding": "identity"})
-        if not _closed_multipart(await request.body(), content_type):  # the body is kept for the form parser
+        body = await request.body()
+        if not _closed_multipart(body, content_type):
             raise APIError(400, "malformed multipart body: its closing boundary is missing (a cut upload?)")
         try:
-            form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 16,
-                                      max_part_size=MAX_PART_FIELD_BYTES)
+            form = await parse_form(request, body, settings)
         except HTTPException as exc:
             # Starlette's only part-size refusal is for a part without a filename (a text field): the same
             # mistake as a small one, so the same answer whatever its size.
@@ -156,6 +179,7 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
                 if part_media not in CONTENT_TYPES:
                     raise _unsupported(part_media)
                 images.append((f.filename or f"file #{i}", await f.read()))
+                await f.close()  # its in-memory copy goes now, not with the whole form's
         finally:
             await form.close()
         return images, len(images) > 1
