@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from runtimes.base import check_logits
+from serve.workpool import started_pool
 
 log = logging.getLogger("vitc.serve")
 FIRST_PAUSE_S, LAST_PAUSE_S = 0.5, 30.0  # between failed probes of a stalled model: doubling from the first
@@ -159,7 +160,7 @@ class DynamicBatcher:
         """Create the queue, thread pool and collector on the running loop."""
         self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._slots = asyncio.Semaphore(self.parallel)
-        self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix=f"infer-{self.name}")
+        self._pool = started_pool(self.parallel, f"infer-{self.name}")
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
 
     async def submit(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:

@@ -21,6 +21,23 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def started_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    """A pool whose `threads` threads all run now, not at its first jobs: under a pids or thread limit (a
+    Kubernetes pids limit, ulimit -u) another pool's idle threads could take the last slots for good, and every
+    later job would fail while the server reports ready. A thread that cannot start fails here, at the start."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    ready = threading.Barrier(threads + 1)
+    try:
+        for _ in range(threads):  # each waits, so each submit starts a new thread
+            pool.submit(ready.wait, 30)
+        ready.wait(30)
+    except BaseException:
+        ready.abort()
+        pool.shutdown(wait=False)
+        raise
+    return pool
+
+
 class Busy(Exception):
     """The work pool's queue or the decode budget is full: retry later (HTTP 503)."""
 
@@ -30,7 +47,7 @@ class WorkPool:
 
     def __init__(self, threads: int, queue: int, name: str = "work") -> None:
         self.threads, self.queue = threads, queue
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self._pool = started_pool(threads, name)
         self._slots = threading.BoundedSemaphore(threads + queue)
         self._inflight = 0  # jobs started from the event loop and not finished (only touched on the loop)
 
