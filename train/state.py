@@ -530,11 +530,12 @@ def check_resume(state: dict[str, Any]) -> str | None:
             or _check_loss_sum(state) or _check_data(state.get("data")))
 
 
-# What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp` and the
-# checkpoint's fixed temporary (and the plot's, `.curves.png.tmp`, of runs before it was written atomically too).
+# What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp`, the
+# checkpoint's fixed temporary and safetensors' own (it writes the weights to `.tmp<6 chars>` beside them, Rust's
+# tempfile, then renames it); and the plot's `.curves.png.tmp` of runs before it was written atomically too.
 # Nothing else is ours to delete.
 _OWN_TEMPORARY = re.compile(r"\.(resume\.pt|metrics\.jsonl|checkpoint\.json|curves\.png)\.[a-z0-9_]{8}\.tmp"
-                            r"|\.curves\.png\.tmp|\.weights\.tmp\.safetensors")
+                            r"|\.curves\.png\.tmp|\.weights\.tmp\.safetensors|\.tmp[A-Za-z0-9]{6}")
 
 
 def own_temporary(name: str) -> bool:
