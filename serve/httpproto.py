@@ -57,6 +57,7 @@ EOF_PROBE_S = 0.1
 _INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+_EMPTY_LINES = re.compile(rb"[\r\n]*")  # what the parser skips before a request line
 # An answer that closes its connection while the client may still be sending (a 413 at once, a 404 or 401 to a
 # request with a body, HTTP/1.0 or `Connection: close` or a stop's shutdown delay closing after it, a refusal in the
 # middle of a request) half-closes, then reads and drops what still comes before it closes, as nginx does (its
@@ -245,9 +246,10 @@ class _LingeringTransport:
 
 
 class _ChunkSizes:
-    """Follows a chunked body's framing beside the parser, which tells no chunk's size: `announced` is the sum of
-    the sizes its chunk-size lines announced so far. The parser checks the framing; once it refuses, nothing here is
-    asked any more."""
+    """Follows a chunked body's framing ahead of the parser, which tells no chunk's size: `announced` is the sum of
+    the sizes its chunk-size lines announced so far, and `feed` tells how far the body's chunks go in the bytes read
+    (the parser is then given them in one piece, whatever the chunk data holds). The parser checks the framing; once
+    it refuses, nothing here is asked any more."""
 
     def __init__(self) -> None:
         self.announced = 0
@@ -256,24 +258,25 @@ class _ChunkSizes:
         self._left = 0  # bytes of chunk data still to come
         self._state = "size"  # "size", "data", "end" (the CRLF after the data), "last" (trailers follow)
 
-    def feed(self, data: bytes) -> bool:
-        """Follow `data`, the body's next bytes; whether a chunk-size line ended in it."""
-        at, announced = 0, False
-        while at < len(data) and self._state != "last":
-            if self._state == "data":
-                step = min(self._left, len(data) - at)
+    def feed(self, data: bytes, at: int = 0) -> tuple[int, bool]:
+        """Follow the body's next bytes, `data` from `at`, up to the end of its last chunk's size line (its trailers,
+        and what follows the body, are not followed): where that stopped, and whether a chunk-size line ended."""
+        announced, end = False, len(data)
+        while at < end and self._state != "last":
+            if self._state == "data":  # chunk data: skipped, not searched
+                step = min(self._left, end - at)
                 at, self._left = at + step, self._left - step
                 if not self._left:
                     self._state = "end"
                 continue
             lf = data.find(b"\n", at)
             if self._state == "size" and self._in_digits:
-                line = data[at:len(data) if lf < 0 else lf]
+                line = data[at:end if lf < 0 else lf]
                 run = line[:len(line) - len(line.lstrip(_HEX_DIGITS))]
                 self._digits = (self._digits + run).lstrip(b"0")[:17]
                 self._in_digits = len(run) == len(line)
             if lf < 0:
-                break
+                return end, announced
             at = lf + 1
             if self._state == "end":
                 self._state = "size"
@@ -282,7 +285,12 @@ class _ChunkSizes:
             self._digits, self._in_digits = b"", True
             self._state, self._left, announced = ("data" if size else "last"), size, True
             self.announced += size
-        return announced
+        return at, announced
+
+    @property
+    def last(self) -> bool:
+        """Whether the last chunk's size line has ended (the trailers, if any, come next)."""
+        return self._state == "last"
 
 
 class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -305,10 +313,12 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     that closes its connection while the client may still be sending closes it gently, within bounds (LINGER_S).
 
     A request with `Connection: Upgrade` is read and answered as the same request without it (no upgrade is ever
-    done); CONNECT is refused (400), and so is HTTP/1.0 with a Transfer-Encoding (RFC 9112 6.1). Two entries in a
-    request's scope tell the app what only the parser knows: `vitc.body_unread()`, whether the request's body is not
-    yet read to its end, and, for a chunked body, `vitc.body_announced()`, the bytes its chunk-size lines announced so
-    far (a chunk announced past the body limit is refused before its data arrives: serve.middleware).
+    done); CONNECT is refused (400), and so is HTTP/1.0 with a Transfer-Encoding (RFC 9112 6.1). Entries in a
+    request's scope tell the app what only the connection knows: `vitc.body_unread()`, whether the request's body is
+    not yet read to its end; for a chunked body, `vitc.body_announced()`, the bytes its chunk-size lines announced so
+    far (a chunk announced past the body limit is refused before its data arrives: serve.middleware); and
+    `vitc.drop_left()`, the bytes of bodies answered early that the connection may still read and drop before it
+    closes (an answer whose body may take it past that says `Connection: close`: serve.middleware).
 
     uvicorn makes one instance per connection from the class it is given: `configured` makes that class, holding
     the limits and the count of open connections that all of its connections share.
@@ -402,6 +412,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._priming = False  # a fresh parser is being fed a request head of this module's own (_ignore_upgrade)
         self._skip_complete = False  # the parser ends an Upgrade request at its headers: its body is still to come
         self._chunks: _ChunkSizes | None = None  # the chunked body being read, followed for its chunk sizes
+        self._announcing = False  # whether the piece being parsed ends a chunk-size line (_cut)
+        self._body_left = 0  # bytes still due of the Content-Length body being read
         self._drained = 0  # bytes of bodies answered early read and dropped on this kept connection
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -486,10 +498,23 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self.flow.hold(bool(self._unparsed) or self._bad_body is not None or self._eof)
 
     def _cut(self) -> int:
-        """Where the bytes waiting are cut: right after the first CRLF CRLF (the end of a request's headers, or of a
-        chunked body's trailers, or bytes inside a body), else after all of them. A piece given to the parser thus
-        ends at most one request's headers, at its own end: a body begins with a piece of its own."""
+        """Where the bytes waiting are cut: right after the first CRLF CRLF where headers may end (a request's, or a
+        chunked body's trailers), else after all of them. Bytes where none can end are skipped, not searched (CRLF
+        CRLF on and on costs no piece each): a Content-Length body's rest, a chunked body's chunks as far as they go
+        (_ChunkSizes), and the empty lines the parser skips before a request. A piece given to the parser thus ends
+        at most one request's headers, at its own end: a body begins with a piece of its own, and a piece that ends
+        a body ends with it."""
         data, at = self._unparsed, self._at
+        self._announcing = False
+        if self._in_body:
+            if self._body_left:
+                return min(len(data), at + self._body_left)
+            if self._chunks is not None:
+                end, self._announcing = self._chunks.feed(data, at)
+                if end > at:  # the body's end too, where no trailer fields follow its last chunk
+                    return end + 2 if self._chunks.last and data.startswith(b"\r\n", end) else end
+        elif not self._in_headers and (start := _EMPTY_LINES.match(data, at).end()) > at:
+            return start  # between requests: the empty lines the parser skips, a piece of their own (no headers)
         spanning = (self._tail + data[at:at + 3]).find(_HEADERS_END)  # begun in what the parser already has
         if spanning >= 0:
             return at + spanning + len(_HEADERS_END) - len(self._tail)
@@ -498,12 +523,14 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def _parse(self, data: bytes) -> None:
         begun, idle = self._messages, not self._in_headers and not self._in_body
-        chunks = self._chunks  # a piece that ends a request's headers ends with them: its body comes in later pieces
+        chunks = self._chunks if self._announcing else None  # a chunk-size line ended in this piece (_cut)
         self._feed_parser(data)
-        if chunks is not None and chunks is self._chunks and self._parsing() and chunks.feed(data):
+        if chunks is not None and chunks is self._chunks and self._parsing():
             self.cycle.message_event.set()  # a `receive` waiting for body bytes looks at what is announced
         if self._drained > self.limits.linger_bytes and not self.transport.is_closing():
-            self.transport.close()  # enough of answered bodies dropped: the rest goes to a lingering close's bounds
+            # Enough of answered bodies dropped: the rest goes to a lingering close's bounds. (The answer whose body
+            # got here said `Connection: close`: vitc.drop_left.)
+            self.transport.close()
         if self.cycle is not self._headers_of:  # a new request's headers are complete (uvicorn made its cycle)
             self._headers_of = self.cycle
             self._disarm()
@@ -624,10 +651,12 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         lengths = [v for n, v in self.headers if n == b"content-length"]
         self._skip_complete = self.parser.should_upgrade() and bool(codings or (lengths and int(lengths[0])))
         self._chunks = _ChunkSizes() if codings else None
+        self._body_left = 0 if codings or not lengths else int(lengths[0])
         if (cycle := self.cycle) is not None and cycle.scope is self.scope:
             self.scope["vitc.body_unread"] = lambda: self.cycle is cycle and self._body_read_of is not cycle
             if (chunks := self._chunks) is not None:
                 self.scope["vitc.body_announced"] = lambda: chunks.announced
+            self.scope["vitc.drop_left"] = lambda: self.limits.linger_bytes - self._drained
             # For the access log: a client that left before any of the answer went out was sent nothing (uvicorn
             # drops what the app sends then).
             self.scope["vitc.unanswered"] = lambda: cycle.disconnected and not cycle.response_started
@@ -667,6 +696,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         return None
 
     def on_body(self, body: bytes) -> None:
+        if self._chunks is None:
+            self._body_left -= len(body)
         super().on_body(body)
         self._framing = False
         if self.cycle.response_complete:
@@ -686,6 +717,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             return
         super().on_message_complete()
         self._body_read_of, self._in_body, self._framing, self._chunks = self.cycle, False, False, None
+        self._body_left = 0
         if self.cycle.response_complete and not self._eof and not self.transport.is_closing():
             # The rest of a body answered early (a 404, a 413) is read and dropped: the connection is idle now, and
             # gets uvicorn's keep-alive timeout, not the deadline of headers that have not begun (a 408).

@@ -187,12 +187,12 @@ class EarlyAnswerMiddleware:
     """An answer begun before the request's body was read to its end (a 401, a 404, a 413 at once) keeps its
     connection only where the rest of the body is worth reading and dropping for it, as a 413 at once decides: a
     declared Content-Length of at most twice `max_bytes`, and never after a 401 (a client without the key is owed
-    no such service). Otherwise it closes the connection, gently: serve.httpproto's lingering close reads and drops
-    what the client still sends within its bounds in bytes and time (and bounds what a kept connection drops, all
-    its requests together). On a kept connection an endless chunked body or a huge Content-Length would be read and
-    dropped to its end, costing the client bandwidth and the server a core. An answer given before an
-    `Expect: 100-continue` body was asked for closes too: the client may never send that body (RFC 9110 10.1.1), and
-    its next request would be read as it."""
+    no such service), nor where the rest may take the connection past what a kept connection drops, all its
+    requests together (`vitc.drop_left`). Otherwise it closes the connection, gently: serve.httpproto's lingering
+    close reads and drops what the client still sends within its bounds in bytes and time. On a kept connection an
+    endless chunked body or a huge Content-Length would be read and dropped to its end, costing the client
+    bandwidth and the server a core. An answer given before an `Expect: 100-continue` body was asked for closes too:
+    the client may never send that body (RFC 9110 10.1.1), and its next request would be read as it."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -223,7 +223,12 @@ class EarlyAnswerMiddleware:
             unread = scope.get("vitc.body_unread")  # the parser's word (serve.httpproto), else the app's reads
             if not body or read or (unread is not None and not unread()):
                 return False
-            return status == 401 or length is None or length > 2 * self.max_bytes
+            if status == 401 or length is None or length > 2 * self.max_bytes:
+                return True
+            # The connection closes once it has dropped its bound of answered bodies: an answer after which the rest
+            # of this one may take it there says so, rather than leave the client's next request to an EOF.
+            left = scope.get("vitc.drop_left")
+            return left is not None and length > left()
 
         async def early_send(message: Message) -> None:
             if (message["type"] == "http.response.start" and not _closes(message.get("headers", ()))

@@ -250,12 +250,15 @@ def test_a_chunk_announced_past_the_limit_is_a_413_at_once(server):
 def test_chunk_sizes_are_followed_however_the_body_is_cut():
     """The sizes the chunk-size lines announce, with extensions and leading zeros, one byte at a time or at once."""
     body = b"5;a=b\r\nhello\r\n0010\r\n" + b"y" * 16 + b"\r\n1A; q=\"x;y\"\r\n" + b"z" * 26 + b"\r\n0\r\nT: 9\r\n\r\n"
+    last = body.index(b"0\r\nT") + 3  # the end of the last chunk's size line
     for step in (1, 3, len(body)):
         sizes = _ChunkSizes()
         seen = []
         for i in range(0, len(body), step):
-            if sizes.feed(body[i:i + step]):
+            end, announced = sizes.feed(body[i:i + step])
+            if announced:
                 seen.append(sizes.announced)
+            assert end == min(step, max(0, last - i)), (step, i, end)  # it stops at the last chunk's line
         assert sizes.announced == 5 + 16 + 26 and seen[-1] == 47, (step, seen)
     huge = _ChunkSizes()
-    assert huge.feed(b"00000000FFFFFFFFFFFFFFFFF\r\n") and huge.announced >= 1 << 64
+    assert huge.feed(b"00000000FFFFFFFFFFFFFFFFF\r\n")[1] and huge.announced >= 1 << 64
