@@ -285,14 +285,16 @@ class DynamicBatcher:
     async def _call(self, loop: asyncio.AbstractEventLoop, fn: Callable, arg: object,
                     stuck: list[asyncio.Future]) -> tuple[np.ndarray, float]:
         """`fn(arg)` in the pool within `timeout_s`; past it the model stalls and InferenceTimeout is raised."""
-        # The thread's own future outlives a timeout (the recovery awaits it); the awaited wrapper may be cancelled.
-        # (asyncio.timeout on a plain wrapper: fewer loop iterations per batch than wait_for + shield.)
-        job = self._pool.submit(fn, arg)
+        # The call outlives a timeout (the recovery awaits it), so the timeout must not reach it: wrap_future passes
+        # a cancellation on to a call that has not started yet (a thread still picking it up), which then never ran,
+        # and the recovery, waiting for it, never probed: the model stayed not ready for good. Hence the shield.
+        job = asyncio.wrap_future(self._pool.submit(fn, arg), loop=loop)
+        job.add_done_callback(_retrieved)  # its error may come after every awaiter left (a close past its drain)
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await asyncio.wrap_future(job, loop=loop)
+                return await asyncio.shield(job)
         except TimeoutError:
-            stuck.append(asyncio.wrap_future(job, loop=loop))
+            stuck.append(job)
             self._stall()
             raise InferenceTimeout(f"model {self.name!r}: inference took longer than {self.timeout_s:g} s") from None
 
@@ -426,6 +428,12 @@ class _Admission:
 
     def __exit__(self, *exc: object) -> None:
         self._batcher._admitted -= self._images
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark `future`'s exception as seen: a call no one awaits any longer logged asyncio's 'never retrieved' error."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _fail(item: _Item, exc: BaseException) -> None:
