@@ -237,9 +237,8 @@ def test_a_masked_array_fails_its_batch_and_a_matrix_is_served_as_the_plain_arra
 
 
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
-def test_the_gate_judges_the_array_the_server_sends(tmp_path):
+def test_the_gate_judges_the_array_the_server_sends(tmp_path, micro_checkpoint):
     """The export certified both: its gate judged np.asarray of the output, the mask dropped."""
-    from test_runtime_registry import _checkpoint
 
     from export.bundle import build_bundle
     from runtimes.loader import golden_outputs
@@ -247,7 +246,7 @@ def test_the_gate_judges_the_array_the_server_sends(tmp_path):
     MODE["out"] = "masked"
     try:
         with registered(rt := _runtime("contract_masked", MisbehavingBackend)):
-            m = build_bundle(_checkpoint(tmp_path), tmp_path / "out", [rt.target], max_batch=4, parity_samples=16,
+            m = build_bundle(micro_checkpoint(tmp_path), tmp_path / "out", [rt.target], max_batch=4, parity_samples=16,
                              threads=1, log=lambda _: None)
         artifact = m.artifacts[-1]
         assert artifact.id == "contract_masked-fp32" and not artifact.servable
@@ -355,14 +354,13 @@ def _spec_parts(bundle: Path) -> tuple[Any, Any, tuple[Path, ...]]:
     return m, artifact, (bundle / fake_runtime.WEIGHTS,)
 
 
-def test_export_refuses_an_artifact_whose_backend_breaks_the_contract(tmp_path):
-    from test_runtime_registry import _checkpoint
+def test_export_refuses_an_artifact_whose_backend_breaks_the_contract(tmp_path, micro_checkpoint):
 
     from export.bundle import build_bundle
 
     with registered(RUNTIME):
-        m = build_bundle(_checkpoint(tmp_path), tmp_path / "out", ["contract_par0"], max_batch=4, parity_samples=16,
-                         threads=1, log=lambda _: None)
+        m = build_bundle(micro_checkpoint(tmp_path), tmp_path / "out", ["contract_par0"], max_batch=4,
+                         parity_samples=16, threads=1, log=lambda _: None)
     artifact = m.artifacts[-1]
     assert artifact.id == "contract_par0-fp32" and not artifact.servable
     assert artifact.refused_reason == ("export failed: BackendError: contract_par0 cannot load 'contract_par0-fp32': "
