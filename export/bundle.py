@@ -53,7 +53,7 @@ from models.oneline import first_line
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import Backend, BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME
-from runtimes.build import ExportContext
+from runtimes.build import ExportContext, cause_in_chain
 from runtimes.loader import (
     CONTRACT_KEY,
     MAX_SOURCE_SIDE,
@@ -311,7 +311,7 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         # The storage failing (a full disk, quota or file-size limit, an I/O error, a file system gone read-only)
         # stops the export too; any other OSError is this runtime's own (a shared library it cannot load, a file its
         # build did not write): it refuses this artifact alone.
-        if failure := _storage_cause(exc):
+        if failure := cause_in_chain(exc, storage_failure):
             raise ExportIOError(f"{target.id}: {type(failure).__name__}: {first_line(failure)}") from None
         failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
         if not artifact.export_seconds:
@@ -324,18 +324,6 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         return replace(artifact, servable=False, refused_reason="; ".join(failures),
                        refused_files=artifact.files, files=())
     return replace(artifact, servable=True, refused_reason=None)
-
-
-def _storage_cause(exc: BaseException | None) -> OSError | None:
-    """The storage failure behind `exc` (models.cli.storage_failure), if any (converters wrap them in their own
-    errors)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if storage_failure(exc):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _golden_check(backend: Backend, artifact: Artifact, data: ParityData, max_batch: int,

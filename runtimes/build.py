@@ -42,16 +42,22 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def io_or_memory_cause(exc: BaseException) -> OSError | MemoryError | None:
-    """The disk or memory error behind `exc`, if any (converters often wrap them in their own exception types)."""
-    # Returns the cause and prints nothing, unlike models.cli.machine_failure (which prints and gives an exit code).
+def cause_in_chain(exc: BaseException | None, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first of `exc` and the errors behind it (its cause, else its context) that `match` accepts, if any:
+    converters and runtimes often wrap a disk or memory error in their own exception types."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError | MemoryError):
+        if match(exc):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def io_or_memory_cause(exc: BaseException) -> OSError | MemoryError | None:
+    """The disk or memory error behind `exc`, if any."""
+    # Returns the cause and prints nothing, unlike models.cli.machine_failure (which prints and gives an exit code).
+    return cause_in_chain(exc, lambda e: isinstance(e, OSError | MemoryError))  # type: ignore[return-value]
 
 
 
