@@ -42,12 +42,14 @@ if __name__ == "__main__" and __spec__ is None:
 # First of vitc's modules: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143).
 import models.cli  # noqa: F401
 from models.cli import InputError, WorkFailed, command, machine_error
+from models.io import no_temp_dir
 from models.oneline import first_line
 
 # isort: split
 import argparse
 import os
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (args.cache / "results" if args.quick else Path("benchmarks") / "results")
     if problem := _paths_problem(args, out):
         raise InputError(problem)
+    # The exports and torch need a temporary directory: find none before the work, not after it (cli.run says so).
+    tempfile.gettempdir()
     try:
         if args.http:
             from benchmarks.e2e import e2e_config, format_e2e, run_e2e, write_e2e_reports
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BundleError, BackendError, ExportError, ExportIOError, OSError) as exc:
         if isinstance(exc, OSError) and (failure := machine_error(exc)):
             raise failure from None  # a full disk while exporting the bundles: the machine failed, not the input
+        if no_temp_dir(exc):  # cli.run names TMPDIR
+            raise
         raise InputError(first_line(exc)) from None
     try:
         paths = save()

@@ -87,6 +87,39 @@ def test_a_run_in_which_every_target_failed_exits_1_and_writes_nothing(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+NO_TEMP = FileNotFoundError(2, "No usable temporary directory found in ['/nonexistent', '/tmp', '/var/tmp']")
+
+
+def test_no_temporary_directory_is_found_before_the_work(tmp_path, monkeypatch):
+    """The missing TMPDIR surfaced only at the first export, after the machine was measured."""
+    import tempfile
+
+    def no_dir() -> str:
+        raise NO_TEMP
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_dir)
+    monkeypatch.setattr("benchmarks.suite.run_suite", _must_not_run)
+    with pytest.raises(FileNotFoundError, match="No usable temporary directory"):
+        main(["--quick", "--no-progress", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+
+
+def test_no_temporary_directory_mid_run_is_left_for_the_tmpdir_line(tmp_path, monkeypatch, capsys):
+    """The run turned it into its own InputError ('[Errno 2] No usable temporary directory ...'), so cli.run could
+    not name TMPDIR."""
+    from models.cli import run
+    from models.io import NO_TEMP_DIR
+
+    def run_suite(_cfg, log=None):
+        raise NO_TEMP
+
+    monkeypatch.setattr("benchmarks.suite.run_suite", run_suite)
+    with pytest.raises(SystemExit) as info:
+        run(lambda: main(["--quick", "--no-progress", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]),
+            "python benchmarks/latency.py")
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"{LATENCY_ERROR}{NO_TEMP_DIR}\n"
+
+
 # --- end-to-end: a level where nothing succeeded ---------------------------------------------------------------------
 
 _INFO = {"name": "m", "variant": "vit_c_micro", "runtime": "onnxruntime", "precision": "fp32", "device": "cpu",
