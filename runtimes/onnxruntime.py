@@ -99,6 +99,7 @@ class OnnxRuntimeBackend(PooledBackend):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (the GPU image has no toolkit)
         providers = execution_providers(options.device_kind, options.device_index)
         path = spec.file(".onnx")
+        model = session_source(path)
         # Batches run with idle workers asleep: spinning ones would steal the cores the HTTP loop and image
         # decoding need (measured on 2 cores: -15 % served throughput at saturation, 2026-12-04-2037-vm-overhead).
         batch_options = _options(ort, threads, spinning=False)
@@ -106,11 +107,11 @@ class OnnxRuntimeBackend(PooledBackend):
         # the copies of the weights stay within a bound (beyond it they share one session and its pool).
         shared = (threads == 1 or self.parallelism == 1
                   or path.stat().st_size * self.parallelism > STREAM_SESSIONS_MAX_BYTES)
-        first = ort.InferenceSession(str(path), batch_options, providers=providers)
+        first = ort.InferenceSession(model, batch_options, providers=providers)
         # One session per stream (the same one when shared); a call finding none free waits, or is refused once
         # the backend is closed.
         self._pool = CallPool("this onnxruntime backend", [
-            first if shared or k == 0 else ort.InferenceSession(str(path), batch_options, providers=providers)
+            first if shared or k == 0 else ort.InferenceSession(model, batch_options, providers=providers)
             for k in range(self.parallelism)])
         self.session = first
         # A lone call (nothing else running: the server is otherwise idle) runs in a second session on every core
@@ -121,7 +122,7 @@ class OnnxRuntimeBackend(PooledBackend):
         self._latency = None
         latency_threads = options.threads or cpus
         if on_cpu and latency_threads > 1 and path.stat().st_size <= LATENCY_SESSION_MAX_BYTES:
-            self._latency = ort.InferenceSession(str(path), _options(ort, latency_threads, spinning=True),
+            self._latency = ort.InferenceSession(model, _options(ort, latency_threads, spinning=True),
                                                  providers=providers)
         self._running = 0  # calls in progress: a lone call may use every core only while nothing else runs
         self._lock = threading.Lock()
@@ -168,6 +169,23 @@ class OnnxRuntimeBackend(PooledBackend):
     def _release(self) -> None:
         """Drop the sessions (onnxruntime frees them with the objects) once no call runs in them."""
         self.session = self._latency = None
+
+
+def session_source(path: Path) -> str | bytes:
+    """What InferenceSession opens: the path, or the file's bytes where the path is not UTF-8 (onnxruntime's
+    binding cannot take it: 'incompatible constructor arguments'); BackendError where weights in an external-data
+    file, found by name beside the path, rule the bytes out."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes come back from the file system as lone surrogates
+        pass
+    else:
+        return str(path)
+    if len(onnx_graph.files_of(path)) > 1:
+        shown = bytes(path).decode("utf-8", "backslashreplace")
+        raise BackendError(f"{shown}: the path is not valid UTF-8, which onnxruntime cannot open with its external "
+                           "data; give a UTF-8 path")
+    return path.read_bytes()
 
 
 LATENCY_SESSION_MAX_BYTES = 256 << 20  # ONNX files up to this size get the spinning session for lone calls too

@@ -177,6 +177,18 @@ def test_torch_backend_matches_checkpoint_model(bundle, manifest, batch):
     np.testing.assert_allclose(backend.infer(batch), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_onnxruntime_opens_a_bundle_under_a_path_that_is_not_utf8(bundle, manifest, batch, tmp_path):
+    """onnxruntime's binding refused the path ('__init__(): incompatible constructor arguments'); OpenVINO opens it."""
+    copy = Path(os.fsdecode(os.fsencode(tmp_path) + b"/b\xff"))
+    shutil.copytree(bundle, copy)
+    got = load_backend(copy, manifest, "onnxruntime").infer(batch)
+    np.testing.assert_array_equal(got, load_backend(bundle, manifest, "onnxruntime").infer(batch))
+    onnx = _file(copy, manifest, "onnxruntime")
+    onnx.with_name(onnx.name + ".data").write_bytes(b"")  # weights outside the file: no bytes to hand over
+    with pytest.raises(BackendError, match=r"b\\xff/.*not valid UTF-8, which onnxruntime cannot open"):
+        load_backend(copy, manifest, "onnxruntime")
+
+
 def test_tampered_artifact_is_refused(bundle, manifest, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
