@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from runtimes.registry import load_failures
 from serve.errors import ServeError
+from serve.httpproto import probe_places
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
 from serve.registry import ServedModels, close_models, load_models
@@ -29,7 +30,11 @@ from serve.settings import DECODE_BYTES_PER_PIXEL, Settings, repository_tuning, 
 
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
-FILES_RESERVED = 256  # descriptors kept from connections: model files, logs, clients being turned away
+# Open files beside the connections and their probes (serve.httpproto.probe_places): model files, logs, clients
+# being turned away. The soft limit is raised to give FILES_SPARE; a lower hard limit leaves at least FILES_SPARE_MIN
+# (a server holds about 16 once its models are loaded).
+FILES_SPARE = 156
+FILES_SPARE_MIN = 32
 STUCK_WAIT_S = 1.0  # once stopped: how long the threads still working get to end before the process exits past them
 
 
@@ -52,25 +57,46 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def files_needed(connections: int, spare: int = FILES_SPARE_MIN) -> int:
+    """The open files `connections` served at once take: theirs, the probes beyond them, and `spare` more."""
+    return connections + probe_places(connections) + spare
+
+
+def connections_fitting(limit: int) -> int:
+    """The most connections served at once whose files_needed fit within the open-file limit `limit`."""
+    fits = limit - probe_places(0) - FILES_SPARE_MIN  # exact while the probes stay at their minimum
+    while fits > 0 and files_needed(fits) > limit:
+        fits -= max(1, (files_needed(fits) - limit) * 10 // 11)
+    return fits
+
+
 def connection_limit(wanted: int | None) -> int:
     """The connections served at once: `wanted`, or DEFAULT_CONNECTIONS, within the open-file limit (each takes a
-    descriptor; FILES_RESERVED stay for model files, logs and turned-away clients). The soft limit is raised up to
-    the hard one as needed; ServeError if a `wanted` number cannot fit."""
+    descriptor, as do the probes beyond them and the files_needed spare). The soft limit is raised up to the hard one
+    as needed; ServeError if a `wanted` number, or a single connection, cannot fit."""
     try:
         import resource
     except ImportError:  # not on this platform: no descriptor limit to fit
         return wanted or DEFAULT_CONNECTIONS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = (wanted or DEFAULT_CONNECTIONS) + FILES_RESERVED
-    if soft != resource.RLIM_INFINITY and soft < need:
-        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    connections = wanted or DEFAULT_CONNECTIONS
+    infinite, want = resource.RLIM_INFINITY, files_needed(connections, FILES_SPARE)
+    raised = want if hard == infinite else min(want, hard)
+    if soft != infinite and soft < raised:
+        soft = raised
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    fits = need - FILES_RESERVED if soft == resource.RLIM_INFINITY else soft - FILES_RESERVED
+    if soft == resource.RLIM_INFINITY:
+        return connections
+    fits = connections_fitting(soft)
+    if fits < 1:
+        raise ServeError(f"the open-file limit is {soft} (hard limit {hard}), too few to serve a connection beside "
+                         f"the model files and logs: raise it to at least {files_needed(1)} (ulimit -n)")
     if wanted is None:
-        return max(1, min(DEFAULT_CONNECTIONS, fits))
+        return min(DEFAULT_CONNECTIONS, fits)
     if fits < wanted:
-        raise ServeError(f"--max-connections {wanted} needs {need} open files, but the limit is {soft} (hard "
-                         f"limit {hard}): lower --max-connections or raise the limit (ulimit -n)")
+        raise ServeError(f"--max-connections {wanted} needs {files_needed(wanted)} open files, but the limit is "
+                         f"{soft} (hard limit {hard}): give --max-connections {fits} or less, or raise the limit "
+                         "(ulimit -n)")
     return wanted
 
 
@@ -134,7 +160,8 @@ def _preflight(settings: Settings) -> int:
     if settings.max_connections is None and connections < DEFAULT_CONNECTIONS:
         log.warning("the open-file limit cuts the connections served at once", extra={
             "max_connections": connections, "default": DEFAULT_CONNECTIONS,
-            "advice": f"raise the limit (ulimit -n {DEFAULT_CONNECTIONS + FILES_RESERVED}) or give --max-connections"})
+            "advice": f"raise the limit (ulimit -n {files_needed(DEFAULT_CONNECTIONS, FILES_SPARE)}) or give "
+                      "--max-connections"})
     return connections
 
 

@@ -22,6 +22,8 @@ import pytest
 from PIL import Image
 from test_serve_fixtures import animal_pngs, start_server
 
+from serve.server import connections_fitting, files_needed
+
 CLASSIFY = "/v1/models/fake/classify"
 # --receive-timeout-s of the servers whose deadlines the tests wait for (stalled bodies and headers, a reader that
 # stops): long enough for the requests a test sends before a deadline, short enough not to wait on it for long.
@@ -442,6 +444,38 @@ def _files_limit(n: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
+@pytest.mark.parametrize("limit, wanted, result", [
+    (64, None, 16),  # a fixed reserve of 256 left 1 connection at the default
+    (64, 16, 16),
+    (256, 1, 1),  # refused: '--max-connections 1 needs 257 open files ... lower --max-connections'
+    (256, 205, "--max-connections 205 needs 257 open files, but the limit is 256 (hard limit 256): give "
+               "--max-connections 204 or less"),
+    (40, None, "the open-file limit is 40 (hard limit 40), too few to serve a connection beside the model files and "
+               "logs: raise it to at least 49 (ulimit -n)"),
+    (100_000, None, 1000),
+])
+def test_the_connections_that_fit_a_small_open_file_limit(limit, wanted, result, monkeypatch):
+    import resource
+
+    from serve.errors import ServeError
+    from serve.server import connection_limit
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (limit, limit))
+    monkeypatch.setattr(resource, "setrlimit", lambda *_a: pytest.fail("raised past the hard limit"))
+    if isinstance(result, int):
+        assert connection_limit(wanted) == result
+    else:
+        with pytest.raises(ServeError) as info:
+            connection_limit(wanted)
+        assert str(info.value).startswith(result)
+
+
+def test_the_connections_fitting_a_limit_are_the_most_that_fit():
+    for limit in (49, 64, 65, 176, 177, 200, 1000, 1255, 1256, 50_000):
+        fits = connections_fitting(limit)
+        assert files_needed(fits) <= limit < files_needed(fits + 1), limit
+
+
 def test_the_connection_limit_fits_the_open_file_limit(bundle, tmp_path):
     import functools
     import subprocess
@@ -453,7 +487,7 @@ def test_the_connection_limit_fits_the_open_file_limit(bundle, tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**os.environ, **fake_runtime.server_env(tmp_path)},
                                 preexec_fn=functools.partial(_files_limit, 600))
-    refused = serve("--max-connections", "500")
+    refused = serve("--max-connections", "550")
     out, _ = refused.communicate(timeout=60)
     assert refused.returncode == 2 and "ulimit -n" in out and len(out.splitlines()) == 1, out
     # The default (1,000) shrinks to what 600 descriptors hold beside the reserve: the server starts. A SIGTERM
@@ -466,7 +500,7 @@ def test_the_connection_limit_fits_the_open_file_limit(bundle, tmp_path):
             if lines[-1]["msg"] == "listening":
                 break
         listening = lines[-1]
-        assert listening["max_connections"] == 600 - 256
+        assert listening["max_connections"] == connections_fitting(600) == 517  # 517 + 51 probes + 32 spare
         assert any(e["msg"] == "the open-file limit cuts the connections served at once" for e in lines)
         started.terminate()
         started.communicate(timeout=30)
