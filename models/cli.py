@@ -56,10 +56,14 @@ def float_in(low: float, high: float, *, low_open: bool = True) -> Callable[[str
 # ("DefaultCPUAllocator: can't allocate memory"), torch.cuda.OutOfMemoryError ("CUDA out of memory"), C++
 # std::bad_alloc surfacing through onnxruntime, OpenVINO or TensorRT bindings (RuntimeError), and a shared library
 # that cannot be mapped under an address-space limit ("libtorch_cuda.so: failed to map segment", ImportError).
+# A thread that could not start (EAGAIN): memory or a pids limit, the machine either way.
+_NO_THREAD = ("resource temporarily unavailable", "can't start new thread")
 _OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "bad allocation",
                 "not enough memory", "failed to allocate", "failed to map segment", "can't alloc",
-                # EAGAIN from creating a thread: a memory or pids limit, the machine either way
-                "resource temporarily unavailable")
+                *_NO_THREAD)
+# Bindings whose errors derive from Exception alone (onnxruntime's pybind11 RuntimeException, Fail, ...): their
+# words are read as a RuntimeError's are.
+_BINDING_MODULES = ("onnxruntime.",)
 _OOM_SIZE = re.compile(r"tried to allocate ([\d.]+ ?(?:bytes|[KMGT]i?B))", re.IGNORECASE)
 
 
@@ -78,11 +82,16 @@ def memory_failure(exc: BaseException | None) -> BaseException | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
             return exc
-        if isinstance(exc, RuntimeError | ImportError | OSError) and any(m in str(exc).lower() for m in _OOM_MARKERS):
+        if _library_error(exc) and any(m in str(exc).lower() for m in _OOM_MARKERS):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _library_error(exc: BaseException) -> bool:
+    """Whether `exc` is of the kinds a library reports its allocator's failures with."""
+    return isinstance(exc, RuntimeError | ImportError | OSError) or type(exc).__module__.startswith(_BINDING_MODULES)
 
 
 def out_of_memory(exc: BaseException) -> str | None:
@@ -90,6 +99,8 @@ def out_of_memory(exc: BaseException) -> str | None:
     failure = memory_failure(exc)
     if failure is None:
         return None
+    if any(m in str(failure).lower() for m in _NO_THREAD):
+        return "out of memory or threads (a thread could not start: a memory, pids or ulimit -u limit)"
     size = _OOM_SIZE.search(str(failure))
     return "out of memory" + (f" (an allocation of {size.group(1)} failed)" if size else "")
 
@@ -403,7 +414,7 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
 
             print(f"{prog}: error: {NO_TEMP_DIR}", file=sys.stderr)
             code = 2
-        elif isinstance(exc, MemoryError | RuntimeError | ImportError | OSError):  # unless the command said it
+        elif isinstance(exc, MemoryError) or _library_error(exc):  # unless the command said it
             code = machine_failure(exc, prog) or missing_dependency(exc, prog)
             if code is None:
                 raise

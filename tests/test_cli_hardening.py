@@ -497,9 +497,20 @@ def test_ctrl_c_drains_like_sigterm_without_a_traceback(tmp_path):
     (MemoryError(), 1, "prog: error: out of memory"),
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"), 1, "out of memory"),
     (OSError(28, "No space left on device", "/x/y"), 1, "prog: error: No space left on device: /x/y"),
+    # onnxruntime's errors derive from Exception alone: its bad_alloc was a traceback, or a bad model (exit 2)
+    ("onnxruntime", 1, "prog: error: out of memory"),
+    (RuntimeError("can't start new thread"), 1, "prog: error: out of memory or threads (a thread could not start: a "
+                                                "memory, pids or ulimit -u limit)"),
+    (RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:223:\nResource temporarily unavailable"), 1,
+     "out of memory or threads"),  # OpenVINO under a pids limit: it said 'out of memory' alone
 ])
 def test_every_entry_point_ends_a_failure_of_the_machine_in_one_line(failure, code, says, capsys):
     from models.cli import run
+
+    if failure == "onnxruntime":
+        from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+        failure = RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
 
     def main() -> int:
         raise failure

@@ -469,6 +469,9 @@ def test_running_out_of_memory_while_loading_is_the_machine_not_the_model(fake, 
 
     for words in ("can't alloc", "Resource temporarily unavailable"):
         assert memory_failure(RuntimeError(f"Exception from src/plugin.cpp:54:\n{words}")) is not None
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException  # not a RuntimeError: it was missed
+
+    assert memory_failure(RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc"))
     with client(served(repo)) as c:
         def no_memory(self, spec):  # noqa: ANN001, ANN202
             raise failure
