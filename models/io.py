@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -334,6 +336,37 @@ def atomic_dir(target: str | os.PathLike, before_swap: Callable[[], None] | None
                 before_swap()
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE): True when done, False where
+    the kernel, the C library or the file system cannot (the caller renames twice instead); OSError otherwise."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_cwd = -100  # AT_FDCWD: the paths as given
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # no such call, or not here
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.2+
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    call.restype = ctypes.c_int
+    return call
+
+
 @contextlib.contextmanager
 def _swap_in(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -347,7 +380,10 @@ def _swap_in(target: Path) -> Iterator[Path]:
             for name in files:
                 os.chmod(os.path.join(root, name), default_mode(0o666))
         with committing(str(target)):
-            if target.exists():
+            if target.exists() and exchange(tmp, target):  # one step: `target` is never missing
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+                return
+            if target.exists():  # two renames: between them `target` is missing (remove_stale puts it back)
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
                 os.replace(target, old / "x")
             try:

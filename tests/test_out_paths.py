@@ -139,10 +139,10 @@ def test_ctrl_c_once_export_swaps_the_bundle_in_finishes_and_reports_it(checkpoi
     assert cli.main(["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT]) == 0
     capsys.readouterr()
     rmtree = shutil.rmtree
-    # The old bundle's removal, the last step of the swap: interrupted there, the export said "interrupted" for a
-    # bundle already in place and left the old one behind.
+    # The old bundle's removal (exchanged into the temporary, or parked in .old), the last step of the swap:
+    # interrupted there, the export said "interrupted" for a bundle already in place and left the old one behind.
     monkeypatch.setattr(models.io.shutil, "rmtree", lambda path, *a, **k: (
-        _ctrl_c(rmtree, after=False) if str(path).endswith(".old") else rmtree)(path, *a, **k))
+        _ctrl_c(rmtree, after=False) if str(path).endswith((".old", ".tmp")) else rmtree)(path, *a, **k))
     assert _code(cli.main, ["--checkpoint", str(checkpoint), "--out", str(out), *EXPORT]) == 0
     std, err = capsys.readouterr()
     assert f"bundle written: {out}" in std and "SIGINT arrived" in err, (std, err)
