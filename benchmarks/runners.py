@@ -63,7 +63,8 @@ def parse_targets(spec: str) -> list[Target]:
         for raw in spec.split(","):
             name = raw.strip()
             if name not in by_id:
-                raise ValueError(f"unknown target {name!r}; known: all, {', '.join(by_id)}{load_failures()}")
+                raise ValueError(f"unknown target {name!r}{_artifact_hint(name, known)}; known: all, "
+                                 f"{', '.join(by_id)}{load_failures()}")
             if by_id[name] not in out:
                 out.append(by_id[name])
     if not out:
@@ -72,6 +73,14 @@ def parse_targets(spec: str) -> list[Target]:
         if why := shadowed("name", t.runtime):
             raise ValueError(f"target {t.id!r}: {why}")
     return out
+
+
+def _artifact_hint(name: str, known: list[Target]) -> str:
+    """Where `name` is an export target ("onnx-fp16": an artifact), the benchmark targets that time its runtime."""
+    rt = runtimes.by_target(name.lower().partition("-")[0])
+    timing = [t.id for t in known if rt is not None and rt.name != rt.target and t.runtime == rt.name]
+    return f" (an export artifact's name; the benchmark names the runtime that times it: {', '.join(timing)})" \
+        if timing else ""
 
 
 def export_targets(targets: list[Target], gpus: int, native_bf16: bool = True) -> list[str]:

@@ -31,6 +31,13 @@ def known_targets() -> list[str]:
     return names
 
 
+def _runtime_hint(family: str) -> str:
+    """Where `family` names a runtime rather than its target ("onnxruntime-fp32", as the benchmark names it), the
+    target that runtime's artifacts take."""
+    rt = next((r for r in runtimes() if r.name == family and r.target != family), None)
+    return f" ({family} is a runtime: its artifacts are the target {rt.target!r})" if rt else ""
+
+
 def parse_targets(names: Sequence[str]) -> list[Target]:
     """Target names ("openvino", "openvino-int8", ...) -> de-duplicated Targets; raises ExportError."""
     out: list[Target] = []
@@ -39,7 +46,8 @@ def parse_targets(names: Sequence[str]) -> list[Target]:
         family, _, precision = name.partition("-")
         rt = by_target(family)
         if rt is None or (precision and precision not in rt.precisions):
-            raise ExportError(f"unknown target {raw!r}; known: {', '.join(known_targets())}{load_failures()}")
+            raise ExportError(f"unknown target {raw!r}{_runtime_hint(family)}; known: {', '.join(known_targets())}"
+                              f"{load_failures()}")
         if why := shadowed("target", family):  # a plugin meant to be this target did not load: the other would run
             raise ExportError(f"target {raw!r}: {why}")
         for p in (precision,) if precision else rt.default_precisions:

@@ -132,8 +132,11 @@ def test_parse_targets_and_the_exports_they_need():
     assert Target("onnxruntime", "fp32", "cuda").id == "onnxruntime-cuda-fp32"
     compiled = parse_targets("torch-cuda-bf16-compiled-nchw")[0]
     assert (compiled.compile, compiled.channels_last, compiled.variant.artifact_precision) == (True, False, "bf16")
-    with pytest.raises(ValueError, match="unknown target 'openvino-fp64'"):
+    with pytest.raises(ValueError, match="unknown target 'openvino-fp64'; known: all, "):
         parse_targets("openvino-fp64")
+    with pytest.raises(ValueError, match=r"unknown target 'onnx-fp16' \(an export artifact's name; the benchmark "
+                                         r"names the runtime that times it: onnxruntime-fp32, onnxruntime-cuda-fp32\)"):
+        parse_targets("onnx-fp16")
     assert export_targets([Target("openvino", "int8")], gpus=0) == ["onnx", "openvino-int8"]
     # OpenVINO bf16 runs the fp32 IR with a precision hint; torch bf16 has its own weights, exported only where
     # the CPU runs bf16 natively (elsewhere the target is skipped, so its parity run would be wasted).
