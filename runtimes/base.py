@@ -250,11 +250,19 @@ class PooledBackend:
         item = self._pool.acquire()
         try:
             return self._compute(item, batch)
+        except Exception:
+            item = self._renewed(item)
+            raise
         finally:
             self._pool.give_back(item)
 
     def _compute(self, item: Any, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _renewed(self, item: Any) -> Any:
+        """The item to pool after a call on `item` failed: `item`, or a fresh one where a failure can leave it
+        broken (an OpenVINO infer request after an out-of-memory fails every later call)."""
+        return item
 
     def _release(self) -> None:
         """Free what the calls shared, once none runs (the pool's items themselves are already dropped)."""

@@ -183,6 +183,14 @@ class OpenVINOBackend(PooledBackend):
         request.infer({0: batch}, share_inputs=True, share_outputs=True)
         return request.get_output_tensor(0).data.copy()
 
+    def _renewed(self, request: Any) -> Any:
+        """A fresh infer request for one whose call failed: after a bad_alloc it failed every later call ("Broken
+        promise") while the model reported ready. Where none can be made (memory still short), the old one."""
+        try:
+            return self.compiled.create_infer_request()
+        except Exception:  # noqa: BLE001 - the next call on the old one says what is wrong
+            return request
+
     def describe(self) -> dict[str, Any]:
         self._pool.refuse_if_closed()
         return {"threads_effective": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),

@@ -156,6 +156,29 @@ def test_openvino_matches_direct_compile_and_is_thread_safe(bundle, manifest, ba
     assert latency.parallelism == 1
 
 
+def test_openvino_renews_an_infer_request_whose_call_failed(bundle, manifest, batch, monkeypatch):
+    """After a bad_alloc an OpenVINO infer request failed every later call ('Broken promise') while the model
+    reported ready: the failed call's request is replaced by a fresh one."""
+    from runtimes.openvino import OpenVINOBackend
+
+    backend = load_backend(bundle, manifest, "openvino", options=BackendOptions(hint="latency"))
+    assert backend.parallelism == 1
+    want = backend.infer(batch)
+    used, real = [], OpenVINOBackend._compute
+
+    def compute(self, request, data):  # noqa: ANN001, ANN202
+        used.append(request)
+        if len(used) == 1:
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:223:\nBroken promise")
+        return real(self, request, data)
+
+    monkeypatch.setattr(OpenVINOBackend, "_compute", compute)
+    with pytest.raises(BackendError, match="Broken promise"):
+        backend.infer(batch)
+    np.testing.assert_array_equal(backend.infer(batch), want)
+    assert used[1] is not used[0]
+
+
 def test_openvino_precision_choice(bundle, manifest, batch):
     fp16 = load_backend(bundle, manifest, "openvino", precision="fp16")
     fp32 = load_backend(bundle, manifest, "openvino")
