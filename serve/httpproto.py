@@ -99,10 +99,18 @@ def _answer(status: int, reason: str, text: str, retry_after: int | None = None)
             f"{retry}connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
+def host_port(host: str, port: int | None = None) -> str:
+    """An address for a log line: `host:port`, an IPv6 address in brackets (`[::1]:8080`, RFC 3986: unbracketed,
+    its port would read as part of it), or the bare host when the port is unknown."""
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _client(transport: asyncio.BaseTransport) -> str | None:
-    """The peer's `host:port`, for the access log."""
+    """The peer's address (host_port), for the access log."""
     peer = transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+    return host_port(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
 
 
 def _out_of_memory(error: BaseException | None) -> bool:
@@ -603,6 +611,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if self._priming:
             return
         super().on_message_begin()
+        # The access log's peer (serve.middleware): uvicorn's proxy-headers middleware replaces the scope's
+        # `client` with what a trusted peer's X-Forwarded-For says, which may be any text.
+        self.scope["vitc.peer"] = self.client
         self._unset_keepalive_if_required()  # armed when an early answer's body ended in this same read
         self._messages += 1
         self._behind = bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)

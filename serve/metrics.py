@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # prometheus_client chooses where metric values live when it is first imported: with PROMETHEUS_MULTIPROC_DIR set
 # (base images, Helm charts and platforms made for gunicorn's worker processes set it), in memory-mapped files in
@@ -24,6 +25,7 @@ from prometheus_client import (  # noqa: E402
     Gauge,
     GCCollector,
     Histogram,
+    Metric,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -99,14 +101,15 @@ class Metrics:
             "vitc_client_disconnects", "Requests whose client left before the answer: during the upload, or "
             "while queued (their work is dropped, never computed)", ["model", "stage"], registry=r,
         )
-        self.queue_depth = Gauge("vitc_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "vitc_queue_depth", "Requests waiting for a batch (0 once unloaded)", ["model"], registry=r)
         self.model_info = Gauge(
             "vitc_model_info", "Served models and where they came from (value 1)",
             ["model", "variant", "runtime", "precision", *INFO_LABELS], registry=r,
         )
         self.model_ready = Gauge(
-            "vitc_model_ready", "Whether a served model takes requests (0: stalled after an inference timeout, or "
-            "shutting down)", ["model"], registry=r,
+            "vitc_model_ready", "Whether a model takes requests (0: stalled after an inference timeout, shutting "
+            "down, or unloaded, also while a later load fails)", ["model"], registry=r,
         )
         self.inference_timeouts = Counter(
             "vitc_inference_timeouts", "Backend calls of requests that passed --inference-timeout-s (each stalls "
@@ -142,8 +145,9 @@ class Metrics:
     def remove_model(self, name: str, variant: str, runtime: str, precision: str,
                      provenance: dict[str, str] | None = None) -> None:
         """Forget a replaced or unloaded model version: its info series unless another served version has the
-        same labels, and the queue-depth and readiness gauges (which hold the batcher) once no version of the name
-        is left."""
+        same labels. Once no version of the name is left, its queue-depth and readiness gauges read 0 from then on
+        (an alert on `vitc_model_ready == 0` sees an unloaded model; the repository knows a name it has served
+        for good, serve.repository) and let go of the batcher their functions held."""
         labels = (name, variant, runtime, precision, *_info(provenance))
         if _release(self._versions, labels):
             with contextlib.suppress(KeyError):
@@ -151,7 +155,8 @@ class Metrics:
         if _release(self._names, name):
             for gauge in (self.queue_depth, self.model_ready):
                 with contextlib.suppress(KeyError):
-                    gauge.remove(name)
+                    gauge.remove(name)  # a plain series in its place: set_function's cannot be set
+                gauge.labels(name).set(0)
 
     # BatchObserver, called from the batcher (queued: event loop; batch: inference thread).
     def queued(self, model: str, seconds: float) -> None:
@@ -171,5 +176,22 @@ class Metrics:
         self.protocol_refusals.labels(label if label in PROTOCOL_STATUSES else "other").inc()
 
     def render(self) -> bytes:
-        """Prometheus text exposition."""
-        return generate_latest(self.registry)
+        """Prometheus text exposition, without the `_created` series of counters and histograms."""
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """A registry's metrics without their `*_created` samples (the time each series began). The text format shows
+    them as gauge families of their own: a time series each for Prometheus to store, that no vitc dashboard reads
+    (Triton exposes none). prometheus_client's own switch, disable_created_metrics(), holds for the whole process,
+    other libraries' metrics included."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            created = family.name + "_created"
+            kept = copy.copy(family)  # a collector may hand out the same family again: it is left as it is
+            kept.samples = [s for s in family.samples if s.name != created]
+            yield kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import re
 import time
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import workpool
 from serve.errors import APIError, ClientGone
+from serve.httpproto import host_port
 from serve.metrics import NOT_IN_FLIGHT, UNKNOWN_MODEL, Metrics
 from serve.responses import error_response
 from serve.timing import server_timing
@@ -119,12 +121,32 @@ class AccessLogMiddleware:
             if self.enabled:
                 # Every field is bounded: the model is a known name or "_unknown", as in the metrics (the path
                 # shows what was asked for), and the request id is already cleaned and cut.
-                client = scope.get("client")
                 access_log.info("request", extra={
                     "method": scope["method"][:LOGGED_METHOD], **_logged_path(scope), "status": status,
                     "duration_ms": round(seconds * 1000, 3), "model": model or None, "request_id": request_id,
-                    "client": f"{client[0]}:{client[1]}" if client else None,
+                    "client": logged_client(scope),
                 })
+
+
+def logged_client(scope: Scope) -> str | None:
+    """The access log's `client`: the peer's `host:port` (`[v6]:port`), or the address a trusted proxy forwarded.
+
+    uvicorn puts a trusted peer's X-Forwarded-For in the scope's `client` unchecked, with port 0 when the header
+    gave none: it is logged only when it is an IP address (else any process on the proxy's host could log any text
+    as the client), without a port unless the header gave one; otherwise the peer's own address is logged.
+    """
+    client = scope.get("client")
+    peer = scope.get("vitc.peer", client)  # the connection's peer (serve.httpproto), before any forwarding
+    if client and client != peer:
+        # An IPv6 zone (`fe80::1%eth0`) names an interface of the proxy's host, and may be any text: left out.
+        host, port = str(client[0]).partition("%")[0], client[1]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            client = peer
+        else:
+            return host_port(host, port if 0 < port < 65536 else None)
+    return host_port(str(client[0]), client[1]) if client else None
 
 
 def _logged_path(scope: Scope) -> dict[str, object]:
