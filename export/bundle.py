@@ -29,6 +29,7 @@ from export import provenance
 from export.parity import ParityData, Tolerance, measure, run_batched
 from export.targets import Target, parse_targets
 from models.bundle import (
+    GOLDEN_FILE,
     MANIFEST_FILE,
     MAX_BATCH_LIMIT,
     NAME_RULE,
@@ -73,7 +74,6 @@ if TYPE_CHECKING:
 
 PREPROCESS_CHUNK = 256
 GOLDEN_SAMPLES = 8
-GOLDEN_FILE = "golden.npz"
 # The ONNX opsets `opset` may ask for: what torch 2.14's exporter writes as asked (it exports at 18 and converts;
 # below 17 it silently keeps 18, from 26 its graph fails the ONNX checker). The hub's own opset_import is read back
 # after the export as well, so the manifest records the opset the file has (export.kserve trusts it).

@@ -34,10 +34,15 @@ COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err
 def integrity(bundle: Path, manifest: Manifest) -> dict[str, str]:
     """What is wrong with the bundle's files, one line each: "golden" (the golden inputs, or a manifest edited
     after export) and each servable artifact's id (a file missing, or not matching its sha256). Empty: all sound."""
-    from runtimes.loader import check_contract, check_records, read_golden
+    from runtimes.loader import check_contract, check_pre_golden, check_records, read_golden
 
     problems = {}
-    if manifest.golden is not None:
+    if manifest.golden is None:
+        try:  # a golden record deleted by hand, not a bundle from before golden inputs
+            check_pre_golden(bundle, manifest)
+        except BundleError as exc:
+            problems["golden"] = first_line(exc)
+    else:
         try:  # what every server reads before it loads an artifact
             path = verify_file(bundle, manifest.golden.file, "golden inputs")
             check_contract(path, manifest)

@@ -17,7 +17,9 @@ release and GPUs, unless they are given again. A TensorRT engine is refused with
 TensorRT than the one that built it (`--skip` leaves it out), and so is a release that the engines the repository
 serves already cannot load. REPO must be absent, empty, or a repository this tool
 wrote (its own inferenceservice.yaml, or only model directories of its own shape holding versions it wrote), and
-neither the bundle, nor inside it, nor above it: anything else (a bundle, a checkpoint, a project) is refused.
+neither the bundle, nor inside it, nor above it: anything else (a bundle, a checkpoint, a project) is refused. So is a
+bundle a server would refuse as edited after export (its golden file, model contract or artifact records), which
+Triton, checking none of them, would serve.
 
 Exit codes: 0 written, 1 the machine failed (a full disk, out of memory; nothing was written), 2 bad input (one
 line).
@@ -98,6 +100,7 @@ from models.io import (
     writer_lock,
 )
 from models.tritonconfig import MAX_QUEUE_DELAY_US, MAX_VERSION, LabelsError, read_labels
+from runtimes.loader import check_manifest
 
 PROG = "python -m export.triton"
 MAX_INSTANCES = 1024
@@ -515,6 +518,10 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     _check_distinct(manifest, artifacts, names)
     check_out(bundle, out, names)
     _check_labels(manifest)
+    # What a server checks before it trusts these artifacts (the golden file, the contract, their records): a
+    # manifest edited after export (relabelled, a parity number changed) is refused here, not published for Triton,
+    # which checks none of it.
+    check_manifest(bundle, manifest, [a.id for a in artifacts], "golden file")
     created = _missing_parents(out)
     notes = notes if notes is not None else []
     if (cut := _shortened(manifest, artifacts, names)) is not None:

@@ -50,6 +50,7 @@ from models.preprocessing import Preprocessing
 FORMAT = "vitc-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+GOLDEN_FILE = "golden.npz"  # the golden inputs and logits every export since d0d913b writes beside the manifest
 # A Triton-style model repository (python -m export.triton writes it, python -m serve --model-repository reads it):
 # REPO/<model>/{config.pbtxt, labels.txt, 1/, 2/, ...}, each version directory a bundle.
 TRITON_CONFIG_FILE = "config.pbtxt"

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from models.bundle import (
+    GOLDEN_FILE,
     MAX_ARTIFACTS,
     MAX_GOLDEN_BYTES,
     NAME_RE,
@@ -133,19 +134,50 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
     """The artifact must reproduce the bundle's golden inputs (see `verify_golden`), or BackendError.
 
     This is what makes a loaded artifact trustworthy on this machine (another CPU, GPU or library build), not
-    only on the one that exported it. Bundles exported before golden inputs existed skip it.
+    only on the one that exported it. Bundles exported before golden inputs existed skip it (`check_pre_golden`
+    tells them from a manifest whose golden record was deleted by hand).
     """
-    golden = manifest.golden
-    if golden is None:
+    if (path := check_manifest(bundle, manifest, [artifact.id])) is None:
         return
-    path = verify_file(bundle, golden.file, "golden inputs")  # checked as the artifact's files (and the report) are
-    check_contract(path, manifest)
-    if edited := check_records(path, manifest, [artifact.id]):
-        raise BundleError(next(iter(edited.values())))
     pixels, reference = read_golden(path, manifest)
     own = read_golden_outputs(path, manifest, artifact.id)
     verify_golden(backend, normalize(pixels, manifest.preprocessing), reference, artifact, own, compute,
                   manifest.input.max_batch)
+
+
+def check_manifest(bundle: str | os.PathLike, manifest: Manifest, artifact_ids: list[str],
+                   what: str = "golden inputs") -> Path | None:
+    """What a server checks before it trusts the manifest of the artifacts `artifact_ids`: the golden file's sha256
+    (a mismatch names it `what`), then the model contract and those artifacts' records against what it recorded at
+    export (`check_contract`, `check_records`), or, without a golden record, that the manifest can be one from before
+    golden inputs existed (`check_pre_golden`). The golden file's path (None: no golden record); BundleError (one
+    line)."""
+    if manifest.golden is None:
+        check_pre_golden(bundle, manifest)
+        return None
+    path = verify_file(bundle, manifest.golden.file, what)  # as the artifact's files (and the report) are
+    check_contract(path, manifest)
+    if edited := check_records(path, manifest, artifact_ids):
+        raise BundleError(next(iter(edited.values())))
+    return path
+
+
+
+
+def check_pre_golden(bundle: str | os.PathLike, manifest: Manifest) -> None:
+    """BundleError when a manifest without a golden record cannot be one exported before golden inputs existed.
+
+    Provenance and golden.npz came in the same commit (d0d913b) and every export since writes both in one step, so
+    provenance without a golden record, or a golden.npz the manifest does not list, is a record deleted by hand:
+    deleting it would otherwise turn off every check of the contract, the records and the golden logits.
+    """
+    why = None
+    if manifest.provenance is not None:
+        why = "it has provenance but no golden record (every export that records one records the other)"
+    elif os.path.lexists(Path(bundle) / GOLDEN_FILE):
+        why = f"{GOLDEN_FILE} is present but the manifest does not list it (its golden record was removed)"
+    if why is not None:
+        raise BundleError(f"manifest.json was edited after export: {why}; restore it or re-export")
 
 
 def golden_outputs(backend: Backend, x: np.ndarray, max_batch: int) -> np.ndarray:

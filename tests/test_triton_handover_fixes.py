@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_serve_fixtures import micro_bundle
-from test_triton_handover import _refused, _tree
+from test_triton_handover import _refused, _reseal, _tree
 
 from export import kserve, triton
 from models.bundle import Artifact, file_entries, read_manifest, write_manifest
@@ -40,7 +40,7 @@ def _with_engine(bundle: Path, tmp_path: Path, built_with: str | None, name: str
                         info={**recorded, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
     m = read_manifest(copy)
     write_manifest(copy, replace(m, name=name, artifacts=(*m.artifacts, artifact)))
-    return copy
+    return _reseal(copy)
 
 
 # --- 1. TensorRT engines and the Triton release ------------------------------------------------------------------
