@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ViTConfig, is_label
+from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ConvLayer, ConvStem, PatchifyStem, ViTConfig, is_label
 from models.io import (
     atomic_write_json,
     default_mode,
@@ -296,7 +296,24 @@ def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
     if problem is not None:
         raise CheckpointError(f"not a checkpoint: {meta_path} {problem}" if problem.startswith("is ")
                               else f"cannot read {meta_path}: {problem}")
-    return _validated(path, _load_json(meta_path), str(meta_path), "corrupt checkpoint metadata ")
+    source = inside_checkpoint(path, meta_path, META_FILE)
+    return _validated(path, _load_json(meta_path, source), str(meta_path), "corrupt checkpoint metadata ")
+
+
+def inside_checkpoint(directory: Path, path: Path, what: str) -> Path:
+    """The file to read for `path` (a regular file in checkpoint `directory`): its target when it is a symbolic link,
+    so that what was checked is what is read. A link out of the directory is refused unread, by the test a bundle's
+    manifest and files pass (`models.bundle.read_manifest`, `verify_file`): the checkpoint is its directory."""
+    try:
+        real = path.resolve()
+        outside = directory.resolve() not in real.parents
+    except (OSError, RuntimeError) as exc:  # no permission; a link loop (Python 3.11's resolve: RuntimeError)
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else os.strerror(errno.ELOOP)
+        raise CheckpointError(f"cannot read {path}: {reason}") from None
+    if outside:  # read, its parse errors would quote another file back; its weights would be another run's
+        raise CheckpointError(f"{path} links to a file outside the checkpoint directory {directory}; put the {what} "
+                              f"itself there")
+    return real if path.is_symlink() else path
 
 
 def _validated(path: Path, raw: Any, where: str, prefix: str) -> CheckpointMeta:
@@ -311,10 +328,11 @@ def _validated(path: Path, raw: Any, where: str, prefix: str) -> CheckpointMeta:
         raise CheckpointError(f"{prefix}{where}: {type(exc).__name__}: {first_line(exc, 300)}") from None
 
 
-def _load_json(meta_path: Path) -> Any:
-    """The parsed file: size-bounded, strict JSON (NaN, Infinity, overflowing numbers, deep nesting are refused)."""
+def _load_json(meta_path: Path, source: Path) -> Any:
+    """The parsed file (read from `source`, its checked target): size-bounded, strict JSON (NaN, Infinity,
+    overflowing numbers, repeated keys, deep nesting are refused)."""
     try:
-        return read_strict_json(meta_path, MAX_META_BYTES)
+        return read_strict_json(source, MAX_META_BYTES)
     except ValueError as exc:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {exc}") from None
     except OSError as exc:
@@ -325,9 +343,13 @@ def _parse_meta(path: Path, raw: dict[str, Any], r: Fields) -> CheckpointMeta:
     """Every field typed, bounded and consistent with the others (see `_check_consistent`)."""
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{r.where}: format is {str(raw.get('format'))[:80]!r}, expected {FORMAT!r}")
-    version = r.get("format_version", int, 0)
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{r.where}: format_version {version} is newer than supported")
+    # Every checkpoint.json vitc wrote, since its first commit, has format_version 1: one without it is not vitc's.
+    read_format_version(r, FORMAT_VERSION, CheckpointError, newer="upgrade vitc to read this checkpoint",
+                        older="vitc has written 1 or later since its first release: the file was edited or not "
+                              "written by vitc")
+    if (unknown := unknown_config_field(raw.get("config"))) is not None:
+        raise CheckpointError(f"{r.where}: field {unknown!r} is not one this vitc knows: the checkpoint may come from "
+                              f"a newer vitc (upgrade vitc to read it)")
     weights = r.obj("weights")
     meta = CheckpointMeta(
         path=path,
@@ -343,6 +365,45 @@ def _parse_meta(path: Path, raw: dict[str, Any], r: Fields) -> CheckpointMeta:
     _check_consistent(meta, r)
     dataset, training = _summary(r)
     return dataclasses.replace(meta, dataset=dataset, training=training)
+
+
+def read_format_version(r: Fields, supported: int, error: Callable[[str], Exception], *, newer: str,
+                        older: str) -> int:
+    """A contract's `format_version`, by the rule checkpoint.json and manifest.json share: a required integer (not
+    a bool, float or string: FieldError) from 1, the first format, to `supported`; `error` (one line naming the
+    file) for a newer one, saying `newer`, or one below 1, which no vitc writes, saying `older`."""
+    version = r.get("format_version", int)
+    if version > supported:
+        raise error(f"{r.where}: format_version {version} is newer than this vitc reads ({supported}); {newer}")
+    if version < 1:
+        raise error(f"{r.where}: format_version {version} is not supported; {older}")
+    return version
+
+
+def unknown_config_field(config: Any) -> str | None:
+    """The dotted path of the first key of a serialised `ViTConfig` (its stem and conv layers included) that this
+    vitc's classes lack, or None: a newer vitc's field, which the constructor would refuse as a Python TypeError.
+    Anything not shaped like a config is left to `ViTConfig.from_dict`, which says what is wrong."""
+    if not isinstance(config, dict):
+        return None
+    if (key := _unknown_key(config, ViTConfig)) is not None:
+        return f"config.{key}"
+    stem = config.get("stem")
+    kinds = {"patchify": PatchifyStem, "conv": ConvStem}
+    if not isinstance(stem, dict) or stem.get("kind") not in kinds:
+        return None
+    if (key := _unknown_key(stem, kinds[stem["kind"]], "kind")) is not None:
+        return f"config.stem.{key}"
+    layers = stem.get("layers") if stem["kind"] == "conv" else None
+    for i, layer in enumerate(layers if isinstance(layers, list) else ()):
+        if isinstance(layer, dict) and (key := _unknown_key(layer, ConvLayer)) is not None:
+            return f"config.stem.layers[{i}].{key}"
+    return None
+
+
+def _unknown_key(obj: dict[str, Any], cls: type, *extra: str) -> str | None:
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    return next((str(k)[:80] for k in obj if k not in known), None)
 
 
 def _plain_file_name(name: str) -> bool:
@@ -433,7 +494,8 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
         if problem is not None:
             raise CheckpointError(f"checkpoint weights file {wpath} {problem}" if problem.startswith("is ")
                                   else f"cannot read weights {wpath}: {problem}")
-        digest = sha256_file(wpath)
+        source = inside_checkpoint(meta.path, wpath, "weights file")
+        digest = sha256_file(source)
     except OSError as exc:  # no permission, an I/O error: every command reports it as a bad input, in one line
         raise CheckpointError(f"cannot read weights {wpath}: {exc.strerror or exc}") from None
     if digest != meta.weights_sha256:
@@ -443,8 +505,8 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
     except ValueError as exc:
         raise CheckpointError(f"cannot serve {meta.model} at image size {image_size}: {exc}") from None
     try:
-        check_weights(wpath, meta.config)  # names, dtypes and shapes from the header, before any tensor is read
-        state = load_file(str(wpath))
+        check_weights(source, meta.config)  # names, dtypes and shapes from the header, before any tensor is read
+        state = load_file(str(source))
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError) as exc:

@@ -419,14 +419,33 @@ def parse_strict_json(data: bytes, max_bytes: int) -> Any:
     if len(data) > max_bytes:
         raise ValueError(f"larger than {max_bytes >> 20} MiB")
     try:
-        doc = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+        doc = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    except _RepeatedKey as exc:
+        raise ValueError(str(exc)) from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, non-finite numbers, 4300-digit integers
         raise ValueError(f"{type(exc).__name__}: {first_line(exc, 300)}") from None
     if _json_depth(doc) > MAX_JSON_DEPTH:
         raise ValueError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return doc
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object that names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A `json.loads` object_pairs_hook: an object whose keys all differ. With a repeated key Python keeps the last
+    value and other readers (jq-likes, a reviewer's eye) may take the first, so one file would mean two things."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _RepeatedKey(f"the key {key[:80]!r} appears twice in one object (readers differ on which value counts: "
+                           "keep one)")
+    return obj
 
 
 def constant_refuser(error: Callable[[str], Exception]) -> Callable[[str], NoReturn]:

@@ -148,7 +148,7 @@ def test_non_finite_or_overflowing_numbers_are_refused(checkpoint, tmp_path, old
     ("config.ln_eps", 0, "ln_eps must be a finite number in (0, 1]"),
     ("config.stem", "conv", "config.stem must be an object"),
     ("config.stem.layers", [{"kernel": 3, "stride": 2, "width": 16}] * 100, "1..16 layers"),
-    ("config.extra", 1, "unexpected keyword argument 'extra'"),
+    ("config.extra", 1, "field 'config.extra' is not one this vitc knows"),
     ("preprocessing", None, "'preprocessing' must be an object"),
     ("preprocessing.mean", ["nan", 0.5, 0.5], "'preprocessing' is invalid: mean must hold 3 finite numbers"),
     ("preprocessing.resize", 10**9, "'preprocessing' is invalid: preprocessing needs 1 <= crop <= resize, "

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import CheckpointError, read_checkpoint_meta
+from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
 from models.io import atomic_write_bytes, not_a_file
 from models.jsonfields import is_finite, is_int, is_number
 
@@ -150,24 +150,61 @@ def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, 
 
 def check_archive(path: Path) -> None:
     """CheckpointError unless `path` is laid out as torch.save writes it: a zip whose members are all stored
-    uncompressed (so what loads is never larger than the file: a 1.4 MB deflated pickle took 5 GB) and whose
-    pickle is at most MAX_PICKLE_BYTES. Checked from the zip directory, before anything is unpickled."""
+    uncompressed (so what loads is never larger than the file: a 1.4 MB deflated pickle took 5 GB), whose pickle is
+    at most MAX_PICKLE_BYTES, and whose every member still matches the CRC-32 recorded for it. Checked from the zip
+    directory, then by reading each member, before anything is unpickled."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as z:
-            members = z.infolist()
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:  # opening it failed (no permission), not its content
             raise CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}") from None
         raise CheckpointError(f"cannot read resume state {path}: not a torch.save archive ({exc})") from None
+    with archive:
+        members = archive.infolist()
+        for m in members:
+            if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
+                raise CheckpointError(f"cannot read resume state {path}: member {m.filename[:80]!r} is compressed, "
+                                      "which torch.save never does; it was not written by vitc and is not loaded")
+            if m.filename.lower().endswith("data.pkl") and m.file_size > MAX_PICKLE_BYTES:  # torch finds any case
+                raise CheckpointError(f"cannot read resume state {path}: its pickle is {m.file_size:,} bytes, more "
+                                      f"than the {MAX_PICKLE_BYTES:,} a resume state needs")
+        _check_crcs(path, archive, members)
+
+
+CRC_CHUNK = 1 << 20  # bytes read at a time while a member's CRC-32 is checked: memory stays flat whatever its size
+
+
+def _check_crcs(path: Path, archive: Any, members: list[Any]) -> None:
+    """Read every member (stored, so at most the file's size in all, CRC_CHUNK at a time) against the CRC-32 torch.save
+    recorded for it. torch.load checks none of them: a flipped bit in a tensor would load, train on and end up in
+    the next checkpoint without a word (checkpoint.json guards its weights with a sha256; resume.pt has only this)."""
+    import zipfile
+
     for m in members:
-        if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
-            raise CheckpointError(f"cannot read resume state {path}: member {m.filename[:80]!r} is compressed, "
-                                  "which torch.save never does; it was not written by vitc and is not loaded")
-        if m.filename.lower().endswith("data.pkl") and m.file_size > MAX_PICKLE_BYTES:  # torch finds any case
-            raise CheckpointError(f"cannot read resume state {path}: its pickle is {m.file_size:,} bytes, more than "
-                                  f"the {MAX_PICKLE_BYTES:,} a resume state needs")
+        try:
+            with archive.open(m) as f:  # by its entry, not its name: a repeated name would hide the first
+                while f.read(CRC_CHUNK):
+                    pass
+        except (zipfile.BadZipFile, EOFError) as exc:  # a wrong CRC-32, a truncated member, a mangled local header
+            why = "fails its CRC-32 check" if "CRC" in str(exc) else f"cannot be read ({' '.join(str(exc).split())})"
+            raise CheckpointError(f"cannot read resume state {path}: it is corrupt: member {m.filename[:80]!r} "
+                                  f"{why[:MAX_REASON]} (changed since it was written: a disk, memory or copy error); "
+                                  f"{_corrupt_advice(path.parent)}") from None
+        except OSError as exc:  # an I/O error while reading
+            raise CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}") from None
+
+
+def _corrupt_advice(out: Path) -> str:
+    """What to do about a corrupt resume.pt in `out`, true whether or not a checkpoint sits beside it."""
+    try:
+        read_checkpoint_meta(out)
+    except CheckpointError:  # no checkpoint that reads: --overwrite would refuse the directory as no run of ours
+        return "nothing was changed: restore resume.pt from a copy to continue the run, or train into a new --out"
+    return (f"nothing was changed: restore resume.pt from a copy to continue the run, or --overwrite trains it again "
+            f"from step 0 (the checkpoint beside it has its own sha256 check in {META_FILE} and still exports and "
+            f"evaluates)")
 
 
 def damaged(reason: object) -> CheckpointError:
