@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import MAX_DATASET_CHARS, check_model_contract
+from models.checkpoint import MAX_DATASET_CHARS, check_model_contract, read_format_version, unknown_config_field
 from models.config import MAX_PARAMS, ViTConfig, is_label
 from models.formats import FormatError, UnreadableFile, files_problem, format_rules
 from models.io import atomic_write_bytes, not_a_file, read_strict_json, sha256_file, strict_json_bytes
@@ -599,12 +599,11 @@ class Manifest:
         r = Fields(raw, where)
         if raw.get("format") != FORMAT:
             raise BundleError(f"{where}: not a {FORMAT} manifest (field 'format' is {raw.get('format')!r:.80})")
-        version = r.get("format_version", int)
-        if version > FORMAT_VERSION:
-            raise BundleError(f"{where}: format_version {version} is newer than this vitc reads ({FORMAT_VERSION}); "
-                              "upgrade vitc or re-export the bundle")
-        if version < 1:
-            raise BundleError(f"{where}: format_version {version} is not supported; re-export the bundle")
+        version = read_format_version(r, FORMAT_VERSION, BundleError, newer="upgrade vitc or re-export the bundle",
+                                      older="re-export the bundle")
+        if (unknown := unknown_config_field(raw.get("config"))) is not None:
+            raise BundleError(f"{where}: field {unknown!r} is not one this vitc knows: the bundle may come from a "
+                              "newer vitc (upgrade vitc to serve it, or re-export it with this one)")
         config = r.contract("config", lambda d: ViTConfig.from_dict(d))
         preprocessing = r.contract("preprocessing", lambda d: Preprocessing.from_dict(d))
         timings = r.obj("timings", None)

@@ -176,6 +176,18 @@ def test_fields_the_code_acts_on_are_typed_and_bounded(raw, tmp_path, field, val
     _refused(tmp_path, _set(raw, field, value), says)
 
 
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("format_version", 0, "format_version 0 is not supported; re-export the bundle"),
+    ("format_version", 2, "format_version 2 is newer than this vitc reads (1); upgrade vitc or re-export"),
+    # A newer vitc's config field: it was "ViTConfig.__init__() got an unexpected keyword argument 'x_future'"
+    ("config.x_future", 1, "field 'config.x_future' is not one this vitc knows: the bundle may come from a newer "
+                           "vitc"),
+    ("config.stem.x_future", 1, "field 'config.stem.x_future' is not one this vitc knows"),
+])
+def test_format_version_and_unknown_config_fields_follow_the_checkpoint_rule(raw, tmp_path, field, value, says):
+    _refused(tmp_path, _set(raw, field, value), says)
+
+
 def test_a_long_artifact_list_is_refused_before_it_is_read(raw, tmp_path):
     # 4 MB of one refused artifact repeated: the old reader read them all, then spent n^2 looking for the twins.
     many = [{"id": "a", "runtime": "x", "format": "x", "precision": "x", "servable": False}] * 60_000
