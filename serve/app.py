@@ -1,4 +1,9 @@
-"""`create_app(settings)`: the FastAPI application; its lifespan starts one dynamic batcher per model."""
+"""`create_app(settings)`: the FastAPI application; its lifespan starts one dynamic batcher per model.
+
+Every thread the server serves with (decoding, each model's inference, the repository's loads) starts before it
+serves: `app.state.start_threads()`, which the CLI calls before it says it listens (a thread or pids limit is then its
+one line, not a traceback after a "listening" line), or the lifespan.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +33,9 @@ from serve.registry import ServedModel, close_models, load_models
 from serve.repository import ModelRepository
 from serve.responses import error_response, install_handlers
 from serve.routes import ops, v1, v2
-from serve.routes.deps import OUT_OF_MEMORY, RETRY_AFTER
+from serve.routes.deps import OUT_OF_MEMORY, OUT_OF_THREADS, RETRY_AFTER
 from serve.settings import Settings
-from serve.workpool import PixelBudget, WorkPool
+from serve.workpool import PixelBudget, ThreadsUnavailable, WorkPool
 
 log = logging.getLogger("vitc.serve")
 
@@ -70,18 +75,50 @@ async def _out_of_memory(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, OUT_OF_MEMORY, RETRY_AFTER)
 
 
+async def _out_of_threads(request: Request, exc: Exception) -> JSONResponse:
+    """A thread that could not start for a request (a load's, under a pids limit): 503 + Retry-After, as a decode
+    or inference thread's is (serve.routes.deps), not a 500 with a traceback."""
+    return error_response(503, OUT_OF_THREADS, RETRY_AFTER)
+
+
+def _started(settings: Settings, metrics: Metrics, models: dict[str, ServedModel] | None,
+             ) -> tuple[dict[str, ServedModel], WorkPool, ModelRepository]:
+    """The models (loaded here unless given), the decode pool and the repository, every thread of theirs running;
+    ThreadsUnavailable names what could not start, and nothing started (or loaded here) is left running."""
+    loaded = models if models is not None else load_models(settings)
+    try:
+        threads = settings.decode_threads or usable_cpus()
+        pool = WorkPool(threads, settings.decode_queue, name="decode",
+                        what=f"{threads} decode thread{'s' * (threads != 1)} (--decode-threads)")
+        try:
+            repository = ModelRepository(settings, metrics, loaded)
+            repository.start_threads()
+        except BaseException:
+            pool.shutdown()
+            raise
+    except BaseException:
+        if models is None:
+            close_models(loaded)
+        raise
+    return loaded, pool, repository
+
+
 def create_app(settings: Settings, models: dict[str, ServedModel] | None = None) -> FastAPI:
     """Build the app; `models` already loaded (the CLI loads them before binding the port) or loaded at start."""
     if ignored := ignored_environment():
         log.warning("ignored environment variables: vitc is one process and serves its own /metrics, so it writes "
                     "no multi-process metric files", extra={"names": ignored})
     metrics = Metrics()
+    prestarted: list[tuple[dict[str, ServedModel], WorkPool, ModelRepository]] = []
+
+    def start_threads() -> None:
+        """Start the server's threads now, not in the lifespan (which takes them over): ThreadsUnavailable here."""
+        if not prestarted:
+            prestarted.append(_started(settings, metrics, models))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = models if models is not None else load_models(settings)
-        pool = WorkPool(settings.decode_threads or usable_cpus(), settings.decode_queue, name="decode")
-        repository = ModelRepository(settings, metrics, loaded)
+        loaded, pool, repository = prestarted.pop() if prestarted else _started(settings, metrics, models)
         try:
             await repository.start()
             app.state.models, app.state.repository, app.state.work_pool = loaded, repository, pool
@@ -105,9 +142,11 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     app = FastAPI(title="vitc", version=serve.__version__, description=DESCRIPTION, lifespan=lifespan,
                   redirect_slashes=False)
     app.state.settings, app.state.metrics, app.state.models, app.state.ready = settings, metrics, {}, False
+    app.state.start_threads = start_threads
     app.state.pixel_budget = PixelBudget(settings.decode_budget_pixels)
     install_handlers(app)
     app.add_exception_handler(MemoryError, _out_of_memory)  # the fast path (serve.fastpath) looks it up here too
+    app.add_exception_handler(ThreadsUnavailable, _out_of_threads)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(ops.router)

@@ -156,11 +156,26 @@ class DynamicBatcher:
         self._admitted += images
         return _Admission(self, images)
 
+    def start_threads(self) -> None:
+        """Start the inference threads, if not yet; needs no event loop, so the server starts them before it says
+        it listens. ThreadsUnavailable (none left running) names them and the model."""
+        if self._pool is None:
+            self._pool = started_pool(self.parallel, f"infer-{self.name}",
+                                      f"{self.parallel} inference thread{'s' * (self.parallel != 1)} for model "
+                                      f"{self.name!r}")
+
+    def discard(self) -> None:
+        """Stop the threads of a batcher that was never started (its start was given up: another pool's threads
+        could not start)."""
+        if self._pool is not None and self._collector is None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     async def start(self) -> None:
-        """Create the queue, thread pool and collector on the running loop."""
+        """Create the queue, thread pool (unless `start_threads` did) and collector on the running loop."""
+        self.start_threads()
         self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._slots = asyncio.Semaphore(self.parallel)
-        self._pool = started_pool(self.parallel, f"infer-{self.name}")
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
 
     async def submit(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:

@@ -102,14 +102,16 @@ class Metrics:
             "while queued (their work is dropped, never computed)", ["model", "stage"], registry=r,
         )
         self.queue_depth = Gauge(
-            "vitc_queue_depth", "Requests waiting for a batch (0 once unloaded)", ["model"], registry=r)
+            "vitc_queue_depth", "Requests waiting for a batch (0 once unloaded, or never served)", ["model"],
+            registry=r)
         self.model_info = Gauge(
             "vitc_model_info", "Served models and where they came from (value 1)",
             ["model", "variant", "runtime", "precision", *INFO_LABELS], registry=r,
         )
         self.model_ready = Gauge(
             "vitc_model_ready", "Whether a model takes requests (0: stalled after an inference timeout, shutting "
-            "down, or unloaded, also while a later load fails)", ["model"], registry=r,
+            "down, or unloaded, also while a later load fails; a repository model whose load failed, never served)",
+            ["model"], registry=r,
         )
         self.inference_timeouts = Counter(
             "vitc_inference_timeouts", "Backend calls of requests that passed --inference-timeout-s (each stalls "
@@ -156,6 +158,14 @@ class Metrics:
             for gauge in (self.queue_depth, self.model_ready):
                 with contextlib.suppress(KeyError):
                     gauge.remove(name)  # a plain series in its place: set_function's cannot be set
+                gauge.labels(name).set(0)
+
+    def not_served(self, name: str) -> None:
+        """A model the server knows but has never served, or does not serve now (its load failed: at start, or
+        later): its queue-depth and readiness gauges read 0, as an unloaded model's do, so an alert on
+        `vitc_model_ready == 0` sees it. A name with a version served keeps its live gauges."""
+        if self._names.get(name, 0) == 0:
+            for gauge in (self.queue_depth, self.model_ready):
                 gauge.labels(name).set(0)
 
     # BatchObserver, called from the batcher (queued: event loop; batch: inference thread).

@@ -39,10 +39,16 @@ from serve.registry import (
 )
 from serve.settings import Settings
 from serve.stats import Observers
+from serve.workpool import ThreadsUnavailable, started_pool, thread_start_failed
 
 log = logging.getLogger("vitc.serve")
 MAX_LISTED = 4096  # directory entries of a repository looked at for its index
 LOAD_THREADS = "vitc-load"  # the name of the threads loads run in (serve.server names them when they outlive a stop)
+# Loads run one at a time, in a thread started with the server: a pool that started its threads at the first load
+# failed every load under a pids limit (a 500 with a traceback), and a thread started for a job that is queued anyway
+# would run it later, unawaited. One at a time also bounds the memory of loads (each holds a whole model beside the
+# one it replaces) and the cores they share (each warms its runtime on all of them).
+LOADERS = 1
 
 
 class LoadError(Exception):
@@ -73,16 +79,42 @@ class ModelRepository:
         self._retiring: set[asyncio.Task] = set()
         # Loads run in threads of their own, not the loop's default executor: asyncio.run waits for that one at exit,
         # so a SIGTERM during a long load (a TensorRT engine build) would keep the process up until the load ended.
-        self._loader = ThreadPoolExecutor(thread_name_prefix=LOAD_THREADS)
+        self._loader: ThreadPoolExecutor | None = None  # started by start_threads
+
+    def start_threads(self) -> None:
+        """Start the loads' thread and the inference threads of every model loaded before the server bound its port,
+        if not yet; needs no event loop (the server starts them before it says it listens). ThreadsUnavailable names
+        the first that cannot start, and none of them is left running."""
+        if self._loader is not None:
+            return
+        loader = started_pool(LOADERS, LOAD_THREADS, "the thread of the repository's loads")
+        try:
+            for model in self.models.values():
+                if model.batcher is None:
+                    model.batcher = self._batcher(model)
+                model.batcher.start_threads()
+        except BaseException:
+            for model in self.models.values():
+                if model.batcher is not None:
+                    model.batcher.discard()
+                    model.batcher = None
+            loader.shutdown()
+            raise
+        self._loader = loader
 
     async def start(self) -> None:
-        """Start a batcher for every model loaded before the server bound its port."""
+        """Start a batcher for every model loaded before the server bound its port (and their threads, unless
+        `start_threads` did). A repository model that failed to load then gets readiness and queue-depth series at
+        0, as an unloaded one has."""
+        self.start_threads()
         for model in self.models.values():
             await self._activate(model)
+        for name, _ in self.failures:
+            self.metrics.not_served(name)
 
-    async def _activate(self, model: ServedModel) -> None:
+    def _batcher(self, model: ServedModel) -> DynamicBatcher:
         s = self.settings
-        model.batcher = DynamicBatcher(
+        return DynamicBatcher(
             model.name, model.backend.infer, max_batch=model.max_batch,
             max_delay_s=(s.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms) / 1000,
             max_queue=s.max_queue_size, parallel=model.backend.parallelism,
@@ -90,6 +122,11 @@ class ModelRepository:
             probe=np.zeros((1, *model.manifest.input.sample_shape), np.float32),
             merge=model.config is None or model.config.dynamic_batching, classes=model.manifest.output.classes,
         )
+
+    async def _activate(self, model: ServedModel) -> None:
+        """Start `model`'s batcher (ThreadsUnavailable when its threads cannot start) and its metric series."""
+        if model.batcher is None:
+            model.batcher = self._batcher(model)
         await model.batcher.start()
         self.metrics.add_model(model.name, model.manifest.model, model.runtime, model.backend.precision,
                                lambda b=model.batcher: b.depth, lambda b=model.batcher: float(b.ready),
@@ -149,6 +186,8 @@ class ModelRepository:
                 version = source.selected()[0]
             except (BundleError, ConfigError, OSError) as exc:
                 raise self._failed(name, "", f"model {name!r}: {exc}") from None
+            if self._loader is None:  # not started (a repository used without start): as the server would
+                self.start_threads()
             job = self._loader.submit(load_model, source, self.settings)
             try:
                 model = await asyncio.wrap_future(job)
@@ -157,12 +196,25 @@ class ModelRepository:
                 raise
             except ServeError as exc:
                 raise self._failed(name, version, str(exc)) from None
-            except MemoryError:
+            except (MemoryError, RuntimeError) as exc:
+                if thread_start_failed(exc):  # a thread of the runtime's own (its thread pool), or of Python's
+                    raise self._no_threads(name, version, ThreadsUnavailable(f"a thread while loading model {name!r}",
+                                                                             exc)) from None
+                if not isinstance(exc, MemoryError):
+                    raise
                 raise self._failed(name, version, f"model {name!r}: out of memory while loading version {version} "
                                                   "(what served before serves on)") from None
             if model.name != name:  # a bundle served under its own name was re-exported under another one
                 model = dataclasses.replace(model, name=name)
-            await self._activate(model)
+            try:
+                await self._activate(model)
+            except BaseException as exc:  # its inference threads could not start: free it; what served serves on
+                if model.batcher is not None:
+                    model.batcher.discard()
+                model.backend.close()
+                if isinstance(exc, ThreadsUnavailable):
+                    raise self._no_threads(name, model.version, exc) from None
+                raise
             old = self.models.get(name)
             self.models[name] = model  # from now on new requests reach the new version
             self.sources[name] = source
@@ -180,8 +232,16 @@ class ModelRepository:
         self.failures[(name, version)] = reason
         if name not in self.models:  # not served: this failure, not an earlier unload, is why
             self.unloaded.discard(name)
+            self.metrics.not_served(name)  # a name never served has a readiness series too, at 0
         log.warning("load failed", extra={"model": name, "version": version or None, "reason": reason})
         return LoadError(reason)
+
+    def _no_threads(self, name: str, version: str, exc: ThreadsUnavailable) -> ThreadsUnavailable:
+        """A load that failed for want of threads: remembered and logged as any failed load, and raised as it is
+        (the machine's limit, not the model's fault: 503 + Retry-After, serve.app)."""
+        self._failed(name, version, f"cannot start {exc.what} (a thread, pids or memory limit): load it again "
+                                    "later (what served before serves on)")
+        return exc
 
     async def unload(self, name: str) -> None:
         """Stop serving `name` once every request admitted to it is answered. As in Triton, a known model that is
@@ -270,7 +330,8 @@ class ModelRepository:
         await asyncio.gather(*(m.batcher.close(timeout) for m in loaded if m.batcher is not None))
         close_models({m.name: m for m in loaded})
         # A load still running is not waited for (serve.server exits past it, saying so).
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
 
 
 def _close_abandoned(job: Future) -> None:

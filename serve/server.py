@@ -1,7 +1,8 @@
 """Run the service: load and verify every model, bind the port, then hand both to uvicorn.
 
 Models load before the port is bound, so a bad bundle or a missing runtime fails fast with one line and a
-load balancer never sees a half-started server. SIGTERM reports not ready at once and goes on answering for
+load balancer never sees a half-started server; every thread it serves with starts before the "listening" line
+(a thread or pids limit is one line, exit 1). SIGTERM reports not ready at once and goes on answering for
 `shutdown_delay` seconds (a second signal cuts that short), then stops accepting, lets in-flight requests finish
 (up to `graceful_timeout_s`), drains the batchers, and exits 0, without waiting for work that cannot be stopped
 (a hung backend call, a load in progress): that is named in a warning.
@@ -195,6 +196,12 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
     from serve.shutdown import DelayedShutdownServer
 
     app = create_app(settings, models)
+    try:
+        start_threads(app)
+    except BaseException:  # nothing is served: what was loaded and bound is let go
+        close_models(models)
+        sock.close()
+        raise
     limits = ConnectionLimits(settings.receive_timeout_s, connections, lingering_bytes(settings.max_body_bytes))
     http = HeaderBoundsProtocol.configured(limits, access_log=settings.access_log,
                                            on_refusal=app.state.metrics.protocol_refused)
@@ -211,6 +218,19 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
     signal.signal(signal.SIGINT, server.stop)
     log.info("listening", extra=_listening(settings, models, sock, connections))
     server.run(sockets=[sock])
+
+
+def start_threads(app: Any) -> None:
+    """Start every thread of the app (serve.app) before the server says it listens: a thread or pids limit that
+    leaves one unstarted is the command's one line and exit 1 (the machine's limit), naming what could not start,
+    not uvicorn's traceback and exit 3 after a "listening" line that a readiness check would believe."""
+    from models.cli import WorkFailed, out_of_memory
+    from serve.workpool import ThreadsUnavailable
+
+    try:
+        app.state.start_threads()
+    except ThreadsUnavailable as exc:
+        raise WorkFailed(f"cannot start {exc.what}: {out_of_memory(exc) or exc}") from None
 
 
 def _listening(settings: Settings, models: ServedModels, sock: socket.socket, connections: int) -> dict[str, Any]:

@@ -21,19 +21,49 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def started_pool(threads: int, name: str) -> ThreadPoolExecutor:
+class ThreadsUnavailable(RuntimeError):
+    """A pool's threads could not all start (a thread, pids or memory limit); `what` names them, as in
+    "4 inference threads for model 'x'". None of them is left running."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(f"cannot start {what}: {cause}")
+        self.what = what
+
+
+# How a thread that cannot start (EAGAIN under a pids or ulimit -u limit, or no memory for its stack) is worded:
+# Python's RuntimeError, and a runtime's own thread pool (onnxruntime: "pthread_create failed, error code: 11 error
+# msg: Resource temporarily unavailable", which runtimes.loader raises as a MemoryError from it).
+_NO_THREAD = ("can't start new thread", "pthread_create failed", "resource temporarily unavailable")
+
+
+def thread_start_failed(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it was raised from, is a thread that could not start."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if not isinstance(exc, OSError) and any(m in str(exc).lower() for m in _NO_THREAD):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def started_pool(threads: int, name: str, what: str | None = None) -> ThreadPoolExecutor:
     """A pool whose `threads` threads all run now, not at its first jobs: under a pids or thread limit (a
     Kubernetes pids limit, ulimit -u) another pool's idle threads could take the last slots for good, and every
-    later job would fail while the server reports ready. A thread that cannot start fails here, at the start."""
+    later job would fail while the server reports ready. A thread that cannot start fails here, at the start:
+    ThreadsUnavailable, naming `what` (by default "N threads of pool NAME"), and no thread of the pool is left."""
     pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
     ready = threading.Barrier(threads + 1)
     try:
         for _ in range(threads):  # each waits, so each submit starts a new thread
             pool.submit(ready.wait, 30)
         ready.wait(30)
-    except BaseException:
+    except BaseException as exc:
         ready.abort()
-        pool.shutdown(wait=False)
+        # The job whose thread failed to start is queued all the same: cancelled, not run by a thread that started.
+        pool.shutdown(wait=False, cancel_futures=True)
+        if thread_start_failed(exc):
+            raise ThreadsUnavailable(what or f"{threads} threads of pool {name!r}", exc) from exc
         raise
     return pool
 
@@ -45,9 +75,10 @@ class Busy(Exception):
 class WorkPool:
     """`threads` workers and at most `queue` jobs waiting for one; `run` refuses beyond that."""
 
-    def __init__(self, threads: int, queue: int, name: str = "work") -> None:
+    def __init__(self, threads: int, queue: int, name: str = "work", what: str | None = None) -> None:
+        """`what` names the threads when they cannot start (ThreadsUnavailable); by default "N NAME threads"."""
         self.threads, self.queue = threads, queue
-        self._pool = started_pool(threads, name)
+        self._pool = started_pool(threads, name, what or f"{threads} {name} thread{'s' * (threads != 1)}")
         self._slots = threading.BoundedSemaphore(threads + queue)
         self._inflight = 0  # jobs started from the event loop and not finished (only touched on the loop)
 
