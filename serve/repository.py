@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,10 @@ class ModelRepository:
             return ModelSource(root / name, name, repository=True)
         if root is not None and safe_component(name) and not name.startswith(".") and _is_dir(root / name):
             raise LoadError(f"{root / name} is not served: {NAME_RULE} (rename the directory)")
+        bundles = self.settings.model_dir  # a bundle exported there after the start: served as its directory's name
+        if bundles is not None and NAME_RE.fullmatch(name) and _is_file(bundles / name / MANIFEST_FILE) \
+                and bundles / name not in {s.path for s in self.sources.values()}:  # not one served as another name
+            return ModelSource(bundles / name, name)
         raise LoadError(f"no model {name[:200]!r} in the repository; known: "
                         f"{', '.join(sorted(self.sources)) or 'none'}")
 
@@ -273,16 +278,20 @@ class ModelRepository:
         model.backend.close()
 
     def _on_disk(self) -> list[str]:
-        """The model directories of --model-repository, loaded or not (at most MAX_LISTED are looked at)."""
-        root = self.settings.model_repository
-        if root is None:
-            return []
-        try:
-            with os.scandir(root) as it:
-                entries = list(itertools.islice(it, MAX_LISTED))
-        except OSError:
-            return []
-        return [e.name for e in entries if NAME_RE.match(e.name) and e.is_dir()]
+        """The model directories of --model-repository and the bundles directly under --model-dir, loaded or not (at
+        most MAX_LISTED of each are looked at)."""
+        names, served = [], {s.path for s in self.sources.values()}  # a bundle served under its manifest's name
+        for root, bundles in ((self.settings.model_repository, False), (self.settings.model_dir, True)):
+            if root is None:
+                continue
+            try:
+                with os.scandir(root) as it:
+                    entries = list(itertools.islice(it, MAX_LISTED))
+            except OSError:
+                continue
+            names += [e.name for e in entries if NAME_RE.match(e.name) and e.is_dir()
+                      and (not bundles or (_is_file(Path(e.path) / MANIFEST_FILE) and Path(e.path) not in served))]
+        return names
 
     def index(self) -> list[dict[str, Any]]:
         """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
@@ -338,6 +347,13 @@ def _close_abandoned(job: Future) -> None:
     """Free the runtime of a load whose request was cancelled before it ended."""
     if not job.cancelled() and job.exception() is None:
         job.result().backend.close()
+
+
+def _is_file(path: os.PathLike) -> bool:
+    try:
+        return os.path.isfile(path)
+    except (OSError, ValueError):  # a name too long for the file system
+        return False
 
 
 def _is_dir(path: os.PathLike) -> bool:

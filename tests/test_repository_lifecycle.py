@@ -371,6 +371,22 @@ def test_a_bundle_given_twice_is_served_once_and_an_empty_model_dir_says_what_it
     assert isinstance(load_models(served(repo)), ServedModels)
 
 
+def test_a_bundle_exported_into_the_model_dir_after_the_start_loads_by_its_directory_name(fake, tmp_path):
+    """--model-dir was read once: a bundle exported there later was 'no model ... in the repository'."""
+    exports = tmp_path / "exports"
+    fake_runtime.write_bundle(exports / "a")
+    with client(Settings(model_dir=exports, backend="fake", access_log=False, graceful_timeout_s=5)) as c:
+        assert c.post("/v2/repository/models/later/load").status_code == 400
+        fake_runtime.write_bundle(exports / "later")
+        (exports / "no-bundle").mkdir()
+        assert {e["name"] for e in c.post("/v2/repository/index").json()} == {"legacy", "later"}
+        r = c.post("/v2/repository/models/later/load")
+        assert r.status_code == 200, r.text
+        assert c.get("/v2/models/later/ready").status_code == 200
+        assert c.post("/v2/repository/models/no-bundle/load").status_code == 400
+        assert c.post("/v2/repository/models/a/load").status_code == 400  # served already, as "legacy"
+
+
 def _partial_upload(port: int, path: str, body: bytes) -> socket.socket:
     """A request whose body has arrived but for its last byte."""
     s = socket.create_connection(("127.0.0.1", port))
