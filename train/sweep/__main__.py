@@ -21,11 +21,13 @@ import io
 import shlex
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from data.datasets import EMBEDDED, SPLITS
 from models.cli import InputError, OneLineParser, Terminated, WorkFailed, command, int_in, refuse_empty_paths
 from models.device import is_gpu_index
+from models.io import DirectoryBusy, ensure_dir, resolve_path, writer_lock
 from train.config import OPTIMIZERS
 from train.sweep.claims import MIN_SEEDS
 from train.sweep.plan import (
@@ -40,7 +42,7 @@ from train.sweep.plan import (
     recorded_study,
 )
 from train.sweep.presets import PRESETS, make_config
-from train.sweep.runner import DamagedResult, RunFailed, make_slots
+from train.sweep.runner import DamagedResult, RunFailed, WorkerSlot, make_slots
 
 PROG = "python -m train.sweep"
 MAX_WORKERS = 256  # each worker is a training process
@@ -221,6 +223,36 @@ def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry
         raise ValueError(f"--out {out}: cannot create the study directory: {exc.strerror or exc}") from None
 
 
+def lock_study(out: Path, runs_dir: Path | None) -> contextlib.ExitStack:
+    """Hold the project's writer lock on the study directory and, when it trains, on its training directories,
+    until the returned stack closes; ValueError when another sweep holds one (a second sweep would retrain the
+    same runs into the same logs, and the two would fail each other). A killed sweep's lock is free again: the
+    kernel drops a flock with its process, and the file it leaves is reused."""
+    stack = contextlib.ExitStack()
+    held: set[Path] = set()
+    places = [(out, "--out", "is writing")]
+    if runs_dir is not None:
+        places.append((runs_dir, "--runs-dir", "is training in"))
+    try:
+        for path, option, doing in places:
+            try:
+                ensure_dir(path.parent)
+                real = resolve_path(path)  # two spellings of one directory (a symlink, `.`) take the same lock
+                if real not in held:
+                    stack.enter_context(writer_lock(real))
+                    held.add(real)
+            except DirectoryBusy:
+                raise ValueError(f"another sweep {doing} {path} (one at a time): wait for it, or give another "
+                                 f"{option}") from None
+            except OSError as exc:  # read-only or virtual file system, no permission: the lock lives beside it
+                raise ValueError(f"{option} {path}: cannot take the sweep's lock beside it: "
+                                 f"{exc.strerror or exc}") from None
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
 def devices_problem(devices: tuple[str, ...]) -> str | None:
     """Why the GPUs `devices` cannot train here (no CUDA, no such GPU), or None."""
     from train.sweep.runtime import device_problem
@@ -338,10 +370,22 @@ def main(argv: list[str] | None = None) -> int:
         slots = make_slots(args.workers, args.devices, args.threads)
         runs_dir = args.runs_dir or Path("runs") / "sweep" / out.name
         # Before --out is made: a missing train extra (tqdm, torch) is one line (models.cli.run), nothing written.
-        from train.sweep.study import run_study
+        import train.sweep.study  # noqa: F401
         check_places(cfg.dataset, out, runs_dir, args.report_only, args.dry_run)
+        # Last before the work, so nothing below fails with the lock taken outside the `with` that releases it; a
+        # dry run writes nothing and may watch a running sweep.
+        locks = contextlib.ExitStack() if args.dry_run else lock_study(out, None if args.report_only else runs_dir)
     except (ValueError, KeyError) as exc:
         raise InputError(exc.args[0] if exc.args else str(exc)) from None
+    with locks:
+        return _sweep(args, cfg, study, out, runs_dir, slots)
+
+
+def _sweep(args: argparse.Namespace, cfg: StudyConfig, study: str, out: Path, runs_dir: Path,
+           slots: Sequence[WorkerSlot]) -> int:
+    """Train what is missing and report, with the study's lock held; the exit code."""
+    from train.sweep.study import run_study
+
     if len(cfg.seeds) < MIN_SEEDS and not args.report_only:
         print(f"{PROG}: warning: --seeds {','.join(map(str, cfg.seeds))}: fewer than {MIN_SEEDS} "
               f"seeds per tuned run: seed variance is barely counted, and the verdicts are marked provisional",
@@ -352,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, _interrupt)  # the terminal closed: the same, rather than orphaned trainings
     try:
         summary = run_study(cfg, study, out, runs_dir, slots, args.dry_run, args.report_only)
-    except RunFailed as exc:
-        raise WorkFailed(str(exc)) from None
+    except RunFailed as exc:  # the training's own verdict: it refused its input (2), or the machine failed (1)
+        raise (InputError if exc.code == 2 else WorkFailed)(str(exc)) from None
     except DamagedResult as exc:
         raise InputError(str(exc)) from None
     except KeyboardInterrupt as exc:  # models.cli.run says it (exit 130, or 143 for SIGTERM and SIGHUP) with this

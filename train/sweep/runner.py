@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -32,13 +34,22 @@ RESULT_VERSION = 1
 # warm-up, cosine schedule, label smoothing, light augmentation, EMA); lr and weight decay are always explicit.
 OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {"adamw": ("--optimizer", "adamw"), "sgd": ("--optimizer", "sgd")}
 LOG_TAIL = 4000
+MAX_REASON = 1000  # characters of the training's error line quoted in the sweep's one line
+TRAIN_PROG = "python -m train"
 RESULTS_DIR = "run-results"
 MAX_RESULT_BYTES = 64 << 20  # a result holds a record per epoch: ~150 bytes x up to 100,000 epochs
 LEGACY_LOG = "train.log"  # where earlier versions kept a run's log: inside its training directory
 
 
 class RunFailed(RuntimeError):
-    """A training subprocess exited with an error (its log tail is in the message)."""
+    """A training subprocess exited with an error: one line, its own error line and its log's path.
+
+    `code` is the sweep's exit code for it: 2 where the training refused its input (its own exit 2), else 1.
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class DamagedResult(ValueError):
@@ -230,6 +241,42 @@ def _adopt_legacy_log(run_dir: Path, log: Path) -> None:
         os.replace(old, log)
 
 
+def _attempt_lines(log: Path, began: int) -> list[str]:
+    """The non-blank lines the latest attempt wrote to `log` (from byte `began`, at most its last LOG_TAIL bytes)."""
+    try:
+        with open(log, "rb") as f:
+            start = max(began, f.seek(0, os.SEEK_END) - LOG_TAIL)
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    lines = [line.strip() for line in re.split(r"[\r\n]+", text)]
+    if start > began and lines:  # the window starts inside a line: not a whole one
+        lines = lines[1:]
+    return [line for line in lines if line]
+
+
+def run_failed(spec: RunSpec, rc: int, log: Path, began: int) -> RunFailed:
+    """The one-line failure of a training that exited `rc`: its own last error line (`python -m train: error:
+    ...`), else its last line, and the log; exit 2 where the training refused its input, else 1."""
+    lines = _attempt_lines(log, began)
+    said = [line for line in lines if line.startswith(f"{TRAIN_PROG}: ")]
+    what = f"`{TRAIN_PROG}` exited {rc}"
+    if rc < 0:
+        try:
+            what = f"`{TRAIN_PROG}` was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            what = f"`{TRAIN_PROG}` was killed by signal {-rc}"
+    if said:
+        reason = said[-1].removeprefix(f"{TRAIN_PROG}: ").removeprefix("error: ")
+        what += f": {reason[:MAX_REASON]}"
+    elif lines and rc > 0:  # a crash without the CLI's own line (a traceback's last line, say)
+        what += f"; its last line: {lines[-1][:MAX_REASON]}"
+    elif rc > 0:
+        what += " with no output"
+    return RunFailed(f"{spec.run_id}: {what} (log {log})", code=2 if rc == 2 else 1)
+
+
 def run_one(
     spec: RunSpec,
     study_dir: Path,
@@ -245,6 +292,7 @@ def run_one(
     cmd = build_command(spec, run_dir, slot.threads)
     start = time.time()
     with open(log, "ab") as log_file:
+        began = os.fstat(log_file.fileno()).st_size  # this attempt's output starts here (earlier ones stay above)
         # A new session so an interrupt of the sweep can stop the whole training process group.
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True,
                                 preexec_fn=_stop_with_parent)
@@ -257,8 +305,7 @@ def run_one(
                 procs.pop(proc.pid, None)
     wall = time.time() - start
     if rc != 0:
-        tail = log.read_bytes()[-LOG_TAIL:].decode(errors="replace")
-        raise RunFailed(f"{spec.run_id}: `python -m train` exited {rc} (log {log}):\n{tail}")
+        raise run_failed(spec, rc, log, began)
     result = {
         "format": RESULT_FORMAT,
         "format_version": RESULT_VERSION,
@@ -303,6 +350,11 @@ def run_all(
             if stop.is_set():  # another run failed or the sweep was interrupted: start nothing new
                 return spec
             result = run_one(spec, study_dir, runs_root, slot, procs)
+        except BaseException:
+            # Set before the slot is freed: a queued run would otherwise take it and start a training before the
+            # main thread has seen this failure.
+            stop.set()
+            raise
         finally:
             free.put(slot)
         if progress is not None:
