@@ -10,17 +10,28 @@ point): its bundles are exported with the INT8 accuracy gate relaxed, and the re
 parity numbers, whether the artifact would pass the serving gate. These bundles live in the benchmark cache;
 serve the ones `python -m export` builds. A cached bundle is reused only while it matches its checkpoint's
 weights hash, holds every wanted target and batch size, and its files verify.
+
+The cache is the benchmark's own, shared by the runs that use it (two CI jobs in one checkout). One run at a time
+prepares a model's entry (a lock beside it); another waits for it, up to CACHE_WAIT_SECONDS, then reuses what it
+exported or exports itself. A stale entry is exported again with the union of its servable artifacts and the wanted
+ones, at the larger batch size, so runs wanting different targets converge on one entry instead of replacing each
+other's artifacts, and no run is refused for an artifact its cache holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from export.bundle import ExportConfig
 from models.bundle import BundleError, Manifest, read_manifest, verify_files
+from models.cli import WorkFailed
+from models.io import DirectoryBusy, ensure_dir, writer_lock
 from runtimes.registry import DEFAULT_TARGETS
 
 # Relative to the directory the benchmark runs in (the checkout for `make bench`), as the demo's runs/ and exports/
@@ -37,6 +48,12 @@ PAIRS: dict[str, tuple[str, str]] = {
 TRAINED: dict[str, str] = {"vit_c_mini": "runs/animals-vit_c", "vit_p_mini": "runs/animals-vit_p"}
 DEMO_BUNDLES: dict[str, str] = {"vit_c_mini": "exports/animals-vit_c", "vit_p_mini": "exports/animals-vit_p"}
 INIT_SEED = 0
+# How long a run waits for another run preparing the same model's cache entry (exporting it, mostly): an hour, ample
+# for the micro and mini pairs (seconds to minutes) and room for the paper's larger models. A run that dies releases
+# the lock at once (flock), so the bound only ends a wait on a run that is alive and stuck.
+CACHE_WAIT_SECONDS = 3600.0
+WAIT_NOTE_EVERY = 300.0  # seconds between the "still waiting" lines
+WAIT_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,61 @@ def _relaxed_int8() -> dict[str, Any]:
     return {"int8": replace(INT8_TOLERANCE, min_top1_agreement=0.0, max_accuracy_drop=1.0)}
 
 
+@contextlib.contextmanager
+def cache_lock(cache: Path, model: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold `model`'s lock in `cache` (`.<model>.bench.lock`) while this run prepares its entry. When another run
+    holds it, say so and wait (a line every WAIT_NOTE_EVERY); after CACHE_WAIT_SECONDS, WorkFailed (exit 1)."""
+    ensure_dir(cache)
+    held = contextlib.ExitStack()
+    started = time.monotonic()
+    next_note = 0.0
+    while True:
+        try:
+            held.enter_context(writer_lock(cache / f"{model}.bench"))
+            break
+        except DirectoryBusy:  # flock is released when its holder exits, killed or not: a held lock is a live run
+            waited = time.monotonic() - started
+            if waited >= CACHE_WAIT_SECONDS:
+                raise WorkFailed(
+                    f"another benchmark run has been preparing {model} in the bundle cache {cache} for "
+                    f"{waited / 60:.0f} min: retry when it finishes, or give another --cache") from None
+            if waited >= next_note:
+                so_far = f", {waited / 60:.0f} min so far" if waited >= 60 else ""
+                log(f"note: another benchmark run is preparing {model} in the bundle cache {cache}; waiting for it "
+                    f"(at most {CACHE_WAIT_SECONDS / 60:.0f} min{so_far}), then reusing what it exported")
+                next_note = waited + WAIT_NOTE_EVERY
+            time.sleep(WAIT_POLL)
+    if next_note:
+        log(f"note: the other run is done with {model} after {time.monotonic() - started:.0f} s of waiting")
+    with held:
+        yield
+
+
+def _cached_extra(bundle: Path, wanted: Sequence[str], max_batch: int) -> tuple[list[str], int]:
+    """The servable artifacts of the bundle cached at `bundle` that `wanted` lacks and this machine can build again,
+    and the larger of its batch size and `max_batch`: what an export replacing it keeps."""
+    from export.targets import missing_converters, parse_targets
+    from runtimes import BackendError, ExportError
+
+    try:
+        manifest = read_manifest(bundle)
+    except (BundleError, OSError, ValueError):
+        return [], max_batch
+    have = set(expand_targets(wanted))
+    keep = []
+    for artifact in manifest.servable():
+        if artifact.id in have:
+            continue
+        try:  # an artifact id this vitc no longer knows, a runtime not installed here, a GPU one on a CPU machine
+            (target,) = parse_targets([artifact.id])
+            target.runtime.require(target.runtime.export_device)
+        except (ExportError, BackendError, ValueError):
+            continue
+        if not missing_converters([target]):
+            keep.append(artifact.id)
+    return keep, max(max_batch, manifest.input.max_batch)
+
+
 def prepare_model(
     pair: str,
     model: str,
@@ -143,32 +215,39 @@ def prepare_model(
 ) -> PreparedModel:
     """Checkpoint -> bundle under `cache`, exported only when the cache is stale.
 
-    The checkpoint is `checkpoint` when given, else the demo's trained one, else a seeded random init.
+    The checkpoint is `checkpoint` when given, else the demo's trained one, else a seeded random init. The cache
+    entry is prepared under `cache_lock`; a stale one is exported again with its own servable artifacts kept.
     """
     from export.bundle import build
 
     given = checkpoint is not None
     checkpoint = checkpoint or trained_checkpoint(model, root)
     source = "trained" if checkpoint else "random-init"
-    if checkpoint is None:
-        checkpoint = random_init_checkpoint(model, cache)
-    # A checkpoint given by path gets a cache entry of its own (named by its weights), so no two share one.
-    bundle = cache / (f"{model}-{(_weights_sha(checkpoint) or 'unknown')[:12]}" if given else f"{model}-{source}")
     demo = root / DEMO_BUNDLES[model] if source == "trained" and model in DEMO_BUNDLES else None
-    if demo is not None and (manifest := _fresh(demo, checkpoint, targets, max_batch)) is not None:
+    if demo is not None and checkpoint is not None and (
+            manifest := _fresh(demo, checkpoint, targets, max_batch)) is not None:
         return PreparedModel(pair, model, manifest.stem, checkpoint, source, demo, manifest)
-    manifest = _fresh(bundle, checkpoint, targets, max_batch)
-    if manifest is None:
-        if source == "random-init":  # accuracy means nothing there: fewer images make the one-time export quicker
-            parity_samples, calibration_samples = min(parity_samples, 128), min(calibration_samples, 64)
-        if log:
-            log(f"exporting {model} ({source}) to {bundle} ...")
-        manifest = build(ExportConfig(
-            checkpoint, bundle, tuple(targets), name=f"{model}-{source}", max_batch=max_batch,
-            parity_samples=parity_samples, calibration_samples=calibration_samples,  # the checkpoint's dataset
-            tolerances=_relaxed_int8(),
-            log=log or (lambda _msg: None),
-        ))
+    with cache_lock(cache, model, log or (lambda msg: print(msg, file=sys.stderr))):
+        if checkpoint is None:
+            checkpoint = random_init_checkpoint(model, cache)
+        # A checkpoint given by path gets a cache entry of its own (named by its weights), so no two share one.
+        bundle = cache / (f"{model}-{(_weights_sha(checkpoint) or 'unknown')[:12]}" if given else f"{model}-{source}")
+        manifest = _fresh(bundle, checkpoint, targets, max_batch)
+        if manifest is None:
+            if source == "random-init":  # accuracy means nothing there: fewer images make the one-time export quicker
+                parity_samples, calibration_samples = min(parity_samples, 128), min(calibration_samples, 64)
+            kept, batch = _cached_extra(bundle, targets, max_batch)
+            if log:
+                also = f" (keeping the cached {', '.join(kept)})" if kept else ""
+                log(f"exporting {model} ({source}) to {bundle}{also} ...")
+            # The entry is the benchmark's own: replace it even where an artifact it served is refused this time
+            # (listed with its reason, which the report shows) or cannot be built here (a GPU one on a CPU machine).
+            manifest = build(ExportConfig(
+                checkpoint, bundle, (*targets, *kept), name=f"{model}-{source}", max_batch=batch,
+                parity_samples=parity_samples, calibration_samples=calibration_samples,  # the checkpoint's dataset
+                tolerances=_relaxed_int8(), drop_artifacts=True,
+                log=log or (lambda _msg: None),
+            ))
     return PreparedModel(pair, model, manifest.stem, checkpoint, source, bundle, manifest)
 
 

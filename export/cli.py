@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from data.datasets import EMBEDDED
 from export.bundle import MAX_SAMPLES, MAX_THREADS, ExportConfig
 from export.targets import QUANTIZER, Target, known_targets, missing_converters, parse_targets
-from models.bundle import MAX_BATCH_LIMIT
+from models.bundle import MAX_BATCH_LIMIT, valid_name
 from models.checkpoint import CheckpointError, read_checkpoint_meta
 from models.cli import (
     CommandError,
@@ -30,7 +30,7 @@ from models.cli import (
     report,
 )
 from models.host import distribution_versions
-from models.io import out_inside_problem, out_name_problem
+from models.io import mount_point_problem, out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
 from runtimes.registry import DEFAULT_TARGETS
 
@@ -66,12 +66,18 @@ def missing_problem(targets: Sequence[Target]) -> str | None:
     return "; ".join([f"not installed: {why[0]}", *why[1:], *([extras_hint(extras)] if extras else []), *others])
 
 
-def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_dataset: str | None) -> str | None:
+def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_dataset: str | None,
+                name: str | None = None) -> str | None:
     """Why the bundle cannot be written at `out`, found before the export's slow work (None when it can): a name
-    the file system refuses (its temporary directory's name included), a path that is not UTF-8, which the ONNX
-    checker cannot take, or a place inside a dataset folder the export reads (the checkpoint's by default)."""
+    the file system refuses (its temporary directory's name included), a mount point (a volume: the bundle is
+    swapped in by renaming `out` itself, which the kernel refuses there), a path that is not UTF-8, which the ONNX
+    checker cannot take, or a place inside a dataset folder the export reads (the checkpoint's by default). `name`
+    (--name, when valid) is the directory the mount point advice suggests, else the checkpoint directory's name."""
     if problem := out_name_problem(out):
         return f"--out: {problem}"
+    example = name if valid_name(name) else os.path.basename(os.path.abspath(checkpoint)) or "bundle"
+    if problem := mount_point_problem(out, "the bundle", example):
+        return f"--out {problem}"
     try:
         full = os.path.join(os.getcwd(), out)
     except OSError:  # the current directory was removed: build_bundle says so
@@ -166,7 +172,7 @@ def setup_problem(args: argparse.Namespace, targets: Sequence[str]) -> str | Non
             return missing
     except ExportError as exc:
         return str(exc)
-    return out_problem(args.out, args.checkpoint, args.dataset, args.calibration_dataset)
+    return out_problem(args.out, args.checkpoint, args.dataset, args.calibration_dataset, args.name)
 
 
 def main(argv: Sequence[str] | None = None, family: str | None = None) -> int:

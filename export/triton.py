@@ -19,7 +19,9 @@ serves already cannot load. REPO must be absent, empty, or a repository this too
 wrote (its own inferenceservice.yaml, or only model directories of its own shape holding versions it wrote), and
 neither the bundle, nor inside it, nor above it: anything else (a bundle, a checkpoint, a project) is refused. So is a
 bundle a server would refuse as edited after export (its golden file, model contract or artifact records), which
-Triton, checking none of them, would serve.
+Triton, checking none of them, would serve. A REPO that is a mount point (a Docker or Kubernetes volume) is staged
+and locked inside itself, in hidden entries that vitc's server skips but a Triton starting meanwhile would try to
+load as a model; anything else is staged beside it.
 
 Exit codes: 0 written, 1 the machine failed (a full disk, out of memory; nothing was written), 2 bad input (one
 line).
@@ -94,6 +96,7 @@ from models.io import (
     committing,
     default_mode,
     ensure_dir,
+    is_mount_point,
     not_a_file,
     remove_stale,
     resolve_path,
@@ -107,6 +110,13 @@ MAX_INSTANCES = 1024
 DEFAULT_INSTANCES = 1
 DEFAULT_QUEUE_DELAY_US = 2000
 _VERSION_DIR = re.compile(r"^[1-9][0-9]{0,18}$")
+# Where --out is a mount point (a volume, a PVC: the usual Triton and KServe layout), a rename from beside it into it
+# crosses mounts (EXDEV), so the run stages and locks inside it, under these hidden names; it then needs nothing
+# above --out (a container's root may be read-only). vitc's server skips hidden directories, Triton does not (it
+# would try to load one as a model), so they exist only while a run writes, or after a kill until the next run.
+_INSIDE_STAGING = ".export-triton."  # + 8 random characters + ".tmp" (tempfile.mkdtemp)
+_INSIDE_LOCK = ".export-triton.lock"
+_INSIDE_LEFTOVER = re.compile(r"\.export-triton\.(?:[a-z0-9_]{8}\.tmp|lock)")
 
 
 def model_name(manifest: Manifest, artifact: Artifact) -> str:
@@ -493,9 +503,9 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     explained in `notes`, as is a kept config.pbtxt that does not select the new version. A labels.txt edited since
     it was written is kept too, unless `replace_config`. The artifacts whose ids are in `skip` are left out.
 
-    Everything is built and verified in a temporary directory beside `out`, then renamed into place: on any error
-    nothing is written (BundleError, RepositoryError, DirectoryBusy, OSError). An existing version is never
-    overwritten.
+    Everything is built and verified in a temporary directory beside `out` (inside it, hidden, where `out` is a
+    mount point: a rename from beside it would cross mounts), then renamed into place: on any error nothing is
+    written (BundleError, RepositoryError, DirectoryBusy, OSError). An existing version is never overwritten.
     """
     check_options(version=version, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us,
                   storage_uri=storage_uri, isvc_name=isvc_name, triton_version=triton_version, gpus=gpus,
@@ -528,15 +538,19 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
         notes.append(cut)
     try:
         ensure_dir(out.parent)
-        with writer_lock(out):
-            remove_stale(out)  # a killed run's staging directory
+        inside = _stages_inside(out)
+        with writer_lock(out, out / _INSIDE_LOCK if inside else None):
+            if inside:
+                _remove_inside_leftovers(out)  # a killed run's staging directory
+            else:
+                remove_stale(out)
             check_out(bundle, out, names)  # again, under the lock: another writer may have been first
             previous = {a.id: _previous_options(out / n / CONFIG_FILE) for a, n in zip(artifacts, names, strict=True)}
             devices = _instance_kinds(manifest, artifacts, kind, previous, notes)
             had_isvc = (out / ISVC_FILE).exists() or (out / ISVC_FILE).is_symlink()
             was_cpus = kept_cpu_limit(out / ISVC_FILE) if had_isvc else None
             was = kept_runtime_version(out / ISVC_FILE) if had_isvc else None  # the release the repository runs
-            had_models = out.is_dir() and any(p.is_dir() for p in out.iterdir())
+            had_models = out.is_dir() and any(p.is_dir() and not _own_leftover(p) for p in out.iterdir())
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
                                    triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
                                    kind_gpu=kind == "gpu", replace_isvc=replace_isvc, cpus=cpus)
@@ -547,7 +561,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                                        writing={n: version or _next_version(out / n) for n in names}, notes=notes)
             # The CPU limit the CPU models' threads share: the one written now, else the kept file's (none: no cap).
             pod_cpus = service.cpus if service is not None else kept_cpu_limit(out / ISVC_FILE)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            staging = Path(tempfile.mkdtemp(prefix=_INSIDE_STAGING if inside else f".{out.name}.", suffix=".tmp",
+                                            dir=out if inside else out.parent))
             try:
                 os.chmod(staging, default_mode(0o777))
                 plan = []
@@ -627,7 +642,7 @@ def check_out(bundle: Path, out: Path, names: Sequence[str]) -> None:
     if out.is_symlink() and not out.exists():  # a repository is created by renaming a directory to it: not a link
         raise RepositoryError(f"--out {out} is a symbolic link to nothing; create the directory it names, or give "
                               "the path of a directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or all(_own_leftover(e) for e in out.iterdir()):
         return
     isvc = out / ISVC_FILE
     if os.path.lexists(isvc) and not isvc.is_symlink() and not isvc.is_file():  # a link is replaced, not followed
@@ -670,7 +685,7 @@ def _not_our_models(out: Path) -> str | None:
     with a version this tool wrote (None: it does)."""
     written = False
     for entry in sorted(out.iterdir()):
-        if entry.name == ISVC_FILE and entry.is_file() and not entry.is_symlink():
+        if (entry.name == ISVC_FILE and entry.is_file() and not entry.is_symlink()) or _own_leftover(entry):
             continue
         if entry.is_symlink() or not entry.is_dir():
             return f"it holds {entry.name!r}"
@@ -710,6 +725,28 @@ def _foreign_model_dir(model_dir: Path) -> str | None:
         elif not (entry / MANIFEST_FILE).is_file():
             return f"version {entry.name} is not a bundle"
     return None
+
+
+def _stages_inside(out: Path) -> bool:
+    """Whether a run into `out` stages and locks inside it (the directory it names, a link followed, is a mount
+    point), not beside it."""
+    try:
+        return out.is_dir() and is_mount_point(resolve_path(out))
+    except OSError:  # a symlink loop: check_out refuses it
+        return False
+
+
+def _own_leftover(entry: Path) -> bool:
+    """Whether `entry` of a repository is the staging directory or lock file of a run that stages inside it."""
+    return _INSIDE_LEFTOVER.fullmatch(entry.name) is not None
+
+
+def _remove_inside_leftovers(out: Path) -> None:
+    """Remove the staging directories that killed runs left inside `out` (its lock file stays: the caller holds
+    it)."""
+    for entry in out.iterdir():
+        if entry.name != _INSIDE_LOCK and _own_leftover(entry) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _missing_parents(out: Path) -> list[Path]:

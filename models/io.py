@@ -256,14 +256,14 @@ LOCK_RETRIES = 8
 
 
 @contextlib.contextmanager
-def writer_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock beside `target` (`.<name>.lock`) held while one process writes it, deleted afterwards;
-    DirectoryBusy when another process holds it.
+def writer_lock(target: Path, lock: Path | None = None) -> Iterator[None]:
+    """An exclusive lock beside `target` (`.<name>.lock`, or the file `lock`) held while one process writes it,
+    deleted afterwards; DirectoryBusy when another process holds it.
 
     The lock file is deleted while still locked, so a writer that opened the old file must not trust its lock:
     after locking it checks the path still names the file it locked, and starts over when it does not.
     """
-    path = target.parent / f".{target.name}.lock"
+    path = lock if lock is not None else target.parent / f".{target.name}.lock"
     for _ in range(LOCK_RETRIES):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode(0o666))
         try:
@@ -313,6 +313,53 @@ def remove_stale(target: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")  # the kernel writes a space in a path as \040
+
+
+def _mount_points() -> set[str]:
+    """The mount points this process sees (/proc/self/mountinfo, field 5); empty where there is no such file."""
+    try:
+        with open(MOUNTINFO, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    points = set()
+    for line in lines:
+        if len(fields := line.split(b" ")) > 4:
+            points.add(os.fsdecode(_MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])))
+    return points
+
+
+def is_mount_point(path: str | os.PathLike) -> bool:
+    """Whether the directory `path` names is a mount point (a volume, a bind mount), which the kernel refuses to
+    rename (EBUSY) and into which nothing can be renamed from outside it (EXDEV). A symbolic link is not one:
+    renaming it moves the link. os.path.ismount alone misses a bind mount within one file system (a directory of
+    the same device bound elsewhere, or onto itself: only the inode differs from its parent's), so the mount table
+    decides too. False for what is absent or unreadable."""
+    where = Path(os.path.abspath(path))  # "X/" and "X/." name X
+    try:
+        if where.is_symlink() or not where.is_dir():
+            return False
+        real = resolve_path(where)  # the parents' links followed: the mount table holds real paths
+    except OSError:
+        return False
+    return os.path.ismount(real) or str(real) in _mount_points()
+
+
+def mount_point_problem(path: str | os.PathLike, what: str, example: str) -> str | None:
+    """`PATH is a mount point, which WHAT cannot replace ...: give a directory inside it, e.g. PATH/EXAMPLE` when
+    `path` is one (`is_mount_point`), else None."""
+    if not is_mount_point(path):
+        return None
+    return (f"{os.fspath(path)} is a mount point, which {what} cannot replace (it is swapped in by a rename): give a "
+            f"directory inside it, e.g. {Path(path) / example}")
+
+
+class MountPointTarget(DirectoryBusy):
+    """`atomic_dir`'s target is a mount point, which no rename replaces: refused before the body runs, not met as
+    EBUSY at the swap after all the work. A DirectoryBusy, so that a caller reports it as a target it cannot take
+    now: one line, bad input, nothing written (bundle.build does)."""
 
 
 @contextlib.contextmanager
@@ -325,8 +372,12 @@ def atomic_dir(target: str | os.PathLike, before_swap: Callable[[], None] | None
     beside `target`, deleted afterwards; DirectoryBusy for a second one), and temporaries a killed writer left
     behind are removed. `before_swap` runs, under the lock, once the body has finished and before `target` is
     touched: its exception discards the new directory and keeps the old `target` (a last check of what is there).
+    A `target` that is a mount point (a volume, a bind mount) is refused first (MountPointTarget): the swap
+    renames `target` itself.
     """
     target = Path(target)
+    if problem := mount_point_problem(target, "the new directory", "NAME"):
+        raise MountPointTarget(problem)
     ensure_dir(target.parent)
     with writer_lock(target):
         remove_stale(target)
