@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 import pytest
 
-import runtimes
 from models.bundle import read_manifest, write_manifest
 from models.cli import WorkFailed
 from serve.launch import REPO
@@ -38,7 +37,6 @@ input [ {{ name: "input" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 3, 32,
 output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }} ]
 """
 # The fake runtime under a name whose package is not installed: a model of it is skipped at start.
-ABSENT = dataclasses.replace(fake_runtime.RUNTIME, name="absent", target="absent", packages=("vitc_no_such_package",))
 NO_THREAD = "can't start new thread"  # what Python's Thread.start raises under a pids or ulimit -u limit
 # Refuses threads whose name starts with $FAIL_THREADS, then runs `python -m serve` with the arguments given.
 WRAPPER = """import os, runpy, threading
@@ -80,11 +78,7 @@ def running(prefix: str, wait_s: float = 2.0) -> list[str]:
 @pytest.fixture
 def fake() -> Iterator[None]:
     with fake_runtime.registered():
-        runtimes.register(ABSENT)
-        try:
-            yield
-        finally:
-            runtimes.unregister(ABSENT.name)
+        yield
 
 
 @pytest.fixture(scope="module")
