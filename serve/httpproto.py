@@ -46,6 +46,15 @@ MAX_PIPELINED = 4
 # An unfinished line of a chunked body's framing (a chunk size with its extensions, or a trailer field) may be this
 # long, as in Go's net/http; the parser skips extensions without a limit, and gathers a trailer field in memory.
 MAX_CHUNK_LINE = 4096
+# A chunked body's framing (its chunk-size lines with their extensions, and the CRLF after each chunk's data) may be
+# FRAMING_PER_BYTE bytes per byte of its data, plus FRAMING_SLACK; past that the body is refused (400) as it arrives.
+# The body limit counts data alone, and each chunk costs the server a Python call or so: 1-byte chunks put 6 bytes on
+# the wire per byte of data (a 16 MiB body of them is 100 MB), 1-byte chunks with extensions of MAX_CHUNK_LINE bytes
+# about 4,000. Every chunk of 2 bytes or more without extensions keeps under the ratio (5 bytes of framing: a hex
+# digit and two CRLFs), whatever the body's length; with the slack, a body of up to 32 KiB passes however it is
+# chunked, and a longer one may begin with some 30,000 1-byte chunks. Trailers are not counted (MAX_HEADER_BYTES).
+FRAMING_PER_BYTE = 3
+FRAMING_SLACK = 64 * 1024
 # A client may half-close after its requests (HTTP/1.1 allows it; `nc -N`, some proxies and load tools do), which
 # the server cannot tell from one that closed entirely and left: both only send EOF. The requests read whole are
 # answered either way; one still unanswered EOF_PROBE_S after the EOF gets an interim `100 Continue` (RFC 9110
@@ -57,6 +66,17 @@ EOF_PROBE_S = 0.1
 _INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+# A chunked body's size lines, as _ChunkSizes walks them. A whole line, to its LF: its hex digits (leading zeros
+# dropped; 17 tell 2^64 or more), then the rest (extensions) unread. Possessive: a long line fails in one pass.
+_SIZE_LINE = re.compile(rb"0*+([0-9a-fA-F]{0,17}+)[^\n]*+\n")
+# Chunks of 1 to 15 bytes (one hex digit after any zeros, extensions or not), whole with their data and its CRLF: a
+# run of them is taken in one match, and its sizes are summed from their digits, whatever the data holds. The parser
+# takes no CR or LF inside a size line and insists on the CRLF after the data, so a body it takes is walked in step.
+_SMALL_CHUNK = b"0*+(?:" + b"|".join(b"%c(?:;[^\r\n]*+)?\r\n.{%d}\r\n" % (c, int(chr(c), 16))
+                                   for c in b"123456789abcdefABCDEF") + b")"
+_SMALL_RUN = re.compile(b"(?:" + _SMALL_CHUNK + b")*+", re.DOTALL)
+_SMALL_SIZES = re.compile(b"(?=0*+([1-9a-fA-F]))" + _SMALL_CHUNK, re.DOTALL)
+_HEX_VALUES = bytes.maketrans(b"123456789abcdefABCDEF", bytes(range(1, 16)) + bytes(range(10, 16)))
 _EMPTY_LINES = re.compile(rb"[\r\n]*")  # what the parser skips before a request line
 # An answer that closes its connection while the client may still be sending (a 413 at once, a 404 or 401 to a
 # request with a body, HTTP/1.0 or `Connection: close` or a stop's shutdown delay closing after it, a refusal in the
@@ -255,50 +275,78 @@ class _LingeringTransport:
 
 class _ChunkSizes:
     """Follows a chunked body's framing ahead of the parser, which tells no chunk's size: `announced` is the sum of
-    the sizes its chunk-size lines announced so far, and `feed` tells how far the body's chunks go in the bytes read
-    (the parser is then given them in one piece, whatever the chunk data holds). The parser checks the framing; once
-    it refuses, nothing here is asked any more."""
+    the sizes its chunk-size lines announced so far, `framing` the bytes of those lines (extensions included, a line
+    counted once it ends) and of the CRLFs after their data, and `feed` tells how far the body's chunks go in the
+    bytes read (the parser is then given them in one piece, whatever the chunk data holds). The parser checks the
+    framing; once it refuses, nothing here is asked any more. Chunk data is skipped, not searched, and a size line
+    costs one match of _SIZE_LINE; a run of chunks of 1 to 15 bytes costs two matches of the regex engine in all
+    (_SMALL_RUN), however many it holds."""
 
     def __init__(self) -> None:
         self.announced = 0
-        self._digits = b""  # the size line's hex digits so far, leading zeros dropped (17 tell 2^64 or more)
-        self._in_digits = True  # whether the size line is still in its digits (not in its extensions)
-        self._left = 0  # bytes of chunk data still to come
-        self._state = "size"  # "size", "data", "end" (the CRLF after the data), "last" (trailers follow)
+        self.framing = 0
+        self.last = False  # whether the last chunk's size line has ended (the trailers, if any, come next)
+        self._left = 0  # bytes still to come of a chunk's data and the CRLF after it
+        self._begun = False  # whether the size line being read began in bytes fed earlier
+        self._partial = 0  # its bytes so far (they count in `framing` once it ends: MAX_CHUNK_LINE bounds it)
+        self._digits = b""  # that line's hex digits so far, leading zeros dropped (17 tell 2^64 or more)
+        self._in_digits = True  # whether that line is still in its digits (not in its extensions)
 
     def feed(self, data: bytes, at: int = 0) -> tuple[int, bool]:
         """Follow the body's next bytes, `data` from `at`, up to the end of its last chunk's size line (its trailers,
         and what follows the body, are not followed): where that stopped, and whether a chunk-size line ended."""
         announced, end = False, len(data)
-        while at < end and self._state != "last":
-            if self._state == "data":  # chunk data: skipped, not searched
-                step = min(self._left, end - at)
-                at, self._left = at + step, self._left - step
-                if not self._left:
-                    self._state = "end"
-                continue
+        if self._left:  # the rest of a chunk's data, and its CRLF
+            step = min(self._left, end - at)
+            at, self._left = at + step, self._left - step
+        while at < end and not self.last:
+            if not self._begun:
+                run = _SMALL_RUN.match(data, at).end()  # whole small chunks, each with its CRLF
+                if run > at:
+                    sizes = sum(b"".join(_SMALL_SIZES.findall(data, at, run)).translate(_HEX_VALUES))
+                    self.announced, self.framing = self.announced + sizes, self.framing + run - at - sizes
+                    at, announced = run, True
+                    if at == end:
+                        break
+                line = _SIZE_LINE.match(data, at)  # a whole size line: its digits, leading zeros dropped
+                if line is not None:
+                    stop, announced = line.end(), True
+                    self.framing += stop - at
+                    at = self._sized(int(line[1] or b"0", 16), stop, end)
+                    continue
+            # A size line that began in an earlier read, or does not end in this one: its digits are gathered.
             lf = data.find(b"\n", at)
-            if self._state == "size" and self._in_digits:
-                line = data[at:end if lf < 0 else lf]
-                run = line[:len(line) - len(line.lstrip(_HEX_DIGITS))]
-                self._digits = (self._digits + run).lstrip(b"0")[:17]
-                self._in_digits = len(run) == len(line)
-            if lf < 0:
-                return end, announced
-            at = lf + 1
-            if self._state == "end":
-                self._state = "size"
-                continue
-            size = int(self._digits or b"0", 16)
-            self._digits, self._in_digits = b"", True
-            self._state, self._left, announced = ("data" if size else "last"), size, True
-            self.announced += size
+            stop = end if lf < 0 else lf + 1
+            if self._in_digits:
+                digits = data[at:stop].lstrip(b"0") if not self._digits else data[at:stop]
+                run = digits[:len(digits) - len(digits.lstrip(_HEX_DIGITS))]
+                self._digits = (self._digits + run)[:17]
+                self._in_digits = len(run) == len(digits)
+            self._partial += stop - at
+            at, self._begun = stop, lf < 0
+            if lf >= 0:
+                size, self._digits, self._in_digits, announced = int(self._digits or b"0", 16), b"", True, True
+                self.framing, self._partial = self.framing + self._partial, 0
+                at = self._sized(size, at, end)
         return at, announced
 
+    def _sized(self, size: int, at: int, end: int) -> int:
+        """A size line ended at `at`, announcing `size` bytes: they come next with their CRLF, skipped as far as
+        `end` goes (where the walk goes on is returned), or (0) the trailers do."""
+        self.announced += size
+        if not size:
+            self.last = True
+            return at
+        self.framing += 2
+        at += size + 2
+        if at > end:
+            self._left, at = at - end, end
+        return at
+
     @property
-    def last(self) -> bool:
-        """Whether the last chunk's size line has ended (the trailers, if any, come next)."""
-        return self._state == "last"
+    def in_line(self) -> bool:
+        """Whether the bytes walked so far end inside a line of the framing: a size line, or the trailers."""
+        return self._begun or self.last
 
 
 class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -312,13 +360,14 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     readiness or metrics within PROBE_WAIT_S. `refusals` counts and logs each answer given here.
 
     At most MAX_PIPELINED requests are parsed ahead of the one being answered, and reading pauses until answers go
-    out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE) ends its request at once:
-    the app's `receive` raises a JSON 400 that the app answers, closing the connection; a body the server has no
-    memory to gather, a JSON 503 + Retry-After (OUT_OF_MEMORY) the same way. A client that half-closes
-    after its HTTP/1.1 requests has those it sent whole answered, then the connection closes (EOF_PROBE_S); an EOF
-    while an HTTP/1.0 request is owed its answer is a disconnect. `close_after_answers` (a stop's first signal) makes
-    every answer begun from then on close its connection; an HTTP/1.0 request is never sent `100 Continue`. An answer
-    that closes its connection while the client may still be sending closes it gently, within bounds (LINGER_S).
+    out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE, or framing past
+    FRAMING_PER_BYTE bytes per byte of its data) ends its request at once: the app's `receive` raises a JSON 400
+    that the app answers, closing the connection; a body the server has no memory to gather, a JSON 503 +
+    Retry-After (OUT_OF_MEMORY) the same way. A client that half-closes after its HTTP/1.1 requests has those it
+    sent whole answered, then the connection closes (EOF_PROBE_S); an EOF while an HTTP/1.0 request is owed its
+    answer is a disconnect. `close_after_answers` (a stop's first signal) makes every answer begun from then on close
+    its connection; an HTTP/1.0 request is never sent `100 Continue`. An answer that closes its connection while the
+    client may still be sending closes it gently, within bounds (LINGER_S).
 
     A request with `Connection: Upgrade` is read and answered as the same request without it (no upgrade is ever
     done); CONNECT is refused (400), and so is HTTP/1.0 with a Transfer-Encoding (RFC 9112 6.1). Entries in a
@@ -405,8 +454,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._running: Any = None
         self._unparsed, self._at = b"", 0  # bytes read but not yet given to the parser, and how far it got
         self._tail = b""  # the last 3 bytes given to the parser (a headers' end may span two reads)
-        self._framing = False  # whether the parser may be in a chunked body's size line or trailer section
-        self._line_bytes = 0  # bytes of that unfinished line
+        self._line_bytes = 0  # bytes of the unfinished line of a chunked body's framing (size line or trailer)
         self._bad_body: tuple[Any, int, str] | None = None  # a request whose chunked body is malformed
         self._eof = False  # whether the client half-closed (or left) with answers still owed
         self._eof_timer: asyncio.TimerHandle | None = None
@@ -421,6 +469,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._skip_complete = False  # the parser ends an Upgrade request at its headers: its body is still to come
         self._chunks: _ChunkSizes | None = None  # the chunked body being read, followed for its chunk sizes
         self._announcing = False  # whether the piece being parsed ends a chunk-size line (_cut)
+        self._chunk_data: list[bytes] = []  # chunk data the parser gave that uvicorn has not been handed yet
         self._body_left = 0  # bytes still due of the Content-Length body being read
         self._drained = 0  # bytes of bodies answered early read and dropped on this kept connection
 
@@ -497,6 +546,13 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
                 break
             data, at = self._unparsed, self._at
             end = self._cut()
+            if (chunks := self._chunks) is not None and chunks.framing > (FRAMING_PER_BYTE * chunks.announced
+                                                                          + FRAMING_SLACK):
+                # Refused before the parser is given any of it, so that a body read whole in one piece is too.
+                self._body_refused(f"chunked body framing too large: {chunks.framing} bytes of chunk-size lines for "
+                                   f"{chunks.announced} bytes of data (at most {FRAMING_PER_BYTE} per byte + "
+                                   f"{FRAMING_SLACK}); send larger chunks")
+                break
             piece = data if at == 0 and end == len(data) else data[at:end]
             self._unparsed, self._at = (b"", 0) if end == len(data) else (data, end)
             self._tail = (self._tail + piece[-3:])[-3:]
@@ -544,8 +600,11 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._disarm()
         if self._in_headers and self._messages == begun + idle:
             self._count_header_read(data)
-        elif self._framing and self._in_body and self._parsing():
-            self._count_chunk_line(data)
+        elif self._chunks is not None and self._parsing():
+            if self._chunks.in_line:
+                self._count_chunk_line(data)
+            else:
+                self._line_bytes = 0  # the piece ends inside chunk data: no line is unfinished
 
     def _feed_parser(self, data: bytes) -> None:
         """uvicorn's data_received, except that a request with `Connection: Upgrade` is read on as plain HTTP."""
@@ -553,12 +612,17 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         while True:
             try:
                 self.parser.feed_data(data)
+                self._give_chunk_data()
                 return
             except httptools.HttpParserError as exc:
+                self._chunk_data.clear()  # the body is refused: what the parser took of it goes nowhere
                 msg = "Invalid HTTP request received."
                 if not _out_of_memory(exc):  # the request is not at fault: its 503 is in the access log
                     self.logger.warning(msg)
                 self.send_400_response(msg)
+                return
+            except MemoryError:  # gathering the chunk data (_give_chunk_data): a 503, as inside the parser
+                self.send_400_response("Invalid HTTP request received.")
                 return
             except httptools.HttpParserUpgrade as upgrade:
                 # The parser stopped at the end of the request's headers (having called it complete, with no body)
@@ -647,7 +711,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def on_headers_complete(self) -> None:
         if self._priming:
             return
-        self._in_headers, self._in_body, self._framing, self._line_bytes = False, True, False, 0
+        self._in_headers, self._in_body, self._line_bytes = False, True, 0
         if self._probe_only and not self._is_probe():
             self._bad = (503, "Service Unavailable", self.limits.busy, 1)
             raise ValueError(self._bad)
@@ -657,7 +721,6 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._bad = problem
             raise ValueError(self._bad)  # the parser stops; uvicorn answers via send_400_response
         super().on_headers_complete()
-        self._framing = bool(codings)  # chunked: the first chunk-size line comes next
         # The parser ends a request with `Connection: Upgrade` here, calling it complete: a body it has still comes.
         lengths = [v for n, v in self.headers if n == b"content-length"]
         self._skip_complete = self.parser.should_upgrade() and bool(codings or (lengths and int(lengths[0])))
@@ -709,16 +772,19 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def on_body(self, body: bytes) -> None:
         if self._chunks is None:
             self._body_left -= len(body)
-        super().on_body(body)
-        self._framing = False
+            super().on_body(body)
+        else:
+            self._chunk_data.append(body)  # handed to uvicorn once per piece parsed (_give_chunk_data)
         if self.cycle.response_complete:
             self._drained += len(body)  # the rest of a body answered early: read and dropped (uvicorn drops it)
 
-    def on_chunk_header(self) -> None:
-        self._framing = True  # chunk data next, or (after the last chunk) the trailers
-
-    def on_chunk_complete(self) -> None:
-        self._framing = True  # the next chunk's size line
+    def _give_chunk_data(self) -> None:
+        """Hand uvicorn the chunk data the parser gave since the last time, in one piece: uvicorn appends each piece
+        to the request's body bytes (`body += piece`, a copy of all of them), and a read of 1-byte chunks (tens of
+        thousands) made that quadratic."""
+        if self._chunk_data:
+            parts, self._chunk_data = self._chunk_data, []
+            super().on_body(b"".join(parts))
 
     def on_message_complete(self) -> None:
         if self._priming:
@@ -726,8 +792,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if self._skip_complete:
             self._skip_complete = False  # the end of an Upgrade request's headers, not of its body (_ignore_upgrade)
             return
+        self._give_chunk_data()  # the body's end comes after all of it
         super().on_message_complete()
-        self._body_read_of, self._in_body, self._framing, self._chunks = self.cycle, False, False, None
+        self._body_read_of, self._in_body, self._chunks = self.cycle, False, None
         self._body_left = 0
         if self.cycle.response_complete and not self._eof and not self.transport.is_closing():
             # The rest of a body answered early (a 404, a 413) is read and dropped: the connection is idle now, and
