@@ -5,7 +5,9 @@ The bundle is built in a temp directory and renamed into place, so a failure at 
 bundle behind (and an older bundle at `out` stays intact). Only a bundle holding nothing but its own files is
 replaced: any other non-empty `out` is refused, so no user file is ever deleted. A runtime that fails to convert
 or misses its parity gate refuses its own artifact, not the bundle (but never replaces a bundle that served it);
-a failing disk or memory stops the export.
+a failing disk or memory stops the export. So does a checkpoint that changes while it is exported (a training
+writing it): the torch artifact is copied from the weights file held open since they were verified, and the
+checkpoint must say at the end what it said at the start.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -46,9 +48,9 @@ from models.bundle import (
     valid_name,
     write_manifest,
 )
-from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_checkpoint_meta
 from models.cli import memory_failure, storage_failure
-from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path
+from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path, same_file
 from models.jsonfields import is_int
 from models.oneline import first_line
 from models.preprocessing import normalize, preprocess, to_uint8
@@ -423,8 +425,9 @@ def build(config: ExportConfig) -> Manifest:
     `opset` (default OPSET) is one of OPSETS, checked against the exported file, whose opset the manifest records.
     An existing bundle at `out` is replaced only when every artifact servable in it comes out servable again
     (not refused), unless `drop_artifacts`.
-    Raises ExportError (one line) on bad input or a missing runtime, ExportIOError when the disk or memory fails;
-    either way the old bundle at `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
+    Raises ExportError (one line) on bad input, a missing runtime or a checkpoint that changed while it was exported
+    (a training writing it), ExportIOError when the disk or memory fails; either way the old bundle at `out` is
+    untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     """
     try:
         cwd = Path.cwd()
@@ -486,18 +489,80 @@ def _calibration(wanted: Sequence[Target], calibration_dataset: str | os.PathLik
     return lambda: images
 
 
+def _changed(meta: CheckpointMeta) -> ExportError:
+    return ExportError(f"checkpoint {meta.path} changed while it was exported (a training is writing it?): export it "
+                       "again when it has finished")
+
+
+def _load(checkpoint: str | os.PathLike) -> tuple[nn.Module, CheckpointMeta]:
+    """load_checkpoint, its refusal an ExportError: the "changed" one when checkpoint.json was there and now says
+    something else or is gone (a training replaced the weights while they were read)."""
+    try:
+        first = read_checkpoint_meta(checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    try:
+        return load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        _check_unchanged(first)
+        raise ExportError(str(exc)) from None
+
+
+def _open_weights(meta: CheckpointMeta) -> BinaryIO:
+    """The weights file load_checkpoint has just verified, held open: a training that replaces the checkpoint
+    meanwhile (`train --overwrite` removes it at its first save) cannot take these bytes away from the export."""
+    try:
+        return open(meta.weights_path, "rb")
+    except FileNotFoundError:
+        raise _changed(meta) from None
+    except OSError as exc:
+        raise ExportError(f"cannot read weights {meta.weights_path}: {exc.strerror or exc}") from None
+
+
+def _pinned(meta: CheckpointMeta, weights: BinaryIO, into: Path) -> CheckpointMeta:
+    """`meta` with its weights read from the open `weights`, not from a checkpoint directory that a training may
+    rewrite meanwhile: through /proc/self/fd where the system has it (nothing copied: the bundle's disk needs no room
+    for a second copy), else from a copy made into `into` (a new directory in the bundle's scratch)."""
+    fd = weights.fileno()
+    proc = Path("/proc/self/fd")
+    if same_file(fd, proc / str(fd)):  # opening it opens this file, even once the checkpoint has removed it
+        return replace(meta, path=proc, weights_file=str(fd))
+    into.mkdir(parents=True)
+    weights.seek(0)
+    with open(into / meta.weights_file, "xb") as f:
+        shutil.copyfileobj(weights, f, 1 << 20)
+    return replace(meta, path=into)
+
+
+def _check_reference(artifacts: Sequence[Artifact], meta: CheckpointMeta) -> None:
+    """ExportError unless the torch-fp32 artifact, servable or refused, holds the weights the checkpoint records (its
+    sha256): else the file read was rewritten in place since it was verified."""
+    for a in artifacts:
+        files = a.files or a.refused_files  # other weights than the model's fail its parity gate too
+        if a.id == "torch-fp32" and files and [f.sha256 for f in files] != [meta.weights_sha256]:
+            raise _changed(meta)
+
+
+def _check_unchanged(meta: CheckpointMeta) -> None:
+    """ExportError unless the checkpoint's `checkpoint.json` still says what it said when the export read it: a
+    bundle of a checkpoint that is gone or replaced would name weights that are no longer there."""
+    try:
+        now = read_checkpoint_meta(meta.path)
+    except CheckpointError:
+        raise _changed(meta) from None
+    if now.raw != meta.raw:
+        raise _changed(meta)
+
+
 def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | None, *, out: Path, name: str,
            log: Callable[[str], None]) -> Manifest:
     """`build` once its output is checked (`out`: config.out made absolute; `name`: the bundle's, resolved)."""
     max_batch = config.max_batch
-    try:
-        model, meta = load_checkpoint(config.checkpoint)
-    except CheckpointError as exc:
-        raise ExportError(str(exc)) from None
+    model, meta = _load(config.checkpoint)
     data_name = _dataset_of(meta, config.dataset)
     calibration_set = _calibration(wanted, config.calibration_dataset, data_name)
     header = _header(meta, name, config.checkpoint, data_name, max_batch)
-    with torch_threads(config.threads):
+    with _open_weights(meta) as weights, torch_threads(config.threads):
         parity_set = parity_images(meta, data_name, config.parity_samples)
         data = parity_data(model, meta, data_name, config.parity_samples, max_batch, parity_set.images)
         log(f"{meta.model}: parity on {len(data.x)} {data_name} val images{parity_set.note()}, "
@@ -506,12 +571,15 @@ def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | Non
             artifacts: list[Artifact] = []
 
             def before_swap() -> None:  # what came out servable must keep what the old bundle served
+                _check_unchanged(meta)  # of the checkpoint read, not one a training wrote meanwhile
+                _check_reference(artifacts, meta)
                 built = None if keeps is None else {a.id for a in artifacts if a.servable}
                 _check_replaceable(out, built, [a for a in artifacts if not a.servable])
 
             with atomic_dir(out, before_swap=before_swap) as tmp:
                 ctx = ExportContext(
-                    model=model, meta=meta, workdir=tmp, max_batch=max_batch, opset=config.opset or OPSET,
+                    model=model, meta=_pinned(meta, weights, tmp / ".scratch" / "checkpoint"), workdir=tmp,
+                    max_batch=max_batch, opset=config.opset or OPSET,
                     calibration_set=calibration_set, calibration_samples=config.calibration_samples,
                 )
                 if any(t.precision == "int8" for t in wanted):  # no readable image: one line, before any build

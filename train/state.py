@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import stat
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -568,22 +569,60 @@ def check_resume(state: dict[str, Any]) -> str | None:
 
 
 # What a writer killed mid-write leaves in a run directory: atomic_write_bytes's `.<name>.<8 chars>.tmp`, the
-# checkpoint's fixed temporary and safetensors' own (it writes the weights to `.tmp<6 chars>` beside them, Rust's
-# tempfile, then renames it); and the plot's `.curves.png.tmp` of runs before it was written atomically too.
+# checkpoint's fixed temporary, and the plot's `.curves.png.tmp` of runs before it was written atomically too.
 # Nothing else is ours to delete.
 _OWN_TEMPORARY = re.compile(r"\.(resume\.pt|metrics\.jsonl|checkpoint\.json|curves\.png)\.[a-z0-9_]{8}\.tmp"
-                            r"|\.curves\.png\.tmp|\.weights\.tmp\.safetensors|\.tmp[A-Za-z0-9]{6}")
+                            r"|\.curves\.png\.tmp|\.weights\.tmp\.safetensors")
+# safetensors writes the weights to a `.tmp<6 characters>` file of its own beside them (Rust's tempfile), then
+# renames it. That name is an ordinary one (a user's `.tmpbackup`), so such a file is not taken for ours by its name:
+# see `safetensors_temporary`.
+_SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own bound on its JSON header
 
 
 def own_temporary(name: str) -> bool:
-    """Whether `name` is a temporary file a killed training left in its run directory."""
+    """Whether `name` is a temporary file vitc's writers leave in a run directory when killed mid-write."""
     return _OWN_TEMPORARY.fullmatch(name) is not None
 
 
+def safetensors_temporary_name(name: str) -> bool:
+    """Whether `name` has the form of safetensors' own temporary (`.tmp` and 6 letters or digits)."""
+    return _SAFETENSORS_TEMPORARY.fullmatch(name) is not None
+
+
+def safetensors_temporary(path: Path) -> bool:
+    """Whether `path` is safetensors' temporary as a killed checkpoint save leaves it: that name, a regular file (not
+    a link) and a safetensors file by its first bytes (an 8-byte little-endian header length, then '{')."""
+    if not safetensors_temporary_name(path.name):
+        return False
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # swapped for a link or a FIFO meanwhile
+        try:
+            head = os.read(fd, 9)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER and head[8:] == b"{"
+
+
 def clear_stale_temporaries(out_dir: str | os.PathLike) -> None:
-    """Remove temp files a killed writer left behind (the renamed targets are intact); only our own names."""
-    for tmp in Path(out_dir).iterdir():
+    """Remove temp files a killed writer left behind (the renamed targets are intact): vitc's own names, and
+    safetensors' temporary only where it is one (`safetensors_temporary`) in a directory that already is a run.
+
+    Nothing else is removed: a user's file of the same name in a directory that holds no run is theirs.
+    """
+    out = Path(out_dir)
+    weights_temporaries = []
+    for tmp in out.iterdir():
         if own_temporary(tmp.name) and tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+        elif safetensors_temporary(tmp):
+            weights_temporaries.append(tmp)
+    if weights_temporaries and is_run_dir(out):
+        for tmp in weights_temporaries:
             tmp.unlink(missing_ok=True)
 
 

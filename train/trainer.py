@@ -118,7 +118,7 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"--out {out} exists and is not a directory")
     if not out.is_dir():
         return
-    try:
+    try:  # vitc's own temporaries do not count; a `.tmpXXXXXX` does (safetensors' name is also a user's)
         entries = sorted(p.name for p in out.iterdir() if not own_temporary(p.name))
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot read it: {exc.strerror or exc}") from None
