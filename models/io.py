@@ -255,6 +255,11 @@ class DirectoryBusy(RuntimeError):
 LOCK_RETRIES = 8
 
 
+def busy(target: Path) -> str:
+    """What a second writer of `target` is told: the collision is transient, not its input's fault."""
+    return f"another process is writing {target}: retry when it finishes"
+
+
 @contextlib.contextmanager
 def writer_lock(target: Path, lock: Path | None = None) -> Iterator[None]:
     """An exclusive lock beside `target` (`.<name>.lock`, or the file `lock`) held while one process writes it,
@@ -270,12 +275,12 @@ def writer_lock(target: Path, lock: Path | None = None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DirectoryBusy(f"another process is writing {target}") from None
+            raise DirectoryBusy(busy(target)) from None
         if same_file(fd, path):
             break
         os.close(fd)  # the previous writer deleted it between our open and lock: take the new one
     else:
-        raise DirectoryBusy(f"another process is writing {target}")
+        raise DirectoryBusy(busy(target))
     try:
         yield
     finally:

@@ -185,7 +185,8 @@ def test_triton_into_a_mount_point_keeps_one_writer_and_writes_nothing_on_error(
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with writer_lock(vol, vol / ".export-triton.lock"):  # what a run writing into the volume holds
         assert _code(triton.main, [str(bundle), "--out", str(vol)]) == 2
-        assert one_line(capsys) == f"python -m export.triton: error: another process is writing {vol}"
+        assert one_line(capsys) == (f"python -m export.triton: error: another process is writing {vol}: retry when it "
+                                    "finishes")
     assert _code(triton.main, [str(bundle), "--out", str(vol), "--version", "1"]) == 2  # found once staged
     assert "already exists; versions are never overwritten" in one_line(capsys)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
