@@ -49,6 +49,7 @@ from models.io import (
     atomic_write_bytes,
     committing,
     ensure_dir,
+    is_mount_point,
     out_inside_problem,
     resolve_path,
     writer_lock,
@@ -108,6 +109,9 @@ def probe_readable(images: ImageSet, tries: int = 64) -> None:
                        f"{images.split} split is a readable image (e.g. {images.paths[0]})")
 
 
+RUN_LOCK = ".vitc-run.lock"  # the run's writer lock inside a mount point --out (never cleared as a leftover)
+
+
 def check_out_dir(cfg: TrainConfig) -> None:
     """--out must be absent, empty or this project's run directory; an existing run needs --resume or --overwrite.
 
@@ -119,7 +123,7 @@ def check_out_dir(cfg: TrainConfig) -> None:
     if not out.is_dir():
         return
     try:  # vitc's own temporaries do not count; a `.tmpXXXXXX` does (safetensors' name is also a user's)
-        entries = sorted(p.name for p in out.iterdir() if not own_temporary(p.name))
+        entries = sorted(p.name for p in out.iterdir() if not own_temporary(p.name) and p.name != RUN_LOCK)
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot read it: {exc.strerror or exc}") from None
     if not entries:
@@ -142,11 +146,15 @@ def check_out_outside_data(cfg: TrainConfig) -> None:
 
 
 def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
-    """Hold the project's writer lock on `out` until `stack` closes: a second run into it stops with one line."""
+    """Hold the project's writer lock on `out` until `stack` closes: a second run into it stops with one line.
+
+    The lock lives beside `out`, or inside it (RUN_LOCK) where `out` is a mount point: a volume's parent is often
+    read-only (a container's root) and holds nothing of the run."""
     try:
         ensure_dir(out.parent)
         # Resolved, so two spellings of one directory (a symlink, `.`) take the same lock.
-        stack.enter_context(writer_lock(resolve_path(out)))
+        target = resolve_path(out)
+        stack.enter_context(writer_lock(target, target / RUN_LOCK if is_mount_point(target) else None))
     except DirectoryBusy as exc:
         raise ConfigError(f"--out: {exc} (one run per directory)") from None
     except OSError as exc:  # read-only or virtual file system, a file in the path, no permission
