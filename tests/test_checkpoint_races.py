@@ -151,41 +151,18 @@ def test_a_checkpoint_replaced_during_the_export_keeps_the_previous_bundle(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "ckpt", "other"]
 
 
+@pytest.mark.parametrize("proc", [True, False])
 def test_the_torch_artifact_is_the_verified_weights_even_if_the_file_goes_away_meanwhile(tmp_path, micro_checkpoint,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, proc):
     """The weights leave the checkpoint while the export works and come back before it ends (the checkpoint is
-    unchanged at the end): the torch-fp32 artifact is copied from the bytes read, not refused."""
+    unchanged at the end): the torch-fp32 artifact is copied from the bytes read, not refused. Where /proc/self/fd
+    cannot reopen the open weights, they are copied into the export's scratch (removed before the bundle is
+    written), still from the file it opened, not from the checkpoint directory."""
     ckpt = micro_checkpoint(tmp_path)
     weights, aside = _weights(ckpt), tmp_path / "aside"
     original = weights.read_bytes()
-    _while_exporting(monkeypatch, lambda: weights.rename(aside))
-    torch_rt = runtimes.get("torch")
-
-    def build_then_put_back(ctx, precision):  # noqa: ANN001, ANN202
-        try:
-            return torch_rt.build(ctx, precision)
-        finally:
-            if aside.exists():
-                aside.rename(weights)
-
-    from runtimes import registry
-
-    monkeypatch.setitem(registry._RUNTIMES, "torch", replace(torch_rt, build=build_then_put_back))
-    manifest = build_bundle(ckpt, tmp_path / "b", ["torch"], **EXPORT)
-    torch_fp32 = next(a for a in manifest.artifacts if a.id == "torch-fp32")
-    assert torch_fp32.servable, torch_fp32.refused_reason
-    assert (tmp_path / "b" / torch_fp32.files[0].path).read_bytes() == original
-    assert read_manifest(tmp_path / "b").source.sha256 == read_checkpoint_meta(ckpt).weights_sha256
-    assert not (tmp_path / "b" / ".scratch").exists()
-
-
-def test_without_proc_the_weights_are_copied_from_the_open_file(tmp_path, micro_checkpoint, monkeypatch):
-    """Where /proc/self/fd cannot reopen the open weights, the export copies them into its scratch (removed before
-    the bundle is written), still from the file it opened, not from the checkpoint directory."""
-    ckpt = micro_checkpoint(tmp_path)
-    weights, aside = _weights(ckpt), tmp_path / "aside"
-    original = weights.read_bytes()
-    monkeypatch.setattr(export_bundle, "same_file", lambda a, b: False)
+    if not proc:
+        monkeypatch.setattr(export_bundle, "same_file", lambda a, b: False)
     _while_exporting(monkeypatch, lambda: weights.rename(aside))
     torch_rt = runtimes.get("torch")
 
@@ -202,6 +179,7 @@ def test_without_proc_the_weights_are_copied_from_the_open_file(tmp_path, micro_
     manifest = build_bundle(ckpt, tmp_path / "b", ["torch"], **EXPORT)
     assert [a.id for a in manifest.servable()] == ["torch-fp32"]
     assert (tmp_path / "b" / manifest.artifacts[0].files[0].path).read_bytes() == original
+    assert read_manifest(tmp_path / "b").source.sha256 == read_checkpoint_meta(ckpt).weights_sha256
     assert not (tmp_path / "b" / ".scratch").exists()
 
 

@@ -23,12 +23,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import fake_runtime
 import httpx
 import pytest
 import uvicorn
+from test_serve_fixtures import in_process_server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -202,39 +202,10 @@ def test_chunk_data_reaches_uvicorn_once_per_piece_and_costs_one_python_call_per
     assert counts["calls"] < 1.2 * n, counts
 
 
-@contextlib.contextmanager
-def _real_server(bundle: Path) -> Iterator[int]:
-    """The app behind uvicorn and serve.httpproto's protocol, in this process (its refusals counted in /metrics)."""
-    from serve.app import create_app
-    from serve.settings import Settings
-
-    with fake_runtime.registered():
-        app = create_app(Settings(models=[f"fake={bundle}"], backend="fake", access_log=False))
-        http = HeaderBoundsProtocol.configured(ConnectionLimits(10.0, 100), access_log=False,
-                                               on_refusal=app.state.metrics.protocol_refused)
-        config = uvicorn.Config(app, http=http, log_config=None, access_log=False, lifespan="on", ws="none")
-        server = uvicorn.Server(config)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        try:
-            end = time.monotonic() + 30
-            while not server.started and thread.is_alive() and time.monotonic() < end:
-                time.sleep(0.02)
-            assert server.started
-            yield sock.getsockname()[1]
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
-
-
 @pytest.fixture(scope="module")
 def port(tmp_path_factory) -> Iterator[int]:
     bundle = fake_runtime.write_bundle(tmp_path_factory.mktemp("chunk_framing") / "fake")
-    with _real_server(bundle) as p:
+    with in_process_server(bundle) as p:
         yield p
 
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve_fixtures import start_server
+from test_serve_fixtures import in_process_server, start_server
 
 from serve.routes.deps import OUT_OF_MEMORY, OUT_OF_THREADS
 
@@ -180,42 +177,10 @@ def test_a_decode_or_inference_thread_that_cannot_start_is_a_503(bundle, big_png
         assert c.post(CLASSIFY, content=big_png, headers={"content-type": "image/png"}).status_code == 200
 
 
-@contextlib.contextmanager
-def _real_server(bundle: Path) -> Iterator[int]:
-    """The app behind uvicorn and serve.httpproto's protocol, in this process (so the parser can be made to fail)."""
-    import uvicorn
-
-    from serve.app import create_app
-    from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol
-    from serve.settings import Settings
-
-    with fake_runtime.registered():
-        app = create_app(Settings(models=[f"fake={bundle}"], backend="fake", access_log=False))
-        http = HeaderBoundsProtocol.configured(ConnectionLimits(10.0, 100), access_log=False,
-                                               on_refusal=app.state.metrics.protocol_refused)
-        config = uvicorn.Config(app, http=http, log_config=None, access_log=False, lifespan="on", ws="none")
-        server = uvicorn.Server(config)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        try:
-            end = time.monotonic() + 30
-            while not server.started and thread.is_alive() and time.monotonic() < end:
-                time.sleep(0.02)
-            assert server.started
-            yield sock.getsockname()[1]
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
-
-
 def test_a_body_the_parser_has_no_memory_for_is_a_503_not_a_client_error(bundle, big_png, monkeypatch):
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    with _real_server(bundle) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+    with in_process_server(bundle) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
         monkeypatch.setattr(HttpToolsProtocol, "on_body", _no_memory)  # gathering the body: not chunked
         r = c.post(CLASSIFY, content=big_png, headers={"content-type": "image/png"})
         _refused(r, OUT_OF_MEMORY)
