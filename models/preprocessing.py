@@ -32,6 +32,16 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 # default (serve.tensor's too) and the bound of every dataset reader, so what trains and evaluates can be served.
 # Below Pillow's own bomb bound (a warning above 89.5 M pixels, an error above 179 M).
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# PNG metadata is inflated while a file is opened, before any pixel: Pillow reads every tEXt/zTXt/iTXt chunk into
+# `info` (up to 64 MiB of text an image by default: a 63 KB PNG of zTXt chunks cost 63 MB and 130 ms) and inflates
+# each iCCP colour profile. vitc reads neither, so the text is bounded to what real files carry (XMP, an AI tool's
+# workflow JSON: a few KB to a few hundred), and one chunk keeps Pillow's own 1 MiB, which is also the largest ICC
+# profile it inflates: an image's text costs at most 3 MiB inflated (the chunk that crosses the total included),
+# about 4 ms. A PNG past either bound is refused (a 400, and unreadable to training and evaluation, which count it):
+# Pillow cannot drop the text and keep the image without also accepting truncated files. Every reader calls
+# `image_formats` before it opens an image, so every one applies the same bounds.
+PNG_TEXT_CHUNK_BYTES = 1 << 20  # one zTXt/iTXt chunk's inflated text or one iCCP profile (Pillow's MAX_TEXT_CHUNK)
+PNG_TEXT_BYTES = 2 << 20  # all of one image's text (Pillow's MAX_TEXT_MEMORY)
 _RESAMPLE = ("bilinear", "bicubic", "nearest")  # PIL's Image.Resampling members, lower-case
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 0.5}  # each filter's reach, in output pixels
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -43,11 +53,22 @@ MIN_STD = 1e-6
 
 
 def image_formats() -> tuple[str, ...]:
-    """The `IMAGE_FORMATS` this Pillow build can open (AVIF needs a recent one), for `Image.open(formats=...)`."""
+    """The `IMAGE_FORMATS` this Pillow build can open (AVIF needs a recent one), for `Image.open(formats=...)`;
+    Pillow's PNG metadata bounds set first (`_bound_png_metadata`)."""
     from PIL import Image
 
+    _bound_png_metadata()
     Image.init()
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+@functools.cache
+def _bound_png_metadata() -> None:
+    """Set Pillow's process-wide PNG text bounds to vitc's, once."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = PNG_TEXT_CHUNK_BYTES
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 
 
 @dataclass(frozen=True)
@@ -129,25 +150,67 @@ def _three_numbers(name: str, values: Any) -> tuple[float, float, float]:
     return float(a), float(b), float(c)
 
 
-def _grey_to_8bit(img: Image.Image) -> Image.Image:
+def _grey_to_8bit(img: Image.Image, key: int | None = None) -> Image.Image:
     """16/32-bit integer or float grey -> 8-bit "L", a band of rows at a time (temporaries stay ~1 M pixels).
 
     The scale follows the mode, never the pixel values (one bright pixel must not darken the whole image):
     integers are 16-bit data, 0..65535 (32-bit "I" images hold them in practice), floats are 0..1; what lies
-    outside is clipped.
+    outside is clipped. Pixels of the transparent value `key` (a 16-bit PNG's colour key, compared at full depth)
+    come out black, as transparency composited onto black does.
     """
     w, h = img.size
     scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
     out = np.empty((h, w), np.uint8)
     rows = max(1, (1 << 20) // max(1, w))
     for y in range(0, h, rows):
-        band = np.asarray(img.crop((0, y, w, min(h, y + rows))), dtype=np.float32)
+        raw = np.asarray(img.crop((0, y, w, min(h, y + rows))))
+        band = raw.astype(np.float32)
         if img.mode == "F" and not np.isfinite(band).all():  # NaN has no 8-bit value (the cast is undefined)
             raise ValueError("the image has non-finite pixel values (NaN or infinity)")
         out[y:y + rows] = np.clip(band * np.float32(scale), 0, 255).round()
+        if key is not None:
+            out[y:y + rows][raw == key] = 0
     from PIL import Image
 
     return Image.fromarray(out, "L")
+
+
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # `_grey_to_8bit` brings these to 8 bits
+
+
+def _colour_key(img: Image.Image) -> int | tuple[int, int, int] | None:
+    """The one colour a grey or RGB image marks transparent (a PNG tRNS colour key, a grey GIF's transparent index),
+    in its pixels' own values; None when it has none (a palette's transparency is the palette's own business)."""
+    key = img.info.get("transparency")
+    if img.mode == "RGB" and isinstance(key, tuple) and len(key) == 3 and all(type(k) is int for k in key):
+        # A 16-bit RGB PNG: Pillow keeps each sample's high byte, and the key keeps its own (so colours within
+        # 1/256 of the key are transparent too; a key that dark it cannot tell from an 8-bit one).
+        return tuple(k >> 8 for k in key) if max(key) > 255 else key
+    if img.mode in ("1", "L", *_WIDE_GREY) and img.mode != "F" and type(key) is int:
+        return key  # as given: Pillow scales a 2- or 4-bit grey PNG's pixels to 8 bits, but not its key
+    return None
+
+
+def _key_to_black(img: Image.Image, key: int | tuple[int, int, int]) -> Image.Image:
+    """A grey ("1", "L") or "RGB" image with the pixels of its transparent colour black: bitwise what compositing
+    the same picture, given as an alpha channel, onto black gives. A copy; the mask is made a band of rows at a
+    time (temporaries stay ~1 M pixels)."""
+    if img.mode == "1":
+        img = img.convert("L")  # 0 or 255, as Pillow gives a 1-bit PNG's key
+    if not all(0 <= k <= 255 for k in (key if isinstance(key, tuple) else (key,))):  # no 8-bit pixel has it
+        return img
+    w, h = img.size
+    mask = np.empty((h, w), np.uint8)
+    rows = max(1, (1 << 20) // max(1, w))
+    want = np.asarray(key, np.uint8)
+    for y in range(0, h, rows):
+        hit = np.asarray(img.crop((0, y, w, min(h, y + rows)))) == want
+        mask[y:y + rows] = (hit.all(axis=2) if hit.ndim == 3 else hit).view(np.uint8) * np.uint8(255)
+    from PIL import Image
+
+    out = img.copy()
+    out.paste(0 if img.mode == "L" else (0, 0, 0), (0, 0, w, h), Image.fromarray(mask, "L"))
+    return out
 
 
 _ORIENTATION = 0x0112  # EXIF tag
@@ -182,9 +245,16 @@ def plain_mode(img: Image.Image) -> Image.Image:
 
 
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL image (alpha, palette, 16-bit, CMYK, grey) to 8-bit `mode` ("RGB" or "L")."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        img = _grey_to_8bit(img)
+    """Convert any PIL image (alpha, palette, colour key, 16-bit, CMYK, grey) to 8-bit `mode` ("RGB" or "L").
+
+    Every kind of transparency is composited onto black: an alpha channel, a palette's, and a grey or RGB image's
+    transparent colour (the tRNS colour key PNG optimisers write instead of an alpha channel when that is lossless),
+    so one picture gets one answer however it is encoded."""
+    key = _colour_key(img)
+    if img.mode in _WIDE_GREY:
+        img = _grey_to_8bit(img, key)
+    elif key is not None:
+        img = _key_to_black(img, key)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

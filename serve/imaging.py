@@ -11,19 +11,34 @@ import contextlib
 import contextvars
 import io
 import warnings
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from models.preprocessing import Preprocessing, copied_pixels, image_formats, image_input, plain_mode, upright
+from models.preprocessing import (
+    PNG_TEXT_BYTES,
+    PNG_TEXT_CHUNK_BYTES,
+    Preprocessing,
+    copied_pixels,
+    image_formats,
+    image_input,
+    plain_mode,
+    upright,
+)
 from serve.protocol import short_reason
 from serve.workpool import Holder, PixelBudget
 
 FORMATS = image_formats()  # the Pillow decoders the server accepts; anything else is never parsed
+# The media types of an image body or part (the bytes decide the format, whichever is named): the registered types of
+# the formats above and their common aliases, and the types of "just bytes": application/octet-stream, and
+# application/x-www-form-urlencoded, which curl and many clients send for a raw body when told no type
+# (`curl --data-binary @photo.jpg URL`).
 CONTENT_TYPES = frozenset({
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
-    "image/x-ms-bmp", "image/tiff", "image/avif", "application/octet-stream",
+    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/apng", "image/x-png", "image/webp", "image/gif",
+    "image/bmp", "image/x-bmp", "image/x-ms-bmp", "image/tiff", "image/tif", "image/x-tiff", "image/avif",
+    "application/octet-stream", "application/x-www-form-urlencoded",
 })
 
 
@@ -95,17 +110,36 @@ def decode_weight(img: Image.Image) -> int:
         by_format = 2
     # Modes that hold more per pixel while they are converted (measured peak bytes a pixel): grey or palette with
     # alpha 10-13, RGBA 8-9, a baseline CMYK JPEG 9. A tiny flat LA PNG is a cheap way to ask for a lot.
+    # An RGB image with a transparent colour (a PNG colour key) is copied and masked: 9 bytes a pixel, as RGBA.
     by_mode = 3 if img.mode in ("LA", "La", "PA") else 2 if (
-        img.mode in ("RGBA", "RGBa", "CMYK") or (img.mode == "P" and "transparency" in img.info)) else 1
+        img.mode in ("RGBA", "RGBa", "CMYK") or (img.mode in ("P", "RGB") and "transparency" in img.info)) else 1
     return max(by_format, by_mode)
 
 MAX_HEADER_SEGMENTS = 1024  # JPEG marker segments / PNG chunks before the image data (real files: a few dozen)
 MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks Pillow inflates (up to PNG_TEXT_CHUNK_BYTES each) while it opens or loads a PNG: text and colour profiles.
+_INFLATED_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, offset, data length) of each chunk header of a PNG body, in order, up to IEND or the data's end."""
+    pos = 8
+    while pos + 8 <= len(data):
+        kind = data[pos + 4:pos + 8]
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        yield kind, pos, length
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
 def _check_structure(data: bytes) -> None:
     """Refuse JPEG and PNG files built to make the decoder work far more than their pixels warrant: thousands of
-    tiny header segments (parsed one by one in Python) or of progressive scans (each a pass over the image)."""
+    tiny header segments (parsed one by one in Python), of progressive scans (each a pass over the image), or of
+    PNG colour profiles (each inflated, up to 1 MiB)."""
     if data[:2] == b"\xff\xd8":
         pos, segments = 2, 0
         while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:  # up to the first scan
@@ -118,14 +152,63 @@ def _check_structure(data: bytes) -> None:
                                       "data; refused")
         if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # 0xFF in entropy-coded data is stuffed: no SOS
             raise ImageError(400, f"JPEG has {scans} scans, more than {MAX_JPEG_SCANS}; refused")
-    elif data[:8] == b"\x89PNG\r\n\x1a\n":
-        pos, chunks = 8, 0
-        while pos + 8 <= len(data) and data[pos + 4:pos + 8] not in (b"IDAT", b"IEND"):
-            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
-            chunks += 1
-            if chunks > MAX_HEADER_SEGMENTS:
+    elif data[:8] == _PNG_SIGNATURE:
+        for chunks, (kind, _, _) in enumerate(_png_chunks(data)):
+            if kind in (b"IDAT", b"IEND"):
+                break
+            if chunks >= MAX_HEADER_SEGMENTS:
                 raise ImageError(400, f"PNG has more than {MAX_HEADER_SEGMENTS} chunks before its image data; "
                                       "refused")
+        # The format allows one profile (Pillow inflates each it meets, before the image data or after it). Few
+        # bodies hold the 4 letters twice, so only those are walked to the end.
+        if data.count(b"iCCP") > 1 and (profiles := sum(kind == b"iCCP" for kind, _, _ in _png_chunks(data))) > 1:
+            raise ImageError(400, f"PNG has {profiles} iCCP colour profile chunks, where the format allows one; "
+                                  "refused")
+
+
+def _png_fault(data: bytes) -> str | None:
+    """What breaks a PNG's chunks up to its image data, which Pillow checks while it opens the file: a chunk cut off,
+    a type that is not one, or a checksum that fails (libpng and browsers skip an optional chunk with a bad one;
+    Pillow refuses the file, and so does vitc, naming the chunk). None when those chunks are sound."""
+    for kind, pos, length in _png_chunks(data):
+        name = kind.decode("latin-1")
+        if not (kind.isascii() and kind.isalpha()):
+            return f"the chunk at byte {pos} has no valid type ({name!r})"
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return f"it is cut off in its {name!r} chunk (truncated)"
+        if zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            return f"its {name!r} chunk fails its checksum (CRC)"
+    return "it ends before its image data (truncated)"
+
+
+def _unidentified(data: bytes) -> ImageError:
+    """A body no decoder took: a PNG says what breaks it; anything else is not an image the server reads."""
+    if data[:8] == _PNG_SIGNATURE:
+        if (fault := _png_fault(data)) is not None:
+            return ImageError(400, f"corrupt PNG: {fault}; re-save or re-export the image")
+        try:  # sound chunks, yet refused (an unknown compression method, a bad header value): Pillow's reason
+            PngImagePlugin.PngImageFile(io.BytesIO(data)).close()
+            reason = "its header chunks cannot be parsed"
+        except Exception as exc:
+            reason = short_reason(exc)
+        return ImageError(400, f"corrupt PNG ({reason}); re-save or re-export the image")
+    return ImageError(400, f"not a recognised image; supported: {', '.join(FORMATS)}")
+
+
+def _metadata_refusal(exc: Exception) -> ImageError | None:
+    """Pillow's refusal of a PNG whose metadata inflates past vitc's bounds (models.preprocessing), said plainly."""
+    said = str(exc)
+    if isinstance(exc, ValueError) and "MAX_TEXT_MEMORY" in said:
+        return ImageError(400, f"PNG text metadata (tEXt/zTXt/iTXt chunks) holds more than {PNG_TEXT_BYTES >> 20} MiB, "
+                               "the most vitc reads (it uses none): strip the image's metadata")
+    if isinstance(exc, ValueError) and "MAX_TEXT_CHUNK" in said:
+        return ImageError(400, "a PNG metadata chunk (zTXt/iTXt text or an iCCP colour profile) inflates to more "
+                               f"than {PNG_TEXT_CHUNK_BYTES >> 20} MiB, the most vitc reads (it uses none): "
+                               "strip the image's metadata")
+    return None
 
 
 def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
@@ -139,11 +222,12 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     except _OverLimit as exc:
         raise _too_many(*exc.size, exc.limit) from None
     except UnidentifiedImageError:
-        raise ImageError(400, f"not a recognised image; supported: {', '.join(FORMATS)}") from None
+        raise _unidentified(data) from None
     except MemoryError:
         raise
     except Exception as exc:  # decoders raise many types on hostile headers; none may become a 500
-        raise ImageError(400, f"cannot decode image ({short_reason(exc)}); supported: {', '.join(FORMATS)}") from None
+        raise _metadata_refusal(exc) or ImageError(
+            400, f"cannot decode image ({short_reason(exc)}); supported: {', '.join(FORMATS)}") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageError(400, f"image has no pixels ({w}x{h})")
@@ -162,11 +246,14 @@ CHEAP_BYTES = 64 << 10
 
 def cheap(data: bytes) -> bool:
     """Whether an image is small enough to decode on the event loop when nothing else waits (its header says
-    how many pixels it holds: a small body can still declare a huge image)."""
+    how many pixels it holds: a small body can still declare a huge image). A PNG with compressed metadata is not:
+    each text chunk or colour profile may inflate a thousandfold (up to 1 MiB, about 2 ms), wherever it lies."""
     if len(data) > CHEAP_BYTES:
         return False
     try:
         _check_structure(data)
+        if data[:8] == _PNG_SIGNATURE and any(kind in _INFLATED_CHUNKS for kind, _, _ in _png_chunks(data)):
+            return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             w, h = Image.open(io.BytesIO(data), formats=FORMATS).size
@@ -184,8 +271,9 @@ def load_pixels(img: Image.Image) -> Image.Image:
         raise _too_many(*exc.size, exc.limit) from None
     except MemoryError:
         raise
-    except Exception as exc:  # truncated, corrupt, or a decoder tripping over hostile data
-        raise ImageError(400, f"image data is truncated or corrupt ({short_reason(exc)})") from None
+    except Exception as exc:  # truncated, corrupt, a decoder tripping over hostile data; a PNG's text after its pixels
+        raise _metadata_refusal(exc) or ImageError(
+            400, f"image data is truncated or corrupt ({short_reason(exc)})") from None
     img = upright(img)  # EXIF orientation, exactly as training and evaluation decode
     try:
         return plain_mode(img)  # CMYK (Adobe inverted or not), YCbCr, HSV, ...

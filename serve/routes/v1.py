@@ -45,6 +45,11 @@ MAX_TOP_K = MAX_CLASSES
 MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bounded by the body limit
 _NOT_A_FILE = ("{field} has no filename, so it is a text field, not a file upload: send each image "
                "as a file part (Content-Disposition with a filename; curl -F file=@image.jpg)")
+# A raw body typed application/x-www-form-urlencoded is decoded as the bytes it is (curl's type for --data-binary
+# as for -d); one that does not decode is most often a file sent with -d, which strips its line breaks.
+_FORM_BODY = "form-urlencoded body"
+_FORM_HINT = (" (it was sent as application/x-www-form-urlencoded: curl -d strips a file's line breaks, so send the "
+              "file unchanged with --data-binary @image.jpg, or as multipart with -F file=@image.jpg)")
 
 
 class Prediction(BaseModel):
@@ -105,7 +110,16 @@ def _media_type(value: str | None) -> str:
 
 def _unsupported(media: str) -> APIError:
     return APIError(415, f"unsupported content type {media or 'none'!r}: send an image body (image/jpeg, "
-                         "image/png, image/webp, ...) or multipart/form-data with 'file' fields")
+                         "image/png, image/webp, ..., or application/octet-stream) or multipart/form-data with "
+                         "'file' fields")
+
+
+def _unsupported_part(index: int, filename: str | None, media: str) -> APIError:
+    """A multipart file refused for its type, named (a form may hold several)."""
+    name = f" ({filename[:80]!r})" if filename else ""
+    return APIError(415, f"multipart 'file' part #{index}{name} has unsupported content type {media!r}: type each "
+                         "file as an image (image/jpeg, image/png, image/webp, ...) or application/octet-stream, or "
+                         "leave its type out")
 
 
 _BOUNDARY = re.compile(r'(?:^|;)\s*boundary\s*=\s*(?:"([^"]+)"|([^";\s]+))', re.IGNORECASE)
@@ -177,14 +191,15 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
                     raise APIError(422, _NOT_A_FILE.format(field=f"multipart 'file' part #{i}"))
                 part_media = _media_type(f.content_type) or "application/octet-stream"
                 if part_media not in CONTENT_TYPES:
-                    raise _unsupported(part_media)
+                    raise _unsupported_part(i, f.filename, part_media)
                 images.append((f.filename or f"file #{i}", await f.read()))
                 await f.close()  # its in-memory copy goes now, not with the whole form's
         finally:
             await form.close()
         return images, len(images) > 1
     if media in CONTENT_TYPES:
-        return [("body", await inflated(request, await request.body(), encoding, settings.max_body_bytes))], False
+        label = _FORM_BODY if media == "application/x-www-form-urlencoded" else "body"
+        return [(label, await inflated(request, await request.body(), encoding, settings.max_body_bytes))], False
     raise _unsupported(media)
 
 
@@ -295,7 +310,8 @@ async def _decode(request: Request, model: ServedModel, settings: Settings, imag
 
 def _invalid(label: str, exc: ImageError, many: bool) -> InvalidInput:
     """An image's own fault (undecodable, too many pixels), named when the request has several."""
-    return InvalidInput(exc.status, (f"{label}: " if many else "") + exc.reason)
+    hint = _FORM_HINT if label == _FORM_BODY and exc.status == 400 else ""
+    return InvalidInput(exc.status, (f"{label}: " if many else "") + exc.reason + hint)
 
 
 async def _classify(request: Request, model: ServedModel, settings: Settings, k: int,
