@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -99,6 +100,27 @@ def test_a_bit_flipped_inside_a_tensor_of_resume_pt_is_refused_naming_the_member
     assert lines[0].startswith("python -m train: error: cannot read resume state") and member.filename in lines[0]
     assert {p.name: p.read_bytes() for p in stopped.iterdir()} == before
     load_checkpoint(stopped)  # the checkpoint itself is untouched and still loads
+
+
+@pytest.mark.parametrize(("where", "field", "bit"), [
+    ("central", 8, 0),  # the directory's flags: "encrypted" (a RuntimeError from zipfile)
+    ("central", 8, 5),  # its flags: "compressed patched data" (NotImplementedError)
+    ("local", 26, 5),  # the local header's name length: another name is read (a mismatch, or bytes not UTF-8)
+    ("local", 30, 7),  # the local name's first byte: not UTF-8 (UnicodeDecodeError)
+])
+def test_a_bit_flipped_in_a_member_header_of_resume_pt_is_one_line_not_a_traceback(stopped, where, field, bit):
+    """The CRC check read the members through their headers: these flips escaped as tracebacks, exit 1."""
+    path = stopped / RESUME_FILE
+    with zipfile.ZipFile(path) as z:
+        at = (z.infolist()[0].header_offset if where == "local" else z.start_dir) + field
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ (1 << bit)]))
+    with pytest.raises(CheckpointError, match=rf"cannot read resume state {re.escape(str(path))}: ") as info:
+        load_resume(stopped)
+    assert "\n" not in str(info.value)
 
 
 def test_a_corrupt_pickle_member_without_a_checkpoint_beside_it_says_to_train_into_a_new_out(stopped, tmp_path):

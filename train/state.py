@@ -188,7 +188,9 @@ def _check_crcs(path: Path, archive: Any, members: list[Any]) -> None:
             with archive.open(m) as f:  # by its entry, not its name: a repeated name would hide the first
                 while f.read(CRC_CHUNK):
                     pass
-        except (zipfile.BadZipFile, EOFError) as exc:  # a wrong CRC-32, a truncated member, a mangled local header
+        # A wrong CRC-32, a truncated member, a mangled local header (a flipped bit in its flags or name reads as an
+        # encrypted or compressed-patched member, or a name that is not UTF-8).
+        except (zipfile.BadZipFile, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError) as exc:
             why = "fails its CRC-32 check" if "CRC" in str(exc) else f"cannot be read ({' '.join(str(exc).split())})"
             raise CheckpointError(f"cannot read resume state {path}: it is corrupt: member {m.filename[:80]!r} "
                                   f"{why[:MAX_REASON]} (changed since it was written: a disk, memory or copy error); "
