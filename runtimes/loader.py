@@ -492,8 +492,10 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
     except (BackendError, BundleError):
         raise
     except Exception as exc:  # runtimes raise their own types; the caller needs one readable line
-        if memory_failure(exc) is not None:  # the machine, not the artifact (a server start exits 1, not 2)
-            raise MemoryError(f"out of memory loading {spec.artifact.id!r} on {runtime.name}") from exc
+        if (failure := memory_failure(exc)) is not None:  # the machine, not the artifact (a start exits 1, not 2)
+            # The runtime's words stay: "Resource temporarily unavailable" is a thread that could not start.
+            raise MemoryError(f"out of memory loading {spec.artifact.id!r} on {runtime.name}: "
+                              f"{first_line(failure)}") from exc
         raise BackendError(f"{runtime.name} cannot load {spec.artifact.id!r}"
                            f"{' from ' + where if where else ''}: {first_line(exc)}") from exc
     try:

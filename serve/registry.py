@@ -14,6 +14,7 @@ from typing import Any
 import runtimes
 from models import tritonconfig
 from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest, unreadable
+from models.cli import WorkFailed, out_of_memory
 from models.host import usable_cpus
 from models.preprocessing import Preprocessing
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
@@ -467,6 +468,9 @@ def load_models(settings: Settings) -> ServedModels:
         for source in model_sources(settings):
             try:
                 model = load_model(source, settings)
+            except MemoryError as exc:  # the machine (exit 1), said with the model it stopped at
+                raise WorkFailed(f"cannot load model {source.name or str(source.path)!r}: "
+                                 f"{out_of_memory(exc) or 'out of memory'}") from exc
             except Unavailable as exc:
                 models.skipped[exc.name] = (exc.version, str(exc))
                 log.warning("model unavailable", extra={"model": exc.name, "reason": str(exc)})

@@ -24,6 +24,7 @@ from test_serve_fixtures import start_server
 
 import runtimes
 from models.bundle import read_manifest, write_manifest
+from models.cli import WorkFailed
 from serve.errors import ServeError
 from serve.metrics import Metrics
 from serve.registry import ModelSource, ServedModels, load_models, model_sources
@@ -494,8 +495,13 @@ def test_running_out_of_memory_while_loading_is_the_machine_not_the_model(fake, 
             raise failure
 
         monkeypatch.setattr(fake_runtime.FakeBackend, "__init__", no_memory)
-        with pytest.raises(MemoryError, match="out of memory loading"):
+        with pytest.raises(WorkFailed, match=rf"^cannot load model '{NAME}': out of memory$"):  # a start: exit 1
             load_models(served(repo))
+        no_thread = RuntimeError("Exception from src/plugin.cpp:54:\nResource temporarily unavailable")
+        monkeypatch.setattr(fake_runtime.FakeBackend, "__init__", lambda self, spec: (_ for _ in ()).throw(no_thread))
+        with pytest.raises(WorkFailed, match=rf"^cannot load model '{NAME}': out of memory or threads \(a thread "):
+            load_models(served(repo))  # it said "out of memory" alone, naming neither the model nor threads
+        monkeypatch.setattr(fake_runtime.FakeBackend, "__init__", no_memory)
         r = c.post(f"/v2/repository/models/{NAME}/load")
         assert r.status_code == 400 and "out of memory while loading version 1" in r.json()["error"], r.text
         assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the loaded one serves on
