@@ -540,10 +540,10 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
         ensure_dir(out.parent)
         inside = _stages_inside(out)
         with writer_lock(out, out / _INSIDE_LOCK if inside else None):
-            if inside:
-                _remove_inside_leftovers(out)  # a killed run's staging directory
-            else:
-                remove_stale(out)
+            if _remove_inside_leftovers(out) if inside else remove_stale(out):  # a killed run's staging directory
+                notes.append(f"{out}: a publish into it was stopped before it finished (killed): its staging "
+                             "directory was removed; models it had published keep that version, and this run adds "
+                             "the next version of each of its own")
             check_out(bundle, out, names)  # again, under the lock: another writer may have been first
             previous = {a.id: _previous_options(out / n / CONFIG_FILE) for a, n in zip(artifacts, names, strict=True)}
             devices = _instance_kinds(manifest, artifacts, kind, previous, notes)
@@ -741,12 +741,14 @@ def _own_leftover(entry: Path) -> bool:
     return _INSIDE_LEFTOVER.fullmatch(entry.name) is not None
 
 
-def _remove_inside_leftovers(out: Path) -> None:
+def _remove_inside_leftovers(out: Path) -> bool:
     """Remove the staging directories that killed runs left inside `out` (its lock file stays: the caller holds
-    it)."""
-    for entry in out.iterdir():
-        if entry.name != _INSIDE_LOCK and _own_leftover(entry) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+    it); whether there were any."""
+    found = [e for e in out.iterdir()
+             if e.name != _INSIDE_LOCK and _own_leftover(e) and e.is_dir() and not e.is_symlink()]
+    for entry in found:
+        shutil.rmtree(entry, ignore_errors=True)
+    return bool(found)
 
 
 def _missing_parents(out: Path) -> list[Path]:

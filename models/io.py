@@ -298,8 +298,9 @@ def same_file(a: int | str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def remove_stale(target: Path) -> None:
-    """Clean up after a writer that died (killed mid-write); safe while we hold the writer lock.
+def remove_stale(target: Path) -> bool:
+    """Clean up after a writer that died (killed mid-write); safe while we hold the writer lock. Whether there was
+    anything to clean up.
 
     Killed between its two renames, it left no `target` and the old directory in `.<name>.*.old/x`: that one is
     put back. Every other temporary is an unfinished write and is removed.
@@ -316,6 +317,7 @@ def remove_stale(target: Path) -> None:
                 break
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
+    return bool(leftovers)
 
 
 MOUNTINFO = "/proc/self/mountinfo"

@@ -173,8 +173,13 @@ def test_triton_removes_what_a_killed_run_left_inside_a_mount_point(tmp_path, bu
     assert _listing(vol) == ["inferenceservice.yaml", "micro-onnx-fp32"]
     (vol / ".export-triton.k1ll3d_y.tmp" / "old-abc").mkdir(parents=True)  # killed while publishing
     (vol / ".export-triton.lock").touch()
-    assert triton.write_repository(bundle, vol) == [vol / "micro-onnx-fp32" / "2"]
+    notes: list[str] = []
+    assert triton.write_repository(bundle, vol, notes=notes) == [vol / "micro-onnx-fp32" / "2"]
     assert _listing(vol) == ["inferenceservice.yaml", "micro-onnx-fp32"]
+    assert any(n.startswith(f"{vol}: a publish into it was stopped before it finished (killed)") for n in notes), notes
+    notes.clear()
+    assert triton.write_repository(bundle, vol, notes=notes) == [vol / "micro-onnx-fp32" / "3"]
+    assert not any("stopped before it finished" in n for n in notes), notes  # nothing was left this time
 
 
 def test_triton_into_a_mount_point_keeps_one_writer_and_writes_nothing_on_error(tmp_path, bundle, mounts, capsys):

@@ -153,6 +153,19 @@ def test_versions_are_added_never_overwritten(bundle, tmp_path):
     assert triton.main([str(bundle), "--out", str(out), "--version", "1"]) == 2
 
 
+def test_a_publish_after_a_killed_one_says_what_it_cleared(bundle, tmp_path, capsys):
+    """A killed run left its staging directory beside the repository: the next run removed it without a word."""
+    out = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(out)]) == 0
+    (tmp_path / ".repo.k1ll3d_x.tmp" / "micro-onnx-fp32" / "2").mkdir(parents=True)
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"note: {out}: a publish into it was stopped before it finished (killed): its staging directory was " \
+           "removed" in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
 def test_an_edited_config_survives_a_new_version_unless_replaced(bundle, tmp_path, capsys):
     out = tmp_path / "repo"
     triton.write_repository(bundle, out)
