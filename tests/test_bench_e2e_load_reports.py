@@ -192,6 +192,7 @@ def test_load_port_reaches_the_started_server_and_needs_start(tmp_path, monkeypa
     assert load.main(["--url", "http://127.0.0.1:9", "--port", "20057"]) == 2
     assert "--port applies to --start only" in capsys.readouterr().err
     monkeypatch.setattr("serve.launch.start", start)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the kept (empty) log directory lands here
     monkeypatch.setattr(load, "_checked", lambda args: ("http://127.0.0.1:9", ["b"]))
     assert load.main(["--start", "--port", "20057", "--server-arg=--port=1", "--out", str(tmp_path / "x.json")]) == 2
     assert seen[0][-2:] == ["--port", "20057"]  # after --server-arg: the last one wins in the server's parser

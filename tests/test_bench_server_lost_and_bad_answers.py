@@ -164,6 +164,7 @@ def test_a_started_server_that_dies_mid_run_is_saved_and_exits_1_without_the_sta
         stopped = []
         server = SimpleNamespace(url=url, stop=lambda: stopped.append(1) or -9)  # as serve.launch's, killed -9
         monkeypatch.setattr("serve.launch.start", lambda *_a, **_k: server)
+        monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the kept (empty) log directory lands here
         monkeypatch.setattr(load, "_checked", lambda args: (url, ["b"]))
         monkeypatch.setattr(load, "served_names", lambda specs: {})
         assert load.main(["--start", "--concurrency", "1", "2", "4", "--duration", "0.3", "--warmup", "0",
