@@ -2,12 +2,13 @@
 
 Everything here is torch-free so export (parity on real images) and benchmarks can use it too. The embedded
 sets ship inside vitc as numpy files (data/embedded/, with their sources and licences; nothing is downloaded or
-unpickled); their train/val split is a fixed, stratified 10 % per class. Files that do not decode, or that the
-server would refuse as too big, are skipped and counted everywhere: training replaces them, evaluation leaves them
-out, and every other reader (export's parity and calibration images, the served-path check, serve.sample) draws its
-images with `ImageSet.readable_subset`. Hidden files (macOS's `._x.jpg`) are not images, and the directories
-`not_a_class` names are not classes: every reader skips them by that one rule, and they are named wherever a
-folder's classes are summarised or refused (`skipped_note`).
+unpickled); their train/val split is a fixed, stratified 10 % per class. Files are decoded by the server's rule
+(`models.decoding`), and those it refuses (corrupt, too big, built to overwork the decoder) are skipped and counted
+everywhere: training replaces them, evaluation leaves them out, and every other reader (export's parity and
+calibration images, the served-path check, serve.sample) draws its images with `ImageSet.readable_subset`. Hidden
+files (macOS's `._x.jpg`) are not images, and the directories `not_a_class` names are not classes: every reader
+skips them by that one rule, and they are named wherever a folder's classes are summarised or refused
+(`skipped_note`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import numbers
 import os
 import unicodedata
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.config import MAX_LABEL_CHARS, is_label
-from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, Preprocessing, image_formats, plain_mode, upright
+from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_FILE_BYTES, Preprocessing
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -377,21 +377,19 @@ def default_preprocessing(name: str | os.PathLike, image_size: int) -> Preproces
 
 
 def decode_checked(path: Path) -> Image.Image | None:
-    """Decode a file fully, or None if it is corrupt, unreadable, in a format the server does not open or has more
-    pixels than the server's default bound, `DEFAULT_MAX_IMAGE_PIXELS` (callers count skips)."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode a file by the server's rule (`models.decoding`: its formats, structure checks, PNG metadata bounds and
+    its default pixel bound, `DEFAULT_MAX_IMAGE_PIXELS`), or None for a file the server would refuse or that cannot
+    be read (callers count skips)."""
+    from models.decoding import DecodeError, decode_image  # PIL: only when an image is read
 
+    try:  # a dangling link, a file that vanished or cannot be read: unreadable
+        with open(path, "rb") as f:
+            data = f.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded: a huge file named .jpg is not read whole
+    except OSError:
+        return None
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        return None
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above 89.5 M pixels; the bound below, checked from the header, refuses those already.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=image_formats()) as img:  # the server's decoders: what it would refuse
-                w, h = img.size  # from the header (a GIF's first frame already grows its canvas here)
-                if w * h > DEFAULT_MAX_IMAGE_PIXELS:  # the server answers 413: nothing is decoded
-                    return None
-                img.load()
-                return plain_mode(upright(img))  # as the server decodes: a YCbCr TIFF reaches a grey model via RGB
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-        # DecompressionBombError (beyond PIL's pixel bound) is not an OSError: a bomb counts as unreadable, and so
-        # does a colour mode Pillow cannot convert (LAB).
+        return decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    except DecodeError:
         return None

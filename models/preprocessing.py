@@ -42,6 +42,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # `image_formats` before it opens an image, so every one applies the same bounds.
 PNG_TEXT_CHUNK_BYTES = 1 << 20  # one zTXt/iTXt chunk's inflated text or one iCCP profile (Pillow's MAX_TEXT_CHUNK)
 PNG_TEXT_BYTES = 2 << 20  # all of one image's text (Pillow's MAX_TEXT_MEMORY)
+MAX_IMAGE_FILE_BYTES = 1 << 30  # the largest encoded image anything reads whole (the server's body-size ceiling)
 _RESAMPLE = ("bilinear", "bicubic", "nearest")  # PIL's Image.Resampling members, lower-case
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 0.5}  # each filter's reach, in output pixels
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -15,11 +15,17 @@ from PIL import Image
 
 from data.datasets import decode_checked
 from models.preprocessing import PNG_TEXT_BYTES, Preprocessing, preprocess, to_uint8
-from serve.imaging import ImageError, cheap, decode, decode_weight, prepare
+from serve.imaging import ImageError, cheap, decode_weight, load_pixels, open_image, pixel_limit, prepare
 
 LIMIT = 10_000_000
 SPEC = Preprocessing(resize=48, crop=40)  # scales and crops a 64 x 52 image: the crop keeps the transparency
 GREY_SPEC = Preprocessing(resize=48, crop=40, mode="L")
+
+
+def served_pixels(data: bytes, *, max_pixels: int) -> Image.Image:
+    """The pixels the server decodes (prepare's `open_image` + `load_pixels`, in its `pixel_limit`)."""
+    with pixel_limit(max_pixels):
+        return load_pixels(open_image(data, max_pixels=max_pixels))
 
 
 def _png(img: Image.Image, **params) -> bytes:
@@ -79,8 +85,8 @@ def test_a_16_bit_grey_colour_key_is_matched_at_full_depth():
     grey[:8] = 65_000  # transparent
     grey[8, :4] = 65_001  # one level off the key: the same 8-bit value, but opaque
     spec = Preprocessing(resize=32, crop=32, mode="L")  # no scaling: the pixels themselves
-    plain = decode(_png(Image.fromarray(grey)), max_pixels=LIMIT)
-    keyed = decode(_png(Image.fromarray(grey), transparency=65_000), max_pixels=LIMIT)
+    plain = served_pixels(_png(Image.fromarray(grey)), max_pixels=LIMIT)
+    keyed = served_pixels(_png(Image.fromarray(grey), transparency=65_000), max_pixels=LIMIT)
     assert keyed.mode == "I;16" and keyed.info["transparency"] == 65_000
     expected = to_uint8(plain, spec)
     expected[:8] = 0
@@ -92,7 +98,7 @@ def test_a_48_bit_rgb_colour_key_is_matched_on_the_samples_pillow_keeps():
     white, red = struct.pack(">HHH", 0xFFFF, 0xFFFF, 0xFFFF), struct.pack(">HHH", 0xFFFF, 0, 0)
     rows = [white * 2 + red * 2] * 4
     data = _raw_png(4, 4, 16, 2, rows, before=_chunk(b"tRNS", white))
-    pixels = to_uint8(decode(data, max_pixels=LIMIT), Preprocessing(resize=4, crop=4))
+    pixels = to_uint8(served_pixels(data, max_pixels=LIMIT), Preprocessing(resize=4, crop=4))
     assert (pixels[:, :2] == 0).all() and (pixels[:, 2:] == (255, 0, 0)).all()
 
 
@@ -100,7 +106,7 @@ def test_a_grey_gif_transparent_index_is_transparency_too():
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
     buf = io.BytesIO()
     Image.fromarray(grey).save(buf, "GIF", transparency=7)
-    img = decode(buf.getvalue(), max_pixels=LIMIT)
+    img = served_pixels(buf.getvalue(), max_pixels=LIMIT)
     assert img.mode == "L" and img.info["transparency"] == 7
     pixels = to_uint8(img, Preprocessing(resize=16, crop=16, mode="L"))[..., 0]
     assert pixels[0, 7] == 0 and pixels[0, 8] == 8 and np.count_nonzero(pixels == 0) == 2  # index 7, and black
@@ -126,7 +132,7 @@ def test_png_text_that_inflates_past_the_bound_is_refused_by_name(where, tmp_pat
     data = _tiny_png(**{where: b"".join(_ztxt(i) for i in range(PNG_TEXT_BYTES // (1 << 20) + 2))})
     assert len(data) < 8_000  # a few KB that Pillow would inflate to 4 MiB (and up to 64 MiB: its own bound)
     with pytest.raises(ImageError) as err:
-        decode(data, max_pixels=LIMIT)
+        served_pixels(data, max_pixels=LIMIT)
     assert err.value.status == 400
     assert err.value.reason.startswith("PNG text metadata (tEXt/zTXt/iTXt chunks) holds more than 2 MiB")
     path = tmp_path / "text.png"
@@ -138,15 +144,15 @@ def test_png_metadata_of_real_size_still_decodes():
     workflow = _chunk(b"tEXt", b"workflow\0" + b"{}" * 150_000)  # an AI tool's JSON: 300 KB
     xmp = _chunk(b"iTXt", b"XML:com.adobe.xmp\0\x01\0\0\0" + zlib.compress(b"<x/>" * 40_000))
     profile = _chunk(b"iCCP", b"sRGB\0\0" + zlib.compress(bytes(range(256)) * 12))
-    assert decode(_tiny_png(before=profile + xmp + workflow), max_pixels=LIMIT).size == (2, 2)
+    assert served_pixels(_tiny_png(before=profile + xmp + workflow), max_pixels=LIMIT).size == (2, 2)
 
 
 def test_one_colour_profile_is_allowed_and_several_are_refused():
     profile = _chunk(b"iCCP", b"p\0\0" + _MEBIBYTE_OF_ZEROS)
-    assert decode(_tiny_png(before=profile), max_pixels=LIMIT).size == (2, 2)
+    assert served_pixels(_tiny_png(before=profile), max_pixels=LIMIT).size == (2, 2)
     for data in (_tiny_png(before=profile * 40), _tiny_png(before=profile, after=profile * 39)):
         with pytest.raises(ImageError) as err:  # 40 KB that Pillow inflates to 40 MiB
-            decode(data, max_pixels=LIMIT)
+            served_pixels(data, max_pixels=LIMIT)
         assert err.value.status == 400 and "40 iCCP colour profile chunks" in err.value.reason
 
 
@@ -162,7 +168,7 @@ def test_compressed_png_metadata_is_never_inflated_on_the_event_loop():
 
 def test_a_png_with_a_bad_checksum_is_named_a_corrupt_png():
     good = _tiny_png(before=_chunk(b"tEXt", b"Comment\0hello"))
-    assert decode(good, max_pixels=LIMIT).size == (2, 2)
+    assert served_pixels(good, max_pixels=LIMIT).size == (2, 2)
     at = good.index(b"tEXt") + 4 + len(b"Comment\0hello")
     cases = [
         (good[:at] + b"\0\0\0\0" + good[at + 4:], "corrupt PNG: its 'tEXt' chunk fails its checksum (CRC)"),
@@ -171,11 +177,11 @@ def test_a_png_with_a_bad_checksum_is_named_a_corrupt_png():
     ]
     for data, reason in cases:
         with pytest.raises(ImageError) as err:
-            decode(data, max_pixels=LIMIT)
+            served_pixels(data, max_pixels=LIMIT)
         assert err.value.status == 400 and err.value.reason.startswith(reason), err.value.reason
         assert "supported:" not in err.value.reason
     with pytest.raises(ImageError) as err:  # what is no image at all is still said to be none
-        decode(b"definitely not an image", max_pixels=LIMIT)
+        served_pixels(b"definitely not an image", max_pixels=LIMIT)
     assert err.value.reason.startswith("not a recognised image; supported:")
 
 

@@ -19,7 +19,7 @@ from test_serve_fixtures import encode, png_header_only
 from models.preprocessing import Preprocessing, preprocess
 from serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from serve.errors import ServeError
-from serve.imaging import ImageError, decode, decode_weight, prepare
+from serve.imaging import ImageError, decode_weight, load_pixels, open_image, pixel_limit, prepare
 from serve.protocol import (
     MAX_GZIP_MEMBERS,
     ProtocolError,
@@ -36,6 +36,12 @@ SERVE_ERROR = "python -m serve: error: "
 RGB = Preprocessing(resize=32, crop=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 GREY = Preprocessing(resize=32, crop=32, mean=(0.27,) * 3, std=(0.4,) * 3, mode="L")
 LIMIT = 10_000_000
+
+
+def served_pixels(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """The pixels the server decodes (prepare's `open_image` + `load_pixels`, in its `pixel_limit`)."""
+    with pixel_limit(max_pixels):
+        return load_pixels(open_image(data, max_pixels=max_pixels, draft_size=draft_size))
 
 
 def photo(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:
@@ -63,7 +69,7 @@ def test_exif_orientation_is_applied():
     img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    out = decode(encode(img, "JPEG", quality=95, exif=exif), max_pixels=LIMIT)
+    out = served_pixels(encode(img, "JPEG", quality=95, exif=exif), max_pixels=LIMIT)
     assert out.size == (20, 40)
     arr = np.asarray(out.convert("L"), np.float32)
     assert arr[:20].mean() > 200 and arr[20:].mean() < 50  # the white half is now on top
@@ -108,10 +114,10 @@ def test_16bit_uses_the_full_range():
 
 def test_pixel_limit_refuses_before_decoding():
     with pytest.raises(ImageError) as err:
-        decode(png_header_only(30_000, 30_000), max_pixels=LIMIT)
+        served_pixels(png_header_only(30_000, 30_000), max_pixels=LIMIT)
     assert err.value.status == 413 and "pixels" in err.value.reason
     with pytest.raises(ImageError) as err:
-        decode(encode(photo(200, 100), "PNG"), max_pixels=19_999)
+        served_pixels(encode(photo(200, 100), "PNG"), max_pixels=19_999)
     assert err.value.status == 413
 
 
@@ -123,7 +129,7 @@ def test_pixel_limit_refuses_before_decoding():
 ])
 def test_bad_images_are_400(data, reason):
     with pytest.raises(ImageError) as err:
-        decode(data, max_pixels=LIMIT)
+        served_pixels(data, max_pixels=LIMIT)
     assert err.value.status == 400 and reason in err.value.reason.lower()
 
 
@@ -137,7 +143,7 @@ def test_a_format_the_server_refuses_is_unreadable_in_a_dataset_folder_too(fmt, 
     other = encode(photo(), fmt)
     (root / "val" / "cat" / "camera.jpg").write_bytes(other)  # another format behind an image suffix
     with pytest.raises(ImageError):
-        decode(other, max_pixels=LIMIT)
+        served_pixels(other, max_pixels=LIMIT)
     assert decode_checked(root / "val" / "cat" / "camera.jpg") is None  # counted as unreadable, as served
     assert decode_checked(root / "val" / "cat" / "ok.png") is not None
     assert load_dataset(root, "val").readable(range(2), 2).images.paths == [root / "val" / "cat" / "ok.png"]
@@ -151,7 +157,7 @@ def test_training_and_evaluation_see_the_orientation_the_server_sees(tmp_path):
     exif[0x0112] = 6
     path = tmp_path / "sideways.png"
     img.save(path, exif=exif)
-    served = decode(path.read_bytes(), max_pixels=LIMIT)
+    served = served_pixels(path.read_bytes(), max_pixels=LIMIT)
     assert served.size == (24, 40)
     np.testing.assert_array_equal(np.asarray(decode_checked(path)), np.asarray(served))
 
@@ -182,11 +188,12 @@ def _progressive_with_scans(scans: int) -> bytes:
 
 
 def test_files_built_to_overwork_the_decoder_are_refused():
-    from serve.imaging import CHEAP_BYTES, MAX_HEADER_SEGMENTS, MAX_JPEG_SCANS, cheap
+    from models.decoding import MAX_HEADER_SEGMENTS, MAX_JPEG_SCANS
+    from serve.imaging import CHEAP_BYTES, cheap
 
     jpeg = encode(photo(), "JPEG")
     progressive = _progressive_with_scans(20)
-    assert decode(progressive, max_pixels=LIMIT).size == (64, 64) and cheap(progressive)
+    assert served_pixels(progressive, max_pixels=LIMIT).size == (64, 64) and cheap(progressive)
     cases = [
         (jpeg[:2] + b"\xff\xfe\x00\x02" * (MAX_HEADER_SEGMENTS + 1) + jpeg[2:], "marker segments"),
         (_progressive_with_scans(MAX_JPEG_SCANS + 1), "scans"),
@@ -196,7 +203,7 @@ def test_files_built_to_overwork_the_decoder_are_refused():
     cases.append((png[:33] + empty * (MAX_HEADER_SEGMENTS + 1) + png[33:], "chunks"))
     for data, reason in cases:
         with pytest.raises(ImageError) as err:
-            decode(data, max_pixels=LIMIT)
+            served_pixels(data, max_pixels=LIMIT)
         assert err.value.status == 400 and reason in err.value.reason
         assert not cheap(data)  # never parsed on the event loop either
     assert not cheap(encode(photo(16, 16), "PNG") + b"\0" * CHEAP_BYTES)
@@ -247,8 +254,8 @@ def test_a_photo_that_is_not_square_also_pays_for_the_region_preprocessing_copie
 
 def test_jpeg_draft_decodes_big_photos_small():
     big = encode(photo(2048, 1536, seed=1).resize((2048, 1536)), "JPEG", quality=90)
-    drafted = decode(big, max_pixels=LIMIT, draft_size=RGB.resize)
-    full = decode(big, max_pixels=LIMIT)
+    drafted = served_pixels(big, max_pixels=LIMIT, draft_size=RGB.resize)
+    full = served_pixels(big, max_pixels=LIMIT)
     assert full.size == (2048, 1536) and drafted.size == (256, 192)  # 1/8 scale, still >= the 32 px target
     a = prepare(big, RGB, max_pixels=LIMIT, jpeg_draft=True)
     b = prepare(big, RGB, max_pixels=LIMIT, jpeg_draft=False)
