@@ -375,11 +375,21 @@ def _skip(name: str, cmd: list[str], budget: Budget, reason: str, log: Any, env:
     return not_run(name, cmd, reason, env)
 
 
-def _training_facts(run_dir: Path) -> dict[str, Any]:
-    doc = json.loads((run_dir / "checkpoint.json").read_text())["training"]
-    keys = ("model", "device_name", "amp", "channels_last", "compile", "world_size", "ddp_backend", "steps",
-            "samples_per_s", "final_val_top1", "wall_time_s")
-    return {k: doc.get(k) for k in keys}
+TRAINING_FACTS = ("model", "device_name", "amp", "channels_last", "compile", "world_size", "ddp_backend", "steps",
+                  "samples_per_s", "final_val_top1", "wall_time_s")
+
+
+def _training_facts(step: dict[str, Any], run_dir: Path) -> None:
+    """A passed training step's facts, from the summary in its checkpoint.json read through the checkpoint contract
+    (size bound, format_version, strict JSON); the step fails with the contract's one line where it is refused."""
+    from models.checkpoint import CheckpointError, read_checkpoint_meta
+
+    try:
+        training = read_checkpoint_meta(run_dir).raw.get("training") or {}
+    except CheckpointError as exc:
+        fail(step, f"its checkpoint is refused: {exc}")
+        return
+    step["facts"] = {k: training.get(k) for k in TRAINING_FACTS}
 
 
 def _newest(out: Path, pattern: str, since: float) -> Path | None:
@@ -517,16 +527,16 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     cmd = [py, "-m", "train", *sizes.train, "--device", dev, "--out", str(train_dir)]
     s = _step("train", cmd, budget, log, env)
     if s["status"] == "passed":
-        s["facts"] = _training_facts(train_dir)
+        _training_facts(s, train_dir)
     steps.append(train := s)
 
     cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "train", *sizes.ddp,
            "--device", dev, "--out", str(ddp_dir)]
     s = _step("ddp", cmd, budget, log, env)
     if s["status"] == "passed":
-        s["facts"] = _training_facts(ddp_dir)
+        _training_facts(s, ddp_dir)
         expected = "nccl" if device.startswith("cuda") else "gloo"
-        if s["facts"]["ddp_backend"] != expected:
+        if s["status"] == "passed" and s["facts"]["ddp_backend"] != expected:
             fail(s, f"process group backend {s['facts']['ddp_backend']}, expected {expected}")
     steps.append(s)
 

@@ -80,7 +80,7 @@ def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_data
         return f"--out {problem}"
     try:
         full = os.path.join(os.getcwd(), out)
-    except OSError:  # the current directory was removed: build_bundle says so
+    except OSError:  # the current directory was removed: export.bundle.build says so
         full = out
     try:
         full.encode("utf-8")
@@ -90,7 +90,7 @@ def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_data
     if dataset is None:
         try:
             recorded = read_checkpoint_meta(checkpoint).dataset
-        except (CheckpointError, OSError):  # build_bundle says why the checkpoint cannot be read
+        except (CheckpointError, OSError):  # export.bundle.build says why the checkpoint cannot be read
             recorded = None
         dataset = recorded if isinstance(recorded, str) else None
     harm = "the bundle's files would become part of the data; choose a directory outside it"

@@ -102,6 +102,7 @@ from models.io import (
     resolve_path,
     writer_lock,
 )
+from models.triton_layout import is_version_name, version_dirs
 from models.tritonconfig import MAX_QUEUE_DELAY_US, MAX_VERSION, LabelsError, read_labels
 from runtimes.loader import check_manifest
 
@@ -109,7 +110,6 @@ PROG = "python -m export.triton"
 MAX_INSTANCES = 1024
 DEFAULT_INSTANCES = 1
 DEFAULT_QUEUE_DELAY_US = 2000
-_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,18}$")
 # Where --out is a mount point (a volume, a PVC: the usual Triton and KServe layout), a rename from beside it into it
 # crosses mounts (EXDEV), so the run stages and locks inside it, under these hidden names; it then needs nothing
 # above --out (a container's root may be read-only). vitc's server skips hidden directories, Triton does not (it
@@ -295,8 +295,7 @@ def _check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact, version
 def _unselected(model_dir: Path, policy: tritonconfig.VersionPolicy, version: int) -> str | None:
     """A warning when `policy` (a kept config's) does not select `version`, about to be written: Triton would never
     serve it, nor vitc (which serves the newest, or the highest listed); None when it does."""
-    versions = sorted({version, *(int(p.name) for p in model_dir.iterdir()
-                                  if _VERSION_DIR.fullmatch(p.name) and p.is_dir())})
+    versions = sorted({version, *version_dirs(model_dir)})
     if policy.kind == "specific":
         if version in policy.versions:
             return None
@@ -328,11 +327,10 @@ def _labels_edited(model_dir: Path, manifest: Manifest) -> bool:
         raw = f.read(tritonconfig.MAX_LABELS_BYTES + 1)
     if raw == _labels(manifest.class_names):
         return False
-    for entry in model_dir.iterdir():
-        if _VERSION_DIR.fullmatch(entry.name):
-            with contextlib.suppress(BundleError, OSError):
-                if raw == _labels(read_manifest(entry).class_names):
-                    return False
+    for v in version_dirs(model_dir):
+        with contextlib.suppress(BundleError, OSError):
+            if raw == _labels(read_manifest(model_dir / str(v)).class_names):
+                return False
     classes = manifest.output.classes
     try:
         read_labels(raw, classes)
@@ -366,8 +364,7 @@ def _served_versions(model_dir: Path, new_version: int | None, *, generated: boo
     """The versions of `model_dir` that Triton loads once `new_version` (None: none) is written beside them: those its
     config's version_policy selects (the generated config's, latest 1, where `generated`; Triton's default, latest 1,
     for a config this cannot read)."""
-    versions = sorted({*(int(p.name) for p in model_dir.iterdir() if _VERSION_DIR.fullmatch(p.name)
-                         and p.is_dir() and not p.is_symlink()), *([new_version] if new_version else [])})
+    versions = sorted({*version_dirs(model_dir), *([new_version] if new_version else [])})
     policy = tritonconfig.VersionPolicy()
     if not generated:
         with contextlib.suppress(tritonconfig.ConfigError, OSError):
@@ -443,9 +440,12 @@ def check_options(*, version: int | None, kind: str | None, instances: int | Non
 
 
 def _next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.fullmatch(p.name)] \
-        if model_dir.is_dir() else []
-    return max(versions, default=0) + 1
+    """The version after the highest of `model_dir` (1 for a new model); RepositoryError when that is MAX_VERSION."""
+    latest = max(version_dirs(model_dir), default=0)
+    if latest >= MAX_VERSION:
+        raise RepositoryError(f"{model_dir} holds version {latest}, the highest Triton reads (int64): there is no "
+                              "next version; pass --version with a free one, or remove that version")
+    return latest + 1
 
 
 def _triton_artifacts(manifest: Manifest) -> list[Artifact]:
@@ -570,8 +570,6 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                 for artifact in artifacts:
                     name = _model_dir_name(manifest, artifact)
                     v = version or _next_version(out / name)
-                    if v > MAX_VERSION:
-                        raise BundleError(f"{out / name} has no version left below {MAX_VERSION}")
                     if (out / name / str(v)).exists():  # checked again, under the lock, when published
                         raise _exists(out / name / str(v))
                     if not replace_config and not _untouched(out / name / CONFIG_FILE):
@@ -698,12 +696,11 @@ def _not_our_models(out: Path) -> str | None:
 def _holds_written_version(model_dir: Path) -> bool:
     """Whether a version directory of `model_dir` is a bundle of one artifact named after `model_dir`, as
     `_stage_model` writes it."""
-    for entry in model_dir.iterdir():
-        if _VERSION_DIR.fullmatch(entry.name):
-            with contextlib.suppress(BundleError, OSError):
-                m = read_manifest(entry)
-                if m.name == model_dir.name and len(m.artifacts) == 1:
-                    return True
+    for v in version_dirs(model_dir):
+        with contextlib.suppress(BundleError, OSError):
+            m = read_manifest(model_dir / str(v))
+            if m.name == model_dir.name and len(m.artifacts) == 1:
+                return True
     return False
 
 
@@ -720,7 +717,8 @@ def _foreign_model_dir(model_dir: Path) -> str | None:
         if entry.name in (CONFIG_FILE, LABELS_FILE):
             if entry.is_symlink() or not entry.is_file():
                 return f"{entry.name} is not a file"
-        elif not (_VERSION_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()):
+        # A linked version is one Triton loads (version_dirs counts it), but not one this tool wrote: not ours.
+        elif not (is_version_name(entry.name) and entry.is_dir() and not entry.is_symlink()):
             return f"it holds {entry.name!r}"
         elif not (entry / MANIFEST_FILE).is_file():
             return f"version {entry.name} is not a bundle"

@@ -212,10 +212,9 @@ def _metadata(cfg: ViTConfig, class_names: list[str], preprocessing: Preprocessi
 
 
 def check_metadata(out_dir: str | os.PathLike, cfg: ViTConfig, *, class_names: list[str],
-                   preprocessing: Preprocessing, extra: dict[str, Any] | None = None,
-                   reserve: int = META_RESERVE_BYTES) -> None:
+                   preprocessing: Preprocessing, extra: dict[str, Any] | None = None) -> None:
     """CheckpointError (one line) unless the `checkpoint.json` of this model, these class names and `extra` would be
-    written and read back, with `reserve` bytes to spare under MAX_META_BYTES. A training run calls it before its
+    written and read back, with META_RESERVE_BYTES to spare under MAX_META_BYTES. A training run calls it before its
     first step, with the summary's strings as they will be (its numbers come at the end, within the reserve): at
     the first save, after the training, a refusal costs the work, and a --resume would train again to meet it."""
     meta = _metadata(cfg, class_names, preprocessing, extra)
@@ -225,15 +224,15 @@ def check_metadata(out_dir: str | os.PathLike, cfg: ViTConfig, *, class_names: l
         size = len(strict_json_bytes(meta))
     except ValueError as exc:
         raise CheckpointError(f"{when}{where}: {exc}") from None
-    if size + reserve > MAX_META_BYTES and isinstance(meta["class_names"], list):
+    if size + META_RESERVE_BYTES > MAX_META_BYTES and isinstance(meta["class_names"], list):
         rest = len(strict_json_bytes({**meta, "class_names": []}))
         # Written as ASCII JSON: a non-ASCII character costs a 6-byte escape (12 beyond the BMP, as emoji are).
         # Said before the first step (nothing has failed to save yet): what would not fit, and that it was refused.
         raise CheckpointError(f"{where} would be larger than {MAX_META_BYTES >> 20} MiB, the most it may hold: "
                               f"{len(meta['class_names']):,} class names take {(size - rest) / 2**20:.1f} MiB of it "
-                              f"(the rest of it needs up to {(rest + reserve) >> 10} KiB; a non-ASCII character "
-                              f"takes 6 or 12 bytes): refused before training; use fewer classes or shorter class "
-                              f"names")
+                              f"(the rest of it needs up to {(rest + META_RESERVE_BYTES) >> 10} KiB; a non-ASCII "
+                              f"character takes 6 or 12 bytes): refused before training; use fewer classes or shorter "
+                              f"class names")
     _check_meta(Path(out_dir), meta, when)
 
 

@@ -494,16 +494,22 @@ class _RepeatedKey(ValueError):
     """A JSON object that names one key twice."""
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A `json.loads` object_pairs_hook: an object whose keys all differ. With a repeated key Python keeps the last
-    value and other readers (jq-likes, a reviewer's eye) may take the first, so one file would mean two things."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _RepeatedKey(f"the key {key[:80]!r} appears twice in one object (readers differ on which value counts: "
-                           "keep one)")
-    return obj
+def unique_keys_hook(error: Callable[[str], Exception]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A `json.loads` object_pairs_hook: an object whose keys all differ, else raises error(the first repeated key)."""
+    # With a repeated key Python keeps the last value and other readers (Triton, jq-likes, a reviewer's eye) may take
+    # the first, so one document would mean two things.
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            raise error(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        return obj
+
+    return unique
+
+
+_unique_keys = unique_keys_hook(lambda key: _RepeatedKey(
+    f"the key {key[:80]!r} appears twice in one object (readers differ on which value counts: keep one)"))
 
 
 def constant_refuser(error: Callable[[str], Exception]) -> Callable[[str], NoReturn]:

@@ -116,7 +116,7 @@ def register(runtime: Runtime) -> Runtime:
 
 
 def unregister(name: str) -> None:
-    """Remove a runtime added by `register` (tests)."""
+    """Remove a runtime added by `register`: plugin and test API (vitc itself never calls it)."""
     _RUNTIMES.pop(name, None)
 
 

@@ -22,11 +22,6 @@ if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
 
 
-# Flags that shape the command itself, not the server: no Settings field behind them. Every other flag's dest is a
-# Settings field (Settings(**args) refuses anything else), and its help takes the default and bounds from it.
-CLI_ONLY = frozenset({"help"})
-
-
 def _field(name: str) -> FieldInfo:
     """Setting `name`'s field: its default, bounds and type."""
     from serve.settings import Settings  # here: see build_parser

@@ -133,11 +133,6 @@ class DynamicBatcher:
                 and not self._stalled)
 
     @property
-    def stalled(self) -> bool:
-        """A batch timed out and the model has not answered a probe since."""
-        return self._stalled
-
-    @property
     def admitted(self) -> int:
         """Images admitted and not finished (decoding, queued or running)."""
         return self._admitted
@@ -204,7 +199,7 @@ class DynamicBatcher:
         while True:
             await self._slots.acquire()
             try:
-                batch = await self._next_batch(loop)
+                batch = await self._next_batch()
             except BaseException:
                 self._slots.release()
                 raise
@@ -216,7 +211,7 @@ class DynamicBatcher:
             self._running[task] = batch
             task.add_done_callback(lambda t: self._running.pop(t, None))
 
-    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+    async def _next_batch(self) -> list[_Item]:
         if self._carry is None:
             first = await self._queue.get()
         else:

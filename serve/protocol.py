@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from models.io import constant_refuser
+from models.io import constant_refuser, unique_keys_hook
 from models.jsonfields import is_int
 from models.oneline import first_line
 
@@ -133,15 +133,8 @@ def _json_kind(value: Any) -> str:
     return {bool: "a boolean", str: "a string", dict: "an object", list: "a list"}.get(type(value), "a number")
 
 
-def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are all different: with a repeated key, Python would keep the last value and Triton
-    the first, so the same body would mean two things."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ProtocolError(f"request JSON repeats the key {key[:64]!r} in one object")
-    return obj
+# Python would keep a repeated key's last value and Triton its first, so the same body would mean two things.
+unique_keys = unique_keys_hook(lambda key: ProtocolError(f"request JSON repeats the key {key[:64]!r} in one object"))
 
 
 def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None,

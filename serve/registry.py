@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +12,12 @@ from typing import Any
 
 import runtimes
 from models import tritonconfig
-from models.bundle import MANIFEST_FILE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest, unreadable
+from models.bundle import MANIFEST_FILE, NAME_RE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest, unreadable
+from models.bundle import NAME_RULE as BUNDLE_NAME_RULE
 from models.cli import WorkFailed, out_of_memory
 from models.host import usable_cpus
 from models.preprocessing import Preprocessing
+from models.triton_layout import is_version_name, version_dirs
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
 from runtimes.loader import preprocessing_drift
@@ -27,11 +28,7 @@ from serve.settings import Settings
 from serve.stats import ModelStats
 
 log = logging.getLogger("vitc.serve")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 BUNDLE_VERSION = "1"  # a bundle served directly has one version
-# A version directory as Triton reads one: an int64 above 0 in ASCII digits, no leading zero (str.isdigit() would
-# also take "²" or "٣"); other subdirectories are not versions and are ignored, as Triton ignores them.
-VERSION_DIR = re.compile(r"[1-9][0-9]{0,18}")
 MAX_PEEK = 256  # directory entries looked at to tell what an empty --model-dir holds instead
 
 
@@ -162,11 +159,9 @@ class ModelSource:
         if not self.repository:
             return [BUNDLE_VERSION]
         try:
-            found = [p.name for p in self.path.iterdir() if VERSION_DIR.fullmatch(p.name)
-                     and int(p.name) <= tritonconfig.MAX_VERSION and p.is_dir()] if self.path.is_dir() else []
+            return [str(v) for v in version_dirs(self.path)]
         except OSError as exc:  # a model directory this process may not list or look into
             raise unreadable("model directory", self.path, exc) from None
-        return sorted(found, key=int)
 
     def selected(self) -> tuple[str, Path, TritonConfig | None]:
         """(version, bundle directory, config.pbtxt or None) that loads: the bundle itself, or the repository
@@ -243,7 +238,7 @@ def model_sources(settings: Settings) -> list[ModelSource]:
     return sources
 
 
-NAME_RULE = "a model name is 1 to 128 of A-Z a-z 0-9 _ . - and starts with a letter or digit"
+NAME_RULE = f"a model name is {BUNDLE_NAME_RULE}"  # models.bundle's rule, worded to end a refusal's reason
 
 
 def unservable_dirs(root: Path, limit: int = 16) -> list[str]:
@@ -285,7 +280,7 @@ def _looks_like_repository(root: Path) -> bool:
     try:
         for model in itertools.islice(root.iterdir(), MAX_PEEK):
             if model.is_dir() and ((model / TRITON_CONFIG_FILE).is_file() or any(
-                    VERSION_DIR.fullmatch(v.name) and (v / MANIFEST_FILE).is_file()
+                    is_version_name(v.name) and (v / MANIFEST_FILE).is_file()
                     for v in itertools.islice(model.iterdir(), MAX_PEEK))):
                 return True
     except OSError:

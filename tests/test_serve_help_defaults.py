@@ -9,10 +9,13 @@ import re
 import pytest
 from annotated_types import Le
 
-from serve.__main__ import CLI_ONLY, build_parser
+from serve.__main__ import build_parser
 from serve.server import DEFAULT_CONNECTIONS
 from serve.settings import Settings
 
+# Flags that shape the command itself, not the server: no Settings field behind them. Every other flag's dest is a
+# Settings field (Settings(**args) refuses anything else), and its help takes the default and bounds from it.
+CLI_ONLY = frozenset({"help"})
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 NUMBER = r"\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?"
 VALUE = rf"(?:{NUMBER})(?: (?:{'|'.join(UNITS)}))?(?=[,;) ])"

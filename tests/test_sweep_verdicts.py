@@ -18,6 +18,9 @@ from train.sweep import analysis, claims, plan, presets, report, runner, study
 from train.sweep.__main__ import main
 from train.sweep.spec import RunSpec
 
+# Every verdict a claim can get (train.sweep.claims' rules text states them).
+VERDICTS = ("yes", "partial", "no", "inconclusive", "not run", "not judged")
+
 
 def _cell(mean: float, std: float | None, n: int) -> dict:
     return {"mean": mean, "std": std, "n": n}
@@ -63,7 +66,7 @@ def test_binomial_noise_alone_uses_the_normal_quantile():
     (1, 3, 4, "no"), (6, 0, 6, "yes"), (0, 0, 0, "not run")])
 def test_ties_only_are_inconclusive_not_no(sup, con, total, expected):
     assert claims.verdict(sup, con, total) == expected
-    assert expected in claims.VERDICTS
+    assert expected in VERDICTS and f'"{expected}"' in claims.__doc__  # the rules text names every verdict
 
 
 def test_no_data_off_parity_is_not_run_rather_than_not_judged():
@@ -253,6 +256,10 @@ def test_a_study_of_two_pairs_names_the_pair_in_every_row(tmp_path):
 
 
 def test_run_results_record_host_cpu_and_commit(tmp_path, monkeypatch):
+    from data.datasets import ANIMAL_CLASSES, default_preprocessing
+    from models import build_model
+    from models.checkpoint import save_checkpoint
+
     spec = RunSpec("vit_c_nano", "animals", "adamw", 1e-3, 0.05, 1)
 
     class Done:
@@ -260,8 +267,10 @@ def test_run_results_record_host_cpu_and_commit(tmp_path, monkeypatch):
 
         def __init__(self, cmd, **kw):
             run_dir = Path(cmd[cmd.index("--out") + 1])
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "checkpoint.json").write_text(json.dumps({"training": {"final_val_top1": 0.8}}))
+            # The checkpoint a training writes (read through the checkpoint contract), with its summary.
+            save_checkpoint(run_dir, build_model("vit_c_micro"), class_names=ANIMAL_CLASSES,
+                            preprocessing=default_preprocessing("animals", 32),
+                            extra={"training": {"final_val_top1": 0.8}})
 
         def wait(self):
             return 0
@@ -271,6 +280,7 @@ def test_run_results_record_host_cpu_and_commit(tmp_path, monkeypatch):
                                                        "git": {"commit": "abc", "dirty": True}})
     result = runner.run_one(spec, tmp_path / "study", tmp_path / "runs", runner.WorkerSlot(1))
     assert result["machine"]["git"] == {"commit": "abc", "dirty": True} and result["machine"]["host"] == "h1"
+    assert result["final_val_error"] == 20.0 and result["training"] == {"final_val_top1": 0.8}
     assert json.loads(runner.result_path(tmp_path / "study", spec).read_text())["machine"]["cpu"] == "cpu1"
 
 

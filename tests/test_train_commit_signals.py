@@ -160,10 +160,13 @@ def test_save_checkpoint_never_deletes_the_weights_a_published_checkpoint_names(
     assert _leftovers(out) == []
 
 
-def test_curves_interrupted_while_drawn_leave_no_temporary(tmp_path, monkeypatch):
+def test_curves_interrupted_while_drawn_leave_no_file_and_no_figure(tmp_path, monkeypatch):
+    """The curves are drawn into memory (the trainer puts the bytes in place with the other files): an interrupt
+    while drawing writes nothing, here or in the current directory, and leaves no figure open."""
     from matplotlib.figure import Figure
 
-    from train.report import plot_curves
+    from models.plotting import pyplot
+    from train.report import draw_curves
 
     real = Figure.savefig
 
@@ -171,14 +174,15 @@ def test_curves_interrupted_while_drawn_leave_no_temporary(tmp_path, monkeypatch
         real(self, *args, **kwargs)
         raise KeyboardInterrupt
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(Figure, "savefig", savefig_then_interrupted)
     history = [{"epoch": 1, "train_loss": 2.0, "val_top1": 0.5, "val_loss": 1.9}]
     with pytest.raises(KeyboardInterrupt):
-        plot_curves(tmp_path, history, "t")
-    assert list(tmp_path.iterdir()) == []
+        draw_curves(history, "t")
+    assert list(tmp_path.iterdir()) == [] and pyplot().get_fignums() == []
     monkeypatch.undo()
-    assert plot_curves(tmp_path, history, "t") == tmp_path / "curves.png"
-    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    assert draw_curves(history, "t").startswith(b"\x89PNG\r\n\x1a\n") and pyplot().get_fignums() == []
+    assert draw_curves([{"epoch": 0, "step": 0, "val_top1": 0.1}], "t") is None  # no epoch trained: nothing to plot
 
 
 HOOK = """

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from models.host import distribution_versions
-from models.io import atomic_write_bytes
+from models.io import atomic_write_bytes, not_a_file, parse_strict_json
 
 METRICS_FILE = "metrics.jsonl"
+MAX_METRICS_BYTES = 64 << 20  # a line of about 400 bytes per epoch: far beyond any schedule, bounds the read
 PLOT_FILE = "curves.png"
 
 
@@ -28,6 +29,31 @@ def write_metrics(out_dir: str | os.PathLike, history: list[dict[str, Any]]) -> 
     Rewriting rather than appending keeps the file exact after a resume that repeats a partial epoch.
     """
     atomic_write_bytes(Path(out_dir) / METRICS_FILE, metrics_bytes(history))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """metrics.jsonl's records ([] when there is none): ValueError (one line, naming the line) unless it holds at
+    most MAX_METRICS_BYTES, each line a strict-JSON object (no NaN, no repeated key); OSError when unreadable."""
+    if (problem := not_a_file(path)) == "is missing":
+        return []
+    if problem is not None:  # never opened: a FIFO would block the reader
+        raise ValueError(f"{path} {problem}")
+    with open(path, "rb") as f:
+        data = f.read(MAX_METRICS_BYTES + 1)  # never more than the cap, even when the file grows while we read
+    if len(data) > MAX_METRICS_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_METRICS_BYTES >> 20} MiB")
+    records = []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_strict_json(line, MAX_METRICS_BYTES)
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number}: {exc}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 def draw_curves(history: list[dict[str, Any]], title: str) -> bytes | None:
@@ -68,16 +94,6 @@ def draw_curves(history: list[dict[str, Any]], title: str) -> bytes | None:
     finally:
         plt.close(fig)
     return png.getvalue()
-
-
-def plot_curves(out_dir: str | os.PathLike, history: list[dict[str, Any]], title: str) -> Path | None:
-    """Loss and top-1 per epoch (raw and EMA) as curves.png, written atomically; None when there is nothing to plot."""
-    png = draw_curves(history, title)
-    if png is None:
-        return None
-    path = Path(out_dir) / PLOT_FILE
-    atomic_write_bytes(path, png)
-    return path
 
 
 def versions() -> dict[str, str]:

@@ -43,7 +43,6 @@ MIN_SEEDS = 3  # fewer seeds per compared cell make a verdict provisional
 MIN_CI_ROUNDS = 6  # the order-statistic 95 % interval of a median needs this many rounds
 IMPLAUSIBLE_RATIO = 2.0  # a C/P time ratio beyond this factor either way at equal flops is a broken measurement
 BOOTSTRAP = 2000  # resamples for the IQR difference (a fixed generator: the same study gives the same verdict)
-VERDICTS = ("yes", "partial", "no", "inconclusive", "not run", "not judged")
 
 PAPER = {
     "convergence": "ViT_C converges faster: lower error than ViT_P at short schedules (50/100/200 epochs), "

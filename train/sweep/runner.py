@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import META_FILE, read_checkpoint_meta
 from models.host import usable_cpus
 from models.io import atomic_write_json
+from models.jsonfields import Fields
+from train.report import METRICS_FILE, read_metrics
 from train.sweep.spec import RunSpec
 
 RESULT_FORMAT = "vitc-sweep-run"
@@ -189,37 +192,54 @@ def host_facts() -> dict[str, Any]:
 
 
 def _pct_error(top1: float | None) -> float | None:
-    """Top-1 accuracy fraction -> error in percent (None stays None; NaN stays NaN)."""
+    """Top-1 accuracy fraction -> error in percent (None stays None)."""
     return None if top1 is None else round(100.0 * (1.0 - float(top1)), 4)
 
 
+class DamagedTraining(ValueError):
+    """A training that exited 0 left a checkpoint.json or metrics.jsonl its result cannot be read from."""
+
+
 def read_training(run_dir: Path) -> dict[str, Any]:
-    """The training CLI's outputs, normalised: the checkpoint's training summary and a per-epoch error curve."""
-    meta = json.loads((Path(run_dir) / "checkpoint.json").read_text())
-    training = meta.get("training", {})
-    records = []
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if metrics.exists():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    curve = [
-        {
-            "epoch": r["epoch"],
-            "train_loss": r.get("train_loss"),
-            "val_error": _pct_error(r.get("val_top1")),
-            "val_error_ema": _pct_error(r.get("val_top1_ema")),
-            "epoch_time_s": r.get("epoch_time_s"),
-        }
-        for r in records
-        if "val_top1" in r
-    ]
+    """The training CLI's outputs, normalised: the checkpoint's training summary and a per-epoch error curve;
+    DamagedTraining (one line) for a checkpoint.json the checkpoint contract refuses or a damaged metrics.jsonl."""
+    metrics = Path(run_dir) / METRICS_FILE
+    try:
+        # The checkpoint contract's reader (size bound, format_version, strict JSON, typed fields), as export and
+        # evaluation read the same file: a damaged or hand-edited one is refused, not half-read into a result.
+        meta = read_checkpoint_meta(run_dir)
+        summary = Fields(meta.raw.get("training") or {}, str(meta.path / META_FILE), "training")
+        numbers = {k: summary.get(k, float, None) for k in _SUMMARY_NUMBERS}
+        counts = {k: summary.get(k, int, None, check=lambda v: v >= 0, what="a count") for k in _SUMMARY_COUNTS}
+        curve = [_curve_point(Fields(r, f"{metrics} line {i}")) for i, r in enumerate(read_metrics(metrics), 1)
+                 if "val_top1" in r]
+    except OSError as exc:  # metrics.jsonl (read_checkpoint_meta says its own as a CheckpointError)
+        raise DamagedTraining(f"cannot read {metrics}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # CheckpointError, FieldError, read_metrics's: one line naming the file and the field
+        raise DamagedTraining(str(exc)) from None
     return {
-        "final_val_error": _pct_error(training.get("final_val_top1")),
-        "final_val_error_ema": _pct_error(training.get("final_val_top1_ema")),
-        "val_images": training.get("val_images"),
-        "train_images": training.get("train_images"),
-        "train_time_s": training.get("train_time_s"),
+        "final_val_error": _pct_error(numbers["final_val_top1"]),
+        "final_val_error_ema": _pct_error(numbers["final_val_top1_ema"]),
+        "val_images": counts["val_images"],
+        "train_images": counts["train_images"],
+        "train_time_s": numbers["train_time_s"],
         "curve": curve,
-        "training": training,
+        "training": summary.raw,
+    }
+
+
+_SUMMARY_NUMBERS = ("final_val_top1", "final_val_top1_ema", "train_time_s")
+_SUMMARY_COUNTS = ("val_images", "train_images")
+
+
+def _curve_point(r: Fields) -> dict[str, Any]:
+    """One evaluated epoch of metrics.jsonl as the result's curve holds it; FieldError for an ill-typed field."""
+    return {
+        "epoch": r.get("epoch", int),
+        "train_loss": r.get("train_loss", float, None),
+        "val_error": _pct_error(r.get("val_top1", float, None)),
+        "val_error_ema": _pct_error(r.get("val_top1_ema", float, None)),
+        "epoch_time_s": r.get("epoch_time_s", float, None),
     }
 
 
@@ -306,6 +326,11 @@ def run_one(
     wall = time.time() - start
     if rc != 0:
         raise run_failed(spec, rc, log, began)
+    try:
+        training = read_training(run_dir)
+    except DamagedTraining as exc:  # exit 2, as a damaged result is: the files in the study's run directory
+        raise RunFailed(f"{spec.run_id}: `{TRAIN_PROG}` exited 0, but its output is refused: {exc}; delete {run_dir} "
+                        f"to train the run again", code=2) from None
     result = {
         "format": RESULT_FORMAT,
         "format_version": RESULT_VERSION,
@@ -316,7 +341,7 @@ def run_one(
         "threads": slot.threads,
         "device": slot.device,
         "machine": host_facts(),
-        **read_training(run_dir),
+        **training,
     }
     atomic_write_json(result_path(study_dir, spec), result)
     return result
