@@ -42,6 +42,7 @@ from benchmarks import machine
 from benchmarks.loadgen import Client, Endpoint, closed_loop, open_loop
 from benchmarks.stats import MIN_CI_ROUNDS, median_ci, summarize
 from models.io import atomic_write_bytes, atomic_write_json
+from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from runtimes.registry import DEFAULT_RUNTIME
 
 SCHEMA = "vitc-e2e-benchmark"
@@ -401,9 +402,9 @@ def bare_runtime(backend: Any, spec: Any, bodies: list[bytes], seconds: float, m
     prep = []
     for body in bodies * max(1, 50 // len(bodies)):
         t = time.perf_counter()
-        prepare(body, spec, max_pixels=40_000_000)
+        prepare(body, spec, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
         prep.append(time.perf_counter() - t)
-    shape = tuple(prepare(bodies[0], spec, max_pixels=40_000_000).shape[1:])
+    shape = tuple(prepare(bodies[0], spec, max_pixels=DEFAULT_MAX_IMAGE_PIXELS).shape[1:])
     throughput = {}
     for batch in sorted({1, min(8, max_batch), max_batch}):  # a bundle exported for fewer rows: up to those
         pool = input_pool(batch, shape)
@@ -488,7 +489,7 @@ def _run_e2e(cfg: E2EConfig, log: Any, serve_args: list[str] | None) -> dict[str
         backend, bare = open_bare(cfg.bundle, info, serve_args)
         try:
             log(f"concurrency 1, the bare runtime and the server taking turns, {rounds} rounds ...")
-            xs = [prepare(b, spec, max_pixels=40_000_000) for b in bodies[:4]]
+            xs = [prepare(b, spec, max_pixels=DEFAULT_MAX_IMAGE_PIXELS) for b in bodies[:4]]
             doc["single_stream"] = single_stream(endpoint, bodies, backend.infer, xs, rounds, slice_s)
             bare.update(bare_runtime(backend, spec, bodies, 2.0 if cfg.quick else 8.0,
                                      int(info.get("max_batch") or backend.max_batch)))

@@ -61,23 +61,16 @@ MAX_CELL_S = 3600.0
 MAX_LIMIT_S = 600.0
 MAX_DURATION_S = 3600.0
 MAX_RATE = 100_000.0
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1 or max(values) > 1024:
-        raise argparse.ArgumentTypeError(f"expected integers in 1..1024, got {text!r}")
-    return values
+MAX_CONCURRENCY = 1024  # clients of one closed-loop level, each a thread
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option, documented."""
     from benchmarks.bundles import DEFAULT_CACHE, PAIRS
     from benchmarks.runners import all_targets
-    from models.cli import OneLineParser, float_in, int_in
+    from models.bundle import MAX_BATCH_LIMIT
+    from models.cli import OneLineParser, float_in, int_in, int_list
+    from models.host import MAX_THREADS
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,14 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "exports/bench/results unless --out is given")
     run.add_argument("--pairs", default=None,
                      help=f"comma-separated pairs of {', '.join(PAIRS)} (default 1gf,mini; --quick: micro)")
-    run.add_argument("--batch-sizes", type=_ints, default=None, help="comma-separated (default 1,8,32; --quick: 1,8)")
+    run.add_argument("--batch-sizes", type=int_list(1, MAX_BATCH_LIMIT), default=None,
+                     help="comma-separated (default 1,8,32; --quick: 1,8)")
     run.add_argument("--targets", default="all",
                      help=f"'all' or comma-separated of {', '.join(t.id for t in all_targets())}; unavailable "
                           "ones are listed as skipped with the reason (default all)")
     run.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=DIR",
                      help="weights for one model of a pair, e.g. vit_c_mini=runs/animals-vit_c (repeatable; default: "
                           "the demo's trained mini checkpoints when present, else a seeded random init)")
-    run.add_argument("--threads", type=int_in(1, 1024), default=None,
+    run.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                      help="intra-op threads per inference (default: usable CPUs)")
     run.add_argument("--cell-seconds", type=float_in(0, MAX_CELL_S), default=None,
                      help="time cap per (pair, target, batch) cell, both models (default 20; --quick 0.6)")
@@ -115,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="benchmark a running server at URL (e.g. http://127.0.0.1:8000), or 'start': serve "
                            "--bundle with --runtime on a loopback port (default settings) for the run")
     http.add_argument("--model", help="served model name (default: the server's first model)")
-    http.add_argument("--concurrency", type=_ints, default=(1, 4, 16),
+    http.add_argument("--concurrency", type=int_list(1, MAX_CONCURRENCY), default=(1, 4, 16),
                       help="closed-loop concurrencies (default 1,4,16)")
     http.add_argument("--rate", type=float_in(0, MAX_RATE), default=None,
                       help="open-loop Poisson arrival rate, requests/s (default: 70 %% of the best closed-loop rate)")
@@ -147,7 +141,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     from benchmarks.runners import parse_targets
     from benchmarks.suite import SuiteConfig
     from models.checkpoint import read_checkpoint_meta
-    from models.host import usable_cpus
+    from models.host import MAX_THREADS, usable_cpus
 
     spec = args.pairs if args.pairs is not None else "micro" if args.quick else "1gf,mini"
     pairs = tuple(x.strip() for x in spec.split(",") if x.strip())
@@ -174,7 +168,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         raise ValueError("--cell-seconds must be positive and --min-reps at least 1")
     if args.parity_samples is not None and not 1 <= args.parity_samples <= 100_000:
         raise ValueError(f"--parity-samples must be in 1..100000, got {args.parity_samples}")
-    threads = args.threads if args.threads is not None else min(usable_cpus(), 1024)
+    threads = args.threads if args.threads is not None else min(usable_cpus(), MAX_THREADS)
     return SuiteConfig(
         pairs=pairs, batch_sizes=args.batch_sizes or ((1, 8) if args.quick else (1, 8, 32)),
         targets=tuple(parse_targets(args.targets)), threads=threads, budget=budget,

@@ -9,7 +9,6 @@ No batching, no limits, no hardening.
 
 from __future__ import annotations
 
-import argparse
 import io
 import socket
 import sys
@@ -17,7 +16,7 @@ import sys
 import numpy as np
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotation here
 
-from models.cli import InputError, OneLineParser, command
+from models.cli import InputError, OneLineParser, command, int_in
 from models.oneline import first_line
 
 PROG = "python -m benchmarks.naive_server"
@@ -69,17 +68,6 @@ def create_app(bundle: str) -> FastAPI:
     return app
 
 
-def _port(text: str) -> int:
-    """An argparse type: a TCP port, 1..65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
-    return port
-
-
 def port_problem(port: int) -> str | None:
     """Why the server could not listen on 127.0.0.1:`port` (in use, privileged), or None."""
     with socket.socket() as s:
@@ -99,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("bundle")
-    p.add_argument("--port", type=_port, default=8001, help="loopback port, 1..65535 (default 8001)")
+    p.add_argument("--port", type=int_in(1, 65535), default=8001, help="loopback port, 1..65535 (default 8001)")
     args = p.parse_args(argv)
     if problem := port_problem(args.port):
         raise InputError(f"--port: {problem}")

@@ -24,7 +24,6 @@ import datetime as dt
 import http.client
 import io
 import json
-import math
 import os
 import re
 import resource
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.cli import InputError, OneLineParser, command, int_in, refuse_empty_paths
+from models.cli import InputError, OneLineParser, command, float_in, int_in, refuse_empty_paths
 from runtimes.registry import DEFAULT_RUNTIME
 
 if TYPE_CHECKING:
@@ -203,7 +202,7 @@ def _summary(ms: list[float]) -> dict[str, float]:
             "p90": float(np.percentile(a, 90)), "mean": float(a.mean())}
 
 
-def single_stream(systems: dict[str, Any], body: bytes, rounds: int, slice_s: float) -> dict[str, Any]:
+def single_stream(systems: dict[str, Any], rounds: int, slice_s: float) -> dict[str, Any]:
     """Concurrency 1, interleaved: each system one slice per round."""
     lat: dict[str, list[float]] = {k: [] for k in systems}
     stages: dict[str, dict[str, list[float]]] = {k: {} for k in systems}
@@ -230,11 +229,12 @@ def bare_backend(bundle: Path, runtime: str, body: bytes,
     """(backend with the server's default options for `hint`, manifest, the request preprocessed)."""
     import runtimes
     from models.bundle import read_manifest
+    from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
     from serve.imaging import prepare
 
     m = read_manifest(bundle)
     backend = runtimes.open_backend(bundle, m, runtime, options=runtimes.BackendOptions(hint=hint))
-    x = prepare(body, m.preprocessing, max_pixels=40_000_000)
+    x = prepare(body, m.preprocessing, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     return backend, m, x
 
 
@@ -424,7 +424,7 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
 
         systems = {"bare-onnxruntime": bare_call, **{k: (lambda s=s: s.post(body)) for k, s in servers.items()}}
         log("concurrency 1, interleaved ...")
-        doc["single_stream"] = single_stream(systems, body, rounds, slice_s)
+        doc["single_stream"] = single_stream(systems, rounds, slice_s)
         log(f"saturation, concurrency {concurrency}, interleaved with the runtimes alone ...")
         doc["saturation"], doc["bare_saturation"] = saturation(servers, references, manifest, x, bundle, body,
                                                                concurrency, saturation_s, rounds=saturation_rounds)
@@ -545,17 +545,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a finite duration in (0, MAX_SECONDS]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-        raise argparse.ArgumentTypeError(f"must be in (0, {MAX_SECONDS}] seconds, got {text}")
-    return value
-
-
 def _backends(text: str) -> list[str]:
     """An argparse type: the compared runtimes, both of them (the report holds each against its runtime alone)."""
     names = [b.strip() for b in text.split(",") if b.strip()]
@@ -584,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
     p.add_argument("--rounds", type=int_in(1, 1000), default=8,
                    help="alternating rounds of each system at concurrency 1 (default 8)")
-    p.add_argument("--slice", type=_seconds, default=1.5, help="seconds per system per round at concurrency 1")
-    p.add_argument("--saturation", type=_seconds, default=15.0, help="seconds per system at saturation")
+    p.add_argument("--slice", type=float_in(0, MAX_SECONDS), default=1.5,
+                   help="seconds per system per round at concurrency 1")
+    p.add_argument("--saturation", type=float_in(0, MAX_SECONDS), default=15.0,
+                   help="seconds per system at saturation")
     p.add_argument("--saturation-rounds", type=int_in(1, 1000), default=5,
                    help="slices the saturation seconds are split into, each followed by the runtime alone")
     p.add_argument("--concurrency", type=int_in(1, 1024), default=16,

@@ -50,6 +50,7 @@ from models.bundle import (
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_checkpoint_meta
 from models.cli import memory_failure, storage_failure
+from models.host import MAX_THREADS
 from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path, same_file
 from models.jsonfields import is_int
 from models.oneline import first_line
@@ -81,7 +82,6 @@ GOLDEN_SAMPLES = 8
 # after the export as well, so the manifest records the opset the file has (export.kserve trusts it).
 OPSETS = range(17, 26)
 MAX_SAMPLES = 2**31 - 1  # parity/calibration images: "all of the split" in practice (export.cli's bound too)
-MAX_THREADS = 1024  # --threads (export.cli's bound too)
 
 
 class ExportIOError(RuntimeError):

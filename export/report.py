@@ -19,12 +19,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
 from models.cli import InputError, OneLineParser, command, machine_error, refuse_empty_paths, require
 from models.io import atomic_write_bytes
 from models.oneline import first_line
 from runtimes.registry import DEFAULT_RUNTIME
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PROG = "python -m export.report"
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
@@ -131,7 +135,7 @@ def provenance_line(m: Manifest) -> str:
             f"{short['calibration']}; training command: {p.training_command or '-'}")
 
 
-def chart(manifests: list[Manifest]):  # noqa: ANN201 - a matplotlib Figure
+def chart(manifests: list[Manifest]) -> Figure:
     """Bar chart of each artifact's top-1 accuracy next to torch's, one panel per bundle, every panel on the same
     0-100 % axis (a range fitted to each panel's bars made half a point look large, and panels look alike whatever
     their accuracy); each bar carries its value."""

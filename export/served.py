@@ -49,9 +49,6 @@ QUALITIES = (95, 75)
 SCALES = (2, 4, 8)  # JPEG sizes, in multiples of the model's resize target: where draft decoding kicks in
 CONCURRENCY = 8
 JPEG_MAX_SIDE = 65500  # libjpeg's largest image side
-# The server `measure` starts is given this --max-image-pixels (serve's default), so VITC_MAX_IMAGE_PIXELS in the
-# environment cannot make it refuse images `_sendable` kept.
-MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 MAX_BODY_BYTES = 16 * 2**20  # serve's --max-body-bytes default, raised to the largest body `measure` sends
 
 
@@ -111,8 +108,8 @@ def _sizes(size: tuple[int, int], spec: Preprocessing) -> list[tuple[str, tuple[
 def too_many_pixels(size: tuple[int, int], spec: Preprocessing,
                     max_pixels: int | None = None) -> tuple[str, tuple[int, int]] | None:
     """The first encoding (what, size) of an image of `size` with more pixels than the server's limit `max_pixels`
-    (default MAX_IMAGE_PIXELS, the one `measure` starts it with), which it would answer 413, else None."""
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    (default DEFAULT_MAX_IMAGE_PIXELS, the one `measure` starts it with), which it would answer 413, else None."""
+    limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     return next(((what, (w, h)) for what, (w, h) in _sizes(size, spec) if w * h > limit), None)
 
 
@@ -124,7 +121,7 @@ def _refusal(size: tuple[int, int], spec: Preprocessing) -> tuple[str, str] | No
                 "a side"), f"would be {big[0]}x{big[1]}"
     if over := too_many_pixels(size, spec):
         what, (w, h) = over
-        return (f"too big for the server's pixel limit (more than {MAX_IMAGE_PIXELS} pixels, its "
+        return (f"too big for the server's pixel limit (more than {DEFAULT_MAX_IMAGE_PIXELS} pixels, its "
                 "--max-image-pixels"), f"would be {w}x{h} = {w * h} pixels {what}"
     return None
 
@@ -280,13 +277,14 @@ def measure(bundle: str | Path, runtime: str = DEFAULT_RUNTIME, samples: int | N
     reference = _reference(bundle, manifest, images)
     names = list(encoded[0])
     # A PNG of a big photo (up to 40 M pixels, about 120 MB) is over the server's default body limit (16 MiB): the
-    # limits are the check's own, given as flags (not VITC_* from the environment), and let every body through.
+    # limits are the check's own, given as flags (not VITC_* from the environment), and let every body through. The
+    # pixel limit is serve's default, the one `_sendable` kept images by: VITC_MAX_IMAGE_PIXELS cannot refuse them.
     body_limit = max(MAX_BODY_BYTES, *(len(body) for e in encoded for body in e.values()))
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="vitc-served-") as tmp:
         for draft in (True, False):
             args = ["--model", f"m={bundle}", "--backend", runtime, "--no-access-log", "--max-queue-delay-ms", "2",
-                    "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-body-bytes", str(body_limit)]
+                    "--max-image-pixels", str(DEFAULT_MAX_IMAGE_PIXELS), "--max-body-bytes", str(body_limit)]
             policy = ["--jpeg-draft", "always" if draft else "never"]
             with start(args + policy, Path(tmp) / f"server-{draft}.log") as server:
                 for enc in names:

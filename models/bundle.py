@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import MAX_DATASET_CHARS, check_model_contract, read_format_version, unknown_config_field
-from models.config import MAX_PARAMS, ViTConfig, is_label
+from models.config import MAX_CLASSES, MAX_IMAGE_SIDE, MAX_PARAMS, ViTConfig, is_label
 from models.formats import FormatError, UnreadableFile, files_problem, format_rules
 from models.io import atomic_write_bytes, not_a_file, read_strict_json, sha256_file, strict_json_bytes
 from models.jsonfields import FieldError, Fields, between
@@ -56,8 +56,6 @@ GOLDEN_FILE = "golden.npz"  # the golden inputs and logits every export since d0
 TRITON_CONFIG_FILE = "config.pbtxt"
 TRITON_LABELS_FILE = "labels.txt"
 MAX_BATCH_LIMIT = 1024  # bounds engine profiles, parity batches and the server's batch buffers
-MAX_IMAGE_SIDE = 4096
-MAX_CLASSES = 100_000
 MAX_MANIFEST_BYTES = 16 << 20
 # Listed file sizes are bounded before anything is hashed (a file must have its listed size before it is hashed, and a
 # sparse terabyte costs its writer nothing): an artifact file holds at most the largest model's float32 weights (the

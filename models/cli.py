@@ -37,6 +37,29 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def int_list(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers, at least one, each in low..high (e.g. 1,8,32)."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < low or max(values) > high:
+            raise argparse.ArgumentTypeError(f"expected integers in {low}..{high}, got {text!r}")
+        return values
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a device name of models.device (whether it exists here is checked after parsing)."""
+    from models.device import DEVICE_RULE, is_device  # at parse time: this module loads first, and stays light
+
+    # The server's and the runtimes' rule: a measurement on cuda:100 could never be served there.
+    if not is_device(text):
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_RULE}, got {text!r}")
+    return text
+
+
 def float_in(low: float, high: float, *, low_open: bool = True) -> Callable[[str], float]:
     """An argparse type: a finite number in (low, high] (or [low, high]); nan and inf are refused, since every
     comparison with nan is false and would let it through a later range check."""

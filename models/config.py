@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models.jsonfields import is_int  # also imported from here (runtimes.base)
+from models.jsonfields import is_int
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class ConvStem:
 Stem = PatchifyStem | ConvStem
 
 # Upper bounds, checked before any tensor is sized from a config (checkpoints and bundle manifests are untrusted
-# input). Far above every registered variant; MAX_IMAGE_SIDE and MAX_CLASSES equal models/bundle.py's limits.
+# input). Far above every registered variant; MAX_IMAGE_SIDE and MAX_CLASSES bound a bundle's manifest too
+# (models.bundle imports them).
 MAX_DEPTH = 256
 MAX_DIM = 16384
 MAX_MLP_DIM = 65536
@@ -73,6 +74,9 @@ MAX_PARAMS = 2**32  # 16 GiB of float32 weights; the paper's largest variant (vi
 # A bound on the peak, not on the sum over layers, so big models at big sizes still build where memory allows them
 # (vit_p_18gf at 1024: 201 M attention scores); a hostile size (patch 4 at 4096: 10^12) is refused.
 MAX_ACTIVATIONS = 2**31
+# The highest a decoded-image pixel limit may be set to (the server's and serve.tensor's --max-image-pixels): 3 GB
+# decoded as RGB. Its default is models.preprocessing.DEFAULT_MAX_IMAGE_PIXELS.
+MAX_IMAGE_PIXELS = 1_000_000_000
 # C0, DEL, C1, line and paragraph separators, lone surrogates: labels go into one-line messages, labels.txt and
 # JSON answers (which cannot encode a lone surrogate).
 _NOT_IN_LABELS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")

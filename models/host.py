@@ -17,6 +17,9 @@ from typing import Any
 
 SOURCE = Path(__file__).resolve().parents[1]  # the vitc source tree (a git checkout in development)
 GIT_TIMEOUT_S = 10.0  # for all the git commands of one source_revision() together
+# The most intra-op threads any stage takes (serve, export, train, eval, the sweep, the benchmarks, a config.pbtxt's
+# thread parameters): one bound for the one knob, so a count one stage takes is never one another refuses.
+MAX_THREADS = 1024
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.config import PatchifyStem, ViTConfig, conv_stem
 
@@ -29,7 +29,8 @@ def register(cfg: ViTConfig) -> ViTConfig:
     return cfg
 
 
-def _pair(size: str, depth: int, dim: int, mlp: int, heads: int, stem_cols: tuple, **kw) -> None:
+def _pair(size: str, depth: int, dim: int, mlp: int, heads: int,
+          stem_cols: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], **kw: Any) -> None:
     """Register ViT_P-<size> and ViT_C-<size>: the conv twin has one block fewer."""
     register(ViTConfig(f"vit_p_{size}", PatchifyStem(kw.get("patch_size", 16)), depth, dim, mlp, heads, **kw))
     register(ViTConfig(f"vit_c_{size}", conv_stem(*stem_cols), depth - 1, dim, mlp, heads, **kw))
@@ -79,7 +80,7 @@ def list_variants() -> list[str]:
     return list(_VARIANTS)
 
 
-def get_config(name: str, **overrides) -> ViTConfig:
+def get_config(name: str, **overrides: Any) -> ViTConfig:
     """The variant's config, with fields overridden (e.g. num_classes, image_size); re-validated."""
     if not isinstance(name, str) or name not in _VARIANTS:
         raise UnknownVariant(f"unknown model {name!r:.80}; known: {', '.join(_VARIANTS)}")
@@ -91,7 +92,8 @@ def get_config(name: str, **overrides) -> ViTConfig:
         raise ValueError(f"{name}: bad override ({exc}); fields: {fields}") from None
 
 
-def build_model(name: str, *, num_classes: int | None = None, image_size: int | None = None, **overrides) -> nn.Module:
+def build_model(name: str, *, num_classes: int | None = None, image_size: int | None = None,
+                **overrides: Any) -> nn.Module:
     """Build a freshly initialised torch model for a registered variant."""
     from models.vit import VisionTransformer
 

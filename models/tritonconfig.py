@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from models.bundle import MAX_MANIFEST_BYTES, TRITON_CONFIG_FILE
+from models.host import MAX_THREADS
 from models.tritonschema import ENUMS, INT_RANGES, ONEOFS, POLICIES, SCHEMA
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -48,8 +49,6 @@ MAX_NUMBER_CHARS = 400  # longer than any number a config means (a double's digi
 _BOOLS = frozenset({"true", "True", "t", "1", "false", "False", "f", "0"})
 _MAX_DEPTH = 32
 _PUNCTUATION = frozenset("{}<>[]:,;")
-
-MAX_THREADS = 1024  # what serve's --threads allows
 
 
 class ConfigError(ValueError):
@@ -141,7 +140,7 @@ class TritonConfig:
     default_model_filename: str | None = None
     label_filename: str | None = None  # the output's, relative to the model directory
     parameters: dict[str, str] = field(default_factory=dict)  # key -> string_value (a map: the last entry wins)
-    unapplied: tuple[str, ...] = ()  # fields given that change how Triton serves and vitc does not apply (`UNAPPLIED`)
+    unapplied: tuple[str, ...] = ()  # fields given that change how Triton serves, outside what vitc applies (_APPLIED)
 
     def threads(self, key: str | None) -> int | None:
         """The threads of one instance that the backend parameter `key` sets (onnxruntime's intra_op_thread_count,
@@ -514,7 +513,8 @@ def _unapplied(top: dict[str, list[Any]]) -> tuple[str, ...]:
 
 
 def parse(text: str) -> TritonConfig:
-    """The configuration in a config.pbtxt's text; ConfigError when malformed, refused by Triton or out of range."""
+    """The configuration in a config.pbtxt's text; ConfigError when malformed, refused by Triton or out of range.
+    Test and tooling API: vitc itself reads a model's file with `read`."""
     return _config(_top(text))
 
 

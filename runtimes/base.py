@@ -20,8 +20,9 @@ import numpy as np
 
 from models.bundle import MAX_BATCH_LIMIT, Artifact, Manifest
 from models.cli import installed, memory_failure
-from models.config import is_int
 from models.device import DEVICE_RULE, is_device
+from models.host import MAX_THREADS
+from models.jsonfields import is_int
 from models.oneline import first_line
 from models.tritonconfig import BackendRules
 
@@ -77,8 +78,14 @@ class Backend(Protocol):
 
 
 _FLOAT32 = np.dtype(np.float32)
+# The most batches a caller may ask to run at once (BackendOptions.parallel, the server's --parallel): each is an
+# inference thread of the server (an OpenVINO infer request, an onnxruntime CPU stream).
+MAX_PARALLEL = 64
 # The most rows (max_batch) a backend may declare: what a bundle, the export and the server batch at most (a backend
 # without a limit of its own declares the bundle's, LoadSpec.max_batch); and the most calls at once (parallelism).
+# A backend's parallelism is higher than MAX_PARALLEL: left to itself (parallel None) a runtime picks its own count
+# (onnxruntime a stream per few cores, OpenVINO its optimal infer requests), which a big host makes large; the README
+# states this bound of the runtime contract.
 MAX_BACKEND_ROWS = MAX_BATCH_LIMIT
 MAX_BACKEND_PARALLELISM = 4096
 
@@ -292,8 +299,9 @@ class BackendOptions:
     # The batch sizes a compiled model is captured at (each call is padded up to one); None: powers of two up to
     # the bundle's max batch. Fewer buckets, shorter start: a benchmark captures only the sizes it times.
     buckets: tuple[int, ...] | None = None
-    # The largest batch the caller will send (the server's max batch size), within the bundle's; None: the bundle's.
-    # What a runtime that prepares per batch size sizes itself by (torch captures its compiled buckets up to it).
+    # The largest batch the caller will send (the server's max batch size): at most MAX_BATCH_LIMIT, the most any
+    # bundle takes, and a runtime caps it at its own bundle's; None: the bundle's. What a runtime that prepares per
+    # batch size sizes itself by (torch captures its compiled buckets up to it).
     max_batch: int | None = None
 
     def __post_init__(self) -> None:
@@ -303,10 +311,10 @@ class BackendOptions:
             raise BackendError(f"device must be {DEVICE_RULE}, got {self.device!r}")
         if not (isinstance(self.hint, str) and self.hint in HINTS):
             raise BackendError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
-        for name in ("threads", "parallel"):
+        for name, high in (("threads", MAX_THREADS), ("parallel", MAX_PARALLEL)):
             value = getattr(self, name)
-            if value is not None and not (is_int(value) and 1 <= value <= 1024):
-                raise BackendError(f"{name} must be an integer in 1..1024, got {value!r}")
+            if value is not None and not (is_int(value) and 1 <= value <= high):
+                raise BackendError(f"{name} must be an integer in 1..{high}, got {value!r}")
         if self.inference_precision is not None and not isinstance(self.inference_precision, str):
             raise BackendError(f"inference_precision must be a precision name or None, "
                                f"got {self.inference_precision!r}")
@@ -316,11 +324,13 @@ class BackendOptions:
             raise BackendError(f"channels_last must be True, False or None, got {self.channels_last!r}")
         if self.buckets is not None:
             if not (isinstance(self.buckets, tuple | list) and self.buckets
-                    and all(is_int(b) and 1 <= b <= 4096 for b in self.buckets)):
-                raise BackendError(f"buckets must be a tuple of batch sizes in 1..4096, got {self.buckets!r}")
+                    and all(is_int(b) and 1 <= b <= MAX_BATCH_LIMIT for b in self.buckets)):
+                raise BackendError(f"buckets must be a tuple of batch sizes in 1..{MAX_BATCH_LIMIT}, "
+                                   f"got {self.buckets!r}")
             object.__setattr__(self, "buckets", tuple(self.buckets))
-        if self.max_batch is not None and not (is_int(self.max_batch) and 1 <= self.max_batch <= 4096):
-            raise BackendError(f"max_batch must be a batch size in 1..4096 or None, got {self.max_batch!r}")
+        if self.max_batch is not None and not (is_int(self.max_batch) and 1 <= self.max_batch <= MAX_BATCH_LIMIT):
+            raise BackendError(f"max_batch must be a batch size in 1..{MAX_BATCH_LIMIT} or None, "
+                               f"got {self.max_batch!r}")
 
     @property
     def device_kind(self) -> str:

@@ -14,9 +14,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
 from models.bundle import MAX_BATCH_LIMIT, NAME_RE, TRITON_CONFIG_FILE
+from models.config import MAX_IMAGE_PIXELS
 from models.device import DEVICE_RULE, is_device
+from models.host import MAX_THREADS
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from models.tolerance import TOLERANCES
+from runtimes.base import MAX_PARALLEL
 from runtimes.registry import DEFAULT_RUNTIME, load_failures, shadowed
 
 MiB = 1 << 20
@@ -25,7 +28,6 @@ GiB = 1 << 30
 # rather than silently meaning "no limit" (a body or buffer that big would exhaust memory long before).
 MAX_BODY_BYTES = 1 * GiB
 MAX_BUFFERED_BYTES = 16 * GiB
-MAX_IMAGE_PIXELS = 1_000_000_000  # 3 GB decoded as RGB
 MAX_DECODE_BUDGET_PIXELS = 10_000_000_000
 TUNING = ("threads", "parallel", "openvino_hint", "compile", "channels_last")  # see runtimes.base.Runtime.tunes
 # The precisions an artifact can have: those export gates (models.tolerance), the one list of them.
@@ -94,12 +96,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
 
     # Dynamic batching, per model.
-    max_batch_size: int = Field(32, ge=1, le=MAX_BATCH_LIMIT)  # a bundle's, and a Backend's, bound too
+    max_batch_size: int = Field(32, ge=1, le=MAX_BATCH_LIMIT)  # a bundle's, and BackendOptions.max_batch's, bound too
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
     max_queue_size: int = Field(256, ge=1, le=1_000_000)
-    threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of one inference")
-    parallel: int | None = Field(None, ge=1, le=64, description="batches run at once (OpenVINO infer requests, "
-                                 "onnxruntime CPU streams)")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="intra-op threads of one inference")
+    parallel: int | None = Field(None, ge=1, le=MAX_PARALLEL, description="batches run at once (OpenVINO infer "
+                                 "requests, onnxruntime CPU streams)")
     openvino_hint: Literal["throughput", "latency"] = "throughput"
     compile: bool = Field(False, description="torch: torch.compile (CUDA graphs per batch bucket on CUDA)")
     channels_last: bool | None = Field(None, description="torch: NHWC stem activations (None: on CUDA)")

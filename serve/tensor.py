@@ -17,6 +17,7 @@ import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
 from models.cli import InputError, OneLineParser, command, disk_full, int_in
+from models.config import MAX_IMAGE_PIXELS
 from models.io import atomic_write_bytes, empty_path_problem, out_file_problem, same_file
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -24,7 +25,6 @@ PROG = "python -m serve.tensor"
 FORMATS = (".bin", ".npy", ".json")
 DRAFT_POLICIES = ("measured", "always", "never")
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # the largest body the server can be set to take is bigger; an image is not
-DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the server's --max-image-pixels default
 
 
 class TensorError(InputError, ValueError):
@@ -32,7 +32,7 @@ class TensorError(InputError, ValueError):
 
 
 def image_tensor(manifest: Manifest, data: bytes, *, jpeg_draft: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Image bytes -> the model's (1, C, H, W) float32 input, through the server's own decoding and preprocessing;
     raises serve.imaging.ImageError for an image the server would refuse."""
     from serve.imaging import prepare  # PIL: only when an image is made
@@ -113,7 +113,7 @@ def check_out(out: str, bundle: str, images: list[str], *, overwrite: bool = Fal
 
 
 def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measured",
-          max_pixels: int = DEFAULT_MAX_PIXELS, overwrite: bool = False) -> tuple[Manifest, tuple[int, ...]]:
+          max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, overwrite: bool = False) -> tuple[Manifest, tuple[int, ...]]:
     """Write the input tensor of `images` for `bundle`'s model to `out` (an existing file only with `overwrite`);
     returns (the manifest, the tensor's shape); raises TensorError."""
     from serve.imaging import ImageError
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                    ".npy, or .json (a whole /v2 infer request)")
     p.add_argument("--jpeg-draft", choices=DRAFT_POLICIES, default="measured",
                    help="decode big JPEGs in draft mode as a server with this --jpeg-draft does (default measured)")
-    p.add_argument("--max-image-pixels", type=int_in(1, 1_000_000_000), default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse larger images, as the server does (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-image-pixels", type=int_in(1, MAX_IMAGE_PIXELS), default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help=f"refuse larger images, as the server does (default {DEFAULT_MAX_IMAGE_PIXELS})")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (never an input image "
                    "or a file of the model)")
     args = p.parse_args(argv)

@@ -37,11 +37,14 @@ def _image(path: Path, seed: int = 0, **save) -> Path:
 
 
 def test_the_dataset_pixel_bound_is_the_servers(tmp_path):
+    import inspect
+
     from serve.imaging import ImageError, open_image
     from serve.settings import Settings
-    from serve.tensor import DEFAULT_MAX_PIXELS
+    from serve.tensor import image_tensor
 
-    assert Settings.model_fields["max_image_pixels"].default == DEFAULT_MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS
+    tensor_default = inspect.signature(image_tensor).parameters["max_pixels"].default
+    assert Settings.model_fields["max_image_pixels"].default == DEFAULT_MAX_IMAGE_PIXELS == tensor_default
     big = black_png(tmp_path / "big.png", 8000, 5001)  # 40,008,000 pixels, a few kB; below Pillow's own bound
     with pytest.raises(ImageError) as refused:
         open_image(big.read_bytes(), max_pixels=DEFAULT_MAX_IMAGE_PIXELS)

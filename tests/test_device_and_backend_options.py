@@ -80,8 +80,8 @@ def test_the_torch_runtime_captures_up_to_the_callers_max_batch():
     assert capture_buckets(BackendOptions(buckets=(8, 1, 8), max_batch=2), 64) == (1, 8)  # named ones win
     with pytest.raises(BackendError, match="batch bucket 128 exceeds the bundle's max batch 64"):
         capture_buckets(BackendOptions(buckets=(1, 128)), 64)
-    for bad in (0, 4097, True, 2.0, "8"):
-        with pytest.raises(BackendError, match="max_batch must be a batch size in 1..4096 or None"):
+    for bad in (0, 1025, True, 2.0, "8"):  # 1025: above MAX_BATCH_LIMIT, what no bundle takes
+        with pytest.raises(BackendError, match="max_batch must be a batch size in 1..1024 or None"):
             BackendOptions(max_batch=bad)
 
 

@@ -131,7 +131,7 @@ def _bundle224(dest: Path, dataset: Path) -> Path:
 def test_too_many_pixels_is_where_the_server_the_check_starts_refuses():
     """The report's case: 2400x240 (10:1) is 20480x2048 = 41,943,040 pixels as the 8x JPEG of a 224-pixel model,
     over the 40 M limit `measure` gives its server; 9.375:1 fits. A native image over the limit is named as the PNG."""
-    assert served.MAX_IMAGE_PIXELS == 40_000_000
+    assert served.DEFAULT_MAX_IMAGE_PIXELS == 40_000_000
     assert served.too_many_pixels((2400, 240), WIDE224) == ("as a JPEG at 8x the resize target", (20480, 2048))
     assert served.too_many_pixels((2250, 240), WIDE224) is None  # 19200x2048 = 39,321,600
     assert served.too_many_pixels((2400, 240), WIDE224, max_pixels=20480 * 2048) is None  # the limit is allowed

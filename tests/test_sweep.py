@@ -364,7 +364,11 @@ def test_cli_bad_settings_exit_2_with_one_line(capsys):
     assert main(["--models", "vit_c_nope,vit_p_mini", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown model 'vit_c_nope'" in err[0]
-    assert main(["--epochs", "0", "--dry-run"]) == 2
+    with pytest.raises(SystemExit) as exc:  # refused as it is read, as --samples 0 is
+        main(["--epochs", "0", "--dry-run"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("argument --epochs: expected integers in 1..100000, got '0'"), err
 
 
 def test_cli_dry_run_prints_per_run_commands(tmp_path, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from data.datasets import EMBEDDED
+from models.host import MAX_THREADS
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,10 @@ AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CORRUPT_POLICIES = ("skip", "fail")
 MAX_BATCH = 65536
+# A batch allocated whole on one device, outside training's recipe (train.eval's --batch-size, the runtime
+# measurement's --batch): bounded before it is asked for.
+MAX_DEVICE_BATCH = 4096
+MAX_WORKERS = 64  # data-loading processes (--workers, train.eval's too)
 
 # Knobs that do not change what is computed; a resumed run may change these (and only these).
 RUNTIME_FIELDS = frozenset({
@@ -161,7 +166,7 @@ def validate(c: TrainConfig) -> None:
         v = getattr(c, name)
         _check(isinstance(v, int) and lo <= v <= hi,
                f"--{name.replace('_', '-')} must be an integer in [{lo}, {hi}], got {v!r}")
-    for name, lo, hi in (("workers", 0, 64), ("threads", 1, 1024)):
+    for name, lo, hi in (("workers", 0, MAX_WORKERS), ("threads", 1, MAX_THREADS)):
         v = getattr(c, name)
         _check(v is None or (isinstance(v, int) and lo <= v <= hi),
                f"--{name} must be an integer in [{lo}, {hi}], got {v!r}")

@@ -27,8 +27,9 @@ from models.cli import (
     machine_error,
     refuse_empty_paths,
 )
+from models.host import MAX_THREADS
 from models.io import atomic_write_json, out_file_problem
-from train.config import DEVICES, ConfigError
+from train.config import DEVICES, MAX_DEVICE_BATCH, MAX_WORKERS, ConfigError
 from train.options import quiet_openmp
 
 PROG = "python -m train.eval"
@@ -37,7 +38,6 @@ RESULT_VERSION = 1
 MAX_RESULT_BYTES = 1 << 20  # a result is a few hundred bytes; this bounds reading a file we may replace
 # What every result has carried since the first release (older ones have no "format" field).
 LEGACY_KEYS = frozenset({"checkpoint", "model", "weights_sha256", "dataset", "split", "top1", "top5", "samples"})
-MAX_BATCH = 4096
 
 
 class OutputRefused(ValueError):
@@ -131,10 +131,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset", help="animals, mnist, digits or an ImageNet-layout folder (default: the "
                    "checkpoint's training dataset)")
     p.add_argument("--split", choices=SPLITS, default="val", help="split to evaluate (default val)")
-    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256,
-                   help=f"images per batch, 1..{MAX_BATCH} (default 256)")
-    p.add_argument("--workers", type=int_in(0, 64), default=0, help="decoding processes, 0..64 (default 0)")
-    p.add_argument("--threads", type=int_in(1, 1024), help="CPU threads, 1..1024 (default: torch's, all cores)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_DEVICE_BATCH), default=256,
+                   help=f"images per batch, 1..{MAX_DEVICE_BATCH} (default 256)")
+    p.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=0,
+                   help=f"decoding processes, 0..{MAX_WORKERS} (default 0)")
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS),
+                   help=f"CPU threads, 1..{MAX_THREADS} (default: torch's, all cores)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA if available (default auto)")
     p.add_argument("--corrupt", choices=("skip", "fail"), default="skip",
                    help="unreadable files: leave out and count, or fail (default skip)")

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data.datasets import EMBEDDED, SPLITS
-from models.cli import InputError, OneLineParser, Terminated, WorkFailed, command, int_in, refuse_empty_paths
+from models.cli import InputError, OneLineParser, Terminated, WorkFailed, command, int_in, int_list, refuse_empty_paths
 from models.device import is_gpu_index
+from models.host import MAX_THREADS
 from models.io import DirectoryBusy, ensure_dir, resolve_path, writer_lock
 from train.config import OPTIMIZERS
 from train.sweep.claims import MIN_SEEDS
@@ -46,7 +47,6 @@ from train.sweep.runner import DamagedResult, RunFailed, WorkerSlot, make_slots
 
 PROG = "python -m train.sweep"
 MAX_WORKERS = 256  # each worker is a training process
-MAX_THREADS = 1024
 # Set by the sweep for every run (from the study and the run's spec): a copy in --train-args would silently win
 # over them, and the result would be filed under settings it was not trained with.
 # lr_ref_batch rescales the lr a run uses away from the sampled lr the tables print.
@@ -56,13 +56,6 @@ SWEEP_SETS = ("model", "dataset", "epochs", "optimizer", "lr", "lr_ref_batch", "
 # never ran (the reduced preset is how a study is made shorter).
 SWEEP_REFUSES = {"max_steps": "it stops every run before the epochs the study files it under; use --preset reduced "
                               "or --epochs for a shorter study"}
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -172,12 +165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("study settings (override the preset)")
     g.add_argument("--models", type=_names, help="comma-separated variants, e.g. vit_c_mini,vit_p_mini")
     g.add_argument("--dataset", help="embedded set (animals, mnist, digits) or an ImageNet-layout folder")
-    g.add_argument("--epochs", type=_ints, help="schedule lengths for convergence, e.g. 5,10,20,40")
+    g.add_argument("--epochs", type=int_list(1, MAX_EPOCHS), help="schedule lengths for convergence, e.g. 5,10,20,40")
     g.add_argument("--stability-epochs", type=int_in(1, MAX_EPOCHS), help="epochs of each sampled stability run")
     g.add_argument("--samples", type=int_in(1, MAX_SAMPLES),
                    help=f"(lr, wd) samples per model x optimizer, 1..{MAX_SAMPLES}")
-    g.add_argument("--seeds", type=_ints, help="training seeds of the tuned runs, e.g. 1,2,3 (keep them apart from "
-                   "--stability-seed: a tuned run on it is the stability run that won the tuning)")
+    g.add_argument("--seeds", type=int_list(0, MAX_SEED), help="training seeds of the tuned runs, e.g. 1,2,3 (keep "
+                   "them apart from --stability-seed: a tuned run on it is the stability run that won the tuning)")
     g.add_argument("--stability-seed", type=int_in(0, MAX_SEED), help="training seed of the stability runs")
     g.add_argument("--sample-seed", type=int_in(0, MAX_SEED), help="seed of the lr/wd sampler")
     g.add_argument("--optimizers", type=_names, help=f"subset of {','.join(OPTIMIZERS)}")

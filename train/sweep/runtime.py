@@ -15,7 +15,6 @@ from __future__ import annotations
 import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules below load is one line (exit 130, 143)
 
 # isort: split
-import argparse
 import re
 import statistics
 import time
@@ -23,12 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.cli import InputError, OneLineParser, command, int_in, machine_error
-from models.device import DEVICE_RULE, is_device
+from models.cli import InputError, OneLineParser, command, device_arg, int_in, machine_error
+from models.device import DEVICE_RULE
+from train.config import MAX_DEVICE_BATCH
 
 PROG = "python -m train.sweep.runtime"
 LAYOUTS = ("nchw", "channels_last")
-MAX_BATCH = 4096  # a batch is allocated whole on the device: bound it before asking for it
 MAX_ROUNDS = 1000
 ROUNDS = 9  # alternating rounds per setting: enough for a 95 % interval of the median per-round ratio (>= 6)
 
@@ -202,14 +201,6 @@ def batch_problem(models: tuple[str, ...], device: str, batch: int) -> str | Non
             f"{free / 2**30:.1f} GiB free")
 
 
-def _device(text: str) -> str:
-    """An argparse type: a device name of models.device (availability is checked after parsing, with torch)."""
-    # The server's and the runtimes' rule: a study measured on cuda:100 could never be served there.
-    if not is_device(text):
-        raise argparse.ArgumentTypeError(f"must be {DEVICE_RULE}, got {text!r}")
-    return text
-
-
 def device_problem(device: str) -> str | None:
     """Why `device` cannot run here (no CUDA, no such GPU), or None."""
     if device == "cpu":
@@ -229,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     """Print the rows as a table; exit 2 with one line for a bad model name."""
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vit_c_nano,vit_p_nano", help="the ViT_C,ViT_P pair (either order)")
-    p.add_argument("--device", type=_device, default="cpu", help=f"{DEVICE_RULE} (default cpu)")
-    p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=64, help=f"images per step, 1..{MAX_BATCH}")
+    p.add_argument("--device", type=device_arg, default="cpu", help=f"{DEVICE_RULE} (default cpu)")
+    p.add_argument("--batch", type=int_in(1, MAX_DEVICE_BATCH), default=64,
+                   help=f"images per step, 1..{MAX_DEVICE_BATCH}")
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=ROUNDS,
                    help=f"alternating rounds, 1..{MAX_ROUNDS} (default {ROUNDS}; 6 at least for a 95 %% interval)")
     args = p.parse_args(argv)
