@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import struct
 import zlib
 from collections.abc import Iterator
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from models.oneline import first_line
 from models.preprocessing import PNG_TEXT_BYTES, PNG_TEXT_CHUNK_BYTES, image_formats, plain_mode, upright
@@ -27,6 +28,12 @@ REASON_CHARS = 200  # how much of a decoder's own message a refusal quotes
 MAX_HEADER_SEGMENTS = 1024  # JPEG marker segments / PNG chunks before the image data (real files: a few dozen)
 MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Every chunk of a PNG is checked (whole, a valid type, its CRC) before Pillow reads any: about 0.5 us a chunk plus
+# crc32 over the bytes (about 1 GB/s). Real files have one chunk per 8-64 KiB of image data (libpng, Pillow) and a
+# few dozen others, so a PNG may have this many chunks and one more a KiB: a body of empty chunks, which would cost
+# Pillow about 4 us each as it reads them, is refused after a walk bounded by its size (16 MiB: 33k chunks, 20 ms).
+MAX_PNG_CHUNKS = 1 << 14
+PNG_BYTES_PER_CHUNK = 1 << 10
 # Chunks Pillow inflates (up to PNG_TEXT_CHUNK_BYTES each) while it opens or loads a PNG: text and colour profiles.
 INFLATED_PNG_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
 
@@ -84,69 +91,94 @@ def pixel_limit(max_pixels: int) -> Iterator[None]:
         _LIMIT.reset(token)
 
 
+_CHUNK_HEAD = struct.Struct(">I4s")  # a PNG chunk's length and type
+_CRC = struct.Struct(">I")
+
+
 def png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
     """(type, offset, data length) of each chunk header of a PNG body, in order, up to IEND or the data's end."""
     pos = 8
     while pos + 8 <= len(data):
-        kind = data[pos + 4:pos + 8]
-        length = int.from_bytes(data[pos:pos + 4], "big")
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
         yield kind, pos, length
         if kind == b"IEND":
             return
         pos += 12 + length
 
 
+def jpeg_segments(data: bytes) -> Iterator[int]:
+    """The marker of each segment of a JPEG body before its first scan, in order (fill bytes count as segments)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:
+        marker = data[pos + 1]
+        yield marker
+        pos += 1 if marker == 0xFF else 2 if marker == 0x01 or 0xD0 <= marker <= 0xD9 else \
+            2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+
+
 def check_structure(data: bytes) -> None:
     """Refuse JPEG and PNG files built to make the decoder work far more than their pixels warrant: thousands of
-    tiny header segments (parsed one by one in Python), of progressive scans (each a pass over the image), or of
-    PNG colour profiles (each inflated, up to 1 MiB)."""
+    tiny header segments or chunks (parsed one by one in Python), of progressive scans (each a pass over the image),
+    or of PNG colour profiles (each inflated, up to 1 MiB); and a PNG any chunk of which is cut off, has no valid
+    type or fails its checksum (CRC), naming the chunk."""
     if data[:2] == b"\xff\xd8":
-        pos, segments = 2, 0
-        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:  # up to the first scan
-            marker = data[pos + 1]
-            pos += 1 if marker == 0xFF else 2 if marker == 0x01 or 0xD0 <= marker <= 0xD9 else \
-                2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-            segments += 1
+        for segments, _ in enumerate(jpeg_segments(data), 1):
             if segments > MAX_HEADER_SEGMENTS:
                 raise DecodeError(f"JPEG has more than {MAX_HEADER_SEGMENTS} marker segments before its image data; "
                                   "refused")
         if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # 0xFF in entropy-coded data is stuffed: no SOS
             raise DecodeError(f"JPEG has {scans} scans, more than {MAX_JPEG_SCANS}; refused")
     elif data[:8] == PNG_SIGNATURE:
-        for chunks, (kind, _, _) in enumerate(png_chunks(data)):
-            if kind in (b"IDAT", b"IEND"):
-                break
-            if chunks >= MAX_HEADER_SEGMENTS:
-                raise DecodeError(f"PNG has more than {MAX_HEADER_SEGMENTS} chunks before its image data; refused")
-        # The format allows one profile (Pillow inflates each it meets, before the image data or after it). Few
-        # bodies hold the 4 letters twice, so only those are walked to the end.
-        if data.count(b"iCCP") > 1 and (profiles := sum(kind == b"iCCP" for kind, _, _ in png_chunks(data))) > 1:
-            raise DecodeError(f"PNG has {profiles} iCCP colour profile chunks, where the format allows one; refused")
+        if (fault := _png_fault(data)) is not None:
+            raise DecodeError(f"corrupt PNG: {fault}; re-save or re-export the image")
 
 
 def _png_fault(data: bytes) -> str | None:
-    """What breaks a PNG's chunks up to its image data, which Pillow checks while it opens the file: a chunk cut off,
-    a type that is not one, or a checksum that fails (libpng and browsers skip an optional chunk with a bad one;
-    Pillow refuses the file, and so does vitc, naming the chunk). None when those chunks are sound."""
-    for kind, pos, length in png_chunks(data):
+    """What breaks a PNG's chunks, wherever they lie (before the image data, in it, after it, IEND): a chunk cut off,
+    a type that is not one, a checksum that fails (libpng and browsers skip an optional chunk with a bad one; Pillow
+    checks only those before the image data; vitc refuses a bad one anywhere, naming the chunk), and chunks built to
+    overwork the decoder (a DecodeError). None when the chunks are sound.
+
+    A file that ends right after a whole chunk (no IEND) is left to Pillow: it decodes the image if the data is all
+    there, else says it is truncated."""
+    view, size = memoryview(data), len(data)
+    limit = MAX_PNG_CHUNKS + size // PNG_BYTES_PER_CHUNK
+    pos, index, image_data, profiles, kind = 8, 0, False, 0, b""
+    while pos + 8 <= size:
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
         name = kind.decode("latin-1")
         if not (kind.isascii() and kind.isalpha()):
             return f"the chunk at byte {pos} has no valid type ({name!r})"
-        if kind in (b"IDAT", b"IEND"):
-            return None
         end = pos + 8 + length
-        if end + 4 > len(data):
+        if end + 4 > size:
             return f"it is cut off in its {name!r} chunk (truncated)"
-        if zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+        if zlib.crc32(view[pos + 4:end]) != _CRC.unpack_from(data, end)[0]:
             return f"its {name!r} chunk fails its checksum (CRC)"
-    return "it ends before its image data (truncated)"
+        image_data = image_data or kind == b"IDAT"
+        if not image_data and index >= MAX_HEADER_SEGMENTS and kind != b"IEND":
+            raise DecodeError(f"PNG has more than {MAX_HEADER_SEGMENTS} chunks before its image data; refused")
+        index += 1
+        if index > limit:
+            raise DecodeError(f"PNG has more than {limit} chunks, more than a file of {size} bytes holds "
+                              f"({MAX_PNG_CHUNKS} plus one per KiB); refused")
+        profiles += kind == b"iCCP"
+        if kind == b"IEND":
+            break
+        pos = end + 4
+    else:
+        if not image_data:
+            return "it ends before its image data (truncated)"
+        if pos < size:  # a few bytes, not a whole chunk header
+            return f"it is cut off after its {kind.decode('latin-1')!r} chunk (truncated)"
+    if profiles > 1:  # the format allows one; Pillow inflates each it meets, before the image data or after it
+        raise DecodeError(f"PNG has {profiles} iCCP colour profile chunks, where the format allows one; refused")
+    return None
 
 
 def _unidentified(data: bytes) -> DecodeError:
-    """Bytes no decoder took: a PNG says what breaks it; anything else is not an image vitc reads."""
+    """Bytes no decoder took: a PNG says what breaks it (its chunks are sound: `check_structure` came first);
+    anything else is not an image vitc reads."""
     if data[:8] == PNG_SIGNATURE:
-        if (fault := _png_fault(data)) is not None:
-            return DecodeError(f"corrupt PNG: {fault}; re-save or re-export the image")
         try:  # sound chunks, yet refused (an unknown compression method, a bad header value): Pillow's reason
             PngImagePlugin.PngImageFile(io.BytesIO(data)).close()
             reason = "its header chunks cannot be parsed"
@@ -197,11 +229,85 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     return img
 
 
-def load_pixels(img: Image.Image) -> Image.Image:
-    """Decode an opened image; EXIF orientation applied, exotic colour modes brought to RGB. Call it inside the
-    `pixel_limit` the image was opened with (a TIFF, a GIF frame are checked again as they load)."""
+# Pillow's rawmodes (the tile's) of the PNGs whose colour key it leaves in the file's own terms. A 2- or 4-bit grey
+# PNG (optipng and oxipng write them) is decoded to 8 bits (x 85, x 17) but its key is not; a 48-bit RGB PNG is decoded
+# to its samples' high bytes, and its key is 16-bit.
+_GREY_KEY_SCALE = {"L;2": 85, "L;4": 17}
+_WIDE_RGB = "RGB;16B"
+_LOW_BYTES = "RGB;16L"  # the same 48 bits a pixel (so the same PNG filters), each sample's other byte
+_NONZERO = bytes([0] + [255] * 255)  # a lookup table: 0 stays 0, anything else 255
+
+
+def _png_rawmode(img: Image.Image) -> str | None:
+    """The rawmode Pillow decodes an opened, not yet loaded, PNG with; None for any other image."""
+    if img.format != "PNG" or not getattr(img, "tile", None):
+        return None
+    rawmode = img.tile[0][3]
+    return rawmode if isinstance(rawmode, str) else None
+
+
+def wide_colour_key(img: Image.Image) -> bool:
+    """Whether `load_pixels` decodes `img` twice: a 48-bit RGB PNG with a colour key, matched at full depth."""
+    key = img.info.get("transparency")
+    return isinstance(key, tuple) and len(key) == 3 and _png_rawmode(img) == _WIDE_RGB
+
+
+def _scale_grey_key(img: Image.Image) -> None:
+    """A 2- or 4-bit grey PNG's colour key, in the 8-bit terms Pillow decodes its pixels to (before `load`). A key
+    beyond the bit depth, which no encoder writes, marks no pixel (as an 8-bit key above 255 does)."""
+    scale, key = _GREY_KEY_SCALE.get(_png_rawmode(img) or ""), img.info.get("transparency")
+    if scale is not None and type(key) is int:
+        if key * scale <= 255:
+            img.info["transparency"] = key * scale
+        else:
+            del img.info["transparency"]
+
+
+def _low_bytes(img: Image.Image) -> Image.Image:
+    """A 48-bit RGB PNG (opened, not loaded) decoded a second time, to the low byte of each sample where Pillow
+    keeps the high one: the same bytes read with the little-endian rawmode (which takes the other byte)."""
+    fp = img.fp
+    here = fp.tell()
     try:
+        fp.seek(0)
+        twin = Image.open(io.BytesIO(fp.read()), formats=["PNG"])
+    finally:
+        fp.seek(here)
+    twin.tile = [ImageFile._Tile(tile[0], tile[1], tile[2], _LOW_BYTES) for tile in twin.tile]  # plain tuples too
+    twin.load()
+    return twin
+
+
+def _wide_key_alpha(img: Image.Image, low: Image.Image) -> Image.Image:
+    """A 48-bit RGB PNG's colour key as an alpha channel ("L"): 0 where all 16 bits of each sample match it, 255
+    elsewhere (`img` holds the high bytes, `low` the low ones); made a band of rows at a time (temporaries stay ~1 M
+    pixels)."""
+    key = img.info["transparency"]
+    high_misses = [0 if i == k >> 8 else 255 for k in key for i in range(256)]  # per channel: 0 where it matches
+    low_misses = [0 if i == k & 0xFF else 255 for k in key for i in range(256)]
+    w, h = img.size
+    alpha = Image.new("L", (w, h))
+    rows = max(1, (1 << 20) // w)
+    for y in range(0, h, rows):
+        box = (0, y, w, min(h, y + rows))
+        misses = ImageChops.lighter(img.crop(box).point(high_misses), low.crop(box).point(low_misses))
+        # Grey is 0 only where all three channels are (each is 0 or 255): there every sample matches the key.
+        alpha.paste(misses.convert("L").point(_NONZERO), box)
+    return alpha
+
+
+def load_pixels(img: Image.Image) -> Image.Image:
+    """Decode an opened image; EXIF orientation applied, exotic colour modes brought to RGB, a PNG colour key in the
+    terms of the decoded pixels (a 48-bit one as an alpha channel). Call it inside the `pixel_limit` the image was
+    opened with (a TIFF, a GIF frame are checked again as they load)."""
+    try:
+        _scale_grey_key(img)
+        low = _low_bytes(img) if wide_colour_key(img) else None
         img.load()
+        if low is not None:  # the key becomes what it means, an alpha channel: `to_mode` composites it onto black
+            alpha = _wide_key_alpha(img, low)
+            del low, img.info["transparency"]
+            img.putalpha(alpha)
     except _OverLimit as exc:  # a GIF frame that grows the canvas past the limit
         raise _too_many(*exc.size, exc.limit) from None
     except MemoryError:

@@ -181,36 +181,45 @@ _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # `_grey_to_8bit` br
 
 def _colour_key(img: Image.Image) -> int | tuple[int, int, int] | None:
     """The one colour a grey or RGB image marks transparent (a PNG tRNS colour key, a grey GIF's transparent index),
-    in its pixels' own values; None when it has none (a palette's transparency is the palette's own business)."""
+    in its pixels' own values; None when it has none (a palette's transparency is the palette's own business).
+    `models.decoding`, which every reader decodes through, puts a PNG's key in those terms where Pillow does not: it
+    scales a 2- or 4-bit grey key to 8 bits, and turns a 48-bit RGB key, matched at full depth, into alpha."""
     key = img.info.get("transparency")
     if img.mode == "RGB" and isinstance(key, tuple) and len(key) == 3 and all(type(k) is int for k in key):
-        # A 16-bit RGB PNG: Pillow keeps each sample's high byte, and the key keeps its own (so colours within
-        # 1/256 of the key are transparent too; a key that dark it cannot tell from an 8-bit one).
-        return tuple(k >> 8 for k in key) if max(key) > 255 else key
+        return key
     if img.mode in ("1", "L", *_WIDE_GREY) and img.mode != "F" and type(key) is int:
-        return key  # as given: Pillow scales a 2- or 4-bit grey PNG's pixels to 8 bits, but not its key
+        return key
     return None
+
+
+_NONZERO = bytes([0] + [255] * 255)  # a lookup table: 0 stays 0, anything else 255
 
 
 def _key_to_black(img: Image.Image, key: int | tuple[int, int, int]) -> Image.Image:
     """A grey ("1", "L") or "RGB" image with the pixels of its transparent colour black: bitwise what compositing
-    the same picture, given as an alpha channel, onto black gives. A copy; the mask is made a band of rows at a
-    time (temporaries stay ~1 M pixels)."""
+    the same picture, given as an alpha channel, onto black gives. A copy, made by Pillow's per-pixel operations
+    (a lookup table, min/max): a grey image in one pass, an RGB one a band of rows at a time (temporaries stay
+    ~1 M pixels). `to_mode` calls it on the source crop only, the pixels preprocessing reads."""
     if img.mode == "1":
         img = img.convert("L")  # 0 or 255, as Pillow gives a 1-bit PNG's key
-    if not all(0 <= k <= 255 for k in (key if isinstance(key, tuple) else (key,))):  # no 8-bit pixel has it
+    keys = key if isinstance(key, tuple) else (key,)
+    if not all(0 <= k <= 255 for k in keys):  # no 8-bit pixel has it
         return img
-    w, h = img.size
-    mask = np.empty((h, w), np.uint8)
-    rows = max(1, (1 << 20) // max(1, w))
-    want = np.asarray(key, np.uint8)
-    for y in range(0, h, rows):
-        hit = np.asarray(img.crop((0, y, w, min(h, y + rows)))) == want
-        mask[y:y + rows] = (hit.all(axis=2) if hit.ndim == 3 else hit).view(np.uint8) * np.uint8(255)
-    from PIL import Image
+    if img.mode == "L":
+        return img.point([0 if i == key else i for i in range(256)])
+    from PIL import Image, ImageChops
 
-    out = img.copy()
-    out.paste(0 if img.mode == "L" else (0, 0, 0), (0, 0, w, h), Image.fromarray(mask, "L"))
+    misses = [0 if i == k else 255 for k in keys for i in range(256)]  # per channel: 0 where it is the key's value
+    w, h = img.size
+    out = Image.new("RGB", (w, h))
+    out.info.update(img.info)
+    rows = max(1, (1 << 20) // max(1, w))
+    for y in range(0, h, rows):
+        band = img.crop((0, y, w, min(h, y + rows)))
+        # Grey is 0 only where all three channels are (each 0 or 255), the key's pixels: `keep` is 0 there, 255
+        # elsewhere, and the darker of a pixel and `keep` is black there and the pixel itself elsewhere.
+        keep = band.point(misses).convert("L").point(_NONZERO)
+        out.paste(ImageChops.darker(band, Image.merge("RGB", (keep, keep, keep))), (0, y))
     return out
 
 

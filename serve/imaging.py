@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import warnings
 from collections.abc import Iterator
 
@@ -24,8 +25,10 @@ from models.decoding import (
     PNG_SIGNATURE,
     DecodeError,
     check_structure,
+    jpeg_segments,
     pixel_limit,
     png_chunks,
+    wide_colour_key,
 )
 from models.preprocessing import Preprocessing, copied_pixels, image_input
 from serve.protocol import short_reason
@@ -75,8 +78,9 @@ def decode_weight(img: Image.Image) -> int:
         by_format = 2
     # Modes that hold more per pixel while they are converted (measured peak bytes a pixel): grey or palette with
     # alpha 10-13, RGBA 8-9, a baseline CMYK JPEG 9. A tiny flat LA PNG is a cheap way to ask for a lot.
-    # An RGB image with a transparent colour (a PNG colour key) is copied and masked: 9 bytes a pixel, as RGBA.
-    by_mode = 3 if img.mode in ("LA", "La", "PA") else 2 if (
+    # An RGB image with a transparent colour (a PNG colour key) is copied and masked: 9 bytes a pixel, as RGBA; a
+    # 48-bit one is decoded twice (its samples' high and low bytes) and the key made an alpha channel: 3.
+    by_mode = 3 if img.mode in ("LA", "La", "PA") or wide_colour_key(img) else 2 if (
         img.mode in ("RGBA", "RGBa", "CMYK") or (img.mode in ("P", "RGB") and "transparency" in img.info)) else 1
     return max(by_format, by_mode)
 
@@ -87,27 +91,52 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
         return decoding.open_image(data, max_pixels=max_pixels, draft_size=draft_size)
 
 
-CHEAP_PIXELS = 1 << 20  # decoding and preprocessing this many pixels takes about a millisecond or two
+# What the event loop decodes itself (a lone request; `cheap`): work bounded by a small constant, about 2 ms at most.
+# Decoding and preprocessing a PNG of 362 x 362 (RGBA) takes about 2 ms; one of 1024 x 1024, which a flat image packs
+# into 5 KB, took 10-19 ms.
+CHEAP_PIXELS = 1 << 17
 # Parsing a header costs up to ~0.2 ms per KiB of hostile segments: the event loop parses only bodies this small.
 CHEAP_BYTES = 64 << 10
+# Pillow reads each JPEG segment before the image data and each PNG chunk (before the image data, in it and after it:
+# 5,000 empty chunks after IDAT cost 12 ms) in Python. Real small files have a dozen or two.
+CHEAP_SEGMENTS = 64
+# Each scan of a progressive JPEG is a pass over the whole image (128 scans of 1 M pixels: 73 ms); libjpeg writes 10.
+CHEAP_JPEG_SCANS = 24
+# Formats whose header Pillow parses in bounded work here: a GIF's extension blocks and a TIFF's tags are read one
+# by one in Python (a 60 KB TIFF of 5,000 tags: 16 ms to open, 35 ms to decode), and AVIF decoding is slow.
+_CHEAP_FORMATS = tuple(f for f in FORMATS if f in ("JPEG", "MPO", "PNG", "WEBP"))
 
 
 def cheap(data: bytes) -> bool:
-    """Whether an image is small enough to decode on the event loop when nothing else waits (its header says
-    how many pixels it holds: a small body can still declare a huge image). A PNG with compressed metadata is not:
-    each text chunk or colour profile may inflate a thousandfold (up to 1 MiB, about 2 ms), wherever it lies."""
+    """Whether an image is small enough to decode on the event loop when nothing else waits: a JPEG, PNG or WebP body
+    of at most CHEAP_BYTES whose header says it holds at most CHEAP_PIXELS pixels (a small body can declare a huge
+    image), with few segments or chunks and few scans. A PNG with compressed metadata is not: each text chunk or
+    colour profile may inflate a thousandfold (up to 1 MiB, about 2 ms), wherever it lies. This check itself reads
+    at most CHEAP_SEGMENTS segments or chunks before anything else looks at the body."""
     if len(data) > CHEAP_BYTES:
         return False
-    try:
-        check_structure(data)
-        if data[:8] == PNG_SIGNATURE and any(kind in INFLATED_PNG_CHUNKS for kind, _, _ in png_chunks(data)):
+    if data[:2] == b"\xff\xd8":
+        if _more_than(CHEAP_SEGMENTS, jpeg_segments(data)) or data.count(b"\xff\xda") > CHEAP_JPEG_SCANS:
             return False
+    elif data[:8] == PNG_SIGNATURE:
+        chunks = list(itertools.islice(png_chunks(data), CHEAP_SEGMENTS + 1))
+        if len(chunks) > CHEAP_SEGMENTS or any(kind in INFLATED_PNG_CHUNKS for kind, _, _ in chunks):
+            return False
+    elif not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return False
+    try:
+        check_structure(data)  # bounded now: few segments or chunks, a body of at most CHEAP_BYTES
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            w, h = Image.open(io.BytesIO(data), formats=FORMATS).size
+            w, h = Image.open(io.BytesIO(data), formats=_CHEAP_FORMATS).size
     except Exception:  # undecodable: the pool's decode says why
         return False
     return 0 < w * h <= CHEAP_PIXELS
+
+
+def _more_than(n: int, items: Iterator[object]) -> bool:
+    """Whether `items` has more than `n` items, reading at most n + 1 of them."""
+    return next(itertools.islice(items, n, None), None) is not None
 
 
 def load_pixels(img: Image.Image) -> Image.Image:

@@ -94,7 +94,7 @@ def test_a_16_bit_grey_colour_key_is_matched_at_full_depth():
     assert to_uint8(keyed, spec)[8, 0, 0] == 253  # 65_001 * 255 / 65_535, kept
 
 
-def test_a_48_bit_rgb_colour_key_is_matched_on_the_samples_pillow_keeps():
+def test_a_48_bit_rgb_colour_key_is_transparency():  # at full depth: tests/test_png_transparency_and_crc.py
     white, red = struct.pack(">HHH", 0xFFFF, 0xFFFF, 0xFFFF), struct.pack(">HHH", 0xFFFF, 0, 0)
     rows = [white * 2 + red * 2] * 4
     data = _raw_png(4, 4, 16, 2, rows, before=_chunk(b"tRNS", white))
