@@ -39,6 +39,29 @@ if TYPE_CHECKING:
 
 INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
 _HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
+# OpenVINO nests its messages: each level says where in its sources it was raised, then its words, the outermost
+# level first. The cause comes last: "Resource temporarily unavailable" under a thread (pids, ulimit -u) or memory
+# limit, after 'Failed to create plugin ... for device CPU' and its advice.
+_SOURCE_LOCATION = re.compile(r"(Exception from \S+:\d+:?|Check '.*' failed at \S+:\d+:?)")
+_NOT_A_REASON = ("Please, check your environment",)  # the plugin loader's advice, between the outer words and cause
+MAX_REASON = 500  # characters of OpenVINO's words kept on the one line (a shape mismatch can list pages)
+
+
+def reason(exc: BaseException) -> str:
+    """OpenVINO's message on one line: its words at every level, outermost first, without the source locations
+    (`first_line` keeps the outermost words alone, so the cause was lost: a thread that could not start read as
+    'out of memory'). Its type's name when it has none."""
+    words: list[str] = []
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not _SOURCE_LOCATION.fullmatch(line) and line not in _NOT_A_REASON:
+            line = line.rstrip(":").rstrip()
+            if line and (not words or words[-1] != line):
+                words.append(line)
+    said = ": ".join(words) or first_line(exc)
+    if len(said) > MAX_REASON:  # keep the cause (the last words) with the outermost
+        said = f"{said[:MAX_REASON // 2]} ... {said[-MAX_REASON // 2:]}"
+    return said
 
 
 def version() -> str:
@@ -102,7 +125,7 @@ def _check_ir(xml: Any) -> None:
     try:
         model = ov.Core().read_model(str(xml))
     except RuntimeError as exc:
-        raise ExportError(f"{xml}: OpenVINO cannot read the IR: {first_line(exc)}") from None
+        raise ExportError(f"{xml}: OpenVINO cannot read the IR: {reason(exc)}") from None
     if [i.get_any_name() for i in model.inputs] != [INPUT_NAME] or OUTPUT_NAME not in model.outputs[0].get_names():
         raise ExportError(f"{xml}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
     shape = model.inputs[0].get_partial_shape()
@@ -168,13 +191,20 @@ class OpenVINOBackend(PooledBackend):
     def __init__(self, spec: LoadSpec) -> None:
         self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
         self.sample_shape = spec.manifest.input.sample_shape
-        self.compiled = _compile(spec)
-        optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        hint = spec.options.hint
-        self.parallelism = max(1, spec.options.parallel or optimal) if hint == "throughput" else 1
-        # One infer request per concurrent call; a call finding none free waits (or is refused once closed).
-        self._pool = CallPool("this openvino backend",
-                              (self.compiled.create_infer_request() for _ in range(self.parallelism)))
+        try:
+            self.compiled = _compile(spec)
+            optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            hint = spec.options.hint
+            self.parallelism = max(1, spec.options.parallel or optimal) if hint == "throughput" else 1
+            # One infer request per concurrent call; a call finding none free waits (or is refused once closed).
+            self._pool = CallPool("this openvino backend",
+                                  (self.compiled.create_infer_request() for _ in range(self.parallelism)))
+        except RuntimeError as exc:
+            if isinstance(exc, BackendError):
+                raise
+            # Its words on one line, the cause included, as onnxruntime's are: what reads the first line of the
+            # error (the loader, and the server's "out of memory or threads" from it) sees the cause.
+            raise RuntimeError(reason(exc)) from exc
 
     def _compute(self, request: Any, batch: np.ndarray) -> np.ndarray:
         """(B, C, H, W) float32 -> (B, classes) float32 on the infer request this call took from the pool."""

@@ -227,3 +227,92 @@ def test_a_repository_model_that_failed_to_load_has_series_at_0(fake, repo, bund
         (repo / "fake" / "config.pbtxt").write_text("not a config")
         assert c.post("/v2/repository/models/fake/load").status_code == 400
         assert series(c, "vitc_model_ready", "fake") == [1.0]
+
+
+# What OpenVINO 2026.4 raised loading a model as user 65534 under `ulimit -u 2`: its cause comes last, after the
+# outer words (first_line kept 'Failed to create plugin ...' alone, and the server said 'out of memory').
+OV_NO_THREAD = (
+    "Exception from src/inference/src/cpp/core.cpp:117:\nException from src/inference/src/dev/core_impl.cpp:847:\n"
+    'Failed to create plugin "/venv/openvino/libs/libopenvino_intel_cpu_plugin.so" for device CPU\n'
+    "Please, check your environment\nException from src/plugins/intel_cpu/src/plugin.cpp:921:\n"
+    "Resource temporarily unavailable\n\n\n\n")
+OV_BAD_ALLOC = "Exception from src/inference/src/cpp/core.cpp:117:\n[ GENERAL_ERROR ] std::bad_alloc\n"
+THREADS = "out of memory or threads (a thread could not start: a memory, pids or ulimit -u limit)"
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tmp_path_factory) -> Path:
+    pytest.importorskip("openvino")
+    from test_serve_fixtures import micro_bundle
+
+    return micro_bundle(tmp_path_factory)
+
+
+@pytest.mark.parametrize(("raised", "says"), [(OV_NO_THREAD, THREADS), (OV_BAD_ALLOC, "out of memory")])
+def test_openvino_failing_to_load_for_threads_says_so_as_onnxruntime_does(ov_bundle, monkeypatch, raised, says):
+    """OpenVINO's error is several lines: its cause was dropped with all but the first, so a thread that could not
+    start read as 'out of memory', where onnxruntime's one-line error said 'out of memory or threads'."""
+    import runtimes.openvino as ov
+
+    def failing(*_: object, **__: object) -> None:
+        raise RuntimeError(raised)
+
+    monkeypatch.setattr(ov, "_compile", failing)
+    with pytest.raises(WorkFailed) as failed:
+        load_models(Settings(models=[f"b={ov_bundle}"], backend="openvino"))
+    assert str(failed.value) == f"cannot load model 'b': {says}"
+    cause = failed.value.__cause__  # the loader's MemoryError keeps OpenVINO's words, its cause included
+    assert isinstance(cause, MemoryError) and str(cause).endswith(ov.reason(RuntimeError(raised))), cause
+    assert ov.reason(RuntimeError(OV_NO_THREAD)) == ('Failed to create plugin "/venv/openvino/libs/libopenvino_intel_'
+                                                     'cpu_plugin.so" for device CPU: Resource temporarily unavailable')
+
+
+def test_openvino_errors_keep_their_cause_on_one_line(tmp_path):
+    """A real OpenVINO error: its reason is on the last line ('FrontEnd API failed with GeneralFailure' alone said
+    nothing of the file)."""
+    pytest.importorskip("openvino")
+    import runtimes.openvino as ov
+
+    with pytest.raises(RuntimeError) as raised:
+        ov.core().read_model(str(tmp_path / "missing.xml"))
+    said = ov.reason(raised.value)
+    assert "\n" not in said and "Exception from" not in said and "Check '" not in said, said
+    assert said.endswith(f'Could not open the file: "{tmp_path / "missing.xml"}"'), said
+
+
+def _tasks_of(uid: int) -> int:
+    """The processes and threads `uid` runs now (what RLIMIT_NPROC counts)."""
+    count = 0
+    for status in Path("/proc").glob("[0-9]*/task/[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue
+        count += any(ln.startswith("Uid:") and ln.split()[1] == str(uid) for ln in lines)
+    return count
+
+
+@pytest.mark.parametrize("spare", [0, 1])
+def test_openvino_under_a_real_thread_limit_is_one_line_out_of_memory_or_threads(ov_bundle, tmp_path, spare):
+    """The real thing: `python -m serve --backend openvino` as an unprivileged user under `ulimit -u` (root is
+    exempt from it). With no thread to spare the CPU plugin cannot be created (the cause on the last of OpenVINO's
+    lines: this said 'out of memory'); with one, compiling fails (the cause on its first line)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run the server as another user under ulimit -u")
+    nobody, caps = 65534, "+dac_read_search,+dac_override"  # to read the venv, the bundle and the source as root's
+    as_nobody = [setpriv, "--reuid", str(nobody), "--regid", str(nobody), "--clear-groups", "--inh-caps", caps,
+                 "--ambient-caps", caps, "--"]
+    if subprocess.run([*as_nobody, "true"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv cannot switch users here")
+    limit = _tasks_of(nobody) + 1 + spare  # the server's main thread, and `spare` more
+    env = {**os.environ, "HOME": str(tmp_path), "OPENBLAS_NUM_THREADS": "1"}  # numpy's BLAS starts no thread
+    tmp_path.chmod(0o777)
+    command = [*as_nobody, sys.executable, "-m", "serve", "--model", f"b={ov_bundle}", "--backend", "openvino",
+               "--port", "0", "--no-access-log"]
+    proc = subprocess.run(["bash", "-c", f'ulimit -u {limit} && exec "$@"', "limited", *command], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out and '"listening"' not in out, out
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("{")]
+    assert errors == [f"python -m serve: error: cannot load model 'b': {THREADS}"], out

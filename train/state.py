@@ -7,6 +7,7 @@ arbitrary unpickling). The file is replaced in one rename: a kill at any moment 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import io
 import math
 import os
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
+from models.cli import memory_failure
 from models.io import atomic_write_bytes, not_a_file
 from models.jsonfields import is_finite, is_int, is_number
 
@@ -138,9 +140,14 @@ def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, 
         why = why.split(". Please", 1)[0]  # torch's advice to allowlist the class is not for untrusted files
         raise CheckpointError(f"cannot read resume state {path}: it holds Python objects no resume state holds "
                               f"({why.rstrip('.')[:200]}); it was not written by vitc and is not loaded") from None
-    except Exception as exc:  # any unreadable or tampered file is one clear error
-        raise CheckpointError(f"cannot read resume state {path}: {type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:MAX_REASON]}") from None
+    except Exception as exc:
+        if memory_failure(exc) is not None:  # the machine (exit 1), not the file
+            raise
+        if _NEWER_TORCH in str(exc):  # its version record passed its CRC-32: a newer torch wrote it, intact
+            raise CheckpointError(f"cannot read resume state {path}: {_reason(exc)}") from None
+        # Every member passed its CRC-32, but torch's own zip reader (miniz) reads the directory its way: where it
+        # disagrees with zipfile's reading, the directory changed (a disk, memory or copy error).
+        raise _unreadable(path, "it", exc, torch_load=True) from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: not a version-{STATE_VERSION} resume state")
     problem = check_resume(state)
@@ -153,21 +160,32 @@ def check_archive(path: Path) -> None:
     """CheckpointError unless `path` is laid out as torch.save writes it: a zip whose members are all stored
     uncompressed (so what loads is never larger than the file: a 1.4 MB deflated pickle took 5 GB), whose pickle is
     at most MAX_PICKLE_BYTES, and whose every member still matches the CRC-32 recorded for it. Checked from the zip
-    directory, then by reading each member, before anything is unpickled."""
+    directory, then by reading each member, before anything is unpickled. Bytes changed anywhere (a member, its
+    headers, the directory, the end records) are the one corrupt refusal (`_corrupt`), wherever they show."""
     import zipfile
 
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
-        if isinstance(exc, OSError) and exc.filename is not None:  # opening it failed (no permission), not its content
-            raise CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}") from None
-        raise CheckpointError(f"cannot read resume state {path}: not a torch.save archive ({exc})") from None
+    # zipfile reading a damaged directory raises nearly any type (BadZipFile, NotImplementedError for a "version
+    # needed" it does not know, struct.error, EOFError, UnicodeDecodeError, OverflowError, ...): all of them are
+    # the bytes; only an I/O error (or no permission) and memory are not.
+    except Exception as exc:
+        if memory_failure(exc) is not None:
+            raise
+        raise _unreadable(path, "its zip directory", exc) from None
     with archive:
         members = archive.infolist()
         for m in members:
-            if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
-                raise CheckpointError(f"cannot read resume state {path}: member {m.filename[:80]!r} is compressed, "
+            name = m.filename[:80]
+            if m.compress_type != zipfile.ZIP_STORED and m.compress_size != m.file_size:
+                raise CheckpointError(f"cannot read resume state {path}: member {name!r} is compressed, "
                                       "which torch.save never does; it was not written by vitc and is not loaded")
+            # Not compressed, yet not as torch.save lists a member either: a method or a size that a flipped bit
+            # changed, or the MS-DOS directory attribute, which makes torch's reader (miniz) read the member as
+            # empty: its tensor would load as whatever memory held, and pass its CRC-32 check in zipfile.
+            if m.compress_type != zipfile.ZIP_STORED or m.compress_size != m.file_size or \
+                    m.external_attr & _DOS_DIRECTORY:
+                raise _corrupt(path, f"member {name!r} has a damaged directory entry ({_entry_fault(m)})")
             if m.filename.lower().endswith("data.pkl") and m.file_size > MAX_PICKLE_BYTES:  # torch finds any case
                 raise CheckpointError(f"cannot read resume state {path}: its pickle is {m.file_size:,} bytes, more "
                                       f"than the {MAX_PICKLE_BYTES:,} a resume state needs")
@@ -175,28 +193,57 @@ def check_archive(path: Path) -> None:
 
 
 CRC_CHUNK = 1 << 20  # bytes read at a time while a member's CRC-32 is checked: memory stays flat whatever its size
+_DOS_DIRECTORY = 0x10  # the MS-DOS attribute bit of a zip entry's external attributes: a directory
+# What torch.load says of a file a newer torch wrote (its version record): not damage.
+_NEWER_TORCH = "installation may be too old"
+
+
+def _entry_fault(m: Any) -> str:
+    """What is wrong with a directory entry `check_archive` refused (stored, yet not as torch.save lists one)."""
+    if m.external_attr & _DOS_DIRECTORY:
+        return "marked a directory"
+    if m.compress_size != m.file_size:
+        return f"{m.compress_size:,} bytes stored for {m.file_size:,}"
+    return f"compression method {m.compress_type}"
 
 
 def _check_crcs(path: Path, archive: Any, members: list[Any]) -> None:
     """Read every member (stored, so at most the file's size in all, CRC_CHUNK at a time) against the CRC-32 torch.save
     recorded for it. torch.load checks none of them: a flipped bit in a tensor would load, train on and end up in
     the next checkpoint without a word (checkpoint.json guards its weights with a sha256; resume.pt has only this)."""
-    import zipfile
-
     for m in members:
         try:
             with archive.open(m) as f:  # by its entry, not its name: a repeated name would hide the first
                 while f.read(CRC_CHUNK):
                     pass
         # A wrong CRC-32, a truncated member, a mangled local header (a flipped bit in its flags or name reads as an
-        # encrypted or compressed-patched member, or a name that is not UTF-8).
-        except (zipfile.BadZipFile, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError) as exc:
-            why = "fails its CRC-32 check" if "CRC" in str(exc) else f"cannot be read ({' '.join(str(exc).split())})"
-            raise CheckpointError(f"cannot read resume state {path}: it is corrupt: member {m.filename[:80]!r} "
-                                  f"{why[:MAX_REASON]} (changed since it was written: a disk, memory or copy error); "
-                                  f"{_corrupt_advice(path.parent)}") from None
-        except OSError as exc:  # an I/O error while reading
-            raise CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}") from None
+        # encrypted or compressed-patched member, or a name that is not UTF-8), an offset before the file's start.
+        except Exception as exc:
+            if memory_failure(exc) is not None:
+                raise
+            if "CRC" in str(exc) and not isinstance(exc, OSError):
+                raise _corrupt(path, f"member {m.filename[:80]!r} fails its CRC-32 check") from None
+            raise _unreadable(path, f"member {m.filename[:80]!r}", exc) from None
+
+
+def _corrupt(path: Path, what: str) -> CheckpointError:
+    """The one refusal of a resume.pt whose bytes changed since it was written (`what`: where that shows)."""
+    return CheckpointError(f"cannot read resume state {path}: it is corrupt: {what[:MAX_REASON]} (changed since it "
+                           f"was written: a disk, memory or copy error); {_corrupt_advice(path.parent)}")
+
+
+def _reason(exc: BaseException) -> str:
+    """`exc`'s message on one line, at most MAX_REASON characters (its type's name when it has none)."""
+    return " ".join(str(exc).split())[:MAX_REASON] or type(exc).__name__
+
+
+def _unreadable(path: Path, what: str, exc: Exception, *, torch_load: bool = False) -> CheckpointError:
+    """The refusal for `exc`, raised reading `what` of resume.pt: an I/O error or a permission as the system says
+    it, anything else (the bytes) the corrupt refusal. EINVAL is a seek to an offset a changed directory gave."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno != errno.EINVAL:
+        return CheckpointError(f"cannot read resume state {path}: {exc.strerror or exc}")
+    said = f"{type(exc).__name__}: {_reason(exc)}" if torch_load else _reason(exc)
+    return _corrupt(path, f"{what} cannot be read{' by torch.load' if torch_load else ''} ({said})")
 
 
 def _corrupt_advice(out: Path) -> str:
