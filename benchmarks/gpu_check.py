@@ -49,8 +49,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.cli import InputError, OneLineParser, command, error_reason, float_in, int_in, last_line, refuse_empty_paths
-from models.device import DEVICE_RULE, is_device
+from models.cli import (
+    InputError,
+    OneLineParser,
+    command,
+    device_arg,
+    error_reason,
+    float_in,
+    int_in,
+    last_line,
+    refuse_empty_paths,
+)
 from models.oneline import first_line
 
 PROG = "python -m benchmarks.gpu_check"
@@ -664,14 +673,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _device(text: str) -> str:
-    """An argparse type: a device name of models.device (cpu is refused later without --smoke)."""
-    # The names and the bound the server and the runtimes take (models.device), refused here rather than minutes in.
-    if not is_device(text):
-        raise argparse.ArgumentTypeError(f"must be {DEVICE_RULE}, got {text!r}")
-    return text
-
-
 def _parity_main(args: argparse.Namespace) -> int:
     """--parity-of: the JSON line, or InputError (exit 2) for a bundle or checkpoint that cannot load."""
     from data.datasets import DatasetError
@@ -712,7 +713,7 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the check (or, with --parity-of, one bundle's on-device parity as a JSON line)."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", type=_device, default="cuda",
+    p.add_argument("--device", type=device_arg, default="cuda",
                    help="cuda (default) or cuda:N; cpu only with --smoke (the full check needs a GPU)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes of the same steps (what the tests run with --device cpu)")

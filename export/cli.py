@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from data.datasets import EMBEDDED
-from export.bundle import MAX_SAMPLES, MAX_THREADS, ExportConfig
+from export.bundle import MAX_SAMPLES, ExportConfig
 from export.targets import QUANTIZER, Target, known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT, valid_name
 from models.checkpoint import CheckpointError, read_checkpoint_meta
@@ -29,7 +29,7 @@ from models.cli import (
     refuse_empty_paths,
     report,
 )
-from models.host import distribution_versions
+from models.host import MAX_THREADS, distribution_versions
 from models.io import mount_point_problem, out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
 from runtimes.registry import DEFAULT_TARGETS

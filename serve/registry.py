@@ -15,7 +15,7 @@ from models import tritonconfig
 from models.bundle import MANIFEST_FILE, NAME_RE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest, unreadable
 from models.bundle import NAME_RULE as BUNDLE_NAME_RULE
 from models.cli import WorkFailed, out_of_memory
-from models.host import usable_cpus
+from models.host import MAX_THREADS, usable_cpus
 from models.preprocessing import Preprocessing
 from models.triton_layout import is_version_name, version_dirs
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
@@ -347,7 +347,8 @@ def _backend_options(source: ModelSource, config: TritonConfig | None, settings:
         # As Triton's backend sizes one instance, within the CPUs this container may use (Triton oversubscribes).
         rt = runtimes.get(runtime)
         if (wanted := config.threads(rt.triton_threads)) is not None:  # vitc runs the instances' work as one
-            threads = min(wanted if rt.triton_threads_shared else wanted * config.instance_count, usable_cpus())
+            threads = min(wanted if rt.triton_threads_shared else wanted * config.instance_count, usable_cpus(),
+                          MAX_THREADS)  # a host of over 1024 CPUs: what BackendOptions takes
     # A compiled model is prepared only for the batch sizes this server can form (each one costs start time); a
     # repository model's batch size is its config.pbtxt's, known once loaded: the bundle's bounds it then.
     max_batch = settings.max_batch_size if settings.compile and not source.repository else None
