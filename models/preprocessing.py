@@ -364,11 +364,16 @@ def image_input(img: Image.Image, spec: Preprocessing) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
+def affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift), float32 per channel: a uint8 value x normalises to x * scale - shift (training's batches too)."""
+    std32 = np.asarray(std, np.float32)
+    return np.float32(1 / 255) / std32, np.asarray(mean, np.float32) / std32
+
+
 def _lookup(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """(3, 256) float32: every uint8 value of each channel, normalised (the same float32 arithmetic as
-    `x * (1/255/std) - mean/std` on the whole image, so the values are bitwise those of that formula)."""
-    scale = np.float32(1 / 255) / np.asarray(std, np.float32)
-    shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    `x * scale - shift` of `affine` on the whole image, so the values are bitwise those of that formula)."""
+    scale, shift = affine(mean, std)
     table = np.arange(256, dtype=np.float32)[None, :] * scale[:, None] - shift[:, None]
     table.setflags(write=False)
     return table

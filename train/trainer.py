@@ -55,7 +55,7 @@ from models.io import (
     writer_lock,
 )
 from models.jsonfields import finite_or_none
-from models.preprocessing import Preprocessing
+from models.preprocessing import Preprocessing, affine
 from models.registry import build_model
 from train.augment import BatchMixer, derive_seed
 from train.config import ConfigError, TrainConfig
@@ -223,6 +223,14 @@ def remove_if_empty(dirs: list[Path]) -> None:
             return
 
 
+def input_affine(spec: Preprocessing, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1) on `dev`: uint8 * scale - shift is models.preprocessing.normalize, bitwise."""
+    # normalize's own float32 arithmetic, so a training batch holds exactly the values evaluation and the server feed
+    # the model (1/std first and then /255 differed in the last bit on half the values).
+    scale, shift = affine(spec.mean, spec.std)
+    return torch.from_numpy(scale).view(1, 3, 1, 1).to(dev), torch.from_numpy(shift).view(1, 3, 1, 1).to(dev)
+
+
 class Trainer:
     """One run of `cfg` on this process (a DDP rank or the only process)."""
 
@@ -311,9 +319,7 @@ class Trainer:
         self.val_batches = eval_loader(self.val_set, self.spec, info, batch_size=batch, workers=self.workers,
                                        cache=val_cache)
         self.lr = scaled_lr(cfg, self.global_batch)
-        self.scale = (torch.tensor(self.spec.std, device=self.dev).reciprocal() / 255).view(1, 3, 1, 1)
-        self.shift = (torch.tensor(self.spec.mean, device=self.dev) / torch.tensor(self.spec.std, device=self.dev)
-                      ).view(1, 3, 1, 1)
+        self.scale, self.shift = input_affine(self.spec, self.dev)
         self.ema = None
         if cfg.epochs == 0:
             return
@@ -560,7 +566,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ training
     def _inputs(self, xb: torch.Tensor) -> torch.Tensor:
-        # uint8 -> normalised float, the same affine map as models.preprocessing.normalize
+        # uint8 -> normalised float, bitwise what models.preprocessing.normalize gives (`input_affine`)
         x = xb.to(self.dev, non_blocking=True).float().mul_(self.scale).sub_(self.shift)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
