@@ -6,7 +6,7 @@ that streams an endless header grows the server's memory. A client that stops re
 connection (and the request's memory) forever too, and one that pipelines thousands of requests per read would have
 every one of them parsed and queued. The body has its own deadline and budget (serve.middleware.BodyLimitMiddleware);
 idle keep-alive connections have uvicorn's keep-alive timeout. An answer that closes its connection before the
-request was read whole closes it gently (a lingering close, LINGER_S), so that the client reads it rather than a reset.
+request was read whole closes it gently (serve.linger's lingering close), so that the client reads it, not a reset.
 A request that asks for a protocol upgrade (`Connection: Upgrade` with `Upgrade: h2c`, `websocket`, anything) is read
 and answered as the same request without it (RFC 9110 7.8): its body is its body, and what follows it the next
 request; the parser alone would take the body for the new protocol's bytes (request smuggling).
@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -30,15 +28,12 @@ import httptools
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.flow_control import FlowControl
 
+from serve.chunked import ChunkSizes
 from serve.errors import APIError
+from serve.http_limits import PROBE_PATHS, PROBE_WAIT_S, ConnectionLimits, OpenConnections, Refusals
+from serve.linger import LingeringClose, LingeringTransport
 
-_log = logging.getLogger("vitc.access")
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's default buffers hold 32 KiB)
-# Beyond the connection limit, a few more connections may still ask for health or metrics (Kubernetes probes and
-# Prometheus scrapes open a connection each time: idle clients holding every place must not make a healthy pod fail
-# its probes). They get PROBE_WAIT_S for their request, which must be a GET or HEAD of one of these paths.
-PROBE_PATHS = re.compile(rb"/v2/health/(live|ready)|/metrics|/v2/models/[^/?]{1,256}(/versions/[0-9]{1,19})?/ready")
-PROBE_WAIT_S = 2.0
 # Requests parsed on one connection that wait behind the one being answered. Beyond them the bytes read stay
 # unparsed (one read at most: reading pauses) until answers go out; uvicorn parsed a whole read (256 KiB, thousands
 # of small requests) into its queue, and resumed reading after every answer.
@@ -65,50 +60,10 @@ FRAMING_SLACK = 64 * 1024
 EOF_PROBE_S = 0.1
 _INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-# A chunked body's size lines, as _ChunkSizes walks them. A whole line, to its LF: its hex digits (leading zeros
-# dropped; 17 tell 2^64 or more), then the rest (extensions) unread. Possessive: a long line fails in one pass.
-_SIZE_LINE = re.compile(rb"0*+([0-9a-fA-F]{0,17}+)[^\n]*+\n")
-# Chunks of 1 to 15 bytes (one hex digit after any zeros, extensions or not), whole with their data and its CRLF: a
-# run of them is taken in one match, and its sizes are summed from their digits, whatever the data holds. The parser
-# takes no CR or LF inside a size line and insists on the CRLF after the data, so a body it takes is walked in step.
-_SMALL_CHUNK = b"0*+(?:" + b"|".join(b"%c(?:;[^\r\n]*+)?\r\n.{%d}\r\n" % (c, int(chr(c), 16))
-                                   for c in b"123456789abcdefABCDEF") + b")"
-_SMALL_RUN = re.compile(b"(?:" + _SMALL_CHUNK + b")*+", re.DOTALL)
-_SMALL_SIZES = re.compile(b"(?=0*+([1-9a-fA-F]))" + _SMALL_CHUNK, re.DOTALL)
-_HEX_VALUES = bytes.maketrans(b"123456789abcdefABCDEF", bytes(range(1, 16)) + bytes(range(10, 16)))
 _EMPTY_LINES = re.compile(rb"[\r\n]*")  # what the parser skips before a request line
-# An answer that closes its connection while the client may still be sending (a 413 at once, a 404 or 401 to a
-# request with a body, HTTP/1.0 or `Connection: close` or a stop's shutdown delay closing after it, a refusal in the
-# middle of a request) half-closes, then reads and drops what still comes before it closes, as nginx does (its
-# lingering close): closing with input unread makes the kernel send a reset, which destroys the answer before a
-# client that sends its whole body first (requests, http.client, curl) gets to read it. The client may pause
-# LINGER_IDLE_S between reads (nginx: 5 s; what matters here is curl's 1 s wait before it sends a body that got no
-# `100 Continue`), and gets LINGER_S in all, never more than its body deadline (`seconds`): nginx allows 30 s for
-# slow links, while this server's clients sit on a data-centre network where a body several times the limit takes a
-# few seconds even at 100 Mbit/s, and a stop waits for lingering connections (within --graceful-timeout-s). It reads
-# at most ConnectionLimits.linger_bytes (lingering_bytes: LINGER_BODIES bodies of the limit): bandwidth, not memory,
-# since nothing read is kept. Past a bound the connection closes, a reset if the client is still sending. A kept
-# connection, which reads and drops the rest of each body answered early (up to twice the limit each, as a 413 at
-# once allows: serve.middleware.EarlyAnswerMiddleware), drops as much at most, all its requests together, before it
-# closes gently too: otherwise one such request after another would have the server read without end.
-LINGER_S = 10.0
-LINGER_IDLE_S = 2.0
-LINGER_BODIES = 8
-LINGER_MIN_BYTES = 64 << 20
 # What a request that the server had no memory to read is told (the words of serve.routes.deps.OUT_OF_MEMORY, which
 # this module, below the app, does not import): 503 + Retry-After, not the client's fault.
 OUT_OF_MEMORY = "the server ran out of memory for this request; retry later"
-
-
-def probe_places(max_connections: int) -> int:
-    """Connections beyond the limit that may still be probes."""
-    return max(16, max_connections // 10)
-
-
-def lingering_bytes(max_body_bytes: int) -> int:
-    """What a lingering close reads at most: LINGER_BODIES bodies of `max_body_bytes`, and LINGER_MIN_BYTES at least."""
-    return max(LINGER_MIN_BYTES, LINGER_BODIES * max_body_bytes)
 
 
 def _answer(status: int, reason: str, text: str, retry_after: int | None = None) -> bytes:
@@ -117,20 +72,6 @@ def _answer(status: int, reason: str, text: str, retry_after: int | None = None)
     retry = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
     return (f"HTTP/1.1 {status} {reason}\r\ndate: {formatdate(usegmt=True)}\r\ncontent-type: application/json\r\n"
             f"{retry}connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
-
-
-def host_port(host: str, port: int | None = None) -> str:
-    """An address for a log line: `host:port`, an IPv6 address in brackets (`[::1]:8080`, RFC 3986: unbracketed,
-    its port would read as part of it), or the bare host when the port is unknown."""
-    if port is None:
-        return host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _client(transport: asyncio.BaseTransport) -> str | None:
-    """The peer's address (host_port), for the access log."""
-    peer = transport.get_extra_info("peername")
-    return host_port(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
 
 
 def _out_of_memory(error: BaseException | None) -> bool:
@@ -188,203 +129,18 @@ class _HeldFlow(FlowControl):
             (self._reader.pause_reading if paused else self._reader.resume_reading)()
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What bounds one server's connections: `seconds` for a request's headers (and for a client to accept any of
-    an answer), `max_connections` open at once (None: no bound), and `linger_bytes` read and dropped at most by a
-    lingering close (LINGER_S), and by a kept connection of the bodies answered before they were read."""
-
-    seconds: float
-    max_connections: int | None = None
-    linger_bytes: int = LINGER_MIN_BYTES
-
-    @property
-    def probe_places(self) -> int:
-        """Connections beyond `max_connections` that may still be probes."""
-        return probe_places(self.max_connections or 0)
-
-    @property
-    def busy(self) -> str:
-        """The reason given to a connection beyond the limit."""
-        return f"the server has {self.max_connections} connections open, its limit; retry shortly"
-
-    @property
-    def too_slow(self) -> str:
-        """The reason given to a request whose headers missed their deadline."""
-        return f"the request headers did not arrive within {self.seconds:g} s"
-
-
-@dataclass(eq=False)
-class OpenConnections:
-    """The connections of one server not yet lost, shared by every connection of its protocol class."""
-
-    admitted: int = 0
-    probes: int = 0  # probe-only connections, beyond the limit
-    # Probe-only connections whose request headers are not complete yet, oldest first: what a newcomer may evict.
-    waiting: dict[Any, None] = field(default_factory=dict)
-    closing: bool = False  # from a stop's first signal: every answer begun from then on closes its connection
-
-    def count(self, probe: bool, change: int) -> None:
-        """Count a connection in (`change` 1) or out (-1) of the admitted ones or the probe-only ones."""
-        if probe:
-            self.probes += change
-        else:
-            self.admitted += change
-
-
-@dataclass(frozen=True)
-class Refusals:
-    """Where the answers given below the app are reported: its access log and metrics never see them."""
-
-    access_log: bool = True
-    on_refusal: Callable[[int], None] | None = None
-
-    def report(self, status: int, reason: str, transport: asyncio.BaseTransport) -> None:
-        """Count one refusal (`on_refusal`) and log it (with the access log on)."""
-        if self.on_refusal is not None:
-            self.on_refusal(status)
-        if self.access_log:
-            _log.info("refused", extra={"status": status, "reason": reason, "client": _client(transport)})
-
-
 _TOO_LARGE = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
 
 
-class _LingeringTransport:
-    """A connection's transport as uvicorn (and this module) sees it: `close` closes gently when the client may still
-    be sending (HeaderBoundsProtocol._close_gently), and the transport counts as closing from then on; the rest is the
-    transport's own."""
+class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's default HTTP protocol, bounding what one connection may cost, with JSON answers to what it refuses."""
 
-    def __init__(self, transport: asyncio.Transport, protocol: HeaderBoundsProtocol) -> None:
-        self._transport, self._protocol = transport, protocol
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def is_closing(self) -> bool:
-        return self._protocol.lingering or self._transport.is_closing()
-
-    def write(self, data: bytes) -> None:
-        if not self._protocol.lingering:  # the answer is out and the write side shut: nothing more goes
-            self._transport.write(data)
-
-    def close(self) -> None:
-        if not self._protocol.lingering and not self._protocol._close_gently():
-            self._transport.close()
-
-
-class _ChunkSizes:
-    """Follows a chunked body's framing ahead of the parser, which tells no chunk's size: `announced` is the sum of
-    the sizes its chunk-size lines announced so far, `framing` the bytes of those lines (extensions included, a line
-    counted once it ends) and of the CRLFs after their data, and `feed` tells how far the body's chunks go in the
-    bytes read (the parser is then given them in one piece, whatever the chunk data holds). The parser checks the
-    framing; once it refuses, nothing here is asked any more. Chunk data is skipped, not searched, and a size line
-    costs one match of _SIZE_LINE; a run of chunks of 1 to 15 bytes costs two matches of the regex engine in all
-    (_SMALL_RUN), however many it holds."""
-
-    def __init__(self) -> None:
-        self.announced = 0
-        self.framing = 0
-        self.last = False  # whether the last chunk's size line has ended (the trailers, if any, come next)
-        self._left = 0  # bytes still to come of a chunk's data and the CRLF after it
-        self._begun = False  # whether the size line being read began in bytes fed earlier
-        self._partial = 0  # its bytes so far (they count in `framing` once it ends: MAX_CHUNK_LINE bounds it)
-        self._digits = b""  # that line's hex digits so far, leading zeros dropped (17 tell 2^64 or more)
-        self._in_digits = True  # whether that line is still in its digits (not in its extensions)
-
-    def feed(self, data: bytes, at: int = 0) -> tuple[int, bool]:
-        """Follow the body's next bytes, `data` from `at`, up to the end of its last chunk's size line (its trailers,
-        and what follows the body, are not followed): where that stopped, and whether a chunk-size line ended."""
-        announced, end = False, len(data)
-        if self._left:  # the rest of a chunk's data, and its CRLF
-            step = min(self._left, end - at)
-            at, self._left = at + step, self._left - step
-        while at < end and not self.last:
-            if not self._begun:
-                run = _SMALL_RUN.match(data, at).end()  # whole small chunks, each with its CRLF
-                if run > at:
-                    sizes = sum(b"".join(_SMALL_SIZES.findall(data, at, run)).translate(_HEX_VALUES))
-                    self.announced, self.framing = self.announced + sizes, self.framing + run - at - sizes
-                    at, announced = run, True
-                    if at == end:
-                        break
-                line = _SIZE_LINE.match(data, at)  # a whole size line: its digits, leading zeros dropped
-                if line is not None:
-                    stop, announced = line.end(), True
-                    self.framing += stop - at
-                    at = self._sized(int(line[1] or b"0", 16), stop, end)
-                    continue
-            # A size line that began in an earlier read, or does not end in this one: its digits are gathered.
-            lf = data.find(b"\n", at)
-            stop = end if lf < 0 else lf + 1
-            if self._in_digits:
-                digits = data[at:stop].lstrip(b"0") if not self._digits else data[at:stop]
-                run = digits[:len(digits) - len(digits.lstrip(_HEX_DIGITS))]
-                self._digits = (self._digits + run)[:17]
-                self._in_digits = len(run) == len(digits)
-            self._partial += stop - at
-            at, self._begun = stop, lf < 0
-            if lf >= 0:
-                size, self._digits, self._in_digits, announced = int(self._digits or b"0", 16), b"", True, True
-                self.framing, self._partial = self.framing + self._partial, 0
-                at = self._sized(size, at, end)
-        return at, announced
-
-    def _sized(self, size: int, at: int, end: int) -> int:
-        """A size line ended at `at`, announcing `size` bytes: they come next with their CRLF, skipped as far as
-        `end` goes (where the walk goes on is returned), or (0) the trailers do."""
-        self.announced += size
-        if not size:
-            self.last = True
-            return at
-        self.framing += 2
-        at += size + 2
-        if at > end:
-            self._left, at = at - end, end
-        return at
-
-    @property
-    def in_line(self) -> bool:
-        """Whether the bytes walked so far end inside a line of the framing: a size line, or the trailers."""
-        return self._begun or self.last
-
-
-class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's default HTTP protocol, closing with a JSON 408 a connection whose request headers are not complete
-    `limits.seconds` after the connection opened or the request's first byte arrived, with a JSON 431 one whose
-    headers pass MAX_HEADER_BYTES, and with a JSON 400 (501 an unknown method, 505 an unknown HTTP version) what
-    uvicorn's parser refuses (each after the answers to the requests before it); a connection whose client accepts
-    none of its answer for `limits.seconds` is dropped. A connection beyond `limits.max_connections` open at once
-    gets a JSON 503 and is closed unread (each one holds a file descriptor and memory for up to `seconds`, so without
-    a bound a flood of idle ones starves the process), except that a few (`probe_places`) may still GET health,
-    readiness or metrics within PROBE_WAIT_S. `refusals` counts and logs each answer given here.
-
-    At most MAX_PIPELINED requests are parsed ahead of the one being answered, and reading pauses until answers go
-    out. A malformed chunked body (or one of its framing lines longer than MAX_CHUNK_LINE, or framing past
-    FRAMING_PER_BYTE bytes per byte of its data) ends its request at once: the app's `receive` raises a JSON 400
-    that the app answers, closing the connection; a body the server has no memory to gather, a JSON 503 +
-    Retry-After (OUT_OF_MEMORY) the same way. A client that half-closes after its HTTP/1.1 requests has those it
-    sent whole answered, then the connection closes (EOF_PROBE_S); an EOF while an HTTP/1.0 request is owed its
-    answer is a disconnect. `close_after_answers` (a stop's first signal) makes every answer begun from then on close
-    its connection; an HTTP/1.0 request is never sent `100 Continue`. An answer that closes its connection while the
-    client may still be sending closes it gently, within bounds (LINGER_S).
-
-    A request with `Connection: Upgrade` is read and answered as the same request without it (no upgrade is ever
-    done); CONNECT is refused (400), and so is HTTP/1.0 with a Transfer-Encoding (RFC 9112 6.1). Entries in a
-    request's scope tell the app what only the connection knows: `vitc.body_unread()`, whether the request's body is
-    not yet read to its end; for a chunked body, `vitc.body_announced()`, the bytes its chunk-size lines announced so
-    far (a chunk announced past the body limit is refused before its data arrives: serve.middleware); and
-    `vitc.drop_left()`, the bytes of bodies answered early that the connection may still read and drop before it
-    closes (an answer whose body may take it past that says `Connection: close`: serve.middleware).
-
-    uvicorn makes one instance per connection from the class it is given: `configured` makes that class, holding
-    the limits and the count of open connections that all of its connections share.
-    """
-
+    # uvicorn makes one instance per connection from the class it is given: `configured` makes that class, holding
+    # the limits and the count of open connections that all of its connections share, and `refusals`, which counts
+    # and logs each answer given here (the app's access log and metrics never see them).
     limits: ClassVar[ConnectionLimits]
     shared: ClassVar[OpenConnections]
     refusals: ClassVar[Refusals]
-    lingering = False  # whether the answers are out and what the client still sends is read and dropped
     # Set per request by on_message_begin; send_400_response may come before the first request begins.
     _oversized = False
     _long_uri = False
@@ -403,13 +159,16 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         closes its connection (a stop's shutdown delay). A plain assignment: safe in a signal handler."""
         cls.shared.closing = True
 
-    # Connections: admission, the probe places beyond the limit, and their release.
+    # Connections: admission, the probe places beyond the limit, and their release. A connection beyond
+    # `limits.max_connections` open at once gets a JSON 503 and is closed unread (each one holds a file descriptor and
+    # memory for up to `limits.seconds`, so without a bound a flood of idle ones starves the process), except that a
+    # few (`limits.probe_places`) may still GET health, readiness or metrics within PROBE_WAIT_S.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.flow = _HeldFlow(transport)  # before any request (each request's cycle shares it)
         self._wire = transport  # the transport itself: self.transport (every cycle's too) closes gently
-        self.transport = _LingeringTransport(transport, self)
+        self.transport = LingeringTransport(transport, self)
         self._last_read = self.loop.time()
         if not self._admit():
             self._turn_away()
@@ -467,7 +226,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._behind = False  # whether that request began while the one ahead of it was still unanswered
         self._priming = False  # a fresh parser is being fed a request head of this module's own (_ignore_upgrade)
         self._skip_complete = False  # the parser ends an Upgrade request at its headers: its body is still to come
-        self._chunks: _ChunkSizes | None = None  # the chunked body being read, followed for its chunk sizes
+        self._chunks: ChunkSizes | None = None  # the chunked body being read, followed for its chunk sizes
         self._announcing = False  # whether the piece being parsed ends a chunk-size line (_cut)
         self._chunk_data: list[bytes] = []  # chunk data the parser gave that uvicorn has not been handed yet
         self._body_left = 0  # bytes still due of the Content-Length body being read
@@ -514,7 +273,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.transport.write_eof()
         self._linger = asyncio.get_running_loop().call_later(1.0, self.transport.abort)
 
-    # Reading: what goes to the parser, and how much of it at once.
+    # Reading: what goes to the parser, and how much of it at once. At most MAX_PIPELINED requests are parsed ahead
+    # of the one being answered, and reading pauses until answers go out. A request with `Connection: Upgrade` is
+    # read and answered as the same request without it (no upgrade is ever done: _feed_parser).
 
     def data_received(self, data: bytes) -> None:
         if self._turned_away:
@@ -565,7 +326,7 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """Where the bytes waiting are cut: right after the first CRLF CRLF where headers may end (a request's, or a
         chunked body's trailers), else after all of them. Bytes where none can end are skipped, not searched (CRLF
         CRLF on and on costs no piece each): a Content-Length body's rest, a chunked body's chunks as far as they go
-        (_ChunkSizes), and the empty lines the parser skips before a request. A piece given to the parser thus ends
+        (ChunkSizes), and the empty lines the parser skips before a request. A piece given to the parser thus ends
         at most one request's headers, at its own end: a body begins with a piece of its own, and a piece that ends
         a body ends with it."""
         data, at = self._unparsed, self._at
@@ -669,7 +430,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._body_refused(f"malformed chunked body: a chunk-size line or trailer field longer than "
                                f"{MAX_CHUNK_LINE} bytes")
 
-    # The parser's callbacks: each request's line, headers and body.
+    # The parser's callbacks: each request's line, headers and body. Headers past MAX_HEADER_BYTES are a JSON 431;
+    # CONNECT is refused (400), and so is HTTP/1.0 with a Transfer-Encoding (RFC 9112 6.1): _header_problem.
 
     def on_message_begin(self) -> None:
         if self._priming:
@@ -724,9 +486,14 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         # The parser ends a request with `Connection: Upgrade` here, calling it complete: a body it has still comes.
         lengths = [v for n, v in self.headers if n == b"content-length"]
         self._skip_complete = self.parser.should_upgrade() and bool(codings or (lengths and int(lengths[0])))
-        self._chunks = _ChunkSizes() if codings else None
+        self._chunks = ChunkSizes() if codings else None
         self._body_left = 0 if codings or not lengths else int(lengths[0])
         if (cycle := self.cycle) is not None and cycle.scope is self.scope:
+            # What only the connection knows, for the app: whether the request's body is not yet read to its end;
+            # for a chunked body, the bytes its chunk-size lines announced so far (a chunk announced past the body
+            # limit is refused before its data arrives: serve.middleware); and the bytes of bodies answered early
+            # that the connection may still read and drop before it closes (an answer whose body may take it past
+            # that says `Connection: close`: serve.middleware).
             self.scope["vitc.body_unread"] = lambda: self.cycle is cycle and self._body_read_of is not cycle
             if (chunks := self._chunks) is not None:
                 self.scope["vitc.body_announced"] = lambda: chunks.announced
@@ -804,7 +571,10 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
 
-    # Malformed chunked bodies: the app's `receive` raises their JSON error.
+    # Malformed chunked bodies: the app's `receive` raises their JSON error. A malformed chunked body (or one of its
+    # framing lines longer than MAX_CHUNK_LINE, or framing past FRAMING_PER_BYTE bytes per byte of its data) ends its
+    # request at once: the app's `receive` raises a JSON 400 that the app answers, closing the connection; a body the
+    # server has no memory to gather, a JSON 503 + Retry-After (OUT_OF_MEMORY) the same way.
 
     def _body_open(self) -> bool:
         """Whether the parser is inside the body of a request that is not answered yet."""
@@ -857,7 +627,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
         return checked
 
-    # Answers: in order, each refusal after the answers before it.
+    # Answers: in order, each refusal after the answers before it. What uvicorn's parser refuses is a JSON 400 (501
+    # an unknown method, 505 an unknown HTTP version: _parser_refusal).
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -921,7 +692,8 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.transport.write(answer)
             self.transport.close()
 
-    # Closing gently: the lingering close (LINGER_S).
+    # Closing gently: an answer that closes its connection while the client may still be sending closes it gently,
+    # within bounds (serve.linger.LingeringClose), when _unread says so.
 
     def _unread(self) -> bool:
         """Whether the client may still be sending what has not been read, after an answer that a reset would
@@ -934,48 +706,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         headers_left = self._in_headers and (self._refused or self._behind)
         return bool(body_left or headers_left or self._unparsed or self.pipeline or self.flow.paused)
 
-    def _close_gently(self) -> bool:
-        """Close gently, if the client may still be sending (and has not ended its stream): the answers written so
-        far go out, then the write side shuts (the client reads them, then EOF), and what the client still sends is
-        read and dropped until it closes, pauses LINGER_IDLE_S, has sent linger_bytes, or LINGER_S have passed.
-        False when a plain close does (nothing unread, or a client silent for LINGER_IDLE_S already: a stalled
-        upload at its deadline)."""
-        wire = self._wire
-        if (self._turned_away or self._eof or wire.is_closing() or not wire.can_write_eof()
-                or not self._unread()):
-            return False
-        now = self.loop.time()
-        if not self.flow.paused and now - self._last_read >= LINGER_IDLE_S:
-            return False
-        self.lingering = True
-        self._disarm()
-        self._unset_keepalive_if_required()
-        for timer in (self._eof_timer, self._linger_timer):
-            if timer is not None:
-                timer.cancel()
-        self.shared.waiting.pop(self, None)
-        self._unparsed, self._at = b"", 0
-        if self.flow.paused:
-            self._last_read = now  # bytes may wait in the kernel: they count as just read
-        self._linger_ends = now + min(LINGER_S, self.limits.seconds)
-        wire.write_eof()  # once what is buffered has gone out
-        self.flow.read_all()
-        self._linger_check()
-        return True
-
-    def _linger_check(self) -> None:
-        """End the lingering close at its bounds in time, else look again when the next one may be reached."""
-        self._linger_timer = None
-        if self._wire.is_closing():
-            return
-        now = self.loop.time()
-        due = min(self._linger_ends, self._last_read + LINGER_IDLE_S)
-        if now >= due:
-            self._wire.abort()  # the client left the connection open, or never stops sending
-            return
-        self._linger_timer = self.loop.call_later(due - now, self._linger_check)
-
-    # Deadlines: a request's headers, and a client that takes none of its answer.
+    # Deadlines: a request's headers, and a client that takes none of its answer. A connection whose request headers
+    # are not complete `limits.seconds` after the connection opened or the request's first byte arrived is closed with
+    # a JSON 408; one whose client accepts none of its answer for `limits.seconds` is dropped.
 
     def _answer_owed(self) -> bool:
         """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of one
@@ -1019,7 +752,9 @@ class HeaderBoundsProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._send_timer = None
         self.transport.abort()
 
-    # End of the client's stream: a half-close, or a client that left.
+    # End of the client's stream: a half-close, or a client that left. A client that half-closes after its HTTP/1.1
+    # requests has those it sent whole answered, then the connection closes (EOF_PROBE_S); an EOF while an HTTP/1.0
+    # request is owed its answer is a disconnect.
 
     def eof_received(self) -> bool | None:
         """The client sends nothing more. Requests it sent whole are still answered (then the connection closes);

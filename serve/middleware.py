@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import workpool
 from serve.errors import APIError, ClientGone
-from serve.httpproto import host_port
+from serve.http_limits import host_port
 from serve.metrics import NOT_IN_FLIGHT, UNKNOWN_MODEL, Metrics
 from serve.responses import error_response
 from serve.timing import server_timing

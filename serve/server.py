@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from runtimes.registry import load_failures
 from serve.errors import ServeError
-from serve.httpproto import probe_places
+from serve.http_limits import probe_places
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
 from serve.registry import ServedModels, close_models, load_models
@@ -31,7 +31,7 @@ from serve.settings import DECODE_BYTES_PER_PIXEL, Settings, repository_tuning, 
 
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
-# Open files beside the connections and their probes (serve.httpproto.probe_places): model files, logs, clients
+# Open files beside the connections and their probes (serve.http_limits.probe_places): model files, logs, clients
 # being turned away. The soft limit is raised to give FILES_SPARE; a lower hard limit leaves at least FILES_SPARE_MIN
 # (a server holds about 16 once its models are loaded).
 FILES_SPARE = 156
@@ -192,7 +192,8 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
     import uvicorn  # only now: a refused start never pays for importing the web stack
 
     from serve.app import create_app
-    from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol, lingering_bytes
+    from serve.http_limits import ConnectionLimits, lingering_bytes
+    from serve.httpproto import HeaderBoundsProtocol
     from serve.shutdown import DelayedShutdownServer
 
     app = create_app(settings, models)

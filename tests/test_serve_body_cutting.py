@@ -16,7 +16,8 @@ import json
 import uvicorn
 from uvicorn.server import ServerState
 
-from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol
+from serve.http_limits import ConnectionLimits
+from serve.httpproto import HeaderBoundsProtocol
 from serve.middleware import EarlyAnswerMiddleware
 
 CRLFS = b"\r\n\r\n" * 250_000  # 1 MB of what ends a request's headers

@@ -1,6 +1,6 @@
 """What a chunked body's framing costs the server (serve.httpproto), in process:
 
-- the walk ahead of the parser (_ChunkSizes) takes a run of small chunks in a few Python steps, not ten or more per
+- the walk ahead of the parser (serve.chunked) takes a run of small chunks in a few Python steps, not ten or more per
   chunk, and uvicorn is handed the chunk data once per piece parsed, not once per chunk (it copies the whole body so
   far on each): a body of 1-byte chunks cost 0.2 CPU-s per MB, 100x a plain body, and one such upload stalled the
   event loop for every other client (p50 3 ms -> 1.7 s). CPU time is not asserted (shared cores); the Python steps
@@ -32,8 +32,10 @@ from test_serve_fixtures import in_process_server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from serve import httpproto
-from serve.httpproto import FRAMING_PER_BYTE, FRAMING_SLACK, ConnectionLimits, HeaderBoundsProtocol, _ChunkSizes
+from serve import chunked
+from serve.chunked import ChunkSizes
+from serve.http_limits import ConnectionLimits
+from serve.httpproto import FRAMING_PER_BYTE, FRAMING_SLACK, HeaderBoundsProtocol
 
 INFER = "/v2/models/fake/infer"
 BODY = fake_runtime.request_body(1.0)  # a v2 JSON request, ~15 KB
@@ -80,7 +82,7 @@ def _small_chunks(rng: random.Random, n: int) -> bytes:
 
 
 def _python_lines(call) -> tuple[object, int]:
-    """`call()`'s result, and the lines of serve.httpproto's code it ran."""
+    """`call()`'s result, and the lines of serve.chunked's code it ran."""
     lines = 0
 
     def local(frame, event, arg):
@@ -89,7 +91,7 @@ def _python_lines(call) -> tuple[object, int]:
         return local
 
     before = sys.gettrace()  # a coverage tool's, say: put back after
-    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == httpproto.__file__ else None)
+    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename == chunked.__file__ else None)
     try:
         return call(), lines
     finally:
@@ -101,7 +103,7 @@ def test_a_run_of_small_chunks_costs_the_walk_a_few_python_steps_in_all():
     (the walk ran about ten per chunk, 400,000), and the sizes and framing it tells are a plain reading's."""
     rng = random.Random(0)
     for body in (b"1\r\nx\r\n" * 40_000 + b"0\r\n\r\n", _small_chunks(rng, 40_000)):
-        chunks = _ChunkSizes()
+        chunks = ChunkSizes()
         (end, announced), lines = _python_lines(lambda: chunks.feed(body))  # noqa: B023 - called at once
         assert lines < 60, lines
         data, framing, last = _reading(body)
@@ -125,7 +127,7 @@ def test_the_walk_agrees_with_a_plain_reading_however_the_body_is_cut():
         body = b"".join(parts) + b"0\r\n" + (b"T: 1\r\n\r\n" if trial % 2 else b"\r\n")
         data, framing, last = _reading(body)
         for cuts in ([], list(range(1, len(body))), sorted(rng.sample(range(1, len(body)), min(len(body) - 1, 20)))):
-            chunks, at, walked = _ChunkSizes(), 0, 0
+            chunks, at, walked = ChunkSizes(), 0, 0
             for cut in [*cuts, len(body)]:
                 pad = b"\r\n" * rng.randint(0, 2)  # bytes already parsed, before `at`
                 end, _ = chunks.feed(pad + body[at:cut], len(pad))

@@ -154,7 +154,8 @@ def in_process_server(bundle: Path) -> Iterator[int]:
     import uvicorn
 
     from serve.app import create_app
-    from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol
+    from serve.http_limits import ConnectionLimits
+    from serve.httpproto import HeaderBoundsProtocol
     from serve.settings import Settings
 
     with fake_runtime.registered():

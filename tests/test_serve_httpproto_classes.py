@@ -14,7 +14,8 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol, probe_places
+from serve.http_limits import ConnectionLimits, probe_places
+from serve.httpproto import HeaderBoundsProtocol
 from serve.shutdown import CONNECTION_CLOSE, DelayedShutdownServer
 
 

@@ -22,7 +22,8 @@ import fake_runtime
 import pytest
 from test_serve_fixtures import fake_server
 
-from serve.httpproto import LINGER_IDLE_S, LINGER_MIN_BYTES, lingering_bytes
+from serve.http_limits import lingering_bytes
+from serve.linger import LINGER_IDLE_S, LINGER_MIN_BYTES
 
 LIMIT = 2_000_000
 KEY = "sekrit"

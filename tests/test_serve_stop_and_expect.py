@@ -18,7 +18,8 @@ import pytest
 import uvicorn
 from test_serve_fixtures import fake_server
 
-from serve.httpproto import ConnectionLimits, HeaderBoundsProtocol
+from serve.http_limits import ConnectionLimits
+from serve.httpproto import HeaderBoundsProtocol
 from serve.shutdown import CONNECTION_CLOSE, DelayedShutdownServer
 
 V2 = "/v2/models/fake/infer"

@@ -21,7 +21,8 @@ import fake_runtime
 import pytest
 from test_serve_fixtures import fake_server
 
-from serve.httpproto import _ChunkSizes, lingering_bytes
+from serve.chunked import ChunkSizes
+from serve.http_limits import lingering_bytes
 
 KEY = "sekrit"
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
@@ -252,7 +253,7 @@ def test_chunk_sizes_are_followed_however_the_body_is_cut():
     body = b"5;a=b\r\nhello\r\n0010\r\n" + b"y" * 16 + b"\r\n1A; q=\"x;y\"\r\n" + b"z" * 26 + b"\r\n0\r\nT: 9\r\n\r\n"
     last = body.index(b"0\r\nT") + 3  # the end of the last chunk's size line
     for step in (1, 3, len(body)):
-        sizes = _ChunkSizes()
+        sizes = ChunkSizes()
         seen = []
         for i in range(0, len(body), step):
             end, announced = sizes.feed(body[i:i + step])
@@ -260,5 +261,5 @@ def test_chunk_sizes_are_followed_however_the_body_is_cut():
                 seen.append(sizes.announced)
             assert end == min(step, max(0, last - i)), (step, i, end)  # it stops at the last chunk's line
         assert sizes.announced == 5 + 16 + 26 and seen[-1] == 47, (step, seen)
-    huge = _ChunkSizes()
+    huge = ChunkSizes()
     assert huge.feed(b"00000000FFFFFFFFFFFFFFFFF\r\n")[1] and huge.announced >= 1 << 64
