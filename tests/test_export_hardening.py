@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_serve_fixtures import micro_bundle, one_line
 
-from export import cli, report, triton
+from export import cli, report, triton, triton_config, triton_publish
 from export.bundle import build_bundle
 from models.bundle import read_manifest
 from models.io import DirectoryBusy, writer_lock
@@ -262,7 +262,7 @@ def test_a_failure_while_publishing_is_undone(bundle, tmp_path, monkeypatch):
     triton.write_repository(bundle, repo)
     before = _tree(repo)
     calls = []
-    real = triton._replace_file
+    real = triton_publish._replace_file
 
     def fail_on_the_inference_service(src: Path, dst: Path, staging: Path):  # noqa: ANN202
         calls.append(dst.name)
@@ -270,7 +270,7 @@ def test_a_failure_while_publishing_is_undone(bundle, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(src, dst, staging)
 
-    monkeypatch.setattr(triton, "_replace_file", fail_on_the_inference_service)
+    monkeypatch.setattr(triton_publish, "_replace_file", fail_on_the_inference_service)
     with pytest.raises(OSError, match="No space left"):
         triton.write_repository(bundle, repo, instances=2, replace_config=True)
     assert triton.CONFIG_FILE in calls
@@ -327,5 +327,5 @@ def test_manifest_strings_cannot_break_the_config_or_the_labels(bundle, tmp_path
     m = read_manifest(bundle)
     quoted = replace(m, input=replace(m.input, name='in"put'))
     art = triton._triton_artifacts(m)[0]
-    text = triton.config_pbtxt("micro", quoted, art, kind="cpu", instances=1, max_queue_delay_us=0)
+    text = triton_config.config_pbtxt("micro", quoted, art, kind="cpu", instances=1, max_queue_delay_us=0)
     assert 'name: "in\\"put" data_type' in text and 'key: "in\\"put"' in text

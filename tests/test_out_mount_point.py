@@ -171,7 +171,8 @@ def test_triton_removes_what_a_killed_run_left_inside_a_mount_point(tmp_path, bu
     (vol / ".export-triton.lock").touch()
     assert triton.write_repository(bundle, vol) == [vol / "micro-onnx-fp32" / "1"]  # empty, not a foreign directory
     assert _listing(vol) == ["inferenceservice.yaml", "micro-onnx-fp32"]
-    (vol / ".export-triton.k1ll3d_y.tmp" / "old-abc").mkdir(parents=True)  # killed while publishing
+    (vol / ".export-triton.k1ll3d_y.tmp" / ".publishing" / "old-abc").mkdir(parents=True)  # killed while publishing
+    (vol / ".export-triton.k1ll3d_y.tmp" / "inferenceservice.yaml").touch()  # before its last rename
     (vol / ".export-triton.lock").touch()
     notes: list[str] = []
     assert triton.write_repository(bundle, vol, notes=notes) == [vol / "micro-onnx-fp32" / "2"]

@@ -125,7 +125,7 @@ def test_ctrl_c_once_triton_publishes_finishes_and_reports_what_it_wrote(bundle,
     repo = tmp_path / "repo"
     assert triton.main([str(bundle), "--out", str(repo)]) == 0
     versions = capsys.readouterr().out.count("/1 (a bundle too")
-    monkeypatch.setattr(triton, "_publish", _ctrl_c(triton._publish, after=True))
+    monkeypatch.setattr(triton, "publish", _ctrl_c(triton.publish, after=True))
     assert _code(triton.main, [str(bundle), "--out", str(repo)]) == 0
     out, err = capsys.readouterr()
     assert versions and out.count("/2 (a bundle too") == versions and "SIGINT arrived" in err, (out, err)

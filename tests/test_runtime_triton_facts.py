@@ -99,13 +99,13 @@ def test_a_runtime_plugged_in_gets_its_triton_layout_from_its_entry(plugin, tmp_
 
 
 def test_what_the_oldest_release_reads_is_the_runtimes_own_check(plugin, tmp_path, capsys, monkeypatch):
-    real = triton._stage_model
+    real = triton.stage_model
 
     def staged_too_new(bundle, manifest, artifact, model_dir, version, **kw):  # noqa: ANN001, ANN202 - a spy
         real(bundle, manifest, artifact, model_dir, version, **kw)
         (model_dir / str(version) / "TOO_NEW").touch()
 
-    monkeypatch.setattr(triton, "_stage_model", staged_too_new)
+    monkeypatch.setattr(triton, "stage_model", staged_too_new)
     rt = runtimes.get("fake")  # without its release rule: the check of the oldest release alone
     runtimes.unregister("fake")
     runtimes.register(dataclasses.replace(rt, triton_release=None))

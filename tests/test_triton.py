@@ -158,6 +158,8 @@ def test_a_publish_after_a_killed_one_says_what_it_cleared(bundle, tmp_path, cap
     out = tmp_path / "repo"
     assert triton.main([str(bundle), "--out", str(out)]) == 0
     (tmp_path / ".repo.k1ll3d_x.tmp" / "micro-onnx-fp32" / "2").mkdir(parents=True)
+    (tmp_path / ".repo.k1ll3d_x.tmp" / "micro-onnx-fp32" / "2" / "model.onnx").touch()  # not published yet
+    (tmp_path / ".repo.k1ll3d_x.tmp" / ".publishing").mkdir()  # it had begun to publish
     capsys.readouterr()
     assert triton.main([str(bundle), "--out", str(out)]) == 0
     said = capsys.readouterr().out

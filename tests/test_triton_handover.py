@@ -13,7 +13,7 @@ import pytest
 import yaml
 from test_serve_fixtures import micro_bundle
 
-from export import kserve, triton
+from export import kserve, triton, triton_config
 from models.bundle import read_manifest, write_manifest
 
 
@@ -167,7 +167,7 @@ def test_a_new_version_keeps_the_instances_kind_and_queue_delay_of_an_untouched_
     assert _group(repo / "other-onnx-fp32" / "config.pbtxt") == ("1", "KIND_CPU")
     assert "max_queue_delay_microseconds: 2000 }" in config
     # An earlier vitc's --kind gpu put OpenVINO on KIND_GPU, which its Triton backend refuses: the CPU, said so.
-    ov.write_text(kserve.marked(ov.read_text().partition("\n")[2].replace("KIND_CPU", "KIND_GPU"), triton._MARK))
+    ov.write_text(kserve.marked(ov.read_text().partition("\n")[2].replace("KIND_CPU", "KIND_GPU"), triton_config._MARK))
     capsys.readouterr()
     assert triton.main([str(bundle), "--out", str(repo)]) == 0
     assert _group(ov) == ("2", "KIND_CPU")
@@ -200,7 +200,7 @@ def test_an_edited_openvino_config_of_an_earlier_layout_is_refused_with_what_to_
     repo = tmp_path / "repo"
     triton.write_repository(bundle, repo)
     config = repo / "micro-openvino-fp32" / "config.pbtxt"
-    config.write_text(kserve.marked(_old_openvino_config("micro-openvino-fp32", bundle, 1), triton._MARK))
+    config.write_text(kserve.marked(_old_openvino_config("micro-openvino-fp32", bundle, 1), triton_config._MARK))
     assert triton.main([str(bundle), "--out", str(repo)]) == 0  # untouched: regenerated
     assert "max_batch_size: 0\n" in config.read_text() and "kept" not in capsys.readouterr().out
     config.write_text(_old_openvino_config("micro-openvino-fp32", bundle, 2))

@@ -8,7 +8,7 @@ import pytest
 from test_serve_fixtures import micro_bundle
 
 import runtimes
-from export import triton
+from export import triton_config
 from models import tritonconfig
 from models.bundle import read_manifest
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy, parse
@@ -22,7 +22,7 @@ def test_what_export_triton_writes_reads_back(tmp_path_factory):
     bundle = micro_bundle(tmp_path_factory)
     m = read_manifest(bundle)
     onnx = next(a for a in m.servable() if a.runtime == "onnxruntime")
-    text = triton.config_pbtxt("micro-onnx-fp32", m, onnx, kind="cpu", instances=2, max_queue_delay_us=750)
+    text = triton_config.config_pbtxt("micro-onnx-fp32", m, onnx, kind="cpu", instances=2, max_queue_delay_us=750)
     config = parse(text)
     assert config == TritonConfig(name="micro-onnx-fp32", backend="onnxruntime", max_batch_size=m.input.max_batch,
                                   dynamic_batching=True, max_queue_delay_us=750, inputs=(INPUT,), outputs=(OUTPUT,),
