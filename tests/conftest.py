@@ -96,3 +96,12 @@ def micro_checkpoint() -> Callable[[object], object]:
                                preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
 
     return save
+
+
+@pytest.fixture()
+def mounts(monkeypatch) -> set[str]:
+    """Directories to be taken for mount points (add their paths): os.path.ismount says so for them."""
+    fake: set[str] = set()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) in fake or real(p))
+    return fake

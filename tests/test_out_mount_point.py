@@ -33,15 +33,6 @@ from models.io import DirectoryBusy, MountPointTarget, atomic_dir, is_mount_poin
 from runtimes import ExportError
 
 
-@pytest.fixture()
-def mounts(monkeypatch) -> set[str]:
-    """Directories to be taken for mount points (add their paths): os.path.ismount says so for them."""
-    fake: set[str] = set()
-    real = os.path.ismount
-    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) in fake or real(p))
-    return fake
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return micro_bundle(tmp_path_factory, ("onnx",))

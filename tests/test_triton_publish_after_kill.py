@@ -44,15 +44,6 @@ def bundle(tmp_path_factory) -> Path:
     return micro_bundle(tmp_path_factory, ("onnx",))
 
 
-@pytest.fixture()
-def mounts(monkeypatch) -> set[str]:
-    """Directories to be taken for mount points (add their paths): os.path.ismount says so for them."""
-    fake: set[str] = set()
-    real = os.path.ismount
-    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) in fake or real(p))
-    return fake
-
-
 def _tree(repo: Path) -> dict[str, bytes | None]:
     """The repository as Triton sees it: its files' contents, a version directory by its name (it is published by
     one rename), hidden entries (a mount point's staging and lock) left out."""
