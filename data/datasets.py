@@ -384,7 +384,9 @@ def decode_checked(path: Path) -> Image.Image | None:
 
     try:  # a dangling link, a file that vanished or cannot be read: unreadable
         with open(path, "rb") as f:
-            data = f.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded: a huge file named .jpg is not read whole
+            if os.fstat(f.fileno()).st_size > MAX_IMAGE_FILE_BYTES:  # a huge file named .jpg is not read at all
+                return None
+            data = f.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded still: a file that grew, or a device
     except OSError:
         return None
     if len(data) > MAX_IMAGE_FILE_BYTES:

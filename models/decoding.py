@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from models.preprocessing import PNG_TEXT_BYTES, PNG_TEXT_CHUNK_BYTES, image_for
 FORMATS = image_formats()  # the Pillow decoders every reader uses; anything else is never parsed
 REASON_CHARS = 200  # how much of a decoder's own message a refusal quotes
 MAX_HEADER_SEGMENTS = 1024  # JPEG marker segments / PNG chunks before the image data (real files: a few dozen)
+MAX_JPEG_MARKERS = 4096  # all of a JPEG's markers up to EOI (real files: a few dozen; a progressive one ~30 more)
 MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Every chunk of a PNG is checked (whole, a valid type, its CRC) before Pillow reads any: about 0.5 us a chunk plus
@@ -116,6 +118,33 @@ def jpeg_segments(data: bytes) -> Iterator[int]:
             2 + int.from_bytes(data[pos + 2:pos + 4], "big")
 
 
+# A marker after the first scan: 0xFF (fill 0xFFs allowed) and a byte that is not a stuffed 0x00, a restart marker
+# RST0-7 or another fill; only markers end entropy-coded data, so a regex search skips it at C speed.
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_scans(data: bytes, most: int, markers: int = MAX_JPEG_MARKERS) -> int:
+    """The scans (SOS segments) of a JPEG's image, up to its EOI, counted to at most `most` + 1 (also for more than
+    `markers` markers): data after the image (a phone's Motion Photo video, an MPO's second picture) is not
+    the image's."""
+    scans, pos = 0, 2
+    for _ in range(markers):  # each marker is a step in Python: thousands of tiny segments count as too many
+        if (found := _JPEG_MARKER.search(data, pos)) is None:
+            break
+        marker, pos = found.group(1)[0], found.end()
+        if marker == 0xD9:  # EOI: the image ends here
+            break
+        if marker == 0xDA:
+            scans += 1
+            if scans > most:
+                break
+        if marker != 0x01:  # every marker but TEM has a length: skip its payload (a DHT's bytes are not markers)
+            pos += int.from_bytes(data[pos:pos + 2], "big")
+    else:
+        return most + 1
+    return scans
+
+
 def check_structure(data: bytes) -> None:
     """Refuse JPEG and PNG files built to make the decoder work far more than their pixels warrant: thousands of
     tiny header segments or chunks (parsed one by one in Python), of progressive scans (each a pass over the image),
@@ -126,8 +155,8 @@ def check_structure(data: bytes) -> None:
             if segments > MAX_HEADER_SEGMENTS:
                 raise DecodeError(f"JPEG has more than {MAX_HEADER_SEGMENTS} marker segments before its image data; "
                                   "refused")
-        if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:  # 0xFF in entropy-coded data is stuffed: no SOS
-            raise DecodeError(f"JPEG has {scans} scans, more than {MAX_JPEG_SCANS}; refused")
+        if jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+            raise DecodeError(f"JPEG has more than {MAX_JPEG_SCANS} scans (or {MAX_JPEG_MARKERS} markers); refused")
     elif data[:8] == PNG_SIGNATURE:
         if (fault := _png_fault(data)) is not None:
             raise DecodeError(f"corrupt PNG: {fault}; re-save or re-export the image")

@@ -25,6 +25,7 @@ from models.decoding import (
     PNG_SIGNATURE,
     DecodeError,
     check_structure,
+    jpeg_scans,
     jpeg_segments,
     pixel_limit,
     png_chunks,
@@ -116,7 +117,8 @@ def cheap(data: bytes) -> bool:
     if len(data) > CHEAP_BYTES:
         return False
     if data[:2] == b"\xff\xd8":
-        if _more_than(CHEAP_SEGMENTS, jpeg_segments(data)) or data.count(b"\xff\xda") > CHEAP_JPEG_SCANS:
+        if (_more_than(CHEAP_SEGMENTS, jpeg_segments(data))
+                or jpeg_scans(data, CHEAP_JPEG_SCANS, 2 * CHEAP_SEGMENTS) > CHEAP_JPEG_SCANS):
             return False
     elif data[:8] == PNG_SIGNATURE:
         chunks = list(itertools.islice(png_chunks(data), CHEAP_SEGMENTS + 1))

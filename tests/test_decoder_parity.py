@@ -118,7 +118,7 @@ def _png_header_only(w: int, h: int) -> bytes:
 
 REFUSED = {  # name -> (bytes, the server's status, words of the reason)
     "two-profiles.png": (_png_two_profiles, 400, "2 iCCP colour profile chunks"),
-    "many-scans.jpg": (lambda: _jpeg_with_scans(MAX_JPEG_SCANS + 1), 400, f"{MAX_JPEG_SCANS + 1} scans"),
+    "many-scans.jpg": (lambda: _jpeg_with_scans(MAX_JPEG_SCANS + 1), 400, f"more than {MAX_JPEG_SCANS} scans"),
     "many-segments.jpg": (lambda: _jpeg_with_segments(MAX_HEADER_SEGMENTS + 1), 400, "marker segments"),
     "many-chunks.png": (lambda: _png_with_chunks(MAX_HEADER_SEGMENTS + 1), 400, "chunks before its image data"),
     "much-text.png": (lambda: _png_with_text(PNG_TEXT_BYTES // (1 << 20) + 2), 400, "PNG text metadata"),
@@ -175,3 +175,29 @@ def test_a_dataset_file_over_the_size_bound_is_unreadable_without_being_read_who
     assert datasets.decode_checked(path) is not None
     monkeypatch.setattr(datasets, "MAX_IMAGE_FILE_BYTES", path.stat().st_size - 1)
     assert datasets.decode_checked(path) is None
+
+
+def test_data_after_a_jpegs_end_is_not_counted_as_its_scans(tmp_path):
+    """A phone's Motion Photo appends a video after the JPEG's EOI: its bytes (0xFF 0xDA pairs among them) were
+    counted as scans, refusing an 8 MB photo as 'JPEG has 153 scans' on every path."""
+    photo = _encode(_photo(), "JPEG", quality=90, progressive=True)
+    video = b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda\x00\x04\x00\x00" * (2 * MAX_JPEG_SCANS) + bytes(4096)
+    motion = photo + video
+    path = tmp_path / "motion.jpg"
+    path.write_bytes(motion)
+    assert np.array_equal(np.asarray(_served_pixels(motion)), np.asarray(_served_pixels(photo)))
+    assert np.array_equal(np.asarray(decode_checked(path)), np.asarray(_served_pixels(photo)))
+    # An EXIF thumbnail (a whole JPEG inside APP1, before the image's scans) is skipped by its length too.
+    thumb = _encode(_photo(16, 12), "JPEG")
+    app1 = b"Exif\x00\x00" + thumb
+    with_thumb = photo[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + photo[2:]
+    assert _served_pixels(with_thumb).size == _photo().size
+
+
+def test_thousands_of_segments_between_scans_are_refused_after_a_bounded_walk():
+    """Tiny segments after the first scan cost a Python step each: the walk stops at MAX_JPEG_MARKERS."""
+    photo = _encode(_photo(), "JPEG", quality=90, progressive=True)
+    first = photo.index(b"\xff\xda", photo.index(b"\xff\xda") + 2)  # the second scan
+    padded = photo[:first] + b"\xff\xfe\x00\x02" * 5000 + photo[first:]
+    with pytest.raises(DecodeError, match="scans \\(or 4096 markers\\); refused"):
+        decode_image(padded, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
