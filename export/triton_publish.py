@@ -146,7 +146,9 @@ def _foreign_model_dir(model_dir: Path) -> str | None:
             if entry.is_symlink() or not entry.is_file():
                 return f"{entry.name} is not a file"
         # A linked version is one Triton loads (version_dirs counts it), but not one this tool wrote: not ours.
-        elif not (is_version_name(entry.name) and entry.is_dir() and not entry.is_symlink()):
+        elif is_version_name(entry.name) and entry.is_symlink():
+            return f"version {entry.name} is a symbolic link (Triton loads it; this tool writes every version itself)"
+        elif not (is_version_name(entry.name) and entry.is_dir()):
             return f"it holds {entry.name!r}"
         elif not (entry / MANIFEST_FILE).is_file():
             return f"version {entry.name} is not a bundle"

@@ -238,3 +238,16 @@ def test_what_only_tests_used_is_gone():
 def test_the_export_cli_comments_name_the_function_it_calls():
     source = (Path(__file__).resolve().parents[1] / "export" / "cli.py").read_text()
     assert "build_bundle" not in source and source.count("export.bundle.build says") == 2
+
+
+def test_a_linked_version_is_named_when_export_triton_will_not_write_beside_it(tmp_path):
+    """A `2 -> 1` link the user added was refused as 'it holds '2'', as if 2 were no version at all."""
+    from export.triton_publish import _foreign_model_dir
+
+    model = tmp_path / "m"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "manifest.json").write_text("{}")
+    assert _foreign_model_dir(model) is None
+    (model / "2").symlink_to("1")
+    assert _foreign_model_dir(model) == "version 2 is a symbolic link (Triton loads it; this tool writes every " \
+                                        "version itself)"
