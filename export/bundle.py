@@ -49,7 +49,7 @@ from models.bundle import (
     write_manifest,
 )
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_checkpoint_meta
-from models.cli import memory_failure, storage_failure
+from models.failures import memory_failure, storage_failure
 from models.host import MAX_THREADS
 from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path, same_file
 from models.jsonfields import is_int
@@ -416,19 +416,15 @@ class ExportConfig:
 
 
 def build(config: ExportConfig) -> Manifest:
-    """Export `config.checkpoint` to the bundle directory `config.out`; returns the manifest written there.
-
-    The torch artifact (safetensors + manifest config) is always included. Artifacts that fail their parity
-    gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
-    val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
-    `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
-    `opset` (default OPSET) is one of OPSETS, checked against the exported file, whose opset the manifest records.
-    An existing bundle at `out` is replaced only when every artifact servable in it comes out servable again
-    (not refused), unless `drop_artifacts`.
-    Raises ExportError (one line) on bad input, a missing runtime or a checkpoint that changed while it was exported
-    (a training writing it), ExportIOError when the disk or memory fails; either way the old bundle at `out` is
-    untouched (ExportMemoryError, an ExportIOError, when memory ran out).
-    """
+    """Export `config.checkpoint` to the bundle directory `config.out`; returns the manifest written there."""
+    # The torch artifact (safetensors + manifest config) is always included. Artifacts that fail their parity
+    # gate are listed with `servable: false` and a `refused_reason`, without files. Parity uses the `dataset`'s
+    # val split and INT8 calibration the train split of `calibration_dataset` (both default to the checkpoint's).
+    # `threads` caps the CPU threads of torch and the runtimes (on a shared machine 1 avoids oversubscription).
+    # `opset` (default OPSET) is one of OPSETS, checked against the exported file, whose opset the manifest records.
+    # Raises ExportError (one line) on bad input, a missing runtime or a checkpoint that changed while it was
+    # exported (a training writing it), ExportIOError when the disk or memory fails; either way the old bundle at
+    # `out` is untouched (ExportMemoryError, an ExportIOError, when memory ran out).
     try:
         cwd = Path.cwd()
     except FileNotFoundError:
@@ -446,6 +442,8 @@ def build(config: ExportConfig) -> Manifest:
             rt.require(rt.export_device)
         except BackendError as exc:
             raise ExportError(str(exc)) from None
+    # An existing bundle at `out` is replaced only when every artifact servable in it comes out servable again
+    # (not refused), unless `drop_artifacts`.
     keeps = None if config.drop_artifacts else {t.id for t in wanted}
     _check_out(out, keeps)
     name = bundle_name(config.name, out)
@@ -624,11 +622,12 @@ def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | Non
 def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: ParityData, contract: str,
                  outputs: dict[str, np.ndarray] | None = None, records: dict[str, str] | None = None,
                  origin: str | None = None) -> Golden:
-    """The first GOLDEN_SAMPLES parity images (`images`: the parity set, uint8, before normalisation: small, and it
-    checks normalisation too) with torch's logits for them, and each servable artifact's own logits for them
-    (`outputs`, by artifact id), for servers to check an artifact against before they call it ready
-    (runtimes.loader.verify_golden), the manifest's `contract` digest (runtimes.loader.check_contract), and the
-    digests of each artifact record (`records`, by id) and of the `origin` (runtimes.loader.check_records)."""
+    """Write the bundle's golden.npz (parity images, their logits, the manifest's digests); returns its record."""
+    # The first GOLDEN_SAMPLES parity images (`images`: the parity set, uint8, before normalisation: small, and it
+    # checks normalisation too) with torch's logits for them, and each servable artifact's own logits for them
+    # (`outputs`, by artifact id), for servers to check an artifact against before they call it ready
+    # (runtimes.loader.verify_golden), the manifest's `contract` digest (runtimes.loader.check_contract), and the
+    # digests of each artifact record (`records`, by id) and of the `origin` (runtimes.loader.check_records).
     n = min(GOLDEN_SAMPLES, len(data.x))
     decoded = [_decoded(images, i) for i in range(n)]
     pixels = np.stack([to_uint8(img, meta.preprocessing) for img in decoded])

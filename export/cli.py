@@ -23,12 +23,11 @@ from models.cli import (
     InputError,
     OneLineParser,
     WorkFailed,
-    extras_hint,
-    installed,
     int_in,
     refuse_empty_paths,
     report,
 )
+from models.extras import extras_hint, installed
 from models.host import MAX_THREADS, distribution_versions
 from models.io import mount_point_problem, out_inside_problem, out_name_problem
 from runtimes import ExportError, by_target
@@ -68,11 +67,12 @@ def missing_problem(targets: Sequence[Target]) -> str | None:
 
 def out_problem(out: str, checkpoint: str, dataset: str | None, calibration_dataset: str | None,
                 name: str | None = None) -> str | None:
-    """Why the bundle cannot be written at `out`, found before the export's slow work (None when it can): a name
-    the file system refuses (its temporary directory's name included), a mount point (a volume: the bundle is
-    swapped in by renaming `out` itself, which the kernel refuses there), a path that is not UTF-8, which the ONNX
-    checker cannot take, or a place inside a dataset folder the export reads (the checkpoint's by default). `name`
-    (--name, when valid) is the directory the mount point advice suggests, else the checkpoint directory's name."""
+    """Why the bundle cannot be written at `out`, found before the export's slow work (None when it can)."""
+    # Refused: a name the file system refuses (its temporary directory's name included), a mount point (a volume:
+    # the bundle is swapped in by renaming `out` itself, which the kernel refuses there), a path that is not UTF-8,
+    # which the ONNX checker cannot take, or a place inside a dataset folder the export reads (the checkpoint's by
+    # default). `name` (--name, when valid) is the directory the mount point advice suggests, else the checkpoint
+    # directory's name.
     if problem := out_name_problem(out):
         return f"--out: {problem}"
     example = name if valid_name(name) else os.path.basename(os.path.abspath(checkpoint)) or "bundle"

@@ -137,10 +137,10 @@ def isvc_default_name(manifest: Manifest) -> str:
 def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc_name: str | None,
                  triton_version: str | None, gpus: int | None, needs_gpu: bool, kind_gpu: bool,
                  replace_isvc: bool, cpus: int | None = None) -> Service | None:
-    """The InferenceService to write: what the options say, else what the repository's own file says, else the
-    defaults. None: keep the repository's file, which was edited (or written by an older version of this tool);
-    RepositoryError when an option given would then not take effect, or when `kind_gpu` (--kind gpu put models on
-    KIND_GPU) and that file asks for no GPU."""
+    """The InferenceService to write: the options, else the repository's own file, else the defaults."""
+    # None: keep the repository's file, which was edited (or written by an older version of this tool);
+    # RepositoryError when an option given would then not take effect, or when `kind_gpu` (--kind gpu put models on
+    # KIND_GPU) and that file asks for no GPU.
     path = out / ISVC_FILE
     old: dict[str, str | int] = {}
     if path.is_file():

@@ -57,7 +57,7 @@ def encodings(img: PIL.Image.Image, spec: Preprocessing) -> dict[str, bytes]:
     the model's colour space (`spec.mode`); ValueError or OSError when they cannot be encoded."""
     from PIL import Image
 
-    from models.cli import out_of_memory
+    from models.failures import out_of_memory
     from models.preprocessing import to_mode
 
     def encode(im: PIL.Image.Image, fmt: str, **kw: int) -> bytes:
@@ -154,7 +154,7 @@ def _sendable(images: list, spec: Preprocessing, where: Callable[[int], str]) ->
 
 def _encode_all(images: list, spec: Preprocessing, where: Callable[[int], str]) -> list[dict[str, bytes]]:
     """`encodings` of every image; ServedError naming the image (`where(i)`) that cannot be encoded."""
-    from models.cli import out_of_memory
+    from models.failures import out_of_memory
 
     encoded = []
     for i, img in enumerate(images):
@@ -256,7 +256,7 @@ def measure(bundle: str | Path, runtime: str = DEFAULT_RUNTIME, samples: int | N
             log: Callable[[str], None] = print) -> ServedParity:
     """Measure the served path of `bundle` on `runtime` and record it in its manifest; returns the record."""
     from data.datasets import EVAL_SUBSET_SEED, load_dataset
-    from models.cli import disk_full, out_of_memory
+    from models.failures import disk_full, out_of_memory
     from serve.launch import start
 
     # The server runs in the repository (serve.launch): a path relative to the caller's directory must not reach it.

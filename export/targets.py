@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from models.cli import installed
+from models.extras import installed
 from runtimes import ExportError, Runtime, by_target, runtimes
 from runtimes.registry import load_failures, shadowed
 

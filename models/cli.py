@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import errno
 import functools
 import math
 import os
-import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import NoReturn, TypeVar
+
+from models.extras import missing_dependency
+from models.extras import pip_command as pip_command  # README's "Adding a runtime": a runtime's `install` line
+from models.failures import library_error, machine_reason
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,70 +75,6 @@ def float_in(low: float, high: float, *, low_open: bool = True) -> Callable[[str
                                              f"got {text}")
         return value
     return parse
-
-
-# How libraries say "out of memory" when they raise something other than MemoryError: torch's CPU allocator
-# ("DefaultCPUAllocator: can't allocate memory"), torch.cuda.OutOfMemoryError ("CUDA out of memory"), C++
-# std::bad_alloc surfacing through onnxruntime, OpenVINO or TensorRT bindings (RuntimeError), and a shared library
-# that cannot be mapped under an address-space limit ("libtorch_cuda.so: failed to map segment", ImportError).
-# A thread that could not start (EAGAIN): memory or a pids limit, the machine either way.
-_NO_THREAD = ("resource temporarily unavailable", "can't start new thread")
-_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "bad allocation",
-                "not enough memory", "failed to allocate", "failed to map segment", "can't alloc",
-                *_NO_THREAD)
-# Bindings whose errors derive from Exception alone (onnxruntime's pybind11 RuntimeException, Fail, ...): their
-# words are read as a RuntimeError's are.
-_BINDING_MODULES = ("onnxruntime.",)
-_OOM_SIZE = re.compile(r"tried to allocate ([\d.]+ ?(?:bytes|[KMGT]i?B))", re.IGNORECASE)
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the machine failed, not the input
-# The storage failing under the work, not a path the user gave: an I/O error (a bad disk, a lost NFS or iSCSI
-# server), a file system the kernel remounted read-only after errors, a stale NFS handle, a corrupt file system.
-# A permission, a file where a directory should be, a name that exists (EACCES, ENOTDIR, EEXIST, ...) stay the
-# input's: the user can fix them.
-_STORAGE_FAILED = (errno.EIO, errno.EROFS, errno.ESTALE, errno.EREMOTEIO, errno.ENOLINK,
-                   *((errno.EUCLEAN,) if hasattr(errno, "EUCLEAN") else ()))
-
-
-def memory_failure(exc: BaseException | None) -> BaseException | None:
-    """The out-of-memory error behind `exc` (a MemoryError, ENOMEM, or an allocator's error message), if any."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
-            return exc
-        if _library_error(exc) and any(m in str(exc).lower() for m in _OOM_MARKERS):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _library_error(exc: BaseException) -> bool:
-    """Whether `exc` is of the kinds a library reports its allocator's failures with."""
-    return isinstance(exc, RuntimeError | ImportError | OSError) or type(exc).__module__.startswith(_BINDING_MODULES)
-
-
-def out_of_memory(exc: BaseException) -> str | None:
-    """One line for an allocation failure (see `memory_failure`), else None."""
-    failure = memory_failure(exc)
-    if failure is None:
-        return None
-    if any(m in str(failure).lower() for m in _NO_THREAD):
-        return "out of memory or threads (a thread could not start: a memory, pids or ulimit -u limit)"
-    size = _OOM_SIZE.search(str(failure))
-    return "out of memory" + (f" (an allocation of {size.group(1)} failed)" if size else "")
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether `exc` is the disk (or a quota, or a file size limit) running out: the machine, not the input."""
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
-
-
-def storage_failure(exc: BaseException) -> bool:
-    """Whether `exc` is the storage failing (`disk_full`, or an I/O error, a file system gone read-only, ...):
-    the machine, not the input."""
-    return disk_full(exc) or (isinstance(exc, OSError) and exc.errno in _STORAGE_FAILED)
 
 
 def say(line: str) -> None:
@@ -217,14 +155,6 @@ def refuse_empty_paths(parser: argparse.ArgumentParser, paths: Iterable[tuple[st
         parser.error(problem)
 
 
-def machine_reason(exc: BaseException) -> str | None:
-    """One line for `exc` when it is the machine failing (out of memory, a full disk, an I/O error), else None."""
-    reason = out_of_memory(exc)
-    if reason is None and storage_failure(exc):
-        reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-    return reason
-
-
 def machine_error(exc: BaseException, hint: str = "") -> WorkFailed | None:
     """The WorkFailed to raise when `exc` is the machine failing (`hint`: what to lower, or what was kept), else
     None: the caller handles `exc` as its own."""
@@ -237,122 +167,6 @@ def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None
     lower) and return exit code 1 (a failure of the work, not of the input). Otherwise None: the caller re-raises."""
     failed = machine_error(exc, hint)
     return None if failed is None else report(prog, failed)
-
-
-# The third-party modules vitc imports, as a ModuleNotFoundError names them: (distribution, the extra in
-# pyproject.toml that brings it; where several do, the serving one). A runtime's own packages (onnxruntime,
-# OpenVINO, TensorRT) are not here: its `install` hint says how to get them where it is asked for. None of these
-# extras brings an onnxruntime distribution, so following a hint never puts one beside the other.
-# tests/test_packaging.py checks the table against pyproject.toml.
-DEPENDENCY_EXTRAS: dict[str, tuple[str, str]] = {
-    "fastapi": ("fastapi", "server"),
-    "uvicorn": ("uvicorn", "server"),
-    "httptools": ("httptools", "server"),
-    "uvloop": ("uvloop", "server"),
-    "python_multipart": ("python-multipart", "server"),
-    "pydantic": ("pydantic", "server"),
-    "pydantic_settings": ("pydantic-settings", "server"),
-    "PIL": ("pillow", "server"),
-    "prometheus_client": ("prometheus-client", "server"),
-    "torch": ("torch", "train"),
-    "torchvision": ("torchvision", "train"),
-    "timm": ("timm", "train"),
-    "safetensors": ("safetensors", "train"),
-    "tqdm": ("tqdm", "train"),
-    "matplotlib": ("matplotlib", "train"),
-    "sklearn": ("scikit-learn", "train"),
-    "onnx": ("onnx", "convert"),
-    "onnxscript": ("onnxscript", "convert"),
-    "nncf": ("nncf", "convert"),
-}
-
-
-# pyproject.toml's extras in its order, the order a hint names several in.
-EXTRAS = ("server", "serve", "train", "convert", "export", "gpu", "dev")
-
-
-@functools.cache  # the answer cannot change while the process runs
-def from_checkout() -> bool:
-    """Whether this vitc runs from its source checkout (the packages' parent holds vitc's pyproject.toml), where
-    constraints.txt pins what is installed; else it is an installed distribution (a wheel), which carries neither."""
-    from models.host import SOURCE, _is_vitc_project  # here: a command's first import stays small
-
-    return _is_vitc_project(SOURCE)
-
-
-def pip_command(extras: Iterable[str] = (), packages: Iterable[str] = (), where: str = "") -> str:
-    """The pip command that installs vitc's `extras` and the distributions `packages`, for how this vitc is installed:
-    in its checkout, pinned by constraints.txt; else through the installed vitc (pip reads the extras from its
-    metadata: a wheel has no constraints.txt, and `.` would be the user's own project). `where`: a condition to
-    say first ("on a machine with an NVIDIA GPU")."""
-    chosen = _ordered(extras)
-    names = [f"'{p}'" if "[" in p else p for p in packages]
-    checkout = from_checkout()
-    spec = ([f"'{'.' if checkout else 'vitc'}[{','.join(chosen)}]'"] if chosen else []) + names
-    command = "pip install " + ("-c constraints.txt " if checkout else "") + " ".join(spec)
-    context = ", ".join(c for c in ("in the vitc checkout" if checkout else "", where) if c)
-    return f"{context}: {command}" if context else command
-
-
-def extras_hint(extras: Iterable[str]) -> str:
-    """What to install, in one phrase: "install the project's train and export extras (pip install ...)"."""
-    chosen = _ordered(extras)
-    return f"install the project's {_joined(chosen)} extra{'s' if len(chosen) > 1 else ''} ({pip_command(chosen)})"
-
-
-def _ordered(extras: Iterable[str]) -> list[str]:
-    """Each extra once, in pyproject.toml's order (one it does not name, a plug-in runtime's, last)."""
-    return sorted(set(extras), key=lambda e: (EXTRAS.index(e) if e in EXTRAS else len(EXTRAS), e))
-
-
-def _joined(items: Sequence[str]) -> str:
-    """"a", "a and b", "a, b and c"."""
-    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
-
-
-def installed(module: str) -> bool:
-    """Whether `module` can be imported (found without importing it)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a module shadowed by a None entry, or a broken parent package
-        return False
-
-
-class MissingModules(ModuleNotFoundError):
-    """Modules a command needs that are not installed: all of them, so one line names every extra to install."""
-
-    def __init__(self, modules: Sequence[str]) -> None:
-        super().__init__(f"No module named {modules[0]!r}" + (f" (nor {', '.join(modules[1:])})" if modules[1:]
-                                                                else ""), name=modules[0])
-        self.modules = tuple(modules)
-
-
-def require(*modules: str) -> None:
-    """MissingModules (which `run` turns into the extras to install) naming every one of `modules` that is not
-    installed: checked up front, so a run does not fail at its end on what it needs last (the training curves), nor
-    stop at the first missing extra when it needs two."""
-    if missing := [m for m in modules if not installed(m)]:
-        raise MissingModules(missing)
-
-
-def missing_dependency(exc: BaseException, prog: str) -> int | None:
-    """When `exc` is modules of the extras not being installed: print every extra to install as one line and return
-    exit code 2. Otherwise None (vitc's own modules, a module of no extra)."""
-    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
-        return None
-    named = exc.modules if isinstance(exc, MissingModules) else (exc.name,)
-    # `import sklearn.datasets` names sklearn when scikit-learn is absent, but the submodule when sklearn is broken
-    modules = [m for name in named if (m := next((m for m in (name, name.partition(".")[0])
-                                                  if m in DEPENDENCY_EXTRAS), None))]
-    if not modules:
-        return None
-    what = [m if DEPENDENCY_EXTRAS[m][0] == m else f"{m} ({DEPENDENCY_EXTRAS[m][0]})" for m in dict.fromkeys(modules)]
-    verb = "is" if len(what) == 1 else "are"
-    extras = [DEPENDENCY_EXTRAS[m][1] for m in modules]
-    print(f"{prog}: error: {_joined(what)} {verb} not installed: {extras_hint(extras)}", file=sys.stderr)
-    return 2
 
 
 def fill_closed_std_streams() -> None:
@@ -437,7 +251,7 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
 
             print(f"{prog}: error: {NO_TEMP_DIR}", file=sys.stderr)
             code = 2
-        elif isinstance(exc, MemoryError) or _library_error(exc):  # unless the command said it
+        elif isinstance(exc, MemoryError) or library_error(exc):  # unless the command said it
             code = machine_failure(exc, prog) or missing_dependency(exc, prog)
             if code is None:
                 raise

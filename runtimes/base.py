@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from models.bundle import MAX_BATCH_LIMIT, Artifact, Manifest
-from models.cli import installed, memory_failure
 from models.device import DEVICE_RULE, is_device
+from models.extras import installed
+from models.failures import memory_failure
 from models.host import MAX_THREADS
 from models.jsonfields import is_int
 from models.oneline import first_line
@@ -40,32 +41,31 @@ class BackendError(RuntimeError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded artifact: thread-safe `infer` for up to `max_batch` rows, `parallelism` calls at once.
+    """A loaded artifact: thread-safe `infer` for up to `max_batch` rows, `parallelism` calls at once."""
 
-    The contract of `infer`, the same on every runtime (the built-in ones share it through `PooledBackend`):
-    - it takes a float32 numpy array of shape (B, C, H, W), the manifest's sample shape, with 1 <= B <= max_batch
-      (any memory layout); anything else is refused with a one-line BackendError before the runtime sees it (no
-      runtime casts another dtype or pads another shape silently);
-    - it returns (B, classes) float32 logits;
-    - what the runtime raises while it computes comes out as a one-line BackendError ("<runtime> inference failed:
-      <reason>") chained from the runtime's own exception, except running out of memory, which is a MemoryError
-      (chained too, so `models.cli.memory_failure` finds the allocator's message): the machine failed, not the input;
-    - after `close()`, every call waiting for a free slot and every later call raises BackendError("... is closed")
-      at once; calls already computing finish (or fail) normally, and what they share is released after them.
-
-    The loader checks the attributes once it has loaded one (`check_backend`). Which runtime a backend belongs to is
-    the `Runtime` that loaded it, never its `runtime` attribute: a backend subclassing another runtime's keeps its
-    parent's, and a name is only informational (PooledBackend's error messages use it).
-    """
-
+    # The loader checks these attributes once it has loaded one (`check_backend`). Which runtime a backend belongs
+    # to is the `Runtime` that loaded it, never its `runtime` attribute: a backend subclassing another runtime's
+    # keeps its parent's, and a name is only informational (PooledBackend's error messages use it).
     runtime: str
     precision: str
     device: str
     max_batch: int
     parallelism: int
 
+    # The contract of `infer`, the same on every runtime (the built-in ones share it through `PooledBackend`):
+    # - it takes a float32 numpy array of shape (B, C, H, W), the manifest's sample shape, with 1 <= B <= max_batch
+    #   (any memory layout); anything else is refused with a one-line BackendError before the runtime sees it (no
+    #   runtime casts another dtype or pads another shape silently);
+    # - it returns (B, classes) float32 logits;
+    # - what the runtime raises while it computes comes out as a one-line BackendError ("<runtime> inference
+    #   failed: <reason>") chained from the runtime's own exception, except running out of memory, which is a
+    #   MemoryError (chained too, so `models.failures.memory_failure` finds the allocator's message): the machine
+    #   failed, not the input;
+    # - after `close()`, every call waiting for a free slot and every later call raises BackendError("... is
+    #   closed") at once; calls already computing finish (or fail) normally, and what they share is released
+    #   after them.
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 with 1 <= B <= max_batch -> (B, num_classes) float32 logits (see the class)."""
+        """(B, C, H, W) float32 with 1 <= B <= max_batch -> (B, num_classes) float32 logits (contract above)."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -132,10 +132,10 @@ def check_logits(y: Any, rows: int, classes: int | None) -> np.ndarray:
 
 
 def check_backend(backend: Any) -> None:
-    """BackendError (one line naming every problem) unless `backend` has what the `Backend` protocol lists, with
-    usable values: what a runtime's `load` returned is checked once here, not found out by a server that crashes
-    (a parallelism of 0 sized its thread pool) or a route that answers 500. A numpy integer count is a whole number
-    too: it is stored back as an int (the server puts the counts in JSON answers, which take no numpy integer)."""
+    """BackendError (one line naming every problem) unless `backend` has what `Backend` lists, with usable values."""
+    # What a runtime's `load` returned is checked once here, not found out by a server that crashes (a parallelism
+    # of 0 sized its thread pool) or a route that answers 500. A numpy integer count is a whole number too: it is
+    # stored back as an int (the server puts the counts in JSON answers, which take no numpy integer).
     problems = [f"no {name}()" for name in ("infer", "describe", "close")
                 if not callable(getattr(backend, name, None))]
     missing = object()
@@ -166,14 +166,13 @@ def inference_error(runtime: str, exc: BaseException) -> Exception:
 
 
 class CallPool:
-    """What one `infer` call holds while it computes (an OpenVINO infer request, an onnxruntime session, a model
-    whose calls run one at a time), shared among a backend's concurrent calls, and what closing means for them.
+    """The items `infer` calls hold while they compute, shared among a backend's concurrent calls, and its closing."""
 
-    A call waits for a free item. `close` wakes every waiting call and refuses every later one with
-    BackendError("<owner> is closed"), at once (a waiter used to block forever, and its thread kept the process
-    from exiting cleanly). A call already holding an item finishes with it; the backend's `release` (device
-    buffers, a thread pool) runs once the last such call has given its item back, never under a running call.
-    """
+    # An item: an OpenVINO infer request, an onnxruntime session, a model whose calls run one at a time.
+    # A call waits for a free item. `close` wakes every waiting call and refuses every later one with
+    # BackendError("<owner> is closed"), at once (a waiter used to block forever, and its thread kept the process
+    # from exiting cleanly). A call already holding an item finishes with it; the backend's `release` (device
+    # buffers, a thread pool) runs once the last such call has given its item back, never under a running call.
 
     def __init__(self, owner: str, items: Iterable[Any]) -> None:
         self.owner = owner  # "this openvino backend": what the refusal names
@@ -232,10 +231,12 @@ class CallPool:
 
 
 class PooledBackend:
-    """The shared half of the built-in backends: `infer` checks the batch (`check_batch`), runs `_compute` on an
-    item of the backend's CallPool, and turns the runtime's own errors into `inference_error`; `close` closes the
-    pool and runs `_release` once no call computes any more. Subclasses set `runtime`, `max_batch`,
-    `sample_shape` and `_pool`, and define `_compute` (and `_release` when something outlives the pool's items)."""
+    """The shared half of the built-in backends: checked `infer` on a CallPool, and `close`."""
+
+    # `infer` checks the batch (`check_batch`), runs `_compute` on an item of the backend's CallPool, and turns the
+    # runtime's own errors into `inference_error`; `close` closes the pool and runs `_release` once no call
+    # computes any more. Subclasses set `runtime`, `max_batch`, `sample_shape` and `_pool`, and define `_compute`
+    # (and `_release` when something outlives the pool's items).
 
     runtime: str
     max_batch: int

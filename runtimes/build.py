@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.cli import disk_full
+from models.failures import disk_full
 from models.preprocessing import preprocess
 
 if TYPE_CHECKING:
@@ -67,15 +67,12 @@ PROBE_BYTES = 64 * 1024
 
 
 def write_failure(directory: Path, size: int = 0, written: Sequence[Path] = ()) -> OSError | None:
-    """The disk error behind a converter's failed write of about `size` bytes into `directory` (the files `written`,
-    the largest first), if that is what it was, else None: a file of `written` at the file-size limit, or `size` over
-    it (EFBIG); or a probe write of `size` bytes (plus PROBE_BYTES) that fails now (ENOSPC, EDQUOT).
-
-    For converters whose write errors carry no errno (OpenVINO's C++ streams raise RuntimeError "basic_ios::clear:
-    iostream error", and delete what they wrote). The probe runs with the export's own credentials, quota and
-    reserved blocks, as the write did, and is removed at once. The error names the file by its name alone (its
-    directory is the export's temporary one).
-    """
+    """The disk error behind a converter's failed write of `size` bytes into `directory`, if that was it, else None."""
+    # `written`: the files written, the largest first. The error is a file of `written` at the file-size limit, or
+    # `size` over it (EFBIG); or a probe write of `size` bytes (plus PROBE_BYTES) that fails now (ENOSPC, EDQUOT).
+    # For converters whose write errors carry no errno (OpenVINO's C++ streams raise RuntimeError "basic_ios::clear:
+    # iostream error", and delete what they wrote). The error names the file by its name alone (its directory is
+    # the export's temporary one).
     name = written[0].name if written else None
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
@@ -90,6 +87,8 @@ def write_failure(directory: Path, size: int = 0, written: Sequence[Path] = ()) 
         probe_bytes = min(probe_bytes, limit - 1)  # past the limit SIGXFSZ kills the process
     probe = None
     try:
+        # The probe runs with the export's own credentials, quota and reserved blocks, as the write did, and is
+        # removed at once.
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
         with os.fdopen(fd, "wb") as f:
             chunk = bytes(min(probe_bytes, 1 << 20))

@@ -36,7 +36,7 @@ from models.bundle import (
     verify_file,
     verify_files,
 )
-from models.cli import memory_failure
+from models.failures import memory_failure
 from models.preprocessing import normalize
 from models.tolerance import TOLERANCES
 from runtimes import registry
@@ -58,13 +58,11 @@ log = logging.getLogger("vitc.runtimes")  # the server routes "vitc" and its chi
 
 def select(manifest: Manifest, runtime: Runtime, precision: str | None = None, device: str | None = None
            ) -> Artifact:
-    """The servable artifact the runtime would open (its own, or its fallback's); raises BundleError.
-
-    With `device`, its own artifacts that this machine cannot run there (`Runtime.mismatch`: a TensorRT engine built
-    for another GPU or TensorRT) are passed over: for the next one it can run, else for the fallback (with a
-    warning naming why). An artifact asked for by a precision the fallback lacks, or in a bundle without the
-    fallback, is still returned: its load then refuses it with the reason.
-    """
+    """The servable artifact the runtime would open (its own, or its fallback's); raises BundleError."""
+    # With `device`, its own artifacts that this machine cannot run there (`Runtime.mismatch`: a TensorRT engine
+    # built for another GPU or TensorRT) are passed over: for the next one it can run, else for the fallback (with a
+    # warning naming why). An artifact asked for by a precision the fallback lacks, or in a bundle without the
+    # fallback, is still returned: its load then refuses it with the reason.
     fallback_fits = runtime.fallback is not None and precision in (None, runtime.fallback[1])
     try:
         chosen = manifest.select(runtime.name, precision)
@@ -105,10 +103,8 @@ def _passed_over(runtime: str, device: str, opened: str, reasons: dict[str, str]
 
 def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, precision: str | None = None,
                  options: BackendOptions | None = None, timings: dict[str, float] | None = None) -> Backend:
-    """Select the servable artifact, verify its sha256, load it, warm it up and prove its golden inputs.
-
-    `timings`, when given, receives the seconds of each step: verify, load, warm_up, golden.
-    """
+    """Select the servable artifact, verify its sha256, load it, warm it up and prove its golden inputs."""
+    # `timings`, when given, receives the seconds of each step: verify, load, warm_up, golden.
     options = options or BackendOptions()
     timings = {} if timings is None else timings
     start = time.perf_counter()
@@ -131,12 +127,10 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
 
 def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest, artifact: Artifact,
                  compute: str | None = None) -> None:
-    """The artifact must reproduce the bundle's golden inputs (see `verify_golden`), or BackendError.
-
-    This is what makes a loaded artifact trustworthy on this machine (another CPU, GPU or library build), not
-    only on the one that exported it. Bundles exported before golden inputs existed skip it (`check_pre_golden`
-    tells them from a manifest whose golden record was deleted by hand).
-    """
+    """The artifact must reproduce the bundle's golden inputs (see `verify_golden`), or BackendError."""
+    # This is what makes a loaded artifact trustworthy on this machine (another CPU, GPU or library build), not
+    # only on the one that exported it. Bundles exported before golden inputs existed skip it (`check_pre_golden`
+    # tells them from a manifest whose golden record was deleted by hand).
     if (path := check_manifest(bundle, manifest, [artifact.id])) is None:
         return
     pixels, reference = read_golden(path, manifest)
@@ -147,15 +141,15 @@ def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest
 
 def check_manifest(bundle: str | os.PathLike, manifest: Manifest, artifact_ids: list[str],
                    what: str = "golden inputs") -> Path | None:
-    """What a server checks before it trusts the manifest of the artifacts `artifact_ids`: the golden file's sha256
-    (a mismatch names it `what`), then the model contract and those artifacts' records against what it recorded at
-    export (`check_contract`, `check_records`), or, without a golden record, that the manifest can be one from before
-    golden inputs existed (`check_pre_golden`). The golden file's path (None: no golden record); BundleError (one
-    line)."""
+    """Check what a server checks before it trusts the manifest of `artifact_ids`; the golden file's path or None."""
+    # BundleError (one line) on a failure; None: no golden record. Without a golden record: that the manifest can
+    # be one from before golden inputs existed (`check_pre_golden`).
     if manifest.golden is None:
         check_pre_golden(bundle, manifest)
         return None
     path = verify_file(bundle, manifest.golden.file, what)  # as the artifact's files (and the report) are
+    # The golden file's sha256 (a mismatch names it `what`), then the model contract and those artifacts' records
+    # against what it recorded at export.
     check_contract(path, manifest)
     if edited := check_records(path, manifest, artifact_ids):
         raise BundleError(next(iter(edited.values())))
@@ -165,12 +159,10 @@ def check_manifest(bundle: str | os.PathLike, manifest: Manifest, artifact_ids: 
 
 
 def check_pre_golden(bundle: str | os.PathLike, manifest: Manifest) -> None:
-    """BundleError when a manifest without a golden record cannot be one exported before golden inputs existed.
-
-    Provenance and golden.npz came in the same commit (d0d913b) and every export since writes both in one step, so
-    provenance without a golden record, or a golden.npz the manifest does not list, is a record deleted by hand:
-    deleting it would otherwise turn off every check of the contract, the records and the golden logits.
-    """
+    """BundleError when a manifest without a golden record cannot be one exported before golden inputs existed."""
+    # Provenance and golden.npz came in the same commit (d0d913b) and every export since writes both in one step,
+    # so provenance without a golden record, or a golden.npz the manifest does not list, is a record deleted by
+    # hand: deleting it would otherwise turn off every check of the contract, the records and the golden logits.
     why = None
     if manifest.provenance is not None:
         why = "it has provenance but no golden record (every export that records one records the other)"
@@ -190,22 +182,13 @@ def golden_outputs(backend: Backend, x: np.ndarray, max_batch: int) -> np.ndarra
 
 def verify_golden(backend: Backend, x: np.ndarray, reference: np.ndarray, artifact: Artifact,
                   own: np.ndarray | None = None, compute: str | None = None, max_batch: int = 1024) -> None:
-    """Run the golden inputs `x` and raise BackendError unless the artifact reproduces them.
-
-    Export runs this very check on every artifact before it calls it servable, and every load runs it again, so a
-    bundle export certifies loads on the machine that exported it. The two used to disagree: export gates an
-    artifact over the whole parity set (e.g. INT8: >= 80 % top-1 agreement over 512 images), while the load judged
-    accuracy again on only the 8 golden images, where one flipped near-tie is 12.5 points: an INT8 artifact with
-    87.5 % agreement was certified, then refused by its own server at 75 %. Eight images cannot re-judge accuracy;
-    they can tell whether this is still the artifact that was measured. So:
-
-    - `own` (what this artifact computed for the golden inputs at export, kept in golden.npz): the outputs must
-      match it within the artifact's batch-invariance bound, the noise export already accepted between one batch
-      composition and another. Then export's parity numbers hold here too, and the artifact is trusted.
-    - Otherwise (bundles exported before artifacts recorded their outputs, another machine whose kernels round
-      differently, or a backend asked to compute below the artifact's precision, `compute`, e.g. OpenVINO bf16 on
-      an fp32 IR): torch's logits within the artifact's parity tolerance, or that lower precision's.
-    """
+    """Run the golden inputs `x` and raise BackendError unless the artifact reproduces them."""
+    # Export runs this very check on every artifact before it calls it servable, and every load runs it again, so a
+    # bundle export certifies loads on the machine that exported it. The two used to disagree: export gates an
+    # artifact over the whole parity set (e.g. INT8: >= 80 % top-1 agreement over 512 images), while the load
+    # judged accuracy again on only the 8 golden images, where one flipped near-tie is 12.5 points: an INT8
+    # artifact with 87.5 % agreement was certified, then refused by its own server at 75 %. Eight images cannot
+    # re-judge accuracy; they can tell whether this is still the artifact that was measured.
     y = golden_outputs(backend, x, max_batch)
     if y.shape != reference.shape or not np.isfinite(y).all():
         raise BackendError(f"{artifact.id!r} does not reproduce the bundle's {len(x)} golden inputs on this "
@@ -214,6 +197,9 @@ def verify_golden(backend: Backend, x: np.ndarray, reference: np.ndarray, artifa
     lowered = (compute in TOLERANCES and artifact.precision in PRECISION_ORDER
                and PRECISION_ORDER.index(compute) > PRECISION_ORDER.index(artifact.precision))
     failures = []
+    # `own` (what this artifact computed for the golden inputs at export, kept in golden.npz): the outputs must
+    # match it within the artifact's batch-invariance bound, the noise export already accepted between one batch
+    # composition and another. Then export's parity numbers hold here too, and the artifact is trusted.
     if own is not None and own.shape == y.shape and not lowered:
         default = asdict(TOLERANCES.get(artifact.precision, TOLERANCES["fp32"]))
         atol = tol.get("batch_atol") if tol.get("batch_atol") is not None else default["batch_atol"]
@@ -223,6 +209,9 @@ def verify_golden(backend: Backend, x: np.ndarray, reference: np.ndarray, artifa
         if err <= bound:
             return
         failures.append(f"its logits differ from its own at export by {err:.3g} > {bound:.3g}")
+    # Otherwise (bundles exported before artifacts recorded their outputs, another machine whose kernels round
+    # differently, or a backend asked to compute below the artifact's precision, `compute`, e.g. OpenVINO bf16 on
+    # an fp32 IR): torch's logits within the artifact's parity tolerance, or that lower precision's.
     if lowered:
         tol = asdict(TOLERANCES[compute])
     agreement = float((y.argmax(1) == reference.argmax(1)).mean())

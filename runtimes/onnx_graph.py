@@ -139,11 +139,9 @@ def to_fp16(src: Path, dst: Path) -> Path:
 
 
 def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetric: bool = False) -> Path:
-    """INT8 Q/DQ ONNX by NNCF post-training quantisation, calibrated on `images` (real train images).
-
-    The default (NNCF's mixed preset: asymmetric uint8 activations) suits CPU kernels. `symmetric` makes the graph
-    TensorRT's ONNX parser accepts: every zero point an int8 zero, weights per output channel.
-    """
+    """INT8 Q/DQ ONNX by NNCF post-training quantisation, calibrated on `images` (real train images)."""
+    # The default (NNCF's mixed preset: asymmetric uint8 activations) suits CPU kernels. `symmetric` makes the graph
+    # TensorRT's ONNX parser accepts: every zero point an int8 zero, weights per output channel.
     import onnx
 
     nncf = import_nncf()
@@ -182,12 +180,10 @@ def _qdq_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, np.nd
 
 
 def unsigned_to_signed(model: onnx.ModelProto) -> int:
-    """Turn uint8 Q/DQ pairs with zero point 0 (NNCF's choice after a ReLU) into int8 ones covering the same range.
-
-    [0, 255*s] maps onto int8 [0, 127] with scale 255*s/127: one bit less resolution on those tensors, which the
-    INT8 parity gate then judges. Returns how many nodes changed; a non-zero uint8 zero point is left for the
-    caller's check to refuse.
-    """
+    """Turn uint8 Q/DQ pairs with zero point 0 into int8 ones covering the same range; returns how many changed."""
+    # Zero point 0 is NNCF's choice after a ReLU. [0, 255*s] maps onto int8 [0, 127] with scale 255*s/127: one bit
+    # less resolution on those tensors, which the INT8 parity gate then judges. A non-zero uint8 zero point is left
+    # for the caller's check to refuse.
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}

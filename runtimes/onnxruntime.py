@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from models.bundle import Artifact
-from models.cli import pip_command
+from models.extras import pip_command
 from models.host import usable_cpus
 from models.onnx_wire import onnx_ir_version
 from runtimes import onnx_graph
@@ -68,15 +68,14 @@ def execution_providers(device_kind: str, device_index: int = 0) -> list[Any]:
 
 
 class OnnxRuntimeBackend(PooledBackend):
-    """An ONNX artifact in onnxruntime sessions; `--device cuda` must really run on the CUDA provider.
+    """An ONNX artifact in onnxruntime sessions; `--device cuda` must really run on the CUDA provider."""
 
-    On the CPU, the throughput hint (the default) splits the cores into streams (`parallel` batches in flight, each
-    on `threads` cores; see `default_streams`), like OpenVINO's: one-thread streams share one session (onnxruntime
-    runs concurrent calls on their callers' threads) and never wait on each other's parallel sections, which a core
-    taken by image decoding stalls in a many-thread run (+7-18 % served throughput at concurrency 16 on 2 cores,
-    side by side with one stream, 2026-12-04).
-    The latency hint, or `parallel=1`, runs every batch on all threads.
-    """
+    # On the CPU, the throughput hint (the default) splits the cores into streams (`parallel` batches in flight,
+    # each on `threads` cores; see `default_streams`), like OpenVINO's: one-thread streams share one session
+    # (onnxruntime runs concurrent calls on their callers' threads) and never wait on each other's parallel
+    # sections, which a core taken by image decoding stalls in a many-thread run (+7-18 % served throughput at
+    # concurrency 16 on 2 cores, side by side with one stream, 2026-12-04).
+    # The latency hint, or `parallel=1`, runs every batch on all threads.
 
     runtime = "onnxruntime"
 

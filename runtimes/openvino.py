@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.bundle import Artifact
-from models.cli import pip_command
+from models.extras import pip_command
 from models.host import quota_cpus
 from models.oneline import first_line
 from runtimes.base import (
@@ -147,12 +147,11 @@ def inference_precision(spec: LoadSpec) -> str:
 
 @functools.cache
 def core() -> Core:
-    """The process's one OpenVINO Core, for every OpenVINO use in the process (benchmarks included).
-
-    Each Core's CPU plugin installs its own alternate signal stack on the thread that creates it and puts back the
-    one it found when it is released; Cores released out of creation order leave the thread on freed memory, so
-    the next signal (Ctrl-C, SIGTERM) corrupts the heap or kills the process (SIGSEGV), as do compiled models of
-    separate Cores released at exit. One Core also shares its plugin and thread pools."""
+    """The process's one OpenVINO Core, for every OpenVINO use in the process (benchmarks included)."""
+    # Each Core's CPU plugin installs its own alternate signal stack on the thread that creates it and puts back the
+    # one it found when it is released; Cores released out of creation order leave the thread on freed memory, so
+    # the next signal (Ctrl-C, SIGTERM) corrupts the heap or kills the process (SIGSEGV), as do compiled models of
+    # separate Cores released at exit. One Core also shares its plugin and thread pools.
     import openvino as ov
 
     shared = ov.Core()

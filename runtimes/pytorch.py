@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from models.cli import extras_hint
+from models.extras import extras_hint
 from models.host import quota_cpus
 from models.oneline import first_line
 from runtimes.base import (

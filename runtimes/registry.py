@@ -100,11 +100,12 @@ def _clashes(runtime: Runtime) -> list[tuple[str, str, Runtime]]:
 
 
 def register(runtime: Runtime) -> Runtime:
-    """Add a runtime (tests register fakes this way); one whose declaration is unusable, or whose name or target
-    another registered one has, is an error (one line naming the field). Registering the same runtime again does
-    nothing: a plugin that registers itself on import, or a package that re-exports its module's runtime with both
-    named in VITC_RUNTIMES, comes here twice with it."""
+    """Add a runtime (tests register fakes this way); returns it."""
+    # One whose declaration is unusable is an error (one line naming the field), as is one whose name or target
+    # another registered one has (below).
     check_runtime(runtime)
+    # Registering the same runtime again does nothing: a plugin that registers itself on import, or a package that
+    # re-exports its module's runtime with both named in VITC_RUNTIMES, comes here twice with it.
     if any(_same(runtime, other) for other in _RUNTIMES.values()):
         return runtime  # the one registered stays
     if clashes := _clashes(runtime):

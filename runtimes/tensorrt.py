@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from models.bundle import Artifact
-from models.cli import pip_command
 from models.device import NO_DRIVER, has_driver
+from models.extras import pip_command
 from models.io import atomic_write_bytes
 from runtimes import onnx_graph
 from runtimes.base import (

@@ -174,11 +174,9 @@ class DynamicBatcher:
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
 
     async def submit(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
-        """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed.
-
-        `timings`, when given, receives this request's seconds spent waiting for its batch ("queue") and in the
-        backend call that computed it ("compute").
-        """
+        """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed."""
+        # `timings`, when given, receives this request's seconds spent waiting for its batch ("queue") and in the
+        # backend call that computed it ("compute").
         if self._closing or self._queue is None:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
         if self._stalled:

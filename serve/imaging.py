@@ -65,11 +65,11 @@ def _answered() -> Iterator[None]:
 
 
 def decode_weight(img: Image.Image) -> int:
-    """How many budget pixels (about 5 bytes each) one pixel of `img` costs to decode: the larger of its format's
-    and its mode's weight. Peak decode memory is about 5 bytes per pixel (baseline JPEG, RGB PNG), 6 for GIF; a
-    progressive JPEG holds its coefficients too (7-10, 12 in CMYK), AVIF about 9, Pillow's WebP decoder about 16;
-    RGBA, CMYK and a palette with transparency about 9-10, grey with alpha 13. The region preprocessing copies out
-    of a non-square image is counted apart (`copied_pixels`)."""
+    """How many budget pixels (about 5 bytes each) one pixel of `img` costs to decode: its format's or mode's weight."""
+    # The larger of the two weights. Peak decode memory is about 5 bytes per pixel (baseline JPEG, RGB PNG), 6 for
+    # GIF; a progressive JPEG holds its coefficients too (7-10, 12 in CMYK), AVIF about 9, Pillow's WebP decoder
+    # about 16; RGBA, CMYK and a palette with transparency about 9-10, grey with alpha 13. The region preprocessing
+    # copies out of a non-square image is counted apart (`copied_pixels`).
     by_format = 1
     if img.format == "WEBP":
         by_format = 3
@@ -109,11 +109,12 @@ _CHEAP_FORMATS = tuple(f for f in FORMATS if f in ("JPEG", "MPO", "PNG", "WEBP")
 
 
 def cheap(data: bytes) -> bool:
-    """Whether an image is small enough to decode on the event loop when nothing else waits: a JPEG, PNG or WebP body
-    of at most CHEAP_BYTES whose header says it holds at most CHEAP_PIXELS pixels (a small body can declare a huge
-    image), with few segments or chunks and few scans. A PNG with compressed metadata is not: each text chunk or
-    colour profile may inflate a thousandfold (up to 1 MiB, about 2 ms), wherever it lies. This check itself reads
-    at most CHEAP_SEGMENTS segments or chunks before anything else looks at the body."""
+    """Whether an image is small enough to decode on the event loop when nothing else waits."""
+    # Cheap: a JPEG, PNG or WebP body of at most CHEAP_BYTES whose header says it holds at most CHEAP_PIXELS pixels
+    # (a small body can declare a huge image), with few segments or chunks and few scans. A PNG with compressed
+    # metadata is not: each text chunk or colour profile may inflate a thousandfold (up to 1 MiB, about 2 ms),
+    # wherever it lies. This check itself reads at most CHEAP_SEGMENTS segments or chunks before anything else
+    # looks at the body.
     if len(data) > CHEAP_BYTES:
         return False
     if data[:2] == b"\xff\xd8":
@@ -150,12 +151,10 @@ def load_pixels(img: Image.Image) -> Image.Image:
 
 def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bool = True,
             budget: PixelBudget | None = None, holder: Holder | None = None) -> np.ndarray:
-    """Image bytes -> (1, 3, crop, crop) float32, preprocessed exactly as recorded in the bundle.
-
-    The image's pixels (after JPEG draft scaling) are reserved from `budget` before they are decoded and held
-    until the model input is made; preprocessing reads only the crop's footprint, so its cost is bounded too.
-    `holder` is the budget the request's other images hold meanwhile (PixelBudget.reserve).
-    """
+    """Image bytes -> (1, 3, crop, crop) float32, preprocessed exactly as recorded in the bundle."""
+    # The image's pixels (after JPEG draft scaling) are reserved from `budget` before they are decoded and held
+    # until the model input is made; preprocessing reads only the crop's footprint, so its cost is bounded too.
+    # `holder` is the budget the request's other images hold meanwhile (PixelBudget.reserve).
     with pixel_limit(max_pixels):
         img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
         w, h = img.size  # after draft()

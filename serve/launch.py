@@ -21,10 +21,10 @@ MAX_REASON = 300  # characters of the server's own error quoted in a one-line fa
 
 
 def last_error(log: str) -> str | None:
-    """The server's last error in `log` as one bounded line: its last JSON log line at level error or critical
-    (with the exception's last line), or a refused start's `python -m serve: error: ...` line (`error: ...` from an
-    older vitc), whichever is later; else the last line of a Python traceback (a crash before logging was set up);
-    None when there is no error."""
+    """The server's last error in `log` as one bounded line; None when there is no error."""
+    # Its last JSON log line at level error or critical (with the exception's last line), or a refused start's
+    # `python -m serve: error: ...` line (`error: ...` from an older vitc), whichever is later; else the last line
+    # of a Python traceback (a crash before logging was set up).
     for line in reversed(log.splitlines()):
         line = line.strip()
         reason = ""

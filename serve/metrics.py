@@ -146,10 +146,11 @@ class Metrics:
 
     def remove_model(self, name: str, variant: str, runtime: str, precision: str,
                      provenance: dict[str, str] | None = None) -> None:
-        """Forget a replaced or unloaded model version: its info series unless another served version has the
-        same labels. Once no version of the name is left, its queue-depth and readiness gauges read 0 from then on
-        (an alert on `vitc_model_ready == 0` sees an unloaded model; the repository knows a name it has served
-        for good, serve.repository) and let go of the batcher their functions held."""
+        """Forget a replaced or unloaded model version: its info series unless another served version has them."""
+        # The info series go unless another served version has the same labels. Once no version of the name is
+        # left, its queue-depth and readiness gauges read 0 from then on (an alert on `vitc_model_ready == 0` sees
+        # an unloaded model; the repository knows a name it has served for good, serve.repository) and let go of
+        # the batcher their functions held.
         labels = (name, variant, runtime, precision, *_info(provenance))
         if _release(self._versions, labels):
             with contextlib.suppress(KeyError):

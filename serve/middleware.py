@@ -39,10 +39,9 @@ class BodyTooLarge(APIError):
 
 
 class AccessLogMiddleware:
-    """Request id, in-flight gauge, request counter and latency by model/endpoint/status, one JSON log line.
+    """Request id, in-flight gauge, request counter and latency by model/endpoint/status, one JSON log line."""
 
-    Also the last guard: an unexpected exception becomes a JSON 500 here, and the connection stays usable.
-    """
+    # Also the last guard: an unexpected exception becomes a JSON 500 here, and the connection stays usable.
 
     def __init__(self, app: ASGIApp, metrics: Metrics, known_models: Callable[[], Collection[str]],
                  enabled: bool = True, templates: Collection[tuple[re.Pattern[str], str]] = ()) -> None:
@@ -129,12 +128,10 @@ class AccessLogMiddleware:
 
 
 def logged_client(scope: Scope) -> str | None:
-    """The access log's `client`: the peer's `host:port` (`[v6]:port`), or the address a trusted proxy forwarded.
-
-    uvicorn puts a trusted peer's X-Forwarded-For in the scope's `client` unchecked, with port 0 when the header
-    gave none: it is logged only when it is an IP address (else any process on the proxy's host could log any text
-    as the client), without a port unless the header gave one; otherwise the peer's own address is logged.
-    """
+    """The access log's `client`: the peer's `host:port` (`[v6]:port`), or the address a trusted proxy forwarded."""
+    # uvicorn puts a trusted peer's X-Forwarded-For in the scope's `client` unchecked, with port 0 when the header
+    # gave none: it is logged only when it is an IP address (else any process on the proxy's host could log any
+    # text as the client), without a port unless the header gave one; otherwise the peer's own address is logged.
     client = scope.get("client")
     peer = scope.get("vitc.peer", client)  # the connection's peer (serve.httpproto), before any forwarding
     if client and client != peer:
@@ -206,15 +203,17 @@ def _has_body(headers: Collection[tuple[bytes, bytes]]) -> tuple[bool, int | Non
 
 
 class EarlyAnswerMiddleware:
-    """An answer begun before the request's body was read to its end (a 401, a 404, a 413 at once) keeps its
-    connection only where the rest of the body is worth reading and dropping for it, as a 413 at once decides: a
-    declared Content-Length of at most twice `max_bytes`, and never after a 401 (a client without the key is owed
-    no such service), nor where the rest may take the connection past what a kept connection drops, all its
-    requests together (`vitc.drop_left`). Otherwise it closes the connection, gently: serve.httpproto's lingering
-    close reads and drops what the client still sends within its bounds in bytes and time. On a kept connection an
-    endless chunked body or a huge Content-Length would be read and dropped to its end, costing the client
-    bandwidth and the server a core. An answer given before an `Expect: 100-continue` body was asked for closes too:
-    the client may never send that body (RFC 9110 10.1.1), and its next request would be read as it."""
+    """Close the connection after an answer begun before the request's body was read, unless the rest is cheap."""
+
+    # An answer begun before the request's body was read to its end (a 401, a 404, a 413 at once) keeps its
+    # connection only where the rest of the body is worth reading and dropping for it, as a 413 at once decides: a
+    # declared Content-Length of at most twice `max_bytes`, and never after a 401 (a client without the key is owed
+    # no such service), nor where the rest may take the connection past what a kept connection drops, all its
+    # requests together (`vitc.drop_left`). Otherwise it closes the connection, gently: serve.httpproto's lingering
+    # close reads and drops what the client still sends within its bounds in bytes and time. On a kept connection
+    # an endless chunked body or a huge Content-Length would be read and dropped to its end, costing the client
+    # bandwidth and the server a core. An answer given before an `Expect: 100-continue` body was asked for closes
+    # too: the client may never send that body (RFC 9110 10.1.1), and its next request would be read as it.
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -355,14 +354,13 @@ def body_hold(scope: Scope) -> BodyHold | None:
 
 
 class BodyLimitMiddleware:
-    """Bounds on request bodies: 413 over `max_bytes` (declared or streamed), 408 when the body does not arrive
-    within `timeout_s`, 503 when the bodies held by all requests together would pass `budget`.
+    """Bound request bodies: 413 over `max_bytes`, 408 past `timeout_s`, 503 when all held would pass `budget`."""
 
-    Each request's body bytes count against the budget from their arrival until its answer is sent (a declared
-    length that does not fit what is free is refused at once), and so does the body inflated from a
-    Content-Encoding (`body_hold`), so slow or stalled uploads and gzip bodies can hold neither unbounded memory nor
-    a connection forever, and headers alone hold nothing.
-    """
+    # `max_bytes` is checked on the declared length and on what is streamed. Each request's body bytes count against
+    # the budget from their arrival until its answer is sent (a declared length that does not fit what is free is
+    # refused at once), and so does the body inflated from a Content-Encoding (`body_hold`), so slow or stalled
+    # uploads and gzip bodies can hold neither unbounded memory nor a connection forever, and headers alone hold
+    # nothing.
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 60.0, budget: BodyBudget | None = None
                  ) -> None:

@@ -139,15 +139,13 @@ unique_keys = unique_keys_hook(lambda key: ProtocolError(f"request JSON repeats 
 
 def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None,
                   raw_input: tuple[str, tuple[int, ...]] | None = None) -> InferRequest:
-    """Body (+ Inference-Header-Content-Length) -> InferRequest; raises ProtocolError with a reason.
-
-    Everything a hostile body can do is a 4xx: invalid or deeply nested JSON, more arrays and objects than a
-    request for the model holds (`max_containers`), numbers beyond every float, integer
-    literals too long to convert, NaN/Infinity, shapes with too many or too large dimensions, values out of their
-    datatype's range, non-finite floats in binary data. A header of 0 is a raw binary request for the model's
-    one FP32 input `raw_input` (name, shape of a batch of one).
-    """
+    """Body (+ Inference-Header-Content-Length) -> InferRequest; raises ProtocolError with a reason."""
+    # Everything a hostile body can do is a 4xx: invalid or deeply nested JSON, more arrays and objects than a
+    # request for the model holds (`max_containers`), numbers beyond every float, integer literals too long to
+    # convert, NaN/Infinity, shapes with too many or too large dimensions, values out of their datatype's range,
+    # non-finite floats in binary data.
     n = _header_length(header_length, len(body))
+    # A header of 0 is a raw binary request for the model's one FP32 input `raw_input` (name, shape of a batch of one).
     if n == 0:
         if raw_input is None:
             raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) needs a model with one input")

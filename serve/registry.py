@@ -14,7 +14,8 @@ import runtimes
 from models import tritonconfig
 from models.bundle import MANIFEST_FILE, NAME_RE, TRITON_CONFIG_FILE, BundleError, Manifest, read_manifest, unreadable
 from models.bundle import NAME_RULE as BUNDLE_NAME_RULE
-from models.cli import WorkFailed, out_of_memory
+from models.cli import WorkFailed
+from models.failures import out_of_memory
 from models.host import MAX_THREADS, usable_cpus
 from models.preprocessing import Preprocessing
 from models.triton_layout import is_version_name, version_dirs
@@ -144,10 +145,11 @@ def parse_model_arg(arg: str) -> tuple[str | None, Path]:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a served model comes from: a bundle directory, or a model directory of a Triton-style repository
-    (numbered version directories, each a bundle, as `python -m export.triton` writes them; the one its
-    config.pbtxt's version_policy selects is served, by default the highest). Loading again re-reads it: a bundle
-    exported anew in place, or a new version directory, is what loads."""
+    """Where a served model comes from: a bundle directory, or a model directory of a Triton-style repository."""
+
+    # A model directory holds numbered version directories, each a bundle, as `python -m export.triton` writes
+    # them; the one its config.pbtxt's version_policy selects is served, by default the highest. Loading again
+    # re-reads it: a bundle exported anew in place, or a new version directory, is what loads.
 
     path: Path
     name: str | None = None  # None: the bundle's own name

@@ -46,7 +46,7 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     import io
 
     from data.datasets import DatasetError, default_preprocessing, load_dataset
-    from models.cli import disk_full, out_of_memory
+    from models.failures import disk_full, out_of_memory
     from models.preprocessing import to_mode
     from runtimes.base import first_line
 

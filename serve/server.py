@@ -225,7 +225,8 @@ def start_threads(app: Any) -> None:
     """Start every thread of the app (serve.app) before the server says it listens: a thread or pids limit that
     leaves one unstarted is the command's one line and exit 1 (the machine's limit), naming what could not start,
     not uvicorn's traceback and exit 3 after a "listening" line that a readiness check would believe."""
-    from models.cli import WorkFailed, out_of_memory
+    from models.cli import WorkFailed
+    from models.failures import out_of_memory
     from serve.workpool import ThreadsUnavailable
 
     try:
@@ -245,10 +246,10 @@ def _listening(settings: Settings, models: ServedModels, sock: socket.socket, co
 
 
 def stuck_threads(wait_s: float) -> list[threading.Thread]:
-    """The threads that would keep the process from exiting, still alive `wait_s` seconds from now: Python joins
-    every thread that is not a daemon at exit, a thread pool's even after shutdown(wait=False), so a backend call
-    that never returns (the inference timeout answered 504 long ago) or a load in progress would hold the process
-    past SIGTERM until it is killed."""
+    """The threads that would keep the process from exiting, still alive `wait_s` seconds from now."""
+    # Python joins every thread that is not a daemon at exit, a thread pool's even after shutdown(wait=False), so a
+    # backend call that never returns (the inference timeout answered 504 long ago) or a load in progress would
+    # hold the process past SIGTERM until it is killed.
     end = time.monotonic() + wait_s
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
     for t in others:

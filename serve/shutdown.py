@@ -39,10 +39,12 @@ def stopping(state: Any) -> None:
 
 
 class DelayedShutdownServer(uvicorn.Server):
-    """uvicorn's server, with `shutdown_delay` seconds between the first signal and its drain, noting on the app's
-    `state` when the drain was asked for. `close_connections`, called from the first signal's handler, makes every
-    answer from then on close its connection (HeaderBoundsProtocol.close_after_answers); without it a default
-    `Connection: close` header does, for the requests whose headers come after the signal."""
+    """uvicorn's server, with `shutdown_delay` seconds between the first signal and its drain."""
+
+    # It notes on the app's `state` when the drain was asked for. `close_connections`, called from the first
+    # signal's handler, makes every answer from then on close its connection
+    # (HeaderBoundsProtocol.close_after_answers); without it a default `Connection: close` header does, for the
+    # requests whose headers come after the signal.
 
     def __init__(self, config: uvicorn.Config, state: Any, shutdown_delay: float,
                  close_connections: Callable[[], None] | None = None) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
-from models.cli import InputError, OneLineParser, command, disk_full, int_in
+from models.cli import InputError, OneLineParser, command, int_in
 from models.config import MAX_IMAGE_PIXELS
+from models.failures import disk_full
 from models.io import atomic_write_bytes, empty_path_problem, out_file_problem, same_file
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 

@@ -48,10 +48,11 @@ def thread_start_failed(exc: BaseException | None) -> bool:
 
 
 def started_pool(threads: int, name: str, what: str | None = None) -> ThreadPoolExecutor:
-    """A pool whose `threads` threads all run now, not at its first jobs: under a pids or thread limit (a
-    Kubernetes pids limit, ulimit -u) another pool's idle threads could take the last slots for good, and every
-    later job would fail while the server reports ready. A thread that cannot start fails here, at the start:
-    ThreadsUnavailable, naming `what` (by default "N threads of pool NAME"), and no thread of the pool is left."""
+    """A pool whose `threads` threads all run now, not at its first jobs; ThreadsUnavailable if one cannot start."""
+    # Under a pids or thread limit (a Kubernetes pids limit, ulimit -u) another pool's idle threads could take the
+    # last slots for good, and every later job would fail while the server reports ready. A thread that cannot
+    # start fails here, at the start: ThreadsUnavailable, naming `what` (by default "N threads of pool NAME"), and
+    # no thread of the pool is left.
     pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
     ready = threading.Barrier(threads + 1)
     try:
@@ -83,11 +84,9 @@ class WorkPool:
         self._inflight = 0  # jobs started from the event loop and not finished (only touched on the loop)
 
     async def run(self, fn: Callable[..., T], *args: Any, inline_if_idle: bool = False) -> T:
-        """`fn(*args)` in a worker; Busy at once when `threads + queue` jobs are already in.
-
-        With `inline_if_idle`, a job that finds the pool idle runs right here instead: a lone request does not pay
-        two thread hand-offs for a few milliseconds of work (while anything else is in flight, it goes to a worker).
-        """
+        """`fn(*args)` in a worker; Busy at once when `threads + queue` jobs are already in."""
+        # With `inline_if_idle`, a job that finds the pool idle runs right here instead: a lone request does not pay
+        # two thread hand-offs for a few milliseconds of work (while anything else is in flight, it goes to a worker).
         if inline_if_idle and self._inflight == 0:
             self._inflight += 1
             try:
@@ -179,11 +178,9 @@ class PixelBudget:
 
     @contextlib.contextmanager
     def reserve(self, pixels: int, holder: Holder | None = None) -> Iterator[None]:
-        """Hold `pixels` of the budget for the block, waiting up to `wait_s` for others to free them; Busy after.
-
-        Never waits for budget the caller holds itself: not on the event loop (an inline job), not in a thread that
-        already holds a reservation, and not while `holder` (the request's other decodes) holds any: Deferred then.
-        """
+        """Hold `pixels` of the budget for the block, waiting up to `wait_s` for others to free them; Busy after."""
+        # Never waits for budget the caller holds itself: not on the event loop (an inline job), not in a thread that
+        # already holds a reservation, and not while `holder` (the request's other decodes) holds any: Deferred then.
         mine = getattr(self._mine, "held", 0)
         with self._freed:
             if self._used + pixels > self.pixels:

@@ -18,7 +18,7 @@ from test_serve_fixtures import micro_bundle, val_batch
 import runtimes
 from export.bundle import build_bundle
 from models.bundle import read_manifest
-from models.cli import memory_failure
+from models.failures import memory_failure
 from runtimes import BackendError, BackendOptions, ExportError
 
 REPO = Path(__file__).resolve().parents[1]

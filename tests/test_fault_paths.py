@@ -21,7 +21,7 @@ from test_serve_fixtures import micro_bundle
 from export import triton
 from models.bundle import BundleError, FileEntry, read_manifest, verify_file, write_manifest
 from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from models.cli import disk_full, machine_reason
+from models.failures import disk_full, machine_reason
 from models.io import not_a_file
 from train.__main__ import main as train_main
 from train.state import load_resume

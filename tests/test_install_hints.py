@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import models.cli as cli
+import models.extras as hints
 import runtimes
 from export import cli as export_cli
 from export.targets import parse_targets
@@ -55,39 +55,39 @@ def _run(args: list[str], blocked: str, cwd: Path, site: Path | None = None) -> 
 
 
 def test_the_pip_command_fits_a_checkout_or_an_installed_wheel(monkeypatch):
-    monkeypatch.setattr(cli, "from_checkout", lambda: True)
-    assert cli.pip_command(["export", "train"]) == \
+    monkeypatch.setattr(hints, "from_checkout", lambda: True)
+    assert hints.pip_command(["export", "train"]) == \
         "in the vitc checkout: pip install -c constraints.txt '.[train,export]'"
-    assert cli.extras_hint(["train"]) == \
+    assert hints.extras_hint(["train"]) == \
         "install the project's train extra (in the vitc checkout: pip install -c constraints.txt '.[train]')"
-    assert cli.pip_command(packages=["tensorrt", "cuda-bindings"], where="on a machine with an NVIDIA GPU") == \
+    assert hints.pip_command(packages=["tensorrt", "cuda-bindings"], where="on a machine with an NVIDIA GPU") == \
         "in the vitc checkout, on a machine with an NVIDIA GPU: pip install -c constraints.txt tensorrt cuda-bindings"
-    monkeypatch.setattr(cli, "from_checkout", lambda: False)
-    assert cli.pip_command(["export", "train", "train"]) == "pip install 'vitc[train,export]'"
-    assert cli.extras_hint(["server", "train", "export"]) == \
+    monkeypatch.setattr(hints, "from_checkout", lambda: False)
+    assert hints.pip_command(["export", "train", "train"]) == "pip install 'vitc[train,export]'"
+    assert hints.extras_hint(["server", "train", "export"]) == \
         "install the project's server, train and export extras (pip install 'vitc[server,train,export]')"
-    assert cli.pip_command(packages=["openvino"]) == "pip install openvino"
-    assert cli.pip_command(packages=["tensorrt", "cuda-bindings"], where="on a machine with an NVIDIA GPU") == \
+    assert hints.pip_command(packages=["openvino"]) == "pip install openvino"
+    assert hints.pip_command(packages=["tensorrt", "cuda-bindings"], where="on a machine with an NVIDIA GPU") == \
         "on a machine with an NVIDIA GPU: pip install tensorrt cuda-bindings"
 
 
 def test_a_checkout_is_told_from_an_installed_copy(wheel_install, tmp_path):
-    assert cli.from_checkout()  # the tests run from the checkout
-    code = "import models.cli as c; print(c.__file__); print(c.from_checkout())"
+    assert hints.from_checkout()  # the tests run from the checkout
+    code = "import models.extras as c; print(c.__file__); print(c.from_checkout())"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                          env=_env(wheel_install), check=True).stdout.split()
-    assert out == [str(wheel_install / "models" / "cli.py"), "False"]
+    assert out == [str(wheel_install / "models" / "extras.py"), "False"]
 
 
 def test_require_names_every_missing_module_and_every_extra_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "from_checkout", lambda: False)
+    monkeypatch.setattr(hints, "from_checkout", lambda: False)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("torch", "fastapi", "sklearn") else real(name, *a))
-    with pytest.raises(cli.MissingModules) as info:
-        cli.require("numpy", "torch", "fastapi", "sklearn")
+    with pytest.raises(hints.MissingModules) as info:
+        hints.require("numpy", "torch", "fastapi", "sklearn")
     assert info.value.modules == ("torch", "fastapi", "sklearn") and info.value.name == "torch"
-    assert cli.missing_dependency(info.value, "prog") == 2
+    assert hints.missing_dependency(info.value, "prog") == 2
     assert capsys.readouterr().err == (
         "prog: error: torch, fastapi and sklearn (scikit-learn) are not installed: install the project's server and "
         "train extras (pip install 'vitc[server,train]')\n")
@@ -138,6 +138,14 @@ def test_export_beside_onnxruntime_gpu_asks_for_convert_not_the_cpu_runtimes(mon
 def test_the_extras_named_are_pyprojects():
     with (REPO / "pyproject.toml").open("rb") as f:
         extras = tuple(tomllib.load(f)["project"]["optional-dependencies"])
-    assert cli.EXTRAS == extras
+    assert hints.EXTRAS == extras
     assert {rt.name: rt.export_extra for rt in runtimes.runtimes()} == {
         "onnxruntime": "export", "openvino": "export", "tensorrt": None, "torch": "train"}
+
+
+def test_a_plug_in_runtime_imports_pip_command_from_models_cli_as_the_readme_says():
+    """README's "Adding a runtime": a runtime's `install` is a `models.cli.pip_command(...)` line (the hints live in
+    models.extras; models.cli keeps the name for plug-ins outside this repository)."""
+    from models.cli import pip_command
+
+    assert pip_command is hints.pip_command

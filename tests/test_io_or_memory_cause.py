@@ -8,7 +8,7 @@ import errno
 
 import pytest
 
-from models.cli import storage_failure
+from models.failures import storage_failure
 from runtimes.build import cause_in_chain, io_or_memory_cause
 
 

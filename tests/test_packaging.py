@@ -254,7 +254,7 @@ def test_the_missing_extra_hints_match_pyproject():
     from packaging.requirements import Requirement
 
     import runtimes
-    from models.cli import DEPENDENCY_EXTRAS
+    from models.extras import DEPENDENCY_EXTRAS
 
     owners = metadata.packages_distributions()
     for module, (distribution, extra) in DEPENDENCY_EXTRAS.items():

@@ -483,7 +483,7 @@ def test_running_out_of_memory_while_loading_is_the_machine_not_the_model(fake, 
 
     failure = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\n[ GENERAL_ERROR ] std::bad_alloc")
     assert first_line(failure) == "[ GENERAL_ERROR ] std::bad_alloc"
-    from models.cli import memory_failure  # OpenVINO's other words for it, under a tighter limit
+    from models.failures import memory_failure  # OpenVINO's other words for it, under a tighter limit
 
     for words in ("can't alloc", "Resource temporarily unavailable"):
         assert memory_failure(RuntimeError(f"Exception from src/plugin.cpp:54:\n{words}")) is not None

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-import train.trainer
+import train.outdir
 from models.io import writer_lock
 from train.__main__ import main as train_main
-from train.trainer import RUN_LOCK
+from train.outdir import RUN_LOCK
 
 
 @pytest.fixture
@@ -21,14 +21,14 @@ def locks(monkeypatch) -> list[tuple]:
         taken.append((target, lock))
         return writer_lock(target, lock)
 
-    monkeypatch.setattr(train.trainer, "writer_lock", recording)
+    monkeypatch.setattr(train.outdir, "writer_lock", recording)
     return taken
 
 
 def test_a_mount_point_out_is_locked_from_inside(tmp_path, monkeypatch, locks, train_cli, train_tiny, capsys):
     vol = tmp_path / "vol"
     vol.mkdir()
-    monkeypatch.setattr(train.trainer, "is_mount_point", lambda path: str(path) == str(vol))
+    monkeypatch.setattr(train.outdir, "is_mount_point", lambda path: str(path) == str(vol))
     (vol / RUN_LOCK).write_text("")  # what a killed run leaves: not a file of the user's
     code, _, err = train_cli(train_main, [*train_tiny, "--max-steps", "1", "--out", str(vol)], capsys)
     assert code == 0, err

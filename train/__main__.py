@@ -17,7 +17,8 @@ import os
 
 from data.datasets import EMBEDDED, DatasetError, UnreadableImage
 from models.checkpoint import CheckpointError
-from models.cli import InputError, command, error_reason, machine_failure, one_line, refuse_empty_paths, require, say
+from models.cli import InputError, command, error_reason, machine_failure, one_line, refuse_empty_paths, say
+from models.extras import require
 from train.config import ConfigError, config_from_options
 from train.options import build_parser, explicit_options, quiet_openmp
 

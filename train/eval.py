@@ -21,12 +21,12 @@ from models.cli import (
     InputError,
     OneLineParser,
     command,
-    disk_full,
     error_reason,
     int_in,
     machine_error,
     refuse_empty_paths,
 )
+from models.failures import disk_full
 from models.host import MAX_THREADS
 from models.io import atomic_write_json, out_file_problem
 from train.config import DEVICES, MAX_DEVICE_BATCH, MAX_WORKERS, ConfigError

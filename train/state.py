@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
-from models.cli import memory_failure
+from models.failures import memory_failure
 from models.io import atomic_write_bytes, not_a_file
 from models.jsonfields import is_finite, is_int, is_number
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import os
 import random
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.datasets import (
-    EMBEDDED,
     EVAL_SUBSET_SEED,
     DatasetError,
     ImageSet,
@@ -42,18 +39,10 @@ from models.checkpoint import (
     read_checkpoint_meta,
     staged_checkpoint,
 )
-from models.cli import CommandError, InputError, WorkFailed, fill_closed_std_streams, out_of_memory, storage_failure
+from models.cli import CommandError, InputError, WorkFailed, fill_closed_std_streams
+from models.failures import out_of_memory, storage_failure
 from models.host import usable_cpus
-from models.io import (
-    DirectoryBusy,
-    atomic_write_bytes,
-    committing,
-    ensure_dir,
-    is_mount_point,
-    out_inside_problem,
-    resolve_path,
-    writer_lock,
-)
+from models.io import atomic_write_bytes, committing
 from models.jsonfields import finite_or_none
 from models.preprocessing import Preprocessing, affine
 from models.registry import build_model
@@ -70,6 +59,7 @@ from train.distributed import (
 )
 from train.evaluate import eval_loader, evaluate
 from train.optim import build_ema, build_optimizer, build_scheduler, scaled_lr, warmup_steps
+from train.outdir import missing_dirs, prepare_out_dir, remove_if_empty
 from train.pipeline import EpochBatches, TrainImages, loader, predecode, train_collate
 from train.report import METRICS_FILE, PLOT_FILE, best_of, draw_curves, metrics_bytes, versions, write_metrics
 from train.state import (
@@ -77,13 +67,10 @@ from train.state import (
     all_finite,
     as_this_run,
     capture_rng,
-    clear_stale_temporaries,
     damaged,
-    is_run_dir,
     load_resume,
     optimizer_problem,
     optimizer_settings,
-    own_temporary,
     restore_rng,
     save_resume,
     settings_problem,
@@ -107,120 +94,6 @@ def probe_readable(images: ImageSet, tries: int = 64) -> None:
             return
     raise DatasetError(f"{images.name}: none of the first {min(tries, len(images.paths))} files of the "
                        f"{images.split} split is a readable image (e.g. {images.paths[0]})")
-
-
-RUN_LOCK = ".vitc-run.lock"  # the run's writer lock inside a mount point --out (never cleared as a leftover)
-
-
-def check_out_dir(cfg: TrainConfig) -> None:
-    """--out must be absent, empty or this project's run directory; an existing run needs --resume or --overwrite.
-
-    Anything else (a user's files, an export bundle) is refused untouched: the run would replace or mix into it.
-    """
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
-    if not out.is_dir():
-        return
-    try:  # vitc's own temporaries do not count; a `.tmpXXXXXX` does (safetensors' name is also a user's)
-        entries = sorted(p.name for p in out.iterdir() if not own_temporary(p.name) and p.name != RUN_LOCK)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot read it: {exc.strerror or exc}") from None
-    if not entries:
-        return
-    if not is_run_dir(out):
-        raise ConfigError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and is not a "
-                          f"training run (no valid {META_FILE} or {RESUME_FILE}); nothing was changed: choose a new "
-                          f"or empty directory")
-    if not (cfg.resume or cfg.overwrite):
-        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to start over")
-
-
-def check_out_outside_data(cfg: TrainConfig) -> None:
-    """--out may not lie inside a dataset folder: its directory would become a class, its plot an image."""
-    if cfg.dataset in EMBEDDED:
-        return
-    harm = "the run's directory and files would become part of the data; choose a directory outside it"
-    if problem := out_inside_problem(cfg.out, cfg.dataset, "the dataset folder", harm):
-        raise ConfigError(problem)
-
-
-def _lock_out_dir(out: Path, stack: contextlib.ExitStack) -> None:
-    """Hold the project's writer lock on `out` until `stack` closes: a second run into it stops with one line.
-
-    The lock lives beside `out`, or inside it (RUN_LOCK) where `out` is a mount point: a volume's parent is often
-    read-only (a container's root) and holds nothing of the run."""
-    try:
-        ensure_dir(out.parent)
-        # Resolved, so two spellings of one directory (a symlink, `.`) take the same lock.
-        target = resolve_path(out)
-        stack.enter_context(writer_lock(target, target / RUN_LOCK if is_mount_point(target) else None))
-    except DirectoryBusy as exc:
-        raise ConfigError(f"--out: {exc} (one run per directory)") from None
-    except OSError as exc:  # read-only or virtual file system, a file in the path, no permission
-        raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
-
-
-def check_out_files(out: Path) -> None:
-    """ConfigError when a file the run writes into --out is a directory there (not a link, which a save replaces):
-    its rename would fail at the first save, after training up to it."""
-    for name in (RESUME_FILE, META_FILE, METRICS_FILE, PLOT_FILE):
-        if (out / name).is_dir() and not (out / name).is_symlink():
-            raise ConfigError(f"--out {out}: {name} is a directory, where the run writes a file; nothing was "
-                              "changed: remove it, or choose a new --out")
-
-
-def probe_writable(out: Path) -> None:
-    """Create and remove a file in `out`: an existing read-only directory passes mkdir and the lock (which lives
-    beside it), and would otherwise fail at the first save, after the training. Named as the resume writer's
-    temporary, so a kill in between leaves a file the next run clears, not one that makes --out look foreign."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{RESUME_FILE}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    os.unlink(tmp)
-
-
-def prepare_out_dir(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> None:
-    """Rank 0 locks, checks and creates --out (the lock lives until `stack` closes); every rank learns the outcome.
-
-    Nothing of an existing run is removed here: --overwrite replaces the old run once the new one first saves.
-    """
-    out, problem = Path(cfg.out), None
-    if info.is_main:
-        try:
-            check_out_outside_data(cfg)  # before the lock, whose file would be written beside --out
-            _lock_out_dir(out, stack)
-            check_out_dir(cfg)
-            try:
-                ensure_dir(out)
-                clear_stale_temporaries(out)
-                check_out_files(out)
-                probe_writable(out)
-            except OSError as exc:
-                raise ConfigError(f"--out {out}: cannot use it as the run directory: {exc.strerror or exc}") from None
-        except ConfigError as exc:
-            problem = exc
-    # The other ranks would otherwise train on and fail later, at their first collective, with no reason given.
-    if all_reduce_sum([float(problem is not None)], info)[0]:
-        raise problem or ConfigError(f"--out {out}: refused by rank 0")
-
-
-def missing_dirs(path: Path) -> list[Path]:
-    """`path` and those of its ancestors that do not exist yet, deepest first (what mkdir(parents=True) makes)."""
-    made = []
-    with contextlib.suppress(OSError):
-        while not path.exists() and path != path.parent:
-            made.append(path)
-            path = path.parent
-    return made
-
-
-def remove_if_empty(dirs: list[Path]) -> None:
-    """Undo the run directory a failed start created: remove each still-empty directory, deepest first."""
-    for d in dirs:
-        try:
-            d.rmdir()
-        except OSError:  # not empty (something was written), already gone, or not ours to remove
-            return
 
 
 def input_affine(spec: Preprocessing, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -145,15 +145,14 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 
 
 async def parse_form(request: Request, body: bytes, settings: Settings) -> FormData:
-    """The multipart form of `body` (the request's whole body, already in memory), its file parts kept in memory.
-
-    Starlette's `request.form()` writes every file part over 1 MiB to a temporary file: under a read-only root file
-    system there is none (a 500), a small /tmp fills up (ENOSPC), and the disk it takes is bounded by nothing here.
-    A part is never larger than the body it is in, which --max-body-bytes bounds: spooled up to the body's size, no
-    part leaves memory (as parts under 1 MiB never did), and reading one never needs a thread. The same checks and
-    refusals as `request.form()` (HTTPException 400 with the parser's reason)."""
+    """The multipart form of `body` (the request's whole body, already in memory), its file parts kept in memory."""
+    # The same checks and refusals as `request.form()` (HTTPException 400 with the parser's reason).
     parser = MultiPartParser(request.headers, _once(body), max_files=settings.max_files,
                              max_fields=settings.max_files + 16, max_part_size=MAX_PART_FIELD_BYTES)
+    # Starlette's `request.form()` writes every file part over 1 MiB to a temporary file: under a read-only root
+    # file system there is none (a 500), a small /tmp fills up (ENOSPC), and the disk it takes is bounded by nothing
+    # here. A part is never larger than the body it is in, which --max-body-bytes bounds: spooled up to the body's
+    # size, no part leaves memory (as parts under 1 MiB never did), and reading one never needs a thread.
     parser.spool_max_size = max(len(body), 1)  # this parser's own limit (the class's stays 1 MiB)
     try:
         return await parser.parse()
