@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import asyncio
 
-    from serve.httpproto import HeaderBoundsProtocol
-
 # An answer that closes its connection while the client may still be sending (a 413 at once, a 404 or 401 to a
 # request with a body, HTTP/1.0 or `Connection: close` or a stop's shutdown delay closing after it, a refusal in the
 # middle of a request) half-closes, then reads and drops what still comes before it closes, as nginx does (its
@@ -37,7 +35,7 @@ class LingeringTransport:
     still be sending (LingeringClose._close_gently), and the transport counts as closing from then on; the rest is
     the transport's own."""
 
-    def __init__(self, transport: asyncio.Transport, protocol: HeaderBoundsProtocol) -> None:
+    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose) -> None:
         self._transport, self._protocol = transport, protocol
 
     def __getattr__(self, name: str) -> Any:
@@ -58,9 +56,12 @@ class LingeringTransport:
 class LingeringClose:
     """The lingering close, mixed into serve.httpproto.HeaderBoundsProtocol, whose connection state it reads."""
 
+    # `self` is that protocol (its _wire, _eof, _turned_away ...): not imported here, which would close an import
+    # circle with serve.httpproto.
+
     lingering = False  # whether the answers are out and what the client still sends is read and dropped
 
-    def _close_gently(self: HeaderBoundsProtocol) -> bool:
+    def _close_gently(self) -> bool:
         """Close gently, if the client may still be sending (and has not ended its stream): the answers written so
         far go out, then the write side shuts (the client reads them, then EOF), and what the client still sends is
         read and dropped until it closes, pauses LINGER_IDLE_S, has sent linger_bytes, or LINGER_S have passed.
@@ -89,7 +90,7 @@ class LingeringClose:
         self._linger_check()
         return True
 
-    def _linger_check(self: HeaderBoundsProtocol) -> None:
+    def _linger_check(self) -> None:
         """End the lingering close at its bounds in time, else look again when the next one may be reached."""
         self._linger_timer = None
         if self._wire.is_closing():
