@@ -118,9 +118,9 @@ def jpeg_segments(data: bytes) -> Iterator[int]:
             2 + int.from_bytes(data[pos + 2:pos + 4], "big")
 
 
-# A marker after the first scan: 0xFF (fill 0xFFs allowed) and a byte that is not a stuffed 0x00, a restart marker
-# RST0-7 or another fill; only markers end entropy-coded data, so a regex search skips it at C speed.
-_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+# A marker: 0xFF (the last of any fill 0xFFs) and a byte that is not a stuffed 0x00, a restart marker RST0-7 or
+# another fill; only markers end entropy-coded data, so a regex search skips it at C speed.
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")  # no `\xff+`: quadratic on a run of 0xFF
 
 
 def jpeg_scans(data: bytes, most: int, markers: int = MAX_JPEG_MARKERS) -> int:

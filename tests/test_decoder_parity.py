@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data.datasets import UnreadableImage, decode_checked, load_dataset
-from models.decoding import MAX_HEADER_SEGMENTS, MAX_JPEG_SCANS, DecodeError, decode_image
+from models.decoding import MAX_HEADER_SEGMENTS, MAX_JPEG_SCANS, DecodeError, decode_image, jpeg_scans
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PNG_TEXT_BYTES, Preprocessing, preprocess
 from serve.imaging import ImageError, load_pixels, open_image, pixel_limit, prepare
 
@@ -201,3 +201,12 @@ def test_thousands_of_segments_between_scans_are_refused_after_a_bounded_walk():
     padded = photo[:first] + b"\xff\xfe\x00\x02" * 5000 + photo[first:]
     with pytest.raises(DecodeError, match="scans \\(or 4096 markers\\); refused"):
         decode_image(padded, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+
+
+@pytest.mark.timeout(60)  # linear: milliseconds; the quadratic pattern took 1.9 s for 20 KB, hours for this
+def test_a_run_of_fill_bytes_is_walked_in_linear_time():
+    """`\\xff+` before the marker byte made the scan walk quadratic in a run of 0xFF: a 30 KB body held the event
+    loop (the cheap check) for 9 s."""
+    photo = _encode(_photo(), "JPEG", quality=90)
+    body = photo[:-2] + b"\xff" * 300_000 + photo[-2:]
+    assert jpeg_scans(body, MAX_JPEG_SCANS) == 1

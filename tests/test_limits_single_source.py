@@ -218,16 +218,6 @@ def test_eval_and_the_runtime_measurement_bound_the_batch_alike(capsys):
         assert line.endswith(f"argument {flag}: must be in 1..{MAX_DEVICE_BATCH}, got {over}"), line
 
 
-def test_training_bounds_its_eval_batch_as_train_eval_does():
-    """Training took --eval-batch-size up to 65,536 while train.eval stops at MAX_DEVICE_BATCH."""
-    from train.config import MAX_DEVICE_BATCH, ConfigError, TrainConfig
-
-    assert TrainConfig(model="vit_c_micro", dataset="animals", out="x",
-                       eval_batch_size=MAX_DEVICE_BATCH).eval_batch_size == MAX_DEVICE_BATCH
-    with pytest.raises(ConfigError, match=f"--eval-batch-size must be an integer in \\[0, {MAX_DEVICE_BATCH}\\]"):
-        TrainConfig(model="vit_c_micro", dataset="animals", out="x", eval_batch_size=MAX_DEVICE_BATCH + 1)
-
-
 # --- the shared argparse types -----------------------------------------------------------------------------------
 
 

@@ -159,7 +159,7 @@ def validate(c: TrainConfig) -> None:
     _check(bool(c.out), "--out is required")
     for name, lo, hi in (
         ("epochs", 0, 100_000), ("max_steps", 0, 10**9), ("batch_size", 1, MAX_BATCH),
-        ("eval_batch_size", 0, MAX_DEVICE_BATCH), ("lr_ref_batch", 1, 10**7), ("ema_every", 1, 10**6),
+        ("eval_batch_size", 0, MAX_BATCH), ("lr_ref_batch", 1, 10**7), ("ema_every", 1, 10**6),
         ("seed", 0, 2**31 - 1), ("train_subset", 0, 10**9), ("val_subset", 0, 10**9), ("eval_every", 1, 100_000),
         ("save_every_steps", 0, 10**9),
     ):
