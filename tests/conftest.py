@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
+
+# A shell without job control starts `pytest &` (and nohup) with SIGINT ignored, and every child inherits that: the
+# CLIs rightly keep an ignored SIGINT ignored, so the tests of Ctrl-C would see nothing. Take it back for this run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager

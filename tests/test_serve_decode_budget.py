@@ -54,14 +54,22 @@ def test_a_request_with_two_images_that_fit_the_budget_only_one_at_a_time_is_ans
                 r = c.post("/v1/models/fake/classify", files=files)
                 assert r.status_code == 200, r.text
                 answers = r.json()
-                assert len(answers) == 3 and answers[0] == answers[1] == answers[2]
+                assert len(answers) == 3 and _same(answers[0], answers[1]) and _same(answers[0], answers[2])
                 assert c.app.state.pixel_budget.used == 0  # every reservation given back
             one = c.post("/v1/models/fake/classify", content=photo, headers={"content-type": "image/jpeg"})
-            assert one.status_code == 200 and one.json() == answers[0]
+            assert one.status_code == 200 and _same(one.json(), answers[0])
             # A bad image among them is still named, whichever decoded first.
             r = c.post("/v1/models/fake/classify", files=[*files[:2], ("file", ("bad.jpg", b"nope", "image/jpeg"))])
             assert r.status_code == 400 and r.json()["error"].startswith("bad.jpg: ")
             assert c.app.state.pixel_budget.used == 0
+
+
+def _same(a: dict, b: dict) -> bool:
+    """The same answer up to float rounding: BLAS kernels (AVX2 more than AVX-512) round by batch size and row."""
+    pa, pb = a["predictions"], b["predictions"]
+    ranked = [(p["label"], p["index"]) for p in pa] == [(p["label"], p["index"]) for p in pb]
+    return (a["model"] == b["model"] and ranked
+            and all(abs(p["score"] - q["score"]) <= 1e-6 for p, q in zip(pa, pb, strict=True)))
 
 
 def _hold(budget: PixelBudget, pixels: int, seconds: float) -> threading.Thread:
