@@ -80,9 +80,11 @@ def decode_weight(img: Image.Image) -> int:
     # Modes that hold more per pixel while they are converted (measured peak bytes a pixel): grey or palette with
     # alpha 10-13, RGBA 8-9, a baseline CMYK JPEG 9. A tiny flat LA PNG is a cheap way to ask for a lot.
     # An RGB image with a transparent colour (a PNG colour key) is copied and masked: 9 bytes a pixel, as RGBA; a
-    # 48-bit one is decoded twice (its samples' high and low bytes) and the key made an alpha channel: 3.
+    # 48-bit one is decoded twice (its samples' high and low bytes) and the key made an alpha channel: 3. A 16-bit
+    # grey PNG (mode I;16, 2 bytes a pixel) widens to 32-bit samples before it becomes RGB: 6.4 bytes a pixel.
     by_mode = 3 if img.mode in ("LA", "La", "PA") or wide_colour_key(img) else 2 if (
-        img.mode in ("RGBA", "RGBa", "CMYK") or (img.mode in ("P", "RGB") and "transparency" in img.info)) else 1
+        img.mode in ("RGBA", "RGBa", "CMYK", "F") or img.mode.startswith("I")
+        or (img.mode in ("P", "RGB") and "transparency" in img.info)) else 1
     return max(by_format, by_mode)
 
 

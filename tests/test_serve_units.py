@@ -223,6 +223,8 @@ def test_formats_that_hold_more_while_decoding_count_more_against_the_budget():
     # of them OOM-killed a server whose budget counted them at 5.
     assert weight("PNG", "LA") == 3 and weight("PNG", "RGBA") == 2 and weight("JPEG", "CMYK") == 2
     assert weight("PNG", "P", transparency=0) == 2 and weight("PNG", "P") == 1 and weight("PNG", "L") == 1
+    # A 16-bit grey PNG (I;16) peaked at 6.4 bytes a pixel: widened to 32-bit samples before it becomes RGB.
+    assert weight("PNG", "I;16") == 2 and weight("TIFF", "I;16") == 2 and weight("TIFF", "F") == 2
 
 
 def test_an_image_dearer_than_the_whole_budget_still_decodes_alone():
