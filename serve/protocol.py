@@ -113,6 +113,49 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     raise ProtocolError(f"the gzip body has more than {MAX_GZIP_MEMBERS} members")
 
 
+# Content-Encodings an answer is sent in when the client's Accept-Encoding asks (as Triton's HTTP server): "deflate"
+# is the zlib format, as tritonclient's response_compression_algorithm decodes it (and RFC 9110 defines it).
+_ANSWER_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def answer_coding(accept_encoding: str | None) -> str | None:
+    """The coding ("gzip" or "deflate") an answer is compressed with for `Accept-Encoding`, None to send it as is:
+    the acceptable one of the higher q-value, gzip on a tie; none that the client weighs below identity."""
+    weights: dict[str, float] = {}
+    for item in (accept_encoding or "").lower().split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        q = _q_value(params)
+        if coding and q is not None:
+            weights.setdefault({"x-gzip": "gzip"}.get(coding, coding), q)  # RFC 9110 8.4.1.3: the same coding
+    anything = weights.get("*", 0.0)  # "*": any coding not named
+    identity = weights.get("identity", 0.0)
+    best = max(("gzip", "deflate"), key=lambda c: weights.get(c, anything))  # max keeps the first of equals: gzip
+    q = weights.get(best, anything)
+    return best if q > 0 and q >= identity else None
+
+
+def _q_value(params: list[str]) -> float | None:
+    """The q-value of one Accept-Encoding item's parameters (1 without one); None when it is malformed."""
+    q = 1.0
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip() != "q":
+            continue
+        try:
+            q = float(value.strip())
+        except ValueError:
+            return None
+        if not 0 <= q <= 1:  # NaN too
+            return None
+    return q
+
+
+def compress(body: bytes, coding: str) -> bytes:
+    """`body` in the content coding `coding` ("gzip" or "deflate"), at zlib's default level (as Triton)."""
+    c = zlib.compressobj(wbits=_ANSWER_WBITS[coding])
+    return c.compress(body) + c.flush()
+
+
 MAX_DIMS = 8  # a tensor shape with more dimensions is refused before anything is allocated for it
 MAX_DIM = 1 << 31
 # The spec bounds no `id` and says it must be returned (Triton takes any string the body limit allows); this bound
@@ -176,7 +219,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError("request needs a non-empty 'inputs' list")
-    params = _params(doc, "request")
+    params = _request_params(doc)
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for spec in raw_inputs:
@@ -198,10 +241,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
     rid = doc.get("id")
     if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_CHARS):
         raise ProtocolError(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
-    binary_output = params.get("binary_data_output", False)
-    if not isinstance(binary_output, bool):
-        raise ProtocolError("parameters.binary_data_output must be true or false")
-    return InferRequest(rid, inputs, outputs, binary_output)
+    return InferRequest(rid, inputs, outputs, params.get("binary_data_output", False))
 
 
 # Peak memory of parsing, per byte of request: JSON numbers become a Python object and a list slot each, then a
@@ -285,13 +325,53 @@ def short_reason(exc: BaseException) -> str:
     return first_line(exc, 200)
 
 
-def _params(obj: dict, what: str) -> dict:
+def _params(obj: dict, what: str, own: tuple[str, ...] = ()) -> dict:
+    """`obj`'s `parameters`, each value a string, number or boolean (the protocol's $parameter); the keys in `own`
+    are left to their own, stricter checks (which word their refusals)."""
     params = obj.get("parameters")
     if params is None:
         return {}
     if not isinstance(params, dict):
         raise ProtocolError(f"{what} 'parameters' must be an object")
+    check_parameters(params, what, own)
     return params
+
+
+def check_parameters(params: dict, what: str, own: tuple[str, ...] = ()) -> None:
+    """ProtocolError naming the first key of `params` (outside `own`) whose value is not a string, number or
+    boolean: an object, a list or null."""
+    for key, value in params.items():
+        if key not in own and (value is None or isinstance(value, dict | list)):
+            raise ProtocolError(f"{what} parameter {key[:64]!r} must be a string, a number or a boolean, "
+                                f"got {_json_kind(value)}")
+
+
+# Request parameters Triton's HTTP server reads itself, and the values it takes there (it refuses any other): vitc
+# checks them alike so that a request that fails on Triton fails here too, though it applies none of them.
+_UINT64 = "an unsigned integer"
+_TRITON_PARAMETERS = {"sequence_id": f"{_UINT64} or a string", "sequence_start": "true or false",
+                      "sequence_end": "true or false", "priority": _UINT64, "timeout": f"{_UINT64} (microseconds)",
+                      "binary_data_output": "true or false"}
+
+
+def _request_params(doc: dict) -> dict:
+    """The request's `parameters`, checked as Triton checks them: scalar values, no key starting with "triton_"
+    (reserved), and the keys of `_TRITON_PARAMETERS` of their type."""
+    params = _params(doc, "request", tuple(_TRITON_PARAMETERS))
+    for key, value in params.items():
+        if key.startswith("triton_"):
+            raise ProtocolError(f"request parameter {key[:64]!r}: keys starting with 'triton_' are reserved for "
+                                "Triton")
+        if key in _TRITON_PARAMETERS and not _triton_typed(key, value):
+            raise ProtocolError(f"parameters.{key} must be {_TRITON_PARAMETERS[key]}, got {json.dumps(value)[:40]}")
+    return params
+
+
+def _triton_typed(key: str, value: Any) -> bool:
+    """Whether `value` is of the type Triton reads request parameter `key` as."""
+    if _TRITON_PARAMETERS[key] == "true or false":
+        return isinstance(value, bool)
+    return (is_int(value) and 0 <= value < 1 << 64) or (key == "sequence_id" and isinstance(value, str))
 
 
 def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
@@ -309,7 +389,7 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
                             f"supported: {', '.join(DTYPES)}")
     dtype = DTYPES[datatype]
     count = math.prod(shape)
-    params = _params(spec, f"input {name!r}")
+    params = _params(spec, f"input {name!r}", ("binary_data_size", "shared_memory_region"))
     if "shared_memory_region" in params:
         raise ProtocolError(f"input {name!r}: {NO_SHARED_MEMORY}: send its values as 'data' or as binary data")
     if "binary_data_size" in params:
@@ -418,7 +498,7 @@ def _finite_tensor(name: str, arr: np.ndarray) -> np.ndarray:
 def _parse_output(spec: Any) -> RequestedOutput:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("every requested output needs a 'name'")
-    params = _params(spec, f"output {spec['name'][:128]!r}")
+    params = _params(spec, f"output {spec['name'][:128]!r}", ("classification", "binary_data", "shared_memory_region"))
     k = params.get("classification", 0)
     if not is_int(k) or not 0 <= k <= INT64_MAX:
         raise ProtocolError(f"output {spec['name'][:128]!r}: classification must be an integer from 0 to 2^63-1 "

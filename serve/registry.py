@@ -290,12 +290,14 @@ def _looks_like_repository(root: Path) -> bool:
     return False
 
 
-def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
+def load_model(source: ModelSource | str, settings: Settings, label: str | None = None) -> ServedModel:
     """Read, verify and load one model (a bundle, or the repository version its config selects); ServeError with
-    one line (Unavailable: a repository model whose runtime cannot run here)."""
+    one line (Unavailable: a repository model whose runtime cannot run here), calling the model `label` (by default
+    as the command line gives it, NAME=PATH or PATH; a load requested over HTTP passes its name)."""
     if isinstance(source, str):
         name, path = parse_model_arg(source)
         source = ModelSource(path, name)
+    label = source.describe() if label is None else label
     start = time.perf_counter()
     try:
         version, path, config = source.selected()
@@ -317,16 +319,17 @@ def load_model(source: ModelSource | str, settings: Settings) -> ServedModel:
         startup = {"read_manifest": time.perf_counter() - start}
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
     except (BundleError, BackendError, ConfigError) as exc:
-        raise ServeError(f"model {source.describe()!r}: {exc}") from None
+        raise ServeError(f"model {label!r}: {exc}") from None
     try:
         _warn_on_config(name, version, manifest, config, labels)
         _warn_on_preprocessing_drift(name, path, manifest)
-        max_batch, delay_ms = _batching(source, config, settings, backend.max_batch)
+        max_batch, delay_ms = _batching(label, config, settings, backend.max_batch)
     except BaseException:
         backend.close()
         raise
     return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
                        queue_delay_ms=delay_ms, config=config, label_file=labels,
+                       stats=ModelStats(unbatched=config is not None and config.max_batch_size == 0),
                        startup={k: round(v, 4) for k, v in startup.items()}, runtime=runtime)
 
 
@@ -376,16 +379,17 @@ def _warn_on_config(name: str, version: str, manifest: Manifest, config: TritonC
                       "with the bundle's; export the model again to make them agree"})
 
 
-def _batching(source: ModelSource, config: TritonConfig | None, settings: Settings,
+def _batching(label: str, config: TritonConfig | None, settings: Settings,
               backend_max_batch: int) -> tuple[int, float | None]:
     """(max batch, queue delay in ms or None for the server's setting) of a loaded model: the server's settings
-    within what the backend takes, unless the repository's own config.pbtxt decides, as in Triton; ServeError."""
+    within what the backend takes, unless the repository's own config.pbtxt decides, as in Triton; ServeError
+    calling the model `label`."""
     max_batch = min(settings.max_batch_size, backend_max_batch)
     if config is None:
         return max_batch, None
     if config.max_batch_size is not None:
         if config.max_batch_size > backend_max_batch:
-            raise ServeError(f"model {source.describe()!r}: config.pbtxt max_batch_size {config.max_batch_size} "
+            raise ServeError(f"model {label!r}: config.pbtxt max_batch_size {config.max_batch_size} "
                              f"is more than the artifact was exported for ({backend_max_batch})")
         # 0: Triton does not batch (requests never merge: TritonConfig.dynamic_batching is False) and each
         # request carries its own batch dimension, up to what the artifact takes.
@@ -417,11 +421,12 @@ def _pillow_version() -> str:
 def _check_repository_model(source: ModelSource, version: str, manifest: Manifest, runtime: str, device: str,
                             config: TritonConfig | None) -> None:
     """ConfigError when config.pbtxt contradicts the artifact; Unavailable when its runtime cannot run here (unknown,
-    not installed, not on this device, or a name a plugin that failed to register claimed too)."""
+    not installed, not on this device, or a name a plugin that failed to register claimed too), naming the model by
+    its name alone: the reason is what the index and a request for it answer."""
     try:
         rt = pick(runtime)  # a failed plugin's name: refused, not served by the runtime that has it
     except BackendError as exc:
-        raise Unavailable(source.path.name, version, f"model {source.describe()!r}: {exc}") from None
+        raise Unavailable(source.path.name, version, f"model {source.path.name!r}: {exc}") from None
     if config is not None:
         c, h, w = manifest.input.sample_shape
         try:
@@ -444,7 +449,7 @@ def _check_repository_model(source: ModelSource, version: str, manifest: Manifes
     try:
         rt.require(device)
     except BackendError as exc:
-        raise Unavailable(source.path.name, version, f"model {source.describe()!r}: {exc}") from None
+        raise Unavailable(source.path.name, version, f"model {source.path.name!r}: {exc}") from None
 
 
 class ServedModels(dict[str, ServedModel]):

@@ -141,7 +141,8 @@ class ModelRepository:
         if root is not None and NAME_RE.fullmatch(name) and (root / name).is_dir():
             return ModelSource(root / name, name, repository=True)
         if root is not None and safe_component(name) and not name.startswith(".") and _is_dir(root / name):
-            raise LoadError(f"{root / name} is not served: {NAME_RULE} (rename the directory)")
+            # Named as the request named it: a load's answer tells no client where the repository lies.
+            raise LoadError(f"model directory {name[:200]!r} is not served: {NAME_RULE} (rename the directory)")
         bundles = self.settings.model_dir  # a bundle exported there after the start: served as its directory's name
         if bundles is not None and NAME_RE.fullmatch(name) and _is_file(bundles / name / MANIFEST_FILE) \
                 and bundles / name not in {s.path for s in self.sources.values()}:  # not one served as another name
@@ -193,7 +194,8 @@ class ModelRepository:
                 raise self._failed(name, "", f"model {name!r}: {exc}") from None
             if self._loader is None:  # not started (a repository used without start): as the server would
                 self.start_threads()
-            job = self._loader.submit(load_model, source, self.settings)
+            # Its errors name the model as the request did: never the command line's NAME=PATH, nor a server path.
+            job = self._loader.submit(load_model, source, self.settings, name)
             try:
                 model = await asyncio.wrap_future(job)
             except asyncio.CancelledError:  # the request was cancelled (shutdown): a load that ends later is freed
@@ -249,9 +251,15 @@ class ModelRepository:
         return exc
 
     async def unload(self, name: str) -> None:
-        """Stop serving `name` once every request admitted to it is answered. As in Triton, a known model that is
-        not loaded is left as it is (success); LoadError for a name the server does not know."""
-        self.source_of(name)
+        """Stop serving `name` once every request admitted to it is answered. As in Triton, a model that is not
+        loaded, or a name the server does not know, is left as it is (success); LoadError for a name no model can
+        have (NAME_RULE: a path, a traversal), as a load of it is refused."""
+        try:
+            self.source_of(name)
+        except LoadError:
+            if not NAME_RE.fullmatch(name):
+                raise
+            return  # Triton's unload of an unknown name unloads nothing and succeeds (idempotent clean-ups)
         async with self._turn(name):
             model = self.models.pop(name, None)
             if model is None:

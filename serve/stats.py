@@ -15,7 +15,10 @@ def _pair() -> list[int]:
 class ModelStats:
     """Counts and cumulative times of one loaded model version; updated from the event loop and worker threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, unbatched: bool = False) -> None:
+        """`unbatched`: a model without Triton batching (max_batch_size 0), whose requests carry their own batch
+        dimension: each counts as one inference of batch size 1, as Triton's backends count them."""
+        self.unbatched = unbatched
         self._lock = threading.Lock()
         self.last_inference_ms = 0
         self.inference_count = 0  # rows of successful requests (Triton: each inference of a batch counts)
@@ -42,13 +45,17 @@ class ModelStats:
 
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         ns = int(seconds * 1e9)
+        # Triton's batch size is the number of inferences: the rows of a batched model's requests, but 1 a request
+        # without batching (its first dimension is the model's own), so that batch_size x count sums to
+        # inference_count either way.
+        size = requests if self.unbatched else rows
         with self._lock:
             self.last_inference_ms = int(time.time() * 1000)
             self.execution_count += 1
             self._infer[0] += requests
             self._infer[1] += ns * requests
-            self._batches[rows][0] += 1
-            self._batches[rows][1] += ns
+            self._batches[size][0] += 1
+            self._batches[size][1] += ns
 
     def to_triton(self, name: str, version: str) -> dict[str, Any]:
         """One `model_stats` entry of Triton's statistics response."""

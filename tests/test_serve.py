@@ -334,6 +334,7 @@ def test_v2_statistics_framing_and_paths_are_strict(client):
                              ("Inference-Header-Content-Length", "3")])
     assert r.status_code == 400 and "different values" in r.json()["error"]
     # A trailing slash is an unknown path (JSON 404), never a redirect that echoes the Host header.
-    for method, path in (("POST", "/v2/models/twin/infer/"), ("GET", "/v2/"), ("POST", "/v1/models/twin/classify/")):
+    for method, path in (("POST", "/v2/models/twin/infer/"), ("GET", "/v2/health/live/"),
+                         ("POST", "/v1/models/twin/classify/")):
         r = client.request(method, path, headers={"Host": "evil.example"})
         assert r.status_code == 404 and "location" not in r.headers and r.json()["error"], (path, r.status_code)

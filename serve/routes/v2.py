@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import serve
+from models.bundle import TRITON_LABELS_FILE
 from models.tritonconfig import VersionPolicy
 from serve.errors import APIError
 from serve.protocol import (
@@ -22,7 +23,10 @@ from serve.protocol import (
     InferRequest,
     OutputTensor,
     ProtocolError,
+    answer_coding,
+    check_parameters,
     classification_strings,
+    compress,
     encode_response,
     parse_memory,
     parse_request,
@@ -55,6 +59,12 @@ def _unbatched(model: ServedModel) -> bool:
     return model.config is not None and model.config.max_batch_size == 0
 
 
+def _label_filename(model: ServedModel) -> str:
+    """The output's label_filename as the config shows it: a repository model's own ("" without one: answers are
+    "value:index"), and for a bundle the labels.txt that export.triton writes of the class names it answers with."""
+    return model.label_filename if model.source is not None and model.source.repository else TRITON_LABELS_FILE
+
+
 def _metadata(model: ServedModel) -> dict[str, Any]:
     m = model.manifest
     c, h, w = m.input.sample_shape
@@ -84,6 +94,7 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("", summary="Server metadata")
+@router.get("/", include_in_schema=False)  # the path the protocol's OpenAPI document gives it
 async def server_metadata() -> dict[str, Any]:
     return {"name": "vitc", "version": serve.__version__, "extensions": EXTENSIONS}
 
@@ -172,7 +183,8 @@ async def repository_index(request: Request) -> JSONResponse:
 
 
 async def _load_parameters(request: Request) -> dict[str, Any]:
-    """The `parameters` of a repository load/unload body (empty or a JSON object); 400 when malformed."""
+    """The `parameters` of a repository load/unload body (empty or a JSON object of string, number or boolean
+    values, as the protocol defines them); 400 when malformed."""
     body = await _small_body(request)
     if not body.strip():
         return {}
@@ -180,6 +192,10 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     params = req.get("parameters", {}) if isinstance(req, dict) else None
     if not isinstance(params, dict):
         raise APIError(400, 'the request body must be a JSON object like {"parameters": {...}}')
+    try:
+        check_parameters(params, "repository request")
+    except ProtocolError as exc:
+        raise APIError(400, str(exc)) from None
     return params
 
 
@@ -199,9 +215,12 @@ async def repository_load(name: str, request: Request) -> JSONResponse:
 
 
 @router.post("/repository/models/{name}/unload",
-             summary="Stop serving a model (requests in progress finish; one that is not loaded stays so: success)")
+             summary="Stop serving a model (requests in progress finish; one that is not loaded, or a name the "
+                     "server does not know, stays so: success)")
 async def repository_unload(name: str, request: Request) -> JSONResponse:
-    await _load_parameters(request)  # unload_dependents: vitc models have no dependents
+    # unload_dependents: vitc models have no dependents, but a value Triton cannot read is refused as Triton does.
+    if not isinstance((await _load_parameters(request)).get("unload_dependents", False), bool):
+        raise APIError(400, "parameters.unload_dependents must be true or false")
     try:
         await request.app.state.repository.unload(name)
     except LoadError as exc:
@@ -230,7 +249,7 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
         "input": [{"name": m.input_name, "data_type": "TYPE_FP32", **tensor}],
         "output": [{"name": m.output_name, "data_type": "TYPE_FP32",
                     "dims": [-1, len(model.labels)] if unbatched else [len(model.labels)],
-                    "label_filename": model.label_filename}],
+                    "label_filename": _label_filename(model)}],
         # What is applied: a config.pbtxt without dynamic_batching batches nothing (each request runs alone).
         **({"dynamic_batching": {"max_queue_delay_microseconds": round(1000 * (
             settings.max_queue_delay_ms if model.queue_delay_ms is None else model.queue_delay_ms))}}
@@ -348,4 +367,20 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
         tensor = OutputTensor(output, "FP32", logits, binary)
     with stage(request, "encode"):
         content, headers, media = encode_response(model.name, model.version, parsed.id, [tensor])
+        content = await _compressed(request, content, headers)
         return Response(content, media_type=media, headers=headers)
+
+
+INLINE_COMPRESSION = 64 * 1024  # an answer up to this size is compressed on the loop when the work pool is idle
+
+
+async def _compressed(request: Request, content: bytes, headers: dict[str, str]) -> bytes:
+    """The answer in the content coding its Accept-Encoding asks for (gzip or deflate, as Triton answers), with its
+    headers set; as it is otherwise. Inference-Header-Content-Length still counts the uncompressed JSON header
+    (tritonclient decompresses before it splits the body, as Triton's answers need)."""
+    headers["Vary"] = "Accept-Encoding"
+    coding = answer_coding(", ".join(request.headers.getlist("accept-encoding")))
+    if coding is None:
+        return content
+    headers["Content-Encoding"] = coding
+    return await deps.off_loop(request, compress, content, coding, cheap=len(content) <= INLINE_COMPRESSION)
