@@ -134,14 +134,25 @@ def test_a_run_with_other_settings_never_overwrites_the_record(tmp_path, capsys,
     assert "--study stability (recorded all)" in _one_line_error(capsys)
 
 
+def _finished_runtime(pairs: list[tuple[str, str]]) -> str:
+    """runtime.json as a finished study's runtime step leaves it on the CPU: one row per pair (as measure writes)."""
+    rows = [{"pair": list(pair), "what": "train_step", "device": "cpu", "layout": "nchw", "compiled": False,
+             "batch": 64, "ms_vit_c": 10.0, "ms_vit_p": 10.0, "ratio": 1.0, "round_ratios": [1.0] * 9, "rounds": 9,
+             "steps_per_round": 25} for pair in pairs]
+    return json.dumps({"rows": rows, "machine": {"cpu": "the runtime box"}})
+
+
 def test_resuming_a_finished_study_keeps_who_trained_it(tmp_path, capsys, monkeypatch):
     out, record = _recorded_study(tmp_path)
-    (out / "runtime.json").write_text(json.dumps({"rows": [], "machine": {"cpu": "the training box"}}))
+    # Its runtime measured too: a resume that finds every pair measured on this kind of device measures nothing.
+    measured = _finished_runtime(analysis.stem_pairs(list(presets.make_config("reduced").models)))
+    (out / "runtime.json").write_text(measured)
     monkeypatch.setattr(runner, "run_all", lambda *a, **k: pytest.fail("nothing is left to train"))
     assert main(["--preset", "reduced", "--epochs", "2", "--samples", "2", "--seeds", "0", "--out", str(out),
                  "--runs-dir", str(tmp_path / "r"), "--workers", "3"]) == 0, capsys.readouterr().err
     assert (out / "study.json").read_bytes() == record
-    assert "the training box" in (out / "claims.md").read_text()
+    assert (out / "runtime.json").read_text() == measured
+    assert "trained on the training box" in (out / "claims.md").read_text()
 
 
 # ---------------------------------------------------------------- verdicts

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,21 +47,48 @@ if _dir:
 '''
 
 
-def test_torchrun_two_cpu_ranks_identical_and_only_rank0_writes(tmp_path):
-    hook_dir, logs, out = tmp_path / "hook", tmp_path / "logs", tmp_path / "run"
+# The shared uninterrupted run: 2 ranks x 16 over 128 digits, 4 steps an epoch for 2 epochs, mixing on (every
+# source of randomness that a resume must restore); one thread a rank, so a resumed run can match it bit for bit.
+TWO_RANKS = ["--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "16",
+             "--train-subset", "128", "--val-subset", "32", "--mixup", "0.8", "--cutmix", "1.0", "--threads", "1"]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The command line of `torchrun --standalone --nproc_per_node nproc -m train args`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+            "train", *args]
+
+
+@dataclass(frozen=True)
+class AuditedRun:
+    """A finished run, the per-rank logs of its writes under `out` (SITECUSTOMIZE), and its process."""
+
+    out: Path
+    logs: Path
+    proc: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> AuditedRun:
+    """TWO_RANKS run once under torchrun with the write audit, shared by the tests that only read it."""
+    base = tmp_path_factory.mktemp("two_ranks")
+    hook_dir, logs, out = base / "hook", base / "logs", base / "run"
     hook_dir.mkdir()
     logs.mkdir()
     (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook_dir), str(REPO)]),
            "VITC_AUDIT_DIR": str(out), "VITC_AUDIT_LOG": str(logs)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
-           "--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "32",
-           "--train-subset", "384", "--mixup", "0.8", "--cutmix", "1.0", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(torchrun(2, *TWO_RANKS, "--out", str(out)), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=400)
+    return AuditedRun(out, logs, proc)
+
+
+def test_torchrun_two_cpu_ranks_identical_and_only_rank0_writes(two_rank_run):
+    out, logs, proc = two_rank_run.out, two_rank_run.logs, two_rank_run.proc
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = json.loads((out / "checkpoint.json").read_text())["training"]
-    assert summary["world_size"] == 2 and summary["global_batch"] == 64 and summary["steps"] == 2 * (384 // 64)
+    assert summary["world_size"] == 2 and summary["global_batch"] == 32 and summary["steps"] == 2 * (128 // 32)
     assert summary["ddp_backend"] == "gloo"
     digests = summary["rank_state_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
@@ -105,19 +133,26 @@ class _StateOnly(torch.nn.Module):
         return self._state
 
 
-def test_torchrun_a_corrupt_file_met_by_rank_1_is_named_by_it_and_rank_0_says_it_lost_it(tmp_path):
+def image_folder(root: Path, per_class: int = 6) -> Path:
+    """root/{train,val}/{a,b}/ with per_class random 36x36 PNGs each: a dataset that needs no sklearn (digits does,
+    a second of every rank's start); returns root."""
     import numpy as np
     from PIL import Image
 
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.random.default_rng(i).integers(0, 255, (36, 36, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_torchrun_a_corrupt_file_met_by_rank_1_is_named_by_it_and_rank_0_says_it_lost_it(tmp_path):
     from data.datasets import load_dataset
     from train.pipeline import EpochBatches
 
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            (tmp_path / "ds" / split / cls).mkdir(parents=True)
-            for i in range(6):
-                pixels = np.random.default_rng(i).integers(0, 255, (36, 36, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "ds" / split / cls / f"{i}.png")
+    image_folder(tmp_path / "ds")
     broken = tmp_path / "ds" / "train" / "a" / "broken.png"
     broken.write_bytes(b"")
     train = load_dataset(tmp_path / "ds", "train")
@@ -151,36 +186,36 @@ def test_resuming_under_another_number_of_processes_is_refused_when_the_global_b
                "train", "--out", str(out), "--threads", "1", "--no-progress", *args]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
 
-    first = run(2, "--device", "cpu", "--model", "vit_p_micro", "--dataset", "digits", "--train-subset", "12",
-                "--val-subset", "8", "--epochs", "4", "--max-steps", "2", "--batch-size", "4")
+    data = image_folder(tmp_path / "ds")
+    first = run(2, "--device", "cpu", "--model", "vit_p_micro", "--dataset", str(data), "--train-subset", "12",
+                "--val-subset", "8", "--epochs", "4", "--max-steps", "2", "--batch-size", "4", "--workers", "0")
     assert first.returncode == 0, first.stderr[-3000:]
     again = run(3, "--resume", "--max-steps", "0")
     assert again.returncode != 0
     assert "written with a global batch of 8 (2 process(es)), this run has 12 (3)" in again.stderr, again.stderr[-3000:]
 
 
-def test_an_epoch_resumed_mid_way_under_torchrun_records_the_loss_of_an_uninterrupted_one(tmp_path):
+def test_an_epoch_resumed_mid_way_under_torchrun_records_the_loss_of_an_uninterrupted_one(two_rank_run, tmp_path):
     """resume.pt kept rank 0's running sums of the epoch and every rank restored them: the resumed epoch's loss
     counted rank 0's first part twice and rank 1's not at all (the weights were right, the record was not)."""
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
-            "--device", "cpu", "--model", "vit_c_micro", "--dataset", "digits", "--epochs", "2", "--batch-size", "32",
-            "--train-subset", "256", "--val-subset", "64", "--threads", "1"]
+    assert two_rank_run.proc.returncode == 0, two_rank_run.proc.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def run(*args: str) -> None:
-        proc = subprocess.run([*base, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(torchrun(2, *TWO_RANKS, *args), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    run("--out", str(tmp_path / "whole"))
-    run("--out", str(tmp_path / "split"), "--max-steps", "6")  # 4 steps an epoch: stops half-way through epoch 2
-    run("--out", str(tmp_path / "split"), "--resume", "--max-steps", "0")
+    split = tmp_path / "split"
+    run("--out", str(split), "--max-steps", "6")  # 4 steps an epoch: stops half-way through epoch 2
+    run("--out", str(split), "--resume", "--max-steps", "0")
 
     def epochs(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    whole, split = epochs(tmp_path / "whole"), epochs(tmp_path / "split")
-    assert [e["epoch"] for e in split] == [1, 2] and split[1]["complete"]
-    for a, b in zip(whole, split, strict=True):
+    whole, resumed = epochs(two_rank_run.out), epochs(split)
+    assert [e["epoch"] for e in resumed] == [1, 2] and resumed[1]["complete"]
+    for a, b in zip(whole, resumed, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9), (a, b)
         assert b["corrupt_train_replaced"] == a["corrupt_train_replaced"]
 
