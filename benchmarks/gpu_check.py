@@ -166,11 +166,14 @@ SMOKE = Sizes(
     ddp=("--model", "vit_c_micro", "--dataset", "digits", "--epochs", "1", "--max-steps", "2",
          "--train-subset", "64", "--batch-size", "16"),
     parity_samples=32,
+    # The matmul limit timed 0.1 s a precision (--quick: 0.3) and 0.5 s a load level: the smoke run proves that each
+    # step runs and reports, not what its numbers are.
     latency=(("--quick", "--pairs", "micro", "--targets", "torch-fp32", "--batch-sizes", "1", "--cell-seconds",
-              "0.3", "--min-reps", "3", "--parity-samples", "8", "--no-plots", "--no-progress"),),
+              "0.3", "--min-reps", "3", "--limit-seconds", "0.1", "--parity-samples", "8", "--no-plots",
+              "--no-progress"),),
     serve_args="",
-    load=("--quick", "--concurrency", "1", "--duration", "1", "--no-plots"),
-    budget_s=1800.0,  # about 80 s on 2 CPUs: the budget only stops a hung step
+    load=("--quick", "--concurrency", "1", "--duration", "0.5", "--no-plots"),
+    budget_s=1800.0,  # under a minute on 2 CPUs: the budget only stops a hung step
     shares={"train": 1, "ddp": 1, "export": 1, "parity-on-device": 1, "latency-1": 1, "serve-under-load": 1},
     cache=None,
     # Parity and the device's parity run over batches up to the max batch: 4 keeps the CPU smoke run short.

@@ -4,6 +4,7 @@ and its argument errors. Structure and sanity only: speed is never asserted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def quick(tmp_path_factory):
     directory it runs in (never in the checkout or an installed package). Its process result, cache and output."""
     here = tmp_path_factory.mktemp("bench-cwd")
     cache, out = here / "exports" / "bench", here / "exports" / "bench" / "results"
+    # torch's OpenMP threads wait for work by spinning unless told otherwise: on a CPU shared with the other test
+    # worker the spinning pool starved the busy one, and the run took twice as long (a policy the caller set is kept).
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-progress"], cwd=here, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cache.is_dir() and out.is_dir(), sorted(str(p.relative_to(here)) for p in here.rglob("*"))[:20]
     return proc, cache, out

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -52,27 +54,87 @@ def _lone_rank_1(tmp_path: Path, port: int, argv: list[str], **extra: str) -> su
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_a_rank_whose_peers_never_come_prints_its_one_line_only_unless_torchs_log_was_asked_for(tmp_path):
-    quiet_port, loud_port = _free_ports(2)
-    # The report's command (its timeout 1 s, not 5), and beside it only the rendezvous (no training stack to load)
-    # with the user's TORCH_CPP_LOG_LEVEL: both wait out c10d's two connection tries at once.
-    quiet = _lone_rank_1(tmp_path, quiet_port, [*TRAIN, "--out", str(tmp_path / "run")])
-    loud = _lone_rank_1(tmp_path, loud_port, ["-c", "from train.distributed import setup; setup('cpu')"],
-                        TORCH_CPP_LOG_LEVEL="WARNING")
+@dataclass(frozen=True)
+class Ended:
+    """A lone rank 1 run to its end: its port, --out, exit code, stderr, seconds from its start, and the connections
+    the service at its port took (0 where none listens)."""
+
+    port: int
+    out: Path
+    returncode: int
+    err: str
+    seconds: float
+    connections: int = 0
+
+
+@contextlib.contextmanager
+def _silent_service(port: int) -> Iterator[list[socket.socket]]:
+    """A service on `port` that takes every connection and never answers; the connections it took (closed after)."""
+    silent, held = socket.socket(), []
+    silent.bind(("127.0.0.1", port))
+    silent.listen(8)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
     try:
-        _, quiet_err = quiet.communicate(timeout=60)
-        _, loud_err = loud.communicate(timeout=60)
+        yield held
     finally:
-        for p in (quiet, loud):
-            p.kill()
-    assert quiet.returncode == 1 and len(quiet_err.splitlines()) == 1, quiet_err[-3000:]
-    assert quiet_err.startswith(f"python -m train (rank 1): error: the 2 ranks did not all meet at "
-                                f"127.0.0.1:{quiet_port} within 1 s ("), quiet_err
-    assert quiet_err.rstrip().endswith("or give a slow start longer with VITC_DIST_TIMEOUT_S")
-    assert not (tmp_path / "run").exists()
+        silent.close()
+        for conn in held:
+            conn.close()
+
+
+def _connected(held: list[socket.socket], rank: subprocess.Popen, timeout: float) -> None:
+    """Until the service holds a connection (the rank loaded its stack and waits in the rendezvous), or the rank
+    ended, or `timeout` seconds passed."""
+    end = time.monotonic() + timeout
+    while not held and rank.poll() is None and time.monotonic() < end:
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def lone_ranks(tmp_path_factory) -> dict[str, Ended]:
+    """The tests' lone ranks, their waits overlapped (one after the other they took 20 s, most of it loading torch
+    and waiting): "silent", the report's command with a service at its port that accepts and never answers; once it
+    waits there for its deadline, "quiet", the report's command (its timeout 1 s, not 5) with no rank 0 at its port,
+    and "loud", only the rendezvous (no training stack to load) with the user's TORCH_CPP_LOG_LEVEL."""
+    ports = dict(zip(("silent", "quiet", "loud"), _free_ports(3), strict=True))
+    outs = {name: tmp_path_factory.mktemp(name) / "run" for name in ports}
+    argv = {"silent": [*TRAIN, "--out", str(outs["silent"])], "quiet": [*TRAIN, "--out", str(outs["quiet"])],
+            "loud": ["-c", "from train.distributed import setup; setup('cpu')"]}
+    extra = {"loud": {"TORCH_CPP_LOG_LEVEL": "WARNING"}}
+    with _silent_service(ports["silent"]) as held:
+        began, procs, ended = {}, {}, {}
+        try:
+            for name, port in ports.items():
+                began[name] = time.monotonic()
+                procs[name] = _lone_rank_1(outs[name].parent, port, argv[name], **extra.get(name, {}))
+                if name == "silent":  # the others load torch while it waits, not while it loads
+                    _connected(held, procs[name], timeout=60)
+            for name, proc in procs.items():
+                _, err = proc.communicate(timeout=90)
+                ended[name] = Ended(ports[name], outs[name], proc.returncode, err, time.monotonic() - began[name],
+                                    len(held) if name == "silent" else 0)
+        finally:
+            for proc in procs.values():
+                proc.kill()
+    return ended
+
+
+def test_a_rank_whose_peers_never_come_prints_its_one_line_only_unless_torchs_log_was_asked_for(lone_ranks):
+    quiet, loud = lone_ranks["quiet"], lone_ranks["loud"]
+    assert quiet.returncode == 1 and len(quiet.err.splitlines()) == 1, quiet.err[-3000:]
+    assert quiet.err.startswith(f"python -m train (rank 1): error: the 2 ranks did not all meet at "
+                                f"127.0.0.1:{quiet.port} within 1 s ("), quiet.err
+    assert quiet.err.rstrip().endswith("or give a slow start longer with VITC_DIST_TIMEOUT_S")
+    assert not quiet.out.exists()
     # The user's TORCH_CPP_LOG_LEVEL wins: c10d's log is shown, then the failure.
-    assert loud.returncode == 1 and "[c10d] The client socket has timed out" in loud_err, loud_err[-3000:]
-    assert f"DistSetupError: the 2 ranks did not all meet at 127.0.0.1:{loud_port} within 1 s" in loud_err
+    assert loud.returncode == 1 and "[c10d] The client socket has timed out" in loud.err, loud.err[-3000:]
+    assert f"DistSetupError: the 2 ranks did not all meet at 127.0.0.1:{loud.port} within 1 s" in loud.err
 
 
 def test_torchs_log_is_passed_on_when_the_group_forms_and_dropped_when_it_fails(capfd, monkeypatch):
@@ -109,34 +171,15 @@ def test_the_signal_watchers_line_reaches_the_real_stderr_while_it_is_held(capfd
     assert distributed._stderr_fd[0] == 2
 
 
-def test_a_master_port_that_accepts_and_never_answers_ends_the_rank_at_its_deadline(tmp_path):
+def test_a_master_port_that_accepts_and_never_answers_ends_the_rank_at_its_deadline(lone_ranks):
     """A service on MASTER_PORT that takes the connection and says nothing: the rank waited in torch's handshake
     for good (SIGTERM aside); now it ends at 2 x VITC_DIST_TIMEOUT_S + slack with its one line, nothing written."""
-    (port,) = _free_ports(1)
-    silent, held = socket.socket(), []
-    silent.bind(("127.0.0.1", port))
-    silent.listen(8)
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                held.append(silent.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    began = time.monotonic()
-    rank = _lone_rank_1(tmp_path, port, [*TRAIN, "--out", str(tmp_path / "run")])
-    try:
-        _, err = rank.communicate(timeout=90)
-    finally:
-        rank.kill()
-        silent.close()
-        for conn in held:
-            conn.close()
+    rank = lone_ranks["silent"]
     deadline = 2 * 1 + distributed.RENDEZVOUS_SLACK_S
-    assert held, "the rank never connected"
-    assert rank.returncode == 1 and len(err.splitlines()) == 1, err[-3000:]
-    assert err == (f"python -m train (rank 1): error: the process group did not form at 127.0.0.1:{port} within "
-                   f"{deadline:g} s: what listens there does not answer as torch's rendezvous (another service on "
-                   f"MASTER_PORT?)\n")
-    assert deadline <= time.monotonic() - began < 80
-    assert not (tmp_path / "run").exists()
+    assert rank.connections, "the rank never connected"
+    assert rank.returncode == 1 and len(rank.err.splitlines()) == 1, rank.err[-3000:]
+    assert rank.err == (f"python -m train (rank 1): error: the process group did not form at 127.0.0.1:{rank.port} "
+                        f"within {deadline:g} s: what listens there does not answer as torch's rendezvous (another "
+                        f"service on MASTER_PORT?)\n")
+    assert deadline <= rank.seconds < 80
+    assert not rank.out.exists()

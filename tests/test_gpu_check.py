@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -17,7 +18,11 @@ def _doc(out) -> dict:
     return json.loads(path.read_text())
 
 
-def test_smoke_run_goes_through_every_step_on_the_cpu(tmp_path):
+def test_smoke_run_goes_through_every_step_on_the_cpu(tmp_path, monkeypatch):
+    # Every step inherits this: torch's OpenMP threads otherwise spin while they wait for work, and on a CPU shared
+    # with the other test worker a spinning pool starves the busy one (the export and latency steps ran twice as
+    # long). The training steps set the same themselves (train/options.py); a policy the caller set is kept.
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     out = tmp_path / "out"
     assert main(["--device", "cpu", "--smoke", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     doc = _doc(out)
