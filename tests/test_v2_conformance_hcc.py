@@ -5,11 +5,8 @@ compressed for Accept-Encoding, `GET /v2/`, and errors that name a model by its 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gzip
 import json
-import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,27 +15,21 @@ import fake_runtime
 import httpx
 import numpy as np
 import pytest
+import test_repository_lifecycle as lifecycle
+from test_repository_lifecycle import CONFIG, NAME, add_version
+from test_repository_lifecycle import client as _client
+from test_repository_lifecycle import served as _repository
 from test_serve_fixtures import client_of, fake_server
 
-import runtimes
-from models.bundle import read_manifest, write_manifest
+from models.bundle import read_manifest
 from serve import protocol
 from serve.launch import ServerProcess
 from serve.protocol import ProtocolError, parse_request
 from serve.settings import Settings
 
-NAME = "fake"
-CONFIG = """name: "fake"
-platform: "fake_platform"
-max_batch_size: 8
-input [ { name: "input" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 3, 32, 32 ] } ]
-output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]
-dynamic_batching { max_queue_delay_microseconds: 500 }
-"""
 UNBATCHED = CONFIG.replace("max_batch_size: 8", "max_batch_size: 0").replace(
     "format: FORMAT_NCHW dims: [ 3, 32, 32 ]", "dims: [ -1, 3, 32, 32 ]").replace("[ 10 ]", "[ -1, 10 ]")
-# The fake runtime under a name whose package is not installed: a repository model of it cannot run here.
-ABSENT = dataclasses.replace(fake_runtime.RUNTIME, name="absent", target="absent", packages=("vitc_no_such_package",))
+fake = lifecycle.fake  # the fixture: the fake runtime, and one whose package is absent
 HEADER = "Inference-Header-Content-Length"
 VARY = "Accept-Encoding"
 
@@ -51,41 +42,9 @@ def _body(rows: int = 1, **extra: object) -> dict:
 
 def _add_model(repo: Path, name: str, config: str | None = CONFIG, runtime: str = "fake") -> None:
     """repo/name/1: the fake artifact alone (as export.triton writes a real one), with `config` as config.pbtxt."""
-    source = repo.parent / ".fake-bundle"
-    if not source.exists():
-        fake_runtime.write_bundle(source)
-    m = read_manifest(source)
-    dest = repo / name / "1"
-    dest.mkdir(parents=True)
-    shutil.copy(source / fake_runtime.WEIGHTS, dest / fake_runtime.WEIGHTS)
-    artifact = next(dataclasses.replace(a, runtime=runtime) for a in m.artifacts if a.runtime == "fake")
-    write_manifest(dest, dataclasses.replace(m, artifacts=(artifact,)))
+    add_version(repo, name, "1", runtime)
     if config is not None:
         (repo / name / "config.pbtxt").write_text(config.replace('name: "fake"', f'name: "{name}"'))
-
-
-@pytest.fixture
-def fake() -> Iterator[None]:
-    with fake_runtime.registered():
-        runtimes.register(ABSENT)
-        try:
-            yield
-        finally:
-            runtimes.unregister(ABSENT.name)
-
-
-@contextlib.contextmanager
-def _client(settings: Settings) -> Iterator[httpx.Client]:
-    from fastapi.testclient import TestClient
-
-    from serve.app import create_app
-
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-def _repository(repo: Path, **kw: object) -> Settings:
-    return Settings(model_repository=repo, access_log=False, graceful_timeout_s=5, **kw)
 
 
 # F1 ---------------------------------------------------------------------------------------------------------------
