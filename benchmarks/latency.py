@@ -61,12 +61,12 @@ MAX_CELL_S = 3600.0
 MAX_LIMIT_S = 600.0
 MAX_DURATION_S = 3600.0
 MAX_RATE = 100_000.0
-MAX_CONCURRENCY = 1024  # clients of one closed-loop level, each a thread
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option, documented."""
     from benchmarks.bundles import DEFAULT_CACHE, PAIRS
+    from benchmarks.loadgen import MAX_CONCURRENCY
     from benchmarks.runners import all_targets
     from models.bundle import MAX_BATCH_LIMIT
     from models.cli import OneLineParser, float_in, int_in, int_list

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.e2e import MAX_IMAGES, NotVitcServer, classify_endpoint, error_counts, request_bodies, served_models
-from benchmarks.loadgen import closed_loop
+from benchmarks.loadgen import MAX_CONCURRENCY, closed_loop
 from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
 from models.cli import InputError, OneLineParser, WorkFailed, command, float_in, int_in, refuse_empty_paths
 from models.io import atomic_write_bytes, atomic_write_json
@@ -52,7 +52,6 @@ from runtimes.registry import DEFAULT_RUNTIME
 
 DEMO_BUNDLES = ("exports/animals-vit_c", "exports/animals-vit_p")
 CONCURRENCY = (1, 4, 16, 64)
-MAX_CONCURRENCY = 256
 MAX_DURATION_S = 60.0
 RESULTS = Path("benchmarks/results")
 PROG = "python -m benchmarks.load"

@@ -30,7 +30,9 @@ import numpy as np
 
 from benchmarks.stats import raw_samples, summarize
 
-MAX_WORKERS = 256  # open-loop connection pool bound
+# Clients of one closed-loop level (each a thread) and the open loop's connection pool: one bound for every
+# benchmark that loads a server (load, latency --http, overhead), so no CLI takes a level another refuses.
+MAX_CONCURRENCY = 256
 TIMEOUT_S = 30.0
 # After the last request is sent, how much longer than TIMEOUT_S the generator waits for the answers still due.
 JOIN_GRACE_S = 5.0
@@ -219,8 +221,8 @@ def _join(threads: list[threading.Thread], deadline: float) -> None:
 def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, seconds: float,
                 warmup_s: float = 1.0) -> LoadResult:
     """`concurrency` workers back to back for `seconds` (after `warmup_s` not counted)."""
-    if concurrency < 1 or not bodies:
-        raise ValueError("closed loop needs concurrency >= 1 and at least one request body")
+    if not 1 <= concurrency <= MAX_CONCURRENCY or not bodies:
+        raise ValueError(f"closed loop needs concurrency in 1..{MAX_CONCURRENCY} and at least one request body")
     result = LoadResult("closed", concurrency, None, seconds)
     tally = _Tally(result)
     t_start = time.perf_counter() + warmup_s
@@ -293,7 +295,7 @@ def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds:
         with tally.lock:
             in_flight = k - done[0]
         # One connection per outstanding request: add a worker only when all are busy (bounded).
-        if in_flight >= len(workers) and len(workers) < MAX_WORKERS:
+        if in_flight >= len(workers) and len(workers) < MAX_CONCURRENCY:
             workers.append(threading.Thread(target=worker, daemon=True))
             workers[-1].start()
         tally.start(k)  # outstanding from its arrival: queued behind busy workers counts

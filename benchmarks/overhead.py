@@ -569,6 +569,8 @@ def check_bundle(bundle: Path) -> None:
 @command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """Check the arguments, measure, print and save the results."""
+    from benchmarks.loadgen import MAX_CONCURRENCY
+
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True, help="the bundle (onnx-fp32 and openvino-fp32 artifacts)")
     p.add_argument("--rounds", type=int_in(1, 1000), default=8,
@@ -579,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds per system at saturation")
     p.add_argument("--saturation-rounds", type=int_in(1, 1000), default=5,
                    help="slices the saturation seconds are split into, each followed by the runtime alone")
-    p.add_argument("--concurrency", type=int_in(1, 1024), default=16,
+    p.add_argument("--concurrency", type=int_in(1, MAX_CONCURRENCY), default=16,
                    help="clients at saturation (default 16)")
     p.add_argument("--cold-starts", type=int_in(1, 100), default=3,
                    help="server starts timed to their first answer (default 3)")

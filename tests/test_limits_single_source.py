@@ -266,3 +266,21 @@ def test_single_stream_takes_only_what_it_uses():
     calls = []
     doc = single_stream({"a": lambda: calls.append(1) or (0.001, {"infer": 1.0})}, rounds=1, slice_s=0.01)
     assert doc["a"]["latency_ms"]["n"] >= 1 and doc["a"]["server_timing_ms"]["infer"]["n"] >= 1
+
+
+def test_every_load_benchmark_takes_the_same_concurrency_levels(capsys):
+    """latency --http took 1..1024 and then refused past 256, overhead took 1..1024, load 1..256: one bound now."""
+    from benchmarks.latency import main as latency
+    from benchmarks.load import main as load
+    from benchmarks.loadgen import MAX_CONCURRENCY, Endpoint, closed_loop
+    from benchmarks.overhead import main as overhead
+
+    too_many = str(MAX_CONCURRENCY + 1)
+    line = _refusal(latency, ["--http", "http://127.0.0.1:1", "--concurrency", too_many], capsys)
+    assert line.endswith(f"argument --concurrency: expected integers in 1..{MAX_CONCURRENCY}, got '{too_many}'")
+    line = _refusal(overhead, ["--bundle", "b", "--concurrency", too_many], capsys)
+    assert line.endswith(f"argument --concurrency: must be in 1..{MAX_CONCURRENCY}, got {too_many}"), line
+    assert load(["--concurrency", "1", too_many]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--concurrency must be within 1..{MAX_CONCURRENCY}")
+    with pytest.raises(ValueError, match=f"concurrency in 1..{MAX_CONCURRENCY}"):
+        closed_loop(Endpoint("http://127.0.0.1:1/x"), [b"x"], MAX_CONCURRENCY + 1, 0.01)
