@@ -175,8 +175,9 @@ class DynamicBatcher:
 
     async def submit(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed."""
-        # `timings`, when given, receives this request's seconds spent waiting for its batch ("queue") and in the
-        # backend call that computed it ("compute").
+        # `timings`, when given, receives this request's seconds spent waiting for its batch ("queue", written when a
+        # batch takes the rows: only a request whose rows were taken has it) and in the backend call that computed
+        # it ("compute").
         if self._closing or self._queue is None:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
         if self._stalled:
@@ -246,36 +247,25 @@ class DynamicBatcher:
             batch.append(item)
             rows += item.rows
         self._forming = []
-        # Requests whose client went away (cancelled futures) are not computed.
-        return [it for it in batch if not it.future.done()]
+        # Requests whose client went away (cancelled futures) are not computed; the others are taken.
+        return self._taken([it for it in batch if not it.future.done()])
+
+    def _taken(self, batch: list[_Item]) -> list[_Item]:
+        """`batch`, its requests' queue time recorded: they are computed from now on, whether or not their client
+        waits for them (their `timings` holding "queue" says so: serve.routes.deps.unless_gone)."""
+        start = time.perf_counter()
+        for it in batch:
+            if self._observer:
+                self._observer.queued(self.name, start - it.enqueued)
+            if it.timings is not None:
+                it.timings["queue"] = start - it.enqueued
+        return batch
 
     async def _run(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         stuck: list[asyncio.Future] = []
         try:
-            start = time.perf_counter()
-            for it in batch:
-                if self._observer:
-                    self._observer.queued(self.name, start - it.enqueued)
-                if it.timings is not None:
-                    it.timings["queue"] = start - it.enqueued
-            try:
-                out = await self._call(loop, self._compute, [it.x for it in batch], stuck)
-            except InferenceTimeout:
-                raise
-            except Exception:
-                if len(batch) == 1:
-                    raise
-                # Isolate the failure: every request gets its own answer or its own error.
-                for it in batch:
-                    try:
-                        self._resolve([it], await self._call(loop, self._compute, [it.x], stuck))
-                    except InferenceTimeout:
-                        raise
-                    except Exception as exc:
-                        _fail(it, exc)
-                return
-            self._resolve(batch, out)
+            await self._answer(loop, batch, stuck)
         except Exception as exc:
             for it in batch:
                 _fail(it, exc)
@@ -289,6 +279,26 @@ class DynamicBatcher:
             finally:
                 self._running_rows -= sum(it.rows for it in batch)
                 self._slots.release()
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop, batch: list[_Item], stuck: list[asyncio.Future]) -> None:
+        """Compute `batch` in one call and resolve its requests; when that call fails, each request on its own."""
+        try:
+            out = await self._call(loop, self._compute, [it.x for it in batch], stuck)
+        except InferenceTimeout:
+            raise
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # Isolate the failure: every request gets its own answer or its own error.
+            for it in batch:
+                try:
+                    self._resolve([it], await self._call(loop, self._compute, [it.x], stuck))
+                except InferenceTimeout:
+                    raise
+                except Exception as exc:
+                    _fail(it, exc)
+            return
+        self._resolve(batch, out)
 
     async def _call(self, loop: asyncio.AbstractEventLoop, fn: Callable, arg: object,
                     stuck: list[asyncio.Future]) -> tuple[np.ndarray, float]:

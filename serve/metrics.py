@@ -98,8 +98,9 @@ class Metrics:
             "when idle)", registry=r,
         )
         self.disconnects = Counter(
-            "vitc_client_disconnects", "Requests whose client left before the answer: during the upload, or "
-            "while queued (their work is dropped, never computed)", ["model", "stage"], registry=r,
+            "vitc_client_disconnects", "Requests whose client left before the answer, by stage: upload (during "
+            "it), queued (rows dropped before a batch took them, never computed), computing (a batch had taken "
+            "the rows: computed, the answer dropped)", ["model", "stage"], registry=r,
         )
         self.queue_depth = Gauge(
             "vitc_queue_depth", "Requests waiting for a batch (0 once unloaded, or never served)", ["model"],

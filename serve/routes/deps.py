@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import Depends, Request
 
 from runtimes import BackendError
+from serve import timing
 from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull, TooLarge
 from serve.errors import APIError, ClientGone
 from serve.middleware import body_hold
@@ -137,8 +138,9 @@ async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | 
 
 
 async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) -> T:
-    """Await `work` while watching the connection: if the client leaves first, its queued work is dropped
-    (cancelled futures are never computed), counted, and ClientGone ends the request without an answer."""
+    """Await `work` (rows submitted with the request's `timings`) while watching the connection: if the client
+    leaves first, its rows still queued are dropped (cancelled futures are never computed), the disconnect is
+    counted, and ClientGone ends the request without an answer."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -154,8 +156,16 @@ async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) 
     task.cancel()
     with contextlib.suppress(BaseException):
         await task
-    request.app.state.metrics.disconnects.labels(model.name, "queued").inc()
+    request.app.state.metrics.disconnects.labels(model.name, _gone_stage(request)).inc()
     raise ClientGone
+
+
+def _gone_stage(request: Request) -> str:
+    """Where a departed client's rows were: "queued" (dropped, never computed), or "computing" once a batch took
+    them (computed all the same, the answer dropped)."""
+    # The batcher writes the request's queue time when a batch takes its rows. A request of several items (a /v1
+    # form) gives its timings to the first, which is queued first and so never taken after the others.
+    return "computing" if "queue" in timing.timings(request) else "queued"
 
 
 def _retrieved(task: asyncio.Future) -> None:
@@ -215,6 +225,21 @@ def recorded(model: ServedModel, rows: int = 1, requests: int = 1) -> Iterator[N
         model.stats.request(False, time.perf_counter() - start, rows, requests)
         raise
     model.stats.request(True, time.perf_counter() - start, rows, requests)
+
+
+@contextlib.contextmanager
+def load_refusals_recorded(model: ServedModel) -> Iterator[None]:
+    """Count a refusal for load (503) raised in the block as a failed request in the model's statistics, as
+    `recorded` would; anything else raised there (an invalid body) counts nowhere."""
+    # For work a route must do before `recorded` can know the request's rows: /v2 parses its body in the work pool,
+    # and a full pool's 503 is the failure /v1 counts for its decode (which runs inside `recorded`).
+    start = time.perf_counter()
+    try:
+        yield
+    except APIError as exc:
+        if exc.status == 503:
+            model.stats.request(False, time.perf_counter() - start)
+        raise
 
 
 @contextlib.contextmanager

@@ -332,10 +332,11 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
         with stage(request, "decode"):
             body = await deps.inflated(request, body, request.headers.get("content-encoding"), settings.max_body_bytes)
             model = deps.served(request, name)
-            parsed = await deps.off_loop(request, _parse, request.app.state.pixel_budget, body,
-                                         next(iter(lengths), None), json_containers(model),
-                                         (model.manifest.input_name,
-                                          (-1 if _unbatched(model) else 1, *model.manifest.input.sample_shape)))
+            with deps.load_refusals_recorded(model):  # a 503 (pool full) is a failure, as in /v1's decode
+                parsed = await deps.off_loop(request, _parse, request.app.state.pixel_budget, body,
+                                             next(iter(lengths), None), json_containers(model),
+                                             (model.manifest.input_name,
+                                              (-1 if _unbatched(model) else 1, *model.manifest.input.sample_shape)))
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc), exc.headers) from None
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version
@@ -376,11 +377,20 @@ INLINE_COMPRESSION = 64 * 1024  # an answer up to this size is compressed on the
 
 async def _compressed(request: Request, content: bytes, headers: dict[str, str]) -> bytes:
     """The answer in the content coding its Accept-Encoding asks for (gzip or deflate, as Triton answers), with its
-    headers set; as it is otherwise. Inference-Header-Content-Length still counts the uncompressed JSON header
-    (tritonclient decompresses before it splits the body, as Triton's answers need)."""
+    headers set; as it is otherwise, or when the work pool cannot compress it now. Inference-Header-Content-Length
+    still counts the uncompressed JSON header (tritonclient decompresses before it splits the body, as Triton's
+    answers need)."""
     headers["Vary"] = "Accept-Encoding"
     coding = answer_coding(", ".join(request.headers.getlist("accept-encoding")))
     if coding is None:
         return content
+    try:
+        packed = await deps.off_loop(request, compress, content, coding, cheap=len(content) <= INLINE_COMPRESSION)
+    except APIError as exc:
+        # The pool is full, or has no memory or thread for the job (off_loop's 503s). The answer is computed and
+        # counted a success: a 503 would have the client compute it again. Identity is a coding every client takes.
+        if exc.status != 503:
+            raise
+        return content
     headers["Content-Encoding"] = coding
-    return await deps.off_loop(request, compress, content, coding, cheap=len(content) <= INLINE_COMPRESSION)
+    return packed
