@@ -24,6 +24,8 @@ from serve.timing import server_timing
 access_log = logging.getLogger("vitc.access")
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._~:/+=@-]")
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted and logged, never sent
+# The path templates whose every answer, errors too, carries Server-Timing (v1 classify, v2 infer and its version).
+INFERENCE_ROUTES = ("/classify", "/infer")
 # Characters of a request's path and method in a log line: the request line may be 64 KiB, and a percent-encoded
 # control byte (3 bytes sent) is 6 in JSON. The path's length is logged beside a cut one.
 LOGGED_PATH, LOGGED_METHOD = 256, 32
@@ -73,7 +75,8 @@ class AccessLogMiddleware:
                 status, started = message["status"], True
                 message.setdefault("headers", [])
                 extra = [(b"x-request-id", request_id.encode("latin-1"))]
-                if timing := server_timing(scope, time.perf_counter() - start):
+                inference = self._route_of(scope)[0].endswith(INFERENCE_ROUTES)
+                if timing := server_timing(scope, time.perf_counter() - start, inference):
                     extra.append((b"server-timing", timing))
                 message["headers"] = [*message["headers"], *extra]
             await send(message)

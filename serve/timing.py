@@ -28,10 +28,11 @@ def stage(request: Request, name: str) -> Iterator[None]:
         timings(request)[name] = time.perf_counter() - start
 
 
-def server_timing(scope: dict, total_s: float) -> bytes | None:
-    """The Server-Timing header value for a request's recorded stages (milliseconds), or None without any."""
-    stages = (scope.get("state") or {}).get(TIMINGS_KEY)
-    if not stages:
+def server_timing(scope: dict, total_s: float, inference: bool = False) -> bytes | None:
+    """The Server-Timing header value for a request's recorded stages (milliseconds); None without any, unless it
+    is an `inference` request (refused before its first stage: an unknown model, a bad top_k), which gets `total`."""
+    stages = (scope.get("state") or {}).get(TIMINGS_KEY) or {}
+    if not stages and not inference:
         return None
     parts = [f"{k};dur={v * 1e3:.3f}" for k, v in stages.items()]
     parts.append(f"total;dur={total_s * 1e3:.3f}")

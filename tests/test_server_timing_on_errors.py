@@ -1,0 +1,58 @@
+"""Every answer of an inference route carries Server-Timing, its refusals too: an unknown model and a bad top_k are
+refused before any stage is timed, and their answers had no header at all (a client's latency split then had a hole
+exactly where its errors were). Other routes keep answering without one."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import fake_runtime
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> TestClient:
+    """The app on the fake runtime (its fast classify path included)."""
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    bundle: Path = fake_runtime.write_bundle(tmp_path_factory.mktemp("timing") / "fake")
+    with fake_runtime.registered():
+        with TestClient(create_app(Settings(models=[f"fake={bundle}"], backend="fake", access_log=False))) as c:
+            yield c
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _stages(header: str) -> dict[str, float]:
+    return {k.strip(): float(v) for k, v in (part.split(";dur=") for part in header.split(","))}
+
+
+@pytest.mark.parametrize(("path", "kind", "status"), [
+    ("/v1/models/nope/classify", "image", 404),
+    ("/v1/models/fake/classify?top_k=0", "image", 422),
+    ("/v1/models/fake/classify?top_k=x", "image", 422),
+    ("/v2/models/nope/infer", "json", 404),
+    ("/v2/models/fake/versions/9/infer", "json", 404),
+    ("/v1/models/fake/classify", "image", 200),
+])
+def test_every_inference_answer_has_server_timing(client, path, kind, status):
+    r = client.post(path, content=_png() if kind == "image" else b"{}",
+                    headers={"content-type": "image/png" if kind == "image" else "application/json"})
+    assert r.status_code == status, r.text
+    stages = _stages(r.headers["server-timing"])
+    assert stages["total"] >= 0 and all(v >= 0 for v in stages.values())
+    assert status != 200 or {"decode", "compute"} <= stages.keys(), stages
+
+
+def test_other_routes_answer_without_it(client):
+    for path in ("/v2/health/ready", "/v1/models", "/metrics"):
+        r = client.get(path)
+        assert r.status_code == 200 and "server-timing" not in r.headers, path
