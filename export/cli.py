@@ -115,8 +115,9 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                        help=f"comma-separated, of: {', '.join(known_targets())} (default %(default)s; a torch-fp32 "
                             "artifact, the checkpoint's weights, is always added)")
-    p.add_argument("--name", help="served model name, A-Z a-z 0-9 _ . - (default: the --out directory name, "
-                                  "other characters replaced by '-')")
+    p.add_argument("--name", help="the bundle's name, served by `serve --model BUNDLE`; A-Z a-z 0-9 _ . - (default: "
+                                  "the --out directory name, other characters replaced by '-'; `serve --model-dir` "
+                                  "serves a bundle under its directory's name)")
     p.add_argument("--max-batch", type=int_in(1, MAX_BATCH_LIMIT), default=ExportConfig.max_batch,
                    help=f"largest batch (engine profile, parity), 1..{MAX_BATCH_LIMIT} [%(default)s]")
     p.add_argument("--parity-samples", type=int_in(1, MAX_SAMPLES), default=ExportConfig.parity_samples,

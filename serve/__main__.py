@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     # is a setting whose default is None, decided at start.
     p.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
                    help="bundle directory to serve (repeatable); NAME overrides the bundle's name")
-    p.add_argument("--model-dir", help="serve every bundle found directly under this directory")
+    p.add_argument("--model-dir", help="serve every bundle found directly under this directory, each under its "
+                                       "directory's name (as a Triton repository names its models)")
     p.add_argument("--model-repository",
                    help="serve every model of a Triton-style repository (python -m export.triton writes one); "
                         "the newest version directory of each")

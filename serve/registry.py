@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shlex
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,13 @@ class ModelSource:
     path: Path
     name: str | None = None  # None: the bundle's own name
     repository: bool = False
+    in_model_dir: bool = False  # a bundle directly under --model-dir
+
+    @classmethod
+    def model_dir_bundle(cls, path: Path) -> ModelSource:
+        """A bundle directly under --model-dir: served under its directory's name, as Triton names a model, whether it
+        was there at the start or is loaded later (a manifest's name would rename it at a restart, or clash)."""
+        return cls(path, path.name, in_model_dir=True)
 
     def versions(self) -> list[str]:
         """The numbered version directories, oldest first (with or without a manifest: a broken one is reported,
@@ -182,7 +191,8 @@ class ModelSource:
         return version, self.path / version, config
 
     def describe(self) -> str:
-        return f"{self.name}={self.path}" if self.name else str(self.path)
+        """The model as the command line gives it: NAME=PATH, or PATH (a --model-dir bundle: its directory)."""
+        return f"{self.name}={self.path}" if self.name and not self.in_model_dir else str(self.path)
 
 
 def has_manifest(version_dir: Path) -> bool:
@@ -223,11 +233,16 @@ def model_sources(settings: Settings) -> list[ModelSource]:
         if not is_dir:
             raise ServeError(f"{flag} {root} is not a directory")
     if settings.model_dir is not None:
-        # A bundle also given with --model is served once, as --model says (the Docker image sets
-        # VITC_MODEL_DIR=/models, and `--model /models/x` is the natural flag to add). Hidden directories are an
-        # export's temporaries (a killed export leaves one): never models.
-        given = {_resolved(s.path) for s in sources}
-        sources += [ModelSource(p) for p in _model_dir_bundles(settings.model_dir) if _resolved(p) not in given]
+        # A bundle also given with --model is served once, as --model says. Hidden directories are an export's
+        # temporaries (a killed export leaves one): never models.
+        given = given_paths(sources)
+        for p in _model_dir_bundles(settings.model_dir):
+            if given and resolved_path(p) in given:
+                continue
+            if not NAME_RE.fullmatch(p.name):  # refused, not skipped: a client would find its model gone
+                raise ServeError(misnamed(f"--model-dir bundle {p}",
+                                          f"rename the directory, or serve it with --model {shlex.quote(f'NAME={p}')}"))
+            sources.append(ModelSource.model_dir_bundle(p))
     if settings.model_repository is not None:
         try:
             sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())
@@ -243,6 +258,17 @@ def model_sources(settings: Settings) -> list[ModelSource]:
 NAME_RULE = f"a model name is {BUNDLE_NAME_RULE}"  # models.bundle's rule, worded to end a refusal's reason
 
 
+def misnamed(what: str, advice: str = "rename the directory") -> str:
+    """The refusal of a directory (a repository's model, a --model-dir bundle) whose name no model can have."""
+    return f"{what} is not served: {NAME_RULE} ({advice})"
+
+
+def given_paths(sources: Iterable[ModelSource]) -> set[Path]:
+    """The bundles --model gives, resolved: one of them that lies under --model-dir is served once, as --model names
+    it (the Docker image sets VITC_MODEL_DIR=/models, and `--model /models/x` is the natural flag to add)."""
+    return {resolved_path(s.path) for s in sources if not s.in_model_dir and not s.repository}
+
+
 def unservable_dirs(root: Path, limit: int = 16) -> list[str]:
     """Directories of a repository that are not models because of their name (hidden ones aside): at most `limit`
     of the first 10,000 entries, for a log line."""
@@ -255,7 +281,8 @@ def unservable_dirs(root: Path, limit: int = 16) -> list[str]:
     return sorted(names)[:limit]
 
 
-def _resolved(path: Path) -> Path:
+def resolved_path(path: Path) -> Path:
+    """`path` with its links and `..` resolved, to tell one bundle given two ways."""
     try:
         return path.resolve()
     except (OSError, RuntimeError):  # a symlink loop: compared as given
@@ -480,15 +507,26 @@ def load_models(settings: Settings) -> ServedModels:
                 continue
             if model.name in models:
                 model.backend.close()
-                raise ServeError(
-                    f"two models are named {model.name!r} ({models[model.name].bundle} and {model.bundle}); "
-                    "rename one with --model name=PATH"
-                )
+                raise ServeError(_clash(models[model.name], model))
             models[model.name] = model
     except BaseException:
         close_models(models)
         raise
     return models
+
+
+def _clash(first: ServedModel, second: ServedModel) -> str:
+    """The refusal of two models given one name, with the fix that applies: a directory names a --model-dir bundle
+    or a repository model, --model NAME=PATH any other."""
+    dirs = [m.source.path for m in (first, second) if m.source is not None
+            and (m.source.in_model_dir or m.source.repository)]
+    if not dirs:
+        advice = "rename one with --model name=PATH"
+    elif len(dirs) == 2:
+        advice = "rename one of the directories"
+    else:
+        advice = f"rename the directory {dirs[0]}, or give the --model another name (--model NAME=PATH)"
+    return f"two models are named {first.name!r} ({first.bundle} and {second.bundle}); {advice}"
 
 
 def close_models(models: dict[str, ServedModel]) -> None:

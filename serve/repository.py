@@ -30,13 +30,15 @@ from serve.errors import ServeError
 from serve.metrics import Metrics
 from serve.registry import (
     NAME_RE,
-    NAME_RULE,
     ModelSource,
     ServedModel,
     ServedModels,
     close_models,
+    given_paths,
     has_manifest,
     load_model,
+    misnamed,
+    resolved_path,
 )
 from serve.settings import Settings
 from serve.stats import Observers
@@ -140,15 +142,30 @@ class ModelRepository:
         root = self.settings.model_repository
         if root is not None and NAME_RE.fullmatch(name) and (root / name).is_dir():
             return ModelSource(root / name, name, repository=True)
-        if root is not None and safe_component(name) and not name.startswith(".") and _is_dir(root / name):
+        if (bundle := self._bundle(name)) is not None:  # exported into --model-dir after the start
+            return bundle
+        if safe_component(name) and not name.startswith(".") and self._misnamed(name):
             # Named as the request named it: a load's answer tells no client where the repository lies.
-            raise LoadError(f"model directory {name[:200]!r} is not served: {NAME_RULE} (rename the directory)")
-        bundles = self.settings.model_dir  # a bundle exported there after the start: served as its directory's name
-        if bundles is not None and NAME_RE.fullmatch(name) and _is_file(bundles / name / MANIFEST_FILE) \
-                and bundles / name not in {s.path for s in self.sources.values()}:  # not one served as another name
-            return ModelSource(bundles / name, name)
+            raise LoadError(misnamed(f"model directory {name[:200]!r}"))
         raise LoadError(f"no model {name[:200]!r} in the repository; known: "
                         f"{', '.join(sorted(self.sources)) or 'none'}")
+
+    def _bundle(self, name: str, given: set[Path] | None = None) -> ModelSource | None:
+        """The bundle `name` directly under --model-dir, as a start would serve it: under its directory's name, unless
+        a --model serves it (under the name --model gives it); None when there is none. `given`: given_paths."""
+        root = self.settings.model_dir
+        if root is None or not NAME_RE.fullmatch(name) or not _is_file(root / name / MANIFEST_FILE):
+            return None
+        given = given_paths(self.sources.values()) if given is None else given
+        return None if given and resolved_path(root / name) in given else ModelSource.model_dir_bundle(root / name)
+
+    def _misnamed(self, name: str) -> bool:
+        """Whether `name`, which no model can have, is a directory of --model-repository or a bundle under
+        --model-dir (a load of it is told to rename it, as a start refuses or skips it)."""
+        repository, bundles = self.settings.model_repository, self.settings.model_dir
+        return not NAME_RE.fullmatch(name) and (
+            (repository is not None and _is_dir(repository / name))
+            or (bundles is not None and _is_file(bundles / name / MANIFEST_FILE)))
 
     def why_not_served(self, name: str) -> str | None:
         """Why a model the server knows is not served (its last load's failure, or an unload); None otherwise."""
@@ -287,19 +304,10 @@ class ModelRepository:
 
     def _on_disk(self) -> list[str]:
         """The model directories of --model-repository and the bundles directly under --model-dir, loaded or not (at
-        most MAX_LISTED of each are looked at)."""
-        names, served = [], {s.path for s in self.sources.values()}  # a bundle served under its manifest's name
-        for root, bundles in ((self.settings.model_repository, False), (self.settings.model_dir, True)):
-            if root is None:
-                continue
-            try:
-                with os.scandir(root) as it:
-                    entries = list(itertools.islice(it, MAX_LISTED))
-            except OSError:
-                continue
-            names += [e.name for e in entries if NAME_RE.match(e.name) and e.is_dir()
-                      and (not bundles or (_is_file(Path(e.path) / MANIFEST_FILE) and Path(e.path) not in served))]
-        return names
+        most MAX_LISTED of each are looked at), by the names they load as."""
+        names = [e.name for e in _listed(self.settings.model_repository) if NAME_RE.fullmatch(e.name) and e.is_dir()]
+        given = given_paths(self.sources.values())
+        return names + [e.name for e in _listed(self.settings.model_dir) if self._bundle(e.name, given) is not None]
 
     def index(self) -> list[dict[str, Any]]:
         """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
@@ -349,6 +357,17 @@ class ModelRepository:
         # A load still running is not waited for (serve.server exits past it, saying so).
         if self._loader is not None:
             self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _listed(root: Path | None) -> list[os.DirEntry]:
+    """The first MAX_LISTED entries of `root` (none when it is not given or cannot be read)."""
+    if root is None:
+        return []
+    try:
+        with os.scandir(root) as it:
+            return list(itertools.islice(it, MAX_LISTED))
+    except OSError:
+        return []
 
 
 def _close_abandoned(job: Future) -> None:

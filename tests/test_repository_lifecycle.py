@@ -362,7 +362,7 @@ def test_a_bundle_given_twice_is_served_once_and_an_empty_model_dir_says_what_it
     assert list(load_models(Settings(model_dir=exports, models=[str(bundle)], backend="fake"))) == ["legacy"]
     fake_runtime.write_bundle(exports / "b")
     sources = model_sources(Settings(model_dir=exports, models=[f"x={exports}/./a"]))
-    assert [(s.path, s.name) for s in sources] == [(Path(f"{exports}/./a"), "x"), (exports / "b", None)]
+    assert [(s.path, s.name) for s in sources] == [(Path(f"{exports}/./a"), "x"), (exports / "b", "b")]
     with pytest.raises(ServeError, match=rf"--model-dir \(VITC_MODEL_DIR\) {repo} holds no bundle .*it looks like a "
                                          rf"Triton model repository: serve it with --model-repository {repo}$"):
         model_sources(Settings(model_dir=repo))
@@ -380,12 +380,13 @@ def test_a_bundle_exported_into_the_model_dir_after_the_start_loads_by_its_direc
         assert c.post("/v2/repository/models/later/load").status_code == 400
         fake_runtime.write_bundle(exports / "later")
         (exports / "no-bundle").mkdir()
-        assert {e["name"] for e in c.post("/v2/repository/index").json()} == {"legacy", "later"}
+        assert {e["name"] for e in c.post("/v2/repository/index").json()} == {"a", "later"}
         r = c.post("/v2/repository/models/later/load")
         assert r.status_code == 200, r.text
         assert c.get("/v2/models/later/ready").status_code == 200
         assert c.post("/v2/repository/models/no-bundle/load").status_code == 400
-        assert c.post("/v2/repository/models/a/load").status_code == 400  # served already, as "legacy"
+        assert c.post("/v2/repository/models/a/load").status_code == 200  # its directory's name, as at the start
+        assert c.post("/v2/repository/models/legacy/load").status_code == 400  # its manifest's name names nothing
 
 
 def _partial_upload(port: int, path: str, body: bytes) -> socket.socket:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from models.bundle import MAX_CLASSES
+from models.decoding import PNG_SIGNATURE
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
 from serve.registry import ServedModel
@@ -46,10 +47,15 @@ MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bou
 _NOT_A_FILE = ("{field} has no filename, so it is a text field, not a file upload: send each image "
                "as a file part (Content-Disposition with a filename; curl -F file=@image.jpg)")
 # A raw body typed application/x-www-form-urlencoded is decoded as the bytes it is (curl's type for --data-binary
-# as for -d); one that does not decode is most often a file sent with -d, which strips its line breaks.
+# as for -d). One that starts like an image yet does not decode is most often a file sent with -d, which strips its
+# line breaks; anything else (a tensor file posted here by mistake) is told only what images are accepted.
 _FORM_BODY = "form-urlencoded body"
 _FORM_HINT = (" (it was sent as application/x-www-form-urlencoded: curl -d strips a file's line breaks, so send the "
               "file unchanged with --data-binary @image.jpg, or as multipart with -F file=@image.jpg)")
+# How the formats vitc decodes start, as curl -d leaves them: a PNG's signature holds CR LF and LF (an intact one
+# was not stripped); the others' magic has no line break, so a body with it that does not decode may have lost some.
+_STRIPPED_PNG = b"\x89PNG"
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
 class Prediction(BaseModel):
@@ -291,9 +297,9 @@ async def _decode(request: Request, model: ServedModel, settings: Settings, imag
 
     decoded: list[Any] = await asyncio.gather(*(job(data, not many and cheap(data)) for _, data in images),
                                               return_exceptions=True)
-    for (label, _), result in zip(images, decoded, strict=True):
+    for (label, data), result in zip(images, decoded, strict=True):
         if isinstance(result, ImageError):
-            raise _invalid(label, result, many)
+            raise _invalid(label, data, result, many)
         if isinstance(result, BaseException) and not isinstance(result, Deferred):
             raise result
     # Images that did not fit beside the request's own others (two large photos): one at a time now that those are
@@ -303,14 +309,23 @@ async def _decode(request: Request, model: ServedModel, settings: Settings, imag
             try:
                 decoded[i] = await job(data)
             except ImageError as exc:
-                raise _invalid(label, exc, many) from None
+                raise _invalid(label, data, exc, many) from None
     return decoded
 
 
-def _invalid(label: str, exc: ImageError, many: bool) -> InvalidInput:
+def _invalid(label: str, data: bytes, exc: ImageError, many: bool) -> InvalidInput:
     """An image's own fault (undecodable, too many pixels), named when the request has several."""
-    hint = _FORM_HINT if label == _FORM_BODY and exc.status == 400 else ""
+    hint = _FORM_HINT if label == _FORM_BODY and exc.status == 400 and _stripped_image(data) else ""
     return InvalidInput(exc.status, (f"{label}: " if many else "") + exc.reason + hint)
+
+
+def _stripped_image(data: bytes) -> bool:
+    """Whether an undecodable body starts like an image whose line breaks curl -d may have stripped."""
+    if data.startswith(_STRIPPED_PNG):
+        return not data.startswith(PNG_SIGNATURE)
+    webp = data.startswith(b"RIFF") and b"WEBP" in data[4:12]  # a stripped size byte moves "WEBP" forward
+    avif = b"ftypavi" in data[:12]  # after the box size, which may have lost a byte too (avif, avis)
+    return webp or avif or data.startswith(_IMAGE_MAGIC)
 
 
 async def _classify(request: Request, model: ServedModel, settings: Settings, k: int,

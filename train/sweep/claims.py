@@ -309,17 +309,20 @@ def runtime_row(r: dict[str, Any]) -> dict[str, Any]:
     if not ratios:
         return {"ratio": r["ratio"], "interval": None, "judgement": "tie: no per-round ratios recorded"}
     ratio, interval, firm = ratio_interval(ratios)
+    rounds = f"{len(ratios)} round{'s' if len(ratios) != 1 else ''}"
     if not 1 / IMPLAUSIBLE_RATIO <= ratio <= IMPLAUSIBLE_RATIO:
         judgement = "flagged: implausible at equal flops (a loaded or broken measurement)"
     elif not firm:
-        judgement = f"tie: {len(ratios)} rounds, fewer than {MIN_CI_ROUNDS} for a 95 % interval"
+        judgement = f"tie: {rounds}, fewer than {MIN_CI_ROUNDS} for a 95 % interval"
     elif interval[1] <= 1 + RUNTIME_PARITY:
         judgement = "parity"
     elif interval[0] > 1 + RUNTIME_PARITY:
         judgement = "C slower"
     else:
         judgement = "inconclusive"
-    return {"ratio": ratio, "interval": interval, "judgement": judgement}
+    # What the interval is: the 95 % interval of the median, or only the rounds' range (benchmarks.latency says so too).
+    label = "95 %" if firm else f"range of {rounds}"
+    return {"ratio": ratio, "interval": interval, "interval_label": label, "judgement": judgement}
 
 
 def runtime_claim(rows: Sequence[dict[str, Any]], flops_ratio: float | None = None,
@@ -335,7 +338,7 @@ def runtime_claim(rows: Sequence[dict[str, Any]], flops_ratio: float | None = No
         where = f"{r['what']} {r['device']} {r['layout']}{' compiled' if r.get('compiled') else ''}"
         if r["ratio"] is None:
             return f"{where}: {r['judgement']}"
-        ci = f" (95 % {r['interval'][0]:.2f}..{r['interval'][1]:.2f})" if r["interval"] else ""
+        ci = f" ({r['interval_label']} {r['interval'][0]:.2f}..{r['interval'][1]:.2f})" if r["interval"] else ""
         return f"{where}: C/P {r['ratio']:.2f}{ci} {r['judgement']}"
 
     measured = "; ".join(text(r) for r in judged) or (f"not measured: {not_measured}" if not_measured else "")

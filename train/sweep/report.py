@@ -373,6 +373,8 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
                              f"{r.get('batch', '?')} | – | – | – | – | {j['judgement']} |")
                 continue
             ci = f"{j['interval'][0]:.3f}..{j['interval'][1]:.3f}" if j["interval"] else "–"
+            if j["interval"] and j["interval_label"] != "95 %":  # too few rounds for the column's 95 % interval
+                ci += f" ({j['interval_label']})"
             lines.append(f"| {' / '.join(r['pair'])} | {r['what']} | {r['device']} | {r['layout']} | {mode} | "
                          f"{r['batch']} | {r['ms_vit_c']:.2f} | {r['ms_vit_p']:.2f} | {j['ratio']:.3f} | {ci} | "
                          f"{j['judgement']} |")

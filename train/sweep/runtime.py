@@ -240,14 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         if failed := machine_error(exc, "try a smaller --batch"):
             raise failed from None
         raise
+    for r in rows:
+        print(row_line(r))
+    return 0
+
+
+def row_line(r: dict[str, Any]) -> str:
+    """One measured setting as the command prints it: both times, the C/P ratio with its interval, the verdict."""
     from train.sweep.claims import runtime_row
 
-    for r in rows:
-        j = runtime_row(r)
-        ci = f" (95 % {j['interval'][0]:.3f}..{j['interval'][1]:.3f})" if j["interval"] else ""
-        print(f"{r['what']:<10} {r['layout']:<13} {'compiled' if r['compiled'] else 'eager':<8} "
-              f"C {r['ms_vit_c']:.2f} ms  P {r['ms_vit_p']:.2f} ms  C/P {r['ratio']:.3f}{ci}  {j['judgement']}")
-    return 0
+    j = runtime_row(r)
+    ci = f" ({j['interval_label']} {j['interval'][0]:.3f}..{j['interval'][1]:.3f})" if j["interval"] else ""
+    return (f"{r['what']:<10} {r['layout']:<13} {'compiled' if r['compiled'] else 'eager':<8} "
+            f"C {r['ms_vit_c']:.2f} ms  P {r['ms_vit_p']:.2f} ms  C/P {r['ratio']:.3f}{ci}  {j['judgement']}")
 
 
 if __name__ == "__main__":
