@@ -67,6 +67,8 @@ class ImageSet:
     paths: list[Path] | None = None  # folder datasets
     # The split's directories `not_a_class` left out: (name, image files directly inside), sorted by name.
     skipped_dirs: tuple[tuple[str, int], ...] = ()
+    # One subdirectory (split/class/sub) of each class directory that holds some: not read (`nested_note`).
+    nested_dirs: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -112,7 +114,7 @@ class ImageSet:
             self.name, self.split, self.class_names, self.labels[idx],
             None if self.arrays is None else self.arrays[idx],
             None if self.paths is None else [self.paths[i] for i in idx],
-            self.skipped_dirs,
+            self.skipped_dirs, self.nested_dirs,
         )
 
     def labelled_as(self, class_names: list[str]) -> ImageSet:
@@ -125,15 +127,38 @@ class ImageSet:
         unknown = [c for i, c in enumerate(self.class_names) if c not in index and i in present]
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-            spelled = {unicodedata.normalize("NFC", c): c for c in class_names}
-            near = next((c for c in unknown if unicodedata.normalize("NFC", c) in spelled), None)
-            hint = (f"; {near!r} and the model's {spelled[unicodedata.normalize('NFC', near)]!r} differ only in "
-                    "Unicode normalisation (NFD vs NFC): rename the directory" if near is not None else "")
+            hint = normalisation_hint(unknown, class_names, "the model's")
             raise DatasetError(f"dataset {self.name} class names differ from the checkpoint's: {len(unknown)} of "
                                f"its {len(self.class_names)} classes are not the model's ({shown}){hint}")
         remap = np.asarray([index.get(c, -1) for c in self.class_names], np.int64)  # -1: no image has it
         return ImageSet(self.name, self.split, list(class_names), remap[self.labels], self.arrays, self.paths,
-                        self.skipped_dirs)
+                        self.skipped_dirs, self.nested_dirs)
+
+    def by_class(self) -> list[np.ndarray]:
+        """Each class's image indices, in order (one sort, not a pass over the labels per class)."""
+        order = np.argsort(self.labels, kind="stable")
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        return np.split(order, np.cumsum(counts)[:-1])
+
+    def unreadable_classes(self, classes: Iterable[int]) -> list[int]:
+        """Those of `classes` (label indices) with image files of which none decodes. A class's files are read in
+        order up to its first readable one: one decode per class on good data."""
+        if self.paths is None:
+            return []
+        members = self.by_class()
+        return [c for c in classes if len(members[c])
+                and all(decode_checked(self.paths[i]) is None for i in members[c])]
+
+    def no_readable_image(self, c: int, during_run: bool = False) -> str:
+        """The one line for class `c`, none of whose files decodes: its name, file count and first file, and what to
+        do (before the training), or that they became unreadable (`during_run`: they were checked at its start)."""
+        members = self.by_class()[c]
+        files = f"{len(members)} file{'s' * (len(members) != 1)}, e.g. {self.paths[members[0]]}"
+        if during_run:
+            return (f"class {self.class_names[c]!r} of the {self.split} split has no readable image left ({files}): "
+                    "its files became unreadable while the run read them")
+        return (f"class {self.class_names[c]!r} of the {self.split} split has no readable image ({files}): remove "
+                "the directory or fix its files")
 
     def readable(self, order: Iterable[int], n: int, minimum: int = 1) -> Readable:
         """The first n images of `order` that decode (training's `decode_checked` rule); the files that do not are
@@ -159,6 +184,17 @@ class ImageSet:
         seeded order, so with none corrupt the images are exactly `subset(n, seed)`'s."""
         order = range(len(self)) if n >= len(self) else np.random.default_rng(seed).permutation(len(self))
         return self.readable(order, n, minimum)
+
+
+def normalisation_hint(unknown: list[str], known: list[str], whose: str) -> str:
+    """"; 'café' and {whose} 'café' differ only in Unicode normalisation ...": the first of the `unknown` names that
+    is one of the `known` names written another way (NFD vs NFC, as a copy from macOS leaves it), or ""."""
+    spelled = {unicodedata.normalize("NFC", c): c for c in known}
+    near = next((c for c in unknown if unicodedata.normalize("NFC", c) in spelled), None)
+    if near is None:
+        return ""
+    return (f"; {near!r} and {whose} {spelled[unicodedata.normalize('NFC', near)]!r} differ only in Unicode "
+            "normalisation (NFD vs NFC): rename the directory")
 
 
 @dataclass(frozen=True)
@@ -242,6 +278,19 @@ def skipped_note(*sets: ImageSet) -> str:
     return _skipped_text([(s.split, name, n) for s in sets for name, n in s.skipped_dirs])
 
 
+def nested_note(*sets: ImageSet, limit: int = 3) -> str:
+    """"note: 2 class directories hold subdirectories, which are not read (e.g. train/a/more, ...)" for the folder
+    splits `sets`, or "" for none: a class's images are the files directly in its directory (torchvision's
+    ImageFolder reads deeper; reading them here would change which images a dataset holds)."""
+    nested = [d for s in sets for d in s.nested_dirs]
+    if not nested:
+        return ""
+    one = len(nested) == 1
+    shown = ", ".join(nested[:limit]) + (", ..." if len(nested) > limit else "")
+    return (f"note: {len(nested)} class director{'y' if one else 'ies'} hold{'s' * one} subdirectories, which are not "
+            f"read (e.g. {shown})")
+
+
 def _skipped_text(skipped: list[tuple[str, str, int]], limit: int = 5) -> str:
     """`skipped_note` of (split, directory name, image files directly inside), at most `limit` names shown."""
     where: dict[str, list[str]] = {}
@@ -271,9 +320,21 @@ def _images_in(cdir: Path) -> list[Path]:
     """The image files of one class directory, sorted. Hidden files are left out, as hidden directories are
     (macOS's AppleDouble `._x.jpg` beside each image of a copied folder is metadata, not an image); a link that
     leads nowhere is listed, to be counted as unreadable like any other file that does not decode."""
-    return [p for p in sorted(cdir.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-            and (p.is_file() or (p.is_symlink() and not p.exists()))]
+    return _listing(cdir)[0]
+
+
+def _listing(cdir: Path) -> tuple[list[Path], list[Path]]:
+    """`_images_in(cdir)`, and the subdirectories of `cdir` that are not read (all but those `not_a_class` names,
+    which tools write), sorted: from one listing, a stat only for what is not an image file."""
+    images: list[Path] = []
+    subdirs: list[Path] = []
+    for p in sorted(cdir.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (
+                p.is_file() or (p.is_symlink() and not p.exists())):
+            images.append(p)
+        elif p.is_dir() and not not_a_class(p.name):
+            subdirs.append(p)
+    return images, subdirs
 
 
 def _image_count(d: Path) -> int:
@@ -316,24 +377,27 @@ def _folder(root: Path, split: str) -> ImageSet:
             shown = ", ".join(repr(c) for c in val_only[:5]) + (", ..." if len(val_only) > 5 else "")
             both = _skipped_text([("train", name, _image_count(root / "train" / name)) for name in train_skipped]
                                  + [(split, name, n) for name, n in skipped_dirs])
+            hint = normalisation_hint(val_only, train_classes, "train/'s")  # copied from macOS, perhaps
             raise DatasetError(f"dataset folder {split_dir} has {len(val_only)} class(es) that train/ lacks "
                                f"({shown}): a model trained on train/ cannot predict them; add them to train/ or "
-                               f"move them out of val/" + (f"; {both}" if both else ""))
+                               f"move them out of val/{hint}" + (f"; {both}" if both else ""))
         classes = train_classes
     if not classes:
         raise DatasetError(f"dataset folder {split_dir} has no class directories{note}")
     for c in classes:
         _check_class_name(c, split_dir.parent)
-    paths, labels, empty = [], [], []
+    paths, labels, empty, nested = [], [], [], []
     for i, c in enumerate(classes):
         cdir = split_dir / c
         if not cdir.is_dir():
             continue
-        found = _images_in(cdir)
+        found, subdirs = _listing(cdir)
         paths += found
         labels += [i] * len(found)
         if not found:
             empty.append(c)
+        if subdirs:
+            nested.append(f"{split}/{c}/{subdirs[0].name}")
     if empty and paths and split == "train":
         # A class without a training image would still get an output, trained only to be never chosen, and be
         # exported and served (torchvision's ImageFolder refuses it too).
@@ -345,7 +409,8 @@ def _folder(root: Path, split: str) -> ImageSet:
         raise DatasetError(f"dataset folder {split_dir} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
                            f"in its class directories ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
                            f"{note}")
-    return ImageSet(str(root), split, classes, np.asarray(labels, np.int64), paths=paths, skipped_dirs=skipped_dirs)
+    return ImageSet(str(root), split, classes, np.asarray(labels, np.int64), paths=paths, skipped_dirs=skipped_dirs,
+                    nested_dirs=tuple(nested))
 
 
 def load_dataset(name: str | os.PathLike, split: str) -> ImageSet:

@@ -14,7 +14,7 @@ from models.cli import InputError, OneLineParser, command
 from models.io import atomic_write_bytes, empty_path_problem, out_file_problem
 
 PROG = "python -m serve.sample"
-MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (training's bound on consecutive ones)
+MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (a sample, not a training run: then stop)
 
 
 class SampleError(InputError, ValueError):

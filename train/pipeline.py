@@ -3,8 +3,8 @@
 Embedded sets are decoded once into a uint8 tensor with the checkpoint's `to_uint8` and augmented on tensors;
 folders are decoded per sample in DataLoader workers. Evaluation always goes through
 `models.preprocessing.to_uint8` + `normalize`, the exact functions the server runs, so validation accuracy is
-served accuracy. Corrupt files are replaced by the next readable image (training) or left out (evaluation);
-their paths travel with the batch so the caller counts them or, with --corrupt fail, stops with the path.
+served accuracy. Corrupt files are replaced by the next readable image of their class (training) or left out
+(evaluation); their paths travel with the batch so the caller counts them or, with --corrupt fail, stops with the path.
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import DatasetError, ImageSet, UnreadableImage, decode_checked
+from data.datasets import DatasetError, ImageSet, decode_checked
 from models.preprocessing import Preprocessing, normalize, to_mode, to_uint8
 from train.augment import derive_seed, seeded, train_transform
 
 # Bounds in-memory decoding (uint8 bytes) so a large folder is never cached by accident.
 _MAX_CACHE_BYTES = 4 << 30
-# How many following files a corrupt training image may be replaced with before giving up.
-_MAX_SUBSTITUTES = 64
 
 
 def predecode(images: ImageSet, spec: Preprocessing, progress: bool = False) -> np.ndarray:
@@ -42,41 +41,66 @@ def predecode(images: ImageSet, spec: Preprocessing, progress: bool = False) -> 
     return out
 
 
+class TrainSample(NamedTuple):
+    """One augmented training sample: uint8 (3, S, S), its label, the unreadable files passed over to find its image
+    (its own first), and whether one was found (False: no file of its class decodes, and `image` is blank)."""
+
+    image: torch.Tensor
+    label: int
+    replaced: tuple[str, ...]
+    found: bool
+
+
 class TrainImages(Dataset):
-    """Augmented training samples keyed by (epoch, index) -> (uint8 (3, S, S), label, replaced corrupt path)."""
+    """Augmented training samples keyed by (epoch, index) -> `TrainSample`. An unreadable file is replaced by the
+    next readable image of its class (wrapping round within it), so labels and class balance stay as listed."""
 
     def __init__(self, images: ImageSet, spec: Preprocessing, augment: str, crop_scale: float, hflip: float,
                  seed: int, cache: np.ndarray | None = None) -> None:
         self.images, self.seed = images, seed
-        self.mode = spec.mode
+        self.mode, self.crop = spec.mode, spec.crop
         self.labels = torch.from_numpy(images.labels)
         # (N, H, W, 3) -> (N, 3, H, W): v2 transforms take CHW tensors.
         self.cache = None if cache is None else torch.from_numpy(cache).permute(0, 3, 1, 2)
         self.transform = train_transform(augment, spec.crop, crop_scale, hflip, pil_input=cache is None)
+        # Each class's indices in order, and each index's place among them: where its replacements are searched.
+        self.members = images.by_class()
+        self.place = np.empty(len(images), np.int64)
+        for members in self.members:
+            self.place[members] = np.arange(len(members))
+        # Files this process found unreadable, passed over without another decode: a run of k broken files costs k
+        # decodes per epoch, not k * k / 2 (the replacements are the same, so is what each sample reports).
+        self.unreadable: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, index: int) -> tuple[object, int, tuple[str, ...]]:
-        """(image, index actually used, paths of the corrupt files it replaced)."""
+    def _load(self, index: int) -> tuple[object | None, tuple[str, ...]]:
+        """(image, or None when no file of the class decodes; paths of the unreadable files passed over)."""
         if self.cache is not None:
-            return self.cache[index], index, ()
-        bad: list[str] = []
-        for k in range(_MAX_SUBSTITUTES):
-            j = (index + k) % len(self.images)
-            img = decode_checked(self.images.paths[j])
+            return self.cache[index], ()
+        members = self.members[int(self.labels[index])]
+        start, bad = int(self.place[index]), []
+        for k in range(len(members)):
+            file = self.images.paths[members[(start + k) % len(members)]]
+            path = str(file)
+            img = None if path in self.unreadable else decode_checked(file)
             if img is not None:
                 # Grey data becomes grey replicated to RGB, as the eval path and the server do.
-                return to_mode(img, self.mode).convert("RGB"), j, tuple(bad)
-            bad.append(str(self.images.paths[j]))
-        raise UnreadableImage(f"{_MAX_SUBSTITUTES} consecutive unreadable images from {self.images.paths[index]}")
+                return to_mode(img, self.mode).convert("RGB"), tuple(bad)
+            self.unreadable.add(path)
+            bad.append(path)
+        return None, tuple(bad)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+    def __getitem__(self, key: tuple[int, int]) -> TrainSample:
         epoch, index = key
-        img, j, bad = self._load(index)
+        img, bad = self._load(index)
+        label = int(self.labels[index])
+        if img is None:  # said by the trainer, which knows the class's name (not in a worker's traceback)
+            return TrainSample(torch.zeros((3, self.crop, self.crop), dtype=torch.uint8), label, bad, False)
         with seeded(derive_seed(self.seed, epoch, index)):
             x = self.transform(img)
-        return x, int(self.labels[j]), bad
+        return TrainSample(x, label, bad, True)
 
 
 class EvalImages(Dataset):
@@ -124,11 +148,23 @@ class EvalCollate:
         return EvalBatch(x, torch.tensor(labels, dtype=torch.long), ok, [b for b in bad if b])
 
 
-def train_collate(items: list[tuple[torch.Tensor, int, tuple[str, ...]]]
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """-> (uint8 (B, 3, S, S), labels (B,), paths of corrupt files that were replaced)."""
-    xs, ys, bad = zip(*items, strict=True)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), [b for paths in bad for b in paths]
+class TrainBatch(NamedTuple):
+    """A training batch: uint8 (B, 3, S, S), labels (B,), the unreadable files its samples passed over, how many of
+    its samples stand in for an unreadable file (one each, however many they passed over), and the labels of
+    samples whose class has no readable file left."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    corrupt: list[str]
+    replaced: int
+    lost: list[int]
+
+
+def train_collate(items: list[TrainSample]) -> TrainBatch:
+    """Stack a batch's samples (runs inside workers)."""
+    xs, ys, bad, found = zip(*items, strict=True)
+    return TrainBatch(torch.stack(xs), torch.tensor(ys, dtype=torch.long), [b for paths in bad for b in paths],
+                      sum(1 for paths in bad if paths), [y for y, ok in zip(ys, found, strict=True) if not ok])
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from data.datasets import (
     decode_checked,
     default_preprocessing,
     load_dataset,
+    nested_note,
     skipped_note,
 )
 from models.checkpoint import (
@@ -85,15 +86,11 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def probe_readable(images: ImageSet, tries: int = 64) -> None:
-    """Fail early, with the folder named, when a folder split has no readable image among its first files."""
-    if images.paths is None:
-        return
-    for path in images.paths[:tries]:
-        if decode_checked(path) is not None:
-            return
-    raise DatasetError(f"{images.name}: none of the first {min(tries, len(images.paths))} files of the "
-                       f"{images.split} split is a readable image (e.g. {images.paths[0]})")
+def replaced_text(files: int) -> str:
+    """"3 unreadable train files replaced by other images of their class", for the console."""
+    if files == 1:
+        return "1 unreadable train file replaced by another image of its class"
+    return f"{files} unreadable train files replaced by other images of their class"
 
 
 def input_affine(spec: Preprocessing, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +143,6 @@ class Trainer:
             # the same images. A run whose resume.pt predates that (no data fingerprints in it) keeps its own.
             legacy = self.resume_state is not None and "data" not in self.resume_state
             self.val_set = self.val_set.subset(cfg.val_subset, seed=cfg.seed if legacy else EVAL_SUBSET_SEED)
-        for images in (self.train_set, self.val_set):
-            probe_readable(images)
         if self.val_set.class_names != self.train_set.class_names:
             raise DatasetError(f"{cfg.dataset}: train and val class lists differ")
         self.class_names = list(self.train_set.class_names)
@@ -156,6 +151,7 @@ class Trainer:
             raise DatasetError(f"{cfg.dataset}: {len(self.class_names)} class ({', '.join(self.class_names)}); a "
                                f"classifier needs at least 2 (one directory per class under train/ and val/)"
                                + (f"; {skipped}" if skipped else ""))
+        self._check_readable()
         # Said in the run's summary line: a class directory that starts with "." is not trained on.
         self.skipped_dirs = f" ({skipped})" if skipped else ""
         # What the weights are fitted and selected on: recorded in resume.pt (a resume must see the same data) and
@@ -168,6 +164,28 @@ class Trainer:
                 f"{cfg.dataset}: the train split has {len(self.train_set)} images, fewer than one global batch of "
                 f"{self.global_batch} (--batch-size {cfg.batch_size} x {self.info.world_size} processes)")
         self.total_steps = cfg.epochs * self.steps_per_epoch
+
+    def _check_readable(self) -> None:
+        """DatasetError (one line) for a train class with files of which none decodes (its samples could only be
+        replaced by nothing: an output never trained) or a val split with no readable file. The ranks share the
+        classes to read and agree through one sum: each raises the same error, or none does."""
+        train, val, info = self.train_set, self.val_set, self.info
+        if train.paths is None:
+            return
+        n = len(train.class_names)
+        flags = [0.0] * (n + 1)  # one per class, then the val split
+        for c in train.unreadable_classes(range(info.rank, n, info.world_size)):
+            flags[c] = 1.0
+        if info.is_main and val.paths and not any(decode_checked(path) is not None for path in val.paths):
+            flags[n] = 1.0
+        flags = all_reduce_sum(flags, info)
+        if bad := [c for c in range(n) if flags[c]]:
+            others = ", ".join(repr(train.class_names[c]) for c in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+            raise DatasetError(train.no_readable_image(bad[0]) + (
+                f"; {len(bad) - 1} other class(es) have none either ({others})" if len(bad) > 1 else ""))
+        if flags[n]:
+            raise DatasetError(f"{val.name}: none of the {len(val)} files of the val split is a readable image "
+                               f"(e.g. {val.paths[0]})")
 
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
@@ -328,6 +346,29 @@ class Trainer:
                 self._forget_old_run(META_FILE)
                 with self._saving(" and ".join(files), HISTORY_KEPT):
                     self._put_in_place(files)
+
+    def _resuming_line(self, progress: dict[str, Any]) -> str:
+        """Where a resumed run continues: the epoch and step it trains from, or, for one with nothing left to train
+        (killed after its last resume.pt, before its checkpoint), that it only writes the checkpoint."""
+        cfg, step = self.cfg, progress["global_step"]
+        if self._left_to_do(progress):
+            return f"resuming {cfg.out} at epoch {progress['epoch'] + 1}, step {step}"
+        if progress["epoch"] >= cfg.epochs and not progress.get("diverged"):
+            return f"resuming {cfg.out} after its last epoch ({cfg.epochs}/{cfg.epochs}): writing the checkpoint"
+        return f"resuming {cfg.out} where it stopped (step {step} of {self.total_steps}): writing the checkpoint"
+
+    def _summary_line(self) -> str:
+        """What the run trains, on what, and how: its first line."""
+        cfg, known = self.cfg, len(self.corrupt_seen)
+        # The train images are the files listed: those a resumed run already found unreadable are said.
+        unreadable = (f" ({known} train file{'s' * (known != 1)} unreadable so far, replaced by other images of "
+                      "their class)" if known else "")
+        return (f"{cfg.model} on {cfg.dataset}: {len(self.train_set)} train / {len(self.val_set)} val images"
+                f"{self.skipped_dirs}{unreadable}, "
+                f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {self.global_batch}, "
+                f"lr {self.lr:.3g}, recipe {cfg.recipe}, {self.dev}"
+                f"{f' x {self.info.world_size} ranks' if self.info.distributed else ''}, {self.threads} threads, "
+                f"amp {'bf16' if self.amp else 'off'}")
 
     def _stopped_line(self, progress: dict[str, Any]) -> str:
         """Why a restored run has nothing left to train, and what would continue it."""
@@ -510,11 +551,15 @@ class Trainer:
             seg = time.perf_counter() - t0
             return {**acc, "loss_sum": float(loss_sum), "time": acc["time"] + seg}
 
-        for xb, yb, corrupt in self._batches(epoch, start):
-            if corrupt and cfg.corrupt == "fail":
-                raise UnreadableImage(f"corrupt or unreadable image: {corrupt[0]} (--corrupt skip replaces such files)")
-            self.corrupt_seen.update(corrupt)
-            x, y = self._inputs(xb), yb.to(self.dev, non_blocking=True)
+        for batch in self._batches(epoch, start):
+            if batch.corrupt and cfg.corrupt == "fail":
+                raise UnreadableImage(f"corrupt or unreadable image: {batch.corrupt[0]} (--corrupt skip replaces such "
+                                      "files)")
+            if batch.lost:  # checked readable when the run started: its files changed underneath it
+                raise UnreadableImage(self.train_set.no_readable_image(batch.lost[0], during_run=True))
+            self.corrupt_seen.update(batch.corrupt)
+            yb = batch.labels
+            x, y = self._inputs(batch.images), yb.to(self.dev, non_blocking=True)
             x, targets = self.mixer(x, y, derive_seed(cfg.seed, epoch, step, self.info.rank, 0x313))
             loss = self._step(x, targets)
             step += 1
@@ -524,7 +569,7 @@ class Trainer:
             loss_sum += loss.double() * len(yb)
             acc["samples"] += len(yb)
             progress["samples_seen"] += self.global_batch
-            acc["corrupt"] += len(corrupt)
+            acc["corrupt"] += batch.replaced  # samples replaced, one each: at most acc["samples"]
             if self.show and (step % 10 == 0 or step == self.steps_per_epoch):
                 snap = snapshot()
                 bar.set_postfix(loss=f"{snap['loss_sum'] / snap['samples']:.3f}", lr=f"{self._lr():.2e}",
@@ -649,7 +694,8 @@ class Trainer:
             self._publish(chosen, summary, progress)
             ema_txt = "" if ema is None else f", EMA {100 * ema['top1']:.2f}%"
             print(f"checkpoint {cfg.out}: val top-1 {100 * raw['top1']:.2f}%{ema_txt} "
-                  f"(saved {summary['weights_source']}), {summary['wall_time_s']:.0f} s", flush=True)
+                  f"(saved {summary['weights_source']}), {summary['wall_time_s']:.0f} s"
+                  f"{f'; {replaced_text(corrupt)}' if corrupt else ''}", flush=True)
         return summary
 
     def run(self) -> dict[str, Any]:
@@ -666,15 +712,12 @@ class Trainer:
                 self.log(self._stopped_line(progress))
                 return summary
             progress["segments"] += 1
-            self.log(f"resuming {cfg.out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}")
+            self.log(self._resuming_line(progress))
         elif cfg.resume:  # a preempted job reruns its command with --resume, also before its first save
             self.log(f"nothing to resume in {cfg.out} (no {RESUME_FILE}): starting at step 0")
-        self.log(f"{cfg.model} on {cfg.dataset}: {len(self.train_set)} train / {len(self.val_set)} val images"
-                 f"{self.skipped_dirs}, "
-                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {self.global_batch}, "
-                 f"lr {self.lr:.3g}, recipe {cfg.recipe}, {self.dev}"
-                 f"{f' x {self.info.world_size} ranks' if self.info.distributed else ''}, {self.threads} threads, "
-                 f"amp {'bf16' if self.amp else 'off'}")
+        if note := nested_note(self.train_set, self.val_set):
+            self.log(note)
+        self.log(self._summary_line())
         for epoch in range(progress["epoch"], cfg.epochs):
             if progress.get("diverged") or (cfg.max_steps and progress["global_step"] >= cfg.max_steps):
                 break
