@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
-from models.cli import InputError, OneLineParser, command, machine_error, refuse_empty_paths
+from models.cli import InputError, OneLineParser, command, machine_error, one_line, refuse_empty_paths
 from models.extras import require
 from models.io import atomic_write_bytes
 from models.oneline import first_line
@@ -80,12 +80,14 @@ def rows(manifest: Manifest, problems: dict[str, str] | None = None) -> list[lis
                   # a server reads the golden inputs (and the manifest's record) before any artifact: none loads
                   else "not servable: the golden inputs (above)" if a.servable and "golden" in problems
                   else "servable" if a.servable else f"REFUSED: {a.refused_reason}")
-        out.append([
+        # A refusal reason or a runtime version is one line (models.bundle `_line`) written from a runtime's own
+        # messages, which may hold a tab or an escape sequence: printed escaped, it cannot rewrite the terminal.
+        out.append([one_line(cell) for cell in (
             a.id, f"{a.runtime} {a.runtime_version}".strip(), f"{size / 1e6:.2f}",
             f"{a.export_seconds:.1f}", num("max_abs_err", ".1e"), num("max_rel_err", ".1e"),
             num("top1_agreement", ".2%"), num("accuracy", ".2%"), num("reference_accuracy", ".2%"), delta,
             num("batch_invariance_max_abs", ".1e"), str(a.info.get("inference_precision", "-")), status,
-        ])
+        )])
     return out
 
 
@@ -101,11 +103,11 @@ def table(manifest: Manifest, markdown: bool = False, problems: dict[str, str] |
              f"{measured}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
     title += "\n" + provenance_line(m)
     if problems and "golden" in problems:
-        title += f"\nCORRUPT: {problems['golden']}"
+        title += f"\nCORRUPT: {one_line(problems['golden'])}"
     listed = {a.id for a in m.artifacts}
     for key, why in (problems or {}).items():  # an artifact the golden file records, the manifest no longer lists
         if key != "golden" and key not in listed:
-            title += f"\nCORRUPT: {why}"
+            title += f"\nCORRUPT: {one_line(why)}"
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -131,9 +133,11 @@ def provenance_line(m: Manifest) -> str:
                                                      ("train", p.training_data_fingerprint),
                                                      ("parity", p.parity_data_fingerprint),
                                                      ("calibration", p.calibration_data_fingerprint))}
-    return (f"provenance: vitc {p.vitc_version} at {commit}; weights {m.source.sha256[:12]}; training config "
-            f"{short['config']}, data {short['train']}; parity data {short['parity']}; calibration data "
-            f"{short['calibration']}; training command: {p.training_command or '-'}")
+    # Escaped as a whole: the versions and fingerprints are one line each (models.bundle `_line`), not free of
+    # escape sequences, and a Provenance built in code is not held to the reader's rules.
+    return one_line(f"provenance: vitc {p.vitc_version} at {commit}; weights {m.source.sha256[:12]}; training "
+                    f"config {short['config']}, data {short['train']}; parity data {short['parity']}; calibration "
+                    f"data {short['calibration']}; training command: {p.training_command or '-'}")
 
 
 def chart(manifests: list[Manifest]) -> Figure:

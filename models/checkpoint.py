@@ -49,6 +49,7 @@ MAX_TEXT_CHARS = 1 << 16  # a training command line or a data fingerprint record
 MAX_DATASET_CHARS = 4096  # the dataset: an embedded set's name or a folder's path
 # The dtypes save_checkpoint writes (float32 parameters and buffers, BatchNorm's int64 step counter).
 WEIGHT_DTYPES = {"F32": "float32", "I64": "int64"}
+_DTYPE_NAMES = {**WEIGHT_DTYPES, "BF16": "bfloat16", "F16": "float16"}  # and a torch artifact's rounded weights
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -469,8 +470,12 @@ def _summary(r: Fields) -> tuple[str | None, TrainingRecord | None]:
     if training.raw.get("data") is not None:
         prints = training.obj("data")
         data = {split: v for split in ("train", "val") if (v := prints.get(split, str, None, **text)) is not None}
+    # export copies the command line into the bundle's provenance, held there to the label rule (export.report
+    # prints it): a training run meets the rule before its first step (check_metadata), not at export.
+    command = {"check": lambda v: is_label(v, MAX_TEXT_CHARS),
+               "what": f"1..{MAX_TEXT_CHARS} characters without control characters"}
     return dataset, TrainingRecord(
-        command_line=training.get("command_line", str, None, **text),
+        command_line=training.get("command_line", str, None, **command),
         config=training.get("config", dict, None),
         data=data,
         steps=training.get("steps", int, None, check=lambda v: v >= 0, what="a count of steps"),
@@ -555,28 +560,37 @@ def expected_weights(cfg: ViTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (names[v.dtype], tuple(v.shape)) for k, v in state.items()}
 
 
-def check_weights(wpath: Path, cfg: ViTConfig) -> None:
+def check_weights(wpath: Path, cfg: ViTConfig, floats: tuple[str, ...] = ("F32",)) -> None:
     """The safetensors header must list exactly the config's tensors, float32 (int64 counters), at their shapes;
-    a float64 or int8 file would otherwise be cast silently on load. Raises CheckpointError."""
-    from safetensors import safe_open
-
-    with safe_open(str(wpath), "pt") as f:
-        have = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-    if problem := _tensor_problem(have, cfg):
+    a float64 or int8 file would otherwise be cast silently on load. `floats`: the dtypes a float32 tensor may be
+    stored in (a torch artifact's bf16 or fp16 weights). Raises CheckpointError."""
+    if problem := weights_problem(wpath, cfg, floats):
         raise CheckpointError(f"weights {wpath}{problem}" + (
             "; re-save the checkpoint in float32" if "expected float32" in problem else ""))
 
 
-def _tensor_problem(have: dict[str, tuple[str, tuple[int, ...]]], cfg: ViTConfig) -> str | None:
+def weights_problem(wpath: Path, cfg: ViTConfig, floats: tuple[str, ...] = ("F32",)) -> str | None:
+    """Why the safetensors header of `wpath` does not list `cfg`'s tensors (as `check_weights` says it, to follow
+    "weights <where>"), or None; read from the header alone, before any tensor (or model) is allocated."""
+    from safetensors import safe_open
+
+    with safe_open(str(wpath), "pt") as f:
+        have = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    return _tensor_problem(have, cfg, floats)
+
+
+def _tensor_problem(have: dict[str, tuple[str, tuple[int, ...]]], cfg: ViTConfig,
+                    floats: tuple[str, ...] = ("F32",)) -> str | None:
     """Why tensors (name -> safetensors dtype, shape) are not what `cfg`'s checkpoint holds (to follow "weights
-    <where>"), or None."""
+    <where>"), or None; `floats` as in `check_weights`."""
     expected = expected_weights(cfg)
     missing, unexpected = sorted(expected.keys() - have.keys()), sorted(have.keys() - expected.keys())
     if missing or unexpected:
         return f" do not fit {cfg.name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
     for key, (dtype, shape) in expected.items():
-        if have[key][0] != dtype:
-            return f": {key} is {have[key][0]}, expected {WEIGHT_DTYPES[dtype]} ({dtype})"
+        allowed = floats if dtype == "F32" else (dtype,)
+        if have[key][0] not in allowed:
+            return f": {key} is {have[key][0]}, expected {' or '.join(f'{_DTYPE_NAMES[d]} ({d})' for d in allowed)}"
         if have[key][1] != shape:
             return f" do not fit {cfg.name}: {key} has shape {list(have[key][1])}, expected {list(shape)}"
     return None

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from models.bundle import MAX_MANIFEST_BYTES, TRITON_CONFIG_FILE
+from models.config import MAX_LABEL_CHARS, is_label
 from models.host import MAX_THREADS
+from models.io import not_a_file
 from models.tritonschema import ENUMS, INT_RANGES, ONEOFS, POLICIES, SCHEMA
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -193,11 +194,18 @@ class TritonConfig:
                                   f"{expected.data_type} {list(expected.dims)}{why}")
 
     def check_files(self, version_dir: Path, model_file: str | None) -> None:
-        """ConfigError when default_model_filename names a file the version directory does not hold (Triton's
-        backend cannot open it) or another file than the artifact's `model_file` (None: any), the one vitc serves."""
+        """ConfigError when default_model_filename is not one file name of the version directory, names a file it
+        does not hold (Triton's backend cannot open it) or another file than the artifact's `model_file` (None: any),
+        the one vitc serves."""
         given = self.default_model_filename
         if given is None or given == model_file:
             return
+        where = f"default_model_filename {given[:128]!r}"
+        # Checked before the file is looked for: whether a path elsewhere exists is not the config's to ask (the
+        # load's refusal goes back to an HTTP client).
+        if given in (".", "..") or "/" in given:
+            raise ConfigError(f"{where} must be the name of a file in the version directory (no '/' or '..')")
+        _check_inside(version_dir, version_dir / given, f"{where} must be the name of a file in the version directory")
         try:
             held = (version_dir / given).exists()
         except (OSError, ValueError):  # a name too long, or holding a NUL
@@ -217,11 +225,7 @@ class TritonConfig:
             return None
         where = f"label_filename {name[:128]!r}"
         # Triton refuses a label file outside the model directory (model.cc: "is outside model directory").
-        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-            raise ConfigError(f"{where} must name a file inside the model directory")
-        path, raw = model_dir / name, None
-        if path.exists() and model_dir.resolve() not in path.resolve().parents:  # a symlink out of the directory
-            raise ConfigError(f"{where} must name a file inside the model directory (it links to one outside)")
+        path, raw = _inside(model_dir, name, where), None
         try:
             if path.is_file():
                 with path.open("rb") as f:
@@ -255,7 +259,20 @@ def read_labels(raw: bytes, classes: int) -> list[str]:
         raise LabelsError(f"holds {lines} lines, one label per class was expected ({classes})", lines)
     # A CRLF file's labels lose their "\r", which Triton's getline would keep in each label: an editor's line ends
     # are not part of a class name.
-    return [label.removesuffix("\r") for label in text.split("\n")[:classes]]
+    labels = [label.removesuffix("\r") for label in text.split("\n")[:classes]]
+    _check_labels(labels)
+    return labels
+
+
+def _check_labels(labels: list[str]) -> None:
+    """LabelsError for the first label that breaks the class names' rule (`is_label`; an empty line labels nothing,
+    as in Triton): every answer row of the classification extension copies a label, so one of 16 MiB made a 393 KB
+    request cost a 537 MB answer, and a control character would reach the clients' terminals and logs."""
+    for line, label in enumerate(labels, 1):
+        if label and not is_label(label):
+            what = f"of {len(label):,} characters" if len(label) > MAX_LABEL_CHARS else "holding a control character"
+            raise LabelsError(f"holds at line {line} a label {what}: each must be 1..{MAX_LABEL_CHARS} characters "
+                              "without control characters, as a class name (or empty: no label)")
 
 
 def _without_line_ends(text: str) -> str:
@@ -717,20 +734,47 @@ def _check_warmups(top: dict[str, list[Any]], config: TritonConfig, model_dir: P
 
 def _check_warmup_file(model_dir: Path, name: str, needed: int, what: str) -> None:
     """ConfigError unless `name`, as Triton joins it to the model's warmup/ directory (JoinPath: a leading / too),
-    is a regular file it can read, of at least `needed` bytes (GenerateWarmupData: "warmup setting expects N bytes")."""
+    is a regular file inside the model directory that it can read, of at least `needed` bytes (GenerateWarmupData:
+    "warmup setting expects N bytes")."""
     folder = model_dir / _WARMUP_DIR
-    path = folder / name.lstrip("/")
+    where = f"{what}: input_data_file {name[:128]!r}"
+    # Where the name leads is checked before anything there is looked at: the refusal goes back to an HTTP client
+    # (POST .../load), which learnt from it whether any file the server could open existed, and its size.
+    path = _inside(model_dir, str(PurePosixPath(_WARMUP_DIR, name.lstrip("/"))), where)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks on a FIFO
-        try:
-            info = os.fstat(fd)
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):  # missing, unreadable, a name too long or holding a NUL
-        info = None
-    if info is None or not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{what}: input_data_file {name[:128]!r} is not a readable file in {folder}, where Triton "
-                          "reads it when it loads the model (it fails the load without it)")
-    if info.st_size < needed:
-        raise ConfigError(f"{what}: input_data_file {name[:128]!r} holds {info.st_size} bytes, and Triton's warm-up "
-                          f"needs {needed} (it fails the load)")
+        problem = not_a_file(path)  # a FIFO or a device is refused from its stat, never opened
+        if problem is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    except (OSError, ValueError):  # unreadable, a name too long or holding a NUL
+        problem = "cannot be read"
+    if problem is not None:
+        raise ConfigError(f"{where} is not a readable file in {folder}, where Triton reads it when it loads the "
+                          "model (it fails the load without it)")
+    if size < needed:  # a file of the model's own (checked above): its size helps whoever edits the config
+        raise ConfigError(f"{where} holds {size} bytes, and Triton's warm-up needs {needed} (it fails the load)")
+
+
+def _inside(model_dir: Path, name: str, where: str) -> Path:
+    """`model_dir / name`; ConfigError unless `name` is a relative path without '..' that no symbolic link takes
+    out of `model_dir` (`where`: the field, for the message)."""
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ConfigError(f"{where} must name a file inside the model directory")
+    path = model_dir / name
+    _check_inside(model_dir, path, f"{where} must name a file inside the model directory")
+    return path
+
+
+def _check_inside(folder: Path, path: Path, refusal: str) -> None:
+    """ConfigError(`refusal`, with why) when `path` resolves out of `folder`: a link to a file elsewhere is refused
+    whether that file exists or not (its target's path alone tells), so the refusal tells nothing about it."""
+    try:
+        inside = folder.resolve() in path.resolve().parents
+    except (OSError, ValueError):  # a link loop, a name too long, a NUL
+        inside = False
+    if not inside:
+        raise ConfigError(f"{refusal} (it links to one outside)")

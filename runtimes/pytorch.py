@@ -22,8 +22,9 @@ import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,8 +42,12 @@ from runtimes.base import (
 )
 from runtimes.build import Built, ExportContext, ExportError
 
+if TYPE_CHECKING:
+    from models.config import ViTConfig
+
 WEIGHTS_FILE = "model.safetensors"
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+_SAFETENSORS_DTYPES = {"bf16": "BF16", "fp16": "F16"}  # how the header names them
 # torch's intra-op thread count is one per process: backends asking for their own count take turns.
 _THREADS_LOCK = threading.Lock()
 
@@ -135,6 +140,23 @@ def _threads(n: int | None) -> Iterator[None]:
                 torch.set_num_threads(old)
 
 
+def _check_header(path: Path, config: ViTConfig, precision: str) -> None:
+    """BackendError unless the safetensors header of `path` lists `config`'s tensors at their shapes, floats in fp32
+    or the artifact's `precision`: a manifest may claim a model of 2^32 parameters beside a 100 KB file, and building
+    that model to find out cost 16 GiB; the header is compared on the meta device, with no memory."""
+    from safetensors import SafetensorError
+
+    from models.checkpoint import weights_problem
+
+    floats = ("F32", _SAFETENSORS_DTYPES[precision]) if precision in _SAFETENSORS_DTYPES else ("F32",)
+    try:
+        problem = weights_problem(path, config, floats)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BackendError(f"{path.name} cannot be read: {first_line(exc)}") from None
+    if problem:
+        raise BackendError(f"{path.name}: weights do not fit the manifest's config (the file's weights{problem})")
+
+
 def _strict_fp32(torch: ModuleType) -> None:
     """No TF32 in matmuls or convolutions: fp32 on CUDA must reproduce the CPU's fp32 logits."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -178,6 +200,7 @@ class TorchBackend(PooledBackend):
         if cuda and compute == "fp32":
             _strict_fp32(torch)
         path = spec.file(".safetensors")
+        _check_header(path, spec.manifest.config, spec.precision)  # before the model the config describes is built
         model = VisionTransformer(spec.manifest.config)
         state = load_file(str(path))
         try:  # a NaN pinned under a valid sha256 is refused here, not left to the golden check to notice
