@@ -79,8 +79,10 @@ def test_no_data_off_parity_is_not_run_rather_than_not_judged():
 
 
 def _rt(ratios: list[float], what: str = "train_step") -> dict:
-    return {"what": what, "device": "cpu", "layout": "nchw", "compiled": False, "batch": 64, "ms_vit_c": 1.0,
-            "ms_vit_p": 1.0, "ratio": float(np.median(ratios)), "round_ratios": ratios}
+    # Median times that agree with the rounds (a row whose times contradict them is flagged, not judged).
+    return {"what": what, "device": "cpu", "layout": "nchw", "compiled": False, "batch": 64,
+            "ms_vit_c": float(np.median(ratios)), "ms_vit_p": 1.0, "ratio": float(np.median(ratios)),
+            "round_ratios": ratios}
 
 
 PARITY = [0.95, 0.97, 0.96, 0.98, 0.96, 0.97, 0.95, 0.96, 0.97]

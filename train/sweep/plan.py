@@ -132,6 +132,14 @@ class StudyConfig:
             raise ValueError(f"unknown tuning {self.tuning!r}; expected one of {TUNINGS}")
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+        # Drawn now (milliseconds): ranges too narrow for `samples` distinct pairs are refused before any run starts.
+        for opt in self.optimizers:
+            try:
+                sampled_pairs(self, opt)
+            except ValueError as exc:
+                (lr_lo, lr_hi), (wd_lo, wd_hi) = self.lr_ranges[opt], self.wd_ranges[opt]
+                raise ValueError(f"--samples {self.samples}: the {opt} ranges (lr {lr_lo:g}..{lr_hi:g}, wd "
+                                 f"{wd_lo:g}..{wd_hi:g}) give {exc}; widen them or lower --samples") from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings."""
@@ -164,13 +172,19 @@ _LISTS = ("models", "epochs", "seeds", "optimizers", "train_args")
 _RANGES = ("lr_ranges", "wd_ranges", "recipe_settings")
 
 
+def sampled_pairs(cfg: StudyConfig, opt: str) -> list[tuple[float, float]]:
+    """The optimizer's `samples` distinct (lr, wd) pairs; ValueError when its ranges cannot give that many."""
+    # One seed per optimizer (offset by its place in OPTIMIZERS) so adding an optimizer does not change the others'.
+    offset = OPTIMIZERS.index(opt) if opt in OPTIMIZERS else cfg.optimizers.index(opt)
+    return sample_lr_wd(cfg.samples, cfg.lr_ranges[opt], cfg.wd_ranges[opt], cfg.sample_seed + offset)
+
+
 def stability_specs(cfg: StudyConfig) -> list[RunSpec]:
-    """The sampled runs: the same `samples` (lr, wd) pairs per optimizer for every model."""
+    """The sampled runs: the same `samples` (lr, wd) pairs per optimizer for every model, none of them twice (a
+    repeat would be trained once but counted twice by the EDF)."""
     specs = []
-    for i, opt in enumerate(cfg.optimizers):
-        # One seed per optimizer (offset by its position) so adding an optimizer does not change the others'.
-        offset = OPTIMIZERS.index(opt) if opt in OPTIMIZERS else i
-        pairs = sample_lr_wd(cfg.samples, cfg.lr_ranges[opt], cfg.wd_ranges[opt], cfg.sample_seed + offset)
+    for opt in cfg.optimizers:
+        pairs = sampled_pairs(cfg, opt)
         for model in cfg.models:
             for lr, wd in pairs:
                 specs.append(_spec(cfg, model, opt, lr, wd, cfg.stability_epochs, cfg.stability_seed))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,9 @@ from train.sweep.spec import RunSpec
 
 SUMMARY_FORMAT = "vitc-sweep-summary"
 RUNTIME_FILE = "runtime.json"  # the study's measured C/P step times (train.sweep.runtime)
+MAX_RUNTIME_BYTES = 16 * 1024 * 1024  # a few KB per pair: never read a huge file whole
+# The fields of every runtime row, measured or not, by type.
+_ROW_FIELDS: dict[str, type] = {"what": str, "device": str, "layout": str, "compiled": bool}
 FIGURES = ("convergence.png", "optimizer.png", "stability_edf.png", "stability_lr_wd.png")  # all write_report draws
 GOOD_MARGIN = 5.0  # points above the best sampled error that still count as a "good" run in the EDF stats
 
@@ -29,15 +33,80 @@ def load_results(study_dir: Path, specs: Sequence[RunSpec]) -> dict[str, dict[st
     return out
 
 
-def load_runtime(study_dir: Path) -> dict[str, Any] | None:
-    """The study's runtime measurement, if it was made."""
-    import json
+def read_runtime(study_dir: Path) -> dict[str, Any] | None:
+    """The study's runtime measurement, None if it was not made; ValueError naming the file and what is wrong with
+    it (the row and field) when it cannot be reported."""
+    from models.io import read_strict_json
 
     path = Path(study_dir) / RUNTIME_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
         return None
+    try:
+        doc = read_strict_json(path, MAX_RUNTIME_BYTES)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if problem := runtime_problem(doc):
+        raise ValueError(f"{path}: {problem}")
+    return doc
+
+
+def runtime_problem(doc: object) -> str | None:
+    """Why a runtime.json document cannot be reported (its rows' fields and types, as claims.runtime_row and the
+    runtime table read them), or None. The one check for a resumed study and for --report-only."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        return "no list of rows"
+    for key in ("machine", "not_measured"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            return f"{key} is not an object"
+    if problem := _machine_problem(doc.get("machine") or {}):
+        return f"machine: {problem}"
+    for i, row in enumerate(doc["rows"], 1):
+        if problem := _row_problem(row):
+            return f"row {i}: {problem}"
+    return None
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive(x: object) -> bool:
+    return _number(x) and x > 0
+
+
+def _machine_problem(mach: dict[str, Any]) -> str | None:
+    """What the report cannot read in a runtime machine record (its load average and CPU count), or None."""
+    load, cpus = mach.get("load_avg"), mach.get("usable_cpus")
+    if load is not None and not (isinstance(load, list) and all(_number(x) and x >= 0 for x in load)):
+        return "load_avg is not a list of numbers"
+    if cpus is not None and not (isinstance(cpus, int) and not isinstance(cpus, bool) and cpus >= 1):
+        return "usable_cpus is not a positive integer"
+    return None
+
+
+def _row_problem(row: object) -> str | None:
+    """The first field of a measured runtime row that is missing or of the wrong type, or None."""
+    if not isinstance(row, dict):
+        return "not an object"
+    pair = row.get("pair")
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
+        return "pair is not two model names" if "pair" in row else "no pair"
+    for key, kind in _ROW_FIELDS.items():
+        if key not in row:
+            return f"no {key}"
+        if not isinstance(row[key], kind):
+            return f"{key} is not a {kind.__name__}"
+    if row.get("failed"):  # a setting that could not be measured: its reason instead of numbers
+        return None if isinstance(row["failed"], str) else "failed is not a string"
+    if not (isinstance(row.get("batch"), int) and not isinstance(row["batch"], bool) and row["batch"] >= 1):
+        return "batch is not a positive integer" if "batch" in row else "no batch"
+    for key in ("ms_vit_c", "ms_vit_p", "ratio"):
+        if not _positive(row.get(key)):
+            return f"{key} is not a positive number" if key in row else f"no {key}"
+    ratios = row.get("round_ratios", [])  # absent in early files: the row is then a tie, said so
+    if not (isinstance(ratios, list) and all(_positive(x) for x in ratios)):
+        return "round_ratios is not a list of positive numbers"
+    return None
 
 
 def epoch_seconds(result: dict[str, Any]) -> float:
@@ -139,7 +208,7 @@ def build_summary(
         pair_runtime = [r for r in measured_runtime if r.get("pair") == [conv, patch]]
         skipped = (runtime_doc.get("not_measured") or {}).get(f"{conv},{patch}") or (
             None if runtime_doc else "no runtime.json (the study stopped before its runtime step)")
-        pair_rows.append(claims.runtime_claim(pair_runtime, flops_ratio, skipped))
+        pair_rows.append(claims.runtime_claim(pair_runtime, flops_ratio, skipped, runtime_doc.get("machine")))
         for row in pair_rows:
             row["pair"] = [conv, patch]
             if len(pairs) > 1:  # several pairs: every row names its own
@@ -366,7 +435,7 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
                   "| parity |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rt.get("rows", []):
-            j = claims.runtime_row(r)
+            j = claims.runtime_row(r, mach)
             mode = "compiled" if r["compiled"] else "eager"
             if j["ratio"] is None:
                 lines.append(f"| {' / '.join(r['pair'])} | {r['what']} | {r['device']} | {r['layout']} | {mode} | "

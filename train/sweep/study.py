@@ -108,7 +108,12 @@ def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.Wo
     path = study_dir / report.RUNTIME_FILE
     device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
     pairs = analysis.stem_pairs(list(cfg.models))
-    if _measured(path, pairs, device.split(":")[0]):
+    try:  # a row missing a field was once kept as measured, and the report then failed on it
+        readable = report.read_runtime(study_dir) is not None
+    except ValueError as exc:
+        print(f"[sweep] runtime: damaged {exc}: measured again", file=sys.stderr)
+        readable = False
+    if readable and _measured(path, pairs, device.split(":")[0]):
         return
     rows, skipped = [], {}
     for conv, patch in pairs:
@@ -139,7 +144,7 @@ def _measured(path: Path, pairs: Sequence[tuple[str, str]], kind: str) -> bool:
     from models.io import read_strict_json
 
     try:
-        rows = read_strict_json(path, 16 * 1024 * 1024).get("rows")
+        rows = read_strict_json(path, report.MAX_RUNTIME_BYTES).get("rows")
         have = {(tuple(r["pair"]), str(r["device"]).split(":")[0]) for r in rows}
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return False
@@ -194,8 +199,13 @@ def run_study(
         more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
         raise runner.DamagedResult(f"damaged run result {damaged[0]}{more}: delete it and rerun the study (without "
                                    f"--report-only) to train that run again")
+    try:
+        runtime_doc = report.read_runtime(study_dir)
+    except ValueError as exc:  # only --report-only meets one: a study run has just measured a damaged file again
+        raise runner.DamagedResult(f"damaged runtime measurement {exc}: delete it and rerun the study (without "
+                                   f"--report-only) to measure it again") from None
     results = report.load_results(study_dir, [*stab, *tuned_runs])
-    summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results, report.load_runtime(study_dir))
+    summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results, runtime_doc)
     summary["machine"], summary["machines"] = _recorded_machine(study_dir)
     report.write_report(study_dir, summary)
     return summary
