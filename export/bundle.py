@@ -51,12 +51,12 @@ from models.bundle import (
 from models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_checkpoint_meta
 from models.failures import memory_failure, storage_failure
 from models.host import MAX_THREADS
-from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path, same_file
+from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path, same_file, sha256_file
 from models.jsonfields import is_int
 from models.oneline import first_line
 from models.preprocessing import normalize, preprocess, to_uint8
 from runtimes import Backend, BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
-from runtimes.base import INPUT_NAME, OUTPUT_NAME
+from runtimes.base import INPUT_NAME, OUTPUT_NAME, description
 from runtimes.build import ExportContext, cause_in_chain
 from runtimes.loader import (
     CONTRACT_KEY,
@@ -271,33 +271,44 @@ def _header(meta: CheckpointMeta, name: str, checkpoint: str | os.PathLike, data
     )
 
 
+SCRATCH = ".scratch"  # ExportContext.scratch: intermediate files, deleted before the bundle is written
+
+
+class _NotNew(Exception):
+    """A build returned a file that is not a new file of its own in the bundle: its artifact is refused."""
+
+
 def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: ParityData,
                tolerance: Tolerance | None, threads: int | None,
-               outputs: dict[str, np.ndarray] | None = None) -> Artifact:
+               outputs: dict[str, np.ndarray] | None = None, earlier: Sequence[Artifact] = ()) -> Artifact:
     """Build one artifact, gate it through the serving Backend, and return its manifest entry.
 
     A servable artifact has also passed the very golden-input check every server runs at load
     (runtimes.loader.verify_golden), against what it computed for those inputs here, which goes into
     `outputs[artifact id]` (and golden.npz): what export certifies loads on this machine by construction.
-    A refused artifact keeps its numbers and reason; its files are deleted so it never ships.
+    A refused artifact keeps its numbers and reason; its files are deleted so it never ships. One whose build
+    returns a file that is not new in the bundle (`earlier`: the artifacts built before it) is refused before its
+    gate (`_check_new_files`).
     """
     rt = target.runtime
     artifact = Artifact(id=target.id, runtime=rt.name, format=rt.format, precision=target.precision, files=(),
                         servable=False)
     before = set(ctx.workdir.iterdir())
+    existing = _tree(ctx.workdir)
     start = time.perf_counter()
     try:
         built = rt.build(ctx, target.precision)
         artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3),
-                           runtime_version=rt.version(), info=built.info,
-                           files=file_entries(ctx.workdir, built.files))
+                           runtime_version=rt.version(), info=built.info)
+        _check_new_files(ctx.workdir, rt.name, built.files, existing, earlier)
+        artifact = replace(artifact, files=file_entries(ctx.workdir, built.files))
         start = time.perf_counter()
         options = BackendOptions(device=rt.export_device, threads=threads)  # the server's defaults, --threads aside
         backend = open_artifact(rt, LoadSpec(header, artifact, tuple(built.files), options))
         try:
             # In batches the backend takes, as the server and the golden check cap them (its own limit may be lower).
             parity = measure(backend.infer, data, target.precision, min(ctx.max_batch, backend.max_batch), tolerance)
-            hint = backend.describe().get("inference_precision")
+            hint = description(backend, rt.name).get("inference_precision")
             parity = replace(parity, inference_precision=str(hint) if hint else None)
             artifact = replace(artifact, parity=parity)
             failures = list(parity.failures)
@@ -306,6 +317,8 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         finally:
             backend.close()
         artifact = replace(artifact, parity_seconds=round(time.perf_counter() - start, 3))
+    except _NotNew as exc:  # never opened: what it listed belongs to another artifact, the export, or nobody
+        failures = [str(exc)]
     except Exception as exc:  # a converter or runtime crash refuses this artifact, not the whole bundle
         if failure := memory_failure(exc):  # the machine failed, not the artifact: stop, keep the old bundle
             raise ExportMemoryError(f"{target.id}: out of memory ({type(failure).__name__}: "
@@ -334,7 +347,7 @@ def _golden_check(backend: Backend, artifact: Artifact, data: ParityData, max_ba
     run, as a server will: an artifact that does not reproduce itself is refused here, not at load)."""
     n = min(GOLDEN_SAMPLES, len(data.x))
     x, reference = data.x[:n], data.reference[:n]
-    own = golden_outputs(backend, x, max_batch)
+    own = golden_outputs(backend, x, max_batch, reference.shape[1])
     try:
         verify_golden(backend, x, reference, artifact, own, max_batch=max_batch)
     except BackendError as exc:
@@ -342,6 +355,94 @@ def _golden_check(backend: Backend, artifact: Artifact, data: ParityData, max_ba
     if outputs is not None:
         outputs[artifact.id] = own
     return []
+
+
+def _tree(root: Path) -> set[str]:
+    """Every path under `root` (files and directories, links not followed), relative and in POSIX form."""
+    paths = set()
+    for parent, dirs, files in os.walk(root):
+        rel = Path(parent).relative_to(root)
+        paths.update((rel / name).as_posix() for name in (*dirs, *files))
+    return paths
+
+
+def _check_new_files(workdir: Path, runtime: str, files: Sequence[str | os.PathLike], existing: set[str],
+                     earlier: Sequence[Artifact]) -> None:
+    """_NotNew (one line naming the runtime and the file) unless every file a build returned is a new file in the
+    bundle directory `workdir` (not in `existing`, the paths there before the build), outside its scratch directory,
+    listed once."""
+    # A plugin's build that returned another artifact's model.onnx overwrote a file that had passed its gate, and
+    # the export exited 0 with a bundle its own report called CORRUPT; one that returned the ONNX hub certified
+    # .scratch/hub.onnx, deleted before the bundle was written. Links are followed: a link to another artifact's
+    # file is that file.
+    root = workdir.resolve()
+    owners = {f.path: a.id for a in earlier for f in a.files}
+    seen: set[str] = set()
+    rule = f"a build may only return new files it wrote into the bundle directory, outside {SCRATCH}"
+    for given in files:
+        try:
+            rel = Path(given).resolve().relative_to(root).as_posix()
+        except ValueError:
+            raise _NotNew(f"{runtime} build returned {str(given)!r}, which lies outside the bundle "
+                          f"({rule})") from None
+        why = None
+        if rel == ".":
+            why = ", which is the bundle directory itself"
+        elif rel.split("/")[0] == SCRATCH:
+            why = f", which lies in the export's {SCRATCH} directory, deleted before the bundle is written"
+        elif rel in seen:
+            why = " twice"
+        elif rel in owners:
+            why = f", a file of {owners[rel]!r} built before it"
+        elif rel in existing:
+            why = ", which was there before its build"
+        if why is not None:
+            raise _NotNew(f"{runtime} build returned {rel!r}{why} ({rule})")
+        seen.add(rel)
+
+
+def _changed_files(workdir: Path, artifacts: Sequence[Artifact]) -> dict[int, str]:
+    """Index in `artifacts` -> the first file of that servable artifact that is no longer what its gate certified
+    (missing, another size or sha256)."""
+    # Run after every build and gate: a plugin that rewrites a file it did not list (or that a refused build had
+    # listed, whose cleanup removes new names only) must not leave an earlier artifact corrupt. The sha256, not the
+    # file's times: a rewrite within the file system's timestamp granularity keeps those.
+    changed = {}
+    for i, artifact in enumerate(artifacts):
+        for f in artifact.files if artifact.servable else ():
+            path = workdir / f.path
+            if not path.is_file() or path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
+                changed[i] = f.path
+                break
+    return changed
+
+
+def _refuse(workdir: Path, artifact: Artifact, reason: str, outputs: dict[str, np.ndarray]) -> Artifact:
+    """`artifact` refused for `reason` as well, its files deleted and its golden outputs dropped."""
+    for f in artifact.files:
+        with contextlib.suppress(FileNotFoundError):
+            (workdir / f.path).unlink()
+    outputs.pop(artifact.id, None)
+    reasons = [r for r in (artifact.refused_reason, reason) if r]
+    return replace(artifact, servable=False, refused_reason="; ".join(reasons),
+                   refused_files=artifact.files or artifact.refused_files, files=())
+
+
+def _keep_certified(workdir: Path, artifacts: list[Artifact], artifact: Artifact, outputs: dict[str, np.ndarray],
+                    log: Callable[[str], None]) -> Artifact:
+    """`artifact`, just built and gated, refused when its build or load changed a file of one of `artifacts` (built
+    before it), which is refused in that list too (and logged): no bundle ships an artifact whose file changed,
+    nor the artifact of a build that changed one."""
+    changed = _changed_files(workdir, artifacts)
+    for i, path in changed.items():
+        artifacts[i] = _refuse(workdir, artifacts[i], f"its file {path!r} was changed after its gate, by the build or "
+                                                      f"load of {artifact.id}", outputs)
+        log(summary_line(artifacts[i]))
+    if not changed or not artifact.servable:  # a refused one is not shipped anyway; its victims' reasons name it
+        return artifact
+    spoiled = ", ".join(f"{path!r} of {artifacts[i].id!r}" for i, path in changed.items())
+    return _refuse(workdir, artifact, f"its build or load changed {spoiled}, built before it (a build may only "
+                                      "write new files)", outputs)
 
 
 @dataclass(frozen=True)
@@ -599,7 +700,8 @@ def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | Non
                 outputs: dict[str, np.ndarray] = {}
                 for target in wanted:
                     tolerance = (config.tolerances or {}).get(target.precision)
-                    artifact = _build_one(ctx, header, target, data, tolerance, config.threads, outputs)
+                    artifact = _build_one(ctx, header, target, data, tolerance, config.threads, outputs, artifacts)
+                    artifact = _keep_certified(tmp, artifacts, artifact, outputs, log)
                     if parity_set.skipped:  # the parity images' provenance: what was left out to draw them
                         artifact = replace(artifact, info={**artifact.info,
                                                            "parity_unreadable_skipped": len(parity_set.skipped)})

@@ -9,6 +9,7 @@ them through `Runtime.load`.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -155,6 +156,71 @@ def check_backend(backend: Any) -> None:
                 problems.append(f"{name} must be an int, got {value!r:.40}, which cannot be stored back as one")
     if problems:
         raise BackendError(f"its Backend ({type(backend).__name__}) breaks the contract: {'; '.join(problems)}")
+
+
+# What `describe()` may return: JSON data the server answers with in /v1/models (and export, the benchmarks and
+# reports record), small and shallow: a plugin's nested or huge description is refused, not sent with every listing.
+MAX_DESCRIPTION_DEPTH = 8
+MAX_DESCRIPTION_BYTES = 64 * 1024
+
+
+def description(backend: Any, runtime: str) -> dict[str, Any]:
+    """`backend.describe()` as plain JSON data (numpy scalars as Python numbers); BackendError (one line naming
+    `runtime`) when it raises or returns anything else."""
+    # Checked by every stage that opens an artifact (runtimes.loader.open_artifact) and read through here by those
+    # that keep it: a numpy integer in it made /v1/models answer 500 for every model, None was served but refused by
+    # export, and a describe() that raised crashed the server's start.
+    try:
+        value = backend.describe()
+    except Exception as exc:
+        raise BackendError(f"{runtime} describe() failed: {type(exc).__name__}: {first_line(exc)}") from exc
+    if not isinstance(value, dict):
+        raise BackendError(f"{runtime} describe() returned {type(value).__name__}, expected a dict")
+    try:
+        plain = _json_value(value, "", 0)
+        size = len(json.dumps(plain, allow_nan=False))
+    except ValueError as exc:
+        raise BackendError(f"{runtime} describe() returned {exc}") from None
+    if size > MAX_DESCRIPTION_BYTES:
+        raise BackendError(f"{runtime} describe() returned {size:,} bytes of JSON, more than the "
+                           f"{MAX_DESCRIPTION_BYTES:,} allowed")
+    return plain
+
+
+def _json_value(value: Any, where: str, depth: int) -> Any:
+    """`value` as JSON data (numpy scalars converted); ValueError naming `where` (the key path) otherwise."""
+    if value is None or isinstance(value, bool | str):
+        return str(value) if isinstance(value, str) else value  # a str subclass (np.str_) as the plain str
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        if not np.isfinite(value):  # JSON has no NaN or infinity: the answer would fail to serialise
+            raise ValueError(f"{value!r} at {where or 'the top'}, not a finite number")
+        return float(value)
+    if depth >= MAX_DESCRIPTION_DEPTH and isinstance(value, dict | list | tuple):
+        raise ValueError(f"values nested deeper than {MAX_DESCRIPTION_DEPTH} levels at {where}")
+    if isinstance(value, dict):
+        # An integer key is written as JSON writes it, a string (torch's compile_seconds are keyed by batch size).
+        keys = [_json_key(k, where) for k in value]
+        if len(set(keys)) < len(keys):  # 1 and "1": JSON would keep one of them
+            raise ValueError(f"keys that are the same string in JSON at {where or 'the top'}")
+        return {k: _json_value(v, f"{where}.{k}" if where else k, depth + 1) for k, v in zip(keys, value.values(),
+                                                                                              strict=True)}
+    if isinstance(value, list | tuple):
+        return [_json_value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise ValueError(f"{type(value).__name__} at {where or 'the top'}, not a JSON value (a string, number, bool, "
+                     "None, list or dict of them)")
+
+
+def _json_key(key: Any, where: str) -> str:
+    """A description's key as the JSON string it becomes; ValueError for one that is neither a string nor an int."""
+    if isinstance(key, str):
+        return str(key)
+    if isinstance(key, int | np.integer) and not isinstance(key, bool | np.bool_):
+        return str(int(key))
+    raise ValueError(f"key {key!r:.40} ({type(key).__name__}) at {where or 'the top'}, not a string")
 
 
 def inference_error(runtime: str, exc: BaseException) -> Exception:

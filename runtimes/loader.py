@@ -48,7 +48,9 @@ from runtimes.base import (
     Runtime,
     check_backend,
     check_logits,
+    description,
     first_line,
+    inference_error,
 )
 
 # MAX_GOLDEN_BYTES (models.bundle) bounds the golden file and its arrays before they are allocated.
@@ -118,11 +120,32 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
     start = time.perf_counter()
     try:
         check_golden(backend, bundle, manifest, artifact, options.inference_precision)
-    except BaseException:
+    except BaseException as exc:
         backend.close()
+        if _plugin_fault(exc):
+            raise _load_failure(rt.name, artifact.id, str(bundle), "golden inputs", exc) from exc
         raise
     timings["golden"] = time.perf_counter() - start
     return backend
+
+
+def _plugin_fault(exc: BaseException) -> bool:
+    """Whether `exc`, raised while a loaded backend runs, is the runtime's own fault (a bad output, its own exception
+    type): not the bundle's (BundleError), not an interrupt, not a bare MemoryError (the machine's)."""
+    return isinstance(exc, Exception) and not isinstance(exc, BundleError) and type(exc) is not MemoryError
+
+
+def _load_failure(runtime: str, artifact_id: str, where: str, step: str, exc: BaseException) -> Exception:
+    """What a fault of the backend during a load `step` (its warm-up, its golden inputs) becomes: one BackendError
+    line naming the runtime and the artifact, whatever the runtime raised (MemoryError for the machine's memory)."""
+    # A plugin's infer raised its own ValueError here unwrapped: a traceback at the server's start, a hot reload's
+    # 500, a bare multi-line exception from open_backend. A built-in backend's errors are BackendErrors already.
+    if not isinstance(exc, BackendError):
+        exc = inference_error(runtime, exc)
+        if isinstance(exc, MemoryError):
+            return exc
+    return BackendError(f"{runtime} cannot load {artifact_id!r}{' from ' + where if where else ''}: {step}: "
+                        f"{first_line(exc)}")
 
 
 def check_golden(backend: Backend, bundle: str | os.PathLike, manifest: Manifest, artifact: Artifact,
@@ -172,12 +195,15 @@ def check_pre_golden(bundle: str | os.PathLike, manifest: Manifest) -> None:
         raise BundleError(f"manifest.json was edited after export: {why}; restore it or re-export")
 
 
-def golden_outputs(backend: Backend, x: np.ndarray, max_batch: int) -> np.ndarray:
+def golden_outputs(backend: Backend, x: np.ndarray, max_batch: int, classes: int | None = None) -> np.ndarray:
     """The backend's logits for the golden inputs, batched the way `verify_golden` runs them, each batch checked
-    as the server checks it (`check_logits`: a masked array is refused, not judged on the values it hides)."""
+    as the server checks it (`check_logits`: a masked array is refused, not judged on the values it hides; with
+    `classes`, float32 logits of shape (rows, classes), as every served batch must be)."""
+    # Without `classes` integer logits passed here and were refused as numbers that "differ from its own at export".
     step = max(1, min(max_batch, backend.max_batch))
     batches = [x[i:i + step] for i in range(0, len(x), step)]
-    return np.concatenate([np.asarray(check_logits(backend.infer(b), len(b), None), np.float32) for b in batches])
+    return np.concatenate([np.asarray(check_logits(backend.infer(b), len(b), classes), np.float32)
+                           for b in batches])
 
 
 def verify_golden(backend: Backend, x: np.ndarray, reference: np.ndarray, artifact: Artifact,
@@ -189,7 +215,7 @@ def verify_golden(backend: Backend, x: np.ndarray, reference: np.ndarray, artifa
     # judged accuracy again on only the 8 golden images, where one flipped near-tie is 12.5 points: an INT8
     # artifact with 87.5 % agreement was certified, then refused by its own server at 75 %. Eight images cannot
     # re-judge accuracy; they can tell whether this is still the artifact that was measured.
-    y = golden_outputs(backend, x, max_batch)
+    y = golden_outputs(backend, x, max_batch, reference.shape[1] if reference.ndim == 2 else None)
     if y.shape != reference.shape or not np.isfinite(y).all():
         raise BackendError(f"{artifact.id!r} does not reproduce the bundle's {len(x)} golden inputs on this "
                            f"machine: outputs of shape {y.shape} are not finite logits of shape {reference.shape}")
@@ -489,6 +515,7 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
                            f"{' from ' + where if where else ''}: {first_line(exc)}") from exc
     try:
         check_backend(backend)
+        description(backend, runtime.name)  # JSON data, or refused now rather than a listing that answers 500
     except Exception as exc:  # refused here, once: export then refuses the artifact, a server start exits 2
         with contextlib.suppress(Exception):
             backend.close()
@@ -502,17 +529,15 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
     start = time.perf_counter()
     try:
         warm_up(backend, spec)
-    except BaseException:
+    except BaseException as exc:
         backend.close()
+        if _plugin_fault(exc):
+            raise _load_failure(runtime.name, spec.artifact.id, where, "warm-up on one image", exc) from exc
         raise
     timings["warm_up"] = time.perf_counter() - start
     return backend
 
 
 def warm_up(backend: Backend, spec: LoadSpec) -> None:
-    """One batch-1 inference (first-call allocations happen now) whose output must be (1, classes) floats."""
-    y = backend.infer(np.zeros((1, *spec.manifest.input.sample_shape), np.float32))
-    try:
-        check_logits(y, 1, spec.num_classes)
-    except BackendError as exc:
-        raise BackendError(f"{spec.artifact.id!r}, given one image: {exc}") from None
+    """One batch-1 inference (first-call allocations happen now) whose output must be (1, classes) float32."""
+    check_logits(backend.infer(np.zeros((1, *spec.manifest.input.sample_shape), np.float32)), 1, spec.num_classes)

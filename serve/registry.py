@@ -23,6 +23,7 @@ from models.preprocessing import Preprocessing
 from models.triton_layout import is_version_name, version_dirs
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
+from runtimes.base import description
 from runtimes.loader import preprocessing_drift
 from runtimes.registry import pick
 from serve.batching import DynamicBatcher
@@ -62,15 +63,16 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     users: int = field(default=0, repr=False)  # admitted requests on this version (a swap waits for them)
     startup: dict[str, float] = field(default_factory=dict, repr=False)  # seconds of each loading step
-    execution: dict[str, Any] = field(default_factory=dict, repr=False)  # backend.describe() at load
+    # backend.describe() at load, as JSON data (runtimes.base.description; None: read at construction)
+    execution: dict[str, Any] | None = field(default=None, repr=False)
     # The runtime it was loaded with (the Runtime's name, which --backend or its artifact chose): what it reports
     # and is tuned as. Never the backend's `runtime` attribute: a backend subclassing another runtime's keeps its
     # parent's (and reported that runtime's Triton platform), a typo in it answered 500.
     runtime: str = ""
 
     def __post_init__(self) -> None:
-        if not self.execution and self.backend is not None:  # once: a drained, closed backend cannot describe itself
-            self.execution = self.backend.describe()
+        if self.execution is None:  # once: a drained, closed backend cannot describe itself
+            self.execution = {} if self.backend is None else description(self.backend, self.runtime or "backend")
 
     @property
     def spec(self) -> Preprocessing:
@@ -351,13 +353,17 @@ def load_model(source: ModelSource | str, settings: Settings, label: str | None 
         _warn_on_config(name, version, manifest, config, labels)
         _warn_on_preprocessing_drift(name, path, manifest)
         max_batch, delay_ms = _batching(label, config, settings, backend.max_batch)
-    except BaseException:
+        # Checked at open too: a plugin's describe() that answers otherwise now is one line, not a crash or a 500.
+        execution = description(backend, runtime)
+    except BaseException as exc:
         backend.close()
+        if isinstance(exc, BackendError):
+            raise ServeError(f"model {label!r}: {exc}") from None
         raise
     return ServedModel(name, path, manifest, backend, max_batch, version=version, source=source,
                        queue_delay_ms=delay_ms, config=config, label_file=labels,
                        stats=ModelStats(unbatched=config is not None and config.max_batch_size == 0),
-                       startup={k: round(v, 4) for k, v in startup.items()}, runtime=runtime)
+                       startup={k: round(v, 4) for k, v in startup.items()}, runtime=runtime, execution=execution)
 
 
 def _runtime_and_device(source: ModelSource, manifest: Manifest, config: TritonConfig | None,

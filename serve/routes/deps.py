@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import Depends, Request
 
+from models.oneline import first_line
 from runtimes import BackendError
 from serve import timing
 from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull, TooLarge
@@ -132,8 +133,10 @@ async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | 
             log.warning("inference ran out of memory or threads", extra={"model": model.name, "reason": reason})
             raise refusal from None
         log.exception("inference failed", extra={"model": model.name})
-        # A backend says what failed in one line already (runtimes.base.inference_error); anything else is named.
-        said = str(exc) if isinstance(exc, BackendError) else f"inference failed: {type(exc).__name__}: {exc}"
+        # A built-in backend says what failed in one line already (runtimes.base.inference_error); anything else is
+        # named. A plugin's message may run over several lines: the answer gets its first (the log keeps them all).
+        said = first_line(exc) if isinstance(exc, BackendError) else \
+            f"inference failed: {type(exc).__name__}: {first_line(exc)}"
         raise APIError(500, said) from None
 
 

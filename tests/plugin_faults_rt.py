@@ -1,0 +1,83 @@
+"""A runtime plugin written the way README's "Adding a runtime" says (`VITC_RUNTIMES=plugin_faults_rt`), that
+misbehaves on purpose for tests/test_runtime_plugin_faults.py.
+
+Its artifact is a copy of the export's ONNX hub run by onnxruntime: it passes the parity gate, so its bundle has
+golden inputs. The fault is $PLUGIN_FAULT, read at every call; the file $PLUGIN_FAULT_FILE, while it exists,
+overrides it (a server already running is switched by writing it):
+- build: "collide" (writes and returns model.onnx, the onnx artifact's file), "overwrite" (returns its own file
+  but rewrites model.onnx too), "scratch" (returns the hub in .scratch), "dup" (returns its file twice), "outside"
+  (returns a file beside the bundle);
+- infer: "raise" (an ordinary exception, two lines), "int" (int32 logits), "rows" (one row whatever the batch);
+- describe: "describe_raise", "describe_none", "describe_set" (a set in it), "describe_numpy" (numpy scalars).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtimes import LoadSpec, Runtime, Variant
+from runtimes.build import Built, ExportContext
+
+FILE = "faultrt.onnx"
+
+
+def fault() -> str:
+    """The fault in force now."""
+    switch = os.environ.get("PLUGIN_FAULT_FILE")
+    if switch and Path(switch).exists():
+        return Path(switch).read_text().strip()
+    return os.environ.get("PLUGIN_FAULT", "")
+
+
+def build(ctx: ExportContext, precision: str) -> Built:
+    mode = fault()
+    if mode == "scratch":
+        return Built([ctx.hub_onnx()], {})
+    out = ctx.workdir / ("model.onnx" if mode == "collide" else FILE)
+    if mode == "outside":
+        out = ctx.workdir.parent / FILE
+    shutil.copyfile(ctx.hub_onnx(), out)
+    if mode in ("collide", "overwrite"):  # valid ONNX no longer, and another size than the onnx artifact's
+        with open(ctx.workdir / "model.onnx", "ab") as f:
+            f.write(b"\0")
+    return Built([out, out] if mode == "dup" else [out], {})
+
+
+class FaultBackend:
+    runtime = "faultrt"
+
+    def __init__(self, spec: LoadSpec) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(spec.file(".onnx")), providers=["CPUExecutionProvider"])
+        self.precision, self.device, self.max_batch, self.parallelism = spec.precision, spec.device, spec.max_batch, 1
+
+    def infer(self, batch: np.ndarray) -> Any:
+        mode = fault()
+        if mode == "raise":
+            raise ValueError("plugin kernel failed\nsecond line")
+        y = self.session.run(None, {"input": batch})[0]
+        return {"int": lambda: y.astype(np.int32), "rows": lambda: y[:1]}.get(mode, lambda: y)()
+
+    def describe(self) -> Any:
+        mode = fault()
+        if mode == "describe_raise":
+            raise ValueError("describe broke\nsecond line")
+        return {"describe_none": None, "describe_set": {"providers": {"cpu"}},
+                "describe_numpy": {"threads": np.int64(2), "scale": np.float32(0.5), "fast": np.bool_(True)},
+                }.get(mode, {"threads": 1})
+
+    def close(self) -> None:
+        self.session = None
+
+
+RUNTIME = Runtime(
+    name="faultrt", target="faultrt", packages=("onnxruntime",), install="pip install onnxruntime", format="onnx",
+    triton_platform="faultrt_platform", precisions=("fp32",), default_precisions=("fp32",), devices=("cpu",),
+    build=build, load=FaultBackend, version=lambda: "0.1", variants=(Variant("fp32"),), needs_hub=True,
+)
