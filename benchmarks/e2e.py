@@ -40,7 +40,7 @@ import numpy as np
 import runtimes
 from benchmarks import machine
 from benchmarks.loadgen import Client, Endpoint, closed_loop, open_loop
-from benchmarks.stats import MIN_CI_ROUNDS, median_ci, summarize
+from benchmarks.stats import MIN_CI_ROUNDS, MIN_SAMPLES_FOR, median_ci, summarize, thin
 from models.io import atomic_write_bytes, atomic_write_json
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from runtimes.registry import DEFAULT_RUNTIME
@@ -574,12 +574,47 @@ def error_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def open_loop_lines(doc: dict[str, Any]) -> list[str]:
+    """The open loop's offered and achieved rates, and whether the server fell behind (none for results written
+    before the open loop reported its offered rate)."""
+    r = doc.get("open") or {}
+    if r.get("offered_rps") is None:
+        return []
+    offered, achieved = r["offered_rps"], r["throughput_rps"]
+    line = (f"open loop ({_level(r)}): offered {offered:.1f} req/s ({r['scheduled']} requests scheduled in the "
+            f"{r['seconds']:g} s window), achieved {achieved:.1f} req/s ({r['ok']} successes in the "
+            f"{r['served_s']:g} s from the window's start until the last was answered)")
+    if r.get("fell_behind"):
+        line += (f": the server fell behind (achieved {(1 - achieved / offered) * 100:.0f} % below offered, more "
+                 f"than the {r['behind_margin'] * 100:.0f} % margin)")
+    return [line]
+
+
+def _printed_levels(doc: dict[str, Any]) -> list[tuple[str, int]]:
+    """("mode level", samples) of every table row whose percentiles are printed."""
+    single = doc.get("single_stream") or {}
+    rows = [(f"{'turns' if single.get('reference') == 'bare' else 'alone'} c=1", single["server_ms"].get("n"))] \
+        if single.get("server_ms") else []
+    rows += [(f"{r['mode']} {_level(r)}", r["latency_ms"].get("n", r["ok"]))
+             for r in [*doc["closed"], doc["open"]] if r and r.get("latency_ms")]
+    return [(name, n) for name, n in rows if n is not None]
+
+
+def thin_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per percentile some row printed from too few samples, naming those rows and their counts."""
+    lines = []
+    for key, least in MIN_SAMPLES_FOR.items():
+        if rows := [f"{name} (n={n})" for name, n in _printed_levels(doc) if thin(key, n)]:
+            lines.append(f"{key} from fewer than {least} samples (it lies between the two largest): {', '.join(rows)}")
+    return lines
+
+
 def format_e2e(doc: dict[str, Any]) -> str:
-    """Terminal table plus the errors and the overhead lines."""
+    """Terminal table plus the open loop's rates, the errors and the overhead lines."""
     rows = [E2E_HEADER, *_rows(doc)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(E2E_HEADER))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines + error_lines(doc) + overhead_lines(doc))
+    return "\n".join(lines + thin_lines(doc) + open_loop_lines(doc) + error_lines(doc) + overhead_lines(doc))
 
 
 def _c1_line(o: dict[str, Any]) -> str:
@@ -668,7 +703,7 @@ def markdown_e2e(doc: dict[str, Any], plots: list[str] = ()) -> str:
         *table,
         "",
         *stage_table(doc),
-        *(f"- {line}" for line in error_lines(doc) + overhead_lines(doc)),
+        *(f"- {line}" for line in thin_lines(doc) + open_loop_lines(doc) + error_lines(doc) + overhead_lines(doc)),
         "",
         *(f"![{p}]({p})" for p in plots),
     ]

@@ -45,6 +45,7 @@ from typing import Any
 from benchmarks.e2e import MAX_IMAGES, NotVitcServer, classify_endpoint, error_counts, request_bodies, served_models
 from benchmarks.loadgen import MAX_CONCURRENCY, closed_loop
 from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
+from benchmarks.stats import MAX_RAW_SAMPLES, THIN_NOTE, marked, thin
 from models.cli import InputError, OneLineParser, WorkFailed, command, float_in, int_in, refuse_empty_paths
 from models.io import atomic_write_bytes, atomic_write_json
 from models.oneline import first_line
@@ -58,6 +59,8 @@ PROG = "python -m benchmarks.load"
 # How a GET fails once the server is gone (refused, reset, timed out, cut off mid-answer); a server that answers
 # with an HTTP error is caught too (urllib's HTTPError is an OSError): one shutting down answers 503.
 SERVER_LOST = (OSError, http.client.HTTPException)
+# Latencies kept per level in the JSON (to recompute its percentiles): all of them up to this many, else every k-th.
+MAX_LEVEL_SAMPLES = MAX_RAW_SAMPLES
 
 
 def loopback_url(url: str) -> str:
@@ -133,6 +136,8 @@ def run_level(url: str, model: str, bodies: list[bytes], concurrency: int, durat
         # Warm-up requests are included here (the server cannot tell them apart).
         "mean_batch_size": (r1 - r0) / (b1 - b0) if b1 > b0 else None,
         "client_cpu_s": summary["client_cpu_s"],
+        # The successes' latencies (n, every, kept, values; at most MAX_LEVEL_SAMPLES), to recompute the percentiles.
+        "latency_samples_ms": summary["latency_samples_ms"],
     }, after
 
 
@@ -179,8 +184,9 @@ def run_load_test(url: str, concurrency: tuple[int, ...], duration: float, warmu
     bodies = request_bodies(images)
     doc: dict[str, Any] = {
         # 2: "environment" and each model's "bundle"; 3: each level's "problem" and "warmup_errors"; 4: each model's
-        # "not_run" (levels left after the server went away) and "server_lost" here (the level it went away in)
-        "schema": "vitc-load-test", "schema_version": 4,
+        # "not_run" (levels left after the server went away) and "server_lost" here (the level it went away in);
+        # 5: each level's "latency_samples_ms"
+        "schema": "vitc-load-test", "schema_version": 5,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "url": url, "duration_s": duration, "warmup_s": warmup, "images": len(bodies),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -211,6 +217,17 @@ def _ms(v: float | None, width: int = 0) -> str:
     return "-".rjust(width) if v is None else f"{v:{width}.1f}"
 
 
+def _pct(level: dict[str, Any], key: str, width: int = 0) -> str:
+    """A level's percentile `key` ("p90") in ms, marked when it comes from too few successes."""
+    return marked(_ms(level[f"{key}_ms"], width), key, level.get("ok") if level[f"{key}_ms"] is not None else None)
+
+
+def _thin_levels(doc: dict[str, Any]) -> bool:
+    """Whether some level printed a p90 or p99 from too few successes."""
+    return any(lv[f"{k}_ms"] is not None and thin(k, lv.get("ok")) for m in doc["models"] for lv in m["levels"]
+               for k in ("p90", "p99"))
+
+
 def _errors(level: dict[str, Any]) -> str:
     """"0", or the count of failed requests and every kind: "5 (HTTP 429 ×4, ConnectionResetError ×1)"."""
     errors = level_errors(level)
@@ -220,8 +237,8 @@ def _errors(level: dict[str, Any]) -> str:
 def format_level(level: dict[str, Any]) -> str:
     """One progress line: percentiles, throughput, errors by kind, mean batch; why, when nothing succeeded."""
     batch = level["mean_batch_size"]
-    return (f"c={level['concurrency']:<3} p50 {_ms(level['p50_ms'], 7)} ms  p90 {_ms(level['p90_ms'], 7)} ms  "
-            f"p99 {_ms(level['p99_ms'], 7)} ms  {level['throughput_rps']:7.1f} req/s  errors {_errors(level)}  "
+    return (f"c={level['concurrency']:<3} p50 {_ms(level['p50_ms'], 7)} ms  p90 {_pct(level, 'p90', 7)} ms  "
+            f"p99 {_pct(level, 'p99', 7)} ms  {level['throughput_rps']:7.1f} req/s  errors {_errors(level)}  "
             f"batch {'-' if batch is None else f'{batch:.1f}'}"
             + (f"  ({level['problem']})" if level.get("problem") else ""))
 
@@ -234,9 +251,11 @@ def markdown(doc: dict[str, Any]) -> str:
         for lv in m["levels"]:
             b = lv["mean_batch_size"]
             rows.append(f"| {m['name']} | {m['runtime']} {m['precision']} | {lv['concurrency']} | "
-                        f"{_ms(lv['p50_ms'])} | {_ms(lv['p90_ms'])} | {_ms(lv['p99_ms'])} | "
+                        f"{_ms(lv['p50_ms'])} | {_pct(lv, 'p90')} | {_pct(lv, 'p99')} | "
                         f"{lv['throughput_rps']:.0f} | {lv.get('ok', '-')} | {_errors(lv)} | "
                         f"{'-' if b is None else f'{b:.1f}'} |")
+    if _thin_levels(doc):
+        rows.append(f"\n{THIN_NOTE} (the ok column counts them)")
     if not_run := _not_run(doc):
         rows.append(f"\nNot run, the server having gone away during {doc['server_lost']}: {', '.join(not_run)}")
     return "\n".join(rows) + "\n"
@@ -268,7 +287,19 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         plt = pyplot()
     except ImportError:
         return None
-    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = figure(doc)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def figure(doc: dict[str, Any]) -> Any:
+    """The load plot's matplotlib figure: latency (log) and throughput (from 0) against concurrency."""
+    from models.plotting import pyplot
+
+    fig, (ax_lat, ax_tp) = pyplot().subplots(1, 2, figsize=(10, 4))
     levels = sorted({lv["concurrency"] for m in doc["models"] for lv in m["levels"]})
     nan = float("nan")  # a level without a success has no latency: a gap in its line
     for k, m in enumerate(doc["models"]):
@@ -288,13 +319,10 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         ax_lat.set_yscale("log")  # a log scale of nothing raises
     else:
         ax_lat.text(0.5, 0.5, "no successful requests", transform=ax_lat.transAxes, ha="center", va="center")
+    ax_tp.set_ylim(bottom=0)  # from 0, as the e2e plot: a 13 % difference must not fill the panel
     fig.suptitle(f"vitc serve load test ({doc['machine']['cpus']} CPUs, client on the same machine)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return fig
 
 
 def server_problem(url: str, exc: BaseException, started: bool = False) -> str:

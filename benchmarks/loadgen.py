@@ -13,6 +13,13 @@ warm-up request that times out during the window is an error, not nothing); fail
 warm-up are reported apart; a request still unanswered when the generator stops waiting is an error ("no
 answer"). A level in which nothing succeeded says so in its summary's "problem". An endpoint may check each HTTP 200
 answer's body (`Endpoint.check`): one that fails it is an error, "bad answer: <why>", not a success.
+Throughput: the closed loop's is its successes sent in the window divided by the window (a client sends only after
+its answer, so the requests of the window answered after it, one per client at most, stand for the warm-up's answered
+in it). The open loop's is the successes of the requests scheduled in the window divided by the time from the
+window's start until the last of them was answered (at least the window): arrivals do not wait for answers, so a
+server that falls behind answers the window's requests long after it, and dividing by the window alone would report
+the offered rate whatever it served. The open loop also reports the offered rate (the arrivals scheduled in the
+window, per second) and whether what it achieved fell short of it by more than BEHIND_MARGIN.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ JOIN_GRACE_S = 5.0
 # connects a second on the cores the server shares.
 BACKOFF_S = (0.01, 1.0)
 UNANSWERED = "no answer"  # error label of a request still outstanding when the generator stopped waiting
+# An open loop whose achieved rate is below the offered one by more than this fraction fell behind. Not zero: the
+# window's last answer comes a latency after it (longer when arrivals bunch near its end), so a server that keeps up
+# still shows a little less, about latency / window.
+BEHIND_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,25 @@ class LoadResult:
     server_timing: list[dict[str, float]] = field(default_factory=list)  # successful requests' stages (ms)
     sent: int = 0  # every request made, warm-up included (to share out the server's CPU seconds)
     warmup_errors: dict[str, int] = field(default_factory=dict)  # failures that surfaced during the warm-up
+    scheduled: int = 0  # open loop: the arrivals scheduled in the window (the offered load)
+    last_answer_s: float = 0.0  # when the last counted success was answered, in seconds from the window's start
+
+    def served_s(self) -> float:
+        """The time the level's successes took: the open loop's runs until the last of them was answered (at least
+        the window); the closed loop's is the window."""
+        return max(self.seconds, self.last_answer_s) if self.mode == "open" else self.seconds
+
+    def rates(self) -> dict[str, Any]:
+        """Throughput (achieved req/s) and, for the open loop, the offered rate and whether it fell behind."""
+        ok, served = len(self.latencies_s), self.served_s()
+        achieved = ok / served if served > 0 else 0.0
+        if self.mode != "open":
+            return {"throughput_rps": achieved, "offered_rps": None, "served_s": round(served, 3),
+                    "fell_behind": None}
+        offered = self.scheduled / self.seconds if self.seconds > 0 else 0.0
+        return {"throughput_rps": achieved, "offered_rps": offered, "served_s": round(served, 3),
+                "fell_behind": achieved < (1 - BEHIND_MARGIN) * offered, "behind_margin": BEHIND_MARGIN,
+                "scheduled": self.scheduled}
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: latency percentiles (ms), throughput, error counts, and the problem when nothing succeeded."""
@@ -94,8 +124,7 @@ class LoadResult:
         out: dict[str, Any] = {
             "mode": self.mode, "concurrency": self.concurrency, "target_rate": self.target_rate,
             "seconds": round(self.seconds, 3), "requests": ok + failed, "ok": ok, "errors": dict(self.errors),
-            "error_rate": failed / (ok + failed) if ok + failed else 0.0,
-            "throughput_rps": ok / self.seconds if self.seconds > 0 else 0.0,
+            "error_rate": failed / (ok + failed) if ok + failed else 0.0, **self.rates(),
             "client_cpu_s": round(self.client_cpu_s, 3), "workers": self.workers,
             "warmup_errors": dict(self.warmup_errors), "problem": self.problem(),
         }
@@ -186,8 +215,9 @@ class _Tally:
             self.outstanding.add(key)
 
     def finish(self, key: object, err: str | None, latency_s: float, timing: dict[str, float],
-               sent_in_window: bool, done_in_window: bool) -> None:
-        """Record one outcome: a success sent in the window, or a failure sent in it or surfacing in or after it."""
+               sent_in_window: bool, since_start: float) -> None:
+        """Record one outcome, finished `since_start` seconds after the window's start (negative: in the warm-up):
+        a success sent in the window, or a failure sent in it or surfacing in or after it."""
         with self.lock:
             if self.stopped:
                 return
@@ -196,9 +226,10 @@ class _Tally:
             if err is None:
                 if sent_in_window:
                     r.latencies_s.append(latency_s)
+                    r.last_answer_s = max(r.last_answer_s, since_start)
                     if timing:
                         r.server_timing.append(timing)
-            elif sent_in_window or done_in_window:
+            elif sent_in_window or since_start >= 0:
                 r.errors[err] = r.errors.get(err, 0) + 1
             else:
                 r.warmup_errors[err] = r.warmup_errors.get(err, 0) + 1
@@ -237,7 +268,7 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
                 err = client.post(bodies[i % len(bodies)])
                 done = time.perf_counter()
                 i += concurrency
-                tally.finish(key, err, done - now, client.timing, now >= t_start, done >= t_start)
+                tally.finish(key, err, done - now, client.timing, now >= t_start, done - t_start)
                 if client.answered:
                     backoff = 0.0
                 else:  # refused, reset, timed out: no server to load; try again later, not at once
@@ -258,14 +289,15 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
 
 def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds: float, seed: int = 0,
               warmup_s: float = 1.0) -> LoadResult:
-    """Poisson arrivals at `rate`/s for `seconds`; latency from each request's scheduled arrival time."""
+    """Poisson arrivals at `rate`/s for `seconds`; latency from each request's scheduled arrival time, throughput
+    over the time until the window's last success was answered."""
     if rate <= 0 or not bodies:
         raise ValueError("open loop needs a positive rate and at least one request body")
     rng = np.random.default_rng(seed)
     n = max(1, int(rate * (seconds + warmup_s) * 1.2) + 10)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=n))
     arrivals = arrivals[arrivals < seconds + warmup_s]
-    result = LoadResult("open", None, rate, seconds)
+    result = LoadResult("open", None, rate, seconds, scheduled=int(np.count_nonzero(arrivals >= warmup_s)))
     tally = _Tally(result)
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     done = [0]  # requests finished, to know when every worker is busy
@@ -279,7 +311,7 @@ def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds:
                 finished = time.perf_counter()
                 with tally.lock:
                     done[0] += 1
-                tally.finish(k, err, finished - scheduled, client.timing, counted, finished >= t_start)
+                tally.finish(k, err, finished - scheduled, client.timing, counted, finished - t_start)
         finally:
             client.close()
 

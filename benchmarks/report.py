@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.stats import MIN_CI_ROUNDS
+from benchmarks.stats import MIN_CI_ROUNDS, THIN_NOTE, marked, thin
 from models.cli import WorkFailed, machine_error
 from models.io import atomic_write_bytes, atomic_write_json
 
@@ -71,8 +71,7 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
     for r in doc["ratios"]:
         c = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["c_model"])[0]
         p = _by(doc["results"], pair=r["pair"], target=r["target"], batch=r["batch"], model=r["p_model"])[0]
-        lat = [f"{_ms(x['latency_ms']['p50'])} / {_ms(x['latency_ms']['p90'])} / {_ms(x['latency_ms']['p99'])}"
-               for x in (c, p)]
+        lat = [" / ".join(marked(_ms(x["latency_ms"][k]), k, _n(x)) for k in ("p50", "p90", "p99")) for x in (c, p)]
         lo, hi = r["interval"]
         kind = _interval_kind(r)
         rows.append([
@@ -88,6 +87,16 @@ def _rows(doc: dict[str, Any]) -> list[list[str]]:
 
 
 CI = "95% CI"
+
+
+def _n(cell: dict[str, Any]) -> int | None:
+    """How many calls a cell's percentiles come from."""
+    return cell["latency_ms"].get("n", cell.get("reps"))
+
+
+def thin_notes(doc: dict[str, Any]) -> list[str]:
+    """THIN_NOTE when some cell's printed p90 or p99 comes from too few calls, else nothing."""
+    return [THIN_NOTE] if any(thin(k, _n(c)) for c in doc["results"] for k in ("p90", "p99")) else []
 
 
 def _interval_kind(r: dict[str, Any]) -> str:
@@ -125,7 +134,7 @@ def format_table(doc: dict[str, Any]) -> str:
     lines += [f"skipped {s['pair']} {s['target']}{' b' + str(s['batch']) if 'batch' in s else ''}: {s['reason']}"
               for s in doc["skipped"]]
     lines.append(RATIO_NOTE)
-    return "\n".join(lines)
+    return "\n".join(lines + thin_notes(doc))
 
 
 def limits_line(doc: dict[str, Any]) -> str:
@@ -171,6 +180,7 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
         "",
         RATIO_NOTE.replace("'!'", "`!`") + " MACs C/P is the analytic expectation.",
         "",
+        *(line for note in thin_notes(doc) for line in (note, "")),
     ]
     parts += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
     parts += ["## Headlines", ""]

@@ -62,6 +62,24 @@ def summarize(samples: Sequence[float] | np.ndarray) -> dict[str, Any]:
     }
 
 
+# Fewest samples a percentile needs to be printed unmarked: from fewer, numpy's linear interpolation puts p90 / p99
+# between the two largest samples (p99 of 1..10 is 9.91), so it says nothing about the tail beyond the maximum.
+MIN_SAMPLES_FOR = {"p90": 10, "p99": 100}
+THIN_MARK = "†"
+THIN_NOTE = (f"{THIN_MARK} p90 from fewer than {MIN_SAMPLES_FOR['p90']} samples, p99 from fewer than "
+             f"{MIN_SAMPLES_FOR['p99']}: it lies between the two largest samples, not a measured tail")
+
+
+def thin(key: str, n: int | None) -> bool:
+    """Whether percentile `key` ("p50", "p90", "p99") of `n` samples is too thin to mean anything (n unknown: no)."""
+    return n is not None and n < MIN_SAMPLES_FOR.get(key, 0)
+
+
+def marked(text: str, key: str, n: int | None) -> str:
+    """`text` (a printed percentile) with THIN_MARK when it comes from too few samples."""
+    return text + THIN_MARK if thin(key, n) else text
+
+
 # Raw samples kept per series in a results file: all of them up to this many, else an even subset (every k-th).
 MAX_RAW_SAMPLES = 1000
 
