@@ -53,7 +53,16 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-PROG = "python benchmarks/latency.py"
+
+def _command() -> tuple[str, ...]:
+    """How this run was started, for the results: `python -m benchmarks.latency` or `python benchmarks/latency.py`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) == "benchmarks.latency":
+        return ("python", "-m", "benchmarks.latency")
+    return ("python", "benchmarks/latency.py")
+
+
+PROG = " ".join(_command())  # its errors and usage name the form it was started with
 # The end-to-end mode's own flags: without --http nothing reads them (the suite would run and ignore them).
 HTTP_ONLY = ("--model", "--concurrency", "--rate", "--duration", "--bundle", "--runtime", "--server-args",
              "--port", "--image-format", "--image-size", "--api-key")
@@ -178,14 +187,6 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         checkpoints=tuple(checkpoints),
         progress=not args.no_progress, argv=(*_command(), *argv),
     )
-
-
-def _command() -> tuple[str, ...]:
-    """How this run was started, for the results: `python -m benchmarks.latency` or `python benchmarks/latency.py`."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if getattr(spec, "name", None) == "benchmarks.latency":
-        return ("python", "-m", "benchmarks.latency")
-    return ("python", "benchmarks/latency.py")
 
 
 def _http_only_given(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:

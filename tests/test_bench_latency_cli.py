@@ -232,3 +232,15 @@ def test_no_git_checkout_is_said_in_words_not_none():
     assert "git None" not in md and "git: no commit (not run from a git checkout of vitc)" in md
     doc["environment"]["git"] = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": True}
     assert "; git 0123456789ab (dirty)" in markdown(doc)
+
+
+@pytest.mark.parametrize("form", [["-m", "benchmarks.latency"], ["benchmarks/latency.py"]])
+def test_errors_name_the_form_the_benchmark_was_started_with(form):
+    """Started as a module (the only form an installed vitc has), its errors named the script path."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, *form, "--pairs", "bogus"], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    shown = "python -m benchmarks.latency" if form[0] == "-m" else "python benchmarks/latency.py"
+    assert r.stderr.strip().splitlines() == [f"{shown}: error: unknown pair 'bogus'; known: "
+                                             "1gf, 4gf, 18gf, 36gf, 72gf, mini, micro"], r.stderr
