@@ -6,6 +6,7 @@ import argparse
 import atexit
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 import signal
@@ -17,6 +18,68 @@ from typing import NoReturn, TypeVar
 from models.extras import missing_dependency
 from models.extras import pip_command as pip_command  # README's "Adding a runtime": a runtime's `install` line
 from models.failures import library_error, machine_reason
+
+# vitc's top-level packages (pyproject.toml's packages.find). An editable install finds them after the module path
+# has been searched, so a directory of one of these names without __init__.py in the current directory (or on
+# PYTHONPATH) becomes the namespace package `import` takes instead: models.build_model, runtimes.Backend and
+# serve.__version__ are then missing (an ImportError traceback), and its modules run instead of vitc's.
+_PACKAGES = ("benchmarks", "data", "export", "models", "runtimes", "serve", "train")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the directory that holds vitc's packages
+# The packages whose __init__ the commands take names from (runtimes' re-exports, serve.__version__): one of them
+# shadowed breaks every command. Any other shadowed by a directory holding none of its modules changes nothing
+# that runs (a checkpoints folder named models/: `from models.cli import ...` still finds vitc's), and is left alone.
+# tests/test_shadowed_packages.py checks this list against the code.
+INIT_NEEDED = ("runtimes", "serve")
+
+
+def _module_names(directory: str) -> set[str]:
+    """The modules and subdirectories a package directory offers as `package.NAME`."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return set()
+    return {n.removesuffix(".py") for n in names if not n.startswith(("_", "."))
+            and (n.endswith(".py") or os.path.isdir(os.path.join(directory, n)))}
+
+
+def shadowing_directory() -> tuple[str, str] | None:
+    """(package, directory) when a directory without __init__.py stands in for vitc's `package` and that changes
+    what runs: the commands need the package's __init__ (INIT_NEEDED), or the directory holds a module of one of
+    vitc's names. A harmless one (a models/ of checkpoints, a data/ of images) is left alone; a wheel's regular
+    package in site-packages wins over such a directory, as does the checkout's own where it is the current
+    directory."""
+    for package in _PACKAGES:
+        ours = os.path.join(_ROOT, package)
+        try:
+            spec = importlib.util.find_spec(package)  # a top-level name: found, not imported
+        except (ImportError, ValueError):
+            continue
+        if spec is None or spec.origin is not None or not os.path.isdir(ours):
+            continue  # vitc's own package; or this install has no such package (the serving image has no train)
+        for directory in spec.submodule_search_locations or ():
+            if os.path.isdir(directory) and (package in INIT_NEEDED
+                                             or _module_names(directory) & _module_names(ours)):
+                return package, directory
+    return None
+
+
+def refuse_shadowed_packages() -> None:
+    """A command stops here, one line and exit 2, when a directory shadows one of vitc's packages (the fix named);
+    a program that only imports vitc gets an ImportError saying the same."""
+    if (found := shadowing_directory()) is None:
+        return
+    package, directory = found
+    parent = os.path.dirname(os.path.abspath(directory))
+    with contextlib.suppress(OSError):
+        if os.path.samefile(parent, os.curdir):
+            directory = "./" + os.path.basename(directory)
+    fix = ("run from another directory, or set PYTHONSAFEPATH=1" if directory.startswith("./") else
+           f"rename it, or take {parent} off the module path (PYTHONPATH)")
+    reason = f"{directory} (a directory without __init__.py) shadows vitc's package {package!r}: {fix}"
+    if (prog := _loading_command()) is None:
+        raise ImportError(reason, name=package)
+    print(f"{prog}: error: {reason}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -343,4 +406,5 @@ def _guard_loading() -> None:
             signal.signal(signum, _stop_loading)
 
 
+refuse_shadowed_packages()  # at the command's first import: before it asks the shadowed package for anything
 _guard_loading()

