@@ -93,6 +93,11 @@ def _line(max_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
             "what": f"one line of at most {max_chars} characters"}
 
 
+def _text(max_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
+    """`Fields.get` options for free text (may hold any character: a recorded command line), printed escaped."""
+    return {"check": lambda v: len(v) <= max_chars, "what": f"at most {max_chars} characters"}
+
+
 TAG = _label(64)  # runtime, format, precision, split
 NAME = _label(256)  # tensor names, the parity reference
 DATASET = _label(MAX_DATASET_CHARS)  # an embedded set's name or a folder's path, as the checkpoint records it
@@ -402,9 +407,9 @@ class Provenance:
         return cls(
             vitc_version=r.get("vitc_version", str, **short), git_commit=r.get("git_commit", str, None, **short),
             git_dirty=r.get("git_dirty", bool, None),
-            # export.report prints it: a control character (an escape sequence, CR) rewrote the reader's terminal, a
-            # lone surrogate crashed the print. shlex.join of a command's arguments is one line of them.
-            training_command=r.get("training_command", str, None, **_label(MAX_TEXT_CHARS)),
+            # The checkpoint's command line as training wrote it (shlex.join keeps an argument's tab or newline, a
+            # path's undecodable bytes are lone surrogates): export.report prints it escaped (models.cli.one_line).
+            training_command=r.get("training_command", str, None, **_text()),
             training_config_sha256=r.get("training_config_sha256", str, None, **short),
             training_data_fingerprint=r.get("training_data_fingerprint", str, None, **short),
             parity_data_fingerprint=r.get("parity_data_fingerprint", str, **short),

@@ -470,12 +470,10 @@ def _summary(r: Fields) -> tuple[str | None, TrainingRecord | None]:
     if training.raw.get("data") is not None:
         prints = training.obj("data")
         data = {split: v for split in ("train", "val") if (v := prints.get(split, str, None, **text)) is not None}
-    # export copies the command line into the bundle's provenance, held there to the label rule (export.report
-    # prints it): a training run meets the rule before its first step (check_metadata), not at export.
-    command = {"check": lambda v: is_label(v, MAX_TEXT_CHARS),
-               "what": f"1..{MAX_TEXT_CHARS} characters without control characters"}
+    # Free text: shlex.join keeps an argument's tab or newline, and a path's undecodable bytes come back as lone
+    # surrogates. Whatever prints it escapes it (export.report): a rule here refused what earlier runs wrote.
     return dataset, TrainingRecord(
-        command_line=training.get("command_line", str, None, **command),
+        command_line=training.get("command_line", str, None, **text),
         config=training.get("config", dict, None),
         data=data,
         steps=training.get("steps", int, None, check=lambda v: v >= 0, what="a count of steps"),

@@ -1,7 +1,9 @@
 """What a bundle or a checkpoint claims is held to what it holds before it costs anything, and what a CLI prints of
 it cannot rewrite the terminal (security report hCK): `--backend torch` built the model a manifest's config
-described (4.4 GB from a 107 KB bundle) before it read the weights; `provenance.training_command` took control
-characters, escape sequences and lone surrogates, which export.report printed raw or crashed on."""
+described (4.4 GB from a 107 KB bundle) before it read the weights; `provenance.training_command` holds free text
+(control characters, escape sequences and lone surrogates among it), which export.report printed raw or crashed on:
+it is now printed escaped. Refusing such text instead refused what earlier versions wrote (hCO 1): shlex.join keeps
+an argument's tab, and a path's undecodable bytes come back as lone surrogates."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from runtimes import BackendError, BackendOptions
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy-bundle-v1"  # vit_c_micro with a torch-fp32 artifact
 HOSTILE_COMMANDS = ["python -m train \x1b[2J\x1b[32mALL ARTIFACTS VERIFIED OK\x1b[0m", "python -m train\n\rfake line",
-                    "python -m train \ud800", "python -m train \x07", "x" * (2**16 + 1), ""]
-RULE = "must be 1..65536 characters without control characters"
+                    "python -m train \ud800", "python -m train \x07", "python -m train --out 'runs/a\tb'"]
+TOO_LONG = "x" * (2**16 + 1)
+RULE = "must be at most 65536 characters"
 
 
 def _enlarged(config, depth: int):  # noqa: ANN001, ANN202 - a models.config.ViTConfig
@@ -82,9 +85,13 @@ def _with_provenance(tmp_path: Path, command: str) -> Path:
 
 
 @pytest.mark.parametrize("command", HOSTILE_COMMANDS)
-def test_a_manifest_s_training_command_is_held_to_the_label_rule(tmp_path, command):
+def test_a_manifest_s_training_command_reads_as_written(tmp_path, command):
+    assert read_manifest(_with_provenance(tmp_path, command)).provenance.training_command == command
+
+
+def test_a_manifest_s_training_command_is_bounded(tmp_path):
     with pytest.raises(BundleError, match=rf"'provenance.training_command' {RULE}"):
-        read_manifest(_with_provenance(tmp_path, command))
+        read_manifest(_with_provenance(tmp_path, TOO_LONG))
 
 
 def test_a_plain_training_command_still_reads():
@@ -96,12 +103,16 @@ def test_a_plain_training_command_still_reads():
     assert Manifest.from_dict(doc, "manifest.json").provenance.training_command == command
 
 
-@pytest.mark.parametrize("command", HOSTILE_COMMANDS[:3])
-def test_export_report_refuses_a_hostile_training_command_in_one_line(tmp_path, capsys, command):
-    assert report.main([str(_with_provenance(tmp_path, command))]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith("python -m export.report: error: ") and err.count("\n") == 1
-    assert RULE in err and "\x1b" not in err and "\r" not in err and "Traceback" not in err
+@pytest.mark.parametrize("command", HOSTILE_COMMANDS)
+def test_export_report_prints_a_hostile_training_command_escaped(tmp_path, command):
+    """It rewrote the terminal (ESC, CR) or crashed with a traceback on a lone surrogate."""
+    manifest = read_manifest(_with_provenance(tmp_path, command))
+    for markdown in (False, True):
+        text = report.table(manifest, markdown)
+        line = next(ln for ln in text.splitlines() if ln.startswith("provenance: "))
+        assert line.endswith("training command: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in command))
+        assert not any(c in text for c in "\x1b\x07\r\t\ud800"), text
+        text.encode("utf-8")  # printable: no lone surrogate left
 
 
 def test_export_report_escapes_the_free_text_it_prints():
@@ -134,15 +145,11 @@ def _save(where: Path, command: str) -> Path:
                            extra={"dataset": "animals", "training": {"command_line": command}})
 
 
-@pytest.mark.parametrize("command", HOSTILE_COMMANDS[:4])
-def test_a_checkpoint_cannot_carry_a_hostile_command_line(tmp_path, command):
-    """export copies training.command_line into the bundle's provenance: the checkpoint is held to the same rule,
-    when it is saved (a training run checks it before its first step) and when it is read."""
+@pytest.mark.parametrize("command", HOSTILE_COMMANDS)
+def test_a_checkpoint_keeps_the_command_line_training_wrote(tmp_path, command):
+    """export copies training.command_line into the bundle's provenance: any text a command line can be is saved
+    and read back (earlier versions wrote such checkpoints, and they stay readable), only its length is bounded."""
+    ckpt = _save(tmp_path / "ckpt", command)
+    assert read_checkpoint_meta(ckpt).training.command_line == command
     with pytest.raises(CheckpointError, match=rf"'training.command_line' {RULE}"):
-        _save(tmp_path / "refused", command)
-    ckpt = _save(tmp_path / "ckpt", "python -m train --model vit_c_micro")
-    meta = json.loads((ckpt / "checkpoint.json").read_text())
-    meta["training"]["command_line"] = command
-    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=rf"'training.command_line' {RULE}"):
-        read_checkpoint_meta(ckpt)
+        _save(tmp_path / "refused", TOO_LONG)
