@@ -11,12 +11,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from stand_in_http import StandInHandler, stand_in_server
 
 from benchmarks import e2e, load, overhead
 from benchmarks.latency import main as latency_main
@@ -39,40 +39,22 @@ def stub(status=lambda n: 200, models: object = None, info: dict | None = None, 
     count, lock = [0], threading.Lock()
     info = info or INFO
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-        def _send(self, code: int, body: bytes, extra: dict[str, str] | None = None) -> None:
-            self.send_response(code)
-            for k, v in {"Content-Length": str(len(body)), **(extra or {})}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(StandInHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             doc = {"/v1/models": {"models": [info]} if models is None else models, "/v1/models/m": info}
             if self.path == "/metrics":
-                return self._send(200, b"")
-            self._send(200, json.dumps(doc[self.path]).encode()) if self.path in doc else self._send(404, b"{}")
+                return self.send_body(b"")
+            self.send_body(json.dumps(doc[self.path]).encode()) if self.path in doc else self.send_body(b"{}", 404)
 
         def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.read_body()
             with lock:
                 count[0] += 1
                 code = status(count[0])
-            self._send(code, ANSWER, {"Server-Timing": timing} if timing and code == 200 else None)
+            self.send_body(ANSWER, code, {"Server-Timing": timing} if timing and code == 200 else None)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stand_in_server(Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

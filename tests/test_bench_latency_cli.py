@@ -9,14 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from stand_in_http import StandInHandler, stand_in_server
 
 import benchmarks.suite
 from benchmarks.latency import main
@@ -130,35 +129,19 @@ _INFO = {"name": "m", "variant": "vit_c_micro", "runtime": "onnxruntime", "preci
 def _failing_server() -> Iterator[str]:
     """A vitc-shaped server whose every classification answers HTTP 500."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
+    class Handler(StandInHandler):
         def _send(self, status: int, body: object) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_body(json.dumps(body).encode(), status, {"Content-Type": "application/json"})
 
         def do_GET(self) -> None:  # noqa: N802
             self._send(200, {"models": [_INFO]} if self.path == "/v1/models" else _INFO)
 
         def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.read_body()
             self._send(500, {"error": "boom"})
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stand_in_server(Handler) as url:
+        yield url
 
 
 def test_an_end_to_end_run_where_nothing_succeeded_saves_its_results_then_exits_1(tmp_path, capsys):

@@ -9,9 +9,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from stand_in_http import StandInHandler, stand_in_server
 
 from benchmarks import loadgen
 from benchmarks.loadgen import Endpoint, closed_loop, open_loop
@@ -24,35 +24,22 @@ def _server(answer) -> Iterator[str]:  # noqa: ANN001 - answer(n) -> HTTP status
     lock = threading.Lock()
     release = threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
+    class Handler(StandInHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.read_body()
             with lock:
                 count[0] += 1
                 status = answer(count[0])
             if status is None:
                 release.wait(30)
                 return
-            self.send_response(status)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
+            self.send_body(b"{}", status)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/classify"
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    with stand_in_server(Handler, "/classify") as url:
+        try:
+            yield url
+        finally:
+            release.set()  # the handlers left waiting end before the server shuts down
 
 
 @pytest.fixture

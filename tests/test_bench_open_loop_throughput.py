@@ -11,11 +11,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from stand_in_http import StandInHandler, stand_in_server
 
 from benchmarks import e2e, load, report
 from benchmarks.loadgen import Endpoint, LoadResult, closed_loop, open_loop
@@ -32,30 +32,15 @@ def _one_at_a_time(service_s: float = SERVICE_S) -> Iterator[str]:
     """A stand-in server that answers one request at a time, each after `service_s`; its URL."""
     worker = threading.Lock()  # one worker: connections are accepted in threads, served in turn
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
+    class Handler(StandInHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.read_body()
             with worker:
                 time.sleep(service_s)
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
+            self.send_body(b"{}")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/classify"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stand_in_server(Handler, "/classify") as url:
+        yield url
 
 
 # --- 1. the open loop's throughput is what was served ----------------------------------------------------------------
@@ -145,34 +130,17 @@ INFO = {"name": "m", "variant": "vit_c_micro", "runtime": "onnxruntime", "precis
 def _vitc_like() -> Iterator[str]:
     """A stand-in with vitc's /v1/models and classify answer and an empty /metrics; its base URL."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-        def _send(self, body: bytes) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(StandInHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self._send(b"" if self.path == "/metrics" else json.dumps({"models": [INFO]}).encode())
+            self.send_body(b"" if self.path == "/metrics" else json.dumps({"models": [INFO]}).encode())
 
         def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.read_body()
             time.sleep(0.002)
-            self._send(ANSWER)
+            self.send_body(ANSWER)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stand_in_server(Handler) as url:
+        yield url
 
 
 def test_load_levels_keep_their_latency_samples(tmp_path, monkeypatch):

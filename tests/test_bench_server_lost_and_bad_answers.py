@@ -10,15 +10,14 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
+from stand_in_http import StandInHandler, stand_in_server
 
 from benchmarks import e2e, load
 from benchmarks.latency import main as latency_main
@@ -96,34 +95,17 @@ def dying_server(port: int, reads: int = 2) -> Iterator[str]:
 def answering(port: int, body: bytes) -> Iterator[str]:
     """A vitc stand-in in this process whose every POST answers HTTP 200 with `body`."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-        def _send(self, data: bytes) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(StandInHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self._send(b"" if self.path == "/metrics" else
-                       json.dumps({"models": [INFO]} if self.path == "/v1/models" else INFO).encode())
+            self.send_body(b"" if self.path == "/metrics" else
+                           json.dumps({"models": [INFO]} if self.path == "/v1/models" else INFO).encode())
 
         def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self._send(body)
+            self.read_body()
+            self.send_body(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stand_in_server(Handler, port=port) as url:
+        yield url
 
 
 def _load(url: str, out, *more: str) -> int:  # noqa: ANN001

@@ -3,12 +3,11 @@ like an image that lost them (hCD 4: a tensor file posted by mistake was told to
 
 from __future__ import annotations
 
-import io
-
 import fake_runtime
 import numpy as np
 import pytest
 from PIL import Image
+from test_serve_fixtures import encode as encode_image
 
 from models.bundle import read_manifest
 from serve.tensor import encode, image_tensor
@@ -37,9 +36,7 @@ def client(bundle):
 
 
 def _image(fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(buf, fmt)
-    return buf.getvalue()
+    return encode_image(Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8)), fmt)
 
 
 def _curl_d(data: bytes) -> bytes:
