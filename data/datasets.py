@@ -101,11 +101,16 @@ class ImageSet:
     def subset(self, n: int, seed: int = 0) -> ImageSet:
         """A deterministic, class-balanced-ish random subset of at most n images; DatasetError for a negative n
         (a slice would drop images from the end instead)."""
+        picked = self.subset_indices(n, seed)
+        return self if len(picked) == len(self) else self.take(picked)
+
+    def subset_indices(self, n: int, seed: int = 0) -> np.ndarray:
+        """The sorted indices of `subset(n, seed)`'s images in this set (all of them when n >= its size)."""
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise DatasetError(f"a subset needs a whole number of images >= 0, got {n!r:.40}")
         if n >= len(self):
-            return self
-        return self.take(np.random.default_rng(seed).permutation(len(self))[:n])
+            return np.arange(len(self), dtype=np.int64)
+        return np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
 
     def take(self, indices: np.ndarray | list[int]) -> ImageSet:
         """The images at `indices`, in index order."""

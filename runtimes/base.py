@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.bundle import MAX_BATCH_LIMIT, Artifact, Manifest
+from models.bundle import MAX_BATCH_LIMIT, Artifact, BundleError, Manifest
 from models.device import DEVICE_RULE, is_device
 from models.extras import installed
 from models.failures import memory_failure
@@ -173,6 +173,12 @@ def description(backend: Any, runtime: str) -> dict[str, Any]:
     try:
         value = backend.describe()
     except Exception as exc:
+        # The machine's memory or threads running out pass on as the warm-up's do (a server start exits 1 "out of
+        # memory", not 2 as for a broken plugin): a bare MemoryError as it is, the runtime's words as a MemoryError.
+        if not plugin_fault(exc):
+            raise
+        if isinstance(failure := inference_error(runtime, exc, "describe()"), MemoryError):
+            raise failure from exc
         raise BackendError(f"{runtime} describe() failed: {type(exc).__name__}: {first_line(exc)}") from exc
     if not isinstance(value, dict):
         raise BackendError(f"{runtime} describe() returned {type(value).__name__}, expected a dict")
@@ -223,12 +229,19 @@ def _json_key(key: Any, where: str) -> str:
     raise ValueError(f"key {key!r:.40} ({type(key).__name__}) at {where or 'the top'}, not a string")
 
 
-def inference_error(runtime: str, exc: BaseException) -> Exception:
-    """What a runtime's own exception during inference becomes (raise it `from exc`): MemoryError when it is the
-    machine's memory running out, else a one-line BackendError."""
+def plugin_fault(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a loaded backend's code (its infer, its describe), is the runtime's own fault (a bad
+    output, its own exception type): not the bundle's (BundleError), not an interrupt, not a bare MemoryError (the
+    machine's)."""
+    return isinstance(exc, Exception) and not isinstance(exc, BundleError) and type(exc) is not MemoryError
+
+
+def inference_error(runtime: str, exc: BaseException, step: str = "inference") -> Exception:
+    """What a runtime's own exception during inference (or another `step` of a loaded backend) becomes (raise it
+    `from exc`): MemoryError when it is the machine's memory or threads running out, else a one-line BackendError."""
     if memory_failure(exc) is not None:
-        return MemoryError(f"out of memory in {runtime} inference: {first_line(exc)}")
-    return BackendError(f"{runtime} inference failed: {first_line(exc)}")
+        return MemoryError(f"out of memory in {runtime} {step}: {first_line(exc)}")
+    return BackendError(f"{runtime} {step} failed: {first_line(exc)}")
 
 
 class CallPool:

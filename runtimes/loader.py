@@ -51,6 +51,7 @@ from runtimes.base import (
     description,
     first_line,
     inference_error,
+    plugin_fault,
 )
 
 # MAX_GOLDEN_BYTES (models.bundle) bounds the golden file and its arrays before they are allocated.
@@ -122,17 +123,11 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
         check_golden(backend, bundle, manifest, artifact, options.inference_precision)
     except BaseException as exc:
         backend.close()
-        if _plugin_fault(exc):
+        if plugin_fault(exc):
             raise _load_failure(rt.name, artifact.id, str(bundle), "golden inputs", exc) from exc
         raise
     timings["golden"] = time.perf_counter() - start
     return backend
-
-
-def _plugin_fault(exc: BaseException) -> bool:
-    """Whether `exc`, raised while a loaded backend runs, is the runtime's own fault (a bad output, its own exception
-    type): not the bundle's (BundleError), not an interrupt, not a bare MemoryError (the machine's)."""
-    return isinstance(exc, Exception) and not isinstance(exc, BundleError) and type(exc) is not MemoryError
 
 
 def _load_failure(runtime: str, artifact_id: str, where: str, step: str, exc: BaseException) -> Exception:
@@ -519,6 +514,8 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
     except Exception as exc:  # refused here, once: export then refuses the artifact, a server start exits 2
         with contextlib.suppress(Exception):
             backend.close()
+        if not plugin_fault(exc):  # the machine's memory or threads (as `description` passes them on): exit 1
+            raise
         why = str(exc) if isinstance(exc, BackendError) else \
             f"reading its Backend's attributes raised {type(exc).__name__}: {first_line(exc)}"
         raise BackendError(f"{runtime.name} cannot load {spec.artifact.id!r}"
@@ -531,7 +528,7 @@ def open_artifact(runtime: Runtime, spec: LoadSpec, where: str = "", timings: di
         warm_up(backend, spec)
     except BaseException as exc:
         backend.close()
-        if _plugin_fault(exc):
+        if plugin_fault(exc):
             raise _load_failure(runtime.name, spec.artifact.id, where, "warm-up on one image", exc) from exc
         raise
     timings["warm_up"] = time.perf_counter() - start

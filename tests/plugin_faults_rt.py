@@ -8,7 +8,8 @@ overrides it (a server already running is switched by writing it):
   but rewrites model.onnx too), "scratch" (returns the hub in .scratch), "dup" (returns its file twice), "outside"
   (returns a file beside the bundle);
 - infer: "raise" (an ordinary exception, two lines), "int" (int32 logits), "rows" (one row whatever the batch);
-- describe: "describe_raise", "describe_none", "describe_set" (a set in it), "describe_numpy" (numpy scalars).
+- describe: "describe_raise", "describe_none", "describe_set" (a set in it), "describe_numpy" (numpy scalars),
+  "describe_oom" (MemoryError, as a C++ std::bad_alloc surfaces), "describe_threads" (a thread that could not start).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class FaultBackend:
         mode = fault()
         if mode == "describe_raise":
             raise ValueError("describe broke\nsecond line")
+        if mode == "describe_oom":
+            raise MemoryError("std::bad_alloc")
+        if mode == "describe_threads":
+            raise RuntimeError("can't start new thread")
         return {"describe_none": None, "describe_set": {"providers": {"cpu"}},
                 "describe_numpy": {"threads": np.int64(2), "scale": np.float32(0.5), "fast": np.bool_(True)},
                 }.get(mode, {"threads": 1})

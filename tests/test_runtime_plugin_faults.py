@@ -304,3 +304,51 @@ def test_description_converts_numpy_scalars_and_refuses_what_json_cannot_hold():
         description(Describes(deep), "myrt")
     with pytest.raises(BackendError, match="more than the 65,536 allowed"):
         description(Describes({"x": "y" * 70_000}), "myrt")
+
+
+# --- 4. the machine's memory or threads running out in describe() is not the plugin's fault -------------------------
+
+@pytest.mark.parametrize(("mode", "why"), [
+    ("describe_oom", "std::bad_alloc"),
+    ("describe_threads", "out of memory in faultrt describe(): can't start new thread"),
+])
+def test_memory_or_threads_running_out_in_describe_is_a_memory_error_not_a_backend_error(fault, bundle, mode, why):
+    """Wrapped as "faultrt cannot load ...: faultrt describe() failed: MemoryError: std::bad_alloc" (BackendError),
+    where the warm-up and the golden inputs let the machine's failure through."""
+    from runtimes.base import description
+
+    fault(mode)
+    with pytest.raises(MemoryError) as err:
+        _opened(bundle)
+    assert str(err.value) == why and not isinstance(err.value, BackendError)
+    fault("")
+    backend = runtimes.open_backend(bundle, read_manifest(bundle), RT.name)
+    try:  # read again later (serving's /v1/models, export, the benchmarks): the same rule
+        fault(mode)
+        with pytest.raises(MemoryError):
+            description(backend, RT.name)
+    finally:
+        backend.close()
+
+
+def test_serve_whose_plugin_runs_out_of_memory_in_describe_exits_1_saying_so(bundle, tmp_path):
+    """It exited 2 (bad input) with "faultrt describe() failed: MemoryError: std::bad_alloc"."""
+    r = subprocess.run([sys.executable, "-m", "serve", "--model", f"m={bundle}", "--backend", RT.name, "--port",
+                        "20912"], cwd=tmp_path, env=_serve_env("describe_oom"), capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert lines[0].endswith("cannot load model 'm': out of memory"), lines[0]
+
+
+def test_a_hot_reload_whose_describe_runs_out_of_memory_or_threads_answers_as_the_machine_s(client):
+    """Both answered 400 "... describe() failed: MemoryError ...", as for a broken plugin."""
+    c, switch = client
+    switch.write_text("describe_oom")
+    r = c.post("/v2/repository/models/m/load")
+    assert "out of memory while loading version" in r.json()["error"], r.text
+    switch.write_text("describe_threads")
+    r = c.post("/v2/repository/models/m/load")
+    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    switch.write_text("")
+    assert c.post("/v2/repository/models/m/load").status_code == 200

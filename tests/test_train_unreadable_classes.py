@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from data.datasets import UnreadableImage, default_preprocessing, load_dataset
 from models.cli import error_reason
 from train.__main__ import main as train_main
 from train.pipeline import TrainImages, epoch_permutation
+from train.trainer import replaced_text
 
 
 def folder(root: Path, broken: dict[str, int], good: int = 6) -> Path:
@@ -153,3 +155,58 @@ def test_a_resume_after_the_last_epoch_says_it_writes_the_checkpoint(tmp_path, c
     assert code == 0, err
     assert f"resuming {run} after its last epoch (1/1): writing the checkpoint" in said, said
     assert "at epoch 2" not in said and (run / "checkpoint.json").is_file()
+
+
+def _subset_seed(data: Path, n: int, drawn: Callable[[list[str]], bool]) -> int:
+    """The first --seed whose --train-subset n draws the train files (relative paths) `drawn` accepts."""
+    images = load_dataset(data, "train")
+    return next(s for s in range(2000) if drawn([p.relative_to(data / "train").as_posix()
+                                                for p in images.subset(n, seed=s).paths]))
+
+
+def test_a_subset_that_draws_only_broken_files_of_a_class_trains_on_the_class_s_other_files(tmp_path, capsys,
+                                                                                            train_cli):
+    """--train-subset drew only broken files of class b: refused as "class 'b' ... has no readable image (2 files):
+    remove the directory or fix its files", though b/ held 6 readable images. They stand in for them now."""
+    data = folder(tmp_path / "d", {"b": 6})
+    seed = _subset_seed(data, 6, lambda rel: any(r.startswith("b/") for r in rel)
+                        and all(r.startswith(("a/", "b/x")) for r in rel))
+    broken = sum(1 for p in load_dataset(data, "train").subset(6, seed=seed).paths if p.name.startswith("x"))
+    run = tmp_path / "run"
+    code, said, err = train_cli(train_main, _args(data, run, "--batch-size", "2", "--train-subset", "6", "--seed",
+                                                  str(seed)), capsys)
+    assert code == 0, err
+    final = said.strip().splitlines()[-1]
+    assert replaced_text(broken) in final, said
+    t = _training(run)
+    assert t["corrupt_train_files"] == broken and t["train_images"] == 6
+    # The data a resume compares is the subset as drawn: what it would have been without the broken files.
+    assert t["data"]["train"] == load_dataset(data, "train").subset(6, seed=seed).fingerprint()
+
+
+def test_a_subset_s_unreadable_file_is_replaced_from_its_class_s_full_listing(tmp_path):
+    """The replacement was searched among the subset's own files of the class: none when it drew only broken ones."""
+    data = folder(tmp_path / "d", {"b": 3})
+    listing = load_dataset(data, "train")
+    paths = [str(p) for p in listing.paths]
+    x1, b0 = paths.index(str(data / "train" / "b" / "x1.png")), paths.index(str(data / "train" / "b" / "0.png"))
+    picked = np.asarray([0, x1])  # a/0.png and b/x1.png: b/x2.png (not drawn) and then b/0.png follow x1
+    spec = default_preprocessing(str(data), 32)
+    train = TrainImages(listing.take(picked), spec, "none", 1.0, 0.0, seed=0, source=(listing, picked))
+    whole = TrainImages(listing, spec, "none", 1.0, 0.0, seed=0)
+    sample = train[(0, 1)]
+    assert sample.found and sample.label == 1
+    assert sample.replaced == (paths[x1],)  # b/x2.png was passed over too, but it is no image of this run
+    assert np.array_equal(sample.image.numpy(), whole[(0, b0)].image.numpy())  # wrapped round to b/0.png
+
+
+def test_a_class_with_no_readable_image_is_named_with_its_whole_directory_under_a_subset(tmp_path, capsys,
+                                                                                          train_cli):
+    """Under --train-subset the refusal counted the subset's files of the class ("1 file"), not the directory's."""
+    data = folder(tmp_path / "d", {"c": 5})
+    seed = _subset_seed(data, 6, lambda rel: any(r.startswith("c/") for r in rel))
+    code, _, err = train_cli(train_main, _args(data, tmp_path / "run", "--batch-size", "2", "--train-subset", "6",
+                                               "--seed", str(seed)), capsys)
+    assert code == 2, err
+    assert (f"class 'c' of the train split has no readable image (5 files, e.g. {data / 'train' / 'c' / 'x0.png'}): "
+            "remove the directory or fix its files") in err, err

@@ -42,8 +42,8 @@ def predecode(images: ImageSet, spec: Preprocessing, progress: bool = False) -> 
 
 
 class TrainSample(NamedTuple):
-    """One augmented training sample: uint8 (3, S, S), its label, the unreadable files passed over to find its image
-    (its own first), and whether one was found (False: no file of its class decodes, and `image` is blank)."""
+    """One augmented training sample: uint8 (3, S, S), its label, the run's unreadable files passed over to find its
+    image (its own first), and whether one was found (False: no file of its class decodes, and `image` is blank)."""
 
     image: torch.Tensor
     label: int
@@ -53,21 +53,31 @@ class TrainSample(NamedTuple):
 
 class TrainImages(Dataset):
     """Augmented training samples keyed by (epoch, index) -> `TrainSample`. An unreadable file is replaced by the
-    next readable image of its class (wrapping round within it), so labels and class balance stay as listed."""
+    next readable image of its class (wrapping round within it), so labels and class balance stay as listed. With
+    `source` (the full listing `images` were drawn from and each image's index in it: a --train-subset), the next
+    one of the class's full listing: a subset that drew only broken files of a class still trains on the class."""
 
     def __init__(self, images: ImageSet, spec: Preprocessing, augment: str, crop_scale: float, hflip: float,
-                 seed: int, cache: np.ndarray | None = None) -> None:
+                 seed: int, cache: np.ndarray | None = None,
+                 source: tuple[ImageSet, np.ndarray] | None = None) -> None:
         self.images, self.seed = images, seed
+        self.listing, picked = source if source is not None else (images, np.arange(len(images)))
         self.mode, self.crop = spec.mode, spec.crop
         self.labels = torch.from_numpy(images.labels)
         # (N, H, W, 3) -> (N, 3, H, W): v2 transforms take CHW tensors.
         self.cache = None if cache is None else torch.from_numpy(cache).permute(0, 3, 1, 2)
         self.transform = train_transform(augment, spec.crop, crop_scale, hflip, pil_input=cache is None)
-        # Each class's indices in order, and each index's place among them: where its replacements are searched.
-        self.members = images.by_class()
-        self.place = np.empty(len(images), np.int64)
+        # Each class's indices in the listing, in order, and each image's place among them: where its replacements
+        # are searched.
+        self.members = self.listing.by_class()
+        place = np.empty(len(self.listing), np.int64)
         for members in self.members:
-            self.place[members] = np.arange(len(members))
+            place[members] = np.arange(len(members))
+        self.place = place[picked]
+        # The listing's files that are images of this run: only they are reported as replaced (a broken file the
+        # subset did not draw is passed over, as any unreadable file, but no sample of the run stood in for it).
+        self.drawn = np.zeros(len(self.listing), bool)
+        self.drawn[picked] = True
         # Files this process found unreadable, passed over without another decode: a run of k broken files costs k
         # decodes per epoch, not k * k / 2 (the replacements are the same, so is what each sample reports).
         self.unreadable: set[str] = set()
@@ -76,20 +86,22 @@ class TrainImages(Dataset):
         return len(self.images)
 
     def _load(self, index: int) -> tuple[object | None, tuple[str, ...]]:
-        """(image, or None when no file of the class decodes; paths of the unreadable files passed over)."""
+        """(image, or None when no file of the class decodes; paths of the run's unreadable files passed over)."""
         if self.cache is not None:
             return self.cache[index], ()
         members = self.members[int(self.labels[index])]
         start, bad = int(self.place[index]), []
         for k in range(len(members)):
-            file = self.images.paths[members[(start + k) % len(members)]]
+            i = members[(start + k) % len(members)]
+            file = self.listing.paths[i]
             path = str(file)
             img = None if path in self.unreadable else decode_checked(file)
             if img is not None:
                 # Grey data becomes grey replicated to RGB, as the eval path and the server do.
                 return to_mode(img, self.mode).convert("RGB"), tuple(bad)
             self.unreadable.add(path)
-            bad.append(path)
+            if self.drawn[i]:
+                bad.append(path)
         return None, tuple(bad)
 
     def __getitem__(self, key: tuple[int, int]) -> TrainSample:

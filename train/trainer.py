@@ -134,10 +134,12 @@ class Trainer:
 
     def _load_data(self) -> None:
         cfg = self.cfg
-        self.train_set: ImageSet = load_dataset(cfg.dataset, "train")
+        # Every file of the train split: a --train-subset's classes are checked readable on it, and an unreadable
+        # file of the subset is replaced from it (the subset may draw only broken files of a class that has good ones).
+        listing = self.train_listing = load_dataset(cfg.dataset, "train")
+        self.train_picked = listing.subset_indices(cfg.train_subset or len(listing), seed=cfg.seed)
+        self.train_set = listing if len(self.train_picked) == len(listing) else listing.take(self.train_picked)
         self.val_set: ImageSet = load_dataset(cfg.dataset, "val")
-        if cfg.train_subset:
-            self.train_set = self.train_set.subset(cfg.train_subset, seed=cfg.seed)
         if cfg.val_subset:
             # Drawn as train.eval --limit and export draw theirs, whatever --seed: the seeds of a study are scored on
             # the same images. A run whose resume.pt predates that (no data fingerprints in it) keeps its own.
@@ -167,14 +169,16 @@ class Trainer:
 
     def _check_readable(self) -> None:
         """DatasetError (one line) for a train class with files of which none decodes (its samples could only be
-        replaced by nothing: an output never trained) or a val split with no readable file. The ranks share the
-        classes to read and agree through one sum: each raises the same error, or none does."""
-        train, val, info = self.train_set, self.val_set, self.info
+        replaced by nothing: an output never trained) or a val split with no readable file. A class the run trains
+        on is read in its full listing, the subset's draw aside: where its samples' replacements are searched. The
+        ranks share the classes to read and agree through one sum: each raises the same error, or none does."""
+        train, val, info = self.train_listing, self.val_set, self.info
         if train.paths is None:
             return
         n = len(train.class_names)
+        present = set(np.unique(self.train_set.labels).tolist())  # a class the subset drew none of has no sample
         flags = [0.0] * (n + 1)  # one per class, then the val split
-        for c in train.unreadable_classes(range(info.rank, n, info.world_size)):
+        for c in train.unreadable_classes(c for c in range(info.rank, n, info.world_size) if c in present):
             flags[c] = 1.0
         if info.is_main and val.paths and not any(decode_checked(path) is not None for path in val.paths):
             flags[n] = 1.0
@@ -216,7 +220,7 @@ class Trainer:
             return
         train_cache = predecode(self.train_set, self.spec, progress=self.show) if embedded else None
         self.train_images = TrainImages(self.train_set, self.spec, cfg.augment, cfg.crop_scale, cfg.hflip, cfg.seed,
-                                        train_cache)
+                                        train_cache, source=(self.train_listing, self.train_picked))
         self.mixer = BatchMixer(cfg.mixup, cfg.cutmix, cfg.mix_prob, len(self.class_names))
         self.optimizer = build_optimizer(self.net, cfg, self.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, self.total_steps)
@@ -556,7 +560,7 @@ class Trainer:
                 raise UnreadableImage(f"corrupt or unreadable image: {batch.corrupt[0]} (--corrupt skip replaces such "
                                       "files)")
             if batch.lost:  # checked readable when the run started: its files changed underneath it
-                raise UnreadableImage(self.train_set.no_readable_image(batch.lost[0], during_run=True))
+                raise UnreadableImage(self.train_listing.no_readable_image(batch.lost[0], during_run=True))
             self.corrupt_seen.update(batch.corrupt)
             yb = batch.labels
             x, y = self._inputs(batch.images), yb.to(self.dev, non_blocking=True)
