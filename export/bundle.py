@@ -754,8 +754,9 @@ def summary_line(artifact: Artifact) -> str:
     head = f"{artifact.id:<14} {artifact.export_seconds:6.1f}s"
     if p:
         err = "n/a" if p.max_abs_err is None else f"{p.max_abs_err:.2e}"
+        # The delta's sample count beside it: on 512 images one point is 5 images (the gate's verdict is that coarse).
         head += (f"  max|err| {err}  agree {p.top1_agreement:.2%}  acc {p.accuracy:.2%}"
-                 f" (torch {p.reference_accuracy:.2%})")
+                 f" (torch {p.reference_accuracy:.2%}, {p.accuracy_delta * 100:+.2f} pt on {p.val_samples} images)")
     if artifact.servable:
         return head + "  ok"
     return head + f"  REFUSED: {artifact.refused_reason}"

@@ -154,6 +154,20 @@ class TritonConfig:
             raise ConfigError(f"parameter {key}: {value[:64]!r} is not a thread count")
         return min(int(value), MAX_THREADS) if int(value) > 0 else None
 
+    def performance_hint(self, key: str | None) -> str | None:
+        """The hint (latency or throughput) the backend parameter `key` sets (OpenVINO's PERFORMANCE_HINT); None
+        when absent or a hint vitc does not run (CUMULATIVE_THROUGHPUT: over several devices)."""
+        value = self.parameters.get(key, "").strip().upper() if key is not None else ""
+        return {"LATENCY": "latency", "THROUGHPUT": "throughput"}.get(value)
+
+    def streams(self, key: str | None, high: int) -> int | None:
+        """The requests the shared model runs at once that the parameter `key` sets (OpenVINO's NUM_STREAMS), at
+        most `high`; None when absent or not a count (AUTO, NUMA: OpenVINO's own choice, as without it)."""
+        value = self.parameters.get(key) if key is not None else None
+        if value is None or not re.fullmatch(r"\s*\+?[0-9]{1,9}\s*", value) or int(value) < 1:
+            return None
+        return min(int(value), high)
+
     @property
     def cpu_only(self) -> bool:
         """Every instance group is KIND_CPU: Triton runs the model on the CPU even on a GPU machine."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from models.bundle import Artifact
 from models.extras import pip_command
-from models.host import quota_cpus
+from models.host import quota_cpus, usable_cpus
 from models.oneline import first_line
 from runtimes.base import (
     INPUT_NAME,
@@ -171,15 +171,25 @@ def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None) -> CompiledMod
     names = [n for port in model.inputs for n in port.get_names()]
     if spec.manifest.input_name not in names:
         raise BackendError(f"{xml.name} has inputs {names}, the manifest expects {spec.manifest.input_name!r}")
-    options = spec.options
-    config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint.upper(),
-                              "INFERENCE_PRECISION_HINT": inference_precision(spec)}
-    # OpenVINO sizes its pools by the CPU set; under a CPU quota (a container limit) it is told the quota.
-    if threads := options.threads or quota_cpus():
-        config["INFERENCE_NUM_THREADS"] = threads
-    if options.parallel and options.hint == "throughput":
-        config["PERFORMANCE_HINT_NUM_REQUESTS"] = options.parallel
-    return compiler.compile_model(model, "CPU", {**config, **(extra or {})})
+    options, extra = spec.options, extra or {}
+    hint = str(extra.get("PERFORMANCE_HINT", options.hint)).lower()  # a profile's own hint sizes its layout
+    config: dict[str, Any] = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": inference_precision(spec),
+                              **layout(hint, options.threads, options.parallel)}
+    return compiler.compile_model(model, "CPU", {**config, **extra})
+
+
+def layout(hint: str, threads: int | None, parallel: int | None) -> dict[str, int]:
+    """NUM_STREAMS and INFERENCE_NUM_THREADS for `--threads` per inference and `--parallel` streams, as onnxruntime
+    takes them; what is not asked for is left to OpenVINO's hint (within a CPU quota, which it is told)."""
+    # INFERENCE_NUM_THREADS caps the whole compiled model, not one stream: given `threads` alone, it shrank to one
+    # stream on that many threads while vitc ran `parallel` batches at once. OpenVINO caps both at the cores.
+    if hint != "throughput":
+        streams: int | None = 1  # the latency hint runs one batch at a time (an explicit NUM_STREAMS would win)
+    else:
+        streams = parallel or (max(1, usable_cpus() // threads) if threads else None)
+    per_stream = threads or (max(1, usable_cpus() // streams) if streams else None)
+    total = per_stream * streams if per_stream and streams else quota_cpus()
+    return {**({"NUM_STREAMS": streams} if streams else {}), **({"INFERENCE_NUM_THREADS": total} if total else {})}
 
 
 class OpenVINOBackend(PooledBackend):
@@ -192,9 +202,9 @@ class OpenVINOBackend(PooledBackend):
         self.sample_shape = spec.manifest.input.sample_shape
         try:
             self.compiled = _compile(spec)
-            optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            hint = spec.options.hint
-            self.parallelism = max(1, spec.options.parallel or optimal) if hint == "throughput" else 1
+            # The streams OpenVINO compiled (it caps them at the cores), not those asked for: more requests than
+            # streams queue on them while vitc would count them as batches running at once.
+            self.parallelism = max(1, int(self.compiled.get_property("NUM_STREAMS")))
             # One infer request per concurrent call; a call finding none free waits (or is refused once closed).
             self._pool = CallPool("this openvino backend",
                                   (self.compiled.create_infer_request() for _ in range(self.parallelism)))
@@ -222,9 +232,13 @@ class OpenVINOBackend(PooledBackend):
 
     def describe(self) -> dict[str, Any]:
         self._pool.refuse_if_closed()
-        return {"threads_effective": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+        total = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        streams = int(self.compiled.get_property("NUM_STREAMS"))
+        # threads_effective is one inference's, as onnxruntime's: the compiled model's threads over its streams.
+        return {"threads_effective": max(1, total // max(1, streams)),
                 "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
-                "parallelism": self.parallelism}
+                "parallelism": self.parallelism, "num_streams": streams, "inference_num_threads": total,
+                "performance_hint": str(self.compiled.get_property("PERFORMANCE_HINT"))}
 
     def _release(self) -> None:
         """Drop the compiled model (its requests are gone with the pool) once no call runs on it."""

@@ -23,8 +23,9 @@ from models.preprocessing import Preprocessing
 from models.triton_layout import is_version_name, version_dirs
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
-from runtimes.base import description
+from runtimes.base import MAX_PARALLEL, description
 from runtimes.loader import preprocessing_drift
+from runtimes.onnxruntime import default_streams
 from runtimes.registry import pick
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
@@ -129,6 +130,14 @@ class ServedModel:
             "provenance": m.provenance.to_dict() if m.provenance else None,
             "ready": bool(self.batcher and self.batcher.ready),
         }
+
+    @property
+    def backend_parameters(self) -> dict[str, str]:
+        """The backend settings as applied, under Triton's parameter names (/v2 config): OpenVINO's hint, streams
+        and threads, read back from the compiled model."""
+        e = self.execution or {}
+        return {key: str(e[name]) for name, key in (("performance_hint", "PERFORMANCE_HINT"),
+                ("num_streams", "NUM_STREAMS"), ("inference_num_threads", "INFERENCE_NUM_THREADS")) if name in e}
 
     def provenance_labels(self) -> dict[str, str]:
         """A few provenance facts as short strings (metric labels, v2 metadata parameters)."""
@@ -344,13 +353,14 @@ def load_model(source: ModelSource | str, settings: Settings, label: str | None 
             if config is not None:  # read as Triton reads it at load: a label file it cannot read fails the load
                 labels = config.labels(source.path, manifest.output.classes)
         options = _backend_options(source, config, settings, runtime, device)
+        ignored = _unapplied_parameters(config, runtime, options) if source.repository else ()
         precision = None if source.repository else settings.precision
         startup = {"read_manifest": time.perf_counter() - start}
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
     except (BundleError, BackendError, ConfigError) as exc:
         raise ServeError(f"model {label!r}: {exc}") from None
     try:
-        _warn_on_config(name, version, manifest, config, labels)
+        _warn_on_config(name, version, manifest, config, labels, ignored)
         _warn_on_preprocessing_drift(name, path, manifest)
         max_batch, delay_ms = _batching(label, config, settings, backend.max_batch)
         # Checked at open too: a plugin's describe() that answers otherwise now is one line, not a crash or a 500.
@@ -380,27 +390,71 @@ def _backend_options(source: ModelSource, config: TritonConfig | None, settings:
                      device: str) -> BackendOptions:
     """How the backend runs: the server's tuning settings, with a repository model's CPU threads sized from its
     config.pbtxt; BackendError or ConfigError with one line."""
-    threads = settings.threads
-    if threads is None and source.repository and config is not None and device == "cpu":
-        # As Triton's backend sizes one instance, within the CPUs this container may use (Triton oversubscribes).
+    threads, hint, parallel = settings.threads, settings.openvino_hint, settings.parallel
+    if source.repository and config is not None and device == "cpu":
         rt = runtimes.get(runtime)
-        if (wanted := config.threads(rt.triton_threads)) is not None:  # vitc runs the instances' work as one
-            threads = min(wanted if rt.triton_threads_shared else wanted * config.instance_count, usable_cpus(),
-                          MAX_THREADS)  # a host of over 1024 CPUs: what BackendOptions takes
+        hint, parallel = _repository_streams(config, rt, settings)
+        # As Triton's backend sizes one instance, within the CPUs this container may use (Triton oversubscribes).
+        if threads is None and (wanted := config.threads(rt.triton_threads)) is not None:  # the instances as one
+            wanted = min(wanted if rt.triton_threads_shared else wanted * config.instance_count, usable_cpus(),
+                         MAX_THREADS)  # a host of over 1024 CPUs: what BackendOptions takes
+            threads, parallel = _per_inference(wanted, hint, parallel) if rt.triton_threads_shared else (wanted,
+                                                                                                        parallel)
     # A compiled model is prepared only for the batch sizes this server can form (each one costs start time); a
     # repository model's batch size is its config.pbtxt's, known once loaded: the bundle's bounds it then.
     max_batch = settings.max_batch_size if settings.compile and not source.repository else None
-    return BackendOptions(device=device, threads=threads, parallel=settings.parallel, hint=settings.openvino_hint,
+    return BackendOptions(device=device, threads=threads, parallel=parallel, hint=hint,
                           compile=settings.compile, channels_last=settings.channels_last, max_batch=max_batch)
 
 
+HINT_PARAMETER = "PERFORMANCE_HINT"  # Triton's OpenVINO backend's, applied as --openvino-hint
+
+
+def _repository_streams(config: TritonConfig, rt: runtimes.Runtime, settings: Settings) -> tuple[str, int | None]:
+    """(hint, parallel) of a repository model: its config.pbtxt's PERFORMANCE_HINT and stream count where the
+    server's flags do not say (the rule its threads follow); the latency hint runs one stream."""
+    hint = settings.openvino_hint
+    if "openvino_hint" in rt.tunes and "openvino_hint" not in settings.model_fields_set:
+        hint = config.performance_hint(HINT_PARAMETER) or hint
+    parallel = settings.parallel
+    if parallel is None and hint == "throughput":
+        parallel = config.streams(rt.triton_streams, MAX_PARALLEL)
+    return hint, parallel
+
+
+def _per_inference(total: int, hint: str, parallel: int | None) -> tuple[int, int | None]:
+    """(threads of one inference, streams) of a model whose threads parameter is the whole model's (OpenVINO's
+    INFERENCE_NUM_THREADS): `total` split among its streams, vitc's default count of them when none is given, so
+    that the model keeps within `total` (the pod's CPU limit export.triton wrote)."""
+    if hint != "throughput":
+        return total, parallel
+    streams = min(parallel or default_streams(total), total)
+    return max(1, total // streams), streams
+
+
+def _unapplied_parameters(config: TritonConfig | None, runtime: str, options: BackendOptions) -> tuple[str, ...]:
+    """The config.pbtxt parameters vitc does not apply to the model (HINT_BF16: vitc keeps the artifact's precision;
+    a stream count beside the latency hint, which runs one), as `parameters.KEY`."""
+    if config is None:
+        return ()
+    rt = runtimes.get(runtime)
+    applied = {rt.triton_threads, "ENABLE_BATCH_PADDING" if rt.triton_fixed_batch else None}  # padding: none needed
+    if "openvino_hint" in rt.tunes and config.performance_hint(HINT_PARAMETER) is not None:
+        applied.add(HINT_PARAMETER)
+    streams = rt.triton_streams and config.parameters.get(rt.triton_streams, "").strip()
+    if streams and (streams.upper() == "AUTO" or config.streams(rt.triton_streams, MAX_PARALLEL) is not None) and (
+            options.hint == "throughput" or config.streams(rt.triton_streams, MAX_PARALLEL) == 1):
+        applied.add(rt.triton_streams)  # AUTO: OpenVINO's own count, as without it
+    return tuple(f"parameters.{key}" for key in config.parameters if key not in applied)
+
+
 def _warn_on_config(name: str, version: str, manifest: Manifest, config: TritonConfig | None,
-                    labels: list[str] | None) -> None:
-    """Log what a repository model's config.pbtxt says that vitc does not apply, or says otherwise than the
-    bundle (its label file's names)."""
-    if config is not None and config.unapplied:  # accepted as Triton accepts them, but said, never silently dropped
+                    labels: list[str] | None, parameters: tuple[str, ...] = ()) -> None:
+    """Log what a repository model's config.pbtxt says that vitc does not apply (its fields, and `parameters`), or
+    says otherwise than the bundle (its label file's names)."""
+    if config is not None and (config.unapplied or parameters):  # accepted as Triton accepts them, but said
         log.warning("config.pbtxt settings not applied", extra={
-            "model": name, "version": version, "fields": list(config.unapplied),
+            "model": name, "version": version, "fields": [*config.unapplied, *parameters],
             "advice": "vitc serves the model without them (Triton would apply them); see the README's Triton section"})
     if labels is not None and list(labels) != list(manifest.class_names):
         # Both are served, each where Triton or vitc reads it: say so once rather than let two names for one class

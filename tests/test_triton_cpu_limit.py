@@ -128,7 +128,9 @@ def test_vitc_serving_the_repository_honours_the_thread_cap(bundle, tmp_path):
     def served_threads() -> dict[str, int]:
         models = load_models(Settings(model_repository=repo))
         try:
-            return {n: m.backend.describe()["threads_effective"] for n, m in models.items()}
+            # OpenVINO's threads_effective is one stream's: the cap is on its compiled model's threads.
+            return {n: (d := m.backend.describe()).get("inference_num_threads", d["threads_effective"])
+                    for n, m in models.items()}
         finally:
             close_models(models)
 

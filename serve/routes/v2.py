@@ -258,7 +258,8 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
         "version_policy": (model.config.version_policy if model.config else VersionPolicy()).applied(model.version),
         "instance_group": [{"kind": "KIND_CPU" if model.backend.device == "cpu" else "KIND_GPU",
                             "count": model.batcher.parallel if model.batcher else 1}],
-        "parameters": {"precision": {"string_value": model.backend.precision}},
+        "parameters": {"precision": {"string_value": model.backend.precision},
+                       **{k: {"string_value": v} for k, v in model.backend_parameters.items()}},
     }
 
 
