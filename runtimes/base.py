@@ -580,3 +580,11 @@ def check_device(device: str, supported: tuple[str, ...], runtime: str) -> None:
         raise BackendError(f"the {runtime} backend runs on {' or '.join(supported)}, not {device!r}")
 
 
+STREAM_THREADS = 4  # threads per stream on bigger machines: wide enough for one batch, narrow enough to scale
+
+
+def default_streams(cpus: int, threads: int | None = None) -> int:
+    """Batches in flight on `cpus` cores (a throughput layout, like OpenVINO's THROUGHPUT hint): one-thread
+    streams up to 4 cores, then streams of 4 threads; `threads` per stream when given."""
+    per_stream = threads or (1 if cpus <= STREAM_THREADS else STREAM_THREADS)
+    return max(1, cpus // per_stream)

@@ -16,7 +16,7 @@ from models.extras import pip_command
 from models.host import usable_cpus
 from models.onnx_wire import onnx_ir_version
 from runtimes import onnx_graph
-from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant
+from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant, default_streams
 from runtimes.build import Built, ExportContext, ExportError
 
 
@@ -189,16 +189,6 @@ def session_source(path: Path) -> str | bytes:
 
 LATENCY_SESSION_MAX_BYTES = 256 << 20  # ONNX files up to this size get the spinning session for lone calls too
 STREAM_SESSIONS_MAX_BYTES = 1 << 30  # ONNX bytes times streams up to which each stream gets its own session
-STREAM_THREADS = 4  # threads per stream on bigger machines: wide enough for one batch, narrow enough to scale
-
-
-def default_streams(cpus: int, threads: int | None = None) -> int:
-    """Batches in flight on `cpus` cores (a throughput layout, like OpenVINO's THROUGHPUT hint): one-thread
-    streams up to 4 cores, then streams of 4 threads; `threads` per stream when given."""
-    per_stream = threads or (1 if cpus <= STREAM_THREADS else STREAM_THREADS)
-    return max(1, cpus // per_stream)
-
-
 def _options(ort: Any, threads: int, spinning: bool) -> Any:
     """Session options: `threads` intra-op threads, sequential, every graph optimisation; workers spin within a
     run (stopping when it returns) or sleep between its parallel sections."""

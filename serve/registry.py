@@ -23,9 +23,8 @@ from models.preprocessing import Preprocessing
 from models.triton_layout import is_version_name, version_dirs
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
-from runtimes.base import MAX_PARALLEL, description
+from runtimes.base import MAX_PARALLEL, default_streams, description
 from runtimes.loader import preprocessing_drift
-from runtimes.onnxruntime import default_streams
 from runtimes.registry import pick
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
