@@ -85,8 +85,8 @@ demo: install
 	$(PYTHON) -m models list
 	$(PYTHON) -m train --model vit_c_mini --dataset animals --epochs $(DEMO_EPOCHS) --out runs/animals-vit_c --overwrite
 	$(PYTHON) -m train --model vit_p_mini --dataset animals --epochs $(DEMO_EPOCHS) --out runs/animals-vit_p --overwrite
-	$(PYTHON) -m export --checkpoint runs/animals-vit_c --out exports/animals-vit_c --parity-samples 1000
-	$(PYTHON) -m export --checkpoint runs/animals-vit_p --out exports/animals-vit_p --parity-samples 1000
+	$(PYTHON) -m export --checkpoint runs/animals-vit_c --out exports/animals-vit_c
+	$(PYTHON) -m export --checkpoint runs/animals-vit_p --out exports/animals-vit_p
 	$(PYTHON) -m export.report exports/animals-vit_c exports/animals-vit_p --png exports/demo-parity.png
 	$(PYTHON) benchmarks/latency.py --pairs mini --batch-sizes 1,8 --cell-seconds 3 --out exports/demo-bench
 	@echo

@@ -121,7 +121,8 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int_in(1, MAX_BATCH_LIMIT), default=ExportConfig.max_batch,
                    help=f"largest batch (engine profile, parity), 1..{MAX_BATCH_LIMIT} [%(default)s]")
     p.add_argument("--parity-samples", type=int_in(1, MAX_SAMPLES), default=ExportConfig.parity_samples,
-                   help="validation images for parity (more than the split holds: all of it) [%(default)s]")
+                   help="validation images for parity, a seeded draw (more than the split holds: all of it) "
+                        "[%(default)s: the whole val split, up to that many]")
     p.add_argument("--calibration-samples", type=int_in(1, MAX_SAMPLES), default=ExportConfig.calibration_samples,
                    help="train images for INT8 calibration [%(default)s]")
     p.add_argument("--dataset", help="parity/calibration dataset (default: the checkpoint's)")

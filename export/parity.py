@@ -11,6 +11,7 @@ An artifact passes when every number is inside its precision's Tolerance; otherw
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -29,6 +30,7 @@ from models.tolerance import (  # noqa: F401 - the gates' home; re-exported for 
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (B, 3, H, W) float32 -> (B, classes) float32
 ODD_BATCH = 7
+Z95 = 1.96  # the normal quantile of a two-sided 95 % interval
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -84,7 +86,8 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
         invariance = max(invariance, float(np.abs(batched - alone[:b]).max()))
         max_abs = max(max_abs, float(np.abs(batched - ref_s[:b]).max()))
     scale = float(np.abs(ref).max())
-    accuracy = float((out.argmax(1) == data.labels).mean())
+    right, reference_right = out.argmax(1) == data.labels, ref.argmax(1) == data.labels
+    accuracy = float(right.mean())
     # JSON has no NaN/inf: a non-finite error is recorded as null (and `gate` fails it as non-finite logits).
     finite_err = finite_or_none(max_abs) if finite else None
     result = Parity(
@@ -94,10 +97,23 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
         reference_logit_scale=scale, top1_agreement=float((out.argmax(1) == ref.argmax(1)).mean()),
         accuracy=accuracy, reference_accuracy=data.reference_accuracy,
         accuracy_delta=accuracy - data.reference_accuracy, batch_invariance_max_abs=finite_or_none(invariance),
-        tolerance=asdict(tol), passed=False,
+        tolerance=asdict(tol), passed=False, accuracy_delta_ci95=paired_ci95(right, reference_right),
     )
     failures = degenerate(ref) + gate(result, tol)
     return replace(result, passed=not failures, failures=tuple(failures))
+
+
+def paired_ci95(right: np.ndarray, reference_right: np.ndarray) -> float | None:
+    """Half-width of the 95 % interval of accuracy(`right`) - accuracy(`reference_right`), both per image of the
+    same images (None for no images)."""
+    # Paired: the artifact and torch answer the same images, so only the images where exactly one of them is right
+    # (b: the artifact, c: torch) move the delta; the interval of two independent accuracies would be far wider.
+    n = len(right)
+    if n == 0:
+        return None
+    b = int(np.count_nonzero(right & ~reference_right))
+    c = int(np.count_nonzero(reference_right & ~right))
+    return Z95 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n
 
 
 def degenerate(reference: np.ndarray) -> list[str]:

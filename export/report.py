@@ -75,8 +75,8 @@ def rows(manifest: Manifest, problems: dict[str, str] | None = None) -> list[lis
         def num(key: str, fmt: str, p: dict = p) -> str:
             return format(p[key], fmt) if isinstance(p.get(key), int | float) else "-"
 
-        # With the images it was measured on: on 512, one point is 5 images.
-        delta = f"{p['accuracy_delta'] * 100:+.2f} on {p['val_samples']} images" if "accuracy_delta" in p else "-"
+        # With its paired 95 % interval and the images it was measured on: the gate judges a point estimate.
+        delta = a.parity.delta_text() if a.parity else "-"
         status = (f"CORRUPT: {problems[a.id]}" if a.id in problems
                   # a server reads the golden inputs (and the manifest's record) before any artifact: none loads
                   else "not servable: the golden inputs (above)" if a.servable and "golden" in problems

@@ -264,6 +264,9 @@ class Parity:
     reference: str = "torch fp32"
     split: str = "val"
     inference_precision: str | None = None  # the runtime's precision hint the numbers were measured at
+    # Half-width of the paired 95 % interval of accuracy_delta (export.parity.paired_ci95); None in bundles written
+    # before it was recorded, which still read.
+    accuracy_delta_ci95: float | None = None
 
     @classmethod
     def read(cls, r: Fields) -> Parity:
@@ -282,6 +285,7 @@ class Parity:
             tolerance=tolerance, passed=r.get("passed", bool), failures=r.strings("failures", ()),
             reference=r.get("reference", str, "torch fp32", **NAME), split=r.get("split", str, "val", **TAG),
             inference_precision=r.get("inference_precision", str, None, **TAG),
+            accuracy_delta_ci95=r.get("accuracy_delta_ci95", float, None, check=between(0, 2), what="0..2"),
         )
         if len(parity.batch_sizes) > MAX_ENTRIES or not all(1 <= b <= MAX_BATCH_LIMIT for b in parity.batch_sizes):
             raise r.fail("batch_sizes", f"must list at most {MAX_ENTRIES} batch sizes in 1..{MAX_BATCH_LIMIT}")
@@ -302,7 +306,15 @@ class Parity:
             d["failures"] = list(self.failures)
         if self.inference_precision is not None:
             d["inference_precision"] = self.inference_precision
+        if self.accuracy_delta_ci95 is not None:  # absent, not null, when unknown: an old record keeps its digest
+            d["accuracy_delta_ci95"] = self.accuracy_delta_ci95
         return d
+
+    def delta_text(self, unit: str = "") -> str:
+        """"-0.80{unit} ±0.68 (95% CI) on 1000 images": the accuracy delta in points, its paired interval (when
+        recorded) and the images it was measured on."""
+        ci = "" if self.accuracy_delta_ci95 is None else f" ±{self.accuracy_delta_ci95 * 100:.2f} (95% CI)"
+        return f"{self.accuracy_delta * 100:+.2f}{unit}{ci} on {self.val_samples} images"
 
 
 _ARTIFACT_KEYS = ("id", "runtime", "format", "precision", "files", "runtime_version", "export_seconds",

@@ -132,7 +132,7 @@ def test_a_repository_models_streams_split_its_threads_and_the_servers_flags_win
 
 
 def test_the_gate_line_and_the_report_give_the_images_the_accuracy_delta_was_measured_on(bundle):
-    """One point of accuracy is 5 images at the default 512: the delta is printed with its sample count."""
+    """One point of accuracy is 5 images on 512: the delta is printed with its interval and sample count."""
     from export.bundle import summary_line
     from export.report import COLUMNS, rows
 
@@ -142,7 +142,8 @@ def test_the_gate_line_and_the_report_give_the_images_the_accuracy_delta_was_mea
         if (p := artifact.parity) is None:
             continue
         checked += 1
-        said = f"{p.accuracy_delta * 100:+.2f} pt on {p.val_samples} images"
+        ci = f" ±{p.accuracy_delta_ci95 * 100:.2f} (95% CI)"
+        said = f"{p.accuracy_delta * 100:+.2f} pt{ci} on {p.val_samples} images"
         assert said in summary_line(artifact), summary_line(artifact)
-        assert row[COLUMNS.index("Δacc pt")] == f"{p.accuracy_delta * 100:+.2f} on {p.val_samples} images"
+        assert row[COLUMNS.index("Δacc pt")] == f"{p.accuracy_delta * 100:+.2f}{ci} on {p.val_samples} images"
     assert checked
