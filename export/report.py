@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
-from models.cli import InputError, OneLineParser, command, machine_error, one_line, refuse_empty_paths
+from models.cli import InputError, OneLineParser, command, machine_error, refuse_empty_paths
 from models.extras import require
 from models.io import atomic_write_bytes
-from models.oneline import first_line
+from models.oneline import first_line, one_line
 from runtimes.registry import DEFAULT_RUNTIME
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import contextlib
 import functools
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -18,6 +19,7 @@ from typing import NoReturn, TypeVar
 from models.extras import missing_dependency
 from models.extras import pip_command as pip_command  # README's "Adding a runtime": a runtime's `install` line
 from models.failures import library_error, machine_reason
+from models.oneline import one_line as one_line  # the commands' one line, shared with what serve answers
 
 # vitc's top-level packages (pyproject.toml's packages.find). An editable install finds them after the module path
 # has been searched, so a directory of one of these names without __init__.py in the current directory (or on
@@ -32,22 +34,46 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the direc
 INIT_NEEDED = ("runtimes", "serve")
 
 
-def _module_names(directory: str) -> set[str]:
-    """The modules and subdirectories a package directory offers as `package.NAME`."""
+def _is_module_dir(path: str) -> bool:
+    """Whether a subdirectory of vitc's package is one of its modules: a package, or a directory of .py files."""
     try:
-        names = os.listdir(directory)
+        with os.scandir(path) as entries:
+            return any(e.name.endswith(".py") and e.is_file() for e in entries)
+    except OSError:
+        return False
+
+
+def _module_names(package_dir: str) -> set[str]:
+    """The modules vitc's package directory offers as `package.NAME` (its own, a few dozen entries): its .py files
+    and its subpackages; a data folder (benchmarks/results, data/embedded) is no module, and nothing imports it."""
+    try:
+        with os.scandir(package_dir) as entries:
+            found = {e.name.removesuffix(".py") if e.name.endswith(".py") else e.name for e in entries
+                     if not e.name.startswith(".") and (e.name.endswith(".py") and e.is_file()
+                                                       or e.is_dir() and _is_module_dir(e.path))}
     except OSError:
         return set()
-    return {n.removesuffix(".py") for n in names if not n.startswith(("_", "."))
-            and (n.endswith(".py") or os.path.isdir(os.path.join(directory, n)))}
+    return found - {"__init__"}
+
+
+def _shadows_a_module(directory: str, names: Iterable[str]) -> bool:
+    """Whether `directory` holds a module of one of `names` that import would take instead of vitc's: a file of a
+    module suffix, or a directory of the name (a namespace package, whatever it holds). A few stat calls per name,
+    never a listing: a data/ of 200,000 images costs what an empty one does."""
+    suffixes = importlib.machinery.all_suffixes()
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) or any(os.path.isfile(path + suffix) for suffix in suffixes):
+            return True
+    return False
 
 
 def shadowing_directory() -> tuple[str, str] | None:
     """(package, directory) when a directory without __init__.py stands in for vitc's `package` and that changes
     what runs: the commands need the package's __init__ (INIT_NEEDED), or the directory holds a module of one of
-    vitc's names. A harmless one (a models/ of checkpoints, a data/ of images) is left alone; a wheel's regular
-    package in site-packages wins over such a directory, as does the checkout's own where it is the current
-    directory."""
+    vitc's module names. A harmless one (a models/ of checkpoints, a data/ of images, vitc's own
+    benchmarks/results) is left alone; a wheel's regular package in site-packages wins over such a directory, as
+    does the checkout's own where it is the current directory."""
     for package in _PACKAGES:
         ours = os.path.join(_ROOT, package)
         try:
@@ -58,7 +84,7 @@ def shadowing_directory() -> tuple[str, str] | None:
             continue  # vitc's own package; or this install has no such package (the serving image has no train)
         for directory in spec.submodule_search_locations or ():
             if os.path.isdir(directory) and (package in INIT_NEEDED
-                                             or _module_names(directory) & _module_names(ours)):
+                                             or _shadows_a_module(directory, _module_names(ours))):
                 return package, directory
     return None
 
@@ -162,12 +188,6 @@ class WorkFailed(CommandError):
     """The work failed (the machine: out of memory, a full disk; or what it measured or ran failed): exit 1."""
 
     code = 1
-
-
-def one_line(text: str) -> str:
-    """`text` with its control characters escaped as repr escapes them: a path or name given with a newline (or an
-    escape sequence) stays on the error's one line, and cannot forge another."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def last_line(exc: BaseException) -> str:

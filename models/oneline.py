@@ -1,4 +1,4 @@
-"""An exception as one readable line: what every CLI error, HTTP reason and log field shows of it."""
+"""An exception, or free text, as one readable line: what every CLI error, HTTP reason and log field shows of it."""
 
 from __future__ import annotations
 
@@ -15,3 +15,10 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     reason = next((ln for ln in lines if not _SOURCE_LOCATION.match(ln)), lines[0] if lines else "")
     return (reason or type(exc).__name__)[:limit]
+
+
+def one_line(text: str) -> str:
+    """`text` with its unprintable characters escaped as repr escapes them: a path or name given with a newline (or
+    an escape sequence) stays on the error's one line and cannot forge another, and a path's undecodable bytes (lone
+    surrogates, which UTF-8 cannot encode) show as \\udcff in a JSON answer or a log line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

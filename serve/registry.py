@@ -19,6 +19,7 @@ from models.bundle import NAME_RULE as BUNDLE_NAME_RULE
 from models.cli import WorkFailed
 from models.failures import out_of_memory
 from models.host import MAX_THREADS, usable_cpus
+from models.oneline import one_line
 from models.preprocessing import Preprocessing
 from models.triton_layout import is_version_name, version_dirs
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
@@ -126,7 +127,7 @@ class ServedModel:
             # Provenance without the exporting machine's paths.
             "source": {"dataset": m.source.dataset, "sha256": m.source.sha256},
             "version": self.version,
-            "provenance": m.provenance.to_dict() if m.provenance else None,
+            "provenance": _printable(m.provenance.to_dict()) if m.provenance else None,
             "ready": bool(self.batcher and self.batcher.ready),
         }
 
@@ -145,6 +146,18 @@ class ServedModel:
                 "vitc_version": p.vitc_version if p else "unknown",
                 "git_commit": (p.git_commit or "unknown")[:12] if p else "unknown",
                 "exported": self.manifest.created}
+
+
+def _printable(value: Any) -> Any:
+    """`value` (JSON data) with its strings escaped as export.report prints them (models.oneline.one_line)."""
+    # The training command is kept as training wrote it: a path's undecodable bytes are lone surrogates, which no
+    # UTF-8 answer can encode (/v1/models answered 500 for every model), and an escape sequence would reach the
+    # terminal of whoever prints the answer.
+    if isinstance(value, str):
+        return one_line(value)
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    return value
 
 
 def parse_model_arg(arg: str) -> tuple[str | None, Path]:
@@ -353,13 +366,14 @@ def load_model(source: ModelSource | str, settings: Settings, label: str | None 
                 labels = config.labels(source.path, manifest.output.classes)
         options = _backend_options(source, config, settings, runtime, device)
         ignored = _unapplied_parameters(config, runtime, options) if source.repository else ()
+        flags = _unapplied_flags(config, runtime, settings, options) if source.repository else ()
         precision = None if source.repository else settings.precision
         startup = {"read_manifest": time.perf_counter() - start}
         backend = runtimes.open_backend(path, manifest, runtime, precision, options, startup)
     except (BundleError, BackendError, ConfigError) as exc:
         raise ServeError(f"model {label!r}: {exc}") from None
     try:
-        _warn_on_config(name, version, manifest, config, labels, ignored)
+        _warn_on_config(name, version, manifest, config, labels, ignored, flags)
         _warn_on_preprocessing_drift(name, path, manifest)
         max_batch, delay_ms = _batching(label, config, settings, backend.max_batch)
         # Checked at open too: a plugin's describe() that answers otherwise now is one line, not a crash or a 500.
@@ -447,14 +461,30 @@ def _unapplied_parameters(config: TritonConfig | None, runtime: str, options: Ba
     return tuple(f"parameters.{key}" for key in config.parameters if key not in applied)
 
 
+def _unapplied_flags(config: TritonConfig | None, runtime: str, settings: Settings,
+                     options: BackendOptions) -> tuple[str, ...]:
+    """The server's flags a repository model's config.pbtxt overrides: --parallel beside its latency hint, which
+    compiles one stream (runtimes.openvino.layout), as `--parallel N (parameters.KEY VALUE runs one stream)`."""
+    # The CLI refuses --openvino-hint latency --parallel 2; one model's hint must not stop a server of many, so the
+    # flag is named for that model instead of dropped without a word.
+    if (config is None or not runtimes.get(runtime).triton_streams or options.hint == "throughput"
+            or (settings.parallel or 1) <= 1):
+        return ()
+    return (f"--parallel {settings.parallel} (parameters.{HINT_PARAMETER} {options.hint.upper()} runs one stream)",)
+
+
 def _warn_on_config(name: str, version: str, manifest: Manifest, config: TritonConfig | None,
-                    labels: list[str] | None, parameters: tuple[str, ...] = ()) -> None:
+                    labels: list[str] | None, parameters: tuple[str, ...] = (), flags: tuple[str, ...] = ()) -> None:
     """Log what a repository model's config.pbtxt says that vitc does not apply (its fields, and `parameters`), or
-    says otherwise than the bundle (its label file's names)."""
-    if config is not None and (config.unapplied or parameters):  # accepted as Triton accepts them, but said
+    the server's `flags` it overrides, or says otherwise than the bundle (its label file's names)."""
+    fields = [*config.unapplied, *parameters] if config is not None else []
+    if fields or flags:  # accepted as Triton accepts them, but said
+        advice = [*(["vitc serves the model without the fields (Triton would apply them)"] if fields else []),
+                  *(["its config.pbtxt decides for it over the flags (PERFORMANCE_HINT THROUGHPUT runs streams)"]
+                    if flags else []), "see the README's Triton section"]
         log.warning("config.pbtxt settings not applied", extra={
-            "model": name, "version": version, "fields": [*config.unapplied, *parameters],
-            "advice": "vitc serves the model without them (Triton would apply them); see the README's Triton section"})
+            "model": name, "version": version, "fields": fields, **({"flags": list(flags)} if flags else {}),
+            "advice": "; ".join(advice)})
     if labels is not None and list(labels) != list(manifest.class_names):
         # Both are served, each where Triton or vitc reads it: say so once rather than let two names for one class
         # surprise a client (the label file has one line per class: `labels` checked that).
