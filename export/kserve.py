@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import re
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,14 @@ KSERVE_STORAGE_PREFIXES = ("gs://", "s3://", "pvc://", "file://", "https://", "h
                            "oci://", "oci+native://", "oci+fetch://", "hf://")
 _AZURE_BLOB = re.compile(r"https://(.+?).blob.core.windows.net/(.+)")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+# A pvc:// URI is the claim's name and a path in it that KServe takes as it is (ParsePvcURI, pkg/utils/storage.go,
+# splits on "/" and decodes nothing; the path becomes the volume's subPath): a space in a directory name is valid
+# there, and a percent-escape would name another directory.
+PVC_PREFIX = "pvc://"
+DEFAULT_PVC = "vitc-models"  # the claim the default storage URI names
+# NGC's images of a Triton release that hold no tritonserver (the last part of their tag, after -py3 or -py3-igpu):
+# KServe's Triton runtime starts `tritonserver` in the image, so its pod would crash-loop.
+_NO_SERVER = {"sdk": "client SDK image", "min": "base image for custom builds"}
 _ISVC_MARK = f"{ISVC_HEADER} (edit freely: an edited file is kept); sha256 of the rest: "
 
 
@@ -89,7 +96,8 @@ def inference_service(service: Service) -> str:
         "        name: triton\n"
         "      protocolVersion: v2\n"
         f"      runtimeVersion: {json.dumps(service.runtime_version)}\n"  # a JSON string is a YAML double-quoted scalar
-        f"      storageUri: {json.dumps(service.storage_uri)}\n"
+        # Raw UTF-8: JSON's ASCII escapes write an emoji as a surrogate pair ("\\ud83d\\ude00"), which YAML has not.
+        f"      storageUri: {json.dumps(service.storage_uri, ensure_ascii=False)}\n"
         "      args: [\"--disable-auto-complete-config\"]\n"
         "      resources:\n"
         f"        requests: {{cpu: \"{(service.cpus + 1) // 2}\", memory: 2Gi}}\n"
@@ -99,14 +107,37 @@ def inference_service(service: Service) -> str:
 
 
 def check_storage_uri(uri: str) -> None:
-    if len(uri) > MAX_URI_CHARS or not _URI.fullmatch(uri) or not uri.isprintable():
+    if len(uri) > MAX_URI_CHARS or not _URI.fullmatch(_form(uri)) or not uri.isprintable():
         raise RepositoryError(f"--storage-uri {uri[:100]!r} must be scheme://location (s3://, gs://, pvc://, ...) "
-                              f"of at most {MAX_URI_CHARS} characters, without whitespace or control characters")
+                              f"of at most {MAX_URI_CHARS} characters, without whitespace (but for spaces in a "
+                              "pvc:// path) or control characters")
     azure = "blob.core.windows.net" in uri  # checked first by KServe: such a URI must match its pattern
     if (azure and not _AZURE_BLOB.search(uri)) or (not azure and not uri.startswith(KSERVE_STORAGE_PREFIXES)):
         raise RepositoryError(f"--storage-uri {uri[:100]!r}: KServe accepts only storage URIs that start with "
                               f"{', '.join(KSERVE_STORAGE_PREFIXES)} (lower case), or Azure Blob "
                               "https://<account>.blob.core.windows.net/<container>/<path>")
+
+
+def _form(uri: str) -> str:
+    """`uri` as its form is checked: without the spaces of a pvc:// path, valid in a path KServe takes as it is."""
+    if not uri.startswith(PVC_PREFIX):
+        return uri
+    claim, slash, path = uri[len(PVC_PREFIX):].partition("/")  # the claim is a Kubernetes name: no space
+    return f"{PVC_PREFIX}{claim}{slash}{path.replace(' ', '')}"
+
+
+def default_storage_uri(out: Path) -> str:
+    """pvc://vitc-models/<the repository directory's name>, the name as it is (KServe decodes no pvc:// path);
+    RepositoryError when no storage URI can carry that name."""
+    name = out.resolve().name
+    uri = f"{PVC_PREFIX}{DEFAULT_PVC}/{name}"
+    try:
+        check_storage_uri(uri)
+    except RepositoryError:
+        raise RepositoryError(f"the default storage URI, {PVC_PREFIX}{DEFAULT_PVC}/<repository directory>, cannot "
+                              f"carry the directory name {name[:100]!r} (control or invisible characters): pass "
+                              "--storage-uri with where the repository will live, or rename it") from None
+    return uri
 
 
 def check_isvc_name(name: str) -> None:
@@ -126,7 +157,23 @@ def triton_tag(value: str) -> str:
         raise RepositoryError(f"--triton-version {value}: Triton before {MIN_TRITON_RELEASE} "
                               "cannot load these models (its onnxruntime reads ONNX IR 9 at most; before 24.02 its "
                               "OpenVINO lacks opset13)")
+    if (why := no_tritonserver(value)) is not None:
+        raise RepositoryError(f"--triton-version {why}: use {server_image(value)}, the release's server image")
     return value if m[3] else f"{value}-py3"
+
+
+def no_tritonserver(tag: str) -> str | None:
+    """Why the Triton image tag `tag` (checked by the caller) cannot run the InferenceService: NGC's client SDK or
+    custom-build base image of a release, which hold no tritonserver; None for any other."""
+    what = _NO_SERVER.get(tag.rpartition("-")[2])
+    return None if what is None else (f"{tag} names NGC's {what}, which holds no tritonserver (KServe's Triton "
+                                      "runtime would crash-loop)")
+
+
+def server_image(tag: str) -> str:
+    """The server image of the release and platform of an image `no_tritonserver` refuses: YY.MM-py3[-igpu]."""
+    server = tag.rpartition("-")[0]
+    return server if "-" in server else f"{server}-py3"
 
 
 def isvc_default_name(manifest: Manifest) -> str:
@@ -161,10 +208,14 @@ def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc
                                       "--replace-isvc to regenerate it")
             return None
         old = _isvc_values(text or "")
+        if triton_version is None and (tag := kept_runtime_version(path)) and (why := no_tritonserver(tag)):
+            # Kept, it serves nothing; another release swapped in without a word may not load the engines either.
+            raise RepositoryError(f"{path} runs {why}; pass --triton-version with the release to run, such as "
+                                  f"{server_image(tag)}")
     service = Service(
         name=isvc_name or str(old.get("name") or isvc_default_name(manifest)),
         storage_uri=storage_uri or str(old.get("storage_uri")
-                                       or f"pvc://vitc-models/{urllib.parse.quote(out.resolve().name, safe='')}"),
+                                       or default_storage_uri(out)),
         runtime_version=triton_tag(triton_version) if triton_version else str(old.get("runtime_version")
                                                                                or DEFAULT_TRITON_VERSION),
         gpus=gpus if gpus is not None else max(int(old.get("gpus", 0)), int(needs_gpu)),
@@ -190,6 +241,8 @@ def stale_release(path: Path) -> str | None:
                 "cannot load these models")
     if TRITON_TAG.fullmatch(m[1]) and release(m[1]) < release(MIN_TRITON_RELEASE):
         return f"its runtimeVersion {m[1]} is a Triton before {MIN_TRITON_RELEASE}, which cannot load these models"
+    if TRITON_TAG.fullmatch(m[1]) and (why := no_tritonserver(m[1])) is not None:
+        return f"its runtimeVersion {why}"
     return None
 
 

@@ -385,7 +385,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                         _check_release(name, artifact, tag, artifacts, kept_isvc=service is None, notes=notes)
                     plan.append((name, v))
                 if service is not None:
-                    atomic_write_bytes(staging / ISVC_FILE, inference_service(service).encode())
+                    # UTF-8, as kubectl reads it: a storage URI may hold any character (S3 keys, a PVC's directories).
+                    atomic_write_bytes(staging / ISVC_FILE, inference_service(service).encode("utf-8"))
                 # The commit point: once publishing starts it ends, and the staging directory goes, before a
                 # Ctrl-C is let through (it would report "interrupted" for published versions).
                 with committing(f"the new versions in {out}"):
@@ -437,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"dynamic batching delay, 0..{MAX_QUEUE_DELAY_US} (OpenVINO models are not batched; default: "
                         f"the model's previous config.pbtxt's, else {DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--storage-uri", help="where the repository will live, for the InferenceService: scheme://location, "
-                                         "no whitespace (default: the repository's, else pvc://vitc-models/<repo dir>)")
+                                         "no whitespace but spaces in a pvc:// path, written as given (default: the "
+                                         "repository's, else pvc://vitc-models/<repo dir>, the name as it is)")
     p.add_argument("--isvc-name", help=f"InferenceService name: 1..{MAX_ISVC_NAME} of a-z 0-9 -, starting with a "
                                        "letter (default: the repository's, else vitc-<bundle name>)")
     p.add_argument("--triton-version", help="Triton image tag the InferenceService runs, YY.MM[-suffix], "

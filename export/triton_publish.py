@@ -36,7 +36,7 @@ from models.bundle import (
 from models.bundle import TRITON_CONFIG_FILE as CONFIG_FILE
 from models.bundle import TRITON_LABELS_FILE as LABELS_FILE
 from models.io import atomic_write_bytes, is_mount_point, not_a_file, remove_stale, resolve_path
-from models.triton_layout import is_version_name, version_dirs
+from models.triton_layout import is_version_name, triton_reads, version_dirs
 
 # Where --out is a mount point (a volume, a PVC: the usual Triton and KServe layout), a rename from beside it into it
 # crosses mounts (EXDEV), so the run stages and locks inside it, under these hidden names; it then needs nothing
@@ -149,10 +149,19 @@ def _foreign_model_dir(model_dir: Path) -> str | None:
         elif is_version_name(entry.name) and entry.is_symlink():
             return f"version {entry.name} is a symbolic link (Triton loads it; this tool writes every version itself)"
         elif not (is_version_name(entry.name) and entry.is_dir()):
-            return f"it holds {entry.name!r}"
+            return f"it holds {entry.name!r}{_as_triton_reads(entry)}"
         elif not (entry / MANIFEST_FILE).is_file():
             return f"version {entry.name} is not a bundle"
     return None
+
+
+def _as_triton_reads(entry: Path) -> str:
+    """How Triton reads a directory named like no version ("5.bak" is version 5 to it, whose backend then opens
+    "5/"), said as the server's refusal of such a model says it; "" for one Triton skips, or a file."""
+    version = triton_reads(entry.name) if entry.is_dir() else None
+    if version is None or str(version) == entry.name:
+        return ""
+    return f", which Triton reads as version {version}: rename or remove it"
 
 
 def stages_inside(out: Path) -> bool:

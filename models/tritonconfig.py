@@ -113,6 +113,12 @@ class VersionPolicy:
                               f"model directory does not hold (it holds {', '.join(map(str, sorted(available)))})")
         return max(self.versions)
 
+    def loads(self, available: list[int]) -> list[int]:
+        """The versions Triton loads among `available` under this policy (vitc serves the newest of them)."""
+        if self.kind == "specific":
+            return sorted(self.versions)
+        return sorted(available) if self.kind == "all" else sorted(available)[-self.num_versions:]
+
     def applied(self, served: str) -> dict[str, Any]:
         """The policy as vitc applies it, in Triton's JSON form (/config): one version is served."""
         if self.kind == "specific":

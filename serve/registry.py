@@ -21,7 +21,7 @@ from models.failures import out_of_memory
 from models.host import MAX_THREADS, usable_cpus
 from models.oneline import one_line
 from models.preprocessing import Preprocessing
-from models.triton_layout import is_version_name, version_dirs
+from models.triton_layout import is_version_name, misread_reason, misread_versions, version_dirs
 from models.tritonconfig import ConfigError, Tensor, TritonConfig, VersionPolicy
 from runtimes import Backend, BackendError, BackendOptions
 from runtimes.base import MAX_PARALLEL, default_streams, description
@@ -207,9 +207,19 @@ class ModelSource:
         except OSError as exc:  # it cannot tell whether config.pbtxt is there in a directory it may not look into
             raise unreadable("model directory", self.path, exc) from None
         versions = self.versions()
+        policy = config.version_policy if config is not None else VersionPolicy()
+        try:
+            misread = misread_versions(self.path)
+        except OSError as exc:
+            raise unreadable("model directory", self.path, exc) from None
+        # Triton reads "5.bak" as version 5 and opens "5/": where a version its policy loads has no directory of its
+        # own, Triton cannot load the model, and vitc must not serve another version in its place.
+        loaded = set(policy.loads([int(v) for v in versions] + list(misread.values())))
+        for name, version in sorted(misread.items()):
+            if version in loaded:
+                raise BundleError(misread_reason(name, version))
         if not versions:
             raise BundleError(f"model directory {self.path} has no version directory (1/, 2/, ...)")
-        policy = config.version_policy if config is not None else VersionPolicy()
         version = str(policy.pick([int(v) for v in versions]))
         return version, self.path / version, config
 
