@@ -15,6 +15,7 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,12 +182,14 @@ unique_keys = unique_keys_hook(lambda key: ProtocolError(f"request JSON repeats 
 
 
 def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None,
-                  raw_input: tuple[str, tuple[int, ...]] | None = None) -> InferRequest:
+                  raw_input: tuple[str, tuple[int, ...]] | None = None,
+                  datatypes: Mapping[str, str] | None = None) -> InferRequest:
     """Body (+ Inference-Header-Content-Length) -> InferRequest; raises ProtocolError with a reason."""
     # Everything a hostile body can do is a 4xx: invalid or deeply nested JSON, more arrays and objects than a
-    # request for the model holds (`max_containers`), numbers beyond every float, integer literals too long to
-    # convert, NaN/Infinity, shapes with too many or too large dimensions, values out of their datatype's range,
-    # non-finite floats in binary data.
+    # request for the model holds (`max_containers`, the model's own bound: see container_bound), numbers beyond
+    # every float, integer literals too long to convert, NaN/Infinity, shapes with too many or too large
+    # dimensions, values out of their datatype's range, non-finite floats in binary data. `datatypes` names the
+    # datatype each of the model's inputs takes: another is refused naming both, before its data is read.
     n = _header_length(header_length, len(body))
     # A header of 0 is a raw binary request for the model's one FP32 input `raw_input` (name, shape of a batch of one).
     if n == 0:
@@ -194,10 +197,13 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
             raise ProtocolError(f"a raw binary request ({HEADER_LENGTH}: 0) needs a model with one input")
         return _parse_raw(body, *raw_input)
     head, binary = (body, memoryview(b"")) if n is None else (body[:n], memoryview(body)[n:])
-    if max_containers is not None and (containers := head.count(b"[") + head.count(b"{")) > max_containers:
-        # Counted before parsing: each costs a Python object many times its two bytes of JSON.
-        raise ProtocolError(f"request JSON holds {containers} arrays and objects; a request for this model holds "
-                            f"at most {max_containers}")
+    # Counted before parsing: each costs a Python object many times its bytes of JSON.
+    bound = None if max_containers is None else container_bound(len(head), max_containers)
+    if bound is not None and (containers := count_containers(head, bound)) > bound:
+        raise ProtocolError(f"request JSON holds {containers} arrays and objects; a request of {len(head)} bytes "
+                            f"holds at most {bound}: send 'data' flat or nested as its shape, or nested otherwise "
+                            f"with at most one list per {BYTES_PER_CONTAINER} bytes of JSON (a list per value takes "
+                            f"values of {BYTES_PER_CONTAINER - 3} characters or more)")
     try:
         doc = json.loads(head, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
     except ProtocolError:
@@ -210,7 +216,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
             raise ProtocolError(f"the body continues after the JSON at byte {end}: to send binary tensor data "
                                 f"after the JSON, send {HEADER_LENGTH}: {end}"
                                 + ("" if n is None else f" (not {n})")) from None
-        if n is not None and (end := _cut_json_end(body, n, max_containers)) is not None:
+        if n is not None and (end := _cut_json_end(body, n, bound)) is not None:
             raise ProtocolError(f"{HEADER_LENGTH} {n} ends inside the JSON, which ends at byte {end}: send "
                                 f"{HEADER_LENGTH}: {end}") from None
         raise ProtocolError(f"request is not valid JSON: {short_reason(exc)}") from None
@@ -223,7 +229,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for spec in raw_inputs:
-        name, arr, used = _parse_input(spec, binary, offset)
+        name, arr, used = _parse_input(spec, binary, offset, datatypes or {})
         if name in inputs:
             raise ProtocolError(f"input {name!r} appears twice")
         inputs[name] = arr
@@ -248,6 +254,37 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
 # numpy array (measured: "0.1," 11x, nested [0,0,0] rows 19x); binary tensor data is copied once or twice.
 JSON_MEMORY_PER_BYTE = 20
 BINARY_MEMORY_PER_BYTE = 2
+# A JSON array or object costs far more than its bytes (`{"":0},` about 200 bytes for 7, `[0],` about 100 for 4),
+# so a request may hold one per BYTES_PER_CONTAINER bytes of JSON, and never fewer than its model's own bound (its
+# largest batch nested as its shape). That keeps the dearest body within JSON_MEMORY_PER_BYTE (measured peak RSS
+# for 16 MiB of `{"":0},` at the bound and numbers: 19x; at 12 bytes: 22x), and takes a list per value written
+# as Python writes a float32 (`[0.6369616985321045],`). One list per value of the model's largest batch would have
+# admitted 16 MiB of `[0],`: 29x.
+BYTES_PER_CONTAINER = 16
+_QUOTE, _BRACKET, _BRACE = b'"'[0], b"["[0], b"{"[0]
+
+
+def container_bound(json_bytes: int, fixed: int) -> int:
+    """The most JSON arrays and objects read in `json_bytes` of a request's JSON: one per BYTES_PER_CONTAINER
+    bytes, and never fewer than `fixed` (the model's bound)."""
+    return max(fixed, json_bytes // BYTES_PER_CONTAINER)
+
+
+def count_containers(text: bytes, bound: int) -> int:
+    """The JSON arrays and objects `text` opens (`[` and `{` outside strings), read exactly when more than `bound`
+    brackets are in it; at most `bound` brackets in all need no reading."""
+    brackets = text.count(b"[") + text.count(b"{")
+    if brackets <= bound:
+        return brackets
+    if json.detect_encoding(text) not in ("utf-8", "utf-8-sig"):  # UTF-16/32: every bracket byte, never too few
+        return brackets
+    # An escape is a backslash and the byte after it, paired left to right as JSON reads them: dropping `\\`,
+    # then `\"`, leaves only the quotes that open or close a string. Whatever follows a byte JSON refuses is
+    # never parsed, so a count that goes wrong past it costs nothing. Vectorised: a byte loop in Python would take
+    # a minute over a 100 MB header.
+    codes = np.frombuffer(text.replace(b"\\\\", b"").replace(b'\\"', b""), np.uint8)
+    outside = (np.cumsum(codes == _QUOTE, dtype=np.uint8) & 1) == 0  # an even number of quotes so far (mod 256)
+    return int(np.count_nonzero(((codes == _BRACKET) | (codes == _BRACE)) & outside))
 
 
 def parse_memory(body_size: int, header_length: str | None) -> int:
@@ -305,10 +342,10 @@ def _json_end(body: bytes, exc: Exception) -> int | None:
     return len(text[:end].encode("utf-8", "surrogatepass")) if isinstance(doc, dict) else None
 
 
-def _cut_json_end(body: bytes, n: int, max_containers: int | None) -> int | None:
+def _cut_json_end(body: bytes, n: int, bound: int | None) -> int | None:
     """Where the JSON at the start of `body` ends when a header length `n` shorter than it cut it (None: the JSON
     is what is wrong). Parsed again from the whole body only within the request's bound on arrays and objects."""
-    if max_containers is not None and body.count(b"[") + body.count(b"{") > max_containers:
+    if bound is not None and count_containers(body, bound) > bound:
         return None  # tensor bytes that look like brackets: no hint rather than an unbounded parse
     try:
         json.loads(body, parse_constant=_refuse_constant)
@@ -374,7 +411,8 @@ def _triton_typed(key: str, value: Any) -> bool:
     return (is_int(value) and 0 <= value < 1 << 64) or (key == "sequence_id" and isinstance(value, str))
 
 
-def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _parse_input(spec: Any, binary: memoryview, offset: int,
+                 datatypes: Mapping[str, str]) -> tuple[str, np.ndarray, int]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("every input needs a 'name'")
     name = spec["name"][:128]
@@ -384,6 +422,8 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
     if len(shape) > MAX_DIMS:
         raise ProtocolError(f"input {name!r}: {len(shape)} dimensions; at most {MAX_DIMS}")
     datatype = spec.get("datatype")
+    if name in datatypes and datatype != datatypes[name]:  # the model's list, not the parser's
+        raise wrong_datatype(name, datatypes[name], datatype)
     if not isinstance(datatype, str) or datatype not in DTYPES:  # a list or object is unhashable: a 500 before
         raise ProtocolError(f"input {name!r}: unsupported datatype {str(datatype)[:40]!r}; "
                             f"supported: {', '.join(DTYPES)}")
@@ -414,6 +454,18 @@ def _parse_input(spec: Any, binary: memoryview, offset: int) -> tuple[str, np.nd
     if arr.size != count:
         raise ProtocolError(f"input {name!r}: {arr.size} values for shape {shape} ({count} expected)")
     return name, _finite_tensor(name, arr.reshape(shape)), 0
+
+
+def wrong_datatype(name: str, want: str, got: Any) -> ProtocolError:
+    """The refusal of input `name` sent as `got` (a datatype name, or any JSON) to a model that takes `want`: one
+    wording whatever was sent (Triton's names the expected type too)."""
+    shown = got[:40] if isinstance(got, str) else _json_kind(got)
+    return ProtocolError(f"input {name!r} must be {want} (the model's datatype), got {shown}")
+
+
+def datatype_name(dtype: np.dtype) -> str:
+    """The protocol's name of a numpy dtype the parser reads (BOOL ... FP64), else numpy's own."""
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
 
 
 # What JSON values other than numbers are called in a refusal.

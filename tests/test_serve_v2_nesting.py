@@ -74,10 +74,17 @@ def test_data_nested_deeper_than_its_shape_is_read_as_triton_reads_it(depth, dat
 @pytest.mark.parametrize("depth", [MAX_DATA_NESTING + 1, 100, 900])
 def test_data_nested_past_the_fixed_bound_is_refused_with_a_reason(client, depth, datatype):
     value = "true" if datatype == "BOOL" else "1"
+    deep = (f"input 'input': 'data' nests lists more than {MAX_DATA_NESTING} deep (send the values flat, or nested "
+            "as the shape)")
     for shape in ([1], SHAPE):
-        reason = _refused(client, _body(shape, _nested(depth, value), datatype))
-        assert reason == (f"input 'input': 'data' nests lists more than {MAX_DATA_NESTING} deep (send the values "
-                          "flat, or nested as the shape)"), reason
+        body = _body(shape, _nested(depth, value), datatype)
+        with pytest.raises(ProtocolError) as refused:  # the parser reads every datatype it has
+            parse_request(body, None)
+        assert str(refused.value) == deep
+        # The server reads data in the model's datatype only: another is refused, naming both, before its data.
+        reason = _refused(client, body)
+        assert reason == (deep if datatype == "FP32" else
+                          f"input 'input' must be FP32 (the model's datatype), got {datatype}"), reason
 
 
 def test_the_bound_is_the_same_beside_numbers_as_in_lists_of_lists():

@@ -27,10 +27,12 @@ from serve.protocol import (
     check_parameters,
     classification_strings,
     compress,
+    datatype_name,
     encode_response,
     parse_memory,
     parse_request,
     unique_keys,
+    wrong_datatype,
 )
 from serve.registry import ServedModel
 from serve.repository import LoadError
@@ -44,6 +46,7 @@ router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 # "A 200 status code indicates true and a 4xx status code indicates false" (KServe v2); Triton answers 400.
 NOT_READY = 400
+DATATYPE = "FP32"  # what every model's input takes (metadata, config and raw binary requests say so)
 
 
 def _check_version(model: ServedModel, version: str | None) -> None:
@@ -72,7 +75,7 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
         "name": model.name,
         "versions": [model.version],
         "platform": model.platform,
-        "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
+        "inputs": [{"name": m.input_name, "datatype": DATATYPE, "shape": [-1, c, h, w]}],
         "outputs": [{"name": m.output_name, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
         # Where the served version came from (the bundle's provenance), as string parameters.
         "parameters": {k: v for k, v in model.provenance_labels().items() if v},
@@ -269,8 +272,8 @@ def _model_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarra
     if set(inputs) != {name}:
         raise APIError(400, f"model {model.name!r} takes one input {name!r}, got {sorted(inputs)}")
     x = inputs[name]
-    if x.dtype != np.float32:
-        raise APIError(400, f"input {name!r} must be FP32")
+    if x.dtype != np.float32:  # the parser refuses it first when it is told the model's datatypes: the same words
+        raise APIError(400, str(wrong_datatype(name, DATATYPE, datatype_name(x.dtype))))
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         expected = [-1, *want]
         raise APIError(400, f"input {name!r} has shape {list(x.shape)}, expected {expected}")
@@ -280,9 +283,10 @@ def _model_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarra
 
 
 def json_containers(model: ServedModel) -> int:
-    """The most JSON arrays and objects a valid request for `model` holds: its largest batch nested as
-    [B][C][H][W], plus room for shapes, outputs and parameters. More is refused before it is parsed (16 MiB of
-    `[],` became 650 MB of Python lists)."""
+    """The JSON arrays and objects any request for `model` may hold: its largest batch nested as [B][C][H][W], plus
+    room for shapes, outputs and parameters; a larger body may hold one per BYTES_PER_CONTAINER bytes
+    (serve.protocol.container_bound). More is refused before it is parsed (16 MiB of `[],` became 650 MB of Python
+    lists)."""
     c, h, _ = model.manifest.input.sample_shape
     return 1 + model.max_batch * (1 + c * (1 + h)) + 4096
 
@@ -309,12 +313,12 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {
 
 
 def _parse(budget: PixelBudget, body: bytes, header: str | None, containers: int | None,
-           raw_input: tuple[str, tuple[int, ...]]) -> InferRequest:
+           raw_input: tuple[str, tuple[int, ...]], datatypes: dict[str, str] | None = None) -> InferRequest:
     """parse_request, holding its memory (up to 20x the JSON's size) in the decode budget as images hold theirs:
     concurrent large JSON tensors wait or get 503 instead of taking the server past its memory."""
     pixels = -(-parse_memory(len(body), header) // DECODE_BYTES_PER_PIXEL)
     with budget.reserve(min(pixels, budget.pixels)):  # one body alone always parses, as one image decodes alone
-        return parse_request(body, header, containers, raw_input)
+        return parse_request(body, header, containers, raw_input, datatypes)
 
 
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES,
@@ -337,7 +341,8 @@ async def model_infer(request: Request, name: str, version: str | None = None) -
                 parsed = await deps.off_loop(request, _parse, request.app.state.pixel_budget, body,
                                              next(iter(lengths), None), json_containers(model),
                                              (model.manifest.input_name,
-                                              (-1 if _unbatched(model) else 1, *model.manifest.input.sample_shape)))
+                                              (-1 if _unbatched(model) else 1, *model.manifest.input.sample_shape)),
+                                             {model.manifest.input_name: DATATYPE})
     except ProtocolError as exc:
         raise APIError(exc.status, str(exc), exc.headers) from None
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version
