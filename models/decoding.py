@@ -2,8 +2,8 @@
 
 The server (`serve.imaging`) and the dataset side (`data.datasets.decode_checked`: training, `train.eval`, export's
 parity and calibration images, the served-path check, `serve.sample`) both open and load images here: the formats
-opened, the structure checks on JPEG and PNG headers, the pixel limit (from the header, before any pixel is
-decoded), PNG metadata bounds, EXIF orientation and exotic colour modes. So an image one reader refuses, every
+opened, the structure checks on JPEG, PNG, TIFF, GIF and BMP headers, the pixel limit (from the header, before any
+pixel is decoded), PNG metadata bounds, EXIF orientation and exotic colour modes. So an image one reader refuses, every
 reader refuses, and an image one decodes, every one decodes to the same pixels. What a refusal becomes is the
 caller's: the server answers 400 or 413, a dataset counts the file as unreadable. Imports PIL: modules that must
 load without the imaging extra import this one where they decode.
@@ -19,14 +19,15 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from PIL import Image, ImageChops, ImageFile, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFile, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 from models.oneline import first_line
 from models.preprocessing import PNG_TEXT_BYTES, PNG_TEXT_CHUNK_BYTES, image_formats, plain_mode, upright
 
 FORMATS = image_formats()  # the Pillow decoders every reader uses; anything else is never parsed
 REASON_CHARS = 200  # how much of a decoder's own message a refusal quotes
-MAX_HEADER_SEGMENTS = 1024  # JPEG marker segments / PNG chunks before the image data (real files: a few dozen)
+# JPEG marker segments / PNG chunks before the image data, entries of a TIFF directory (real files: a few dozen)
+MAX_HEADER_SEGMENTS = 1024
 MAX_JPEG_MARKERS = 4096  # all of a JPEG's markers up to EOI (real files: a few dozen; a progressive one ~30 more)
 MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -38,6 +39,24 @@ MAX_PNG_CHUNKS = 1 << 14
 PNG_BYTES_PER_CHUNK = 1 << 10
 # Chunks Pillow inflates (up to PNG_TEXT_CHUNK_BYTES each) while it opens or loads a PNG: text and colour profiles.
 INFLATED_PNG_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
+# An uncompressed TIFF is one Python tile per strip (or tile), made as Pillow opens it and decoded one by one: about
+# 20 us and 300 bytes each (2,000,000 one-row strips in 16 MB: 40-70 s, 650 MB; libtiff, which decodes a compressed
+# one, is faster but not free: 1,500,000 strips took 0.9 s, 50 MB). 32,768 strips (an image of that many rows, one a
+# strip): 0.3-0.7 s, 10 MB.
+MAX_TIFF_STRIPS = 1 << 15
+# As it loads a TIFF, Pillow reads the EXIF, GPS and Interop directories it points to, each number in them a Python
+# object (a RATIONAL about 9 us and 230 bytes: 2,000,000 of them in 16 MB took 17 s and 460 MB). Real ones hold a
+# few dozen; this many take 0.1 s and 3 MB.
+MAX_EXIF_NUMBERS = 1 << 14
+# GIF reads before the first image, each a step in Python: an extension, each of its data sub-blocks, a stray byte
+# (Pillow keeps an object per comment sub-block: 3,000,000 tiny comments in 15 MB took 9 s and 510 MB). A real GIF
+# has a handful of extensions; this many sub-blocks hold 4 MiB of metadata (an ICC profile, XMP) and take 20 ms.
+MAX_GIF_BLOCKS = 1 << 14
+# Pillow's BMP RLE decoder is Python: a step for each two bytes of data (RLE8, 16 MB: 9 s); an RLE4 image also takes
+# a step a pixel (340 KB of long runs made 40 M pixels in 7 s). The worst file these admit takes about 0.2-0.4 s
+# (RLE8) or 0.4-0.6 s (RLE4).
+MAX_BMP_RLE_BYTES = 1 << 20
+MAX_BMP_RLE4_PIXELS = 1 << 20
 
 
 class DecodeError(ValueError):
@@ -146,10 +165,11 @@ def jpeg_scans(data: bytes, most: int, markers: int = MAX_JPEG_MARKERS) -> int:
 
 
 def check_structure(data: bytes) -> None:
-    """Refuse JPEG and PNG files built to make the decoder work far more than their pixels warrant: thousands of
-    tiny header segments or chunks (parsed one by one in Python), of progressive scans (each a pass over the image),
-    or of PNG colour profiles (each inflated, up to 1 MiB); and a PNG any chunk of which is cut off, has no valid
-    type or fails its checksum (CRC), naming the chunk."""
+    """Refuse files built to make the decoder work far more than their pixels warrant: thousands of tiny JPEG header
+    segments or PNG chunks (parsed one by one in Python), of progressive scans (each a pass over the image), of PNG
+    colour profiles (each inflated, up to 1 MiB), of TIFF strips, tiles, directory entries or EXIF numbers, of GIF
+    blocks before the first image, or RLE BMP data (decoded in Python); and a PNG any chunk of which is cut off, has
+    no valid type or fails its checksum (CRC), naming the chunk."""
     if data[:2] == b"\xff\xd8":
         for segments, _ in enumerate(jpeg_segments(data), 1):
             if segments > MAX_HEADER_SEGMENTS:
@@ -160,6 +180,14 @@ def check_structure(data: bytes) -> None:
     elif data[:8] == PNG_SIGNATURE:
         if (fault := _png_fault(data)) is not None:
             raise DecodeError(f"corrupt PNG: {fault}; re-save or re-export the image")
+    elif data[:4] in TIFF_PREFIXES:
+        _check_tiff(data)
+    elif data[:6] in GIF_SIGNATURES:
+        if gif_blocks(data, MAX_GIF_BLOCKS) > MAX_GIF_BLOCKS:
+            raise DecodeError(f"GIF has more than {MAX_GIF_BLOCKS} extension blocks (or stray bytes) before its first "
+                              "image, each read one by one; refused")
+    elif data[:2] == b"BM":
+        _check_rle_bmp(data)
 
 
 def _png_fault(data: bytes) -> str | None:
@@ -202,6 +230,138 @@ def _png_fault(data: bytes) -> str | None:
     if profiles > 1:  # the format allows one; Pillow inflates each it meets, before the image data or after it
         raise DecodeError(f"PNG has {profiles} iCCP colour profile chunks, where the format allows one; refused")
     return None
+
+
+TIFF_PREFIXES = tuple(TiffImagePlugin.PREFIXES)  # what Pillow opens as a TIFF, BigTIFF included
+STRIP_OFFSETS, TILE_OFFSETS = 273, 324
+EXIF_IFD, GPS_IFD, INTEROP_IFD = 34665, 34853, 40965  # the directories Pillow reads as it loads a TIFF
+# The types Pillow reads a Python number from for each value (a BYTE, ASCII or UNDEFINED tag it reads whole).
+_TIFF_NUMBERS = frozenset({3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16})
+_TIFF_WHOLE = {3: "H", 4: "L", 6: "b", 8: "h", 9: "l", 13: "L", 16: "Q"}  # types Pillow reads an offset from
+
+_TiffEntry = tuple[int, int, int, bytes]  # tag, type, count, value (or offset) field
+
+
+def _tiff_directory(data: bytes, offset: int, endian: str, big: bool) -> list[_TiffEntry]:
+    """The entries of the TIFF directory at `offset` as Pillow reads them (those the data holds); a DecodeError for
+    more than MAX_HEADER_SEGMENTS of them, which Pillow reads one by one in Python, several times over."""
+    count_code, entry = ("Q", "HHQ8s") if big else ("H", "HHL4s")
+    start = offset + struct.calcsize(endian + count_code)
+    if offset < 0 or start > len(data):
+        return []  # Pillow finds no directory: it says so
+    (count,) = struct.unpack_from(endian + count_code, data, offset)
+    if count > MAX_HEADER_SEGMENTS:
+        raise DecodeError(f"TIFF has a directory of {count} entries, more than the limit of {MAX_HEADER_SEGMENTS}; "
+                          "refused")
+    size = struct.calcsize(endian + entry)
+    end = start + min(count, (len(data) - start) // size) * size
+    return list(struct.iter_unpack(endian + entry, data[start:end]))
+
+
+def _tiff_pointer(data: bytes, entries: list[_TiffEntry], tag: int, endian: str) -> int | None:
+    """Where the directory that `tag` points to starts, read as Pillow reads it (one whole number); None when the
+    tag is absent or is not such a number. A tag given twice is refused: which one Pillow takes depends on details
+    of the others (their types, sizes and places) that no real file exercises."""
+    found = [(kind, count, value) for t, kind, count, value in entries if t == tag]
+    if len(found) > 1:
+        raise DecodeError("TIFF names its EXIF, GPS or Interop directory more than once; refused")
+    if not found or found[0][1] != 1 or (code := _TIFF_WHOLE.get(found[0][0])) is None:
+        return None
+    raw, size = found[0][2], struct.calcsize(endian + code)
+    if size > len(raw):  # a LONG8 in a classic TIFF lies where its field points
+        at = struct.unpack(endian + "L", raw)[0]
+        raw = data[at:at + size]
+    return struct.unpack_from(endian + code, raw)[0] if len(raw) >= size else None
+
+
+def _exif_numbers(data: bytes, first: list[_TiffEntry], endian: str, big: bool) -> int:
+    """The numbers Pillow makes objects of as it reads a TIFF's EXIF, GPS and Interop directories: each directory
+    counted each time Pillow reads it (the Interop one only when the first directory names it too, as Pillow)."""
+    exif_at = _tiff_pointer(data, first, EXIF_IFD, endian)
+    exif = _tiff_directory(data, exif_at, endian, big) if exif_at is not None else []
+    read = [exif_at, _tiff_pointer(data, first, GPS_IFD, endian)]
+    if any(tag == INTEROP_IFD for tag, _, _, _ in first):
+        read.append(_tiff_pointer(data, exif, INTEROP_IFD, endian))
+    directories = [exif if at == exif_at else _tiff_directory(data, at, endian, big) for at in read if at is not None]
+    return sum(count for entries in directories for _, kind, count, _ in entries
+               if kind in _TIFF_NUMBERS)
+
+
+def _check_tiff(data: bytes) -> None:
+    """Refuse a TIFF whose first directory (the image Pillow decodes; later ones it reads only when asked to) has
+    more than MAX_HEADER_SEGMENTS entries or more than MAX_TIFF_STRIPS strips or tiles, or whose EXIF, GPS and
+    Interop directories hold more than MAX_EXIF_NUMBERS numbers, each read one by one in Python."""
+    endian = ">" if data[:2] == b"MM" else "<"
+    big = data[2] == 43  # as Pillow tells BigTIFF (a big-endian one, "MM\0+", it reads as a classic TIFF)
+    if len(data) < (16 if big else 8):
+        return  # Pillow says it is truncated
+    first = _tiff_directory(data, struct.unpack_from(endian + ("Q" if big else "L"), data, 8 if big else 4)[0],
+                            endian, big)
+    for tag, _, count, _ in first:
+        if tag in (STRIP_OFFSETS, TILE_OFFSETS) and count > MAX_TIFF_STRIPS:
+            unit, advice = ("strips", "more rows per strip") if tag == STRIP_OFFSETS else ("tiles", "larger tiles")
+            raise DecodeError(f"TIFF image is stored in {count} {unit}, more than the limit of {MAX_TIFF_STRIPS} "
+                              f"(each is read one by one); re-save it with {advice}")
+    if (numbers := _exif_numbers(data, first, endian, big)) > MAX_EXIF_NUMBERS:
+        raise DecodeError(f"TIFF's EXIF, GPS and Interop directories hold {numbers} numbers, more than the limit of "
+                          f"{MAX_EXIF_NUMBERS}; strip the image's metadata")
+
+
+GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+
+
+def gif_blocks(data: bytes, most: int) -> int:
+    """The reads Pillow makes one by one (in Python) before a GIF's first image, counted to at most `most` + 1: each
+    stray byte, each extension and each of its data sub-blocks, as Pillow reads them (past a non-comment extension's
+    first sub-block, and a NETSCAPE one's second, it reads on to an empty one, even when one of those was empty)."""
+    flags = data[10] if len(data) > 12 else 0
+    pos, reads, size = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0, len(data)
+    while pos < size and reads <= most and data[pos] not in b",;":
+        reads += 1
+        if data[pos] != 0x21:  # a stray byte: Pillow skips it and reads the next
+            pos += 1
+            continue
+        label, first = data[pos + 1:pos + 2], pos + 2
+        length = data[first] if first < size else 0
+        pos, reads = first + 1 + length, reads + 1
+        if label == b"\xfe" and not length:
+            continue  # an empty comment: Pillow reads nothing more of it
+        if label == b"\xff" and length >= 11 and data[first + 1:first + 12] == b"NETSCAPE2.0":
+            pos, reads = pos + 1 + (data[pos] if pos < size else 0), reads + 1  # the loop count, read on its own
+        pos, reads = _gif_sub_blocks(data, pos, reads, most)
+    return reads
+
+
+def _gif_sub_blocks(data: bytes, pos: int, reads: int, most: int) -> tuple[int, int]:
+    """Past the data sub-blocks at `pos` up to an empty one (or the data's end), each a read: (position, reads)."""
+    size = len(data)
+    while pos < size and reads <= most:
+        length = data[pos]
+        pos, reads = pos + 1 + length, reads + 1
+        if not length:
+            break
+    return pos, reads
+
+
+def _check_rle_bmp(data: bytes) -> None:
+    """Refuse an RLE8 or RLE4 BMP (decoded in Python) of more than MAX_BMP_RLE_BYTES of data, or an RLE4 one (pixel
+    by pixel) of more than MAX_BMP_RLE4_PIXELS pixels."""
+    if len(data) < 34 or int.from_bytes(data[14:18], "little") not in (40, 52, 56, 64, 108, 124):
+        return  # an OS/2 header (never compressed) or one Pillow refuses
+    compression = int.from_bytes(data[30:34], "little")
+    if compression not in (1, 2):
+        return
+    offset = int.from_bytes(data[10:14], "little")  # where Pillow starts, or later (0: after the palette)
+    if (size := len(data) - min(offset, len(data))) > MAX_BMP_RLE_BYTES:
+        raise DecodeError(f"RLE-compressed BMP holds {size} bytes of image data, more than the limit of "
+                          f"{MAX_BMP_RLE_BYTES} (Pillow decodes it in Python); re-save it uncompressed or as PNG")
+    width, height = int.from_bytes(data[18:22], "little"), int.from_bytes(data[22:26], "little")
+    if data[25] == 0xFF:  # a top-down image, as Pillow tells one
+        height = 2**32 - height
+    if compression == 2 and width * height > MAX_BMP_RLE4_PIXELS:
+        raise DecodeError(f"RLE4-compressed BMP of {width * height} pixels, more than the limit of "
+                          f"{MAX_BMP_RLE4_PIXELS} (Pillow decodes it pixel by pixel in Python); re-save it "
+                          "uncompressed or as PNG")
 
 
 def _unidentified(data: bytes) -> DecodeError:
