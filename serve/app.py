@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
+from fastapi.dependencies.utils import get_flat_params
+from fastapi.openapi.constants import REF_PREFIX
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
@@ -31,7 +33,7 @@ from serve.middleware import (
 )
 from serve.registry import ServedModel, close_models, load_models
 from serve.repository import ModelRepository
-from serve.responses import error_response, install_handlers
+from serve.responses import ERROR_REF, Error, error_response, install_handlers
 from serve.routes import ops, v1, v2
 from serve.routes.deps import OUT_OF_MEMORY, OUT_OF_THREADS, RETRY_AFTER
 from serve.settings import Settings
@@ -43,7 +45,8 @@ DESCRIPTION = """Image classification with ViT_C / ViT_P bundles on onnxruntime,
 
 * `/v1`: send an image, get softmax top-k labels.
 * `/v2`: the Open Inference Protocol (KServe v2, Triton HTTP incl. binary tensors) on preprocessed tensors.
-* `/metrics`: Prometheus. Errors are JSON: `{"error": "<reason>"}`.
+* `/metrics`: Prometheus. Errors are JSON: `{"error": "<reason>"}` (the `Error` schema); a readiness endpoint's 400
+  (not ready, as Triton answers) is its own answer, `{"ready": false}`.
 """
 
 
@@ -53,17 +56,65 @@ DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
 
 
 def _declare_bearer(app: FastAPI, open_paths: tuple[str, ...]) -> None:
-    """The OpenAPI document says every route but `open_paths` needs `Authorization: Bearer <key>`."""
+    """The OpenAPI document says every route but `open_paths` needs `Authorization: Bearer <key>`, and answers 401
+    (AuthMiddleware's, with WWW-Authenticate) without it."""
     plain = app.openapi
+    unauthorized = {"description": "Missing or invalid bearer token",
+                    "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+                    "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}}
 
     def openapi() -> dict[str, Any]:
         schema = plain()
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer", "description": "the server's --api-key"}
         schema["security"] = [{"bearer": []}]
-        for path in open_paths:
-            for operation in schema.get("paths", {}).get(path, {}).values():
-                operation["security"] = []
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                if path in open_paths:
+                    operation["security"] = []
+                else:
+                    operation["responses"]["401"] = unauthorized
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+_FASTAPI_422 = {"$ref": REF_PREFIX + "HTTPValidationError"}
+
+
+def _refusable(route: APIRoute) -> bool:
+    """Whether FastAPI's own validation can refuse a request of `route` (a RequestValidationError): it declares a body,
+    or a parameter that is not text taken as it comes (a path segment, or an optional query value)."""
+    return route.body_field is not None or any(
+        f.field_info.annotation not in (str, str | None)
+        or (f.field_info.is_required() and not isinstance(f.field_info, params.Path))
+        for f in get_flat_params(route.dependant))
+
+
+def document_validation(app: FastAPI, routes: Iterable[APIRoute]) -> None:
+    """FastAPI documents its 422 ({"detail": [...]}) on every route with a parameter. The document says instead the 422
+    the server answers for it (serve.responses: Error, with `detail`), and only on the `routes` where FastAPI can
+    refuse a request: the routes here read their parameters as text, and check them themselves."""
+    routes = list(routes)
+    plain = app.openapi
+    invalid = {"description": "A parameter FastAPI refused (`detail` lists why)",
+               "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}}
+
+    def openapi() -> dict[str, Any]:
+        schema = plain()
+        for route in routes:
+            for method in route.methods if route.include_in_schema else ():
+                responses = schema["paths"][route.path_format][method.lower()]["responses"]
+                if responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema") \
+                        == _FASTAPI_422:
+                    if _refusable(route):
+                        responses["422"] = invalid
+                    else:
+                        del responses["422"]
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):  # no longer referenced
+            schemas.pop(name, None)
+        schemas.setdefault(Error.__name__, Error.model_json_schema())  # the 401 and 422 above refer to it
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -150,6 +201,8 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(ops.router)
+    routes = [r for router in (v1.router, v2.router, ops.router) for r in router.routes if isinstance(r, APIRoute)]
+    document_validation(app, routes)
     # Added innermost first: the access log sees every answer, including auth and body-limit refusals.
     app.add_middleware(FastPathMiddleware, path="/v1/models/{name}/classify", handler=v1.classify_request,
                        max_top_k=v1.MAX_TOP_K)
@@ -165,8 +218,7 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     # Outside every layer that may answer before reading the body.
     app.add_middleware(EarlyAnswerMiddleware, max_bytes=settings.max_body_bytes)
     # Requests refused before routing (auth, body limit) are still counted under their route's template.
-    templates = [(r.path_regex, r.path) for router in (v1.router, v2.router, ops.router) for r in router.routes
-                 if isinstance(r, APIRoute)]
+    templates = [(r.path_regex, r.path) for r in routes]
     app.add_middleware(AccessLogMiddleware, metrics=metrics,
                        known_models=lambda: getattr(app.state, "repository", app.state.models),
                        enabled=settings.access_log, templates=templates)

@@ -36,14 +36,16 @@ from serve.protocol import short_reason
 from serve.workpool import Holder, PixelBudget
 
 # The media types of an image body or part (the bytes decide the format, whichever is named): the registered types of
-# the formats `models.decoding` opens and their common aliases, and the types of "just bytes":
-# application/octet-stream, and application/x-www-form-urlencoded, which curl and many clients send for a raw body
-# when told no type (`curl --data-binary @photo.jpg URL`).
-CONTENT_TYPES = frozenset({
+# the formats `models.decoding` opens and their common aliases, and application/octet-stream ("just bytes"). What the
+# OpenAPI document declares for /v1, and what makes a multipart part without a filename a file (serve.routes.v1).
+IMAGE_CONTENT_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/apng", "image/x-png", "image/webp", "image/gif",
     "image/bmp", "image/x-bmp", "image/x-ms-bmp", "image/tiff", "image/tif", "image/x-tiff", "image/avif",
-    "application/octet-stream", "application/x-www-form-urlencoded",
+    "application/octet-stream",
 })
+# And application/x-www-form-urlencoded, which curl and many clients send for a raw body when told no type
+# (`curl --data-binary @photo.jpg URL`): read as the bytes it is, though no form (the document says so in words).
+CONTENT_TYPES = IMAGE_CONTENT_TYPES | {"application/x-www-form-urlencoded"}
 
 
 class ImageError(ValueError):

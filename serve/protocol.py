@@ -181,6 +181,12 @@ def _json_kind(value: Any) -> str:
 unique_keys = unique_keys_hook(lambda key: ProtocolError(f"request JSON repeats the key {key[:64]!r} in one object"))
 
 
+def loads(text: bytes) -> Any:
+    """JSON as the server reads a request body: NaN, Infinity and a repeated key are refused (ProtocolError); invalid
+    JSON and integer literals past Python's 4300 digits raise ValueError, nesting past the parser's RecursionError."""
+    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
+
+
 def parse_request(body: bytes, header_length: str | None, max_containers: int | None = None,
                   raw_input: tuple[str, tuple[int, ...]] | None = None,
                   datatypes: Mapping[str, str] | None = None) -> InferRequest:
@@ -205,7 +211,7 @@ def parse_request(body: bytes, header_length: str | None, max_containers: int | 
                             f"with at most one list per {BYTES_PER_CONTAINER} bytes of JSON (a list per value takes "
                             f"values of {BYTES_PER_CONTAINER - 3} characters or more)")
     try:
-        doc = json.loads(head, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
+        doc = loads(head)
     except ProtocolError:
         raise
     except RecursionError:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.errors import APIError
+
+
+class Error(BaseModel):
+    """The one error body shape, as the OpenAPI document gives it (components/schemas/Error)."""
+
+    error: str = Field(description="why the request was refused or failed")
+    # Absent, never null: SkipJsonSchema keeps None out of the schema, and the extra drops its `default: null`.
+    detail: list[dict[str, Any]] | SkipJsonSchema[None] = Field(
+        default=None, description="FastAPI's validation errors, on a 422 for a parameter FastAPI refused",
+        json_schema_extra=lambda schema: schema.pop("default", None))
+
+
+ERROR_REF = f"#/components/schemas/{Error.__name__}"  # where FastAPI's document keeps Error
 
 
 def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -196,9 +196,11 @@ HARD_EDGES = [
     ("empty body", {"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
     ("multipart without file", {"files": {"other": ("a.png", b"x", "image/png")}}, 422, "'file'"),
     ("multipart text part", {"files": {"file": ("a.txt", b"x", "text/plain")}}, 415, "content type"),
-    # A part without a filename is a text field, whatever its size (Starlette refuses big ones on its own).
-    ("part without filename", {"files": {"file": (None, b"x", "image/png")}}, 422, "no filename"),
-    ("big part without filename", {"files": {"file": (None, b"x" * 70_000, "image/png")}}, 422, "no filename"),
+    # A part without a filename or an image type is a text field, whatever its size (Starlette refuses big ones on
+    # its own); with an image type it is a file, read as one.
+    ("part without filename", {"files": {"file": (None, b"x", "text/plain")}}, 422, "no filename"),
+    ("big part without filename", {"files": {"file": (None, b"x" * 70_000, "text/plain")}}, 422, "no filename"),
+    ("image part without filename", {"files": {"file": (None, b"x", "image/png")}}, 400, "not a recognised image"),
     ("too many files", {"files": [("file", (f"{i}.png", b"x", "image/png")) for i in range(9)]}, 400, "files"),
 ]
 

@@ -20,6 +20,7 @@ from serve.errors import APIError, ClientGone
 from serve.middleware import body_hold
 from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
+from serve.responses import Error
 from serve.settings import Settings
 from serve.workpool import Busy
 
@@ -30,12 +31,24 @@ RETRY_AFTER = {"Retry-After": "1"}
 OUT_OF_MEMORY = "the server ran out of memory for this request; retry later"
 OUT_OF_THREADS = "the server could not start a thread for this request (its thread or pids limit); retry later"
 
+
+def error_doc(description: str) -> dict[str, Any]:
+    """An error answer as a route's `responses` documents it: the Error shape (serve.responses), with an example."""
+    return {"model": Error, "description": description,
+            "content": {"application/json": {"example": {"error": "reason"}}}}
+
+
+# The errors of the routes that take an image or tensors (401 is documented where a key is required: serve.app).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"description": text, "content": {"application/json": {"example": {"error": "reason"}}}}
+    code: error_doc(text)
     for code, text in {
-        400: "Undecodable or malformed input", 401: "Missing or invalid bearer token", 404: "Unknown model",
-        413: "Body or image too large, or more images than --max-queue-size", 415: "Unsupported content type",
-        422: "Invalid parameter",
+        400: "Undecodable or malformed input",
+        404: "Unknown model or one not loaded (on a versioned path: a version not served)",
+        413: "Body or image too large, or more images than --max-queue-size",
+        415: "Unsupported content type or Content-Encoding",
+        422: "Invalid parameter (top_k) or multipart form (no 'file' part, or a text field for it); outputs that are "
+             "not finite for this input",
+        500: "The model's runtime failed on this input (the reason says how)",
         503: "Queue, decode pool or decode budget full; model stalled or shutting down; the server out of memory "
              "or threads (see Retry-After)",
         504: "Inference exceeded the model's timeout",

@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -19,7 +20,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from models.bundle import MAX_CLASSES
 from models.decoding import PNG_SIGNATURE
 from serve.errors import APIError
-from serve.imaging import CONTENT_TYPES, ImageError, cheap, prepare
+from serve.imaging import CONTENT_TYPES, IMAGE_CONTENT_TYPES, ImageError, cheap, prepare
 from serve.registry import ServedModel
 from serve.routes.deps import (
     ERROR_RESPONSES,
@@ -78,12 +79,17 @@ _CLASSIFY_BODY = {
                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K}}],
     "requestBody": {
         "required": True,
-        "description": "One image as the raw body, or one or more images as multipart `file` fields "
-                       "(several files answer a list, in order).",
+        "description": "One image as the raw body, or one or more images as multipart `file` parts (several files "
+                       "answer a list, in order). JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF, whichever type is named; "
+                       "a raw body typed application/x-www-form-urlencoded (curl's default) is read as the image too. "
+                       "A `file` part is a file upload when it has a filename or an image (or "
+                       "application/octet-stream) Content-Type; one with neither is a text field, and refused.",
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "array", "items": _IMAGE_SCHEMA}}}},
-            **{t: {"schema": _IMAGE_SCHEMA} for t in ("image/jpeg", "image/png", "image/webp")},
+                "file": {"type": "array", "items": _IMAGE_SCHEMA}}},
+                "encoding": {"file": {"contentType": "image/*, application/octet-stream"}}},
+            # Every type the server takes (serve.imaging); its bytes decide the format, whichever is named.
+            **{t: {"schema": _IMAGE_SCHEMA} for t in sorted(IMAGE_CONTENT_TYPES)},
         },
     }
 }
@@ -145,6 +151,25 @@ def _closed_multipart(body: bytes, content_type: str) -> bool:
     return body[end:end + 2] == b"--"
 
 
+def _part_type(headers: list[tuple[bytes, bytes]]) -> str:
+    """A multipart part's media type (from its own headers), "" without one."""
+    return _media_type(next((v for k, v in headers if k == b"content-type"), b"").decode("latin-1"))
+
+
+class _FormParser(MultiPartParser):
+    """Starlette's form parser, taking a part typed as an image (or application/octet-stream) as a file even without a
+    filename: RFC 7578 makes the filename optional, and httpx's files=[("file", (None, data, "image/png"))] and
+    openapi-python-client's File(payload, mime_type=...) send none. A part with neither stays a text field."""
+
+    def on_headers_finished(self) -> None:
+        part = self._current_part
+        disposition = part.content_disposition
+        if (disposition is not None and b"filename" not in parse_options_header(disposition)[1]
+                and _part_type(part.item_headers) in IMAGE_CONTENT_TYPES):
+            part.content_disposition = disposition + b'; filename=""'  # Starlette tells a file by its filename alone
+        super().on_headers_finished()
+
+
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     """`body` as the form parser's stream: one chunk."""
     yield body
@@ -153,8 +178,8 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 async def parse_form(request: Request, body: bytes, settings: Settings) -> FormData:
     """The multipart form of `body` (the request's whole body, already in memory), its file parts kept in memory."""
     # The same checks and refusals as `request.form()` (HTTPException 400 with the parser's reason).
-    parser = MultiPartParser(request.headers, _once(body), max_files=settings.max_files,
-                             max_fields=settings.max_files + 16, max_part_size=MAX_PART_FIELD_BYTES)
+    parser = _FormParser(request.headers, _once(body), max_files=settings.max_files,
+                         max_fields=settings.max_files + 16, max_part_size=MAX_PART_FIELD_BYTES)
     # Starlette's `request.form()` writes every file part over 1 MiB to a temporary file: under a read-only root
     # file system there is none (a 500), a small /tmp fills up (ENOSPC), and the disk it takes is bounded by nothing
     # here. A part is never larger than the body it is in, which --max-body-bytes bounds: spooled up to the body's

@@ -6,7 +6,7 @@ same dynamic batcher as /v1 requests.
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
 import numpy as np
@@ -29,15 +29,16 @@ from serve.protocol import (
     compress,
     datatype_name,
     encode_response,
+    loads,
     parse_memory,
     parse_request,
-    unique_keys,
+    short_reason,
     wrong_datatype,
 )
 from serve.registry import ServedModel
 from serve.repository import LoadError
 from serve.routes import deps
-from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep
+from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.timing import stage, timings
 from serve.workpool import PixelBudget
@@ -50,7 +51,8 @@ DATATYPE = "FP32"  # what every model's input takes (metadata, config and raw bi
 
 
 def _check_version(model: ServedModel, version: str | None) -> None:
-    # Triton reads the path's version as an integer (std::stol): "01" is version 1.
+    # Triton reads the path's version as an integer (std::stol): "01" is version 1. Only the path says a version: the
+    # unversioned routes take none (a `?version=` query is ignored, as Triton ignores query strings there).
     if version is not None and not (version.isascii() and version.isdigit() and version.lstrip("0") == model.version):
         raise APIError(404, f"model {model.name!r} has no version {version[:40]!r} loaded; "
                             f"serving version {model.version}")
@@ -82,12 +84,28 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
     }
 
 
+def _readiness(schema: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """A readiness route's answers: 200 with `schema` when ready, NOT_READY with it when not."""
+    def answer(ready: bool) -> dict[str, Any]:
+        return {"type": "object", **schema, "properties": {**schema["properties"], "ready": {"const": ready}}}
+
+    return {200: {"description": "Ready", "content": {"application/json": {"schema": answer(True)}}},
+            NOT_READY: {"description": "Not ready (starting, shutting down, or a model stalled): Triton's 400, "
+                                       "with the same body", "content": {
+                "application/json": {"schema": answer(False)}}}}
+
+
+_READY = {"required": ["ready"], "properties": {}}
+_MODEL_READY = {"required": ["name", "ready"], "properties": {"name": {"type": "string"}}}
+
+
 @router.get("/health/live", summary="Liveness")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Readiness: started, and every loaded model accepting requests")
+@router.get("/health/ready", summary="Readiness: started, and every loaded model accepting requests",
+            responses=_readiness(_READY))
 async def ready(request: Request) -> JSONResponse:
     # As Triton: once started, a server whose models were all unloaded is still ready, so that a readiness probe
     # does not take it out of its Service, the only way to reach its repository API and load one again.
@@ -124,27 +142,42 @@ async def all_stats(request: Request) -> dict[str, Any]:
     return {"model_stats": [m.stats.to_triton(m.name, m.version) for m in request.app.state.models.values()]}
 
 
+# Each model route has a versioned twin (not in the document) that checks the path's version first: a handler apiece,
+# so that the unversioned route takes no `version` parameter at all.
 @router.get("/models/{name}", summary="Model metadata", responses={404: ERROR_RESPONSES[404]})
-@router.get("/models/{name}/versions/{version}", include_in_schema=False)
-async def model_metadata(model: ModelDep, version: str | None = None) -> dict[str, Any]:
-    _check_version(model, version)
+async def model_metadata(model: ModelDep) -> dict[str, Any]:
     return _metadata(model)
 
 
-@router.get("/models/{name}/ready", summary="Model readiness", responses={404: ERROR_RESPONSES[404]})
-@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
-async def model_ready(request: Request, model: ModelDep, version: str | None = None) -> JSONResponse:
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def version_metadata(model: ModelDep, version: str) -> dict[str, Any]:
     _check_version(model, version)
+    return await model_metadata(model)
+
+
+@router.get("/models/{name}/ready", summary="Model readiness",
+            responses={**_readiness(_MODEL_READY), 404: ERROR_RESPONSES[404]})
+async def model_ready(request: Request, model: ModelDep) -> JSONResponse:
     ok = deps.is_ready(request, model)
     return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else NOT_READY)
 
 
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def version_ready(request: Request, model: ModelDep, version: str) -> JSONResponse:
+    _check_version(model, version)
+    return await model_ready(request, model)
+
+
 @router.get("/models/{name}/stats", summary="Statistics of one model (statistics extension)",
             responses={404: ERROR_RESPONSES[404]})
-@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
-async def model_stats(model: ModelDep, version: str | None = None) -> dict[str, Any]:
-    _check_version(model, version)
+async def model_stats(model: ModelDep) -> dict[str, Any]:
     return {"model_stats": [model.stats.to_triton(model.name, model.version)]}
+
+
+@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+async def version_stats(model: ModelDep, version: str) -> dict[str, Any]:
+    _check_version(model, version)
+    return await model_stats(model)
 
 
 MAX_REPOSITORY_BODY = 64 * 1024  # {"ready": true} or {"parameters": {...}}: parsed on the event loop
@@ -158,26 +191,57 @@ async def _small_body(request: Request) -> bytes:
     return body
 
 
-def _repository_json(body: bytes) -> Any:
-    """A repository request's JSON, or None when it is not JSON; 400 for a repeated key (Triton reads the first,
-    Python the last: the same body would ask two things)."""
+def _repository_json(body: bytes, like: str) -> Any:
+    """A repository request's JSON, read as infer reads it (serve.protocol.loads); 400 for what that refuses (NaN or
+    Infinity; a repeated key, which Triton reads the first of and Python the last), and for a body that is not JSON:
+    `like` says what to send."""
     try:
-        return json.loads(body, object_pairs_hook=unique_keys)
+        return loads(body)
     except ProtocolError as exc:
         raise APIError(400, str(exc)) from None
-    except (ValueError, RecursionError):
-        return None
+    except RecursionError:
+        raise APIError(400, f"{like}; it is nested too deeply") from None
+    except ValueError as exc:  # invalid JSON, or an integer of more than 4300 digits
+        raise APIError(400, f"{like}; it is not valid JSON: {short_reason(exc)}") from None
 
 
-@router.post("/repository/index", summary="Every model and version the server knows, with its state")
+_INDEX_LIKE = 'the index request body must be a JSON object like {"ready": true}'
+_PARAMETERS_LIKE = 'the request body must be a JSON object like {"parameters": {...}}'
+_TOO_LARGE = error_doc(f"A body of more than {MAX_REPOSITORY_BODY} bytes")
+
+
+def _optional_body(description: str, properties: dict[str, Any]) -> dict[str, Any]:
+    """A repository route's optional JSON body (openapi_extra): the server reads it whatever its Content-Type."""
+    return {"requestBody": {"required": False, "description": description, "content": {"application/json": {
+        "schema": {"type": "object", "properties": properties}}}}}
+
+
+def _parameters(**own: dict[str, Any]) -> dict[str, Any]:
+    """A load or unload body's `parameters`: the protocol's (string, number or boolean values), `own` the keys read."""
+    return {"parameters": {"type": "object", "properties": own,
+                           "additionalProperties": {"type": ["string", "number", "boolean"]}}}
+
+
+_INDEX_ENTRY = {"type": "object", "required": ["name", "version", "state"], "properties": {
+    "name": {"type": "string"}, "version": {"type": "string"}, "state": {"enum": ["READY", "UNAVAILABLE"]},
+    "reason": {"type": "string", "description": "why it is not served (UNAVAILABLE only)"}}}
+_DONE = {200: {"description": "Done", "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
+@router.post("/repository/index", summary="Every model and version the server knows, with its state",
+             responses={200: {"description": "The models and versions", "content": {"application/json": {
+                 "schema": {"type": "array", "items": _INDEX_ENTRY}}}},
+                 400: error_doc("A body that is not a JSON object with a boolean `ready`"), 413: _TOO_LARGE},
+             openapi_extra=_optional_body("Without one, every model the server knows", {"ready": {
+                 "type": "boolean", "description": "true: only the versions ready to serve (default false)"}}))
 async def repository_index(request: Request) -> JSONResponse:
     ready_only = False
     body = await _small_body(request)
     if body.strip():
-        req = _repository_json(body)
+        req = _repository_json(body, _INDEX_LIKE)
         ready_only = req.get("ready", False) if isinstance(req, dict) else None
         if not isinstance(ready_only, bool):
-            raise APIError(400, "the index request body must be a JSON object like {\"ready\": true}")
+            raise APIError(400, _INDEX_LIKE)
     entries = request.app.state.repository.index()
     if not request.app.state.ready:  # shutting down (the delay after SIGTERM): as the readiness endpoints say
         entries = [{**e, "state": "UNAVAILABLE", "reason": "the server is shutting down"} if e["state"] == "READY"
@@ -191,18 +255,28 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     body = await _small_body(request)
     if not body.strip():
         return {}
-    req = _repository_json(body)
+    req = _repository_json(body, _PARAMETERS_LIKE)
     params = req.get("parameters", {}) if isinstance(req, dict) else None
     if not isinstance(params, dict):
-        raise APIError(400, 'the request body must be a JSON object like {"parameters": {...}}')
+        raise APIError(400, _PARAMETERS_LIKE)
     try:
         check_parameters(params, "repository request")
     except ProtocolError as exc:
         raise APIError(400, str(exc)) from None
+    for key, value in params.items():
+        # 1e999: Python reads it as infinity; Triton's JSON parser (RapidJSON) refuses it as too big for a double.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise APIError(400, f"repository request parameter {key[:64]!r} is a number beyond every float")
     return params
 
 
-@router.post("/repository/models/{name}/load", summary="Load, or load again, a model (the version its config selects)")
+@router.post("/repository/models/{name}/load", summary="Load, or load again, a model (the version its config selects)",
+             responses={**_DONE, 413: _TOO_LARGE, 400: error_doc(
+                 "A malformed body or parameter, a \"config\" or \"file:\" parameter (not supported), or a model "
+                 "that could not be loaded (the reason says why)")},
+             openapi_extra=_optional_body("Triton's load request: no parameter changes what is loaded", _parameters(
+                 config={"type": "string", "description": "Triton's configuration override: not supported (400); "
+                                                          "edit the model's config.pbtxt and load it again"})))
 async def repository_load(name: str, request: Request) -> JSONResponse:
     params = await _load_parameters(request)
     if "config" in params or any(str(k).startswith("file:") for k in params):
@@ -219,7 +293,11 @@ async def repository_load(name: str, request: Request) -> JSONResponse:
 
 @router.post("/repository/models/{name}/unload",
              summary="Stop serving a model (requests in progress finish; one that is not loaded, or a name the "
-                     "server does not know, stays so: success)")
+                     "server does not know, stays so: success)",
+             responses={**_DONE, 413: _TOO_LARGE, 400: error_doc(
+                 "A malformed body or parameter (unload_dependents not a boolean), or a name no model can have")},
+             openapi_extra=_optional_body("Triton's unload request", _parameters(unload_dependents={
+                 "type": "boolean", "description": "vitc models have no dependents: checked, nothing more"})))
 async def repository_unload(name: str, request: Request) -> JSONResponse:
     # unload_dependents: vitc models have no dependents, but a value Triton cannot read is refused as Triton does.
     if not isinstance((await _load_parameters(request)).get("unload_dependents", False), bool):
@@ -231,10 +309,9 @@ async def repository_unload(name: str, request: Request) -> JSONResponse:
     return JSONResponse({})
 
 
-@router.get("/models/{name}/config", summary="Triton-style model configuration")
-@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
-async def model_config(model: ModelDep, settings: SettingsDep, version: str | None = None) -> dict[str, Any]:
-    _check_version(model, version)
+@router.get("/models/{name}/config", summary="Triton-style model configuration",
+            responses={404: ERROR_RESPONSES[404]})
+async def model_config(model: ModelDep, settings: SettingsDep) -> dict[str, Any]:
     m = model.manifest
     c, h, w = m.input.sample_shape
     # Triton's layout without batching (max_batch_size 0): the dims carry the batch dimension, and no format
@@ -264,6 +341,12 @@ async def model_config(model: ModelDep, settings: SettingsDep, version: str | No
         "parameters": {"precision": {"string_value": model.backend.precision},
                        **{k: {"string_value": v} for k, v in model.backend_parameters.items()}},
     }
+
+
+@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+async def version_config(model: ModelDep, settings: SettingsDep, version: str) -> dict[str, Any]:
+    _check_version(model, version)
+    return await model_config(model, settings)
 
 
 def _model_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -297,7 +380,23 @@ _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "propert
     "datatype": {"type": "string", "example": "FP32"},
     "parameters": {"type": "object", "description": "binary_data_size: the tensor's bytes follow the JSON header"},
     "data": {"type": "array", "items": {}, "description": "row-major values, flat or nested"}}}
-_INFER_BODY = {"requestBody": {"required": True, "content": {
+_ANSWER = {"type": "object", "required": ["model_name", "model_version", "outputs"], "properties": {
+    "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+    "outputs": {"type": "array", "items": {
+        "type": "object", "required": ["name", "datatype", "shape"], "properties": {
+            "name": {"type": "string"}, "datatype": {"type": "string", "example": "FP32"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "parameters": {"type": "object", "description": "binary_data_size: the output's bytes follow the JSON"},
+            "data": {"type": "array", "items": {}, "description": "row-major values (absent when in binary)"}}}}}}
+_INFER_DOC = {"responses": {"200": {
+    "description": "The outputs: JSON, or with any output in binary (binary_data, binary_data_output, or a raw "
+                   "request) the JSON header followed by the outputs' bytes",
+    "headers": {HEADER_LENGTH: {"description": "application/octet-stream answers only: the JSON header's length in "
+                                               "bytes (before any Content-Encoding)", "schema": {"type": "integer"}}},
+    "content": {"application/json": {"schema": _ANSWER}, "application/octet-stream": {"schema": {
+        "type": "string", "format": "binary", "description": "the JSON header (as application/json; its length in "
+                                                             f"{HEADER_LENGTH}), then each binary output's bytes"}}},
+}}, "requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"}, "parameters": {"type": "object"},
         "inputs": {"type": "array", "items": _TENSOR},
@@ -322,10 +421,20 @@ def _parse(budget: PixelBudget, body: bytes, header: str | None, containers: int
 
 
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES,
-             openapi_extra=_INFER_BODY)
+             openapi_extra=_INFER_DOC)
+async def model_infer(request: Request, name: str) -> Response:
+    return await _model_infer(request, name, None)
+
+
+# Named as the unversioned route's handler, as it was when they shared it: its operationId stays the same.
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", responses=ERROR_RESPONSES,
-             openapi_extra=_INFER_BODY)
-async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
+             openapi_extra=_INFER_DOC, name="model_infer")
+async def version_infer(request: Request, name: str, version: str) -> Response:
+    return await _model_infer(request, name, version)
+
+
+async def _model_infer(request: Request, name: str, version: str | None) -> Response:
+    """An inference request for the model `name` (at `version` when the path names one)."""
     settings: Settings = request.app.state.settings
     _check_version(deps.served(request, name), version)  # refused before the upload when it cannot be served
     lengths = set(request.headers.getlist(HEADER_LENGTH))

@@ -1,0 +1,467 @@
+"""/openapi.json against the server's answers (tester hCW): every answer's status is documented for its operation,
+its content type is one the document gives, and its JSON body validates against the documented schema; and the
+requests the document describes are the ones the server takes. In process on the fake runtime (tests/fake_runtime.py),
+a Triton-style repository, with and without an API key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import fake_runtime
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_repository_lifecycle import CONFIG, NAME, add_version
+from test_serve_fixtures import encode
+
+from serve.settings import Settings
+
+KEY = "contract-key"
+HEADER = "Inference-Header-Content-Length"
+CLASSIFY, INFER = "/v1/models/{name}/classify", "/v2/models/{name}/infer"
+VERSIONED_INFER = "/v2/models/{name}/versions/{version}/infer"
+INDEX, LOAD, UNLOAD = ("/v2/repository/index", "/v2/repository/models/{name}/load",
+                       "/v2/repository/models/{name}/unload")
+MODEL_ROUTES = ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/stats", "/v2/models/{name}/config")
+
+
+# --- the JSON Schema subset the document uses (jsonschema is not a dependency) ---------------------------------------
+
+_ANNOTATIONS = {"title", "description", "example", "examples", "format", "default", "contentMediaType"}
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _is(value: Any, kind: str) -> bool:
+    """Whether `value` (parsed JSON) is of JSON Schema type `kind` (a boolean is no number)."""
+    if kind in ("integer", "number"):
+        numeric = isinstance(value, int) or (kind == "number" and isinstance(value, float))
+        return numeric and not isinstance(value, bool)
+    return isinstance(value, _TYPES[kind])
+
+
+def _resolve(doc: dict, schema: dict) -> dict:
+    """`schema` with its local $ref followed."""
+    while "$ref" in schema:
+        node: Any = doc
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def violations(doc: dict, schema: dict, value: Any, at: str = "$") -> list[str]:
+    """Where `value` breaks `schema`; a keyword this validator does not know fails the test rather than pass it."""
+    schema = _resolve(doc, schema)
+    unknown = set(schema) - _ANNOTATIONS - {"type", "required", "properties", "additionalProperties", "items",
+                                            "anyOf", "oneOf", "allOf", "enum", "const", "minimum", "maximum"}
+    assert not unknown, f"the test's validator does not know {sorted(unknown)} (at {at})"
+    kinds = schema.get("type")
+    if kinds is not None and not any(_is(value, k) for k in ([kinds] if isinstance(kinds, str) else kinds)):
+        return [f"{at}: {value!r:.60} is not of type {kinds}"]
+    out = []
+    if "enum" in schema and value not in schema["enum"]:
+        out.append(f"{at}: {value!r:.60} is not one of {schema['enum']}")
+    if "const" in schema and value != schema["const"]:
+        out.append(f"{at}: {value!r:.60} is not {schema['const']!r}")
+    if "minimum" in schema and _is(value, "number") and value < schema["minimum"]:
+        out.append(f"{at}: {value} < {schema['minimum']}")
+    if "maximum" in schema and _is(value, "number") and value > schema["maximum"]:
+        out.append(f"{at}: {value} > {schema['maximum']}")
+    if isinstance(value, dict):
+        out += [f"{at}: {key!r} is required" for key in schema.get("required", ()) if key not in value]
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in props:
+                out += violations(doc, props[key], item, f"{at}.{key}")
+            elif extra is False:
+                out.append(f"{at}: {key!r} is not allowed")
+            elif isinstance(extra, dict):
+                out += violations(doc, extra, item, f"{at}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            out += violations(doc, schema["items"], item, f"{at}[{i}]")
+    for sub in schema.get("allOf", ()):
+        out += violations(doc, sub, value, at)
+    for word, fits in (("anyOf", lambda n: n >= 1), ("oneOf", lambda n: n == 1)):
+        if word in schema and not fits(sum(not violations(doc, s, value, at) for s in schema[word])):
+            out.append(f"{at}: {value!r:.60} does not match {word} {schema[word]}")
+    return out
+
+
+def test_the_validator_refuses_what_it_should():
+    doc = {"components": {"schemas": {"E": {"type": "object", "required": ["error"],
+                                            "properties": {"error": {"type": "string"}}}}}}
+    ref = {"$ref": "#/components/schemas/E"}
+    assert violations(doc, ref, {"error": "x"}) == []
+    assert violations(doc, ref, {"detail": []}) and violations(doc, ref, {"error": 1}) and violations(doc, ref, [])
+    assert violations(doc, {"type": "integer"}, True) and violations(doc, {"type": "number"}, False)
+    assert violations(doc, {"anyOf": [{"type": "string"}, {"type": "null"}]}, 3)
+    assert violations(doc, {"type": "array", "items": {"enum": [1]}}, [1, 2])
+    with pytest.raises(AssertionError, match="does not know"):
+        violations(doc, {"pattern": "x"}, "x")
+
+
+# --- the server ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract") / "repo"
+    add_version(root, NAME, "1")
+    (root / NAME / "config.pbtxt").write_text(CONFIG)
+    return root
+
+
+def _client(repo, **settings: Any) -> Iterator[httpx.Client]:
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+
+    with fake_runtime.registered():
+        with TestClient(create_app(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5,
+                                            **settings))) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def client(repo):
+    yield from _client(repo)
+
+
+@pytest.fixture(scope="module")
+def keyed(repo):
+    yield from _client(repo, api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def doc(client) -> dict:
+    return client.get("/openapi.json").json()
+
+
+def operation(doc: dict, method: str, template: str) -> dict:
+    return doc["paths"][template][method.lower()]
+
+
+def answered(doc: dict, template: str, r: httpx.Response) -> httpx.Response:
+    """`r` checked against the document's operation at `template`: its status documented, its content type one the
+    documented response gives, and its JSON body valid against that response's schema."""
+    op = operation(doc, r.request.method, template)
+    response = op["responses"].get(str(r.status_code))
+    assert response is not None, (f"{r.request.method} {template}: status {r.status_code} is not documented "
+                                  f"({sorted(op['responses'])}): {r.text[:200]}")
+    media = (r.headers.get("content-type") or "").split(";")[0]
+    content = response.get("content", {})
+    assert media in content, f"{r.request.method} {template} {r.status_code}: {media} not in {list(content)}"
+    if media == "application/json":
+        assert "schema" in content[media], f"{r.request.method} {template} {r.status_code}: no schema"
+        wrong = violations(doc, content[media]["schema"], r.json())
+        assert not wrong, f"{r.request.method} {template} {r.status_code}: {wrong} in {r.text[:200]}"
+    return r
+
+
+def request_fits(doc: dict, method: str, template: str, media: str, body: Any = None) -> None:
+    """The request body (of `media`) is one the operation declares, and a JSON one validates against its schema."""
+    declared = operation(doc, method, template).get("requestBody", {}).get("content", {})
+    assert media in declared, f"{method} {template}: a {media} body is not declared ({list(declared)})"
+    if media == "application/json":
+        assert not violations(doc, declared[media]["schema"], body), (body, declared[media]["schema"])
+
+
+def _png() -> bytes:
+    return encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)), "PNG")
+
+
+def _tensor_body(**extra: Any) -> dict:
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    return {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": x.ravel().tolist()}],
+            **extra}
+
+
+# --- 1. readiness: 400 {"ready": false}, as Triton ---------------------------------------------------------------
+
+def test_not_ready_answers_are_documented_with_their_shape(client, doc):
+    for path, template in (("/v2/health/ready", "/v2/health/ready"), (f"/v2/models/{NAME}/ready",
+                                                                      "/v2/models/{name}/ready")):
+        answered(doc, template, client.get(path))  # ready: 200
+    client.app.state.ready = False  # what a stop's first signal sets, through --shutdown-delay (serve.shutdown)
+    try:
+        r = answered(doc, "/v2/health/ready", client.get("/v2/health/ready"))
+        assert (r.status_code, r.json()) == (400, {"ready": False})
+        r = answered(doc, "/v2/models/{name}/ready", client.get(f"/v2/models/{NAME}/ready"))
+        assert (r.status_code, r.json()) == (400, {"name": NAME, "ready": False})
+    finally:
+        client.app.state.ready = True
+    answered(doc, "/v2/models/{name}/ready", client.get("/v2/models/nope/ready"))  # 404
+
+
+# --- 2. 401 on every secured operation ----------------------------------------------------------------------------
+
+def test_every_secured_operation_documents_its_401_and_the_open_ones_none(keyed):
+    spec = keyed.get("/openapi.json").json()
+    assert spec["security"] == [{"bearer": []}]
+    secured = 0
+    for template, methods in spec["paths"].items():
+        for method, op in methods.items():
+            if op.get("security", spec["security"]) == []:
+                assert "401" not in op["responses"], (method, template)
+                continue
+            secured += 1
+            assert "401" in op["responses"], f"{method} {template} answers 401 without documenting it"
+            assert "WWW-Authenticate" in op["responses"]["401"].get("headers", {}), (method, template)
+    assert secured == 15  # all but the two health paths
+    for method, path, template in (("GET", "/v1/models", "/v1/models"), ("GET", "/v2", "/v2"),
+                                   ("GET", "/metrics", "/metrics"), ("GET", "/v2/models/stats", "/v2/models/stats"),
+                                   ("GET", f"/v2/models/{NAME}/config", "/v2/models/{name}/config"),
+                                   ("POST", "/v2/repository/index", INDEX),
+                                   ("POST", f"/v2/repository/models/{NAME}/unload", UNLOAD),
+                                   ("POST", f"/v2/models/{NAME}/infer", INFER)):
+        r = answered(spec, template, keyed.request(method, path, headers={"Authorization": "Bearer wrong"}))
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    for path in ("/v2/health/ready", "/v2/health/live"):
+        assert keyed.get(path).status_code == 200
+
+
+def test_without_a_key_no_operation_documents_a_401(doc):
+    assert "security" not in doc
+    assert not [(m, t) for t, ms in doc["paths"].items() for m, op in ms.items() if "401" in op["responses"]]
+
+
+# --- 3. the repository API ----------------------------------------------------------------------------------------
+
+def test_repository_bodies_are_declared_with_the_keys_the_server_reads(doc):
+    index = operation(doc, "POST", INDEX)["requestBody"]
+    assert index["required"] is False
+    schema = index["content"]["application/json"]["schema"]
+    assert schema["properties"]["ready"]["type"] == "boolean"
+    for template, key in ((LOAD, "config"), (UNLOAD, "unload_dependents")):
+        body = operation(doc, "POST", template)["requestBody"]
+        assert body["required"] is False
+        params = _resolve(doc, body["content"]["application/json"]["schema"]["properties"]["parameters"])
+        assert key in params["properties"], (template, params)
+    assert violations(doc, schema, {"ready": "yes"})
+
+
+def test_repository_answers_are_documented(client, doc):
+    for body in ({"ready": True}, {"ready": False}, {}):
+        request_fits(doc, "POST", INDEX, "application/json", body)
+        answered(doc, INDEX, client.post("/v2/repository/index", json=body))
+    assert answered(doc, INDEX, client.post("/v2/repository/index")).status_code == 200
+    for body in (b'{"ready": "yes"}', b"{{", b"[]", b'{"ready": true, "ready": false}'):
+        assert answered(doc, INDEX, client.post("/v2/repository/index", content=body)).status_code == 400
+    big = b" " * 70_000 + b"{}"
+    for template, path in ((INDEX, "/v2/repository/index"), (LOAD, f"/v2/repository/models/{NAME}/load"),
+                           (UNLOAD, f"/v2/repository/models/{NAME}/unload")):
+        assert answered(doc, template, client.post(path, content=big)).status_code == 413
+    for template, path, body in ((LOAD, "/v2/repository/models/nope/load", None),
+                                 (LOAD, f"/v2/repository/models/{NAME}/load", {"parameters": {"config": "{}"}}),
+                                 (LOAD, f"/v2/repository/models/{NAME}/load", {"parameters": []}),
+                                 (UNLOAD, f"/v2/repository/models/{NAME}/unload",
+                                  {"parameters": {"unload_dependents": "yes"}})):
+        assert answered(doc, template, client.post(path, json=body)).status_code == 400, (path, body)
+    reload = {"parameters": {"note": "a string", "n": 2, "b": True}}
+    request_fits(doc, "POST", LOAD, "application/json", reload)
+    assert answered(doc, LOAD, client.post(f"/v2/repository/models/{NAME}/load", json=reload)).status_code == 200
+    gone = {"parameters": {"unload_dependents": False}}
+    request_fits(doc, "POST", UNLOAD, "application/json", gone)
+    try:
+        assert answered(doc, UNLOAD, client.post(f"/v2/repository/models/{NAME}/unload", json=gone)).is_success
+        for template in MODEL_ROUTES:  # a model that is not loaded: 404 for each, /config included
+            assert answered(doc, template, client.get(template.format(name=NAME))).status_code == 404
+        answered(doc, INDEX, client.post("/v2/repository/index"))  # its UNAVAILABLE entry, with a reason
+    finally:
+        assert client.post(f"/v2/repository/models/{NAME}/load").status_code == 200
+
+
+def test_model_routes_document_what_they_answer(client, doc):
+    for template in (*MODEL_ROUTES, "/v1/models/{name}"):
+        assert answered(doc, template, client.get(template.format(name=NAME))).status_code == 200
+        assert answered(doc, template, client.get(template.format(name="nope"))).status_code == 404
+    for path in ("/v1/models", "/v2", "/v2/models/stats", "/v2/health/live", "/metrics"):
+        op = operation(doc, "GET", path)
+        assert client.get(path).status_code == 200 and "200" in op["responses"]
+
+
+# --- 4. /v1 classify: what it takes -------------------------------------------------------------------------------
+
+def test_classify_declares_every_raw_body_type_the_server_takes(client, doc):
+    from serve.imaging import IMAGE_CONTENT_TYPES
+
+    declared = set(operation(doc, "POST", CLASSIFY)["requestBody"]["content"])
+    assert declared == {"multipart/form-data", *IMAGE_CONTENT_TYPES}
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    for media, fmt in (("image/gif", "GIF"), ("image/bmp", "BMP"), ("image/tiff", "TIFF"),
+                       ("application/octet-stream", "PNG"), ("image/png", "PNG")):
+        request_fits(doc, "POST", CLASSIFY, media)
+        r = answered(doc, CLASSIFY, client.post(f"/v1/models/{NAME}/classify", content=encode(img, fmt),
+                                                 headers={"content-type": media}))
+        assert r.status_code == 200, (media, r.text)
+    r = answered(doc, CLASSIFY, client.post(f"/v1/models/{NAME}/classify", content=b"x", headers={
+        "content-type": "text/plain"}))
+    assert r.status_code == 415 and "application/octet-stream" in r.json()["error"]
+
+
+@pytest.mark.parametrize("media", ["image/png", "application/octet-stream", "image/png; name=x"])
+def test_a_file_part_typed_as_an_image_needs_no_filename(client, doc, media):
+    """httpx's files=[("file", (None, data, type))] and openapi-python-client's File(payload, mime_type=...) send no
+    filename; RFC 7578 makes it optional. The part's type says it is a file."""
+    png = _png()
+    r = client.post(f"/v1/models/{NAME}/classify", files=[("file", (None, png, media))])
+    assert r.status_code == 200 and r.json()["model"] == NAME, r.text
+    answered(doc, CLASSIFY, r)
+    named = client.post(f"/v1/models/{NAME}/classify", files=[("file", ("a.png", png, "image/png"))]).json()
+    assert r.json() == named
+    r = client.post(f"/v1/models/{NAME}/classify", files=[("file", (None, png, media)), ("file", ("b.png", png))])
+    assert r.status_code == 200 and r.json() == [named, named]
+
+
+@pytest.mark.parametrize("part", [(None, "abc"), (None, b"abc", "text/plain"),
+                                  (None, b"abc", "application/x-www-form-urlencoded")])
+def test_a_text_field_named_file_is_still_refused_as_one(client, doc, part):
+    r = client.post(f"/v1/models/{NAME}/classify", files=[("file", part)])
+    assert r.status_code == 422 and "has no filename, so it is a text field" in r.json()["error"], r.text
+    answered(doc, CLASSIFY, r)
+
+
+def test_classify_errors_have_the_documented_shape(client, doc):
+    url = f"/v1/models/{NAME}/classify"
+    png = _png()
+    for r, status in ((client.post(url, params={"top_k": "0"}, content=png, headers={"content-type": "image/png"}),
+                       422),
+                      (client.post(url, content=b"not an image", headers={"content-type": "image/png"}), 400),
+                      (client.post("/v1/models/nope/classify", content=png, headers={"content-type": "image/png"}),
+                       404),
+                      (client.post(url, files=[("other", ("a.png", png, "image/png"))]), 422)):
+        assert answered(doc, CLASSIFY, r).status_code == status, r.text
+    assert answered(doc, CLASSIFY, client.post(url, content=png, headers={"content-type": "image/png"})).is_success
+
+
+# --- 5. infer: JSON or binary answers -----------------------------------------------------------------------------
+
+def test_infer_documents_its_binary_answer_and_its_header(client, doc):
+    for template in (INFER, VERSIONED_INFER):
+        ok = operation(doc, "POST", template)["responses"]["200"]
+        assert {"application/json", "application/octet-stream"} <= set(ok["content"]), template
+        assert HEADER in ok.get("headers", {}), template
+    url = f"/v2/models/{NAME}/infer"
+    r = answered(doc, INFER, client.post(url, json=_tensor_body()))
+    assert r.headers["content-type"] == "application/json" and HEADER not in r.headers
+    for body in (_tensor_body(outputs=[{"name": "logits", "parameters": {"binary_data": True}}]),
+                 _tensor_body(parameters={"binary_data_output": True})):
+        r = answered(doc, INFER, client.post(url, json=body))
+        assert r.headers["content-type"] == "application/octet-stream"
+        head = json.loads(r.content[:int(r.headers[HEADER])])
+        assert not violations(doc, ok_json_schema(doc, INFER), head)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    r = answered(doc, INFER, client.post(url, content=x.tobytes(), headers={HEADER: "0"}))
+    assert r.headers["content-type"] == "application/octet-stream" and int(r.headers[HEADER]) > 0
+    r = client.post(f"/v2/models/{NAME}/versions/1/infer", json=_tensor_body(outputs=[
+        {"name": "logits", "parameters": {"classification": 2}}]))
+    assert answered(doc, VERSIONED_INFER, r).json()["outputs"][0]["datatype"] == "BYTES"
+
+
+def ok_json_schema(doc: dict, template: str) -> dict:
+    """The schema of the operation's 200 JSON answer (also the JSON header of its binary answer)."""
+    return operation(doc, "POST", template)["responses"]["200"]["content"]["application/json"]["schema"]
+
+
+def test_infer_errors_have_the_documented_shape(client, doc):
+    url = f"/v2/models/{NAME}/infer"
+    for r, status in ((client.post(url, content=b"{{"), 400), (client.post(url, json={"inputs": []}), 400),
+                      (client.post("/v2/models/nope/infer", json=_tensor_body()), 404),
+                      (client.post(url, content=b"x", headers={"content-encoding": "br"}), 415)):
+        assert answered(doc, INFER, r).status_code == status, r.text
+    r = client.post(f"/v2/models/{NAME}/versions/9/infer", json=_tensor_body())
+    assert answered(doc, VERSIONED_INFER, r).status_code == 404
+
+
+# --- 6. one error shape, and no 422 the server never sends --------------------------------------------------------
+
+def test_every_error_response_has_the_error_schema(doc):
+    error = doc["components"]["schemas"]["Error"]
+    assert error["required"] == ["error"] and error["properties"]["error"]["type"] == "string"
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    for template, methods in doc["paths"].items():
+        for method, op in methods.items():
+            for status, response in op["responses"].items():
+                if int(status) < 400 or (template.endswith("/ready") and status == "400"):  # {"ready": false}
+                    continue
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                assert schema == {"$ref": "#/components/schemas/Error"}, (method, template, status, response)
+    never = [("GET", t) for t in (*MODEL_ROUTES, "/v1/models/{name}")] + [("POST", LOAD), ("POST", UNLOAD)]
+    for method, template in never:  # nothing there answers 422
+        assert "422" not in operation(doc, method, template)["responses"], template
+
+
+def test_fastapi_validation_refusals_are_documented_in_the_server_s_shape():
+    """A route FastAPI can refuse (an integer query parameter) documents that 422 as the server answers it: the Error
+    shape with its `detail`."""
+    from fastapi import FastAPI
+    from fastapi.routing import APIRoute
+    from fastapi.testclient import TestClient
+
+    from serve.app import document_validation
+    from serve.responses import install_handlers
+    from serve.routes.deps import ERROR_RESPONSES
+
+    app = FastAPI()
+    install_handlers(app)
+
+    @app.get("/n", responses={404: ERROR_RESPONSES[404]})
+    async def n(k: int) -> dict[str, int]:
+        return {"k": k}
+
+    @app.get("/s/{name}")
+    async def s(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    document_validation(app, [r for r in app.router.routes if isinstance(r, APIRoute)])
+    with TestClient(app) as c:
+        spec = c.get("/openapi.json").json()
+        r = c.get("/n", params={"k": "x"})
+        assert r.status_code == 422 and r.json()["detail"]
+        answered(spec, "/n", r)
+        assert "422" not in operation(spec, "GET", "/s/{name}")["responses"]
+        assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+# --- 7. no `version` query parameter; the version path parameter is a string -------------------------------------
+
+def test_unversioned_routes_take_no_version_query_parameter(client, doc):
+    for template, method in ((INFER, "post"), *((t, "get") for t in MODEL_ROUTES)):
+        names = [(p["name"], p["in"]) for p in doc["paths"][template][method].get("parameters", [])]
+        assert names == [("name", "path")], (template, names)
+    version = next(p for p in operation(doc, "POST", VERSIONED_INFER)["parameters"] if p["name"] == "version")
+    assert version["required"] is True and version["schema"]["type"] == "string" and "anyOf" not in version["schema"]
+    # As Triton, which reads the version from the path only: a query string is not part of the request's meaning.
+    for template in MODEL_ROUTES:
+        r = client.get(template.format(name=NAME), params={"version": "9"})
+        assert r.status_code == 200, (template, r.text)
+    assert client.post(f"/v2/models/{NAME}/infer", params={"version": "9"}, json=_tensor_body()).status_code == 200
+    for path in (f"/v2/models/{NAME}/versions/9", f"/v2/models/{NAME}/versions/9/ready"):
+        assert client.get(path).status_code == 404
+    assert client.get(f"/v2/models/{NAME}/versions/01/config").status_code == 200
+
+
+# --- 8. repository bodies are JSON as infer reads it --------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "says"), [
+    (b'{"parameters": {"a": NaN}}', "NaN is not a number in JSON"),
+    (b'{"parameters": {"a": -Infinity}}', "-Infinity is not a number in JSON"),
+    (b'{"parameters": {"a": 1e999}}', "beyond every float"),
+    (b'{"parameters": {"a": ' + b"1" * 5000 + b"}}", "4300 digits"),
+])
+def test_repository_bodies_refuse_what_infer_refuses(client, doc, body, says):
+    for template in (LOAD, UNLOAD):
+        r = answered(doc, template, client.post(template.format(name=NAME), content=body))
+        assert r.status_code == 400 and says in r.json()["error"], (template, r.text)
+    assert client.get(f"/v2/models/{NAME}/ready").status_code == 200  # nothing was unloaded
+    r = client.post(f"/v2/models/{NAME}/infer", content=json.dumps(_tensor_body()).encode()[:-1] + b', "x": NaN}')
+    assert r.status_code == 400 and "NaN is not a number in JSON" in r.json()["error"]
+
+
+def test_a_repository_body_that_is_not_json_says_why(client):
+    r = client.post("/v2/repository/index", content=b'{"ready": tru}')
+    assert r.status_code == 400 and "the index request body must be a JSON object" in r.json()["error"]
+    assert "not valid JSON" in r.json()["error"]
