@@ -55,7 +55,7 @@ EXPOSE 8000
 # Never through a proxy (http_proxy set for the model store would answer for the server); a Kubernetes service
 # link (VITC_PORT=tcp://...) means the server's default port, as the server reads it.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; p = os.environ.get('VITC_PORT', '8000'); p = p if p.isdigit() else '8000'; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:' + p + '/v2/health/ready', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request as u; p = os.environ.get('VITC_PORT', '8000').strip(); p = p if p.isascii() and p.isdigit() else '8000'; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:' + p + '/v2/health/ready', timeout=2)"]
 # SIGTERM drains; a Dockerfile cannot set the grace period: `docker stop -t 40`, `docker run --stop-timeout 40`, or
 # terminationGracePeriodSeconds: 40 in Kubernetes (above --graceful-timeout-s, 30 s by default).
 STOPSIGNAL SIGTERM

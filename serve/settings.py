@@ -282,7 +282,11 @@ class Settings(BaseSettings):
         server's port: the default stands (the start log lists the links it ignored)."""
         if isinstance(v, str) and _URL.fullmatch(v.strip()):
             return cls.model_fields["port"].default
-        return v
+        # The image's HEALTHCHECK reads VITC_PORT as stripped ASCII digits: a port it would read otherwise ("+9000",
+        # "9000.0", Arabic-Indic digits: int() takes them all) would leave the container unhealthy for good.
+        if isinstance(v, str) and not (v.strip().isascii() and v.strip().isdigit()):
+            raise ValueError(f"must be a port number in ASCII digits, got {v[:40]!r}")
+        return v.strip() if isinstance(v, str) else v
 
     @field_validator("api_key", mode="before")
     @classmethod
