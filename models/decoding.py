@@ -30,6 +30,9 @@ REASON_CHARS = 200  # how much of a decoder's own message a refusal quotes
 MAX_HEADER_SEGMENTS = 1024
 MAX_JPEG_MARKERS = 4096  # all of a JPEG's markers up to EOI (real files: a few dozen; a progressive one ~30 more)
 MAX_JPEG_SCANS = 128  # a progressive JPEG has about 10; each scan walks the whole image again
+# Pillow joins a JPEG's EXIF APP1 segments into one block, copying all it has at each (250 of 64 KiB in a 16 MB file
+# took 4.4 s); a real file has one (an MPO one a picture). 16 take 35 ms and hold 1 MiB.
+MAX_JPEG_EXIF_SEGMENTS = 16
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Every chunk of a PNG is checked (whole, a valid type, its CRC) before Pillow reads any: about 0.5 us a chunk plus
 # crc32 over the bytes (about 1 GB/s). Real files have one chunk per 8-64 KiB of image data (libpng, Pillow) and a
@@ -46,7 +49,9 @@ INFLATED_PNG_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
 MAX_TIFF_STRIPS = 1 << 15
 # As it loads a TIFF, Pillow reads the EXIF, GPS and Interop directories it points to, each number in them a Python
 # object (a RATIONAL about 9 us and 230 bytes: 2,000,000 of them in 16 MB took 17 s and 460 MB). Real ones hold a
-# few dozen; this many take 0.1 s and 3 MB.
+# few dozen; this many take 0.1 s and 3 MB. To turn an image upright it re-writes its EXIF block (`check_exif`),
+# every number in the first directory too (1,000,000 in an 8 MB PNG: 14-30 s, 375 MB): this many, 0.3-0.5 s (an
+# AVIF, re-written as it opens too: 0.8 s) on a busy 2-core VM.
 MAX_EXIF_NUMBERS = 1 << 14
 # GIF reads before the first image, each a step in Python: an extension, each of its data sub-blocks, a stray byte
 # (Pillow keeps an object per comment sub-block: 3,000,000 tiny comments in 15 MB took 9 s and 510 MB). A real GIF
@@ -57,6 +62,11 @@ MAX_GIF_BLOCKS = 1 << 14
 # (RLE8) or 0.4-0.6 s (RLE4).
 MAX_BMP_RLE_BYTES = 1 << 20
 MAX_BMP_RLE4_PIXELS = 1 << 20
+# libavif finds each item of an AVIF by a search through those it has (100,000 items named in a 1 MB iloc box took
+# 49 s). A grid image has an item a tile (this many: 64 x 64 tiles), a photo a few; this many named in the iloc box
+# and as many others in the iinf box took 0.4 s. Also bounds the walk to an AVIF's Exif item (items named only in
+# the ipma or iref box are not counted).
+MAX_AVIF_ITEMS = 1 << 12
 
 
 class DecodeError(ValueError):
@@ -164,12 +174,26 @@ def jpeg_scans(data: bytes, most: int, markers: int = MAX_JPEG_MARKERS) -> int:
     return scans
 
 
+_EXIF_APP1 = re.compile(rb"\xff\xe1..Exif\x00\x00", re.DOTALL)  # an APP1 segment's marker, length and EXIF name
+
+
+def jpeg_exif_segments(data: bytes, most: int) -> int:
+    """The EXIF APP1 segments of a JPEG body, counted to at most `most` + 1: found anywhere, at C speed (Pillow
+    reads those before the first scan; it skips bytes between segments that a walk would stop at)."""
+    count = 0
+    for count, _ in enumerate(_EXIF_APP1.finditer(data), 1):
+        if count > most:
+            break
+    return count
+
+
 def check_structure(data: bytes) -> None:
     """Refuse files built to make the decoder work far more than their pixels warrant: thousands of tiny JPEG header
-    segments or PNG chunks (parsed one by one in Python), of progressive scans (each a pass over the image), of PNG
-    colour profiles (each inflated, up to 1 MiB), of TIFF strips, tiles, directory entries or EXIF numbers, of GIF
-    blocks before the first image, or RLE BMP data (decoded in Python); and a PNG any chunk of which is cut off, has
-    no valid type or fails its checksum (CRC), naming the chunk."""
+    segments or PNG chunks (parsed one by one in Python), of progressive scans (each a pass over the image), of JPEG
+    EXIF segments (joined one by one), of PNG colour profiles (each inflated, up to 1 MiB), of TIFF strips, tiles,
+    directory entries or EXIF numbers, of GIF blocks before the first image, of AVIF items or EXIF numbers, or RLE
+    BMP data (decoded in Python); and a PNG any chunk of which is cut off, has no valid type or fails its checksum
+    (CRC), naming the chunk."""
     if data[:2] == b"\xff\xd8":
         for segments, _ in enumerate(jpeg_segments(data), 1):
             if segments > MAX_HEADER_SEGMENTS:
@@ -177,6 +201,9 @@ def check_structure(data: bytes) -> None:
                                   "refused")
         if jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
             raise DecodeError(f"JPEG has more than {MAX_JPEG_SCANS} scans (or {MAX_JPEG_MARKERS} markers); refused")
+        if jpeg_exif_segments(data, MAX_JPEG_EXIF_SEGMENTS) > MAX_JPEG_EXIF_SEGMENTS:
+            raise DecodeError(f"JPEG's EXIF metadata lies in more than {MAX_JPEG_EXIF_SEGMENTS} APP1 segments (Pillow "
+                              "joins them one by one); strip the image's metadata")
     elif data[:8] == PNG_SIGNATURE:
         if (fault := _png_fault(data)) is not None:
             raise DecodeError(f"corrupt PNG: {fault}; re-save or re-export the image")
@@ -188,6 +215,8 @@ def check_structure(data: bytes) -> None:
                               "image, each read one by one; refused")
     elif data[:2] == b"BM":
         _check_rle_bmp(data)
+    elif data[4:8] == b"ftyp" and data[8:12] in AVIF_BRANDS:
+        _check_avif(data)
 
 
 def _png_fault(data: bytes) -> str | None:
@@ -242,7 +271,7 @@ _TIFF_WHOLE = {3: "H", 4: "L", 6: "b", 8: "h", 9: "l", 13: "L", 16: "Q"}  # type
 _TiffEntry = tuple[int, int, int, bytes]  # tag, type, count, value (or offset) field
 
 
-def _tiff_directory(data: bytes, offset: int, endian: str, big: bool) -> list[_TiffEntry]:
+def _tiff_directory(data: bytes, offset: int, endian: str, big: bool, what: str = "TIFF") -> list[_TiffEntry]:
     """The entries of the TIFF directory at `offset` as Pillow reads them (those the data holds); a DecodeError for
     more than MAX_HEADER_SEGMENTS of them, which Pillow reads one by one in Python, several times over."""
     count_code, entry = ("Q", "HHQ8s") if big else ("H", "HHL4s")
@@ -251,20 +280,20 @@ def _tiff_directory(data: bytes, offset: int, endian: str, big: bool) -> list[_T
         return []  # Pillow finds no directory: it says so
     (count,) = struct.unpack_from(endian + count_code, data, offset)
     if count > MAX_HEADER_SEGMENTS:
-        raise DecodeError(f"TIFF has a directory of {count} entries, more than the limit of {MAX_HEADER_SEGMENTS}; "
+        raise DecodeError(f"{what} has a directory of {count} entries, more than the limit of {MAX_HEADER_SEGMENTS}; "
                           "refused")
     size = struct.calcsize(endian + entry)
     end = start + min(count, (len(data) - start) // size) * size
     return list(struct.iter_unpack(endian + entry, data[start:end]))
 
 
-def _tiff_pointer(data: bytes, entries: list[_TiffEntry], tag: int, endian: str) -> int | None:
+def _tiff_pointer(data: bytes, entries: list[_TiffEntry], tag: int, endian: str, what: str = "TIFF") -> int | None:
     """Where the directory that `tag` points to starts, read as Pillow reads it (one whole number); None when the
     tag is absent or is not such a number. A tag given twice is refused: which one Pillow takes depends on details
     of the others (their types, sizes and places) that no real file exercises."""
     found = [(kind, count, value) for t, kind, count, value in entries if t == tag]
     if len(found) > 1:
-        raise DecodeError("TIFF names its EXIF, GPS or Interop directory more than once; refused")
+        raise DecodeError(f"{what} names its EXIF, GPS or Interop directory more than once; refused")
     if not found or found[0][1] != 1 or (code := _TIFF_WHOLE.get(found[0][0])) is None:
         return None
     raw, size = found[0][2], struct.calcsize(endian + code)
@@ -274,29 +303,44 @@ def _tiff_pointer(data: bytes, entries: list[_TiffEntry], tag: int, endian: str)
     return struct.unpack_from(endian + code, raw)[0] if len(raw) >= size else None
 
 
-def _exif_numbers(data: bytes, first: list[_TiffEntry], endian: str, big: bool) -> int:
-    """The numbers Pillow makes objects of as it reads a TIFF's EXIF, GPS and Interop directories: each directory
-    counted each time Pillow reads it (the Interop one only when the first directory names it too, as Pillow)."""
-    exif_at = _tiff_pointer(data, first, EXIF_IFD, endian)
-    exif = _tiff_directory(data, exif_at, endian, big) if exif_at is not None else []
-    read = [exif_at, _tiff_pointer(data, first, GPS_IFD, endian)]
-    if any(tag == INTEROP_IFD for tag, _, _, _ in first):
-        read.append(_tiff_pointer(data, exif, INTEROP_IFD, endian))
-    directories = [exif if at == exif_at else _tiff_directory(data, at, endian, big) for at in read if at is not None]
-    return sum(count for entries in directories for _, kind, count, _ in entries
-               if kind in _TIFF_NUMBERS)
+def _numbers(entries: list[_TiffEntry]) -> int:
+    """The values of a directory's entries that Pillow makes a Python number of, each."""
+    return sum(count for _, kind, count, _ in entries if kind in _TIFF_NUMBERS)
+
+
+def _exif_numbers(data: bytes, first: list[_TiffEntry], endian: str, big: bool, what: str = "TIFF", *,
+                  rewrite: bool = False) -> int:
+    """The numbers Pillow makes objects of as it reads the EXIF, GPS and Interop directories that a TIFF's (or an
+    EXIF block's) first directory points to, each directory counted each time Pillow reads it. Loading a TIFF, it
+    reads the Interop one when the first directory names the tag too; re-writing an EXIF block (`rewrite`:
+    `Exif.tobytes`), when the Exif directory names it."""
+    exif_at = _tiff_pointer(data, first, EXIF_IFD, endian, what)
+    exif = _tiff_directory(data, exif_at, endian, big, what) if exif_at is not None else []
+    read = [exif_at, _tiff_pointer(data, first, GPS_IFD, endian, what)]
+    if any(tag == INTEROP_IFD for tag, _, _, _ in (exif if rewrite else first)):
+        read.append(_tiff_pointer(data, exif, INTEROP_IFD, endian, what))
+    return sum(_numbers(exif if at == exif_at else _tiff_directory(data, at, endian, big, what))
+               for at in read if at is not None)
+
+
+def _tiff_first(data: bytes, what: str = "TIFF") -> tuple[list[_TiffEntry], str, bool] | None:
+    """A TIFF's first directory, its byte order and whether it is a BigTIFF, as Pillow reads them; None when the
+    data is too short to hold a header."""
+    endian = ">" if data[:2] == b"MM" else "<"
+    big = data[2] == 43  # as Pillow tells BigTIFF (a big-endian one, "MM\0+", it reads as a classic TIFF)
+    if len(data) < (16 if big else 8):
+        return None  # Pillow says it is truncated
+    at = struct.unpack_from(endian + ("Q" if big else "L"), data, 8 if big else 4)[0]
+    return _tiff_directory(data, at, endian, big, what), endian, big
 
 
 def _check_tiff(data: bytes) -> None:
     """Refuse a TIFF whose first directory (the image Pillow decodes; later ones it reads only when asked to) has
     more than MAX_HEADER_SEGMENTS entries or more than MAX_TIFF_STRIPS strips or tiles, or whose EXIF, GPS and
     Interop directories hold more than MAX_EXIF_NUMBERS numbers, each read one by one in Python."""
-    endian = ">" if data[:2] == b"MM" else "<"
-    big = data[2] == 43  # as Pillow tells BigTIFF (a big-endian one, "MM\0+", it reads as a classic TIFF)
-    if len(data) < (16 if big else 8):
-        return  # Pillow says it is truncated
-    first = _tiff_directory(data, struct.unpack_from(endian + ("Q" if big else "L"), data, 8 if big else 4)[0],
-                            endian, big)
+    if (head := _tiff_first(data)) is None:
+        return
+    first, endian, big = head
     for tag, _, count, _ in first:
         if tag in (STRIP_OFFSETS, TILE_OFFSETS) and count > MAX_TIFF_STRIPS:
             unit, advice = ("strips", "more rows per strip") if tag == STRIP_OFFSETS else ("tiles", "larger tiles")
@@ -305,6 +349,133 @@ def _check_tiff(data: bytes) -> None:
     if (numbers := _exif_numbers(data, first, endian, big)) > MAX_EXIF_NUMBERS:
         raise DecodeError(f"TIFF's EXIF, GPS and Interop directories hold {numbers} numbers, more than the limit of "
                           f"{MAX_EXIF_NUMBERS}; strip the image's metadata")
+
+
+_EXIF_HEADER = re.compile(rb"^(Exif\x00\x00){1,2}")  # what Pillow strips from an EXIF block before its TIFF
+
+
+def check_exif(block: bytes, fmt: str) -> None:
+    """Refuse an `fmt` image whose EXIF block holds more than MAX_EXIF_NUMBERS numbers (or a directory of more than
+    MAX_HEADER_SEGMENTS entries): Pillow makes a Python object of each number in its first directory and in the
+    Exif, GPS and Interop ones as it re-writes the block to turn the image upright (and inside `Image.open`, for an
+    AVIF whose own orientation differs from its EXIF's). A block Pillow cannot read as a TIFF costs nothing."""
+    tiff, what = _EXIF_HEADER.sub(b"", block), f"{fmt} image's EXIF metadata"
+    if tiff[:4] not in TIFF_PREFIXES or (head := _tiff_first(tiff, what)) is None:
+        return
+    first, endian, big = head
+    if (numbers := _numbers(first) + _exif_numbers(tiff, first, endian, big, what, rewrite=True)) > MAX_EXIF_NUMBERS:
+        raise DecodeError(f"{what} holds {numbers} numbers, more than the limit of {MAX_EXIF_NUMBERS}; strip the "
+                          "image's metadata")
+
+
+def exif_block(img: Image.Image) -> bytes | None:
+    """The EXIF block Pillow reads an opened image's orientation from (`Image.getexif`): its "exif" info, or a PNG's
+    hex "Raw profile type exif" text; None when there is none it can read (a TIFF's directories are the file's)."""
+    block = img.info.get("exif")
+    if block is None and isinstance(raw := img.info.get("Raw profile type exif"), str):
+        try:
+            block = bytes.fromhex("".join(raw.split("\n")[3:]))
+        except ValueError:  # Pillow fails on it too, and reads no number
+            return None
+    return block if isinstance(block, bytes) else None
+
+
+AVIF_BRANDS = (b"avif", b"avis", b"mif1", b"msf1")  # the major brands (in the ftyp box) Pillow opens as AVIF
+_BOX_HEAD = struct.Struct(">I4s")  # an ISO-BMFF box's size and type
+_ITEMS = "items (libavif finds each by a search through the others)"
+
+
+def _boxes(data: bytes, start: int, end: int, most: int, what: str) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, end) of each ISO-BMFF box from `start` to `end`, as far as their sizes hold (a box that
+    runs past `end` is cut there); a DecodeError past `most` of them (`what` names them)."""
+    for _ in range(most + 1):
+        if start + 8 > end:
+            return
+        size, kind = _BOX_HEAD.unpack_from(data, start)
+        head = 8
+        if size == 1 and start + 16 <= end:  # a 64-bit size follows the type
+            size, head = int.from_bytes(data[start + 8:start + 16], "big"), 16
+        elif size == 0:  # the box runs to the end
+            size = end - start
+        if size < head:
+            return  # a broken box: libavif refuses the file
+        yield kind, start + head, min(start + size, end)
+        start += size
+    raise DecodeError(f"AVIF has more than {most} {what}; refused")
+
+
+def _field(data: bytes, pos: int, size: int) -> int:
+    """A big-endian unsigned number of `size` bytes (0 to 8) at `pos` (0 where the data runs out)."""
+    return int.from_bytes(data[pos:pos + size], "big")
+
+
+def _avif_exif_items(data: bytes, start: int, end: int) -> set[int]:
+    """The IDs of the Exif items an AVIF's item information box (iinf, from `start` to `end`) names."""
+    found = set()
+    first = start + (6 if data[start:start + 1] == b"\0" else 8)  # version 0: a 16-bit entry count, else 32
+    for kind, at, stop in _boxes(data, first, end, MAX_AVIF_ITEMS, _ITEMS):
+        version = data[at:at + 1]
+        id_size = 2 if version == b"\2" else 4
+        if kind == b"infe" and version in (b"\2", b"\3") and stop >= at + 10 + id_size:
+            if data[at + 6 + id_size:at + 10 + id_size] == b"Exif":  # after the ID and the protection index
+                found.add(_field(data, at + 4, id_size))
+    return found
+
+
+def _avif_extents(data: bytes, start: int, end: int, items: set[int]) -> dict[int, tuple[int, list[tuple[int, int]]]]:
+    """Where the item location box (iloc, from `start` to `end`) puts each of `items`: its construction method (0:
+    in the file, 1: in the meta box's idat) and its extents (offset, length), read as ISO/IEC 14496-12 lays them out.
+    Every other item is skipped in one step. A DecodeError for more than MAX_AVIF_ITEMS items, or for more than
+    MAX_HEADER_SEGMENTS extents of `items` (a real Exif item has one)."""
+    version = data[start] if start + 8 <= end else 3
+    sizes, id_size = _field(data, start + 4, 2), 4 if version == 2 else 2
+    offset_size, length_size, base_size = sizes >> 12, sizes >> 8 & 15, sizes >> 4 & 15
+    index_size = sizes & 15 if version else 0
+    if version > 2 or not {offset_size, length_size, base_size, index_size} <= {0, 4, 8}:
+        return {}  # libavif refuses the file
+    count, pos = _field(data, start + 6, id_size), start + 6 + id_size
+    if count > MAX_AVIF_ITEMS:
+        raise DecodeError(f"AVIF has more than {MAX_AVIF_ITEMS} {_ITEMS}; refused")
+    found: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+    extent_size, pieces = index_size + offset_size + length_size, 0
+    for _ in range(count):
+        item, method = _field(data, pos, id_size), _field(data, pos + id_size, 2) & 15 if version else 0
+        pos += id_size + (2 if version else 0) + 2  # the ID, the construction method, the data reference
+        base, extents = _field(data, pos, base_size), _field(data, pos + base_size, 2)
+        pos += base_size + 2
+        if item in items:
+            if (pieces := pieces + extents) > MAX_HEADER_SEGMENTS:
+                raise DecodeError(f"AVIF's Exif item lies in more than {MAX_HEADER_SEGMENTS} pieces; refused")
+            found[item] = (method, [(base + _field(data, at + index_size, offset_size),
+                                     _field(data, at + index_size + offset_size, length_size))
+                                    for at in range(pos, min(pos + extents * extent_size, end), extent_size or 1)])
+        pos += extents * extent_size
+        if pos > end:
+            break
+    return found
+
+
+def _check_avif(data: bytes) -> None:
+    """Refuse an AVIF whose iloc or iinf box names more than MAX_AVIF_ITEMS items, or whose Exif item (found as
+    libavif finds it: named in the meta box's iinf, its extents in iloc joined, from the file or the meta box's
+    idat) fails `check_exif`: Pillow re-writes the EXIF inside `Image.open` when the file's irot/imir orientation
+    differs from the EXIF's. Exif items larger than the file together (extents may overlap) are refused too."""
+    top = {kind: (at, end) for kind, at, end in _boxes(data, 0, len(data), MAX_HEADER_SEGMENTS, "boxes")}
+    if b"meta" not in top:
+        return
+    at, end = top[b"meta"]
+    boxes = {kind: (start, stop) for kind, start, stop in _boxes(data, at + 4, end, MAX_HEADER_SEGMENTS, "boxes")}
+    items = _avif_exif_items(data, *boxes[b"iinf"]) if b"iinf" in boxes else set()
+    located = _avif_extents(data, *boxes[b"iloc"], items) if b"iloc" in boxes else {}
+    if (size := sum(length for _, extents in located.values() for _, length in extents)) > len(data):
+        raise DecodeError(f"AVIF's Exif items span {size} bytes, more than the file's {len(data)}; refused")
+    idat = data[slice(*boxes.get(b"idat", (0, 0)))]
+    for method, extents in located.values():
+        if method > 1:
+            continue  # a construction method libavif lacks: it refuses the file
+        source = idat if method else data
+        payload = b"".join(source[start:start + length] for start, length in extents)
+        check_exif(payload[4:], "AVIF")  # after the offset of the TIFF header in it (ISO/IEC 23008-12, A.2.1)
 
 
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
@@ -504,6 +675,8 @@ def load_pixels(img: Image.Image) -> Image.Image:
     except Exception as exc:  # truncated, corrupt, a decoder tripping over hostile data; a PNG's text after its pixels
         raise _metadata_refusal(exc) or DecodeError(
             f"image data is truncated or corrupt ({first_line(exc, REASON_CHARS)})") from None
+    if (block := exif_block(img)) is not None:  # whole now: a PNG's eXIf chunk may follow its pixels
+        check_exif(block, img.format or "image")
     img = upright(img)  # EXIF orientation
     try:
         return plain_mode(img)  # CMYK (Adobe inverted or not), YCbCr, HSV, ...
