@@ -207,7 +207,7 @@ def prepare_model(
     cache: Path = DEFAULT_CACHE,
     targets: Sequence[str] = DEFAULT_TARGETS,
     max_batch: int = ExportConfig.max_batch,
-    parity_samples: int = ExportConfig.parity_samples,
+    parity_samples: int | None = ExportConfig.parity_samples,
     calibration_samples: int = ExportConfig.calibration_samples,
     root: Path = Path(),
     checkpoint: Path | None = None,
@@ -235,7 +235,7 @@ def prepare_model(
         manifest = _fresh(bundle, checkpoint, targets, max_batch)
         if manifest is None:
             if source == "random-init":  # accuracy means nothing there: fewer images make the one-time export quicker
-                parity_samples, calibration_samples = min(parity_samples, 128), min(calibration_samples, 64)
+                parity_samples, calibration_samples = min(parity_samples or 128, 128), min(calibration_samples, 64)
             kept, batch = _cached_extra(bundle, targets, max_batch)
             if log:
                 also = f" (keeping the cached {', '.join(kept)})" if kept else ""

@@ -54,7 +54,7 @@ from models.host import MAX_THREADS
 from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path, same_file, sha256_file
 from models.jsonfields import is_int
 from models.oneline import first_line
-from models.preprocessing import normalize, preprocess, to_uint8
+from models.preprocessing import Preprocessing, normalize, preprocess, to_uint8
 from runtimes import Backend, BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, description
 from runtimes.build import ExportContext, cause_in_chain
@@ -82,11 +82,14 @@ GOLDEN_SAMPLES = 8
 # after the export as well, so the manifest records the opset the file has (export.kserve trusts it).
 OPSETS = range(17, 26)
 MAX_SAMPLES = 2**31 - 1  # parity/calibration images: "all of the split" in practice (export.cli's bound too)
-# The default parity set: the whole val split up to this many images (a seeded draw of them above it). Each costs
-# one forward pass per artifact (and ~0.6 MB of preprocessed pixels at 224 px): 5000 keeps a 224-px 1-GF model's
-# export within minutes on a laptop CPU, while one point of accuracy is 50 images (5 on the 512 it once was, where
-# artifacts within the 1-point gate measured 1.4 and 1.6 points below torch on the whole 1000-image split).
+# The default parity set: the whole val split up to DEFAULT_PARITY_SAMPLES images and PARITY_MEMORY_BYTES of
+# preprocessed pixels (a seeded draw of them above either). Each image costs one forward pass per artifact and is held
+# as float32 for every artifact's run (0.6 MB at 3x224x224): 5000 keep a small model's export quick while one point
+# of accuracy is 50 images (5 on the 512 it once was, where artifacts within the 1-point gate measured 1.4 and 1.6
+# points below torch on the whole 1000-image split); 1 GiB holds 1,780 images at 224 px (5000 were 3 GB). An explicit
+# --parity-samples is drawn as asked.
 DEFAULT_PARITY_SAMPLES = 5000
+PARITY_MEMORY_BYTES = 1 << 30
 
 
 class ExportIOError(RuntimeError):
@@ -115,6 +118,13 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def default_parity_samples(preprocessing: Preprocessing) -> int:
+    """The parity images an export draws unless told: DEFAULT_PARITY_SAMPLES, fewer where their preprocessed pixels
+    would pass PARITY_MEMORY_BYTES."""
+    image_bytes = 4 * preprocessing.channels * preprocessing.crop ** 2
+    return max(1, min(DEFAULT_PARITY_SAMPLES, PARITY_MEMORY_BYTES // image_bytes))
+
+
 def parity_images(meta: CheckpointMeta, dataset: str, samples: int) -> Readable:
     """The parity images: `samples` of the dataset's val split drawn as train.eval draws them, with the
     files that do not decode left out and counted as training and evaluation do; ExportError when none decodes."""
@@ -136,10 +146,15 @@ def parity_data(model: nn.Module, meta: CheckpointMeta, dataset: str, samples: i
     import torch
 
     val = images if images is not None else parity_images(meta, dataset, samples).images
-    x = np.concatenate([
-        preprocess([_decoded(val, i) for i in range(s, min(s + PREPROCESS_CHUNK, len(val)))], meta.preprocessing)
-        for s in range(0, len(val), PREPROCESS_CHUNK)
-    ])
+    x: np.ndarray | None = None
+    for s in range(0, len(val), PREPROCESS_CHUNK):
+        chunk = preprocess([_decoded(val, i) for i in range(s, min(s + PREPROCESS_CHUNK, len(val)))],
+                           meta.preprocessing)
+        if x is None:  # filled in place: concatenating the chunks held the set twice at its peak
+            x = np.empty((len(val), *chunk.shape[1:]), chunk.dtype)
+        x[s:s + len(chunk)] = chunk
+    if x is None:
+        x = preprocess([], meta.preprocessing)
 
     def torch_run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -460,7 +475,7 @@ class ExportConfig:
     _: KW_ONLY
     name: str | None = None  # the served name (default: the `out` directory's name, made valid)
     max_batch: int = 32
-    parity_samples: int = DEFAULT_PARITY_SAMPLES  # val images drawn (more than the split holds: all of it)
+    parity_samples: int | None = None  # val images drawn (more than the split: all of it; None: default_parity_samples)
     calibration_samples: int = 300
     dataset: str | os.PathLike | None = None  # parity images, val split (default: the checkpoint's)
     calibration_dataset: str | os.PathLike | None = None  # INT8 calibration, train split (default: `dataset`)
@@ -499,6 +514,8 @@ class ExportConfig:
         if not (is_int(self.max_batch, numpy=True) and 1 <= self.max_batch <= MAX_BATCH_LIMIT):
             raise ExportError(f"max batch must be an integer in 1..{MAX_BATCH_LIMIT}, got {self.max_batch!r:.80}")
         for arg, value in (("parity", self.parity_samples), ("calibration", self.calibration_samples)):
+            if value is None and arg == "parity":
+                continue
             if not (is_int(value, numpy=True) and 1 <= value <= MAX_SAMPLES):
                 raise ExportError(f"{arg} sample counts must be positive integers, got {value!r:.80}")
 
@@ -667,8 +684,9 @@ def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | Non
     calibration_set = _calibration(wanted, config.calibration_dataset, data_name)
     header = _header(meta, name, config.checkpoint, data_name, max_batch)
     with _open_weights(meta) as weights, torch_threads(config.threads):
-        parity_set = parity_images(meta, data_name, config.parity_samples)
-        data = parity_data(model, meta, data_name, config.parity_samples, max_batch, parity_set.images)
+        samples = config.parity_samples or default_parity_samples(meta.preprocessing)
+        parity_set = parity_images(meta, data_name, samples)
+        data = parity_data(model, meta, data_name, samples, max_batch, parity_set.images)
         log(f"{meta.model}: parity on {len(data.x)} {data_name} val images{parity_set.note()}, "
             f"torch top-1 {data.reference_accuracy:.2%}")
         try:

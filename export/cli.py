@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from data.datasets import EMBEDDED
-from export.bundle import MAX_SAMPLES, ExportConfig
+from export.bundle import DEFAULT_PARITY_SAMPLES, MAX_SAMPLES, PARITY_MEMORY_BYTES, ExportConfig
 from export.targets import QUANTIZER, Target, known_targets, missing_converters, parse_targets
 from models.bundle import MAX_BATCH_LIMIT, valid_name
 from models.checkpoint import CheckpointError, read_checkpoint_meta
@@ -122,7 +122,9 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
                    help=f"largest batch (engine profile, parity), 1..{MAX_BATCH_LIMIT} [%(default)s]")
     p.add_argument("--parity-samples", type=int_in(1, MAX_SAMPLES), default=ExportConfig.parity_samples,
                    help="validation images for parity, a seeded draw (more than the split holds: all of it) "
-                        "[%(default)s: the whole val split, up to that many]")
+                        f"[the whole val split, up to {DEFAULT_PARITY_SAMPLES} images and "
+                        f"{PARITY_MEMORY_BYTES >> 30} GiB of preprocessed pixels: "
+                        f"{PARITY_MEMORY_BYTES // (4 * 3 * 224 * 224)} at 3x224x224]")
     p.add_argument("--calibration-samples", type=int_in(1, MAX_SAMPLES), default=ExportConfig.calibration_samples,
                    help="train images for INT8 calibration [%(default)s]")
     p.add_argument("--dataset", help="parity/calibration dataset (default: the checkpoint's)")
@@ -205,7 +207,8 @@ def _export(p: argparse.ArgumentParser, args: argparse.Namespace, family: str | 
     except (ExportIOError, MemoryError) as exc:
         reason = str(exc) if isinstance(exc, ExportIOError) else "out of memory"
         if isinstance(exc, ExportMemoryError | MemoryError):  # what sizes the export's memory, and its values
-            reason += (f"; lower --max-batch ({args.max_batch}), --parity-samples ({args.parity_samples})"
+            parity = args.parity_samples or "the default"
+            reason += (f"; lower --max-batch ({args.max_batch}), --parity-samples ({parity})"
                        f" or --calibration-samples ({args.calibration_samples})")
         raise WorkFailed(f"{reason} (the previous bundle, if any, is unchanged)") from None
     refused = [a for a in manifest.artifacts if not a.servable]

@@ -22,7 +22,7 @@ def test_the_defaults_are_the_documented_ones():
     config = ExportConfig("runs/x", "exports/x")
     assert config.targets == DEFAULT_TARGETS == ("onnx", "openvino")
     # parity: the whole val split up to 5000 images (512 once, where one point was 5 images)
-    assert (config.max_batch, config.parity_samples, config.calibration_samples) == (32, 5000, 300)
+    assert (config.max_batch, config.parity_samples, config.calibration_samples) == (32, None, 300)
     assert (config.name, config.dataset, config.calibration_dataset, config.opset, config.tolerances,
             config.threads, config.log, config.drop_artifacts) == (None,) * 7 + (False,)
 

@@ -16,12 +16,21 @@ import pytest
 from PIL import Image
 from test_serve_fixtures import LEGACY, legacy_with_manifest
 
+import export.bundle as export_bundle
 from data.datasets import ANIMAL_CLASSES, load_dataset
 from export import report
-from export.bundle import DEFAULT_PARITY_SAMPLES, ExportConfig, build_bundle, summary_line
+from export.bundle import (
+    DEFAULT_PARITY_SAMPLES,
+    PARITY_MEMORY_BYTES,
+    ExportConfig,
+    build_bundle,
+    default_parity_samples,
+    summary_line,
+)
 from export.cli import parser
 from export.parity import INT8_TOLERANCE, ParityData, gate, measure
 from models.bundle import read_manifest
+from models.preprocessing import Preprocessing
 
 EXPORT = {"max_batch": 32, "threads": 1, "log": lambda _: None}
 
@@ -41,9 +50,17 @@ def default_bundle(tmp_path_factory, micro_checkpoint) -> Path:
 
 
 def test_the_default_is_a_named_cap_and_the_help_states_it():
-    assert DEFAULT_PARITY_SAMPLES == 5000 and ExportConfig("c", "o").parity_samples == DEFAULT_PARITY_SAMPLES
+    assert DEFAULT_PARITY_SAMPLES == 5000 and ExportConfig("c", "o").parity_samples is None
     help_text = " ".join(parser().format_help().split())
-    assert f"[{DEFAULT_PARITY_SAMPLES}: the whole val split, up to that many]" in help_text, help_text
+    assert (f"[the whole val split, up to {DEFAULT_PARITY_SAMPLES} images and 1 GiB of preprocessed pixels: 1783 at "
+            "3x224x224]") in help_text, help_text
+
+
+def test_the_default_holds_at_most_a_gib_of_preprocessed_pixels():
+    """5000 images at 3x224x224 were 3 GB of float32 (6 GB at the peak): the default stops at 1 GiB."""
+    assert PARITY_MEMORY_BYTES == 1 << 30
+    assert default_parity_samples(Preprocessing(resize=256, crop=224)) == 1783  # 1783 x 602,112 bytes <= 1 GiB
+    assert default_parity_samples(Preprocessing(resize=36, crop=32)) == DEFAULT_PARITY_SAMPLES
 
 
 def test_the_default_parity_set_is_the_whole_val_split_below_the_cap(default_bundle):
@@ -52,15 +69,31 @@ def test_the_default_parity_set_is_the_whole_val_split_below_the_cap(default_bun
     assert _parity_samples(default_bundle) == 1000
 
 
-def test_the_default_parity_set_is_the_cap_above_it(tmp_path, micro_checkpoint):
-    """A val split larger than the cap: the cap's count of images is drawn, not the split."""
-    extra = 3
-    for i in range(DEFAULT_PARITY_SAMPLES + extra):
-        folder = tmp_path / "data" / "val" / ANIMAL_CLASSES[i % 2]
+def _val_folder(root: Path, images: int) -> Path:
+    for i in range(images):
+        folder = root / "data" / "val" / ANIMAL_CLASSES[i % 2]
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("L", (8, 8), i % 251).save(folder / f"{i}.png")
-    build_bundle(micro_checkpoint(tmp_path), tmp_path / "b", ["torch"], dataset=tmp_path / "data", **EXPORT)
-    assert _parity_samples(tmp_path / "b") == DEFAULT_PARITY_SAMPLES
+    return root / "data"
+
+
+def test_the_default_parity_set_is_the_cap_above_it(tmp_path, micro_checkpoint, monkeypatch):
+    """A val split larger than the cap: the cap's count of images is drawn, not the split."""
+    monkeypatch.setattr(export_bundle, "DEFAULT_PARITY_SAMPLES", 50)  # the rule, on a split of a few dozen images
+    data = _val_folder(tmp_path, 53)
+    build_bundle(micro_checkpoint(tmp_path), tmp_path / "b", ["torch"], dataset=data, **EXPORT)
+    assert _parity_samples(tmp_path / "b") == 50
+
+
+def test_the_default_parity_set_stops_at_its_memory_bound(tmp_path, micro_checkpoint, monkeypatch):
+    """The memory bound draws fewer images than the count cap where the pixels would pass it."""
+    monkeypatch.setattr(export_bundle, "PARITY_MEMORY_BYTES", 20 * 4 * 3 * 32 * 32)  # 20 micro images
+    data = _val_folder(tmp_path, 25)
+    ckpt = micro_checkpoint(tmp_path)
+    build_bundle(ckpt, tmp_path / "b", ["torch"], dataset=data, **EXPORT)
+    assert _parity_samples(tmp_path / "b") == 20
+    build_bundle(ckpt, tmp_path / "asked", ["torch"], dataset=data, parity_samples=25, **EXPORT)  # as asked
+    assert _parity_samples(tmp_path / "asked") == 25
 
 
 def test_parity_samples_still_draws_that_many(tmp_path, micro_checkpoint):
