@@ -450,7 +450,8 @@ def decode_checked(path: Path) -> Image.Image | None:
     """Decode a file by the server's rule (`models.decoding`: its formats, structure checks, PNG metadata bounds and
     its default pixel bound, `DEFAULT_MAX_IMAGE_PIXELS`), or None for a file the server would refuse or that cannot
     be read (callers count skips)."""
-    from models.decoding import DecodeError, decode_image  # PIL: only when an image is read
+    from models.decoding import decode_image  # PIL: only when an image is read
+    from models.imagecheck.common import DecodeError
 
     try:  # a dangling link, a file that vanished or cannot be read: unreadable
         with open(path, "rb") as f:

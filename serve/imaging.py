@@ -19,18 +19,11 @@ import numpy as np
 from PIL import Image
 
 from models import decoding
-from models.decoding import (
-    FORMATS,
-    INFLATED_PNG_CHUNKS,
-    PNG_SIGNATURE,
-    DecodeError,
-    check_structure,
-    jpeg_scans,
-    jpeg_segments,
-    pixel_limit,
-    png_chunks,
-    wide_colour_key,
-)
+from models.decoding import FORMATS, pixel_limit, wide_colour_key
+from models.imagecheck import check_structure
+from models.imagecheck.common import DecodeError
+from models.imagecheck.jpeg import jpeg_scans, jpeg_segments
+from models.imagecheck.png import INFLATED_PNG_CHUNKS, PNG_SIGNATURE, png_chunks
 from models.preprocessing import Preprocessing, copied_pixels, image_input
 from serve.protocol import short_reason
 from serve.workpool import Holder, PixelBudget

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from data.datasets import UnreadableImage, decode_checked, load_dataset
-from models.decoding import MAX_HEADER_SEGMENTS, MAX_JPEG_SCANS, DecodeError, decode_image, jpeg_scans
+from models.decoding import decode_image
+from models.imagecheck.common import MAX_HEADER_SEGMENTS, DecodeError
+from models.imagecheck.jpeg import MAX_JPEG_SCANS, jpeg_scans
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, PNG_TEXT_BYTES, Preprocessing, preprocess
 from serve.imaging import ImageError, load_pixels, open_image, pixel_limit, prepare
 

@@ -18,8 +18,10 @@ import pytest
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError, features
 
 from data.datasets import decode_checked
-from models import decoding
-from models.decoding import DecodeError, check_structure, decode_image
+from models.decoding import decode_image
+from models.imagecheck import avif as avif_check
+from models.imagecheck import check_structure, jpeg, tiff
+from models.imagecheck.common import DecodeError
 
 LIMIT = 40_000_000
 URL = "/v1/models/fake/classify"
@@ -30,7 +32,7 @@ avif = pytest.mark.skipif(not features.check("avif"), reason="this Pillow has no
 
 @pytest.fixture
 def bound(monkeypatch):
-    monkeypatch.setattr(decoding, "MAX_EXIF_NUMBERS", BOUND, raising=False)
+    monkeypatch.setattr(tiff, "MAX_EXIF_NUMBERS", BOUND)
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
@@ -145,12 +147,27 @@ def _avif(block: bytes, orientation: int = 1, img: Image.Image | None = None) ->
     return _encode(img or _photo(), "AVIF", exif=exif, quality=100)
 
 
+def _more_ipma(iprp: bytes, n: int) -> bytes:
+    """An item properties box (iprp) whose association box (ipma, version 0) names `n` more items, of no property."""
+    (_, ipco), (_, ipma) = _boxes(iprp, 0, len(iprp))
+    count = struct.unpack_from(">I", ipma, 4)[0] + n
+    more = b"".join(struct.pack(">HB", item, 0) for item in range(200, 200 + n))  # after Pillow's IDs, increasing
+    return _box(b"ipco", ipco) + _box(b"ipma", ipma[:4] + struct.pack(">I", count) + ipma[8:] + more)
+
+
+def _more_iref(iref: bytes, n: int) -> bytes:
+    """An item reference box (iref, version 0) that names `n` more items: one cdsc box from one of them to the
+    others."""
+    return iref + _box(b"cdsc", struct.pack(">HH", 300, n - 1) + b"".join(
+        struct.pack(">H", item) for item in range(301, 300 + n))) if n else iref
+
+
 def _relaid(data: bytes, *, pieces: int = 1, idat: bool = False, whole: bool = False, extra: int = 0,
-            boxes: int = 0) -> bytes:
+            boxes: int = 0, ipma: int = 0, iref: int = 0) -> bytes:
     """The same AVIF with its Exif item in `pieces` extents (with `whole`, each all of it, one after another) and,
     with `idat`, in the meta box's idat (iloc version 1, construction method 1); with `extra` more items (of no
-    data) named in its iloc and iinf boxes, and `boxes` empty free boxes before its meta box. The other items' file
-    offsets move with what precedes them."""
+    data) named in its iloc and iinf boxes, `ipma` others in its ipma box and `iref` others in its iref box, and
+    `boxes` empty free boxes before its meta box. The other items' file offsets move with what precedes them."""
     (_, ftyp), (_, meta), (_, mdat) = _boxes(data, 0, len(data))
     children = _boxes(meta, 4, len(meta))
     infos = dict(children)[b"iinf"]
@@ -180,7 +197,9 @@ def _relaid(data: bytes, *, pieces: int = 1, idat: bool = False, whole: bool = F
                     struct.pack(">II", base + start, size) for start, size in spans)
             else:
                 iloc += struct.pack(">HHHHII", item, 0, 0, 1, at + moved, size)
-        kids = b"".join(_box(kind, {b"iloc": iloc, b"iinf": infe}.get(kind, p)) for kind, p in children)
+        relaid = {b"iloc": iloc, b"iinf": infe, b"iprp": _more_ipma(dict(children)[b"iprp"], ipma),
+                  b"iref": _more_iref(dict(children)[b"iref"], iref)}
+        kids = b"".join(_box(kind, relaid.get(kind, p)) for kind, p in children)
         return _box(b"meta", meta[:4] + kids + (_box(b"idat", payload) if idat else b""))
 
     moved = len(meta_box(0)) - (8 + len(meta)) + 8 * boxes
@@ -243,7 +262,7 @@ def test_a_directory_named_twice_or_too_long_is_refused_naming_the_exif_block(bo
     twice = _exif(0, sub=1, pointers=(EXIF_IFD, EXIF_IFD))
     assert _refused(png(twice), "more than once") == (
         "PNG image's EXIF metadata names its EXIF, GPS or Interop directory more than once; refused")
-    monkeypatch.setattr(decoding, "MAX_HEADER_SEGMENTS", 3)
+    monkeypatch.setattr(tiff, "MAX_HEADER_SEGMENTS", 3)
     many = _exif(1, sub=1, pointers=(EXIF_IFD, GPS_IFD))  # 4 entries in the first directory
     assert _refused(png(many), "4 entries") == (
         "PNG image's EXIF metadata has a directory of 4 entries, more than the limit of 3; refused")
@@ -260,7 +279,7 @@ def test_a_broken_exif_block_costs_nothing_and_the_image_still_decodes(bound):
 def test_a_jpeg_exif_block_in_more_app1_segments_than_the_bound_is_refused(monkeypatch, tmp_path):
     """Pillow joins a JPEG's EXIF APP1 segments into one block, copying all it has at each (250 segments of 64 KiB,
     16 MB, took 4.4 s whatever they held): they are counted before it opens the file."""
-    monkeypatch.setattr(decoding, "MAX_JPEG_EXIF_SEGMENTS", 3, raising=False)
+    monkeypatch.setattr(jpeg, "MAX_JPEG_EXIF_SEGMENTS", 3)
     assert decode_image(_jpeg_split(_exif(20), 3), max_pixels=LIMIT).size == (16, 24)
     data = _jpeg_split(_exif(20), 4)
     with pytest.raises(DecodeError) as exc:
@@ -296,14 +315,34 @@ def test_an_avif_exif_item_of_too_many_numbers_is_refused_before_pillow_opens_it
 def test_an_avif_of_more_items_or_boxes_than_the_bounds_is_refused(monkeypatch):
     """libavif finds each item by a search through those it has (100,000 items named in a 1 MB iloc box took 49 s),
     and the walk to the Exif item goes box by box: both are bounded."""
-    monkeypatch.setattr(decoding, "MAX_AVIF_ITEMS", 8, raising=False)
+    monkeypatch.setattr(avif_check, "MAX_AVIF_ITEMS", 8)
     data = _avif(_exif(5), 6)  # two items: the picture and its Exif
     assert decode_image(_relaid(data, extra=6), max_pixels=LIMIT).size == (16, 24)
     assert _refused(_relaid(data, extra=7), "AVIF") == (
         "AVIF has more than 8 items (libavif finds each by a search through the others); refused")
-    monkeypatch.setattr(decoding, "MAX_HEADER_SEGMENTS", 10)
+    monkeypatch.setattr(avif_check, "MAX_HEADER_SEGMENTS", 10)
     assert decode_image(_relaid(data, boxes=7), max_pixels=LIMIT).size == (16, 24)  # ftyp, 7 free, meta, mdat
     assert _refused(_relaid(data, boxes=8), "AVIF") == "AVIF has more than 10 boxes; refused"
+
+
+@avif
+@pytest.mark.parametrize("box", ["ipma", "iref"])
+def test_an_avif_naming_more_items_in_its_ipma_or_iref_box_than_the_bound_is_refused(box, monkeypatch, tmp_path):
+    """libavif makes an item of each ID its item property association (ipma) or reference (iref) box names too,
+    each found by the same search (20,000 ipma entries in a 100 KB file took 1 s; 20,000 dimg references as long):
+    each box's IDs are counted as iloc's and iinf's are, before Pillow opens the file."""
+    monkeypatch.setattr(avif_check, "MAX_AVIF_ITEMS", 8)
+    data = _avif(_exif(5), 6)  # Pillow's ipma names one item (the picture), its iref two (the Exif describes it)
+    fits = _relaid(data, **{box: 7 if box == "ipma" else 6})
+    with Image.open(io.BytesIO(fits)) as opened:  # libavif reads the extra IDs: the file is whole
+        assert opened.size == (24, 16)
+    assert decode_image(fits, max_pixels=LIMIT).size == (16, 24)
+    hostile = _relaid(data, **{box: 8 if box == "ipma" else 7})
+    with pytest.raises(DecodeError) as exc:
+        check_structure(hostile)  # before Image.open
+    assert exc.value.reason == "AVIF has more than 8 items (libavif finds each by a search through the others); refused"
+    _refused(hostile, "more than 8 items")
+    _dataset_skips(hostile, tmp_path)
 
 
 @avif
@@ -311,7 +350,7 @@ def test_an_avif_exif_item_in_too_many_pieces_or_larger_than_the_file_is_refused
     """libavif joins an item's extents, which may overlap: more than the file holds it refuses, and so does the
     check (which would otherwise join them itself); a real Exif item is one extent."""
     data = _avif(_exif(5), 6)
-    monkeypatch.setattr(decoding, "MAX_HEADER_SEGMENTS", 10)
+    monkeypatch.setattr(avif_check, "MAX_HEADER_SEGMENTS", 10)
     assert decode_image(_relaid(data, pieces=10), max_pixels=LIMIT).size == (16, 24)
     assert _refused(_relaid(data, pieces=11), "AVIF") == "AVIF's Exif item lies in more than 10 pieces; refused"
     assert decode_image(_relaid(data, pieces=2, whole=True), max_pixels=LIMIT).size == (16, 24)  # read twice over
@@ -409,6 +448,6 @@ def test_the_readme_states_the_bounds_the_code_applies():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| an image's EXIF block"))
-    stated = (f"{decoding.MAX_EXIF_NUMBERS:,}; {decoding.MAX_JPEG_EXIF_SEGMENTS:,}; "
-              f"{decoding.MAX_AVIF_ITEMS:,}")
+    stated = (f"{tiff.MAX_EXIF_NUMBERS:,}; {jpeg.MAX_JPEG_EXIF_SEGMENTS:,}; "
+              f"{avif_check.MAX_AVIF_ITEMS:,}")
     assert f"| {stated} | fixed | 400 |" in row, row

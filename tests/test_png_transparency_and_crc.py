@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from data.datasets import decode_checked
-from models.decoding import MAX_PNG_CHUNKS, DecodeError, decode_image
+from models.decoding import decode_image
+from models.imagecheck.common import DecodeError
+from models.imagecheck.png import MAX_PNG_CHUNKS
 from models.preprocessing import Preprocessing, preprocess, to_uint8
 from serve import imaging
 from serve.imaging import CHEAP_SEGMENTS, ImageError, cheap, decode_weight, prepare

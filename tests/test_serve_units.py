@@ -188,7 +188,8 @@ def _progressive_with_scans(scans: int) -> bytes:
 
 
 def test_files_built_to_overwork_the_decoder_are_refused():
-    from models.decoding import MAX_HEADER_SEGMENTS, MAX_JPEG_SCANS
+    from models.imagecheck.common import MAX_HEADER_SEGMENTS
+    from models.imagecheck.jpeg import MAX_JPEG_SCANS
     from serve.imaging import CHEAP_BYTES, cheap
 
     jpeg = encode(photo(), "JPEG")

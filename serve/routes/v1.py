@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from models.bundle import MAX_CLASSES
-from models.decoding import PNG_SIGNATURE
+from models.imagecheck.png import PNG_SIGNATURE
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, IMAGE_CONTENT_TYPES, ImageError, cheap, prepare
 from serve.registry import ServedModel
