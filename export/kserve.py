@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,29 @@ def default_storage_uri(out: Path) -> str:
     return uri
 
 
+def encoded_default(out: Path) -> str:
+    """The default storage URI vitc wrote before ae4f6cc: the directory's name percent-encoded, which KServe reads
+    literally (so it named a directory that does not exist on the volume)."""
+    return f"{PVC_PREFIX}{DEFAULT_PVC}/{urllib.parse.quote(out.resolve().name, safe='')}"
+
+
+def upgraded_storage_uri(path: Path, out: Path, stored: str, notes: list[str]) -> str:
+    """The storage URI an untouched inferenceservice.yaml keeps: `stored`, but for the earlier encoded default,
+    which becomes the default now (with a note); RepositoryError when no storage URI can carry the directory name."""
+    if stored != encoded_default(out):  # chosen by someone (an option, a copy): theirs to keep
+        return stored
+    try:
+        uri = default_storage_uri(out)
+    except RepositoryError as e:
+        raise RepositoryError(f"{path} holds {stored}, the default an earlier version of this tool wrote, but KServe "
+                              f"decodes no % escape in a pvc:// path (that names another directory), and {e}") from None
+    if uri != stored:
+        notes.append(f"{path}: storageUri {json.dumps(stored)} is now {json.dumps(uri, ensure_ascii=False)}: an "
+                     "earlier version of this tool percent-encoded the directory name, but KServe decodes no % "
+                     "escape in a pvc:// path, so that names another directory (--storage-uri sets another)")
+    return uri
+
+
 def check_isvc_name(name: str) -> None:
     if len(name) > MAX_ISVC_NAME or not ISVC_NAME.fullmatch(name):
         raise RepositoryError(f"--isvc-name {name[:100]!r} is not a Kubernetes name KServe accepts: 1..{MAX_ISVC_NAME} "
@@ -183,11 +207,12 @@ def isvc_default_name(manifest: Manifest) -> str:
 
 def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc_name: str | None,
                  triton_version: str | None, gpus: int | None, needs_gpu: bool, kind_gpu: bool,
-                 replace_isvc: bool, cpus: int | None = None) -> Service | None:
+                 replace_isvc: bool, cpus: int | None = None, notes: list[str] | None = None) -> Service | None:
     """The InferenceService to write: the options, else the repository's own file, else the defaults."""
     # None: keep the repository's file, which was edited (or written by an older version of this tool);
     # RepositoryError when an option given would then not take effect, or when `kind_gpu` (--kind gpu put models on
-    # KIND_GPU) and that file asks for no GPU.
+    # KIND_GPU) and that file asks for no GPU. An untouched file's storage URI that is the encoded default of an
+    # earlier version becomes today's default, explained in `notes`.
     path = out / ISVC_FILE
     old: dict[str, str | int] = {}
     if path.is_file():
@@ -208,6 +233,9 @@ def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc
                                       "--replace-isvc to regenerate it")
             return None
         old = _isvc_values(text or "")
+        if storage_uri is None and text is not None and is_marked(text, _ISVC_MARK) and "storage_uri" in old:
+            old["storage_uri"] = upgraded_storage_uri(path, out, str(old["storage_uri"]),
+                                                      notes if notes is not None else [])
         if triton_version is None and (tag := kept_runtime_version(path)) and (why := no_tritonserver(tag)):
             # Kept, it serves nothing; another release swapped in without a word may not load the engines either.
             raise RepositoryError(f"{path} runs {why}; pass --triton-version with the release to run, such as "

@@ -347,7 +347,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
             had_models = out.is_dir() and any(p.is_dir() and not own_leftover(p) for p in out.iterdir())
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
                                    triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
-                                   kind_gpu=kind == "gpu", replace_isvc=replace_isvc, cpus=cpus)
+                                   kind_gpu=kind == "gpu", replace_isvc=replace_isvc, cpus=cpus,
+                                   notes=notes)
             # The release the repository's InferenceService runs: the one written now, else the kept file's.
             tag = service.runtime_version if service is not None else kept_runtime_version(out / ISVC_FILE)
             if service is not None:  # the engines already there must load in the release it now names

@@ -1,6 +1,7 @@
 """Handing a repository to KServe and Triton, what tester hCU found: the default storage URI carries the repository
 directory's name as it is (KServe never percent-decodes a pvc:// path: it is the volume's subPath, taken literally),
-and a pvc:// path may hold spaces and non-ASCII letters; inferenceservice.yaml writes non-ASCII characters as UTF-8,
+and, what tester hCX found, an untouched file holding an earlier version's encoded default gets it too, with a note;
+a pvc:// path may hold spaces and non-ASCII letters; inferenceservice.yaml writes non-ASCII characters as UTF-8,
 not as JSON's UTF-16 surrogate escapes that YAML (and kubectl) refuse; a version directory Triton reads by its leading
 digits ("5.bak" is version 5 to Triton, which then opens "5/") is refused at a repository load (400) and at the
 server's start, as export.triton refuses to write beside it; and --triton-version refuses the NGC images that hold
@@ -9,6 +10,7 @@ no tritonserver (-sdk, -min)."""
 from __future__ import annotations
 
 import shutil
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,15 +100,86 @@ def test_a_given_storage_uri_is_written_as_given_never_re_encoded(bundle, tmp_pa
     assert _storage_uri(repo) == "pvc://claim/my%20models"
 
 
-def test_an_encoded_default_an_earlier_version_wrote_is_kept(bundle, tmp_path):
-    """A repository whose untouched file holds the encoded default keeps it: it may be what the operator copied the
-    repository to; nothing the user gave is rewritten."""
+def _write_earlier_default(repo: Path) -> str:
+    """repo's inferenceservice.yaml as vitc before ae4f6cc wrote it by default: the directory's name percent-encoded
+    (`urllib.parse.quote(name, safe="")`). Byte for byte what 9aacfd3's export.triton writes (checked against a run
+    of it from a git worktree): the file format is unchanged, only the default URI is. Returns that URI."""
+    uri = f"pvc://vitc-models/{urllib.parse.quote(repo.resolve().name, safe='')}"
+    _write_old_isvc(repo, storage_uri=uri)
+    assert kserve.is_marked((repo / triton.ISVC_FILE).read_text(), kserve._ISVC_MARK)  # untouched
+    return uri
+
+
+@pytest.mark.parametrize("dirname", ["my models", "100%", "Modèles_V2"])
+def test_an_encoded_default_an_earlier_version_wrote_is_replaced_with_a_note(bundle, tmp_path, capsys, dirname):
+    """KServe mounts a pvc:// path as it is, so `pvc://vitc-models/my%20models` names a directory that does not exist
+    and Triton starts on an empty repository: re-exporting with this version rewrites it, and says so."""
+    repo = tmp_path / dirname
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    encoded = _write_earlier_default(repo)
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert (repo / ONNX_MODEL / "2").is_dir() and _storage_uri(repo) == f"pvc://vitc-models/{dirname}"
+    notes = [line for line in out.splitlines() if encoded in line]
+    assert len(notes) == 1 and notes[0].startswith("note: "), out
+    assert f"pvc://vitc-models/{dirname}" in notes[0] and "KServe decodes no % escape" in notes[0], notes
+    isvc = _isvc(repo)  # the rest of the file as it was
+    assert isvc["metadata"]["name"] == "vitc-micro"
+    assert isvc["spec"]["predictor"]["model"]["runtimeVersion"] == "24.05-py3"
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0  # once: the new default is read back as it is
+    assert encoded not in capsys.readouterr().out and _storage_uri(repo) == f"pvc://vitc-models/{dirname}"
+
+
+def test_an_edited_file_holding_the_encoded_default_keeps_it(bundle, tmp_path, capsys):
+    """An edited file is the user's: its URI may be the directory they created on the volume."""
     repo = tmp_path / "my models"
     assert triton.main([str(bundle), "--out", str(repo)]) == 0
-    _write_old_isvc(repo, storage_uri="pvc://vitc-models/my%20models")
-    assert kserve.is_marked((repo / triton.ISVC_FILE).read_text(), kserve._ISVC_MARK)
+    encoded = _write_earlier_default(repo)
+    path = repo / triton.ISVC_FILE
+    path.write_text(path.read_text() + "# our PVC holds my%20models\n")
+    edited = path.read_bytes()
     assert triton.main([str(bundle), "--out", str(repo)]) == 0
-    assert (repo / ONNX_MODEL / "2").is_dir() and _storage_uri(repo) == "pvc://vitc-models/my%20models"
+    assert path.read_bytes() == edited and "KServe decodes" not in capsys.readouterr().out
+    assert triton.main([str(bundle), "--out", str(repo), "--replace-isvc"]) == 0  # regenerated, its URI kept
+    assert _storage_uri(repo) == encoded and "KServe decodes" not in capsys.readouterr().out
+
+
+def test_a_given_storage_uri_replaces_the_encoded_default_without_a_note(bundle, tmp_path, capsys):
+    repo = tmp_path / "my models"
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    _write_earlier_default(repo)
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(repo), "--storage-uri", "pvc://vitc-models/my%20models"]) == 0
+    assert _storage_uri(repo) == "pvc://vitc-models/my%20models" and "KServe decodes" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("dirname", "uri"), [("my models", "pvc://other-claim/my%20models"),
+                                              ("my models", "pvc://vitc-models/their%20models"),
+                                              ("my models", "pvc://vitc-models/my%2520models"),
+                                              ("my models", "s3://b/my%20models"),
+                                              ("plain", "pvc://vitc-models/plain")])
+def test_a_stored_uri_other_than_the_encoded_default_is_kept(bundle, tmp_path, capsys, dirname, uri):
+    """Only the exact URI the earlier default made is vitc's own mistake; any other was chosen by someone."""
+    repo = tmp_path / dirname
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    _write_old_isvc(repo, storage_uri=uri)
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    assert _storage_uri(repo) == uri and "KServe decodes" not in capsys.readouterr().out
+
+
+def test_an_encoded_default_of_a_name_no_storage_uri_can_carry_asks_for_storage_uri(bundle, tmp_path, capsys):
+    """`tab%09here` names another directory too, and the name itself cannot be a storage URI: refused, as a new
+    repository of that name is, with nothing written."""
+    repo = tmp_path / "tab\there"
+    repo.mkdir()
+    encoded = _write_earlier_default(repo)
+    before = _tree(repo)
+    err = _refused([str(bundle), "--out", str(repo)], capsys)
+    assert encoded in err and "KServe decodes no % escape" in err and "pass --storage-uri" in err, err
+    assert _tree(repo) == before
+    assert triton.main([str(bundle), "--out", str(repo), "--storage-uri", "s3://b/repo"]) == 0
 
 
 @pytest.mark.parametrize("dirname", ["tab\there", "zero\u200bwidth"])
