@@ -16,8 +16,8 @@ import fake_runtime
 import numpy as np
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError, features
+from test_decode_structure_bounds import _dataset_skips, _refused
 
-from data.datasets import decode_checked
 from models.decoding import decode_image
 from models.imagecheck import avif as avif_check
 from models.imagecheck import check_structure, jpeg, tiff
@@ -208,19 +208,7 @@ def _relaid(data: bytes, *, pieces: int = 1, idat: bool = False, whole: bool = F
 
 # -- the shared decode rule -------------------------------------------------------------------------------------------
 
-def _refused(data: bytes, words: str) -> str:
-    """The reason `decode_image` refuses `data` with, one line holding `words`; the dataset side skips it too."""
-    with pytest.raises(DecodeError) as exc:
-        decode_image(data, max_pixels=LIMIT)
-    reason = exc.value.reason
-    assert words in reason and "\n" not in reason and not exc.value.over_limit, reason
-    return reason
-
-
-def _dataset_skips(data: bytes, tmp_path) -> None:
-    path = tmp_path / "hostile"
-    path.write_bytes(data)
-    assert decode_checked(path) is None
+# _refused and _dataset_skips: test_decode_structure_bounds's, the one decode rule both files check.
 
 
 @pytest.mark.parametrize("container", list(CONTAINERS))
