@@ -111,3 +111,23 @@ def mounts(monkeypatch) -> set[str]:
     real = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) in fake or real(p))
     return fake
+
+
+@pytest.fixture()
+def fake() -> Iterator[None]:
+    """The fake runtime (tests/fake_runtime.py) registered for one test."""
+    import fake_runtime
+
+    with fake_runtime.registered():
+        yield
+
+
+@pytest.fixture()
+def repo(tmp_path) -> object:
+    """A repository of the fake runtime: model "fake", version 1, and its config.pbtxt (test_repository_lifecycle's)."""
+    from test_repository_lifecycle import CONFIG, NAME, add_version
+
+    root = tmp_path / "repo"
+    add_version(root, NAME, "1")
+    (root / NAME / "config.pbtxt").write_text(CONFIG)
+    return root

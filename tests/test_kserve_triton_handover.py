@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import shutil
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
-import fake_runtime
 import pytest
 import yaml
 from test_repository_lifecycle import CONFIG, NAME, add_version, client, served
@@ -31,21 +29,6 @@ ONNX_MODEL = "micro-onnx-fp32"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return micro_bundle(tmp_path_factory, ("onnx",))
-
-
-@pytest.fixture
-def fake() -> Iterator[None]:
-    with fake_runtime.registered():
-        yield
-
-
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    """A repository of the fake runtime: model "fake", version 1, and its config.pbtxt."""
-    root = tmp_path / "repo"
-    add_version(root, NAME, "1")
-    (root / NAME / "config.pbtxt").write_text(CONFIG)
-    return root
 
 
 def _isvc(repo: Path) -> dict:

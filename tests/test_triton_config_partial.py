@@ -12,7 +12,6 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import fake_runtime
 import httpx
 import numpy as np
 import pytest
@@ -27,20 +26,6 @@ from serve.settings import Settings
 SAYS = "Triton run with --disable-auto-complete-config, as the InferenceService runs it, refuses a config"
 # The first line export.triton writes; the hash below is not the rest's: the file was edited (or cut short) since.
 MARK = "# written by python -m export.triton (edit freely: an edited file is kept); sha256 of the rest: "
-
-
-@pytest.fixture
-def fake() -> Iterator[None]:
-    with fake_runtime.registered():
-        yield
-
-
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    root = tmp_path / "repo"
-    add_version(root, NAME, "1")
-    (root / NAME / "config.pbtxt").write_text(CONFIG)
-    return root
 
 
 @contextlib.contextmanager

@@ -7,12 +7,10 @@ the batch dimension)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import fake_runtime
 import pytest
-from test_repository_lifecycle import CONFIG, NAME, add_version, client, served
+from test_repository_lifecycle import CONFIG, NAME, client, served
 
 import runtimes
 from models import tritonconfig
@@ -25,21 +23,6 @@ IO = ('input [{ name: "input" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }]\n'
       'output [{ name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }]\n')
 IO_0 = IO.replace("[ 3, 32, 32 ]", "[ -1, 3, 32, 32 ]").replace("[ 10 ]", "[ -1, 10 ]")  # the batch dim in the dims
 SAMPLE_BYTES = 3 * 32 * 32 * 4  # one FP32 image
-
-
-@pytest.fixture
-def fake() -> Iterator[None]:
-    with fake_runtime.registered():
-        yield
-
-
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    """A repository with model "fake", version 1, and its config.pbtxt (max_batch_size 8, dims [ 3, 32, 32 ])."""
-    root = tmp_path / "repo"
-    add_version(root, NAME, "1")
-    (root / NAME / "config.pbtxt").write_text(CONFIG)
-    return root
 
 
 def warmup(value: str, *, key: str = "input", batch: int = 1) -> str:
