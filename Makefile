@@ -34,8 +34,8 @@ TRAIN_TESTS := tests/test_train.py tests/test_train_ddp.py tests/test_train_fold
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 test: install lint
-	$(BIN)/pytest -q $(XDIST) -m "$(MARKS)" $(addprefix --ignore=,$(TRAIN_TESTS))
-	$(BIN)/pytest -q $(XDIST) -m "$(MARKS)" $(TRAIN_TESTS)
+	$(BIN)/pytest -q $(XDIST) -m "$(MARKS)" --durations=15 $(addprefix --ignore=,$(TRAIN_TESTS))
+	$(BIN)/pytest -q $(XDIST) -m "$(MARKS)" --durations=10 $(TRAIN_TESTS)
 
 test-all: install lint
 	$(BIN)/pytest -q

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NoReturn, TypeVar
 
 from models.extras import missing_dependency
@@ -278,6 +278,104 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
+# Ctrl-Cs and SIGTERMs whose exception Python discarded (`_keep_discarded`), for `raise_discarded_signal`.
+_discarded: list[KeyboardInterrupt] = []
+
+
+def _keep_discarded(unraisable: object) -> bool:
+    """For `sys.unraisablehook`: keep a Ctrl-C or SIGTERM that its handler raised where Python discards exceptions
+    (a `__del__`, a weakref callback, an at-fork hook) for `raise_discarded_signal`, instead of printing it. It was
+    lost there: the run trained on and exited 0. Returns whether it was one."""
+    exc = getattr(unraisable, "exc_value", None)
+    if not isinstance(exc, KeyboardInterrupt):
+        return False
+    _discarded.append(exc)
+    return True
+
+
+def raise_discarded_signal() -> None:
+    """Raise the Ctrl-C or SIGTERM that Python discarded since the last call, if any. Long work calls this at its
+    safe points (between batches, before it saves): the signal stops it there, as it would have where it came.
+    Not raised from the discarding place itself: anything that runs there, a handler included, is discarded too."""
+    if _discarded:
+        kind = type(_discarded[0])
+        _discarded.clear()
+        raise kind
+
+
+@contextlib.contextmanager
+def _discarded_signals_kept() -> Iterator[None]:
+    """While the body runs: `_keep_discarded` before the unraisable hook in place (which prints the rest)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: object) -> None:
+        if not _keep_discarded(unraisable):
+            previous(unraisable)  # type: ignore[arg-type]
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+def _set_handlers(handlers: dict[int, object]) -> BaseException | None:
+    """signal.signal for each, all set even where a pending signal's handler raises (signal.signal runs those first,
+    and sets nothing then: it is called again); returns the first such exception, for the caller to raise."""
+    raised: BaseException | None = None
+    for signum, handler in handlers.items():
+        for _ in range(3):  # a handler raises once per signal: a third failure is signal.signal's own
+            try:
+                signal.signal(signum, handler)  # type: ignore[arg-type]
+                break
+            except BaseException as exc:  # a Terminated or KeyboardInterrupt too: the caller raises it
+                raised = raised or exc
+    return raised
+
+
+def _set_mask(how: int, signals: Iterable[int]) -> tuple[set[int], BaseException | None]:
+    """signal.pthread_sigmask, whose change is made even where a pending signal's handler then raises -> (the mask
+    before, that exception)."""
+    try:
+        return signal.pthread_sigmask(how, signals), None
+    except BaseException as exc:  # a Terminated or KeyboardInterrupt too: the caller raises it
+        return set(), exc
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving while the body runs (a DataLoader forking its workers) are raised as it ends.
+
+    Python ran their handlers where the signal landed: inside the at-fork hooks, which discard the exception, or
+    half way through starting the workers (an iterator that could not shut them down, a traceback). Meanwhile they
+    are recorded by stand-in handlers, and blocked in this thread, so a child forked here starts with them blocked:
+    it sets its own handlers before it unblocks them (`train.pipeline`'s worker), and dies of none before that."""
+    held: list[int] = []
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():  # handlers are the main thread's only
+        previous = {s: h for s in _DEFERRED if callable(h := signal.getsignal(s))}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # as it is, to restore
+    try:
+        if (raised := _set_handlers(dict.fromkeys(previous, lambda signum, _frame: held.append(signum)))) is not None:
+            raise raised  # a signal that came before the body: as it would have been
+        if (raised := _set_mask(signal.SIG_BLOCK, _DEFERRED)[1]) is not None:
+            raise raised
+        yield
+    finally:
+        # Unblocked first, while the stand-ins record: one that waited blocked is noted, not raised where the real
+        # handlers would stay out. Every step is taken whatever one raises (another signal's handler).
+        late = _set_mask(signal.SIG_SETMASK, mask)[1]
+        late = _set_handlers(previous) or late
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)  # the real handler raises here (Terminated, KeyboardInterrupt)
+        if late is not None:
+            raise late
+        raise_discarded_signal()  # one discarded before (a `__del__`): this is a safe point too
+
+
 _RUNNING = object()  # `run`'s code while main has not returned
 
 
@@ -306,7 +404,8 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     code: object = _RUNNING
     try:
         try:
-            code = main()
+            with _discarded_signals_kept() if main_thread else contextlib.nullcontext():
+                code = main()
         finally:
             if program:
                 # The outcome is known (main returned or raised): a signal from here on must not change it, while

@@ -295,11 +295,24 @@ def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
         if saved is not None and explicit.get("recipe") == "auto":
             explicit = {k: v for k, v in explicit.items() if k != "recipe"}
     cfg = resolve_config(explicit, saved)
+    if saved is not None:
+        check_max_steps_reachable(cfg, state)
     if cfg.resume:
         check_same_run(cfg, "resume.pt" if saved is not None else "--resume without resume.pt")
         if saved is None:
             check_nothing_trained(cfg)
     return cfg
+
+
+def check_max_steps_reachable(cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """ConfigError for a --max-steps below the steps resume.pt has already trained: the run cannot go back there,
+    and its checkpoint recorded a command stopping at that step over the weights of the later one (with no epoch
+    record). The step is read as saved; a malformed one is resume.pt's own check's, when it loads."""
+    progress = state.get("progress")
+    trained = progress.get("global_step") if isinstance(progress, dict) else None
+    if type(trained) is int and 0 < cfg.max_steps < trained:
+        raise ConfigError(f"--max-steps {cfg.max_steps} is below the {trained} steps resume.pt has already trained: "
+                          f"pass --max-steps {trained} or more, or leave it out")
 
 
 def check_nothing_trained(cfg: TrainConfig) -> None:

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -108,12 +109,63 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         raise ConfigError(f"WORLD_SIZE={world} without {names}: {LAUNCH_HINT}")
     launched = not missing
     if launched:
-        if not env["MASTER_ADDR"].strip():
+        address = env["MASTER_ADDR"]
+        if not address.strip():
             raise ConfigError(f"MASTER_ADDR is empty: {LAUNCH_HINT}")
+        if address != address.strip():  # torch looks the name up as it is: "localhost " timed out as a missing rank
+            raise ConfigError(f"MASTER_ADDR={_shown(address)} has white space around it: give the address alone")
         _whole(env, "MASTER_PORT", 1, 65535, 0)
     local_world = _whole(env, "LOCAL_WORLD_SIZE", 1, world, world, f" (WORLD_SIZE={world})")
     local_rank = _whole(env, "LOCAL_RANK", 0, local_world - 1, 0, f" (LOCAL_WORLD_SIZE={local_world})")
-    return DistEnv(rank, world, local_rank, local_world, launched, dist_timeout(env))
+    timeout_s = dist_timeout(env)
+    if launched and (problem := _resolution_problem(env["MASTER_ADDR"], timeout_s)) is not None:
+        raise ConfigError(f"MASTER_ADDR={_shown(env['MASTER_ADDR'])} does not resolve ({problem}; tried for "
+                          f"{timeout_s:g} s, {TIMEOUT_ENV}): give the name or address of the machine rank 0 runs on "
+                          "(127.0.0.1 on this one; torchrun sets it)")
+    return DistEnv(rank, world, local_rank, local_world, launched, timeout_s)
+
+
+# How long one lookup of MASTER_ADDR may take: a resolver that has not answered by then is left to torch's own lookup
+# and its timeouts.
+RESOLVE_TIMEOUT_S = 10.0
+RESOLVE_RETRY_S = 0.5  # between lookups of a name not found yet
+_resolved: set[str] = set()  # names found to resolve (`dist_env` runs twice: in main, then in `setup`)
+
+
+def _resolution_problem(host: str, within_s: float, limit_s: float = RESOLVE_TIMEOUT_S) -> str | None:
+    """Why `host` did not resolve in `within_s` (the resolver's last reason), else None; also None when a lookup does
+    not answer in `limit_s`. A name not found is looked up again until then, as torch's store client does: the DNS
+    record of a Kubernetes master Service can appear after the workers start. Only then is it refused, where it
+    waited the whole timeout and was blamed on a rank that never came."""
+    if host in _resolved:
+        return None
+    deadline = time.monotonic() + within_s
+    while True:
+        said = _look_up(host, limit_s)
+        if said is None or said[0] is None:  # no answer in time (torch's to judge), or resolved
+            if said is not None:
+                _resolved.add(host)
+            return None
+        if time.monotonic() + RESOLVE_RETRY_S >= deadline:
+            return said[0]
+        time.sleep(RESOLVE_RETRY_S)
+
+
+def _look_up(host: str, limit_s: float) -> list[str | None] | None:
+    """One getaddrinfo of `host` in a thread: [None] where it resolves, [reason] where not, None with no answer."""
+    said: list[str | None] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            said.append(None)
+        except (OSError, UnicodeError, ValueError) as exc:  # gaierror; a label IDNA cannot encode
+            said.append(first_line(exc, 120) if not isinstance(exc, OSError) or not exc.strerror else exc.strerror)
+
+    lookup = threading.Thread(target=look_up, name="vitc-master-addr", daemon=True)
+    lookup.start()
+    lookup.join(limit_s)
+    return said or None
 
 
 def dist_timeout(env: Mapping[str, str]) -> float:
@@ -182,13 +234,13 @@ _prog = ["vitc"]  # the name in this module's own lines: `watch_signals` is give
 def _rendezvous_deadline(env: DistEnv) -> Iterator[None]:
     """End the process (one line, exit 1) if the body is still running 2 x the timeout (+ slack) later. torch bounds
     the wait for peers, not the store's handshake: a MASTER_PORT where another service accepts the connection and
-    never answers hung the rank for good. Nothing is written before the group forms, so nothing is lost."""
+    never answers hung the rank for good; so did rank 0, which hosts the store, when the ranks disagree on
+    WORLD_SIZE (`_stall` says which). Nothing is written before the group forms, so nothing is lost."""
     deadline = 2 * env.timeout_s + RENDEZVOUS_SLACK_S
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    line = f"{_prog[0]}: error: the process group did not form at {where} within {deadline:g} s: {_stall(env)}\n"
 
     def give_up() -> None:
-        line = (f"{_prog[0]}: error: the process group did not form at {where} within {deadline:g} s: what listens "
-                f"there does not answer as torch's rendezvous (another service on MASTER_PORT?)\n")
         with contextlib.suppress(OSError):  # os.write: the main thread may hold stderr's buffered writer
             os.write(_stderr_fd[0], line.encode())
         os._exit(1)
@@ -200,6 +252,26 @@ def _rendezvous_deadline(env: DistEnv) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+
+
+def _hosts_store(env: DistEnv) -> bool:
+    """Whether this rank serves the rendezvous's store on MASTER_PORT itself: rank 0, unless torchrun's agent does."""
+    return env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' * (n != 1)}"
+
+
+def _stall(env: DistEnv) -> str:
+    """Why a rendezvous that outlived its deadline stalled, as this rank can tell."""
+    if not _hosts_store(env):
+        return "what listens there does not answer as torch's rendezvous (another service on MASTER_PORT?)"
+    if env.world_size == 1:
+        return ("this rank hosts the rendezvous, and what answered there is not it: MASTER_ADDR must name this "
+                "machine")
+    return ("this rank hosts the rendezvous there: the other ranks did not all arrive, or they disagree on "
+            f"WORLD_SIZE (this rank's is {env.world_size})")
 
 
 # torch's own switches for its C++ log: set by the user, what it prints at the rendezvous is theirs to see.
@@ -348,17 +420,24 @@ def _main_stuck(grace_s: float, taken: int) -> bool:
     runs no bytecode: it is inside one C++ call, where Python cannot run a handler. Any bytecode it runs passes a
     point where Python runs the pending handler first (which may be another's: a commit holds signals meanwhile)."""
     ident = threading.main_thread().ident
-    frame = sys._current_frames().get(ident)  # the Python frame that made the call, while it lasts
-    if frame is None or _taken[0] != taken:
+    where = _main_spot(ident)  # in the Python frame that made the call, while it lasts
+    if where is None or _taken[0] != taken:
         return False
-    where = frame.f_lasti
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        now = sys._current_frames().get(ident)
-        if _taken[0] != taken or now is not frame or now.f_lasti != where:
+        if _taken[0] != taken or _main_spot(ident) != where:
             return False
     return True
+
+
+def _main_spot(ident: int | None) -> tuple[int, int] | None:
+    """Where the main thread is: (its frame's id, the instruction in it; the frame lives while it runs there), or
+    None. No reference to the frame is kept: one held while the main thread stopped on the signal kept what the
+    frame's locals reach alive (the trainer, DDP's reducer) until this thread dropped it, and a gloo process group
+    freed here while Python shut down aborted the rank ("terminate called without an active exception")."""
+    frame = sys._current_frames().get(ident)
+    return None if frame is None else (id(frame), frame.f_lasti)
 
 
 def _flush_stdout() -> None:
@@ -380,10 +459,13 @@ def _setup_failure(exc: BaseException, env: DistEnv) -> str:
     """One line for a process group that did not form: the ranks did not all come in time, or the port is taken."""
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     reason = first_line(exc, 300).rstrip(".")
-    if "timed out" in reason.lower():
+    if any(sign in reason.lower() for sign in ("timed out", "wait timeout")):
+        if env.world_size == 1:  # no other rank to wait for: its own store was not reached
+            return (f"the process group of 1 rank did not form at {where} within {env.timeout_s:g} s ({reason}): "
+                    "this rank hosts the rendezvous, so MASTER_ADDR must name this machine (127.0.0.1)")
         return (f"the {env.world_size} ranks did not all meet at {where} within {env.timeout_s:g} s ({reason}): start "
                 f"every rank (torchrun does), or give a slow start longer with {TIMEOUT_ENV}")
-    return f"could not form the process group of {env.world_size} ranks at {where}: {reason}"
+    return f"could not form the process group of {_ranks(env.world_size)} at {where}: {reason}"
 
 
 def teardown(info: DistInfo) -> None:

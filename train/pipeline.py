@@ -9,7 +9,8 @@ served accuracy. Corrupt files are replaced by the next readable image of their 
 
 from __future__ import annotations
 
-import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.datasets import DatasetError, ImageSet, decode_checked
+from models.cli import deferred_signals, raise_discarded_signal
 from models.preprocessing import Preprocessing, normalize, to_mode, to_uint8
 from train.augment import derive_seed, seeded, train_transform
 
@@ -203,6 +205,27 @@ class EpochBatches:
             yield [(self.epoch, int(i)) for i in self.order[lo:lo + self.batch]]
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose workers start with Ctrl-C and SIGTERM held (`models.cli.deferred_signals`): a signal then
+    is raised once they run, in the main process, and reaches none of them before `_leave_signals` set theirs.
+    Between batches it raises one that Python discarded (`raise_discarded_signal`: an iterator's `__del__`)."""
+
+    def __iter__(self) -> Iterator:
+        if self.num_workers == 0:  # nothing forks
+            batches = super().__iter__()
+        else:
+            with deferred_signals():
+                batches = super().__iter__()
+        return _checked(batches)
+
+
+def _checked(batches: Iterator) -> Iterator:
+    """`batches`, with a discarded Ctrl-C or SIGTERM raised before each."""
+    for batch in batches:
+        raise_discarded_signal()
+        yield batch
+
+
 def loader(dataset: Dataset, batch_sampler: object = None, *, batch_size: int | None = None,
            indices: list[int] | None = None, workers: int, collate: Callable, pin: bool) -> DataLoader:
     """A DataLoader over explicit batches (training) or a fixed index list (evaluation).
@@ -211,18 +234,32 @@ def loader(dataset: Dataset, batch_sampler: object = None, *, batch_size: int | 
     """
     gen = torch.Generator().manual_seed(0)
     if batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
-                          pin_memory=pin, persistent_workers=False, generator=gen, worker_init_fn=_leave_signals)
+        return _Loader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                       pin_memory=pin, persistent_workers=False, generator=gen, worker_init_fn=_leave_signals)
     subset = torch.utils.data.Subset(dataset, indices) if indices is not None else dataset
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin, generator=gen, worker_init_fn=_leave_signals)
+    return _Loader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                   pin_memory=pin, generator=gen, worker_init_fn=_leave_signals)
 
 
 def _leave_signals(worker_id: int) -> None:
-    """In a DataLoader worker: Ctrl-C is ignored and SIGTERM ends the worker quietly (exit 0). `timeout`, Slurm
-    and systemd signal the whole process group, and the main process stops on it itself; a worker killed by the
-    signal made torch raise "DataLoader worker is killed by signal" over that clean stop (a traceback, exit 1)."""
-    import signal
+    """In a DataLoader worker: Ctrl-C and SIGTERM are ignored. `timeout`, Slurm and systemd signal the whole process
+    group, and the main process stops on it itself, shutting its workers down (or they see it gone within seconds).
+    A worker killed by the signal made torch raise "DataLoader worker is killed by signal" over that clean stop (a
+    traceback, exit 1); one ended by it at once could leave a lock it shares with the main process held (the
+    loader's shutdown event, polled between batches), and the main process then hung setting that event.
+    The worker was forked with both blocked (`_Loader`): one that came meanwhile waited, and is dropped now."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.excepthook = _quiet_hang_ups(sys.excepthook)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+def _quiet_hang_ups(report: Callable[..., object]) -> Callable[..., None]:
+    """A worker's sys.excepthook: `report`, but silent on a connection the main process dropped. multiprocessing's
+    thread that hands a batch's tensors to it (as file descriptors) reports through this hook, and a main process
+    stopped by the signal mid-hand-over reset the connection: a traceback beside the run's one line. The main
+    process says why it stopped (or, were it running on, what it failed to receive) itself."""
+    def hook(kind: type[BaseException], exc: BaseException, tb: object) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            report(kind, exc, tb)
+    return hook

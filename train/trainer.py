@@ -40,7 +40,7 @@ from models.checkpoint import (
     read_checkpoint_meta,
     staged_checkpoint,
 )
-from models.cli import CommandError, InputError, WorkFailed, fill_closed_std_streams
+from models.cli import CommandError, InputError, WorkFailed, fill_closed_std_streams, raise_discarded_signal
 from models.failures import out_of_memory, storage_failure
 from models.host import usable_cpus
 from models.io import atomic_write_bytes, committing
@@ -351,6 +351,19 @@ class Trainer:
                 with self._saving(" and ".join(files), HISTORY_KEPT):
                     self._put_in_place(files)
 
+    def _record_stopped_epoch(self, progress: dict[str, Any]) -> None:
+        """A run resumed at the very step its --max-steps stops at, mid-epoch (killed after a periodic save there):
+        the record of the epoch, evaluated and "complete": false, that a run stopped there by --max-steps writes
+        (and resume.pt with it). Without it the checkpoint had no epoch record: empty metrics, no best_val_top1."""
+        step, done = progress["step_in_epoch"], progress["global_step"]
+        if (not step or self.cfg.max_steps != done or progress.get("diverged")
+                or any(h.get("step") == done for h in progress["history"])):
+            return
+        acc = dict(progress["epoch_acc"])  # every rank's sums, at rank 0 (as `run_epoch` resumes them)
+        if not self.info.is_main:
+            acc |= {"loss_sum": 0.0, "samples": 0, "corrupt": 0}
+        self._end_epoch(progress["epoch"], step, acc, progress)
+
     def _resuming_line(self, progress: dict[str, Any]) -> str:
         """Where a resumed run continues: the epoch and step it trains from, or, for one with nothing left to train
         (killed after its last resume.pt, before its checkpoint), that it only writes the checkpoint."""
@@ -421,6 +434,9 @@ class Trainer:
         """Write resume.pt (rank 0) with everything needed to continue exactly here; every rank calls it."""
         if self.cfg.epochs == 0:
             return
+        # A signal Python discarded since the last batch (in a DataLoader iterator's __del__) stops the run before it
+        # saves, as it would have where it came.
+        raise_discarded_signal()
         # Each rank replaces the corrupt files of its own shard: rank 0 records them all.
         self.corrupt_seen = union_over_ranks(self.corrupt_seen, self.info)
         if not self.info.is_main:
@@ -669,7 +685,8 @@ class Trainer:
             "dataset": cfg.dataset, "model": cfg.model, "recipe": cfg.recipe, "epochs": cfg.epochs,
             "epochs_completed": progress["epoch"], "steps": progress["global_step"],
             "steps_per_epoch": self.steps_per_epoch,
-            "stopped_by_max_steps": bool(cfg.max_steps) and cfg.max_steps <= progress["global_step"] < self.total_steps,
+            # Exactly there: a --max-steps below the steps resume.pt had trained is refused (train.config).
+            "stopped_by_max_steps": bool(cfg.max_steps) and cfg.max_steps == progress["global_step"] < self.total_steps,
             "train_images": len(self.train_set), "val_images": raw["samples"],
             "global_batch": self.global_batch, "world_size": info.world_size, "ddp_backend": info.backend,
             "lr": self.lr,
@@ -694,6 +711,7 @@ class Trainer:
             "command_line": shlex.join(cfg.command), "config": cfg.to_dict(), "versions": versions(),
             "data": self.data_prints,
         }
+        raise_discarded_signal()  # as before a save: the evaluation's iterator has just been shut down
         if info.is_main:
             self._publish(chosen, summary, progress)
             ema_txt = "" if ema is None else f", EMA {100 * ema['top1']:.2f}%"
@@ -722,6 +740,8 @@ class Trainer:
         if note := nested_note(self.train_set, self.val_set):
             self.log(note)
         self.log(self._summary_line())
+        if self.resumed:
+            self._record_stopped_epoch(progress)
         for epoch in range(progress["epoch"], cfg.epochs):
             if progress.get("diverged") or (cfg.max_steps and progress["global_step"] >= cfg.max_steps):
                 break
