@@ -131,3 +131,20 @@ def repo(tmp_path) -> object:
     add_version(root, NAME, "1")
     (root / NAME / "config.pbtxt").write_text(CONFIG)
     return root
+
+
+def free_store_port(ports: range) -> int:
+    """A port of `ports` that torch's rendezvous store could bind now (as it binds: SO_REUSEADDR, so a closed one's in
+    TIME_WAIT is free); skips the test when none is."""
+    import socket
+
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    pytest.skip(f"no free port in {ports.start}..{ports.stop - 1}")
+

@@ -7,13 +7,13 @@ Ports: 29520-29527."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_store_port
 
 from train.distributed import DistEnv, _setup_failure
 
@@ -26,15 +26,7 @@ TRAIN = ["-m", "train", "--model", "vit_c_micro", "--dataset", "digits", "--epoc
 
 
 def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds: a closed one's is free
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    pytest.skip(f"no free port in {PORTS.start}..{PORTS.stop - 1}")
+    return free_store_port(PORTS)
 
 
 def _rank(tmp_path: Path, world: int, rank: int, addr: str, port: int) -> subprocess.Popen:

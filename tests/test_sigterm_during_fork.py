@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_store_port
 from PIL import Image
 
 from train.outdir import RUN_LOCK
@@ -118,15 +118,7 @@ def test_sigterm_to_the_group_while_loaders_fork_always_stops_with_143_and_one_l
 
 
 def _free_port() -> int:
-    for port in (29528, 29529):  # this file's
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds: a closed one's is free
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    pytest.skip("no free port in 29528..29529")
+    return free_store_port(range(29528, 29530))  # this file's
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.02])
