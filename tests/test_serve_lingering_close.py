@@ -169,8 +169,10 @@ def test_during_the_shutdown_delay_early_answers_arrive_and_the_linger_is_bounde
             assert out["answer"].startswith(b"HTTP/1.1 413 ") and b"connection: close" in out["answer"], out
             assert isinstance(out.get("error"), OSError), out  # cut by a bound (a reset)
         assert fast_out["ended"] - fast_began < BOUND_S - 0.5  # the byte bound (64 MiB) came first
-        # The slow sender's linger began 1 s before the drain and ended at its time bound.
-        assert delay + BOUND_S - 1.5 < stopped < delay + BOUND_S + 1.5, stopped
+        # The slow sender's linger began 1 s before the drain and ended at its time bound. The upper margin is wide:
+        # a loaded machine (CI's 2 cores beside other test files) stopped 4.4 s late; what this rules out is a stop
+        # that waits for the graceful timeout (20 s) or for the sender.
+        assert delay + BOUND_S - 1.5 < stopped < delay + BOUND_S + 8, stopped
 
 
 def test_the_bounds():
