@@ -482,7 +482,8 @@ def _summary(r: Fields) -> tuple[str | None, TrainingRecord | None]:
 
 
 def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -> tuple[nn.Module, CheckpointMeta]:
-    """Rebuild the model (eval mode) with verified weights; `image_size` resizes the position embedding."""
+    """Rebuild the model (eval mode) with verified weights; `image_size` resizes the position embedding, and the
+    metadata returned describes that size (`at_image_size`; `raw` stays the file's JSON)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -503,7 +504,7 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
     if digest != meta.weights_sha256:
         raise CheckpointError(f"checkpoint weights {wpath} do not match the sha256 in {META_FILE} (corrupt?)")
     try:
-        cfg = meta.config if image_size is None else dataclasses.replace(meta.config, image_size=image_size)
+        sized = meta if image_size is None else at_image_size(meta, image_size)
     except ValueError as exc:
         raise CheckpointError(f"cannot serve {meta.model} at image size {image_size}: {exc}") from None
     try:
@@ -516,12 +517,24 @@ def load_checkpoint(path: str | os.PathLike, *, image_size: int | None = None) -
             raise
         raise CheckpointError(f"cannot read weights {wpath}: {exc}") from None
     check_finite(state, wpath, diverged=meta.training is not None and meta.training.diverged)
-    model = VisionTransformer(cfg)
+    model = VisionTransformer(sized.config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit {cfg.name}: {first_line(exc)}") from None
-    return model.eval(), meta
+        raise CheckpointError(f"weights do not fit {sized.config.name}: {first_line(exc)}") from None
+    return model.eval(), sized
+
+
+def at_image_size(meta: CheckpointMeta, image_size: int) -> CheckpointMeta:
+    """`meta` for its model at `image_size`: the config's size, the crop, and the resize in the same ratio to the crop
+    (ImageNet's rule where it has it, as training at that size saves it); ValueError for a size the model refuses."""
+    spec, cfg = meta.preprocessing, dataclasses.replace(meta.config, image_size=image_size)
+    size = cfg.image_size
+    if spec.resize != spec.crop and spec.resize == Preprocessing.imagenet(spec.crop).resize:
+        resize = Preprocessing.imagenet(size).resize  # its rounded resize, scaled, would drift from 256/224
+    else:
+        resize = max(size, round(size * spec.resize / spec.crop))
+    return dataclasses.replace(meta, config=cfg, preprocessing=dataclasses.replace(spec, crop=size, resize=resize))
 
 
 def check_finite(state: dict[str, torch.Tensor], wpath: Path, *, diverged: bool = False) -> None:

@@ -125,10 +125,11 @@ class ViTConfig:
             raise ValueError(f"{self.name}: description must be a string, got {type(self.description).__name__}")
         for attr, high in _INT_BOUNDS.items():
             value = getattr(self, attr)
-            if not is_int(value) or value < 1:
+            if not is_int(value, numpy=True) or value < 1:
                 raise ValueError(f"{self.name}: {attr} must be a positive integer, got {value!r:.80}")
             if value > high:
                 raise ValueError(f"{self.name}: {attr} must be at most {high}, got {value}")
+            object.__setattr__(self, attr, int(value))  # a numpy integer (a size from an array) held as int: JSON-ready
         eps = self.ln_eps
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not (math.isfinite(eps) and 0 < eps <= 1):
             raise ValueError(f"{self.name}: ln_eps must be a finite number in (0, 1], got {eps!r:.80}")

@@ -135,6 +135,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> final-normed class token (B, D)."""
+        self._check_size(x)
         x = self.stem(x)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, D)
@@ -144,6 +145,14 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) float images -> (B, classes) logits."""
         return self.head(self.forward_features(x))
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        """Refuse an input of another H x W than the model's by name (the position embedding fits one size; past the
+        stem the mismatch is an opaque token count). Python on static shapes: no op in a traced or compiled graph."""
+        size = self.cfg.image_size
+        if x.ndim == 4 and tuple(x.shape[-2:]) != (size, size):
+            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} (HxW), but {self.cfg.name} takes {size}x{size}: "
+                             "preprocess to its image_size")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # Weights trained at another resolution load with their position embedding resized.

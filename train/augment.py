@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from models.preprocessing import Preprocessing, to_uint8
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def derive_seed(*parts: int) -> int:
@@ -32,22 +38,38 @@ def seeded(seed: int) -> Iterator[None]:
         gen.set_state(state)
 
 
-def train_transform(augment: str, size: int, crop_scale: float, hflip: float, pil_input: bool) -> Callable:
-    """uint8 CHW tensor (or PIL image) -> augmented uint8 (3, size, size) tensor.
+class EvalView:
+    """PIL image -> its evaluation view, `models.preprocessing.to_uint8` (shorter side to `spec.resize`, then the
+    centred `spec.crop` square, in the model's colour space), as an RGB PIL image; a class, so workers can pickle it."""
 
-    none: resize + centre crop; light: random-resized crop + flip; autoaugment: light + AutoAugment (ImageNet).
+    def __init__(self, spec: Preprocessing) -> None:
+        self.spec = spec
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        from PIL import Image
+
+        return Image.fromarray(to_uint8(img, self.spec))
+
+
+def train_transform(augment: str, spec: Preprocessing, crop_scale: float, hflip: float, pil_input: bool) -> Callable:
+    """uint8 CHW tensor (or PIL image) -> augmented uint8 (3, spec.crop, spec.crop) tensor.
+
+    none: resize + centre crop, the evaluation view itself; light: random-resized crop + flip; autoaugment: light +
+    AutoAugment (ImageNet). A tensor is an embedded set's image, already decoded to the evaluation view (`predecode`).
     """
     if augment == "none":
-        ops: list[Callable] = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        # The very function evaluation, export parity and the server run: a folder's resize is 8/7 of the crop
+        # (`Preprocessing.imagenet`), and resizing to the crop itself would train on another scale than is served.
+        ops: list[Callable] = [EvalView(spec)] if pil_input else []
     else:
-        ops = [v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), antialias=True)]
+        ops = [v2.RandomResizedCrop(spec.crop, scale=(crop_scale, 1.0), antialias=True)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
     if augment == "autoaugment":
         ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     if pil_input:
         ops.append(v2.PILToTensor())
-    return v2.Compose(ops)
+    return v2.Compose(ops or [v2.Identity()])
 
 
 class BatchMixer:

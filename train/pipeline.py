@@ -68,7 +68,7 @@ class TrainImages(Dataset):
         self.labels = torch.from_numpy(images.labels)
         # (N, H, W, 3) -> (N, 3, H, W): v2 transforms take CHW tensors.
         self.cache = None if cache is None else torch.from_numpy(cache).permute(0, 3, 1, 2)
-        self.transform = train_transform(augment, spec.crop, crop_scale, hflip, pil_input=cache is None)
+        self.transform = train_transform(augment, spec, crop_scale, hflip, pil_input=cache is None)
         # Each class's indices in the listing, in order, and each image's place among them: where its replacements
         # are searched.
         self.members = self.listing.by_class()
