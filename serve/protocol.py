@@ -15,7 +15,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -578,11 +578,19 @@ def _count_kind(value: Any) -> str:
     return str(value) if -INT64_MAX - 1 <= value <= INT64_MAX else "an integer outside int64"
 
 
-def classification_strings(logits: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
+def classification_order(logits: np.ndarray, k: int) -> np.ndarray:
+    """(B, k) the indices of the k highest outputs per row (k clamped to the row's size), highest first: of equal
+    outputs, the lower index first."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :min(k, logits.shape[1])]
+
+
+def classification_strings(logits: np.ndarray, k: int, labels: list[str] | None,
+                           order: np.ndarray | None = None) -> np.ndarray:
     """Triton's classification extension: (B, k) "value:index:label" for the k highest outputs per row; without
-    a label (no label file, an empty line in it, or an index past it) "value:index", as Triton writes it."""
-    k = min(k, logits.shape[1])
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    a label (no label file, an empty line in it, or an index past it) "value:index", as Triton writes it. `order`:
+    classification_order(logits, k), when the caller has it already."""
+    order = classification_order(logits, k) if order is None else order
+    k = order.shape[1]
     labels = labels or []
     rows = [[(f"{logits[b, i]:f}:{i}" + (f":{labels[i]}" if i < len(labels) and labels[i] else "")).encode()
              for i in order[b]] for b in range(logits.shape[0])]
@@ -595,28 +603,59 @@ def _to_bytes(t: OutputTensor) -> bytes:
     return np.ascontiguousarray(t.data, DTYPES[t.datatype]).tobytes()
 
 
+# Values written per json.dumps call: the C encoder holds the GIL for a whole call, so an answer encoded at once in a
+# worker thread would keep the event loop's thread waiting for all of it (32 x 100,000 FP32 values: over a second).
+JSON_CHUNK = 1024
+
+
+def json_list(items: Sequence[Any] | np.ndarray, dumps: Callable[[Any], str]) -> list[bytes]:
+    """The JSON list that `dumps` writes of `items`, as pieces to join, written JSON_CHUNK items at a time (`dumps`
+    gets a slice): other threads, the event loop's, run between them."""
+    pieces = [b"["]
+    for i in range(0, len(items), JSON_CHUNK):
+        pieces += [b"," * (i > 0), dumps(items[i:i + JSON_CHUNK])[1:-1].encode()]
+    pieces.append(b"]")
+    return pieces
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _dumps_text(values: np.ndarray) -> str:
+    """BYTES values (an object array of bytes) as a JSON list of strings."""
+    return _dumps([v.decode("utf-8", "replace") for v in values])
+
+
+def _dumps_numbers(values: np.ndarray) -> str:
+    return _dumps(values.tolist())
+
+
 def encode_response(model: str, version: str, request_id: str | None,
                     outputs: list[OutputTensor]) -> tuple[bytes, dict[str, str], str]:
     """(body, extra headers, media type) for an inference response."""
-    entries, blobs = [], []
-    for t in outputs:
-        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.data.shape)}
+    # Written as json.dumps writes the whole document, each output's data a chunk at a time (json_list), as pieces
+    # joined once: the answer's text is copied once more, not once per step.
+    parts = [_dumps({"model_name": model, "model_version": version})[:-1].encode(), b',"outputs":[']  # "id" last
+    blobs = []
+    for n, t in enumerate(outputs):
+        entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.data.shape)}
+        parts += [b"," * (n > 0), _dumps(entry)[:-1].encode()]  # its closing brace comes after data and parameters
         params = dict(t.parameters)
         if t.binary:
             raw = _to_bytes(t)
             params["binary_data_size"] = len(raw)
             blobs.append(raw)
-        elif t.datatype == "BYTES":
-            entry["data"] = [v.decode("utf-8", "replace") for v in t.data.ravel()]
         else:
-            entry["data"] = t.data.ravel().tolist()
+            parts += [b',"data":', *json_list(t.data.ravel(), _dumps_text if t.datatype == "BYTES" else _dumps_numbers)]
         if params:
-            entry["parameters"] = params
-        entries.append(entry)
-    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
+            parts += [b',"parameters":', _dumps(params).encode()]
+        parts.append(b"}")
+    parts.append(b"]")
     if request_id is not None:
-        doc["id"] = request_id
-    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        parts += [b',"id":', _dumps(request_id).encode()]
+    parts.append(b"}")
+    head = b"".join(parts)
     if not blobs:
         return head, {}, "application/json"
     return head + b"".join(blobs), {HEADER_LENGTH: str(len(head))}, "application/octet-stream"

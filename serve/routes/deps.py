@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import Depends, Request
 
+from models.config import MAX_CLASSES
 from models.oneline import first_line
 from runtimes import BackendError
 from serve import timing
@@ -21,8 +22,8 @@ from serve.middleware import body_hold
 from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
 from serve.responses import Error
-from serve.settings import Settings
-from serve.workpool import Busy
+from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
+from serve.workpool import Busy, PixelBudget
 
 log = logging.getLogger("vitc.serve")
 T = TypeVar("T")
@@ -42,12 +43,13 @@ def error_doc(description: str) -> dict[str, Any]:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: error_doc(text)
     for code, text in {
-        400: "Undecodable or malformed input",
+        400: "Undecodable or malformed input; a v2 classification whose rows x count passes the ranked entries an "
+             "answer may hold",
         404: "Unknown model or one not loaded (on a versioned path: a version not served)",
         413: "Body or image too large, or more images than --max-queue-size",
         415: "Unsupported content type or Content-Encoding",
-        422: "Invalid parameter (top_k) or multipart form (no 'file' part, or a text field for it); outputs that are "
-             "not finite for this input",
+        422: "Invalid parameter (top_k, or files x top_k over the ranked entries an answer may hold) or multipart "
+             "form (no 'file' part, or a text field for it); outputs that are not finite for this input",
         500: "The model's runtime failed on this input (the reason says how)",
         503: "Queue, decode pool or decode budget full; model stalled or shutting down; the server out of memory "
              "or threads (see Retry-After)",
@@ -129,6 +131,69 @@ async def off_loop(request: Request, fn: Callable[..., T], *args: Any, cheap: bo
         if (refusal := exhausted(exc)) is None:
             raise
         raise refusal from None
+
+
+# The most ranked entries one answer may hold, over all its rows: /v1 files x top_k, v2 rows x classification. One
+# image or row can always be ranked whole (every class of the widest model). The largest answer, built and encoded
+# in the work pool, peaks at 12-30 MB with short labels (measured: 290 bytes an entry on /v1, 120-240 on v2) and
+# takes 0.3-0.4 s of a core: small beside the 320 MB a 16 MiB v2 body's parse may hold. Unbounded, 64 files x top_k
+# 100,000 built 6.4 M entries on the event loop: 2.6 GB, 35 s without an answer to anyone, and a 404 MB answer.
+MAX_RANKED = MAX_CLASSES
+# What building an answer costs, counted in entries: an entry is Python objects and their JSON (3-4 us, measured);
+# ranking reads every output value (v2's stable sort: 0.2 us each, /v1's softmax and partition less), so
+# RANK_VALUES_PER_ENTRY values cost about one entry.
+RANK_VALUES_PER_ENTRY = 16
+# An answer of at most this much work (a few milliseconds: the top 5 of 1,000 classes, 0.1 ms; one image ranked whole
+# among them, 1-2 ms; a v2 batch of 32 x classification 5, 2,160) is built on the event loop: the common case, which
+# a thread hand-off, and a wait behind queued decodes, would only delay. Anything larger (64 files x top_k 5 of 1,000
+# classes, 2.5-5.5 ms, is 4,320) goes to the work pool, so that the loop answers other requests (liveness probes
+# too) meanwhile.
+INLINE_ANSWER_WORK = 4096
+# Peak memory building and encoding an answer, measured, rounded up: per ranked entry besides its label; per
+# character of the labels it names, ASCII or not (v2's JSON escapes the others as \uXXXX, an emoji as two); per FP32
+# value answered in JSON.
+ANSWER_BYTES_PER_ENTRY = 320
+ANSWER_BYTES_PER_ASCII_CHAR = 4
+ANSWER_BYTES_PER_OTHER_CHAR = 32
+ANSWER_BYTES_PER_JSON_VALUE = 48
+
+
+def answer_work(entries: int, values: int = 0) -> int:
+    """The work of an answer of `entries` entries (or JSON values), ranked from `values` output values."""
+    return entries + values // RANK_VALUES_PER_ENTRY
+
+
+def ranked_memory(entries: int, labels: Iterable[str]) -> int:
+    """The most memory (bytes) building and encoding `entries` ranked entries takes, naming `labels`."""
+    chars = sum(len(s) * (ANSWER_BYTES_PER_ASCII_CHAR if s.isascii() else ANSWER_BYTES_PER_OTHER_CHAR)
+                for s in labels)  # isascii() is O(1) on a str: this reads no label's text
+    return entries * ANSWER_BYTES_PER_ENTRY + chars
+
+
+async def answered(request: Request, work: int, build: Callable[[PixelBudget | None], T]) -> T:
+    """`build(budget)`, which builds an answer of `work` (`answer_work`): on the event loop when it is small, with no
+    budget to hold; else in the work pool, holding its memory in the decode budget (`answer_memory`)."""
+    if work <= INLINE_ANSWER_WORK:
+        return build(None)
+    return await off_loop(request, build, request.app.state.pixel_budget)
+
+
+@contextlib.contextmanager
+def answer_memory(budget: PixelBudget | None, memory: Callable[[], int]) -> Iterator[None]:
+    """Hold `memory()` bytes in the decode budget for the block (nothing, and nothing counted, without a budget), as
+    a v2 body's parse holds its own: large answers built at once wait for each other, or get 503, rather than pass
+    the server's memory."""
+    if budget is None or (size := memory()) <= 0:
+        yield
+        return
+    pixels = min(-(-size // DECODE_BYTES_PER_PIXEL), budget.pixels)  # one answer alone always fits
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(budget.reserve(pixels))
+        except Busy:  # the budget's own reason speaks of an image
+            raise Busy(f"the server's decode budget is in use ({budget.used:,} of {budget.pixels:,} pixels); "
+                       f"building this answer needs {pixels:,}") from None
+        yield
 
 
 async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:

@@ -6,11 +6,12 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
+from json.encoder import encode_basestring as quoted  # C: as json.dumps(ensure_ascii=False) quotes a str
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
@@ -24,14 +25,19 @@ from serve.imaging import CONTENT_TYPES, IMAGE_CONTENT_TYPES, ImageError, cheap,
 from serve.registry import ServedModel
 from serve.routes.deps import (
     ERROR_RESPONSES,
+    MAX_RANKED,
     InvalidInput,
     ModelDep,
     admission,
     all_or_none,
+    answer_memory,
+    answer_work,
+    answered,
     finite_output,
     inflated,
     is_ready,
     off_loop,
+    ranked_memory,
     recorded,
     served,
     submit,
@@ -39,7 +45,7 @@ from serve.routes.deps import (
 )
 from serve.settings import Settings
 from serve.timing import stage, timings
-from serve.workpool import Deferred, Holder
+from serve.workpool import Deferred, Holder, PixelBudget
 
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
 # The most classes a bundle may have: what the fast path accepts before the model's own count is checked.
@@ -75,7 +81,8 @@ _CLASSIFY_BODY = {
     # top_k is read as text and checked against the model's classes (serve.routes.v1._top_k), so every bad value gets
     # one answer naming the model's range; the schema still says what it is.
     "parameters": [{"name": "top_k", "in": "query", "required": False,
-                    "description": "predictions per image, 1 .. the model's classes (default 5)",
+                    "description": "predictions per image, 1 .. the model's classes (default 5); with several "
+                                   f"files, files x top_k at most {MAX_RANKED:,} (422)",
                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K}}],
     "requestBody": {
         "required": True,
@@ -95,8 +102,8 @@ _CLASSIFY_BODY = {
 }
 
 
-def top_predictions(model_name: str, logits: np.ndarray, labels: list[str], k: int) -> dict[str, Any]:
-    """Softmax over one row of logits -> the k best as {"label", "index", "score"}, best first."""
+def _ranked(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over one row of logits -> the k best classes, best first, and their probabilities."""
     z = logits.astype(np.float64) - logits.max()
     p = np.exp(z)
     p /= p.sum()
@@ -107,8 +114,7 @@ def top_predictions(model_name: str, logits: np.ndarray, labels: list[str], k: i
     if np.count_nonzero(p == kth) != np.count_nonzero(p[best] == kth):
         best = np.argsort(-p, kind="stable")[:k]
     order = best[np.lexsort((best, -p[best]))]
-    return {"model": model_name,
-            "predictions": [{"label": labels[i], "index": int(i), "score": float(p[i])} for i in order]}
+    return order, p[order]  # not all of p: every row of a request is ranked before any is built
 
 
 async def _one(work: Awaitable[np.ndarray]) -> list[np.ndarray]:
@@ -268,12 +274,12 @@ async def classify(
     request: Request,
     name: str,
     top_k: Annotated[str | None, Query(include_in_schema=False)] = None,
-) -> JSONResponse:
+) -> Response:
     """Softmax top-k for one image (raw body or one `file`), or a list for several `file` fields."""
     return await classify_request(request, name, top_k)
 
 
-async def classify_request(request: Request, name: str, top_k: int | str | None) -> JSONResponse:
+async def classify_request(request: Request, name: str, top_k: int | str | None) -> Response:
     """The classify endpoint's work, shared with the fast path (serve.fastpath) that skips FastAPI's routing."""
     settings: Settings = request.app.state.settings
     _top_k(served(request, name), top_k)  # an unknown model or a bad top_k is refused before the upload
@@ -282,7 +288,16 @@ async def classify_request(request: Request, name: str, top_k: int | str | None)
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version until
     # admitted), and it runs on the new version, or is told the model is gone.
     model = served(request, name)
-    return await _classify(request, model, settings, _top_k(model, top_k), images, many)
+    k = _top_k(model, top_k)
+    _bounded_answer(len(images), k)  # before anything is decoded or inferred
+    return await _classify(request, model, settings, k, images, many)
+
+
+def _bounded_answer(files: int, k: int) -> None:
+    """422 when `files` images of `k` predictions each would answer more than MAX_RANKED (one image never does)."""
+    if files * k > MAX_RANKED:
+        raise APIError(422, f"the answer would rank {files} files x top_k {k} = {files * k:,} predictions; at most "
+                            f"{MAX_RANKED:,} per request: send fewer files per request, or a smaller top_k")
 
 
 def _top_k(model: ServedModel, top_k: int | str | None) -> int:
@@ -354,16 +369,43 @@ def _stripped_image(data: bytes) -> bool:
 
 
 async def _classify(request: Request, model: ServedModel, settings: Settings, k: int,
-                    images: list[tuple[str, bytes]], many: bool) -> JSONResponse:
+                    images: list[tuple[str, bytes]], many: bool) -> Response:
     # Every image counts, from decoding to its answer; each is queued on its own, so each is a request in the stats.
-    with recorded(model, len(images), len(images)), admission(model, len(images)):
-        with stage(request, "decode"):
-            decoded = await _decode(request, model, settings, images, many)
-        # The first image's queue and compute times stand for the request's.
-        work = (all_or_none(submit(model, x, timings(request) if i == 0 else None) for i, x in enumerate(decoded))
-                if many else _one(submit(model, decoded[0], timings(request))))
-        # Checked inside the statistics' count, as /v2 does: outputs that cannot be answered are a failed inference.
-        logits = [finite_output(model, y) for y in await unless_gone(request, model, work)]
-    with stage(request, "encode"):
-        answers = [top_predictions(model.name, y[0], model.labels, k) for y in logits]
-        return JSONResponse(answers if many else answers[0])
+    with recorded(model, len(images), len(images)):
+        with admission(model, len(images)):
+            with stage(request, "decode"):
+                decoded = await _decode(request, model, settings, images, many)
+            # The first image's queue and compute times stand for the request's.
+            work = (all_or_none(submit(model, x, timings(request) if i == 0 else None)
+                                for i, x in enumerate(decoded))
+                    if many else _one(submit(model, decoded[0], timings(request))))
+            # Checked inside the statistics' count, as /v2 does: outputs that cannot be answered are a failed
+            # inference.
+            logits = [finite_output(model, y) for y in await unless_gone(request, model, work)]
+        # Counted too: a large answer built in the work pool may find it full (503), and that is no success.
+        with stage(request, "encode"):
+            return await answered(request, answer_work(len(logits) * k, len(logits) * len(model.labels)),
+                                  lambda budget: _answer(budget, model, logits, k, many))
+
+
+def _answer(budget: PixelBudget | None, model: ServedModel, logits: list[np.ndarray], k: int,
+            many: bool) -> Response:
+    """The images' top k as the answer, its memory held in `budget` (None: a small answer, nothing held)."""
+    ranked = [_ranked(y[0], k) for y in logits]
+    labels = model.labels
+    named = (labels[i] for order, _ in ranked for i in order.tolist())
+    with answer_memory(budget, lambda: ranked_memory(len(ranked) * k, named)):
+        answers = [_answer_json(model.name, order.tolist(), scores.tolist(), labels) for order, scores in ranked]
+        return Response(("[" + ",".join(answers) + "]" if many else answers[0]).encode(),
+                        media_type=JSONResponse.media_type)
+
+
+def _answer_json(model_name: str, order: list[int], scores: list[float], labels: list[str]) -> str:
+    """One image's answer ({"model", "predictions": [{"label", "index", "score"}]}) as JSONResponse writes it."""
+    # Built in a worker thread, an answer must leave the event loop's thread the GIL: json.dumps holds it for a whole
+    # call, and a dict per prediction has the garbage collector pass over them all, holding it too (for 100,000,
+    # measured: 0.45 s and 0.1 s without an answer to a liveness probe).
+    # What json.dumps(ensure_ascii=False) writes: a str as encode_basestring quotes it, a float as its repr.
+    predictions = ",".join(f'{{"label":{quoted(labels[i])},"index":{i},"score":{p!r}}}'
+                           for i, p in zip(order, scores, strict=True))
+    return f'{{"model":{quoted(model_name)},"predictions":[{predictions}]}}'

@@ -25,6 +25,7 @@ from serve.protocol import (
     ProtocolError,
     answer_coding,
     check_parameters,
+    classification_order,
     classification_strings,
     compress,
     datatype_name,
@@ -470,21 +471,56 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
     # Without Triton batching (max_batch_size 0) the batch is part of the tensor, as in Triton: the request is one
     # inference, and classification ranks the whole output, indices running over it (shape [k], not [B, k]).
     unbatched = _unbatched(model)
-    with deps.recorded(model, 1 if unbatched else x.shape[0]), deps.admission(model, x.shape[0]):
-        work = deps.submit(model, x, timings(request))
-        logits = deps.finite_output(model, await deps.unless_gone(request, model, work))
     spec = requested[0] if requested else None
     binary = parsed.binary_output if spec is None or spec.binary is None else spec.binary
-    if spec is not None and spec.classification:
-        ranked = logits.reshape(1, -1) if unbatched else logits
-        top = classification_strings(ranked, spec.classification, model.classification_labels)
-        tensor = OutputTensor(output, "BYTES", top.reshape(-1) if unbatched else top, binary)
-    else:
+    k = spec.classification if spec is not None else 0
+    rows, size = (1, x.shape[0] * len(model.labels)) if unbatched else (x.shape[0], len(model.labels))
+    if k:
+        _bounded_answer(rows, k, size)  # before it is inferred
+    with deps.recorded(model, 1 if unbatched else x.shape[0]):
+        with deps.admission(model, x.shape[0]):
+            work = deps.submit(model, x, timings(request))
+            logits = deps.finite_output(model, await deps.unless_gone(request, model, work))
+        # Counted too: a large answer built in the work pool may find it full (503), and that is no success.
+        with stage(request, "encode"):
+            # Ranked answers cost their entries and the sort of every value; FP32 in JSON a Python number and its
+            # text each; FP32 in binary one copy of the tensor (on the loop).
+            cost = (deps.answer_work(rows * min(k, size), rows * size) if k else
+                    0 if binary else deps.answer_work(logits.size))
+            content, headers, media = await deps.answered(
+                request, cost, lambda budget: _encoded(budget, model, parsed.id, logits, k, binary, unbatched))
+            content = await _compressed(request, content, headers)
+    return Response(content, media_type=media, headers=headers)
+
+
+def _bounded_answer(rows: int, k: int, size: int) -> None:
+    """400 when ranking `k` of each row's `size` outputs (a larger `k` ranks them all) would answer more than
+    MAX_RANKED entries."""
+    n = rows * min(k, size)
+    if n > deps.MAX_RANKED:
+        shown = str(k) if k <= size else f"{k} (clamped to the output's {size:,})"
+        raise APIError(400, f"the answer would rank {rows} row{'s' * (rows != 1)} x classification {shown} = {n:,} "
+                            f"entries; at most {deps.MAX_RANKED:,} per request: send fewer rows per request, a "
+                            "smaller classification, or ask for the raw FP32 output (no classification) and rank it "
+                            "yourself")
+
+
+def _encoded(budget: PixelBudget | None, model: ServedModel, request_id: str | None, logits: np.ndarray, k: int,
+             binary: bool, unbatched: bool) -> tuple[bytes, dict[str, str], str]:
+    """encode_response of the model's output (its top `k` strings when k > 0), its memory held in `budget` (None: a
+    small answer, nothing held)."""
+    output = model.manifest.output_name
+    if not k:
         tensor = OutputTensor(output, "FP32", logits, binary)
-    with stage(request, "encode"):
-        content, headers, media = encode_response(model.name, model.version, parsed.id, [tensor])
-        content = await _compressed(request, content, headers)
-        return Response(content, media_type=media, headers=headers)
+        with deps.answer_memory(budget, lambda: 0 if binary else logits.size * deps.ANSWER_BYTES_PER_JSON_VALUE):
+            return encode_response(model.name, model.version, request_id, [tensor])
+    ranked = logits.reshape(1, -1) if unbatched else logits
+    order, labels = classification_order(ranked, k), model.classification_labels or []
+    named = (labels[i] for i in order.ravel().tolist() if i < len(labels))
+    with deps.answer_memory(budget, lambda: deps.ranked_memory(order.size, named)):
+        top = classification_strings(ranked, k, labels, order)
+        tensor = OutputTensor(output, "BYTES", top.reshape(-1) if unbatched else top, binary)
+        return encode_response(model.name, model.version, request_id, [tensor])
 
 
 INLINE_COMPRESSION = 64 * 1024  # an answer up to this size is compressed on the loop when the work pool is idle
