@@ -405,7 +405,11 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     try:
         try:
             with _discarded_signals_kept() if main_thread else contextlib.nullcontext():
-                code = main()
+                returned = main()
+                # One that Python discarded while main ran (in a __del__) and main did not raise itself (only
+                # training looks for one): it came before main returned, and stops the command as such (130, 143).
+                raise_discarded_signal()
+                code = returned
         finally:
             if program:
                 # The outcome is known (main returned or raised): a signal from here on must not change it, while

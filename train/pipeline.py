@@ -9,8 +9,10 @@ served accuracy. Corrupt files are replaced by the next readable image of their 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -242,16 +244,32 @@ def loader(dataset: Dataset, batch_sampler: object = None, *, batch_size: int | 
 
 
 def _leave_signals(worker_id: int) -> None:
-    """In a DataLoader worker: Ctrl-C and SIGTERM are ignored. `timeout`, Slurm and systemd signal the whole process
-    group, and the main process stops on it itself, shutting its workers down (or they see it gone within seconds).
-    A worker killed by the signal made torch raise "DataLoader worker is killed by signal" over that clean stop (a
-    traceback, exit 1); one ended by it at once could leave a lock it shares with the main process held (the
-    loader's shutdown event, polled between batches), and the main process then hung setting that event.
-    The worker was forked with both blocked (`_Loader`): one that came meanwhile waited, and is dropped now."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    """In a DataLoader worker: Ctrl-C is ignored, and so is a SIGTERM that does not come from the main process.
+    `timeout`, Slurm and systemd signal the whole process group, and the main process stops on it itself, shutting
+    its workers down (or they see it gone within seconds). A worker killed by that signal made torch raise
+    "DataLoader worker is killed by signal" over the clean stop (a traceback, exit 1); one ended by it at once could
+    leave a lock it shares with the main process held (the loader's shutdown event, polled between batches), and
+    the main process then hung setting that event. The main process's own SIGTERM (`terminate()`, sent once it no
+    longer needs the worker: at its shutdown, or at exit after an error) still ends it: ignoring that one too hung a
+    run whose other worker had died, in multiprocessing's join at exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.excepthook = _quiet_hang_ups(sys.excepthook)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT,))
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS: the main process's SIGTERM and the group's end it alike
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM,))
+        return
+    # Blocked (as the worker was forked by `_Loader`), in this thread and so in every thread it starts: the signal
+    # waits for `_sigterm_from_parent`, which can tell who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM,))
+    threading.Thread(target=_sigterm_from_parent, name="vitc-worker-sigterm", daemon=True).start()
+
+
+def _sigterm_from_parent() -> None:
+    """A worker's thread: exit at the first SIGTERM the main process sent (others are dropped)."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+            os._exit(0)
 
 
 def _quiet_hang_ups(report: Callable[..., object]) -> Callable[..., None]:
