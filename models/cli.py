@@ -351,8 +351,9 @@ def deferred_signals() -> Iterator[None]:
 
     Python ran their handlers where the signal landed: inside the at-fork hooks, which discard the exception, or
     half way through starting the workers (an iterator that could not shut them down, a traceback). Meanwhile they
-    are recorded by stand-in handlers, and blocked in this thread, so a child forked here starts with them blocked:
-    it sets its own handlers before it unblocks them (`train.pipeline`'s worker), and dies of none before that."""
+    are recorded by stand-in handlers, and blocked in this thread, so a child forked here starts with them blocked
+    and dies of none before it has taken them over (`train.pipeline`'s worker ignores Ctrl-C, and keeps SIGTERM
+    blocked for a thread that ends it only on its parent's)."""
     held: list[int] = []
     previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():  # handlers are the main thread's only
