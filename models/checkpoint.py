@@ -390,7 +390,7 @@ def unknown_config_field(config: Any) -> str | None:
         return f"config.{key}"
     stem = config.get("stem")
     kinds = {"patchify": PatchifyStem, "conv": ConvStem}
-    if not isinstance(stem, dict) or stem.get("kind") not in kinds:
+    if not isinstance(stem, dict) or not isinstance(stem.get("kind"), str) or stem["kind"] not in kinds:
         return None
     if (key := _unknown_key(stem, kinds[stem["kind"]], "kind")) is not None:
         return f"config.stem.{key}"

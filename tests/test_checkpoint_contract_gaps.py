@@ -230,6 +230,16 @@ def test_links_that_stay_inside_the_directory_still_read(ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------- 5. a config field this vitc lacks
+@pytest.mark.parametrize("kind", [["conv"], {"x": 1}, 3])
+def test_a_stem_kind_of_the_wrong_type_is_refused_naming_it(ckpt, kind):
+    # A list or object here crashed the newer-field check with "TypeError: unhashable type" (hDG).
+    doc = _meta(ckpt)
+    doc["config"]["stem"]["kind"] = kind
+    _write_meta(ckpt, doc)
+    message = _refused(ckpt, f"unknown stem kind {kind!r}")
+    assert "unhashable" not in message, message
+
+
 
 
 @pytest.mark.parametrize(("where", "field"), [

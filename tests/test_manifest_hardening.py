@@ -183,6 +183,9 @@ def test_fields_the_code_acts_on_are_typed_and_bounded(raw, tmp_path, field, val
     ("config.x_future", 1, "field 'config.x_future' is not one this vitc knows: the bundle may come from a newer "
                            "vitc"),
     ("config.stem.x_future", 1, "field 'config.stem.x_future' is not one this vitc knows"),
+    # An unhashable stem kind: it was "TypeError: unhashable type: 'list'", a traceback in every command (hDG).
+    ("config.stem.kind", ["conv"], "unknown stem kind ['conv']"),
+    ("config.stem.kind", {"x": 1}, "unknown stem kind {'x': 1}"),
 ])
 def test_format_version_and_unknown_config_fields_follow_the_checkpoint_rule(raw, tmp_path, field, value, says):
     _refused(tmp_path, _set(raw, field, value), says)
