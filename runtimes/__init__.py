@@ -1,7 +1,7 @@
 """Inference runtimes, one module each (onnxruntime, OpenVINO, TensorRT, torch), shared by export, serve and
 benchmarks: how each builds its artifact, opens it as a Backend, and what it is called elsewhere."""
 
-from runtimes import telemetry
+from runtimes import registry, telemetry
 from runtimes.base import Backend, BackendError, BackendOptions, LoadSpec, Runtime, Variant
 from runtimes.build import ExportError
 from runtimes.loader import open_artifact, open_backend, select
@@ -27,3 +27,6 @@ __all__ = [
     "select",
     "unregister",
 ]
+
+# Last, with every name above bound: a VITC_RUNTIMES plugin imports this package's API while it loads.
+registry.load_runtimes()

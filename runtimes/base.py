@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 INPUT_NAME = "input"  # the tensor names export gives every artifact
 OUTPUT_NAME = "logits"
 HINTS = ("throughput", "latency")
+# The server's tuning settings a runtime may honour (Runtime.tunes): serve.settings.TUNING, whose flags the server
+# refuses for a runtime that does not list them (a typo here would refuse --threads for it).
+TUNABLES = ("threads", "parallel", "openvino_hint", "compile", "channels_last")
 
 
 class BackendError(RuntimeError):
@@ -55,8 +58,9 @@ class Backend(Protocol):
 
     # The contract of `infer`, the same on every runtime (the built-in ones share it through `PooledBackend`):
     # - it takes a float32 numpy array of shape (B, C, H, W), the manifest's sample shape, with 1 <= B <= max_batch
-    #   (any memory layout); anything else is refused with a one-line BackendError before the runtime sees it (no
-    #   runtime casts another dtype or pads another shape silently);
+    #   (any memory layout), of finite values; anything else (NaN or infinity included) is refused with a one-line
+    #   BackendError before the runtime sees it (no runtime casts another dtype or pads another shape silently, and
+    #   none makes up an answer for a value that is not a number);
     # - it returns (B, classes) float32 logits;
     # - what the runtime raises while it computes comes out as a one-line BackendError ("<runtime> inference
     #   failed: <reason>") chained from the runtime's own exception, except running out of memory, which is a
@@ -93,7 +97,8 @@ MAX_BACKEND_PARALLELISM = 4096
 
 def check_batch(batch: Any, sample_shape: tuple[int, ...], max_batch: int) -> None:
     """BackendError (one line) unless `batch` is what `Backend.infer` takes: a float32 numpy array
-    (B, *sample_shape) with 1 <= B <= max_batch. A few attribute reads: it runs on every served batch."""
+    (B, *sample_shape) with 1 <= B <= max_batch, of finite values. It runs on every served batch: a few attribute
+    reads, its minimum and its maximum."""
     if not isinstance(batch, np.ndarray):
         raise BackendError(f"a batch must be a numpy array, got {type(batch).__name__}")
     if batch.dtype is not _FLOAT32 and batch.dtype != _FLOAT32:  # the identity test is the common, fast case
@@ -106,6 +111,17 @@ def check_batch(batch: Any, sample_shape: tuple[int, ...], max_batch: int) -> No
         raise BackendError("a batch must have at least 1 row, got 0")
     if shape[0] > max_batch:
         raise BackendError(f"a batch of {shape[0]} rows exceeds this backend's max batch {max_batch}")
+    if not _finite(batch):
+        raise BackendError("a batch must hold finite values, got NaN or infinity")
+
+
+def _finite(batch: np.ndarray) -> bool:
+    """Whether every value of a float32 batch is finite."""
+    # Runtimes differ on NaN or infinity (onnxruntime and torch answer NaN, OpenVINO finite, confident logits), so
+    # none is handed them. The minimum and maximum are finite only when every value is (a NaN propagates to both, an
+    # infinity is one of them): exact, unlike a sum of finite values, which can overflow, and two reductions that
+    # allocate nothing, where np.isfinite(batch).all() allocates a bool array of the batch's size (and is no faster).
+    return bool(np.isfinite(batch.min()) and np.isfinite(batch.max()))
 
 
 def check_logits(y: Any, rows: int, classes: int | None) -> np.ndarray:
@@ -386,15 +402,16 @@ class BackendOptions:
 
     def __post_init__(self) -> None:
         # Types as well as values: the options are hashed and compared (benchmarks, the server's settings), and a
-        # bool is not a count. A list of buckets is taken as the tuple it means.
+        # bool is not a count. A list of buckets is taken as the tuple it means, a numpy integer as the int.
         if not is_device(self.device):
             raise BackendError(f"device must be {DEVICE_RULE}, got {self.device!r}")
         if not (isinstance(self.hint, str) and self.hint in HINTS):
             raise BackendError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
         for name, high in (("threads", MAX_THREADS), ("parallel", MAX_PARALLEL)):
             value = getattr(self, name)
-            if value is not None and not (is_int(value) and 1 <= value <= high):
+            if value is not None and not (is_int(value, numpy=True) and 1 <= value <= high):
                 raise BackendError(f"{name} must be an integer in 1..{high}, got {value!r}")
+            self._as_int(name)
         if self.inference_precision is not None and not isinstance(self.inference_precision, str):
             raise BackendError(f"inference_precision must be a precision name or None, "
                                f"got {self.inference_precision!r}")
@@ -404,13 +421,20 @@ class BackendOptions:
             raise BackendError(f"channels_last must be True, False or None, got {self.channels_last!r}")
         if self.buckets is not None:
             if not (isinstance(self.buckets, tuple | list) and self.buckets
-                    and all(is_int(b) and 1 <= b <= MAX_BATCH_LIMIT for b in self.buckets)):
+                    and all(is_int(b, numpy=True) and 1 <= b <= MAX_BATCH_LIMIT for b in self.buckets)):
                 raise BackendError(f"buckets must be a tuple of batch sizes in 1..{MAX_BATCH_LIMIT}, "
                                    f"got {self.buckets!r}")
-            object.__setattr__(self, "buckets", tuple(self.buckets))
-        if self.max_batch is not None and not (is_int(self.max_batch) and 1 <= self.max_batch <= MAX_BATCH_LIMIT):
+            object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
+        if self.max_batch is not None and not (is_int(self.max_batch, numpy=True)
+                                               and 1 <= self.max_batch <= MAX_BATCH_LIMIT):
             raise BackendError(f"max_batch must be a batch size in 1..{MAX_BATCH_LIMIT} or None, "
                                f"got {self.max_batch!r}")
+        self._as_int("max_batch")
+
+    def _as_int(self, name: str) -> None:
+        """Store a numpy integer count as the int it means: the options are hashed, compared and put in JSON."""
+        if (value := getattr(self, name)) is not None:
+            object.__setattr__(self, name, int(value))
 
     @property
     def device_kind(self) -> str:

@@ -2,7 +2,8 @@
 all come from here; adding a runtime is one module with a `RUNTIME` and one line in `BUILTIN`.
 
 A runtime kept outside this repository is plugged in without editing it: `VITC_RUNTIMES=my_pkg.my_runtime` (comma-
-separated modules, each defining `RUNTIME`) registers it in every process that reads the environment.
+separated modules, each defining `RUNTIME`) registers it in every process that reads the environment, once the
+`runtimes` package is initialised (`load_runtimes`), so a plugin may import the package's API itself.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from models.tolerance import TOLERANCES
-from runtimes.base import BackendError, Runtime, Variant, first_line
+from runtimes.base import TUNABLES, BackendError, Runtime, TritonRelease, Variant, first_line
 
 # Module of each built-in runtime, in the order help texts list them.
 BUILTIN = ("runtimes.onnxruntime", "runtimes.openvino", "runtimes.tensorrt", "runtimes.pytorch")
@@ -33,9 +35,40 @@ NAME_RULE = "lowercase ASCII letters, digits or '_'"
 DEVICE_KINDS = ("cpu", "cuda")  # what Runtime.devices may hold (models.device: cpu, cuda, cuda:N)
 _STRINGS = ("packages", "precisions", "default_precisions", "devices", "tunes")  # tuple[str, ...] fields
 
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _text_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _file_pairs(value: Any) -> bool:
+    """A tuple of (artifact file suffix, name in Triton's version directory) pairs of strings."""
+    return isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                            for p in value)
+
+
+# The type of every other field but the variants: (fields, test, what they must be). Each one is used later without a
+# check (called, unpacked, written into a config.pbtxt), where a wrong one failed as a bare TypeError or IndexError.
+_TYPES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (("install", "format", "triton_platform"), _text, "a non-empty string"),
+    (("build", "load", "version", "unavailable", "mismatch", "triton_min_check"), callable, "callable"),
+    (("profile",), lambda v: v is None or callable(v), "callable or None"),
+    (("export_extra", "triton_backend", "triton_threads", "triton_streams"), _text_or_none, "a string or None"),
+    (("needs_hub", "triton_threads_shared", "triton_platform_fills", "triton_cpu_only", "triton_fixed_batch"),
+     lambda v: isinstance(v, bool), "True or False"),
+    (("triton_note",), lambda v: isinstance(v, str), "a string"),
+    (("triton_files",), _file_pairs, "a tuple of (file suffix, name) pairs of strings"),
+    (("triton_release",), lambda v: v is None or isinstance(v, TritonRelease),
+     "a runtimes.base.TritonRelease or None"),
+)
+
 _RUNTIMES: dict[str, Runtime] = {}
 _PLUGIN_ERRORS: dict[str, str] = {}  # runtime module -> "<what it is> <module> failed: <why>", as refusals end
 _CLASHES: dict[tuple[str, str], str] = {}  # ("name" | "target", value) a failed module's runtime claimed -> module
+_LOADED = False  # whether `load_runtimes` has run
 
 
 def _tuple_of_strings(runtime: Runtime, field: str) -> tuple[str, ...]:
@@ -46,9 +79,9 @@ def _tuple_of_strings(runtime: Runtime, field: str) -> tuple[str, ...]:
     return value
 
 
-def _subset(runtime: Runtime, field: str, allowed: tuple[str, ...], of: str) -> None:
+def _subset(runtime: Runtime, field: str, allowed: tuple[str, ...], of: str, empty: bool = False) -> None:
     values = _tuple_of_strings(runtime, field)
-    if not values:
+    if not values and not empty:
         raise ValueError(f"runtime {runtime.name!r}: {field} is empty")
     if bad := [x for x in values if x not in allowed]:
         raise ValueError(f"runtime {runtime.name!r}: {field} has {bad[0]!r:.40}, not one of {of} "
@@ -69,9 +102,37 @@ def check_runtime(runtime: Any) -> None:
     _subset(runtime, "precisions", tuple(TOLERANCES), "the precisions export gates")
     _subset(runtime, "default_precisions", runtime.precisions, "its precisions")
     _subset(runtime, "devices", DEVICE_KINDS, "the device kinds")
-    for field in ("build", "load", "version"):
-        if not callable(getattr(runtime, field)):
-            raise ValueError(f"runtime {runtime.name!r}: {field} must be callable, got {getattr(runtime, field)!r:.60}")
+    _subset(runtime, "tunes", TUNABLES, "the server's tuning settings", empty=True)
+    for fields, test, what in _TYPES:
+        for field in fields:
+            if not test(value := getattr(runtime, field)):
+                raise ValueError(f"runtime {runtime.name!r}: {field} must be {what}, got {value!r:.60}")
+    _check_export_device(runtime)
+    _check_fallback(runtime)
+    _check_variants(runtime)
+
+
+def _check_export_device(runtime: Runtime) -> None:
+    """The export's parity gate runs the artifacts there (`require`, BackendOptions): a device kind it runs on."""
+    value = runtime.export_device
+    if not (isinstance(value, str) and value in runtime.devices):
+        raise ValueError(f"runtime {runtime.name!r}: export_device must be one of its devices "
+                         f"({', '.join(runtime.devices)}), got {value!r:.60}")
+
+
+def _check_fallback(runtime: Runtime) -> None:
+    """None, or the (runtime name, precision) pair the loader selects from the manifest (`select`)."""
+    value = runtime.fallback
+    if value is None:
+        return
+    if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(x, str) for x in value)
+            and NAME_RE.fullmatch(value[0]) and value[1] in TOLERANCES):
+        raise ValueError(f"runtime {runtime.name!r}: fallback must be None or a (runtime name, precision) pair, got "
+                         f"{value!r:.60} (precisions: {', '.join(TOLERANCES)})")
+
+
+def _check_variants(runtime: Runtime) -> None:
+    """A tuple of Variants, each on one of its devices and of one of its precisions."""
     variants = runtime.variants
     if not isinstance(variants, tuple) or not all(isinstance(v, Variant) for v in variants):
         raise ValueError(f"runtime {runtime.name!r}: variants must be a tuple of runtimes.Variant, got "
@@ -182,9 +243,17 @@ def _load(module: str, what: str) -> None:
             _CLASHES[field, value] = module
 
 
-for _module in BUILTIN:
-    _load(_module, "built-in runtime module")
-# Each module once, and a built-in named again is already there (neither clashes with itself).
-for _module in dict.fromkeys(m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
-    if _module and _module not in BUILTIN:
-        _load(_module, f"{PLUGINS_ENV} plugin")
+def load_runtimes() -> None:
+    """Register the built-in runtimes, then the VITC_RUNTIMES plugins: once, from runtimes/__init__.py's last line."""
+    # Called once the package is fully initialised, so a plugin may use its public API at import time (`from
+    # runtimes import register`, `runtimes.open_backend`): from this module's body, the package was still half-built.
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True  # first: a plugin importing `runtimes` (already in sys.modules) must not load them again
+    for module in BUILTIN:
+        _load(module, "built-in runtime module")
+    # Each module once, and a built-in named again is already there (neither clashes with itself).
+    for module in dict.fromkeys(m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if module and module not in BUILTIN:
+            _load(module, f"{PLUGINS_ENV} plugin")

@@ -19,7 +19,7 @@ from models.device import DEVICE_RULE, is_device
 from models.host import MAX_THREADS
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from models.tolerance import TOLERANCES
-from runtimes.base import MAX_PARALLEL
+from runtimes.base import MAX_PARALLEL, TUNABLES
 from runtimes.registry import DEFAULT_RUNTIME, load_failures, shadowed
 
 MiB = 1 << 20
@@ -29,7 +29,7 @@ GiB = 1 << 30
 MAX_BODY_BYTES = 1 * GiB
 MAX_BUFFERED_BYTES = 16 * GiB
 MAX_DECODE_BUDGET_PIXELS = 10_000_000_000
-TUNING = ("threads", "parallel", "openvino_hint", "compile", "channels_last")  # see runtimes.base.Runtime.tunes
+TUNING = TUNABLES  # the settings a runtime may honour (runtimes.base.Runtime.tunes); the rest are refused for it
 # The precisions an artifact can have: those export gates (models.tolerance), the one list of them.
 Precision = Literal[tuple(TOLERANCES)]
 
