@@ -563,6 +563,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         super().on_message_complete()
         self._body_read_of, self._in_body, self._chunks = self.cycle, False, None
         self._body_left = 0
+        self._read_on()
         if self.cycle.response_complete and not self._eof and not self.transport.is_closing():
             # The rest of a body answered early (a 404, a 413) is read and dropped: the connection is idle now, and
             # gets uvicorn's keep-alive timeout, not the deadline of headers that have not begun (a 408).
@@ -570,6 +571,18 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             self._unset_keepalive_if_required()
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
+
+    def _read_on(self) -> None:
+        """Resume reading once the request being answered has its body whole, so that the client's EOF or reset is
+        seen (eof_received, connection_lost) while the request is decoded and computed."""
+        # uvicorn pauses reading once more than 64 KiB of body wait for the app (HIGH_WATER_LIMIT), and only the
+        # app's `receive` resumes it: with the body whole the app calls it again only once its rows are queued, so a
+        # client that left during a decode of seconds was answered (200) for nobody. What is read from now on is
+        # the next request, as after a small body: its parse is bounded (_feed, MAX_HEADER_BYTES), and uvicorn
+        # pauses again at its headers while this one runs. A request pipelined behind the running one stays paused
+        # as uvicorn left it, and nothing more is read while a refusal waits for earlier answers.
+        if self.cycle is self._running and self._refusal is None:
+            self.flow.resume_reading()
 
     # Malformed chunked bodies: the app's `receive` raises their JSON error. A malformed chunked body (or one of its
     # framing lines longer than MAX_CHUNK_LINE, or framing past FRAMING_PER_BYTE bytes per byte of its data) ends its
