@@ -100,7 +100,8 @@ class Metrics:
         self.disconnects = Counter(
             "vitc_client_disconnects", "Requests whose client left before the answer, by stage: upload (during "
             "it), queued (rows dropped before a batch took them, never computed), computing (a batch had taken "
-            "the rows: computed, the answer dropped)", ["model", "stage"], registry=r,
+            "the rows: computed, the answer dropped), answering (while a large answer waited or was built: its "
+            "build cancelled or dropped)", ["model", "stage"], registry=r,
         )
         self.queue_depth = Gauge(
             "vitc_queue_depth", "Requests waiting for a batch (0 once unloaded, or never served)", ["model"],

@@ -1,16 +1,20 @@
-"""Error responses: the one JSON error shape, and the handlers that give every FastAPI error that shape."""
+"""Error responses: the one JSON error shape, and the handlers that give every FastAPI error that shape; and the
+response of a large answer, whose memory is held until it is sent."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from serve.errors import APIError
 
@@ -60,3 +64,33 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         body = {"error": _validation_reason(exc), "detail": jsonable_encoder(exc.errors())}
         return JSONResponse(body, status_code=422)
+
+
+# A held answer's body goes to the transport in pieces of this size. uvicorn's send waits for a transport whose
+# buffer passed its high-water mark (64 KiB) to drain before it writes more, so a client that does not read holds
+# at most one piece and that buffer beyond the body itself, not a second copy of all of it.
+ANSWER_CHUNK = 256 * 1024
+
+
+class HeldResponse(Response):
+    """A Response of `content` (Content-Length set, never chunked encoding) sent in ANSWER_CHUNK pieces, each once
+    the transport has taken the ones before; `release` is called once the last has been handed over, the client is
+    gone (uvicorn's send then returns at once), or the sending fails or is cancelled."""
+
+    def __init__(self, content: bytes, release: Callable[[], None], media_type: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        # Also when the response is never sent (its task cancelled before it ran): the budget must come back.
+        self.release = weakref.finalize(self, release)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            body = self.body
+            for start in range(0, len(body), ANSWER_CHUNK):
+                await send({"type": "http.response.body", "body": body[start:start + ANSWER_CHUNK], "more_body": True})
+            # An empty last message: uvicorn's send first waits for a paused transport to drain, so what is still
+            # buffered when the memory is released is below its high-water mark, as after any small answer.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.release()

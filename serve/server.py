@@ -123,6 +123,8 @@ def memory_headroom(settings: Settings, resident: int | None, limit: int | None)
     # One image or v2 body may exceed the budget (it decodes or parses alone): its own cost bounds it too.
     decode = max(settings.decode_budget_pixels, settings.max_image_pixels * MAX_DECODE_WEIGHT,
                  settings.max_body_bytes * JSON_MEMORY_PER_BYTE // DECODE_BYTES_PER_PIXEL)
+    # The decode budget also holds the large answers (built in the decode pool) until their clients have taken them
+    # (serve.routes.deps.held_response): what slow readers leave unread is inside it, not beside it.
     need = resident + decode * DECODE_BYTES_PER_PIXEL + settings.buffered_bytes_limit
     return {"worst_case_bytes": need, "memory_limit_bytes": limit} if need > limit else None
 

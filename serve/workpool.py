@@ -83,6 +83,11 @@ class WorkPool:
         self._slots = threading.BoundedSemaphore(threads + queue)
         self._inflight = 0  # jobs started from the event loop and not finished (only touched on the loop)
 
+    @property
+    def in_flight(self) -> int:
+        """Jobs started from the event loop and not finished: running, queued, or run inline."""
+        return self._inflight
+
     async def run(self, fn: Callable[..., T], *args: Any, inline_if_idle: bool = False) -> T:
         """`fn(*args)` in a worker; Busy at once when `threads + queue` jobs are already in."""
         # With `inline_if_idle`, a job that finds the pool idle runs right here instead: a lone request does not pay
@@ -162,6 +167,42 @@ def _on_event_loop() -> bool:
     return True
 
 
+class Kept:
+    """Pixels of a budget that a job reserved and handed on past its block (a large answer's, until it is sent),
+    given back once by `release`, from any thread; a job that finds it released already gives its own back."""
+
+    def __init__(self, budget: PixelBudget) -> None:
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._pixels = 0
+        self._released = False
+
+    def adopt(self, pixels: int) -> bool:
+        """Take over `pixels` that the budget holds; False (nothing taken) once released."""
+        with self._lock:
+            if self._released:
+                return False
+            self._pixels += pixels
+            return True
+
+    def shrink(self, pixels: int) -> None:
+        """Keep at most `pixels`, giving the rest back (never waits: safe on the event loop)."""
+        with self._lock:
+            extra = self._pixels - max(pixels, 0)
+            if extra <= 0:
+                return
+            self._pixels -= extra
+        self.budget.give(extra)
+
+    def release(self) -> None:
+        """Give everything back, now and for good (idempotent)."""
+        with self._lock:
+            self._released = True
+            pixels, self._pixels = self._pixels, 0
+        if pixels:
+            self.budget.give(pixels)
+
+
 class PixelBudget:
     """Pixels being decoded at once in this process; a decode reserves its image's pixels first (thread-safe)."""
 
@@ -177,8 +218,9 @@ class PixelBudget:
         return self._used
 
     @contextlib.contextmanager
-    def reserve(self, pixels: int, holder: Holder | None = None) -> Iterator[None]:
-        """Hold `pixels` of the budget for the block, waiting up to `wait_s` for others to free them; Busy after."""
+    def reserve(self, pixels: int, holder: Holder | None = None, kept: Kept | None = None) -> Iterator[None]:
+        """Hold `pixels` of the budget for the block, waiting up to `wait_s` for others to free them; Busy after.
+        With `kept`, a block that ends without an error hands them to it instead of giving them back."""
         # Never waits for budget the caller holds itself: not on the event loop (an inline job), not in a thread that
         # already holds a reservation, and not while `holder` (the request's other decodes) holds any: Deferred then.
         mine = getattr(self._mine, "held", 0)
@@ -190,17 +232,24 @@ class PixelBudget:
                 holder.held += pixels
                 self._freed.notify_all()  # the holder's other waiters stop waiting on it (Deferred)
         self._mine.held = mine + pixels
+        handed = False
         try:
             yield
+            handed = kept is not None and kept.adopt(pixels)
         finally:
-            self._mine.held -= pixels
-            with self._freed:
-                self._used -= pixels
-                if holder is not None:
-                    holder.held -= pixels
-                self._freed.notify_all()
-            if pixels >= TRIM_PIXELS:
+            self._mine.held -= pixels  # handed on, they are no longer this thread's to wait beside
+            if not handed:
+                self.give(pixels, holder)
+            if pixels >= TRIM_PIXELS:  # here, in the job's thread: what the block built and dropped is freed now
                 _trim()
+
+    def give(self, pixels: int, holder: Holder | None = None) -> None:
+        """Give back `pixels` reserved earlier (by `holder`), waking the decodes waiting for them."""
+        with self._freed:
+            self._used -= pixels
+            if holder is not None:
+                holder.held -= pixels
+            self._freed.notify_all()
 
     def _wait(self, pixels: int, holder: Holder | None, *, may_wait: bool) -> None:
         """Until `pixels` fit (the lock held); Busy once `wait_s` has passed, Deferred while `holder` holds any."""

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 
 from models.config import MAX_CLASSES
 from models.oneline import first_line
@@ -21,9 +21,9 @@ from serve.errors import APIError, ClientGone
 from serve.middleware import body_hold
 from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
-from serve.responses import Error
+from serve.responses import ANSWER_CHUNK, Error, HeldResponse
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
-from serve.workpool import Busy, PixelBudget
+from serve.workpool import Busy, Kept, PixelBudget
 
 log = logging.getLogger("vitc.serve")
 T = TypeVar("T")
@@ -170,30 +170,58 @@ def ranked_memory(entries: int, labels: Iterable[str]) -> int:
     return entries * ANSWER_BYTES_PER_ENTRY + chars
 
 
-async def answered(request: Request, work: int, build: Callable[[PixelBudget | None], T]) -> T:
-    """`build(budget)`, which builds an answer of `work` (`answer_work`): on the event loop when it is small, with no
-    budget to hold; else in the work pool, holding its memory in the decode budget (`answer_memory`)."""
+async def answered(request: Request, model: ServedModel, work: int,
+                   build: Callable[[Kept | None], T]) -> tuple[T, Kept | None]:
+    """`build(kept)`, which builds an answer of `work` (`answer_work`), and what it keeps of the decode budget: on the
+    event loop when it is small, nothing held (None); else in the work pool, holding its memory in the decode budget
+    (`answer_memory`) past the build, until `held_response` has sent it. A client that leaves meanwhile is a
+    disconnect (stage "answering"): a build not yet started never runs, and ClientGone ends the request."""
     if work <= INLINE_ANSWER_WORK:
-        return build(None)
-    return await off_loop(request, build, request.app.state.pixel_budget)
+        return build(None), None
+    gone_already(request, model, "answering")
+    kept = Kept(request.app.state.pixel_budget)
+    try:
+        return await _watched(request, model, off_loop(request, build, kept), lambda: "answering"), kept
+    except BaseException:
+        kept.release()  # a build still running gives its reservation back itself when it ends
+        raise
 
 
 @contextlib.contextmanager
-def answer_memory(budget: PixelBudget | None, memory: Callable[[], int]) -> Iterator[None]:
+def answer_memory(budget: PixelBudget | Kept | None, memory: Callable[[], int]) -> Iterator[None]:
     """Hold `memory()` bytes in the decode budget for the block (nothing, and nothing counted, without a budget), as
     a v2 body's parse holds its own: large answers built at once wait for each other, or get 503, rather than pass
-    the server's memory."""
+    the server's memory. With a Kept (`answered`), a block that ends without an error hands them to it, and they
+    stay held until the answer is sent."""
     if budget is None or (size := memory()) <= 0:
         yield
         return
-    pixels = min(-(-size // DECODE_BYTES_PER_PIXEL), budget.pixels)  # one answer alone always fits
+    kept = budget if isinstance(budget, Kept) else None
+    pool = kept.budget if kept is not None else budget
+    pixels = min(-(-size // DECODE_BYTES_PER_PIXEL), pool.pixels)  # one answer alone always fits
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(budget.reserve(pixels))
+            held.enter_context(pool.reserve(pixels, kept=kept))
         except Busy:  # the budget's own reason speaks of an image
-            raise Busy(f"the server's decode budget is in use ({budget.used:,} of {budget.pixels:,} pixels); "
+            raise Busy(f"the server's decode budget is in use ({pool.used:,} of {pool.pixels:,} pixels); "
                        f"building this answer needs {pixels:,}") from None
         yield
+
+
+def held_response(content: bytes, kept: Kept | None, media_type: str, headers: dict[str, str] | None = None
+                  ) -> Response:
+    """The answer `content` as a Response: a small one (nothing kept) as any; a large one holding its bytes (and
+    the piece in the transport) in the decode budget until it is sent (HeldResponse), rather than the peak of
+    building it. Slow readers of large answers thus wait for each other or get 503, as their builds do, instead of
+    holding memory no limit counts until --receive-timeout-s lets them go."""
+    if kept is None:
+        return Response(content, media_type=media_type, headers=headers)
+    try:
+        kept.shrink(-(-(len(content) + ANSWER_CHUNK) // DECODE_BYTES_PER_PIXEL))
+        return HeldResponse(content, kept.release, media_type=media_type, headers=headers)
+    except BaseException:
+        kept.release()
+        raise
 
 
 async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
@@ -218,10 +246,26 @@ async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | 
         raise APIError(500, said) from None
 
 
+def gone_already(request: Request, model: ServedModel, stage: str) -> None:
+    """ClientGone, the disconnect counted at `stage`, when the connection is known closed before work is handed on
+    (rows submitted, an answer built): nothing is then computed for nobody."""
+    # The protocol's word (serve.httpproto): a client that left during a decode of seconds is seen as gone at its
+    # end, and its rows would otherwise be taken at once by an idle batcher and computed all the same.
+    if (unanswered := request.scope.get("vitc.unanswered")) is not None and unanswered():
+        request.app.state.metrics.disconnects.labels(model.name, stage).inc()
+        raise ClientGone
+
+
 async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) -> T:
     """Await `work` (rows submitted with the request's `timings`) while watching the connection: if the client
     leaves first, its rows still queued are dropped (cancelled futures are never computed), the disconnect is
     counted, and ClientGone ends the request without an answer."""
+    return await _watched(request, model, work, lambda: _gone_stage(request))
+
+
+async def _watched(request: Request, model: ServedModel, work: Awaitable[T], stage: Callable[[], str]) -> T:
+    """Await `work` while watching the connection: if the client leaves first, `work` is cancelled, the disconnect
+    is counted at `stage()`, and ClientGone ends the request without an answer."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -237,7 +281,7 @@ async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) 
     task.cancel()
     with contextlib.suppress(BaseException):
         await task
-    request.app.state.metrics.disconnects.labels(model.name, _gone_stage(request)).inc()
+    request.app.state.metrics.disconnects.labels(model.name, stage()).inc()
     raise ClientGone
 
 

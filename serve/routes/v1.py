@@ -34,6 +34,8 @@ from serve.routes.deps import (
     answer_work,
     answered,
     finite_output,
+    gone_already,
+    held_response,
     inflated,
     is_ready,
     off_loop,
@@ -45,7 +47,7 @@ from serve.routes.deps import (
 )
 from serve.settings import Settings
 from serve.timing import stage, timings
-from serve.workpool import Deferred, Holder, PixelBudget
+from serve.workpool import Deferred, Holder, Kept
 
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
 # The most classes a bundle may have: what the fast path accepts before the model's own count is checked.
@@ -375,6 +377,7 @@ async def _classify(request: Request, model: ServedModel, settings: Settings, k:
         with admission(model, len(images)):
             with stage(request, "decode"):
                 decoded = await _decode(request, model, settings, images, many)
+            gone_already(request, model, "queued")
             # The first image's queue and compute times stand for the request's.
             work = (all_or_none(submit(model, x, timings(request) if i == 0 else None)
                                 for i, x in enumerate(decoded))
@@ -382,22 +385,23 @@ async def _classify(request: Request, model: ServedModel, settings: Settings, k:
             # Checked inside the statistics' count, as /v2 does: outputs that cannot be answered are a failed
             # inference.
             logits = [finite_output(model, y) for y in await unless_gone(request, model, work)]
-        # Counted too: a large answer built in the work pool may find it full (503), and that is no success.
+        # Counted too: a large answer built in the work pool may find it full (503), or its client gone while it
+        # is built (a disconnect), and that is no success.
         with stage(request, "encode"):
-            return await answered(request, answer_work(len(logits) * k, len(logits) * len(model.labels)),
-                                  lambda budget: _answer(budget, model, logits, k, many))
+            content, kept = await answered(request, model,
+                                           answer_work(len(logits) * k, len(logits) * len(model.labels)),
+                                           lambda budget: _answer(budget, model, logits, k, many))
+            return held_response(content, kept, JSONResponse.media_type)
 
 
-def _answer(budget: PixelBudget | None, model: ServedModel, logits: list[np.ndarray], k: int,
-            many: bool) -> Response:
-    """The images' top k as the answer, its memory held in `budget` (None: a small answer, nothing held)."""
+def _answer(budget: Kept | None, model: ServedModel, logits: list[np.ndarray], k: int, many: bool) -> bytes:
+    """The images' top k as the answer's body, its memory held in `budget` (None: a small answer, nothing held)."""
     ranked = [_ranked(y[0], k) for y in logits]
     labels = model.labels
     named = (labels[i] for order, _ in ranked for i in order.tolist())
     with answer_memory(budget, lambda: ranked_memory(len(ranked) * k, named)):
         answers = [_answer_json(model.name, order.tolist(), scores.tolist(), labels) for order, scores in ranked]
-        return Response(("[" + ",".join(answers) + "]" if many else answers[0]).encode(),
-                        media_type=JSONResponse.media_type)
+        return ("[" + ",".join(answers) + "]" if many else answers[0]).encode()
 
 
 def _answer_json(model_name: str, order: list[int], scores: list[float], labels: list[str]) -> str:

@@ -42,7 +42,7 @@ from serve.routes import deps
 from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.timing import stage, timings
-from serve.workpool import PixelBudget
+from serve.workpool import Kept, PixelBudget
 
 router = APIRouter(prefix="/v2", tags=["v2: Open Inference Protocol"])
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -479,18 +479,26 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
         _bounded_answer(rows, k, size)  # before it is inferred
     with deps.recorded(model, 1 if unbatched else x.shape[0]):
         with deps.admission(model, x.shape[0]):
+            deps.gone_already(request, model, "queued")
             work = deps.submit(model, x, timings(request))
             logits = deps.finite_output(model, await deps.unless_gone(request, model, work))
-        # Counted too: a large answer built in the work pool may find it full (503), and that is no success.
+        # Counted too: a large answer built in the work pool may find it full (503), or its client gone while it
+        # is built (a disconnect: Triton's CANCELED), and that is no success.
         with stage(request, "encode"):
             # Ranked answers cost their entries and the sort of every value; FP32 in JSON a Python number and its
             # text each; FP32 in binary one copy of the tensor (on the loop).
             cost = (deps.answer_work(rows * min(k, size), rows * size) if k else
                     0 if binary else deps.answer_work(logits.size))
-            content, headers, media = await deps.answered(
-                request, cost, lambda budget: _encoded(budget, model, parsed.id, logits, k, binary, unbatched))
-            content = await _compressed(request, content, headers)
-    return Response(content, media_type=media, headers=headers)
+            (content, headers, media), kept = await deps.answered(
+                request, model, cost,
+                lambda budget: _encoded(budget, model, parsed.id, logits, k, binary, unbatched))
+            try:  # a large answer's memory stays held while it is compressed, then while it is sent
+                content = await _compressed(request, content, headers)
+            except BaseException:
+                if kept is not None:
+                    kept.release()
+                raise
+            return deps.held_response(content, kept, media, headers)
 
 
 def _bounded_answer(rows: int, k: int, size: int) -> None:
@@ -505,7 +513,7 @@ def _bounded_answer(rows: int, k: int, size: int) -> None:
                             "yourself")
 
 
-def _encoded(budget: PixelBudget | None, model: ServedModel, request_id: str | None, logits: np.ndarray, k: int,
+def _encoded(budget: Kept | None, model: ServedModel, request_id: str | None, logits: np.ndarray, k: int,
              binary: bool, unbatched: bool) -> tuple[bytes, dict[str, str], str]:
     """encode_response of the model's output (its top `k` strings when k > 0), its memory held in `budget` (None: a
     small answer, nothing held)."""
