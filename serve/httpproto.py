@@ -205,6 +205,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         self._body_read_of = None  # the request whose body was read to its end last
         self._header_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
+        self._sent_waiters: list[Callable[[], None]] = []  # called once the answers written so far left the buffer
         self._messages = 0  # requests begun on this connection
         self._in_headers = False  # whether the parser is inside the latest request's line and headers
         self._in_body = False  # whether it is inside the latest request's body
@@ -238,6 +239,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             super().connection_lost(exc)
             return
         self._release()
+        self._written()  # nothing more will go out: what waited for it to go is done
         # uvicorn marks only the newest request as disconnected; with pipelining the one being answered is older,
         # and its next write would hit the closed transport.
         for cycle in (self._running, *(c for c, _ in self.pipeline)):
@@ -501,6 +503,8 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             # For the access log: a client that left before any of the answer went out was sent nothing (uvicorn
             # drops what the app sends then).
             self.scope["vitc.unanswered"] = lambda: cycle.disconnected and not cycle.response_started
+            # For a large answer's memory (serve.responses.HeldResponse): held until the client has taken it.
+            self.scope["vitc.when_sent"] = self.when_sent
             if self.scope["http_version"] == "1.0":
                 # RFC 9110 10.1.1: an HTTP/1.0 request's 100-continue expectation is ignored, and 15.2: no 1xx goes
                 # to HTTP/1.0 (uvicorn would send `100 Continue` when the app first reads the body).
@@ -759,6 +763,22 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        self._written()
+
+    def when_sent(self, done: Callable[[], None]) -> None:
+        """Call `done` once what was written so far has left this connection's write buffer for the kernel (below
+        its low-water mark), or the connection is gone: at once if it has already."""
+        if self._sent_waiters or (self.transport.get_write_buffer_size() > 0 and not self.transport.is_closing()
+                                  and self.flow.write_paused):
+            self._sent_waiters.append(done)
+        else:
+            done()
+
+    def _written(self) -> None:
+        """Call (once) everything waiting for the written answers to leave the buffer."""
+        waiters, self._sent_waiters = self._sent_waiters, []
+        for done in waiters:
+            done()
 
     def _send_expired(self) -> None:
         # The client has taken none of the answer for `seconds`: it cannot be answered, only let go.

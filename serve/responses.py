@@ -66,16 +66,11 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=422)
 
 
-# A held answer's body goes to the transport in pieces of this size. uvicorn's send waits for a transport whose
-# buffer passed its high-water mark (64 KiB) to drain before it writes more, so a client that does not read holds
-# at most one piece and that buffer beyond the body itself, not a second copy of all of it.
-ANSWER_CHUNK = 256 * 1024
-
-
 class HeldResponse(Response):
-    """A Response of `content` (Content-Length set, never chunked encoding) sent in ANSWER_CHUNK pieces, each once
-    the transport has taken the ones before; `release` is called once the last has been handed over, the client is
-    gone (uvicorn's send then returns at once), or the sending fails or is cancelled."""
+    """A Response whose memory stays held (`release`, called once) until its body has left the connection's write
+    buffer for the kernel: a client that reads slowly, or not at all, keeps it held, not the request. Once the body
+    is written, the request is done (its access-log line, its body's budget, a stop's drain) as with any answer; the
+    connection (serve.httpproto `when_sent`) releases it once the client has taken it, or is gone."""
 
     def __init__(self, content: bytes, release: Callable[[], None], media_type: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
@@ -85,12 +80,11 @@ class HeldResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            body = self.body
-            for start in range(0, len(body), ANSWER_CHUNK):
-                await send({"type": "http.response.body", "body": body[start:start + ANSWER_CHUNK], "more_body": True})
-            # An empty last message: uvicorn's send first waits for a paused transport to drain, so what is still
-            # buffered when the memory is released is below its high-water mark, as after any small answer.
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
+            await super().__call__(scope, receive, send)
+        except BaseException:
             self.release()
+            raise
+        if (when_sent := scope.get("vitc.when_sent")) is None:  # no connection of serve.httpproto's: written
+            self.release()
+        elif (detached := self.release.detach()) is not None:  # the connection holds it now, not this object
+            when_sent(detached[1])

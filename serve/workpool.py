@@ -259,6 +259,8 @@ class PixelBudget:
                 raise Deferred(f"{pixels:,} pixels do not fit beside the {holder.held:,} this request holds")
             left = deadline - time.monotonic()
             if not may_wait or left <= 0:
-                raise Busy(f"the server is decoding {self._used:,} of its {self.pixels:,} pixel budget; "
-                           f"this image needs {pixels:,}")
+                # Held by decodes, or by large answers being built or waiting for clients to read them.
+                raise Busy(f"the server's decode budget is in use ({self._used:,} of its {self.pixels:,} pixels: "
+                           f"images being decoded, large answers not yet taken by their clients); this image needs "
+                           f"{pixels:,}")
             self._freed.wait(left)

@@ -30,7 +30,7 @@ from models.bundle import MAX_CLASSES
 from serve.app import create_app
 from serve.http_limits import ConnectionLimits
 from serve.httpproto import HeaderBoundsProtocol
-from serve.responses import ANSWER_CHUNK, HeldResponse
+from serve.responses import HeldResponse
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.workpool import Kept, PixelBudget
 
@@ -213,6 +213,32 @@ def test_clients_that_never_read_large_answers_get_503_once_the_budget_holds_the
         assert _until(lambda: srv.budget.used == 0), srv.budget.used
 
 
+def test_an_unread_large_answer_ends_its_request_once_written_freeing_its_body_budget(bundle):
+    """Held is the answer's memory, not its request: once the answer is written the request is done (not in flight,
+    its body's place in --max-buffered-bytes free for others' uploads), while its bytes wait in the decode budget
+    for the client. (Held in the request, an unread answer kept its upload counted and made others' uploads 503.)"""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(noise).save(png, "PNG")
+    upload = png.getvalue()  # ~300 KB: two do not fit the body budget below at once
+    with serving(bundle, max_body_bytes=400_000, max_buffered_bytes=400_000) as srv:
+        reader = _slow_reader(srv.port, _request(CLASSIFY, upload, "image/png"))
+        try:
+            assert _until(lambda: _status_line(reader) == b"HTTP/1.1 200", 60)
+            assert _until(lambda: srv.metric("vitc_in_flight_requests") == 0)
+            assert srv.budget.used > 0  # its answer, unread, still held
+            other = srv.post("/v1/models/fake/classify?top_k=1", content=upload, headers={"content-type": "image/png"})
+            assert other.status_code == 200, other.text
+        finally:
+            reader.close()
+        assert _until(lambda: srv.budget.used == 0), srv.budget.used
+
+
 def test_a_compressed_v2_json_answer_is_held_until_read_and_arrives_as_the_identity_one(bundle):
     # FP32 outputs in JSON, 4 rows x 100,000 values: 7.6 MB, 3.4 MB gzipped (more than the kernel takes unread).
     body = {"inputs": [{"name": "input", "shape": [4, 3, 32, 32], "datatype": "FP32",
@@ -257,6 +283,9 @@ def test_a_kept_reservation_outlives_its_block_until_released_and_a_job_released
     assert budget.used == 0
 
 
+HTTP = {"type": "http"}  # the scope of a request outside serve.httpproto (nothing says when it is sent)
+
+
 def test_a_held_response_releases_when_its_sending_is_cancelled_or_fails():
     async def stalled(message: dict) -> None:  # a transport that never drains
         if message["type"] == "http.response.body":
@@ -267,32 +296,41 @@ def test_a_held_response_releases_when_its_sending_is_cancelled_or_fails():
 
     async def main() -> list[str]:
         released: list[str] = []
-        sending = asyncio.ensure_future(HeldResponse(b"x" * 10, lambda: released.append("cancelled"))({}, None,
+        sending = asyncio.ensure_future(HeldResponse(b"x" * 10, lambda: released.append("cancelled"))(HTTP, None,
                                                                                                          stalled))
         await asyncio.sleep(0.01)
         sending.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sending
         with contextlib.suppress(OSError):
-            await HeldResponse(b"x", lambda: released.append("failed"))({}, None, broken)
+            await HeldResponse(b"x", lambda: released.append("failed"))(HTTP, None, broken)
         return released
 
     assert asyncio.run(main()) == ["cancelled", "failed"]
 
 
-def test_a_held_response_sends_its_body_whole_in_pieces_with_its_content_length():
+def test_a_held_response_is_released_by_its_connection_once_sent_not_when_it_is_collected():
+    """The answer is written whole (one body message, its Content-Length), and its memory stays held until the
+    connection says the client has taken it, also after the response object itself is gone."""
+    import gc
+
     sent: list[dict] = []
+    waiting: list[Callable[[], None]] = []
 
     async def send(message: dict) -> None:
         sent.append(message)
 
     released: list[bool] = []
-    body = bytes(range(256)) * (3 * ANSWER_CHUNK // 256 + 7)
-    asyncio.run(HeldResponse(body, lambda: released.append(True), media_type="application/json")({}, None, send))
+    body = bytes(range(256)) * 1000
+    answer = HeldResponse(body, lambda: released.append(True), media_type="application/json")
+    asyncio.run(answer({"type": "http", "vitc.when_sent": waiting.append}, None, send))
     assert (b"content-length", str(len(body)).encode()) in sent[0]["headers"]
-    pieces = [m["body"] for m in sent[1:]]
-    assert b"".join(pieces) == body and max(map(len, pieces)) == ANSWER_CHUNK and len(pieces) == 5
-    assert [m["more_body"] for m in sent[1:]] == [True] * 4 + [False] and released == [True]
+    assert [m["body"] for m in sent[1:]] == [body] and len(waiting) == 1
+    del answer
+    gc.collect()
+    assert released == []  # the request is done, its answer not yet taken
+    waiting.pop()()
+    assert released == [True]
 
 
 # --- (2) a client that leaves while its answer is built -------------------------------------------------------------

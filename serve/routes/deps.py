@@ -21,7 +21,7 @@ from serve.errors import APIError, ClientGone
 from serve.middleware import body_hold
 from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
-from serve.responses import ANSWER_CHUNK, Error, HeldResponse
+from serve.responses import Error, HeldResponse
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.workpool import Busy, Kept, PixelBudget
 
@@ -217,7 +217,7 @@ def held_response(content: bytes, kept: Kept | None, media_type: str, headers: d
     if kept is None:
         return Response(content, media_type=media_type, headers=headers)
     try:
-        kept.shrink(-(-(len(content) + ANSWER_CHUNK) // DECODE_BYTES_PER_PIXEL))
+        kept.shrink(-(-len(content) // DECODE_BYTES_PER_PIXEL))
         return HeldResponse(content, kept.release, media_type=media_type, headers=headers)
     except BaseException:
         kept.release()
