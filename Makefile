@@ -87,7 +87,7 @@ demo: install
 	$(PYTHON) -m train --model vit_p_mini --dataset animals --epochs $(DEMO_EPOCHS) --out runs/animals-vit_p --overwrite
 	$(PYTHON) -m export --checkpoint runs/animals-vit_c --out exports/animals-vit_c
 	$(PYTHON) -m export --checkpoint runs/animals-vit_p --out exports/animals-vit_p
-	$(PYTHON) -m export.report exports/animals-vit_c exports/animals-vit_p --png exports/demo-parity.png
+	$(PYTHON) -m export.report exports/animals-vit_c exports/animals-vit_p --png exports/demo-parity.png --overwrite
 	$(PYTHON) benchmarks/latency.py --pairs mini --batch-sizes 1,8 --cell-seconds 3 --out exports/demo-bench
 	@echo
 	@echo "Serve the trained pair:  make serve   (http://127.0.0.1:8000/docs)"

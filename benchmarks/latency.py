@@ -70,6 +70,9 @@ MAX_CELL_S = 3600.0
 MAX_LIMIT_S = 600.0
 MAX_DURATION_S = 3600.0
 MAX_RATE = 100_000.0
+# Each cell stops at --cell-seconds whatever this asks for: a bound far above any use, so that a typo (an extra digit
+# or twenty) is refused, not recorded as the run's setting.
+MAX_MIN_REPS = 1_000_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="intra-op threads per inference (default: usable CPUs)")
     run.add_argument("--cell-seconds", type=float_in(0, MAX_CELL_S), default=None,
                      help="time cap per (pair, target, batch) cell, both models (default 20; --quick 0.6)")
-    run.add_argument("--min-reps", type=int, default=None, help="repetitions per model before stopping (default 20)")
+    run.add_argument("--min-reps", type=int_in(1, MAX_MIN_REPS), default=None,
+                     help=f"repetitions per model before stopping, 1..{MAX_MIN_REPS} (default 20)")
     run.add_argument("--limit-seconds", type=float_in(0, MAX_LIMIT_S), default=None,
                      help="matmul-limit timing per precision, at start and end (default 3; --quick 0.3)")
     run.add_argument("--parity-samples", type=int, default=None,
@@ -173,8 +177,6 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         budget = replace(budget, max_s=args.cell_seconds)
     if args.min_reps is not None:
         budget = replace(budget, min_reps=args.min_reps)
-    if budget.max_s <= 0 or budget.min_reps < 1:
-        raise ValueError("--cell-seconds must be positive and --min-reps at least 1")
     if args.parity_samples is not None and not 1 <= args.parity_samples <= 100_000:
         raise ValueError(f"--parity-samples must be in 1..100000, got {args.parity_samples}")
     threads = args.threads if args.threads is not None else min(usable_cpus(), MAX_THREADS)

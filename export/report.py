@@ -3,7 +3,7 @@
 Read from the manifest (no runtime needed); a corrupt artifact is marked CORRUPT, not servable, and exits 2; a full
 disk while --served or --png writes exits 1.
 
-`python -m export.report BUNDLE [BUNDLE ...] [--markdown] [--png parity.png]`
+`python -m export.report BUNDLE [BUNDLE ...] [--markdown] [--png parity.png [--overwrite]]`
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 import argparse
 import io
 import os
+import struct
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from models.bundle import BundleError, Manifest, read_manifest, verify_file, verify_files
 from models.cli import InputError, OneLineParser, command, machine_error, refuse_empty_paths
 from models.extras import require
-from models.io import atomic_write_bytes
+from models.io import atomic_write_bytes, out_file_problem, out_inside_problem
 from models.oneline import first_line, one_line
 from runtimes.registry import DEFAULT_RUNTIME
 
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PROG = "python -m export.report"
+# The text chunk every chart of this command carries: an existing --png holding it is an earlier chart, replaced as
+# train.eval replaces an earlier result of its own (`make demo` writes the same chart on every run); anything else
+# there is someone's file, replaced only with --overwrite.
+CHART_KEY, CHART_TEXT = "vitc", "export.report parity chart"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHART_HEAD_BYTES = 1 << 16  # where the chart's text chunk lies: before the pixels, a few hundred bytes in
 COLUMNS = ("artifact", "runtime", "size MB", "export s", "max abs err", "rel err", "top-1 agree", "accuracy",
            "torch acc", "Δacc pt", "batch inv", "precision hint", "status")
 
@@ -173,18 +180,63 @@ def plot(manifests: list[Manifest], path: Path) -> Path:
     plt = pyplot()
     fig = chart(manifests)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, metadata={CHART_KEY: CHART_TEXT})
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())  # a failed write leaves any old chart intact
     return path
 
 
-def check_png(path: Path) -> str | None:
-    """Why the chart cannot be written to `path` (None: it can), checked before any slow work."""
+def png_text(head: bytes) -> dict[str, str]:
+    """The tEXt chunks of a PNG file's first bytes `head` that come before its pixels (keyword -> text); empty for
+    what is no PNG. Never decoded: a chunk length that runs past `head` ends the walk."""
+    if not head.startswith(PNG_SIGNATURE):
+        return {}
+    found, pos = {}, len(PNG_SIGNATURE)
+    while pos + 8 <= len(head):
+        length, kind = struct.unpack(">I4s", head[pos:pos + 8])
+        if kind == b"IDAT":
+            break
+        body = head[pos + 8:pos + 8 + length]
+        if kind == b"tEXt" and b"\0" in body:
+            key, _, text = body.partition(b"\0")
+            found[key.decode("latin-1")] = text.decode("latin-1")
+        pos += 12 + length  # length, type, data, CRC
+    return found
+
+
+def is_own_chart(path: Path) -> bool:
+    """Whether `path` is a regular file this command wrote as its chart (its CHART_KEY text chunk), by its first
+    bytes: a FIFO or a device is never opened."""
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return png_text(f.read(CHART_HEAD_BYTES)).get(CHART_KEY) == CHART_TEXT
+    except OSError:
+        return False
+
+
+def _not_own_chart(path: Path) -> str | None:
+    """Why the existing `path` must not be replaced without --overwrite: anything but an earlier chart of ours."""
+    if is_own_chart(path):
+        return None
+    return (f"--png {path} already exists and is not a chart of {PROG}; nothing was changed: pass --overwrite to "
+            "replace it, or give a new path")
+
+
+def check_png(path: Path, bundles: Sequence[str] = (), *, overwrite: bool = False) -> str | None:
+    """Why the chart cannot be written to `path` (None: it can), checked before any slow work: not a .png; inside
+    one of `bundles` (the next export over it would refuse a file the bundle does not list); an existing file that
+    is not an earlier chart of this command, unless `overwrite`; a place that cannot be written."""
     if path.suffix.lower() != ".png":
         return f"--png {path} must end in .png"
-    if path.is_dir():
-        return f"--png {path} is a directory"
+    harm = "the bundle would hold a file it does not list, and the next export over it refuses that; give a path " \
+           "outside it"
+    for bundle in bundles:
+        if why := out_inside_problem(path, bundle, "the bundle", harm, flag="--png"):
+            return why
+    if problem := out_file_problem(path, "parity.png", existing=None if overwrite else _not_own_chart, flag="--png"):
+        return problem
     if not path.parent.is_dir():
         return f"--png {path}: directory {path.parent} does not exist"
     try:  # the chart is written through a temp file beside it: that must work
@@ -203,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", help="bundle directories")
     ap.add_argument("--markdown", action="store_true", help="Markdown tables (for the README)")
-    ap.add_argument("--png", type=Path, help="also write an accuracy bar chart to this .png file")
+    ap.add_argument("--png", type=Path, help="also write an accuracy bar chart to this .png file: a new one, or an "
+                                             "earlier chart of this command (anything else only with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --png whatever file it is (never a file inside "
+                                                             "a bundle reported on)")
     ap.add_argument("--served", action="store_true",
                     help="also measure the served path (encoded images through a real server, JPEG draft on and "
                          "off) and record it in each bundle's manifest")
@@ -215,10 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     refuse_empty_paths(ap, (("BUNDLE", bundle, "give a bundle directory") for bundle in args.bundles))
     if args.samples is not None and args.samples < 1:
         ap.error(f"--samples must be at least 1, got {args.samples}")
-    if args.png is not None and (why := check_png(args.png)):
-        ap.error(why)
     if args.png is not None:
         require("matplotlib")  # before the tables, not after them
+    if args.png is not None and (why := check_png(args.png, args.bundles, overwrite=args.overwrite)):
+        ap.error(why)
+    if args.overwrite and args.png is None:
+        ap.error("--overwrite applies to --png only")
     if not args.served and (args.runtime != DEFAULT_RUNTIME or args.samples is not None):
         ap.error("--runtime and --samples apply to --served only")
     try:
@@ -230,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = [integrity(Path(b), m) for m, b in zip(manifests, args.bundles, strict=True)]
     print("\n\n".join(table(m, args.markdown, p) for m, p in zip(manifests, found, strict=True)))
     if args.png:
+        if why := check_png(args.png, args.bundles, overwrite=args.overwrite):  # again: --served took minutes
+            raise InputError(why)
         try:
             print(f"plot: {plot(manifests, args.png)}", file=sys.stderr)  # stdout holds only the tables (--markdown)
         except OSError as exc:

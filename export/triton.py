@@ -282,6 +282,27 @@ def _instance_kinds(manifest: Manifest, artifacts: Sequence[Artifact], kind: str
     return kinds
 
 
+def check_writable(out: Path) -> None:
+    """RepositoryError unless the run can write where it writes, tried before any work (a temporary file made and
+    removed, so a read-only file system or a closed directory is bad input, not a machine failing after the work):
+    inside `out` where `out` is a mount point (it stages there, and needs nothing above it), else the nearest
+    existing directory above `out`, where it locks and stages, and `out` itself when it exists (the new models are
+    renamed into it)."""
+    if stages_inside(out):
+        places = [out]
+    else:
+        above = next((p for p in out.parents if os.path.lexists(p)), None)
+        # A file on the way is not this check's to name: creating the directories says why it fails.
+        places = [p for p in (above, out) if p is not None and p.is_dir()]
+    for place in places:
+        try:
+            with tempfile.TemporaryFile(dir=place):
+                pass
+        except OSError as exc:
+            raise RepositoryError(f"--out {out}: cannot write in {place}: {exc.strerror or exc} (nothing was "
+                                  "written)") from None
+
+
 def write_repository(bundle: str | Path, out: str | Path, *, version: int | None = None, kind: str | None = None,
                      instances: int | None = None, max_queue_delay_us: int | None = None,
                      storage_uri: str | None = None, isvc_name: str | None = None, triton_version: str | None = None,
@@ -323,6 +344,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     names = [_model_dir_name(manifest, a) for a in artifacts]
     _check_distinct(manifest, artifacts, names)
     check_out(bundle, out, names)
+    check_writable(out)
     check_labels(manifest)
     # What a server checks before it trusts these artifacts (the golden file, the contract, their records): a
     # manifest edited after export (relabelled, a parity number changed) is refused here, not published for Triton,

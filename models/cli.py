@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import errno
 import functools
 import importlib.machinery
 import importlib.util
@@ -243,6 +244,18 @@ def machine_error(exc: BaseException, hint: str = "") -> WorkFailed | None:
     None: the caller handles `exc` as its own."""
     reason = machine_reason(exc)
     return None if reason is None else WorkFailed(reason + (f": {hint}" if hint else ""))
+
+
+def write_failed(exc: BaseException, out: str | os.PathLike) -> WorkFailed | None:
+    """The WorkFailed (exit 1) to raise when the machine failed while the file `out` was written (a full disk, an I/O
+    error: `machine_error`), said as `REASON: OUT was not written`, else None: the caller says what is wrong with
+    `out` (exit 2). A read-only file system is the latter: a command that did not probe `out` before its work was
+    given a read-only place. Nothing is lost either way: the writers are atomic, an earlier file stays as it was."""
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return None
+    # Without its file name: the one that failed is the temporary written beside `out` (or none, for a write).
+    bare = OSError(exc.errno, exc.strerror) if isinstance(exc, OSError) else exc
+    return machine_error(bare, f"{os.fspath(out)} was not written")
 
 
 def machine_failure(exc: BaseException, prog: str, hint: str = "") -> int | None:

@@ -137,8 +137,9 @@ def empty_path_problem(flag: str, value: str | None, advice: str) -> str | None:
     return f"{flag} is empty: {advice}"
 
 
-def out_inside_problem(out: str | os.PathLike, folder: str | os.PathLike, what: str, harm: str) -> str | None:
-    """`--out OUT lies inside WHAT FOLDER: HARM` when `out` is `folder` or under it once both are resolved (symlinks
+def out_inside_problem(out: str | os.PathLike, folder: str | os.PathLike, what: str, harm: str, *,
+                       flag: str = "--out") -> str | None:
+    """`FLAG OUT lies inside WHAT FOLDER: HARM` when `out` is `folder` or under it once both are resolved (symlinks
     and `..` followed), or why they cannot be resolved; else None."""
     if not os.fspath(folder).strip():  # no folder given (the reader refuses it): nothing to be inside
         return None
@@ -147,15 +148,16 @@ def out_inside_problem(out: str | os.PathLike, folder: str | os.PathLike, what: 
     except OSError as exc:  # a symlink loop
         return f"cannot resolve {exc.filename}: {exc.strerror or exc}"
     if target.is_relative_to(root):
-        return f"--out {out} lies inside {what} {root}: {harm}"
+        return f"{flag} {out} lies inside {what} {root}: {harm}"
     return None
 
 
 def out_file_problem(out: str | os.PathLike, example: str, *,
                      inside: tuple[str | os.PathLike, str, str] | None = None,
                      existing: Callable[[Path], str | None] | None = None, links: bool = True,
-                     noun: str = "file name") -> str | None:
-    """Why `--out OUT` cannot be the file a command writes, or None; each command raises it as its own error.
+                     noun: str = "file name", flag: str = "--out") -> str | None:
+    """Why `FLAG OUT` (--out by default) cannot be the file a command writes, or None; each command raises it as its
+    own error.
 
     Checked in this order: a name the file system refuses (`out_name_problem`); a path inside `inside`, a tuple
     (folder, what, harm) for `out_inside_problem`; a symbolic link, unless `links`; a directory (the rename onto it
@@ -163,20 +165,25 @@ def out_file_problem(out: str | os.PathLike, example: str, *,
     must not be replaced, or None to replace it (no `existing`: always replaced).
     """
     if problem := out_name_problem(out):
-        return f"--out: {problem}"
-    if inside is not None and (why := out_inside_problem(out, *inside)):
+        return f"{flag}: {problem}"
+    if inside is not None and (why := out_inside_problem(out, *inside, flag=flag)):
         return why
     path = Path(out)
     try:
         if not links and path.is_symlink():
-            return f"--out {out} is a symbolic link; give the path of the file itself"
+            return f"{flag} {out} is a symbolic link; give the path of the file itself"
         if path.is_dir():
-            return f"--out {out} is a directory; give a {noun} such as {path / example}"
+            return f"{flag} {out} is a directory; give a {noun} such as {path / example}"
         if existing is not None and os.path.lexists(path):
             return existing(path)
     except OSError as exc:  # a directory on the way that cannot be searched (a symlink loop reads as absent)
-        return f"--out {out}: {exc.strerror or exc}"
+        return f"{flag} {out}: {exc.strerror or exc}"
     return None
+
+
+def replace_refused(flag: str, out: str | os.PathLike) -> str:
+    """The refusal of an existing `FLAG OUT` that only --overwrite replaces (serve.tensor's, serve.sample's rule)."""
+    return f"{flag} {out} already exists; nothing was changed: pass --overwrite to replace it, or give a new path"
 
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)

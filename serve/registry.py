@@ -29,7 +29,7 @@ from runtimes.loader import preprocessing_drift
 from runtimes.registry import pick
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
-from serve.settings import Settings
+from serve.settings import Settings, misnamed_model
 from serve.stats import ModelStats
 
 log = logging.getLogger("vitc.serve")
@@ -160,11 +160,18 @@ def _printable(value: Any) -> Any:
     return value
 
 
+class ModelArgError(ServeError, ValueError):
+    """A --model value that names no model (one line, exit 2); a ValueError too, as benchmarks.load takes it."""
+
+
 def parse_model_arg(arg: str) -> tuple[str | None, Path]:
-    """`path` or `name=path` -> (name or None, path)."""
+    """`path` or `name=path` -> (name or None, path); ModelArgError for `NAME=PATH` whose NAME no model can have
+    while PATH is a directory and `arg` as a whole is none (serve.settings.misnamed_model)."""
     name, sep, path = arg.partition("=")
     if sep and NAME_RE.fullmatch(name):
         return name, Path(path)
+    if why := misnamed_model(arg):
+        raise ModelArgError(f"--model: {why}")
     return None, Path(arg)
 
 

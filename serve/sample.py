@@ -10,8 +10,8 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 # isort: split
 from pathlib import Path
 
-from models.cli import InputError, OneLineParser, command
-from models.io import atomic_write_bytes, empty_path_problem, out_file_problem
+from models.cli import InputError, OneLineParser, command, write_failed
+from models.io import atomic_write_bytes, empty_path_problem, out_file_problem, replace_refused
 
 PROG = "python -m serve.sample"
 MAX_SKIPPED = 64  # corrupt files passed over to find a readable one (a sample, not a training run: then stop)
@@ -25,32 +25,35 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # the encoders' largest image side (libjpeg, libwebp)
 
 
-def check_out(out: str, dataset: str) -> None:
+def check_out(out: str, dataset: str, *, overwrite: bool = False) -> None:
     """SampleError unless `out` can be written, checked before the data is loaded: a file name of an image format
-    the file system takes, not inside the dataset folder, not a directory (the rename onto it would fail last)."""
+    the file system takes, not inside the dataset folder, not a directory (the rename onto it would fail last), and
+    new unless `overwrite` (as serve.tensor: whatever is there may be someone's picture)."""
     from data.datasets import EMBEDDED
 
     # Written into the folder, the sample would be read back as one more image of whichever class it landed in.
     harm = "the image would become part of the data; choose a path outside it"
     inside = None if dataset in EMBEDDED else (dataset, "the dataset folder", harm)
-    if problem := out_file_problem(out, "sample.png", inside=inside):
+    existing = None if overwrite else lambda _path: replace_refused("--out", out)
+    if problem := out_file_problem(out, "sample.png", inside=inside, existing=existing):
         raise SampleError(problem)
     if Path(out).suffix.lower() not in FORMATS:  # the bytes follow the name: a client sends the matching type
         raise SampleError(f"--out {out!r} must end in {', '.join(FORMATS)} (the image format to write)")
 
 
-def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
-    """Save val image `index` of `dataset` to `out` (PNG, JPEG or WebP, by its extension), or the next one that
-    decodes when it does not (as training replaces a corrupt file), as the pixels a model trained on `dataset` sees;
-    returns (the index written, its label); raises SampleError."""
+def write_sample(dataset: str, index: int, out: str, *, overwrite: bool = False) -> tuple[int, str]:
+    """Save val image `index` of `dataset` to `out` (PNG, JPEG or WebP, by its extension; an existing file only with
+    `overwrite`), or the next one that decodes when it does not (as training replaces a corrupt file), as the pixels
+    a model trained on `dataset` sees; returns (the index written, its label); raises SampleError, or WorkFailed when
+    the machine fails the write (a full disk)."""
     import io
 
     from data.datasets import DatasetError, default_preprocessing, load_dataset
-    from models.failures import disk_full, out_of_memory
+    from models.failures import out_of_memory
     from models.preprocessing import to_mode
     from runtimes.base import first_line
 
-    check_out(out, dataset)
+    check_out(out, dataset, overwrite=overwrite)
     fmt = FORMATS[Path(out).suffix.lower()]
     try:
         val = load_dataset(dataset, "val")
@@ -81,9 +84,9 @@ def write_sample(dataset: str, index: int, out: str) -> tuple[int, str]:
     try:
         atomic_write_bytes(out, buf.getvalue())
     except OSError as exc:  # read-only or virtual file system, no permission, a file in the path
-        if disk_full(exc):  # the machine failing: one line and exit 1 (models.cli.run)
-            raise
-        raise SampleError(f"--out {out}: cannot write it: {exc.strerror or exc}") from None
+        if failed := write_failed(exc, out):  # the machine failing (a full disk): one line naming it, exit 1
+            raise failed from None
+        raise SampleError(f"--out {out}: cannot write it: {exc.strerror or exc} (nothing was written)") from None
     return written, chosen.images.class_names[int(chosen.images.labels[0])]
 
 
@@ -95,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0, help="which validation image (default 0)")
     p.add_argument("--out", default="sample.png",
                    help="image to write: .png, .jpg/.jpeg or .webp, the format follows (default sample.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     args = p.parse_args(argv)
     # Path("") is the current directory: it was called "a directory", as though one had been named.
     if problem := empty_path_problem("--out", args.out, "give an image file name, or omit --out for sample.png"):
         p.error(problem)
-    index, label = write_sample(args.dataset, args.index, args.out)  # SampleError: one line, exit 2
+    index, label = write_sample(args.dataset, args.index, args.out, overwrite=args.overwrite)  # SampleError: exit 2
     skipped = f" ({index - args.index} unreadable from val #{args.index} on, skipped)" if index != args.index else ""
     print(f"wrote {args.out}: {args.dataset} val #{index}{skipped}, label {label}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
-from models.bundle import MAX_BATCH_LIMIT, NAME_RE, TRITON_CONFIG_FILE
+from models.bundle import MAX_BATCH_LIMIT, NAME_RE, NAME_RULE, TRITON_CONFIG_FILE
 from models.config import MAX_IMAGE_PIXELS
 from models.device import DEVICE_RULE, is_device
 from models.host import MAX_THREADS
@@ -70,6 +71,25 @@ def model_path_text(arg: str) -> str:
     return path if sep and NAME_RE.fullmatch(name) else arg
 
 
+def misnamed_model(arg: str) -> str | None:
+    """Why the --model value `arg` names no model, or None: `NAME=PATH` whose NAME breaks the naming rule while PATH
+    is a directory and `arg` as a whole is none. Read as a path (a bundle's path may hold '='), it was reported as a
+    missing directory, which hid the real mistake."""
+    name, sep, path = arg.partition("=")
+    if not sep or NAME_RE.fullmatch(name) or not path.strip() or not _is_dir(path) or _is_dir(arg):
+        return None
+    return (f"{name!r} is not a model name (the part before '=' of {arg!r}): a model name is {NAME_RULE}; "
+            "give NAME=PATH with such a name, or PATH alone to serve the bundle under its own name")
+
+
+def _is_dir(path: str) -> bool:
+    """Path.is_dir, False where it cannot be looked at (Python 3.11 raises EACCES for a closed parent)."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return False
+
+
 def split_models(value: str) -> object:
     """The --model values of VITC_MODELS: a JSON list, or comma-separated (ValueError for malformed JSON)."""
     value = value.strip()
@@ -97,7 +117,7 @@ class Settings(BaseSettings):
 
     # Dynamic batching, per model.
     max_batch_size: int = Field(32, ge=1, le=MAX_BATCH_LIMIT)  # a bundle's, and BackendOptions.max_batch's, bound too
-    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, allow_inf_nan=False)
     max_queue_size: int = Field(256, ge=1, le=1_000_000)
     threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="intra-op threads of one inference")
     parallel: int | None = Field(None, ge=1, le=MAX_PARALLEL, description="batches run at once (OpenVINO infer "
@@ -113,8 +133,8 @@ class Settings(BaseSettings):
                                            "before 503 (None: 256 MiB or max_body_bytes if larger)")
     max_connections: int | None = Field(None, ge=1, le=1_000_000, description="connections open at once before "
                                         "503 (None: 1,000, fewer if the open-file limit is lower)")
-    receive_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request's headers, and then its body, "
-                                     "must each arrive within this, else 408")
+    receive_timeout_s: float = Field(60.0, gt=0, le=3600, allow_inf_nan=False, description="a request's headers, "
+                                     "and then its body, must each arrive within this, else 408")
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, le=MAX_IMAGE_PIXELS,
                                   description="decoded width*height limit (decompression bombs)")
     max_files: int = Field(64, ge=1, le=1024, description="images per multipart request")
@@ -132,9 +152,10 @@ class Settings(BaseSettings):
     # gets a 502 (a POST is not retried).
     keep_alive_s: float = Field(15.0, ge=1, le=3600, allow_inf_nan=False,
                                 description="how long an idle keep-alive connection stays open")
-    inference_timeout_s: float = Field(30.0, gt=0, le=3600, description="one batch's limit before 504")
-    graceful_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight requests' time to finish at "
-                                      "SIGTERM / SIGINT")
+    inference_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False,
+                                       description="one batch's limit before 504")
+    graceful_timeout_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False,
+                                      description="in-flight requests' time to finish at SIGTERM / SIGINT")
     # Kubernetes removes a terminating pod from its Service's endpoints while it sends SIGTERM, not before: kube-proxy
     # and ingresses keep routing to it for a second or more. Reporting not ready at once and answering on meanwhile
     # (as Triton does) keeps a rolling update from refusing connections; 0 stops at once (Ctrl-C, local use).
@@ -171,6 +192,8 @@ class Settings(BaseSettings):
         for arg in v:
             if not model_path_text(arg).strip():
                 raise ValueError(EMPTY_PATH + "give a bundle directory as PATH or NAME=PATH")
+            if why := misnamed_model(arg):
+                raise ValueError(why)
         return v
 
     @model_validator(mode="after")
@@ -295,6 +318,30 @@ class Settings(BaseSettings):
         # --from-file ends in a newline) could never match with its own.
         v = v.strip() if isinstance(v, str) else v
         return None if v in ("", None) else v
+
+    @model_validator(mode="after")
+    def _key_a_header_carries(self) -> Settings:
+        """A key no Authorization header can carry is refused at start: the server would answer 401 to everyone.
+        Checked here, not on the field, so that the refusal never shows the key (a field's error carries its
+        input, which the command prints)."""
+        if self.api_key is not None and (why := header_problem(self.api_key.get_secret_value())):
+            raise ValueError(f"api_key (VITC_API_KEY) {why}, which no Authorization header can carry: every request "
+                             "but the health checks would be refused (401); fix the key, or the Secret or file it "
+                             "comes from")
+        return self
+
+
+def header_problem(key: str) -> str | None:
+    """Why an HTTP header value cannot carry `key` (the server compares its UTF-8 bytes), or None: a control
+    character (a line break, NUL, DEL, ESC; a tab inside is allowed, as HTTP allows it), or bytes that are not
+    UTF-8 (Python reads those from the environment or argv as lone surrogates, which have no UTF-8 bytes)."""
+    for ch in key:
+        kind = unicodedata.category(ch)
+        if kind == "Cs":
+            return "holds bytes that are not UTF-8"
+        if kind == "Cc" and ch != "\t":
+            return f"holds the control character U+{ord(ch):04X}"
+    return None
 
 
 def _repository_alone(models: list[str] | None, model_dir: Path | None, model_repository: Path | None) -> bool:

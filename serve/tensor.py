@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from models.bundle import BundleError, Manifest, read_manifest
-from models.cli import InputError, OneLineParser, command, int_in
+from models.cli import InputError, OneLineParser, command, int_in, write_failed
 from models.config import MAX_IMAGE_PIXELS
-from models.failures import disk_full
-from models.io import atomic_write_bytes, empty_path_problem, out_file_problem, same_file
+from models.io import atomic_write_bytes, empty_path_problem, out_file_problem, replace_refused, same_file
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 
 PROG = "python -m serve.tensor"
@@ -103,10 +102,7 @@ def check_out(out: str, bundle: str, images: list[str], *, overwrite: bool = Fal
     def refused(path: Path) -> str | None:
         if image := next((i for i in images if same_file(path, i)), None):
             return f"--out {out} is the input image {image}; give another path"
-        if not overwrite:
-            return (f"--out {out} already exists; nothing was changed: pass --overwrite to replace it, or give a "
-                    "new path")
-        return None
+        return None if overwrite else replace_refused("--out", out)
 
     harm = "the model's own files would be replaced; give a path outside it"
     if problem := out_file_problem(out, "x" + suffix, inside=(*_model_dir(bundle), harm), existing=refused):
@@ -116,7 +112,7 @@ def check_out(out: str, bundle: str, images: list[str], *, overwrite: bool = Fal
 def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measured",
           max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, overwrite: bool = False) -> tuple[Manifest, tuple[int, ...]]:
     """Write the input tensor of `images` for `bundle`'s model to `out` (an existing file only with `overwrite`);
-    returns (the manifest, the tensor's shape); raises TensorError."""
+    returns (the manifest, the tensor's shape); raises TensorError, or WorkFailed when the machine fails the write."""
     from serve.imaging import ImageError
 
     check_out(out, bundle, images, overwrite=overwrite)  # before any image is decoded
@@ -141,10 +137,10 @@ def build(bundle: str, images: list[str], out: str, *, jpeg_draft: str = "measur
     batch = np.concatenate(rows)
     try:
         atomic_write_bytes(out, encode(manifest, batch, suffix))
-    except OSError as exc:  # a full disk is the machine failing (models.cli.run: exit 1), not the input
-        if disk_full(exc):
-            raise
-        raise TensorError(f"--out {out}: cannot write it: {exc.strerror or exc}") from None
+    except OSError as exc:
+        if failed := write_failed(exc, out):  # a full disk is the machine failing (exit 1), not the input
+            raise failed from None
+        raise TensorError(f"--out {out}: cannot write it: {exc.strerror or exc} (nothing was written)") from None
     return manifest, batch.shape
 
 

@@ -95,8 +95,11 @@ def test_sample_keeps_its_messages(tmp_path):
                                                       f"{folder.resolve()}: {harm}"
     # The folder itself is refused as inside it: "a directory, give such as <folder>/sample.png" pointed into it.
     assert "lies inside the dataset folder" in refused(folder, str(folder))
-    (tmp_path / "old.png").write_text("replaced")
-    sample.check_out(str(tmp_path / "old.png"), "animals")  # sample replaces an existing file, as it always did
+    (tmp_path / "old.png").write_text("kept")
+    # As serve.tensor: an existing file is replaced only with --overwrite.
+    assert refused(tmp_path / "old.png") == (f"--out {tmp_path / 'old.png'} already exists; nothing was changed: "
+                                             "pass --overwrite to replace it, or give a new path")
+    sample.check_out(str(tmp_path / "old.png"), "animals", overwrite=True)
     sample.check_out(str(tmp_path / "animals" / "x.png"), "animals")  # an embedded set has no folder
 
 

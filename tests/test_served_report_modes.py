@@ -180,7 +180,7 @@ def test_sample_on_a_full_disk_is_a_machine_failure(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as info:
         cli.run(lambda: sample.main(["--dataset", str(_dataset(tmp_path / "d")), "--out", str(out)]), sample.PROG)
     assert info.value.code == 1
-    assert one_line(capsys) == f"{sample.PROG}: error: No space left on device: {out}"
+    assert one_line(capsys) == f"{sample.PROG}: error: No space left on device: {out} was not written"
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,7 @@ def test_sample_takes_the_next_readable_image(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(data / "val" / "a" / "2.png")))
     for p in (data / "val").rglob("*.png"):
         p.write_bytes(b"")
-    assert main(["--dataset", str(data), "--index", "0", "--out", str(out)]) == 2
+    assert main(["--dataset", str(data), "--index", "0", "--out", str(out), "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "0 readable val images" in err[0], err
 

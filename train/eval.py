@@ -25,8 +25,8 @@ from models.cli import (
     int_in,
     machine_error,
     refuse_empty_paths,
+    write_failed,
 )
-from models.failures import disk_full
 from models.host import MAX_THREADS
 from models.io import atomic_write_json, out_file_problem
 from train.config import DEVICES, MAX_DEVICE_BATCH, MAX_WORKERS, ConfigError
@@ -98,14 +98,15 @@ def _check_parents(path: Path) -> None:
 
 
 def write_result(path: Path, res: dict[str, Any]) -> None:
-    """Check `path` again (evaluating took a while) and write the result atomically."""
+    """Check `path` again (evaluating took a while) and write the result atomically; OSError when the machine fails
+    the write (a full disk: `main` says so, naming the file)."""
     check_out(path, res.get("dataset"))
     try:
         atomic_write_json(path, {"format": RESULT_FORMAT, "format_version": RESULT_VERSION, **res})
     except OSError as exc:  # read-only file system, no permission (a full disk is the machine: exit 1)
-        if disk_full(exc):
+        if write_failed(exc, path):
             raise
-        raise OutputRefused(f"--out {path}: cannot write it: {exc.strerror or exc}") from None
+        raise OutputRefused(f"--out {path}: cannot write it: {exc.strerror or exc} (nothing was written)") from None
 
 
 def recorded_dataset(checkpoint: str) -> str | None:
@@ -181,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate_checkpoint(args.checkpoint, args.dataset, args.split, batch_size=args.batch_size,
                                   workers=args.workers, corrupt=args.corrupt, device=args.device, limit=args.limit)
         out = args.out or default_out(Path(args.checkpoint), res["dataset"], args.split)
-        write_result(out, res)
+        try:
+            write_result(out, res)
+        except OSError as exc:  # the machine: one line naming the file, exit 1
+            if failed := write_failed(exc, out):
+                raise failed from None
+            raise
     except (ConfigError, DatasetError, CheckpointError, OutputRefused) as exc:
         raise InputError(error_reason(exc)) from None  # whole: a path it names may hold a newline
     except (MemoryError, RuntimeError) as exc:
