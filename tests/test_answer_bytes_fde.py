@@ -22,14 +22,12 @@ from typing import Any
 import fake_runtime
 import httpx
 import pytest
-import uvicorn
-from test_serve_fixtures import animal_pngs
+from test_serve_fixtures import animal_pngs, serving_app
 from test_top_k_bounds import wide_bundle
 
 from models.bundle import MAX_CLASSES
 from serve.app import create_app
 from serve.http_limits import ConnectionLimits
-from serve.httpproto import HeaderBoundsProtocol
 from serve.responses import HeldResponse
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
 from serve.workpool import Kept, PixelBudget
@@ -89,23 +87,8 @@ def serving(bundle: Path, **settings: Any) -> Iterator[Served]:
         config = Settings(models=[f"fake={bundle}"], backend="fake", access_log=False, **settings)
         app = create_app(config)
         app.state.pixel_budget = RecordingBudget(config.decode_budget_pixels)
-        http = HeaderBoundsProtocol.configured(ConnectionLimits(30.0, 200), access_log=False,
-                                               on_refusal=app.state.metrics.protocol_refused)
-        server = uvicorn.Server(uvicorn.Config(app, http=http, log_config=None, access_log=False, lifespan="on",
-                                               ws="none"))
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        try:
-            _until(lambda: server.started or not thread.is_alive(), 30)
-            assert server.started
-            yield Served(app, sock.getsockname()[1], server.servers[0].get_loop())
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
+        with serving_app(app, ConnectionLimits(30.0, 200)) as (port, server):
+            yield Served(app, port, server.servers[0].get_loop())
 
 
 def _until(done: Callable[[], object], seconds: float = 20) -> bool:

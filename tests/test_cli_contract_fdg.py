@@ -25,6 +25,7 @@ import fake_runtime
 import pytest
 from conftest import _preserved_process_state
 from test_serve_fixtures import animal_pngs, one_line
+from test_train_eval_out import checkpoint  # noqa: F401 - a fixture: an untrained vit_c_micro checkpoint
 
 from models import cli
 
@@ -246,24 +247,8 @@ def test_a_bundle_whose_path_holds_an_equals_sign_is_still_a_path(tmp_path):
 
 
 # --------------------------------------------------------------------------- 4.3: a full disk under a file --out
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained vit_c_micro checkpoint on the embedded digits set."""
-    import torch
-
-    from data.datasets import default_preprocessing, load_dataset
-    from models import build_model
-    from models.checkpoint import save_checkpoint
-
-    names = list(load_dataset("digits", "val").class_names)
-    torch.manual_seed(0)
-    model = build_model("vit_c_micro", num_classes=len(names))
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "run", model, class_names=names,
-                           preprocessing=default_preprocessing("digits", 32), extra={"dataset": "digits"})
-
-
 @pytest.mark.parametrize("how", ["fsync", "tmpfs"])
-def test_a_full_disk_names_the_file_that_was_not_written(tmp_path, monkeypatch, capsys, checkpoint, how):
+def test_a_full_disk_names_the_file_that_was_not_written(tmp_path, monkeypatch, capsys, checkpoint, how):  # noqa: F811 - fixture
     from serve import sample, tensor
     from train import eval as train_eval
 

@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -146,36 +147,45 @@ def client_of(server: ServerProcess) -> Iterator[httpx.Client]:
 def in_process_server(bundle: Path) -> Iterator[int]:
     """The app behind uvicorn and serve.httpproto's protocol, in this process (so the parser can be made to fail;
     its refusals counted in /metrics), serving `bundle` on the fake runtime; yields the port."""
-    import socket
-    import threading
-    import time
-
     import fake_runtime
-    import uvicorn
 
     from serve.app import create_app
     from serve.http_limits import ConnectionLimits
-    from serve.httpproto import HeaderBoundsProtocol
     from serve.settings import Settings
 
     with fake_runtime.registered():
         app = create_app(Settings(models=[f"fake={bundle}"], backend="fake", access_log=False))
-        http = HeaderBoundsProtocol.configured(ConnectionLimits(10.0, 100), access_log=False,
-                                               on_refusal=app.state.metrics.protocol_refused)
-        config = uvicorn.Config(app, http=http, log_config=None, access_log=False, lifespan="on", ws="none")
-        server = uvicorn.Server(config)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        try:
-            end = time.monotonic() + 30
-            while not server.started and thread.is_alive() and time.monotonic() < end:
-                time.sleep(0.02)
-            assert server.started
-            yield sock.getsockname()[1]
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
+        with serving_app(app, ConnectionLimits(10.0, 100)) as (port, _):
+            yield port
+
+
+@contextlib.contextmanager
+def serving_app(app: Any, limits: Any) -> Iterator[tuple[int, Any]]:
+    """`app` behind uvicorn and serve.httpproto's protocol with `limits`, in a thread of this process, on a free
+    port of 127.0.0.1: yields the port and the uvicorn Server (its event loop: `server.servers[0].get_loop()`)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from serve.httpproto import HeaderBoundsProtocol
+
+    http = HeaderBoundsProtocol.configured(limits, access_log=False, on_refusal=app.state.metrics.protocol_refused)
+    config = uvicorn.Config(app, http=http, log_config=None, access_log=False, lifespan="on", ws="none")
+    server = uvicorn.Server(config)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.02)
+        assert server.started
+        yield sock.getsockname()[1], server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
