@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.config import MAX_LABEL_CHARS, is_label
+from models.oneline import one_line
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_FILE_BYTES, Preprocessing
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from models.imagecheck.common import DecodeError
 
 EMBEDDED = ("animals", "mnist", "digits")
 SPLITS = ("train", "val")
@@ -69,6 +72,8 @@ class ImageSet:
     skipped_dirs: tuple[tuple[str, int], ...] = ()
     # One subdirectory (split/class/sub) of each class directory that holds some: not read (`nested_note`).
     nested_dirs: tuple[str, ...] = ()
+    # Image files directly in the split's directory (split/name), outside any class: not read (`stray_note`).
+    stray_files: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,10 +84,10 @@ class ImageSet:
             from PIL import Image
 
             return Image.fromarray(self.arrays[i], "L")
-        img = decode_checked(self.paths[i])
-        if img is None:
-            raise UnreadableImage(f"corrupt or unreadable image: {self.paths[i]}")
-        return img
+        img = decoded(self.paths[i])
+        if not isinstance(img, Exception):
+            return img
+        raise UnreadableImage(unreadable_text(self.paths[i], img))
 
     def fingerprint(self) -> str:
         """sha256 of what the set holds: classes, labels and pixels (embedded sets), or each file's path relative
@@ -95,7 +100,9 @@ class ImageSet:
             h.update(np.ascontiguousarray(self.arrays).tobytes())
         for path in self.paths or []:
             rel = path.relative_to(self.name) if path.is_relative_to(self.name) else path.name
-            h.update(f"{Path(rel).as_posix()}\0{_size(path)}\n".encode())
+            # The name's own bytes: a name that is not UTF-8 (lone surrogates in Python) is hashed as it is on disk,
+            # and a UTF-8 one as the strict encoding hashed it, so earlier runs' prints still match.
+            h.update(os.fsencode(Path(rel).as_posix()) + f"\0{_size(path)}\n".encode())
         return h.hexdigest()
 
     def subset(self, n: int, seed: int = 0) -> ImageSet:
@@ -119,7 +126,7 @@ class ImageSet:
             self.name, self.split, self.class_names, self.labels[idx],
             None if self.arrays is None else self.arrays[idx],
             None if self.paths is None else [self.paths[i] for i in idx],
-            self.skipped_dirs, self.nested_dirs,
+            self.skipped_dirs, self.nested_dirs, self.stray_files,
         )
 
     def labelled_as(self, class_names: list[str]) -> ImageSet:
@@ -137,7 +144,7 @@ class ImageSet:
                                f"its {len(self.class_names)} classes are not the model's ({shown}){hint}")
         remap = np.asarray([index.get(c, -1) for c in self.class_names], np.int64)  # -1: no image has it
         return ImageSet(self.name, self.split, list(class_names), remap[self.labels], self.arrays, self.paths,
-                        self.skipped_dirs, self.nested_dirs)
+                        self.skipped_dirs, self.nested_dirs, self.stray_files)
 
     def by_class(self) -> list[np.ndarray]:
         """Each class's image indices, in order (one sort, not a pass over the labels per class)."""
@@ -155,15 +162,22 @@ class ImageSet:
                 and all(decode_checked(self.paths[i]) is None for i in members[c])]
 
     def no_readable_image(self, c: int, during_run: bool = False) -> str:
-        """The one line for class `c`, none of whose files decodes: its name, file count and first file, and what to
-        do (before the training), or that they became unreadable (`during_run`: they were checked at its start)."""
+        """The one line for class `c`, none of whose files decodes: its name, file count and first file, why that one
+        does not decode, and what to do (before the training), or that they became unreadable (`during_run`: they
+        were checked at its start)."""
         members = self.by_class()[c]
-        files = f"{len(members)} file{'s' * (len(members) != 1)}, e.g. {self.paths[members[0]]}"
+        first = self.paths[members[0]]
+        files = f"{len(members)} file{'s' * (len(members) != 1)}, e.g. {first}"
         if during_run:
             return (f"class {self.class_names[c]!r} of the {self.split} split has no readable image left ({files}): "
                     "its files became unreadable while the run read them")
-        return (f"class {self.class_names[c]!r} of the {self.split} split has no readable image ({files}): remove "
-                "the directory or fix its files")
+        said = f"class {self.class_names[c]!r} of the {self.split} split has no readable image ({files})"
+        why = decoded(first)
+        if not isinstance(why, Exception):  # readable again since it was read: nothing more to say of it
+            return f"{said}: remove the directory or fix its files"
+        if why.over_limit:  # a photo, not a broken file: "fix its files" would send the user looking for damage
+            return f"{said}: the first is over the pixel limit, not corrupt ({why.reason}); {OVER_LIMIT_ADVICE}"
+        return f"{said}: remove the directory or fix its files (the first: {why.reason})"
 
     def readable(self, order: Iterable[int], n: int, minimum: int = 1) -> Readable:
         """The first n images of `order` that decode (training's `decode_checked` rule); the files that do not are
@@ -213,6 +227,26 @@ class Readable:
         """", k unreadable files skipped" for progress lines, or "" when none was."""
         k = len(self.skipped)
         return f", {k} unreadable file{'s' if k != 1 else ''} skipped" if k else ""
+
+
+# What to do about an image over the pixel limit, which only the server can raise (serve --max-image-pixels): the
+# readers of a dataset decode by the server's default, so that what trains is what a default server accepts.
+OVER_LIMIT_ADVICE = (f"training, train.eval and export read images of up to the server's default "
+                     f"{DEFAULT_MAX_IMAGE_PIXELS:,} pixels and cannot raise it: downscale such images")
+
+
+def unreadable_text(path: Path, why: DecodeError | None = None, hint: str = "") -> str:
+    """"corrupt or unreadable image: PATH (the decoder's reason; hint)", or for an image over the pixel limit
+    "image over the pixel limit (not a corrupt or unreadable image): PATH (its size ...; what to do; hint)". `why` is
+    the file's DecodeError (read again when not given: the message of a file met in a worker)."""
+    if why is None:
+        found = decoded(path)
+        why = found if isinstance(found, Exception) else None
+    if why is not None and why.over_limit:
+        return (f"image over the pixel limit (not a corrupt or unreadable image): {path} ({why.reason}; "
+                f"{OVER_LIMIT_ADVICE}{f'; {hint}' if hint else ''})")
+    said = "; ".join(part for part in (why.reason if why is not None else "", hint) if part)
+    return f"corrupt or unreadable image: {path}" + (f" ({said})" if said else "")
 
 
 def _size(path: Path) -> int:
@@ -283,6 +317,20 @@ def skipped_note(*sets: ImageSet) -> str:
     return _skipped_text([(s.split, name, n) for s in sets for name, n in s.skipped_dirs])
 
 
+def stray_note(*sets: ImageSet, limit: int = 3) -> str:
+    """"note: 2 image files lie directly in train/ or val/, outside any class directory, and are not read (e.g.
+    train/x.jpg, ...): ..." for the folder splits `sets`, or "" for none: a file's class is its directory."""
+    stray = [f for s in sets for f in s.stray_files]
+    if not stray:
+        return ""
+    one = len(stray) == 1
+    splits = " or ".join(f"{s.split}/" for s in sets if s.stray_files)
+    shown = ", ".join(stray[:limit]) + (", ..." if len(stray) > limit else "")
+    return one_line(f"note: {len(stray)} image file{'s' * (not one)} lie{'s' * one} directly in {splits}, outside any "
+                    f"class directory, and {'is' if one else 'are'} not read (e.g. {shown}): move each into its "
+                    "class's directory")
+
+
 def nested_note(*sets: ImageSet, limit: int = 3) -> str:
     """"note: 2 class directories hold subdirectories, which are not read (e.g. train/a/more, ...)" for the folder
     splits `sets`, or "" for none: a class's images are the files directly in its directory (torchvision's
@@ -292,8 +340,9 @@ def nested_note(*sets: ImageSet, limit: int = 3) -> str:
         return ""
     one = len(nested) == 1
     shown = ", ".join(nested[:limit]) + (", ..." if len(nested) > limit else "")
-    return (f"note: {len(nested)} class director{'y' if one else 'ies'} hold{'s' * one} subdirectories, which are not "
-            f"read (e.g. {shown})")
+    # Escaped: a name that is not UTF-8 (lone surrogates) cannot be written to a strict UTF-8 stdout.
+    return one_line(f"note: {len(nested)} class director{'y' if one else 'ies'} hold{'s' * one} subdirectories, "
+                    f"which are not read (e.g. {shown})")
 
 
 def _skipped_text(skipped: list[tuple[str, str, int]], limit: int = 5) -> str:
@@ -321,6 +370,18 @@ def _skipped_text(skipped: list[tuple[str, str, int]], limit: int = 5) -> str:
             f"classes: {shown}{more}{advice}")
 
 
+def _image_file(p: Path) -> bool:
+    """Whether `p`, found in a listing, is listed as an image: an image suffix, not hidden, a file or a link that
+    leads nowhere (counted as unreadable like any other file that does not decode)."""
+    return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (
+        p.is_file() or (p.is_symlink() and not p.exists()))
+
+
+def _stray_files(split_dir: Path, split: str) -> tuple[str, ...]:
+    """The image files directly in a split's directory, beside its class directories, as "split/name", sorted."""
+    return tuple(f"{split}/{p.name}" for p in sorted(split_dir.iterdir()) if _image_file(p))
+
+
 def _images_in(cdir: Path) -> list[Path]:
     """The image files of one class directory, sorted. Hidden files are left out, as hidden directories are
     (macOS's AppleDouble `._x.jpg` beside each image of a copied folder is metadata, not an image); a link that
@@ -334,8 +395,7 @@ def _listing(cdir: Path) -> tuple[list[Path], list[Path]]:
     images: list[Path] = []
     subdirs: list[Path] = []
     for p in sorted(cdir.iterdir()):
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (
-                p.is_file() or (p.is_symlink() and not p.exists())):
+        if _image_file(p):
             images.append(p)
         elif p.is_dir() and not not_a_class(p.name):
             subdirs.append(p)
@@ -415,7 +475,7 @@ def _folder(root: Path, split: str) -> ImageSet:
                            f"in its class directories ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
                            f"{note}")
     return ImageSet(str(root), split, classes, np.asarray(labels, np.int64), paths=paths, skipped_dirs=skipped_dirs,
-                    nested_dirs=tuple(nested))
+                    nested_dirs=tuple(nested), stray_files=_stray_files(split_dir, split))
 
 
 def load_dataset(name: str | os.PathLike, split: str) -> ImageSet:
@@ -449,20 +509,28 @@ def default_preprocessing(name: str | os.PathLike, image_size: int) -> Preproces
 def decode_checked(path: Path) -> Image.Image | None:
     """Decode a file by the server's rule (`models.decoding`: its formats, structure checks, PNG metadata bounds and
     its default pixel bound, `DEFAULT_MAX_IMAGE_PIXELS`), or None for a file the server would refuse or that cannot
-    be read (callers count skips)."""
+    be read (callers count skips; `unreadable_text` says why)."""
+    img = decoded(path)
+    return None if isinstance(img, Exception) else img
+
+
+def decoded(path: Path) -> Image.Image | DecodeError:
+    """`decode_checked`'s image, or the DecodeError that says why the file does not decode (its `reason`, and
+    `over_limit` for an image with more pixels than the limit)."""
     from models.decoding import decode_image  # PIL: only when an image is read
     from models.imagecheck.common import DecodeError
 
+    too_big = f"the file is larger than the limit of {MAX_IMAGE_FILE_BYTES} bytes"
     try:  # a dangling link, a file that vanished or cannot be read: unreadable
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size > MAX_IMAGE_FILE_BYTES:  # a huge file named .jpg is not read at all
-                return None
+                return DecodeError(too_big)
             data = f.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded still: a file that grew, or a device
-    except OSError:
-        return None
+    except OSError as exc:
+        return DecodeError(f"cannot read it: {exc.strerror or type(exc).__name__}")
     if len(data) > MAX_IMAGE_FILE_BYTES:
-        return None
+        return DecodeError(too_big)
     try:
         return decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
-    except DecodeError:
-        return None
+    except DecodeError as exc:
+        return exc

@@ -54,7 +54,11 @@ MAX_BATCH = 65536
 MAX_DEVICE_BATCH = 4096
 MAX_WORKERS = 64  # data-loading processes (--workers, train.eval's too)
 
-# Knobs that do not change what is computed; a resumed run may change these (and only these).
+# Knobs a resumed run may change (and only these): none changes the training's trajectory, its data, schedule or
+# randomness. Two change how float sums round, though: `threads` (the CPU's reduction order) and `compile` (fused
+# kernels); a resume that changes either on the CPU says in a `note:` that its weights will not be bit-identical to an
+# uninterrupted run's (`train.trainer.changed_numerics`), rather than refuse (a preempted job resumed on a node with
+# another core count must go on).
 RUNTIME_FIELDS = frozenset({
     "out", "resume", "overwrite", "max_steps", "workers", "threads", "progress", "eval_every",
     "save_every_steps", "corrupt", "compile", "eval_batch_size",

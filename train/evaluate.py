@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, UnreadableImage, load_dataset
+from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, UnreadableImage, load_dataset, unreadable_text
 from models.checkpoint import load_checkpoint
 from models.preprocessing import Preprocessing
 from train.distributed import DistInfo, all_reduce_sum
@@ -30,7 +30,7 @@ def evaluate(model: nn.Module, batches: Any, info: DistInfo, channels_last: bool
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # top1, top5, loss, evaluated, skipped
     for batch in batches:
         if batch.corrupt and fail_on_corrupt:
-            raise UnreadableImage(f"corrupt or unreadable image: {batch.corrupt[0]} (--corrupt skip leaves it out)")
+            raise UnreadableImage(unreadable_text(Path(batch.corrupt[0]), hint="--corrupt skip leaves it out"))
         x = batch.images.to(info.device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -311,7 +311,7 @@ def _check_progress(progress: object) -> str | None:
 
 # The numbers of a history record (metrics.jsonl's line of an epoch) that the trainer compares, sums or plots.
 HISTORY_NUMBERS = ("step", "train_loss", "lr", "epoch_time_s", "samples_per_s", "val_loss", "val_loss_ema",
-                   "corrupt_train_replaced")
+                   "corrupt_train_replaced", "corrupt_val_skipped")
 HISTORY_FRACTIONS = ("val_top1", "val_top5", "val_top1_ema", "val_top5_ema")
 
 
@@ -613,6 +613,9 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return problem
     if not isinstance(state["scheduler"], dict):
         return "scheduler: expected a dict"
+    # The CPU threads the run computed with (`train.trainer.changed_numerics`); older states go without.
+    if state.get("threads") is not None and not (is_int(state["threads"]) and state["threads"] >= 1):
+        return f"threads: expected a whole number >= 1, got {state['threads']!r:.40}"
     return (_check_rng(state["rng"]) or _check_progress(state["progress"]) or _check_position(state)
             or _check_loss_sum(state) or _check_data(state.get("data")))
 

@@ -1,7 +1,8 @@
 """The training run: data, model, recipe, DDP, the epoch loop, evaluation, resume state and the checkpoint.
 
 Every rank computes; only rank 0 writes (run directory, progress bar, logs). The step loop is deterministic
-given the seed (see train.augment), so a run resumed from resume.pt continues bit for bit on the CPU.
+given the seed (see train.augment), so a run resumed from resume.pt continues bit for bit on the CPU, with the same
+thread count and --compile setting (`changed_numerics` notes a resume that changes either).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from data.datasets import (
     load_dataset,
     nested_note,
     skipped_note,
+    stray_note,
+    unreadable_text,
 )
 from models.checkpoint import (
     META_FILE,
@@ -93,12 +96,47 @@ def replaced_text(files: int) -> str:
     return f"{files} unreadable train files replaced by other images of their class"
 
 
+def skipped_val_text(files: int) -> str:
+    """"3 unreadable val files skipped" (left out of the val scores), for the console."""
+    return f"{files} unreadable val file{'s' * (files != 1)} skipped"
+
+
+def changed_numerics(before: dict[str, Any], threads: int, compiled: bool, dev: torch.device) -> str:
+    """"note: ..." when a run resumed on the CPU computes with another thread count or --compile setting than its
+    earlier steps (`before`: their "threads" and "compile", None where not known), else "": either changes how float
+    sums round, so the weights are not bit-identical to an uninterrupted run's. Not refused: a preempted job resumed
+    on a node with another core count must go on."""
+    if dev.type != "cpu":  # bit-identity is promised on the CPU only
+        return ""
+    was, now, keep = [], [], []
+    if before.get("threads") is not None and before["threads"] != threads:
+        was.append(f"{before['threads']} CPU thread{'s' * (before['threads'] != 1)}")
+        now.append(f"{threads} CPU thread{'s' * (threads != 1)}")
+        keep.append(f"--threads {before['threads']}")
+    if before.get("compile") is not None and bool(before["compile"]) != compiled:
+        was.append("--compile" if before["compile"] else "no --compile")
+        now.append("--compile" if compiled else "no --compile")
+        keep.append(was[-1])
+    if not was:
+        return ""
+    return (f"note: this run was trained with {' and '.join(was)} and goes on with {' and '.join(now)}: its weights "
+            f"will not be bit-identical to an uninterrupted run's (float sums round differently; resume with "
+            f"{' and '.join(keep)} for that)")
+
+
 def input_affine(spec: Preprocessing, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), each (1, 3, 1, 1) on `dev`: uint8 * scale - shift is models.preprocessing.normalize, bitwise."""
     # normalize's own float32 arithmetic, so a training batch holds exactly the values evaluation and the server feed
     # the model (1/std first and then /255 differed in the last bit on half the values).
     scale, shift = affine(spec.mean, spec.std)
     return torch.from_numpy(scale).view(1, 3, 1, 1).to(dev), torch.from_numpy(shift).view(1, 3, 1, 1).to(dev)
+
+
+def _no_readable(listing: ImageSet, bad: list[int]) -> str:
+    """The one line for the classes `bad` of a split, none of whose files decodes: the first named in full."""
+    others = ", ".join(repr(listing.class_names[c]) for c in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+    return listing.no_readable_image(bad[0]) + (
+        f"; {len(bad) - 1} other class(es) have none either ({others})" if len(bad) > 1 else "")
 
 
 class Trainer:
@@ -121,6 +159,7 @@ class Trainer:
         # Read before the data: which val subset a run validates on depends on when its resume.pt was written.
         self.resume_state = load_resume(cfg.out) if cfg.resume else None
         self.resumed = False
+        self.numerics_note = ""  # a resume's `changed_numerics`
         self.saved_step: int | None = None  # the step of the resume.pt of this run in --out, once there is one
         self.corrupt_seen: set[str] = set()  # distinct corrupt train files replaced so far (this rank's, until synced)
         self._load_data()
@@ -139,7 +178,8 @@ class Trainer:
         listing = self.train_listing = load_dataset(cfg.dataset, "train")
         self.train_picked = listing.subset_indices(cfg.train_subset or len(listing), seed=cfg.seed)
         self.train_set = listing if len(self.train_picked) == len(listing) else listing.take(self.train_picked)
-        self.val_set: ImageSet = load_dataset(cfg.dataset, "val")
+        # Every file of the val split: a class of the subset is checked readable on it, as a train class is.
+        self.val_listing = self.val_set = load_dataset(cfg.dataset, "val")
         if cfg.val_subset:
             # Drawn as train.eval --limit and export draw theirs, whatever --seed: the seeds of a study are scored on
             # the same images. A run whose resume.pt predates that (no data fingerprints in it) keeps its own.
@@ -169,27 +209,32 @@ class Trainer:
 
     def _check_readable(self) -> None:
         """DatasetError (one line) for a train class with files of which none decodes (its samples could only be
-        replaced by nothing: an output never trained) or a val split with no readable file. A class the run trains
-        on is read in its full listing, the subset's draw aside: where its samples' replacements are searched. The
-        ranks share the classes to read and agree through one sum: each raises the same error, or none does."""
+        replaced by nothing: an output never trained), a val split with no readable file, or a val class with files
+        of which none decodes (left out of the val scores, it would leave them measuring the other classes only: an
+        untrained model scored 100 %). A class the run trains or validates on is read in its full listing, the
+        subset's draw aside. The ranks share the classes to read and agree through one sum: each raises the same
+        error, or none does."""
         train, val, info = self.train_listing, self.val_set, self.info
         if train.paths is None:
             return
         n = len(train.class_names)
         present = set(np.unique(self.train_set.labels).tolist())  # a class the subset drew none of has no sample
-        flags = [0.0] * (n + 1)  # one per class, then the val split
+        measured = set(np.unique(val.labels).tolist())
+        flags = [0.0] * (2 * n + 1)  # one per train class, one per val class, then the val split
         for c in train.unreadable_classes(c for c in range(info.rank, n, info.world_size) if c in present):
             flags[c] = 1.0
+        for c in self.val_listing.unreadable_classes(c for c in range(info.rank, n, info.world_size) if c in measured):
+            flags[n + c] = 1.0
         if info.is_main and val.paths and not any(decode_checked(path) is not None for path in val.paths):
-            flags[n] = 1.0
+            flags[2 * n] = 1.0
         flags = all_reduce_sum(flags, info)
         if bad := [c for c in range(n) if flags[c]]:
-            others = ", ".join(repr(train.class_names[c]) for c in bad[1:6]) + (", ..." if len(bad) > 6 else "")
-            raise DatasetError(train.no_readable_image(bad[0]) + (
-                f"; {len(bad) - 1} other class(es) have none either ({others})" if len(bad) > 1 else ""))
-        if flags[n]:
+            raise DatasetError(_no_readable(train, bad))
+        if flags[2 * n]:
             raise DatasetError(f"{val.name}: none of the {len(val)} files of the val split is a readable image "
                                f"(e.g. {val.paths[0]})")
+        if bad := [c for c in range(n) if flags[n + c]]:
+            raise DatasetError(_no_readable(self.val_listing, bad))
 
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
@@ -278,6 +323,11 @@ class Trainer:
             raise damaged(f"{type(exc).__name__}: {exc}") from None
         self.resumed = True
         self.saved_step = state["progress"]["global_step"]
+        # The thread count the run computed with so far: recorded since resume.pt has it, else its --threads (None,
+        # "cores / ranks", is not known).
+        before = {"threads": state.get("threads", state["config"].get("threads")),
+                  "compile": state["config"].get("compile")}
+        self.numerics_note = changed_numerics(before, self.threads, self.cfg.compile, self.dev)
         return state["progress"]
 
     def _check_same_data(self, saved: dict[str, str] | None) -> None:
@@ -451,6 +501,8 @@ class Trainer:
                 "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
                 "rng": capture_rng(), "progress": progress,
+                # The CPU threads the steps so far were computed with (`changed_numerics`): "--threads" may be unset.
+                "threads": self.threads,
             })
             self.saved_step = progress["global_step"]
             self._forget_old_run(RESUME_FILE)
@@ -573,8 +625,8 @@ class Trainer:
 
         for batch in self._batches(epoch, start):
             if batch.corrupt and cfg.corrupt == "fail":
-                raise UnreadableImage(f"corrupt or unreadable image: {batch.corrupt[0]} (--corrupt skip replaces such "
-                                      "files)")
+                raise UnreadableImage(unreadable_text(Path(batch.corrupt[0]),
+                                                      hint="--corrupt skip replaces such files"))
             if batch.lost:  # checked readable when the run started: its files changed underneath it
                 raise UnreadableImage(self.train_listing.no_readable_image(batch.lost[0], during_run=True))
             self.corrupt_seen.update(batch.corrupt)
@@ -634,7 +686,8 @@ class Trainer:
         if last or diverged or not complete or (epoch + 1) % cfg.eval_every == 0:
             ev = self._eval_all()
             progress["last_eval"] = {"global_step": progress["global_step"], **ev}
-            rec |= {"val_top1": ev["raw"]["top1"], "val_top5": ev["raw"]["top5"], "val_loss": ev["raw"]["loss"]}
+            rec |= {"val_top1": ev["raw"]["top1"], "val_top5": ev["raw"]["top5"], "val_loss": ev["raw"]["loss"],
+                    "corrupt_val_skipped": ev["raw"]["skipped_corrupt"]}
             if ev["ema"] is not None:
                 rec |= {"val_top1_ema": ev["ema"]["top1"], "val_top5_ema": ev["ema"]["top5"],
                         "val_loss_ema": ev["ema"]["loss"]}
@@ -650,7 +703,8 @@ class Trainer:
             with self._saving(METRICS_FILE):
                 write_metrics(self.cfg.out, progress["history"])
             val = "" if "val_top1" not in rec else f"  val top-1 {100 * rec['val_top1']:.2f}%" + (
-                f" (EMA {100 * rec['val_top1_ema']:.2f}%)" if "val_top1_ema" in rec else "")
+                f" (EMA {100 * rec['val_top1_ema']:.2f}%)" if "val_top1_ema" in rec else "") + (
+                f"  {skipped_val_text(rec['corrupt_val_skipped'])}" if rec.get("corrupt_val_skipped") else "")
             loss = "diverged (non-finite)" if diverged else f"{train_loss:.4f}"
             print(f"epoch {epoch + 1}/{cfg.epochs}  step {rec['step']}  loss {loss}  "
                   f"lr {rec['lr']:.2e}  {rec['samples_per_s']:.0f} img/s{val}", flush=True)
@@ -715,9 +769,11 @@ class Trainer:
         if info.is_main:
             self._publish(chosen, summary, progress)
             ema_txt = "" if ema is None else f", EMA {100 * ema['top1']:.2f}%"
+            skipped = raw["skipped_corrupt"]
             print(f"checkpoint {cfg.out}: val top-1 {100 * raw['top1']:.2f}%{ema_txt} "
                   f"(saved {summary['weights_source']}), {summary['wall_time_s']:.0f} s"
-                  f"{f'; {replaced_text(corrupt)}' if corrupt else ''}", flush=True)
+                  f"{f'; {replaced_text(corrupt)}' if corrupt else ''}"
+                  f"{f'; {skipped_val_text(skipped)}' if skipped else ''}", flush=True)
         return summary
 
     def run(self) -> dict[str, Any]:
@@ -735,10 +791,13 @@ class Trainer:
                 return summary
             progress["segments"] += 1
             self.log(self._resuming_line(progress))
+            if self.numerics_note:
+                self.log(self.numerics_note)
         elif cfg.resume:  # a preempted job reruns its command with --resume, also before its first save
             self.log(f"nothing to resume in {cfg.out} (no {RESUME_FILE}): starting at step 0")
-        if note := nested_note(self.train_set, self.val_set):
-            self.log(note)
+        for note in (nested_note(self.train_set, self.val_set), stray_note(self.train_set, self.val_set)):
+            if note:
+                self.log(note)
         self.log(self._summary_line())
         if self.resumed:
             self._record_stopped_epoch(progress)
