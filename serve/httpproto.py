@@ -15,9 +15,11 @@ request; the parser alone would take the body for the new protocol's bytes (requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from email.utils import formatdate
@@ -32,6 +34,14 @@ from serve.chunked import ChunkSizes
 from serve.errors import APIError
 from serve.http_limits import PROBE_PATHS, PROBE_WAIT_S, ConnectionLimits, OpenConnections, Refusals
 from serve.linger import LingeringClose, LingeringTransport
+
+try:  # the bytes a socket's kernel queue holds that its peer has not taken (Linux: SIOCOUTQ)
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # elsewhere: the write buffer alone tells progress
+    _OUTQ = None
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (nginx's default buffers hold 32 KiB)
 # Requests parsed on one connection that wait behind the one being answered. Beyond them the bytes read stay
@@ -206,6 +216,8 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         self._header_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._sent_waiters: list[Callable[[], None]] = []  # called once the answers written so far left the buffer
+        self._send_left = 0  # bytes the write buffer held when the send timer was last armed
+        self._lost = False  # whether the connection is gone (connection_lost)
         self._messages = 0  # requests begun on this connection
         self._in_headers = False  # whether the parser is inside the latest request's line and headers
         self._in_body = False  # whether it is inside the latest request's body
@@ -239,6 +251,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             super().connection_lost(exc)
             return
         self._release()
+        self._lost = True
         self._written()  # nothing more will go out: what waited for it to go is done
         # uvicorn marks only the newest request as disconnected; with pipelining the one being answered is older,
         # and its next write would hit the closed transport.
@@ -756,6 +769,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None:
+            self._send_left = self._unsent()
             self._send_timer = asyncio.get_running_loop().call_later(self.limits.seconds, self._send_expired)
 
     def resume_writing(self) -> None:
@@ -768,8 +782,10 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
     def when_sent(self, done: Callable[[], None]) -> None:
         """Call `done` once what was written so far has left this connection's write buffer for the kernel (below
         its low-water mark), or the connection is gone: at once if it has already."""
-        if self._sent_waiters or (self.transport.get_write_buffer_size() > 0 and not self.transport.is_closing()
-                                  and self.flow.write_paused):
+        # A closing transport still sends what it holds (uvicorn closes it in the last send of an answer that ends
+        # its connection: `Connection: close`, HTTP/1.0, a half-close, a stop): only a lost one has nothing to wait
+        # for, and it is no longer paused then.
+        if self._sent_waiters or (self.flow.write_paused and not self._lost):
             self._sent_waiters.append(done)
         else:
             done()
@@ -780,9 +796,23 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         for done in waiters:
             done()
 
+    def _unsent(self) -> int:
+        """Bytes of answers written that the client has not taken: the write buffer's, and the kernel's queue's
+        (it holds megabytes on a fast link, so a slow reader drains it long before the buffer moves)."""
+        left = self.transport.get_write_buffer_size()
+        if _OUTQ is not None and (sock := self.transport.get_extra_info("socket")) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                left += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+        return left
+
     def _send_expired(self) -> None:
-        # The client has taken none of the answer for `seconds`: it cannot be answered, only let go.
+        # The client has taken none of the answer for `seconds`: it cannot be answered, only let go. One that took
+        # some (a large answer, written whole, read slowly) is given another `seconds`: the limit is on stalling.
         self._send_timer = None
+        if (left := self._unsent()) < self._send_left and not self._lost:
+            self._send_left = left
+            self._send_timer = asyncio.get_running_loop().call_later(self.limits.seconds, self._send_expired)
+            return
         self.transport.abort()
 
     # End of the client's stream: a half-close, or a client that left. A client that half-closes after its HTTP/1.1

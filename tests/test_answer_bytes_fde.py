@@ -81,13 +81,14 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(bundle: Path, **settings: Any) -> Iterator[Served]:
-    """`bundle` on the fake runtime, served in this process with `settings`, its budget a RecordingBudget."""
+def serving(bundle: Path, send_s: float = 30.0, **settings: Any) -> Iterator[Served]:
+    """`bundle` on the fake runtime, served in this process with `settings` (and `send_s` for a client to take
+    none of an answer), its budget a RecordingBudget."""
     with fake_runtime.registered():
         config = Settings(models=[f"fake={bundle}"], backend="fake", access_log=False, **settings)
         app = create_app(config)
         app.state.pixel_budget = RecordingBudget(config.decode_budget_pixels)
-        with serving_app(app, ConnectionLimits(30.0, 200)) as (port, server):
+        with serving_app(app, ConnectionLimits(send_s, 200)) as (port, server):
             yield Served(app, port, server.servers[0].get_loop())
 
 
@@ -107,8 +108,9 @@ def _request(path: str, body: bytes, content_type: str, *headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def _png_request() -> bytes:
-    return _request(CLASSIFY, animal_pngs(1)[0], "image/png")
+def _png_request(*headers: str, version: str = "1.1") -> bytes:
+    request = _request(CLASSIFY, animal_pngs(1)[0], "image/png", *headers)
+    return request.replace(b" HTTP/1.1\r\n", f" HTTP/{version}\r\n".encode(), 1)
 
 
 def _v2_body() -> dict:
@@ -177,11 +179,19 @@ def test_unread_large_answers_stay_in_the_decode_budget_until_read_then_arrive_w
         assert _until(lambda: srv.budget.used == 0), srv.budget.used
 
 
-def test_clients_that_never_read_large_answers_get_503_once_the_budget_holds_theirs_and_free_it_when_gone(bundle):
+# An answer that ends its connection is held as long: uvicorn closes the transport in the answer's last send, and a
+# closing transport still holds what it has not sent (they were released at once: every such client got its 200).
+ENDINGS = {"keep-alive": ((), "1.1"), "connection-close": (("Connection: close",), "1.1"), "http/1.0": ((), "1.0")}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_clients_that_never_read_large_answers_get_503_once_the_budget_holds_theirs_and_free_it_when_gone(bundle,
+                                                                                                         ending):
     # 8 M pixels (40 MB): one answer's build (6.9 M) fits beside one unread answer's bytes (1.3 M) only if ...
     # it does not: every client after the first that does not read waits, then gets 503, instead of more memory.
+    headers, version = ENDINGS[ending]
     with serving(bundle, max_image_pixels=1_000_000, decode_budget_pixels=8_000_000, decode_threads=4) as srv:
-        clients = [_slow_reader(srv.port, _png_request()) for _ in range(4)]
+        clients = [_slow_reader(srv.port, _png_request(*headers, version=version)) for _ in range(4)]
         try:
             assert _until(lambda: all(_status_line(s).startswith(b"HTTP/1.1 ") for s in clients), 60)
             statuses = sorted(_status_line(s)[9:] for s in clients)
@@ -264,6 +274,29 @@ def test_a_kept_reservation_outlives_its_block_until_released_and_a_job_released
     with pytest.raises(ValueError), budget.reserve(40, kept=failed):
         raise ValueError("the build failed")
     assert budget.used == 0
+
+
+def test_a_client_reading_a_large_answer_slowly_gets_all_of_it_past_the_send_limit(bundle):
+    """The send limit is on a client that takes none of an answer: one that keeps reading a large answer (written
+    whole) for longer than the limit gets all of it (it was cut off mid-answer, logged 200)."""
+    with serving(bundle, send_s=0.5) as srv:
+        reference = srv.post(CLASSIFY, content=animal_pngs(1)[0], headers={"content-type": "image/png"}).content
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(_png_request())
+        s.settimeout(30)
+        data, start = b"", time.monotonic()
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+                if b"\r\n\r\n" in data and len(data.partition(b"\r\n\r\n")[2]) >= len(reference):
+                    break
+                time.sleep(0.02)  # about 3 MB/s: the answer takes a few times the limit
+        finally:
+            s.close()
+        assert time.monotonic() - start > 1.0  # the test is what it says: the read outlasted the limit
+        assert data.partition(b"\r\n\r\n")[2] == reference
 
 
 HTTP = {"type": "http"}  # the scope of a request outside serve.httpproto (nothing says when it is sent)
