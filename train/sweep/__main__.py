@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import re
 import shlex
 import signal
 import sys
@@ -37,6 +38,7 @@ from train.sweep.plan import (
     MAX_SEED,
     METRICS,
     STUDIES,
+    STUDY_FILE,
     TUNINGS,
     StudyConfig,
     range_problem,
@@ -152,6 +154,25 @@ def out_problem(path: Path, option: str) -> str | None:
     return None
 
 
+def study_dir_problem(out: Path) -> str | None:
+    """Why the sweep may not write into `out`: an existing directory that is neither empty nor a study (it holds no
+    study.json), whose same-named files (a user's summary.json, an export bundle) the study would replace or mix
+    into; None for an absent or empty directory or a study, as `train --out` and export refuse what is not theirs."""
+    if not out.is_dir() or (out / STUDY_FILE).is_file():
+        return None
+    try:  # the sweep's own leftover from a first study.json killed mid-write does not count
+        entries = sorted(p.name for p in out.iterdir() if not _STUDY_TEMPORARY.fullmatch(p.name))
+    except OSError as exc:
+        return f"--out {out}: cannot read it: {exc.strerror or exc}"
+    if not entries:
+        return None
+    return (f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and is not a study directory "
+            f"(no {STUDY_FILE}); nothing was changed: choose a new or empty directory")
+
+
+_STUDY_TEMPORARY = re.compile(rf"\.{re.escape(STUDY_FILE)}\..+\.tmp")  # atomic_write_json's name for it
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = OneLineParser(prog=PROG, description=__doc__,
@@ -205,7 +226,8 @@ def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry
     """ValueError before any run starts when the data cannot be found or an output directory cannot be made."""
     # A report-only rebuild reads finished results and never opens the data (which may since have moved).
     problem = None if report_only else dataset_problem(dataset)
-    problem = problem or out_problem(out, "--out") or (None if report_only else out_problem(runs_dir, "--runs-dir"))
+    problem = problem or out_problem(out, "--out") or (None if report_only else study_dir_problem(out)
+                                                        or out_problem(runs_dir, "--runs-dir"))
     if problem:
         raise ValueError(problem)
     if dry_run:  # a dry run writes nothing

@@ -96,6 +96,10 @@ class StudyConfig:
     recipe_settings: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RECIPE_SETTINGS))
 
     def __post_init__(self) -> None:
+        for name in ("preset", "dataset"):  # a list or null here crashed the report (unhashable) or blamed --train-args
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r:.80}")
         if len(self.models) < 1:
             raise ValueError("a study needs at least one model")
         if not self.optimizers:
@@ -132,6 +136,8 @@ class StudyConfig:
             raise ValueError(f"unknown tuning {self.tuning!r}; expected one of {TUNINGS}")
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+        if problem := recipe_problem(self.recipe_settings, self.optimizers if self.tuning == "recipe" else ()):
+            raise ValueError(problem)
         # Drawn now (milliseconds): ranges too narrow for `samples` distinct pairs are refused before any run starts.
         for opt in self.optimizers:
             try:
@@ -160,6 +166,8 @@ class StudyConfig:
             raise ValueError(f"unknown settings {', '.join(unknown)}")
         if "stability_seed" not in d and isinstance(d.get("seeds"), list) and d["seeds"]:
             d = {**d, "stability_seed": d["seeds"][0]}  # recorded before the field: stability ran on the first seed
+        if problem := _shape_problem(d):
+            raise ValueError(problem)
         try:
             values = {**d, **{k: tuple(d[k]) for k in _LISTS if k in d},
                       **{k: {o: tuple(b) for o, b in d[k].items()} for k in _RANGES if k in d}}
@@ -170,6 +178,44 @@ class StudyConfig:
 
 _LISTS = ("models", "epochs", "seeds", "optimizers", "train_args")
 _RANGES = ("lr_ranges", "wd_ranges", "recipe_settings")
+_ITEMS = {"models": str, "epochs": int, "seeds": int, "optimizers": str, "train_args": str}  # each list's entries
+
+
+def _shape_problem(d: dict[str, Any]) -> str | None:
+    """Which recorded list or per-optimizer setting has the wrong shape, or None: a string here was split into its
+    letters (train_args "ab" was refused as --train-args 'a b'), a number crashed the report later."""
+    for key in _LISTS:
+        if key not in d:
+            continue
+        kind = _ITEMS[key]
+        if not isinstance(d[key], list):
+            return f"{key} must be a list, got {d[key]!r:.80}"
+        if bad := [x for x in d[key] if not isinstance(x, kind) or isinstance(x, bool)]:
+            return f"{key} must be a list of {'strings' if kind is str else 'integers'}, got {bad[0]!r:.80} in it"
+    for key in _RANGES:
+        if key not in d:
+            continue
+        if not isinstance(d[key], dict):
+            return f"{key} must be an object of optimizer: [two numbers], got {d[key]!r:.80}"
+        for opt, pair in d[key].items():
+            if not (isinstance(pair, list) and len(pair) == 2 and all(_is_number(x) for x in pair)):
+                return f"{key}.{opt} must be two numbers, got {pair!r:.80}"
+    return None
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def recipe_problem(settings: dict[str, tuple[float, float]], needed: tuple[str, ...]) -> str | None:
+    """Why the recipe (lr, wd) settings cannot train: an optimizer in `needed` without one, or an lr that is not
+    finite and > 0 or a wd that is not finite and >= 0; or None."""
+    if missing := [o for o in needed if o not in settings]:
+        return f"recipe_settings has no (lr, wd) for {', '.join(missing)} (tuning \"recipe\" trains with them)"
+    for opt, (lr, wd) in settings.items():
+        if not (math.isfinite(lr) and math.isfinite(wd) and lr > 0 and wd >= 0):
+            return f"recipe_settings.{opt} must be an lr > 0 and a weight decay >= 0, got {lr!r}, {wd!r}"
+    return None
 
 
 def sampled_pairs(cfg: StudyConfig, opt: str) -> list[tuple[float, float]]:
@@ -237,10 +283,32 @@ def recorded_study(study_dir: Path) -> tuple[StudyConfig, str] | None:
         if path.stat().st_size > MAX_STUDY_BYTES:  # a record is a few KB: never read a huge file whole
             raise ValueError(f"larger than {MAX_STUDY_BYTES} bytes")
         doc = json.loads(path.read_text())
-        study = doc["study"]
-        cfg = StudyConfig.from_dict(doc["config"])
+        study, config = doc["study"], doc["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a readable study record ({type(exc).__name__}: {exc})") from None
+    try:
+        cfg = StudyConfig.from_dict(config)
+    except (ValueError, KeyError) as exc:  # the setting at fault, named as the file spells it
+        raise ValueError(f"{path}: not a readable study record (config: {exc.args[0] if exc.args else exc})") from None
     if study not in STUDIES:
         raise ValueError(f"{path}: unknown study {study!r}")
+    if problem := machines_problem(doc):
+        raise ValueError(f"{path}: {problem}")
     return cfg, study
+
+
+def machines_problem(doc: dict[str, Any]) -> str | None:
+    """Why the machines a study.json names cannot be reported (the claims' "trained on" line reads them), or None."""
+    from train.sweep.runner import machine_problem
+
+    if doc.get("machine") is not None and (problem := machine_problem(doc["machine"])):
+        return problem
+    machines = doc.get("machines")
+    if machines is None:
+        return None
+    if not isinstance(machines, list):
+        return f"machines must be a list of machine objects, got {machines!r:.80}"
+    for i, mach in enumerate(machines, 1):
+        if problem := machine_problem(mach, f"machines[{i}]"):
+            return problem
+    return None

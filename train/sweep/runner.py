@@ -10,6 +10,7 @@ as --out); a retried run continues its interrupted training from resume.pt.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -42,6 +43,7 @@ TRAIN_PROG = "python -m train"
 RESULTS_DIR = "run-results"
 MAX_RESULT_BYTES = 64 << 20  # a result holds a record per epoch: ~150 bytes x up to 100,000 epochs
 LEGACY_LOG = "train.log"  # where earlier versions kept a run's log: inside its training directory
+WAKE_S = 0.2  # how often the waiting main thread looks for a signal that a worker thread received
 
 
 class RunFailed(RuntimeError):
@@ -68,26 +70,106 @@ def _number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _finite(x: object) -> bool:
+    return _number(x) and math.isfinite(x)
+
+
+def _percent(x: object, diverged: bool) -> bool:
+    """An error in percent: 0..100, or null/NaN/infinite where the trainer recorded that the run diverged."""
+    if x is None or (_number(x) and not math.isfinite(x)):
+        return diverged
+    return _finite(x) and 0 <= x <= 100
+
+
+def _str_or_null(x: object) -> bool:
+    return x is None or isinstance(x, str)
+
+
+def machine_problem(mach: object, name: str = "machine") -> str | None:
+    """Why `mach` is not a machine record as host_facts and runtime.machine write it (the fields the report prints
+    and groups runs by), or None; the message starts with `name`."""
+    if not isinstance(mach, dict):
+        return f"{name} must be an object, got {mach!r:.60}"
+    for key in ("host", "cpu", "gpu", "torch"):
+        if not _str_or_null(mach.get(key)):
+            return f"{name}.{key} must be a string or null, got {mach[key]!r:.60}"
+    cpus = mach.get("usable_cpus")
+    if cpus is not None and not (isinstance(cpus, int) and not isinstance(cpus, bool) and cpus >= 1):
+        return f"{name}.usable_cpus must be a positive integer or null, got {cpus!r:.60}"
+    git = mach.get("git")
+    if git is None:
+        return None
+    if not isinstance(git, dict):
+        return f"{name}.git must be an object or null, got {git!r:.60}"
+    if not _str_or_null(git.get("commit")):
+        return f"{name}.git.commit must be a string or null, got {git['commit']!r:.60}"
+    if git.get("dirty") is not None and not isinstance(git["dirty"], bool):
+        return f"{name}.git.dirty must be true, false or null, got {git['dirty']!r:.60}"
+    return None
+
+
+_DIVERGED = "training.diverged is true"
+
+
 def result_problem(data: object, spec: RunSpec) -> str | None:
-    """Why `data` is not the result of `spec` as run_one writes it (the fields the report reads), or None."""
+    """Why `data` is not the result of `spec` as run_one writes it (the fields the report reads, each possible and
+    agreeing with the trainer's own summary), or None."""
     if not isinstance(data, dict):
         return f"expected a JSON object, got {type(data).__name__}"
     if data.get("id") != spec.run_id or data.get("spec") != spec.to_dict():
         return f"it is the result of another run ({data.get('id')!r:.80})"
-    if not (_number(data.get("wall_s")) and data["wall_s"] >= 0):
-        return f"wall_s must be a number >= 0, got {data.get('wall_s')!r}"
-    err, n_val = data.get("final_val_error"), data.get("val_images")
-    if err is not None and not _number(err):  # NaN is a number: the error of a diverged run
-        return f"final_val_error must be a number or null, got {err!r}"
+    if not (_finite(data.get("wall_s")) and data["wall_s"] >= 0):
+        return f"wall_s must be a finite number >= 0, got {data.get('wall_s')!r}"
+    training = data.get("training")
+    if training is not None and not isinstance(training, dict):
+        return f"training must be the trainer's summary (an object) or null, got {training!r:.60}"
+    diverged = (training or {}).get("diverged", False)
+    if not isinstance(diverged, bool):
+        return f"training.diverged must be true or false, got {diverged!r:.60}"
+    machine = data.get("machine")  # absent in runs from before results recorded it
+    return (_numbers_problem(data, diverged) or _summary_disagrees(data, training or {})
+            or _curve_problem(data.get("curve"), diverged)
+            or (None if machine is None else machine_problem(machine)))
+
+
+def _numbers_problem(data: dict[str, Any], diverged: bool) -> str | None:
+    """The record's errors and val set size, where impossible, or None."""
+    # Only a run the trainer recorded as diverged may lack a finite error: any other null or NaN was counted as
+    # 100 % without a word, and an error beyond 0..100 (a hand edit) turned verdicts.
+    err = data.get("final_val_error")
+    if not _percent(err, diverged):
+        return f"final_val_error must be a number in 0..100 (null or NaN only where {_DIVERGED}), got {err!r:.60}"
+    ema = data.get("final_val_error_ema")  # null without EMA weights
+    if ema is not None and not _percent(ema, diverged):
+        return f"final_val_error_ema must be a number in 0..100 or null (NaN only where {_DIVERGED}), got {ema!r:.60}"
+    n_val = data.get("val_images")
     if n_val is not None and not (isinstance(n_val, int) and not isinstance(n_val, bool) and n_val >= 1):
         return f"val_images must be a positive integer or null, got {n_val!r}"
-    curve = data.get("curve")
+    return None
+
+
+def _summary_disagrees(data: dict[str, Any], training: dict[str, Any]) -> str | None:
+    """Where the record's error or val set size disagrees with the trainer's summary it was read from, or None."""
+    top1, err = training.get("final_val_top1"), data.get("final_val_error")
+    if _finite(top1) and _finite(err) and abs(err - 100.0 * (1.0 - top1)) > 1e-3:
+        return (f"final_val_error {err!r} disagrees with training.final_val_top1 {top1!r} (an error of "
+                f"{100.0 * (1.0 - top1):.4g} %)")
+    n = training.get("val_images")
+    if n is not None and data.get("val_images") is not None and n != data["val_images"]:
+        return f"val_images {data['val_images']!r} disagrees with training.val_images {n!r:.60}"
+    return None
+
+
+def _curve_problem(curve: object, diverged: bool) -> str | None:
+    """What is impossible in the per-epoch curve (errors the "best" metric reads, times the cost table reads)."""
     if not isinstance(curve, list) or not all(isinstance(r, dict) for r in curve):
         return f"curve must be a list of per-epoch records, got {curve!r:.60}"
     for rec in curve:
-        for key in ("val_error", "val_error_ema", "epoch_time_s"):
-            if rec.get(key) is not None and not _number(rec[key]):
-                return f"curve: {key} must be a number or null, got {rec[key]!r}"
+        for key in ("val_error", "val_error_ema"):
+            if rec.get(key) is not None and not _percent(rec[key], diverged):
+                return f"curve: {key} must be a number in 0..100 or null (NaN only where {_DIVERGED}), got {rec[key]!r}"
+        if rec.get("epoch_time_s") is not None and not (_finite(rec["epoch_time_s"]) and rec["epoch_time_s"] >= 0):
+            return f"curve: epoch_time_s must be a finite number >= 0 or null, got {rec['epoch_time_s']!r}"
     return None
 
 
@@ -302,9 +384,10 @@ def run_one(
     study_dir: Path,
     runs_root: Path,
     slot: WorkerSlot,
-    procs: dict[int, subprocess.Popen] | None = None,
-) -> dict[str, Any]:
-    """Train one run (resuming an interrupted attempt) and write its result JSON; raises RunFailed on failure."""
+    trainings: Trainings | None = None,
+) -> dict[str, Any] | None:
+    """Train one run (resuming an interrupted attempt) and write its result JSON; raises RunFailed on failure, and
+    returns None without starting it once `trainings` is stopped."""
     run_dir = Path(runs_root) / spec.run_id
     log = log_path(runs_root, spec)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -314,15 +397,15 @@ def run_one(
     with open(log, "ab") as log_file:
         began = os.fstat(log_file.fileno()).st_size  # this attempt's output starts here (earlier ones stay above)
         # A new session so an interrupt of the sweep can stop the whole training process group.
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=slot.env(), start_new_session=True,
-                                preexec_fn=_stop_with_parent)
-        if procs is not None:
-            procs[proc.pid] = proc
+        proc = (trainings or Trainings()).start(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=slot.env(),
+                                                start_new_session=True, preexec_fn=_stop_with_parent)
+        if proc is None:
+            return None
         try:
             rc = proc.wait()
         finally:
-            if procs is not None:
-                procs.pop(proc.pid, None)
+            if trainings is not None:
+                trainings.finished(proc)
     wall = time.time() - start
     if rc != 0:
         raise run_failed(spec, rc, log, began)
@@ -365,43 +448,86 @@ def run_all(
     free: queue.Queue[WorkerSlot] = queue.Queue()
     for slot in slots:
         free.put(slot)
-    procs: dict[int, subprocess.Popen] = {}
+    trainings = Trainings()
     lock = threading.Lock()
-    stop = threading.Event()
 
     def task(spec: RunSpec) -> RunSpec:
         slot = free.get()
         try:
-            if stop.is_set():  # another run failed or the sweep was interrupted: start nothing new
+            if trainings.stopped:  # another run failed or the sweep was interrupted: start nothing new
                 return spec
-            result = run_one(spec, study_dir, runs_root, slot, procs)
+            result = run_one(spec, study_dir, runs_root, slot, trainings)  # None: stopped as it was to start
         except BaseException:
-            # Set before the slot is freed: a queued run would otherwise take it and start a training before the
+            # Stopped before the slot is freed: a queued run would otherwise take it and start a training before the
             # main thread has seen this failure.
-            stop.set()
+            trainings.stop()
             raise
         finally:
             free.put(slot)
-        if progress is not None:
+        if progress is not None and result is not None:
             with lock:
                 progress(spec, result)
         return spec
 
     pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="sweep-worker")
-    futures = [pool.submit(task, s) for s in todo]
+    futures = []
     try:
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            f.result()  # re-raise the first failure
+        futures += [pool.submit(task, s) for s in todo]  # inside: an interrupt while submitting stops them too
+        pending = set(futures)
+        while pending:
+            # Woken every WAKE_S: the kernel may hand a Ctrl-C or SIGTERM to a worker thread, where Python only
+            # flags it for the main thread, which, asleep until a run fails or all finish, trained them all first.
+            done, pending = wait(pending, timeout=WAKE_S, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()  # re-raise the first failure
     except BaseException:
-        stop.set()
         for f in futures:
             f.cancel()
-        _terminate(procs)
+        trainings.terminate()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return todo
+
+
+class Trainings:
+    """The sweep's running training processes. Once stopped, none starts: the stop and each start (its check,
+    fork and registration) hold one lock, so a stop never misses a training being forked (it then waited for
+    that whole run)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the sweep is stopping (a start would then be refused)."""
+        return self._stopped
+
+    def start(self, cmd: Sequence[str], **popen: Any) -> subprocess.Popen | None:
+        """Popen(cmd, **popen), registered; None (nothing started) once the sweep is stopped."""
+        with self._lock:
+            if self._stopped:
+                return None
+            proc = subprocess.Popen(cmd, **popen)
+            self._procs[proc.pid] = proc
+            return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        """Forget a training that has exited."""
+        with self._lock:
+            self._procs.pop(proc.pid, None)
+
+    def stop(self) -> list[subprocess.Popen]:
+        """Start nothing more; the trainings running now."""
+        with self._lock:
+            self._stopped = True
+            return list(self._procs.values())
+
+    def terminate(self, grace: float = 10.0) -> None:
+        """Stop, then end every running training (SIGTERM, SIGKILL after `grace` seconds)."""
+        _terminate(self.stop(), grace)
 
 
 def _prctl() -> Any:
@@ -426,11 +552,8 @@ def _stop_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, 15)  # SIGTERM: the training saves nothing half-written and exits 143
 
 
-def _terminate(procs: dict[int, subprocess.Popen], grace: float = 10.0) -> None:
+def _terminate(live: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
     """SIGTERM each live training process group, then SIGKILL whatever is left after `grace` seconds."""
-    import signal
-
-    live = list(procs.values())
     for p in live:
         if p.poll() is None:
             try:

@@ -170,9 +170,11 @@ def run_study(
         raise ValueError(f"unknown study {study!r}; expected one of {plan.STUDIES}")
     if dry_run:
         stab, tuned_runs, _ = plan_study(cfg, study, study_dir)
+        # The commands the workers run: every slot has the same threads (only its GPU differs, in the environment).
+        threads = slots[0].threads if slots else None
         for s in list(dict.fromkeys((*stab, *tuned_runs))):
             state = "done" if runner.is_done(study_dir, s) else "todo"
-            print(state, " ".join(runner.build_command(s, Path(runs_root) / s.run_id)))
+            print(state, " ".join(runner.build_command(s, Path(runs_root) / s.run_id, threads)))
         pending = len(_all_keys(cfg)) - len({(s.model, s.optimizer) for s in tuned_runs})
         if plan.tuned_epochs(cfg, study) and pending:
             print(f"(+ tuned runs for {pending} model/optimizer pairs, planned once their stability runs finish)")
