@@ -2,13 +2,17 @@
 model directories staged (and verified) in a temporary directory, and the renames that publish them.
 
 Everything is staged beside the repository, or inside it, hidden, where it is a mount point (a rename from beside it
-would cross mounts), then renamed into place. A killed run's staging directory is removed by the next run, which
-says what the killed run had not published: its staging directory holds just that.
+would cross mounts), then renamed into place. A model that exists already is staged whole (its earlier versions
+hard-linked, its kept files copied) and swapped in by one RENAME_EXCHANGE: a reader (a server loading it, Triton
+polling) finds the old model directory or the new one, never a version beside a config that does not fit it. A
+killed run's staging directory is removed by the next run, which says what the killed run had not published: its
+staging directory holds just that.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -35,7 +39,7 @@ from models.bundle import (
 )
 from models.bundle import TRITON_CONFIG_FILE as CONFIG_FILE
 from models.bundle import TRITON_LABELS_FILE as LABELS_FILE
-from models.io import atomic_write_bytes, is_mount_point, not_a_file, remove_stale, resolve_path
+from models.io import atomic_write_bytes, exchange, is_mount_point, not_a_file, remove_stale, resolve_path
 from models.triton_layout import is_version_name, triton_reads, version_dirs
 
 # Where --out is a mount point (a volume, a PVC: the usual Triton and KServe layout), a rename from beside it into it
@@ -46,9 +50,13 @@ INSIDE_STAGING = ".export-triton."  # + 8 random characters + ".tmp" (tempfile.m
 INSIDE_LOCK = ".export-triton.lock"
 _INSIDE_LEFTOVER = re.compile(r"\.export-triton\.(?:[a-z0-9_]{8}\.tmp|lock)")
 # A staging directory's own entry, made (one mkdir) just before its first rename into the repository: a killed run's
-# staging directory with it had begun to publish. The backups of the files a publish replaces go in it. A hidden
-# name: no model is named so (models.bundle.NAME_RE).
+# staging directory with it had begun to publish. The backups of the files and model directories a publish replaces
+# go in it. A hidden name: no model is named so (models.bundle.NAME_RE).
 _PUBLISHING = ".publishing"
+_BACKUP = "old-"  # + random characters (tempfile.mkdtemp): one directory in _PUBLISHING per replaced entry
+# A hard link the file system or the kernel refuses (no links there, protected_hardlinks on another user's file, a
+# file at its link limit): the file is copied instead.
+_NO_LINK = (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
 
 
 def check_out(bundle: Path, out: Path, names: Sequence[str]) -> None:
@@ -189,7 +197,9 @@ def clear_leftovers(out: Path, *, inside: bool) -> str | None:
     else:  # the names models.io.remove_stale removes: tempfile.mkdtemp's, as the staging was made
         own = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp")
         found = [e for e in out.parent.iterdir() if own.fullmatch(e.name) and e.is_dir() and not e.is_symlink()]
-    left = {_unpublished(e) for e in found}
+    for staging in found:
+        _put_back_missing(staging, out)
+    left = {_unpublished(e, out) for e in found}
     if inside:
         for entry in found:
             shutil.rmtree(entry, ignore_errors=True)
@@ -204,22 +214,44 @@ def clear_leftovers(out: Path, *, inside: bool) -> str | None:
     return None
 
 
-def _unpublished(staging: Path) -> str | None:
+def _put_back_missing(staging: Path, out: Path) -> None:
+    """Put back the old model directories a killed run had moved aside (between the two renames of a swap without
+    RENAME_EXCHANGE) whose place in `out` it left empty."""
+    backups = staging / _PUBLISHING
+    if not backups.is_dir() or backups.is_symlink():
+        return
+    for kept in backups.glob(f"{_BACKUP}*/*"):
+        if kept.is_dir() and not kept.is_symlink() and not os.path.lexists(out / kept.name):
+            os.rename(kept, out / kept.name)
+
+
+def _unpublished(staging: Path, out: Path) -> str | None:
     """What the killed run that left `staging` had not published: "all" (it was still staging), "some" (it had
     begun to publish), or None: nothing (it had published everything, and only the removal of `staging` was left; or
     it had staged no file yet). `publish` drops from `staging` what it keeps before its first rename, so a file left
-    there, besides the backups in its `_PUBLISHING` directory, is one it had not published."""
+    there, besides the backups in its `_PUBLISHING` directory and an old model directory just swapped out of `out`,
+    is one it had not published."""
     try:
-        if not _holds_files(staging, skip=_PUBLISHING):
+        left = [e for e in staging.iterdir() if e.name != _PUBLISHING and not _swapped_out(e, out)]
+        if not any(_is_or_holds_file(e) for e in left):
             return None
         return "some" if (staging / _PUBLISHING).is_dir() else "all"
     except OSError:
         return "some"  # cannot tell: the note that assumes least
 
 
-def _holds_files(directory: Path, skip: str | None = None) -> bool:
-    """Whether `directory` holds a file (anything but a directory) at any depth, its entry `skip` left out."""
-    return any(e.name != skip and (e.is_symlink() or not e.is_dir() or _holds_files(e)) for e in directory.iterdir())
+def _swapped_out(entry: Path, out: Path) -> bool:
+    """Whether a staging directory's `entry` is the old model directory a publish swapped out of `out` (it lies where
+    the staged one was until it joins the backups): the staged one holds a version its model in `out` lacks, the old
+    one none."""
+    if entry.is_symlink() or not entry.is_dir() or not (out / entry.name).is_dir():
+        return False
+    return set(version_dirs(entry)) <= set(version_dirs(out / entry.name))
+
+
+def _is_or_holds_file(entry: Path) -> bool:
+    """Whether `entry` is a file (anything but a directory), or a directory holding one at any depth."""
+    return entry.is_symlink() or not entry.is_dir() or any(_is_or_holds_file(e) for e in entry.iterdir())
 
 
 def missing_parents(out: Path) -> list[Path]:
@@ -286,7 +318,8 @@ def publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_confi
             kept: list[Path], keep_labels: set[str]) -> list[Path]:
     """Rename the staged models (and the InferenceService, if staged) into `out`; undone if any step fails. An
     existing model's config.pbtxt that differs from the generated one is kept (and listed in `kept`) unless
-    `replace_config`, and so is the labels.txt of the models in `keep_labels`."""
+    `replace_config`, and so is the labels.txt of the models in `keep_labels`. An existing model directory is
+    replaced whole, in one step where the file system can (`_swap_model`)."""
     if not out.exists():  # a new repository: one rename
         os.rename(staging, out)
         return [out / name / str(v) for name, v in plan]
@@ -311,6 +344,7 @@ def publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_confi
                 # version keeps an edited one.
                 kept.append(dst / CONFIG_FILE)
             (src / CONFIG_FILE).unlink()
+        _complete(src, dst)
     done = staging / _PUBLISHING
     os.mkdir(done)
     undo: list[Callable[[], None]] = []
@@ -322,11 +356,7 @@ def publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_confi
                 os.rename(src, dst)
                 undo.append(lambda d=dst: shutil.rmtree(d))
             else:
-                os.rename(src / str(v), dst / str(v))  # not there: checked above, under the same lock
-                undo.append(lambda d=dst / str(v): shutil.rmtree(d))
-                for file in (LABELS_FILE, CONFIG_FILE):
-                    if (src / file).exists():  # not kept
-                        undo.append(_replace_file(src / file, dst / file, done))
+                undo.append(_swap_model(src, dst, done))
             written.append(dst / str(v))
         if (staging / ISVC_FILE).exists():  # not when the repository's edited one is kept
             undo.append(_replace_file(staging / ISVC_FILE, out / ISVC_FILE, done))
@@ -343,10 +373,70 @@ def version_exists(version_dir: Path) -> BundleError:
     return BundleError(f"{version_dir} already exists; versions are never overwritten (pass another --version)")
 
 
+def _complete(staged: Path, model_dir: Path) -> None:
+    """Make the staged model directory whole: what it lacks of the existing `model_dir` (its earlier versions, and
+    the config.pbtxt and labels.txt kept) is hard-linked or copied into it, so that it can replace `model_dir`."""
+    for entry in model_dir.iterdir():
+        if os.path.lexists(staged / entry.name):  # the new version, or a generated file that replaces the old one
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            _link_tree(entry, staged / entry.name)
+        else:  # a kept file: a copy of its own (the user edits it in place; the old directory is discarded)
+            shutil.copy2(entry, staged / entry.name, follow_symlinks=False)
+    shutil.copymode(model_dir, staged)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Recreate the directory `src` as `dst`, each file hard-linked (no space taken: an engine is hundreds of MB; a
+    backend holding one open reads the same file), or copied where the file system links none."""
+    os.mkdir(dst)
+    for entry in src.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            _link_tree(entry, dst / entry.name)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), dst / entry.name)
+        else:
+            try:
+                os.link(entry, dst / entry.name)
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                shutil.copy2(entry, dst / entry.name)
+    shutil.copystat(src, dst, follow_symlinks=False)  # last: adding its entries changed its times
+
+
+def _swap_model(src: Path, dst: Path, backups: Path) -> Callable[[], None]:
+    """Replace the model directory `dst` by the whole staged one `src`, the old one kept under `backups`; returns
+    what puts the old one back. In one step (RENAME_EXCHANGE): a reader finds the old directory or the new one, each
+    config.pbtxt beside the versions it was written for. Where the file system cannot, in two renames, between which
+    `dst` is missing: after a kill there, the next run puts it back (`clear_leftovers`)."""
+    swapped = exchange(src, dst)
+    backup = Path(tempfile.mkdtemp(prefix=_BACKUP, dir=backups)) / dst.name
+    if swapped:
+        os.rename(src, backup)  # the old directory, now where the staged one was
+        return lambda: _put_back(backup, dst)
+    os.rename(dst, backup)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        if not os.path.lexists(dst):  # the rename failed (not an interruption after it)
+            os.rename(backup, dst)
+        raise
+    return lambda: _put_back(backup, dst)
+
+
+def _put_back(backup: Path, dst: Path) -> None:
+    """Undo `_swap_model`: the old model directory `backup` in place of the new `dst` again."""
+    if exchange(backup, dst):
+        return
+    shutil.rmtree(dst)
+    os.rename(backup, dst)
+
+
 def _replace_file(src: Path, dst: Path, backups: Path) -> Callable[[], None]:
     """Atomically replace `dst` by `src`, a copy of the old `dst` kept under `backups`; returns what puts the old
     `dst` back (or removes the new one)."""
-    backup = Path(tempfile.mkdtemp(prefix="old-", dir=backups)) / dst.name
+    backup = Path(tempfile.mkdtemp(prefix=_BACKUP, dir=backups)) / dst.name
     had = dst.exists()
     if had:
         shutil.copy2(dst, backup)

@@ -34,6 +34,10 @@ from serve.stats import ModelStats
 
 log = logging.getLogger("vitc.serve")
 BUNDLE_VERSION = "1"  # a bundle served directly has one version
+# A load reads its directory by path, in steps (manifest, files, golden inputs): `python -m export` (RENAME_EXCHANGE
+# of the bundle) or `export.triton` (of the model directory) swapping it in between mixes the old and the new, which
+# the checks refuse as tampered. The load is then made again from the new directory, whole, this many times at most.
+LOAD_ATTEMPTS = 4
 MAX_PEEK = 256  # directory entries looked at to tell what an empty --model-dir holds instead
 
 
@@ -360,11 +364,44 @@ def _looks_like_repository(root: Path) -> bool:
 def load_model(source: ModelSource | str, settings: Settings, label: str | None = None) -> ServedModel:
     """Read, verify and load one model (a bundle, or the repository version its config selects); ServeError with
     one line (Unavailable: a repository model whose runtime cannot run here), calling the model `label` (by default
-    as the command line gives it, NAME=PATH or PATH; a load requested over HTTP passes its name)."""
+    as the command line gives it, NAME=PATH or PATH; a load requested over HTTP passes its name). A directory
+    replaced while it loaded (an export swapping it in) is loaded again, up to LOAD_ATTEMPTS times."""
     if isinstance(source, str):
         name, path = parse_model_arg(source)
         source = ModelSource(path, name)
     label = source.describe() if label is None else label
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        before = _identity(source.path)
+        try:
+            model = _load_once(source, settings, label)
+        except ServeError:
+            if _identity(source.path) == before:  # nothing was swapped: the reason is the model's own
+                raise
+            if attempt == LOAD_ATTEMPTS:  # never the mix's verdict ("tampered"): it describes no bundle
+                # Its directory is not named: a load's answer tells no client where the models lie.
+                raise ServeError(f"model {label!r}: its directory was replaced while it was loaded, {LOAD_ATTEMPTS} "
+                                 "times in a row (an export writing it?): load it again once the export ends") from None
+        else:
+            if _identity(source.path) == before or attempt == LOAD_ATTEMPTS:  # last: verified, if not the newest
+                return model
+            model.backend.close()  # it loaded, but may pair one directory's config with the other's version
+        log.info("model replaced while it loaded: loading it again",
+                 extra={"model": label, "path": str(source.path), "attempt": attempt + 1})
+    raise AssertionError("unreachable")  # the loop returns or raises at its last attempt
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """What tells the directory at `path` from one swapped in for it: its device and inode (a file written inside
+    it, or edited, changes neither: only a swap makes a load start again); None if it is not there."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load_once(source: ModelSource, settings: Settings, label: str) -> ServedModel:
+    """One attempt of `load_model`."""
     start = time.perf_counter()
     try:
         version, path, config = source.selected()

@@ -168,7 +168,7 @@ def test_the_run_after_a_kill_at_any_step_says_only_what_is_true(bundle, tmp_pat
     assert n > 10 and seen["left"] >= n - 4, seen  # stopped at every step; its staging directory (in the mount) left
     assert seen["nothing"] > 1 and seen["marker only"] <= 1 and seen["all"] > 1, seen
     # Kept files are not published: the version's rename is then the whole publish.
-    assert seen["part"] == 0 if edited else seen["part"] >= 3, seen  # the version, labels, config: one rename each
+    assert seen["part"] == 0 if edited else seen["part"] >= 3, seen  # each step of the publish
 
 
 def test_a_new_repository_is_one_rename_so_a_kill_leaves_it_absent_or_whole(bundle, tmp_path, monkeypatch):
