@@ -15,12 +15,14 @@ import re
 import shutil
 import signal
 import stat
+import struct
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from models.oneline import first_line
 
@@ -64,8 +66,30 @@ def not_a_file(path: str | os.PathLike) -> str | None:
         return exc.strerror or str(exc)
     if stat.S_ISREG(st.st_mode):
         return None
-    kind = next((what for test, what in _FILE_KINDS if test(st.st_mode)), "not a file")
-    return f"is not a regular file ({kind})"
+    return f"is not a regular file ({_file_kind(st.st_mode)})"
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, from its mode ("a FIFO", "a directory", ...)."""
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a file")
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """At most `max_bytes` + 1 bytes of `path`, a regular file (through symbolic links, as `not_a_file` takes
+    them); ValueError "is not a regular file (a FIFO)" for anything else, told from the descriptor it opened without
+    waiting (a FIFO is never waited on, a device never read, whatever was swapped in after a check), OSError when it
+    cannot be opened or read. The caller refuses more than `max_bytes` (the + 1 tells it there was more)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"is not a regular file ({_file_kind(mode)})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read(max_bytes + 1)  # never more than the cap, even when the file grows while it is read
 
 
 def ensure_dir(path: Path) -> None:
@@ -479,13 +503,15 @@ def read_strict_json(path: str | os.PathLike, max_bytes: int) -> Any:
     return parse_strict_json(data, max_bytes)
 
 
-def parse_strict_json(data: bytes, max_bytes: int) -> Any:
-    """`read_strict_json` on bytes already read (a writer checks what it is about to write the same way)."""
+def parse_strict_json(data: bytes, max_bytes: int, *, non_finite: bool = False) -> Any:
+    """`read_strict_json` on bytes already read (a writer checks what it is about to write the same way).
+    `non_finite`: NaN, Infinity and numbers past a float's range are read as Python's json reads them (records an
+    earlier writer made with json.dumps, whose own checks say where such a number may stand)."""
     if len(data) > max_bytes:
         raise ValueError(f"larger than {max_bytes >> 20} MiB")
+    numbers = {} if non_finite else {"parse_constant": _refuse_constant, "parse_float": _finite_float}
     try:
-        doc = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float,
-                         object_pairs_hook=_unique_keys)
+        doc = json.loads(data, object_pairs_hook=_unique_keys, **numbers)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except _RepeatedKey as exc:
@@ -549,3 +575,77 @@ def _json_depth(doc: Any) -> int:
                 return deepest
             stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
     return deepest
+
+
+ZIP_END = b"PK\x05\x06"  # the end-of-central-directory record's signature (22 bytes, then a comment)
+ZIP64_LOCATOR = b"PK\x06\x07"  # the zip64 end record's locator (20 bytes, just before the end record)
+ZIP64_END = b"PK\x06\x06"  # the zip64 end record (56 bytes without extensible data, just before its locator)
+ZIP_ENTRY = b"PK\x01\x02"  # a central directory entry's signature
+ZIP_ENTRY_BYTES = 46  # a central directory entry before its name, extra field and comment
+_ZIP_END_BYTES = 22
+_ZIP64_BYTES = 56 + 20  # the zip64 end record and its locator
+
+
+@dataclass(frozen=True)
+class ZipEnd:
+    """What a zip's end records say of its central directory, read before anything reads the directory."""
+
+    entries: int  # the largest entry count any of its records gives (0xFFFF and 0xFFFFFFFF defer to a zip64 one)
+    directory: int  # the largest central directory size in bytes any of them gives
+    classic_entries: int  # the classic end record's own total count
+    classic_directory: int  # and its own directory size
+    zip64: bool  # a zip64 locator's signature stands before the end record, in the file's last 64 KiB
+    consistent: bool  # the records agree, and a directory of that size that can hold that many entries starts where
+    # zipfile reads it: where one is not, the records changed (or were written to mislead)
+
+
+def read_zip_end(f: BinaryIO) -> ZipEnd | None:
+    """The end records of the zip open in `f` (binary, seekable), found as zipfile finds them (the last 22 bytes
+    without a comment, else the last record signature in the last 64 KiB), None where there is none. Reads at most
+    64 KiB and 160 bytes, so the entries and bytes of the directory (what zipfile parses, and allocates for, before
+    anyone can look at it: 1.5 million empty entries took 30 s and 0.9 GB) are bounded before it is read."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - (_ZIP_END_BYTES + 0xFFFF)))  # the record and a comment of at most 64 KiB
+    tail = f.read()
+    end = len(tail) - _ZIP_END_BYTES
+    if not (end >= 0 and tail.startswith(ZIP_END, end) and tail.endswith(b"\0\0")):
+        end = tail.rfind(ZIP_END)
+        if not 0 <= end <= len(tail) - _ZIP_END_BYTES:
+            return None
+    record = size - len(tail) + end
+    _, _, _, here, total, directory, _, _ = struct.unpack("<4sHHHHIIH", tail[end:end + _ZIP_END_BYTES])
+    counts, sizes, start = [here, total], [directory], record - directory
+    if found := _zip64_records(f, record):  # their values count over the classic record's
+        counts = [c for c in counts if c != 0xFFFF] + [c for _, c64, t64, _ in found for c in (c64, t64)]
+        sizes = [s for s in sizes if s != 0xFFFFFFFF] + [d64 for *_, d64 in found]
+        if found[0][0] == record - _ZIP64_BYTES:  # the record zipfile reads (just before the locator)
+            start = found[0][0] - found[0][3]
+    entries, most = max(counts), max(sizes)
+    consistent = (len(set(counts)) == 1 and len(set(sizes)) == 1 and entries * ZIP_ENTRY_BYTES <= most
+                  and start >= 0 and (entries == 0 or _starts_with(f, start, ZIP_ENTRY)))
+    return ZipEnd(entries, most, total, directory, tail.rfind(ZIP64_LOCATOR, 0, end) >= 0, consistent)
+
+
+def _zip64_records(f: BinaryIO, record: int) -> list[tuple[int, int, int, int]]:
+    """(where, entries on its disk, entries, directory bytes) of each zip64 end record that a locator just before
+    the end record (at `record`) leads to: the one zipfile reads (just before the locator), then the one at the
+    locator's offset (where other readers look); none without such a locator."""
+    if record < 20 or not _starts_with(f, record - 20, ZIP64_LOCATOR):
+        return []
+    offset = int.from_bytes(_read_at(f, record - 12, 8), "little")
+    found = []
+    for at in dict.fromkeys((record - _ZIP64_BYTES, offset)):
+        if 0 <= at <= record - _ZIP64_BYTES and _starts_with(f, at, ZIP64_END):
+            fields = _read_at(f, at + 24, 24)
+            found.append((at, *(int.from_bytes(fields[i:i + 8], "little") for i in (0, 8, 16))))
+    return found
+
+
+def _starts_with(f: BinaryIO, at: int, signature: bytes) -> bool:
+    return _read_at(f, at, len(signature)) == signature
+
+
+def _read_at(f: BinaryIO, at: int, n: int) -> bytes:
+    """`n` bytes of `f` from `at`, zero-padded where the file ends sooner (it may shrink while it is read)."""
+    f.seek(at)
+    return f.read(n).ljust(n, b"\0")

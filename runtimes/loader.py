@@ -37,6 +37,7 @@ from models.bundle import (
     verify_files,
 )
 from models.failures import memory_failure
+from models.io import read_zip_end
 from models.preprocessing import normalize
 from models.tolerance import TOLERANCES
 from runtimes import registry
@@ -433,16 +434,14 @@ def _golden_zip(path: Path) -> zipfile.ZipFile:
     if size > MAX_GOLDEN_BYTES:
         raise BundleError(f"the file is larger than {MAX_GOLDEN_BYTES >> 20} MiB")
     with path.open("rb") as f:
-        f.seek(max(0, size - (22 + 0xFFFF)))  # the record (22 bytes) and a comment of at most 64 KiB
-        tail = f.read()
-    end = tail.rfind(b"PK\x05\x06")
-    if 0 <= end <= len(tail) - 22:
-        entries = int.from_bytes(tail[end + 10:end + 12], "little")
-        directory = int.from_bytes(tail[end + 12:end + 16], "little")  # what zipfile reads, whatever the count says
-        if entries > MAX_GOLDEN_MEMBERS or directory > MAX_GOLDEN_DIRECTORY:  # 0xFFFF... (zip64) included
+        end = read_zip_end(f)
+    if end is not None:
+        # The classic record's count and size (what zipfile reads, whatever the count says); 0xFFFF... (zip64) too.
+        entries, directory = end.classic_entries, end.classic_directory
+        if entries > MAX_GOLDEN_MEMBERS or directory > MAX_GOLDEN_DIRECTORY:
             raise BundleError(f"its zip directory holds {entries:,} entries in {directory:,} bytes, at most "
                               f"{MAX_GOLDEN_MEMBERS} entries in {MAX_GOLDEN_DIRECTORY:,} bytes expected")
-        if tail.rfind(b"PK\x06\x07", 0, end) >= 0:  # a zip64 locator: zipfile would trust its sizes instead
+        if end.zip64:  # a zip64 locator: zipfile would trust its sizes instead
             raise BundleError("it is a zip64 archive, which no golden file needs")
     z = zipfile.ZipFile(path)  # (no record: zipfile says what is wrong)
     try:

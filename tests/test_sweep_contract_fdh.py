@@ -88,7 +88,6 @@ def test_an_absent_empty_or_study_out_is_accepted(tmp_path, capsys):
 def test_a_stop_while_a_training_starts_stops_that_training_too(tmp_path, monkeypatch):
     """SIGTERM (or Ctrl-C) just as a training was forked: the sweep's stop took its snapshot of the running
     trainings before the new one was registered, missed it, and then waited for that whole run."""
-    from train.sweep.__main__ import _interrupt
 
     real_popen, real_terminate = subprocess.Popen, runner._terminate
     main_thread = threading.main_thread().ident
@@ -114,18 +113,7 @@ def test_a_stop_while_a_training_starts_stops_that_training_too(tmp_path, monkey
 
     monkeypatch.setattr(runner, "_terminate", terminate)
     monkeypatch.setattr(subprocess, "Popen", popen)
-    specs = [RunSpec("vit_c_micro", "digits", "adamw", 1e-3, 0.05, 1, seed) for seed in range(2)]
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with pytest.raises(Terminated):
-            runner.run_all(specs, tmp_path / "study", tmp_path / "runs", runner.make_slots(1, threads=1))
-        assert len(started) == 1  # the queued run never started
-        assert started[0].poll() == -signal.SIGTERM, "the training being started was not stopped"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for proc in started:
-            proc.kill()
-            proc.wait()
+    _stopped_sweep(tmp_path, started, "the training being started was not stopped")
     assert not any((tmp_path / "study").glob("run-results/*.json"))
 
 
@@ -133,7 +121,6 @@ def test_a_stop_the_kernel_gives_a_worker_thread_stops_the_sweep(tmp_path, monke
     """kill(2) of the sweep hands the signal to any of its threads: one that landed on the worker thread (forking
     the next training as the previous one's result appeared) only flagged it, and the main thread, asleep until a
     run failed or all had finished, trained every remaining run before it said "interrupted"."""
-    from train.sweep.__main__ import _interrupt
 
     real_popen = subprocess.Popen
     started: list[subprocess.Popen] = []
@@ -147,12 +134,20 @@ def test_a_stop_the_kernel_gives_a_worker_thread_stops_the_sweep(tmp_path, monke
         return proc
 
     monkeypatch.setattr(subprocess, "Popen", popen)
+    _stopped_sweep(tmp_path, started, "the sweep trained on")
+
+
+def _stopped_sweep(tmp_path, started: list[subprocess.Popen], why: str) -> None:
+    """Two runs through run_all, one slot, SIGTERM handled as the CLI does: it must end in Terminated with the one
+    training started (the queued one never) ended by that SIGTERM."""
+    from train.sweep.__main__ import _interrupt
+
     specs = [RunSpec("vit_c_micro", "digits", "adamw", 1e-3, 0.05, 1, seed) for seed in range(2)]
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with pytest.raises(Terminated):
             runner.run_all(specs, tmp_path / "study", tmp_path / "runs", runner.make_slots(1, threads=1))
-        assert len(started) == 1 and started[0].poll() == -signal.SIGTERM, "the sweep trained on"
+        assert len(started) == 1 and started[0].poll() == -signal.SIGTERM, why
     finally:
         signal.signal(signal.SIGTERM, previous)
         for proc in started:

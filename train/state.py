@@ -6,16 +6,20 @@ arbitrary unpickling). The file is replaced in one rename: a kill at any moment 
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import errno
 import io
+import itertools
 import math
 import os
 import pickle
+import pickletools
 import random
 import re
+import reprlib
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ import torch
 
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
 from models.failures import memory_failure
-from models.io import atomic_write_bytes, not_a_file
+from models.io import ZIP_ENTRY_BYTES, atomic_write_bytes, not_a_file, read_zip_end
 from models.jsonfields import is_finite, is_int, is_number
 
 RESUME_FILE = "resume.pt"
@@ -32,6 +36,19 @@ STATE_VERSION = 1
 MT_KEYS = 624  # words of Mersenne Twister state (numpy and Python)
 MAX_PICKLE_BYTES = 32 << 20  # a resume state's pickle: names and small values (tensors live beside it)
 MAX_REASON = 300  # characters of a damage reason (a size-mismatch list can run to pages)
+# Entries of a resume state's zip: torch.save writes one a tensor storage plus a few records, and the largest model's
+# state (weights, EMA, AdamW's buffers, RNG states) holds under 1,800. Checked from the end record, before zipfile
+# reads the directory (1,000,000 empty entries, 85 MB, took 30 s and 500 MB to list).
+MAX_RESUME_ENTRIES = 20_000
+MAX_RESUME_DIRECTORY = MAX_RESUME_ENTRIES * (ZIP_ENTRY_BYTES + 320)  # bytes: an entry's header, name and extra field
+# Values in one tuple of the pickle, those of the tuples in it counted each time they are: Python hashes a tuple
+# through all of them, and torch.load hashes every dict key it sets (`x = (x, x)` 40 times: 2**40 values, hours).
+# torch.save's largest tuples hold a tensor's shape and strides.
+MAX_TUPLE_VALUES = 1 << 16
+# Values in the state, each counted as often as it is referred to (what a walk over it meets): a value of the pickle
+# takes a byte of it at least, so only the same values referred to over and over reach more than it could spell out.
+MAX_STATE_VALUES = MAX_PICKLE_BYTES
+MAX_STATE_DEPTH = 32  # levels of nesting: a resume state has 6 (progress.history[i].key -> value)
 
 
 def _history(x: object) -> bool:
@@ -150,7 +167,7 @@ def load_resume(out_dir: str | os.PathLike, *, mmap: bool = False) -> dict[str, 
         raise _unreadable(path, "it", exc, torch_load=True) from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: not a version-{STATE_VERSION} resume state")
-    problem = check_resume(state)
+    problem = shape_problem(state) or check_resume(state)
     if problem:
         raise damaged(problem)
     return state
@@ -161,9 +178,12 @@ def check_archive(path: Path) -> None:
     uncompressed (so what loads is never larger than the file: a 1.4 MB deflated pickle took 5 GB), whose pickle is
     at most MAX_PICKLE_BYTES, and whose every member still matches the CRC-32 recorded for it. Checked from the zip
     directory, then by reading each member, before anything is unpickled. Bytes changed anywhere (a member, its
-    headers, the directory, the end records) are the one corrupt refusal (`_corrupt`), wherever they show."""
+    headers, the directory, the end records) are the one corrupt refusal (`_corrupt`), wherever they show. What
+    only a hand could write, refused as not vitc's: a directory larger than any vitc writes (from the end records,
+    before zipfile reads it), and a pickle that would cost more to load than its size (`pickle_problem`)."""
     import zipfile
 
+    _check_zip_end(path)
     try:
         archive = zipfile.ZipFile(path)
     # zipfile reading a damaged directory raises nearly any type (BadZipFile, NotImplementedError for a "version
@@ -186,10 +206,39 @@ def check_archive(path: Path) -> None:
             if m.compress_type != zipfile.ZIP_STORED or m.compress_size != m.file_size or \
                     m.external_attr & _DOS_DIRECTORY:
                 raise _corrupt(path, f"member {name!r} has a damaged directory entry ({_entry_fault(m)})")
-            if m.filename.lower().endswith("data.pkl") and m.file_size > MAX_PICKLE_BYTES:  # torch finds any case
+            if _is_pickle(m.filename) and m.file_size > MAX_PICKLE_BYTES:
                 raise CheckpointError(f"cannot read resume state {path}: its pickle is {m.file_size:,} bytes, more "
                                       f"than the {MAX_PICKLE_BYTES:,} a resume state needs")
-        _check_crcs(path, archive, members)
+        if sum(_is_pickle(m.filename) for m in members) > 1:  # torch.save writes one; which one torch reads is its own
+            raise CheckpointError(f"cannot read resume state {path}: it holds more than one pickle (data.pkl); it is "
+                                  f"not a resume state vitc wrote, and is not loaded")
+        pickled = _check_crcs(path, archive, members)
+    if pickled is not None and (problem := pickle_problem(pickled)):
+        raise CheckpointError(f"cannot read resume state {path}: its pickle {problem}; it is not a resume state vitc "
+                              f"wrote, and is not loaded")
+
+
+def _is_pickle(name: str) -> bool:
+    return name.lower().endswith("data.pkl")  # torch finds its pickle by name in any case
+
+
+def _check_zip_end(path: Path) -> None:
+    """CheckpointError unless the zip's end records list at most MAX_RESUME_ENTRIES entries in MAX_RESUME_DIRECTORY
+    bytes, read before zipfile reads the directory. Records that disagree with each other or with the directory are
+    the corrupt refusal (a flipped bit); a directory that does hold that many is a file vitc did not write."""
+    try:
+        with open(path, "rb") as f:
+            end = read_zip_end(f)
+    except OSError as exc:
+        raise _unreadable(path, "its zip end record", exc) from None
+    if end is None or (end.entries <= MAX_RESUME_ENTRIES and end.directory <= MAX_RESUME_DIRECTORY):
+        return  # (no record: zipfile says what is wrong)
+    listed = f"{end.entries:,} entries in {end.directory:,} bytes"
+    if not end.consistent:
+        raise _corrupt(path, f"its zip end record lists {listed}, which its directory does not hold")
+    raise CheckpointError(f"cannot read resume state {path}: its zip directory lists {listed}, more than any resume "
+                          f"state vitc writes ({MAX_RESUME_ENTRIES:,} entries in {MAX_RESUME_DIRECTORY:,} bytes at "
+                          "most: one a tensor); it is not a resume state vitc wrote, and is not loaded")
 
 
 CRC_CHUNK = 1 << 20  # bytes read at a time while a member's CRC-32 is checked: memory stays flat whatever its size
@@ -207,15 +256,19 @@ def _entry_fault(m: Any) -> str:
     return f"compression method {m.compress_type}"
 
 
-def _check_crcs(path: Path, archive: Any, members: list[Any]) -> None:
+def _check_crcs(path: Path, archive: Any, members: list[Any]) -> bytes | None:
     """Read every member (stored, so at most the file's size in all, CRC_CHUNK at a time) against the CRC-32 torch.save
     recorded for it. torch.load checks none of them: a flipped bit in a tensor would load, train on and end up in
-    the next checkpoint without a word (checkpoint.json guards its weights with a sha256; resume.pt has only this)."""
+    the next checkpoint without a word (checkpoint.json guards its weights with a sha256; resume.pt has only this).
+    Returns the pickle's bytes (at most MAX_PICKLE_BYTES, checked from the directory), None without one."""
+    pickled = None
     for m in members:
+        kept: list[bytes] | None = [] if _is_pickle(m.filename) else None
         try:
             with archive.open(m) as f:  # by its entry, not its name: a repeated name would hide the first
-                while f.read(CRC_CHUNK):
-                    pass
+                while chunk := f.read(CRC_CHUNK):
+                    if kept is not None:
+                        kept.append(chunk)
         # A wrong CRC-32, a truncated member, a mangled local header (a flipped bit in its flags or name reads as an
         # encrypted or compressed-patched member, or a name that is not UTF-8), an offset before the file's start.
         except Exception as exc:
@@ -224,6 +277,83 @@ def _check_crcs(path: Path, archive: Any, members: list[Any]) -> None:
             if "CRC" in str(exc) and not isinstance(exc, OSError):
                 raise _corrupt(path, f"member {m.filename[:80]!r} fails its CRC-32 check") from None
             raise _unreadable(path, f"member {m.filename[:80]!r}", exc) from None
+        if kept is not None:
+            pickled = b"".join(kept)
+    return pickled
+
+
+class _Pickled:
+    """One value on the stack `pickle_problem` follows: how many values it holds, counted as hashing or a walk meets
+    them (each time it refers to one), and whether the pickle referred to it again (fetched it from its memo)."""
+
+    __slots__ = ("referred", "values")
+
+    def __init__(self, values: int) -> None:
+        self.values, self.referred = min(values, MAX_TUPLE_VALUES + 1), False
+
+
+_TUPLES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"})
+_ADDS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})  # to the value below: kept
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET", "DUP"})
+
+
+def pickle_problem(data: bytes) -> str | None:
+    """Why unpickling `data` would cost more than its size, or None: a tuple of more than MAX_TUPLE_VALUES values
+    (torch.load's unpickler hashes each dict key it sets, through all of a tuple's values), or a value added to after
+    the pickle referred to it again (which torch.save never writes: only a value that contains itself needs it, and
+    without it every count here is final when it is read). Followed on the pickle's stack as an unpickler builds it,
+    without building anything; a pickle that does not parse is left to torch.load to refuse."""
+    stack: list[_Pickled | None] = []  # None: a mark
+    memo: dict[int, _Pickled] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if problem := _pickle_step(op, arg, stack, memo):
+                return problem
+    except (ValueError, IndexError, KeyError, AttributeError):  # not a pickle, or a stack it does not balance
+        return None
+    return None
+
+
+def _pickle_step(op: Any, arg: Any, stack: list[_Pickled | None], memo: dict[int, _Pickled]) -> str | None:
+    """Apply one opcode to `stack` and `memo` (sizes only); why it is refused, or None."""
+    name = op.name
+    if name in _MEMO_PUTS:
+        memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+        return None
+    if name in _MEMO_GETS:
+        value = stack[-1] if name == "DUP" else memo[arg]
+        value.referred = True
+        stack.append(value)
+        return None
+    taken = _pickle_pop(op, stack)
+    if name in _ADDS:
+        target = taken.pop()
+        if target.referred:
+            return "adds to a value after referring to it (a value that contains itself)"
+        target.values = min(MAX_TUPLE_VALUES + 1, target.values + sum(v.values for v in taken))
+        stack.append(target)
+        return None
+    values = 1 + sum(v.values for v in taken)
+    if name in _TUPLES and values > MAX_TUPLE_VALUES:
+        return (f"builds a tuple of more than {MAX_TUPLE_VALUES:,} values (the same tuples referred to over and over: "
+                "hashing it as a key would visit every one)")
+    stack.extend(None if s is pickletools.markobject else _Pickled(values) for s in op.stack_after)
+    return None
+
+
+def _pickle_pop(op: Any, stack: list[_Pickled | None]) -> list[_Pickled]:
+    """The values `op` takes from `stack`, topmost first (those above its mark, then those below it)."""
+    taken = []
+    below = len(op.stack_before)
+    if pickletools.markobject in op.stack_before:
+        while (value := stack.pop()) is not None:
+            taken.append(value)
+        below = op.stack_before.index(pickletools.markobject)
+    taken.extend(stack.pop() for _ in range(below))
+    if any(v is None for v in taken):  # a mark where a value stands: torch.load refuses that itself
+        raise IndexError("a mark in place of a value")
+    return taken
 
 
 def _corrupt(path: Path, what: str) -> CheckpointError:
@@ -265,6 +395,143 @@ def damaged(reason: object) -> CheckpointError:
     return CheckpointError(f"{RESUME_FILE} is damaged or from another run: {text}")
 
 
+class _Preview(reprlib.Repr):
+    """reprlib's repr for values read from resume.pt: a few items of a few levels (never the whole of a value that
+    refers to one list 2**40 times: repr builds it all before a format cuts it), tensors by dtype and shape, objects
+    of other types by their type's name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset, self.maxfrozenset = 3, 4, 6, 6, 4, 4
+        self.maxstring, self.maxlong, self.maxother = 60, 40, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # its decimal digits take time (and past 4,300 digits, raise)
+            return f"an integer of {x.bit_length()} bits"
+        return super().repr_int(x, level)
+
+    def repr_dict(self, x: dict[Any, Any], level: int) -> str:
+        """reprlib's, without sorting the keys first (a walk over all of them)."""
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        shown = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+                 for k, v in itertools.islice(x.items(), self.maxdict)]
+        return "{" + ", ".join(shown) + (", ..." if len(x) > self.maxdict else "") + "}"
+
+    def repr_instance(self, x: object, level: int) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+        for kind, shown in ((dict, self.repr_dict), (list, self.repr_list), (tuple, self.repr_tuple)):
+            if isinstance(x, kind):  # a subclass (OrderedDict, torch.Size) as its base shows
+                return shown(x, level)
+        if isinstance(x, bool | float | complex | type(None) | torch.dtype | torch.device):
+            return builtins.repr(x)
+        return f"a {type(x).__name__}"
+
+
+_PREVIEW = _Preview()
+MAX_PREVIEW = 80  # characters of a value quoted in a message
+
+
+def describe(value: object) -> str:
+    """A value read from resume.pt as a message quotes it: a bounded preview (`_Preview`), at most MAX_PREVIEW
+    characters, built in bounded time whatever the value holds."""
+    return _PREVIEW.repr(value)[:MAX_PREVIEW]
+
+
+def _containers(value: object) -> Iterable[object]:
+    """What `value` holds, where it is a container (a dict's keys too: a tuple key is walked and hashed)."""
+    if isinstance(value, dict):
+        return itertools.chain(value.keys(), value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return value
+    return ()
+
+
+def _is_container(value: object) -> bool:
+    return isinstance(value, dict | list | tuple | set | frozenset)
+
+
+def _measure(root: object, seen: dict[int, tuple[int, int]]) -> str | None:
+    """Record in `seen` (by id) the values and levels of `root` and of each container in it: values counted as a
+    walk meets them (a shared one each time), yet each container visited once, without recursion. Why `root` cannot
+    be walked (it contains itself, or nests deeper than MAX_STATE_DEPTH), or None."""
+    stack: list[tuple[object, bool]] = [(root, False)]
+    open_: set[int] = set()  # the containers on the path to the one being visited
+    while stack:
+        value, done = stack.pop()
+        key = id(value)
+        if done:
+            open_.discard(key)
+            held = [seen.get(id(v), (1, 0)) for v in _containers(value)]
+            values = min(MAX_STATE_VALUES + 1, 1 + sum(n for n, _ in held))
+            seen[key] = (values, 1 + max((d for _, d in held), default=0))
+            continue
+        if key in seen or not _is_container(value):
+            continue
+        if key in open_:
+            return "holds a value that contains itself"
+        if len(open_) >= MAX_STATE_DEPTH:
+            return f"holds values nested more than {MAX_STATE_DEPTH} levels deep"
+        open_.add(key)
+        stack.append((value, True))
+        stack.extend((v, False) for v in _containers(value) if _is_container(v))
+    if seen.get(id(root), (1, 0))[1] > MAX_STATE_DEPTH:  # deeper below a value first met higher up
+        return f"holds values nested more than {MAX_STATE_DEPTH} levels deep"
+    return None
+
+
+def shape_problem(state: dict[str, Any]) -> str | None:
+    """Why `state` cannot be walked value by value, or None: it contains itself, nests deeper than MAX_STATE_DEPTH, or
+    holds more than MAX_STATE_VALUES values counted as a walk meets them. Measured before anything walks it (a
+    message's repr, the configuration's checks, a copy, the next save): torch.load keeps the pickle's references,
+    so 2 KB can hold a list that refers to one list 2**40 times, and a walk over it never ends."""
+    seen: dict[int, tuple[int, int]] = {}
+    for key, value in state.items():
+        if problem := _measure(value, seen):
+            return f"{_path([key])}: {problem}"
+    if sum(seen.get(id(v), (1, 0))[0] for v in state.values()) > MAX_STATE_VALUES:
+        return (f"{_path(_heaviest(state, seen))}: holds more than {MAX_STATE_VALUES:,} values, counted as a walk "
+                "meets them (the same values referred to over and over, as vitc never writes them)")
+    return None
+
+
+def _heaviest(state: dict[str, Any], seen: dict[int, tuple[int, int]]) -> list[object]:
+    """The keys that lead to where most of `state`'s values are: through its dicts, and lists of dicts."""
+    path: list[object] = []
+    value: object = state
+    while len(path) < MAX_STATE_DEPTH:
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) \
+            if isinstance(value, list | tuple) else []
+        if not items:
+            break
+        key, held = max(items, key=lambda item: seen.get(id(item[1]), (1, 0))[0])
+        if not (isinstance(value, dict) or isinstance(held, dict)):
+            break
+        path.append(key)
+        value = held
+    return path
+
+
+def _path(keys: list[object]) -> str:
+    """`keys` as a message names the place (config.epochs, optimizer.param_groups[0].lr)."""
+    text = ""
+    for key in keys:
+        text += f"[{key}]" if isinstance(key, int) else f".{key[:80]}" if isinstance(key, str) else f"[{describe(key)}]"
+    return text.removeprefix(".")
+
+
+def _option(x: object) -> bool:
+    """A configuration value as TrainConfig.to_dict writes it: a JSON scalar, or a list of them (betas, command)."""
+    return _scalar(x) or (isinstance(x, list | tuple) and all(_scalar(v) for v in x))
+
+
+def _scalar(x: object) -> bool:
+    return x is None or isinstance(x, bool | int | float | str)
+
+
 def _tensor_dict(x: object) -> bool:
     return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
 
@@ -300,12 +567,12 @@ def _check_progress(progress: object) -> str | None:
         if key not in progress:
             return f"progress: missing {key!r}"
         if not ok(progress[key]):
-            return f"progress.{key}: unexpected value {progress[key]!r:.80}"
+            return f"progress.{key}: unexpected value {describe(progress[key])}"
     # Written since resume.pt lists the corrupt files training replaced; older states go without.
     if "corrupt_files" in progress and not _strings(progress["corrupt_files"]):
         return "progress.corrupt_files: expected a list of paths"
     if not isinstance(progress.get("diverged", False), bool):
-        return f"progress.diverged: unexpected value {progress['diverged']!r:.80}"
+        return f"progress.diverged: unexpected value {describe(progress['diverged'])}"
     return _check_history(progress["history"])
 
 
@@ -321,14 +588,14 @@ def _check_history(history: list[dict[str, Any]]) -> str | None:
         where = f"progress.history[{i}]"
         for key, value in record.items():
             if not isinstance(key, str):
-                return f"{where}: unexpected key {key!r:.80}"
+                return f"{where}: unexpected key {describe(key)}"
             if not (value is None or isinstance(value, bool | str) or is_finite(value)):
-                return f"{where}.{key}: unexpected value {value!r:.80}"
+                return f"{where}.{key[:80]}: unexpected value {describe(value)}"
         for key in HISTORY_NUMBERS + HISTORY_FRACTIONS:
             value = record.get(key)
             if value is not None and not (_fraction(value) if key in HISTORY_FRACTIONS else is_finite(value)):
                 what = "a fraction in [0, 1]" if key in HISTORY_FRACTIONS else "a number"
-                return f"{where}.{key}: expected {what} or null, got {value!r:.80}"
+                return f"{where}.{key}: expected {what} or null, got {describe(value)}"
     return None
 
 
@@ -355,19 +622,19 @@ def _check_optimizer(opt: object) -> str | None:
             return f"{where}: missing 'lr'"
         for key in GROUP_NUMBERS:
             if key in group and not (is_finite(group[key]) and group[key] >= 0):
-                return f"{where}.{key}: expected a non-negative number, got {group[key]!r:.80}"
+                return f"{where}.{key}: expected a non-negative number, got {describe(group[key])}"
         betas = group.get("betas", (0.0, 0.0))
         if not (isinstance(betas, tuple | list) and len(betas) == 2
                 and all(is_finite(b) and 0 <= b < 1 for b in betas)):
-            return f"{where}.betas: expected two numbers in [0, 1), got {betas!r:.80}"
+            return f"{where}.betas: expected two numbers in [0, 1), got {describe(betas)}"
         for key in GROUP_FLAGS + GROUP_OPTIONAL_FLAGS:
             unset = key in GROUP_OPTIONAL_FLAGS and group.get(key) is None
             if key in group and not (isinstance(group[key], bool) or unset):
-                return f"{where}.{key}: expected true or false, got {group[key]!r:.80}"
+                return f"{where}.{key}: expected true or false, got {describe(group[key])}"
     for key, buffers in opt["state"].items():
         if not (_count(key) and isinstance(buffers, dict) and all(
                 isinstance(k, str) and (isinstance(v, torch.Tensor) or is_finite(v)) for k, v in buffers.items())):
-            return f"optimizer.state[{key!r:.20}]: expected a dict of tensors"
+            return f"optimizer.state[{describe(key)[:20]}]: expected a dict of tensors"
     return None
 
 
@@ -402,8 +669,8 @@ def settings_problem(groups: list[dict[str, Any]], run: list[dict[str, Any]], *,
                     return f"optimizer.param_groups[{i}] has no {key!r}, this run's is {value!r:.40}"
                 continue
             if _plain(was[key]) != _plain(value):
-                return (f"optimizer.param_groups[{i}].{key} is {was[key]!r:.40}, this run's {value!r:.40} (its "
-                        f"configuration)")
+                return (f"optimizer.param_groups[{i}].{key} is {describe(was[key])[:40]}, this run's {value!r:.40} "
+                        f"(its configuration)")
     return None
 
 
@@ -570,7 +837,7 @@ def _check_position(state: dict[str, Any]) -> str | None:
     batch, world = state.get("global_batch"), state.get("world_size")  # older states have neither
     for key, value in (("global_batch", batch), ("world_size", world)):
         if value is not None and not (is_int(value) and value >= 1):
-            return f"{key}: expected a whole number >= 1, got {value!r:.40}"
+            return f"{key}: expected a whole number >= 1, got {describe(value)[:40]}"
     if batch is not None and world is not None and batch % world:
         return f"global_batch {batch} is not a multiple of world_size {world}"
     if batch is not None and progress["samples_seen"] != progress["global_step"] * batch:
@@ -598,6 +865,9 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return f"missing {', '.join(missing)}"
     if not isinstance(state["config"], dict) or not all(isinstance(k, str) for k in state["config"]):
         return "config: expected a dict of options"
+    for key, value in state["config"].items():  # the configuration's own checks quote a wrong value in full
+        if not _option(value):
+            return f"config.{key[:80]}: expected a value or a list of values, got {describe(value)}"
     if not is_int(state["steps_per_epoch"]) or state["steps_per_epoch"] < 0:
         return "steps_per_epoch: expected a non-negative integer"
     if not _tensor_dict(state["model"]):
@@ -615,7 +885,7 @@ def check_resume(state: dict[str, Any]) -> str | None:
         return "scheduler: expected a dict"
     # The CPU threads the run computed with (`train.trainer.changed_numerics`); older states go without.
     if state.get("threads") is not None and not (is_int(state["threads"]) and state["threads"] >= 1):
-        return f"threads: expected a whole number >= 1, got {state['threads']!r:.40}"
+        return f"threads: expected a whole number >= 1, got {describe(state['threads'])[:40]}"
     return (_check_rng(state["rng"]) or _check_progress(state["progress"]) or _check_position(state)
             or _check_loss_sum(state) or _check_data(state.get("data")))
 

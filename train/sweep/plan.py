@@ -12,12 +12,12 @@ Methodology (the paper's, at small scale):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.io import parse_strict_json, read_regular_file
 from train.config import OPTIMIZERS
 from train.sweep.sampling import sample_lr_wd
 from train.sweep.spec import RunSpec
@@ -280,9 +280,9 @@ def recorded_study(study_dir: Path) -> tuple[StudyConfig, str] | None:
     if not path.is_file():
         return None
     try:
-        if path.stat().st_size > MAX_STUDY_BYTES:  # a record is a few KB: never read a huge file whole
-            raise ValueError(f"larger than {MAX_STUDY_BYTES} bytes")
-        doc = json.loads(path.read_text())
+        # A regular file (one swapped for a FIFO is not waited on), a few KB: never more than MAX_STUDY_BYTES of it
+        # read, its nesting bounded.
+        doc = parse_strict_json(read_regular_file(path, MAX_STUDY_BYTES), MAX_STUDY_BYTES, non_finite=True)
         study, config = doc["study"], doc["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a readable study record ({type(exc).__name__}: {exc})") from None

@@ -9,12 +9,14 @@ as --out); a retried run continues its interrupted training from resume.pt.
 
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
 import queue
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -23,11 +25,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from models.checkpoint import META_FILE, read_checkpoint_meta
 from models.host import usable_cpus
-from models.io import atomic_write_json
+from models.io import atomic_write_json, not_a_file, parse_strict_json, read_regular_file
 from models.jsonfields import Fields
 from train.report import METRICS_FILE, read_metrics
 from train.sweep.spec import RunSpec
@@ -177,13 +179,15 @@ def read_result(study_dir: Path, spec: RunSpec) -> tuple[dict[str, Any] | None, 
     """(result, None) for a finished run, (None, None) without a result file, (None, why) for a damaged one."""
     path = result_path(study_dir, spec)
     try:
-        if path.stat().st_size > MAX_RESULT_BYTES:  # a result is a few KB: never read a huge file whole
-            return None, f"larger than {MAX_RESULT_BYTES} bytes"
-        data = json.loads(path.read_text())
+        # A regular file (a FIFO or a device is refused unread), at most MAX_RESULT_BYTES of it, nesting bounded; NaN
+        # stays readable (a diverged run's error, as earlier sweeps wrote it).
+        data = parse_strict_json(read_regular_file(path, MAX_RESULT_BYTES), MAX_RESULT_BYTES, non_finite=True)
     except FileNotFoundError:
         return None, None
-    except (OSError, ValueError) as exc:  # unreadable, truncated, not UTF-8 or not JSON
-        return None, f"{type(exc).__name__}: {exc}"
+    except OSError as exc:  # unreadable
+        return None, f"{type(exc).__name__}: {exc.strerror or exc}"
+    except ValueError as exc:  # not a regular file, too large, truncated, not UTF-8, not JSON or nested too deeply
+        return None, str(exc)
     problem = result_problem(data, spec)
     return (None, problem) if problem else (data, None)
 
@@ -330,26 +334,81 @@ def log_path(runs_root: Path, spec: RunSpec) -> Path:
     return Path(runs_root) / f"{spec.run_id}.log"
 
 
+class LogRefused(ValueError):
+    """A run's log path holds something the sweep neither writes to nor replaces (a FIFO, a directory)."""
+
+
+def _own_log(log: Path) -> None:
+    """Make `log` a path the sweep may append to: a symbolic link there is removed (the log is the sweep's own: its
+    output goes to a fresh file, never through a link to a file elsewhere); LogRefused for anything else there that
+    is not a regular file (never opened: a FIFO would block the writer)."""
+    try:
+        mode = os.lstat(log).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        log.unlink()
+    elif not stat.S_ISREG(mode):
+        raise LogRefused(f"its log {log} {not_a_file(log)}: remove it to train the run")
+
+
+def _open_log(log: Path) -> BinaryIO:
+    """`log` opened to append to (created if missing): a regular file, never written through a link (one put there
+    since `_own_log` ran fails the open) nor a FIFO waited on; LogRefused when it is not one."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(log, flags, 0o666)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        raise LogRefused(f"its log {log} is not a regular file: remove it to train the run") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LogRefused(f"its log {log} is not a regular file: remove it to train the run")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab")
+
+
+def _open_regular(path: Path) -> BinaryIO | None:
+    """`path` opened to read when it is a regular file (not through a link, never waiting on a FIFO), else None;
+    OSError when it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _adopt_legacy_log(run_dir: Path, log: Path) -> None:
     """Move a log an earlier version left inside the run directory out beside it (appended, nothing lost)."""
     old = run_dir / LEGACY_LOG
     if not old.is_file() or old.is_symlink():
         return
-    if log.exists():
-        with open(log, "ab") as f:
-            f.write(old.read_bytes())
-        old.unlink()
-    else:
+    _own_log(log)
+    if not log.exists():
         os.replace(old, log)
+        return
+    source = _open_regular(old)
+    if source is None:  # swapped for something else meanwhile: left where it is
+        return
+    with source, _open_log(log) as f:
+        shutil.copyfileobj(source, f)  # a block at a time, whatever its size
+    old.unlink()
 
 
 def _attempt_lines(log: Path, began: int) -> list[str]:
-    """The non-blank lines the latest attempt wrote to `log` (from byte `began`, at most its last LOG_TAIL bytes)."""
+    """The non-blank lines the latest attempt wrote to `log` (from byte `began`, at most its last LOG_TAIL bytes):
+    read from a regular file only, never through a link (what was swapped in for the log is not read)."""
     try:
-        with open(log, "rb") as f:
-            start = max(began, f.seek(0, os.SEEK_END) - LOG_TAIL)
+        f = _open_regular(log)
+        if f is None:
+            return []
+        with f:
+            end = f.seek(0, os.SEEK_END)
+            start = max(began, end - LOG_TAIL)
             f.seek(start)
-            text = f.read().decode(errors="replace")
+            text = f.read(max(0, end - start)).decode(errors="replace")  # no further, should it still grow
     except OSError:
         return []
     lines = [line.strip() for line in re.split(r"[\r\n]+", text)]
@@ -391,10 +450,15 @@ def run_one(
     run_dir = Path(runs_root) / spec.run_id
     log = log_path(runs_root, spec)
     log.parent.mkdir(parents=True, exist_ok=True)
-    _adopt_legacy_log(run_dir, log)
     cmd = build_command(spec, run_dir, slot.threads)
+    try:
+        _own_log(log)
+        _adopt_legacy_log(run_dir, log)
+        log_file = _open_log(log)
+    except LogRefused as exc:  # exit 2, as a damaged result is: a file in the study's runs directory
+        raise RunFailed(f"{spec.run_id}: {exc}", code=2) from None
     start = time.time()
-    with open(log, "ab") as log_file:
+    with log_file:
         began = os.fstat(log_file.fileno()).st_size  # this attempt's output starts here (earlier ones stay above)
         # A new session so an interrupt of the sweep can stop the whole training process group.
         proc = (trainings or Trainings()).start(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=slot.env(),
