@@ -265,15 +265,15 @@ def test_a_failure_while_publishing_is_undone(bundle, tmp_path, monkeypatch):
     real = triton_publish._replace_file
 
     def fail_on_the_inference_service(src: Path, dst: Path, staging: Path):  # noqa: ANN202
-        calls.append(dst.name)
-        if dst.name == triton.ISVC_FILE:
+        if dst.name == triton.ISVC_FILE:  # the last step: the models' new configs are in place by now
+            calls.extend(p.read_text() for p in repo.glob(f"*/{triton.CONFIG_FILE}"))
             raise OSError(28, "No space left on device")
         return real(src, dst, staging)
 
     monkeypatch.setattr(triton_publish, "_replace_file", fail_on_the_inference_service)
     with pytest.raises(OSError, match="No space left"):
         triton.write_repository(bundle, repo, instances=2, replace_config=True)
-    assert triton.CONFIG_FILE in calls
+    assert calls and all("count: 2" in text for text in calls), calls  # published, then undone
     assert _tree(repo) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
