@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-timeout-s", type=float,
                    help="a batch running longer answers 504 and marks the model not ready "
                         f"({default('inference_timeout_s')})")
+    p.add_argument("--no-strict-readiness", dest="strict_readiness", action="store_false",
+                   help="/v2/health/ready says ready once started, whatever the models' state (Triton's "
+                        "--strict-readiness=false); without it, 400 while a model the server knows is not ready "
+                        "and was not unloaded (a failed load, a runtime not installed here)")
     p.add_argument("--graceful-timeout-s", type=float,
                    help="SIGTERM or Ctrl-C (SIGINT): how long in-flight requests may finish "
                         f"({default('graceful_timeout_s')}, {at_most('graceful_timeout_s')})")

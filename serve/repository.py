@@ -176,6 +176,11 @@ class ModelRepository:
         reasons = [why for (n, _), why in self.failures.items() if n == name]
         return reasons[-1] if reasons else None
 
+    def unavailable(self) -> list[str]:
+        """The models this server knows that serve no version and were not unloaded: the latest load of each failed
+        (at start, a runtime not installed here). What Triton's strict readiness counts against the server."""
+        return sorted({name for name, _ in self.failures if name not in self.models and name not in self.unloaded})
+
     def __contains__(self, name: object) -> bool:
         """Whether `name` is a model this server knows: served, served before, or a model directory of its
         repository (what a request's metric label may name: bounded by what exists)."""
@@ -279,9 +284,16 @@ class ModelRepository:
             return  # Triton's unload of an unknown name unloads nothing and succeeds (idempotent clean-ups)
         async with self._turn(name):
             model = self.models.pop(name, None)
-            if model is None:
+            # As Triton, an unload is the latest news of every version: a failed load given up on says "unloaded"
+            # from now on (and no longer holds strict readiness down).
+            failed = [key for key in self.failures if key[0] == name]
+            for key in failed:
+                del self.failures[key]
+            if model is None and not failed:
                 return
             self.unloaded.add(name)
+            if model is None:
+                return
             await self._retire(model)
             log.info("unloaded", extra={"model": name, "version": model.version})
 

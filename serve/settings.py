@@ -154,6 +154,11 @@ class Settings(BaseSettings):
                                 description="how long an idle keep-alive connection stays open")
     inference_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False,
                                        description="one batch's limit before 504")
+    # As Triton's --strict-readiness (default true): /v2/health/ready is false while a model the server knows is not
+    # ready and was not unloaded (a load that failed, a runtime not installed here), so a readiness probe keeps a
+    # server that lost a model out of service; false: ready once started, whatever its models' state.
+    strict_readiness: bool = Field(True, description="/v2/health/ready needs every model it knows ready (Triton's "
+                                   "--strict-readiness)")
     graceful_timeout_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False,
                                       description="in-flight requests' time to finish at SIGTERM / SIGINT")
     # Kubernetes removes a terminating pod from its Service's endpoints while it sends SIGTERM, not before: kube-proxy

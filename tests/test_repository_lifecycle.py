@@ -527,3 +527,27 @@ def test_a_repeated_key_in_a_repository_request_is_refused(fake, repo):
                            (f"/v2/repository/models/{NAME}/load", b'{"parameters": {}, "parameters": {"a": 1}}')):
             r = c.post(path, content=body)
             assert r.status_code == 400 and "repeats the key" in r.json()["error"], (path, r.text)
+
+
+def test_readiness_is_strict_as_triton_unless_told_otherwise(fake, repo):
+    from serve.__main__ import settings_args
+
+    add_version(repo, "missing", "1", runtime="absent")
+    with client(served(repo)) as c:
+        # A model it knows serves nothing (its runtime is not installed here): not ready, as Triton's default.
+        assert (c.get("/v2/health/ready").status_code, c.get(f"/v2/models/{NAME}/ready").status_code) == (400, 200)
+        assert c.post("/v2/repository/models/missing/unload").status_code == 200  # given up on: ready
+        assert c.get("/v2/health/ready").status_code == 200 and index(c)[("missing", "1")]["reason"] == "unloaded"
+        assert c.post("/v2/repository/models/missing/load").status_code == 400  # tried again, failed again
+        assert c.get("/v2/health/ready").status_code == 400
+        assert "absent is not installed" in index(c)[("missing", "1")]["reason"]
+        # A failed reload of a served model leaves it serving its old version: that is no reason to be unready.
+        assert c.post("/v2/repository/models/missing/unload").status_code == 200
+        (repo / NAME / "config.pbtxt").write_text(CONFIG.replace("max_batch_size: 8", "max_batch_size: -1"))
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 400
+        assert c.get("/v2/health/ready").status_code == 200
+    (repo / NAME / "config.pbtxt").write_text(CONFIG)
+    settings = Settings(**settings_args(["--model-repository", str(repo), "--no-strict-readiness"]))
+    assert settings.strict_readiness is False
+    with client(settings.model_copy(update={"access_log": False})) as c:  # ready once started, as Triton's false
+        assert c.get("/v2/health/ready").status_code == 200 and index(c)[("missing", "1")]["state"] == "UNAVAILABLE"

@@ -107,11 +107,14 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="Readiness: started, and every loaded model accepting requests",
             responses=_readiness(_READY))
-async def ready(request: Request) -> JSONResponse:
+async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     # As Triton: once started, a server whose models were all unloaded is still ready, so that a readiness probe
-    # does not take it out of its Service, the only way to reach its repository API and load one again.
-    models = request.app.state.models
-    ok = bool(request.app.state.ready and all(m.batcher and m.batcher.ready for m in models.values()))
+    # does not take it out of its Service, the only way to reach its repository API and load one again; with strict
+    # readiness (the default) it is not while a model is stalled or a model it knows serves nothing for another
+    # reason than an unload (its load failed: unload it, or load it again once fixed).
+    state = request.app.state
+    ok = bool(state.ready) and (not settings.strict_readiness or (
+        all(m.batcher and m.batcher.ready for m in state.models.values()) and not state.repository.unavailable()))
     return JSONResponse({"ready": ok}, status_code=200 if ok else NOT_READY)
 
 
