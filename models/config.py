@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from models.jsonfields import is_int
@@ -223,36 +223,58 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        """Rebuild a config saved by `to_dict` (checkpoints, manifests); ValueError names what is wrong."""
+        """Rebuild a config saved by `to_dict` (checkpoints, manifests); ValueError names what is wrong, a missing key
+        by its name (`require_keys`): never a default standing in for it."""
         if not isinstance(d, dict):
             raise ValueError(f"config must be an object, got {type(d).__name__}")
+        require_keys(d, cls, "config")
         d = dict(d)
-        stem = d.pop("stem", None)
+        stem = d.pop("stem")
         if not isinstance(stem, dict):
             raise ValueError(f"config.stem must be an object, got {type(stem).__name__}")
         stem = dict(stem)
-        kind = stem.pop("kind", None)
+        if "kind" not in stem:
+            raise ValueError(f"config.stem is missing kind{_ALWAYS_WRITTEN}")
+        kind = stem.pop("kind")
         try:
             if kind == "patchify":
+                require_keys(stem, PatchifyStem, "config.stem")
                 d["stem"] = PatchifyStem(**stem)
             elif kind == "conv":
                 d["stem"] = ConvStem(_conv_layers(stem))
             else:
                 raise ValueError(f"unknown stem kind {kind!r:.80}: expected 'patchify' or 'conv'")
             return cls(**d)
-        except TypeError as exc:  # a missing or unknown key: the constructor names it
+        except TypeError as exc:  # an unknown key: the constructor names it
             raise ValueError(f"config: {exc}") from None
+
+
+# Every vitc release, from the first (28b03b3, ee277b8 for train/export/serve), wrote every field of a config, its
+# stem and its conv layers (`to_dict` is dataclasses.asdict): a key missing from a file is an edit or another tool's
+# file, never an older vitc's, so none takes its dataclass default. A field a later release adds may keep a default
+# only for files whose format_version predates it.
+_ALWAYS_WRITTEN = ": every vitc writes it, so the file was edited or not written by vitc"
+
+
+def require_keys(d: dict[str, Any], cls: type, where: str) -> None:
+    """ValueError ("config is missing patch_size: ...") unless `d` holds every field of the dataclass `cls`."""
+    if missing := [f.name for f in fields(cls) if f.init and f.name not in d]:
+        raise ValueError(f"{where} is missing {', '.join(missing)}{_ALWAYS_WRITTEN}")
 
 
 def _conv_layers(stem: dict[str, Any]) -> tuple[ConvLayer, ...]:
     """The layers of a serialised conv stem, bounded in number before any is built."""
-    layers = stem.pop("layers", None)
+    if "layers" not in stem:
+        raise ValueError(f"config.stem is missing layers{_ALWAYS_WRITTEN}")
+    layers = stem.pop("layers")
     if stem:
         raise ValueError(f"config.stem has unknown keys {sorted(stem)[:5]}")
     if not isinstance(layers, list | tuple) or not 1 <= len(layers) <= MAX_STEM_LAYERS:
         raise ValueError(f"config.stem.layers must be a list of 1..{MAX_STEM_LAYERS} layers")
     if not all(isinstance(layer, dict) for layer in layers):
         raise ValueError("config.stem.layers must hold objects {kernel, stride, width}")
+    for i, layer in enumerate(layers):
+        require_keys(layer, ConvLayer, f"config.stem.layers[{i}]")
     return tuple(ConvLayer(**layer) for layer in layers)
 
 

@@ -122,14 +122,24 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Inverse of `to_dict` (checkpoints, manifests); ValueError names an unknown or missing key."""
+        """Inverse of `to_dict` (checkpoints, manifests); ValueError names an unknown or missing key.
+
+        Every key is required: every vitc release, from the first (28b03b3; ee277b8 for train, export and serve),
+        wrote all eight (`to_dict` is dataclasses.asdict), in checkpoint.json and manifest.json alike, so a missing
+        one is an edited or foreign file, and its default (ImageNet's mean and std, RGB) would normalise every input
+        wrongly without a word. A key a later release adds may keep a default only for files whose format_version
+        predates it."""
         if not isinstance(d, dict):
             raise ValueError(f"preprocessing must be an object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         if unknown := sorted(str(k)[:40] for k in d.keys() - names):
             raise ValueError(f"preprocessing has unknown keys {unknown[:5]}")
-        if missing := sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in d):
-            raise ValueError(f"preprocessing is missing {', '.join(missing)}")
+        # Those without a default first, sorted, as this message has always named them; then the others in order.
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in d)
+        missing += [f.name for f in fields(cls) if f.default is not MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"preprocessing is missing {', '.join(missing)}: every vitc writes all its keys, so the "
+                             f"file was edited or not written by vitc")
         return cls(**d)
 
     @classmethod
@@ -326,9 +336,11 @@ def to_uint8(img: Image.Image, spec: Preprocessing) -> np.ndarray:
 
     Shorter side to spec.resize, then the centred spec.crop square (PIL, antialiased), computed on the crop's
     footprint only: the cost is bounded by the crop whatever the aspect ratio (a 2 x 1,000,000 strip costs what a
-    small square does). The output matches resizing the whole image and then cropping it to within one level on a
-    few pixels (PIL's fixed-point filter weights start from another origin); training, evaluation and the server
-    all compute it this same way, so they agree exactly.
+    small square does). PIL's filter weights then start from another origin than in a whole-image resize: with
+    bilinear (the default) the output matches resizing the whole image and then cropping it within one level on a
+    few pixels; bicubic can differ by several levels on a few high-contrast pixels, and nearest picks the other
+    neighbour where a pixel's centre falls exactly between two source pixels (a sampling tie). Training, evaluation,
+    export's parity and the server all compute it this same way, so they agree exactly.
     """
     arr = _pixels(img, spec)
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr

@@ -8,6 +8,7 @@ thread count and --compile setting (`changed_numerics` notes a resume that chang
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import math
 import random
@@ -25,6 +26,7 @@ from torch import nn
 
 from data.datasets import (
     EVAL_SUBSET_SEED,
+    SYSTEM_DIRS,
     DatasetError,
     ImageSet,
     UnreadableImage,
@@ -32,6 +34,7 @@ from data.datasets import (
     default_preprocessing,
     load_dataset,
     nested_note,
+    not_a_class,
     skipped_note,
     stray_note,
     unreadable_text,
@@ -44,12 +47,15 @@ from models.checkpoint import (
     staged_checkpoint,
 )
 from models.cli import CommandError, InputError, WorkFailed, fill_closed_std_streams, raise_discarded_signal
+from models.config import ViTConfig
 from models.failures import out_of_memory, storage_failure
 from models.host import usable_cpus
 from models.io import atomic_write_bytes, committing
 from models.jsonfields import finite_or_none
+from models.oneline import first_line
 from models.preprocessing import Preprocessing, affine
-from models.registry import build_model
+from models.registry import get_config
+from models.vit import VisionTransformer
 from train.augment import BatchMixer, derive_seed
 from train.config import ConfigError, TrainConfig
 from train.distributed import (
@@ -139,6 +145,41 @@ def _no_readable(listing: ImageSet, bad: list[int]) -> str:
         f"; {len(bad) - 1} other class(es) have none either ({others})" if len(bad) > 1 else "")
 
 
+# What a run whose variant this vitc defines differently, and that cannot go on with its own definition, can do.
+REDEFINED_ADVICE = ("finish it with the vitc release that started it, or start a new run (a new --out, or "
+                    "--overwrite)")
+
+
+def _flat(value: object, path: str = "") -> dict[str, object]:
+    """A config's JSON as dotted paths ("stem.layers[0].width") -> values."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{path}.{key}" if path else key).items()}
+    if isinstance(value, list | tuple):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{path}[{i}]").items()}
+    return {path: value}
+
+
+def config_differences(run: ViTConfig, now: ViTConfig, limit: int = 3) -> str:
+    """"stem.layers[0].width 24 -> 16, ...": where a run's recorded config differs from the variant's definition now
+    (its description aside, which changes nothing computed)."""
+    was, new = _flat(run.to_dict()), _flat(now.to_dict())
+    keys = [k for k in {**was, **new} if k != "description" and was.get(k, "-") != new.get(k, "-")]
+    shown = ", ".join(f"{k} {was.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def skipped_classes_text(skipped: list[str], recorded: list[str], dataset: str) -> str:
+    """The one line for a resumed run whose classes `skipped` (of its `recorded` ones) the folder rule
+    (`data.datasets.not_a_class`) now leaves out: which, why, and what to do."""
+    one = len(skipped) == 1
+    names = ", ".join(repr(c) for c in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return (f"--resume: this run's class{'es' * (not one)} {names} of {dataset} {'is' if one else 'are'} now skipped "
+            f"as {'a tool folder' if one else 'tool folders'} ({' and '.join(sorted(SYSTEM_DIRS))} are folders "
+            f"tools write, and a directory starting with '.' is hidden: neither is a class), so the run cannot go on "
+            f"with the {len(recorded)} classes it started with: start a new run (a new --out, or --overwrite); to "
+            f"keep {'it as a class' if one else 'them as classes'}, rename the director{'y' if one else 'ies'} first")
+
+
 class Trainer:
     """One run of `cfg` on this process (a DDP rank or the only process)."""
 
@@ -160,9 +201,15 @@ class Trainer:
         self.resume_state = load_resume(cfg.out) if cfg.resume else None
         self.resumed = False
         self.numerics_note = ""  # a resume's `changed_numerics`
+        self.model_note = ""  # a resume's note that the run goes on with its own model definition (`_model_config`)
         self.saved_step: int | None = None  # the step of the resume.pt of this run in --out, once there is one
         self.corrupt_seen: set[str] = set()  # distinct corrupt train files replaced so far (this rank's, until synced)
         self._load_data()
+        recorded, names, source = self._recorded_run()
+        self._check_same_classes(names)
+        # A resumed run goes on with the model it started with, whatever the registry defines under its name now.
+        self.own_definition = recorded is not None
+        self.model_cfg = self._model_config(recorded, source)
         self._build()
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -236,6 +283,67 @@ class Trainer:
         if bad := [c for c in range(n) if flags[n + c]]:
             raise DatasetError(_no_readable(self.val_listing, bad))
 
+    def _recorded_run(self) -> tuple[ViTConfig | None, list[str] | None, str]:
+        """What --out recorded of the run this one resumes: its model config, its class names and the file the
+        config came from. resume.pt's own records first (a run killed before its first checkpoint has them too), else
+        its checkpoint.json's (read as export reads it). (None, None, "") without
+        resume.pt; None for what neither file recorded (a resume.pt of an earlier vitc alone)."""
+        state = self.resume_state
+        if state is None:
+            return None, None, ""
+        names, raw = state.get("class_names"), state.get("model_config")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise damaged("class_names: expected a list of names")
+        if raw is not None and names is not None:
+            return self._resume_config(raw), names, RESUME_FILE
+        meta = read_checkpoint_meta(self.cfg.out) if (Path(self.cfg.out) / META_FILE).exists() else None
+        names = names if names is not None or meta is None else list(meta.class_names)
+        if raw is not None:
+            return self._resume_config(raw), names, RESUME_FILE
+        return (None if meta is None else meta.config), names, META_FILE
+
+    def _resume_config(self, raw: object) -> ViTConfig:
+        """resume.pt's record of the run's model config, validated as a checkpoint's config is. One this vitc refuses
+        (a bound or rule added since) cannot be the variant's definition now, which it validates: so it changed."""
+        try:
+            recorded = ViTConfig.from_dict(raw)
+        except ValueError as exc:
+            raise ConfigError(f"--resume: {self.cfg.model}'s definition changed since the run started, and the run's "
+                              f"own, recorded in {RESUME_FILE}, cannot be used ({first_line(exc, 200)}): "
+                              f"{REDEFINED_ADVICE}") from None
+        if recorded.name != self.cfg.model:
+            raise damaged(f"model_config: names {recorded.name!r:.80}, the run's model is {self.cfg.model!r}")
+        return recorded
+
+    def _check_same_classes(self, recorded: list[str] | None) -> None:
+        """ConfigError (one line) when classes the run started with are left out of the folder now as tool or hidden
+        folders (`not_a_class`: @eaDir and __MACOSX were classes before vitc skipped them). Nothing changed on disk,
+        so the data check's "restore them" could not be done; other differences are the data fingerprints' to say."""
+        if recorded is None or recorded == self.class_names:
+            return
+        skipped = [c for c in recorded if c not in self.class_names and not_a_class(c)]
+        if skipped:
+            raise ConfigError(skipped_classes_text(skipped, recorded, self.cfg.dataset))
+
+    def _model_config(self, recorded: ViTConfig | None, source: str) -> ViTConfig:
+        """The model this run trains: the variant's definition, or for a resumed run the one it recorded (in
+        `source`), with a note when they differ (the registry changed since the run started: vit_c_mini's stem in
+        bed0a07). ConfigError (one line) for a recorded one this vitc cannot save a checkpoint of."""
+        cfg, classes = self.cfg, len(self.class_names)
+        now = get_config(cfg.model, num_classes=classes)
+        if recorded is None:
+            return now
+        run = dataclasses.replace(recorded, num_classes=classes)  # another class count: the data checks refuse it
+        if run == now:
+            return now
+        if run.stem.kind != now.stem.kind:  # the checkpoint contract ties a registered name to its stem kind
+            raise ConfigError(f"--resume: {cfg.model} is a {now.stem.kind}-stem variant in this vitc, but this run "
+                              f"started with a {run.stem.kind} stem: its definition changed since the run started, "
+                              f"and no checkpoint of the run's own could be saved under that name: {REDEFINED_ADVICE}")
+        self.model_note = (f"note: {cfg.model}'s definition in this vitc differs from the one this run started with "
+                           f"({config_differences(run, now)}): the run goes on with its own, recorded in {source}")
+        return run
+
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
         # Identical initial weights on every rank; numpy and Python seeded too so the whole RNG state is a
@@ -243,7 +351,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        self.net = build_model(cfg.model, num_classes=len(self.class_names)).to(self.dev)
+        self.net = VisionTransformer(self.model_cfg).to(self.dev)
         self.spec: Preprocessing = default_preprocessing(cfg.dataset, self.net.cfg.image_size)
         self.channels_last = (cfg.channels_last if cfg.channels_last is not None
                               else self.dev.type == "cuda" and self.net.cfg.stem.kind == "conv")
@@ -315,6 +423,7 @@ class Trainer:
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"resume.pt was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch} (dataset or world size changed?)")
+        self._check_definition(state["model"])
         try:
             self._apply_state(state)
         except CheckpointError:
@@ -329,6 +438,21 @@ class Trainer:
                   "compile": state["config"].get("compile")}
         self.numerics_note = changed_numerics(before, self.threads, self.cfg.compile, self.dev)
         return state["progress"]
+
+    def _check_definition(self, saved: dict[str, torch.Tensor]) -> None:
+        """ConfigError (one line) for a run that recorded no model config (an earlier vitc's resume.pt, no
+        checkpoint.json) whose weights are not the variant's tensors now, the head aside (its size is the class
+        count's, which the data checks cover): the variant's definition changed since the run started."""
+        if self.own_definition:
+            return
+        own = {k: list(v.shape) for k, v in self.net.state_dict().items()}
+        held = {k: list(v.shape) for k, v in saved.items()}
+        unfit = next((k for k in {**held, **own} if not k.startswith("head.") and held.get(k) != own.get(k)), None)
+        if unfit is not None:
+            raise ConfigError(f"--resume: {RESUME_FILE}'s weights do not fit {self.cfg.model} as this vitc defines it "
+                              f"({unfit}: {held.get(unfit, 'none')}, now {own.get(unfit, 'none')}): its definition "
+                              f"changed since the run started, and the run recorded none of its own to go on with "
+                              f"({META_FILE} is missing and {RESUME_FILE} predates that record): {REDEFINED_ADVICE}")
 
     def _check_same_data(self, saved: dict[str, str] | None) -> None:
         """ConfigError unless the dataset is the one the run started on (resume.pt from before it recorded its data
@@ -497,6 +621,9 @@ class Trainer:
         with self._saving(RESUME_FILE):
             save_resume(self.cfg.out, {
                 "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch, "data": self.data_prints,
+                # The model and the classes the run trains: a resume goes on with them whatever this vitc's registry
+                # and folder rules say by then (`_recorded_run`), also before the run's first checkpoint.
+                "model_config": self.net.cfg.to_dict(), "class_names": list(self.class_names),
                 "global_batch": self.global_batch, "world_size": self.info.world_size,
                 "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
@@ -791,8 +918,9 @@ class Trainer:
                 return summary
             progress["segments"] += 1
             self.log(self._resuming_line(progress))
-            if self.numerics_note:
-                self.log(self.numerics_note)
+            for note in (self.model_note, self.numerics_note):
+                if note:
+                    self.log(note)
         elif cfg.resume:  # a preempted job reruns its command with --resume, also before its first save
             self.log(f"nothing to resume in {cfg.out} (no {RESUME_FILE}): starting at step 0")
         for note in (nested_note(self.train_set, self.val_set), stray_note(self.train_set, self.val_set)):
