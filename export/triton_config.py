@@ -95,15 +95,71 @@ _WRITTEN_GROUP = re.compile(r"^instance_group \[\{ count: ([0-9]{1,4}) kind: KIN
 _WRITTEN_DELAY = re.compile(r"^dynamic_batching \{ .* max_queue_delay_microseconds: ([0-9]{1,8}) \}$", re.MULTILINE)
 
 
+# What every release before the hash mark wrote (from the first with export.triton, d0d913b, to f9e9147^), for each
+# runtime alike (OpenVINO batched too): rendered again for a version beside it, an unmarked file equal to it byte for
+# byte is untouched. Strings were quoted raw until ca5e35d, JSON-escaped since (the same for a plain name).
+_UNMARKED_LAYOUT = (
+    'name: {name}\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
+    "input [{{ name: {input} data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ {dims} ] }}]\n"
+    'output [{{ name: {output} data_type: TYPE_FP32 dims: [ {classes} ] label_filename: "labels.txt" }}]\n'
+    "dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: {delay} }}\n"
+    "instance_group [{{ count: {count} kind: KIND_{kind} }}]\n"
+    "version_policy: {{ latest: {{ num_versions: 1 }} }}\n"
+    'model_warmup [{{ name: "zeros" batch_size: 1 inputs {{ key: {input} value: '
+    "{{ data_type: TYPE_FP32 dims: [ {dims} ] zero_data: true }} }} }}]\n"
+    "{parameters}"
+)
+_UNMARKED_PARAMETER = "parameters {{ key: {key} value: {{ string_value: {value} }} }}\n"
+_UNMARKED_BACKENDS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+# OpenVINO's one parameter: the artifact's recorded inference precision (f32 when none), in the backend's names.
+_UNMARKED_HINTS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
+_UNMARKED_QUOTES = (lambda s: f'"{s}"', lambda s: json.dumps(s, ensure_ascii=False))
+
+
+def _unmarked_texts(name: str, manifest: Manifest, count: int, kind: str, delay: int) -> list[str]:
+    """The config.pbtxt files the releases before the hash mark wrote for the model `name` of one version's
+    `manifest` with the options given; [] for a version they never wrote (not one artifact of a runtime of theirs)."""
+    if len(manifest.artifacts) != 1 or (artifact := manifest.artifacts[0]).runtime not in _UNMARKED_BACKENDS:
+        return []
+    c, h, w = manifest.input.sample_shape
+    max_batch = manifest.input.max_batch
+    params = {}
+    if artifact.runtime == "openvino":
+        hint = str(artifact.info.get("inference_precision", "f32"))
+        params["INFERENCE_PRECISION_HINT"] = _UNMARKED_HINTS.get(hint, "f32")
+    return [_UNMARKED_LAYOUT.format(
+        name=q(name), backend=_UNMARKED_BACKENDS[artifact.runtime], max_batch=max_batch, input=q(manifest.input.name),
+        output=q(manifest.output.name), dims=f"{c}, {h}, {w}", classes=manifest.output.classes,
+        preferred=", ".join(map(str, sorted({b for b in (8, max_batch) if b <= max_batch}))), delay=delay,
+        count=count, kind=kind, parameters="".join(_UNMARKED_PARAMETER.format(key=q(k), value=q(v))
+                                                   for k, v in params.items()))
+        for q in _UNMARKED_QUOTES]
+
+
+def _written_unmarked(text: str, model_dir: Path) -> bool:
+    """Whether `text` is byte for byte the config.pbtxt a release before the hash mark wrote for one of the versions
+    of `model_dir` (it rewrote the file with each version), with the instances, kind and delay the text names."""
+    group, delay = _WRITTEN_GROUP.search(text), _WRITTEN_DELAY.search(text)
+    if group is None or delay is None:
+        return False
+    for v in reversed(version_dirs(model_dir)):
+        with contextlib.suppress(BundleError, OSError):
+            manifest = read_manifest(model_dir / str(v))
+            # The numbers as those releases printed them (no leading zero): an edit to "0003" is no match.
+            if text in _unmarked_texts(model_dir.name, manifest, int(group[1]), group[2], int(delay[1])):
+                return True
+    return False
+
+
 def _untouched_text(config: Path) -> str | None:
     """The text of `config` when it is a config.pbtxt this tool wrote and nobody edited since (a new version may
-    replace it); None otherwise."""
+    replace it): marked with its hash, or an earlier release's unmarked one; None otherwise."""
     try:
         with config.open("rb") as f:
             text = f.read(tritonconfig.MAX_CONFIG_BYTES + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    return text if is_marked(text, _MARK) else None
+    return text if is_marked(text, _MARK) or _written_unmarked(text, config.parent) else None
 
 
 def untouched(config: Path) -> bool:

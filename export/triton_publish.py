@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -54,6 +55,11 @@ _INSIDE_LEFTOVER = re.compile(r"\.export-triton\.(?:[a-z0-9_]{8}\.tmp|lock)")
 # go in it. A hidden name: no model is named so (models.bundle.NAME_RE).
 _PUBLISHING = ".publishing"
 _BACKUP = "old-"  # + random characters (tempfile.mkdtemp): one directory in _PUBLISHING per replaced entry
+# The lock file the first releases of this tool (d0d913b to ca5e35d^, e.g. 900a975) made beside each version they
+# wrote, `.<version>.lock`, empty (models.io._writer_lock: an O_CREAT'd file for flock), and never removed. Nothing
+# uses it now: the model directory is still this tool's, and the file goes when a new version of the model is
+# published (`_complete` leaves it out of the directory swapped in).
+_EARLIER_LOCK = re.compile(r"\.([0-9]+)\.lock")
 # A hard link the file system or the kernel refuses (no links there, protected_hardlinks on another user's file, a
 # file at its link limit): the file is copied instead.
 _NO_LINK = (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
@@ -142,7 +148,7 @@ def _holds_written_version(model_dir: Path) -> bool:
 
 def _foreign_model_dir(model_dir: Path) -> str | None:
     """Why an existing `model_dir` is not one this tool wrote (None: it is, or it does not exist): ours hold
-    config.pbtxt, labels.txt and numbered version directories, each a bundle."""
+    config.pbtxt, labels.txt and numbered version directories, each a bundle (and the first releases' lock files)."""
     if not model_dir.exists() and not model_dir.is_symlink():
         return None
     if model_dir.is_symlink():
@@ -150,6 +156,8 @@ def _foreign_model_dir(model_dir: Path) -> str | None:
     if not model_dir.is_dir():
         return "not a directory"
     for entry in model_dir.iterdir():
+        if _earlier_lock(entry):
+            continue
         if entry.name in (CONFIG_FILE, LABELS_FILE):
             if entry.is_symlink() or not entry.is_file():
                 return f"{entry.name} is not a file"
@@ -161,6 +169,18 @@ def _foreign_model_dir(model_dir: Path) -> str | None:
         elif not (entry / MANIFEST_FILE).is_file():
             return f"version {entry.name} is not a bundle"
     return None
+
+
+def _earlier_lock(entry: Path) -> bool:
+    """Whether the model directory's `entry` is the lock file an earlier release left beside a version it wrote:
+    named `.<version>.lock`, a regular file (not a link), empty."""
+    if (m := _EARLIER_LOCK.fullmatch(entry.name)) is None or not is_version_name(m[1]):
+        return False
+    try:
+        st = entry.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
 
 
 def _as_triton_reads(entry: Path) -> str:
@@ -375,9 +395,12 @@ def version_exists(version_dir: Path) -> BundleError:
 
 def _complete(staged: Path, model_dir: Path) -> None:
     """Make the staged model directory whole: what it lacks of the existing `model_dir` (its earlier versions, and
-    the config.pbtxt and labels.txt kept) is hard-linked or copied into it, so that it can replace `model_dir`."""
+    the config.pbtxt and labels.txt kept; not an earlier release's lock file) is hard-linked or copied into it, so
+    that it can replace `model_dir`."""
     for entry in model_dir.iterdir():
         if os.path.lexists(staged / entry.name):  # the new version, or a generated file that replaces the old one
+            continue
+        if _earlier_lock(entry):  # an earlier release's, used by nothing now: not carried over
             continue
         if entry.is_dir() and not entry.is_symlink():
             _link_tree(entry, staged / entry.name)

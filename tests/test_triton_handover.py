@@ -203,7 +203,7 @@ def test_an_edited_openvino_config_of_an_earlier_layout_is_refused_with_what_to_
     config.write_text(kserve.marked(_old_openvino_config("micro-openvino-fp32", bundle, 1), triton_config._MARK))
     assert triton.main([str(bundle), "--out", str(repo)]) == 0  # untouched: regenerated
     assert "max_batch_size: 0\n" in config.read_text() and "kept" not in capsys.readouterr().out
-    config.write_text(_old_openvino_config("micro-openvino-fp32", bundle, 2))
+    config.write_text(_old_openvino_config("micro-openvino-fp32", bundle, 2) + "# tuned by hand\n")
     before = _tree(repo)
     err = _refused([str(bundle), "--out", str(repo)], capsys)
     assert f"{config} differs from what this tool writes" in err
