@@ -110,7 +110,6 @@ _UNMARKED_LAYOUT = (
     "{parameters}"
 )
 _UNMARKED_PARAMETER = "parameters {{ key: {key} value: {{ string_value: {value} }} }}\n"
-_UNMARKED_BACKENDS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 # OpenVINO's one parameter: the artifact's recorded inference precision (f32 when none), in the backend's names.
 _UNMARKED_HINTS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
 _UNMARKED_QUOTES = (lambda s: f'"{s}"', lambda s: json.dumps(s, ensure_ascii=False))
@@ -119,7 +118,10 @@ _UNMARKED_QUOTES = (lambda s: f'"{s}"', lambda s: json.dumps(s, ensure_ascii=Fal
 def _unmarked_texts(name: str, manifest: Manifest, count: int, kind: str, delay: int) -> list[str]:
     """The config.pbtxt files the releases before the hash mark wrote for the model `name` of one version's
     `manifest` with the options given; [] for a version they never wrote (not one artifact of a runtime of theirs)."""
-    if len(manifest.artifacts) != 1 or (artifact := manifest.artifacts[0]).runtime not in _UNMARKED_BACKENDS:
+    if len(manifest.artifacts) != 1 or (artifact := manifest.artifacts[0]).runtime not in runtimes.names():
+        return []
+    backend = runtimes.get(artifact.runtime).triton_backend  # the same then (torch had none, and was never written)
+    if not backend:
         return []
     c, h, w = manifest.input.sample_shape
     max_batch = manifest.input.max_batch
@@ -128,7 +130,7 @@ def _unmarked_texts(name: str, manifest: Manifest, count: int, kind: str, delay:
         hint = str(artifact.info.get("inference_precision", "f32"))
         params["INFERENCE_PRECISION_HINT"] = _UNMARKED_HINTS.get(hint, "f32")
     return [_UNMARKED_LAYOUT.format(
-        name=q(name), backend=_UNMARKED_BACKENDS[artifact.runtime], max_batch=max_batch, input=q(manifest.input.name),
+        name=q(name), backend=backend, max_batch=max_batch, input=q(manifest.input.name),
         output=q(manifest.output.name), dims=f"{c}, {h}, {w}", classes=manifest.output.classes,
         preferred=", ".join(map(str, sorted({b for b in (8, max_batch) if b <= max_batch}))), delay=delay,
         count=count, kind=kind, parameters="".join(_UNMARKED_PARAMETER.format(key=q(k), value=q(v))

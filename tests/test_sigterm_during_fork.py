@@ -337,10 +337,7 @@ def test_a_run_whose_worker_is_killed_ends_with_its_error_and_no_hang(tmp_path):
             if line.startswith("vit_c_micro"):
                 break
         time.sleep(1)
-        workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-        os.kill(workers[0], signal.SIGSTOP)  # the main process waits on its batch
-        time.sleep(1.5)
-        os.kill(workers[0], signal.SIGKILL)
+        _stop_then_kill_a_worker(proc.pid)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -387,3 +384,19 @@ def test_an_exception_in_a_del_that_is_no_signal_is_still_printed(tmp_path):
     done = subprocess.run([sys.executable, str(script), "value"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert done.returncode == 0 and "ValueError: boom in __del__" in done.stderr, done
+
+
+def _stop_then_kill_a_worker(pid: int) -> None:
+    """SIGSTOP one live data-loader worker of `pid` (the main process then waits on its batch), then SIGKILL it. A
+    worker listed may be gone by the time it is signalled (an epoch's end replaces them): the next one is taken."""
+    for _ in range(50):
+        for worker in (int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
+            try:
+                os.kill(worker, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            time.sleep(1.5)
+            os.kill(worker, signal.SIGKILL)  # stopped, so still there
+            return
+        time.sleep(0.1)
+    raise AssertionError("no data-loader worker of the run could be signalled")
