@@ -15,13 +15,18 @@ The cache is the benchmark's own, shared by the runs that use it (two CI jobs in
 prepares a model's entry (a lock beside it); another waits for it, up to CACHE_WAIT_SECONDS, then reuses what it
 exported or exports itself. A stale entry is exported again with the union of its servable artifacts and the wanted
 ones, at the larger batch size, so runs wanting different targets converge on one entry instead of replacing each
-other's artifacts, and no run is refused for an artifact its cache holds.
+other's artifacts, and no run is refused for an artifact its cache holds. An entry whose manifest cannot be read (a
+damaged or truncated manifest.json) is exported again as a damaged artifact is; a directory in its place that holds
+no manifest.json is not one of the cache's entries, and is refused rather than deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from export.bundle import ExportConfig
-from models.bundle import BundleError, Manifest, read_manifest, verify_files
+from models.bundle import MANIFEST_FILE, BundleError, Manifest, read_manifest, verify_files
 from models.cli import WorkFailed
 from models.io import DirectoryBusy, ensure_dir, writer_lock
 from runtimes.registry import DEFAULT_TARGETS
@@ -126,6 +131,33 @@ def _fresh(bundle: Path, checkpoint: Path, targets: Sequence[str], max_batch: in
         return manifest
     except (BundleError, ValueError):
         return None
+
+
+def unreadable_entry(bundle: Path) -> str | None:
+    """Why the cache entry at `bundle` is one of the cache's own that cannot be read (its manifest.json is there, a
+    file, and refused), or None: absent, readable, or not an entry (a link, or a directory without a manifest)."""
+    manifest = bundle / MANIFEST_FILE
+    if bundle.is_symlink() or not bundle.is_dir() or manifest.is_symlink() or not manifest.is_file():
+        return None
+    try:
+        read_manifest(bundle)
+    except BundleError as exc:
+        return str(exc)
+    return None
+
+
+def discard_entry(bundle: Path) -> bool:
+    """Move the cache entry at `bundle` out of the way and delete it; whether it is gone. Renamed first, to the name
+    of an export's unfinished temporary (`.<name>.<8 characters>.tmp`): a run killed while deleting it leaves that,
+    which the next export of the entry removes, never a half-deleted entry in its place."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.", suffix=".tmp", dir=bundle.parent))
+    try:
+        os.replace(bundle, aside)  # onto the empty directory: one rename
+    except OSError:  # a mount point, a permission: left as it is, and the export says why it cannot replace it
+        aside.rmdir()
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 def expand_targets(targets: Sequence[str]) -> list[str]:
@@ -236,6 +268,10 @@ def prepare_model(
         if manifest is None:
             if source == "random-init":  # accuracy means nothing there: fewer images make the one-time export quicker
                 parity_samples, calibration_samples = min(parity_samples or 128, 128), min(calibration_samples, 64)
+            # The entry is the cache's own (README): one whose manifest cannot be read is exported again, as one
+            # with a damaged artifact is, instead of refusing every run until someone deletes it by hand.
+            if (damaged := unreadable_entry(bundle)) is not None and discard_entry(bundle) and log:
+                log(f"note: the cached {bundle} could not be read ({damaged}); exporting it again")
             kept, batch = _cached_extra(bundle, targets, max_batch)
             if log:
                 also = f" (keeping the cached {', '.join(kept)})" if kept else ""

@@ -43,8 +43,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from typing import Any
 from models.cli import (
     InputError,
     OneLineParser,
+    Terminated,
     command,
     device_arg,
     error_reason,
@@ -313,6 +315,26 @@ def run_group(cmd: Sequence[str], timeout: float, *, cwd: Path = REPO, grace: fl
         seconds = time.perf_counter() - t0
         return Finished(proc.returncode, timed_out, seconds, _tail(out, STDOUT_TAIL_BYTES),
                         _tail(err, STDERR_TAIL_BYTES), leftovers - (1 if timed_out else 0))
+
+
+def _on_hangup(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal is gone: another hang-up must not cut the cleanup short
+    raise Terminated  # SIGTERM's path: the running step's processes stopped, one line, exit 143
+
+
+@contextlib.contextmanager
+def hangup_stops_the_check() -> Iterator[None]:
+    """While the body runs, SIGHUP (the terminal closed) stops the check as SIGTERM does. Its default would end this
+    process without a word and leave the running step behind: the steps run in sessions of their own, which the
+    terminal's hang-up never reaches. Under nohup (SIGHUP ignored) the check runs on."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, _on_hangup)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 class StepSaid(RuntimeError):
@@ -775,14 +797,15 @@ def main(argv: list[str] | None = None) -> int:
     from models.io import atomic_write_bytes, atomic_write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vitc-gpu-check-") as tmp:
-        work = args.work or Path(tmp)
-        doc = run(args.device, sizes, args.out, work, log=lambda m: print(m, file=sys.stderr, flush=True),
-                  budget=Budget(args.budget or sizes.budget_s, sizes.shares), cache=args.cache)
-    doc["host"] = doc["environment"]["host"]
-    stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
-    atomic_write_json(stem.with_suffix(".json"), doc)
-    atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
+    with hangup_stops_the_check():
+        with tempfile.TemporaryDirectory(prefix="vitc-gpu-check-") as tmp:
+            work = args.work or Path(tmp)
+            doc = run(args.device, sizes, args.out, work, log=lambda m: print(m, file=sys.stderr, flush=True),
+                      budget=Budget(args.budget or sizes.budget_s, sizes.shares), cache=args.cache)
+        doc["host"] = doc["environment"]["host"]
+        stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
+        atomic_write_json(stem.with_suffix(".json"), doc)
+        atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
     cut = (f" ({', '.join(doc['cut_for_time'])} cut for time: rerun with a larger --budget than "
            f"{doc['budget_s']:.0f})" if doc["cut_for_time"] else "")
     print(f"{'passed' if doc['passed'] else 'FAILED'}{cut}: wrote {stem}.json, {stem}.md")

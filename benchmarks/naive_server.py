@@ -71,6 +71,9 @@ def create_app(bundle: str) -> FastAPI:
 def port_problem(port: int) -> str | None:
     """Why the server could not listen on 127.0.0.1:`port` (in use, privileged), or None."""
     with socket.socket() as s:
+        # As uvicorn (and vitc's server) bind: a port left with connections in TIME_WAIT for a minute after a server
+        # on it stopped (overhead's cold starts on the same port) can be listened on, so it is not "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:

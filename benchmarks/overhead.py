@@ -10,7 +10,10 @@ against the runtime alone: a bare onnxruntime loop at the batch size vitc ran, a
 (throughput hint) on the same IR. Cold start is process start -> ready, per backend. Results: JSON + Markdown in
 benchmarks/results/ (machine, versions and commit included; the Markdown is printed before the files are written).
 The servers listen on free loopback ports, or with `--port N` on N (the hand-written server and each cold start)
-and N+1, N+2 (vitc on onnxruntime and OpenVINO), for hosts where only some ports may be used.
+and N+1, N+2 (vitc on onnxruntime and OpenVINO), for hosts where only some ports may be used. A server that fails
+(does not start, goes away, answers an error or no classification) ends the run with one line naming it (exit 1; 2
+where it refused its port or the bundle at its start), every server stopped, and what was measured before saved as
+<date>-<time>-<host>-overhead-partial.json / .md, marked partial.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.cli import InputError, OneLineParser, command, float_in, int_in, refuse_empty_paths
+from models.cli import InputError, OneLineParser, WorkFailed, command, float_in, int_in, refuse_empty_paths
 from runtimes.registry import DEFAULT_RUNTIME
 
 if TYPE_CHECKING:
@@ -84,9 +88,43 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         except OSError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"exited with code {proc.returncode}")
         time.sleep(0.02)
     raise RuntimeError(f"{url} not ready within {timeout:g} s")
+
+
+class ServerFailed(RuntimeError):
+    """A server the run measures failed: it did not start, went away, or answered what no server of its kind answers
+    (an error status, a body that is not a classification). Its message is the one line naming it; `code` is 2 where
+    it refused what it was given at its start (its exit code 2: the port, the bundle), else 1; `doc` is what the run
+    had measured by then, marked partial (None when nothing was)."""
+
+    def __init__(self, reason: str, code: int = 1) -> None:
+        super().__init__(reason)
+        self.code, self.doc = code, None
+
+
+def _exit_status(code: int) -> str:
+    """"exited with code 3", or "was killed by SIGKILL" for a negative Popen return code."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _failure(exc: BaseException) -> str:
+    """A request's failure in a few words: an error status, the OS's reason (Connection refused), a timeout, or the
+    exception's type and message (BadStatusLine: the bytes that are not HTTP)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        exc = exc.reason  # urlopen's wrapper of the socket's error
+    if isinstance(exc, TimeoutError):
+        return "no answer in time (timed out)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    said, name = str(exc), type(exc).__name__
+    return said if said.startswith(name) else f"{name}: {said}" if said else name  # IncompleteRead(...) names itself
 
 
 @contextlib.contextmanager
@@ -115,7 +153,9 @@ class Server:
     def __init__(self, kind: str, bundle: Path, backend: str = DEFAULT_RUNTIME, log_dir: Path | None = None,
                  port: int | None = None) -> None:
         self.kind, self.port = kind, port or _free_port()
+        self.name = kind if kind == "naive" else f"{kind}-{backend}"  # as the results name the system
         self.proc: subprocess.Popen | None = None
+        self.failed = False  # its log is kept (and named) when it failed
         self._own_dir = None if log_dir else Path(tempfile.mkdtemp(prefix="vitc-overhead-"))  # removed by stop()
         log_dir = log_dir or self._own_dir
         self.log = log_dir / f"{kind}-{backend}.log"
@@ -132,8 +172,13 @@ class Server:
                 self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
             _wait(f"http://127.0.0.1:{self.port}{ready}", self.proc)
         except RuntimeError as exc:
-            self.stop(keep_log=True)
-            raise RuntimeError(f"{exc} (log: {self.log})") from None
+            code = self.proc.returncode if self.proc is not None else None
+            self.failed = True
+            self.stop()
+            why = f"the server {_exit_status(code)}{self._last_words()}" if code is not None else str(exc)
+            # Exit 2 is the server refusing what it was given (the port, the bundle): this run's input, not its work.
+            raise ServerFailed(f"{self.name} did not start: {why} (log: {self.log})", code=2 if code == 2 else 1) \
+                from None
         except BaseException:
             self.stop()
             raise
@@ -152,39 +197,75 @@ class Server:
                         "steps_s": next(iter(doc["models"].values())).get("startup_s")}
         return {}
 
+    def _last_words(self) -> str:
+        """": <the last line of its log>" (its own error, one line) for a server that exited by itself, or ""."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        exited = self.proc is not None and (self.proc.poll() or 0) > 0  # killed: its last line is no reason
+        return f": {lines[-1][:300]}" if lines and exited else ""
+
+    def fail(self, what: str) -> ServerFailed:
+        """The ServerFailed to raise for `what` happened to it mid-run, with how its process ended if it did; its log
+        is kept and named."""
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.5)  # a server that dropped the connection as it died: its exit status, not "running"
+        ended = f"; the server {_exit_status(self.proc.returncode)}{self._last_words()}" if (
+            self.proc is not None and self.proc.returncode is not None) else ""
+        self.failed = True
+        return ServerFailed(f"{self.name} (port {self.port}): {what}{ended} (log: {self.log})")
+
     def post(self, body: bytes) -> tuple[float, dict[str, float]]:
-        """One request: (seconds, Server-Timing stages in ms)."""
+        """One request: (seconds, Server-Timing stages in ms); ServerFailed when it gets no answer, an error status
+        or an answer that is not a classification."""
+        from benchmarks.e2e import classify_answer_problem
+
         for attempt in (0, 1):
             t = time.perf_counter()
             try:
                 self.conn.request("POST", self.path, body=body, headers={"Content-Type": "image/png"})
                 r = self.conn.getresponse()
-                r.read()
+                data = r.read()
                 break
-            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
                 # The server closed the idle keep-alive connection (uvicorn: after 5 s) while the other systems
                 # had their slices: reconnect, and time the request on the new connection.
                 self.conn.close()
                 self.conn = self._connect()
                 if attempt:
-                    raise
+                    raise self.fail(f"POST {self.path}: {_failure(exc)}") from None
+            except (OSError, http.client.HTTPException) as exc:  # refused, timed out, not HTTP, cut short
+                self.conn.close()
+                raise self.fail(f"POST {self.path}: {_failure(exc)}") from None
         dt_s = time.perf_counter() - t
         if r.status != 200:
-            raise RuntimeError(f"{self.kind}: HTTP {r.status}")
+            raise self.fail(f"POST {self.path}: HTTP {r.status} {r.reason}".rstrip())
+        if problem := classify_answer_problem(data):  # after the clock stopped: not part of the latency
+            raise self.fail(f"POST {self.path}: HTTP 200 but a bad answer: {problem}")
         timing = r.getheader("server-timing") or ""
         stages = {k.strip(): float(v) for k, v in re.findall(r"([a-z_]+);dur=([0-9.]+)", timing)}
         return dt_s, stages
 
     def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out = {}
-        for name in ("vitc_batch_size_sum", "vitc_batch_size_count"):
-            out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+        """The batch-size sum and count of its /metrics; ServerFailed when they cannot be read."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            out = {}
+            for name in ("vitc_batch_size_sum", "vitc_batch_size_count"):
+                out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+        except (OSError, http.client.HTTPException) as exc:  # refused, an error status (HTTPError), timed out
+            raise self.fail(f"GET /metrics: {_failure(exc)}") from None
+        except (ValueError, IndexError) as exc:  # not UTF-8, a sample that is not a number
+            raise self.fail(f"GET /metrics: not Prometheus text ({exc})") from None
         return out
 
-    def stop(self, keep_log: bool = False) -> None:
-        """Stop the server; its temporary log goes with it unless `keep_log` (a server that failed to start)."""
+    def stop(self, keep_log: bool | None = None) -> None:
+        """Stop the server; its temporary log goes with it unless `keep_log` (default: whether it failed)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -192,7 +273,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if not keep_log and self._own_dir is not None:
+        if not (self.failed if keep_log is None else keep_log) and self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 
 
@@ -306,11 +387,12 @@ def saturation(servers: dict[str, Server], references: dict[str, Any], manifest:
     """Closed loops at `concurrency` per server, each round followed by the runtime alone (bare onnxruntime loops at
     the batch vitc ran, in vitc's stream layout and as one session on every core; OpenVINO's benchmark_app), so
     every ratio compares numbers taken a few seconds apart. Server and client CPU per request are counted too."""
+    from benchmarks.e2e import classify_answer_problem
     from benchmarks.loadgen import Endpoint, closed_loop
 
     slice_s = seconds / rounds
     served: dict[str, dict[str, list]] = {k: {"rps": [], "batch": [], "p50": [], "server_cpu_ms": [],
-                                              "client_cpu_ms": []} for k in servers}
+                                              "client_cpu_ms": [], "errors": []} for k in servers}
     alone: dict[str, list] = {**{f"onnxruntime_{k}": [] for k in references}, "benchmark_app_fps": [],
                               "benchmark_app_cpu_ms": []}
     xml = bundle / manifest.select("openvino", "fp32").files[0].path
@@ -318,10 +400,15 @@ def saturation(servers: dict[str, Server], references: dict[str, Any], manifest:
         for name, s in servers.items():
             before = s.metrics() if name != "naive" else {}
             cpu0 = _cpu_s(s.proc.pid)
-            load = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}"), [body], concurrency, slice_s,
-                               min(1.0, slice_s / 2))
+            load = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}", check=classify_answer_problem), [body],
+                               concurrency, slice_s, min(1.0, slice_s / 2))
             cpu = _cpu_s(s.proc.pid) - cpu0  # includes the warm-up requests: per request over all of them
             res, done = load.summary(), max(1, load.sent)
+            # Gone, or every request failed (an error status, a bad answer, no answer in time): no figure to keep. A
+            # slice too short for one answer has no errors, and stays a slice that measured nothing.
+            if s.proc.poll() is not None or (not res["ok"] and (res["errors"] or res["warmup_errors"])):
+                raise s.fail(f"saturation: {res['problem'] or 'gone mid-slice'}")
+            served[name]["errors"].append(res["errors"])
             served[name]["server_cpu_ms"].append(cpu / done * 1e3)
             served[name]["client_cpu_ms"].append(load.client_cpu_s / done * 1e3)
             served[name]["rps"].append(res["throughput_rps"])
@@ -344,7 +431,9 @@ def saturation(servers: dict[str, Server], references: dict[str, Any], manifest:
                "latency_p50_ms": float(np.median([p for p in v["p50"] if p is not None] or [0])),
                "mean_batch": float(np.mean(v["batch"])) if v["batch"] else None,
                "server_cpu_ms_per_request": float(np.median(v["server_cpu_ms"])),
-               "client_cpu_ms_per_request": float(np.median(v["client_cpu_ms"]))} for k, v in served.items()}
+               "client_cpu_ms_per_request": float(np.median(v["client_cpu_ms"])),
+               # Failed requests of its slices (503s of a full queue, bad answers), by kind: none in a clean run.
+               "errors": _merged(v["errors"])} for k, v in served.items()}
     # The runtime alone at its best at that batch: vitc's stream layout or one session on every core, per round.
     best = [max(ips for ips, _ in r) for r in zip(*(alone[f"onnxruntime_{k}"] for k in references), strict=True)]
     bare = {"onnxruntime_batch": max(1, round(sat["vitc-onnxruntime"]["mean_batch"] or 1)),
@@ -364,6 +453,15 @@ def saturation(servers: dict[str, Server], references: dict[str, Any], manifest:
             "openvino_round_ratios": [a / b for a, b in zip(served["vitc-openvino"]["rps"],
                                                            alone["benchmark_app_fps"], strict=False)]}
     return sat, bare
+
+
+def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Error counts by kind, summed over the rounds."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for kind, n in c.items():
+            out[kind] = out.get(kind, 0) + n
+    return out
 
 
 def _layout(backend: Backend) -> str:
@@ -396,26 +494,44 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
                            "image_bytes": len(body), "environment": machine.environment(None),
                            "config": {"rounds": rounds, "slice_s": slice_s, "saturation_s": saturation_s,
                                       "saturation_rounds": saturation_rounds, "concurrency": concurrency}}
-    log("cold starts ...")
-    doc["cold_start"] = {}
-    for backend in backends:
-        runs = []
-        for _ in range(cold_starts):
-            s = Server("vitc", bundle, backend, **at(0))
-            try:
-                runs.append({"ready_s": s.cold_start_s, **s.startup()})
-            finally:
-                s.stop()
-        doc["cold_start"][backend] = {"ready_s_median": float(np.median([r["ready_s"] for r in runs])), "runs": runs}
+    stage = [STAGES[0]]  # where a server failing stopped the run
+    try:
+        log("cold starts ...")
+        doc["cold_start"] = {}
+        for backend in backends:
+            runs = []
+            for _ in range(cold_starts):
+                s = Server("vitc", bundle, backend, **at(0))
+                try:
+                    runs.append({"ready_s": s.cold_start_s, **s.startup()})
+                finally:
+                    s.stop()
+            doc["cold_start"][backend] = {"ready_s_median": float(np.median([r["ready_s"] for r in runs])),
+                                          "runs": runs}
+        _side_by_side(doc, bundle, body, backends, at, log, stage, rounds=rounds, slice_s=slice_s,
+                      concurrency=concurrency, saturation_s=saturation_s, saturation_rounds=saturation_rounds)
+    except ServerFailed as exc:
+        exc.doc = mark_partial(doc, stage[0], str(exc))
+        raise
+    doc["verdict"] = verdict(doc)
+    return doc
+
+
+def _side_by_side(doc: dict[str, Any], bundle: Path, body: bytes, backends: list[str],
+                  at: Callable[[int], dict[str, int]], log: Callable[[str], None], stage: list[str], *, rounds: int,
+                  slice_s: float, concurrency: int, saturation_s: float, saturation_rounds: int) -> None:
+    """Every system at concurrency 1, then at saturation, into `doc`; `stage[0]` says which part is running."""
     log("servers ...")
+    stage[0] = STAGES[1]
     servers: dict[str, Server] = {}
+    references: dict[str, Any] = {}
     try:  # each server is stopped whatever interrupts the run, the ones already up while a later one starts too
         servers["naive"] = Server("naive", bundle, **at(0))
         for i, b in enumerate(backends, 1):
             servers[f"vitc-{b}"] = Server("vitc", bundle, b, **at(i))
         ort, manifest, x = bare_backend(bundle, "onnxruntime", body)
-        one_session, _, _ = bare_backend(bundle, "onnxruntime", body, hint="latency")
-        references = {"streams": ort, "one_session": one_session}
+        references["streams"] = ort
+        references["one_session"], _, _ = bare_backend(bundle, "onnxruntime", body, hint="latency")
 
         def bare_call() -> tuple[float, dict[str, float]]:
             t = time.perf_counter()
@@ -424,16 +540,33 @@ def run(bundle: Path, rounds: int, slice_s: float, saturation_s: float, concurre
 
         systems = {"bare-onnxruntime": bare_call, **{k: (lambda s=s: s.post(body)) for k, s in servers.items()}}
         log("concurrency 1, interleaved ...")
+        stage[0] = STAGES[2]
         doc["single_stream"] = single_stream(systems, rounds, slice_s)
         log(f"saturation, concurrency {concurrency}, interleaved with the runtimes alone ...")
+        stage[0] = STAGES[3]
         doc["saturation"], doc["bare_saturation"] = saturation(servers, references, manifest, x, bundle, body,
                                                                concurrency, saturation_s, rounds=saturation_rounds)
+    finally:
         for backend in references.values():
             backend.close()
-    finally:
         for s in servers.values():
             s.stop()
-    doc["verdict"] = verdict(doc)
+
+
+# The parts of a run, in order: what a partial result names as done, stopped in, or not measured.
+STAGES = ("cold starts", "server starts", "concurrency 1", "saturation")
+MEASURED = {"cold starts": "cold_start", "concurrency 1": "single_stream", "saturation": "saturation"}
+
+
+def mark_partial(doc: dict[str, Any], stage: str, reason: str) -> dict[str, Any] | None:
+    """`doc` marked as a partial result (`partial`: why the run stopped, in which part, what it measured and what
+    not), or None when it holds no measurement at all."""
+    measured = [part for part, key in MEASURED.items() if doc.get(key)]
+    if not measured:
+        return None
+    doc["partial"] = {"stopped_during": stage, "reason": reason, "measured": measured,
+                      "not_measured": [part for part in MEASURED if part not in measured],
+                      "cold_start_backends": sorted(doc.get("cold_start") or {})}
     return doc
 
 
@@ -488,8 +621,46 @@ def _cpu_lines(sat: dict[str, Any], bare: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _setup_lines(doc: dict[str, Any]) -> list[str]:
+    """The machine, the request and the run's sizes."""
+    env, cfg = doc["environment"], doc["config"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return [
+        f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs ({' '.join(env['cpu']['flags'])}); "
+        f"git {((env.get('git') or {}).get('commit') or '?')[:12]}; {versions}",
+        f"- Request: the same {doc['image']} ({doc['image_bytes']} bytes) every time; client on the same machine.",
+        f"- Concurrency 1: {cfg['rounds']} interleaved rounds of {cfg['slice_s']} s per system; saturation: closed "
+        f"loop at concurrency {cfg['concurrency']} for {cfg['saturation_s']} s per system in "
+        f"{cfg.get('saturation_rounds', 3)} rounds.",
+    ]
+
+
+def _cold_start_lines(doc: dict[str, Any]) -> list[str]:
+    lines = ["", "Cold start (process start -> ready, median):", ""]
+    for backend, c in doc["cold_start"].items():
+        steps = c["runs"][0].get("steps_s") or {}
+        lines.append(f"- {backend}: {c['ready_s_median']:.2f} s; first run: process age at listening "
+                     f"{c['runs'][0].get('process_age_s')} s, model steps {steps}")
+    return lines
+
+
+def partial_markdown(doc: dict[str, Any]) -> str:
+    """The report of a run a failing server stopped: why, then what it measured before (no verdict)."""
+    part = doc["partial"]
+    lines = [f"# Serving overhead, PARTIAL: {doc['model']} ({doc['created']})", "",
+             f"**Partial result**: the run stopped during {part['stopped_during']}: {part['reason']}. Measured: "
+             f"{', '.join(part['measured'])}; not measured: {', '.join(part['not_measured']) or 'nothing'}. No "
+             "verdict: the systems were not all measured side by side.", "", *_setup_lines(doc)]
+    if s1 := doc.get("single_stream"):
+        lines += ["", "| system | p50 at concurrency 1 |", "|---|---|",
+                  *(f"| {k} | {v['latency_ms']['p50']:.1f} ms |" for k, v in s1.items())]
+    return "\n".join(lines + _cold_start_lines(doc)) + "\n"
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    env, v, cfg = doc["environment"], doc["verdict"], doc["config"]
+    if doc.get("partial"):
+        return partial_markdown(doc)
+    v = doc["verdict"]
     s1, sat, bare = doc["single_stream"], doc["saturation"], doc["bare_saturation"]
     p50 = {k: s1[k]["latency_ms"]["p50"] for k in s1}
     ort_sat = sat["vitc-onnxruntime"]
@@ -507,15 +678,8 @@ def markdown(doc: dict[str, Any]) -> str:
         ("OpenVINO benchmark_app on the same IR (throughput hint, no HTTP, no decoding)", "–",
          f"{bare['benchmark_app_fps'] or 0:.1f} img/s"),
     ]
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines = [
-        f"# Serving overhead: {doc['model']} ({doc['created']})", "",
-        f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs ({' '.join(env['cpu']['flags'])}); "
-        f"git {((env.get('git') or {}).get('commit') or '?')[:12]}; {versions}",
-        f"- Request: the same {doc['image']} ({doc['image_bytes']} bytes) every time; client on the same machine.",
-        f"- Concurrency 1: {cfg['rounds']} interleaved rounds of {cfg['slice_s']} s per system; saturation: closed "
-        f"loop at concurrency {cfg['concurrency']} for {cfg['saturation_s']} s per system in "
-        f"{cfg.get('saturation_rounds', 3)} rounds.", "",
+        f"# Serving overhead: {doc['model']} ({doc['created']})", "", *_setup_lines(doc), "",
         "| | p50 at concurrency 1 | throughput at saturation |", "|---|---|---|",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows), "",
         f"- vitc onnxruntime at concurrency 1: {v['vitc_minus_bare_ms']:+.1f} ms over the bare session "
@@ -537,12 +701,7 @@ def markdown(doc: dict[str, Any]) -> str:
     client = [p50[k] - s1[k]["server_timing_ms"].get("total", {}).get("p50", float("nan"))
               for k in ("vitc-onnxruntime", "vitc-openvino")]
     lines.append(f"| HTTP and client (outside the server's total) | {client[0]:.2f} | {client[1]:.2f} |")
-    lines += ["", "Cold start (process start -> ready, median):", ""]
-    for backend, c in doc["cold_start"].items():
-        steps = c["runs"][0].get("steps_s") or {}
-        lines.append(f"- {backend}: {c['ready_s_median']:.2f} s; first run: process age at listening "
-                     f"{c['runs'][0].get('process_age_s')} s, model steps {steps}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _cold_start_lines(doc)) + "\n"
 
 
 def _backends(text: str) -> list[str]:
@@ -613,21 +772,38 @@ def main(argv: list[str] | None = None) -> int:
         if problem := next(filter(None, map(port_problem, ports_needed(args.port, args.backends))), None):
             raise InputError(f"--port {args.port}: {problem} (it uses {args.port}.."
                              f"{ports_needed(args.port, args.backends)[-1]})")
-    doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
-              args.backends, log=lambda m: print(m, file=sys.stderr),
-              saturation_rounds=args.saturation_rounds, port=args.port)
+    try:
+        doc = run(args.bundle, args.rounds, args.slice, args.saturation, args.concurrency, args.cold_starts,
+                  args.backends, log=lambda m: print(m, file=sys.stderr),
+                  saturation_rounds=args.saturation_rounds, port=args.port)
+    except ServerFailed as exc:  # every server is stopped by now
+        raise stopped_run(exc, args.out) from None
     print(markdown(doc), flush=True)  # first: a write failing later loses no measurement
     return save(doc, args.out)
 
 
+def stopped_run(exc: ServerFailed, out: Path) -> InputError | WorkFailed:
+    """The one line for a run a server failed, what it had measured printed and saved first as a partial result (as
+    benchmarks.load saves the levels before a server went away): exit 2 where the server refused its input at its
+    start (a port, the bundle), else 1."""
+    if exc.doc is None:
+        said = f"{exc}; nothing was measured, nothing written"
+    else:
+        print(markdown(exc.doc), flush=True)
+        save(exc.doc, out)
+        said = f"{exc}; what was measured before is saved, marked partial"
+    return InputError(said) if exc.code == 2 else WorkFailed(said)
+
+
 def save(doc: dict[str, Any], out: Path) -> int:
-    """Write <date>-<time>-<host>-overhead.json / .md into `out` (never over an earlier run's); exit code 0, or
-    WorkFailed when they cannot be written."""
+    """Write <date>-<time>-<host>-overhead.json / .md (-overhead-partial for a partial result) into `out` (never over
+    an earlier run's); exit code 0, or WorkFailed when they cannot be written."""
     from benchmarks.report import naming, save_failed, unused_stem
     from models.io import atomic_write_bytes, atomic_write_json
 
     created = doc["created"][:16].replace(":", "").replace("T", "-")
-    stem = out / unused_stem(out, f"{created}-{doc['environment']['host']}-overhead", (".json", ".md"))
+    kind = "overhead-partial" if doc.get("partial") else "overhead"  # never taken for a whole run's results
+    stem = out / unused_stem(out, f"{created}-{doc['environment']['host']}-{kind}", (".json", ".md"))
     try:
         with naming(stem.with_suffix(".json")):
             atomic_write_json(stem.with_suffix(".json"), doc)
