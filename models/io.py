@@ -582,6 +582,8 @@ ZIP64_LOCATOR = b"PK\x06\x07"  # the zip64 end record's locator (20 bytes, just 
 ZIP64_END = b"PK\x06\x06"  # the zip64 end record (56 bytes without extensible data, just before its locator)
 ZIP_ENTRY = b"PK\x01\x02"  # a central directory entry's signature
 ZIP_ENTRY_BYTES = 46  # a central directory entry before its name, extra field and comment
+# The most bytes one entry takes: its header, then a name, an extra field and a comment of up to 65,535 bytes each.
+MAX_ZIP_ENTRY_BYTES = ZIP_ENTRY_BYTES + 3 * 0xFFFF
 _ZIP_END_BYTES = 22
 _ZIP64_BYTES = 56 + 20  # the zip64 end record and its locator
 
@@ -595,8 +597,10 @@ class ZipEnd:
     classic_entries: int  # the classic end record's own total count
     classic_directory: int  # and its own directory size
     zip64: bool  # a zip64 locator's signature stands before the end record, in the file's last 64 KiB
-    consistent: bool  # the records agree, and a directory of that size that can hold that many entries starts where
-    # zipfile reads it: where one is not, the records changed (or were written to mislead)
+    consistent: bool  # the records agree, and a directory of that size that can hold that many entries (and no
+    # fewer: MAX_ZIP_ENTRY_BYTES an entry at most) starts where zipfile reads it: where one is not, the records
+    # changed (or were written to mislead)
+    start: int = 0  # where zipfile reads the directory from (the end record's place, less the directory's size)
 
 
 def read_zip_end(f: BinaryIO) -> ZipEnd | None:
@@ -621,9 +625,28 @@ def read_zip_end(f: BinaryIO) -> ZipEnd | None:
         if found[0][0] == record - _ZIP64_BYTES:  # the record zipfile reads (just before the locator)
             start = found[0][0] - found[0][3]
     entries, most = max(counts), max(sizes)
-    consistent = (len(set(counts)) == 1 and len(set(sizes)) == 1 and entries * ZIP_ENTRY_BYTES <= most
+    consistent = (len(set(counts)) == 1 and len(set(sizes)) == 1
+                  and entries * ZIP_ENTRY_BYTES <= most <= entries * MAX_ZIP_ENTRY_BYTES
                   and start >= 0 and (entries == 0 or _starts_with(f, start, ZIP_ENTRY)))
-    return ZipEnd(entries, most, total, directory, tail.rfind(ZIP64_LOCATOR, 0, end) >= 0, consistent)
+    return ZipEnd(entries, most, total, directory, tail.rfind(ZIP64_LOCATOR, 0, end) >= 0, consistent, start)
+
+
+def zip_entries(f: BinaryIO, end: ZipEnd, most: int) -> int | None:
+    """How many entries the central directory that `end` describes holds, walked as zipfile walks it (an entry's
+    header, then its name, extra field and comment, until the directory's size is spent, whatever the records'
+    count), reading no more than `most` entries and one header more; None where it holds more, or where an entry
+    lacks its signature or runs past the directory's end (zipfile would then read what the count does not list)."""
+    f.seek(end.start)
+    at = count = 0
+    while at < end.directory:
+        header = f.read(ZIP_ENTRY_BYTES)
+        if count == most or len(header) < ZIP_ENTRY_BYTES or not header.startswith(ZIP_ENTRY):
+            return None
+        name, extra, comment = struct.unpack_from("<HHH", header, 28)
+        at += ZIP_ENTRY_BYTES + name + extra + comment
+        count += 1
+        f.seek(end.start + at)
+    return count if at == end.directory else None
 
 
 def _zip64_records(f: BinaryIO, record: int) -> list[tuple[int, int, int, int]]:

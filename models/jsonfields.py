@@ -104,8 +104,14 @@ def is_number(value: Any) -> bool:
 
 
 def is_finite(value: Any) -> bool:
-    """A number (`is_number`) that is neither NaN nor infinite."""
-    return is_number(value) and math.isfinite(value)
+    """A number (`is_number`) that is neither NaN nor infinite, and converts to a float: an int of 1,024 bits or more
+    does not (math.isfinite and float() raise OverflowError for it), so it is no finite number to a reader either."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def finite_or_none(x: float) -> float | None:

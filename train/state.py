@@ -6,12 +6,12 @@ arbitrary unpickling). The file is replaced in one rename: a kill at any moment 
 
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import datetime as dt
 import errno
 import io
 import itertools
-import math
 import os
 import pickle
 import pickletools
@@ -19,7 +19,7 @@ import random
 import re
 import reprlib
 import stat
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ import torch
 
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
 from models.failures import memory_failure
-from models.io import ZIP_ENTRY_BYTES, atomic_write_bytes, not_a_file, read_zip_end
-from models.jsonfields import is_finite, is_int, is_number
+from models.io import ZIP_ENTRY_BYTES, atomic_write_bytes, not_a_file, read_zip_end, zip_entries
+from models.jsonfields import is_finite, is_int
 
 RESUME_FILE = "resume.pt"
 STATE_VERSION = 1
@@ -45,6 +45,18 @@ MAX_RESUME_DIRECTORY = MAX_RESUME_ENTRIES * (ZIP_ENTRY_BYTES + 320)  # bytes: an
 # through all of them, and torch.load hashes every dict key it sets (`x = (x, x)` 40 times: 2**40 values, hours).
 # torch.save's largest tuples hold a tensor's shape and strides.
 MAX_TUPLE_VALUES = 1 << 16
+# What following the pickle may cost, whatever its size allows (32 MB of 1-byte opcodes spell 32 million): the steps
+# (opcodes) torch.load takes, and the objects it builds beyond plain values (a container, or what a call builds: a
+# tensor, a storage, an OrderedDict). The largest model's state (AdamW, EMA) takes 49,000 steps and builds 10,500
+# objects, each epoch of its history 35 and 1: with the most epochs a run has (100,000), 3.5 million and 110,000.
+# An empty set is 1 byte and builds 216 (4 MB of them took 43 s and 1.4 GB to load and walk).
+MAX_PICKLE_OPS = 1 << 23
+MAX_PICKLE_OBJECTS = 1 << 19
+# Dict keys the pickle may set (torch.load hashes each): names, and ints that hash apart. Python hashes an int modulo
+# 2**61 - 1, so past it any number of ints hash alike (80,000 such keys, 1 MB, took 104 s: each insert probed all the
+# others before it), and a tuple's or a float's hash can be chosen as well. A resume state's keys are names and
+# parameter indices; below 2**63, at most 4 ints share a hash.
+MAX_KEY_INT = 1 << 63
 # Values in the state, each counted as often as it is referred to (what a walk over it meets): a value of the pickle
 # takes a byte of it at least, so only the same values referred to over and over reach more than it could spell out.
 MAX_STATE_VALUES = MAX_PICKLE_BYTES
@@ -57,8 +69,14 @@ def _history(x: object) -> bool:
 
 def _epoch_acc(x: object) -> bool:
     # The loss sum may be non-finite (a run that diverged mid-epoch): check_resume weighs it against the weights.
-    return x is None or (isinstance(x, dict) and is_number(x.get("loss_sum")) and _seconds(x.get("time"))
+    return x is None or (isinstance(x, dict) and _float_like(x.get("loss_sum")) and _seconds(x.get("time"))
                          and all(_count(x.get(k)) for k in ("samples", "corrupt")))
+
+
+def _float_like(x: object) -> bool:
+    """A number that a float holds: a finite one, or a float's NaN or infinity (not an int too large for a float,
+    which every use of it as a float raises OverflowError for)."""
+    return is_finite(x) or isinstance(x, float)
 
 
 def _eval_result(x: object) -> bool:
@@ -224,21 +242,29 @@ def _is_pickle(name: str) -> bool:
 
 def _check_zip_end(path: Path) -> None:
     """CheckpointError unless the zip's end records list at most MAX_RESUME_ENTRIES entries in MAX_RESUME_DIRECTORY
-    bytes, read before zipfile reads the directory. Records that disagree with each other or with the directory are
-    the corrupt refusal (a flipped bit); a directory that does hold that many is a file vitc did not write."""
+    bytes, and its directory holds just the entries they list: read before zipfile reads the directory, which it
+    does by its size (it lists every entry there, whatever the count: 5 listed over 140,000 were all read). Records
+    that disagree with each other or with the directory are the corrupt refusal (a flipped bit); a directory that
+    does hold that many is a file vitc did not write."""
     try:
         with open(path, "rb") as f:
             end = read_zip_end(f)
+            bounded = end is not None and end.entries <= MAX_RESUME_ENTRIES and end.directory <= MAX_RESUME_DIRECTORY
+            held = zip_entries(f, end, end.entries) if bounded and end.consistent else None
     except OSError as exc:
         raise _unreadable(path, "its zip end record", exc) from None
-    if end is None or (end.entries <= MAX_RESUME_ENTRIES and end.directory <= MAX_RESUME_DIRECTORY):
+    if end is None:
         return  # (no record: zipfile says what is wrong)
     listed = f"{end.entries:,} entries in {end.directory:,} bytes"
     if not end.consistent:
         raise _corrupt(path, f"its zip end record lists {listed}, which its directory does not hold")
-    raise CheckpointError(f"cannot read resume state {path}: its zip directory lists {listed}, more than any resume "
-                          f"state vitc writes ({MAX_RESUME_ENTRIES:,} entries in {MAX_RESUME_DIRECTORY:,} bytes at "
-                          "most: one a tensor); it is not a resume state vitc wrote, and is not loaded")
+    if not bounded:
+        raise CheckpointError(f"cannot read resume state {path}: its zip directory lists {listed}, more than any "
+                              f"resume state vitc writes ({MAX_RESUME_ENTRIES:,} entries in {MAX_RESUME_DIRECTORY:,} "
+                              "bytes at most: one a tensor); it is not a resume state vitc wrote, and is not loaded")
+    if held != end.entries:
+        raise _corrupt(path, f"its zip end record lists {listed}, which its directory does not hold (it holds more "
+                             "entries, or entries that run past its end)")
 
 
 CRC_CHUNK = 1 << 20  # bytes read at a time while a member's CRC-32 is checked: memory stays flat whatever its size
@@ -284,35 +310,77 @@ def _check_crcs(path: Path, archive: Any, members: list[Any]) -> bytes | None:
 
 class _Pickled:
     """One value on the stack `pickle_problem` follows: how many values it holds, counted as hashing or a walk meets
-    them (each time it refers to one), and whether the pickle referred to it again (fetched it from its memo)."""
+    them (each time it refers to one), whether the pickle referred to it again (fetched it from its memo), whether it
+    may be a dict key (a name, or an int below MAX_KEY_INT), and the global it is (`module name`), if one."""
 
-    __slots__ = ("referred", "values")
+    __slots__ = ("global_", "key", "referred", "values")
 
-    def __init__(self, values: int) -> None:
+    def __init__(self, values: int, key: bool = False, global_: str | None = None) -> None:
         self.values, self.referred = min(values, MAX_TUPLE_VALUES + 1), False
+        self.key, self.global_ = key, global_
+
+
+# One for every plain value (a number, a name, None, the empty tuple): 8 bytes a value on the stack, not 80. Only a
+# container is added to or counted (torch.load refuses to add to anything else, as the scan does once it is referred).
+_PLAIN, _KEY = _Pickled(1), _Pickled(1, key=True)
+
+
+class _PickleScan:
+    """What `pickle_problem` follows: the stack (None for a mark), the memo, and the steps and objects so far."""
+
+    __slots__ = ("memo", "objects", "ops", "stack")
+
+    def __init__(self) -> None:
+        self.stack: list[_Pickled | None] = []
+        self.memo: dict[int, _Pickled] = {}
+        self.ops = self.objects = 0
 
 
 _TUPLES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"})
 _ADDS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})  # to the value below: kept
 _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 _MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET", "DUP"})
+# Opcodes that build an object beyond a plain value (counted against MAX_PICKLE_OBJECTS): containers, and calls.
+_PICKLE_OBJECTS = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "LIST", "DICT", "FROZENSET", "TUPLE", "TUPLE1",
+                             "TUPLE2", "TUPLE3", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BINPERSID", "PERSID", "INST", "OBJ"})
+_STRINGS = frozenset({"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                      "STRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"})  # keys Python hashes with a secret seed
+_INTS = frozenset({"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG"})
+# The calls torch.load allows that hash every item of their argument (a set, or a dict built from a list): keys
+# no SETITEMS check sees. torch.save calls an OrderedDict with no argument, and sets items in it one by one.
+_HASHING_CALLS = frozenset({"builtins.set", "collections.Counter", "collections.OrderedDict"})
+_HASHING = frozenset({"SETITEM", "SETITEMS", "REDUCE"})  # the opcodes `_hash_problem` looks at
 
 
 def pickle_problem(data: bytes) -> str | None:
-    """Why unpickling `data` would cost more than its size, or None: a tuple of more than MAX_TUPLE_VALUES values
-    (torch.load's unpickler hashes each dict key it sets, through all of a tuple's values), or a value added to after
-    the pickle referred to it again (which torch.save never writes: only a value that contains itself needs it, and
-    without it every count here is final when it is read). Followed on the pickle's stack as an unpickler builds it,
-    without building anything; a pickle that does not parse is left to torch.load to refuse."""
-    stack: list[_Pickled | None] = []  # None: a mark
-    memo: dict[int, _Pickled] = {}
+    """Why unpickling `data` would cost more than its size, or None: more than MAX_PICKLE_OPS steps or
+    MAX_PICKLE_OBJECTS objects, a tuple of more than MAX_TUPLE_VALUES values (torch.load's unpickler hashes each dict
+    key it sets, through all of a tuple's values), a dict key that is not a name or an int below MAX_KEY_INT, a call
+    torch.save writes without arguments given some (one that hashes a list), or a value added to after the pickle
+    referred to it again (which torch.save never writes: only a value that contains itself needs it, and without it
+    every count here is final when it is read). Followed on the pickle's stack as an unpickler builds it, without
+    building anything; a pickle that does not parse is left to torch.load to refuse."""
+    scan = _PickleScan()
     try:
         for op, arg, _ in pickletools.genops(data):
-            if problem := _pickle_step(op, arg, stack, memo):
+            scan.ops += 1
+            scan.objects += op.name in _PICKLE_OBJECTS
+            if scan.ops > MAX_PICKLE_OPS or scan.objects > MAX_PICKLE_OBJECTS:
+                return _cost_problem(scan)
+            if problem := _pickle_step(op, arg, scan.stack, scan.memo):
                 return problem
     except (ValueError, IndexError, KeyError, AttributeError):  # not a pickle, or a stack it does not balance
         return None
     return None
+
+
+def _cost_problem(scan: _PickleScan) -> str:
+    """What the pickle `scan` stopped in costs more of than any resume state."""
+    if scan.ops > MAX_PICKLE_OPS:
+        return (f"takes more than {MAX_PICKLE_OPS:,} steps to load (the largest model's state with a 100,000-epoch "
+                "history takes 3.5 million)")
+    return (f"builds more than {MAX_PICKLE_OBJECTS:,} objects (containers and what calls build; the largest model's "
+            "state with a 100,000-epoch history builds 110,000)")
 
 
 def _pickle_step(op: Any, arg: Any, stack: list[_Pickled | None], memo: dict[int, _Pickled]) -> str | None:
@@ -327,6 +395,8 @@ def _pickle_step(op: Any, arg: Any, stack: list[_Pickled | None], memo: dict[int
         stack.append(value)
         return None
     taken = _pickle_pop(op, stack)
+    if name in _HASHING and (problem := _hash_problem(name, taken)):
+        return problem
     if name in _ADDS:
         target = taken.pop()
         if target.referred:
@@ -338,8 +408,43 @@ def _pickle_step(op: Any, arg: Any, stack: list[_Pickled | None], memo: dict[int
     if name in _TUPLES and values > MAX_TUPLE_VALUES:
         return (f"builds a tuple of more than {MAX_TUPLE_VALUES:,} values (the same tuples referred to over and over: "
                 "hashing it as a key would visit every one)")
-    stack.extend(None if s is pickletools.markobject else _Pickled(values) for s in op.stack_after)
+    key = name in _STRINGS or (name in _INTS and -MAX_KEY_INT <= arg < MAX_KEY_INT)
+    if values == 1 and name not in _PICKLE_OBJECTS and name != "GLOBAL":  # a plain value: shared, as it stays one
+        stack.extend(None if s is pickletools.markobject else _KEY if key else _PLAIN for s in op.stack_after)
+        return None
+    global_ = arg if name == "GLOBAL" else None
+    stack.extend(None if s is pickletools.markobject else _Pickled(values, key, global_) for s in op.stack_after)
     return None
+
+
+def _hash_problem(name: str, taken: list[_Pickled]) -> str | None:
+    """Why the values opcode `name` takes (`_pickle_pop`) would be hashed at a cost the file does not pay for, or
+    None: a dict key set that is not a name or an int below MAX_KEY_INT, or a call that hashes its argument's items."""
+    if name == "SETITEM":
+        keys = taken[1:2]
+    elif name == "SETITEMS":
+        keys = taken[1:-1:2]  # value, key, value, key, ... (topmost first), then the dict
+    else:
+        keys = []
+    if not all(k.key for k in keys):
+        return ("sets a dict key that is not a name or an integer below 2**63 (values Python hashes alike, each "
+                "insert probing all the others; a resume state's keys are names and parameter indices)")
+    called = _global_name(taken[1].global_) if name == "REDUCE" and taken[1].global_ else None
+    if called in _HASHING_CALLS and taken[0].values > 1:
+        return (f"calls {called} with arguments (it hashes every item of a list: torch.save sets a dict's items one "
+                "by one)")
+    return None
+
+
+def _global_name(arg: str) -> str:
+    """A GLOBAL opcode's `module name` as torch.load reads it (`module.name`, Python 2's names mapped, as pickle
+    maps them)."""
+    module, _, name = arg.partition(" ")
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}"
 
 
 def _pickle_pop(op: Any, stack: list[_Pickled | None]) -> list[_Pickled]:
@@ -529,11 +634,59 @@ def _option(x: object) -> bool:
 
 
 def _scalar(x: object) -> bool:
-    return x is None or isinstance(x, bool | int | float | str)
+    # An int too large for a float is none: the configuration's own range checks raise OverflowError on it.
+    return x is None or isinstance(x, bool | float | str) or (isinstance(x, int) and is_finite(x))
 
 
 def _tensor_dict(x: object) -> bool:
     return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
+
+
+def tensor_problem(state: dict[str, Any]) -> str | None:
+    """Why a tensor anywhere in `state` is not one torch.save writes of what vitc saves, or None: a CPU tensor of
+    strided layout whose every element has a place of its own in its storage. A view with a zero or overlapping
+    stride holds more elements than its storage (torch.zeros(1).expand(2**34): 17 KB of file), and any op over it
+    (a check's isfinite) allocates all of them. Read from shapes and strides only, before any op touches a tensor."""
+    for keys, tensor in _tensors(state):
+        if problem := _view_problem(tensor):
+            return f"{_path(keys)}: {problem}"
+    return None
+
+
+def _tensors(root: dict[str, Any]) -> Iterator[tuple[list[object], torch.Tensor]]:
+    """Every tensor in `root`, with the keys that lead to it: each container visited once (by id), without
+    recursion, so a value that contains itself or is shared is walked once."""
+    stack: list[tuple[object, list[object]]] = [(root, [])]
+    seen: set[int] = set()
+    while stack:
+        value, keys = stack.pop()
+        if isinstance(value, torch.Tensor):
+            yield keys, value
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        items = value.items() if isinstance(value, dict) else enumerate(value)  # (sets: an index of its order)
+        stack.extend((v, [*keys, k]) for k, v in items if isinstance(v, torch.Tensor) or _is_container(v))
+
+
+def _view_problem(t: torch.Tensor) -> str | None:
+    """Why `t` is not a CPU strided tensor whose elements each have their own place within its storage, or None."""
+    if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized or t.is_nested:
+        return f"a {'quantized ' if t.is_quantized else ''}{t.layout} tensor on {t.device}, which no resume state holds"
+    if t.numel() == 0:
+        return None
+    span = 1  # elements from the first to the last of the dimensions so far, taken by increasing stride
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1),
+                               key=lambda dim: dim[1]):
+        if stride < span:
+            return (f"a view of shape {tuple(t.shape)} and strides {t.stride()} whose elements share places in its "
+                    "storage (a zero or overlapping stride), which torch.save of a resume state never writes")
+        span += stride * (size - 1)
+    held = t.untyped_storage().nbytes() // t.element_size()
+    if t.storage_offset() + span > held:
+        return f"a view of {span:,} elements from element {t.storage_offset():,} of a storage of {held:,}"
+    return None
 
 
 def _check_rng(rng: object) -> str | None:
@@ -545,17 +698,22 @@ def _check_rng(rng: object) -> str | None:
     if not isinstance(rng["cuda"], list) or not all(isinstance(t, torch.Tensor) for t in rng["cuda"]):
         return "rng.cuda: expected a list of tensors"
     n, p = rng["numpy"], rng["python"]
+    # numpy's set_state and Python's setstate raise OverflowError or ValueError on values capture_rng never
+    # writes (a gauss too large for a float, a flag or a word beyond its C type, another state version).
     if not (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor) and n["keys"].shape == (MT_KEYS,)
             and n["keys"].dtype == torch.int64 and is_int(n.get("pos")) and 0 <= n["pos"] <= MT_KEYS
-            and is_int(n.get("has_gauss")) and is_number(n.get("gauss"))):
-        return f"rng.numpy: expected keys ({MT_KEYS} integers), pos (0..{MT_KEYS}), has_gauss and gauss"
+            and is_int(n.get("has_gauss")) and n["has_gauss"] in (0, 1) and _float_like(n.get("gauss"))):
+        return f"rng.numpy: expected keys ({MT_KEYS} integers), pos (0..{MT_KEYS}), has_gauss (0 or 1) and gauss"
     # numpy takes the keys as uint32: one outside that range would be wrapped silently into another state.
     if not bool(((n["keys"] >= 0) & (n["keys"] < 1 << 32)).all()):
         return "rng.numpy.keys: expected integers from 0 to 2**32 - 1"
-    if not (isinstance(p, dict) and is_int(p.get("version")) and isinstance(p.get("internal"), list)
-            and len(p["internal"]) == MT_KEYS + 1 and all(is_int(v) for v in p["internal"])
-            and (p.get("gauss") is None or is_number(p.get("gauss")))):
-        return f"rng.python: expected version, internal ({MT_KEYS + 1} integers) and gauss"
+    if not (isinstance(p, dict) and is_int(p.get("version")) and p["version"] == random.Random.VERSION
+            and isinstance(p.get("internal"), list) and len(p["internal"]) == MT_KEYS + 1
+            and all(is_int(v) and 0 <= v < 1 << 32 for v in p["internal"][:MT_KEYS])
+            and is_int(p["internal"][MT_KEYS]) and 0 <= p["internal"][MT_KEYS] <= MT_KEYS
+            and (p.get("gauss") is None or _float_like(p.get("gauss")))):
+        return (f"rng.python: expected version {random.Random.VERSION}, internal ({MT_KEYS} words of 32 bits and a "
+                f"position in 0..{MT_KEYS}) and gauss")
     return None
 
 
@@ -772,7 +930,7 @@ def _check_loss_sum(state: dict[str, Any]) -> str | None:
     acc = state["progress"]["epoch_acc"]
     if acc is not None and acc["loss_sum"] < 0:
         return f"progress.epoch_acc.loss_sum: {acc['loss_sum']!r}, a sum of losses, is negative"
-    if acc is None or math.isfinite(acc["loss_sum"]):
+    if acc is None or is_finite(acc["loss_sum"]):
         return None
     if not all_finite(state["model"]):
         return None
@@ -863,6 +1021,8 @@ def check_resume(state: dict[str, Any]) -> str | None:
                if k not in state]
     if missing:
         return f"missing {', '.join(missing)}"
+    if problem := tensor_problem(state):  # before any check's op reads one
+        return problem
     if not isinstance(state["config"], dict) or not all(isinstance(k, str) for k in state["config"]):
         return "config: expected a dict of options"
     for key, value in state["config"].items():  # the configuration's own checks quote a wrong value in full
