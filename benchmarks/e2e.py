@@ -28,8 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 
 import runtimes
 from benchmarks import machine
-from benchmarks.loadgen import Client, Endpoint, closed_loop, open_loop
+from benchmarks.loadgen import Client, Endpoint, closed_loop, get, open_loop
 from benchmarks.stats import MIN_CI_ROUNDS, MIN_SAMPLES_FOR, median_ci, summarize, thin
 from models.io import atomic_write_bytes, atomic_write_json
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
@@ -71,8 +70,9 @@ class E2EConfig:
     argv: tuple[str, ...] = ()
 
 
-def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
-    """CLI arguments -> E2EConfig; ValueError on bad values (non-http URL, non-positive rate or duration)."""
+def e2e_config(args: Any, argv: list[str], command: Sequence[str]) -> E2EConfig:
+    """CLI arguments -> E2EConfig, `command` (`python -m benchmarks.latency`, as the run was started) recorded before
+    `argv`; ValueError on bad values (non-http URL, non-positive rate or duration)."""
     parts = urllib.parse.urlsplit(args.http)
     if args.http == "start":
         if args.bundle is None:
@@ -94,7 +94,7 @@ def e2e_config(args: Any, argv: list[str]) -> E2EConfig:
                      rate=args.rate, duration=duration, warmup=0.5 if args.quick else 2.0, bundle=args.bundle,
                      images=16 if args.quick else 64, image_format=args.image_format, image_size=args.image_size,
                      server_args=server_args, api_key=args.api_key, quick=args.quick,
-                     argv=("python", "benchmarks/latency.py", *argv))
+                     argv=(*command, *argv))
 
 
 class NotVitcServer(ValueError):
@@ -157,12 +157,13 @@ def classify_endpoint(url: str, model: str, content_type: str, api_key: str | No
 
 
 def _get_json(url: str, api_key: str | None) -> Any:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    """The JSON answer of GET `url`, whole within loadgen.GET_TIMEOUT_S; ValueError (NotVitcServer) naming why not."""
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            body = resp.read()
+        body = get(url, api_key)
     except urllib.error.HTTPError as exc:
         raise ValueError(f"GET {url}: HTTP {exc.code}") from None
+    except TimeoutError as exc:  # reached, but its answer did not come whole in time (a server that trickles it)
+        raise ValueError(f"GET {url}: {exc}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise ValueError(f"cannot reach the server at {url}: {getattr(exc, 'reason', exc)}") from None
     try:
@@ -575,8 +576,8 @@ def error_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def open_loop_lines(doc: dict[str, Any]) -> list[str]:
-    """The open loop's offered and achieved rates, and whether the server fell behind (none for results written
-    before the open loop reported its offered rate)."""
+    """The open loop's offered and achieved rates, and whether the server fell behind or the client was the limit
+    (none for results written before the open loop reported its offered rate)."""
     r = doc.get("open") or {}
     if r.get("offered_rps") is None:
         return []
@@ -584,7 +585,12 @@ def open_loop_lines(doc: dict[str, Any]) -> list[str]:
     line = (f"open loop ({_level(r)}): offered {offered:.1f} req/s ({r['scheduled']} requests scheduled in the "
             f"{r['seconds']:g} s window), achieved {achieved:.1f} req/s ({r['ok']} successes in the "
             f"{r['served_s']:g} s from the window's start until the last was answered)")
-    if r.get("fell_behind"):
+    if r.get("dropped"):  # the server was never offered the rate: its figure is not the server's answer to it
+        line += (f": the client was the limit, not the server: {r['dropped']} of the {r['scheduled']} requests "
+                 f"scheduled in the window were never sent (all {r['workers']} of its connections waiting for an "
+                 f"answer and {r['backlog']} more arrivals queued behind them), so the server was offered less than "
+                 f"{offered:.1f} req/s; the achieved rate is what it served with {r['workers']} requests in flight")
+    elif r.get("fell_behind"):
         line += (f": the server fell behind (achieved {(1 - achieved / offered) * 100:.0f} % below offered, more "
                  f"than the {r['behind_margin'] * 100:.0f} % margin)")
     return [line]

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.http:
             from benchmarks.e2e import e2e_config, format_e2e, run_e2e, write_e2e_reports
 
-            doc = run_e2e(e2e_config(args, argv))
+            doc = run_e2e(e2e_config(args, argv, _command()))
             print(format_e2e(doc))
             save = partial(write_e2e_reports, doc, out, plots=not args.no_plots)
             failed = _failed_levels(doc)

@@ -13,10 +13,13 @@ taken, either file, gets -2, -3, ...: never overwritten). Loopback addresses onl
 are bounded. The client runs on the same CPUs as the server, so on a small machine its own cost is part of the
 figures (reported too). A level in which no request succeeded exits 1 with one line naming it, after the results
 are saved; so does a server that goes away during the run (killed, crashed, hung: its /metrics no longer answers
-after a level): that level is marked, the levels before it are kept and the rest are listed as not run. With
---start the server logs to a temporary
+after a level): that level is marked, the levels before it are kept and the rest are listed as not run. Every GET
+(the model list, /metrics) must be answered whole within 10 s and every request within 30 s: a server that trickles
+its answer is given up on, not waited for. With --start the server logs to a temporary
 directory that is removed after a clean run; when the server fails to start or the test against it fails, the
 error line gives the server's own reason and the log is kept; `--port N` picks its port (default: a free one).
+Ctrl-C, SIGTERM and SIGHUP (the terminal closed; not under nohup) stop the run with one line (exit 130 or 143): the
+started server is stopped and its log directory removed, nothing is written.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 
 # isort: split
 import argparse
+import contextlib
 import datetime as dt
 import http.client
 import io
@@ -33,20 +37,21 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.e2e import MAX_IMAGES, NotVitcServer, classify_endpoint, error_counts, request_bodies, served_models
-from benchmarks.loadgen import MAX_CONCURRENCY, closed_loop
+from benchmarks.loadgen import MAX_CONCURRENCY, closed_loop, get
 from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
 from benchmarks.stats import MAX_RAW_SAMPLES, THIN_NOTE, marked, thin
-from models.cli import InputError, OneLineParser, WorkFailed, command, float_in, int_in, refuse_empty_paths
+from models.cli import InputError, OneLineParser, Terminated, WorkFailed, command, float_in, int_in, refuse_empty_paths
 from models.io import atomic_write_bytes, atomic_write_json
 from models.oneline import first_line
 from runtimes.registry import DEFAULT_RUNTIME
@@ -77,9 +82,8 @@ def loopback_url(url: str) -> str:
 
 
 def _get(url: str, api_key: str | None) -> bytes:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return resp.read()
+    """The whole answer by GET_TIMEOUT_S: a server that trickles it is given up on, not waited for."""
+    return get(url, api_key)
 
 
 Counters = dict[str, tuple[float, float]]
@@ -469,6 +473,32 @@ def main(argv: list[str] | None = None) -> int:
         url, bundles = _checked(args)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    with _hangup_stops():
+        return _run(args, url, bundles)
+
+
+def _hangup(signum: int, frame: object) -> None:
+    raise Terminated  # SIGHUP: SIGTERM's path, said as "terminated" with exit 143
+
+
+@contextlib.contextmanager
+def _hangup_stops() -> Iterator[None]:
+    """While the body runs, SIGHUP (the terminal closed) stops the run as SIGTERM does: the started server stopped,
+    its log directory removed, one line; it killed the run silently (exit 129) and left the directory. Not under
+    nohup (SIGHUP ignored: asked to outlive the terminal), nor outside the main thread (no handlers there)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, _hangup)
+    try:
+        yield
+    finally:  # None: a handler not set from Python, which only the default stands for here
+        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(args: argparse.Namespace, url: str, bundles: list[str]) -> int:
+    """Run the load test (starting a server with --start), print and write the report; the exit code."""
     if args.start:
         doc = _measure_started(args, bundles)
     else:
