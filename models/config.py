@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from models.jsonfields import is_int
+from models.jsonfields import is_finite, is_int
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ class ViTConfig:
                 raise ValueError(f"{self.name}: {attr} must be at most {high}, got {value}")
             object.__setattr__(self, attr, int(value))  # a numpy integer (a size from an array) held as int: JSON-ready
         eps = self.ln_eps
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not (math.isfinite(eps) and 0 < eps <= 1):
+        # is_finite: an int too large for a float (a 400-digit JSON number) is not finite, never an OverflowError.
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not (is_finite(eps) and 0 < eps <= 1):
             raise ValueError(f"{self.name}: ln_eps must be a finite number in (0, 1], got {eps!r:.80}")
         if self.dim % self.heads:
             raise ValueError(

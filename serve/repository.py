@@ -281,7 +281,10 @@ class ModelRepository:
         except LoadError:
             if not NAME_RE.fullmatch(name):
                 raise
-            return  # Triton's unload of an unknown name unloads nothing and succeeds (idempotent clean-ups)
+            if not any(n == name for n, _ in self.failures):
+                return  # Triton's unload of an unknown name unloads nothing and succeeds (idempotent clean-ups)
+            # A model whose load failed, and whose directory is gone since: the unload gives it up all the same (else
+            # nothing could end its hold on strict readiness but a restart).
         async with self._turn(name):
             model = self.models.pop(name, None)
             # As Triton, an unload is the latest news of every version: a failed load given up on says "unloaded"
@@ -325,7 +328,9 @@ class ModelRepository:
         """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
         and why (Triton lists what is available to load, not only what is loaded)."""
         out = []
-        for name in sorted(set(self.sources) | set(self.models) | set(self._on_disk())):
+        # The names whose last load failed too, their directory gone or not: each holds strict readiness down.
+        failed = {n for n, _ in self.failures}
+        for name in sorted(set(self.sources) | set(self.models) | set(self._on_disk()) | failed):
             loaded = self.models.get(name)
             try:
                 source: ModelSource | None = self.source_of(name)
@@ -340,6 +345,7 @@ class ModelRepository:
                     # a load that failed before it chose a version (its config.pbtxt) is why none is served
                     whole = self.failures.get((name, "")) if loaded is None and name not in self.unloaded else None
                     entry["reason"] = (self.failures.get((name, version)) or whole
+                                       or (self.why_not_served(name) if source is None else None)
                                        or self._why_not(name, source, version, loaded))
                 out.append(entry)
         return out

@@ -551,3 +551,15 @@ def test_readiness_is_strict_as_triton_unless_told_otherwise(fake, repo):
     assert settings.strict_readiness is False
     with client(settings.model_copy(update={"access_log": False})) as c:  # ready once started, as Triton's false
         assert c.get("/v2/health/ready").status_code == 200 and index(c)[("missing", "1")]["state"] == "UNAVAILABLE"
+
+
+def test_a_failed_model_whose_directory_is_gone_is_listed_and_its_unload_makes_the_server_ready(fake, repo):
+    add_version(repo, "missing", "1", runtime="absent")
+    with client(served(repo)) as c:
+        assert c.get("/v2/health/ready").status_code == 400
+        shutil.rmtree(repo / "missing")  # the operator removes the model that could not load
+        entry = next(e for e in c.post("/v2/repository/index").json() if e["name"] == "missing")
+        assert entry["state"] == "UNAVAILABLE" and "absent is not installed" in entry["reason"]  # why it is not ready
+        assert c.post("/v2/repository/models/missing/unload").status_code == 200
+        assert c.get("/v2/health/ready").status_code == 200
+        assert "missing" not in {e["name"] for e in c.post("/v2/repository/index").json()}

@@ -266,3 +266,23 @@ def test_a_manifest_missing_config_image_size_is_named_not_compared(tmp_path):
         read_manifest(legacy_with_manifest(tmp_path, edited))
     assert "missing image_size" in str(info.value) and "differs" not in str(info.value), info.value
     assert read_manifest(legacy_with_manifest(tmp_path / "whole", doc)).config.image_size == 32
+
+
+def test_an_ln_eps_too_large_for_a_float_is_refused_in_one_line():
+    """A 400-digit JSON number (or a pickled 2**1500) is not finite: a ValueError, never an OverflowError."""
+    d = EARLIER_MICRO.to_dict() | {"ln_eps": 10**400}
+    with pytest.raises(ValueError, match="ln_eps must be a finite number"):
+        ViTConfig.from_dict(d)
+
+
+def test_an_edited_model_config_in_resume_pt_is_named_as_such(train_stopped, tmp_path, train_cli, capsys):
+    """Not "the definition changed since the run started" (with advice to use an older release) for a hand edit."""
+    run = Path(shutil.copytree(train_stopped(2), tmp_path / "run"))
+    _without_checkpoint(run)
+    state = torch.load(run / RESUME_FILE, weights_only=True)
+    state["model_config"]["ln_eps"] = 2**1500
+    save_resume(run, state)
+    code, _, err = _train(train_cli, ["--out", str(run), "--resume", "--max-steps", "0"], capsys)
+    line = err.strip()
+    assert code == 2 and "\n" not in line and "Traceback" not in line, err
+    assert "cannot be used" in line and "ln_eps" in line and "edited" in line and "definition changed" not in line

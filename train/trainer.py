@@ -304,13 +304,13 @@ class Trainer:
 
     def _resume_config(self, raw: object) -> ViTConfig:
         """resume.pt's record of the run's model config, validated as a checkpoint's config is. One this vitc refuses
-        (a bound or rule added since) cannot be the variant's definition now, which it validates: so it changed."""
+        was edited, or written under rules this vitc no longer accepts (a bound added since): the line says both."""
         try:
             recorded = ViTConfig.from_dict(raw)
         except ValueError as exc:
-            raise ConfigError(f"--resume: {self.cfg.model}'s definition changed since the run started, and the run's "
-                              f"own, recorded in {RESUME_FILE}, cannot be used ({first_line(exc, 200)}): "
-                              f"{REDEFINED_ADVICE}") from None
+            raise ConfigError(f"--resume: the model config recorded in {RESUME_FILE} cannot be used "
+                              f"({first_line(exc, 200)}): the file was edited, or a vitc with other rules for "
+                              f"{self.cfg.model} wrote it; start a new run (a new --out, or --overwrite)") from None
         if recorded.name != self.cfg.model:
             raise damaged(f"model_config: names {recorded.name!r:.80}, the run's model is {self.cfg.model!r}")
         return recorded
