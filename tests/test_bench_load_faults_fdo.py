@@ -323,7 +323,10 @@ def test_sighup_stops_a_started_load_test_like_sigterm(tmp_path):
     temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", STARTED, str(marks), str(TESTS), json.dumps(INFO), ANSWER.decode(),
                              str(tmp_path / "l.json")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(temp)})
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(temp)},
+                            # A terminal's run: SIGHUP as by default, even when the tests run under nohup (whose
+                            # ignored SIGHUP the run inherits, and then rightly runs on).
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip() == "measuring"
         assert [p.name for p in temp.iterdir()][0].startswith("vitc-load-")  # its log directory, while it runs

@@ -288,7 +288,10 @@ def test_gpu_check_hung_up_stops_its_step_and_says_so(tmp_path):
         check = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--smoke",
                                   "--budget", "400", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                 env={**os.environ, "TMPDIR": str(tmp)})
+                                 env={**os.environ, "TMPDIR": str(tmp)},
+                                 # A terminal's check: SIGHUP as by default, even when the tests run under nohup
+                                 # (whose ignored SIGHUP the check inherits, and then rightly runs on).
+                                 preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         end = time.monotonic() + 120
         while not _step_processes(check.pid) and time.monotonic() < end and check.poll() is None:
