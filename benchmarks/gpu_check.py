@@ -43,9 +43,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +52,11 @@ from typing import Any
 from models.cli import (
     InputError,
     OneLineParser,
-    Terminated,
     command,
     device_arg,
     error_reason,
     float_in,
+    hangup_terminates,
     int_in,
     last_line,
     refuse_empty_paths,
@@ -288,17 +287,21 @@ class StepGroup:
         return found
 
 
-def run_group(cmd: Sequence[str], timeout: float, *, cwd: Path = REPO, grace: float = KILL_GRACE_S,
+def run_group(cmd: Sequence[str], timeout: float, *, grace: float = KILL_GRACE_S,
               env: Mapping[str, str] | None = None) -> Finished:
-    """Run `cmd` (with `env` over this process's environment) in a session (and process group) of its own for at
-    most `timeout` seconds; then, stopped or not, whatever it left running is stopped too (torchrun's workers, a
+    """Run `cmd` (with `env` over this process's environment; in this process's directory, with the module path
+    `python -m` has here: serve.launch.child_env) in a session (and process group) of its own for at most
+    `timeout` seconds; then, stopped or not, whatever it left running is stopped too (torchrun's workers, a
     server it started, DataLoader workers keep GPU memory otherwise). Output goes to files, not pipes: a process
     left holding a pipe would make the wait outlast the command."""
+    from serve.launch import child_env
+
     t0 = time.perf_counter()
     mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    step_env = {**child_env({**os.environ, **(env or {})}), STEP_ENV: mark}  # the mark: not on child_env's probe
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(list(cmd), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env={**os.environ, **(env or {}), STEP_ENV: mark}, start_new_session=True)
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=step_env,
+                                start_new_session=True)
         group = StepGroup(proc.pid, mark)
         timed_out = False
         try:
@@ -315,26 +318,6 @@ def run_group(cmd: Sequence[str], timeout: float, *, cwd: Path = REPO, grace: fl
         seconds = time.perf_counter() - t0
         return Finished(proc.returncode, timed_out, seconds, _tail(out, STDOUT_TAIL_BYTES),
                         _tail(err, STDERR_TAIL_BYTES), leftovers - (1 if timed_out else 0))
-
-
-def _on_hangup(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal is gone: another hang-up must not cut the cleanup short
-    raise Terminated  # SIGTERM's path: the running step's processes stopped, one line, exit 143
-
-
-@contextlib.contextmanager
-def hangup_stops_the_check() -> Iterator[None]:
-    """While the body runs, SIGHUP (the terminal closed) stops the check as SIGTERM does. Its default would end this
-    process without a word and leave the running step behind: the steps run in sessions of their own, which the
-    terminal's hang-up never reaches. Under nohup (SIGHUP ignored) the check runs on."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
-        yield
-        return
-    previous = signal.signal(signal.SIGHUP, _on_hangup)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, previous)
 
 
 class StepSaid(RuntimeError):
@@ -616,7 +599,7 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     cache_args = ("--cache", str(bundle_cache(sizes, work, cache)))
     for i, args in enumerate(sizes.latency):
         t0 = time.time()
-        s = _step(f"latency-{i + 1}", [py, "benchmarks/latency.py", *args, *cache_args, "--out", str(out)], budget,
+        s = _step(f"latency-{i + 1}", [py, "-m", "benchmarks.latency", *args, *cache_args, "--out", str(out)], budget,
                   log, env)
         if (path := _newest(out, "*.json", t0)) is not None and s["status"] == "passed":
             doc = json.loads(path.read_text())
@@ -629,7 +612,7 @@ def run(device: str, sizes: Sizes, out: Path, work: Path, log: Any = print,
     served = _served_bundle(latency_docs) or bundle
     t0 = time.time()
     server_args = f"--device {dev} {sizes.serve_args}".strip()
-    cmd = [py, "benchmarks/latency.py", "--http", "start", "--bundle", str(served), "--runtime", "torch",
+    cmd = [py, "-m", "benchmarks.latency", "--http", "start", "--bundle", str(served), "--runtime", "torch",
            f"--server-args={server_args}", *sizes.load, "--out", str(out)]
     if not (served / "manifest.json").is_file():
         s = _skip("serve-under-load", cmd, budget, "not run: no bundle to serve (latency-1 and export made none)", log,
@@ -675,11 +658,13 @@ def _served_bundle(latency_docs: list[dict[str, Any]]) -> Path | None:
 
 def markdown(doc: dict[str, Any]) -> str:
     """One table of steps, then each step's facts."""
+    from benchmarks.report import _git  # the commit, or why there is none, as every benchmark report says it
+
     env = doc["environment"]
     gpus = ", ".join(g.get("name", "?") for g in env.get("gpus") or []) or "none"
     lines = [f"# GPU check ({doc['created']}, {'smoke run on ' if doc['smoke'] else ''}{doc['device']})", "",
-             f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs; GPUs: {gpus}; git "
-             f"{((env.get('git') or {}).get('commit') or '?')[:12]}",
+             f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs; GPUs: {gpus}; "
+             f"{_git(env.get('git'))}",
              f"- Result: **{'passed' if doc['passed'] else 'FAILED'}** in {doc['wall_seconds']:.0f} s "
              f"(budget {doc['budget_s']:.0f} s{'; --full' if doc.get('full') else ''})",
              *([f"- **Cut for time** (stopped or not started, not failed): {', '.join(doc['cut_for_time'])}; "
@@ -770,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     refuse_empty_paths(p, ((flag, getattr(args, names[flag]), advice) for flag, advice in paths.items()))
     for name in names.values():
         setattr(args, name, None if (value := getattr(args, name)) is None else Path(value))
-    # The steps run from the checkout (cwd=REPO): paths the user gave are the ones under their own directory.
+    # Absolute in the recorded commands, which are then rerun from any directory as they ran.
     args.out, args.work = args.out.absolute(), args.work and args.work.absolute()
     sizes = SMOKE if args.smoke else GPU_FULL if args.full else GPU
     # Checked with --out before any step (the latency step writes its bundles there minutes into the run); None:
@@ -797,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.io import atomic_write_bytes, atomic_write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with hangup_stops_the_check():
+    with hangup_terminates():  # the running step's group stopped (its own session: no hang-up reaches it)
         with tempfile.TemporaryDirectory(prefix="vitc-gpu-check-") as tmp:
             work = args.work or Path(tmp)
             doc = run(args.device, sizes, args.out, work, log=lambda m: print(m, file=sys.stderr, flush=True),

@@ -28,7 +28,6 @@ import models.cli  # noqa: F401 - first: a Ctrl-C or SIGTERM while the modules b
 
 # isort: split
 import argparse
-import contextlib
 import datetime as dt
 import http.client
 import io
@@ -37,13 +36,11 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import urllib.error
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +48,16 @@ from benchmarks.e2e import MAX_IMAGES, NotVitcServer, classify_endpoint, error_c
 from benchmarks.loadgen import MAX_CONCURRENCY, closed_loop, get
 from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
 from benchmarks.stats import MAX_RAW_SAMPLES, THIN_NOTE, marked, thin
-from models.cli import InputError, OneLineParser, Terminated, WorkFailed, command, float_in, int_in, refuse_empty_paths
+from models.cli import (
+    InputError,
+    OneLineParser,
+    WorkFailed,
+    command,
+    float_in,
+    hangup_terminates,
+    int_in,
+    refuse_empty_paths,
+)
 from models.io import atomic_write_bytes, atomic_write_json
 from models.oneline import first_line
 from runtimes.registry import DEFAULT_RUNTIME
@@ -473,28 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         url, bundles = _checked(args)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    with _hangup_stops():
+    with hangup_terminates():  # the started server stopped and its log directory removed, as for SIGTERM
         return _run(args, url, bundles)
-
-
-def _hangup(signum: int, frame: object) -> None:
-    raise Terminated  # SIGHUP: SIGTERM's path, said as "terminated" with exit 143
-
-
-@contextlib.contextmanager
-def _hangup_stops() -> Iterator[None]:
-    """While the body runs, SIGHUP (the terminal closed) stops the run as SIGTERM does: the started server stopped,
-    its log directory removed, one line; it killed the run silently (exit 129) and left the directory. Not under
-    nohup (SIGHUP ignored: asked to outlive the terminal), nor outside the main thread (no handlers there)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
-        yield
-        return
-    previous = signal.signal(signal.SIGHUP, _hangup)
-    try:
-        yield
-    finally:  # None: a handler not set from Python, which only the default stands for here
-        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
 
 
 def _run(args: argparse.Namespace, url: str, bundles: list[str]) -> int:

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from runtimes.base import Backend
 
 PROG = "python -m benchmarks.overhead"
-REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "vitc-overhead-benchmark"
 COMPARED = "onnxruntime,openvino"  # the served runtimes the report compares, each with a bare reference
 MAX_SECONDS = 3600.0
@@ -168,8 +167,11 @@ class Server:
             self.path, ready = "/classify", "/ready"
         t0 = time.perf_counter()
         try:  # from the temporary directory on: a signal at any point leaves neither it nor the process behind
+            from serve.launch import child_env  # in this directory, with the module path `python -m serve` has
+
+            env = child_env(os.environ)
             with _signals_deferred(), open(self.log, "wb") as log_file:  # the child keeps its own copy of the fd
-                self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+                self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
             _wait(f"http://127.0.0.1:{self.port}{ready}", self.proc)
         except RuntimeError as exc:
             code = self.proc.returncode if self.proc is not None else None
@@ -623,11 +625,13 @@ def _cpu_lines(sat: dict[str, Any], bare: dict[str, Any]) -> list[str]:
 
 def _setup_lines(doc: dict[str, Any]) -> list[str]:
     """The machine, the request and the run's sizes."""
+    from benchmarks.report import _git  # the commit, or why there is none, as every benchmark report says it
+
     env, cfg = doc["environment"], doc["config"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     return [
         f"- Machine: {env['cpu']['model']}, {env['cpu']['usable_cpus']} CPUs ({' '.join(env['cpu']['flags'])}); "
-        f"git {((env.get('git') or {}).get('commit') or '?')[:12]}; {versions}",
+        f"{_git(env.get('git'))}; {versions}",
         f"- Request: the same {doc['image']} ({doc['image_bytes']} bytes) every time; client on the same machine.",
         f"- Concurrency 1: {cfg['rounds']} interleaved rounds of {cfg['slice_s']} s per system; saturation: closed "
         f"loop at concurrency {cfg['concurrency']} for {cfg['saturation_s']} s per system in "
@@ -754,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     # Path("") is the current directory: `--bundle "$B"` with B unset measured whatever bundle lies here.
     refuse_empty_paths(p, (("--bundle", args.bundle, "give the bundle directory"),
                            ("--out", args.out, "give the results directory, or omit --out")))
-    # The servers it starts run from the checkout, not from here.
+    # Absolute: the report records the bundle it measured for readers in any directory.
     args.bundle, args.out = Path(args.bundle).absolute(), Path(args.out)
     from models.bundle import BundleError
 

@@ -109,6 +109,27 @@ def refuse_shadowed_packages() -> None:
     raise SystemExit(2)
 
 
+# vitc runs on POSIX systems only (pyproject.toml's classifiers, the README): models.io locks files with fcntl, which
+# every command imports, and the commands stop on POSIX signals. Windows has no fcntl.
+POSIX_ONLY = ("vitc runs on Linux and macOS only, not on Windows: this Python ({platform}) has no fcntl module, which "
+              "vitc's file locks need")
+
+
+def refuse_unsupported_platform() -> None:
+    """A command stops here, one line and exit 2, where Python has no fcntl (Windows), rather than in a traceback
+    from the first module that imports it; a program that only imports vitc gets an ImportError saying the same."""
+    try:
+        import fcntl  # noqa: F401 - only whether it imports
+    except ImportError:
+        reason = POSIX_ONLY.format(platform=sys.platform)
+    else:
+        return
+    if (prog := _loading_command()) is None:
+        raise ImportError(reason, name="fcntl")
+    print(f"{prog}: error: {reason}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line on stderr and exits 2 (no usage dump)."""
 
@@ -289,6 +310,28 @@ class Terminated(KeyboardInterrupt):
 def _on_sigterm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the cleanup stops the process at once
     raise Terminated
+
+
+def _on_hangup(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal is gone: another hang-up must not cut the cleanup short
+    raise Terminated  # SIGTERM's path: said as "terminated", exit 143
+
+
+@contextlib.contextmanager
+def hangup_terminates() -> Iterator[None]:
+    """While the body runs, SIGHUP (the terminal closed) stops the command as SIGTERM does: its cleanup runs (a
+    started server or a step's process group stopped, temporary directories removed) and one line says so. Its default
+    ends the process without a word and leaves children of their own sessions running. Not under nohup (SIGHUP
+    ignored: asked to outlive the terminal), nor outside the main thread (no handlers there)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, _on_hangup)
+    try:
+        yield
+    finally:  # None: a handler not set from Python, which only the default stands for here
+        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
 
 
 # Ctrl-Cs and SIGTERMs whose exception Python discarded (`_keep_discarded`), for `raise_discarded_signal`.
@@ -543,5 +586,6 @@ def _guard_loading() -> None:
             signal.signal(signum, _stop_loading)
 
 
+refuse_unsupported_platform()  # at the command's first import, before any module that needs fcntl
 refuse_shadowed_packages()  # at the command's first import: before it asks the shadowed package for anything
 _guard_loading()

@@ -1,7 +1,9 @@
 """Run `python -m serve` as a child process on a loopback port: for tests, the load test and local tools.
 
-The child binds port 0 (a free port, no race with other processes) and logs it in its "listening" line,
-which this module reads back from the log file (so the child's --log-level must stay at info or debug).
+The child runs in the caller's directory, with the module path the caller's own `python -m serve` would have
+(`child_env`, which benchmarks.overhead and benchmarks.gpu_check use for their children too). It binds port 0 (a
+free port, no race with other processes) and logs it in its "listening" line, which this module reads back from the
+log file (so the child's --log-level must stay at info or debug).
 """
 
 from __future__ import annotations
@@ -14,10 +16,40 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the directory that holds vitc's packages (site-packages, installed)
 MAX_REASON = 300  # characters of the server's own error quoted in a one-line failure
+PROBE_TIMEOUT_S = 60.0
+# Whether a Python finds vitc on its own, where it is started and with its environment: this module found (serve's
+# __init__ is all that runs), a regular package's, so a plain directory named serve/ there does not count.
+_FINDS_VITC = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({__name__!r}) is None)"
+
+
+def _finds_vitc(python: str, env: Mapping[str, str]) -> bool:
+    """Whether `python`, started in this directory with `env`, imports vitc without help; True where it cannot be
+    told (the child's own start then says why it fails)."""
+    try:
+        probe = subprocess.run([python, "-c", _FINDS_VITC], env=dict(env), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=PROBE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return probe.returncode == 0
+
+
+def child_env(env: Mapping[str, str], python: str = sys.executable) -> dict[str, str]:
+    """`env` for a vitc command that `python` runs in this process's directory (the child's cwd: a runtime plugin,
+    PYTHONPATH=. and relative paths mean what they mean to the caller), so that it imports what the caller's own
+    `python -m serve` would: PYTHONPATH starts with REPO only where vitc is found no other way (a checkout that
+    this process reached by its module path, not by its directory or PYTHONPATH)."""
+    out = dict(env)
+    # Never site-packages: ahead of the standard library, a module there with a stdlib name would replace it. An
+    # installed vitc is found through the interpreter's own site-packages in any case.
+    if REPO.name in ("site-packages", "dist-packages") or _finds_vitc(python, out):
+        return out
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), out.get("PYTHONPATH", "")) if p)
+    return out
 
 
 def last_error(log: str) -> str | None:
@@ -76,8 +108,8 @@ def _path_flag(option: str, options: list[str]) -> str | None:
 
 
 def absolute_paths(args: list[str]) -> list[str]:
-    """`python -m serve` arguments with their paths made absolute: the server runs in REPO (where its code is), and
-    its caller's relative paths name files from the caller's directory."""
+    """`python -m serve` arguments with their paths made absolute: the server runs in its caller's directory, and its
+    log and answers then name the same files to a reader anywhere else."""
     from serve.__main__ import build_parser
 
     options = [o for action in build_parser()._actions for o in action.option_strings]
@@ -120,12 +152,12 @@ class ServerProcess:
 
     def __init__(self, args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
                  timeout: float = 60.0, python: str = sys.executable) -> None:
+        child = child_env(absolute_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}), python)
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the child's whole life
         self.proc = subprocess.Popen(
             [python, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *absolute_paths(args)],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            env=absolute_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}),
+            stdout=self._log, stderr=subprocess.STDOUT, env=child,
         )
         try:
             self.port = self._wait_port(timeout)

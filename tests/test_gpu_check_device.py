@@ -62,7 +62,7 @@ def test_every_step_runs_on_gpu_n_with_a_device_its_own_parser_accepts(tmp_path,
         args = train_parser().parse_args(_after(cmds[name], ["-m", "train"]))
         assert args.device == "cuda", name
     assert _after(cmds["parity-on-device"], ["--device"])[0] == "cuda"
-    latency_parser().parse_args(_after(cmds["latency-1"], ["benchmarks/latency.py"]))
+    latency_parser().parse_args(_after(cmds["latency-1"], ["-m", "benchmarks.latency"]))
     server_args = next(a for a in cmds["serve-under-load"] if a.startswith("--server-args="))
     served = serve_parser().parse_args(["--model", "b", *shlex.split(server_args.split("=", 1)[1])])
     assert served.device == "cuda"

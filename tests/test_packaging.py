@@ -83,22 +83,24 @@ def test_the_wheel_metadata_names_every_licence_of_what_it_ships(wheel):
         assert f"vitc-0.1.0.dist-info/licenses/{name}" in names, name
 
 
-def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path):
+def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path, monkeypatch):
     # The wheel the module builds once, and this environment's pip run into the new venv (--python): no second
     # build of vitc and no pip bootstrapped into the venv, which is only to hold the serving install.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
+    # Without PYTHONPATH: a checkout on it (its vitc.egg-info) is an installed vitc to pip, which then skips the wheel.
+    alone = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
                            "--disable-pip-version-check", "-c", str(REPO / "constraints.txt"), f"{wheel}[serve]"],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path, env=alone)
     if proc.returncode and any(w in proc.stderr for w in ("NewConnectionError", "Temporary failure in name",
                                                           "Network is unreachable", "Max retries exceeded")):
         pytest.skip(f"the package registry is unreachable: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.copytree(LEGACY, tmp_path / "bundle")
     check = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, env=alone)
     assert check.stdout.strip() == "True", "torch is installed in the serving environment"
     from PIL import Image
 
@@ -107,12 +109,21 @@ def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path):
     img = Image.fromarray((np.arange(28 * 28) % 251).astype(np.uint8).reshape(28, 28), "L")
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    with start(["--model", str(tmp_path / "bundle")], tmp_path / "server.log", python=str(py)) as server:
+    # Only the wheel's code may serve: the server starts in tmp_path (nothing of the checkout there) without the
+    # checkout on PYTHONPATH (empty: unset), and its import log (PYTHONVERBOSE) says where each module came from.
+    monkeypatch.chdir(tmp_path)
+    env = {"PYTHONPATH": "", "PYTHONVERBOSE": "1"}
+    with start(["--model", str(tmp_path / "bundle")], tmp_path / "server.log", env=env, python=str(py)) as server:
         r = httpx.post(server.url + "/v1/models/legacy/classify", content=buf.getvalue(),
                        headers={"content-type": "image/png"}, params={"top_k": 10}, timeout=60)
         pid = server.proc.pid
         loaded = Path(f"/proc/{pid}/maps").read_text() if Path(f"/proc/{pid}/maps").exists() else ""
     assert r.status_code == 200, r.text
+    imported = (tmp_path / "server.log").read_text(errors="replace")
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert f"{site}/serve/__init__.py" in imported, "serve was not imported from the serving install"
+    for package in ("serve", "models", "runtimes", "data"):
+        assert f"{REPO}/{package}/" not in imported, f"the checkout's {package} served, not the wheel's"
     answer = r.json()
     assert answer["model"] == "legacy" and len(answer["predictions"]) == 10
     assert "libtorch" not in loaded, "the serving process loaded torch"
