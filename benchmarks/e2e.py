@@ -585,14 +585,16 @@ def open_loop_lines(doc: dict[str, Any]) -> list[str]:
     line = (f"open loop ({_level(r)}): offered {offered:.1f} req/s ({r['scheduled']} requests scheduled in the "
             f"{r['seconds']:g} s window), achieved {achieved:.1f} req/s ({r['ok']} successes in the "
             f"{r['served_s']:g} s from the window's start until the last was answered)")
-    if r.get("dropped"):  # the server was never offered the rate: its figure is not the server's answer to it
-        line += (f": the client was the limit, not the server: {r['dropped']} of the {r['scheduled']} requests "
-                 f"scheduled in the window were never sent (all {r['workers']} of its connections waiting for an "
-                 f"answer and {r['backlog']} more arrivals queued behind them), so the server was offered less than "
-                 f"{offered:.1f} req/s; the achieved rate is what it served with {r['workers']} requests in flight")
-    elif r.get("fell_behind"):
+    behind = r.get("fell_behind")
+    if behind:
         line += (f": the server fell behind (achieved {(1 - achieved / offered) * 100:.0f} % below offered, more "
                  f"than the {r['behind_margin'] * 100:.0f} % margin)")
+    if r.get("dropped"):
+        # Arrivals that found every connection waiting for an answer and the backlog full: a server slower than the
+        # rate causes that (it fell behind: the usual case); only where the achieved rate kept up was it the client.
+        line += (f"{'; ' if behind else ': '}{r['dropped']} of the {r['scheduled']} requests scheduled in the window "
+                 f"were never sent (all {r['workers']} connections waiting for an answer and {r['backlog']} more "
+                 f"arrivals queued behind them)" + ("" if behind else ", so the client, not the server, was the limit"))
     return [line]
 
 

@@ -289,8 +289,8 @@ class StepGroup:
 
 def run_group(cmd: Sequence[str], timeout: float, *, grace: float = KILL_GRACE_S,
               env: Mapping[str, str] | None = None) -> Finished:
-    """Run `cmd` (with `env` over this process's environment; in this process's directory, with the module path
-    `python -m` has here: serve.launch.child_env) in a session (and process group) of its own for at most
+    """Run `cmd` (with `env` over this process's environment; in the directory of this vitc, which the step then
+    imports: serve.launch.child_env) in a session (and process group) of its own for at most
     `timeout` seconds; then, stopped or not, whatever it left running is stopped too (torchrun's workers, a
     server it started, DataLoader workers keep GPU memory otherwise). Output goes to files, not pipes: a process
     left holding a pipe would make the wait outlast the command."""
@@ -298,9 +298,9 @@ def run_group(cmd: Sequence[str], timeout: float, *, grace: float = KILL_GRACE_S
 
     t0 = time.perf_counter()
     mark = f"{os.getpid()}-{time.monotonic_ns()}"
-    step_env = {**child_env({**os.environ, **(env or {})}), STEP_ENV: mark}  # the mark: not on child_env's probe
+    step_env = {**child_env({**os.environ, **(env or {})}), STEP_ENV: mark}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=step_env,
+        proc = subprocess.Popen(list(cmd), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=step_env,
                                 start_new_session=True)
         group = StepGroup(proc.pid, mark)
         timed_out = False

@@ -167,11 +167,11 @@ class Server:
             self.path, ready = "/classify", "/ready"
         t0 = time.perf_counter()
         try:  # from the temporary directory on: a signal at any point leaves neither it nor the process behind
-            from serve.launch import child_env  # in this directory, with the module path `python -m serve` has
+            from serve.launch import REPO, child_env  # where this vitc lies: the server imports the same one
 
             env = child_env(os.environ)
             with _signals_deferred(), open(self.log, "wb") as log_file:  # the child keeps its own copy of the fd
-                self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
             _wait(f"http://127.0.0.1:{self.port}{ready}", self.proc)
         except RuntimeError as exc:
             code = self.proc.returncode if self.proc is not None else None

@@ -323,8 +323,10 @@ def hangup_terminates() -> Iterator[None]:
     started server or a step's process group stopped, temporary directories removed) and one line says so. Its default
     ends the process without a word and leaves children of their own sessions running. Not under nohup (SIGHUP
     ignored: asked to outlive the terminal), nor outside the main thread (no handlers there)."""
+    # Nested in another (its handler already set): left to the outer one, whose cleanup a restore here would leave
+    # open to a second hang-up.
     if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+            signal.getsignal(signal.SIGHUP) in (signal.SIG_IGN, _on_hangup):
         yield
         return
     previous = signal.signal(signal.SIGHUP, _on_hangup)

@@ -1,9 +1,9 @@
 """Run `python -m serve` as a child process on a loopback port: for tests, the load test and local tools.
 
-The child runs in the caller's directory, with the module path the caller's own `python -m serve` would have
-(`child_env`, which benchmarks.overhead and benchmarks.gpu_check use for their children too). It binds port 0 (a
-free port, no race with other processes) and logs it in its "listening" line, which this module reads back from the
-log file (so the child's --log-level must stay at info or debug).
+The child runs in REPO, where the caller's vitc lies, so that it imports that vitc (`child_env`, which
+benchmarks.overhead and benchmarks.gpu_check use for their children too); the caller's relative paths are made
+absolute. It binds port 0 (a free port, no race with other processes) and logs it in its "listening" line, which this
+module reads back from the log file (so the child's --log-level must stay at info or debug).
 """
 
 from __future__ import annotations
@@ -21,34 +21,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]  # the directory that holds vitc's packages (site-packages, installed)
 MAX_REASON = 300  # characters of the server's own error quoted in a one-line failure
-PROBE_TIMEOUT_S = 60.0
-# Whether a Python finds vitc on its own, where it is started and with its environment: this module found (serve's
-# __init__ is all that runs), a regular package's, so a plain directory named serve/ there does not count.
-_FINDS_VITC = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({__name__!r}) is None)"
-
-
-def _finds_vitc(python: str, env: Mapping[str, str]) -> bool:
-    """Whether `python`, started in this directory with `env`, imports vitc without help; True where it cannot be
-    told (the child's own start then says why it fails)."""
-    try:
-        probe = subprocess.run([python, "-c", _FINDS_VITC], env=dict(env), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=PROBE_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError):
-        return True
-    return probe.returncode == 0
 
 
 def child_env(env: Mapping[str, str], python: str = sys.executable) -> dict[str, str]:
-    """`env` for a vitc command that `python` runs in this process's directory (the child's cwd: a runtime plugin,
-    PYTHONPATH=. and relative paths mean what they mean to the caller), so that it imports what the caller's own
-    `python -m serve` would: PYTHONPATH starts with REPO only where vitc is found no other way (a checkout that
-    this process reached by its module path, not by its directory or PYTHONPATH)."""
+    """`env` for a vitc command that `python` runs with REPO as its directory (where the caller's vitc lies, so the
+    child imports the same vitc, whatever the caller's directory holds: a train.py or serve.py of the user's never
+    stands in for vitc's): an installed vitc's REPO is site-packages, which `python -m` would put ahead of the
+    standard library (a stray uuid.py there replaced it), so this interpreter then leaves it off its path
+    (PYTHONSAFEPATH) and finds vitc as any installed package; another interpreter keeps it (how it finds vitc)."""
     out = dict(env)
-    # Never site-packages: ahead of the standard library, a module there with a stdlib name would replace it. An
-    # installed vitc is found through the interpreter's own site-packages in any case.
-    if REPO.name in ("site-packages", "dist-packages") or _finds_vitc(python, out):
-        return out
-    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), out.get("PYTHONPATH", "")) if p)
+    if out.get("PYTHONPATH"):  # PYTHONPATH=. means the caller's directory, not the child's
+        out["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p for p in out["PYTHONPATH"].split(os.pathsep))
+    if REPO.name in ("site-packages", "dist-packages") and python == sys.executable:
+        out["PYTHONSAFEPATH"] = "1"
     return out
 
 
@@ -151,13 +136,13 @@ class ServerProcess:
     """A started server: `url`, `port`, `proc`; `wait_ready()`, `logs()`, `stop()` (SIGTERM, exit code)."""
 
     def __init__(self, args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
-                 timeout: float = 60.0, python: str = sys.executable) -> None:
+                 timeout: float = 60.0, python: str = sys.executable, cwd: str | os.PathLike | None = None) -> None:
         child = child_env(absolute_env({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}), python)
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the child's whole life
         self.proc = subprocess.Popen(
             [python, "-m", "serve", "--host", "127.0.0.1", "--port", "0", *absolute_paths(args)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=child,
+            cwd=REPO if cwd is None else cwd, stdout=self._log, stderr=subprocess.STDOUT, env=child,
         )
         try:
             self.port = self._wait_port(timeout)
@@ -236,12 +221,14 @@ def start_timeout(args: list[str], env: dict[str, str] | None = None) -> float:
 
 
 def start(args: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
-          python: str = sys.executable, timeout: float | None = None) -> ServerProcess:
-    """Start a server (with `python`, another environment's interpreter if given) and wait until it is ready, at
-    most `timeout` seconds in all (default `start_timeout(args, env)`: the models load before the port opens)."""
+          python: str = sys.executable, timeout: float | None = None,
+          cwd: str | os.PathLike | None = None) -> ServerProcess:
+    """Start a server (with `python`, another environment's interpreter if given, in `cwd` if given: REPO by
+    default) and wait until it is ready, at most `timeout` seconds in all (default `start_timeout(args, env)`: the
+    models load before the port opens)."""
     timeout = start_timeout(args, env) if timeout is None else timeout
     end = time.monotonic() + timeout
-    server = ServerProcess(args, log_path, env, timeout=timeout, python=python)
+    server = ServerProcess(args, log_path, env, timeout=timeout, python=python, cwd=cwd)
     try:
         return server.wait_ready(max(READY_AFTER_PORT_S, end - time.monotonic()))
     except BaseException:

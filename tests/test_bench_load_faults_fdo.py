@@ -130,8 +130,9 @@ def test_an_overloaded_open_loop_counts_the_answers_that_came_and_the_requests_i
     assert s["dropped"] > 0 and s["client_saturated"] is True
     assert "no answer" not in s["errors"]
     line = " ".join(e2e.open_loop_lines({"open": s}))
-    assert "the client was the limit" in line and f"{s['dropped']} of the {s['scheduled']} requests" in line, line
-    assert "the server fell behind" not in line
+    # The server (about 200 a second) was slower than the rate: it fell behind, and that is why arrivals were not sent.
+    assert "the server fell behind" in line and f"{s['dropped']} of the {s['scheduled']} requests" in line, line
+    assert "the client, not the server, was the limit" not in line
 
 
 def test_the_open_loop_memory_does_not_grow_with_rate_times_duration(small_client, monkeypatch):

@@ -1,9 +1,9 @@
-"""The processes vitc's tools start (serve.launch's server, benchmarks.overhead's servers, gpu_check's steps) run in
-the caller's directory with the module path the caller's own `python -m serve` would have. They ran in vitc's
-install directory: a VITC_RUNTIMES plugin beside the caller was not found, and in an installed vitc site-packages
-came ahead of the standard library. Also: gpu_check records its latency steps as a command an installed user can
-rerun, its report says why there is no commit as the other reports do, and a Python without fcntl (Windows) gets
-one line and exit 2 from every command, not a traceback."""
+"""The processes vitc's tools start (serve.launch's server, benchmarks.overhead's servers, gpu_check's steps) run
+where the caller's vitc lies and import that vitc, whatever the caller's directory holds (a train.py or serve.py of
+the user's never stands in for vitc's); a VITC_RUNTIMES plugin on the caller's PYTHONPATH is found; in an installed
+vitc, site-packages (their directory) no longer comes ahead of the standard library. Also: gpu_check records its
+latency steps as a command an installed user can rerun, its report says why there is no commit as the other reports
+do, and a Python without fcntl (Windows) gets one line and exit 2 from every command, not a traceback."""
 
 from __future__ import annotations
 
@@ -90,17 +90,17 @@ print(done.stderr, file=sys.stderr)
 
 def test_a_started_server_finds_the_callers_runtime_plugin(installed):
     """`benchmarks.load --start` and `latency --http start` (serve.launch): "unknown backend ... No module named
-    'fake_runtime'", where `python -m serve` from the same directory served."""
+    'fake_runtime'" with PYTHONPATH=. (relative: the child's directory is another)."""
     python, _, user = installed
     code = STARTS_A_SERVER.replace("start(sys.argv[1:]", "start(['--model', 'b', '--backend', 'fake']")
-    done = _call(python, user, code, VITC_RUNTIMES="fake_runtime")
+    done = _call(python, user, code, VITC_RUNTIMES="fake_runtime", PYTHONPATH=".")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("http://127.0.0.1:")
 
 
 def test_overheads_server_finds_the_callers_runtime_plugin(installed):
     python, _, user = installed
-    done = _call(python, user, OVERHEAD_SERVER, VITC_RUNTIMES="fake_runtime")
+    done = _call(python, user, OVERHEAD_SERVER, VITC_RUNTIMES="fake_runtime", PYTHONPATH=str(user))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "started"
 
@@ -124,19 +124,32 @@ def test_a_started_server_imports_the_standard_library_first(shadowed):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_gpu_check_step_runs_where_its_caller_does_with_its_module_path(shadowed):
+def test_a_gpu_check_step_of_an_installed_vitc_imports_the_standard_library_first(shadowed):
     python, site, user = shadowed
     done = _call(python, user, STEP)
     assert done.returncode == 0, done.stderr[-2000:]
     cwd, uuid_file, pythonpath = done.stdout.splitlines()
-    assert Path(cwd) == user
+    assert Path(cwd) == site  # where the caller's vitc lies
     assert not uuid_file.startswith(str(site)), uuid_file
     assert pythonpath == "", "vitc is installed: nothing to add to the module path"
 
 
+def test_a_users_module_named_as_vitcs_never_runs_in_its_place(tmp_path):
+    """`make gpu-check` from a project holding a train.py ran the user's train.py as its training step."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "train.py").write_text("raise SystemExit('the user train.py ran')\n")
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from benchmarks.gpu_check import run_group\n"
+            "done = run_group([sys.executable, '-m', 'train', '--help'], 120)\n"
+            "print(done.rc); print(done.stderr, file=sys.stderr)\n")
+    done = _call(Path(sys.executable), user, code)
+    assert done.returncode == 0 and done.stdout.strip() == "0", (done.stdout, done.stderr[-2000:])
+    assert "the user train.py ran" not in done.stderr
+
+
 def test_a_clone_run_from_another_directory_still_runs_its_own_code(tmp_path):
-    """Not installed: the child finds vitc where this process did (the checkout), and still runs in the caller's
-    directory."""
+    """Not installed: the child finds vitc where this process did (the checkout), whatever the caller's directory."""
     python, _ = _venv(tmp_path / "venv", with_vitc=False)
     user = tmp_path / "user"
     user.mkdir()
@@ -148,20 +161,8 @@ def test_a_clone_run_from_another_directory_still_runs_its_own_code(tmp_path):
     done = _call(python, user, code)
     assert done.returncode == 0, done.stderr[-2000:]
     cwd, models_file = done.stdout.splitlines()
-    assert Path(cwd) == user
+    assert Path(cwd) == REPO
     assert Path(models_file) == REPO / "models" / "__init__.py"
-
-
-def test_a_started_server_runs_in_the_callers_directory(tmp_path, monkeypatch):
-    """In a checkout too: a plugin module in the caller's directory (not on PYTHONPATH) is found."""
-    shutil.copy(Path(fake_runtime.__file__), tmp_path / "fdq_plugin.py")
-    fake_runtime.write_bundle(tmp_path / "b")
-    monkeypatch.chdir(tmp_path)
-    from serve.launch import start
-
-    with start(["--model", "b", "--backend", "fake"], tmp_path / "server.log",
-               env={"VITC_RUNTIMES": "fdq_plugin"}) as server:
-        assert server.proc.poll() is None
 
 
 def _gpu_check_doc(tmp_path, monkeypatch) -> dict:
@@ -252,3 +253,21 @@ def test_the_package_declares_the_systems_it_runs_on():
     assert "Operating System :: POSIX :: Linux" in classifiers, classifiers
     assert "Operating System :: OS Independent" not in classifiers
     assert "not supported on Windows" in " ".join((REPO / "README.md").read_text().split())
+
+
+def test_a_nested_hangup_guard_leaves_the_outer_cleanup_protected():
+    import signal
+
+    from models.cli import Terminated, hangup_terminates
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated), hangup_terminates():
+            try:
+                with hangup_terminates():
+                    os.kill(os.getpid(), signal.SIGHUP)
+            finally:  # the outer cleanup: a second hang-up is ignored, not raised again
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGHUP, before)

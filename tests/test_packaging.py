@@ -83,7 +83,7 @@ def test_the_wheel_metadata_names_every_licence_of_what_it_ships(wheel):
         assert f"vitc-0.1.0.dist-info/licenses/{name}" in names, name
 
 
-def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path, monkeypatch):
+def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path):
     # The wheel the module builds once, and this environment's pip run into the new venv (--python): no second
     # build of vitc and no pip bootstrapped into the venv, which is only to hold the serving install.
     venv = tmp_path / "venv"
@@ -111,9 +111,9 @@ def test_a_serving_install_has_no_torch_and_serves_a_bundle(wheel, tmp_path, mon
     img.save(buf, "PNG")
     # Only the wheel's code may serve: the server starts in tmp_path (nothing of the checkout there) without the
     # checkout on PYTHONPATH (empty: unset), and its import log (PYTHONVERBOSE) says where each module came from.
-    monkeypatch.chdir(tmp_path)
     env = {"PYTHONPATH": "", "PYTHONVERBOSE": "1"}
-    with start(["--model", str(tmp_path / "bundle")], tmp_path / "server.log", env=env, python=str(py)) as server:
+    with start(["--model", str(tmp_path / "bundle")], tmp_path / "server.log", env=env, python=str(py),
+               cwd=tmp_path) as server:
         r = httpx.post(server.url + "/v1/models/legacy/classify", content=buf.getvalue(),
                        headers={"content-type": "image/png"}, params={"top_k": 10}, timeout=60)
         pid = server.proc.pid
