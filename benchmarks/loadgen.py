@@ -465,9 +465,13 @@ def closed_loop(endpoint: Endpoint, bodies: Sequence[bytes], concurrency: int, s
 
     cpu0 = time.process_time()
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    _join(threads, t_end + TIMEOUT_S + JOIN_GRACE_S)
+    try:
+        for t in threads:
+            t.start()
+        _join(threads, t_end + TIMEOUT_S + JOIN_GRACE_S)
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: the workers stop after their request, not at the window's end
+        tally.stop()
+        raise
     tally.stop()
     result.client_cpu_s = time.process_time() - cpu0
     return result
@@ -511,6 +515,23 @@ def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds:
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     t_start = t0 + warmup_s  # the workers read it: they start below
+    try:
+        _schedule(rate, seconds, seed, warmup_s, t0, bodies, tally, jobs, workers, worker)
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: nothing more is sent, and each worker ends after its request
+        tally.stop(unsent=_drain(jobs))
+        for _ in workers:
+            jobs.put(None)
+        raise
+    result.client_cpu_s = time.process_time() - cpu0
+    result.workers = len(workers)
+    return result
+
+
+def _schedule(rate: float, seconds: float, seed: int, warmup_s: float, t0: float, bodies: Sequence[bytes],
+              tally: _Tally, jobs: queue.SimpleQueue, workers: list[threading.Thread],
+              worker: Callable[[], None]) -> None:
+    """The open loop's arrivals, each admitted to a worker (started as needed) or dropped; then the workers joined
+    and the tally stopped."""
     for k, offset in enumerate(arrivals(rate, seconds + warmup_s, seed)):
         scheduled = t0 + offset
         delay = scheduled - time.perf_counter()
@@ -529,9 +550,6 @@ def open_loop(endpoint: Endpoint, bodies: Sequence[bytes], rate: float, seconds:
     tally.stop(unsent=_drain(jobs))
     for _ in workers:  # a worker still stuck in a request ends when it comes back
         jobs.put(None)
-    result.client_cpu_s = time.process_time() - cpu0
-    result.workers = len(workers)
-    return result
 
 
 def _drain(jobs: queue.SimpleQueue) -> list[object]:

@@ -342,3 +342,28 @@ def test_sighup_stops_a_started_load_test_like_sigterm(tmp_path):
     assert marks.read_text().split() == ["start", "stop"]  # the server was stopped
     assert list(temp.iterdir()) == []  # and its log directory removed
     assert not (tmp_path / "l.json").exists()  # nothing half-measured is written
+
+
+@pytest.mark.parametrize("loop", ["closed", "open"])
+def test_an_interrupted_load_loop_stops_its_workers_at_once(loop):
+    """Ctrl-C / SIGTERM / SIGHUP raised in the main thread: the workers went on loading the server until the window's
+    end (30 s here) while the command was stopping."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    with fault_server(service_s=0.01) as (url, answered):
+        run = (lambda: loadgen.closed_loop(Endpoint(url), [b"x"], 2, 30.0, warmup_s=0)) if loop == "closed" else \
+            (lambda: open_loop(Endpoint(url), [b"x"], 50.0, 30.0, warmup_s=0))
+        t0 = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        stopped_at = answered[0]
+        time.sleep(1.0)  # a worker still running would answer on
+        assert answered[0] - stopped_at <= 2, (stopped_at, answered[0])
+    assert time.monotonic() - t0 < HANG_S
