@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children_on(port: int) -> list[int]:
-    """This process's child processes started with `--port PORT` (the servers overhead starts), still running."""
+def _live(where: Callable[[Path, list[str]], bool]) -> list[int]:
+    """The pids of live (not zombie) processes whose /proc entry and stat fields after the name satisfy `where`."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -67,13 +68,21 @@ def _children_on(port: int) -> list[int]:
         try:
             stat = (entry / "stat").read_text()
             fields = stat[stat.rindex(")") + 2:].split()
-            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if fields[0] not in "ZX" and where(entry, fields):
+                found.append(int(entry.name))
         except (OSError, ValueError):
             continue
-        if fields[0] not in "ZX" and int(fields[1]) == os.getpid() and [b"--port", str(port).encode()] in [
-                args[i:i + 2] for i in range(len(args) - 1)]:
-            found.append(int(entry.name))
     return found
+
+
+def _children_on(port: int) -> list[int]:
+    """This process's child processes started with `--port PORT` (the servers overhead starts), still running."""
+    def started_on(entry: Path, fields: list[str]) -> bool:
+        args = (entry / "cmdline").read_bytes().split(b"\0")
+        return int(fields[1]) == os.getpid() and [b"--port", str(port).encode()] in [
+            args[i:i + 2] for i in range(len(args) - 1)]
+
+    return _live(started_on)
 
 
 # --- 1. --port N: the cold starts leave N in TIME_WAIT; a server that cannot start is one line -------------------
@@ -268,17 +277,7 @@ def test_a_server_gone_at_saturation_fails_it_by_name(tmp_path_factory):
 def _step_processes(check_pid: int) -> list[int]:
     """Live processes of gpu_check `check_pid`'s steps (marked in their environment)."""
     mark = f"\0VITC_GPU_CHECK_STEP={check_pid}-".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            if stat[stat.rindex(")") + 2] not in "ZX" and mark in b"\0" + (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return found
+    return _live(lambda entry, _: mark in b"\0" + (entry / "environ").read_bytes())
 
 
 def test_gpu_check_hung_up_stops_its_step_and_says_so(tmp_path):
