@@ -16,11 +16,10 @@ import contextvars
 import io
 from collections.abc import Iterator
 
-from PIL import Image, ImageChops, ImageFile, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFile, UnidentifiedImageError
 
-from models.imagecheck import check_exif, check_structure
+from models.imagecheck import check_exif, check_structure, signed_format
 from models.imagecheck.common import DecodeError
-from models.imagecheck.png import PNG_SIGNATURE
 from models.oneline import first_line
 from models.preprocessing import PNG_TEXT_BYTES, PNG_TEXT_CHUNK_BYTES, image_formats, plain_mode, upright
 
@@ -85,16 +84,20 @@ def exif_block(img: Image.Image) -> bytes | None:
 
 
 def _unidentified(data: bytes) -> DecodeError:
-    """Bytes no decoder took: a PNG says what breaks it (its chunks are sound: `check_structure` came first);
-    anything else is not an image vitc reads."""
-    if data[:8] == PNG_SIGNATURE:
-        try:  # sound chunks, yet refused (an unknown compression method, a bad header value): Pillow's reason
-            PngImagePlugin.PngImageFile(io.BytesIO(data)).close()
-            reason = "its header chunks cannot be parsed"
-        except Exception as exc:
-            reason = first_line(exc, REASON_CHARS)
-        return DecodeError(f"corrupt PNG ({reason}); re-save or re-export the image")
-    return DecodeError(f"not a recognised image; supported: {', '.join(FORMATS)}")
+    """Bytes no decoder took: bytes that begin with a format's signature are a corrupt (or truncated) file of that
+    format, and say what breaks it (Pillow's own reason, from that format's decoder alone; a PNG's chunks are sound:
+    `check_structure` came first); anything else is not an image vitc reads."""
+    if (fmt := signed_format(data)) not in FORMATS:
+        return DecodeError(f"not a recognised image; supported: {', '.join(FORMATS)}")
+    try:  # the format's opener alone: Image.open drops each opener's reason and says only "cannot identify"
+        Image.OPEN[fmt][0](io.BytesIO(data)).close()
+        reason = "its header chunks cannot be parsed" if fmt == "PNG" else "its header cannot be parsed"
+    except MemoryError:
+        raise
+    except Exception as exc:
+        reason = first_line(exc, REASON_CHARS)
+    what = "corrupt PNG" if fmt == "PNG" else f"corrupt or truncated {fmt}"  # a cut PNG is refused before
+    return DecodeError(f"{what} ({reason}); re-save or re-export the image")
 
 
 def _metadata_refusal(exc: Exception) -> DecodeError | None:

@@ -59,12 +59,23 @@ def _answered() -> Iterator[None]:
         raise ImageError(413 if exc.over_limit else 400, exc.reason) from None
 
 
+# The bytes of decode memory a budget pixel stands for (serve.settings.DECODE_BYTES_PER_PIXEL, which is not imported
+# here: that module loads every runtime, and `serve.tensor` decodes through this one).
+BUDGET_PIXEL_BYTES = 5
+# libjpeg holds a progressive JPEG's DCT coefficients for the whole image until its last scan: 64 of 2 bytes for
+# each 8 x 8 block of each component, at the component's own sampling (3 bytes a pixel at 4:2:0, 2 in grey, 6 at
+# 4:4:4, 8 in CMYK), at the source's size whatever scale a draft decodes at.
+_BLOCK_BYTES = 128
+_TILE_WIDTH, _TILE_LENGTH, _BITS_PER_SAMPLE, _SAMPLES_PER_PIXEL = 322, 323, 258, 277
+
+
 def decode_weight(img: Image.Image) -> int:
     """How many budget pixels (about 5 bytes each) one pixel of `img` costs to decode: its format's or mode's weight."""
     # The larger of the two weights. Peak decode memory is about 5 bytes per pixel (baseline JPEG, RGB PNG), 6 for
-    # GIF; a progressive JPEG holds its coefficients too (7-10, 12 in CMYK), AVIF about 9, Pillow's WebP decoder
-    # about 16; RGBA, CMYK and a palette with transparency about 9-10, grey with alpha 13. The region preprocessing
-    # copies out of a non-square image is counted apart (`copied_pixels`).
+    # GIF; a progressive JPEG holds its coefficients too (7-10, 12 in CMYK; once drafted, `decode_cost` counts them
+    # at the source's size instead), AVIF about 9, Pillow's WebP decoder about 16; RGBA, CMYK and a palette with
+    # transparency about 9-10, grey with alpha 13. The region preprocessing copies out of a non-square image is
+    # counted apart (`copied_pixels`).
     by_format = 1
     if img.format == "WEBP":
         by_format = 3
@@ -81,6 +92,49 @@ def decode_weight(img: Image.Image) -> int:
         img.mode in ("RGBA", "RGBa", "CMYK", "F") or img.mode.startswith("I")
         or (img.mode in ("P", "RGB") and "transparency" in img.info)) else 1
     return max(by_format, by_mode)
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Budget pixels an opened image holds as it decodes: its pixels (after JPEG draft) at `decode_weight`; a drafted
+    progressive JPEG's coefficients at its source's size; a tiled TIFF's tile buffer."""
+    w, h = img.size
+    cost = w * h * decode_weight(img)
+    scale = _draft_scale(img)
+    if scale > 1 and img.info.get("progressive"):
+        # decode_weight's share for the coefficients (1 of a progressive pixel's 2 or 3) is for an undrafted image:
+        # a drafted one holds them at the source's size, scale x scale times the pixels it decodes to.
+        cost += _coefficient_pixels(img, w * scale, h * scale) - w * h
+    return cost + _tile_pixels(img)
+
+
+def _draft_scale(img: Image.Image) -> int:
+    """The scale (1, 2, 4 or 8) libjpeg decodes a JPEG at after `Image.draft`; 1 for anything else."""
+    config = getattr(img, "decoderconfig", ()) if img.format in ("JPEG", "MPO") else ()
+    return config[0] if config and isinstance(config[0], int) and config[0] > 1 else 1
+
+
+def _coefficient_pixels(img: Image.Image, w: int, h: int) -> int:
+    """Budget pixels of a progressive JPEG's coefficient buffer at w x h (its source's size), from the sampling of
+    each component in its frame header (`layer`: id, horizontal and vertical sampling, table)."""
+    layers = [(max(1, hs), max(1, vs)) for _, hs, vs, _ in getattr(img, "layer", ())] or [(1, 1)] * 3
+    h_max, v_max = max(hs for hs, _ in layers), max(vs for _, vs in layers)
+    blocks = sum(-(-w * hs // (8 * h_max)) * -(-h * vs // (8 * v_max)) for hs, vs in layers)
+    return -(-blocks * _BLOCK_BYTES // BUDGET_PIXEL_BYTES)
+
+
+def _tile_pixels(img: Image.Image) -> int:
+    """Budget pixels of the buffer libtiff decodes a tiled TIFF's tiles into, a whole tile at a time (bounded by
+    `check_tiff`); 0 for any other image."""
+    tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+    if tags is None:
+        return 0
+    bits = tags.get(_BITS_PER_SAMPLE, 1)
+    sizes = (tags.get(_TILE_WIDTH), tags.get(_TILE_LENGTH), tags.get(_SAMPLES_PER_PIXEL, 1),
+             max(bits) if isinstance(bits, tuple) and bits else bits)
+    if not all(isinstance(n, int) and n > 0 for n in sizes):
+        return 0
+    tile_w, tile_l, samples, bits = sizes
+    return -(-tile_w * tile_l * samples * bits // (8 * BUDGET_PIXEL_BYTES))
 
 
 def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
@@ -149,8 +203,9 @@ def load_pixels(img: Image.Image) -> Image.Image:
 def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bool = True,
             budget: PixelBudget | None = None, holder: Holder | None = None) -> np.ndarray:
     """Image bytes -> (1, 3, crop, crop) float32, preprocessed exactly as recorded in the bundle."""
-    # The image's pixels (after JPEG draft scaling) are reserved from `budget` before they are decoded and held
-    # until the model input is made; preprocessing reads only the crop's footprint, so its cost is bounded too.
+    # The image's pixels (after JPEG draft scaling; `decode_cost`) are reserved from `budget` before they are decoded
+    # and held until the model input is made; preprocessing reads only the crop's footprint, so its cost is bounded
+    # too.
     # `holder` is the budget the request's other images hold meanwhile (PixelBudget.reserve).
     with pixel_limit(max_pixels):
         img = open_image(data, max_pixels=max_pixels, draft_size=spec.resize if jpeg_draft else None)
@@ -158,7 +213,7 @@ def prepare(data: bytes, spec: Preprocessing, *, max_pixels: int, jpeg_draft: bo
         # Capped at the whole budget: an image that fits the per-image limit always decodes once nothing else
         # does. A photo that is not square also pays for its centre region, which preprocessing copies (4 bytes a
         # pixel).
-        cost = w * h * decode_weight(img) + copied_pixels(w, h, spec)
+        cost = decode_cost(img) + copied_pixels(w, h, spec)
         with budget.reserve(min(cost, budget.pixels), holder) if budget is not None else contextlib.nullcontext():
             try:
                 return _model_input(img, spec)

@@ -10,7 +10,20 @@ from models.imagecheck.jpeg import check_jpeg
 from models.imagecheck.png import PNG_SIGNATURE, check_png
 from models.imagecheck.tiff import TIFF_PREFIXES, check_exif, check_tiff
 
-__all__ = ["check_exif", "check_structure"]
+__all__ = ["check_exif", "check_structure", "signed_format"]
+
+AVIF_OWN_BRANDS = (b"avif", b"avis")  # the brands only an AVIF has (mif1 and msf1 start HEIF files too)
+
+
+def signed_format(data: bytes) -> str | None:
+    """The format whose signature `data` begins with (JPEG's SOI marker, PNG's signature, RIFF....WEBP, GIF87a or
+    GIF89a, BM, a TIFF or BigTIFF header, an ftyp box of an AVIF brand), whether or not the rest is sound; None for
+    none of them."""
+    signed = {"JPEG": data[:2] == b"\xff\xd8", "PNG": data[:8] == PNG_SIGNATURE,
+              "WEBP": data[:4] == b"RIFF" and data[8:12] == b"WEBP", "GIF": data[:6] in GIF_SIGNATURES,
+              "BMP": data[:2] == b"BM", "TIFF": data[:4] in TIFF_PREFIXES,
+              "AVIF": data[4:8] == b"ftyp" and data[8:12] in AVIF_OWN_BRANDS}
+    return next((fmt for fmt, yes in signed.items() if yes), None)
 
 
 def check_structure(data: bytes) -> None:

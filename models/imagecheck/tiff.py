@@ -1,5 +1,6 @@
 """TIFF directories as Pillow reads them, counted before it does: a TIFF's strips, tiles and first-directory entries,
-and the numbers in the EXIF, GPS and Interop directories of a TIFF or of any image's EXIF block (`check_exif`)."""
+its tiles' size, and the numbers in the EXIF, GPS and Interop directories of a TIFF or of any image's EXIF block
+(`check_exif`)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,22 @@ MAX_TIFF_STRIPS = 1 << 15
 # every number in the first directory too (1,000,000 in an 8 MB PNG: 14-30 s, 375 MB): this many, 0.3-0.5 s (an
 # AVIF, re-written as it opens too: 0.8 s) on a busy 2-core VM.
 MAX_EXIF_NUMBERS = 1 << 14
+# libtiff decodes a tiled TIFF a whole tile at a time into one buffer (TileWidth x TileLength x bytes a pixel),
+# whatever the image's size: a 64 x 64 image may declare 16384 x 16384 tiles, 800 MB for one decode of a 783 KB file,
+# past the pixel limit and the decode budget, which count the image. A tile may hold as many pixels as its image, or
+# this many (1024 x 1024, 3-8 MB) for a small image: writers' tiles are multiples of 16, typically 256 or 512 a side,
+# and an image smaller than one tile is legal. Strips need no bound: libtiff clamps a strip's rows to the image's.
+MAX_TIFF_TILE_PIXELS = 1 << 20
 
 TIFF_PREFIXES = tuple(TiffImagePlugin.PREFIXES)  # what Pillow opens as a TIFF, BigTIFF included
 STRIP_OFFSETS, TILE_OFFSETS = 273, 324
+IMAGE_WIDTH, IMAGE_LENGTH, TILE_WIDTH, TILE_LENGTH = 256, 257, 322, 323
 EXIF_IFD, GPS_IFD, INTEROP_IFD = 34665, 34853, 40965  # the directories Pillow reads as it loads a TIFF
 # The types Pillow reads a Python number from for each value (a BYTE, ASCII or UNDEFINED tag it reads whole).
 _TIFF_NUMBERS = frozenset({3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16})
 _TIFF_WHOLE = {3: "H", 4: "L", 6: "b", 8: "h", 9: "l", 13: "L", 16: "Q"}  # types Pillow reads an offset from
+# The types libtiff reads a size from (ImageWidth, TileWidth, ...): any whole number, signed or not.
+_TIFF_SIZE = {1: "B", 3: "H", 4: "L", 6: "b", 8: "h", 9: "l", 13: "L", 16: "Q", 17: "q", 18: "Q"}
 
 _TiffEntry = tuple[int, int, int, bytes]  # tag, type, count, value (or offset) field
 
@@ -55,13 +65,22 @@ def _tiff_pointer(data: bytes, entries: list[_TiffEntry], tag: int, endian: str,
     found = [(kind, count, value) for t, kind, count, value in entries if t == tag]
     if len(found) > 1:
         raise DecodeError(f"{what} names its EXIF, GPS or Interop directory more than once; refused")
-    if not found or found[0][1] != 1 or (code := _TIFF_WHOLE.get(found[0][0])) is None:
+    if not found or found[0][1] != 1:
         return None
-    raw, size = found[0][2], struct.calcsize(endian + code)
-    if size > len(raw):  # a LONG8 in a classic TIFF lies where its field points
-        at = struct.unpack(endian + "L", raw)[0]
-        raw = data[at:at + size]
-    return struct.unpack_from(endian + code, raw)[0] if len(raw) >= size else None
+    return _first_number(data, found[0], endian, _TIFF_WHOLE)
+
+
+def _first_number(data: bytes, entry: tuple[int, int, bytes], endian: str, codes: dict[int, str]) -> int | None:
+    """The first value of an entry (type, count, value field), read as one of `codes`; None for a type not among
+    them or a value the data does not hold."""
+    kind, count, field = entry
+    if (code := codes.get(kind)) is None or count < 1:
+        return None
+    size = struct.calcsize(endian + code)
+    if count * size > len(field):  # the values lie where the field points (a LONG8 in a classic TIFF, say)
+        at = struct.unpack(endian + ("Q" if len(field) == 8 else "L"), field)[0]
+        field = data[at:at + size]
+    return struct.unpack_from(endian + code, field)[0] if len(field) >= size else None
 
 
 def _numbers(entries: list[_TiffEntry]) -> int:
@@ -95,10 +114,39 @@ def _tiff_first(data: bytes, what: str = "TIFF") -> tuple[list[_TiffEntry], str,
     return _tiff_directory(data, at, endian, big, what), endian, big
 
 
+def _sizes(data: bytes, first: list[_TiffEntry], endian: str) -> dict[int, int]:
+    """The image's and its tiles' width and length as libtiff reads them from the first directory (those given as
+    a whole number). Each given twice is refused: libtiff takes the first and Pillow the last, so the two would
+    disagree on the image they decode."""
+    sizes: dict[int, int] = {}
+    for tag, kind, count, field in first:
+        if tag not in (IMAGE_WIDTH, IMAGE_LENGTH, TILE_WIDTH, TILE_LENGTH):
+            continue
+        if tag in sizes:
+            raise DecodeError("TIFF names its image or tile width or length more than once; refused")
+        if (value := _first_number(data, (kind, count, field), endian, _TIFF_SIZE)) is not None:
+            sizes[tag] = value
+    return sizes
+
+
+def _check_tiles(sizes: dict[int, int]) -> None:
+    """Refuse tiles of more pixels than both their image and MAX_TIFF_TILE_PIXELS: libtiff decodes each whole."""
+    w, h = sizes.get(IMAGE_WIDTH, 0), sizes.get(IMAGE_LENGTH, 0)
+    tile_w, tile_l = sizes.get(TILE_WIDTH, 0), sizes.get(TILE_LENGTH, 0)
+    if min(tile_w, tile_l) <= 0:  # untiled, or a tile size libtiff refuses itself
+        return
+    pixels = max(w, 0) * max(h, 0)
+    if tile_w * tile_l > max(pixels, MAX_TIFF_TILE_PIXELS):
+        raise DecodeError(f"TIFF image of {w}x{h} pixels is stored in tiles of {tile_w}x{tile_l} pixels ("
+                          f"{tile_w * tile_l} a tile, each decoded whole), more than the image's {pixels} and the "
+                          f"limit of {MAX_TIFF_TILE_PIXELS}; re-save it with smaller tiles")
+
+
 def check_tiff(data: bytes) -> None:
     """Refuse a TIFF whose first directory (the image Pillow decodes; later ones it reads only when asked to) has
-    more than MAX_HEADER_SEGMENTS entries or more than MAX_TIFF_STRIPS strips or tiles, or whose EXIF, GPS and
-    Interop directories hold more than MAX_EXIF_NUMBERS numbers, each read one by one in Python."""
+    more than MAX_HEADER_SEGMENTS entries or more than MAX_TIFF_STRIPS strips or tiles, tiles of more pixels than
+    both the image and MAX_TIFF_TILE_PIXELS (each decoded whole into one buffer), or whose EXIF, GPS and Interop
+    directories hold more than MAX_EXIF_NUMBERS numbers, each read one by one in Python."""
     if (head := _tiff_first(data)) is None:
         return
     first, endian, big = head
@@ -107,6 +155,7 @@ def check_tiff(data: bytes) -> None:
             unit, advice = ("strips", "more rows per strip") if tag == STRIP_OFFSETS else ("tiles", "larger tiles")
             raise DecodeError(f"TIFF image is stored in {count} {unit}, more than the limit of {MAX_TIFF_STRIPS} "
                               f"(each is read one by one); re-save it with {advice}")
+    _check_tiles(_sizes(data, first, endian))
     if (numbers := _exif_numbers(data, first, endian, big)) > MAX_EXIF_NUMBERS:
         raise DecodeError(f"TIFF's EXIF, GPS and Interop directories hold {numbers} numbers, more than the limit of "
                           f"{MAX_EXIF_NUMBERS}; strip the image's metadata")
