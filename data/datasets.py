@@ -17,8 +17,9 @@ import hashlib
 import json
 import numbers
 import os
+import sys
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -423,7 +424,7 @@ def _check_class_name(name: str, where: Path) -> None:
                            f"1..{MAX_LABEL_CHARS} characters without control characters or line breaks; rename it")
 
 
-def _folder(root: Path, split: str) -> ImageSet:
+def _folder(root: Path, split: str, match_train: bool = True) -> ImageSet:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(f"dataset folder {root} has no {split}/ directory (expected root/{split}/<class>/*.jpg)")
@@ -432,9 +433,10 @@ def _folder(root: Path, split: str) -> ImageSet:
     skipped_dirs = tuple((name, _image_count(split_dir / name)) for name in skipped)
     note = _skipped_text([(split, name, n) for name, n in skipped_dirs])
     note = f"; {note}" if note else ""
-    if split == "val" and (root / "train").is_dir():
+    if split == "val" and match_train and (root / "train").is_dir():
         # Class indices come from train/ so both splits agree even if val lacks a class. A class only val has
         # is one the model cannot predict: its images would count as errors, so it is refused, not ignored.
+        # Training's rule: a reader of a trained model matches val/ to the model's classes instead (`load_labelled`).
         train_classes, train_skipped = _class_dirs(root / "train")
         known = set(train_classes)
         val_only = [c for c in classes if c not in known and _images_in(split_dir / c)]
@@ -478,23 +480,51 @@ def _folder(root: Path, split: str) -> ImageSet:
                     nested_dirs=tuple(nested), stray_files=_stray_files(split_dir, split))
 
 
-def load_dataset(name: str | os.PathLike, split: str) -> ImageSet:
-    """A split ("train" or "val") of an embedded set or an ImageNet-layout folder; raises DatasetError."""
+def load_dataset(name: str | os.PathLike, split: str, *, match_train: bool = True) -> ImageSet:
+    """A split ("train" or "val") of an embedded set or an ImageNet-layout folder; raises DatasetError. A folder's
+    val/ takes train/'s classes and may not hold one train/ lacks (training's rule); `match_train=False`: its own
+    class directories, whatever train/ holds (for readers that name them or match them to a model's classes)."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
     name_s = str(name)
     if not name_s.strip():  # Path("") is the current directory: an unset variable must not read whatever is here
         raise DatasetError(f"the dataset is empty: give one of {', '.join(EMBEDDED)} or an ImageNet-layout folder")
     if name_s in EMBEDDED:
+        _note_shadowed(name_s)
         x, y, classes = _embedded_arrays(name_s)
         idx = split_indices(y, split)
         return ImageSet(name_s, split, classes, y[idx], arrays=x[idx])
     root = Path(name_s)
     if root.is_dir():
-        return _folder(root, split)
+        return _folder(root, split, match_train)
     raise DatasetError(
         f"unknown dataset {name_s!r}: not one of {', '.join(EMBEDDED)} and not a directory"
     )
+
+
+def load_labelled(name: str | os.PathLike, split: str, class_names: Sequence[str]) -> ImageSet:
+    """A split labelled as a model's classes (`labelled_as`), the rule of every reader of a trained model (train.eval,
+    export's parity, the served-path check): val/ is matched to them by name, not to a train/ beside it, which may
+    be another task's; DatasetError (one line) naming the classes the model lacks."""
+    return load_dataset(name, split, match_train=False).labelled_as(list(class_names))
+
+
+_SHADOWED_NOTED: set[str] = set()  # the directories `_note_shadowed` has spoken of in this process
+
+
+def _note_shadowed(name: str) -> None:
+    """A note on stderr, once per process, when a directory here has an embedded set's name: the name means the
+    embedded set (runs recorded it so), and a user who meant the folder would otherwise not know it went unread."""
+    here = Path(name)
+    if not here.is_dir():
+        return
+    key = str(here.resolve())
+    # Every rank of a distributed run loads the data: rank 0 (torchrun's RANK, unset in one process) says it.
+    if key in _SHADOWED_NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    _SHADOWED_NOTED.add(key)
+    print(f"note: {name!r} is vitc's embedded {name} set, not the directory {name}/ here, which is not read: pass "
+          f"./{name} for the folder", file=sys.stderr, flush=True)
 
 
 def default_preprocessing(name: str | os.PathLike, image_size: int) -> Preprocessing:

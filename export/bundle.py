@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, Readable, load_dataset
+from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, Readable, load_dataset, load_labelled
 from export import provenance
 from export.parity import ParityData, Tolerance, measure, run_batched
 from export.targets import Target, parse_targets
@@ -129,12 +129,8 @@ def parity_images(meta: CheckpointMeta, dataset: str, samples: int) -> Readable:
     """The parity images: `samples` of the dataset's val split drawn as train.eval draws them, with the
     files that do not decode left out and counted as training and evaluation do; ExportError when none decodes."""
     try:
-        val = load_dataset(dataset, "val")
-    except DatasetError as exc:
-        raise ExportError(f"parity data: {exc}") from None
-    try:
-        # train.eval's rule: the checkpoint's classes (a folder may hold some of them), else another task
-        return val.labelled_as(meta.class_names).readable_subset(samples, seed=EVAL_SUBSET_SEED)
+        # train.eval's rule: the checkpoint's classes (a folder may hold some of them), whatever train/ holds
+        return load_labelled(dataset, "val", meta.class_names).readable_subset(samples, seed=EVAL_SUBSET_SEED)
     except DatasetError as exc:
         raise ExportError(f"parity data: {exc}") from None
 

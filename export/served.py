@@ -227,7 +227,7 @@ def check(bundle: Path, manifest: Manifest, runtime: str) -> None:
     """Refuse, before any work, what would make `measure` fail after minutes of it: an unknown or missing runtime,
     no servable artifact for it, no fp32 reference, an unknown dataset, a manifest that cannot be rewritten."""
     import runtimes
-    from data.datasets import load_dataset
+    from data.datasets import load_labelled
     from runtimes import BackendError
 
     rt = runtimes.get(runtime)  # BackendError: unknown, with the known ones
@@ -240,7 +240,8 @@ def check(bundle: Path, manifest: Manifest, runtime: str) -> None:
     except (BackendError, BundleError) as exc:
         raise ServedError(f"the evaluation pipeline's reference ({reference.name} fp32) cannot run: "
                           f"{exc}") from None
-    load_dataset(manifest.source.dataset, "val")  # DatasetError (a ValueError): unknown or unreadable
+    # DatasetError (a ValueError): unknown or unreadable, or a class the model lacks (named)
+    load_labelled(manifest.source.dataset, "val", manifest.class_names)
     target = bundle / "manifest.json"
     try:  # the record is written through a temp file beside the manifest, then renamed over it
         with tempfile.TemporaryFile(dir=bundle):
@@ -255,14 +256,16 @@ def check(bundle: Path, manifest: Manifest, runtime: str) -> None:
 def measure(bundle: str | Path, runtime: str = DEFAULT_RUNTIME, samples: int | None = None,
             log: Callable[[str], None] = print) -> ServedParity:
     """Measure the served path of `bundle` on `runtime` and record it in its manifest; returns the record."""
-    from data.datasets import EVAL_SUBSET_SEED, load_dataset
+    from data.datasets import EVAL_SUBSET_SEED, load_labelled
     from models.failures import disk_full, out_of_memory
     from serve.launch import start
 
     # The server runs in the repository (serve.launch): a path relative to the caller's directory must not reach it.
     bundle = Path(os.path.abspath(bundle))
     manifest = read_manifest(bundle)
-    val = load_dataset(manifest.source.dataset, "val")
+    # Labelled as the model's classes, by name: the server answers the model's indices, and a folder (export's
+    # --dataset) may hold some of them in another order, where its own index k is not the model's k.
+    val = load_labelled(manifest.source.dataset, "val", manifest.class_names)
     # Drawn as the export's parity images are, corrupt files left out and counted as everywhere else.
     chosen = val.readable_subset(samples or len(val), seed=EVAL_SUBSET_SEED)
     images = [chosen.images.image(i) for i in range(len(chosen.images))]

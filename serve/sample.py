@@ -56,7 +56,8 @@ def write_sample(dataset: str, index: int, out: str, *, overwrite: bool = False)
     check_out(out, dataset, overwrite=overwrite)
     fmt = FORMATS[Path(out).suffix.lower()]
     try:
-        val = load_dataset(dataset, "val")
+        # val/'s own classes: a sample is labelled by its directory's name, whatever a train/ beside it holds.
+        val = load_dataset(dataset, "val", match_train=False)
         if not 0 <= index < len(val):
             raise SampleError(f"--index must be in 0..{len(val) - 1}, got {index}")
         # At most MAX_SKIPPED files are tried past a corrupt one: the search is bounded, not the whole folder.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, UnreadableImage, load_dataset, unreadable_text
+from data.datasets import EVAL_SUBSET_SEED, DatasetError, ImageSet, UnreadableImage, load_labelled, unreadable_text
 from models.checkpoint import load_checkpoint
 from models.preprocessing import Preprocessing
 from train.distributed import DistInfo, all_reduce_sum
@@ -75,11 +75,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset: str | None = Non
     name = dataset or meta.dataset
     if not name:
         raise DatasetError("the checkpoint records no dataset; pass --dataset")
-    images = load_dataset(name, split)
+    # The checkpoint's classes, matched by name: a folder may hold some of them, in any order, and its train/ (if
+    # any) plays no part. On the folder the run trained on, that labels val/ as training did (its classes are
+    # train/'s), so the fingerprint below is the one the run recorded.
+    images = load_labelled(name, split, meta.class_names)
     if limit:
         images = images.subset(limit, seed=EVAL_SUBSET_SEED)  # as training draws --val-subset
     fingerprint = images.fingerprint()  # of the set as it is on disk, as training recorded it
-    images = images.labelled_as(meta.class_names)  # a folder with some of the classes, in any order
     dev = pick_device(device)
     info = DistInfo(0, 1, 0, 1, dev)
     model.to(dev)
