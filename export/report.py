@@ -107,8 +107,10 @@ def table(manifest: Manifest, markdown: bool = False, problems: dict[str, str] |
     m, i = manifest, manifest.input
     measured = (f"parity on {p.val_samples} {p.dataset} val images, batch sizes {list(p.batch_sizes)}" if p
                 else "no parity measured")
-    title = (f"{m.name}: {m.model} ({m.stem} stem), input {i.height}x{i.width}, batch 1..{i.max_batch}; "
-             f"{measured}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
+    # Escaped as the other free text is: the manifest's name refuses control and format characters (U+202E would
+    # reverse the rest of the terminal line), but the parity's dataset, a folder's path, may hold a format character.
+    title = one_line(f"{m.name}: {m.model} ({m.stem} stem), input {i.height}x{i.width}, batch 1..{i.max_batch}; "
+                     f"{measured}" + (f"; torch->ONNX export {hub:.1f}s (shared)" if hub else ""))
     title += "\n" + provenance_line(m)
     if problems and "golden" in problems:
         title += f"\nCORRUPT: {one_line(problems['golden'])}"

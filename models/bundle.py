@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,7 +99,25 @@ def _text(max_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
     return {"check": lambda v: len(v) <= max_chars, "what": f"at most {max_chars} characters"}
 
 
-TAG = _label(64)  # runtime, format, precision, split
+# What no bundle name or tag may hold (ids are ASCII, NAME_RE): controls (C0, DEL, C1), format characters (Cf: the
+# bidi overrides and isolates such as U+202E, zero-width characters), lone surrogates, line and paragraph separators.
+# Tools print names and tags in titles and log lines (export.report, export.served, serve.tensor), where a format
+# character reorders or hides the rest of the line; export itself only makes ASCII names.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def plain_text(text: str) -> bool:
+    """Whether `text` holds no control, format (bidi, zero-width), surrogate or line-separator character."""
+    return not any(unicodedata.category(c) in _NOT_IN_NAMES for c in text)
+
+
+def _tag(max_chars: int) -> dict[str, Any]:
+    """`Fields.get` options for a tag: a label (`_label`) without format characters either."""
+    return {"check": lambda v: is_label(v, max_chars) and plain_text(v),
+            "what": f"1..{max_chars} characters without control or format characters"}
+
+
+TAG = _tag(64)  # runtime, format, precision, split
 NAME = _label(256)  # tensor names, the parity reference
 DATASET = _label(MAX_DATASET_CHARS)  # an embedded set's name or a folder's path, as the checkpoint records it
 FRACTION = {"check": lambda v: 0.0 <= v <= 1.0, "what": "a fraction in 0..1"}
@@ -139,9 +158,9 @@ def name_digest(text: str) -> str:
 
 def safe_component(name: object) -> bool:
     """Whether a bundle name is one harmless path component (serve and export.triton ask for `valid_name` where
-    they use it; a reader only refuses what could escape a directory or break a line)."""
+    they use it; a reader only refuses what could escape a directory, or break or reorder a line: `plain_text`)."""
     return (isinstance(name, str) and 0 < len(name) <= 256 and name not in (".", "..") and "/" not in name
-            and "\\" not in name and not any(ord(c) < 32 or ord(c) == 127 for c in name))
+            and "\\" not in name and plain_text(name))
 
 
 def safe_relative_path(path: object) -> bool:
@@ -621,7 +640,8 @@ class Manifest:
         preprocessing = r.contract("preprocessing", lambda d: Preprocessing.from_dict(d))
         timings = r.obj("timings", None)
         manifest = cls(
-            name=r.get("name", str, check=safe_component, what="one path component without control characters"),
+            name=r.get("name", str, check=safe_component,
+                       what="one path component without control or format characters"),
             model=r.get("model", str),
             stem=r.get("stem", str, config.stem.kind), config=config,
             class_names=r.strings("class_names"), input=InputSpec.read(r.obj("input")),

@@ -54,6 +54,9 @@ MAX_WORKERS = 256  # each worker is a training process
 # lr_ref_batch rescales the lr a run uses away from the sampled lr the tables print.
 SWEEP_SETS = ("model", "dataset", "epochs", "optimizer", "lr", "lr_ref_batch", "weight_decay", "seed", "threads",
               "out", "resume", "overwrite")
+# What a stop of --report-only says: it trains nothing, and what it stopped is the report, each file replaced whole.
+REPORT_STOPPED = ("the report may be only partly rewritten (summary.json is written last); rerun the same command to "
+                  "write it")
 # Cut every run short of the epochs the study files it under: the curves and verdicts would name a schedule that
 # never ran (the reduced preset is how a study is made shorter).
 SWEEP_REFUSES = {"max_steps": "it stops every run before the epochs the study files it under; use --preset reduced "
@@ -236,6 +239,23 @@ def check_places(dataset: str, out: Path, runs_dir: Path, report_only: bool, dry
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # read-only or virtual file system, no permission
         raise ValueError(f"--out {out}: cannot create the study directory: {exc.strerror or exc}") from None
+    if problem := report_places_problem(out, report_only):
+        raise ValueError(problem)
+
+
+def report_places_problem(out: Path, report_only: bool) -> str | None:
+    """Why the study in `out` cannot be reported, before any training or measuring: a runtime.json that is not a
+    regular file (damaged: neither read as absent nor measured again onto), or a place of the report's files that
+    cannot take one (a study would otherwise train for hours, then fail with half its figures replaced)."""
+    from train.sweep import report
+    from train.sweep.study import damaged_runtime
+
+    path = out / report.RUNTIME_FILE
+    try:
+        why = report.place_problem(path)
+    except OSError as exc:  # a directory on the way that cannot be searched
+        why = exc.strerror or str(exc)
+    return damaged_runtime(f"{path}: {why}", report_only) if why else report.output_problem(out)
 
 
 def lock_study(out: Path, runs_dir: Path | None) -> contextlib.ExitStack:
@@ -399,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sweep(args: argparse.Namespace, cfg: StudyConfig, study: str, out: Path, runs_dir: Path,
            slots: Sequence[WorkerSlot]) -> int:
     """Train what is missing and report, with the study's lock held; the exit code."""
+    from train.sweep.report import NotWritten
     from train.sweep.study import run_study
 
     if len(cfg.seeds) < MIN_SEEDS and not args.report_only:
@@ -415,8 +436,10 @@ def _sweep(args: argparse.Namespace, cfg: StudyConfig, study: str, out: Path, ru
         raise (InputError if exc.code == 2 else WorkFailed)(str(exc)) from None
     except DamagedResult as exc:
         raise InputError(str(exc)) from None
+    except NotWritten as exc:  # a full disk or an I/O error while the report was written: the machine (exit 1)
+        raise WorkFailed(str(exc)) from None
     except KeyboardInterrupt as exc:  # models.cli.run says it (exit 130, or 143 for SIGTERM and SIGHUP) with this
-        exc.add_note("finished runs are kept; rerun the same command to resume")
+        exc.add_note(REPORT_STOPPED if args.report_only else "finished runs are kept; rerun the same command to resume")
         raise
     for row in summary.get("claims", []):
         said = row["reproduced"] + (f" ({row['provisional']})" if row.get("provisional") else "")

@@ -179,11 +179,14 @@ class StudyConfig:
 _LISTS = ("models", "epochs", "seeds", "optimizers", "train_args")
 _RANGES = ("lr_ranges", "wd_ranges", "recipe_settings")
 _ITEMS = {"models": str, "epochs": int, "seeds": int, "optimizers": str, "train_args": str}  # each list's entries
+# The single settings, by type: "16" for samples was compared with an int and said as Python's TypeError.
+_SCALARS = {"preset": str, "dataset": str, "stability_epochs": int, "samples": int, "sample_seed": int,
+            "stability_seed": int, "tuning": str, "metric": str}
 
 
 def _shape_problem(d: dict[str, Any]) -> str | None:
-    """Which recorded list or per-optimizer setting has the wrong shape, or None: a string here was split into its
-    letters (train_args "ab" was refused as --train-args 'a b'), a number crashed the report later."""
+    """Which recorded setting has the wrong type or shape, or None: a string here was split into its letters
+    (train_args "ab" was refused as --train-args 'a b'), a number crashed the report later."""
     for key in _LISTS:
         if key not in d:
             continue
@@ -200,6 +203,10 @@ def _shape_problem(d: dict[str, Any]) -> str | None:
         for opt, pair in d[key].items():
             if not (isinstance(pair, list) and len(pair) == 2 and all(_is_number(x) for x in pair)):
                 return f"{key}.{opt} must be two numbers, got {pair!r:.80}"
+    # After the lists: a stability_seed an old record lacks is taken from its seeds, named there if wrong.
+    for key, kind in _SCALARS.items():
+        if key in d and (not isinstance(d[key], kind) or isinstance(d[key], bool)):
+            return f"{key} must be {'a string' if kind is str else 'an integer'}, got {d[key]!r:.80}"
     return None
 
 
@@ -283,9 +290,11 @@ def recorded_study(study_dir: Path) -> tuple[StudyConfig, str] | None:
         # A regular file (one swapped for a FIFO is not waited on), a few KB: never more than MAX_STUDY_BYTES of it
         # read, its nesting bounded.
         doc = parse_strict_json(read_regular_file(path, MAX_STUDY_BYTES), MAX_STUDY_BYTES, non_finite=True)
-        study, config = doc["study"], doc["config"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable study record ({type(exc).__name__}: {exc})") from None
+    if problem := _record_problem(doc):
+        raise ValueError(f"{path}: not a readable study record ({problem})")
+    study, config = doc["study"], doc["config"]
     try:
         cfg = StudyConfig.from_dict(config)
     except (ValueError, KeyError) as exc:  # the setting at fault, named as the file spells it
@@ -295,6 +304,18 @@ def recorded_study(study_dir: Path) -> tuple[StudyConfig, str] | None:
     if problem := machines_problem(doc):
         raise ValueError(f"{path}: {problem}")
     return cfg, study
+
+
+_JSON_TYPES = ((bool, "a boolean"), (str, "a string"), (int | float, "a number"), (list, "a list"), (dict, "an object"))
+
+
+def _record_problem(doc: object) -> str | None:
+    """Why a parsed study.json is not an object with a study and a config, said in words (not a TypeError), or None."""
+    if not isinstance(doc, dict):
+        kind = next((name for t, name in _JSON_TYPES if isinstance(doc, t)), "null")
+        return f"the top level must be a JSON object with a study and a config, got {kind}"
+    missing = [key for key in ("study", "config") if key not in doc]
+    return f"no {missing[0]}" if missing else None
 
 
 def machines_problem(doc: dict[str, Any]) -> str | None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.io import atomic_write_bytes, atomic_write_json
+from models.io import atomic_write_bytes, atomic_write_json, not_a_file, parse_strict_json, read_regular_file
 from train.sweep import analysis, claims, plots, presets
 from train.sweep.plan import StudyConfig, tuned_epochs
 from train.sweep.runner import load_result
@@ -20,6 +22,7 @@ MAX_RUNTIME_BYTES = 16 * 1024 * 1024  # a few KB per pair: never read a huge fil
 # The fields of every runtime row, measured or not, by type.
 _ROW_FIELDS: dict[str, type] = {"what": str, "device": str, "layout": str, "compiled": bool}
 FIGURES = ("convergence.png", "optimizer.png", "stability_edf.png", "stability_lr_wd.png")  # all write_report draws
+REPORT_FILES = ("summary.json", "claims.md", *FIGURES)  # every file write_report replaces or removes
 GOOD_MARGIN = 5.0  # points above the best sampled error that still count as a "good" run in the EDF stats
 
 
@@ -33,26 +36,61 @@ def load_results(study_dir: Path, specs: Sequence[RunSpec]) -> dict[str, dict[st
     return out
 
 
-def read_runtime(study_dir: Path) -> dict[str, Any] | None:
+def read_runtime(study_dir: Path, pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any] | None:
     """The study's runtime measurement, None if it was not made; ValueError naming the file and what is wrong with
-    it (the row and field) when it cannot be reported."""
-    from models.io import read_strict_json
-
+    it (not a regular file; the row and field; a row of none of `pairs`, the study's (conv, patch) pairs) when it
+    cannot be reported."""
     path = Path(study_dir) / RUNTIME_FILE
-    if not path.is_file():
-        return None
     try:
-        doc = read_strict_json(path, MAX_RUNTIME_BYTES)
+        # A directory or a FIFO there is damage, not a study that stopped before its runtime step.
+        if why := place_problem(path):
+            raise ValueError(why)
+        if not os.path.lexists(path):
+            return None
+        # Read from a regular file only: whatever was swapped in since is refused unread, a FIFO never waited on.
+        doc = parse_strict_json(read_regular_file(path, MAX_RUNTIME_BYTES), MAX_RUNTIME_BYTES)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    if problem := runtime_problem(doc):
+        raise ValueError(f"{path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
+    if problem := runtime_problem(doc, pairs):
         raise ValueError(f"{path}: {problem}")
     return doc
 
 
-def runtime_problem(doc: object) -> str | None:
+def place_problem(path: Path) -> str | None:
+    """Why a study file's place holds something that is not a regular file (a directory, a FIFO, a device, a link to
+    nothing or a link loop), from its stat alone (a FIFO is never opened: it would block), or None for a regular
+    file (links to one are followed) or nothing at all; OSError when stat cannot tell."""
+    why = not_a_file(path)
+    if why is None or why == "is missing":
+        return None
+    if why.startswith("is not a regular file"):
+        return why
+    # not_a_file's words for a link to nothing, or the ELOOP reason of a link loop
+    kind = why.removeprefix("is ") if why.startswith("is a symbolic link") else "a symbolic link loop"
+    return f"is not a regular file ({kind})"
+
+
+def output_problem(study_dir: Path) -> str | None:
+    """Why the report cannot be written into `study_dir`, or None: a place of one of its files that holds something
+    other than a regular file (the rename onto a directory fails, and whatever else is there would be lost), or a
+    directory this process cannot write. Checked before any work: a refusal then leaves every file as it was."""
+    study_dir = Path(study_dir)
+    for name in REPORT_FILES:
+        try:
+            why = place_problem(study_dir / name)
+        except OSError as exc:  # a directory on the way that cannot be searched
+            return f"{study_dir / name}: {exc.strerror or exc}; nothing was changed"
+        if why:
+            return f"{study_dir / name} {why}, where the report writes a file; nothing was changed: move it away"
+    if not os.access(study_dir, os.W_OK | os.X_OK):  # no permission, or a read-only file system
+        return f"{study_dir} is not writable, the report cannot be written there; nothing was changed"
+    return None
+
+
+def runtime_problem(doc: object, pairs: Sequence[tuple[str, str]] | None = None) -> str | None:
     """Why a runtime.json document cannot be reported (its rows' fields and types, as claims.runtime_row and the
-    runtime table read them), or None. The one check for a resumed study and for --report-only."""
+    runtime table read them; a row repeated; with `pairs`, a row of none of the study's (conv, patch) pairs), or
+    None. The one check for a resumed study and for --report-only."""
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
         return "no list of rows"
     for key in ("machine", "not_measured"):
@@ -60,9 +98,20 @@ def runtime_problem(doc: object) -> str | None:
             return f"{key} is not an object"
     if problem := _machine_problem(doc.get("machine") or {}):
         return f"machine: {problem}"
+    known = None if pairs is None else [list(p) for p in pairs]
+    seen: dict[tuple[object, ...], int] = {}
     for i, row in enumerate(doc["rows"], 1):
         if problem := _row_problem(row):
             return f"row {i}: {problem}"
+        # Another pair (or this one reversed) was shown in the table but left out of the claim, without a word.
+        if known is not None and row["pair"] not in known:
+            return (f"row {i}: pair {' / '.join(row['pair'])} is not one of the study's (ViT_C / ViT_P) pairs "
+                    f"({', '.join(' / '.join(p) for p in known)})")
+        # A copy of a setting would be judged, and counted by the claim, as a second comparison.
+        key = (*row["pair"], *(row[k] for k in _ROW_FIELDS))
+        if key in seen:
+            return f"row {i}: repeats row {seen[key]} (the same pair, what, device, layout and compiled)"
+        seen[key] = i
     return None
 
 
@@ -248,8 +297,25 @@ def build_summary(
     }
 
 
+class NotWritten(RuntimeError):
+    """A report file that could not be written (a full disk, an I/O error), said with its name; the earlier file
+    stays whole (each is replaced atomically)."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Say an OSError while `path` is written as NotWritten naming `path` (what failed is the temporary beside it,
+    or no file at all for a full disk)."""
+    try:
+        yield
+    except OSError as exc:
+        raise NotWritten(f"{exc.strerror or exc}: {path} was not written (the finished runs are kept: rerun with "
+                         "--report-only to write the report)") from None
+
+
 def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
-    """Write summary.json, claims.md and the plots that have data; returns the paths written."""
+    """Write summary.json, claims.md and the plots that have data; returns the paths written; NotWritten naming the
+    file whose write failed."""
     study_dir = Path(study_dir)
     models = summary["config"]["models"]
     table = {m: {o: {int(e): v for e, v in c.items()} for o, c in t.items()}
@@ -257,20 +323,27 @@ def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
     gaps = {m: {int(e): v for e, v in g.items()} for m, g in summary["optimizer_gap"].items()}
     # Each file is replaced atomically, and summary.json (what tools read) last: a failed write (a full disk) never
     # leaves it newer than claims.md and the figures.
-    written = []
+    figures = []
     if table:
-        written.append(plots.plot_convergence(table, models, study_dir / "convergence.png"))
+        figures.append((plots.plot_convergence, (table, models), "convergence.png"))
     if gaps:
-        written.append(plots.plot_optimizer(table, gaps, models, study_dir / "optimizer.png"))
+        figures.append((plots.plot_optimizer, (table, gaps, models), "optimizer.png"))
     if summary["stability"]:
-        written.append(plots.plot_edf(summary["stability"], models, study_dir / "stability_edf.png"))
-        written.append(plots.plot_stability_scatter(summary["stability"], models, study_dir / "stability_lr_wd.png"))
+        figures.append((plots.plot_edf, (summary["stability"], models), "stability_edf.png"))
+        figures.append((plots.plot_stability_scatter, (summary["stability"], models), "stability_lr_wd.png"))
+    written = []
+    for plot, args, name in figures:
+        with _writing(study_dir / name):
+            written.append(plot(*args, study_dir / name))
     for name in FIGURES:  # a figure with no data now would show an earlier report's results beside this one
         if study_dir / name not in written:
-            (study_dir / name).unlink(missing_ok=True)
+            with _writing(study_dir / name):
+                (study_dir / name).unlink(missing_ok=True)
     md = study_dir / "claims.md"
-    atomic_write_bytes(md, markdown(summary, [p.name for p in written]).encode())
-    atomic_write_json(study_dir / "summary.json", summary)
+    with _writing(md):
+        atomic_write_bytes(md, markdown(summary, [p.name for p in written]).encode())
+    with _writing(study_dir / "summary.json"):
+        atomic_write_json(study_dir / "summary.json", summary)
     return [*written, md, study_dir / "summary.json"]
 
 

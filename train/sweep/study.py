@@ -108,8 +108,10 @@ def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.Wo
     path = study_dir / report.RUNTIME_FILE
     device = f"cuda:{slots[0].device}" if slots and slots[0].device is not None else "cpu"
     pairs = analysis.stem_pairs(list(cfg.models))
+    if why := report.place_problem(path):  # refused before minutes of measuring end in a rename onto a directory
+        raise runner.DamagedResult(damaged_runtime(f"{path}: {why}"))
     try:  # a row missing a field was once kept as measured, and the report then failed on it
-        readable = report.read_runtime(study_dir) is not None
+        readable = report.read_runtime(study_dir, pairs) is not None
     except ValueError as exc:
         print(f"[sweep] runtime: damaged {exc}: measured again", file=sys.stderr)
         readable = False
@@ -138,13 +140,20 @@ def measure_runtime(cfg: StudyConfig, study_dir: Path, slots: Sequence[runner.Wo
     atomic_write_json(path, doc)
 
 
+def damaged_runtime(problem: str, report_only: bool = False) -> str:
+    """The refusal of a runtime.json that cannot be reported (`problem`: "<path>: <why>")."""
+    rerun = "rerun the study (without --report-only)" if report_only else "rerun the study"
+    return f"damaged runtime measurement {problem}: delete it and {rerun} to measure it again"
+
+
 def _measured(path: Path, pairs: Sequence[tuple[str, str]], kind: str) -> bool:
     """Whether runtime.json already holds every pair measured on this kind of device (a study resumed on a GPU,
     or one whose file is damaged, is measured again rather than reported with stale or missing numbers)."""
-    from models.io import read_strict_json
+    from models.io import parse_strict_json, read_regular_file
 
-    try:
-        rows = read_strict_json(path, report.MAX_RUNTIME_BYTES).get("rows")
+    most = report.MAX_RUNTIME_BYTES
+    try:  # a regular file only: a FIFO swapped in is never waited on
+        rows = parse_strict_json(read_regular_file(path, most), most).get("rows")
         have = {(tuple(r["pair"]), str(r["device"]).split(":")[0]) for r in rows}
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return False
@@ -202,10 +211,9 @@ def run_study(
         raise runner.DamagedResult(f"damaged run result {damaged[0]}{more}: delete it and rerun the study (without "
                                    f"--report-only) to train that run again")
     try:
-        runtime_doc = report.read_runtime(study_dir)
+        runtime_doc = report.read_runtime(study_dir, analysis.stem_pairs(list(cfg.models)))
     except ValueError as exc:  # only --report-only meets one: a study run has just measured a damaged file again
-        raise runner.DamagedResult(f"damaged runtime measurement {exc}: delete it and rerun the study (without "
-                                   f"--report-only) to measure it again") from None
+        raise runner.DamagedResult(damaged_runtime(str(exc), report_only)) from None
     results = report.load_results(study_dir, [*stab, *tuned_runs])
     summary = report.build_summary(cfg, study, stab, tuned_runs, tuned, results, runtime_doc)
     summary["machine"], summary["machines"] = _recorded_machine(study_dir)
