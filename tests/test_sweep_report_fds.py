@@ -297,3 +297,19 @@ def test_a_stop_during_report_only_does_not_speak_of_runs_to_resume(tmp_path, ca
     err = _one_line_error(capsys)
     assert err.startswith(f"{PROG}: {word}: ") and "report" in err, err
     assert "finished runs are kept" not in err and "resume" not in err, err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("report_only", [True, False], ids=["report-only", "resume"])
+def test_a_study_record_that_is_not_a_regular_file_is_damaged_not_absent(tmp_path, capsys, monkeypatch, kind,
+                                                                         report_only):
+    """A study.json that was a directory or a FIFO read as "no study.json": a resume started a new study onto it."""
+    _no_work(monkeypatch)
+    out, _ = _recorded_study(tmp_path)
+    (out / "study.json").unlink()
+    _not_regular(out / "study.json", kind)
+    args = ["--report-only"] if report_only else [*RESUME, "--runs-dir", str(tmp_path / "runs")]
+    assert main([*args, "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert str(out / "study.json") in err and "not a readable study record" in err, err
+    assert any(why in err for why in ("regular file", "symbolic link")), err

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.io import parse_strict_json, read_regular_file
+from models.io import not_a_file, parse_strict_json, read_regular_file
 from train.config import OPTIMIZERS
 from train.sweep.sampling import sample_lr_wd
 from train.sweep.spec import RunSpec
@@ -284,8 +284,12 @@ def _spec(cfg: StudyConfig, model: str, opt: str, lr: float, wd: float, epochs: 
 def recorded_study(study_dir: Path) -> tuple[StudyConfig, str] | None:
     """(config, study) that study.json in `study_dir` records, None without one; ValueError when it is damaged."""
     path = study_dir / STUDY_FILE
-    if not path.is_file():
+    # A directory or a FIFO there is damage, not a study never started: "no study.json" would have the user start
+    # the study again onto it. (OSError: a directory on the way that cannot be searched, said by the caller.)
+    if (why := not_a_file(path)) == "is missing":
         return None
+    if why:
+        raise ValueError(f"{path}: not a readable study record ({why})")
     try:
         # A regular file (one swapped for a FIFO is not waited on), a few KB: never more than MAX_STUDY_BYTES of it
         # read, its nesting bounded.
