@@ -20,7 +20,7 @@ from models.checkpoint import CheckpointError
 from models.cli import InputError, command, error_reason, machine_failure, one_line, refuse_empty_paths, say
 from models.extras import require
 from train.config import ConfigError, config_from_options
-from train.options import build_parser, explicit_options, quiet_openmp
+from train.options import build_parser, explicit_options, ignored_note, quiet_openmp
 
 PROG = "python -m train"
 # How gloo and NCCL report a rank that died while the others waited for it in a collective.
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         # 30-minute timeout. This still stops it, with the same line and code, once they go unanswered.
         watch_signals(who)
     try:
-        cfg = config_from_options(explicit_options(args, argv))
+        explicit = explicit_options(args, argv)
+        cfg = config_from_options(explicit)
+        if rank == 0 and (note := ignored_note(explicit, cfg.augment)):
+            print(note, flush=True)  # stdout, as the run's other notes
         from train.trainer import train
 
         train(cfg)

@@ -54,7 +54,8 @@ class EvalView:
 def train_transform(augment: str, spec: Preprocessing, crop_scale: float, hflip: float, pil_input: bool) -> Callable:
     """uint8 CHW tensor (or PIL image) -> augmented uint8 (3, spec.crop, spec.crop) tensor.
 
-    none: resize + centre crop, the evaluation view itself; light: random-resized crop + flip; autoaugment: light +
+    none: resize + centre crop, the evaluation view itself (flipped only for an `hflip` above 0: the run's default
+    for none is 0, `train.config.resolve_config`); light: random-resized crop + flip; autoaugment: light +
     AutoAugment (ImageNet). A tensor is an embedded set's image, already decoded to the evaluation view (`predecode`).
     """
     if augment == "none":

@@ -199,30 +199,49 @@ def normalize_dataset(name: str) -> str:
     return name if name in EMBEDDED or not name.strip() else str(Path(name).expanduser().resolve())
 
 
-def _is_max_steps(flag: str) -> bool:
-    """Whether `flag` named --max-steps: in full, or abbreviated as argparse took it before train's parser refused
-    abbreviations (`--ma` is the shortest prefix no other option shares), as a run recorded it then."""
-    return len(flag) >= len("--ma") and "--max-steps".startswith(flag)
+def _names(arg: str, flag: str, shortest: str) -> bool:
+    """Whether `arg` named `flag`: in full, or abbreviated down to `shortest` (the shortest prefix no other option
+    shares) as argparse took it before train's parser refused abbreviations, as a run recorded it then."""
+    return len(arg) >= len(shortest) and flag.startswith(arg)
 
 
-def with_max_steps(command: tuple[str, ...], steps: int) -> tuple[str, ...]:
-    """`command` with its --max-steps set to `steps` (left out for 0: no limit)."""
+def _without(command: tuple[str, ...], flag: str, shortest: str) -> tuple[str, ...]:
+    """`command` without its `flag VALUE` and `flag=VALUE` (however abbreviated, see `_names`)."""
     kept: list[str] = []
     skip = False
     for i, arg in enumerate(command):
         if skip:
             skip = False
             continue
-        if _is_max_steps(arg) and i + 1 < len(command):
+        if _names(arg, flag, shortest) and i + 1 < len(command):
             skip = True
             continue
-        if not (arg.startswith("--ma") and "=" in arg and _is_max_steps(arg.partition("=")[0])):
+        if not (arg.startswith(shortest) and "=" in arg and _names(arg.partition("=")[0], flag, shortest)):
             kept.append(arg)
-    return (*kept, "--max-steps", str(steps)) if steps else tuple(kept)
+    return tuple(kept)
 
 
-def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None) -> TrainConfig:
-    """Recipe defaults (or a resumed run's saved config) overridden by the explicitly given options."""
+def with_max_steps(command: tuple[str, ...], steps: int) -> tuple[str, ...]:
+    """`command` with its --max-steps set to `steps` (left out for 0: no limit)."""
+    kept = _without(command, "--max-steps", "--ma")
+    return (*kept, "--max-steps", str(steps)) if steps else kept
+
+
+def with_dataset(command: tuple[str, ...], dataset: str) -> tuple[str, ...]:
+    """`command` with its --dataset set to `dataset` (where a resumed run's data lie now)."""
+    return (*_without(command, "--dataset", "--da"), "--dataset", dataset)
+
+
+def _moved(old: object, new: object) -> bool:
+    """Whether a resume names another folder than the one the run recorded (an embedded set moves nowhere)."""
+    return old != new and isinstance(old, str) and old not in EMBEDDED and isinstance(new, str) and new not in EMBEDDED
+
+
+def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None, *,
+                   movable_data: bool = False) -> TrainConfig:
+    """Recipe defaults (or a resumed run's saved config) overridden by the explicitly given options. With
+    `movable_data` (the resumed run recorded its data fingerprints) --dataset may name another folder: the trainer
+    goes on there only when its files are the run's (`Trainer._check_same_data`)."""
     explicit = {k: v for k, v in explicit.items() if v is not None}
     if "dataset" in explicit:
         explicit["dataset"] = normalize_dataset(str(explicit["dataset"]))
@@ -230,16 +249,21 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
         # How the run was started is not how it goes on: a run begun with --overwrite resumes like any other.
         base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)} and k != "overwrite"}
         # The command that reruns the training is the one that began it, not the `--resume` one, with where the
-        # run now stops (the one runtime option that decides the weights).
+        # run now stops (the one runtime option that decides the weights) and where its data lie now.
         kept = {}
         if base.get("command"):
             steps = explicit.get("max_steps", base.get("max_steps", 0))
             kept["command"] = with_max_steps(tuple(base["command"]), steps)
+            if movable_data and _moved(base.get("dataset"), explicit.get("dataset", base.get("dataset"))):
+                kept["command"] = with_dataset(kept["command"], explicit["dataset"])
         merged = TrainConfig.from_dict({**base, **explicit, **kept})
         old = TrainConfig.from_dict(base).trajectory()
-        changed = sorted(k for k, v in merged.trajectory().items() if old.get(k) != v)
+        now = merged.trajectory()
+        if movable_data and _moved(old.get("dataset"), now["dataset"]):
+            old["dataset"] = now["dataset"]  # the same data elsewhere: its fingerprints decide, not its path
+        changed = sorted(k for k, v in now.items() if old.get(k) != v)
         if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {merged.trajectory()[k]!r}" for k in changed)
+            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(f"--resume cannot change how the run trains ({detail}); use a new --out instead")
         return merged
     for req in ("model", "dataset", "out"):
@@ -248,7 +272,12 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     if recipe == "auto":
         recipe = "small" if explicit["dataset"] in EMBEDDED else "paper"
     _check(recipe in RECIPES, f"unknown recipe {recipe!r}; known: auto, {', '.join(RECIPES)}")
-    return TrainConfig(**{**RECIPES[recipe], **explicit, "recipe": recipe})
+    values = {**RECIPES[recipe], **explicit, "recipe": recipe}
+    if values["augment"] == "none" and "hflip" not in explicit:
+        # none is the evaluation view alone: a flip the user did not ask for would train left/right-sensitive
+        # classes (text, digits) on mirror images. Resolved here, once: the run records (and resumes with) 0.
+        values["hflip"] = 0.0
+    return TrainConfig(**values)
 
 
 def checked_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -263,14 +292,17 @@ def checked_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def _differences(recorded: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """The trajectory fields in which `cfg` differs from a run's recorded configuration (keys both know)."""
-    return [f"{k}: {recorded[k]!r} vs {v!r}" for k, v in cfg.trajectory().items() if k in recorded and recorded[k] != v]
+def _differences(recorded: dict[str, Any], cfg: TrainConfig, same_data: bool = False) -> list[str]:
+    """The trajectory fields in which `cfg` differs from a run's recorded configuration (keys both know); with
+    `same_data` (both record the same data fingerprints) not the dataset's path, which may have moved."""
+    return [f"{k}: {recorded[k]!r} vs {v!r}" for k, v in cfg.trajectory().items()
+            if k in recorded and recorded[k] != v and not (same_data and k == "dataset")]
 
 
-def check_same_run(cfg: TrainConfig, source: str) -> None:
+def check_same_run(cfg: TrainConfig, source: str, data: object = None) -> None:
     """With --resume, the checkpoint already in --out must be this very run's: a resume.pt copied from another
-    run (or a fresh start where resume.pt is missing) would otherwise replace it. CheckpointError if it is not."""
+    run (or a fresh start where resume.pt is missing) would otherwise replace it. CheckpointError if it is not.
+    `data`: the data fingerprints resume.pt recorded (the same as the checkpoint's: the data moved, not changed)."""
     from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
 
     out = Path(cfg.out)
@@ -281,16 +313,53 @@ def check_same_run(cfg: TrainConfig, source: str) -> None:
     if meta.model != cfg.model:
         diff = [f"model: {meta.model!r} vs {cfg.model!r}"]
     else:
-        diff = _differences(recorded, cfg) if isinstance(recorded, dict) else []
+        same_data = bool(data) and meta.training is not None and meta.training.data == data
+        diff = _differences(recorded, cfg, same_data) if isinstance(recorded, dict) else []
     if diff:
         raise CheckpointError(f"{source} does not belong to the run in {out} (checkpoint.json vs {source}: "
                               f"{'; '.join(diff[:3])}); nothing was changed, --overwrite starts that run over")
 
 
+def recorded_hflip(explicit: dict[str, Any]) -> dict[str, Any]:
+    """{"hflip": ...} that --out's checkpoint.json records for an --augment none run, for a --resume with no
+    resume.pt and no --hflip (an --epochs 0 run keeps none): an earlier vitc recorded 0.5 there, today's default
+    0, and the run is the same one. {} otherwise."""
+    from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
+
+    out = explicit.get("out")
+    if "hflip" in explicit or not out or not (Path(out) / META_FILE).exists():
+        return {}
+    try:
+        training = read_checkpoint_meta(out).training
+    except CheckpointError:  # check_same_run says it, after the options' own checks
+        return {}
+    recorded = training.config if training is not None else None
+    if not isinstance(recorded, dict) or recorded.get("augment") != "none" or "hflip" not in recorded:
+        return {}
+    return {"hflip": recorded["hflip"]}
+
+
+def check_data_present(dataset: str) -> None:
+    """ConfigError naming the folder a resumed run recorded when it is gone (moved, or its mount is elsewhere)."""
+    if dataset not in EMBEDDED and not Path(dataset).exists():
+        raise ConfigError(f"--resume: the run's data folder {dataset} (recorded in resume.pt) is missing: pass "
+                          "--dataset with the data's new location")
+
+
+def check_movable(explicit: dict[str, Any], saved: dict[str, Any], state: dict[str, Any]) -> None:
+    """ConfigError for a --dataset naming another folder than a resume.pt without data fingerprints recorded:
+    nothing could show that the files there are the run's."""
+    old, new = saved.get("dataset"), explicit.get("dataset")
+    if new is not None and state.get("data") is None and _moved(old, normalize_dataset(str(new))):
+        raise ConfigError(f"--resume cannot move this run to {normalize_dataset(str(new))}: its resume.pt predates "
+                          f"the data fingerprints that would show the files are the ones at {old}; put them back "
+                          "there (or a link to them)")
+
+
 def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
     """The run's config from explicit CLI options; with --resume, the saved run's config is the base (and must be
     the run whose checkpoint --out holds)."""
-    saved = None
+    saved = state = None
     if explicit.get("resume") and explicit.get("out"):
         from train.state import load_resume
 
@@ -298,11 +367,18 @@ def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
         saved = None if state is None else checked_saved_config(state["config"])
         if saved is not None and explicit.get("recipe") == "auto":
             explicit = {k: v for k, v in explicit.items() if k != "recipe"}
-    cfg = resolve_config(explicit, saved)
+        if saved is None:
+            explicit = {**explicit, **recorded_hflip(explicit)}
     if saved is not None:
+        check_movable(explicit, saved, state)
+    cfg = resolve_config(explicit, saved, movable_data=state is not None and state.get("data") is not None)
+    if saved is not None:
+        if "dataset" not in explicit:
+            check_data_present(cfg.dataset)
         check_max_steps_reachable(cfg, state)
     if cfg.resume:
-        check_same_run(cfg, "resume.pt" if saved is not None else "--resume without resume.pt")
+        check_same_run(cfg, "resume.pt" if saved is not None else "--resume without resume.pt",
+                       None if state is None else state.get("data"))
         if saved is None:
             check_nothing_trained(cfg)
     return cfg

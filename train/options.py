@@ -81,10 +81,13 @@ def build_parser() -> OneLineParser:
     _knob(a, "--mixup", "mixup alpha, 0 disables", type=float)
     _knob(a, "--cutmix", "CutMix alpha, 0 disables; with both on, one is picked per batch with p 0.5", type=float)
     _knob(a, "--mix-prob", "probability that a batch is mixed at all", type=float)
-    _knob(a, "--augment", "none: resize + centre crop; light: random-resized crop + flip; autoaugment: light + "
-          "AutoAugment's ImageNet policy", choices=AUGMENTS)
-    _knob(a, "--crop-scale", "smallest area fraction of the random-resized crop", type=float)
-    _knob(a, "--hflip", "horizontal flip probability", type=float)
+    _knob(a, "--augment", "none: the evaluation view alone (resize + centre crop, no flip unless --hflip is given); "
+          "light: random-resized crop + flip; autoaugment: light + AutoAugment's ImageNet policy", choices=AUGMENTS)
+    _knob(a, "--crop-scale", "smallest area fraction of the random-resized crop (ignored with --augment none)",
+          type=float)
+    # Not a _knob: under --augment none its default is 0 (train.config.resolve_config), whatever the recipe's.
+    a.add_argument("--hflip", type=float, help=f"horizontal flip probability ({_recipe_defaults('hflip')}, or 0 "
+                   "with --augment none; the run records the number it uses)")
     _knob(a, "--ema", "keep an EMA of the weights", action=argparse.BooleanOptionalAction)
     _knob(a, "--ema-horizon", "EMA averaging length as a fraction of the run's steps; the paper's 1.6e-3 per 32 "
           "steps is 0.078 of its ImageNet run", type=float)
@@ -109,8 +112,9 @@ def build_parser() -> OneLineParser:
                    help="progress bar (default: only when stderr is a terminal)")
     s.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out from its resume.pt (optimizer, schedule, EMA, RNG and data "
-                   "position) on the same data (a changed dataset is refused); starts fresh if there is none. Other "
-                   "options default to the saved ones; a run with nothing left to train says so and exits 0")
+                   "position) on the same data (a changed dataset is refused; the same files at a new path are "
+                   "taken with --dataset NEW); starts fresh if there is none. Other options default to the saved "
+                   "ones; a run with nothing left to train says so and exits 0")
     s.add_argument("--overwrite", action="store_true", default=None, help="start over in an --out that holds a run")
     return p
 
@@ -120,6 +124,14 @@ def explicit_options(args: argparse.Namespace, argv: list[str] | None = None) ->
     opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if v is not None}
     opts["command"] = command_line(sys.argv[1:] if argv is None else argv)
     return opts
+
+
+def ignored_note(explicit: dict[str, Any], augment: str) -> str:
+    """"note: ..." for an explicit option the run's --augment does not use, else ""."""
+    if augment == "none" and "crop_scale" in explicit:
+        return ("note: --crop-scale is ignored with --augment none (it sizes the random-resized crop, which none "
+                "does not take)")
+    return ""
 
 
 def command_line(argv: list[str]) -> tuple[str, ...]:

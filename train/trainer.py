@@ -202,6 +202,7 @@ class Trainer:
         self.resumed = False
         self.numerics_note = ""  # a resume's `changed_numerics`
         self.model_note = ""  # a resume's note that the run goes on with its own model definition (`_model_config`)
+        self.data_note = ""  # a resume's note that the run goes on with its data at a new path (`_check_same_data`)
         self.saved_step: int | None = None  # the step of the resume.pt of this run in --out, once there is one
         self.corrupt_seen: set[str] = set()  # distinct corrupt train files replaced so far (this rank's, until synced)
         self._load_data()
@@ -412,7 +413,7 @@ class Trainer:
         state, self.resume_state = self.resume_state, None  # its tensors are not needed once loaded
         if state is None:
             return self._fresh_progress()
-        self._check_same_data(state.get("data"))
+        self._check_same_data(state.get("data"), state["config"].get("dataset"))
         # The global batch is what each step trains on (and what the rate was scaled by): resuming under another
         # number of processes whose steps per epoch happen to match would change it mid-run without a word.
         was = state.get("global_batch")
@@ -454,17 +455,28 @@ class Trainer:
                               f"changed since the run started, and the run recorded none of its own to go on with "
                               f"({META_FILE} is missing and {RESUME_FILE} predates that record): {REDEFINED_ADVICE}")
 
-    def _check_same_data(self, saved: dict[str, str] | None) -> None:
+    def _check_same_data(self, saved: dict[str, str] | None, was: object) -> None:
         """ConfigError unless the dataset is the one the run started on (resume.pt from before it recorded its data
-        fingerprints: not checked)."""
+        fingerprints: not checked). Data at another path than resume.pt's (`was`) are the run's when their
+        fingerprints match (they hold each file's path within the dataset and its size): the run goes on there, says
+        so, and records the new path; else the refusal names both paths."""
         if saved is None:
             return
         changed = [split for split in ("train", "val") if saved.get(split) != self.data_prints[split]]
+        moved = isinstance(was, str) and was != self.cfg.dataset
+        if changed and moved:
+            raise ConfigError(f"--resume: the data at {self.cfg.dataset} are not the data this run started with at "
+                              f"{was} (the {changed[0]} fingerprint {str(saved.get(changed[0]))[:12]} -> "
+                              f"{self.data_prints[changed[0]][:12]}): pass --dataset with the run's own data, or "
+                              "train into a new --out")
         if changed:
             raise ConfigError(f"--resume: the {' and '.join(changed)} data of {self.cfg.dataset} differ from what the "
                               f"run started with (files added, removed or resized; fingerprint "
                               f"{str(saved.get(changed[0]))[:12]} -> {self.data_prints[changed[0]][:12]}); a resumed "
                               f"run must see the same images: restore them, or train into a new --out")
+        if moved:
+            self.data_note = (f"note: the run's data moved from {was} to {self.cfg.dataset} (the same files, by their "
+                              f"fingerprints): the run goes on with the data at {self.cfg.dataset}")
 
     def _left_to_do(self, progress: dict[str, Any]) -> bool:
         """Whether a restored run still has steps to train (not finished, diverged or stopped by --max-steps)."""
@@ -918,7 +930,7 @@ class Trainer:
                 return summary
             progress["segments"] += 1
             self.log(self._resuming_line(progress))
-            for note in (self.model_note, self.numerics_note):
+            for note in (self.data_note, self.model_note, self.numerics_note):
                 if note:
                     self.log(note)
         elif cfg.resume:  # a preempted job reruns its command with --resume, also before its first save
