@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -333,8 +334,19 @@ def test_dry_run_prints_the_commands_the_runs_are_started_with(tmp_path, capsys,
     cfg = make_config("reduced", models=("vit_c_micro", "vit_p_micro"), samples=1, optimizers=("adamw",),
                       stability_epochs=1)
     specs = study.plan_study(cfg, "stability", tmp_path / "s")[0]
-    expected = [f"todo {' '.join(runner.build_command(s, tmp_path / 'r' / s.run_id, n))}" for s in specs]
+    expected = [f"todo {shlex.join(runner.build_command(s, tmp_path / 'r' / s.run_id, n))}" for s in specs]
     assert lines == expected and all(f"--threads {n} --out" in ln for ln in lines)
+
+
+def test_dry_run_commands_paste_into_a_shell_where_paths_hold_spaces(tmp_path, capsys):
+    """They were joined with spaces: `--out /x/sw dir/runs/...` ran as `--out /x/sw` and a stray argument."""
+    runs = tmp_path / "sw dir" / "ru ns"
+    assert main([*STUDY, "--out", str(tmp_path / "st udy"), "--runs-dir", str(runs), "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("todo ")]
+    assert lines
+    for line in lines:
+        argv = shlex.split(line.removeprefix("todo "))
+        assert argv[argv.index("--out") + 1].startswith(str(runs) + "/"), line
 
 
 # ---------------------------------------------------------------- hDH-5: the README's smallest margin

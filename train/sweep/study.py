@@ -5,6 +5,7 @@ Resumable by construction: every run is skipped when its result file already exi
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,7 +184,8 @@ def run_study(
         threads = slots[0].threads if slots else None
         for s in list(dict.fromkeys((*stab, *tuned_runs))):
             state = "done" if runner.is_done(study_dir, s) else "todo"
-            print(state, " ".join(runner.build_command(s, Path(runs_root) / s.run_id, threads)))
+            # Shell-quoted: a path with spaces pastes as one argument.
+            print(state, shlex.join(runner.build_command(s, Path(runs_root) / s.run_id, threads)))
         pending = len(_all_keys(cfg)) - len({(s.model, s.optimizer) for s in tuned_runs})
         if plan.tuned_epochs(cfg, study) and pending:
             print(f"(+ tuned runs for {pending} model/optimizer pairs, planned once their stability runs finish)")
