@@ -739,11 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int_in(1, 1000), default=8,
                    help="alternating rounds of each system at concurrency 1 (default 8)")
     p.add_argument("--slice", type=float_in(0, MAX_SECONDS), default=1.5,
-                   help="seconds per system per round at concurrency 1")
+                   help="seconds per system per round at concurrency 1 (default 1.5)")
     p.add_argument("--saturation", type=float_in(0, MAX_SECONDS), default=15.0,
-                   help="seconds per system at saturation")
+                   help="seconds per system at saturation (default 15)")
     p.add_argument("--saturation-rounds", type=int_in(1, 1000), default=5,
-                   help="slices the saturation seconds are split into, each followed by the runtime alone")
+                   help="slices the saturation seconds are split into, each followed by the runtime alone (default 5)")
     p.add_argument("--concurrency", type=int_in(1, MAX_CONCURRENCY), default=16,
                    help="clients at saturation (default 16)")
     p.add_argument("--cold-starts", type=int_in(1, 100), default=3,

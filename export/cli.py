@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -214,5 +215,6 @@ def _export(p: argparse.ArgumentParser, args: argparse.Namespace, family: str | 
     refused = [a for a in manifest.artifacts if not a.servable]
     for a in refused:
         print(f"refused {a.id}: {a.refused_reason}", file=sys.stderr)
-    print(f"bundle written: {args.out} (python -m export.report {args.out})")
+    # The hint is a command to paste: a path with spaces or shell characters is quoted.
+    print(f"bundle written: {args.out} (python -m export.report {shlex.quote(str(args.out))})")
     return 1 if refused and args.strict else 0

@@ -313,7 +313,7 @@ class Settings(BaseSettings):
         # The image's HEALTHCHECK reads VITC_PORT as stripped ASCII digits: a port it would read otherwise ("+9000",
         # "9000.0", Arabic-Indic digits: int() takes them all) would leave the container unhealthy for good.
         if isinstance(v, str) and not (v.strip().isascii() and v.strip().isdigit()):
-            raise ValueError(f"must be a port number in ASCII digits, got {v[:40]!r}")
+            raise ValueError("must be a port number in ASCII digits")
         return v.strip() if isinstance(v, str) else v
 
     @field_validator("api_key", mode="before")

@@ -136,3 +136,22 @@ def test_committed_results_of_every_schema_stay_readable(path, monkeypatch):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_headlines_say_a_flagged_cell_too_short_to_conclude_apart():
+    """A cell 'inconclusive (too few: 1 round of 6)' was listed among the C/P findings by its point estimate."""
+    from benchmarks.report import markdown
+
+    doc = json.loads((REPO / "benchmarks" / "results" / "2026-12-05-0235-vm.json").read_text())
+    firm, loose = [r for r in doc["ratios"] if r["pair"] == "mini"][:2]
+    firm.update(ratio=0.90, flagged=True, verdict="C faster")
+    loose.update(ratio=0.92, flagged=True, verdict="inconclusive")
+    for r in doc["ratios"]:
+        if r is not firm and r is not loose:
+            r["flagged"] = False
+    doc.pop("summary")  # rebuilt from the ratios, as a run writes it
+    lines = [ln for ln in markdown(doc).splitlines() if "C/P outside" in ln and ln.startswith("- ")]
+    cell = "{target} b{batch}: {ratio:.3f}"
+    assert lines == [f"- mini: C/P outside +-5 %: {cell.format(**firm)}",
+                     f"- mini: C/P outside +-5 % in cells too short to conclude (inconclusive, not a finding): "
+                     f"{cell.format(**loose)}"], lines

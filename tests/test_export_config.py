@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import shlex
 from types import SimpleNamespace
 
 import numpy as np
@@ -94,6 +95,14 @@ def test_the_cli_builds_the_config_from_its_flags(captured, tmp_path, capsys):
                                      parity_samples=64, calibration_samples=16, dataset="digits",
                                      calibration_dataset="animals", threads=2, drop_artifacts=True)]
     assert capsys.readouterr().out == f"bundle written: {out} (python -m export.report {out})\n"
+
+
+def test_the_closing_hint_is_a_command_that_pastes_where_the_path_holds_spaces(captured, tmp_path, capsys):
+    """It printed `python -m export.report exports/My Model+v2`, which the shell split at the space."""
+    out = str(tmp_path / "My Model+v2")
+    assert cli.main(["--checkpoint", "runs/x", "--out", out]) == 0
+    hint = capsys.readouterr().out.strip().rsplit("(", 1)[1].rstrip(")")
+    assert shlex.split(hint) == ["python", "-m", "export.report", out]
 
 
 def test_the_cli_defaults_are_the_configs(captured, tmp_path):

@@ -52,3 +52,13 @@ def test_a_port_the_healthcheck_cannot_read_is_refused_by_the_server(value, monk
     monkeypatch.setenv("VITC_PORT", value)
     with pytest.raises(ValueError, match="ASCII digits"):
         Settings(models=["x"])
+
+
+def test_the_cli_names_a_refused_port_once(monkeypatch, capsys):
+    """It said `... in ASCII digits, got '+21702' (got '+21702')`."""
+    from serve.__main__ import main
+
+    monkeypatch.setenv("VITC_PORT", "+21702")
+    assert main(["--model", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].count("+21702") == 1 and "VITC_PORT" in err[0], err
