@@ -30,12 +30,17 @@ def create_app(bundle: str) -> FastAPI:
     import onnxruntime as ort
     from PIL import Image
 
-    from models.bundle import read_manifest
+    from models.bundle import BundleError, read_manifest, verify_files
 
     manifest = read_manifest(bundle)
     spec = manifest.preprocessing
-    onnx = manifest.select("onnxruntime", "fp32").files[0].path
-    session = ort.InferenceSession(f"{bundle}/{onnx}", providers=["CPUExecutionProvider"])
+    artifact = manifest.select("onnxruntime", "fp32")
+    # Checked as vitc's server checks it (listed, inside the bundle, its sha256, its external data listed): the
+    # baseline runs the same verified file, never a tampered one or a link out of the bundle (BundleError).
+    onnx = next((p for p in verify_files(bundle, artifact) if p.name.endswith(".onnx")), None)
+    if onnx is None:
+        raise BundleError(f"artifact {artifact.id!r} lists no .onnx file")
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     app = FastAPI()
 

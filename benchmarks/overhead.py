@@ -355,24 +355,55 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> tuple[float, float] | None:
-    """OpenVINO's benchmark_app on the IR (throughput hint, f32, like vitc): (FPS, CPU ms per image)."""
+class ReferenceFailed(Exception):
+    """OpenVINO's benchmark_app gave no figure; why, in one line (the result says it in place of the figure)."""
+
+
+@contextlib.contextmanager
+def verified_ir(bundle: Path, manifest: Manifest) -> Iterator[Path]:
+    """The .xml of the bundle's openvino-fp32 IR, checked as a server checks it (listed, inside the bundle, its size
+    and sha256), copied with its listed .bin into a temporary directory under one stem: benchmark_app reads the .bin
+    named after the .xml and has no option for another, and beside the bundle's .xml that may be a file the manifest
+    does not list. BundleError when a file fails its checks, or changed while it was copied."""
+    from models.bundle import BundleError, verify_files
+    from models.io import sha256_file
+
+    artifact = manifest.select("openvino", "fp32")
+    with tempfile.TemporaryDirectory(prefix="vitc-overhead-ir-") as tmp:
+        for path, entry in zip(verify_files(bundle, artifact), artifact.files, strict=True):
+            copy = Path(tmp) / ("model.xml" if path.name.endswith(".xml") else "model.bin")
+            shutil.copyfile(path, copy)
+            if sha256_file(copy) != entry.sha256:  # rewritten between its check and the copy: not what was checked
+                raise BundleError(f"artifact file {entry.path!r} changed while it was copied (being written?)")
+        yield Path(tmp) / "model.xml"
+
+
+def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> tuple[float, float]:
+    """OpenVINO's benchmark_app on the IR (throughput hint, f32, like vitc): (FPS, CPU ms per image); `xml` from
+    verified_ir. ReferenceFailed when it is not installed, fails, or prints no throughput."""
     exe = Path(sys.executable).with_name("benchmark_app")
     if not exe.exists():
-        return None
+        raise ReferenceFailed(f"{exe} is not installed (it comes with the openvino package)")
     from runtimes import telemetry
 
+    limit = seconds * 4 + 60
     with telemetry.quiet_child_env() as env:  # benchmark_app would report to Google Analytics
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-t",
-                              str(max(1, round(seconds))), "-shape", json.dumps(list(shape)).replace(" ", ""),
-                              "-infer_precision", "f32"],
-                             capture_output=True, text=True, timeout=seconds * 4 + 60, env=env)
+        try:
+            out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-t",
+                                  str(max(1, round(seconds))), "-shape", json.dumps(list(shape)).replace(" ", ""),
+                                  "-infer_precision", "f32"],
+                                 capture_output=True, text=True, timeout=limit, env=env)
+        except subprocess.TimeoutExpired:
+            raise ReferenceFailed(f"benchmark_app ran past its {limit:.0f} s limit") from None
+        except OSError as exc:
+            raise ReferenceFailed(f"benchmark_app could not start: {exc.strerror or exc}") from None
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     fps = re.search(r"Throughput:\s+([0-9.]+)\s+FPS", out.stdout)
     count = re.search(r"Count:\s+([0-9]+)\s+iterations", out.stdout)
-    if not fps:
-        return None
+    if out.returncode or not fps:
+        how = _exit_status(out.returncode) if out.returncode else "printed no throughput"
+        raise ReferenceFailed(f"benchmark_app {how}: {_last_line(out)}")
     # Two upper bounds, the smaller kept: its whole process (start, compile, warm-up included) over the images it
     # timed, and every usable core for the whole timed run.
     from models.host import usable_cpus
@@ -383,52 +414,30 @@ def benchmark_app(xml: Path, seconds: float, shape: tuple[int, ...]) -> tuple[fl
     return float(fps.group(1)), per_image * 1e3
 
 
+def _last_line(out: subprocess.CompletedProcess) -> str:
+    """What a failed tool said last, stderr first: the last line of OpenVINO's error (its traceback ends with it)
+    names the cause ("Can not open file ... for mapping"), the lines above it where in OpenVINO's code it arose."""
+    for text in (out.stderr, out.stdout):
+        if lines := [line.strip() for line in (text or "").splitlines() if line.strip()]:
+            return lines[-1][:300]
+    return "no output"
+
+
 def saturation(servers: dict[str, Server], references: dict[str, Any], manifest: Manifest, x: np.ndarray,
                bundle: Path, body: bytes, concurrency: int, seconds: float,
                rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Closed loops at `concurrency` per server, each round followed by the runtime alone (bare onnxruntime loops at
     the batch vitc ran, in vitc's stream layout and as one session on every core; OpenVINO's benchmark_app), so
     every ratio compares numbers taken a few seconds apart. Server and client CPU per request are counted too."""
-    from benchmarks.e2e import classify_answer_problem
-    from benchmarks.loadgen import Endpoint, closed_loop
-
     slice_s = seconds / rounds
     served: dict[str, dict[str, list]] = {k: {"rps": [], "batch": [], "p50": [], "server_cpu_ms": [],
                                               "client_cpu_ms": [], "errors": []} for k in servers}
     alone: dict[str, list] = {**{f"onnxruntime_{k}": [] for k in references}, "benchmark_app_fps": [],
-                              "benchmark_app_cpu_ms": []}
-    xml = bundle / manifest.select("openvino", "fp32").files[0].path
-    for _ in range(rounds):
-        for name, s in servers.items():
-            before = s.metrics() if name != "naive" else {}
-            cpu0 = _cpu_s(s.proc.pid)
-            load = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}", check=classify_answer_problem), [body],
-                               concurrency, slice_s, min(1.0, slice_s / 2))
-            cpu = _cpu_s(s.proc.pid) - cpu0  # includes the warm-up requests: per request over all of them
-            res, done = load.summary(), max(1, load.sent)
-            # Gone, or every request failed (an error status, a bad answer, no answer in time): no figure to keep. A
-            # slice too short for one answer has no errors, and stays a slice that measured nothing.
-            if s.proc.poll() is not None or (not res["ok"] and (res["errors"] or res["warmup_errors"])):
-                raise s.fail(f"saturation: {res['problem'] or 'gone mid-slice'}")
-            served[name]["errors"].append(res["errors"])
-            served[name]["server_cpu_ms"].append(cpu / done * 1e3)
-            served[name]["client_cpu_ms"].append(load.client_cpu_s / done * 1e3)
-            served[name]["rps"].append(res["throughput_rps"])
-            served[name]["p50"].append((res["latency_ms"] or {}).get("p50"))
-            if before:
-                after = s.metrics()
-                n = after["vitc_batch_size_count"] - before["vitc_batch_size_count"]
-                served[name]["batch"].append((after["vitc_batch_size_sum"] - before["vitc_batch_size_sum"]) / n
-                                             if n else 1.0)
-            if name == "vitc-onnxruntime":
-                batch = max(1, round(served[name]["batch"][-1]))
-                for ref, backend in references.items():
-                    alone[f"onnxruntime_{ref}"].append(bare_throughput(backend, x, batch, slice_s / len(references)))
-            if name == "vitc-openvino":
-                ba = benchmark_app(xml, slice_s, (1, *manifest.input.sample_shape))
-                if ba is not None:
-                    alone["benchmark_app_fps"].append(ba[0])
-                    alone["benchmark_app_cpu_ms"].append(ba[1])
+                              "benchmark_app_cpu_ms": [], "benchmark_app_failures": [], "openvino_round_ratios": []}
+    with contextlib.ExitStack() as held:
+        xml = _reference_ir(held, bundle, manifest, alone["benchmark_app_failures"])
+        for _ in range(rounds):
+            _saturation_round(servers, references, manifest, x, xml, body, concurrency, slice_s, served, alone)
     sat = {k: {"throughput_rps": float(np.median(v["rps"])), "rounds_rps": v["rps"],
                "latency_p50_ms": float(np.median([p for p in v["p50"] if p is not None] or [0])),
                "mean_batch": float(np.mean(v["batch"])) if v["batch"] else None,
@@ -452,9 +461,67 @@ def saturation(servers: dict[str, Server], references: dict[str, Any], manifest:
             # Per-round ratios: each server slice against the runtime alone right after it.
             "onnxruntime_round_ratios": [a / b for a, b in zip(served["vitc-onnxruntime"]["rps"], best,
                                                               strict=False)],
-            "openvino_round_ratios": [a / b for a, b in zip(served["vitc-openvino"]["rps"],
-                                                           alone["benchmark_app_fps"], strict=False)]}
+            "openvino_round_ratios": alone["openvino_round_ratios"],
+            # Why benchmark_app gave no figure, a line per round it failed (or one for an IR that failed its checks).
+            "benchmark_app_failures": alone["benchmark_app_failures"]}
     return sat, bare
+
+
+def _saturation_round(servers: dict[str, Server], references: dict[str, Any], manifest: Manifest, x: np.ndarray,
+                      xml: Path | None, body: bytes, concurrency: int, slice_s: float,
+                      served: dict[str, dict[str, list]], alone: dict[str, list]) -> None:
+    """One round of `saturation`: each server's slice, then its runtime alone (benchmark_app on `xml`, the verified
+    IR, unless there is none), appended to `served` and `alone`."""
+    from benchmarks.e2e import classify_answer_problem
+    from benchmarks.loadgen import Endpoint, closed_loop
+
+    for name, s in servers.items():
+        before = s.metrics() if name != "naive" else {}
+        cpu0 = _cpu_s(s.proc.pid)
+        load = closed_loop(Endpoint(f"http://127.0.0.1:{s.port}{s.path}", check=classify_answer_problem), [body],
+                           concurrency, slice_s, min(1.0, slice_s / 2))
+        cpu = _cpu_s(s.proc.pid) - cpu0  # includes the warm-up requests: per request over all of them
+        res, done = load.summary(), max(1, load.sent)
+        # Gone, or every request failed (an error status, a bad answer, no answer in time): no figure to keep. A
+        # slice too short for one answer has no errors, and stays a slice that measured nothing.
+        if s.proc.poll() is not None or (not res["ok"] and (res["errors"] or res["warmup_errors"])):
+            raise s.fail(f"saturation: {res['problem'] or 'gone mid-slice'}")
+        served[name]["errors"].append(res["errors"])
+        served[name]["server_cpu_ms"].append(cpu / done * 1e3)
+        served[name]["client_cpu_ms"].append(load.client_cpu_s / done * 1e3)
+        served[name]["rps"].append(res["throughput_rps"])
+        served[name]["p50"].append((res["latency_ms"] or {}).get("p50"))
+        if before:
+            after = s.metrics()
+            n = after["vitc_batch_size_count"] - before["vitc_batch_size_count"]
+            served[name]["batch"].append((after["vitc_batch_size_sum"] - before["vitc_batch_size_sum"]) / n
+                                         if n else 1.0)
+        if name == "vitc-onnxruntime":
+            batch = max(1, round(served[name]["batch"][-1]))
+            for ref, backend in references.items():
+                alone[f"onnxruntime_{ref}"].append(bare_throughput(backend, x, batch, slice_s / len(references)))
+        if name == "vitc-openvino" and xml is not None:
+            try:
+                fps, cpu_ms = benchmark_app(xml, slice_s, (1, *manifest.input.sample_shape))
+            except ReferenceFailed as exc:  # said in the result: a figure silently missing reads as none measured
+                alone["benchmark_app_failures"].append(str(exc))
+            else:
+                alone["benchmark_app_fps"].append(fps)
+                alone["benchmark_app_cpu_ms"].append(cpu_ms)
+                # This round's slice against the runtime alone right after it (a failed round pairs with nothing).
+                alone["openvino_round_ratios"].append(served[name]["rps"][-1] / fps)
+
+
+def _reference_ir(held: contextlib.ExitStack, bundle: Path, manifest: Manifest, failures: list[str]) -> Path | None:
+    """The verified IR benchmark_app runs, for as long as `held` is open; None, with why in `failures`, when the
+    bundle's IR fails its checks (vitc's OpenVINO server refused it too, unless it changed since it started)."""
+    from models.bundle import BundleError
+
+    try:
+        return held.enter_context(verified_ir(bundle, manifest))
+    except BundleError as exc:
+        failures.append(f"the IR was not run: {exc}")
+        return None
 
 
 def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
@@ -590,6 +657,16 @@ def verdict(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _reference_cell(bare: dict[str, Any]) -> str:
+    """benchmark_app's throughput, and why it is missing from any round (or from all: then in place of a figure)."""
+    failures, fps = bare.get("benchmark_app_failures") or [], bare["benchmark_app_fps"]
+    if fps is None:
+        return f"not measured: {failures[0] if failures else 'no round ran it'}"
+    if not failures:
+        return f"{fps:.1f} img/s"
+    return f"{fps:.1f} img/s ({len(failures)} round(s) failed: {failures[0]})"
+
+
 def _span(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
 
@@ -679,8 +756,7 @@ def markdown(doc: dict[str, Any]) -> str:
         ("**vitc, onnxruntime**", f"**{p50['vitc-onnxruntime']:.1f} ms**",
          f"**{ort_sat['throughput_rps']:.1f} req/s** (mean batch {ort_sat.get('mean_batch') or 0:.1f})"),
         ("vitc, OpenVINO", f"{p50['vitc-openvino']:.1f} ms", f"{sat['vitc-openvino']['throughput_rps']:.1f} req/s"),
-        ("OpenVINO benchmark_app on the same IR (throughput hint, no HTTP, no decoding)", "–",
-         f"{bare['benchmark_app_fps'] or 0:.1f} img/s"),
+        ("OpenVINO benchmark_app on the same IR (throughput hint, no HTTP, no decoding)", "–", _reference_cell(bare)),
     ]
     lines = [
         f"# Serving overhead: {doc['model']} ({doc['created']})", "", *_setup_lines(doc), "",
@@ -692,8 +768,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- Saturation (median of per-round ratios, each server slice against the runtime alone right after it): "
         f"vitc onnxruntime = {v['onnxruntime_fraction_of_bare']:.2f} of the bare loop at the same batch "
         f"(rounds {_span(bare['onnxruntime_round_ratios'])}); vitc OpenVINO = "
-        f"{(v['openvino_fraction_of_benchmark_app'] or 0):.2f} of benchmark_app "
-        f"(rounds {_span(bare['openvino_round_ratios'])}).",
+        + (f"{v['openvino_fraction_of_benchmark_app']:.2f} of benchmark_app "
+           f"(rounds {_span(bare['openvino_round_ratios'])})."
+           if v["openvino_fraction_of_benchmark_app"] is not None else "not compared: benchmark_app gave no figure."),
         *_cpu_lines(sat, bare),
         "", "Where vitc's time goes at concurrency 1 (Server-Timing, medians in ms):", "",
         "| stage | onnxruntime | OpenVINO |", "|---|---|---|",

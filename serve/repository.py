@@ -5,17 +5,21 @@ A load reads the model's source again (its bundle, or the version of its reposit
 config.pbtxt selects, by default the newest), verifies every file, proves the golden inputs and warms the runtime,
 all off the event loop, while the old version keeps serving. Only then does the name point to the new version; the
 old one is drained (every request admitted to it is answered) and closed. A load that fails leaves the old
-version serving and answers the reason. Loads, failed loads (a warning with the reason) and unloads are logged.
+version serving and answers the reason, naming files relative to the model directory (`config.pbtxt`, `2/`): no
+client learns where the models lie. Loads, failed loads (a warning with the reason, full paths included) and unloads
+are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import itertools
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -75,7 +79,7 @@ class ModelRepository:
                                                 for m in models.values()}
         # (name, version) -> why its last load failed; at start, the repository models whose runtime cannot run here.
         self.failures: dict[tuple[str, str], str] = {
-            (name, version): reason for name, (version, reason) in
+            (name, version): self._public(name, version, reason) for name, (version, reason) in
             (models.skipped.items() if isinstance(models, ServedModels) else ())}
         self.unloaded: set[str] = set()
         self._turns: dict[str, _Turn] = {}  # only names being loaded or unloaded: bounded by the work in progress
@@ -257,13 +261,32 @@ class ModelRepository:
             return model
 
     def _failed(self, name: str, version: str, reason: str) -> LoadError:
-        """Remember and log why a load of a known model failed (what served before serves on)."""
-        self.failures[(name, version)] = reason
+        """Remember and log why a load of a known model failed (what served before serves on): the log line with the
+        server's paths, for its operator; the answer and the index with the model's files named within it."""
+        public = self._public(name, version, reason)
+        self.failures[(name, version)] = public
         if name not in self.models:  # not served: this failure, not an earlier unload, is why
             self.unloaded.discard(name)
             self.metrics.not_served(name)  # a name never served has a readiness series too, at 0
         log.warning("load failed", extra={"model": name, "version": version or None, "reason": reason})
-        return LoadError(reason)
+        return LoadError(public)
+
+    def _public(self, name: str, version: str, reason: str) -> str:
+        """`reason` as a client may read it: every path into a directory `name` may load from (or into a root the
+        server was given) named relative to it: `config.pbtxt`, `2/model.onnx`, never where the models lie."""
+        repository, bundles = self.settings.model_repository, self.settings.model_dir
+        places = []
+        if (known := self.sources.get(name)) is not None:
+            places.append((known.path, known.repository))
+        if repository is not None and NAME_RE.fullmatch(name):
+            places.append((repository / name, True))
+        if bundles is not None and NAME_RE.fullmatch(name):
+            places.append((bundles / name, False))
+        named = [_Place(path / version, version, f"{version}/") for path, versioned in places if versioned and version]
+        named += [_Place(path, path.name, "") for path, _ in places]
+        named += [_Place(root, flag, "") for root, flag in ((repository, "--model-repository"),
+                                                            (bundles, "--model-dir")) if root is not None]
+        return without_places(reason, named)
 
     def _no_threads(self, name: str, version: str, exc: ThreadsUnavailable) -> ThreadsUnavailable:
         """A load that failed for want of threads: remembered and logged as any failed load, and raised as it is
@@ -324,6 +347,14 @@ class ModelRepository:
         given = given_paths(self.sources.values())
         return names + [e.name for e in _listed(self.settings.model_dir) if self._bundle(e.name, given) is not None]
 
+    def snapshot(self) -> ModelRepository:
+        """This repository as it is now, to build the index from in a thread (serve.routes.v2): its own copies of the
+        names, sources and failures it reads, which loads and unloads go on changing on the event loop meanwhile."""
+        view = copy.copy(self)
+        view.models, view.sources = dict(self.models), dict(self.sources)
+        view.failures, view.unloaded = dict(self.failures), set(self.unloaded)
+        return view
+
     def index(self) -> list[dict[str, Any]]:
         """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
         and why (Triton lists what is available to load, not only what is loaded)."""
@@ -357,7 +388,7 @@ class ModelRepository:
                 if not has_manifest(source.path / version):
                     return f"no {MANIFEST_FILE} in its version directory (empty, or still being copied?)"
             except BundleError as exc:
-                return str(exc)
+                return self._public(name, version, str(exc))
         if name in self.unloaded:
             return "unloaded"
         if loaded is None:
@@ -375,6 +406,54 @@ class ModelRepository:
         # A load still running is not waited for (serve.server exits past it, saying so).
         if self._loader is not None:
             self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Place:
+    """A directory of the server's, and how an answer names it: `alone` for itself, `within` before a path inside."""
+
+    path: Path
+    alone: str
+    within: str
+
+
+# A path is replaced only whole: not inside a longer path or word before it, nor as the start of a longer name after
+# it ("/srv/repo" is not "/srv/repo2"), but before a path inside it, a quote, punctuation or the end of the text.
+_BEFORE = r"(?<![\w.~/-])"
+_AFTER = r"(?:(?P<within>/)|(?=[\s'\",:;)\]]|\.(?!\w)|$))"
+
+
+def without_places(text: str, places: list[_Place]) -> str:
+    """`text` with every spelling of each place's path (as given, absolute, resolved through symbolic links, and as
+    repr() escapes it) replaced by how an answer names it; the first place listed wins a spelling two share."""
+    spelled: dict[str, _Place] = {}
+    for place in places:
+        for form in _spellings(place.path):
+            spelled.setdefault(form, place)
+    if not spelled:
+        return text
+    # Longest first: a model directory's path wins over its repository's, which starts it. Escaped: a path may hold
+    # any character a regular expression gives a meaning to. A one-word relative path ("repo", as --model-repository
+    # gave it) is a path only before a '/': alone, it is as likely a word of the message.
+    words = [f for f in spelled if os.sep not in f]
+    paths = "|".join(re.escape(f) for f in sorted(set(spelled) - set(words), key=len, reverse=True)) or "(?!)"
+    starts = "|".join(re.escape(f) for f in sorted(words, key=len, reverse=True)) or "(?!)"
+
+    def named(m: re.Match) -> str:
+        place = spelled[m["path"] or m["word"]]
+        return place.within if m["within"] or m["word"] else place.alone
+
+    return re.sub(f"{_BEFORE}(?:(?P<path>{paths}){_AFTER}|(?P<word>{starts})/)", named, text)
+
+
+def _spellings(path: Path) -> set[str]:
+    """How a message may spell `path`: as given, absolute, or resolved (a file checked inside a bundle is named by
+    its resolved path), each also as repr() escapes it."""
+    forms = {str(path), os.path.abspath(path)}
+    with contextlib.suppress(OSError, ValueError, RuntimeError):  # a NUL, a loop: the other spellings still count
+        forms.add(os.path.realpath(path))
+    forms |= {repr(f)[1:-1] for f in forms}
+    return forms - {os.sep, os.curdir, ""}  # the root directory, or the one the server runs in: no path of a model
 
 
 def _listed(root: Path | None) -> list[os.DirEntry]:

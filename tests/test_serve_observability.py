@@ -229,4 +229,7 @@ def test_unloads_and_failed_loads_are_logged(tmp_path):
     assert ("INFO", "unloaded", "fake") in logged
     failed = [r for r in records if r.getMessage() == "load failed"]
     assert len(failed) == 1, logged  # a name a client made up is answered, not logged
-    assert failed[0].levelname == "WARNING" and failed[0].model == "fake" and failed[0].reason == r.json()["error"]
+    assert failed[0].levelname == "WARNING" and failed[0].model == "fake"
+    # The log names the file where it lies, for the operator; the answer within the bundle, for the client.
+    assert str(bundle / fake_runtime.WEIGHTS) in failed[0].reason
+    assert failed[0].reason.replace(f"{bundle}/", "") == r.json()["error"]

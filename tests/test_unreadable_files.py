@@ -122,6 +122,7 @@ def test_a_load_answers_400_with_the_reason_and_the_old_version_serves_on(fake, 
     with client(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)) as c:
         says = spoil(fake_bundle(repo / NAME / "2", golden=what == "golden file"), what, deny)
         r = c.post(f"/v2/repository/models/{NAME}/load")
+        says = says.replace(f"{repo / NAME}/", "")  # named within the model directory, never the server's paths
         assert r.status_code == 400 and r.json()["error"] == f"model '{NAME}': {says}", r.text
         assert c.get(f"/v2/models/{NAME}/ready").status_code == 200
         assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["1"]
@@ -137,7 +138,7 @@ def test_the_index_says_why_an_unreadable_version_directory_is_not_served(fake, 
                                               'input [{ name: "input" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }]\n'
                                               'output [{ name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }]\n')
     with client(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)) as c:
-        says = spoil(fake_bundle(repo / NAME / "2"), "version directory", deny)
+        says = spoil(fake_bundle(repo / NAME / "2"), "version directory", deny).replace(f"{repo / NAME}/", "")
         index = {(e["name"], e["version"]): e for e in c.post("/v2/repository/index").json()}
         assert index[(NAME, "1")]["state"] == "READY"
         assert index[(NAME, "2")] == {"name": NAME, "version": "2", "state": "UNAVAILABLE", "reason": says}

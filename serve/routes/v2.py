@@ -37,7 +37,7 @@ from serve.protocol import (
     wrong_datatype,
 )
 from serve.registry import ServedModel
-from serve.repository import LoadError
+from serve.repository import LoadError, ModelRepository
 from serve.routes import deps
 from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
@@ -235,7 +235,8 @@ _DONE = {200: {"description": "Done", "content": {"application/json": {"schema":
 @router.post("/repository/index", summary="Every model and version the server knows, with its state",
              responses={200: {"description": "The models and versions", "content": {"application/json": {
                  "schema": {"type": "array", "items": _INDEX_ENTRY}}}},
-                 400: error_doc("A body that is not a JSON object with a boolean `ready`"), 413: _TOO_LARGE},
+                 400: error_doc("A body that is not a JSON object with a boolean `ready`"), 413: _TOO_LARGE,
+                 503: ERROR_RESPONSES[503]},
              openapi_extra=_optional_body("Without one, every model the server knows", {"ready": {
                  "type": "boolean", "description": "true: only the versions ready to serve (default false)"}}))
 async def repository_index(request: Request) -> JSONResponse:
@@ -246,8 +247,17 @@ async def repository_index(request: Request) -> JSONResponse:
         ready_only = req.get("ready", False) if isinstance(req, dict) else None
         if not isinstance(ready_only, bool):
             raise APIError(400, _INDEX_LIKE)
-    entries = request.app.state.repository.index()
-    if not request.app.state.ready:  # shutting down (the delay after SIGTERM): as the readiness endpoints say
+    # In the work pool: the walk lists up to MAX_LISTED model directories and looks into every version of each (a
+    # second on a local disk for thousands, more on a network file system), and its answer may be megabytes of JSON;
+    # on the event loop, every other request, liveness included, would wait for both.
+    return await deps.off_loop(request, _index_answer, request.app.state.repository.snapshot(),
+                               not request.app.state.ready, ready_only)
+
+
+def _index_answer(repository: ModelRepository, shutting_down: bool, ready_only: bool) -> JSONResponse:
+    """The repository index's answer: every entry, or the READY ones."""
+    entries = repository.index()
+    if shutting_down:  # the delay after SIGTERM: as the readiness endpoints say
         entries = [{**e, "state": "UNAVAILABLE", "reason": "the server is shutting down"} if e["state"] == "READY"
                    else e for e in entries]
     return JSONResponse([e for e in entries if e["state"] == "READY" or not ready_only])
