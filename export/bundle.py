@@ -344,7 +344,10 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
         # build did not write): it refuses this artifact alone.
         if failure := cause_in_chain(exc, storage_failure):
             raise ExportIOError(f"{target.id}: {type(failure).__name__}: {first_line(failure)}") from None
-        failures = [f"export failed: {type(exc).__name__}: {first_line(exc)}"]
+        # An ExportError is a runtime refusing its artifact in its own words (a weight its precision cannot hold):
+        # the reason alone, where anything else is a crash.
+        failures = [first_line(exc) if isinstance(exc, ExportError) else
+                    f"export failed: {type(exc).__name__}: {first_line(exc)}"]
         if not artifact.export_seconds:
             artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3))
     if failures:

@@ -77,13 +77,13 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
     idx = np.resize(np.arange(len(data.x)), max(sizes))
     xs, ref_s = data.x[idx], ref[idx]
     alone = run_batched(run, xs, 1)
-    invariance = 0.0
+    invariance: float | None = 0.0
     max_abs = float(np.abs(out - ref).max()) if len(out) else 0.0
     finite = bool(np.isfinite(out).all() and np.isfinite(alone).all())
     for b in sizes:
         batched = np.asarray(run(xs[:b]), np.float32)
         finite &= bool(np.isfinite(batched).all())
-        invariance = max(invariance, float(np.abs(batched - alone[:b]).max()))
+        invariance = _worst(invariance, _max_diff(batched, alone[:b]))
         max_abs = max(max_abs, float(np.abs(batched - ref_s[:b]).max()))
     scale = float(np.abs(ref).max())
     right, reference_right = out.argmax(1) == data.labels, ref.argmax(1) == data.labels
@@ -96,11 +96,24 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
         max_rel_err=None if finite_err is None or scale <= 0 else finite_err / scale,
         reference_logit_scale=scale, top1_agreement=float((out.argmax(1) == ref.argmax(1)).mean()),
         accuracy=accuracy, reference_accuracy=data.reference_accuracy,
-        accuracy_delta=accuracy - data.reference_accuracy, batch_invariance_max_abs=finite_or_none(invariance),
+        accuracy_delta=accuracy - data.reference_accuracy, batch_invariance_max_abs=invariance,
         tolerance=asdict(tol), passed=False, accuracy_delta_ci95=paired_ci95(right, reference_right),
     )
     failures = degenerate(ref) + gate(result, tol)
     return replace(result, passed=not failures, failures=tuple(failures))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float | None:
+    """max |a - b|; None (not measurable) where either holds a non-finite value: inf - inf is NaN, and a NaN lost in
+    `max` recorded an artifact of infinite logits as perfectly batch-invariant."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    return float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0  # in float64: no overflow either
+
+
+def _worst(so_far: float | None, new: float | None) -> float | None:
+    """The larger of two differences; None once either was not measurable."""
+    return None if so_far is None or new is None else max(so_far, new)
 
 
 def paired_ci95(right: np.ndarray, reference_right: np.ndarray) -> float | None:

@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "model.safetensors"
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 _SAFETENSORS_DTYPES = {"bf16": "BF16", "fp16": "F16"}  # how the header names them
-# torch's intra-op thread count is one per process: backends asking for their own count take turns.
-_THREADS_LOCK = threading.Lock()
 
 
 def version() -> str:
@@ -76,12 +74,25 @@ def build(ctx: ExportContext, precision: str) -> Built:
     from safetensors.torch import save_file
 
     dtype = getattr(torch, _DTYPES[precision])
-    params = {name for name, _ in ctx.model.named_parameters()}
-    state = {k: (v.to(dtype) if k in params and v.is_floating_point() else v).contiguous()
-             for k, v in ctx.model.state_dict().items()}
+    params, weights = {name for name, _ in ctx.model.named_parameters()}, ctx.model.state_dict()
+    state = {k: (v.to(dtype) if k in params and v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    if problem := _out_of_range(weights, state, params, torch.finfo(dtype)):
+        raise ExportError(problem)  # before any file: the refusal is the reason, not a load of infinite weights
     save_file(state, str(out))
     return Built([out], {"format_detail": f"safetensors state_dict, parameters in {_DTYPES[precision]}",
                          "compute": f"torch autocast {_DTYPES[precision]}"})
+
+
+def _out_of_range(original: dict[str, Any], rounded: dict[str, Any], params: set[str], finfo: Any) -> str | None:
+    """Why the rounded parameters cannot be an artifact (None when every one is finite): a weight past the type's
+    largest value (fp16: 65504) rounds to infinity, and the checkpoint itself may still serve in fp32 or bf16."""
+    bad = [k for k, v in rounded.items() if k in params and v.is_floating_point() and not v.isfinite().all()]
+    if not bad:
+        return None
+    name = bad[0]  # the first in the model's order
+    more = f", as do {len(bad) - 1} more parameters" if len(bad) > 1 else ""
+    return (f"parameter {name} (max |w| {float(original[name].abs().max()):.3g}) exceeds {finfo.dtype}'s range "
+            f"({finfo.max:.6g}){more}")
 
 
 def buckets(max_batch: int) -> tuple[int, ...]:
@@ -121,23 +132,57 @@ def compile_options(cuda: bool, captured: int) -> dict[str, Any]:
     }
 
 
+class _ThreadCount:
+    """torch's intra-op thread count, set by every backend call: the swap is serialised, never the call itself."""
+
+    # A lock held for the whole call made one model's compile (its warm-up calls are calls: tens of seconds on the
+    # CPU) stall every other torch model of the server into 504s and 503s. The count only decides how fast a call
+    # runs, never what it computes: calls overlap, each one setting its own count as it starts (torch's OpenMP
+    # build keeps it per calling thread; where it is one per process, overlapping calls share the latest). What
+    # stays guaranteed: a call alone runs at its own count and leaves the count as it found it, and the count from
+    # before the calls is back once none runs, whatever order overlapping calls ended in.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0  # calls between enter and leave
+        self._before = 0  # the count before the first of them
+
+    def enter(self, torch: ModuleType, n: int) -> int:
+        """Set n for a call that starts now; returns the count it found, for `leave`."""
+        with self._lock:
+            old = torch.get_num_threads()
+            if old != n:
+                torch.set_num_threads(n)
+            if not self._running:
+                self._before = old
+            self._running += 1
+            return old
+
+    def leave(self, torch: ModuleType, old: int) -> None:
+        """A call that found `old` ended: the count back to `old`, or to the one from before every call once none
+        runs (with one count per process, `old` may be an overlapping call's count)."""
+        with self._lock:
+            self._running -= 1
+            back = old if self._running else self._before
+            if torch.get_num_threads() != back:
+                torch.set_num_threads(back)
+
+
+_THREAD_COUNT = _ThreadCount()
+
+
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
-    """Run with n intra-op threads, restored afterwards, without racing another backend doing the same."""
+    """Run with n intra-op threads (`_ThreadCount`), other backends' calls running alongside."""
     if n is None:
         yield
         return
     import torch
 
-    with _THREADS_LOCK:
-        old = torch.get_num_threads()
-        if old != n:
-            torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            if old != n:
-                torch.set_num_threads(old)
+    old = _THREAD_COUNT.enter(torch, n)
+    try:
+        yield
+    finally:
+        _THREAD_COUNT.leave(torch, old)
 
 
 def _check_header(path: Path, config: ViTConfig, precision: str) -> None:
