@@ -17,6 +17,7 @@ import hashlib
 import json
 import numbers
 import os
+import stat
 import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -100,11 +101,26 @@ class ImageSet:
             h.update(repr(self.arrays.shape).encode())
             h.update(np.ascontiguousarray(self.arrays).tobytes())
         for path in self.paths or []:
-            rel = path.relative_to(self.name) if path.is_relative_to(self.name) else path.name
-            # The name's own bytes: a name that is not UTF-8 (lone surrogates in Python) is hashed as it is on disk,
-            # and a UTF-8 one as the strict encoding hashed it, so earlier runs' prints still match.
-            h.update(os.fsencode(Path(rel).as_posix()) + f"\0{_size(path)}\n".encode())
+            h.update(self._relative(path) + f"\0{_size(path)}\n".encode())
         return h.hexdigest()
+
+    def content_sample(self) -> str | None:
+        """sha256 over a bounded sample of a folder's bytes: `CONTENT_SAMPLE_FILES` files spread over the set
+        (`content_sample_indices`), each by its relative path, size and the sha256 of its first and last
+        `CONTENT_SAMPLE_BYTES` (`_ends`). None for an embedded set, whose fingerprint hashes its pixels already."""
+        if self.paths is None:
+            return None
+        h = hashlib.sha256(f"vitc content sample 1: {len(self.paths)} files\n".encode())
+        for i in content_sample_indices(len(self.paths)):
+            h.update(self._relative(self.paths[i]) + b"\0" + _ends(self.paths[i]) + b"\n")
+        return h.hexdigest()
+
+    def _relative(self, path: Path) -> bytes:
+        """A file's path relative to the dataset root, as the bytes its name has on disk (POSIX separators)."""
+        rel = path.relative_to(self.name) if path.is_relative_to(self.name) else path.name
+        # The name's own bytes: a name that is not UTF-8 (lone surrogates in Python) is hashed as it is on disk,
+        # and a UTF-8 one as the strict encoding hashed it, so earlier runs' prints still match.
+        return os.fsencode(Path(rel).as_posix())
 
     def subset(self, n: int, seed: int = 0) -> ImageSet:
         """A deterministic, class-balanced-ish random subset of at most n images; DatasetError for a negative n
@@ -256,6 +272,51 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return -1
+
+
+# A folder's fingerprint holds names and sizes only: a resumed run moves to other data (`--resume --dataset NEW`)
+# only when a bounded sample of their bytes matches too (`ImageSet.content_sample`), which tells a dataset of the
+# same names and sizes (fixed-size BMPs, a re-rendered copy) from the run's own. At most 64 files a split, each read
+# at its two ends: 8 MiB a split at most, whatever the dataset's size.
+CONTENT_SAMPLE_FILES = 64
+CONTENT_SAMPLE_BYTES = 64 << 10
+
+
+def content_sample_indices(n: int) -> np.ndarray:
+    """The indices of at most `CONTENT_SAMPLE_FILES` of n files, evenly strided from the first to the last (both
+    always in), sorted: integer arithmetic, the same on every machine."""
+    k = min(n, CONTENT_SAMPLE_FILES)
+    if k < 2:
+        return np.arange(k, dtype=np.int64)
+    return np.arange(k, dtype=np.int64) * (n - 1) // (k - 1)
+
+
+def content_key(split: str) -> str:
+    """The key of a split's `ImageSet.content_sample` in a run's data record, beside its fingerprint (`split`)."""
+    return f"{split}_content"
+
+
+def _ends(path: Path) -> bytes:
+    """b"SIZE:SHA256" of a file's first and last `CONTENT_SAMPLE_BYTES` (at most twice that is read), or b"unreadable"
+    for one that cannot be opened or read now (a dangling link, a vanished file) and b"not a file" for one that is
+    no regular file any more: said the same wherever it happens, never raised."""
+    try:  # O_NONBLOCK: a FIFO put in a file's place is not waited on (it changes nothing for a file)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return b"unreadable"
+    with open(fd, "rb") as f:
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return b"not a file"
+            size = info.st_size
+            h = hashlib.sha256(f.read(CONTENT_SAMPLE_BYTES))
+            if size > CONTENT_SAMPLE_BYTES:  # a small file's head is all of it
+                f.seek(size - CONTENT_SAMPLE_BYTES)
+                h.update(b"\0" + f.read(CONTENT_SAMPLE_BYTES))
+        except OSError:
+            return b"unreadable"
+    return f"{size}:{h.hexdigest()}".encode()
 
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"  # shipped with vitc; see its README for sources
@@ -451,14 +512,19 @@ def _folder(root: Path, split: str, match_train: bool = True) -> ImageSet:
         classes = train_classes
     if not classes:
         raise DatasetError(f"dataset folder {split_dir} has no class directories{note}")
-    for c in classes:
-        _check_class_name(c, split_dir.parent)
+    if match_train:  # training's: every class it trains on or validates against is named, images or not
+        for c in classes:
+            _check_class_name(c, split_dir.parent)
     paths, labels, empty, nested = [], [], [], []
     for i, c in enumerate(classes):
         cdir = split_dir / c
         if not cdir.is_dir():
             continue
         found, subdirs = _listing(cdir)
+        if found and not match_train:
+            # A reader's own classes: a directory without images is nothing it reads (`labelled_as` drops it), so
+            # its name is not refused either; training accepted it beside the classes it took from train/.
+            _check_class_name(c, split_dir.parent)
         paths += found
         labels += [i] * len(found)
         if not found:

@@ -164,8 +164,8 @@ def test_resume_on_the_same_data_at_a_new_path_goes_on_there(moved, tmp_path, tr
     code, out, err = _run(train_cli, capsys, "--out", str(run), "--resume", "--max-steps", "8", "--dataset", str(new))
     assert code == 0, err
     notes = [line for line in out.splitlines() if line.startswith("note:")]
-    assert notes == [f"note: the run's data moved from {old} to {new} (the same files, by their fingerprints): "
-                     f"the run goes on with the data at {new}"], out
+    assert notes == [f"note: the run's data moved from {old} to {new} (the same file names, sizes and sampled "
+                     f"contents): the run goes on with the data at {new}"], out
     # The new path is the run's now: recorded for the next resume, which needs no --dataset (and says nothing).
     assert load_resume(run)["config"]["dataset"] == str(new)
     assert _recorded(run)["dataset"] == str(new)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from data.datasets import EMBEDDED
+from data.datasets import EMBEDDED, content_key
 from models.host import MAX_THREADS
 
 
@@ -240,8 +240,8 @@ def _moved(old: object, new: object) -> bool:
 def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None, *,
                    movable_data: bool = False) -> TrainConfig:
     """Recipe defaults (or a resumed run's saved config) overridden by the explicitly given options. With
-    `movable_data` (the resumed run recorded its data fingerprints) --dataset may name another folder: the trainer
-    goes on there only when its files are the run's (`Trainer._check_same_data`)."""
+    `movable_data` (the resumed run recorded its data fingerprints and content samples) --dataset may name another
+    folder: the trainer goes on there only when its files are the run's (`Trainer._check_same_data`)."""
     explicit = {k: v for k, v in explicit.items() if v is not None}
     if "dataset" in explicit:
         explicit["dataset"] = normalize_dataset(str(explicit["dataset"]))
@@ -260,7 +260,7 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
         old = TrainConfig.from_dict(base).trajectory()
         now = merged.trajectory()
         if movable_data and _moved(old.get("dataset"), now["dataset"]):
-            old["dataset"] = now["dataset"]  # the same data elsewhere: its fingerprints decide, not its path
+            old["dataset"] = now["dataset"]  # the same data elsewhere: its prints and samples decide, not its path
         changed = sorted(k for k, v in now.items() if old.get(k) != v)
         if changed:
             detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -313,7 +313,9 @@ def check_same_run(cfg: TrainConfig, source: str, data: object = None) -> None:
     if meta.model != cfg.model:
         diff = [f"model: {meta.model!r} vs {cfg.model!r}"]
     else:
-        same_data = bool(data) and meta.training is not None and meta.training.data == data
+        # checkpoint.json's record is read as the two fingerprints (models.checkpoint), resume.pt's has the samples too
+        same_data = (isinstance(data, dict) and meta.training is not None and bool(meta.training.data)
+                     and meta.training.data == {split: data.get(split) for split in ("train", "val")})
         diff = _differences(recorded, cfg, same_data) if isinstance(recorded, dict) else []
     if diff:
         raise CheckpointError(f"{source} does not belong to the run in {out} (checkpoint.json vs {source}: "
@@ -346,14 +348,33 @@ def check_data_present(dataset: str) -> None:
                           "--dataset with the data's new location")
 
 
+def samples_recorded(data: object) -> bool:
+    """Whether a run's data record (resume.pt's `data`) holds both splits' content samples beside their
+    fingerprints: what a move to another folder is checked by (names and sizes alone do not tell the files)."""
+    return isinstance(data, dict) and all(isinstance(data.get(content_key(s)), str) for s in ("train", "val"))
+
+
+def unmovable(data: object, old: object, new: str) -> str | None:
+    """Why a run whose resume.pt recorded `data` cannot move from folder `old` to `new`, or None: it predates the
+    data fingerprints, or the content samples that with them show the files at `new` are the ones at `old`."""
+    if data is None:
+        missing = "the data fingerprints that would show"
+    elif not samples_recorded(data):
+        missing = "the sampled file contents that, with the file names and sizes, would show"
+    else:
+        return None
+    return (f"--resume cannot move this run to {new}: its resume.pt predates {missing} the files are the ones at "
+            f"{old}; put them back there (or a link to them)")
+
+
 def check_movable(explicit: dict[str, Any], saved: dict[str, Any], state: dict[str, Any]) -> None:
-    """ConfigError for a --dataset naming another folder than a resume.pt without data fingerprints recorded:
-    nothing could show that the files there are the run's."""
+    """ConfigError for a --dataset naming another folder than a resume.pt without data fingerprints and content
+    samples recorded: nothing could show that the files there are the run's."""
     old, new = saved.get("dataset"), explicit.get("dataset")
-    if new is not None and state.get("data") is None and _moved(old, normalize_dataset(str(new))):
-        raise ConfigError(f"--resume cannot move this run to {normalize_dataset(str(new))}: its resume.pt predates "
-                          f"the data fingerprints that would show the files are the ones at {old}; put them back "
-                          "there (or a link to them)")
+    if new is None or not _moved(old, normalize_dataset(str(new))):
+        return
+    if (why := unmovable(state.get("data"), old, normalize_dataset(str(new)))) is not None:
+        raise ConfigError(why)
 
 
 def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
@@ -371,7 +392,7 @@ def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
             explicit = {**explicit, **recorded_hflip(explicit)}
     if saved is not None:
         check_movable(explicit, saved, state)
-    cfg = resolve_config(explicit, saved, movable_data=state is not None and state.get("data") is not None)
+    cfg = resolve_config(explicit, saved, movable_data=state is not None and samples_recorded(state.get("data")))
     if saved is not None:
         if "dataset" not in explicit:
             check_data_present(cfg.dataset)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.datasets import content_key
 from models.checkpoint import META_FILE, CheckpointError, read_checkpoint_meta
 from models.failures import memory_failure
 from models.io import ZIP_ENTRY_BYTES, atomic_write_bytes, not_a_file, read_zip_end, zip_entries
@@ -969,11 +970,15 @@ def _strings(x: object) -> bool:
 
 
 def _check_data(data: object) -> str | None:
-    """Why `data` is not the train/val fingerprints a run started on, or None (older states have none)."""
+    """Why `data` is not the train/val fingerprints a run started on, with a folder's content samples, or None
+    (older states have no data, or no content samples: those may not move, `train.config.check_movable`)."""
     if data is None:
         return None
     if not (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("train", "val"))):
         return "data: expected the train and val fingerprints"
+    for key in (content_key("train"), content_key("val")):
+        if key in data and not isinstance(data[key], str):
+            return f"data.{key}: expected a content sample's digest (text), got {describe(data[key])[:40]}"
     return None
 
 

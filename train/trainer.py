@@ -30,6 +30,7 @@ from data.datasets import (
     DatasetError,
     ImageSet,
     UnreadableImage,
+    content_key,
     decode_checked,
     default_preprocessing,
     load_dataset,
@@ -57,7 +58,7 @@ from models.preprocessing import Preprocessing, affine
 from models.registry import get_config
 from models.vit import VisionTransformer
 from train.augment import BatchMixer, derive_seed
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, TrainConfig, unmovable
 from train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -247,6 +248,11 @@ class Trainer:
         # What the weights are fitted and selected on: recorded in resume.pt (a resume must see the same data) and
         # in the checkpoint (bundles carry it as their provenance).
         self.data_prints = {"train": self.train_set.fingerprint(), "val": self.val_set.fingerprint()}
+        # A folder's fingerprints hold names and sizes: a bounded sample of its bytes (8 MiB a split at most) is
+        # what a move to another path is checked by too (`_check_same_data`).
+        for split, images in (("train", self.train_set), ("val", self.val_set)):
+            if (sample := images.content_sample()) is not None:
+                self.data_prints[content_key(split)] = sample
         self.global_batch = cfg.batch_size * self.info.world_size
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if cfg.epochs and self.steps_per_epoch == 0:
@@ -458,8 +464,8 @@ class Trainer:
     def _check_same_data(self, saved: dict[str, str] | None, was: object) -> None:
         """ConfigError unless the dataset is the one the run started on (resume.pt from before it recorded its data
         fingerprints: not checked). Data at another path than resume.pt's (`was`) are the run's when their
-        fingerprints match (they hold each file's path within the dataset and its size): the run goes on there, says
-        so, and records the new path; else the refusal names both paths."""
+        fingerprints (each file's path within the dataset and its size) and content samples match: the run goes on
+        there, says so, and records the new path; else the refusal names both paths."""
         if saved is None:
             return
         changed = [split for split in ("train", "val") if saved.get(split) != self.data_prints[split]]
@@ -475,8 +481,25 @@ class Trainer:
                               f"{str(saved.get(changed[0]))[:12]} -> {self.data_prints[changed[0]][:12]}); a resumed "
                               f"run must see the same images: restore them, or train into a new --out")
         if moved:
-            self.data_note = (f"note: the run's data moved from {was} to {self.cfg.dataset} (the same files, by their "
-                              f"fingerprints): the run goes on with the data at {self.cfg.dataset}")
+            self._check_same_contents(saved, was)
+            self.data_note = (f"note: the run's data moved from {was} to {self.cfg.dataset} (the same file names, "
+                              f"sizes and sampled contents): the run goes on with the data at {self.cfg.dataset}")
+
+    def _check_same_contents(self, saved: dict[str, str], was: object) -> None:
+        """ConfigError unless the data at the new path hold the content samples the run recorded at `was`: the same
+        names and sizes are not the same files (fixed-size BMPs, a re-rendered copy). A run recorded before the
+        samples may not move (`unmovable`)."""
+        if (why := unmovable(saved, was, self.cfg.dataset)) is not None:
+            raise ConfigError(why)
+        keys = {split: content_key(split) for split in ("train", "val")}
+        differ = [split for split, key in keys.items() if saved[key] != self.data_prints.get(key)]
+        if differ:
+            key = keys[differ[0]]
+            raise ConfigError(f"--resume: the data at {self.cfg.dataset} are not the data this run started with at "
+                              f"{was} (the same file names and sizes, but the sampled contents of the "
+                              f"{' and '.join(differ)} data differ: {saved[key][:12]} -> "
+                              f"{str(self.data_prints.get(key))[:12]}): pass --dataset with the run's own data, or "
+                              "train into a new --out")
 
     def _left_to_do(self, progress: dict[str, Any]) -> bool:
         """Whether a restored run still has steps to train (not finished, diverged or stopped by --max-steps)."""
