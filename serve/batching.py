@@ -58,7 +58,7 @@ class InferenceTimeout(Exception):
 
 
 class BatchObserver(Protocol):
-    """Where the batcher reports its timings (the Prometheus metrics)."""
+    """Where the batcher reports its timings (the Prometheus metrics; the model's statistics take `batch` alone)."""
 
     def queued(self, model: str, seconds: float) -> None: ...
 
@@ -68,11 +68,21 @@ class BatchObserver(Protocol):
 
 
 @dataclass(slots=True)
+class Spent:
+    """A request's seconds in the batcher, summed over the items it submitted: waiting for a batch, and in the
+    backend calls that computed them (each item the whole call's time, as Triton counts a batch's requests)."""
+
+    queue: float = 0.0
+    compute: float = 0.0
+
+
+@dataclass(slots=True)
 class _Item:
     x: np.ndarray
     future: asyncio.Future
     enqueued: float
     timings: dict[str, float] | None = None  # filled with "queue" and "compute" seconds when given
+    spent: Spent | None = None  # added to as `timings` is written
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -173,11 +183,13 @@ class DynamicBatcher:
         self._slots = asyncio.Semaphore(self.parallel)
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
 
-    async def submit(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+    async def submit(self, x: np.ndarray, timings: dict[str, float] | None = None,
+                     spent: Spent | None = None) -> np.ndarray:
         """Queue (k, C, H, W) rows; return their (k, classes) outputs. Raises QueueFull or BatcherClosed."""
         # `timings`, when given, receives this request's seconds spent waiting for its batch ("queue", written when a
         # batch takes the rows: only a request whose rows were taken has it) and in the backend call that computed
-        # it ("compute").
+        # it ("compute"). `spent` has them added: a request of several items sums them there, and the model's
+        # statistics count them once it has succeeded (serve.routes.deps.recorded).
         if self._closing or self._queue is None:
             raise BatcherClosed(f"model {self.name!r} is shutting down")
         if self._stalled:
@@ -186,7 +198,7 @@ class DynamicBatcher:
             raise ValueError(f"a request must have 1..{self.max_batch} rows, got {x.shape[0]}")
         loop = asyncio.get_running_loop()
         # perf_counter, not loop.time(): uvloop's clock is cached to the millisecond, too coarse for queue times.
-        item = _Item(x, loop.create_future(), time.perf_counter(), timings)
+        item = _Item(x, loop.create_future(), time.perf_counter(), timings, spent)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -259,6 +271,8 @@ class DynamicBatcher:
                 self._observer.queued(self.name, start - it.enqueued)
             if it.timings is not None:
                 it.timings["queue"] = start - it.enqueued
+            if it.spent is not None:
+                it.spent.queue += start - it.enqueued
         return batch
 
     async def _run(self, batch: list[_Item]) -> None:
@@ -385,6 +399,8 @@ class DynamicBatcher:
         for it in batch:
             if it.timings is not None:
                 it.timings["compute"] = seconds
+            if it.spent is not None:
+                it.spent.compute += seconds
             if not it.future.done():
                 it.future.set_result(out[row:row + it.rows])
             row += it.rows

@@ -171,7 +171,9 @@ class Metrics:
             for gauge in (self.queue_depth, self.model_ready):
                 gauge.labels(name).set(0)
 
-    # BatchObserver, called from the batcher (queued: event loop; batch: inference thread).
+    # BatchObserver, called from the batcher (queued: event loop; batch: inference thread). Unlike the statistics,
+    # which count a request's queue and compute times only once it has succeeded (Triton's rule, serve.stats), these
+    # observe every request a batch took and every batch that ran, however their requests end.
     def queued(self, model: str, seconds: float) -> None:
         self.queue.labels(model).observe(seconds)
 

@@ -15,45 +15,50 @@ def _pair() -> list[int]:
 class ModelStats:
     """Counts and cumulative times of one loaded model version; updated from the event loop and worker threads."""
 
+    # Triton's rule (its InferenceStatsAggregator): a request that succeeds counts its inferences, its time and its
+    # queue and compute times (UpdateSuccess); one that fails only its count and time (UpdateFailure), even when its
+    # batch ran; every executed batch counts in execution_count and batch_stats (UpdateInferBatchStats). So
+    # queue.count == compute_infer.count == success.count, and batch_size x count sums to inference_count as long as
+    # no request of an executed batch failed after it ran (non-finite outputs, its client gone, its answer refused).
+
     def __init__(self, unbatched: bool = False) -> None:
         """`unbatched`: a model without Triton batching (max_batch_size 0), whose requests carry their own batch
         dimension: each counts as one inference of batch size 1, as Triton's backends count them."""
         self.unbatched = unbatched
         self._lock = threading.Lock()
         self.last_inference_ms = 0
-        self.inference_count = 0  # rows of successful requests (Triton: each inference of a batch counts)
+        self.inference_count = 0  # inferences of successful requests (Triton: each inference of a batch counts)
         self.execution_count = 0  # backend calls
         self._success, self._fail, self._queue, self._infer = _pair(), _pair(), _pair(), _pair()
         self._batches: defaultdict[int, list[int]] = defaultdict(_pair)
 
-    def request(self, ok: bool, seconds: float, rows: int = 1, requests: int = 1) -> None:
+    def request(self, ok: bool, seconds: float, rows: int = 1, requests: int = 1, queue_s: float = 0.0,
+                compute_s: float = 0.0) -> None:
         """A request of `rows` inferences answered (ok) or failed, with its time in the server (which requests
         count, and as what: serve.routes.deps.recorded). It counts as `requests` inference requests: the items it
-        queued (a multipart request's files each), so that success + fail, queue and compute_infer count alike."""
+        queued (a multipart request's files each), so that success + fail, queue and compute_infer count alike.
+        `queue_s` and `compute_s`, its items' seconds waiting for and in their batches summed, count only when ok."""
         with self._lock:
-            if ok:
-                self.inference_count += rows
             pair = self._success if ok else self._fail
             pair[0] += requests
             pair[1] += int(seconds * 1e9) * requests
+            if ok:
+                self.inference_count += rows
+                self._queue[0] += requests
+                self._queue[1] += int(queue_s * 1e9)
+                self._infer[0] += requests
+                self._infer[1] += int(compute_s * 1e9)
 
-    # BatchObserver
-    def queued(self, model: str, seconds: float) -> None:
-        with self._lock:
-            self._queue[0] += 1
-            self._queue[1] += int(seconds * 1e9)
-
+    # BatchObserver (its `batch` alone: a request's queue time counts once it has succeeded, in `request`)
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         ns = int(seconds * 1e9)
         # Triton's batch size is the number of inferences: the rows of a batched model's requests, but 1 a request
         # without batching (its first dimension is the model's own), so that batch_size x count sums to
-        # inference_count either way.
+        # inference_count either way while every request of the executed batches succeeds.
         size = requests if self.unbatched else rows
         with self._lock:
             self.last_inference_ms = int(time.time() * 1000)
             self.execution_count += 1
-            self._infer[0] += requests
-            self._infer[1] += ns * requests
             self._batches[size][0] += 1
             self._batches[size][1] += ns
 
@@ -85,8 +90,10 @@ class Observers:
         self.observers = observers
 
     def queued(self, model: str, seconds: float) -> None:
+        # Only the metrics observe every request a batch took: the statistics count queue time on success only.
         for o in self.observers:
-            o.queued(model, seconds)
+            if hasattr(o, "queued"):
+                o.queued(model, seconds)
 
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         for o in self.observers:

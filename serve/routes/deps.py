@@ -16,7 +16,7 @@ from models.config import MAX_CLASSES
 from models.oneline import first_line
 from runtimes import BackendError
 from serve import timing
-from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull, TooLarge
+from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull, Spent, TooLarge
 from serve.errors import APIError, ClientGone
 from serve.middleware import body_hold
 from serve.protocol import ProtocolError, decompress
@@ -224,11 +224,12 @@ def held_response(content: bytes, kept: Kept | None, media_type: str, headers: d
         raise
 
 
-async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+async def submit(model: ServedModel, x: np.ndarray, timings: dict[str, float] | None = None,
+                 spent: Spent | None = None) -> np.ndarray:
     """Rows through the model's dynamic batcher; 503 when full, stalled or closing, 504 past the inference timeout.
-    `timings` receives the request's queue and compute seconds."""
+    `timings` receives the request's queue and compute seconds, and `spent` (from `recorded`) has them added."""
     try:
-        return await model.batcher.submit(x, timings)
+        return await model.batcher.submit(x, timings, spent)
     except (QueueFull, NotReady, BatcherClosed) as exc:
         raise _unavailable(exc) from None
     except InferenceTimeout as exc:
@@ -330,9 +331,10 @@ class InvalidInput(APIError):
 
 
 @contextlib.contextmanager
-def recorded(model: ServedModel, rows: int = 1, requests: int = 1) -> Iterator[None]:
+def recorded(model: ServedModel, rows: int = 1, requests: int = 1) -> Iterator[Spent]:
     """Count the request (`rows` inferences, queued as `requests` items) in the model's statistics: success or
-    failure, with its time in the server; only the rows of requests answered successfully count as inferences."""
+    failure, with its time in the server; only a request answered successfully counts its rows as inferences, and
+    its items' queue and compute times, which the block's `submit` calls add to the Spent it yields."""
     # The rule follows Triton, whose statistics start once a request has passed validation (PrepareForInference)
     # and reached its scheduler. A request refused for its own content (wrong shape, datatype, batch size or output,
     # a bad top_k, an image that does not decode, more images than --max-queue-size: 4xx) counts nowhere, on /v1 as
@@ -340,16 +342,17 @@ def recorded(model: ServedModel, rows: int = 1, requests: int = 1) -> Iterator[N
     # failure when it is refused for load (503: queue full, model stalled, decode pool busy; Triton's REJECTED,
     # though Triton leaves out its own max_queue_size refusals: here an operator sees shed load), passes the
     # inference timeout (504), meets a backend error (500) or outputs that are not finite (422), or its client
-    # leaves (Triton's CANCELED).
-    start = time.perf_counter()
+    # leaves (Triton's CANCELED). As in Triton, a failure counts nothing but itself, even after its batch ran: that
+    # batch is in execution_count and batch_stats all the same, its queue and compute times are not (serve.stats).
+    start, spent = time.perf_counter(), Spent()
     try:
-        yield
+        yield spent
     except InvalidInput:
         raise
     except BaseException:
         model.stats.request(False, time.perf_counter() - start, rows, requests)
         raise
-    model.stats.request(True, time.perf_counter() - start, rows, requests)
+    model.stats.request(True, time.perf_counter() - start, rows, requests, spent.queue, spent.compute)
 
 
 @contextlib.contextmanager

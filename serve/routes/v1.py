@@ -373,15 +373,16 @@ def _stripped_image(data: bytes) -> bool:
 async def _classify(request: Request, model: ServedModel, settings: Settings, k: int,
                     images: list[tuple[str, bytes]], many: bool) -> Response:
     # Every image counts, from decoding to its answer; each is queued on its own, so each is a request in the stats.
-    with recorded(model, len(images), len(images)):
+    with recorded(model, len(images), len(images)) as spent:
         with admission(model, len(images)):
             with stage(request, "decode"):
                 decoded = await _decode(request, model, settings, images, many)
             gone_already(request, model, "queued")
-            # The first image's queue and compute times stand for the request's.
-            work = (all_or_none(submit(model, x, timings(request) if i == 0 else None)
+            # The first image's queue and compute times stand for the request's in its Server-Timing; the
+            # statistics count every image's (`spent`).
+            work = (all_or_none(submit(model, x, timings(request) if i == 0 else None, spent)
                                 for i, x in enumerate(decoded))
-                    if many else _one(submit(model, decoded[0], timings(request))))
+                    if many else _one(submit(model, decoded[0], timings(request), spent)))
             # Checked inside the statistics' count, as /v2 does: outputs that cannot be answered are a failed
             # inference.
             logits = [finite_output(model, y) for y in await unless_gone(request, model, work)]

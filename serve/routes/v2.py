@@ -126,7 +126,7 @@ async def server_metadata() -> dict[str, Any]:
 
 # Triton endpoints of extensions vitc does not serve (not in the metadata's extensions): a reason, not a bare 404.
 _UNSERVED = {"systemsharedmemory": "system shared memory", "cudasharedmemory": "CUDA shared memory",
-             "trace": "trace", "logging": "logging"}
+             "trace": "trace", "logging": "logging", "generate": "generate"}
 
 
 @router.api_route("/systemsharedmemory/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
@@ -137,8 +137,23 @@ _UNSERVED = {"systemsharedmemory": "system shared memory", "cudasharedmemory": "
 async def unserved_extension(request: Request) -> None:
     path = request.url.path  # by the route's own words, never a model name that happens to be one of them
     part = "trace" if path.endswith("/trace/setting") else path.split("/")[2]
-    raise APIError(400, f"vitc does not serve Triton's {_UNSERVED[part]} extension (GET /v2 lists the extensions it "
-                        "serves)" + ("; send tensors in the request body" if "memory" in part else ""))
+    raise _unserved(part, "; send tensors in the request body" if "memory" in part else "")
+
+
+# Triton's generate extension, on any model name as trace's per-model route: no lookup, the same 400 for every name.
+@router.api_route("/models/{name}/generate", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/models/{name}/generate_stream", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/models/{name}/versions/{version}/generate", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/models/{name}/versions/{version}/generate_stream", methods=["GET", "POST"],
+                  include_in_schema=False)
+async def unserved_generate() -> None:
+    raise _unserved("generate", "; send tensors to POST /v2/models/{name}/infer")
+
+
+def _unserved(part: str, hint: str) -> APIError:
+    """The 400 for an endpoint of the unserved extension `part` (a key of _UNSERVED), with a `hint` after it."""
+    return APIError(400, f"vitc does not serve Triton's {_UNSERVED[part]} extension (GET /v2 lists the extensions it "
+                         f"serves){hint}")
 
 
 @router.get("/models/stats", summary="Statistics of every served model (statistics extension)")
@@ -490,10 +505,10 @@ async def _infer(request: Request, model: ServedModel, parsed: InferRequest) -> 
     rows, size = (1, x.shape[0] * len(model.labels)) if unbatched else (x.shape[0], len(model.labels))
     if k:
         _bounded_answer(rows, k, size)  # before it is inferred
-    with deps.recorded(model, 1 if unbatched else x.shape[0]):
+    with deps.recorded(model, 1 if unbatched else x.shape[0]) as spent:
         with deps.admission(model, x.shape[0]):
             deps.gone_already(request, model, "queued")
-            work = deps.submit(model, x, timings(request))
+            work = deps.submit(model, x, timings(request), spent)
             logits = deps.finite_output(model, await deps.unless_gone(request, model, work))
         # Counted too: a large answer built in the work pool may find it full (503), or its client gone while it
         # is built (a disconnect: Triton's CANCELED), and that is no success.
