@@ -192,6 +192,8 @@ HARD_EDGES = [
     ("wrong content type", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
     ("no content type", {"content": b"hello"}, 415, "content type"),
     ("undecodable", {"content": b"GIF89a but not really", "headers": {"content-type": "image/gif"}}, 400,
+     "corrupt or truncated GIF"),
+    ("no image signature", {"content": b"hello, not an image", "headers": {"content-type": "image/gif"}}, 400,
      "not a recognised image"),
     ("empty body", {"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
     ("multipart without file", {"files": {"other": ("a.png", b"x", "image/png")}}, 422, "'file'"),

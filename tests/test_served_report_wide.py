@@ -24,10 +24,10 @@ GREY = Preprocessing(resize=32, crop=32, mean=(0.2728,) * 3, std=(0.4057,) * 3, 
 
 
 def _folder(root: Path, wide: dict[str, tuple[int, int]]) -> Path:
-    """root/{train,val}/{a,b}/ with two small ramps each, plus the `wide` images ("val/class/name" -> size)."""
+    """root/{train,val}/{Bear,Bird}/ with two small ramps each, plus the `wide` images ("val/class/name" -> size)."""
     y, x = np.mgrid[0:40, 0:48]
     for split in ("train", "val"):
-        for k, cls in enumerate(("a", "b")):
+        for k, cls in enumerate(("Bear", "Bird")):  # two of the legacy bundle's classes
             d = root / split / cls
             d.mkdir(parents=True)
             for j in range(2):
@@ -62,11 +62,11 @@ def test_report_served_leaves_out_an_image_too_long_for_a_jpeg_and_measures_the_
     """The report's case: a 4000x10 strip among the val images. It stopped the check ("cannot encode val image
     ... JPEG 102400x256: more than 65500 pixels a side", exit 2), though the server classifies it; now it is left
     out with a note naming it, and the other images are measured through a real server and recorded."""
-    data = _folder(tmp_path / "data", {"val/b/wide4000x10.png": (4000, 10)})
+    data = _folder(tmp_path / "data", {"val/Bird/wide4000x10.png": (4000, 10)})
     bundle = _bundle(tmp_path / "b", data)
     assert report.main([str(bundle), "--served"]) == 0
     out, err = capsys.readouterr()
-    wide = data / "val" / "b" / "wide4000x10.png"
+    wide = data / "val" / "Bird" / "wide4000x10.png"
     progress = err.splitlines()[0]
     assert progress.startswith("legacy: 4 ") and (
         f", 1 left out as too long to send as a JPEG at 8x the resize target (more than 65500 pixels a side; {wide} "
@@ -76,7 +76,7 @@ def test_report_served_leaves_out_an_image_too_long_for_a_jpeg_and_measures_the_
 
 def test_report_served_with_only_images_too_long_for_a_jpeg_is_one_line(tmp_path, monkeypatch, capsys):
     """Nothing left to measure: one line naming the first image and how many there are, exit 2, manifest kept."""
-    data = _folder(tmp_path / "data", {"val/a/strip.png": (9000, 10), "val/b/tall.png": (10, 30000)})
+    data = _folder(tmp_path / "data", {"val/Bear/strip.png": (9000, 10), "val/Bird/tall.png": (10, 30000)})
     for ramp in data.glob("val/*/ramp*.png"):
         ramp.unlink()
     bundle = _bundle(tmp_path / "b", data)
@@ -85,7 +85,7 @@ def test_report_served_with_only_images_too_long_for_a_jpeg_is_one_line(tmp_path
     assert report.main([str(bundle), "--served"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    strip = data / "val" / "a" / "strip.png"
+    strip = data / "val" / "Bear" / "strip.png"
     assert err[0] == (REPORT_ERROR + "served path: no val image to measure: all 2 chosen are too long to send as a "
                       f"JPEG at 8x the resize target (more than 65500 pixels a side; {strip} 9000x10 would be "
                       "230400x256, and 1 more)"), err
@@ -96,7 +96,7 @@ def test_an_image_the_encoder_refuses_for_another_reason_still_stops_the_check_n
                                                                                           capsys):
     """Only the JPEG side limit, a property of the format, leaves an image out: any other encoder failure is
     unexpected and still stops the check with one line naming the file, before any server starts."""
-    data = _folder(tmp_path / "data", {"val/b/odd.png": (47, 41)})
+    data = _folder(tmp_path / "data", {"val/Bird/odd.png": (47, 41)})
     bundle = _bundle(tmp_path / "b", data)
     encodings = served.encodings
 
@@ -111,7 +111,7 @@ def test_an_image_the_encoder_refuses_for_another_reason_still_stops_the_check_n
     assert report.main([str(bundle), "--served"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[-1] == (
-        f"{REPORT_ERROR}served path: cannot encode val image {data / 'val' / 'b' / 'odd.png'} (L 47x41) as the PNG "
+        f"{REPORT_ERROR}served path: cannot encode val image {data / 'val' / 'Bird' / 'odd.png'} (L 47x41) as the PNG "
         "and JPEG a client sends: PNG 47x41: broken data stream"), err
     assert (bundle / "manifest.json").read_bytes() == before
 
@@ -147,13 +147,13 @@ def test_report_served_leaves_out_an_image_over_the_servers_pixel_limit_and_meas
     left out of every encoding before any work, named; the rest is measured through a real server. The server's
     limits are the check's own (flags), not VITC_* ones from the environment: its body limit holds the largest
     body sent (a PNG of a big photo is over the 16 MiB default; here every JPEG is over the 1 KiB set)."""
-    data = _folder(tmp_path / "data", {"val/b/wide10to1.png": (2400, 240)})
+    data = _folder(tmp_path / "data", {"val/Bird/wide10to1.png": (2400, 240)})
     bundle = _bundle224(tmp_path / "b", data)
     monkeypatch.setenv("VITC_MAX_IMAGE_PIXELS", "1000")  # a server configured for something else
     monkeypatch.setenv("VITC_MAX_BODY_BYTES", "1024")
     assert report.main([str(bundle), "--served"]) == 0
     out, err = capsys.readouterr()
-    wide = data / "val" / "b" / "wide10to1.png"
+    wide = data / "val" / "Bird" / "wide10to1.png"
     progress = err.splitlines()[0]
     assert progress.startswith("legacy: 4 ") and progress.endswith(
         ", 1 left out as too big for the server's pixel limit (more than 40000000 pixels, its --max-image-pixels; "
@@ -165,8 +165,8 @@ def test_report_served_leaves_out_an_image_over_the_servers_pixel_limit_and_meas
 def test_report_served_with_every_image_refused_for_either_reason_is_one_line(tmp_path, monkeypatch, capsys):
     """Images left out for both reasons, none left: one line naming each reason's first image and count, exit 2,
     manifest kept, no server started."""
-    data = _folder(tmp_path / "data", {"val/a/strip.png": (9000, 10), "val/a/wide.png": (2400, 240),
-                                       "val/b/wider.png": (3000, 240)})
+    data = _folder(tmp_path / "data", {"val/Bear/strip.png": (9000, 10), "val/Bear/wide.png": (2400, 240),
+                                       "val/Bird/wider.png": (3000, 240)})
     for ramp in data.glob("val/*/ramp*.png"):
         ramp.unlink()
     bundle = _bundle224(tmp_path / "b", data)
@@ -175,7 +175,7 @@ def test_report_served_with_every_image_refused_for_either_reason_is_one_line(tm
     assert report.main([str(bundle), "--served"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    a = data / "val" / "a"
+    a = data / "val" / "Bear"
     assert err[0] == (
         REPORT_ERROR + "served path: no val image to measure: all 3 chosen are left out, 1 as too long to send as a "
         f"JPEG at 8x the resize target (more than 65500 pixels a side; {a / 'strip.png'} 9000x10 would be "

@@ -134,7 +134,7 @@ def test_help_says_what_augment_none_does():
 
     text = " ".join(build_parser().format_help().split())
     assert "none: the evaluation view alone (resize + centre crop, no flip unless --hflip is given)" in text
-    assert "0.5, or 0 with --augment none" in text
+    assert "horizontal flip probability; 0 with --augment none unless given" in text
     assert "ignored with --augment none" in text
 
 

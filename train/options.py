@@ -86,8 +86,8 @@ def build_parser() -> OneLineParser:
     _knob(a, "--crop-scale", "smallest area fraction of the random-resized crop (ignored with --augment none)",
           type=float)
     # Not a _knob: under --augment none its default is 0 (train.config.resolve_config), whatever the recipe's.
-    a.add_argument("--hflip", type=float, help=f"horizontal flip probability ({_recipe_defaults('hflip')}, or 0 "
-                   "with --augment none; the run records the number it uses)")
+    a.add_argument("--hflip", type=float, help="horizontal flip probability; 0 with --augment none unless given, "
+                   f"and the run records the number it uses ({_recipe_defaults('hflip')})")
     _knob(a, "--ema", "keep an EMA of the weights", action=argparse.BooleanOptionalAction)
     _knob(a, "--ema-horizon", "EMA averaging length as a fraction of the run's steps; the paper's 1.6e-3 per 32 "
           "steps is 0.078 of its ImageNet run", type=float)
