@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
+import hashlib
 import itertools
 import logging
 import os
 import re
+import stat
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import MANIFEST_FILE, BundleError, safe_component
+from models.bundle import MANIFEST_FILE, MAX_MANIFEST_BYTES, BundleError, safe_component
 from models.tritonconfig import ConfigError
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
@@ -50,6 +51,7 @@ from serve.workpool import ThreadsUnavailable, started_pool, thread_start_failed
 
 log = logging.getLogger("vitc.serve")
 MAX_LISTED = 4096  # directory entries of a repository looked at for its index
+MAX_FINGERPRINTED = 256  # files of a failed version whose state is kept, to tell whether they changed since
 LOAD_THREADS = "vitc-load"  # the name of the threads loads run in (serve.server names them when they outlive a stop)
 # Loads run one at a time, in a thread started with the server: a pool that started its threads at the first load
 # failed every load under a pids limit (a 500 with a traceback), and a thread started for a job that is queued anyway
@@ -62,6 +64,22 @@ class LoadError(Exception):
     """A model could not be loaded (or unloaded): the reason, in one line; what served before still serves."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why the last load of one version failed, and its directory's files as they were then (None: no directory)."""
+
+    reason: str
+    files: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """A served model as the index reads it, taken on the event loop: its version, and whether it takes requests."""
+
+    version: str
+    ready: bool
+
+
 @dataclasses.dataclass
 class _Turn:
     """One model name's lock, and how many loads or unloads hold or await it."""
@@ -70,18 +88,100 @@ class _Turn:
     users: int = 0
 
 
-class ModelRepository:
+class _Known:
+    """What a server knows of its models beside the served ones (where each loads from, why a load failed, which
+    were unloaded), and what both the repository and its index read of it."""
+
+    settings: Settings
+    sources: dict[str, ModelSource]
+    # (name, version) -> why its last load failed; at start, the repository models whose runtime cannot run here.
+    failures: dict[tuple[str, str], Failure]
+    unloaded: set[str]
+
+    def serves(self, name: str) -> bool:
+        """Whether a version of `name` is served."""
+        raise NotImplementedError
+
+    def source_of(self, name: str) -> ModelSource:
+        """Where `name` loads from: the source it was served from, or a directory of --model-repository."""
+        if name in self.sources:
+            return self.sources[name]
+        root = self.settings.model_repository
+        if root is not None and NAME_RE.fullmatch(name) and (root / name).is_dir():
+            return ModelSource(root / name, name, repository=True)
+        if (bundle := self._bundle(name)) is not None:  # exported into --model-dir after the start
+            return bundle
+        if safe_component(name) and not name.startswith(".") and self._misnamed(name):
+            # Named as the request named it: a load's answer tells no client where the repository lies.
+            raise LoadError(misnamed(f"model directory {name[:200]!r}"))
+        raise LoadError(f"no model {name[:200]!r} in the repository; known: "
+                        f"{', '.join(sorted(self.sources)) or 'none'}")
+
+    def _bundle(self, name: str, given: set[Path] | None = None) -> ModelSource | None:
+        """The bundle `name` directly under --model-dir, as a start would serve it: under its directory's name, unless
+        a --model serves it (under the name --model gives it); None when there is none. `given`: given_paths."""
+        root = self.settings.model_dir
+        if root is None or not NAME_RE.fullmatch(name) or not _is_file(root / name / MANIFEST_FILE):
+            return None
+        given = given_paths(self.sources.values()) if given is None else given
+        return None if given and resolved_path(root / name) in given else ModelSource.model_dir_bundle(root / name)
+
+    def _misnamed(self, name: str) -> bool:
+        """Whether `name`, which no model can have, is a directory of --model-repository or a bundle under
+        --model-dir (a load of it is told to rename it, as a start refuses or skips it)."""
+        repository, bundles = self.settings.model_repository, self.settings.model_dir
+        return not NAME_RE.fullmatch(name) and (
+            (repository is not None and _is_dir(repository / name))
+            or (bundles is not None and _is_file(bundles / name / MANIFEST_FILE)))
+
+    def why_not_served(self, name: str) -> str | None:
+        """Why a model the server knows is not served (its last load's failure, or an unload); None otherwise."""
+        if self.serves(name):
+            return None
+        if name in self.unloaded:  # the latest news: a load that failed earlier was superseded by the unload
+            return f"unloaded (load it again: POST /v2/repository/models/{name}/load)"
+        reasons = [failed.reason for (n, _), failed in self.failures.items() if n == name]
+        return reasons[-1] if reasons else None
+
+    def _public(self, name: str, version: str, reason: str) -> str:
+        """`reason` as a client may read it: every path into a directory `name` may load from (or into a root the
+        server was given) named relative to it: `config.pbtxt`, `2/model.onnx`, never where the models lie."""
+        repository, bundles = self.settings.model_repository, self.settings.model_dir
+        places = []
+        if (known := self.sources.get(name)) is not None:
+            places.append((known.path, known.repository))
+        if repository is not None and NAME_RE.fullmatch(name):
+            places.append((repository / name, True))
+        if bundles is not None and NAME_RE.fullmatch(name):
+            places.append((bundles / name, False))
+        named = [_Place(path / version, version, f"{version}/") for path, versioned in places if versioned and version]
+        named += [_Place(path, path.name, "") for path, _ in places]
+        named += [_Place(root, flag, "") for root, flag in ((repository, "--model-repository"),
+                                                            (bundles, "--model-dir")) if root is not None]
+        return without_places(reason, named)
+
+    def _files_now(self, name: str, version: str) -> tuple | None:
+        """The files of `name`'s version directory (its bundle's, out of a repository) as they are now; None when there
+        is none, or no version was chosen."""
+        if not version:
+            return None
+        try:
+            source = self.source_of(name)
+        except LoadError:
+            return None
+        return _fingerprint(source.path / version if source.repository else source.path)
+
+
+class ModelRepository(_Known):
     """The models one server serves, by name; `models` is the dict the routes read."""
 
     def __init__(self, settings: Settings, metrics: Metrics, models: dict[str, ServedModel]) -> None:
         self.settings, self.metrics, self.models = settings, metrics, models
-        self.sources: dict[str, ModelSource] = {m.name: m.source or ModelSource(m.bundle, m.name)
-                                                for m in models.values()}
-        # (name, version) -> why its last load failed; at start, the repository models whose runtime cannot run here.
-        self.failures: dict[tuple[str, str], str] = {
-            (name, version): self._public(name, version, reason) for name, (version, reason) in
-            (models.skipped.items() if isinstance(models, ServedModels) else ())}
-        self.unloaded: set[str] = set()
+        self.sources = {m.name: m.source or ModelSource(m.bundle, m.name) for m in models.values()}
+        self.failures = {(name, version): Failure(self._public(name, version, reason), self._files_now(name, version))
+                         for name, (version, reason) in
+                         (models.skipped.items() if isinstance(models, ServedModels) else ())}
+        self.unloaded = set()
         self._turns: dict[str, _Turn] = {}  # only names being loaded or unloaded: bounded by the work in progress
         self._retiring: set[asyncio.Task] = set()
         # Loads run in threads of their own, not the loop's default executor: asyncio.run waits for that one at exit,
@@ -139,46 +239,9 @@ class ModelRepository:
                                lambda b=model.batcher: b.depth, lambda b=model.batcher: float(b.ready),
                                model.provenance_labels())
 
-    def source_of(self, name: str) -> ModelSource:
-        """Where `name` loads from: the source it was served from, or a directory of --model-repository."""
-        if name in self.sources:
-            return self.sources[name]
-        root = self.settings.model_repository
-        if root is not None and NAME_RE.fullmatch(name) and (root / name).is_dir():
-            return ModelSource(root / name, name, repository=True)
-        if (bundle := self._bundle(name)) is not None:  # exported into --model-dir after the start
-            return bundle
-        if safe_component(name) and not name.startswith(".") and self._misnamed(name):
-            # Named as the request named it: a load's answer tells no client where the repository lies.
-            raise LoadError(misnamed(f"model directory {name[:200]!r}"))
-        raise LoadError(f"no model {name[:200]!r} in the repository; known: "
-                        f"{', '.join(sorted(self.sources)) or 'none'}")
-
-    def _bundle(self, name: str, given: set[Path] | None = None) -> ModelSource | None:
-        """The bundle `name` directly under --model-dir, as a start would serve it: under its directory's name, unless
-        a --model serves it (under the name --model gives it); None when there is none. `given`: given_paths."""
-        root = self.settings.model_dir
-        if root is None or not NAME_RE.fullmatch(name) or not _is_file(root / name / MANIFEST_FILE):
-            return None
-        given = given_paths(self.sources.values()) if given is None else given
-        return None if given and resolved_path(root / name) in given else ModelSource.model_dir_bundle(root / name)
-
-    def _misnamed(self, name: str) -> bool:
-        """Whether `name`, which no model can have, is a directory of --model-repository or a bundle under
-        --model-dir (a load of it is told to rename it, as a start refuses or skips it)."""
-        repository, bundles = self.settings.model_repository, self.settings.model_dir
-        return not NAME_RE.fullmatch(name) and (
-            (repository is not None and _is_dir(repository / name))
-            or (bundles is not None and _is_file(bundles / name / MANIFEST_FILE)))
-
-    def why_not_served(self, name: str) -> str | None:
-        """Why a model the server knows is not served (its last load's failure, or an unload); None otherwise."""
-        if name in self.models:
-            return None
-        if name in self.unloaded:  # the latest news: a load that failed earlier was superseded by the unload
-            return f"unloaded (load it again: POST /v2/repository/models/{name}/load)"
-        reasons = [why for (n, _), why in self.failures.items() if n == name]
-        return reasons[-1] if reasons else None
+    def serves(self, name: str) -> bool:
+        """Whether a version of `name` is served now."""
+        return name in self.models
 
     def unavailable(self) -> list[str]:
         """The models this server knows that serve no version and were not unloaded: the latest load of each failed
@@ -251,8 +314,10 @@ class ModelRepository:
             old = self.models.get(name)
             self.models[name] = model  # from now on new requests reach the new version
             self.sources[name] = source
-            self.failures.pop((name, model.version), None)
-            self.failures.pop((name, ""), None)
+            # As an unload, a load that succeeds is the latest news of every version of the model: an earlier failure
+            # (of a version since removed, or no longer selected) says nothing of it any more.
+            for key in [key for key in self.failures if key[0] == name]:
+                del self.failures[key]
             self.unloaded.discard(name)
             log.info("loaded", extra={"model": name, "version": model.version, "bundle": str(model.bundle),
                                       "replaced": old.version if old else None})
@@ -264,29 +329,13 @@ class ModelRepository:
         """Remember and log why a load of a known model failed (what served before serves on): the log line with the
         server's paths, for its operator; the answer and the index with the model's files named within it."""
         public = self._public(name, version, reason)
-        self.failures[(name, version)] = public
+        # With its files as they are now, so that the index can say when they are removed or replaced since.
+        self.failures[(name, version)] = Failure(public, self._files_now(name, version))
         if name not in self.models:  # not served: this failure, not an earlier unload, is why
             self.unloaded.discard(name)
             self.metrics.not_served(name)  # a name never served has a readiness series too, at 0
         log.warning("load failed", extra={"model": name, "version": version or None, "reason": reason})
         return LoadError(public)
-
-    def _public(self, name: str, version: str, reason: str) -> str:
-        """`reason` as a client may read it: every path into a directory `name` may load from (or into a root the
-        server was given) named relative to it: `config.pbtxt`, `2/model.onnx`, never where the models lie."""
-        repository, bundles = self.settings.model_repository, self.settings.model_dir
-        places = []
-        if (known := self.sources.get(name)) is not None:
-            places.append((known.path, known.repository))
-        if repository is not None and NAME_RE.fullmatch(name):
-            places.append((repository / name, True))
-        if bundles is not None and NAME_RE.fullmatch(name):
-            places.append((bundles / name, False))
-        named = [_Place(path / version, version, f"{version}/") for path, versioned in places if versioned and version]
-        named += [_Place(path, path.name, "") for path, _ in places]
-        named += [_Place(root, flag, "") for root, flag in ((repository, "--model-repository"),
-                                                            (bundles, "--model-dir")) if root is not None]
-        return without_places(reason, named)
 
     def _no_threads(self, name: str, version: str, exc: ThreadsUnavailable) -> ThreadsUnavailable:
         """A load that failed for want of threads: remembered and logged as any failed load, and raised as it is
@@ -340,60 +389,13 @@ class ModelRepository:
                                   model.provenance_labels())
         model.backend.close()
 
-    def _on_disk(self) -> list[str]:
-        """The model directories of --model-repository and the bundles directly under --model-dir, loaded or not (at
-        most MAX_LISTED of each are looked at), by the names they load as."""
-        names = [e.name for e in _listed(self.settings.model_repository) if NAME_RE.fullmatch(e.name) and e.is_dir()]
-        given = given_paths(self.sources.values())
-        return names + [e.name for e in _listed(self.settings.model_dir) if self._bundle(e.name, given) is not None]
-
-    def snapshot(self) -> ModelRepository:
-        """This repository as it is now, to build the index from in a thread (serve.routes.v2): its own copies of the
-        names, sources and failures it reads, which loads and unloads go on changing on the event loop meanwhile."""
-        view = copy.copy(self)
-        view.models, view.sources = dict(self.models), dict(self.sources)
-        view.failures, view.unloaded = dict(self.failures), set(self.unloaded)
-        return view
-
-    def index(self) -> list[dict[str, Any]]:
-        """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
-        and why (Triton lists what is available to load, not only what is loaded)."""
-        out = []
-        # The names whose last load failed too, their directory gone or not: each holds strict readiness down.
-        failed = {n for n, _ in self.failures}
-        for name in sorted(set(self.sources) | set(self.models) | set(self._on_disk()) | failed):
-            loaded = self.models.get(name)
-            try:
-                source: ModelSource | None = self.source_of(name)
-                versions = source.versions()
-            except (LoadError, BundleError, OSError):  # unknown, or a directory it cannot read (a load says why)
-                source, versions = None, []
-            for version in versions or ([loaded.version] if loaded else [""]):
-                ready = loaded is not None and loaded.version == version and loaded.batcher is not None \
-                    and loaded.batcher.ready
-                entry: dict[str, Any] = {"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE"}
-                if not ready:
-                    # a load that failed before it chose a version (its config.pbtxt) is why none is served
-                    whole = self.failures.get((name, "")) if loaded is None and name not in self.unloaded else None
-                    entry["reason"] = (self.failures.get((name, version)) or whole
-                                       or (self.why_not_served(name) if source is None else None)
-                                       or self._why_not(name, source, version, loaded))
-                out.append(entry)
-        return out
-
-    def _why_not(self, name: str, source: ModelSource | None, version: str, loaded: ServedModel | None) -> str:
-        """Why a version that never failed to load is not served."""
-        if source is not None and source.repository and version:
-            try:
-                if not has_manifest(source.path / version):
-                    return f"no {MANIFEST_FILE} in its version directory (empty, or still being copied?)"
-            except BundleError as exc:
-                return self._public(name, version, str(exc))
-        if name in self.unloaded:
-            return "unloaded"
-        if loaded is None:
-            return "not loaded"
-        return "not the version being served" if loaded.version != version else "not ready"
+    def snapshot(self) -> RepositoryView:
+        """This repository as it is now, in plain data, for the index to be built from in a thread (serve.routes.v2):
+        copies of what loads and unloads go on changing on the event loop meanwhile (sources, failures, unloads), and
+        each served model's version and readiness, read here. Read later, in the thread, a reload's retirement of
+        the old version (its batcher closed meanwhile) showed a version served all along as not ready."""
+        return RepositoryView(self.settings, dict(self.sources), dict(self.failures), set(self.unloaded), {
+            name: Serving(m.version, m.batcher is not None and m.batcher.ready) for name, m in self.models.items()})
 
     async def close(self, timeout: float) -> None:
         """Drain and close every model at once, within one timeout (shutdown)."""
@@ -406,6 +408,93 @@ class ModelRepository:
         # A load still running is not waited for (serve.server exits past it, saying so).
         if self._loader is not None:
             self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+class RepositoryView(_Known):
+    """A repository at one moment, in plain data: what its index reads (ModelRepository.snapshot). Building the
+    index walks the disk and reads nothing a load or an unload changes."""
+
+    def __init__(self, settings: Settings, sources: dict[str, ModelSource], failures: dict[tuple[str, str], Failure],
+                 unloaded: set[str], served: dict[str, Serving]) -> None:
+        self.settings, self.sources, self.failures, self.unloaded = settings, sources, failures, unloaded
+        self.served = served
+
+    def serves(self, name: str) -> bool:
+        """Whether a version of `name` was served at the snapshot."""
+        return name in self.served
+
+    def _on_disk(self) -> list[str]:
+        """The model directories of --model-repository and the bundles directly under --model-dir, loaded or not (at
+        most MAX_LISTED of each are looked at), by the names they load as."""
+        names = [e.name for e in _listed(self.settings.model_repository) if NAME_RE.fullmatch(e.name) and e.is_dir()]
+        given = given_paths(self.sources.values())
+        return names + [e.name for e in _listed(self.settings.model_dir) if self._bundle(e.name, given) is not None]
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
+        and why (Triton lists what is available to load, not only what is loaded)."""
+        out = []
+        # The names whose last load failed too, their directory gone or not: each holds strict readiness down.
+        failed = {n for n, _ in self.failures}
+        for name in sorted(set(self.sources) | set(self.served) | set(self._on_disk()) | failed):
+            served = self.served.get(name)
+            try:
+                source: ModelSource | None = self.source_of(name)
+                versions = source.versions()
+            except (LoadError, BundleError, OSError):  # unknown, or a directory it cannot read (a load says why)
+                source, versions = None, []
+            for version in self._listed_versions(name, versions, served):
+                ready = served is not None and served.version == version and served.ready
+                entry: dict[str, Any] = {"name": name, "version": version, "state": "READY" if ready else "UNAVAILABLE"}
+                if not ready:
+                    entry["reason"] = self._reason(name, source, version, served)
+                out.append(entry)
+        return out
+
+    def _listed_versions(self, name: str, on_disk: list[str], served: Serving | None) -> list[str]:
+        """The versions of `name` to list: those on disk, and, as Triton lists the state of every version it tried,
+        each whose last load failed, its directory removed since or not (its failure is why it is not served)."""
+        versions = set(on_disk or ([served.version] if served else []))
+        versions |= {v for n, v in self.failures if n == name and v}
+        return sorted(versions, key=int) or [""]
+
+    def _reason(self, name: str, source: ModelSource | None, version: str, served: Serving | None) -> str:
+        """Why `version` of `name` is not served: its last load's failure (said to be stale when its files were
+        removed or replaced since), or why one that never failed is not."""
+        if (failed := self.failures.get((name, version))) is not None:
+            return self._since(name, version, failed)
+        # a load that failed before it chose a version (its config.pbtxt) is why none is served
+        if served is None and name not in self.unloaded and (whole := self.failures.get((name, ""))) is not None:
+            return whole.reason
+        if source is None and (why := self.why_not_served(name)) is not None:  # its directory is gone
+            return why
+        return self._why_not(name, source, version, served)
+
+    def _since(self, name: str, version: str, failed: Failure) -> str:
+        """A failure's reason, and whether the version's files are what failed: a reason about files the version no
+        longer holds (a tampered file since re-published) would tell the operator the wrong thing."""
+        if not version:
+            return failed.reason
+        now = self._files_now(name, version)
+        if now == failed.files:
+            return failed.reason
+        if now is None:
+            return f"its last load failed: {failed.reason} (its files were removed since)"
+        return f"its last load failed: {failed.reason} (its files changed since: load it again)"
+
+    def _why_not(self, name: str, source: ModelSource | None, version: str, served: Serving | None) -> str:
+        """Why a version that never failed to load is not served."""
+        if source is not None and source.repository and version:
+            try:
+                if not has_manifest(source.path / version):
+                    return f"no {MANIFEST_FILE} in its version directory (empty, or still being copied?)"
+            except BundleError as exc:
+                return self._public(name, version, str(exc))
+        if name in self.unloaded:
+            return "unloaded"
+        if served is None:
+            return "not loaded"
+        return "not the version being served" if served.version != version else "not ready"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,12 +537,57 @@ def without_places(text: str, places: list[_Place]) -> str:
 
 def _spellings(path: Path) -> set[str]:
     """How a message may spell `path`: as given, absolute, or resolved (a file checked inside a bundle is named by
-    its resolved path), each also as repr() escapes it."""
+    its resolved path), each also as repr() escapes it and, where it is not valid UTF-8, with backslash escapes."""
     forms = {str(path), os.path.abspath(path)}
     with contextlib.suppress(OSError, ValueError, RuntimeError):  # a NUL, a loop: the other spellings still count
         forms.add(os.path.realpath(path))
+    # A name that is not valid UTF-8 is held as lone surrogates ("\udcff"), which a message cannot print as they are:
+    # runtimes.onnxruntime shows such a path's bytes with backslash escapes instead ("\xff").
+    forms |= {escaped for f in forms if (escaped := _backslashed(f)) is not None}
     forms |= {repr(f)[1:-1] for f in forms}
     return forms - {os.sep, os.curdir, ""}  # the root directory, or the one the server runs in: no path of a model
+
+
+def _backslashed(form: str) -> str | None:
+    """`form` as the file system's bytes decoded with backslash escapes for what is not UTF-8; None when it cannot
+    be encoded (a surrogate that no file name's byte gave)."""
+    try:
+        return os.fsencode(form).decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        return None
+
+
+def _fingerprint(directory: Path) -> tuple | None:
+    """A version directory's files as they are now, to tell later whether they are the same: its manifest's hash
+    (which names every artifact's sha256: a re-published version is told apart even where a file system reuses an
+    inode within its timestamps' resolution), and each file's inode, size, modification and change times (a file
+    changed in place); at most MAX_FINGERPRINTED files. None when it is no directory (removed)."""
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            return None
+    except (OSError, ValueError):
+        return None
+    walked = (os.path.join(top, n) for top, dirs, files in os.walk(directory) for n in sorted(dirs + files))
+    return (_manifest_hash(directory), *sorted(_file_state(directory, p)
+                                               for p in itertools.islice(walked, MAX_FINGERPRINTED)))
+
+
+def _manifest_hash(directory: Path) -> str | None:
+    """The sha256 of a version's manifest (as much of it as a load reads); None when it has none it can read."""
+    try:
+        with open(directory / MANIFEST_FILE, "rb") as f:
+            return hashlib.sha256(f.read(MAX_MANIFEST_BYTES + 1)).hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+def _file_state(directory: Path, path: str) -> tuple[str, int, int, int, int]:
+    """(path within `directory`, inode, size, mtime, ctime) of one of its files; -1s when it cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return os.path.relpath(path, directory), -1, -1, -1, -1
+    return os.path.relpath(path, directory), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _listed(root: Path | None) -> list[os.DirEntry]:

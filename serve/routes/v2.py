@@ -37,7 +37,7 @@ from serve.protocol import (
     wrong_datatype,
 )
 from serve.registry import ServedModel
-from serve.repository import LoadError, ModelRepository
+from serve.repository import LoadError, RepositoryView
 from serve.routes import deps
 from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc
 from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
@@ -269,7 +269,7 @@ async def repository_index(request: Request) -> JSONResponse:
                                not request.app.state.ready, ready_only)
 
 
-def _index_answer(repository: ModelRepository, shutting_down: bool, ready_only: bool) -> JSONResponse:
+def _index_answer(repository: RepositoryView, shutting_down: bool, ready_only: bool) -> JSONResponse:
     """The repository index's answer: every entry, or the READY ones."""
     entries = repository.index()
     if shutting_down:  # the delay after SIGTERM: as the readiness endpoints say
