@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from models.bundle import MANIFEST_FILE, MAX_MANIFEST_BYTES, BundleError, safe_component
+from models.io import read_regular_file
 from models.tritonconfig import ConfigError
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
@@ -567,16 +568,35 @@ def _fingerprint(directory: Path) -> tuple | None:
             return None
     except (OSError, ValueError):
         return None
-    walked = (os.path.join(top, n) for top, dirs, files in os.walk(directory) for n in sorted(dirs + files))
     return (_manifest_hash(directory), *sorted(_file_state(directory, p)
-                                               for p in itertools.islice(walked, MAX_FINGERPRINTED)))
+                                               for p in _first_entries(directory, MAX_FINGERPRINTED)))
+
+
+def _first_entries(directory: Path, most: int) -> list[str]:
+    """The paths of at most `most` entries under `directory` (symbolic links not followed), listing no directory
+    further than that: os.walk lists each directory whole before it yields, 0.1 s for 100,000 files on the event
+    loop of a failed load."""
+    found: list[str] = []
+    pending = [str(directory)]
+    while pending and len(found) < most:
+        top = pending.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(itertools.islice(it, most - len(found)))
+        except OSError:
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            found.append(entry.path)
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return found
 
 
 def _manifest_hash(directory: Path) -> str | None:
     """The sha256 of a version's manifest (as much of it as a load reads); None when it has none it can read."""
-    try:
-        with open(directory / MANIFEST_FILE, "rb") as f:
-            return hashlib.sha256(f.read(MAX_MANIFEST_BYTES + 1)).hexdigest()
+    try:  # a regular file only: a FIFO put there is never waited on (the event loop would wait with it)
+        return hashlib.sha256(read_regular_file(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES)).hexdigest()
     except (OSError, ValueError):
         return None
 

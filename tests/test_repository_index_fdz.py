@@ -6,6 +6,7 @@ readiness down, and says its files changed; a server path that is not valid UTF-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -185,6 +186,55 @@ def test_a_failure_on_files_untouched_since_keeps_its_reason_as_it_was(fake, rep
         reason = _versions(c)["2"]["reason"]
         assert TAMPERED in reason and "changed since" in reason, reason
         assert _ready(c) == 400  # the last load failed all the same
+
+
+def _answered_within(seconds: float, call, fifo: Path):  # noqa: ANN001, ANN202
+    """`call()`'s result, failing the test when it does not return within `seconds`; a reader blocked on `fifo` is
+    then let go (a writer opens it), so that the server can still shut down and the test fails instead of hanging."""
+    box: list = []
+    worker = threading.Thread(target=lambda: box.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not box:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(seconds)
+        pytest.fail(f"no answer within {seconds} s while {fifo.name} was a FIFO")
+    return box[0]
+
+
+def test_a_fifo_for_a_failed_versions_manifest_never_blocks_the_server(fake, repo):
+    """hEE: the failure's fingerprint opened manifest.json as it was, so a FIFO there froze the event loop (the load
+    never answered, liveness neither) or, put there after the failure, held every index request's worker for good."""
+    with client(served(repo)) as c:
+        version = repo / NAME / "2"
+        version.mkdir()
+        os.mkfifo(version / "manifest.json")
+        r = _answered_within(60, lambda: c.post(f"/v2/repository/models/{NAME}/load"), version / "manifest.json")
+        assert r.status_code == 400, r.text
+        shutil.rmtree(version)
+        _failed_on_version_2(c, repo)
+        (repo / NAME / "2" / "manifest.json").unlink()
+        os.mkfifo(repo / NAME / "2" / "manifest.json")
+        fifo = repo / NAME / "2" / "manifest.json"
+        entry = _answered_within(60, lambda: _versions(c)["2"], fifo)
+        assert entry["state"] == "UNAVAILABLE" and "changed since" in entry["reason"], entry
+        assert _answered_within(60, lambda: c.get("/v2/health/live"), fifo).status_code == 200
+
+
+def test_a_failed_versions_fingerprint_lists_a_bounded_number_of_entries(tmp_path):
+    """os.walk listed each directory whole (0.1 s for 100,000 files, on the event loop of a failed load)."""
+    from serve.repository import MAX_FINGERPRINTED, _first_entries
+
+    big = tmp_path / "v"
+    (big / "sub").mkdir(parents=True)
+    for i in range(MAX_FINGERPRINTED + 50):
+        (big / f"f{i}").touch()
+        (big / "sub" / f"g{i}").touch()
+    found = _first_entries(big, MAX_FINGERPRINTED)
+    assert len(found) == MAX_FINGERPRINTED and len(set(found)) == MAX_FINGERPRINTED
+    assert all(p.startswith(str(big) + os.sep) for p in found)
+    assert _first_entries(tmp_path / "missing", 10) == []
 
 
 def test_a_server_path_that_is_not_utf8_is_named_within_the_model_directory(tmp_path):
