@@ -330,6 +330,10 @@ class ModelRepository(_Known):
         """Remember and log why a load of a known model failed (what served before serves on): the log line with the
         server's paths, for its operator; the answer and the index with the model's files named within it."""
         public = self._public(name, version, reason)
+        # The latest failure last (why_not_served answers with it): a key assigned again keeps its place in a dict.
+        self.failures.pop((name, version), None)
+        if version:  # the load got past the model's config.pbtxt to a version: its whole-model failure is old news
+            self.failures.pop((name, ""), None)
         # With its files as they are now, so that the index can say when they are removed or replaced since.
         self.failures[(name, version)] = Failure(public, self._files_now(name, version))
         if name not in self.models:  # not served: this failure, not an earlier unload, is why

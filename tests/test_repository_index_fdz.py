@@ -256,3 +256,25 @@ def test_a_server_path_that_is_not_utf8_is_named_within_the_model_directory(tmp_
     ext = [e for e in entries if e["name"] == "ext"]
     assert len(ext) == 1 and ext[0]["reason"].startswith(says), entries
     assert "secret" not in r.text + json.dumps(entries) and str(tmp_path) not in r.text + json.dumps(entries)
+
+
+def test_the_latest_failure_is_the_one_said_and_a_fixed_config_is_not_blamed(fake, repo):
+    """hEE: a failure recorded again kept its old place (the model's 404 gave an older one), and a config.pbtxt
+    failure stayed the reason of every version after a later load got past the fixed config."""
+    config = repo / NAME / "config.pbtxt"
+    broken = CONFIG.replace("max_batch_size: 8", "max_batch_size: 8\nbogus: 1")
+    assert broken != CONFIG
+    with client(served(repo)) as c:
+        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
+        config.write_text(broken)
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 400
+        config.write_text(CONFIG)  # fixed; the load now fails on a tampered version 2
+        add_version(repo, NAME, "2")
+        _tamper(repo / NAME / "2")
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 400
+        assert _versions(c)["1"]["reason"] == "not loaded", _versions(c)
+        assert TAMPERED in c.get(f"/v2/models/{NAME}").json()["error"]
+        config.write_text(broken)  # broken again: the latest failure is the config's
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 400
+        said = c.get(f"/v2/models/{NAME}").json()["error"]
+        assert "bogus" in said and TAMPERED not in said, said
