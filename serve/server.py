@@ -24,10 +24,11 @@ from typing import Any, NoReturn
 from runtimes.registry import load_failures
 from serve.errors import ServeError
 from serve.http_limits import probe_places
+from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
 from serve.registry import ServedModels, close_models, load_models
-from serve.settings import DECODE_BYTES_PER_PIXEL, Settings, repository_tuning, service_links, unknown_environment
+from serve.settings import Settings, repository_tuning, service_links, unknown_environment
 
 log = logging.getLogger("vitc.serve")
 DEFAULT_CONNECTIONS = 1000
@@ -122,10 +123,10 @@ def memory_headroom(settings: Settings, resident: int | None, limit: int | None)
         return None
     # One image or v2 body may exceed the budget (it decodes or parses alone): its own cost bounds it too.
     decode = max(settings.decode_budget_pixels, settings.max_image_pixels * MAX_DECODE_WEIGHT,
-                 settings.max_body_bytes * JSON_MEMORY_PER_BYTE // DECODE_BYTES_PER_PIXEL)
+                 settings.max_body_bytes * JSON_MEMORY_PER_BYTE // BUDGET_PIXEL_BYTES)
     # The decode budget also holds the large answers (built in the decode pool) until their clients have taken them
     # (serve.routes.deps.held_response): what slow readers leave unread is inside it, not beside it.
-    need = resident + decode * DECODE_BYTES_PER_PIXEL + settings.buffered_bytes_limit
+    need = resident + decode * BUDGET_PIXEL_BYTES + settings.buffered_bytes_limit
     return {"worst_case_bytes": need, "memory_limit_bytes": limit} if need > limit else None
 
 

@@ -62,7 +62,6 @@ UNCONFIGURED = ("max_batch_size", "max_queue_delay_ms")
 
 
 EMPTY_PATH = "the path is empty (it would be the current directory): "
-DECODE_BYTES_PER_PIXEL = 5  # a budget pixel's peak decode memory (serve.imaging.decode_weight)
 
 
 def model_path_text(arg: str) -> str:

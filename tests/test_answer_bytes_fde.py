@@ -28,8 +28,9 @@ from test_top_k_bounds import wide_bundle
 from models.bundle import MAX_CLASSES
 from serve.app import create_app
 from serve.http_limits import ConnectionLimits
+from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.responses import HeldResponse
-from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
+from serve.settings import Settings
 from serve.workpool import Kept, PixelBudget
 
 CLASSIFY = f"/v1/models/fake/classify?top_k={MAX_CLASSES}"  # a 6.3 MB answer, built in the decode pool
@@ -168,7 +169,7 @@ def test_unread_large_answers_stay_in_the_decode_budget_until_read_then_arrive_w
             assert _until(lambda: all(_status_line(s) == b"HTTP/1.1 200" for s in readers), 60)
             time.sleep(0.3)  # what the kernel takes of an answer is in by now
             # The bodies not yet read (the kernel takes a few hundred KB of each at most) are held.
-            body_pixels = len(reference.content) // DECODE_BYTES_PER_PIXEL
+            body_pixels = len(reference.content) // BUDGET_PIXEL_BYTES
             assert srv.budget.used >= 3 * body_pixels * 0.8, (srv.budget.used, body_pixels)
             for s in readers:  # read at last: the same bytes, and the budget given back
                 head, body = _read_answer(s)
@@ -248,7 +249,7 @@ def test_a_compressed_v2_json_answer_is_held_until_read_and_arrives_as_the_ident
             head, packed = _read_answer(reader)
             assert re.search(rb"(?im)^content-encoding: gzip\r?$", head)
             assert gzip.decompress(packed) == plain.content
-            assert held * DECODE_BYTES_PER_PIXEL >= len(packed), (held, len(packed))  # the bytes it sends, held
+            assert held * BUDGET_PIXEL_BYTES >= len(packed), (held, len(packed))  # the bytes it sends, held
         finally:
             reader.close()
         assert _until(lambda: srv.budget.used == 0), srv.budget.used

@@ -19,7 +19,6 @@ from models.decoding import FORMATS, decode_image
 from models.imagecheck import tiff
 from models.imagecheck.common import DecodeError
 from models.preprocessing import Preprocessing, copied_pixels
-from serve import imaging
 from serve.imaging import prepare
 from serve.workpool import PixelBudget
 
@@ -238,12 +237,6 @@ def test_a_drafted_progressive_grey_jpeg_holds_two_bytes_a_source_pixel():
     grey = _encode(_photo(w, h, "L"), "JPEG", quality=80, progressive=True)
     dw, dh = 100, 80
     assert _reserved(grey, spec) == dw * dh * 1 + -(-(w // 8) * (h // 8) * 128 // 5) + copied_pixels(dw, dh, spec)
-
-
-def test_the_budget_pixel_is_the_server_s():
-    from serve.settings import DECODE_BYTES_PER_PIXEL
-
-    assert imaging.BUDGET_PIXEL_BYTES == DECODE_BYTES_PER_PIXEL
 
 
 # -- 3. a known signature on bytes Pillow cannot open -----------------------------------------------------------------

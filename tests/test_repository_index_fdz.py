@@ -19,6 +19,7 @@ import fake_runtime
 import httpx
 import numpy as np
 import pytest
+import test_repository_lifecycle
 from test_repository_lifecycle import CONFIG, NAME, add_version, client, served
 
 from models.bundle import file_entries, read_manifest, write_manifest
@@ -37,13 +38,7 @@ def fake() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    """A repository with model "fake", version 1, and its config.pbtxt."""
-    root = tmp_path / "repo"
-    add_version(root, NAME, "1")
-    (root / NAME / "config.pbtxt").write_text(CONFIG)
-    return root
+repo = test_repository_lifecycle.repo  # the repository of model "fake", version 1, and its config.pbtxt
 
 
 def _entries(c: httpx.Client, ready_only: bool = False) -> list[dict]:

@@ -9,10 +9,11 @@ import tracemalloc
 
 import pytest
 
+from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.protocol import JSON_MEMORY_PER_BYTE, ProtocolError, parse_memory
 from serve.routes.v2 import _parse
 from serve.server import memory_headroom
-from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
+from serve.settings import Settings
 from serve.workpool import Busy, PixelBudget
 
 RAW = ("input", (1, 3, 32, 32))
@@ -49,13 +50,13 @@ def test_the_reservation_covers_what_parsing_really_takes():
         tracemalloc.stop()
     assert parsed.inputs["input"].shape == (200_000, 3)
     assert peak > 5 * len(body), "the body parsed without the memory the test is about"
-    assert budget.largest * DECODE_BYTES_PER_PIXEL >= peak, (budget.largest * DECODE_BYTES_PER_PIXEL, peak)
+    assert budget.largest * BUDGET_PIXEL_BYTES >= peak, (budget.largest * BUDGET_PIXEL_BYTES, peak)
     assert budget.used == 0
 
 
 def test_a_body_does_not_parse_past_the_budget_others_hold():
     body = _body(20_000)
-    cost = -(-parse_memory(len(body), None) // DECODE_BYTES_PER_PIXEL)
+    cost = -(-parse_memory(len(body), None) // BUDGET_PIXEL_BYTES)
     budget = PixelBudget(cost + 10)
     with budget.reserve(20), pytest.raises(Busy):
         _parse(budget, body, None, None, RAW)

@@ -18,11 +18,12 @@ from runtimes import BackendError
 from serve import timing
 from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull, Spent, TooLarge
 from serve.errors import APIError, ClientGone
+from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.middleware import body_hold
 from serve.protocol import ProtocolError, decompress
 from serve.registry import ServedModel
 from serve.responses import Error, HeldResponse
-from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
+from serve.settings import Settings
 from serve.workpool import Busy, Kept, PixelBudget
 
 log = logging.getLogger("vitc.serve")
@@ -198,7 +199,7 @@ def answer_memory(budget: PixelBudget | Kept | None, memory: Callable[[], int]) 
         return
     kept = budget if isinstance(budget, Kept) else None
     pool = kept.budget if kept is not None else budget
-    pixels = min(-(-size // DECODE_BYTES_PER_PIXEL), pool.pixels)  # one answer alone always fits
+    pixels = min(-(-size // BUDGET_PIXEL_BYTES), pool.pixels)  # one answer alone always fits
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(pool.reserve(pixels, kept=kept))
@@ -217,7 +218,7 @@ def held_response(content: bytes, kept: Kept | None, media_type: str, headers: d
     if kept is None:
         return Response(content, media_type=media_type, headers=headers)
     try:
-        kept.shrink(-(-len(content) // DECODE_BYTES_PER_PIXEL))
+        kept.shrink(-(-len(content) // BUDGET_PIXEL_BYTES))
         return HeldResponse(content, kept.release, media_type=media_type, headers=headers)
     except BaseException:
         kept.release()

@@ -17,6 +17,7 @@ import serve
 from models.bundle import TRITON_LABELS_FILE
 from models.tritonconfig import VersionPolicy
 from serve.errors import APIError
+from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.protocol import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -40,7 +41,7 @@ from serve.registry import ServedModel
 from serve.repository import LoadError, RepositoryView
 from serve.routes import deps
 from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc
-from serve.settings import DECODE_BYTES_PER_PIXEL, Settings
+from serve.settings import Settings
 from serve.timing import stage, timings
 from serve.workpool import Kept, PixelBudget
 
@@ -444,7 +445,7 @@ def _parse(budget: PixelBudget, body: bytes, header: str | None, containers: int
            raw_input: tuple[str, tuple[int, ...]], datatypes: dict[str, str] | None = None) -> InferRequest:
     """parse_request, holding its memory (up to 20x the JSON's size) in the decode budget as images hold theirs:
     concurrent large JSON tensors wait or get 503 instead of taking the server past its memory."""
-    pixels = -(-parse_memory(len(body), header) // DECODE_BYTES_PER_PIXEL)
+    pixels = -(-parse_memory(len(body), header) // BUDGET_PIXEL_BYTES)
     with budget.reserve(min(pixels, budget.pixels)):  # one body alone always parses, as one image decodes alone
         return parse_request(body, header, containers, raw_input, datatypes)
 
