@@ -49,7 +49,11 @@ class ModelStats:
                 self._infer[0] += requests
                 self._infer[1] += int(compute_s * 1e9)
 
-    # BatchObserver (its `batch` alone: a request's queue time counts once it has succeeded, in `request`)
+    # BatchObserver
+    def queued(self, model: str, seconds: float) -> None:
+        """Nothing yet: a request's queue time counts once it has succeeded (`request`), as Triton counts it; only
+        the metrics observe every request a batch took."""
+
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         ns = int(seconds * 1e9)
         # Triton's batch size is the number of inferences: the rows of a batched model's requests, but 1 a request
@@ -90,10 +94,8 @@ class Observers:
         self.observers = observers
 
     def queued(self, model: str, seconds: float) -> None:
-        # Only the metrics observe every request a batch took: the statistics count queue time on success only.
         for o in self.observers:
-            if hasattr(o, "queued"):
-                o.queued(model, seconds)
+            o.queued(model, seconds)
 
     def batch(self, model: str, rows: int, seconds: float, requests: int = 1) -> None:
         for o in self.observers:
