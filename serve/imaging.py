@@ -59,7 +59,8 @@ def _answered() -> Iterator[None]:
         raise ImageError(413 if exc.over_limit else 400, exc.reason) from None
 
 
-# The bytes of decode memory a budget pixel stands for (the server sizes its memory and its answers with it: serve.server, serve.routes).
+# The bytes of decode memory a budget pixel stands for (the server sizes its memory and its answers with it:
+# serve.server, serve.routes).
 BUDGET_PIXEL_BYTES = 5
 # libjpeg holds a progressive JPEG's DCT coefficients for the whole image until its last scan: 64 of 2 bytes for
 # each 8 x 8 block of each component, at the component's own sampling (3 bytes a pixel at 4:2:0, 2 in grey, 6 at
