@@ -8,7 +8,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -300,6 +300,19 @@ class Settings(BaseSettings):
         alone = _repository_alone(given.get("models"), given.get("model_dir"), given.get("model_repository"))
         if not alone and (why := shadowed("name", v)):
             raise ValueError(why)
+        return v
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_number(cls, v: object, info: ValidationInfo) -> object:
+        """A count from VITC_* is read as its flag reads it (int()): pydantic alone would take "4.0" for 4, which
+        the flag refuses."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(v, str) and int in (annotation, *get_args(annotation)):
+            try:
+                return int(v)
+            except ValueError:
+                raise ValueError("must be a whole number") from None
         return v
 
     @field_validator("port", mode="before")

@@ -636,3 +636,17 @@ def test_train_eval_treats_a_full_disk_as_the_machine_not_the_output(tmp_path, m
     with pytest.raises(OSError) as err:  # models.cli.run turns it into one line and exit 1
         train_eval.write_result(tmp_path / "eval.json", {"top1": 0.5})
     assert err.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("value", ["4.0", "4e0", "four"])
+def test_serve_environment_counts_are_read_as_their_flags_read_them(value, monkeypatch, capsys):
+    from serve.__main__ import main
+    from serve.settings import Settings
+
+    monkeypatch.setenv("VITC_MAX_BATCH_SIZE", value)
+    assert main([]) == 2  # as `--max-batch-size 4.0` is refused, VITC_MAX_BATCH_SIZE=4.0 is
+    _one_line(capsys, "--max-batch-size (VITC_MAX_BATCH_SIZE)", "must be a whole number")
+    monkeypatch.setenv("VITC_MAX_BATCH_SIZE", " 4 ")
+    monkeypatch.setenv("VITC_MAX_QUEUE_DELAY_MS", "2.5")  # a duration stays a float
+    s = Settings()
+    assert (s.max_batch_size, s.max_queue_delay_ms) == (4, 2.5)
