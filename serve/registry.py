@@ -112,6 +112,12 @@ class ServedModel:
         """The Triton backend that serves this model's runtime ("" when Triton has none for it)."""
         return runtimes.get(self.runtime).triton_backend or ""
 
+    @property
+    def largest_request(self) -> int:
+        """The most images one request may carry: the batch, within the queue's bound (a larger request could
+        never be admitted)."""
+        return min(self.max_batch, self.batcher.max_queue) if self.batcher else self.max_batch
+
     def info(self) -> dict[str, Any]:
         """The public description (GET /v1/models/{name})."""
         m = self.manifest
@@ -123,8 +129,8 @@ class ServedModel:
             "precision": self.backend.precision,
             "device": self.backend.device,
             "execution": self.execution,  # what really runs: threads, compute precision, providers, ...
-            "max_batch": self.max_batch,
-            "input": {**m.input.to_dict(), "max_batch": self.max_batch},
+            "max_batch": self.largest_request,
+            "input": {**m.input.to_dict(), "max_batch": self.largest_request},
             "output": m.output.to_dict(),
             "preprocessing": self.spec.to_dict(),
             "labels": self.labels,

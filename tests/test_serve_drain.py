@@ -181,6 +181,19 @@ def test_a_request_larger_than_the_queue_bound_is_413_not_a_retryable_503(bundle
         assert client.post(V2, content=fake_runtime.request_body(1.0, rows=4)).status_code == 200
 
 
+def test_a_queue_bound_below_the_batch_is_the_one_largest_request_everywhere(bundle, tmp_path):
+    """--max-queue-size 3 under --max-batch-size 4: /v1, /v2 config and the batch-size refusal all say 3."""
+    with fake_server(bundle, tmp_path, "--max-batch-size", "4", "--max-queue-size", "3") as server, \
+            client_of(server) as client:
+        info = client.get("/v1/models/fake").json()
+        assert info["max_batch"] == info["input"]["max_batch"] == 3
+        assert client.get("/v2/models/fake/config").json()["max_batch_size"] == 3
+        too_many = client.post(V2, content=fake_runtime.request_body(1.0, rows=5))
+        assert too_many.status_code == 400 and "outside 1..3" in too_many.json()["error"], too_many.text
+        assert client.post(V2, content=fake_runtime.request_body(1.0, rows=4)).status_code == 413
+        assert client.post(V2, content=fake_runtime.request_body(1.0, rows=3)).status_code == 200
+
+
 def test_a_stop_that_cancels_a_computing_request_logs_no_unretrieved_error(bundle, tmp_path):
     """The handler cancelled at the end of uvicorn's drain left its submit task to be failed by the batcher's close:
     asyncio then logged "Task exception was never retrieved" with a traceback at error level on every such stop."""

@@ -355,7 +355,7 @@ async def model_config(model: ModelDep, settings: SettingsDep) -> dict[str, Any]
         # refused for OpenVINO); "" for a runtime Triton has no backend for.
         "backend": model.triton_backend,
         # The largest batch a request may carry: more images than --max-queue-size can never be admitted (413).
-        "max_batch_size": 0 if unbatched else min(model.max_batch, settings.max_queue_size),
+        "max_batch_size": 0 if unbatched else model.largest_request,
         "input": [{"name": m.input_name, "data_type": "TYPE_FP32", **tensor}],
         "output": [{"name": m.output_name, "data_type": "TYPE_FP32",
                     "dims": [-1, len(model.labels)] if unbatched else [len(model.labels)],
@@ -391,7 +391,9 @@ def _model_input(model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarra
         expected = [-1, *want]
         raise APIError(400, f"input {name!r} has shape {list(x.shape)}, expected {expected}")
     if not 1 <= x.shape[0] <= model.max_batch:
-        raise APIError(400, f"batch size {x.shape[0]} is outside 1..{model.max_batch} for model {model.name!r}")
+        # The bound the config advertises; more than the queue's bound but within the batch is admission's 413.
+        raise APIError(400, f"batch size {x.shape[0]} is outside 1..{model.largest_request} for model "
+                            f"{model.name!r}")
     return np.ascontiguousarray(x)
 
 
