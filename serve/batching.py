@@ -338,9 +338,14 @@ class DynamicBatcher:
             self._stalled_at = time.perf_counter()
             log.warning("model stalled", extra={"model": self.name, "timeout_s": self.timeout_s})
         self._stalled = True
+        # Held aside too: the request that did not fit the last batch, and those a free slot is gathering (a
+        # batch forming drops requests already answered), else they would wait for the stuck call all the same.
+        held = [*self._forming, *([self._carry] if self._carry else [])]
+        self._carry = None
         while self._queue is not None and not self._queue.empty():
-            _fail(self._queue.get_nowait(), NotReady(f"model {self.name!r} stalled: a batch exceeded "
-                                                     f"{self.timeout_s:g} s"))
+            held.append(self._queue.get_nowait())
+        for it in held:
+            _fail(it, NotReady(f"model {self.name!r} stalled: a batch exceeded {self.timeout_s:g} s"))
 
     async def _recover(self, loop: asyncio.AbstractEventLoop, stuck: asyncio.Future) -> None:
         """Wait for the stuck call to return, then probe until the model answers in time again. Every probe that

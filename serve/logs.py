@@ -26,15 +26,22 @@ def _cut(text: str, limit: int) -> str:
     return f"{text[:half]}...[{len(text) - 2 * half} characters cut]...{text[-half:]}"
 
 
-class _DropInvalidRequest(logging.Filter):
+_DRAIN_CUT = "Cancel %s running task(s), timeout graceful shutdown exceeded"  # uvicorn's, at error level
+
+
+class _UvicornLines(logging.Filter):
     """uvicorn's warning for each request its parser refuses says less than the "refused" line serve.httpproto
-    logs for it (status, reason, client), and at warning level would let any client flood an operator's warnings."""
+    logs for it (status, reason, client), and at warning level would let any client flood an operator's warnings:
+    dropped. Its error when --graceful-timeout-s cuts requests short is the drain's documented end (each is answered
+    503, serve.middleware), not a fault to page anyone for: a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _DRAIN_CUT:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return record.msg != _INVALID_REQUEST
 
 
-_DROP_INVALID_REQUEST = _DropInvalidRequest()
+_UVICORN_LINES = _UvicornLines()
 # python-multipart's loggers (python_multipart.multipart; `multipart.*` in its releases before 0.0.13).
 _FORM_PARSER = ("python_multipart", "multipart")
 
@@ -101,4 +108,4 @@ def configure_logging(level: str = "info") -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     # uvicorn's own access log is replaced by ours (which knows the model and the request id).
     logging.getLogger("uvicorn.access").disabled = True
-    logging.getLogger("uvicorn.error").addFilter(_DROP_INVALID_REQUEST)
+    logging.getLogger("uvicorn.error").addFilter(_UVICORN_LINES)

@@ -106,7 +106,8 @@ class AccessLogMiddleware:
             if started:
                 raise
             try:
-                await error_response(503, "the server is shutting down", {"Connection": "close"})(
+                # Retry-After as every other 503: another replica (or this one restarted) takes the retry.
+                await error_response(503, "the server is shutting down", {"Connection": "close", "Retry-After": "1"})(
                     scope, receive, send_with_id)
             except Exception:
                 raise asyncio.CancelledError from None

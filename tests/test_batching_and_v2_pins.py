@@ -8,6 +8,7 @@ HTTP checks run against the real app behind serve.httpproto's protocol, in proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from test_serve_fixtures import in_process_server
 
-from serve.batching import DynamicBatcher
+from serve.batching import DynamicBatcher, NotReady
 from serve.httpproto import MAX_CHUNK_LINE
 
 INFER = "/v2/models/fake/infer"
@@ -94,6 +95,37 @@ def test_multi_image_requests_in_shared_batches_get_their_own_rows_and_no_batch_
     assert sum(merged) == sum(sizes) and max(merged) <= max_batch, calls
     assert any(requests >= 3 for _, requests in seen.seen), seen.seen  # multi-image requests really shared batches
     assert max_batch in merged, calls  # and batches filled up to the bound, not merely below it
+
+
+def test_a_stall_refuses_the_request_held_over_from_the_stuck_batch_at_once():
+    """max_batch 4: A (3 rows) hangs, B (3 rows) does not fit A's batch and is held over for the next one. When A's
+    batch passes the timeout, B is refused (NotReady: 503) with what was queued, not left waiting for the stuck
+    call (it held the drain and its client until the hung call returned)."""
+    gate = threading.Event()
+
+    def model(x: np.ndarray) -> np.ndarray:
+        if x[0, 0] < 0:
+            gate.wait(10)
+        return x.copy()
+
+    async def main() -> tuple[float, BaseException | None]:
+        b = DynamicBatcher("m", model, max_batch=4, max_delay_s=0.5, max_queue=100, timeout_s=0.5)
+        await b.start()
+        with b.admit(3), b.admit(3):  # both admitted: the collector waits for B to gather A's batch
+            a = asyncio.ensure_future(b.submit(np.full((3, 1), -1.0, np.float32)))
+            held = asyncio.ensure_future(b.submit(np.ones((3, 1), np.float32)))
+            start = time.perf_counter()
+            done, _ = await asyncio.wait([held], timeout=5)
+            waited = time.perf_counter() - start
+            gate.set()
+            with contextlib.suppress(Exception):
+                await a
+        await b.close()
+        return waited, (held.exception() if done else None)
+
+    waited, refused = asyncio.run(main())
+    assert isinstance(refused, NotReady), refused
+    assert waited < 3, f"the held-over request waited {waited:.2f} s"
 
 
 def test_the_batching_window_runs_from_arrival_not_from_when_the_collector_takes_the_request():
