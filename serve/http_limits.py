@@ -19,6 +19,7 @@ _log = logging.getLogger("vitc.access")
 # its probes). They get PROBE_WAIT_S for their request, which must be a GET or HEAD of one of these paths.
 PROBE_PATHS = re.compile(rb"/v2/health/(live|ready)|/metrics|/v2/models/[^/?]{1,256}(/versions/[0-9]{1,19})?/ready")
 PROBE_WAIT_S = 2.0
+LOGGED_PATH = 256  # characters of a request's path in a log line (the request line may be 64 KiB)
 
 
 def probe_places(max_connections: int) -> int:
@@ -37,6 +38,13 @@ def host_port(host: str, port: int | None = None) -> str:
     if port is None:
         return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def logged_path(path: str) -> dict[str, object]:
+    """A request's path for a log line: at most LOGGED_PATH characters, and its length when it was cut."""
+    if len(path) <= LOGGED_PATH:
+        return {"path": path}
+    return {"path": path[:LOGGED_PATH], "path_length": len(path)}
 
 
 def _client(transport: asyncio.BaseTransport) -> str | None:
@@ -96,9 +104,11 @@ class Refusals:
     access_log: bool = True
     on_refusal: Callable[[int], None] | None = None
 
-    def report(self, status: int, reason: str, transport: asyncio.BaseTransport) -> None:
-        """Count one refusal (`on_refusal`) and log it (with the access log on)."""
+    def report(self, status: int, reason: str, transport: asyncio.BaseTransport, path: str | None = None) -> None:
+        """Count one refusal (`on_refusal`) and log it (with the access log on), with the request's `path` as it was
+        sent when its request line was read."""
         if self.on_refusal is not None:
             self.on_refusal(status)
         if self.access_log:
-            _log.info("refused", extra={"status": status, "reason": reason, "client": _client(transport)})
+            fields = {"status": status, "reason": reason, "client": _client(transport)}
+            _log.info("refused", extra=fields if path is None else {**fields, **logged_path(path)})

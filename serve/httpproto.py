@@ -71,6 +71,10 @@ EOF_PROBE_S = 0.1
 _INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADERS_END = b"\r\n\r\n"  # the parser is strict: a request's headers end with this, nothing else
 _EMPTY_LINES = re.compile(rb"[\r\n]*")  # what the parser skips before a request line
+# A path separator sent percent-encoded. uvicorn decodes the path before the app routes it, so `/v2%2Frepository%2F...`
+# reached the repository API while a gateway rule on the `/v2/repository/` prefix (Envoy and Istio keep `%2F` as sent)
+# saw another path; Triton routes on the path as sent, where it matches no endpoint.
+_ENCODED_SEPARATOR = re.compile(rb"%(2f|5c)", re.IGNORECASE)
 # What a request that the server had no memory to read is told (the words of serve.routes.deps.OUT_OF_MEMORY, which
 # this module, below the app, does not import): 503 + Retry-After, not the client's fault.
 OUT_OF_MEMORY = "the server ran out of memory for this request; retry later"
@@ -539,6 +543,9 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         if self.parser.get_method() == b"CONNECT":
             # The parser takes whatever follows a CONNECT for a tunnel's bytes; this server is no proxy.
             return 400, "Bad Request", "CONNECT is not supported (this server is not a proxy)"
+        if _ENCODED_SEPARATOR.search(self.url.partition(b"?")[0]):
+            return 400, "Bad Request", ("an encoded '/' or '\\' (%2F, %5C) in the request path is not taken: send the "
+                                        "path unencoded")
         if codings and version == "1.0":
             # RFC 9112 6.1: an HTTP/1.0 message with a Transfer-Encoding has faulty framing.
             return 400, "Bad Request", "Transfer-Encoding is not allowed in HTTP/1.0 (send Content-Length)"
@@ -698,16 +705,19 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             self._refuse(414, "URI Too Long", f"the request target is longer than {MAX_HEADER_BYTES} bytes")
         elif self._oversized:
             self._refuse(431, "Request Header Fields Too Large", _TOO_LARGE)
+        elif self._bad is not None:  # refused for its complete headers: the log names the path, as it was sent
+            self._refuse(*self._bad, path=self.url.partition(b"?")[0].decode("latin-1"))
         else:
-            self._refuse(*(self._bad or _parser_refusal(sys.exc_info()[1], msg)))
+            self._refuse(*_parser_refusal(sys.exc_info()[1], msg))
 
-    def _refuse(self, status: int, reason: str, text: str, retry_after: int | None = None) -> None:
+    def _refuse(self, status: int, reason: str, text: str, retry_after: int | None = None, *,
+                path: str | None = None) -> None:
         """Answer `status` and close, once the requests before this one are answered (RFC 9112 9.3.2: answers go
-        out in order); nothing more is read meanwhile."""
+        out in order); nothing more is read meanwhile. `path`: the refused request's, for the log."""
         self._disarm()
         if self._refusal is not None or self.transport.is_closing():
             return
-        self.refusals.report(status, text, self.transport)
+        self.refusals.report(status, text, self.transport, path)
         answer = _answer(status, reason, text, retry_after)
         if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
             self._refusal = answer

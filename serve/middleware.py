@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import workpool
 from serve.errors import APIError, ClientGone
-from serve.http_limits import host_port
+from serve.http_limits import host_port, logged_path
 from serve.metrics import NOT_IN_FLIGHT, UNKNOWN_MODEL, Metrics
 from serve.responses import error_response
 from serve.timing import server_timing
@@ -26,9 +26,9 @@ _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._~:/+=@-]")
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted and logged, never sent
 # The path templates whose every answer, errors too, carries Server-Timing (v1 classify, v2 infer and its version).
 INFERENCE_ROUTES = ("/classify", "/infer")
-# Characters of a request's path and method in a log line: the request line may be 64 KiB, and a percent-encoded
-# control byte (3 bytes sent) is 6 in JSON. The path's length is logged beside a cut one.
-LOGGED_PATH, LOGGED_METHOD = 256, 32
+# Characters of a request's method in a log line (its path's: serve.http_limits.LOGGED_PATH, its length logged beside
+# a cut one): the request line may be 64 KiB, and a percent-encoded control byte (3 bytes sent) is 6 in JSON.
+LOGGED_METHOD = 32
 log = logging.getLogger("vitc.serve")
 
 
@@ -94,7 +94,7 @@ class AccessLogMiddleware:
                 model = name if name in self.known_models() else UNKNOWN_MODEL if name else ""
                 self.metrics.disconnects.labels(model, "upload").inc()
         except Exception as exc:
-            log.exception("unhandled error", extra={**_logged_path(scope), "request_id": request_id})
+            log.exception("unhandled error", extra={**logged_path(scope["path"]), "request_id": request_id})
             if started:
                 raise
             await error_response(500, f"internal error ({type(exc).__name__})")(scope, receive, send_with_id)
@@ -125,7 +125,7 @@ class AccessLogMiddleware:
                 # Every field is bounded: the model is a known name or "_unknown", as in the metrics (the path
                 # shows what was asked for), and the request id is already cleaned and cut.
                 access_log.info("request", extra={
-                    "method": scope["method"][:LOGGED_METHOD], **_logged_path(scope), "status": status,
+                    "method": scope["method"][:LOGGED_METHOD], **logged_path(scope["path"]), "status": status,
                     "duration_ms": round(seconds * 1000, 3), "model": model or None, "request_id": request_id,
                     "client": logged_client(scope),
                 })
@@ -148,14 +148,6 @@ def logged_client(scope: Scope) -> str | None:
         else:
             return host_port(host, port if 0 < port < 65536 else None)
     return host_port(str(client[0]), client[1]) if client else None
-
-
-def _logged_path(scope: Scope) -> dict[str, object]:
-    """The request's path for a log line: at most LOGGED_PATH characters, and its length when it was cut."""
-    path = scope["path"]
-    if len(path) <= LOGGED_PATH:
-        return {"path": path}
-    return {"path": path[:LOGGED_PATH], "path_length": len(path)}
 
 
 class HeadMiddleware:
