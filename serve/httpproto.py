@@ -5,8 +5,9 @@ Without them a client that connects and never finishes its headers (slowloris) h
 that streams an endless header grows the server's memory. A client that stops reading its answers would hold its
 connection (and the request's memory) forever too, and one that pipelines thousands of requests per read would have
 every one of them parsed and queued. The body has its own deadline and budget (serve.middleware.BodyLimitMiddleware);
-idle keep-alive connections have uvicorn's keep-alive timeout. An answer that closes its connection before the
-request was read whole closes it gently (serve.linger's lingering close), so that the client reads it, not a reset.
+idle connections, new or kept alive, have uvicorn's keep-alive timeout (a silent close). An answer that closes its
+connection before the request was read whole closes it gently (serve.linger's lingering close), so that the client
+reads it, not a reset.
 A request that asks for a protocol upgrade (`Connection: Upgrade` with `Upgrade: h2c`, `websocket`, anything) is read
 and answered as the same request without it (RFC 9110 7.8): its body is its body, and what follows it the next
 request; the parser alone would take the body for the new protocol's bytes (request smuggling).
@@ -188,7 +189,10 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             self._turn_away()
             return
         self._start_bounds()
-        self._arm(PROBE_WAIT_S if self._probe_only else None)
+        if self._probe_only:
+            self._arm(PROBE_WAIT_S)
+        else:
+            self._idle()
 
     def _admit(self) -> bool:
         """Take a place for this connection, under the limit or a probe place beyond it; False if none is left."""
@@ -591,10 +595,14 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         if self.cycle.response_complete and not self._eof and not self.transport.is_closing():
             # The rest of a body answered early (a 404, a 413) is read and dropped: the connection is idle now, and
             # gets uvicorn's keep-alive timeout, not the deadline of headers that have not begun (a 408).
-            self._disarm()
-            self._unset_keepalive_if_required()
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
-                                                                self.timeout_keep_alive_handler)
+            self._idle()
+
+    def _idle(self) -> None:
+        """Wait for a request that has not begun: uvicorn's keep-alive timeout closes the connection silently (no
+        header deadline runs until its first byte arrives: data_received)."""
+        self._disarm()
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def _read_on(self) -> None:
         """Resume reading once the request being answered has its body whole, so that the client's EOF or reset is
@@ -747,8 +755,10 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         return bool(body_left or headers_left or self._unparsed or self.pipeline or self.flow.paused)
 
     # Deadlines: a request's headers, and a client that takes none of its answer. A connection whose request headers
-    # are not complete `limits.seconds` after the connection opened or the request's first byte arrived is closed with
-    # a JSON 408; one whose client accepts none of its answer for `limits.seconds` is dropped.
+    # are not complete `limits.seconds` after the request's first byte arrived is closed with a JSON 408; one whose
+    # client accepts none of its answer for `limits.seconds` is dropped. A connection on which no request has begun,
+    # new or kept alive, is idle: closed silently at the keep-alive timeout (_idle), as nginx closes it. A 408 there
+    # would answer no request: a client that pooled the connection read it as the answer to its next one.
 
     def _answer_owed(self) -> bool:
         """Whether the bytes in flight start a request nobody has answered yet, rather than finish the body of one

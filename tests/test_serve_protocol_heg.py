@@ -1,12 +1,15 @@
 """The HTTP layer's answers to what a client sends outside the API (hEG): a percent-encoded path separator is refused
-before routing (it reached the repository API past a gateway's prefix rule), with the path logged as it was sent.
-A real repository server of tests/fake_runtime.py."""
+before routing (it reached the repository API past a gateway's prefix rule), with the path logged as it was sent; a
+connection that sends nothing is closed silently at the keep-alive timeout (it got an unasked 408, which a pooling
+client read as the answer to its next request, at the receive timeout). A real repository server of
+tests/fake_runtime.py."""
 
 from __future__ import annotations
 
 import json
 import re
 import socket
+import time
 from collections.abc import Iterator
 
 import fake_runtime
@@ -17,6 +20,8 @@ from test_serve_fixtures import start_server
 
 from serve.launch import ServerProcess
 
+KEEP_ALIVE_S, RECEIVE_S = 1, 3  # apart enough to tell which closed a connection
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
@@ -24,7 +29,8 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
     repo = tmp / "repo"
     add_version(repo, NAME, "1")
     (repo / NAME / "config.pbtxt").write_text(CONFIG)
-    with start_server(["--model-repository", str(repo)], tmp / "server.log", fake_runtime.server_env(tmp)) as s:
+    args = ["--model-repository", str(repo), "--keep-alive-s", str(KEEP_ALIVE_S), "--receive-timeout-s", str(RECEIVE_S)]
+    with start_server(args, tmp / "server.log", fake_runtime.server_env(tmp)) as s:
         yield s
     assert "Traceback" not in s.logs()
 
@@ -73,3 +79,30 @@ def test_an_encoded_path_separator_is_refused_before_routing_and_logged_as_sent(
                          ("/v2/models/f%20ke/ready", 404), ("/v2/models/caf%C3%A9/ready", 404)):
         assert _status(_exchange(server.port, f"GET {path} HTTP/1.0\r\n\r\n".encode())) == status, path
     assert _refusals(server)["400"] == before + len(paths)
+
+
+def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """What the server sends on `sock` until it closes it, and the seconds that took."""
+    start, out = time.monotonic(), b""
+    sock.settimeout(10)
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out, time.monotonic() - start
+
+
+def test_a_connection_that_sends_nothing_is_closed_silently_at_the_keep_alive_timeout(server):
+    before = _refusals(server)["408"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as partial:
+        partial.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # a request begun: its headers' deadline
+        answer, seconds = _until_closed(silent)
+        assert answer == b"" and KEEP_ALIVE_S - 0.3 < seconds < RECEIVE_S - 0.5, (answer, seconds)
+        answer, seconds = _until_closed(partial)
+        assert _status(answer) == 408 and b"headers did not arrive" in answer, answer
+    assert _refusals(server)["408"] == before + 1  # the silent close is no refusal
+    # A connection idle before its first request is held as long as one kept alive between requests.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as kept:
+        kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status(kept.recv(65536)) == 200
+        answer, seconds = _until_closed(kept)
+        assert answer == b"" and KEEP_ALIVE_S - 0.3 < seconds < RECEIVE_S - 0.5, (answer, seconds)
