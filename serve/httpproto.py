@@ -76,6 +76,11 @@ _EMPTY_LINES = re.compile(rb"[\r\n]*")  # what the parser skips before a request
 # reached the repository API while a gateway rule on the `/v2/repository/` prefix (Envoy and Istio keep `%2F` as sent)
 # saw another path; Triton routes on the path as sent, where it matches no endpoint.
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c)", re.IGNORECASE)
+# What the parser raises at the end of HTTP/2's connection preface (`PRI * HTTP/2.0` + `SM`, RFC 9113 3.4), the first
+# bytes of an h2c client with prior knowledge or a gRPC client pointed at this port, and what that client is told.
+_H2_PREFACE = "Pause on PRI/Upgrade"
+H2_REFUSED = ("HTTP/2 is not supported (HTTP/1.1 only): this server has no HTTP/2 or gRPC endpoint (Triton's gRPC "
+              "port is 8001 by default); send HTTP/1.1, e.g. tritonclient.http")
 # What a request that the server had no memory to read is told (the words of serve.routes.deps.OUT_OF_MEMORY, which
 # this module, below the app, does not import): 503 + Retry-After, not the client's fault.
 OUT_OF_MEMORY = "the server ran out of memory for this request; retry later"
@@ -97,11 +102,14 @@ def _out_of_memory(error: BaseException | None) -> bool:
 
 def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, str]:
     """The answer to what the parser refused (uvicorn calls send_400_response inside its `except`): an unknown
-    method is 501 and an unknown HTTP version 505 (RFC 9110 9.1, 15.6.6), the rest 400."""
+    method is 501 and an unknown HTTP version 505 (RFC 9110 9.1, 15.6.6), HTTP/2's connection preface too, the
+    rest 400."""
     if isinstance(error, httptools.HttpParserInvalidMethodError):
         return 501, "Not Implemented", "unknown request method (methods are case-sensitive, e.g. GET, POST)"
     if isinstance(error, httptools.HttpParserError) and str(error) == "Invalid HTTP version":
         return 505, "HTTP Version Not Supported", "unknown HTTP version (HTTP/1.1 only)"
+    if isinstance(error, httptools.HttpParserError) and str(error) == _H2_PREFACE:
+        return 505, "HTTP Version Not Supported", H2_REFUSED
     return 400, "Bad Request", msg
 
 

@@ -1,8 +1,8 @@
 """The HTTP layer's answers to what a client sends outside the API (hEG): a percent-encoded path separator is refused
 before routing (it reached the repository API past a gateway's prefix rule), with the path logged as it was sent; a
 connection that sends nothing is closed silently at the keep-alive timeout (it got an unasked 408, which a pooling
-client read as the answer to its next request, at the receive timeout). A real repository server of
-tests/fake_runtime.py."""
+client read as the answer to its next request, at the receive timeout); HTTP/2's connection preface (h2c, gRPC) is
+answered 505 as other HTTP versions are, not a generic 400. A real repository server of tests/fake_runtime.py."""
 
 from __future__ import annotations
 
@@ -106,3 +106,15 @@ def test_a_connection_that_sends_nothing_is_closed_silently_at_the_keep_alive_ti
         assert _status(kept.recv(65536)) == 200
         answer, seconds = _until_closed(kept)
         assert answer == b"" and KEEP_ALIVE_S - 0.3 < seconds < RECEIVE_S - 0.5, (answer, seconds)
+
+
+def test_the_http2_preface_is_answered_505_once_and_closed(server):
+    before = _refusals(server)["505"]
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    settings_frame = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a client sends right after the preface
+    for sent in (preface, preface + settings_frame):
+        answer = _exchange(server.port, sent)
+        assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answer)) == 1 and _status(answer) == 505, answer
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert "HTTP/2 is not supported" in error and "gRPC" in error, error
+    assert _refusals(server)["505"] == before + 2
