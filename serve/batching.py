@@ -84,6 +84,7 @@ class _Item:
     timings: dict[str, float] | None = None  # filled with "queue" and "compute" seconds when given
     spent: Spent | None = None  # added to as `timings` is written
     rows: int = field(init=False)
+    waiting: bool = False  # counted in the batcher's depth: queued, its client still waiting, not taken by a batch
 
     def __post_init__(self) -> None:
         self.rows = int(self.x.shape[0])
@@ -131,11 +132,20 @@ class DynamicBatcher:
         self._closing = False
         self._admitted = 0  # images admitted and not answered (decoding, queued or running)
         self._running_rows = 0  # rows of the batches being computed
+        # Requests waiting for a batch. Not the queue's size: a request whose client left (its future cancelled) stays
+        # queued until the collector reaches it, and counted, the gauge showed a backlog that would never be computed.
+        self._waiting = 0
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return (self._queue.qsize() if self._queue else 0) + (self._carry is not None) + len(self._forming)
+        """Requests waiting for a batch (those whose client left, or that were answered, are not)."""
+        return self._waiting
+
+    def _unwait(self, item: _Item) -> None:
+        """`item` waits no longer: taken by a batch, or its future done (its client left, or the batcher closed)."""
+        if item.waiting:
+            item.waiting = False
+            self._waiting -= 1
 
     @property
     def ready(self) -> bool:
@@ -203,6 +213,8 @@ class DynamicBatcher:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
             raise QueueFull(f"model {self.name!r} has {self.max_queue} requests queued") from None
+        item.waiting, self._waiting = True, self._waiting + 1
+        item.future.add_done_callback(lambda _: self._unwait(item))
         return await item.future
 
     async def _collect(self) -> None:
@@ -259,6 +271,8 @@ class DynamicBatcher:
             batch.append(item)
             rows += item.rows
         self._forming = []
+        for it in batch:
+            self._unwait(it)
         # Requests whose client went away (cancelled futures) are not computed; the others are taken.
         return self._taken([it for it in batch if not it.future.done()])
 

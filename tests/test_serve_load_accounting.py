@@ -214,6 +214,7 @@ def test_a_disconnect_is_queued_only_when_no_batch_took_its_rows(bundle, tmp_pat
         _wait_until(lambda: _metric(c, "vitc_client_disconnects_total") == 2)
         assert _metric(c, gone % "computing") == 1  # taken into a batch: computed all the same
         assert _metric(c, gone % "queued") == 1
+        assert _metric(c, 'vitc_queue_depth{model="fake"}') == 0  # left: not waiting, though the batch still runs
         (tmp_path / "hang").unlink()
         assert c.post(V2, content=fake_runtime.request_body(1.0)).status_code == 200  # after the held batch
         assert _computed(tmp_path)[warm_up:] == [fake_runtime.HANG, 1.0]  # the queued rows were dropped, never computed

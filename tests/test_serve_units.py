@@ -420,6 +420,35 @@ def test_concurrent_requests_are_batched_and_routed():
     assert sum(rec.batches) == 40 and max(rec.batches) > 1 and max(rec.batches) <= 16
 
 
+def test_the_depth_leaves_out_a_queued_request_as_soon_as_its_client_leaves():
+    """A cancelled request stays in the queue until the collector reaches it, never computed: the gauge counted it
+    until then (a stalled model whose clients time out showed a backlog)."""
+    release = threading.Event()
+
+    def held_sums(x: np.ndarray) -> np.ndarray:
+        release.wait(10)
+        return row_sums(x)
+
+    async def main() -> list[int]:
+        b = DynamicBatcher("m", held_sums, max_batch=1, max_delay_s=0.0, max_queue=100)
+        await b.start()
+        running = asyncio.ensure_future(b.submit(np.ones((1, 2), np.float32)))
+        queued = [asyncio.ensure_future(b.submit(np.full((1, 2), i, np.float32))) for i in range(3)]
+        await asyncio.sleep(0.1)  # the first is computing (held), the others wait for the one inference thread
+        depths = [b.depth]
+        queued[1].cancel()
+        await asyncio.sleep(0)
+        depths.append(b.depth)
+        release.set()
+        outs = await asyncio.gather(running, queued[0], queued[2])
+        assert [float(o[0, 0]) for o in outs] == [2.0, 0.0, 4.0]
+        depths.append(b.depth)
+        await b.close()
+        return depths
+
+    assert asyncio.run(main()) == [3, 2, 0]
+
+
 def test_without_merging_each_request_is_a_batch_of_its_own():
     """A Triton model config without dynamic_batching: requests queued together still run one by one, each with
     all its rows."""
