@@ -6,6 +6,7 @@ same dynamic batcher as /v1 requests.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -226,6 +227,20 @@ def _repository_json(body: bytes, like: str) -> Any:
 
 
 _INDEX_LIKE = 'the index request body must be a JSON object like {"ready": true}'
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, for a reason that names what came instead of what was expected: a scalar with its value
+    (a string's first 64 characters), a container by its kind alone (it may be 64 KiB)."""
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else "an array"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value[:64])}{'...' * (len(value) > 64)}"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return f"the number {str(value)[:64]}"
+
+
 _PARAMETERS_LIKE = 'the request body must be a JSON object like {"parameters": {...}}'
 _TOO_LARGE = error_doc(f"A body of more than {MAX_REPOSITORY_BODY} bytes")
 
@@ -260,9 +275,12 @@ async def repository_index(request: Request) -> JSONResponse:
     body = await _small_body(request)
     if body.strip():
         req = _repository_json(body, _INDEX_LIKE)
-        ready_only = req.get("ready", False) if isinstance(req, dict) else None
+        if not isinstance(req, dict):
+            raise APIError(400, f"{_INDEX_LIKE}, not {_json_kind(req)}")
+        ready_only = req.get("ready", False)
         if not isinstance(ready_only, bool):
-            raise APIError(400, _INDEX_LIKE)
+            raise APIError(400, f'the index request\'s "ready" must be a boolean (true or false), not '
+                                f"{_json_kind(ready_only)}")
     # In the work pool: the walk lists up to MAX_LISTED model directories and looks into every version of each (a
     # second on a local disk for thousands, more on a network file system), and its answer may be megabytes of JSON;
     # on the event loop, every other request, liveness included, would wait for both.
@@ -286,9 +304,11 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     if not body.strip():
         return {}
     req = _repository_json(body, _PARAMETERS_LIKE)
-    params = req.get("parameters", {}) if isinstance(req, dict) else None
+    if not isinstance(req, dict):
+        raise APIError(400, f"{_PARAMETERS_LIKE}, not {_json_kind(req)}")
+    params = req.get("parameters", {})
     if not isinstance(params, dict):
-        raise APIError(400, _PARAMETERS_LIKE)
+        raise APIError(400, f'the request\'s "parameters" must be a JSON object, not {_json_kind(params)}')
     try:
         check_parameters(params, "repository request")
     except ProtocolError as exc:
