@@ -52,6 +52,7 @@ from serve.workpool import ThreadsUnavailable, started_pool, thread_start_failed
 
 log = logging.getLogger("vitc.serve")
 MAX_LISTED = 4096  # directory entries of a repository looked at for its index
+KNOWN_SAID = 20  # names a load of an unknown model is told of
 MAX_FINGERPRINTED = 256  # files of a failed version whose state is kept, to tell whether they changed since
 LOAD_THREADS = "vitc-load"  # the name of the threads loads run in (serve.server names them when they outlive a stop)
 # Loads run one at a time, in a thread started with the server: a pool that started its threads at the first load
@@ -115,8 +116,19 @@ class _Known:
         if safe_component(name) and not name.startswith(".") and self._misnamed(name):
             # Named as the request named it: a load's answer tells no client where the repository lies.
             raise LoadError(misnamed(f"model directory {name[:200]!r}"))
-        raise LoadError(f"no model {name[:200]!r} in the repository; known: "
-                        f"{', '.join(sorted(self.sources)) or 'none'}")
+        raise LoadError(f"no model {name[:200]!r} in the repository; known: {_some(self.listed())}")
+
+    def listed(self) -> list[str]:
+        """The names the repository index lists, sorted: every source, model directory or bundle on disk, and name whose
+        last load failed (its directory gone or not)."""
+        return sorted(set(self.sources) | set(self._on_disk()) | {n for n, _ in self.failures})
+
+    def _on_disk(self) -> list[str]:
+        """The model directories of --model-repository and the bundles directly under --model-dir, loaded or not (at
+        most MAX_LISTED of each are looked at), by the names they load as."""
+        names = [e.name for e in _listed(self.settings.model_repository) if NAME_RE.fullmatch(e.name) and e.is_dir()]
+        given = given_paths(self.sources.values())
+        return names + [e.name for e in _listed(self.settings.model_dir) if self._bundle(e.name, given) is not None]
 
     def _bundle(self, name: str, given: set[Path] | None = None) -> ModelSource | None:
         """The bundle `name` directly under --model-dir, as a start would serve it: under its directory's name, unless
@@ -428,20 +440,12 @@ class RepositoryView(_Known):
         """Whether a version of `name` was served at the snapshot."""
         return name in self.served
 
-    def _on_disk(self) -> list[str]:
-        """The model directories of --model-repository and the bundles directly under --model-dir, loaded or not (at
-        most MAX_LISTED of each are looked at), by the names they load as."""
-        names = [e.name for e in _listed(self.settings.model_repository) if NAME_RE.fullmatch(e.name) and e.is_dir()]
-        given = given_paths(self.sources.values())
-        return names + [e.name for e in _listed(self.settings.model_dir) if self._bundle(e.name, given) is not None]
-
     def index(self) -> list[dict[str, Any]]:
         """Every model and version the server knows or its repository holds, with its state (READY / UNAVAILABLE)
         and why (Triton lists what is available to load, not only what is loaded)."""
         out = []
-        # The names whose last load failed too, their directory gone or not: each holds strict readiness down.
-        failed = {n for n, _ in self.failures}
-        for name in sorted(set(self.sources) | set(self.served) | set(self._on_disk()) | failed):
+        # The names whose last load failed too (listed), their directory gone or not: each holds strict readiness down.
+        for name in sorted(set(self.listed()) | set(self.served)):
             served = self.served.get(name)
             try:
                 source: ModelSource | None = self.source_of(name)
@@ -612,6 +616,14 @@ def _file_state(directory: Path, path: str) -> tuple[str, int, int, int, int]:
     except (OSError, ValueError):
         return os.path.relpath(path, directory), -1, -1, -1, -1
     return os.path.relpath(path, directory), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _some(names: list[str]) -> str:
+    """`names` for a reason: the first KNOWN_SAID of them, then how many more (a repository may hold thousands)."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - KNOWN_SAID} more (POST /v2/repository/index lists them)" * (len(names) > KNOWN_SAID)
+    return ", ".join(names[:KNOWN_SAID]) + more
 
 
 def _listed(root: Path | None) -> list[os.DirEntry]:
