@@ -105,7 +105,15 @@ class _Known:
         raise NotImplementedError
 
     def source_of(self, name: str) -> ModelSource:
-        """Where `name` loads from: the source it was served from, or a directory of --model-repository."""
+        """Where `name` loads from: the source it was served from, or a directory of --model-repository; LoadError
+        naming what is known when nothing holds it."""
+        if (source := self._located(name)) is None:
+            raise LoadError(f"no model {name[:200]!r} in the repository; known: {_some(self.listed())}")
+        return source
+
+    def _located(self, name: str) -> ModelSource | None:
+        """`source_of` without listing the known names (the index asks for every name it lists: listing the
+        repository again for each unknown one would make it quadratic); LoadError for a misnamed directory."""
         if name in self.sources:
             return self.sources[name]
         root = self.settings.model_repository
@@ -116,7 +124,7 @@ class _Known:
         if safe_component(name) and not name.startswith(".") and self._misnamed(name):
             # Named as the request named it: a load's answer tells no client where the repository lies.
             raise LoadError(misnamed(f"model directory {name[:200]!r}"))
-        raise LoadError(f"no model {name[:200]!r} in the repository; known: {_some(self.listed())}")
+        return None
 
     def listed(self) -> list[str]:
         """The names the repository index lists, sorted: every source, model directory or bundle on disk, and name whose
@@ -179,8 +187,10 @@ class _Known:
         if not version:
             return None
         try:
-            source = self.source_of(name)
+            source = self._located(name)
         except LoadError:
+            return None
+        if source is None:
             return None
         return _fingerprint(source.path / version if source.repository else source.path)
 
@@ -448,8 +458,8 @@ class RepositoryView(_Known):
         for name in sorted(set(self.listed()) | set(self.served)):
             served = self.served.get(name)
             try:
-                source: ModelSource | None = self.source_of(name)
-                versions = source.versions()
+                source: ModelSource | None = self._located(name)
+                versions = source.versions() if source else []
             except (LoadError, BundleError, OSError):  # unknown, or a directory it cannot read (a load says why)
                 source, versions = None, []
             for version in self._listed_versions(name, versions, served):
