@@ -20,6 +20,7 @@ import numpy as np
 
 from models.bundle import Artifact
 from models.extras import pip_command
+from models.failures import memory_failure
 from models.host import quota_cpus, usable_cpus
 from models.oneline import first_line
 from runtimes.base import (
@@ -33,6 +34,7 @@ from runtimes.base import (
     Variant,
 )
 from runtimes.build import Built, ExportContext, ExportError, import_nncf, quiet, write_failure
+from runtimes.tensors import DYNAMIC, TensorInfo, check_io
 
 if TYPE_CHECKING:
     from openvino import CompiledModel, Core
@@ -101,7 +103,8 @@ def build(ctx: ExportContext, precision: str) -> Built:
         if failure := write_failure(ctx.workdir, _bin_bytes(model, precision), files[::-1]):
             raise failure from exc
         raise
-    _check_ir(xml)
+    config = ctx.meta.config
+    _check_ir(xml, (config.in_chans, ctx.image_size, ctx.image_size), config.num_classes, ctx.max_batch)
     return Built(files, info)
 
 
@@ -118,19 +121,49 @@ def _bin_bytes(model: Any, precision: str) -> int:
     return total
 
 
-def _check_ir(xml: Any) -> None:
-    """The IR reads back with input "input" (dynamic batch, 3, H, W) and output "logits"."""
+def _check_ir(xml: Path, sample_shape: tuple[int, int, int], classes: int, max_batch: int) -> None:
+    """ExportError unless the IR reads back with the I/O every load checks (`check_io`): input "input" (dynamic
+    batch, *sample_shape) and output "logits" (batch, classes)."""
+    try:
+        check_io(ir_io(read_ir(xml, xml.with_suffix(".bin")), INPUT_NAME, OUTPUT_NAME), INPUT_NAME, OUTPUT_NAME,
+                 sample_shape, classes, max_batch, xml.name)
+    except BackendError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def read_ir(xml: Path, weights: Path) -> Any:
+    """The IR as an ov.Model; BackendError naming the file (with OpenVINO's words) where it cannot be read."""
+    try:
+        return core().read_model(str(xml), str(weights))
+    except RuntimeError as exc:
+        if memory_failure(exc) is not None:  # the machine, not the IR: the loader says so (a start exits 1)
+            raise
+        raise BackendError(f"{xml.name}: OpenVINO cannot read the IR: {reason(exc)}") from None
+
+
+def ir_io(model: Any, input_name: str, output_name: str) -> list[TensorInfo]:
+    """The IR's inputs and outputs as `check_io` reads them (a port by the manifest's name where it carries it: a
+    port can have several)."""
+    return [*(_port_info(p, "input", input_name) for p in model.inputs),
+            *(_port_info(p, "output", output_name) for p in model.outputs)]
+
+
+def _port_info(port: Any, mode: str, wanted: str) -> TensorInfo:
+    """One port of an ov.Model as a TensorInfo."""
     import openvino as ov
 
-    try:
-        model = ov.Core().read_model(str(xml))
-    except RuntimeError as exc:
-        raise ExportError(f"{xml}: OpenVINO cannot read the IR: {reason(exc)}") from None
-    if [i.get_any_name() for i in model.inputs] != [INPUT_NAME] or OUTPUT_NAME not in model.outputs[0].get_names():
-        raise ExportError(f"{xml}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
-    shape = model.inputs[0].get_partial_shape()
-    if shape.rank.get_length() != 4 or shape[0].is_static:
-        raise ExportError(f"{xml}: input must be (B, 3, H, W) with a dynamic batch axis, got {shape}")
+    names = port.get_names()
+    name = wanted if wanted in names else (sorted(names)[0] if names else "")
+    element = port.get_element_type()
+    dtype = "float32" if element == ov.Type.f32 else element.get_type_name()
+    partial = port.get_partial_shape()
+    if partial.rank.is_dynamic:
+        return TensorInfo(name, mode, dtype, None)
+    shape = tuple(d.get_length() if d.is_static else DYNAMIC for d in partial)
+    if not shape or partial[0].is_static:
+        return TensorInfo(name, mode, dtype, shape)
+    high = partial[0].get_max_length()  # -1: no bound
+    return TensorInfo(name, mode, dtype, shape, (partial[0].get_min_length(), None if high < 0 else high))
 
 
 def inference_precision(spec: LoadSpec) -> str:
@@ -163,19 +196,17 @@ def core() -> Core:
 
 
 def _compile(spec: LoadSpec, extra: dict[str, Any] | None = None) -> CompiledModel:
-    """Read the IR, check its input name, and compile it with the spec's options."""
-    compiler = core()
-    xml = spec.file(".xml")
+    """Read the IR, check its inputs and outputs against the manifest, and compile it with the spec's options."""
+    xml, m = spec.file(".xml"), spec.manifest
     # The weights are the listed, verified .bin, never the file OpenVINO would find beside the .xml by its name.
-    model = compiler.read_model(str(xml), str(spec.file(".bin")))
-    names = [n for port in model.inputs for n in port.get_names()]
-    if spec.manifest.input_name not in names:
-        raise BackendError(f"{xml.name} has inputs {names}, the manifest expects {spec.manifest.input_name!r}")
+    model = read_ir(xml, spec.file(".bin"))
+    check_io(ir_io(model, m.input_name, m.output_name), m.input_name, m.output_name, m.input.sample_shape,
+             spec.num_classes, spec.max_batch, xml.name)
     options, extra = spec.options, extra or {}
     hint = str(extra.get("PERFORMANCE_HINT", options.hint)).lower()  # a profile's own hint sizes its layout
     config: dict[str, Any] = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": inference_precision(spec),
                               **layout(hint, options.threads, options.parallel)}
-    return compiler.compile_model(model, "CPU", {**config, **extra})
+    return core().compile_model(model, "CPU", {**config, **extra})
 
 
 def layout(hint: str, threads: int | None, parallel: int | None) -> dict[str, int]:
@@ -200,6 +231,8 @@ class OpenVINOBackend(PooledBackend):
     def __init__(self, spec: LoadSpec) -> None:
         self.device, self.precision, self.max_batch = spec.device, spec.precision, spec.max_batch
         self.sample_shape = spec.manifest.input.sample_shape
+        # Bound by name (`_compile` checked the IR has these two ports and no others).
+        self._input, self._output = spec.manifest.input_name, spec.manifest.output_name
         try:
             self.compiled = _compile(spec)
             # The streams OpenVINO compiled (it caps them at the cores), not those asked for: more requests than
@@ -219,8 +252,8 @@ class OpenVINOBackend(PooledBackend):
         """(B, C, H, W) float32 -> (B, classes) float32 on the infer request this call took from the pool."""
         # share_inputs: a contiguous float32 batch (the batcher's) is read in place; checked to be float32, so
         # OpenVINO never converts it silently.
-        request.infer({0: batch}, share_inputs=True, share_outputs=True)
-        return request.get_output_tensor(0).data.copy()
+        request.infer({self._input: batch}, share_inputs=True, share_outputs=True)
+        return request.get_tensor(self._output).data.copy()
 
     def _renewed(self, request: Any) -> Any:
         """A fresh infer request for one whose call failed: after a bad_alloc it failed every later call ("Broken
@@ -253,7 +286,7 @@ _FUSED_MATMULS = ("ScaledDotProductAttention", "MatMul", "Convolution")
 def _node_labels(spec: LoadSpec, compiled: Any) -> dict[str, str]:
     """Runtime node name -> its profile label: the node type, or for a Subgraph that fuses a matmul-class op,
     "<that op> (Subgraph)"."""
-    source = core().read_model(str(spec.file(".xml")), str(spec.file(".bin")))
+    source = read_ir(spec.file(".xml"), spec.file(".bin"))
     kinds = {op.get_friendly_name(): op.get_type_name() for op in source.get_ordered_ops()}
     labels: dict[str, str] = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
@@ -272,10 +305,11 @@ def profile_ops(spec: LoadSpec, batch: int, reps: int = 5) -> dict[str, float]:
     labels = _node_labels(spec, compiled)
     request = compiled.create_infer_request()
     x = np.random.default_rng(0).standard_normal((batch, *spec.manifest.input.sample_shape), dtype=np.float32)
-    request.infer({0: x})
+    feed = {spec.manifest.input_name: x}
+    request.infer(feed)
     runs: list[Counter] = []
     for _ in range(reps):
-        request.infer({0: x})
+        request.infer(feed)
         per_type: Counter = Counter()
         for p in request.get_profiling_info():
             per_type[labels.get(p.node_name, p.node_type)] += p.real_time.total_seconds() * 1e3

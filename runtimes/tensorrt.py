@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +44,7 @@ from runtimes.base import (
     Variant,
 )
 from runtimes.build import Built, ExportContext, ExportError
+from runtimes.tensors import TensorInfo, check_io
 
 OPT_BATCH = 8  # the profile's optimum (clipped to max batch): a typical dynamic-batching server batch
 WORKSPACE_BYTES = 4 << 30
@@ -228,35 +228,6 @@ def build(ctx: ExportContext, precision: str) -> Built:
     return Built([engine], info)
 
 
-class TensorInfo(NamedTuple):
-    """One I/O tensor of an engine: name, "input" or "output", dtype ("float32", else TensorRT's name), shape."""
-
-    name: str
-    mode: str
-    dtype: str
-    shape: tuple[int, ...]  # -1 for a dynamic axis
-
-
-def check_io(tensors: Sequence[TensorInfo], input_name: str, output_name: str, sample_shape: tuple[int, int, int],
-             classes: int) -> None:
-    """Raise BackendError unless the engine's I/O is exactly the manifest's: one float32 input (-1, *sample_shape)
-    and one float32 output (-1, classes), each batch axis dynamic."""
-    inputs = [t for t in tensors if t.mode == "input"]
-    outputs = [t for t in tensors if t.mode == "output"]
-    # Every I/O tensor needs an address before execute_async_v3, and the backend binds only these two: an extra
-    # one would fail the first call rather than the load.
-    if [t.name for t in inputs] != [input_name] or [t.name for t in outputs] != [output_name]:
-        raise BackendError(f"engine has inputs {[t.name for t in inputs]} and outputs {[t.name for t in outputs]}; "
-                           f"the manifest expects {input_name!r} -> {output_name!r} and nothing else")
-    # The buffers and the host arrays are float32 of these shapes: anything else would be read as garbage.
-    for tensor, shape in ((inputs[0], (-1, *sample_shape)), (outputs[0], (-1, classes))):
-        if tensor.dtype != "float32":
-            raise BackendError(f"engine {tensor.mode} {tensor.name!r} is {tensor.dtype}, the manifest expects float32")
-        if tuple(tensor.shape) != shape:
-            raise BackendError(f"engine {tensor.mode} {tensor.name!r} has shape {tuple(tensor.shape)}, the manifest "
-                               f"expects {shape} (-1: the dynamic batch axis)")
-
-
 def _io(trt: Any, engine: Any) -> list[TensorInfo]:
     """The engine's I/O tensors as `check_io` reads them."""
     tensors = []
@@ -327,7 +298,9 @@ class TensorRTBackend(PooledBackend):
         if self.engine is None:
             raise BackendError("TensorRT cannot deserialize the engine (built for another GPU or TensorRT version?)")
         m = spec.manifest
-        check_io(_io(trt, self.engine), m.input_name, m.output_name, m.input.sample_shape, spec.num_classes)
+        # An engine's batch axis is -1 with the sizes of its optimisation profile, checked next.
+        check_io(_io(trt, self.engine), m.input_name, m.output_name, m.input.sample_shape, spec.num_classes,
+                 self.max_batch)
         low, _, high = self.engine.get_tensor_profile_shape(m.input_name, 0)
         if low[0] > 1 or high[0] < self.max_batch:
             raise BackendError(f"engine profile covers batch {low[0]}..{high[0]}, the manifest 1..{self.max_batch}")

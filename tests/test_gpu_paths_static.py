@@ -18,7 +18,7 @@ from test_serve_fixtures import micro_bundle
 import runtimes
 from runtimes import BackendError
 from runtimes.onnxruntime import execution_providers
-from runtimes.tensorrt import TensorInfo, check_io
+from runtimes.tensors import TensorInfo, check_io
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ GOOD = (TensorInfo("input", "input", "float32", (-1, *SAMPLE)), TensorInfo("logi
 
 
 def _check(*tensors: TensorInfo) -> None:
-    check_io(tensors, "input", "logits", SAMPLE, 10)
+    check_io(tensors, "input", "logits", SAMPLE, 10, 32)
 
 
 def test_tensorrt_accepts_the_engine_it_builds():
