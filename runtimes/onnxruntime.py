@@ -18,6 +18,7 @@ from models.onnx_wire import onnx_ir_version
 from runtimes import onnx_graph
 from runtimes.base import BackendError, CallPool, LoadSpec, PooledBackend, Runtime, Variant, default_streams
 from runtimes.build import Built, ExportContext, ExportError
+from runtimes.tensors import DYNAMIC, TensorInfo, check_io
 
 
 def version() -> str:
@@ -131,15 +132,11 @@ class OnnxRuntimeBackend(PooledBackend):
                 f"--device {options.device}: onnxruntime is not running on CUDA (active providers: "
                 f"{', '.join(self.session.get_providers())}); install onnxruntime-gpu and check the driver"
             )
-        names = [i.name for i in self.session.get_inputs()]
-        if spec.manifest.input_name not in names:
-            raise BackendError(f"{spec.file('.onnx').name} has inputs {names}, the manifest expects "
-                               f"{spec.manifest.input_name!r}")
-        outputs = [o.name for o in self.session.get_outputs()]
-        if spec.manifest.output_name not in outputs:
-            raise BackendError(f"{spec.file('.onnx').name} has outputs {outputs}, the manifest expects "
-                               f"{spec.manifest.output_name!r}")
-        self._input, self._outputs = spec.manifest.input_name, [spec.manifest.output_name]
+        m = spec.manifest
+        # A static batch passed the one-image warm-up and failed every larger batch; an extra input failed every call.
+        check_io(session_io(self.session), m.input_name, m.output_name, m.input.sample_shape, spec.num_classes,
+                 self.max_batch, path.name)
+        self._input, self._outputs = m.input_name, [m.output_name]
         self._threads = threads
         self._providers = self.session.get_providers()
 
@@ -168,6 +165,16 @@ class OnnxRuntimeBackend(PooledBackend):
     def _release(self) -> None:
         """Drop the sessions (onnxruntime frees them with the objects) once no call runs in them."""
         self.session = self._latency = None
+
+
+def session_io(session: Any) -> list[TensorInfo]:
+    """A session's inputs and outputs as `check_io` reads them (a symbolic or unknown axis is dynamic)."""
+    def info(arg: Any, mode: str) -> TensorInfo:
+        dtype = "float32" if arg.type == "tensor(float)" else arg.type
+        shape = None if arg.shape is None else tuple(d if isinstance(d, int) else DYNAMIC for d in arg.shape)
+        return TensorInfo(arg.name, mode, dtype, shape)
+
+    return [*(info(a, "input") for a in session.get_inputs()), *(info(a, "output") for a in session.get_outputs())]
 
 
 def session_source(path: Path) -> str | bytes:

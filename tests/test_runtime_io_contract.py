@@ -131,6 +131,54 @@ def test_export_checks_the_ir_by_the_same_rule(tmp_path):
         _check_ir(xml, SAMPLE, CLASSES, MAX_BATCH)
 
 
+# --- onnxruntime: the same rule ---------------------------------------------------------------------------------
+
+def onnx_bundle(dest: Path, edit) -> tuple[Path, Manifest]:  # noqa: ANN001 - edit: onnx.ModelProto -> None
+    """A pre-golden copy of the legacy bundle whose model.onnx `edit` changed."""
+    import onnx
+
+    shutil.copytree(LEGACY, dest)
+    model = onnx.load(str(dest / "model.onnx"))
+    edit(model)
+    onnx.save(model, str(dest / "model.onnx"))
+    return with_artifact(dest, "onnxruntime", "onnx", ["model.onnx"], {"opset": 20})
+
+
+def _static_batch(model) -> None:  # noqa: ANN001
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+
+
+def _extra_input(model) -> None:  # noqa: ANN001
+    import onnx
+
+    model.graph.input.insert(0, onnx.helper.make_tensor_value_info("decoy", onnx.TensorProto.FLOAT, ["batch", 3]))
+
+
+def _extra_output(model) -> None:  # noqa: ANN001
+    import onnx
+
+    model.graph.node.append(onnx.helper.make_node("Identity", ["logits"], ["aux"]))
+    model.graph.output.insert(0, onnx.helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["batch", 10]))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_static_batch, r"^model\.onnx input 'input' has shape \(1, 3, 32, 32\), the manifest expects \(-1, 3, 32, 32\)"),
+    (_extra_input, r"^model\.onnx has inputs \['decoy', 'input'\]"),
+    (_extra_output, r"^model\.onnx has inputs \['input'\] and outputs \['aux', 'logits'\]"),
+])
+def test_onnxruntime_refuses_an_onnx_file_that_breaks_the_contract(tmp_path, edit, message):
+    bundle, manifest = onnx_bundle(tmp_path / "b", edit)
+    with pytest.raises(BackendError, match=message):
+        runtimes.open_backend(bundle, manifest, "onnxruntime")
+
+
+def test_onnxruntime_opens_the_legacy_onnx_file(tmp_path):
+    bundle, manifest = onnx_bundle(tmp_path / "b", lambda _model: None)
+    backend = runtimes.open_backend(bundle, manifest, "onnxruntime")
+    assert backend.infer(np.zeros((MAX_BATCH, *SAMPLE), np.float32)).shape == (MAX_BATCH, CLASSES)
+    backend.close()
+
+
 # --- the rule itself --------------------------------------------------------------------------------------------
 
 GOOD = (TensorInfo("input", "input", "float32", (-1, *SAMPLE)), TensorInfo("logits", "output", "float32", (-1, 10)))
