@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.bundle import Artifact
+from models.bundle import MANIFEST_FILE, Artifact
 from models.extras import pip_command
 from models.failures import memory_failure
 from models.host import quota_cpus, usable_cpus
@@ -167,15 +167,29 @@ def _port_info(port: Any, mode: str, wanted: str) -> TensorInfo:
 
 
 def inference_precision(spec: LoadSpec) -> str:
-    """The INFERENCE_PRECISION_HINT to compile with: asked for, else what export gated the artifact at."""
+    """The INFERENCE_PRECISION_HINT to compile with: asked for, else what export gated the artifact at (a recorded
+    value OpenVINO would not take is refused naming its manifest field, not passed on as a failed compile)."""
+    accepted = ", ".join(sorted(_HINT_NAMES))
     asked = spec.options.inference_precision
     if asked is not None:
         if asked not in _HINT_NAMES:
-            raise BackendError(f"OpenVINO inference precision must be one of {sorted(_HINT_NAMES)}, got {asked!r}")
+            raise BackendError(f"OpenVINO inference precision must be one of {accepted}, got {asked!r}")
         return _HINT_NAMES[asked]
-    recorded = spec.artifact.info.get("inference_precision") or (spec.artifact.parity and
-                                                                 spec.artifact.parity.inference_precision)
-    return str(recorded or INFERENCE_PRECISION)
+    artifact = spec.artifact
+    for key, recorded in (("inference_precision", artifact.info.get("inference_precision")),
+                          ("parity.inference_precision", artifact.parity and artifact.parity.inference_precision)):
+        if recorded:
+            if recorded not in _HINT_NAMES:
+                raise BackendError(f"{MANIFEST_FILE}: {_field(spec, key)!r} must be one of {accepted}, "
+                                   f"got {recorded!r:.40}")
+            return _HINT_NAMES[recorded]
+    return INFERENCE_PRECISION
+
+
+def _field(spec: LoadSpec, key: str) -> str:
+    """The manifest path of the artifact's field `key` (by its id where the manifest does not list it yet)."""
+    index = next((i for i, a in enumerate(spec.manifest.artifacts) if a.id == spec.artifact.id), None)
+    return f"artifacts[{index}].{key}" if index is not None else f"{key} of artifact {spec.artifact.id}"
 
 
 @functools.cache

@@ -7,6 +7,7 @@ of the legacy test bundle (no export needed), and opened through `runtimes.open_
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -129,6 +130,26 @@ def test_export_checks_the_ir_by_the_same_rule(tmp_path):
     ov.save_model(tiny_ir(batch=1), str(xml))
     with pytest.raises(ExportError, match=r"openvino-fp32\.xml input 'input' has shape \(1, 3, 32, 32\)"):
         _check_ir(xml, SAMPLE, CLASSES, MAX_BATCH)
+
+
+@pytest.mark.parametrize(("recorded", "compiled"), [("f32", "f32"), ("fp32", "f32"), ("fp16", "f16"),
+                                                    ("bf16", "bf16")])
+def test_a_recorded_inference_precision_is_taken_in_any_accepted_spelling(tmp_path, recorded, compiled):
+    from runtimes.openvino import inference_precision
+
+    bundle, manifest = ir_bundle(tmp_path / "b", tiny_ir(), inference_precision=recorded)
+    artifact = manifest.select("openvino", "fp32")
+    spec = runtimes.LoadSpec(manifest, artifact, tuple(bundle / f.path for f in artifact.files))
+    assert inference_precision(spec) == compiled  # OpenVINO's own spelling ("fp16" was a failed compile)
+    runtimes.open_backend(bundle, manifest, "openvino").close()
+
+
+def test_an_unknown_inference_precision_is_refused_naming_its_manifest_field(tmp_path):
+    bundle, manifest = ir_bundle(tmp_path / "b", tiny_ir(), inference_precision="bogus")
+    index = next(i for i, a in enumerate(manifest.artifacts) if a.runtime == "openvino")
+    with pytest.raises(BackendError, match=re.escape(f"manifest.json: 'artifacts[{index}].inference_precision' must "
+                                                     "be one of bf16, f16, f32, fp16, fp32, got 'bogus'")):
+        runtimes.open_backend(bundle, manifest, "openvino")
 
 
 # --- onnxruntime: the same rule ---------------------------------------------------------------------------------
