@@ -46,6 +46,9 @@ _HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16"
 # limit, after 'Failed to create plugin ... for device CPU' and its advice.
 _SOURCE_LOCATION = re.compile(r"(Exception from \S+:\d+:?|Check '.*' failed at \S+:\d+:?)")
 _NOT_A_REASON = ("Please, check your environment",)  # the plugin loader's advice, between the outer words and cause
+# The XML reader's std::stoll (and kin) failing on an attribute says only its own name ("Converting input model:
+# stoll"): a Const's offset or size beyond int64, or not a number.
+_BARE_CONVERSION = re.compile(r"sto(i|l|ll|ul|ull|f|d|ld)")
 MAX_REASON = 500  # characters of OpenVINO's words kept on the one line (a shape mismatch can list pages)
 
 
@@ -138,7 +141,10 @@ def read_ir(xml: Path, weights: Path) -> Any:
     except RuntimeError as exc:
         if memory_failure(exc) is not None:  # the machine, not the IR: the loader says so (a start exits 1)
             raise
-        raise BackendError(f"{xml.name}: OpenVINO cannot read the IR: {reason(exc)}") from None
+        said = reason(exc)
+        if _BARE_CONVERSION.fullmatch(said.rpartition(": ")[2]):
+            said += " (a number in the XML is out of range or not a number: a weights offset or size, most likely)"
+        raise BackendError(f"{xml.name}: OpenVINO cannot read the IR: {said}") from None
 
 
 def ir_io(model: Any, input_name: str, output_name: str) -> list[TensorInfo]:

@@ -152,6 +152,19 @@ def test_an_unknown_inference_precision_is_refused_naming_its_manifest_field(tmp
         runtimes.open_backend(bundle, manifest, "openvino")
 
 
+def test_a_weights_offset_beyond_int64_is_named_as_such(tmp_path):
+    bundle, _ = ir_bundle(tmp_path / "b", tiny_ir())
+    xml = bundle / "openvino-fp32.xml"
+    text = xml.read_text()
+    offset = re.search(r'offset="\d+"', text).group(0)
+    xml.write_text(text.replace(offset, 'offset="18446744073709551615"', 1))
+    _, manifest = with_artifact(bundle, "openvino", "openvino-ir", ["openvino-fp32.xml", "openvino-fp32.bin"],
+                                {"inference_precision": "f32"})
+    with pytest.raises(BackendError, match=r"^openvino-fp32\.xml: OpenVINO cannot read the IR: .*stoll \(a number in "
+                                           r"the XML is out of range or not a number: a weights offset or size"):
+        runtimes.open_backend(bundle, manifest, "openvino")
+
+
 # --- onnxruntime: the same rule ---------------------------------------------------------------------------------
 
 def onnx_bundle(dest: Path, edit) -> tuple[Path, Manifest]:  # noqa: ANN001 - edit: onnx.ModelProto -> None
