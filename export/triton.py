@@ -63,6 +63,7 @@ from export.triton_config import (
     caps_threads,
     check_kept,
     check_labels,
+    check_served,
     labels_edited,
     previous_options,
     untouched,
@@ -389,9 +390,11 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                     v = version or _next_version(out / name)
                     if (out / name / str(v)).exists():  # checked again, under the lock, when published
                         raise version_exists(out / name / str(v))
-                    if not replace_config and not untouched(out / name / CONFIG_FILE):
-                        if (unselected := check_kept(out / name, manifest, artifact, v)) is not None:
-                            notes.append(unselected)
+                    unselected, config = None, out / name / CONFIG_FILE
+                    if replace_config or not config.is_file() or untouched(config):  # its config.pbtxt is written for v
+                        check_served(out / name, v)
+                    elif (unselected := check_kept(out / name, manifest, artifact, v)) is not None:
+                        notes.append(unselected)
                     if not replace_config and labels_edited(out / name, manifest):
                         keep_labels.add(name)
                     was = previous[artifact.id]
@@ -399,7 +402,9 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                                 instances=instances if instances is not None
                                 else int(was.get("instances", DEFAULT_INSTANCES)),
                                 max_queue_delay_us=max_queue_delay_us if max_queue_delay_us is not None
-                                else int(was.get("max_queue_delay_us", DEFAULT_QUEUE_DELAY_US)), cpus=pod_cpus)
+                                else int(was.get("max_queue_delay_us", DEFAULT_QUEUE_DELAY_US)), cpus=pod_cpus,
+                                # labels.txt describes the version served: not one the kept policy leaves unserved
+                                labels=name not in keep_labels and unselected is None)
                     if service is not None and release(service.runtime_version) == release(MIN_TRITON_RELEASE) and (
                             why := beyond_min_triton(staging / name / str(v), artifact)):
                         raise RepositoryError(f"{name}: Triton {service.runtime_version} cannot load it: {why}; "

@@ -229,20 +229,37 @@ def check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact, version:
 
 def _unselected(model_dir: Path, policy: tritonconfig.VersionPolicy, version: int) -> str | None:
     """A warning when `policy` (a kept config's) does not select `version`, about to be written: Triton would never
-    serve it, nor vitc (which serves the newest, or the highest listed); None when it does."""
+    serve it, nor vitc (which serves the newest, or the highest listed), so labels.txt is left as it is; None when it
+    does."""
     versions = sorted({version, *version_dirs(model_dir)})
     if policy.kind == "specific":
         if version in policy.versions:
             return None
-        what = f"specific {{ versions: [ {', '.join(map(str, policy.versions))} ] }}"
+        what, fix = f"specific {{ versions: [ {', '.join(map(str, policy.versions))} ] }}", "add it to the policy"
     elif policy.kind == "latest" and version in versions[-policy.num_versions:]:
         return None
     elif policy.kind == "latest":
         what = f"latest {{ num_versions: {policy.num_versions} }} (newer versions exist)"
+        fix = f"pass a --version above {versions[-1]}"
     else:
         return None
+    existing = version_dirs(model_dir)
+    served = max((v for v in policy.loads(existing) if v in existing), default=None)
     return (f"{model_dir / CONFIG_FILE} is kept, and its version_policy {what} does not select the new version "
-            f"{version}: neither Triton nor vitc will serve it; add it to the policy, or pass --replace-config")
+            f"{version}: neither Triton nor vitc will serve it{'' if served is None else f' (they serve {served})'}, "
+            f"and {LABELS_FILE} is left as it is; {fix}")
+
+
+def check_served(model_dir: Path, version: int) -> None:
+    """RepositoryError (nothing written) when the config.pbtxt generated for `version` (latest { num_versions: 1 })
+    would not select it, a newer version being there: config.pbtxt and labels.txt would then describe a version
+    neither Triton nor vitc serves, beside the one they serve (which they would refuse to load, its input changed)."""
+    newest = max(version_dirs(model_dir), default=0)
+    if newest > version:
+        raise RepositoryError(f"{model_dir.name}: version {version} would never be served: the {CONFIG_FILE} "
+                              f"generated for it serves the latest version, which is {newest}, so it and "
+                              f"{LABELS_FILE} would describe a version not served; pass a --version above {newest} "
+                              "(or none: the next)")
 
 
 def labels_text(class_names: Sequence[str]) -> bytes:

@@ -280,8 +280,9 @@ def missing_parents(out: Path) -> list[Path]:
 
 
 def stage_model(bundle: Path, manifest: Manifest, artifact: Artifact, model_dir: Path, version: int, *,
-                kind: str, instances: int, max_queue_delay_us: int, cpus: int | None) -> None:
-    """Write one model directory (config, labels, one verified version) under the staging directory."""
+                kind: str, instances: int, max_queue_delay_us: int, cpus: int | None, labels: bool = True) -> None:
+    """Write one model directory (config, labels unless not `labels`, one verified version) under the staging
+    directory."""
     target = model_dir / str(version)
     target.mkdir(parents=True)
     copies = _version_files(bundle, manifest, artifact)
@@ -299,7 +300,8 @@ def stage_model(bundle: Path, manifest: Manifest, artifact: Artifact, model_dir:
     atomic_write_bytes(model_dir / CONFIG_FILE, config_pbtxt(
         model_dir.name, manifest, artifact, kind=kind, instances=instances, max_queue_delay_us=max_queue_delay_us,
         cpus=cpus).encode())
-    atomic_write_bytes(model_dir / LABELS_FILE, labels_text(manifest.class_names))
+    if labels:  # else the model directory's own labels.txt is kept (`_complete`)
+        atomic_write_bytes(model_dir / LABELS_FILE, labels_text(manifest.class_names))
 
 
 def _golden_of(target: Path, path: str, manifest: Manifest, artifact_id: str) -> FileEntry:
@@ -352,9 +354,8 @@ def publish(staging: Path, out: Path, plan: list[tuple[str, int]], replace_confi
             continue
         if (dst / str(v)).exists():
             raise version_exists(dst / str(v))
-        if name in keep_labels:  # edited by hand: the classification answers are the user's
+        if name in keep_labels:  # edited by hand: the classification answers are the user's (not staged)
             kept.append(dst / LABELS_FILE)
-            (src / LABELS_FILE).unlink()
         generated = (src / CONFIG_FILE).read_bytes()
         if not (replace_config or not (dst / CONFIG_FILE).is_file() or untouched(dst / CONFIG_FILE)
                 or (dst / CONFIG_FILE).read_bytes() == generated.partition(b"\n")[2]):

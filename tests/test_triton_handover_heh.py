@@ -1,0 +1,91 @@
+"""Handing a repository to Triton and KServe, what tester hEH found: a version the config.pbtxt written for it would
+not serve is refused before anything is written (a kept config's policy that leaves it unserved leaves labels.txt as
+it is); --replace-isvc keeps only the name and storage URI, and the pod's GPUs follow the models' instance kinds
+(--gpus 0 allowed when none runs on KIND_GPU); artifacts the export's gate refused are named, skipping one is allowed,
+and a model an earlier export of the bundle left unrefreshed is named; the "kept" InferenceService of a relative
+--out is not also said "wrote"; a linked inferenceservice.yaml is refused for what it is; a new version that changes
+the input dims, the batch or the classes is named; only the main Triton image is accepted; storage URIs KServe or
+Kubernetes would refuse are refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_serve_fixtures import micro_bundle
+from test_triton_handover import _refused, _tree
+
+from export import triton
+
+ONNX_ONLY = ["--skip", "openvino-fp32,openvino-fp16"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return micro_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """A bundle of the same name, `micro`, of a vit_c_micro at 48 px exported with max batch 4 (ONNX only)."""
+    import torch
+
+    from data.datasets import ANIMAL_CLASSES, default_preprocessing
+    from export.bundle import build_bundle
+    from models import build_model
+    from models.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("wide")
+    torch.manual_seed(0)
+    model = build_model("vit_c_micro", image_size=48).eval()
+    with torch.no_grad():  # a head drawn wide: the default zero head ties every logit, which the gate refuses
+        model.head.weight.normal_(0, 0.5)
+    ckpt = save_checkpoint(root / "ckpt", model, class_names=ANIMAL_CLASSES,
+                           preprocessing=default_preprocessing("animals", 48), extra={"dataset": "animals"})
+    build_bundle(ckpt, root / "micro", targets=("onnx",), name="micro", max_batch=4, parity_samples=16,
+                 calibration_samples=16, log=lambda _: None)
+    return root / "micro"
+
+
+# --- 1. a version the config written for it would not serve -------------------------------------------------------
+
+
+def test_a_version_below_the_served_one_is_refused_before_anything_is_written(bundle, wide, tmp_path, capsys):
+    """It rewrote config.pbtxt for version 3 (48 px) beside version 5 (32 px), which Triton and vitc serve: neither
+    could load the model any more."""
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY, "--version", "5"]) == 0
+    before = _tree(repo)
+    for extra in ([], ["--replace-config"]):
+        err = _refused([str(wide), "--out", str(repo), "--version", "3", *extra], capsys)
+        assert ("micro-onnx-fp32: version 3 would never be served: the config.pbtxt generated for it serves the latest "
+                "version, which is 5") in err and "pass a --version above 5" in err, err
+        assert _tree(repo) == before
+    assert triton.main([str(wide), "--out", str(repo), "--version", "6"]) == 0
+    assert "dims: [ 3, 48, 48 ]" in (repo / "micro-onnx-fp32" / "config.pbtxt").read_text()
+
+
+def test_a_kept_config_that_does_not_serve_the_new_version_leaves_labels_as_they_are(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY]) == 0
+    model = repo / "micro-onnx-fp32"
+    config = model / "config.pbtxt"
+    config.write_text(config.read_text().replace("latest: { num_versions: 1 }", "specific: { versions: [ 1 ] }"))
+    os.utime(model / "labels.txt", ns=(10**18, 10**18))  # a labels.txt written again would have today's time
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: {config} is kept, and its version_policy specific {{ versions: [ 1 ] }} does not select the new "
+            "version 2: neither Triton nor vitc will serve it (they serve 1), and labels.txt is left as it is; add it "
+            "to the policy") in out, out
+    assert (model / "labels.txt").stat().st_mtime_ns == 10**18 and (model / "2").is_dir()
+    # A kept latest policy: a version below the newest is named with the version to pass.
+    config.write_text(config.read_text().replace("specific: { versions: [ 1 ] }", "latest: { num_versions: 1 }")
+                      + "# edited\n")
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY, "--version", "5"]) == 0
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY, "--version", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "does not select the new version 3: neither Triton nor vitc will serve it (they serve 5)" in out
+    assert "pass a --version above 5" in out
