@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,9 +207,11 @@ def isvc_default_name(manifest: Manifest) -> str:
 
 
 def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc_name: str | None,
-                 triton_version: str | None, gpus: int | None, needs_gpu: bool, kind_gpu: bool,
+                 triton_version: str | None, gpus: int | None, gpu_models: Sequence[str], kind_gpu: bool,
                  replace_isvc: bool, cpus: int | None = None, notes: list[str] | None = None) -> Service | None:
-    """The InferenceService to write: the options, else the repository's own file, else the defaults."""
+    """The InferenceService to write: the options, else the repository's own file (only its name and storage URI
+    with `replace_isvc`), else the defaults; its GPUs are those kept or given while a model runs on KIND_GPU
+    (`gpu_models`), else none."""
     # None: keep the repository's file, which was edited (or written by an older version of this tool);
     # RepositoryError when an option given would then not take effect, or when `kind_gpu` (--kind gpu put models on
     # KIND_GPU) and that file asks for no GPU. An untouched file's storage URI that is the encoded default of an
@@ -233,6 +236,8 @@ def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc
                                       "--replace-isvc to regenerate it")
             return None
         old = _isvc_values(text or "")
+        if replace_isvc:  # regenerated: the release, GPUs and CPUs are the options' or the defaults
+            old = {k: v for k, v in old.items() if k in ("name", "storage_uri")}
         if storage_uri is None and text is not None and is_marked(text, _ISVC_MARK) and "storage_uri" in old:
             old["storage_uri"] = upgraded_storage_uri(path, out, str(old["storage_uri"]),
                                                       notes if notes is not None else [])
@@ -246,9 +251,13 @@ def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc
                                        or default_storage_uri(out)),
         runtime_version=triton_tag(triton_version) if triton_version else str(old.get("runtime_version")
                                                                                or DEFAULT_TRITON_VERSION),
-        gpus=gpus if gpus is not None else max(int(old.get("gpus", 0)), int(needs_gpu)),
+        gpus=gpus if gpus is not None else int(old.get("gpus", 1)) if gpu_models else 0,
         cpus=cpus if cpus is not None else int(old.get("cpus", DEFAULT_CPUS)),
     )
+    if service.gpus == 0 and gpu_models:
+        more = f" and {len(gpu_models) - 1} more" if len(gpu_models) > 1 else ""
+        raise RepositoryError(f"--gpus 0: {gpu_models[0]}{more} of the repository run on KIND_GPU, which needs a GPU "
+                              f"in the pod; pass --gpus 1..{MAX_GPUS}, or --kind cpu for the models written now")
     check_storage_uri(service.storage_uri)
     check_isvc_name(service.name)
     return service

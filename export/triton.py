@@ -64,6 +64,7 @@ from export.triton_config import (
     check_kept,
     check_labels,
     check_served,
+    gpu_models,
     labels_edited,
     previous_options,
     untouched,
@@ -224,8 +225,8 @@ def check_options(*, version: int | None, kind: str | None, instances: int | Non
         raise RepositoryError(f"--instances must be in 1..{MAX_INSTANCES}, got {instances}")
     if max_queue_delay_us is not None and not 0 <= max_queue_delay_us <= MAX_QUEUE_DELAY_US:
         raise RepositoryError(f"--max-queue-delay-us must be in 0..{MAX_QUEUE_DELAY_US}, got {max_queue_delay_us}")
-    if gpus is not None and not 1 <= gpus <= MAX_GPUS:
-        raise RepositoryError(f"--gpus must be in 1..{MAX_GPUS}, got {gpus}")
+    if gpus is not None and not 0 <= gpus <= MAX_GPUS:
+        raise RepositoryError(f"--gpus must be in 0..{MAX_GPUS}, got {gpus}")
     if cpus is not None and not 1 <= cpus <= MAX_CPUS:
         raise RepositoryError(f"--cpus must be in 1..{MAX_CPUS}, got {cpus}")
     if storage_uri is not None:
@@ -368,8 +369,12 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
             was_cpus = kept_cpu_limit(out / ISVC_FILE) if had_isvc else None
             was = kept_runtime_version(out / ISVC_FILE) if had_isvc else None  # the release the repository runs
             had_models = out.is_dir() and any(p.is_dir() and not own_leftover(p) for p in out.iterdir())
+            # The models whose config.pbtxt is generated now (not an edited one kept), with their kind.
+            generated = {n: devices[a.id] for a, n in zip(artifacts, names, strict=True)
+                         if replace_config or not (out / n / CONFIG_FILE).is_file() or untouched(out / n / CONFIG_FILE)}
             service = plan_service(out, manifest, storage_uri=storage_uri, isvc_name=isvc_name,
-                                   triton_version=triton_version, gpus=gpus, needs_gpu="gpu" in devices.values(),
+                                   triton_version=triton_version, gpus=gpus,
+                                   gpu_models=gpu_models(out, generated),
                                    kind_gpu=kind == "gpu", replace_isvc=replace_isvc, cpus=cpus,
                                    notes=notes)
             # The release the repository's InferenceService runs: the one written now, else the kept file's.
@@ -390,8 +395,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                     v = version or _next_version(out / name)
                     if (out / name / str(v)).exists():  # checked again, under the lock, when published
                         raise version_exists(out / name / str(v))
-                    unselected, config = None, out / name / CONFIG_FILE
-                    if replace_config or not config.is_file() or untouched(config):  # its config.pbtxt is written for v
+                    unselected = None
+                    if name in generated:  # its config.pbtxt is written for v
                         check_served(out / name, v)
                     elif (unselected := check_kept(out / name, manifest, artifact, v)) is not None:
                         notes.append(unselected)
@@ -473,8 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--triton-version", help="Triton image tag the InferenceService runs, YY.MM[-suffix], "
                                             f"{MIN_TRITON_RELEASE} or later (default: the "
                                             f"repository's, else {DEFAULT_TRITON_VERSION})")
-    p.add_argument("--gpus", type=int, help=f"GPUs the InferenceService asks for, 1..{MAX_GPUS} (default: the "
-                                            "repository's, else 1 when a model runs on the GPU)")
+    p.add_argument("--gpus", type=int, help=f"GPUs the InferenceService asks for, 0..{MAX_GPUS} (default, "
+                                            "while a model runs on KIND_GPU: the repository's, else 1; otherwise 0)")
     p.add_argument("--cpus", type=int, help=f"CPU limit of the InferenceService's pod, 1..{MAX_CPUS}, shared as "
                                             "threads by each CPU model's instances (default: the repository's, else "
                                             f"{DEFAULT_CPUS})")

@@ -193,6 +193,20 @@ def caps_threads(model_dir: Path) -> bool:
     return config is not None and bool(keys & set(config.parameters))
 
 
+def gpu_models(out: Path, generated: dict[str, str]) -> list[str]:
+    """The models of the repository `out` that run a KIND_GPU instance group (their pod needs a GPU) once this run
+    writes: those in `generated` (name -> the kind of the config.pbtxt generated for them now) by that kind, the
+    others by their config.pbtxt (one that cannot be read asks for none)."""
+    found = [name for name, kind in generated.items() if kind == "gpu"]
+    others = sorted(d for d in out.iterdir() if d.name not in generated and not d.name.startswith(".")
+                    and d.is_dir() and not d.is_symlink()) if out.is_dir() else []
+    for model_dir in others:
+        with contextlib.suppress(tritonconfig.ConfigError, OSError, ValueError):
+            if (config := tritonconfig.read(model_dir)) is not None and "KIND_GPU" in config.instance_kinds:
+                found.append(model_dir.name)
+    return sorted(found)
+
+
 def check_kept(model_dir: Path, manifest: Manifest, artifact: Artifact, version: int) -> str | None:
     """RepositoryError (nothing written) when the edited config.pbtxt that a new version keeps does not fit that
     version: a repository that vitc and Triton would then refuse to serve. Returns a warning when its version_policy

@@ -111,13 +111,13 @@ def test_an_edited_inference_service_is_kept_and_options_that_would_not_apply_ar
     assert "--isvc-name would not take effect" in _refused([str(bundle), "--out", str(repo), "--isvc-name", "x"],
                                                            capsys)
     assert path.read_bytes() == edited and sorted(p.name for p in (repo / "micro-onnx-fp32").iterdir()) == before
-    # --replace-isvc regenerates it, keeping what the edited file said unless given again.
+    # --replace-isvc regenerates it, keeping only the edited file's name and storage URI (the README's word).
     assert triton.main([str(bundle), "--out", str(repo), "--replace-isvc", "--triton-version", "26.02-py3"]) == 0
     assert (_isvc(repo)["metadata"]["name"], _model(repo)["storageUri"]) == ("prod", "s3://b/repo")
-    assert _model(repo)["runtimeVersion"] == "26.02-py3" and _model(repo)["resources"]["limits"]["cpu"] == "8"
+    assert _model(repo)["runtimeVersion"] == "26.02-py3" and _model(repo)["resources"]["limits"]["cpu"] == "4"
     assert "kept" not in capsys.readouterr().out
     # An edited file that names a release that loads the models gets the plain line.
-    path.write_text(path.read_text().replace('cpu: "8"', 'cpu: "6"'))
+    path.write_text(path.read_text().replace('cpu: "4"', 'cpu: "6"'))
     assert triton.main([str(bundle), "--out", str(repo)]) == 0
     out = capsys.readouterr().out
     assert "--replace-isvc regenerates it" in out and "runtimeVersion" not in out
@@ -269,7 +269,8 @@ def test_gpu_instances_only_for_runtimes_triton_runs_on_a_gpu_and_one_gpu_by_def
     (["--triton-version", "24.04-py3"], "Triton before 24.05 cannot load these models"),
     (["--triton-version", "latest"], "must be a Triton release tag"),
     (["--triton-version", "24.05\n  evil: 1"], "must be a Triton release tag"),
-    (["--gpus", "0"], "--gpus must be in 1..16"),
+    (["--gpus", "17"], "--gpus must be in 0..16"),
+    (["--kind", "gpu", "--gpus", "0"], "--gpus 0: micro-onnx-fp32 of the repository run on KIND_GPU"),
 ])
 def test_names_releases_and_gpus_kserve_or_triton_would_refuse_are_refused(bundle, tmp_path, capsys, args, says):
     assert says in _refused([str(bundle), "--out", str(tmp_path / "repo"), *args], capsys)

@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from test_serve_fixtures import micro_bundle
 from test_triton_handover import _refused, _tree
 
-from export import triton
+from export import kserve, triton
 
 ONNX_ONLY = ["--skip", "openvino-fp32,openvino-fp16"]
 
@@ -46,6 +47,14 @@ def wide(tmp_path_factory) -> Path:
     build_bundle(ckpt, root / "micro", targets=("onnx",), name="micro", max_batch=4, parity_samples=16,
                  calibration_samples=16, log=lambda _: None)
     return root / "micro"
+
+
+def _limits(repo: Path) -> dict:
+    return yaml.safe_load((repo / triton.ISVC_FILE).read_text())["spec"]["predictor"]["model"]["resources"]["limits"]
+
+
+def _model(repo: Path) -> dict:
+    return yaml.safe_load((repo / triton.ISVC_FILE).read_text())["spec"]["predictor"]["model"]
 
 
 # --- 1. a version the config written for it would not serve -------------------------------------------------------
@@ -89,3 +98,35 @@ def test_a_kept_config_that_does_not_serve_the_new_version_leaves_labels_as_they
     out = capsys.readouterr().out
     assert "does not select the new version 3: neither Triton nor vitc will serve it (they serve 5)" in out
     assert "pass a --version above 5" in out
+
+
+# --- 2. --replace-isvc and the pod's GPUs ---------------------------------------------------------------------------
+
+
+def test_the_gpu_request_follows_the_models_kinds(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "gpu"]) == 0
+    assert _limits(repo)["nvidia.com/gpu"] == 1
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "cpu"]) == 0  # every model on KIND_CPU now
+    assert "nvidia.com/gpu" not in _limits(repo)
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "gpu", "--gpus", "2"]) == 0
+    assert _limits(repo)["nvidia.com/gpu"] == 2
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0  # still KIND_GPU: the GPUs are kept
+    assert _limits(repo)["nvidia.com/gpu"] == 2
+    err = _refused([str(bundle), "--out", str(repo), "--gpus", "0"], capsys)
+    assert "--gpus 0: micro-onnx-fp32 of the repository run on KIND_GPU" in err and "--kind cpu" in err
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "cpu", "--replace-isvc"]) == 0
+    assert "nvidia.com/gpu" not in _limits(repo)
+    assert triton.main([str(bundle), "--out", str(repo), "--gpus", "0"]) == 0
+    assert "nvidia.com/gpu" not in _limits(repo)
+
+
+def test_replace_isvc_keeps_only_the_name_and_the_storage_uri(bundle, tmp_path):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), "--isvc-name", "prod", "--storage-uri", "s3://b/repo",
+                        "--triton-version", "25.02", "--cpus", "8", "--kind", "gpu", "--gpus", "3"]) == 0
+    assert triton.main([str(bundle), "--out", str(repo), "--kind", "cpu", "--replace-isvc"]) == 0
+    model = _model(repo)
+    assert (model["storageUri"], model["runtimeVersion"]) == ("s3://b/repo", kserve.DEFAULT_TRITON_VERSION)
+    assert _limits(repo) == {"cpu": str(kserve.DEFAULT_CPUS), "memory": "8Gi"}
+    assert yaml.safe_load((repo / triton.ISVC_FILE).read_text())["metadata"]["name"] == "prod"

@@ -90,7 +90,7 @@ def test_a_release_with_the_same_tensorrt_is_taken_and_one_already_run_only_note
     # not refused; this run breaks nothing that worked.
     path = repo / triton.ISVC_FILE
     path.write_text(path.read_text().replace('"25.02-py3"', '"24.08-py3"'))
-    assert triton.main([str(bundle), "--out", str(repo), "--replace-isvc"]) == 0
+    assert triton.main([str(bundle), "--out", str(repo), "--replace-isvc", "--triton-version", "24.08"]) == 0
     out = capsys.readouterr().out
     assert ("note: t-tensorrt-fp16 (version 1, in the repository): Triton 24.08-py3, which the repository runs "
             "already, cannot load it: its engine was built with TensorRT 10.8.0.43") in out
