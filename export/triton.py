@@ -81,6 +81,7 @@ from export.triton_publish import (
     stages_inside,
     version_exists,
 )
+from export.triton_select import choose, model_name, not_refreshed
 from models import tritonconfig
 from models.bundle import (
     MANIFEST_FILE,
@@ -89,7 +90,6 @@ from models.bundle import (
     Artifact,
     BundleError,
     Manifest,
-    as_name,
     name_digest,
     read_manifest,
     valid_name,
@@ -109,13 +109,6 @@ from runtimes.loader import check_manifest
 PROG = "python -m export.triton"
 DEFAULT_INSTANCES = 1
 DEFAULT_QUEUE_DELAY_US = 2000
-
-
-def model_name(manifest: Manifest, artifact: Artifact) -> str:
-    """The repository model name of one artifact: `<bundle name>-<artifact id>`, made valid (older exports kept
-    names such as 'my bundle'); past 128 characters the bundle name is cut and a hash of the whole added, the
-    artifact id kept whole (`as_name`)."""
-    return as_name(f"{manifest.name}-", artifact.id)
 
 
 def _shortened(manifest: Manifest, artifacts: Sequence[Artifact], names: Sequence[str]) -> str | None:
@@ -246,13 +239,6 @@ def _next_version(model_dir: Path) -> int:
     return latest + 1
 
 
-def _triton_artifacts(manifest: Manifest) -> list[Artifact]:
-    """The servable artifacts Triton has a backend for (torch safetensors: Triton's PyTorch backend needs
-    TorchScript)."""
-    return [a for a in manifest.servable() if a.runtime in runtimes.names()
-            and runtimes.get(a.runtime).triton_backend is not None]
-
-
 def _model_dir_name(manifest: Manifest, artifact: Artifact) -> str:
     name = model_name(manifest, artifact)
     if not valid_name(name):  # checked again here: it becomes a directory name under --out
@@ -332,17 +318,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     bundle, out = Path(bundle), Path(os.path.abspath(out))  # `--out .`: staging goes beside it, not into it
     kept = kept if kept is not None else []
     manifest = read_manifest(bundle)
-    artifacts = _triton_artifacts(manifest)
-    if unknown := sorted(set(skip) - {a.id for a in artifacts}):
-        raise RepositoryError(f"--skip {', '.join(map(repr, unknown))[:200]}: bundle {manifest.name!r} has no such "
-                              f"artifact Triton can serve ({', '.join(a.id for a in artifacts) or 'none'})")
-    if not artifacts:
-        raise BundleError(f"bundle {manifest.name!r} has no artifact Triton can serve "
-                          f"(servable: {', '.join(a.id for a in manifest.servable()) or 'none'})")
-    if not (chosen := [a for a in artifacts if a.id not in skip]):
-        raise RepositoryError(f"--skip leaves out every artifact of bundle {manifest.name!r} Triton can serve "
-                              f"({', '.join(a.id for a in artifacts)}): nothing to write")
-    artifacts = chosen
+    notes = notes if notes is not None else []
+    artifacts = choose(manifest, skip, notes)
     names = [_model_dir_name(manifest, a) for a in artifacts]
     _check_distinct(manifest, artifacts, names)
     check_out(bundle, out, names)
@@ -353,7 +330,6 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
     # which checks none of it.
     check_manifest(bundle, manifest, [a.id for a in artifacts], "golden file")
     created = missing_parents(out)
-    notes = notes if notes is not None else []
     if (cut := _shortened(manifest, artifacts, names)) is not None:
         notes.append(cut)
     try:
@@ -427,6 +403,7 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                         written = publish(staging, out, plan, replace_config, kept, keep_labels)
                     finally:
                         shutil.rmtree(staging, ignore_errors=True)
+                notes.extend(not_refreshed(out, manifest, names, skip))
                 if service is not None and was_cpus is not None and service.cpus != was_cpus:
                     others = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in names
                                     and not d.name.startswith(".") and caps_threads(d))

@@ -193,6 +193,18 @@ def caps_threads(model_dir: Path) -> bool:
     return config is not None and bool(keys & set(config.parameters))
 
 
+def served_version(model_dir: Path) -> int | None:
+    """The version of `model_dir` served now (vitc serves the newest its config.pbtxt's version_policy selects;
+    Triton's default, latest 1, without the file); None when it has none, or its config.pbtxt cannot be read."""
+    try:
+        versions = version_dirs(model_dir)
+        config = tritonconfig.read(model_dir) if versions else None
+    except (tritonconfig.ConfigError, OSError, ValueError):
+        return None
+    policy = config.version_policy if config is not None else tritonconfig.VersionPolicy()
+    return max((v for v in policy.loads(versions) if v in versions), default=None)
+
+
 def gpu_models(out: Path, generated: dict[str, str]) -> list[str]:
     """The models of the repository `out` that run a KIND_GPU instance group (their pod needs a GPU) once this run
     writes: those in `generated` (name -> the kind of the config.pbtxt generated for them now) by that kind, the

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_serve_fixtures import micro_bundle, one_line
 
-from export import cli, report, triton, triton_config, triton_publish
+from export import cli, report, triton, triton_config, triton_publish, triton_select
 from export.bundle import build_bundle
 from models.bundle import read_manifest
 from models.io import DirectoryBusy, writer_lock
@@ -240,7 +240,7 @@ def test_a_failing_triton_write_leaves_nothing_behind(bundle, tmp_path, capsys):
     # The second model's file is corrupt: the first one must not have been written either.
     hostile = shutil.copytree(bundle, tmp_path / "hostile")
     m = read_manifest(hostile)
-    models = triton._triton_artifacts(m)
+    models = triton_select.choose(m, (), [])
     assert len(models) >= 2
     (hostile / models[-1].files[0].path).write_bytes(b"corrupt")
     repo = tmp_path / "repo"
@@ -326,6 +326,6 @@ def test_manifest_strings_cannot_break_the_config_or_the_labels(bundle, tmp_path
     assert not (tmp_path / "repo").exists()
     m = read_manifest(bundle)
     quoted = replace(m, input=replace(m.input, name='in"put'))
-    art = triton._triton_artifacts(m)[0]
+    art = triton_select.choose(m, (), [])[0]
     text = triton_config.config_pbtxt("micro", quoted, art, kind="cpu", instances=1, max_queue_delay_us=0)
     assert 'name: "in\\"put" data_type' in text and 'key: "in\\"put"' in text

@@ -10,14 +10,17 @@ Kubernetes would refuse are refused."""
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from test_serve_fixtures import micro_bundle
-from test_triton_handover import _refused, _tree
+from test_triton_handover import _refused, _reseal, _tree
 
 from export import kserve, triton
+from models.bundle import read_manifest, write_manifest
 
 ONNX_ONLY = ["--skip", "openvino-fp32,openvino-fp16"]
 
@@ -55,6 +58,16 @@ def _limits(repo: Path) -> dict:
 
 def _model(repo: Path) -> dict:
     return yaml.safe_load((repo / triton.ISVC_FILE).read_text())["spec"]["predictor"]["model"]
+
+
+def _with_refused(bundle: Path, tmp_path: Path, artifact_id: str) -> Path:
+    """A copy of `bundle` (same name) in which the export's parity gate refused `artifact_id`, as export records it."""
+    copy = shutil.copytree(bundle, tmp_path / "refused" / bundle.name)
+    m = read_manifest(copy)
+    artifacts = tuple(replace(a, servable=False, refused_reason="max abs logit error 4.5e+03 > 1.4e+03",
+                              refused_files=a.files, files=()) if a.id == artifact_id else a for a in m.artifacts)
+    write_manifest(copy, replace(m, artifacts=artifacts))
+    return _reseal(copy)
 
 
 # --- 1. a version the config written for it would not serve -------------------------------------------------------
@@ -130,3 +143,34 @@ def test_replace_isvc_keeps_only_the_name_and_the_storage_uri(bundle, tmp_path):
     assert (model["storageUri"], model["runtimeVersion"]) == ("s3://b/repo", kserve.DEFAULT_TRITON_VERSION)
     assert _limits(repo) == {"cpu": str(kserve.DEFAULT_CPUS), "memory": "8Gi"}
     assert yaml.safe_load((repo / triton.ISVC_FILE).read_text())["metadata"]["name"] == "prod"
+
+
+# --- 3. artifacts the export's gate refused -------------------------------------------------------------------------
+
+
+def test_a_refused_artifact_is_named_and_may_be_skipped(bundle, tmp_path, capsys):
+    refused = _with_refused(bundle, tmp_path, "openvino-fp16")
+    assert triton.main([str(refused), "--out", str(tmp_path / "r1")]) == 0
+    note = ("note: openvino-fp16 of bundle 'micro' is not exported: the export's parity gate refused it (max abs "
+            "logit error 4.5e+03 > 1.4e+03)")
+    assert note in capsys.readouterr().out
+    assert not (tmp_path / "r1" / "micro-openvino-fp16").exists()
+    assert triton.main([str(refused), "--out", str(tmp_path / "r2"), "--skip", "openvino-fp16"]) == 0
+    assert note in capsys.readouterr().out
+    err = _refused([str(refused), "--out", str(tmp_path / "r3"), "--skip", "nope"], capsys)
+    assert "(onnx-fp32, openvino-fp32; refused at export: openvino-fp16)" in err
+
+
+def test_a_model_an_earlier_export_left_unrefreshed_is_named(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo)]) == 0
+    capsys.readouterr()
+    assert triton.main([str(_with_refused(bundle, tmp_path, "openvino-fp16")), "--out", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert ("note: micro-openvino-fp16: not refreshed by this export (the export's parity gate refused it (max abs "
+            "logit error 4.5e+03 > 1.4e+03)): it still serves version 1, from an earlier export of a bundle named "
+            "'micro'") in out, out
+    assert triton.main([str(bundle), "--out", str(repo), "--skip", "openvino-fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "note: micro-openvino-fp32: not refreshed by this export (--skip left it out): it still serves version 2" \
+        in out and "micro-openvino-fp16: not refreshed" not in out, out
