@@ -506,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"kept {path}: it differs from what this tool writes (edited, or written by an older version of "
                   "it); --replace-isvc regenerates it")
-    if Path(args.out) / ISVC_FILE not in kept:
+    if Path(os.path.abspath(args.out)) / ISVC_FILE not in kept:  # as write_repository names it (`--out repo/`)
         print(f"wrote {Path(args.out) / ISVC_FILE}")
     return 0
 

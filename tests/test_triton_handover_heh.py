@@ -174,3 +174,18 @@ def test_a_model_an_earlier_export_left_unrefreshed_is_named(bundle, tmp_path, c
     out = capsys.readouterr().out
     assert "note: micro-openvino-fp32: not refreshed by this export (--skip left it out): it still serves version 2" \
         in out and "micro-openvino-fp16: not refreshed" not in out, out
+
+
+# --- 4. what the InferenceService line says ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", ["repo", "repo/", "./repo"])
+def test_a_kept_inference_service_of_a_relative_out_is_not_said_written(bundle, tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    assert triton.main([str(bundle), "--out", "repo", *ONNX_ONLY]) == 0
+    path = tmp_path / "repo" / triton.ISVC_FILE
+    path.write_text(path.read_text().replace("memory: 8Gi", "memory: 16Gi"))
+    capsys.readouterr()
+    assert triton.main([str(bundle), "--out", out, *ONNX_ONLY]) == 0
+    said = capsys.readouterr().out
+    assert f"kept {path}" in said and "wrote repo" not in said.replace("wrote repo/micro", ""), said
