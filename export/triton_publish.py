@@ -85,7 +85,11 @@ def check_out(bundle: Path, out: Path, names: Sequence[str]) -> None:
     if not out.exists() or all(own_leftover(e) for e in out.iterdir()):
         return
     isvc = out / ISVC_FILE
-    if os.path.lexists(isvc) and not isvc.is_symlink() and not isvc.is_file():  # a link is replaced, not followed
+    if isvc.is_symlink():  # neither followed (it would write elsewhere) nor taken for a repository's own file
+        raise RepositoryError(f"--out {out}: {isvc} is a symbolic link, not a regular file: this tool writes the "
+                              f"repository's {ISVC_FILE} itself and follows no link there; replace it with a copy "
+                              "of the file it names, or remove it")
+    if os.path.lexists(isvc) and not isvc.is_file():
         # A directory (or a FIFO) there is no repository's file, nor an absent one: its rename would fail last.
         raise RepositoryError(f"--out {out}: {isvc} {not_a_file(isvc)}; remove it (this tool writes the "
                               f"repository's {ISVC_FILE})")

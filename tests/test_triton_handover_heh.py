@@ -176,7 +176,7 @@ def test_a_model_an_earlier_export_left_unrefreshed_is_named(bundle, tmp_path, c
         in out and "micro-openvino-fp16: not refreshed" not in out, out
 
 
-# --- 4. what the InferenceService line says ---------------------------------------------------------------------------
+# --- 4. and 5. what the InferenceService lines say -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("out", ["repo", "repo/", "./repo"])
@@ -189,3 +189,15 @@ def test_a_kept_inference_service_of_a_relative_out_is_not_said_written(bundle, 
     assert triton.main([str(bundle), "--out", out, *ONNX_ONLY]) == 0
     said = capsys.readouterr().out
     assert f"kept {path}" in said and "wrote repo" not in said.replace("wrote repo/micro", ""), said
+
+
+def test_a_linked_inference_service_is_refused_for_being_a_link(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY]) == 0
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("mine\n")
+    (repo / triton.ISVC_FILE).unlink()
+    (repo / triton.ISVC_FILE).symlink_to(victim)
+    err = _refused([str(bundle), "--out", str(repo), "--replace-isvc"], capsys)
+    assert f"{repo / triton.ISVC_FILE} is a symbolic link, not a regular file" in err, err
+    assert "no inferenceservice.yaml" not in err and victim.read_text() == "mine\n"
