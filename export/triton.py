@@ -64,6 +64,7 @@ from export.triton_config import (
     check_kept,
     check_labels,
     check_served,
+    contract_change,
     gpu_models,
     labels_edited,
     previous_options,
@@ -376,6 +377,8 @@ def write_repository(bundle: str | Path, out: str | Path, *, version: int | None
                         check_served(out / name, v)
                     elif (unselected := check_kept(out / name, manifest, artifact, v)) is not None:
                         notes.append(unselected)
+                    if unselected is None and (changed := contract_change(out / name, manifest, v)) is not None:
+                        notes.append(changed)
                     if not replace_config and labels_edited(out / name, manifest):
                         keep_labels.add(name)
                     was = previous[artifact.id]

@@ -205,6 +205,33 @@ def served_version(model_dir: Path) -> int | None:
     return max((v for v in policy.loads(versions) if v in versions), default=None)
 
 
+def contract_change(model_dir: Path, manifest: Manifest, version: int) -> str | None:
+    """A note when the new `version` (of `manifest`) takes other input dims, a smaller batch, or answers other classes
+    than the version of `model_dir` served now: every client must change with it; None when nothing a client sees
+    changes (or nothing is served now)."""
+    if (served := served_version(model_dir)) is None or served == version:
+        return None
+    try:
+        old = read_manifest(model_dir / str(served))
+    except (BundleError, OSError):  # not loadable now: no client relies on it
+        return None
+    changes = []
+    if old.input.sample_shape != manifest.input.sample_shape:
+        changes.append(f"input dims {list(old.input.sample_shape)} -> {list(manifest.input.sample_shape)}")
+    if manifest.input.max_batch < old.input.max_batch:
+        changes.append(f"max batch {old.input.max_batch} -> {manifest.input.max_batch}")
+    if old.output.classes != manifest.output.classes:
+        changes.append(f"{old.output.classes} -> {manifest.output.classes} classes")
+    elif differ := [i for i, (a, b) in enumerate(zip(old.class_names, manifest.class_names, strict=True)) if a != b]:
+        i = differ[0]
+        changes.append(f"{len(differ)} class names (class {i}: {old.class_names[i][:40]!r} -> "
+                       f"{manifest.class_names[i][:40]!r})")
+    if not changes:
+        return None
+    return (f"{model_dir.name}: version {version} changes what clients send and read, against version {served} "
+            f"served now: {'; '.join(changes)}; every client of the model must change with it")
+
+
 def gpu_models(out: Path, generated: dict[str, str]) -> list[str]:
     """The models of the repository `out` that run a KIND_GPU instance group (their pod needs a GPU) once this run
     writes: those in `generated` (name -> the kind of the config.pbtxt generated for them now) by that kind, the

@@ -20,6 +20,7 @@ from test_serve_fixtures import micro_bundle
 from test_triton_handover import _refused, _reseal, _tree
 
 from export import kserve, triton
+from export.triton_config import contract_change
 from models.bundle import read_manifest, write_manifest
 
 ONNX_ONLY = ["--skip", "openvino-fp32,openvino-fp16"]
@@ -201,3 +202,28 @@ def test_a_linked_inference_service_is_refused_for_being_a_link(bundle, tmp_path
     err = _refused([str(bundle), "--out", str(repo), "--replace-isvc"], capsys)
     assert f"{repo / triton.ISVC_FILE} is a symbolic link, not a regular file" in err, err
     assert "no inferenceservice.yaml" not in err and victim.read_text() == "mine\n"
+
+
+# --- 6. a new version clients must follow ---------------------------------------------------------------------------
+
+
+def test_a_new_version_that_changes_the_input_or_the_batch_is_named(bundle, wide, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY]) == 0
+    capsys.readouterr()
+    assert triton.main([str(wide), "--out", str(repo)]) == 0
+    assert ("note: micro-onnx-fp32: version 2 changes what clients send and read, against version 1 served now: "
+            "input dims [3, 32, 32] -> [3, 48, 48]; max batch 32 -> 4") in capsys.readouterr().out
+    assert triton.main([str(wide), "--out", str(repo)]) == 0
+    assert "changes what clients send" not in capsys.readouterr().out
+
+
+def test_changed_class_names_are_named(bundle, tmp_path):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY]) == 0
+    m = read_manifest(bundle)
+    renamed = replace(m, class_names=("Wolf", *m.class_names[1:]))
+    assert contract_change(repo / "micro-onnx-fp32", m, 2) is None
+    assert contract_change(repo / "micro-onnx-fp32", renamed, 2).endswith(
+        f"against version 1 served now: 1 class names (class 0: {m.class_names[0]!r} -> 'Wolf'); every client of the "
+        "model must change with it")
