@@ -50,6 +50,9 @@ DEFAULT_PVC = "vitc-models"  # the claim the default storage URI names
 # NGC's images of a Triton release that hold no tritonserver (the last part of their tag, after -py3 or -py3-igpu):
 # KServe's Triton runtime starts `tritonserver` in the image, so its pod would crash-loop.
 _NO_SERVER = {"sdk": "client SDK image", "min": "base image for custom builds"}
+# The release's main server image, for x86-64/ARM and for Jetson (iGPU): the only ones with the onnxruntime, OpenVINO
+# and TensorRT backends; -trtllm-python-py3, -vllm-python-py3 and -pyt-python-py3 hold only their own and python.
+SERVER_SUFFIXES = ("-py3", "-py3-igpu")
 _ISVC_MARK = f"{ISVC_HEADER} (edit freely: an edited file is kept); sha256 of the rest: "
 
 
@@ -172,12 +175,12 @@ def check_isvc_name(name: str) -> None:
 
 
 def triton_tag(value: str) -> str:
-    """A --triton-version as the Triton image tag KServe runs: YY.MM (meaning YY.MM-py3) or YY.MM-<suffix>, at least
-    the oldest release that loads vitc's exports; RepositoryError otherwise."""
+    """A --triton-version as the Triton image tag KServe runs: YY.MM (meaning YY.MM-py3), YY.MM-py3 or
+    YY.MM-py3-igpu, at least the oldest release that loads vitc's exports; RepositoryError otherwise."""
     m = TRITON_TAG.fullmatch(value)
     if m is None or not 1 <= int(m[2]) <= 12:
         raise RepositoryError(f"--triton-version {value[:50]!r} must be a Triton release tag such as "
-                              f"{DEFAULT_TRITON_VERSION} (YY.MM, optionally -suffix)")
+                              f"{DEFAULT_TRITON_VERSION} (YY.MM, YY.MM-py3 or YY.MM-py3-igpu)")
     if release(value) < release(MIN_TRITON_RELEASE):
         raise RepositoryError(f"--triton-version {value}: Triton before {MIN_TRITON_RELEASE} "
                               "cannot load these models (its onnxruntime reads ONNX IR 9 at most; before 24.02 its "
@@ -189,16 +192,22 @@ def triton_tag(value: str) -> str:
 
 def no_tritonserver(tag: str) -> str | None:
     """Why the Triton image tag `tag` (checked by the caller) cannot run the InferenceService: NGC's client SDK or
-    custom-build base image of a release, which hold no tritonserver; None for any other."""
-    what = _NO_SERVER.get(tag.rpartition("-")[2])
-    return None if what is None else (f"{tag} names NGC's {what}, which holds no tritonserver (KServe's Triton "
-                                      "runtime would crash-loop)")
+    custom-build base image of a release, which hold no tritonserver, or another image than the release's main
+    server image (YY.MM-py3, YY.MM-py3-igpu); None for that one."""
+    suffix = tag[tag.index("-"):] if "-" in tag else ""
+    if suffix in ("", *SERVER_SUFFIXES):
+        return None
+    if (what := _NO_SERVER.get(tag.rpartition("-")[2])) is not None:
+        return f"{tag} names NGC's {what}, which holds no tritonserver (KServe's Triton runtime would crash-loop)"
+    return (f"{tag} is not the release's main Triton image, YY.MM-py3 or YY.MM-py3-igpu, the only ones accepted: "
+            "NGC's other images (-trtllm-python-py3, -vllm-python-py3, -pyt-python-py3) have no onnxruntime or "
+            "OpenVINO backend")
 
 
 def server_image(tag: str) -> str:
     """The server image of the release and platform of an image `no_tritonserver` refuses: YY.MM-py3[-igpu]."""
-    server = tag.rpartition("-")[0]
-    return server if "-" in server else f"{server}-py3"
+    base, _, suffix = tag.partition("-")
+    return f"{base}-py3-igpu" if f"{suffix}-".startswith("py3-igpu-") else f"{base}-py3"
 
 
 def isvc_default_name(manifest: Manifest) -> str:

@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "repository's, else pvc://vitc-models/<repo dir>, the name as it is)")
     p.add_argument("--isvc-name", help=f"InferenceService name: 1..{MAX_ISVC_NAME} of a-z 0-9 -, starting with a "
                                        "letter (default: the repository's, else vitc-<bundle name>)")
-    p.add_argument("--triton-version", help="Triton image tag the InferenceService runs, YY.MM[-suffix], "
+    p.add_argument("--triton-version", help="Triton image tag the InferenceService runs, YY.MM[-py3 or -py3-igpu], "
                                             f"{MIN_TRITON_RELEASE} or later (default: the "
                                             f"repository's, else {DEFAULT_TRITON_VERSION})")
     p.add_argument("--gpus", type=int, help=f"GPUs the InferenceService asks for, 0..{MAX_GPUS} (default, "

@@ -314,8 +314,7 @@ def test_a_triton_image_without_tritonserver_is_refused(bundle, tmp_path, capsys
 
 
 @pytest.mark.parametrize(("tag", "written"), [("24.06", "24.06-py3"), ("24.06-py3", "24.06-py3"),
-                                              ("24.06-py3-igpu", "24.06-py3-igpu"),
-                                              ("24.06-trtllm-python-py3", "24.06-trtllm-python-py3")])
+                                              ("24.06-py3-igpu", "24.06-py3-igpu")])
 def test_server_images_stay_accepted(tag, written):
     assert kserve.triton_tag(tag) == written
 

@@ -227,3 +227,14 @@ def test_changed_class_names_are_named(bundle, tmp_path):
     assert contract_change(repo / "micro-onnx-fp32", renamed, 2).endswith(
         f"against version 1 served now: 1 class names (class 0: {m.class_names[0]!r} -> 'Wolf'); every client of the "
         "model must change with it")
+
+
+# --- 7. the Triton image ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tag", ["24.06-trtllm-python-py3", "24.06-vllm-python-py3", "24.06-pyt-python-py3",
+                                 "24.06-py3-custom", "24.06-igpu"])
+def test_only_the_main_triton_image_is_accepted(bundle, tmp_path, capsys, tag):
+    err = _refused([str(bundle), "--out", str(tmp_path / "repo"), "--triton-version", tag], capsys)
+    assert f"--triton-version {tag} is not the release's main Triton image, YY.MM-py3 or YY.MM-py3-igpu" in err, err
+    assert "use 24.06-py3," in err and not (tmp_path / "repo").exists()
