@@ -46,6 +46,9 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
 # splits on "/" and decodes nothing; the path becomes the volume's subPath): a space in a directory name is valid
 # there, and a percent-escape would name another directory.
 PVC_PREFIX = "pvc://"
+# A claim's name is a DNS-1123 subdomain (Kubernetes' ValidatePersistentVolumeName).
+_CLAIM = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+MAX_CLAIM_CHARS = 253
 DEFAULT_PVC = "vitc-models"  # the claim the default storage URI names
 # NGC's images of a Triton release that hold no tritonserver (the last part of their tag, after -py3 or -py3-igpu):
 # KServe's Triton runtime starts `tritonserver` in the image, so its pod would crash-loop.
@@ -121,6 +124,16 @@ def check_storage_uri(uri: str) -> None:
         raise RepositoryError(f"--storage-uri {uri[:100]!r}: KServe accepts only storage URIs that start with "
                               f"{', '.join(KSERVE_STORAGE_PREFIXES)} (lower case), or Azure Blob "
                               "https://<account>.blob.core.windows.net/<container>/<path>")
+    scheme = uri.partition("://")[0]
+    where, _, path = uri.partition("://")[2].partition("/")
+    if scheme == "pvc" and not (len(where) <= MAX_CLAIM_CHARS and _CLAIM.fullmatch(where) and path.strip("/")):
+        # KServe mounts the claim by name (Kubernetes refuses the pod otherwise), and its path is the repository:
+        # a volume's root holds more than models (ext4's lost+found), each of which Triton would load as one.
+        raise RepositoryError(f"--storage-uri {uri[:100]!r} must be pvc://<claim>/<path>: the claim a Kubernetes "
+                              f"name (1..{MAX_CLAIM_CHARS} of a-z 0-9 - ., starting and ending with a letter or "
+                              "digit), the path the repository's directory on the volume")
+    if scheme in ("s3", "gs") and not where:
+        raise RepositoryError(f"--storage-uri {uri[:100]!r} names no bucket: give {scheme}://<bucket>/<path>")
 
 
 def _form(uri: str) -> str:
@@ -247,6 +260,11 @@ def plan_service(out: Path, manifest: Manifest, *, storage_uri: str | None, isvc
         old = _isvc_values(text or "")
         if replace_isvc:  # regenerated: the release, GPUs and CPUs are the options' or the defaults
             old = {k: v for k, v in old.items() if k in ("name", "storage_uri")}
+        if storage_uri is None and "storage_uri" not in old and (
+                stored := re.search(r"^      storageUri: (.+)$", text or "", re.MULTILINE)) is not None:
+            # One an earlier version wrote that KServe or Kubernetes refuses: not swapped for the default unsaid.
+            raise RepositoryError(f"{path} names storageUri {stored[1][:100]}, which KServe or Kubernetes refuses; "
+                                  "pass --storage-uri with where the repository lives")
         if storage_uri is None and text is not None and is_marked(text, _ISVC_MARK) and "storage_uri" in old:
             old["storage_uri"] = upgraded_storage_uri(path, out, str(old["storage_uri"]),
                                                       notes if notes is not None else [])

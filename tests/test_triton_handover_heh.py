@@ -229,7 +229,7 @@ def test_changed_class_names_are_named(bundle, tmp_path):
         "model must change with it")
 
 
-# --- 7. the Triton image ----------------------------------------------------------------------------------------------
+# --- 7. and 8. the Triton image and the storage URI ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tag", ["24.06-trtllm-python-py3", "24.06-vllm-python-py3", "24.06-pyt-python-py3",
@@ -238,3 +238,25 @@ def test_only_the_main_triton_image_is_accepted(bundle, tmp_path, capsys, tag):
     err = _refused([str(bundle), "--out", str(tmp_path / "repo"), "--triton-version", tag], capsys)
     assert f"--triton-version {tag} is not the release's main Triton image, YY.MM-py3 or YY.MM-py3-igpu" in err, err
     assert "use 24.06-py3," in err and not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize(("uri", "says"), [
+    ("pvc:///repo", "must be pvc://<claim>/<path>"), ("pvc://Bad_Claim/repo", "the claim a Kubernetes name"),
+    ("pvc://claim", "must be pvc://<claim>/<path>"), ("pvc://claim/", "must be pvc://<claim>/<path>"),
+    ("pvc://-claim/repo", "must be pvc://<claim>/<path>"), ("s3:///", "names no bucket: give s3://<bucket>/<path>"),
+    ("gs:///repo", "names no bucket: give gs://<bucket>/<path>"),
+])
+def test_storage_uris_kubernetes_or_kserve_would_refuse_are_refused(bundle, tmp_path, capsys, uri, says):
+    assert says in _refused([str(bundle), "--out", str(tmp_path / "repo"), "--storage-uri", uri], capsys)
+    assert not (tmp_path / "repo").exists()
+    kserve.check_storage_uri("pvc://models.team-a/repo/v 2")  # a dotted claim and a path with a space: fine
+
+
+def test_an_untouched_file_whose_storage_uri_is_now_refused_is_not_silently_replaced(bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY]) == 0
+    old = kserve.Service(name="vitc-micro", storage_uri="pvc://claim", runtime_version="24.05-py3", gpus=0)
+    (repo / triton.ISVC_FILE).write_text(kserve.inference_service(old))  # as an earlier version wrote it
+    err = _refused([str(bundle), "--out", str(repo), *ONNX_ONLY], capsys)
+    assert 'names storageUri "pvc://claim", which KServe or Kubernetes refuses; pass --storage-uri' in err, err
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY, "--storage-uri", "pvc://claim/repo"]) == 0
