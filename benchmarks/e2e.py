@@ -40,6 +40,7 @@ import runtimes
 from benchmarks import machine
 from benchmarks.loadgen import Client, Endpoint, closed_loop, get, open_loop
 from benchmarks.stats import MIN_CI_ROUNDS, MIN_SAMPLES_FOR, median_ci, summarize, thin
+from models.cli import redact_secrets
 from models.io import atomic_write_bytes, atomic_write_json
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from runtimes.registry import DEFAULT_RUNTIME
@@ -94,7 +95,7 @@ def e2e_config(args: Any, argv: list[str], command: Sequence[str]) -> E2EConfig:
                      rate=args.rate, duration=duration, warmup=0.5 if args.quick else 2.0, bundle=args.bundle,
                      images=16 if args.quick else 64, image_format=args.image_format, image_size=args.image_size,
                      server_args=server_args, api_key=args.api_key, quick=args.quick,
-                     argv=(*command, *argv))
+                     argv=(*command, *redact_secrets(argv)))
 
 
 class NotVitcServer(ValueError):
@@ -447,7 +448,7 @@ def run_e2e(cfg: E2EConfig, log: Any = None) -> dict[str, Any]:
         if not keep_log:
             shutil.rmtree(log_path.parent, ignore_errors=True)
     doc["server_started"] = {"backend": cfg.backend, "bundle": str(cfg.bundle),
-                             "settings": " ".join(cfg.server_args) or "defaults"}
+                             "settings": " ".join(redact_secrets(cfg.server_args)) or "defaults"}
     return doc
 
 

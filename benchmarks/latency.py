@@ -154,6 +154,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     from benchmarks.runners import parse_targets
     from benchmarks.suite import SuiteConfig
     from models.checkpoint import read_checkpoint_meta
+    from models.cli import redact_secrets
     from models.host import MAX_THREADS, usable_cpus
 
     spec = args.pairs if args.pairs is not None else "micro" if args.quick else "1gf,mini"
@@ -187,7 +188,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
         parity_samples=args.parity_samples or (64 if args.quick else 512),
         calibration_samples=32 if args.quick else 300,
         checkpoints=tuple(checkpoints),
-        progress=not args.no_progress, argv=(*_command(), *argv),
+        progress=not args.no_progress, argv=(*_command(), *redact_secrets(argv)),
     )
 
 

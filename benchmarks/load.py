@@ -56,6 +56,7 @@ from models.cli import (
     float_in,
     hangup_terminates,
     int_in,
+    redact_secrets,
     refuse_empty_paths,
 )
 from models.io import atomic_write_bytes, atomic_write_json
@@ -453,7 +454,7 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
         if exit_code != 0:  # the figures stand; say where to look for the server's trouble
             keep_log = True
             print(f"{PROG}: warning: the server exited with code {exit_code} (log: {log_path})", file=sys.stderr)
-        doc["server"] = {"args": server_args, "exit_code": exit_code}
+        doc["server"] = {"args": redact_secrets(server_args), "exit_code": exit_code}
         return doc
     finally:
         if not keep_log:  # a clean run, or one abandoned with Ctrl-C

@@ -11,6 +11,7 @@ import importlib.machinery
 import importlib.util
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -161,6 +162,22 @@ def int_list(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
             raise argparse.ArgumentTypeError(f"expected integers in {low}..{high}, got {text!r}")
         return values
     return parse
+
+
+# A secret's spelling on a command line: a bearer token given to --api-key (or any prefix argparse takes for it, down
+# to --api), `=`-joined or inside a quoted flag string (`--server-args='--api-key K'`), or after "Bearer".
+_SECRET_FLAG = re.compile(r"--api(?:-(?:k(?:ey?)?)?)?$")
+_SECRET_VALUE = re.compile(r"(--api(?:-(?:k(?:ey?)?)?)?(?:=|\s+)|\bBearer\s+)\S+", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_secrets(argv: Iterable[str]) -> list[str]:
+    """`argv` with every secret's value replaced by REDACTED, for command lines written into results and logs."""
+    out: list[str] = []
+    for token in argv:
+        secret_next = bool(out) and _SECRET_FLAG.match(out[-1]) is not None  # `--api-key K`: K is the next token
+        out.append(REDACTED if secret_next else _SECRET_VALUE.sub(lambda m: m.group(1) + REDACTED, token))
+    return out
 
 
 def device_arg(text: str) -> str:
