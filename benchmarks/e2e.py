@@ -41,7 +41,6 @@ from benchmarks import machine
 from benchmarks.loadgen import Client, Endpoint, closed_loop, get, open_loop
 from benchmarks.stats import MIN_CI_ROUNDS, MIN_SAMPLES_FOR, median_ci, summarize, thin
 from models.cli import redact_secrets
-from models.io import atomic_write_bytes, atomic_write_json
 from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from runtimes.registry import DEFAULT_RUNTIME
 
@@ -748,9 +747,9 @@ def stage_table(doc: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
+def plot_e2e(doc: dict[str, Any]) -> bytes:
     """Latency percentiles and throughput vs concurrency, with the bare runtime for reference."""
-    from benchmarks.plots import batch_axis, figure, save
+    from benchmarks.plots import batch_axis, figure, png
 
     fig, axes = figure(1, 2, (4.6, 3.4))
     closed = [r for r in doc["closed"] if r["latency_ms"]]
@@ -781,21 +780,16 @@ def plot_e2e(doc: dict[str, Any], path: Path) -> Path:
             ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"{doc['server_model']['name']}: server vs bare runtime ({doc['host']})")
-    return save(fig, path)
+    return png(fig)
 
 
 def write_e2e_reports(doc: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
-    """Write <stem>-http.json / .md / .png into `out_dir`."""
-    from benchmarks.report import naming, stem_name, unused_stem
+    """<stem>-http.json / .md / .png into `out_dir`, all rendered first, then published together; the paths."""
+    from benchmarks.report import publish, stem_name, unused_stem
+    from models.io import strict_json_bytes
 
     stem = unused_stem(out_dir, stem_name(doc, "-http"), (".json", ".md", ".png"))
     json_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
-    with naming(json_path):  # the numbers first: a disk that fills up later takes only the plot and the prose
-        atomic_write_json(json_path, doc)
-    written = []
-    if plots:
-        with naming(png_path):
-            written.append(plot_e2e(doc, png_path))
-    with naming(md_path):
-        atomic_write_bytes(md_path, markdown_e2e(doc, [p.name for p in written]).encode())
-    return [json_path, md_path, *written]
+    pngs = {png_path: plot_e2e(doc)} if plots else {}
+    return publish({json_path: strict_json_bytes(doc), md_path: markdown_e2e(doc, [p.name for p in pngs]).encode(),
+                    **pngs}, f"the results {stem} in {out_dir}")

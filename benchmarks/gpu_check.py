@@ -778,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
             step_device(args.device)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    from benchmarks.report import stem_name, unused_stem
-    from models.io import atomic_write_bytes, atomic_write_json
+    from benchmarks.report import publish, stem_name, unused_stem
+    from models.io import strict_json_bytes
 
     args.out.mkdir(parents=True, exist_ok=True)
     with hangup_terminates():  # the running step's group stopped (its own session: no hang-up reaches it)
@@ -789,8 +789,8 @@ def main(argv: list[str] | None = None) -> int:
                       budget=Budget(args.budget or sizes.budget_s, sizes.shares), cache=args.cache)
         doc["host"] = doc["environment"]["host"]
         stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
-        atomic_write_json(stem.with_suffix(".json"), doc)
-        atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
+        publish({stem.with_suffix(".json"): strict_json_bytes(doc), stem.with_suffix(".md"): markdown(doc).encode()},
+                f"the results {stem.name} in {args.out}")
     cut = (f" ({', '.join(doc['cut_for_time'])} cut for time: rerun with a larger --budget than "
            f"{doc['budget_s']:.0f})" if doc["cut_for_time"] else "")
     print(f"{'passed' if doc['passed'] else 'FAILED'}{cut}: wrote {stem}.json, {stem}.md")

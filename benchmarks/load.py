@@ -46,7 +46,7 @@ from typing import Any
 
 from benchmarks.e2e import MAX_IMAGES, NotVitcServer, classify_endpoint, error_counts, request_bodies, served_models
 from benchmarks.loadgen import MAX_CONCURRENCY, closed_loop, get
-from benchmarks.report import naming, out_dir_problem, save_failed, unused_stem
+from benchmarks.report import out_dir_problem, publish, save_failed, unused_stem
 from benchmarks.stats import MAX_RAW_SAMPLES, THIN_NOTE, marked, thin
 from models.cli import (
     InputError,
@@ -59,7 +59,7 @@ from models.cli import (
     redact_secrets,
     refuse_empty_paths,
 )
-from models.io import atomic_write_bytes, atomic_write_json
+from models.io import strict_json_bytes
 from models.oneline import first_line
 from runtimes.registry import DEFAULT_RUNTIME
 
@@ -290,8 +290,8 @@ def failed_levels(doc: dict[str, Any]) -> str | None:
             + (f"; not run after it: {', '.join(not_run)}" if not_run else ""))
 
 
-def plot(doc: dict[str, Any], path: Path) -> Path | None:
-    """p50/p99 latency and throughput against concurrency, one line per model (skipped without matplotlib)."""
+def plot(doc: dict[str, Any]) -> bytes | None:
+    """p50/p99 latency and throughput against concurrency, one line per model, as PNG (None without matplotlib)."""
     try:
         from models.plotting import pyplot
 
@@ -302,8 +302,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return buf.getvalue()
 
 
 def figure(doc: dict[str, Any]) -> Any:
@@ -498,15 +497,14 @@ def _run(args: argparse.Namespace, url: str, bundles: list[str]) -> int:
     print(markdown(doc))  # first: a disk that fills up loses the files, not the figures
     # Never over an earlier run's results or a file the user keeps: the JSON and its plot take the first free stem.
     out = wanted.with_name(unused_stem(wanted.parent, wanted.stem, (".json", ".png")) + ".json")
+    png = plot(doc)  # rendered before anything is written: a Ctrl-C meanwhile leaves nothing
+    files = {out: strict_json_bytes(doc), **({out.with_suffix(".png"): png} if png is not None else {})}
     try:
-        with naming(out):
-            atomic_write_json(out, doc)
-        with naming(png_path := out.with_suffix(".png")):
-            png = plot(doc, png_path)
+        written = publish(files, f"the results {out.stem} in {out.parent}")
     except OSError as exc:  # --out was writable when the test began: the disk filled up, or a file limit
         raise save_failed(exc) from None
     taken = f" ({wanted.stem}.json or .png exists: never overwritten)" if out != wanted else ""
-    print(f"wrote {out}" + (f" and {png}" if png else "") + taken, file=sys.stderr)
+    print(f"wrote {' and '.join(map(str, written))}{taken}", file=sys.stderr)
     if failed := failed_levels(doc):  # saved first: the errors are the finding
         raise WorkFailed(failed)
     return 0

@@ -879,17 +879,15 @@ def stopped_run(exc: ServerFailed, out: Path) -> InputError | WorkFailed:
 def save(doc: dict[str, Any], out: Path) -> int:
     """Write <date>-<time>-<host>-overhead.json / .md (-overhead-partial for a partial result) into `out` (never over
     an earlier run's); exit code 0, or WorkFailed when they cannot be written."""
-    from benchmarks.report import naming, save_failed, unused_stem
-    from models.io import atomic_write_bytes, atomic_write_json
+    from benchmarks.report import publish, save_failed, unused_stem
+    from models.io import strict_json_bytes
 
     created = doc["created"][:16].replace(":", "").replace("T", "-")
     kind = "overhead-partial" if doc.get("partial") else "overhead"  # never taken for a whole run's results
     stem = out / unused_stem(out, f"{created}-{doc['environment']['host']}-{kind}", (".json", ".md"))
+    files = {stem.with_suffix(".json"): strict_json_bytes(doc), stem.with_suffix(".md"): markdown(doc).encode()}
     try:
-        with naming(stem.with_suffix(".json")):
-            atomic_write_json(stem.with_suffix(".json"), doc)
-        with naming(stem.with_suffix(".md")):
-            atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
+        publish(files, f"the results {stem.name} in {out}")
     except OSError as exc:  # --out was writable when the run began: the disk filled up, or a file limit
         raise save_failed(exc) from None
     print(f"wrote {stem}.json, {stem}.md")

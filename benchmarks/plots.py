@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.stats import MIN_CI_ROUNDS
-from models.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,16 +24,15 @@ def figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Figure, np.
     return fig, axes
 
 
-def save(fig: Any, path: Path) -> Path:
-    """Write the figure as PNG atomically and close it."""
+def png(fig: Any) -> bytes:
+    """The figure as PNG bytes (written with the rest of the results, `report.publish`); the figure closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return buf.getvalue()
 
 
 def batch_axis(ax: Any, xs: list[int]) -> None:
@@ -54,7 +51,7 @@ def _grid(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
     return pairs or ["-"], targets or ["-"]
 
 
-def plot_latency(doc: dict[str, Any], path: Path) -> Path:
+def plot_latency(doc: dict[str, Any]) -> bytes:
     """Median latency (bars to p90) vs batch size, one panel per (pair, runtime), ViT_C vs ViT_P."""
     pairs, targets = _grid(doc)
     fig, axes = figure(len(pairs), len(targets), (3.2, 2.8))
@@ -80,7 +77,7 @@ def plot_latency(doc: dict[str, Any], path: Path) -> Path:
             if cells:
                 ax.legend(fontsize=7)
     fig.suptitle(f"Latency vs batch, ViT_C vs ViT_P ({doc['host']}, {doc['config']['threads']} threads)")
-    return save(fig, path)
+    return png(fig)
 
 
 # The y axis of the ratio plot, by the estimator the results used (results before schema 2 do not say: theirs was
@@ -90,7 +87,7 @@ _RATIO_LABELS = {"median per-round ratio": "C/P latency: median of per-round rat
 CI = "95% CI"
 
 
-def plot_ratios(doc: dict[str, Any], path: Path) -> Path:
+def plot_ratios(doc: dict[str, Any]) -> bytes:
     """C/P latency ratio vs batch per runtime, the +-5 % parity band, and each ratio's interval: a capped bar for a
     95 % CI, a dotted bar without caps on a hollow marker for the mere range of a few rounds (no CI)."""
     pairs, _ = _grid(doc)
@@ -129,4 +126,4 @@ def plot_ratios(doc: dict[str, Any], path: Path) -> Path:
         if ranges:
             ax.text(0.01, 0.01, f"capped bar: 95 % CI; dotted, hollow: range of < {MIN_CI_ROUNDS} rounds (no CI)",
                     transform=ax.transAxes, fontsize=6, va="bottom")
-    return save(fig, path)
+    return png(fig)

@@ -1,7 +1,7 @@
 """Turn a latency results document into its headline summary, a terminal table, Markdown, and files on disk.
 
 Files are named by date, time and host (`2026-11-24-2331-vm.json`, `.md`, `-latency.png`, `-ratio.png`) and
-written atomically.
+published all together or not at all (`publish`, which every benchmark's results go through).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from benchmarks.stats import MIN_CI_ROUNDS, THIN_NOTE, marked, thin
 from models.cli import WorkFailed, machine_error
-from models.io import atomic_write_bytes, atomic_write_json
+from models.io import committing, default_mode, ensure_dir, strict_json_bytes
 
 
 def _by(rows: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
@@ -342,19 +342,55 @@ def unused_stem(out_dir: Path, stem: str, tails: tuple[str, ...]) -> str:
     return stem if n == 1 else f"{stem}-{n}"
 
 
+def stage(path: Path, data: bytes) -> str:
+    """`data` written and synced to a temporary file beside `path` (removed again if that fails); its name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_mode(0o666))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def publish(files: dict[Path, bytes], what: str) -> list[Path]:
+    """Put every file (path -> content, rendered beforehand) in place, or none; returns the paths.
+
+    All are staged first (written and synced beside their names), where a Ctrl-C, a SIGTERM or a full disk still
+    leaves nothing: one result's JSON without its Markdown and plots would read as a whole run, and take its name
+    from the next. Then all are renamed into place as one commit (`committing`): a signal waits for the renames."""
+    staged: dict[Path, str] = {}
+    try:
+        for path, data in files.items():
+            with naming(path):
+                ensure_dir(path.parent)
+                staged[path] = stage(path, data)
+        with committing(what):
+            for path, tmp in list(staged.items()):
+                with naming(path):
+                    os.replace(tmp, path)
+                del staged[path]
+    finally:
+        for tmp in staged.values():  # what was staged and never published
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return list(files)
+
+
 def write_reports(doc: dict[str, Any], out_dir: Path, suffix: str = "", plots: bool = True) -> list[Path]:
-    """JSON, Markdown and PNG plots into `out_dir`; returns the paths written."""
+    """JSON, Markdown and PNG plots into `out_dir`, all rendered first, then published together; the paths."""
     from benchmarks.plots import plot_latency, plot_ratios
 
     stem = unused_stem(out_dir, stem_name(doc, suffix), (".json", ".md", "-latency.png", "-ratio.png"))
     doc["summary"] = summarize_doc(doc)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    with naming(json_path):  # the numbers first: a disk that fills up later takes only the plots and the prose
-        atomic_write_json(json_path, json.loads(json.dumps(doc, default=str)))
-    written = []
-    for name, plot in (("latency", plot_latency), ("ratio", plot_ratios)) if plots else ():
-        with naming(path := out_dir / f"{stem}-{name}.png"):
-            written.append(plot(doc, path))
-    with naming(md_path):
-        atomic_write_bytes(md_path, markdown(doc, [p.name for p in written]).encode())
-    return [json_path, md_path, *written]
+    pngs = {out_dir / f"{stem}-{name}.png": plot(doc)
+            for name, plot in (("latency", plot_latency), ("ratio", plot_ratios)) if plots}
+    files = {json_path: strict_json_bytes(json.loads(json.dumps(doc, default=str))),
+             md_path: markdown(doc, [p.name for p in pngs]).encode(), **pngs}
+    return publish(files, f"the results {stem} in {out_dir}")

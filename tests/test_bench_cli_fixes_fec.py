@@ -6,13 +6,23 @@ that fails, negative Server-Timing durations. Fast: stand-in servers in this pro
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 from stand_in_http import StandInHandler, stand_in_server
 
+from benchmarks import e2e
 from benchmarks.latency import main as latency_main
+from benchmarks.report import publish
 from models.cli import redact_secrets
+
+REPO = Path(__file__).resolve().parents[1]
 
 SECRET = "s3cr3t-token"
 INFO = {"name": "m", "variant": "vit_c_micro", "runtime": "onnxruntime", "precision": "fp32", "device": "cpu",
@@ -58,3 +68,54 @@ def test_the_api_key_is_not_written_into_the_end_to_end_results(tmp_path, capsys
         assert SECRET not in path.read_text(), path
     assert json.loads(written[0].read_text())["argv"][-2:] == ["--out", str(tmp_path)]
     assert "--api-key ***" in written[1].read_text()
+
+
+# --- 2. results are published all together or not at all -----------------------------------------------------------
+
+def test_publish_leaves_nothing_when_one_file_cannot_be_staged(tmp_path):
+    (tmp_path / "blocker").write_text("a file where the plot's directory should be")
+    files = {tmp_path / "r.json": b"{}", tmp_path / "blocker" / "r.png": b"png"}
+    with pytest.raises(NotADirectoryError):
+        publish(files, "the results r")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]  # no lone JSON, no temporaries
+
+
+def test_an_end_to_end_report_that_fails_to_render_writes_nothing(tmp_path):
+    """The JSON was written first and the Markdown rendered after it: a failure (or a Ctrl-C) there left it alone."""
+    with pytest.raises(KeyError):
+        e2e.write_e2e_reports({"created": "2026-12-07T17:47:00Z", "host": "vm", "closed": []}, tmp_path, plots=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _load_server_handler() -> type[StandInHandler]:
+    """A vitc-shaped server for the load test: its model list, empty metrics and classifications."""
+
+    class Handler(StandInHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = {"/v1/models": json.dumps({"models": [INFO]}).encode(), "/metrics": b""}.get(self.path)
+            self.send_body(body if body is not None else json.dumps(INFO).encode())
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.read_body()
+            self.send_body(ANSWER)
+
+    return Handler
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_load_test_saves_leaves_all_its_files_or_none(signum, tmp_path):
+    """The JSON was published, then the plot drawn: a signal as soon as the JSON appeared left it alone (rc 130)."""
+    out = tmp_path / "l.json"
+    with stand_in_server(_load_server_handler()) as url:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "--url", url, "--concurrency", "1",
+                                 "--duration", "0.2", "--warmup", "0", "--images", "1", "--out", str(out)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    # The JSON is there only once everything was rendered and staged: the signal waits for the renames (a `note:`),
+    # or comes after the command finished; either way the run stands.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.png"], err
+    assert proc.returncode == 0, err

@@ -97,7 +97,7 @@ def test_overhead_prints_the_results_before_a_failing_write(tmp_path, monkeypatc
     def full_disk(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("models.io.atomic_write_json", full_disk)
+    monkeypatch.setattr("benchmarks.report.stage", full_disk)
     assert overhead.main(["--bundle", "b", "--out", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert "| the measured table |" in out

@@ -88,7 +88,7 @@ def test_a_full_disk_while_saving_the_load_test_is_one_line_and_exit_1(tmp_path,
     def full(*_args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(load, "atomic_write_json", full)
+    monkeypatch.setattr("benchmarks.report.stage", full)
     out = tmp_path / "load.json"
     assert load.main(["--url", "http://127.0.0.1:9", "--out", str(out)]) == 1
     captured = capsys.readouterr()
