@@ -154,7 +154,7 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     from benchmarks.runners import parse_targets
     from benchmarks.suite import SuiteConfig
     from models.checkpoint import read_checkpoint_meta
-    from models.cli import redact_secrets
+    from models.cli import redact_secrets, repeated
     from models.host import MAX_THREADS, usable_cpus
 
     spec = args.pairs if args.pairs is not None else "micro" if args.quick else "1gf,mini"
@@ -164,6 +164,8 @@ def _config(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - a Suit
     for pair in pairs:
         if pair not in PAIRS:
             raise ValueError(f"unknown pair {pair!r}; known: {', '.join(PAIRS)}")
+    if twice := repeated(pairs):
+        raise ValueError(f"--pairs {args.pairs!r} names {', '.join(twice)} more than once: give each pair once")
     checkpoints = []
     for spec in args.checkpoint:
         model, sep, path = spec.partition("=")

@@ -58,6 +58,7 @@ from models.cli import (
     int_in,
     redact_secrets,
     refuse_empty_paths,
+    repeated,
 )
 from models.io import strict_json_bytes
 from models.oneline import first_line
@@ -382,6 +383,8 @@ def _checked(args: argparse.Namespace) -> tuple[str, list[str]]:
     url = loopback_url(args.url)
     if not 1 <= min(args.concurrency) <= max(args.concurrency) <= MAX_CONCURRENCY:
         raise ValueError(f"--concurrency must be within 1..{MAX_CONCURRENCY}")
+    if twice := repeated(args.concurrency):
+        raise ValueError(f"--concurrency {' '.join(map(str, twice))} given more than once: give each level once")
     if not 1 <= args.images <= MAX_IMAGES:
         raise ValueError(f"--images must be in 1..{MAX_IMAGES}, got {args.images}")
     bundles = args.model or [b for b in DEMO_BUNDLES if Path(b).is_dir()]

@@ -151,8 +151,15 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def repeated(values: Iterable[object]) -> list[object]:
+    """The values given more than once, in the order first given: a list flag names each case once (a repeated
+    batch size was measured twice and reported with the first one's numbers)."""
+    seen: set[object] = set()
+    return list(dict.fromkeys(v for v in values if v in seen or seen.add(v)))
+
+
 def int_list(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
-    """An argparse type: comma-separated integers, at least one, each in low..high (e.g. 1,8,32)."""
+    """An argparse type: comma-separated integers, at least one, each in low..high and given once (e.g. 1,8,32)."""
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -160,6 +167,9 @@ def int_list(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
         if not values or min(values) < low or max(values) > high:
             raise argparse.ArgumentTypeError(f"expected integers in {low}..{high}, got {text!r}")
+        if twice := repeated(values):
+            raise argparse.ArgumentTypeError(f"{', '.join(map(str, twice))} given more than once in {text!r}: give "
+                                             "each value once")
         return values
     return parse
 

@@ -10,14 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from stand_in_http import StandInHandler, stand_in_server
 
-from benchmarks import e2e
+from benchmarks import e2e, load
 from benchmarks.latency import main as latency_main
 from benchmarks.report import publish
 from models.cli import redact_secrets
@@ -44,6 +44,14 @@ def _vitc_like(post_status: int = 200, post_body: bytes = ANSWER, timing: str | 
 
     with stand_in_server(Handler) as url:
         yield url
+
+
+def _exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """A command's exit code, whether argparse exits (SystemExit) or main returns it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 # --- 1. a secret given on the command line is never written into the results ---------------------------------------
@@ -119,3 +127,24 @@ def test_a_signal_while_the_load_test_saves_leaves_all_its_files_or_none(signum,
     # or comes after the command finished; either way the run stands.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "l.png"], err
     assert proc.returncode == 0, err
+
+
+# --- 3. a list flag that repeats a value is refused ------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, says", [
+    (["--quick", "--batch-sizes", "1,8,1"], "argument --batch-sizes: 1 given more than once in '1,8,1'"),
+    (["--quick", "--pairs", "micro,micro"], "--pairs 'micro,micro' names micro more than once"),
+    (["--http", "start", "--concurrency", "4,4"], "argument --concurrency: 4 given more than once in '4,4'"),
+])
+def test_latency_refuses_a_repeated_list_value_before_any_work(argv, says, tmp_path, capsys):
+    """`--batch-sizes 1,1` timed batch 1 twice and printed the first cell's latencies on both rows."""
+    rc = _exit_code(latency_main, [*argv, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_load_test_refuses_a_repeated_concurrency(tmp_path, capsys):
+    assert _exit_code(load.main, ["--concurrency", "1", "4", "1", "--out", str(tmp_path / "l.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m benchmarks.load: error: --concurrency 1 given more than once: give each level once"]
