@@ -11,7 +11,9 @@ with the server it measures, and its own CPU seconds are reported so that cost i
   stays bounded whatever the rate and duration. Latency counts from the scheduled arrival, not the actual send, so
   a backed-up client cannot hide server queueing (no coordinated omission).
 Every request is answered or given up by a whole-request deadline (TIMEOUT_S; a per-read timeout never fires on a
-server that trickles its answer a byte at a time), and so is every GET of `get` (GET_TIMEOUT_S).
+server that trickles its answer a byte at a time), and so is every GET of `get` (GET_TIMEOUT_S). Answers are read up
+to a size bound (MAX_ANSWER_BYTES, a GET's MAX_GET_BYTES), so a broken or hostile server cannot fill the client's
+memory: a larger answer is an error, TOO_LARGE, never read whole.
 Nothing sent is lost from the counts: a success counts when it was sent in the measurement window (its latency
 and the throughput are the window's); a failure when it was sent in the window or surfaced in or after it (a
 warm-up request that times out during the window is an error, not nothing); failures that surfaced during the
@@ -73,6 +75,12 @@ NOT_SENT = "not sent: client saturated"  # an open-loop arrival that found every
 # window's last answer comes a latency after it (longer when arrivals bunch near its end), so a server that keeps up
 # still shows a little less, about latency / window.
 BEHIND_MARGIN = 0.1
+# The most bytes read of one classification's answer: vitc's (top 5, labels of at most 1024 characters) is tens of
+# kilobytes at most; with up to MAX_CONCURRENCY connections reading at once, the client's memory stays bounded.
+MAX_ANSWER_BYTES = 4 << 20
+# The most bytes read of one GET (the model list, /metrics): every served model's labels, up to 100,000 each.
+MAX_GET_BYTES = 64 << 20
+TOO_LARGE = f"bad answer: too large (over {MAX_ANSWER_BYTES >> 20} MiB)"  # the error of a larger classification
 # A Server-Timing duration (ms) beyond this, like a non-finite one, is no timing: skipped (its mean would overflow).
 MAX_STAGE_MS = 1e9
 
@@ -186,14 +194,31 @@ class _HTTPSWithin(urllib.request.HTTPSHandler):
         return super().do_open(_within(DeadlineHTTPSConnection, self.seconds), req, **kwargs)
 
 
+def read_bounded(resp: Any, limit: int) -> bytes | None:
+    """An answer's whole body, or None when it is larger than `limit` bytes (said by its Content-Length, else found
+    reading one byte past the limit): the rest is never read, so the caller closes the connection."""
+    length = (resp.getheader("Content-Length") or "").strip()
+    if length.isdigit() and int(length) > limit:
+        return None
+    body = resp.read(limit + 1)
+    return None if len(body) > limit else body
+
+
+class AnswerTooLarge(ValueError):
+    """A GET answered with more than MAX_GET_BYTES: no model list or metrics of a vitc server is that large."""
+
+
 def get(url: str, api_key: str | None = None, seconds: float | None = None) -> bytes:
     """GET `url` and its whole answer within `seconds` (default GET_TIMEOUT_S), as urllib does it otherwise: HTTPError
-    for an error status, URLError for a connection that failed, TimeoutError once the deadline has passed."""
+    for an error status, URLError for a connection that failed, TimeoutError once the deadline has passed;
+    AnswerTooLarge beyond MAX_GET_BYTES."""
     seconds = GET_TIMEOUT_S if seconds is None else seconds
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     opener = urllib.request.build_opener(_HTTPWithin(seconds), _HTTPSWithin(seconds))
     with opener.open(req, timeout=seconds) as resp:
-        return resp.read()
+        if (body := read_bounded(resp, MAX_GET_BYTES)) is None:
+            raise AnswerTooLarge(f"GET {url} answered more than {MAX_GET_BYTES >> 20} MiB: not a vitc server's answer")
+        return body
 
 
 @dataclass(frozen=True)
@@ -325,8 +350,9 @@ class Client:
         self.answered = True  # whether the last request got an HTTP answer (any status)
 
     def post(self, body: bytes) -> str | None:
-        """Send one request and read the whole answer by TIMEOUT_S; None on an HTTP 200 that passes the endpoint's
-        check, else an error label ("HTTP 503", "ConnectionRefusedError", "TimeoutError", "bad answer: not JSON")."""
+        """Send one request and read the whole answer (at most MAX_ANSWER_BYTES) by TIMEOUT_S; None on an HTTP 200
+        that passes the endpoint's check, else an error label ("HTTP 503", "ConnectionRefusedError", "TimeoutError",
+        "bad answer: not JSON", TOO_LARGE)."""
         self.answered = False
         try:
             if self.conn is None:
@@ -334,13 +360,15 @@ class Client:
             self.conn.begin(TIMEOUT_S)
             self.conn.request("POST", self.endpoint.path, body=body, headers=self.endpoint.headers())
             resp = self.conn.getresponse()
-            answer = resp.read()
+            answer = read_bounded(resp, MAX_ANSWER_BYTES)
             self.answered = True
             self.timing = parse_server_timing(resp.getheader("Server-Timing"))
-            if resp.will_close:
+            if resp.will_close or answer is None:  # the rest of a too large answer is left unread on it
                 self.close()
             if resp.status != 200:
                 return f"HTTP {resp.status}"
+            if answer is None:
+                return TOO_LARGE
             problem = self.endpoint.check(answer) if self.endpoint.check is not None else None
             return None if problem is None else f"bad answer: {problem}"
         except (OSError, http.client.HTTPException) as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from stand_in_http import StandInHandler, stand_in_server
 
-from benchmarks import e2e, load
+from benchmarks import e2e, load, loadgen
 from benchmarks.latency import main as latency_main
 from benchmarks.report import publish
 from models.cli import redact_secrets
@@ -148,3 +148,49 @@ def test_the_load_test_refuses_a_repeated_concurrency(tmp_path, capsys):
     assert _exit_code(load.main, ["--concurrency", "1", "4", "1", "--out", str(tmp_path / "l.json")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "python -m benchmarks.load: error: --concurrency 1 given more than once: give each level once"]
+
+
+# --- 4. answers are read up to a bound -------------------------------------------------------------------------------
+
+def _oversize_handler(announced: bool) -> type[StandInHandler]:
+    """Answers every POST with MAX_ANSWER_BYTES + 1 bytes: with its Content-Length, or delimited by the close."""
+
+    class Handler(StandInHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.read_body()
+            body = b" " * (loadgen.MAX_ANSWER_BYTES + 1)
+            if announced:
+                self.send_body(body)
+                return
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+    return Handler
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "read-until-close"])
+def test_an_oversize_answer_is_a_failed_request_not_read_whole(announced):
+    """The client read whole answers: a 1 GiB answer took 2 GB of its memory (256 connections in the open loop)."""
+    with stand_in_server(_oversize_handler(announced), "/v1/models/m/classify") as url:
+        client = loadgen.Client(e2e.classify_endpoint(url.removesuffix("/v1/models/m/classify"), "m", "image/png",
+                                                      None))
+        assert [client.post(b"x") for _ in range(2)] == [loadgen.TOO_LARGE] * 2
+        assert loadgen.TOO_LARGE == "bad answer: too large (over 4 MiB)" and client.conn is None
+
+
+def test_an_oversize_model_list_is_one_line_and_exit_2(tmp_path, capsys):
+    class Handler(StandInHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(loadgen.MAX_GET_BYTES + 1))  # never sent: refused unread
+            self.end_headers()
+
+    with stand_in_server(Handler) as url:
+        rc = latency_main(["--http", url, "--quick", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"python benchmarks/latency.py: error: GET {url}/v1/models answered more than 64 MiB: not a vitc server's "
+        "answer"]
