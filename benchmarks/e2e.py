@@ -89,6 +89,9 @@ def e2e_config(args: Any, argv: list[str], command: Sequence[str]) -> E2EConfig:
     server_args = tuple(shlex.split(args.server_args or ""))
     if server_args and args.http != "start":
         raise ValueError("--server-args applies to --http start only")
+    if args.runtime is not None and args.http != "start":  # a running server serves with the runtime it was given
+        raise ValueError("--runtime applies to --http start only (the backend of the server it starts); a running "
+                         "server's runtime is its own")
     return E2EConfig(url=args.http.rstrip("/"), model=args.model, backend=args.runtime or DEFAULT_RUNTIME,
                      concurrency=tuple(args.concurrency),
                      rate=args.rate, duration=duration, warmup=0.5 if args.quick else 2.0, bundle=args.bundle,

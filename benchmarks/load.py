@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="running server (loopback only)")
     p.add_argument("--start", action="store_true", help="start a server on the bundles first (and stop it after)")
     p.add_argument("--model", action="append", help=f"bundle for --start (default: {', '.join(DEMO_BUNDLES)})")
-    p.add_argument("--backend", default=DEFAULT_RUNTIME, help="backend for --start (default %(default)s)")
+    p.add_argument("--backend", default=None, help=f"backend for --start (default {DEFAULT_RUNTIME})")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
     p.add_argument("--port", type=int_in(1, 65535), default=None,
                    help="loopback port of the server --start starts (default: a free port)")
@@ -398,7 +398,13 @@ def _checked(args: argparse.Namespace) -> tuple[str, list[str]]:
                 raise ValueError(f"--model {spec}: bundle directory not found: {path}")
     if args.port is not None and not args.start:
         raise ValueError("--port applies to --start only (the server it starts); give --url for a running one")
-    out = args.out or RESULTS / f"load-{args.backend}.json"
+    started_only = [flag for flag, given in (("--model", args.model), ("--backend", args.backend is not None),
+                                             ("--server-arg", args.server_arg)) if given]
+    if started_only and not args.start:  # a running server tests every model it serves, as it serves them
+        one = len(started_only) == 1
+        raise ValueError(f"{', '.join(started_only)} appl{'ies' if one else 'y'} to --start only (the server it "
+                         "starts); a running server at --url is tested on every model it serves")
+    out = args.out or RESULTS / f"load-{args.backend or DEFAULT_RUNTIME}.json"
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a .json path")
     if out.suffix.lower() != ".json":  # the plot goes beside it as .png: `--out X.png` would be replaced by the plot
@@ -435,8 +441,8 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
 
     log_dir = Path(tempfile.mkdtemp(prefix="vitc-load-"))
     log_path = log_dir / "server.log"
-    server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", args.backend, "--no-access-log",
-                                                                  *args.server_arg]
+    server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", args.backend or DEFAULT_RUNTIME,
+                                                                  "--no-access-log", *args.server_arg]
     if args.port is not None:  # after --server-arg: the flag of this tool decides
         server_args += ["--port", str(args.port)]
     keep_log = False
@@ -495,7 +501,7 @@ def _run(args: argparse.Namespace, url: str, bundles: list[str]) -> int:
             doc = _measure(args, url)
         except (OSError, ValueError, KeyError) as exc:  # refused, timed out, 401, or not a vitc server
             raise InputError(server_problem(url, exc)) from None
-    runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend
+    runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend or DEFAULT_RUNTIME
     wanted = args.out or RESULTS / f"load-{runtime}.json"
     print(markdown(doc))  # first: a disk that fills up loses the files, not the figures
     # Never over an earlier run's results or a file the user keeps: the JSON and its plot take the first free stem.

@@ -194,3 +194,26 @@ def test_an_oversize_model_list_is_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"python benchmarks/latency.py: error: GET {url}/v1/models answered more than 64 MiB: not a vitc server's "
         "answer"]
+
+
+# --- 5. flags of a started server are refused with a running server's URL ------------------------------------------
+
+@pytest.mark.parametrize("argv, says", [
+    (["--backend", "openvino"], "--backend applies to --start only"),
+    (["--model", "x", "--server-arg=--foo"], "--model, --server-arg apply to --start only"),
+])
+def test_the_load_test_refuses_flags_of_a_started_server_with_a_url(argv, says, tmp_path, capsys):
+    """`--url ... --backend openvino` (or --model x) ran against the server as it was, exit 0, every model tested."""
+    assert _exit_code(load.main, ["--url", "http://127.0.0.1:9", *argv, "--out", str(tmp_path / "l.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m benchmarks.load: error: {says} (the server it starts)"), err
+
+
+def test_latency_refuses_runtime_with_a_running_server(tmp_path, capsys):
+    """`--http URL --runtime openvino` timed an onnxruntime server and recorded `--runtime openvino`."""
+    assert _exit_code(latency_main, ["--http", "http://127.0.0.1:9", "--runtime", "openvino", "--quick", "--out",
+                                     str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python benchmarks/latency.py: error: --runtime applies to --http start only (the backend of the server it "
+        "starts); a running server's runtime is its own"]
+    assert list(tmp_path.iterdir()) == []
