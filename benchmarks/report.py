@@ -51,7 +51,7 @@ def summarize_doc(doc: dict[str, Any]) -> dict[str, Any]:
             "best_batch1": best_b1,
             "int8_speedup_vs_openvino_fp32": int8,
             "ratios": [{**{k: r[k] for k in ("target", "batch", "ratio", "interval", "flagged", "verdict")},
-                        "interval_kind": _interval_kind(r)} for r in ratios],
+                        "interval_kind": _interval_kind(r), "firm": _firm(r)} for r in ratios],
             "flagged": [_flag(r) for r in ratios if r["flagged"]],
         }
     return out
@@ -107,6 +107,23 @@ def thin_notes(doc: dict[str, Any]) -> list[str]:
 def _interval_kind(r: dict[str, Any]) -> str:
     """What a ratio's interval is ("95% CI", "range of 2 rounds"); results before schema 2 did not say."""
     return r.get("interval_kind", CI)
+
+
+def _firm(r: dict[str, Any]) -> bool:
+    """Whether a ratio's verdict is firm (a 95 % CI from enough rounds and calls); results before "firm" (schema 2)
+    said it only as an "indicative: ..." verdict."""
+    return r.get("firm", not r["verdict"].startswith("indicative"))
+
+
+def _finding(r: dict[str, Any]) -> bool:
+    """Whether a flagged ratio is a finding: a firm verdict that concludes (not "inconclusive")."""
+    return _firm(r) and r["verdict"] != "inconclusive"
+
+
+def _unconcluded(r: dict[str, Any]) -> str:
+    """A flagged ratio that is no finding, with why: "onnxruntime-fp32 b1: 0.785 (indicative: range of 3 rounds)"."""
+    why = "inconclusive" if r["verdict"] == "inconclusive" else f"indicative: {_interval_kind(r)}"
+    return f"{_flag(r)} ({why})"
 
 
 def _verdict(r: dict[str, Any]) -> str:
@@ -198,14 +215,15 @@ def markdown(doc: dict[str, Any], plots: list[str] = ()) -> str:
             speedups = ", ".join(f"b{q['batch']} {q['speedup']:.2f}x" for q in qs)
             parts.append(f"- {pair}: {model} OpenVINO INT8 speed-up over OpenVINO fp32: {speedups}"
                          + _int8_accuracy(doc, model))
-        # A flag goes by the point estimate: a cell too short to conclude is said apart (a smoke test, not a finding).
-        firm = [r for r in s["ratios"] if r["flagged"] and r["verdict"] != "inconclusive"]
-        loose = [r for r in s["ratios"] if r["flagged"] and r["verdict"] == "inconclusive"]
-        if firm:
-            parts.append(f"- {pair}: C/P outside +-5 %: {', '.join(_flag(r) for r in firm)}")
+        # A flag goes by the point estimate: a cell too short to conclude (inconclusive, or only indicative: the range
+        # of a few rounds, as every --quick cell) is said apart, with its kind (a smoke test, not a finding).
+        findings = [r for r in s["ratios"] if r["flagged"] and _finding(r)]
+        loose = [r for r in s["ratios"] if r["flagged"] and not _finding(r)]
+        if findings:
+            parts.append(f"- {pair}: C/P outside +-5 %: {', '.join(_flag(r) for r in findings)}")
         if loose:
-            parts.append(f"- {pair}: C/P outside +-5 % in cells too short to conclude (inconclusive, not a finding): "
-                         f"{', '.join(_flag(r) for r in loose)}")
+            parts.append(f"- {pair}: C/P outside +-5 % in cells too short to conclude (not a finding): "
+                         f"{', '.join(_unconcluded(r) for r in loose)}")
     prof = [b for b in doc.get("breakdown", []) if "error" not in b]
     if prof:
         parts += ["", "## Where the time goes (OpenVINO per-op profile)", "",

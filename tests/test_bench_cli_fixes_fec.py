@@ -217,3 +217,27 @@ def test_latency_refuses_runtime_with_a_running_server(tmp_path, capsys):
         "python benchmarks/latency.py: error: --runtime applies to --http start only (the backend of the server it "
         "starts); a running server's runtime is its own"]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 6. only firm cells are headline findings ------------------------------------------------------------------------
+
+def test_an_indicative_cell_is_not_a_headline_finding():
+    """Every --quick cell (a range of a few rounds, "indicative: ...") was listed under "C/P outside +-5 %"."""
+    from benchmarks.report import markdown, summarize_doc
+
+    doc = json.loads((REPO / "benchmarks" / "results" / "2026-12-05-0235-vm.json").read_text())
+    firm, indicative, loose = [r for r in doc["ratios"] if r["pair"] == "mini"][:3]
+    firm.update(ratio=0.90, flagged=True, verdict="C faster", firm=True)
+    indicative.update(ratio=0.785, flagged=True, verdict="indicative: C faster", firm=False,
+                      interval_kind="range of 3 rounds")
+    loose.update(ratio=0.92, flagged=True, verdict="inconclusive", firm=False)
+    for r in doc["ratios"]:
+        r["flagged"] = r["flagged"] and r in (firm, indicative, loose)
+    doc.pop("summary")  # rebuilt from the ratios, as a run writes it
+    assert [r["firm"] for r in summarize_doc(doc)["mini"]["ratios"][:3]] == [True, False, False]
+    lines = [ln for ln in markdown(doc).splitlines() if "C/P outside" in ln]
+    cell = "{target} b{batch}: {ratio:.3f}"
+    assert lines == [f"- mini: C/P outside +-5 %: {cell.format(**firm)}",
+                     "- mini: C/P outside +-5 % in cells too short to conclude (not a finding): "
+                     f"{cell.format(**indicative)} (indicative: range of 3 rounds), {cell.format(**loose)} "
+                     "(inconclusive)"], lines

@@ -153,5 +153,5 @@ def test_headlines_say_a_flagged_cell_too_short_to_conclude_apart():
     lines = [ln for ln in markdown(doc).splitlines() if "C/P outside" in ln and ln.startswith("- ")]
     cell = "{target} b{batch}: {ratio:.3f}"
     assert lines == [f"- mini: C/P outside +-5 %: {cell.format(**firm)}",
-                     f"- mini: C/P outside +-5 % in cells too short to conclude (inconclusive, not a finding): "
-                     f"{cell.format(**loose)}"], lines
+                     f"- mini: C/P outside +-5 % in cells too short to conclude (not a finding): "
+                     f"{cell.format(**loose)} (inconclusive)"], lines
