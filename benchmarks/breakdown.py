@@ -43,3 +43,9 @@ def op_profile(bundle: Path, manifest: Manifest, runtime: str, precision: str, b
     top = dict(sorted(by_type.items(), key=lambda kv: -kv[1])[:8])
     return {"precision": precision, "batch": batch, "profiled_ms": total, "matmul_ms": matmul,
             "matmul_share": matmul / total if total > 0 else None, "top_ops_ms": top}
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

@@ -303,3 +303,9 @@ def int8_parity(manifest: Manifest, runtime: str = "openvino") -> dict[str, Any]
                refused_reason=artifact.refused_reason)
     return out
 
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

@@ -796,3 +796,9 @@ def write_e2e_reports(doc: dict[str, Any], out_dir: Path, plots: bool = True) ->
     pngs = {png_path: plot_e2e(doc)} if plots else {}
     return publish({json_path: strict_json_bytes(doc), md_path: markdown_e2e(doc, [p.name for p in pngs]).encode(),
                     **pngs}, f"the results {stem} in {out_dir}")
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

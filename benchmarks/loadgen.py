@@ -590,3 +590,9 @@ def _drain(jobs: queue.SimpleQueue) -> list[object]:
             return keys
         if job is not None:
             keys.append(job[0])
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

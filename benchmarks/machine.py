@@ -266,3 +266,9 @@ def environment(threads: int | None) -> dict[str, Any]:
         "env": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
         "load_average": load_average(),
     }
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

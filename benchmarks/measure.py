@@ -100,3 +100,9 @@ def time_pair(c_infer: Infer, p_infer: Infer, inputs: list[np.ndarray], budget: 
         if out.seconds + out.seconds / out.rounds > budget.max_s:
             out.hit_time_limit = True
             return out
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

@@ -127,3 +127,9 @@ def plot_ratios(doc: dict[str, Any]) -> bytes:
             ax.text(0.01, 0.01, f"capped bar: 95 % CI; dotted, hollow: range of < {MIN_CI_ROUNDS} rounds (no CI)",
                     transform=ax.transAxes, fontsize=6, va="bottom")
     return png(fig)
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

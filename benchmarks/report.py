@@ -412,3 +412,9 @@ def write_reports(doc: dict[str, Any], out_dir: Path, suffix: str = "", plots: b
     files = {json_path: strict_json_bytes(json.loads(json.dumps(doc, default=str))),
              md_path: markdown(doc, [p.name for p in pngs]).encode(), **pngs}
     return publish(files, f"the results {stem} in {out_dir}")
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

@@ -155,3 +155,9 @@ def open_target(target: Target, bundle: Path, manifest: Manifest, threads: int,
     cold = time.perf_counter() - t0
     info: dict[str, Any] = {"threads": threads, "backend_precision": backend.precision, **backend.describe()}
     return Opened(target, backend.infer, backend.close, cold, info)
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

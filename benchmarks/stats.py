@@ -170,3 +170,9 @@ def achieved_gflops(macs_per_image: int, batch: int, latency_s: float) -> float:
     if latency_s <= 0:
         raise ValueError(f"latency must be positive, got {latency_s}")
     return 2.0 * macs_per_image * batch / latency_s / 1e9
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

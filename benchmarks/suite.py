@@ -257,3 +257,9 @@ def run_suite(cfg: SuiteConfig, log: Callable[[str], None] | None = None) -> dic
     doc["environment"]["load_average_end"] = machine.load_average()
     doc["wall_seconds"] = round(time.perf_counter() - started, 1)
     return doc
+
+
+if __name__ == "__main__":
+    from benchmarks.library import library_module
+
+    library_module(__spec__)

@@ -19,6 +19,7 @@ from stand_in_http import StandInHandler, stand_in_server
 
 from benchmarks import e2e, load, loadgen
 from benchmarks.latency import main as latency_main
+from benchmarks.library import COMMANDS
 from benchmarks.report import publish
 from models.cli import redact_secrets
 
@@ -241,3 +242,22 @@ def test_an_indicative_cell_is_not_a_headline_finding():
                      "- mini: C/P outside +-5 % in cells too short to conclude (not a finding): "
                      f"{cell.format(**indicative)} (indicative: range of 3 rounds), {cell.format(**loose)} "
                      "(inconclusive)"], lines
+
+
+# --- 7. a library module run as a command says it is not one ---------------------------------------------------------
+
+# Modules of benchmarks/ that run on their own: the commands, and the hand-written server the overhead benchmark starts.
+RUNNABLE = {"__init__", "naive_server", *COMMANDS}
+
+
+def test_every_library_module_run_as_a_command_says_so_in_one_line():
+    """`python -m benchmarks.report --help` (or any argument) ran nothing and exited 0 without a word."""
+    modules = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem not in RUNNABLE)
+    assert {"report", "suite", "library"} <= set(modules) and "naive_server" not in modules
+    for module in modules:
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert (proc.returncode, proc.stdout) == (2, ""), (module, proc.stderr[-2000:])
+        assert proc.stderr.splitlines() == [
+            f"python -m benchmarks.{module}: error: a library module of the benchmarks, not a command: run python -m "
+            "benchmarks.latency | load | overhead | gpu_check"], module
