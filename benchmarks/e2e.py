@@ -589,15 +589,21 @@ def open_loop_lines(doc: dict[str, Any]) -> list[str]:
             f"{r['seconds']:g} s window), achieved {achieved:.1f} req/s ({r['ok']} successes in the "
             f"{r['served_s']:g} s from the window's start until the last was answered)")
     behind = r.get("fell_behind")
+    # Short of the offered rate by requests that failed at once (refused, an error status), not by late answers.
+    failing = not behind and r.get("failed") and achieved < (1 - r["behind_margin"]) * offered
     if behind:
         line += (f": the server fell behind (achieved {(1 - achieved / offered) * 100:.0f} % below offered, more "
                  f"than the {r['behind_margin'] * 100:.0f} % margin)")
+    elif failing:
+        line += (f": {r['failed']} of the {r['scheduled']} requests scheduled in the window failed "
+                 f"({error_counts(r['errors'])}), not answered late")
     if r.get("dropped"):
         # Arrivals that found every connection waiting for an answer and the backlog full: a server slower than the
         # rate causes that (it fell behind: the usual case); only where the achieved rate kept up was it the client.
-        line += (f"{'; ' if behind else ': '}{r['dropped']} of the {r['scheduled']} requests scheduled in the window "
+        said = behind or failing
+        line += (f"{'; ' if said else ': '}{r['dropped']} of the {r['scheduled']} requests scheduled in the window "
                  f"were never sent (all {r['workers']} connections waiting for an answer and {r['backlog']} more "
-                 f"arrivals queued behind them)" + ("" if behind else ", so the client, not the server, was the limit"))
+                 f"arrivals queued behind them)" + ("" if said else ", so the client, not the server, was the limit"))
     return [line]
 
 

@@ -29,7 +29,8 @@ in it). The open loop's is the successes of the requests scheduled in the window
 window's start until the last of them was answered (at least the window): arrivals do not wait for answers, so a
 server that falls behind answers the window's requests long after it, and dividing by the window alone would report
 the offered rate whatever it served. The open loop also reports the offered rate (the arrivals scheduled in the
-window, per second) and whether what it achieved fell short of it by more than BEHIND_MARGIN.
+window, per second) and whether what it achieved fell short of it by more than BEHIND_MARGIN through answers that came
+late or never ("fell behind"); requests that failed at once (refused, an error status) count as failures instead.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ ARRIVAL_CHUNK = 1024  # open-loop intervals drawn at a time (the arrivals are ne
 BACKOFF_S = (0.01, 1.0)
 UNANSWERED = "no answer"  # error label of a request still outstanding when the generator stopped waiting
 NOT_SENT = "not sent: client saturated"  # an open-loop arrival that found every connection busy and the backlog full
+LATE = (UNANSWERED, "TimeoutError")  # the errors of answers that came too late (or never): a server behind its load
 # An open loop whose achieved rate is below the offered one by more than this fraction fell behind. Not zero: the
 # window's last answer comes a latency after it (longer when arrivals bunch near its end), so a server that keeps up
 # still shows a little less, about latency / window.
@@ -287,10 +289,15 @@ class LoadResult:
             return {"throughput_rps": achieved, "offered_rps": None, "served_s": round(served, 3),
                     "fell_behind": None}
         offered = self.scheduled / self.seconds if self.seconds > 0 else 0.0
+        # Requests that failed without being late (refused, reset, an error status, a bad answer) are no lag: a server
+        # that is down or answers 500 at once did not fall behind. It did where, those counted as served, the rate
+        # still falls short: answers that came late, or never (timed out, unanswered).
+        failed = sum(n for err, n in self.errors.items() if err not in LATE)
+        short = (ok + failed) / served if served > 0 else 0.0
         return {"throughput_rps": achieved, "offered_rps": offered, "served_s": round(served, 3),
-                "fell_behind": achieved < (1 - BEHIND_MARGIN) * offered, "behind_margin": BEHIND_MARGIN,
-                "scheduled": self.scheduled, "dropped": self.dropped, "client_saturated": self.dropped > 0,
-                "backlog": BACKLOG}
+                "fell_behind": short < (1 - BEHIND_MARGIN) * offered, "behind_margin": BEHIND_MARGIN,
+                "failed": failed, "scheduled": self.scheduled, "dropped": self.dropped,
+                "client_saturated": self.dropped > 0, "backlog": BACKLOG}
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: latency percentiles (ms), throughput, error counts, and the problem when nothing succeeded."""

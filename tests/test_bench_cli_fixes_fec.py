@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -261,3 +262,36 @@ def test_every_library_module_run_as_a_command_says_so_in_one_line():
         assert proc.stderr.splitlines() == [
             f"python -m benchmarks.{module}: error: a library module of the benchmarks, not a command: run python -m "
             "benchmarks.latency | load | overhead | gpu_check"], module
+
+
+# --- 8. an open loop short of its rate by failures says so, not "fell behind" ----------------------------------------
+
+@contextmanager
+def _closed_port() -> Iterator[str]:
+    """A loopback URL nothing listens on: every connection refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("server, error", [(_closed_port, "ConnectionRefusedError"),
+                                           (lambda: _vitc_like(post_status=500), "HTTP 500")],
+                         ids=["down", "500"])
+def test_an_open_loop_against_a_failing_server_names_the_failures(server, error):
+    """A server that was down, or answered 500 at once, was said to have fallen behind (achieved 100 % below)."""
+    with server() as url:
+        s = loadgen.open_loop(e2e.classify_endpoint(url, "m", "image/png", None), [b"x"], rate=20.0, seconds=0.5,
+                              warmup_s=0.1).summary()
+    n = s["scheduled"]
+    assert n > 0 and s["ok"] == 0 and s["errors"] == {error: n} and s["failed"] == n
+    assert s["fell_behind"] is False
+    doc = {"closed": [], "open": s, "single_stream": None, "bare": None, "overhead": None}
+    line = next(x for x in e2e.format_e2e(doc).splitlines() if x.startswith("open loop"))
+    assert line.endswith(f": {n} of the {n} requests scheduled in the window failed ({error} ×{n}), not answered late")
+    assert "fell behind" not in line
+
+
+def test_an_open_loop_whose_answers_time_out_still_fell_behind():
+    s = loadgen.LoadResult("open", None, 10.0, 2.0, errors={loadgen.UNANSWERED: 20}, scheduled=20).summary()
+    assert s["fell_behind"] is True and s["failed"] == 0
