@@ -83,7 +83,8 @@ MAX_ANSWER_BYTES = 4 << 20
 # The most bytes read of one GET (the model list, /metrics): every served model's labels, up to 100,000 each.
 MAX_GET_BYTES = 64 << 20
 TOO_LARGE = f"bad answer: too large (over {MAX_ANSWER_BYTES >> 20} MiB)"  # the error of a larger classification
-# A Server-Timing duration (ms) beyond this, like a non-finite one, is no timing: skipped (its mean would overflow).
+# A Server-Timing duration (ms) beyond this, like a negative or non-finite one, is no timing: skipped (its mean would
+# overflow).
 MAX_STAGE_MS = 1e9
 
 
@@ -331,7 +332,8 @@ class LoadResult:
 
 def parse_server_timing(value: str | None) -> dict[str, float]:
     """`decode;dur=1.2, compute;dur=3.4` -> {"decode": 1.2, "compute": 3.4} (malformed entries are skipped: a dur that
-    is no number, or not finite (nan, inf, 1e999), or beyond MAX_STAGE_MS)."""
+    is no number, or not finite (nan, inf, 1e999), negative (no stage takes less than no time: it would also shrink
+    the overhead computed from the compute stage), or beyond MAX_STAGE_MS)."""
     out: dict[str, float] = {}
     for entry in (value or "").split(","):
         name, _, params = entry.strip().partition(";")
@@ -342,7 +344,7 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
                     ms = float(number)
                 except ValueError:
                     continue
-                if math.isfinite(ms) and abs(ms) <= MAX_STAGE_MS:
+                if math.isfinite(ms) and 0 <= ms <= MAX_STAGE_MS:
                     out[name] = ms
     return out
 

@@ -295,3 +295,15 @@ def test_an_open_loop_against_a_failing_server_names_the_failures(server, error)
 def test_an_open_loop_whose_answers_time_out_still_fell_behind():
     s = loadgen.LoadResult("open", None, 10.0, 2.0, errors={loadgen.UNANSWERED: 20}, scheduled=20).summary()
     assert s["fell_behind"] is True and s["failed"] == 0
+
+
+# --- 9. a negative Server-Timing duration is no timing ---------------------------------------------------------------
+
+def test_a_negative_server_timing_duration_is_skipped():
+    """`decode;dur=-5` was kept: the stage table printed a p50 of -5 ms."""
+    assert loadgen.parse_server_timing("decode;dur=-5, compute;dur=2.5, encode;dur=-0.001, queue;dur=0") == {
+        "compute": 2.5, "queue": 0.0}
+    with _vitc_like(timing="decode;dur=-5, compute;dur=1") as url:
+        s = loadgen.closed_loop(e2e.classify_endpoint(url, "m", "image/png", None), [b"x"], 1, 0.2,
+                                warmup_s=0.0).summary()
+    assert s["ok"] > 0 and list(s["server_timing_ms"]) == ["compute"]
