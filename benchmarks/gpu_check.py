@@ -24,7 +24,8 @@ run; with the caches warm the check takes well under it. Each step runs in a pro
 share of what is left of the budget; a step past its share is stopped with everything it started (torchrun's
 workers, a server), and a step with too little time left is not started: both are recorded as cut for time. A
 failed, stopped or skipped step is recorded with its reason and output, and the next steps still run: the check
-passes only when every step ran and passed. Writes <date>-<host>-gpu-check.json / .md to --out
+passes only when every step ran and passed. Writes <date>-<time>-<host>-gpu-check.json / .md (e.g.
+2026-12-07-1741-vm-gpu-check.json, the time in UTC as HHMM) to --out
 (benchmarks/results by default), next to the latency and HTTP reports the steps write there.
 """
 

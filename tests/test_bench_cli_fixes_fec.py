@@ -307,3 +307,18 @@ def test_a_negative_server_timing_duration_is_skipped():
         s = loadgen.closed_loop(e2e.classify_endpoint(url, "m", "image/png", None), [b"x"], 1, 0.2,
                                 warmup_s=0.0).summary()
     assert s["ok"] > 0 and list(s["server_timing_ms"]) == ["compute"]
+
+
+# --- 10. the gpu-check file name the docs give is the one written ----------------------------------------------------
+
+def test_the_documented_gpu_check_file_name_is_the_written_one():
+    """README and gpu_check's docstring said <date>-<host>-gpu-check.json; the run wrote 2026-12-07-1741-vm-..."""
+    from benchmarks.report import stem_name
+
+    name = stem_name({"created": "2026-12-07T17:41:09Z", "host": "vm"}, "-gpu-check")
+    assert name == "2026-12-07-1741-vm-gpu-check"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    docstring = " ".join((REPO / "benchmarks" / "gpu_check.py").read_text().split('"""')[1].split())
+    assert f"`<date>-<time>-<host>-gpu-check.{{json,md}}` (e.g. `{name}.json`, the time in UTC as HHMM)" in readme
+    assert f"<date>-<time>-<host>-gpu-check.json / .md (e.g. {name}.json, the time in UTC as HHMM)" in docstring
+    assert "<date>-<host>-gpu-check" not in readme + docstring
