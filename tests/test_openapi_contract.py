@@ -461,6 +461,49 @@ def test_repository_bodies_refuse_what_infer_refuses(client, doc, body, says):
     assert r.status_code == 400 and "NaN is not a number in JSON" in r.json()["error"]
 
 
+# --- 9. every status an operation answers, from the error paths it reaches (serve.routes.deps, serve.app) -----------
+
+INFERENCE = {"200", "400", "404", "413", "415", "422", "500", "503", "504"}  # decode, admission, submit, answer
+ANSWERS = {  # (method, template) -> the statuses the route's code can answer (401 with a key: serve.app)
+    ("GET", "/v1/models"): {"200"}, ("GET", "/v1/models/{name}"): {"200", "404"}, ("POST", CLASSIFY): INFERENCE,
+    ("GET", "/metrics"): {"200"}, ("GET", "/v2"): {"200"}, ("GET", "/v2/health/live"): {"200"},
+    ("GET", "/v2/health/ready"): {"200", "400"}, ("GET", "/v2/models/stats"): {"200"},
+    ("GET", "/v2/models/{name}"): {"200", "404"}, ("GET", "/v2/models/{name}/ready"): {"200", "400", "404"},
+    ("GET", "/v2/models/{name}/stats"): {"200", "404"}, ("GET", "/v2/models/{name}/config"): {"200", "404"},
+    ("POST", INFER): INFERENCE, ("POST", VERSIONED_INFER): INFERENCE,
+    ("POST", INDEX): {"200", "400", "413", "503"},  # the index is built in the work pool (off_loop)
+    ("POST", LOAD): {"200", "400", "413", "503"},  # a thread the load needs (serve.app's ThreadsUnavailable)
+    ("POST", UNLOAD): {"200", "400", "413"},
+}
+
+
+def test_every_operation_declares_every_status_it_answers(doc):
+    declared = {(m.upper(), t): set(op["responses"]) for t, ms in doc["paths"].items() for m, op in ms.items()}
+    assert set(declared) == set(ANSWERS), "an operation was added or removed: say what it answers in ANSWERS"
+    wrong = {op: (declared[op], want) for op, want in ANSWERS.items() if declared[op] != want}
+    assert not wrong, wrong
+    for (method, template), statuses in declared.items():  # every 503 says when to retry, as the server does
+        if "503" in statuses:
+            assert "Retry-After" in operation(doc, method, template)["responses"]["503"]["headers"], template
+
+
+def test_a_load_without_a_thread_answers_its_documented_503(client, doc, monkeypatch):
+    """A pids limit met by a load (Python's "can't start new thread"): 503 + Retry-After, as documented."""
+    import serve.repository
+
+    def no_thread(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(serve.repository, "load_model", no_thread)
+    try:
+        r = answered(doc, LOAD, client.post(f"/v2/repository/models/{NAME}/load"))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    finally:
+        monkeypatch.undo()
+        assert client.post(f"/v2/repository/models/{NAME}/load").status_code == 200  # its failure given up
+    assert client.get("/v2/health/ready").status_code == 200
+
+
 def test_a_repository_body_that_is_not_json_says_why(client):
     r = client.post("/v2/repository/index", content=b'{"ready": tru}')
     assert r.status_code == 400 and "the index request body must be a JSON object" in r.json()["error"]

@@ -40,9 +40,15 @@ def error_doc(description: str) -> dict[str, Any]:
             "content": {"application/json": {"example": {"error": "reason"}}}}
 
 
+def retry_doc(description: str) -> dict[str, Any]:
+    """A 503 as a route's `responses` documents it: `error_doc` with the Retry-After header every 503 carries."""
+    return {**error_doc(description), "headers": {"Retry-After": {
+        "description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 0}}}}
+
+
 # The errors of the routes that take an image or tensors (401 is documented where a key is required: serve.app).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: error_doc(text)
+    code: (retry_doc if code == 503 else error_doc)(text)
     for code, text in {
         400: "Undecodable or malformed input; a v2 classification whose rows x count passes the ranked entries an "
              "answer may hold",

@@ -41,7 +41,7 @@ from serve.protocol import (
 from serve.registry import ServedModel
 from serve.repository import LoadError, RepositoryView
 from serve.routes import deps
-from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc
+from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc, retry_doc
 from serve.settings import Settings
 from serve.timing import stage, timings
 from serve.workpool import Kept, PixelBudget
@@ -323,7 +323,10 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
 @router.post("/repository/models/{name}/load", summary="Load, or load again, a model (the version its config selects)",
              responses={**_DONE, 413: _TOO_LARGE, 400: error_doc(
                  "A malformed body or parameter, a \"config\" or \"file:\" parameter (not supported), or a model "
-                 "that could not be loaded (the reason says why)")},
+                 "that could not be loaded (the reason says why)"),
+                 # serve.app's ThreadsUnavailable and MemoryError handlers: the machine's limit, not the model's fault.
+                 503: retry_doc("The server could not start a thread the load needs (its thread or pids limit), or "
+                                "ran out of memory for the request: retry after Retry-After")},
              openapi_extra=_optional_body("Triton's load request: no parameter changes what is loaded", _parameters(
                  config={"type": "string", "description": "Triton's configuration override: not supported (400); "
                                                           "edit the model's config.pbtxt and load it again"})))
