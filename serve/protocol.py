@@ -389,12 +389,47 @@ def check_parameters(params: dict, what: str, own: tuple[str, ...] = ()) -> None
                                 f"got {_json_kind(value)}")
 
 
+# The protocol's $parameter: a string, number or boolean value (what check_parameters lets through), as JSON Schema.
+PARAMETER_VALUE: dict[str, Any] = {"type": ["string", "number", "boolean"]}
+RESERVED_PREFIX = "triton_"  # request parameter keys Triton keeps for itself
+UINT64_MAX = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """The type Triton reads a request parameter as: how a refusal says it, its JSON Schema, and its check."""
+    says: str
+    schema: dict[str, Any]
+    fits: Callable[[Any], bool]
+
+
+def _uint64(value: Any) -> bool:
+    return is_int(value) and 0 <= value <= UINT64_MAX
+
+
+_UINT64 = {"type": "integer", "minimum": 0, "maximum": UINT64_MAX}
+_BOOLEAN = _Kind("true or false", {"type": "boolean"}, lambda value: isinstance(value, bool))
 # Request parameters Triton's HTTP server reads itself, and the values it takes there (it refuses any other): vitc
 # checks them alike so that a request that fails on Triton fails here too, though it applies none of them.
-_UINT64 = "an unsigned integer"
-_TRITON_PARAMETERS = {"sequence_id": f"{_UINT64} or a string", "sequence_start": "true or false",
-                      "sequence_end": "true or false", "priority": _UINT64, "timeout": f"{_UINT64} (microseconds)",
-                      "binary_data_output": "true or false"}
+_TRITON_PARAMETERS = {
+    "sequence_id": _Kind("an unsigned integer or a string", {"anyOf": [_UINT64, {"type": "string"}]},
+                         lambda value: _uint64(value) or isinstance(value, str)),
+    "sequence_start": _BOOLEAN, "sequence_end": _BOOLEAN,
+    "priority": _Kind("an unsigned integer", _UINT64, _uint64),
+    "timeout": _Kind("an unsigned integer (microseconds)", _UINT64, _uint64),
+    "binary_data_output": _BOOLEAN,
+}
+
+
+def parameters_schema(own: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON Schema of a `parameters` object: `own` keys with their own schemas, any other a $parameter value."""
+    return {"type": "object", "properties": dict(own), "additionalProperties": PARAMETER_VALUE}
+
+
+def request_parameters_schema() -> dict[str, Any]:
+    """The JSON Schema of an inference request's `parameters`, as `_request_params` checks them."""
+    return {**parameters_schema({key: kind.schema for key, kind in _TRITON_PARAMETERS.items()}),
+            "propertyNames": {"not": {"pattern": f"^{RESERVED_PREFIX}"}}}
 
 
 def _request_params(doc: dict) -> dict:
@@ -402,19 +437,12 @@ def _request_params(doc: dict) -> dict:
     (reserved), and the keys of `_TRITON_PARAMETERS` of their type."""
     params = _params(doc, "request", tuple(_TRITON_PARAMETERS))
     for key, value in params.items():
-        if key.startswith("triton_"):
-            raise ProtocolError(f"request parameter {key[:64]!r}: keys starting with 'triton_' are reserved for "
-                                "Triton")
-        if key in _TRITON_PARAMETERS and not _triton_typed(key, value):
-            raise ProtocolError(f"parameters.{key} must be {_TRITON_PARAMETERS[key]}, got {json.dumps(value)[:40]}")
+        if key.startswith(RESERVED_PREFIX):
+            raise ProtocolError(f"request parameter {key[:64]!r}: keys starting with {RESERVED_PREFIX!r} are reserved "
+                                "for Triton")
+        if (kind := _TRITON_PARAMETERS.get(key)) is not None and not kind.fits(value):
+            raise ProtocolError(f"parameters.{key} must be {kind.says}, got {json.dumps(value)[:40]}")
     return params
-
-
-def _triton_typed(key: str, value: Any) -> bool:
-    """Whether `value` is of the type Triton reads request parameter `key` as."""
-    if _TRITON_PARAMETERS[key] == "true or false":
-        return isinstance(value, bool)
-    return (is_int(value) and 0 <= value < 1 << 64) or (key == "sequence_id" and isinstance(value, str))
 
 
 def _parse_input(spec: Any, binary: memoryview, offset: int,

@@ -6,6 +6,7 @@ a Triton-style repository, with and without an API key."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,7 +57,8 @@ def violations(doc: dict, schema: dict, value: Any, at: str = "$") -> list[str]:
     """Where `value` breaks `schema`; a keyword this validator does not know fails the test rather than pass it."""
     schema = _resolve(doc, schema)
     unknown = set(schema) - _ANNOTATIONS - {"type", "required", "properties", "additionalProperties", "items",
-                                            "anyOf", "oneOf", "allOf", "enum", "const", "minimum", "maximum"}
+                                            "anyOf", "oneOf", "allOf", "enum", "const", "minimum", "maximum",
+                                            "maxLength", "maxItems", "propertyNames", "not", "pattern"}
     assert not unknown, f"the test's validator does not know {sorted(unknown)} (at {at})"
     kinds = schema.get("type")
     if kinds is not None and not any(_is(value, k) for k in ([kinds] if isinstance(kinds, str) else kinds)):
@@ -70,6 +72,16 @@ def violations(doc: dict, schema: dict, value: Any, at: str = "$") -> list[str]:
         out.append(f"{at}: {value} < {schema['minimum']}")
     if "maximum" in schema and _is(value, "number") and value > schema["maximum"]:
         out.append(f"{at}: {value} > {schema['maximum']}")
+    if "maxLength" in schema and isinstance(value, str) and len(value) > schema["maxLength"]:
+        out.append(f"{at}: {len(value)} characters > {schema['maxLength']}")
+    if "maxItems" in schema and isinstance(value, list) and len(value) > schema["maxItems"]:
+        out.append(f"{at}: {len(value)} items > {schema['maxItems']}")
+    if "pattern" in schema and isinstance(value, str) and not re.search(schema["pattern"], value):
+        out.append(f"{at}: {value!r:.60} does not match {schema['pattern']!r}")
+    if "not" in schema and not violations(doc, schema["not"], value, at):
+        out.append(f"{at}: {value!r:.60} matches what 'not' excludes")
+    if "propertyNames" in schema and isinstance(value, dict):
+        out += [f"{at}: key {k!r:.60}: {v}" for k in value for v in violations(doc, schema["propertyNames"], k, at)]
     if isinstance(value, dict):
         out += [f"{at}: {key!r} is required" for key in schema.get("required", ()) if key not in value]
         props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
@@ -100,8 +112,12 @@ def test_the_validator_refuses_what_it_should():
     assert violations(doc, {"type": "integer"}, True) and violations(doc, {"type": "number"}, False)
     assert violations(doc, {"anyOf": [{"type": "string"}, {"type": "null"}]}, 3)
     assert violations(doc, {"type": "array", "items": {"enum": [1]}}, [1, 2])
+    assert violations(doc, {"maxLength": 2}, "abc") and not violations(doc, {"maxLength": 3}, "abc")
+    assert violations(doc, {"maxItems": 1}, [1, 2]) and not violations(doc, {"maxItems": 2}, [1, 2])
+    assert violations(doc, {"propertyNames": {"not": {"pattern": "^t_"}}}, {"t_x": 1})
+    assert not violations(doc, {"propertyNames": {"not": {"pattern": "^t_"}}}, {"x_t_": 1})
     with pytest.raises(AssertionError, match="does not know"):
-        violations(doc, {"pattern": "x"}, "x")
+        violations(doc, {"minLength": 1}, "x")
 
 
 # --- the server ---------------------------------------------------------------------------------------------------
@@ -461,7 +477,64 @@ def test_repository_bodies_refuse_what_infer_refuses(client, doc, body, says):
     assert r.status_code == 400 and "NaN is not a number in JSON" in r.json()["error"]
 
 
-# --- 9. every status an operation answers, from the error paths it reaches (serve.routes.deps, serve.app) -----------
+# --- 9. the request schemas declare the limits the server enforces (one constant each) --------------------------
+
+def _with_output(**parameters: Any) -> dict:
+    return _tensor_body(outputs=[{"name": "logits", "parameters": parameters}])
+
+
+def _with_input(**changes: Any) -> dict:
+    body = _tensor_body()
+    body["inputs"][0].update(changes)
+    return body
+
+
+@pytest.mark.parametrize("body", [
+    _tensor_body(id="x" * 65_537), _with_input(shape=[1] * 9), _with_input(shape=[1, 3, 32, 2**31 + 1]),
+    _with_input(parameters={"binary_data_size": -1}), _with_input(parameters={"a": [1]}),
+    _tensor_body(parameters={"x": {"a": 1}}), _tensor_body(parameters={"triton_x": 1}),
+    _tensor_body(parameters={"sequence_id": -1}), _tensor_body(parameters={"sequence_id": 2**64}),
+    _tensor_body(parameters={"priority": -1}), _tensor_body(parameters={"priority": "1"}),
+    _tensor_body(parameters={"timeout": 1.5}), _tensor_body(parameters={"sequence_start": 1}),
+    _tensor_body(parameters={"binary_data_output": "yes"}),
+    _with_output(classification=-1), _with_output(classification=True), _with_output(classification=2.0),
+    _with_output(classification=2**63), _with_output(binary_data=1), _with_output(x=None),
+], ids=lambda body: json.dumps({k: v for k, v in body.items() if k != "inputs"} or body["inputs"][0].get(
+    "parameters") or body["inputs"][0]["shape"])[:60])
+def test_the_infer_schema_refuses_what_the_server_refuses(client, doc, body):
+    declared = operation(doc, "POST", INFER)["requestBody"]["content"]["application/json"]["schema"]
+    assert violations(doc, declared, body), "the document declares a body the server refuses"
+    r = answered(doc, INFER, client.post(f"/v2/models/{NAME}/infer", json=body))
+    assert r.status_code == 400, r.text
+
+
+def test_the_infer_schema_takes_what_the_server_takes(client, doc):
+    for body in (_tensor_body(id="x" * 65_536), _tensor_body(parameters={
+                     "sequence_id": "s", "priority": 2**64 - 1, "timeout": 0, "sequence_start": True,
+                     "sequence_end": False, "binary_data_output": False, "own": 1.5, "x_triton_": "a"}),
+                 _tensor_body(parameters={"sequence_id": 2**64 - 1}),
+                 _with_output(classification=2**63 - 1, binary_data=False, own="a")):
+        request_fits(doc, "POST", INFER, "application/json", body)
+        assert answered(doc, INFER, client.post(f"/v2/models/{NAME}/infer", json=body)).status_code == 200
+
+
+def test_the_multipart_file_count_is_the_server_s_max_files(repo, client, doc):
+    from serve.app import create_app
+
+    def declared(spec: dict) -> int:
+        form = operation(spec, "POST", CLASSIFY)["requestBody"]["content"]["multipart/form-data"]
+        return form["schema"]["properties"]["file"]["maxItems"]
+
+    assert declared(doc) == Settings.model_fields["max_files"].default
+    two, three = (create_app(Settings(model_repository=repo, access_log=False, max_files=n)) for n in (2, 3))
+    assert (declared(two.openapi()), declared(three.openapi()), declared(two.openapi())) == (2, 3, 2)
+    png = _png()
+    files = [("file", (f"{i}.png", png, "image/png")) for i in range(declared(doc) + 1)]
+    r = answered(doc, CLASSIFY, client.post(f"/v1/models/{NAME}/classify", files=files))
+    assert r.status_code == 400 and "Maximum number of files" in r.json()["error"], r.text
+
+
+# --- 10. every status an operation answers, from the error paths it reaches (serve.routes.deps, serve.app) -----------
 
 INFERENCE = {"200", "400", "404", "413", "415", "422", "500", "503", "504"}  # decode, admission, submit, answer
 ANSWERS = {  # (method, template) -> the statuses the route's code can answer (401 with a key: serve.app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -10,7 +11,7 @@ from json.encoder import encode_basestring as quoted  # C: as json.dumps(ensure_
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from python_multipart.multipart import parse_options_header
@@ -52,6 +53,7 @@ from serve.workpool import Deferred, Holder, Kept
 router = APIRouter(prefix="/v1", tags=["v1: classification"])
 # The most classes a bundle may have: what the fast path accepts before the model's own count is checked.
 MAX_TOP_K = MAX_CLASSES
+CLASSIFY_PATH = "/v1/models/{name}/classify"
 MAX_PART_FIELD_BYTES = 64 * 1024  # non-file form fields are tiny; files are bounded by the body limit
 _NOT_A_FILE = ("{field} has no filename, so it is a text field, not a file upload: send each image "
                "as a file part (Content-Disposition with a filename; curl -F file=@image.jpg)")
@@ -102,6 +104,22 @@ _CLASSIFY_BODY = {
         },
     }
 }
+
+
+def document_max_files(app: FastAPI, max_files: int) -> None:
+    """The document's multipart `file` array says the server's --max-files (more are refused: 400), a setting of
+    this app, not of the module-level route."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = plain()
+        operation = schema["paths"][CLASSIFY_PATH]["post"]
+        # A copy: FastAPI's document refers to the module's _CLASSIFY_BODY, which every app shares.
+        body = operation["requestBody"] = copy.deepcopy(_CLASSIFY_BODY["requestBody"])
+        body["content"]["multipart/form-data"]["schema"]["properties"]["file"]["maxItems"] = max_files
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _ranked(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +284,7 @@ def _info(request: Request, model: ServedModel) -> dict[str, Any]:
 
 
 @router.post(
-    "/models/{name}/classify",
+    CLASSIFY_PATH.removeprefix(router.prefix),
     summary="Classify images",
     response_model=Classification | list[Classification],
     responses=ERROR_RESPONSES,

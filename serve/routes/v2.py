@@ -22,6 +22,10 @@ from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.protocol import (
     EXTENSIONS,
     HEADER_LENGTH,
+    INT64_MAX,
+    MAX_DIM,
+    MAX_DIMS,
+    MAX_ID_CHARS,
     InferRequest,
     OutputTensor,
     ProtocolError,
@@ -33,8 +37,10 @@ from serve.protocol import (
     datatype_name,
     encode_response,
     loads,
+    parameters_schema,
     parse_memory,
     parse_request,
+    request_parameters_schema,
     short_reason,
     wrong_datatype,
 )
@@ -253,8 +259,7 @@ def _optional_body(description: str, properties: dict[str, Any]) -> dict[str, An
 
 def _parameters(**own: dict[str, Any]) -> dict[str, Any]:
     """A load or unload body's `parameters`: the protocol's (string, number or boolean values), `own` the keys read."""
-    return {"parameters": {"type": "object", "properties": own,
-                           "additionalProperties": {"type": ["string", "number", "boolean"]}}}
+    return {"parameters": parameters_schema(own)}
 
 
 _INDEX_ENTRY = {"type": "object", "required": ["name", "version", "state"], "properties": {
@@ -429,11 +434,14 @@ def json_containers(model: ServedModel) -> int:
     return 1 + model.max_batch * (1 + c * (1 + h)) + 4096
 
 
+# The limits serve.protocol's parser enforces (400 past them), declared from the same constants.
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string", "example": "input"},
-    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "example": [1, 3, 32, 32]},
+    "shape": {"type": "array", "maxItems": MAX_DIMS, "items": {"type": "integer", "minimum": 0, "maximum": MAX_DIM},
+              "example": [1, 3, 32, 32]},
     "datatype": {"type": "string", "example": "FP32"},
-    "parameters": {"type": "object", "description": "binary_data_size: the tensor's bytes follow the JSON header"},
+    "parameters": {**parameters_schema({"binary_data_size": {"type": "integer", "minimum": 0}}),
+                   "description": "binary_data_size: the tensor's bytes follow the JSON header"},
     "data": {"type": "array", "items": {}, "description": "row-major values, flat or nested"}}}
 _ANSWER = {"type": "object", "required": ["model_name", "model_version", "outputs"], "properties": {
     "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
@@ -453,11 +461,13 @@ _INFER_DOC = {"responses": {"200": {
                                                              f"{HEADER_LENGTH}), then each binary output's bytes"}}},
 }}, "requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "id": {"type": "string", "maxLength": MAX_ID_CHARS}, "parameters": request_parameters_schema(),
         "inputs": {"type": "array", "items": _TENSOR},
         "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-            "name": {"type": "string", "example": "logits"}, "parameters": {"type": "object", "description":
-                                                                             "binary_data, classification"}}}}}}},
+            "name": {"type": "string", "example": "logits"}, "parameters": parameters_schema({
+                "binary_data": {"type": "boolean"},
+                "classification": {"type": "integer", "minimum": 0, "maximum": INT64_MAX, "description":
+                                   "the top k outputs as strings (0: the tensor itself)"}})}}}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
                                             "Triton's binary tensor extension: the JSON header (its length in the "
                                             "Inference-Header-Content-Length header), then the tensors' bytes; "
