@@ -27,6 +27,7 @@ VERSIONED_INFER = "/v2/models/{name}/versions/{version}/infer"
 INDEX, LOAD, UNLOAD = ("/v2/repository/index", "/v2/repository/models/{name}/load",
                        "/v2/repository/models/{name}/unload")
 MODEL_ROUTES = ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/stats", "/v2/models/{name}/config")
+VERSIONED_ROUTES = tuple(t.replace("{name}", "{name}/versions/{version}") for t in MODEL_ROUTES)
 
 
 # --- the JSON Schema subset the document uses (jsonschema is not a dependency) ---------------------------------------
@@ -226,7 +227,7 @@ def test_every_secured_operation_documents_its_401_and_the_open_ones_none(keyed)
             secured += 1
             assert "401" in op["responses"], f"{method} {template} answers 401 without documenting it"
             assert "WWW-Authenticate" in op["responses"]["401"].get("headers", {}), (method, template)
-    assert secured == 15  # all but the two health paths
+    assert secured == 19  # all but the two health paths
     for method, path, template in (("GET", "/v1/models", "/v1/models"), ("GET", "/v2", "/v2"),
                                    ("GET", "/metrics", "/metrics"), ("GET", "/v2/models/stats", "/v2/models/stats"),
                                    ("GET", f"/v2/models/{NAME}/config", "/v2/models/{name}/config"),
@@ -543,6 +544,8 @@ ANSWERS = {  # (method, template) -> the statuses the route's code can answer (4
     ("GET", "/v2/health/ready"): {"200", "400"}, ("GET", "/v2/models/stats"): {"200"},
     ("GET", "/v2/models/{name}"): {"200", "404"}, ("GET", "/v2/models/{name}/ready"): {"200", "400", "404"},
     ("GET", "/v2/models/{name}/stats"): {"200", "404"}, ("GET", "/v2/models/{name}/config"): {"200", "404"},
+    ("GET", VERSIONED_ROUTES[0]): {"200", "404"}, ("GET", VERSIONED_ROUTES[1]): {"200", "400", "404"},
+    ("GET", VERSIONED_ROUTES[2]): {"200", "404"}, ("GET", VERSIONED_ROUTES[3]): {"200", "404"},
     ("POST", INFER): INFERENCE, ("POST", VERSIONED_INFER): INFERENCE,
     ("POST", INDEX): {"200", "400", "413", "503"},  # the index is built in the work pool (off_loop)
     ("POST", LOAD): {"200", "400", "413", "503"},  # a thread the load needs (serve.app's ThreadsUnavailable)
@@ -575,6 +578,25 @@ def test_a_load_without_a_thread_answers_its_documented_503(client, doc, monkeyp
         monkeypatch.undo()
         assert client.post(f"/v2/repository/models/{NAME}/load").status_code == 200  # its failure given up
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_the_versioned_model_routes_are_documented_as_they_answer(client, doc):
+    """KServe v2's GET /v2/models/{name}/versions/{version}[/ready] (and Triton's /config, /stats): in the document,
+    with the version a string path parameter, answering as their unversioned twins."""
+    for template, plain in zip(VERSIONED_ROUTES, MODEL_ROUTES, strict=True):
+        params = {(p["name"], p["in"], p["required"], p["schema"]["type"])
+                  for p in operation(doc, "GET", template)["parameters"]}
+        assert params == {("name", "path", True, "string"), ("version", "path", True, "string")}, (template, params)
+        r = answered(doc, template, client.get(template.format(name=NAME, version="1")))
+        assert r.status_code == 200 and r.json() == client.get(plain.format(name=NAME)).json(), template
+        for name, version in ((NAME, "2"), ("nope", "1")):
+            assert answered(doc, template, client.get(template.format(name=name, version=version))).status_code == 404
+    client.app.state.ready = False
+    try:
+        r = answered(doc, VERSIONED_ROUTES[1], client.get(f"/v2/models/{NAME}/versions/1/ready"))
+        assert (r.status_code, r.json()) == (400, {"name": NAME, "ready": False})
+    finally:
+        client.app.state.ready = True
 
 
 def test_a_repository_body_that_is_not_json_says_why(client):

@@ -169,14 +169,15 @@ async def all_stats(request: Request) -> dict[str, Any]:
     return {"model_stats": [m.stats.to_triton(m.name, m.version) for m in request.app.state.models.values()]}
 
 
-# Each model route has a versioned twin (not in the document) that checks the path's version first: a handler apiece,
-# so that the unversioned route takes no `version` parameter at all.
+# Each model route has a versioned twin (KServe v2's /v2/models/{name}[/versions/{version}]) that checks the path's
+# version first: a handler apiece, so that the unversioned route takes no `version` parameter at all.
 @router.get("/models/{name}", summary="Model metadata", responses={404: ERROR_RESPONSES[404]})
 async def model_metadata(model: ModelDep) -> dict[str, Any]:
     return _metadata(model)
 
 
-@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version",
+            responses={404: ERROR_RESPONSES[404]})
 async def version_metadata(model: ModelDep, version: str) -> dict[str, Any]:
     _check_version(model, version)
     return await model_metadata(model)
@@ -189,7 +190,8 @@ async def model_ready(request: Request, model: ModelDep) -> JSONResponse:
     return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else NOT_READY)
 
 
-@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one version",
+            responses={**_readiness(_MODEL_READY), 404: ERROR_RESPONSES[404]})
 async def version_ready(request: Request, model: ModelDep, version: str) -> JSONResponse:
     _check_version(model, version)
     return await model_ready(request, model)
@@ -201,7 +203,8 @@ async def model_stats(model: ModelDep) -> dict[str, Any]:
     return {"model_stats": [model.stats.to_triton(model.name, model.version)]}
 
 
-@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/stats", summary="Statistics of one version (statistics extension)",
+            responses={404: ERROR_RESPONSES[404]})
 async def version_stats(model: ModelDep, version: str) -> dict[str, Any]:
     _check_version(model, version)
     return await model_stats(model)
@@ -401,7 +404,8 @@ async def model_config(model: ModelDep, settings: SettingsDep) -> dict[str, Any]
     }
 
 
-@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/config", summary="Triton-style configuration of one version",
+            responses={404: ERROR_RESPONSES[404]})
 async def version_config(model: ModelDep, settings: SettingsDep, version: str) -> dict[str, Any]:
     _check_version(model, version)
     return await model_config(model, settings)
