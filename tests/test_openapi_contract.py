@@ -420,12 +420,12 @@ def test_fastapi_validation_refusals_are_documented_in_the_server_s_shape():
 
     from serve.app import document_validation
     from serve.responses import install_handlers
-    from serve.routes.deps import ERROR_RESPONSES
+    from serve.routes.deps import NOT_SERVED
 
     app = FastAPI()
     install_handlers(app)
 
-    @app.get("/n", responses={404: ERROR_RESPONSES[404]})
+    @app.get("/n", responses={404: NOT_SERVED})
     async def n(k: int) -> dict[str, int]:
         return {"k": k}
 
@@ -597,6 +597,44 @@ def test_the_versioned_model_routes_are_documented_as_they_answer(client, doc):
         assert (r.status_code, r.json()) == (400, {"name": NAME, "ready": False})
     finally:
         client.app.state.ready = True
+
+
+# --- 11. each route's descriptions are true of it -------------------------------------------------------------
+
+def _said(doc: dict, method: str, template: str, status: str) -> str:
+    return operation(doc, method, template)["responses"][status]["description"]
+
+
+def test_each_route_describes_its_own_errors(doc):
+    v1_400 = _said(doc, "POST", CLASSIFY, "400")
+    assert "v2" not in v1_400 and "classification" not in v1_400
+    for template in (INFER, VERSIONED_INFER):
+        assert _said(doc, "POST", template, "422") == "Outputs that are not finite for this input"
+        assert "classification" in _said(doc, "POST", template, "400")
+        assert "top_k" not in json.dumps(operation(doc, "POST", template)["responses"])
+    assert "top_k" in _said(doc, "POST", CLASSIFY, "422") and "multipart" in _said(doc, "POST", CLASSIFY, "422")
+    assert "version" not in _said(doc, "POST", INFER, "404") and "version" in _said(doc, "POST", VERSIONED_INFER, "404")
+    for plain, versioned in zip(MODEL_ROUTES, VERSIONED_ROUTES, strict=True):
+        assert "version" not in _said(doc, "GET", plain, "404") and "version" in _said(doc, "GET", versioned, "404")
+    assert "Queue" not in _said(doc, "POST", INDEX, "503") and "thread" in _said(doc, "POST", LOAD, "503")
+    assert "failed" in _said(doc, "GET", "/v2/health/ready", "400")
+    assert "failed" in operation(doc, "GET", "/v2/health/ready")["summary"]
+    assert "failed" not in _said(doc, "GET", "/v2/models/{name}/ready", "400")
+
+
+def test_a_failed_load_is_the_documented_not_ready(repo, client, doc):
+    """Strict readiness: a model whose last load failed holds the server not ready, every loaded model serving."""
+    (repo / "empty").mkdir()
+    try:
+        r = answered(doc, LOAD, client.post("/v2/repository/models/empty/load"))
+        assert r.status_code == 400 and "version" in r.json()["error"], r.text
+        assert client.get(f"/v2/models/{NAME}/ready").status_code == 200
+        r = answered(doc, "/v2/health/ready", client.get("/v2/health/ready"))
+        assert (r.status_code, r.json()) == (400, {"ready": False})
+    finally:
+        assert client.post("/v2/repository/models/empty/unload").status_code == 200
+        (repo / "empty").rmdir()
+    assert client.get("/v2/health/ready").status_code == 200
 
 
 def test_a_repository_body_that_is_not_json_says_why(client):

@@ -46,23 +46,16 @@ def retry_doc(description: str) -> dict[str, Any]:
         "description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 0}}}}
 
 
-# The errors of the routes that take an image or tensors (401 is documented where a key is required: serve.app).
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: (retry_doc if code == 503 else error_doc)(text)
-    for code, text in {
-        400: "Undecodable or malformed input; a v2 classification whose rows x count passes the ranked entries an "
-             "answer may hold",
-        404: "Unknown model or one not loaded (on a versioned path: a version not served)",
-        413: "Body or image too large, or more images than --max-queue-size",
-        415: "Unsupported content type or Content-Encoding",
-        422: "Invalid parameter (top_k, or files x top_k over the ranked entries an answer may hold) or multipart "
-             "form (no 'file' part, or a text field for it); outputs that are not finite for this input",
-        500: "The model's runtime failed on this input (the reason says how)",
-        503: "Queue, decode pool or decode budget full; model stalled or shutting down; the server out of memory "
-             "or threads (see Retry-After)",
-        504: "Inference exceeded the model's timeout",
-    }.items()
-}
+# The answers of the error paths here, worded once for every route that reaches them (each route words its own 400,
+# 413, 415 and 422, which its own checks give; 401 is documented where a key is required: serve.app).
+NOT_SERVED = error_doc("Unknown model, or one not loaded (the reason says which)")  # served
+RUNTIME_FAILED = error_doc("The model's runtime failed on this input (the reason says how)")  # submit
+INFERENCE_UNAVAILABLE = retry_doc(  # off_loop, admission, submit, answer_memory
+    "Queue, decode pool or decode budget full; model stalled or shutting down; the server out of memory or threads: "
+    "retry after Retry-After")
+TIMED_OUT = error_doc("Inference exceeded the model's timeout")  # submit
+POOL_UNAVAILABLE = retry_doc(  # off_loop, for work that is not inference
+    "The work pool full, or the server out of memory or threads: retry after Retry-After")
 
 
 def served(request: Request, name: str) -> ServedModel:

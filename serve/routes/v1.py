@@ -25,8 +25,11 @@ from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, IMAGE_CONTENT_TYPES, ImageError, cheap, prepare
 from serve.registry import ServedModel
 from serve.routes.deps import (
-    ERROR_RESPONSES,
+    INFERENCE_UNAVAILABLE,
     MAX_RANKED,
+    NOT_SERVED,
+    RUNTIME_FAILED,
+    TIMED_OUT,
     InvalidInput,
     ModelDep,
     admission,
@@ -34,6 +37,7 @@ from serve.routes.deps import (
     answer_memory,
     answer_work,
     answered,
+    error_doc,
     finite_output,
     gone_already,
     held_response,
@@ -120,6 +124,24 @@ def document_max_files(app: FastAPI, max_files: int) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# What classify answers besides 200, each as its checks here (and deps') give it.
+_CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: error_doc("An image that does not decode (corrupt, or no JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF), a corrupt "
+                   "gzip or deflate body, or a malformed multipart form (its closing boundary missing, a part's header "
+                   "too large, more files than --max-files)"),
+    404: NOT_SERVED,
+    413: error_doc("Body or image too large (--max-body-bytes, also once decompressed; --max-image-pixels), or more "
+                   "images than --max-queue-size"),
+    415: error_doc("Unsupported content type, of the body or of a multipart file, or Content-Encoding (gzip or "
+                   "deflate on an image body; none on a multipart form)"),
+    422: error_doc("Invalid top_k, or files x top_k over the ranked entries an answer may hold; a multipart form with "
+                   "no 'file' part, or a text field for it; outputs that are not finite for this input"),
+    500: RUNTIME_FAILED,
+    503: INFERENCE_UNAVAILABLE,
+    504: TIMED_OUT,
+}
 
 
 def _ranked(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +296,7 @@ async def list_models(request: Request) -> dict[str, list[dict[str, Any]]]:
     return {"models": [_info(request, m) for m in request.app.state.models.values()]}
 
 
-@router.get("/models/{name}", summary="Describe one model", responses={404: ERROR_RESPONSES[404]})
+@router.get("/models/{name}", summary="Describe one model", responses={404: NOT_SERVED})
 async def describe_model(request: Request, model: ModelDep) -> dict[str, Any]:
     return _info(request, model)
 
@@ -287,7 +309,7 @@ def _info(request: Request, model: ServedModel) -> dict[str, Any]:
     CLASSIFY_PATH.removeprefix(router.prefix),
     summary="Classify images",
     response_model=Classification | list[Classification],
-    responses=ERROR_RESPONSES,
+    responses=_CLASSIFY_ERRORS,
     openapi_extra=_CLASSIFY_BODY,
 )
 async def classify(

@@ -47,7 +47,7 @@ from serve.protocol import (
 from serve.registry import ServedModel
 from serve.repository import LoadError, RepositoryView
 from serve.routes import deps
-from serve.routes.deps import ERROR_RESPONSES, ModelDep, SettingsDep, error_doc, retry_doc
+from serve.routes.deps import ModelDep, SettingsDep, error_doc, retry_doc
 from serve.settings import Settings
 from serve.timing import stage, timings
 from serve.workpool import Kept, PixelBudget
@@ -93,19 +93,21 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def _readiness(schema: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
-    """A readiness route's answers: 200 with `schema` when ready, NOT_READY with it when not."""
+def _readiness(schema: dict[str, Any], why_not: str) -> dict[int | str, dict[str, Any]]:
+    """A readiness route's answers: 200 with `schema` when ready, NOT_READY with it when not (`why_not` says when)."""
     def answer(ready: bool) -> dict[str, Any]:
         return {"type": "object", **schema, "properties": {**schema["properties"], "ready": {"const": ready}}}
 
     return {200: {"description": "Ready", "content": {"application/json": {"schema": answer(True)}}},
-            NOT_READY: {"description": "Not ready (starting, shutting down, or a model stalled): Triton's 400, "
-                                       "with the same body", "content": {
+            NOT_READY: {"description": f"Not ready ({why_not}): Triton's 400, with the same body", "content": {
                 "application/json": {"schema": answer(False)}}}}
 
 
 _READY = {"required": ["ready"], "properties": {}}
 _MODEL_READY = {"required": ["name", "ready"], "properties": {"name": {"type": "string"}}}
+_MODEL_NOT_READY = "the server starting or shutting down, or the model stalled"
+# A model route's 404 on a versioned path (_check_version), besides the unversioned one's (deps.served).
+_VERSION_NOT_SERVED = error_doc("Unknown model, one not loaded, or a version of it not served (the reason says which)")
 
 
 @router.get("/health/live", summary="Liveness")
@@ -113,8 +115,11 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Readiness: started, and every loaded model accepting requests",
-            responses=_readiness(_READY))
+@router.get("/health/ready", summary="Readiness: started and not shutting down; with strict readiness (the default), "
+                                    "every loaded model accepting requests, and no model's last load failed",
+            responses=_readiness(_READY, "starting or shutting down; with strict readiness, the default: a loaded "
+                                         "model stalled, or a model whose last load failed and that was not unloaded "
+                                         "since"))
 async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     # As Triton: once started, a server whose models were all unloaded is still ready, so that a readiness probe
     # does not take it out of its Service, the only way to reach its repository API and load one again; with strict
@@ -171,40 +176,40 @@ async def all_stats(request: Request) -> dict[str, Any]:
 
 # Each model route has a versioned twin (KServe v2's /v2/models/{name}[/versions/{version}]) that checks the path's
 # version first: a handler apiece, so that the unversioned route takes no `version` parameter at all.
-@router.get("/models/{name}", summary="Model metadata", responses={404: ERROR_RESPONSES[404]})
+@router.get("/models/{name}", summary="Model metadata", responses={404: deps.NOT_SERVED})
 async def model_metadata(model: ModelDep) -> dict[str, Any]:
     return _metadata(model)
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata of one version",
-            responses={404: ERROR_RESPONSES[404]})
+            responses={404: _VERSION_NOT_SERVED})
 async def version_metadata(model: ModelDep, version: str) -> dict[str, Any]:
     _check_version(model, version)
     return await model_metadata(model)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness",
-            responses={**_readiness(_MODEL_READY), 404: ERROR_RESPONSES[404]})
+            responses={**_readiness(_MODEL_READY, _MODEL_NOT_READY), 404: deps.NOT_SERVED})
 async def model_ready(request: Request, model: ModelDep) -> JSONResponse:
     ok = deps.is_ready(request, model)
     return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else NOT_READY)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one version",
-            responses={**_readiness(_MODEL_READY), 404: ERROR_RESPONSES[404]})
+            responses={**_readiness(_MODEL_READY, _MODEL_NOT_READY), 404: _VERSION_NOT_SERVED})
 async def version_ready(request: Request, model: ModelDep, version: str) -> JSONResponse:
     _check_version(model, version)
     return await model_ready(request, model)
 
 
 @router.get("/models/{name}/stats", summary="Statistics of one model (statistics extension)",
-            responses={404: ERROR_RESPONSES[404]})
+            responses={404: deps.NOT_SERVED})
 async def model_stats(model: ModelDep) -> dict[str, Any]:
     return {"model_stats": [model.stats.to_triton(model.name, model.version)]}
 
 
 @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of one version (statistics extension)",
-            responses={404: ERROR_RESPONSES[404]})
+            responses={404: _VERSION_NOT_SERVED})
 async def version_stats(model: ModelDep, version: str) -> dict[str, Any]:
     _check_version(model, version)
     return await model_stats(model)
@@ -275,7 +280,7 @@ _DONE = {200: {"description": "Done", "content": {"application/json": {"schema":
              responses={200: {"description": "The models and versions", "content": {"application/json": {
                  "schema": {"type": "array", "items": _INDEX_ENTRY}}}},
                  400: error_doc("A body that is not a JSON object with a boolean `ready`"), 413: _TOO_LARGE,
-                 503: ERROR_RESPONSES[503]},
+                 503: deps.POOL_UNAVAILABLE},
              openapi_extra=_optional_body("Without one, every model the server knows", {"ready": {
                  "type": "boolean", "description": "true: only the versions ready to serve (default false)"}}))
 async def repository_index(request: Request) -> JSONResponse:
@@ -371,7 +376,7 @@ async def repository_unload(name: str, request: Request) -> JSONResponse:
 
 
 @router.get("/models/{name}/config", summary="Triton-style model configuration",
-            responses={404: ERROR_RESPONSES[404]})
+            responses={404: deps.NOT_SERVED})
 async def model_config(model: ModelDep, settings: SettingsDep) -> dict[str, Any]:
     m = model.manifest
     c, h, w = m.input.sample_shape
@@ -405,7 +410,7 @@ async def model_config(model: ModelDep, settings: SettingsDep) -> dict[str, Any]
 
 
 @router.get("/models/{name}/versions/{version}/config", summary="Triton-style configuration of one version",
-            responses={404: ERROR_RESPONSES[404]})
+            responses={404: _VERSION_NOT_SERVED})
 async def version_config(model: ModelDep, settings: SettingsDep, version: str) -> dict[str, Any]:
     _check_version(model, version)
     return await model_config(model, settings)
@@ -480,6 +485,22 @@ _INFER_DOC = {"responses": {"200": {
 }}}
 
 
+# What infer answers besides 200, each as its checks here, serve.protocol's and deps' give it.
+_INFER_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: error_doc("A malformed request (its JSON, binary tensor data or Inference-Header-Content-Length; a corrupt "
+                   "gzip or deflate body), an input or output the model does not have, a wrong datatype, shape or "
+                   "batch size, a parameter of the wrong type, or a classification whose rows x count passes the "
+                   "ranked entries an answer may hold"),
+    404: deps.NOT_SERVED,
+    413: error_doc("Body too large (--max-body-bytes, also once decompressed), or more rows than --max-queue-size"),
+    415: error_doc("Unsupported Content-Encoding (gzip, deflate or identity are taken)"),
+    422: error_doc("Outputs that are not finite for this input"),
+    500: deps.RUNTIME_FAILED,
+    503: deps.INFERENCE_UNAVAILABLE,
+    504: deps.TIMED_OUT,
+}
+
+
 def _parse(budget: PixelBudget, body: bytes, header: str | None, containers: int | None,
            raw_input: tuple[str, tuple[int, ...]], datatypes: dict[str, str] | None = None) -> InferRequest:
     """parse_request, holding its memory (up to 20x the JSON's size) in the decode budget as images hold theirs:
@@ -489,15 +510,15 @@ def _parse(budget: PixelBudget, body: bytes, header: str | None, containers: int
         return parse_request(body, header, containers, raw_input, datatypes)
 
 
-@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=ERROR_RESPONSES,
+@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)", responses=_INFER_ERRORS,
              openapi_extra=_INFER_DOC)
 async def model_infer(request: Request, name: str) -> Response:
     return await _model_infer(request, name, None)
 
 
 # Named as the unversioned route's handler, as it was when they shared it: its operationId stays the same.
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", responses=ERROR_RESPONSES,
-             openapi_extra=_INFER_DOC, name="model_infer")
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version",
+             responses={**_INFER_ERRORS, 404: _VERSION_NOT_SERVED}, openapi_extra=_INFER_DOC, name="model_infer")
 async def version_infer(request: Request, name: str, version: str) -> Response:
     return await _model_infer(request, name, version)
 
