@@ -36,6 +36,7 @@ from serve.errors import ServeError
 from serve.metrics import Metrics
 from serve.registry import (
     NAME_RE,
+    NAME_RULE,
     ModelSource,
     ServedModel,
     ServedModels,
@@ -106,8 +107,10 @@ class _Known:
 
     def source_of(self, name: str) -> ModelSource:
         """Where `name` loads from: the source it was served from, or a directory of --model-repository; LoadError
-        naming what is known when nothing holds it."""
+        when nothing holds it: a name no model can have says so, another names what is known."""
         if (source := self._located(name)) is None:
+            if not NAME_RE.fullmatch(name):  # ".hidden", "-x", 129 characters: no listing would ever hold it
+                raise LoadError(f"{name[:200]!r} is not a model name: {NAME_RULE}")
             raise LoadError(f"no model {name[:200]!r} in the repository; known: {_some(self.listed())}")
         return source
 

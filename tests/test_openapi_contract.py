@@ -637,6 +637,17 @@ def test_a_failed_load_is_the_documented_not_ready(repo, client, doc):
     assert client.get("/v2/health/ready").status_code == 200
 
 
+@pytest.mark.parametrize("name", [".hidden", "-dash", "x" * 129])
+def test_a_name_no_model_can_have_is_refused_as_one(client, doc, name):
+    """The unload's documented 400 (not its success for a name the server does not know), and a load's, say why."""
+    from serve.registry import NAME_RULE
+
+    for template in (LOAD, UNLOAD):
+        r = answered(doc, template, client.post(template.format(name=name)))
+        assert r.status_code == 400 and r.json()["error"] == f"{name!r} is not a model name: {NAME_RULE}", r.text
+    assert answered(doc, UNLOAD, client.post(UNLOAD.format(name="not_known"))).json() == {}
+
+
 def test_a_repository_body_that_is_not_json_says_why(client):
     r = client.post("/v2/repository/index", content=b'{"ready": tru}')
     assert r.status_code == 400 and "the index request body must be a JSON object" in r.json()["error"]
