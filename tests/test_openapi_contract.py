@@ -296,8 +296,9 @@ def test_model_routes_document_what_they_answer(client, doc):
         assert answered(doc, template, client.get(template.format(name=NAME))).status_code == 200
         assert answered(doc, template, client.get(template.format(name="nope"))).status_code == 404
     for path in ("/v1/models", "/v2", "/v2/models/stats", "/v2/health/live", "/metrics"):
-        op = operation(doc, "GET", path)
-        assert client.get(path).status_code == 200 and "200" in op["responses"]
+        assert answered(doc, path, client.get(path)).status_code == 200
+    assert operation(doc, "GET", "/metrics")["responses"]["200"]["content"] == {"text/plain": {"schema": {
+        "type": "string"}}}
 
 
 # --- 4. /v1 classify: what it takes -------------------------------------------------------------------------------

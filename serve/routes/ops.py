@@ -12,7 +12,12 @@ from serve.metrics import CONTENT_TYPE
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+# Prometheus's text exposition format, by its media type (the answer's Content-Type adds its version and charset).
+_EXPOSITION = {200: {"description": "Every series, in Prometheus's text exposition format", "content": {
+    CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=_EXPOSITION)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
