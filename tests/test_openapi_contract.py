@@ -320,6 +320,21 @@ def test_classify_declares_every_raw_body_type_the_server_takes(client, doc):
     assert r.status_code == 415 and "application/octet-stream" in r.json()["error"]
 
 
+def test_the_multipart_encoding_declares_exactly_the_part_types_taken(client, doc):
+    from serve.imaging import CONTENT_TYPES
+
+    encoding = operation(doc, "POST", CLASSIFY)["requestBody"]["content"]["multipart/form-data"]["encoding"]
+    declared = encoding["file"]["contentType"].split(", ")
+    assert set(declared) == CONTENT_TYPES
+    png, url = _png(), f"/v1/models/{NAME}/classify"
+    for media in declared:
+        r = answered(doc, CLASSIFY, client.post(url, files=[("file", ("a.png", png, media))]))
+        assert r.status_code == 200, (media, r.text)
+    for media in ("image/*", "image/heic", "image/svg+xml"):
+        r = answered(doc, CLASSIFY, client.post(url, files=[("file", ("a.png", png, media))]))
+        assert r.status_code == 415, (media, r.text)
+
+
 @pytest.mark.parametrize("media", ["image/png", "application/octet-stream", "image/png; name=x"])
 def test_a_file_part_typed_as_an_image_needs_no_filename(client, doc, media):
     """httpx's files=[("file", (None, data, type))] and openapi-python-client's File(payload, mime_type=...) send no

@@ -102,7 +102,8 @@ _CLASSIFY_BODY = {
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                 "file": {"type": "array", "items": _IMAGE_SCHEMA}}},
-                "encoding": {"file": {"contentType": "image/*, application/octet-stream"}}},
+                # Exactly the types a file part is taken with (read_images): another, image/* or image/heic, is a 415.
+                "encoding": {"file": {"contentType": ", ".join(sorted(CONTENT_TYPES))}}},
             # Every type the server takes (serve.imaging); its bytes decide the format, whichever is named.
             **{t: {"schema": _IMAGE_SCHEMA} for t in sorted(IMAGE_CONTENT_TYPES)},
         },
