@@ -615,7 +615,27 @@ def test_the_versioned_model_routes_are_documented_as_they_answer(client, doc):
         client.app.state.ready = True
 
 
-# --- 11. each route's descriptions are true of it -------------------------------------------------------------
+# --- 11. Content-Encoding lines are one list (RFC 9110 5.3), on /v1 as on /v2 ----------------------------------
+
+@pytest.mark.parametrize("template", [CLASSIFY, INFER])
+def test_content_encoding_lines_are_read_as_one_list(client, doc, template):
+    import gzip
+
+    url = template.format(name=NAME)
+    plain, media = (_png(), "image/png") if template == CLASSIFY else (json.dumps(_tensor_body()).encode(),
+                                                                       "application/json")
+    once, twice = gzip.compress(plain), gzip.compress(gzip.compress(plain))
+    r = answered(doc, template, client.post(url, content=once, headers={"content-type": media,
+                                                                        "content-encoding": "gzip"}))
+    assert r.status_code == 200, r.text
+    for body, lines in ((once, ["gzip", "br"]), (twice, ["gzip", "gzip"]), (twice, ["gzip, gzip"])):
+        r = client.post(url, content=body, headers=[("content-type", media),
+                                                    *(("content-encoding", line) for line in lines)])
+        assert answered(doc, template, r).status_code == 415, (lines, r.text)
+        assert "'gzip, " in r.json()["error"], r.text
+
+
+# --- 12. each route's descriptions are true of it -------------------------------------------------------------
 
 def _said(doc: dict, method: str, template: str, status: str) -> str:
     return operation(doc, method, template)["responses"][status]["description"]

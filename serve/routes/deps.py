@@ -93,6 +93,12 @@ ModelDep = Annotated[ServedModel, Depends(get_model)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+def content_encoding(request: Request) -> str:
+    """The request's Content-Encoding, lower case ("identity" without one), its field lines read as one list (RFC 9110
+    5.3): lines "gzip" and "br" are "gzip, br", refused as that one line is, rather than "gzip" with "br" unheard."""
+    return (", ".join(request.headers.getlist("content-encoding")) or "identity").strip().lower()
+
+
 async def inflated(request: Request, body: bytes, encoding: str | None, limit: int) -> bytes:
     """`body` with its Content-Encoding undone off the loop (at most `limit` bytes), held against the body budget
     until the answer: a 20 KB gzip body inflates to 16 MiB, and hundreds of them waiting to be decoded would pass

@@ -37,6 +37,7 @@ from serve.routes.deps import (
     answer_memory,
     answer_work,
     answered,
+    content_encoding,
     error_doc,
     finite_output,
     gone_already,
@@ -244,7 +245,7 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
     """The request's images as (name, bytes), and whether it was a multi-file (batch) form."""
     content_type = request.headers.get("content-type") or ""
     media = _media_type(content_type)
-    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+    encoding = content_encoding(request)
     if media == "multipart/form-data":
         if encoding != "identity":
             raise APIError(415, f"unsupported Content-Encoding {encoding!r} for a multipart form (identity only)",

@@ -534,7 +534,7 @@ async def _model_infer(request: Request, name: str, version: str | None) -> Resp
         body = await request.body()
     try:
         with stage(request, "decode"):
-            body = await deps.inflated(request, body, request.headers.get("content-encoding"), settings.max_body_bytes)
+            body = await deps.inflated(request, body, deps.content_encoding(request), settings.max_body_bytes)
             model = deps.served(request, name)
             with deps.load_refusals_recorded(model):  # a 503 (pool full) is a failure, as in /v1's decode
                 parsed = await deps.off_loop(request, _parse, request.app.state.pixel_budget, body,
