@@ -335,6 +335,24 @@ def test_the_multipart_encoding_declares_exactly_the_part_types_taken(client, do
         assert r.status_code == 415, (media, r.text)
 
 
+def test_a_part_s_headers_past_the_parser_s_limits_are_said_so(client, doc):
+    """python-multipart bounds a part's header lines (4,224 bytes each, 8 of them: the defaults Starlette parses
+    with); Starlette says only "Invalid multipart data." of any of its errors."""
+    url, png = f"/v1/models/{NAME}/classify", _png()
+    r = answered(doc, CLASSIFY, client.post(url, files=[("file", ("a" * 4000 + ".png", png, "image/png"))]))
+    assert r.status_code == 200, r.text
+    r = answered(doc, CLASSIFY, client.post(url, files=[("file", ("a" * 8000 + ".png", png, "image/png"))]))
+    said = "malformed multipart body: a part's header line is longer than 4224 bytes (the form parser's limit"
+    assert r.status_code == 400 and r.json()["error"].startswith(said), r.text
+    extra = b"".join(b"X-%d: 1\r\n" % i for i in range(8))
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n' + extra + b"\r\n" + png
+            + b"\r\n--b--\r\n")
+    r = answered(doc, CLASSIFY, client.post(url, content=body, headers={"content-type": "multipart/form-data; "
+                                                                                          "boundary=b"}))
+    assert (r.status_code, r.json()["error"]) == (400, "malformed multipart body: a part has more than 8 header "
+                                                       "lines (the limit)")
+
+
 @pytest.mark.parametrize("media", ["image/png", "application/octet-stream", "image/png; name=x"])
 def test_a_file_part_typed_as_an_image_needs_no_filename(client, doc, media):
     """httpx's files=[("file", (None, data, type))] and openapi-python-client's File(payload, mime_type=...) send no

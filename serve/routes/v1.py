@@ -14,6 +14,7 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
@@ -23,6 +24,7 @@ from models.bundle import MAX_CLASSES
 from models.imagecheck.png import PNG_SIGNATURE
 from serve.errors import APIError
 from serve.imaging import CONTENT_TYPES, IMAGE_CONTENT_TYPES, ImageError, cheap, prepare
+from serve.protocol import short_reason
 from serve.registry import ServedModel
 from serve.routes.deps import (
     INFERENCE_UNAVAILABLE,
@@ -238,7 +240,24 @@ async def parse_form(request: Request, body: bytes, settings: Settings) -> FormD
     try:
         return await parser.parse()
     except MultiPartException as exc:
-        raise HTTPException(status_code=400, detail=exc.message) from None
+        raise HTTPException(status_code=400, detail=_form_refusal(exc)) from None
+
+
+def _form_refusal(exc: MultiPartException) -> str:
+    """The reason of a form the parser refused: Starlette says "Invalid multipart data." of every python-multipart
+    error, which keeps the real one as the cause; a part's headers past the parser's limits are said so."""
+    cause = exc.__cause__
+    if not isinstance(cause, MultipartParseError):
+        return exc.message
+    # Imported here: only a python-multipart that bounds part headers raises these (Starlette passes its defaults).
+    if str(cause) == "Maximum header size exceeded":
+        from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
+        return (f"malformed multipart body: a part's header line is longer than {DEFAULT_MAX_HEADER_SIZE} bytes (the "
+                "form parser's limit; a filename that long?)")
+    if str(cause) == "Maximum header count exceeded":
+        from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT
+        return f"malformed multipart body: a part has more than {DEFAULT_MAX_HEADER_COUNT} header lines (the limit)"
+    return f"malformed multipart body: {short_reason(cause)}"
 
 
 async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], bool]:
