@@ -142,7 +142,8 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
 def _targets(p: argparse.ArgumentParser, args: argparse.Namespace, family: str | None) -> list[str]:
     """The export targets the command line names (`--precision` of `family`, else `--targets`); exit 2 on none."""
     if family:
-        precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+        # Case-blind like --targets (parse_targets): `--precision FP16` is what `--targets ONNX-FP16` accepts.
+        precisions = [x.strip().lower() for x in args.precision.split(",") if x.strip()]
         known = by_target(family).precisions
         if bad := [x for x in precisions if x not in known]:
             p.error(f"--precision {bad[0][:40]!r} is not a precision of {family}; known: {', '.join(known)}")

@@ -549,3 +549,10 @@ def test_a_precision_the_runtime_lacks_is_named_as_a_precision(checkpoint, tmp_p
     assert exc.value.code == 2
     err = one_line(capsys)
     assert "--precision 'bf16' is not a precision of onnx; known: fp32, fp16, int8" in err, err
+
+
+def test_precision_is_read_whatever_its_case_as_targets_are(checkpoint, tmp_path):
+    """`--precision FP16` was refused while `--targets ONNX-FP16` worked."""
+    p = cli.parser("onnx")
+    args = p.parse_args(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--precision", "FP16, Int8"])
+    assert cli._targets(p, args, "onnx") == ["onnx-fp16", "onnx-int8"]
