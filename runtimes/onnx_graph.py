@@ -58,13 +58,17 @@ def export_torch(model: nn.Module, path: Path, image_size: int, opset: int = OPS
 
 def _tidy(path: Path, description: dict[str, str]) -> None:
     """Drop torch's per-node metadata (stack traces with the exporting machine's absolute paths: ~5 % of the file,
-    and a different sha256 for every checkout) and record `description`; weights in external data stay there."""
+    and a different sha256 for every checkout), raise the IR version to what the opsets need and record
+    `description`; weights in external data stay there."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     for graph_nodes in (model.graph.node, *(f.node for f in model.functions)):
         for node in graph_nodes:
             del node.metadata_props[:]
+    # torch's exporter stamps IR 10 whatever the opset, but opset 23 needs IR 11, 24 IR 12 and 25 IR 13 (neither
+    # the checker nor onnxruntime notices). The fp16 and INT8 graphs are made from this file and keep its IR.
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(model.opset_import, True))
     describe(model, {f"vitc.{k}": v for k, v in description.items()})
     onnx.save_model(model, str(path))
 

@@ -261,6 +261,21 @@ def test_onnx_file_is_checked_single_file_with_dynamic_batch(bundle):
     assert not list(bundle.glob("*.data"))
 
 
+@pytest.mark.parametrize("opset", [23, 25])
+def test_an_opset_past_22_is_written_with_the_ir_version_it_needs(checkpoint, tmp_path, opset):
+    """torch's exporter stamps IR 10 whatever the opset: opset 23 needs IR 11 and 25 IR 13, which the checker and
+    onnxruntime let pass, so the files broke the spec."""
+    import onnx
+
+    m = build_bundle(checkpoint, tmp_path / "b", ["onnx-fp32", "onnx-fp16"], opset=opset, max_batch=8,
+                     parity_samples=32, threads=THREADS, log=lambda _: None)
+    for a in m.artifacts[1:]:
+        assert a.servable and a.info["opset"] == opset, a.refused_reason
+        model = onnx.load(str(tmp_path / "b" / a.files[0].path))
+        assert [o.version for o in model.opset_import] == [opset]
+        assert model.ir_version == onnx.helper.find_min_ir_version_for(model.opset_import) == opset - 12
+
+
 def test_servable_artifacts_reproduce_torch_on_fresh_images_in_any_batch(bundle, checkpoint):
     import torch
 
