@@ -151,11 +151,13 @@ class ExportContext:
 
     def description(self) -> dict[str, str]:
         """What an artifact says about itself for a user handed the file alone (ONNX metadata_props, OpenVINO
-        rt_info "vitc"): the model, its class names and preprocessing, as in the manifest (JSON strings)."""
+        rt_info "vitc"): the model, its class names and preprocessing, as in the manifest (JSON strings), and the
+        sha256 of the checkpoint weights it came from (the manifest's source.sha256)."""
         import json
 
         return {"model": self.meta.model, "class_names": json.dumps(list(self.meta.class_names)),
-                "preprocessing": json.dumps(self.meta.preprocessing.to_dict(), sort_keys=True)}
+                "preprocessing": json.dumps(self.meta.preprocessing.to_dict(), sort_keys=True),
+                "source_sha256": self.meta.weights_sha256}
 
     def hub_onnx(self) -> Path:
         """The fp32 ONNX hub; the orchestrator exports it before any runtime that needs it builds."""

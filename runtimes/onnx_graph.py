@@ -69,8 +69,13 @@ def _tidy(path: Path, description: dict[str, str]) -> None:
     # torch's exporter stamps IR 10 whatever the opset, but opset 23 needs IR 11, 24 IR 12 and 25 IR 13 (neither
     # the checker nor onnxruntime notices). The fp16 and INT8 graphs are made from this file and keep its IR.
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(model.opset_import, True))
-    describe(model, {f"vitc.{k}": v for k, v in description.items()})
+    describe(model, _vitc(description))
     onnx.save_model(model, str(path))
+
+
+def _vitc(description: dict[str, str]) -> dict[str, str]:
+    """`description` as metadata_props keys ("vitc.<key>")."""
+    return {f"vitc.{k}": v for k, v in description.items()}
 
 
 def describe(model: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -110,28 +115,31 @@ def check(path: str | os.PathLike) -> None:
         raise ExportError(f"{path}: input must be float32 (B, 3, H, W) with a symbolic batch axis")
 
 
-def copy_hub(hub: Path, out: Path) -> Path:
-    """The hub under the bundle's file name (external data is referenced by name, so it is re-saved)."""
-    import shutil
-
-    if len(files_of(hub)) == 1:
-        shutil.copyfile(hub, out)
-        return out
+def copy_hub(hub: Path, out: Path, description: dict[str, str] | None = None) -> Path:
+    """The hub under the bundle's file name, `description` added to its metadata_props (external data is referenced
+    by name, so it is re-saved under the new one)."""
     import onnx
 
-    onnx.save_model(onnx.load(str(hub)), str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out.name + ".data")
+    external = len(files_of(hub)) > 1
+    model = onnx.load(str(hub), load_external_data=external)
+    describe(model, _vitc(description or {}))
+    if external:
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data")
+    else:
+        onnx.save_model(model, str(out))
     return out
 
 
-def to_fp16(src: Path, dst: Path) -> Path:
-    """fp16 weights and activations, float32 I/O, with FP32_OPS kept in fp32 (mixed precision in the graph)."""
+def to_fp16(src: Path, dst: Path, description: dict[str, str] | None = None) -> Path:
+    """fp16 weights and activations, float32 I/O, with FP32_OPS kept in fp32 (mixed precision in the graph);
+    `description` is added to the source's metadata_props."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     source = onnx.load(str(src))
-    props = _props(source)
+    props = {**_props(source), **_vitc(description or {})}
     with quiet():
         model = OnnxModel(convert_float_to_float16(source, keep_io_types=True, op_block_list=list(FP32_OPS)))
         model.topological_sort()  # the converter appends the input casts after their consumers
@@ -142,8 +150,10 @@ def to_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetric: bool = False) -> Path:
-    """INT8 Q/DQ ONNX by NNCF post-training quantisation, calibrated on `images` (real train images)."""
+def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetric: bool = False,
+                  description: dict[str, str] | None = None) -> Path:
+    """INT8 Q/DQ ONNX by NNCF post-training quantisation, calibrated on `images` (real train images);
+    `description` is added to the source's metadata_props."""
     # The default (NNCF's mixed preset: asymmetric uint8 activations) suits CPU kernels. `symmetric` makes the graph
     # TensorRT's ONNX parser accepts: every zero point an int8 zero, weights per output channel.
     import onnx
@@ -152,7 +162,7 @@ def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetr
     calibration = list(images)
     preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else None  # None: the model type's default (mixed)
     source = onnx.load(str(src))
-    props = _props(source)
+    props = {**_props(source), **_vitc(description or {})}
     with quiet():
         quantized = nncf.quantize(
             source, nncf.Dataset(calibration, lambda x: {INPUT_NAME: x}),

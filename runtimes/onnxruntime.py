@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,31 @@ def build(ctx: ExportContext, precision: str) -> Built:
     """Write model.onnx (fp32), model-fp16.onnx or model-int8.onnx into the bundle."""
     hub = ctx.hub_onnx()
     info: dict[str, Any] = {"opset": ctx.opset, "exporter": "torch.onnx dynamo, onnxscript-optimised"}
-    if precision == "fp32":
-        out = onnx_graph.copy_hub(hub, ctx.workdir / "model.onnx")
-    elif precision == "fp16":
-        out = onnx_graph.to_fp16(hub, ctx.workdir / "model-fp16.onnx")
+    if precision == "fp16":
         info["fp32_ops"] = list(onnx_graph.FP32_OPS)
     elif precision == "int8":
-        out = onnx_graph.quantize_int8(ctx.calibration_batches(), hub, ctx.workdir / "model-int8.onnx")
         info["calibration"] = ctx.calibration_info()
-    else:
+    elif precision != "fp32":
         raise ExportError(f"onnx: unsupported precision {precision!r}")
+    description = _description(precision, info)
+    if precision == "fp32":
+        out = onnx_graph.copy_hub(hub, ctx.workdir / "model.onnx", description)
+    elif precision == "fp16":
+        out = onnx_graph.to_fp16(hub, ctx.workdir / "model-fp16.onnx", description)
+    else:
+        out = onnx_graph.quantize_int8(ctx.calibration_batches(), hub, ctx.workdir / "model-int8.onnx",
+                                       description=description)
     return Built(onnx_graph.files_of(out), info)
+
+
+def _description(precision: str, info: dict[str, Any]) -> dict[str, str]:
+    """What the file says about itself beyond the hub's description (metadata_props "vitc.<key>"): the artifact, its
+    precision and opset, and for INT8 its calibration, as the manifest records them; nothing that changes from one
+    export to the next (no time, no commit), so that exports stay byte-identical."""
+    props = {"artifact": f"{RUNTIME.target}-{precision}", "precision": precision, "opset": str(info["opset"])}
+    if "calibration" in info:
+        props["calibration"] = json.dumps(info["calibration"], sort_keys=True)
+    return props
 
 
 def unavailable(device: str) -> str | None:

@@ -213,12 +213,15 @@ def test_the_bundle_says_where_it_came_from(bundle, checkpoint, tmp_path):
     assert p.libraries["onnxruntime"] == m.select("onnxruntime").runtime_version and "numpy" in p.libraries
     assert p.calibration_data_fingerprint == m.artifact("openvino", "int8").info["calibration"]["fingerprint"]
     assert len(p.parity_data_fingerprint) == 64
-    # Exporting the same checkpoint again gives the same fingerprints.
-    again = build_bundle(checkpoint, tmp_path / "again", ["onnx-int8"], max_batch=MAX_BATCH,
+    # Exporting the same checkpoint again gives the same fingerprints, and the same files: what the ONNX files
+    # say about themselves (metadata_props) holds no time or commit.
+    again = build_bundle(checkpoint, tmp_path / "again", ["onnx-fp32", "onnx-int8"], max_batch=MAX_BATCH,
                          parity_samples=PARITY_SAMPLES, calibration_samples=CALIBRATION_SAMPLES, threads=THREADS,
-                         log=lambda _: None).provenance
-    assert (again.parity_data_fingerprint, again.calibration_data_fingerprint) == (
+                         log=lambda _: None)
+    assert (again.provenance.parity_data_fingerprint, again.provenance.calibration_data_fingerprint) == (
         p.parity_data_fingerprint, p.calibration_data_fingerprint)
+    for a in again.artifacts[1:]:
+        assert a.files == m.artifact("onnxruntime", a.precision).files, a.id
     out = report.table(m)
     assert f"vitc {p.vitc_version}" in out and p.parity_data_fingerprint[:12] in out
 
@@ -274,6 +277,24 @@ def test_an_opset_past_22_is_written_with_the_ir_version_it_needs(checkpoint, tm
         model = onnx.load(str(tmp_path / "b" / a.files[0].path))
         assert [o.version for o in model.opset_import] == [opset]
         assert model.ir_version == onnx.helper.find_min_ir_version_for(model.opset_import) == opset - 12
+
+
+def test_each_onnx_file_says_which_artifact_it_is_and_what_it_came_from(bundle):
+    """Handed one ONNX file alone, a user could not tell the checkpoint it came from, nor whether it was the fp16
+    or the INT8 graph: each says so as its manifest record does, and the record's sha256 is of the file as written."""
+    import onnx
+
+    m = read_manifest(bundle)
+    onnx_artifacts = [a for a in m.artifacts if a.runtime == "onnxruntime" and a.servable]
+    assert {a.precision for a in onnx_artifacts} >= {"fp32", "fp16"}
+    for a in onnx_artifacts:
+        verify_files(bundle, a)
+        props = {p.key: p.value for p in onnx.load(str(bundle / a.files[0].path)).metadata_props}
+        assert (props["vitc.artifact"], props["vitc.precision"], props["vitc.opset"]) == (
+            a.id, a.precision, str(a.info["opset"]))
+        assert props["vitc.source_sha256"] == m.source.sha256 and props["vitc.model"] == m.model
+        calibration = props.get("vitc.calibration")
+        assert (json.loads(calibration) if calibration else None) == a.info.get("calibration"), a.id
 
 
 def test_servable_artifacts_reproduce_torch_on_fresh_images_in_any_batch(bundle, checkpoint):
@@ -627,16 +648,20 @@ def test_artifacts_describe_themselves_and_carry_no_machine_paths(tmp_path_facto
     bundle = micro_bundle(tmp_path_factory)
     m = read_manifest(bundle)
     want = {"vitc.model": m.model, "vitc.class_names": json.dumps(list(m.class_names)),
-            "vitc.preprocessing": json.dumps(m.preprocessing.to_dict(), sort_keys=True)}
+            "vitc.preprocessing": json.dumps(m.preprocessing.to_dict(), sort_keys=True),
+            "vitc.source_sha256": m.source.sha256}
     repo = str(Path(__file__).resolve().parent.parent).encode()
+    onnx_fp32 = m.artifact("onnxruntime", "fp32")
     for onnx_file in sorted(bundle.glob("*.onnx")):
         model = onnx.load(str(onnx_file))
-        assert {p.key: p.value for p in model.metadata_props} == want, onnx_file
+        assert {p.key: p.value for p in model.metadata_props} == {
+            **want, "vitc.artifact": onnx_fp32.id, "vitc.precision": "fp32", "vitc.opset": str(OPSET)}, onnx_file
         assert not any(n.metadata_props for n in model.graph.node), onnx_file
         assert repo not in onnx_file.read_bytes() and b"site-packages" not in onnx_file.read_bytes()
     for xml in sorted(bundle.glob("openvino-*.xml")):
         ir = ov.Core().read_model(str(xml))
-        got = {f"vitc.{k}": ir.get_rt_info(["vitc", k]).astype(str) for k in ("model", "class_names", "preprocessing")}
+        got = {f"vitc.{k}": ir.get_rt_info(["vitc", k]).astype(str)
+               for k in ("model", "class_names", "preprocessing", "source_sha256")}
         assert got == want, xml
     assert type(m.preprocessing).from_dict(json.loads(want["vitc.preprocessing"])) == m.preprocessing
 
