@@ -4,8 +4,9 @@ The hub is one self-contained fp32 `.onnx` with a dynamic batch axis, exported o
 orchestrator; onnxruntime serves it, OpenVINO and TensorRT convert it. The exporter is torch.export-based
 (`dynamo=True`, the default since torch 2.9; the TorchScript exporter is deprecated): it traces SDPA and the conv
 stem into a graph half the size of the TorchScript one, folds BatchNorm into the convs and runs the onnxscript
-optimiser (constant folding, dead-node removal) offline, so sessions start in ~0.1 s. fp16 (LayerNorm/Softmax kept
-fp32, float32 I/O) and INT8 (NNCF Q/DQ) graphs feed onnxruntime and TensorRT's strongly typed builder.
+optimiser (constant folding, dead-node removal) offline, so sessions start in ~0.1 s. The fp16 graph (LayerNorm/Softmax
+kept fp32, float32 I/O) feeds onnxruntime and TensorRT's strongly typed builder alike; the INT8 ones (NNCF Q/DQ) are
+two quantizations of the same calibration images: onnxruntime's mixed one, and a symmetric one TensorRT's parser takes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ OPSET = 20  # torch 2.14's default; onnxruntime, OpenVINO 2026 and TensorRT 10/1
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # Kept in fp32 in the fp16 graph: their reductions overflow or lose too much in half precision.
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt")
+# The INT8 schemes quantize_int8 writes, as the manifest records them (an artifact's info "quantization").
+QUANTIZATION_MIXED = ("nncf mixed preset: asymmetric activations per tensor (int8 and uint8, non-zero zero points), "
+                      "symmetric int8 weights per output channel")
+QUANTIZATION_SYMMETRIC = "nncf performance preset: symmetric int8 Q/DQ, weights per output channel"
 
 
 def export_torch(model: nn.Module, path: Path, image_size: int, opset: int = OPSET,
@@ -152,8 +157,9 @@ def to_fp16(src: Path, dst: Path, description: dict[str, str] | None = None) -> 
 
 def quantize_int8(images: Iterable[np.ndarray], src: Path, dst: Path, *, symmetric: bool = False,
                   description: dict[str, str] | None = None) -> Path:
-    """INT8 Q/DQ ONNX by NNCF post-training quantisation, calibrated on `images` (real train images);
-    `description` is added to the source's metadata_props."""
+    """INT8 Q/DQ ONNX by NNCF post-training quantisation (QUANTIZATION_SYMMETRIC if `symmetric`, else
+    QUANTIZATION_MIXED), calibrated on `images` (real train images); `description` is added to the source's
+    metadata_props."""
     # The default (NNCF's mixed preset: asymmetric uint8 activations) suits CPU kernels. `symmetric` makes the graph
     # TensorRT's ONNX parser accepts: every zero point an int8 zero, weights per output channel.
     import onnx

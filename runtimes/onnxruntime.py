@@ -36,7 +36,10 @@ def build(ctx: ExportContext, precision: str) -> Built:
     if precision == "fp16":
         info["fp32_ops"] = list(onnx_graph.FP32_OPS)
     elif precision == "int8":
+        # Not the graph TensorRT builds its INT8 engine from (its parser refuses asymmetric Q/DQ): onnxruntime's
+        # x86 kernels are fastest on uint8 activations with a zero point, so this one keeps them.
         info["calibration"] = ctx.calibration_info()
+        info["quantization"] = onnx_graph.QUANTIZATION_MIXED
     elif precision != "fp32":
         raise ExportError(f"onnx: unsupported precision {precision!r}")
     description = _description(precision, info)
@@ -52,11 +55,13 @@ def build(ctx: ExportContext, precision: str) -> Built:
 
 def _description(precision: str, info: dict[str, Any]) -> dict[str, str]:
     """What the file says about itself beyond the hub's description (metadata_props "vitc.<key>"): the artifact, its
-    precision and opset, and for INT8 its calibration, as the manifest records them; nothing that changes from one
-    export to the next (no time, no commit), so that exports stay byte-identical."""
+    precision and opset, and for INT8 its calibration and quantization scheme, as the manifest records them;
+    nothing that changes from one export to the next (no time, no commit), so that exports stay byte-identical."""
     props = {"artifact": f"{RUNTIME.target}-{precision}", "precision": precision, "opset": str(info["opset"])}
     if "calibration" in info:
         props["calibration"] = json.dumps(info["calibration"], sort_keys=True)
+    if "quantization" in info:
+        props["quantization"] = info["quantization"]
     return props
 
 

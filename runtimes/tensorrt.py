@@ -224,7 +224,7 @@ def build(ctx: ExportContext, precision: str) -> Built:
         info["fp32_ops"] = list(onnx_graph.FP32_OPS)
     if precision == "int8":
         info["calibration"] = ctx.calibration_info()
-        info["quantization"] = "nncf performance preset: symmetric int8 Q/DQ, weights per output channel"
+        info["quantization"] = onnx_graph.QUANTIZATION_SYMMETRIC
     return Built([engine], info)
 
 

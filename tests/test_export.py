@@ -20,7 +20,7 @@ from export.bundle import build_bundle
 from export.targets import Target, parse_targets
 from models.bundle import BundleError, read_manifest, verify_files
 from models.preprocessing import preprocess
-from runtimes import BackendOptions, ExportError
+from runtimes import BackendOptions, ExportError, onnx_graph
 from runtimes.onnx_graph import OPSET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,6 +295,9 @@ def test_each_onnx_file_says_which_artifact_it_is_and_what_it_came_from(bundle):
         assert props["vitc.source_sha256"] == m.source.sha256 and props["vitc.model"] == m.model
         calibration = props.get("vitc.calibration")
         assert (json.loads(calibration) if calibration else None) == a.info.get("calibration"), a.id
+        assert props.get("vitc.quantization") == a.info.get("quantization"), a.id
+    # onnx-int8 is onnxruntime's asymmetric graph, not the symmetric one TensorRT's INT8 engine is built from.
+    assert m.artifact("onnxruntime", "int8").info["quantization"] == onnx_graph.QUANTIZATION_MIXED
 
 
 def test_servable_artifacts_reproduce_torch_on_fresh_images_in_any_batch(bundle, checkpoint):
@@ -367,7 +370,7 @@ def test_tensorrt_int8_graph_is_symmetric_and_passes_the_int8_gate_in_onnxruntim
     from data.datasets import load_dataset
     from export.bundle import parity_data
     from models.checkpoint import load_checkpoint
-    from runtimes import onnx_graph, tensorrt
+    from runtimes import tensorrt
     from runtimes.build import ExportContext
 
     model, meta = load_checkpoint(checkpoint)
