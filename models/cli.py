@@ -174,20 +174,58 @@ def int_list(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
-# A secret's spelling on a command line: a bearer token given to --api-key (or any prefix argparse takes for it, down
-# to --api), `=`-joined or inside a quoted flag string (`--server-args='--api-key K'`), or after "Bearer".
-_SECRET_FLAG = re.compile(r"--api(?:-(?:k(?:ey?)?)?)?$")
-_SECRET_VALUE = re.compile(r"(--api(?:-(?:k(?:ey?)?)?)?(?:=|\s+)|\bBearer\s+)\S+", re.IGNORECASE)
+# A secret's spelling on a command line: a bearer token given to --api-key, `=`-joined or as the next token, also inside
+# a flag string of more `python -m serve` flags (latency's --server-args='--api-key K', load's --server-arg), or after
+# "Bearer". The parsers keep argparse's abbreviations (launch and latency read serve's `--por`, `--model-rep`), so
+# every prefix argparse may take for these flags counts: a prefix another option shares is refused before anything
+# is written, and redacting it as well costs nothing.
+SECRET_FLAG = "--api-key"
+FLAG_STRING = "--server-args"
+_BEARER = re.compile(r"(\bBearer\s+)\S+", re.IGNORECASE)
 REDACTED = "***"
+
+
+def _takes_as(option: str, flag: str) -> bool:
+    """Whether argparse may read `option` as `flag`: the flag in full, or a prefix of it (allow_abbrev)."""
+    return len(option) > 2 and option.startswith("--") and flag.startswith(option)
+
+
+def _redacted_flags(text: str) -> str:
+    """A flag string with its secrets redacted (shlex-split, so a quoted key goes whole); as given when it holds
+    none, REDACTED whole when it does not split (unbalanced quotes: where the key ends is unknown)."""
+    import shlex  # only here: this module loads with every command
+
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return REDACTED
+    redacted = redact_secrets(words)
+    if redacted == words:
+        return text
+    # shlex.join, but with the marker left bare (`--api-key ***`, not `'--api-key=***'`): it stands for a value
+    # that was there, not for a shell glob
+    return " ".join(w if shlex.quote(w.replace(REDACTED, "x")) == w.replace(REDACTED, "x") else shlex.quote(w)
+                    for w in redacted)
+
+
+def _redacted(token: str, previous: str | None) -> str:
+    """`token` with its secret redacted, `previous` the token before it (`--api-key K`: K is the next token)."""
+    if previous is not None and _takes_as(previous, SECRET_FLAG):
+        return REDACTED
+    if previous is not None and _takes_as(previous, FLAG_STRING):
+        return _redacted_flags(token)
+    option, eq, value = token.partition("=")
+    if eq and _takes_as(option, SECRET_FLAG):
+        return f"{option}={REDACTED}"
+    if eq and _takes_as(option, FLAG_STRING):
+        return f"{option}={_redacted_flags(value)}"
+    return _BEARER.sub(lambda m: m.group(1) + REDACTED, token)
 
 
 def redact_secrets(argv: Iterable[str]) -> list[str]:
     """`argv` with every secret's value replaced by REDACTED, for command lines written into results and logs."""
-    out: list[str] = []
-    for token in argv:
-        secret_next = bool(out) and _SECRET_FLAG.match(out[-1]) is not None  # `--api-key K`: K is the next token
-        out.append(REDACTED if secret_next else _SECRET_VALUE.sub(lambda m: m.group(1) + REDACTED, token))
-    return out
+    tokens = list(argv)
+    return [_redacted(token, tokens[i - 1] if i else None) for i, token in enumerate(tokens)]
 
 
 def device_arg(text: str) -> str:

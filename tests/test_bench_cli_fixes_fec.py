@@ -66,10 +66,26 @@ def test_redact_secrets_hides_every_spelling_of_a_bearer_token():
                                     "Authorization: Bearer ***", "--apiary", "kept"]
 
 
-def test_the_api_key_is_not_written_into_the_end_to_end_results(tmp_path, capsys):
-    """`--api-key s3cr3t-token` was recorded verbatim in the -http.json and the Command line of the -http.md."""
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--a", SECRET], ["--a", "***"]),  # argparse takes any unique prefix of --api-key
+    ([f"--ap={SECRET}"], ["--ap=***"]),
+    ([f"--server-args=--a {SECRET}"], ["--server-args=--a ***"]),
+    (["--server-args", f"--api-key='{SECRET} 4' --model 'a b'"], ["--server-args", "--api-key=*** --model 'a b'"]),
+    (["--server", f"--api-ke=\"{SECRET} 4\""], ["--server", "--api-ke=***"]),  # a prefix of --server-args
+    ([f"--server-args=--api-key '{SECRET}"], ["--server-args=***"]),  # unbalanced: where the key ends is unknown
+    (["--server-args", "--port 3 --model 'a b'"], ["--server-args", "--port 3 --model 'a b'"]),  # as given
+])
+def test_redact_secrets_takes_every_spelling_argparse_reads_as_the_key(argv, expected):
+    """`--a K`, `--ap=K` and `--server-args="--api-key='K 4'"` were written with the key, or half of it."""
+    assert redact_secrets(argv) == expected
+
+
+@pytest.mark.parametrize("spelling", [["--api-key", SECRET], ["--a", SECRET]])
+def test_the_api_key_is_not_written_into_the_end_to_end_results(tmp_path, capsys, spelling):
+    """`--api-key s3cr3t-token` (or `--a s3cr3t-token`) was recorded verbatim in the -http.json and the Command line
+    of the -http.md."""
     with _vitc_like() as url:
-        rc = latency_main(["--http", url, "--api-key", SECRET, "--quick", "--concurrency", "1", "--duration", "0.3",
+        rc = latency_main(["--http", url, *spelling, "--quick", "--concurrency", "1", "--duration", "0.3",
                            "--rate", "20", "--no-plots", "--no-progress", "--out", str(tmp_path)])
     assert rc == 0, capsys.readouterr().err
     written = sorted(tmp_path.iterdir())
@@ -77,7 +93,7 @@ def test_the_api_key_is_not_written_into_the_end_to_end_results(tmp_path, capsys
     for path in written:
         assert SECRET not in path.read_text(), path
     assert json.loads(written[0].read_text())["argv"][-2:] == ["--out", str(tmp_path)]
-    assert "--api-key ***" in written[1].read_text()
+    assert f"{spelling[0]} ***" in written[1].read_text()
 
 
 # --- 2. results are published all together or not at all -----------------------------------------------------------
