@@ -581,9 +581,11 @@ ANSWERS = {  # (method, template) -> the statuses the route's code can answer (4
     ("GET", VERSIONED_ROUTES[0]): {"200", "404"}, ("GET", VERSIONED_ROUTES[1]): {"200", "400", "404"},
     ("GET", VERSIONED_ROUTES[2]): {"200", "404"}, ("GET", VERSIONED_ROUTES[3]): {"200", "404"},
     ("POST", INFER): INFERENCE, ("POST", VERSIONED_INFER): INFERENCE,
-    ("POST", INDEX): {"200", "400", "413", "503"},  # the index is built in the work pool (off_loop)
-    ("POST", LOAD): {"200", "400", "413", "503"},  # a thread the load needs (serve.app's ThreadsUnavailable)
-    ("POST", UNLOAD): {"200", "400", "413"},
+    # The index is built in the work pool (off_loop); a load needs a thread (serve.app's ThreadsUnavailable); and a
+    # compressed body of each is inflated in the work pool (deps.inflated: 415 for another coding).
+    ("POST", INDEX): {"200", "400", "413", "415", "503"},
+    ("POST", LOAD): {"200", "400", "413", "415", "503"},
+    ("POST", UNLOAD): {"200", "400", "413", "415", "503"},
 }
 
 
@@ -651,6 +653,33 @@ def test_content_encoding_lines_are_read_as_one_list(client, doc, template):
                                                     *(("content-encoding", line) for line in lines)])
         assert answered(doc, template, r).status_code == 415, (lines, r.text)
         assert "'gzip, " in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("template", [INDEX, LOAD, UNLOAD])
+def test_repository_bodies_are_read_through_their_content_encoding(client, doc, template):
+    """A gzip body was refused as not valid JSON, and one in `br` was read as identity: they are infer's codings."""
+    import gzip
+    import zlib
+
+    url = template.format(name=NAME)
+    plain = b'{"ready": true}' if template == INDEX else b'{"parameters": {"note": "gzipped"}}'
+    try:
+        for coding, body in (("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain)), ("identity", plain)):
+            r = client.post(url, content=body, headers={"content-type": "application/json",
+                                                        "content-encoding": coding})
+            assert answered(doc, template, r).status_code == 200, (coding, r.text)
+    finally:  # an unload took: serve the model again
+        assert client.post(LOAD.format(name=NAME)).status_code == 200
+    for coding in ("br", "gzip, br", "compress"):
+        r = client.post(url, content=plain, headers={"content-type": "application/json", "content-encoding": coding})
+        assert answered(doc, template, r).status_code == 415, (coding, r.text)
+        assert "unsupported Content-Encoding" in r.json()["error"], r.text
+    r = answered(doc, template, client.post(url, content=b"\x1f\x8bnot gzip", headers={"content-encoding": "gzip"}))
+    assert r.status_code == 400 and "corrupt gzip body" in r.json()["error"], r.text
+    bomb = gzip.compress(b" " * 70_000 + plain)  # 200 bytes on the wire: the limit holds once inflated
+    r = answered(doc, template, client.post(url, content=bomb, headers={"content-encoding": "gzip"}))
+    assert r.status_code == 413 and "larger than the limit of 65536 bytes" in r.json()["error"], r.text
+    assert client.get(f"/v2/models/{NAME}/ready").status_code == 200  # an unload refused unloaded nothing
 
 
 # --- 12. each route's descriptions are true of it -------------------------------------------------------------

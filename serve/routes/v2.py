@@ -219,11 +219,12 @@ MAX_REPOSITORY_BODY = 64 * 1024  # {"ready": true} or {"parameters": {...}}: par
 
 
 async def _small_body(request: Request) -> bytes:
-    """A repository request's body; 413 past MAX_REPOSITORY_BODY (parsing megabytes of JSON would stall the loop)."""
+    """A repository request's body with its Content-Encoding undone as infer's is (gzip or deflate; another is a
+    415); 413 past MAX_REPOSITORY_BODY, as sent or once inflated (parsing megabytes of JSON would stall the loop)."""
     body = await request.body()
     if len(body) > MAX_REPOSITORY_BODY:
         raise APIError(413, f"a repository request body is at most {MAX_REPOSITORY_BODY} bytes, got {len(body)}")
-    return body
+    return await deps.inflated(request, body, deps.content_encoding(request), MAX_REPOSITORY_BODY)
 
 
 def _repository_json(body: bytes, like: str) -> Any:
@@ -256,7 +257,9 @@ def _json_kind(value: Any) -> str:
 
 
 _PARAMETERS_LIKE = 'the request body must be a JSON object like {"parameters": {...}}'
-_TOO_LARGE = error_doc(f"A body of more than {MAX_REPOSITORY_BODY} bytes")
+_TOO_LARGE = error_doc(f"A body of more than {MAX_REPOSITORY_BODY} bytes, also once decompressed")
+_UNSUPPORTED_CODING = error_doc("Unsupported Content-Encoding (gzip, deflate or identity are taken)")  # deps.inflated
+_CORRUPT = "; a corrupt gzip or deflate body"
 
 
 def _optional_body(description: str, properties: dict[str, Any]) -> dict[str, Any]:
@@ -279,8 +282,8 @@ _DONE = {200: {"description": "Done", "content": {"application/json": {"schema":
 @router.post("/repository/index", summary="Every model and version the server knows, with its state",
              responses={200: {"description": "The models and versions", "content": {"application/json": {
                  "schema": {"type": "array", "items": _INDEX_ENTRY}}}},
-                 400: error_doc("A body that is not a JSON object with a boolean `ready`"), 413: _TOO_LARGE,
-                 503: deps.POOL_UNAVAILABLE},
+                 400: error_doc(f"A body that is not a JSON object with a boolean `ready`{_CORRUPT}"),
+                 413: _TOO_LARGE, 415: _UNSUPPORTED_CODING, 503: deps.POOL_UNAVAILABLE},
              openapi_extra=_optional_body("Without one, every model the server knows", {"ready": {
                  "type": "boolean", "description": "true: only the versions ready to serve (default false)"}}))
 async def repository_index(request: Request) -> JSONResponse:
@@ -334,12 +337,14 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
 
 
 @router.post("/repository/models/{name}/load", summary="Load, or load again, a model (the version its config selects)",
-             responses={**_DONE, 413: _TOO_LARGE, 400: error_doc(
+             responses={**_DONE, 413: _TOO_LARGE, 415: _UNSUPPORTED_CODING, 400: error_doc(
                  "A malformed body or parameter, a \"config\" or \"file:\" parameter (not supported), or a model "
-                 "that could not be loaded (the reason says why)"),
-                 # serve.app's ThreadsUnavailable and MemoryError handlers: the machine's limit, not the model's fault.
-                 503: retry_doc("The server could not start a thread the load needs (its thread or pids limit), or "
-                                "ran out of memory for the request: retry after Retry-After")},
+                 f"that could not be loaded (the reason says why){_CORRUPT}"),
+                 # serve.app's ThreadsUnavailable and MemoryError handlers: the machine's limit, not the model's fault;
+                 # and deps.off_loop's, where a compressed body is inflated.
+                 503: retry_doc("The server could not start a thread the load needs (its thread or pids limit), ran "
+                                "out of memory for the request, or found the work pool full inflating a compressed "
+                                "body: retry after Retry-After")},
              openapi_extra=_optional_body("Triton's load request: no parameter changes what is loaded", _parameters(
                  config={"type": "string", "description": "Triton's configuration override: not supported (400); "
                                                           "edit the model's config.pbtxt and load it again"})))
@@ -360,8 +365,9 @@ async def repository_load(name: str, request: Request) -> JSONResponse:
 @router.post("/repository/models/{name}/unload",
              summary="Stop serving a model (requests in progress finish; one that is not loaded, or a name the "
                      "server does not know, stays so: success)",
-             responses={**_DONE, 413: _TOO_LARGE, 400: error_doc(
-                 "A malformed body or parameter (unload_dependents not a boolean), or a name no model can have")},
+             responses={**_DONE, 413: _TOO_LARGE, 415: _UNSUPPORTED_CODING, 400: error_doc(
+                 "A malformed body or parameter (unload_dependents not a boolean), or a name no model can have"
+                 f"{_CORRUPT}"), 503: deps.POOL_UNAVAILABLE},  # deps.off_loop, inflating a compressed body
              openapi_extra=_optional_body("Triton's unload request", _parameters(unload_dependents={
                  "type": "boolean", "description": "vitc models have no dependents: checked, nothing more"})))
 async def repository_unload(name: str, request: Request) -> JSONResponse:
@@ -493,7 +499,7 @@ _INFER_ERRORS: dict[int | str, dict[str, Any]] = {
                    "ranked entries an answer may hold"),
     404: deps.NOT_SERVED,
     413: error_doc("Body too large (--max-body-bytes, also once decompressed), or more rows than --max-queue-size"),
-    415: error_doc("Unsupported Content-Encoding (gzip, deflate or identity are taken)"),
+    415: _UNSUPPORTED_CODING,
     422: error_doc("Outputs that are not finite for this input"),
     500: deps.RUNTIME_FAILED,
     503: deps.INFERENCE_UNAVAILABLE,
