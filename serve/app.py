@@ -203,7 +203,7 @@ def create_app(settings: Settings, models: dict[str, ServedModel] | None = None)
     app.include_router(ops.router)
     routes = [r for router in (v1.router, v2.router, ops.router) for r in router.routes if isinstance(r, APIRoute)]
     document_validation(app, routes)
-    v1.document_max_files(app, settings.max_files)
+    v1.document_max_files(app, settings)
     # Added innermost first: the access log sees every answer, including auth and body-limit refusals.
     app.add_middleware(FastPathMiddleware, path=v1.CLASSIFY_PATH, handler=v1.classify_request,
                        max_top_k=v1.MAX_TOP_K)

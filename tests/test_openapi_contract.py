@@ -569,6 +569,24 @@ def test_the_multipart_file_count_is_the_server_s_max_files(repo, client, doc):
     assert r.status_code == 400 and "Maximum number of files" in r.json()["error"], r.text
 
 
+def test_the_multipart_file_count_is_within_the_queue_size(repo, client):
+    """--max-queue-size 3 under --max-files 64: the document said 64, and a client that sent 4..64 files got a 413."""
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+
+    # `client` holds the fake runtime registered (a second _client would unregister it on leaving)
+    with TestClient(create_app(Settings(model_repository=repo, access_log=False, max_queue_size=3))) as queued:
+        spec = queued.get("/openapi.json").json()
+        form = operation(spec, "POST", CLASSIFY)["requestBody"]["content"]["multipart/form-data"]
+        assert form["schema"]["properties"]["file"]["maxItems"] == 3
+        png = _png()
+        for count, status in ((3, 200), (4, 413)):
+            files = [("file", (f"{i}.png", png, "image/png")) for i in range(count)]
+            r = answered(spec, CLASSIFY, queued.post(f"/v1/models/{NAME}/classify", files=files))
+            assert r.status_code == status, r.text
+
+
 # --- 10. every status an operation answers, from the error paths it reaches (serve.routes.deps, serve.app) -----------
 
 INFERENCE = {"200", "400", "404", "413", "415", "422", "500", "503", "504"}  # decode, admission, submit, answer

@@ -114,9 +114,11 @@ _CLASSIFY_BODY = {
 }
 
 
-def document_max_files(app: FastAPI, max_files: int) -> None:
-    """The document's multipart `file` array says the server's --max-files (more are refused: 400), a setting of
-    this app, not of the module-level route."""
+def document_max_files(app: FastAPI, settings: Settings) -> None:
+    """The document's multipart `file` array says the most files the server takes, a setting of this app, not of the
+    module-level route: --max-files (more are refused: 400) within --max-queue-size (more images than a model may
+    have in progress can never be admitted: 413, whatever the model)."""
+    max_files = min(settings.max_files, settings.max_queue_size)
     plain = app.openapi
 
     def openapi() -> dict[str, Any]:
