@@ -245,11 +245,15 @@ def test_only_the_main_triton_image_is_accepted(bundle, tmp_path, capsys, tag):
     ("pvc://claim", "must be pvc://<claim>/<path>"), ("pvc://claim/", "must be pvc://<claim>/<path>"),
     ("pvc://-claim/repo", "must be pvc://<claim>/<path>"), ("s3:///", "names no bucket: give s3://<bucket>/<path>"),
     ("gs:///repo", "names no bucket: give gs://<bucket>/<path>"),
+    # the path is the volume's subPath: `..` is refused by Kubernetes, `./` is the claim's root
+    ("pvc://claim/../etc", "with no '.' or '..' in the path"), ("pvc://claim/./", "with no '.' or '..' in the path"),
+    ("pvc://claim/repo/..", "with no '.' or '..' in the path"), ("pvc://claim/a/./b", "with no '.' or '..' in the"),
 ])
 def test_storage_uris_kubernetes_or_kserve_would_refuse_are_refused(bundle, tmp_path, capsys, uri, says):
     assert says in _refused([str(bundle), "--out", str(tmp_path / "repo"), "--storage-uri", uri], capsys)
     assert not (tmp_path / "repo").exists()
     kserve.check_storage_uri("pvc://models.team-a/repo/v 2")  # a dotted claim and a path with a space: fine
+    kserve.check_storage_uri("pvc://claim/.models/v..2/...")  # dots within a name are a name's
 
 
 def test_an_untouched_file_whose_storage_uri_is_now_refused_is_not_silently_replaced(bundle, tmp_path, capsys):
