@@ -317,12 +317,19 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             if self._lingered > self.limits.linger_bytes:
                 self._wire.abort()  # a client that sends on and on: the bound in bytes
             return
-        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+        if (self._header_timer is None and (self.cycle is None or self.cycle.response_complete)
+                and not self._empty_lines(self._unparsed[self._at:] + data)):
             # The next request's first bytes, or the rest of a body answered early (a 404 before it was read).
             self._arm()
         # Reading is held while bytes wait unparsed, so this is the whole read (the slice is only defensive).
         self._unparsed, self._at = (self._unparsed[self._at:] + data if self._unparsed else data), 0
         self._feed()
+
+    def _empty_lines(self, data: bytes) -> bool:
+        """Whether `data` is only empty lines between requests, which begin none (RFC 9112 2.2: a server ignores
+        them before a request line): the connection stays idle, under its keep-alive timeout, not a header
+        deadline whose 408 would answer nothing a client asked."""
+        return not self._in_headers and not self._in_body and _EMPTY_LINES.fullmatch(data) is not None
 
     def _parsing(self) -> bool:
         """Whether bytes read may still go to the parser."""
@@ -378,6 +385,8 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         return len(data) if end < 0 else end + len(_HEADERS_END)
 
     def _parse(self, data: bytes) -> None:
+        if self._empty_lines(data):
+            return  # skipped, as the parser would skip them; giving them to it would end the keep-alive timeout
         begun, idle = self._messages, not self._in_headers and not self._in_body
         chunks = self._chunks if self._announcing else None  # a chunk-size line ended in this piece (_cut)
         self._feed_parser(data)

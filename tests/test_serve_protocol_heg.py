@@ -111,6 +111,39 @@ def test_a_connection_that_sends_nothing_is_closed_silently_at_the_keep_alive_ti
         assert answer == b"" and KEEP_ALIVE_S - 0.3 < seconds < RECEIVE_S - 0.5, (answer, seconds)
 
 
+def _reply(sock: socket.socket) -> bytes:
+    """One small JSON answer read whole from `sock` (its head and body may come in two segments)."""
+    reply = sock.recv(65536)
+    while not reply.endswith(b"}"):
+        reply += sock.recv(65536)
+    return reply
+
+
+def test_empty_lines_begin_no_request_and_leave_the_connection_idle(server):
+    """A new connection that sent only CRLF got an unasked 408 at the receive timeout (RFC 9112 2.2: empty lines
+    before a request line are ignored); now it is idle, new or kept alive, until a request's first byte."""
+    before = _refusals(server)["408"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as fresh, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as kept, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as begun:
+        fresh.sendall(b"\r\n")
+        kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status(_reply(kept)) == 200
+        kept.sendall(b"\r\n\n")  # after the answer: what a kept connection gets is the same
+        begun.sendall(b"\r\n\r\nGET /v2/health/live HTTP/1.1\r\n")  # a request line: its headers' deadline runs
+        for sock in (fresh, kept):
+            answer, seconds = _until_closed(sock)
+            assert answer == b"" and seconds < RECEIVE_S - 0.5, (answer, seconds)
+        answer, _ = _until_closed(begun)
+        assert _status(answer) == 408 and b"headers did not arrive" in answer, answer
+    assert _refusals(server)["408"] == before + 1
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as late:  # empty lines, then a request
+        late.sendall(b"\r\n")
+        time.sleep(KEEP_ALIVE_S / 2)
+        late.sendall(b"\r\nGET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status(_reply(late)) == 200
+
+
 def test_the_http2_preface_is_answered_505_once_and_closed(server):
     before = _refusals(server)["505"]
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
