@@ -67,6 +67,7 @@ from export.triton_config import (
     contract_change,
     gpu_models,
     labels_edited,
+    past_version,
     previous_options,
     untouched,
 )
@@ -235,8 +236,7 @@ def _next_version(model_dir: Path) -> int:
     """The version after the highest of `model_dir` (1 for a new model); RepositoryError when that is MAX_VERSION."""
     latest = max(version_dirs(model_dir), default=0)
     if latest >= MAX_VERSION:
-        raise RepositoryError(f"{model_dir} holds version {latest}, the highest Triton reads (int64): there is no "
-                              "next version; pass --version with a free one, or remove that version")
+        raise RepositoryError(f"{model_dir}: there is no next version: {past_version(model_dir, latest)}")
     return latest + 1
 
 

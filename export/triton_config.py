@@ -293,7 +293,7 @@ def _unselected(model_dir: Path, policy: tritonconfig.VersionPolicy, version: in
         return None
     elif policy.kind == "latest":
         what = f"latest {{ num_versions: {policy.num_versions} }} (newer versions exist)"
-        fix = f"pass a --version above {versions[-1]}"
+        fix = past_version(model_dir, versions[-1])
     else:
         return None
     existing = version_dirs(model_dir)
@@ -301,6 +301,15 @@ def _unselected(model_dir: Path, policy: tritonconfig.VersionPolicy, version: in
     return (f"{model_dir / CONFIG_FILE} is kept, and its version_policy {what} does not select the new version "
             f"{version}: neither Triton nor vitc will serve it{'' if served is None else f' (they serve {served})'}, "
             f"and {LABELS_FILE} is left as it is; {fix}")
+
+
+def past_version(model_dir: Path, newest: int) -> str:
+    """How to write a version the latest policy serves, `newest` being the model's newest: a --version above it;
+    none is above Triton's int64 maximum, and one below it is never served, so that version must go first."""
+    if newest >= tritonconfig.MAX_VERSION:
+        return (f"version {newest} is the highest Triton reads (int64): no version can follow it, and one below it is "
+                f"never served; remove {model_dir / str(newest)} to write another")
+    return f"pass a --version above {newest} (or none: the next)"
 
 
 def check_served(model_dir: Path, version: int) -> None:
@@ -311,8 +320,7 @@ def check_served(model_dir: Path, version: int) -> None:
     if newest > version:
         raise RepositoryError(f"{model_dir.name}: version {version} would never be served: the {CONFIG_FILE} "
                               f"generated for it serves the latest version, which is {newest}, so it and "
-                              f"{LABELS_FILE} would describe a version not served; pass a --version above {newest} "
-                              "(or none: the next)")
+                              f"{LABELS_FILE} would describe a version not served; {past_version(model_dir, newest)}")
 
 
 def labels_text(class_names: Sequence[str]) -> bytes:

@@ -205,8 +205,8 @@ def test_the_next_version_never_passes_triton_s_int64(tmp_path):
     with pytest.raises(RepositoryError) as info:  # it proposed 2**63, which no version directory may be
         triton._next_version(model)
     assert "\n" not in str(info.value) and str(info.value) == (
-        f"{model} holds version {MAX_VERSION}, the highest Triton reads (int64): there is no next version; pass "
-        "--version with a free one, or remove that version")
+        f"{model}: there is no next version: version {MAX_VERSION} is the highest Triton reads (int64): no version "
+        f"can follow it, and one below it is never served; remove {model / str(MAX_VERSION)} to write another")
 
 
 def test_the_server_takes_the_model_name_rule_from_the_bundle_contract():

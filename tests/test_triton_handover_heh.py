@@ -89,6 +89,22 @@ def test_a_version_below_the_served_one_is_refused_before_anything_is_written(bu
     assert "dims: [ 3, 48, 48 ]" in (repo / "micro-onnx-fp32" / "config.pbtxt").read_text()
 
 
+def test_after_the_int64_version_both_refusals_say_to_remove_it(bundle, tmp_path, capsys):
+    """After --version 2^63-1, a lower --version said 'pass a --version above 2^63-1' and none 'pass --version with a
+    free one': each sent the user to the other, and both refuse."""
+    from models.tritonconfig import MAX_VERSION
+
+    repo = tmp_path / "repo"
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY, "--version", str(MAX_VERSION)]) == 0
+    top = repo / "micro-onnx-fp32" / str(MAX_VERSION)
+    for version in (["--version", "5"], []):
+        err = _refused([str(bundle), "--out", str(repo), *ONNX_ONLY, *version], capsys)
+        assert f"no version can follow it, and one below it is never served; remove {top} to write another" in err, err
+        assert "pass" not in err, err
+    shutil.rmtree(top)
+    assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY, "--version", "5"]) == 0
+
+
 def test_a_kept_config_that_does_not_serve_the_new_version_leaves_labels_as_they_are(bundle, tmp_path, capsys):
     repo = tmp_path / "repo"
     assert triton.main([str(bundle), "--out", str(repo), *ONNX_ONLY]) == 0
