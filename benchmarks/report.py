@@ -17,7 +17,7 @@ from typing import Any
 
 from benchmarks.stats import MIN_CI_ROUNDS, THIN_NOTE, marked, thin
 from models.cli import WorkFailed, machine_error
-from models.io import committing, default_mode, ensure_dir, strict_json_bytes
+from models.io import committing, ensure_dir, stage, strict_json_bytes
 
 
 def _by(rows: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
@@ -358,22 +358,6 @@ def unused_stem(out_dir: Path, stem: str, tails: tuple[str, ...]) -> str:
     while any(os.path.lexists(out_dir / f"{stem if n == 1 else f'{stem}-{n}'}{tail}") for tail in tails):
         n += 1
     return stem if n == 1 else f"{stem}-{n}"
-
-
-def stage(path: Path, data: bytes) -> str:
-    """`data` written and synced to a temporary file beside `path` (removed again if that fails); its name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_mode(0o666))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return tmp
 
 
 def publish(files: dict[Path, bytes], what: str) -> list[Path]:

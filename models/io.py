@@ -245,10 +245,8 @@ def default_mode(base: int) -> int:
 
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    ensure_dir(path.parent)
+def stage(path: Path, data: bytes) -> str:
+    """`data` written and synced to a temporary file beside `path` (removed again if that fails); its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, default_mode(0o666))
@@ -256,6 +254,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    tmp = stage(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
