@@ -132,11 +132,12 @@ def check_storage_uri(uri: str) -> None:
         raise RepositoryError(f"--storage-uri {uri[:100]!r} must be pvc://<claim>/<path>: the claim a Kubernetes "
                               f"name (1..{MAX_CLAIM_CHARS} of a-z 0-9 - ., starting and ending with a letter or "
                               "digit), the path the repository's directory on the volume")
-    if scheme == "pvc" and {".", ".."} & set(path.split("/")):
-        # The path becomes the volume's subPath: Kubernetes refuses one with a `..` element (the pod is never
-        # created), and `./` is the claim's root, refused above for a bare claim.
-        raise RepositoryError(f"--storage-uri {uri[:100]!r} must be pvc://<claim>/<path> with no '.' or '..' in the "
-                              "path: name the repository's directory on the volume itself")
+    if scheme == "pvc" and ({".", ".."} & set(path.split("/")) or path.startswith("/") or "//" in path):
+        # The path becomes the volume's subPath: Kubernetes refuses one with a `..` element or an absolute one
+        # (KServe keeps pvc://claim//x's empty element: subPath /x), so the pod is never created; `./` is the
+        # claim's root, refused above for a bare claim.
+        raise RepositoryError(f"--storage-uri {uri[:100]!r} must be pvc://<claim>/<path> with no '.', '..' or empty "
+                              "element in the path: name the repository's directory on the volume itself")
     if scheme in ("s3", "gs") and not where:
         raise RepositoryError(f"--storage-uri {uri[:100]!r} names no bucket: give {scheme}://<bucket>/<path>")
 

@@ -85,7 +85,10 @@ MAX_GZIP_MEMBERS = 16  # each member costs a copy of what follows it (zlib's unu
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo a gzip/deflate Content-Encoding without ever inflating past `limit` bytes."""
-    encoding = (encoding or "identity").strip().lower()
+    # A list whose empty elements are ignored, as RFC 9110 5.6.1.2 requires ("gzip," and ", gzip" are gzip); more
+    # than one coding is refused below as the list it is.
+    codings = [c.strip() for c in (encoding or "").lower().split(",", MAX_GZIP_MEMBERS)]
+    encoding = ", ".join(c for c in codings if c) or "identity"
     encoding = {"x-gzip": "gzip"}.get(encoding, encoding)  # RFC 9110 8.4.1.3: the same coding
     if encoding == "identity":
         return body

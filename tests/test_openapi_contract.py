@@ -671,6 +671,11 @@ def test_content_encoding_lines_are_read_as_one_list(client, doc, template):
                                                     *(("content-encoding", line) for line in lines)])
         assert answered(doc, template, r).status_code == 415, (lines, r.text)
         assert "'gzip, " in r.json()["error"], r.text
+    # Empty list elements are ignored (RFC 9110 5.6.1.2): each of these is gzip.
+    for lines in (["gzip,"], [", gzip"], ["gzip ,"], ["gzip", ""], [" , gzip , "]):
+        r = client.post(url, content=once, headers=[("content-type", media),
+                                                    *(("content-encoding", line) for line in lines)])
+        assert answered(doc, template, r).status_code == 200, (lines, r.text)
 
 
 @pytest.mark.parametrize("template", [INDEX, LOAD, UNLOAD])

@@ -261,9 +261,11 @@ def test_only_the_main_triton_image_is_accepted(bundle, tmp_path, capsys, tag):
     ("pvc://claim", "must be pvc://<claim>/<path>"), ("pvc://claim/", "must be pvc://<claim>/<path>"),
     ("pvc://-claim/repo", "must be pvc://<claim>/<path>"), ("s3:///", "names no bucket: give s3://<bucket>/<path>"),
     ("gs:///repo", "names no bucket: give gs://<bucket>/<path>"),
-    # the path is the volume's subPath: `..` is refused by Kubernetes, `./` is the claim's root
-    ("pvc://claim/../etc", "with no '.' or '..' in the path"), ("pvc://claim/./", "with no '.' or '..' in the path"),
-    ("pvc://claim/repo/..", "with no '.' or '..' in the path"), ("pvc://claim/a/./b", "with no '.' or '..' in the"),
+    # the path is the volume's subPath: `..` or an absolute one (pvc://claim//x: subPath /x) is refused by
+    # Kubernetes, `./` is the claim's root
+    *((uri, "with no '.', '..' or empty element in the path") for uri in (
+        "pvc://claim/../etc", "pvc://claim/./", "pvc://claim/repo/..", "pvc://claim/a/./b", "pvc://claim//x",
+        "pvc://claim/a//b")),
 ])
 def test_storage_uris_kubernetes_or_kserve_would_refuse_are_refused(bundle, tmp_path, capsys, uri, says):
     assert says in _refused([str(bundle), "--out", str(tmp_path / "repo"), "--storage-uri", uri], capsys)
