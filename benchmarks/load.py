@@ -76,6 +76,12 @@ SERVER_LOST = (OSError, http.client.HTTPException)
 MAX_LEVEL_SAMPLES = MAX_RAW_SAMPLES
 
 
+def backend_of(args: argparse.Namespace) -> str:
+    """The backend of the server --start starts: --backend, else the registry's default (--backend is None unless
+    given, so that it can be refused with --url)."""
+    return args.backend or DEFAULT_RUNTIME
+
+
 def loopback_url(url: str) -> str:
     """The URL without a trailing slash; ValueError unless it is http:// on a loopback address."""
     parts = urllib.parse.urlsplit(url)
@@ -404,7 +410,7 @@ def _checked(args: argparse.Namespace) -> tuple[str, list[str]]:
         one = len(started_only) == 1
         raise ValueError(f"{', '.join(started_only)} appl{'ies' if one else 'y'} to --start only (the server it "
                          "starts); a running server at --url is tested on every model it serves")
-    out = args.out or RESULTS / f"load-{args.backend or DEFAULT_RUNTIME}.json"
+    out = args.out or RESULTS / f"load-{backend_of(args)}.json"
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a .json path")
     if out.suffix.lower() != ".json":  # the plot goes beside it as .png: `--out X.png` would be replaced by the plot
@@ -441,7 +447,7 @@ def _measure_started(args: argparse.Namespace, bundles: list[str]) -> dict[str, 
 
     log_dir = Path(tempfile.mkdtemp(prefix="vitc-load-"))
     log_path = log_dir / "server.log"
-    server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", args.backend or DEFAULT_RUNTIME,
+    server_args = [a for b in bundles for a in ("--model", b)] + ["--backend", backend_of(args),
                                                                   "--no-access-log", *args.server_arg]
     if args.port is not None:  # after --server-arg: the flag of this tool decides
         server_args += ["--port", str(args.port)]
@@ -501,7 +507,7 @@ def _run(args: argparse.Namespace, url: str, bundles: list[str]) -> int:
             doc = _measure(args, url)
         except (OSError, ValueError, KeyError) as exc:  # refused, timed out, 401, or not a vitc server
             raise InputError(server_problem(url, exc)) from None
-    runtime = doc["models"][0]["runtime"] if doc["models"] else args.backend or DEFAULT_RUNTIME
+    runtime = doc["models"][0]["runtime"] if doc["models"] else backend_of(args)
     wanted = args.out or RESULTS / f"load-{runtime}.json"
     print(markdown(doc))  # first: a disk that fills up loses the files, not the figures
     # Never over an earlier run's results or a file the user keeps: the JSON and its plot take the first free stem.

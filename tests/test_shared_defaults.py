@@ -23,7 +23,7 @@ def test_every_stage_defaults_to_the_registry_runtime(monkeypatch):
     assert inspect.signature(served.measure).parameters["runtime"].default == DEFAULT_RUNTIME
     assert e2e.E2EConfig(url="start").backend == DEFAULT_RUNTIME
     assert inspect.signature(overhead.Server).parameters["backend"].default == DEFAULT_RUNTIME
-    assert load.build_parser().parse_args([]).backend == DEFAULT_RUNTIME
+    assert load.backend_of(load.build_parser().parse_args([])) == DEFAULT_RUNTIME
 
 
 def test_export_report_takes_the_default_runtime_without_served(capsys, tmp_path):
