@@ -25,18 +25,22 @@ def _one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("flags,said", [
-    (["--seeds", "0,1,1"], "--seeds 0,1,1: 1 is given twice"),
-    (["--seeds", "0,0"], "--seeds 0,0: 0 is given twice"),
+    (["--seeds", "0,1,1"], "--seeds: 1 given more than once in '0,1,1'"),  # models.cli.int_list
+    (["--seeds", "0,0"], "--seeds: 0 given more than once in '0,0'"),
     (["--optimizers", "adamw,sgd,sgd"], "--optimizers adamw,sgd,sgd: sgd is given twice"),
     (["--models", "vit_c_nano,vit_p_nano,vit_p_nano"], "vit_p_nano is given twice"),
-    (["--epochs", "2,4,2"], "--epochs 2,4,2: 2 is given twice"),
+    (["--epochs", "2,4,2"], "--epochs: 2 given more than once in '2,4,2'"),
     (["--optimizers", ""], "--optimizers: give at least one of adamw,sgd"),
     (["--optimizers", ","], "--optimizers: give at least one of adamw,sgd"),
     (["--lr-range", "adamw=1e-3,1e-2", "--lr-range", "adamw=1e-4,1e-2"], "--lr-range is given twice for adamw"),
 ])
 def test_repeated_or_empty_list_settings_exit_2(tmp_path, capsys, flags, said):
     """A repeated entry is trained once but would be counted twice in seed means, EDFs and standard errors."""
-    assert main(["--preset", "reduced", "--out", str(tmp_path / "s"), "--dry-run", *flags]) == 2
+    try:
+        code = main(["--preset", "reduced", "--out", str(tmp_path / "s"), "--dry-run", *flags])
+    except SystemExit as exc:  # a list flag's own repeat is argparse's refusal (models.cli.int_list)
+        code = exc.code
+    assert code == 2
     assert said in _one_line_error(capsys)
 
 
