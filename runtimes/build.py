@@ -159,6 +159,21 @@ class ExportContext:
                 "preprocessing": json.dumps(self.meta.preprocessing.to_dict(), sort_keys=True),
                 "source_sha256": self.meta.weights_sha256}
 
+    def artifact_description(self, target: str, precision: str, info: dict[str, Any]) -> dict[str, str]:
+        """`description` plus what the artifact of `target` at `precision` is, as its manifest `info` records it: its
+        id, precision and opset, and for INT8 its calibration and quantization scheme; the one source of ONNX
+        metadata_props and OpenVINO rt_info, so the formats cannot drift. Nothing that changes from one export to
+        the next (no time, no commit), so that exports stay byte-identical."""
+        import json
+
+        props = {**self.description(), "artifact": f"{target}-{precision}", "precision": precision,
+                 "opset": str(info["opset"])}
+        if "calibration" in info:
+            props["calibration"] = json.dumps(info["calibration"], sort_keys=True)
+        if "quantization" in info:
+            props["quantization"] = info["quantization"]
+        return props
+
     def hub_onnx(self) -> Path:
         """The fp32 ONNX hub; the orchestrator exports it before any runtime that needs it builds."""
         if self.hub is None:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ def build(ctx: ExportContext, precision: str) -> Built:
         info["quantization"] = onnx_graph.QUANTIZATION_MIXED
     elif precision != "fp32":
         raise ExportError(f"onnx: unsupported precision {precision!r}")
-    description = _description(precision, info)
+    description = ctx.artifact_description(RUNTIME.target, precision, info)
     if precision == "fp32":
         out = onnx_graph.copy_hub(hub, ctx.workdir / "model.onnx", description)
     elif precision == "fp16":
@@ -51,18 +50,6 @@ def build(ctx: ExportContext, precision: str) -> Built:
         out = onnx_graph.quantize_int8(ctx.calibration_batches(), hub, ctx.workdir / "model-int8.onnx",
                                        description=description)
     return Built(onnx_graph.files_of(out), info)
-
-
-def _description(precision: str, info: dict[str, Any]) -> dict[str, str]:
-    """What the file says about itself beyond the hub's description (metadata_props "vitc.<key>"): the artifact, its
-    precision and opset, and for INT8 its calibration and quantization scheme, as the manifest records them;
-    nothing that changes from one export to the next (no time, no commit), so that exports stay byte-identical."""
-    props = {"artifact": f"{RUNTIME.target}-{precision}", "precision": precision, "opset": str(info["opset"])}
-    if "calibration" in info:
-        props["calibration"] = json.dumps(info["calibration"], sort_keys=True)
-    if "quantization" in info:
-        props["quantization"] = info["quantization"]
-    return props
 
 
 def unavailable(device: str) -> str | None:

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from openvino import CompiledModel, Core
 
 INFERENCE_PRECISION = "f32"  # the hint every artifact is built, gated and served with (see the docstring)
+# The INT8 scheme `build` writes, as the manifest records it (an artifact's info "quantization"): NNCF's default preset
+# for the TRANSFORMER model type is the mixed one.
+QUANTIZATION = "nncf mixed preset: asymmetric activations per tensor, symmetric int8 weights per output channel"
 _HINT_NAMES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
 # OpenVINO nests its messages: each level says where in its sources it was raised, then its words, the outermost
 # level first. The cause comes last: "Resource temporarily unavailable" under a thread (pids, ulimit -u) or memory
@@ -93,8 +96,9 @@ def build(ctx: ExportContext, precision: str) -> Built:
             model = nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(images))
         info["calibration"] = ctx.calibration_info()
-        info["quantizer"] = "nncf"
-    for key, value in ctx.description().items():  # what the IR is, for a user handed the files alone
+        info["quantization"] = QUANTIZATION
+    # What the IR is, for a user handed the files alone: the keys an ONNX artifact carries in its metadata_props.
+    for key, value in ctx.artifact_description(RUNTIME.target, precision, info).items():
         model.set_rt_info(value, ["vitc", key])
     files = [xml, xml.with_suffix(".bin")]
     try:

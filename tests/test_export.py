@@ -21,6 +21,7 @@ from export.targets import Target, parse_targets
 from models.bundle import BundleError, read_manifest, verify_files
 from models.preprocessing import preprocess
 from runtimes import BackendOptions, ExportError, onnx_graph
+from runtimes import openvino as openvino_runtime
 from runtimes.onnx_graph import OPSET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,6 +299,39 @@ def test_each_onnx_file_says_which_artifact_it_is_and_what_it_came_from(bundle):
         assert props.get("vitc.quantization") == a.info.get("quantization"), a.id
     # onnx-int8 is onnxruntime's asymmetric graph, not the symmetric one TensorRT's INT8 engine is built from.
     assert m.artifact("onnxruntime", "int8").info["quantization"] == onnx_graph.QUANTIZATION_MIXED
+
+
+def test_each_openvino_ir_says_what_the_onnx_file_of_its_precision_says(checkpoint, tmp_path):
+    """The IR carried only the checkpoint's description in its rt_info: handed one alone, a user could not tell the
+    fp16 IR from the INT8 one, nor what the INT8 one was calibrated on. Each now says what the ONNX file of its
+    precision says (one function writes both), as its manifest record does, read back by OpenVINO itself."""
+    from dataclasses import replace
+
+    import onnx
+    import openvino as ov
+
+    # A loose INT8 gate: the micro model's INT8 artifacts may miss the real one, and a refused one ships no file.
+    loose = replace(parity.INT8_TOLERANCE, min_top1_agreement=0.0, max_accuracy_drop=1.0)
+    m = build_bundle(checkpoint, tmp_path / "b", ["onnx-fp32", "onnx-fp16", "onnx-int8", "openvino"], max_batch=8,
+                     parity_samples=32, calibration_samples=16, tolerances={"int8": loose}, threads=THREADS,
+                     log=lambda _: None)
+    for precision in ("fp32", "fp16", "int8"):
+        ir, graph = m.artifact("openvino", precision), m.artifact("onnxruntime", precision)
+        assert ir.servable and graph.servable, (ir.refused_reason, graph.refused_reason)
+        xml = next(f.path for f in ir.files if f.path.endswith(".xml"))
+        rt = ov.Core().read_model(str(tmp_path / "b" / xml)).get_rt_info()["vitc"]
+        props = {f"vitc.{k}": v.astype(str) for k, v in rt.items()}
+        onnx_props = {p.key: p.value for p in onnx.load(str(tmp_path / "b" / graph.files[0].path)).metadata_props}
+        # The same keys with the same values, but for what the artifact is and (INT8) how it was quantized.
+        expected = {**onnx_props, "vitc.artifact": ir.id}
+        if precision == "int8":
+            expected["vitc.quantization"] = ir.info["quantization"]
+        assert props == expected, ir.id
+        assert (props["vitc.precision"], props["vitc.opset"], props["vitc.source_sha256"]) == (
+            precision, str(ir.info["opset"]), m.source.sha256)
+        calibration = props.get("vitc.calibration")
+        assert (json.loads(calibration) if calibration else None) == ir.info.get("calibration"), ir.id
+    assert m.artifact("openvino", "int8").info["quantization"] == openvino_runtime.QUANTIZATION
 
 
 def test_servable_artifacts_reproduce_torch_on_fresh_images_in_any_batch(bundle, checkpoint):
