@@ -208,7 +208,16 @@ def read_bounded(resp: Any, limit: int) -> bytes | None:
 
 
 class AnswerTooLarge(ValueError):
-    """A GET answered with more than MAX_GET_BYTES: no model list or metrics of a vitc server is that large."""
+    """An answer over its bound (a GET's MAX_GET_BYTES, a classification's MAX_ANSWER_BYTES): no vitc server's
+    model list, metrics or classification is that large."""
+
+
+def read_capped(resp: Any, limit: int, request: str) -> bytes:
+    """`read_bounded`'s body; AnswerTooLarge naming `request` ("GET <url>") and the bound when it is over `limit`
+    bytes (the answer is left unread: the caller closes its connection)."""
+    if (body := read_bounded(resp, limit)) is None:
+        raise AnswerTooLarge(f"{request} answered more than {limit >> 20} MiB: not a vitc server's answer")
+    return body
 
 
 def get(url: str, api_key: str | None = None, seconds: float | None = None) -> bytes:
@@ -219,9 +228,7 @@ def get(url: str, api_key: str | None = None, seconds: float | None = None) -> b
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     opener = urllib.request.build_opener(_HTTPWithin(seconds), _HTTPSWithin(seconds))
     with opener.open(req, timeout=seconds) as resp:
-        if (body := read_bounded(resp, MAX_GET_BYTES)) is None:
-            raise AnswerTooLarge(f"GET {url} answered more than {MAX_GET_BYTES >> 20} MiB: not a vitc server's answer")
-        return body
+        return read_capped(resp, MAX_GET_BYTES, f"GET {url}")
 
 
 @dataclass(frozen=True)

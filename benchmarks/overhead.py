@@ -225,14 +225,19 @@ class Server:
         """One request: (seconds, Server-Timing stages in ms); ServerFailed when it gets no answer, an error status
         or an answer that is not a classification."""
         from benchmarks.e2e import classify_answer_problem
+        from benchmarks.loadgen import MAX_ANSWER_BYTES, AnswerTooLarge, read_capped
 
         for attempt in (0, 1):
             t = time.perf_counter()
             try:
                 self.conn.request("POST", self.path, body=body, headers={"Content-Type": "image/png"})
                 r = self.conn.getresponse()
-                data = r.read()
+                # Bounded: a server gone wrong (or another service on its port) could stream without end.
+                data = read_capped(r, MAX_ANSWER_BYTES, f"POST http://127.0.0.1:{self.port}{self.path}")
                 break
+            except AnswerTooLarge as exc:
+                self.conn.close()  # the rest of the answer is left unread on it
+                raise self.fail(str(exc)) from None
             except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
                 # The server closed the idle keep-alive connection (uvicorn: after 5 s) while the other systems
                 # had their slices: reconnect, and time the request on the new connection.
@@ -254,12 +259,15 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """The batch-size sum and count of its /metrics; ServerFailed when they cannot be read."""
+        from benchmarks.loadgen import AnswerTooLarge, get
+
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-                text = r.read().decode()
+            text = get(f"http://127.0.0.1:{self.port}/metrics", seconds=5).decode()  # whole by then, and bounded
             out = {}
             for name in ("vitc_batch_size_sum", "vitc_batch_size_count"):
                 out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+        except AnswerTooLarge as exc:
+            raise self.fail(str(exc)) from None
         except (OSError, http.client.HTTPException) as exc:  # refused, an error status (HTTPError), timed out
             raise self.fail(f"GET /metrics: {_failure(exc)}") from None
         except (ValueError, IndexError) as exc:  # not UTF-8, a sample that is not a number

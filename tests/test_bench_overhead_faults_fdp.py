@@ -4,6 +4,7 @@ that fails to start or fails mid-run (one line, every server stopped, what was m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 from stand_in_http import StandInHandler, stand_in_server
 from test_serve_fixtures import micro_bundle
 
-from benchmarks import overhead
+from benchmarks import loadgen, overhead
 from benchmarks.naive_server import port_problem
 from serve.launch import REPO
 
@@ -241,6 +242,54 @@ def test_metrics_that_are_not_prometheus_text_or_not_there_fail_the_server_by_na
             server.metrics()
     with pytest.raises(overhead.ServerFailed, match=r"^vitc-openvino \(port \d+\): GET /metrics: Connection refused"):
         server.metrics()  # the stand-in is gone
+
+
+class _Flood(StandInHandler):
+    """A stand-in that answers every request with 1 MiB past the client's bound (classify: MAX_ANSWER_BYTES, GET:
+    MAX_GET_BYTES), without a Content-Length (delimited by the close, as a stream without end is), unless
+    `announced` (then the Content-Length alone, nothing sent)."""
+
+    announced = False
+
+    def _flood(self, limit: int) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        if self.announced:
+            self.send_header("Content-Length", str(limit + 1))
+        self.end_headers()
+        self.close_connection = True
+        if self.announced:
+            return
+        with contextlib.suppress(OSError):  # the client stops reading past its bound and closes
+            for _ in range((limit >> 20) + 1):
+                self.wfile.write(b" " * (1 << 20))
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.read_body()
+        self._flood(loadgen.MAX_ANSWER_BYTES)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self._flood(loadgen.MAX_GET_BYTES)
+
+
+@pytest.mark.parametrize("announced", [False, True], ids=["streamed", "content-length"])
+def test_an_oversize_answer_or_metrics_fails_the_server_by_name_unread(tmp_path, announced):
+    """`post` and `metrics` read a server's answers whole: one that streams without end (a wrong port, a server gone
+    wrong) filled the benchmark's memory. Each is read up to its bound, and past it the server fails by name, with
+    the URL and the bound (exit 1 for the run)."""
+    handler = type("H", (_Flood,), {"announced": announced})
+    with stand_in_server(handler) as url:
+        server = _on_stand_in(url, tmp_path)
+        with pytest.raises(overhead.ServerFailed) as failed:
+            server.post(b"png")
+        assert str(failed.value) == (
+            f"vitc-openvino (port {server.port}): POST {url}/v1/models/m/classify answered more than 4 MiB: not a "
+            f"vitc server's answer (log: {tmp_path / 'vitc-openvino.log'})")
+        assert failed.value.code == 1 and server.failed
+        with pytest.raises(overhead.ServerFailed) as failed:
+            server.metrics()
+        assert str(failed.value) == (f"vitc-openvino (port {server.port}): GET {url}/metrics answered more than 64 "
+                                     f"MiB: not a vitc server's answer (log: {tmp_path / 'vitc-openvino.log'})")
 
 
 def test_the_hand_written_server_answering_an_error_fails_it_by_name(tmp_path_factory):
