@@ -21,6 +21,7 @@ from typing import NoReturn, TypeVar
 from models.extras import missing_dependency
 from models.extras import pip_command as pip_command  # README's "Adding a runtime": a runtime's `install` line
 from models.failures import library_error, machine_reason
+from models.io import import_fcntl
 from models.oneline import one_line as one_line  # the commands' one line, shared with what serve answers
 
 # vitc's top-level packages (pyproject.toml's packages.find). An editable install finds them after the module path
@@ -110,19 +111,14 @@ def refuse_shadowed_packages() -> None:
     raise SystemExit(2)
 
 
-# vitc runs on POSIX systems only (pyproject.toml's classifiers, the README): models.io locks files with fcntl, which
-# every command imports, and the commands stop on POSIX signals. Windows has no fcntl.
-POSIX_ONLY = ("vitc runs on Linux and macOS only, not on Windows: this Python ({platform}) has no fcntl module, which "
-              "vitc's file locks need")
-
-
 def refuse_unsupported_platform() -> None:
-    """A command stops here, one line and exit 2, where Python has no fcntl (Windows), rather than in a traceback
-    from the first module that imports it; a program that only imports vitc gets an ImportError saying the same."""
+    """A command stops here, one line and exit 2, where Python has no fcntl (Windows: models.io's writers lock with
+    it, and the commands stop on POSIX signals), before any work; a program that imports this module gets the same
+    words as an ImportError."""
     try:
-        import fcntl  # noqa: F401 - only whether it imports
-    except ImportError:
-        reason = POSIX_ONLY.format(platform=sys.platform)
+        import_fcntl()
+    except ImportError as exc:
+        reason = str(exc)
     else:
         return
     if (prog := _loading_command()) is None:

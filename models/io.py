@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
 import hashlib
 import json
@@ -22,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, BinaryIO, NoReturn
 
 from models.oneline import first_line
@@ -295,6 +295,20 @@ class DirectoryBusy(RuntimeError):
 
 
 LOCK_RETRIES = 8
+# vitc runs on POSIX systems only (pyproject.toml's classifiers, the README): its writers lock with fcntl, which Windows
+# lacks.
+POSIX_ONLY = ("vitc runs on Linux and macOS only, not on Windows: this Python ({platform}) has no fcntl module, which "
+              "vitc's file locks need")
+
+
+def import_fcntl() -> ModuleType:
+    """fcntl, imported where a lock is taken (the rest of this module, read by programs that only read bundles and
+    checkpoints, needs none); ImportError in one line saying vitc is POSIX-only where Python has none (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        raise ImportError(POSIX_ONLY.format(platform=sys.platform), name="fcntl") from None
+    return fcntl
 
 
 def busy(target: Path) -> str:
@@ -310,6 +324,7 @@ def writer_lock(target: Path, lock: Path | None = None) -> Iterator[None]:
     The lock file is deleted while still locked, so a writer that opened the old file must not trust its lock:
     after locking it checks the path still names the file it locked, and starts over when it does not.
     """
+    fcntl = import_fcntl()
     path = lock if lock is not None else target.parent / f".{target.name}.lock"
     for _ in range(LOCK_RETRIES):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode(0o666))

@@ -8,6 +8,7 @@ do, and a Python without fcntl (Windows) gets one line and exit 2 from every com
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import shlex
 import shutil
@@ -246,6 +247,33 @@ def test_a_python_without_fcntl_gets_one_line_from_every_command(module, no_fcnt
     line = done.stderr.strip()
     assert "\n" not in line and "Traceback" not in line, line
     assert line.startswith(f"python -m {module}: error: ") and "fcntl" in line and "Linux" in line, line
+
+
+def test_a_python_without_fcntl_reads_bundles_and_is_told_why_at_the_first_lock(no_fcntl, tmp_path):
+    """models.io imported fcntl at its top: a program reading a checkpoint or a bundle (which takes no lock) failed
+    at import with Python's bare "import of fcntl halted". It reads now, and the first lock says why it cannot."""
+    program = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import models.bundle, models.checkpoint\n"
+        "from models.io import sha256_file, writer_lock\n"
+        "print(sha256_file(sys.argv[1]))\n"
+        "try:\n"
+        "    with writer_lock(Path(sys.argv[1])):\n"
+        "        pass\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    target = tmp_path / "f"
+    target.write_bytes(b"x")
+    done = subprocess.run([sys.executable, "-c", program, str(target)], cwd=tmp_path, env=no_fcntl,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        hashlib.sha256(b"x").hexdigest(),
+        f"vitc runs on Linux and macOS only, not on Windows: this Python ({sys.platform}) has no fcntl module, which "
+        "vitc's file locks need"]
+    assert not (tmp_path / ".f.lock").exists()
 
 
 def test_the_package_declares_the_systems_it_runs_on():
