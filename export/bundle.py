@@ -156,7 +156,8 @@ def parity_data(model: nn.Module, meta: CheckpointMeta, dataset: str, samples: i
         with torch.inference_mode():
             return model(torch.from_numpy(batch)).numpy()
 
-    return ParityData(x, val.labels, run_batched(torch_run, x, max_batch), dataset=str(dataset))
+    return ParityData(x, val.labels, run_batched(torch_run, x, max_batch, meta.config.num_classes),
+                      dataset=str(dataset))
 
 
 def _decoded(images: ImageSet, i: int) -> PIL.Image.Image:

@@ -27,6 +27,7 @@ from models.tolerance import (  # noqa: F401 - the gates' home; re-exported for 
     TOLERANCES,
     Tolerance,
 )
+from runtimes.base import check_logits
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (B, 3, H, W) float32 -> (B, classes) float32
 ODD_BATCH = 7
@@ -40,9 +41,12 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sorted({b for b in (1, 2, odd, max_batch) if 1 <= b <= max_batch})
 
 
-def run_batched(run: Runner, x: np.ndarray, batch: int) -> np.ndarray:
-    """Logits of every row of x, in chunks of `batch`."""
-    return np.concatenate([np.asarray(run(x[i : i + batch]), np.float32) for i in range(0, len(x), batch)])
+def run_batched(run: Runner, x: np.ndarray, batch: int, classes: int) -> np.ndarray:
+    """Logits of every row of x, in chunks of `batch`, each checked as the server checks a batch (`check_logits`:
+    BackendError, one line, unless float logits of shape (rows, classes))."""
+    # Unchecked, a Backend answering one row per batch failed the gate with numpy's broadcasting error.
+    return np.concatenate([check_logits(run(x[i : i + batch]), len(x[i : i + batch]), classes)
+                           for i in range(0, len(x), batch)])
 
 
 @dataclass
@@ -70,18 +74,19 @@ def measure(run: Runner, data: ParityData, precision: str, max_batch: int,
             tolerance: Tolerance | None = None) -> Parity:
     """All parity numbers for one artifact, `passed`, and, if it failed, `failures` (one line each)."""
     tol = tolerance or TOLERANCES[precision]
-    out = run_batched(run, data.x, max_batch)
     ref = data.reference
+    classes = ref.shape[1]
+    out = run_batched(run, data.x, max_batch, classes)
     sizes = batch_sizes(max_batch)
     # The batch-size check reuses the first images (cycled when fewer than the max batch were given).
     idx = np.resize(np.arange(len(data.x)), max(sizes))
     xs, ref_s = data.x[idx], ref[idx]
-    alone = run_batched(run, xs, 1)
+    alone = run_batched(run, xs, 1, classes)
     invariance: float | None = 0.0
     max_abs = float(np.abs(out - ref).max()) if len(out) else 0.0
     finite = bool(np.isfinite(out).all() and np.isfinite(alone).all())
     for b in sizes:
-        batched = np.asarray(run(xs[:b]), np.float32)
+        batched = run_batched(run, xs[:b], b, classes)
         finite &= bool(np.isfinite(batched).all())
         invariance = _worst(invariance, _max_diff(batched, alone[:b]))
         max_abs = max(max_abs, float(np.abs(batched - ref_s[:b]).max()))
