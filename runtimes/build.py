@@ -177,7 +177,10 @@ class ExportContext:
     def hub_onnx(self) -> Path:
         """The fp32 ONNX hub; the orchestrator exports it before any runtime that needs it builds."""
         if self.hub is None:
-            raise ExportError("no ONNX hub was exported for this bundle")
+            # Exported only when a wanted runtime declares it needs it: a build that forgot to worked by accident
+            # beside the onnx target and was refused on its own.
+            raise ExportError("no ONNX hub was exported for this bundle: a runtime whose build calls ctx.hub_onnx() "
+                              "must declare needs_hub=True in its Runtime(...)")
         return self.hub
 
     def calibration_images(self) -> ImageSet:
