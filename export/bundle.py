@@ -43,6 +43,7 @@ from models.bundle import (
     OutputSpec,
     Source,
     as_name,
+    check_artifact_record,
     file_entries,
     read_manifest,
     valid_name,
@@ -57,7 +58,7 @@ from models.oneline import first_line
 from models.preprocessing import Preprocessing, normalize, preprocess, to_uint8
 from runtimes import Backend, BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, description
-from runtimes.build import ExportContext, cause_in_chain
+from runtimes.build import ExportContext, cause_in_chain, check_built
 from runtimes.loader import (
     CONTRACT_KEY,
     MAX_SOURCE_SIDE,
@@ -314,9 +315,10 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     existing = _tree(ctx.workdir)
     start = time.perf_counter()
     try:
-        built = rt.build(ctx, target.precision)
-        artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3),
-                           runtime_version=rt.version(), info=built.info)
+        built = check_built(rt.name, rt.build(ctx, target.precision))
+        made = replace(artifact, runtime_version=rt.version(), info=built.info)
+        check_artifact_record(made)  # before the record keeps them: a refused artifact's record is read back too
+        artifact = replace(made, export_seconds=round(time.perf_counter() - start, 3))
         _check_new_files(ctx.workdir, rt.name, built.files, existing, earlier)
         artifact = replace(artifact, files=file_entries(ctx.workdir, built.files))
         start = time.perf_counter()
@@ -737,11 +739,22 @@ def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | Non
                                       records={a.id: draft.record(a.id) for a in artifacts}, origin=draft.origin)
                 manifest = replace(draft, golden=golden)
                 write_manifest(tmp, manifest)
+                _check_reads_back(tmp, out)
         except DirectoryBusy as exc:
             raise ExportError(str(exc)) from None
         except OSError as exc:
             raise ExportIOError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     return manifest
+
+
+def _check_reads_back(tmp: Path, out: Path) -> None:
+    """ExportError (one line) unless the manifest just written in `tmp` reads back through the reader every server,
+    report and later export uses: the last defence before it replaces `out`, which then stays as it was."""
+    try:
+        read_manifest(tmp)
+    except BundleError as exc:
+        raise ExportError(f"export failed: the manifest written does not read back, so {out} was left as it was: "
+                          f"{str(exc).replace(f'{tmp}{os.sep}', '')}") from None
 
 
 def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: ParityData, contract: str,

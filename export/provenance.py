@@ -8,7 +8,7 @@ import platform
 
 import runtimes
 from export.parity import ParityData
-from models.bundle import Provenance
+from models.bundle import Provenance, check_runtime_version
 from models.checkpoint import CheckpointMeta, TrainingRecord
 from models.host import distribution_versions, source_revision, vitc_version
 
@@ -25,8 +25,8 @@ def gather(meta: CheckpointMeta, parity: ParityData, calibration_fingerprint: st
     for rt in runtimes.runtimes():
         if rt.installed():
             try:
-                libraries[rt.name] = rt.version()
-            except Exception:  # noqa: BLE001 - a runtime that cannot say its version is left out, not fatal
+                libraries[rt.name] = check_runtime_version(rt.name, rt.version())
+            except Exception:  # noqa: BLE001 - a runtime that cannot say its version (as text) is left out, not fatal
                 continue
     return Provenance(
         vitc_version=vitc_version(), git_commit=revision["commit"], git_dirty=revision["dirty"],

@@ -367,7 +367,7 @@ class Artifact:
             files=tuple(FileEntry.read(f) for f in _items(r, "files", MAX_FILES, [])),
             servable=r.get("servable", bool), refused_reason=r.get("refused_reason", str, None, **_line()),
             parity=Parity.read(parity) if parity is not None else None,
-            runtime_version=r.get("runtime_version", str, "", **_line(256)),
+            runtime_version=r.get("runtime_version", str, "", **_line(RUNTIME_VERSION_CHARS)),
             export_seconds=r.get("export_seconds", float, 0.0, **NON_NEGATIVE),
             parity_seconds=r.get("parity_seconds", float, None, **NON_NEGATIVE),
             refused_files=tuple(FileEntry.read(f) for f in _items(r, "refused_files", MAX_FILES, [])),
@@ -393,6 +393,39 @@ class Artifact:
         if self.parity is not None:
             d["parity"] = self.parity.to_dict()
         return d
+
+
+RUNTIME_VERSION_CHARS = 256
+
+
+def check_runtime_version(runtime: str, version: Any) -> str:
+    """`version`, what `runtime`'s version() returned, if a manifest can record it (an artifact's runtime_version,
+    provenance.libraries): one line of at most RUNTIME_VERSION_CHARS characters; TypeError or ValueError (one line
+    naming the runtime) otherwise."""
+    if not isinstance(version, str):
+        raise TypeError(f"{runtime} version() returned {type(version).__name__} {version!r:.80}, expected a string "
+                        f"(one line of at most {RUNTIME_VERSION_CHARS} characters)")
+    if not _line(RUNTIME_VERSION_CHARS)["check"](version):
+        raise ValueError(f"{runtime} version() returned {version!r:.80}, expected one line of at most "
+                         f"{RUNTIME_VERSION_CHARS} characters")
+    return version
+
+
+def check_artifact_record(artifact: Artifact) -> None:
+    """TypeError or ValueError (one line naming the artifact's runtime) unless its record, as a build made it, is
+    one the manifest reader takes back as written: `runtime_version` (the runtime's version()) one line of text,
+    no `info` key that is a field of the record itself, and what `Artifact.read` accepts."""
+    # Export used to publish, exit 0, a bundle its own report, server and next export refused (a version() tuple),
+    # or whose artifact a build's info silently relabelled ({"runtime": ...} overwrote the core field).
+    rt = artifact.runtime
+    check_runtime_version(rt, artifact.runtime_version)
+    if clash := [k for k in artifact.info if k in _ARTIFACT_KEYS]:
+        raise ValueError(f"{rt} build returned info keys {clash} that are the manifest's own artifact fields "
+                         f"({', '.join(_ARTIFACT_KEYS)}): give its facts other names")
+    try:
+        Artifact.read(Fields(json.loads(strict_json_bytes(artifact.to_dict())), f"{rt} build's manifest record"))
+    except ValueError as exc:  # FieldError, or strict JSON's
+        raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -434,7 +467,7 @@ class Provenance:
     @classmethod
     def read(cls, r: Fields) -> Provenance:
         libs = r.obj("libraries", None)
-        short = _line(256)  # versions, commits, hashes
+        short = _line(RUNTIME_VERSION_CHARS)  # versions, commits, hashes
         return cls(
             vitc_version=r.get("vitc_version", str, **short), git_commit=r.get("git_commit", str, None, **short),
             git_dirty=r.get("git_dirty", bool, None),

@@ -199,7 +199,7 @@ def description(backend: Any, runtime: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BackendError(f"{runtime} describe() returned {type(value).__name__}, expected a dict")
     try:
-        plain = _json_value(value, "", 0)
+        plain = json_data(value)
         size = len(json.dumps(plain, allow_nan=False))
     except ValueError as exc:
         raise BackendError(f"{runtime} describe() returned {exc}") from None
@@ -207,6 +207,12 @@ def description(backend: Any, runtime: str) -> dict[str, Any]:
         raise BackendError(f"{runtime} describe() returned {size:,} bytes of JSON, more than the "
                            f"{MAX_DESCRIPTION_BYTES:,} allowed")
     return plain
+
+
+def json_data(value: Any) -> Any:
+    """`value` as plain JSON data (numpy scalars as Python numbers, integer keys as strings); ValueError naming
+    where in it a value is not JSON (a NaN, an array, a set), two keys are one JSON string, or it nests too deep."""
+    return _json_value(value, "", 0)
 
 
 def _json_value(value: Any, where: str, depth: int) -> Any:

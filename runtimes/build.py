@@ -22,6 +22,7 @@ import numpy as np
 
 from models.failures import disk_full
 from models.preprocessing import preprocess
+from runtimes.base import json_data
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,6 +41,30 @@ class Built:
 
     files: list[Path]
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_built(runtime: str, built: Any) -> Built:
+    """`built` as export keeps it (its info as plain JSON data: numpy scalars as Python numbers); TypeError or
+    ValueError (one line naming `runtime` and what was expected) unless it is a `Built` whose files are a list of
+    `pathlib.Path` and whose info is a dict of JSON data, the rule `describe()` follows."""
+    # A plugin's build returning None, a tuple or a list of str went on to fail in the loader or the manifest
+    # writer, with an AttributeError that blamed the Backend's load (or a traceback that took the export down).
+    if not isinstance(built, Built):
+        raise TypeError(f"{runtime} build returned {type(built).__name__}, expected runtimes.build.Built(files, info)")
+    if not isinstance(built.files, list):
+        raise TypeError(f"{runtime} build returned files as {type(built.files).__name__}, expected a list of "
+                        "pathlib.Path (the artifact's files it wrote into ctx.workdir)")
+    for i, path in enumerate(built.files):
+        if not isinstance(path, Path):
+            raise TypeError(f"{runtime} build returned files[{i}] as {type(path).__name__} {path!r:.80}, expected "
+                            "a pathlib.Path")
+    if not isinstance(built.info, dict):
+        raise TypeError(f"{runtime} build returned info as {type(built.info).__name__}, expected a dict")
+    try:  # a numpy array, a Path or NaN crashed the manifest's writing after every gate, taking the export down
+        info = json_data(built.info)
+    except ValueError as exc:
+        raise ValueError(f"{runtime} build returned info that is not JSON: {exc}") from None
+    return Built(built.files, info)
 
 
 def cause_in_chain(exc: BaseException | None, match: Callable[[BaseException], bool]) -> BaseException | None:

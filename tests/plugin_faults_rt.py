@@ -1,12 +1,16 @@
 """A runtime plugin written the way README's "Adding a runtime" says (`VITC_RUNTIMES=plugin_faults_rt`), that
-misbehaves on purpose for tests/test_runtime_plugin_faults.py.
+misbehaves on purpose for tests/test_runtime_plugin_faults.py and tests/test_runtime_build_contract.py.
 
 Its artifact is a copy of the export's ONNX hub run by onnxruntime: it passes the parity gate, so its bundle has
 golden inputs. The fault is $PLUGIN_FAULT, read at every call; the file $PLUGIN_FAULT_FILE, while it exists,
 overrides it (a server already running is switched by writing it):
 - build: "collide" (writes and returns model.onnx, the onnx artifact's file), "overwrite" (returns its own file
   but rewrites model.onnx too), "scratch" (returns the hub in .scratch), "dup" (returns its file twice), "outside"
-  (returns a file beside the bundle);
+  (returns a file beside the bundle); what it returns: "built_none", "files_item_str" (a list of str),
+  "info_numpy" (an array), "info_nan", "info_scalars" (numpy scalars, an int key: converted), "info_core" (keys
+  naming the record's own fields), "info_hint" (an inference_precision that is no tag), "info_huge" (17 MiB: a
+  manifest past the reader's bound); RUNTIME_HUBLESS (no needs_hub=True) builds the same way, asking for the hub;
+- version(): "version_tuple", "version_lines" (two lines);
 - infer: "raise" (an ordinary exception, two lines), "int" (int32 logits), "rows" (one row whatever the batch);
 - describe: "describe_raise", "describe_none", "describe_set" (a set in it), "describe_numpy" (numpy scalars),
   "describe_oom" (MemoryError, as a C++ std::bad_alloc surfaces), "describe_threads" (a thread that could not start).
@@ -14,6 +18,7 @@ overrides it (a server already running is switched by writing it):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -46,7 +51,20 @@ def build(ctx: ExportContext, precision: str) -> Built:
     if mode in ("collide", "overwrite"):  # valid ONNX no longer, and another size than the onnx artifact's
         with open(ctx.workdir / "model.onnx", "ab") as f:
             f.write(b"\0")
-    return Built([out, out] if mode == "dup" else [out], {})
+    returned: dict[str, Any] = {
+        "built_none": None, "files_item_str": Built([str(out)]),  # type: ignore[list-item]
+        "info_numpy": Built([out], {"arr": np.arange(3)}), "info_nan": Built([out], {"x": float("nan")}),
+        "info_scalars": Built([out], {"threads": np.int64(2), "scale": np.float32(0.5), 7: "seven"}),
+        "info_core": Built([out], {"opset": 20, "runtime": "evil", "files": 1}),
+        "info_hint": Built([out], {"inference_precision": 3}),
+    }
+    if mode == "info_huge":
+        return Built([out], {"blob": "x" * (17 << 20)})
+    return returned.get(mode, Built([out, out] if mode == "dup" else [out], {}))
+
+
+def version() -> Any:
+    return {"version_tuple": (1, 2, 0), "version_lines": "1.0\nbuilt by hand"}.get(fault(), "0.1")
 
 
 class FaultBackend:
@@ -84,5 +102,6 @@ class FaultBackend:
 RUNTIME = Runtime(
     name="faultrt", target="faultrt", packages=("onnxruntime",), install="pip install onnxruntime", format="onnx",
     triton_platform="faultrt_platform", precisions=("fp32",), default_precisions=("fp32",), devices=("cpu",),
-    build=build, load=FaultBackend, version=lambda: "0.1", variants=(Variant("fp32"),), needs_hub=True,
+    build=build, load=FaultBackend, version=version, variants=(Variant("fp32"),), needs_hub=True,
 )
+RUNTIME_HUBLESS = dataclasses.replace(RUNTIME, name="hubless", target="hubless", needs_hub=False)
