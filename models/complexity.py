@@ -57,6 +57,8 @@ def _linear(cin: int, cout: int, n: int) -> tuple[int, int, int]:
 
 def complexity(cfg: ViTConfig, bookkeeping: str = "paper") -> Complexity:
     """Flops (multiply-adds), params and activations of a variant under the chosen bookkeeping."""
+    if not isinstance(cfg, ViTConfig):  # a name failed with "'str' object has no attribute 'dim'"
+        raise TypeError(f"complexity takes a models.ViTConfig (models.get_config(name)), got {type(cfg).__name__}")
     if bookkeeping not in BOOKKEEPINGS:
         raise ValueError(f"unknown bookkeeping {bookkeeping!r}; expected one of {BOOKKEEPINGS}")
     d, n = cfg.dim, cfg.num_tokens

@@ -23,6 +23,8 @@ class UnknownVariant(ValueError, KeyError):
 
 def register(cfg: ViTConfig) -> ViTConfig:
     """Add a variant to the table; a duplicate name is an error."""
+    if not isinstance(cfg, ViTConfig):  # a name failed with "'str' object has no attribute 'name'"
+        raise TypeError(f"register takes a models.ViTConfig, got {type(cfg).__name__}")
     if cfg.name in _VARIANTS:
         raise ValueError(f"variant {cfg.name!r} is already registered")
     _VARIANTS[cfg.name] = cfg

@@ -109,6 +109,12 @@ def open_backend(bundle: str | os.PathLike, manifest: Manifest, runtime: str, pr
                  options: BackendOptions | None = None, timings: dict[str, float] | None = None) -> Backend:
     """Select the servable artifact, verify its sha256, load it, warm it up and prove its golden inputs."""
     # `timings`, when given, receives the seconds of each step: verify, load, warm_up, golden.
+    # A path passed where the manifest goes failed with "'str' object has no attribute 'select'".
+    if not isinstance(manifest, Manifest):
+        raise TypeError(f"manifest must be a models.bundle.Manifest (models.bundle.read_manifest(bundle)), got "
+                        f"{type(manifest).__name__}")
+    if options is not None and not isinstance(options, BackendOptions):
+        raise TypeError(f"options must be a runtimes.BackendOptions, got {type(options).__name__}")
     options = options or BackendOptions()
     timings = {} if timings is None else timings
     start = time.perf_counter()

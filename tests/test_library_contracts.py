@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import models
+import runtimes
 from data.datasets import ANIMAL_CLASSES, DatasetError, load_dataset
 from models.bundle import BundleError, Manifest
 from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
@@ -303,3 +305,17 @@ def test_subset_sizes_that_make_sense_still_work():
     images = load_dataset("digits", "val")
     assert len(images.subset(5)) == 5 and len(images.subset(np.int64(7))) == 7
     assert images.subset(len(images) + 10) is images and len(images.subset(0)) == 0
+
+
+@pytest.mark.parametrize(("call", "why"), [
+    (lambda: runtimes.open_backend("b", "b", "onnxruntime"),
+     "manifest must be a models.bundle.Manifest (models.bundle.read_manifest(bundle)), got str"),
+    (lambda: models.register("vit_z"), "register takes a models.ViTConfig, got str"),
+    (lambda: models.complexity("vit_c_micro"),
+     "complexity takes a models.ViTConfig (models.get_config(name)), got str"),
+])
+def test_public_functions_given_the_wrong_type_name_the_type_they_take(call, why):
+    """Each was a bare AttributeError ("'str' object has no attribute 'select'")."""
+    with pytest.raises(TypeError) as err:
+        call()
+    assert str(err.value) == why
