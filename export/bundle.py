@@ -781,7 +781,9 @@ def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: Par
                **{f"{RECORD_KEY}.{k}": v for k, v in sorted((records or {}).items())}}
     np.savez_compressed(path, pixels=pixels, logits=data.reference[:n], **own, **sources,
                         **{k: np.frombuffer(bytes.fromhex(v), np.uint8) for k, v in digests.items()})
-    return Golden(file=file_entries(bundle, [path])[0], samples=n)
+    # The digests listed in the manifest too: a reader then requires each (runtimes.loader.required_digests).
+    written = (CONTRACT_KEY, *((ORIGIN_KEY,) if origin else ()), *((RECORD_KEY,) if records else ()))
+    return Golden(file=file_entries(bundle, [path])[0], samples=n, digests=written)
 
 
 def summary_line(artifact: Artifact) -> str:

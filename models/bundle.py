@@ -52,6 +52,9 @@ FORMAT = "vitc-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"  # the golden inputs and logits every export since d0d913b writes beside the manifest
+# The digest arrays golden.npz may hold (runtimes.loader): the manifest's model contract (since f6a9d4c), its origin and
+# each artifact's record (`record.<id>`, since 2a6ed9e).
+GOLDEN_DIGESTS = ("contract", "origin", "record")
 # A Triton-style model repository (python -m export.triton writes it, python -m serve --model-repository reads it):
 # REPO/<model>/{config.pbtxt, labels.txt, 1/, 2/, ...}, each version directory a bundle.
 TRITON_CONFIG_FILE = "config.pbtxt"
@@ -497,14 +500,22 @@ class Golden:
 
     file: FileEntry
     samples: int
+    # The digest arrays the file holds (of GOLDEN_DIGESTS; "record": one per artifact), as listed since 2026-12-07:
+    # a reader requires each, so deleting one from the file cannot pass the bundle off as one exported before it.
+    digests: tuple[str, ...] = ()
 
     @classmethod
     def read(cls, r: Fields) -> Golden:
+        digests = tuple(r.strings("digests", ()))
+        if unknown := [d for d in digests if d not in GOLDEN_DIGESTS]:
+            raise r.fail("digests", f"lists {unknown[0]!r:.80}, not one this vitc knows: the bundle may come from a "
+                                    "newer vitc (upgrade vitc to serve it, or re-export it with this one)")
         return cls(file=FileEntry.read(r.obj("file"), MAX_GOLDEN_BYTES),
-                   samples=r.get("samples", int, check=between(1, 1024), what="1..1024"))
+                   samples=r.get("samples", int, check=between(1, 1024), what="1..1024"), digests=digests)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file.to_dict(), "samples": self.samples}
+        return {"file": self.file.to_dict(), "samples": self.samples,
+                **({"digests": list(self.digests)} if self.digests else {})}
 
 
 def _encoding(v: Fields) -> dict[str, float]:

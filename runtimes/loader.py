@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from models.bundle import (
+    GOLDEN_DIGESTS,
     GOLDEN_FILE,
     MAX_ARTIFACTS,
     MAX_GOLDEN_BYTES,
@@ -289,33 +290,64 @@ def read_golden(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]
     return pixels, logits
 
 
-CONTRACT_KEY = "contract"  # golden.npz: the manifest's contract_sha256 at export, 32 bytes
+# golden.npz: CONTRACT_KEY, the manifest's contract_sha256 at export, 32 bytes; ORIGIN_KEY, its origin_sha256 (source
+# and provenance); `RECORD_KEY.<artifact id>`, that artifact's record_sha256 (each 32 bytes).
+CONTRACT_KEY, ORIGIN_KEY, RECORD_KEY = GOLDEN_DIGESTS
+
+
+def required_digests(path: Path, manifest: Manifest) -> dict[str, str]:
+    """The digest arrays (CONTRACT_KEY, ORIGIN_KEY) the golden file must hold, each with what in the bundle shows
+    that the vitc which exported it writes that array."""
+    # check_pre_golden's ratchet, per array: a missing digest means "exported before it existed" only when nothing
+    # in the bundle postdates it; otherwise it was deleted by hand (and the manifest edited), which would turn its
+    # check off. Each array's evidence: the golden record listing it (`Golden.digests`), the parity intervals
+    # (98d35ca, after both), the sources (dad9ae7, after the contract) and the records (written with the origin).
+    with _golden_zip(path) as z:
+        names = z.namelist()
+    required = {d: f"the manifest's golden record lists {d!r}" for d in manifest.golden.digests}
+    if any(a.parity is not None and a.parity.accuracy_delta_ci95 is not None for a in manifest.artifacts):
+        for d in (CONTRACT_KEY, ORIGIN_KEY):
+            required.setdefault(d, "its parity records carry accuracy_delta_ci95")
+    if any(n.startswith(RECORD_KEY + ".") for n in names):
+        required.setdefault(ORIGIN_KEY, "it holds artifact records")
+    if any(n.startswith((RECORD_KEY + ".", ORIGIN_KEY + ".", SOURCE_KEY + ".")) for n in names):
+        required.setdefault(CONTRACT_KEY, "it holds the digests or sources that came after the contract")
+    return required
+
+
+def _deleted(manifest: Manifest, key: str, evidence: str) -> str:
+    """The refusal of a golden file without the `key` digest, which `evidence` shows its export wrote."""
+    return (f"{manifest.golden.file.path} was edited after export: it holds no {key!r} array, yet {evidence} (every "
+            "export that writes that writes it too); restore the bundle or re-export")
 
 
 def check_contract(path: Path, manifest: Manifest) -> None:
     """BundleError when the manifest's model contract (class names, preprocessing, config, tensors) is not the one
-    the golden file recorded at export; bundles exported before that record pass."""
+    the golden file recorded at export; bundles exported before that record (`required_digests`) pass."""
     recorded = _optional_member(path, manifest, CONTRACT_KEY, np.dtype(np.uint8), (32,))
+    if recorded is None and (evidence := required_digests(path, manifest).get(CONTRACT_KEY)):
+        raise BundleError(_deleted(manifest, CONTRACT_KEY, evidence))
     if recorded is not None and recorded.tobytes().hex() != manifest.contract:
         raise BundleError("manifest.json was edited after export: its class names, preprocessing, config or tensors "
                           f"differ from what {manifest.golden.file.path!r} recorded; restore it or re-export")
 
 
-ORIGIN_KEY = "origin"  # golden.npz: the manifest's origin_sha256 (source and provenance) at export, 32 bytes
-RECORD_KEY = "record"  # golden.npz: `record.<artifact id>`, that artifact's record_sha256 at export, 32 bytes
-
 
 def check_records(path: Path, manifest: Manifest, artifact_ids: list[str]) -> dict[str, str]:
     """What was edited after export, by artifact id ("" for the source and provenance): each artifact record
     (parity numbers and gate, runtime, precision, ...) and the origin against what the golden file recorded.
-    Bundles exported before that record pass; BundleError when the golden file itself is unreadable."""
+    Bundles exported before that record (`required_digests`) pass; BundleError when the golden file itself is
+    unreadable."""
     digest = np.dtype(np.uint8), (32,)
     edited = {}
     recorded = _optional_member(path, manifest, ORIGIN_KEY, *digest)
+    if recorded is None and (evidence := required_digests(path, manifest).get(ORIGIN_KEY)):
+        edited[""] = _deleted(manifest, ORIGIN_KEY, evidence)
     if recorded is not None and recorded.tobytes().hex() != manifest.origin:
         edited[""] = "manifest.json was edited after export: its source or provenance differs from what the golden " \
                      "file recorded; restore it or re-export"
-    sealed = recorded is not None  # a golden file with an origin records every artifact: none may go without
+    # A golden file with an origin, or one whose export wrote one, records every artifact: none may go without.
+    sealed = recorded is not None or "" in edited
     if sealed:  # and every artifact it records is listed (one removed would let a server fall back to another)
         listed = {a.id for a in manifest.artifacts}
         with _golden_zip(path) as z:
@@ -328,7 +360,8 @@ def check_records(path: Path, manifest: Manifest, artifact_ids: list[str]) -> di
         recorded = _optional_member(path, manifest, f"{RECORD_KEY}.{artifact_id}", *digest)
         if recorded is None and sealed:
             edited[artifact_id] = (f"manifest.json was edited after export: the golden file records no artifact "
-                                   f"{artifact_id!r} (renamed or added); restore it or re-export")
+                                   f"{artifact_id!r} (renamed or added, or its record deleted); restore it or "
+                                   "re-export")
         elif recorded is not None and recorded.tobytes().hex() != manifest.record(artifact_id):
             edited[artifact_id] = (f"manifest.json was edited after export: artifact {artifact_id!r} (its parity "
                                    "numbers, gate, runtime or precision) differs from what the golden file recorded; "

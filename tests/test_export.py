@@ -244,11 +244,12 @@ def test_golden_inputs_are_the_parity_images_and_guard_every_load(bundle, tmp_pa
     with np.load(copy / m.golden.file.path, allow_pickle=False) as z:
         pixels, logits = z["pixels"], z["logits"]
     np.savez_compressed(copy / m.golden.file.path, pixels=pixels, logits=logits[:, ::-1].copy())
-    from dataclasses import replace
+
+    from test_serve_fixtures import before_digests
 
     from models.bundle import file_entries, write_manifest
 
-    write_manifest(copy, replace(m, golden=replace(m.golden, file=file_entries(copy, [copy / "golden.npz"])[0])))
+    write_manifest(copy, before_digests(m, file_entries(copy, [copy / "golden.npz"])[0]))  # as exported before them
     with pytest.raises(runtimes.BackendError, match="does not reproduce the bundle's 8 golden inputs"):
         runtimes.open_backend(copy, read_manifest(copy), "onnxruntime", options=BackendOptions(threads=THREADS))
 

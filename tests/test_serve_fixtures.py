@@ -189,3 +189,13 @@ def serving_app(app: Any, limits: Any) -> Iterator[tuple[int, Any]]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def before_digests(manifest: Any, golden: Any) -> Any:
+    """`manifest` (a models.bundle.Manifest) as a vitc before golden.npz's digests wrote it: no list of them, no
+    parity intervals (both came later), its golden file now `golden` (a FileEntry, for a file holding none)."""
+    from dataclasses import replace
+
+    return replace(manifest, golden=replace(manifest.golden, file=golden, digests=()),
+                   artifacts=tuple(replace(a, parity=a.parity and replace(a.parity, accuracy_delta_ci95=None))
+                                   for a in manifest.artifacts))

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_serve_fixtures import micro_bundle, start_server
+from test_serve_fixtures import before_digests, micro_bundle, start_server
 
 from export import triton
 from models.bundle import read_manifest, write_manifest
@@ -299,7 +299,7 @@ def test_hot_reload_under_load_drops_no_request_and_refuses_a_bad_version(bundle
             np.savez_compressed(bad / "golden.npz", pixels=pixels, logits=-logits)
             from models.bundle import file_entries
 
-            write_manifest(bad, replace(m, golden=replace(m.golden, file=file_entries(bad, [bad / "golden.npz"])[0])))
+            write_manifest(bad, before_digests(m, file_entries(bad, [bad / "golden.npz"])[0]))
             with pytest.raises(InferenceServerException, match="golden inputs"):
                 client.load_model(name)
             assert client.get_model_metadata(name)["versions"] == ["2"] and client.is_model_ready(name)
