@@ -366,6 +366,18 @@ def not_a_class(name: str) -> bool:
     return name.startswith(".") or name in SYSTEM_DIRS
 
 
+def skipped_classes_text(skipped: list[str], whose: str, dataset: str, consequence: str, remedy: str) -> str:
+    """The one line for a model's or run's classes `skipped` that `not_a_class` now leaves out of `dataset` (they
+    were classes before vitc skipped them): which, why, `consequence`, and `remedy` (or a rename to keep them)."""
+    one = len(skipped) == 1
+    names = ", ".join(repr(c) for c in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return (f"{whose} class{'es' * (not one)} {names} of {dataset} {'is' if one else 'are'} now skipped as "
+            f"{'a tool folder' if one else 'tool folders'} ({' and '.join(sorted(SYSTEM_DIRS))} are folders tools "
+            f"write, and a directory starting with '.' is hidden: neither is a class), so {consequence}: {remedy}; "
+            f"to keep {'it as a class' if one else 'them as classes'}, rename the director{'y' if one else 'ies'} "
+            "first")
+
+
 def _class_dirs(split_dir: Path) -> tuple[list[str], list[str]]:
     """The class directory names of a split and the directory names `not_a_class` left out, each sorted."""
     names = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
@@ -571,8 +583,15 @@ def load_dataset(name: str | os.PathLike, split: str, *, match_train: bool = Tru
 def load_labelled(name: str | os.PathLike, split: str, class_names: Sequence[str]) -> ImageSet:
     """A split labelled as a model's classes (`labelled_as`), the rule of every reader of a trained model (train.eval,
     export's parity, the served-path check): val/ is matched to them by name, not to a train/ beside it, which may
-    be another task's; DatasetError (one line) naming the classes the model lacks."""
-    return load_dataset(name, split, match_train=False).labelled_as(list(class_names))
+    be another task's; DatasetError (one line) naming the classes the model lacks, or those of its classes whose
+    images the folder holds in a directory `not_a_class` now skips (a model trained before vitc skipped them)."""
+    data = load_dataset(name, split, match_train=False)
+    # Read on, the model would be measured (and certified) on its other classes alone, without a word.
+    if skipped := [c for c, images in data.skipped_dirs if images and c in class_names]:
+        raise DatasetError(skipped_classes_text(
+            skipped, "this model's", str(name), f"its {split}/ images of {'it' if len(skipped) == 1 else 'them'} "
+            f"would go unread and the model be measured on its other classes alone", "train a new model"))
+    return data.labelled_as(list(class_names))
 
 
 _SHADOWED_NOTED: set[str] = set()  # the directories `_note_shadowed` has spoken of in this process

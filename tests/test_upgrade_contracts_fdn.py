@@ -182,6 +182,32 @@ def test_a_class_now_skipped_as_a_tool_folder_is_named_when_resuming(eadir_run, 
     assert "restore them" not in line and "damaged" not in line and "steps per epoch" not in line, line
 
 
+@pytest.mark.parametrize("reader", ["train.eval", "export"])
+def test_a_model_class_now_skipped_as_a_tool_folder_is_refused_by_its_readers(eadir_run, tmp_path, train_cli, capsys,
+                                                                               reader):
+    """train.eval and export measured such a model on its other classes alone (8 of 12 val images), and export
+    certified it: refused in the resume refusal's words instead."""
+    from export.cli import main as export_main
+    from train.eval import main as eval_main
+
+    run, argv = eadir_run
+    dataset = argv[argv.index("--dataset") + 1]
+    out = tmp_path / "out"
+    if reader == "train.eval":
+        code, _, err = train_cli(eval_main, ["--checkpoint", str(run), "--dataset", dataset, "--out",
+                                             str(out / "eval.json")], capsys)
+    else:
+        capsys.readouterr()
+        code = export_main(["--checkpoint", str(run), "--dataset", dataset, "--out", str(out), "--targets", "torch",
+                            "--threads", "1"])
+        err = capsys.readouterr().err
+    line = err.strip()
+    assert code == 2 and "\n" not in line and "Traceback" not in line, err
+    assert f"this model's class '@eaDir' of {dataset} is now skipped as a tool folder" in line, line
+    assert "train a new model; to keep it as a class, rename the directory first" in line, line
+    assert not out.exists()
+
+
 # ------------------------------------------------- 4. missing keys of the preprocessing and the model config
 
 

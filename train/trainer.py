@@ -26,7 +26,6 @@ from torch import nn
 
 from data.datasets import (
     EVAL_SUBSET_SEED,
-    SYSTEM_DIRS,
     DatasetError,
     ImageSet,
     UnreadableImage,
@@ -36,6 +35,7 @@ from data.datasets import (
     load_dataset,
     nested_note,
     not_a_class,
+    skipped_classes_text,
     skipped_note,
     stray_note,
     unreadable_text,
@@ -167,18 +167,6 @@ def config_differences(run: ViTConfig, now: ViTConfig, limit: int = 3) -> str:
     keys = [k for k in {**was, **new} if k != "description" and was.get(k, "-") != new.get(k, "-")]
     shown = ", ".join(f"{k} {was.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def skipped_classes_text(skipped: list[str], recorded: list[str], dataset: str) -> str:
-    """The one line for a resumed run whose classes `skipped` (of its `recorded` ones) the folder rule
-    (`data.datasets.not_a_class`) now leaves out: which, why, and what to do."""
-    one = len(skipped) == 1
-    names = ", ".join(repr(c) for c in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-    return (f"--resume: this run's class{'es' * (not one)} {names} of {dataset} {'is' if one else 'are'} now skipped "
-            f"as {'a tool folder' if one else 'tool folders'} ({' and '.join(sorted(SYSTEM_DIRS))} are folders "
-            f"tools write, and a directory starting with '.' is hidden: neither is a class), so the run cannot go on "
-            f"with the {len(recorded)} classes it started with: start a new run (a new --out, or --overwrite); to "
-            f"keep {'it as a class' if one else 'them as classes'}, rename the director{'y' if one else 'ies'} first")
 
 
 class Trainer:
@@ -330,7 +318,10 @@ class Trainer:
             return
         skipped = [c for c in recorded if c not in self.class_names and not_a_class(c)]
         if skipped:
-            raise ConfigError(skipped_classes_text(skipped, recorded, self.cfg.dataset))
+            raise ConfigError(skipped_classes_text(
+                skipped, "--resume: this run's", self.cfg.dataset,
+                f"the run cannot go on with the {len(recorded)} classes it started with",
+                "start a new run (a new --out, or --overwrite)"))
 
     def _model_config(self, recorded: ViTConfig | None, source: str) -> ViTConfig:
         """The model this run trains: the variant's definition, or for a resumed run the one it recorded (in
