@@ -159,6 +159,30 @@ def test_resume_without_dataset_names_the_missing_recorded_folder(moved, train_c
                      "missing: pass --dataset with the data's new location"], err
 
 
+@pytest.mark.parametrize("predates, missing", [
+    ("content samples", "the sampled file contents that, with the file names and sizes, would show"),
+    ("data fingerprints", "the data fingerprints that would show"),
+])
+def test_resume_state_that_cannot_move_says_put_the_data_back_at_once(moved, train_cli, capsys, predates, missing):
+    """Its "pass --dataset" advice was always refused next ("cannot move this run"): the one way on, at once."""
+    from data.datasets import content_key
+
+    run, old, _ = moved
+    state = load_resume(run)
+    if predates == "content samples":
+        for split in ("train", "val"):
+            del state["data"][content_key(split)]
+    else:
+        del state["data"]
+    save_resume(run, state)
+    code, _, err = _run(train_cli, capsys, "--out", str(run), "--resume", "--max-steps", "0")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"python -m train: error: --resume: the run's data folder {old} (recorded in resume.pt) is missing, and its "
+        f"resume.pt predates {missing} files elsewhere are the ones that were there: put the data back at {old} (or "
+        "a link to it)"], err
+
+
 def test_resume_on_the_same_data_at_a_new_path_goes_on_there(moved, tmp_path, train_cli, capsys):
     run, old, new = moved
     code, out, err = _run(train_cli, capsys, "--out", str(run), "--resume", "--max-steps", "8", "--dataset", str(new))

@@ -341,11 +341,17 @@ def recorded_hflip(explicit: dict[str, Any]) -> dict[str, Any]:
     return {"hflip": recorded["hflip"]}
 
 
-def check_data_present(dataset: str) -> None:
-    """ConfigError naming the folder a resumed run recorded when it is gone (moved, or its mount is elsewhere)."""
-    if dataset not in EMBEDDED and not Path(dataset).exists():
-        raise ConfigError(f"--resume: the run's data folder {dataset} (recorded in resume.pt) is missing: pass "
-                          "--dataset with the data's new location")
+def check_data_present(dataset: str, data: object) -> None:
+    """ConfigError naming the folder a resumed run recorded when it is gone (moved, or its mount is elsewhere), with
+    the one way on that works for its resume.pt's data record `data` (`unrecorded`)."""
+    if dataset in EMBEDDED or Path(dataset).exists():
+        return
+    if (missing := unrecorded(data)) is not None:  # --dataset elsewhere would be refused by check_movable
+        raise ConfigError(f"--resume: the run's data folder {dataset} (recorded in resume.pt) is missing, and its "
+                          f"resume.pt predates {missing} files elsewhere are the ones that were there: put the data "
+                          f"back at {dataset} (or a link to it)")
+    raise ConfigError(f"--resume: the run's data folder {dataset} (recorded in resume.pt) is missing: pass "
+                      "--dataset with the data's new location")
 
 
 def samples_recorded(data: object) -> bool:
@@ -354,14 +360,19 @@ def samples_recorded(data: object) -> bool:
     return isinstance(data, dict) and all(isinstance(data.get(content_key(s)), str) for s in ("train", "val"))
 
 
-def unmovable(data: object, old: object, new: str) -> str | None:
-    """Why a run whose resume.pt recorded `data` cannot move from folder `old` to `new`, or None: it predates the
-    data fingerprints, or the content samples that with them show the files at `new` are the ones at `old`."""
+def unrecorded(data: object) -> str | None:
+    """What a resume.pt's data record `data` lacks to show that files in another folder are the run's ("the data
+    fingerprints that would show", ...), or None when it can: the data fingerprints, or the content samples."""
     if data is None:
-        missing = "the data fingerprints that would show"
-    elif not samples_recorded(data):
-        missing = "the sampled file contents that, with the file names and sizes, would show"
-    else:
+        return "the data fingerprints that would show"
+    if not samples_recorded(data):
+        return "the sampled file contents that, with the file names and sizes, would show"
+    return None
+
+
+def unmovable(data: object, old: object, new: str) -> str | None:
+    """Why a run whose resume.pt recorded `data` cannot move from folder `old` to `new`, or None (`unrecorded`)."""
+    if (missing := unrecorded(data)) is None:
         return None
     return (f"--resume cannot move this run to {new}: its resume.pt predates {missing} the files are the ones at "
             f"{old}; put them back there (or a link to them)")
@@ -395,7 +406,7 @@ def config_from_options(explicit: dict[str, Any]) -> TrainConfig:
     cfg = resolve_config(explicit, saved, movable_data=state is not None and samples_recorded(state.get("data")))
     if saved is not None:
         if "dataset" not in explicit:
-            check_data_present(cfg.dataset)
+            check_data_present(cfg.dataset, state.get("data"))
         check_max_steps_reachable(cfg, state)
     if cfg.resume:
         check_same_run(cfg, "resume.pt" if saved is not None else "--resume without resume.pt",
