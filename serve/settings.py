@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterable
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
@@ -61,6 +63,17 @@ REPOSITORY_DECIDES = {
 UNCONFIGURED = ("max_batch_size", "max_queue_delay_ms")
 
 
+# The settings given as flags (Settings' keyword arguments) while a Settings is validated: its cross-setting checks
+# run before the instance can hold them, and must name a VITC_* variable where the value came from one (`named`).
+_FLAGS_GIVEN: ContextVar[frozenset[str]] = ContextVar("vitc_flags_given", default=frozenset())
+
+
+def environment_value(setting: str) -> str | None:
+    """The raw value of the VITC_* variable of `setting` (matched without case, as pydantic-settings reads it)."""
+    name = f"VITC_{setting.upper()}"
+    return next((v for k, v in os.environ.items() if k.upper() == name), None)
+
+
 EMPTY_PATH = "the path is empty (it would be the current directory): "
 
 
@@ -99,6 +112,25 @@ class Settings(BaseSettings):
     """Everything the service is configured by; flags override VITC_<NAME> environment variables."""
 
     model_config = SettingsConfigDict(env_prefix="VITC_", extra="forbid", protected_namespaces=())
+    _flags: frozenset[str] | None = PrivateAttr(None)  # the settings given as flags (`named`)
+
+    def __init__(self, **values: Any) -> None:
+        token = _FLAGS_GIVEN.set(frozenset(values))
+        try:
+            super().__init__(**values)
+        finally:
+            _FLAGS_GIVEN.reset(token)
+        self._flags = frozenset(values)
+
+    def named(self, setting: str, shown: str = "") -> str:
+        """A setting as the user gave it, for a refusal: `VITC_PARALLEL=4` when the environment set it (no flag was
+        passed: naming --parallel sent users looking for a flag they never gave), else its flag followed by
+        `shown` (its value as the message shows it, or nothing)."""
+        flags = self._flags if self._flags is not None else _FLAGS_GIVEN.get()
+        if setting in self.model_fields_set and setting not in flags and \
+                (value := environment_value(setting)) is not None:
+            return f"VITC_{setting.upper()}={value}"
+        return flag(setting) + shown
 
     # Which models: bundle paths, `name=path`, every bundle under model_dir, every model of model_repository.
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -204,8 +236,8 @@ class Settings(BaseSettings):
     def _buffer_holds_one_body(self) -> Settings:
         """The largest body allowed must fit the buffer budget, or it could never be received."""
         if self.max_buffered_bytes is not None and self.max_buffered_bytes < self.max_body_bytes:
-            raise ValueError(f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
-                             f"max_body_bytes ({self.max_body_bytes})")
+            raise ValueError(f"{self.named('max_buffered_bytes', f' ({self.max_buffered_bytes})')} must be at least "
+                             f"{self.named('max_body_bytes', f' ({self.max_body_bytes})')}")
         return self
 
     @model_validator(mode="after")
@@ -215,8 +247,8 @@ class Settings(BaseSettings):
         if "decode_budget_pixels" not in self.model_fields_set:
             self.decode_budget_pixels = max(self.decode_budget_pixels, self.max_image_pixels)
         if self.decode_budget_pixels < self.max_image_pixels:
-            raise ValueError(f"decode_budget_pixels ({self.decode_budget_pixels}) must be at least "
-                             f"max_image_pixels ({self.max_image_pixels})")
+            raise ValueError(f"{self.named('decode_budget_pixels', f' ({self.decode_budget_pixels})')} must be at "
+                             f"least {self.named('max_image_pixels', f' ({self.max_image_pixels})')}")
         return self
 
     @property
@@ -241,8 +273,8 @@ class Settings(BaseSettings):
         honoured = runtimes.get(self.backend).tunes
         if ignored := self.tuning_ignored(honoured):
             takes = ", ".join(flag(n) for n in honoured) or "none of them"
-            raise ValueError(f"--backend {self.backend} does not use {', '.join(map(flag, ignored))} (its tuning "
-                             f"flags: {takes})")
+            raise ValueError(f"{self.named('backend', f' {self.backend}')} does not use "
+                             f"{', '.join(map(self.named, ignored))} (its tuning flags: {takes})")
         return self
 
     @model_validator(mode="after")
@@ -256,7 +288,7 @@ class Settings(BaseSettings):
         if any(n in UNCONFIGURED for n in given) and not _every_model_configured(self.model_repository):
             given = [n for n in given if n not in UNCONFIGURED]
         if given:
-            names, them = ", ".join(map(flag, given)), "it" if len(given) == 1 else "them"
+            names, them = ", ".join(map(self.named, given)), "it" if len(given) == 1 else "them"
             why = "; ".join(f"{flag(n)}: {REPOSITORY_DECIDES[n]}" for n in given)
             raise ValueError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to --model-repository: each "
                              f"model's config.pbtxt decides {them} ({why}); leave {them} out, or serve bundles with "
@@ -267,8 +299,8 @@ class Settings(BaseSettings):
     def _latency_runs_one_batch(self) -> Settings:
         """The latency hint runs one batch at a time on every core: more at once contradicts it."""
         if self.openvino_hint == "latency" and (self.parallel or 1) > 1:
-            raise ValueError(f"--openvino-hint latency runs one batch at a time; --parallel {self.parallel} "
-                             "needs --openvino-hint throughput")
+            raise ValueError(f"{self.named('openvino_hint', ' latency')} runs one batch at a time; "
+                             f"{self.named('parallel', f' {self.parallel}')} needs --openvino-hint throughput")
         return self
 
     @field_validator("jpeg_draft", mode="before")
@@ -375,7 +407,7 @@ def repository_tuning(settings: Settings, served: Iterable[str]) -> str | None:
         return None
     if not (ignored := settings.tuning_ignored(t for name in served for t in runtimes.get(name).tunes)):
         return None
-    names, them = ", ".join(map(flag, ignored)), "it" if len(ignored) == 1 else "them"
+    names, them = ", ".join(map(settings.named, ignored)), "it" if len(ignored) == 1 else "them"
     return (f"{names} {'does' if len(ignored) == 1 else 'do'} not apply to --model-repository: no model of it runs "
             f"on a runtime that uses {them} (each model's config.pbtxt and artifact decide its runtime: "
             f"{', '.join(served)}); leave {them} out, or serve bundles with --model")

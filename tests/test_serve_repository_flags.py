@@ -63,7 +63,7 @@ def test_the_environment_counts_as_given(tmp_path, capsys, monkeypatch):
     """An operator's VITC_PRECISION=int8 in a Deployment served fp32 without a word."""
     monkeypatch.setenv("VITC_PRECISION", "int8")
     assert main(["--model-repository", str(_repository(tmp_path))]) == 2
-    assert "--precision does not apply to --model-repository" in _one_line(capsys)
+    assert "VITC_PRECISION=int8 does not apply to --model-repository" in _one_line(capsys)  # as the user set it
 
 
 @pytest.mark.parametrize(("args", "named"), [

@@ -675,10 +675,28 @@ def test_tuning_flags_the_backend_ignores_are_refused(monkeypatch):
                                     ("openvino", {"channels_last": False}, "--channels-last")):
         with pytest.raises(ValueError, match=f"--backend {backend} does not use {refused} "):
             Settings(backend=backend, models=["x"], **flags)
-    monkeypatch.setenv("VITC_PARALLEL", "2")  # the environment counts as given too
-    with pytest.raises(ValueError, match="does not use --parallel"):
+    monkeypatch.setenv("VITC_PARALLEL", "2")  # the environment counts as given too, and is named as given
+    with pytest.raises(ValueError, match="--backend torch does not use VITC_PARALLEL=2 "):
         Settings(backend="torch", models=["x"])
+    with pytest.raises(ValueError, match="--backend torch does not use --parallel "):  # the flag wins, and is named
+        Settings(backend="torch", models=["x"], parallel=3)
+    monkeypatch.setenv("VITC_BACKEND", "torch")
+    with pytest.raises(ValueError, match="VITC_BACKEND=torch does not use VITC_PARALLEL=2 "):
+        Settings(models=["x"])
+    monkeypatch.delenv("VITC_BACKEND")
+    monkeypatch.setenv("VITC_OPENVINO_HINT", "latency")
+    with pytest.raises(ValueError, match="VITC_OPENVINO_HINT=latency runs one batch at a time; VITC_PARALLEL=2 needs"):
+        Settings(models=["x"])
+    monkeypatch.delenv("VITC_OPENVINO_HINT")
     monkeypatch.delenv("VITC_PARALLEL")
+    monkeypatch.setenv("VITC_PRECISION", "int8")
+    with pytest.raises(ValueError, match="VITC_PRECISION=int8 does not apply to --model-repository"):
+        Settings(model_repository="r")
+    monkeypatch.delenv("VITC_PRECISION")
+    monkeypatch.setenv("VITC_MAX_BUFFERED_BYTES", "2048")
+    with pytest.raises(ValueError, match=r"VITC_MAX_BUFFERED_BYTES=2048 must be at least --max-body-bytes \(4096\)"):
+        Settings(models=["x"], max_body_bytes=4096)
+    monkeypatch.delenv("VITC_MAX_BUFFERED_BYTES")
     assert Settings(backend="torch", models=["x"], threads=2, compile=True).compile
     assert Settings(backend="torch", models=["x"], parallel=1).parallel == 1  # what torch does anyway
     assert Settings(backend="openvino", models=["x"], parallel=3, openvino_hint="throughput").parallel == 3
@@ -687,6 +705,16 @@ def test_tuning_flags_the_backend_ignores_are_refused(monkeypatch):
     assert Settings(model_repository="r", parallel=2).parallel == 2
     with pytest.raises(ValueError, match="latency runs one batch at a time"):
         Settings(models=["x"], parallel=2, openvino_hint="latency")
+
+
+def test_the_readmes_vitc_parallel_refusal_names_the_variable_the_user_set(monkeypatch, capsys):
+    from serve.__main__ import main
+
+    monkeypatch.setenv("VITC_PARALLEL", "4")
+    assert main(["--model", "x", "--backend", "torch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m serve: error: invalid settings: --backend torch does not use VITC_PARALLEL=4 (its "
+                   "tuning flags: --threads, --compile, --channels-last)"]
 
 
 def test_model_arguments():
