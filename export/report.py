@@ -28,6 +28,7 @@ from models.extras import require
 from models.io import atomic_write_bytes, out_file_problem, out_inside_problem
 from models.oneline import first_line, one_line
 from runtimes.registry import DEFAULT_RUNTIME
+from runtimes.registry import names as runtime_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -74,7 +75,7 @@ def integrity(bundle: Path, manifest: Manifest) -> dict[str, str]:
 def rows(manifest: Manifest, problems: dict[str, str] | None = None) -> list[list[str]]:
     """One formatted row per artifact (`problems`: what `integrity` found, by artifact id)."""
     out = []
-    problems = problems or {}
+    problems, known = problems or {}, runtime_names()
     for a in manifest.artifacts:
         p = a.parity.to_dict() if a.parity else {}
         size = sum(f.bytes for f in a.files or a.refused_files)
@@ -87,6 +88,8 @@ def rows(manifest: Manifest, problems: dict[str, str] | None = None) -> list[lis
         status = (f"CORRUPT: {problems[a.id]}" if a.id in problems
                   # a server reads the golden inputs (and the manifest's record) before any artifact: none loads
                   else "not servable: the golden inputs (above)" if a.servable and "golden" in problems
+                  # A newer vitc's runtime: no server here opens it, so it is not listed as servable.
+                  else f"runtime {a.runtime} is not one this vitc knows" if a.servable and a.runtime not in known
                   else "servable" if a.servable else f"REFUSED: {a.refused_reason}")
         # A refusal reason or a runtime version is one line (models.bundle `_line`) written from a runtime's own
         # messages, which may hold a tab or an escape sequence: printed escaped, it cannot rewrite the terminal.

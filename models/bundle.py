@@ -37,7 +37,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -628,16 +628,19 @@ class Manifest:
         """The artifact (servable or refused) of `runtime` at `precision`, if the bundle lists one."""
         return next((a for a in self.artifacts if a.runtime == runtime and a.precision == precision), None)
 
-    def select(self, runtime: str, precision: str | None = None) -> Artifact:
-        """The servable artifact of `runtime` (at `precision`, else the most precise one); raises BundleError."""
+    def select(self, runtime: str, precision: str | None = None, known: tuple[str, ...] | None = None) -> Artifact:
+        """The servable artifact of `runtime` (at `precision`, else the most precise one); raises BundleError, whose
+        list of what is servable leaves out the runtimes not in `known` (this vitc's, when given) and names them."""
         candidates = [a for a in self.servable(runtime) if precision is None or a.precision == precision]
         if not candidates:
-            have = sorted({f"{a.runtime}/{a.precision}" for a in self.servable()})
+            strange = sorted({a.runtime for a in self.servable() if known is not None and a.runtime not in known})
+            have = sorted({f"{a.runtime}/{a.precision}" for a in self.servable() if a.runtime not in strange})
             want = runtime + (f"/{precision}" if precision else "")
             refused = self.artifact(runtime, precision) if precision else None
             why = f" (refused at export: {refused.refused_reason})" if refused and not refused.servable else ""
             raise BundleError(f"bundle {self.name!r} has no servable {want} artifact{why}; "
-                              f"servable: {', '.join(have) or 'none'}")
+                              f"servable: {', '.join(have) or 'none'}"
+                              + "".join(f"; runtime {r!r:.40} is not one this vitc knows" for r in strange))
         order = {p: i for i, p in enumerate(PRECISION_ORDER)}
         return min(candidates, key=lambda a: order.get(a.precision, len(order)))
 
@@ -677,9 +680,8 @@ class Manifest:
             raise BundleError(f"{where}: not a {FORMAT} manifest (field 'format' is {raw.get('format')!r:.80})")
         version = read_format_version(r, FORMAT_VERSION, BundleError, newer="upgrade vitc or re-export the bundle",
                                       older="re-export the bundle")
-        if (unknown := unknown_config_field(raw.get("config"))) is not None:
-            raise BundleError(f"{where}: field {unknown!r} is not one this vitc knows: the bundle may come from a "
-                              "newer vitc (upgrade vitc to serve it, or re-export it with this one)")
+        if (unknown := unknown_config_field(raw.get("config")) or _unknown_preprocessing(raw)) is not None:
+            raise _newer(where, f"field {unknown!r}")
         config = r.contract("config", lambda d: ViTConfig.from_dict(d))
         preprocessing = r.contract("preprocessing", lambda d: Preprocessing.from_dict(d))
         timings = r.obj("timings", None)
@@ -705,11 +707,31 @@ class Manifest:
         except ValueError as exc:
             raise BundleError(f"{where}: {exc}") from None
         # Each artifact's record exactly as written (the list was validated above: one dict per artifact).
+        # A free tag before: "fp8" was served as fp8.
+        if (odd := next((a for a in manifest.artifacts if a.precision not in PRECISION_ORDER), None)) is not None:
+            raise _newer(where, f"precision {odd.precision!r:.40} of artifact {odd.id!r}")
         manifest = replace(manifest, read_contract=contract_sha256(raw), read_origin=origin_sha256(raw),
                            read_records={a.id: record_sha256(doc) for a, doc in
                                          zip(manifest.artifacts, raw.get("artifacts") or (), strict=True)})
         _check_consistent(manifest, r)
         return manifest
+
+
+_PREPROCESSING_KEYS = frozenset(f.name for f in fields(Preprocessing))
+
+
+def _unknown_preprocessing(raw: dict[str, Any]) -> str | None:
+    """The dotted path of the first `preprocessing` key this vitc's Preprocessing lacks ("preprocessing.antialias",
+    a newer vitc's: it was called corrupt), or None; other shapes are left to Preprocessing.from_dict."""
+    pre = raw.get("preprocessing")
+    key = next((str(k)[:80] for k in pre if k not in _PREPROCESSING_KEYS), None) if isinstance(pre, dict) else None
+    return None if key is None else f"preprocessing.{key}"
+
+
+def _newer(where: str, what: str) -> BundleError:
+    """The refusal of a manifest holding `what`, which only a newer vitc writes."""
+    return BundleError(f"{where}: {what} is not one this vitc knows: the bundle may come from a newer vitc (upgrade "
+                       "vitc to serve it, or re-export it with this one)")
 
 
 CONTRACT_FIELDS = ("model", "stem", "config", "class_names", "preprocessing", "input", "output")

@@ -70,11 +70,11 @@ def select(manifest: Manifest, runtime: Runtime, precision: str | None = None, d
     # fallback, is still returned: its load then refuses it with the reason.
     fallback_fits = runtime.fallback is not None and precision in (None, runtime.fallback[1])
     try:
-        chosen = manifest.select(runtime.name, precision)
+        chosen = manifest.select(runtime.name, precision, registry.names())
     except BundleError:
         if not fallback_fits:
             raise
-        return manifest.select(*runtime.fallback)
+        return manifest.select(*runtime.fallback, registry.names())
     if device is None:
         return chosen
     order = {p: i for i, p in enumerate(PRECISION_ORDER)}
@@ -90,7 +90,7 @@ def select(manifest: Manifest, runtime: Runtime, precision: str | None = None, d
     if not fallback_fits:
         return chosen
     try:
-        fallback = manifest.select(*runtime.fallback)
+        fallback = manifest.select(*runtime.fallback, registry.names())
     except BundleError:
         return chosen
     _passed_over(runtime.name, device, fallback.id, reasons)

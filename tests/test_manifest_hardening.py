@@ -183,6 +183,11 @@ def test_fields_the_code_acts_on_are_typed_and_bounded(raw, tmp_path, field, val
     ("config.x_future", 1, "field 'config.x_future' is not one this vitc knows: the bundle may come from a newer "
                            "vitc"),
     ("config.stem.x_future", 1, "field 'config.stem.x_future' is not one this vitc knows"),
+    # A newer vitc's preprocessing key was "corrupt", its precision a free tag that was served.
+    ("preprocessing.antialias", True, "field 'preprocessing.antialias' is not one this vitc knows: the bundle may "
+                                      "come from a newer vitc (upgrade vitc"),
+    ("artifacts[1].precision", "fp8", "precision 'fp8' of artifact 'onnx-fp32' is not one this vitc knows: the "
+                                      "bundle may come from a newer vitc (upgrade vitc"),
     # An unhashable stem kind: it was "TypeError: unhashable type: 'list'", a traceback in every command (hDG).
     ("config.stem.kind", ["conv"], "unknown stem kind ['conv']"),
     ("config.stem.kind", {"x": 1}, "unknown stem kind {'x': 1}"),
@@ -216,3 +221,17 @@ def test_optional_numbers_may_still_be_null(raw):
     doc = _set(_set(raw, "artifacts[1].parity.max_rel_err", None), "artifacts[1].parity.tolerance.atol", None)
     parity = Manifest.from_dict(doc).artifacts[1].parity
     assert parity.max_rel_err is None and parity.tolerance["atol"] is None
+
+
+def test_a_runtime_this_vitc_does_not_know_is_said_not_listed_as_servable(raw, tmp_path, capsys):
+    """A newer vitc's runtime was reported `servable` and listed as such by a server that could not open it."""
+    import runtimes
+
+    doc = _set(raw, "artifacts[1].runtime", "coreml")
+    bundle = legacy_with_manifest(tmp_path, doc)
+    manifest = read_manifest(bundle)
+    with pytest.raises(BundleError, match=r"no servable onnxruntime artifact; servable: torch/fp32; "
+                                          r"runtime 'coreml' is not one this vitc knows$"):
+        runtimes.select(manifest, runtimes.get("onnxruntime"))
+    row = next(r for r in report.rows(manifest) if r[0] == doc["artifacts"][1]["id"])
+    assert row[-1] == "runtime coreml is not one this vitc knows"
