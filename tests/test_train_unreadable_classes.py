@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.datasets import UnreadableImage, default_preprocessing, load_dataset
+from data.datasets import DatasetError, UnreadableImage, default_preprocessing, load_dataset
 from models.cli import error_reason
 from train.__main__ import main as train_main
 from train.pipeline import TrainImages, epoch_permutation
-from train.trainer import replaced_text
+from train.trainer import met_by, replaced_text
 
 
 def folder(root: Path, broken: dict[str, int], good: int = 6) -> Path:
@@ -120,6 +120,34 @@ def test_a_class_with_no_readable_image_is_refused_before_training_by_name(tmp_p
     assert (f"class {name!r} of the train split has no readable image ({count} files, e.g. "
             f"{data / 'train' / name / 'x0.png'}): remove the directory or fix its files") in lines[0], err
     assert not run.exists()
+
+
+def test_a_class_no_rank_0_reads_is_refused_naming_the_rank_that_met_it(tmp_path):
+    """Under torchrun the ranks share the classes to check, and each raised the same error, printed by rank 0: class
+    'b', read by rank 1, was said as rank 0's."""
+    import torch
+
+    from train.config import config_from_options
+    from train.distributed import DistInfo
+    from train.trainer import Trainer
+
+    data = folder(tmp_path / "d", {"b": 0})
+    for path in (data / "train" / "b").iterdir():
+        path.write_bytes(b"")
+    cfg = config_from_options({"model": "vit_c_micro", "dataset": str(data), "out": str(tmp_path / "run"),
+                               "epochs": 1, "batch_size": 2, "threads": 1, "workers": 0, "device": "cpu",
+                               "progress": False, "ema": False})
+    # Rank 1 of 2 outside a process group: its flags are the whole sum, so what it met alone decides.
+    with pytest.raises(DatasetError) as caught:
+        Trainer(cfg, DistInfo(1, 2, 1, 2, torch.device("cpu")))
+    assert str(caught.value).startswith("class 'b' of the train split has no readable image (6 files, ")
+    assert str(caught.value).endswith(" (met by rank 1)"), caught.value
+
+
+def test_met_by_names_each_rank_once_and_no_rank_for_one_process():
+    assert met_by([2.0], 2) == " (met by rank 1)"
+    assert met_by([2.0, 0.0, 1.0, 2.0], 4) == " (met by ranks 0, 1)"
+    assert met_by([1.0], 1) == ""
 
 
 def test_a_class_whose_files_become_unreadable_during_the_run_is_named(tmp_path):

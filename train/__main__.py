@@ -2,9 +2,10 @@
 
 Bad input (unknown model or dataset, unreadable folder, out-of-range option, an --out that is not a run, another
 process training into it, a partial or malformed set of torchrun's variables) is one line on stderr, exit 2;
-running out of memory is one line, exit 1. Under torchrun a data error (a corrupt file met by one rank) is said by
-the rank that met it, prefixed with its rank, and the other ranks, which then lose it mid-collective, say so in one
-line each, exit 1.
+running out of memory is one line, exit 1. Under torchrun a data error met mid-training (a corrupt file met by one
+rank) is said by the rank that met it, prefixed with its rank (exit 2), and the other ranks, which then lose it
+mid-collective, say so in one line each, exit 1. A data error before the first step fails every rank alike (exit 2):
+the first rank of each node says it, and an unreadable class or val split names the ranks that met it.
 Nothing here imports torch at module level, so `quiet_openmp` takes effect.
 """
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except DatasetError as exc:
         # A corrupt file met mid-epoch is one rank's: that rank says it (the others lose it, below). A dataset that
-        # does not load fails every rank of a machine alike: its first rank says it (once per node).
+        # does not load, or fails a check the ranks agree on (the line names the ranks that met it), fails every rank
+        # of a machine alike: its first rank says it (once per node).
         if isinstance(exc, UnreadableImage) or env.local_rank == 0:
             # A DataLoader worker's error arrives with its traceback text: error_reason takes its last line.
             say(f"{who}: error: {one_line(error_reason(exc))}")

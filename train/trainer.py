@@ -146,6 +146,15 @@ def _no_readable(listing: ImageSet, bad: list[int]) -> str:
         f"; {len(bad) - 1} other class(es) have none either ({others})" if len(bad) > 1 else "")
 
 
+def met_by(marks: list[float], world_size: int) -> str:
+    """" (met by rank 1)", " (met by ranks 0, 1)": the ranks whose marks (rank + 1, summed over the ranks, of which
+    one alone reads each item) say they met a failed check; "" for a single process, which has no rank to name."""
+    if world_size < 2:
+        return ""
+    ranks = sorted({int(m) - 1 for m in marks if m})
+    return f" (met by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))})"
+
+
 # What a run whose variant this vitc defines differently, and that cannot go on with its own definition, can do.
 REDEFINED_ADVICE = ("finish it with the vitc release that started it, or start a new run (a new --out, or "
                     "--overwrite)")
@@ -255,7 +264,7 @@ class Trainer:
         of which none decodes (left out of the val scores, it would leave them measuring the other classes only: an
         untrained model scored 100 %). A class the run trains or validates on is read in its full listing, the
         subset's draw aside. The ranks share the classes to read and agree through one sum: each raises the same
-        error, or none does."""
+        error, naming the ranks that met it (the first rank of each node prints it), or none does."""
         train, val, info = self.train_listing, self.val_set, self.info
         if train.paths is None:
             return
@@ -263,20 +272,24 @@ class Trainer:
         present = set(np.unique(self.train_set.labels).tolist())  # a class the subset drew none of has no sample
         measured = set(np.unique(val.labels).tolist())
         flags = [0.0] * (2 * n + 1)  # one per train class, one per val class, then the val split
+        # A flag holds the rank that set it, plus 1: one rank alone reads each item, so the sum still names it, and
+        # the rank that prints the error (its node's first) is not taken for the one that met it.
+        mark = info.rank + 1.0
         for c in train.unreadable_classes(c for c in range(info.rank, n, info.world_size) if c in present):
-            flags[c] = 1.0
+            flags[c] = mark
         for c in self.val_listing.unreadable_classes(c for c in range(info.rank, n, info.world_size) if c in measured):
-            flags[n + c] = 1.0
+            flags[n + c] = mark
         if info.is_main and val.paths and not any(decode_checked(path) is not None for path in val.paths):
-            flags[2 * n] = 1.0
+            flags[2 * n] = mark
         flags = all_reduce_sum(flags, info)
+        world = info.world_size
         if bad := [c for c in range(n) if flags[c]]:
-            raise DatasetError(_no_readable(train, bad))
+            raise DatasetError(_no_readable(train, bad) + met_by([flags[c] for c in bad], world))
         if flags[2 * n]:
             raise DatasetError(f"{val.name}: none of the {len(val)} files of the val split is a readable image "
-                               f"(e.g. {val.paths[0]})")
+                               f"(e.g. {val.paths[0]})" + met_by(flags[2 * n:], world))
         if bad := [c for c in range(n) if flags[n + c]]:
-            raise DatasetError(_no_readable(self.val_listing, bad))
+            raise DatasetError(_no_readable(self.val_listing, bad) + met_by([flags[n + c] for c in bad], world))
 
     def _recorded_run(self) -> tuple[ViTConfig | None, list[str] | None, str]:
         """What --out recorded of the run this one resumes: its model config, its class names and the file the
