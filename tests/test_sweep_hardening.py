@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import errno
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 from test_sweep import _fake_result, _recorded_study
 
 from train.sweep import analysis, claims, plan, plots, presets, runner
-from train.sweep.__main__ import main
-from train.sweep.spec import RunSpec
+from train.sweep.__main__ import main, parse_args, report_conflicts, study_differences
+from train.sweep.spec import RunSpec, train_args_text
 
 
 def _one_line_error(capsys) -> str:
@@ -122,6 +123,20 @@ def test_report_only_without_a_study_record_is_refused(tmp_path, capsys):
     assert f"no study.json in {out}: not a study directory, or run the study first" in _one_line_error(capsys)
     assert (out / "convergence.png").read_bytes() == b"\x89PNG the study's figure"
     assert not (out / "summary.json").exists()
+
+
+def test_train_args_are_shown_as_the_shell_reads_them_back():
+    """The refusals showed them as a comma-joined token list, "--batch-size,32 (recorded --batch-size,64)", which
+    no command takes back."""
+    recorded = presets.make_config("reduced", train_args=("--batch-size", "64"))
+    given = presets.make_config("reduced", train_args=("--batch-size", "32", "--train-subset", "1000"))
+    assert study_differences((recorded, "all"), (given, "all")) == [
+        "--train-args '--batch-size 32 --train-subset 1000' (recorded '--batch-size 64')"]
+    args = parse_args(["--report-only", "--out", "s", "--train-args=--batch-size 32"])
+    assert report_conflicts(recorded, "all", args) == ["--train-args '--batch-size 32' (recorded '--batch-size 64')"]
+    assert train_args_text(()) == "''"  # none given: an empty word, not nothing
+    odd = ("--hflip", "0.5", "--x", "it's a b")  # pasted back into a command, the same tokens arrive
+    assert shlex.split(shlex.split(f"--train-args {train_args_text(odd)}")[1]) == list(odd)
 
 
 def test_a_run_with_other_settings_never_overwrites_the_record(tmp_path, capsys, monkeypatch):

@@ -46,6 +46,7 @@ from train.sweep.plan import (
 )
 from train.sweep.presets import PRESETS, make_config
 from train.sweep.runner import DamagedResult, RunFailed, WorkerSlot, make_slots
+from train.sweep.spec import train_args_text
 
 PROG = "python -m train.sweep"
 MAX_WORKERS = 256  # each worker is a training process
@@ -115,7 +116,7 @@ def train_args_problem(train_args: tuple[str, ...], model: str, dataset: str) ->
     except SystemExit as exc:
         lines = said.getvalue().strip().splitlines()
         reason = lines[-1].split(" error: ", 1)[-1] if exc.code and lines else "give training flags, not --help"
-        return f"--train-args {shlex.join(train_args)!r}: {reason}"
+        return f"--train-args {train_args_text(train_args)}: {reason}"
     clash = [k for k in SWEEP_SETS if k in given]
     if clash:
         return (f"--train-args: --{clash[0].replace('_', '-')} is set by the sweep for every run (from the study's "
@@ -325,7 +326,9 @@ def study_overrides(args: argparse.Namespace) -> dict[str, object]:
 _RANGE_FLAGS = {"lr_ranges": "--lr-range", "wd_ranges": "--wd-range"}  # settings whose flag is not --<name>
 
 
-def _shown(value: object) -> str:
+def _shown(value: object, key: str = "") -> str:
+    if key == "train_args":  # one shell word, as --train-args takes it: a comma-joined token list cannot be copied
+        return train_args_text(value)
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if isinstance(value, dict):
@@ -346,7 +349,8 @@ def report_conflicts(recorded: StudyConfig, study: str, args: argparse.Namespace
         if key in flags:
             value = {**old, **value}  # a range given for one optimizer leaves the others as they are
         if value != old:
-            out.append(f"{flags.get(key, '--' + key.replace('_', '-'))} {_shown(value)} (recorded {_shown(old)})")
+            out.append(f"{flags.get(key, '--' + key.replace('_', '-'))} {_shown(value, key)} "
+                       f"(recorded {_shown(old, key)})")
     return out
 
 
@@ -357,7 +361,8 @@ def study_differences(recorded: tuple[StudyConfig, str], given: tuple[StudyConfi
     for f in dataclasses.fields(StudyConfig):
         old, new = getattr(recorded[0], f.name), getattr(given[0], f.name)
         if new != old:
-            out.append(f"{flags.get(f.name, '--' + f.name.replace('_', '-'))} {_shown(new)} (recorded {_shown(old)})")
+            out.append(f"{flags.get(f.name, '--' + f.name.replace('_', '-'))} {_shown(new, f.name)} "
+                       f"(recorded {_shown(old, f.name)})")
     return out
 
 

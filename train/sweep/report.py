@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import statistics
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -447,7 +448,7 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
         + "; ".join(f"{claims.opt_name(o)} lr {cfg['lr_ranges'][o][0]:g}..{cfg['lr_ranges'][o][1]:g}, "
                     f"wd {cfg['wd_ranges'][o][0]:g}..{cfg['wd_ranges'][o][1]:g}" for o in cfg["optimizers"])
         + f". Tuning: {cfg['tuning']}. Schedules: {', '.join(map(str, cfg['epochs']))} epochs, "
-        f"seeds {', '.join(map(str, cfg['seeds']))}. Extra training flags: `{' '.join(cfg['train_args']) or '-'}`.",
+        f"seeds {', '.join(map(str, cfg['seeds']))}. Extra training flags: `{shlex.join(cfg['train_args']) or '-'}`.",
         "",
         "| Claim | Paper | Measured here (seed mean ± standard error) | Flops C/P | Reproduced |",
         "|---|---|---|---|---|",

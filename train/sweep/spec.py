@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from train.config import OPTIMIZERS
+
+
+def train_args_text(train_args: Sequence[str]) -> str:
+    """--train-args as a shell reads it back: the flags joined and quoted as one word ("'--batch-size 32'")."""
+    return shlex.quote(shlex.join(train_args))
 
 
 @dataclass(frozen=True)
