@@ -195,6 +195,20 @@ def test_resuming_under_another_number_of_processes_is_refused_when_the_global_b
     assert "written with a global batch of 8 (2 process(es)), this run has 12 (3)" in again.stderr, again.stderr[-3000:]
 
 
+def test_the_readme_says_a_run_resumes_under_no_other_number_of_processes_in_the_words_it_is_refused():
+    """README said nothing of it: a 2-rank run resumed on 1 process is refused, and so is the --batch-size that
+    would keep its global batch."""
+    from train.config import ConfigError, config_from_options, resolve_config
+    from train.trainer import other_world_text
+
+    run = config_from_options({"model": "vit_c_micro", "dataset": "digits", "out": "r", "batch_size": 16})
+    with pytest.raises(ConfigError) as kept_global:
+        resolve_config({"batch_size": 32}, run.to_dict())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for refusal in (other_world_text(32, 2, 16, 1), str(kept_global.value)):
+        assert f"`{refusal}`" in readme, refusal
+
+
 def test_an_epoch_resumed_mid_way_under_torchrun_records_the_loss_of_an_uninterrupted_one(two_rank_run, tmp_path):
     """resume.pt kept rank 0's running sums of the epoch and every rank restored them: the resumed epoch's loss
     counted rank 0's first part twice and rank 1's not at all (the weights were right, the record was not)."""

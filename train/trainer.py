@@ -155,6 +155,12 @@ def met_by(marks: list[float], world_size: int) -> str:
     return f" (met by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))})"
 
 
+def other_world_text(was: int, was_world: object, now: int, now_world: int) -> str:
+    """The one line for a resume whose global batch (`--batch-size` x processes) is not the run's: README quotes it."""
+    return (f"resume.pt was written with a global batch of {was} ({was_world} process(es)), this run has {now} "
+            f"({now_world}): resume with the same --batch-size and number of processes")
+
+
 # What a run whose variant this vitc defines differently, and that cannot go on with its own definition, can do.
 REDEFINED_ADVICE = ("finish it with the vitc release that started it, or start a new run (a new --out, or "
                     "--overwrite)")
@@ -428,9 +434,8 @@ class Trainer:
         # number of processes whose steps per epoch happen to match would change it mid-run without a word.
         was = state.get("global_batch")
         if isinstance(was, int) and was != self.global_batch:
-            raise ConfigError(f"resume.pt was written with a global batch of {was} ({state.get('world_size', '?')} "
-                              f"process(es)), this run has {self.global_batch} ({self.info.world_size}): resume with "
-                              "the same --batch-size and number of processes")
+            raise ConfigError(other_world_text(was, state.get("world_size", "?"), self.global_batch,
+                                               self.info.world_size))
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"resume.pt was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch} (dataset or world size changed?)")
