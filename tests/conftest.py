@@ -148,3 +148,32 @@ def free_store_port(ports: range) -> int:
         return port
     pytest.skip(f"no free port in {ports.start}..{ports.stop - 1}")
 
+
+
+def listening(port: int) -> bool:
+    """Whether a socket listens on `port` (the rank-0 store: its rank is then inside the rendezvous)."""
+    from pathlib import Path
+
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(int(r.split()[1].rsplit(":", 1)[1], 16) == port and r.split()[3] == "0A" for r in rows):
+            return True
+    return False
+
+
+def wait_for(condition: Callable[[], bool], what: str, procs: list, limit: float = 120) -> None:
+    """Until `condition()` holds; fails (killing `procs`, showing their stderr) when one of them exits first or
+    `limit` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while not condition():
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            said = "\n".join(f"rank {i} ({p.wait()}): {p.communicate()[1][-2000:]}" for i, p in enumerate(procs))
+            pytest.fail(f"no {what} within {limit} s, or a rank exited first:\n{said}")
+        time.sleep(0.1)

@@ -455,17 +455,47 @@ def _flush_stdout() -> None:
     helper.join(1.0)
 
 
+# How torch says that a connection it used for the rendezvous closed under it, the process at its other end gone:
+# the store's client (the store's host went away), then gloo's connections between the ranks (another rank did).
+STORE_CLOSED = ("Failed to recv, got 0 bytes", "Connection was likely closed")
+PEER_CLOSED = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
 def _setup_failure(exc: BaseException, env: DistEnv) -> str:
-    """One line for a process group that did not form: the ranks did not all come in time, or the port is taken."""
+    """One line for a process group that did not form: the ranks did not all come in time, the rank hosting the
+    rendezvous went away, or the port is taken."""
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     reason = first_line(exc, 300).rstrip(".")
     if any(sign in reason.lower() for sign in ("timed out", "wait timeout")):
+        waited = _applied_timeout_s(reason, env)
         if env.world_size == 1:  # no other rank to wait for: its own store was not reached
-            return (f"the process group of 1 rank did not form at {where} within {env.timeout_s:g} s ({reason}): "
+            return (f"the process group of 1 rank did not form at {where} within {waited:g} s ({reason}): "
                     "this rank hosts the rendezvous, so MASTER_ADDR must name this machine (127.0.0.1)")
-        return (f"the {env.world_size} ranks did not all meet at {where} within {env.timeout_s:g} s ({reason}): start "
+        return (f"the {env.world_size} ranks did not all meet at {where} within {waited:g} s ({reason}): start "
                 f"every rank (torchrun does), or give a slow start longer with {TIMEOUT_ENV}")
+    if any(sign in reason for sign in (*STORE_CLOSED, *PEER_CLOSED)):
+        gone = _store_host(env) if any(sign in reason for sign in STORE_CLOSED) else "another rank"
+        return (f"the process group of {_ranks(env.world_size)} did not form at {where}: {gone} went away during "
+                "the rendezvous: it failed or was stopped, and its own message says why")
     return f"could not form the process group of {_ranks(env.world_size)} at {where}: {reason}"
+
+
+def _applied_timeout_s(reason: str, env: DistEnv) -> float:
+    """The timeout torch applied to the wait that `reason` ended. The store's host counts whole seconds and gives up
+    only once more of them than the timeout have passed ("Timed out after 3 seconds waiting for clients" for 2 s);
+    its clients' waits apply the timeout as given."""
+    if "waiting for clients" in reason:
+        return math.floor(env.timeout_s) + 1
+    return env.timeout_s
+
+
+def _store_host(env: DistEnv) -> str:
+    """Who went away when the store's connection closed under this rank, as it can tell."""
+    if _hosts_store(env):
+        return "another rank"  # its own store stands: the connection was to a peer
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return "torchrun's agent, which hosts the rendezvous there,"
+    return "rank 0, which hosts the rendezvous there,"
 
 
 def teardown(info: DistInfo) -> None:
