@@ -292,6 +292,24 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
+# Where the throw-away uid is taken from: below 65536 (a container's user namespace may map no more), clear of
+# nobody's 65534 and of the 64999 that testers run unprivileged commands as.
+THROWAWAY_UIDS = range(60000, 64999)
+
+
+def _throwaway_uid() -> int:
+    """A uid no account names and no process runs as, picked by this test process's pid (xdist's workers pick apart):
+    the thread limit counts every task of its uid, so one shared with other work (nobody's) moved it whenever one of
+    theirs started or ended."""
+    accounts = {fields[2] for fields in (line.split(":") for line in Path("/etc/passwd").read_text().splitlines())
+                if len(fields) > 2}
+    first = os.getpid() % len(THROWAWAY_UIDS)
+    for uid in (*THROWAWAY_UIDS[first:], *THROWAWAY_UIDS[:first]):
+        if str(uid) not in accounts and _tasks_of(uid) == 0:
+            return uid
+    pytest.skip(f"no unused uid in {THROWAWAY_UIDS.start}..{THROWAWAY_UIDS.stop - 1}")
+
+
 @pytest.mark.parametrize("spare", [0, 1])
 def test_openvino_under_a_real_thread_limit_is_one_line_out_of_memory_or_threads(ov_bundle, tmp_path, spare):
     """The real thing: `python -m serve --backend openvino` as an unprivileged user under `ulimit -u` (root is
@@ -300,15 +318,15 @@ def test_openvino_under_a_real_thread_limit_is_one_line_out_of_memory_or_threads
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run the server as another user under ulimit -u")
-    nobody, caps = 65534, "+dac_read_search,+dac_override"  # to read the venv, the bundle and the source as root's
-    as_nobody = [setpriv, "--reuid", str(nobody), "--regid", str(nobody), "--clear-groups", "--inh-caps", caps,
-                 "--ambient-caps", caps, "--"]
-    if subprocess.run([*as_nobody, "true"], capture_output=True).returncode != 0:
+    user, caps = _throwaway_uid(), "+dac_read_search,+dac_override"  # to read the venv, the bundle and the source
+    as_user = [setpriv, "--reuid", str(user), "--regid", str(user), "--clear-groups", "--inh-caps", caps,
+               "--ambient-caps", caps, "--"]
+    if subprocess.run([*as_user, "true"], capture_output=True).returncode != 0:
         pytest.skip("setpriv cannot switch users here")
-    limit = _tasks_of(nobody) + 1 + spare  # the server's main thread, and `spare` more
+    limit = 1 + spare  # the server's main thread, and `spare` more: its uid runs nothing else
     env = {**os.environ, "HOME": str(tmp_path), "OPENBLAS_NUM_THREADS": "1"}  # numpy's BLAS starts no thread
     tmp_path.chmod(0o777)
-    command = [*as_nobody, sys.executable, "-m", "serve", "--model", f"b={ov_bundle}", "--backend", "openvino",
+    command = [*as_user, sys.executable, "-m", "serve", "--model", f"b={ov_bundle}", "--backend", "openvino",
                "--port", "0", "--no-access-log"]
     proc = subprocess.run(["bash", "-c", f'ulimit -u {limit} && exec "$@"', "limited", *command], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env=env)
