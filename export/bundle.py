@@ -697,6 +697,7 @@ def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | Non
             def before_swap() -> None:  # what came out servable must keep what the old bundle served
                 _check_unchanged(meta)  # of the checkpoint read, not one a training wrote meanwhile
                 _check_reference(artifacts, meta)
+                _check_servable(artifacts, out)
                 built = None if keeps is None else {a.id for a in artifacts if a.servable}
                 _check_replaceable(out, built, [a for a in artifacts if not a.servable])
 
@@ -745,6 +746,17 @@ def _build(config: ExportConfig, wanted: Sequence[Target], keeps: set[str] | Non
         except OSError as exc:
             raise ExportIOError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     return manifest
+
+
+def _check_servable(artifacts: Sequence[Artifact], out: Path) -> None:
+    """ExportError (one line) unless some artifact came out servable: a bundle that serves nothing is no bundle (every
+    server refuses it at start), so nothing is written and `out` stays as it was, whatever --replace says."""
+    if any(a.servable for a in artifacts):
+        return
+    # torch-fp32 is always built, and every other artifact is gated against its logits: its reason is the cause.
+    reference = next(a for a in artifacts if a.id == "torch-fp32")
+    raise ExportError(f"no artifact is servable, not even the torch-fp32 reference ({reference.refused_reason}): "
+                      f"nothing was written, {out} is as it was")
 
 
 def _check_reads_back(tmp: Path, out: Path) -> None:

@@ -3,7 +3,8 @@
 Exit codes: 0 bundle written (refused artifacts are reported on stderr), 1 with --strict when any artifact was
 refused (the bundle is still written), or when the disk or memory failed (the previous bundle is kept; out of
 memory names the sizes to lower), 2 bad input (checkpoint, target, datasets, unwritable output, missing runtime,
-another export writing the same bundle): one line, before any slow work.
+another export writing the same bundle): one line, before any slow work; 2 also when no artifact, not even the
+torch-fp32 reference, passed its gate (a checkpoint whose logits certify nothing): one line, nothing written.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def parser(family: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--calibration-dataset", help="INT8 calibration dataset, train split (default: --dataset)")
     p.add_argument("--threads", type=int_in(1, MAX_THREADS),
                    help="CPU threads for torch and the runtimes (default: theirs)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when any artifact is refused")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when any artifact is refused (with none servable: exit 2, nothing written, with or "
+                        "without --strict)")
     p.add_argument("--replace", action="store_true",
                    help="replace a bundle at --out even when this export does not build all of its servable "
                         "artifacts (without it, that is refused)")

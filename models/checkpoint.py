@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.config import MAX_CLASSES, MAX_LABEL_CHARS, ConvLayer, ConvStem, PatchifyStem, ViTConfig, is_label
+from models.config import (
+    MAX_CLASSES,
+    MAX_LABEL_CHARS,
+    MIN_CLASSES,
+    ConvLayer,
+    ConvStem,
+    PatchifyStem,
+    ViTConfig,
+    is_label,
+)
 from models.io import (
     atomic_write_json,
     default_mode,
@@ -426,8 +435,8 @@ def check_model_contract(r: Fields, model: str, cfg: ViTConfig, class_names: tup
     name the config."""
     if not isinstance(class_names, list | tuple):  # a str would pass as one-letter names
         raise r.fail("class_names", f"must be a list of names, got {type(class_names).__name__}")
-    if not 1 <= len(class_names) <= MAX_CLASSES:
-        raise r.fail("class_names", f"must list 1..{MAX_CLASSES} names, got {len(class_names)}")
+    if not MIN_CLASSES <= len(class_names) <= MAX_CLASSES:
+        raise r.fail("class_names", f"must list {MIN_CLASSES}..{MAX_CLASSES} names, got {len(class_names)}")
     if (bad := next((i for i, n in enumerate(class_names) if not is_label(n)), None)) is not None:
         raise r.fail(f"class_names[{bad}]", f"must be 1..{MAX_LABEL_CHARS} characters without control characters, "
                                             f"got {class_names[bad]!r:.80}")

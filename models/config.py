@@ -64,6 +64,11 @@ MAX_MLP_DIM = 65536
 MAX_IMAGE_SIDE = 4096
 MAX_RESIZE = 2 * MAX_IMAGE_SIDE  # ImageNet's resize is 8/7 of the crop; resizing never allocates beyond the crop
 MAX_CLASSES = 100_000
+# Lower bounds beyond 1, for values with which no model could ever be served: one class is one logit, which gives
+# nothing to rank (training refuses a dataset of one class by the same bound, and export could never certify it);
+# LayerNorm over a single feature outputs its bias whatever its input, so with dim 1 every image gets the same logits.
+MIN_CLASSES = 2
+MIN_DIM = 2
 MAX_IN_CHANS = 4
 MAX_STEM_LAYERS = 16
 MAX_STEM_KERNEL = 15
@@ -83,6 +88,13 @@ _NOT_IN_LABELS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _INT_BOUNDS = {"depth": MAX_DEPTH, "dim": MAX_DIM, "mlp_dim": MAX_MLP_DIM, "heads": MAX_DIM,
                "patch_size": MAX_IMAGE_SIDE, "image_size": MAX_IMAGE_SIDE, "num_classes": MAX_CLASSES,
                "in_chans": MAX_IN_CHANS}
+# What makes a positive value unservable, said with the bound.
+_LOW_BOUNDS = {
+    "num_classes": (MIN_CLASSES, "one class leaves nothing to classify (a single logit ranks nothing; training needs "
+                                 "2 classes too)"),
+    "dim": (MIN_DIM, "LayerNorm over one feature outputs its bias for every input, so every image would get the same "
+                     "logits"),
+}
 
 
 def is_label(value: object, max_chars: int = MAX_LABEL_CHARS) -> bool:
@@ -129,6 +141,8 @@ class ViTConfig:
                 raise ValueError(f"{self.name}: {attr} must be a positive integer, got {value!r:.80}")
             if value > high:
                 raise ValueError(f"{self.name}: {attr} must be at most {high}, got {value}")
+            if (low := _LOW_BOUNDS.get(attr)) and value < low[0]:
+                raise ValueError(f"{self.name}: {attr} must be at least {low[0]}, got {value}: {low[1]}")
             object.__setattr__(self, attr, int(value))  # a numpy integer (a size from an array) held as int: JSON-ready
         eps = self.ln_eps
         # is_finite: an int too large for a float (a 400-digit JSON number) is not finite, never an OverflowError.

@@ -556,3 +556,33 @@ def test_precision_is_read_whatever_its_case_as_targets_are(checkpoint, tmp_path
     p = cli.parser("onnx")
     args = p.parse_args(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--precision", "FP16, Int8"])
     assert cli._targets(p, args, "onnx") == ["onnx-fp16", "onnx-int8"]
+
+
+def _untrained_checkpoint(where: Path) -> Path:
+    """vit_c_micro as built, its head zero-initialised: the same logits for every image, which certify nothing."""
+    from data.datasets import ANIMAL_CLASSES, default_preprocessing
+    from models import build_model
+    from models.checkpoint import save_checkpoint
+
+    return save_checkpoint(where / "untrained", build_model("vit_c_micro"), class_names=ANIMAL_CLASSES,
+                           preprocessing=default_preprocessing("animals", 32), extra={"dataset": "animals"})
+
+
+def test_an_export_with_no_servable_artifact_writes_nothing_and_exits_2(micro_checkpoint, tmp_path, capsys):
+    # It ended "bundle written", exit 0, with a bundle every server refuses at start; over a bundle with --replace it
+    # replaced one that served.
+    untrained = _untrained_checkpoint(tmp_path)
+    new = tmp_path / "new"
+    assert cli.main(["--checkpoint", str(untrained), "--out", str(new), *EXPORT, "--strict"]) == 2
+    line = _error_line(capsys)
+    assert line == (f"{EXPORT_ERROR}no artifact is servable, not even the torch-fp32 reference (torch's logits are "
+                    "the same for every image (an untrained head?): parity cannot be certified): nothing was "
+                    f"written, {new} is as it was"), line
+    assert not new.exists()
+    served = tmp_path / "served"
+    assert cli.main(["--checkpoint", str(micro_checkpoint(tmp_path)), "--out", str(served), *EXPORT]) == 0
+    capsys.readouterr()
+    before = _tree(served)
+    assert cli.main(["--checkpoint", str(untrained), "--out", str(served), *EXPORT, "--replace"]) == 2
+    assert "no artifact is servable" in _error_line(capsys)
+    assert _tree(served) == before and read_manifest(served).artifacts[0].servable

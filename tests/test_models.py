@@ -17,7 +17,7 @@ from models import (
     register,
 )
 from models.config import conv_stem
-from models.vit import resize_pos_embed
+from models.vit import VisionTransformer, resize_pos_embed
 
 FAST = [n for n in list_variants() if not n.endswith(("18gf", "36gf", "72gf"))]
 LARGE = [n for n in list_variants() if n.endswith(("18gf", "36gf", "72gf"))]
@@ -69,6 +69,37 @@ def test_paper_stem_shapes():
 def test_invalid_configs_say_expected_vs_actual(kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_config("vit_c_1gf", **kwargs)
+
+
+# A config as small as a model can be: one block of width 4, two heads, 8x8 images, two classes.
+SMALLEST = {"name": "edge", "stem": PatchifyStem(4), "depth": 1, "dim": 4, "mlp_dim": 4, "heads": 2, "patch_size": 4,
+            "image_size": 8, "num_classes": 2}
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_classes": 1}, "edge: num_classes must be at least 2, got 1: one class leaves nothing to classify"),
+    ({"dim": 1, "heads": 1}, "edge: dim must be at least 2, got 1: LayerNorm over one feature outputs its bias"),
+])
+def test_configs_no_model_of_could_serve_are_refused(kwargs, match):
+    # Export can never certify them (one logit ranks nothing; with dim 1 every image gets the same logits): they were
+    # accepted up to export, after the training, which then wrote a bundle no server takes.
+    with pytest.raises(ValueError, match=match):
+        ViTConfig(**{**SMALLEST, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"dim": 2, "heads": 2, "mlp_dim": 1},  # head size 1, a one-unit MLP
+    {"stem": PatchifyStem(1), "patch_size": 1, "image_size": 1},  # patch 1, a single grid cell
+    {"num_classes": 100_000},
+])
+def test_the_smallest_configs_that_serve_are_accepted(kwargs):
+    cfg = ViTConfig(**{**SMALLEST, **kwargs})
+    torch.manual_seed(0)
+    model = VisionTransformer(cfg).eval()
+    torch.nn.init.normal_(model.head.weight)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, cfg.image_size, cfg.image_size))
+    assert logits.shape == (2, cfg.num_classes) and not torch.equal(logits[0], logits[1])  # each its own
 
 
 def test_conv_stem_last_width_must_equal_dim():

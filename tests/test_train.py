@@ -162,14 +162,14 @@ def test_epochs_zero_writes_the_initial_checkpoint(train_initial_run):
     assert [json.loads(x)["epoch"] for x in lines] == [0]
 
 
-def test_a_bundle_carries_the_training_provenance(train_initial_run, tmp_path):
+def test_a_bundle_carries_the_training_provenance(train_stopped, tmp_path):
     import hashlib
 
     from export.bundle import build_bundle
 
-    t = json.loads((train_initial_run / "checkpoint.json").read_text())["training"]
-    p = build_bundle(train_initial_run, tmp_path / "b", ["torch"], max_batch=4, parity_samples=16,
-                     log=lambda _: None).provenance
+    run = train_stopped(2)  # trained: an --epochs 0 run's zero head gives every image the same logits
+    t = json.loads((run / "checkpoint.json").read_text())["training"]
+    p = build_bundle(run, tmp_path / "b", ["torch"], max_batch=4, parity_samples=16, log=lambda _: None).provenance
     assert p.training_command == t["command_line"] and p.training_data_fingerprint == t["data"]["train"]
     assert p.training_config_sha256 == hashlib.sha256(json.dumps(t["config"], sort_keys=True).encode()).hexdigest()
     assert p.calibration_data_fingerprint is None and p.libraries["torch"]

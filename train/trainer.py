@@ -48,7 +48,7 @@ from models.checkpoint import (
     staged_checkpoint,
 )
 from models.cli import CommandError, InputError, WorkFailed, fill_closed_std_streams, raise_discarded_signal
-from models.config import ViTConfig
+from models.config import MIN_CLASSES, ViTConfig
 from models.failures import out_of_memory, storage_failure
 from models.host import usable_cpus
 from models.io import atomic_write_bytes, committing
@@ -241,9 +241,10 @@ class Trainer:
             raise DatasetError(f"{cfg.dataset}: train and val class lists differ")
         self.class_names = list(self.train_set.class_names)
         skipped = skipped_note(self.train_set, self.val_set)
-        if len(self.class_names) < 2:  # nothing to learn: the loss is 0 from the first step, accuracy always 100 %
+        if len(self.class_names) < MIN_CLASSES:  # nothing to learn: the loss is 0 from the first step
             raise DatasetError(f"{cfg.dataset}: {len(self.class_names)} class ({', '.join(self.class_names)}); a "
-                               f"classifier needs at least 2 (one directory per class under train/ and val/)"
+                               f"classifier needs at least {MIN_CLASSES} (one directory per class under train/ and "
+                               f"val/)"
                                + (f"; {skipped}" if skipped else ""))
         self._check_readable()
         # Said in the run's summary line: a class directory that starts with "." is not trained on.
