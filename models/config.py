@@ -69,7 +69,9 @@ MAX_CLASSES = 100_000
 # LayerNorm over a single feature outputs its bias whatever its input, so with dim 1 every image gets the same logits.
 MIN_CLASSES = 2
 MIN_DIM = 2
-MAX_IN_CHANS = 4
+# The channels every model takes: what preprocessing makes of every image (grey data, mode "L", is replicated to 3),
+# so the only count a checkpoint or bundle can hold (models.preprocessing imports it).
+IN_CHANS = 3
 MAX_STEM_LAYERS = 16
 MAX_STEM_KERNEL = 15
 MAX_NAME_CHARS = 200
@@ -86,8 +88,7 @@ MAX_IMAGE_PIXELS = 1_000_000_000
 # JSON answers (which cannot encode a lone surrogate).
 _NOT_IN_LABELS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _INT_BOUNDS = {"depth": MAX_DEPTH, "dim": MAX_DIM, "mlp_dim": MAX_MLP_DIM, "heads": MAX_DIM,
-               "patch_size": MAX_IMAGE_SIDE, "image_size": MAX_IMAGE_SIDE, "num_classes": MAX_CLASSES,
-               "in_chans": MAX_IN_CHANS}
+               "patch_size": MAX_IMAGE_SIDE, "image_size": MAX_IMAGE_SIDE, "num_classes": MAX_CLASSES}
 # What makes a positive value unservable, said with the bound.
 _LOW_BOUNDS = {
     "num_classes": (MIN_CLASSES, "one class leaves nothing to classify (a single logit ranks nothing; training needs "
@@ -144,6 +145,11 @@ class ViTConfig:
             if (low := _LOW_BOUNDS.get(attr)) and value < low[0]:
                 raise ValueError(f"{self.name}: {attr} must be at least {low[0]}, got {value}: {low[1]}")
             object.__setattr__(self, attr, int(value))  # a numpy integer (a size from an array) held as int: JSON-ready
+        if not is_int(self.in_chans, numpy=True) or self.in_chans != IN_CHANS:
+            raise ValueError(f"{self.name}: in_chans must be {IN_CHANS}, got {self.in_chans!r:.80}: preprocessing "
+                             f"gives every model {IN_CHANS} channels (grey data is read as mode \"L\" and "
+                             f"replicated to {IN_CHANS}, so a grey model takes {IN_CHANS} channels too)")
+        object.__setattr__(self, "in_chans", int(self.in_chans))
         eps = self.ln_eps
         # is_finite: an int too large for a float (a 400-digit JSON number) is not finite, never an OverflowError.
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not (is_finite(eps) and 0 < eps <= 1):

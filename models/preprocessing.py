@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.config import MAX_IMAGE_SIDE, MAX_RESIZE
+from models.config import IN_CHANS, MAX_IMAGE_SIDE, MAX_RESIZE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -86,7 +86,7 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     mode: str = "RGB"
-    channels: int = 3
+    channels: int = IN_CHANS
     layout: str = "NCHW"
 
     def __post_init__(self) -> None:
@@ -101,8 +101,9 @@ class Preprocessing:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r:.40}")
         if self.mode not in ("RGB", "L"):
             raise ValueError(f"mode must be 'RGB' or 'L', got {self.mode!r:.40}")
-        if type(self.channels) is not int or self.channels != 3 or self.layout != "NCHW":  # what `preprocess` makes
-            raise ValueError(f"channels and layout must be 3 and 'NCHW', got {self.channels!r:.40} and "
+        # What `preprocess` makes, and what every ViTConfig takes.
+        if type(self.channels) is not int or self.channels != IN_CHANS or self.layout != "NCHW":
+            raise ValueError(f"channels and layout must be {IN_CHANS} and 'NCHW', got {self.channels!r:.40} and "
                              f"{self.layout!r:.40}")
         mean, std = _three_numbers("mean", self.mean), _three_numbers("std", self.std)
         if min(std) <= 0:

@@ -358,7 +358,7 @@ def test_the_checkpoint_reader_mutates_nothing(checkpoint):
     ({"depth": 257}, "depth must be at most 256"),
     ({"num_classes": 100_001}, "num_classes must be at most 100000"),
     ({"image_size": 8192}, "image_size must be at most 4096"),
-    ({"in_chans": 5}, "in_chans must be at most 4"),
+    ({"in_chans": 5}, "in_chans must be 3, got 5"),
     ({"depth": True}, "depth must be a positive integer"),
     ({"ln_eps": float("nan")}, "ln_eps must be a finite number"),
     ({"ln_eps": 0.0}, "ln_eps must be a finite number"),

@@ -17,6 +17,7 @@ from models import (
     register,
 )
 from models.config import conv_stem
+from models.preprocessing import Preprocessing
 from models.vit import VisionTransformer, resize_pos_embed
 
 FAST = [n for n in list_variants() if not n.endswith(("18gf", "36gf", "72gf"))]
@@ -85,6 +86,18 @@ def test_configs_no_model_of_could_serve_are_refused(kwargs, match):
     # accepted up to export, after the training, which then wrote a bundle no server takes.
     with pytest.raises(ValueError, match=match):
         ViTConfig(**{**SMALLEST, **kwargs})
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 4])
+def test_in_chans_is_what_preprocessing_makes(in_chans):
+    # A grey (or RGBA) model built and trained, then refused when its checkpoint was saved: preprocessing makes
+    # 3 channels of every image, grey data included.
+    assert Preprocessing.imagenet(8).channels == ViTConfig(**SMALLEST).in_chans == 3
+    with pytest.raises(ValueError, match=f'edge: in_chans must be 3, got {in_chans}: .*grey data is read as mode "L" '
+                                         "and replicated to 3"):
+        ViTConfig(**{**SMALLEST, "in_chans": in_chans})
+    with pytest.raises(ValueError, match=f"in_chans must be 3, got {in_chans}"):
+        build_model("vit_c_mini", in_chans=in_chans)
 
 
 @pytest.mark.parametrize("kwargs", [
