@@ -157,7 +157,9 @@ def validate(c: TrainConfig) -> None:
     """Range-check every knob; raises ConfigError naming the option and the allowed range."""
     from models.registry import list_variants
 
-    _check(c.model in list_variants(), f"unknown model {c.model!r}; known: {', '.join(list_variants())}")
+    # A resumed run's model is the definition it recorded, registered in this process or not (a custom variant a
+    # script registered): the trainer refuses one the run did not record (`Trainer._model_config`).
+    _check(c.resume or c.model in list_variants(), f"unknown model {c.model!r}; known: {', '.join(list_variants())}")
     _check(c.recipe in RECIPES, f"unknown recipe {c.recipe!r}; known: {', '.join(RECIPES)}")
     _check(bool(c.dataset), "--dataset is required")
     _check(bool(c.out), "--out is required")
@@ -248,6 +250,7 @@ def resolve_config(explicit: dict[str, Any], saved: dict[str, Any] | None = None
     if saved is not None:
         # How the run was started is not how it goes on: a run begun with --overwrite resumes like any other.
         base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)} and k != "overwrite"}
+        base["resume"] = True  # read as the config of the run being resumed (whose model the run recorded)
         # The command that reruns the training is the one that began it, not the `--resume` one, with where the
         # run now stops (the one runtime option that decides the weights) and where its data lie now.
         kept = {}
@@ -286,7 +289,7 @@ def checked_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
 
     base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
     try:
-        TrainConfig.from_dict(base)
+        TrainConfig.from_dict({**base, "resume": True})  # its model need not be registered: the run recorded it
     except (ConfigError, TypeError) as exc:  # TypeError: a value of the wrong kind (e.g. a list as a name)
         raise damaged(f"config: {exc}") from None
     return saved

@@ -55,7 +55,7 @@ from models.io import atomic_write_bytes, committing
 from models.jsonfields import finite_or_none
 from models.oneline import first_line
 from models.preprocessing import Preprocessing, affine
-from models.registry import get_config
+from models.registry import get_config, list_variants
 from models.vit import VisionTransformer
 from train.augment import BatchMixer, derive_seed
 from train.config import ConfigError, TrainConfig, unmovable
@@ -348,6 +348,12 @@ class Trainer:
         `source`), with a note when they differ (the registry changed since the run started: vit_c_mini's stem in
         bed0a07). ConfigError (one line) for a recorded one this vitc cannot save a checkpoint of."""
         cfg, classes = self.cfg, len(self.class_names)
+        if cfg.model not in list_variants():  # only a resume gets here (train.config.validate): a custom variant
+            if recorded is None:
+                raise ConfigError(self._unregistered_text())
+            self.model_note = (f"note: {cfg.model} is not a registered model in this process: the run goes on with "
+                               f"its definition, recorded in {source}")
+            return dataclasses.replace(recorded, num_classes=classes)
         now = get_config(cfg.model, num_classes=classes)
         if recorded is None:
             return now
@@ -361,6 +367,15 @@ class Trainer:
         self.model_note = (f"note: {cfg.model}'s definition in this vitc differs from the one this run started with "
                            f"({config_differences(run, now)}): the run goes on with its own, recorded in {source}")
         return run
+
+    def _unregistered_text(self) -> str:
+        """Why a resume of a model this process has not registered cannot go on: no definition of it recorded."""
+        model, known = self.cfg.model, ", ".join(list_variants())
+        if self.resume_state is None:  # --resume with no resume.pt starts a new run: the model a new run names
+            return f"unknown model {model!r}; known: {known}"
+        return (f"--resume: model {model!r} is not registered in this process, and this run recorded no definition "
+                f"of it ({RESUME_FILE} predates that record and {META_FILE} is missing): register it "
+                f"(models.register) before the training starts, as the run's first start did; known: {known}")
 
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
