@@ -1,9 +1,9 @@
 # vitc serving image (CPU): onnxruntime + OpenVINO, no torch, non-root, bundles mounted at /models.
 #   docker build -t vitc-serve .
 #   docker run --rm -p 8000:8000 -v "$PWD/exports:/models:ro" vitc-serve
-# Every bundle directly under /models is served (VITC_MODEL_DIR; `--model /models/x` or `--model-repository /models`
-# appended serve just those instead); any flag of `python -m serve` can be appended,
-# e.g. `docker run ... vitc-serve --backend openvino`, except the port: change it with `-e VITC_PORT=9000 -p
+# Every bundle directly under /models is served (VITC_MODEL_DIR, a default: `--model /models/x` or
+# `--model-repository /models` appended, or VITC_MODELS / VITC_MODEL_REPOSITORY set, serve just those instead); any
+# flag of `python -m serve` can be appended, e.g. `docker run ... vitc-serve --backend openvino`, except the port: change it with `-e VITC_PORT=9000 -p
 # 9000:9000`, which the healthcheck reads too (it cannot see a --port flag). Stop it with `docker stop -t 40` (see
 # STOPSIGNAL). The GPU variant is Dockerfile.gpu.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

@@ -188,13 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_args(argv: list[str] | None = None) -> dict[str, object]:
-    """The flags given, as Settings arguments (flags not given are left to VITC_* variables and defaults)."""
-    args = vars(build_parser().parse_args(argv))
-    if ("models" in args or "model_repository" in args) and "model_dir" not in args:
-        # Models named on the command line replace a model directory from the environment (the image's
-        # VITC_MODEL_DIR=/models): `docker run ... --model /models/x` serves x, not x and everything beside it.
-        args["model_dir"] = None
-    return args
+    """The flags given, as Settings arguments (flags not given are left to VITC_* variables and defaults; which
+    models a model directory from the environment gives way to is Settings' rule)."""
+    return vars(build_parser().parse_args(argv))
 
 
 @command(PROG)

@@ -212,6 +212,18 @@ class Settings(BaseSettings):
         """VITC_MODELS may be a JSON list or comma-separated."""
         return split_models(v) if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_dir_of_the_environment_is_a_default(cls, data: Any) -> Any:
+        """A model directory from the environment (the image's VITC_MODEL_DIR=/models) gives way to models given any
+        other way, as flags or variables alike: VITC_MODELS=/models/x serves x alone, as `--model /models/x` does,
+        and VITC_MODEL_REPOSITORY=/models is a repository alone, whose refusals then apply. A --model-dir flag is
+        the user's own choice and serves beside them."""
+        if isinstance(data, dict) and "model_dir" in data and "model_dir" not in _FLAGS_GIVEN.get() \
+                and (_names_models(data.get("models")) or data.get("model_repository") is not None):
+            return {k: v for k, v in data.items() if k != "model_dir"}
+        return data
+
     @field_validator("model_dir", "model_repository", mode="before")
     @classmethod
     def _path_given(cls, v: object) -> object:
@@ -290,9 +302,9 @@ class Settings(BaseSettings):
         if given:
             names, them = ", ".join(map(self.named, given)), "it" if len(given) == 1 else "them"
             why = "; ".join(f"{flag(n)}: {REPOSITORY_DECIDES[n]}" for n in given)
-            raise ValueError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to --model-repository: each "
-                             f"model's config.pbtxt decides {them} ({why}); leave {them} out, or serve bundles with "
-                             "--model")
+            raise ValueError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to "
+                             f"{self.named('model_repository')}: each model's config.pbtxt decides {them} ({why}); "
+                             f"leave {them} out, or serve bundles with --model")
         return self
 
     @model_validator(mode="after")
@@ -393,6 +405,16 @@ def header_problem(key: str) -> str | None:
     return None
 
 
+def _names_models(value: object) -> bool:
+    """Whether a raw --model / VITC_MODELS value names a model (a malformed one counts: validation refuses it)."""
+    if isinstance(value, str):
+        try:
+            return bool(split_models(value))
+        except ValueError:
+            return True
+    return bool(value)
+
+
 def _repository_alone(models: list[str] | None, model_dir: Path | None, model_repository: Path | None) -> bool:
     """Whether these settings serve model_repository's models alone (`Settings.repository_alone`)."""
     return model_repository is not None and not models and model_dir is None
@@ -408,9 +430,9 @@ def repository_tuning(settings: Settings, served: Iterable[str]) -> str | None:
     if not (ignored := settings.tuning_ignored(t for name in served for t in runtimes.get(name).tunes)):
         return None
     names, them = ", ".join(map(settings.named, ignored)), "it" if len(ignored) == 1 else "them"
-    return (f"{names} {'does' if len(ignored) == 1 else 'do'} not apply to --model-repository: no model of it runs "
-            f"on a runtime that uses {them} (each model's config.pbtxt and artifact decide its runtime: "
-            f"{', '.join(served)}); leave {them} out, or serve bundles with --model")
+    return (f"{names} {'does' if len(ignored) == 1 else 'do'} not apply to {settings.named('model_repository')}: "
+            f"no model of it runs on a runtime that uses {them} (each model's config.pbtxt and artifact decide its "
+            f"runtime: {', '.join(served)}); leave {them} out, or serve bundles with --model")
 
 
 def _every_model_configured(root: Path) -> bool:
