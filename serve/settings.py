@@ -24,6 +24,7 @@ from models.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from models.tolerance import TOLERANCES
 from runtimes.base import MAX_PARALLEL, TUNABLES
 from runtimes.registry import DEFAULT_RUNTIME, load_failures, shadowed
+from serve.address import host_problem
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -357,6 +358,15 @@ class Settings(BaseSettings):
                 return int(v)
             except ValueError:
                 raise ValueError("must be a whole number") from None
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host_to_listen_on(cls, v: str) -> str:
+        """An address or a host name that resolves (serve.address), checked before any model loads: an empty or
+        unresolvable VITC_HOST was refused only after every model had loaded, as a --host the user never gave."""
+        if why := host_problem(v):
+            raise ValueError(why)
         return v
 
     @field_validator("port", mode="before")
