@@ -293,11 +293,14 @@ def read_golden(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]
 # golden.npz: CONTRACT_KEY, the manifest's contract_sha256 at export, 32 bytes; ORIGIN_KEY, its origin_sha256 (source
 # and provenance); `RECORD_KEY.<artifact id>`, that artifact's record_sha256 (each 32 bytes).
 CONTRACT_KEY, ORIGIN_KEY, RECORD_KEY = GOLDEN_DIGESTS
+# The digests an export that writes one always writes too (the order they came in: the contract, then the origin
+# with the records): a bundle that shows it was exported with one must hold these as well.
+_WRITTEN_WITH = {RECORD_KEY: (ORIGIN_KEY, CONTRACT_KEY), ORIGIN_KEY: (CONTRACT_KEY,), CONTRACT_KEY: ()}
 
 
 def required_digests(path: Path, manifest: Manifest) -> dict[str, str]:
-    """The digest arrays (CONTRACT_KEY, ORIGIN_KEY) the golden file must hold, each with what in the bundle shows
-    that the vitc which exported it writes that array."""
+    """The digests (CONTRACT_KEY, ORIGIN_KEY, RECORD_KEY: one array per artifact) the golden file must hold, each
+    with what in the bundle shows that the vitc which exported it writes that digest."""
     # check_pre_golden's ratchet, per array: a missing digest means "exported before it existed" only when nothing
     # in the bundle postdates it; otherwise it was deleted by hand (and the manifest edited), which would turn its
     # check off. Each array's evidence: the golden record listing it (`Golden.digests`), the parity intervals
@@ -312,6 +315,10 @@ def required_digests(path: Path, manifest: Manifest) -> dict[str, str]:
         required.setdefault(ORIGIN_KEY, "it holds artifact records")
     if any(n.startswith((RECORD_KEY + ".", ORIGIN_KEY + ".", SOURCE_KEY + ".")) for n in names):
         required.setdefault(CONTRACT_KEY, "it holds the digests or sources that came after the contract")
+    # Transitive: a list naming "record" alone (the origin and contract arrays deleted with it) still requires them.
+    for digest, evidence in list(required.items()):
+        for implied in _WRITTEN_WITH[digest]:
+            required.setdefault(implied, evidence)
     return required
 
 
@@ -340,14 +347,16 @@ def check_records(path: Path, manifest: Manifest, artifact_ids: list[str]) -> di
     unreadable."""
     digest = np.dtype(np.uint8), (32,)
     edited = {}
+    required = required_digests(path, manifest)
     recorded = _optional_member(path, manifest, ORIGIN_KEY, *digest)
-    if recorded is None and (evidence := required_digests(path, manifest).get(ORIGIN_KEY)):
+    if recorded is None and (evidence := required.get(ORIGIN_KEY)):
         edited[""] = _deleted(manifest, ORIGIN_KEY, evidence)
     if recorded is not None and recorded.tobytes().hex() != manifest.origin:
         edited[""] = "manifest.json was edited after export: its source or provenance differs from what the golden " \
                      "file recorded; restore it or re-export"
-    # A golden file with an origin, or one whose export wrote one, records every artifact: none may go without.
-    sealed = recorded is not None or "" in edited
+    # A golden file with an origin, or one whose export wrote one or the records, records every artifact: none may
+    # go without.
+    sealed = recorded is not None or "" in edited or RECORD_KEY in required
     if sealed:  # and every artifact it records is listed (one removed would let a server fall back to another)
         listed = {a.id for a in manifest.artifacts}
         with _golden_zip(path) as z:

@@ -74,6 +74,15 @@ def _as_before_intervals(raw: dict) -> None:
         (a.get("parity") or {}).pop("accuracy_delta_ci95", None)
 
 
+def _listing(*digests: str) -> Callable[[dict], None]:
+    """The manifest's list of digests cut down to `digests`, and no parity intervals: all that is left to date the
+    export is what the list still names."""
+    def edit(raw: dict) -> None:
+        _as_before_intervals(raw)
+        raw["golden"]["digests"] = list(digests)
+    return edit
+
+
 DIGESTS = lambda k: k in ("contract", "origin") or k.startswith("record.")  # noqa: E731
 
 
@@ -87,9 +96,23 @@ DIGESTS = lambda k: k in ("contract", "origin") or k.startswith("record.")  # no
      "holds no 'contract' array, yet it holds the digests or sources"),
     (lambda k: k == "origin", lambda raw: (_as_before_intervals(raw), _other_origin(raw)),
      "holds no 'origin' array, yet it holds artifact records"),
-], ids=["contract", "origin", "records", "all", "all-and-the-list", "contract-old-manifest", "origin-old-manifest"])
+    # The list cut down to a later digest: it still requires every one written before it (record => origin =>
+    # contract), and the records it names.
+    (lambda k: DIGESTS(k) or k.startswith("source."), lambda raw: (_listing("record")(raw), _relabelled(raw),
+                                                                  _better_accuracy(raw)),
+     "holds no 'contract' array, yet the manifest's golden record lists 'record'"),
+    (lambda k: k == "origin" or k.startswith("record."), lambda raw: (_listing("contract", "record")(raw),
+                                                                      _better_accuracy(raw)),
+     "holds no 'origin' array, yet the manifest's golden record lists 'record'"),
+    (lambda k: k.startswith("record."), lambda raw: (_listing("record")(raw), _better_accuracy(raw)),
+     "the golden file records no artifact 'onnx-fp32'"),
+    (lambda k: DIGESTS(k) or k.startswith("source."), lambda raw: (_listing("origin")(raw), _relabelled(raw)),
+     "holds no 'contract' array, yet the manifest's golden record lists 'origin'"),
+], ids=["contract", "origin", "records", "all", "all-and-the-list", "contract-old-manifest", "origin-old-manifest",
+        "record-listed-alone", "origin-not-listed", "records-listed-alone", "origin-listed-alone"])
 def test_a_deleted_digest_is_corrupt_in_the_report_and_refused_by_a_server(bundle, tmp_path, capsys, drop, edit,
                                                                           says):
+    from export import triton
     from export.report import main
     from serve.errors import ServeError
     from serve.registry import load_model
@@ -107,6 +130,9 @@ def test_a_deleted_digest_is_corrupt_in_the_report_and_refused_by_a_server(bundl
     assert "\n" not in str(info.value)
     with pytest.raises(BundleError, match=says):
         runtimes.open_backend(edited, read_manifest(edited), "onnxruntime")
+    assert triton.main([str(edited), "--out", str(tmp_path / "repo")]) == 2  # Triton would serve it unchecked
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and not (tmp_path / "repo").exists()
 
 
 @pytest.mark.parametrize("drop", [
