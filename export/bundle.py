@@ -304,14 +304,13 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     A servable artifact has also passed the very golden-input check every server runs at load
     (runtimes.loader.verify_golden), against what it computed for those inputs here, which goes into
     `outputs[artifact id]` (and golden.npz): what export certifies loads on this machine by construction.
-    A refused artifact keeps its numbers and reason; its files are deleted so it never ships. One whose build
-    returns a file that is not new in the bundle (`earlier`: the artifacts built before it) is refused before its
-    gate (`_check_new_files`).
+    A refused artifact keeps its numbers and reason; what its build wrote (`_remove_new`) is deleted so it never
+    ships. One whose build returns a file that is not new in the bundle (`earlier`: the artifacts built before it)
+    is refused before its gate (`_check_new_files`).
     """
     rt = target.runtime
     artifact = Artifact(id=target.id, runtime=rt.name, format=rt.format, precision=target.precision, files=(),
                         servable=False)
-    before = set(ctx.workdir.iterdir())
     existing = _tree(ctx.workdir)
     start = time.perf_counter()
     try:
@@ -355,9 +354,7 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
             artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3))
     if failures:
         (outputs or {}).pop(target.id, None)
-        for path in set(ctx.workdir.iterdir()) - before:
-            if path.is_file():
-                path.unlink()
+        _remove_new(ctx.workdir, existing)
         return replace(artifact, servable=False, refused_reason="; ".join(failures),
                        refused_files=artifact.files, files=())
     return replace(artifact, servable=True, refused_reason=None)
@@ -386,6 +383,22 @@ def _tree(root: Path) -> set[str]:
         rel = Path(parent).relative_to(root)
         paths.update((rel / name).as_posix() for name in (*dirs, *files))
     return paths
+
+
+def _remove_new(workdir: Path, existing: set[str]) -> None:
+    """Delete every path under `workdir` that is not in `existing` (its tree before a refused build), outside the
+    export's scratch directory: a new directory with all it holds, a link itself (never what it points to)."""
+    # Unlinking new plain files alone left a build's subdirectory and its model in the published bundle, unlisted, and
+    # the next export to that --out refused to replace a bundle holding a foreign entry. Sorted, a new directory comes
+    # before what it holds, which goes with it.
+    for rel in sorted(_tree(workdir) - existing):
+        path = workdir / rel
+        if rel.split("/")[0] == SCRATCH or not os.path.lexists(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _check_new_files(workdir: Path, runtime: str, files: Sequence[str | os.PathLike], existing: set[str],

@@ -6,10 +6,12 @@ golden inputs. The fault is $PLUGIN_FAULT, read at every call; the file $PLUGIN_
 overrides it (a server already running is switched by writing it):
 - build: "collide" (writes and returns model.onnx, the onnx artifact's file), "overwrite" (returns its own file
   but rewrites model.onnx too), "scratch" (returns the hub in .scratch), "dup" (returns its file twice), "outside"
-  (returns a file beside the bundle); what it returns: "built_none", "files_item_str" (a list of str),
-  "info_numpy" (an array), "info_nan", "info_scalars" (numpy scalars, an int key: converted), "info_core" (keys
-  naming the record's own fields), "info_hint" (an inference_precision that is no tag), "info_huge" (17 MiB: a
-  manifest past the reader's bound); RUNTIME_HUBLESS (no needs_hub=True) builds the same way, asking for the hub;
+  (returns a file beside the bundle), "subdir" (writes and returns SUBDIR/faultrt.onnx: servable), "subdir_str" (the
+  same returned as a str), "subdir_rows" (the same failing its gate as "rows" does); what it returns: "built_none",
+  "files_item_str" (a list of str), "info_numpy" (an array), "info_nan", "info_scalars" (numpy scalars, an int
+  key: converted), "info_core" (keys naming the record's own fields), "info_hint" (an inference_precision that is
+  no tag), "info_huge" (17 MiB: a manifest past the reader's bound); RUNTIME_HUBLESS (no needs_hub=True) builds
+  the same way, asking for the hub;
 - version(): "version_tuple", "version_lines" (two lines);
 - infer: "raise" (an ordinary exception, two lines), "int" (int32 logits), "rows" (one row whatever the batch);
 - describe: "describe_raise", "describe_none", "describe_set" (a set in it), "describe_numpy" (numpy scalars),
@@ -30,6 +32,7 @@ from runtimes import LoadSpec, Runtime, Variant
 from runtimes.build import Built, ExportContext
 
 FILE = "faultrt.onnx"
+SUBDIR = "faultrt"  # a directory of its own in the bundle, which the "subdir" builds write their file into
 
 
 def fault() -> str:
@@ -47,12 +50,16 @@ def build(ctx: ExportContext, precision: str) -> Built:
     out = ctx.workdir / ("model.onnx" if mode == "collide" else FILE)
     if mode == "outside":
         out = ctx.workdir.parent / FILE
+    if mode.startswith("subdir"):
+        out = ctx.workdir / SUBDIR / FILE
+        out.parent.mkdir()
     shutil.copyfile(ctx.hub_onnx(), out)
     if mode in ("collide", "overwrite"):  # valid ONNX no longer, and another size than the onnx artifact's
         with open(ctx.workdir / "model.onnx", "ab") as f:
             f.write(b"\0")
     returned: dict[str, Any] = {
         "built_none": None, "files_item_str": Built([str(out)]),  # type: ignore[list-item]
+        "subdir_str": Built([str(out)]),  # type: ignore[list-item]
         "info_numpy": Built([out], {"arr": np.arange(3)}), "info_nan": Built([out], {"x": float("nan")}),
         "info_scalars": Built([out], {"threads": np.int64(2), "scale": np.float32(0.5), 7: "seven"}),
         "info_core": Built([out], {"opset": 20, "runtime": "evil", "files": 1}),
@@ -81,7 +88,8 @@ class FaultBackend:
         if mode == "raise":
             raise ValueError("plugin kernel failed\nsecond line")
         y = self.session.run(None, {"input": batch})[0]
-        return {"int": lambda: y.astype(np.int32), "rows": lambda: y[:1]}.get(mode, lambda: y)()
+        return {"int": lambda: y.astype(np.int32), "rows": lambda: y[:1], "subdir_rows": lambda: y[:1]}.get(
+            mode, lambda: y)()
 
     def describe(self) -> Any:
         mode = fault()

@@ -130,6 +130,24 @@ def test_check_artifact_record_refuses_info_keys_of_the_record_itself():
         check_artifact_record(dataclasses.replace(art, info={"precision": "int8"}))
 
 
+@pytest.mark.parametrize("mode", ["subdir_str", "subdir_rows"])
+def test_a_refused_builds_directory_goes_with_it_and_the_next_export_replaces_the_bundle(fault, checkpoint, tmp_path,
+                                                                                       mode):
+    """A build may write into a directory of its own. Refused (by check_built, or by its gate), only its new plain
+    files were removed: the directory and the model in it shipped in the bundle, unlisted, and the next export to
+    that --out was refused for holding a foreign entry."""
+    fault(mode)
+    out = tmp_path / "b"
+    m = _export(checkpoint, out, ["onnx", RT.target])
+    _refused(m)
+    listed = {f.path for a in m.artifacts for f in a.files}
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*")} == {"manifest.json", "golden.npz", *listed}
+    fault("subdir")
+    m = _export(checkpoint, out, ["onnx", RT.target])
+    assert [a.id for a in m.servable()] == ["torch-fp32", "onnx-fp32", ID]
+    assert (out / plugin_faults_rt.SUBDIR / plugin_faults_rt.FILE).is_file()
+
+
 def test_a_builds_numpy_scalars_and_integer_keys_are_kept_as_json(fault, checkpoint, tmp_path):
     fault("info_scalars")
     m = _export(checkpoint, tmp_path / "b", [RT.target])
