@@ -315,11 +315,14 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     start = time.perf_counter()
     try:
         built = check_built(rt.name, rt.build(ctx, target.precision))
-        made = replace(artifact, runtime_version=rt.version(), info=built.info)
-        check_artifact_record(made)  # before the record keeps them: a refused artifact's record is read back too
-        artifact = replace(made, export_seconds=round(time.perf_counter() - start, 3))
+        artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3))
         _check_new_files(ctx.workdir, rt.name, built.files, existing, earlier)
-        artifact = replace(artifact, files=file_entries(ctx.workdir, built.files))
+        made = replace(artifact, runtime_version=rt.version(), info=built.info,
+                       files=file_entries(ctx.workdir, built.files))
+        # The whole record, files included (its format's rule), before it is kept (a refused artifact's record is
+        # read back too): checked only by the manifest's read-back, it failed the export of every other artifact.
+        check_artifact_record(made)
+        artifact = made
         start = time.perf_counter()
         options = BackendOptions(device=rt.export_device, threads=threads)  # the server's defaults, --threads aside
         backend = open_artifact(rt, LoadSpec(header, artifact, tuple(built.files), options))

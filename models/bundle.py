@@ -78,6 +78,10 @@ MAX_PATH_CHARS = 1024
 # Lists a reader walks and strings it passes on are bounded too (the file's size alone would allow millions).
 MAX_ARTIFACTS = 256  # an export builds a few per runtime
 MAX_FILES = 64  # files of one artifact (an OpenVINO IR has two)
+# One artifact's record as a build makes it (export.bundle checks it per artifact): half the manifest's bound shared
+# by the most artifacts it lists, so records that each pass leave the other half to the header, parity and refusal
+# reasons, and the manifest reads back. A real record is 1-2 KB.
+MAX_ARTIFACT_RECORD_BYTES = MAX_MANIFEST_BYTES // (2 * MAX_ARTIFACTS)
 MAX_ENTRIES = 256  # batch sizes, failures, tolerances, timings, served encodings, libraries
 MAX_TEXT_CHARS = 1 << 16  # free text: a refusal reason, a command line, a path
 # Line breaks (what str.splitlines splits on) and lone surrogates: a one-line field must stay one line, and a JSON
@@ -417,7 +421,8 @@ def check_runtime_version(runtime: str, version: Any) -> str:
 def check_artifact_record(artifact: Artifact) -> None:
     """TypeError or ValueError (one line naming the artifact's runtime) unless its record, as a build made it, is
     one the manifest reader takes back as written: `runtime_version` (the runtime's version()) one line of text,
-    no `info` key that is a field of the record itself, and what `Artifact.read` accepts."""
+    no `info` key that is a field of the record itself, what `Artifact.read` accepts (its files by its format's
+    rule), and at most MAX_ARTIFACT_RECORD_BYTES of JSON."""
     # Export used to publish, exit 0, a bundle its own report, server and next export refused (a version() tuple),
     # or whose artifact a build's info silently relabelled ({"runtime": ...} overwrote the core field).
     rt = artifact.runtime
@@ -426,9 +431,14 @@ def check_artifact_record(artifact: Artifact) -> None:
         raise ValueError(f"{rt} build returned info keys {clash} that are the manifest's own artifact fields "
                          f"({', '.join(_ARTIFACT_KEYS)}): give its facts other names")
     try:
-        Artifact.read(Fields(json.loads(strict_json_bytes(artifact.to_dict())), f"{rt} build's manifest record"))
+        record = strict_json_bytes(artifact.to_dict())
+        Artifact.read(Fields(json.loads(record), f"{rt} build's manifest record"))
     except ValueError as exc:  # FieldError, or strict JSON's
         raise ValueError(str(exc)) from None
+    # The reader bounds the whole manifest alone: one record past it lost every other artifact of the export.
+    if len(record) > MAX_ARTIFACT_RECORD_BYTES:
+        raise ValueError(f"{rt} build's manifest record is {len(record):,} bytes of JSON, more than the "
+                         f"{MAX_ARTIFACT_RECORD_BYTES:,} one artifact may take: keep its info short")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ overrides it (a server already running is switched by writing it):
   "files_item_str" (a list of str), "info_numpy" (an array), "info_nan", "info_scalars" (numpy scalars, an int
   key: converted), "info_core" (keys naming the record's own fields), "info_hint" (an inference_precision that is
   no tag), "info_huge" (17 MiB: a manifest past the reader's bound); RUNTIME_HUBLESS (no needs_hub=True) builds
-  the same way, asking for the hub;
+  the same way, asking for the hub, and RUNTIME_IR too, its files in a format that takes other files;
 - version(): "version_tuple", "version_lines" (two lines);
 - infer: "raise" (an ordinary exception, two lines), "int" (int32 logits), "rows" (one row whatever the batch);
 - describe: "describe_raise", "describe_none", "describe_set" (a set in it), "describe_numpy" (numpy scalars),
@@ -113,3 +113,4 @@ RUNTIME = Runtime(
     build=build, load=FaultBackend, version=version, variants=(Variant("fp32"),), needs_hub=True,
 )
 RUNTIME_HUBLESS = dataclasses.replace(RUNTIME, name="hubless", target="hubless", needs_hub=False)
+RUNTIME_IR = dataclasses.replace(RUNTIME, name="irfault", target="irfault", format="openvino-ir")  # one .xml, one .bin

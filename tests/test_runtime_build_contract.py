@@ -14,8 +14,17 @@ from pathlib import Path
 import plugin_faults_rt
 import pytest
 
+import models.bundle
 import runtimes
-from models.bundle import Artifact, check_artifact_record, check_runtime_version, read_manifest
+from models.bundle import (
+    MAX_ARTIFACT_RECORD_BYTES,
+    MAX_ARTIFACTS,
+    MAX_MANIFEST_BYTES,
+    Artifact,
+    check_artifact_record,
+    check_runtime_version,
+    read_manifest,
+)
 from runtimes.build import Built, check_built
 
 RT = plugin_faults_rt.RUNTIME
@@ -26,11 +35,12 @@ ID = "faultrt-fp32"
 def registered() -> Iterator[None]:
     runtimes.register(RT)
     runtimes.register(plugin_faults_rt.RUNTIME_HUBLESS)
+    runtimes.register(plugin_faults_rt.RUNTIME_IR)
     try:
         yield
     finally:
-        runtimes.unregister(RT.name)
-        runtimes.unregister(plugin_faults_rt.RUNTIME_HUBLESS.name)
+        for rt in (RT, plugin_faults_rt.RUNTIME_HUBLESS, plugin_faults_rt.RUNTIME_IR):
+            runtimes.unregister(rt.name)
 
 
 @pytest.fixture
@@ -71,6 +81,7 @@ FILES = "expected a list of pathlib.Path (the artifact's files it wrote into ctx
                   "int 3"),
     ("version_tuple", "TypeError: faultrt version() returned tuple (1, 2, 0), expected a string (one line of at most "
                       "256 characters)"),
+    ("info_huge", "ValueError: faultrt build's manifest record is 17,826,"),
 ])
 def test_a_build_or_version_the_manifest_cannot_hold_refuses_that_artifact_alone(fault, checkpoint, tmp_path, mode,
                                                                                  why):
@@ -86,6 +97,18 @@ def test_a_build_or_version_the_manifest_cannot_hold_refuses_that_artifact_alone
     assert [a.id for a in m.servable()] == ["torch-fp32", "onnx-fp32"]
     assert read_manifest(out) == m  # what serve, the report and the next export read
     assert not (out / plugin_faults_rt.FILE).exists()
+
+
+def test_files_its_format_does_not_take_refuse_that_artifact_alone(fault, checkpoint, tmp_path):
+    """Its format's file rule was first applied by the manifest's read-back, which refused the whole export: every
+    other artifact, each past its gate, was lost."""
+    out = tmp_path / "b"
+    m = _export(checkpoint, out, ["onnx", "irfault"])
+    assert _refused(m, "irfault-fp32") == (
+        "export failed: ValueError: irfault build's manifest record: field 'files' must list exactly one .xml and one "
+        ".bin file (format 'openvino-ir'), lists 'faultrt.onnx'")
+    assert [a.id for a in m.servable()] == ["torch-fp32", "onnx-fp32"]
+    assert read_manifest(out) == m and not (out / plugin_faults_rt.FILE).exists()
 
 
 @pytest.mark.parametrize(("built", "why"), [
@@ -120,6 +143,16 @@ def test_a_version_the_manifest_cannot_record_is_refused(version, kind, why):
     with pytest.raises(kind) as err:
         check_runtime_version("rt", version)
     assert str(err.value) == f"rt version() returned {why}"
+
+
+def test_check_artifact_record_bounds_one_record_to_its_share_of_the_manifest():
+    art = Artifact(id="rt-fp32", runtime="rt", format="onnx", precision="fp32", files=(), servable=False,
+                   runtime_version="1.0", info={"blob": "x" * (MAX_ARTIFACT_RECORD_BYTES - 1000)})
+    check_artifact_record(art)
+    assert MAX_ARTIFACT_RECORD_BYTES * MAX_ARTIFACTS * 2 == MAX_MANIFEST_BYTES
+    with pytest.raises(ValueError, match=r"^rt build's manifest record is 32,9\d\d bytes of JSON, more than the "
+                                         r"32,768 one artifact may take: keep its info short$"):
+        check_artifact_record(dataclasses.replace(art, info={"blob": "x" * MAX_ARTIFACT_RECORD_BYTES}))
 
 
 def test_check_artifact_record_refuses_info_keys_of_the_record_itself():
@@ -157,17 +190,32 @@ def test_a_builds_numpy_scalars_and_integer_keys_are_kept_as_json(fault, checkpo
     assert read_manifest(tmp_path / "b") == m
 
 
-def test_a_manifest_that_does_not_read_back_never_replaces_the_bundle_in_out(fault, checkpoint, tmp_path):
-    """A record each check passes can still make a manifest the reader refuses (here past its 16 MiB bound): the
-    export stops in one line and the bundle it would have replaced stays."""
+@pytest.fixture
+def unreadable_manifest(monkeypatch) -> Callable[[], None]:
+    """`unreadable_manifest()`: export's manifest writer and its reader disagree from now on (the manifest written is
+    past the reader's 16 MiB bound), what the read-back is the last defence against once each record passed."""
+    import export.bundle
+
+    def write_manifest(bundle: Path, manifest: models.bundle.Manifest) -> Path:
+        path = models.bundle.write_manifest(bundle, manifest)
+        with open(path, "a") as f:
+            f.write(" " * MAX_MANIFEST_BYTES)
+        return path
+
+    return lambda: monkeypatch.setattr(export.bundle, "write_manifest", write_manifest)
+
+
+def test_a_manifest_that_does_not_read_back_never_replaces_the_bundle_in_out(checkpoint, tmp_path,
+                                                                             unreadable_manifest):
+    """The export stops in one line and the bundle it would have replaced stays."""
     from export.bundle import ExportError
 
     out = tmp_path / "b"
     _export(checkpoint, out, ["onnx"])
     before = read_manifest(out)
-    fault("info_huge")
+    unreadable_manifest()
     with pytest.raises(ExportError) as err:
-        _export(checkpoint, out, ["onnx", RT.target])
+        _export(checkpoint, out, ["onnx"])
     assert str(err.value).startswith(f"export failed: the manifest written does not read back, so {out} was left "
                                      "as it was: ")
     assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
