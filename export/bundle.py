@@ -314,7 +314,7 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     existing = _tree(ctx.workdir)
     start = time.perf_counter()
     try:
-        built = check_built(rt.name, rt.build(ctx, target.precision))
+        built = check_built(rt.name, rt.build(ctx, target.precision), ctx.workdir)
         artifact = replace(artifact, export_seconds=round(time.perf_counter() - start, 3))
         _check_new_files(ctx.workdir, rt.name, built.files, existing, earlier)
         made = replace(artifact, runtime_version=rt.version(), info=built.info,
@@ -358,9 +358,15 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     if failures:
         (outputs or {}).pop(target.id, None)
         _remove_new(ctx.workdir, existing)
-        return replace(artifact, servable=False, refused_reason="; ".join(failures),
+        return replace(artifact, servable=False, refused_reason=_in_bundle("; ".join(failures), ctx.workdir),
                        refused_files=artifact.files, files=())
     return replace(artifact, servable=True, refused_reason=None)
+
+
+def _in_bundle(text: str, workdir: Path) -> str:
+    """`text` with the paths inside `workdir`, the bundle's temporary directory, relative to it: the manifest keeps
+    the text, and that directory is renamed into --out (or removed) when the export ends."""
+    return text.replace(f"{workdir}{os.sep}", "")
 
 
 def _golden_check(backend: Backend, artifact: Artifact, data: ParityData, max_batch: int,
@@ -781,8 +787,10 @@ def _check_reads_back(tmp: Path, out: Path) -> None:
     try:
         read_manifest(tmp)
     except BundleError as exc:
-        raise ExportError(f"export failed: the manifest written does not read back, so {out} was left as it was: "
-                          f"{str(exc).replace(f'{tmp}{os.sep}', '')}") from None
+        kept = f"{out} was left as it was" if os.path.lexists(out) else f"nothing was written to {out}"
+        # The reader's advice to re-export is for a bundle found on disk: this is the export's own manifest.
+        reason = _in_bundle(str(exc), tmp).removesuffix("; re-export the bundle")
+        raise ExportError(f"export failed: the manifest written does not read back, so {kept}: {reason}") from None
 
 
 def write_golden(bundle: Path, meta: CheckpointMeta, images: ImageSet, data: ParityData, contract: str,

@@ -43,10 +43,11 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_built(runtime: str, built: Any) -> Built:
+def check_built(runtime: str, built: Any, workdir: Path | None = None) -> Built:
     """`built` as export keeps it (its info as plain JSON data: numpy scalars as Python numbers); TypeError or
     ValueError (one line naming `runtime` and what was expected) unless it is a `Built` whose files are a list of
-    `pathlib.Path` and whose info is a dict of JSON data, the rule `describe()` follows."""
+    `pathlib.Path` and whose info is a dict of JSON data, the rule `describe()` follows. A file given as a str
+    inside `workdir` (the bundle's temporary directory) is named relative to it."""
     # A plugin's build returning None, a tuple or a list of str went on to fail in the loader or the manifest
     # writer, with an AttributeError that blamed the Backend's load (or a traceback that took the export down).
     if not isinstance(built, Built):
@@ -56,7 +57,11 @@ def check_built(runtime: str, built: Any) -> Built:
                         "pathlib.Path (the artifact's files it wrote into ctx.workdir)")
     for i, path in enumerate(built.files):
         if not isinstance(path, Path):
-            raise TypeError(f"{runtime} build returned files[{i}] as {type(path).__name__} {path!r:.80}, expected "
+            # The manifest keeps the reason, and the temporary directory is gone once the bundle is renamed.
+            shown = path
+            if workdir is not None and isinstance(path, str) and path.startswith(f"{workdir}{os.sep}"):
+                shown = path[len(f"{workdir}{os.sep}"):]
+            raise TypeError(f"{runtime} build returned files[{i}] as {type(path).__name__} {shown!r:.80}, expected "
                             "a pathlib.Path")
     if not isinstance(built.info, dict):
         raise TypeError(f"{runtime} build returned info as {type(built.info).__name__}, expected a dict")
