@@ -34,6 +34,7 @@ from models.bundle import (
     GOLDEN_FILE,
     MANIFEST_FILE,
     MAX_BATCH_LIMIT,
+    MAX_TEXT_CHARS,
     NAME_RULE,
     Artifact,
     BundleError,
@@ -54,7 +55,7 @@ from models.failures import memory_failure, storage_failure
 from models.host import MAX_THREADS
 from models.io import DirectoryBusy, atomic_dir, ensure_dir, resolve_path, same_file, sha256_file
 from models.jsonfields import is_int
-from models.oneline import first_line
+from models.oneline import first_line, one_line
 from models.preprocessing import Preprocessing, normalize, preprocess, to_uint8
 from runtimes import Backend, BackendError, BackendOptions, ExportError, LoadSpec, open_artifact
 from runtimes.base import INPUT_NAME, OUTPUT_NAME, description
@@ -358,7 +359,7 @@ def _build_one(ctx: ExportContext, header: Manifest, target: Target, data: Parit
     if failures:
         (outputs or {}).pop(target.id, None)
         _remove_new(ctx.workdir, existing)
-        return replace(artifact, servable=False, refused_reason=_in_bundle("; ".join(failures), ctx.workdir),
+        return replace(artifact, servable=False, refused_reason=_reason(failures, ctx.workdir),
                        refused_files=artifact.files, files=())
     return replace(artifact, servable=True, refused_reason=None)
 
@@ -367,6 +368,15 @@ def _in_bundle(text: str, workdir: Path) -> str:
     """`text` with the paths inside `workdir`, the bundle's temporary directory, relative to it: the manifest keeps
     the text, and that directory is renamed into --out (or removed) when the export ends."""
     return text.replace(f"{workdir}{os.sep}", "")
+
+
+def _reason(failures: Sequence[str], workdir: Path) -> str:
+    """An artifact's refused_reason as the manifest reader takes it back: one line of at most MAX_TEXT_CHARS, its
+    unprintable characters escaped, its paths relative to the bundle."""
+    # A converter's one-line error of 70,000 characters (or naming a file with undecodable bytes: lone surrogates)
+    # made a manifest the read-back refused, and the export lost every other artifact with it.
+    text = one_line(_in_bundle("; ".join(failures), workdir))
+    return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS - 3] + "..."
 
 
 def _golden_check(backend: Backend, artifact: Artifact, data: ParityData, max_batch: int,
@@ -468,7 +478,7 @@ def _refuse(workdir: Path, artifact: Artifact, reason: str, outputs: dict[str, n
             (workdir / f.path).unlink()
     outputs.pop(artifact.id, None)
     reasons = [r for r in (artifact.refused_reason, reason) if r]
-    return replace(artifact, servable=False, refused_reason="; ".join(reasons),
+    return replace(artifact, servable=False, refused_reason=_reason(reasons, workdir),
                    refused_files=artifact.files or artifact.refused_files, files=())
 
 

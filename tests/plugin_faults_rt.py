@@ -10,7 +10,8 @@ overrides it (a server already running is switched by writing it):
   same returned as a str), "subdir_rows" (the same failing its gate as "rows" does); what it returns: "built_none",
   "files_item_str" (a list of str), "info_numpy" (an array), "info_nan", "info_scalars" (numpy scalars, an int
   key: converted), "info_core" (keys naming the record's own fields), "info_hint" (an inference_precision that is
-  no tag), "info_huge" (17 MiB: a manifest past the reader's bound); RUNTIME_HUBLESS (no needs_hub=True) builds
+  no tag), "info_huge" (17 MiB: a manifest past the reader's bound), "raise_long" (an error of one 128 Ki-character
+  line naming a file with an undecodable byte); RUNTIME_HUBLESS (no needs_hub=True) builds
   the same way, asking for the hub, and RUNTIME_IR too, its files in a format that takes other files;
 - version(): "version_tuple", "version_lines" (two lines);
 - infer: "raise" (an ordinary exception, two lines), "int" (int32 logits), "rows" (one row whatever the batch);
@@ -47,6 +48,9 @@ def build(ctx: ExportContext, precision: str) -> Built:
     mode = fault()
     if mode == "scratch":
         return Built([ctx.hub_onnx()], {})
+    if mode == "raise_long":
+        undecodable = ctx.workdir / os.fsdecode(b"w\xff.bin")
+        raise ValueError(f"cannot convert {undecodable}: " + "x" * (1 << 17))
     out = ctx.workdir / ("model.onnx" if mode == "collide" else FILE)
     if mode == "outside":
         out = ctx.workdir.parent / FILE

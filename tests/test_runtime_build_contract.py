@@ -208,6 +208,21 @@ def unreadable_manifest(monkeypatch) -> Callable[[], None]:
     return lambda: monkeypatch.setattr(export.bundle, "write_manifest", write_manifest)
 
 
+def test_a_refusal_the_manifest_could_not_hold_is_cut_to_one_line_it_holds(fault, checkpoint, tmp_path):
+    """A build's error of 128 Ki characters naming a file with an undecodable byte: the refused_reason it made was
+    past the reader's bounds, and the read-back refused the export of every other artifact."""
+    from models.bundle import MAX_TEXT_CHARS
+
+    fault("raise_long")
+    out = tmp_path / "b"
+    m = _export(checkpoint, out, ["onnx", RT.target])
+    reason = _refused(m)
+    assert reason.startswith("export failed: ValueError: cannot convert w\\udcff.bin: xxx")
+    assert len(reason) == MAX_TEXT_CHARS and reason.endswith("x...")
+    assert [a.id for a in m.servable()] == ["torch-fp32", "onnx-fp32"]
+    assert read_manifest(out) == m
+
+
 def test_a_manifest_that_does_not_read_back_never_replaces_the_bundle_in_out(checkpoint, tmp_path,
                                                                              unreadable_manifest):
     """The export stops in one line and the bundle it would have replaced stays."""
