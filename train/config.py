@@ -289,7 +289,9 @@ def checked_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
 
     base = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
     try:
-        TrainConfig.from_dict({**base, "resume": True})  # its model need not be registered: the run recorded it
+        # Read as the run being resumed: its model need not be registered (the run recorded it), and a run begun
+        # with --overwrite resumes like any other (as resolve_config reads it).
+        TrainConfig.from_dict({**base, "resume": True, "overwrite": False})
     except (ConfigError, TypeError) as exc:  # TypeError: a value of the wrong kind (e.g. a list as a name)
         raise damaged(f"config: {exc}") from None
     return saved
