@@ -392,11 +392,13 @@ def _stop_then_kill_a_worker(pid: int) -> None:
     for _ in range(50):
         for worker in (int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
             try:
+                if Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                    continue  # an epoch's worker that exited, not yet reaped: a signal to it "succeeds"
                 os.kill(worker, signal.SIGSTOP)
-            except ProcessLookupError:
+                time.sleep(1.5)
+                os.kill(worker, signal.SIGKILL)  # stopped, so still there unless it had already exited
+            except (ProcessLookupError, FileNotFoundError):
                 continue
-            time.sleep(1.5)
-            os.kill(worker, signal.SIGKILL)  # stopped, so still there
             return
         time.sleep(0.1)
     raise AssertionError("no data-loader worker of the run could be signalled")
