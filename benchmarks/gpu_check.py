@@ -61,6 +61,7 @@ from models.cli import (
     int_in,
     last_line,
     refuse_empty_paths,
+    signals_caught,
 )
 from models.oneline import first_line
 
@@ -301,11 +302,15 @@ def run_group(cmd: Sequence[str], timeout: float, *, grace: float = KILL_GRACE_S
     mark = f"{os.getpid()}-{time.monotonic_ns()}"
     step_env = {**child_env({**os.environ, **(env or {})}), STEP_ENV: mark}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(list(cmd), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=step_env,
-                                start_new_session=True)
-        group = StepGroup(proc.pid, mark)
+        proc: subprocess.Popen | None = None
         timed_out = False
         try:
+            # A signal during Popen's wait for the exec would leave the step running, unknown: it is raised once
+            # the step is recorded, here where its cleanup below stops it.
+            with signals_caught():
+                proc = subprocess.Popen(list(cmd), cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        env=step_env, start_new_session=True)
+            group = StepGroup(proc.pid, mark)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -313,8 +318,9 @@ def run_group(cmd: Sequence[str], timeout: float, *, grace: float = KILL_GRACE_S
             leftovers = group.end(grace)  # the command itself too, when it timed out
             proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM of the check: its own session no longer hears the terminal
-            group.end(grace)
-            proc.wait()
+            if proc is not None:
+                StepGroup(proc.pid, mark).end(grace)
+                proc.wait()
             raise
         seconds = time.perf_counter() - t0
         return Finished(proc.returncode, timed_out, seconds, _tail(out, STDOUT_TAIL_BYTES),

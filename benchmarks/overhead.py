@@ -46,7 +46,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.cli import InputError, OneLineParser, WorkFailed, command, float_in, int_in, refuse_empty_paths
+from models.cli import (
+    InputError,
+    OneLineParser,
+    WorkFailed,
+    command,
+    float_in,
+    int_in,
+    refuse_empty_paths,
+    signals_caught,
+)
 from runtimes.registry import DEFAULT_RUNTIME
 
 if TYPE_CHECKING:
@@ -126,26 +135,6 @@ def _failure(exc: BaseException) -> str:
     return said if said.startswith(name) else f"{name}: {said}" if said else name  # IncompleteRead(...) names itself
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM caught and raised again on leaving (main thread): a child process started inside is
-    recorded before the interrupt unwinds past it (Popen interrupted while it waits for the exec would leave the
-    child running with nobody to stop it). Not a blocked signal mask: the child would inherit that."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in caught:
-            signal.raise_signal(s)  # now to the handler it was meant for
-
-
 class Server:
     """A server process on a loopback port: vitc (python -m serve) or the hand-written one."""
 
@@ -170,7 +159,7 @@ class Server:
             from serve.launch import REPO, child_env  # where this vitc lies: the server imports the same one
 
             env = child_env(os.environ)
-            with _signals_deferred(), open(self.log, "wb") as log_file:  # the child keeps its own copy of the fd
+            with signals_caught(), open(self.log, "wb") as log_file:  # the child keeps its own copy of the fd
                 self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
             _wait(f"http://127.0.0.1:{self.port}{ready}", self.proc)
         except RuntimeError as exc:

@@ -496,6 +496,27 @@ def deferred_signals() -> Iterator[None]:
         raise_discarded_signal()  # one discarded before (a `__del__`): this is a safe point too
 
 
+@contextlib.contextmanager
+def signals_caught() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP caught while the body runs and raised again on leaving (main thread): a child
+    process started inside is recorded before the interrupt unwinds past it (Popen interrupted while it waits for
+    the exec would leave the child running with nobody to stop it). Not a blocked signal mask: the child would
+    inherit that."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():  # None: a handler not set from Python, which only the default stands for
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)  # now to the handler it was meant for
+
+
 _RUNNING = object()  # `run`'s code while main has not returned
 
 
