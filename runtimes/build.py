@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.failures import disk_full
-from models.jsonfields import json_data
 from models.preprocessing import preprocess
+from runtimes.base import json_data
 
 if TYPE_CHECKING:
     from torch import nn
