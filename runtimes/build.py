@@ -22,7 +22,7 @@ import numpy as np
 
 from models.failures import disk_full
 from models.preprocessing import preprocess
-from runtimes.base import json_data
+from runtimes.jsondata import json_data
 
 if TYPE_CHECKING:
     from torch import nn
