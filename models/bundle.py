@@ -37,11 +37,11 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import MAX_DATASET_CHARS, check_model_contract, read_format_version, unknown_config_field
+from models.checkpoint import MAX_DATASET_CHARS, check_model_contract, read_format_version, unknown_contract_field
 from models.config import MAX_CLASSES, MAX_IMAGE_SIDE, MAX_PARAMS, ViTConfig, is_label
 from models.formats import FormatError, UnreadableFile, files_problem, format_rules
 from models.io import atomic_write_bytes, not_a_file, read_strict_json, sha256_file, strict_json_bytes
@@ -690,7 +690,7 @@ class Manifest:
             raise BundleError(f"{where}: not a {FORMAT} manifest (field 'format' is {raw.get('format')!r:.80})")
         version = read_format_version(r, FORMAT_VERSION, BundleError, newer="upgrade vitc or re-export the bundle",
                                       older="re-export the bundle")
-        if (unknown := unknown_config_field(raw.get("config")) or _unknown_preprocessing(raw)) is not None:
+        if (unknown := unknown_contract_field(raw)) is not None:
             raise _newer(where, f"field {unknown!r}")
         config = r.contract("config", lambda d: ViTConfig.from_dict(d))
         preprocessing = r.contract("preprocessing", lambda d: Preprocessing.from_dict(d))
@@ -725,17 +725,6 @@ class Manifest:
                                          zip(manifest.artifacts, raw.get("artifacts") or (), strict=True)})
         _check_consistent(manifest, r)
         return manifest
-
-
-_PREPROCESSING_KEYS = frozenset(f.name for f in fields(Preprocessing))
-
-
-def _unknown_preprocessing(raw: dict[str, Any]) -> str | None:
-    """The dotted path of the first `preprocessing` key this vitc's Preprocessing lacks ("preprocessing.antialias",
-    a newer vitc's: it was called corrupt), or None; other shapes are left to Preprocessing.from_dict."""
-    pre = raw.get("preprocessing")
-    key = next((str(k)[:80] for k in pre if k not in _PREPROCESSING_KEYS), None) if isinstance(pre, dict) else None
-    return None if key is None else f"preprocessing.{key}"
 
 
 def _newer(where: str, what: str) -> BundleError:

@@ -356,7 +356,8 @@ def _parse_meta(path: Path, raw: dict[str, Any], r: Fields) -> CheckpointMeta:
     read_format_version(r, FORMAT_VERSION, CheckpointError, newer="upgrade vitc to read this checkpoint",
                         older="vitc has written 1 or later since its first release: the file was edited or not "
                               "written by vitc")
-    if (unknown := unknown_config_field(raw.get("config"))) is not None:
+    if (unknown := unknown_contract_field(raw) or _unknown_key(raw.get("weights"), _WeightsRecord, prefix="weights.")
+            ) is not None:
         raise CheckpointError(f"{r.where}: field {unknown!r} is not one this vitc knows: the checkpoint may come from "
                               f"a newer vitc (upgrade vitc to read it)")
     weights = r.obj("weights")
@@ -389,30 +390,51 @@ def read_format_version(r: Fields, supported: int, error: Callable[[str], Except
     return version
 
 
+@dataclass(frozen=True)
+class _WeightsRecord:
+    """The keys of checkpoint.json's `weights`: every vitc has written exactly these three."""
+
+    file: str
+    sha256: str
+    format: str
+
+
+def unknown_contract_field(raw: dict[str, Any]) -> str | None:
+    """The dotted path of the first `config` (`unknown_config_field`) or `preprocessing` key of a checkpoint.json or
+    manifest.json that this vitc's classes lack: a newer vitc's field, which was a TypeError or called corrupt."""
+    if (key := unknown_config_field(raw.get("config"))) is not None:
+        return key
+    return _unknown_key(raw.get("preprocessing"), Preprocessing, prefix="preprocessing.")
+
+
 def unknown_config_field(config: Any) -> str | None:
     """The dotted path of the first key of a serialised `ViTConfig` (its stem and conv layers included) that this
     vitc's classes lack, or None: a newer vitc's field, which the constructor would refuse as a Python TypeError.
     Anything not shaped like a config is left to `ViTConfig.from_dict`, which says what is wrong."""
     if not isinstance(config, dict):
         return None
-    if (key := _unknown_key(config, ViTConfig)) is not None:
-        return f"config.{key}"
+    if (key := _unknown_key(config, ViTConfig, prefix="config.")) is not None:
+        return key
     stem = config.get("stem")
     kinds = {"patchify": PatchifyStem, "conv": ConvStem}
     if not isinstance(stem, dict) or not isinstance(stem.get("kind"), str) or stem["kind"] not in kinds:
         return None
-    if (key := _unknown_key(stem, kinds[stem["kind"]], "kind")) is not None:
-        return f"config.stem.{key}"
+    if (key := _unknown_key(stem, kinds[stem["kind"]], "kind", prefix="config.stem.")) is not None:
+        return key
     layers = stem.get("layers") if stem["kind"] == "conv" else None
     for i, layer in enumerate(layers if isinstance(layers, list) else ()):
-        if isinstance(layer, dict) and (key := _unknown_key(layer, ConvLayer)) is not None:
-            return f"config.stem.layers[{i}].{key}"
+        if (key := _unknown_key(layer, ConvLayer, prefix=f"config.stem.layers[{i}].")) is not None:
+            return key
     return None
 
 
-def _unknown_key(obj: dict[str, Any], cls: type, *extra: str) -> str | None:
+def _unknown_key(obj: Any, cls: type, *extra: str, prefix: str = "") -> str | None:
+    """`prefix` + the first key of `obj` that is neither a field of `cls` nor in `extra`; None for a non-dict (its
+    own reader says what is wrong with it)."""
+    if not isinstance(obj, dict):
+        return None
     known = {f.name for f in dataclasses.fields(cls)} | set(extra)
-    return next((str(k)[:80] for k in obj if k not in known), None)
+    return next((prefix + str(k)[:80] for k in obj if k not in known), None)
 
 
 def _plain_file_name(name: str) -> bool:

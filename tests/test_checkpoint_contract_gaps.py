@@ -257,3 +257,14 @@ def test_an_unknown_config_field_is_said_to_come_from_a_newer_vitc(ckpt, where, 
     dotted = "config" + "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in where) + f".{field}"
     message = _refused(ckpt, f"field {dotted!r} is not one this vitc knows", "may come from a newer vitc")
     assert "unexpected keyword argument" not in message and "__init__" not in message, message
+
+
+@pytest.mark.parametrize(("section", "field"), [("preprocessing", "antialias"), ("weights", "dtype")])
+def test_an_unknown_preprocessing_or_weights_key_is_said_to_come_from_a_newer_vitc(ckpt, section, field):
+    # A newer vitc's preprocessing key was "corrupt checkpoint metadata", and one in `weights` (say a dtype the
+    # weights were stored in) was ignored: the weights would have been read as this vitc's float32.
+    doc = _meta(ckpt)
+    doc[section][field] = "x"
+    _write_meta(ckpt, doc)
+    message = _refused(ckpt, f"field '{section}.{field}' is not one this vitc knows", "may come from a newer vitc")
+    assert "corrupt" not in message, message
