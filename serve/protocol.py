@@ -385,11 +385,16 @@ def _params(obj: dict, what: str, own: tuple[str, ...] = ()) -> dict:
 
 def check_parameters(params: dict, what: str, own: tuple[str, ...] = ()) -> None:
     """ProtocolError naming the first key of `params` (outside `own`) whose value is not a string, number or
-    boolean: an object, a list or null."""
+    boolean: an object, a list or null; or a number beyond every float."""
     for key, value in params.items():
-        if key not in own and (value is None or isinstance(value, dict | list)):
+        if key in own:
+            continue
+        if value is None or isinstance(value, dict | list):
             raise ProtocolError(f"{what} parameter {key[:64]!r} must be a string, a number or a boolean, "
                                 f"got {_json_kind(value)}")
+        # 1e999: Python reads it as infinity; Triton's JSON parser (RapidJSON) refuses it as too big for a double.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"{what} parameter {key[:64]!r} is a number beyond every float")
 
 
 # The protocol's $parameter: a string, number or boolean value (what check_parameters lets through), as JSON Schema.
@@ -594,7 +599,7 @@ def _parse_output(spec: Any) -> RequestedOutput:
                             "(an int64, as in Triton; a count above the output's size ranks all of it), "
                             f"got {_count_kind(k)}")
     binary = params.get("binary_data")
-    if binary is not None and not isinstance(binary, bool):
+    if "binary_data" in params and not isinstance(binary, bool):  # null too, as every other parameter
         raise ProtocolError(f"output {spec['name'][:128]!r}: binary_data must be true or false")
     if "shared_memory_region" in params:  # answering in the body instead would leave the client's region unwritten
         raise ProtocolError(f"output {spec['name'][:128]!r}: {NO_SHARED_MEMORY}: omit shared_memory_region to get "

@@ -91,8 +91,13 @@ def test_batch_stats_count_a_request_without_batching_as_batch_size_1_as_triton(
 
 # F3 ---------------------------------------------------------------------------------------------------------------
 
+def _wire(body: dict) -> bytes:
+    """`body` as JSON, an infinite float written as the number beyond every float a client sends (1e999)."""
+    return json.dumps(body).replace("Infinity", "1e999").encode()
+
+
 def _request(**parameters: object) -> bytes:
-    return json.dumps(_body(1, parameters=parameters)).encode()
+    return _wire(_body(1, parameters=parameters))
 
 
 @pytest.mark.parametrize("parameters, says", [
@@ -109,8 +114,11 @@ def _request(**parameters: object) -> bytes:
     ({"timeout": -5}, "parameters.timeout must be an unsigned integer (microseconds), got -5"),
     ({"timeout": 1 << 64}, "parameters.timeout must be an unsigned integer (microseconds), got 18446744073709551616"),
     ({"binary_data_output": "yes"}, 'parameters.binary_data_output must be true or false, got "yes"'),
+    ({"x": float("inf")}, "request parameter 'x' is a number beyond every float"),
+    ({"x": float("-inf")}, "request parameter 'x' is a number beyond every float"),
 ], ids=["object", "list", "null", "triton_", "sequence_id-object", "sequence_id-negative", "sequence_start",
-        "priority-string", "priority-float", "timeout-negative", "timeout-2^64", "binary_data_output"])
+        "priority-string", "priority-float", "timeout-negative", "timeout-2^64", "binary_data_output", "1e999",
+        "-1e999"])
 def test_request_parameters_triton_refuses_are_refused_naming_the_key(parameters, says):
     with pytest.raises(ProtocolError) as refused:
         parse_request(_request(**parameters), None)
@@ -133,13 +141,16 @@ def test_scalar_parameters_and_the_triton_keys_of_their_type_are_accepted():
     ("output", {"p": []}, "output 'logits' parameter 'p' must be a string, a number or a boolean, got a list"),
     ("output", {"classification": None}, "classification must be an integer from 0 to 2^63-1"),  # its own check
     ("output", {"binary_data": "yes"}, "output 'logits': binary_data must be true or false"),
+    ("output", {"binary_data": None}, "output 'logits': binary_data must be true or false"),
+    ("input", {"x": float("inf")}, "input 'input' parameter 'x' is a number beyond every float"),
+    ("output", {"x": float("-inf")}, "output 'logits' parameter 'x' is a number beyond every float"),
     ("input", {"binary_data_size": "4"}, "binary_data_size must be a non-negative integer"),
 ])
 def test_tensor_parameters_are_scalars_and_the_known_ones_keep_their_own_checks(where, parameters, says):
     body = _body(1, outputs=[{"name": "logits"}])
     (body["inputs"] if where == "input" else body["outputs"])[0]["parameters"] = parameters
     with pytest.raises(ProtocolError) as refused:
-        parse_request(json.dumps(body).encode(), None)
+        parse_request(_wire(body), None)
     assert says in str(refused.value)
 
 

@@ -7,7 +7,6 @@ same dynamic batcher as /v1 requests.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -329,10 +328,6 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
         check_parameters(params, "repository request")
     except ProtocolError as exc:
         raise APIError(400, str(exc)) from None
-    for key, value in params.items():
-        # 1e999: Python reads it as infinity; Triton's JSON parser (RapidJSON) refuses it as too big for a double.
-        if isinstance(value, float) and not math.isfinite(value):
-            raise APIError(400, f"repository request parameter {key[:64]!r} is a number beyond every float")
     return params
 
 
