@@ -103,13 +103,16 @@ def _out_of_memory(error: BaseException | None) -> bool:
 def _parser_refusal(error: BaseException | None, msg: str) -> tuple[int, str, str]:
     """The answer to what the parser refused (uvicorn calls send_400_response inside its `except`): an unknown
     method is 501 and an unknown HTTP version 505 (RFC 9110 9.1, 15.6.6), HTTP/2's connection preface too, the
-    rest 400."""
+    rest 400 with the parser's reason (`msg` where there is none: a callback's own failure)."""
     if isinstance(error, httptools.HttpParserInvalidMethodError):
         return 501, "Not Implemented", "unknown request method (methods are case-sensitive, e.g. GET, POST)"
     if isinstance(error, httptools.HttpParserError) and str(error) == "Invalid HTTP version":
         return 505, "HTTP Version Not Supported", "unknown HTTP version (HTTP/1.1 only)"
     if isinstance(error, httptools.HttpParserError) and str(error) == _H2_PREFACE:
         return 505, "HTTP Version Not Supported", H2_REFUSED
+    if isinstance(error, httptools.HttpParserError) and not isinstance(error, httptools.HttpParserCallbackError):
+        # llhttp's reasons are short fixed texts ("Invalid header value char"), as a chunked body's refusal gives them.
+        return 400, "Bad Request", f"malformed request: {str(error).splitlines()[0] if str(error) else msg}"[:200]
     return 400, "Bad Request", msg
 
 

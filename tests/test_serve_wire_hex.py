@@ -1,0 +1,57 @@
+"""The HTTP/1.1 wire as a client sees it (hEX's findings), against the real app behind serve.httpproto's protocol, in
+process, on tests/fake_runtime.py, over real sockets: refusals of malformed headers give the parser's reason."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import fake_runtime
+import pytest
+from test_serve_fixtures import in_process_server
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory) -> Iterator[int]:
+    bundle = fake_runtime.write_bundle(tmp_path_factory.mktemp("wire") / "fake")
+    with in_process_server(bundle) as p:
+        yield p
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers (lower-case names) and body of the next answer on `sock` (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, data
+        data += piece
+    top, _, rest = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    while len(rest) < int(headers.get("content-length", 0)):
+        piece = sock.recv(65536)
+        assert piece
+        rest += piece
+    return int(lines[0].split()[1]), headers, rest
+
+
+def _ask(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(request)
+        return _answer(sock)
+
+
+@pytest.mark.parametrize("head, reason", [
+    (b"POST /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "Transfer-Encoding can't be present with Content-Length"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-A : a\r\n\r\n", "Invalid header token"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", "Invalid header value char"),
+    (b"GET /v2 HTTP/1.1\nHost: x\n\n", "Expected CRLF after version"),
+    (b"GET /v2/\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid char in url path"),
+], ids=["cl-and-te", "space-before-colon", "nul-in-value", "bare-lf", "raw-utf8-path"])
+def test_a_malformed_request_is_told_the_parsers_reason_in_one_short_line(port, head, reason):
+    status, headers, body = _ask(port, head)
+    assert status == 400 and headers["content-type"] == "application/json", (status, headers)
+    text = json.loads(body)["error"]
+    assert text == f"malformed request: {reason}", text
