@@ -156,6 +156,10 @@ class _HeldFlow(FlowControl):
 
 
 _TOO_LARGE = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
+# Fields a chunked body's trailer may not carry (RFC 9110 6.5.1): they frame the message, route it or say how its
+# content is read, which the request's headers alone decide (a proxy or filter checks those, not the trailer).
+_HEADER_ONLY = frozenset({b"content-length", b"transfer-encoding", b"trailer", b"host", b"content-encoding",
+                          b"content-type", b"inference-header-content-length"})
 
 
 class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -171,6 +175,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
     _oversized = False
     _long_uri = False
     _bad: tuple[Any, ...] | None = None
+    _bad_trailer: bytes | None = None  # a field of _HEADER_ONLY in the trailer of the request being read
 
     @classmethod
     def configured(cls, limits: ConnectionLimits, *, access_log: bool = True,
@@ -488,6 +493,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         self._behind = bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
         self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
         self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
+        self._bad_trailer = None
         self._codings: list[bytes] = []  # Transfer-Encoding values
 
     def on_url(self, url: bytes) -> None:
@@ -500,11 +506,19 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._priming:
             return
+        self._count_parsed(len(name) + len(value) + 4)  # a trailer's fields too: one bound for both sections
+        if self._in_body:
+            # A chunked body's trailer field: counted, never merged into the request's headers (RFC 9110 6.5.1).
+            # uvicorn appended it to the list the app reads, after the app had begun, and a Content-Encoding there,
+            # which no proxy saw in the headers, decoded the body.
+            if name.lower() in _HEADER_ONLY:
+                self._bad_trailer = name
+                raise ValueError(name)  # the parser stops; send_400_response answers
+            return
         super().on_header(name, value)
         self._hosts += name.lower() == b"host"
         if name.lower() == b"transfer-encoding":
             self._codings.append(value)
-        self._count_parsed(len(name) + len(value) + 4)
 
     def _count_parsed(self, n: int) -> None:
         """Headers that arrive whole in one read are measured here, as the parser hands them over."""
@@ -727,6 +741,10 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             if self._oversized:
                 self._body_refused(f"the request's header and trailer fields are larger than {MAX_HEADER_BYTES} "
                                    "bytes", 431)
+            elif self._bad_trailer is not None:
+                name = self._bad_trailer.decode("latin-1")[:64]
+                self._body_refused(f"malformed chunked body: {name!r} may not be sent in its trailer (it frames the "
+                                   "request or says how its body is read): send it in the request's headers")
             else:
                 self._body_refused(f"malformed chunked body: {sys.exc_info()[1] or msg}"[:200])
         elif self._long_uri:

@@ -3,6 +3,7 @@ process, on tests/fake_runtime.py, over real sockets: refusals of malformed head
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 from collections.abc import Iterator
@@ -55,3 +56,31 @@ def test_a_malformed_request_is_told_the_parsers_reason_in_one_short_line(port, 
     assert status == 400 and headers["content-type"] == "application/json", (status, headers)
     text = json.loads(body)["error"]
     assert text == f"malformed request: {reason}", text
+
+
+INFER = "/v2/models/fake/infer"
+
+
+def _chunked_infer(body: bytes, trailer: bytes, headers: bytes = b"") -> bytes:
+    """A chunked v2 infer request of `body` in one chunk, with `trailer` (field lines) after its last chunk."""
+    return (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".encode() + headers + b"\r\n"
+            + b"%x\r\n" % len(body) + body + b"\r\n0\r\n" + trailer + b"\r\n")
+
+
+def test_a_trailer_field_is_never_merged_into_the_request_headers(port):
+    """RFC 9110 6.5.1: the body's coding and the answer's come from the header section; a trailer field that would
+    frame the request or say how to read its body is refused (JSON 400), one that would not is read and ignored."""
+    plain = fake_runtime.request_body(1.0)
+    packed = gzip.compress(plain)
+    status, _, body = _ask(port, _chunked_infer(packed, b"Content-Encoding: gzip\r\n"))
+    assert status == 400 and "'Content-Encoding' may not be sent in its trailer" in json.loads(body)["error"], body
+    for field in (b"Inference-Header-Content-Length: 0", b"Host: y", b"Content-Type: text/plain"):
+        status, _, body = _ask(port, _chunked_infer(plain, field + b"\r\n"))
+        assert status == 400 and "may not be sent in its trailer" in json.loads(body)["error"], (field, body)
+    status, _, body = _ask(port, _chunked_infer(plain, b"Content-Length: 3\r\n"))  # the parser's own refusal
+    assert status == 400 and "Content-Length" in json.loads(body)["error"], body
+    status, headers, body = _ask(port, _chunked_infer(plain, b"Accept-Encoding: gzip\r\nX-Note: n\r\n"))
+    assert status == 200 and "content-encoding" not in headers, (status, headers)  # the trailer asked, unheard
+    assert json.loads(body)["model_name"] == "fake"
+    status, headers, _ = _ask(port, _chunked_infer(plain, b"", b"Accept-Encoding: gzip\r\n"))
+    assert status == 200 and headers["content-encoding"] == "gzip"  # the header section's own field is heard
