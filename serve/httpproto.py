@@ -33,6 +33,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 
 from serve.chunked import ChunkSizes
 from serve.errors import APIError
+from serve.hostfield import host_field_problem
 from serve.http_limits import PROBE_PATHS, PROBE_WAIT_S, ConnectionLimits, OpenConnections, Refusals
 from serve.linger import LingeringClose, LingeringTransport
 
@@ -494,6 +495,7 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         self._parsed_header_bytes, self._oversized, self._in_headers = 0, False, True
         self._header_bytes, self._hosts, self._bad, self._long_uri = 0, 0, None, False
         self._bad_trailer = None
+        self._bad_host: str | None = None  # why the first Host value breaks the grammar (serve.hostfield)
         self._codings: list[bytes] = []  # Transfer-Encoding values
 
     def on_url(self, url: bytes) -> None:
@@ -516,7 +518,10 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
                 raise ValueError(name)  # the parser stops; send_400_response answers
             return
         super().on_header(name, value)
-        self._hosts += name.lower() == b"host"
+        if name.lower() == b"host":
+            self._hosts += 1
+            if self._bad_host is None and (problem := host_field_problem(value)):
+                self._bad_host = f"{value.decode('latin-1')[:64]!r} is {problem}"
         if name.lower() == b"transfer-encoding":
             self._codings.append(value)
 
@@ -590,6 +595,9 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         if self._hosts != 1 and version == "1.1":
             # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
             return 400, "Bad Request", f"an HTTP/1.1 request needs exactly one Host header, not {self._hosts}"
+        if self._bad_host is not None:
+            # RFC 9112 3.2: and to one whose Host value is invalid (not `host [ ":" port ]`, RFC 3986).
+            return 400, "Bad Request", f"invalid Host header: {self._bad_host}"
         if codings and codings != [b"chunked"]:
             # RFC 9112 6.1: a transfer coding the server does not understand is 501 (the parser would take
             # `gzip, chunked` as plain chunked and hand on a still-compressed body).

@@ -84,3 +84,19 @@ def test_a_trailer_field_is_never_merged_into_the_request_headers(port):
     assert json.loads(body)["model_name"] == "fake"
     status, headers, _ = _ask(port, _chunked_infer(plain, b"", b"Accept-Encoding: gzip\r\n"))
     assert status == 200 and headers["content-encoding"] == "gzip"  # the header section's own field is heard
+
+
+@pytest.mark.parametrize("host", [b"a b c", b"a/b", b"[::1", b"x@y", b"%00", b"a:99999999", b"a:65536", b"[::1]x",
+                                  b"[fe80::1%25eth0]", b"[1.2.3.4]", b"a:-1", b"a:b", b"a\"b"])
+def test_an_invalid_host_value_is_a_json_400(port, host):
+    status, headers, body = _ask(port, b"GET /v2 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert status == 400 and headers["content-type"] == "application/json", (host, status)
+    assert json.loads(body)["error"].startswith("invalid Host header: "), body
+
+
+@pytest.mark.parametrize("host", [b"", b"localhost", b"localhost:8000", b"127.0.0.1:0", b"example.com:65535",
+                                  b"[::1]", b"[::1]:80", b"[v1.x]", b"my_host.local", b"a%2Db",
+                                  b"xn--bcher-kva.example", b"a:"])
+def test_a_valid_host_value_is_served(port, host):
+    status, _, body = _ask(port, b"GET /v2 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert status == 200, (host, body)
