@@ -83,18 +83,28 @@ ACCEPTED_CODINGS = "gzip, deflate"  # Content-Encodings of request bodies (besid
 MAX_GZIP_MEMBERS = 16  # each member costs a copy of what follows it (zlib's unused_data): n members cost n x body
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo a gzip/deflate Content-Encoding without ever inflating past `limit` bytes."""
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def content_coding(encoding: str | None) -> str:
+    """The Content-Encoding `encoding` as one coding ("identity", "gzip" or "deflate"); ProtocolError 415 for any
+    other, which the header alone tells (checked before the body is read)."""
     # A list whose empty elements are ignored, as RFC 9110 5.6.1.2 requires ("gzip," and ", gzip" are gzip); more
     # than one coding is refused below as the list it is.
     codings = [c.strip() for c in (encoding or "").lower().split(",", MAX_GZIP_MEMBERS)]
     encoding = ", ".join(c for c in codings if c) or "identity"
     encoding = {"x-gzip": "gzip"}.get(encoding, encoding)  # RFC 9110 8.4.1.3: the same coding
+    if encoding != "identity" and encoding not in _WBITS:
+        raise ProtocolError(f"unsupported Content-Encoding {encoding!r} (gzip, deflate or identity)", 415)
+    return encoding
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo a gzip/deflate Content-Encoding without ever inflating past `limit` bytes."""
+    encoding = content_coding(encoding)
     if encoding == "identity":
         return body
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
-    if wbits is None:
-        raise ProtocolError(f"unsupported Content-Encoding {encoding!r} (gzip, deflate or identity)", 415)
+    wbits = _WBITS[encoding]
     parts: list[bytes] = []
     size, rest = 0, body
     for _ in range(MAX_GZIP_MEMBERS):  # gzip allows members back to back (RFC 1952); each within what is left
@@ -304,14 +314,20 @@ def parse_memory(body_size: int, header_length: str | None) -> int:
     return json_bytes * JSON_MEMORY_PER_BYTE + (body_size - json_bytes) * BINARY_MEMORY_PER_BYTE
 
 
+def header_length_digits(value: str) -> str:
+    """An Inference-Header-Content-Length's digits, without leading zeros; ProtocolError when it is no decimal
+    integer, which the header alone tells (checked before the body is read)."""
+    digits = value.strip()
+    if not digits.isdecimal() or not digits.isascii():  # no sign, no "1_0"
+        raise ProtocolError(f"{HEADER_LENGTH} must be a decimal integer, got {value[:40]!r}")
+    return digits.lstrip("0") or "0"
+
+
 def _header_length(value: str | None, size: int) -> int | None:
     """The JSON header's length in bytes from Inference-Header-Content-Length (None: the whole body is JSON)."""
     if value is None:
         return None
-    digits = value.strip()
-    if not digits.isdecimal() or not digits.isascii():  # no sign, no "1_0"
-        raise ProtocolError(f"{HEADER_LENGTH} must be a decimal integer, got {value[:40]!r}")
-    digits = digits.lstrip("0") or "0"
+    digits = header_length_digits(value)
     if len(digits) > MAX_HEADER_DIGITS or int(digits) > size:
         raise ProtocolError(f"{HEADER_LENGTH} {digits[:40]} is outside the body of {size} bytes")
     return int(digits)

@@ -100,3 +100,18 @@ def test_an_invalid_host_value_is_a_json_400(port, host):
 def test_a_valid_host_value_is_served(port, host):
     status, _, body = _ask(port, b"GET /v2 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
     assert status == 200, (host, body)
+
+
+@pytest.mark.parametrize("path, fields, status, says", [
+    (INFER, b"Content-Encoding: br\r\n", 415, "unsupported Content-Encoding 'br'"),
+    (INFER, b"Inference-Header-Content-Length: -1\r\n", 400, "must be a decimal integer, got '-1'"),
+    ("/v1/models/fake/classify", b"Content-Type: image/png\r\nContent-Encoding: br\r\n", 415,
+     "unsupported Content-Encoding 'br'"),
+], ids=["v2-coding", "v2-header-length", "v1-coding"])
+def test_what_the_headers_alone_refuse_is_answered_before_100_continue(port, path, fields, status, says):
+    """RFC 9110 10.1.1: a server may answer at once instead of asking for a body it would throw away."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n".encode()
+                     + fields + b"\r\n")
+        got, headers, body = _answer(sock)  # the first answer: the refusal, not `100 Continue`
+    assert got == status and says in json.loads(body)["error"], (got, body)

@@ -20,7 +20,7 @@ from serve.batching import BatcherClosed, InferenceTimeout, NotReady, QueueFull,
 from serve.errors import APIError, ClientGone
 from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.middleware import body_hold
-from serve.protocol import ProtocolError, decompress
+from serve.protocol import ProtocolError, content_coding, decompress
 from serve.registry import ServedModel
 from serve.responses import Error, HeldResponse
 from serve.settings import Settings
@@ -97,6 +97,15 @@ def content_encoding(request: Request) -> str:
     """The request's Content-Encoding, lower case ("identity" without one), its field lines read as one list (RFC 9110
     5.3): lines "gzip" and "br" are "gzip, br", refused as that one line is, rather than "gzip" with "br" unheard."""
     return (", ".join(request.headers.getlist("content-encoding")) or "identity").strip().lower()
+
+
+def body_coding(request: Request) -> str:
+    """The request's Content-Encoding as one coding (identity, gzip or deflate), or APIError 415: called before the
+    body is read, so that a client that sent `Expect: 100-continue` is refused without uploading it."""
+    try:
+        return content_coding(content_encoding(request))
+    except ProtocolError as exc:
+        raise APIError(exc.status, str(exc), exc.headers) from None
 
 
 async def inflated(request: Request, body: bytes, encoding: str | None, limit: int) -> bytes:

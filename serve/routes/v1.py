@@ -39,6 +39,7 @@ from serve.routes.deps import (
     answer_memory,
     answer_work,
     answered,
+    body_coding,
     content_encoding,
     error_doc,
     finite_output,
@@ -300,7 +301,8 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
         return images, len(images) > 1
     if media in CONTENT_TYPES:
         label = _FORM_BODY if media == "application/x-www-form-urlencoded" else "body"
-        return [(label, await inflated(request, await request.body(), encoding, settings.max_body_bytes))], False
+        coding = body_coding(request)  # a 415 before the body is read
+        return [(label, await inflated(request, await request.body(), coding, settings.max_body_bytes))], False
     raise _unsupported(media)
 
 

@@ -35,6 +35,7 @@ from serve.protocol import (
     compress,
     datatype_name,
     encode_response,
+    header_length_digits,
     loads,
     parameters_schema,
     parse_memory,
@@ -220,10 +221,11 @@ MAX_REPOSITORY_BODY = 64 * 1024  # {"ready": true} or {"parameters": {...}}: par
 async def _small_body(request: Request) -> bytes:
     """A repository request's body with its Content-Encoding undone as infer's is (gzip or deflate; another is a
     415); 413 past MAX_REPOSITORY_BODY, as sent or once inflated (parsing megabytes of JSON would stall the loop)."""
+    encoding = deps.body_coding(request)  # before the body is read, as infer's
     body = await request.body()
     if len(body) > MAX_REPOSITORY_BODY:
         raise APIError(413, f"a repository request body is at most {MAX_REPOSITORY_BODY} bytes, got {len(body)}")
-    return await deps.inflated(request, body, deps.content_encoding(request), MAX_REPOSITORY_BODY)
+    return await deps.inflated(request, body, encoding, MAX_REPOSITORY_BODY)
 
 
 def _repository_json(body: bytes, like: str) -> Any:
@@ -531,11 +533,18 @@ async def _model_infer(request: Request, name: str, version: str | None) -> Resp
     lengths = set(request.headers.getlist(HEADER_LENGTH))
     if len(lengths) > 1:
         raise APIError(400, f"{HEADER_LENGTH} is given {len(lengths)} times with different values")
+    # What the headers alone refuse is told before the body is asked for (`100 Continue`) and read.
+    encoding = deps.body_coding(request)
+    try:
+        for value in lengths:
+            header_length_digits(value)
+    except ProtocolError as exc:
+        raise APIError(exc.status, str(exc)) from None
     with stage(request, "receive"):
         body = await request.body()
     try:
         with stage(request, "decode"):
-            body = await deps.inflated(request, body, deps.content_encoding(request), settings.max_body_bytes)
+            body = await deps.inflated(request, body, encoding, settings.max_body_bytes)
             model = deps.served(request, name)
             with deps.load_refusals_recorded(model):  # a 503 (pool full) is a failure, as in /v1's decode
                 parsed = await deps.off_loop(request, _parse, request.app.state.pixel_budget, body,
