@@ -172,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-strict-readiness", dest="strict_readiness", action="store_false",
                    help="/v2/health/ready says ready once started, whatever the models' state (Triton's "
                         "--strict-readiness=false); without it, 400 while a model the server knows is not ready "
-                        "and was not unloaded (a failed load, a runtime not installed here)")
+                        "and was not unloaded (a failed load, a runtime not installed here), or while every model "
+                        "is unloaded")
+    p.add_argument("--model-control-mode", choices=values("model_control_mode"),
+                   help="as Triton's: " + choices("model_control_mode", {
+                       "none": "POST /v2/repository/models/NAME/load and /unload are refused, 503",
+                       "explicit": "any client may load and unload models; combine with --api-key"}, sep=", "))
     p.add_argument("--graceful-timeout-s", type=float,
                    help="SIGTERM or Ctrl-C (SIGINT): how long in-flight requests may finish "
                         f"({default('graceful_timeout_s')}, {at_most('graceful_timeout_s')})")

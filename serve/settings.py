@@ -187,10 +187,15 @@ class Settings(BaseSettings):
     inference_timeout_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False,
                                        description="one batch's limit before 504")
     # As Triton's --strict-readiness (default true): /v2/health/ready is false while a model the server knows is not
-    # ready and was not unloaded (a load that failed, a runtime not installed here), so a readiness probe keeps a
-    # server that lost a model out of service; false: ready once started, whatever its models' state.
-    strict_readiness: bool = Field(True, description="/v2/health/ready needs every model it knows ready (Triton's "
-                                   "--strict-readiness)")
+    # ready and was not unloaded (a load that failed, a runtime not installed here), or while it serves no model at
+    # all (every one unloaded), so a readiness probe keeps a server that lost a model, or serves nothing, out of
+    # service; false: ready once started, whatever its models' state.
+    strict_readiness: bool = Field(True, description="/v2/health/ready needs a model served and every model it "
+                                   "knows ready (Triton's --strict-readiness)")
+    # As Triton's --model-control-mode: "none" (Triton's default) serves the models found at start and refuses the
+    # repository API's load and unload (any client that reached the port could otherwise take every model offline);
+    # "explicit" lets a client load and unload them.
+    model_control_mode: Literal["none", "explicit"] = "none"
     graceful_timeout_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False,
                                       description="in-flight requests' time to finish at SIGTERM / SIGINT")
     # Kubernetes removes a terminating pod from its Service's endpoints while it sends SIGTERM, not before: kube-proxy

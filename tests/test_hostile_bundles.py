@@ -249,7 +249,7 @@ def test_a_repository_version_whose_manifest_links_out_is_refused_over_http_with
         shutil.rmtree(repo / name)  # one model is enough
     secret = tmp_path / "secret.json"
     secret.write_text('{"format": "TOPSECRET-abc123"}')
-    settings = Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)
+    settings = Settings(model_control_mode="explicit", model_repository=repo, access_log=False, graceful_timeout_s=5)
     with TestClient(create_app(settings)) as c:
         version = repo / "micro-onnx-fp32" / "2"
         shutil.copytree(repo / "micro-onnx-fp32" / "1", version)

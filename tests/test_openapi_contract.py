@@ -137,7 +137,8 @@ def _client(repo, **settings: Any) -> Iterator[httpx.Client]:
     from serve.app import create_app
 
     with fake_runtime.registered():
-        with TestClient(create_app(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5,
+        with TestClient(create_app(Settings(model_control_mode="explicit",
+                                            model_repository=repo, access_log=False, graceful_timeout_s=5,
                                             **settings))) as c:
             yield c
 
@@ -561,7 +562,8 @@ def test_the_multipart_file_count_is_the_server_s_max_files(repo, client, doc):
         return form["schema"]["properties"]["file"]["maxItems"]
 
     assert declared(doc) == Settings.model_fields["max_files"].default
-    two, three = (create_app(Settings(model_repository=repo, access_log=False, max_files=n)) for n in (2, 3))
+    two, three = (create_app(Settings(model_control_mode="explicit",
+                                      model_repository=repo, access_log=False, max_files=n)) for n in (2, 3))
     assert (declared(two.openapi()), declared(three.openapi()), declared(two.openapi())) == (2, 3, 2)
     png = _png()
     files = [("file", (f"{i}.png", png, "image/png")) for i in range(declared(doc) + 1)]
@@ -576,7 +578,8 @@ def test_the_multipart_file_count_is_within_the_queue_size(repo, client):
     from serve.app import create_app
 
     # `client` holds the fake runtime registered (a second _client would unregister it on leaving)
-    with TestClient(create_app(Settings(model_repository=repo, access_log=False, max_queue_size=3))) as queued:
+    with TestClient(create_app(Settings(model_control_mode="explicit",
+                                        model_repository=repo, access_log=False, max_queue_size=3))) as queued:
         spec = queued.get("/openapi.json").json()
         form = operation(spec, "POST", CLASSIFY)["requestBody"]["content"]["multipart/form-data"]
         assert form["schema"]["properties"]["file"]["maxItems"] == 3

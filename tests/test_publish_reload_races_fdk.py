@@ -54,7 +54,7 @@ def bundles(tmp_path_factory) -> tuple[Path, Path]:
 def _loaded_version(repo: Path) -> tuple[str, int]:
     """(version, max batch) the repository's model loads as `serve --model-repository` loads it; ServeError if not."""
     model = load_model(ModelSource(repo / MODEL, MODEL, repository=True),
-                       Settings(model_repository=repo, access_log=False))
+                       Settings(model_control_mode="explicit", model_repository=repo, access_log=False))
     try:
         return model.version, model.max_batch
     finally:
@@ -313,7 +313,7 @@ def _swap_after_manifest(monkeypatch: pytest.MonkeyPatch, bundle: Path, other: P
 
 
 def _settings(md: Path) -> Settings:
-    return Settings(model_dir=md, backend="fake", access_log=False, graceful_timeout_s=5)
+    return Settings(model_control_mode="explicit", model_dir=md, backend="fake", access_log=False, graceful_timeout_s=5)
 
 
 def _labels(md: Path) -> list[str]:

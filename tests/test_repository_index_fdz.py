@@ -141,10 +141,12 @@ def test_a_failed_version_whose_directory_is_removed_stays_listed_with_the_reaso
         assert entry["reason"].endswith("(its files were removed since)"), entry
         assert _versions(c)["1"] == {"name": NAME, "version": "1", "state": "UNAVAILABLE", "reason": "not loaded"}
         assert TAMPERED in c.get(f"/v2/models/{NAME}").json()["error"]  # the model's 404 says the same
-        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200  # given up on: ready again
-        assert _ready(c) == 200 and set(_versions(c)) == {"1"} and _versions(c)["1"]["reason"] == "unloaded"
+        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200  # given up on: no longer failed
+        assert set(_versions(c)) == {"1"} and _versions(c)["1"]["reason"] == "unloaded"
+        assert _ready(c) == 400  # ... but the server serves no model at all: not ready either
         # A served model's failed reload, whose version is then removed, is listed until a load succeeds.
         assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200
+        assert _ready(c) == 200
         add_version(repo, NAME, "2")
         _tamper(repo / NAME / "2")
         assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 400
@@ -239,7 +241,8 @@ def test_a_server_path_that_is_not_utf8_is_named_within_the_model_directory(tmp_
     staged = root.parent / "staged"
     shutil.copytree(fake_runtime.LEGACY, staged)
     (staged / "model.onnx.data").write_bytes(b"")  # weights outside the file: onnxruntime must open it by its path
-    settings = Settings(model_dir=root, backend="onnxruntime", access_log=False, graceful_timeout_s=5, threads=1,
+    settings = Settings(model_control_mode="explicit",
+                        model_dir=root, backend="onnxruntime", access_log=False, graceful_timeout_s=5, threads=1,
                         parallel=1)
     with client(settings) as c:
         staged.rename(root / "ext")  # added after the start, then loaded

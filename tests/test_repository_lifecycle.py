@@ -87,7 +87,7 @@ def client(settings: Settings) -> Iterator[httpx.Client]:
 
 
 def served(repo: Path, **kw) -> Settings:
-    return Settings(model_repository=repo, access_log=False, graceful_timeout_s=5, **kw)
+    return Settings(model_control_mode="explicit", model_repository=repo, access_log=False, graceful_timeout_s=5, **kw)
 
 
 def index(c: httpx.Client) -> dict[tuple[str, str], dict]:
@@ -377,7 +377,8 @@ def test_a_bundle_exported_into_the_model_dir_after_the_start_loads_by_its_direc
     """--model-dir was read once: a bundle exported there later was 'no model ... in the repository'."""
     exports = tmp_path / "exports"
     fake_runtime.write_bundle(exports / "a")
-    with client(Settings(model_dir=exports, backend="fake", access_log=False, graceful_timeout_s=5)) as c:
+    with client(Settings(model_control_mode="explicit",
+                         model_dir=exports, backend="fake", access_log=False, graceful_timeout_s=5)) as c:
         assert c.post("/v2/repository/models/later/load").status_code == 400
         fake_runtime.write_bundle(exports / "later")
         (exports / "no-bundle").mkdir()
@@ -413,8 +414,8 @@ def test_an_upload_in_progress_holds_no_unload_or_reload(repo, tmp_path):
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
-    with start_server(["--model-repository", str(repo), "--graceful-timeout-s", "5"], tmp_path / "server.log",
-                      fake_runtime.server_env(tmp_path)) as server:
+    args = ["--model-repository", str(repo), "--graceful-timeout-s", "5", "--model-control-mode", "explicit"]
+    with start_server(args, tmp_path / "server.log", fake_runtime.server_env(tmp_path)) as server:
         infer, admin = f"/v2/models/{NAME}/infer", f"{server.url}/v2/repository/models/{NAME}"
         stalled = _partial_upload(server.port, infer, body)
         time.sleep(0.3)

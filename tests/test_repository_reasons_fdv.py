@@ -136,7 +136,8 @@ def test_a_symlinked_model_or_version_directory_is_named_by_its_name_in_the_repo
 def test_a_model_dir_load_names_the_file_within_its_bundle(fake, tmp_path, caplog, monkeypatch, kind):
     given, real = _make_root(tmp_path, kind, monkeypatch)
     fake_runtime.write_bundle(real / "a")
-    settings = Settings(model_dir=given, backend="fake", access_log=False, graceful_timeout_s=5)
+    settings = Settings(model_control_mode="explicit",
+                        model_dir=given, backend="fake", access_log=False, graceful_timeout_s=5)
     with _load_failures(caplog) as logged, client(settings) as c:
         np.save(real / "a" / fake_runtime.WEIGHTS, np.zeros((4, 10), np.float32))
         answers = [_refused(c, "a", "artifact file fake.npy ")]
@@ -155,7 +156,8 @@ def test_a_model_dir_load_names_the_file_within_its_bundle(fake, tmp_path, caplo
 
 def test_a_model_given_on_the_command_line_is_named_by_its_directory_alone(fake, tmp_path):
     bundle = fake_runtime.write_bundle(tmp_path / "secret" / "place" / "bundle")
-    settings = Settings(models=[f"m={bundle}"], backend="fake", access_log=False, graceful_timeout_s=5)
+    settings = Settings(model_control_mode="explicit",
+                        models=[f"m={bundle}"], backend="fake", access_log=False, graceful_timeout_s=5)
     with client(settings) as c:
         np.save(bundle / fake_runtime.WEIGHTS, np.zeros((4, 10), np.float32))
         text = _refused(c, "m", "artifact file fake.npy ")

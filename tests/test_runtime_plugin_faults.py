@@ -231,7 +231,7 @@ def client(bundle, tmp_path, fault, monkeypatch) -> Iterator[tuple[object, Path]
 
     switch = tmp_path / "fault"
     monkeypatch.setenv("PLUGIN_FAULT_FILE", str(switch))
-    settings = Settings(models=[f"m={bundle}"], backend=RT.name, access_log=False)
+    settings = Settings(model_control_mode="explicit", models=[f"m={bundle}"], backend=RT.name, access_log=False)
     with TestClient(create_app(settings)) as c:
         yield c, switch
 

@@ -44,8 +44,8 @@ def test_a_batch_still_computing_when_the_drain_runs_out_is_answered_503(bundle,
     no 504 (the task enforcing the inference timeout was gone), no 503, the in-flight gauge raised for good."""
     (tmp_path / "hang").touch()
     try:
-        with fake_server(bundle, tmp_path, "--graceful-timeout-s", "0.3", "--parallel", "1") as server, \
-                client_of(server) as client, ThreadPoolExecutor(1) as pool:
+        with fake_server(bundle, tmp_path, "--graceful-timeout-s", "0.3", "--parallel", "1", "--model-control-mode",
+                         "explicit") as server, client_of(server) as client, ThreadPoolExecutor(1) as pool:
             hung = pool.submit(client.post, V2, content=fake_runtime.request_body(fake_runtime.HANG), timeout=10)
             end = time.monotonic() + 5
             while fake_runtime.HANG not in _computed(tmp_path) and time.monotonic() < end:
@@ -135,8 +135,8 @@ def test_sigterm_ends_the_process_while_a_load_is_in_progress(bundle, tmp_path, 
     loading = tmp_path / "load-hang"
     monkeypatch.setenv("FAKE_RUNTIME_LOAD_HANG", str(loading))  # the server process inherits it
     try:
-        with fake_server(bundle, tmp_path, "--graceful-timeout-s", "0.5") as server, client_of(server) as client, \
-                ThreadPoolExecutor(1) as pool:
+        with fake_server(bundle, tmp_path, "--graceful-timeout-s", "0.5", "--model-control-mode",
+                         "explicit") as server, client_of(server) as client, ThreadPoolExecutor(1) as pool:
             loading.touch()
             load = pool.submit(client.post, "/v2/repository/models/fake/load", timeout=20)
             end = time.monotonic() + 5

@@ -34,7 +34,8 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory) -> Iterator[ServerProcess]:
-    with fake_server(bundle, tmp_path_factory.mktemp("client-series-server")) as s:
+    with fake_server(bundle, tmp_path_factory.mktemp("client-series-server"), "--model-control-mode",
+                     "explicit") as s:
         yield s
 
 

@@ -23,7 +23,8 @@ fake = lifecycle.fake  # the fixture: the fake runtime registered
 _series = lifecycle._series
 
 def _settings(model_dir: Path, **kw) -> Settings:
-    return Settings(model_dir=model_dir, backend="fake", access_log=False, graceful_timeout_s=5, **kw)
+    return Settings(model_control_mode="explicit",
+                    model_dir=model_dir, backend="fake", access_log=False, graceful_timeout_s=5, **kw)
 
 
 def _names(c) -> dict[str, list[str]]:  # noqa: ANN001 - an httpx client

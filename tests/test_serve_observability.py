@@ -218,7 +218,8 @@ def test_unloads_and_failed_loads_are_logged(tmp_path):
 
     bundle = fake_runtime.write_bundle(tmp_path / "fake")
     with fake_runtime.registered(), _records("vitc.serve") as records:
-        settings = Settings(models=[f"fake={bundle}"], backend="fake", access_log=False, graceful_timeout_s=5)
+        settings = Settings(model_control_mode="explicit",
+                            models=[f"fake={bundle}"], backend="fake", access_log=False, graceful_timeout_s=5)
         with TestClient(create_app(settings)) as c:
             assert c.post("/v2/repository/models/fake/unload").status_code == 200
             (bundle / fake_runtime.WEIGHTS).write_bytes(b"tampered")

@@ -105,7 +105,8 @@ def test_reloading_or_unloading_openvino_models_keeps_the_exit_clean(bundle, tmp
     triton.write_repository(bundle, repo)
     names = sorted(p.name for p in repo.iterdir() if "openvino" in p.name)
     assert len(names) >= 2, names
-    srv = start_server(["--model-repository", str(repo), "--no-access-log"], tmp_path / "server.log")
+    srv = start_server(["--model-repository", str(repo), "--no-access-log", "--model-control-mode", "explicit"],
+                       tmp_path / "server.log")
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             assert c.post(f"/v2/repository/models/{names[0]}/load").status_code == 200  # the old one is retired

@@ -114,7 +114,7 @@ def client(settings: Settings) -> Iterator[httpx.Client]:
 
 
 def served(repo: Path, **kw: object) -> Settings:
-    return Settings(model_repository=repo, access_log=False, graceful_timeout_s=5, **kw)
+    return Settings(model_control_mode="explicit", model_repository=repo, access_log=False, graceful_timeout_s=5, **kw)
 
 
 def infer(c: httpx.Client, name: str) -> httpx.Response:

@@ -126,7 +126,7 @@ def test_a_deleted_golden_record_is_refused_at_load_and_in_the_report(bundle, tm
         runtimes.open_backend(edited, read_manifest(edited), "onnxruntime")
     assert "\n" not in str(info.value)
     with pytest.raises(ServeError, match=reason):  # a server's start: one line, exit 2
-        load_model(str(edited), Settings(models=[str(edited)], access_log=False))
+        load_model(str(edited), Settings(model_control_mode="explicit", models=[str(edited)], access_log=False))
     code, out, err = _report(edited, capsys)
     assert code == 2 and f"CORRUPT: {reason}" in out
     assert err.strip() == f"python -m export.report: error: corrupt, will not load: {edited}: golden"
@@ -150,7 +150,7 @@ def test_hot_reload_of_a_version_without_its_golden_record_is_a_400_and_the_old_
     write_repository(bundle, repo)
     name = "micro-onnx-fp32"
     png = animal_pngs(1)[0]
-    settings = Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)
+    settings = Settings(model_control_mode="explicit", model_repository=repo, access_log=False, graceful_timeout_s=5)
     with TestClient(create_app(settings)) as c:
         def top() -> list[str]:
             r = c.post(f"/v1/models/{name}/classify?top_k=3", content=png, headers={"content-type": "image/png"})

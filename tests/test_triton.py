@@ -277,7 +277,8 @@ def test_hot_reload_under_load_drops_no_request_and_refuses_a_bad_version(bundle
     for extra in ("micro-openvino-fp32", "micro-openvino-fp16"):
         shutil.rmtree(repo / extra)
     name = "micro-onnx-fp32"
-    with start_server(["--model-repository", str(repo)], tmp_path / "server.log") as server:
+    with start_server(["--model-repository", str(repo), "--model-control-mode", "explicit"],
+                      tmp_path / "server.log") as server:
         client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
         results: list[int] = []
         stop = threading.Event()
@@ -318,10 +319,11 @@ def test_hot_reload_under_load_drops_no_request_and_refuses_a_bad_version(bundle
         client.unload_model(name)
         assert httpx.get(server.url + f"/v2/models/{name}").status_code == 404
         assert not client.is_model_ready(name)
-        assert client.is_server_ready()  # as Triton: no model loaded is not "not ready" (the probe keeps it reachable)
+        assert not client.is_server_ready()  # strict readiness: a server serving no model takes no traffic
         shutil.rmtree(bad)
         client.load_model(name)  # an unloaded model loads again from the repository (its newest good version)
         assert client.is_model_ready(name) and client.get_model_metadata(name)["versions"] == ["2"]
+        assert client.is_server_ready()
         # The repository's config.pbtxt is what batches: edited, then loaded again, it takes effect.
         config = repo / name / "config.pbtxt"
         text = config.read_text()

@@ -34,7 +34,8 @@ def client(repo: Path) -> Iterator[httpx.Client]:
 
     from serve.app import create_app
 
-    with TestClient(create_app(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5))) as c:
+    with TestClient(create_app(Settings(model_control_mode="explicit",
+                                        model_repository=repo, access_log=False, graceful_timeout_s=5))) as c:
         yield c
 
 

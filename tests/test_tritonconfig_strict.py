@@ -233,7 +233,7 @@ def test_an_openvino_model_without_triton_batching_serves_through_v2(tmp_path_fa
             shutil.rmtree(d)
     name, x = "micro-openvino-fp32", np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    settings = Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)
+    settings = Settings(model_control_mode="explicit", model_repository=repo, access_log=False, graceful_timeout_s=5)
     with TestClient(create_app(settings)) as c:
         batched = c.post(f"/v2/models/{name}/infer", json=body).json()["outputs"][0]["data"]
         unbatched = (f'name: "{name}"\nbackend: "openvino"\nmax_batch_size: 0\n'

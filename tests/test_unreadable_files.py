@@ -119,7 +119,8 @@ WHAT = ["artifact file", "golden file", "version directory", "symlink loop"]
 def test_a_load_answers_400_with_the_reason_and_the_old_version_serves_on(fake, deny, tmp_path, what):
     repo = tmp_path / "repo"
     fake_bundle(repo / NAME / "1")
-    with client(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)) as c:
+    with client(Settings(model_control_mode="explicit",
+                         model_repository=repo, access_log=False, graceful_timeout_s=5)) as c:
         says = spoil(fake_bundle(repo / NAME / "2", golden=what == "golden file"), what, deny)
         r = c.post(f"/v2/repository/models/{NAME}/load")
         says = says.replace(f"{repo / NAME}/", "")  # named within the model directory, never the server's paths
@@ -137,7 +138,8 @@ def test_the_index_says_why_an_unreadable_version_directory_is_not_served(fake, 
     (repo / NAME / "config.pbtxt").write_text("max_batch_size: 8\nversion_policy: { specific: { versions: [ 1 ] } }\n"
                                               'input [{ name: "input" data_type: TYPE_FP32 dims: [ 3, 32, 32 ] }]\n'
                                               'output [{ name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }]\n')
-    with client(Settings(model_repository=repo, access_log=False, graceful_timeout_s=5)) as c:
+    with client(Settings(model_control_mode="explicit",
+                         model_repository=repo, access_log=False, graceful_timeout_s=5)) as c:
         says = spoil(fake_bundle(repo / NAME / "2"), "version directory", deny).replace(f"{repo / NAME}/", "")
         index = {(e["name"], e["version"]): e for e in c.post("/v2/repository/index").json()}
         assert index[(NAME, "1")]["state"] == "READY"

@@ -179,7 +179,8 @@ def test_a_bundle_s_config_names_the_labels_its_classification_answers_with(fake
     bundle = fake_runtime.write_bundle(tmp_path / "b")
     repo = tmp_path / "repo"
     _add_model(repo, "unlabelled")
-    settings = Settings(models=[f"{NAME}={bundle}"], backend="fake", model_repository=repo, access_log=False)
+    settings = Settings(model_control_mode="explicit",
+                        models=[f"{NAME}={bundle}"], backend="fake", model_repository=repo, access_log=False)
     with _client(settings) as c:
         assert c.get(f"/v2/models/{NAME}/config").json()["output"][0]["label_filename"] == "labels.txt"
         ask = _body(1, outputs=[{"name": "logits", "parameters": {"classification": 2}}])
@@ -234,7 +235,8 @@ def _check_compression(c: httpx.Client) -> None:
 
 
 def test_infer_answers_are_compressed_for_accept_encoding_in_process(fake, tmp_path):
-    with _client(Settings(models=[f"{NAME}={fake_runtime.write_bundle(tmp_path / 'b')}"], backend="fake",
+    with _client(Settings(model_control_mode="explicit",
+                          models=[f"{NAME}={fake_runtime.write_bundle(tmp_path / 'b')}"], backend="fake",
                           access_log=False)) as c:
         _check_compression(c)
 
@@ -242,7 +244,7 @@ def test_infer_answers_are_compressed_for_accept_encoding_in_process(fake, tmp_p
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("hcc")
-    with fake_server(fake_runtime.write_bundle(tmp / "fake"), tmp) as s:
+    with fake_server(fake_runtime.write_bundle(tmp / "fake"), tmp, "--model-control-mode", "explicit") as s:
         yield s
 
 
@@ -272,7 +274,8 @@ def test_tritonclient_decodes_compressed_answers_of_a_real_server(server):
 # F6 ---------------------------------------------------------------------------------------------------------------
 
 def test_server_metadata_answers_at_v2_slash_too(fake, tmp_path):
-    with _client(Settings(models=[f"{NAME}={fake_runtime.write_bundle(tmp_path / 'b')}"], backend="fake",
+    with _client(Settings(model_control_mode="explicit",
+                          models=[f"{NAME}={fake_runtime.write_bundle(tmp_path / 'b')}"], backend="fake",
                           access_log=False)) as c:
         r = c.get("/v2/")
         assert r.status_code == 200 and r.json() == c.get("/v2").json()

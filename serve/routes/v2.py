@@ -116,18 +116,20 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", summary="Readiness: started and not shutting down; with strict readiness (the default), "
-                                    "every loaded model accepting requests, and no model's last load failed",
-            responses=_readiness(_READY, "starting or shutting down; with strict readiness, the default: a loaded "
-                                         "model stalled, or a model whose last load failed and that was not unloaded "
-                                         "since"))
+                                    "a model served, every loaded model accepting requests, and no model's last load "
+                                    "failed",
+            responses=_readiness(_READY, "starting or shutting down; with strict readiness, the default: no model "
+                                         "served (every one unloaded), a loaded model stalled, or a model whose last "
+                                         "load failed and that was not unloaded since"))
 async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
-    # As Triton: once started, a server whose models were all unloaded is still ready, so that a readiness probe
-    # does not take it out of its Service, the only way to reach its repository API and load one again; with strict
-    # readiness (the default) it is not while a model is stalled or a model it knows serves nothing for another
-    # reason than an unload (its load failed: unload it, or load it again once fixed).
+    # With strict readiness (the default) a server is not ready while a model is stalled, a model it knows serves
+    # nothing for another reason than an unload (its load failed: unload it, or load it again once fixed), or it
+    # serves no model at all: every one unloaded, it could only answer 404, and a probe that kept it in its Service
+    # sent it traffic for nothing (Triton stays ready there; a pod can still be loaded into at its own address).
     state = request.app.state
     ok = bool(state.ready) and (not settings.strict_readiness or (
-        all(m.batcher and m.batcher.ready for m in state.models.values()) and not state.repository.unavailable()))
+        bool(state.models) and all(m.batcher and m.batcher.ready for m in state.models.values())
+        and not state.repository.unavailable()))
     return JSONResponse({"ready": ok}, status_code=200 if ok else NOT_READY)
 
 
@@ -333,19 +335,35 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     return params
 
 
+# Triton's words and status (UNAVAILABLE: 503) for a load or unload outside its explicit model control mode.
+CONTROL_REFUSED = ("explicit model load / unload is not allowed if the model control mode is none: start the server "
+                   "with --model-control-mode explicit (VITC_MODEL_CONTROL_MODE=explicit) to allow it")
+_CONTROL_OFF = retry_doc("The model control mode is none (the default: load and unload are not allowed, no "
+                         "Retry-After), or the work pool is full inflating a compressed body: retry after Retry-After")
+
+
+def _model_control(request: Request) -> None:
+    """APIError 503 unless the server lets clients load and unload models (--model-control-mode explicit); before
+    the body is read."""
+    if request.app.state.settings.model_control_mode != "explicit":
+        raise APIError(503, CONTROL_REFUSED)
+
+
 @router.post("/repository/models/{name}/load", summary="Load, or load again, a model (the version its config selects)",
              responses={**_DONE, 413: _TOO_LARGE, 415: _UNSUPPORTED_CODING, 400: error_doc(
                  "A malformed body or parameter, a \"config\" or \"file:\" parameter (not supported), or a model "
                  f"that could not be loaded (the reason says why){_CORRUPT}"),
                  # serve.app's ThreadsUnavailable and MemoryError handlers: the machine's limit, not the model's fault;
                  # and deps.off_loop's, where a compressed body is inflated.
-                 503: retry_doc("The server could not start a thread the load needs (its thread or pids limit), ran "
-                                "out of memory for the request, or found the work pool full inflating a compressed "
-                                "body: retry after Retry-After")},
+                 503: retry_doc("The model control mode is none (the default: load and unload are not allowed, "
+                                "no Retry-After), or the server could not start a thread the load needs (its thread "
+                                "or pids limit), ran out of memory for the request, or found the work pool full "
+                                "inflating a compressed body: retry after Retry-After")},
              openapi_extra=_optional_body("Triton's load request: no parameter changes what is loaded", _parameters(
                  config={"type": "string", "description": "Triton's configuration override: not supported (400); "
                                                           "edit the model's config.pbtxt and load it again"})))
 async def repository_load(name: str, request: Request) -> JSONResponse:
+    _model_control(request)
     params = await _load_parameters(request)
     if "config" in params or any(str(k).startswith("file:") for k in params):
         # Triton's override of the configuration (or files) in the request: vitc reads the repository's own
@@ -364,10 +382,11 @@ async def repository_load(name: str, request: Request) -> JSONResponse:
                      "server does not know, stays so: success)",
              responses={**_DONE, 413: _TOO_LARGE, 415: _UNSUPPORTED_CODING, 400: error_doc(
                  "A malformed body or parameter (unload_dependents not a boolean), or a name no model can have"
-                 f"{_CORRUPT}"), 503: deps.POOL_UNAVAILABLE},  # deps.off_loop, inflating a compressed body
+                 f"{_CORRUPT}"), 503: _CONTROL_OFF},  # also deps.off_loop's, inflating a compressed body
              openapi_extra=_optional_body("Triton's unload request", _parameters(unload_dependents={
                  "type": "boolean", "description": "vitc models have no dependents: checked, nothing more"})))
 async def repository_unload(name: str, request: Request) -> JSONResponse:
+    _model_control(request)
     # unload_dependents: vitc models have no dependents, but a value Triton cannot read is refused as Triton does.
     if not isinstance((await _load_parameters(request)).get("unload_dependents", False), bool):
         raise APIError(400, "parameters.unload_dependents must be true or false")

@@ -1,0 +1,53 @@
+"""--model-control-mode (hEX 2), as Triton's: `none`, the default, refuses the repository API's load and unload with
+Triton's status and words; `explicit` allows them. And strict readiness: a server that serves no model is not ready."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_repository_lifecycle import NAME, client, fake, repo  # noqa: F401 - fixtures
+
+from serve.__main__ import build_parser, settings_args
+from serve.routes.v2 import CONTROL_REFUSED
+from serve.settings import Settings
+
+
+def _settings(root: Path, **kw) -> Settings:
+    return Settings(model_repository=root, access_log=False, graceful_timeout_s=5, **kw)
+
+
+def test_by_default_load_and_unload_are_refused_as_triton_refuses_them(fake, repo):  # noqa: F811
+    """Triton's default mode answers UNAVAILABLE (HTTP 503) "explicit model load / unload is not allowed ..."."""
+    with client(_settings(repo)) as c:
+        for action in ("load", "unload"):
+            r = c.post(f"/v2/repository/models/{NAME}/{action}")
+            assert r.status_code == 503 and r.json() == {"error": CONTROL_REFUSED}, r.text
+            assert "retry-after" not in r.headers  # it will not change without a restart
+        assert CONTROL_REFUSED.startswith("explicit model load / unload is not allowed")
+        assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # still served
+        assert c.post("/v2/repository/index").status_code == 200  # the index is no control
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_explicit_mode_loads_and_unloads_and_a_server_serving_nothing_is_not_ready(fake, repo):  # noqa: F811
+    with client(_settings(repo, model_control_mode="explicit")) as c:
+        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
+        r = c.get("/v2/health/ready")
+        assert r.status_code == 400 and r.json() == {"ready": False}  # every model unloaded: nothing to serve
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+    with client(_settings(repo, model_control_mode="explicit", strict_readiness=False)) as c:
+        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
+        assert c.get("/v2/health/ready").status_code == 200  # ready once started, whatever the models' state
+
+
+def test_the_mode_is_a_flag_and_a_variable_and_nothing_else(monkeypatch):
+    assert Settings().model_control_mode == "none"
+    assert Settings(**settings_args(["--model-control-mode", "explicit"])).model_control_mode == "explicit"
+    monkeypatch.setenv("VITC_MODEL_CONTROL_MODE", "explicit")
+    assert Settings().model_control_mode == "explicit"
+    monkeypatch.setenv("VITC_MODEL_CONTROL_MODE", "poll")  # Triton's third mode: vitc does not watch the repository
+    with pytest.raises(ValueError, match="model_control_mode"):
+        Settings()
+    assert "--model-control-mode {none,explicit}" in build_parser().format_help().replace("\n", " ")
