@@ -99,9 +99,11 @@ class Metrics:
         )
         self.disconnects = Counter(
             "vitc_client_disconnects", "Requests whose client left before the answer, by stage: upload (during "
-            "it), queued (rows dropped before a batch took them, never computed), computing (a batch had taken "
-            "the rows: computed, the answer dropped), answering (while a large answer waited or was built: its "
-            "build cancelled or dropped)", ["model", "stage"], registry=r,
+            "it), decoding (while its images or body waited for the work pool or were decoded: those not started "
+            "never decoded, one running finished and dropped), queued (rows dropped before a batch took them, "
+            "never computed), computing (a batch had taken the rows: computed, the answer dropped), answering "
+            "(while a large answer waited or was built: its build skipped or dropped)", ["model", "stage"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "vitc_queue_depth", "Requests waiting for a batch (0 once unloaded, or never served)", ["model"],

@@ -4,6 +4,7 @@ a fixed number of threads with a bounded queue in front of them, and a budget of
 Both refuse rather than queue without limit (the caller answers 503 + Retry-After): a burst of uploads can neither
 queue without limit nor make this process hold more decoded pixels than the budget, however the requests are mixed.
 A decode thread whose image does not fit the budget waits a short, fixed time for other decodes to end first.
+A job whose caller has given up (its client gone) is not run: cancelled while it waits, or skipped when it would start.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ class Busy(Exception):
     """The work pool's queue or the decode budget is full: retry later (HTTP 503)."""
 
 
+class Abandoned(Exception):
+    """A job not run: its caller had given up on it (`WorkPool.run`'s `unless`) by the time it would start."""
+
+
+def _unless(unless: Callable[[], bool] | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, or Abandoned without running it when `unless()` is true."""
+    # The caller cancels the jobs it stops waiting for, which frees their places at once; but a worker may take one
+    # in the moment before the event loop has seen the client go and cancelled it: the job looks for itself.
+    if unless is not None and unless():
+        raise Abandoned
+    return fn(*args)
+
+
 class WorkPool:
     """`threads` workers and at most `queue` jobs waiting for one; `run` refuses beyond that."""
 
@@ -88,20 +102,23 @@ class WorkPool:
         """Jobs started from the event loop and not finished: running, queued, or run inline."""
         return self._inflight
 
-    async def run(self, fn: Callable[..., T], *args: Any, inline_if_idle: bool = False) -> T:
-        """`fn(*args)` in a worker; Busy at once when `threads + queue` jobs are already in."""
+    async def run(self, fn: Callable[..., T], *args: Any, inline_if_idle: bool = False,
+                  unless: Callable[[], bool] | None = None) -> T:
+        """`fn(*args)` in a worker; Busy at once when `threads + queue` jobs are already in. A job whose `unless()`
+        (called from the worker: thread-safe) is true when it would start is not run: Abandoned. Cancelling the
+        awaiting task cancels a job not yet started, and its place is free at once."""
         # With `inline_if_idle`, a job that finds the pool idle runs right here instead: a lone request does not pay
         # two thread hand-offs for a few milliseconds of work (while anything else is in flight, it goes to a worker).
         if inline_if_idle and self._inflight == 0:
             self._inflight += 1
             try:
-                return fn(*args)
+                return _unless(unless, fn, *args)
             finally:
                 self._inflight -= 1
         if not self._slots.acquire(blocking=False):
             raise Busy(f"the server has {self.threads + self.queue} decoding jobs in progress")
         try:
-            job = self._pool.submit(fn, *args)
+            job = self._pool.submit(_unless, unless, fn, *args)
         except BaseException:
             self._slots.release()
             raise

@@ -105,9 +105,9 @@ def _behind_another(server, photo: bytes, client) -> bytes:
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_a_client_that_leaves_after_a_large_upload_is_a_disconnect(bundle, tmp_path, photo, how):
-    """It leaves during the decode (FIN right after its request; or a reset once the server has read it all): logged
-    499 and counted as one disconnect at stage "queued" (its rows never reach a batch), not answered 200 for
-    nobody."""
+    """It leaves while its image waits for the decode thread (FIN right after its request; or a reset once the server
+    has read it all): logged 499 and counted as one disconnect at stage "decoding" (its image never decoded, its rows
+    never queued), not answered 200 for nobody."""
 
     def leave(port: int) -> bytes:
         s = socket.create_connection(("127.0.0.1", port))
@@ -121,8 +121,8 @@ def test_a_client_that_leaves_after_a_large_upload_is_a_disconnect(bundle, tmp_p
     with fake_server(bundle, tmp_path, *ARGS) as server:
         _behind_another(server, photo, leave)
         assert _logged(server, "left") == [499]
-        # Seen gone when its decode ends, before its rows are handed to the batcher: nothing computed for nobody.
-        assert _disconnects(server) == {"queued": 1.0}
+        # Seen gone as it leaves, before its decode starts: nothing decoded or computed for nobody.
+        assert _disconnects(server) == {"decoding": 1.0}
         assert httpx.post(f"{server.url}{V1}", content=photo, headers={"content-type": "image/jpeg"},
                           timeout=30).status_code == 200
 

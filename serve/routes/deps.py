@@ -24,7 +24,7 @@ from serve.protocol import ProtocolError, content_coding, decompress
 from serve.registry import ServedModel
 from serve.responses import Error, HeldResponse
 from serve.settings import Settings
-from serve.workpool import Busy, Kept, PixelBudget
+from serve.workpool import Abandoned, Busy, Kept, PixelBudget
 
 log = logging.getLogger("vitc.serve")
 T = TypeVar("T")
@@ -134,12 +134,20 @@ def exhausted(exc: BaseException) -> APIError | None:
     return None
 
 
+class _Skipped(ClientGone):
+    """A work-pool job not run because its client had gone; the disconnect is not counted yet (`unless_gone`)."""
+
+
 async def off_loop(request: Request, fn: Callable[..., T], *args: Any, cheap: bool = False) -> T:
     """Run CPU work (decoding, tensor parsing, decompression) in the bounded work pool. A `cheap` job (a small
     image: about a millisecond) that finds the pool idle runs on the loop itself: cheaper than two thread
-    hand-offs, and nothing else is waiting for the loop then."""
+    hand-offs, and nothing else is waiting for the loop then. A job that would start once the client has gone is
+    not run (ClientGone); awaited under `unless_gone`, one still waiting for a thread is cancelled when it goes."""
     try:
-        return await request.app.state.work_pool.run(fn, *args, inline_if_idle=cheap)
+        return await request.app.state.work_pool.run(fn, *args, inline_if_idle=cheap,
+                                                     unless=request.scope.get("vitc.unanswered"))
+    except Abandoned:
+        raise _Skipped from None
     except Busy as exc:
         raise APIError(503, f"{exc}; retry later", RETRY_AFTER) from None
     except (MemoryError, RuntimeError) as exc:  # in the job, or starting the pool's thread for it
@@ -272,11 +280,13 @@ def gone_already(request: Request, model: ServedModel, stage: str) -> None:
         raise ClientGone
 
 
-async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T]) -> T:
-    """Await `work` (rows submitted with the request's `timings`) while watching the connection: if the client
-    leaves first, its rows still queued are dropped (cancelled futures are never computed), the disconnect is
-    counted, and ClientGone ends the request without an answer."""
-    return await _watched(request, model, work, lambda: _gone_stage(request))
+async def unless_gone(request: Request, model: ServedModel, work: Awaitable[T], stage: str | None = None) -> T:
+    """Await `work` while watching the connection: if the client leaves first, the disconnect is counted and
+    ClientGone ends the request without an answer. Without `stage`, `work` is rows submitted with the request's
+    `timings`: those still queued are dropped (cancelled futures are never computed). With it (e.g. "decoding"),
+    `work` is the request's jobs in the work pool (`off_loop`): those not yet started are never run, their places
+    in the pool's queue freed at once, and one running ends unheard."""
+    return await _watched(request, model, work, (lambda: stage) if stage else lambda: _gone_stage(request))
 
 
 async def _watched(request: Request, model: ServedModel, work: Awaitable[T], stage: Callable[[], str]) -> T:
@@ -293,6 +303,10 @@ async def _watched(request: Request, model: ServedModel, work: Awaitable[T], sta
     finally:
         gone.cancel()
     if task.done():
+        if not task.cancelled() and isinstance(task.exception(), _Skipped):
+            # A job saw the client gone before this watch did: the same disconnect, counted once, here.
+            request.app.state.metrics.disconnects.labels(model.name, stage()).inc()
+            raise ClientGone
         return task.result()
     task.cancel()
     with contextlib.suppress(BaseException):

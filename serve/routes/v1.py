@@ -263,8 +263,10 @@ def _form_refusal(exc: MultiPartException) -> str:
     return f"malformed multipart body: {short_reason(cause)}"
 
 
-async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], bool]:
-    """The request's images as (name, bytes), and whether it was a multi-file (batch) form."""
+async def read_images(request: Request, model: ServedModel, settings: Settings
+                      ) -> tuple[list[tuple[str, bytes]], bool]:
+    """The request's images as (name, bytes), and whether it was a multi-file (batch) form; a compressed body is
+    inflated for `model`'s request (a disconnect during it is counted for that model)."""
     content_type = request.headers.get("content-type") or ""
     media = _media_type(content_type)
     encoding = content_encoding(request)
@@ -302,7 +304,11 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[tuple[
     if media in CONTENT_TYPES:
         label = _FORM_BODY if media == "application/x-www-form-urlencoded" else "body"
         coding = body_coding(request)  # a 415 before the body is read
-        return [(label, await inflated(request, await request.body(), coding, settings.max_body_bytes))], False
+        body = await request.body()
+        if coding != "identity":  # inflated in the work pool: not at all once its client has gone
+            body = await unless_gone(request, model, inflated(request, body, coding, settings.max_body_bytes),
+                                     "decoding")
+        return [(label, body)], False
     raise _unsupported(media)
 
 
@@ -349,9 +355,10 @@ async def classify(
 async def classify_request(request: Request, name: str, top_k: int | str | None) -> Response:
     """The classify endpoint's work, shared with the fast path (serve.fastpath) that skips FastAPI's routing."""
     settings: Settings = request.app.state.settings
-    _top_k(served(request, name), top_k)  # an unknown model or a bad top_k is refused before the upload
+    model = served(request, name)
+    _top_k(model, top_k)  # an unknown model or a bad top_k is refused before the upload
     with stage(request, "receive"):
-        images, many = await read_images(request, settings)
+        images, many = await read_images(request, model, settings)
     # The version served now: a reload or unload during the upload does not wait for it (it holds no version until
     # admitted), and it runs on the new version, or is told the model is gone.
     model = served(request, name)
@@ -441,7 +448,10 @@ async def _classify(request: Request, model: ServedModel, settings: Settings, k:
     with recorded(model, len(images), len(images)) as spent:
         with admission(model, len(images)):
             with stage(request, "decode"):
-                decoded = await _decode(request, model, settings, images, many)
+                # Watched: once the client has gone, no image of the request starts decoding (a form's later
+                # files included), and those waiting for a decode thread give their places back at once.
+                decoded = await unless_gone(request, model, _decode(request, model, settings, images, many),
+                                            "decoding")
             gone_already(request, model, "queued")
             # The first image's queue and compute times stand for the request's in its Server-Timing; the
             # statistics count every image's (`spent`).
