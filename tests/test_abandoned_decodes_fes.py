@@ -122,3 +122,49 @@ def test_a_job_whose_caller_has_given_up_is_not_run(inline):
         assert ran == [2]
     finally:
         pool.shutdown()
+
+
+V2 = "/v2/models/fake/infer"
+
+
+def _v2(encoding: str | None = None) -> bytes:
+    """A raw v2 JSON infer request for one 3x32x32 row (gzip-compressed when `encoding` says so)."""
+    import gzip
+    import json
+
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                   "data": [0.5] * 3072}]}).encode()
+    extra = ""
+    if encoding is not None:
+        body, extra = gzip.compress(body), f"Content-Encoding: {encoding}\r\n"
+    return (f"POST {V2} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_a_departed_clients_v2_body_is_not_parsed_and_its_place_is_freed(bundle, tmp_path, big_png, encoding):
+    """v2 infer bodies waiting for the one decode thread (busy with a big PNG) whose clients reset: each is one
+    disconnect at "decoding" at once, its parse (or inflate) never run and its queue place free while the PNG still
+    decodes. Unwatched, each held its place until the thread reached it and was counted nowhere."""
+    waiting = ABANDONED - 1  # with the PNG's decode, the pool is full
+    with fake_server(bundle, tmp_path, *ARGS) as server:
+        png = socket.create_connection(("127.0.0.1", server.port))
+        png.sendall(_raw(big_png))
+        _until(lambda: _metric(server, "vitc_in_flight_requests") == 1)
+        time.sleep(0.2)  # the PNG is decoding
+        socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(waiting)]
+        for s in socks:
+            s.sendall(_v2(encoding))
+        _until(lambda: _metric(server, "vitc_in_flight_requests") == 1 + waiting)
+        time.sleep(0.2)  # every body is waiting in the pool's queue
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        _until(lambda: _metric(server, GONE) == waiting)
+        assert _metric(server, GONE) == waiting
+        png.settimeout(60)
+        assert png.recv(64).startswith(b"HTTP/1.1 200"), "the PNG's client, still there, is answered"
+        png.close()
+        answer = httpx.post(f"{server.url}{V2}", content=_v2().split(b"\r\n\r\n", 1)[1],
+                            headers={"content-type": "application/json"}, timeout=30)
+        assert answer.status_code == 200, answer.text
