@@ -56,3 +56,24 @@ def test_other_routes_answer_without_it(client):
     for path in ("/v2/health/ready", "/v1/models", "/metrics"):
         r = client.get(path)
         assert r.status_code == 200 and "server-timing" not in r.headers, path
+
+
+def test_a_forms_queue_and_compute_are_those_of_its_image_answered_last(tmp_path):
+    """Eight files, one batch each (max batch size 1): the Server-Timing's queue + compute is the wait of the image
+    answered last, so at least the mean of the images' waits (the statistics' sums over eight). It was the first
+    image's, which left the seven later batches out."""
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    bundle = fake_runtime.write_bundle(tmp_path / "fake")
+    files = [("file", (f"{i}.png", _png(), "image/png")) for i in range(8)]
+    with fake_runtime.registered():
+        with TestClient(create_app(Settings(models=[f"fake={bundle}"], backend="fake", access_log=False,
+                                            max_batch_size=1, max_queue_delay_ms=0))) as c:
+            r = c.post("/v1/models/fake/classify", files=files)
+            stats = c.get("/v2/models/fake/stats").json()["model_stats"][0]["inference_stats"]
+    assert r.status_code == 200, r.text
+    stages = _stages(r.headers["server-timing"])
+    assert stats["queue"]["count"] == 8, stats
+    mean_ms = (stats["queue"]["ns"] + stats["compute_infer"]["ns"]) / 8 / 1e6
+    assert stages["queue"] + stages["compute"] >= mean_ms - 0.002, (stages, mean_ms)  # the header's 3 decimals

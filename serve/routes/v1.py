@@ -453,14 +453,18 @@ async def _classify(request: Request, model: ServedModel, settings: Settings, k:
                 decoded = await unless_gone(request, model, _decode(request, model, settings, images, many),
                                             "decoding")
             gone_already(request, model, "queued")
-            # The first image's queue and compute times stand for the request's in its Server-Timing; the
-            # statistics count every image's (`spent`).
-            work = (all_or_none(submit(model, x, timings(request) if i == 0 else None, spent)
-                                for i, x in enumerate(decoded))
-                    if many else _one(submit(model, decoded[0], timings(request), spent)))
-            # Checked inside the statistics' count, as /v2 does: outputs that cannot be answered are a failed
-            # inference.
-            logits = [finite_output(model, y) for y in await unless_gone(request, model, work)]
+            # Each image is queued on its own, and may go in another batch: the Server-Timing's queue and compute are
+            # those of the image answered last, so that they add up to the request's wait (the first image's left
+            # the later batches out). The statistics count every image's (`spent`).
+            each: list[dict[str, float]] = [{} for _ in decoded]
+            work = (all_or_none(submit(model, x, t, spent) for x, t in zip(decoded, each, strict=True))
+                    if many else _one(submit(model, decoded[0], each[0], spent)))
+            try:
+                # Checked inside the statistics' count, as /v2 does: outputs that cannot be answered are a failed
+                # inference.
+                logits = [finite_output(model, y) for y in await unless_gone(request, model, work)]
+            finally:
+                timings(request).update(max(each, key=lambda t: t.get("queue", 0.0) + t.get("compute", 0.0)))
         # Counted too: a large answer built in the work pool may find it full (503), or its client gone while it
         # is built (a disconnect), and that is no success.
         with stage(request, "encode"):
