@@ -192,7 +192,8 @@ def test_stability_with_too_few_untied_pairs_is_not_judged():
     """1/2**4 = 0.0625: four pairs cannot reach p < 0.05 however clear, so "no" would be a verdict by construction."""
     assert claims.min_sign_pairs(0.05) == 5
     four = claims.stability_claim(_stab([20, 21, 22, 23], [80, 81, 82, 83]), "vit_c_nano", "vit_p_nano")
-    assert four["reproduced"] == "not judged" and four["comparisons"] == 0
+    assert four["reproduced"] == "not judged" and four["comparisons"] == 2
+    assert four["not_judged"] == ["AdamW lies left and tighter (4 untied pairs, the sign test needs 5)"]
     assert "C better in 4/4 pairs (not judged: too few samples, the sign test needs at least 5 untied pairs)" in \
         four["measured"]
     # Ties drop out of the sign test: five samples, one tied, is still too few.
@@ -233,7 +234,8 @@ def test_sgd_vs_adamw_judges_vit_c_s_own_gap(c_sgd, n_val, expected):
 
 def test_the_rules_text_states_the_two_halves_and_the_sign_test_minimum():
     rules = " ".join(claims.__doc__.split())
-    assert "fewer than 5 untied pairs is not judged" in rules and claims.min_sign_pairs(0.05) == 5
+    assert "fewer than 5 untied pairs (the sign test cannot reach p < 0.05 there) is not judged" in rules
+    assert claims.min_sign_pairs(0.05) == 5
     assert "ViT_C's IQR minus ViT_P's, from 2000 bootstrap resamples" in rules and claims.BOOTSTRAP == 2000
     assert "ViT_C's own SGD-AdamW gap supports" in rules and "below 1 point" in rules
     assert claims.EQUIVALENCE_MARGIN == 1.0
@@ -257,7 +259,7 @@ def test_a_figure_that_fails_to_write_leaves_the_previous_one_whole(tmp_path, mo
     monkeypatch.setattr(Figure, "savefig", full_disk)
     table = {"vit_c_nano": {"adamw": {2: {"mean": 20.0, "std": None, "n": 1}}}}
     with pytest.raises(OSError, match="No space left"):
-        plots.plot_convergence(table, ["vit_c_nano"], path)
+        plots.plot_convergence(table, ["vit_c_nano"], 1000, path)
     assert path.read_bytes() == b"\x89PNG the previous figure"
     assert [p.name for p in tmp_path.iterdir()] == ["convergence.png"]  # no temp file left behind
 

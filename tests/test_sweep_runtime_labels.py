@@ -47,8 +47,8 @@ def test_the_reports_runtime_table_labels_a_range_as_a_range():
 
 
 @pytest.mark.parametrize("ratios, label, rounds", [
-    (TWO, "(range of 2 rounds 0.91..0.99)", "tie: 2 rounds,"),
-    (TWO[:1], "(range of 1 round 0.91..0.91)", "tie: 1 round,"),
+    (TWO, "(range of 2 rounds 0.91..0.99)", "not judged: 2 rounds,"),
+    (TWO[:1], "(range of 1 round 0.91..0.91)", "not judged: 1 round,"),
     (NINE, "(95 % 0.95..0.97)", None),
 ])
 def test_the_claims_table_labels_a_range_as_a_range(ratios, label, rounds):

@@ -49,7 +49,7 @@ def test_t_critical_values_are_the_ones_the_rules_text_states():
     rules = " ".join(claims.__doc__.split())
     assert round(claims.t_critical(2), 2) == 4.30 and "4.30 at 2 degrees of freedom" in rules
     assert round(claims.t_critical(4), 2) == 2.78 and "2.78 at 4" in rules
-    assert round(claims.t_critical(math.inf), 2) == 1.96 and "1.96 without seed spread" in rules
+    assert round(claims.t_critical(math.inf), 2) == 1.96 and "1.96 for a single seed" in rules
 
 
 def test_binomial_noise_alone_uses_the_normal_quantile():
@@ -101,15 +101,16 @@ def test_runtime_rows_are_judged_by_the_interval_of_their_round_ratios():
     absurd = [0.25, 0.26, 0.27, 0.26, 0.25, 0.26, 0.27, 0.26, 0.26]  # hAY s4: "C/P 0.260 ... yes"
     judged = [claims.runtime_row(_rt(x))["judgement"] for x in (PARITY, straddles, slower, absurd, PARITY[:4])]
     assert judged[0] == "parity" and judged[1] == "inconclusive" and judged[2] == "C slower"
-    assert judged[3].startswith("flagged: implausible") and judged[4].startswith("tie: 4 rounds")
+    assert judged[3].startswith("flagged, not judged: implausible") and judged[4].startswith("not judged: 4 rounds")
     # The interval is scipy's order-statistic interval of the median (9 rounds: ranks 2 and 8).
     ratio, interval, firm = claims.ratio_interval(slower)
     assert firm and ratio == pytest.approx(1.12) and interval == pytest.approx([1.11, 1.13])
     row = claims.runtime_claim([_rt(x) for x in (PARITY, straddles, absurd)], 1.0)
     assert (row["supporting"], row["contradicting"], row["comparisons"], row["reproduced"]) == (1, 0, 3, "partial")
-    # A measurement from before per-round ratios were kept supports nothing.
+    assert row["not_judged"] == ["train_step cpu nchw (implausible ratio)"]
+    # A measurement from before per-round ratios were kept is not judged.
     legacy = {k: v for k, v in _rt(PARITY).items() if k != "round_ratios"}
-    assert claims.runtime_claim([legacy], 1.0)["reproduced"] == "inconclusive"
+    assert claims.runtime_claim([legacy], 1.0)["reproduced"] == "not judged"
 
 
 def test_measure_keeps_the_per_round_ratios():

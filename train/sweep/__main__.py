@@ -447,7 +447,10 @@ def _sweep(args: argparse.Namespace, cfg: StudyConfig, study: str, out: Path, ru
         exc.add_note(REPORT_STOPPED if args.report_only else "finished runs are kept; rerun the same command to resume")
         raise
     for row in summary.get("claims", []):
-        said = row["reproduced"] + (f" ({row['provisional']})" if row.get("provisional") else "")
+        said = row["reproduced"] + (f": {row['verdict_detail']}" if row.get("verdict_detail") else "") + (
+            f" ({row['provisional']})" if row.get("provisional") else "")
+        if row.get("not_judged"):
+            said += f" (not judged: {', '.join(row['not_judged'])})"
         print(f"{row['title']}: {said} - {row['measured']}")
     if summary:
         print(f"results in {out}/ (summary.json, claims.md, *.png)")

@@ -24,6 +24,13 @@ MAX_RUNTIME_BYTES = 16 * 1024 * 1024  # a few KB per pair: never read a huge fil
 _ROW_FIELDS: dict[str, type] = {"what": str, "device": str, "layout": str, "compiled": bool}
 FIGURES = ("convergence.png", "optimizer.png", "stability_edf.png", "stability_lr_wd.png")  # all write_report draws
 REPORT_FILES = ("summary.json", "claims.md", *FIGURES)  # every file write_report replaces or removes
+# Said under every claims table: what a rerun of the study can and cannot be expected to give.
+REPRODUCIBILITY = (
+    "Reproducibility: each run's error depends on the source commit and the CPU as well as on its seed (e943cba, "
+    "which changed how training normalises its batches in the last float32 bit, moved a 2-epoch vit_c_nano run from "
+    "30.1 to 25.3 % error; one run at one commit gave 29.9 % on an AMD EPYC and 27.5 % on an Intel Xeon), so a "
+    "rerun at another commit or on another CPU gives other per-run numbers, by about the seeds' own spread; the "
+    "verdicts, which count only differences beyond that spread, are what a rerun is expected to repeat.")
 GOOD_MARGIN = 5.0  # points above the best sampled error that still count as a "good" run in the EDF stats
 
 
@@ -213,6 +220,29 @@ def trained_on(results: dict[str, dict[str, Any]], specs: Sequence[RunSpec]) -> 
     return list(seen.values())
 
 
+def _origin(result: dict[str, Any]) -> str:
+    """The commit (with its dirty flag) and CPU a run records, as claims.md names them."""
+    m = result.get("machine") or {}
+    git = m.get("git") or {}
+    if not (git.get("commit") or m.get("cpu")):
+        return "on an unrecorded machine and commit"
+    return f"{(git.get('commit') or '?')[:12]}{' (dirty)' if git.get('dirty') else ''} on {m.get('cpu') or '?'}"
+
+
+def mixed_cells(specs: Sequence[RunSpec], results: dict[str, dict[str, Any]]) -> list[str]:
+    """Each tuned cell (model, optimizer, schedule) whose seeds ran at different commits or on different CPUs, said
+    with the seeds of each: per-run numbers depend on both, so such a mean mixes two setups."""
+    cells: dict[tuple[str, str, int], dict[str, list[int]]] = {}
+    for s in specs:
+        if s.run_id in results:
+            by = cells.setdefault((s.model, s.optimizer, s.epochs), {})
+            by.setdefault(_origin(results[s.run_id]), []).append(s.seed)
+    return [f"{m}/{claims.opt_name(o)} {e} ep: " + "; ".join(
+                f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))} {origin}"
+                for origin, seeds in by.items())
+            for (m, o, e), by in sorted(cells.items()) if len(by) > 1]
+
+
 def build_summary(
     cfg: StudyConfig,
     study: str,
@@ -243,13 +273,14 @@ def build_summary(
     runtime_doc = runtime_doc or {}
     measured_runtime = runtime_doc.get("rows", [])
     pairs = analysis.stem_pairs(list(cfg.models))
+    epochs = tuned_epochs(cfg, study)
     for conv, patch in pairs:
         pair_rows = []
         flops_ratio = comp[conv]["flops"] / comp[patch]["flops"]
         if study in ("convergence", "all"):
-            pair_rows.append(claims.convergence_claim(table, conv, patch, n_val, flops_ratio))
+            pair_rows.append(claims.convergence_claim(table, conv, patch, n_val, flops_ratio, epochs))
         if study in ("optimizer", "convergence", "all"):
-            pair_rows.append(claims.optimizer_claim(gaps, table, conv, patch, n_val))
+            pair_rows.append(claims.optimizer_claim(gaps, table, conv, patch, n_val, epochs))
         if study in ("stability", "all"):
             pair_rows.append(claims.stability_claim(stab, conv, patch))
         if tuned_specs:
@@ -266,7 +297,6 @@ def build_summary(
         rows += pair_rows
     all_specs = list(dict.fromkeys((*stab_specs, *tuned_specs)))
     # Pairs whose tuning waits for a stability result: their tuned runs are planned, not yet specified.
-    epochs = tuned_epochs(cfg, study)
     untuned = [f"{m}/{o}" for m in cfg.models for o in cfg.optimizers if (m, o) not in tuned] if epochs else []
     # An untuned pair's tuned runs: every schedule and seed, less the one its stability winner already is (if any).
     per_untuned = len(epochs) * len(cfg.seeds) - (cfg.stability_epochs in epochs and cfg.stability_seed in cfg.seeds)
@@ -287,6 +317,7 @@ def build_summary(
         **({"not_tuned": untuned} if untuned else {}),
         "runs": runs,
         "trained_on": trained_on(results, all_specs),
+        "mixed_cells": mixed_cells(tuned_specs, results),
         "tuned": {f"{m}/{o}": {"lr": lr, "weight_decay": wd} for (m, o), (lr, wd) in sorted(tuned.items())},
         "stability": stab,
         "convergence": {m: {o: {str(e): v for e, v in c.items()} for o, c in t.items()} for m, t in table.items()},
@@ -325,10 +356,11 @@ def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
     # Each file is replaced atomically, and summary.json (what tools read) last: a failed write (a full disk) never
     # leaves it newer than claims.md and the figures.
     figures = []
+    n_val = summary["val_images"]
     if table:
-        figures.append((plots.plot_convergence, (table, models), "convergence.png"))
+        figures.append((plots.plot_convergence, (table, models, n_val), "convergence.png"))
     if gaps:
-        figures.append((plots.plot_optimizer, (table, gaps, models), "optimizer.png"))
+        figures.append((plots.plot_optimizer, (table, gaps, models, n_val), "optimizer.png"))
     if summary["stability"]:
         figures.append((plots.plot_edf, (summary["stability"], models), "stability_edf.png"))
         figures.append((plots.plot_stability_scatter, (summary["stability"], models), "stability_lr_wd.png"))
@@ -351,10 +383,13 @@ def write_report(study_dir: Path, summary: dict[str, Any]) -> list[Path]:
 def verdict_text(row: dict[str, Any]) -> str:
     """A claim's verdict as the claims table shows it: the verdict, provisional or not, and its counts."""
     said = f"**{row['reproduced']}**"
+    if row.get("verdict_detail"):
+        said += f": {row['verdict_detail']}"
     if row.get("provisional"):
         said += f", {row['provisional']}"
+    unjudged = f"; not judged: {', '.join(row['not_judged'])}" if row.get("not_judged") else ""
     return (f"{said} ({row['supporting']} of {row['comparisons']} comparisons support, "
-            f"{row['contradicting']} contradict)")
+            f"{row['contradicting']} contradict{unjudged})")
 
 
 def preset_label(cfg: dict[str, Any]) -> str:
@@ -457,7 +492,10 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
         ratio = row.get("flops_ratio")
         flops = "–" if ratio is None else f"{ratio:.3f}" + ("" if claims.flops_parity(ratio) else " (off parity)")
         lines.append(f"| {row['title']} | {row['paper']} | {row['measured']} | {flops} | {verdict_text(row)} |")
-    lines += ["", "Rules: " + " ".join(claims.__doc__.split("\n\n", 1)[1].split()), ""]
+    lines += ["", "Rules: " + " ".join(claims.__doc__.split("\n\n", 1)[1].split()), "", REPRODUCIBILITY, ""]
+    if summary.get("mixed_cells"):
+        lines += ["Warning: these cells mix commits or CPUs across their seeds, so their means mix setups: "
+                  + "; ".join(summary["mixed_cells"]) + ".", ""]
     if (bias := winners_curse(cfg)) is not None:
         lines += [bias, ""]
     if summary["tuned"]:
@@ -500,11 +538,17 @@ def markdown(summary: dict[str, Any], figures: Sequence[str]) -> str:
         rt = summary["runtime"]
         mach = rt.get("machine") or {}
         load = mach.get("load_avg")
+        git = mach.get("git") or {}
         lines += ["## Runtime (measured: median of interleaved rounds, 95 % interval of the per-round C/P ratios)",
                   "",
-                  f"Machine: {mach.get('gpu') or mach.get('cpu', '?')}, {mach.get('usable_cpus', '?')} CPUs, "
-                  f"torch {mach.get('torch', '?')}"
-                  + (f", load average {load[0]:.1f} before measuring" if load else "") + ".", "",
+                  f"Machine: {mach.get('gpu') or mach.get('cpu', '?')}"
+                  + (f" (host {mach['host']})" if mach.get("host") else "")
+                  + f", {mach.get('usable_cpus', '?')} CPUs, torch {mach.get('torch', '?')}, commit "
+                  + f"{(git.get('commit') or 'unrecorded')[:12]}"
+                  + {True: " (dirty tree)", False: " (clean tree)"}.get(git.get("dirty"), "")
+                  + (f", load average {load[0]:.1f} before measuring" if load else "") + ". "
+                  "The intervals cover the variation between one measurement's rounds, not between measurements: "
+                  "a rerun at another time, load or machine can land outside them.", "",
                   "| pair | what | device | layout | mode | batch | ViT_C ms | ViT_P ms | C/P | 95 % interval "
                   "| parity |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
