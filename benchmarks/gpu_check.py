@@ -57,7 +57,6 @@ from models.cli import (
     device_arg,
     error_reason,
     float_in,
-    hangup_terminates,
     int_in,
     last_line,
     refuse_empty_paths,
@@ -789,15 +788,14 @@ def main(argv: list[str] | None = None) -> int:
     from models.io import strict_json_bytes
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with hangup_terminates():  # the running step's group stopped (its own session: no hang-up reaches it)
-        with tempfile.TemporaryDirectory(prefix="vitc-gpu-check-") as tmp:
-            work = args.work or Path(tmp)
-            doc = run(args.device, sizes, args.out, work, log=lambda m: print(m, file=sys.stderr, flush=True),
-                      budget=Budget(args.budget or sizes.budget_s, sizes.shares), cache=args.cache)
-        doc["host"] = doc["environment"]["host"]
-        stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
-        publish({stem.with_suffix(".json"): strict_json_bytes(doc), stem.with_suffix(".md"): markdown(doc).encode()},
-                f"the results {stem.name} in {args.out}")
+    with tempfile.TemporaryDirectory(prefix="vitc-gpu-check-") as tmp:
+        work = args.work or Path(tmp)
+        doc = run(args.device, sizes, args.out, work, log=lambda m: print(m, file=sys.stderr, flush=True),
+                  budget=Budget(args.budget or sizes.budget_s, sizes.shares), cache=args.cache)
+    doc["host"] = doc["environment"]["host"]
+    stem = args.out / unused_stem(args.out, stem_name(doc, "-gpu-check"), (".json", ".md"))
+    publish({stem.with_suffix(".json"): strict_json_bytes(doc), stem.with_suffix(".md"): markdown(doc).encode()},
+            f"the results {stem.name} in {args.out}")
     cut = (f" ({', '.join(doc['cut_for_time'])} cut for time: rerun with a larger --budget than "
            f"{doc['budget_s']:.0f})" if doc["cut_for_time"] else "")
     print(f"{'passed' if doc['passed'] else 'FAILED'}{cut}: wrote {stem}.json, {stem}.md")

@@ -54,7 +54,6 @@ from models.cli import (
     WorkFailed,
     command,
     float_in,
-    hangup_terminates,
     int_in,
     redact_secrets,
     refuse_empty_paths,
@@ -494,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         url, bundles = _checked(args)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    with hangup_terminates():  # the started server stopped and its log directory removed, as for SIGTERM
-        return _run(args, url, bundles)
+    return _run(args, url, bundles)
 
 
 def _run(args: argparse.Namespace, url: str, bundles: list[str]) -> int:

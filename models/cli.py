@@ -393,8 +393,12 @@ def hangup_terminates() -> Iterator[None]:
     previous = signal.signal(signal.SIGHUP, _on_hangup)
     try:
         yield
-    finally:  # None: a handler not set from Python, which only the default stands for here
-        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+    finally:
+        # Put back unless taken over meanwhile: a hang-up's handler ignores the next ones for the cleanup still to
+        # come (the one line, the exit), and `run` ignores every signal once the outcome is known; the default put
+        # back there would end the process without a word (exit 129). None: a handler not set from Python.
+        if signal.getsignal(signal.SIGHUP) is _on_hangup:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
 
 
 # Ctrl-Cs and SIGTERMs whose exception Python discarded (`_keep_discarded`), for `raise_discarded_signal`.
@@ -501,19 +505,23 @@ def signals_caught() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP caught while the body runs and raised again on leaving (main thread): a child
     process started inside is recorded before the interrupt unwinds past it (Popen interrupted while it waits for
     the exec would leave the child running with nobody to stop it). Not a blocked signal mask: the child would
-    inherit that."""
+    inherit that. An ignored one stays ignored (nohup, `cmd &`): the child inherits that too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
         for s, handler in previous.items():  # None: a handler not set from Python, which only the default stands for
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         for s in dict.fromkeys(caught):
+            if s == signal.SIGHUP and previous[s] in (signal.SIG_DFL, None):
+                # Its default would end the process on the spot, the child just recorded left running: a hang-up
+                # takes SIGTERM's path instead, as under `run` (hangup_terminates).
+                raise Terminated
             signal.raise_signal(s)  # now to the handler it was meant for
 
 
@@ -529,36 +537,41 @@ def _no_temp_dir(exc: BaseException) -> bool:
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """Exit with `main()`'s code; an InputError or WorkFailed is one line, `{prog}: error: {reason}`, and exit 2 or
     1; Ctrl-C is one line and exit 130, SIGTERM (until `main` installs its own handler, as the server does once it
-    serves) one line and exit 143, also where the signal surfaced as another error raised from it (an import it
-    interrupted), what was being written left as it was (the writers are atomic); the machine
-    failing (`machine_failure`) one line and exit 1, a missing extra (`missing_dependency`) one line and exit 2, and
-    a closed output pipe (`| head`) ends quietly."""
+    serves) and SIGHUP (the terminal closed; not under nohup) one line and exit 143, also where the signal surfaced
+    as another error raised from it (an import it interrupted), what was being written left as it was (the writers
+    are atomic); the machine failing (`machine_failure`) one line and exit 1, a missing extra
+    (`missing_dependency`) one line and exit 2, and a closed output pipe (`| head`) ends quietly."""
     main_thread = threading.current_thread() is threading.main_thread()
     # The program itself (`python -m X`), rather than a caller that goes on (a test calling this in-process), which
     # keeps its own signal handling.
     program = main_thread and sys._getframe(1).f_globals.get("__name__") == "__main__"
     if main_thread:
         signal.signal(signal.SIGTERM, _on_sigterm)
-        if signal.getsignal(signal.SIGINT) is _stop_loading:  # Ctrl-C raises again, for main's cleanup
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Ctrl-C raises again, for main's cleanup; a hang-up is SIGTERM's (hangup_terminates, below)
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL)):
+            if signal.getsignal(signum) is _stop_loading:
+                signal.signal(signum, default)
     fill_closed_std_streams()
     code: object = _RUNNING
     try:
-        try:
-            with _discarded_signals_kept() if main_thread else contextlib.nullcontext():
-                returned = main()
-                # One that Python discarded while main ran (in a __del__) and main did not raise itself (only
-                # training looks for one): it came before main returned, and stops the command as such (130, 143).
-                raise_discarded_signal()
-                code = returned
-        finally:
-            if program:
-                # The outcome is known (main returned or raised): a signal from here on must not change it, while
-                # stdout is flushed below (a slow reader holds that up), or while Python tears down (waiting for
-                # threads, torch's and onnx's destructors: a second or more) into 143 without a word, or a
-                # traceback. Python leaves an ignored signal ignored to the end, where its own handlers would fall
-                # back to the default, which kills.
-                _ignore_signals()
+        # A closed terminal stops every command as SIGTERM does (its default would kill it without a word, leaving
+        # locks, temporary directories and started servers behind); not under nohup.
+        with hangup_terminates():
+            try:
+                with _discarded_signals_kept() if main_thread else contextlib.nullcontext():
+                    returned = main()
+                    # One that Python discarded while main ran (in a __del__) and main did not raise itself (only
+                    # training looks for one): it came before main returned, and stops the command as such.
+                    raise_discarded_signal()
+                    code = returned
+            finally:
+                if program:
+                    # The outcome is known (main returned or raised): a signal from here on must not change it,
+                    # while stdout is flushed below (a slow reader holds that up), or while Python tears down
+                    # (waiting for threads, torch's and onnx's destructors: a second or more) into 143 without a
+                    # word, or a traceback. Python leaves an ignored signal ignored to the end, where its own
+                    # handlers would fall back to the default, which kills.
+                    _ignore_signals()
         sys.stdout.flush()
     except KeyboardInterrupt as exc:
         code = _stopped(prog, exc, code)
@@ -617,8 +630,8 @@ def _stopped(prog: str, exc: KeyboardInterrupt, code: object) -> object:
 
 
 def _ignore_signals() -> None:
-    """SIGTERM and Ctrl-C no longer stop the process (it is exiting with its command's code)."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    """SIGTERM, Ctrl-C and SIGHUP no longer stop the process (it is exiting with its command's code)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -635,7 +648,7 @@ _COMMAND_PACKAGES = ("benchmarks", "export", "models", "serve", "train")
 def _stop_loading(signum: int, frame: object) -> None:
     """Before `run`, main has not started: nothing to clean up. An exception raised here, inside an import, would
     print a traceback (or be swallowed by importlib's callbacks): say why, and end at once with `run`'s codes."""
-    stopped = signum == signal.SIGTERM
+    stopped = signum != signal.SIGINT  # SIGTERM, or a hang-up: SIGTERM's words and code, as `run` says them
     if sys.stderr is not None:  # os.write: no buffered writer to re-enter if the signal came in the middle of one
         with contextlib.suppress(OSError, ValueError):
             os.write(sys.stderr.fileno(), f"{_loading}: {'terminated' if stopped else 'interrupted'}\n".encode())
@@ -659,13 +672,14 @@ def _loading_command() -> str | None:
 
 
 def _guard_loading() -> None:
-    """While vitc's command loads, until `run` starts: Ctrl-C and SIGTERM stop it with `_stop_loading`. Signals the
-    process was started with ignored (`cmd &` in a script, nohup) stay ignored."""
+    """While vitc's command loads, until `run` starts: Ctrl-C, SIGTERM and SIGHUP stop it with `_stop_loading`.
+    Signals the process was started with ignored (`cmd &` in a script, nohup) stay ignored."""
     global _loading
     if threading.current_thread() is not threading.main_thread() or (prog := _loading_command()) is None:
         return
     _loading = prog
-    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
+                            (signal.SIGHUP, signal.SIG_DFL)):
         if signal.getsignal(signum) == default:
             signal.signal(signum, _stop_loading)
 

@@ -42,9 +42,11 @@ THREAD = TEARDOWN.replace("atexit.register(slow_teardown)",
 
 @pytest.mark.parametrize("script", [TEARDOWN, THREAD], ids=["atexit", "thread"])
 def test_a_signal_during_teardown_ends_with_mains_code(script):
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                # SIGHUP as a terminal's run has it, even where the tests run under nohup
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         err_line = proc.stderr.readline()
         assert err_line.strip() == "tearing down", err_line
         proc.send_signal(signum)
