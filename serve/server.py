@@ -197,7 +197,7 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
     from serve.app import create_app
     from serve.http_limits import ConnectionLimits, lingering_bytes
     from serve.httpproto import HeaderBoundsProtocol
-    from serve.shutdown import DelayedShutdownServer
+    from serve.shutdown import STOP_SIGNALS, DelayedShutdownServer
 
     app = create_app(settings, models)
     try:
@@ -215,11 +215,13 @@ def _serve(settings: Settings, models: ServedModels, sock: socket.socket, connec
         timeout_graceful_shutdown=settings.graceful_timeout_s, timeout_keep_alive=settings.keep_alive_s,
     )
     server = DelayedShutdownServer(config, app.state, settings.shutdown_delay, http.close_after_answers)
-    # A SIGTERM or SIGINT before uvicorn takes the signals over (the "listening" line is out) stops the server once
-    # started; uvicorn re-raises the one it captured after its graceful shutdown, and this handler makes that second
-    # delivery a no-op, so a clean shutdown exits 0 (Ctrl-C is the server's normal stop), not by the signal.
-    signal.signal(signal.SIGTERM, server.stop)
-    signal.signal(signal.SIGINT, server.stop)
+    # A SIGTERM, SIGINT or hang-up before uvicorn takes the signals over (the "listening" line is out) stops the
+    # server once started; uvicorn re-raises the one it captured after its graceful shutdown, and this handler makes
+    # that second delivery a no-op, so a clean shutdown exits 0 (Ctrl-C is the server's normal stop), not by the
+    # signal. A hang-up ignored (nohup) stays ignored.
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, server.stop)
     log.info("listening", extra=_listening(settings, models, sock, connections))
     server.run(sockets=[sock])
 

@@ -10,11 +10,13 @@ drain) answers what is still in progress 503 and closes the models without drain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -23,6 +25,9 @@ import uvicorn
 log = logging.getLogger("vitc.serve")
 CONNECTION_CLOSE = (b"connection", b"close")
 FORCED_WAIT_S = 1.0  # a forced stop: how long the requests it cancels get to send their 503
+# What stops the server gracefully: uvicorn's SIGINT and SIGTERM, and a hang-up (the terminal or ssh session closed),
+# whose default would end the process at once, without the drain or a line saying why.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def not_ready(state: Any) -> None:
@@ -58,6 +63,20 @@ class DelayedShutdownServer(uvicorn.Server):
         """Stop once started: the handler of a signal that comes before uvicorn takes the signals over."""
         stopping(self.app_state)
         self.should_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, with a hang-up taken as SIGTERM (uvicorn captures SIGINT and SIGTERM alone); ignored stays
+        ignored (nohup)."""
+        with super().capture_signals():
+            hangup = threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+            previous = signal.signal(signal.SIGHUP, self.handle_exit) if hangup else None
+            try:
+                yield
+            finally:  # before uvicorn re-raises the captured signals: a hang-up then goes to `stop`, a no-op
+                if hangup:
+                    signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.shutdown_delay and self.started and self.delay_ends is None and not self.should_exit:
