@@ -22,6 +22,7 @@ from models.extras import missing_dependency
 from models.extras import pip_command as pip_command  # README's "Adding a runtime": a runtime's `install` line
 from models.failures import library_error, machine_reason
 from models.io import import_fcntl
+from models.loading import loading_command, stop_loading
 from models.oneline import one_line as one_line  # the commands' one line, shared with what serve answers
 
 # vitc's top-level packages (pyproject.toml's packages.find). An editable install finds them after the module path
@@ -105,7 +106,7 @@ def refuse_shadowed_packages() -> None:
     fix = ("run from another directory, or set PYTHONSAFEPATH=1" if directory.startswith("./") else
            f"rename it, or take {parent} off the module path (PYTHONPATH)")
     reason = f"{directory} (a directory without __init__.py) shadows vitc's package {package!r}: {fix}"
-    if (prog := _loading_command()) is None:
+    if (prog := loading_command()) is None:
         raise ImportError(reason, name=package)
     print(f"{prog}: error: {reason}", file=sys.stderr)
     raise SystemExit(2)
@@ -121,7 +122,7 @@ def refuse_unsupported_platform() -> None:
         reason = str(exc)
     else:
         return
-    if (prog := _loading_command()) is None:
+    if (prog := loading_command()) is None:
         raise ImportError(reason, name="fcntl")
     print(f"{prog}: error: {reason}", file=sys.stderr)
     raise SystemExit(2)
@@ -549,7 +550,7 @@ def run(main: Callable[[], int | None], prog: str) -> NoReturn:
         signal.signal(signal.SIGTERM, _on_sigterm)
         # Ctrl-C raises again, for main's cleanup; a hang-up is SIGTERM's (hangup_terminates, below)
         for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL)):
-            if signal.getsignal(signum) is _stop_loading:
+            if signal.getsignal(signum) is stop_loading:
                 signal.signal(signum, default)
     fill_closed_std_streams()
     code: object = _RUNNING
@@ -635,55 +636,5 @@ def _ignore_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-# While a command's modules load (numpy, torch, onnx: up to a second or more), before `run` takes the signals over:
-# the `python -m` name of the command, for its one line.
-_loading: str | None = None
-
-# vitc's packages whose modules are commands. Each command imports this module before anything else, so that a
-# Ctrl-C or SIGTERM while the rest loads is one line and exit 130 or 143, as later, not a traceback (or a silent
-# death by SIGTERM).
-_COMMAND_PACKAGES = ("benchmarks", "export", "models", "serve", "train")
-
-
-def _stop_loading(signum: int, frame: object) -> None:
-    """Before `run`, main has not started: nothing to clean up. An exception raised here, inside an import, would
-    print a traceback (or be swallowed by importlib's callbacks): say why, and end at once with `run`'s codes."""
-    stopped = signum != signal.SIGINT  # SIGTERM, or a hang-up: SIGTERM's words and code, as `run` says them
-    if sys.stderr is not None:  # os.write: no buffered writer to re-enter if the signal came in the middle of one
-        with contextlib.suppress(OSError, ValueError):
-            os.write(sys.stderr.fileno(), f"{_loading}: {'terminated' if stopped else 'interrupted'}\n".encode())
-    os._exit(143 if stopped else 130)
-
-
-def _loading_command() -> str | None:
-    """`python -m X` when this process's program is vitc's command X (a module that ends in `cli.run`, which lifts
-    the guard below), else None: a program that never calls `run` keeps Python's own handling."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    name, origin = getattr(spec, "name", None) or "", getattr(spec, "origin", None)
-    if name.partition(".")[0] not in _COMMAND_PACKAGES or not origin:
-        return None
-    try:
-        with open(origin, encoding="utf-8", errors="replace") as source:
-            if "cli.run(" not in source.read():
-                return None
-    except OSError:
-        return None
-    return "python -m " + name.removesuffix(".__main__")
-
-
-def _guard_loading() -> None:
-    """While vitc's command loads, until `run` starts: Ctrl-C, SIGTERM and SIGHUP stop it with `_stop_loading`.
-    Signals the process was started with ignored (`cmd &` in a script, nohup) stay ignored."""
-    global _loading
-    if threading.current_thread() is not threading.main_thread() or (prog := _loading_command()) is None:
-        return
-    _loading = prog
-    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
-                            (signal.SIGHUP, signal.SIG_DFL)):
-        if signal.getsignal(signum) == default:
-            signal.signal(signum, _stop_loading)
-
-
 refuse_unsupported_platform()  # at the command's first import, before any module that needs fcntl
 refuse_shadowed_packages()  # at the command's first import: before it asks the shadowed package for anything
-_guard_loading()
