@@ -106,7 +106,12 @@ def _is_dir(path: str) -> bool:
 def split_models(value: str) -> object:
     """The --model values of VITC_MODELS: a JSON list, or comma-separated (ValueError for malformed JSON)."""
     value = value.strip()
-    return json.loads(value) if value.startswith("[") else [s.strip() for s in value.split(",") if s.strip()]
+    if not value.startswith("["):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    try:
+        return json.loads(value)
+    except RecursionError:  # json's decoder recurses once per level: '[' * 3000 ended the start in a traceback
+        raise ValueError('JSON nested too deeply: give a JSON list of paths, ["PATH", "NAME=PATH"]') from None
 
 
 class Settings(BaseSettings):
