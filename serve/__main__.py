@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         run(settings)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()))
+        loc = err.get("loc") or ()
+        where = str(loc[0]) if loc else ""
+        # An item of a list setting (VITC_MODELS='[1]', a second --model): pydantic's path `models.0` is no name.
+        item = f"item {loc[1] + 1}: " if len(loc) > 1 and isinstance(loc[1], int) else ""
         msg = str(err.get("msg")).removeprefix("Value error, ")
         bound = (err.get("ctx") or {}).get("le")
         if where.endswith("_bytes") and isinstance(bound, int) and bound >= 1 << 30:  # 17179869184 means 16 GiB
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{flag(where)} (VITC_{where.upper()}{values})"
         msg = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flag(m[0]) if m[0] in fields else m[0], msg)
         if where:
-            raise InputError(f"invalid setting {where}: {msg} (got {err.get('input')!r})") from None
+            raise InputError(f"invalid setting {where}: {item}{msg} (got {err.get('input')!r})") from None
         raise InputError(f"invalid settings: {msg}") from None  # a rule across settings: the message names them
     except ServeError as exc:
         raise InputError(str(exc)) from None

@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import runtimes
@@ -114,6 +114,16 @@ def split_models(value: str) -> object:
         raise ValueError('JSON nested too deeply: give a JSON list of paths, ["PATH", "NAME=PATH"]') from None
 
 
+def _model_path_given(arg: str) -> str:
+    """A --model value names a path (an empty one, or `name=`, would be the current directory). Checked per item, so
+    that a refusal names the item (`item 2`) and echoes it, not the whole list."""
+    if not model_path_text(arg).strip():
+        raise ValueError(EMPTY_PATH + "give a bundle directory as PATH or NAME=PATH")
+    if why := misnamed_model(arg):
+        raise ValueError(why)
+    return arg
+
+
 class Settings(BaseSettings):
     """Everything the service is configured by; flags override VITC_<NAME> environment variables."""
 
@@ -139,7 +149,7 @@ class Settings(BaseSettings):
         return flag(setting) + shown
 
     # Which models: bundle paths, `name=path`, every bundle under model_dir, every model of model_repository.
-    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    models: Annotated[list[Annotated[str, AfterValidator(_model_path_given)]], NoDecode] = Field(default_factory=list)
     model_dir: Path | None = None
     model_repository: Path | None = None  # a Triton-style repository (python -m export.triton writes one)
     # The default is checked too where it runs bundles: a plugin named like it that failed to register would
@@ -242,17 +252,6 @@ class Settings(BaseSettings):
         VITC_MODEL_DIR=$MODELS) with MODELS unset would serve whatever bundles lie where the server started."""
         if isinstance(v, str) and not v.strip():
             raise ValueError(EMPTY_PATH + "give a directory, or leave the setting out")
-        return v
-
-    @field_validator("models")
-    @classmethod
-    def _model_paths_given(cls, v: list[str]) -> list[str]:
-        """Every --model names a path (an empty one, or `name=`, would be the current directory)."""
-        for arg in v:
-            if not model_path_text(arg).strip():
-                raise ValueError(EMPTY_PATH + "give a bundle directory as PATH or NAME=PATH")
-            if why := misnamed_model(arg):
-                raise ValueError(why)
         return v
 
     @model_validator(mode="after")

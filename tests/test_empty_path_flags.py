@@ -43,8 +43,8 @@ def _one_line(capsys) -> str:
 @pytest.mark.parametrize(("argv", "named"), [
     (["--model-dir", "{}"], "--model-dir (VITC_MODEL_DIR)"),
     (["--model-rep", "{}"], "--model-repository (VITC_MODEL_REPOSITORY)"),  # argparse's abbreviation
-    (["--model={}"], "--model (VITC_MODELS)"),
-    (["--model", "b", "--model", "n={}"], "--model (VITC_MODELS)"),
+    (["--model={}"], "--model (VITC_MODELS): item 1"),
+    (["--model", "b", "--model", "n={}"], "--model (VITC_MODELS): item 2"),
 ])
 def test_serve_refuses_an_empty_path_flag(serve_main, capsys, argv, named, blank):
     assert serve_main([a.format(blank) for a in argv]) == 2
