@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError  # here: a missing server extra is one line (models.cli.run), not a traceback
 
     try:
-        from serve.settings import Settings, flag, unknown_environment
+        from serve.settings import Settings, clipped, flag, unknown_environment
 
         near, _ = unknown_environment(dict(os.environ))
         if near:  # a misspelt setting would be ignored without a word (VITC_MODEL: "no models to serve")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{flag(where)} (VITC_{where.upper()}{values})"
         msg = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flag(m[0]) if m[0] in fields else m[0], msg)
         if where:
-            raise InputError(f"invalid setting {where}: {item}{msg} (got {err.get('input')!r})") from None
+            raise InputError(f"invalid setting {where}: {item}{msg} (got {clipped(repr(err.get('input')))})") from None
         raise InputError(f"invalid settings: {msg}") from None  # a rule across settings: the message names them
     except ServeError as exc:
         raise InputError(str(exc)) from None

@@ -20,6 +20,9 @@ def host_problem(host: str, timeout_s: float = RESOLVE_TIMEOUT_S) -> str | None:
         return "is empty: give the address to listen on (0.0.0.0: every interface; 127.0.0.1: this machine only)"
     if _numeric(host):
         return None
+    address, percent, zone = host.partition("%")
+    if percent and ":" in address and _numeric(address):  # an IPv6 address whose zone getaddrinfo did not take
+        return _unknown_zone(zone)
     if not _host_name(host):
         return NOT_A_HOST
     return _unresolved(host, timeout_s)
@@ -32,6 +35,16 @@ def _numeric(host: str) -> bool:
     except (socket.gaierror, UnicodeError, ValueError):  # ValueError: a NUL in it
         return False
     return True
+
+
+def _unknown_zone(zone: str) -> str:
+    """The refusal of an IPv6 address's zone (`fe80::1%eth0`) that names no interface of this machine."""
+    try:
+        names = ", ".join(name for _, name in socket.if_nameindex())
+    except OSError:  # no interface list to read: the zone is named alone
+        names = ""
+    return (f"names the unknown interface {zone[:40]!r} after '%' (the zone of an IPv6 address is an interface of this "
+            f"machine{': ' + names if names else ''})")
 
 
 def _host_name(host: str) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from runtimes.registry import load_failures
 from serve.errors import ServeError
-from serve.http_limits import probe_places
+from serve.http_limits import host_port, probe_places
 from serve.imaging import BUDGET_PIXEL_BYTES
 from serve.logs import configure_logging
 from serve.protocol import JSON_MEMORY_PER_BYTE
@@ -53,7 +53,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ServeError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}") from None
     sock.listen(2048)  # clients that connect from now on wait in the backlog until uvicorn accepts them
     sock.set_inheritable(True)
     return sock

@@ -76,6 +76,13 @@ def environment_value(setting: str) -> str | None:
 
 
 EMPTY_PATH = "the path is empty (it would be the current directory): "
+ECHO_CHARS = 120  # of a value a refusal echoes: enough to know it by, not a 100 KB line (a file pasted into VITC_HOST)
+_DIGITS = re.compile(r"\s*[+-]?(\d+)\s*")  # a whole number as int() reads one (Unicode digits too)
+
+
+def clipped(text: str) -> str:
+    """`text` as a refusal echoes it: its first ECHO_CHARS characters, and its length where it was cut."""
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text):,} characters)"
 
 
 def model_path_text(arg: str) -> str:
@@ -145,7 +152,7 @@ class Settings(BaseSettings):
         flags = self._flags if self._flags is not None else _FLAGS_GIVEN.get()
         if setting in self.model_fields_set and setting not in flags and \
                 (value := environment_value(setting)) is not None:
-            return f"VITC_{setting.upper()}={value}"
+            return f"VITC_{setting.upper()}={clipped(value)}"
         return flag(setting) + shown
 
     # Which models: bundle paths, `name=path`, every bundle under model_dir, every model of model_repository.
@@ -366,6 +373,9 @@ class Settings(BaseSettings):
             try:
                 return int(v)
             except ValueError:
+                # Digits alone fail only past Python's limit on converting them (4,300): a whole number, far too long.
+                if digits := _DIGITS.fullmatch(v):
+                    raise ValueError(f"has too many digits ({len(digits[1]):,})") from None
                 raise ValueError("must be a whole number") from None
         return v
 
@@ -373,7 +383,9 @@ class Settings(BaseSettings):
     @classmethod
     def _host_to_listen_on(cls, v: str) -> str:
         """An address or a host name that resolves (serve.address), checked before any model loads: an empty or
-        unresolvable VITC_HOST was refused only after every model had loaded, as a --host the user never gave."""
+        unresolvable VITC_HOST was refused only after every model had loaded, as a --host the user never gave. The
+        whitespace around it is no part of it, as around VITC_PORT (a value read from a file ends in a newline)."""
+        v = v.strip()
         if why := host_problem(v):
             raise ValueError(why)
         return v

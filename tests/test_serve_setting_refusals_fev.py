@@ -7,6 +7,11 @@ import os
 
 import pytest
 
+from serve.address import host_problem
+from serve.errors import ServeError
+from serve.server import bind_socket
+from serve.settings import Settings
+
 SERVE_ERROR = "python -m serve: error: "
 
 
@@ -55,3 +60,39 @@ def test_a_repeated_model_flag_names_the_item_it_refuses(serve_main, capsys):
     assert _one_line(capsys) == (SERVE_ERROR + "invalid setting --model (VITC_MODELS): item 2: the path is empty (it "
                                  "would be the current directory): give a bundle directory as PATH or NAME=PATH "
                                  "(got 'n=')")
+
+
+def test_an_ipv6_zone_naming_no_interface_says_so(serve_main, capsys, monkeypatch):
+    """fe80::1%nosuchif was told it was no address or host name, 'without a scheme, brackets or a port'."""
+    monkeypatch.setenv("VITC_HOST", "fe80::1%nosuchif")
+    assert serve_main(["--model", "m"]) == 2
+    assert _one_line(capsys).startswith(SERVE_ERROR + "invalid setting --host (VITC_HOST): names the unknown interface "
+                                        "'nosuchif' after '%' (the zone of an IPv6 address is an interface of this "
+                                        "machine: lo")
+    assert host_problem("fe80::1%lo") is None  # lo's zone is taken; the bind tells whether the address is there
+
+
+def test_a_bind_refusal_brackets_an_ipv6_address():
+    """`fe80::1%lo:0` read as an address whose last group is the port."""
+    with pytest.raises(ServeError, match=r"^cannot listen on \[fe80::1%lo\]:0: "):
+        bind_socket("fe80::1%lo", 0)
+
+
+def test_the_whitespace_around_the_host_is_no_part_of_it(monkeypatch):
+    """As around VITC_PORT: ' 127.0.0.1 ' was refused as no IP address or host name, without naming the spaces."""
+    monkeypatch.setenv("VITC_HOST", " 127.0.0.1\n")
+    assert Settings(models=["m"]).host == "127.0.0.1"
+    assert Settings(models=["m"], host=" ::1 ").host == "::1"
+
+
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("VITC_HOST", "a" * 100_000, "must be an IP address or a host name"),
+    ("VITC_PORT", "9" * 5000, "has too many digits (5,000)"),  # was "must be a whole number": int()'s 4,300 digits
+    ("VITC_MAX_FILES", " 1" + "0" * 4999, "has too many digits (5,000)"),
+])
+def test_a_huge_value_is_refused_in_a_line_of_reasonable_length(serve_main, capsys, monkeypatch, name, value, said):
+    monkeypatch.setenv(name, value)
+    assert serve_main(["--model", "m"]) == 2
+    line = _one_line(capsys)
+    assert said in line and len(line) < 400, line
+    assert line.endswith(f"... ({len(repr(value)):,} characters))")
