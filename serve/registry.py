@@ -29,7 +29,7 @@ from runtimes.loader import preprocessing_drift
 from runtimes.registry import pick
 from serve.batching import DynamicBatcher
 from serve.errors import ServeError
-from serve.settings import Settings, misnamed_model
+from serve.settings import Settings, clipped, misnamed_model
 from serve.stats import ModelStats
 
 log = logging.getLogger("vitc.serve")
@@ -253,12 +253,13 @@ def has_manifest(version_dir: Path) -> bool:
         raise unreadable("version directory", version_dir, exc) from None
 
 
-def _model_dir_bundles(root: Path) -> list[Path]:
-    """The bundle directories directly under --model-dir (hidden ones aside); ServeError when it cannot be read."""
+def _model_dir_bundles(root: Path, named: str) -> list[Path]:
+    """The bundle directories directly under --model-dir (hidden ones aside); ServeError when it cannot be read,
+    naming it `named` (as the user gave it, Settings.named)."""
     try:
         entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     except OSError as exc:
-        raise ServeError(f"--model-dir {root}: cannot read it: {exc.strerror or exc}") from None
+        raise ServeError(f"{named}: cannot read it: {exc.strerror or exc}") from None
     bundles, closed = [], []
     for p in entries:
         try:
@@ -275,22 +276,24 @@ def _model_dir_bundles(root: Path) -> list[Path]:
 def model_sources(settings: Settings) -> list[ModelSource]:
     """--model values, every bundle directly under --model-dir, every model of --model-repository."""
     sources = [ModelSource(path, name) for name, path in map(parse_model_arg, settings.models)]
-    for flag, root in (("--model-dir", settings.model_dir), ("--model-repository", settings.model_repository)):
+    # Named as the user gave them: the image's VITC_MODEL_DIR=/models unmounted is no --model-dir of the user's.
+    model_dir, repository = (_named(settings, n) for n in ("model_dir", "model_repository"))
+    for named, root in ((model_dir, settings.model_dir), (repository, settings.model_repository)):
         try:
             is_dir = root is None or root.is_dir()
         except OSError as exc:  # Path.is_dir raises EACCES (a parent that cannot be searched) on Python 3.11
-            raise ServeError(f"{flag} {root}: {exc.strerror or exc}") from None
+            raise ServeError(f"{named}: {exc.strerror or exc}") from None
         if not is_dir:
-            raise ServeError(f"{flag} {root} is not a directory")
+            raise ServeError(f"{named} is not a directory")
     if settings.model_dir is not None:
         # A bundle also given with --model is served once, as --model says. Hidden directories are an export's
         # temporaries (a killed export leaves one): never models.
         given = given_paths(sources)
-        for p in _model_dir_bundles(settings.model_dir):
+        for p in _model_dir_bundles(settings.model_dir, model_dir):
             if given and resolved_path(p) in given:
                 continue
             if not NAME_RE.fullmatch(p.name):  # refused, not skipped: a client would find its model gone
-                raise ServeError(misnamed(f"--model-dir bundle {p}",
+                raise ServeError(misnamed(f"bundle {p} of {model_dir}",
                                           f"rename the directory, or serve it with --model {shlex.quote(f'NAME={p}')}"))
             sources.append(ModelSource.model_dir_bundle(p))
     if settings.model_repository is not None:
@@ -298,11 +301,15 @@ def model_sources(settings: Settings) -> list[ModelSource]:
             sources += [ModelSource(p, p.name, repository=True) for p in sorted(settings.model_repository.iterdir())
                         if p.is_dir() and not p.name.startswith(".") and NAME_RE.fullmatch(p.name)]
         except OSError as exc:
-            raise ServeError(f"--model-repository {settings.model_repository}: cannot read it: "
-                             f"{exc.strerror or exc}") from None
+            raise ServeError(f"{repository}: cannot read it: {exc.strerror or exc}") from None
     if not sources:
         raise ServeError(_nothing_to_serve(settings))
     return sources
+
+
+def _named(settings: Settings, setting: str) -> str:
+    """A directory setting as a refusal names it: `VITC_MODEL_DIR=/models`, or `--model-dir /models`."""
+    return settings.named(setting, f" {clipped(str(getattr(settings, setting)))}")
 
 
 NAME_RULE = f"a model name is {BUNDLE_NAME_RULE}"  # models.bundle's rule, worded to end a refusal's reason
@@ -343,11 +350,11 @@ def _nothing_to_serve(settings: Settings) -> str:
     """Why no model was found, naming the directories that were looked in (and what one holds instead)."""
     advice = "pass --model PATH (or name=PATH), --model-dir DIR or --model-repository DIR"
     if settings.model_repository is not None:
-        return f"no models to serve: --model-repository {settings.model_repository} holds no model directory"
+        return f"no models to serve: {_named(settings, 'model_repository')} holds no model directory"
     if settings.model_dir is None:
         return f"no models to serve: {advice}"
     root = settings.model_dir
-    found = f"no models to serve: --model-dir (VITC_MODEL_DIR) {root} holds no bundle (DIR/*/{MANIFEST_FILE})"
+    found = f"no models to serve: {_named(settings, 'model_dir')} holds no bundle (DIR/*/{MANIFEST_FILE})"
     if _looks_like_repository(root):
         return f"{found}; it looks like a Triton model repository: serve it with --model-repository {root}"
     return f"{found}; {advice}"

@@ -72,10 +72,11 @@ def connections_fitting(limit: int) -> int:
     return fits
 
 
-def connection_limit(wanted: int | None) -> int:
+def connection_limit(wanted: int | None, named: str = "") -> int:
     """The connections served at once: `wanted`, or DEFAULT_CONNECTIONS, within the open-file limit (each takes a
     descriptor, as do the probes beyond them and the files_needed spare). The soft limit is raised up to the hard one
-    as needed; ServeError if a `wanted` number, or a single connection, cannot fit."""
+    as needed; ServeError if a `wanted` number, or a single connection, cannot fit (naming `wanted` as `named` says,
+    Settings.named: VITC_MAX_CONNECTIONS=N where the environment gave it)."""
     try:
         import resource
     except ImportError:  # not on this platform: no descriptor limit to fit
@@ -96,8 +97,8 @@ def connection_limit(wanted: int | None) -> int:
     if wanted is None:
         return min(DEFAULT_CONNECTIONS, fits)
     if fits < wanted:
-        raise ServeError(f"--max-connections {wanted} needs {files_needed(wanted)} open files, but the limit is "
-                         f"{soft} (hard limit {hard}): give --max-connections {fits} or less, or raise the limit "
+        raise ServeError(f"{named or f'--max-connections {wanted}'} needs {files_needed(wanted)} open files, but "
+                         f"the limit is {soft} (hard limit {hard}): give {fits} or less, or raise the limit "
                          "(ulimit -n)")
     return wanted
 
@@ -160,7 +161,8 @@ def _preflight(settings: Settings) -> int:
         log.info("ignored Kubernetes service links (Services named vitc or vitc-*; enableServiceLinks: false turns "
                  "them off)",
                  extra={"names": links[:20]})
-    connections = connection_limit(settings.max_connections)
+    connections = connection_limit(settings.max_connections,
+                                   settings.named("max_connections", f" {settings.max_connections}"))
     if settings.max_connections is None and connections < DEFAULT_CONNECTIONS:
         log.warning("the open-file limit cuts the connections served at once", extra={
             "max_connections": connections, "default": DEFAULT_CONNECTIONS,

@@ -447,8 +447,8 @@ def _files_limit(n: int) -> None:
     (64, None, 16),  # a fixed reserve of 256 left 1 connection at the default
     (64, 16, 16),
     (256, 1, 1),  # refused: '--max-connections 1 needs 257 open files ... lower --max-connections'
-    (256, 205, "--max-connections 205 needs 257 open files, but the limit is 256 (hard limit 256): give "
-               "--max-connections 204 or less"),
+    (256, 205, "--max-connections 205 needs 257 open files, but the limit is 256 (hard limit 256): give 204 or "
+               "less"),
     (40, None, "the open-file limit is 40 (hard limit 40), too few to serve a connection beside the model files and "
                "logs: raise it to at least 49 (ulimit -n)"),
     (100_000, None, 1000),

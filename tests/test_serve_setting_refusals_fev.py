@@ -96,3 +96,56 @@ def test_a_huge_value_is_refused_in_a_line_of_reasonable_length(serve_main, caps
     line = _one_line(capsys)
     assert said in line and len(line) < 400, line
     assert line.endswith(f"... ({len(repr(value)):,} characters))")
+
+
+def _without_settings(monkeypatch) -> None:  # noqa: ANN001 - pytest's monkeypatch
+    for name in [n for n in os.environ if n.upper().startswith("VITC_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(("variable", "flag"), [("VITC_MODEL_DIR", "--model-dir"),
+                                                ("VITC_MODEL_REPOSITORY", "--model-repository")])
+def test_a_directory_refusal_names_the_setting_as_given(monkeypatch, tmp_path, variable, flag):
+    """The image's VITC_MODEL_DIR=/models, not mounted, was refused as `--model-dir /models`, a flag nobody gave."""
+    from serve.registry import model_sources
+
+    _without_settings(monkeypatch)
+    setting = variable.removeprefix("VITC_").lower()
+    monkeypatch.setenv(variable, str(tmp_path / "absent"))
+    with pytest.raises(ServeError, match=f"^{variable}={tmp_path}/absent is not a directory$"):
+        model_sources(Settings())
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(variable, str(tmp_path / "empty"))
+    with pytest.raises(ServeError, match=f"^no models to serve: {variable}={tmp_path}/empty holds no "):
+        model_sources(Settings())
+    monkeypatch.setenv(variable, "/x" * 1500)  # echoed in part
+    with pytest.raises(ServeError, match=rf"^{variable}=(/x){{60}}\.\.\. \(3,000 characters\) is not a directory$"):
+        model_sources(Settings())
+    monkeypatch.delenv(variable)
+    with pytest.raises(ServeError, match=f"^{flag} {tmp_path}/absent is not a directory$"):
+        model_sources(Settings(**{setting: tmp_path / "absent"}))
+
+
+def _files_limit(n: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+@pytest.mark.parametrize(("env", "argv", "said"), [
+    ({"VITC_MODEL_DIR": "/nonexistent-models"}, [], "VITC_MODEL_DIR=/nonexistent-models is not a directory"),
+    ({"VITC_MAX_CONNECTIONS": "1000000"}, ["--model", "m"], "VITC_MAX_CONNECTIONS=1000000 needs 1100032 open files, "
+     "but the limit is 1256 (hard limit 1256): give 1113 or less, or raise the limit (ulimit -n)"),
+])
+def test_the_start_refusals_name_a_variable_as_the_user_set_it(env, argv, said):
+    """What `docker run` of the image prints with nothing mounted at /models: the exit line is the point here."""
+    import functools
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("VITC_")}
+    run = subprocess.run([sys.executable, "-m", "serve", "--port", "0", *argv], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**clean, **env}, timeout=60,
+                         preexec_fn=functools.partial(_files_limit, 1256))
+    assert (run.returncode, run.stderr) == (2, f"{SERVE_ERROR}{said}\n")
