@@ -113,13 +113,13 @@ def absolute_paths(args: list[str]) -> list[str]:
 
 def absolute_env(env: dict[str, str]) -> dict[str, str]:
     """`env` with the paths of VITC_MODEL_DIR, VITC_MODEL_REPOSITORY and VITC_MODELS made absolute, for the same
-    reason as `absolute_paths` (the settings read these names in any case); a malformed VITC_MODELS is left for the
-    server to refuse."""
+    reason as `absolute_paths` (the settings read these names in upper case alone); a malformed VITC_MODELS is left for
+    the server to refuse."""
     from serve.settings import split_models
 
     out = dict(env)
     for name, value in env.items():
-        flag = PATH_ENV.get(name.upper())
+        flag = PATH_ENV.get(name)
         if flag == "--model" and value.strip():
             try:
                 models = split_models(value)

@@ -7,13 +7,13 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 import runtimes
 from models.bundle import MAX_BATCH_LIMIT, NAME_RE, NAME_RULE, TRITON_CONFIG_FILE
@@ -70,9 +70,18 @@ _FLAGS_GIVEN: ContextVar[frozenset[str]] = ContextVar("vitc_flags_given", defaul
 
 
 def environment_value(setting: str) -> str | None:
-    """The raw value of the VITC_* variable of `setting` (matched without case, as pydantic-settings reads it)."""
-    name = f"VITC_{setting.upper()}"
-    return next((v for k, v in os.environ.items() if k.upper() == name), None)
+    """The raw value of the VITC_* variable of `setting` (spelt in upper case, as Settings reads it)."""
+    return os.environ.get(f"VITC_{setting.upper()}")
+
+
+class _UpperCaseEnvironment(EnvSettingsSource):
+    """The environment as Settings reads it: the VITC_* variables by their upper-case names alone. pydantic-settings
+    matches a name in any case (its case_sensitive=True would want VITC_max_batch_size), so `vitc_port` was read as the
+    port, and of two spellings the later in the environment won (the image's HEALTHCHECK reads VITC_PORT alone); any
+    other spelling is now a misspelt setting (`unknown_environment`)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in os.environ.items() if name == name.upper()}
 
 
 EMPTY_PATH = "the path is empty (it would be the current directory): "
@@ -136,6 +145,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VITC_", extra="forbid", protected_namespaces=())
     _flags: frozenset[str] | None = PrivateAttr(None)  # the settings given as flags (`named`)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then the VITC_* variables spelt in upper case (no .env or secrets file is configured)."""
+        return init_settings, _UpperCaseEnvironment(settings_cls)
 
     def __init__(self, **values: Any) -> None:
         token = _FLAGS_GIVEN.set(frozenset(values))
@@ -502,7 +517,8 @@ def unknown_environment(environ: dict[str, str]) -> tuple[list[str], list[str]]:
     Kubernetes service links are neither (see `service_links`)."""
     known = {f"VITC_{f.upper()}" for f in Settings.model_fields} | OTHER_ENV | set(service_links(environ))
     near, other = [], []
-    for name in sorted(n for n in environ if n.upper().startswith("VITC_") and n.upper() not in known):
+    # Exact names: Settings reads no other spelling (`vitc_port` is a near miss of VITC_PORT).
+    for name in sorted(n for n in environ if n.upper().startswith("VITC_") and n not in known):
         meant = ENV_ALIASES.get(name.upper()) or next(iter(difflib.get_close_matches(name.upper(), known, 1, 0.8)),
                                                       None)
         (near if meant else other).append(f"{name}: did you mean {meant}?" if meant else name)

@@ -81,9 +81,9 @@ def test_launch_leaves_empty_paths_for_the_server_and_resolves_abbreviations(tmp
                            "--model-d=md", "--model-", "x"]) == [
         "--model-dir", "", "--model", " ", "--model=", "--model", "n=", "--model-rep", f"{here}/r",
         f"--model-d={here}/md", "--model-", "x"]  # --model- is ambiguous: the server says so
-    env = absolute_env({"VITC_MODEL_DIR": "md", "vitc_model_repository": "/abs", "VITC_MODELS": "a, n=e/b",
+    env = absolute_env({"VITC_MODEL_DIR": "md", "vitc_model_repository": "rel", "VITC_MODELS": "a, n=e/b",
                         "VITC_OTHER": "x"})
-    assert env == {"VITC_MODEL_DIR": f"{here}/md", "vitc_model_repository": "/abs",
+    assert env == {"VITC_MODEL_DIR": f"{here}/md", "vitc_model_repository": "rel",  # no setting: the server says so
                    "VITC_MODELS": json.dumps([f"{here}/a", f"n={here}/e/b"]), "VITC_OTHER": "x"}
     assert absolute_env({"VITC_MODEL_DIR": "", "VITC_MODELS": '["", "a"]'}) == {
         "VITC_MODEL_DIR": "", "VITC_MODELS": json.dumps(["", f"{here}/a"])}

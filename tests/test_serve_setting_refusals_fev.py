@@ -1,5 +1,6 @@
-"""Start-up refusals of serve's settings (tester hEW): each is one line naming the setting as the user gave it, exit 2.
-A deeply nested VITC_MODELS ended the start in a RecursionError traceback (exit 1)."""
+"""Start-up refusals of serve's settings (tester hEW): each is one line naming the setting as the user gave it (the
+VITC_* variable where the environment set it, an item of a list by its place), with a bounded echo of the value,
+exit 2; the variables are read by their upper-case names alone."""
 
 from __future__ import annotations
 
@@ -149,3 +150,30 @@ def test_the_start_refusals_name_a_variable_as_the_user_set_it(env, argv, said):
                          cwd=Path(__file__).resolve().parents[1], env={**clean, **env}, timeout=60,
                          preexec_fn=functools.partial(_files_limit, 1256))
     assert (run.returncode, run.stderr) == (2, f"{SERVE_ERROR}{said}\n")
+
+
+@pytest.mark.parametrize("order", [("VITC_PORT", "vitc_port"), ("vitc_port", "VITC_PORT")])
+def test_a_setting_is_read_by_its_upper_case_name_alone(serve_main, capsys, monkeypatch, order):
+    """`vitc_port` was read as the port, and of two spellings the one later in the environment won: the image's
+    HEALTHCHECK, which reads VITC_PORT, then probed a port nobody listened on."""
+    from serve.settings import unknown_environment
+
+    values = {"VITC_PORT": "8000", "vitc_port": "9000"}
+    for name in order:
+        monkeypatch.setenv(name, values[name])
+    assert Settings(models=["m"]).port == 8000
+    assert unknown_environment(dict(os.environ))[0] == ["vitc_port: did you mean VITC_PORT?"]
+    assert serve_main(["--model", "m"]) == 2
+    assert _one_line(capsys) == (SERVE_ERROR + "environment variable vitc_port: did you mean VITC_PORT? (every setting "
+                                 "is VITC_<SETTING>; see --help)")
+
+
+def test_a_lower_case_spelling_alone_is_no_setting_either(monkeypatch):
+    from serve.settings import unknown_environment
+
+    _without_settings(monkeypatch)
+    monkeypatch.setenv("Vitc_Max_Files", "7")
+    monkeypatch.setenv("vitc_model", "x")
+    assert Settings(models=["m"]).max_files == 64
+    assert unknown_environment(dict(os.environ)) == (
+        ["Vitc_Max_Files: did you mean VITC_MAX_FILES?", "vitc_model: did you mean VITC_MODELS?"], [])
