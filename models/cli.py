@@ -128,10 +128,18 @@ def refuse_unsupported_platform() -> None:
     raise SystemExit(2)
 
 
+MAX_ERROR_CHARS = 1000  # of an argument error's reason: every choice of a long list fits
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line on stderr and exits 2 (no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse quotes what it refuses, and lists unrecognized arguments raw: a value with a newline forged a
+        # second line, and a 5,000-digit --port was echoed whole.
+        message = one_line(message)
+        if len(message) > MAX_ERROR_CHARS:
+            message = f"{message[:MAX_ERROR_CHARS]}... ({len(message):,} characters)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

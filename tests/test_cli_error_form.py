@@ -110,3 +110,20 @@ def test_refuse_empty_paths_names_the_first_empty_flag(capsys):
     with pytest.raises(SystemExit) as done:
         cli.refuse_empty_paths(parser, [("--a", "x", "give a"), ("--b", " ", "give b"), ("--c", "", "give c")])
     assert done.value.code == 2 and capsys.readouterr().err == "prog: error: --b is empty: give b\n"
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--bogus", "bad\narg"], r"unrecognized arguments: --bogus bad\narg"),  # argparse lists them raw
+    (["--port", "9" * 5000], "invalid int value"),
+])
+def test_an_argument_error_is_one_bounded_line(capsys, argv, says):
+    """argparse's own refusals (an unrecognized argument with a newline, a 5,000-digit value it quotes) are one line
+    of a bounded length: the newline forged a second line, and the value was echoed whole."""
+    parser = cli.OneLineParser(prog="python -m x")
+    parser.add_argument("--port", type=int)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m x: error: ") and says in err, err
+    assert len(err) < cli.MAX_ERROR_CHARS + 100, len(err)
