@@ -568,7 +568,9 @@ def test_the_multipart_file_count_is_the_server_s_max_files(repo, client, doc):
     png = _png()
     files = [("file", (f"{i}.png", png, "image/png")) for i in range(declared(doc) + 1)]
     r = answered(doc, CLASSIFY, client.post(f"/v1/models/{NAME}/classify", files=files))
-    assert r.status_code == 400 and "Maximum number of files" in r.json()["error"], r.text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == (f"the form has more than {declared(doc)} files, the most one request may send "
+                                 "(--max-files): send the others in another request"), r.text
 
 
 def test_the_multipart_file_count_is_within_the_queue_size(repo, client):

@@ -190,7 +190,8 @@ HARD_EDGES = [
     ("streamed body too large", {"content": _chunks(MAX_BODY + 10), "headers": {"content-type": "image/png"}},
      413, "larger than"),
     ("wrong content type", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
-    ("no content type", {"content": b"hello"}, 415, "content type"),
+    # Without a Content-Type a body is application/octet-stream (RFC 9110 8.3): read as an image, or said not one.
+    ("no content type", {"content": b"hello"}, 400, "not a recognised image"),
     ("undecodable", {"content": b"GIF89a but not really", "headers": {"content-type": "image/gif"}}, 400,
      "corrupt or truncated GIF"),
     ("no image signature", {"content": b"hello, not an image", "headers": {"content-type": "image/gif"}}, 400,
@@ -212,6 +213,15 @@ def test_hard_edges_answer_json_reasons(client, what, kwargs, status, words):
     r = client.post("/v1/models/micro/classify", **kwargs)
     assert r.status_code == status, r.text
     assert words.lower() in r.json()["error"].lower()
+
+
+def test_an_image_sent_without_a_content_type_is_classified(client, pngs):
+    """httpx's `content=` and requests' `data=` send no Content-Type: such a body was a 415 "unsupported content type
+    'none'", while a form's untyped part was read as an image."""
+    typed = client.post("/v1/models/micro/classify", content=pngs[0], headers={"content-type": "image/png"})
+    r = client.post("/v1/models/micro/classify", content=pngs[0])
+    assert r.status_code == 200 and "content-type" not in r.request.headers, r.text
+    assert r.json()["predictions"] == typed.json()["predictions"]
 
 
 def test_image_edges_and_parameters(client, pngs):

@@ -234,7 +234,7 @@ async def parse_form(request: Request, body: bytes, settings: Settings) -> FormD
     """The multipart form of `body` (the request's whole body, already in memory), its file parts kept in memory."""
     # The same checks and refusals as `request.form()` (HTTPException 400 with the parser's reason).
     parser = _FormParser(request.headers, _once(body), max_files=settings.max_files,
-                         max_fields=settings.max_files + 16, max_part_size=MAX_PART_FIELD_BYTES)
+                         max_fields=settings.max_files + _MORE_FIELDS, max_part_size=MAX_PART_FIELD_BYTES)
     # Starlette's `request.form()` writes every file part over 1 MiB to a temporary file: under a read-only root
     # file system there is none (a 500), a small /tmp fills up (ENOSPC), and the disk it takes is bounded by nothing
     # here. A part is never larger than the body it is in, which --max-body-bytes bounds: spooled up to the body's
@@ -243,13 +243,23 @@ async def parse_form(request: Request, body: bytes, settings: Settings) -> FormD
     try:
         return await parser.parse()
     except MultiPartException as exc:
-        raise HTTPException(status_code=400, detail=_form_refusal(exc)) from None
+        raise HTTPException(status_code=400, detail=_form_refusal(exc, settings)) from None
 
 
-def _form_refusal(exc: MultiPartException) -> str:
+_MORE_FIELDS = 16  # text fields a form may hold beside its --max-files files
+
+
+def _form_refusal(exc: MultiPartException, settings: Settings) -> str:
     """The reason of a form the parser refused: Starlette says "Invalid multipart data." of every python-multipart
-    error, which keeps the real one as the cause; a part's headers past the parser's limits are said so."""
+    error, which keeps the real one as the cause; a part's headers past the parser's limits are said so, and a form
+    past its counts names the setting (Starlette's "Too many files. Maximum number of files is 4." did not)."""
     cause = exc.__cause__
+    if exc.message.startswith("Too many files"):
+        return (f"the form has more than {settings.max_files} files, the most one request may send "
+                f"({settings.named('max_files')}): send the others in another request")
+    if exc.message.startswith("Too many fields"):
+        return (f"the form has more than {settings.max_files + _MORE_FIELDS} parts: at most "
+                f"{settings.named('max_files')} files and {_MORE_FIELDS} other fields")
     if not isinstance(cause, MultipartParseError):
         return exc.message
     # Imported here: only a python-multipart that bounds part headers raises these (Starlette passes its defaults).
@@ -267,7 +277,9 @@ async def read_images(request: Request, model: ServedModel, settings: Settings
                       ) -> tuple[list[tuple[str, bytes]], bool]:
     """The request's images as (name, bytes), and whether it was a multi-file (batch) form; a compressed body is
     inflated for `model`'s request (a disconnect during it is counted for that model)."""
-    content_type = request.headers.get("content-type") or ""
+    # A body without a Content-Type is application/octet-stream (RFC 9110 8.3), as a form's untyped part is: httpx's
+    # `content=` and requests' `data=` send none, and were told "unsupported content type 'none'".
+    content_type = request.headers.get("content-type") or "application/octet-stream"
     media = _media_type(content_type)
     encoding = content_encoding(request)
     if media == "multipart/form-data":
