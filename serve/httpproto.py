@@ -157,10 +157,14 @@ class _HeldFlow(FlowControl):
 
 
 _TOO_LARGE = f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes"
-# Fields a chunked body's trailer may not carry (RFC 9110 6.5.1): they frame the message, route it or say how its
-# content is read, which the request's headers alone decide (a proxy or filter checks those, not the trailer).
+# Fields a chunked body's trailer may not carry (RFC 9110 6.5.1): they frame the message, route it, control the
+# connection or say how its content is read, which the request's headers alone decide (a proxy or filter checks
+# those, not the trailer). The hop-by-hop ones (RFC 9110 7.6.1) too: llhttp reads a trailer's Connection (and
+# Proxy-Connection) as a header's, so `Connection: close` there ended the keep-alive unannounced and dropped the
+# pipelined requests behind it.
 _HEADER_ONLY = frozenset({b"content-length", b"transfer-encoding", b"trailer", b"host", b"content-encoding",
-                          b"content-type", b"inference-header-content-length"})
+                          b"content-type", b"inference-header-content-length", b"connection", b"proxy-connection",
+                          b"keep-alive", b"upgrade", b"te"})
 
 
 class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -752,7 +756,8 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
             elif self._bad_trailer is not None:
                 name = self._bad_trailer.decode("latin-1")[:64]
                 self._body_refused(f"malformed chunked body: {name!r} may not be sent in its trailer (it frames the "
-                                   "request or says how its body is read): send it in the request's headers")
+                                   "request, controls the connection or says how its body is read): send it in the "
+                                   "request's headers")
             else:
                 self._body_refused(f"malformed chunked body: {sys.exc_info()[1] or msg}"[:200])
         elif self._long_uri:

@@ -86,6 +86,31 @@ def test_a_trailer_field_is_never_merged_into_the_request_headers(port):
     assert status == 200 and headers["content-encoding"] == "gzip"  # the header section's own field is heard
 
 
+@pytest.mark.parametrize("field", [b"Connection: close", b"Proxy-Connection: close", b"Keep-Alive: timeout=1",
+                                   b"Upgrade: websocket", b"TE: trailers"])
+def test_a_hop_by_hop_trailer_field_is_refused_not_applied(port, field):
+    """A trailer's `Connection: close` closed the connection after the answer, unannounced, and the request pipelined
+    behind it was never answered: every hop-by-hop field there is a JSON 400 naming it, with `connection: close`."""
+    plain = fake_runtime.request_body(1.0)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(_chunked_infer(plain, field + b"\r\n") + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = _answer(sock)
+    name = field.partition(b":")[0].decode()
+    assert status == 400 and headers.get("connection") == "close", (field, status, headers)
+    assert f"{name!r} may not be sent in its trailer" in json.loads(body)["error"], body
+
+
+def test_a_trailer_without_hop_by_hop_fields_keeps_the_connection_for_the_next_request(port):
+    plain = fake_runtime.request_body(1.0)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(_chunked_infer(plain, b"X-Note: n\r\n")
+                     + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while piece := sock.recv(65536):  # to the close the second request asked for
+            data += piece
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == 2 and data.endswith(b'{"live":true}'), data
+
+
 @pytest.mark.parametrize("host", [b"a b c", b"a/b", b"[::1", b"x@y", b"%00", b"a:99999999", b"a:65536", b"[::1]x",
                                   b"[fe80::1%25eth0]", b"[1.2.3.4]", b"a:-1", b"a:b", b"a\"b"])
 def test_an_invalid_host_value_is_a_json_400(port, host):
