@@ -19,6 +19,8 @@ MAX_PORT = 65535
 
 def host_field_problem(value: bytes) -> str | None:
     """Why `value`, a Host header's, is not `host [ ":" port ]`, in a few words, or None when it is."""
+    # RFC 9112 5: the whitespace around a field value (OWS) is not part of it; llhttp hands a trailing one on.
+    value = value.strip(b" \t")
     if value.startswith(b"["):
         literal, closed, rest = value[1:].partition(b"]")
         if not closed or not _ip_literal(literal):

@@ -121,8 +121,10 @@ def test_an_invalid_host_value_is_a_json_400(port, host):
 
 @pytest.mark.parametrize("host", [b"", b"localhost", b"localhost:8000", b"127.0.0.1:0", b"example.com:65535",
                                   b"[::1]", b"[::1]:80", b"[v1.x]", b"my_host.local", b"a%2Db",
-                                  b"xn--bcher-kva.example", b"a:"])
+                                  b"xn--bcher-kva.example", b"a:", b"localhost ", b"localhost:8000\t",
+                                  b" \t[::1]:80 "])
 def test_a_valid_host_value_is_served(port, host):
+    """RFC 9112 5: the whitespace around a field value (OWS) is no part of it: `localhost ` was refused."""
     status, _, body = _ask(port, b"GET /v2 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
     assert status == 200, (host, body)
 
