@@ -524,8 +524,8 @@ class HeaderBoundsProtocol(LingeringClose, AutoHTTPProtocol):  # type: ignore[mi
         super().on_header(name, value)
         if name.lower() == b"host":
             self._hosts += 1
-            if self._bad_host is None and (problem := host_field_problem(value)):
-                self._bad_host = f"{value.decode('latin-1')[:64]!r} is {problem}"
+            if self._bad_host is None:
+                self._bad_host = host_field_problem(value)
         if name.lower() == b"transfer-encoding":
             self._codings.append(value)
 

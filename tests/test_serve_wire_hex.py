@@ -119,6 +119,13 @@ def test_an_invalid_host_value_is_a_json_400(port, host):
     assert json.loads(body)["error"].startswith("invalid Host header: "), body
 
 
+def test_an_invalid_host_value_is_told_what_is_wrong_with_it(port):
+    status, _, body = _ask(port, b"GET /v2 HTTP/1.1\r\nHost: host:80:80 \r\n\r\n")
+    assert status == 400 and json.loads(body)["error"] == (
+        "invalid Host header: 'host:80:80' is not host[:port]: it has more than one ':' (an IPv6 address goes in "
+        "brackets: [::1]:8000)"), body
+
+
 @pytest.mark.parametrize("host", [b"", b"localhost", b"localhost:8000", b"127.0.0.1:0", b"example.com:65535",
                                   b"[::1]", b"[::1]:80", b"[v1.x]", b"my_host.local", b"a%2Db",
                                   b"xn--bcher-kva.example", b"a:", b"localhost ", b"localhost:8000\t",
