@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--strict-readiness=false); without it, 400 while a model the server knows is not ready "
                         "and was not unloaded (a failed load, a runtime not installed here), or while every model "
                         "is unloaded")
-    p.add_argument("--model-control-mode", choices=values("model_control_mode"),
+    # Any case, as Triton lowercases it (its material often writes --model-control-mode=EXPLICIT).
+    p.add_argument("--model-control-mode", type=str.lower, choices=values("model_control_mode"),
                    help="as Triton's: " + choices("model_control_mode", {
                        "none": "POST /v2/repository/models/NAME/load and /unload are refused, 503",
                        "explicit": "any client may load and unload models; combine with --api-key"}, sep=", "))

@@ -355,6 +355,12 @@ class Settings(BaseSettings):
             return "measured" if str(v).strip().lower() in ("true", "1", "yes") else "never"
         return v
 
+    @field_validator("model_control_mode", mode="before")
+    @classmethod
+    def _any_case(cls, v: object) -> object:
+        """VITC_MODEL_CONTROL_MODE in any case (EXPLICIT, None), as Triton reads --model-control-mode."""
+        return v.strip().lower() if isinstance(v, str) else v
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:

@@ -51,3 +51,12 @@ def test_the_mode_is_a_flag_and_a_variable_and_nothing_else(monkeypatch):
     with pytest.raises(ValueError, match="model_control_mode"):
         Settings()
     assert "--model-control-mode {none,explicit}" in build_parser().format_help().replace("\n", " ")
+
+
+@pytest.mark.parametrize("given, mode", [("EXPLICIT", "explicit"), ("Explicit", "explicit"), ("None", "none"),
+                                         ("NONE", "none")])
+def test_the_mode_is_read_in_any_case_as_triton_lowercases_it(monkeypatch, given, mode):
+    """hFB 5: Triton's material writes --model-control-mode=EXPLICIT, which was refused."""
+    assert Settings(**settings_args([f"--model-control-mode={given}"])).model_control_mode == mode
+    monkeypatch.setenv("VITC_MODEL_CONTROL_MODE", given)
+    assert Settings().model_control_mode == mode
