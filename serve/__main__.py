@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-control-mode", type=str.lower, choices=values("model_control_mode"),
                    help="as Triton's: " + choices("model_control_mode", {
                        "none": "POST /v2/repository/models/NAME/load and /unload are refused, 503",
-                       "explicit": "any client may load and unload models; combine with --api-key"}, sep=", "))
+                       "explicit": "any client may load and unload models, and the server may start with none; "
+                                   "combine with --api-key"}, sep=", "))
     p.add_argument("--graceful-timeout-s", type=float,
                    help="SIGTERM or Ctrl-C (SIGINT): how long in-flight requests may finish "
                         f"({default('graceful_timeout_s')}, {at_most('graceful_timeout_s')})")

@@ -274,7 +274,8 @@ def _model_dir_bundles(root: Path, named: str) -> list[Path]:
 
 
 def model_sources(settings: Settings) -> list[ModelSource]:
-    """--model values, every bundle directly under --model-dir, every model of --model-repository."""
+    """--model values, every bundle directly under --model-dir, every model of --model-repository; ServeError when
+    there is none, but in the explicit model control mode with a directory to load models from later."""
     sources = [ModelSource(path, name) for name, path in map(parse_model_arg, settings.models)]
     # Named as the user gave them: the image's VITC_MODEL_DIR=/models unmounted is no --model-dir of the user's.
     model_dir, repository = (_named(settings, n) for n in ("model_dir", "model_repository"))
@@ -302,7 +303,15 @@ def model_sources(settings: Settings) -> list[ModelSource]:
                         if p.is_dir() and not p.name.startswith(".") and NAME_RE.fullmatch(p.name)]
         except OSError as exc:
             raise ServeError(f"{repository}: cannot read it: {exc.strerror or exc}") from None
-    if not sources:
+    roots = [named for named, root in ((model_dir, settings.model_dir), (repository, settings.model_repository))
+             if root is not None]
+    if not sources and roots and settings.model_control_mode == "explicit":
+        # As Triton's explicit mode: a server may start empty and have its models loaded later over the repository
+        # API; strict readiness keeps it not ready until one is.
+        log.warning("no models to serve yet", extra={"directories": roots, "reason": (
+            "load one with POST /v2/repository/models/NAME/load (explicit model control mode); /v2/health/ready "
+            "answers 400 until then, unless --no-strict-readiness")})
+    elif not sources:
         raise ServeError(_nothing_to_serve(settings))
     return sources
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fake_runtime
+import httpx
 import pytest
-from test_repository_lifecycle import NAME, client, fake, repo  # noqa: F401 - fixtures
+from test_repository_lifecycle import CONFIG, NAME, add_version, client, fake, repo  # noqa: F401 - fixtures
 
 from serve.__main__ import build_parser, settings_args
+from serve.errors import ServeError
+from serve.launch import ServerProcess
+from serve.registry import model_sources
 from serve.routes.v2 import CONTROL_REFUSED
 from serve.settings import Settings
 
@@ -60,3 +65,31 @@ def test_the_mode_is_read_in_any_case_as_triton_lowercases_it(monkeypatch, given
     assert Settings(**settings_args([f"--model-control-mode={given}"])).model_control_mode == mode
     monkeypatch.setenv("VITC_MODEL_CONTROL_MODE", given)
     assert Settings().model_control_mode == mode
+
+
+def test_explicit_mode_starts_on_an_empty_repository_not_ready_until_a_model_is_loaded(fake, tmp_path):  # noqa: F811
+    """hFB 6: as Triton's explicit mode, a server may start with no model and have one loaded later (it exited 2,
+    'no models to serve'); strict readiness keeps it out of service until then."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    with ServerProcess(["--model-repository", str(root), "--model-control-mode", "explicit"], tmp_path / "server.log",
+                       fake_runtime.server_env(tmp_path)) as server, httpx.Client(base_url=server.url) as c:
+        assert c.get("/v2/health/ready").status_code == 400
+        assert c.post("/v2/repository/index").json() == []
+        add_version(root, NAME, "1")
+        (root / NAME / "config.pbtxt").write_text(CONFIG)
+        r = c.post(f"/v2/repository/models/{NAME}/load")
+        assert r.status_code == 200, r.text
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+    assert '"no models to serve yet"' in server.logs() and "Traceback" not in server.logs()
+
+
+def test_an_empty_model_directory_is_refused_but_in_explicit_mode(fake, tmp_path, caplog):  # noqa: F811
+    """Outside explicit mode nothing could ever be served: the start is refused, as before."""
+    (tmp_path / "md").mkdir()
+    with pytest.raises(ServeError, match="no models to serve"):
+        model_sources(Settings(model_dir=tmp_path / "md"))
+    with pytest.raises(ServeError, match="no models to serve"):
+        model_sources(Settings(model_control_mode="explicit"))  # nowhere to load a model from
+    assert model_sources(Settings(model_dir=tmp_path / "md", model_control_mode="explicit")) == []
+    assert "no models to serve yet" in caplog.text

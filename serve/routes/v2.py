@@ -335,7 +335,8 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     return params
 
 
-# Triton's words and status (UNAVAILABLE: 503) for a load or unload outside its explicit model control mode.
+# Triton's status (UNAVAILABLE: 503) for a load or unload outside its explicit model control mode, and the start of
+# its words (Triton's go on "if polling is enabled", which would mislead here: vitc never polls).
 CONTROL_REFUSED = ("explicit model load / unload is not allowed if the model control mode is none: start the server "
                    "with --model-control-mode explicit (VITC_MODEL_CONTROL_MODE=explicit) to allow it")
 _CONTROL_OFF = retry_doc("The model control mode is none (the default: load and unload are not allowed, no "
