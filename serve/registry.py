@@ -668,7 +668,8 @@ def load_models(settings: Settings) -> ServedModels:
                                  f"{out_of_memory(exc) or 'out of memory'}") from exc
             except Unavailable as exc:
                 models.skipped[exc.name] = (exc.version, str(exc))
-                log.warning("model unavailable", extra={"model": exc.name, "reason": str(exc)})
+                remedy = {"not_ready": unavailable_remedy(settings, exc.name)} if settings.strict_readiness else {}
+                log.warning("model unavailable", extra={"model": exc.name, "reason": str(exc), **remedy})
                 continue
             if model.name in models:
                 model.backend.close()
@@ -678,6 +679,19 @@ def load_models(settings: Settings) -> ServedModels:
         close_models(models)
         raise
     return models
+
+
+def unavailable_remedy(settings: Settings, name: str) -> str:
+    """How a server kept not ready by strict readiness for its unavailable model `name` gets back to ready: a
+    Kubernetes rollout of a broken model stalls rather than take traffic, but the log says how to end it."""
+    unload = f"POST /v2/repository/models/{name}/unload"
+    if settings.model_control_mode == "explicit":
+        return (f"/v2/health/ready answers 400 until the model is unloaded ({unload}) or loaded again once fixed "
+                f"(POST /v2/repository/models/{name}/load), or the server restarts with --no-strict-readiness")
+    # vitc never watches the repository (no poll mode), and the none mode refuses an unload: a restart is needed.
+    return ("/v2/health/ready answers 400 for as long as this server runs: the directories are not watched and the "
+            "model control mode none refuses an unload; fix or remove the model and restart, or restart with "
+            f"--model-control-mode explicit (then {unload}) or with --no-strict-readiness")
 
 
 def _clash(first: ServedModel, second: ServedModel) -> str:

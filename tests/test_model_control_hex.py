@@ -93,3 +93,32 @@ def test_an_empty_model_directory_is_refused_but_in_explicit_mode(fake, tmp_path
         model_sources(Settings(model_control_mode="explicit"))  # nowhere to load a model from
     assert model_sources(Settings(model_dir=tmp_path / "md", model_control_mode="explicit")) == []
     assert "no models to serve yet" in caplog.text
+
+
+def _remedy(caplog: pytest.LogCaptureFixture) -> str:
+    """The `not_ready` advice of the one `model unavailable` line logged."""
+    (record,) = [r for r in caplog.records if r.getMessage() == "model unavailable"]
+    return record.not_ready
+
+
+def test_an_unavailable_model_keeps_the_server_not_ready_and_the_log_says_how_to_end_it(fake, repo, caplog):  # noqa: F811
+    """hFB 1: in the none mode an unload is refused, so a model whose runtime is not installed keeps a strict server
+    not ready for its whole life (a rollout stalls rather than take traffic): the warning names every way out."""
+    add_version(repo, "missing", "1", runtime="absent")
+    with client(_settings(repo)) as c:
+        assert c.get("/v2/health/ready").status_code == 400
+        assert c.post("/v2/repository/models/missing/unload").status_code == 503
+        assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the others serve
+    said = _remedy(caplog)
+    for remedy in ("fix or remove the model and restart", "not watched", "--model-control-mode explicit",
+                   "POST /v2/repository/models/missing/unload", "--no-strict-readiness"):
+        assert remedy in said, said
+    caplog.clear()
+    with client(_settings(repo, model_control_mode="explicit")) as c:
+        assert "POST /v2/repository/models/missing/unload" in _remedy(caplog)
+        assert c.post("/v2/repository/models/missing/unload").status_code == 200
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+    caplog.clear()
+    with client(_settings(repo, strict_readiness=False)) as c:
+        assert not hasattr(next(r for r in caplog.records if r.getMessage() == "model unavailable"), "not_ready")
+        assert c.get("/v2/health/ready").json() == {"ready": True}

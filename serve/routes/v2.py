@@ -123,9 +123,10 @@ async def live() -> dict[str, bool]:
                                          "load failed and that was not unloaded since"))
 async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     # With strict readiness (the default) a server is not ready while a model is stalled, a model it knows serves
-    # nothing for another reason than an unload (its load failed: unload it, or load it again once fixed), or it
-    # serves no model at all: every one unloaded, it could only answer 404, and a probe that kept it in its Service
-    # sent it traffic for nothing (Triton stays ready there; a pod can still be loaded into at its own address).
+    # nothing for another reason than an unload (its load failed: serve.registry.unavailable_remedy, logged, says
+    # the way back), or it serves no model at all: every one unloaded, it could only answer 404, and a probe that
+    # kept it in its Service sent it traffic for nothing (Triton stays ready there; a pod can still be loaded into
+    # at its own address).
     state = request.app.state
     ok = bool(state.ready) and (not settings.strict_readiness or (
         bool(state.models) and all(m.batcher and m.batcher.ready for m in state.models.values())
