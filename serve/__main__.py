@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "directory's name (as a Triton repository names its models)")
     p.add_argument("--model-repository",
                    help="serve every model of a Triton-style repository (python -m export.triton writes one); "
-                        "the newest version directory of each")
+                        "one version of each: the newest, or the highest its config.pbtxt's version_policy lists")
     p.add_argument("--backend", help=f"{' | '.join(runtimes.names())} ({default('backend')})")
     p.add_argument("--device", help=choices("device", {"cpu": "", "cuda": "", "cuda:N": ""}))
     p.add_argument("--precision", help="artifact precision (default: the most precise servable one)")

@@ -361,6 +361,13 @@ class Settings(BaseSettings):
         """VITC_MODEL_CONTROL_MODE in any case (EXPLICIT, None), as Triton reads --model-control-mode."""
         return v.strip().lower() if isinstance(v, str) else v
 
+    @field_validator("backend", "precision", mode="before")
+    @classmethod
+    def _name_in_any_case(cls, v: object) -> object:
+        """A runtime or precision in any case (ONNXRUNTIME, FP16), as export reads --targets and --precision: every
+        one is lower case (runtime names by the registry's rule). Devices keep the runtimes' own rule (cpu, cuda:N)."""
+        return v.lower() if isinstance(v, str) else v
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:

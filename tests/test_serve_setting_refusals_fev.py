@@ -177,3 +177,19 @@ def test_a_lower_case_spelling_alone_is_no_setting_either(monkeypatch):
     assert Settings(models=["m"]).max_files == 64
     assert unknown_environment(dict(os.environ)) == (
         ["Vitc_Max_Files: did you mean VITC_MAX_FILES?", "vitc_model: did you mean VITC_MODELS?"], [])
+
+
+@pytest.mark.parametrize(("field", "given", "read"), [
+    ("backend", "ONNXRUNTIME", "onnxruntime"), ("precision", "FP32", "fp32"),
+    ("model_control_mode", "Explicit", "explicit"),
+])
+def test_names_are_read_in_any_case_as_export_reads_them(tmp_path, monkeypatch, field, given, read):
+    """`serve --precision FP32` and `--backend ONNXRUNTIME` were refused while export took
+    `--precision FP32` and `--targets ONNX-FP32` (hFC 6); as a flag and as a VITC_* variable alike."""
+    from serve.settings import Settings
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    assert getattr(Settings(models=[str(bundle)], **{field: given}), field) == read
+    monkeypatch.setenv(f"VITC_{field.upper()}", given)
+    assert getattr(Settings(models=[str(bundle)]), field) == read
