@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and was not unloaded (a failed load, a runtime not installed here), or while every model "
                         "is unloaded")
     # Any case, as Triton lowercases it (its material often writes --model-control-mode=EXPLICIT).
-    p.add_argument("--model-control-mode", type=str.lower, choices=values("model_control_mode"),
+    p.add_argument("--model-control-mode", type=lambda v: v.strip().lower(), choices=values("model_control_mode"),
                    help="as Triton's: " + choices("model_control_mode", {
                        "none": "POST /v2/repository/models/NAME/load and /unload are refused, 503",
                        "explicit": "any client may load and unload models, and the server may start with none; "

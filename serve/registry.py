@@ -305,7 +305,7 @@ def model_sources(settings: Settings) -> list[ModelSource]:
             raise ServeError(f"{repository}: cannot read it: {exc.strerror or exc}") from None
     roots = [named for named, root in ((model_dir, settings.model_dir), (repository, settings.model_repository))
              if root is not None]
-    if not sources and roots and settings.model_control_mode == "explicit":
+    if not sources and roots and settings.model_control_mode == "explicit" and _misplaced(settings) is None:
         # As Triton's explicit mode: a server may start empty and have its models loaded later over the repository
         # API; strict readiness keeps it not ready until one is.
         log.warning("no models to serve yet", extra={"directories": roots, "reason": (
@@ -362,11 +362,22 @@ def _nothing_to_serve(settings: Settings) -> str:
         return f"no models to serve: {_named(settings, 'model_repository')} holds no model directory"
     if settings.model_dir is None:
         return f"no models to serve: {advice}"
-    root = settings.model_dir
     found = f"no models to serve: {_named(settings, 'model_dir')} holds no bundle (DIR/*/{MANIFEST_FILE})"
+    return f"{found}; {_misplaced(settings) or advice}"
+
+
+def _misplaced(settings: Settings) -> str | None:
+    """What --model-dir's directory holds instead of bundles, when it holds models in another layout (a Triton
+    repository, or one bundle itself), with the flag that serves it; None otherwise. Refused even in explicit
+    model control mode, where an empty directory is allowed: no load could ever find those models."""
+    root = settings.model_dir
+    if root is None:
+        return None
+    if (root / MANIFEST_FILE).is_file():
+        return f"it is a bundle itself: serve it with --model {shlex.quote(str(root))}"
     if _looks_like_repository(root):
-        return f"{found}; it looks like a Triton model repository: serve it with --model-repository {root}"
-    return f"{found}; {advice}"
+        return f"it looks like a Triton model repository: serve it with --model-repository {shlex.quote(str(root))}"
+    return None
 
 
 def _looks_like_repository(root: Path) -> bool:
@@ -687,11 +698,13 @@ def unavailable_remedy(settings: Settings, name: str) -> str:
     unload = f"POST /v2/repository/models/{name}/unload"
     if settings.model_control_mode == "explicit":
         return (f"/v2/health/ready answers 400 until the model is unloaded ({unload}) or loaded again once fixed "
-                f"(POST /v2/repository/models/{name}/load), or the server restarts with --no-strict-readiness")
+                f"(POST /v2/repository/models/{name}/load), or the server restarts with --no-strict-readiness "
+                "(VITC_STRICT_READINESS=false)")
     # vitc never watches the repository (no poll mode), and the none mode refuses an unload: a restart is needed.
     return ("/v2/health/ready answers 400 for as long as this server runs: the directories are not watched and the "
             "model control mode none refuses an unload; fix or remove the model and restart, or restart with "
-            f"--model-control-mode explicit (then {unload}) or with --no-strict-readiness")
+            f"--model-control-mode explicit (VITC_MODEL_CONTROL_MODE=explicit; then {unload}) or with "
+            "--no-strict-readiness (VITC_STRICT_READINESS=false)")
 
 
 def _clash(first: ServedModel, second: ServedModel) -> str:

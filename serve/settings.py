@@ -366,7 +366,7 @@ class Settings(BaseSettings):
     def _name_in_any_case(cls, v: object) -> object:
         """A runtime or precision in any case (ONNXRUNTIME, FP16), as export reads --targets and --precision: every
         one is lower case (runtime names by the registry's rule). Devices keep the runtimes' own rule (cpu, cuda:N)."""
-        return v.lower() if isinstance(v, str) else v
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("device")
     @classmethod

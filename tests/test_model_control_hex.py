@@ -110,8 +110,10 @@ def test_an_unavailable_model_keeps_the_server_not_ready_and_the_log_says_how_to
         assert c.post("/v2/repository/models/missing/unload").status_code == 503
         assert c.get(f"/v2/models/{NAME}/ready").status_code == 200  # the others serve
     said = _remedy(caplog)
+    # A pod configured by VITC_* variables is told the variables too (hFD 4).
     for remedy in ("fix or remove the model and restart", "not watched", "--model-control-mode explicit",
-                   "POST /v2/repository/models/missing/unload", "--no-strict-readiness"):
+                   "VITC_MODEL_CONTROL_MODE=explicit", "POST /v2/repository/models/missing/unload",
+                   "--no-strict-readiness (VITC_STRICT_READINESS=false)"):
         assert remedy in said, said
     caplog.clear()
     with client(_settings(repo, model_control_mode="explicit")) as c:

@@ -570,7 +570,7 @@ def test_the_multipart_file_count_is_the_server_s_max_files(repo, client, doc):
     r = answered(doc, CLASSIFY, client.post(f"/v1/models/{NAME}/classify", files=files))
     assert r.status_code == 400, r.text
     assert r.json()["error"] == (f"the form has more than {declared(doc)} files, the most one request may send "
-                                 "(--max-files): send the others in another request"), r.text
+                                 f"(--max-files {declared(doc)}): send the others in another request"), r.text
 
 
 def test_the_multipart_file_count_is_within_the_queue_size(repo, client):

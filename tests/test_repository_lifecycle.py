@@ -565,3 +565,18 @@ def test_a_failed_model_whose_directory_is_gone_is_listed_and_its_unload_makes_t
         assert c.post("/v2/repository/models/missing/unload").status_code == 200
         assert c.get("/v2/health/ready").status_code == 200
         assert "missing" not in {e["name"] for e in c.post("/v2/repository/index").json()}
+
+
+@pytest.mark.parametrize("mode", ["none", "explicit"])
+def test_a_model_dir_holding_models_in_another_layout_is_refused_in_either_control_mode(repo, tmp_path, mode):
+    """Explicit mode may start on an empty --model-dir, but one holding a Triton repository or a bundle itself is a
+    mistake no load can mend (a load found "no model ... known: none"): refused with the flag that serves it."""
+    bundle = fake_runtime.write_bundle(tmp_path / "bundle")
+    with pytest.raises(ServeError, match=rf"it looks like a Triton model repository: serve it with "
+                                         rf"--model-repository {repo}$"):
+        model_sources(Settings(model_dir=repo, model_control_mode=mode))
+    with pytest.raises(ServeError, match=rf"it is a bundle itself: serve it with --model {bundle}$"):
+        model_sources(Settings(model_dir=bundle, model_control_mode=mode))
+    (tmp_path / "empty").mkdir()
+    if mode == "explicit":  # still allowed: models are loaded later
+        assert model_sources(Settings(model_dir=tmp_path / "empty", model_control_mode=mode)) == []

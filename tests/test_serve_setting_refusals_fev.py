@@ -181,6 +181,7 @@ def test_a_lower_case_spelling_alone_is_no_setting_either(monkeypatch):
 
 @pytest.mark.parametrize(("field", "given", "read"), [
     ("backend", "ONNXRUNTIME", "onnxruntime"), ("precision", "FP32", "fp32"),
+    ("backend", " onnxruntime ", "onnxruntime"), ("precision", " fp32", "fp32"),
     ("model_control_mode", "Explicit", "explicit"),
 ])
 def test_names_are_read_in_any_case_as_export_reads_them(tmp_path, monkeypatch, field, given, read):

@@ -77,3 +77,15 @@ def test_a_forms_queue_and_compute_are_those_of_its_image_answered_last(tmp_path
     assert stats["queue"]["count"] == 8, stats
     mean_ms = (stats["queue"]["ns"] + stats["compute_infer"]["ns"]) / 8 / 1e6
     assert stages["queue"] + stages["compute"] >= mean_ms - 0.002, (stages, mean_ms)  # the header's 3 decimals
+
+
+def test_a_type_without_a_media_type_is_quoted_and_a_form_of_too_many_fields_says_its_limit(client):
+    """A Content-Type of ";charset=x" was answered "unsupported content type 'none'"; a form past the parser's count
+    of non-file fields said "more than N parts ... and 16 other fields", which is not what the parser counts."""
+    r = client.post("/v1/models/fake/classify", content=b"abc", headers={"content-type": ";charset=x"})
+    assert r.status_code == 415 and "unsupported content type ';charset=x'" in r.json()["error"], r.text
+    fields = [(f"t{i}", (None, b"x")) for i in range(64 + 17)]
+    r = client.post("/v1/models/fake/classify", files=fields)
+    assert r.status_code == 400, r.text
+    said = r.json()["error"]
+    assert said == "the form has more than 80 fields that are not files (the most: --max-files 64, plus 16)", said

@@ -176,7 +176,7 @@ def _media_type(value: str | None) -> str:
 
 
 def _unsupported(media: str) -> APIError:
-    return APIError(415, f"unsupported content type {media or 'none'!r}: send an image body (image/jpeg, "
+    return APIError(415, f"unsupported content type {media!r}: send an image body (image/jpeg, "
                          "image/png, image/webp, ..., or application/octet-stream) or multipart/form-data with "
                          "'file' fields")
 
@@ -254,12 +254,13 @@ def _form_refusal(exc: MultiPartException, settings: Settings) -> str:
     error, which keeps the real one as the cause; a part's headers past the parser's limits are said so, and a form
     past its counts names the setting (Starlette's "Too many files. Maximum number of files is 4." did not)."""
     cause = exc.__cause__
+    max_files = settings.named("max_files", f" {settings.max_files}")
     if exc.message.startswith("Too many files"):
         return (f"the form has more than {settings.max_files} files, the most one request may send "
-                f"({settings.named('max_files')}): send the others in another request")
-    if exc.message.startswith("Too many fields"):
-        return (f"the form has more than {settings.max_files + _MORE_FIELDS} parts: at most "
-                f"{settings.named('max_files')} files and {_MORE_FIELDS} other fields")
+                f"({max_files}): send the others in another request")
+    if exc.message.startswith("Too many fields"):  # Starlette counts the parts that are not files alone
+        return (f"the form has more than {settings.max_files + _MORE_FIELDS} fields that are not files (the most: "
+                f"{max_files}, plus {_MORE_FIELDS})")
     if not isinstance(cause, MultipartParseError):
         return exc.message
     # Imported here: only a python-multipart that bounds part headers raises these (Starlette passes its defaults).
@@ -321,7 +322,7 @@ async def read_images(request: Request, model: ServedModel, settings: Settings
             body = await unless_gone(request, model, inflated(request, body, coding, settings.max_body_bytes),
                                      "decoding")
         return [(label, body)], False
-    raise _unsupported(media)
+    raise _unsupported(media or content_type.strip()[:80])  # a type without a media type (";charset=x")
 
 
 def _prepare_timed(request: Request, model: ServedModel, data: bytes, settings: Settings,
