@@ -44,6 +44,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _servers(pid: int) -> list[int]:
+    """The child processes of `pid` that are servers (`python -m serve`, the hand-written one): the benchmark starts
+    short-lived others first (its machine facts, git), which ended by the time a wait on any child looked again."""
+    def serving(child: int) -> bool:
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"serve" in argv or any(b"naive_server" in a for a in argv)
+    return [child for child in _children(pid) if serving(child)]
+
+
 def _alive(pids: list[int]) -> list[int]:
     """Those of `pids` still running (a zombie is not: it has ended, only its parent has not reaped it)."""
     def running(pid: int) -> bool:
@@ -167,13 +179,12 @@ def test_a_hungup_overhead_benchmark_stops_its_server(tmp_path, tmp_path_factory
                             stderr=subprocess.PIPE, text=True, preexec_fn=_terminal_default)
     servers: list[int] = []
     try:
-        _await(lambda: _children(proc.pid), proc)  # its first server started
-        servers = _children(proc.pid)
+        _await(lambda: servers.extend(_servers(proc.pid)) or servers, proc)  # its first server started
         proc.send_signal(signal.SIGHUP)  # to the benchmark alone: its server is left to it to stop
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 143, (proc.returncode, err)
         assert err.strip().splitlines()[-1] == "python -m benchmarks.overhead: terminated", err
         assert not _alive(servers)  # stopped, not orphaned
         assert list(temp.iterdir()) == []  # its temporary log directory removed
-    finally:
-        _stop(proc, servers)
+    finally:  # its children as they are now too: a failure before a server was seen must not orphan one
+        _stop(proc, servers + (_children(proc.pid) if proc.poll() is None else []))

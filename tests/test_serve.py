@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -279,7 +280,7 @@ def test_two_hundred_concurrent_requests_are_batched(server, client, pngs, direc
 
 
 def _batch_histogram(client) -> dict[str, float]:
-    out = {}
+    out = {"count": 0.0, "sum": 0.0, "le_1": 0.0}  # no series before the model's first batch
     for fam in text_string_to_metric_families(client.get("/metrics").text):
         if fam.name == "vitc_batch_size":
             for s in fam.samples:
@@ -313,12 +314,26 @@ def test_metrics_parse_with_prometheus_client(server, client, pngs):
 
 
 def test_access_log_is_structured(server, client, pngs):
-    classify(client, pngs[1], model="twin")
-    lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
-    access = [e for e in lines if e["logger"] == "vitc.access"]
-    hit = [e for e in access if e["path"] == "/v1/models/twin/classify" and e["status"] == 200]
-    assert hit and hit[-1]["model"] == "twin" and hit[-1]["duration_ms"] > 0 and hit[-1]["request_id"]
-    assert any(e["status"] == 401 for e in access)
+    ok = classify(client, pngs[1], model="twin")
+    refused = httpx.get(f"{server.url}/v2/models/twin")  # without the key: its own 401, not another test's
+    assert (ok.status_code, refused.status_code) == (200, 401)
+
+    def access() -> list[dict]:
+        lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+        return [e for e in lines if e["logger"] == "vitc.access"]
+
+    def logged(request_id: str) -> list[dict]:
+        return [e for e in access() if e.get("request_id") == request_id]
+
+    # The line is written once the answer has gone (its duration and size known): a moment after the client has it.
+    end = time.monotonic() + 10
+    while not (logged(ok.headers["x-request-id"]) and logged(refused.headers["x-request-id"])) and \
+            time.monotonic() < end:
+        time.sleep(0.05)
+    (hit,) = logged(ok.headers["x-request-id"])
+    assert hit["path"] == "/v1/models/twin/classify" and hit["status"] == 200, hit
+    assert hit["model"] == "twin" and hit["duration_ms"] > 0
+    assert [e["status"] for e in logged(refused.headers["x-request-id"])] == [401]
 
 
 def test_openapi_documents_the_endpoints(client):
