@@ -355,17 +355,12 @@ class Settings(BaseSettings):
             return "measured" if str(v).strip().lower() in ("true", "1", "yes") else "never"
         return v
 
-    @field_validator("model_control_mode", mode="before")
+    @field_validator("model_control_mode", "backend", "precision", mode="before")
     @classmethod
     def _any_case(cls, v: object) -> object:
-        """VITC_MODEL_CONTROL_MODE in any case (EXPLICIT, None), as Triton reads --model-control-mode."""
-        return v.strip().lower() if isinstance(v, str) else v
-
-    @field_validator("backend", "precision", mode="before")
-    @classmethod
-    def _name_in_any_case(cls, v: object) -> object:
-        """A runtime or precision in any case (ONNXRUNTIME, FP16), as export reads --targets and --precision: every
-        one is lower case (runtime names by the registry's rule). Devices keep the runtimes' own rule (cpu, cuda:N)."""
+        """Names read in any case, spaces around them dropped (EXPLICIT, ONNXRUNTIME, FP16), as Triton reads
+        --model-control-mode and export reads --targets and --precision: every one is lower case (runtime names by the
+        registry's rule). Devices keep the runtimes' own rule (cpu, cuda:N)."""
         return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("device")
